@@ -1,0 +1,206 @@
+"""The C2S transform: encode, vocabulary, rank fit, decode and parsing."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import spearmanr
+
+import virtualcell as vc
+from virtualcell.errors import DataError, VocabularyError
+from virtualcell.sentences import CellSentences, RankFit, Vocabulary, decode, encode, parse_text
+
+
+def make(X, genes=None):
+    X = np.asarray(X, dtype=np.float32)
+    genes = genes or [f"G{i}" for i in range(X.shape[1])]
+    return ad.AnnData(X=X, var=pd.DataFrame(index=genes), obs=pd.DataFrame(index=[f"c{i}" for i in range(X.shape[0])]))
+
+
+def reference_order(row: np.ndarray) -> list[int]:
+    """Expressed genes by descending value, ties grouped (order within ties free)."""
+    idx = np.flatnonzero(row > 0)
+    return sorted(idx, key=lambda j: -row[j])
+
+
+def test_encode_orders_by_descending_expression_and_drops_zeros():
+    a = make([[0, 3, 1, 5, 0], [2, 0, 0, 0, 7]])
+    cs = encode(a, top_k=None)
+    assert cs.to_text() == ["G3 G1 G2", "G4 G0"]
+    assert list(cs.lengths) == [3, 2]
+
+
+def test_explicit_zeros_are_excluded():
+    X = sp.csr_matrix(np.array([[1.0, 2.0, 0.0]], dtype=np.float32))
+    X.data = np.array([1.0, 2.0, 0.0], dtype=np.float32)
+    X.indices = np.array([0, 1, 2], dtype=np.int32)
+    X.indptr = np.array([0, 3])
+    assert X.nnz == 3  # an explicitly stored zero
+    a = ad.AnnData(X=X, var=pd.DataFrame(index=["A", "B", "C"]))
+    assert encode(a).to_text() == ["B A"]
+
+
+def test_top_k_and_short_cells():
+    rng = np.random.default_rng(1)
+    X = rng.poisson(2.0, size=(50, 40)).astype(np.float32)
+    X[0, :] = 0
+    X[0, :3] = [5, 4, 3]
+    cs = encode(make(X), top_k=10)
+    assert cs.lengths[0] == 3
+    assert (cs.lengths[1:] <= 10).all()
+
+
+def test_ties_are_seeded_and_reproducible():
+    X = np.ones((20, 30), dtype=np.float32)
+    a = make(X)
+    s0 = encode(a, seed=0).ids
+    assert np.array_equal(s0, encode(a, seed=0).ids)
+    assert not np.array_equal(s0, encode(a, seed=1).ids)
+    # ties are broken per cell, not by one global gene order
+    first = encode(a, seed=0)
+    assert len({tuple(first[i][:5]) for i in range(20)}) > 1
+    # the tie-break does not depend on chunking or threads
+    assert np.array_equal(s0, encode(a, seed=0, threads=1).ids)
+
+
+def test_sparse_dense_and_layer_agree(papalexi_small):
+    dense = papalexi_small.copy()
+    dense.X = papalexi_small.X.toarray()
+    dense.layers["counts"] = papalexi_small.X.copy()
+    a = encode(papalexi_small, seed=3)
+    assert np.array_equal(a.ids, encode(dense, seed=3).ids)
+    assert np.array_equal(a.ids, encode(dense, layer="counts", seed=3).ids)
+
+
+def test_encode_matches_brute_force_on_real_data(papalexi_small):
+    cs = encode(papalexi_small, top_k=50, seed=0)
+    X = papalexi_small.X.toarray()
+    for i in range(0, 2000, 97):
+        ids = cs[i]
+        vals = X[i, ids]
+        assert np.all(np.diff(vals) <= 0), "not descending"
+        expected = reference_order(X[i])
+        k = len(ids)
+        # the same multiset of values within the top-k, and every unkept value is <= the last kept
+        assert np.allclose(np.sort(vals), np.sort(X[i, expected[:k]]))
+        rest = np.setdiff1d(np.flatnonzero(X[i] > 0), ids)
+        assert rest.size == 0 or X[i, rest].max() <= vals[-1]
+
+
+def test_round_trip_on_real_data_keeps_order(kang_harmony):
+    """Encode -> decode -> encode reproduces each cell's gene order within the top-k."""
+    cs = encode(kang_harmony, top_k=200, seed=0)
+    fit = RankFit.fit(kang_harmony, cs)
+    X = decode(cs, fit, method="linear")
+    # decoded values fall strictly with rank, so re-encoding gives back the same order
+    back = ad.AnnData(X=X, var=pd.DataFrame(index=list(cs.vocab.genes)))
+    cs2 = encode(back, top_k=200, seed=0)
+    assert np.array_equal(cs.offsets, cs2.offsets)
+    assert np.array_equal(cs.ids, cs2.ids)
+    # and the decoded expression tracks the truth over the kept genes
+    Xn = vc.sentences.log_normalize(vc.sentences.expression_matrix(kang_harmony), "counts")
+    rows = np.repeat(np.arange(len(cs)), cs.lengths)
+    truth = np.asarray(Xn[rows, cs.ids]).ravel()
+    rho = spearmanr(truth, np.asarray(X[rows, cs.ids]).ravel()).statistic
+    assert rho > 0.8
+    assert 0.5 < fit.r2 <= 1.0 and fit.slope < 0
+
+
+def test_rank_fit_round_trips_through_dict(papalexi_small):
+    cs = encode(papalexi_small)
+    fit = RankFit.fit(papalexi_small, cs)
+    again = RankFit.from_dict(fit.to_dict())
+    assert again == fit
+    assert fit.normalization == "log1p_cp10k"
+    t = fit.expression(np.arange(5), method="table")
+    assert np.all(np.diff(t) <= 1e-6)
+
+
+def test_save_load_and_subset(tmp_path, papalexi_small):
+    cs = encode(papalexi_small, top_k=20)
+    cs.save(tmp_path / "s.npz")
+    back = CellSentences.load(tmp_path / "s.npz")
+    assert np.array_equal(back.ids, cs.ids) and back.vocab == cs.vocab
+    sub = cs.subset([5, 2])
+    assert np.array_equal(sub[0], cs[5]) and np.array_equal(sub[1], cs[2])
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_parse_drops_unknown_words_without_shifting_ranks():
+    vocab = Vocabulary.from_names(["A", "B", "C", "D"])
+    cs, report = parse_text(["a XYZ b b, c.", "d"], vocab)
+    assert cs.genes(0) == ["A", "B", "C"]
+    assert list(cs.rank_array()[:3]) == [0, 2, 4]  # positions, not compacted
+    assert report.n_invalid == 1 and report.n_duplicate == 1 and report.n_words == 6
+    assert report.invalid_fraction == pytest.approx(1 / 6)
+    assert cs.genes(1) == ["D"]
+
+
+def test_parse_then_decode_places_repeated_gene_once():
+    vocab = Vocabulary.from_names(["A", "B"])
+    cs, _ = parse_text(["A A B"], vocab)
+    fit = RankFit(-1.0, 3.0, 1.0, "as_is_log1p", 1)
+    X = decode(cs, fit).toarray()
+    assert X[0, 0] == pytest.approx(3.0) and X[0, 1] == pytest.approx(3.0 - np.log10(3.0))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_duplicate_gene_names_after_uppercase_are_named():
+    with pytest.raises(VocabularyError, match=r"Tp53 / TP53 -> TP53"):
+        Vocabulary.from_names(["Tp53", "TP53", "MYC"])
+
+
+def test_exact_duplicate_gene_names():
+    a = make([[1, 2]], genes=["X", "Y"])
+    a.var_names = ["X", "X"]
+    with pytest.raises(VocabularyError, match="var_names_make_unique"):
+        encode(a)
+
+
+def test_ensembl_ids_are_refused_with_the_fix():
+    a = make([[1, 2, 3]], genes=["ENSG00000141510", "ENSG00000136997", "ENSG00000111640"])
+    a.var["symbol"] = ["TP53", "MYC", "GAPDH"]
+    with pytest.raises(VocabularyError, match=r"Ensembl.*var_key=.*'symbol'"):
+        encode(a)
+    assert encode(a, var_key="symbol").to_text() == ["GAPDH MYC TP53"]
+
+
+@pytest.mark.parametrize(
+    ("value", "match"), [(-1.0, "negative"), (np.nan, "NaN"), (np.inf, "infinite")]
+)
+def test_bad_values_are_refused(value, match):
+    X = np.ones((3, 3), dtype=np.float32)
+    X[1, 2] = value
+    with pytest.raises(DataError, match=match):
+        encode(make(X))
+    with pytest.raises(DataError, match=match):
+        encode(ad.AnnData(X=sp.csr_matrix(X)))
+
+
+def test_cells_without_expressed_genes_are_named():
+    X = np.ones((3, 3), dtype=np.float32)
+    X[1] = 0
+    with pytest.raises(DataError, match=r"1 of 3 cells have no expressed genes \(e.g. 'c1'\)"):
+        encode(make(X))
+
+
+def test_empty_anndata():
+    with pytest.raises(DataError, match="empty"):
+        encode(make(np.zeros((0, 3))))
+
+
+def test_missing_layer():
+    with pytest.raises(DataError, match="Layer 'counts' is not in the AnnData"):
+        encode(make([[1.0]]), layer="counts")
+
+
+def test_encoding_into_a_model_vocabulary_reports_overlap():
+    vocab = Vocabulary.from_names(["A", "B", "C"])
+    a = make([[1, 2, 3]], genes=["A", "B", "Z"])
+    with pytest.raises(VocabularyError, match=r"1 of the data's 3 genes.*2 shared.*genes='shared'"):
+        encode(a, vocab=vocab)
+    cs = encode(a, vocab=vocab, genes="shared")
+    assert cs.to_text() == ["B A"] and cs.vocab is vocab

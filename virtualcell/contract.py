@@ -1,0 +1,133 @@
+"""The data contract: which columns of ``adata.obs`` describe the perturbation screen.
+
+One contract names the perturbation column, the control label, and optionally the
+context (cell type / line / patient), dose and time columns. It is validated once,
+saved inside every checkpoint and results folder, and travels with an AnnData in
+``adata.uns["virtualcell"]["contract"]``.
+
+Examples
+--------
+>>> import virtualcell as vc
+>>> adata = vc.datasets.load("papalexi2021")
+>>> contract = vc.DataContract.from_adata(adata)
+>>> contract.perturbation_key, contract.control
+('perturbation', 'control')
+>>> contract.validate(adata)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ContractError, close_matches, preview
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+__all__ = ["DataContract", "UNS_KEY"]
+
+UNS_KEY = "virtualcell"
+PAIR_SEP = "+"
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """Which obs columns hold the perturbation, its control label, context, dose and time."""
+
+    perturbation_key: str = "perturbation"
+    control: str = "control"
+    context_key: str | None = None
+    dose_key: str | None = None
+    time_key: str | None = None
+
+    # ------------------------------------------------------------------ #
+    def validate(self, adata: ad.AnnData, *, require_control: bool = True) -> None:
+        """Check ``adata`` against the contract; raise :class:`ContractError` naming the fix."""
+        if adata.n_obs == 0:
+            raise ContractError(
+                "The AnnData has no cells. Check the filter or subset that produced it."
+            )
+        for role, key in self._keys():
+            if key not in adata.obs.columns:
+                hint = close_matches(key, adata.obs.columns)
+                did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+                raise ContractError(
+                    f"The {role} column {key!r} is not in adata.obs.{did} obs columns: "
+                    f"{preview(adata.obs.columns, 15) or 'none'}. Pass the right name "
+                    f"(CLI: --{role.replace(' ', '-')}-key)."
+                )
+            if adata.obs[key].isna().any():
+                n = int(adata.obs[key].isna().sum())
+                raise ContractError(
+                    f"The {role} column {key!r} has {n} missing values. Fill them (e.g. with the "
+                    f"control label {self.control!r} where that is true) or drop those cells."
+                )
+        if require_control:
+            labels = self.labels(adata)
+            if self.control not in set(labels):
+                hint = close_matches(self.control, set(labels))
+                did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+                raise ContractError(
+                    f"The control label {self.control!r} does not occur in obs[{self.perturbation_key!r}].{did} "
+                    f"Labels there: {preview(sorted(set(labels)), 12)}. Pass the label of the unperturbed "
+                    "cells (CLI: --control)."
+                )
+
+    def _keys(self) -> list[tuple[str, str]]:
+        pairs = [("perturbation", self.perturbation_key), ("context", self.context_key),
+                 ("dose", self.dose_key), ("time", self.time_key)]
+        return [(role, key) for role, key in pairs if key is not None]
+
+    # ------------------------------------------------------------------ #
+    def labels(self, adata: ad.AnnData) -> np.ndarray:
+        """The perturbation label of every cell, as strings."""
+        return adata.obs[self.perturbation_key].astype(str).to_numpy()
+
+    def contexts(self, adata: ad.AnnData) -> np.ndarray:
+        """The context of every cell (a single ``"all"`` context when there is no context column)."""
+        if self.context_key is None:
+            return np.full(adata.n_obs, "all", dtype=object)
+        return adata.obs[self.context_key].astype(str).to_numpy()
+
+    def is_control(self, adata: ad.AnnData) -> np.ndarray:
+        return self.labels(adata) == self.control
+
+    def perturbations(self, adata: ad.AnnData) -> list[str]:
+        """The distinct non-control labels, sorted."""
+        return sorted(set(self.labels(adata)) - {self.control})
+
+    # ------------------------------------------------------------------ #
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataContract:
+        # h5ad cannot store None, so attach() writes "" for an absent optional column
+        known = {k: (None if d[k] == "" else d[k]) for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    @classmethod
+    def from_adata(cls, adata: ad.AnnData) -> DataContract:
+        """The contract stored in ``adata.uns["virtualcell"]["contract"]`` (datasets set it)."""
+        stored = adata.uns.get(UNS_KEY, {}).get("contract") if isinstance(adata.uns.get(UNS_KEY), dict) else None
+        if not stored:
+            raise ContractError(
+                "This AnnData carries no data contract. Build one: "
+                "DataContract(perturbation_key='<obs column>', control='<control label>', context_key=...)."
+            )
+        if isinstance(stored, str):
+            stored = json.loads(stored)
+        return cls.from_dict(dict(stored))
+
+    def attach(self, adata: ad.AnnData) -> None:
+        """Store the contract in ``adata.uns`` so that it travels with the data."""
+        adata.uns.setdefault(UNS_KEY, {})
+        adata.uns[UNS_KEY]["contract"] = {k: ("" if v is None else v) for k, v in self.to_dict().items()}
+

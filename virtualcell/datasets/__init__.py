@@ -1,0 +1,263 @@
+"""Datasets: the embedded default, real screens by name, local files, and a synthetic screen.
+
+Every loader returns an AnnData that carries its :class:`~virtualcell.DataContract`
+in ``adata.uns["virtualcell"]["contract"]``, already validated.
+
+* ``load("papalexi2021")`` — the **embedded default**: Papalexi et al. 2021, CRISPR
+  knockouts of 25 genes in IFN-gamma-stimulated THP-1 cells (ECCITE-seq), 20,729 cells ×
+  299 genes, raw counts, three biological replicates. MIT license (sceptredata). Shipped
+  inside the package: works offline.
+* ``load("perturbench")`` — embedded too: Norman et al. 2019 K562 CRISPRa singles and
+  pairs + McFaline-Figueroa et al. 2023 CRISPRi in glioma lines, log-normalized, 500 genes.
+  BSD-3 (altoslabs/perturbench).
+* ``load("kang2018_scgen")``, ``load("kang2018_harmony")`` — local copies of Kang et al.
+  2018 IFN-beta PBMCs (GPL-3, not embedded); looked up in ``$VIRTUALCELL_DATA`` and
+  ``../shared/data``.
+* ``load("norman_2019")``, ``load("kang_2018")``, ``load("sciplex3")``, ``load("replogle_k562")``
+  … — downloaded through :mod:`pertpy.data` and cached under :func:`cache_dir`. Offline,
+  they fail with an error that says what to do instead.
+* :func:`read_h5ad` — any local file, with the contract you give.
+* :func:`synthetic_screen` — a known-answer screen simulated from a gene regulatory network.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..contract import DataContract
+from ..errors import DataError, close_matches, preview
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+__all__ = ["load", "read_h5ad", "available", "cache_dir", "DEFAULT", "synthetic_screen", "DatasetInfo", "DataError"]
+
+DEFAULT = "papalexi2021"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a named dataset comes from and how to read it."""
+
+    name: str
+    description: str
+    contract: DataContract
+    license: str
+    citation: str
+    embedded: str | None = None  # file name inside virtualcell/data
+    local: str | None = None  # file name searched in $VIRTUALCELL_DATA and ../shared/data
+    pertpy: str | None = None  # function name in pertpy.data
+    replicate_key: str | None = None
+
+
+_REGISTRY: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in [
+        DatasetInfo(
+            "papalexi2021",
+            "CRISPR knockouts of 25 genes + non-targeting in IFN-gamma-stimulated THP-1 cells (ECCITE-seq); raw counts, 3 replicates",
+            DataContract("perturbation", "control"),
+            "MIT (sceptredata, Katsevich lab)",
+            "Papalexi E. et al. Characterizing the molecular regulation of inhibitory immune checkpoints "
+            "with multimodal single-cell screens. Nat Genet 53, 322-331 (2021).",
+            embedded="papalexi2021_thp1_crispr_ko.h5ad",
+            replicate_key="bio_rep",
+        ),
+        DatasetInfo(
+            "perturbench",
+            "Norman 2019 K562 CRISPRa singles and pairs + McFaline-Figueroa 2023 CRISPRi in A172/T98G/U87MG; log-normalized, 500 genes",
+            DataContract("perturbation", "control", context_key="cell_type"),
+            "BSD-3-Clause (altoslabs/perturbench)",
+            "Norman T.M. et al. Science 365, 786-793 (2019); McFaline-Figueroa J.L. et al. Cell Genomics (2023); "
+            "Wu Y. et al. PerturBench (2024).",
+            embedded="perturbench_norman2019_mcfaline2023.h5ad",
+        ),
+        DatasetInfo(
+            "kang2018_scgen",
+            "Kang 2018 IFN-beta PBMCs, scGen validation split: 7 cell types, log-normalized",
+            DataContract("condition", "control", context_key="cell_type"),
+            "GPL-3 (theislab/scgen): read from a local copy, not embedded",
+            "Kang H.M. et al. Nat Biotechnol 36, 89-94 (2018); Lotfollahi M. et al. Nat Methods (2019).",
+            local="kang2018_ifnb_pbmc_scgen_valid_lognorm.h5ad",
+        ),
+        DatasetInfo(
+            "kang2018_harmony",
+            "Kang 2018 IFN-beta PBMCs, 2,000 cells, raw counts, no cell types",
+            DataContract("perturbation", "control"),
+            "GPL-3 (harmony): read from a local copy, not embedded",
+            "Kang H.M. et al. Nat Biotechnol 36, 89-94 (2018).",
+            local="kang2018_ifnb_pbmc_harmony_2000cells.h5ad",
+        ),
+        DatasetInfo(
+            "papalexi2021_local",
+            "Papalexi 2021 THP-1 CRISPR KO (the shared local copy of the embedded file)",
+            DataContract("perturbation", "control"),
+            "MIT (sceptredata)",
+            "Papalexi E. et al. Nat Genet 53, 322-331 (2021).",
+            local="papalexi2021_thp1_crispr_ko_sceptredata.h5ad",
+            replicate_key="bio_rep",
+        ),
+        DatasetInfo(
+            "norman_2019",
+            "Norman 2019 K562 CRISPRa singles and pairs (pertpy.data.norman_2019, download)",
+            DataContract("perturbation_name", "control"),
+            "see pertpy",
+            "Norman T.M. et al. Science 365, 786-793 (2019).",
+            pertpy="norman_2019",
+        ),
+        DatasetInfo(
+            "kang_2018",
+            "Kang 2018 IFN-beta PBMCs, full (pertpy.data.kang_2018, download)",
+            DataContract("label", "ctrl", context_key="cell_type"),
+            "see pertpy",
+            "Kang H.M. et al. Nat Biotechnol 36, 89-94 (2018).",
+            pertpy="kang_2018",
+        ),
+        DatasetInfo(
+            "sciplex3",
+            "Srivatsan 2020 sci-Plex3 drug screen, 3 cell lines, 188 compounds, 4 doses (pertpy.data, download)",
+            DataContract("perturbation", "control", context_key="cell_line", dose_key="dose_value", time_key="time"),
+            "see pertpy / scPerturb",
+            "Srivatsan S.R. et al. Science 367, 45-51 (2020).",
+            pertpy="srivatsan_2020_sciplex3",
+        ),
+        DatasetInfo(
+            "replogle_k562",
+            "Replogle 2022 K562 essential-gene CRISPRi Perturb-seq (pertpy.data, download)",
+            DataContract("perturbation", "control"),
+            "see pertpy / scPerturb",
+            "Replogle J.M. et al. Cell 185, 2559-2575 (2022).",
+            pertpy="replogle_2022_k562_essential",
+        ),
+        DatasetInfo(
+            "papalexi2021_full",
+            "Papalexi 2021 THP-1 ECCITE-seq, all genes (pertpy.data.papalexi_2021, a MuData; the rna modality is used)",
+            DataContract("gene_target", "NT"),
+            "see pertpy",
+            "Papalexi E. et al. Nat Genet 53, 322-331 (2021).",
+            pertpy="papalexi_2021",
+        ),
+    ]
+}
+
+
+def available() -> dict[str, DatasetInfo]:
+    """Every dataset :func:`load` knows, by name."""
+    return dict(_REGISTRY)
+
+
+def cache_dir() -> Path:
+    """Where downloads are cached: ``$VIRTUALCELL_CACHE`` or ``~/.cache/virtualcell``."""
+    root = os.environ.get("VIRTUALCELL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "virtualcell")
+    return Path(root)
+
+
+def data_dirs() -> list[Path]:
+    """Folders searched for local copies of datasets: ``$VIRTUALCELL_DATA``, ``../shared/data``, ``./data``."""
+    dirs = [os.environ.get("VIRTUALCELL_DATA"), "../shared/data", "shared/data", "data"]
+    here = Path(__file__).resolve().parents[2]
+    dirs.append(str(here.parent / "shared" / "data"))
+    return [Path(d) for d in dirs if d]
+
+
+def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
+    """Load a dataset by name; see the module docstring for the names.
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load()  # the embedded default, offline
+    >>> adata.shape
+    (20729, 299)
+    """
+    if name == "synthetic":
+        return synthetic_screen(**kwargs)
+    if name not in _REGISTRY:
+        hint = close_matches(name, _REGISTRY)
+        did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+        raise DataError(
+            f"Unknown dataset {name!r}.{did} Known: {preview(sorted(_REGISTRY), 20)}, 'synthetic'. "
+            "For your own file use virtualcell.datasets.read_h5ad(path, contract=...)."
+        )
+    info = _REGISTRY[name]
+    if info.embedded:
+        path = resources.files("virtualcell") / "data" / info.embedded
+        with resources.as_file(path) as p:
+            adata = _read(p)
+    elif info.local:
+        found = [d / info.local for d in data_dirs() if (d / info.local).exists()]
+        if not found:
+            raise DataError(
+                f"Dataset {name!r} is read from a local copy named {info.local!r} ({info.license}), "
+                f"which is not in any of: {', '.join(str(d) for d in data_dirs())}. "
+                "Put the file there or point $VIRTUALCELL_DATA at its folder."
+            )
+        adata = _read(found[0])
+    else:
+        adata = _from_pertpy(info)
+    adata.uns.setdefault("virtualcell", {})
+    adata.uns["virtualcell"]["dataset"] = {"name": info.name, "license": info.license, "citation": info.citation}
+    info.contract.attach(adata)
+    info.contract.validate(adata)
+    return adata
+
+
+def _read(path: Any) -> ad.AnnData:
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return ad.read_h5ad(path)
+
+
+def _from_pertpy(info: DatasetInfo) -> ad.AnnData:
+    """Download (once) through pertpy.data into the cache, with a clear error offline."""
+    target = cache_dir() / "pertpy"
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        import scanpy as sc
+
+        sc.settings.datasetdir = target
+        import pertpy as pt
+
+        fn: Callable[[], Any] = getattr(pt.data, info.pertpy)  # type: ignore[arg-type]
+        data = fn()
+    except ImportError as err:  # pragma: no cover - pertpy is a dependency
+        raise DataError(f"Loading {info.name!r} needs pertpy: pip install pertpy ({err}).") from err
+    except Exception as err:  # network errors come in many types
+        raise DataError(
+            f"Could not download {info.name!r} through pertpy.data.{info.pertpy}() ({type(err).__name__}: {err}). "
+            f"This needs the internet. Offline: download it on a connected machine (it is cached in {target}), "
+            "copy the .h5ad here and use virtualcell.datasets.read_h5ad(path, contract=...), or use the "
+            "embedded default, load('papalexi2021')."
+        ) from err
+    if hasattr(data, "mod"):  # MuData: take the RNA modality
+        data = data.mod["rna"]
+    return data
+
+
+def read_h5ad(path: str | os.PathLike[str], *, contract: DataContract | None = None) -> ad.AnnData:
+    """Read a local ``.h5ad`` and validate it against ``contract`` (or the contract it carries)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"No such file: {str(p)!r}. Check the path (relative paths start at {os.getcwd()}).")
+    if p.suffix != ".h5ad":
+        raise DataError(f"{str(p)!r} is not an .h5ad file. Convert it with anndata (e.g. sc.read_10x_mtx(...).write_h5ad(...)).")
+    adata = _read(p)
+    if contract is None:
+        contract = DataContract.from_adata(adata)
+    contract.attach(adata)
+    contract.validate(adata)
+    return adata
+
+
+def synthetic_screen(*args: Any, **kwargs: Any) -> ad.AnnData:
+    """A known-answer screen simulated from a gene regulatory network; see :mod:`.synthetic`."""
+    from .synthetic import synthetic_screen as _impl
+
+    return _impl(*args, **kwargs)

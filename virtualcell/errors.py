@@ -1,0 +1,58 @@
+"""Exceptions raised by virtualcell.
+
+Every error says what is wrong *and* what to change. They all derive from
+:class:`VirtualCellError`, and the data errors also from :class:`ValueError`,
+so ``except ValueError`` keeps working for callers that do not know this package.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class VirtualCellError(Exception):
+    """Base class of every error raised on purpose by virtualcell."""
+
+
+class DataError(VirtualCellError, ValueError):
+    """The input data cannot be used as it is (values, genes, cells)."""
+
+
+class ContractError(DataError):
+    """The data does not match its data contract (columns, control label)."""
+
+
+class VocabularyError(DataError):
+    """Gene names cannot form a vocabulary, or do not match a model's vocabulary."""
+
+
+class PerturbationError(VirtualCellError, ValueError):
+    """A perturbation cannot be parsed, or the model cannot represent it."""
+
+
+class ModelError(VirtualCellError):
+    """A model or checkpoint cannot be loaded or used."""
+
+
+class TrainingError(VirtualCellError):
+    """Training cannot start or make progress with the given settings."""
+
+
+class ScreenError(VirtualCellError):
+    """A screen cannot run or resume as asked."""
+
+
+def close_matches(word: str, options: Iterable[str], n: int = 5) -> list[str]:
+    """Options that look like ``word`` (case-insensitive), for 'did you mean' hints."""
+    options = [str(o) for o in options]
+    lower = {o.lower(): o for o in options}
+    hits = difflib.get_close_matches(str(word).lower(), list(lower), n=n, cutoff=0.6)
+    return [lower[h] for h in hits]
+
+
+def preview(items: Iterable[object], n: int = 10) -> str:
+    """A short, readable list: the first ``n`` items and how many more there are."""
+    items = [str(i) for i in items]
+    head = ", ".join(repr(i) for i in items[:n])
+    return head + (f" … and {len(items) - n} more" if len(items) > n else "")

@@ -1,0 +1,688 @@
+"""Cell sentences: the Cell2Sentence transform, its inverse, and a robust parser.
+
+A *cell sentence* is the list of a cell's expressed genes ordered by descending
+expression (van Dijk lab, Cell2Sentence). This module turns an AnnData into cell
+sentences, fits the rank → expression map that inverts the transform, decodes
+sentences (or generated text) back into an expression matrix, and does it all
+vectorized over the sparse matrix: there is no Python loop over cells.
+
+It is pure numpy/scipy: importing it does not import torch.
+
+Examples
+--------
+>>> import virtualcell as vc
+>>> adata = vc.datasets.load("papalexi2021")[:500]
+>>> cs = vc.sentences.encode(adata, top_k=50, seed=0)
+>>> cs.to_text()[0].split()[:3]  # doctest: +SKIP
+['FTL', 'FTH1', 'TMSB4X']
+>>> fit = vc.sentences.RankFit.fit(adata, cs)
+>>> X = vc.sentences.decode(cs, fit)  # cells x genes, float32, sparse
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import DataError, VocabularyError, preview
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+__all__ = [
+    "Vocabulary",
+    "CellSentences",
+    "RankFit",
+    "ParseReport",
+    "encode",
+    "decode",
+    "parse_text",
+    "expression_matrix",
+    "detect_scale",
+    "log_normalize",
+]
+
+DEFAULT_TOP_K = 200
+TARGET_SUM = 1e4
+_ENSEMBL = re.compile(r"^ENS[A-Z]*[GTP]\d{6,}(\.\d+)?$", re.IGNORECASE)
+_STRIP = ".,;:!?\"'()[]{}"
+
+
+# --------------------------------------------------------------------------- #
+# Expression matrices: validation and normalization
+# --------------------------------------------------------------------------- #
+def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_matrix:
+    """The cells × genes matrix of ``adata`` as float32 CSR, after checking its values.
+
+    Raises :class:`~virtualcell.errors.DataError` for an empty AnnData, a missing
+    layer, or negative, NaN or infinite values, each with the fix.
+    """
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(
+            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes). "
+            "Check the filter or subset that produced it; virtualcell needs at least one cell and one gene."
+        )
+    if layer is None:
+        X = adata.X
+        where = "adata.X"
+    else:
+        if layer not in adata.layers:
+            raise DataError(
+                f"Layer {layer!r} is not in the AnnData. Available layers: "
+                f"{preview(adata.layers.keys()) or 'none'}; pass layer=None to use adata.X."
+            )
+        X = adata.layers[layer]
+        where = f"adata.layers[{layer!r}]"
+    if X is None:
+        raise DataError(f"{where} is empty (None). Put the expression matrix there or choose another layer.")
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=False)
+        values = X.data
+    else:
+        X = np.asarray(X, dtype=np.float32)
+        values = X
+    _check_values(values, where)
+    if not sp.issparse(X):
+        X = sp.csr_matrix(X)
+    X.sort_indices()
+    return X
+
+
+def _check_values(values: np.ndarray, where: str) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        n_nan = int(np.isnan(values).sum())
+        raise DataError(
+            f"{where} holds {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values. "
+            "Expression must be finite: fix or remove the affected cells (for example "
+            "adata = adata[np.isfinite(adata.X.sum(axis=1)).A1]) before encoding."
+        )
+    if values.size and values.min() < 0:
+        raise DataError(
+            f"{where} holds {int((values < 0).sum())} negative values (min {float(values.min()):.3g}). "
+            "Cell sentences rank expression, which must be >= 0: pass raw counts or log-normalized "
+            "values, not scaled/centered data (use the layer saved before sc.pp.scale, or adata.raw)."
+        )
+
+
+def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
+    """``"counts"`` if every stored value is a whole number, else ``"log1p"`` (already normalized)."""
+    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    sample = values[: 2_000_000]
+    return "counts" if np.all(np.mod(sample, 1) == 0) else "log1p"
+
+
+def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:
+    """The project's normalization: counts → log1p(counts / total * 1e4); log1p input unchanged."""
+    if scale == "log1p":
+        return X
+    if scale != "counts":
+        raise DataError(f"Unknown expression scale {scale!r}; expected 'counts' or 'log1p'.")
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    totals[totals == 0] = 1.0
+    out = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    out.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Vocabulary
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Vocabulary:
+    """The genes a set of cell sentences (or a model) speaks, in a fixed order.
+
+    Names are upper-cased as Cell2Sentence does. Two genes that become the same
+    name are an error, never silently merged or shifted.
+    """
+
+    genes: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        genes = tuple(str(g) for g in self.genes)
+        object.__setattr__(self, "genes", genes)
+        index = {g: i for i, g in enumerate(genes)}
+        if len(index) != len(genes):
+            counts = Counter(genes)
+            dups = sorted(g for g, c in counts.items() if c > 1)
+            raise VocabularyError(
+                f"{len(dups)} gene names occur more than once: {preview(dups)}. Make them unique first, "
+                "e.g. adata.var_names_make_unique(), or drop the duplicated genes."
+            )
+        object.__setattr__(self, "_index", index)
+
+    @classmethod
+    def from_names(cls, names: Any, *, uppercase: bool = True, allow_ensembl: bool = False) -> Vocabulary:
+        """Build a vocabulary from gene names, upper-cased like C2S unless ``uppercase=False``."""
+        raw = [str(n) for n in names]
+        if not raw:
+            raise VocabularyError("No gene names were given; a vocabulary needs at least one gene.")
+        if not allow_ensembl:
+            n_ens = sum(bool(_ENSEMBL.match(n)) for n in raw)
+            if n_ens > len(raw) / 2:
+                example = next(n for n in raw if _ENSEMBL.match(n))
+                raise VocabularyError(
+                    f"{n_ens} of {len(raw)} gene names look like Ensembl ids (e.g. {example!r}). "
+                    "Cell sentences are made of gene symbols, which language models read: pass "
+                    "var_key='<column>' naming a var column that holds symbols, or map ids to symbols first."
+                )
+        names_out = [n.upper() for n in raw] if uppercase else raw
+        if len(set(names_out)) != len(names_out):
+            groups: dict[str, list[str]] = {}
+            for original, new in zip(raw, names_out):
+                groups.setdefault(new, []).append(original)
+            clashes = {k: v for k, v in groups.items() if len(v) > 1}
+            described = "; ".join(f"{' / '.join(v)} -> {k}" for k, v in list(clashes.items())[:10])
+            how = "after upper-casing " if uppercase else ""
+            raise VocabularyError(
+                f"{len(clashes)} gene names collide {how}({described}). Each gene needs its own name: "
+                "rename or drop the duplicates (adata.var_names_make_unique() for exact duplicates)."
+            )
+        return cls(tuple(names_out))
+
+    @classmethod
+    def from_adata(
+        cls, adata: ad.AnnData, *, var_key: str | None = None, uppercase: bool = True
+    ) -> Vocabulary:
+        """Vocabulary from ``adata.var_names``, or from the var column ``var_key``."""
+        if var_key is None:
+            names = adata.var_names
+            allow = False
+        else:
+            if var_key not in adata.var.columns:
+                raise VocabularyError(
+                    f"var column {var_key!r} does not exist. var columns: {preview(adata.var.columns) or 'none'}."
+                )
+            names = adata.var[var_key].astype(str)
+            allow = False
+        try:
+            return cls.from_names(names, uppercase=uppercase, allow_ensembl=allow)
+        except VocabularyError as err:
+            if var_key is None and "Ensembl" in str(err):
+                cols = [c for c in adata.var.columns if adata.var[c].dtype == object or str(adata.var[c].dtype) == "category"]
+                hint = f" String var columns here: {preview(cols)}." if cols else ""
+                raise VocabularyError(str(err) + hint) from None
+            raise
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __contains__(self, gene: object) -> bool:
+        return str(gene).upper() in self._index or str(gene) in self._index
+
+    def index(self, gene: str) -> int:
+        """The id of one gene (case-insensitive)."""
+        g = str(gene)
+        if g in self._index:
+            return self._index[g]
+        if g.upper() in self._index:
+            return self._index[g.upper()]
+        raise VocabularyError(f"Gene {gene!r} is not in the vocabulary of {len(self)} genes.")
+
+    def ids(self, genes: Any, *, missing: Literal["error", "mark"] = "error") -> np.ndarray:
+        """Ids of many genes; ``missing="mark"`` gives -1 for unknown genes instead of raising."""
+        get = self._index.get
+        out = np.fromiter((get(str(g).upper(), get(str(g), -1)) for g in genes), dtype=np.int64)
+        if missing == "error" and (out < 0).any():
+            bad = [str(g) for g, i in zip(genes, out) if i < 0]
+            raise VocabularyError(f"{len(bad)} genes are not in the vocabulary: {preview(bad)}.")
+        return out
+
+    def lookup(self) -> dict[str, int]:
+        """The name → id mapping (a copy)."""
+        return dict(self._index)
+
+    def to_json(self) -> str:
+        return json.dumps({"genes": list(self.genes)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocabulary:
+        return cls(tuple(json.loads(text)["genes"]))
+
+
+# --------------------------------------------------------------------------- #
+# Cell sentences
+# --------------------------------------------------------------------------- #
+@dataclass
+class CellSentences:
+    """Many cell sentences, stored compactly.
+
+    Attributes
+    ----------
+    ids
+        Gene ids of all sentences, concatenated (int32).
+    offsets
+        Sentence ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` (int64, length ``n + 1``).
+    vocab
+        The vocabulary the ids index.
+    ranks
+        0-based rank of each id in its sentence, or ``None`` when ranks are the
+        positions. Parsed model output keeps the position each valid gene was
+        written at, so a dropped word does not shift the genes after it.
+    obs_names
+        Optional cell names, one per sentence.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    vocab: Vocabulary
+    ranks: np.ndarray | None = None
+    obs_names: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int32)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if self.offsets.ndim != 1 or self.offsets[0] != 0 or self.offsets[-1] != self.ids.size:
+            raise DataError("CellSentences offsets must start at 0 and end at len(ids).")
+        if self.ranks is not None:
+            self.ranks = np.asarray(self.ranks, dtype=np.int32)
+
+    @classmethod
+    def from_lists(cls, sentences: list[Any], vocab: Vocabulary, **kw: Any) -> CellSentences:
+        """From a list of id sequences."""
+        lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.concatenate([np.asarray(s, dtype=np.int32) for s in sentences]) if len(sentences) else np.zeros(0)
+        return cls(ids, offsets, vocab, **kw)
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if isinstance(i, (int, np.integer)):
+            n = len(self)
+            if not -n <= i < n:
+                raise IndexError(f"sentence {i} out of range for {n} sentences")
+            i = int(i) % n
+            return self.ids[self.offsets[i] : self.offsets[i + 1]]
+        return self.subset(i)
+
+    def subset(self, index: Any) -> CellSentences:
+        """The sentences at ``index`` (ints, a slice or a boolean mask), as a new object."""
+        idx = np.arange(len(self))[index]
+        idx = np.atleast_1d(idx)
+        starts, stops = self.offsets[idx], self.offsets[idx + 1]
+        lengths = stops - starts
+        gather = _ranges(starts, lengths)
+        return CellSentences(
+            self.ids[gather],
+            np.concatenate([[0], np.cumsum(lengths)]),
+            self.vocab,
+            ranks=None if self.ranks is None else self.ranks[gather],
+            obs_names=None if self.obs_names is None else self.obs_names[idx],
+        )
+
+    def rank_array(self) -> np.ndarray:
+        """0-based rank of every id in :attr:`ids`."""
+        if self.ranks is not None:
+            return self.ranks
+        return np.arange(self.ids.size, dtype=np.int64) - np.repeat(self.offsets[:-1], self.lengths)
+
+    def genes(self, i: int) -> list[str]:
+        """Gene names of sentence ``i``."""
+        names = self.vocab.genes
+        return [names[j] for j in self[i]]
+
+    def to_text(self, *, sep: str = " ") -> list[str]:
+        """Space-separated gene names, one string per cell: the text C2S models read."""
+        names = np.asarray(self.vocab.genes, dtype=object)
+        words = names[self.ids]
+        return [sep.join(words[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def save(self, path: str) -> None:
+        """Write to a ``.npz`` file (ids, offsets, ranks, vocabulary)."""
+        np.savez_compressed(
+            path,
+            ids=self.ids,
+            offsets=self.offsets,
+            ranks=self.ranks if self.ranks is not None else np.zeros(0, np.int32),
+            has_ranks=np.array(self.ranks is not None),
+            genes=np.asarray(self.vocab.genes),
+            obs_names=np.asarray(self.obs_names if self.obs_names is not None else [], dtype=str),
+        )
+
+    @classmethod
+    def load(cls, path: str) -> CellSentences:
+        with np.load(path, allow_pickle=False) as z:
+            obs = z["obs_names"]
+            return cls(
+                z["ids"],
+                z["offsets"],
+                Vocabulary(tuple(z["genes"].tolist())),
+                ranks=z["ranks"] if bool(z["has_ranks"]) else None,
+                obs_names=obs if obs.size else None,
+            )
+
+    def __repr__(self) -> str:
+        lengths = self.lengths
+        mean = float(lengths.mean()) if lengths.size else 0.0
+        return f"CellSentences({len(self)} cells, {len(self.vocab)} genes, mean length {mean:.1f})"
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + l)`` for each pair, vectorized."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.arange(total, dtype=np.int64) - np.repeat(ends - lengths - np.asarray(starts, np.int64), lengths)
+
+
+# --------------------------------------------------------------------------- #
+# Encoding
+# --------------------------------------------------------------------------- #
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a cheap, well-mixed hash of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * _M2
+    x = (x ^ (x >> np.uint64(27))) * _M3
+    return x ^ (x >> np.uint64(31))
+
+
+def _encode_rows(
+    X: sp.csr_matrix, r0: int, r1: int, top_k: int, seed_hash: np.uint64, col_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sort rows r0..r1 of X by descending value with hashed tie-breaks; keep the top-k columns.
+
+    Each stored entry becomes one uint64 key: [row | inverted float bits | tie hash | column].
+    For non-negative floats the IEEE bit pattern orders like the value, so one integer
+    sort orders every row at once. The tie hash depends only on (seed, global row, column),
+    so the result does not depend on how rows are chunked or threaded.
+    """
+    a, b = X.indptr[r0], X.indptr[r1]
+    lengths = np.diff(X.indptr[r0 : r1 + 1])
+    n = r1 - r0
+    row_bits = max(1, int(n - 1).bit_length())
+    rand_bits = 64 - row_bits - 31 - col_bits
+    rows = np.repeat(np.arange(n, dtype=np.uint64), lengths)
+    cols = X.indices[a:b].astype(np.uint64)
+    values = X.data[a:b] + np.float32(0.0)  # turns -0.0 into +0.0
+    inverted = np.uint64(0x7FFFFFFF) - values.view(np.uint32).astype(np.uint64)
+    tie = _mix((rows + np.uint64(r0)) * _M1 + cols + seed_hash) >> np.uint64(64 - rand_bits)
+    key = (rows << np.uint64(64 - row_bits)) | (inverted << np.uint64(rand_bits + col_bits))
+    key |= (tie << np.uint64(col_bits)) | cols
+    key.sort()
+    n_expressed = np.bincount(rows[values > 0].astype(np.int64), minlength=n)
+    keep = np.minimum(n_expressed, top_k)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    picked = key[_ranges(starts, keep)] & np.uint64((1 << col_bits) - 1)
+    return picked.astype(np.int32), keep
+
+
+def encode(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
+    seed: int = 0,
+    vocab: Vocabulary | None = None,
+    var_key: str | None = None,
+    genes: Literal["all", "shared"] = "all",
+    threads: int = 2,
+) -> CellSentences:
+    """Encode cells as cell sentences: expressed gene ids by descending expression.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes; raw counts or normalized values, sparse or dense.
+    layer
+        Layer to rank (default ``adata.X``).
+    top_k
+        Keep at most this many genes per cell (``None``: all expressed genes). Cells
+        with fewer expressed genes get shorter sentences.
+    seed
+        Seed of the tie-break: genes with equal expression are ordered by a hash of
+        (seed, cell, gene), reproducible and independent of chunking.
+    vocab
+        Encode into this vocabulary (a model's). By default the vocabulary is built
+        from ``adata`` (``var_names`` or ``var[var_key]``).
+    genes
+        With ``vocab``: ``"all"`` requires every gene of ``adata`` to be in it;
+        ``"shared"`` drops the genes it does not know (before ranking).
+    threads
+        Worker threads for the integer sort.
+
+    Zeros, including explicitly stored zeros, are never part of a sentence. A cell
+    with no expressed gene is an error (remove such cells first).
+    """
+    if top_k is not None and top_k < 1:
+        raise DataError(f"top_k must be a positive number of genes or None, got {top_k}.")
+    X = expression_matrix(adata, layer=layer)
+    own = Vocabulary.from_adata(adata, var_key=var_key)
+    if vocab is None:
+        vocab, col_map = own, None
+    else:
+        col_map = vocab.ids(own.genes, missing="mark")
+        unknown = np.flatnonzero(col_map < 0)
+        if unknown.size and genes == "all":
+            shared = len(own) - unknown.size
+            raise VocabularyError(
+                f"{unknown.size} of the data's {len(own)} genes are not in the model's vocabulary "
+                f"of {len(vocab)} genes ({shared} shared; missing e.g. {preview([own.genes[i] for i in unknown], 5)}). "
+                "Pass genes='shared' (CLI: --genes shared) to proceed on the shared genes only."
+            )
+        if unknown.size:
+            if unknown.size == len(own):
+                raise VocabularyError(
+                    f"None of the data's {len(own)} genes are in the model's vocabulary "
+                    f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
+                    "Check that both use gene symbols of the same species."
+                )
+            keep = col_map >= 0
+            X = X[:, keep]
+            col_map = col_map[keep]
+    n_expressed = np.diff(X.indptr) - np.bincount(
+        np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[X.data == 0], minlength=X.shape[0]
+    )
+    empty = np.flatnonzero(n_expressed == 0)
+    if empty.size:
+        names = adata.obs_names[empty]
+        raise DataError(
+            f"{empty.size} of {adata.n_obs} cells have no expressed genes (e.g. {preview(names, 5)}). "
+            "A cell sentence needs at least one gene: remove them first, e.g. "
+            "adata = adata[np.asarray((adata.X > 0).sum(axis=1)).ravel() > 0]."
+        )
+    k = int(X.shape[1]) if top_k is None else int(top_k)
+    col_bits = max(1, int(X.shape[1] - 1).bit_length())
+    # rows per chunk: leave at least 12 bits of the key for the tie hash
+    row_bits = max(1, min(12, 64 - 31 - col_bits - 12))
+    chunk = 1 << row_bits
+    seed_hash = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _M3)[0]
+    bounds = [(r, min(r + chunk, X.shape[0])) for r in range(0, X.shape[0], chunk)]
+    run = lambda rb: _encode_rows(X, rb[0], rb[1], k, seed_hash, col_bits)  # noqa: E731
+    if threads > 1 and len(bounds) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(run, bounds))
+    else:
+        parts = [run(rb) for rb in bounds]
+    ids = np.concatenate([p[0] for p in parts])
+    lengths = np.concatenate([p[1] for p in parts])
+    if col_map is not None:
+        ids = col_map[ids].astype(np.int32)
+    return CellSentences(
+        ids,
+        np.concatenate([[0], np.cumsum(lengths)]),
+        vocab,
+        obs_names=np.asarray(adata.obs_names, dtype=str),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Rank -> expression
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class RankFit:
+    """The inverse transform: expression = slope · log10(1 + rank) + intercept.
+
+    Fitted per dataset by least squares on the kept genes of up to ``max_cells``
+    cells, as Cell2Sentence does, on the normalized scale (``normalization``).
+    ``rank_means`` holds the mean expression at each rank as well: a lookup-table
+    decode (``method="table"``) that has no parametric bias.
+    """
+
+    slope: float
+    intercept: float
+    r2: float
+    normalization: str
+    n_cells: int
+    rank_means: tuple[float, ...] = ()
+
+    @classmethod
+    def fit(
+        cls,
+        adata: ad.AnnData,
+        sentences: CellSentences,
+        *,
+        layer: str | None = None,
+        max_cells: int = 2000,
+        seed: int = 0,
+    ) -> RankFit:
+        """Fit on ``adata`` (normalized with :func:`log_normalize`) and its sentences."""
+        if len(sentences) != adata.n_obs:
+            raise DataError(
+                f"{len(sentences)} sentences for {adata.n_obs} cells: fit the rank map on the AnnData the sentences were encoded from."
+            )
+        X = expression_matrix(adata, layer=layer)
+        scale = detect_scale(X)
+        rng = np.random.default_rng(seed)
+        n = adata.n_obs
+        cells = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+        sub = sentences.subset(cells)
+        Xn = log_normalize(X[cells], scale)
+        own_ids = Vocabulary.from_adata(adata).ids(sentences.vocab.genes, missing="mark")
+        rows = np.repeat(np.arange(len(sub)), sub.lengths)
+        cols = own_ids[sub.ids]
+        if (cols < 0).any():
+            raise DataError("The sentences use genes that are not in this AnnData; fit on the data they came from.")
+        y = np.asarray(Xn[rows, cols]).ravel().astype(np.float64)
+        r = sub.rank_array().astype(np.float64)
+        x = np.log10(1.0 + r)
+        A = np.stack([x, np.ones_like(x)], axis=1)
+        (slope, intercept), *_ = np.linalg.lstsq(A, y, rcond=None)
+        pred = A @ np.array([slope, intercept])
+        ss_res = float(((y - pred) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
+        sums = np.bincount(r.astype(np.int64), weights=y)
+        counts = np.bincount(r.astype(np.int64))
+        means = tuple(float(v) for v in sums / np.maximum(counts, 1))
+        norm = "log1p_cp10k" if scale == "counts" else "as_is_log1p"
+        return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means)
+
+    def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] = "linear") -> np.ndarray:
+        """Expression at 0-based ``ranks`` (float32, clipped at 0)."""
+        ranks = np.asarray(ranks)
+        if method == "linear":
+            out = self.slope * np.log10(1.0 + ranks) + self.intercept
+        elif method == "table":
+            if not self.rank_means:
+                raise DataError("This RankFit has no rank table; refit it or use method='linear'.")
+            table = np.asarray(self.rank_means)
+            out = table[np.minimum(ranks, table.size - 1)]
+        else:
+            raise DataError(f"Unknown decode method {method!r}; use 'linear' or 'table'.")
+        return np.clip(out, 0.0, None).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rank_means"] = list(self.rank_means)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankFit:
+        d = dict(d)
+        d["rank_means"] = tuple(d.get("rank_means", ()))
+        return cls(**d)
+
+
+def decode(
+    sentences: CellSentences, fit: RankFit, *, method: Literal["linear", "table"] = "linear"
+) -> sp.csr_matrix:
+    """Expression matrix (cells × vocabulary genes, float32 CSR) from sentences and a rank fit."""
+    values = fit.expression(sentences.rank_array(), method=method)
+    X = sp.csr_matrix(
+        (values, sentences.ids.astype(np.int32), sentences.offsets),
+        shape=(len(sentences), len(sentences.vocab)),
+    )
+    X.sort_indices()
+    return X
+
+
+# --------------------------------------------------------------------------- #
+# Parsing generated text
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class ParseReport:
+    """What parsing generated text found."""
+
+    n_cells: int
+    n_words: int
+    n_invalid: int
+    n_duplicate: int
+    top_invalid: tuple[tuple[str, int], ...]
+
+    @property
+    def invalid_fraction(self) -> float:
+        return self.n_invalid / max(self.n_words, 1)
+
+    @property
+    def duplicate_fraction(self) -> float:
+        return self.n_duplicate / max(self.n_words, 1)
+
+    @property
+    def invalid_per_cell(self) -> float:
+        return self.n_invalid / max(self.n_cells, 1)
+
+    @property
+    def duplicate_per_cell(self) -> float:
+        return self.n_duplicate / max(self.n_cells, 1)
+
+
+def parse_text(texts: list[str], vocab: Vocabulary, *, uppercase: bool = True) -> tuple[CellSentences, ParseReport]:
+    """Parse generated cell sentences (text) into ids, robustly.
+
+    Words are split on white space and stripped of surrounding punctuation. Unknown
+    words are dropped and a repeated gene keeps only its first place; neither shifts
+    the ranks of the genes after it (ranks are the word positions). The report counts
+    invalid and duplicate words.
+    """
+    lookup = vocab.lookup()
+    words_per: list[list[str]] = []
+    for t in texts:
+        ws = [w.strip(_STRIP) for w in str(t).split()]
+        words_per.append([w.upper() for w in ws if w] if uppercase else [w for w in ws if w])
+    lengths = np.fromiter((len(w) for w in words_per), dtype=np.int64, count=len(words_per))
+    flat = [w for ws in words_per for w in ws]
+    ids = np.fromiter((lookup.get(w, -1) for w in flat), dtype=np.int64, count=len(flat))
+    row = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+    pos = np.arange(ids.size, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    valid = ids >= 0
+    vidx = np.flatnonzero(valid)
+    _, first = np.unique(row[vidx] * (len(vocab) + 1) + ids[vidx], return_index=True)
+    keep = np.sort(vidx[first])
+    n_invalid = int((~valid).sum())
+    n_dup = int(valid.sum() - keep.size)
+    counts = np.bincount(row[keep], minlength=len(texts))
+    invalid_words = Counter(w for w, i in zip(flat, ids) if i < 0).most_common(10)
+    cs = CellSentences(
+        ids[keep].astype(np.int32), np.concatenate([[0], np.cumsum(counts)]), vocab, ranks=pos[keep]
+    )
+    return cs, ParseReport(len(texts), int(ids.size), n_invalid, n_dup, tuple(invalid_words))
