@@ -46,3 +46,19 @@ def kang_harmony():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ad.read_h5ad(shared_file("kang2018_ifnb_pbmc_harmony_2000cells.h5ad"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, papalexi):
+    """A tiny gene-level model trained by the project's own code on 1,200 embedded cells."""
+    import virtualcell as vc
+    from virtualcell.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(papalexi.n_obs, 1200, replace=False))
+    data = papalexi[idx].copy()
+    out = tmp_path_factory.mktemp("tiny_model")
+    cfg = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=12, eval_every=6,
+                      save_every=6, batch_size=8, warmup_steps=2, seed=0)
+    train(data, out=out, config=cfg, progress=False)
+    return vc.C2SModel.load(out), out, data

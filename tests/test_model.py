@@ -1,0 +1,179 @@
+"""The C2S model: training, checkpoints, constrained and prefix-shared generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import virtualcell as vc
+from virtualcell.errors import ModelError, PerturbationError, TrainingError, VocabularyError
+from virtualcell.generation import GenerationConfig
+from virtualcell.model import C2SModel
+from virtualcell.prompts import C2S_PERTURBATION_PROMPT, PerturbationVocab
+from virtualcell.sentences import Vocabulary
+
+
+def gather(chunks):
+    out = {}
+    for ch in chunks:
+        for i, (c, p) in enumerate(zip(ch.cell, ch.perturbation)):
+            out[(int(c), int(p))] = ch.sentences[i].tolist()
+    return out
+
+
+def test_checkpoint_holds_codec_contract_and_config(tiny_model):
+    model, path, data = tiny_model
+    meta = json.loads((path / "virtualcell.json").read_text())
+    assert meta["prompt_format"] == "compact"
+    assert meta["rank_fit"]["slope"] < 0 and meta["contract"]["perturbation_key"] == "perturbation"
+    assert meta["train_config"]["data_hash"] and meta["train_config"]["top_k"] == 30
+    assert (path / "model.safetensors").exists()
+    assert model.perturbations.labels["STAT1"] == "ko:STAT1"
+    assert len(model.genes) == data.n_vars
+
+
+def test_generation_is_valid_distinct_and_bounded(tiny_model):
+    model, _, data = tiny_model
+    cells = vc.encode(data[:6], vocab=model.genes, top_k=30)
+    perts = model.resolve(["control", "STAT1", "ko:PSMB9", "IFNGR1+IRF1"])
+    cfg = GenerationConfig(max_genes=25, batch_size=16, seed=1)
+    chunks = list(model.generate(cells, perts, config=cfg))
+    got = gather(chunks)
+    assert len(got) == 24
+    assert sum(ch.n_invalid + ch.n_duplicate for ch in chunks) == 0
+    for genes in got.values():
+        assert len(genes) == len(set(genes)) and 1 <= len(genes) <= 25
+        assert all(0 <= g < len(model.genes) for g in genes)
+
+
+def test_generation_is_seeded_and_batch_independent(tiny_model):
+    model, _, data = tiny_model
+    cells = vc.encode(data[:5], vocab=model.genes, top_k=30)
+    perts = model.resolve(["control", "STAT1", "JAK2"])
+    a = gather(model.generate(cells, perts, config=GenerationConfig(max_genes=20, batch_size=15, seed=3)))
+    b = gather(model.generate(cells, perts, config=GenerationConfig(max_genes=20, batch_size=2, seed=3)))
+    c = gather(model.generate(cells, perts, config=GenerationConfig(max_genes=20, batch_size=15, seed=4)))
+    assert a == b
+    assert a != c
+    # a cell's result does not depend on which other cells share its batch
+    sub = gather(model.generate(cells.subset([3, 4]), perts, config=GenerationConfig(max_genes=20, batch_size=15, seed=3),
+                                cell_keys=[3, 4]))
+    assert all(sub[(i, p)] == a[(i + 3, p)] for i in range(2) for p in range(3))
+
+
+def test_prefix_sharing_matches_full_prompts(tiny_model):
+    """Sharing a cell's cached prefix gives the same tokens as feeding each full prompt (greedy)."""
+    model, _, data = tiny_model
+    cells = vc.encode(data[:3], vocab=model.genes, top_k=30)
+    perts = model.resolve(["STAT1", "IFNGR1+IRF1"])
+    shared = gather(model.generate(cells, perts, config=GenerationConfig(max_genes=10, temperature=0, batch_size=8)))
+    from virtualcell.generation import generate_grid
+
+    fmt = model.format
+    for (c, p), genes in shared.items():
+        prompt = fmt.prefix(cells[c]) + fmt.suffix(perts[p])
+        (_, _, toks), = generate_grid(model.lm, [prompt], [[]], cell_keys=[0], suffix_keys=[0],
+                                      constraint=model.constraint(), eos_id=fmt.eos, pad_id=fmt.pad,
+                                      config=GenerationConfig(max_genes=10, temperature=0))
+        assert fmt.to_genes(toks).tolist() == genes
+
+
+def test_unknown_perturbation_lists_close_matches(tiny_model):
+    model, _, _ = tiny_model
+    with pytest.raises(PerturbationError, match=r"does not know the perturbation 'STAT11'.*'STAT1'"):
+        model.resolve(["STAT11"])
+    with pytest.raises(PerturbationError, match="not trained on the drug"):
+        model.resolve(["drug:aspirin@1uM"])
+    # a knockout of any gene in the vocabulary is representable, seen perturbed or not
+    assert model.resolve(["ko:PSMB9"])[0].target == "PSMB9"
+    with pytest.raises(PerturbationError, match="neither a gene of this model"):
+        model.resolve(["ko:NOTAGENE"])
+
+
+def test_baseline_genes_must_match_vocabulary(tiny_model):
+    model, _, data = tiny_model
+    other = data[:5, :50].copy()
+    other.var_names = [f"X{i}" if i < 10 else g for i, g in enumerate(other.var_names)]
+    with pytest.raises(VocabularyError, match=r"10 of the data's 50 genes.*40 shared.*genes='shared'"):
+        vc.encode(other, vocab=model.genes)
+    with pytest.raises(ModelError, match="another vocabulary"):
+        list(model.generate(vc.encode(data[:2, :20]), model.resolve(["STAT1"])))
+
+
+def test_checkpoint_without_codec_is_refused(tmp_path, tiny_model):
+    model, _, _ = tiny_model
+    model.lm.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"no virtualcell.json.*genes=adata.var_names"):
+        C2SModel.load(tmp_path)
+
+
+def test_hub_id_offline_names_alternatives():
+    with pytest.raises(ModelError, match=r"C2S-Scale-Gemma-2-2B.*local folder.*bundled"):
+        C2SModel.load("vandijklab/C2S-Scale-Gemma-2-2B", genes=["A", "B"])
+
+
+def test_max_minutes_too_small(papalexi_small, tmp_path):
+    from virtualcell.train import TrainConfig, train
+
+    with pytest.raises(TrainingError, match="too small"):
+        train(papalexi_small[:300].copy(), out=tmp_path, progress=False,
+              config=TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=5, max_minutes=1e-4))
+    with pytest.raises(TrainingError, match="must be > 0"):
+        TrainConfig(max_minutes=0)
+
+
+def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
+    from virtualcell.train import TrainConfig, train
+
+    data = papalexi_small[:400].copy()
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=4, save_every=2, eval_every=2,
+                      batch_size=4, warmup_steps=1)
+    train(data, out=tmp_path, config=cfg, progress=False)
+    from dataclasses import replace
+
+    train(data, out=tmp_path, config=replace(cfg, max_steps=6), progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- multi-token genes (BPE)
+@pytest.fixture(scope="module")
+def bpe_model():
+    """A text model whose BPE tokenizer splits gene names into several tokens (random weights)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    genes = ["HLA-DRA", "HLA-DRB1", "CD4", "CD44", "CD8A", "MT-CO1", "RP11-34P13.7", "STAT1", "STAT2", "IRF1", "GAPDH", "ACTB"]
+    corpus = [C2S_PERTURBATION_PROMPT, "the quick brown fox"] + [" ".join(genes[i:] + genes[:i]) for i in range(len(genes))]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096))
+    model = C2SModel(lm, hf, genes=Vocabulary.from_names(genes), perturbations=PerturbationVocab(), prompt_format="c2s")
+    multi = [g for g in genes if len(hf(" " + g, add_special_tokens=False)["input_ids"]) > 1]
+    assert len(multi) >= 4, "the test needs genes that span several tokens"
+    return model
+
+
+def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
+    m = bpe_model
+    cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)
+    perts = [vc.perturbations.parse("ko:STAT1"), vc.perturbations.parse("drug:x@1uM")]
+    chunks = list(m.generate(cells, perts, config=GenerationConfig(max_genes=8, min_genes=8, batch_size=4, seed=0)))
+    assert sum(c.n_invalid for c in chunks) == 0 and sum(c.n_duplicate for c in chunks) == 0
+    for c in chunks:
+        assert (c.sentences.lengths == 8).all()
+        for i in range(len(c.sentences)):
+            assert len(set(c.sentences[i].tolist())) == 8
+    # without constraints the same random model writes non-genes and repeats
+    raw = list(m.generate(cells, perts, config=GenerationConfig(max_genes=8, constrain=False, batch_size=4, seed=0)))
+    assert sum(c.n_invalid + c.n_duplicate for c in raw) > 0

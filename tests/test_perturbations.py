@@ -1,0 +1,58 @@
+"""Typed perturbations and their text syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtualcell.errors import PerturbationError
+from virtualcell.perturbations import Combination, Perturbation, parse, parse_panel
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "target"),
+    [("ko:stat1", "knockout", "STAT1"), ("knockdown:MYC", "knockdown", "MYC"), ("crispra:KLF1", "activation", "KLF1"),
+     ("drug:dexamethasone", "drug", "dexamethasone"), ("cytokine:IFNB@100ng/ml", "cytokine", "IFNB"),
+     ("STAT1", "label", "STAT1"), ("control", "control", "")],
+)
+def test_parse_kinds(text, kind, target):
+    p = parse(text)
+    assert (p.kind, p.target) == (kind, target)
+
+
+def test_drug_dose_and_time():
+    p = parse("drug:dexamethasone@10uM,24h")
+    assert (p.dose, p.dose_unit, p.time, p.time_unit, p.time_hours) == (10.0, "uM", 24.0, "h", 24.0)
+    assert str(p) == "drug:dexamethasone@10uM,24h"
+    assert parse(str(p)) == p
+    assert p.describe() == "dexamethasone at 10 uM for 24 h"
+    assert parse("drug:x@1uM,30min").time_hours == pytest.approx(0.5)
+
+
+def test_combinations_are_canonical():
+    a = parse("ko:STAT1 + drug:ruxolitinib@1uM")
+    b = parse("drug:ruxolitinib@1uM+ko:stat1")
+    assert isinstance(a, Combination) and a == b
+    assert str(a) == "drug:ruxolitinib@1uM + ko:STAT1"
+    assert parse("KLF1+MAP2K6").parts == (Perturbation("label", "KLF1"), Perturbation("label", "MAP2K6"))
+    assert parse("control + ko:A") == Perturbation("knockout", "A")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("ko:STAT1@1uM", "takes no dose"), ("virus:X", "Unknown perturbation type"), ("drug:x@ten", "Cannot read the dose"),
+     ("drug:x@1uM,3weeks", "unknown time unit"), ("ko:", "needs a target"), ("two words", "no spaces"),
+     ("ko:A + ko:A", "repeats a part"), ("ko:A +", "stray")],
+)
+def test_bad_perturbations(text, match):
+    with pytest.raises(PerturbationError, match=match):
+        parse(text)
+
+
+def test_panel_names_the_bad_line():
+    with pytest.raises(PerturbationError, match="panel line 3: Unknown perturbation type"):
+        parse_panel("ko:STAT1\n# comment\nbogus:X\n")
+    with pytest.raises(PerturbationError, match="line 2: 'ko:A' repeats line 1"):
+        parse_panel("ko:A\nko:a\n")
+    with pytest.raises(PerturbationError, match="empty"):
+        parse_panel("# nothing\n\n")
+    assert [str(p) for p in parse_panel("ko:A  # first\n\nSTAT1\n")] == ["ko:A", "STAT1"]

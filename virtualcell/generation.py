@@ -1,0 +1,354 @@
+"""Fast, constrained, reproducible generation of cell sentences.
+
+The engine generates one cell sentence for every (baseline cell, perturbation) pair:
+
+* **Prefix sharing.** A cell's prompt prefix is run through the model once; its
+  key/value cache is then repeated for every perturbation suffix, instead of
+  recomputing the cell for each pair (compact format: ``<bos> cell <sep>`` +
+  ``perturbation <out>``).
+* **KV cache and batching.** Every step feeds one token per row; finished rows are
+  dropped from the batch.
+* **Constrained decoding.** Every generated cell holds only real, distinct genes, and
+  at most ``max_genes`` of them (or fewer, ending at EOS). Gene-level tokenizers use a
+  vectorized mask; tokenizers where a gene spans several tokens (BPE, SentencePiece)
+  use a trie over the genes' token sequences.
+* **Seeded, batch-independent sampling.** Sampling is Gumbel-max with noise hashed
+  from (seed, cell key, perturbation key, step, token): the same seed gives the same
+  cells whatever the batch size, chunking or process split.
+
+Only this module and :mod:`virtualcell.model` import torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "generate_grid", "stable_key"]
+
+_MASK = (1 << 63) - 1
+
+
+def stable_key(text: str) -> int:
+    """A stable 31-bit key for a string (the same in every process and run)."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to sample. ``max_genes`` caps each generated cell; ``min_genes`` forbids an
+    earlier EOS. ``batch_size`` is the number of (cell, perturbation) rows per forward."""
+
+    max_genes: int = 200
+    min_genes: int = 1
+    temperature: float = 1.0
+    constrain: bool = True
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_genes < 1 or self.min_genes < 0 or self.min_genes > self.max_genes:
+            raise ValueError(f"Need 0 <= min_genes <= max_genes and max_genes >= 1, got {self.min_genes}, {self.max_genes}.")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy).")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1.")
+
+
+# --------------------------------------------------------------------------- #
+# Hashed Gumbel noise
+# --------------------------------------------------------------------------- #
+def _lshr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts are arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _lshr(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    x = (x ^ _lshr(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ _lshr(x, 31)
+
+
+def _gumbel(row_keys: torch.Tensor, step: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """(rows, vocab) Gumbel noise, a pure function of (row key, step, token)."""
+    tokens = torch.arange(vocab, device=device, dtype=torch.int64)
+    base = _mix(row_keys * 1000003 + step)
+    h = _mix(base[:, None] ^ (tokens[None, :] * -7046029254386353131))  # 0x9E3779B97F4A7C15
+    u = (_lshr(h, 11).to(torch.float64) + 0.5) / float(1 << 53)
+    return -torch.log(-torch.log(u)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- #
+# Constraints
+# --------------------------------------------------------------------------- #
+class GeneConstraint:
+    """One token per gene: allowed next tokens are the genes not yet written, plus EOS."""
+
+    def __init__(self, gene_token_ids: Sequence[int], eos_id: int, vocab_size: int) -> None:
+        self.gene_tokens = torch.as_tensor(np.asarray(gene_token_ids, dtype=np.int64))
+        self.eos_id = int(eos_id)
+        self.vocab_size = int(vocab_size)
+
+    def start(self, rows: int, device: torch.device) -> dict:
+        allowed = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=device)
+        allowed[:, self.gene_tokens.to(device)] = True
+        return {"allowed": allowed, "n": torch.zeros(rows, dtype=torch.int64, device=device)}
+
+    def mask(self, state: dict, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+        allowed = state["allowed"].clone()
+        allowed[:, self.eos_id] = state["n"] >= cfg.min_genes
+        full = state["n"] >= cfg.max_genes
+        if full.any():
+            allowed[full] = False
+            allowed[full, self.eos_id] = True
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def update(self, state: dict, tokens: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+        """Record the sampled tokens; return which rows finished."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        state["allowed"][rows, tokens] = False
+        done = tokens == self.eos_id
+        state["n"] += (~done).long()
+        return done | (state["n"] >= cfg.max_genes)
+
+    def select(self, state: dict, keep: torch.Tensor) -> dict:
+        return {k: v[keep] for k, v in state.items()}
+
+
+class TrieConstraint:
+    """Genes that span several tokens: a trie over each gene's token sequence.
+
+    Each gene is tokenized as it appears inside a sentence (``" " + name``). Inside a
+    gene only its continuations are allowed; at a gene boundary, the first token of
+    any gene not yet written, or EOS. A gene is written once.
+    """
+
+    def __init__(self, tokenizer, genes: Sequence[str], eos_id: int, vocab_size: int) -> None:  # noqa: ANN001
+        self.eos_id = int(eos_id)
+        self.vocab_size = int(vocab_size)
+        self.children: list[dict[int, int]] = [{}]
+        self.gene_at: list[int] = [-1]
+        self.paths: list[list[int]] = []
+        encoded = tokenizer([" " + g for g in genes], add_special_tokens=False)["input_ids"]
+        for g, toks in enumerate(encoded):
+            if not toks:
+                raise ValueError(f"Gene {genes[g]!r} tokenizes to nothing.")
+            node, path = 0, []
+            for t in toks:
+                nxt = self.children[node].get(t)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children[node][t] = nxt
+                    self.children.append({})
+                    self.gene_at.append(-1)
+                node = nxt
+                path.append(node)
+            if self.gene_at[node] != -1:
+                raise ValueError(f"Genes {genes[self.gene_at[node]]!r} and {genes[g]!r} tokenize identically.")
+            self.gene_at[node] = g
+            self.paths.append(path)
+        size = np.zeros(len(self.children), dtype=np.int64)
+        for path in self.paths:
+            size[path] += 1
+        self.size = size
+        self.root_tokens = torch.tensor(sorted(self.children[0]), dtype=torch.int64)
+        self.root_child = {t: c for t, c in self.children[0].items()}
+
+    def start(self, rows: int, device: torch.device) -> dict:
+        return {"rows": [{"node": 0, "removed": {}, "n": 0, "exhausted": set()} for _ in range(rows)]}
+
+    def _available(self, row: dict, node: int) -> list[int]:
+        rem = row["removed"]
+        return [t for t, c in self.children[node].items() if self.size[c] - rem.get(c, 0) > 0]
+
+    def mask(self, state: dict, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        root = self.root_tokens.to(logits.device)
+        for r, row in enumerate(state["rows"]):
+            node = row["node"]
+            at_boundary = node == 0 or self.gene_at[node] >= 0
+            n_done = row["n"] + (1 if node != 0 and self.gene_at[node] >= 0 else 0)
+            if node != 0:
+                avail = self._available(row, node)
+                if avail:
+                    allowed[r, avail] = True
+            if at_boundary:
+                if n_done < cfg.max_genes:
+                    allowed[r, root] = True
+                    if row["exhausted"]:
+                        allowed[r, list(row["exhausted"])] = False
+                if n_done >= cfg.min_genes:
+                    allowed[r, self.eos_id] = True
+            if not allowed[r].any():  # nothing left to write
+                allowed[r, self.eos_id] = True
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def _finish_gene(self, row: dict) -> None:
+        g = self.gene_at[row["node"]]
+        rem = row["removed"]
+        for c in self.paths[g]:
+            rem[c] = rem.get(c, 0) + 1
+        first = self.paths[g][0]
+        if self.size[first] - rem[first] <= 0:
+            row["exhausted"].add(next(t for t, c in self.root_child.items() if c == first))
+        row["n"] += 1
+        row["node"] = 0
+
+    def update(self, state: dict, tokens: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        for r, t in enumerate(tokens.tolist()):
+            row = state["rows"][r]
+            node = row["node"]
+            if t == self.eos_id:
+                if node != 0 and self.gene_at[node] >= 0:
+                    self._finish_gene(row)
+                done[r] = True
+                continue
+            child = self.children[node].get(t) if node != 0 else None
+            if child is not None and self.size[child] - row["removed"].get(child, 0) > 0:
+                row["node"] = child
+            else:  # a new gene starts
+                if node != 0 and self.gene_at[node] >= 0:
+                    self._finish_gene(row)
+                row["node"] = self.root_child[t]
+        return done.to(tokens.device)
+
+    def select(self, state: dict, keep: torch.Tensor) -> dict:
+        return {"rows": [state["rows"][i] for i in keep.tolist()]}
+
+
+# --------------------------------------------------------------------------- #
+# The engine
+# --------------------------------------------------------------------------- #
+def _cache_kwarg(model) -> str:  # noqa: ANN001
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):  # noqa: ANN001, ANN202
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_grid(
+    model,  # noqa: ANN001
+    prefixes: Sequence[Sequence[int]],
+    suffixes: Sequence[Sequence[int]],
+    *,
+    cell_keys: Sequence[int],
+    suffix_keys: Sequence[int],
+    constraint: GeneConstraint | TrieConstraint | None,
+    eos_id: int,
+    pad_id: int,
+    config: GenerationConfig,
+    max_new_tokens: int | None = None,
+) -> Iterator[tuple[int, int, list[int]]]:
+    """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
+
+    Prefixes are computed once per chunk of cells and their caches repeated for all
+    suffixes. Memory is bounded by ``config.batch_size`` rows at a time.
+    """
+    device = next(model.parameters()).device
+    kw = _cache_kwarg(model)
+    n_suffix = len(suffixes)
+    per_group = max(1, min(n_suffix, config.batch_size))
+    cells_per_chunk = max(1, config.batch_size // per_group)
+    steps = max_new_tokens or (config.max_genes + 1)
+    for c0 in range(0, len(prefixes), cells_per_chunk):
+        cells = list(range(c0, min(c0 + cells_per_chunk, len(prefixes))))
+        p_ids, p_mask = _left_pad([prefixes[i] for i in cells], pad_id)
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+        prefix_cache = _cache_of(out)
+        prefix_last_logits = out.logits[:, -1, :]
+        for s0 in range(0, n_suffix, per_group):
+            group = list(range(s0, min(s0 + per_group, n_suffix)))
+            g = len(group)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(g)
+            mask = p_mask.repeat_interleave(g, dim=0)
+            last_pos = p_pos[:, -1].repeat_interleave(g, dim=0)
+            rows_cell = [cells[i // g] for i in range(len(cells) * g)]
+            rows_suffix = [group[i % g] for i in range(len(cells) * g)]
+            s_ids, s_mask = _left_pad([suffixes[j] for j in rows_suffix], pad_id)
+            if s_ids.shape[1] > 0:
+                s_ids, s_mask = s_ids.to(device), s_mask.to(device)
+                s_pos = last_pos[:, None] + s_mask.cumsum(1)
+                mask = torch.cat([mask, s_mask], dim=1)
+                out = model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos, use_cache=True, **{kw: cache})
+                cache = _cache_of(out)
+                logits = out.logits[:, -1, :].float()
+                last_pos = s_pos[:, -1]
+            else:
+                logits = prefix_last_logits.repeat_interleave(g, dim=0).float()
+            keys = torch.tensor(
+                [(config.seed * 1_000_003 + cell_keys[c] * 7919 + suffix_keys[s]) & _MASK for c, s in zip(rows_cell, rows_suffix)],
+                dtype=torch.int64,
+                device=device,
+            )
+            yield from _sample_loop(
+                model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows_suffix,
+                constraint, eos_id, config, steps, device,
+            )
+
+
+def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
+                 constraint, eos_id, config, steps, device) -> Iterator[tuple[int, int, list[int]]]:
+    n = len(rows_cell)
+    active = torch.arange(n, device=device)
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    if not config.constrain:
+        constraint = None
+    state = constraint.start(n, device) if constraint is not None else None
+    for step in range(steps):
+        if constraint is not None:
+            logits = constraint.mask(state, logits, config)
+        if config.temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            noise = _gumbel(keys, step, logits.shape[-1], device)
+            tokens = (logits / config.temperature + noise).argmax(-1)
+        if constraint is not None:
+            done = constraint.update(state, tokens, config)
+        else:
+            done = tokens == eos_id
+            lengths = torch.tensor([len(outputs[i]) + 1 for i in active.tolist()], device=device)
+            done = done | (lengths >= config.max_genes)
+        for local, (row, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
+            if tok != eos_id:
+                outputs[row].append(tok)
+        if bool(done.all()) or step == steps - 1:
+            break
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() < active.numel():
+            active = active[keep]
+            cache.batch_select_indices(keep)
+            mask, last_pos, keys, tokens = mask[keep], last_pos[keep], keys[keep], tokens[keep]
+            if state is not None:
+                state = constraint.select(state, keep)
+        last_pos = last_pos + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, **{kw: cache})
+        cache = _cache_of(out)
+        logits = out.logits[:, -1, :].float()
+    for i in range(n):
+        yield rows_cell[i], rows_suffix[i], outputs[i]

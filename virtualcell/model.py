@@ -1,0 +1,335 @@
+"""The C2S model: a causal language model plus everything needed to read and write cells.
+
+:class:`C2SModel` wraps any Hugging Face causal LM and its tokenizer with
+
+* the gene vocabulary and rank → expression fit (the sentence codec),
+* the perturbations it knows and the prompt format (``compact`` or ``c2s``),
+* the data contract and training config it came from,
+
+and saves them all into one ``save_pretrained`` folder (``virtualcell.json`` beside the
+model and tokenizer files), so one folder rebuilds everything.
+
+Real checkpoints and the project's small models run the same code::
+
+    m = C2SModel.load("vandijklab/C2S-Scale-Gemma-2-2B", genes=adata.var_names)  # GPU, bf16
+    m = C2SModel.load(virtualcell.model.BUNDLED)                                 # CPU, offline
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .contract import DataContract
+from .errors import ModelError
+from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
+from .perturbations import Combination, Perturbation
+from .prompts import C2SFormat, CompactFormat, PerturbationVocab
+from .sentences import CellSentences, RankFit, Vocabulary, parse_text
+
+__all__ = ["C2SModel", "BUNDLED", "pick_device", "bundled"]
+
+log = logging.getLogger(__name__)
+
+META_FILE = "virtualcell.json"
+BUNDLED = str(Path(__file__).resolve().parent / "data" / "model")
+KNOWN_HUB_MODELS = (
+    "vandijklab/C2S-Scale-Gemma-2-2B",
+    "vandijklab/C2S-Scale-Gemma-2-27B",
+    "vandijklab/C2S-Pythia-410m-cell-type-prediction",
+)
+
+
+def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dtype is None:
+        if dev.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dt = torch.float32
+    elif isinstance(dtype, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                 "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in names:
+            raise ModelError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
+        dt = names[dtype]
+    else:
+        dt = dtype
+    return dev, dt
+
+
+@dataclass
+class GeneratedCells:
+    """Generated sentences for a grid of (cell, perturbation) pairs, as gene ids."""
+
+    cell: np.ndarray  # index into the baseline cells
+    perturbation: np.ndarray  # index into the perturbation list
+    sentences: CellSentences
+    n_invalid: int = 0
+    n_duplicate: int = 0
+
+
+class C2SModel:
+    """A causal LM that reads a baseline cell and a perturbation and writes the perturbed cell."""
+
+    def __init__(
+        self,
+        lm: Any,
+        tokenizer: Any,
+        *,
+        genes: Vocabulary,
+        perturbations: PerturbationVocab | None = None,
+        prompt_format: str = "compact",
+        rank_fit: RankFit | None = None,
+        contract: DataContract | None = None,
+        top_k: int = 200,
+        train_config: dict[str, Any] | None = None,
+        source: str = "",
+    ) -> None:
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.genes = genes
+        self.perturbations = perturbations or PerturbationVocab()
+        self.rank_fit = rank_fit
+        self.contract = contract
+        self.top_k = int(top_k)
+        self.train_config = dict(train_config or {})
+        self.source = source
+        if prompt_format == "compact":
+            self.format: CompactFormat | C2SFormat = CompactFormat(tokenizer, genes.genes, self.perturbations)
+        elif prompt_format == "c2s":
+            self.format = C2SFormat(tokenizer, genes.genes, self.perturbations)
+        else:
+            raise ModelError(f"Unknown prompt format {prompt_format!r}; use 'compact' or 'c2s'.")
+        self._constraint: GeneConstraint | TrieConstraint | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike[str] = BUNDLED,
+        *,
+        genes: Sequence[str] | Vocabulary | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> C2SModel:
+        """Load a virtualcell checkpoint folder, or any HF causal LM (hub id or folder).
+
+        A folder written by :meth:`save` (or ``virtualcell train``) carries its codec. A
+        plain HF checkpoint, such as ``vandijklab/C2S-Scale-Gemma-2-2B``, uses the C2S
+        prompt and needs ``genes``: the gene symbols it may write (your data's var_names).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(str(name_or_path))
+        dev, dt = pick_device(device, dtype)
+        is_local = path.exists()
+        if is_local and not path.is_dir():
+            raise ModelError(f"{str(path)!r} is a file; a checkpoint is a folder (with config.json and {META_FILE}).")
+        meta: dict[str, Any] = {}
+        if is_local and (path / META_FILE).exists():
+            meta = json.loads((path / META_FILE).read_text())
+        elif is_local and genes is None:
+            have = sorted(p.name for p in path.iterdir())[:12]
+            raise ModelError(
+                f"{str(path)!r} has no {META_FILE} (the sentence codec: genes, rank fit, perturbations, contract); "
+                f"it holds {have}. Use a folder written by 'virtualcell train' / C2SModel.save, or, for a plain "
+                "Hugging Face checkpoint, pass genes=adata.var_names so it can use the C2S prompt."
+            )
+        elif not is_local and genes is None:
+            raise ModelError(
+                f"{str(name_or_path)!r}: a hub model needs genes=... (the gene symbols it may write, e.g. adata.var_names)."
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+            lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
+        except OSError as err:
+            raise ModelError(
+                f"Could not load {str(name_or_path)!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
+                "If it is a hub id, this machine may be offline or the id wrong. Alternatives: a local folder "
+                "(on a connected machine: huggingface-cli download <id> --local-dir DIR), the bundled model "
+                f"(virtualcell.model.BUNDLED), your own 'virtualcell train' output, or the C2S hub models "
+                f"{', '.join(KNOWN_HUB_MODELS)}."
+            ) from err
+        lm.to(dev).eval()
+        if meta:
+            vocab = Vocabulary(tuple(meta["genes"]))
+            model = cls(
+                lm, tokenizer, genes=vocab,
+                perturbations=PerturbationVocab.from_dict(meta.get("perturbations", {})),
+                prompt_format=meta.get("prompt_format", "compact"),
+                rank_fit=RankFit.from_dict(meta["rank_fit"]) if meta.get("rank_fit") else None,
+                contract=DataContract.from_dict(meta["contract"]) if meta.get("contract") else None,
+                top_k=meta.get("top_k", 200), train_config=meta.get("train_config", {}), source=str(name_or_path),
+            )
+        else:
+            vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = cls(lm, tokenizer, genes=vocab, prompt_format="c2s", source=str(name_or_path))
+        return model
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write model, tokenizer and codec (``virtualcell.json``) into one folder."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(p, safe_serialization=True)
+        self.tokenizer.save_pretrained(p)
+        (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "virtualcell_checkpoint": 1,
+            "prompt_format": self.format.name,
+            "genes": list(self.genes.genes),
+            "top_k": self.top_k,
+            "rank_fit": self.rank_fit.to_dict() if self.rank_fit else None,
+            "contract": self.contract.to_dict() if self.contract else None,
+            "perturbations": self.perturbations.to_dict(),
+            "train_config": self.train_config,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.lm.parameters())
+
+    def __repr__(self) -> str:
+        return (
+            f"C2SModel({self.source or 'in memory'}: {self.n_parameters / 1e6:.2f}M parameters, "
+            f"{len(self.genes)} genes, format {self.format.name!r}, {len(self.perturbations.labels)} training labels, "
+            f"device {self.device})"
+        )
+
+    # ------------------------------------------------------------------ generation
+    def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:
+        """Typed perturbations, with plain training labels looked up; checks the model can represent them."""
+        out = [self.perturbations.resolve(p) for p in perturbations]
+        if isinstance(self.format, CompactFormat):
+            for p in out:
+                self.format.suffix(p)  # raises PerturbationError if it cannot be represented
+        return out
+
+    def constraint(self) -> GeneConstraint | TrieConstraint:
+        if self._constraint is None:
+            vocab_size = self.lm.get_output_embeddings().weight.shape[0]
+            if isinstance(self.format, CompactFormat):
+                self._constraint = GeneConstraint(self.format.gene_tokens, self.format.eos, vocab_size)
+            else:
+                self._constraint = TrieConstraint(self.tokenizer, self.genes.genes, self.format.eos, vocab_size)
+        return self._constraint
+
+    def generate(
+        self,
+        cells: CellSentences,
+        perturbations: Sequence[Perturbation | Combination],
+        *,
+        config: GenerationConfig | None = None,
+        cell_keys: Sequence[int] | None = None,
+    ) -> Iterator[GeneratedCells]:
+        """Generate the perturbed sentence of every (cell, perturbation) pair, in chunks.
+
+        ``cells`` must use this model's vocabulary (``encode(adata, vocab=model.genes)``).
+        ``cell_keys`` (default 0..n-1) seed each cell's sampling, so a cell's result does
+        not depend on the batch or process it lands in.
+        """
+        cfg = config or GenerationConfig(max_genes=self.top_k)
+        if cells.vocab != self.genes:
+            raise ModelError("The cell sentences use another vocabulary: encode them with vocab=model.genes.")
+        keys = list(range(len(cells))) if cell_keys is None else [int(k) for k in cell_keys]
+        pert_keys = [stable_key(str(p)) for p in perturbations]
+        constraint = self.constraint() if cfg.constrain else None
+        cell_ids = [cells[i][: self.top_k] for i in range(len(cells))]
+        fmt = self.format
+        if isinstance(fmt, CompactFormat):
+            prefixes = [fmt.prefix(c) for c in cell_ids]
+            suffixes = [fmt.suffix(p) for p in perturbations]
+            grid = generate_grid(
+                self.lm, prefixes, suffixes, cell_keys=keys, suffix_keys=pert_keys, constraint=constraint,
+                eos_id=fmt.eos, pad_id=fmt.pad, config=cfg,
+            )
+            yield from self._collect(grid, cfg, lambda toks: fmt.to_genes(toks), len(perturbations))
+        else:
+            pairs = [(i, j) for i in range(len(cells)) for j in range(len(perturbations))]
+            prompts = [fmt.prompt(cell_ids[i], perturbations[j]) for i, j in pairs]
+            pair_keys = [keys[i] * 1_000_003 + pert_keys[j] for i, j in pairs]
+            # a gene is several tokens: allow enough steps for max_genes of them
+            longest = max(len(t) for t in self.constraint().paths) if constraint is not None else 8
+            grid = generate_grid(
+                self.lm, prompts, [[]], cell_keys=pair_keys, suffix_keys=[0], constraint=constraint,
+                eos_id=fmt.eos, pad_id=fmt.pad, config=cfg, max_new_tokens=cfg.max_genes * longest + 1,
+            )
+            remap = ((pairs[i][0], pairs[i][1], toks) for i, _, toks in grid)
+            yield from self._collect_text(remap, cfg, len(perturbations))
+
+    def _collect(self, grid, cfg: GenerationConfig, to_genes, n_pert: int) -> Iterator[GeneratedCells]:  # noqa: ANN001
+        """Group engine output into chunks, dropping invalid / repeated tokens (only when unconstrained)."""
+        cells, perts, seqs = [], [], []
+        n_invalid = n_dup = 0
+        for c, p, toks in grid:
+            genes = to_genes(toks)
+            valid = genes[genes >= 0]
+            n_invalid += int((genes < 0).sum())
+            _, first = np.unique(valid, return_index=True)
+            n_dup += int(valid.size - first.size)
+            cells.append(c)
+            perts.append(p)
+            seqs.append(valid[np.sort(first)])
+            if len(cells) >= max(cfg.batch_size, n_pert) * 4:
+                yield self._chunk(cells, perts, seqs, n_invalid, n_dup)
+                cells, perts, seqs, n_invalid, n_dup = [], [], [], 0, 0
+        if cells:
+            yield self._chunk(cells, perts, seqs, n_invalid, n_dup)
+
+    def _collect_text(self, grid, cfg: GenerationConfig, n_pert: int) -> Iterator[GeneratedCells]:  # noqa: ANN001
+        batch: list[tuple[int, int, list[int]]] = []
+
+        def flush() -> GeneratedCells:
+            texts = self.tokenizer.batch_decode([t for _, _, t in batch], skip_special_tokens=True)
+            sentences, report = parse_text(texts, self.genes)
+            return GeneratedCells(
+                np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
+                report.n_invalid, report.n_duplicate,
+            )
+
+        for item in grid:
+            batch.append(item)
+            if len(batch) >= max(cfg.batch_size, n_pert) * 4:
+                yield flush()
+                batch = []
+        if batch:
+            yield flush()
+
+    def _chunk(self, cells, perts, seqs, n_invalid, n_dup) -> GeneratedCells:  # noqa: ANN001
+        return GeneratedCells(
+            np.asarray(cells), np.asarray(perts), CellSentences.from_lists(seqs, self.genes), n_invalid, n_dup
+        )
+
+
+def bundled(*, device: str | None = None) -> C2SModel:
+    """The small model shipped inside the package (trained on the embedded default)."""
+    if not (Path(BUNDLED) / META_FILE).exists():
+        raise ModelError(
+            f"The bundled model is missing from {BUNDLED}. Reinstall virtualcell, or rebuild it with "
+            "python experiments/train_bundled_model.py."
+        )
+    return C2SModel.load(BUNDLED, device=device)

@@ -1,0 +1,243 @@
+"""Typed perturbations: genetic (knockout, knockdown, activation), drugs, cytokines, combinations.
+
+The text syntax, one perturbation per panel line::
+
+    control
+    ko:STAT1                    knockout        (also knockout:, crispr-ko:)
+    kd:STAT1                    knockdown       (also knockdown:, crispri:)
+    act:STAT1                   activation      (also activation:, crispra:)
+    drug:dexamethasone@10uM,24h drug with dose and time (both optional)
+    cytokine:IFNB@100ng/ml      cytokine with dose
+    ko:STAT1 + drug:ruxolitinib@1uM        a combination (parts joined by '+')
+    STAT1                       a plain label, exactly as in a model's training data
+    KLF1+MAP2K6                 a pair of plain labels
+
+Examples
+--------
+>>> from virtualcell.perturbations import parse
+>>> p = parse("drug:dexamethasone@10uM,24h")
+>>> p.kind, p.target, p.dose, p.dose_unit, p.time, p.time_unit
+('drug', 'dexamethasone', 10.0, 'uM', 24.0, 'h')
+>>> str(parse("ko:stat1 + act:MYC"))
+'act:MYC + ko:STAT1'
+>>> parse("ko:STAT1").describe()
+'CRISPR knockout of STAT1'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from .errors import PerturbationError
+
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "KINDS", "GENETIC", "Any_"]
+
+Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
+KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
+GENETIC = frozenset({"knockout", "knockdown", "activation"})
+
+_PREFIX = {
+    "ko": "knockout", "knockout": "knockout", "crispr-ko": "knockout", "crisprko": "knockout",
+    "kd": "knockdown", "knockdown": "knockdown", "crispri": "knockdown", "sirna": "knockdown",
+    "act": "activation", "activation": "activation", "crispra": "activation", "oe": "activation",
+    "overexpression": "activation",
+    "drug": "drug", "compound": "drug",
+    "cytokine": "cytokine", "cyto": "cytokine", "ligand": "cytokine",
+    "label": "label",
+}
+_SHORT = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug": "drug", "cytokine": "cytokine", "label": "label"}
+_DESCRIBE = {"knockout": "CRISPR knockout of", "knockdown": "CRISPRi knockdown of", "activation": "CRISPRa activation of"}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ/%]*)\s*$")
+_TIME_UNITS = {"h": 1.0, "hr": 1.0, "hrs": 1.0, "hours": 1.0, "hour": 1.0, "min": 1 / 60, "m": 1 / 60, "d": 24.0, "day": 24.0, "days": 24.0}
+_GENE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One intervention. Genetic kinds target a gene symbol; drugs and cytokines have a name,
+    an optional dose (value + unit) and time (value + unit); ``label`` is a plain training label."""
+
+    kind: Kind
+    target: str = ""
+    dose: float | None = None
+    dose_unit: str | None = None
+    time: float | None = None
+    time_unit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PerturbationError(f"Unknown perturbation kind {self.kind!r}; use one of {', '.join(KINDS)}.")
+        if self.kind == "control":
+            return
+        if not self.target:
+            raise PerturbationError(f"A {self.kind} needs a target (e.g. '{_SHORT[self.kind]}:NAME').")
+        if self.kind in GENETIC:
+            if not _GENE.match(self.target):
+                raise PerturbationError(f"{self.target!r} is not a gene symbol (letters, digits, '.', '-', '_').")
+            object.__setattr__(self, "target", self.target.upper())
+            if self.dose is not None or self.time is not None:
+                raise PerturbationError(f"A {self.kind} takes no dose or time; use 'drug:' for compounds.")
+        if self.dose is not None and self.dose < 0:
+            raise PerturbationError(f"Dose must be >= 0, got {self.dose}.")
+        if self.time is not None and self.time < 0:
+            raise PerturbationError(f"Time must be >= 0, got {self.time}.")
+
+    @property
+    def parts(self) -> tuple[Perturbation, ...]:
+        return () if self.kind == "control" else (self,)
+
+    @property
+    def time_hours(self) -> float | None:
+        if self.time is None:
+            return None
+        return self.time * _TIME_UNITS.get((self.time_unit or "h").lower(), 1.0)
+
+    def __str__(self) -> str:
+        if self.kind == "control":
+            return "control"
+        if self.kind == "label":
+            return self.target
+        s = f"{_SHORT[self.kind]}:{self.target}"
+        if self.dose is not None or self.time is not None:
+            q = []
+            if self.dose is not None:
+                q.append(f"{_fmt(self.dose)}{self.dose_unit or ''}")
+            if self.time is not None:
+                q.append(f"{_fmt(self.time)}{self.time_unit or 'h'}")
+            s += "@" + ",".join(q)
+        return s
+
+    def describe(self) -> str:
+        """Natural-language text, as in C2S perturbation prompts."""
+        if self.kind == "control":
+            return "no perturbation (control)"
+        if self.kind in GENETIC:
+            return f"{_DESCRIBE[self.kind]} {self.target}"
+        if self.kind == "label":
+            return self.target
+        text = self.target
+        if self.dose is not None:
+            text += f" at {_fmt(self.dose)} {self.dose_unit or ''}".rstrip()
+        if self.time is not None:
+            text += f" for {_fmt(self.time)} {self.time_unit or 'h'}"
+        return text
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Several perturbations applied together; parts are kept in a canonical (sorted) order."""
+
+    parts: tuple[Perturbation, ...]
+
+    def __post_init__(self) -> None:
+        flat: list[Perturbation] = []
+        for p in self.parts:
+            flat.extend(p.parts if isinstance(p, Combination) else [p])
+        flat = [p for p in flat if p.kind != "control"]
+        if len(flat) < 2:
+            raise PerturbationError("A combination needs at least two non-control parts.")
+        if len(set(flat)) != len(flat):
+            raise PerturbationError(f"A combination repeats a part: {' + '.join(map(str, flat))}.")
+        object.__setattr__(self, "parts", tuple(sorted(flat, key=str)))
+
+    kind: str = "combination"
+
+    def __str__(self) -> str:
+        return " + ".join(str(p) for p in self.parts)
+
+    def describe(self) -> str:
+        return " and ".join(p.describe() for p in self.parts)
+
+
+Any_ = Union[Perturbation, Combination]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
+    m = _QUANTITY.match(text)
+    if not m:
+        raise PerturbationError(
+            f"Cannot read the {what} {text!r} in {source!r}: write a number with an optional unit, e.g. "
+            + ("'10uM'." if what == "dose" else "'24h'.")
+        )
+    return float(m.group(1)), m.group(2)
+
+
+def _parse_part(text: str, source: str) -> Perturbation:
+    t = text.strip()
+    if not t:
+        raise PerturbationError(f"Empty part in {source!r}: check for a stray '+'.")
+    if t.lower() in {"control", "ctrl", "none", "dmso", "vehicle", "non-targeting"} and ":" not in t:
+        return Perturbation("control") if t.lower() in {"control", "ctrl", "none"} else Perturbation("label", t)
+    if ":" not in t:
+        if any(c.isspace() for c in t):
+            raise PerturbationError(
+                f"Cannot parse {source!r}: a plain label has no spaces. Use a typed form such as "
+                "'ko:STAT1', 'drug:NAME@10uM,24h' or 'cytokine:IFNB@100ng/ml'."
+            )
+        return Perturbation("label", t)
+    prefix, _, rest = t.partition(":")
+    kind = _PREFIX.get(prefix.strip().lower())
+    if kind is None:
+        raise PerturbationError(
+            f"Unknown perturbation type {prefix!r} in {source!r}. Use ko:, kd:, act:, drug:, cytokine: or label:."
+        )
+    name, _, quantities = rest.partition("@")
+    name = name.strip()
+    dose = dose_unit = time = time_unit = None
+    if quantities:
+        if kind in GENETIC:
+            raise PerturbationError(f"{source!r}: a {kind} takes no dose or time ('@...'); remove it.")
+        fields = [f for f in quantities.split(",")]
+        if len(fields) > 2:
+            raise PerturbationError(f"{source!r}: after '@' write a dose and optionally a time, e.g. '@10uM,24h'.")
+        dose, dose_unit = _quantity(fields[0], "dose", source)
+        if len(fields) == 2:
+            time, time_unit = _quantity(fields[1], "time", source)
+            if time_unit and time_unit.lower() not in _TIME_UNITS:
+                raise PerturbationError(f"{source!r}: unknown time unit {time_unit!r}; use h, min or d.")
+            time_unit = time_unit or "h"
+    return Perturbation(kind, name, dose, dose_unit or None, time, time_unit)  # type: ignore[arg-type]
+
+
+def parse(text: str | Perturbation | Combination) -> Perturbation | Combination:
+    """Parse one perturbation (see the module docstring for the syntax)."""
+    if isinstance(text, (Perturbation, Combination)):
+        return text
+    if not isinstance(text, str):
+        raise PerturbationError(f"Expected a perturbation string, got {type(text).__name__}.")
+    parts = [_parse_part(p, text) for p in text.split("+")]
+    parts = [p for p in parts if p.kind != "control"] or [Perturbation("control")]
+    if len(parts) == 1:
+        return parts[0]
+    return Combination(tuple(parts))
+
+
+def parse_panel(text: str) -> list[Perturbation | Combination]:
+    """Parse a panel: one perturbation a line; '#' starts a comment; blank lines are skipped.
+
+    A line that does not parse raises :class:`PerturbationError` naming its line number.
+    """
+    out: list[Perturbation | Combination] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        body = line.split("#", 1)[0].strip()
+        if not body:
+            continue
+        try:
+            p = parse(body)
+        except PerturbationError as err:
+            raise PerturbationError(f"panel line {number}: {err}") from None
+        key = str(p)
+        if key in seen:
+            raise PerturbationError(f"panel line {number}: {key!r} repeats line {seen[key]}; list each perturbation once.")
+        seen[key] = number
+        out.append(p)
+    if not out:
+        raise PerturbationError("The panel is empty: write one perturbation a line (e.g. 'ko:STAT1').")
+    return out
