@@ -96,6 +96,56 @@ def _load_data(spec: str, contract=None):  # noqa: ANN001, ANN202
     return datasets.load(spec)
 
 
+def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
+    from .contract import DataContract
+
+    return DataContract(
+        perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key,
+        dose_key=getattr(args, "dose_key", None), time_key=getattr(args, "time_key", None),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or fine-tune) a model on a perturbation screen."""
+    from .train import TrainConfig, train
+
+    contract = _contract_from_args(args)
+    adata = _load_data(args.data, contract)
+    holdout = {}
+    for item in args.holdout or []:
+        col, _, values = item.partition("=")
+        if not values:
+            raise _usage(f"--holdout {item!r}: write COLUMN=VALUE[,VALUE...], e.g. bio_rep=rep_3")
+        holdout[col] = values.split(",")
+    cfg = TrainConfig(
+        top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
+        batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
+        kind=args.kind, kind_key=args.kind_key, holdout=holdout,
+    )
+    model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart)
+    hist = model.train_config.get("history", [])
+    last = hist[-1] if hist else {}
+    print(f"saved {model} to {args.out}")
+    if last:
+        print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
+              f"validation loss {last.get('val_loss', float('nan')):.3f}")
+    return 0
+
+
+def _usage(message: str):  # noqa: ANN202
+    from .errors import VirtualCellError
+
+    return VirtualCellError(message)
+
+
+def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--perturbation-key", required=required, default="perturbation", help="obs column of the perturbation labels")
+    p.add_argument("--control", required=required, default="control", help="label of the control cells")
+    p.add_argument("--context-key", default=None, help="obs column of the context (cell type / line / patient)")
+    p.add_argument("--dose-key", default=None, help="obs column of the dose")
+    p.add_argument("--time-key", default=None, help="obs column of the time")
+
+
 # --------------------------------------------------------------------------- #
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -120,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="train a small C2S model on a screen, or fine-tune a real checkpoint (--base)")
+    p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
+    _add_contract_args(p)
+    p.add_argument("--base", default=None, help="a Hugging Face causal LM to fine-tune (hub id or folder); default: a new small model")
+    p.add_argument("--out", required=True, help="checkpoint folder (resumes from OUT/last if present)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget; training stops when it is spent")
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=200, help="genes per cell sentence")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
+    p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
+    p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES", help="exclude cells from training, e.g. bio_rep=rep_3")
+    p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
+    p.set_defaults(func=cmd_train)
+
+    from .evaluate.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

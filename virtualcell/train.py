@@ -385,9 +385,12 @@ def train(
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
+        """Warm-up, then cosine decay to 10%, over max_steps or the time budget, whichever ends first."""
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if budget is not None:
+            frac = max(frac, (time.perf_counter() - t_start) / budget)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     lm, optimizer = accelerator.prepare(lm, optimizer)

@@ -1,0 +1,391 @@
+"""The validation layer: metrics, baselines, control splits, effect sizes, pertpy fixes, CLI hook."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import virtualcell as vc
+from virtualcell.errors import DataError
+from virtualcell.evaluate import (
+    METRICS,
+    PROFILES,
+    Metric,
+    baselines,
+    delta_table,
+    distance_test,
+    effect_size,
+    evaluate,
+    plot_delta_scatter,
+    plot_metric_bars,
+    split_controls,
+    summarize,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------- #
+# Fixtures: real data (subsampled) and a noise-free synthetic screen
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def perturbench():
+    return vc.datasets.load("perturbench")
+
+
+@pytest.fixture(scope="module")
+def perturbench_split(perturbench):
+    return split_controls(perturbench, seed=0)
+
+
+def _screen(groups: dict[tuple[str, str], np.ndarray], n: int = 6, noise: float = 0.0, seed: int = 0) -> ad.AnnData:
+    """Cells of every (label, context) group around its mean (exactly on it when noise=0)."""
+    rng = np.random.default_rng(seed)
+    X, obs = [], []
+    for (label, ctx), mean in groups.items():
+        X.append(mean[None, :] + noise * rng.normal(size=(n, mean.size)))
+        obs += [(label, ctx)] * n
+    frame = pd.DataFrame(obs, columns=["perturbation", "cell_type"])
+    frame.index = frame.index.astype(str)
+    genes = pd.DataFrame(index=[f"G{i}" for i in range(X[0].shape[1])])
+    a = ad.AnnData(np.concatenate(X).astype(np.float32), obs=frame, var=genes)
+    vc.DataContract("perturbation", "control", context_key="cell_type").attach(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def additive_truth():
+    """One context, singles A..D and pairs whose effect is exactly the sum of their singles'."""
+    rng = np.random.default_rng(1)
+    g = 40
+    ctrl = rng.uniform(1.0, 3.0, g)
+    eff = {s: rng.normal(0, 0.5, g) for s in "ABCD"}
+    groups = {("control", "x"): ctrl}
+    groups |= {(s, "x"): ctrl + e for s, e in eff.items()}
+    groups |= {(p, "x"): ctrl + eff[p[0]] + eff[p[2]] for p in ("A+B", "C+D", "A+C")}
+    return _screen(groups)
+
+
+def _mean(table: pd.DataFrame, method: str, metric: str) -> float:
+    sub = table[(table["method"] == method) & (table["metric"] == metric)]
+    assert len(sub), (method, metric)
+    return float(sub["value"].mean())
+
+
+# --------------------------------------------------------------------------- #
+# Metrics
+# --------------------------------------------------------------------------- #
+def test_prediction_equal_to_the_measurement_scores_perfectly(perturbench_split):
+    base, ref = perturbench_split
+    # the "prediction" is the measured cells themselves, control included: identical deltas
+    table = evaluate(ref, ref, baseline=base, profile="fast", baselines=(), ceiling=False)
+    model = table[table["method"] == "model"]
+    assert set(model["context"]) == {"k562", "A172", "T98G", "U87MG"}
+    values = model.groupby("metric")["value"]
+    assert values.min()["pearson_delta"] == pytest.approx(1.0)
+    assert values.min()["pearson_delta_top50"] == pytest.approx(1.0)
+    assert values.max()["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert values.max()["mae_top50"] == pytest.approx(0.0, abs=1e-6)
+    assert values.min()["direction_accuracy_top50"] == 1.0
+    assert values.min()["de_overlap_top50"] == 1.0
+    assert values.min()["discrimination"] == 1.0
+
+
+def test_nochange_scores_zero_correlation_and_table_is_tidy(perturbench_split):
+    base, ref = perturbench_split
+    table = evaluate(None, ref, baseline=base, profile="fast", baselines=("nochange",), ceiling=False)
+    assert list(table.columns) == vc.evaluate.TABLE_COLUMNS
+    assert not table.duplicated(["method", "perturbation", "context", "metric"]).any()
+    assert _mean(table, "nochange", "pearson_delta") == pytest.approx(0.0, abs=1e-9)
+    assert _mean(table, "nochange", "direction_accuracy_top50") == 0.0
+    assert (table.loc[table["metric"] == "mse", "direction"] == "lower").all()
+
+
+def test_registry_is_read_only_and_profiles_resolve():
+    assert all(m.direction in ("higher", "lower") and m.description for m in METRICS.values())
+    assert set(PROFILES["fast"]) < set(PROFILES["default"]) == set(METRICS)
+    with pytest.raises(TypeError):
+        METRICS["mine"] = METRICS["mse"]  # type: ignore[index]
+    with pytest.raises(DataError, match="Unknown metric profile 'fastest'.*fast"):
+        vc.evaluate.metrics.resolve_metrics("fastest")
+
+
+def test_custom_metric_objects_are_scored_and_errors_name_the_metric(additive_truth):
+    n_genes = Metric("n_genes", lambda pair: {p: float(len(pair.genes)) for p in pair.perturbations}, "genes", True)
+    table = evaluate(None, additive_truth, profile=[n_genes, "pearson_delta"], baselines=("additive",), ceiling=False)
+    assert set(table["metric"]) == {"n_genes", "pearson_delta"}
+    assert (table.loc[table["metric"] == "n_genes", "value"] == 40).all()
+
+    def broken(pair):
+        raise ZeroDivisionError("boom")
+
+    with pytest.raises(ZeroDivisionError) as err:
+        evaluate(None, additive_truth, profile=[Metric("broken", broken, "fails", True)], baselines=("additive",),
+                 ceiling=False)
+    assert "broken" in "".join(getattr(err.value, "__notes__", []))
+
+
+# --------------------------------------------------------------------------- #
+# Baselines
+# --------------------------------------------------------------------------- #
+def test_additive_is_exact_when_the_truth_is_additive(additive_truth):
+    table = evaluate(None, additive_truth, profile="fast", baselines=("additive", "linear"))
+    add = table[(table["method"] == "additive")]
+    assert set(add["perturbation"]) == {"A+B", "C+D", "A+C"}  # singles are not combinations: skipped
+    assert add.loc[add["metric"] == "pearson_delta", "value"].min() == pytest.approx(1.0)
+    assert add.loc[add["metric"] == "mse", "value"].max() == pytest.approx(0.0, abs=1e-10)
+    assert _mean(table, "ceiling", "pearson_delta") == pytest.approx(1.0)
+    lin = table[(table["method"] == "linear") & table["perturbation"].str.contains("+", regex=False)]
+    assert lin.loc[lin["metric"] == "pearson_delta", "value"].min() > 0.9
+
+
+def test_meanshift_and_pertmean_leave_the_target_out():
+    rng = np.random.default_rng(2)
+    g = 25
+    effects = {("P", c): rng.normal(0, 1, g) for c in ("a", "b", "c")}
+    effects[("Q", "a")] = rng.normal(0, 1, g)
+    ctrl = {c: rng.uniform(1, 2, g) for c in ("a", "b", "c")}
+    groups = {("control", c): m for c, m in ctrl.items()}
+    groups |= {(p, c): ctrl[c] + e for (p, c), e in effects.items()}
+    adata = _screen(groups)
+    ms = baselines.meanshift(adata, targets=[("P", "a")])
+    pm = baselines.pertmean(adata, targets=[("P", "a"), ("Q", "a")])
+
+    def delta(pred, p, c):
+        ctx = pred.obs["cell_type"].to_numpy()
+        lab = pred.obs["perturbation"].to_numpy()
+        return pred.X[(lab == p) & (ctx == c)].mean(0) - pred.X[(lab == "control") & (ctx == c)].mean(0)
+
+    np.testing.assert_allclose(delta(ms, "P", "a"), (effects[("P", "b")] + effects[("P", "c")]) / 2, atol=1e-5)
+    np.testing.assert_allclose(delta(pm, "P", "a"), effects[("Q", "a")], atol=1e-5)
+    np.testing.assert_allclose(delta(pm, "Q", "a"), effects[("P", "a")], atol=1e-5)
+    assert ms.uns["virtualcell"]["baseline"] == "meanshift"
+
+
+def test_baselines_skip_what_they_cannot_predict(perturbench_split):
+    base, ref = perturbench_split
+    pred = baselines.additive(ref, baseline=base, max_cells=20)
+    labels = set(pred.obs["perturbation"])
+    assert "KLF1+MAP2K6" in labels and "BPGM+SAMD1" not in labels  # BPGM was never measured alone
+    assert any("BPGM+SAMD1" in s for s in pred.uns["virtualcell"]["skipped"])
+    assert (pred.obs["perturbation"] != "control").sum() <= 20 * len(labels)
+
+
+# --------------------------------------------------------------------------- #
+# Independent controls, effect sizes, inputs
+# --------------------------------------------------------------------------- #
+def test_split_controls_is_disjoint_complete_and_seeded(perturbench):
+    base, ref = split_controls(perturbench, seed=3)
+    again, _ = split_controls(perturbench, seed=3)
+    other, _ = split_controls(perturbench, seed=4)
+    ctrl = perturbench.obs_names[perturbench.obs["perturbation"] == "control"]
+    assert not set(base.obs_names) & set(ref.obs_names)
+    assert set(base.obs_names) | set(ref.obs_names[ref.obs["perturbation"] == "control"]) == set(ctrl)
+    assert (base.obs["perturbation"] == "control").all()
+    assert (ref.obs["perturbation"] != "control").sum() == (perturbench.obs["perturbation"] != "control").sum()
+    per_ctx = base.obs["cell_type"].value_counts()
+    assert set(per_ctx.index) == {"k562", "A172", "T98G", "U87MG"} and (per_ctx == 50).all()
+    assert list(again.obs_names) == list(base.obs_names)
+    assert list(other.obs_names) != list(base.obs_names)
+    assert ref.uns["virtualcell"]["control_split"]["role"] == "reference"
+
+
+def test_shared_control_inflates_scores_on_pure_noise():
+    """20 perturbations with no effect at all: the shared control makes pertmean look good."""
+    g = 60
+    mean = np.random.default_rng(5).uniform(0.5, 2, g)
+    groups = {(p, "x"): mean for p in ["control"] + [f"P{i}" for i in range(20)]}
+    adata = _screen(groups, n=30, noise=0.5, seed=5)
+    ctrl = adata[adata.obs["perturbation"] == "control"].copy()
+    shared = evaluate(None, adata, baseline=ctrl, profile="pearson", baselines=("pertmean",), ceiling=False)
+    split = evaluate(None, adata, profile="pearson", baselines=("pertmean",), ceiling=False)
+    assert _mean(shared, "pertmean", "pearson_delta") > 0.4
+    assert abs(_mean(split, "pertmean", "pearson_delta")) < 0.15
+
+
+def test_effect_size_corrects_for_group_size():
+    g = 50
+    rng = np.random.default_rng(0)
+    sizes = {"control": 400, "big_null": 400, "real": 100} | {f"small_null{i}": 8 for i in range(20)}
+    shift = {"real": 0.3}
+    X = np.concatenate([1.0 + shift.get(k, 0.0) + rng.normal(0, 0.5, (n, g)) for k, n in sizes.items()])
+    obs = pd.DataFrame({"perturbation": np.repeat(list(sizes), list(sizes.values()))})
+    obs.index = obs.index.astype(str)
+    a = ad.AnnData(X.astype(np.float32) + 0.001, obs=obs)  # not whole numbers: used as log values
+    es = effect_size(a, perturbation_key="perturbation", control="control").set_index("perturbation")
+    small = es[es.index.str.startswith("small_null")]
+    assert small["squared_norm"].mean() > 5 * es.loc["big_null", "squared_norm"]  # raw: small groups look strong
+    assert abs(small["effect_size"].mean()) < 0.15 * small["squared_norm"].mean()  # corrected: about 0
+    assert es.index[0] == "real" and es.loc["real", "effect_size"] == pytest.approx(g * 0.3**2, rel=0.25)
+
+
+def test_counts_are_normalized_genes_intersected_and_missing_controls_filled(papalexi_small):
+    base, ref = split_controls(papalexi_small, seed=0)
+    pred = baselines.pertmean(ref, baseline=base, max_cells=50)  # log scale, with its own controls
+    pred = pred[:, pred.var_names[5:]].copy()  # the prediction lacks 5 genes
+    no_ctrl = pred[pred.obs["perturbation"] != "control"].copy()
+    full = evaluate(pred, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    filled = evaluate(no_ctrl, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    info = filled.attrs["virtualcell"]
+    assert info["n_genes"] == 294 and info["genes_dropped"]["real"]["n"] == 5
+    assert info["normalization"]["real"].startswith("counts -> log1p")
+    assert info["normalization"]["pred"] == "log1p"
+    assert "baseline control cells" in info["pred_control"]
+    np.testing.assert_allclose(full["value"].to_numpy(), filled["value"].to_numpy(), atol=1e-6)
+    renamed = pred.copy()
+    renamed.var_names = [f"x{g}" for g in pred.var_names]
+    with pytest.raises(DataError, match="share no gene names"):
+        evaluate(renamed, ref, baseline=base, baselines=(), ceiling=False)
+
+
+def test_missing_context_column_in_prediction_says_what_to_do(perturbench_split):
+    base, ref = perturbench_split
+    pred = ref.copy()
+    del pred.obs["cell_type"]
+    with pytest.raises(DataError, match="no obs column 'cell_type'"):
+        evaluate(pred, ref, baseline=base, baselines=(), ceiling=False)
+
+
+# --------------------------------------------------------------------------- #
+# pertpy: distances and the DistanceTest group-order bug (#1072)
+# --------------------------------------------------------------------------- #
+def _unsorted_groups() -> ad.AnnData:
+    """Groups appear as ctrl, strong, null: sorted order (ctrl, null, strong) differs."""
+    rng = np.random.default_rng(0)
+    ctrl = rng.normal(size=(30, 4))
+    strong = rng.normal(size=(30, 4)) + 4.0
+    null = ctrl.copy()  # an exact copy of the control: p-value ~1, whatever the permutations
+    obs = pd.DataFrame({"group": ["ctrl"] * 30 + ["strong"] * 30 + ["null"] * 30})
+    obs.index = obs.index.astype(str)
+    a = ad.AnnData(np.zeros((90, 1), dtype=np.float32), obs=obs)
+    a.obsm["X_pca"] = np.concatenate([ctrl, strong, null])
+    return a
+
+
+def test_distance_test_puts_pvalues_on_the_right_groups():
+    tab = distance_test(_unsorted_groups(), groupby="group", contrast="ctrl", n_perms=100)
+    assert tab.loc["strong", "pvalue"] < 0.05 and tab.loc["strong", "significant"]
+    assert tab.loc["null", "pvalue"] > 0.5 and not tab.loc["null", "significant"]
+    assert tab.loc["strong", "distance"] > tab.loc["null", "distance"]
+
+
+def test_raw_pertpy_distance_test_misplaces_pvalues_when_unsorted():
+    """Documents the upstream bug the wrapper fixes; skips once pertpy is fixed."""
+    from pertpy.tools import DistanceTest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tab = DistanceTest("edistance", n_perms=100)(_unsorted_groups(), groupby="group", contrast="ctrl",
+                                                      show_progressbar=False)
+    if tab.loc["strong", "pvalue"] < 0.05 and tab.loc["null", "pvalue"] > 0.5:
+        pytest.skip("pertpy's DistanceTest is fixed upstream; distance_test's sort is now only a safeguard")
+    assert tab.loc["null", "pvalue"] < 0.05 < tab.loc["strong", "pvalue"]
+
+
+def test_distance_metrics_through_pertpy(additive_truth):
+    noisy = _screen({k: additive_truth[additive_truth.obs["perturbation"] == k[0]].X[0]
+                     for k in [("control", "x"), ("A", "x"), ("B", "x"), ("A+B", "x")]}, n=20, noise=0.05)
+    base, ref = split_controls(noisy, seed=0)
+    table = evaluate(ref, ref, baseline=base, profile=["edistance", "compare_distance"], baselines=("nochange",),
+                     ceiling=False)
+    wide = table.pivot_table(index=["perturbation", "metric"], columns="method", values="value")
+    ed = wide.xs("edistance", level="metric")
+    cd = wide.xs("compare_distance", level="metric")
+    assert (ed["model"] < 1e-6).all() and (ed["nochange"] > 1).all()
+    assert (cd["model"] < 0.05).all() and (cd["nochange"] > 1).all()
+
+
+# --------------------------------------------------------------------------- #
+# Real data: signal levels (loose), summary, plots, CLI hook
+# --------------------------------------------------------------------------- #
+def test_meanshift_on_kang_is_close_to_its_ceiling():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = SHARED / "kang2018_ifnb_pbmc_scgen_valid_lognorm.h5ad"
+        if not path.exists():
+            pytest.skip(f"{path} is not here (the shared data folder sits beside the repository)")
+        kang = ad.read_h5ad(path)
+    kang = kang[:, np.asarray(kang.X.sum(0)).ravel().argsort()[-1500:]].copy()  # 1,500 genes keep it fast
+    base, ref = split_controls(kang, perturbation_key="condition", control="control", context_key="cell_type", seed=0)
+    table = evaluate(None, ref, baseline=base, perturbation_key="condition", control="control",
+                     context_key="cell_type", profile="pearson", baselines=("meanshift", "nochange"))
+    assert table["context"].nunique() == 7
+    ms, ceil = _mean(table, "meanshift", "pearson_delta"), _mean(table, "ceiling", "pearson_delta")
+    assert 0.6 < ms < ceil + 0.05
+
+
+def test_summary_and_plots(perturbench_split, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, ref = perturbench_split
+    pred = baselines.additive(ref, baseline=base, max_cells=30)
+    table = evaluate(pred, ref, baseline=base, profile="fast", baselines=("nochange", "additive"))
+    md = summarize(table)
+    assert md.startswith("## Evaluation") and "| pearson_delta | higher |" in md and "ceiling" in md
+    fig = plot_metric_bars(table, metric=["pearson_delta", "mse"], return_fig=True)
+    assert len([a for a in fig.axes if a.get_visible()]) == 2
+    _, ax = plt.subplots()
+    assert plot_metric_bars(table, ax=ax) is None
+    deltas = delta_table(pred, ref, baseline=base)
+    assert set(deltas["perturbation"]) == set(table.loc[table["method"] == "model", "perturbation"])
+    fig = plot_delta_scatter(deltas, n_top=3, return_fig=True)
+    assert len([a for a in fig.axes if a.get_visible()]) == 3
+    plt.close("all")
+
+
+def test_cli_hook_writes_table_summary_and_plots(perturbench, tmp_path):
+    from virtualcell.evaluate.cli import add_evaluate_parser
+
+    small = perturbench[perturbench.obs["cell_type"] == "k562"].copy()
+    base, ref = split_controls(small, seed=0)
+    pred = baselines.additive(ref, baseline=base, max_cells=30)
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    small.write_h5ad(tmp_path / "real.h5ad")
+    parser = argparse.ArgumentParser(prog="virtualcell")
+    add_evaluate_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                              "--perturbation-key", "perturbation", "--control", "control", "--context-key",
+                              "cell_type", "--profile", "fast", "--out", str(out)])
+    assert args.func(args) == 0
+    for name in ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png"):
+        assert (out / name).stat().st_size > 0, name
+    table = pd.read_csv(out / "metrics.csv")
+    assert {"model", "additive", "ceiling"} <= set(table["method"])
+    args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "nope.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                              "--out", str(out)])
+    with pytest.raises(DataError, match="No such file"):
+        args.func(args)
+
+
+# --------------------------------------------------------------------------- #
+# Conventions
+# --------------------------------------------------------------------------- #
+def test_public_functions_take_data_first_and_options_keyword_only():
+    fns = [evaluate, delta_table, split_controls, effect_size, summarize, distance_test, plot_delta_scatter,
+           plot_metric_bars, *vc.evaluate.BASELINES.values()]
+    for fn in fns:
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert len(positional) <= 2, fn.__name__
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[len(positional):]), fn.__name__
+        assert fn.__doc__ and "Examples" in fn.__doc__, fn.__name__
+
+
+def test_import_stays_light():
+    code = ("import sys, virtualcell.evaluate; "
+            "print(sorted(m for m in ('torch', 'pertpy', 'matplotlib', 'scanpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,545 @@
+"""evaluate(): predicted vs measured, per perturbation and context, next to baselines and a noise ceiling."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..contract import UNS_KEY, DataContract
+from ..errors import DataError, preview
+from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes, split_controls, split_role
+from .baselines import BASELINES
+from .metrics import Metric, PredRealPair, resolve_metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+log = logging.getLogger("virtualcell.evaluate")
+
+__all__ = ["evaluate", "delta_table", "summarize", "DEFAULT_BASELINES", "TABLE_COLUMNS"]
+
+DEFAULT_BASELINES = ("nochange", "meanshift", "pertmean", "additive", "linear")
+TABLE_COLUMNS = ["method", "perturbation", "context", "metric", "value", "direction", "n_cells", "effect_size"]
+_N_COMPONENTS = 50
+
+
+# --------------------------------------------------------------------------- #
+# Setup shared by evaluate() and delta_table()
+# --------------------------------------------------------------------------- #
+@dataclass
+class _Setup:
+    contract: DataContract
+    genes: pd.Index
+    real: Prepared
+    base: Prepared  # baseline control cells only
+    pred: Prepared | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
+    """A normalized, gene-aligned AnnData of (a subset of) prepared cells, carrying ``contract``."""
+    import anndata as ad
+
+    idx = np.arange(len(data.labels)) if mask is None else np.flatnonzero(mask)
+    obs = pd.DataFrame({contract.perturbation_key: data.labels[idx]})
+    if contract.context_key is not None:
+        obs[contract.context_key] = data.contexts[idx]
+    obs.index = obs.index.astype(str)
+    out = ad.AnnData(data.X[idx], obs=obs, var=pd.DataFrame(index=genes.astype(str)))
+    contract.attach(out)
+    return out
+
+
+def _setup(
+    pred: ad.AnnData | None,
+    real: ad.AnnData,
+    *,
+    perturbation_key: str | None,
+    control: str | None,
+    context_key: str | None,
+    baseline: ad.AnnData | None,
+    train: ad.AnnData | None,
+    seed: int,
+) -> _Setup:
+    contract = resolve_contract(real, perturbation_key=perturbation_key, control=control, context_key=context_key)
+    info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
+    if baseline is None:
+        if split_role(real) == "reference":
+            warnings.warn(
+                "real holds only the reference half of the controls (from split_controls) but no baseline= "
+                "was given, so its controls are split again. Pass baseline=<the other half>.",
+                stacklevel=3,
+            )
+        baseline, real = split_controls(real, perturbation_key=contract.perturbation_key, control=contract.control,
+                                        context_key=contract.context_key, seed=seed)
+        info["controls"] = (f"the measured control cells were split in two halves (seed {seed}): one is the "
+                            "baselines' input, the other the reference for measured deltas")
+    else:
+        info["controls"] = "baseline control cells given; the measured control cells are the reference"
+    named = {"real": real, "baseline": baseline}
+    if pred is not None:
+        named = {"real": real, "pred": pred, "baseline": baseline}
+    if train is not None:
+        named["train"] = train
+    genes, dropped = shared_genes(named)
+    info["n_genes"] = len(genes)
+    info["genes_dropped"] = {k: {"n": len(v), "first": v[:20]} for k, v in dropped.items() if v}
+    if any(dropped.values()):
+        log.info("evaluating on %d shared genes; dropped %s", len(genes),
+                 ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
+    real_p = prepare(real, contract, genes, name="measured")
+    base_p = prepare(baseline, contract, genes, name="baseline")
+    keep = base_p.labels == contract.control
+    if not keep.any():
+        raise DataError(
+            f"The baseline AnnData has no control cells (label {contract.control!r}). Pass the control cells fed "
+            "to the model, e.g. the first value of split_controls()."
+        )
+    base_p = Prepared(base_p.X[np.flatnonzero(keep)], base_p.labels[keep], base_p.contexts[keep], base_p.normalization)
+    pred_p = prepare(pred, contract, genes, name="predicted") if pred is not None else None
+    info["normalization"] = {"real": real_p.normalization, "baseline": base_p.normalization}
+    if pred_p is not None:
+        info["normalization"]["pred"] = pred_p.normalization
+    return _Setup(contract, genes, real_p, base_p, pred_p, info)
+
+
+def _with_control(pred: Prepared, base: Prepared, control: str, info: dict[str, Any]) -> Prepared:
+    """The prediction, with the baseline controls added for contexts where it has none."""
+    have = set(pred.contexts[pred.labels == control])
+    missing = np.isin(base.contexts, sorted(set(base.contexts) - have))
+    if not missing.any():
+        info["pred_control"] = "the prediction's own control cells"
+        return pred
+    info["pred_control"] = (f"the measured baseline control cells (the prediction has none in "
+                            f"{preview(sorted(set(base.contexts[missing])), 5)})")
+    idx = np.flatnonzero(missing)
+    return Prepared(sp.vstack([pred.X, base.X[idx]]).tocsr(), np.concatenate([pred.labels, base.labels[idx]]),
+                    np.concatenate([pred.contexts, base.contexts[idx]]), pred.normalization)
+
+
+# --------------------------------------------------------------------------- #
+# Per-context summaries of the measured data
+# --------------------------------------------------------------------------- #
+@dataclass
+class _RealContext:
+    context: str
+    candidates: tuple[str, ...]
+    means: np.ndarray
+    control: np.ndarray
+    de_score: np.ndarray  # Welch t per candidate and gene
+    n_cells: dict[str, int]
+    effect_size: dict[str, float]
+    basis: tuple[np.ndarray, np.ndarray] | None = None  # (center, components) of a PCA of the measured cells
+    cells: dict[str, np.ndarray] = field(default_factory=dict)
+    control_cells: np.ndarray | None = None
+
+
+def _moments(X: sp.csr_matrix, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
+    names, means, counts = group_means(X, keys)
+    _, sq, _ = group_means(X.multiply(X).tocsr(), keys)
+    var = np.maximum(sq - means**2, 0.0) * (counts / np.maximum(counts - 1, 1))[:, None]
+    return names, means, var, counts
+
+
+def _welch_t(means: np.ndarray, var: np.ndarray, counts: np.ndarray, c_mean: np.ndarray, c_var: np.ndarray,
+             n_c: float) -> np.ndarray:
+    """Welch t statistic of every group and gene against the control (a tiny variance floor avoids 0/0)."""
+    se = np.sqrt(var / counts[:, None] + c_var / n_c + 1e-8)
+    return (means - c_mean) / se
+
+
+def _subsample(n: int, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+    if max_cells is None or n <= max_cells:
+        return np.arange(n)
+    return np.sort(rng.choice(n, max_cells, replace=False))
+
+
+def _real_contexts(
+    real: Prepared, control: str, *, cells: bool, max_cells: int | None, seed: int
+) -> list[_RealContext]:
+    out = []
+    rng = np.random.default_rng(seed)
+    for ctx in sorted(set(real.contexts)):
+        in_ctx = real.contexts == ctx
+        idx = np.flatnonzero(in_ctx)
+        names, means, var, counts = _moments(real.X[idx], real.labels[idx])
+        if control not in names:
+            log.info("context %r has no measured control cells; not evaluated", ctx)
+            continue
+        ci = names.index(control)
+        cand = [i for i, n in enumerate(names) if n != control]
+        if not cand:
+            continue
+        c_mean, c_var, n_c = means[ci], var[ci], counts[ci]
+        de = _welch_t(means[cand], var[cand], counts[cand], c_mean, c_var, n_c)
+        noise = var[cand].sum(axis=1) / counts[cand] + c_var.sum() / n_c
+        sq = ((means[cand] - c_mean) ** 2).sum(axis=1)
+        rc = _RealContext(
+            ctx, tuple(names[i] for i in cand), means[cand], c_mean, de,
+            {names[i]: int(counts[i]) for i in cand},
+            {names[i]: float(s - z) for i, s, z in zip(cand, sq, noise)},
+        )
+        if cells:
+            groups = {n: real.dense(in_ctx & (real.labels == n)) for n in names}
+            groups = {n: g[_subsample(len(g), max_cells, rng)] for n, g in groups.items()}
+            stacked = np.concatenate(list(groups.values()), axis=0).astype(np.float64)
+            center = stacked.mean(axis=0)
+            k = max(1, min(_N_COMPONENTS, stacked.shape[0] - 1, stacked.shape[1]))
+            _, _, vt = np.linalg.svd(stacked - center, full_matrices=False)
+            rc.basis = (center, vt[:k])
+            rc.cells = {n: (g - center) @ vt[:k].T for n, g in groups.items() if n != control}
+            rc.control_cells = (groups[control] - center) @ vt[:k].T
+        out.append(rc)
+    return out
+
+
+def _pairs(pred: Prepared, contexts: list[_RealContext], genes: pd.Index, control: str, *, cells: bool,
+           max_cells: int | None, seed: int) -> list[PredRealPair]:
+    rng = np.random.default_rng(seed + 1)
+    pairs = []
+    for rc in contexts:
+        in_ctx = pred.contexts == rc.context
+        if not (in_ctx & (pred.labels == control)).any():
+            log.info("the prediction has no control cells in context %r; not evaluated", rc.context)
+            continue
+        idx = np.flatnonzero(in_ctx)
+        names, means, var, counts = _moments(pred.X[idx], pred.labels[idx])
+        row = {n: i for i, n in enumerate(names)}
+        scored = [p for p in rc.candidates if p in row]
+        if not scored:
+            continue
+        ci = [rc.candidates.index(p) for p in scored]
+        pi, c = [row[p] for p in scored], row[control]
+        pred_de = _welch_t(means[pi], var[pi], counts[pi], means[c], var[c], counts[c])
+        pred_cells: dict[str, np.ndarray] = {}
+        if cells and rc.basis is not None:
+            center, comps = rc.basis
+            for p in scored:
+                g = pred.dense(in_ctx & (pred.labels == p))
+                pred_cells[p] = (g[_subsample(len(g), max_cells, rng)] - center) @ comps.T
+        pairs.append(PredRealPair(
+            genes=tuple(str(g) for g in genes),
+            context=rc.context,
+            perturbations=tuple(scored),
+            pred_means=means[[row[p] for p in scored]],
+            real_means=rc.means[ci],
+            pred_control=means[row[control]],
+            real_control=rc.control,
+            candidates=rc.candidates,
+            candidate_deltas=rc.means - rc.control,
+            real_de_score=rc.de_score[ci],
+            pred_de_score=pred_de,
+            pred_cells=pred_cells,
+            real_cells={p: rc.cells[p] for p in scored if p in rc.cells},
+            control_cells=rc.control_cells,
+        ))
+    return pairs
+
+
+def _score(method: str, pairs: list[PredRealPair], groups: dict[tuple[str, str], tuple[int, float]],
+           metrics: list[Metric]) -> list[tuple]:
+    """Rows of the table; ``groups`` gives each measured group's size and effect size."""
+    rows = []
+    for pair in pairs:
+        for m in metrics:
+            try:
+                values = m(pair)
+            except Exception as err:
+                if hasattr(err, "add_note"):
+                    err.add_note(f"while computing metric {m.name!r} for {method!r} in context {pair.context!r}")
+                raise
+            for p in pair.perturbations:
+                n, eff = groups[(p, pair.context)]
+                rows.append((method, p, pair.context, m.name, float(values.get(p, np.nan)), m.direction, n, eff))
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# Noise ceiling
+# --------------------------------------------------------------------------- #
+def _halves(real: Prepared, control: str, seed: int) -> tuple[Prepared, Prepared]:
+    """Split every measured perturbed group in two halves; the controls all stay with the second."""
+    rng = np.random.default_rng(seed + 2)
+    first = np.zeros(len(real.labels), dtype=bool)
+    keys = pd.Series(real.labels + "\x1f" + real.contexts.astype(str))
+    for key, idx in keys.groupby(keys, sort=True).indices.items():
+        if key.split("\x1f", 1)[0] == control or len(idx) < 2:
+            continue
+        first[rng.choice(idx, len(idx) // 2, replace=False)] = True
+
+    def take(mask: np.ndarray) -> Prepared:
+        i = np.flatnonzero(mask)
+        return Prepared(real.X[i], real.labels[i], real.contexts[i], real.normalization)
+
+    return take(first), take(~first)
+
+
+# --------------------------------------------------------------------------- #
+# evaluate
+# --------------------------------------------------------------------------- #
+def evaluate(
+    pred: ad.AnnData | None,
+    real: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    profile: str | Sequence[str | Metric] = "default",
+    baselines: Sequence[str] | Mapping[str, Callable[..., ad.AnnData]] = DEFAULT_BASELINES,
+    baseline: ad.AnnData | None = None,
+    train: ad.AnnData | None = None,
+    ceiling: bool = True,
+    max_cells: int | None = 500,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score a prediction against measured data, per perturbation and context, next to baselines.
+
+    Deltas are ``mean(perturbed) - mean(control)``. The prediction's delta is taken against
+    its own control cells (label ``control``: the model's decoded control), or against the
+    baseline control cells where it has none; the measured delta against the measured
+    (reference) control. Both inputs are put on the same genes (their intersection) and the
+    same scale (raw counts are log1p-normalized with
+    :func:`virtualcell.sentences.log_normalize`); what was done is in ``table.attrs["virtualcell"]``.
+
+    Parameters
+    ----------
+    pred
+        Predicted cells, labelled like ``real``; ``None`` to score only the baselines.
+    real
+        The measured screen: perturbed cells and the reference control cells.
+    perturbation_key, control, context_key
+        The data contract; defaults to the one ``real`` carries.
+    profile
+        A metric profile (``"default"``, ``"fast"``, ``"pearson"``; see
+        :data:`~virtualcell.evaluate.PROFILES`) or a list of metric names / :class:`Metric` objects.
+    baselines
+        Names of built-in baselines (:data:`~virtualcell.evaluate.BASELINES`) or a mapping
+        ``name -> function`` with their signature; ``()`` for none.
+    baseline
+        The control cells fed to the model and to the baselines, independent of the measured
+        controls (the first value of :func:`split_controls`). If ``None``, the control cells
+        of ``real`` are split in two halves here (seeded): one for the baselines, one as the reference.
+    train
+        Measured data the baselines learn effects from (e.g. the training split). By default
+        the perturbed cells of ``real`` with the baseline controls, leaving each target out.
+    ceiling
+        Also score the split-half noise ceiling (method ``"ceiling"``): half of every measured
+        group against the other half.
+    max_cells
+        At most this many cells per group for the distribution metrics and baselines.
+    seed
+        Seed of every split and subsample.
+
+    Returns
+    -------
+    DataFrame
+        Tidy: one row per ``method`` (``"model"``, each baseline, ``"ceiling"``), ``perturbation``,
+        ``context`` and ``metric``, with ``value``, ``direction`` (``"higher"``/``"lower"`` is better),
+        ``n_cells`` (measured cells of the group) and ``effect_size`` (measured, corrected for group
+        size; see :func:`effect_size`).
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("perturbench")
+    >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+    >>> table = vc.evaluate.evaluate(None, ref, baseline=base, profile="fast")
+    >>> sorted(table["method"].unique())
+    ['additive', 'ceiling', 'linear', 'meanshift', 'nochange', 'pertmean']
+    """
+    metrics = resolve_metrics(profile)
+    if isinstance(baselines, str):
+        baselines = (baselines,)
+    if not isinstance(baselines, Mapping):
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise DataError(f"Unknown baselines {preview(unknown)}. Built in: {', '.join(BASELINES)}.")
+        baselines = {b: BASELINES[b] for b in baselines}
+    setup = _setup(pred, real, perturbation_key=perturbation_key, control=control, context_key=context_key,
+                   baseline=baseline, train=train, seed=seed)
+    contract, genes, info = setup.contract, setup.genes, setup.info
+    cells = any(m.needs_cells for m in metrics)
+    contexts = _real_contexts(setup.real, contract.control, cells=cells, max_cells=max_cells, seed=seed)
+    if not contexts:
+        raise DataError(
+            f"No context of the measured data has both control cells (label {contract.control!r}) and "
+            "perturbed cells. Check the control label and the context column."
+        )
+    groups = {(p, rc.context): (rc.n_cells[p], rc.effect_size[p]) for rc in contexts for p in rc.candidates}
+    rows: list[tuple] = []
+    kw = dict(cells=cells, max_cells=max_cells, seed=seed)
+    if setup.pred is not None:
+        pred_p = _with_control(setup.pred, setup.base, contract.control, info)
+        known = set(zip(setup.real.labels, setup.real.contexts))
+        extra = sorted({f"{p} in {c}" for p, c in zip(pred_p.labels, pred_p.contexts)
+                        if p != contract.control and (p, c) not in known})
+        if extra:
+            info["pred_unmeasured"] = extra[:20]
+            log.info("%d predicted groups have no measurement and are not scored: %s", len(extra), preview(extra, 5))
+        rows += _score("model", _pairs(pred_p, contexts, genes, contract.control, **kw), groups, metrics)
+    if baselines:
+        base_ad = _as_anndata(setup.base, genes, contract)
+        if train is None:
+            perturbed = setup.real.labels != contract.control
+            train_ad = _as_anndata(
+                Prepared(sp.vstack([setup.real.X[np.flatnonzero(perturbed)], setup.base.X]).tocsr(),
+                         np.concatenate([setup.real.labels[perturbed], setup.base.labels]),
+                         np.concatenate([setup.real.contexts[perturbed], setup.base.contexts]),
+                         "log1p"),
+                genes, contract)
+        else:
+            tp = prepare(train, contract, genes, name="training")
+            train_ad = _as_anndata(tp, genes, contract)
+        targets = [(p, rc.context) for rc in contexts for p in rc.candidates]
+        for name, fn in baselines.items():
+            out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,
+                     control=contract.control, context_key=contract.context_key, max_cells=max_cells, seed=seed)
+            bp = prepare(out, contract, genes, name=f"baseline {name!r}")
+            rows += _score(name, _pairs(bp, contexts, genes, contract.control, **kw), groups, metrics)
+    if ceiling:
+        half_a, half_b = _halves(setup.real, contract.control, seed)
+        ceiling_contexts = _real_contexts(half_b, contract.control, cells=cells, max_cells=max_cells, seed=seed)
+        pred_half = Prepared(sp.vstack([half_a.X, setup.base.X]).tocsr(),
+                             np.concatenate([half_a.labels, setup.base.labels]),
+                             np.concatenate([half_a.contexts, setup.base.contexts]), "log1p")
+        rows += _score("ceiling", _pairs(pred_half, ceiling_contexts, genes, contract.control, **kw),
+                       groups, metrics)
+        info["ceiling"] = "half of every measured group against the other half (n_cells is the full group)"
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    info["metrics"] = {m.name: {"direction": m.direction, "description": m.description} for m in metrics}
+    table.attrs[UNS_KEY] = info
+    return table
+
+
+# --------------------------------------------------------------------------- #
+# Deltas for plots
+# --------------------------------------------------------------------------- #
+def delta_table(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    baseline: ad.AnnData | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Predicted and measured delta of every gene, perturbation and context, as :func:`evaluate` sees them.
+
+    With the same ``baseline`` and ``seed`` the deltas are exactly those :func:`evaluate` scores.
+
+    Parameters
+    ----------
+    pred, real, perturbation_key, control, context_key, baseline, seed
+        As in :func:`evaluate`.
+
+    Returns
+    -------
+    DataFrame
+        Long form: ``perturbation``, ``context``, ``gene``, ``predicted``, ``measured``,
+        ``top_de`` (one of the 50 top measured DE genes), ``effect_size`` (measured, corrected).
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("perturbench")
+    >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+    >>> pred = vc.evaluate.baselines.meanshift(ref, baseline=base)
+    >>> d = vc.evaluate.delta_table(pred, ref, baseline=base)
+    >>> list(d.columns)[:4]
+    ['perturbation', 'context', 'gene', 'predicted']
+    """
+    setup = _setup(pred, real, perturbation_key=perturbation_key, control=control, context_key=context_key,
+                   baseline=baseline, train=None, seed=seed)
+    contexts = _real_contexts(setup.real, setup.contract.control, cells=False, max_cells=None, seed=seed)
+    pred_p = _with_control(setup.pred, setup.base, setup.contract.control, setup.info)
+    frames = []
+    for pair in _pairs(pred_p, contexts, setup.genes, setup.contract.control, cells=False, max_cells=None, seed=seed):
+        rc = next(r for r in contexts if r.context == pair.context)
+        n_g = len(pair.genes)
+        top = np.zeros(pair.real_delta.shape, dtype=bool)
+        np.put_along_axis(top, pair.top_de, True, axis=1)
+        frames.append(pd.DataFrame({
+            "perturbation": np.repeat(pair.perturbations, n_g),
+            "context": pair.context,
+            "gene": np.tile(pair.genes, len(pair.perturbations)),
+            "predicted": pair.pred_delta.ravel(),
+            "measured": pair.real_delta.ravel(),
+            "top_de": top.ravel(),
+            "effect_size": np.repeat([rc.effect_size[p] for p in pair.perturbations], n_g),
+        }))
+    if not frames:
+        raise DataError("No predicted perturbation matches a measured one (same label and context).")
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- #
+# Markdown summary
+# --------------------------------------------------------------------------- #
+def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, title: str = "Evaluation") -> str:
+    """A markdown summary of an :func:`evaluate` table: mean (median) of every metric per method.
+
+    Means are over the perturbation x context rows each method could predict (their number
+    is the first row); the best method per metric, ceiling aside, is in bold.
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("perturbench")
+    >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+    >>> table = vc.evaluate.evaluate(None, ref, baseline=base, profile="pearson")
+    >>> print(vc.evaluate.summarize(table).splitlines()[0])
+    ## Evaluation
+    """
+    missing = [c for c in ("method", "metric", "value", "direction") if c not in table.columns]
+    if missing:
+        raise DataError(f"This is not an evaluate() table: columns {missing} are missing.")
+    info = table.attrs.get(UNS_KEY, {})
+    methods = list(dict.fromkeys(table["method"]))
+    metric_names = list(dict.fromkeys(table["metric"])) if metrics is None else list(metrics)
+    lines = [f"## {title}", ""]
+    if info:
+        if "n_genes" in info:
+            dropped = info.get("genes_dropped", {})
+            d = "; dropped " + ", ".join(f"{v['n']} from {k}" for k, v in dropped.items()) if dropped else ""
+            lines.append(f"- genes: {info['n_genes']} shared{d}")
+        if "normalization" in info:
+            lines.append("- scale: " + ", ".join(f"{k}: {v}" for k, v in info["normalization"].items()))
+        for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
+            if key in info:
+                lines.append(f"- {label}: {info[key]}")
+    n_pert = table[["perturbation", "context"]].drop_duplicates().shape[0]
+    lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the groups "
+                 "each method predicts")
+    lines.append("")
+    lines.append("| metric | better | " + " | ".join(methods) + " |")
+    lines.append("|---|---|" + "---|" * len(methods))
+    counts = table.groupby("method")[["perturbation", "context"]].apply(lambda d: len(d.drop_duplicates()))
+    lines.append("| groups scored | | " + " | ".join(str(int(counts.get(m, 0))) for m in methods) + " |")
+    for metric in metric_names:
+        sub = table[table["metric"] == metric]
+        if sub.empty:
+            continue
+        direction = sub["direction"].iloc[0]
+        stats = sub.groupby("method")["value"].agg(["mean", "median"])
+        contenders = [m for m in methods if m != "ceiling" and m in stats.index and np.isfinite(stats.loc[m, "mean"])]
+        best = None
+        if contenders:
+            pick = max if direction == "higher" else min
+            best = pick(contenders, key=lambda m: stats.loc[m, "mean"])
+        cells = []
+        for m in methods:
+            if m not in stats.index:
+                cells.append("")
+                continue
+            text = f"{stats.loc[m, 'mean']:.3g} ({stats.loc[m, 'median']:.3g})"
+            cells.append(f"**{text}**" if m == best else text)
+        lines.append(f"| {metric} | {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

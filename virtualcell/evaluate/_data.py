@@ -1,0 +1,307 @@
+"""Data handling for the validation layer: keys, expression matrices, group means, control splits.
+
+Everything here is numpy/scipy/pandas; nothing imports torch or pertpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..contract import UNS_KEY, DataContract
+from ..errors import ContractError, DataError, preview
+from ..sentences import detect_scale, log_normalize
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+log = logging.getLogger("virtualcell.evaluate")
+
+__all__ = ["split_controls", "effect_size", "resolve_contract"]
+
+
+# --------------------------------------------------------------------------- #
+# Keys
+# --------------------------------------------------------------------------- #
+def resolve_contract(
+    adata: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+) -> DataContract:
+    """The data contract to use: explicit keys over the one ``adata`` carries, over the defaults.
+
+    ``perturbation_key``/``control``/``context_key`` given here win; the rest comes from
+    ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
+    :class:`~virtualcell.DataContract`'s defaults (``"perturbation"`` / ``"control"``, no context).
+    """
+    try:
+        stored = DataContract.from_adata(adata)
+    except ContractError:
+        stored = DataContract()
+    contract = DataContract(
+        perturbation_key=perturbation_key or stored.perturbation_key,
+        control=control if control is not None else stored.control,
+        context_key=context_key if context_key is not None else stored.context_key,
+    )
+    contract.validate(adata)
+    return contract
+
+
+# --------------------------------------------------------------------------- #
+# Expression matrices
+# --------------------------------------------------------------------------- #
+def expression(adata: ad.AnnData, *, name: str) -> tuple[sp.csr_matrix, str]:
+    """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
+
+    Raw counts (every value a whole number) are normalized with
+    :func:`virtualcell.sentences.log_normalize`; the second value says so
+    (``"counts -> log1p"``) or is ``"log1p"``. Negative values are allowed (a
+    prediction made by shifting control cells can go below zero), NaN and inf are not.
+    """
+    X = adata.X
+    if X is None or adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(
+            f"The {name} AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes) or has no X. "
+            "Evaluate needs expression in adata.X for at least one cell and one gene."
+        )
+    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    values = X.data
+    if not np.all(np.isfinite(values)):
+        raise DataError(
+            f"The {name} expression holds {int((~np.isfinite(values)).sum())} NaN or infinite values. "
+            "Fix or drop those cells before evaluating."
+        )
+    if values.size and values.min() >= 0 and detect_scale(X) == "counts":
+        return log_normalize(X, "counts"), "counts -> log1p(counts / total * 1e4)"
+    return X, "log1p"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One AnnData reduced to what evaluation needs: normalized X on shared genes, labels, contexts."""
+
+    X: sp.csr_matrix
+    labels: np.ndarray
+    contexts: np.ndarray
+    normalization: str
+
+    def mask(self, label: str, context: str) -> np.ndarray:
+        return (self.labels == label) & (self.contexts == context)
+
+    def dense(self, mask: np.ndarray) -> np.ndarray:
+        return np.asarray(self.X[np.flatnonzero(mask)].toarray(), dtype=np.float32)
+
+
+def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str) -> Prepared:
+    """Normalize ``adata``, keep ``genes`` (in that order) and read labels and contexts."""
+    for key in (contract.perturbation_key, contract.context_key):
+        if key is not None and key not in adata.obs.columns:
+            raise ContractError(
+                f"The {name} AnnData has no obs column {key!r}. Give it the same perturbation and context "
+                f"columns as the measured data (obs columns here: {preview(adata.obs.columns, 12) or 'none'})."
+            )
+    X, norm = expression(adata, name=name)
+    idx = adata.var_names.get_indexer(genes)
+    if (idx < 0).any():  # pragma: no cover - genes is an intersection
+        raise DataError(f"Internal error: {name} lacks genes {preview(genes[idx < 0])}.")
+    X = X[:, idx]
+    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
+    contexts = contract.contexts(adata)
+    return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
+
+
+def shared_genes(named: dict[str, ad.AnnData]) -> tuple[pd.Index, dict[str, list[str]]]:
+    """Genes present in every AnnData (in the order of the first) and, per input, those dropped."""
+    items = list(named.items())
+    for name, a in items:
+        if not a.var_names.is_unique:
+            raise DataError(
+                f"The {name} AnnData has duplicated gene names. Run adata.var_names_make_unique() first."
+            )
+    genes = items[0][1].var_names
+    for _, a in items[1:]:
+        genes = genes[genes.isin(a.var_names)]
+    if len(genes) == 0:
+        sizes = ", ".join(f"{n}: {a.n_vars} genes, e.g. {preview(a.var_names[:3], 3)}" for n, a in items)
+        raise DataError(
+            f"The inputs share no gene names ({sizes}). Use the same gene identifiers in both "
+            "(symbols vs Ensembl ids, upper/lower case) before evaluating."
+        )
+    dropped = {n: [str(g) for g in a.var_names[~a.var_names.isin(genes)]] for n, a in items}
+    return genes, dropped
+
+
+def group_means(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """Mean of the rows of ``X`` per distinct key: (keys, means [groups x genes], counts)."""
+    uniq, inv = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    ind = sp.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(uniq), len(inv)))
+    sums = ind @ X
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    return list(uniq), sums / counts[:, None], counts
+
+
+# --------------------------------------------------------------------------- #
+# Independent controls
+# --------------------------------------------------------------------------- #
+def split_controls(
+    adata: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    fraction: float = 0.5,
+    seed: int = 0,
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """Split the control cells of every context into two independent, disjoint halves.
+
+    The first half (``baseline``) is the population fed to the model and to the
+    baselines; the second (``reference``) is what measured deltas are taken against.
+    With one shared control population, the noise of its mean enters predicted and
+    measured deltas alike and inflates every score (the mean of the other perturbations
+    then correlates with pure noise).
+
+    Parameters
+    ----------
+    adata
+        A measured screen with control and perturbed cells.
+    perturbation_key, control, context_key
+        The data contract; defaults to the one ``adata`` carries.
+    fraction
+        Share of each context's control cells that goes to ``baseline``.
+    seed
+        Seed of the split (``np.random.default_rng(seed)``); the same seed gives the same split.
+
+    Returns
+    -------
+    baseline
+        The baseline control cells only.
+    reference
+        Every perturbed cell plus the other control cells: the measured data to evaluate against.
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("perturbench")
+    >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+    >>> set(base.obs_names) & set(ref.obs_names)
+    set()
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"fraction must be between 0 and 1 (exclusive), got {fraction}.")
+    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
+    rng = np.random.default_rng(seed)
+    is_ctrl = contract.is_control(adata)
+    contexts = contract.contexts(adata)
+    to_base = np.zeros(adata.n_obs, dtype=bool)
+    for ctx in sorted(set(contexts[is_ctrl])):
+        cells = np.flatnonzero(is_ctrl & (contexts == ctx))
+        if cells.size < 2:
+            raise DataError(
+                f"Context {ctx!r} has {cells.size} control cell(s); splitting controls needs at least 2 per "
+                "context. Drop that context or pass its controls as baseline= yourself."
+            )
+        n_base = min(max(int(round(cells.size * fraction)), 1), cells.size - 1)
+        to_base[rng.choice(cells, n_base, replace=False)] = True
+    baseline = adata[to_base].copy()
+    reference = adata[~to_base].copy()
+    for part, role in ((baseline, "baseline"), (reference, "reference")):
+        contract.attach(part)
+        part.uns[UNS_KEY]["control_split"] = {"role": role, "seed": int(seed), "fraction": float(fraction)}
+    log.info("split controls (seed %d): %d baseline, %d reference control cells", seed,
+             int(to_base.sum()), int((is_ctrl & ~to_base).sum()))
+    return baseline, reference
+
+
+def split_role(adata: ad.AnnData) -> str | None:
+    """``"baseline"`` / ``"reference"`` if ``adata`` came out of :func:`split_controls`."""
+    info = adata.uns.get(UNS_KEY, {})
+    split = info.get("control_split") if isinstance(info, dict) else None
+    return str(split["role"]) if isinstance(split, dict) and "role" in split else None
+
+
+# --------------------------------------------------------------------------- #
+# Effect sizes corrected for group size
+# --------------------------------------------------------------------------- #
+def effect_size(
+    adata: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    reference: ad.AnnData | None = None,
+) -> pd.DataFrame:
+    """Strength of every perturbation's effect, corrected for the noise of small groups.
+
+    ``effect_size = ||mean(perturbed) - mean(control)||^2 - (sum_g var_p,g / n_p + sum_g var_c,g / n_c)``:
+    the squared norm of the mean delta minus its expected value under sampling noise alone
+    (unbiased per-gene variances). Without the correction a group of 20 cells looks
+    stronger than one of 2,000 with the same true effect. Values near or below 0 mean
+    "not distinguishable from noise". Expression is log1p-normalized first if it is raw counts.
+
+    Parameters
+    ----------
+    adata
+        A measured screen.
+    perturbation_key, control, context_key
+        The data contract; defaults to the one ``adata`` carries.
+    reference
+        Optional control cells to take the deltas against (e.g. the reference half from
+        :func:`split_controls`); by default the control cells in ``adata``.
+
+    Returns
+    -------
+    DataFrame
+        One row per perturbation and context: ``perturbation``, ``context``, ``n_cells``,
+        ``n_control``, ``squared_norm``, ``noise``, ``effect_size``; sorted by ``effect_size``, largest first.
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("papalexi2021")
+    >>> vc.evaluate.effect_size(adata).iloc[0]["perturbation"]  # doctest: +SKIP
+    'IFNGR2'
+    """
+    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
+    X, _ = expression(adata, name="measured")
+    labels, contexts = contract.labels(adata), contract.contexts(adata)
+    if reference is not None:
+        Xr, _ = expression(reference, name="reference")
+        idx = reference.var_names.get_indexer(adata.var_names)
+        if (idx < 0).any():
+            raise DataError("reference must hold every gene of adata; subset adata to the shared genes first.")
+        ref_ctx = contract.contexts(reference)
+        ref_ctrl = contract.is_control(reference)
+        Xr = Xr[:, idx]
+    else:
+        Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
+
+    def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+        sub = M[np.flatnonzero(mask)]
+        n = sub.shape[0]
+        mean = np.asarray(sub.mean(axis=0)).ravel().astype(np.float64)
+        sq = np.asarray(sub.multiply(sub).mean(axis=0)).ravel()
+        var = np.maximum(sq - mean**2, 0.0) * (n / (n - 1) if n > 1 else np.nan)
+        return mean, float(np.nansum(var)), n
+
+    rows = []
+    for ctx in sorted(set(contexts)):
+        cmask = ref_ctrl & (ref_ctx == ctx)
+        if not cmask.any():
+            log.info("effect_size: context %r has no control cells; skipped", ctx)
+            continue
+        c_mean, c_var, n_c = stats(Xr, cmask)
+        for p in sorted(set(labels[contexts == ctx]) - {contract.control}):
+            p_mean, p_var, n_p = stats(X, (labels == p) & (contexts == ctx))
+            sq = float(np.sum((p_mean - c_mean) ** 2))
+            noise = p_var / n_p + c_var / n_c if n_p > 1 and n_c > 1 else np.nan
+            rows.append((p, ctx, n_p, n_c, sq, noise, sq - noise))
+    cols = ["perturbation", "context", "n_cells", "n_control", "squared_norm", "noise", "effect_size"]
+    return pd.DataFrame(rows, columns=cols).sort_values("effect_size", ascending=False, ignore_index=True)

@@ -1,0 +1,313 @@
+"""Simple baselines, each a function returning a predicted AnnData scored like a model.
+
+Every baseline predicts a *delta* for each target ``(perturbation, context)`` from measured
+effects in ``train`` (never from the target itself), and adds it to the baseline control
+cells of the target context. Measured effects are ``mean(perturbed) - mean(control)`` in
+``train``, per context.
+
+* :func:`nochange` — the control itself (delta 0).
+* :func:`meanshift` — the mean effect of the same perturbation in the *other* contexts.
+* :func:`pertmean` — the mean effect of the *other* perturbations in the same context.
+* :func:`additive` — for a combination ``"A+B"``, effect(A) + effect(B) in the same context.
+* :func:`linear` — a ridge regression of measured deltas on perturbation features, after
+  Ahlmann-Eltze, Huber & Anders (2025, Nat Methods), who found that such linear models
+  match deep models at predicting unseen perturbations.
+
+A target a baseline cannot predict (no other context, a single rather than a combination,
+a component never measured alone) is left out of its prediction and listed in
+``adata.uns["virtualcell"]["skipped"]``.
+
+Examples
+--------
+>>> import virtualcell as vc
+>>> adata = vc.datasets.load("perturbench")
+>>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+>>> pred = vc.evaluate.baselines.additive(ref, baseline=base)
+>>> sorted(set(pred.obs["perturbation"]))[:2]
+['KLF1+MAP2K6', 'KLF1+TGFBR2']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..contract import PAIR_SEP, UNS_KEY
+from ..errors import DataError, preview
+from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+log = logging.getLogger("virtualcell.evaluate")
+
+__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "BASELINES", "Effects"]
+
+Target = tuple[str, str]  # (perturbation, context)
+
+
+# --------------------------------------------------------------------------- #
+# Measured effects
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Effects:
+    """Measured mean deltas of ``train``, per (perturbation, context), against its own control."""
+
+    genes: pd.Index
+    delta: Mapping[Target, np.ndarray]
+    n_cells: Mapping[Target, int]
+
+    @classmethod
+    def from_prepared(cls, data: Prepared, genes: pd.Index, control: str) -> Effects:
+        keys = np.array([f"{c}\x1f{p}" for p, c in zip(data.labels, data.contexts)], dtype=object)
+        names, means, counts = group_means(data.X, keys)
+        table = {tuple(k.split("\x1f", 1)[::-1]): (m, int(n)) for k, m, n in zip(names, means, counts)}
+        ctrl = {c: m for (p, c), (m, _) in table.items() if p == control}
+        delta, n_cells = {}, {}
+        for (p, c), (m, n) in sorted(table.items()):
+            if p == control:
+                continue
+            if c not in ctrl:
+                log.info("no control cells for context %r in the training data: its effects are unknown", c)
+                continue
+            delta[(p, c)] = m - ctrl[c]
+            n_cells[(p, c)] = n
+        return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells))
+
+
+def _components(perturbation: str) -> list[str]:
+    return [g for g in perturbation.split(PAIR_SEP) if g]
+
+
+# --------------------------------------------------------------------------- #
+# The delta rules: (effects, target) -> predicted delta, or None when not predictable
+# --------------------------------------------------------------------------- #
+def _delta_nochange(effects: Effects, target: Target) -> np.ndarray | None:
+    return np.zeros(len(effects.genes))
+
+
+def _delta_meanshift(effects: Effects, target: Target) -> np.ndarray | None:
+    p, c = target
+    others = [d for (q, cc), d in effects.delta.items() if q == p and cc != c]
+    return np.mean(others, axis=0) if others else None
+
+
+def _delta_pertmean(effects: Effects, target: Target) -> np.ndarray | None:
+    p, c = target
+    others = [d for (q, cc), d in effects.delta.items() if cc == c and q != p]
+    return np.mean(others, axis=0) if others else None
+
+
+def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
+    p, c = target
+    parts = _components(p)
+    if len(parts) < 2 or any((g, c) not in effects.delta for g in parts):
+        return None
+    return np.sum([effects.delta[(g, c)] for g in parts], axis=0)
+
+
+def _delta_linear(
+    effects: Effects, target: Target, *, ridge: float = 0.1, n_components: int = 10
+) -> np.ndarray | None:
+    """Ridge regression of measured deltas on perturbation features (Ahlmann-Eltze et al. 2025).
+
+    Training columns are every measured (perturbation, context) except the target. The
+    features of a perturbation are
+
+    * one-hots of its component genes (``"A+B"`` -> A and B) among those seen in training,
+    * the sum of its components' *gene embeddings*: their rows in the top ``n_components``
+      principal components of the training deltas (genes x perturbations), when the
+      perturbed gene is a measured gene,
+    * a one-hot of its context.
+
+    ``delta = mean + B (x - mean_x)`` with ``B`` solved in closed form with an L2 penalty
+    ``ridge``. A target with no known feature falls back to the mean training delta.
+    """
+    cols = [k for k in effects.delta if k != target]
+    if not cols:
+        return None
+    Y = np.stack([effects.delta[k] for k in cols], axis=1).astype(np.float64)  # genes x n
+    y_mean = Y.mean(axis=1)
+    Yc = Y - y_mean[:, None]
+    U, S, _ = np.linalg.svd(Yc, full_matrices=False)
+    k = int(min(n_components, np.sum(S > 1e-8 * max(S.max(initial=0.0), 1e-12))))
+    G = U[:, :k] * np.sqrt(len(effects.genes))  # genes x k, entries of order 1
+    gene_row = {str(g): i for i, g in enumerate(effects.genes)}
+    comps = sorted({g for q, _ in cols for g in _components(q)})
+    contexts = sorted({c for _, c in cols})
+
+    def features(p: str, c: str) -> np.ndarray:
+        parts = _components(p)
+        onehot = np.array([parts.count(g) for g in comps], dtype=np.float64)
+        emb = np.zeros(k)
+        for g in parts:
+            if g in gene_row:
+                emb += G[gene_row[g]]
+        ctx = np.array([c == x for x in contexts], dtype=np.float64)
+        return np.concatenate([onehot, emb, ctx])
+
+    X = np.stack([features(*key) for key in cols], axis=1)  # d x n
+    x_mean = X.mean(axis=1)
+    Xc = X - x_mean[:, None]
+    # dual form: B = Yc (Xc^T Xc + ridge I)^-1 Xc^T, an n x n solve
+    alpha = np.linalg.solve(Xc.T @ Xc + ridge * np.eye(Xc.shape[1]), (features(*target) - x_mean) @ Xc)
+    return y_mean + Yc @ alpha
+
+
+# --------------------------------------------------------------------------- #
+# From deltas to a predicted AnnData
+# --------------------------------------------------------------------------- #
+def _predict(
+    rule: Callable[[Effects, Target], np.ndarray | None],
+    name: str,
+    train: ad.AnnData,
+    *,
+    baseline: ad.AnnData | None,
+    targets: Iterable[Target] | None,
+    perturbation_key: str | None,
+    control: str | None,
+    context_key: str | None,
+    max_cells: int | None,
+    seed: int,
+) -> ad.AnnData:
+    import anndata as ad
+
+    contract = resolve_contract(train, perturbation_key=perturbation_key, control=control, context_key=context_key)
+    inputs = {"train": train} if baseline is None else {"train": train, "baseline": baseline}
+    genes, _ = shared_genes(inputs)
+    data = prepare(train, contract, genes, name="training")
+    effects = Effects.from_prepared(data, genes, contract.control)
+    base = data if baseline is None else prepare(baseline, contract, genes, name="baseline")
+    base_ctrl = base.labels == contract.control
+    if not base_ctrl.any():
+        raise DataError(
+            f"The baseline AnnData has no control cells (label {contract.control!r}). Pass the control cells "
+            "fed to the model, e.g. the first value of split_controls()."
+        )
+    if targets is None:
+        targets = sorted(set(effects.delta))
+    rng = np.random.default_rng(seed)
+    blocks, obs, skipped = [], [], []
+    contexts = sorted(set(base.contexts[base_ctrl]))
+    ctrl_cells = {c: base.dense(base_ctrl & (base.contexts == c)) for c in contexts}
+    for c in contexts:  # the control population itself comes along as the prediction's control
+        blocks.append(ctrl_cells[c])
+        obs += [(contract.control, c)] * len(ctrl_cells[c])
+    for p, c in targets:
+        if c not in ctrl_cells:
+            skipped.append((p, c, "no baseline control cells in this context"))
+            continue
+        d = rule(effects, (p, c))
+        if d is None:
+            skipped.append((p, c, f"{name} cannot predict it from the training data"))
+            continue
+        cells = ctrl_cells[c]
+        if max_cells is not None and len(cells) > max_cells:
+            sub = cells[np.sort(rng.choice(len(cells), max_cells, replace=False))]
+            d = d + (cells.mean(axis=0) - sub.mean(axis=0))  # keep the mean exactly control + delta
+            cells = sub
+        blocks.append((cells + d[None, :]).astype(np.float32))
+        obs += [(p, c)] * len(cells)
+    if skipped:
+        log.info("%s skipped %d targets: %s", name, len(skipped), preview([f"{p} in {c}" for p, c, _ in skipped], 5))
+    frame = pd.DataFrame(obs, columns=[contract.perturbation_key, "_context"])
+    if contract.context_key is not None:
+        frame = frame.rename(columns={"_context": contract.context_key})
+    else:
+        frame = frame.drop(columns="_context")
+    frame.index = [f"{name}-{i}" for i in range(len(frame))]
+    out = ad.AnnData(np.concatenate(blocks, axis=0), obs=frame, var=pd.DataFrame(index=genes.astype(str)))
+    contract.attach(out)
+    out.uns[UNS_KEY]["baseline"] = name
+    out.uns[UNS_KEY]["skipped"] = [f"{p} in {c}: {why}" for p, c, why in skipped]
+    return out
+
+
+_DOC = """
+
+    Parameters
+    ----------
+    train
+        Measured data with control cells: the effects the baseline learns from. The
+        target itself is never used to predict it.
+    baseline
+        The control cells to add the predicted delta to (the population fed to the model,
+        e.g. the first value of :func:`~virtualcell.evaluate.split_controls`); by default
+        the control cells of ``train``.
+    targets
+        ``(perturbation, context)`` pairs to predict; by default every measured one in ``train``.
+        Without a context column the context is ``"all"``.
+    perturbation_key, control, context_key
+        The data contract; defaults to the one ``train`` carries.
+    max_cells
+        At most this many predicted cells per target (a seeded subsample of the control
+        cells, re-centred so that its mean is exactly control + delta); ``None`` for all.
+    seed
+        Seed of that subsample.
+
+    Returns
+    -------
+    AnnData
+        The baseline control cells (labelled with the control label) and, per predicted
+        target, control cells shifted by the predicted delta (labelled with the perturbation).
+
+    Examples
+    --------
+    >>> import virtualcell as vc
+    >>> adata = vc.datasets.load("perturbench")
+    >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
+    >>> pred = vc.evaluate.baselines.{name}(ref, baseline=base, max_cells=50)
+    """
+
+
+def _make(rule: Callable[..., np.ndarray | None], name: str, summary: str) -> Callable[..., ad.AnnData]:
+    def baseline_fn(
+        train: ad.AnnData,
+        *,
+        baseline: ad.AnnData | None = None,
+        targets: Iterable[Target] | None = None,
+        perturbation_key: str | None = None,
+        control: str | None = None,
+        context_key: str | None = None,
+        max_cells: int | None = 500,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        return _predict(rule, name, train, baseline=baseline, targets=targets, perturbation_key=perturbation_key,
+                        control=control, context_key=context_key, max_cells=max_cells, seed=seed)
+
+    baseline_fn.__name__ = baseline_fn.__qualname__ = name
+    baseline_fn.__doc__ = summary + _DOC.replace("{name}", name)
+    baseline_fn.__module__ = __name__
+    return baseline_fn
+
+
+nochange = _make(_delta_nochange, "nochange", "Predict no change: the control cells themselves.")
+meanshift = _make(
+    _delta_meanshift, "meanshift",
+    "Predict control + the mean measured effect of the same perturbation in the other contexts.",
+)
+pertmean = _make(
+    _delta_pertmean, "pertmean",
+    "Predict control + the mean measured effect of the other perturbations in the same context.",
+)
+additive = _make(
+    _delta_additive, "additive",
+    "Predict a combination ``A+B`` as control + effect(A) + effect(B), measured alone in the same context.",
+)
+linear = _make(
+    _delta_linear, "linear",
+    "Predict control + a ridge regression of measured deltas on perturbation features.\n\n"
+    "    Features are one-hots of the component genes, the components' rows in the PCA of the\n"
+    "    training deltas (when the perturbed gene is measured) and a one-hot of the context;\n"
+    "    see Ahlmann-Eltze, Huber & Anders, Nat Methods (2025). Ridge penalty 0.1, 10 components.",
+)
+
+BASELINES: Mapping[str, Callable[..., ad.AnnData]] = MappingProxyType(
+    {f.__name__: f for f in (nochange, meanshift, pertmean, additive, linear)}
+)

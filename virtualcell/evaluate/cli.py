@@ -1,0 +1,112 @@
+"""The ``virtualcell evaluate`` sub-command: register it with :func:`add_evaluate_parser`.
+
+Writes into ``--out``: ``metrics.csv`` (the tidy table), ``summary.md``, ``config.json``
+(the arguments and what evaluation did to the inputs), ``metric_bars.png`` and
+``delta_scatter.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_evaluate_parser", "cmd_evaluate"]
+
+
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to an ``argparse`` sub-parser collection; returns the new parser.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="virtualcell")
+    >>> p = add_evaluate_parser(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["evaluate", "--pred", "p.h5ad", "--real", "r.h5ad", "--out", "out"])
+    >>> args.func is cmd_evaluate
+    True
+    """
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score predicted cells against measured ones, next to simple baselines and a noise ceiling",
+        description="Score a predicted .h5ad against a measured one per perturbation (and context), with "
+        "the built-in baselines and a split-half noise ceiling. Writes metrics.csv, summary.md, "
+        "config.json and plots into --out.",
+    )
+    p.add_argument("--pred", required=True, help="predicted cells (.h5ad), labelled like --real")
+    p.add_argument("--real", required=True, help="measured cells (.h5ad): perturbed and control cells")
+    p.add_argument("--perturbation-key", default=None,
+                   help="obs column with the perturbation (default: the contract stored in --real)")
+    p.add_argument("--control", default=None, help="label of the control cells (default: from the contract)")
+    p.add_argument("--context-key", default=None, help="obs column with the context (cell type/line), if any")
+    p.add_argument("--baseline", default=None,
+                   help="control cells fed to the model (.h5ad); default: split the measured controls in halves")
+    p.add_argument("--out", required=True, help="output folder (created if needed)")
+    p.add_argument("--profile", default="default", help="metric profile: default, fast or pearson")
+    p.add_argument("--baselines", default="nochange,meanshift,pertmean,additive,linear",
+                   help="comma-separated baselines ('' for none)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the split-half noise ceiling")
+    p.add_argument("--max-cells", type=int, default=500, help="cells per group for distances and baselines")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def _read(path: str, what: str) -> Any:
+    import anndata as ad
+
+    from ..errors import DataError
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"No such file: {path!r} ({what}). Check the path.")
+    if p.suffix != ".h5ad":
+        raise DataError(f"{path!r} ({what}) is not an .h5ad file.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return ad.read_h5ad(p)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run :func:`~virtualcell.evaluate.evaluate` from parsed arguments and write the results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import delta_table, evaluate, plot_delta_scatter, plot_metric_bars, summarize
+
+    pred = _read(args.pred, "--pred")
+    real = _read(args.real, "--real")
+    base = _read(args.baseline, "--baseline") if args.baseline else None
+    keys = dict(perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key)
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    table = evaluate(pred, real, **keys, profile=args.profile, baselines=baselines, baseline=base,
+                     ceiling=not args.no_ceiling, max_cells=args.max_cells, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "metrics.csv", index=False)
+    title = f"Evaluation of {Path(args.pred).name} against {Path(args.real).name}"
+    (out / "summary.md").write_text(summarize(table, title=title))
+    config = {"arguments": {k: v for k, v in vars(args).items() if k != "func"},
+              "evaluation": table.attrs.get("virtualcell", {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    metrics = [m for m in ("pearson_delta", "pearson_delta_top50", "mse_top50", "direction_accuracy_top50",
+                           "discrimination", "edistance") if m in set(table["metric"])]
+    written = ["metrics.csv", "summary.md", "config.json"]
+    if metrics:
+        fig = plot_metric_bars(table, metric=metrics, return_fig=True)
+        fig.savefig(out / "metric_bars.png", dpi=120)
+        plt.close(fig)
+        written.append("metric_bars.png")
+    if (table["method"] == "model").any():
+        deltas = delta_table(pred, real, **keys, baseline=base, seed=args.seed)
+        fig = plot_delta_scatter(deltas, return_fig=True)
+        fig.savefig(out / "delta_scatter.png", dpi=120)
+        plt.close(fig)
+        written.append("delta_scatter.png")
+    n = table[table["method"] == "model"][["perturbation", "context"]].drop_duplicates().shape[0]
+    print(f"evaluated {n} predicted perturbation x context groups; wrote {', '.join(written)} to {out}")
+    return 0
