@@ -20,48 +20,114 @@ log = logging.getLogger("virtualcell")
 
 # --------------------------------------------------------------------------- #
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the main job on the embedded default dataset."""
-    import numpy as np
+    """Run the main job on the embedded default: a real screen with the bundled model."""
+    import pandas as pd
 
     from . import datasets
-    from .contract import DataContract
-    from .sentences import RankFit, decode, encode
+    from .demo import HELDOUT, run_demo
 
-    t0 = time.perf_counter()
-    adata = datasets.load(datasets.DEFAULT)
     info = datasets.available()[datasets.DEFAULT]
-    contract = DataContract.from_adata(adata)
-    labels = contract.labels(adata)
-    print(f"virtualcell {__version__} demo on the embedded default dataset {info.name!r}")
-    print(f"  {info.description}")
-    print(f"  {adata.n_obs:,} cells x {adata.n_vars} genes; license {info.license}")
-    print(f"  perturbations: {len(contract.perturbations(adata))} + control ({int((labels == contract.control).sum()):,} control cells)")
-    t = time.perf_counter()
-    cs = encode(adata, top_k=args.top_k, seed=args.seed)
-    t_enc = time.perf_counter() - t
-    fit = RankFit.fit(adata, cs, seed=args.seed)
-    t = time.perf_counter()
-    X = decode(cs, fit)
-    t_dec = time.perf_counter() - t
-    print(f"\nCell sentences (top {args.top_k} genes, seed {args.seed}): {cs}")
-    print(f"  encoded in {t_enc:.2f} s ({adata.n_obs / t_enc:,.0f} cells/s); decoded in {t_dec:.2f} s")
-    first = cs.to_text()[0].split()
-    print(f"  cell 0 ({labels[0]}): {' '.join(first[:12])} …")
-    print(
-        f"  rank fit: expression = {fit.slope:.3f} * log10(1 + rank) + {fit.intercept:.3f}  "
-        f"(R^2 {fit.r2:.3f}, {fit.normalization}, {fit.n_cells} cells)"
-    )
-    print(f"  decoded matrix: {X.shape[0]:,} x {X.shape[1]} float32, {X.nnz:,} stored values")
-    # effect sizes per knockout on the decoded sentences vs measured, as a first look
-    means = {}
-    for p in [contract.control, *contract.perturbations(adata)]:
-        means[p] = np.asarray(X[labels == p].mean(axis=0)).ravel()
-    effects = {p: float(np.linalg.norm(m - means[contract.control])) for p, m in means.items() if p != contract.control}
-    top = sorted(effects.items(), key=lambda kv: -kv[1])[:5]
-    print("\n  largest decoded shifts from control (L2 of mean delta):")
-    for p, v in top:
-        print(f"    {p:<10} {v:.3f}")
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+    print(f"virtualcell {__version__} demo: the bundled model on the embedded default dataset {info.name!r}")
+    print(f"  {info.description}; license {info.license}")
+    print(f"  baseline: {args.n_cells} control cells of the held-out replicate {HELDOUT[0]}={HELDOUT[1]}; "
+          "panel: every knockout the model knows\n")
+    res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet)
+    table = res.screen.ranking
+    cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(table[cols].head(args.top).to_string(index=False))
+        print("\nTop genes of the diverse picks:")
+        for _, row in res.screen.picks().iterrows():
+            up, down = ", ".join(row["top_up"][:3]), ", ".join(row["top_down"][:3])
+            also = f"  (also stands for {', '.join(row['represents'])})" if row["represents"] else ""
+            print(f"  {row['perturbation']:<12} up: {up:<28} down: {down}{also}")
+    print("\nHow the predicted ranking compares with measured effects the model never saw")
+    print(f"  (Spearman over {len(res.measured)} knockouts, noise-corrected effect sizes in {HELDOUT[1]}):")
+    print(f"    model prediction           {res.spearman_model:+.2f}")
+    print(f"    training-cell count only   {res.spearman_size_only:+.2f}   (a trivial reference)")
+    print(f"    replicate vs replicate     {res.spearman_ceiling:+.2f}   (measured rep_1 vs rep_2: the ceiling)")
+    print(f"\nwrote {res.out}/ (ranking.csv, ranking.parquet, aggregates.nc, top_hits.png) in {res.seconds:.0f} s")
+    return 0
+
+
+def _split_list(text: str) -> list[str]:
+    """Split 'A,B,drug:x@1uM,24h' on commas, keeping a drug's ',TIME' with its dose."""
+    import re
+
+    out: list[str] = []
+    for piece in text.split(","):
+        if out and "@" in out[-1] and re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]*\s*", piece) and out[-1].count(",") == 0:
+            out[-1] += "," + piece
+        elif piece.strip():
+            out.append(piece.strip())
+    return out
+
+
+def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+    """The baseline cells: the data's control cells when it is a whole screen with the model's contract."""
+    adata = _load_data(args.data)
+    contract = model.contract
+    if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
+        is_ctrl = adata.obs[contract.perturbation_key].astype(str).to_numpy() == contract.control
+        if is_ctrl.any() and not is_ctrl.all():
+            log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
+            print(f"baseline: the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {contract.control!r}) of {args.data}")
+            adata = adata[is_ctrl].copy()
+    return adata
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict perturbed cells for a baseline population."""
+    from .model import C2SModel
+    from .simulator import Simulator
+
+    model = C2SModel.load(args.model, device=args.device)
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    res = sim.simulate(_split_list(args.perturbations), n_cells=args.n_cells, seed=args.seed, keep_cells=True,
+                       batch_size=args.batch_size)
+    pred = res.to_anndata()
+    pred.write_h5ad(args.out)
+    a = res.aggregates.attrs
+    print(f"wrote {pred.n_obs:,} predicted cells x {pred.n_vars} genes to {args.out} "
+          f"({a['normalization']}; invalid genes {a['invalid_genes']}, duplicates {a['duplicate_genes']})")
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """Screen a panel and rank it."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .errors import ScreenError
+    from .model import C2SModel
+    from .perturbations import parse_panel
+    from .screen import screen
+    from .simulator import Simulator
+
+    path = Path(args.panel)
+    if not path.exists():
+        raise ScreenError(f"No such panel file: {args.panel!r}. Write one perturbation a line, e.g. 'ko:STAT1'.")
+    panel = parse_panel(path.read_text())
+    model = C2SModel.load(args.model, device=args.device)
+    try:
+        model.resolve(panel)
+    except VirtualCellError as err:  # say which line
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            body = line.split("#", 1)[0].strip()
+            if body:
+                try:
+                    model.resolve([body])
+                except VirtualCellError as line_err:
+                    raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
+        raise
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
+                 seed=args.seed, batch_size=args.batch_size)
+    cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
+    print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, top_hits.png)")
     return 0
 
 
@@ -138,6 +204,17 @@ def _usage(message: str):  # noqa: ANN202
     return VirtualCellError(message)
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output) or hub id")
+    p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
+    p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
+    p.add_argument("--genes", choices=["all", "shared"], default="all", help="'shared': proceed on the genes the model knows")
+    p.add_argument("--n-cells", type=int, default=None, help="use the first N baseline cells")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+
 def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--perturbation-key", required=required, default="perturbation", help="obs column of the perturbation labels")
     p.add_argument("--control", required=required, default="control", help="label of the control cells")
@@ -157,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the main job on the embedded default dataset (offline)")
-    p.add_argument("--top-k", type=int, default=200, help="genes per cell sentence (default 200)")
+    p = sub.add_parser("demo", help="screen the embedded default with the bundled model (offline, ~2 min on a CPU)")
+    p.add_argument("--out", default="virtualcell-demo", help="results folder (default ./virtualcell-demo)")
+    p.add_argument("--n-cells", type=int, default=120, help="baseline cells (default 120)")
+    p.add_argument("--top", type=int, default=12, help="rows of the ranking to print")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("encode", help="encode an .h5ad (or a dataset name) into cell sentences")
@@ -190,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES", help="exclude cells from training, e.g. bio_rep=rep_3")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict perturbed cells for a baseline population")
+    _add_model_args(p)
+    p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("screen", help="screen a panel of perturbations and rank them for the wet lab")
+    _add_model_args(p)
+    p.add_argument("--panel", required=True, help="text file: one perturbation a line ('#' comments)")
+    p.add_argument("--objective", default=None,
+                   help="largest (default), raise:G1,G2, lower:G1,G2, signature:UP/DOWN, reverse:UP/DOWN, toward:REF.h5ad")
+    p.add_argument("--top", type=int, default=10, help="size of the diverse shortlist")
+    p.add_argument("--out", required=True, help="results folder (resumes an interrupted screen)")
+    p.set_defaults(func=cmd_screen)
 
     from .evaluate.cli import add_evaluate_parser
 

@@ -1,0 +1,231 @@
+"""Screen objectives: what makes a candidate intervention good.
+
+Every objective scores the predicted mean shift of a perturbation, ``delta`` (a vector
+over the model's genes, predicted mean − baseline mean), and says whether higher is
+better (it always is: objectives are written so that the best candidate scores highest).
+
+* :class:`LargestEffect` — the L2 norm of the mean shift.
+* :class:`TowardState` — move the population toward a target state: a reference AnnData
+  (e.g. healthy cells), scored as how much closer the mean gets to it.
+* :class:`Signature` — raise the ``up`` genes and lower the ``down`` genes (e.g. the
+  reverse of a disease signature): mean(delta[up]) − mean(delta[down]).
+* :func:`raise_genes` / :func:`lower_genes` — raise or lower named genes or a program.
+* :class:`Custom` — any Python callable ``f(delta: pandas.Series) -> float``.
+
+:func:`parse_objective` reads the CLI forms ``largest``, ``raise:A,B``, ``lower:A,B``,
+``signature:UP1,UP2/DOWN1,DOWN2``, ``reverse:UP1,UP2/DOWN1,DOWN2`` and ``toward:PATH.h5ad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ScreenError, close_matches, preview
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+__all__ = ["Objective", "LargestEffect", "Signature", "TowardState", "Custom", "raise_genes", "lower_genes", "parse_objective"]
+
+
+class Objective:
+    """Base class: ``bind`` checks the genes once, ``score`` maps a delta vector to a number."""
+
+    name = "objective"
+    description = ""
+
+    def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Objective:
+        return self
+
+    def score(self, delta: np.ndarray) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description}
+
+
+def _index(genes: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray:
+    lookup = {g.upper(): i for i, g in enumerate(genes)}
+    missing = [w for w in wanted if str(w).upper() not in lookup]
+    if missing:
+        hints = {m: close_matches(m, genes, 2) for m in missing[:5]}
+        hint = "; ".join(f"{m}: did you mean {preview(h, 2)}?" for m, h in hints.items() if h)
+        raise ScreenError(
+            f"The {what} names {len(missing)} genes the model does not have: {preview(missing)}. "
+            f"{hint + ' ' if hint else ''}Use genes from the model's vocabulary ({len(genes)} genes), "
+            "or drop these."
+        )
+    if not wanted:
+        raise ScreenError(f"The {what} names no genes.")
+    return np.array([lookup[str(w).upper()] for w in wanted], dtype=np.int64)
+
+
+@dataclass
+class LargestEffect(Objective):
+    """The size of the predicted shift: L2 norm of the mean delta."""
+
+    name: str = "largest_effect"
+    description: str = "largest predicted effect: L2 norm of the mean expression shift"
+
+    def score(self, delta: np.ndarray) -> float:
+        return float(np.linalg.norm(delta))
+
+
+@dataclass
+class Signature(Objective):
+    """Raise ``up`` genes and lower ``down`` genes: mean(delta[up]) − mean(delta[down])."""
+
+    up: Sequence[str] = ()
+    down: Sequence[str] = ()
+    name: str = "signature"
+    description: str = ""
+    _up: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    _down: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not self.up and not self.down:
+            raise ScreenError("A signature needs up genes, down genes or both.")
+        if not self.description:
+            self.description = f"raise {preview(self.up, 5) or 'nothing'}; lower {preview(self.down, 5) or 'nothing'}"
+
+    def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Signature:
+        self._up = _index(genes, list(self.up), "signature's up list") if self.up else np.zeros(0, np.int64)
+        self._down = _index(genes, list(self.down), "signature's down list") if self.down else np.zeros(0, np.int64)
+        return self
+
+    def score(self, delta: np.ndarray) -> float:
+        up = float(delta[self._up].mean()) if self._up.size else 0.0
+        down = float(delta[self._down].mean()) if self._down.size else 0.0
+        return up - down
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"up": list(self.up), "down": list(self.down)}
+
+
+def raise_genes(genes: Sequence[str], *, name: str = "raise") -> Signature:
+    """Raise the named genes (or a gene program)."""
+    return Signature(up=list(genes), name=name)
+
+
+def lower_genes(genes: Sequence[str], *, name: str = "lower") -> Signature:
+    """Lower the named genes (or a gene program)."""
+    return Signature(down=list(genes), name=name)
+
+
+@dataclass
+class TowardState(Objective):
+    """Move the population mean toward a target state.
+
+    Score = ||control − target|| − ||control + delta − target||: how much closer the
+    predicted mean gets (positive = closer). ``target`` is an AnnData of reference
+    cells (normalized like the baseline) or a mean-expression vector over ``genes``.
+    """
+
+    target: Any = None
+    target_genes: Sequence[str] | None = None
+    name: str = "toward_state"
+    description: str = "move the mean toward a reference state"
+    _target: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    _control: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> TowardState:
+        from .sentences import detect_scale, expression_matrix, log_normalize
+
+        if hasattr(self.target, "var_names"):
+            ref: ad.AnnData = self.target
+            X = expression_matrix(ref)
+            X = log_normalize(X, detect_scale(X))
+            mean = np.asarray(X.mean(axis=0)).ravel()
+            names = [str(g) for g in ref.var_names]
+        else:
+            mean = np.asarray(self.target, dtype=np.float64)
+            names = list(self.target_genes or genes)
+            if mean.shape != (len(names),):
+                raise ScreenError(f"The target vector has shape {mean.shape}; expected ({len(names)},) over target_genes.")
+        lookup = {g.upper(): i for i, g in enumerate(names)}
+        shared = [i for i, g in enumerate(genes) if g.upper() in lookup]
+        if len(shared) < max(2, len(genes) // 10):
+            raise ScreenError(
+                f"The target state shares only {len(shared)} of the model's {len(genes)} genes: check that it "
+                "uses gene symbols of the same species."
+            )
+        target = np.array(control_mean, dtype=np.float64)  # genes the target lacks: no pull
+        target[shared] = mean[[lookup[genes[i].upper()] for i in shared]]
+        self._target, self._control = target, np.asarray(control_mean, dtype=np.float64)
+        return self
+
+    def score(self, delta: np.ndarray) -> float:
+        before = np.linalg.norm(self._control - self._target)
+        after = np.linalg.norm(self._control + delta - self._target)
+        return float(before - after)
+
+
+@dataclass
+class Custom(Objective):
+    """A user function of the mean delta (a pandas Series indexed by gene); higher is better."""
+
+    fn: Callable[[Any], float] = None  # type: ignore[assignment]
+    name: str = "custom"
+    description: str = "user-supplied objective"
+    _genes: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ScreenError("Custom objective needs a callable: Custom(fn=lambda delta: delta['MYC']).")
+        if self.description == "user-supplied objective":
+            self.description = f"user-supplied objective {getattr(self.fn, '__name__', '')}".strip()
+
+    def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Custom:
+        self._genes = list(genes)
+        return self
+
+    def score(self, delta: np.ndarray) -> float:
+        import pandas as pd
+
+        value = self.fn(pd.Series(delta, index=self._genes))
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ScreenError(f"The custom objective returned {type(value).__name__}, not a number.") from err
+
+
+def parse_objective(text: str | Objective | Callable | None) -> Objective:
+    """An objective from its CLI form (see the module docstring), an Objective, or a callable."""
+    if text is None:
+        return LargestEffect()
+    if isinstance(text, Objective):
+        return text
+    if callable(text):
+        return Custom(fn=text)
+    kind, _, arg = str(text).partition(":")
+    kind = kind.strip().lower()
+    genes = [g.strip() for g in arg.replace(";", ",").split(",") if g.strip()]
+    if kind in {"largest", "largest_effect", "effect"}:
+        return LargestEffect()
+    if kind == "raise":
+        return raise_genes(genes)
+    if kind == "lower":
+        return lower_genes(genes)
+    if kind in {"signature", "reverse"}:
+        up_text, _, down_text = arg.partition("/")
+        up = [g.strip() for g in up_text.split(",") if g.strip()]
+        down = [g.strip() for g in down_text.split(",") if g.strip()]
+        if kind == "reverse":  # the disease signature is up/down: push it the other way
+            return Signature(up=down, down=up, name="reverse_signature")
+        return Signature(up=up, down=down)
+    if kind == "toward":
+        from pathlib import Path
+
+        import anndata as ad
+
+        if not Path(arg).exists():
+            raise ScreenError(f"toward: no such reference file {arg!r}.")
+        return TowardState(target=ad.read_h5ad(arg), description=f"move the mean toward {arg}")
+    raise ScreenError(
+        f"Unknown objective {text!r}. Use largest, raise:GENE1,GENE2, lower:GENE1,GENE2, "
+        "signature:UP1,UP2/DOWN1,DOWN2, reverse:UP1,UP2/DOWN1,DOWN2 or toward:REFERENCE.h5ad."
+    )

@@ -1,0 +1,352 @@
+"""In-silico screens: simulate a panel, score it, rank it, and pick a diverse shortlist.
+
+:func:`screen` runs a panel in groups of perturbations. Each finished group is written
+to the results folder at once, so a screen that is killed resumes where it stopped and
+ends with exactly the results of an uninterrupted run (a prediction depends only on
+seed, cell and perturbation). The folder holds::
+
+    config.json         what was screened, how; a different screen is refused here
+    panel.txt           the resolved panel, one perturbation a line
+    groups/             finished groups (netCDF aggregates + embedded cells), the resume state
+    aggregates.nc       per-perturbation mean, fraction expressing, variance, delta
+    ranking.csv/.parquet  the ranked table
+    top_hits.png        the top hits with confidence intervals and their top genes
+
+The ranking has one row per candidate: the objective's score with a bootstrap
+confidence interval (resampling the generated cells), effect sizes against the
+baseline (E-distance through ``pertpy.tools.Distance``, the L2 norm of the mean delta
+and its noise-corrected version), the top up- and down-regulated genes, and the
+diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ScreenError
+from .objectives import Objective, parse_objective
+from .perturbations import Combination, Perturbation
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import xarray as xr
+
+    from .simulator import Simulator
+
+__all__ = ["screen", "ScreenResult", "diverse_picks", "rank"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScreenResult:
+    """The ranked table, the aggregates and the folder they were written to."""
+
+    ranking: pd.DataFrame
+    aggregates: xr.Dataset
+    out: Path | None
+    config: dict[str, Any]
+
+    def top(self, n: int = 10) -> pd.DataFrame:
+        return self.ranking.head(n)
+
+    def picks(self) -> pd.DataFrame:
+        """The diverse shortlist for the wet lab, in rank order."""
+        return self.ranking[self.ranking["pick"]]
+
+    def plot_top_hits(self, n: int = 15, *, ax: Any = None, return_fig: bool = False) -> Any:
+        """Bar chart of the top-n scores with confidence intervals; picks in a darker colour."""
+        return plot_top_hits(self.ranking, self.aggregates, n=n, return_fig=return_fig)
+
+
+def _fingerprint(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _baseline_hash(sim: Simulator, n: int) -> str:
+    h = hashlib.sha256()
+    s = sim.sentences.subset(np.arange(n))
+    h.update(s.ids.tobytes())
+    h.update(s.offsets.tobytes())
+    X = sim.expression[:n]
+    h.update(X.data.tobytes())
+    return h.hexdigest()[:16]
+
+
+def screen(
+    simulator: Simulator,
+    panel: Sequence[str | Perturbation | Combination],
+    *,
+    objective: str | Objective | Callable | None = None,
+    out: str | os.PathLike[str] | None = None,
+    top: int = 10,
+    n_cells: int | None = None,
+    seed: int = 0,
+    group_size: int = 16,
+    similarity: float = 0.8,
+    n_boot: int = 200,
+    batch_size: int = 64,
+    max_genes: int | None = None,
+    progress: bool = True,
+    stop_after_groups: int | None = None,
+) -> ScreenResult:
+    """Screen a panel of perturbations and rank them by ``objective``.
+
+    Parameters
+    ----------
+    simulator
+        The baseline population and model.
+    panel
+        Perturbations (typed, or strings in the typed syntax, or plain training labels).
+    objective
+        An :class:`~virtualcell.objectives.Objective`, its CLI form (``"raise:MYC"``…), or a
+        callable of the delta Series. Default: largest effect.
+    out
+        Results folder. Written incrementally; an interrupted screen resumes from it.
+    top
+        How many diverse picks to choose for the wet lab.
+    similarity
+        Cosine similarity of predicted effects above which two candidates count as near-duplicates.
+    stop_after_groups
+        Stop (as if killed) after this many new groups: for testing resumption.
+    """
+    import xarray as xr
+
+    from tqdm.auto import tqdm
+
+    perts = simulator.model.resolve(list(panel))
+    names = [str(p) for p in perts]
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})
+        raise ScreenError(f"The panel lists {dup} more than once (after resolving labels). List each once.")
+    obj = parse_objective(objective)
+    n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
+    genes = list(simulator.model.genes.genes)
+    control_mean = np.asarray(simulator.expression[:n].mean(axis=0)).ravel()
+    obj.bind(genes, control_mean)  # unknown genes fail here, before any generation
+    config = {
+        "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
+        "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
+        "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
+        "batch_size": batch_size,
+    }
+    sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
+    fingerprint = _fingerprint({k: config[k] for k in sim_keys})
+    config["fingerprint"] = fingerprint
+    groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
+    folder = Path(out) if out is not None else None
+    done: dict[int, Path] = {}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg_path = folder / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old.get("fingerprint") != fingerprint:
+                diff = [k for k in sim_keys if old.get(k) != config[k]]
+                raise ScreenError(
+                    f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
+                    "Refusing to mix them: choose another --out folder, or delete this one to start over."
+                )
+        elif any(folder.iterdir()):
+            raise ScreenError(f"{folder} is not empty and holds no screen config. Choose an empty or new folder.")
+        cfg_path.write_text(json.dumps(config, indent=1, default=str))
+        (folder / "panel.txt").write_text("\n".join(names) + "\n")
+        (folder / "groups").mkdir(exist_ok=True)
+        for gi in range(len(groups)):
+            f = folder / "groups" / f"group_{gi:05d}.nc"
+            if f.exists() and (folder / "groups" / f"group_{gi:05d}.npz").exists():
+                done[gi] = f
+        if done:
+            log.info("resuming: %d of %d groups already done", len(done), len(groups))
+    parts: dict[int, xr.Dataset] = {}
+    embedded: dict[str, np.ndarray] = {}
+    new_groups = 0
+    bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not progress, desc="screen",
+               unit="perturbation", dynamic_ncols=True)
+    for gi, group in enumerate(groups):
+        if gi in done:
+            parts[gi] = xr.load_dataset(done[gi], engine="h5netcdf")
+            with np.load(done[gi].with_suffix(".npz")) as z:
+                embedded.update({k: z[k] for k in z.files})
+            continue
+        if stop_after_groups is not None and new_groups >= stop_after_groups:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
+        res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
+                                 keep_cells=False, progress=False)
+        parts[gi] = res.aggregates
+        embedded.update(res.embedded)
+        if folder is not None:
+            _atomic_write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
+        new_groups += 1
+        bar.update(len(group))
+    bar.close()
+    agg = xr.concat([parts[g] for g in range(len(groups))], dim="perturbation", data_vars="minimal",
+                    coords="minimal", compat="override")
+    agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
+    base_emb = simulator._embed(simulator.expression[:n].toarray())
+    ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
+    ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
+    if folder is not None:
+        agg.to_netcdf(folder / "aggregates.nc", engine="h5netcdf")
+        table = ranking.copy()
+        for col in ("top_up", "top_down", "represents"):
+            table[col] = table[col].map(lambda v: ";".join(v))
+        table.to_csv(folder / "ranking.csv", index=False)
+        table.to_parquet(folder / "ranking.parquet", index=False)
+        fig = plot_top_hits(ranking, agg, return_fig=True)
+        fig.savefig(folder / "top_hits.png", dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return ScreenResult(ranking, agg, folder, config)
+
+
+def _atomic_write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -> None:
+    """Write a finished group so that a kill leaves either nothing or the whole group."""
+    tmp_nc, tmp_npz = stem.with_suffix(".nc.tmp"), stem.with_suffix(".tmp.npz")
+    agg.to_netcdf(tmp_nc, engine="h5netcdf")
+    np.savez(tmp_npz, **embedded)
+    os.replace(tmp_npz, stem.with_suffix(".npz"))
+    os.replace(tmp_nc, stem.with_suffix(".nc"))
+
+
+def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarray] | None = None,
+         baseline_embedded: np.ndarray | None = None, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Score every perturbation; bootstrap the score over resampled cell buckets."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    genes = [str(g) for g in agg["gene"].values]
+    control = agg["control_mean"].values.astype(np.float64)
+    control_var = agg["control_var"].values.astype(np.float64)
+    rows = []
+    distance = _edistance() if embedded else None
+    for p in agg["perturbation"].values:
+        a = agg.sel(perturbation=p)
+        delta = a["delta"].values.astype(np.float64)
+        n = int(a["n_cells"])
+        bm = a["bucket_mean"].values.astype(np.float64)
+        bc = a["bucket_count"].values.astype(np.float64)
+        boots = []
+        nonempty = np.flatnonzero(bc > 0)
+        for _ in range(n_boot):
+            pick = rng.choice(nonempty, size=nonempty.size, replace=True)
+            w = bc[pick]
+            m = (bm[pick] * w[:, None]).sum(0) / w.sum()
+            boots.append(objective.score(m - control))
+        score = objective.score(delta)
+        l2 = float(np.linalg.norm(delta))
+        noise = float(a["var"].values.sum() / max(n, 1) + control_var.sum() / max(n, 1))
+        order = np.argsort(delta)
+        ed = float("nan")
+        if distance is not None and embedded is not None and baseline_embedded is not None:
+            e = embedded.get(str(p))
+            if e is not None and e.shape[0] > 1:
+                ed = float(distance(e, baseline_embedded))
+        rows.append({
+            "perturbation": str(p),
+            "score": score,
+            # basic (reverse-percentile) bootstrap: corrects the upward bias of norms of noisy means
+            "score_low": 2 * score - float(np.percentile(boots, 97.5)) if boots else float("nan"),
+            "score_high": 2 * score - float(np.percentile(boots, 2.5)) if boots else float("nan"),
+            "edistance": ed,
+            "l2_delta": l2,
+            "l2_delta_corrected": float(np.sqrt(max(l2**2 - noise, 0.0))),
+            "n_cells": n,
+            "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
+            "top_down": [genes[i] for i in order[:5] if delta[i] < 0],
+        })
+    table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table
+
+
+def _edistance() -> Callable[[np.ndarray, np.ndarray], float]:
+    """E-distance through pertpy.tools.Distance (imported here: it is slow to import)."""
+    import pertpy as pt
+
+    return pt.tools.Distance(metric="edistance")
+
+
+def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, similarity: float = 0.8) -> pd.DataFrame:
+    """Pick up to ``top`` high-scoring candidates that are not near-duplicates of each other.
+
+    Candidates are nodes of a ``networkx`` graph with an edge wherever the cosine
+    similarity of their predicted effects is at least ``similarity``. Going down the
+    ranking, a candidate is picked unless it neighbours an earlier pick; each pick
+    ``represents`` its unpicked neighbours.
+    """
+    import networkx as nx
+
+    names = list(ranking["perturbation"])
+    D = agg["delta"].sel(perturbation=names).values.astype(np.float64)
+    norm = np.linalg.norm(D, axis=1, keepdims=True)
+    U = D / np.where(norm > 0, norm, 1.0)
+    S = U @ U.T
+    graph = nx.Graph()
+    graph.add_nodes_from(names)
+    ii, jj = np.nonzero(np.triu(S, 1) >= similarity)
+    graph.add_edges_from((names[i], names[j], {"similarity": float(S[i, j])}) for i, j in zip(ii, jj))
+    picks: list[str] = []
+    covered: dict[str, str] = {}
+    for name in names:
+        if len(picks) >= top:
+            break
+        if name in covered:
+            continue
+        picks.append(name)
+        for nb in graph.neighbors(name):
+            covered.setdefault(nb, name)
+    out = ranking.copy()
+    out["pick"] = out["perturbation"].isin(picks)
+    out["represents"] = [sorted(k for k, v in covered.items() if v == name and k not in picks) if name in picks else []
+                         for name in out["perturbation"]]
+    out["similar_to_pick"] = [covered.get(name, "") if name not in picks else "" for name in out["perturbation"]]
+    return out
+
+
+def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False) -> Any:
+    """Top hits: scores with 95% intervals (picks dark), and a heatmap of their top genes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    top = ranking.head(n)
+    genes = []
+    for lst in list(top["top_up"]) + list(top["top_down"]):
+        for g in lst[:3]:
+            if g not in genes:
+                genes.append(g)
+    genes = genes[:30]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.35 * len(top) + 1.5)),
+                                   gridspec_kw={"width_ratios": [1, 1.6]})
+    y = np.arange(len(top))[::-1]
+    colors = ["#1f4e79" if p else "#9dc3e6" for p in top["pick"]] if "pick" in top else "#1f4e79"
+    err = np.vstack([top["score"] - top["score_low"], top["score_high"] - top["score"]]).clip(min=0)
+    ax1.barh(y, top["score"], xerr=err, color=colors, ecolor="#444", capsize=2)
+    ax1.set_yticks(y, top["perturbation"])
+    ax1.set_xlabel(f"score ({agg.attrs.get('objective', 'objective')}), 95% CI")
+    ax1.set_title("Top hits (dark: diverse picks)")
+    if genes:
+        M = agg["delta"].sel(perturbation=list(top["perturbation"]), gene=genes).values
+        lim = float(np.abs(M).max()) or 1.0
+        im = ax2.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax2.set_xticks(range(len(genes)), genes, rotation=90, fontsize=7)
+        ax2.set_yticks(range(len(top)), list(top["perturbation"]), fontsize=7)
+        ax2.set_title("predicted mean change (log1p)")
+        fig.colorbar(im, ax=ax2, shrink=0.8)
+    fig.tight_layout()
+    if return_fig:
+        return fig
+    return None

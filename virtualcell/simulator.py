@@ -1,0 +1,425 @@
+"""The Simulator: a baseline population + a model → predicted responses to perturbations.
+
+Prediction of cell *i* under perturbation *p* is calibrated against the model's own
+control generation (``shared/FINDINGS.md``)::
+
+    x̂_ip = max(0, x_i + decode(gen(i, p)) − decode(gen(i, control)))
+
+which cancels the drift of generated cells toward the training population. The
+calibrated prediction under ``control`` is the baseline cell itself, so deltas are
+against the baseline population.
+
+Results stream: cells are processed in chunks, every perturbation of a chunk shares
+the chunk's prefix cache, and only per-perturbation sums are kept in memory (mean,
+fraction expressing, variance, and per-bucket sums for resampling). Per-cell
+predictions are kept in memory only when small, or written chunk by chunk to a
+netCDF file and read back lazily.
+
+Examples
+--------
+>>> import virtualcell as vc
+>>> adata = vc.datasets.load()
+>>> sim = vc.Simulator(vc.model.bundled(), adata[adata.obs.perturbation == "control"][:64])
+>>> res = sim.simulate(["STAT1", "ko:JAK2", "IFNGR1+IRF1"], seed=0)  # doctest: +SKIP
+>>> res.aggregates["delta"].sel(perturbation="ko:STAT1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .contract import DataContract
+from .errors import DataError, ScreenError
+from .perturbations import Combination, Perturbation
+from .sentences import decode, detect_scale, encode, expression_matrix, log_normalize
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+    import xarray as xr
+
+    from .model import C2SModel
+
+__all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
+
+log = logging.getLogger(__name__)
+N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
+KEEP_IN_MEMORY = 50_000_000  # per-cell predictions kept in memory up to this many values
+
+
+@dataclass
+class _Sums:
+    """Streaming per-perturbation sums over cells."""
+
+    n_pert: int
+    n_genes: int
+    n_pcs: int
+    keep_embedded: int
+    total: np.ndarray = field(init=False)
+    sq: np.ndarray = field(init=False)
+    expressing: np.ndarray = field(init=False)
+    count: np.ndarray = field(init=False)
+    bucket_total: np.ndarray = field(init=False)
+    bucket_count: np.ndarray = field(init=False)
+    embedded: list[list[np.ndarray]] = field(init=False)
+    n_invalid: int = 0
+    n_duplicate: int = 0
+    n_generated_genes: int = 0
+
+    def __post_init__(self) -> None:
+        P, G = self.n_pert, self.n_genes
+        self.total = np.zeros((P, G))
+        self.sq = np.zeros((P, G))
+        self.expressing = np.zeros((P, G))
+        self.count = np.zeros(P, dtype=np.int64)
+        self.bucket_total = np.zeros((P, N_BUCKETS, G))
+        self.bucket_count = np.zeros((P, N_BUCKETS), dtype=np.int64)
+        self.embedded = [[] for _ in range(P)]
+
+    def add(self, p: int, X: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None) -> None:
+        self.total[p] += X.sum(0)
+        self.sq[p] += np.square(X, dtype=np.float64).sum(0)
+        self.expressing[p] += (X > 0).sum(0)
+        self.count[p] += X.shape[0]
+        np.add.at(self.bucket_total[p], buckets, X)
+        self.bucket_count[p] += np.bincount(buckets, minlength=N_BUCKETS)
+        if emb is not None:
+            have = sum(e.shape[0] for e in self.embedded[p])
+            if have < self.keep_embedded:
+                self.embedded[p].append(emb[: self.keep_embedded - have])
+
+
+class SimulationResult:
+    """What :meth:`Simulator.simulate` returns.
+
+    Attributes
+    ----------
+    aggregates
+        ``xarray.Dataset`` with dims ``(perturbation, gene)`` (and ``bucket``): ``mean``,
+        ``frac_expressing``, ``var``, ``delta`` (mean − baseline mean), ``n_cells``,
+        ``bucket_mean``; and ``control_mean`` over ``gene``. ``attrs`` record the model,
+        seed and config.
+    cells
+        Per-cell predictions ``(perturbation, cell, gene)`` as an ``xarray.DataArray``
+        (in memory, or lazily read from ``store``), or ``None`` if not kept.
+    """
+
+    def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
+                 baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None) -> None:
+        self.aggregates = aggregates
+        self.cells = cells
+        self.embedded = embedded
+        self.baseline_embedded = baseline_embedded
+        self.source_cells = source_cells
+        self.store = store
+
+    @property
+    def perturbations(self) -> list[str]:
+        return [str(p) for p in self.aggregates["perturbation"].values]
+
+    @property
+    def genes(self) -> list[str]:
+        return [str(g) for g in self.aggregates["gene"].values]
+
+    def delta(self, perturbation: str) -> np.ndarray:
+        return self.aggregates["delta"].sel(perturbation=perturbation).values
+
+    def to_anndata(self) -> ad.AnnData:
+        """Predicted cells as AnnData: ``obs['perturbation']`` and ``obs['source_cell']``; X on the
+        model's normalized scale (recorded in ``uns``)."""
+        import anndata as ad
+        import pandas as pd
+
+        if self.cells is None:
+            raise ScreenError(
+                "Per-cell predictions were not kept (too large for memory). Run simulate(..., store='cells.nc') "
+                "to write them to disk, or use the aggregates."
+            )
+        P, C, G = self.cells.shape
+        X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
+        obs = pd.DataFrame({
+            "perturbation": np.repeat(self.perturbations, C),
+            "source_cell": np.tile(self.source_cells, P),
+        })
+        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation"], obs["source_cell"])]
+        out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=self.genes))
+        out.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
+                                  "model": self.aggregates.attrs.get("model", ""),
+                                  "seed": int(self.aggregates.attrs.get("seed", 0))}
+        return out
+
+    def __repr__(self) -> str:
+        a = self.aggregates
+        return (f"SimulationResult({a.sizes['perturbation']} perturbations x {int(a['n_cells'].max())} cells x "
+                f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
+
+
+class Simulator:
+    """A population of baseline cells and a model that predicts their responses.
+
+    Parameters
+    ----------
+    model
+        A :class:`~virtualcell.model.C2SModel`.
+    baseline
+        The baseline cells (e.g. the control cells of one context), raw counts or
+        log-normalized. Encoded once, into the model's vocabulary.
+    genes
+        ``"all"``: every gene of ``baseline`` must be in the model's vocabulary;
+        ``"shared"``: proceed on the shared genes.
+    """
+
+    def __init__(self, model: C2SModel, baseline: ad.AnnData, *, genes: Literal["all", "shared"] = "all",
+                 seed: int = 0, n_pcs: int = 30) -> None:
+        self.model = model
+        self.baseline = baseline
+        self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
+        X = expression_matrix(baseline)
+        self.scale = detect_scale(X)
+        Xn = log_normalize(X, self.scale)
+        # baseline expression in the model's gene order (zeros for model genes the data lacks)
+        col = model.genes.ids(vc_genes(baseline), missing="mark")
+        keep = col >= 0
+        import scipy.sparse as sp
+
+        Xn = Xn[:, np.flatnonzero(keep)].tocoo()
+        self.expression = sp.csr_matrix((Xn.data, (Xn.row, col[keep][Xn.col])), shape=(baseline.n_obs, len(model.genes)),
+                                        dtype=np.float32)
+        self.normalization = "log1p_cp10k" if self.scale == "counts" else "as_is_log1p"
+        if model.rank_fit is None:
+            raise DataError(
+                "The model has no rank fit (codec), so it cannot decode sentences into expression. Fit one on data "
+                "like the baseline: model.rank_fit = RankFit.fit(adata, encode(adata, vocab=model.genes))."
+            )
+        self._basis = _pca_basis(self.expression, n_pcs, seed)
+
+    def __repr__(self) -> str:
+        return f"Simulator({self.baseline.n_obs} baseline cells, {self.model!r})"
+
+    # ------------------------------------------------------------------ #
+    def simulate(
+        self,
+        perturbations: Sequence[str | Perturbation | Combination],
+        *,
+        n_cells: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        cell_chunk: int = 32,
+        max_genes: int | None = None,
+        temperature: float = 1.0,
+        calibrate: bool = True,
+        keep_cells: bool | None = None,
+        store: str | Path | None = None,
+        keep_embedded: int = 256,
+        progress: bool = True,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> SimulationResult:
+        """Apply each perturbation to the baseline cells and aggregate the predictions.
+
+        Parameters
+        ----------
+        perturbations
+            Typed perturbations or strings (``"ko:STAT1"``, ``"drug:X@1uM,24h"``, or plain training labels).
+        n_cells
+            Use the first ``n_cells`` baseline cells (default all).
+        seed
+            Sampling seed; a cell's predictions depend only on (seed, cell, perturbation).
+        calibrate
+            Predict ``x + decode(perturbed) − decode(control)`` (default) instead of the decoded generation.
+        keep_cells
+            Keep per-cell predictions in memory (default: when they are small).
+        store
+            A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
+        """
+        from .generation import GenerationConfig
+
+        perts = self.model.resolve(list(perturbations))
+        names = [str(p) for p in perts]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
+        control = Perturbation("control")
+        run = perts if any(p == control for p in perts) else [control, *perts]
+        ci = run.index(control)
+        n = self.baseline.n_obs if n_cells is None else min(int(n_cells), self.baseline.n_obs)
+        if n < 1:
+            raise DataError("n_cells must be at least 1.")
+        G = len(self.model.genes)
+        P = len(perts)
+        if keep_cells is None:
+            keep_cells = store is None and P * n * G <= KEEP_IN_MEMORY
+        cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
+        writer = _CellStore(store, names, n, self.model.genes.genes) if store is not None else None
+        sums = _Sums(P, G, self._basis[1].shape[0], keep_embedded)
+        cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
+                               batch_size=batch_size, seed=seed)
+        fit = self.model.rank_fit
+        bar = _bar(n, progress, "simulate")
+        base_emb = []
+        try:
+            for c0 in range(0, n, cell_chunk):
+                idx = np.arange(c0, min(c0 + cell_chunk, n))
+                chunk = self.sentences.subset(idx)
+                gen: dict[tuple[int, int], np.ndarray] = {}
+                for out in self.model.generate(chunk, run, config=cfg, cell_keys=idx):
+                    sums.n_invalid += out.n_invalid
+                    sums.n_duplicate += out.n_duplicate
+                    sums.n_generated_genes += int(out.sentences.ids.size)
+                    D = decode(out.sentences, fit).toarray()
+                    for row, (c, p) in enumerate(zip(out.cell, out.perturbation)):
+                        gen[(int(c), int(p))] = D[row]
+                x = self.expression[idx].toarray()
+                base_emb.append(self._embed(x))
+                d_ctrl = np.stack([gen[(i, ci)] for i in range(len(idx))])
+                buckets = _bucket(idx, seed)
+                for j, p in enumerate(perts):
+                    k = run.index(p)
+                    d = np.stack([gen[(i, k)] for i in range(len(idx))])
+                    pred = np.maximum(x + d - d_ctrl, 0.0) if calibrate else d
+                    pred = pred.astype(np.float32)
+                    sums.add(j, pred, buckets, self._embed(pred))
+                    if cells_mem is not None:
+                        cells_mem[j, idx] = pred
+                    if writer is not None:
+                        writer.write(j, idx, pred)
+                del gen
+                bar.update(len(idx))
+                if on_chunk is not None:
+                    on_chunk(int(idx[-1]) + 1, n)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
+        cells = None
+        if cells_mem is not None:
+            import xarray as xr
+
+            cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"),
+                                 coords={"perturbation": names, "cell": np.asarray(self.baseline.obs_names[:n]),
+                                         "gene": list(self.model.genes.genes)}, name="expression")
+        elif store is not None:
+            cells = _CellStore.open(store)
+        embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
+                    for name, e in zip(names, sums.embedded)}
+        return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
+                                np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None)
+
+    # ------------------------------------------------------------------ #
+    def _embed(self, X: np.ndarray) -> np.ndarray:
+        mean, comps = self._basis
+        return ((X - mean) @ comps.T).astype(np.float32)
+
+    def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
+        import xarray as xr
+
+        cnt = np.maximum(sums.count, 1)[:, None]
+        mean = sums.total / cnt
+        var = np.maximum(sums.sq / cnt - mean**2, 0.0) * (cnt / np.maximum(cnt - 1, 1))
+        control_mean = np.asarray(self.expression[:n].mean(axis=0)).ravel()
+        control_var = np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel() - control_mean**2
+        bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
+        genes = list(self.model.genes.genes)
+        ds = xr.Dataset(
+            {
+                "mean": (("perturbation", "gene"), mean.astype(np.float32)),
+                "frac_expressing": (("perturbation", "gene"), (sums.expressing / cnt).astype(np.float32)),
+                "var": (("perturbation", "gene"), var.astype(np.float32)),
+                "delta": (("perturbation", "gene"), (mean - control_mean).astype(np.float32)),
+                "n_cells": (("perturbation",), sums.count),
+                "bucket_mean": (("perturbation", "bucket", "gene"), bucket_mean.astype(np.float32)),
+                "bucket_count": (("perturbation", "bucket"), sums.bucket_count),
+                "control_mean": (("gene",), control_mean.astype(np.float32)),
+                "control_var": (("gene",), np.maximum(control_var, 0).astype(np.float32)),
+            },
+            coords={"perturbation": names, "gene": genes, "bucket": np.arange(N_BUCKETS)},
+            attrs={
+                "model": self.model.source or "in memory",
+                "seed": seed,
+                "n_baseline_cells": n,
+                "calibrated": int(calibrate),
+                "normalization": self.normalization,
+                "max_genes": cfg.max_genes,
+                "temperature": cfg.temperature,
+                "invalid_genes": sums.n_invalid,
+                "duplicate_genes": sums.n_duplicate,
+                "generated_genes": sums.n_generated_genes,
+            },
+        )
+        return ds
+
+
+def vc_genes(adata: ad.AnnData) -> list[str]:
+    return [str(g).upper() for g in adata.var_names]
+
+
+def _bucket(idx: np.ndarray, seed: int) -> np.ndarray:
+    """A cell's resampling bucket: a hash of (seed, cell index), independent of chunking."""
+    x = (idx.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B9)) * np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(N_BUCKETS)).astype(np.int64)
+
+
+def _pca_basis(X, n_pcs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Mean and principal axes of the baseline (for embedding predicted cells)."""
+    import scipy.sparse.linalg as spla
+
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    k = max(1, min(n_pcs, min(X.shape) - 1))
+    if min(X.shape) <= 2:
+        return mean, np.eye(X.shape[1], dtype=np.float32)[:1]
+    rng = np.random.default_rng(seed)
+    A = spla.aslinearoperator(X.astype(np.float64)) - spla.aslinearoperator(np.ones((X.shape[0], 1))) @ spla.aslinearoperator(mean[None, :])
+    _, _, vt = spla.svds(A, k=k, v0=rng.uniform(-1, 1, min(X.shape)))
+    return mean.astype(np.float32), vt[::-1].astype(np.float32)
+
+
+def _bar(total: int, enabled: bool, desc: str):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="cell", dynamic_ncols=True)
+
+
+class _CellStore:
+    """Per-cell predictions written chunk by chunk into a chunked netCDF (h5netcdf) file."""
+
+    def __init__(self, path: str | Path, perturbations: list[str], n_cells: int, genes: Sequence[str]) -> None:
+        import h5netcdf
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5netcdf.File(self.path, "w")
+        self.f.dimensions = {"perturbation": len(perturbations), "cell": n_cells, "gene": len(genes)}
+        # names go in attributes: variable-length string coordinates are not portable across netCDF readers
+        self.f.attrs["perturbations"] = json.dumps(list(perturbations))
+        self.f.attrs["genes"] = json.dumps(list(genes))
+        self.var = self.f.create_variable(
+            "expression", ("perturbation", "cell", "gene"), "f4",
+            chunks=(1, min(n_cells, 512), len(genes)), compression="gzip", compression_opts=1,
+        )
+
+    def write(self, p: int, idx: np.ndarray, X: np.ndarray) -> None:
+        self.var[p, int(idx[0]) : int(idx[-1]) + 1, :] = X
+
+    def close(self) -> None:
+        self.f.close()
+
+    @staticmethod
+    def open(path: str | Path) -> xr.DataArray:
+        import xarray as xr
+
+        ds = xr.open_dataset(path, engine="h5netcdf")
+        return ds["expression"].assign_coords(
+            perturbation=json.loads(ds.attrs["perturbations"]), gene=json.loads(ds.attrs["genes"])
+        )
+
+
+def contract_of(model: C2SModel, adata: ad.AnnData) -> DataContract:
+    """The contract to read ``adata`` with: the model's, else the one stored in the data."""
+    return model.contract or DataContract.from_adata(adata)
