@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -388,6 +390,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
+_BLOCK = 1 << 17  # stored entries per sorted block in encode
+_LOW = 0 if sys.byteorder == "little" else 1  # where the low half of an int64 sits
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -397,34 +401,78 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _encode_rows(
-    X: sp.csr_matrix, r0: int, r1: int, top_k: int, seed_hash: np.uint64, col_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sort rows r0..r1 of X by descending value with hashed tie-breaks; keep the top-k columns.
+def _fmix32(t: np.ndarray) -> np.ndarray:
+    """In-place 32-bit finalizer (lowbias32): mixes every bit of ``t`` into every other."""
+    t ^= t >> np.uint32(16)
+    t *= np.uint32(0x7FEB352D)
+    t ^= t >> np.uint32(15)
+    t *= np.uint32(0x846CA68B)
+    t ^= t >> np.uint32(16)
+    return t
 
-    Each stored entry becomes one uint64 key: [row | inverted float bits | tie hash | column].
-    For non-negative floats the IEEE bit pattern orders like the value, so one integer
-    sort orders every row at once. The tie hash depends only on (seed, global row, column),
-    so the result does not depend on how rows are chunked or threaded.
+
+def _encode_rows(
+    X: sp.csr_matrix,
+    rows: np.ndarray,
+    keep: np.ndarray,
+    gene_hash: np.ndarray,
+    row_hash: np.ndarray,
+    col_bits: int,
+) -> np.ndarray:
+    """The first ``keep[i]`` genes of each row in ``rows`` by descending value, concatenated.
+
+    ``rows`` have similar numbers of stored entries, so they are laid out as one padded
+    2-D block and sorted row by row (much cheaper than one sort over all entries). Each
+    entry becomes one int64 key: [inverted float bits (31) | tie hash | column]. For
+    non-negative floats the IEEE bit pattern orders like the value; padding and stored
+    zeros get the largest key and sort last. The tie hash depends only on (seed, global
+    row, column), so the result does not depend on how rows are grouped or threaded.
     """
-    a, b = X.indptr[r0], X.indptr[r1]
-    lengths = np.diff(X.indptr[r0 : r1 + 1])
-    n = r1 - r0
-    row_bits = max(1, int(n - 1).bit_length())
-    rand_bits = 64 - row_bits - 31 - col_bits
-    rows = np.repeat(np.arange(n, dtype=np.uint64), lengths)
-    cols = X.indices[a:b].astype(np.uint64)
-    values = X.data[a:b] + np.float32(0.0)  # turns -0.0 into +0.0
-    inverted = np.uint64(0x7FFFFFFF) - values.view(np.uint32).astype(np.uint64)
-    tie = _mix((rows + np.uint64(r0)) * _M1 + cols + seed_hash) >> np.uint64(64 - rand_bits)
-    key = (rows << np.uint64(64 - row_bits)) | (inverted << np.uint64(rand_bits + col_bits))
-    key |= (tie << np.uint64(col_bits)) | cols
-    key.sort()
-    n_expressed = np.bincount(rows[values > 0].astype(np.int64), minlength=n)
-    keep = np.minimum(n_expressed, top_k)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    picked = key[_ranges(starts, keep)] & np.uint64((1 << col_bits) - 1)
-    return picked.astype(np.int32), keep
+    sub = X[rows]  # the rows' entries, gathered in C
+    lengths = np.diff(sub.indptr)
+    width = int(lengths.max())
+    filled = np.arange(width) < lengths[:, None]
+    key = np.empty((rows.size, width), dtype=np.int64)
+    words = key.view(np.uint32)  # the low and high 32-bit word of each key
+    low, high = words[:, _LOW::2], words[:, 1 - _LOW :: 2]
+    high.fill(0x7FFFFFFF)
+    inverted = np.invert(sub.data.view(np.uint32))
+    inverted &= np.uint32(0x7FFFFFFF)  # 0x7FFFFFFF - bits; also maps -0.0 to +0.0
+    high[filled] = inverted
+    cols = np.zeros((rows.size, width), dtype=np.uint32)
+    cols[filled] = sub.indices
+    tie_bits = 32 - col_bits
+    if tie_bits > 0:
+        tie = np.take(gene_hash, cols)
+        tie ^= row_hash[rows][:, None]
+        _fmix32(tie)
+        tie >>= np.uint32(col_bits)  # keep the top tie_bits bits ...
+        tie <<= np.uint32(col_bits)  # ... above the column
+        tie |= cols
+        low[...] = tie
+    else:
+        low[...] = cols
+    k = int(keep.max())
+    if k < width:
+        key.partition(k - 1, axis=1)
+        key = key[:, :k]
+    key.sort(axis=1)
+    picked = key.view(np.uint32)[:, _LOW::2][np.arange(k) < keep[:, None]]
+    picked &= np.uint32((1 << col_bits) - 1)
+    return picked.view(np.int32)
+
+
+def _take_rows(
+    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, n_values: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows ``values[offsets[r]:offsets[r + 1]]`` for ``r`` in ``rows``, concatenated.
+
+    Uses scipy's compiled CSR row gather: ``values`` (ints in ``[0, n_values)``) ride
+    along as the column indices. Returns the values and the new offsets.
+    """
+    M = sp.csr_matrix((values, values, offsets), shape=(offsets.size - 1, max(n_values, 1)), copy=False)
+    out = M[rows]
+    return out.indices, out.indptr.astype(np.int64)
 
 
 def encode(
@@ -459,7 +507,7 @@ def encode(
         With ``vocab``: ``"all"`` requires every gene of ``adata`` to be in it;
         ``"shared"`` drops the genes it does not know (before ranking).
     threads
-        Worker threads for the integer sort.
+        Worker threads for the per-cell sorts.
 
     Zeros, including explicitly stored zeros, are never part of a sentence. A cell
     with no expressed gene is an error (remove such cells first).
@@ -490,9 +538,10 @@ def encode(
             keep = col_map >= 0
             X = X[:, keep]
             col_map = col_map[keep]
-    n_expressed = np.diff(X.indptr) - np.bincount(
-        np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[X.data == 0], minlength=X.shape[0]
-    )
+    lengths = np.diff(X.indptr)
+    stored_zeros = np.flatnonzero(X.data == 0)  # explicitly stored zeros are not expressed
+    row_of_zero = np.searchsorted(X.indptr, stored_zeros, side="right") - 1
+    n_expressed = lengths - np.bincount(row_of_zero, minlength=X.shape[0])
     empty = np.flatnonzero(n_expressed == 0)
     if empty.size:
         names = adata.obs_names[empty]
@@ -501,29 +550,39 @@ def encode(
             "A cell sentence needs at least one gene: remove them first, e.g. "
             "adata = adata[np.asarray((adata.X > 0).sum(axis=1)).ravel() > 0]."
         )
-    k = int(X.shape[1]) if top_k is None else int(top_k)
-    col_bits = max(1, int(X.shape[1] - 1).bit_length())
-    # rows per chunk: leave at least 12 bits of the key for the tie hash
-    row_bits = max(1, min(12, 64 - 31 - col_bits - 12))
-    chunk = 1 << row_bits
+    n_cells, n_genes = X.shape
+    keep = n_expressed if top_k is None else np.minimum(n_expressed, int(top_k))
+    col_bits = max(1, int(n_genes - 1).bit_length())
+    # tie hashes: one 32-bit hash per gene and per cell, combined and mixed per entry
     seed_hash = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _M3)[0]
-    bounds = [(r, min(r + chunk, X.shape[0])) for r in range(0, X.shape[0], chunk)]
-    run = lambda rb: _encode_rows(X, rb[0], rb[1], k, seed_hash, col_bits)  # noqa: E731
-    if threads > 1 and len(bounds) > 1:
+    gene_hash = (_mix(np.arange(n_genes, dtype=np.uint64) * _M1 + seed_hash) >> np.uint64(32)).astype(np.uint32)
+    row_hash = (_mix(np.arange(n_cells, dtype=np.uint64) * _M2 + seed_hash) >> np.uint64(32)).astype(np.uint32)
+    # group cells of similar length into blocks of about _BLOCK entries (little padding)
+    order = np.argsort(lengths, kind="stable")
+    cum = np.cumsum(lengths[order])
+    cuts = np.searchsorted(cum, np.arange(_BLOCK, int(cum[-1]), _BLOCK), side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [n_cells]]))
+    perm_offsets = np.concatenate([[0], np.cumsum(keep[order])])
+    out = np.empty(int(perm_offsets[-1]), dtype=np.int32)
+
+    def run(i: int) -> None:
+        r0, r1 = bounds[i], bounds[i + 1]
+        rows = order[r0:r1]
+        out[perm_offsets[r0] : perm_offsets[r1]] = _encode_rows(X, rows, keep[rows], gene_hash, row_hash, col_bits)
+
+    blocks = range(bounds.size - 1)
+    if threads > 1 and len(blocks) > 1:
         with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(run, bounds))
+            list(pool.map(run, blocks))
     else:
-        parts = [run(rb) for rb in bounds]
-    ids = np.concatenate([p[0] for p in parts])
-    lengths = np.concatenate([p[1] for p in parts])
+        for i in blocks:
+            run(i)
+    rank_of = np.empty(n_cells, dtype=np.int64)
+    rank_of[order] = np.arange(n_cells)
+    ids, offsets = _take_rows(out, perm_offsets, rank_of, n_genes)  # back to the cells' order
     if col_map is not None:
         ids = col_map[ids].astype(np.int32)
-    return CellSentences(
-        ids,
-        np.concatenate([[0], np.cumsum(lengths)]),
-        vocab,
-        obs_names=np.asarray(adata.obs_names, dtype=str),
-    )
+    return CellSentences(ids, offsets, vocab, obs_names=np.asarray(adata.obs_names, dtype=str))
 
 
 # --------------------------------------------------------------------------- #
@@ -617,7 +676,12 @@ def decode(
     sentences: CellSentences, fit: RankFit, *, method: Literal["linear", "table"] = "linear"
 ) -> sp.csr_matrix:
     """Expression matrix (cells × vocabulary genes, float32 CSR) from sentences and a rank fit."""
-    values = fit.expression(sentences.rank_array(), method=method)
+    ranks = sentences.rank_array()
+    top = int(ranks.max()) + 1 if ranks.size else 0
+    if top <= ranks.size:  # evaluate each distinct rank once, then look it up
+        values = fit.expression(np.arange(top), method=method)[ranks]
+    else:
+        values = fit.expression(ranks, method=method)
     X = sp.csr_matrix(
         (values, sentences.ids.astype(np.int32), sentences.offsets),
         shape=(len(sentences), len(sentences.vocab)),
@@ -664,24 +728,52 @@ def parse_text(texts: list[str], vocab: Vocabulary, *, uppercase: bool = True) -
     the ranks of the genes after it (ranks are the word positions). The report counts
     invalid and duplicate words.
     """
-    lookup = vocab.lookup()
-    words_per: list[list[str]] = []
-    for t in texts:
-        ws = [w.strip(_STRIP) for w in str(t).split()]
-        words_per.append([w.upper() for w in ws if w] if uppercase else [w for w in ws if w])
-    lengths = np.fromiter((len(w) for w in words_per), dtype=np.int64, count=len(words_per))
-    flat = [w for ws in words_per for w in ws]
-    ids = np.fromiter((lookup.get(w, -1) for w in flat), dtype=np.int64, count=len(flat))
+    index = vocab._index
+    # words that need no stripping are looked up as they are; a gene whose own name
+    # would change by stripping must go through the stripping path, as every word did
+    direct = index if all(g.strip(_STRIP) == g for g in index) else {
+        g: i for g, i in index.items() if g.strip(_STRIP) == g
+    }
+    flat: list[str] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        ws = (str(t).upper() if uppercase else str(t)).split()
+        flat.extend(ws)
+        lengths[i] = len(ws)
+    ids = np.fromiter(map(direct.get, flat, repeat(-1)), dtype=np.int64, count=len(flat))
+    missed = np.flatnonzero(ids < 0)
+    if missed.size:  # strip surrounding punctuation; a word of punctuation only is no word
+        dropped = []
+        for j in missed.tolist():
+            w = flat[j].strip(_STRIP)
+            if not w:
+                dropped.append(j)
+            elif w != flat[j]:
+                flat[j] = w
+                ids[j] = index.get(w, -1)
+        if dropped:
+            row = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+            lengths = lengths - np.bincount(row[dropped], minlength=len(texts))
+            gone = np.zeros(ids.size, dtype=bool)
+            gone[dropped] = True
+            flat = [w for w, g in zip(flat, gone.tolist()) if not g]
+            ids = ids[~gone]
     row = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     pos = np.arange(ids.size, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     valid = ids >= 0
     vidx = np.flatnonzero(valid)
-    _, first = np.unique(row[vidx] * (len(vocab) + 1) + ids[vidx], return_index=True)
-    keep = np.sort(vidx[first])
-    n_invalid = int((~valid).sum())
-    n_dup = int(valid.sum() - keep.size)
+    pair = row[vidx] * (len(vocab) + 1) + ids[vidx]
+    if len(texts) * (len(vocab) + 1) < np.iinfo(np.int32).max:
+        pair = pair.astype(np.int32)  # a cheaper sort
+    if pair.size > 1 and (np.diff(np.sort(pair)) == 0).any():
+        _, first = np.unique(pair, return_index=True)
+        keep = np.sort(vidx[first])
+    else:  # no gene repeats within a cell
+        keep = vidx
+    n_invalid = int(ids.size - vidx.size)
+    n_dup = int(vidx.size - keep.size)
     counts = np.bincount(row[keep], minlength=len(texts))
-    invalid_words = Counter(w for w, i in zip(flat, ids) if i < 0).most_common(10)
+    invalid_words = Counter(flat[j] for j in np.flatnonzero(~valid).tolist()).most_common(10)
     cs = CellSentences(
         ids[keep].astype(np.int32), np.concatenate([[0], np.cumsum(counts)]), vocab, ranks=pos[keep]
     )
