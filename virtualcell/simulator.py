@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .contract import DataContract
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
-from .sentences import decode, detect_scale, encode, expression_matrix, log_normalize
+from .sentences import Vocabulary, decode, detect_scale, encode, expression_matrix, log_normalize
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -184,7 +183,7 @@ class Simulator:
         self.scale = detect_scale(X)
         Xn = log_normalize(X, self.scale)
         # baseline expression in the model's gene order (zeros for model genes the data lacks)
-        col = model.genes.ids(vc_genes(baseline), missing="mark")
+        col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         keep = col >= 0
         import scipy.sparse as sp
 
@@ -355,10 +354,6 @@ class Simulator:
         return ds
 
 
-def vc_genes(adata: ad.AnnData) -> list[str]:
-    return [str(g).upper() for g in adata.var_names]
-
-
 def _bucket(idx: np.ndarray, seed: int) -> np.ndarray:
     """A cell's resampling bucket: a hash of (seed, cell index), independent of chunking."""
     x = (idx.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B9)) * np.uint64(0xBF58476D1CE4E5B9)
@@ -419,7 +414,3 @@ class _CellStore:
             perturbation=json.loads(ds.attrs["perturbations"]), gene=json.loads(ds.attrs["genes"])
         )
 
-
-def contract_of(model: C2SModel, adata: ad.AnnData) -> DataContract:
-    """The contract to read ``adata`` with: the model's, else the one stored in the data."""
-    return model.contract or DataContract.from_adata(adata)
