@@ -30,6 +30,7 @@ _LAZY = {
     "train": ("virtualcell.train", None),
     "simulator": ("virtualcell.simulator", None),
     "Simulator": ("virtualcell.simulator", "Simulator"),
+    "screen": ("virtualcell.screen", None),
     "evaluate": ("virtualcell.evaluate", None),
 }
 
