@@ -1,0 +1,274 @@
+"""Helpers behind the marimo notebooks (``notebooks/``): choosing data and models, picking
+baseline cells, embedding cells for a PCA, and the plots the notebooks show.
+
+The notebooks hold only UI and calls into the package; whatever they need beyond the
+public API lives here, so that it is tested and importable. Importing this module is
+light: anndata, torch, transformers, pertpy and matplotlib are imported inside the
+functions that use them.
+
+Examples
+--------
+>>> import virtualcell as vc
+>>> from virtualcell import viz
+>>> adata = viz.load_data("embedded")
+>>> base = viz.baseline_cells(adata, n_cells=40, where={"bio_rep": "rep_3"})
+>>> base.n_obs
+40
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .contract import DataContract
+from .errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .model import C2SModel
+    from .simulator import SimulationResult, Simulator
+
+__all__ = [
+    "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "baseline_cells",
+    "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history",
+]
+
+DATA_SOURCES = ("embedded", "h5ad", "pertpy")
+MODEL_SOURCES = ("bundled", "folder", "hub")
+
+
+def pertpy_loaders() -> list[str]:
+    """Names of the datasets :func:`virtualcell.datasets.load` downloads through ``pertpy.data``."""
+    from . import datasets
+
+    return sorted(name for name, info in datasets.available().items() if info.pertpy)
+
+
+def load_data(source: str = "embedded", value: str = "", *, contract: DataContract | None = None) -> ad.AnnData:
+    """A screen from ``source``: ``"embedded"`` (the default dataset), ``"h5ad"`` (``value`` is a
+    path; ``contract`` or the contract the file carries) or ``"pertpy"`` (``value`` is a loader name)."""
+    from . import datasets
+
+    if source == "embedded":
+        return datasets.load(datasets.DEFAULT)
+    if source == "h5ad":
+        if not value:
+            raise DataError("Give the path of an .h5ad file.")
+        return datasets.read_h5ad(value, contract=contract)
+    if source == "pertpy":
+        if not value:
+            raise DataError(f"Give a pertpy loader name, one of {', '.join(pertpy_loaders())}.")
+        return datasets.load(value)
+    raise DataError(f"Unknown data source {source!r}; use one of {', '.join(DATA_SOURCES)}.")
+
+
+def load_model(source: str = "bundled", value: str = "", *, genes: Sequence[str] | None = None) -> C2SModel:
+    """A model from ``source``: ``"bundled"``, ``"folder"`` (a checkpoint folder) or ``"hub"`` (a
+    Hugging Face id; ``genes`` are the symbols it may write, e.g. ``adata.var_names``)."""
+    from .model import C2SModel, bundled
+
+    if source == "bundled":
+        return bundled()
+    if source in ("folder", "hub"):
+        if not value:
+            raise DataError(f"Give the {'folder' if source == 'folder' else 'hub id'} of the model.")
+        return C2SModel.load(value, genes=None if genes is None else [str(g) for g in genes])
+    raise DataError(f"Unknown model source {source!r}; use one of {', '.join(MODEL_SOURCES)}.")
+
+
+def _mask(adata: ad.AnnData, where: Mapping[str, Any] | None) -> np.ndarray:
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for col, value in (where or {}).items():
+        if value is None or value == "":
+            continue
+        if col not in adata.obs.columns:
+            raise DataError(f"Column {col!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
+        values = [str(v) for v in value] if isinstance(value, (list, tuple, set)) else [str(value)]
+        keep &= adata.obs[col].astype(str).isin(values).to_numpy()
+    return keep
+
+
+def baseline_cells(adata: ad.AnnData, *, contract: DataContract | None = None, n_cells: int | None = 40,
+                   where: Mapping[str, Any] | None = None, seed: int = 0) -> ad.AnnData:
+    """Up to ``n_cells`` control cells, drawn with ``seed`` (in their original order), optionally
+    only where ``obs[column] == value`` for every item of ``where`` (e.g. a context or a replicate)."""
+    contract = contract or DataContract.from_adata(adata)
+    idx = np.flatnonzero(contract.is_control(adata) & _mask(adata, where))
+    if idx.size == 0:
+        raise DataError(f"No control cells (label {contract.control!r}) where {dict(where or {})}. Loosen the filter.")
+    if n_cells is not None and idx.size > n_cells:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, int(n_cells), replace=False))
+    return adata[idx].copy()
+
+
+def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContract | None = None) -> dict[str, str]:
+    """Typed perturbation name (as the model writes it, e.g. ``ko:STAT1``) -> the label of the
+    measured cells in ``adata`` (e.g. ``STAT1``), for the labels the model knows."""
+    contract = contract or DataContract.from_adata(adata)
+    present = set(contract.perturbations(adata))
+    return {str(model.perturbations.resolve(label)): label for label in sorted(model.perturbations.labels)
+            if label in present}
+
+
+def _model_expression(adata: ad.AnnData, model: C2SModel) -> np.ndarray:
+    """Log-normalized expression of ``adata`` in the model's gene order (zeros for missing genes)."""
+    from .sentences import Vocabulary, detect_scale, expression_matrix, log_normalize
+
+    X = expression_matrix(adata)
+    X = log_normalize(X, detect_scale(X)).toarray()
+    col = model.genes.ids(Vocabulary.from_adata(adata).genes, missing="mark")
+    out = np.zeros((adata.n_obs, len(model.genes)), dtype=np.float32)
+    keep = col >= 0
+    out[:, col[keep]] = X[:, keep]
+    return out
+
+
+def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[str], *,
+                   contract: DataContract | None = None, where: Mapping[str, Any] | None = None,
+                   n_cells: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Measured cells of each typed perturbation the dataset holds, as model-gene expression
+    (at most ``n_cells`` each, drawn with ``seed``); perturbations without measurements are left out."""
+    contract = contract or DataContract.from_adata(adata)
+    labels = measured_labels(model, adata, contract=contract)
+    rng = np.random.default_rng(seed)
+    keep = _mask(adata, where)
+    obs_labels = contract.labels(adata)
+    out = {}
+    for name in perturbations:
+        if name not in labels:
+            continue
+        idx = np.flatnonzero(keep & (obs_labels == labels[name]))
+        if idx.size == 0:
+            continue
+        if idx.size > n_cells:
+            idx = np.sort(rng.choice(idx, n_cells, replace=False))
+        out[name] = _model_expression(adata[idx], model)
+    return out
+
+
+def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells: int | None = None, seed: int = 0,
+                        perturbation_key: str = "perturbation", control: str = "control") -> ad.AnnData:
+    """Predicted cells for the measured ``labels`` (training labels such as ``STAT1``), labelled like the
+    measured data (``obs[perturbation_key]``), plus the baseline cells as ``control``: ready for
+    :func:`virtualcell.evaluate.evaluate`."""
+    import anndata as ad
+    import pandas as pd
+
+    res = simulator.simulate(list(labels), n_cells=n_cells, seed=seed, keep_cells=True, progress=False)
+    pred = res.to_anndata()
+    typed = {str(simulator.model.perturbations.resolve(label)): label for label in labels}
+    pred.obs[perturbation_key] = pred.obs["perturbation"].map(typed).astype(str)
+    n = res.cells.sizes["cell"]
+    base = np.asarray(simulator.expression[:n].toarray(), dtype=np.float32)
+    ctrl = ad.AnnData(base, obs=pd.DataFrame({perturbation_key: control, "source_cell": res.source_cells},
+                                             index=[f"control|{c}" for c in res.source_cells]),
+                      var=pd.DataFrame(index=pred.var_names))
+    out = ad.concat([pred, ctrl], merge="first")
+    out.obs = out.obs[[perturbation_key, "source_cell"]]
+    out.uns["virtualcell"] = dict(pred.uns["virtualcell"])
+    DataContract(perturbation_key, control).attach(out)
+    return out
+
+
+def pca_frame(baseline: np.ndarray, groups: Mapping[str, np.ndarray], *, kind: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Cells on the first two principal axes of ``baseline`` (cells x genes, same genes everywhere).
+
+    Returns a DataFrame with ``pc1``, ``pc2``, ``group`` (``"baseline"`` or the key of ``groups``)
+    and ``kind`` (``kind[group]``, e.g. ``"predicted"`` / ``"measured"``).
+    """
+    import pandas as pd
+
+    B = np.asarray(baseline, dtype=np.float64)
+    center = B.mean(axis=0)
+    _, _, vt = np.linalg.svd(B - center, full_matrices=False)
+    comps = vt[:2]
+    # fix the sign of each axis so that the result does not depend on the LAPACK build
+    comps = comps * np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])[:, None]
+    frames = []
+    for name, X in {"baseline": B, **dict(groups)}.items():
+        E = (np.asarray(X, dtype=np.float64) - center) @ comps.T
+        frames.append(pd.DataFrame({"pc1": E[:, 0], "pc2": E[:, 1] if E.shape[1] > 1 else 0.0, "group": name,
+                                    "kind": "baseline" if name == "baseline" else (kind or {}).get(name, "")}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_pca(frame: pd.DataFrame, *, ax: Axes | None = None, return_fig: bool = False) -> Figure | None:
+    """Scatter of :func:`pca_frame`: baseline grey, one colour per perturbation, predicted cells as
+    dots and measured cells as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+    else:
+        fig = ax.figure
+    base = frame[frame["group"] == "baseline"]
+    ax.scatter(base["pc1"], base["pc2"], s=12, color="#bbbbbb", label="baseline", linewidths=0)
+    cmap = plt.get_cmap("tab10")
+    names = [g for g in dict.fromkeys(frame["group"]) if g != "baseline"]
+    perts = list(dict.fromkeys(n.split(" (")[0] for n in names))
+    for name in names:
+        sub = frame[frame["group"] == name]
+        color = cmap(perts.index(name.split(" (")[0]) % 10)
+        measured = (sub["kind"] == "measured").all()
+        ax.scatter(sub["pc1"], sub["pc2"], s=16 if measured else 12, color=color, marker="x" if measured else "o",
+                   alpha=0.8, linewidths=1 if measured else 0, label=name)
+    ax.set_xlabel("PC1 of baseline")
+    ax.set_ylabel("PC2 of baseline")
+    ax.legend(fontsize=7, markerscale=1.2, loc="best")
+    ax.set_title("baseline, predicted (dots) and measured (crosses) cells", fontsize=9)
+    fig.tight_layout()
+    return fig if return_fig else None
+
+
+def screen_pca(simulator: Simulator, result: SimulationResult, *, measured: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """:func:`pca_frame` of a screen's baseline, the predicted cells of ``result`` (from
+    ``simulator.simulate(..., keep_cells=True)``) and optional measured cells (:func:`measured_cells`)."""
+    if result.cells is None:
+        raise DataError("The simulation kept no per-cell predictions; run simulate(..., keep_cells=True).")
+    n = result.cells.sizes["cell"]
+    groups: dict[str, np.ndarray] = {}
+    kind: dict[str, str] = {}
+    for p in result.perturbations:
+        groups[f"{p} (predicted)"] = np.asarray(result.cells.sel(perturbation=p).values)
+        kind[f"{p} (predicted)"] = "predicted"
+        if measured and p in measured:
+            groups[f"{p} (measured)"] = measured[p]
+            kind[f"{p} (measured)"] = "measured"
+    return pca_frame(simulator.expression[:n].toarray(), groups, kind=kind)
+
+
+def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = None,
+                 return_fig: bool = False) -> Figure | None:
+    """Training and validation loss by step, from the records ``train(..., on_log=...)`` reports."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+    else:
+        fig = ax.figure
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["loss"] for r in history], lw=1, color="#1f77b4", label="training loss")
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r and np.isfinite(r["val_loss"])]
+    if val:
+        ax.plot(*zip(*val), "o-", color="#d62728", label="validation loss")
+    pre = [r["step"] for r in history if r.get("phase") == 0.0]
+    if pre:
+        ax.axvspan(min(pre) - 0.5, max(pre) + 0.5, color="#eeeeee", zorder=0, label="pre-training")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig if return_fig else None
