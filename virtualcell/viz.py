@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .simulator import SimulationResult, Simulator
 
 __all__ = [
-    "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "baseline_cells",
-    "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history",
+    "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
+    "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history", "panel",
 ]
 
 DATA_SOURCES = ("embedded", "h5ad", "pertpy")
@@ -93,6 +93,12 @@ def _mask(adata: ad.AnnData, where: Mapping[str, Any] | None) -> np.ndarray:
         values = [str(v) for v in value] if isinstance(value, (list, tuple, set)) else [str(value)]
         keep &= adata.obs[col].astype(str).isin(values).to_numpy()
     return keep
+
+
+def subset(adata: ad.AnnData, where: Mapping[str, Any] | None = None) -> ad.AnnData:
+    """The cells where ``obs[column]`` is the value (or one of the values) of every item of ``where``
+    (items whose value is ``None`` or ``""`` are ignored), as a copy."""
+    return adata[_mask(adata, where)].copy()
 
 
 def baseline_cells(adata: ad.AnnData, *, contract: DataContract | None = None, n_cells: int | None = 40,
@@ -154,10 +160,12 @@ def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[s
 
 
 def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells: int | None = None, seed: int = 0,
-                        perturbation_key: str = "perturbation", control: str = "control") -> ad.AnnData:
+                        contract: DataContract | None = None) -> ad.AnnData:
     """Predicted cells for the measured ``labels`` (training labels such as ``STAT1``), labelled like the
-    measured data (``obs[perturbation_key]``), plus the baseline cells as ``control``: ready for
-    :func:`virtualcell.evaluate.evaluate`."""
+    measured data (``obs[contract.perturbation_key]``, and each cell's context from its baseline cell),
+    plus the baseline cells as the control: ready for :func:`virtualcell.evaluate.evaluate`."""
+    contract = contract or simulator.model.contract or DataContract()
+    perturbation_key, control = contract.perturbation_key, contract.control
     import anndata as ad
     import pandas as pd
 
@@ -172,8 +180,11 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
                       var=pd.DataFrame(index=pred.var_names))
     out = ad.concat([pred, ctrl], merge="first")
     out.obs = out.obs[[perturbation_key, "source_cell"]]
+    if contract.context_key is not None:
+        context = simulator.baseline.obs[contract.context_key].astype(str)
+        out.obs[contract.context_key] = context.reindex(out.obs["source_cell"]).to_numpy()
     out.uns["virtualcell"] = dict(pred.uns["virtualcell"])
-    DataContract(perturbation_key, control).attach(out)
+    DataContract(perturbation_key, control, context_key=contract.context_key).attach(out)
     return out
 
 
@@ -272,3 +283,11 @@ def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = No
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig if return_fig else None
+
+
+def panel(text: str = "", picked: Sequence[str] = ()) -> list[str]:
+    """A screening panel from text in the typed syntax (one perturbation a line, ``#`` comments)
+    and perturbations picked from a list, in order, each once."""
+    from .perturbations import parse_panel
+
+    return list(dict.fromkeys([*(str(p) for p in parse_panel(text or "")), *(str(p) for p in picked)]))
