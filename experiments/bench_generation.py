@@ -1,0 +1,189 @@
+"""Screen throughput and validity of generation against a plain ``transformers`` loop.
+
+The requirement (issue 3): generated cells per second at least 3x a reference that calls
+plain ``transformers`` ``generate`` on the full prompts, in batches of the same size,
+with the same model, data, sampling and number of genes, measured side by side in one
+run. Also: 0 invalid and 0 duplicate genes per generated cell with constraints on, and
+what the same model writes without them.
+
+Setup: the bundled model, ``--cells`` control cells of the embedded dataset times
+``--perturbations`` knockouts (a small screen grid). Every generated cell has exactly
+``--genes`` genes on both sides (``min_new_tokens = max_new_tokens`` for ``generate``;
+``min_genes = max_genes`` for ours) so that the work is the same. Sampling is
+temperature 1 over the full vocabulary on both sides.
+
+Sides, each timed ``--repeats`` times, interleaved so that machine load hits all alike:
+
+* ``transformers.generate``: full prompt (``<bos> cell <sep> perturbation <out>``) for
+  every (cell, perturbation) pair, left-padded, ``do_sample=True``, ``top_k=0``; once with
+  torch's default thread count (what a plain loop, and cell2sentence, runs with) and
+  once pinned to 1 thread.
+* ``virtualcell`` unconstrained: prefix sharing + preallocated KV cache, no gene mask.
+* ``virtualcell`` constrained (the default): the same plus the gene mask.
+
+Both ``virtualcell`` sides use the engine's default ``threads=None``: on CPU it times a
+decode-shaped forward pass with 1 and with all threads and keeps the faster. The two
+reference rows separate what that choice gives from what the engine itself gives.
+
+Run from the repository root::
+
+    python experiments/bench_generation.py             # ~5 min on 2 cores
+    python experiments/bench_generation.py --cells 4 --perturbations 4 --repeats 1   # smoke
+
+Writes ``experiments/results/generation_speed.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", type=int, default=16)
+    ap.add_argument("--perturbations", type=int, default=8)
+    ap.add_argument("--genes", type=int, default=100, help="genes per generated cell (both sides)")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (both sides)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the process (default: torch's)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    import transformers
+
+    import virtualcell as vc
+    from virtualcell.generation import GenerationConfig
+    from virtualcell.sentences import encode, parse_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    model = vc.model.bundled(device="cpu")
+    fmt = model.format
+    adata = vc.datasets.load("papalexi2021")
+    ctrl = adata[adata.obs["perturbation"] == "control"]
+    ctrl = ctrl[np.random.default_rng(0).choice(ctrl.n_obs, args.cells, replace=False)].copy()
+    cells = encode(ctrl, vocab=model.genes, top_k=model.top_k)
+    perts = model.resolve([p for p in model.perturbations.labels if p != "control"][: args.perturbations])
+    n_rows = len(cells) * len(perts)
+
+    # --- the reference: plain generate on full prompts -------------------------------------
+    prompts = [fmt.prefix(cells[i][: model.top_k]) + fmt.suffix(p) for i in range(len(cells)) for p in perts]
+
+    def plain_generate(threads: int) -> list[list[int]]:
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+        outs: list[list[int]] = []
+        for b0 in range(0, len(prompts), args.batch_size):
+            batch = prompts[b0 : b0 + args.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), fmt.pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, p in enumerate(batch):
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
+            with torch.inference_mode():
+                gen = model.lm.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                    max_new_tokens=args.genes, min_new_tokens=args.genes, eos_token_id=fmt.eos,
+                    pad_token_id=fmt.pad, use_cache=True,
+                )
+            outs.extend(gen[:, width:].tolist())
+        torch.set_num_threads(default_threads)
+        return outs
+
+    def ours(constrain: bool):  # noqa: ANN202
+        cfg = GenerationConfig(max_genes=args.genes, min_genes=args.genes, constrain=constrain,
+                               batch_size=args.batch_size, seed=0)
+        chunks = list(model.generate(cells, perts, config=cfg))
+        return chunks
+
+    def words_of(token_rows: list[list[int]]) -> list[str]:
+        vocab = model.tokenizer.convert_ids_to_tokens
+        return [" ".join(vocab(r)) for r in token_rows]
+
+    ref_name = f"transformers.generate, full prompts, {default_threads} threads (torch default)"
+    sides = {
+        ref_name: lambda: plain_generate(default_threads),
+        "transformers.generate, full prompts, 1 thread": lambda: plain_generate(1),
+        "virtualcell, no constraints": lambda: ours(False),
+        "virtualcell, constrained (default)": lambda: ours(True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    last: dict[str, object] = {}
+    plain_generate(default_threads)  # warm-up (allocator, first-call overheads), not timed
+    for _ in range(args.repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+
+    # --- validity: parse every side's output the same way ---------------------------------
+    def validity(name: str) -> dict[str, float]:
+        out = last[name]
+        if isinstance(out, list) and out and isinstance(out[0], list):  # plain generate: token rows
+            _, rep = parse_text(words_of(out), model.genes)
+            n_tok = sum(len(r) for r in out)
+            return {"invalid_per_cell": rep.n_invalid / n_rows, "duplicate_per_cell": rep.n_duplicate / n_rows,
+                    "tokens": n_tok}
+        n_inv = sum(c.n_invalid for c in out)
+        n_dup = sum(c.n_duplicate for c in out)
+        kept = sum(int(np.diff(c.sentences.offsets).sum()) for c in out)
+        return {"invalid_per_cell": n_inv / n_rows, "duplicate_per_cell": n_dup / n_rows,
+                "tokens": kept + n_inv + n_dup}
+
+    ref = statistics.median(times[ref_name])
+    ref1 = statistics.median(times["transformers.generate, full prompts, 1 thread"])
+    rows = []
+    for name in sides:
+        med = statistics.median(times[name])
+        v = validity(name)
+        tokens = n_rows * args.genes  # every side writes exactly --genes tokens per cell
+        rows.append({"side": name, "seconds": med, "cells_per_s": n_rows / med, "tokens_per_s": tokens / med,
+                     "speedup_vs_generate": ref / med,
+                     "speedup_vs_generate_1_thread": ref1 / med, **v, "all_times": times[name]})
+
+    from virtualcell.generation import _pick_threads
+
+    picked = _pick_threads(model.lm, min(args.batch_size, n_rows), torch.device("cpu"), fmt.pad) or default_threads
+    hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": default_threads,
+          "engine_threads": picked,
+          "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+          "load_1min": os.getloadavg()[0]}
+    header = (f"{n_rows} generated cells ({len(cells)} control cells x {len(perts)} knockouts), {args.genes} genes each, "
+              f"batch {args.batch_size}, bundled model ({model.n_parameters / 1e6:.2f}M parameters), "
+              f"median of {args.repeats}, torch {torch.__version__}; the engine chose {picked} thread(s)")
+    lines = [
+        "# Generation throughput and validity", "",
+        f"`python experiments/bench_generation.py` — {header}.", "",
+        "| side | cells/s | tokens/s | speed-up vs generate (default threads) | vs generate (1 thread) "
+        "| invalid genes / cell | duplicate genes / cell |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['side']} | {r['cells_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_generate']:.2f}x "
+                     f"| {r['speedup_vs_generate_1_thread']:.2f}x | {r['invalid_per_cell']:.2f} | {r['duplicate_per_cell']:.2f} |")
+    lines += ["", f"Machine: {hw}", ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "generation_speed.md").write_text(text)
+    (args.out / "generation_speed.json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)},
+                                                                "hardware": hw, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
