@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
-from .errors import DataError
+from .errors import ContractError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
-    "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history", "panel",
+    "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history", "panel", "sample", "LiveLoss",
 ]
 
 DATA_SOURCES = ("embedded", "h5ad", "pertpy")
@@ -53,7 +53,8 @@ def pertpy_loaders() -> list[str]:
 
 def load_data(source: str = "embedded", value: str = "", *, contract: DataContract | None = None) -> ad.AnnData:
     """A screen from ``source``: ``"embedded"`` (the default dataset), ``"h5ad"`` (``value`` is a
-    path; ``contract`` or the contract the file carries) or ``"pertpy"`` (``value`` is a loader name)."""
+    path, validated against ``contract`` or the contract the file carries; a file without one is read
+    as is) or ``"pertpy"`` (``value`` is a loader name)."""
     from . import datasets
 
     if source == "embedded":
@@ -61,7 +62,15 @@ def load_data(source: str = "embedded", value: str = "", *, contract: DataContra
     if source == "h5ad":
         if not value:
             raise DataError("Give the path of an .h5ad file.")
-        return datasets.read_h5ad(value, contract=contract)
+        try:
+            return datasets.read_h5ad(value, contract=contract)
+        except ContractError:
+            if contract is not None:
+                raise
+            # a file without a contract: read it as is, so that its columns can be chosen
+            import anndata
+
+            return anndata.read_h5ad(value)
     if source == "pertpy":
         if not value:
             raise DataError(f"Give a pertpy loader name, one of {', '.join(pertpy_loaders())}.")
@@ -291,3 +300,37 @@ def panel(text: str = "", picked: Sequence[str] = ()) -> list[str]:
     from .perturbations import parse_panel
 
     return list(dict.fromkeys([*(str(p) for p in parse_panel(text or "")), *(str(p) for p in picked)]))
+
+
+def sample(adata: ad.AnnData, n_cells: int | None, *, seed: int = 0) -> ad.AnnData:
+    """At most ``n_cells`` cells drawn with ``seed``, in their original order (all if ``None``), as a copy."""
+    if n_cells is None or adata.n_obs <= n_cells:
+        return adata.copy()
+    return adata[np.sort(np.random.default_rng(seed).choice(adata.n_obs, int(n_cells), replace=False))].copy()
+
+
+class LiveLoss:
+    """A ``train(..., on_log=...)`` callback: keeps the records and, every ``every`` steps (and on
+    every validation), hands a fresh :func:`plot_history` figure to ``show`` (e.g. ``mo.output.replace``).
+
+    Examples
+    --------
+    >>> live = LiveLoss(lambda fig: None, every=10)
+    >>> live({"step": 1, "loss": 3.2})
+    >>> len(live.history)
+    1
+    """
+
+    def __init__(self, show: Any, *, every: int = 10) -> None:
+        self.show = show
+        self.every = max(1, int(every))
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, record: Mapping[str, float]) -> None:
+        self.history.append(dict(record))
+        if record["step"] % self.every == 0 or "val_loss" in record:
+            import matplotlib.pyplot as plt
+
+            fig = plot_history(self.history, return_fig=True)
+            self.show(fig)
+            plt.close(fig)
