@@ -210,7 +210,9 @@ def _predict(
         cells = ctrl_cells[c]
         if max_cells is not None and len(cells) > max_cells:
             sub = cells[np.sort(rng.choice(len(cells), max_cells, replace=False))]
-            d = d + (cells.mean(axis=0) - sub.mean(axis=0))  # keep the mean exactly control + delta
+            # keep the mean exactly control + delta (in float64: float32 means differ by ~1e-5,
+            # which the metrics would read as a tiny but non-zero delta of `nochange`)
+            d = d + (cells.mean(axis=0, dtype=np.float64) - sub.mean(axis=0, dtype=np.float64))
             cells = sub
         blocks.append((cells + d[None, :]).astype(np.float32))
         obs += [(p, c)] * len(cells)

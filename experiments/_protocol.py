@@ -1,0 +1,407 @@
+"""Shared machinery of the benchmark protocols (issue 5): train with a budget, predict, evaluate, write.
+
+Every protocol script (``experiments/protocol_N_*.py``) does the same five things:
+
+1. mark which cells are held out (:func:`mark_test`) and split the control cells into an
+   independent baseline half (fed to the model and the baselines) and a reference half
+   (what measured deltas are taken against) — :func:`virtualcell.evaluate.split_controls`;
+2. train a model on everything else within ``--max-minutes`` (:func:`train_model`), or load one;
+3. predict the held-out groups from the baseline cells (:func:`predict`);
+4. score model, baselines and the split-half noise ceiling on the held-out groups only
+   (:func:`score`), with the training split as the only data the baselines learn from;
+5. write ``protocol_N_<name>.{md,json,png}`` and refresh the combined ``protocols.md`` (:func:`write`).
+
+Nothing here is tuned to a dataset: the protocols differ only in what they hold out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+SPLIT = "vc_protocol_split"  # obs column: "train" / "test"
+METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
+
+
+# --------------------------------------------------------------------------- #
+# Command line and environment
+# --------------------------------------------------------------------------- #
+def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
+    """The common options: --max-minutes, --quick, --out, --seed, --threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-minutes", type=float, default=minutes, help="training budget per model (wall clock)")
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (numbers meaningless)")
+    ap.add_argument("--out", default=str(RESULTS), help="results folder (default experiments/results)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every split, training run and sample")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; default 1)")
+    ap.add_argument("--model-dir", default=None, help="keep the trained checkpoint(s) here (default: a temp dir)")
+    return ap
+
+
+def setup(threads: int) -> None:
+    """Quiet logs, a fixed number of torch threads, offline Hugging Face."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="anndata")
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "gpu": torch.cuda.is_available()}
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0],
+                                 *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------- #
+# Splits
+# --------------------------------------------------------------------------- #
+def mark_test(adata, test: np.ndarray) -> None:  # noqa: ANN001
+    """Write the train/test split into ``adata.obs[SPLIT]`` (what ``TrainConfig.holdout`` reads)."""
+    adata.obs[SPLIT] = np.where(np.asarray(test, dtype=bool), "test", "train")
+
+
+def split(adata, contract, *, seed: int, context_key: str | None = None):  # noqa: ANN001, ANN201
+    """Independent control halves: (baseline controls, reference = everything else)."""
+    from virtualcell.evaluate import split_controls
+
+    return split_controls(adata, perturbation_key=contract.perturbation_key, control=contract.control,
+                          context_key=context_key if context_key is not None else contract.context_key, seed=seed)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+@dataclass
+class Trained:
+    model: Any
+    seconds: float
+    steps: int
+    final_loss: float
+    val_loss: float
+    path: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
+    """The protocol's TrainConfig; ``--quick`` shrinks the model and the step count."""
+    from virtualcell.train import TrainConfig
+
+    base = dict(hidden_size=128, n_layers=4, n_heads=4, lr=3e-3, batch_size=16, seed=args.seed,
+                max_minutes=args.max_minutes, eval_every=100, save_every=10_000, holdout={SPLIT: ["test"]})
+    base.update(kw)
+    if args.quick:
+        base.update(hidden_size=32, n_layers=1, n_heads=2, top_k=min(base.get("top_k", 200), 24), max_steps=12,
+                    warmup_steps=2, eval_every=12, max_minutes=min(args.max_minutes, 1.0), max_pairs=400)
+    return TrainConfig(**base)
+
+
+def train_model(adata, contract, config, *, model_dir: str | None, name: str) -> Trained:  # noqa: ANN001
+    """Train on the cells not marked ``test`` within the config's time budget."""
+    from virtualcell.train import train
+
+    root = Path(model_dir) if model_dir else Path(tempfile.mkdtemp(prefix="vc-protocol-"))
+    out = root / name
+    if (out / "last").exists():  # never resume silently from another run's checkpoint
+        import shutil
+
+        shutil.rmtree(out)
+    t = time.perf_counter()
+    model = train(adata, out=out, contract=contract, config=config, progress=False)
+    seconds = time.perf_counter() - t
+    history = json.loads((out / "history.json").read_text())
+    val = [h["val_loss"] for h in history if "val_loss" in h]
+    print(f"  trained {name}: {len(history)} steps in {seconds:.0f} s, loss {history[-1]['loss']:.3f}, "
+          f"val {val[-1] if val else float('nan'):.3f}", flush=True)
+    return Trained(model, seconds, len(history), float(history[-1]["loss"]), float(val[-1]) if val else float("nan"),
+                   str(out), asdict(config))
+
+
+def float32_copy(adata):  # noqa: ANN001, ANN201
+    """A copy with X as float32 CSR with sorted indices.
+
+    Works around a bug in ``virtualcell.sentences.expression_matrix``: for a float64 CSR X it
+    converts with ``copy=False`` (new data, *shared* indices) and then sorts the indices in
+    place, which scrambles the caller's matrix when its indices were unsorted — the
+    Simulator then reads that scrambled matrix back as its baseline expression.
+    """
+    import scipy.sparse as sp
+
+    out = adata.copy()
+    X = out.X
+    X = sp.csr_matrix(X.astype(np.float32), copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, np.float32))
+    X.sum_duplicates()
+    X.sort_indices()
+    out.X = X
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Prediction
+# --------------------------------------------------------------------------- #
+def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
+            context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
+            temperature: float = 1.0):
+    """Predicted cells of every target from the baseline cells, labelled like the measured data.
+
+    ``targets`` maps each measured label to the perturbation written for the model (a
+    training label, or a typed perturbation such as ``ko:STAT1`` for one it never saw).
+    Returns ``(AnnData, SimulationResult, seconds)``.
+    """
+    from virtualcell import Simulator
+
+    t = time.perf_counter()
+    typed = [str(p) for p in model.resolve(list(targets.values()))]
+    back = dict(zip(typed, targets))
+    sim = Simulator(model, float32_copy(baseline), seed=seed)
+    res = sim.simulate(list(targets.values()), n_cells=n_cells, seed=seed, temperature=temperature,
+                       progress=False, keep_cells=True)
+    pred = res.to_anndata()
+    labels = pred.obs["perturbation"].astype(str).map(back).to_numpy()
+    pred.obs = pred.obs.drop(columns=["perturbation"])
+    pred.obs[perturbation_key] = labels
+    if context is not None:
+        pred.obs[context[0]] = context[1]
+    # the model upper-cases gene names (as Cell2Sentence does); give them back the measured spelling
+    spelling = {str(g).upper(): str(g) for g in baseline.var_names}
+    pred.var_names = [spelling.get(str(g), str(g)) for g in pred.var_names]
+    seconds = time.perf_counter() - t
+    a = res.aggregates.attrs
+    print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "
+          f"{seconds:.0f} s ({a.get('generated_genes', 0)} genes generated)", flush=True)
+    return pred, res, seconds
+
+
+# --------------------------------------------------------------------------- #
+# Scoring
+# --------------------------------------------------------------------------- #
+def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]] | None = None,  # noqa: ANN001
+          metrics: tuple[str, ...] = METRICS, baselines: tuple[str, ...] = ("nochange", "meanshift", "pertmean",
+                                                                              "additive", "linear"),
+          context_key: str | None = None, seed: int = 0, max_cells: int = 500) -> pd.DataFrame:
+    """evaluate() of the model next to the baselines and the ceiling, kept to the ``focus`` groups.
+
+    The baselines learn effects from ``train`` only (the model's training split), never from
+    the held-out groups.
+    """
+    from virtualcell.evaluate import evaluate
+
+    ctx = context_key if context_key is not None else contract.context_key
+    table = evaluate(pred, real, perturbation_key=contract.perturbation_key, control=contract.control,
+                     context_key=ctx, profile=list(metrics), baselines=baselines, baseline=baseline, train=train,
+                     max_cells=max_cells, seed=seed)
+    attrs = table.attrs
+    if focus is not None:
+        keep = set(focus)
+        table = table[[(p, c) in keep for p, c in zip(table["perturbation"], table["context"])]].copy()
+        table.attrs = attrs
+    return table
+
+
+def summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """Mean and median of every metric per method over the groups it predicted (order: model, baselines, ceiling)."""
+    methods = list(dict.fromkeys(table["method"]))
+    order = [m for m in ["model"] + [x for x in methods if x not in ("model", "ceiling")] + ["ceiling"] if m in methods]
+    rows = []
+    for m in order:
+        sub = table[table["method"] == m]
+        row: dict[str, Any] = {"method": m, "groups": int(sub[["perturbation", "context"]].drop_duplicates().shape[0])}
+        for k in metrics:
+            v = sub.loc[sub["metric"] == k, "value"].dropna()
+            row[f"{k} mean"] = float(v.mean()) if len(v) else float("nan")
+            row[f"{k} median"] = float(v.median()) if len(v) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame, *, digits: int = 3) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, float | np.floating):
+                cells.append("n/a" if not np.isfinite(v) else f"{v:.{digits}f}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compact(summ: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """One column per metric, ``mean (median)``."""
+    out = summ[["method", "groups"]].copy()
+    for k in metrics:
+        out[k] = [("n/a" if not np.isfinite(a) else f"{a:.3f} ({b:.3f})")
+                  for a, b in zip(summ[f"{k} mean"], summ[f"{k} median"])]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Output
+# --------------------------------------------------------------------------- #
+def plot(table: pd.DataFrame, path: Path, metrics: tuple[str, ...], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from virtualcell.evaluate import plot_metric_bars
+
+    have = [m for m in metrics if table.loc[table["metric"] == m, "value"].notna().any()]
+    fig = plot_metric_bars(table, metric=have, return_fig=True)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+@dataclass
+class Report:
+    """What a protocol writes: its table, its headline and its context."""
+
+    number: int
+    name: str
+    title: str
+    description: str
+    headline: list[dict[str, Any]]  # rows of the combined table: metric, model, baselines, ceiling, verdict
+    summary: pd.DataFrame
+    table: pd.DataFrame | None
+    extra_md: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = METRICS
+
+
+def write(report: Report, out: str | Path, *, started: float, quick: bool) -> Path:
+    """protocol_N_<name>.md/.json/.png in ``out``, and the combined protocols.md there."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"protocol_{report.number}_{report.name}"
+    wall = time.perf_counter() - started
+    meta = {"protocol": report.number, "name": report.name, "title": report.title, "command": command_line(),
+            "quick": quick, "wall_seconds": round(wall, 1), "hardware": hardware(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} | report.meta
+    png = stem.with_suffix(".png")
+    if report.table is not None and len(report.table):
+        plot(report.table, png, report.metrics, f"Protocol {report.number}: {report.title}")
+    md = [f"# Protocol {report.number}: {report.title}", "", report.description.strip(), "",
+          f"Command: `{meta['command']}`  ", f"Wall time: {wall / 60:.1f} min on {meta['hardware']['cpu']} "
+          f"({meta['hardware']['torch_threads']} torch thread(s), {meta['hardware']['cores']} cores, no GPU)."
+          + (" **--quick smoke run: the numbers are meaningless.**" if quick else ""), "",
+          "Values are mean (median) over the held-out groups each method predicts; `n/a` where a method or "
+          "metric does not apply.", "",
+          markdown_table(compact(report.summary, report.metrics)), ""]
+    if report.extra_md:
+        md += [report.extra_md.strip(), ""]
+    if png.exists():
+        md += [f"![metrics]({png.name})", ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    record = meta | {"headline": report.headline, "summary": report.summary.to_dict(orient="records")}
+    if report.table is not None:
+        record["groups"] = report.table.to_dict(orient="records")
+        record["evaluate"] = _jsonable(report.table.attrs.get("virtualcell", {}))
+    stem.with_suffix(".json").write_text(json.dumps(_jsonable(record), indent=1))
+    print("\n".join(md[:14]))
+    print(f"wrote {stem}.{{md,json{',png' if png.exists() else ''}}} ({wall / 60:.1f} min)")
+    write_combined(out)
+    return stem
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating | float):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+def write_combined(out: str | Path) -> Path:
+    """protocols.md: one row per protocol from the protocol_*.json files in ``out``."""
+    out = Path(out)
+    rows = []
+    for f in sorted(out.glob("protocol_*.json")):
+        r = json.loads(f.read_text())
+        for i, h in enumerate(r.get("headline", [])):
+            first = i == 0
+            rows.append("| {n} | {metric} | {model} | {base} | {ceiling} | {verdict} | {cmd} | {wall} |".format(
+                n=f"{r['protocol']}. {r['title']}" if first else "", metric=h.get("metric", ""),
+                model=h.get("model", ""), base=h.get("baselines", ""), ceiling=h.get("ceiling", ""),
+                verdict=h.get("verdict", ""), cmd=f"`{r['command']}`" if first else "",
+                wall=(f"{r['wall_seconds'] / 60:.1f} min" + (" (quick)" if r.get("quick") else "")) if first else ""))
+    text = "\n".join([
+        "# Benchmark protocols (issue 5): model vs baselines vs noise ceiling", "",
+        "Each row is one command (`experiments/protocol_N_*.py`), run on a shared 2-core CPU with 1 torch thread. "
+        "Values are mean (median) over the held-out groups; baselines learn only from the training split; "
+        "deltas are scored against an independent half of the control cells. Details, per-group values and "
+        "plots: `experiments/results/protocol_N_*.md`.", "",
+        "| protocol | metric | model | baselines | ceiling | model vs best baseline | command | wall time |",
+        "|---|---|---|---|---|---|---|---|", *rows, ""])
+    path = out / "protocols.md"
+    path.write_text(text)
+    return path
+
+
+def fmt(summ: pd.DataFrame, method: str, metric: str) -> str:
+    row = summ[summ["method"] == method]
+    if row.empty or not np.isfinite(row.iloc[0][f"{metric} mean"]):
+        return "n/a"
+    r = row.iloc[0]
+    return f"{r[f'{metric} mean']:.2f} ({r[f'{metric} median']:.2f})"
+
+
+def headline(summ: pd.DataFrame, metric: str, baselines: list[str], *, higher: bool = True) -> dict[str, Any]:
+    """The combined table's row for one metric: model, the named baselines, the ceiling, and who wins."""
+    vals = {m: summ.loc[summ["method"] == m, f"{metric} mean"].iloc[0]
+            for m in summ["method"] if np.isfinite(summ.loc[summ["method"] == m, f"{metric} mean"].iloc[0])}
+    bases = [b for b in baselines if b in vals]
+    best = (max if higher else min)(bases, key=lambda b: vals[b]) if bases else None
+    verdict = ""
+    if "model" in vals and best is not None:
+        diff = vals["model"] - vals[best]
+        wins = diff > 0 if higher else diff < 0
+        verdict = f"{'beats' if wins else 'loses to'} {best} by {abs(diff):.2f}"
+    return {"metric": metric, "model": fmt(summ, "model", metric),
+            "baselines": "; ".join(f"{b} {fmt(summ, b, metric)}" for b in bases),
+            "ceiling": fmt(summ, "ceiling", metric), "verdict": verdict}
