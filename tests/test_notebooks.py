@@ -1,0 +1,141 @@
+"""The marimo notebooks: each exports headless on the embedded default, `marimo check` is clean,
+and the helpers behind them (virtualcell.viz) do what the notebooks rely on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+MARIMO = [sys.executable, "-m", "marimo"]
+# one torch thread: the notebooks share the machine with other jobs
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+# what each notebook must show when it runs on the embedded default
+EXPECTED = {
+    "screen": ["score_low", "score_high", "Diverse picks for the wet lab", "PCA of the baseline", "ko:JAK2"],
+    "compare": ["Model vs baselines vs noise ceiling", "pearson_delta_top50", "ceiling", "E-distance to the measured"],
+    "train": ["Trained:", "steps; last training loss"],
+}
+
+
+def test_marimo_check_is_clean():
+    res = subprocess.run([*MARIMO, "check", "--strict", "--ignore-scripts", str(NOTEBOOKS)],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_exports_headless(name, tmp_path):
+    """`marimo export html` runs every cell and exits non-zero if any cell fails."""
+    out = tmp_path / f"{name}.html"
+    res = subprocess.run([*MARIMO, "export", "html", str(NOTEBOOKS / f"{name}.py"), "-o", str(out), "-f",
+                          "--no-include-code"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=380)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    html = out.read_text()
+    for text in EXPECTED[name]:
+        assert text in html, f"{name}: {text!r} is not in the exported notebook"
+    assert "with these settings" not in html, f"{name}: a run-gated cell stopped on the defaults"
+    if name == "train":
+        assert (tmp_path / "my-model" / "virtualcell.json").exists()
+
+
+# --------------------------------------------------------------------------- #
+# virtualcell.viz
+# --------------------------------------------------------------------------- #
+def test_viz_import_is_light():
+    code = ("import sys, virtualcell, virtualcell.viz; "
+            "print([m for m in ('torch', 'transformers', 'pertpy', 'matplotlib') if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_panel_and_sources():
+    from virtualcell import viz
+    from virtualcell.errors import DataError
+
+    assert viz.panel("ko:STAT1\n# a comment\n\nko:JAK2 + ko:IRF1\n", ["ko:STAT1", "ko:CD86"]) == [
+        "ko:STAT1", "ko:IRF1 + ko:JAK2", "ko:CD86"]
+    with pytest.raises(DataError, match="path of an .h5ad"):
+        viz.load_data("h5ad", "")
+    with pytest.raises(DataError, match="Unknown data source"):
+        viz.load_data("s3")
+    with pytest.raises(DataError, match="Unknown model source"):
+        viz.load_model("ftp")
+    assert "norman_2019" in viz.pertpy_loaders()
+
+
+def test_h5ad_without_contract_is_read_as_is(papalexi_small, tmp_path):
+    from virtualcell import viz
+
+    bare = papalexi_small[:50].copy()
+    bare.uns.pop("virtualcell", None)
+    path = tmp_path / "bare.h5ad"
+    bare.write_h5ad(path)
+    assert viz.load_data("h5ad", str(path)).n_obs == 50
+
+
+def test_baseline_cells_subset_sample(papalexi):
+    from virtualcell import viz
+    from virtualcell.errors import DataError
+
+    base = viz.baseline_cells(papalexi, n_cells=40, where={"bio_rep": "rep_3"}, seed=0)
+    assert base.n_obs == 40 and set(base.obs["perturbation"]) == {"control"} and set(base.obs["bio_rep"]) == {"rep_3"}
+    assert list(base.obs_names) == list(viz.baseline_cells(papalexi, n_cells=40, where={"bio_rep": "rep_3"}).obs_names)
+    with pytest.raises(DataError, match="No control cells"):
+        viz.baseline_cells(papalexi, where={"bio_rep": "rep_9"})
+    sub = viz.subset(papalexi, {"perturbation": ["control", "STAT1"], "bio_rep": None})
+    assert set(sub.obs["perturbation"]) == {"control", "STAT1"}
+    assert viz.sample(papalexi, 100, seed=1).n_obs == 100
+
+
+def test_pca_frame_and_plots():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from virtualcell import viz
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(30, 12))
+    frame = viz.pca_frame(base, {"ko:A (predicted)": base + 1, "ko:A (measured)": base[:5] + 1},
+                          kind={"ko:A (predicted)": "predicted", "ko:A (measured)": "measured"})
+    assert list(frame.columns) == ["pc1", "pc2", "group", "kind"] and len(frame) == 65
+    assert np.isclose(frame.loc[frame["group"] == "baseline", "pc1"].mean(), 0.0)
+    assert viz.plot_pca(frame, return_fig=True) is not None
+    shown = []
+    live = viz.LiveLoss(shown.append, every=2)
+    for step in range(1, 6):
+        live({"step": step, "loss": 5.0 - step, "phase": 0.0 if step < 2 else 1.0} | ({"val_loss": 1.0} if step == 5 else {}))
+    assert len(live.history) == 5 and len(shown) == 3  # steps 2, 4 and the validation at 5
+
+
+@pytest.mark.slow
+def test_predict_as_measured_is_ready_for_evaluate(papalexi):
+    import virtualcell as vc
+    from virtualcell import viz
+
+    model = vc.model.bundled()
+    base = viz.baseline_cells(papalexi, n_cells=8, where={"bio_rep": "rep_3"})
+    sim = vc.Simulator(model, base, seed=0)
+    pred = viz.predict_as_measured(sim, ["STAT1", "JAK2"], seed=0)
+    assert pred.n_obs == 3 * 8
+    assert sorted(set(pred.obs["perturbation"])) == ["JAK2", "STAT1", "control"]
+    assert vc.DataContract.from_adata(pred) == vc.DataContract("perturbation", "control")
+    labels = viz.measured_labels(model, papalexi)
+    assert labels["ko:STAT1"] == "STAT1"
+    cells = viz.measured_cells(papalexi, model, ["ko:STAT1", "ko:NOTAGENE"], n_cells=5, where={"bio_rep": "rep_3"})
+    assert list(cells) == ["ko:STAT1"] and cells["ko:STAT1"].shape == (5, len(model.genes))
+    res = sim.simulate(["ko:STAT1"], seed=0, keep_cells=True, progress=False)
+    frame = viz.screen_pca(sim, res, measured=cells)
+    assert set(frame["group"]) == {"baseline", "ko:STAT1 (predicted)", "ko:STAT1 (measured)"}
