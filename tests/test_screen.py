@@ -55,3 +55,56 @@ def test_signature_with_unknown_genes_names_them(sim):
 def test_unrepresentable_perturbation(sim):
     with pytest.raises(PerturbationError, match="not trained on the drug"):
         screen(sim, ["drug:aspirin@1uM"], progress=False)
+
+
+def test_predictions_on_disk_write_the_same_h5ad_as_in_memory(sim, tmp_path):
+    import anndata as ad
+
+    mem = sim.simulate(["STAT1", "ko:JAK2"], seed=3, progress=False, keep_cells=True)
+    disk = sim.simulate(["STAT1", "ko:JAK2"], seed=3, progress=False, store=tmp_path / "cells.nc")
+    assert disk.store is not None
+    disk.write_h5ad(tmp_path / "pred.h5ad")
+    back = ad.read_h5ad(tmp_path / "pred.h5ad")
+    ref = mem.to_anndata()
+    assert list(back.obs_names) == list(ref.obs_names) and list(back.var_names) == list(ref.var_names)
+    np.testing.assert_allclose(back.X, ref.X, atol=1e-6)
+    assert back.uns["virtualcell"]["normalization"] == ref.uns["virtualcell"]["normalization"]
+
+
+def _baseline_file(tiny_model, tmp_path):
+    _, _, data = tiny_model
+    path = tmp_path / "baseline.h5ad"
+    data[data.obs.perturbation == "control"][:6].copy().write_h5ad(path)
+    return path
+
+
+def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_path, monkeypatch):
+    import anndata as ad
+
+    from virtualcell import simulator
+    from virtualcell.cli import main
+
+    model, folder, _ = tiny_model
+    base = _baseline_file(tiny_model, tmp_path)
+    for big, name in ((False, "mem.h5ad"), (True, "disk.h5ad")):
+        monkeypatch.setattr(simulator, "KEEP_IN_MEMORY", 0 if big else 10**9)
+        assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
+                     "--seed", "1", "--out", str(tmp_path / name)]) == 0
+    mem, disk = ad.read_h5ad(tmp_path / "mem.h5ad"), ad.read_h5ad(tmp_path / "disk.h5ad")
+    assert mem.n_obs == 12 and list(mem.var_names) == list(model.genes.genes)
+    assert set(mem.obs["perturbation"]) == {"ko:STAT1", "ko:JAK2"}
+    np.testing.assert_allclose(mem.X, disk.X, atol=1e-6)  # the streamed file is the same prediction
+    assert not list(tmp_path.glob(".vc-predict-*"))  # the temporary store is gone
+
+
+def test_cli_panel_error_names_the_line(tiny_model, tmp_path, capsys):
+    from virtualcell.cli import main
+
+    _, folder, _ = tiny_model
+    base = _baseline_file(tiny_model, tmp_path)
+    panel = tmp_path / "panel.txt"
+    panel.write_text("# knockouts\nko:STAT1\n\nko:JAK2 ++ drug:\n")
+    code = main(["screen", "--model", str(folder), "--data", str(base), "--panel", str(panel), "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "line 4" in err and "ko:JAK2 ++ drug:" in err

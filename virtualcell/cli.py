@@ -81,14 +81,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .model import C2SModel
     from .simulator import Simulator
 
+    import tempfile
+    from pathlib import Path
+
+    from .simulator import KEEP_IN_MEMORY
+
     model = C2SModel.load(args.model, device=args.device)
     sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
-    res = sim.simulate(_split_list(args.perturbations), n_cells=args.n_cells, seed=args.seed, keep_cells=True,
-                       batch_size=args.batch_size)
-    pred = res.to_anndata()
-    pred.write_h5ad(args.out)
+    perts = _split_list(args.perturbations)
+    n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
+        # large predictions stream through a chunked file on disk instead of memory
+        big = (len(perts) + 1) * n * len(model.genes) > KEEP_IN_MEMORY
+        res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
+                           store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size)
+        res.write_h5ad(out)
+        if res.store is not None:
+            res.cells.close()
     a = res.aggregates.attrs
-    print(f"wrote {pred.n_obs:,} predicted cells x {pred.n_vars} genes to {args.out} "
+    P, C, G = res.cells.shape
+    print(f"wrote {P * C:,} predicted cells x {G} genes to {args.out} "
           f"({a['normalization']}; invalid genes {a['invalid_genes']}, duplicates {a['duplicate_genes']})")
     return 0
 

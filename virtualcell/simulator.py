@@ -153,6 +153,41 @@ class SimulationResult:
                                   "seed": int(self.aggregates.attrs.get("seed", 0))}
         return out
 
+    def write_h5ad(self, path: str | Path) -> Path:
+        """Write the predicted cells as ``.h5ad`` (same layout as :meth:`to_anndata`), one
+        perturbation at a time, so that memory holds one perturbation's cells, not all."""
+        import anndata as ad
+        import h5py
+        import pandas as pd
+        from anndata.io import write_elem
+
+        if self.cells is None:
+            raise ScreenError(
+                "Per-cell predictions were not kept. Run simulate(..., store='cells.nc') or keep_cells=True first."
+            )
+        P, C, G = self.cells.shape
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obs = pd.DataFrame({"perturbation": pd.Categorical(np.repeat(self.perturbations, C)),
+                            "source_cell": np.tile(self.source_cells, P)})
+        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation"], obs["source_cell"])]
+        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))
+        head.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
+                                   "model": self.aggregates.attrs.get("model", ""),
+                                   "seed": int(self.aggregates.attrs.get("seed", 0))}
+        tmp = path.with_name(path.name + ".partial")
+        head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
+        with h5py.File(tmp, "a") as f:
+            if "X" in f:
+                del f["X"]
+            X = f.create_dataset("X", shape=(P * C, G), dtype="f4", chunks=(min(C, 1024), G))
+            X.attrs["encoding-type"] = "array"
+            X.attrs["encoding-version"] = "0.2.0"
+            for i in range(P):
+                X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
+        tmp.replace(path)
+        return path
+
     def __repr__(self) -> str:
         a = self.aggregates
         return (f"SimulationResult({a.sizes['perturbation']} perturbations x {int(a['n_cells'].max())} cells x "
