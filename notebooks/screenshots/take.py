@@ -60,8 +60,8 @@ def shoot(html: Path, png: Path, *, width: int = 1200, height: int = 5200) -> No
         server.shutdown()
         img = Image.open(raw).convert("RGB")
         # trim the empty space below the last cell
-        bg = Image.new("RGB", img.size, img.getpixel((img.width - 1, img.height - 1)))
-        box = ImageChops.difference(img, bg).getbbox()
+        bg = Image.new("RGB", img.size, img.getpixel((5, img.height - 5)))
+        box = ImageChops.difference(img, bg).crop((0, 0, img.width, img.height - 90)).getbbox()  # not the badge
         if box:
             img = img.crop((0, 0, img.width, min(img.height, box[3] + 24)))
         img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)
