@@ -31,8 +31,9 @@ CDN = f"https://cdn.jsdelivr.net/npm/@marimo-team/frontend@{marimo.__version__}/
 
 def export(name: str, html: Path) -> None:
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    subprocess.run(["marimo", "export", "html", str(NOTEBOOKS / f"{name}.py"), "-o", str(html), "-f",
-                    "--no-include-code"], check=True, env=env)
+    with tempfile.TemporaryDirectory() as tmp:  # train.py saves its model into the working directory
+        subprocess.run(["marimo", "export", "html", str(NOTEBOOKS / f"{name}.py"), "-o", str(html), "-f",
+                        "--no-include-code"], check=True, env=env, cwd=tmp)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
