@@ -95,7 +95,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         # large predictions stream through a chunked file on disk instead of memory
         big = (len(perts) + 1) * n * len(model.genes) > KEEP_IN_MEMORY
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
-                           store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size)
+                           store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
+                           max_genes=args.max_genes)
         res.write_h5ad(out)
         if res.store is not None:
             res.cells.close()
@@ -136,7 +137,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise
     sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
-                 seed=args.seed, batch_size=args.batch_size)
+                 seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
@@ -225,6 +226,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-cells", type=int, default=None, help="use the first N baseline cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    p.add_argument("--max-genes", type=int, default=None, help="genes per generated cell (default: the model's top_k)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
 
