@@ -70,7 +70,7 @@ def _(data_loader, data_path, data_source, mo, vc, viz):
 @app.cell
 def _(adata, mo, model_path, model_source, viz):
     mo.stop(model_source.value != "bundled" and not model_path.value, mo.md("Give the model folder or hub id."))
-    model = viz.load_model(model_source.value, model_path.value, genes=adata.var_names)
+    model = viz.load_model(model_source.value, model_path.value, fit_on=adata)
     mo.md(f"**data** {adata.n_obs:,} cells x {adata.n_vars} genes &nbsp; **model** `{model!r}`")
     return (model,)
 

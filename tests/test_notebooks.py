@@ -139,3 +139,19 @@ def test_predict_as_measured_is_ready_for_evaluate(papalexi):
     res = sim.simulate(["ko:STAT1"], seed=0, keep_cells=True, progress=False)
     frame = viz.screen_pca(sim, res, measured=cells)
     assert set(frame["group"]) == {"baseline", "ko:STAT1 (predicted)", "ko:STAT1 (measured)"}
+
+
+@pytest.mark.slow
+def test_load_model_fits_a_codec_for_a_plain_hf_checkpoint(papalexi_small, tmp_path):
+    """A plain Hugging Face folder (no virtualcell.json) gets a rank fit on the data it will see."""
+    import virtualcell as vc
+    from virtualcell import viz
+    from virtualcell.model import BUNDLED
+
+    assert viz.load_model("folder", BUNDLED).rank_fit is not None
+    bundled = vc.model.bundled()
+    bundled.lm.save_pretrained(tmp_path / "plain")
+    bundled.tokenizer.save_pretrained(tmp_path / "plain")
+    model = viz.load_model("hub", str(tmp_path / "plain"), fit_on=papalexi_small)
+    assert model.format.name == "c2s" and model.rank_fit is not None
+    assert len(model.genes) == papalexi_small.n_vars

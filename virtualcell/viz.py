@@ -78,18 +78,28 @@ def load_data(source: str = "embedded", value: str = "", *, contract: DataContra
     raise DataError(f"Unknown data source {source!r}; use one of {', '.join(DATA_SOURCES)}.")
 
 
-def load_model(source: str = "bundled", value: str = "", *, genes: Sequence[str] | None = None) -> C2SModel:
+def load_model(source: str = "bundled", value: str = "", *, fit_on: ad.AnnData | None = None) -> C2SModel:
     """A model from ``source``: ``"bundled"``, ``"folder"`` (a checkpoint folder) or ``"hub"`` (a
-    Hugging Face id; ``genes`` are the symbols it may write, e.g. ``adata.var_names``)."""
+    Hugging Face id or a plain HF folder, e.g. a C2S-Scale model).
+
+    A plain Hugging Face checkpoint may write the genes of ``fit_on`` (your data) and has no
+    rank -> expression fit (codec); with ``fit_on`` one is fitted on up to 2,000 of its cells,
+    so that the model's sentences can be decoded into expression.
+    """
     from .model import C2SModel, bundled
+    from .sentences import RankFit, encode
 
     if source == "bundled":
         return bundled()
-    if source in ("folder", "hub"):
-        if not value:
-            raise DataError(f"Give the {'folder' if source == 'folder' else 'hub id'} of the model.")
-        return C2SModel.load(value, genes=None if genes is None else [str(g) for g in genes])
-    raise DataError(f"Unknown model source {source!r}; use one of {', '.join(MODEL_SOURCES)}.")
+    if source not in ("folder", "hub"):
+        raise DataError(f"Unknown model source {source!r}; use one of {', '.join(MODEL_SOURCES)}.")
+    if not value:
+        raise DataError(f"Give the {'folder' if source == 'folder' else 'hub id'} of the model.")
+    model = C2SModel.load(value, genes=None if fit_on is None else [str(g) for g in fit_on.var_names])
+    if model.rank_fit is None and fit_on is not None:
+        cells = sample(fit_on, 2000, seed=0)
+        model.rank_fit = RankFit.fit(cells, encode(cells, vocab=model.genes, top_k=model.top_k, seed=0), seed=0)
+    return model
 
 
 def _mask(adata: ad.AnnData, where: Mapping[str, Any] | None) -> np.ndarray:
