@@ -50,6 +50,8 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of every split, training run and sample")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; default 1)")
     ap.add_argument("--model-dir", default=None, help="keep the trained checkpoint(s) here (default: a temp dir)")
+    ap.add_argument("--samples", type=int, default=1, help="generated samples per baseline cell")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     return ap
 
 
@@ -135,7 +137,14 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
     """Train on the cells not marked ``test`` within the config's time budget."""
     from virtualcell.train import train
 
-    root = Path(model_dir) if model_dir else Path(tempfile.mkdtemp(prefix="vc-protocol-"))
+    if model_dir:
+        root = Path(model_dir)
+    else:
+        import atexit
+        import shutil
+
+        root = Path(tempfile.mkdtemp(prefix="vc-protocol-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     out = root / name
     if (out / "last").exists():  # never resume silently from another run's checkpoint
         import shutil
@@ -176,11 +185,13 @@ def float32_copy(adata):  # noqa: ANN001, ANN201
 # --------------------------------------------------------------------------- #
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
-            temperature: float = 1.0):
+            temperature: float = 1.0, samples: int = 1):
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
     training label, or a typed perturbation such as ``ko:STAT1`` for one it never saw).
+    ``samples`` > 1 generates that many independent samples per baseline cell (less sampling
+    noise in the mean; the predicted population then holds each baseline cell ``samples`` times).
     Returns ``(AnnData, SimulationResult, seconds)``.
     """
     from virtualcell import Simulator
@@ -188,9 +199,18 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     t = time.perf_counter()
     typed = [str(p) for p in model.resolve(list(targets.values()))]
     back = dict(zip(typed, targets))
-    sim = Simulator(model, float32_copy(baseline), seed=seed)
-    res = sim.simulate(list(targets.values()), n_cells=n_cells, seed=seed, temperature=temperature,
-                       progress=False, keep_cells=True)
+    cells = float32_copy(baseline if n_cells is None else baseline[: min(n_cells, baseline.n_obs)])
+    if samples > 1:  # each copy of a cell is sampled with its own key, i.e. independently
+        import anndata as ad
+
+        copies = []
+        for k in range(samples):
+            c = cells.copy()
+            c.obs_names = [f"{name}#{k}" for name in c.obs_names]
+            copies.append(c)
+        cells = ad.concat(copies, merge="same", uns_merge="same")
+    sim = Simulator(model, cells, seed=seed)
+    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
     pred = res.to_anndata()
     labels = pred.obs["perturbation"].astype(str).map(back).to_numpy()
     pred.obs = pred.obs.drop(columns=["perturbation"])
@@ -308,7 +328,8 @@ class Report:
     metrics: tuple[str, ...] = METRICS
 
 
-def write(report: Report, out: str | Path, *, started: float, quick: bool) -> Path:
+def write(report: Report, out: str | Path, *, started: float, quick: bool,
+          args: argparse.Namespace | None = None) -> Path:
     """protocol_N_<name>.md/.json/.png in ``out``, and the combined protocols.md there."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +337,8 @@ def write(report: Report, out: str | Path, *, started: float, quick: bool) -> Pa
     wall = time.perf_counter() - started
     meta = {"protocol": report.number, "name": report.name, "title": report.title, "command": command_line(),
             "quick": quick, "wall_seconds": round(wall, 1), "hardware": hardware(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} | report.meta
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "settings": vars(args) if args is not None else {}} | report.meta
     png = stem.with_suffix(".png")
     if report.table is not None and len(report.table):
         plot(report.table, png, report.metrics, f"Protocol {report.number}: {report.title}")

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     targets = {p: " + ".join(f"act:{g}" for g in p.split(PAIR)) for p in held}
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, targets, perturbation_key=contract.perturbation_key,
-                                context=("cell_type", "k562"), n_cells=n_cells, seed=args.seed)
+                                context=("cell_type", "k562"), n_cells=n_cells, seed=args.seed,
+                                samples=args.samples, temperature=args.temperature)
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract,
                     focus=[(p, "k562") for p in held], seed=args.seed)
     summ = P.summary(table)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         meta={"held_out": held, "training": {k: v for k, v in vars(trained).items() if k != "model"},
               "prediction_seconds": round(pred_s, 1), "n_cells": n_cells},
     )
-    P.write(report, args.out, started=started, quick=args.quick)
+    P.write(report, args.out, started=started, quick=args.quick, args=args)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,18 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
+def test_repeat_mask_of_the_loss_matches_a_cumulative_one_hot():
+    from virtualcell.train import seen_before
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        target = torch.randint(0, 11, (3, 17), generator=g)
+        valid = torch.rand(3, 17, generator=g) > 0.3
+        target[~valid] = -100
+        onehot = torch.nn.functional.one_hot(target.clamp(min=0), 11) * valid[..., None]
+        assert torch.equal(seen_before(target, valid, 11), (onehot.cumsum(1) - onehot) > 0)
+
+
 # ----------------------------------------------------------------------------- multi-token genes (BPE)
 @pytest.fixture(scope="module")
 def bpe_model():
