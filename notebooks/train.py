@@ -78,20 +78,21 @@ def _(adata, mo, perturbation_key):
     mo.stop(perturbation_key.value is None, mo.md("Pick the perturbation column."))
     _labels = sorted(adata.obs[perturbation_key.value].astype(str).unique())
     _columns = [str(c) for c in adata.obs.columns if 1 < adata.obs[c].nunique() <= 100 and c != perturbation_key.value]
+    _cli = mo.cli_args()  # e.g. marimo export html notebooks/train.py -o train.html -- --base FOLDER --minutes 5
     DEFAULTS = {
         "control": "control" if "control" in _labels else _labels[0],
         "context_key": None,
         "kind": "auto",
         "holdout_key": "bio_rep" if "bio_rep" in _columns else None,
         "holdout_value": "rep_3",
-        "n_cells": 1500,
-        "minutes": 0.5,
-        "max_steps": 30,
+        "n_cells": int(_cli.get("n_cells", 1500)),
+        "minutes": float(_cli.get("minutes", 0.5)),
+        "max_steps": int(_cli.get("max_steps", 30)),
         "hidden_size": 64,
         "layers": 2,
         "top_k": 100,
-        "base": "",
-        "out": "my-model",
+        "base": str(_cli.get("base", "")),
+        "out": str(_cli.get("out", "my-model")),
     }
     form = mo.ui.dictionary({
         "control": mo.ui.dropdown(_labels, value=DEFAULTS["control"], label="control label"),
