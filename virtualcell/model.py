@@ -49,10 +49,14 @@ KNOWN_HUB_MODELS = (
 
 
 def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable."""
+    """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable.
+
+    Under a multi-process launcher (``accelerate launch``, ``torchrun``) each process takes
+    the GPU of its ``LOCAL_RANK``.
+    """
     if device is None:
         if torch.cuda.is_available():
-            device = "cuda"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             device = "mps"
         else:

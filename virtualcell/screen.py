@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .distributed import Split
 from .errors import ScreenError
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
@@ -144,34 +145,24 @@ def screen(
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
     folder = Path(out) if out is not None else None
+    split = Split.current(cpu=simulator.model.device.type == "cpu")
     done: dict[int, Path] = {}
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg_path = folder / "config.json"
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            if old.get("fingerprint") != fingerprint:
-                diff = [k for k in sim_keys if old.get(k) != config[k]]
-                raise ScreenError(
-                    f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
-                    "Refusing to mix them: choose another --out folder, or delete this one to start over."
-                )
-        elif any(folder.iterdir()):
-            raise ScreenError(f"{folder} is not empty and holds no screen config. Choose an empty or new folder.")
-        cfg_path.write_text(json.dumps(config, indent=1, default=str))
-        (folder / "panel.txt").write_text("\n".join(names) + "\n")
-        (folder / "groups").mkdir(exist_ok=True)
-        for gi in range(len(groups)):
-            f = folder / "groups" / f"group_{gi:05d}.nc"
-            if f.exists() and (folder / "groups" / f"group_{gi:05d}.npz").exists():
-                done[gi] = f
-        if done:
-            log.info("resuming: %d of %d groups already done", len(done), len(groups))
+    status: tuple[str, Any] = ("ok", None)
+    if folder is not None and split.main:  # only the main process touches the folder
+        try:
+            done = _open_folder(folder, config, sim_keys, fingerprint, names, len(groups))
+        except ScreenError as err:
+            status = ("error", str(err))
+    if split.world > 1:  # every process follows the main one's view of the folder
+        status, done_ids = split.gather((status, sorted(done)))[0]
+        done = {g: folder / "groups" / f"group_{g:05d}.nc" for g in done_ids} if folder is not None else {}
+    if status[0] == "error":
+        raise ScreenError(status[1])
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
     new_groups = 0
-    bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not progress, desc="screen",
-               unit="perturbation", dynamic_ncols=True)
+    bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not (progress and split.main),
+               desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
         if gi in done:
             parts[gi] = xr.load_dataset(done[gi], engine="h5netcdf")
@@ -185,7 +176,7 @@ def screen(
                                  keep_cells=False, progress=False)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
-        if folder is not None:
+        if folder is not None and split.main:
             _atomic_write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
         new_groups += 1
         bar.update(len(group))
@@ -196,7 +187,7 @@ def screen(
     base_emb = simulator._embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
-    if folder is not None:
+    if folder is not None and split.main:
         agg.to_netcdf(folder / "aggregates.nc", engine="h5netcdf")
         table = ranking.copy()
         for col in ("top_up", "top_down", "represents"):
@@ -209,6 +200,34 @@ def screen(
 
         plt.close(fig)
     return ScreenResult(ranking, agg, folder, config)
+
+
+def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
+                 n_groups: int) -> dict[int, Path]:
+    """Check (or start) a results folder; return the finished groups found there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            diff = [k for k in sim_keys if old.get(k) != config[k]]
+            raise ScreenError(
+                f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
+                "Refusing to mix them: choose another --out folder, or delete this one to start over."
+            )
+    elif any(folder.iterdir()):
+        raise ScreenError(f"{folder} is not empty and holds no screen config. Choose an empty or new folder.")
+    cfg_path.write_text(json.dumps(config, indent=1, default=str))
+    (folder / "panel.txt").write_text("\n".join(names) + "\n")
+    (folder / "groups").mkdir(exist_ok=True)
+    done = {}
+    for gi in range(n_groups):
+        f = folder / "groups" / f"group_{gi:05d}.nc"
+        if f.exists() and (folder / "groups" / f"group_{gi:05d}.npz").exists():
+            done[gi] = f
+    if done:
+        log.info("resuming: %d of %d groups already done", len(done), n_groups)
+    return done
 
 
 def _atomic_write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
 from .sentences import Vocabulary, decode, detect_scale, encode, expression_matrix, log_normalize
@@ -67,6 +68,7 @@ class _Sums:
     bucket_total: np.ndarray = field(init=False)
     bucket_count: np.ndarray = field(init=False)
     embedded: list[list[np.ndarray]] = field(init=False)
+    embedded_idx: list[list[np.ndarray]] = field(init=False)
     n_invalid: int = 0
     n_duplicate: int = 0
     n_generated_genes: int = 0
@@ -80,8 +82,9 @@ class _Sums:
         self.bucket_total = np.zeros((P, N_BUCKETS, G))
         self.bucket_count = np.zeros((P, N_BUCKETS), dtype=np.int64)
         self.embedded = [[] for _ in range(P)]
+        self.embedded_idx = [[] for _ in range(P)]
 
-    def add(self, p: int, X: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None) -> None:
+    def add(self, p: int, X: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None, idx: np.ndarray) -> None:
         self.total[p] += X.sum(0)
         self.sq[p] += np.square(X, dtype=np.float64).sum(0)
         self.expressing[p] += (X > 0).sum(0)
@@ -92,6 +95,24 @@ class _Sums:
             have = sum(e.shape[0] for e in self.embedded[p])
             if have < self.keep_embedded:
                 self.embedded[p].append(emb[: self.keep_embedded - have])
+                self.embedded_idx[p].append(idx[: self.keep_embedded - have])
+
+    def merge(self, split: Split) -> None:
+        """Add the sums of every process (each generated a share of the cells)."""
+        if split.world == 1:
+            return
+        self.total, self.sq, self.expressing, self.count, self.bucket_total, self.bucket_count = split.sum(
+            self.total, self.sq, self.expressing, self.count, self.bucket_total, self.bucket_count)
+        counts = split.sum(np.array([self.n_invalid, self.n_duplicate, self.n_generated_genes], dtype=np.int64))[0]
+        self.n_invalid, self.n_duplicate, self.n_generated_genes = (int(v) for v in counts)
+        parts = split.gather([(np.concatenate(e) if e else np.zeros((0, self.n_pcs), np.float32),
+                               np.concatenate(i) if i else np.zeros(0, np.int64))
+                              for e, i in zip(self.embedded, self.embedded_idx)])
+        for p in range(self.n_pert):
+            emb = np.concatenate([part[p][0] for part in parts])
+            idx = np.concatenate([part[p][1] for part in parts])
+            order = np.argsort(idx, kind="stable")[: self.keep_embedded]  # the first cells, as one process keeps
+            self.embedded[p], self.embedded_idx[p] = [emb[order]], [idx[order]]
 
 
 class SimulationResult:
@@ -288,16 +309,23 @@ class Simulator:
         P = len(perts)
         if keep_cells is None:
             keep_cells = store is None and P * n * G <= KEEP_IN_MEMORY
+        split = Split.current(cpu=self.model.device.type == "cpu")
+        if split.world > 1 and store is not None:
+            raise ScreenError(
+                f"store= is not supported with {split.world} processes yet (they would write one file at once). "
+                "Use the aggregates, keep_cells=True for small runs, or one process."
+            )
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
         writer = _CellStore(store, names, n, self.model.genes.genes) if store is not None else None
         sums = _Sums(P, G, self._basis[1].shape[0], keep_embedded)
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed)
         fit = self.model.rank_fit
-        bar = _bar(n, progress, "simulate")
-        base_emb = []
+        starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
+        bar = _bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate")
+        base_emb, base_idx = [], []
         try:
-            for c0 in range(0, n, cell_chunk):
+            for c0 in starts:
                 idx = np.arange(c0, min(c0 + cell_chunk, n))
                 chunk = self.sentences.subset(idx)
                 gen: dict[tuple[int, int], np.ndarray] = {}
@@ -310,6 +338,7 @@ class Simulator:
                         gen[(int(c), int(p))] = D[row]
                 x = self.expression[idx].toarray()
                 base_emb.append(self._embed(x))
+                base_idx.append(idx)
                 d_ctrl = np.stack([gen[(i, ci)] for i in range(len(idx))])
                 buckets = _bucket(idx, seed)
                 for j, p in enumerate(perts):
@@ -317,7 +346,7 @@ class Simulator:
                     d = np.stack([gen[(i, k)] for i in range(len(idx))])
                     pred = np.maximum(x + d - d_ctrl, 0.0) if calibrate else d
                     pred = pred.astype(np.float32)
-                    sums.add(j, pred, buckets, self._embed(pred))
+                    sums.add(j, pred, buckets, self._embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
                     if writer is not None:
@@ -330,6 +359,14 @@ class Simulator:
             bar.close()
             if writer is not None:
                 writer.close()
+        sums.merge(split)
+        if split.world > 1:
+            if cells_mem is not None:  # each process filled its own cells, zeros elsewhere
+                cells_mem = split.sum(cells_mem)[0]
+            parts = split.gather((np.concatenate(base_emb) if base_emb else None,
+                                  np.concatenate(base_idx) if base_idx else None))
+            base_emb = [e[np.argsort(i)] for e, i in [
+                (np.concatenate([e for e, _ in parts if e is not None]), np.concatenate([i for _, i in parts if i is not None]))]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
         cells = None
         if cells_mem is not None:

@@ -1,0 +1,23 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a simulation and a
+screen split across two CPU processes (gloo)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import virtualcell as vc
+from virtualcell.screen import screen
+
+model_dir, baseline, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+model = vc.C2SModel.load(model_dir, device="cpu")
+sim = vc.Simulator(model, vc.datasets.read_h5ad(baseline))
+res = sim.simulate(["STAT1", "ko:JAK2"], seed=5, progress=False, keep_cells=True, cell_chunk=2)
+ranked = screen(sim, ["STAT1", "JAK2", "IFNGR1"], out=out / "screen", group_size=2, progress=False, n_boot=20, seed=5)
+from virtualcell.distributed import Split  # noqa: E402
+
+split = Split.current(cpu=True)
+assert split.world == 2, split
+np.savez(out / f"rank{split.rank}.npz", mean=res.aggregates["mean"].values, cells=res.cells.values,
+         emb=res.embedded["ko:STAT1"], score=ranked.ranking.sort_values("perturbation")["score"].to_numpy(),
+         invalid=res.aggregates.attrs["invalid_genes"], n=res.aggregates["n_cells"].values)
