@@ -50,6 +50,7 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of every split, training run and sample")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; default 1)")
     ap.add_argument("--model-dir", default=None, help="keep the trained checkpoint(s) here (default: a temp dir)")
+    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps at most (default: the protocol's)")
     ap.add_argument("--samples", type=int, default=1, help="generated samples per baseline cell")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     return ap
@@ -127,6 +128,8 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     base = dict(hidden_size=128, n_layers=4, n_heads=4, lr=3e-3, batch_size=16, seed=args.seed,
                 max_minutes=args.max_minutes, eval_every=100, save_every=10_000, holdout={SPLIT: ["test"]})
     base.update(kw)
+    if getattr(args, "max_steps", None):
+        base["max_steps"] = args.max_steps
     if args.quick:
         base.update(hidden_size=32, n_layers=1, n_heads=2, top_k=min(base.get("top_k", 200), 24), max_steps=12,
                     warmup_steps=2, eval_every=12, max_minutes=min(args.max_minutes, 1.0), max_pairs=400)
