@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,26 @@ def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     # without constraints the same random model writes non-genes and repeats
     raw = list(m.generate(cells, perts, config=GenerationConfig(max_genes=8, constrain=False, batch_size=4, seed=0)))
     assert sum(c.n_invalid + c.n_duplicate for c in raw) > 0
+
+
+def test_the_bundled_model_command_still_runs(tmp_path):
+    """The recorded command that built virtualcell/data/model runs today (2 steps) on the same data."""
+    import json
+
+    from virtualcell.cli import main
+    from virtualcell.model import BUNDLED
+
+    record = json.loads((Path(BUNDLED) / "TRAINING.json").read_text())
+    args = record["command"].split()[1:]
+    assert args[0] == "train"
+    args[args.index("--max-steps") + 1] = "2"
+    args[args.index("--out") + 1] = str(tmp_path / "m")
+    assert main(args) == 0
+    built = json.loads((tmp_path / "m" / "virtualcell.json").read_text())
+    shipped = json.loads((Path(BUNDLED) / "virtualcell.json").read_text())
+    assert built["train_config"]["data_hash"] == record["data_hash"]  # the same data, hashed the same way
+    assert built["genes"] == shipped["genes"]
+    arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())
+    assert {k: cfg_built[k] for k in arch} == {k: cfg_shipped[k] for k in arch}
