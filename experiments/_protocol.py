@@ -215,8 +215,8 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     sim = Simulator(model, cells, seed=seed)
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
     pred = res.to_anndata()
-    labels = pred.obs["perturbation"].astype(str).map(back).to_numpy()
-    pred.obs = pred.obs.drop(columns=["perturbation"])
+    labels = pred.obs["perturbation_typed"].astype(str).map(back).to_numpy()
+    pred.obs = pred.obs.drop(columns=["perturbation", "perturbation_typed"])
     pred.obs[perturbation_key] = labels
     if context is not None:
         pred.obs[context[0]] = context[1]

@@ -389,3 +389,12 @@ def test_import_stays_light():
             "print(sorted(m for m in ('torch', 'pertpy', 'matplotlib', 'scanpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_predictions_that_match_no_measured_group_are_an_error(perturbench_split):
+    base, ref = perturbench_split
+    pred = ref.copy()
+    labels = pred.obs["perturbation"].astype(str)
+    pred.obs["perturbation"] = np.where(labels == "control", labels, "ko:" + labels)  # typed names, not the labels
+    with pytest.raises(DataError, match="None of the predicted groups"):
+        evaluate(pred, ref, baseline=base, profile="fast", baselines=(), ceiling=False)

@@ -26,7 +26,8 @@ def test_simulate_gives_xarray_and_anndata(sim):
     assert agg.attrs["invalid_genes"] == 0 and agg.attrs["duplicate_genes"] == 0
     np.testing.assert_allclose(agg["mean"].values, res.cells.values.mean(axis=1), atol=1e-4)
     a = res.to_anndata()
-    assert a.n_obs == 24 and set(a.obs["perturbation"]) == {"ko:STAT1", "ko:JAK2"}
+    assert a.n_obs == 24 and set(a.obs["perturbation"]) == {"STAT1", "JAK2"}  # the training labels
+    assert set(a.obs["perturbation_typed"]) == {"ko:STAT1", "ko:JAK2"}
 
 
 def test_interrupted_screen_resumes_to_identical_results(sim, tmp_path):
@@ -92,7 +93,7 @@ def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_pat
                      "--seed", "1", "--out", str(tmp_path / name)]) == 0
     mem, disk = ad.read_h5ad(tmp_path / "mem.h5ad"), ad.read_h5ad(tmp_path / "disk.h5ad")
     assert mem.n_obs == 12 and list(mem.var_names) == list(model.genes.genes)
-    assert set(mem.obs["perturbation"]) == {"ko:STAT1", "ko:JAK2"}
+    assert set(mem.obs["perturbation"]) == {"STAT1", "JAK2"}
     np.testing.assert_allclose(mem.X, disk.X, atol=1e-6)  # the streamed file is the same prediction
     assert not list(tmp_path.glob(".vc-predict-*"))  # the temporary store is gone
 

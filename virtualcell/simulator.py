@@ -131,13 +131,15 @@ class SimulationResult:
     """
 
     def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
-                 baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None) -> None:
+                 baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
+                 labels: dict[str, str] | None = None) -> None:
         self.aggregates = aggregates
         self.cells = cells
         self.embedded = embedded
         self.baseline_embedded = baseline_embedded
         self.source_cells = source_cells
         self.store = store
+        self.labels = labels or {}  # typed name -> training label (what measured data calls it)
 
     @property
     def perturbations(self) -> list[str]:
@@ -164,10 +166,11 @@ class SimulationResult:
         P, C, G = self.cells.shape
         X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
         obs = pd.DataFrame({
-            "perturbation": np.repeat(self.perturbations, C),
+            "perturbation": np.repeat([self.labels.get(p, p) for p in self.perturbations], C),
+            "perturbation_typed": np.repeat(self.perturbations, C),
             "source_cell": np.tile(self.source_cells, P),
         })
-        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation"], obs["source_cell"])]
+        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
         out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=self.genes))
         out.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
                                   "model": self.aggregates.attrs.get("model", ""),
@@ -189,9 +192,10 @@ class SimulationResult:
         P, C, G = self.cells.shape
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        obs = pd.DataFrame({"perturbation": pd.Categorical(np.repeat(self.perturbations, C)),
+        obs = pd.DataFrame({"perturbation": pd.Categorical(np.repeat([self.labels.get(p, p) for p in self.perturbations], C)),
+                            "perturbation_typed": pd.Categorical(np.repeat(self.perturbations, C)),
                             "source_cell": np.tile(self.source_cells, P)})
-        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation"], obs["source_cell"])]
+        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
         head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))
         head.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
                                    "model": self.aggregates.attrs.get("model", ""),
@@ -380,7 +384,8 @@ class Simulator:
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
                     for name, e in zip(names, sums.embedded)}
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
-                                np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None)
+                                np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
+                                {str(p): self.model.perturbations.label_of(p) for p in perts})
 
     # ------------------------------------------------------------------ #
     def _embed(self, X: np.ndarray) -> np.ndarray:

@@ -191,7 +191,7 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
     res = simulator.simulate(list(labels), n_cells=n_cells, seed=seed, keep_cells=True, progress=False)
     pred = res.to_anndata()
     typed = {str(simulator.model.perturbations.resolve(label)): label for label in labels}
-    pred.obs[perturbation_key] = pred.obs["perturbation"].map(typed).astype(str)
+    pred.obs[perturbation_key] = pred.obs["perturbation_typed"].map(typed).astype(str)
     n = res.cells.sizes["cell"]
     base = np.asarray(simulator.expression[:n].toarray(), dtype=np.float32)
     ctrl = ad.AnnData(base, obs=pd.DataFrame({perturbation_key: control, "source_cell": res.source_cells},

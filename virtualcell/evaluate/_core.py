@@ -383,6 +383,14 @@ def evaluate(
         if extra:
             info["pred_unmeasured"] = extra[:20]
             log.info("%d predicted groups have no measurement and are not scored: %s", len(extra), preview(extra, 5))
+            predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
+            if not predicted & known:
+                raise DataError(
+                    f"None of the predicted groups ({preview(sorted(extra), 5)}) is in the measured data (which has "
+                    f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
+                    "predictions as the measured data does (virtualcell predict writes the training labels in "
+                    "obs['perturbation']), and check the context column."
+                )
         rows += _score("model", _pairs(pred_p, contexts, genes, contract.control, **kw), groups, metrics)
     if baselines:
         base_ad = _as_anndata(setup.base, genes, contract)
