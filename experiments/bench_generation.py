@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (both sides)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the process (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu (the figure), or cuda to check the GPU path")
+    ap.add_argument("--name", default="generation_speed", help="results file stem")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     default_threads = torch.get_num_threads()
-    model = vc.model.bundled(device="cpu")
+    model = vc.model.bundled(device=args.device)
+    dev = model.device
     fmt = model.format
     adata = vc.datasets.load("papalexi2021")
     ctrl = adata[adata.obs["perturbation"] == "control"]
@@ -96,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 mask[r, width - len(p) :] = 1
             with torch.inference_mode():
                 gen = model.lm.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                    input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                     max_new_tokens=args.genes, min_new_tokens=args.genes, eos_token_id=fmt.eos,
                     pad_token_id=fmt.pad, use_cache=True,
                 )
-            outs.extend(gen[:, width:].tolist())
+            outs.extend(gen[:, width:].cpu().tolist())
         torch.set_num_threads(default_threads)
         return outs
 
@@ -123,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     times: dict[str, list[float]] = {k: [] for k in sides}
     last: dict[str, object] = {}
-    plain_generate(default_threads)  # warm-up (allocator, first-call overheads), not timed
+    for fn in sides.values():  # warm-up of every side (allocator, kernels, first-call overheads), not timed
+        fn()
     for _ in range(args.repeats):
         for name, fn in sides.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             last[name] = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
 
     # --- validity: parse every side's output the same way ---------------------------------
@@ -157,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from virtualcell.generation import _pick_threads
 
-    picked = _pick_threads(model.lm, min(args.batch_size, n_rows), torch.device("cpu"), fmt.pad) or default_threads
+    picked = _pick_threads(model.lm, min(args.batch_size, n_rows), dev, fmt.pad) or default_threads
     hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": default_threads,
           "engine_threads": picked,
           "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-          "load_1min": os.getloadavg()[0]}
+          "load_1min": os.getloadavg()[0], "device": str(dev), "dtype": str(next(model.lm.parameters()).dtype),
+          "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
     header = (f"{n_rows} generated cells ({len(cells)} control cells x {len(perts)} knockouts), {args.genes} genes each, "
               f"batch {args.batch_size}, bundled model ({model.n_parameters / 1e6:.2f}M parameters), "
               f"median of {args.repeats}, torch {torch.__version__}; the engine chose {picked} thread(s)")
@@ -179,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generation_speed.md").write_text(text)
-    (args.out / "generation_speed.json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)},
+    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{args.name}.json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)},
                                                                 "hardware": hw, "rows": rows}, indent=1))
     return 0
 
