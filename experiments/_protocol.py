@@ -402,7 +402,9 @@ def write_combined(out: str | Path) -> Path:
         "deltas are scored against an independent half of the control cells. Details, per-group values and "
         "plots: `experiments/results/protocol_N_*.md`.", "",
         "| protocol | metric | model | baselines | ceiling | model vs best baseline | command | wall time |",
-        "|---|---|---|---|---|---|---|---|", *rows, ""])
+        "|---|---|---|---|---|---|---|---|", *rows, ""]
+        + (["What was tried to close the gaps, with the numbers: [protocols_attempts.md](protocols_attempts.md).", ""]
+           if (out / "protocols_attempts.md").exists() else []))
     path = out / "protocols.md"
     path.write_text(text)
     return path

@@ -301,13 +301,23 @@ def train(
     is_ctrl = contract.is_control(data)
     pert_idx = np.flatnonzero(~is_ctrl)
     ctrl_idx = np.flatnonzero(is_ctrl)
-    n_ctrl_pairs = min(ctrl_idx.size, int(round(cfg.control_fraction / max(1e-9, 1 - cfg.control_fraction) * pert_idx.size)) or ctrl_idx.size)
+    n_ctrl_wanted = int(round(cfg.control_fraction / max(1e-9, 1 - cfg.control_fraction) * pert_idx.size)) or ctrl_idx.size
+    n_ctrl_pairs = min(ctrl_idx.size, n_ctrl_wanted)
     pair_targets = np.concatenate([pert_idx, rng.choice(ctrl_idx, size=n_ctrl_pairs, replace=False)])
     if pair_targets.size > cfg.max_pairs:
         pair_targets = rng.choice(pair_targets, size=cfg.max_pairs, replace=False)
     rng.shuffle(pair_targets)
     n_val = max(1, int(round(cfg.val_fraction * pair_targets.size))) if pair_targets.size > 20 else 0
     val_targets, train_targets = pair_targets[:n_val], pair_targets[n_val:]
+    if n_ctrl_wanted > n_ctrl_pairs and pair_targets.size <= cfg.max_pairs:
+        # Fewer control cells than control_fraction asks for (e.g. 50 controls beside 3,000 perturbed
+        # cells): repeat the training control pairs, so that the control -> control map the simulator
+        # calibrates against is still trained on its share of the steps.
+        ctrl_train = train_targets[is_ctrl[train_targets]]
+        n_extra = int(round((n_ctrl_wanted - n_ctrl_pairs) * train_targets.size / max(pair_targets.size, 1)))
+        if ctrl_train.size and n_extra > 0:
+            train_targets = np.concatenate([train_targets, rng.choice(ctrl_train, size=n_extra, replace=True)])
+            rng.shuffle(train_targets)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if base is None:
