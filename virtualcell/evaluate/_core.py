@@ -491,11 +491,14 @@ def delta_table(
 # --------------------------------------------------------------------------- #
 # Markdown summary
 # --------------------------------------------------------------------------- #
-def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, title: str = "Evaluation") -> str:
+def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, title: str = "Evaluation",
+              common: bool = True) -> str:
     """A markdown summary of an :func:`evaluate` table: mean (median) of every metric per method.
 
-    Means are over the perturbation x context rows each method could predict (their number
-    is the first row); the best method per metric, ceiling aside, is in bold.
+    With ``common`` (default) and a model in the table, every method is summarized over the
+    perturbation x context groups the model predicts, so that the columns compare like with
+    like; otherwise over the groups each method could predict (their number is the first
+    row). The best method per metric, ceiling aside, is in bold.
 
     Examples
     --------
@@ -524,8 +527,14 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             if key in info:
                 lines.append(f"- {label}: {info[key]}")
     n_pert = table[["perturbation", "context"]].drop_duplicates().shape[0]
-    lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the groups "
-                 "each method predicts")
+    if common and "model" in methods:
+        keys = table.loc[table["method"] == "model", ["perturbation", "context"]].drop_duplicates()
+        table = table.merge(keys, on=["perturbation", "context"])
+        lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the {len(keys)} "
+                     "groups the model predicts, for every method")
+    else:
+        lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the groups "
+                     "each method predicts")
     lines.append("")
     lines.append("| metric | better | " + " | ".join(methods) + " |")
     lines.append("|---|---|" + "---|" * len(methods))
