@@ -388,8 +388,13 @@ def write_combined(out: str | Path) -> Path:
     rows = []
     for f in sorted(out.glob("protocol_*.json")):
         r = json.loads(f.read_text())
+        means = {row["method"]: row for row in r.get("summary", [])}
         for i, h in enumerate(r.get("headline", [])):
             first = i == 0
+            m, n = means.get("model", {}).get(f"{h.get('metric')} mean"), means.get("nochange", {}).get(f"{h.get('metric')} mean")
+            if m is not None and n is not None and "nochange" not in h.get("verdict", ""):
+                better = m < n if h.get("metric") == "edistance" else m > n
+                h = h | {"verdict": f"{'beats' if better else 'does not beat'} nochange; {h.get('verdict', '')}"}
             rows.append("| {n} | {metric} | {model} | {base} | {ceiling} | {verdict} | {cmd} | {wall} |".format(
                 n=f"{r['protocol']}. {r['title']}" if first else "", metric=h.get("metric", ""),
                 model=h.get("model", ""), base=h.get("baselines", ""), ceiling=h.get("ceiling", ""),

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         train_ad = adata[~test].copy()
         base_ct = baseline[(contract.contexts(baseline) == ct)].copy()
         print(f"protocol 1: hold out {ct} ({int(test.sum())} cells); {base_ct.n_obs} baseline controls", flush=True)
-        cfg = P.train_config(args, top_k=100, max_steps=700)
+        cfg = P.train_config(args, top_k=100, max_steps=3000)
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name=f"protocol1_{ct}")
         n_cells = 8 if args.quick else args.n_cells
         pred, _, pred_s = P.predict(trained.model, base_ct, {stim: stim}, perturbation_key=contract.perturbation_key,

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"protocol 2: {len(held)} held-out pairs {held}; training on {train_ad.n_obs} cells "
           f"({len(singles)} singles, {len(pairs) - len(held)} other pairs)", flush=True)
 
-    cfg = P.train_config(args, top_k=200, max_steps=700, kind_key="perturbation_type")
+    cfg = P.train_config(args, top_k=200, max_steps=3000, kind_key="perturbation_type")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol2")
     targets = {p: " + ".join(f"act:{g}" for g in p.split(PAIR)) for p in held}
     n_cells = 8 if args.quick else args.n_cells

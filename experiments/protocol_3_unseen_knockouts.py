@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ad = adata[~test].copy()
     print(f"protocol 3: held-out knockouts {held} (of representable {candidates}); training on {train_ad.n_obs} cells",
           flush=True)
-    cfg = P.train_config(args, top_k=100, max_steps=700, kind="knockout")
+    cfg = P.train_config(args, top_k=100, max_steps=3000, kind="knockout")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol3")
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},

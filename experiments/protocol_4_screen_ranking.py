@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     P.mark_test(adata, held)
     train_ad = adata[~held].copy()
     if args.retrain or args.quick:
-        cfg = P.train_config(args, top_k=100, max_steps=700, kind="knockout", holdout={col: [rep]})
+        cfg = P.train_config(args, top_k=100, max_steps=3000, kind="knockout", holdout={col: [rep]})
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol4")
         model, model_info = trained.model, {k: v for k, v in vars(trained).items() if k != "model"}
     else:

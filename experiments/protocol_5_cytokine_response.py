@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ad = adata[~test].copy()
     print(f"protocol 5: training on {train_ad.n_obs} cells; {baseline.n_obs} baseline controls, "
           f"{reference.n_obs} held-out reference cells", flush=True)
-    cfg = P.train_config(args, top_k=100, max_steps=700, kind="cytokine")
+    cfg = P.train_config(args, top_k=100, max_steps=3000, kind="cytokine")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol5")
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {stim: stim}, perturbation_key=contract.perturbation_key,
