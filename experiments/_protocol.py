@@ -385,9 +385,10 @@ def _jsonable(x: Any) -> Any:
 def write_combined(out: str | Path) -> Path:
     """protocols.md: one row per protocol from the protocol_*.json files in ``out``."""
     out = Path(out)
-    rows = []
+    rows, cpu = [], "CPU"
     for f in sorted(out.glob("protocol_*.json")):
         r = json.loads(f.read_text())
+        cpu = r.get("hardware", {}).get("cpu", cpu)
         means = {row["method"]: row for row in r.get("summary", [])}
         for i, h in enumerate(r.get("headline", [])):
             first = i == 0
@@ -402,7 +403,9 @@ def write_combined(out: str | Path) -> Path:
                 wall=(f"{r['wall_seconds'] / 60:.1f} min" + (" (quick)" if r.get("quick") else "")) if first else ""))
     text = "\n".join([
         "# Benchmark protocols (issue 5): model vs baselines vs noise ceiling", "",
-        "Each row is one command (`experiments/protocol_N_*.py`), run on a shared 2-core CPU with 1 torch thread. "
+        f"Each row is one command (`experiments/protocol_N_*.py`), run on a shared 2-core CPU ({cpu}, no GPU) "
+        "with 1 torch thread and a 7-minute training budget per model (protocol 4 loads the bundled model, trained "
+        "14 min with rep_3 held out). "
         "Values are mean (median) over the held-out groups; baselines learn only from the training split; "
         "deltas are scored against an independent half of the control cells. Details, per-group values and "
         "plots: `experiments/results/protocol_N_*.md`.", "",
