@@ -204,3 +204,19 @@ def test_encoding_into_a_model_vocabulary_reports_overlap():
         encode(a, vocab=vocab)
     cs = encode(a, vocab=vocab, genes="shared")
     assert cs.to_text() == ["B A"] and cs.vocab is vocab
+
+
+def test_expression_matrix_leaves_the_callers_unsorted_matrix_alone():
+    import scipy.sparse as sp
+
+    from virtualcell.sentences import expression_matrix
+
+    # a float64 CSR whose column indices are unsorted within rows (as some stored files are)
+    X = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 0, 1]), np.array([0, 2, 3])), shape=(2, 3))
+    assert not X.has_sorted_indices
+    a = ad.AnnData(X=X)
+    before = a.X.toarray().copy()
+    out = expression_matrix(a)
+    np.testing.assert_array_equal(a.X.toarray(), before)  # the caller's data is unchanged
+    np.testing.assert_array_equal(out.toarray(), before.astype(np.float32))
+    assert out.has_sorted_indices

@@ -93,7 +93,11 @@ def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_
     _check_values(values, where)
     if not sp.issparse(X):
         X = sp.csr_matrix(X)
-    X.sort_indices()
+    if not X.has_sorted_indices:
+        # a dtype conversion with copy=False can share the caller's index arrays: sort a copy,
+        # never the caller's matrix in place
+        X = X.copy()
+        X.sort_indices()
     return X
 
 
