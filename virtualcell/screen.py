@@ -64,8 +64,8 @@ class ScreenResult:
         """The diverse shortlist for the wet lab, in rank order."""
         return self.ranking[self.ranking["pick"]]
 
-    def plot_top_hits(self, n: int = 15, *, ax: Any = None, return_fig: bool = False) -> Any:
-        """Bar chart of the top-n scores with confidence intervals; picks in a darker colour."""
+    def plot_top_hits(self, n: int = 15, *, return_fig: bool = False) -> Any:
+        """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes."""
         return plot_top_hits(self.ranking, self.aggregates, n=n, return_fig=return_fig)
 
 
