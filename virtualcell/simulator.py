@@ -268,7 +268,7 @@ class Simulator:
         *,
         n_cells: int | None = None,
         seed: int = 0,
-        batch_size: int = 64,
+        batch_size: int = 256,
         cell_chunk: int = 32,
         max_genes: int | None = None,
         temperature: float = 1.0,
