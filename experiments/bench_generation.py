@@ -50,10 +50,10 @@ RESULTS = ROOT / "experiments" / "results"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cells", type=int, default=16)
+    ap.add_argument("--cells", type=int, default=32)
     ap.add_argument("--perturbations", type=int, default=8)
     ap.add_argument("--genes", type=int, default=100, help="genes per generated cell (both sides)")
-    ap.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (both sides)")
+    ap.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (both sides; the engine default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the process (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (the figure), or cuda to check the GPU path")
