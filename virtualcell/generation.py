@@ -435,8 +435,8 @@ def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows
             done = constraint.update(state, tokens, config)
         else:
             done = tokens == eos_id
-            lengths = torch.tensor([len(outputs[i]) + 1 for i in active.tolist()], device=device)
-            done = done | (lengths >= config.max_genes)
+            step_len = step + 1  # every active row has written one token per step
+            done = done | (step_len >= config.max_genes)
         for local, (row, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
             if tok != eos_id:
                 outputs[row].append(tok)
