@@ -39,7 +39,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nTop genes of the diverse picks:")
         for _, row in res.screen.picks().iterrows():
             up, down = ", ".join(row["top_up"][:3]), ", ".join(row["top_down"][:3])
-            also = f"  (also stands for {', '.join(row['represents'])})" if row["represents"] else ""
+            rep = list(row["represents"])
+            more = f" and {len(rep) - 4} more; all in ranking.csv" if len(rep) > 4 else ""
+            also = f"  (also stands for {', '.join(rep[:4])}{more})" if rep else ""
             print(f"  {row['perturbation']:<12} up: {up:<28} down: {down}{also}")
     print("\nHow the predicted ranking compares with measured effects the model never saw")
     print(f"  (Spearman over {len(res.measured)} knockouts, noise-corrected effect sizes in {HELDOUT[1]}):")
