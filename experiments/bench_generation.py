@@ -9,7 +9,9 @@ what the same model writes without them.
 Setup: the bundled model, ``--cells`` control cells of the embedded dataset times
 ``--perturbations`` knockouts (a small screen grid). Every generated cell has exactly
 ``--genes`` genes on both sides (``min_new_tokens = max_new_tokens`` for ``generate``;
-``min_genes = max_genes`` for ours) so that the work is the same. Sampling is
+``min_genes = max_genes`` for ours) so that the work is the same. ``--stop eos`` instead lets
+every cell end at the model's EOS (at most ``--genes`` genes), as in a real screen; tokens/s
+then counts the tokens each side actually wrote. Sampling is
 temperature 1 over the full vocabulary on both sides.
 
 Sides, each timed ``--repeats`` times, interleaved so that machine load hits all alike:
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (both sides; the engine default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the process (default: torch's)")
+    ap.add_argument("--stop", choices=["length", "eos"], default="length",
+                    help="length: every cell gets exactly --genes genes; eos: cells end at EOS (real screens)")
     ap.add_argument("--device", default="cpu", help="cpu (the figure), or cuda to check the GPU path")
     ap.add_argument("--name", default="generation_speed", help="results file stem")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- the reference: plain generate on full prompts -------------------------------------
     prompts = [fmt.prefix(cells[i][: model.top_k]) + fmt.suffix(p) for i in range(len(cells)) for p in perts]
 
+    forced = args.stop == "length"
+
     def plain_generate(threads: int) -> list[list[int]]:
         torch.manual_seed(0)
         torch.set_num_threads(threads)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 gen = model.lm.generate(
                     input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                    max_new_tokens=args.genes, min_new_tokens=args.genes, eos_token_id=fmt.eos,
+                    max_new_tokens=args.genes, min_new_tokens=args.genes if forced else 0, eos_token_id=fmt.eos,
                     pad_token_id=fmt.pad, use_cache=True,
                 )
             outs.extend(gen[:, width:].cpu().tolist())
@@ -108,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return outs
 
     def ours(constrain: bool):  # noqa: ANN202
-        cfg = GenerationConfig(max_genes=args.genes, min_genes=args.genes, constrain=constrain,
+        cfg = GenerationConfig(max_genes=args.genes, min_genes=args.genes if forced else 1, constrain=constrain,
                                batch_size=args.batch_size, seed=0)
         chunks = list(model.generate(cells, perts, config=cfg))
         return chunks
 
     def words_of(token_rows: list[list[int]]) -> list[str]:
         vocab = model.tokenizer.convert_ids_to_tokens
-        return [" ".join(vocab(r)) for r in token_rows]
+        return [" ".join(vocab(r[: r.index(fmt.eos)] if fmt.eos in r else r)) for r in token_rows]
 
     ref_name = f"transformers.generate, full prompts, {default_threads} threads (torch default)"
     sides = {
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         out = last[name]
         if isinstance(out, list) and out and isinstance(out[0], list):  # plain generate: token rows
             _, rep = parse_text(words_of(out), model.genes)
-            n_tok = sum(len(r) for r in out)
+            n_tok = sum(r.index(fmt.eos) if fmt.eos in r else len(r) for r in out)
             return {"invalid_per_cell": rep.n_invalid / n_rows, "duplicate_per_cell": rep.n_duplicate / n_rows,
                     "tokens": n_tok}
         n_inv = sum(c.n_invalid for c in out)
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in sides:
         med = statistics.median(times[name])
         v = validity(name)
-        tokens = n_rows * args.genes  # every side writes exactly --genes tokens per cell
+        tokens = n_rows * args.genes if forced else v["tokens"]  # forced: exactly --genes per cell
         rows.append({"side": name, "seconds": med, "cells_per_s": n_rows / med, "tokens_per_s": tokens / med,
                      "speedup_vs_generate": ref / med,
                      "speedup_vs_generate_1_thread": ref1 / med, **v, "all_times": times[name]})
@@ -172,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
           "load_1min": os.getloadavg()[0], "device": str(dev), "dtype": str(next(model.lm.parameters()).dtype),
           "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
     header = (f"{n_rows} generated cells ({len(cells)} control cells x {len(perts)} knockouts), {args.genes} genes each, "
-              f"batch {args.batch_size}, bundled model ({model.n_parameters / 1e6:.2f}M parameters), "
+              f"{'cells end at EOS' if not forced else 'exactly that many'}, batch {args.batch_size}, bundled model ({model.n_parameters / 1e6:.2f}M parameters), "
               f"median of {args.repeats}, torch {torch.__version__}; the engine chose {picked} thread(s)")
+    cmd = "python experiments/bench_generation.py" + (" --stop eos --name generation_speed_eos" if not forced else "")
     lines = [
         "# Generation throughput and validity", "",
-        f"`python experiments/bench_generation.py` — {header}.", "",
+        f"`{cmd}` — {header}.", "",
         "| side | cells/s | tokens/s | speed-up vs generate (default threads) | vs generate (1 thread) "
         "| invalid genes / cell | duplicate genes / cell |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
