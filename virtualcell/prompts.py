@@ -106,16 +106,19 @@ class PerturbationVocab:
             flat.extend(x.parts if isinstance(x, Combination) else [x])
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
 
-    def label_of(self, p: Perturbation | Combination) -> str:
-        """The training label written for ``p`` (``"STAT1"``, pairs ``"A+B"``), or its typed form
-        when the training data had no such label; predictions then match measured data."""
+    def labels_for(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
+        """The training label written for each perturbation (``"STAT1"``, pairs ``"A+B"``), or its
+        typed form when the training data had no such label; predictions then match measured data."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
-        key = str(p)
-        if key in typed_to_label:
-            return typed_to_label[key]
-        parts = p.parts if isinstance(p, Combination) else (p,)
-        labels = [typed_to_label.get(str(q)) for q in parts]
-        return "+".join(labels) if len(parts) > 1 and all(labels) else key
+
+        def one(p: Perturbation | Combination) -> str:
+            if str(p) in typed_to_label:
+                return typed_to_label[str(p)]
+            parts = p.parts if isinstance(p, Combination) else (p,)
+            labels = [typed_to_label.get(str(q)) for q in parts]
+            return "+".join(labels) if len(parts) > 1 and all(labels) else str(p)
+
+        return [one(p) for p in perturbations]
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()}}

@@ -152,54 +152,49 @@ class SimulationResult:
     def delta(self, perturbation: str) -> np.ndarray:
         return self.aggregates["delta"].sel(perturbation=perturbation).values
 
-    def to_anndata(self) -> ad.AnnData:
-        """Predicted cells as AnnData: ``obs['perturbation']`` and ``obs['source_cell']``; X on the
-        model's normalized scale (recorded in ``uns``)."""
-        import anndata as ad
-        import pandas as pd
-
+    def _require_cells(self) -> tuple[int, int, int]:
         if self.cells is None:
             raise ScreenError(
                 "Per-cell predictions were not kept (too large for memory). Run simulate(..., store='cells.nc') "
-                "to write them to disk, or use the aggregates."
+                "to write them to disk, or keep_cells=True for small runs, or use the aggregates."
             )
-        P, C, G = self.cells.shape
-        X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
+        return self.cells.shape
+
+    def _head(self) -> ad.AnnData:
+        """The predicted cells' obs, var and uns, without X (shared by to_anndata and write_h5ad)."""
+        import anndata as ad
+        import pandas as pd
+
+        P, C, _ = self._require_cells()
         obs = pd.DataFrame({
             "perturbation": np.repeat([self.labels.get(p, p) for p in self.perturbations], C),
             "perturbation_typed": np.repeat(self.perturbations, C),
             "source_cell": np.tile(self.source_cells, P),
         })
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
-        out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=self.genes))
-        out.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
-                                  "model": self.aggregates.attrs.get("model", ""),
-                                  "seed": int(self.aggregates.attrs.get("seed", 0))}
+        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))
+        head.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
+                                   "model": self.aggregates.attrs.get("model", ""),
+                                   "seed": int(self.aggregates.attrs.get("seed", 0))}
+        return head
+
+    def to_anndata(self) -> ad.AnnData:
+        """Predicted cells as AnnData: ``obs['perturbation']`` and ``obs['source_cell']``; X on the
+        model's normalized scale (recorded in ``uns``)."""
+        P, C, G = self._require_cells()
+        out = self._head()
+        out.X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
     def write_h5ad(self, path: str | Path) -> Path:
         """Write the predicted cells as ``.h5ad`` (same layout as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
-        import anndata as ad
         import h5py
-        import pandas as pd
-        from anndata.io import write_elem
 
-        if self.cells is None:
-            raise ScreenError(
-                "Per-cell predictions were not kept. Run simulate(..., store='cells.nc') or keep_cells=True first."
-            )
-        P, C, G = self.cells.shape
+        P, C, G = self._require_cells()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        obs = pd.DataFrame({"perturbation": pd.Categorical(np.repeat([self.labels.get(p, p) for p in self.perturbations], C)),
-                            "perturbation_typed": pd.Categorical(np.repeat(self.perturbations, C)),
-                            "source_cell": np.tile(self.source_cells, P)})
-        obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
-        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))
-        head.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
-                                   "model": self.aggregates.attrs.get("model", ""),
-                                   "seed": int(self.aggregates.attrs.get("seed", 0))}
+        head = self._head()
         tmp = path.with_name(path.name + ".partial")
         head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
         with h5py.File(tmp, "a") as f:
@@ -367,10 +362,10 @@ class Simulator:
         if split.world > 1:
             if cells_mem is not None:  # each process filled its own cells, zeros elsewhere
                 cells_mem = split.sum(cells_mem)[0]
-            parts = split.gather((np.concatenate(base_emb) if base_emb else None,
-                                  np.concatenate(base_idx) if base_idx else None))
-            base_emb = [e[np.argsort(i)] for e, i in [
-                (np.concatenate([e for e, _ in parts if e is not None]), np.concatenate([i for _, i in parts if i is not None]))]]
+            parts = split.gather((base_emb, base_idx))  # every process's chunks, back in cell order
+            emb = np.concatenate([e for chunks, _ in parts for e in chunks])
+            idx = np.concatenate([i for _, chunks in parts for i in chunks])
+            base_emb = [emb[np.argsort(idx)]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
         cells = None
         if cells_mem is not None:
@@ -385,7 +380,7 @@ class Simulator:
                     for name, e in zip(names, sums.embedded)}
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
-                                {str(p): self.model.perturbations.label_of(p) for p in perts})
+                                dict(zip(names, self.model.perturbations.labels_for(perts))))
 
     # ------------------------------------------------------------------ #
     def _embed(self, X: np.ndarray) -> np.ndarray:
