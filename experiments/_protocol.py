@@ -164,25 +164,6 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
                    str(out), asdict(config))
 
 
-def float32_copy(adata):  # noqa: ANN001, ANN201
-    """A copy with X as float32 CSR with sorted indices.
-
-    Works around a bug in ``virtualcell.sentences.expression_matrix``: for a float64 CSR X it
-    converts with ``copy=False`` (new data, *shared* indices) and then sorts the indices in
-    place, which scrambles the caller's matrix when its indices were unsorted — the
-    Simulator then reads that scrambled matrix back as its baseline expression.
-    """
-    import scipy.sparse as sp
-
-    out = adata.copy()
-    X = out.X
-    X = sp.csr_matrix(X.astype(np.float32), copy=True) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, np.float32))
-    X.sum_duplicates()
-    X.sort_indices()
-    out.X = X
-    return out
-
-
 # --------------------------------------------------------------------------- #
 # Prediction
 # --------------------------------------------------------------------------- #
@@ -202,7 +183,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     t = time.perf_counter()
     typed = [str(p) for p in model.resolve(list(targets.values()))]
     back = dict(zip(typed, targets))
-    cells = float32_copy(baseline if n_cells is None else baseline[: min(n_cells, baseline.n_obs)])
+    cells = (baseline if n_cells is None else baseline[: min(n_cells, baseline.n_obs)]).copy()
     if samples > 1:  # each copy of a cell is sampled with its own key, i.e. independently
         import anndata as ad
 
