@@ -192,6 +192,35 @@ def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     assert sum(c.n_invalid + c.n_duplicate for c in raw) > 0
 
 
+def test_trie_constraint_holds_over_many_draws(bpe_model):
+    """Regression: right after a gene's last token, starting that same gene again was allowed
+    (its root token was only marked used once the next gene began), so a row could get stuck
+    inside a repeated gene and end with a fragment."""
+    m = bpe_model
+    cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)
+    perts = [vc.perturbations.parse("ko:STAT1"), vc.perturbations.parse("drug:x@1uM")]
+    for seed in range(6):
+        chunks = list(m.generate(cells, perts, config=GenerationConfig(max_genes=8, min_genes=8, batch_size=4, seed=seed)))
+        assert sum(c.n_invalid + c.n_duplicate for c in chunks) == 0, seed
+        assert all((c.sentences.lengths == 8).all() for c in chunks), seed
+
+
+def test_trie_mask_after_a_completed_gene_excludes_starting_it_again(bpe_model):
+    from virtualcell.generation import TrieConstraint
+
+    m = bpe_model
+    trie = TrieConstraint(m.tokenizer, m.genes.genes, m.tokenizer.eos_token_id, len(m.tokenizer))
+    toks = m.tokenizer(" MT-CO1", add_special_tokens=False)["input_ids"]
+    assert len(toks) > 1 and trie.children[0].get(toks[0]) is not None
+    cfg = GenerationConfig(max_genes=8, min_genes=1)
+    state = trie.start(1, torch.device("cpu"))
+    for t in toks:
+        trie.update(state, torch.tensor([t]), cfg)
+    allowed = torch.isfinite(trie.mask(state, torch.zeros(1, len(m.tokenizer)), cfg))[0]
+    assert not allowed[toks[0]]  # MT-CO1 is the only gene starting with this token, and it is written
+    assert allowed[m.tokenizer.eos_token_id] and allowed[trie.root_tokens].sum() == len(trie.root_tokens) - 1
+
+
 def test_the_bundled_model_command_still_runs(tmp_path):
     """The recorded command that built virtualcell/data/model runs today (2 steps) on the same data."""
     import json

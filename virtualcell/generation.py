@@ -51,7 +51,10 @@ def stable_key(text: str) -> int:
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to sample. ``max_genes`` caps each generated cell; ``min_genes`` forbids an
-    earlier EOS. ``batch_size`` is the number of (cell, perturbation) rows per forward."""
+    earlier EOS. ``batch_size`` is the number of (cell, perturbation) rows per forward.
+    ``prefix_attention``: ``"auto"`` (shared-prefix attention where it is checked to give the
+    plain path's logits for the model), ``"shared"`` (require it) or ``"repeat"`` (the plain
+    path: each cell's prefix cache repeated for each of its rows)."""
 
     max_genes: int = 200
     min_genes: int = 1
@@ -60,8 +63,11 @@ class GenerationConfig:
     batch_size: int = 64
     seed: int = 0
     threads: int | None = None
+    prefix_attention: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.prefix_attention not in ("auto", "shared", "repeat"):
+            raise ValueError(f"prefix_attention must be 'auto', 'shared' or 'repeat', got {self.prefix_attention!r}.")
         if self.max_genes < 1 or self.min_genes < 0 or self.min_genes > self.max_genes:
             raise ValueError(f"Need 0 <= min_genes <= max_genes and max_genes >= 1, got {self.min_genes}, {self.max_genes}.")
         if self.temperature < 0:
@@ -86,13 +92,30 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _lshr(x, 31)
 
 
-def _gumbel(row_keys: torch.Tensor, step: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """(rows, vocab) Gumbel noise, a pure function of (row key, step, token)."""
-    tokens = torch.arange(vocab, device=device, dtype=torch.int64)
-    base = _mix(row_keys * 1000003 + step)
-    h = _mix(base[:, None] ^ (tokens[None, :] * -7046029254386353131))  # 0x9E3779B97F4A7C15
-    u = (_lshr(h, 11).to(torch.float64) + 0.5) / float(1 << 53)
-    return -torch.log(-torch.log(u)).to(torch.float32)
+def _uniform(row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(rows,) uniforms in [0, 1), a pure function of (row key, step)."""
+    h = _mix(_mix(row_keys * 1000003 + step) ^ -7046029254386353131)  # 0x9E3779B97F4A7C15
+    return _lshr(h, 40).to(torch.float32) / float(1 << 24)
+
+
+def _sample(logits: torch.Tensor, row_keys: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
+    """One token per row: inverse-CDF sampling with a hashed uniform per (row, step).
+
+    Needs one hashed number per row instead of one per vocabulary entry (the Gumbel-max
+    trick's), and is just as independent of batch composition. A token whose probability
+    is 0 (masked out) is never returned.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    cdf = probs.cumsum(-1)
+    target = _uniform(row_keys, step) * cdf[:, -1]
+    idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # rounding at the top end of the CDF
+    if bool(bad.any()):
+        last = torch.where(probs[bad] > 0, torch.arange(probs.shape[1], device=probs.device), -1).amax(-1)
+        idx[bad] = last.clamp(min=0)
+    return idx
 
 
 # --------------------------------------------------------------------------- #
@@ -170,21 +193,31 @@ class TrieConstraint:
         self.size = size
         self.root_tokens = torch.tensor(sorted(self.children[0]), dtype=torch.int64)
         self.root_child = {t: c for t, c in self.children[0].items()}
+        self.root_token_of = {c: t for t, c in self.children[0].items()}
 
     def start(self, rows: int, device: torch.device) -> dict:
-        return {"rows": [{"node": 0, "removed": {}, "n": 0, "exhausted": set()} for _ in range(rows)]}
+        return {"rows": [{"node": 0, "removed": {}, "n": 0, "exhausted": set(), "genes": set()} for _ in range(rows)]}
 
     def _available(self, row: dict, node: int) -> list[int]:
         rem = row["removed"]
         return [t for t, c in self.children[node].items() if self.size[c] - rem.get(c, 0) > 0]
+
+    def _pending(self, row: dict) -> int:
+        """The gene that ends at the row's node and is not yet written, or -1."""
+        node = row["node"]
+        g = self.gene_at[node] if node != 0 else -1
+        return g if g >= 0 and g not in row["genes"] else -1
 
     def mask(self, state: dict, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         root = self.root_tokens.to(logits.device)
         for r, row in enumerate(state["rows"]):
             node = row["node"]
-            at_boundary = node == 0 or self.gene_at[node] >= 0
-            n_done = row["n"] + (1 if node != 0 and self.gene_at[node] >= 0 else 0)
+            pending = self._pending(row)
+            # a gene boundary: at the root, or where a gene not yet written ends (a node whose
+            # gene was written already must continue into a longer gene)
+            at_boundary = node == 0 or pending >= 0
+            n_done = row["n"] + (1 if pending >= 0 else 0)
             if node != 0:
                 avail = self._available(row, node)
                 if avail:
@@ -192,8 +225,13 @@ class TrieConstraint:
             if at_boundary:
                 if n_done < cfg.max_genes:
                     allowed[r, root] = True
-                    if row["exhausted"]:
-                        allowed[r, list(row["exhausted"])] = False
+                    excluded = set(row["exhausted"])
+                    if pending >= 0:  # the pending gene counts as written for the next one
+                        first = self.paths[pending][0]
+                        if self.size[first] - row["removed"].get(first, 0) - 1 <= 0:
+                            excluded.add(self.root_token_of[first])
+                    if excluded:
+                        allowed[r, list(excluded)] = False
                 if n_done >= cfg.min_genes:
                     allowed[r, self.eos_id] = True
             if not allowed[r].any():  # nothing left to write
@@ -202,12 +240,13 @@ class TrieConstraint:
 
     def _finish_gene(self, row: dict) -> None:
         g = self.gene_at[row["node"]]
+        row["genes"].add(g)
         rem = row["removed"]
         for c in self.paths[g]:
             rem[c] = rem.get(c, 0) + 1
         first = self.paths[g][0]
         if self.size[first] - rem[first] <= 0:
-            row["exhausted"].add(next(t for t, c in self.root_child.items() if c == first))
+            row["exhausted"].add(self.root_token_of[first])
         row["n"] += 1
         row["node"] = 0
 
@@ -217,7 +256,7 @@ class TrieConstraint:
             row = state["rows"][r]
             node = row["node"]
             if t == self.eos_id:
-                if node != 0 and self.gene_at[node] >= 0:
+                if self._pending(row) >= 0:
                     self._finish_gene(row)
                 done[r] = True
                 continue
@@ -225,7 +264,7 @@ class TrieConstraint:
             if child is not None and self.size[child] - row["removed"].get(child, 0) > 0:
                 row["node"] = child
             else:  # a new gene starts
-                if node != 0 and self.gene_at[node] >= 0:
+                if self._pending(row) >= 0:
                     self._finish_gene(row)
                 row["node"] = self.root_child[t]
         return done.to(tokens.device)
@@ -387,6 +426,7 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
     per_group = max(1, min(n_suffix, config.batch_size))
     cells_per_chunk = max(1, config.batch_size // per_group)
     steps = max_new_tokens or (config.max_genes + 1)
+    s_longest = max((len(s) for s in suffixes), default=0)
     for c0 in range(0, len(prefixes), cells_per_chunk):
         cells = list(range(c0, min(c0 + cells_per_chunk, len(prefixes))))
         p_ids, p_mask = _left_pad([prefixes[i] for i in cells], pad_id)
@@ -395,13 +435,15 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
         prefix_cache = _cache_of(out)
         prefix_last_logits = out.logits[:, -1, :]
+        shared = _use_shared_prefix(model, config, p_ids.shape[1] + s_longest + steps + 1, pad_id, device)
         for s0 in range(0, n_suffix, per_group):
             group = list(range(s0, min(s0 + per_group, n_suffix)))
             g = len(group)
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(g)
-            _preallocate(cache, max(len(suffixes[j]) for j in group) + steps + 1)
-            mask = p_mask.repeat_interleave(g, dim=0)
+            capacity = max(len(suffixes[j]) for j in group) + steps + 1
+            if shared:
+                decoder = _SharedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
+            else:
+                decoder = _RepeatedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
             last_pos = p_pos[:, -1].repeat_interleave(g, dim=0)
             rows_cell = [cells[i // g] for i in range(len(cells) * g)]
             rows_suffix = [group[i % g] for i in range(len(cells) * g)]
@@ -409,10 +451,7 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
             if s_ids.shape[1] > 0:
                 s_ids, s_mask = s_ids.to(device), s_mask.to(device)
                 s_pos = last_pos[:, None] + s_mask.cumsum(1)
-                mask = torch.cat([mask, s_mask], dim=1)
-                out = model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos, use_cache=True, **{kw: cache})
-                cache = _cache_of(out)
-                logits = out.logits[:, -1, :].float()
+                logits = decoder.forward(s_ids, s_pos, s_mask)
                 last_pos = s_pos[:, -1]
             else:
                 logits = prefix_last_logits.repeat_interleave(g, dim=0).float()
@@ -421,17 +460,134 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
                 dtype=torch.int64,
                 device=device,
             )
-            yield from _sample_loop(
-                model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows_suffix,
-                constraint, eos_id, config, steps, device,
-            )
+            yield from _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id, config,
+                                    steps, device)
 
 
-def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
+class _RepeatedPrefixDecoder:
+    """The plain path: the prefix cache repeated for every row of its cell."""
+
+    def __init__(self, model, kw, prefix_cache, p_mask, g, capacity):  # noqa: ANN001, PLR0913
+        self.model, self.kw = model, kw
+        self.cache = copy.deepcopy(prefix_cache)
+        self.cache.batch_repeat_interleave(g)
+        _preallocate(self.cache, capacity)
+        self.mask = p_mask.repeat_interleave(g, dim=0)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if new_mask is None:
+            new_mask = torch.ones_like(ids)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **{self.kw: self.cache})
+        self.cache = _cache_of(out)
+        return out.logits[:, -1, :].float()
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+
+
+class _SharedPrefixDecoder:
+    """One copy of each cell's prefix keys/values; see :mod:`virtualcell.shared_prefix`."""
+
+    def __init__(self, model, kw, prefix_cache, p_mask, g, capacity):  # noqa: ANN001, PLR0913
+        from . import shared_prefix
+
+        self.sp = shared_prefix
+        self.model, self.kw = model, kw
+        kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        self.state = shared_prefix.SharedPrefix(kv, p_mask.bool(), g)
+        rows = p_mask.shape[0] * g
+        shapes = [(k.shape[1], k.shape[3], v.shape[3]) for k, v in kv]
+        self.cache = shared_prefix.suffix_cache(len(kv), rows, shapes, capacity, kv[0][0].dtype, p_mask.device)
+        self.state.suffix_valid = torch.ones((rows, capacity), dtype=torch.bool, device=p_mask.device)
+        self.n = 0
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if new_mask is not None:
+            self.state.suffix_valid[:, self.n : self.n + ids.shape[1]] = new_mask.bool()
+        self.n += ids.shape[1]
+        with self.sp.active(self.model):
+            out = self.model(input_ids=ids, position_ids=pos, use_cache=True,
+                             **{self.kw: self.cache, self.sp.KWARG: self.state})
+        return out.logits[:, -1, :].float()
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.state.select(keep)
+
+
+_SHARED_OK: dict[tuple, bool] = {}
+
+
+def _use_shared_prefix(model, config: GenerationConfig, max_total: int, token: int, device: torch.device) -> bool:  # noqa: ANN001
+    """Shared-prefix attention when asked (``"auto"``: when it is checked to agree with the plain path)."""
+    if config.prefix_attention == "repeat":
+        return False
+    from . import shared_prefix
+
+    if not shared_prefix.supported(model, max_total):
+        if config.prefix_attention == "shared":
+            raise ValueError("prefix_attention='shared' is not possible for this model and length (sliding window or "
+                             "encoder-decoder); use 'auto' or 'repeat'.")
+        return False
+    key = (id(model), str(device), str(next(model.parameters()).dtype))
+    if key not in _SHARED_OK:
+        _SHARED_OK[key] = _check_shared_prefix(model, token, device)
+        if not _SHARED_OK[key]:
+            import warnings
+
+            warnings.warn("Shared-prefix attention does not reproduce this model's plain attention; generating with "
+                          "the prefix cache repeated per row instead (slower, same results).", stacklevel=3)
+    if config.prefix_attention == "shared" and not _SHARED_OK[key]:
+        raise ValueError("prefix_attention='shared' does not reproduce this model's attention; use 'auto' or 'repeat'.")
+    return _SHARED_OK[key]
+
+
+def _check_shared_prefix(model, token: int, device: torch.device) -> bool:  # noqa: ANN001
+    """Logits of both paths on a small padded grid (2 cells x 2 suffixes, 3 decode steps) agree."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (40,), generator=gen).tolist()
+    prefixes, suffixes = [ids[:7], ids[7:11]], [ids[11:12], ids[12:14]]
+    kw = _cache_kwarg(model)
+    p_ids, p_mask = _left_pad(prefixes, token)
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+    try:
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+        cache = _cache_of(out)
+        s_ids, s_mask = _left_pad([suffixes[i % 2] for i in range(4)], token)
+        s_ids, s_mask = s_ids.to(device), s_mask.to(device)
+        s_pos = p_pos[:, -1].repeat_interleave(2)[:, None] + s_mask.cumsum(1)
+        logits = {}
+        for name, cls in (("repeat", _RepeatedPrefixDecoder), ("shared", _SharedPrefixDecoder)):
+            dec = cls(model, kw, cache, p_mask, 2, 8)
+            got = [dec.forward(s_ids, s_pos, s_mask)]
+            pos = s_pos[:, -1]
+            for t in range(3):
+                pos = pos + 1
+                if t == 1:  # drop a row, as finished rows are dropped
+                    dec.select(torch.tensor([0, 2, 3], device=device))
+                    pos = pos[[0, 2, 3]]
+                step_ids = torch.tensor([ids[20 + t]] * pos.shape[0], device=device)[:, None]
+                got.append(dec.forward(step_ids, pos[:, None]))
+            logits[name] = got
+    except Exception:  # noqa: BLE001 - any failure means: use the plain path
+        return False
+    for a, b in zip(logits["repeat"], logits["shared"]):
+        scale = 1.0 + float(a.abs().max())
+        tol = 1e-3 if a.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 3e-2
+        if a.shape != b.shape or float((a - b).abs().max()) > tol * scale:
+            return False
+    return True
+
+
+def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
                  constraint, eos_id, config, steps, device) -> Iterator[tuple[int, int, list[int]]]:
     n = len(rows_cell)
     active = torch.arange(n, device=device)
-    outputs: list[list[int]] = [[] for _ in range(n)]
+    written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
     if not config.constrain:
         constraint = None
     state = constraint.start(n, device) if constraint is not None else None
@@ -439,15 +595,12 @@ def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows
     # the batch has finished: dropping rows copies every layer's cache, which cost more than
     # computing a few idle rows when rows end one by one.
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_id, device=device)
     for step in range(steps):
         if constraint is not None:
             logits = constraint.mask(state, logits, config)
-        if config.temperature == 0:
-            tokens = logits.argmax(-1)
-        else:
-            noise = _gumbel(keys, step, logits.shape[-1], device)
-            tokens = (logits / config.temperature + noise).argmax(-1)
-        tokens = torch.where(finished, torch.full_like(tokens, eos_id), tokens)
+        tokens = _sample(logits, keys, step, config.temperature)
+        tokens = torch.where(finished, eos, tokens)
         if constraint is not None:
             done = constraint.update(state, tokens, config)
         else:
@@ -455,9 +608,7 @@ def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows
             step_len = step + 1  # every unfinished row has written one token per step
             done = done | (step_len >= config.max_genes)
         done = done | finished
-        for row, tok, was in zip(active.tolist(), tokens.tolist(), finished.tolist()):
-            if not was and tok != eos_id:
-                outputs[row].append(tok)
+        written[active, step] = tokens
         finished = done
         if bool(done.all()) or step == steps - 1:
             break
@@ -465,15 +616,12 @@ def _sample_loop(model, kw, cache, mask, last_pos, logits, keys, rows_cell, rows
         if n_done * 4 >= active.numel():
             keep = (~done).nonzero().squeeze(1)
             active = active[keep]
-            cache.batch_select_indices(keep)
-            mask, last_pos, keys, tokens = mask[keep], last_pos[keep], keys[keep], tokens[keep]
+            decoder.select(keep)
+            last_pos, keys, tokens = last_pos[keep], keys[keep], tokens[keep]
             finished = finished[keep]
             if state is not None:
                 state = constraint.select(state, keep)
         last_pos = last_pos + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, **{kw: cache})
-        cache = _cache_of(out)
-        logits = out.logits[:, -1, :].float()
-    for i in range(n):
-        yield rows_cell[i], rows_suffix[i], outputs[i]
+        logits = decoder.forward(tokens[:, None], last_pos[:, None])
+    for i, row in enumerate(written.cpu().tolist()):
+        yield rows_cell[i], rows_suffix[i], row[: row.index(eos_id)] if eos_id in row else row

@@ -1,0 +1,91 @@
+"""Shared-prefix attention gives the plain path's logits and cells, on several architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import virtualcell as vc
+from virtualcell import generation as G
+from virtualcell.generation import GenerationConfig
+
+
+def _tiny(arch: str):  # noqa: ANN202
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(intermediate_size=64, num_key_value_heads=4, **common)
+        return tf.LlamaForCausalLM(cfg).eval()
+    if arch == "llama-gqa":
+        cfg = tf.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
+        return tf.LlamaForCausalLM(cfg).eval()
+    if arch == "gpt-neox":
+        cfg = tf.GPTNeoXConfig(intermediate_size=64, rotary_pct=0.5, **common)
+        return tf.GPTNeoXForCausalLM(cfg).eval()
+    if arch == "gemma2":  # softcapping, GQA, sliding window layers, query_pre_attn_scalar
+        cfg = tf.Gemma2Config(intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=64,
+                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16, **common)
+        return tf.Gemma2ForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-gqa", "gpt-neox", "gemma2"])
+def test_shared_prefix_logits_match_the_plain_path(arch):
+    model = _tiny(arch)
+    with torch.inference_mode():
+        assert G._check_shared_prefix(model, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_shared_and_repeated_prefix_write_the_same_cells(arch):
+    """Greedy decoding of a padded grid (cells of different lengths, suffixes of different
+    lengths, rows ending early) gives the same tokens on both paths."""
+    model = _tiny(arch)
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(3, 50, size=n).tolist() for n in (9, 4, 7)]
+    suffixes = [[5], [6, 7], [8, 9, 10], [11]]
+    out = {}
+    for mode in ("repeat", "shared"):
+        cfg = GenerationConfig(max_genes=12, temperature=0, batch_size=8, constrain=False, prefix_attention=mode)
+        with torch.inference_mode():
+            out[mode] = sorted(G.generate_grid(model, prefixes, suffixes, cell_keys=[0, 1, 2], suffix_keys=[0, 1, 2, 3],
+                                               constraint=None, eos_id=2, pad_id=0, config=cfg))
+    assert len(out["shared"]) == 12
+    assert out["shared"] == out["repeat"]
+
+
+def test_shared_prefix_is_used_for_the_bundled_model_and_gives_the_same_cells():
+    model = vc.model.bundled()
+    adata = vc.datasets.load("papalexi2021")
+    ctrl = adata[adata.obs["perturbation"] == "control"][:6].copy()
+    cells = vc.sentences.encode(ctrl, vocab=model.genes, top_k=model.top_k)
+    perts = model.resolve(["IRF1", "STAT1", "control"])
+    got = {}
+    for mode in ("repeat", "shared"):
+        cfg = GenerationConfig(max_genes=30, batch_size=9, seed=1, temperature=0, prefix_attention=mode)
+        chunks = list(model.generate(cells, perts, config=cfg))
+        got[mode] = [c.sentences[i].tolist() for c in chunks for i in range(len(c.sentences))]
+    assert got["shared"] == got["repeat"]
+    assert G._SHARED_OK[(id(model.lm), "cpu", "torch.float32")] is True  # auto picks it for this model
+
+
+def test_shared_prefix_refuses_a_sliding_window_shorter_than_the_sentence():
+    model = _tiny("gemma2")  # sliding window 64
+    cfg = GenerationConfig(max_genes=100, temperature=0, constrain=False, prefix_attention="shared")
+    with pytest.raises(ValueError, match="sliding window"), torch.inference_mode():
+        list(G.generate_grid(model, [[5, 6, 7]], [[8]], cell_keys=[0], suffix_keys=[0], constraint=None,
+                             eos_id=2, pad_id=0, config=cfg))
+    # auto falls back to the plain path and still generates
+    cfg = GenerationConfig(max_genes=100, temperature=0, constrain=False)
+    with torch.inference_mode():
+        (_, _, toks), = G.generate_grid(model, [[5, 6, 7]], [[8]], cell_keys=[0], suffix_keys=[0], constraint=None,
+                                        eos_id=2, pad_id=0, config=cfg)
+    assert len(toks) > 0
+
+
+def test_bad_prefix_attention_value():
+    with pytest.raises(ValueError, match="prefix_attention"):
+        GenerationConfig(prefix_attention="fast")

@@ -1,0 +1,239 @@
+"""Shared-prefix ("cascade") attention: one copy of a cell's prompt keys/values for all
+of its perturbations.
+
+In a screen, one baseline cell meets many perturbations. After the cell's prefix has been
+run once, the plain way to decode its ``G`` perturbation rows is to repeat the prefix
+keys/values ``G`` times, so that every decode step reads ``G`` copies of them. Here the
+prefix keys/values stay one per cell, and every decode step splits attention in two:
+
+* **prefix part**: the queries of a cell's ``G`` rows (times the heads that share a KV
+  head) are stacked into one matrix product against that cell's prefix keys, a real
+  matrix product instead of ``G`` matrix-vector products over copies;
+* **suffix part**: each row against its own keys (perturbation tokens and generated
+  genes), kept in a preallocated per-row buffer.
+
+Scores of both parts are joined before one softmax, so the result is the same attention
+as over the concatenated keys (tests compare logits with the plain path on Llama,
+GPT-NeoX and Gemma-2 configurations). It plugs into ``transformers`` through its
+``AttentionInterface`` under the name :data:`NAME`; masks are built here, from the padding
+of each prefix and suffix, so ``transformers`` skips its own.
+
+It is used only for the forward passes after the prefix (the perturbation suffix and the
+decode steps), and only when :func:`supported` has checked, once per model, that the
+model's logits agree with the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["NAME", "SharedPrefix", "supported", "active"]
+
+NAME = "virtualcell_shared_prefix"
+KWARG = "virtualcell_shared_prefix"
+
+
+class SharedPrefix:
+    """Per-chunk state: each cell's prefix keys/values and how rows map onto cells.
+
+    ``prefix_kv[layer] = (keys, values)`` of shape (cells, kv heads, P, head dim);
+    ``prefix_valid`` (cells, P) marks real (not padding) prefix positions; ``group`` rows
+    per cell, laid out cell-major (row ``r`` belongs to cell ``r // group``).
+    ``slots`` maps the rows still in the batch to their place in that layout.
+    """
+
+    def __init__(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_valid: torch.Tensor, group: int) -> None:
+        self.prefix_kv = prefix_kv
+        self.prefix_valid = prefix_valid
+        self.group = int(group)
+        self.n_cells = int(prefix_valid.shape[0])
+        self.slots: torch.Tensor | None = None  # None: all rows, in layout order
+        self.suffix_valid: torch.Tensor | None = None  # (rows, capacity) bool
+        self._bias_key: tuple | None = None
+        self._bias: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_cells * self.group if self.slots is None else int(self.slots.numel())
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep`` (indices into the current rows)."""
+        base = torch.arange(self.n_cells * self.group, device=keep.device) if self.slots is None else self.slots
+        self.slots = base[keep]
+        if self.suffix_valid is not None:
+            self.suffix_valid = self.suffix_valid[keep]
+        self._bias_key = None
+
+    def row_cells(self) -> torch.Tensor:
+        device = self.prefix_valid.device
+        rows = torch.arange(self.n_cells * self.group, device=device) if self.slots is None else self.slots
+        return torch.div(rows, self.group, rounding_mode="floor")
+
+    def bias(self, n_suffix: int, n_query: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (rows, 1, 1, n_query, P + n_suffix): padding, and causality inside the suffix."""
+        key = (n_suffix, n_query, dtype)
+        if self._bias_key == key and self._bias is not None:
+            return self._bias
+        valid_p = self.prefix_valid[self.row_cells()]  # rows, P
+        valid_s = self.suffix_valid[:, :n_suffix]  # rows, S
+        allowed = torch.cat([valid_p, valid_s], dim=1)[:, None, :].expand(-1, n_query, -1)
+        if n_query > 1:  # query i sits at suffix position n_suffix - n_query + i
+            s_pos = torch.arange(n_suffix, device=allowed.device)
+            q_pos = torch.arange(n_suffix - n_query, n_suffix, device=allowed.device)
+            causal = torch.cat([torch.ones(n_query, valid_p.shape[1], dtype=torch.bool, device=allowed.device),
+                                s_pos[None, :] <= q_pos[:, None]], dim=1)
+            allowed = allowed & causal[None]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+        self._bias = bias[:, None, None]  # rows, 1 (kv head), 1 (rep), q, keys
+        self._bias_key = key
+        return self._bias
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,  # noqa: ANN001, ANN201, PLR0913
+              sliding_window=None, **kwargs):  # noqa: ANN003
+    """``transformers`` attention function: prefix part per cell + suffix part per row.
+
+    ``query`` (rows, heads, q, d); ``key``/``value`` (rows, kv heads, S, d) hold only the
+    rows' own (suffix) positions. Returns (rows, q, heads, d) like the built-in functions.
+    """
+    state: SharedPrefix | None = kwargs.get(KWARG)
+    if state is None:
+        raise RuntimeError(f"attention implementation {NAME!r} needs the {KWARG!r} argument; it is set by "
+                           "virtualcell's generation engine only.")
+    rows, n_heads, n_q, d = query.shape
+    n_kv = key.shape[1]
+    rep = n_heads // n_kv
+    n_s = key.shape[2]
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    kp, vp = state.prefix_kv[module.layer_idx]
+    cells, _, n_p, _ = kp.shape
+    g = state.group
+
+    # Query heads that share a KV head, and the q positions, become rows of one matrix.
+    q = query.reshape(rows, n_kv, rep * n_q, d)
+    s_suffix = torch.matmul(q, key.transpose(-1, -2))  # rows, kv, rep*q, S
+    if state.slots is None:
+        q_full = q
+    else:
+        q_full = q.new_zeros((cells * g, n_kv, rep * n_q, d))
+        q_full[state.slots] = q
+    q_cell = q_full.view(cells, g, n_kv, rep * n_q, d).transpose(1, 2).reshape(cells, n_kv, g * rep * n_q, d)
+    s_prefix = torch.matmul(q_cell, kp.transpose(-1, -2))  # cells, kv, g*rep*q, P
+    s_prefix = s_prefix.view(cells, n_kv, g, rep * n_q, n_p).transpose(1, 2).reshape(cells * g, n_kv, rep * n_q, n_p)
+    if state.slots is not None:
+        s_prefix = s_prefix[state.slots]
+    scores = torch.cat([s_prefix, s_suffix], dim=-1).float() * scale  # rows, kv, rep*q, P+S
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    bias = state.bias(n_s, n_q, scores.dtype)  # rows, 1, 1, q, P+S
+    scores = (scores.view(rows, n_kv, rep, n_q, n_p + n_s) + bias).view(rows, n_kv, rep * n_q, n_p + n_s)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs[..., n_p:], value)  # rows, kv, rep*q, d
+    p_prefix = probs[..., :n_p]
+    if state.slots is not None:
+        full = p_prefix.new_zeros((cells * g, n_kv, rep * n_q, n_p))
+        full[state.slots] = p_prefix
+        p_prefix = full
+    p_cell = p_prefix.reshape(cells, g, n_kv, rep * n_q, n_p).transpose(1, 2).reshape(cells, n_kv, g * rep * n_q, n_p)
+    o_prefix = torch.matmul(p_cell, vp)  # cells, kv, g*rep*q, d
+    o_prefix = o_prefix.view(cells, n_kv, g, rep * n_q, d).transpose(1, 2).reshape(cells * g, n_kv, rep * n_q, d)
+    if state.slots is not None:
+        o_prefix = o_prefix[state.slots]
+    out = out + o_prefix
+    out = out.view(rows, n_heads, n_q, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, attention)
+        _REGISTERED = True
+
+
+@contextlib.contextmanager
+def active(model) -> Iterator[None]:  # noqa: ANN001
+    """Route the model's attention through :func:`attention` inside the block."""
+    _register()
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def suffix_cache(n_layers: int, rows: int, kv_heads: list[tuple[int, int, int]], capacity: int,
+                 dtype: torch.dtype, device: torch.device):  # noqa: ANN205
+    """A ``DynamicCache`` whose layers hold only the rows' own positions, preallocated."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [_suffix_layer_class()(rows, h, dk, dv, capacity, dtype, device) for h, dk, dv in kv_heads]
+    assert len(cache.layers) == n_layers
+    return cache
+
+
+_SUFFIX_LAYER = None
+
+
+def _suffix_layer_class():  # noqa: ANN202
+    global _SUFFIX_LAYER
+    if _SUFFIX_LAYER is not None:
+        return _SUFFIX_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class SuffixLayer(DynamicLayer):
+        """Keys/values of each row's own positions, written into a preallocated buffer."""
+
+        def __init__(self, rows, heads, dk, dv, capacity, dtype, device):  # noqa: ANN001, PLR0913
+            super().__init__()
+            self._kbuf = torch.empty((rows, heads, capacity, dk), dtype=dtype, device=device)
+            self._vbuf = torch.empty((rows, heads, capacity, dv), dtype=dtype, device=device)
+            self._n = 0
+            self.keys, self.values = self._kbuf[:, :, :0], self._vbuf[:, :, :0]
+            self.is_initialized = True
+            self.dtype, self.device = dtype, device
+
+        def update(self, key_states, value_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+            n, m = self._n, key_states.shape[-2]
+            if n + m > self._kbuf.shape[-2]:
+                raise RuntimeError(f"suffix cache full ({self._kbuf.shape[-2]} positions); this is a bug in virtualcell")
+            self._kbuf[:, :, n : n + m] = key_states
+            self._vbuf[:, :, n : n + m] = value_states
+            self._n = n + m
+            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._n
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+
+    _SUFFIX_LAYER = SuffixLayer
+    return SuffixLayer
+
+
+def supported(model, max_total: int) -> bool:  # noqa: ANN001
+    """Whether the shared-prefix path may be used for ``model`` (structure only; the
+    numerical check against the plain path is :func:`virtualcell.generation._check_shared_prefix`)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) is not False and max_total > int(window):
+        return False  # a sliding window would cut into the prefix: the plain path handles it
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return True
