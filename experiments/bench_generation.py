@@ -20,8 +20,16 @@ Sides, each timed ``--repeats`` times, interleaved so that machine load hits all
   every (cell, perturbation) pair, left-padded, ``do_sample=True``, ``top_k=0``; once with
   torch's default thread count (what a plain loop, and cell2sentence, runs with) and
   once pinned to 1 thread.
-* ``virtualcell`` unconstrained: prefix sharing + preallocated KV cache, no gene mask.
+* ``virtualcell`` unconstrained: prefix computed once per cell, shared-prefix attention
+  (the prefix keys/values are not repeated per perturbation), preallocated cache, no gene mask.
 * ``virtualcell`` constrained (the default): the same plus the gene mask.
+* ``virtualcell`` constrained with ``prefix_attention="repeat"``: each cell's prefix cache
+  repeated for each of its rows (the engine before shared-prefix attention), to show what
+  that part gives.
+
+``--sweep 128,256,512,1024`` adds a second table: ``generate`` (default threads) against the
+constrained engine at each batch size (both sides at the same size; ``cells = size /
+perturbations``, one timed run each after a warm-up), because the ratio depends on it.
 
 Both ``virtualcell`` sides use the engine's default ``threads=None``: on CPU it times a
 decode-shaped forward pass with 1 and with all threads and keeps the faster. The two
@@ -29,7 +37,7 @@ reference rows separate what that choice gives from what the engine itself gives
 
 Run from the repository root::
 
-    python experiments/bench_generation.py             # ~5 min on 2 cores
+    python experiments/bench_generation.py --sweep 128,256,512,1024   # ~12 min on 2 cores
     python experiments/bench_generation.py --cells 4 --perturbations 4 --repeats 1   # smoke
 
 Writes ``experiments/results/generation_speed.{md,json}``.
@@ -52,10 +60,11 @@ RESULTS = ROOT / "experiments" / "results"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cells", type=int, default=32)
+    ap.add_argument("--cells", type=int, default=64)
     ap.add_argument("--perturbations", type=int, default=8)
     ap.add_argument("--genes", type=int, default=100, help="genes per generated cell (both sides)")
-    ap.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (both sides; the engine default)")
+    ap.add_argument("--batch-size", type=int, default=None, help="rows per forward pass, both sides (default: the engine's)")
+    ap.add_argument("--sweep", default="", help="comma-separated batch sizes for the batch-size table (e.g. 128,256,512,1024)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the process (default: torch's)")
     ap.add_argument("--stop", choices=["length", "eos"], default="length",
@@ -75,14 +84,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        args.batch_size = GenerationConfig().batch_size
     default_threads = torch.get_num_threads()
     model = vc.model.bundled(device=args.device)
     dev = model.device
     fmt = model.format
     adata = vc.datasets.load("papalexi2021")
     ctrl = adata[adata.obs["perturbation"] == "control"]
-    ctrl = ctrl[np.random.default_rng(0).choice(ctrl.n_obs, args.cells, replace=False)].copy()
-    cells = encode(ctrl, vocab=model.genes, top_k=model.top_k)
+    sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
+    n_pool = max([args.cells] + [-(-b // args.perturbations) for b in sweep])
+    ctrl = ctrl[np.random.default_rng(0).choice(ctrl.n_obs, n_pool, replace=False)].copy()
+    pool = encode(ctrl, vocab=model.genes, top_k=model.top_k)
+    cells = pool.subset(list(range(args.cells)))
     perts = model.resolve([p for p in model.perturbations.labels if p != "control"][: args.perturbations])
     n_rows = len(cells) * len(perts)
 
@@ -91,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     forced = args.stop == "length"
 
-    def plain_generate(threads: int) -> list[list[int]]:
+    def plain_generate(threads: int, prompts: list[list[int]] = prompts, batch_size: int | None = None) -> list[list[int]]:
         torch.manual_seed(0)
         torch.set_num_threads(threads)
         outs: list[list[int]] = []
-        for b0 in range(0, len(prompts), args.batch_size):
-            batch = prompts[b0 : b0 + args.batch_size]
+        bs = batch_size or args.batch_size
+        for b0 in range(0, len(prompts), bs):
+            batch = prompts[b0 : b0 + bs]
             width = max(len(p) for p in batch)
             ids = torch.full((len(batch), width), fmt.pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -113,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(default_threads)
         return outs
 
-    def ours(constrain: bool):  # noqa: ANN202
+    def ours(constrain: bool, prefix_attention: str = "auto", batch_size: int | None = None):  # noqa: ANN202
         cfg = GenerationConfig(max_genes=args.genes, min_genes=args.genes if forced else 1, constrain=constrain,
-                               batch_size=args.batch_size, seed=0)
+                               batch_size=batch_size or args.batch_size, seed=0, prefix_attention=prefix_attention)
         chunks = list(model.generate(cells, perts, config=cfg))
         return chunks
 
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers.generate, full prompts, 1 thread": lambda: plain_generate(1),
         "virtualcell, no constraints": lambda: ours(False),
         "virtualcell, constrained (default)": lambda: ours(True),
+        "virtualcell, constrained, prefix cache repeated per row": lambda: ours(True, "repeat"),
     }
     times: dict[str, list[float]] = {k: [] for k in sides}
     last: dict[str, object] = {}
@@ -181,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'cells end at EOS' if not forced else 'exactly that many'}, batch {args.batch_size}, bundled model ({model.n_parameters / 1e6:.2f}M parameters), "
               f"median of {args.repeats}, torch {torch.__version__}; the engine chose {picked} thread(s)")
     cmd = "python experiments/bench_generation.py" + (" --stop eos --name generation_speed_eos" if not forced else "")
+    cmd += f" --sweep {args.sweep}" if sweep else ""
     lines = [
         "# Generation throughput and validity", "",
         f"`{cmd}` — {header}.", "",
@@ -191,13 +208,34 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['side']} | {r['cells_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_generate']:.2f}x "
                      f"| {r['speedup_vs_generate_1_thread']:.2f}x | {r['invalid_per_cell']:.2f} | {r['duplicate_per_cell']:.2f} |")
+    sweep_rows = []
+    if sweep:  # the ratio at several batch sizes, both sides at the same size
+        lines += ["", "Batch size (rows per forward pass, the same on both sides; constrained engine vs `generate` "
+                  f"with default threads; {args.perturbations} perturbations per cell, one timed run each after a warm-up):", "",
+                  "| batch size | cells | generate cells/s | virtualcell cells/s | speed-up |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for b in sweep:
+            sub = pool.subset(list(range(-(-b // len(perts)))))
+            sub_prompts = [fmt.prefix(sub[i][: model.top_k]) + fmt.suffix(p) for i in range(len(sub)) for p in perts]
+            t = {}
+            for name, fn in (("generate", lambda: plain_generate(default_threads, sub_prompts, b)),
+                             ("virtualcell", lambda: list(model.generate(sub, perts, config=GenerationConfig(
+                                 max_genes=args.genes, min_genes=args.genes if forced else 1, batch_size=b, seed=0))))):
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                t[name] = time.perf_counter() - t0
+            n_b = len(sub_prompts)
+            sweep_rows.append({"batch_size": b, "cells": n_b, "generate_cells_per_s": n_b / t["generate"],
+                               "virtualcell_cells_per_s": n_b / t["virtualcell"], "speedup": t["generate"] / t["virtualcell"]})
+            r = sweep_rows[-1]
+            lines.append(f"| {b} | {n_b} | {r['generate_cells_per_s']:.1f} | {r['virtualcell_cells_per_s']:.1f} | {r['speedup']:.2f}x |")
     lines += ["", f"Machine: {hw}", ""]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(text)
     (args.out / f"{args.name}.json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)},
-                                                                "hardware": hw, "rows": rows}, indent=1))
+                                                                "hardware": hw, "rows": rows, "sweep": sweep_rows}, indent=1))
     return 0
 
 

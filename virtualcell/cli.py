@@ -227,7 +227,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--genes", choices=["all", "shared"], default="all", help="'shared': proceed on the genes the model knows")
     p.add_argument("--n-cells", type=int, default=None, help="use the first N baseline cells")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256, help="(cell, perturbation) rows per forward pass; lower it if memory is short")
+    p.add_argument("--batch-size", type=int, default=512, help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=int, default=None, help="genes per generated cell (default: the model's top_k)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 

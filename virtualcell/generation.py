@@ -60,7 +60,7 @@ class GenerationConfig:
     min_genes: int = 1
     temperature: float = 1.0
     constrain: bool = True
-    batch_size: int = 64
+    batch_size: int = 512
     seed: int = 0
     threads: int | None = None
     prefix_attention: str = "auto"

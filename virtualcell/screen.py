@@ -95,7 +95,7 @@ def screen(
     group_size: int = 16,
     similarity: float = 0.8,
     n_boot: int = 200,
-    batch_size: int = 256,
+    batch_size: int = 512,
     max_genes: int | None = None,
     progress: bool = True,
     stop_after_groups: int | None = None,

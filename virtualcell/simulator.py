@@ -263,7 +263,7 @@ class Simulator:
         *,
         n_cells: int | None = None,
         seed: int = 0,
-        batch_size: int = 256,
+        batch_size: int = 512,
         cell_chunk: int = 32,
         max_genes: int | None = None,
         temperature: float = 1.0,
