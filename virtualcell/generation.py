@@ -2,12 +2,15 @@
 
 The engine generates one cell sentence for every (baseline cell, perturbation) pair:
 
-* **Prefix sharing.** A cell's prompt prefix is run through the model once; its
-  key/value cache is then repeated for every perturbation suffix, instead of
-  recomputing the cell for each pair (compact format: ``<bos> cell <sep>`` +
-  ``perturbation <out>``).
+* **Prefix sharing.** A cell's prompt prefix is run through the model once for all of its
+  perturbation suffixes (compact format: ``<bos> cell <sep>`` + ``perturbation <out>``).
+* **Shared-prefix attention.** The prefix keys/values then stay one copy per cell: each
+  decode step attends to them with one matrix product per cell and to each row's own
+  tokens separately (:mod:`virtualcell.shared_prefix`). Used where a check, once per model,
+  finds the logits equal to the plain path of repeating the prefix cache for every row
+  (``GenerationConfig.prefix_attention``).
 * **KV cache and batching.** Every step feeds one token per row; finished rows are
-  dropped from the batch.
+  dropped from the batch once a quarter of it has finished.
 * **Constrained decoding.** Every generated cell holds only real, distinct genes, and
   at most ``max_genes`` of them (or fewer, ending at EOS). Gene-level tokenizers use a
   vectorized mask; tokenizers where a gene spans several tokens (BPE, SentencePiece)
@@ -19,11 +22,12 @@ The engine generates one cell sentence for every (baseline cell, perturbation) p
   than 1 for a 128-wide model on 2 cores). With ``threads=None`` the engine times one
   decode-shaped forward pass with 1 and with all threads and keeps the faster, restoring
   the process setting afterwards.
-* **Seeded, batch-independent sampling.** Sampling is Gumbel-max with noise hashed
-  from (seed, cell key, perturbation key, step, token): the same seed gives the same
-  cells whatever the batch size, chunking or process split.
+* **Seeded, batch-independent sampling.** Each step draws one uniform per row, hashed from
+  (seed, cell key, perturbation key, step), and inverts the CDF of the (masked, tempered)
+  softmax: the same seed gives the same cells whatever the batch size, chunking or
+  process split.
 
-Only this module and :mod:`virtualcell.model` import torch.
+Only this module, :mod:`virtualcell.shared_prefix` and :mod:`virtualcell.model` import torch.
 """
 
 from __future__ import annotations
