@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="screen the embedded default with the bundled model (offline, ~2 min on a CPU)")
+    p = sub.add_parser("demo", help="screen the embedded default with the bundled model (offline, ~1 min on a CPU)")
     p.add_argument("--out", default="virtualcell-demo", help="results folder (default ./virtualcell-demo)")
     p.add_argument("--n-cells", type=int, default=120, help="baseline cells (default 120)")
     p.add_argument("--top", type=int, default=12, help="rows of the ranking to print")

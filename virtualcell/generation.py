@@ -508,8 +508,11 @@ class _SharedPrefixDecoder:
         self.n = 0
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_mask: torch.Tensor | None = None) -> torch.Tensor:
+        valid = self.state.suffix_valid
+        if self.n + ids.shape[1] > valid.shape[1]:  # the cache layers grow too
+            self.state.suffix_valid = valid = torch.cat([valid, torch.ones_like(valid)], dim=1)
         if new_mask is not None:
-            self.state.suffix_valid[:, self.n : self.n + ids.shape[1]] = new_mask.bool()
+            valid[:, self.n : self.n + ids.shape[1]] = new_mask.bool()
         self.n += ids.shape[1]
         with self.sp.active(self.model):
             out = self.model(input_ids=ids, position_ids=pos, use_cache=True,
@@ -566,7 +569,7 @@ def _check_shared_prefix(model, token: int, device: torch.device) -> bool:  # no
         s_pos = p_pos[:, -1].repeat_interleave(2)[:, None] + s_mask.cumsum(1)
         logits = {}
         for name, cls in (("repeat", _RepeatedPrefixDecoder), ("shared", _SharedPrefixDecoder)):
-            dec = cls(model, kw, cache, p_mask, 2, 8)
+            dec = cls(model, kw, cache, p_mask, 2, 3)  # room for 3: the growing of the buffers is checked too
             got = [dec.forward(s_ids, s_pos, s_mask)]
             pos = s_pos[:, -1]
             for t in range(3):

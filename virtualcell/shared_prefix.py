@@ -208,8 +208,10 @@ def _suffix_layer_class():  # noqa: ANN202
 
         def update(self, key_states, value_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
             n, m = self._n, key_states.shape[-2]
-            if n + m > self._kbuf.shape[-2]:
-                raise RuntimeError(f"suffix cache full ({self._kbuf.shape[-2]} positions); this is a bug in virtualcell")
+            if n + m > self._kbuf.shape[-2]:  # out of room: double (rare; the engine sizes it for the sentence)
+                room = max(n + m, 2 * self._kbuf.shape[-2])
+                self._kbuf = torch.cat([self._kbuf[:, :, :n], self._kbuf.new_empty((*self._kbuf.shape[:2], room - n, self._kbuf.shape[-1]))], dim=2)
+                self._vbuf = torch.cat([self._vbuf[:, :, :n], self._vbuf.new_empty((*self._vbuf.shape[:2], room - n, self._vbuf.shape[-1]))], dim=2)
             self._kbuf[:, :, n : n + m] = key_states
             self._vbuf[:, :, n : n + m] = value_states
             self._n = n + m
