@@ -37,7 +37,7 @@ reference rows separate what that choice gives from what the engine itself gives
 
 Run from the repository root::
 
-    python experiments/bench_generation.py --sweep 128,256,512,1024   # ~12 min on 2 cores
+    python experiments/bench_generation.py --sweep 128,256,512,1024   # ~8 min on 2 cores
     python experiments/bench_generation.py --cells 4 --perturbations 4 --repeats 1   # smoke
 
 Writes ``experiments/results/generation_speed.{md,json}``.

@@ -25,7 +25,7 @@ table shows how RSS grows with the simulated cells (it should not).
 
 Run from the repository root::
 
-    python experiments/bench_scale.py                 # ~35 min on 2 cores
+    python experiments/bench_scale.py                 # ~12 min on 2 cores
     python experiments/bench_scale.py --quick         # a smoke run (~2 min)
 
 Writes ``experiments/results/scale.{md,json}``.
