@@ -69,7 +69,7 @@ def test_shared_prefix_is_used_for_the_bundled_model_and_gives_the_same_cells():
         chunks = list(model.generate(cells, perts, config=cfg))
         got[mode] = [c.sentences[i].tolist() for c in chunks for i in range(len(c.sentences))]
     assert got["shared"] == got["repeat"]
-    assert G._SHARED_OK[(id(model.lm), "cpu", "torch.float32")] is True  # auto picks it for this model
+    assert G._SHARED_OK[model.lm][("cpu", "torch.float32")] is True  # auto picks it for this model
 
 
 def test_shared_prefix_refuses_a_sliding_window_shorter_than_the_sentence():

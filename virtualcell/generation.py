@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -524,7 +525,7 @@ class _SharedPrefixDecoder:
         self.state.select(keep)
 
 
-_SHARED_OK: dict[tuple, bool] = {}
+_SHARED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): passed}
 
 
 def _use_shared_prefix(model, config: GenerationConfig, max_total: int, token: int, device: torch.device) -> bool:  # noqa: ANN001
@@ -538,17 +539,18 @@ def _use_shared_prefix(model, config: GenerationConfig, max_total: int, token: i
             raise ValueError("prefix_attention='shared' is not possible for this model and length (sliding window or "
                              "encoder-decoder); use 'auto' or 'repeat'.")
         return False
-    key = (id(model), str(device), str(next(model.parameters()).dtype))
-    if key not in _SHARED_OK:
-        _SHARED_OK[key] = _check_shared_prefix(model, token, device)
-        if not _SHARED_OK[key]:
+    checked = _SHARED_OK.setdefault(model, {})
+    key = (str(device), str(next(model.parameters()).dtype))
+    if key not in checked:
+        checked[key] = _check_shared_prefix(model, token, device)
+        if not checked[key]:
             import warnings
 
             warnings.warn("Shared-prefix attention does not reproduce this model's plain attention; generating with "
                           "the prefix cache repeated per row instead (slower, same results).", stacklevel=3)
-    if config.prefix_attention == "shared" and not _SHARED_OK[key]:
+    if config.prefix_attention == "shared" and not checked[key]:
         raise ValueError("prefix_attention='shared' does not reproduce this model's attention; use 'auto' or 'repeat'.")
-    return _SHARED_OK[key]
+    return checked[key]
 
 
 def _check_shared_prefix(model, token: int, device: torch.device) -> bool:  # noqa: ANN001
