@@ -89,3 +89,26 @@ def test_shared_prefix_refuses_a_sliding_window_shorter_than_the_sentence():
 def test_bad_prefix_attention_value():
     with pytest.raises(ValueError, match="prefix_attention"):
         GenerationConfig(prefix_attention="fast")
+
+
+def test_rows_are_capped_by_free_accelerator_memory_with_the_same_cells(monkeypatch):
+    """On a GPU the engine lowers rows per forward pass to what fits; sampling does not
+    depend on the batch, so the cells are the same. Simulated here by reporting little free memory."""
+    model = _tiny("llama")
+    prefixes = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    suffixes = [[14], [15, 16]]
+    cfg = GenerationConfig(max_genes=10, batch_size=6, constrain=False, seed=3)
+
+    def run():  # noqa: ANN202
+        with torch.inference_mode():
+            return sorted(G.generate_grid(model, prefixes, suffixes, cell_keys=[0, 1, 2], suffix_keys=[0, 1],
+                                          constraint=None, eos_id=2, pad_id=0, config=cfg))
+
+    full = run()
+    tokens = 4 + 2 + 11 + 1
+    per_row = 2 * 2 * 4 * 8 * 4 * tokens + 4 * 50 * 4  # layers, k+v, heads, head dim, fp32 bytes, tokens; logits
+    monkeypatch.setattr(G, "_free_memory", lambda device: 2 * per_row * 2)  # room for 2 rows in half of it
+    assert G._rows_that_fit(model, torch.device("cpu"), tokens) == 2
+    with pytest.warns(UserWarning, match="using 2 rows"):
+        capped = run()
+    assert capped == full

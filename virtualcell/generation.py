@@ -379,6 +379,32 @@ def _pick_threads(model, rows: int, device: torch.device, vocab_token: int) -> i
     return choice
 
 
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator; None where the engine does not limit rows (CPU, MPS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
+def _rows_that_fit(model, device: torch.device, tokens: int) -> int | None:  # noqa: ANN001
+    """Rows whose key/value caches (``tokens`` positions) and logits fit in half the free memory."""
+    free = _free_memory(device)
+    if free is None:
+        return None
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    try:
+        layers = int(cfg.num_hidden_layers)
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        vocab = int(cfg.vocab_size)
+    except (AttributeError, TypeError, ValueError):
+        return None  # an architecture whose sizes are named differently: no limit
+    width = next(model.parameters()).element_size()
+    per_row = layers * 2 * heads * head_dim * width * tokens + 4 * vocab * 4  # cache + logits, probs, cdf, mask
+    return max(1, int(0.5 * free) // per_row)
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -406,10 +432,23 @@ def generate_grid(
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
 
-    Prefixes are computed once per chunk of cells and their caches repeated for all
-    suffixes. Memory is bounded by ``config.batch_size`` rows at a time.
+    Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
+    bounded by ``config.batch_size`` rows at a time; on a GPU, fewer if the rows' caches
+    would not fit in the free memory (with a warning; the cells are the same either way,
+    since sampling does not depend on the batch).
     """
     device = next(model.parameters()).device
+    steps = max_new_tokens or (config.max_genes + 1)
+    longest = max((len(p) for p in prefixes), default=0) + max((len(s) for s in suffixes), default=0) + steps + 1
+    cap = _rows_that_fit(model, device, longest)
+    if cap is not None and cap < config.batch_size:
+        import dataclasses
+        import warnings
+
+        warnings.warn(f"{config.batch_size} rows per forward pass would need more GPU memory than is free for "
+                      f"sentences of up to {longest} tokens; using {cap} rows (pass a smaller batch_size to "
+                      "silence this).", stacklevel=3)
+        config = dataclasses.replace(config, batch_size=cap)
     threads = config.threads
     if threads is None:
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
