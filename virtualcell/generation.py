@@ -314,34 +314,48 @@ def _preallocated_layer_class():  # noqa: ANN202
 
         @classmethod
         def adopt(cls, layer, extra: int) -> None:  # noqa: ANN001
+            """Turn a filled ``DynamicLayer`` into one with room for ``extra`` more positions."""
             b, h, n, d = layer.keys.shape
             kbuf = layer.keys.new_empty((b, h, n + extra, d))
             vbuf = layer.values.new_empty((b, h, n + extra, layer.values.shape[-1]))
             kbuf[:, :, :n] = layer.keys
             vbuf[:, :, :n] = layer.values
             layer.__class__ = cls
-            layer._kbuf, layer._vbuf, layer._n = kbuf, vbuf, n
+            layer._set(kbuf, vbuf, n)
+
+        @classmethod
+        def empty(cls, rows: int, heads: int, dk: int, dv: int, capacity: int, dtype: torch.dtype,  # noqa: PLR0913
+                  device: torch.device):  # noqa: ANN206
+            """A layer holding nothing yet, with room for ``capacity`` positions."""
+            layer = cls()
+            layer.is_initialized, layer.dtype, layer.device = True, dtype, device
+            layer._set(torch.empty((rows, heads, capacity, dk), dtype=dtype, device=device),
+                       torch.empty((rows, heads, capacity, dv), dtype=dtype, device=device), 0)
+            return layer
+
+        def _set(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+            self._kbuf, self._vbuf, self._n = kbuf, vbuf, n
+            self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
 
         def update(self, key_states, value_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
             n, m = self._n, key_states.shape[-2]
-            if n + m > self._kbuf.shape[-2]:  # out of room: grow (rare; doubles)
-                grow = max(m, self._kbuf.shape[-2])
-                self._kbuf = torch.cat([self._kbuf[:, :, :n], self._kbuf.new_empty((*self._kbuf.shape[:2], grow + m, self._kbuf.shape[-1]))], dim=2)
-                self._vbuf = torch.cat([self._vbuf[:, :, :n], self._vbuf.new_empty((*self._vbuf.shape[:2], grow + m, self._vbuf.shape[-1]))], dim=2)
+            if n + m > self._kbuf.shape[-2]:  # out of room: double (rare; the engine sizes it for the sentence)
+                room = max(n + m, 2 * self._kbuf.shape[-2])
+                grow = lambda buf: torch.cat([buf[:, :, :n], buf.new_empty((*buf.shape[:2], room - n, buf.shape[-1]))], dim=2)  # noqa: E731
+                self._kbuf, self._vbuf = grow(self._kbuf), grow(self._vbuf)
             self._kbuf[:, :, n : n + m] = key_states
             self._vbuf[:, :, n : n + m] = value_states
-            self._n = n + m
-            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+            self._set(self._kbuf, self._vbuf, n + m)
             return self.keys, self.values
 
+        def get_seq_length(self) -> int:
+            return self._n
+
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+            self._set(self._kbuf[indices], self._vbuf[indices], self._n)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
-            self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+            self._set(self._kbuf.repeat_interleave(repeats, dim=0), self._vbuf.repeat_interleave(repeats, dim=0), self._n)
 
     return PreallocatedLayer
 
@@ -458,18 +472,17 @@ def generate_grid(
         if threads:
             torch.set_num_threads(threads)
         yield from _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,
-                         max_new_tokens, device)
+                         steps, device)
     finally:
         torch.set_num_threads(previous)
 
 
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
-          max_new_tokens, device):
+          steps, device):
     kw = _cache_kwarg(model)
     n_suffix = len(suffixes)
     per_group = max(1, min(n_suffix, config.batch_size))
     cells_per_chunk = max(1, config.batch_size // per_group)
-    steps = max_new_tokens or (config.max_genes + 1)
     s_longest = max((len(s) for s in suffixes), default=0)
     for c0 in range(0, len(prefixes), cells_per_chunk):
         cells = list(range(c0, min(c0 + cells_per_chunk, len(prefixes))))
@@ -542,8 +555,12 @@ class _SharedPrefixDecoder:
         kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
         self.state = shared_prefix.SharedPrefix(kv, p_mask.bool(), g)
         rows = p_mask.shape[0] * g
-        shapes = [(k.shape[1], k.shape[3], v.shape[3]) for k, v in kv]
-        self.cache = shared_prefix.suffix_cache(len(kv), rows, shapes, capacity, kv[0][0].dtype, p_mask.device)
+        from transformers import DynamicCache
+
+        # each row's own positions only, preallocated; the prefix stays in self.state
+        self.cache = DynamicCache()
+        self.cache.layers = [_preallocated_layer_class().empty(rows, k.shape[1], k.shape[3], v.shape[3], capacity, k.dtype,
+                                                               p_mask.device) for k, v in kv]
         self.state.suffix_valid = torch.ones((rows, capacity), dtype=torch.bool, device=p_mask.device)
         self.n = 0
 

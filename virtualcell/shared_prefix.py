@@ -68,6 +68,23 @@ class SharedPrefix:
             self.suffix_valid = self.suffix_valid[keep]
         self._bias_key = None
 
+    def to_cells(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, kv, m, k) -> (cells, kv, group * m, k): a cell's rows stacked into one matrix.
+        Rows dropped from the batch are zeros in their slot."""
+        _, kv, m, k = x.shape
+        if self.slots is not None:
+            full = x.new_zeros((self.n_cells * self.group, kv, m, k))
+            full[self.slots] = x
+            x = full
+        return x.reshape(self.n_cells, self.group, kv, m, k).transpose(1, 2).reshape(self.n_cells, kv, self.group * m, k)
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_cells`, for the rows still in the batch."""
+        _, kv, gm, k = x.shape
+        m = gm // self.group
+        x = x.view(self.n_cells, kv, self.group, m, k).transpose(1, 2).reshape(self.n_cells * self.group, kv, m, k)
+        return x if self.slots is None else x[self.slots]
+
     def row_cells(self) -> torch.Tensor:
         device = self.prefix_valid.device
         rows = torch.arange(self.n_cells * self.group, device=device) if self.slots is None else self.slots
@@ -111,22 +128,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     n_s = key.shape[2]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     kp, vp = state.prefix_kv[module.layer_idx]
-    cells, _, n_p, _ = kp.shape
-    g = state.group
+    n_p = kp.shape[2]
 
     # Query heads that share a KV head, and the q positions, become rows of one matrix.
     q = query.reshape(rows, n_kv, rep * n_q, d)
     s_suffix = torch.matmul(q, key.transpose(-1, -2))  # rows, kv, rep*q, S
-    if state.slots is None:
-        q_full = q
-    else:
-        q_full = q.new_zeros((cells * g, n_kv, rep * n_q, d))
-        q_full[state.slots] = q
-    q_cell = q_full.view(cells, g, n_kv, rep * n_q, d).transpose(1, 2).reshape(cells, n_kv, g * rep * n_q, d)
-    s_prefix = torch.matmul(q_cell, kp.transpose(-1, -2))  # cells, kv, g*rep*q, P
-    s_prefix = s_prefix.view(cells, n_kv, g, rep * n_q, n_p).transpose(1, 2).reshape(cells * g, n_kv, rep * n_q, n_p)
-    if state.slots is not None:
-        s_prefix = s_prefix[state.slots]
+    s_prefix = state.to_rows(torch.matmul(state.to_cells(q), kp.transpose(-1, -2)))  # rows, kv, rep*q, P
     scores = torch.cat([s_prefix, s_suffix], dim=-1).float() * scale  # rows, kv, rep*q, P+S
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -134,16 +141,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     scores = (scores.view(rows, n_kv, rep, n_q, n_p + n_s) + bias).view(rows, n_kv, rep * n_q, n_p + n_s)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs[..., n_p:], value)  # rows, kv, rep*q, d
-    p_prefix = probs[..., :n_p]
-    if state.slots is not None:
-        full = p_prefix.new_zeros((cells * g, n_kv, rep * n_q, n_p))
-        full[state.slots] = p_prefix
-        p_prefix = full
-    p_cell = p_prefix.reshape(cells, g, n_kv, rep * n_q, n_p).transpose(1, 2).reshape(cells, n_kv, g * rep * n_q, n_p)
-    o_prefix = torch.matmul(p_cell, vp)  # cells, kv, g*rep*q, d
-    o_prefix = o_prefix.view(cells, n_kv, g, rep * n_q, d).transpose(1, 2).reshape(cells * g, n_kv, rep * n_q, d)
-    if state.slots is not None:
-        o_prefix = o_prefix[state.slots]
+    o_prefix = state.to_rows(torch.matmul(state.to_cells(probs[..., :n_p]), vp))  # rows, kv, rep*q, d
     out = out + o_prefix
     out = out.view(rows, n_heads, n_q, d).transpose(1, 2).contiguous()
     return out, None
@@ -172,61 +170,6 @@ def active(model) -> Iterator[None]:  # noqa: ANN001
         yield
     finally:
         config._attn_implementation = previous
-
-
-def suffix_cache(n_layers: int, rows: int, kv_heads: list[tuple[int, int, int]], capacity: int,
-                 dtype: torch.dtype, device: torch.device):  # noqa: ANN205
-    """A ``DynamicCache`` whose layers hold only the rows' own positions, preallocated."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cache.layers = [_suffix_layer_class()(rows, h, dk, dv, capacity, dtype, device) for h, dk, dv in kv_heads]
-    assert len(cache.layers) == n_layers
-    return cache
-
-
-_SUFFIX_LAYER = None
-
-
-def _suffix_layer_class():  # noqa: ANN202
-    global _SUFFIX_LAYER
-    if _SUFFIX_LAYER is not None:
-        return _SUFFIX_LAYER
-    from transformers.cache_utils import DynamicLayer
-
-    class SuffixLayer(DynamicLayer):
-        """Keys/values of each row's own positions, written into a preallocated buffer."""
-
-        def __init__(self, rows, heads, dk, dv, capacity, dtype, device):  # noqa: ANN001, PLR0913
-            super().__init__()
-            self._kbuf = torch.empty((rows, heads, capacity, dk), dtype=dtype, device=device)
-            self._vbuf = torch.empty((rows, heads, capacity, dv), dtype=dtype, device=device)
-            self._n = 0
-            self.keys, self.values = self._kbuf[:, :, :0], self._vbuf[:, :, :0]
-            self.is_initialized = True
-            self.dtype, self.device = dtype, device
-
-        def update(self, key_states, value_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
-            n, m = self._n, key_states.shape[-2]
-            if n + m > self._kbuf.shape[-2]:  # out of room: double (rare; the engine sizes it for the sentence)
-                room = max(n + m, 2 * self._kbuf.shape[-2])
-                self._kbuf = torch.cat([self._kbuf[:, :, :n], self._kbuf.new_empty((*self._kbuf.shape[:2], room - n, self._kbuf.shape[-1]))], dim=2)
-                self._vbuf = torch.cat([self._vbuf[:, :, :n], self._vbuf.new_empty((*self._vbuf.shape[:2], room - n, self._vbuf.shape[-1]))], dim=2)
-            self._kbuf[:, :, n : n + m] = key_states
-            self._vbuf[:, :, n : n + m] = value_states
-            self._n = n + m
-            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self._n
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
-
-    _SUFFIX_LAYER = SuffixLayer
-    return SuffixLayer
 
 
 def supported(model, max_total: int) -> bool:  # noqa: ANN001
