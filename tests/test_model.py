@@ -142,7 +142,7 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
 
 
 def test_repeat_mask_of_the_loss_matches_a_cumulative_one_hot():
-    from virtualcell.train import seen_before
+    from virtualcell.training.loss import seen_before
 
     g = torch.Generator().manual_seed(0)
     for _ in range(10):

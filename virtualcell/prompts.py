@@ -217,6 +217,19 @@ class CompactFormat:
     def response(self, gene_ids: np.ndarray) -> list[int]:
         return [*self.gene_tokens[gene_ids].tolist(), self.eos]
 
+    # the interface the trainer calls (one per format, no type checks)
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
+        return self.prefix(cell_gene_ids), self.suffix(p)
+
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        return [self.bos, *self.response(gene_ids)]
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """The only tokens a response may hold (one per gene, and end-of-sentence)."""
+        return np.append(self.gene_tokens, self.eos)
+
     def to_genes(self, tokens: Sequence[int]) -> np.ndarray:
         ids = self.token_to_gene[np.asarray(tokens, dtype=np.int64)] if len(tokens) else np.zeros(0, np.int64)
         return ids
@@ -248,3 +261,16 @@ class C2SFormat:
     def response(self, gene_ids: np.ndarray) -> list[int]:
         text = "".join(" " + self.genes[i] for i in gene_ids)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos]
+
+    # the interface the trainer calls (one per format, no type checks)
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: this prompt names the perturbation before the cell, so nothing is shared."""
+        return [], self.prompt(cell_gene_ids, p)
+
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        return self.response(gene_ids)
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """``None``: a text tokenizer writes genes in several tokens, so no token is ruled out."""
+        return None

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,12 +85,21 @@ class TrainConfig:
     holdout: dict[str, list[str]] = field(default_factory=dict)
     mask_repeats_in_loss: bool = True
     max_pairs: int = 200_000
+    group_size: int = 4
+    threads: int | None = None
+    attention: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError(f"--max-minutes must be > 0, got {self.max_minutes}.")
         if self.kind not in {"auto", *set(KIND_ALIASES.values())}:
             raise TrainingError(f"Unknown kind {self.kind!r}; use auto, knockout, knockdown, activation, drug, cytokine or label.")
+        if self.attention not in ("auto", "sdpa", "eager") or self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainingError(f"attention={self.attention!r} / precision={self.precision!r}: use auto, sdpa or eager / "
+                                "auto, fp32 or bf16.")
+        if self.group_size < 1:
+            raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
         if self.hidden_size % self.n_heads:
             raise TrainingError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}.")
 
@@ -275,28 +284,16 @@ def train(
     on_log
         Called with each log record (step, loss, val_loss, tokens/s), e.g. for live plots.
     """
-    import torch
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from .model import C2SModel
+    from .training.loop import torch_threads
 
     cfg = config or TrainConfig()
-    contract = contract or DataContract.from_adata(adata)
-    contract.validate(adata)
-    out = Path(out)
-    t_start = time.perf_counter()
-    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+    with torch_threads(cfg.threads):
+        return _train(adata, out=Path(out), contract=contract or DataContract.from_adata(adata), cfg=cfg, base=base,
+                      resume=resume, progress=progress, on_log=on_log)
 
-    train_mask = _holdout_mask(adata, cfg.holdout)
-    data = adata[train_mask]
-    if data.n_obs == 0:
-        raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
-    genes = Vocabulary.from_adata(data)
-    sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
-    fit = RankFit.fit(data, sentences, seed=cfg.seed)
-    typed, pvocab = typed_labels(data, contract, genes, cfg)
-    src, tgt = build_pairs(data, contract, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed)
+
+def _pair_split(data: ad.AnnData, contract: DataContract, cfg: TrainConfig, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation target cells: every perturbed cell, plus control cells up to ``control_fraction``."""
     rng = np.random.default_rng(cfg.seed)
     is_ctrl = contract.is_control(data)
     pert_idx = np.flatnonzero(~is_ctrl)
@@ -318,8 +315,14 @@ def train(
         if ctrl_train.size and n_extra > 0:
             train_targets = np.concatenate([train_targets, rng.choice(ctrl_train, size=n_extra, replace=True)])
             rng.shuffle(train_targets)
+    return train_targets, val_targets
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: PerturbationVocab):  # noqa: ANN202
+    """A new small gene-level Llama with its word-level tokenizer, or a Hugging Face base model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     if base is None:
         from .prompts import build_gene_tokenizer
 
@@ -331,210 +334,154 @@ def train(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(cfg.seed)
-        lm = LlamaForCausalLM(lm_config)
-        fmt_name = "compact"
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        lm = AutoModelForCausalLM.from_pretrained(base)
-        fmt_name = "c2s"
+        return LlamaForCausalLM(lm_config), tokenizer, "compact"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(base), tokenizer, "c2s"
+
+
+def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainConfig, base: str | None, resume: bool,
+           progress: bool, on_log: Callable[[dict[str, float]], None] | None) -> C2SModel:
+    import torch
+    from accelerate import Accelerator
+
+    from .model import C2SModel
+    from .training import batching, checkpoint, kernels, loop
+    from .training.loss import response_loss
+
+    contract.validate(adata)
+    t_start = time.perf_counter()
+    budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+
+    data = adata[_holdout_mask(adata, cfg.holdout)]
+    if data.n_obs == 0:
+        raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
+    genes = Vocabulary.from_adata(data)
+    sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
+    fit = RankFit.fit(data, sentences, seed=cfg.seed)
+    typed, pvocab = typed_labels(data, contract, genes, cfg)
+    src, _ = build_pairs(data, contract, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed)
+    train_targets, val_targets = _pair_split(data, contract, cfg, src)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    lm, tokenizer, fmt_name = _new_model(cfg, base, genes, pvocab)
     run_config = asdict(cfg) | {"base": base, "data_hash": data_hash(data, contract), "n_train_cells": int(data.n_obs),
-                                "n_pairs": int(train_targets.size), "n_val_pairs": int(n_val)}
+                                "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size)}
     model = C2SModel(lm, tokenizer, genes=genes, perturbations=pvocab, prompt_format=fmt_name, rank_fit=fit,
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
     parsed = {s: parse(s) for s in set(typed)}
 
-    def example(target: int, pretrain: bool) -> tuple[list[int], list[int]]:
-        tgt_ids = sentences[target]
-        if pretrain:
-            if fmt_name == "compact":
-                ids = [fmt.bos, *fmt.gene_tokens[tgt_ids].tolist(), fmt.eos]  # type: ignore[union-attr]
-                return ids, [-100] + ids[1:]
-            resp = fmt.response(tgt_ids)
-            return resp, resp
-        cell = sentences[src[target]]
-        p = parsed[typed[target]]
-        prompt = fmt.prefix(cell) + fmt.suffix(p) if fmt_name == "compact" else fmt.prompt(cell, p)  # type: ignore[union-attr]
-        resp = fmt.response(tgt_ids)
-        return prompt + resp, [-100] * len(prompt) + resp
-
-    def batch(indices: np.ndarray, pretrain: bool) -> dict[str, torch.Tensor]:
-        seqs = [example(int(i), pretrain) for i in indices]
-        width = max(len(s) for s, _ in seqs)
-        pad = tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-        att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, (s, lb) in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            lab[r, : len(s)] = torch.tensor(lb)
-            att[r, : len(s)] = 1
-        return {"input_ids": ids, "labels": lab, "attention_mask": att}
-
-    vocab_size = lm.get_output_embeddings().weight.shape[0]
-    use_mask = cfg.mask_repeats_in_loss and fmt_name == "compact"
-    allowed = torch.zeros(vocab_size, dtype=torch.bool)
-    if use_mask:
-        allowed[torch.as_tensor(fmt.gene_tokens)] = True  # type: ignore[union-attr]
-        allowed[fmt.eos] = True  # type: ignore[union-attr]
-
-    def loss_of(lm_, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logits = lm_(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        target = b["labels"][:, 1:]
-        valid = target != -100
-        if use_mask:
-            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-            logits = logits.masked_fill(seen_before(target, valid, vocab_size), float("-inf"))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), target.reshape(-1), ignore_index=-100)
-        return loss, int(valid.sum())
-
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
-    def lr_at(step: int) -> float:
-        """Warm-up, then cosine decay to 10%, over max_steps or the time budget, whichever ends first."""
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if budget is not None:
-            frac = max(frac, (time.perf_counter() - t_start) / budget)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    lm, optimizer = accelerator.prepare(lm, optimizer)
-    state: dict[str, Any] = {"step": 0, "history": [], "pretrain_end": None}
-    last = out / "last"
-    if resume and (last / "trainer_state.pt").exists():
-        saved = json.loads((last / "run_config.json").read_text())
-        if saved.get("data_hash") != run_config["data_hash"]:
-            raise TrainingError(
-                f"{last} holds a run on other data (hash {saved.get('data_hash')} vs {run_config['data_hash']}). "
-                "Use another --out, or delete it to start over."
-            )
-        st = torch.load(last / "trainer_state.pt", weights_only=False)
-        accelerator.unwrap_model(lm).load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        state = {"step": st["step"], "history": st["history"], "pretrain_end": st.get("pretrain_end")}
-        log.info("resuming from step %d", state["step"])
-
-    n_pre = int(cfg.pretrain_fraction * cfg.max_steps)
+    # which pairs make each step, and how they become tensors
+    pairs = batching.PairSchedule(train_targets, src[train_targets], batch_size=cfg.batch_size,
+                                  group_size=cfg.group_size, seed=cfg.seed)
+    lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
+                                 group_size=1, seed=cfg.seed, salt=1)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    def indices_for(step: int) -> tuple[np.ndarray, bool]:
-        """The batch at a step is a pure function of (seed, step, end of pre-training): resuming repeats nothing."""
-        pretrain = step < (n_pre if state.get("pretrain_end") is None else state["pretrain_end"])
-        pool = np.arange(data.n_obs) if pretrain else train_targets
-        per_epoch = max(1, pool.size // cfg.batch_size)
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch, int(pretrain)]).permutation(pool.size)
-        chosen = pool[order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-        return chosen[rank::world], pretrain
+    def groups_of(chunks: list[np.ndarray], pretrain: bool) -> list[batching.Group]:
+        """Token groups of chunks of target cells (a chunk's pairs share their source cell)."""
+        if pretrain:
+            return [([], [(s[:1], s[1:])]) for s in (fmt.sentence(sentences[int(t)]) for c in chunks for t in c)]
+        out_groups: list[batching.Group] = []
+        for chunk in chunks:
+            parts = [fmt.prompt_parts(sentences[int(src[t])], parsed[typed[int(t)]]) for t in chunk]
+            segs = [(own, fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]
+            if parts[0][0]:
+                out_groups.append((parts[0][0], segs))
+            else:  # nothing shared (text prompts): each pair is its own group
+                out_groups.extend(([], [seg]) for seg in segs)
+        return out_groups
+
+    def batch_at(step: int, pretrain: bool) -> batching.Batch:
+        schedule = lone if pretrain else pairs
+        chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
+        return batching.pack(groups_of(chunks, pretrain), fmt.pad).to(accelerator.device)
+
+    vocab_size = lm.get_output_embeddings().weight.shape[0]
+    response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None
+    allowed = None
+    if response_tokens is not None:
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[torch.as_tensor(response_tokens)] = True
+        allowed = allowed.to(accelerator.device)
+
+    precision = "fp32"
+
+    def loss_of(b: batching.Batch) -> tuple[torch.Tensor, int]:
+        with kernels.autocast(accelerator.device, precision):
+            return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None)
+
+    # validation pairs in a fixed order, same-source pairs together
+    val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
+    val_batches = [_chunks_by_source(val_order[i : i + cfg.batch_size], src, cfg.group_size)
+                   for i in range(0, val_order.size, cfg.batch_size)]
 
     def validate() -> float:
-        if n_val == 0:
+        if not val_batches:
             return float("nan")
         lm.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for i in range(0, n_val, cfg.batch_size):
-                b = {k: v.to(accelerator.device) for k, v in batch(val_targets[i : i + cfg.batch_size], False).items()}
-                loss, n = loss_of(lm, b)
+            for chunks in val_batches:
+                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad).to(accelerator.device))
                 total += float(loss) * n
                 count += n
         lm.train()
         return total / max(count, 1)
 
-    def save(where: Path) -> None:
+    # the fastest attention kernel and precision for this model on this machine (measured on a CPU)
+    attention_before = lm.config._attn_implementation
+    chosen = kernels.choose(lm, accelerator.device, lambda: response_loss(lm, batch_at(0, False), allowed=allowed,
+                                                                           no_repeat=allowed is not None)[0],
+                            attention=cfg.attention, precision=cfg.precision)
+    precision = chosen.precision
+    run_config["kernels"] = {"attention": chosen.attention, "precision": chosen.precision}
+
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    lm, optimizer = accelerator.prepare(lm, optimizer)
+    state = loop.LoopState()
+    last = out / "last"
+    if resume:
+        saved = checkpoint.load(last, data_hash=run_config["data_hash"])
+        if saved is not None:
+            accelerator.unwrap_model(lm).load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = loop.LoopState(saved["step"], saved["history"], saved.get("pretrain_end"))
+            log.info("resuming from step %d", state.step)
+
+    def save_checkpoint(st: loop.LoopState) -> None:
         if not accelerator.is_main_process:
             return
-        where.mkdir(parents=True, exist_ok=True)
         model.lm = accelerator.unwrap_model(lm)
-        model.train_config = run_config | {"steps": state["step"], "history": state["history"][-50:]}
-        model.save(where)
-        (where / "run_config.json").write_text(json.dumps(run_config, indent=1))
-        torch.save({"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(), "step": state["step"],
-                    "history": state["history"], "pretrain_end": state.get("pretrain_end")}, where / "trainer_state.pt")
+        model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
+        checkpoint.save(last, model.save, run_config=run_config,
+                        state={"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
+                               "history": st.history, "pretrain_end": st.pretrain_end})
 
-    bar = _progress(total=cfg.max_steps, initial=state["step"], enabled=progress and accelerator.is_main_process)
-    lm.train()
-    tokens_seen, t_loop, first_step_s = 0, time.perf_counter(), None
-    while state["step"] < cfg.max_steps:
-        step = state["step"]
-        t_step = time.perf_counter()
-        if (budget is not None and state.get("pretrain_end") is None and step < n_pre
-                and t_step - t_start > cfg.pretrain_fraction * budget):
-            # pre-training gets pretrain_fraction of the time budget when that ends before its share of max_steps
-            state["pretrain_end"] = step
-            log.info("pre-training ends at step %d: its share of --max-minutes is used", step)
-        idx, pretrain = indices_for(step)
-        b = {k: v.to(accelerator.device) for k, v in batch(idx, pretrain).items()}
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
-        loss, n_tok = loss_of(lm, b)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        tokens_seen += int(b["attention_mask"].sum())
-        elapsed = time.perf_counter() - t_start
-        if first_step_s is None:
-            first_step_s = time.perf_counter() - t_step
-            if budget is not None and elapsed > budget:
-                raise TrainingError(
-                    f"--max-minutes {cfg.max_minutes:g} ({budget:.1f} s) is too small: setting up took "
-                    f"{elapsed - first_step_s:.1f} s and one optimizer step {first_step_s:.2f} s here. Give at least "
-                    f"{math.ceil(elapsed * 20 / 60 * 10) / 10:g} minutes for a useful run."
-                )
-        record = {"step": state["step"], "loss": loss.item(), "lr": lr_at(step), "phase": 0.0 if pretrain else 1.0,
-                  "tokens_per_s": tokens_seen / max(1e-9, time.perf_counter() - t_loop), "elapsed_s": elapsed}
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
-            record["val_loss"] = validate()
-        state["history"].append(record)
-        if on_log is not None:
-            on_log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs")
-        if state["step"] % cfg.save_every == 0:
-            save(last)
-        if budget is not None and elapsed + (time.perf_counter() - t_step) > budget:
-            log.info("stopping at step %d: --max-minutes %.2f reached", state["step"], cfg.max_minutes)
-            break
-    bar.close()
-    if not state["history"] or "val_loss" not in state["history"][-1]:
-        state["history"][-1]["val_loss"] = validate() if state["history"] else float("nan")
-    save(last)
+    budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
+                         pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start)
+    state = loop.fit(
+        lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
+        budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
+        backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
+        progress=progress and accelerator.is_main_process,
+    )
     model.lm = accelerator.unwrap_model(lm)
+    model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
+    save_checkpoint(state)
     model.lm.eval()
     if accelerator.is_main_process:
         model.save(out)
-        (out / "history.json").write_text(json.dumps(state["history"]))
+        (out / "history.json").write_text(json.dumps(state.history))
     return model
 
 
-def seen_before(target, valid, vocab_size: int):  # noqa: ANN001, ANN201
-    """``seen[b, t, v]``: token ``v`` is a valid target of row ``b`` at a position before ``t``.
-
-    Computed from each token's first valid position (a scatter-min over ``B x V``) and one
-    broadcast comparison, instead of a cumulative sum over a ``B x T x V`` int64 one-hot: the
-    same mask with 8x less memory, which matters for vocabularies of thousands of genes.
-    """
-    import torch
-
-    B, T = target.shape
-    pos = torch.arange(T, device=target.device).expand(B, T)
-    first = torch.full((B, vocab_size), T, dtype=torch.long, device=target.device)
-    first.scatter_reduce_(1, target.clamp(min=0), torch.where(valid, pos, torch.full_like(pos, T)), reduce="amin")
-    return first[:, None, :] < pos[:, :, None]
-
-
-def _progress(total: int, initial: int, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
-
-
-def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
-    """A copy of ``cfg`` with the non-None keyword values replaced."""
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
-
+def _chunks_by_source(targets: np.ndarray, src: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """``targets`` split into runs of the same source cell, at most ``group_size`` each (targets sorted by source)."""
+    out: list[np.ndarray] = []
+    cuts = np.flatnonzero(np.diff(src[targets])) + 1
+    for run in np.split(targets, cuts):
+        out.extend(np.array_split(run, int(np.ceil(run.size / group_size))))
+    return out

@@ -1,0 +1,256 @@
+"""The trainer's parts: packed batches, loss, schedule, checkpoints (no training runs here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from virtualcell.errors import TrainingError
+from virtualcell.training import batching, checkpoint
+from virtualcell.training.loss import response_loss
+from virtualcell.training.schedule import lr_at
+
+PAD = 0
+
+
+def _tiny_lm(vocab: int = 40, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _groups(rng: np.random.Generator, n_groups: int = 3, vocab: int = 40) -> list:
+    groups = []
+    for _ in range(n_groups):
+        shared = rng.integers(1, vocab, size=int(rng.integers(2, 9))).tolist()
+        pairs = [(rng.integers(1, vocab, size=int(rng.integers(1, 4))).tolist(),
+                  rng.integers(1, vocab, size=int(rng.integers(1, 7))).tolist()) for _ in range(int(rng.integers(1, 4)))]
+        groups.append((shared, pairs))
+    return groups
+
+
+def _reference_loss(lm, groups) -> torch.Tensor:  # noqa: ANN001
+    """Each pair as one plain sequence (shared + own + response), HF forward, CE on the response tokens."""
+    losses = []
+    for shared, pairs in groups:
+        for own, response in pairs:
+            seq = torch.tensor([list(shared) + list(own) + list(response)])
+            logits = lm(input_ids=seq).logits[0, :-1].float()
+            target = seq[0, 1:].clone()
+            target[: len(shared) + len(own) - 1] = -100
+            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none")[target != -100])
+    return torch.cat(losses).mean()
+
+
+def test_packed_loss_equals_the_plain_loss_of_each_pair():
+    lm = _tiny_lm()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        groups = _groups(rng)
+        ref = _reference_loss(lm, groups)
+        packed = response_loss(lm, batching.pack(groups, PAD))[0]
+        alone = response_loss(lm, batching.pack([(s, [p]) for s, ps in groups for p in ps], PAD))[0]
+        assert torch.allclose(packed, ref, atol=1e-5), (packed, ref)
+        assert torch.allclose(alone, ref, atol=1e-5)
+
+
+def test_packed_gradients_equal_the_plain_gradients():
+    groups = _groups(np.random.default_rng(1))
+    grads = []
+    for fn in (lambda m: _reference_loss(m, groups), lambda m: response_loss(m, batching.pack(groups, PAD))[0]):
+        lm = _tiny_lm()
+        lm.zero_grad()
+        fn(lm).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_pack_without_shared_prompt_and_the_token_count():
+    groups = [([], [([5], [6, 7, 8])]), ([], [([5, 9, 9], [3])])]
+    b = batching.pack(groups, PAD)
+    assert b.prefix_ids is None
+    assert b.n_tokens == 4 + 4 and b.n_targets == 3 + 1
+    assert b.targets[0].tolist() == [6, 7, 8, -100]
+    assert b.targets[1].tolist() == [-100, -100, 3, -100]
+    with pytest.raises(ValueError, match="cannot share a batch"):
+        batching.pack([([1, 2], [([3], [4])]), ([], [([3], [4])])], PAD)
+
+
+def test_masks_rule_out_forbidden_and_repeated_tokens():
+    lm = _tiny_lm()
+    groups = [([1, 2, 3], [([4], [10, 11, 10])])]  # the response repeats token 10
+    allowed = torch.zeros(40, dtype=torch.bool)
+    allowed[[10, 11, 12]] = True
+    b = batching.pack(groups, PAD)
+    assert torch.isinf(response_loss(lm, b, allowed=allowed, no_repeat=True)[0])  # a repeat gets no probability
+    groups = [([1, 2, 3], [([4], [10, 11, 12])])]
+    b = batching.pack(groups, PAD)
+    free = response_loss(lm, b)[0]
+    masked = response_loss(lm, b, allowed=allowed, no_repeat=True)[0]
+    assert masked < free  # probability moves onto the allowed tokens
+    # by hand: 3 allowed tokens; after 10 and 11 are written, only 12 is left (probability 1)
+    logits = lm(input_ids=torch.tensor([[1, 2, 3, 4, 10, 11]])).logits[0, -3:].float()
+    lp0 = torch.log_softmax(logits[0, [10, 11, 12]], 0)[0]
+    lp1 = torch.log_softmax(logits[1, [11, 12]], 0)[0]
+    assert torch.allclose(masked, -(lp0 + lp1 + 0.0) / 3, atol=1e-5)
+
+
+def test_pair_schedule_is_deterministic_grouped_and_covers_each_pair_once():
+    rng = np.random.default_rng(0)
+    targets = np.arange(100, 197)
+    sources = rng.integers(0, 12, size=targets.size)
+    sched = batching.PairSchedule(targets, sources, batch_size=16, group_size=4, seed=3)
+    assert sched.per_epoch == 6
+    seen = np.concatenate([sched.at(k) for k in range(sched.per_epoch)])
+    assert len(set(seen.tolist())) == seen.size == 96  # one epoch: no pair twice, the remainder dropped
+    again = batching.PairSchedule(targets, sources, batch_size=16, group_size=4, seed=3)
+    assert np.array_equal(again.at(7), sched.at(7)) and np.array_equal(again.at(2), sched.at(2))
+    assert not np.array_equal(sched.at(0), sched.at(sched.per_epoch))  # a new epoch, a new order
+    sizes = []
+    for k in range(sched.per_epoch):
+        for g in sched.groups(sched.at(k)):
+            assert 1 <= g.size <= 4 and len(set(sources[g].tolist())) == 1
+            sizes.append(g.size)
+    assert np.mean(sizes) > 2  # sharing happens
+    halves = [sched.at(1, rank=r, world=2) for r in (0, 1)]
+    assert np.array_equal(np.concatenate(halves), sched.at(1))
+    lone = batching.PairSchedule(targets, np.full(targets.size, -1), batch_size=16, group_size=4, seed=3)
+    assert all(g.size == 1 for g in lone.groups(lone.at(0)))
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(0.1)
+    assert lr_at(9, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(1.0)
+    assert lr_at(10, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(1.0)
+    assert lr_at(55, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(0.55)
+    assert lr_at(100, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(0.1)
+    # a spent time budget ends the decay early
+    assert lr_at(20, lr=1.0, warmup_steps=10, max_steps=100, time_fraction=1.0) == pytest.approx(0.1)
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "step": step, "history": [], "pretrain_end": None}
+
+
+def _write(folder):  # noqa: ANN001
+    (folder / "model.txt").write_text("weights")
+
+
+def test_checkpoint_round_trip_and_refuses_other_data(tmp_path):
+    last = tmp_path / "last"
+    assert checkpoint.load(last, data_hash="abc") is None
+    checkpoint.save(last, _write, state=_state(5), run_config={"data_hash": "abc"})
+    checkpoint.save(last, _write, state=_state(10), run_config={"data_hash": "abc"})
+    assert checkpoint.load(last, data_hash="abc")["step"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary or previous folder left
+    with pytest.raises(TrainingError, match="other data"):
+        checkpoint.load(last, data_hash="xyz")
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    last = tmp_path / "last"
+    checkpoint.save(last, _write, state=_state(5), run_config={"data_hash": "abc"})
+
+    def dies(folder):  # noqa: ANN001
+        (folder / "model.txt").write_text("half")
+        raise KeyboardInterrupt  # killed while writing the new checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(last, dies, state=_state(10), run_config={"data_hash": "abc"})
+    assert checkpoint.load(last, data_hash="abc")["step"] == 5
+    # the next save cleans up the half-written folder
+    checkpoint.save(last, _write, state=_state(15), run_config={"data_hash": "abc"})
+    assert checkpoint.load(last, data_hash="abc")["step"] == 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_a_broken_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    last = tmp_path / "last"
+    checkpoint.save(last, _write, state=_state(5), run_config={"data_hash": "abc"})
+    # a kill between the two renames leaves the good checkpoint under its "previous" name
+    last.rename(tmp_path / ".last.previous")
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / checkpoint.STATE_FILE).write_bytes(b"")  # 0 bytes, as an in-place write killed early left it
+    (tmp_path / "last" / checkpoint.CONFIG_FILE).write_text('{"data_hash": "abc"}')
+    assert checkpoint.load(last, data_hash="abc")["step"] == 5
+    (tmp_path / ".last.previous" / checkpoint.STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="--restart"):
+        checkpoint.load(last, data_hash="abc")
+
+
+def test_kernel_choice_sets_the_model_and_leaves_no_gradient():
+    from virtualcell.training import kernels
+
+    lm = _tiny_lm()
+    b = batching.pack(_groups(np.random.default_rng(2)), PAD)
+    k = kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0], attention="eager", precision="fp32")
+    assert k == kernels.Kernels("eager", "fp32") and lm.config._attn_implementation == "eager"
+    k = kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0])
+    assert k.attention in kernels.ATTENTION and k.precision in kernels.PRECISION
+    assert lm.config._attn_implementation == k.attention
+    assert all(p.grad is None for p in lm.parameters())
+    with kernels.autocast(torch.device("cpu"), k.precision):
+        loss = response_loss(lm, b)[0]
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="Unknown attention"):
+        kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0], attention="flash")
+
+
+KILL_WORKER = r"""
+import sys, numpy as np, virtualcell as vc
+from virtualcell.train import TrainConfig, train
+a = vc.datasets.load()
+a = a[np.random.default_rng(0).choice(a.n_obs, 400, replace=False)].copy()
+cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=int(sys.argv[2]), eval_every=1000,
+                  save_every=1, batch_size=4, warmup_steps=2, seed=0, attention="sdpa", precision="fp32")
+m = train(a, out=sys.argv[1], config=cfg, progress=False)
+print("steps", m.train_config["steps"])
+"""
+
+
+@pytest.mark.slow
+def test_training_killed_while_saving_resumes_from_the_last_good_checkpoint(tmp_path):
+    """SIGKILL at random moments of a run that saves after every step; every rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(KILL_WORKER)
+    out = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    rng = np.random.default_rng(0)
+    steps_before = -1
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(out), "100000"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (out / "last" / checkpoint.STATE_FILE).exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.2, 1.5)))
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate()[1]
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        state = checkpoint.load(out / "last", data_hash=_hash_of(out))
+        assert state is not None and state["step"] >= steps_before  # never lost
+        steps_before = state["step"]
+    done = subprocess.run([sys.executable, str(script), str(out), str(steps_before + 3)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"steps {steps_before + 3}" in done.stdout
+    assert not list(out.glob(".last.*"))  # no half-written or previous checkpoint left behind
+
+
+def _hash_of(out):  # noqa: ANN001, ANN202
+    import json
+
+    for folder in (out / "last", out / ".last.previous"):
+        if (folder / checkpoint.CONFIG_FILE).exists():
+            return json.loads((folder / checkpoint.CONFIG_FILE).read_text())["data_hash"]
+    raise AssertionError("no checkpoint config")

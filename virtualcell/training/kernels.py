@@ -1,0 +1,109 @@
+"""Which attention kernel and arithmetic precision make a training step fastest here.
+
+On a CPU the answer depends on the processor and on the model's shape: with small heads
+the fused ("flash") attention kernels of ``sdpa`` lose to plain matrix products
+(``eager``), and bfloat16 matrix products are several times faster than float32 where the
+CPU has native bfloat16 instructions (AVX-512 BF16, AMX) and much slower where it has not.
+So nothing is hard-coded: on a CPU each candidate runs the first batch's forward and
+backward pass twice and the fastest is kept. On a GPU the usual choice stands (``sdpa``,
+bfloat16 where the GPU supports it). Either way, parameters and optimizer state stay in
+float32 (mixed precision): only the forward and backward arithmetic changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Kernels", "choose", "autocast"]
+
+log = logging.getLogger(__name__)
+
+ATTENTION = ("sdpa", "eager")
+PRECISION = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: str  # "sdpa" or "eager"
+    precision: str  # "fp32" or "bf16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _bf16_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _set_attention(lm, name: str) -> None:  # noqa: ANN001
+    lm.set_attn_implementation(name)
+
+
+@contextlib.contextmanager
+def _probing(lm) -> Iterator[None]:  # noqa: ANN001
+    """Leave no gradient and no changed mode behind."""
+    was_training = lm.training
+    try:
+        yield
+    finally:
+        lm.zero_grad(set_to_none=True)
+        lm.train(was_training)
+
+
+def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, attention: str = "auto",  # noqa: ANN001
+           precision: str = "auto") -> Kernels:
+    """Pick (and set on ``lm``) the attention kernel and precision; ``"auto"`` measures on a CPU.
+
+    ``loss_of()`` computes the loss of a representative batch with the model as it is set.
+    """
+    for value, allowed, what in ((attention, ATTENTION, "attention"), (precision, PRECISION, "precision")):
+        if value != "auto" and value not in allowed:
+            raise ValueError(f"Unknown {what} {value!r}; use auto or one of {', '.join(allowed)}.")
+    if precision == "bf16" and not _bf16_native(device):
+        log.warning("bf16 was asked for, but %s has no native bfloat16 arithmetic: it will be slow", device)
+    attn = [attention] if attention != "auto" else (["sdpa"] if device.type != "cpu" else list(ATTENTION))
+    if precision != "auto":
+        prec = [precision]
+    elif device.type != "cpu":
+        prec = ["bf16"] if _bf16_native(device) else ["fp32"]
+    else:
+        prec = ["fp32", "bf16"] if _bf16_native(device) else ["fp32"]
+    candidates = [Kernels(a, p) for a in attn for p in prec]
+    if len(candidates) == 1:
+        _set_attention(lm, candidates[0].attention)
+        return candidates[0]
+    timings = {}
+    with _probing(lm):
+        lm.train()
+        for k in candidates:
+            _set_attention(lm, k.attention)
+            best = float("inf")
+            for _ in range(2):  # the first run warms up the kernels
+                t = time.perf_counter()
+                with autocast(device, k.precision):
+                    loss = loss_of()
+                loss.backward()
+                best = min(best, time.perf_counter() - t)
+                lm.zero_grad(set_to_none=True)
+            timings[k] = best
+    pick = min(timings, key=timings.get)
+    _set_attention(lm, pick.attention)
+    log.info("training kernels: %s", ", ".join(f"{k.attention}/{k.precision} {t * 1000:.0f} ms" for k, t in timings.items()))
+    return pick

@@ -1,0 +1,155 @@
+"""The optimizer loop: batches in, steps out, under a step and a time budget.
+
+Everything the loop needs comes in as arguments (the batch of a step, the loss, the
+validation, the checkpoint writer), so the loop itself holds no data logic and can be
+tested with any model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import TrainingError
+from .batching import Batch
+from .schedule import lr_at
+
+__all__ = ["LoopState", "Budget", "fit", "torch_threads"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must hold to resume the loop exactly."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    pretrain_end: int | None = None  # the step pre-training ended at when time, not steps, ended it
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The run's limits: optimizer steps, pre-training steps, and wall time (seconds, from ``t_start``)."""
+
+    max_steps: int
+    pretrain_steps: int
+    pretrain_fraction: float
+    seconds: float | None
+    t_start: float
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def time_fraction(self) -> float | None:
+        return None if self.seconds is None else self.spent() / self.seconds
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (``None``: leave as is), restoring the setting after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def in_pretraining(step: int, state: LoopState, budget: Budget) -> bool:
+    """Pre-training lasts its share of the steps, or of the time budget when that runs out first."""
+    end = budget.pretrain_steps if state.pretrain_end is None else state.pretrain_end
+    return step < end
+
+
+def fit(
+    lm: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_at: Callable[[int, bool], Batch],
+    loss_of: Callable[[Batch], tuple[torch.Tensor, int]],
+    validate: Callable[[], float],
+    checkpoint: Callable[[LoopState], None],
+    state: LoopState,
+    budget: Budget,
+    lr: float,
+    warmup_steps: int,
+    eval_every: int,
+    save_every: int,
+    backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
+    clip: Callable[[], None] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> LoopState:
+    """Run optimizer steps from ``state.step`` until ``budget`` ends; returns the final state.
+
+    Each step: the batch of the step (pre-training or pairs), the learning rate of the
+    schedule, loss, backward, gradient clipping, update. Every ``eval_every`` steps the
+    validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=budget.max_steps, initial=state.step, disable=not progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    lm.train()
+    tokens_seen, t_loop, first_step_s = 0, time.perf_counter(), None
+    try:
+        while state.step < budget.max_steps:
+            step = state.step
+            t_step = time.perf_counter()
+            if (budget.seconds is not None and state.pretrain_end is None and step < budget.pretrain_steps
+                    and budget.spent() > budget.pretrain_fraction * budget.seconds):
+                state.pretrain_end = step
+                log.info("pre-training ends at step %d: its share of --max-minutes is used", step)
+            pretrain = in_pretraining(step, state, budget)
+            batch = batch_at(step, pretrain)
+            rate = lr_at(step, lr=lr, warmup_steps=warmup_steps, max_steps=budget.max_steps,
+                         time_fraction=budget.time_fraction())
+            for g in optimizer.param_groups:
+                g["lr"] = rate
+            loss, _ = loss_of(batch)
+            backward(loss)
+            if clip is not None:
+                clip()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            tokens_seen += batch.n_tokens
+            elapsed = budget.spent()
+            if first_step_s is None:
+                first_step_s = time.perf_counter() - t_step
+                if budget.seconds is not None and elapsed > budget.seconds:
+                    raise TrainingError(
+                        f"--max-minutes {budget.seconds / 60:g} ({budget.seconds:.1f} s) is too small: setting up took "
+                        f"{elapsed - first_step_s:.1f} s and one optimizer step {first_step_s:.2f} s here. Give at least "
+                        f"{math.ceil(elapsed * 20 / 60 * 10) / 10:g} minutes for a useful run."
+                    )
+            record: dict[str, Any] = {
+                "step": state.step, "loss": loss.item(), "lr": rate, "phase": 0.0 if pretrain else 1.0,
+                "tokens_per_s": tokens_seen / max(1e-9, time.perf_counter() - t_loop), "elapsed_s": elapsed,
+            }
+            if state.step % eval_every == 0 or state.step == budget.max_steps:
+                record["val_loss"] = validate()
+            state.history.append(record)
+            if on_log is not None:
+                on_log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs")
+            if state.step % save_every == 0:
+                checkpoint(state)
+            if budget.seconds is not None and elapsed + (time.perf_counter() - t_step) > budget.seconds:
+                log.info("stopping at step %d: the time budget (%.1f s) is spent", state.step, budget.seconds)
+                break
+    finally:
+        bar.close()
+    if state.history and "val_loss" not in state.history[-1]:
+        state.history[-1]["val_loss"] = validate()
+    return state

@@ -1,0 +1,72 @@
+"""The response-only loss of a packed batch.
+
+Two passes through the model: the shared prompts once (the prefix pass, no logits), then
+every pair's segment with its group's prefix keys/values as the cache. Logits are computed
+only at positions that have a target. For gene-level models the loss also applies the two
+rules generation applies: only genes (and end-of-sentence) may be written, and never a gene
+already written in the same response. So the model spends no capacity on what decoding
+enforces anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..generation import _cache_kwarg, _cache_of
+from .batching import Batch
+
+__all__ = ["response_loss", "seen_before"]
+
+
+def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Logits at the positions that have a target anywhere in the batch, and those targets."""
+    keep = torch.nonzero((batch.targets != -100).any(0)).flatten()
+    kw = {}
+    mask = batch.seg_mask
+    if batch.prefix_ids is not None:
+        base = lm.base_model
+        p_pos = torch.arange(batch.prefix_ids.shape[1], device=batch.prefix_ids.device).expand_as(batch.prefix_ids)
+        out = base(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=p_pos, use_cache=True)
+        cache = _cache_of(out)
+        cache.batch_select_indices(batch.cell_of_row)  # each row gets its cell's keys/values (a gather: gradients flow back)
+        kw[_cache_kwarg(lm)] = cache
+        mask = torch.cat([batch.prefix_mask[batch.cell_of_row], batch.seg_mask], dim=1)
+    out = lm(input_ids=batch.seg_ids, attention_mask=mask, position_ids=batch.seg_pos, use_cache=bool(kw),
+             logits_to_keep=keep, **kw)
+    return out.logits.float(), batch.targets[:, keep]
+
+
+def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
+                  ) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the batch's target tokens, and their count.
+
+    Parameters
+    ----------
+    allowed
+        Boolean over the vocabulary: the only tokens a response may hold (genes and
+        end-of-sentence, for gene-level models); ``None`` for text models.
+    no_repeat
+        Give no probability to a token already written earlier in the same response.
+    """
+    logits, targets = _logits(lm, batch)
+    valid = targets != -100
+    vocab = logits.shape[-1]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if no_repeat:
+        logits = logits.masked_fill(seen_before(targets, valid, vocab), float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+    return loss, int(valid.sum())
+
+
+def seen_before(target: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``seen[b, t, v]``: token ``v`` is a valid target of row ``b`` at a position before ``t``.
+
+    Computed from each token's first valid position (a scatter-min over ``B x V``) and one
+    broadcast comparison, instead of a cumulative sum over a ``B x T x V`` one-hot.
+    """
+    B, T = target.shape
+    pos = torch.arange(T, device=target.device).expand(B, T)
+    first = torch.full((B, vocab_size), T, dtype=torch.long, device=target.device)
+    first.scatter_reduce_(1, target.clamp(min=0), torch.where(valid, pos, torch.full_like(pos, T)), reduce="amin")
+    return first[:, None, :] < pos[:, :, None]

@@ -1,0 +1,29 @@
+"""The learning rate at a step: linear warm-up, then cosine decay to 10% of the peak.
+
+The decay runs over ``max_steps`` or over the time budget, whichever ends first, so a run
+stopped by ``--max-minutes`` still ends at a low learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["lr_at"]
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, time_fraction: float | None = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    ``time_fraction`` is the share of the time budget already spent (``None``: no budget).
+
+    >>> lr_at(0, lr=1.0, warmup_steps=10, max_steps=100)
+    0.1
+    >>> round(lr_at(100, lr=1.0, warmup_steps=10, max_steps=100), 3)
+    0.1
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if time_fraction is not None:
+        frac = max(frac, time_fraction)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
