@@ -122,7 +122,7 @@ class Side:
 
             first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]
             with torch_threads(threads):
-                k = kmod.choose(self.lm, torch.device("cpu"), lambda: self.loss(first, train=True)[0])
+                k = kmod.choose(self.lm, torch.device("cpu"), lambda: self.loss(first, train=True)[0], threads=threads)
             self.precision, self.kernels = k.precision, f"{k.attention}/{k.precision} (auto)"
 
     def groups(self, chunks):  # noqa: ANN001, ANN201

@@ -187,11 +187,16 @@ def test_kernel_choice_sets_the_model_and_leaves_no_gradient():
 
     lm = _tiny_lm()
     b = batching.pack(_groups(np.random.default_rng(2)), PAD)
-    k = kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0], attention="eager", precision="fp32")
-    assert k == kernels.Kernels("eager", "fp32") and lm.config._attn_implementation == "eager"
+    before = torch.get_num_threads()
+    k = kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0], attention="eager", precision="fp32",
+                       threads=1)
+    assert k == kernels.Kernels("eager", "fp32", 1) and lm.config._attn_implementation == "eager"
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
     k = kernels.choose(lm, torch.device("cpu"), lambda: response_loss(lm, b)[0])
-    assert k.attention in kernels.ATTENTION and k.precision in kernels.PRECISION
-    assert lm.config._attn_implementation == k.attention
+    assert k.attention in kernels.ATTENTION and k.precision in kernels.PRECISION and k.threads >= 1
+    assert lm.config._attn_implementation == k.attention and torch.get_num_threads() == k.threads
+    torch.set_num_threads(before)
     assert all(p.grad is None for p in lm.parameters())
     with kernels.autocast(torch.device("cpu"), k.precision):
         loss = response_loss(lm, b)[0]

@@ -98,6 +98,8 @@ class TrainConfig:
         if self.attention not in ("auto", "sdpa", "eager") or self.precision not in ("auto", "fp32", "bf16"):
             raise TrainingError(f"attention={self.attention!r} / precision={self.precision!r}: use auto, sdpa or eager / "
                                 "auto, fp32 or bf16.")
+        if self.threads is not None and self.threads < 1:
+            raise TrainingError(f"threads must be >= 1 (or None: measured), got {self.threads}.")
         if self.group_size < 1:
             raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
         if self.hidden_size % self.n_heads:
@@ -287,7 +289,7 @@ def train(
     from .training.loop import torch_threads
 
     cfg = config or TrainConfig()
-    with torch_threads(cfg.threads):
+    with torch_threads(None):  # the thread count chosen for training is undone on the way out
         return _train(adata, out=Path(out), contract=contract or DataContract.from_adata(adata), cfg=cfg, base=base,
                       resume=resume, progress=progress, on_log=on_log)
 
@@ -435,9 +437,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     attention_before = lm.config._attn_implementation
     chosen = kernels.choose(lm, accelerator.device, lambda: response_loss(lm, batch_at(0, False), allowed=allowed,
                                                                            no_repeat=allowed is not None)[0],
-                            attention=cfg.attention, precision=cfg.precision)
+                            attention=cfg.attention, precision=cfg.precision, threads=cfg.threads)
     precision = chosen.precision
-    run_config["kernels"] = {"attention": chosen.attention, "precision": chosen.precision}
+    run_config["kernels"] = asdict(chosen)
 
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     lm, optimizer = accelerator.prepare(lm, optimizer)

@@ -1,11 +1,12 @@
-"""Which attention kernel and arithmetic precision make a training step fastest here.
+"""Which attention kernel, arithmetic precision and thread count make a training step fastest here.
 
 On a CPU the answer depends on the processor and on the model's shape: with small heads
 the fused ("flash") attention kernels of ``sdpa`` lose to plain matrix products
 (``eager``), and bfloat16 matrix products are several times faster than float32 where the
 CPU has native bfloat16 instructions (AVX-512 BF16, AMX) and much slower where it has not.
-So nothing is hard-coded: on a CPU each candidate runs the first batch's forward and
-backward pass twice and the fastest is kept. On a GPU the usual choice stands (``sdpa``,
+Threads help only when the matrices are big enough and no other process
+wants the cores. So nothing is hard-coded: on a CPU each candidate runs the first batch's
+forward and backward pass twice and the fastest is kept. On a GPU the usual choice stands (``sdpa``,
 bfloat16 where the GPU supports it). Either way, parameters and optimizer state stay in
 float32 (mixed precision): only the forward and backward arithmetic changes.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ PRECISION = ("fp32", "bf16")
 class Kernels:
     attention: str  # "sdpa" or "eager"
     precision: str  # "fp32" or "bf16"
+    threads: int  # torch threads (CPU)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -68,10 +71,12 @@ def _probing(lm) -> Iterator[None]:  # noqa: ANN001
 
 
 def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, attention: str = "auto",  # noqa: ANN001
-           precision: str = "auto") -> Kernels:
-    """Pick (and set on ``lm``) the attention kernel and precision; ``"auto"`` measures on a CPU.
+           precision: str = "auto", threads: int | None = None) -> Kernels:
+    """Pick (and set: on ``lm`` and ``torch.set_num_threads``) the attention kernel, precision and thread count.
 
-    ``loss_of()`` computes the loss of a representative batch with the model as it is set.
+    ``"auto"`` (``threads=None``) measures on a CPU. ``loss_of()`` computes the loss of a
+    representative batch with the model as it is set. The caller restores the thread setting
+    when it is done (:func:`virtualcell.training.loop.torch_threads`).
     """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (precision, PRECISION, "precision")):
         if value != "auto" and value not in allowed:
@@ -85,15 +90,25 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
         prec = ["bf16"] if _bf16_native(device) else ["fp32"]
     else:
         prec = ["fp32", "bf16"] if _bf16_native(device) else ["fp32"]
-    candidates = [Kernels(a, p) for a in attn for p in prec]
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}.")
+        n_threads = [int(threads)]
+    elif device.type == "cpu":
+        n_threads = sorted({1, torch.get_num_threads(), os.cpu_count() or 1})
+    else:
+        n_threads = [torch.get_num_threads()]
+    candidates = [Kernels(a, p, t) for a in attn for p in prec for t in n_threads]
     if len(candidates) == 1:
         _set_attention(lm, candidates[0].attention)
+        torch.set_num_threads(candidates[0].threads)
         return candidates[0]
     timings = {}
     with _probing(lm):
         lm.train()
         for k in candidates:
             _set_attention(lm, k.attention)
+            torch.set_num_threads(k.threads)
             best = float("inf")
             for _ in range(2):  # the first run warms up the kernels
                 t = time.perf_counter()
@@ -105,5 +120,7 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
             timings[k] = best
     pick = min(timings, key=timings.get)
     _set_attention(lm, pick.attention)
-    log.info("training kernels: %s", ", ".join(f"{k.attention}/{k.precision} {t * 1000:.0f} ms" for k, t in timings.items()))
+    torch.set_num_threads(pick.threads)
+    log.info("training kernels: %s", ", ".join(f"{k.attention}/{k.precision}/{k.threads} thread(s) {t * 1000:.0f} ms"
+                                               for k, t in timings.items()))
     return pick
