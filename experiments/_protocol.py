@@ -48,7 +48,8 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (numbers meaningless)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default experiments/results)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every split, training run and sample")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: training measures 1 against all cores and keeps the faster)")
     ap.add_argument("--model-dir", default=None, help="keep the trained checkpoint(s) here (default: a temp dir)")
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps at most (default: the protocol's)")
     ap.add_argument("--samples", type=int, default=1, help="generated samples per baseline cell")
@@ -56,16 +57,18 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     return ap
 
 
-def setup(threads: int) -> None:
-    """Quiet logs, a fixed number of torch threads, offline Hugging Face."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+def setup(threads: int | None) -> None:
+    """Quiet logs, a fixed number of torch threads (None: the library's choice), offline Hugging Face."""
+    if threads is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="anndata")
@@ -126,7 +129,8 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     from virtualcell.train import TrainConfig
 
     base = dict(hidden_size=128, n_layers=4, n_heads=4, lr=3e-3, batch_size=16, seed=args.seed,
-                max_minutes=args.max_minutes, eval_every=100, save_every=10_000, holdout={SPLIT: ["test"]})
+                max_minutes=args.max_minutes, eval_every=100, save_every=10_000, holdout={SPLIT: ["test"]},
+                threads=args.threads)
     base.update(kw)
     if getattr(args, "max_steps", None):
         base["max_steps"] = args.max_steps
