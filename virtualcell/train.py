@@ -37,7 +37,8 @@ from .contract import DataContract
 from .errors import DataError, TrainingError
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
-from .sentences import RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize
+from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
+                        require_symbols, with_gene_key)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -256,6 +257,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    gene_key: str | None = None,
 ) -> C2SModel:
     """Train (or fine-tune) a C2S model on a perturbation screen; returns the trained model.
 
@@ -274,6 +276,9 @@ def train(
         default: a new small gene-level Llama model.
     on_log
         Called with each log record (step, loss, val_loss, tokens/s), e.g. for live plots.
+    gene_key
+        Var column holding the gene names (symbols, or Ensembl ids for the default gene-level
+        model); default ``var_names``.
     """
     import torch
     from accelerate import Accelerator
@@ -282,6 +287,9 @@ def train(
     from .model import C2SModel
 
     cfg = config or TrainConfig()
+    adata = with_gene_key(adata, gene_key)
+    if base is not None:
+        require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
     contract = contract or DataContract.from_adata(adata)
     contract.validate(adata)
     out = Path(out)
