@@ -648,6 +648,13 @@ def encode(
     else:
         col_map = vocab.ids(own.genes, missing="mark")
         unknown = np.flatnonzero(col_map < 0)
+        if unknown.size == len(own):
+            raise VocabularyError(
+                f"None of the data's {len(own)} genes are in the model's vocabulary "
+                f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
+                "Check that both name genes the same way (symbols or Ensembl ids, same species); if the "
+                "model's names sit in a var column of the data, pass --gene-key COLUMN (gene_key='COLUMN')."
+            )
         if unknown.size and genes == "all":
             shared = len(own) - unknown.size
             raise VocabularyError(

@@ -160,8 +160,8 @@ def shared_genes(
 ) -> tuple[pd.Index, dict[str, list[str]], dict[str, ad.AnnData]]:
     """Genes present in every AnnData (in the order of the first), those dropped per input, and the inputs.
 
-    Names match exactly. If that leaves fewer than ``min_shared`` of the smallest input's
-    genes, they are matched ignoring case and an Ensembl version suffix
+    Names match exactly. If that leaves some of the smallest input's genes without a
+    partner, they are matched ignoring case and an Ensembl version suffix
     (:func:`~virtualcell.sentences.gene_match_key`), with a warning, and renamed to the
     first input's spelling. If fewer than ``min_shared`` are still shared, a
     :class:`~virtualcell.errors.DataError` names the mismatch: scoring a handful of genes
@@ -179,7 +179,7 @@ def shared_genes(
             )
     smallest = min(a.n_vars for _, a in items)
     genes = _intersect([(n, a.var_names) for n, a in items])
-    if len(genes) < min_shared * smallest:
+    if len(genes) < smallest:  # some genes of the smallest input found no partner as written
         keys = {n: [gene_match_key(g) for g in a.var_names] for n, a in items}
         if all(len(set(k)) == len(k) for k in keys.values()):
             loose = _intersect([(n, pd.Index(k)) for n, k in keys.items()])
