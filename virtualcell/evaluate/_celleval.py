@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,7 +217,8 @@ def score(
         r_rows = np.flatnonzero((real.contexts == rc.context) & np.isin(real.labels, wanted))
         p_ad = _anndata(pred.X[p_rows], pred.labels[p_rows], genes)
         r_ad = _anndata(real.X[r_rows], real.labels[r_rows], genes)
-        with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "the string cache", DeprecationWarning)  # polars, inside cell-eval
             try:
                 ev = MetricsEvaluator(p_ad, r_ad, control_pert=control, pert_col=PERT_COL, num_threads=threads,
                                       outdir=str(Path(tmp) / "out"), skip_de=profile == "pds")

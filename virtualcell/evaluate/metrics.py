@@ -9,6 +9,17 @@ Deltas are always ``mean(perturbed) - mean(control)``: the prediction's against 
 prediction's control (the population fed to the model, or its decoded control), the
 measurement's against the measured (reference) control.
 
+These profiles need no extra package. The field's standard, cell-eval, is the engine of the
+cell-eval profiles (``evaluate(..., profile="vcc")``; see
+:mod:`virtualcell.evaluate._celleval`). Where both compute a metric, they agree:
+``pearson_delta``, ``mae`` and ``mse`` here equal cell-eval's metrics of the same name on
+the same cells (``tests/test_cell_eval.py`` asserts it), with two documented exceptions:
+a prediction with no change at all correlates 0 here, where cell-eval's ``pearsonr`` gives
+NaN; and cell-eval clips predicted values below 0 (it reads log1p expression), so a
+shifted-control baseline that goes negative scores a little differently there.
+``discrimination`` differs from cell-eval's ``discrimination_score_l1`` by definition (see
+:func:`discrimination`).
+
 Examples
 --------
 >>> from virtualcell.evaluate import METRICS, PROFILES
@@ -209,7 +220,15 @@ def de_overlap_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def discrimination(pair: PredRealPair) -> dict[str, float]:
-    """Normalized rank of the measured p among all measured deltas, by L1 distance to the prediction (1 = closest)."""
+    """Normalized rank of the measured p among all measured deltas, by L1 distance to the prediction (1 = closest).
+
+    ``1 - rank / (n - 1)`` over the ``n`` measured candidates of the context, so that the
+    farthest place scores 0. cell-eval's ``discrimination_score_l1`` divides by ``n`` instead
+    (its worst score is ``1 / n``), ranks only among the perturbations the prediction covers,
+    and leaves out the gene named like the perturbation (the knocked-out target): when the
+    prediction covers every candidate and no label is a gene name, cell-eval's value is
+    ``1 - (1 - this) * (n - 1) / n`` (tested).
+    """
     cand = np.asarray(pair.candidate_deltas, dtype=np.float64)
     index = {c: i for i, c in enumerate(pair.candidates)}
     out = []
