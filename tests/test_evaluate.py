@@ -386,7 +386,7 @@ def test_public_functions_take_data_first_and_options_keyword_only():
 
 def test_import_stays_light():
     code = ("import sys, virtualcell.evaluate; "
-            "print(sorted(m for m in ('torch', 'pertpy', 'matplotlib', 'scanpy') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'pertpy', 'matplotlib', 'scanpy', 'cell_eval', 'polars') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
