@@ -75,6 +75,38 @@ def test_hand_written_metrics_agree_with_cell_eval_or_differ_as_documented():
     np.testing.assert_allclose(d_ce, 1 - (1 - d_ours) * (n - 1) / n, atol=1e-9)
 
 
+def test_registry_metrics_now_computed_by_cell_eval_equal_the_former_hand_written_ones():
+    """pearson_delta, mae and mse of the registry call cell-eval's functions; the numbers are those of
+    the formulas virtualcell wrote by hand before (kept here as the reference), nochange included."""
+    from virtualcell.evaluate.metrics import METRICS
+
+    real = _screen(seed=0)
+    base, ref = split_controls(real, seed=0)
+    table = evaluate(_screen(seed=2), ref, baseline=base, profile=["pearson_delta", "mae", "mse"],
+                     baselines=("nochange", "pertmean"), ceiling=False)
+
+    def old_pearson(x: np.ndarray, y: np.ndarray) -> float:
+        x, y = x - x.mean(), y - y.mean()
+        nx, ny = np.sqrt(x @ x), np.sqrt(y @ y)
+        return 0.0 if nx < 1e-5 or ny < 1e-5 else float(x @ y / (nx * ny))
+
+    deltas = vc.evaluate.delta_table(_screen(seed=2), ref, baseline=base).set_index(["perturbation", "gene"])
+    for p in ["A", "B", "C", "D"]:
+        d = deltas.loc[p]
+        assert _values(table, "model", "pearson_delta")[p] == pytest.approx(
+            old_pearson(d["predicted"].to_numpy(), d["measured"].to_numpy()), abs=1e-6)
+    assert (_values(table, "nochange", "pearson_delta") == 0.0).all()  # not cell-eval's NaN
+    # mae / mse: the old formulas on the group means
+    pred = _screen(seed=2)
+    means_p = pd.DataFrame(pred.X, index=pred.obs["perturbation"]).groupby(level=0).mean()
+    means_r = pd.DataFrame(ref.X, index=ref.obs["perturbation"]).groupby(level=0).mean()
+    for p in ["A", "B", "C", "D"]:
+        diff = means_p.loc[p].to_numpy(np.float64) - means_r.loc[p].to_numpy(np.float64)
+        assert _values(table, "model", "mae")[p] == pytest.approx(np.mean(np.abs(diff)), rel=1e-5)
+        assert _values(table, "model", "mse")[p] == pytest.approx(np.mean(diff**2), rel=1e-5)
+    assert METRICS["mae"].fn.__doc__.startswith("cell-eval's")
+
+
 @pytest.mark.timeout(120)
 def test_predict_output_runs_through_cell_evals_own_cli(tiny_model, tmp_path):
     model, path, data = tiny_model

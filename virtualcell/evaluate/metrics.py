@@ -9,16 +9,17 @@ Deltas are always ``mean(perturbed) - mean(control)``: the prediction's against 
 prediction's control (the population fed to the model, or its decoded control), the
 measurement's against the measured (reference) control.
 
-These profiles need no extra package. The field's standard, cell-eval, is the engine of the
-cell-eval profiles (``evaluate(..., profile="vcc")``; see
-:mod:`virtualcell.evaluate._celleval`). Where both compute a metric, they agree:
-``pearson_delta``, ``mae`` and ``mse`` here equal cell-eval's metrics of the same name on
-the same cells (``tests/test_cell_eval.py`` asserts it), with two documented exceptions:
-a prediction with no change at all correlates 0 here, where cell-eval's ``pearsonr`` gives
-NaN; and cell-eval clips predicted values below 0 (it reads log1p expression), so a
-shifted-control baseline that goes negative scores a little differently there.
-``discrimination`` differs from cell-eval's ``discrimination_score_l1`` by definition (see
-:func:`discrimination`).
+Where cell-eval (the field's standard; the engine of ``evaluate(..., profile="vcc")``, see
+:mod:`virtualcell.evaluate._celleval`) has the metric, it computes it here too: ``pearson_delta``,
+``mae`` and ``mse`` call cell-eval's own functions on the pair's means (cell-eval imported on first
+use). ``tests/test_cell_eval.py`` shows they equal the former hand-written numbers and the
+cell-level cell-eval profile on a fixture. Two documented exceptions: a prediction with no
+change at all correlates 0 here, where cell-eval's ``pearsonr`` gives NaN; and the cell-eval
+profiles clip predicted values below 0 (cell-eval reads log1p expression), so a shifted-control
+baseline that goes negative scores a little differently there. ``discrimination`` differs from
+cell-eval's ``discrimination_score_l1`` by definition (see :func:`discrimination`); the rest
+(``*_top50``, ``direction_accuracy_top50``, ``de_overlap_top50``, the distances) have no
+cell-eval counterpart.
 
 Examples
 --------
@@ -138,6 +139,27 @@ class PredRealPair:
         """``values`` (perturbations x genes) restricted to each row's top DE genes."""
         return np.take_along_axis(values, self.top_de, axis=1)
 
+    @cached_property
+    def cell_eval_bulk(self):  # noqa: ANN201 - a cell_eval.PerturbationAnndataPair, imported lazily
+        """The means as cell-eval's pair: one row per perturbation and the control, so its pseudobulk
+        of each group is exactly the mean here. cell-eval's bulk metrics run on it as they are."""
+        import anndata as ad
+        import pandas as pd
+        from cell_eval import PerturbationAnndataPair
+
+        control = "\x1fcontrol"  # cannot clash with a perturbation label
+        labels = [control, *self.perturbations]
+        obs = pd.DataFrame({"perturbation": labels}, index=[str(i) for i in range(len(labels))])
+        var = pd.DataFrame(index=list(self.genes))
+
+        def bulk(control_row: np.ndarray, rows: np.ndarray) -> ad.AnnData:
+            X = np.vstack([control_row[None, :], rows]).astype(np.float64)
+            return ad.AnnData(X, obs=obs.copy(), var=var.copy())
+
+        return PerturbationAnndataPair(real=bulk(self.real_control, self.real_means),
+                                       pred=bulk(self.pred_control, self.pred_means),
+                                       pert_col="perturbation", control_pert=control)
+
 
 # --------------------------------------------------------------------------- #
 # The registry
@@ -174,8 +196,25 @@ def _rowwise(pair: PredRealPair, values: np.ndarray) -> dict[str, float]:
     return {p: float(v) for p, v in zip(pair.perturbations, values)}
 
 
+def _cell_eval(pair: PredRealPair, name: str) -> dict[str, float]:
+    """cell-eval's own metric function ``name`` on the pair's means (see :attr:`PredRealPair.cell_eval_bulk`)."""
+    import warnings
+
+    from cell_eval import metrics as ce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's ConstantInputWarning; the constant case is handled by callers
+        values = getattr(ce, name)(pair.cell_eval_bulk)
+    return {p: float(values[p]) for p in pair.perturbations}
+
+
 def pearson_delta(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, [_pearson(a, b) for a, b in zip(pair.pred_delta, pair.real_delta)])
+    """cell-eval's ``pearson_delta``; a prediction of no change (a constant delta) correlates 0, not NaN."""
+    out = _cell_eval(pair, "pearson_delta")
+    for p, d in zip(pair.perturbations, pair.pred_delta):
+        if np.ptp(d) < _TOL:
+            out[p] = 0.0
+    return out
 
 
 def pearson_delta_top50(pair: PredRealPair) -> dict[str, float]:
@@ -184,7 +223,8 @@ def pearson_delta_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def mse(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, np.mean((pair.pred_means - pair.real_means) ** 2, axis=1))
+    """cell-eval's ``mse`` of the mean expression."""
+    return _cell_eval(pair, "mse")
 
 
 def mse_top50(pair: PredRealPair) -> dict[str, float]:
@@ -192,7 +232,8 @@ def mse_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def mae(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, np.mean(np.abs(pair.pred_means - pair.real_means), axis=1))
+    """cell-eval's ``mae`` of the mean expression."""
+    return _cell_eval(pair, "mae")
 
 
 def mae_top50(pair: PredRealPair) -> dict[str, float]:
