@@ -61,6 +61,20 @@ def test_ensembl_screen_goes_through_train_predict_screen_evaluate(screen_ids, t
     assert "--gene-key" in capsys.readouterr().err
 
 
+def test_a_model_trained_with_gene_key_reads_new_cells_the_same_way(screen_ids, tmp_path):
+    data, path = screen_ids
+    model = tmp_path / "model"
+    assert main(["train", "--data", str(path), "--perturbation-key", "perturbation", "--control", "control",
+                 "--gene-key", "symbol", "--top-k", "15", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+                 "--max-steps", "2", "--batch-size", "8", "--out", str(model)]) == 0
+    trained = vc.C2SModel.load(model)
+    assert trained.contract.gene_key == "symbol" and "STAT1" in trained.genes
+    pred = tmp_path / "pred.h5ad"  # no --gene-key: the checkpoint remembers the column
+    assert main(["predict", "--model", str(model), "--data", str(path), "--perturbations", "STAT1",
+                 "--n-cells", "4", "--out", str(pred)]) == 0
+    assert list(ad.read_h5ad(pred).var_names) == list(data.var["symbol"])
+
+
 def test_text_model_refuses_ids_and_names_the_flag(screen_ids):
     from virtualcell.train import train
 

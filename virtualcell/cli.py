@@ -67,9 +67,7 @@ def _split_list(text: str) -> list[str]:
 
 def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     """The baseline cells: the data's control cells when it is a whole screen with the model's contract."""
-    from .sentences import with_gene_key
-
-    adata = with_gene_key(_load_data(args.data), args.gene_key)
+    adata = _load_data(args.data)
     contract = model.contract
     if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
         is_ctrl = adata.obs[contract.perturbation_key].astype(str).to_numpy() == contract.control
@@ -91,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .simulator import KEEP_IN_MEMORY
 
     model = C2SModel.load(args.model, device=args.device)
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     perts = _split_list(args.perturbations)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
     out = Path(args.out)
@@ -159,7 +157,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 except VirtualCellError as line_err:
                     raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]

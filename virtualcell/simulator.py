@@ -230,12 +230,17 @@ class Simulator:
     gene_key
         Var column of ``baseline`` holding the gene names (symbols or Ensembl ids); default
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
-        and predictions keep the baseline's spelling (:attr:`gene_names`).
+        and predictions keep the baseline's spelling (:attr:`gene_names`). By default, the
+        column the model was trained with (``model.contract.gene_key``) when ``baseline`` has it.
     """
 
     def __init__(self, model: C2SModel, baseline: ad.AnnData, *, genes: Literal["all", "shared"] = "all",
                  seed: int = 0, n_pcs: int = 30, gene_key: str | None = None) -> None:
         self.model = model
+        trained_with = model.contract.gene_key if model.contract is not None else None
+        if gene_key is None and trained_with is not None and trained_with in baseline.var.columns:
+            gene_key = trained_with
+            log.info("gene names from var[%r], the column the model was trained with", gene_key)
         baseline = with_gene_key(baseline, gene_key)
         self.baseline = baseline
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)

@@ -287,10 +287,11 @@ def train(
     from .model import C2SModel
 
     cfg = config or TrainConfig()
+    gene_key = gene_key or (contract.gene_key if contract is not None else None)
     adata = with_gene_key(adata, gene_key)
     if base is not None:
         require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
-    contract = contract or DataContract.from_adata(adata)
+    contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
     contract.validate(adata)
     out = Path(out)
     t_start = time.perf_counter()
