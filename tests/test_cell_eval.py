@@ -109,7 +109,7 @@ def test_registry_metrics_now_computed_by_cell_eval_equal_the_former_hand_writte
 
 @pytest.mark.timeout(120)
 def test_predict_output_runs_through_cell_evals_own_cli(tiny_model, tmp_path):
-    model, path, data = tiny_model
+    _, path, data = tiny_model
     base_file = tmp_path / "base.h5ad"
     held = data[data.obs["perturbation"].isin(["control", "STAT1", "IFNGR1"])].copy()
     held.write_h5ad(base_file)
@@ -129,3 +129,46 @@ def test_predict_output_runs_through_cell_evals_own_cli(tiny_model, tmp_path):
     assert set(results["perturbation"]) == {"STAT1", "IFNGR1"}
     assert {"mae", "discrimination_score_l1", "overlap_at_N"} <= set(results.columns)
     assert results["mae"].notna().all()
+
+
+def test_cli_evaluate_vcc_prints_cell_eval_metrics_for_model_baselines_and_ceiling(tmp_path, capsys, monkeypatch):
+    from virtualcell.evaluate import _core
+
+    real, pred = _screen(seed=0), _screen(seed=1)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    calls = []
+    real_setup = _core._setup
+    monkeypatch.setattr(_core, "_setup", lambda *a, **k: calls.append(1) or real_setup(*a, **k))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                 "--baselines", "nochange,pertmean", "--profile", "vcc", "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | better | model | nochange | pertmean | ceiling |" in out
+    for metric in ["overlap_at_N", "mae", "discrimination_score_l1"]:
+        assert f"| {metric} |" in out
+    assert len(calls) == 1  # one setup for the table and the delta scatter (issue 14)
+    assert (tmp_path / "eval" / "delta_scatter.png").stat().st_size > 0
+    table = pd.read_csv(tmp_path / "eval" / "metrics.csv")
+    assert set(table["method"]) == {"model", "nochange", "pertmean", "ceiling"}
+
+
+def test_deltas_from_one_setup_equal_delta_table():
+    from virtualcell.evaluate._core import _run
+
+    real, pred = _screen(seed=0), _screen(seed=1)
+    base, ref = split_controls(real, seed=0)
+    _, deltas = _run(pred, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    pd.testing.assert_frame_equal(deltas, vc.evaluate.delta_table(pred, ref, baseline=base))
+
+
+def test_evaluate_says_what_to_install_without_cell_eval(tmp_path, capsys, monkeypatch):
+    real = _screen(seed=0)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    monkeypatch.setitem(sys.modules, "cell_eval", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'cell-eval>=0.8.2'"):
+        evaluate(None, real, profile="vcc", baselines=("nochange",))
+    assert main(["evaluate", "--pred", str(tmp_path / "real.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                 "--profile", "vcc", "--out", str(tmp_path / "e")]) == 2
+    assert "pip install 'cell-eval>=0.8.2'" in capsys.readouterr().err
+    with pytest.raises(ImportError, match=r"pip install 'cell-eval>=0.8.2'"):  # its pearson_delta too
+        evaluate(None, real, profile="pearson", baselines=("nochange",), ceiling=False)

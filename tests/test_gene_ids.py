@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 
 import virtualcell as vc
@@ -97,7 +94,7 @@ def test_baseline_spelled_differently_keeps_its_own_spelling(tiny_model):
 
 
 def test_version_suffix_differences_are_matched_with_a_warning(screen_ids, tmp_path):
-    data, path = screen_ids
+    data, _ = screen_ids
     from virtualcell.train import TrainConfig, train
 
     cfg = TrainConfig(top_k=15, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0)

@@ -38,7 +38,15 @@ import numpy as np
 from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
-from .sentences import Vocabulary, decode, detect_scale, encode, expression_matrix, log_normalize, with_gene_key
+from .sentences import (
+    Vocabulary,
+    decode,
+    detect_scale,
+    encode,
+    expression_matrix,
+    log_normalize,
+    with_gene_key,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad

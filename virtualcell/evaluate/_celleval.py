@@ -49,8 +49,8 @@ def require_cell_eval() -> Any:
         import cell_eval
     except ImportError as err:
         raise ImportError(
-            f"The cell-eval metric profiles ({', '.join(CELL_EVAL_PROFILES)}) need the cell-eval package: "
-            f"{INSTALL} ({err}). virtualcell's own profiles (default, fast, pearson) work without it."
+            f"evaluate computes its metrics with the cell-eval package (the Virtual Cell Challenge metrics), "
+            f"which is not installed: {INSTALL} ({err})."
         ) from err
     return cell_eval
 

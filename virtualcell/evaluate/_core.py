@@ -15,10 +15,19 @@ import scipy.sparse as sp
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..sentences import with_gene_key
-from ._data import (MIN_SHARED, Prepared, check_values, group_means, prepare, resolve_contract, shared_genes,
-                    split_controls, split_role)
 from . import _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
+from ._data import (
+    MIN_SHARED,
+    Prepared,
+    check_values,
+    group_means,
+    prepare,
+    resolve_contract,
+    shared_genes,
+    split_controls,
+    split_role,
+)
 from .baselines import BASELINES
 from .metrics import Metric, PredRealPair, resolve_metrics
 

@@ -200,7 +200,9 @@ def _cell_eval(pair: PredRealPair, name: str) -> dict[str, float]:
     """cell-eval's own metric function ``name`` on the pair's means (see :attr:`PredRealPair.cell_eval_bulk`)."""
     import warnings
 
-    from cell_eval import metrics as ce
+    from ._celleval import require_cell_eval
+
+    ce = require_cell_eval().metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's ConstantInputWarning; the constant case is handled by callers
