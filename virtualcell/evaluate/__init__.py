@@ -17,8 +17,8 @@
 * :func:`distance_test` — ``pertpy.tools.DistanceTest`` with its group-order bug (#1072) fixed.
 * :func:`summarize`, :func:`delta_table`, :func:`plot_delta_scatter`, :func:`plot_metric_bars`.
 
-Nothing here imports torch; pertpy and matplotlib are imported when a distance metric or a
-plot is used.
+Nothing here imports torch; cell-eval (with polars and scanpy) is imported when a metric is
+computed, pertpy and matplotlib when a distance metric or a plot is used.
 
 Examples
 --------

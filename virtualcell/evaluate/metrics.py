@@ -198,14 +198,18 @@ def _rowwise(pair: PredRealPair, values: np.ndarray) -> dict[str, float]:
 
 def _cell_eval(pair: PredRealPair, name: str) -> dict[str, float]:
     """cell-eval's own metric function ``name`` on the pair's means (see :attr:`PredRealPair.cell_eval_bulk`)."""
+    import contextlib
+    import io
     import warnings
 
     from ._celleval import require_cell_eval
 
     ce = require_cell_eval().metrics
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's ConstantInputWarning; the constant case is handled by callers
+    # cell-eval draws a progress bar for every call: noise for a few means, so it goes nowhere; scipy's
+    # ConstantInputWarning too (the constant case is handled by the callers)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
         values = getattr(ce, name)(pair.cell_eval_bulk)
     return {p: float(values[p]) for p in pair.perturbations}
 
