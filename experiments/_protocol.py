@@ -204,9 +204,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     pred.obs[perturbation_key] = labels
     if context is not None:
         pred.obs[context[0]] = context[1]
-    # the model upper-cases gene names (as Cell2Sentence does); give them back the measured spelling
-    spelling = {str(g).upper(): str(g) for g in baseline.var_names}
-    pred.var_names = [spelling.get(str(g), str(g)) for g in pred.var_names]
+    # predictions carry the baseline's own gene spelling (the Simulator maps the model's names back)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "
