@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 SPLIT = "vc_protocol_split"  # obs column: "train" / "test"
 METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
+# cell-eval's Virtual Cell Challenge profile, computed by the cell-eval library on the same cells and
+# prefixed so that its mae stays apart from virtualcell's: the columns a reader of the field compares
+VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
 
 
 # --------------------------------------------------------------------------- #
@@ -205,9 +208,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     pred.obs[perturbation_key] = labels
     if context is not None:
         pred.obs[context[0]] = context[1]
-    # the model upper-cases gene names (as Cell2Sentence does); give them back the measured spelling
-    spelling = {str(g).upper(): str(g) for g in baseline.var_names}
-    pred.var_names = [spelling.get(str(g), str(g)) for g in pred.var_names]
+    # predictions carry the baseline's own gene spelling (the Simulator maps the model's names back)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "
@@ -221,19 +222,27 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
 def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]] | None = None,  # noqa: ANN001
           metrics: tuple[str, ...] = METRICS, baselines: tuple[str, ...] = ("nochange", "meanshift", "pertmean",
                                                                               "additive", "linear"),
-          context_key: str | None = None, seed: int = 0, max_cells: int = 500) -> pd.DataFrame:
+          context_key: str | None = None, seed: int = 0, max_cells: int = 500,
+          cell_eval: bool = True) -> pd.DataFrame:
     """evaluate() of the model next to the baselines and the ceiling, kept to the ``focus`` groups.
 
     The baselines learn effects from ``train`` only (the model's training split), never from
-    the held-out groups.
+    the held-out groups. With ``cell_eval``, cell-eval's ``vcc`` profile is scored too, on the
+    same inputs, as metrics ``vcc_<name>`` (:data:`VCC_METRICS`).
     """
     from virtualcell.evaluate import evaluate
 
     ctx = context_key if context_key is not None else contract.context_key
-    table = evaluate(pred, real, perturbation_key=contract.perturbation_key, control=contract.control,
-                     context_key=ctx, profile=list(metrics), baselines=baselines, baseline=baseline, train=train,
-                     max_cells=max_cells, seed=seed)
+    kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
+              baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
+    table = evaluate(pred, real, profile=list(metrics), **kw)
     attrs = table.attrs
+    if cell_eval:
+        vcc = evaluate(pred, real, profile="vcc", **kw)
+        vcc["metric"] = "vcc_" + vcc["metric"]
+        table = pd.concat([table, vcc], ignore_index=True)
+        attrs = dict(attrs)
+        attrs.setdefault("virtualcell", {})["cell_eval"] = vcc.attrs.get("virtualcell", {}).get("engine")
     if focus is not None:
         keep = set(focus)
         table = table[[(p, c) in keep for p, c in zip(table["perturbation"], table["context"])]].copy()
@@ -245,6 +254,7 @@ def summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataF
     """Mean and median of every metric per method over the groups it predicted (order: model, baselines, ceiling)."""
     methods = list(dict.fromkeys(table["method"]))
     order = [m for m in ["model"] + [x for x in methods if x not in ("model", "ceiling")] + ["ceiling"] if m in methods]
+    metrics = tuple(metrics) + tuple(m for m in VCC_METRICS if m in set(table["metric"]) and m not in metrics)
     rows = []
     for m in order:
         sub = table[table["method"] == m]
@@ -275,6 +285,7 @@ def markdown_table(frame: pd.DataFrame, *, digits: int = 3) -> str:
 def compact(summ: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
     """One column per metric, ``mean (median)``."""
     out = summ[["method", "groups"]].copy()
+    metrics = tuple(metrics) + tuple(m for m in VCC_METRICS if f"{m} mean" in summ.columns and m not in metrics)
     for k in metrics:
         out[k] = [("n/a" if not np.isfinite(a) else f"{a:.3f} ({b:.3f})")
                   for a, b in zip(summ[f"{k} mean"], summ[f"{k} median"])]

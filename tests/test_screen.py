@@ -92,7 +92,9 @@ def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_pat
         assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
                      "--seed", "1", "--out", str(tmp_path / name)]) == 0
     mem, disk = ad.read_h5ad(tmp_path / "mem.h5ad"), ad.read_h5ad(tmp_path / "disk.h5ad")
-    assert mem.n_obs == 12 and list(mem.var_names) == list(model.genes.genes)
+    # the model's genes, in its order, spelled as the baseline spells them (issue 13: not upper-cased)
+    assert mem.n_obs == 12 and [g.upper() for g in mem.var_names] == list(model.genes.genes)
+    assert list(mem.var_names) == list(ad.read_h5ad(base).var_names)
     assert set(mem.obs["perturbation"]) == {"STAT1", "JAK2"}
     np.testing.assert_allclose(mem.X, disk.X, atol=1e-6)  # the streamed file is the same prediction
     assert not list(tmp_path.glob(".vc-predict-*"))  # the temporary store is gone

@@ -160,12 +160,36 @@ def test_exact_duplicate_gene_names():
         encode(a)
 
 
-def test_ensembl_ids_are_refused_with_the_fix():
-    a = make([[1, 2, 3]], genes=["ENSG00000141510", "ENSG00000136997", "ENSG00000111640"])
+def test_ensembl_ids_are_gene_names_and_gene_key_picks_symbols():
+    """A gene-level model reads ids as they are; gene_key (var_key: deprecated alias) picks a symbol column;
+    a text model refuses ids and names the CLI flag."""
+    from virtualcell.sentences import Vocabulary, require_symbols
+
+    a = make([[1, 2, 3]], genes=["ENSG00000141510.17", "ENSG00000136997.21", "ENSG00000111640.15"])
     a.var["symbol"] = ["TP53", "MYC", "GAPDH"]
-    with pytest.raises(VocabularyError, match=r"Ensembl.*var_key=.*'symbol'"):
-        encode(a)
-    assert encode(a, var_key="symbol").to_text() == ["GAPDH MYC TP53"]
+    assert encode(a).to_text() == ["ENSG00000111640.15 ENSG00000136997.21 ENSG00000141510.17"]
+    assert encode(a, gene_key="symbol").to_text() == ["GAPDH MYC TP53"]
+    with pytest.warns(DeprecationWarning, match="gene_key"):
+        assert encode(a, var_key="symbol").to_text() == ["GAPDH MYC TP53"]
+    with pytest.raises(VocabularyError, match=r"Ensembl ids.*--gene-key COLUMN"):
+        require_symbols(a.var_names)
+    with pytest.raises(VocabularyError, match=r"no such var column.*'symbol'"):
+        encode(a, gene_key="symbols")
+    # another annotation release (version suffix) or another case is the same gene
+    vocab = Vocabulary.from_adata(a)
+    assert list(vocab.ids(["ENSG00000141510.18", "ENSG00000136997", "ensg00000111640.15"])) == [0, 1, 2]
+    mouse = Vocabulary.from_names(["Stat1", "Irf1"])
+    assert list(mouse.ids(["STAT1", "Irf1", "Foo"], missing="mark")) == [0, 1, -1]
+
+
+def test_gene_key_refuses_empty_and_duplicated_names():
+    a = make([[1, 2, 3]], genes=["ENSG00000141510", "ENSG00000136997", "ENSG00000111640"])
+    a.var["symbol"] = ["TP53", "MYC", "MYC"]
+    with pytest.raises(VocabularyError, match=r"more than once.*'MYC'"):
+        encode(a, gene_key="symbol")
+    a.var["symbol"] = ["TP53", None, "GAPDH"]
+    with pytest.raises(VocabularyError, match=r"1 of 3 genes have no name"):
+        encode(a, gene_key="symbol")
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .simulator import KEEP_IN_MEMORY
 
     model = C2SModel.load(args.model, device=args.device)
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     perts = _split_list(args.perturbations)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
     out = Path(args.out)
@@ -99,7 +99,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes)
-        res.write_h5ad(out)
+        if args.format == "cell-eval":
+            _write_cell_eval(res, sim, model, out, n)
+        else:
+            res.write_h5ad(out)
         if res.store is not None:
             res.cells.close()
     a = res.aggregates.attrs
@@ -107,6 +110,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"wrote {P * C:,} predicted cells x {G} genes to {args.out} "
           f"({a['normalization']}; invalid genes {a['invalid_genes']}, duplicates {a['duplicate_genes']})")
     return 0
+
+
+def _write_cell_eval(res, sim, model, out, n: int) -> None:  # noqa: ANN001
+    """Predicted cells plus the baseline as the control (its calibrated prediction), in cell-eval's form."""
+    import anndata as ad
+
+    from .evaluate import to_cell_eval
+
+    cells = res.to_anndata()
+    control = model.contract.control if model.contract is not None else "control"
+    if control not in set(cells.obs["perturbation"]):
+        ctrl = ad.AnnData(sim.expression[:n].toarray(), var=cells.var.copy())
+        ctrl.obs["perturbation"] = control
+        ctrl.obs["source_cell"] = list(res.source_cells)
+        ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
+        cells = ad.concat([cells, ctrl], merge="same")
+    to_cell_eval(cells, perturbation_key="perturbation", control=control).write_h5ad(out)
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -137,7 +157,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 except VirtualCellError as line_err:
                     raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
@@ -153,7 +173,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from .sentences import encode
 
     adata = _load_data(args.data)
-    cs = encode(adata, layer=args.layer, top_k=args.top_k, seed=args.seed, var_key=args.var_key)
+    cs = encode(adata, layer=args.layer, top_k=args.top_k, seed=args.seed, gene_key=args.gene_key)
     if args.out.endswith(".txt"):
         with open(args.out, "w") as fh:
             fh.write("\n".join(cs.to_text()) + "\n")
@@ -204,7 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout,
     )
-    model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart)
+    model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
+                  gene_key=args.gene_key)
     hist = model.train_config.get("history", [])
     last = hist[-1] if hist else {}
     print(f"saved {model} to {args.out}")
@@ -224,12 +245,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output) or hub id")
     p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
     p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
+    _add_gene_key(p)
     p.add_argument("--genes", choices=["all", "shared"], default="all", help="'shared': proceed on the genes the model knows")
     p.add_argument("--n-cells", type=int, default=None, help="use the first N baseline cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512, help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=int, default=None, help="genes per generated cell (default: the model's top_k)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+
+def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:
+    p.add_argument("--gene-key", *aliases, dest="gene_key", default=None, metavar="COLUMN",
+                   help="var column holding the gene names to use: symbols, or Ensembl ids (with or without a "
+                   "version suffix) for the project's own gene-level models; a text model (--base) needs "
+                   "symbols (default: var_names)")
 
 
 def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -263,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="an .h5ad path or a dataset name (see virtualcell.datasets)")
     p.add_argument("--out", required=True, help="output .npz (compact ids) or .txt (one sentence a line)")
     p.add_argument("--layer", default=None)
-    p.add_argument("--var-key", default=None, help="var column holding gene symbols (default var_names)")
+    _add_gene_key(p, "--var-key")  # --var-key: the former name, kept working
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_encode)
@@ -271,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a small C2S model on a screen, or fine-tune a real checkpoint (--base)")
     p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
     _add_contract_args(p)
+    _add_gene_key(p)
     p.add_argument("--base", default=None, help="a Hugging Face causal LM to fine-tune (hub id or folder); default: a new small model")
     p.add_argument("--out", required=True, help="checkpoint folder (resumes from OUT/last if present)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget; training stops when it is spent")
@@ -292,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h)")
     p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--format", choices=["h5ad", "cell-eval"], default="h5ad",
+                   help="h5ad: virtualcell's layout (default); cell-eval: what 'cell-eval run -ap OUT -ar REAL' "
+                   "reads as it is (obs['target_gene'], control 'non-targeting', the baseline cells as the "
+                   "control, log1p values; held in memory). Put the measured file in the same form with "
+                   "virtualcell.evaluate.to_cell_eval(real, like=pred)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("screen", help="screen a panel of perturbations and rank them for the wet lab")

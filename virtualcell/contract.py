@@ -36,13 +36,19 @@ PAIR_SEP = "+"
 
 @dataclass(frozen=True)
 class DataContract:
-    """Which obs columns hold the perturbation, its control label, context, dose and time."""
+    """Which obs columns hold the perturbation, its control label, context, dose and time.
+
+    ``gene_key`` names the var column that held the gene names a model was trained on
+    (``None``: ``var_names``); a checkpoint keeps it, so that new cells with that column are
+    read the same way.
+    """
 
     perturbation_key: str = "perturbation"
     control: str = "control"
     context_key: str | None = None
     dose_key: str | None = None
     time_key: str | None = None
+    gene_key: str | None = None
 
     # ------------------------------------------------------------------ #
     def validate(self, adata: ad.AnnData, *, require_control: bool = True) -> None:

@@ -33,7 +33,7 @@ from .errors import ModelError
 from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import Combination, Perturbation
 from .prompts import C2SFormat, CompactFormat, PerturbationVocab
-from .sentences import CellSentences, RankFit, Vocabulary, parse_text
+from .sentences import CellSentences, RankFit, Vocabulary, parse_text, require_symbols
 
 __all__ = ["C2SModel", "BUNDLED", "pick_device", "bundled"]
 
@@ -118,6 +118,7 @@ class C2SModel:
         if prompt_format == "compact":
             self.format: CompactFormat | C2SFormat = CompactFormat(tokenizer, genes.genes, self.perturbations)
         elif prompt_format == "c2s":
+            require_symbols(genes.genes)  # a text model reads symbols; Ensembl ids need --gene-key
             self.format = C2SFormat(tokenizer, genes.genes, self.perturbations)
         else:
             raise ModelError(f"Unknown prompt format {prompt_format!r}; use 'compact' or 'c2s'.")

@@ -131,7 +131,7 @@ def screen(
         raise ScreenError(f"The panel lists {dup} more than once (after resolving labels). List each once.")
     obj = parse_objective(objective)
     n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
-    genes = list(simulator.model.genes.genes)
+    genes = list(simulator.gene_names)
     control_mean = np.asarray(simulator.expression[:n].mean(axis=0)).ravel()
     obj.bind(genes, control_mean)  # unknown genes fail here, before any generation
     config = {

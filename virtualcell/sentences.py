@@ -49,11 +49,15 @@ __all__ = [
     "expression_matrix",
     "detect_scale",
     "log_normalize",
+    "with_gene_key",
+    "require_symbols",
+    "gene_match_key",
 ]
 
 DEFAULT_TOP_K = 200
 TARGET_SUM = 1e4
 _ENSEMBL = re.compile(r"^ENS[A-Z]*[GTP]\d{6,}(\.\d+)?$", re.IGNORECASE)
+_VERSION = re.compile(r"^(ENS[A-Z]*[GTP]\d{6,})\.\d+$", re.IGNORECASE)
 _STRIP = ".,;:!?\"'()[]{}"
 
 
@@ -140,6 +144,117 @@ def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:
 
 
 # --------------------------------------------------------------------------- #
+# Gene identifiers
+# --------------------------------------------------------------------------- #
+def gene_match_key(name: object) -> str:
+    """The key two spellings of one gene share: upper case, Ensembl version suffix dropped.
+
+    ``"Stat1"`` and ``"STAT1"`` share a key, as do ``"ENSG00000118785.13"`` and
+    ``"ENSG00000118785"``.
+
+    Examples
+    --------
+    >>> gene_match_key("ENSG00000118785.13"), gene_match_key("Stat1")
+    ('ENSG00000118785', 'STAT1')
+    """
+    text = str(name).upper()
+    m = _VERSION.match(text)
+    return m.group(1) if m else text
+
+
+def _looks_ensembl(names: Any) -> tuple[int, str | None]:
+    hits = [n for n in (str(x) for x in names) if _ENSEMBL.match(n)]
+    return len(hits), (hits[0] if hits else None)
+
+
+def require_symbols(names: Any, *, what: str = "A text model (C2S prompt)") -> None:
+    """Refuse gene names that are mostly Ensembl ids where a model reads them as text.
+
+    The project's own gene-level models give each gene one token, so ids work there;
+    a text model (C2S-Scale, ``--base``) reads gene symbols.
+
+    Raises
+    ------
+    VocabularyError
+        When more than half of ``names`` look like Ensembl ids, naming the flag that fixes it.
+    """
+    names = [str(n) for n in names]
+    n_ens, example = _looks_ensembl(names)
+    if names and n_ens > len(names) / 2:
+        raise VocabularyError(
+            f"{n_ens} of {len(names)} gene names look like Ensembl ids (e.g. {example!r}). {what} reads gene "
+            "symbols: pass --gene-key COLUMN on the command line (gene_key='COLUMN' in Python) naming a var "
+            "column that holds symbols, or map the ids to symbols first. The project's own gene-level models "
+            "(virtualcell train without --base) take Ensembl ids as they are."
+        )
+
+
+def with_gene_key(adata: ad.AnnData, gene_key: str | None) -> ad.AnnData:
+    """``adata`` with its gene names taken from the var column ``gene_key`` (``None``: as it is).
+
+    The expression is shared, not copied. The former ``var_names`` stay in
+    ``var["var_names_before_gene_key"]``.
+
+    Raises
+    ------
+    VocabularyError
+        If the column does not exist, has empty values, or names a gene twice.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> a = ad.AnnData(np.ones((1, 2)), var=pd.DataFrame({"symbol": ["MYC", "TP53"]}, index=["ENSG1", "ENSG2"]))
+    >>> list(with_gene_key(a, "symbol").var_names)
+    ['MYC', 'TP53']
+    """
+    if gene_key is None:
+        return adata
+    import anndata as ad
+    import pandas as pd
+
+    if gene_key not in adata.var.columns:
+        raise VocabularyError(
+            f"--gene-key {gene_key!r}: there is no such var column. var columns: "
+            f"{preview(adata.var.columns) or 'none'}; leave --gene-key out to use var_names "
+            f"(e.g. {preview(adata.var_names[:3], 3)})."
+        )
+    col = adata.var[gene_key]
+    names = col.astype(str).str.strip()
+    empty = col.isna().to_numpy() | (names == "").to_numpy() | names.str.lower().isin(["nan", "none"]).to_numpy()
+    if empty.any():
+        raise VocabularyError(
+            f"--gene-key {gene_key!r}: {int(empty.sum())} of {adata.n_vars} genes have no name in that column "
+            f"(e.g. var_names {preview(adata.var_names[empty], 3)}). Drop them first, e.g. "
+            f"adata = adata[:, adata.var[{gene_key!r}].notna()], or fill them in."
+        )
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise VocabularyError(
+            f"--gene-key {gene_key!r}: {len(dup)} names occur more than once in that column ({preview(dup, 5)}). "
+            "Each gene needs its own name: keep one row per name, or use another column."
+        )
+    var = adata.var.copy()
+    var["var_names_before_gene_key"] = adata.var_names.astype(str)
+    var.index = pd.Index(names.to_numpy(), dtype=object)
+    out = ad.AnnData(X=adata.X, obs=adata.obs, var=var, uns=dict(adata.uns), layers=dict(adata.layers),
+                     obsm=dict(adata.obsm))
+    return out
+
+
+def _gene_key_alias(gene_key: str | None, var_key: str | None, *, stacklevel: int = 3) -> str | None:
+    """``gene_key``, or the deprecated ``var_key`` with a warning."""
+    if var_key is None:
+        return gene_key
+    import warnings
+
+    warnings.warn("var_key= is deprecated; use gene_key= (the same option under its new name).",
+                  DeprecationWarning, stacklevel=stacklevel)
+    if gene_key is not None and gene_key != var_key:
+        raise DataError(f"gene_key={gene_key!r} and var_key={var_key!r} disagree; pass only gene_key.")
+    return var_key
+
+
+# --------------------------------------------------------------------------- #
 # Vocabulary
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
@@ -147,11 +262,15 @@ class Vocabulary:
     """The genes a set of cell sentences (or a model) speaks, in a fixed order.
 
     Names are upper-cased as Cell2Sentence does. Two genes that become the same
-    name are an error, never silently merged or shifted.
+    name are an error, never silently merged or shifted. Lookups ignore case and an
+    Ensembl version suffix (``ENSG00000118785.13`` finds ``ENSG00000118785.14``), and
+    Ensembl ids are valid names: a gene-level model gives each gene one token. Only a
+    text model needs symbols (:func:`require_symbols`).
     """
 
     genes: tuple[str, ...]
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _loose: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         genes = tuple(str(g) for g in self.genes)
@@ -165,22 +284,27 @@ class Vocabulary:
                 "e.g. adata.var_names_make_unique(), or drop the duplicated genes."
             )
         object.__setattr__(self, "_index", index)
+        loose: dict[str, int] = {}
+        ambiguous: set[str] = set()
+        for g, i in index.items():
+            k = gene_match_key(g)
+            if k in loose and loose[k] != i:
+                ambiguous.add(k)
+            loose.setdefault(k, i)
+        object.__setattr__(self, "_loose", {k: i for k, i in loose.items() if k not in ambiguous})
 
     @classmethod
-    def from_names(cls, names: Any, *, uppercase: bool = True, allow_ensembl: bool = False) -> Vocabulary:
-        """Build a vocabulary from gene names, upper-cased like C2S unless ``uppercase=False``."""
+    def from_names(cls, names: Any, *, uppercase: bool = True, allow_ensembl: bool = True) -> Vocabulary:
+        """Build a vocabulary from gene names, upper-cased like C2S unless ``uppercase=False``.
+
+        ``allow_ensembl=False`` refuses names that are mostly Ensembl ids
+        (:func:`require_symbols`), for vocabularies a text model reads.
+        """
         raw = [str(n) for n in names]
         if not raw:
             raise VocabularyError("No gene names were given; a vocabulary needs at least one gene.")
         if not allow_ensembl:
-            n_ens = sum(bool(_ENSEMBL.match(n)) for n in raw)
-            if n_ens > len(raw) / 2:
-                example = next(n for n in raw if _ENSEMBL.match(n))
-                raise VocabularyError(
-                    f"{n_ens} of {len(raw)} gene names look like Ensembl ids (e.g. {example!r}). "
-                    "Cell sentences are made of gene symbols, which language models read: pass "
-                    "var_key='<column>' naming a var column that holds symbols, or map ids to symbols first."
-                )
+            require_symbols(raw)
         names_out = [n.upper() for n in raw] if uppercase else raw
         if len(set(names_out)) != len(names_out):
             groups: dict[str, list[str]] = {}
@@ -197,47 +321,42 @@ class Vocabulary:
 
     @classmethod
     def from_adata(
-        cls, adata: ad.AnnData, *, var_key: str | None = None, uppercase: bool = True
+        cls, adata: ad.AnnData, *, gene_key: str | None = None, uppercase: bool = True, var_key: str | None = None
     ) -> Vocabulary:
-        """Vocabulary from ``adata.var_names``, or from the var column ``var_key``."""
-        if var_key is None:
-            names = adata.var_names
-            allow = False
-        else:
-            if var_key not in adata.var.columns:
-                raise VocabularyError(
-                    f"var column {var_key!r} does not exist. var columns: {preview(adata.var.columns) or 'none'}."
-                )
-            names = adata.var[var_key].astype(str)
-            allow = False
-        try:
-            return cls.from_names(names, uppercase=uppercase, allow_ensembl=allow)
-        except VocabularyError as err:
-            if var_key is None and "Ensembl" in str(err):
-                cols = [c for c in adata.var.columns if adata.var[c].dtype == object or str(adata.var[c].dtype) == "category"]
-                hint = f" String var columns here: {preview(cols)}." if cols else ""
-                raise VocabularyError(str(err) + hint) from None
-            raise
+        """Vocabulary from ``adata.var_names``, or from the var column ``gene_key``.
+
+        ``var_key`` is the deprecated name of ``gene_key``.
+        """
+        gene_key = _gene_key_alias(gene_key, var_key)
+        return cls.from_names(with_gene_key(adata, gene_key).var_names, uppercase=uppercase)
 
     def __len__(self) -> int:
         return len(self.genes)
 
     def __contains__(self, gene: object) -> bool:
-        return str(gene).upper() in self._index or str(gene) in self._index
+        return self._find(str(gene)) >= 0
+
+    def _find(self, g: str) -> int:
+        i = self._index.get(g, -1)
+        if i < 0:
+            i = self._index.get(g.upper(), -1)
+        if i < 0:
+            i = self._loose.get(gene_match_key(g), -1)
+        return i
 
     def index(self, gene: str) -> int:
-        """The id of one gene (case-insensitive)."""
-        g = str(gene)
-        if g in self._index:
-            return self._index[g]
-        if g.upper() in self._index:
-            return self._index[g.upper()]
-        raise VocabularyError(f"Gene {gene!r} is not in the vocabulary of {len(self)} genes.")
+        """The id of one gene (ignoring case and an Ensembl version suffix)."""
+        i = self._find(str(gene))
+        if i < 0:
+            raise VocabularyError(f"Gene {gene!r} is not in the vocabulary of {len(self)} genes.")
+        return i
 
     def ids(self, genes: Any, *, missing: Literal["error", "mark"] = "error") -> np.ndarray:
-        """Ids of many genes; ``missing="mark"`` gives -1 for unknown genes instead of raising."""
-        get = self._index.get
-        out = np.fromiter((get(str(g).upper(), get(str(g), -1)) for g in genes), dtype=np.int64)
+        """Ids of many genes; ``missing="mark"`` gives -1 for unknown genes instead of raising.
+
+        A name matches exactly, else ignoring case, else ignoring an Ensembl version suffix.
+        """
+        out = np.fromiter((self._find(str(g)) for g in genes), dtype=np.int64)
         if missing == "error" and (out < 0).any():
             bad = [str(g) for g, i in zip(genes, out) if i < 0]
             raise VocabularyError(f"{len(bad)} genes are not in the vocabulary: {preview(bad)}.")
@@ -486,9 +605,10 @@ def encode(
     top_k: int | None = DEFAULT_TOP_K,
     seed: int = 0,
     vocab: Vocabulary | None = None,
-    var_key: str | None = None,
+    gene_key: str | None = None,
     genes: Literal["all", "shared"] = "all",
     threads: int = 2,
+    var_key: str | None = None,
 ) -> CellSentences:
     """Encode cells as cell sentences: expressed gene ids by descending expression.
 
@@ -506,7 +626,10 @@ def encode(
         (seed, cell, gene), reproducible and independent of chunking.
     vocab
         Encode into this vocabulary (a model's). By default the vocabulary is built
-        from ``adata`` (``var_names`` or ``var[var_key]``).
+        from ``adata`` (``var_names`` or ``var[gene_key]``).
+    gene_key
+        Var column holding the gene names to use (symbols or Ensembl ids); default
+        ``var_names``. ``var_key`` is its deprecated former name.
     genes
         With ``vocab``: ``"all"`` requires every gene of ``adata`` to be in it;
         ``"shared"`` drops the genes it does not know (before ranking).
@@ -519,12 +642,19 @@ def encode(
     if top_k is not None and top_k < 1:
         raise DataError(f"top_k must be a positive number of genes or None, got {top_k}.")
     X = expression_matrix(adata, layer=layer)
-    own = Vocabulary.from_adata(adata, var_key=var_key)
+    own = Vocabulary.from_adata(adata, gene_key=_gene_key_alias(gene_key, var_key))
     if vocab is None:
         vocab, col_map = own, None
     else:
         col_map = vocab.ids(own.genes, missing="mark")
         unknown = np.flatnonzero(col_map < 0)
+        if unknown.size == len(own):
+            raise VocabularyError(
+                f"None of the data's {len(own)} genes are in the model's vocabulary "
+                f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
+                "Check that both name genes the same way (symbols or Ensembl ids, same species); if the "
+                "model's names sit in a var column of the data, pass --gene-key COLUMN (gene_key='COLUMN')."
+            )
         if unknown.size and genes == "all":
             shared = len(own) - unknown.size
             raise VocabularyError(
@@ -537,7 +667,8 @@ def encode(
                 raise VocabularyError(
                     f"None of the data's {len(own)} genes are in the model's vocabulary "
                     f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
-                    "Check that both use gene symbols of the same species."
+                    "Check that both name genes the same way (symbols or Ensembl ids, same species); if the "
+                    "model's names sit in a var column of the data, pass --gene-key COLUMN (gene_key='COLUMN')."
                 )
             keep = col_map >= 0
             X = X[:, keep]

@@ -38,7 +38,15 @@ import numpy as np
 from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
-from .sentences import Vocabulary, decode, detect_scale, encode, expression_matrix, log_normalize
+from .sentences import (
+    Vocabulary,
+    decode,
+    detect_scale,
+    encode,
+    expression_matrix,
+    log_normalize,
+    with_gene_key,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -227,11 +235,21 @@ class Simulator:
     genes
         ``"all"``: every gene of ``baseline`` must be in the model's vocabulary;
         ``"shared"``: proceed on the shared genes.
+    gene_key
+        Var column of ``baseline`` holding the gene names (symbols or Ensembl ids); default
+        ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
+        and predictions keep the baseline's spelling (:attr:`gene_names`). By default, the
+        column the model was trained with (``model.contract.gene_key``) when ``baseline`` has it.
     """
 
     def __init__(self, model: C2SModel, baseline: ad.AnnData, *, genes: Literal["all", "shared"] = "all",
-                 seed: int = 0, n_pcs: int = 30) -> None:
+                 seed: int = 0, n_pcs: int = 30, gene_key: str | None = None) -> None:
         self.model = model
+        trained_with = model.contract.gene_key if model.contract is not None else None
+        if gene_key is None and trained_with is not None and trained_with in baseline.var.columns:
+            gene_key = trained_with
+            log.info("gene names from var[%r], the column the model was trained with", gene_key)
+        baseline = with_gene_key(baseline, gene_key)
         self.baseline = baseline
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
         X = expression_matrix(baseline)
@@ -240,6 +258,20 @@ class Simulator:
         # baseline expression in the model's gene order (zeros for model genes the data lacks)
         col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         keep = col >= 0
+        # the names predictions carry: the baseline's own spelling where it has the gene
+        names = list(model.genes.genes)
+        spelled = baseline.var_names.astype(str)
+        versions = [(spelled[i], names[c]) for i, c in enumerate(col) if c >= 0 and spelled[i].upper() != names[c]]
+        for i in np.flatnonzero(keep):
+            names[col[i]] = spelled[i]
+        self.gene_names: list[str] = names
+        if versions:
+            import warnings
+
+            warnings.warn(
+                f"{len(versions)} baseline genes match the model's only without their Ensembl version suffix "
+                f"(e.g. {versions[0][0]!r} <-> {versions[0][1]!r}); they are treated as the same gene and "
+                "predictions use the baseline's names.", UserWarning, stacklevel=2)
         import scipy.sparse as sp
 
         Xn = Xn[:, np.flatnonzero(keep)].tocoo()
@@ -315,7 +347,7 @@ class Simulator:
                 "Use the aggregates, keep_cells=True for small runs, or one process."
             )
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
-        writer = _CellStore(store, names, n, self.model.genes.genes) if store is not None else None
+        writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis[1].shape[0], keep_embedded)
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed)
@@ -373,7 +405,7 @@ class Simulator:
 
             cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"),
                                  coords={"perturbation": names, "cell": np.asarray(self.baseline.obs_names[:n]),
-                                         "gene": list(self.model.genes.genes)}, name="expression")
+                                         "gene": list(self.gene_names)}, name="expression")
         elif store is not None:
             cells = _CellStore.open(store)
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
@@ -396,7 +428,7 @@ class Simulator:
         control_mean = np.asarray(self.expression[:n].mean(axis=0)).ravel()
         control_var = np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel() - control_mean**2
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
-        genes = list(self.model.genes.genes)
+        genes = list(self.gene_names)
         ds = xr.Dataset(
             {
                 "mean": (("perturbation", "gene"), mean.astype(np.float32)),

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,8 @@ from .contract import DataContract
 from .errors import DataError, TrainingError
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
-from .sentences import RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize
+from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
+                        require_symbols, with_gene_key)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -267,6 +268,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    gene_key: str | None = None,
 ) -> C2SModel:
     """Train (or fine-tune) a C2S model on a perturbation screen; returns the trained model.
 
@@ -285,13 +287,21 @@ def train(
         default: a new small gene-level Llama model.
     on_log
         Called with each log record (step, loss, val_loss, tokens/s), e.g. for live plots.
+    gene_key
+        Var column holding the gene names (symbols, or Ensembl ids for the default gene-level
+        model); default ``var_names``.
     """
     from .training.loop import torch_threads
 
     cfg = config or TrainConfig()
+    gene_key = gene_key or (contract.gene_key if contract is not None else None)
+    adata = with_gene_key(adata, gene_key)
+    if base is not None:
+        require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
+    contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
     with torch_threads(None):  # the thread count chosen for training is undone on the way out
-        return _train(adata, out=Path(out), contract=contract or DataContract.from_adata(adata), cfg=cfg, base=base,
-                      resume=resume, progress=progress, on_log=on_log)
+        return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
+                      on_log=on_log)
 
 
 def _pair_split(data: ad.AnnData, contract: DataContract, cfg: TrainConfig, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

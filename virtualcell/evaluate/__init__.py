@@ -6,6 +6,10 @@
   :class:`PredRealPair`, each with a direction) and named sets of them.
 * :mod:`~virtualcell.evaluate.baselines` — ``nochange``, ``meanshift``, ``pertmean``,
   ``additive``, ``linear``: each returns a predicted AnnData.
+* cell-eval (Arc Institute, the Virtual Cell Challenge metrics) as the engine: ``profile="vcc"``
+  (or ``"full"``, ``"minimal"``, ``"de"``, ``"anndata"``, ``"pds"``; :data:`CELL_EVAL_PROFILES`)
+  scores the model, the baselines and the ceiling with cell-eval's own metric functions, and
+  :func:`to_cell_eval` writes files that ``cell-eval run`` reads as they are.
 * :func:`split_controls` — independent control halves: the baseline population fed to the
   model, and the reference measured deltas are taken against. Always evaluate this way: a
   shared control inflates every score.
@@ -13,8 +17,8 @@
 * :func:`distance_test` — ``pertpy.tools.DistanceTest`` with its group-order bug (#1072) fixed.
 * :func:`summarize`, :func:`delta_table`, :func:`plot_delta_scatter`, :func:`plot_metric_bars`.
 
-Nothing here imports torch; pertpy and matplotlib are imported when a distance metric or a
-plot is used.
+Nothing here imports torch; cell-eval (with polars and scanpy) is imported when a metric is
+computed, pertpy and matplotlib when a distance metric or a plot is used.
 
 Examples
 --------
@@ -40,6 +44,8 @@ _LAZY = {
     "DEFAULT_BASELINES": ("._core", "DEFAULT_BASELINES"),
     "TABLE_COLUMNS": ("._core", "TABLE_COLUMNS"),
     "split_controls": ("._data", "split_controls"),
+    "to_cell_eval": ("._celleval", "to_cell_eval"),
+    "CELL_EVAL_PROFILES": ("._celleval", "CELL_EVAL_PROFILES"),
     "effect_size": ("._data", "effect_size"),
     "resolve_contract": ("._data", "resolve_contract"),
     "baselines": (".baselines", None),

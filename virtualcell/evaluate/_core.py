@@ -14,7 +14,20 @@ import scipy.sparse as sp
 
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
-from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes, split_controls, split_role
+from ..sentences import with_gene_key
+from . import _celleval
+from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
+from ._data import (
+    MIN_SHARED,
+    Prepared,
+    check_values,
+    group_means,
+    prepare,
+    resolve_contract,
+    shared_genes,
+    split_controls,
+    split_role,
+)
 from .baselines import BASELINES
 from .metrics import Metric, PredRealPair, resolve_metrics
 
@@ -41,6 +54,7 @@ class _Setup:
     base: Prepared  # baseline control cells only
     pred: Prepared | None
     info: dict[str, Any] = field(default_factory=dict)
+    train: ad.AnnData | None = None  # the training data, on the shared genes
 
 
 def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
@@ -67,9 +81,18 @@ def _setup(
     baseline: ad.AnnData | None,
     train: ad.AnnData | None,
     seed: int,
+    gene_key: str | None = None,
+    min_shared: float = MIN_SHARED,
 ) -> _Setup:
+    inputs = {"real": real, "pred": pred, "baseline": baseline, "train": train}
+    for key, a in inputs.items():  # every input checked as the user passed it, and named so
+        if a is not None:  # measured expression is never negative; a shifted-control prediction can be
+            check_values(a, name=_INPUT_NAMES[key], allow_negative=key == "pred")
+    real, pred, baseline, train = (with_gene_key(a, gene_key) if a is not None else None for a in inputs.values())
     contract = resolve_contract(real, perturbation_key=perturbation_key, control=control, context_key=context_key)
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
+    if gene_key is not None:
+        info["gene_key"] = gene_key
     if baseline is None:
         if split_role(real) == "reference":
             warnings.warn(
@@ -88,7 +111,9 @@ def _setup(
         named = {"real": real, "pred": pred, "baseline": baseline}
     if train is not None:
         named["train"] = train
-    genes, dropped = shared_genes(named)
+    genes, dropped, named = shared_genes(named, min_shared=min_shared)
+    real, baseline = named["real"], named["baseline"]
+    pred, train = named.get("pred"), named.get("train")
     info["n_genes"] = len(genes)
     info["genes_dropped"] = {k: {"n": len(v), "first": v[:20]} for k, v in dropped.items() if v}
     if any(dropped.values()):
@@ -107,7 +132,11 @@ def _setup(
     info["normalization"] = {"real": real_p.normalization, "baseline": base_p.normalization}
     if pred_p is not None:
         info["normalization"]["pred"] = pred_p.normalization
-    return _Setup(contract, genes, real_p, base_p, pred_p, info)
+    return _Setup(contract, genes, real_p, base_p, pred_p, info, train)
+
+
+_INPUT_NAMES = {"real": "measured (real=, --real)", "pred": "predicted (pred=, --pred)",
+                "baseline": "baseline (baseline=, --baseline)", "train": "training (train=)"}
 
 
 def _with_control(pred: Prepared, base: Prepared, control: str, info: dict[str, Any]) -> Prepared:
@@ -291,12 +320,15 @@ def evaluate(
     perturbation_key: str | None = None,
     control: str | None = None,
     context_key: str | None = None,
+    gene_key: str | None = None,
     profile: str | Sequence[str | Metric] = "default",
     baselines: Sequence[str] | Mapping[str, Callable[..., ad.AnnData]] = DEFAULT_BASELINES,
     baseline: ad.AnnData | None = None,
     train: ad.AnnData | None = None,
     ceiling: bool = True,
     max_cells: int | None = 500,
+    min_shared_genes: float = MIN_SHARED,
+    threads: int = 1,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Score a prediction against measured data, per perturbation and context, next to baselines.
@@ -308,6 +340,14 @@ def evaluate(
     same scale (raw counts are log1p-normalized with
     :func:`virtualcell.sentences.log_normalize`); what was done is in ``table.attrs["virtualcell"]``.
 
+    With a cell-eval profile (``"vcc"``, ``"full"``, ``"minimal"``, ``"de"``, ``"anndata"``,
+    ``"pds"``) the metrics are computed by the cell-eval library (Arc Institute; the Virtual
+    Cell Challenge metrics: ``overlap_at_N``, ``discrimination_score_l1``, ``mae``,
+    ``pearson_delta``, the DE metrics ...) on the same cells: the model, every baseline and the
+    split-half ceiling each go through ``cell_eval.MetricsEvaluator``, context by context.
+    virtualcell's own profiles (``"default"``, ``"fast"``, ``"pearson"``) use
+    :data:`~virtualcell.evaluate.METRICS`.
+
     Parameters
     ----------
     pred
@@ -316,9 +356,13 @@ def evaluate(
         The measured screen: perturbed cells and the reference control cells.
     perturbation_key, control, context_key
         The data contract; defaults to the one ``real`` carries.
+    gene_key
+        Var column holding the gene names in every input (default ``var_names``).
     profile
-        A metric profile (``"default"``, ``"fast"``, ``"pearson"``; see
-        :data:`~virtualcell.evaluate.PROFILES`) or a list of metric names / :class:`Metric` objects.
+        A metric profile: virtualcell's (``"default"``, ``"fast"``, ``"pearson"``; see
+        :data:`~virtualcell.evaluate.PROFILES`) or cell-eval's
+        (:data:`~virtualcell.evaluate.CELL_EVAL_PROFILES`); or a list of metric names /
+        :class:`Metric` objects.
     baselines
         Names of built-in baselines (:data:`~virtualcell.evaluate.BASELINES`) or a mapping
         ``name -> function`` with their signature; ``()`` for none.
@@ -334,6 +378,11 @@ def evaluate(
         group against the other half.
     max_cells
         At most this many cells per group for the distribution metrics and baselines.
+    min_shared_genes
+        Refuse inputs that share fewer than this fraction of the smallest input's genes
+        (after matching names ignoring case and Ensembl version suffixes).
+    threads
+        Threads for cell-eval's differential expression (cell-eval profiles only).
     seed
         Seed of every split and subsample.
 
@@ -341,9 +390,9 @@ def evaluate(
     -------
     DataFrame
         Tidy: one row per ``method`` (``"model"``, each baseline, ``"ceiling"``), ``perturbation``,
-        ``context`` and ``metric``, with ``value``, ``direction`` (``"higher"``/``"lower"`` is better),
-        ``n_cells`` (measured cells of the group) and ``effect_size`` (measured, corrected for group
-        size; see :func:`effect_size`).
+        ``context`` and ``metric``, with ``value``, ``direction`` (``"higher"``/``"lower"`` is better,
+        ``"none"`` for counts), ``n_cells`` (measured cells of the group) and ``effect_size``
+        (measured, corrected for group size; see :func:`effect_size`).
 
     Examples
     --------
@@ -353,8 +402,41 @@ def evaluate(
     >>> table = vc.evaluate.evaluate(None, ref, baseline=base, profile="fast")
     >>> sorted(table["method"].unique())
     ['additive', 'ceiling', 'linear', 'meanshift', 'nochange', 'pertmean']
+    >>> vcc = vc.evaluate.evaluate(None, ref, baseline=base, profile="vcc", baselines=("additive",))  # doctest: +SKIP
+    >>> sorted(vcc["metric"].unique())  # doctest: +SKIP
+    ['discrimination_score_l1', 'mae', 'overlap_at_N']
     """
-    metrics = resolve_metrics(profile)
+    table, _ = _run(pred, real, perturbation_key=perturbation_key, control=control, context_key=context_key,
+                    gene_key=gene_key, profile=profile, baselines=baselines, baseline=baseline, train=train,
+                    ceiling=ceiling, max_cells=max_cells, min_shared_genes=min_shared_genes, threads=threads,
+                    seed=seed, deltas=False)
+    return table
+
+
+def _run(
+    pred: ad.AnnData | None,
+    real: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    gene_key: str | None = None,
+    profile: str | Sequence[str | Metric] = "default",
+    baselines: Sequence[str] | Mapping[str, Callable[..., ad.AnnData]] = DEFAULT_BASELINES,
+    baseline: ad.AnnData | None = None,
+    train: ad.AnnData | None = None,
+    ceiling: bool = True,
+    max_cells: int | None = 500,
+    min_shared_genes: float = MIN_SHARED,
+    threads: int = 1,
+    seed: int = 0,
+    deltas: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """:func:`evaluate` and, with ``deltas``, :func:`delta_table`, from one setup (the CLI needs both)."""
+    cell_eval = isinstance(profile, str) and profile in CELL_EVAL_PROFILES
+    metrics = [] if cell_eval else resolve_metrics(profile)
+    if cell_eval:
+        require_cell_eval()
     if isinstance(baselines, str):
         baselines = (baselines,)
     if not isinstance(baselines, Mapping):
@@ -363,7 +445,7 @@ def evaluate(
             raise DataError(f"Unknown baselines {preview(unknown)}. Built in: {', '.join(BASELINES)}.")
         baselines = {b: BASELINES[b] for b in baselines}
     setup = _setup(pred, real, perturbation_key=perturbation_key, control=control, context_key=context_key,
-                   baseline=baseline, train=train, seed=seed)
+                   baseline=baseline, train=train, seed=seed, gene_key=gene_key, min_shared=min_shared_genes)
     contract, genes, info = setup.contract, setup.genes, setup.info
     cells = any(m.needs_cells for m in metrics)
     contexts = _real_contexts(setup.real, contract.control, cells=cells, max_cells=max_cells, seed=seed)
@@ -373,8 +455,16 @@ def evaluate(
             "perturbed cells. Check the control label and the context column."
         )
     groups = {(p, rc.context): (rc.n_cells[p], rc.effect_size[p]) for rc in contexts for p in rc.candidates}
-    rows: list[tuple] = []
     kw = dict(cells=cells, max_cells=max_cells, seed=seed)
+
+    def score(method: str, pred_p: Prepared, real_p: Prepared, ctxs: list[_RealContext]) -> list[tuple]:
+        if cell_eval:
+            return _celleval.score(method, pred_p, real_p, ctxs, [str(g) for g in genes], contract.control, groups,
+                                   profile=str(profile), threads=threads)
+        return _score(method, _pairs(pred_p, ctxs, genes, contract.control, **kw), groups, metrics)
+
+    rows: list[tuple] = []
+    pred_p = None
     if setup.pred is not None:
         pred_p = _with_control(setup.pred, setup.base, contract.control, info)
         known = set(zip(setup.real.labels, setup.real.contexts))
@@ -391,10 +481,10 @@ def evaluate(
                     "predictions as the measured data does (virtualcell predict writes the training labels in "
                     "obs['perturbation']), and check the context column."
                 )
-        rows += _score("model", _pairs(pred_p, contexts, genes, contract.control, **kw), groups, metrics)
+        rows += score("model", pred_p, setup.real, contexts)
     if baselines:
         base_ad = _as_anndata(setup.base, genes, contract)
-        if train is None:
+        if setup.train is None:
             perturbed = setup.real.labels != contract.control
             train_ad = _as_anndata(
                 Prepared(sp.vstack([setup.real.X[np.flatnonzero(perturbed)], setup.base.X]).tocsr(),
@@ -403,27 +493,40 @@ def evaluate(
                          "log1p"),
                 genes, contract)
         else:
-            tp = prepare(train, contract, genes, name="training")
+            tp = prepare(setup.train, contract, genes, name="training")
             train_ad = _as_anndata(tp, genes, contract)
         targets = [(p, rc.context) for rc in contexts for p in rc.candidates]
         for name, fn in baselines.items():
             out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,
                      control=contract.control, context_key=contract.context_key, max_cells=max_cells, seed=seed)
             bp = prepare(out, contract, genes, name=f"baseline {name!r}")
-            rows += _score(name, _pairs(bp, contexts, genes, contract.control, **kw), groups, metrics)
+            rows += score(name, bp, setup.real, contexts)
     if ceiling:
         half_a, half_b = _halves(setup.real, contract.control, seed)
         ceiling_contexts = _real_contexts(half_b, contract.control, cells=cells, max_cells=max_cells, seed=seed)
         pred_half = Prepared(sp.vstack([half_a.X, setup.base.X]).tocsr(),
                              np.concatenate([half_a.labels, setup.base.labels]),
                              np.concatenate([half_a.contexts, setup.base.contexts]), "log1p")
-        rows += _score("ceiling", _pairs(pred_half, ceiling_contexts, genes, contract.control, **kw),
-                       groups, metrics)
+        rows += score("ceiling", pred_half, half_b, ceiling_contexts)
         info["ceiling"] = "half of every measured group against the other half (n_cells is the full group)"
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    info["metrics"] = {m.name: {"direction": m.direction, "description": m.description} for m in metrics}
+    if cell_eval:
+        info["engine"] = f"cell-eval {_version('cell-eval')}, profile {profile!r}"
+        info["metrics"] = {m: {"direction": d} for m, d in dict(zip(table["metric"], table["direction"])).items()}
+    else:
+        info["metrics"] = {m.name: {"direction": m.direction, "description": m.description} for m in metrics}
     table.attrs[UNS_KEY] = info
-    return table
+    frame = _deltas(setup, pred_p, contexts) if deltas and pred_p is not None else None
+    return table, frame
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:  # pragma: no cover
+        return "?"
 
 
 # --------------------------------------------------------------------------- #
@@ -436,7 +539,9 @@ def delta_table(
     perturbation_key: str | None = None,
     control: str | None = None,
     context_key: str | None = None,
+    gene_key: str | None = None,
     baseline: ad.AnnData | None = None,
+    min_shared_genes: float = MIN_SHARED,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Predicted and measured delta of every gene, perturbation and context, as :func:`evaluate` sees them.
@@ -445,7 +550,7 @@ def delta_table(
 
     Parameters
     ----------
-    pred, real, perturbation_key, control, context_key, baseline, seed
+    pred, real, perturbation_key, control, context_key, gene_key, baseline, min_shared_genes, seed
         As in :func:`evaluate`.
 
     Returns
@@ -465,11 +570,15 @@ def delta_table(
     ['perturbation', 'context', 'gene', 'predicted']
     """
     setup = _setup(pred, real, perturbation_key=perturbation_key, control=control, context_key=context_key,
-                   baseline=baseline, train=None, seed=seed)
+                   baseline=baseline, train=None, seed=seed, gene_key=gene_key, min_shared=min_shared_genes)
     contexts = _real_contexts(setup.real, setup.contract.control, cells=False, max_cells=None, seed=seed)
     pred_p = _with_control(setup.pred, setup.base, setup.contract.control, setup.info)
+    return _deltas(setup, pred_p, contexts)
+
+
+def _deltas(setup: _Setup, pred_p: Prepared, contexts: list[_RealContext]) -> pd.DataFrame:
     frames = []
-    for pair in _pairs(pred_p, contexts, setup.genes, setup.contract.control, cells=False, max_cells=None, seed=seed):
+    for pair in _pairs(pred_p, contexts, setup.genes, setup.contract.control, cells=False, max_cells=None, seed=0):
         rc = next(r for r in contexts if r.context == pair.context)
         n_g = len(pair.genes)
         top = np.zeros(pair.real_delta.shape, dtype=bool)
@@ -521,6 +630,8 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             dropped = info.get("genes_dropped", {})
             d = "; dropped " + ", ".join(f"{v['n']} from {k}" for k, v in dropped.items()) if dropped else ""
             lines.append(f"- genes: {info['n_genes']} shared{d}")
+        if "engine" in info:
+            lines.append(f"- metrics: {info['engine']}")
         if "normalization" in info:
             lines.append("- scale: " + ", ".join(f"{k}: {v}" for k, v in info["normalization"].items()))
         for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
@@ -548,7 +659,7 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
         stats = sub.groupby("method")["value"].agg(["mean", "median"])
         contenders = [m for m in methods if m != "ceiling" and m in stats.index and np.isfinite(stats.loc[m, "mean"])]
         best = None
-        if contenders:
+        if contenders and direction in ("higher", "lower"):
             pick = max if direction == "higher" else min
             best = pick(contenders, key=lambda m: stats.loc[m, "mean"])
         cells = []

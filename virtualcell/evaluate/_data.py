@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("virtualcell.evaluate")
 
-__all__ = ["split_controls", "effect_size", "resolve_contract"]
+__all__ = ["split_controls", "effect_size", "resolve_contract", "MIN_SHARED"]
 
 
 # --------------------------------------------------------------------------- #
@@ -57,13 +57,10 @@ def resolve_contract(
 # --------------------------------------------------------------------------- #
 # Expression matrices
 # --------------------------------------------------------------------------- #
-def expression(adata: ad.AnnData, *, name: str) -> tuple[sp.csr_matrix, str]:
-    """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
+def check_values(adata: ad.AnnData, *, name: str, allow_negative: bool = False) -> None:
+    """Refuse an input that is empty or holds NaN, infinite or (unless allowed) negative values.
 
-    Raw counts (every value a whole number) are normalized with
-    :func:`virtualcell.sentences.log_normalize`; the second value says so
-    (``"counts -> log1p"``) or is ``"log1p"``. Negative values are allowed (a
-    prediction made by shifting control cells can go below zero), NaN and inf are not.
+    ``name`` says which input it is, as the user passed it (e.g. ``"real (--real)"``).
     """
     X = adata.X
     if X is None or adata.n_obs == 0 or adata.n_vars == 0:
@@ -71,13 +68,35 @@ def expression(adata: ad.AnnData, *, name: str) -> tuple[sp.csr_matrix, str]:
             f"The {name} AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes) or has no X. "
             "Evaluate needs expression in adata.X for at least one cell and one gene."
         )
-    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
-    values = X.data
-    if not np.all(np.isfinite(values)):
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        n_nan = int(np.isnan(values).sum())
         raise DataError(
-            f"The {name} expression holds {int((~np.isfinite(values)).sum())} NaN or infinite values. "
+            f"The {name} expression holds {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values. "
             "Fix or drop those cells before evaluating."
         )
+    if not allow_negative and values.size and values.min() < 0:
+        raise DataError(
+            f"The {name} expression holds {int((values < 0).sum())} negative values (min {float(values.min()):.3g}). "
+            "Expression must be raw counts or log-normalized values (>= 0), not scaled or centered data: use the "
+            "layer saved before sc.pp.scale, or adata.raw."
+        )
+
+
+def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> tuple[sp.csr_matrix, str]:
+    """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
+
+    Raw counts (every value a whole number) are normalized with
+    :func:`virtualcell.sentences.log_normalize`; the second value says so
+    (``"counts -> log1p"``) or is ``"log1p"``. NaN and inf are refused. Negative values
+    are allowed with ``allow_negative`` (a baseline made by shifting control cells can go
+    below zero); user inputs are checked with :func:`check_values` first, which refuses them.
+    """
+    check_values(adata, name=name, allow_negative=allow_negative)
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    values = X.data
     if values.size and values.min() >= 0 and detect_scale(X) == "counts":
         return log_normalize(X, "counts"), "counts -> log1p(counts / total * 1e4)"
     return X, "log1p"
@@ -117,25 +136,78 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
 
 
-def shared_genes(named: dict[str, ad.AnnData]) -> tuple[pd.Index, dict[str, list[str]]]:
-    """Genes present in every AnnData (in the order of the first) and, per input, those dropped."""
+MIN_SHARED = 0.9  # evaluate refuses inputs that share fewer of their genes than this
+
+
+def _intersect(items: list[tuple[str, pd.Index]]) -> pd.Index:
+    genes = items[0][1]
+    for _, names in items[1:]:
+        genes = genes[genes.isin(names)]
+    return genes
+
+
+def _renamed(adata: ad.AnnData, names: list[str]) -> ad.AnnData:
+    """``adata`` with new gene names; the expression is shared, not copied."""
+    import anndata as ad
+
+    var = adata.var.copy()
+    var.index = pd.Index(names, dtype=object)
+    return ad.AnnData(X=adata.X, obs=adata.obs, var=var, uns=dict(adata.uns))
+
+
+def shared_genes(
+    named: dict[str, ad.AnnData], *, min_shared: float = MIN_SHARED
+) -> tuple[pd.Index, dict[str, list[str]], dict[str, ad.AnnData]]:
+    """Genes present in every AnnData (in the order of the first), those dropped per input, and the inputs.
+
+    Names match exactly. If that leaves some of the smallest input's genes without a
+    partner, they are matched ignoring case and an Ensembl version suffix
+    (:func:`~virtualcell.sentences.gene_match_key`), with a warning, and renamed to the
+    first input's spelling. If fewer than ``min_shared`` are still shared, a
+    :class:`~virtualcell.errors.DataError` names the mismatch: scoring a handful of genes
+    would give numbers that look valid and mean nothing.
+    """
+    import warnings
+
+    from ..sentences import gene_match_key
+
     items = list(named.items())
     for name, a in items:
         if not a.var_names.is_unique:
             raise DataError(
                 f"The {name} AnnData has duplicated gene names. Run adata.var_names_make_unique() first."
             )
-    genes = items[0][1].var_names
-    for _, a in items[1:]:
-        genes = genes[genes.isin(a.var_names)]
-    if len(genes) == 0:
-        sizes = ", ".join(f"{n}: {a.n_vars} genes, e.g. {preview(a.var_names[:3], 3)}" for n, a in items)
+    smallest = min(a.n_vars for _, a in items)
+    genes = _intersect([(n, a.var_names) for n, a in items])
+    if len(genes) < smallest:  # some genes of the smallest input found no partner as written
+        keys = {n: [gene_match_key(g) for g in a.var_names] for n, a in items}
+        if all(len(set(k)) == len(k) for k in keys.values()):
+            loose = _intersect([(n, pd.Index(k)) for n, k in keys.items()])
+            if len(loose) > len(genes):
+                first = dict(zip(keys[items[0][0]], items[0][1].var_names.astype(str)))
+                examples = []
+                for n, a in items[1:]:
+                    new = [first.get(k, str(g)) for k, g in zip(keys[n], a.var_names)]
+                    examples += [(str(g), m) for g, m in zip(a.var_names, new) if str(g) != m][:1]
+                    named[n] = _renamed(a, new)
+                warnings.warn(
+                    f"The inputs share {len(genes)} gene names as written but {len(loose)} when case and Ensembl "
+                    f"version suffixes are ignored (e.g. {examples[0][0]!r} = {examples[0][1]!r}); genes are matched "
+                    f"that way and named as in {items[0][0]}.", UserWarning, stacklevel=3)
+                items = list(named.items())
+                genes = _intersect([(n, a.var_names) for n, a in items])
+    if len(genes) < min_shared * smallest:
+        sizes = "; ".join(
+            f"{n}: {a.n_vars} genes, e.g. {preview(a.var_names[~a.var_names.isin(genes)][:3], 3) or '-'} not shared"
+            for n, a in items)
         raise DataError(
-            f"The inputs share no gene names ({sizes}). Use the same gene identifiers in both "
-            "(symbols vs Ensembl ids, upper/lower case) before evaluating."
+            f"The inputs share only {len(genes)} gene names, {len(genes) / max(smallest, 1):.0%} of the smallest "
+            f"input's {smallest} ({sizes}). Scoring so few genes would give numbers that mean nothing. Name genes "
+            "the same way in every input (symbols or Ensembl ids, the same species; --gene-key COLUMN picks a var "
+            f"column), or lower min_shared_genes (now {min_shared}) if the difference is intended."
         )
     dropped = {n: [str(g) for g in a.var_names[~a.var_names.isin(genes)]] for n, a in items}
-    return genes, dropped
+    return genes, dropped, named
 
 
 def group_means(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray]:

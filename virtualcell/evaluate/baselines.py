@@ -180,7 +180,8 @@ def _predict(
 
     contract = resolve_contract(train, perturbation_key=perturbation_key, control=control, context_key=context_key)
     inputs = {"train": train} if baseline is None else {"train": train, "baseline": baseline}
-    genes, _ = shared_genes(inputs)
+    genes, _, inputs = shared_genes(inputs)
+    train, baseline = inputs["train"], inputs.get("baseline")
     data = prepare(train, contract, genes, name="training")
     effects = Effects.from_prepared(data, genes, contract.control)
     base = data if baseline is None else prepare(baseline, contract, genes, name="baseline")

@@ -41,10 +41,18 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="obs column with the perturbation (default: the contract stored in --real)")
     p.add_argument("--control", default=None, help="label of the control cells (default: from the contract)")
     p.add_argument("--context-key", default=None, help="obs column with the context (cell type/line), if any")
+    p.add_argument("--gene-key", default=None, metavar="COLUMN",
+                   help="var column holding the gene names in every input (symbols or Ensembl ids; default var_names)")
     p.add_argument("--baseline", default=None,
                    help="control cells fed to the model (.h5ad); default: split the measured controls in halves")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
-    p.add_argument("--profile", default="default", help="metric profile: default, fast or pearson")
+    p.add_argument("--profile", default="default",
+                   help="metric profile: virtualcell's default, fast or pearson; or cell-eval's vcc (the Virtual Cell "
+                   "Challenge metrics), full, minimal, de, anndata or pds, computed by the cell-eval library "
+                   "(default: default)")
+    p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's differential expression (default 1)")
+    p.add_argument("--min-shared-genes", type=float, default=0.9,
+                   help="refuse inputs sharing fewer than this fraction of the smallest input's genes (default 0.9)")
     p.add_argument("--baselines", default="nochange,meanshift,pertmean,additive,linear",
                    help="comma-separated baselines ('' for none)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the split-half noise ceiling")
@@ -76,15 +84,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import delta_table, evaluate, plot_delta_scatter, plot_metric_bars, summarize
+    from . import plot_delta_scatter, plot_metric_bars, summarize
+    from ._core import _run
 
     pred = _read(args.pred, "--pred")
     real = _read(args.real, "--real")
     base = _read(args.baseline, "--baseline") if args.baseline else None
-    keys = dict(perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key)
+    keys = dict(perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key,
+                gene_key=args.gene_key)
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-    table = evaluate(pred, real, **keys, profile=args.profile, baselines=baselines, baseline=base,
-                     ceiling=not args.no_ceiling, max_cells=args.max_cells, seed=args.seed)
+    try:
+        table, deltas = _run(pred, real, **keys, profile=args.profile, baselines=baselines, baseline=base,
+                             ceiling=not args.no_ceiling, max_cells=args.max_cells, seed=args.seed,
+                             threads=args.threads, min_shared_genes=args.min_shared_genes)
+    except ImportError as err:
+        from ..errors import VirtualCellError
+
+        raise VirtualCellError(str(err)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "metrics.csv", index=False)
@@ -94,19 +110,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "evaluation": table.attrs.get("virtualcell", {})}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     metrics = [m for m in ("pearson_delta", "pearson_delta_top50", "mse_top50", "direction_accuracy_top50",
-                           "discrimination", "edistance") if m in set(table["metric"])]
+                           "discrimination", "edistance", "overlap_at_N", "mae", "discrimination_score_l1")
+               if m in set(table["metric"])]
     written = ["metrics.csv", "summary.md", "config.json"]
     if metrics:
         fig = plot_metric_bars(table, metric=metrics, return_fig=True)
         fig.savefig(out / "metric_bars.png", dpi=120)
         plt.close(fig)
         written.append("metric_bars.png")
-    if (table["method"] == "model").any():
-        deltas = delta_table(pred, real, **keys, baseline=base, seed=args.seed)
+    if deltas is not None and (table["method"] == "model").any():
         fig = plot_delta_scatter(deltas, return_fig=True)
         fig.savefig(out / "delta_scatter.png", dpi=120)
         plt.close(fig)
         written.append("delta_scatter.png")
     n = table[table["method"] == "model"][["perturbation", "context"]].drop_duplicates().shape[0]
+    print(summarize(table, title=title))
     print(f"evaluated {n} predicted perturbation x context groups; wrote {', '.join(written)} to {out}")
     return 0

@@ -9,6 +9,18 @@ Deltas are always ``mean(perturbed) - mean(control)``: the prediction's against 
 prediction's control (the population fed to the model, or its decoded control), the
 measurement's against the measured (reference) control.
 
+Where cell-eval (the field's standard; the engine of ``evaluate(..., profile="vcc")``, see
+:mod:`virtualcell.evaluate._celleval`) has the metric, it computes it here too: ``pearson_delta``,
+``mae`` and ``mse`` call cell-eval's own functions on the pair's means (cell-eval imported on first
+use). ``tests/test_cell_eval.py`` shows they equal the former hand-written numbers and the
+cell-level cell-eval profile on a fixture. Two documented exceptions: a prediction with no
+change at all correlates 0 here, where cell-eval's ``pearsonr`` gives NaN; and the cell-eval
+profiles clip predicted values below 0 (cell-eval reads log1p expression), so a shifted-control
+baseline that goes negative scores a little differently there. ``discrimination`` differs from
+cell-eval's ``discrimination_score_l1`` by definition (see :func:`discrimination`); the rest
+(``*_top50``, ``direction_accuracy_top50``, ``de_overlap_top50``, the distances) have no
+cell-eval counterpart.
+
 Examples
 --------
 >>> from virtualcell.evaluate import METRICS, PROFILES
@@ -127,6 +139,27 @@ class PredRealPair:
         """``values`` (perturbations x genes) restricted to each row's top DE genes."""
         return np.take_along_axis(values, self.top_de, axis=1)
 
+    @cached_property
+    def cell_eval_bulk(self):  # noqa: ANN201 - a cell_eval.PerturbationAnndataPair, imported lazily
+        """The means as cell-eval's pair: one row per perturbation and the control, so its pseudobulk
+        of each group is exactly the mean here. cell-eval's bulk metrics run on it as they are."""
+        import anndata as ad
+        import pandas as pd
+        from cell_eval import PerturbationAnndataPair
+
+        control = "\x1fcontrol"  # cannot clash with a perturbation label
+        labels = [control, *self.perturbations]
+        obs = pd.DataFrame({"perturbation": labels}, index=[str(i) for i in range(len(labels))])
+        var = pd.DataFrame(index=list(self.genes))
+
+        def bulk(control_row: np.ndarray, rows: np.ndarray) -> ad.AnnData:
+            X = np.vstack([control_row[None, :], rows]).astype(np.float64)
+            return ad.AnnData(X, obs=obs.copy(), var=var.copy())
+
+        return PerturbationAnndataPair(real=bulk(self.real_control, self.real_means),
+                                       pred=bulk(self.pred_control, self.pred_means),
+                                       pert_col="perturbation", control_pert=control)
+
 
 # --------------------------------------------------------------------------- #
 # The registry
@@ -163,8 +196,31 @@ def _rowwise(pair: PredRealPair, values: np.ndarray) -> dict[str, float]:
     return {p: float(v) for p, v in zip(pair.perturbations, values)}
 
 
+def _cell_eval(pair: PredRealPair, name: str) -> dict[str, float]:
+    """cell-eval's own metric function ``name`` on the pair's means (see :attr:`PredRealPair.cell_eval_bulk`)."""
+    import contextlib
+    import io
+    import warnings
+
+    from ._celleval import require_cell_eval
+
+    ce = require_cell_eval().metrics
+
+    # cell-eval draws a progress bar for every call: noise for a few means, so it goes nowhere; scipy's
+    # ConstantInputWarning too (the constant case is handled by the callers)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        values = getattr(ce, name)(pair.cell_eval_bulk)
+    return {p: float(values[p]) for p in pair.perturbations}
+
+
 def pearson_delta(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, [_pearson(a, b) for a, b in zip(pair.pred_delta, pair.real_delta)])
+    """cell-eval's ``pearson_delta``; a prediction of no change (a constant delta) correlates 0, not NaN."""
+    out = _cell_eval(pair, "pearson_delta")
+    for p, d in zip(pair.perturbations, pair.pred_delta):
+        if np.ptp(d) < _TOL:
+            out[p] = 0.0
+    return out
 
 
 def pearson_delta_top50(pair: PredRealPair) -> dict[str, float]:
@@ -173,7 +229,8 @@ def pearson_delta_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def mse(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, np.mean((pair.pred_means - pair.real_means) ** 2, axis=1))
+    """cell-eval's ``mse`` of the mean expression."""
+    return _cell_eval(pair, "mse")
 
 
 def mse_top50(pair: PredRealPair) -> dict[str, float]:
@@ -181,7 +238,8 @@ def mse_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def mae(pair: PredRealPair) -> dict[str, float]:
-    return _rowwise(pair, np.mean(np.abs(pair.pred_means - pair.real_means), axis=1))
+    """cell-eval's ``mae`` of the mean expression."""
+    return _cell_eval(pair, "mae")
 
 
 def mae_top50(pair: PredRealPair) -> dict[str, float]:
@@ -209,7 +267,15 @@ def de_overlap_top50(pair: PredRealPair) -> dict[str, float]:
 
 
 def discrimination(pair: PredRealPair) -> dict[str, float]:
-    """Normalized rank of the measured p among all measured deltas, by L1 distance to the prediction (1 = closest)."""
+    """Normalized rank of the measured p among all measured deltas, by L1 distance to the prediction (1 = closest).
+
+    ``1 - rank / (n - 1)`` over the ``n`` measured candidates of the context, so that the
+    farthest place scores 0. cell-eval's ``discrimination_score_l1`` divides by ``n`` instead
+    (its worst score is ``1 / n``), ranks only among the perturbations the prediction covers,
+    and leaves out the gene named like the perturbation (the knocked-out target): when the
+    prediction covers every candidate and no label is a gene name, cell-eval's value is
+    ``1 - (1 - this) * (n - 1) / n`` (tested).
+    """
     cand = np.asarray(pair.candidate_deltas, dtype=np.float64)
     index = {c: i for i, c in enumerate(pair.candidates)}
     out = []

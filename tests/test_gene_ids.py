@@ -1,0 +1,144 @@
+"""Gene identifiers end to end: Ensembl ids through the whole CLI, spellings kept, mismatches refused."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import virtualcell as vc
+from virtualcell.cli import main
+from virtualcell.errors import DataError, VocabularyError
+
+
+def _ensembl(adata: ad.AnnData) -> ad.AnnData:
+    """The data with fake but well-formed Ensembl ids (with version suffixes) as var_names; symbols in var."""
+    out = adata.copy()
+    out.var["symbol"] = out.var_names.astype(str)
+    out.var_names = [f"ENSG{100000 + i:011d}.{1 + i % 17}" for i in range(out.n_vars)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def screen_ids(papalexi, tmp_path_factory):
+    rng = np.random.default_rng(3)
+    keep = papalexi.obs["perturbation"].isin(["control", "STAT1", "IFNGR1", "JAK2"]).to_numpy()
+    idx = np.sort(rng.choice(np.flatnonzero(keep), 500, replace=False))
+    data = _ensembl(papalexi[idx])
+    path = tmp_path_factory.mktemp("ids") / "screen_ids.h5ad"
+    data.write_h5ad(path)
+    return data, path
+
+
+def test_ensembl_screen_goes_through_train_predict_screen_evaluate(screen_ids, tmp_path, capsys):
+    data, path = screen_ids
+    model = tmp_path / "model"
+    tiny = ["--top-k", "20", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--max-steps", "4",
+            "--batch-size", "8"]
+    assert main(["train", "--data", str(path), "--perturbation-key", "perturbation", "--control", "control",
+                 "--out", str(model), *tiny]) == 0
+    trained = vc.C2SModel.load(model)
+    assert trained.genes.genes[0] == data.var_names[0]  # a model trained on ids speaks ids
+    pred = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(model), "--data", str(path), "--perturbations", "STAT1,JAK2",
+                 "--n-cells", "12", "--out", str(pred)]) == 0
+    p = ad.read_h5ad(pred)
+    assert list(p.var_names) == list(data.var_names)  # the user's ids, version suffix included
+    panel = tmp_path / "panel.txt"
+    panel.write_text("STAT1\nIFNGR1\n")
+    assert main(["screen", "--model", str(model), "--data", str(path), "--panel", str(panel), "--n-cells", "8",
+                 "--top", "2", "--out", str(tmp_path / "screen")]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--real", str(path), "--baselines", "nochange",
+                 "--profile", "pearson", "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert f"- genes: {data.n_vars} shared" in out
+    # --gene-key: the symbols column; the same model refuses symbols it never saw, and says what to do
+    assert main(["predict", "--model", str(model), "--data", str(path), "--gene-key", "symbol", "--perturbations",
+                 "STAT1", "--n-cells", "4", "--out", str(tmp_path / "p2.h5ad")]) == 2
+    assert "--gene-key" in capsys.readouterr().err
+
+
+def test_a_model_trained_with_gene_key_reads_new_cells_the_same_way(screen_ids, tmp_path):
+    data, path = screen_ids
+    model = tmp_path / "model"
+    assert main(["train", "--data", str(path), "--perturbation-key", "perturbation", "--control", "control",
+                 "--gene-key", "symbol", "--top-k", "15", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+                 "--max-steps", "2", "--batch-size", "8", "--out", str(model)]) == 0
+    trained = vc.C2SModel.load(model)
+    assert trained.contract.gene_key == "symbol" and "STAT1" in trained.genes
+    pred = tmp_path / "pred.h5ad"  # no --gene-key: the checkpoint remembers the column
+    assert main(["predict", "--model", str(model), "--data", str(path), "--perturbations", "STAT1",
+                 "--n-cells", "4", "--out", str(pred)]) == 0
+    assert list(ad.read_h5ad(pred).var_names) == list(data.var["symbol"])
+
+
+def test_text_model_refuses_ids_and_names_the_flag(screen_ids):
+    from virtualcell.train import train
+
+    data, _ = screen_ids
+    with pytest.raises(VocabularyError, match=r"--base 'some/model' is a text model.*--gene-key COLUMN"):
+        train(data, out="unused", base="some/model")
+
+
+def test_baseline_spelled_differently_keeps_its_own_spelling(tiny_model):
+    model, _, data = tiny_model
+    ctrl = data[data.obs["perturbation"] == "control"][:16].copy()
+    # mixed and mouse-style case: the model's names are upper case, the baseline's are not
+    ctrl.var_names = [g.capitalize() if i % 2 else g for i, g in enumerate(ctrl.var_names)]
+    sim = vc.Simulator(model, ctrl)
+    res = sim.simulate(["STAT1"], n_cells=4, progress=False)
+    assert res.genes == list(ctrl.var_names)  # e.g. 'Stat1', not the model's 'STAT1'
+    assert list(res.to_anndata().var_names) == list(ctrl.var_names)
+    plain = vc.Simulator(model, data[data.obs["perturbation"] == "control"][:8].copy())
+    assert "C10orf11" in plain.gene_names and "C10ORF11" not in plain.gene_names  # not upper-cased any more
+
+
+def test_version_suffix_differences_are_matched_with_a_warning(screen_ids, tmp_path):
+    data, _ = screen_ids
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=15, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0)
+    model = train(data, out=tmp_path / "m", config=cfg, progress=False)
+    other = data[data.obs["perturbation"] == "control"][:10].copy()
+    other.var_names = [g.split(".")[0] + ".99" for g in other.var_names]  # another annotation release
+    with pytest.warns(UserWarning, match=r"Ensembl version suffix"):
+        sim = vc.Simulator(model, other)
+    assert sim.gene_names[: 3] == list(other.var_names[:3])
+
+
+# --------------------------------------------------------------------------- #
+# evaluate: shared genes, values, and which input is to blame
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def split(papalexi_small):
+    return vc.evaluate.split_controls(papalexi_small, seed=0)
+
+
+def test_evaluate_matches_case_with_a_warning_and_refuses_few_shared_genes(split):
+    base, ref = split
+    pred = vc.evaluate.baselines.pertmean(ref, baseline=base, max_cells=20)
+    upper = pred.copy()
+    upper.var_names = [g.upper() for g in pred.var_names]  # what predictions used to write
+    with pytest.warns(UserWarning, match=r"case and Ensembl version suffixes are ignored.*'C10ORF11' = 'C10orf11'"):
+        t = vc.evaluate.evaluate(upper, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    assert t.attrs["virtualcell"]["n_genes"] == ref.n_vars == 299
+    mouse = pred.copy()
+    mouse.var_names = [f"{g}_mm" for g in pred.var_names[:-1]] + [pred.var_names[-1]]
+    with pytest.raises(DataError, match=r"share only 1 gene names, 0% .*pred: 299 genes, e.g. '\w+_mm'"):
+        vc.evaluate.evaluate(mouse, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    t = vc.evaluate.evaluate(pred[:, pred.var_names[:250]].copy(), ref, baseline=base, profile="pearson",
+                             baselines=(), ceiling=False)  # the smaller input fully shared: fine
+    assert t.attrs["virtualcell"]["n_genes"] == 250
+
+
+def test_evaluate_names_the_input_with_bad_values(split):
+    base, ref = split
+    bad = ref.copy()
+    bad.X = bad.X.toarray().astype(np.float32) if hasattr(bad.X, "toarray") else bad.X.astype(np.float32)
+    bad.X[0, 0] = -1.0
+    with pytest.raises(DataError, match=r"measured \(real=, --real\) expression holds 1 negative"):
+        vc.evaluate.evaluate(None, bad, baseline=base, profile="pearson", baselines=("nochange",))
+    bad.X[0, 0] = np.nan
+    whole = bad.copy()
+    with pytest.raises(DataError, match=r"measured \(real=, --real\) expression holds 1 NaN"):
+        vc.evaluate.evaluate(None, whole, profile="pearson", baselines=("nochange",))  # controls split here

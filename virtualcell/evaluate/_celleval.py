@@ -1,0 +1,242 @@
+"""cell-eval (Arc Institute, the Virtual Cell Challenge metrics) as the evaluation engine.
+
+* :func:`to_cell_eval` puts any AnnData (a ``virtualcell predict`` output or a measured
+  screen) into the form ``cell-eval run -ap pred.h5ad -ar real.h5ad`` reads with its
+  defaults: the perturbation in ``obs["target_gene"]``, the control labelled
+  ``"non-targeting"``, the same genes in the same order in both files, and log1p
+  values (raw counts are normalized as virtualcell does, ``log1p(counts / total * 1e4)``).
+* :func:`score` runs cell-eval's ``MetricsEvaluator`` on one method's predicted cells
+  against the measured cells of every context; :func:`~virtualcell.evaluate.evaluate`
+  calls it for the model, each baseline and the split-half ceiling alike when the
+  profile is one of cell-eval's (:data:`CELL_EVAL_PROFILES`).
+
+cell-eval (with polars, scanpy and pdex) is imported only here, and only when used.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import DataError, preview
+from ..sentences import gene_match_key, with_gene_key
+from ._data import Prepared, expression, resolve_contract
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+log = logging.getLogger("virtualcell.evaluate")
+
+__all__ = ["CELL_EVAL_PROFILES", "PERT_COL", "CONTROL", "to_cell_eval", "require_cell_eval"]
+
+CELL_EVAL_PROFILES = ("vcc", "full", "minimal", "de", "anndata", "pds")
+PERT_COL = "target_gene"  # cell-eval run's default --pert-col
+CONTROL = "non-targeting"  # cell-eval run's default --control-pert
+INSTALL = "pip install 'cell-eval>=0.8.2'"
+
+
+def require_cell_eval() -> Any:
+    """The ``cell_eval`` module, or an ImportError that says what to install."""
+    try:
+        import cell_eval
+    except ImportError as err:
+        raise ImportError(
+            f"evaluate computes its metrics with the cell-eval package (the Virtual Cell Challenge metrics), "
+            f"which is not installed: {INSTALL} ({err})."
+        ) from err
+    return cell_eval
+
+
+# --------------------------------------------------------------------------- #
+# Files cell-eval reads as they are
+# --------------------------------------------------------------------------- #
+def to_cell_eval(
+    adata: ad.AnnData,
+    *,
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    gene_key: str | None = None,
+    like: ad.AnnData | None = None,
+) -> ad.AnnData:
+    """``adata`` in the form ``cell-eval run -ap PRED -ar REAL`` accepts with its default options.
+
+    The perturbation goes to ``obs["target_gene"]`` and the control cells are labelled
+    ``"non-targeting"`` (the other obs columns stay); ``X`` holds log1p values, float32
+    (raw counts are normalized as virtualcell does). With ``like`` (a file already in this
+    form, e.g. ``virtualcell predict --format cell-eval`` output), the result has exactly its
+    genes, in its order, and its perturbations: what cell-eval needs to pair two files.
+
+    Parameters
+    ----------
+    adata
+        Cells: a measured screen, or predicted cells with ``obs['perturbation']``.
+    perturbation_key, control
+        The data contract; defaults to the one ``adata`` carries.
+    gene_key
+        Var column with the gene names to use (default ``var_names``).
+    like
+        The other file of the pair (cell-eval form); genes are matched ignoring case and
+        an Ensembl version suffix and written with ``like``'s spelling.
+
+    Returns
+    -------
+    AnnData
+        Write it with ``.write_h5ad(path)``.
+
+    Examples
+    --------
+    One line for a measured file, after ``virtualcell predict ... --format cell-eval --out pred.h5ad``::
+
+        python -c "import anndata as ad, virtualcell as vc; vc.evaluate.to_cell_eval(ad.read_h5ad('real.h5ad'), like=ad.read_h5ad('pred.h5ad')).write_h5ad('real_ce.h5ad')"
+
+    >>> import virtualcell as vc
+    >>> real = vc.evaluate.to_cell_eval(vc.datasets.load("papalexi2021")[:300])
+    >>> sorted(set(real.obs["target_gene"]))[:2]  # doctest: +SKIP
+    ['ATF2', 'CAV1']
+    """
+    import anndata as ad
+
+    adata = with_gene_key(adata, gene_key)
+    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control)
+    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
+    if CONTROL in set(labels) and contract.control != CONTROL:
+        raise DataError(
+            f"A perturbation is labelled {CONTROL!r}, the label cell-eval gives the control cells "
+            f"({contract.control!r} here). Rename it before converting."
+        )
+    target = np.where(labels == contract.control, CONTROL, labels).astype(object)
+    X, _ = expression(adata, name="input", allow_negative=False)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    genes = pd.Index(adata.var_names.astype(str))
+    col = np.arange(adata.n_vars)
+    if like is not None:
+        if PERT_COL not in like.obs.columns:
+            raise DataError(
+                f"like= has no obs column {PERT_COL!r}: pass a file in cell-eval form (virtualcell predict "
+                "--format cell-eval, or the output of to_cell_eval)."
+            )
+        wanted = set(like.obs[PERT_COL].astype(str))
+        missing = sorted(wanted - set(target))
+        if missing:
+            raise DataError(
+                f"{len(missing)} perturbations of like= are not measured here ({preview(missing, 5)}; measured: "
+                f"{preview(sorted(set(target) - {CONTROL}), 5)}). cell-eval needs the same perturbations in both "
+                "files: predict only measured ones, or check the perturbation column and control label."
+            )
+        keep = np.isin(target, sorted(wanted))
+        own = {gene_match_key(g): i for i, g in enumerate(genes)}
+        exact = {g: i for i, g in enumerate(genes)}
+        col = np.array([exact.get(str(g), own.get(gene_match_key(g), -1)) for g in like.var_names])
+        if (col < 0).any():
+            lacking = [str(g) for g, c in zip(like.var_names, col) if c < 0]
+            raise DataError(
+                f"{len(lacking)} of like='s {like.n_vars} genes are not in this file ({preview(lacking, 5)}). "
+                "cell-eval compares the same genes: use the measured file with every predicted gene, or a "
+                "--gene-key column that names genes as the prediction does."
+            )
+        genes = pd.Index(like.var_names.astype(str))
+    rows = np.flatnonzero(keep)
+    obs = adata.obs.iloc[rows].copy()
+    obs[PERT_COL] = pd.Categorical(target[rows])
+    obs.index = pd.Index([str(i) for i in obs.index])
+    if not obs.index.is_unique:
+        obs.index = pd.Index([f"{i}-{n}" for n, i in enumerate(obs.index)])
+    out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
+    out.uns["virtualcell"] = {"cell_eval": {"pert_col": PERT_COL, "control_pert": CONTROL,
+                                            "perturbation_key": contract.perturbation_key,
+                                            "control": contract.control, "scale": "log1p"}}
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Scoring one method through cell-eval
+# --------------------------------------------------------------------------- #
+def direction(name: str) -> str:
+    """``"higher"``/``"lower"`` (is better) from cell-eval's registry; ``"none"`` for counts."""
+    from cell_eval import metrics_registry
+    from cell_eval._types import MetricBestValue
+
+    try:
+        best = metrics_registry.get_metric(name).best_value
+    except KeyError:
+        return "none"  # sub-metrics such as de_nsig_counts_real
+    return {MetricBestValue.ONE: "higher", MetricBestValue.ZERO: "lower"}.get(best, "none")
+
+
+def _anndata(X: sp.csr_matrix, labels: np.ndarray, genes: Sequence[str]) -> ad.AnnData:
+    import anndata as ad
+
+    X = X.tocsr(copy=True).astype(np.float32)
+    np.maximum(X.data, 0.0, out=X.data)  # cell-eval reads log1p values, which are never negative
+    X.eliminate_zeros()
+    obs = pd.DataFrame({PERT_COL: pd.Categorical(labels.astype(str))}, index=[str(i) for i in range(len(labels))])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
+
+
+def score(
+    method: str,
+    pred: Prepared,
+    real: Prepared,
+    contexts: Sequence[Any],
+    genes: Sequence[str],
+    control: str,
+    groups: dict[tuple[str, str], tuple[int, float]],
+    *,
+    profile: str,
+    threads: int = 1,
+) -> list[tuple]:
+    """Rows of the evaluate table: cell-eval's metrics of ``pred`` against ``real``, per context.
+
+    In each context, the perturbations both sides have (with the prediction's control cells
+    against the measured control cells) go through ``cell_eval.MetricsEvaluator`` and its
+    metric ``profile``. Predicted values below 0 (a shifted-control baseline can go there)
+    are clipped at 0, since cell-eval reads log1p expression.
+    """
+    require_cell_eval()
+    from cell_eval import MetricsEvaluator
+
+    rows: list[tuple] = []
+    for rc in contexts:
+        in_pred = pred.contexts == rc.context
+        if not (in_pred & (pred.labels == control)).any():
+            log.info("the %s prediction has no control cells in context %r; not evaluated", method, rc.context)
+            continue
+        scored = sorted(set(pred.labels[in_pred]) & set(rc.candidates))
+        if not scored:
+            continue
+        wanted = [*scored, control]
+        p_rows = np.flatnonzero(in_pred & np.isin(pred.labels, wanted))
+        r_rows = np.flatnonzero((real.contexts == rc.context) & np.isin(real.labels, wanted))
+        p_ad = _anndata(pred.X[p_rows], pred.labels[p_rows], genes)
+        r_ad = _anndata(real.X[r_rows], real.labels[r_rows], genes)
+        with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "the string cache", DeprecationWarning)  # polars, inside cell-eval
+            try:
+                ev = MetricsEvaluator(p_ad, r_ad, control_pert=control, pert_col=PERT_COL, num_threads=threads,
+                                      outdir=str(Path(tmp) / "out"), skip_de=profile == "pds")
+                results, _ = ev.compute(profile=profile, write_csv=False, break_on_error=True)
+            except Exception as err:
+                if hasattr(err, "add_note"):
+                    err.add_note(f"while cell-eval scored {method!r} in context {rc.context!r} (profile {profile!r})")
+                raise
+        frame = results.to_pandas()
+        for _, r in frame.iterrows():
+            p = str(r["perturbation"])
+            if (p, rc.context) not in groups:
+                continue
+            n, eff = groups[(p, rc.context)]
+            for name in frame.columns:
+                if name == "perturbation":
+                    continue
+                value = r[name]
+                value = float(value) if value is not None and not isinstance(value, str) else np.nan
+                rows.append((method, p, rc.context, str(name), value, direction(str(name)), n, eff))
+    return rows
