@@ -14,8 +14,9 @@ either the old complete file or the new complete one, never a partial one:
   refused unless ``force=True`` (``--force`` on the command line).
 * :func:`folder_lock` — an exclusive lock (``.virtualcell.lock``, ``fcntl.flock``) for a
   folder in use: a second run into the same folder stops with :class:`FolderInUseError`.
+* :func:`file_lock` — the same lock for one output file (``.NAME.lock`` beside it).
 * :func:`check_output_file` — an output *file* path (``predict --out``): not a folder,
-  its folder writable, checked before any work is done.
+  its folder writable, not a user's file, checked before any work is done.
 
 Examples
 --------
@@ -46,7 +47,7 @@ from .errors import FolderInUseError, OutputError
 
 __all__ = [
     "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
-    "claim_folder", "folder_lock", "check_output_file", "is_ours",
+    "claim_folder", "folder_lock", "file_lock", "check_output_file", "is_ours", "h5ad_is_ours",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,19 +269,12 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` for the block; a second holder gets :class:`FolderInUseError`.
-
-    The lock is ``fcntl.flock`` on ``FOLDER/.virtualcell.lock``: the operating system
-    releases it when the process ends, killed or not, so a stale lock never blocks a
-    rerun. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
-    """
-    folder = Path(folder)
+def _hold(lockfile: Path, where: Path, what: str) -> Iterator[None]:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / LOCK, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        lockfile.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lockfile, "a+")  # noqa: SIM115 - held open for the lock's lifetime
     except OSError as err:
-        raise _unwritable(folder, err) from None
+        raise _unwritable(where, err) from None
     try:
         try:
             import fcntl
@@ -293,20 +287,53 @@ def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterato
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
                 raise FolderInUseError(
-                    f"{str(folder)!r} is in use by another virtualcell run ({holder}). Wait for it to finish, "
-                    "or choose another --out folder."
+                    f"{str(where)!r} is in use by another virtualcell run ({holder}). Wait for it to finish, "
+                    "or choose another --out."
                 ) from None
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()}, {what}")
             fh.flush()
-        yield folder
+        yield
     finally:
         fh.close()
 
 
-def check_output_file(path: str | os.PathLike[str], *, suffix: str | None = None) -> Path:
-    """Check, before any work, that ``path`` can be written as a file: not a folder, folder writable."""
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the block; a second holder gets :class:`FolderInUseError`.
+
+    The lock is ``fcntl.flock`` on ``FOLDER/.virtualcell.lock``: the operating system
+    releases it when the process ends, killed or not, so a stale lock never blocks a
+    rerun. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
+    """
+    folder = Path(folder)
+    with _hold(folder / LOCK, folder, what):
+        yield folder
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
+    """:func:`folder_lock` for one output file: the lock is ``.NAME.lock`` beside it."""
+    path = Path(path)
+    with _hold(path.with_name(f".{path.name}.lock"), path, what):
+        yield path
+
+
+def h5ad_is_ours(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an ``.h5ad`` that virtualcell wrote (it carries ``uns['virtualcell']``)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "uns/virtualcell" in f
+    except (OSError, ImportError):
+        return False
+
+
+def check_output_file(path: str | os.PathLike[str], *, suffix: str | None = None, force: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be written as a file: not a folder, its folder writable,
+    and (for ``.h5ad``) not a file of the user's that virtualcell did not write, unless ``force``."""
     raw = str(path)
     path = Path(path)
     if raw.endswith(("/", os.sep)) or path.is_dir():
@@ -321,4 +348,7 @@ def check_output_file(path: str | os.PathLike[str], *, suffix: str | None = None
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"Cannot write {raw!r}: {str(probe)!r} is not a folder you can write to. "
                           "Choose another --out.")
+    if path.exists() and suffix == ".h5ad" and not force and not h5ad_is_ours(path):
+        raise OutputError(f"--out {raw!r} exists and was not written by virtualcell; refusing to overwrite it. "
+                          "Choose another file name, or pass --force to replace it.")
     return path

@@ -190,9 +190,12 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
                desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
         if gi in done:
-            parts[gi], emb = _read_group(done[gi])
-            embedded.update(emb)
-            continue
+            try:
+                parts[gi], emb = _read_group(done[gi])
+                embedded.update(emb)
+                continue
+            except (OSError, ValueError, KeyError) as err:  # never trust a damaged group: run it again
+                log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
         if stop_after_groups is not None and new_groups >= stop_after_groups:
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")

@@ -196,17 +196,18 @@ class SimulationResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         head = self._head()
-        tmp = path.with_name(path.name + ".partial")
-        head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
-        with h5py.File(tmp, "a") as f:
-            if "X" in f:
-                del f["X"]
-            X = f.create_dataset("X", shape=(P * C, G), dtype="f4", chunks=(min(C, 1024), G))
-            X.attrs["encoding-type"] = "array"
-            X.attrs["encoding-version"] = "0.2.0"
-            for i in range(P):
-                X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
-        tmp.replace(path)
+        from .safeio import atomic_path
+
+        with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one
+            head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
+            with h5py.File(tmp, "a") as f:
+                if "X" in f:
+                    del f["X"]
+                X = f.create_dataset("X", shape=(P * C, G), dtype="f4", chunks=(min(C, 1024), G))
+                X.attrs["encoding-type"] = "array"
+                X.attrs["encoding-version"] = "0.2.0"
+                for i in range(P):
+                    X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
         return path
 
     def __repr__(self) -> str:
