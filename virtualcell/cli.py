@@ -31,7 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {info.description}; license {info.license}")
     print(f"  baseline: {args.n_cells} control cells of the held-out replicate {HELDOUT[0]}={HELDOUT[1]}; "
           "panel: every knockout the model knows\n")
-    res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet)
+    res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet, force=args.force)
     table = res.screen.ranking
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=12, help="rows of the ranking to print")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(p)
     p.set_defaults(func=cmd_demo)
 
     p = _add_command(sub, "encode", "encode an .h5ad (or a dataset name) into cell sentences",

@@ -26,9 +26,14 @@ Examples
 >>> safeio.write_text(d / "a.txt", "hello\\n")
 >>> (d / "a.txt").read_text()
 'hello\\n'
->>> with safeio.folder_lock(d, what="test"):
-...     safeio.claim_folder(d, kind="test").name == d.name
+>>> out = d / "results"
+>>> with safeio.folder_lock(out, what="screen"):
+...     safeio.claim_folder(out, kind="screen") == out
 True
+>>> safeio.claim_folder(d, kind="screen")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+virtualcell.errors.OutputError: --out '...' is not empty and was not written by virtualcell (it holds a.txt, results); ...
 """
 
 from __future__ import annotations
@@ -269,12 +274,13 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
 
 
 @contextlib.contextmanager
-def _hold(lockfile: Path, where: Path, what: str) -> Iterator[None]:
+def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> Iterator[None]:
     try:
         lockfile.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lockfile, "a+")  # noqa: SIM115 - held open for the lock's lifetime
     except OSError as err:
         raise _unwritable(where, err) from None
+    acquired = False
     try:
         try:
             import fcntl
@@ -294,8 +300,12 @@ def _hold(lockfile: Path, where: Path, what: str) -> Iterator[None]:
             fh.truncate()
             fh.write(f"pid {os.getpid()}, {what}")
             fh.flush()
+        acquired = True
         yield
     finally:
+        if remove and acquired:  # unlinked while still held, so no other run can lock it in between
+            with contextlib.suppress(OSError):
+                lockfile.unlink()
         fh.close()
 
 
@@ -314,9 +324,9 @@ def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterato
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
-    """:func:`folder_lock` for one output file: the lock is ``.NAME.lock`` beside it."""
+    """:func:`folder_lock` for one output file: the lock is ``.NAME.lock`` beside it, removed afterwards."""
     path = Path(path)
-    with _hold(path.with_name(f".{path.name}.lock"), path, what):
+    with _hold(path.with_name(f".{path.name}.lock"), path, what, remove=True):
         yield path
 
 
