@@ -200,3 +200,21 @@ def test_cli_panel_error_names_the_line(tiny_model, tmp_path, capsys):
                  str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and "line 4" in err and "ko:JAK2 ++ drug:" in err
+
+
+def test_broken_config_or_user_folder_is_refused_and_force_starts_over(sim, tmp_path):
+    from virtualcell.errors import OutputError
+
+    screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    (tmp_path / "s" / "config.json").write_text('{"fingerprint": "ab')  # cut short by hand
+    with pytest.raises(ScreenError, match="not a readable screen config.*--force"):
+        screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    res = screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5, force=True)
+    assert len(res.ranking) == 2 and screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not written by virtualcell"):
+        screen(sim, PANEL[:2], out=user, progress=False, n_boot=5)
+    screen(sim, PANEL[:2], out=user, progress=False, n_boot=5, force=True)
+    assert (user / "notes.txt").read_text() == "keep me" and (user / "ranking.csv").exists()
