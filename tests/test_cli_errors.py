@@ -26,6 +26,7 @@ CASES = [
     ("train-not-h5ad", "train --data {text_h5ad} --perturbation-key perturbation --control control --out {tmp}/t",
      r"not a readable \.h5ad file"),
     ("encode-truncated-h5ad", "encode --data {trunc_h5ad} --out {tmp}/e.npz", r"not a readable \.h5ad file"),
+    ("encode-out-suffix", "encode --data {base} --out {tmp}/e.csv", r"must end in \.npz .* or \.txt"),
     ("evaluate-not-h5ad", "evaluate --pred {text_h5ad} --real {base} --out {tmp}/ev",
      r"\(--pred\) is not a readable \.h5ad file"),
     ("screen-toward-truncated", ("screen --model {model} --data {base} --panel {panel} --objective toward:{trunc_h5ad} "

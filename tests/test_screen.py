@@ -52,6 +52,11 @@ def test_interrupted_screen_resumes_to_identical_results(sim, tmp_path):
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert sorted(a) == sorted(b)
     assert [f for f in a if a[f] != b[f]] == []  # every file, byte for byte
+    # a damaged group is not trusted: it is run again, to the same files
+    group = tmp_path / "a" / "groups" / "group_00001.nc"
+    group.write_bytes(group.read_bytes()[:100])
+    screen(sim, PANEL, out=tmp_path / "a", group_size=2, progress=False, n_boot=20, top=2)
+    assert _files(tmp_path / "a") == b
     # a group reloaded from disk does not cut the longer names of the others to its own width
     names = list(xr.load_dataset(tmp_path / "a" / "aggregates.nc", engine="h5netcdf")["perturbation"].values)
     assert names == ["ko:STAT1", "ko:JAK2", "ko:IFNGR1", "ko:PSMB9", "ko:IFNGR1 + ko:IRF1"]

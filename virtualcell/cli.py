@@ -179,16 +179,20 @@ def _read_panel(path) -> str:  # noqa: ANN001
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode an .h5ad into cell sentences (.npz, or text with --text)."""
-    from . import datasets
     from .sentences import encode
 
+    from .safeio import atomic_path, check_output_file, write_text
+
+    if not args.out.endswith((".txt", ".npz")):
+        raise _usage(f"--out {args.out!r} must end in .npz (compact ids) or .txt (one sentence a line).")
+    check_output_file(args.out)
     adata = _load_data(args.data)
     cs = encode(adata, layer=args.layer, top_k=args.top_k, seed=args.seed, var_key=args.var_key)
     if args.out.endswith(".txt"):
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(cs.to_text()) + "\n")
+        write_text(args.out, "\n".join(cs.to_text()) + "\n")
     else:
-        cs.save(args.out)
+        with atomic_path(args.out) as tmp:
+            cs.save(str(tmp))
     print(f"wrote {cs} to {args.out}")
     return 0
 

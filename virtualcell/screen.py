@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +195,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
                 parts[gi], emb = _read_group(done[gi])
                 embedded.update(emb)
                 continue
-            except (OSError, ValueError, KeyError) as err:  # never trust a damaged group: run it again
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
                 log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
         if stop_after_groups is not None and new_groups >= stop_after_groups:
             bar.close()
