@@ -306,6 +306,8 @@ def _read_group(path: Path) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
     import xarray as xr
 
     ds = _plain_strings(xr.load_dataset(path, engine="h5netcdf"))
+    if "control_bucket_mean" not in ds:
+        raise ValueError("written by an older virtualcell, without paired buckets")
     with np.load(path.with_suffix(".npz")) as z:
         return ds, {k: z[k] for k in z.files}
 
