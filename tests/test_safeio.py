@@ -22,6 +22,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranking.csv"]
 
 
+def test_outputs_keep_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        safeio.write_text(tmp_path / "new.csv", "x")
+        assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "new.csv", 0o640)
+        safeio.write_text(tmp_path / "new.csv", "y")
+        assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o640
+        with safeio.atomic_folder(tmp_path / "last") as tmp:
+            (tmp / "state").write_text("1")
+        assert (tmp_path / "last").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(mask)
+
+
 def test_a_killed_writer_leaves_the_old_file(tmp_path):
     """SIGKILL in the middle of a write: the target is the old complete file."""
     target = tmp_path / "aggregates.bin"

@@ -179,9 +179,8 @@ def _read_panel(path) -> str:  # noqa: ANN001
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode an .h5ad into cell sentences (.npz, or text with --text)."""
-    from .sentences import encode
-
     from .safeio import atomic_path, check_output_file, write_text
+    from .sentences import encode
 
     if not args.out.endswith((".txt", ".npz")):
         raise _usage(f"--out {args.out!r} must end in .npz (compact ids) or .txt (one sentence a line).")

@@ -76,6 +76,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _usual_mode(tmp: Path, target: Path, *, folder: bool = False) -> None:
+    """Give ``tmp`` the permissions of what it replaces, or those a new file or folder gets (umask)."""
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = (0o777 if folder else 0o666) & ~mask
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
+
+
 def _unwritable(path: Path, err: OSError) -> OutputError:
     return OutputError(
         f"Cannot write {str(path)!r} ({err.strerror or err}). Choose an --out in a folder you can write to."
@@ -110,6 +122,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _usual_mode(tmp, path)  # mkstemp makes the file private; an output keeps the usual permissions
         yield tmp
         if tmp.is_file():
             with open(tmp, "rb+") as fh:
@@ -201,6 +214,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
     except OSError as err:
         raise _unwritable(path, err) from None
+    _usual_mode(tmp, path, folder=True)
     try:
         yield tmp
         for f in tmp.rglob("*"):
