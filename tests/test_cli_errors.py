@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,9 +153,10 @@ def test_bad_input_is_one_sentence_with_exit_code_2(files, tmp_path, capsys, arg
     message = err.strip().splitlines()[-1]
     assert message.startswith(("virtualcell", "usage")) and "error:" in message, err
     assert re.search(pattern, message), message
-    if "user_folder" in args:  # the user's files are untouched
+    if "user_folder" in args:  # the user's folder is untouched: not even a lock file
         with open(f"{files['user_folder']}/config.json") as fh:
             assert json.load(fh) == {"mine": True}
+        assert sorted(p.name for p in Path(files["user_folder"]).iterdir()) == ["config.json", "summary.md"]
 
 
 def test_train_config_refuses_zero_steps():

@@ -237,10 +237,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout,
     )
-    from .safeio import claim_folder, folder_lock
+    from .safeio import output_folder
 
-    with folder_lock(args.out, what="train"):
-        claim_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last"))
+    with output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last")):
         model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart)
     hist = model.train_config.get("history", [])
     last = hist[-1] if hist else {}

@@ -14,6 +14,8 @@ either the old complete file or the new complete one, never a partial one:
   refused unless ``force=True`` (``--force`` on the command line).
 * :func:`folder_lock` — an exclusive lock (``.virtualcell.lock``, ``fcntl.flock``) for a
   folder in use: a second run into the same folder stops with :class:`FolderInUseError`.
+* :func:`output_folder` — both, as a command uses its ``--out``: refuse a user's folder
+  (before writing anything into it), lock, mark.
 * :func:`file_lock` — the same lock for one output file (``.NAME.lock`` beside it).
 * :func:`check_output_file` — an output *file* path (``predict --out``): not a folder,
   its folder writable, not a user's file, checked before any work is done.
@@ -52,7 +54,7 @@ from .errors import FolderInUseError, OutputError
 
 __all__ = [
     "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
-    "claim_folder", "folder_lock", "file_lock", "check_output_file", "is_ours", "h5ad_is_ours",
+    "claim_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours", "h5ad_is_ours",
 ]
 
 log = logging.getLogger(__name__)
@@ -353,6 +355,29 @@ def h5ad_is_ours(path: str | os.PathLike[str]) -> bool:
             return "uns/virtualcell" in f
     except (OSError, ImportError):
         return False
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
+                  legacy: Sequence[str] = ()) -> Iterator[Path]:
+    """:func:`claim_folder` and :func:`folder_lock` together: what a command does with its ``--out``.
+
+    A user's folder is refused before anything is written into it (not even the lock).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from virtualcell.safeio import output_folder
+    >>> with output_folder(pathlib.Path(tempfile.mkdtemp()) / "screen", kind="screen") as out:
+    ...     (out / ".virtualcell").exists()
+    True
+    """
+    folder = Path(folder)
+    if folder.is_dir() and not force and any(p.name not in _IGNORED for p in folder.iterdir()) \
+            and not is_ours(folder, legacy=legacy):
+        claim_folder(folder, kind=kind, legacy=legacy)  # raises the refusal
+    with folder_lock(folder, what=kind):
+        yield claim_folder(folder, kind=kind, force=force, legacy=legacy)
 
 
 def check_output_file(path: str | os.PathLike[str], *, suffix: str | None = None, force: bool = False) -> Path:

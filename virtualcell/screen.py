@@ -36,7 +36,7 @@ import numpy as np
 
 from .distributed import Split
 from . import safeio
-from .errors import OutputError, ScreenError, VirtualCellError
+from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 
@@ -155,17 +155,22 @@ def screen(
     folder = Path(out) if out is not None else None
     split = Split.current(cpu=simulator.model.device.type == "cpu")
     with contextlib.ExitStack() as stack:
+        refused: VirtualCellError | None = None  # raised below, once every process knows
         if folder is not None and split.main:  # only the main process touches the folder
-            stack.enter_context(safeio.folder_lock(folder, what="screen"))
+            legacy = ("config.json",) if (folder / "groups").is_dir() else ()  # a screen from before the marker
+            try:
+                stack.enter_context(safeio.output_folder(folder, kind="screen", force=force, legacy=legacy))
+            except VirtualCellError as err:
+                refused = err
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
-                    progress=progress, stop_after_groups=stop_after_groups, force=force)
+                    progress=progress, stop_after_groups=stop_after_groups, force=force, refused=refused)
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool,
-         stop_after_groups: int | None, force: bool) -> ScreenResult:
+         stop_after_groups: int | None, force: bool, refused: VirtualCellError | None) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
@@ -173,7 +178,9 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
 
     done: dict[int, Path] = {}
     status: tuple[str, Any] = ("ok", None)
-    if folder is not None and split.main:
+    if refused is not None:
+        status = ("error", (type(refused).__name__, str(refused)))
+    elif folder is not None and split.main:
         try:
             done = _open_folder(folder, config, sim_keys, fingerprint, names, len(groups), force=force)
         except VirtualCellError as err:
@@ -183,7 +190,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         done = {g: folder / "groups" / f"group_{g:05d}.nc" for g in done_ids} if folder is not None else {}
     if status[0] == "error":
         kind, message = status[1]
-        raise (OutputError if kind == "OutputError" else ScreenError)(message)
+        raise {c.__name__: c for c in (OutputError, FolderInUseError)}.get(kind, ScreenError)(message)
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
     new_groups = 0
@@ -242,8 +249,6 @@ SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
                  n_groups: int, *, force: bool = False) -> dict[int, Path]:
     """Check (or start) a results folder; return the finished groups found there."""
-    # a folder from before the ownership marker is ours if it holds a screen config
-    safeio.claim_folder(folder, kind="screen", force=force, legacy=("config.json",) if (folder / "groups").is_dir() else ())
     cfg_path = folder / "config.json"
     groups = folder / "groups"
     if cfg_path.exists():

@@ -79,9 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import safeio
 
     out = Path(args.out)
-    with safeio.folder_lock(out, what="evaluate"):
-        safeio.claim_folder(out, kind="evaluate", force=args.force,
-                            legacy=("metrics.csv",) if (out / "summary.md").exists() else ())
+    legacy = ("metrics.csv",) if (out / "summary.md").exists() else ()
+    with safeio.output_folder(out, kind="evaluate", force=args.force, legacy=legacy):
         return _evaluate(args, out)
 
 
