@@ -30,7 +30,16 @@ def test_simulate_gives_xarray_and_anndata(sim):
     assert set(a.obs["perturbation_typed"]) == {"ko:STAT1", "ko:JAK2"}
 
 
+def _files(folder):
+    """Every file of a results folder (but the lock, which names the process), as bytes."""
+    from virtualcell.safeio import LOCK
+
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file() and f.name != LOCK}
+
+
 def test_interrupted_screen_resumes_to_identical_results(sim, tmp_path):
+    import xarray as xr
+
     with pytest.raises(KeyboardInterrupt):
         screen(sim, PANEL, out=tmp_path / "a", group_size=2, stop_after_groups=1, progress=False, n_boot=20)
     resumed = screen(sim, PANEL, out=tmp_path / "a", group_size=2, progress=False, n_boot=20, top=2)
@@ -40,6 +49,93 @@ def test_interrupted_screen_resumes_to_identical_results(sim, tmp_path):
     assert resumed.ranking["pick"].sum() == 2
     for f in ("ranking.csv", "ranking.parquet", "aggregates.nc", "top_hits.png", "config.json"):
         assert (tmp_path / "a" / f).exists()
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    assert [f for f in a if a[f] != b[f]] == []  # every file, byte for byte
+    # a damaged group is not trusted: it is run again, to the same files
+    group = tmp_path / "a" / "groups" / "group_00001.nc"
+    group.write_bytes(group.read_bytes()[:100])
+    screen(sim, PANEL, out=tmp_path / "a", group_size=2, progress=False, n_boot=20, top=2)
+    assert _files(tmp_path / "a") == b
+    # a group reloaded from disk does not cut the longer names of the others to its own width
+    names = list(xr.load_dataset(tmp_path / "a" / "aggregates.nc", engine="h5netcdf")["perturbation"].values)
+    assert names == ["ko:STAT1", "ko:JAK2", "ko:IFNGR1", "ko:PSMB9", "ko:IFNGR1 + ko:IRF1"]
+
+
+def test_screen_killed_at_random_moments_resumes_to_identical_files(tiny_model, tmp_path):
+    """Five SIGKILLs at random moments (mid-group, mid-write), then a resume: the same files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, folder, _ = tiny_model
+    worker = Path(__file__).with_name("_screen_kill_worker.py")
+    base = _baseline_file(tiny_model, tmp_path)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, str(worker), str(folder), str(base), str(ref), str(killed), "5", "0"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    a, b = _files(ref), _files(killed)
+    assert sorted(a) == sorted(b)
+    assert [f for f in a if a[f] != b[f]] == []
+
+
+def test_score_lies_inside_its_interval(sim):
+    res = screen(sim, PANEL, progress=False, n_boot=50)
+    r = res.ranking
+    assert ((r["score_low"] <= r["score"]) & (r["score"] <= r["score_high"])).all(), r[["score", "score_low", "score_high"]]
+
+
+def _aggregates_of_cells(control, perturbed, genes):
+    """Aggregates laid out as Simulator.simulate makes them, from given cells (no model)."""
+    import xarray as xr
+
+    from virtualcell.simulator import N_BUCKETS, _bucket
+
+    n = control.shape[0]
+    bucket = _bucket(np.arange(n), 0)
+
+    def bucket_mean(M):
+        return np.stack([M[bucket == k].mean(0) if (bucket == k).any() else np.zeros(M.shape[1])
+                         for k in range(N_BUCKETS)])
+
+    names = list(perturbed)
+    P = np.stack([perturbed[k] for k in names])
+    cm = control.mean(0)
+    return xr.Dataset({
+        "delta": (("perturbation", "gene"), P.mean(1) - cm), "var": (("perturbation", "gene"), P.var(1, ddof=1)),
+        "n_cells": (("perturbation",), np.full(len(names), n)),
+        "bucket_mean": (("perturbation", "bucket", "gene"), np.stack([bucket_mean(M) for M in P])),
+        "bucket_count": (("perturbation", "bucket"), np.tile(np.bincount(bucket, minlength=N_BUCKETS), (len(names), 1))),
+        "control_mean": (("gene",), cm), "control_var": (("gene",), control.var(0)),
+        "control_bucket_mean": (("bucket", "gene"), bucket_mean(control)),
+    }, coords={"perturbation": names, "gene": genes, "bucket": np.arange(N_BUCKETS)})
+
+
+def test_score_intervals_cover_the_truth_on_the_synthetic_screen():
+    """Small screens drawn from a big synthetic one: the 95% intervals cover the population effect."""
+    from virtualcell.objectives import LargestEffect
+    from virtualcell.screen import rank
+    from virtualcell.sentences import expression_matrix, log_normalize
+
+    big = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=8, n_pairs=0, n_drugs=0, n_cytokines=0,
+                                       n_cells_per_condition=1500, n_control_cells=1500, n_contexts=1, seed=0)
+    X = np.asarray(log_normalize(expression_matrix(big), "counts").todense())
+    label = big.obs["perturbation"].astype(str).to_numpy()
+    kos = sorted(set(label) - {"control"})
+    truth = {p: float(np.linalg.norm(X[label == p].mean(0) - X[label == "control"].mean(0))) for p in kos}
+    rng = np.random.default_rng(1)
+    covered, total = 0, 0
+    for rep in range(10):
+        ctrl = X[label == "control"][rng.choice(1500, 60, replace=False)]
+        perts = {p: X[label == p][rng.choice(1500, 60, replace=False)] for p in kos}
+        table = rank(_aggregates_of_cells(ctrl, perts, list(big.var_names)), LargestEffect(), n_boot=200,
+                     seed=rep).set_index("perturbation")
+        assert ((table["score_low"] <= table["score"]) & (table["score"] <= table["score_high"])).all()
+        covered += sum(table.loc[p, "score_low"] <= truth[p] <= table.loc[p, "score_high"] for p in kos)
+        total += len(kos)
+    assert covered / total >= 0.85, f"coverage {covered / total:.2f} of nominal 0.95"
 
 
 def test_folder_of_another_screen_is_refused(sim, tmp_path):
@@ -111,3 +207,21 @@ def test_cli_panel_error_names_the_line(tiny_model, tmp_path, capsys):
                  str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and "line 4" in err and "ko:JAK2 ++ drug:" in err
+
+
+def test_broken_config_or_user_folder_is_refused_and_force_starts_over(sim, tmp_path):
+    from virtualcell.errors import OutputError
+
+    screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    (tmp_path / "s" / "config.json").write_text('{"fingerprint": "ab')  # cut short by hand
+    with pytest.raises(ScreenError, match="not a readable screen config.*--force"):
+        screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    res = screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5, force=True)
+    assert len(res.ranking) == 2 and screen(sim, PANEL[:2], out=tmp_path / "s", progress=False, n_boot=5)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not written by virtualcell"):
+        screen(sim, PANEL[:2], out=user, progress=False, n_boot=5)
+    screen(sim, PANEL[:2], out=user, progress=False, n_boot=5, force=True)
+    assert (user / "notes.txt").read_text() == "keep me" and (user / "ranking.csv").exists()

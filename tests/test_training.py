@@ -165,19 +165,18 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     # the next save cleans up the half-written folder
     checkpoint.save(last, _write, state=_state(15), run_config={"data_hash": "abc"})
     assert checkpoint.load(last, data_hash="abc")["step"] == 15
+    assert checkpoint.load(last, data_hash="abc")["step"] == 15
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
-def test_a_broken_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_a_swap_cut_short_is_recovered_and_a_broken_checkpoint_names_restart(tmp_path):
     last = tmp_path / "last"
     checkpoint.save(last, _write, state=_state(5), run_config={"data_hash": "abc"})
-    # a kill between the two renames leaves the good checkpoint under its "previous" name
-    last.rename(tmp_path / ".last.previous")
-    (tmp_path / "last").mkdir()
-    (tmp_path / "last" / checkpoint.STATE_FILE).write_bytes(b"")  # 0 bytes, as an in-place write killed early left it
-    (tmp_path / "last" / checkpoint.CONFIG_FILE).write_text('{"data_hash": "abc"}')
+    # a kill between the two renames of the swap leaves the good checkpoint under its old name
+    last.rename(tmp_path / ".last.old")
     assert checkpoint.load(last, data_hash="abc")["step"] == 5
-    (tmp_path / ".last.previous" / checkpoint.STATE_FILE).write_bytes(b"garbage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    (last / checkpoint.STATE_FILE).write_bytes(b"")  # 0 bytes, as an in-place write killed early left it (old code)
     with pytest.raises(TrainingError, match="--restart"):
         checkpoint.load(last, data_hash="abc")
 

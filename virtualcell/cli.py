@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -31,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {info.description}; license {info.license}")
     print(f"  baseline: {args.n_cells} control cells of the held-out replicate {HELDOUT[0]}={HELDOUT[1]}; "
           "panel: every knockout the model knows\n")
-    res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet)
+    res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet, force=args.force)
     table = res.screen.ranking
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
@@ -70,8 +69,16 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     adata = _load_data(args.data)
     contract = model.contract
     if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
-        is_ctrl = adata.obs[contract.perturbation_key].astype(str).to_numpy() == contract.control
-        if is_ctrl.any() and not is_ctrl.all():
+        labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
+        is_ctrl = labels == contract.control
+        if not is_ctrl.any():
+            from .errors import ContractError, preview
+
+            raise ContractError(
+                f"No cell of {args.data} has {contract.perturbation_key} == {contract.control!r} (the model's control "
+                f"label); it holds {preview(sorted(set(labels)), 8)}. Pass --all-cells to use every cell as the baseline."
+            )
+        if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
             print(f"baseline: the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {contract.control!r}) of {args.data}")
             adata = adata[is_ctrl].copy()
@@ -80,19 +87,26 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict perturbed cells for a baseline population."""
-    from .model import C2SModel
-    from .simulator import Simulator
+    from .safeio import check_output_file, file_lock
 
+    perts = _split_list(args.perturbations)
+    if not perts:
+        raise _usage(f"--perturbations {args.perturbations!r} lists none: give at least one, e.g. --perturbations ko:STAT1")
+    out = check_output_file(args.out, suffix=".h5ad", force=args.force)  # before any work
+    with file_lock(out, what="predict"):
+        return _predict(args, perts, out)
+
+
+def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: ANN001
     import tempfile
     from pathlib import Path
 
-    from .simulator import KEEP_IN_MEMORY
+    from .model import C2SModel
+    from .simulator import KEEP_IN_MEMORY, Simulator
 
     model = C2SModel.load(args.model, device=args.device)
     sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
-    perts = _split_list(args.perturbations)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
-    out = Path(args.out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
         # large predictions stream through a chunked file on disk instead of memory
         big = (len(perts) + 1) * n * len(model.genes) > KEEP_IN_MEMORY
@@ -126,7 +140,10 @@ def _write_cell_eval(res, sim, model, out, n: int) -> None:  # noqa: ANN001
         ctrl.obs["source_cell"] = list(res.source_cells)
         ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
         cells = ad.concat([cells, ctrl], merge="same")
-    to_cell_eval(cells, perturbation_key="perturbation", control=control).write_h5ad(out)
+    from .safeio import atomic_path
+
+    with atomic_path(out) as tmp:
+        to_cell_eval(cells, perturbation_key="perturbation", control=control).write_h5ad(tmp)
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -144,12 +161,13 @@ def cmd_screen(args: argparse.Namespace) -> int:
     path = Path(args.panel)
     if not path.exists():
         raise ScreenError(f"No such panel file: {args.panel!r}. Write one perturbation a line, e.g. 'ko:STAT1'.")
-    panel = parse_panel(path.read_text())
+    text = _read_panel(path)
+    panel = parse_panel(text)
     model = C2SModel.load(args.model, device=args.device)
     try:
         model.resolve(panel)
     except VirtualCellError as err:  # say which line
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             body = line.split("#", 1)[0].strip()
             if body:
                 try:
@@ -159,7 +177,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise
     sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
-                 seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes)
+                 seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
@@ -167,18 +185,35 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_panel(path) -> str:  # noqa: ANN001
+    """A panel file's text: UTF-8 (a byte-order mark is dropped) or UTF-16 with its byte-order mark."""
+    from .errors import ScreenError
+
+    raw = path.read_bytes()
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ScreenError(f"The panel {str(path)!r} is not UTF-8 text. Save it as UTF-8 (plain text), "
+                          "one perturbation a line.") from None
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode an .h5ad into cell sentences (.npz, or text with --text)."""
-    from . import datasets
+    from .safeio import atomic_path, check_output_file, write_text
     from .sentences import encode
 
+    if not args.out.endswith((".txt", ".npz")):
+        raise _usage(f"--out {args.out!r} must end in .npz (compact ids) or .txt (one sentence a line).")
+    check_output_file(args.out)
     adata = _load_data(args.data)
     cs = encode(adata, layer=args.layer, top_k=args.top_k, seed=args.seed, gene_key=args.gene_key)
     if args.out.endswith(".txt"):
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(cs.to_text()) + "\n")
+        write_text(args.out, "\n".join(cs.to_text()) + "\n")
     else:
-        cs.save(args.out)
+        with atomic_path(args.out) as tmp:
+            cs.save(str(tmp))
     print(f"wrote {cs} to {args.out}")
     return 0
 
@@ -224,8 +259,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout,
     )
-    model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
-                  gene_key=args.gene_key)
+    from .safeio import output_folder
+
+    with output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last")):
+        model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
+                      gene_key=args.gene_key)
     hist = model.train_config.get("history", [])
     last = hist[-1] if hist else {}
     print(f"saved {model} to {args.out}")
@@ -241,16 +279,64 @@ def _usage(message: str):  # noqa: ANN202
     return VirtualCellError(message)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends each option's default to its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is not None and default is not False and default != argparse.SUPPRESS and "%(default)" not in text
+                and "default" not in text and action.option_strings and not action.required):
+            text += " (default: %(default)s)"
+        elif default is None and action.option_strings and not action.required and "default" not in text:
+            text += " (default: none)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def _add_command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:  # noqa: ANN001
+    """A sub-command with a one-line description and an example in its help."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog=f"example:\n  {example}", formatter_class=_Formatter)
+
+
+def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that virtualcell did not write") -> None:
+    p.add_argument("--force", action="store_true", help=f"write into --out even if it is {what}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output) or hub id")
     p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
     p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
     _add_gene_key(p)
-    p.add_argument("--genes", choices=["all", "shared"], default="all", help="'shared': proceed on the genes the model knows")
-    p.add_argument("--n-cells", type=int, default=None, help="use the first N baseline cells")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=512, help="(cell, perturbation) rows per forward pass; lower it if memory is short")
-    p.add_argument("--max-genes", type=int, default=None, help="genes per generated cell (default: the model's top_k)")
+    p.add_argument("--genes", choices=["all", "shared"], default="all",
+                   help="'all': every gene of --data must be in the model; 'shared': proceed on the genes the model knows")
+    p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, cell and perturbation")
+    p.add_argument("--batch-size", type=_positive_int, default=512,
+                   help="(cell, perturbation) rows per forward pass; lower it if memory is short")
+    p.add_argument("--max-genes", type=_positive_int, default=None, help="genes per generated cell (default: the model's top_k)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
 
@@ -275,67 +361,85 @@ def build_parser() -> argparse.ArgumentParser:
         prog="virtualcell",
         description="Simulate how cells respond to drugs, knockouts and cytokines with Cell2Sentence-style "
         "language models, and rank which experiments to run first.",
+        epilog="example:\n  virtualcell demo\n\n'virtualcell COMMAND --help' explains each command, with an example.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"virtualcell {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="screen the embedded default with the bundled model (offline, ~1 min on a CPU)")
-    p.add_argument("--out", default="virtualcell-demo", help="results folder (default ./virtualcell-demo)")
-    p.add_argument("--n-cells", type=int, default=120, help="baseline cells (default 120)")
-    p.add_argument("--top", type=int, default=12, help="rows of the ranking to print")
-    p.add_argument("--seed", type=int, default=0)
+    p = _add_command(sub, "demo", "screen the embedded default with the bundled model (offline, ~1 min on a CPU)",
+                     "virtualcell demo --out virtualcell-demo --n-cells 120")
+    p.add_argument("--out", default="virtualcell-demo", help="results folder")
+    p.add_argument("--n-cells", type=_positive_int, default=120, help="baseline cells")
+    p.add_argument("--top", type=_positive_int, default=12, help="rows of the ranking to print")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("encode", help="encode an .h5ad (or a dataset name) into cell sentences")
+    p = _add_command(sub, "encode", "encode an .h5ad (or a dataset name) into cell sentences",
+                     "virtualcell encode --data papalexi2021 --out sentences.txt --top-k 100")
     p.add_argument("--data", required=True, help="an .h5ad path or a dataset name (see virtualcell.datasets)")
     p.add_argument("--out", required=True, help="output .npz (compact ids) or .txt (one sentence a line)")
-    p.add_argument("--layer", default=None)
+    p.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
     _add_gene_key(p, "--var-key")  # --var-key: the former name, kept working
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=_positive_int, default=200, help="genes per cell sentence")
+    p.add_argument("--seed", type=int, default=0, help="seed that breaks ties between equal counts")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="train a small C2S model on a screen, or fine-tune a real checkpoint (--base)")
+    p = _add_command(sub, "train", "train a small C2S model on a screen, or fine-tune a real checkpoint (--base)",
+                     "virtualcell train --data papalexi2021 --perturbation-key perturbation --control control "
+                     "--holdout bio_rep=rep_3 --max-minutes 30 --out my-model")
+    p.description += (" Training stops at --max-steps (3000 by default) or when --max-minutes is spent, whichever "
+                      "comes first; without --max-minutes there is no time limit. A run that finds OUT/last resumes "
+                      "from it.")
     p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
     _add_contract_args(p)
     _add_gene_key(p)
     p.add_argument("--base", default=None, help="a Hugging Face causal LM to fine-tune (hub id or folder); default: a new small model")
     p.add_argument("--out", required=True, help="checkpoint folder (resumes from OUT/last if present)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget; training stops when it is spent")
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, default=200, help="genes per cell sentence")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-time budget in minutes; training stops when it is spent (default: no time limit)")
+    p.add_argument("--max-steps", type=_positive_int, default=3000, help="optimizer steps at most")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, pairing and batch order")
+    p.add_argument("--top-k", type=_positive_int, default=200, help="genes per cell sentence")
+    p.add_argument("--hidden-size", type=_positive_int, default=128, help="width of a new model (divisible by --heads)")
+    p.add_argument("--layers", type=_positive_int, default=4, help="transformer layers of a new model")
+    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads of a new model")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="training pairs per optimizer step")
     p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
-    p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES", help="exclude cells from training, e.g. bio_rep=rep_3")
+    p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",
+                   help="exclude cells from training, e.g. bio_rep=rep_3 (repeatable; default: none)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
+    _add_force(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="predict perturbed cells for a baseline population")
+    p = _add_command(sub, "predict", "predict perturbed cells for a baseline population",
+                     "virtualcell predict --model my-model --data baseline.h5ad --perturbations ko:STAT1,ko:JAK2 "
+                     "--out predictions.h5ad")
     _add_model_args(p)
     p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad file")
     p.add_argument("--format", choices=["h5ad", "cell-eval"], default="h5ad",
                    help="h5ad: virtualcell's layout (default); cell-eval: what 'cell-eval run -ap OUT -ar REAL' "
                    "reads as it is (obs['target_gene'], control 'non-targeting', the baseline cells as the "
                    "control, log1p values; held in memory). Put the measured file in the same form with "
                    "virtualcell.evaluate.to_cell_eval(real, like=pred)")
+    _add_force(p, "an existing file that virtualcell did not write")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("screen", help="screen a panel of perturbations and rank them for the wet lab")
+    p = _add_command(sub, "screen", "screen a panel of perturbations and rank them for the wet lab",
+                     "virtualcell screen --model my-model --data baseline.h5ad --panel panel.txt --out my-screen")
     _add_model_args(p)
-    p.add_argument("--panel", required=True, help="text file: one perturbation a line ('#' comments)")
+    p.add_argument("--panel", required=True, help="text file (UTF-8): one perturbation a line ('#' comments)")
     p.add_argument("--objective", default=None,
                    help="largest (default), raise:G1,G2, lower:G1,G2, signature:UP/DOWN, reverse:UP/DOWN, toward:REF.h5ad")
-    p.add_argument("--top", type=int, default=10, help="size of the diverse shortlist")
+    p.add_argument("--top", type=_positive_int, default=10, help="size of the diverse shortlist")
     p.add_argument("--out", required=True, help="results folder (resumes an interrupted screen)")
+    _add_force(p, "a folder virtualcell did not write, or one of another screen (its results are then discarded)")
     p.set_defaults(func=cmd_screen)
 
     from .evaluate.cli import add_evaluate_parser
@@ -358,6 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VirtualCellError as err:
         print(f"virtualcell {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        if args.verbose >= 2:
+            raise
+        print(f"virtualcell {args.command}: error: cannot use {err.filename!r} ({err.strerror}). "
+              "Check the path and its permissions (-vv shows the traceback).", file=sys.stderr)
         return 2
 
 

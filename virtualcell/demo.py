@@ -50,8 +50,9 @@ def measured_effects(adata, contract, column: str, value: str, *, reference_cell
 
 
 def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: int = 0, progress: bool = True,
-             model_path: str | None = None) -> DemoResult:
-    """Run the demo screen; see the module docstring."""
+             model_path: str | None = None, force: bool = False) -> DemoResult:
+    """Run the demo screen; see the module docstring. ``force``: write into ``out`` even if
+    virtualcell did not write it (see :func:`virtualcell.screen.screen`)."""
     from scipy.stats import spearmanr
 
     from . import datasets
@@ -73,7 +74,7 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     baseline_idx, reference_idx = np.sort(ctrl[:n]), np.sort(ctrl[n:])
     sim = Simulator(model, adata[baseline_idx].copy(), seed=seed)
     panel = sorted(model.perturbations.labels)
-    result = screen(sim, panel, out=out, top=8, seed=seed, progress=progress)
+    result = screen(sim, panel, out=out, top=8, seed=seed, progress=progress, force=force)
     measured = measured_effects(adata, contract, col, rep, reference_cells=reference_idx)
     labels = {str(model.perturbations.resolve(lbl)): lbl for lbl in panel}
     pred = result.ranking.assign(label=result.ranking["perturbation"].map(labels)).set_index("label")

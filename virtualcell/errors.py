@@ -43,6 +43,14 @@ class ScreenError(VirtualCellError):
     """A screen cannot run or resume as asked."""
 
 
+class OutputError(VirtualCellError, ValueError):
+    """An output cannot be written as asked: the path is a user's folder, not writable, or not a file."""
+
+
+class FolderInUseError(OutputError):
+    """Another virtualcell run holds the lock on this output folder."""
+
+
 def close_matches(word: str, options: Iterable[str], n: int = 5) -> list[str]:
     """Options that look like ``word`` (case-insensitive), for 'did you mean' hints."""
     options = [str(o) for o in options]

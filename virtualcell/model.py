@@ -149,7 +149,15 @@ class C2SModel:
             raise ModelError(f"{str(path)!r} is a file; a checkpoint is a folder (with config.json and {META_FILE}).")
         meta: dict[str, Any] = {}
         if is_local and (path / META_FILE).exists():
-            meta = json.loads((path / META_FILE).read_text())
+            try:
+                meta = json.loads((path / META_FILE).read_text())
+                if not isinstance(meta, dict) or "genes" not in meta:
+                    raise ValueError("no genes in it")
+            except (OSError, ValueError) as err:
+                raise ModelError(
+                    f"{str(path / META_FILE)!r} is broken ({str(err)[:120]}), so the model's codec cannot be read. "
+                    "Copy the checkpoint folder again, or retrain it."
+                ) from None
         elif is_local and genes is None:
             have = sorted(p.name for p in path.iterdir())[:12]
             raise ModelError(
@@ -158,13 +166,25 @@ class C2SModel:
                 "Hugging Face checkpoint, pass genes=adata.var_names so it can use the C2S prompt."
             )
         elif not is_local and genes is None:
+            name = str(name_or_path)
+            hub = name.count("/") == 1 and not name.startswith((".", "/", "~"))
             raise ModelError(
-                f"{str(name_or_path)!r}: a hub model needs genes=... (the gene symbols it may write, e.g. adata.var_names)."
+                f"No such folder: {name!r}. Check the path of the model folder"
+                + ("; as a Hugging Face hub id it also needs genes=... (the gene symbols it may write, "
+                   "e.g. adata.var_names)." if hub else ".")
             )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
             lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
-        except OSError as err:
+        except Exception as err:  # a broken local file fails in the loader's own error types
+            if is_local:
+                raise ModelError(
+                    f"The model in {str(path)!r} cannot be read ({err.__class__.__name__}: "
+                    f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}); a file such as "
+                    "model.safetensors may be truncated. Copy the checkpoint folder again, or retrain it."
+                ) from None
+            if not isinstance(err, OSError):
+                raise
             raise ModelError(
                 f"Could not load {str(name_or_path)!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
                 "If it is a hub id, this machine may be offline or the id wrong. Alternatives: a local folder "

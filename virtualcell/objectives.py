@@ -220,11 +220,11 @@ def parse_objective(text: str | Objective | Callable | None) -> Objective:
     if kind == "toward":
         from pathlib import Path
 
-        import anndata as ad
+        from .datasets import _read
 
         if not Path(arg).exists():
             raise ScreenError(f"toward: no such reference file {arg!r}.")
-        return TowardState(target=ad.read_h5ad(arg), description=f"move the mean toward {arg}")
+        return TowardState(target=_read(arg, "the toward: reference"), description=f"move the mean toward {arg}")
     raise ScreenError(
         f"Unknown objective {text!r}. Use largest, raise:GENE1,GENE2, lower:GENE1,GENE2, "
         "signature:UP1,UP2/DOWN1,DOWN2, reverse:UP1,UP2/DOWN1,DOWN2 or toward:REFERENCE.h5ad."

@@ -21,10 +21,12 @@ diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .distributed import Split
-from .errors import ScreenError
+from . import safeio
+from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 
@@ -99,6 +102,7 @@ def screen(
     max_genes: int | None = None,
     progress: bool = True,
     stop_after_groups: int | None = None,
+    force: bool = False,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -119,11 +123,15 @@ def screen(
         Cosine similarity of predicted effects above which two candidates count as near-duplicates.
     stop_after_groups
         Stop (as if killed) after this many new groups: for testing resumption.
+    force
+        Write into ``out`` even if it is a folder virtualcell did not write, or holds another
+        screen (whose finished groups are then discarded).
+
+    Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
+    folder is locked while the screen runs: a second screen into the same folder stops
+    with :class:`~virtualcell.errors.FolderInUseError`. A screen killed at any moment and
+    resumed writes the same files, byte for byte, as an uninterrupted one.
     """
-    import xarray as xr
-
-    from tqdm.auto import tqdm
-
     perts = simulator.model.resolve(list(panel))
     names = [str(p) for p in perts]
     if len(set(names)) != len(names):
@@ -146,18 +154,43 @@ def screen(
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
     folder = Path(out) if out is not None else None
     split = Split.current(cpu=simulator.model.device.type == "cpu")
+    with contextlib.ExitStack() as stack:
+        refused: VirtualCellError | None = None  # raised below, once every process knows
+        if folder is not None and split.main:  # only the main process touches the folder
+            legacy = ("config.json",) if (folder / "groups").is_dir() else ()  # a screen from before the marker
+            try:
+                stack.enter_context(safeio.output_folder(folder, kind="screen", force=force, legacy=legacy))
+            except VirtualCellError as err:
+                refused = err
+        return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
+                    top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
+                    progress=progress, stop_after_groups=stop_after_groups, force=force, refused=refused)
+
+
+def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
+         sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
+         similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool,
+         stop_after_groups: int | None, force: bool, refused: VirtualCellError | None) -> ScreenResult:
+    """The body of :func:`screen`, run while the folder is locked."""
+    import xarray as xr
+
+    from tqdm.auto import tqdm
+
     done: dict[int, Path] = {}
     status: tuple[str, Any] = ("ok", None)
-    if folder is not None and split.main:  # only the main process touches the folder
+    if refused is not None:
+        status = ("error", (type(refused).__name__, str(refused)))
+    elif folder is not None and split.main:
         try:
-            done = _open_folder(folder, config, sim_keys, fingerprint, names, len(groups))
-        except ScreenError as err:
-            status = ("error", str(err))
+            done = _open_folder(folder, config, sim_keys, fingerprint, names, len(groups), force=force)
+        except VirtualCellError as err:
+            status = ("error", (type(err).__name__, str(err)))
     if split.world > 1:  # every process follows the main one's view of the folder
         status, done_ids = split.gather((status, sorted(done)))[0]
         done = {g: folder / "groups" / f"group_{g:05d}.nc" for g in done_ids} if folder is not None else {}
     if status[0] == "error":
-        raise ScreenError(status[1])
+        kind, message = status[1]
+        raise {c.__name__: c for c in (OutputError, FolderInUseError)}.get(kind, ScreenError)(message)
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
     new_groups = 0
@@ -165,10 +198,12 @@ def screen(
                desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
         if gi in done:
-            parts[gi] = xr.load_dataset(done[gi], engine="h5netcdf")
-            with np.load(done[gi].with_suffix(".npz")) as z:
-                embedded.update({k: z[k] for k in z.files})
-            continue
+            try:
+                parts[gi], emb = _read_group(done[gi])
+                embedded.update(emb)
+                continue
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
+                log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
         if stop_after_groups is not None and new_groups >= stop_after_groups:
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
@@ -177,77 +212,145 @@ def screen(
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
         if folder is not None and split.main:
-            _atomic_write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
+            _write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
         new_groups += 1
         bar.update(len(group))
     bar.close()
     agg = xr.concat([parts[g] for g in range(len(groups))], dim="perturbation", data_vars="minimal",
                     coords="minimal", compat="override")
+    agg = _plain_strings(agg)
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
     base_emb = simulator._embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     if folder is not None and split.main:
-        agg.to_netcdf(folder / "aggregates.nc", engine="h5netcdf")
+        with safeio.atomic_path(folder / "aggregates.nc") as tmp:
+            agg.to_netcdf(tmp, engine="h5netcdf")
         table = ranking.copy()
         for col in ("top_up", "top_down", "represents"):
             table[col] = table[col].map(lambda v: ";".join(v))
-        table.to_csv(folder / "ranking.csv", index=False)
-        table.to_parquet(folder / "ranking.parquet", index=False)
+        with safeio.atomic_path(folder / "ranking.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with safeio.atomic_path(folder / "ranking.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
         fig = plot_top_hits(ranking, agg, return_fig=True)
-        fig.savefig(folder / "top_hits.png", dpi=120, bbox_inches="tight")
+        with safeio.atomic_path(folder / "top_hits.png") as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
     return ScreenResult(ranking, agg, folder, config)
 
 
+SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.csv", "ranking.parquet",
+                "top_hits.png")
+
+
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
-                 n_groups: int) -> dict[int, Path]:
+                 n_groups: int, *, force: bool = False) -> dict[int, Path]:
     """Check (or start) a results folder; return the finished groups found there."""
-    folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "config.json"
+    groups = folder / "groups"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old.get("fingerprint") != fingerprint:
+        try:
+            old = json.loads(cfg_path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            if not force:
+                raise ScreenError(
+                    f"{cfg_path} is not a readable screen config ({err}), so the finished groups in {folder} "
+                    "cannot be checked. Pass --force (force=True) to start this screen over there, or choose "
+                    "another --out folder."
+                ) from None
+            old = {}
+        if old.get("fingerprint") != fingerprint and not force:
             diff = [k for k in sim_keys if old.get(k) != config[k]]
             raise ScreenError(
                 f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
-                "Refusing to mix them: choose another --out folder, or delete this one to start over."
+                "Refusing to mix them: choose another --out folder, or pass --force (force=True) to discard them "
+                "and start this screen there."
             )
-    elif any(folder.iterdir()):
-        raise ScreenError(f"{folder} is not empty and holds no screen config. Choose an empty or new folder.")
-    cfg_path.write_text(json.dumps(config, indent=1, default=str))
-    (folder / "panel.txt").write_text("\n".join(names) + "\n")
-    (folder / "groups").mkdir(exist_ok=True)
+        if old.get("fingerprint") != fingerprint:  # forced: the other screen's groups go
+            import shutil
+
+            shutil.rmtree(groups, ignore_errors=True)
+    safeio.write_text(cfg_path, json.dumps(config, indent=1, default=str))
+    safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
+    groups.mkdir(exist_ok=True)
+    for junk in [*folder.glob(".*.partial*"), *groups.glob(".*.partial*")]:  # from a write that was killed
+        junk.unlink(missing_ok=True)
     done = {}
     for gi in range(n_groups):
-        f = folder / "groups" / f"group_{gi:05d}.nc"
-        if f.exists() and (folder / "groups" / f"group_{gi:05d}.npz").exists():
+        f = groups / f"group_{gi:05d}.nc"
+        if f.exists() and f.with_suffix(".npz").exists():
             done[gi] = f
     if done:
         log.info("resuming: %d of %d groups already done", len(done), n_groups)
     return done
 
 
-def _atomic_write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -> None:
-    """Write a finished group so that a kill leaves either nothing or the whole group."""
-    tmp_nc, tmp_npz = stem.with_suffix(".nc.tmp"), stem.with_suffix(".tmp.npz")
-    agg.to_netcdf(tmp_nc, engine="h5netcdf")
-    np.savez(tmp_npz, **embedded)
-    os.replace(tmp_npz, stem.with_suffix(".npz"))
-    os.replace(tmp_nc, stem.with_suffix(".nc"))
+def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Drop the on-disk encodings, so that string coordinates are written at their full length.
+
+    A group read back from disk remembers the fixed width of its own names (``<U11``); left
+    in place, that width would truncate a longer name of another group when the
+    concatenation is written (``ko:CTD-2196E14.4`` -> ``ko:CTD-2196``).
+    """
+    ds = ds.copy()
+    for name in ds.variables:
+        ds[name].encoding = {}
+    for name in ("perturbation", "gene"):
+        if name in ds.coords:
+            ds = ds.assign_coords({name: np.array([str(v) for v in ds[name].values], dtype=object)})
+    return ds
+
+
+def _read_group(path: Path) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
+    """A finished group and its embedded cells, as the run that wrote it held them."""
+    import xarray as xr
+
+    ds = _plain_strings(xr.load_dataset(path, engine="h5netcdf"))
+    if "control_bucket_mean" not in ds:
+        raise ValueError("written by an older virtualcell, without paired buckets")
+    with np.load(path.with_suffix(".npz")) as z:
+        return ds, {k: z[k] for k in z.files}
+
+
+def _write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -> None:
+    """Write a finished group so that a kill leaves either nothing or the whole group.
+
+    The ``.npz`` goes first and the ``.nc`` last: a group counts as finished only when
+    both exist, and each appears complete or not at all (:func:`safeio.atomic_path`).
+    """
+    with safeio.atomic_path(stem.with_suffix(".npz")) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **embedded)
+    with safeio.atomic_path(stem.with_suffix(".nc")) as tmp:
+        _plain_strings(agg).to_netcdf(tmp, engine="h5netcdf")
 
 
 def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarray] | None = None,
          baseline_embedded: np.ndarray | None = None, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Score every perturbation; bootstrap the score over resampled cell buckets."""
+    """Score every perturbation, with a bootstrap 95% interval over resampled cell buckets.
+
+    A bucket's delta pairs its predicted cells with their own baseline cells
+    (``control_bucket_mean``), so a resample compares the same cells, as the score does.
+    Objectives that are not linear in the delta, such as the L2 norm of a noisy mean,
+    are biased upward, and a resample is biased once more. The bootstrap measures that
+    bias, and ``score`` is the bias-corrected estimate ``2 * plug_in - median(boots)``;
+    ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
+    correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
+    inside its interval. ``l2_delta`` is the plain, uncorrected norm of the mean delta.
+    """
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     genes = [str(g) for g in agg["gene"].values]
     control = agg["control_mean"].values.astype(np.float64)
     control_var = agg["control_var"].values.astype(np.float64)
+    # aggregates from before paired buckets: every resample against the whole baseline
+    paired = agg["control_bucket_mean"].values.astype(np.float64) if "control_bucket_mean" in agg else None
     rows = []
     distance = _edistance() if embedded else None
     for p in agg["perturbation"].values:
@@ -256,14 +359,19 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
         n = int(a["n_cells"])
         bm = a["bucket_mean"].values.astype(np.float64)
         bc = a["bucket_count"].values.astype(np.float64)
+        bucket_delta = bm - paired if paired is not None else bm - control
         boots = []
         nonempty = np.flatnonzero(bc > 0)
-        for _ in range(n_boot):
+        for _ in range(n_boot if nonempty.size else 0):
             pick = rng.choice(nonempty, size=nonempty.size, replace=True)
             w = bc[pick]
-            m = (bm[pick] * w[:, None]).sum(0) / w.sum()
-            boots.append(objective.score(m - control))
-        score = objective.score(delta)
+            boots.append(objective.score((bucket_delta[pick] * w[:, None]).sum(0) / w.sum()))
+        plug_in = objective.score(delta)
+        if boots:
+            low, mid, high = np.percentile(boots, [2.5, 50, 97.5])
+            score, score_low, score_high = 2 * plug_in - mid, 2 * plug_in - high, 2 * plug_in - low
+        else:
+            score, score_low, score_high = plug_in, float("nan"), float("nan")
         l2 = float(np.linalg.norm(delta))
         noise = float(a["var"].values.sum() / max(n, 1) + control_var.sum() / max(n, 1))
         order = np.argsort(delta)
@@ -274,10 +382,9 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
                 ed = float(distance(e, baseline_embedded))
         rows.append({
             "perturbation": str(p),
-            "score": score,
-            # basic (reverse-percentile) bootstrap: corrects the upward bias of norms of noisy means
-            "score_low": 2 * score - float(np.percentile(boots, 97.5)) if boots else float("nan"),
-            "score_high": 2 * score - float(np.percentile(boots, 2.5)) if boots else float("nan"),
+            "score": float(score),
+            "score_low": float(score_low),
+            "score_high": float(score_high),
             "edistance": ed,
             "l2_delta": l2,
             "l2_delta_corrected": float(np.sqrt(max(l2**2 - noise, 0.0))),

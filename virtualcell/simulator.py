@@ -131,7 +131,8 @@ class SimulationResult:
     aggregates
         ``xarray.Dataset`` with dims ``(perturbation, gene)`` (and ``bucket``): ``mean``,
         ``frac_expressing``, ``var``, ``delta`` (mean − baseline mean), ``n_cells``,
-        ``bucket_mean``; and ``control_mean`` over ``gene``. ``attrs`` record the model,
+        ``bucket_mean``; ``control_mean`` over ``gene`` and ``control_bucket_mean`` (the baseline
+        cells of each bucket, for paired resampling). ``attrs`` record the model,
         seed and config.
     cells
         Per-cell predictions ``(perturbation, cell, gene)`` as an ``xarray.DataArray``
@@ -203,17 +204,18 @@ class SimulationResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         head = self._head()
-        tmp = path.with_name(path.name + ".partial")
-        head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
-        with h5py.File(tmp, "a") as f:
-            if "X" in f:
-                del f["X"]
-            X = f.create_dataset("X", shape=(P * C, G), dtype="f4", chunks=(min(C, 1024), G))
-            X.attrs["encoding-type"] = "array"
-            X.attrs["encoding-version"] = "0.2.0"
-            for i in range(P):
-                X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
-        tmp.replace(path)
+        from .safeio import atomic_path
+
+        with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one
+            head.write_h5ad(tmp)  # obs, var, uns and the empty slots, in anndata's own encoding
+            with h5py.File(tmp, "a") as f:
+                if "X" in f:
+                    del f["X"]
+                X = f.create_dataset("X", shape=(P * C, G), dtype="f4", chunks=(min(C, 1024), G))
+                X.attrs["encoding-type"] = "array"
+                X.attrs["encoding-version"] = "0.2.0"
+                for i in range(P):
+                    X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
         return path
 
     def __repr__(self) -> str:
@@ -428,6 +430,11 @@ class Simulator:
         control_mean = np.asarray(self.expression[:n].mean(axis=0)).ravel()
         control_var = np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel() - control_mean**2
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
+        # the baseline cells of each bucket: a bucket's delta pairs its predicted cells with their own baselines
+        cell_bucket = _bucket(np.arange(n), seed)
+        base = self.expression[:n]
+        control_bucket_mean = np.stack([np.asarray(base[cell_bucket == b].mean(axis=0)).ravel() if (cell_bucket == b).any()
+                                        else np.zeros(base.shape[1]) for b in range(N_BUCKETS)])
         genes = list(self.gene_names)
         ds = xr.Dataset(
             {
@@ -440,6 +447,7 @@ class Simulator:
                 "bucket_count": (("perturbation", "bucket"), sums.bucket_count),
                 "control_mean": (("gene",), control_mean.astype(np.float32)),
                 "control_var": (("gene",), np.maximum(control_var, 0).astype(np.float32)),
+                "control_bucket_mean": (("bucket", "gene"), control_bucket_mean.astype(np.float32)),
             },
             coords={"perturbation": names, "gene": genes, "bucket": np.arange(N_BUCKETS)},
             attrs={

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
-from .errors import DataError, TrainingError
+from .errors import DataError, TrainingError, preview
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
 from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
@@ -92,6 +92,9 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
+            if int(getattr(self, name)) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError(f"--max-minutes must be > 0, got {self.max_minutes}.")
         if self.kind not in {"auto", *set(KIND_ALIASES.values())}:
@@ -254,7 +257,14 @@ def _holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarra
     for col, values in holdout.items():
         if col not in adata.obs.columns:
             raise DataError(f"holdout column {col!r} is not in adata.obs.")
-        keep &= ~adata.obs[col].astype(str).isin([str(v) for v in values]).to_numpy()
+        column = adata.obs[col].astype(str)
+        unknown = sorted({str(v) for v in values} - set(column))
+        if unknown:
+            raise DataError(
+                f"holdout {col}={','.join(unknown)} matches no cell, so nothing would be held out. "
+                f"{col} holds: {preview(sorted(set(column)), 20)}."
+            )
+        keep &= ~column.isin([str(v) for v in values]).to_numpy()
     return keep
 
 

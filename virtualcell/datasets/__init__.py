@@ -207,12 +207,26 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
     return adata
 
 
-def _read(path: Any) -> ad.AnnData:
+def _read(path: Any, what: str = "") -> ad.AnnData:
+    """``anndata.read_h5ad``, with a file that is not a readable h5ad turned into a :class:`DataError`."""
     import anndata as ad
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return ad.read_h5ad(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, DataError):
+            raise
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        if "truncated" in reason:
+            reason = "the file is truncated"
+        elif "signature not found" in reason:
+            reason = "it is not an HDF5 file"
+        raise DataError(
+            f"{str(path)!r}{f' ({what})' if what else ''} is not a readable .h5ad file ({reason}). "
+            "Check the path, or write the file again (anndata's adata.write_h5ad)."
+        ) from None
 
 
 def _from_pertpy(info: DatasetInfo) -> ad.AnnData:

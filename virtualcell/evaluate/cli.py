@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,11 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     >>> args.func is cmd_evaluate
     True
     """
+    from ..cli import _Formatter, _add_force, _positive_int
+
     p = subparsers.add_parser(
-        "evaluate",
+        "evaluate", formatter_class=_Formatter,
+        epilog="example:\n  virtualcell evaluate --pred predictions.h5ad --real measured.h5ad --out my-evaluation",
         help="score predicted cells against measured ones, next to simple baselines and a noise ceiling",
         description="Score a predicted .h5ad against a measured one per perturbation (and context), with "
         "the built-in baselines and a split-half noise ceiling. Writes metrics.csv, summary.md, "
@@ -45,7 +47,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="var column holding the gene names in every input (symbols or Ensembl ids; default var_names)")
     p.add_argument("--baseline", default=None,
                    help="control cells fed to the model (.h5ad); default: split the measured controls in halves")
-    p.add_argument("--out", required=True, help="output folder (created if needed)")
+    p.add_argument("--out", required=True, help="output folder (created if needed; one of virtualcell's or empty)")
     p.add_argument("--profile", default="default",
                    help="metric profile: virtualcell's default, fast or pearson; or cell-eval's vcc (the Virtual Cell "
                    "Challenge metrics), full, minimal, de, anndata or pds, computed by the cell-eval library "
@@ -56,15 +58,14 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="nochange,meanshift,pertmean,additive,linear",
                    help="comma-separated baselines ('' for none)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the split-half noise ceiling")
-    p.add_argument("--max-cells", type=int, default=500, help="cells per group for distances and baselines")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cells", type=_positive_int, default=500, help="cells per group for distances and baselines")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cell subsampling and the split halves")
+    _add_force(p)
     p.set_defaults(func=cmd_evaluate)
     return p
 
 
 def _read(path: str, what: str) -> Any:
-    import anndata as ad
-
     from ..errors import DataError
 
     p = Path(path)
@@ -72,13 +73,27 @@ def _read(path: str, what: str) -> Any:
         raise DataError(f"No such file: {path!r} ({what}). Check the path.")
     if p.suffix != ".h5ad":
         raise DataError(f"{path!r} ({what}) is not an .h5ad file.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return ad.read_h5ad(p)
+    from ..datasets import _read as read_h5ad
+
+    return read_h5ad(p, what)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run :func:`~virtualcell.evaluate.evaluate` from parsed arguments and write the results."""
+    """Run :func:`~virtualcell.evaluate.evaluate` from parsed arguments and write the results.
+
+    ``--out`` must be empty or a folder virtualcell wrote (else ``--force``); it is locked
+    while the evaluation runs, and every file in it is written atomically.
+    """
+    from .. import safeio
+
+    out = Path(args.out)
+    legacy = ("metrics.csv",) if (out / "summary.md").exists() else ()
+    with safeio.output_folder(out, kind="evaluate", force=args.force, legacy=legacy):
+        return _evaluate(args, out)
+
+
+def _evaluate(args: argparse.Namespace, out: Path) -> int:
+    from .. import safeio
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,26 +116,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ..errors import VirtualCellError
 
         raise VirtualCellError(str(err)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "metrics.csv", index=False)
+    with safeio.atomic_path(out / "metrics.csv") as tmp:
+        table.to_csv(tmp, index=False)
     title = f"Evaluation of {Path(args.pred).name} against {Path(args.real).name}"
-    (out / "summary.md").write_text(summarize(table, title=title))
+    safeio.write_text(out / "summary.md", summarize(table, title=title))
     config = {"arguments": {k: v for k, v in vars(args).items() if k != "func"},
               "evaluation": table.attrs.get("virtualcell", {})}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    safeio.write_text(out / "config.json", json.dumps(config, indent=2, default=str))
     metrics = [m for m in ("pearson_delta", "pearson_delta_top50", "mse_top50", "direction_accuracy_top50",
                            "discrimination", "edistance", "overlap_at_N", "mae", "discrimination_score_l1")
                if m in set(table["metric"])]
     written = ["metrics.csv", "summary.md", "config.json"]
     if metrics:
         fig = plot_metric_bars(table, metric=metrics, return_fig=True)
-        fig.savefig(out / "metric_bars.png", dpi=120)
+        with safeio.atomic_path(out / "metric_bars.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         written.append("metric_bars.png")
     if deltas is not None and (table["method"] == "model").any():
         fig = plot_delta_scatter(deltas, return_fig=True)
-        fig.savefig(out / "delta_scatter.png", dpi=120)
+        with safeio.atomic_path(out / "delta_scatter.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         written.append("delta_scatter.png")
     n = table[table["method"] == "model"][["perturbation", "context"]].drop_duplicates().shape[0]

@@ -1,47 +1,26 @@
 """Resumable training checkpoints that a kill cannot corrupt.
 
 A checkpoint is a folder (the model folder plus ``trainer_state.pt`` and
-``run_config.json``). It is written whole into a temporary sibling folder, then put in
-place by renames: the previous good checkpoint is kept as ``.<name>.previous`` until the
-new one is complete. A kill at any moment leaves a complete checkpoint under one of the
-two names, and :func:`load` tries them in that order, so a resume never trusts a partial
-one.
+``run_config.json``), written whole in a temporary place and swapped in for the previous
+one only when complete (:func:`virtualcell.safeio.atomic_folder`). A kill at any moment
+leaves the previous or the new checkpoint, never a mix; :func:`load` first finishes or
+undoes a swap that a kill interrupted (:func:`virtualcell.safeio.recover_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
+from ..safeio import atomic_folder, recover_folder
 
 __all__ = ["save", "load", "STATE_FILE", "CONFIG_FILE"]
 
-log = logging.getLogger(__name__)
-
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
-
-
-def _previous(folder: Path) -> Path:
-    return folder.with_name(f".{folder.name}.previous")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(folder: str | Path, write: Callable[[Path], None], *, state: dict[str, Any], run_config: dict[str, Any]) -> None:
@@ -52,51 +31,34 @@ def save(folder: str | Path, write: Callable[[Path], None], *, state: dict[str, 
     """
     import torch
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.writing-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
-    tmp.mkdir()
-    write(tmp)
-    (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    previous = _previous(folder)
-    if previous.exists():
-        shutil.rmtree(previous)
-    if folder.exists():
-        os.replace(folder, previous)
-    os.replace(tmp, folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        write(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
+        torch.save(state, tmp / STATE_FILE)
 
 
 def load(folder: str | Path, *, data_hash: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint's trainer state, or ``None`` when there is none.
+    """The checkpoint's trainer state, or ``None`` when there is none.
 
-    Tries ``folder`` and then the previous checkpoint kept beside it. A checkpoint that
-    cannot be read is skipped with a warning; if none can be read, a :class:`TrainingError`
-    says so and names ``--restart``. A checkpoint of other data is refused.
+    A checkpoint that cannot be read, or one of other data, is refused with a
+    :class:`TrainingError` that names ``--restart``.
     """
     import torch
 
-    folder = Path(folder)
-    candidates = [p for p in (folder, _previous(folder)) if (p / STATE_FILE).exists()]
-    if not candidates:
+    folder = recover_folder(folder)
+    if not (folder / STATE_FILE).exists():
         return None
-    problems = []
-    for path in candidates:
-        try:
-            saved = json.loads((path / CONFIG_FILE).read_text())
-            state = torch.load(path / STATE_FILE, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the older checkpoint
-            problems.append(f"{path}: {type(err).__name__}: {err}")
-            log.warning("checkpoint %s cannot be read (%s); trying the previous one", path, err)
-            continue
-        if saved.get("data_hash") != data_hash:
-            raise TrainingError(
-                f"{path} holds a run on other data (hash {saved.get('data_hash')} vs {data_hash}). "
-                "Use another --out, or --restart to start over."
-            )
-        return state
-    raise TrainingError(f"No readable checkpoint to resume from ({'; '.join(problems)}). Use --restart to start over.")
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+        state = torch.load(folder / STATE_FILE, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the fix is the same
+        raise TrainingError(
+            f"The checkpoint {folder} cannot be read ({type(err).__name__}: {err}); it was not written by a complete "
+            "save. Use --restart to start over (or delete the folder)."
+        ) from None
+    if saved.get("data_hash") != data_hash:
+        raise TrainingError(
+            f"{folder} holds a run on other data (hash {saved.get('data_hash')} vs {data_hash}). "
+            "Use another --out, or --restart to start over."
+        )
+    return state

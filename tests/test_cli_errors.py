@@ -1,0 +1,184 @@
+"""Every bad input at the command line ends in one sentence that names the problem and the fix, exit code 2.
+
+One table: a case is one line, ``(id, arguments, pattern the message must match)``. Arguments
+are templates over the files made by the ``files`` fixture (``{model}``, ``{base}`` …).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from virtualcell.cli import main
+
+M = "--model {model} --data {base}"  # a working model and baseline
+CASES = [
+    # files that are not h5ad, or truncated, for every command that reads one
+    ("predict-not-h5ad", "predict --model {model} --data {text_h5ad} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"is not a readable \.h5ad file \(it is not an HDF5 file\)"),
+    ("predict-truncated-h5ad", "predict --model {model} --data {trunc_h5ad} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"is not a readable \.h5ad file \(the file is truncated\)"),
+    ("screen-truncated-h5ad", "screen --model {model} --data {trunc_h5ad} --panel {panel} --out {tmp}/s",
+     r"not a readable \.h5ad file"),
+    ("train-not-h5ad", "train --data {text_h5ad} --perturbation-key perturbation --control control --out {tmp}/t",
+     r"not a readable \.h5ad file"),
+    ("encode-truncated-h5ad", "encode --data {trunc_h5ad} --out {tmp}/e.npz", r"not a readable \.h5ad file"),
+    ("encode-out-suffix", "encode --data {base} --out {tmp}/e.csv", r"must end in \.npz .* or \.txt"),
+    ("evaluate-not-h5ad", "evaluate --pred {text_h5ad} --real {base} --out {tmp}/ev",
+     r"\(--pred\) is not a readable \.h5ad file"),
+    ("screen-toward-truncated", ("screen --model {model} --data {base} --panel {panel} --objective toward:{trunc_h5ad} "
+     "--out {tmp}/s"), r"toward: reference\) is not a readable \.h5ad"),
+    # broken model files
+    ("model-truncated-safetensors", "predict --model {trunc_model} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"cannot be read .*model\.safetensors may be truncated"),
+    ("model-broken-virtualcell-json", "predict --model {broken_meta} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"virtualcell\.json' is broken"),
+    ("model-mistyped-folder", "predict --model {tmp}/my-modle --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"No such folder: '.*my-modle'\. Check the path"),
+    # screens
+    ("screen-broken-config", f"screen {M} --panel {{panel}} --out {{broken_screen}}", r"not a readable screen config.*--force"),
+    ("panel-utf16", f"screen {M} --panel {{panel_utf16}} --out {{tmp}}/s", r"panel line 2 \('ko:NOTAGENE'\)"),
+    ("panel-utf8-bom", f"screen {M} --panel {{panel_bom}} --out {{tmp}}/s", r"panel line 1 \('ko:NOTAGENE'\)"),
+    ("panel-latin1", f"screen {M} --panel {{panel_latin1}} --out {{tmp}}/s", r"is not UTF-8 text\. Save it as UTF-8"),
+    # predictions
+    ("perturbations-empty", f"predict {M} --perturbations '' --out {{tmp}}/p.h5ad", r"lists none: give at least one"),
+    ("out-is-a-folder", f"predict {M} --perturbations STAT1 --out {{tmp}}/", r"is a folder; it must name a file"),
+    ("out-unwritable", f"predict {M} --perturbations STAT1 --out {{panel}}/p.h5ad", r"not a folder you can write to"),
+    ("out-not-ours-file", f"predict {M} --perturbations STAT1 --out {{user_h5ad}}",
+     r"was not written by virtualcell; refusing to overwrite it\. .*--force"),
+    ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"No cell of .* has perturbation == 'control'.*--all-cells"),
+    # numbers that cannot be
+    ("batch-size-0", f"predict {M} --perturbations STAT1 --batch-size 0 --out {{tmp}}/p.h5ad",
+     r"argument --batch-size: must be at least 1, got 0"),
+    ("max-genes-0", f"screen {M} --panel {{panel}} --max-genes 0 --out {{tmp}}/s", r"argument --max-genes: must be at least 1"),
+    ("n-cells-0", f"predict {M} --perturbations STAT1 --n-cells 0 --out {{tmp}}/p.h5ad", r"argument --n-cells: must be at least 1"),
+    ("train-max-steps-0", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-steps 0 "
+     "--out {tmp}/t"), r"argument --max-steps: must be at least 1"),
+    ("train-max-minutes-0", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-minutes 0 "
+     "--out {tmp}/t"), r"argument --max-minutes: must be a number above 0"),
+    # training data
+    ("holdout-value-matches-nothing", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--holdout bio_rep=rep3 --max-steps 1 --out {tmp}/t"), r"holdout bio_rep=rep3 matches no cell.*'rep_1'"),
+    # output folders that are not ours, or in use
+    ("train-out-not-ours", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-steps 1 "
+     "--out {user_folder}"), r"not written by virtualcell .*--force"),
+    ("evaluate-out-not-ours", "evaluate --pred {base} --real {base} --out {user_folder}", r"not written by virtualcell .*--force"),
+    ("screen-out-not-ours", f"screen {M} --panel {{panel}} --out {{user_folder}}", r"not written by virtualcell .*--force"),
+    ("screen-out-unwritable", f"screen {M} --panel {{panel}} --out {{panel}}/s", r"Cannot write .*Choose an --out"),
+    ("screen-out-in-use", f"screen {M} --panel {{panel}} --out {{locked}}", r"is in use by another virtualcell run"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model, tmp_path_factory):
+    """The good and broken inputs the cases name."""
+    _, folder, data = tiny_model
+    d = tmp_path_factory.mktemp("cli_errors")
+    f = {"model": str(folder)}
+    ctrl = data[data.obs.perturbation == "control"][:6].copy()
+    ctrl.write_h5ad(d / "base.h5ad")
+    f["base"] = str(d / "base.h5ad")
+    small = data[:300].copy()
+    small.write_h5ad(d / "screen.h5ad")
+    f["screen_h5ad"] = str(d / "screen.h5ad")
+    no_ctrl = data[data.obs.perturbation != "control"][:6].copy()
+    no_ctrl.write_h5ad(d / "no_control.h5ad")
+    f["no_control"] = str(d / "no_control.h5ad")
+    (d / "text.h5ad").write_text("gene,cell1\nSTAT1,3\n")
+    f["text_h5ad"] = str(d / "text.h5ad")
+    raw = (d / "base.h5ad").read_bytes()
+    (d / "trunc.h5ad").write_bytes(raw[: len(raw) // 2])
+    f["trunc_h5ad"] = str(d / "trunc.h5ad")
+    user = d / "user.h5ad"
+    import anndata as ad
+
+    ad.AnnData(np.ones((2, 2), dtype=np.float32)).write_h5ad(user)  # a user's own file, not a prediction
+    f["user_h5ad"] = str(user)
+    # broken models
+    trunc_model = d / "trunc_model"
+    shutil.copytree(folder, trunc_model)
+    st = trunc_model / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    f["trunc_model"] = str(trunc_model)
+    broken_meta = d / "broken_meta"
+    shutil.copytree(folder, broken_meta)
+    meta = broken_meta / "virtualcell.json"
+    meta.write_text(meta.read_text()[:200])
+    f["broken_meta"] = str(broken_meta)
+    # panels
+    (d / "panel.txt").write_text("ko:STAT1\nko:JAK2\n")
+    f["panel"] = str(d / "panel.txt")
+    (d / "panel_utf16.txt").write_text("ko:STAT1\nko:NOTAGENE\n", encoding="utf-16")
+    f["panel_utf16"] = str(d / "panel_utf16.txt")
+    (d / "panel_bom.txt").write_text("ko:NOTAGENE\nko:STAT1\n", encoding="utf-8-sig")
+    f["panel_bom"] = str(d / "panel_bom.txt")
+    (d / "panel_latin1.txt").write_bytes("ko:STAT1 # Prüfung\n".encode("latin-1"))
+    f["panel_latin1"] = str(d / "panel_latin1.txt")
+    # folders
+    user_folder = d / "user_folder"
+    user_folder.mkdir()
+    (user_folder / "config.json").write_text(json.dumps({"mine": True}))
+    (user_folder / "summary.md").write_text("# my notes\n")
+    f["user_folder"] = str(user_folder)
+    broken_screen = d / "broken_screen"
+    (broken_screen / "groups").mkdir(parents=True)
+    (broken_screen / "config.json").write_text('{"model": "x", "fing')
+    (broken_screen / ".virtualcell").write_text('{"written_by": "virtualcell", "kind": "screen"}\n')
+    f["broken_screen"] = str(broken_screen)
+    f["locked"] = str(d / "locked")
+    return f
+
+
+@pytest.mark.parametrize(("args", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_sentence_with_exit_code_2(files, tmp_path, capsys, args, pattern):
+    import re
+    import shlex
+
+    from virtualcell.safeio import folder_lock
+
+    argv = shlex.split(args.format(tmp=tmp_path, **files))
+    with folder_lock(files["locked"], what="a test holding the folder"):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(("virtualcell", "usage")) and "error:" in message, err
+    assert re.search(pattern, message), message
+    if "user_folder" in args:  # the user's folder is untouched: not even a lock file
+        with open(f"{files['user_folder']}/config.json") as fh:
+            assert json.load(fh) == {"mine": True}
+        assert sorted(p.name for p in Path(files["user_folder"]).iterdir()) == ["config.json", "summary.md"]
+
+
+def test_train_config_refuses_zero_steps():
+    from virtualcell.errors import TrainingError
+    from virtualcell.train import TrainConfig
+
+    with pytest.raises(TrainingError, match="max_steps must be at least 1"):
+        TrainConfig(max_steps=0)
+
+
+def test_every_command_has_a_description_an_example_and_option_help():
+    from virtualcell.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert p.description and "example:" in text and f"virtualcell {name}" in p.epilog, name
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+                shown = p._get_formatter()._get_help_string(action)
+                assert "default" in shown or action.required or action.default is False, (name, shown)
+    train = sub.choices["train"].format_help()
+    assert "3000" in train and "no time limit" in train

@@ -1,0 +1,403 @@
+"""Safe output: atomic files and folders, folders that are ours, and a lock per folder.
+
+Every file virtualcell writes goes through here, so that a kill at any moment leaves
+either the old complete file or the new complete one, never a partial one:
+
+* :func:`atomic_path` / :func:`atomic_write` / :func:`write_text` — write into a
+  temporary file in the same folder, ``fsync`` it, then ``os.replace`` it over the target
+  (an atomic rename on one filesystem) and ``fsync`` the folder.
+* :func:`atomic_folder` — build a whole folder beside the target, then swap it in; the
+  previous folder stays complete until the new one is. :func:`recover_folder` puts the
+  previous folder back if a kill fell between the two renames of the swap.
+* :func:`claim_folder` — an output folder is one of ours or empty: a marker file
+  (``.virtualcell``) says that virtualcell wrote it; a non-empty folder without one is
+  refused unless ``force=True`` (``--force`` on the command line).
+* :func:`folder_lock` — an exclusive lock (``.virtualcell.lock``, ``fcntl.flock``) for a
+  folder in use: a second run into the same folder stops with :class:`FolderInUseError`.
+* :func:`output_folder` — both, as a command uses its ``--out``: refuse a user's folder
+  (before writing anything into it), lock, mark.
+* :func:`file_lock` — the same lock for one output file (``.NAME.lock`` beside it).
+* :func:`check_output_file` — an output *file* path (``predict --out``): not a folder,
+  its folder writable, not a user's file, checked before any work is done.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> from virtualcell import safeio
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> safeio.write_text(d / "a.txt", "hello\\n")
+>>> (d / "a.txt").read_text()
+'hello\\n'
+>>> out = d / "results"
+>>> with safeio.folder_lock(out, what="screen"):
+...     safeio.claim_folder(out, kind="screen") == out
+True
+>>> safeio.claim_folder(d, kind="screen")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+virtualcell.errors.OutputError: --out '...' is not empty and was not written by virtualcell (it holds a.txt, results); ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import FolderInUseError, OutputError
+
+__all__ = [
+    "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
+    "claim_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours", "h5ad_is_ours",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER = ".virtualcell"  # JSON: {"written_by": "virtualcell", "kind": ...}
+LOCK = ".virtualcell.lock"
+_IGNORED = {MARKER, LOCK, ".DS_Store"}
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _usual_mode(tmp: Path, target: Path, *, folder: bool = False) -> None:
+    """Give ``tmp`` the permissions of what it replaces, or those a new file or folder gets (umask)."""
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = (0o777 if folder else 0o666) & ~mask
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
+
+
+def _unwritable(path: Path, err: OSError) -> OutputError:
+    return OutputError(
+        f"Cannot write {str(path)!r} ({err.strerror or err}). Choose an --out in a folder you can write to."
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    For writers that want a file name (``to_netcdf``, ``savefig``, ``write_h5ad``). The
+    temporary name keeps the suffix, so writers that look at it pick the same format.
+    If the block raises, the temporary file is removed and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, numpy as np
+    >>> from virtualcell.safeio import atomic_path
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.npy"
+    >>> with atomic_path(target) as tmp:
+    ...     np.save(tmp, np.arange(3))
+    >>> np.load(target).tolist()
+    [0, 1, 2]
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    except OSError as err:
+        raise _unwritable(path, err) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        _usual_mode(tmp, path)  # mkstemp makes the file private; an output keeps the usual permissions
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
+
+    ``mode`` is ``"w"`` (text, UTF-8 by default) or ``"wb"``; ``kwargs`` go to :func:`open`.
+    """
+    if mode not in {"w", "wb"}:
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}.")
+    if mode == "w":
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+        fh.flush()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+# --------------------------------------------------------------------------- #
+# Folders
+# --------------------------------------------------------------------------- #
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_folder(path: str | os.PathLike[str]) -> Path:
+    """Finish or undo an interrupted :func:`atomic_folder` swap of ``path``; returns ``path``.
+
+    A kill between the two renames of a swap leaves ``path`` missing and the previous
+    folder under ``.NAME.old``: it is put back. A leftover ``.NAME.old`` beside a
+    complete ``path``, and unfinished ``.NAME.new-*`` builds, are removed.
+    """
+    path = Path(path)
+    old = _old(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+            log.warning("restored %s from the previous complete copy (a save was interrupted)", path)
+    for partial in path.parent.glob(f".{path.name}.new-*") if path.parent.exists() else ():
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a temporary place, then swap it in for ``path``.
+
+    The previous ``path`` stays complete until the new one is: a kill while the block
+    runs leaves the old folder as it was, and a kill during the swap is undone by
+    :func:`recover_folder` (called here first, and by readers that want to be sure).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from virtualcell.safeio import atomic_folder
+    >>> last = pathlib.Path(tempfile.mkdtemp()) / "last"
+    >>> with atomic_folder(last) as tmp:
+    ...     _ = (tmp / "state.txt").write_text("step 200")
+    >>> (last / "state.txt").read_text()
+    'step 200'
+    """
+    path = Path(path)
+    recover_folder(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    except OSError as err:
+        raise _unwritable(path, err) from None
+    _usual_mode(tmp, path, folder=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = _old(path)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(_old(path), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- #
+# Ownership and locking
+# --------------------------------------------------------------------------- #
+def is_ours(folder: str | os.PathLike[str], *, legacy: Sequence[str] = ()) -> bool:
+    """Whether virtualcell wrote ``folder``: it holds the marker (or one of the ``legacy`` names,
+    which folders written before the marker existed hold)."""
+    folder = Path(folder)
+    return (folder / MARKER).is_file() or any((folder / name).exists() for name in legacy)
+
+
+def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
+                 legacy: Sequence[str] = ()) -> Path:
+    """Make ``folder`` an output folder of ``kind`` (``"screen"``, ``"train"``, ``"evaluate"``…).
+
+    A missing or empty folder is created and marked. A folder that holds the marker (or
+    a ``legacy`` name) is ours: it is reused. Anything else is a user's folder, and is
+    refused with :class:`~virtualcell.errors.OutputError` unless ``force`` is true.
+    Returns the folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {str(folder)!r} is a file, not a folder. Choose a folder name.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(folder, err) from None
+    marker = folder / MARKER
+    contents = [p.name for p in folder.iterdir() if p.name not in _IGNORED]
+    if contents and not is_ours(folder, legacy=legacy) and not force:
+        raise OutputError(
+            f"--out {str(folder)!r} is not empty and was not written by virtualcell (it holds "
+            f"{', '.join(sorted(contents)[:5])}{' …' if len(contents) > 5 else ''}); refusing to overwrite it. "
+            "Choose another folder, or pass --force to write into it anyway."
+        )
+    if marker.is_file():
+        try:
+            old_kind = json.loads(marker.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            old_kind = None
+        if old_kind not in (None, kind) and not force:
+            raise OutputError(
+                f"--out {str(folder)!r} holds virtualcell {old_kind} results, not {kind} results. "
+                "Choose another folder, or pass --force to write into it anyway."
+            )
+    if not marker.is_file() or force:
+        try:
+            write_text(marker, json.dumps({"written_by": "virtualcell", "kind": kind}) + "\n")
+        except OutputError:
+            raise
+        except OSError as err:
+            raise _unwritable(marker, err) from None
+    return folder
+
+
+@contextlib.contextmanager
+def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> Iterator[None]:
+    try:
+        lockfile.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lockfile, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    except OSError as err:
+        raise _unwritable(where, err) from None
+    acquired = False
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise FolderInUseError(
+                    f"{str(where)!r} is in use by another virtualcell run ({holder}). Wait for it to finish, "
+                    "or choose another --out."
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}, {what}")
+            fh.flush()
+        acquired = True
+        yield
+    finally:
+        if remove and acquired:  # unlinked while still held, so no other run can lock it in between
+            with contextlib.suppress(OSError):
+                lockfile.unlink()
+        fh.close()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the block; a second holder gets :class:`FolderInUseError`.
+
+    The lock is ``fcntl.flock`` on ``FOLDER/.virtualcell.lock``: the operating system
+    releases it when the process ends, killed or not, so a stale lock never blocks a
+    rerun. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
+    """
+    folder = Path(folder)
+    with _hold(folder / LOCK, folder, what):
+        yield folder
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], *, what: str = "run") -> Iterator[Path]:
+    """:func:`folder_lock` for one output file: the lock is ``.NAME.lock`` beside it, removed afterwards."""
+    path = Path(path)
+    with _hold(path.with_name(f".{path.name}.lock"), path, what, remove=True):
+        yield path
+
+
+def h5ad_is_ours(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an ``.h5ad`` that virtualcell wrote (it carries ``uns['virtualcell']``)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "uns/virtualcell" in f
+    except (OSError, ImportError):
+        return False
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
+                  legacy: Sequence[str] = ()) -> Iterator[Path]:
+    """:func:`claim_folder` and :func:`folder_lock` together: what a command does with its ``--out``.
+
+    A user's folder is refused before anything is written into it (not even the lock).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from virtualcell.safeio import output_folder
+    >>> with output_folder(pathlib.Path(tempfile.mkdtemp()) / "screen", kind="screen") as out:
+    ...     (out / ".virtualcell").exists()
+    True
+    """
+    folder = Path(folder)
+    if folder.is_dir() and not force and any(p.name not in _IGNORED for p in folder.iterdir()) \
+            and not is_ours(folder, legacy=legacy):
+        claim_folder(folder, kind=kind, legacy=legacy)  # raises the refusal
+    with folder_lock(folder, what=kind):
+        yield claim_folder(folder, kind=kind, force=force, legacy=legacy)
+
+
+def check_output_file(path: str | os.PathLike[str], *, suffix: str | None = None, force: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be written as a file: not a folder, its folder writable,
+    and (for ``.h5ad``) not a file of the user's that virtualcell did not write, unless ``force``."""
+    raw = str(path)
+    path = Path(path)
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        example = f" (e.g. {str(path / ('predictions' + (suffix or '')))!r})" if suffix else ""
+        raise OutputError(f"--out {raw!r} is a folder; it must name a file{example}.")
+    if suffix and path.suffix != suffix:
+        raise OutputError(f"--out {raw!r} must end in {suffix} (e.g. {str(path.with_suffix(suffix))!r}).")
+    folder = path.parent
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write {raw!r}: {str(probe)!r} is not a folder you can write to. "
+                          "Choose another --out.")
+    if path.exists() and suffix == ".h5ad" and not force and not h5ad_is_ours(path):
+        raise OutputError(f"--out {raw!r} exists and was not written by virtualcell; refusing to overwrite it. "
+                          "Choose another file name, or pass --force to replace it.")
+    return path
