@@ -124,7 +124,7 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, mo, model, m
     _where[contract.perturbation_key] = [contract.control, *form.value["perturbations"]]
     held = viz.subset(adata, _where)
     baseline, reference = vc.evaluate.split_controls(held, seed=0)
-    sim = vc.Simulator(model, viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), genes="shared",
+    sim = vc.Simulator(viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), model, genes="shared",
                        seed=0)
     with mo.status.spinner(title="Predicting..."):
         predicted = viz.predict_as_measured(sim, form.value["perturbations"], seed=0, contract=contract)

@@ -124,17 +124,15 @@ def _(adata, filter_column, mo, model):
 def _(DEFAULTS, adata, contract, data_source, filter_column, form, mo, model, model_source, run, vc, viz):
     _at_defaults = data_source.value == "embedded" and model_source.value == "bundled" and form.value == DEFAULTS
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Run the screen** to screen with these settings."))
-    from virtualcell.screen import screen
-
     baseline = viz.baseline_cells(adata, contract=contract, n_cells=form.value["n_cells"],
                                   where={filter_column.value: form.value["filter_value"]} if filter_column.value else None)
-    sim = vc.Simulator(model, baseline, genes="shared", seed=0)
+    sim = vc.Simulator(baseline, model, genes="shared", seed=0)
     _objective = form.value["objective"]
     if _objective != "largest":
         _objective = f"{_objective}:{form.value['genes']}"
     with mo.status.spinner(title="Screening..."):
-        result = screen(sim, viz.panel(form.value["panel"], form.value["picked"]), objective=_objective,
-                        top=form.value["top"], seed=0, progress=False)
+        result = sim.screen(viz.panel(form.value["panel"], form.value["picked"]), objective=_objective,
+                            top=form.value["top"], seed=0, progress=False, keep_cells=True)
     return result, sim
 
 
@@ -165,12 +163,11 @@ def _(mo, result):
 @app.cell
 def _(adata, contract, filter_column, form, mo, result, sim, viz):
     _top = list(result.picks()["perturbation"][:3])
-    _pred = sim.simulate(_top, seed=0, keep_cells=True, progress=False)
     _measured = viz.measured_cells(adata, sim.model, _top, contract=contract, n_cells=form.value["n_cells"],
                                    where={filter_column.value: form.value["filter_value"]} if filter_column.value else None)
     mo.vstack([
         mo.md("## Baseline, predicted and measured cells (PCA of the baseline)"),
-        viz.plot_pca(viz.screen_pca(sim, _pred, measured=_measured), return_fig=True),
+        viz.plot_pca(viz.screen_pca(sim, result, measured=_measured, perturbations=_top), return_fig=True),
     ])
     return
 

@@ -127,7 +127,7 @@ def test_predict_as_measured_is_ready_for_evaluate(papalexi):
 
     model = vc.model.bundled()
     base = viz.baseline_cells(papalexi, n_cells=8, where={"bio_rep": "rep_3"})
-    sim = vc.Simulator(model, base, seed=0)
+    sim = vc.Simulator(base, model, seed=0)
     pred = viz.predict_as_measured(sim, ["STAT1", "JAK2"], seed=0)
     assert pred.n_obs == 3 * 8
     assert sorted(set(pred.obs["perturbation"])) == ["JAK2", "STAT1", "control"]

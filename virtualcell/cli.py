@@ -81,21 +81,20 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict perturbed cells for a baseline population."""
     from .model import C2SModel
-    from .simulator import Simulator
+    from .simulator import MAX_IN_MEMORY, Simulator
 
     import tempfile
     from pathlib import Path
 
-    from .simulator import KEEP_IN_MEMORY
-
     model = C2SModel.load(args.model, device=args.device)
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed)
     perts = _split_list(args.perturbations)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
     out = Path(args.out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
         # large predictions stream through a chunked file on disk instead of memory
-        big = (len(perts) + 1) * n * len(model.genes) > KEEP_IN_MEMORY
+        limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
+        big = (len(perts) + 1) * n * len(model.genes) > limit
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes)
@@ -118,7 +117,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .errors import ScreenError
     from .model import C2SModel
     from .perturbations import parse_panel
-    from .screen import screen
+    from .screen import run as screen
     from .simulator import Simulator
 
     path = Path(args.panel)
@@ -137,7 +136,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 except VirtualCellError as line_err:
                     raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed)
+    sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
@@ -292,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h)")
     p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--max-in-memory", type=int, default=None, metavar="VALUES",
+                   help="stream predictions larger than this many values through a file on disk (default 50 million)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("screen", help="screen a panel of perturbations and rank them for the wet lab")

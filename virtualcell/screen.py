@@ -1,6 +1,6 @@
 """In-silico screens: simulate a panel, score it, rank it, and pick a diverse shortlist.
 
-:func:`screen` runs a panel in groups of perturbations. Each finished group is written
+:func:`run` (also ``Simulator.screen``) runs a panel in groups of perturbations. Each finished group is written
 to the results folder at once, so a screen that is killed resumes where it stopped and
 ends with exactly the results of an uninterrupted run (a prediction depends only on
 seed, cell and perturbation). The folder holds::
@@ -34,6 +34,7 @@ import numpy as np
 
 from .distributed import Split
 from .errors import ScreenError
+from ._stats import noise_corrected_sq_norm
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 
@@ -43,19 +44,31 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .simulator import Simulator
 
-__all__ = ["screen", "ScreenResult", "diverse_picks", "rank"]
+__all__ = ["run", "ScreenResult", "diverse_picks", "rank", "plot_top_hits"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScreenResult:
-    """The ranked table, the aggregates and the folder they were written to."""
+    """The ranked table, the aggregates and the folder they were written to.
+
+    Attributes
+    ----------
+    ranking
+        One row per candidate, best first; ``ranking.attrs["virtualcell"]`` holds the
+        provenance (model, seed, objective, fingerprint), which survives row selection.
+    aggregates
+        ``xarray.Dataset`` per perturbation and gene (see :class:`~virtualcell.simulator.SimulationResult`).
+    cells
+        Per-cell predictions ``(perturbation, cell, gene)`` when ``run(..., keep_cells=True)``, else ``None``.
+    """
 
     ranking: pd.DataFrame
     aggregates: xr.Dataset
     out: Path | None
     config: dict[str, Any]
+    cells: xr.DataArray | None = None
 
     def top(self, n: int = 10) -> pd.DataFrame:
         return self.ranking.head(n)
@@ -83,7 +96,7 @@ def _baseline_hash(sim: Simulator, n: int) -> str:
     return h.hexdigest()[:16]
 
 
-def screen(
+def run(
     simulator: Simulator,
     panel: Sequence[str | Perturbation | Combination],
     *,
@@ -98,6 +111,7 @@ def screen(
     batch_size: int = 512,
     max_genes: int | None = None,
     progress: bool = True,
+    keep_cells: bool = False,
     stop_after_groups: int | None = None,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
@@ -117,6 +131,9 @@ def screen(
         How many diverse picks to choose for the wet lab.
     similarity
         Cosine similarity of predicted effects above which two candidates count as near-duplicates.
+    keep_cells
+        Keep the per-cell predictions in :attr:`ScreenResult.cells` (groups finished in an earlier,
+        interrupted run are simulated again for them), e.g. to plot the top picks' cells.
     stop_after_groups
         Stop (as if killed) after this many new groups: for testing resumption.
     """
@@ -132,8 +149,7 @@ def screen(
     obj = parse_objective(objective)
     n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
     genes = list(simulator.model.genes.genes)
-    control_mean = np.asarray(simulator.expression[:n].mean(axis=0)).ravel()
-    obj.bind(genes, control_mean)  # unknown genes fail here, before any generation
+    obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
         "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
@@ -160,11 +176,13 @@ def screen(
         raise ScreenError(status[1])
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
+    cells: dict[int, xr.DataArray] = {}
+    base_emb: np.ndarray | None = None
     new_groups = 0
     bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not (progress and split.main),
                desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
-        if gi in done:
+        if gi in done and not keep_cells:
             parts[gi] = xr.load_dataset(done[gi], engine="h5netcdf")
             with np.load(done[gi].with_suffix(".npz")) as z:
                 embedded.update({k: z[k] for k in z.files})
@@ -173,10 +191,13 @@ def screen(
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=False, progress=False)
+                                 keep_cells=keep_cells, progress=False)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
-        if folder is not None and split.main:
+        base_emb = res.baseline_embedded
+        if keep_cells:
+            cells[gi] = res.cells
+        if folder is not None and split.main and gi not in done:
             _atomic_write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
         new_groups += 1
         bar.update(len(group))
@@ -184,9 +205,13 @@ def screen(
     agg = xr.concat([parts[g] for g in range(len(groups))], dim="perturbation", data_vars="minimal",
                     coords="minimal", compat="override")
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
-    base_emb = simulator._embed(simulator.expression[:n].toarray())
+    if base_emb is None:  # every group came from the folder
+        base_emb = simulator.embed(simulator.expression[:n])
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
+    provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
+                                            "normalization") if k in agg.attrs}
+    ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
     if folder is not None and split.main:
         agg.to_netcdf(folder / "aggregates.nc", engine="h5netcdf")
         table = ranking.copy()
@@ -199,7 +224,17 @@ def screen(
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return ScreenResult(ranking, agg, folder, config)
+    kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
+    return ScreenResult(ranking, agg, folder, config, kept)
+
+
+def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combination], **options: Any) -> ScreenResult:
+    """Deprecated alias of :func:`run` (or ``Simulator.screen``); removed in the next release."""
+    import warnings
+
+    warnings.warn("virtualcell.screen.screen is deprecated: use simulator.screen(panel, ...) or "
+                  "virtualcell.screen.run(simulator, panel, ...).", DeprecationWarning, stacklevel=2)
+    return run(simulator, panel, **options)
 
 
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
@@ -248,6 +283,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     genes = [str(g) for g in agg["gene"].values]
     control = agg["control_mean"].values.astype(np.float64)
     control_var = agg["control_var"].values.astype(np.float64)
+    n_control = int(agg.attrs.get("n_baseline_cells", 0))
     rows = []
     distance = _edistance() if embedded else None
     for p in agg["perturbation"].values:
@@ -264,8 +300,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             m = (bm[pick] * w[:, None]).sum(0) / w.sum()
             boots.append(objective.score(m - control))
         score = objective.score(delta)
-        l2 = float(np.linalg.norm(delta))
-        noise = float(a["var"].values.sum() / max(n, 1) + control_var.sum() / max(n, 1))
+        sq, noise = noise_corrected_sq_norm(delta, var_a=a["var"].values, n_a=n, var_b=control_var, n_b=n_control)
         order = np.argsort(delta)
         ed = float("nan")
         if distance is not None and embedded is not None and baseline_embedded is not None:
@@ -279,8 +314,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             "score_low": 2 * score - float(np.percentile(boots, 97.5)) if boots else float("nan"),
             "score_high": 2 * score - float(np.percentile(boots, 2.5)) if boots else float("nan"),
             "edistance": ed,
-            "l2_delta": l2,
-            "l2_delta_corrected": float(np.sqrt(max(l2**2 - noise, 0.0))),
+            "l2_delta": float(np.sqrt(sq)),
+            "l2_delta_corrected": float(np.sqrt(max(sq - noise, 0.0))) if np.isfinite(noise) else float("nan"),
             "n_cells": n,
             "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
             "top_down": [genes[i] for i in order[:5] if delta[i] < 0],
@@ -336,9 +371,6 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
 
 def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False) -> Any:
     """Top hits: scores with 95% intervals (picks dark), and a heatmap of their top genes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     top = ranking.head(n)

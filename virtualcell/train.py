@@ -1,7 +1,7 @@
 """Fine-tuning: a perturbation screen (AnnData) → (prompt, response) pairs → a C2S model.
 
 The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
-(``shared/FINDINGS.md``):
+(README, "Fine-tune on your own screen"):
 
 1. **Pairs by similarity.** Each perturbed cell is paired with one of its nearest
    control cells of the same context (PCA space), not a random one, so the control
@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ import numpy as np
 
 from .contract import DataContract
 from .errors import DataError, TrainingError
-from .perturbations import GENETIC, Combination, Perturbation, parse
+from ._stats import pca
+from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
 from .sentences import RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize
 
@@ -47,15 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["TrainConfig", "train", "build_pairs", "KIND_ALIASES"]
 
 log = logging.getLogger(__name__)
-
-KIND_ALIASES = {
-    "crispra": "activation", "activation": "activation", "oe": "activation", "overexpression": "activation",
-    "crispri": "knockdown", "knockdown": "knockdown", "sirna": "knockdown", "shrna": "knockdown",
-    "crispr": "knockout", "crispr-ko": "knockout", "crisprko": "knockout", "knockout": "knockout", "ko": "knockout",
-    "drug": "drug", "compound": "drug", "chemical": "drug", "small molecule": "drug",
-    "cytokine": "cytokine", "ligand": "cytokine", "stimulation": "cytokine",
-    "label": "label", "control": "control",
-}
 
 
 @dataclass(frozen=True)
@@ -176,16 +168,6 @@ def _all_gene_like(parts: list[str]) -> bool:
     return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
 
 
-def _pca(X, n_pcs: int, seed: int) -> np.ndarray:  # noqa: ANN001
-    import scipy.sparse.linalg as spla
-
-    k = max(1, min(n_pcs, min(X.shape) - 1))
-    rng = np.random.default_rng(seed)
-    v0 = rng.uniform(-1, 1, size=min(X.shape))
-    u, s, _ = spla.svds(X.astype(np.float64), k=k, v0=v0)
-    return (u * s).astype(np.float32)
-
-
 def build_pairs(
     adata: ad.AnnData, contract: DataContract, *, neighbours: int = 5, n_pcs: int = 20, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +193,7 @@ def build_pairs(
                 f"Context {c!r} has {controls.size} control cells; pairs need at least 2. Add control cells for it "
                 "or drop the context."
             )
-        emb = _pca(Xn[members], n_pcs, seed)
+        emb = pca(Xn[members], n_pcs, seed=seed).transform(Xn[members])
         pos = {m: i for i, m in enumerate(members)}
         tree = cKDTree(emb[[pos[m] for m in controls]])
         k = min(neighbours + 1, controls.size)
@@ -349,16 +331,8 @@ def train(
     def example(target: int, pretrain: bool) -> tuple[list[int], list[int]]:
         tgt_ids = sentences[target]
         if pretrain:
-            if fmt_name == "compact":
-                ids = [fmt.bos, *fmt.gene_tokens[tgt_ids].tolist(), fmt.eos]  # type: ignore[union-attr]
-                return ids, [-100] + ids[1:]
-            resp = fmt.response(tgt_ids)
-            return resp, resp
-        cell = sentences[src[target]]
-        p = parsed[typed[target]]
-        prompt = fmt.prefix(cell) + fmt.suffix(p) if fmt_name == "compact" else fmt.prompt(cell, p)  # type: ignore[union-attr]
-        resp = fmt.response(tgt_ids)
-        return prompt + resp, [-100] * len(prompt) + resp
+            return fmt.pretrain_example(tgt_ids)
+        return fmt.pair_example(sentences[src[target]], parsed[typed[target]], tgt_ids)
 
     def batch(indices: np.ndarray, pretrain: bool) -> dict[str, torch.Tensor]:
         seqs = [example(int(i), pretrain) for i in indices]
@@ -374,11 +348,11 @@ def train(
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
-    use_mask = cfg.mask_repeats_in_loss and fmt_name == "compact"
+    loss_tokens = fmt.loss_tokens()
+    use_mask = cfg.mask_repeats_in_loss and loss_tokens is not None
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
     if use_mask:
-        allowed[torch.as_tensor(fmt.gene_tokens)] = True  # type: ignore[union-attr]
-        allowed[fmt.eos] = True  # type: ignore[union-attr]
+        allowed[torch.as_tensor(loss_tokens)] = True
 
     def loss_of(lm_, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = lm_(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
@@ -533,8 +507,4 @@ def _progress(total: int, initial: int, enabled: bool):  # noqa: ANN202
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
-
-def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
-    """A copy of ``cfg`` with the non-None keyword values replaced."""
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
 

@@ -15,7 +15,8 @@ import scipy.sparse as sp
 
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
-from ..sentences import detect_scale, log_normalize
+from .._stats import noise_corrected_sq_norm, unbiased_var
+from ..sentences import detect_scale, log_normalize, normalization_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -61,8 +62,8 @@ def expression(adata: ad.AnnData, *, name: str) -> tuple[sp.csr_matrix, str]:
     """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
 
     Raw counts (every value a whole number) are normalized with
-    :func:`virtualcell.sentences.log_normalize`; the second value says so
-    (``"counts -> log1p"``) or is ``"log1p"``. Negative values are allowed (a
+    :func:`virtualcell.sentences.log_normalize`; the second value is
+    :func:`virtualcell.sentences.normalization_label` of the input's scale. Negative values are allowed (a
     prediction made by shifting control cells can go below zero), NaN and inf are not.
     """
     X = adata.X
@@ -79,8 +80,8 @@ def expression(adata: ad.AnnData, *, name: str) -> tuple[sp.csr_matrix, str]:
             "Fix or drop those cells before evaluating."
         )
     if values.size and values.min() >= 0 and detect_scale(X) == "counts":
-        return log_normalize(X, "counts"), "counts -> log1p(counts / total * 1e4)"
-    return X, "log1p"
+        return log_normalize(X, "counts"), normalization_label("counts")
+    return X, normalization_label("log1p")
 
 
 @dataclass(frozen=True)
@@ -283,13 +284,12 @@ def effect_size(
     else:
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
-    def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+    def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         sub = M[np.flatnonzero(mask)]
         n = sub.shape[0]
         mean = np.asarray(sub.mean(axis=0)).ravel().astype(np.float64)
-        sq = np.asarray(sub.multiply(sub).mean(axis=0)).ravel()
-        var = np.maximum(sq - mean**2, 0.0) * (n / (n - 1) if n > 1 else np.nan)
-        return mean, float(np.nansum(var)), n
+        var = unbiased_var(mean, np.asarray(sub.multiply(sub).mean(axis=0)).ravel(), n)
+        return mean, var, n
 
     rows = []
     for ctx in sorted(set(contexts)):
@@ -300,8 +300,7 @@ def effect_size(
         c_mean, c_var, n_c = stats(Xr, cmask)
         for p in sorted(set(labels[contexts == ctx]) - {contract.control}):
             p_mean, p_var, n_p = stats(X, (labels == p) & (contexts == ctx))
-            sq = float(np.sum((p_mean - c_mean) ** 2))
-            noise = p_var / n_p + c_var / n_c if n_p > 1 and n_c > 1 else np.nan
+            sq, noise = noise_corrected_sq_norm(p_mean - c_mean, var_a=p_var, n_a=n_p, var_b=c_var, n_b=n_c)
             rows.append((p, ctx, n_p, n_c, sq, noise, sq - noise))
     cols = ["perturbation", "context", "n_cells", "n_control", "squared_norm", "noise", "effect_size"]
     return pd.DataFrame(rows, columns=cols).sort_values("effect_size", ascending=False, ignore_index=True)
