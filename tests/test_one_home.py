@@ -22,11 +22,14 @@ def test_pca_is_centered_sign_fixed_and_the_same_by_every_method(monkeypatch):
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 12)) @ np.diag(np.linspace(3, 0.5, 12))
-    dense = pca(X, 4)
+    gram = pca(sp.csr_matrix(X), 4)  # few genes: the covariance path
     ref = np.linalg.svd(X - X.mean(0), full_matrices=False)[2][:4]
-    np.testing.assert_allclose(np.abs(dense.components @ ref.T), np.eye(4), atol=1e-5)  # the top axes, in order
-    assert np.all(dense.components[np.arange(4), np.abs(dense.components).argmax(1)] > 0)  # fixed sign
-    monkeypatch.setattr(_stats, "_DENSE_MAX", 0)  # force the truncated (svds) path, on a sparse matrix
+    np.testing.assert_allclose(np.abs(gram.components @ ref.T), np.eye(4), atol=1e-5)  # the top axes, in order
+    assert np.all(gram.components[np.arange(4), np.abs(gram.components).argmax(1)] > 0)  # fixed sign
+    monkeypatch.setattr(_stats, "_GRAM_MAX_GENES", 0)  # the dense SVD path
+    dense = pca(X, 4)
+    np.testing.assert_allclose(dense.components, gram.components, atol=1e-5)
+    monkeypatch.setattr(_stats, "_DENSE_MAX", 0)  # the truncated (svds) path, on a sparse matrix
     trunc = pca(sp.csr_matrix(X), 4, seed=3)
     np.testing.assert_allclose(trunc.components, dense.components, atol=1e-4)
     np.testing.assert_allclose(trunc.transform(sp.csr_matrix(X)), dense.transform(X), atol=1e-3)

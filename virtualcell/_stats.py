@@ -26,6 +26,7 @@ import scipy.sparse as sp
 
 __all__ = ["PCABasis", "pca", "unbiased_var", "noise_corrected_sq_norm"]
 
+_GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
 
 
@@ -46,8 +47,10 @@ class PCABasis:
 def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCABasis:
     """Principal axes of the rows of ``X`` (cells x genes), centered on their mean.
 
-    Small matrices get an exact dense SVD; large or sparse ones a truncated SVD
-    (``scipy.sparse.linalg.svds`` on the implicitly centered matrix, seeded by ``seed``).
+    Up to 2,000 genes the axes are the eigenvectors of the genes' covariance matrix (exact,
+    and fast for any number of cells); small matrices get an exact dense SVD; larger ones a
+    truncated SVD (``scipy.sparse.linalg.svds`` on the implicitly centered matrix, seeded by
+    ``seed``).
     Each axis's sign is fixed (its largest loading is positive), so the result does not
     depend on the LAPACK build or the method. At most ``min(cells, genes) - 1`` axes are
     returned (one when there are fewer than three cells or genes).
@@ -60,6 +63,11 @@ def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCA
     if min(n, g) <= 2:
         comps = np.zeros((1, g))
         comps[0, 0] = 1.0
+    elif g <= _GRAM_MAX_GENES:  # few genes: eigenvectors of the g x g covariance, exact and fast for any n
+        gram = np.asarray((A.T @ A).toarray() if not dense else A.T @ A, dtype=np.float64)
+        cov = gram - n * np.outer(center, center)
+        values, vectors = np.linalg.eigh(cov)
+        comps = vectors[:, np.argsort(values)[::-1][:k]].T
     elif n * g <= _DENSE_MAX:
         M = (A.toarray() if not dense else A) - center
         _, _, vt = np.linalg.svd(M, full_matrices=False)
