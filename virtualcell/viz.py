@@ -39,12 +39,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from .simulator import SimulationResult, Simulator
 
 __all__ = [
-    "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
+    "DATA_SOURCES", "MODEL_SOURCES", "DATA_CHOICES", "MODEL_CHOICES", "chosen_data", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
     "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history", "panel", "sample", "LiveLoss",
 ]
 
 DATA_SOURCES = ("embedded", "h5ad", "pertpy")
 MODEL_SOURCES = ("bundled", "folder", "hub")
+# what the notebooks' pickers show -> the source; the first is the default
+DATA_CHOICES = {"embedded default (Papalexi 2021)": "embedded", "local .h5ad file": "h5ad",
+                "pertpy loader (downloads)": "pertpy"}
+MODEL_CHOICES = {"bundled (trained on Papalexi 2021, rep_3 held out)": "bundled", "local folder": "folder",
+                 "Hugging Face hub id": "hub"}
 
 
 def pertpy_loaders() -> list[str]:
@@ -52,6 +57,17 @@ def pertpy_loaders() -> list[str]:
     from . import datasets
 
     return sorted(name for name, info in datasets.available().items() if info.pertpy)
+
+
+def chosen_data(source: str, *, path: str = "", loader: str | None = None) -> str | None:
+    """The ``value`` :func:`load_data` needs for a data picker's choice: ``""`` for the embedded
+    default, the ``path`` of an .h5ad, the pertpy ``loader``; ``None`` while the one needed is empty.
+
+    >>> chosen_data("embedded"), chosen_data("h5ad", path=""), chosen_data("pertpy", loader="norman_2019")
+    ('', None, 'norman_2019')
+    """
+    value = {"embedded": "", "h5ad": path, "pertpy": loader or ""}.get(source, "")
+    return value if source == "embedded" or value else None
 
 
 def load_data(source: str = "embedded", value: str = "", *, contract: DataContract | None = None) -> ad.AnnData:
