@@ -206,6 +206,8 @@ def test_screen_ranking_keeps_its_provenance_through_selection(bundled_sim):
     res = bundled_sim.screen(["STAT1", "JAK2", "IFNGR1"], n_cells=3, n_boot=5, seed=1, progress=False)
     top = res.ranking[res.ranking["score"] > res.ranking["score"].min()]
     assert top.attrs["virtualcell"]["seed"] == 1 and top.attrs["virtualcell"]["objective"] == "largest_effect"
+    picked = res.aggregates.sel(perturbation=["ko:JAK2"])
+    assert picked.attrs["seed"] == 1 and picked.attrs["normalization"] == bundled_sim.normalization
     # the noise-corrected effect size of the ranking is the shared formula over the aggregates
     a, row = res.aggregates, res.ranking.iloc[0]
     agg = a.sel(perturbation=row["perturbation"])
