@@ -249,7 +249,12 @@ def test_both_prompt_formats_implement_one_interface(bundled_sim):
 def test_the_engine_restores_the_callers_thread_setting_between_items(bundled_sim):
     import torch
 
-    from virtualcell.generation import GenerationConfig, _THREAD_CHOICE, generate_grid, torch_threads
+    from virtualcell.generation import (
+        _THREAD_CHOICE,
+        GenerationConfig,
+        generate_grid,
+        torch_threads,
+    )
 
     model = bundled_sim.model
     fmt = model.format
@@ -278,4 +283,4 @@ def test_the_engine_restores_the_callers_thread_setting_between_items(bundled_si
     _THREAD_CHOICE[tiny] = {(1, 2): 1}
     del tiny
     gc.collect()
-    assert not any(isinstance(m, Tiny) for m in _THREAD_CHOICE.keys())  # a dead model's choice goes with it
+    assert not any(isinstance(m, Tiny) for m in _THREAD_CHOICE)  # a dead model's choice goes with it

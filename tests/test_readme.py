@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_the_readme_has_python_examples():
@@ -29,7 +29,7 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     with warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("error", DeprecationWarning)  # the README uses no deprecated name
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(?!virtualcell)")
-        exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})  # noqa: S102 - the README is ours
     printed = out.getvalue()
     if "sim.screen(" in code:
         for name in ("ko:STAT1", "ko:JAK2", "ko:IFNGR1 + ko:IRF1"):  # the ranking prints every candidate

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["PCABasis", "pca", "unbiased_var", "noise_corrected_sq_norm"]
+__all__ = ["PCABasis", "noise_corrected_sq_norm", "pca", "unbiased_var"]
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._stats import noise_corrected_sq_norm
 from .distributed import Split
 from .errors import ScreenError
-from ._stats import noise_corrected_sq_norm
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 
