@@ -230,9 +230,8 @@ def test_both_prompt_formats_implement_one_interface(bundled_sim):
     cells = [bundled_sim.sentences[i][:5] for i in range(2)]
     grid = fmt.grid(cells, perts, cell_keys=[10, 11], perturbation_keys=[1, 2, 3])
     assert len(grid.prefixes) == 2 and len(grid.suffixes) == 3 and grid.pair(1, 2) == (1, 2)
-    ids, labels = fmt.pair_example(cells[0], perts[0], cells[1])
-    assert ids[: len(grid.prefixes[0]) + len(grid.suffixes[0])] == grid.prefixes[0] + grid.suffixes[0]
-    assert labels[-len(fmt.response(cells[1])):] == fmt.response(cells[1]) and labels[0] == -100
+    assert fmt.prompt_parts(cells[0], perts[0]) == (grid.prefixes[0], grid.suffixes[0])  # the trainer's prompts
+    assert fmt.sentence(cells[1])[1:] == fmt.response(cells[1])
     sentences, n_invalid, n_dup = fmt.to_sentences([fmt.response(cells[1])[:-1] + [fmt.response(cells[1])[0]]],
                                                    model.genes)
     assert list(sentences[0]) == list(cells[1]) and (n_invalid, n_dup) == (0, 1)
@@ -240,7 +239,8 @@ def test_both_prompt_formats_implement_one_interface(bundled_sim):
     grid = c2s.grid(cells, perts, cell_keys=[10, 11], perturbation_keys=[1, 2, 3])
     assert len(grid.prefixes) == 6 and grid.suffixes == [[]]
     assert [grid.pair(i, 0) for i in range(6)] == [(c, p) for c in range(2) for p in range(3)]
-    assert c2s.loss_tokens() is None and fmt.loss_tokens() is not None
+    assert c2s.prompt_parts(cells[1], perts[2]) == ([], grid.prefixes[5])
+    assert c2s.response_vocabulary() is None and set(fmt.response_vocabulary()) == {*fmt.gene_tokens, fmt.eos}
     with pytest.raises(PerturbationError):
         fmt.check(vc.Perturbation("drug", "never-seen"))
     c2s.check(vc.Perturbation("drug", "never-seen"))  # a text model reads any name

@@ -227,23 +227,16 @@ class PromptFormat:
         """The tokens that write a cell (its gene ids, in rank order), ending with EOS."""
         raise NotImplementedError
 
-    def pair_example(self, cell: np.ndarray, p: Perturbation | Combination,
-                     response: np.ndarray) -> tuple[list[int], list[int]]:
-        """A training pair: ``(input ids, labels)``, with the loss on the response only."""
-        prompt = self.prompt(cell, p)
-        resp = self.response(response)
-        return prompt + resp, [-100] * len(prompt) + resp
-
-    def pretrain_example(self, gene_ids: np.ndarray) -> tuple[list[int], list[int]]:
-        """A single cell sentence for pre-training: ``(input ids, labels)``."""
-        resp = self.response(gene_ids)
-        return resp, resp
-
-    def prompt(self, cell: np.ndarray, p: Perturbation | Combination) -> list[int]:
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
         raise NotImplementedError
 
-    def loss_tokens(self) -> np.ndarray | None:
-        """Token ids the training loss may put probability on (the no-repeat mask), or None: no mask."""
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        raise NotImplementedError
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """The only tokens a response may hold, or ``None`` where no token is ruled out (no repeat mask)."""
         return None
 
 
@@ -311,17 +304,27 @@ class CompactFormat(PromptFormat):
     def suffix(self, p: Perturbation | Combination) -> list[int]:
         return [*self.perturbation_tokens(p), self.out]
 
-    def prompt(self, cell: np.ndarray, p: Perturbation | Combination) -> list[int]:
-        return self.prefix(cell) + self.suffix(p)
-
     def response(self, gene_ids: np.ndarray) -> list[int]:
         return [*self.gene_tokens[gene_ids].tolist(), self.eos]
+
+    # the interface the trainer calls (one per format, no type checks)
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
+        return self.prefix(cell_gene_ids), self.suffix(p)
+
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        return [self.bos, *self.response(gene_ids)]
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """The only tokens a response may hold (one per gene, and end-of-sentence)."""
+        return np.append(self.gene_tokens, self.eos)
 
     def to_genes(self, tokens: Sequence[int]) -> np.ndarray:
         ids = self.token_to_gene[np.asarray(tokens, dtype=np.int64)] if len(tokens) else np.zeros(0, np.int64)
         return ids
 
-    # the PromptFormat interface
+    # the interface the model calls
     def check(self, p: Perturbation | Combination) -> None:
         self.suffix(p)
 
@@ -343,12 +346,6 @@ class CompactFormat(PromptFormat):
         return (CellSentences.from_lists([o[0] for o in out], genes), sum(o[1] for o in out),
                 sum(o[2] for o in out))
 
-    def pretrain_example(self, gene_ids: np.ndarray) -> tuple[list[int], list[int]]:
-        ids = [self.bos, *self.gene_tokens[gene_ids].tolist(), self.eos]
-        return ids, [-100] + ids[1:]
-
-    def loss_tokens(self) -> np.ndarray:
-        return np.append(self.gene_tokens, self.eos)
 
 
 class C2SFormat(PromptFormat):
@@ -377,7 +374,20 @@ class C2SFormat(PromptFormat):
         text = "".join(" " + self.genes[i] for i in gene_ids)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos]
 
-    # the PromptFormat interface
+    # the interface the trainer calls (one per format, no type checks)
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: this prompt names the perturbation before the cell, so nothing is shared."""
+        return [], self.prompt(cell_gene_ids, p)
+
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        return self.response(gene_ids)
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """``None``: a text tokenizer writes genes in several tokens, so no token is ruled out."""
+        return None
+
+    # the interface the model calls
     def grid(self, cells: Sequence[np.ndarray], perturbations: Sequence[Perturbation | Combination], *,
              cell_keys: Sequence[int], perturbation_keys: Sequence[int]) -> PromptGrid:
         """One full prompt per (cell, perturbation) pair (the perturbation comes before the cell)."""

@@ -331,8 +331,11 @@ def train(
     def example(target: int, pretrain: bool) -> tuple[list[int], list[int]]:
         tgt_ids = sentences[target]
         if pretrain:
-            return fmt.pretrain_example(tgt_ids)
-        return fmt.pair_example(sentences[src[target]], parsed[typed[target]], tgt_ids)
+            ids = fmt.sentence(tgt_ids)
+            return ids, [-100] + ids[1:]
+        shared, own = fmt.prompt_parts(sentences[src[target]], parsed[typed[target]])
+        resp = fmt.response(tgt_ids)
+        return shared + own + resp, [-100] * (len(shared) + len(own)) + resp
 
     def batch(indices: np.ndarray, pretrain: bool) -> dict[str, torch.Tensor]:
         seqs = [example(int(i), pretrain) for i in indices]
@@ -348,11 +351,11 @@ def train(
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
-    loss_tokens = fmt.loss_tokens()
-    use_mask = cfg.mask_repeats_in_loss and loss_tokens is not None
+    response_tokens = fmt.response_vocabulary()
+    use_mask = cfg.mask_repeats_in_loss and response_tokens is not None
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
     if use_mask:
-        allowed[torch.as_tensor(loss_tokens)] = True
+        allowed[torch.as_tensor(response_tokens)] = True
 
     def loss_of(lm_, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = lm_(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
