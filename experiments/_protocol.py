@@ -200,15 +200,12 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
             c.obs_names = [f"{name}#{k}" for name in c.obs_names]
             copies.append(c)
         cells = ad.concat(copies, merge="same", uns_merge="same")
-    sim = Simulator(model, cells, seed=seed)
+    sim = Simulator(cells, model, seed=seed)
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
-    pred = res.to_anndata()
-    labels = pred.obs["perturbation_typed"].astype(str).map(back).to_numpy()
-    pred.obs = pred.obs.drop(columns=["perturbation", "perturbation_typed"])
-    pred.obs[perturbation_key] = labels
+    pred = res.to_anndata(perturbation_key=perturbation_key, labels=back, genes_like=baseline)
+    pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     if context is not None:
         pred.obs[context[0]] = context[1]
-    # predictions carry the baseline's own gene spelling (the Simulator maps the model's names back)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "
@@ -236,17 +233,16 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
     table = evaluate(pred, real, profile=list(metrics), **kw)
-    attrs = table.attrs
     if cell_eval:
         vcc = evaluate(pred, real, profile="vcc", **kw)
         vcc["metric"] = "vcc_" + vcc["metric"]
-        table = pd.concat([table, vcc], ignore_index=True)
-        attrs = dict(attrs)
+        attrs = dict(table.attrs)
         attrs.setdefault("virtualcell", {})["cell_eval"] = vcc.attrs.get("virtualcell", {}).get("engine")
-    if focus is not None:
+        table = pd.concat([table, vcc], ignore_index=True)
+        table.attrs = attrs
+    if focus is not None:  # the provenance in table.attrs survives the selection
         keep = set(focus)
         table = table[[(p, c) in keep for p, c in zip(table["perturbation"], table["context"])]].copy()
-        table.attrs = attrs
     return table
 
 

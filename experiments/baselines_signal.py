@@ -1,6 +1,7 @@
 """Signal levels of simple baselines on the shared data, with independent control halves.
 
-Reproduces the "Signal levels" of ``../shared/data/README.md`` through ``virtualcell.evaluate``:
+Measures, through ``virtualcell.evaluate``, the signal levels the README's benchmark table quotes
+(row "baseline signal levels, split controls"; the table is ``experiments/results/baselines_signal.md``):
 
 * Kang 2018 (scGen split), hold one cell type out: ``meanshift`` vs the split-half ceiling.
 * PerturBench K562 CRISPRa pairs: ``additive`` vs the ceiling (mean and median).

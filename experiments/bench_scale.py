@@ -82,10 +82,10 @@ def worker(kind: str, opts: dict) -> dict:
             generated = opts["baseline"] * (len(perts) + 1)
             size = (tmp / "pred.h5ad").stat().st_size
         elif kind == "screen":
-            from virtualcell.screen import screen
+            from virtualcell.screen import run as screen
 
             model = vc.model.bundled(device="cpu")
-            sim = vc.Simulator(model, vc.datasets.read_h5ad(base_path))
+            sim = vc.Simulator(vc.datasets.read_h5ad(base_path), model)
             panel = [f"ko:{g}" for g in model.genes.genes[: opts["perturbations"]]]
             t1 = time.perf_counter()
             screen(sim, panel, out=tmp / "screen", n_cells=opts["cells"], max_genes=opts["max_genes"],
@@ -106,10 +106,10 @@ def resume_worker(opts: dict) -> dict:
     import numpy as np
 
     import virtualcell as vc
-    from virtualcell.screen import screen
+    from virtualcell.screen import run as screen
 
     model = vc.model.bundled(device="cpu")
-    sim = vc.Simulator(model, _baseline(opts["cells"]))
+    sim = vc.Simulator(_baseline(opts["cells"]), model)
     panel = [p for p in model.perturbations.labels if p != "control"][: opts["perturbations"]]
     kw = {"group_size": opts["group_size"], "progress": False, "n_boot": 100, "seed": 0}
     n_groups = -(-len(panel) // opts["group_size"])

@@ -55,7 +55,7 @@ def gemm_peak(threads: int, dtype: str = "fp32") -> float:
     """GFLOP/s of a 2048 x 2048 matrix product (fp32 or bf16) with ``threads`` threads (best of 5)."""
     import torch
 
-    from virtualcell.training.loop import torch_threads
+    from virtualcell.generation import torch_threads
 
     with torch_threads(threads):
         dt = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -118,7 +118,7 @@ class Side:
         self.precision = "fp32"
         if kernels == "auto":
             from virtualcell.training import kernels as kmod
-            from virtualcell.training.loop import torch_threads
+            from virtualcell.generation import torch_threads
 
             first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]
             with torch_threads(threads):
@@ -172,7 +172,7 @@ class Side:
         import torch
 
         from virtualcell.training import kernels as kmod
-        from virtualcell.training.loop import torch_threads
+        from virtualcell.generation import torch_threads
         from virtualcell.training.schedule import lr_at
 
         cfg = self.ctx[0]
@@ -197,7 +197,7 @@ class Side:
     def masked_loss(self, chunks_list) -> float:  # noqa: ANN001
         import torch
 
-        from virtualcell.training.loop import torch_threads
+        from virtualcell.generation import torch_threads
 
         saved, self.kind = self.kind, "recipe"  # plain sequences with the masks: the same yardstick for every side
         total = count = 0

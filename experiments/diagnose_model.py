@@ -36,7 +36,7 @@ def main() -> int:
     ctrl = held[is_ctrl][:60].copy()
     knockouts = [p for p in model.perturbations.labels if p != "control"]
 
-    res = vc.Simulator(model, ctrl).simulate(knockouts, seed=0, progress=False)
+    res = vc.Simulator(ctrl, model).simulate(knockouts, seed=0, progress=False)
     pred = res.aggregates["delta"].values  # knockouts x genes, vs the baseline cells
     genes = [g.upper() for g in held.var_names]
     col = [genes.index(g) for g in res.genes]

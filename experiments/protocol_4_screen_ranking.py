@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                                   context=(col, rep), n_cells=n, seed=args.seed,
                                 samples=args.samples, temperature=args.temperature)
     ranking = rank(res.aggregates, parse_objective(None), n_boot=0, seed=args.seed)
-    typed = {str(p): lbl for p, lbl in zip(model.resolve(panel), panel)}
+    typed = model.perturbations.label_map(ranking["perturbation"])
     predicted = ranking.assign(label=ranking["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]
 
     measured = measured_effects(adata, contract, col, rep, reference_cells=ref_idx)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import virtualcell as vc
     from virtualcell.datasets.synthetic import truth_effects
     from virtualcell.perturbations import Combination, Perturbation
-    from virtualcell.screen import screen
+    from virtualcell.screen import run as screen
     from virtualcell.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             names.append(cond)
         ctx = "typeA"
         cells = base[base.obs["cell_type"] == ctx].copy()
-        sim = vc.Simulator(model, cells, seed=args.seed)
+        sim = vc.Simulator(cells, model, seed=args.seed)
         res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
                      n_boot=50)
     by_typed = {str(model.resolve([p])[0]): n for p, n in zip(panel, names)}

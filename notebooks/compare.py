@@ -47,17 +47,10 @@ def _(mo):
 
 @app.cell
 def _(mo, viz):
-    data_source = mo.ui.dropdown(
-        {"embedded default (Papalexi 2021)": "embedded", "local .h5ad file": "h5ad", "pertpy loader (downloads)": "pertpy"},
-        value="embedded default (Papalexi 2021)", label="measured data",
-    )
+    data_source = mo.ui.dropdown(viz.DATA_CHOICES, value=next(iter(viz.DATA_CHOICES)), label="measured data")
     data_path = mo.ui.text(placeholder="path/to/screen.h5ad", label=".h5ad path", full_width=True)
     data_loader = mo.ui.dropdown(viz.pertpy_loaders(), label="pertpy loader")
-    model_source = mo.ui.dropdown(
-        {"bundled (trained on Papalexi 2021, rep_3 held out)": "bundled", "local folder": "folder",
-         "Hugging Face hub id": "hub"},
-        value="bundled (trained on Papalexi 2021, rep_3 held out)", label="model",
-    )
+    model_source = mo.ui.dropdown(viz.MODEL_CHOICES, value=next(iter(viz.MODEL_CHOICES)), label="model")
     model_path = mo.ui.text(placeholder="model/", label="folder or hub id", full_width=True)
     mo.vstack([mo.hstack([data_source, data_path, data_loader]), mo.hstack([model_source, model_path])])
     return data_loader, data_path, data_source, model_path, model_source
@@ -65,8 +58,8 @@ def _(mo, viz):
 
 @app.cell
 def _(data_loader, data_path, data_source, mo, vc, viz):
-    _value = {"embedded": "", "h5ad": data_path.value, "pertpy": data_loader.value or ""}[data_source.value]
-    mo.stop(data_source.value != "embedded" and not _value, mo.md("Give the .h5ad path or pick a pertpy loader."))
+    _value = viz.chosen_data(data_source.value, path=data_path.value, loader=data_loader.value)
+    mo.stop(_value is None, mo.md("Give the .h5ad path or pick a pertpy loader."))
     adata = viz.load_data(data_source.value, _value)
     contract = vc.DataContract.from_adata(adata)
     return adata, contract
@@ -124,7 +117,7 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, mo, model, m
     _where[contract.perturbation_key] = [contract.control, *form.value["perturbations"]]
     held = viz.subset(adata, _where)
     baseline, reference = vc.evaluate.split_controls(held, seed=0)
-    sim = vc.Simulator(model, viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), genes="shared",
+    sim = vc.Simulator(viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), model, genes="shared",
                        seed=0)
     with mo.status.spinner(title="Predicting..."):
         predicted = viz.predict_as_measured(sim, form.value["perturbations"], seed=0, contract=contract)

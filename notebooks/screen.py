@@ -41,17 +41,10 @@ def _(mo):
 
 @app.cell
 def _(mo, viz):
-    data_source = mo.ui.dropdown(
-        {"embedded default (Papalexi 2021)": "embedded", "local .h5ad file": "h5ad", "pertpy loader (downloads)": "pertpy"},
-        value="embedded default (Papalexi 2021)", label="dataset",
-    )
+    data_source = mo.ui.dropdown(viz.DATA_CHOICES, value=next(iter(viz.DATA_CHOICES)), label="dataset")
     data_path = mo.ui.text(placeholder="path/to/screen.h5ad", label=".h5ad path", full_width=True)
     data_loader = mo.ui.dropdown(viz.pertpy_loaders(), label="pertpy loader")
-    model_source = mo.ui.dropdown(
-        {"bundled (trained on Papalexi 2021, rep_3 held out)": "bundled", "local folder": "folder",
-         "Hugging Face hub id": "hub"},
-        value="bundled (trained on Papalexi 2021, rep_3 held out)", label="model",
-    )
+    model_source = mo.ui.dropdown(viz.MODEL_CHOICES, value=next(iter(viz.MODEL_CHOICES)), label="model")
     model_path = mo.ui.text(placeholder="model/ or vandijklab/C2S-Scale-Gemma-2-2B", label="folder or hub id",
                             full_width=True)
     mo.vstack([mo.hstack([data_source, data_path, data_loader]), mo.hstack([model_source, model_path])])
@@ -60,8 +53,8 @@ def _(mo, viz):
 
 @app.cell
 def _(data_loader, data_path, data_source, mo, vc, viz):
-    _value = {"embedded": "", "h5ad": data_path.value, "pertpy": data_loader.value or ""}[data_source.value]
-    mo.stop(data_source.value != "embedded" and not _value, mo.md("Give the .h5ad path or pick a pertpy loader."))
+    _value = viz.chosen_data(data_source.value, path=data_path.value, loader=data_loader.value)
+    mo.stop(_value is None, mo.md("Give the .h5ad path or pick a pertpy loader."))
     adata = viz.load_data(data_source.value, _value)
     contract = vc.DataContract.from_adata(adata)
     return adata, contract
@@ -124,17 +117,15 @@ def _(adata, filter_column, mo, model):
 def _(DEFAULTS, adata, contract, data_source, filter_column, form, mo, model, model_source, run, vc, viz):
     _at_defaults = data_source.value == "embedded" and model_source.value == "bundled" and form.value == DEFAULTS
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Run the screen** to screen with these settings."))
-    from virtualcell.screen import screen
-
     baseline = viz.baseline_cells(adata, contract=contract, n_cells=form.value["n_cells"],
                                   where={filter_column.value: form.value["filter_value"]} if filter_column.value else None)
-    sim = vc.Simulator(model, baseline, genes="shared", seed=0)
+    sim = vc.Simulator(baseline, model, genes="shared", seed=0)
     _objective = form.value["objective"]
     if _objective != "largest":
         _objective = f"{_objective}:{form.value['genes']}"
     with mo.status.spinner(title="Screening..."):
-        result = screen(sim, viz.panel(form.value["panel"], form.value["picked"]), objective=_objective,
-                        top=form.value["top"], seed=0, progress=False)
+        result = sim.screen(viz.panel(form.value["panel"], form.value["picked"]), objective=_objective,
+                            top=form.value["top"], seed=0, progress=False, keep_cells=True)
     return result, sim
 
 
@@ -165,12 +156,11 @@ def _(mo, result):
 @app.cell
 def _(adata, contract, filter_column, form, mo, result, sim, viz):
     _top = list(result.picks()["perturbation"][:3])
-    _pred = sim.simulate(_top, seed=0, keep_cells=True, progress=False)
     _measured = viz.measured_cells(adata, sim.model, _top, contract=contract, n_cells=form.value["n_cells"],
                                    where={filter_column.value: form.value["filter_value"]} if filter_column.value else None)
     mo.vstack([
         mo.md("## Baseline, predicted and measured cells (PCA of the baseline)"),
-        viz.plot_pca(viz.screen_pca(sim, _pred, measured=_measured), return_fig=True),
+        viz.plot_pca(viz.screen_pca(sim, result, measured=_measured, perturbations=_top), return_fig=True),
     ])
     return
 

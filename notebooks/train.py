@@ -45,10 +45,7 @@ def _(mo):
 
 @app.cell
 def _(mo, viz):
-    data_source = mo.ui.dropdown(
-        {"embedded default (Papalexi 2021)": "embedded", "local .h5ad file": "h5ad", "pertpy loader (downloads)": "pertpy"},
-        value="embedded default (Papalexi 2021)", label="screen",
-    )
+    data_source = mo.ui.dropdown(viz.DATA_CHOICES, value=next(iter(viz.DATA_CHOICES)), label="screen")
     data_path = mo.ui.text(placeholder="path/to/screen.h5ad", label=".h5ad path", full_width=True)
     data_loader = mo.ui.dropdown(viz.pertpy_loaders(), label="pertpy loader")
     mo.hstack([data_source, data_path, data_loader])
@@ -57,8 +54,8 @@ def _(mo, viz):
 
 @app.cell
 def _(data_loader, data_path, data_source, mo, viz):
-    _value = {"embedded": "", "h5ad": data_path.value, "pertpy": data_loader.value or ""}[data_source.value]
-    mo.stop(data_source.value != "embedded" and not _value, mo.md("Give the .h5ad path or pick a pertpy loader."))
+    _value = viz.chosen_data(data_source.value, path=data_path.value, loader=data_loader.value)
+    mo.stop(_value is None, mo.md("Give the .h5ad path or pick a pertpy loader."))
     adata = viz.load_data(data_source.value, _value)
     mo.md(f"**{adata.n_obs:,} cells x {adata.n_vars} genes**; obs columns: {', '.join(map(str, adata.obs.columns))}")
     return (adata,)

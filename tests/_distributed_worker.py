@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 
 import virtualcell as vc
-from virtualcell.screen import screen
+from virtualcell.screen import run as screen
 
 model_dir, baseline, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 model = vc.C2SModel.load(model_dir, device="cpu")
-sim = vc.Simulator(model, vc.datasets.read_h5ad(baseline))
+sim = vc.Simulator(vc.datasets.read_h5ad(baseline), model)
 res = sim.simulate(["STAT1", "ko:JAK2"], seed=5, progress=False, keep_cells=True, cell_chunk=2)
 ranked = screen(sim, ["STAT1", "JAK2", "IFNGR1"], out=out / "screen", group_size=2, progress=False, n_boot=20, seed=5)
 from virtualcell.distributed import Split  # noqa: E402

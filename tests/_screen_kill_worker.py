@@ -21,7 +21,7 @@ import anndata as ad
 import numpy as np
 
 import virtualcell as vc
-from virtualcell.screen import screen
+from virtualcell.screen import run as screen
 
 PANEL = ["ko:STAT1", "ko:JAK2", "ko:IFNGR1", "ko:PSMB9", "ko:IRF1", "ko:SMAD4"]
 
@@ -60,7 +60,7 @@ def preload() -> None:
 def main() -> int:
     model_dir, baseline, reference, killed, n_kills, seed = sys.argv[1:]
     preload()
-    sim = vc.Simulator(vc.C2SModel.load(model_dir), ad.read_h5ad(baseline))
+    sim = vc.Simulator(ad.read_h5ad(baseline), vc.C2SModel.load(model_dir))
     t0 = time.perf_counter()
     _, status = os.waitpid(child(sim, reference), 0)
     if status != 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import virtualcell as vc
-from virtualcell.screen import screen
+from virtualcell.screen import run as screen
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
@@ -34,7 +34,7 @@ def test_two_processes_match_one(tiny_model, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    sim = vc.Simulator(model, vc.datasets.read_h5ad(base))
+    sim = vc.Simulator(vc.datasets.read_h5ad(base), model)
     one = sim.simulate(["STAT1", "ko:JAK2"], seed=5, progress=False, keep_cells=True, cell_chunk=2)
     ranked = screen(sim, ["STAT1", "JAK2", "IFNGR1"], out=tmp_path / "single", group_size=2, progress=False,
                     n_boot=20, seed=5)

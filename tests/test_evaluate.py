@@ -237,8 +237,8 @@ def test_counts_are_normalized_genes_intersected_and_missing_controls_filled(pap
     filled = evaluate(no_ctrl, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
     info = filled.attrs["virtualcell"]
     assert info["n_genes"] == 294 and info["genes_dropped"]["real"]["n"] == 5
-    assert info["normalization"]["real"].startswith("counts -> log1p")
-    assert info["normalization"]["pred"] == "log1p"
+    assert info["normalization"]["real"] == "log1p_cp10k"  # counts were normalized (sentences.normalization_label)
+    assert info["normalization"]["pred"] == "as_is_log1p"
     assert "baseline control cells" in info["pred_control"]
     np.testing.assert_allclose(full["value"].to_numpy(), filled["value"].to_numpy(), atol=1e-6)
     renamed = pred.copy()

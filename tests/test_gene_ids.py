@@ -85,11 +85,11 @@ def test_baseline_spelled_differently_keeps_its_own_spelling(tiny_model):
     ctrl = data[data.obs["perturbation"] == "control"][:16].copy()
     # mixed and mouse-style case: the model's names are upper case, the baseline's are not
     ctrl.var_names = [g.capitalize() if i % 2 else g for i, g in enumerate(ctrl.var_names)]
-    sim = vc.Simulator(model, ctrl)
+    sim = vc.Simulator(ctrl, model)
     res = sim.simulate(["STAT1"], n_cells=4, progress=False)
     assert res.genes == list(ctrl.var_names)  # e.g. 'Stat1', not the model's 'STAT1'
     assert list(res.to_anndata().var_names) == list(ctrl.var_names)
-    plain = vc.Simulator(model, data[data.obs["perturbation"] == "control"][:8].copy())
+    plain = vc.Simulator(data[data.obs["perturbation"] == "control"][:8].copy(), model)
     assert "C10orf11" in plain.gene_names and "C10ORF11" not in plain.gene_names  # not upper-cased any more
 
 
@@ -102,7 +102,7 @@ def test_version_suffix_differences_are_matched_with_a_warning(screen_ids, tmp_p
     other = data[data.obs["perturbation"] == "control"][:10].copy()
     other.var_names = [g.split(".")[0] + ".99" for g in other.var_names]  # another annotation release
     with pytest.warns(UserWarning, match=r"Ensembl version suffix"):
-        sim = vc.Simulator(model, other)
+        sim = vc.Simulator(other, model)
     assert sim.gene_names[: 3] == list(other.var_names[:3])
 
 

@@ -102,8 +102,9 @@ def test_baseline_cells_subset_sample(papalexi):
 
 def test_pca_frame_and_plots():
     import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
+    matplotlib.use("svg")  # the library must not switch the caller's backend
     from virtualcell import viz
 
     rng = np.random.default_rng(0)
@@ -112,7 +113,22 @@ def test_pca_frame_and_plots():
                           kind={"ko:A (predicted)": "predicted", "ko:A (measured)": "measured"})
     assert list(frame.columns) == ["pc1", "pc2", "group", "kind"] and len(frame) == 65
     assert np.isclose(frame.loc[frame["group"] == "baseline", "pc1"].mean(), 0.0)
-    assert viz.plot_pca(frame, return_fig=True) is not None
+    fig = viz.plot_pca(frame, return_fig=True)
+    (ax,) = fig.axes
+    offsets = [c.get_offsets() for c in ax.collections]  # baseline, then each group in order
+    assert [len(o) for o in offsets] == [30, 30, 5]
+    np.testing.assert_allclose(offsets[1], frame.loc[frame["group"] == "ko:A (predicted)", ["pc1", "pc2"]])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline", "ko:A (predicted)", "ko:A (measured)"]
+    # one colour per perturbation: predicted and measured cells of ko:A share it
+    def colour(c):  # noqa: ANN001, ANN202
+        return (c.get_facecolor() if len(c.get_facecolor()) else c.get_edgecolor())[0][:3]
+
+    np.testing.assert_allclose(colour(ax.collections[1]), colour(ax.collections[2]))
+    assert ax.get_xlabel() == "PC1 of baseline" and matplotlib.get_backend().lower() == "svg"
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert viz.plot_pca(frame, ax=ax) is None and len(ax.collections) == 3  # draws into the given axes
+    plt.close(fig)
     shown = []
     live = viz.LiveLoss(shown.append, every=2)
     for step in range(1, 6):
@@ -127,7 +143,7 @@ def test_predict_as_measured_is_ready_for_evaluate(papalexi):
 
     model = vc.model.bundled()
     base = viz.baseline_cells(papalexi, n_cells=8, where={"bio_rep": "rep_3"})
-    sim = vc.Simulator(model, base, seed=0)
+    sim = vc.Simulator(base, model, seed=0)
     pred = viz.predict_as_measured(sim, ["STAT1", "JAK2"], seed=0)
     assert pred.n_obs == 3 * 8
     assert sorted(set(pred.obs["perturbation"])) == ["JAK2", "STAT1", "control"]
@@ -139,6 +155,12 @@ def test_predict_as_measured_is_ready_for_evaluate(papalexi):
     res = sim.simulate(["ko:STAT1"], seed=0, keep_cells=True, progress=False)
     frame = viz.screen_pca(sim, res, measured=cells)
     assert set(frame["group"]) == {"baseline", "ko:STAT1 (predicted)", "ko:STAT1 (measured)"}
+    # the screen keeps the same per-cell predictions: the notebook plots them without simulating again
+    screened = sim.screen(["STAT1", "JAK2"], seed=0, n_boot=5, keep_cells=True, progress=False)
+    np.testing.assert_allclose(screened.cells.sel(perturbation="ko:STAT1").values,
+                               res.cells.sel(perturbation="ko:STAT1").values)
+    again = viz.screen_pca(sim, screened, measured=cells, perturbations=["ko:STAT1"])
+    np.testing.assert_allclose(again[["pc1", "pc2"]].to_numpy(), frame[["pc1", "pc2"]].to_numpy(), atol=1e-5)
 
 
 @pytest.mark.slow

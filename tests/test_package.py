@@ -15,9 +15,32 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
-def test_cli_help_and_demo():
+def test_cli_help_and_demo(tmp_path, capsys):
+    """`virtualcell demo` screens every knockout the bundled model knows, prints the ranking, the picks and the
+    comparison with the measured replicate, and writes its folder (fewer baseline cells than the default)."""
+    import pandas as pd
+
+    from virtualcell.cli import main
+
     out = subprocess.run([sys.executable, "-m", "virtualcell.cli", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout
+    assert main(["demo", "--n-cells", "6", "--quiet", "--top", "25", "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    ranking = pd.read_csv(tmp_path / "demo" / "ranking.csv")
+    assert len(ranking) == 25 and ranking["perturbation"].str.startswith("ko:").all()
+    assert list(ranking["rank"]) == list(range(1, 26)) and ranking["score"].is_monotonic_decreasing
+    assert ranking["pick"].sum() == 8  # the demo asks for 8 diverse picks
+    for name in ranking["perturbation"]:  # every candidate is printed, in rank order
+        assert name in printed
+    lines = printed.splitlines()
+    rows = [line.split()[1] for line in lines if line.strip()[:1].isdigit() and "ko:" in line]
+    assert rows == list(ranking["perturbation"])
+    picks = lines[lines.index("Top genes of the diverse picks:") + 1:][:8]
+    assert [line.split()[0] for line in picks] == list(ranking.loc[ranking["pick"], "perturbation"])
+    assert "Spearman over 25 knockouts" in printed
+    assert "replicate vs replicate     +0.84" in printed  # measured rep_1 vs rep_2: independent of the model
+    for name in ("ranking.csv", "ranking.parquet", "aggregates.nc", "top_hits.png", "config.json"):
+        assert (tmp_path / "demo" / name).exists(), name
 
 
 def test_cli_error_is_clean(tmp_path):
@@ -29,10 +52,63 @@ def test_cli_error_is_clean(tmp_path):
     assert "No such file" in r.stderr and "Traceback" not in r.stderr
 
 
+def _public_callables():
+    from virtualcell import evaluate, objectives, perturbations, screen, simulator, viz
+
+    yield from (vc.encode, vc.decode, vc.fit)
+    for cls in (vc.Simulator, vc.SimulationResult, vc.C2SModel, vc.ScreenResult):
+        yield from (f for name, f in vars(cls).items() if inspect.isfunction(f) and not name.startswith("_"))
+    for mod in (screen, viz, objectives, perturbations, simulator):
+        yield from (getattr(mod, n) for n in mod.__all__ if inspect.isfunction(getattr(mod, n)))
+    yield from (evaluate.evaluate, evaluate.effect_size, evaluate.split_controls)
+
+
 def test_public_functions_take_data_first_and_options_keyword_only():
-    """scanpy-style signatures: data positional, everything else keyword-only."""
-    for fn in (vc.sentences.encode, vc.sentences.decode):
-        params = list(inspect.signature(fn).parameters.values())
-        positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
-        assert len(positional) <= 2, fn.__name__
-        assert all(p.kind is p.KEYWORD_ONLY for p in params[len(positional):]), fn.__name__
+    """scanpy-style signatures: the data (and at most two more objects) positional, every option keyword-only,
+    and no boolean that can be passed by position."""
+    for fn in _public_callables():
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("self", "cls")]
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        where = f"{fn.__module__}.{fn.__qualname__}"
+        assert len(positional) <= 3, where
+        assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params[len(positional):]), where
+        assert not any(isinstance(p.default, bool) for p in positional), where
+
+
+def test_top_level_names_are_verbs_classes_or_namespaces():
+    """What `import virtualcell as vc` offers: no module shadows a function, internals are not listed."""
+    import types
+
+    assert callable(vc.fit) and not isinstance(vc.fit, types.ModuleType)
+    for name in ("Combination", "Perturbation", "Simulator", "SimulationResult", "ScreenResult", "C2SModel",
+                 "TrainConfig"):
+        assert isinstance(getattr(vc, name), type), name
+    for name in ("objectives", "perturbations", "datasets", "evaluate", "screen", "model"):
+        assert isinstance(getattr(vc, name), types.ModuleType), name
+    assert "prompts" not in vc.__all__ and "prompts" not in dir(vc)
+    assert vc.objectives.raise_genes(["STAT1"]).name == "raise"
+
+
+def test_old_names_warn_for_one_release(papalexi):
+    """Simulator(model, baseline), screen.screen and vc.prompts still work, with a DeprecationWarning."""
+    import sys as _sys
+
+    import pytest
+
+    from virtualcell.screen import screen
+
+    model = vc.model.bundled()
+    base = papalexi[papalexi.obs.perturbation == "control"][:4].copy()
+    with pytest.warns(DeprecationWarning, match=r"Simulator\(baseline, model\)"):
+        sim = vc.Simulator(model, base)
+    assert sim.baseline is base and sim.model is model
+    with pytest.warns(DeprecationWarning, match="simulator.screen"):
+        res = screen(sim, ["STAT1"], n_cells=2, n_boot=2, progress=False)
+    assert list(res.ranking["perturbation"]) == ["ko:STAT1"]
+    code = ("import warnings, virtualcell as vc\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    m = vc.prompts\n"
+            "print(m.__name__, [str(x.message) for x in w if x.category is DeprecationWarning])")
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("virtualcell.prompts") and "internal" in out

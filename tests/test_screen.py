@@ -7,7 +7,7 @@ import pytest
 
 import virtualcell as vc
 from virtualcell.errors import PerturbationError, ScreenError
-from virtualcell.screen import screen
+from virtualcell.screen import run as screen
 
 PANEL = ["STAT1", "JAK2", "IFNGR1", "ko:PSMB9", "IFNGR1+IRF1"]
 
@@ -16,7 +16,7 @@ PANEL = ["STAT1", "JAK2", "IFNGR1", "ko:PSMB9", "IFNGR1+IRF1"]
 def sim(tiny_model):
     model, _, data = tiny_model
     ctrl = data[data.obs.perturbation == "control"][:12].copy()
-    return vc.Simulator(model, ctrl)
+    return vc.Simulator(ctrl, model)
 
 
 def test_simulate_gives_xarray_and_anndata(sim):
@@ -175,18 +175,16 @@ def _baseline_file(tiny_model, tmp_path):
     return path
 
 
-def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_path, monkeypatch):
+def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_path):
     import anndata as ad
 
-    from virtualcell import simulator
     from virtualcell.cli import main
 
     model, folder, _ = tiny_model
     base = _baseline_file(tiny_model, tmp_path)
     for big, name in ((False, "mem.h5ad"), (True, "disk.h5ad")):
-        monkeypatch.setattr(simulator, "KEEP_IN_MEMORY", 0 if big else 10**9)
         assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
-                     "--seed", "1", "--out", str(tmp_path / name)]) == 0
+                     "--seed", "1", "--max-in-memory", str(0 if big else 10**9), "--out", str(tmp_path / name)]) == 0
     mem, disk = ad.read_h5ad(tmp_path / "mem.h5ad"), ad.read_h5ad(tmp_path / "disk.h5ad")
     # the model's genes, in its order, spelled as the baseline spells them (issue 13: not upper-cased)
     assert mem.n_obs == 12 and [g.upper() for g in mem.var_names] == list(model.genes.genes)

@@ -142,8 +142,20 @@ def test_truth_graph_and_h5ad_round_trip(screen, tmp_path):
 
 
 def test_cells_encode_as_sentences(screen):
-    cs = vc.encode(screen[:3000], top_k=50)
-    assert len(cs.to_text()) == 3000
+    """Each synthetic cell becomes a sentence of its most expressed genes, highest first."""
+    cells = screen[:3000]
+    cs = vc.encode(cells, top_k=50)
+    texts = cs.to_text()
+    assert len(texts) == cells.n_obs
+    X = cells.X.toarray()
+    genes = np.asarray(cells.var_names)
+    for i in range(0, cells.n_obs, 300):
+        words = texts[i].split()
+        expressed = int((X[i] > 0).sum())
+        assert len(words) == min(50, expressed)
+        values = X[i, [list(genes).index(w) for w in words]]
+        assert np.all(np.diff(values) <= 0)  # in rank order
+        assert values[-1] >= np.sort(X[i])[::-1][len(words) - 1]  # and no stronger gene left out
 
 
 def test_load_synthetic_and_scale():

@@ -258,3 +258,11 @@ def _hash_of(out):  # noqa: ANN001, ANN202
         if (folder / checkpoint.CONFIG_FILE).exists():
             return json.loads((folder / checkpoint.CONFIG_FILE).read_text())["data_hash"]
     raise AssertionError("no checkpoint config")
+
+
+def test_vc_train_called_like_a_function_forwards_to_fit_with_a_warning():
+    import virtualcell as vc
+
+    with pytest.warns(DeprecationWarning, match="vc.fit"), pytest.raises(TypeError, match="out"):
+        vc.train(vc.datasets.load()[:10])  # no out=: train's own signature answers
+    assert vc.train.TrainConfig is vc.TrainConfig  # still the module namespace

@@ -102,14 +102,15 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     from pathlib import Path
 
     from .model import C2SModel
-    from .simulator import KEEP_IN_MEMORY, Simulator
+    from .simulator import MAX_IN_MEMORY, Simulator
 
     model = C2SModel.load(args.model, device=args.device)
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
+    sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
         # large predictions stream through a chunked file on disk instead of memory
-        big = (len(perts) + 1) * n * len(model.genes) > KEEP_IN_MEMORY
+        limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
+        big = (len(perts) + 1) * n * len(model.genes) > limit
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes)
@@ -155,7 +156,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .errors import ScreenError
     from .model import C2SModel
     from .perturbations import parse_panel
-    from .screen import screen
+    from .screen import run as screen
     from .simulator import Simulator
 
     path = Path(args.panel)
@@ -175,7 +176,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 except VirtualCellError as line_err:
                     raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
-    sim = Simulator(model, _baseline(args, model), genes=args.genes, seed=args.seed, gene_key=args.gene_key)
+    sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
@@ -293,15 +294,21 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(lowest: int):  # noqa: ANN202
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)  # an argparse type: an integer of at least 1
+_count = _int_at_least(0)  # an argparse type: an integer of at least 0
 
 
 def _positive_float(text: str) -> float:
@@ -428,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "reads as it is (obs['target_gene'], control 'non-targeting', the baseline cells as the "
                    "control, log1p values; held in memory). Put the measured file in the same form with "
                    "virtualcell.evaluate.to_cell_eval(real, like=pred)")
+    p.add_argument("--max-in-memory", type=_count, default=None, metavar="VALUES",
+                   help="stream predictions larger than this many values through a file on disk (0: always; "
+                   "default 50 million)")
     _add_force(p, "an existing file that virtualcell did not write")
     p.set_defaults(func=cmd_predict)
 

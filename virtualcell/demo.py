@@ -52,13 +52,13 @@ def measured_effects(adata, contract, column: str, value: str, *, reference_cell
 def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: int = 0, progress: bool = True,
              model_path: str | None = None, force: bool = False) -> DemoResult:
     """Run the demo screen; see the module docstring. ``force``: write into ``out`` even if
-    virtualcell did not write it (see :func:`virtualcell.screen.screen`)."""
+    virtualcell did not write it (see :func:`virtualcell.screen.run`)."""
     from scipy.stats import spearmanr
 
     from . import datasets
     from .contract import DataContract
     from .model import BUNDLED, C2SModel
-    from .screen import screen
+    from .screen import run as screen
     from .simulator import Simulator
 
     t0 = time.perf_counter()
@@ -72,11 +72,11 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     ctrl = rng.permutation(ctrl)
     n = min(n_cells, ctrl.size // 2)
     baseline_idx, reference_idx = np.sort(ctrl[:n]), np.sort(ctrl[n:])
-    sim = Simulator(model, adata[baseline_idx].copy(), seed=seed)
+    sim = Simulator(adata[baseline_idx].copy(), model, seed=seed)
     panel = sorted(model.perturbations.labels)
     result = screen(sim, panel, out=out, top=8, seed=seed, progress=progress, force=force)
     measured = measured_effects(adata, contract, col, rep, reference_cells=reference_idx)
-    labels = {str(model.perturbations.resolve(lbl)): lbl for lbl in panel}
+    labels = model.perturbations.label_map(result.ranking["perturbation"])
     pred = result.ranking.assign(label=result.ranking["perturbation"].map(labels)).set_index("label")
     common = [p for p in pred.index if p in measured.index]
     rho_model = float(spearmanr(pred.loc[common, "l2_delta_corrected"], measured.loc[common]).statistic)

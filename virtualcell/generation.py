@@ -32,6 +32,7 @@ Only this module, :mod:`virtualcell.shared_prefix` and :mod:`virtualcell.model` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -39,11 +40,12 @@ import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "generate_grid", "stable_key"]
+__all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "generate_grid", "stable_key", "torch_threads"]
 
 _MASK = (1 << 63) - 1
 
@@ -360,7 +362,35 @@ def _preallocated_layer_class():  # noqa: ANN202
     return PreallocatedLayer
 
 
-_THREAD_CHOICE: dict[tuple[int, int, int], int | None] = {}
+# model -> {(batch rows, thread count): choice}; weak keys, so a new model never inherits a dead one's entry
+_THREAD_CHOICE: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], int | None]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (``None``: leave the setting alone); the previous
+    setting is restored on every exit path."""
+    if not n:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _iterate_with_threads(items: Iterator[Any], n: int | None) -> Iterator[Any]:
+    """Iterate ``items`` with ``n`` torch threads while it computes, and the caller's own setting
+    while the caller runs between items (a generator must not leave a process setting changed)."""
+    while True:
+        with torch_threads(n):
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
 
 
 def _pick_threads(model, rows: int, device: torch.device, vocab_token: int) -> int | None:  # noqa: ANN001
@@ -374,22 +404,21 @@ def _pick_threads(model, rows: int, device: torch.device, vocab_token: int) -> i
     most = torch.get_num_threads()
     if most <= 1:
         return None
-    key = (id(model), rows, most)
-    if key in _THREAD_CHOICE:
-        return _THREAD_CHOICE[key]
+    known = _THREAD_CHOICE.setdefault(model, {})
+    if (rows, most) in known:
+        return known[(rows, most)]
     import time
 
     x = torch.full((rows, 1), vocab_token, dtype=torch.long, device=device)
     times: dict[int, list[float]] = {1: [], most: []}
     for _ in range(5):
         for n in (1, most):
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            model(input_ids=x, use_cache=False)
-            times[n].append(time.perf_counter() - t0)
-    torch.set_num_threads(most)
+            with torch_threads(n):
+                t0 = time.perf_counter()
+                model(input_ids=x, use_cache=False)
+                times[n].append(time.perf_counter() - t0)
     choice = 1 if np.median(times[1]) < np.median(times[most]) else most
-    _THREAD_CHOICE[key] = choice
+    known[(rows, most)] = choice
     return choice
 
 
@@ -467,14 +496,8 @@ def generate_grid(
     if threads is None:
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
         threads = _pick_threads(model, rows, device, pad_id)
-    previous = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        yield from _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,
-                         steps, device)
-    finally:
-        torch.set_num_threads(previous)
+    grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device)
+    yield from _iterate_with_threads(grid, threads)
 
 
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913

@@ -32,8 +32,8 @@ from .contract import DataContract
 from .errors import ModelError
 from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import Combination, Perturbation
-from .prompts import C2SFormat, CompactFormat, PerturbationVocab
-from .sentences import CellSentences, RankFit, Vocabulary, parse_text, require_symbols
+from .prompts import FORMATS, PerturbationVocab, PromptFormat
+from .sentences import CellSentences, RankFit, Vocabulary
 
 __all__ = ["C2SModel", "BUNDLED", "pick_device", "bundled"]
 
@@ -115,13 +115,9 @@ class C2SModel:
         self.top_k = int(top_k)
         self.train_config = dict(train_config or {})
         self.source = source
-        if prompt_format == "compact":
-            self.format: CompactFormat | C2SFormat = CompactFormat(tokenizer, genes.genes, self.perturbations)
-        elif prompt_format == "c2s":
-            require_symbols(genes.genes)  # a text model reads symbols; Ensembl ids need --gene-key
-            self.format = C2SFormat(tokenizer, genes.genes, self.perturbations)
-        else:
-            raise ModelError(f"Unknown prompt format {prompt_format!r}; use 'compact' or 'c2s'.")
+        if prompt_format not in FORMATS:
+            raise ModelError(f"Unknown prompt format {prompt_format!r}; use one of {', '.join(FORMATS)}.")
+        self.format: PromptFormat = FORMATS[prompt_format](tokenizer, genes.genes, self.perturbations)
         self._constraint: GeneConstraint | TrieConstraint | None = None
 
     # ------------------------------------------------------------------ loading
@@ -249,18 +245,14 @@ class C2SModel:
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:
         """Typed perturbations, with plain training labels looked up; checks the model can represent them."""
         out = [self.perturbations.resolve(p) for p in perturbations]
-        if isinstance(self.format, CompactFormat):
-            for p in out:
-                self.format.suffix(p)  # raises PerturbationError if it cannot be represented
+        for p in out:
+            self.format.check(p)  # raises PerturbationError if it cannot be represented
         return out
 
     def constraint(self) -> GeneConstraint | TrieConstraint:
         if self._constraint is None:
             vocab_size = self.lm.get_output_embeddings().weight.shape[0]
-            if isinstance(self.format, CompactFormat):
-                self._constraint = GeneConstraint(self.format.gene_tokens, self.format.eos, vocab_size)
-            else:
-                self._constraint = TrieConstraint(self.tokenizer, self.genes.genes, self.format.eos, vocab_size)
+            self._constraint = self.format.constraint(self.genes.genes, vocab_size)
         return self._constraint
 
     def generate(
@@ -284,70 +276,26 @@ class C2SModel:
         pert_keys = [stable_key(str(p)) for p in perturbations]
         constraint = self.constraint() if cfg.constrain else None
         cell_ids = [cells[i][: self.top_k] for i in range(len(cells))]
-        fmt = self.format
-        if isinstance(fmt, CompactFormat):
-            prefixes = [fmt.prefix(c) for c in cell_ids]
-            suffixes = [fmt.suffix(p) for p in perturbations]
-            grid = generate_grid(
-                self.lm, prefixes, suffixes, cell_keys=keys, suffix_keys=pert_keys, constraint=constraint,
-                eos_id=fmt.eos, pad_id=fmt.pad, config=cfg,
-            )
-            yield from self._collect(grid, cfg, lambda toks: fmt.to_genes(toks), len(perturbations))
-        else:
-            pairs = [(i, j) for i in range(len(cells)) for j in range(len(perturbations))]
-            prompts = [fmt.prompt(cell_ids[i], perturbations[j]) for i, j in pairs]
-            pair_keys = [keys[i] * 1_000_003 + pert_keys[j] for i, j in pairs]
-            # a gene is several tokens: allow enough steps for max_genes of them
-            longest = max(len(t) for t in self.constraint().paths) if constraint is not None else 8
-            grid = generate_grid(
-                self.lm, prompts, [[]], cell_keys=pair_keys, suffix_keys=[0], constraint=constraint,
-                eos_id=fmt.eos, pad_id=fmt.pad, config=cfg, max_new_tokens=cfg.max_genes * longest + 1,
-            )
-            remap = ((pairs[i][0], pairs[i][1], toks) for i, _, toks in grid)
-            yield from self._collect_text(remap, cfg, len(perturbations))
-
-    def _collect(self, grid, cfg: GenerationConfig, to_genes, n_pert: int) -> Iterator[GeneratedCells]:  # noqa: ANN001
-        """Group engine output into chunks, dropping invalid / repeated tokens (only when unconstrained)."""
-        cells, perts, seqs = [], [], []
-        n_invalid = n_dup = 0
-        for c, p, toks in grid:
-            genes = to_genes(toks)
-            valid = genes[genes >= 0]
-            n_invalid += int((genes < 0).sum())
-            _, first = np.unique(valid, return_index=True)
-            n_dup += int(valid.size - first.size)
-            cells.append(c)
-            perts.append(p)
-            seqs.append(valid[np.sort(first)])
-            if len(cells) >= max(cfg.batch_size, n_pert) * 4:
-                yield self._chunk(cells, perts, seqs, n_invalid, n_dup)
-                cells, perts, seqs, n_invalid, n_dup = [], [], [], 0, 0
-        if cells:
-            yield self._chunk(cells, perts, seqs, n_invalid, n_dup)
-
-    def _collect_text(self, grid, cfg: GenerationConfig, n_pert: int) -> Iterator[GeneratedCells]:  # noqa: ANN001
+        prompts = self.format.grid(cell_ids, perturbations, cell_keys=keys, perturbation_keys=pert_keys)
+        grid = generate_grid(
+            self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
+            suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
+            config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
+        )
+        # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []
-
-        def flush() -> GeneratedCells:
-            texts = self.tokenizer.batch_decode([t for _, _, t in batch], skip_special_tokens=True)
-            sentences, report = parse_text(texts, self.genes)
-            return GeneratedCells(
-                np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
-                report.n_invalid, report.n_duplicate,
-            )
-
-        for item in grid:
-            batch.append(item)
-            if len(batch) >= max(cfg.batch_size, n_pert) * 4:
-                yield flush()
+        for i, j, toks in grid:
+            batch.append((*prompts.pair(i, j), toks))
+            if len(batch) >= max(cfg.batch_size, len(perturbations)) * 4:
+                yield self._chunk(batch)
                 batch = []
         if batch:
-            yield flush()
+            yield self._chunk(batch)
 
-    def _chunk(self, cells, perts, seqs, n_invalid, n_dup) -> GeneratedCells:  # noqa: ANN001
-        return GeneratedCells(
-            np.asarray(cells), np.asarray(perts), CellSentences.from_lists(seqs, self.genes), n_invalid, n_dup
-        )
+    def _chunk(self, batch: list[tuple[int, int, list[int]]]) -> GeneratedCells:
+        sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
+        return GeneratedCells(np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
+                              n_invalid, n_dup)
 
 
 def bundled(*, device: str | None = None) -> C2SModel:

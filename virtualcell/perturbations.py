@@ -3,14 +3,16 @@
 The text syntax, one perturbation per panel line::
 
     control
-    ko:STAT1                    knockout        (also knockout:, crispr-ko:)
-    kd:STAT1                    knockdown       (also knockdown:, crispri:)
-    act:STAT1                   activation      (also activation:, crispra:)
+    ko:STAT1                    knockout        (also knockout:, crispr:, crispr-ko:)
+    kd:STAT1                    knockdown       (also knockdown:, crispri:, sirna:, shrna:)
+    act:STAT1                   activation      (also activation:, crispra:, oe:)
     drug:dexamethasone@10uM,24h drug with dose and time (both optional)
     cytokine:IFNB@100ng/ml      cytokine with dose
     ko:STAT1 + drug:ruxolitinib@1uM        a combination (parts joined by '+')
     STAT1                       a plain label, exactly as in a model's training data
     KLF1+MAP2K6                 a pair of plain labels
+
+The prefixes are :data:`KIND_ALIASES`, the same names a training set's kind column may use.
 
 Examples
 --------
@@ -28,24 +30,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from .errors import PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "KINDS", "GENETIC", "Any_"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
 GENETIC = frozenset({"knockout", "knockdown", "activation"})
 
-_PREFIX = {
-    "ko": "knockout", "knockout": "knockout", "crispr-ko": "knockout", "crisprko": "knockout",
-    "kd": "knockdown", "knockdown": "knockdown", "crispri": "knockdown", "sirna": "knockdown",
+# every name of a kind, lower case: panel prefixes ("kd:MYC") and the values of a training set's
+# kind column (TrainConfig.kind_key) both read this one table
+KIND_ALIASES: dict[str, str] = {
+    "ko": "knockout", "knockout": "knockout", "crispr": "knockout", "crispr-ko": "knockout", "crisprko": "knockout",
+    "kd": "knockdown", "knockdown": "knockdown", "crispri": "knockdown", "sirna": "knockdown", "shrna": "knockdown",
     "act": "activation", "activation": "activation", "crispra": "activation", "oe": "activation",
     "overexpression": "activation",
-    "drug": "drug", "compound": "drug",
-    "cytokine": "cytokine", "cyto": "cytokine", "ligand": "cytokine",
-    "label": "label",
+    "drug": "drug", "compound": "drug", "chemical": "drug", "small molecule": "drug",
+    "cytokine": "cytokine", "cyto": "cytokine", "ligand": "cytokine", "stimulation": "cytokine",
+    "label": "label", "control": "control",
 }
 _SHORT = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug": "drug", "cytokine": "cytokine", "label": "label"}
 _DESCRIBE = {"knockout": "CRISPR knockout of", "knockdown": "CRISPRi knockdown of", "activation": "CRISPRa activation of"}
@@ -151,9 +155,6 @@ class Combination:
         return " and ".join(p.describe() for p in self.parts)
 
 
-Any_ = Union[Perturbation, Combination]
-
-
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
@@ -182,7 +183,9 @@ def _parse_part(text: str, source: str) -> Perturbation:
             )
         return Perturbation("label", t)
     prefix, _, rest = t.partition(":")
-    kind = _PREFIX.get(prefix.strip().lower())
+    kind = KIND_ALIASES.get(prefix.strip().lower())
+    if kind == "control":
+        return Perturbation("control")
     if kind is None:
         raise PerturbationError(
             f"Unknown perturbation type {prefix!r} in {source!r}. Use ko:, kd:, act:, drug:, cytokine: or label:."

@@ -16,7 +16,11 @@
 
       Perturbed cell sentence:
 
-This module needs ``tokenizers``/``transformers`` only to build a tokenizer.
+Both implement :class:`PromptFormat`, the one interface the model (generation) and the
+trainer (training examples, loss mask) call; neither branches on the format.
+
+This module needs ``tokenizers``/``transformers`` only to build a tokenizer, and torch only
+to build a decoding constraint.
 """
 
 from __future__ import annotations
@@ -24,17 +28,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
 from .perturbations import GENETIC, Combination, Perturbation, parse
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .sentences import CellSentences, Vocabulary
+
 __all__ = [
     "C2S_PERTURBATION_PROMPT",
     "SPECIAL_TOKENS",
     "PerturbationVocab",
+    "PromptFormat",
+    "PromptGrid",
+    "FORMATS",
     "CompactFormat",
     "C2SFormat",
     "build_gene_tokenizer",
@@ -120,6 +130,12 @@ class PerturbationVocab:
 
         return [one(p) for p in perturbations]
 
+    def label_map(self, perturbations: Sequence[str | Perturbation | Combination]) -> dict[str, str]:
+        """Typed name -> training label (:meth:`labels_for`) of each perturbation, e.g.
+        ``{"ko:STAT1": "STAT1"}``: the one map from what the model writes to what measured data calls it."""
+        perts = [parse(p) for p in perturbations]
+        return dict(zip((str(p) for p in perts), self.labels_for(perts)))
+
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()}}
 
@@ -156,11 +172,85 @@ def build_gene_tokenizer(genes: Sequence[str], perturbations: PerturbationVocab)
     )
 
 
-class CompactFormat:
+@dataclass
+class PromptGrid:
+    """The prompts of a (cell x perturbation) grid as the generation engine takes them: every
+    prefix is followed by every suffix; ``pair(i, j)`` is the ``(cell, perturbation)`` that
+    prefix ``i`` with suffix ``j`` stands for.
+
+    ``shared``: one prefix per cell and one suffix per perturbation; otherwise one full
+    prompt per (cell, perturbation) pair, cell-major, and a single empty suffix.
+    """
+
+    prefixes: list[list[int]]
+    suffixes: list[list[int]]
+    prefix_keys: list[int]
+    suffix_keys: list[int]
+    n_perturbations: int
+    shared: bool
+
+    def pair(self, i: int, j: int) -> tuple[int, int]:
+        return (i, j) if self.shared else divmod(i, self.n_perturbations)
+
+
+class PromptFormat:
+    """What a prompt format does for the model and the trainer.
+
+    ``name`` is saved in checkpoints; ``eos`` and ``pad`` are token ids.
+    """
+
+    name = ""
+    eos: int
+    pad: int
+
+    def check(self, p: Perturbation | Combination) -> None:
+        """Raise :class:`~virtualcell.errors.PerturbationError` if ``p`` cannot be written for this model."""
+
+    def grid(self, cells: Sequence[np.ndarray], perturbations: Sequence[Perturbation | Combination], *,
+             cell_keys: Sequence[int], perturbation_keys: Sequence[int]) -> PromptGrid:
+        """The prompts of every (cell, perturbation) pair (cells as gene ids)."""
+        raise NotImplementedError
+
+    def constraint(self, genes: Sequence[str], vocab_size: int):  # noqa: ANN201
+        """The decoding constraint that lets only real, distinct genes (and EOS) be written."""
+        raise NotImplementedError
+
+    def max_new_tokens(self, max_genes: int, constraint: Any) -> int | None:
+        """Decode steps for ``max_genes`` genes (None: one step a gene, plus EOS)."""
+        return None
+
+    def to_sentences(self, tokens: Sequence[Sequence[int]], genes: Vocabulary) -> tuple[CellSentences, int, int]:
+        """Generated token lists -> cell sentences, with the counts of invalid and repeated genes dropped."""
+        raise NotImplementedError
+
+    def response(self, gene_ids: np.ndarray) -> list[int]:
+        """The tokens that write a cell (its gene ids, in rank order), ending with EOS."""
+        raise NotImplementedError
+
+    def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
+        """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
+        raise NotImplementedError
+
+    def sentence(self, gene_ids: np.ndarray) -> list[int]:
+        """A lone cell sentence, for pre-training (every token after the first is a target)."""
+        raise NotImplementedError
+
+    def response_vocabulary(self) -> np.ndarray | None:
+        """The only tokens a response may hold, or ``None`` where no token is ruled out (no repeat mask)."""
+        return None
+
+
+def _dedupe(gene_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Valid (>= 0) gene ids in first-seen order without repeats, and the counts dropped."""
+    valid = gene_ids[gene_ids >= 0]
+    _, first = np.unique(valid, return_index=True)
+    return valid[np.sort(first)], int((gene_ids < 0).sum()), int(valid.size - first.size)
+
+
+class CompactFormat(PromptFormat):
     """Token-level prompts for gene-level models; shares each cell's prefix across perturbations."""
 
     name = "compact"
-    shares_prefix = True
 
     def __init__(self, tokenizer, genes: Sequence[str], perturbations: PerturbationVocab) -> None:  # noqa: ANN001
         self.tokenizer = tokenizer
@@ -234,14 +324,39 @@ class CompactFormat:
         ids = self.token_to_gene[np.asarray(tokens, dtype=np.int64)] if len(tokens) else np.zeros(0, np.int64)
         return ids
 
+    # the interface the model calls
+    def check(self, p: Perturbation | Combination) -> None:
+        self.suffix(p)
 
-class C2SFormat:
+    def grid(self, cells: Sequence[np.ndarray], perturbations: Sequence[Perturbation | Combination], *,
+             cell_keys: Sequence[int], perturbation_keys: Sequence[int]) -> PromptGrid:
+        """One prefix per cell, shared by one suffix per perturbation."""
+        return PromptGrid([self.prefix(c) for c in cells], [self.suffix(p) for p in perturbations],
+                          list(cell_keys), list(perturbation_keys), len(perturbations), shared=True)
+
+    def constraint(self, genes: Sequence[str], vocab_size: int):  # noqa: ANN201
+        from .generation import GeneConstraint
+
+        return GeneConstraint(self.gene_tokens, self.eos, vocab_size)
+
+    def to_sentences(self, tokens: Sequence[Sequence[int]], genes: Vocabulary) -> tuple[CellSentences, int, int]:
+        from .sentences import CellSentences
+
+        out = [_dedupe(self.to_genes(t)) for t in tokens]
+        return (CellSentences.from_lists([o[0] for o in out], genes), sum(o[1] for o in out),
+                sum(o[2] for o in out))
+
+
+
+class C2SFormat(PromptFormat):
     """The official C2S natural-language perturbation prompt, for any text tokenizer."""
 
     name = "c2s"
-    shares_prefix = False
 
     def __init__(self, tokenizer, genes: Sequence[str], perturbations: PerturbationVocab, template: str = C2S_PERTURBATION_PROMPT) -> None:  # noqa: ANN001
+        from .sentences import require_symbols
+
+        require_symbols(genes)  # a text model reads symbols; Ensembl ids need --gene-key
         self.tokenizer = tokenizer
         self.genes = list(genes)
         self.perturbations = perturbations
@@ -274,3 +389,32 @@ class C2SFormat:
     def response_vocabulary(self) -> np.ndarray | None:
         """``None``: a text tokenizer writes genes in several tokens, so no token is ruled out."""
         return None
+
+    # the interface the model calls
+    def grid(self, cells: Sequence[np.ndarray], perturbations: Sequence[Perturbation | Combination], *,
+             cell_keys: Sequence[int], perturbation_keys: Sequence[int]) -> PromptGrid:
+        """One full prompt per (cell, perturbation) pair (the perturbation comes before the cell)."""
+        pairs = [(i, j) for i in range(len(cells)) for j in range(len(perturbations))]
+        return PromptGrid([self.prompt(cells[i], perturbations[j]) for i, j in pairs], [[]],
+                          [cell_keys[i] * 1_000_003 + perturbation_keys[j] for i, j in pairs], [0], len(perturbations),
+                          shared=False)
+
+    def constraint(self, genes: Sequence[str], vocab_size: int):  # noqa: ANN201
+        from .generation import TrieConstraint
+
+        return TrieConstraint(self.tokenizer, genes, self.eos, vocab_size)
+
+    def max_new_tokens(self, max_genes: int, constraint: Any) -> int:
+        """A gene is several tokens: enough steps for ``max_genes`` of the longest."""
+        longest = max(len(t) for t in constraint.paths) if constraint is not None else 8
+        return max_genes * longest + 1
+
+    def to_sentences(self, tokens: Sequence[Sequence[int]], genes: Vocabulary) -> tuple[CellSentences, int, int]:
+        from .sentences import parse_text
+
+        texts = self.tokenizer.batch_decode([list(t) for t in tokens], skip_special_tokens=True)
+        sentences, report = parse_text(texts, genes)
+        return sentences, report.n_invalid, report.n_duplicate
+
+
+FORMATS: dict[str, type[PromptFormat]] = {"compact": CompactFormat, "c2s": C2SFormat}

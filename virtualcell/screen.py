@@ -1,6 +1,6 @@
 """In-silico screens: simulate a panel, score it, rank it, and pick a diverse shortlist.
 
-:func:`screen` runs a panel in groups of perturbations. Each finished group is written
+:func:`run` (also ``Simulator.screen``) runs a panel in groups of perturbations. Each finished group is written
 to the results folder at once, so a screen that is killed resumes where it stopped and
 ends with exactly the results of an uninterrupted run (a prediction depends only on
 seed, cell and perturbation). The folder holds::
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._stats import noise_corrected_sq_norm
 from .distributed import Split
 from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError
@@ -46,19 +47,31 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .simulator import Simulator
 
-__all__ = ["screen", "ScreenResult", "diverse_picks", "rank"]
+__all__ = ["run", "ScreenResult", "diverse_picks", "rank", "plot_top_hits"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScreenResult:
-    """The ranked table, the aggregates and the folder they were written to."""
+    """The ranked table, the aggregates and the folder they were written to.
+
+    Attributes
+    ----------
+    ranking
+        One row per candidate, best first; ``ranking.attrs["virtualcell"]`` holds the
+        provenance (model, seed, objective, fingerprint), which survives row selection.
+    aggregates
+        ``xarray.Dataset`` per perturbation and gene (see :class:`~virtualcell.simulator.SimulationResult`).
+    cells
+        Per-cell predictions ``(perturbation, cell, gene)`` when ``run(..., keep_cells=True)``, else ``None``.
+    """
 
     ranking: pd.DataFrame
     aggregates: xr.Dataset
     out: Path | None
     config: dict[str, Any]
+    cells: xr.DataArray | None = None
 
     def top(self, n: int = 10) -> pd.DataFrame:
         return self.ranking.head(n)
@@ -86,7 +99,7 @@ def _baseline_hash(sim: Simulator, n: int) -> str:
     return h.hexdigest()[:16]
 
 
-def screen(
+def run(
     simulator: Simulator,
     panel: Sequence[str | Perturbation | Combination],
     *,
@@ -101,6 +114,7 @@ def screen(
     batch_size: int = 512,
     max_genes: int | None = None,
     progress: bool = True,
+    keep_cells: bool = False,
     stop_after_groups: int | None = None,
     force: bool = False,
 ) -> ScreenResult:
@@ -121,6 +135,9 @@ def screen(
         How many diverse picks to choose for the wet lab.
     similarity
         Cosine similarity of predicted effects above which two candidates count as near-duplicates.
+    keep_cells
+        Keep the per-cell predictions in :attr:`ScreenResult.cells` (groups finished in an earlier,
+        interrupted run are simulated again for them), e.g. to plot the top picks' cells.
     stop_after_groups
         Stop (as if killed) after this many new groups: for testing resumption.
     force
@@ -140,8 +157,7 @@ def screen(
     obj = parse_objective(objective)
     n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
     genes = list(simulator.gene_names)
-    control_mean = np.asarray(simulator.expression[:n].mean(axis=0)).ravel()
-    obj.bind(genes, control_mean)  # unknown genes fail here, before any generation
+    obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
         "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
@@ -164,12 +180,13 @@ def screen(
                 refused = err
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
-                    progress=progress, stop_after_groups=stop_after_groups, force=force, refused=refused)
+                    progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
+                    refused=refused)
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
-         similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool,
+         similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
@@ -193,25 +210,29 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         raise {c.__name__: c for c in (OutputError, FolderInUseError)}.get(kind, ScreenError)(message)
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
+    cells: dict[int, xr.DataArray] = {}
     new_groups = 0
     bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not (progress and split.main),
                desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
-        if gi in done:
+        if gi in done and not keep_cells:
             try:
                 parts[gi], emb = _read_group(done[gi])
                 embedded.update(emb)
                 continue
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
                 log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
+                del done[gi]
         if stop_after_groups is not None and new_groups >= stop_after_groups:
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=False, progress=False)
+                                 keep_cells=keep_cells, progress=False)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
-        if folder is not None and split.main:
+        if keep_cells:
+            cells[gi] = res.cells
+        if folder is not None and split.main and gi not in done:
             _write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
         new_groups += 1
         bar.update(len(group))
@@ -220,9 +241,14 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
                     coords="minimal", compat="override")
     agg = _plain_strings(agg)
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
-    base_emb = simulator._embed(simulator.expression[:n].toarray())
+    # one path for the baseline's embedding, whether groups were simulated now or read back, so that
+    # a resumed screen ranks exactly as an uninterrupted one (simulate embeds chunk by chunk)
+    base_emb = simulator.embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
+    provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
+                                            "normalization") if k in agg.attrs}
+    ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:
             agg.to_netcdf(tmp, engine="h5netcdf")
@@ -239,7 +265,17 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return ScreenResult(ranking, agg, folder, config)
+    kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
+    return ScreenResult(ranking, agg, folder, config, kept)
+
+
+def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combination], **options: Any) -> ScreenResult:
+    """Deprecated alias of :func:`run` (or ``Simulator.screen``); removed in the next release."""
+    import warnings
+
+    warnings.warn("virtualcell.screen.screen is deprecated: use simulator.screen(panel, ...) or "
+                  "virtualcell.screen.run(simulator, panel, ...).", DeprecationWarning, stacklevel=2)
+    return run(simulator, panel, **options)
 
 
 SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.csv", "ranking.parquet",
@@ -351,6 +387,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     control_var = agg["control_var"].values.astype(np.float64)
     # aggregates from before paired buckets: every resample against the whole baseline
     paired = agg["control_bucket_mean"].values.astype(np.float64) if "control_bucket_mean" in agg else None
+    n_control = int(agg.attrs.get("n_baseline_cells", 0))
     rows = []
     distance = _edistance() if embedded else None
     for p in agg["perturbation"].values:
@@ -372,8 +409,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             score, score_low, score_high = 2 * plug_in - mid, 2 * plug_in - high, 2 * plug_in - low
         else:
             score, score_low, score_high = plug_in, float("nan"), float("nan")
-        l2 = float(np.linalg.norm(delta))
-        noise = float(a["var"].values.sum() / max(n, 1) + control_var.sum() / max(n, 1))
+        sq, noise = noise_corrected_sq_norm(delta, var_a=a["var"].values, n_a=n, var_b=control_var, n_b=n_control)
         order = np.argsort(delta)
         ed = float("nan")
         if distance is not None and embedded is not None and baseline_embedded is not None:
@@ -386,8 +422,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             "score_low": float(score_low),
             "score_high": float(score_high),
             "edistance": ed,
-            "l2_delta": l2,
-            "l2_delta_corrected": float(np.sqrt(max(l2**2 - noise, 0.0))),
+            "l2_delta": float(np.sqrt(sq)),
+            "l2_delta_corrected": float(np.sqrt(max(sq - noise, 0.0))) if np.isfinite(noise) else float("nan"),
             "n_cells": n,
             "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
             "top_down": [genes[i] for i in order[:5] if delta[i] < 0],
@@ -443,9 +479,6 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
 
 def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False) -> Any:
     """Top hits: scores with 95% intervals (picks dark), and a heatmap of their top genes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     top = ranking.head(n)

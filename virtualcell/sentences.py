@@ -52,6 +52,8 @@ __all__ = [
     "with_gene_key",
     "require_symbols",
     "gene_match_key",
+    "normalization_label",
+    "model_expression",
 ]
 
 DEFAULT_TOP_K = 200
@@ -141,6 +143,29 @@ def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:
     out.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(out.indptr))
     np.log1p(out.data, out=out.data)
     return out
+
+
+_NORMALIZATION = {"counts": "log1p_cp10k", "log1p": "as_is_log1p"}
+
+
+def normalization_label(scale: str) -> str:
+    """What :func:`log_normalize` did to data of ``scale``, as recorded in checkpoints and results:
+    ``"log1p_cp10k"`` (counts normalized to 1e4 per cell, then log1p) or ``"as_is_log1p"``."""
+    if scale not in _NORMALIZATION:
+        raise DataError(f"Unknown expression scale {scale!r}; expected 'counts' or 'log1p'.")
+    return _NORMALIZATION[scale]
+
+
+def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None) -> tuple[sp.csr_matrix, str]:
+    """Log-normalized expression of ``adata`` with one column per gene of ``genes`` (a model's
+    vocabulary; zeros for genes ``adata`` lacks), as float32 CSR, and the scale the data came in."""
+    X = expression_matrix(adata, layer=layer)
+    scale = detect_scale(X)
+    col = genes.ids(Vocabulary.from_adata(adata).genes, missing="mark")
+    keep = col >= 0
+    Xn = log_normalize(X, scale)[:, np.flatnonzero(keep)].tocoo()
+    out = sp.csr_matrix((Xn.data, (Xn.row, col[keep][Xn.col])), shape=(adata.n_obs, len(genes)), dtype=np.float32)
+    return out, scale
 
 
 # --------------------------------------------------------------------------- #
@@ -778,7 +803,7 @@ class RankFit:
         sums = np.bincount(r.astype(np.int64), weights=y)
         counts = np.bincount(r.astype(np.int64))
         means = tuple(float(v) for v in sums / np.maximum(counts, 1))
-        norm = "log1p_cp10k" if scale == "counts" else "as_is_log1p"
+        norm = normalization_label(scale)
         return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means)
 
     def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] = "linear") -> np.ndarray:

@@ -1,7 +1,7 @@
 """The Simulator: a baseline population + a model → predicted responses to perturbations.
 
 Prediction of cell *i* under perturbation *p* is calibrated against the model's own
-control generation (``shared/FINDINGS.md``)::
+control generation (README, "Fine-tune on your own screen")::
 
     x̂_ip = max(0, x_i + decode(gen(i, p)) − decode(gen(i, control)))
 
@@ -19,7 +19,7 @@ Examples
 --------
 >>> import virtualcell as vc
 >>> adata = vc.datasets.load()
->>> sim = vc.Simulator(vc.model.bundled(), adata[adata.obs.perturbation == "control"][:64])
+>>> sim = vc.Simulator(adata[adata.obs.perturbation == "control"][:64], vc.model.bundled())
 >>> res = sim.simulate(["STAT1", "ko:JAK2", "IFNGR1+IRF1"], seed=0)  # doctest: +SKIP
 >>> res.aggregates["delta"].sel(perturbation="ko:STAT1")  # doctest: +SKIP
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,15 +38,8 @@ import numpy as np
 from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
-from .sentences import (
-    Vocabulary,
-    decode,
-    detect_scale,
-    encode,
-    expression_matrix,
-    log_normalize,
-    with_gene_key,
-)
+from ._stats import pca, unbiased_var
+from .sentences import Vocabulary, decode, encode, model_expression, normalization_label, with_gene_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -57,8 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
+_PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
-KEEP_IN_MEMORY = 50_000_000  # per-cell predictions kept in memory up to this many values
+MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 
 
 @dataclass
@@ -158,9 +152,6 @@ class SimulationResult:
     def genes(self) -> list[str]:
         return [str(g) for g in self.aggregates["gene"].values]
 
-    def delta(self, perturbation: str) -> np.ndarray:
-        return self.aggregates["delta"].sel(perturbation=perturbation).values
-
     def _require_cells(self) -> tuple[int, int, int]:
         if self.cells is None:
             raise ScreenError(
@@ -169,41 +160,60 @@ class SimulationResult:
             )
         return self.cells.shape
 
-    def _head(self) -> ad.AnnData:
+    def _head(self, perturbation_key: str, labels: Mapping[str, str] | None,
+              genes_like: ad.AnnData | Sequence[str] | None) -> ad.AnnData:
         """The predicted cells' obs, var and uns, without X (shared by to_anndata and write_h5ad)."""
         import anndata as ad
         import pandas as pd
 
         P, C, _ = self._require_cells()
+        names = {**self.labels, **dict(labels or {})}
         obs = pd.DataFrame({
-            "perturbation": np.repeat([self.labels.get(p, p) for p in self.perturbations], C),
+            perturbation_key: np.repeat([names.get(p, p) for p in self.perturbations], C),
             "perturbation_typed": np.repeat(self.perturbations, C),
             "source_cell": np.tile(self.source_cells, P),
         })
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
-        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))
-        head.uns["virtualcell"] = {"normalization": self.aggregates.attrs.get("normalization", ""),
-                                   "model": self.aggregates.attrs.get("model", ""),
-                                   "seed": int(self.aggregates.attrs.get("seed", 0))}
+        genes = self.genes
+        if genes_like is not None:  # the model upper-cases gene symbols; give back the data's spelling
+            like = genes_like.var_names if hasattr(genes_like, "var_names") else genes_like
+            spelling = {str(g).upper(): str(g) for g in like}
+            genes = [spelling.get(g.upper(), g) for g in genes]
+        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=genes))
+        head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
         return head
 
-    def to_anndata(self) -> ad.AnnData:
-        """Predicted cells as AnnData: ``obs['perturbation']`` and ``obs['source_cell']``; X on the
-        model's normalized scale (recorded in ``uns``)."""
+    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None,
+                   genes_like: ad.AnnData | Sequence[str] | None = None) -> ad.AnnData:
+        """Predicted cells as AnnData, labelled like the measured data.
+
+        Parameters
+        ----------
+        perturbation_key
+            The obs column of the perturbation labels: the model's training label of each
+            perturbation (what measured data calls it; the typed name where it has none), or
+            ``labels[typed name]`` where given. ``obs['perturbation_typed']`` holds the typed
+            name and ``obs['source_cell']`` the baseline cell.
+        genes_like
+            Data (or gene names) whose spelling the gene names take (the model upper-cases them).
+
+        X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
+        """
         P, C, G = self._require_cells()
-        out = self._head()
+        out = self._head(perturbation_key, labels, genes_like)
         out.X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
-    def write_h5ad(self, path: str | Path) -> Path:
-        """Write the predicted cells as ``.h5ad`` (same layout as :meth:`to_anndata`), one
+    def write_h5ad(self, path: str | Path, *, perturbation_key: str = "perturbation",
+                   labels: Mapping[str, str] | None = None, genes_like: ad.AnnData | Sequence[str] | None = None) -> Path:
+        """Write the predicted cells as ``.h5ad`` (same layout and options as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
         import h5py
 
         P, C, G = self._require_cells()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        head = self._head()
+        head = self._head(perturbation_key, labels, genes_like)
         from .safeio import atomic_path
 
         with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one
@@ -229,11 +239,11 @@ class Simulator:
 
     Parameters
     ----------
-    model
-        A :class:`~virtualcell.model.C2SModel`.
     baseline
         The baseline cells (e.g. the control cells of one context), raw counts or
         log-normalized. Encoded once, into the model's vocabulary.
+    model
+        A :class:`~virtualcell.model.C2SModel`.
     genes
         ``"all"``: every gene of ``baseline`` must be in the model's vocabulary;
         ``"shared"``: proceed on the shared genes.
@@ -242,10 +252,18 @@ class Simulator:
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
         and predictions keep the baseline's spelling (:attr:`gene_names`). By default, the
         column the model was trained with (``model.contract.gene_key``) when ``baseline`` has it.
+
+    ``Simulator(model, baseline)`` (the order before 0.2) still works, with a DeprecationWarning.
     """
 
-    def __init__(self, model: C2SModel, baseline: ad.AnnData, *, genes: Literal["all", "shared"] = "all",
+    def __init__(self, baseline: ad.AnnData, model: C2SModel, *, genes: Literal["all", "shared"] = "all",
                  seed: int = 0, n_pcs: int = 30, gene_key: str | None = None) -> None:
+        if hasattr(baseline, "generate") and hasattr(model, "obs"):  # the old order: (model, baseline)
+            import warnings
+
+            warnings.warn("Simulator(model, baseline) is deprecated: the data comes first, Simulator(baseline, model).",
+                          DeprecationWarning, stacklevel=2)
+            baseline, model = model, baseline  # type: ignore[assignment]
         self.model = model
         trained_with = model.contract.gene_key if model.contract is not None else None
         if gene_key is None and trained_with is not None and trained_with in baseline.var.columns:
@@ -254,17 +272,15 @@ class Simulator:
         baseline = with_gene_key(baseline, gene_key)
         self.baseline = baseline
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
-        X = expression_matrix(baseline)
-        self.scale = detect_scale(X)
-        Xn = log_normalize(X, self.scale)
         # baseline expression in the model's gene order (zeros for model genes the data lacks)
-        col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
-        keep = col >= 0
+        self.expression, self.scale = model_expression(baseline, model.genes)
+        self.normalization = normalization_label(self.scale)
         # the names predictions carry: the baseline's own spelling where it has the gene
+        col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         names = list(model.genes.genes)
         spelled = baseline.var_names.astype(str)
         versions = [(spelled[i], names[c]) for i, c in enumerate(col) if c >= 0 and spelled[i].upper() != names[c]]
-        for i in np.flatnonzero(keep):
+        for i in np.flatnonzero(col >= 0):
             names[col[i]] = spelled[i]
         self.gene_names: list[str] = names
         if versions:
@@ -274,18 +290,28 @@ class Simulator:
                 f"{len(versions)} baseline genes match the model's only without their Ensembl version suffix "
                 f"(e.g. {versions[0][0]!r} <-> {versions[0][1]!r}); they are treated as the same gene and "
                 "predictions use the baseline's names.", UserWarning, stacklevel=2)
-        import scipy.sparse as sp
-
-        Xn = Xn[:, np.flatnonzero(keep)].tocoo()
-        self.expression = sp.csr_matrix((Xn.data, (Xn.row, col[keep][Xn.col])), shape=(baseline.n_obs, len(model.genes)),
-                                        dtype=np.float32)
-        self.normalization = "log1p_cp10k" if self.scale == "counts" else "as_is_log1p"
         if model.rank_fit is None:
             raise DataError(
                 "The model has no rank fit (codec), so it cannot decode sentences into expression. Fit one on data "
                 "like the baseline: model.rank_fit = RankFit.fit(adata, encode(adata, vocab=model.genes))."
             )
-        self._basis = _pca_basis(self.expression, n_pcs, seed)
+        self._basis = pca(self.expression, n_pcs, seed=seed)
+
+    def baseline_mean(self, n_cells: int | None = None) -> np.ndarray:
+        """Mean expression of the first ``n_cells`` baseline cells (all by default), in the model's genes."""
+        return np.asarray(self.expression[:n_cells].mean(axis=0), dtype=np.float64).ravel()
+
+    def embed(self, X: np.ndarray | Any) -> np.ndarray:
+        """Cells (model-gene expression, like :attr:`expression`) on the baseline's principal axes."""
+        return self._basis.transform(X)
+
+    def screen(self, panel: Sequence[str | Perturbation | Combination], **options: Any) -> Any:
+        """Screen ``panel`` on these baseline cells and rank it: :func:`virtualcell.screen.run`
+        (``objective=``, ``out=``, ``top=``... are its options); returns a
+        :class:`~virtualcell.screen.ScreenResult`."""
+        from .screen import run
+
+        return run(self, panel, **options)
 
     def __repr__(self) -> str:
         return f"Simulator({self.baseline.n_obs} baseline cells, {self.model!r})"
@@ -305,6 +331,7 @@ class Simulator:
         keep_cells: bool | None = None,
         store: str | Path | None = None,
         keep_embedded: int = 256,
+        max_in_memory: int = MAX_IN_MEMORY,
         progress: bool = True,
         on_chunk: Callable[[int, int], None] | None = None,
     ) -> SimulationResult:
@@ -321,7 +348,7 @@ class Simulator:
         calibrate
             Predict ``x + decode(perturbed) − decode(control)`` (default) instead of the decoded generation.
         keep_cells
-            Keep per-cell predictions in memory (default: when they are small).
+            Keep per-cell predictions in memory (default: when they are at most ``max_in_memory`` values).
         store
             A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
         """
@@ -341,7 +368,7 @@ class Simulator:
         G = len(self.model.genes)
         P = len(perts)
         if keep_cells is None:
-            keep_cells = store is None and P * n * G <= KEEP_IN_MEMORY
+            keep_cells = store is None and P * n * G <= max_in_memory
         split = Split.current(cpu=self.model.device.type == "cpu")
         if split.world > 1 and store is not None:
             raise ScreenError(
@@ -350,7 +377,7 @@ class Simulator:
             )
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
-        sums = _Sums(P, G, self._basis[1].shape[0], keep_embedded)
+        sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed)
         fit = self.model.rank_fit
@@ -370,7 +397,7 @@ class Simulator:
                     for row, (c, p) in enumerate(zip(out.cell, out.perturbation)):
                         gen[(int(c), int(p))] = D[row]
                 x = self.expression[idx].toarray()
-                base_emb.append(self._embed(x))
+                base_emb.append(self.embed(x))
                 base_idx.append(idx)
                 d_ctrl = np.stack([gen[(i, ci)] for i in range(len(idx))])
                 buckets = _bucket(idx, seed)
@@ -379,7 +406,7 @@ class Simulator:
                     d = np.stack([gen[(i, k)] for i in range(len(idx))])
                     pred = np.maximum(x + d - d_ctrl, 0.0) if calibrate else d
                     pred = pred.astype(np.float32)
-                    sums.add(j, pred, buckets, self._embed(pred), idx)
+                    sums.add(j, pred, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
                     if writer is not None:
@@ -417,18 +444,14 @@ class Simulator:
                                 dict(zip(names, self.model.perturbations.labels_for(perts))))
 
     # ------------------------------------------------------------------ #
-    def _embed(self, X: np.ndarray) -> np.ndarray:
-        mean, comps = self._basis
-        return ((X - mean) @ comps.T).astype(np.float32)
-
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
         import xarray as xr
 
         cnt = np.maximum(sums.count, 1)[:, None]
         mean = sums.total / cnt
-        var = np.maximum(sums.sq / cnt - mean**2, 0.0) * (cnt / np.maximum(cnt - 1, 1))
-        control_mean = np.asarray(self.expression[:n].mean(axis=0)).ravel()
-        control_var = np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel() - control_mean**2
+        var = unbiased_var(mean, sums.sq / cnt, cnt)
+        control_mean = self.baseline_mean(n)
+        control_var = unbiased_var(control_mean, np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel(), n)
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
         # the baseline cells of each bucket: a bucket's delta pairs its predicted cells with their own baselines
         cell_bucket = _bucket(np.arange(n), seed)
@@ -471,20 +494,6 @@ def _bucket(idx: np.ndarray, seed: int) -> np.ndarray:
     x = (idx.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B9)) * np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(31)
     return (x % np.uint64(N_BUCKETS)).astype(np.int64)
-
-
-def _pca_basis(X, n_pcs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Mean and principal axes of the baseline (for embedding predicted cells)."""
-    import scipy.sparse.linalg as spla
-
-    mean = np.asarray(X.mean(axis=0)).ravel()
-    k = max(1, min(n_pcs, min(X.shape) - 1))
-    if min(X.shape) <= 2:
-        return mean, np.eye(X.shape[1], dtype=np.float32)[:1]
-    rng = np.random.default_rng(seed)
-    A = spla.aslinearoperator(X.astype(np.float64)) - spla.aslinearoperator(np.ones((X.shape[0], 1))) @ spla.aslinearoperator(mean[None, :])
-    _, _, vt = spla.svds(A, k=k, v0=rng.uniform(-1, 1, min(X.shape)))
-    return mean.astype(np.float32), vt[::-1].astype(np.float32)
 
 
 def _bar(total: int, enabled: bool, desc: str):  # noqa: ANN202

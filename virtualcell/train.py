@@ -1,7 +1,7 @@
 """Fine-tuning: a perturbation screen (AnnData) → (prompt, response) pairs → a C2S model.
 
 The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
-(``shared/FINDINGS.md``):
+(README, "Fine-tune on your own screen"):
 
 1. **Pairs by similarity.** Each perturbed cell is paired with one of its nearest
    control cells of the same context (PCA space), not a random one, so the control
@@ -25,7 +25,9 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
+from ._stats import pca
 from .errors import DataError, TrainingError, preview
-from .perturbations import GENETIC, Combination, Perturbation, parse
+from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
 from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
                         require_symbols, with_gene_key)
@@ -48,15 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["TrainConfig", "train", "build_pairs", "KIND_ALIASES"]
 
 log = logging.getLogger(__name__)
-
-KIND_ALIASES = {
-    "crispra": "activation", "activation": "activation", "oe": "activation", "overexpression": "activation",
-    "crispri": "knockdown", "knockdown": "knockdown", "sirna": "knockdown", "shrna": "knockdown",
-    "crispr": "knockout", "crispr-ko": "knockout", "crisprko": "knockout", "knockout": "knockout", "ko": "knockout",
-    "drug": "drug", "compound": "drug", "chemical": "drug", "small molecule": "drug",
-    "cytokine": "cytokine", "ligand": "cytokine", "stimulation": "cytokine",
-    "label": "label", "control": "control",
-}
 
 
 @dataclass(frozen=True)
@@ -191,16 +185,6 @@ def _all_gene_like(parts: list[str]) -> bool:
     return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
 
 
-def _pca(X, n_pcs: int, seed: int) -> np.ndarray:  # noqa: ANN001
-    import scipy.sparse.linalg as spla
-
-    k = max(1, min(n_pcs, min(X.shape) - 1))
-    rng = np.random.default_rng(seed)
-    v0 = rng.uniform(-1, 1, size=min(X.shape))
-    u, s, _ = spla.svds(X.astype(np.float64), k=k, v0=v0)
-    return (u * s).astype(np.float32)
-
-
 def build_pairs(
     adata: ad.AnnData, contract: DataContract, *, neighbours: int = 5, n_pcs: int = 20, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +210,7 @@ def build_pairs(
                 f"Context {c!r} has {controls.size} control cells; pairs need at least 2. Add control cells for it "
                 "or drop the context."
             )
-        emb = _pca(Xn[members], n_pcs, seed)
+        emb = pca(Xn[members], n_pcs, seed=seed).transform(Xn[members])
         pos = {m: i for i, m in enumerate(members)}
         tree = cKDTree(emb[[pos[m] for m in controls]])
         k = min(neighbours + 1, controls.size)
@@ -301,7 +285,9 @@ def train(
         Var column holding the gene names (symbols, or Ensembl ids for the default gene-level
         model); default ``var_names``.
     """
-    from .training.loop import torch_threads
+    import torch
+
+    from .generation import torch_threads
 
     cfg = config or TrainConfig()
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
@@ -309,7 +295,7 @@ def train(
     if base is not None:
         require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
     contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
-    with torch_threads(None):  # the thread count chosen for training is undone on the way out
+    with torch_threads(torch.get_num_threads()):  # the thread count chosen for training is undone on the way out
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log)
 
@@ -507,3 +493,17 @@ def _chunks_by_source(targets: np.ndarray, src: np.ndarray, group_size: int) -> 
     for run in np.split(targets, cuts):
         out.extend(np.array_split(run, int(np.ceil(run.size / group_size))))
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``vc.train(adata, out=...)`` works as a scanpy user would guess, pointing to the verb ``vc.fit``."""
+
+    def __call__(self, adata: ad.AnnData, **options: Any) -> C2SModel:
+        import warnings
+
+        warnings.warn("vc.train is the trainer's module; the verb is vc.fit(adata, out=...), which this calls.",
+                      DeprecationWarning, stacklevel=2)
+        return train(adata, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

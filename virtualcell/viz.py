@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._stats import pca
 from .contract import DataContract
 from .errors import ContractError, DataError
+from .sentences import model_expression
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -33,15 +35,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from .model import C2SModel
+    from .screen import ScreenResult
     from .simulator import SimulationResult, Simulator
 
 __all__ = [
-    "DATA_SOURCES", "MODEL_SOURCES", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
+    "DATA_SOURCES", "MODEL_SOURCES", "DATA_CHOICES", "MODEL_CHOICES", "chosen_data", "load_data", "load_model", "pertpy_loaders", "subset", "baseline_cells",
     "measured_labels", "measured_cells", "predict_as_measured", "pca_frame", "plot_pca", "screen_pca", "plot_history", "panel", "sample", "LiveLoss",
 ]
 
 DATA_SOURCES = ("embedded", "h5ad", "pertpy")
 MODEL_SOURCES = ("bundled", "folder", "hub")
+# what the notebooks' pickers show -> the source; the first is the default
+DATA_CHOICES = {"embedded default (Papalexi 2021)": "embedded", "local .h5ad file": "h5ad",
+                "pertpy loader (downloads)": "pertpy"}
+MODEL_CHOICES = {"bundled (trained on Papalexi 2021, rep_3 held out)": "bundled", "local folder": "folder",
+                 "Hugging Face hub id": "hub"}
 
 
 def pertpy_loaders() -> list[str]:
@@ -49,6 +57,17 @@ def pertpy_loaders() -> list[str]:
     from . import datasets
 
     return sorted(name for name, info in datasets.available().items() if info.pertpy)
+
+
+def chosen_data(source: str, *, path: str = "", loader: str | None = None) -> str | None:
+    """The ``value`` :func:`load_data` needs for a data picker's choice: ``""`` for the embedded
+    default, the ``path`` of an .h5ad, the pertpy ``loader``; ``None`` while the one needed is empty.
+
+    >>> chosen_data("embedded"), chosen_data("h5ad", path=""), chosen_data("pertpy", loader="norman_2019")
+    ('', None, 'norman_2019')
+    """
+    value = {"embedded": "", "h5ad": path, "pertpy": loader or ""}.get(source, "")
+    return value if source == "embedded" or value else None
 
 
 def load_data(source: str = "embedded", value: str = "", *, contract: DataContract | None = None) -> ad.AnnData:
@@ -138,21 +157,8 @@ def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContrac
     measured cells in ``adata`` (e.g. ``STAT1``), for the labels the model knows."""
     contract = contract or DataContract.from_adata(adata)
     present = set(contract.perturbations(adata))
-    return {str(model.perturbations.resolve(label)): label for label in sorted(model.perturbations.labels)
-            if label in present}
-
-
-def _model_expression(adata: ad.AnnData, model: C2SModel) -> np.ndarray:
-    """Log-normalized expression of ``adata`` in the model's gene order (zeros for missing genes)."""
-    from .sentences import Vocabulary, detect_scale, expression_matrix, log_normalize
-
-    X = expression_matrix(adata)
-    X = log_normalize(X, detect_scale(X)).toarray()
-    col = model.genes.ids(Vocabulary.from_adata(adata).genes, missing="mark")
-    out = np.zeros((adata.n_obs, len(model.genes)), dtype=np.float32)
-    keep = col >= 0
-    out[:, col[keep]] = X[:, keep]
-    return out
+    known = model.perturbations.label_map(model.resolve(sorted(model.perturbations.labels)))
+    return {typed: label for typed, label in known.items() if label in present}
 
 
 def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[str], *,
@@ -174,7 +180,7 @@ def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[s
             continue
         if idx.size > n_cells:
             idx = np.sort(rng.choice(idx, n_cells, replace=False))
-        out[name] = _model_expression(adata[idx], model)
+        out[name] = model_expression(adata[idx], model.genes)[0].toarray()
     return out
 
 
@@ -189,9 +195,7 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
     import pandas as pd
 
     res = simulator.simulate(list(labels), n_cells=n_cells, seed=seed, keep_cells=True, progress=False)
-    pred = res.to_anndata()
-    typed = {str(simulator.model.perturbations.resolve(label)): label for label in labels}
-    pred.obs[perturbation_key] = pred.obs["perturbation_typed"].map(typed).astype(str)
+    pred = res.to_anndata(perturbation_key=perturbation_key, genes_like=simulator.baseline)
     n = res.cells.sizes["cell"]
     base = np.asarray(simulator.expression[:n].toarray(), dtype=np.float32)
     ctrl = ad.AnnData(base, obs=pd.DataFrame({perturbation_key: control, "source_cell": res.source_cells},
@@ -216,14 +220,10 @@ def pca_frame(baseline: np.ndarray, groups: Mapping[str, np.ndarray], *, kind: M
     import pandas as pd
 
     B = np.asarray(baseline, dtype=np.float64)
-    center = B.mean(axis=0)
-    _, _, vt = np.linalg.svd(B - center, full_matrices=False)
-    comps = vt[:2]
-    # fix the sign of each axis so that the result does not depend on the LAPACK build
-    comps = comps * np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])[:, None]
+    basis = pca(B, 2)
     frames = []
     for name, X in {"baseline": B, **dict(groups)}.items():
-        E = (np.asarray(X, dtype=np.float64) - center) @ comps.T
+        E = basis.transform(np.asarray(X, dtype=np.float64))
         frames.append(pd.DataFrame({"pc1": E[:, 0], "pc2": E[:, 1] if E.shape[1] > 1 else 0.0, "group": name,
                                     "kind": "baseline" if name == "baseline" else (kind or {}).get(name, "")}))
     return pd.concat(frames, ignore_index=True)
@@ -232,9 +232,6 @@ def pca_frame(baseline: np.ndarray, groups: Mapping[str, np.ndarray], *, kind: M
 def plot_pca(frame: pd.DataFrame, *, ax: Axes | None = None, return_fig: bool = False) -> Figure | None:
     """Scatter of :func:`pca_frame`: baseline grey, one colour per perturbation, predicted cells as
     dots and measured cells as crosses."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -260,15 +257,19 @@ def plot_pca(frame: pd.DataFrame, *, ax: Axes | None = None, return_fig: bool = 
     return fig if return_fig else None
 
 
-def screen_pca(simulator: Simulator, result: SimulationResult, *, measured: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+def screen_pca(simulator: Simulator, result: SimulationResult | ScreenResult, *,
+               measured: Mapping[str, np.ndarray] | None = None, perturbations: Sequence[str] | None = None) -> pd.DataFrame:
     """:func:`pca_frame` of a screen's baseline, the predicted cells of ``result`` (from
-    ``simulator.simulate(..., keep_cells=True)``) and optional measured cells (:func:`measured_cells`)."""
+    ``simulator.simulate(..., keep_cells=True)`` or ``simulator.screen(..., keep_cells=True)``; only
+    ``perturbations`` if given) and optional measured cells (:func:`measured_cells`)."""
     if result.cells is None:
-        raise DataError("The simulation kept no per-cell predictions; run simulate(..., keep_cells=True).")
+        raise DataError("The result kept no per-cell predictions; run simulate(..., keep_cells=True) "
+                        "or screen(..., keep_cells=True).")
     n = result.cells.sizes["cell"]
     groups: dict[str, np.ndarray] = {}
     kind: dict[str, str] = {}
-    for p in result.perturbations:
+    names = [str(p) for p in result.cells["perturbation"].values] if perturbations is None else list(perturbations)
+    for p in names:
         groups[f"{p} (predicted)"] = np.asarray(result.cells.sel(perturbation=p).values)
         kind[f"{p} (predicted)"] = "predicted"
         if measured and p in measured:
@@ -280,9 +281,6 @@ def screen_pca(simulator: Simulator, result: SimulationResult, *, measured: Mapp
 def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = None,
                  return_fig: bool = False) -> Figure | None:
     """Training and validation loss by step, from the records ``train(..., on_log=...)`` reports."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     if ax is None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._stats import PCABasis, noise_corrected_sq_norm, pca, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..sentences import with_gene_key
@@ -165,7 +166,7 @@ class _RealContext:
     de_score: np.ndarray  # Welch t per candidate and gene
     n_cells: dict[str, int]
     effect_size: dict[str, float]
-    basis: tuple[np.ndarray, np.ndarray] | None = None  # (center, components) of a PCA of the measured cells
+    basis: PCABasis | None = None  # a PCA of the measured cells
     cells: dict[str, np.ndarray] = field(default_factory=dict)
     control_cells: np.ndarray | None = None
 
@@ -173,7 +174,7 @@ class _RealContext:
 def _moments(X: sp.csr_matrix, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
     names, means, counts = group_means(X, keys)
     _, sq, _ = group_means(X.multiply(X).tocsr(), keys)
-    var = np.maximum(sq - means**2, 0.0) * (counts / np.maximum(counts - 1, 1))[:, None]
+    var = unbiased_var(means, sq, counts[:, None])
     return names, means, var, counts
 
 
@@ -208,23 +209,19 @@ def _real_contexts(
             continue
         c_mean, c_var, n_c = means[ci], var[ci], counts[ci]
         de = _welch_t(means[cand], var[cand], counts[cand], c_mean, c_var, n_c)
-        noise = var[cand].sum(axis=1) / counts[cand] + c_var.sum() / n_c
-        sq = ((means[cand] - c_mean) ** 2).sum(axis=1)
-        rc = _RealContext(
-            ctx, tuple(names[i] for i in cand), means[cand], c_mean, de,
-            {names[i]: int(counts[i]) for i in cand},
-            {names[i]: float(s - z) for i, s, z in zip(cand, sq, noise)},
-        )
+        effect = {}
+        for i in cand:
+            sq, noise = noise_corrected_sq_norm(means[i] - c_mean, var_a=var[i], n_a=counts[i], var_b=c_var, n_b=n_c)
+            effect[names[i]] = sq - noise
+        rc = _RealContext(ctx, tuple(names[i] for i in cand), means[cand], c_mean, de,
+                          {names[i]: int(counts[i]) for i in cand}, effect)
         if cells:
             groups = {n: real.dense(in_ctx & (real.labels == n)) for n in names}
             groups = {n: g[_subsample(len(g), max_cells, rng)] for n, g in groups.items()}
             stacked = np.concatenate(list(groups.values()), axis=0).astype(np.float64)
-            center = stacked.mean(axis=0)
-            k = max(1, min(_N_COMPONENTS, stacked.shape[0] - 1, stacked.shape[1]))
-            _, _, vt = np.linalg.svd(stacked - center, full_matrices=False)
-            rc.basis = (center, vt[:k])
-            rc.cells = {n: (g - center) @ vt[:k].T for n, g in groups.items() if n != control}
-            rc.control_cells = (groups[control] - center) @ vt[:k].T
+            rc.basis = pca(stacked, _N_COMPONENTS, seed=seed)
+            rc.cells = {n: rc.basis.transform(g) for n, g in groups.items() if n != control}
+            rc.control_cells = rc.basis.transform(groups[control])
         out.append(rc)
     return out
 
@@ -249,10 +246,9 @@ def _pairs(pred: Prepared, contexts: list[_RealContext], genes: pd.Index, contro
         pred_de = _welch_t(means[pi], var[pi], counts[pi], means[c], var[c], counts[c])
         pred_cells: dict[str, np.ndarray] = {}
         if cells and rc.basis is not None:
-            center, comps = rc.basis
             for p in scored:
                 g = pred.dense(in_ctx & (pred.labels == p))
-                pred_cells[p] = (g[_subsample(len(g), max_cells, rng)] - center) @ comps.T
+                pred_cells[p] = rc.basis.transform(g[_subsample(len(g), max_cells, rng)])
         pairs.append(PredRealPair(
             genes=tuple(str(g) for g in genes),
             context=rc.context,

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._stats import noise_corrected_sq_norm, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
-from ..sentences import detect_scale, log_normalize
+from ..sentences import detect_scale, log_normalize, normalization_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -88,8 +89,8 @@ def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> 
     """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
 
     Raw counts (every value a whole number) are normalized with
-    :func:`virtualcell.sentences.log_normalize`; the second value says so
-    (``"counts -> log1p"``) or is ``"log1p"``. NaN and inf are refused. Negative values
+    :func:`virtualcell.sentences.log_normalize`; the second value is
+    :func:`virtualcell.sentences.normalization_label` of the input's scale. NaN and inf are refused. Negative values
     are allowed with ``allow_negative`` (a baseline made by shifting control cells can go
     below zero); user inputs are checked with :func:`check_values` first, which refuses them.
     """
@@ -98,8 +99,8 @@ def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> 
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
     values = X.data
     if values.size and values.min() >= 0 and detect_scale(X) == "counts":
-        return log_normalize(X, "counts"), "counts -> log1p(counts / total * 1e4)"
-    return X, "log1p"
+        return log_normalize(X, "counts"), normalization_label("counts")
+    return X, normalization_label("log1p")
 
 
 @dataclass(frozen=True)
@@ -355,13 +356,12 @@ def effect_size(
     else:
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
-    def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+    def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         sub = M[np.flatnonzero(mask)]
         n = sub.shape[0]
         mean = np.asarray(sub.mean(axis=0)).ravel().astype(np.float64)
-        sq = np.asarray(sub.multiply(sub).mean(axis=0)).ravel()
-        var = np.maximum(sq - mean**2, 0.0) * (n / (n - 1) if n > 1 else np.nan)
-        return mean, float(np.nansum(var)), n
+        var = unbiased_var(mean, np.asarray(sub.multiply(sub).mean(axis=0)).ravel(), n)
+        return mean, var, n
 
     rows = []
     for ctx in sorted(set(contexts)):
@@ -372,8 +372,7 @@ def effect_size(
         c_mean, c_var, n_c = stats(Xr, cmask)
         for p in sorted(set(labels[contexts == ctx]) - {contract.control}):
             p_mean, p_var, n_p = stats(X, (labels == p) & (contexts == ctx))
-            sq = float(np.sum((p_mean - c_mean) ** 2))
-            noise = p_var / n_p + c_var / n_c if n_p > 1 and n_c > 1 else np.nan
+            sq, noise = noise_corrected_sq_norm(p_mean - c_mean, var_a=p_var, n_a=n_p, var_b=c_var, n_b=n_c)
             rows.append((p, ctx, n_p, n_c, sq, noise, sq - noise))
     cols = ["perturbation", "context", "n_cells", "n_control", "squared_norm", "noise", "effect_size"]
     return pd.DataFrame(rows, columns=cols).sort_values("effect_size", ascending=False, ignore_index=True)

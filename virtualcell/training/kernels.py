@@ -76,7 +76,7 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
 
     ``"auto"`` (``threads=None``) measures on a CPU. ``loss_of()`` computes the loss of a
     representative batch with the model as it is set. The caller restores the thread setting
-    when it is done (:func:`virtualcell.training.loop.torch_threads`).
+    when it is done (:func:`virtualcell.generation.torch_threads`).
     """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (precision, PRECISION, "precision")):
         if value != "auto" and value not in allowed:

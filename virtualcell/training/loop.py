@@ -7,11 +7,10 @@ tested with any model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..errors import TrainingError
 from .batching import Batch
 from .schedule import lr_at
 
-__all__ = ["LoopState", "Budget", "fit", "torch_threads"]
+__all__ = ["LoopState", "Budget", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +49,6 @@ class Budget:
 
     def time_fraction(self) -> float | None:
         return None if self.seconds is None else self.spent() / self.seconds
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (``None``: leave as is), restoring the setting after."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def in_pretraining(step: int, state: LoopState, budget: Budget) -> bool:

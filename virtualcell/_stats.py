@@ -1,0 +1,109 @@
+"""The few statistics several layers need, written once: a PCA, per-gene variances and the
+noise-corrected effect size.
+
+Pure numpy/scipy. Every caller imports these; a second copy would drift (the simulator's
+control variance was once biased while its neighbour was not).
+
+Examples
+--------
+>>> import numpy as np
+>>> from virtualcell._stats import pca, noise_corrected_sq_norm
+>>> X = np.random.default_rng(0).normal(size=(50, 6))
+>>> basis = pca(X, 2)
+>>> basis.transform(X).shape
+(50, 2)
+>>> sq, noise = noise_corrected_sq_norm(np.ones(3), var_a=np.ones(3), n_a=10, var_b=np.ones(3), n_b=10)
+>>> sq, round(noise, 3)
+(3.0, 0.6)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["PCABasis", "noise_corrected_sq_norm", "pca", "unbiased_var"]
+
+_GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
+_DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
+
+
+@dataclass(frozen=True)
+class PCABasis:
+    """The center and principal axes (rows of ``components``, largest variance first) of some cells."""
+
+    center: np.ndarray
+    components: np.ndarray
+
+    def transform(self, X: np.ndarray | sp.spmatrix) -> np.ndarray:
+        """Cells (rows of ``X``, same genes) on the principal axes, as float32."""
+        if sp.issparse(X):  # (X - center) @ W without densifying X
+            return (np.asarray(X @ self.components.T) - self.center @ self.components.T).astype(np.float32)
+        return ((np.asarray(X) - self.center) @ self.components.T).astype(np.float32)
+
+
+def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCABasis:
+    """Principal axes of the rows of ``X`` (cells x genes), centered on their mean.
+
+    Up to 2,000 genes the axes are the eigenvectors of the genes' covariance matrix (exact,
+    and fast for any number of cells); small matrices get an exact dense SVD; larger ones a
+    truncated SVD (``scipy.sparse.linalg.svds`` on the implicitly centered matrix, seeded by
+    ``seed``).
+    Each axis's sign is fixed (its largest loading is positive), so the result does not
+    depend on the LAPACK build or the method. At most ``min(cells, genes) - 1`` axes are
+    returned (one when there are fewer than three cells or genes).
+    """
+    dense = not sp.issparse(X)
+    A = np.asarray(X, dtype=np.float64) if dense else X
+    n, g = A.shape
+    center = np.asarray(A.mean(axis=0), dtype=np.float64).ravel()
+    k = max(1, min(int(n_components), min(n, g) - 1))
+    if min(n, g) <= 2:
+        comps = np.zeros((1, g))
+        comps[0, 0] = 1.0
+    elif g <= _GRAM_MAX_GENES:  # few genes: eigenvectors of the g x g covariance, exact and fast for any n
+        gram = np.asarray((A.T @ A).toarray() if not dense else A.T @ A, dtype=np.float64)
+        cov = gram - n * np.outer(center, center)
+        values, vectors = np.linalg.eigh(cov)
+        comps = vectors[:, np.argsort(values)[::-1][:k]].T
+    elif n * g <= _DENSE_MAX:
+        M = (A.toarray() if not dense else A) - center
+        _, _, vt = np.linalg.svd(M, full_matrices=False)
+        comps = vt[:k]
+    else:
+        import scipy.sparse.linalg as spla
+
+        rng = np.random.default_rng(seed)
+        op = spla.aslinearoperator(A if dense else sp.csr_matrix(A, dtype=np.float64))
+        op = op - spla.aslinearoperator(np.ones((n, 1))) @ spla.aslinearoperator(center[None, :])
+        _, s, vt = spla.svds(op, k=k, v0=rng.uniform(-1, 1, min(n, g)))
+        comps = vt[np.argsort(s)[::-1]]
+    comps = comps * np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])[:, None]
+    return PCABasis(center.astype(np.float32), comps.astype(np.float32))
+
+
+def unbiased_var(mean: np.ndarray, mean_of_squares: np.ndarray, n: np.ndarray | float) -> np.ndarray:
+    """Per-gene sample variance (``ddof=1``) from the first two moments over ``n`` cells.
+
+    ``n`` broadcasts against ``mean`` (e.g. a column of group sizes); a group of one cell
+    has variance 0.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    return np.maximum(mean_of_squares - mean**2, 0.0) * (n / np.maximum(n - 1, 1))
+
+
+def noise_corrected_sq_norm(delta: np.ndarray, *, var_a: np.ndarray, n_a: float, var_b: np.ndarray,
+                            n_b: float) -> tuple[float, float]:
+    """``(||delta||^2, noise)`` for ``delta = mean(a) - mean(b)`` of two independent groups.
+
+    ``noise = sum(var_a) / n_a + sum(var_b) / n_b`` is the expected ``||delta||^2`` under
+    sampling noise alone (``var_*``: unbiased per-gene variances), so ``||delta||^2 - noise``
+    is an effect size that does not favour small groups. ``noise`` is NaN when a group has
+    fewer than two cells.
+    """
+    sq = float(np.sum(np.square(np.asarray(delta, dtype=np.float64))))
+    if n_a < 2 or n_b < 2:
+        return sq, float("nan")
+    return sq, float(np.sum(var_a) / n_a + np.sum(var_b) / n_b)
