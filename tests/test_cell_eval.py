@@ -172,3 +172,16 @@ def test_evaluate_says_what_to_install_without_cell_eval(tmp_path, capsys, monke
     assert "pip install 'cell-eval>=0.8.2'" in capsys.readouterr().err
     with pytest.raises(ImportError, match=r"pip install 'cell-eval>=0.8.2'"):  # its pearson_delta too
         evaluate(None, real, profile="pearson", baselines=("nochange",), ceiling=False)
+
+
+def test_a_calibrated_prediction_above_cell_evals_raw_count_heuristic_is_scored():
+    """x + decode(perturbed) - decode(control) can pass 15 on the log1p scale for one gene: cell-eval's
+    guess that such data are raw counts must not stop the evaluation (seen in protocol 4)."""
+    real = _screen(seed=0)
+    pred = _screen(seed=1)
+    X = np.asarray(pred.X).copy()
+    X[pred.obs["perturbation"].to_numpy() == "A", 0] = 15.4
+    pred.X = X
+    base, ref = split_controls(real, seed=0)
+    table = evaluate(pred, ref, baseline=base, profile="vcc", baselines=("nochange",))
+    assert np.isfinite(_values(table, "model", "mae")).all()

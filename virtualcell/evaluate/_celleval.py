@@ -220,8 +220,11 @@ def score(
         with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "the string cache", DeprecationWarning)  # polars, inside cell-eval
             try:
+                # Both sides are on virtualcell's log1p scale already: cell-eval must not normalize them again,
+                # nor refuse a calibrated prediction above its 15 heuristic for "raw counts" (x + dec(p) - dec(c)
+                # can reach it for a gene the model's control generation lacks).
                 ev = MetricsEvaluator(p_ad, r_ad, control_pert=control, pert_col=PERT_COL, num_threads=threads,
-                                      outdir=str(Path(tmp) / "out"), skip_de=profile == "pds")
+                                      outdir=str(Path(tmp) / "out"), skip_de=profile == "pds", allow_discrete=True)
                 results, _ = ev.compute(profile=profile, write_csv=False, break_on_error=True)
             except Exception as err:
                 if hasattr(err, "add_note"):
