@@ -202,7 +202,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
         cells = ad.concat(copies, merge="same", uns_merge="same")
     sim = Simulator(cells, model, seed=seed)
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
-    pred = res.to_anndata(perturbation_key=perturbation_key, labels=back, genes_like=baseline)
+    pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     if context is not None:
         pred.obs[context[0]] = context[1]

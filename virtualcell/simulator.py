@@ -160,8 +160,7 @@ class SimulationResult:
             )
         return self.cells.shape
 
-    def _head(self, perturbation_key: str, labels: Mapping[str, str] | None,
-              genes_like: ad.AnnData | Sequence[str] | None) -> ad.AnnData:
+    def _head(self, perturbation_key: str, labels: Mapping[str, str] | None) -> ad.AnnData:
         """The predicted cells' obs, var and uns, without X (shared by to_anndata and write_h5ad)."""
         import anndata as ad
         import pandas as pd
@@ -174,17 +173,11 @@ class SimulationResult:
             "source_cell": np.tile(self.source_cells, P),
         })
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
-        genes = self.genes
-        if genes_like is not None:  # the model upper-cases gene symbols; give back the data's spelling
-            like = genes_like.var_names if hasattr(genes_like, "var_names") else genes_like
-            spelling = {str(g).upper(): str(g) for g in like}
-            genes = [spelling.get(g.upper(), g) for g in genes]
-        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=genes))
+        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))  # the baseline's spelling
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
         return head
 
-    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None,
-                   genes_like: ad.AnnData | Sequence[str] | None = None) -> ad.AnnData:
+    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None) -> ad.AnnData:
         """Predicted cells as AnnData, labelled like the measured data.
 
         Parameters
@@ -194,18 +187,16 @@ class SimulationResult:
             perturbation (what measured data calls it; the typed name where it has none), or
             ``labels[typed name]`` where given. ``obs['perturbation_typed']`` holds the typed
             name and ``obs['source_cell']`` the baseline cell.
-        genes_like
-            Data (or gene names) whose spelling the gene names take (the model upper-cases them).
 
-        X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
+        Genes keep the baseline's spelling (:attr:`Simulator.gene_names`). X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
         """
         P, C, G = self._require_cells()
-        out = self._head(perturbation_key, labels, genes_like)
+        out = self._head(perturbation_key, labels)
         out.X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
     def write_h5ad(self, path: str | Path, *, perturbation_key: str = "perturbation",
-                   labels: Mapping[str, str] | None = None, genes_like: ad.AnnData | Sequence[str] | None = None) -> Path:
+                   labels: Mapping[str, str] | None = None) -> Path:
         """Write the predicted cells as ``.h5ad`` (same layout and options as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
         import h5py
@@ -213,7 +204,7 @@ class SimulationResult:
         P, C, G = self._require_cells()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        head = self._head(perturbation_key, labels, genes_like)
+        head = self._head(perturbation_key, labels)
         from .safeio import atomic_path
 
         with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one

@@ -195,7 +195,7 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
     import pandas as pd
 
     res = simulator.simulate(list(labels), n_cells=n_cells, seed=seed, keep_cells=True, progress=False)
-    pred = res.to_anndata(perturbation_key=perturbation_key, genes_like=simulator.baseline)
+    pred = res.to_anndata(perturbation_key=perturbation_key)
     n = res.cells.sizes["cell"]
     base = np.asarray(simulator.expression[:n].toarray(), dtype=np.float32)
     ctrl = ad.AnnData(base, obs=pd.DataFrame({perturbation_key: control, "source_cell": res.source_cells},
