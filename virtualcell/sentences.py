@@ -687,14 +687,7 @@ def encode(
                 f"of {len(vocab)} genes ({shared} shared; missing e.g. {preview([own.genes[i] for i in unknown], 5)}). "
                 "Pass genes='shared' (CLI: --genes shared) to proceed on the shared genes only."
             )
-        if unknown.size:
-            if unknown.size == len(own):
-                raise VocabularyError(
-                    f"None of the data's {len(own)} genes are in the model's vocabulary "
-                    f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
-                    "Check that both name genes the same way (symbols or Ensembl ids, same species); if the "
-                    "model's names sit in a var column of the data, pass --gene-key COLUMN (gene_key='COLUMN')."
-                )
+        if unknown.size:  # genes="shared" (none shared was refused above)
             keep = col_map >= 0
             X = X[:, keep]
             col_map = col_map[keep]
