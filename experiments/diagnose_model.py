@@ -38,7 +38,7 @@ def main() -> int:
 
     res = vc.Simulator(ctrl, model).simulate(knockouts, seed=0, progress=False)
     pred = res.aggregates["delta"].values  # knockouts x genes, vs the baseline cells
-    genes = [g.upper() for g in held.var_names]
+    genes = list(held.var_names)  # predictions keep the data's gene spelling
     col = [genes.index(g) for g in res.genes]
     X = log_normalize(expression_matrix(held), "counts")[:, col].toarray()
     mu0 = X[is_ctrl].mean(0)

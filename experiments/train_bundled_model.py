@@ -37,8 +37,8 @@ def command(out: str, max_minutes: float, max_steps: int, seed: int) -> list[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "virtualcell" / "data" / "model"))
-    ap.add_argument("--max-minutes", type=float, default=15.0)
-    ap.add_argument("--max-steps", type=int, default=900)
+    ap.add_argument("--max-minutes", type=float, default=14.0)
+    ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
