@@ -222,9 +222,11 @@ def score(
             try:
                 # Both sides are on virtualcell's log1p scale already: cell-eval must not normalize them again,
                 # nor refuse a calibrated prediction above its 15 heuristic for "raw counts" (x + dec(p) - dec(c)
-                # can reach it for a gene the model's control generation lacks).
+                # can reach it for a gene the model's control generation lacks): allow_discrete skips that guess,
+                # and is_log1p keeps its differential expression on the log1p scale, as by default.
                 ev = MetricsEvaluator(p_ad, r_ad, control_pert=control, pert_col=PERT_COL, num_threads=threads,
-                                      outdir=str(Path(tmp) / "out"), skip_de=profile == "pds", allow_discrete=True)
+                                      outdir=str(Path(tmp) / "out"), skip_de=profile == "pds", allow_discrete=True,
+                                      pdex_kwargs={"is_log1p": True})
                 results, _ = ev.compute(profile=profile, write_csv=False, break_on_error=True)
             except Exception as err:
                 if hasattr(err, "add_note"):
