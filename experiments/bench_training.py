@@ -29,7 +29,13 @@ distribution it will sample from). The floating-point limit is a large matrix pr
 on this machine; "model FLOP/s" counts the multiply-adds each side's step actually runs.
 
     python experiments/bench_training.py               # ~15 min on 2 cores
+    python experiments/bench_training.py --chunk 150 --name training_speed_sequential
     python experiments/bench_training.py --steps 20    # smoke
+
+Interleaving (``--chunk 10``) shares out machine load fairly, but every switch between sides
+costs the next side cold caches and, between 1- and 2-thread sides, a thread pool that has to
+wake; the fastest sides lose most. ``--chunk`` equal to ``--steps`` runs the sides one after
+another, as a real training run goes (one configuration throughout). Both are reported.
 
 Writes ``experiments/results/training_speed.{md,json}``.
 """
