@@ -120,6 +120,7 @@ class Side:
         self.allowed = torch.zeros(vocab, dtype=torch.bool)
         self.allowed[torch.as_tensor(self.fmt.response_vocabulary())] = True
         self.step, self.seconds, self.losses, self.tokens, self.flops = 0, [], [], 0, 0.0
+        self.perturbation_of = [parsed[t] for t in typed]  # each cell's typed perturbation, as the trainer has it
         self.kernels = kernels
         self.precision = "fp32"
         if kernels == "auto":
@@ -132,12 +133,10 @@ class Side:
             self.precision, self.kernels = k.precision, f"{k.attention}/{k.precision} (auto)"
 
     def groups(self, chunks):  # noqa: ANN001, ANN201
-        _, _, _, sentences, typed, parsed, src, _, _ = self.ctx
-        out = []
-        for chunk in chunks:
-            parts = [self.fmt.prompt_parts(sentences[int(src[t])], parsed[typed[int(t)]]) for t in chunk]
-            out.append((parts[0][0], [(own, self.fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]))
-        return out
+        from virtualcell.training.batching import pair_groups
+
+        sentences, src = self.ctx[3], self.ctx[6]
+        return pair_groups(self.fmt, chunks, sentences=sentences, sources=src, perturbations=self.perturbation_of)
 
     def loss(self, chunks, train: bool):  # noqa: ANN001, ANN201
         import torch

@@ -388,19 +388,12 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                                  group_size=1, seed=cfg.seed, salt=1)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    perturbation_of = [parsed[t] for t in typed]
+
     def groups_of(chunks: list[np.ndarray], pretrain: bool) -> list[batching.Group]:
-        """Token groups of chunks of target cells (a chunk's pairs share their source cell)."""
         if pretrain:
-            return [([], [(s[:1], s[1:])]) for s in (fmt.sentence(sentences[int(t)]) for c in chunks for t in c)]
-        out_groups: list[batching.Group] = []
-        for chunk in chunks:
-            parts = [fmt.prompt_parts(sentences[int(src[t])], parsed[typed[int(t)]]) for t in chunk]
-            segs = [(own, fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]
-            if parts[0][0]:
-                out_groups.append((parts[0][0], segs))
-            else:  # nothing shared (text prompts): each pair is its own group
-                out_groups.extend(([], [seg]) for seg in segs)
-        return out_groups
+            return batching.sentence_groups(fmt, [t for c in chunks for t in c], sentences=sentences)
+        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of)
 
     def batch_at(step: int, pretrain: bool) -> batching.Batch:
         schedule = lone if pretrain else pairs
@@ -423,8 +416,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     # validation pairs in a fixed order, same-source pairs together
     val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
-    val_batches = [_chunks_by_source(val_order[i : i + cfg.batch_size], src, cfg.group_size)
-                   for i in range(0, val_order.size, cfg.batch_size)]
+    val_batches = [batching.chunks_by_source(part, src[part], cfg.group_size)
+                   for part in (val_order[i : i + cfg.batch_size] for i in range(0, val_order.size, cfg.batch_size))]
 
     def validate() -> float:
         if not val_batches:
@@ -441,8 +434,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     # the fastest attention kernel and precision for this model on this machine (measured on a CPU)
     attention_before = lm.config._attn_implementation
-    chosen = kernels.choose(lm, accelerator.device, lambda: response_loss(lm, batch_at(0, False), allowed=allowed,
-                                                                           no_repeat=allowed is not None)[0],
+    first = batch_at(0, False)
+    chosen = kernels.choose(lm, accelerator.device, lambda: loss_of(first)[0],  # loss_of is still fp32 here
                             attention=cfg.attention, precision=cfg.precision, threads=cfg.threads)
     precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
@@ -484,15 +477,6 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
-
-
-def _chunks_by_source(targets: np.ndarray, src: np.ndarray, group_size: int) -> list[np.ndarray]:
-    """``targets`` split into runs of the same source cell, at most ``group_size`` each (targets sorted by source)."""
-    out: list[np.ndarray] = []
-    cuts = np.flatnonzero(np.diff(src[targets])) + 1
-    for run in np.split(targets, cuts):
-        out.extend(np.array_split(run, int(np.ceil(run.size / group_size))))
-    return out
 
 
 class _CallableModule(types.ModuleType):

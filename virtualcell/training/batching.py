@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Group", "Batch", "pack", "PairSchedule"]
+__all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "PairSchedule"]
 
 # (shared prompt tokens, [(own prompt tokens, response tokens), ...])
 Group = tuple[Sequence[int], Sequence[tuple[Sequence[int], Sequence[int]]]]
@@ -116,6 +116,39 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
                  torch.tensor(cells, dtype=torch.long), n_tokens, int((targets != -100).sum()))
 
 
+def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.ndarray,  # noqa: ANN001
+                perturbations: Sequence) -> list[Group]:
+    """Token groups of ``chunks`` of target cells whose pairs share a source cell.
+
+    ``fmt`` is the model's prompt format, ``sentences[i]`` cell ``i``'s gene ids,
+    ``sources[t]`` the control cell target ``t`` is predicted from and
+    ``perturbations[t]`` its typed perturbation. A format whose prompts share nothing
+    (text prompts naming the perturbation first) gives each pair its own group.
+    """
+    out: list[Group] = []
+    for chunk in chunks:
+        parts = [fmt.prompt_parts(sentences[int(sources[t])], perturbations[int(t)]) for t in chunk]
+        segs = [(own, fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]
+        if parts[0][0]:
+            out.append((parts[0][0], segs))
+        else:
+            out.extend(([], [seg]) for seg in segs)
+    return out
+
+
+def sentence_groups(fmt, cells: Sequence[int], *, sentences) -> list[Group]:  # noqa: ANN001
+    """Lone cell sentences (pre-training), one group each: every token after the first is a target."""
+    return [([], [(s[:1], s[1:])]) for s in (fmt.sentence(sentences[int(c)]) for c in cells)]
+
+
+def chunks_by_source(items: np.ndarray, keys: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """``items`` (sorted by ``keys``) cut into runs of one key, at most ``group_size`` each."""
+    out: list[np.ndarray] = []
+    for run in np.split(items, np.flatnonzero(np.diff(keys)) + 1):
+        out.extend(np.array_split(run, int(np.ceil(run.size / group_size))))
+    return out
+
+
 class PairSchedule:
     """The pairs of every step: epochs of shuffled pairs, same-source pairs kept together.
 
@@ -150,13 +183,8 @@ class PairSchedule:
         order = rng.permutation(self.targets.size)
         if self.group_size == 1:
             return order
-        src = self.sources[order]
-        by_source = order[np.argsort(src, kind="stable")]
-        src_sorted = self.sources[by_source]
-        cuts = np.flatnonzero(np.diff(src_sorted)) + 1
-        chunks: list[np.ndarray] = []
-        for run in np.split(by_source, cuts):
-            chunks.extend(np.array_split(run, int(np.ceil(run.size / self.group_size))))
+        by_source = order[np.argsort(self.sources[order], kind="stable")]
+        chunks = chunks_by_source(by_source, self.sources[by_source], self.group_size)
         return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
 
     def at(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
