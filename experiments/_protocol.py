@@ -57,6 +57,8 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps at most (default: the protocol's)")
     ap.add_argument("--samples", type=int, default=1, help="generated samples per baseline cell")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="guidance scale (default: the one the trainer chose on its validation split; 1 = none)")
     return ap
 
 
@@ -176,7 +178,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 # --------------------------------------------------------------------------- #
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
-            temperature: float = 1.0, samples: int = 1):
+            temperature: float = 1.0, samples: int = 1, guidance: float | None = None):
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
@@ -201,7 +203,8 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
             copies.append(c)
         cells = ad.concat(copies, merge="same", uns_merge="same")
     sim = Simulator(cells, model, seed=seed)
-    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
+    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, progress=False,
+                       keep_cells=True)
     pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     if context is not None:

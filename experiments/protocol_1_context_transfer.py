@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         n_cells = 8 if args.quick else args.n_cells
         pred, _, pred_s = P.predict(trained.model, base_ct, {stim: stim}, perturbation_key=contract.perturbation_key,
                                     context=(ctx_key, ct), n_cells=n_cells, seed=args.seed,
-                                samples=args.samples, temperature=args.temperature)
+                                samples=args.samples, temperature=args.temperature, guidance=args.guidance)
         table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, focus=[(stim, ct)],
                         metrics=METRICS, baselines=("nochange", "meanshift", "linear"), seed=args.seed)
         tables.append(table)

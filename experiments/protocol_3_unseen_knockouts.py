@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},
                                 perturbation_key=contract.perturbation_key, n_cells=n_cells, seed=args.seed,
-                                samples=args.samples, temperature=args.temperature)
+                                samples=args.samples, temperature=args.temperature, guidance=args.guidance)
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract,
                     focus=[(p, "all") for p in held], baselines=("nochange", "pertmean", "linear"), seed=args.seed)
     summ = P.summary(table)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     panel = sorted(model.perturbations.labels)
     pred, res, pred_s = P.predict(model, baseline, {p: p for p in panel}, perturbation_key=contract.perturbation_key,
                                   context=(col, rep), n_cells=n, seed=args.seed,
-                                samples=args.samples, temperature=args.temperature)
+                                samples=args.samples, temperature=args.temperature, guidance=args.guidance)
     ranking = rank(res.aggregates, parse_objective(None), n_boot=0, seed=args.seed)
     typed = model.perturbations.label_map(ranking["perturbation"])
     predicted = ranking.assign(label=ranking["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]

@@ -23,14 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def command(out: str, max_minutes: float, max_steps: int, seed: int) -> list[str]:
+def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None) -> list[str]:
     return [
         sys.executable, "-m", "virtualcell.cli", "train",
         "--data", "papalexi2021", "--perturbation-key", "perturbation", "--control", "control",
         "--holdout", "bio_rep=rep_3", "--kind", "knockout",
         "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--lr", "3e-3",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
-        "--seed", str(seed), "--out", out,
+        "--seed", str(seed), *(["--threads", str(threads)] if threads else []), "--out", out,
     ]
 
 
@@ -40,9 +40,10 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=14.0)
     ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the trainer measures)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed)
+        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads)
         t = time.time()
         subprocess.run(cmd, check=True)
         took = time.time() - t

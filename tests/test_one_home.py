@@ -173,8 +173,8 @@ def bundled_sim(papalexi):
 
 def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control(bundled_sim):
     perts = ["control", "ko:STAT1"]
-    raw = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False)
-    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False)
+    raw = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, control_samples=1)
+    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=1)
     x = bundled_sim.expression.toarray()
     d_ctrl, d_ko = (raw.cells.sel(perturbation=p).values for p in perts)
     np.testing.assert_allclose(cal.cells.sel(perturbation="ko:STAT1").values, np.maximum(x + d_ko - d_ctrl, 0),
@@ -187,6 +187,36 @@ def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control
     np.testing.assert_allclose(a["control_var"], x.var(0, ddof=1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a["var"].sel(perturbation="ko:STAT1"),
                                cal.cells.sel(perturbation="ko:STAT1").values.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+
+
+def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(bundled_sim):
+    """control_samples=3: each cell is generated three times under control (keys 'control', 'control#1',
+    'control#2'), and every perturbation is calibrated against the mean of the three decodes."""
+    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.sentences import decode
+
+    model = bundled_sim.model
+    keys = [stable_key("control"), stable_key("control#1"), stable_key("control#2")]
+    dec = {}
+    for out in model.generate(bundled_sim.sentences, model.resolve(["control"] * 3), perturbation_keys=keys,
+                              config=GenerationConfig(max_genes=model.top_k, seed=2)):
+        for r, (c, k) in enumerate(zip(out.cell, out.perturbation)):
+            dec[(int(c), int(k))] = decode(out.sentences, model.rank_fit).toarray()[r]
+    n = bundled_sim.baseline.n_obs
+    samples = np.stack([[dec[(c, k)] for c in range(n)] for k in range(3)])
+    assert not np.allclose(samples[0], samples[1])  # distinct samples, not one repeated
+    perts = ["control", "ko:STAT1"]
+    raw = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, control_samples=3)
+    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=3)
+    np.testing.assert_allclose(raw.cells.sel(perturbation="control").values, samples.mean(0), atol=1e-5)
+    x = bundled_sim.expression.toarray()
+    np.testing.assert_allclose(cal.cells.sel(perturbation="ko:STAT1").values,
+                               np.maximum(x + raw.cells.sel(perturbation="ko:STAT1").values - samples.mean(0), 0),
+                               atol=1e-5)
+    np.testing.assert_allclose(cal.cells.sel(perturbation="control").values, x, atol=1e-6)
+    assert cal.aggregates.attrs["control_samples"] == 3
+    with pytest.raises(vc.errors.DataError, match="control_samples"):
+        bundled_sim.simulate(perts, control_samples=0, progress=False)
 
 
 def test_predicted_cells_are_labelled_and_spelled_like_the_measured_data(bundled_sim):

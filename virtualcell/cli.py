@@ -258,7 +258,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
-        kind=args.kind, kind_key=args.kind_key, holdout=holdout,
+        kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
+        threads=args.threads,
     )
     from .safeio import output_folder
 
@@ -420,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",
                    help="exclude cells from training, e.g. bio_rep=rep_3 (repeatable; default: none)")
+    p.add_argument("--generic-fraction", type=float, default=0.15,
+                   help="share of perturbed pairs written under the generic condition, which guidance contrasts "
+                        "against (0 = no guidance; default 0.15)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: measured, 1 against all cores; pass 1 on a machine others share)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     _add_force(p)
     p.set_defaults(func=cmd_train)

@@ -61,7 +61,13 @@ class GenerationConfig:
     earlier EOS. ``batch_size`` is the number of (cell, perturbation) rows per forward.
     ``prefix_attention``: ``"auto"`` (shared-prefix attention where it is checked to give the
     plain path's logits for the model), ``"shared"`` (require it) or ``"repeat"`` (the plain
-    path: each cell's prefix cache repeated for each of its rows)."""
+    path: each cell's prefix cache repeated for each of its rows).
+
+    ``guidance`` (classifier-free guidance, 1 = none): each row is decoded beside a twin that
+    reads the same cell and tokens under the generic condition, and tokens are sampled from
+    ``generic + guidance * (specific - generic)`` logits, which scales up what the model
+    predicts specifically for this perturbation. Needs a model trained with a generic
+    condition (``TrainConfig.generic_fraction``)."""
 
     max_genes: int = 200
     min_genes: int = 1
@@ -71,8 +77,11 @@ class GenerationConfig:
     seed: int = 0
     threads: int | None = None
     prefix_attention: str = "auto"
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance must be >= 0 (1 = none), got {self.guidance}.")
         if self.prefix_attention not in ("auto", "shared", "repeat"):
             raise ValueError(f"prefix_attention must be 'auto', 'shared' or 'repeat', got {self.prefix_attention!r}.")
         if self.max_genes < 1 or self.min_genes < 0 or self.min_genes > self.max_genes:
@@ -472,8 +481,12 @@ def generate_grid(
     pad_id: int,
     config: GenerationConfig,
     max_new_tokens: int | None = None,
+    guide_suffixes: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
+
+    ``guide_suffixes[j]`` is suffix ``j``'s counterpart under the generic condition, needed
+    when ``config.guidance != 1`` (a suffix that is its own counterpart is not guided).
 
     Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
     bounded by ``config.batch_size`` rows at a time; on a GPU, fewer if the rows' caches
@@ -481,6 +494,13 @@ def generate_grid(
     since sampling does not depend on the batch).
     """
     device = next(model.parameters()).device
+    if config.guidance == 1.0:
+        guide_suffixes = None
+    elif guide_suffixes is None:
+        raise ValueError(f"guidance={config.guidance} needs a model trained with a generic condition (and a prompt "
+                         "format that shares the cell's prefix); use guidance=1, or retrain with generic_fraction > 0.")
+    elif len(guide_suffixes) != len(suffixes):
+        raise ValueError("guide_suffixes must have one entry per suffix.")
     steps = max_new_tokens or (config.max_genes + 1)
     longest = max((len(p) for p in prefixes), default=0) + max((len(s) for s in suffixes), default=0) + steps + 1
     cap = _rows_that_fit(model, device, longest)
@@ -496,15 +516,17 @@ def generate_grid(
     if threads is None:
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
         threads = _pick_threads(model, rows, device, pad_id)
-    grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device)
+    grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
+                 guide_suffixes)
     yield from _iterate_with_threads(grid, threads)
 
 
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
-          steps, device):
+          steps, device, guide_suffixes=None):
     kw = _cache_kwarg(model)
     n_suffix = len(suffixes)
-    per_group = max(1, min(n_suffix, config.batch_size))
+    twins = 2 if guide_suffixes is not None else 1  # a guided row is decoded beside its generic twin
+    per_group = max(1, min(n_suffix, config.batch_size // twins))
     cells_per_chunk = max(1, config.batch_size // per_group)
     s_longest = max((len(s) for s in suffixes), default=0)
     for c0 in range(0, len(prefixes), cells_per_chunk):
@@ -518,16 +540,19 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
         shared = _use_shared_prefix(model, config, p_ids.shape[1] + s_longest + steps + 1, pad_id, device)
         for s0 in range(0, n_suffix, per_group):
             group = list(range(s0, min(s0 + per_group, n_suffix)))
-            g = len(group)
-            capacity = max(len(suffixes[j]) for j in group) + steps + 1
+            # each cell's rows: the group's suffixes, then (guided) their generic twins, coded -1 - j
+            row_kinds = group + [-1 - j for j in group] * (twins - 1)
+            g = len(row_kinds)
+            tokens_of = [suffixes[j] if j >= 0 else guide_suffixes[-1 - j] for j in row_kinds]
+            capacity = max(len(t) for t in tokens_of) + steps + 1
             if shared:
                 decoder = _SharedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
             else:
                 decoder = _RepeatedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
             last_pos = p_pos[:, -1].repeat_interleave(g, dim=0)
             rows_cell = [cells[i // g] for i in range(len(cells) * g)]
-            rows_suffix = [group[i % g] for i in range(len(cells) * g)]
-            s_ids, s_mask = _left_pad([suffixes[j] for j in rows_suffix], pad_id)
+            rows_suffix = [row_kinds[i % g] for i in range(len(cells) * g)]
+            s_ids, s_mask = _left_pad([tokens_of[i % g] for i in range(len(cells) * g)], pad_id)
             if s_ids.shape[1] > 0:
                 s_ids, s_mask = s_ids.to(device), s_mask.to(device)
                 s_pos = last_pos[:, None] + s_mask.cumsum(1)
@@ -535,13 +560,17 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
                 last_pos = s_pos[:, -1]
             else:
                 logits = prefix_last_logits.repeat_interleave(g, dim=0).float()
-            keys = torch.tensor(
-                [(config.seed * 1_000_003 + cell_keys[c] * 7919 + suffix_keys[s]) & _MASK for c, s in zip(rows_cell, rows_suffix)],
+            keys = torch.tensor(  # a twin samples with its row's key
+                [(config.seed * 1_000_003 + cell_keys[c] * 7919 + suffix_keys[s if s >= 0 else -1 - s]) & _MASK
+                 for c, s in zip(rows_cell, rows_suffix)],
                 dtype=torch.int64,
                 device=device,
             )
-            yield from _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id, config,
-                                    steps, device)
+            twin = torch.tensor([s < 0 for s in rows_suffix], dtype=torch.bool, device=device) if twins > 1 else None
+            for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
+                                           config, steps, device, twin):
+                if s >= 0:
+                    yield c, s, toks
 
 
 class _RepeatedPrefixDecoder:
@@ -671,8 +700,21 @@ def _check_shared_prefix(model, token: int, device: torch.device) -> bool:  # no
     return True
 
 
+def _guide(logits: torch.Tensor, twin: torch.Tensor, w: float) -> torch.Tensor:
+    """Rows and their generic twins (in the same order, twins flagged) both get ``generic + w * (row - generic)``."""
+    rows, twins = (~twin).nonzero().squeeze(1), twin.nonzero().squeeze(1)
+    generic = logits[twins]
+    mixed = generic + w * (logits[rows] - generic)
+    out = torch.empty_like(logits)
+    out[rows] = mixed
+    out[twins] = mixed
+    return out
+
+
 def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
-                 constraint, eos_id, config, steps, device) -> Iterator[tuple[int, int, list[int]]]:
+                 constraint, eos_id, config, steps, device, twin=None) -> Iterator[tuple[int, int, list[int]]]:
+    """Sample every row to EOS. ``twin`` flags generic twin rows (guidance): a twin gets its row's
+    mixed logits and key, so it writes the same tokens, and the two finish together."""
     n = len(rows_cell)
     active = torch.arange(n, device=device)
     written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
@@ -685,6 +727,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_id, device=device)
     for step in range(steps):
+        if twin is not None:
+            logits = _guide(logits, twin, config.guidance)
         if constraint is not None:
             logits = constraint.mask(state, logits, config)
         tokens = _sample(logits, keys, step, config.temperature)
@@ -704,6 +748,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
         if n_done * 4 >= active.numel():
             keep = (~done).nonzero().squeeze(1)
             active = active[keep]
+            if twin is not None:
+                twin = twin[keep]
             decoder.select(keep)
             last_pos, keys, tokens = last_pos[keep], keys[keep], tokens[keep]
             finished = finished[keep]

@@ -262,18 +262,24 @@ class C2SModel:
         *,
         config: GenerationConfig | None = None,
         cell_keys: Sequence[int] | None = None,
+        perturbation_keys: Sequence[int] | None = None,
     ) -> Iterator[GeneratedCells]:
         """Generate the perturbed sentence of every (cell, perturbation) pair, in chunks.
 
         ``cells`` must use this model's vocabulary (``encode(adata, vocab=model.genes)``).
         ``cell_keys`` (default 0..n-1) seed each cell's sampling, so a cell's result does
-        not depend on the batch or process it lands in.
+        not depend on the batch or process it lands in; ``perturbation_keys`` (default: a
+        stable hash of each perturbation's name) do the same per perturbation, and tell
+        repeated samples of one perturbation apart.
         """
         cfg = config or GenerationConfig(max_genes=self.top_k)
         if cells.vocab != self.genes:
             raise ModelError("The cell sentences use another vocabulary: encode them with vocab=model.genes.")
         keys = list(range(len(cells))) if cell_keys is None else [int(k) for k in cell_keys]
-        pert_keys = [stable_key(str(p)) for p in perturbations]
+        pert_keys = ([stable_key(str(p)) for p in perturbations] if perturbation_keys is None
+                     else [int(k) for k in perturbation_keys])
+        if len(pert_keys) != len(perturbations):
+            raise ModelError("perturbation_keys needs one key per perturbation.")
         constraint = self.constraint() if cfg.constrain else None
         cell_ids = [cells[i][: self.top_k] for i in range(len(cells))]
         prompts = self.format.grid(cell_ids, perturbations, cell_keys=keys, perturbation_keys=pert_keys)
@@ -281,6 +287,7 @@ class C2SModel:
             self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
             config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
+            guide_suffixes=prompts.guide_suffixes,
         )
         # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "C2S_PERTURBATION_PROMPT",
+    "GENERIC",
     "SPECIAL_TOKENS",
     "PerturbationVocab",
     "PromptFormat",
@@ -66,6 +67,10 @@ DOSE_BINS = [x / 2 for x in range(-8, 9)]
 TIME_BINS = list(range(-3, 10))
 SPECIAL_TOKENS = [PAD, BOS, EOS, SEP, OUT, UNK, *KIND_TOKENS.values()]
 SPECIAL_TOKENS += [f"<dose:{b:g}>" for b in DOSE_BINS] + [f"<time:{b}>" for b in TIME_BINS]
+# the generic condition ("some perturbation, not named"), for classifier-free guidance; last, so
+# that the ids of the tokens before it match checkpoints written before it existed
+GENERIC = "<generic>"
+SPECIAL_TOKENS.append(GENERIC)
 
 
 def _dose_token(dose: float) -> str:
@@ -188,6 +193,7 @@ class PromptGrid:
     suffix_keys: list[int]
     n_perturbations: int
     shared: bool
+    guide_suffixes: list[list[int]] | None = None  # each suffix under the generic condition (None: no guidance)
 
     def pair(self, i: int, j: int) -> tuple[int, int]:
         return (i, j) if self.shared else divmod(i, self.n_perturbations)
@@ -230,6 +236,11 @@ class PromptFormat:
     def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
         """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
         raise NotImplementedError
+
+    def generic_own(self) -> list[int] | None:
+        """The ``own`` prompt part of the generic condition (a perturbation not named), or ``None``
+        where the format has none (then the trainer never drops a name and guidance is off)."""
+        return None
 
     def sentence(self, gene_ids: np.ndarray) -> list[int]:
         """A lone cell sentence, for pre-training (every token after the first is a target)."""
@@ -312,6 +323,10 @@ class CompactFormat(PromptFormat):
         """``(shared, own)``: the prompt's part that is the same for every perturbation of the cell, and the rest."""
         return self.prefix(cell_gene_ids), self.suffix(p)
 
+    def generic_own(self) -> list[int] | None:
+        """``<generic> <out>``, where the tokenizer has the token (checkpoints before it existed do not)."""
+        return [self.token_id[GENERIC], self.out] if GENERIC in self.token_id else None
+
     def sentence(self, gene_ids: np.ndarray) -> list[int]:
         """A lone cell sentence, for pre-training (every token after the first is a target)."""
         return [self.bos, *self.response(gene_ids)]
@@ -330,9 +345,16 @@ class CompactFormat(PromptFormat):
 
     def grid(self, cells: Sequence[np.ndarray], perturbations: Sequence[Perturbation | Combination], *,
              cell_keys: Sequence[int], perturbation_keys: Sequence[int]) -> PromptGrid:
-        """One prefix per cell, shared by one suffix per perturbation."""
-        return PromptGrid([self.prefix(c) for c in cells], [self.suffix(p) for p in perturbations],
-                          list(cell_keys), list(perturbation_keys), len(perturbations), shared=True)
+        """One prefix per cell, shared by one suffix per perturbation; each suffix's counterpart under the
+        generic condition is the generic suffix (control's is itself: control is not guided)."""
+        suffixes = [self.suffix(p) for p in perturbations]
+        generic = self.generic_own()
+        guide = None
+        if generic is not None:
+            guide = [s if isinstance(p, Perturbation) and p.kind == "control" else generic
+                     for s, p in zip(suffixes, perturbations)]
+        return PromptGrid([self.prefix(c) for c in cells], suffixes, list(cell_keys), list(perturbation_keys),
+                          len(perturbations), shared=True, guide_suffixes=guide)
 
     def constraint(self, genes: Sequence[str], vocab_size: int):  # noqa: ANN201
         from .generation import GeneConstraint

@@ -50,7 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
-_PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature")
+_PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
+               "control_samples")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 
@@ -318,6 +319,8 @@ class Simulator:
         cell_chunk: int = 32,
         max_genes: int | None = None,
         temperature: float = 1.0,
+        guidance: float | None = None,
+        control_samples: int = 4,
         calibrate: bool = True,
         keep_cells: bool | None = None,
         store: str | Path | None = None,
@@ -336,23 +339,38 @@ class Simulator:
             Use the first ``n_cells`` baseline cells (default all).
         seed
             Sampling seed; a cell's predictions depend only on (seed, cell, perturbation).
+        guidance
+            Classifier-free guidance scale (1 = none): sample from ``generic + guidance * (specific − generic)``
+            logits, which scales up what the model predicts for this perturbation beyond the average
+            perturbed cell. Needs a model trained with a generic condition. ``None``: the scale the
+            trainer chose on its validation split (1 for a checkpoint without one).
+        control_samples
+            Samples of each cell under control; predictions are calibrated against their mean. The
+            control generation's sampling noise is shared by every perturbation's delta (it made
+            deltas of unrelated perturbations correlate), and averaging ``k`` samples cuts it by ``sqrt(k)``
+            for ``k`` extra rows per cell.
         calibrate
-            Predict ``x + decode(perturbed) − decode(control)`` (default) instead of the decoded generation.
+            Predict ``x + decode(perturbed) − mean decode(control)`` (default) instead of the decoded generation.
         keep_cells
             Keep per-cell predictions in memory (default: when they are at most ``max_in_memory`` values).
         store
             A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
         """
-        from .generation import GenerationConfig
+        from .generation import GenerationConfig, stable_key
 
         perts = self.model.resolve(list(perturbations))
         names = [str(p) for p in perts]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
+        if control_samples < 1:
+            raise DataError(f"control_samples must be at least 1, got {control_samples}.")
         control = Perturbation("control")
-        run = perts if any(p == control for p in perts) else [control, *perts]
-        ci = run.index(control)
+        # every cell is generated under control control_samples times: their mean is what each perturbation is
+        # calibrated against, and its sampling noise is shared by every perturbation's delta
+        run = [control] * control_samples + [p for p in perts if p != control]
+        run_keys = [stable_key("control")] + [stable_key(f"control#{k}") for k in range(1, control_samples)]
+        run_keys += [stable_key(str(p)) for p in run[control_samples:]]
         n = self.baseline.n_obs if n_cells is None else min(int(n_cells), self.baseline.n_obs)
         if n < 1:
             raise DataError("n_cells must be at least 1.")
@@ -369,8 +387,10 @@ class Simulator:
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
+        if guidance is None:
+            guidance = float(((getattr(self.model, "verdict", None) or {}).get("settings") or {}).get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
-                               batch_size=batch_size, seed=seed)
+                               batch_size=batch_size, seed=seed, guidance=guidance)
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = _bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate")
@@ -380,7 +400,7 @@ class Simulator:
                 idx = np.arange(c0, min(c0 + cell_chunk, n))
                 chunk = self.sentences.subset(idx)
                 gen: dict[tuple[int, int], np.ndarray] = {}
-                for out in self.model.generate(chunk, run, config=cfg, cell_keys=idx):
+                for out in self.model.generate(chunk, run, config=cfg, cell_keys=idx, perturbation_keys=run_keys):
                     sums.n_invalid += out.n_invalid
                     sums.n_duplicate += out.n_duplicate
                     sums.n_generated_genes += int(out.sentences.ids.size)
@@ -390,11 +410,14 @@ class Simulator:
                 x = self.expression[idx].toarray()
                 base_emb.append(self.embed(x))
                 base_idx.append(idx)
-                d_ctrl = np.stack([gen[(i, ci)] for i in range(len(idx))])
+                d_ctrl = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(control_samples)], axis=0)
                 buckets = _bucket(idx, seed)
                 for j, p in enumerate(perts):
-                    k = run.index(p)
-                    d = np.stack([gen[(i, k)] for i in range(len(idx))])
+                    if p == control:  # calibrated: the baseline cell itself
+                        d = d_ctrl
+                    else:
+                        k = run.index(p)
+                        d = np.stack([gen[(i, k)] for i in range(len(idx))])
                     pred = np.maximum(x + d - d_ctrl, 0.0) if calibrate else d
                     pred = pred.astype(np.float32)
                     sums.add(j, pred, buckets, self.embed(pred), idx)
@@ -419,6 +442,7 @@ class Simulator:
             idx = np.concatenate([i for _, chunks in parts for i in chunks])
             base_emb = [emb[np.argsort(idx)]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
+        agg.attrs["control_samples"] = int(control_samples)
         cells = None
         if cells_mem is not None:
             import xarray as xr
@@ -472,6 +496,7 @@ class Simulator:
                 "normalization": self.normalization,
                 "max_genes": cfg.max_genes,
                 "temperature": cfg.temperature,
+                "guidance": cfg.guidance,
                 "invalid_genes": sums.n_invalid,
                 "duplicate_genes": sums.n_duplicate,
                 "generated_genes": sums.n_generated_genes,

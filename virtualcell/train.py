@@ -81,6 +81,7 @@ class TrainConfig:
     mask_repeats_in_loss: bool = True
     max_pairs: int = 200_000
     group_size: int = 4
+    generic_fraction: float = 0.15
     threads: int | None = None
     attention: str = "auto"
     precision: str = "auto"
@@ -98,6 +99,9 @@ class TrainConfig:
                                 "auto, fp32 or bf16.")
         if self.threads is not None and self.threads < 1:
             raise TrainingError(f"threads must be >= 1 (or None: measured), got {self.threads}.")
+        if not 0 <= self.generic_fraction < 1:
+            raise TrainingError(f"generic_fraction must be in [0, 1) (share of perturbed pairs written under the generic "
+                                f"condition, for guidance), got {self.generic_fraction}.")
         if self.group_size < 1:
             raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
         if self.hidden_size % self.n_heads:
@@ -389,16 +393,27 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     rank, world = accelerator.process_index, accelerator.num_processes
 
     perturbation_of = [parsed[t] for t in typed]
+    perturbed = ~contract.is_control(data)
 
-    def groups_of(chunks: list[np.ndarray], pretrain: bool) -> list[batching.Group]:
+    def groups_of(chunks: list[np.ndarray], pretrain: bool, generic: set[int] = frozenset()) -> list[batching.Group]:
         if pretrain:
             return batching.sentence_groups(fmt, [t for c in chunks for t in c], sentences=sentences)
-        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of)
+        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of,
+                                    generic=generic)
+
+    def generic_at(step: int, chunks: list[np.ndarray]) -> set[int]:
+        """The step's perturbed pairs written under the generic condition: a pure function of (seed, step)."""
+        if cfg.generic_fraction <= 0 or fmt.generic_own() is None:
+            return set()
+        targets = np.concatenate(chunks)
+        draw = np.random.default_rng([cfg.seed, step, 2]).random(targets.size) < cfg.generic_fraction
+        return {int(t) for t, d in zip(targets, draw) if d and perturbed[t]}
 
     def batch_at(step: int, pretrain: bool) -> batching.Batch:
         schedule = lone if pretrain else pairs
         chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
-        return batching.pack(groups_of(chunks, pretrain), fmt.pad).to(accelerator.device)
+        generic = set() if pretrain else generic_at(step, chunks)
+        return batching.pack(groups_of(chunks, pretrain, generic), fmt.pad).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
     response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None

@@ -117,17 +117,23 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
 
 
 def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.ndarray,  # noqa: ANN001
-                perturbations: Sequence) -> list[Group]:
+                perturbations: Sequence, generic: set[int] | frozenset[int] = frozenset()) -> list[Group]:
     """Token groups of ``chunks`` of target cells whose pairs share a source cell.
 
     ``fmt`` is the model's prompt format, ``sentences[i]`` cell ``i``'s gene ids,
     ``sources[t]`` the control cell target ``t`` is predicted from and
-    ``perturbations[t]`` its typed perturbation. A format whose prompts share nothing
-    (text prompts naming the perturbation first) gives each pair its own group.
+    ``perturbations[t]`` its typed perturbation; targets in ``generic`` are written under
+    the generic condition instead (``fmt.generic_own()``: the perturbation not named), which
+    teaches the model the average perturbed cell that guidance contrasts against. A format
+    whose prompts share nothing (text prompts naming the perturbation first) gives each pair
+    its own group.
     """
     out: list[Group] = []
+    generic_own = fmt.generic_own() if generic else None
     for chunk in chunks:
         parts = [fmt.prompt_parts(sentences[int(sources[t])], perturbations[int(t)]) for t in chunk]
+        if generic_own is not None:
+            parts = [(shared, generic_own if int(t) in generic else own) for (shared, own), t in zip(parts, chunk)]
         segs = [(own, fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]
         if parts[0][0]:
             out.append((parts[0][0], segs))
