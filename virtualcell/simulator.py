@@ -3,11 +3,17 @@
 Prediction of cell *i* under perturbation *p* is calibrated against the model's own
 control generation (README, "Fine-tune on your own screen")::
 
-    x̂_ip = max(0, x_i + decode(gen(i, p)) − decode(gen(i, control)))
+    r_ip = x_i + decode(gen(i, p)) − mean_k decode(gen_k(i, control))
+    x̂_ip = max(0, r_ip) · s_p,   s_p = max(0, mean_i r_ip) / mean_i max(0, r_ip)   (per gene)
 
 which cancels the drift of generated cells toward the training population. The
 calibrated prediction under ``control`` is the baseline cell itself, so deltas are
-against the baseline population.
+against the baseline population. Expression cannot be negative, but clipping each
+cell at 0 alone adds ``E[max(0, noise)] > 0`` to every gene a cell does not express:
+the same spurious up-shift for every perturbation (it made the bundled model's deltas
+correlate 0.72 with one another, against 0.19 unclipped and 0.12 measured). The per-gene
+factor ``s_p`` (over the cells generated together, a chunk of ``cell_chunk``) gives
+the clipped cells back the unclipped mean.
 
 Results stream: cells are processed in chunks, every perturbation of a chunk shares
 the chunk's prefix cache, and only per-perturbation sums are kept in memory (mean,
@@ -54,6 +60,16 @@ _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells
                "control_samples")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
+
+
+def calibrated(x: np.ndarray, perturbed: np.ndarray, control: np.ndarray) -> np.ndarray:
+    """Cells x genes: ``x + perturbed − control``, clipped at 0, each gene rescaled so that its mean over
+    the cells is the unclipped mean (or 0 where that is negative); see the module docstring."""
+    raw = x + perturbed - control
+    pred = np.maximum(raw, 0.0)
+    have, want = pred.mean(axis=0), np.maximum(raw.mean(axis=0), 0.0)
+    scale = np.divide(want, have, out=np.zeros_like(have), where=have > 0)
+    return pred * scale
 
 
 @dataclass
@@ -418,7 +434,10 @@ class Simulator:
                     else:
                         k = run.index(p)
                         d = np.stack([gen[(i, k)] for i in range(len(idx))])
-                    pred = np.maximum(x + d - d_ctrl, 0.0) if calibrate else d
+                    if not calibrate:
+                        pred = d
+                    else:
+                        pred = x if p == control else calibrated(x, d, d_ctrl)
                     pred = pred.astype(np.float32)
                     sums.add(j, pred, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
