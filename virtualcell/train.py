@@ -407,6 +407,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
     # the verdict's cells leave before anything is fitted: not sources, not targets, not in the rank fit
+    given_hash = data_hash(data, contract)  # the data as given (after --holdout): what a recorded command reruns on
     in_verdict = verdict_split(data, contract, cfg)
     held = data[in_verdict] if in_verdict.any() else None
     data = data[~in_verdict] if in_verdict.any() else data
@@ -419,7 +420,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     lm, tokenizer, fmt_name = _new_model(cfg, base, genes, pvocab)
-    run_config = asdict(cfg) | {"base": base, "data_hash": data_hash(data, contract), "n_train_cells": int(data.n_obs),
+    run_config = asdict(cfg) | {"base": base, "data_hash": given_hash, "trained_data_hash": data_hash(data, contract),
+                                "n_train_cells": int(data.n_obs),
                                 "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size),
                                 "n_verdict_cells": int(in_verdict.sum()),
                                 "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
