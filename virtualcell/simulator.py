@@ -450,7 +450,7 @@ class Simulator:
                     d = np.stack([gen[(i, k)] for i in range(len(idx))])
                     pred = (np.maximum(x + d - d_ctrl, 0.0) if calibrate else d).astype(np.float32)
                     sums.add_model(j, pred)
-                    if w is not None:  # the served prediction: the same generation, blended with the baseline
+                    if w is not None and w < 1.0:  # the served prediction: the same generation, blended with the baseline
                         pred = np.maximum(x + w * (d - d_ctrl) + (1.0 - w) * shift[j][0], 0.0).astype(np.float32)
                     sums.add(j, pred, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
