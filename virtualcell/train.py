@@ -524,8 +524,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
     save_checkpoint(state)
     model.lm.eval()
+    # every process judges: under a multi-process launch the verdict's simulations share out the cells
+    # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
+    _judge(model, data, held, contract, cfg, run_config)
     if accelerator.is_main_process:
-        _judge(model, data, held, contract, cfg, run_config)
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
