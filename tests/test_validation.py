@@ -229,3 +229,7 @@ def test_cli_prints_the_verdict_and_the_weight(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1", "--blend", "2",
               "--out", str(tmp_path / "r.h5ad")])
+    capsys.readouterr()
+    assert main(["train", "--data", str(base), "--perturbation-key", "perturbation", "--control", "control",
+                 "--verdict-fraction", "0.9", "--out", str(tmp_path / "m")]) == 2
+    assert "verdict_fraction must be in [0, 0.5]" in capsys.readouterr().err

@@ -291,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
-        kind=args.kind, kind_key=args.kind_key, holdout=holdout,
+        kind=args.kind, kind_key=args.kind_key, holdout=holdout, verdict_fraction=args.verdict_fraction,
     )
     from .safeio import output_folder
 
@@ -304,6 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
+    from .validation import summary_line
+
+    print(f"  {summary_line(model.verdict)}")
     return 0
 
 
@@ -458,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",
                    help="exclude cells from training, e.g. bio_rep=rep_3 (repeatable; default: none)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
+    p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
+                   "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 
