@@ -201,7 +201,9 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
             copies.append(c)
         cells = ad.concat(copies, merge="same", uns_merge="same")
     sim = Simulator(cells, model, seed=seed)
-    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True)
+    # blend=None: the protocols score the pure model (issue 11: its targets are for the pure model)
+    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, progress=False, keep_cells=True,
+                       blend=None)
     pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     if context is not None:
