@@ -39,6 +39,8 @@ METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
 # cell-eval's Virtual Cell Challenge profile, computed by the cell-eval library on the same cells and
 # prefixed so that its mae stays apart from virtualcell's: the columns a reader of the field compares
 VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
+SERVED = "virtualcell_served"  # predict() -> score(): the served (blended) prediction, when the checkpoint blends
+BLEND = "model (blend)"
 
 
 # --------------------------------------------------------------------------- #
@@ -178,7 +180,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 # --------------------------------------------------------------------------- #
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
-            temperature: float = 1.0, samples: int = 1, guidance: float | None = None):
+            temperature: float = 1.0, samples: int = 1, guidance: float | None = None, blend=None):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
@@ -203,10 +205,21 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
             copies.append(c)
         cells = ad.concat(copies, merge="same", uns_merge="same")
     sim = Simulator(cells, model, seed=seed)
+    # blend=None: the pure model (issue 11: the targets are for it); blend="auto" serves the checkpoint's blend
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, progress=False,
-                       keep_cells=True)
+                       keep_cells=True, blend=blend)
     pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
+    w = sim.blend_weight("auto") if blend is None else None
+    if w is not None and w < 1.0:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
+        served = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance,
+                              progress=False, keep_cells=True, blend="auto").to_anndata(perturbation_key=perturbation_key,
+                                                                                          labels=back)
+        served.obs = served.obs.drop(columns=["perturbation_typed"])
+        if context is not None:
+            served.obs[context[0]] = context[1]
+        pred.uns[SERVED] = served
+        pred.uns["blend_weight"] = float(w)
     if context is not None:
         pred.obs[context[0]] = context[1]
     seconds = time.perf_counter() - t
@@ -235,6 +248,7 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     ctx = context_key if context_key is not None else contract.context_key
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
+    served = pred.uns.pop(SERVED, None) if pred is not None else None
     table = evaluate(pred, real, profile=list(metrics), **kw)
     if cell_eval:
         vcc = evaluate(pred, real, profile="vcc", **kw)
@@ -242,6 +256,16 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
         attrs = dict(table.attrs)
         attrs.setdefault("virtualcell", {})["cell_eval"] = vcc.attrs.get("virtualcell", {}).get("engine")
         table = pd.concat([table, vcc], ignore_index=True)
+        table.attrs = attrs
+    if served is not None:  # the served blend (predict()), scored as its own method beside the pure model
+        parts = [evaluate(served, real, profile=list(metrics), **(kw | {"baselines": ()}))]
+        if cell_eval:
+            parts.append(evaluate(served, real, profile="vcc", **(kw | {"baselines": ()})))
+            parts[-1]["metric"] = "vcc_" + parts[-1]["metric"]
+        extra = pd.concat(parts, ignore_index=True)
+        extra = extra[extra["method"] == "model"].assign(method=BLEND)
+        attrs = dict(table.attrs)
+        table = pd.concat([table, extra], ignore_index=True)
         table.attrs = attrs
     if focus is not None:  # the provenance in table.attrs survives the selection
         keep = set(focus)
@@ -252,7 +276,8 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
 def summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Mean and median of every metric per method over the groups it predicted (order: model, baselines, ceiling)."""
     methods = list(dict.fromkeys(table["method"]))
-    order = [m for m in ["model"] + [x for x in methods if x not in ("model", "ceiling")] + ["ceiling"] if m in methods]
+    order = [m for m in ["model", BLEND] + [x for x in methods if x not in ("model", BLEND, "ceiling")] + ["ceiling"]
+             if m in methods]
     metrics = tuple(metrics) + tuple(m for m in VCC_METRICS if m in set(table["metric"]) and m not in metrics)
     rows = []
     for m in order:
@@ -432,6 +457,7 @@ def headline(summ: pd.DataFrame, metric: str, baselines: list[str], *, higher: b
         diff = vals["model"] - vals[best]
         wins = diff > 0 if higher else diff < 0
         verdict = f"{'beats' if wins else 'loses to'} {best} by {abs(diff):.2f}"
-    return {"metric": metric, "model": fmt(summ, "model", metric),
+    blend = f"; served blend {fmt(summ, BLEND, metric)}" if BLEND in vals else ""
+    return {"metric": metric, "model": fmt(summ, "model", metric) + blend,
             "baselines": "; ".join(f"{b} {fmt(summ, b, metric)}" for b in bases),
             "ceiling": fmt(summ, "ceiling", metric), "verdict": verdict}

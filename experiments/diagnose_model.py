@@ -36,7 +36,7 @@ def main() -> int:
     ctrl = held[is_ctrl][:60].copy()
     knockouts = [p for p in model.perturbations.labels if p != "control"]
 
-    res = vc.Simulator(ctrl, model).simulate(knockouts, seed=0, progress=False)
+    res = vc.Simulator(ctrl, model).simulate(knockouts, seed=0, progress=False, blend=None)  # the pure model
     pred = res.aggregates["delta"].values  # knockouts x genes, vs the baseline cells
     genes = list(held.var_names)  # predictions keep the data's gene spelling
     col = [genes.index(g) for g in res.genes]

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = base[base.obs["cell_type"] == ctx].copy()
         sim = vc.Simulator(cells, model, seed=args.seed)
         res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
-                     n_boot=50)
+                     n_boot=50, blend=None)  # the pure model's ranking
     by_typed = {str(model.resolve([p])[0]): n for p, n in zip(panel, names)}
     ranking = res.ranking.assign(condition=res.ranking["perturbation"].map(by_typed)).set_index("condition")
     true = truth[f"effect_{ctx}"]

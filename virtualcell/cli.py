@@ -31,6 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  baseline: {args.n_cells} control cells of the held-out replicate {HELDOUT[0]}={HELDOUT[1]}; "
           "panel: every knockout the model knows\n")
     res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet, force=args.force)
+    print(_verdict_text(res.verdict, res.blend_weight) + "\n")
     table = res.screen.ranking
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
@@ -44,11 +45,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {row['perturbation']:<12} up: {up:<28} down: {down}{also}")
     print("\nHow the predicted ranking compares with measured effects the model never saw")
     print(f"  (Spearman over {len(res.measured)} knockouts, noise-corrected effect sizes in {HELDOUT[1]}):")
-    print(f"    model prediction           {res.spearman_model:+.2f}")
+    if res.blend_weight is None:
+        print(f"    model prediction           {res.spearman_model:+.2f}   (served: the pure model)")
+    else:
+        print(f"    served prediction          {res.spearman_model:+.2f}   (blend, w={res.blend_weight:.2f} on the model)")
+        print(f"    pure model                 {res.spearman_pure:+.2f}")
     print(f"    training-cell count only   {res.spearman_size_only:+.2f}   (a trivial reference)")
     print(f"    replicate vs replicate     {res.spearman_ceiling:+.2f}   (measured rep_1 vs rep_2: the ceiling)")
     print(f"\nwrote {res.out}/ (ranking.csv, ranking.parquet, aggregates.nc, top_hits.png) in {res.seconds:.0f} s")
     return 0
+
+
+def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
+    """The checkpoint's validation verdict and the weight served, for a person."""
+    from .validation import summary_line
+
+    served = ("served: the pure model" if weight is None
+              else f"served: blend with weight {weight:.2f} on the model (1 - w on the training baseline)")
+    return f"validation: {summary_line(verdict)}\n{served}"
+
+
+def _blend_arg(text: str) -> str | float | None:
+    """--blend: auto, none, or a weight in [0, 1]."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        w = float(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, none or a weight in [0, 1], e.g. 0.5") from None
+    if not 0.0 <= w <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1] (1: the pure model, 0: the training baseline)")
+    return w
 
 
 def _split_list(text: str) -> list[str]:
@@ -107,13 +135,14 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     model = C2SModel.load(args.model, device=args.device)
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
+    print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
         # large predictions stream through a chunked file on disk instead of memory
         limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
         big = (len(perts) + 1) * n * len(model.genes) > limit
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
-                           max_genes=args.max_genes)
+                           max_genes=args.max_genes, blend=args.blend)
         if args.format == "cell-eval":
             _write_cell_eval(res, sim, model, out, n)
         else:
@@ -177,9 +206,13 @@ def cmd_screen(args: argparse.Namespace) -> int:
                     raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
+    print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
-                 seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force)
+                 seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
+                 blend=args.blend)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
+    if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
+        cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
     print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, top_hits.png)")
@@ -259,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
-        threads=args.threads,
+        threads=args.threads, verdict_fraction=args.verdict_fraction,
     )
     from .safeio import output_folder
 
@@ -272,6 +305,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
+    from .validation import summary_line
+
+    print(f"  {summary_line(model.verdict)}")
     return 0
 
 
@@ -346,6 +382,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=_positive_int, default=None, help="genes per generated cell (default: the model's top_k)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--blend", type=_blend_arg, default="auto", metavar="auto|none|W",
+                   help="weight W in [0, 1] on the model's delta, 1 - W on the training baseline's; auto (default): "
+                   "the weight the training run fitted on its validation split (the pure model when the checkpoint "
+                   "has none); none: the pure model")
 
 
 def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:
@@ -427,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads (default: measured, 1 against all cores; pass 1 on a machine others share)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
+    p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
+                   "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 

@@ -8,7 +8,9 @@ replicate ``rep_3`` held out. The demo
 3. writes the results folder and a plot of the top hits,
 4. compares the predicted ranking with the measured, noise-corrected effect sizes in
    ``rep_3`` (against the other ``rep_3`` control cells, independent of the baseline), and
-   with the replicate-vs-replicate agreement of the measured data (the ceiling).
+   with the replicate-vs-replicate agreement of the measured data (the ceiling): the
+   served prediction (blended with the training baseline when the checkpoint's validation
+   verdict says so) and the pure model, side by side.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ HELDOUT = ("bio_rep", "rep_3")
 @dataclass
 class DemoResult:
     screen: Any
-    spearman_model: float
+    spearman_model: float  # the served prediction (blended when the checkpoint's verdict fitted a weight < 1)
     spearman_ceiling: float
     spearman_size_only: float
     measured: Any
     seconds: float
     out: Path
+    spearman_pure: float = float("nan")  # the pure model's noise-corrected effect sizes
+    verdict: dict | None = None  # the model's validation verdict (None: the checkpoint has none)
+    blend_weight: float | None = None  # the weight served on the model's delta (None: the pure model)
 
 
 def measured_effects(adata, contract, column: str, value: str, *, reference_cells: np.ndarray | None = None):  # noqa: ANN001, ANN201
@@ -80,6 +85,7 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     pred = result.ranking.assign(label=result.ranking["perturbation"].map(labels)).set_index("label")
     common = [p for p in pred.index if p in measured.index]
     rho_model = float(spearmanr(pred.loc[common, "l2_delta_corrected"], measured.loc[common]).statistic)
+    rho_pure = float(spearmanr(pred.loc[common, "l2_delta_corrected_model"], measured.loc[common]).statistic)
     # the ceiling: how well one measured replicate ranks the other
     r1 = measured_effects(adata, contract, col, "rep_1")
     r2 = measured_effects(adata, contract, col, "rep_2")
@@ -88,4 +94,5 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     # a trivial reference: rank knockouts by how many training cells they have
     counts = adata.obs.loc[~held, contract.perturbation_key].astype(str).value_counts()
     rho_size = float(spearmanr(counts.reindex(common).fillna(0), measured.loc[common]).statistic)
-    return DemoResult(result, rho_model, rho_ceiling, rho_size, measured, time.perf_counter() - t0, Path(out))
+    return DemoResult(result, rho_model, rho_ceiling, rho_size, measured, time.perf_counter() - t0, Path(out),
+                      spearman_pure=rho_pure, verdict=model.verdict, blend_weight=sim.blend_weight("auto"))

@@ -115,6 +115,8 @@ class C2SModel:
         self.top_k = int(top_k)
         self.train_config = dict(train_config or {})
         self.source = source
+        self.baselines: Any = None  # validation.Baselines: training-data baseline deltas (baselines.npz)
+        self.verdict: dict[str, Any] | None = None  # the training run's validation verdict (verdict.json)
         if prompt_format not in FORMATS:
             raise ModelError(f"Unknown prompt format {prompt_format!r}; use one of {', '.join(FORMATS)}.")
         self.format: PromptFormat = FORMATS[prompt_format](tokenizer, genes.genes, self.perturbations)
@@ -199,6 +201,7 @@ class C2SModel:
                 contract=DataContract.from_dict(meta["contract"]) if meta.get("contract") else None,
                 top_k=meta.get("top_k", 200), train_config=meta.get("train_config", {}), source=str(name_or_path),
             )
+            model._load_verdict(path)
         else:
             vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
             if tokenizer.pad_token_id is None:
@@ -213,6 +216,29 @@ class C2SModel:
         self.lm.save_pretrained(p, safe_serialization=True)
         self.tokenizer.save_pretrained(p)
         (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
+        self._save_verdict(p)
+
+    def _save_verdict(self, p: Path) -> None:
+        """The training baselines and validation verdict (:mod:`virtualcell.validation`), when present."""
+        from .validation import BASELINES_FILE, VERDICT_FILE
+
+        if self.baselines is not None:
+            self.baselines.save(p / BASELINES_FILE)
+        if self.verdict is not None:
+            (p / VERDICT_FILE).write_text(json.dumps(self.verdict, indent=1, default=float))
+
+    def _load_verdict(self, p: Path) -> None:
+        """Read what :meth:`_save_verdict` wrote; a checkpoint without it serves the pure model."""
+        from .validation import BASELINES_FILE, VERDICT_FILE, Baselines
+
+        if (p / BASELINES_FILE).exists():
+            self.baselines = Baselines.load(p / BASELINES_FILE, self.genes.genes)
+        if (p / VERDICT_FILE).exists():
+            try:
+                self.verdict = json.loads((p / VERDICT_FILE).read_text())
+            except (OSError, ValueError) as err:
+                raise ModelError(f"{str(p / VERDICT_FILE)!r} is broken ({err}); delete it to serve the pure model, "
+                                 "or retrain.") from None
 
     def meta(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,8 @@ seed, cell and perturbation). The folder holds::
 The ranking has one row per candidate: the objective's score with a bootstrap
 confidence interval (resampling the generated cells), effect sizes against the
 baseline (E-distance through ``pertpy.tools.Distance``, the L2 norm of the mean delta
-and its noise-corrected version), the top up- and down-regulated genes, and the
+and its noise-corrected version, and the pure model's noise-corrected effect size beside the
+served one when the served prediction is blended with the training baseline), the top up- and down-regulated genes, and the
 diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects).
 """
 
@@ -117,6 +118,7 @@ def run(
     keep_cells: bool = False,
     stop_after_groups: int | None = None,
     force: bool = False,
+    blend: str | float | bool | None = "auto",
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -143,6 +145,11 @@ def run(
     force
         Write into ``out`` even if it is a folder virtualcell did not write, or holds another
         screen (whose finished groups are then discarded).
+    blend
+        The weight on the model's delta against the training baseline's (see
+        :meth:`Simulator.simulate`): ``"auto"`` (the checkpoint's fitted weight), a number in
+        [0, 1], or ``None`` (the pure model). The ranking scores the served prediction and adds
+        the pure model's ``l2_delta_corrected_model``; ``config.json`` records the weight.
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
     folder is locked while the screen runs: a second screen into the same folder stops
@@ -158,13 +165,16 @@ def run(
     n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
     genes = list(simulator.gene_names)
     obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
+    w = simulator.blend_weight(blend)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
         "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
         "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
-        "batch_size": batch_size,
+        "batch_size": batch_size, "blend_weight": w,
     }
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
+    if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
+        sim_keys = (*sim_keys, "blend_weight")
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
@@ -181,13 +191,14 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused)
+                    refused=refused, weight=w)
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
-         stop_after_groups: int | None, force: bool, refused: VirtualCellError | None) -> ScreenResult:
+         stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
+         weight: float | None = None) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
@@ -227,7 +238,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=keep_cells, progress=False)
+                                 keep_cells=keep_cells, progress=False, blend=weight)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
         if keep_cells:
@@ -247,7 +258,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
-                                            "normalization") if k in agg.attrs}
+                                            "normalization", "blend_weight", "baseline") if k in agg.attrs}
     ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:
@@ -349,6 +360,8 @@ def _read_group(path: Path) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
     ds = _plain_strings(xr.load_dataset(path, engine="h5netcdf"))
     if "control_bucket_mean" not in ds:
         raise ValueError("written by an older virtualcell, without paired buckets")
+    if "delta_model" not in ds:
+        raise ValueError("written by an older virtualcell, without the pure model's delta")
     with np.load(path.with_suffix(".npz")) as z:
         return ds, {k: z[k] for k in z.files}
 
@@ -378,6 +391,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
     inside its interval. ``l2_delta`` is the plain, uncorrected norm of the mean delta.
+    ``l2_delta_corrected_model`` is the pure model's noise-corrected effect size (equal to
+    ``l2_delta_corrected`` unless the served prediction is blended with a baseline).
     """
     import pandas as pd
 
@@ -416,6 +431,9 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             e = embedded.get(str(p))
             if e is not None and e.shape[0] > 1:
                 ed = float(distance(e, baseline_embedded))
+        model_delta = a["delta_model"].values.astype(np.float64) if "delta_model" in a else delta
+        model_var = a["var_model"].values if "var_model" in a else a["var"].values
+        sq_m, noise_m = noise_corrected_sq_norm(model_delta, var_a=model_var, n_a=n, var_b=control_var, n_b=n_control)
         rows.append({
             "perturbation": str(p),
             "score": float(score),
@@ -424,6 +442,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             "edistance": ed,
             "l2_delta": float(np.sqrt(sq)),
             "l2_delta_corrected": float(np.sqrt(max(sq - noise, 0.0))) if np.isfinite(noise) else float("nan"),
+            "l2_delta_corrected_model": (float(np.sqrt(max(sq_m - noise_m, 0.0))) if np.isfinite(noise_m)
+                                         else float("nan")),
             "n_cells": n,
             "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
             "top_down": [genes[i] for i in order[:5] if delta[i] < 0],

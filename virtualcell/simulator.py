@@ -57,15 +57,15 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "control_samples")
+               "control_samples", "blend_weight", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 
 
-def calibrated(x: np.ndarray, perturbed: np.ndarray, control: np.ndarray) -> np.ndarray:
-    """Cells x genes: ``x + perturbed − control``, clipped at 0, each gene rescaled so that its mean over
-    the cells is the unclipped mean (or 0 where that is negative); see the module docstring."""
-    raw = x + perturbed - control
+def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Cells x genes: ``x + delta``, clipped at 0, each gene rescaled so that its mean over the cells
+    is the unclipped mean (or 0 where that is negative); see the module docstring."""
+    raw = x + delta
     pred = np.maximum(raw, 0.0)
     have, want = pred.mean(axis=0), np.maximum(raw.mean(axis=0), 0.0)
     scale = np.divide(want, have, out=np.zeros_like(have), where=have > 0)
@@ -82,6 +82,8 @@ class _Sums:
     keep_embedded: int
     total: np.ndarray = field(init=False)
     sq: np.ndarray = field(init=False)
+    model_total: np.ndarray = field(init=False)  # the pure model's sums, beside the served (blended) ones
+    model_sq: np.ndarray = field(init=False)
     expressing: np.ndarray = field(init=False)
     count: np.ndarray = field(init=False)
     bucket_total: np.ndarray = field(init=False)
@@ -96,6 +98,8 @@ class _Sums:
         P, G = self.n_pert, self.n_genes
         self.total = np.zeros((P, G))
         self.sq = np.zeros((P, G))
+        self.model_total = np.zeros((P, G))
+        self.model_sq = np.zeros((P, G))
         self.expressing = np.zeros((P, G))
         self.count = np.zeros(P, dtype=np.int64)
         self.bucket_total = np.zeros((P, N_BUCKETS, G))
@@ -116,12 +120,18 @@ class _Sums:
                 self.embedded[p].append(emb[: self.keep_embedded - have])
                 self.embedded_idx[p].append(idx[: self.keep_embedded - have])
 
+    def add_model(self, p: int, X: np.ndarray) -> None:
+        """The pure model's predictions of perturbation ``p`` (the served ones go to :meth:`add`)."""
+        self.model_total[p] += X.sum(0)
+        self.model_sq[p] += np.square(X, dtype=np.float64).sum(0)
+
     def merge(self, split: Split) -> None:
         """Add the sums of every process (each generated a share of the cells)."""
         if split.world == 1:
             return
-        self.total, self.sq, self.expressing, self.count, self.bucket_total, self.bucket_count = split.sum(
-            self.total, self.sq, self.expressing, self.count, self.bucket_total, self.bucket_count)
+        (self.total, self.sq, self.model_total, self.model_sq, self.expressing, self.count, self.bucket_total,
+         self.bucket_count) = split.sum(self.total, self.sq, self.model_total, self.model_sq, self.expressing,
+                                        self.count, self.bucket_total, self.bucket_count)
         counts = split.sum(np.array([self.n_invalid, self.n_duplicate, self.n_generated_genes], dtype=np.int64))[0]
         self.n_invalid, self.n_duplicate, self.n_generated_genes = (int(v) for v in counts)
         parts = split.gather([(np.concatenate(e) if e else np.zeros((0, self.n_pcs), np.float32),
@@ -142,9 +152,11 @@ class SimulationResult:
     aggregates
         ``xarray.Dataset`` with dims ``(perturbation, gene)`` (and ``bucket``): ``mean``,
         ``frac_expressing``, ``var``, ``delta`` (mean − baseline mean), ``n_cells``,
-        ``bucket_mean``; ``control_mean`` over ``gene`` and ``control_bucket_mean`` (the baseline
-        cells of each bucket, for paired resampling). ``attrs`` record the model,
-        seed and config.
+        ``bucket_mean`` (all of the served prediction: blended with the training baseline when
+        ``attrs["blend_weight"]`` < 1); ``delta_model`` and ``var_model`` (the pure model's, from
+        the same generated cells); ``control_mean`` over ``gene`` and ``control_bucket_mean`` (the
+        baseline cells of each bucket, for paired resampling). ``attrs`` record the model, seed
+        and config, the blend weight (1: the pure model) and the baselines blended in (``baseline``).
     cells
         Per-cell predictions ``(perturbation, cell, gene)`` as an ``xarray.DataArray``
         (in memory, or lazily read from ``store``), or ``None`` if not kept.
@@ -305,6 +317,36 @@ class Simulator:
             )
         self._basis = pca(self.expression, n_pcs, seed=seed)
 
+    def blend_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
+        """The weight on the model's delta that :meth:`simulate` serves for ``blend`` (``None``: the pure model).
+
+        ``"auto"`` (or ``True``) is the weight the training run fitted on its validation split, when the
+        checkpoint has its baselines and verdict; a number in [0, 1] is used as it is.
+        """
+        if blend is None or blend is False:
+            return None
+        if blend is True or (isinstance(blend, str) and blend.lower() == "auto"):
+            verdict, have = self.model.verdict, self.model.baselines is not None
+            if not calibrate or not have or not verdict or verdict.get("weight") is None:
+                return None
+            return float(verdict["weight"])
+        if isinstance(blend, str) and blend.lower() == "none":
+            return None
+        try:
+            w = float(blend)
+        except (TypeError, ValueError):
+            raise ScreenError(f"blend={blend!r}: use 'auto', None (the pure model) or a weight in [0, 1].") from None
+        if not 0.0 <= w <= 1.0:
+            raise ScreenError(f"blend={w:g} is outside [0, 1]: it is the weight on the model's delta "
+                              "(1: the pure model, 0: the training baseline).")
+        if self.model.baselines is None:
+            raise ScreenError(f"blend={w:g} needs the training baselines saved with the model (baselines.npz), and "
+                              f"{self.model.source or 'this model'} has none: retrain it with this virtualcell, or "
+                              "use blend=None (the pure model).")
+        if not calibrate:
+            raise ScreenError("blend needs calibrate=True: it blends the calibrated delta with the baseline's.")
+        return w
+
     def baseline_mean(self, n_cells: int | None = None) -> np.ndarray:
         """Mean expression of the first ``n_cells`` baseline cells (all by default), in the model's genes."""
         return np.asarray(self.expression[:n_cells].mean(axis=0), dtype=np.float64).ravel()
@@ -338,6 +380,7 @@ class Simulator:
         guidance: float | None = None,
         control_samples: int = 4,
         calibrate: bool = True,
+        blend: str | float | bool | None = "auto",
         keep_cells: bool | None = None,
         store: str | Path | None = None,
         keep_embedded: int = 256,
@@ -367,6 +410,13 @@ class Simulator:
             for ``k`` extra rows per cell.
         calibrate
             Predict ``x + decode(perturbed) − mean decode(control)`` (default) instead of the decoded generation.
+        blend
+            Shrink the model's delta toward the training baseline (:mod:`virtualcell.validation`):
+            serve ``x + w·(decode(perturbed) − mean decode(control)) + (1−w)·baseline delta`` (calibrated
+            as above). ``"auto"`` (default): the weight ``w`` fitted on the training run's validation split,
+            when the checkpoint has one (else the pure model); a number in [0, 1] forces ``w``; ``None``
+            or ``False``: the pure model. The pure model's aggregates are kept either way
+            (``delta_model``, ``var_model``), from the same generated cells.
         keep_cells
             Keep per-cell predictions in memory (default: when they are at most ``max_in_memory`` values).
         store
@@ -407,6 +457,8 @@ class Simulator:
             guidance = float(((getattr(self.model, "verdict", None) or {}).get("settings") or {}).get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
+        w = self.blend_weight(blend, calibrate=calibrate)
+        shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = _bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate")
@@ -437,8 +489,11 @@ class Simulator:
                     if not calibrate:
                         pred = d
                     else:
-                        pred = x if p == control else calibrated(x, d, d_ctrl)
+                        pred = x if p == control else calibrated(x, d - d_ctrl)
                     pred = pred.astype(np.float32)
+                    sums.add_model(j, pred)
+                    if w is not None and w < 1.0 and p != control:  # served: the same generation, blended with the baseline
+                        pred = calibrated(x, w * (d - d_ctrl) + (1.0 - w) * shift[j][0]).astype(np.float32)
                     sums.add(j, pred, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
@@ -462,6 +517,8 @@ class Simulator:
             base_emb = [emb[np.argsort(idx)]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
         agg.attrs["control_samples"] = int(control_samples)
+        agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
+        agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
         cells = None
         if cells_mem is not None:
             import xarray as xr
@@ -484,6 +541,8 @@ class Simulator:
         cnt = np.maximum(sums.count, 1)[:, None]
         mean = sums.total / cnt
         var = unbiased_var(mean, sums.sq / cnt, cnt)
+        model_mean = sums.model_total / cnt
+        model_var = unbiased_var(model_mean, sums.model_sq / cnt, cnt)
         control_mean = self.baseline_mean(n)
         control_var = unbiased_var(control_mean, np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel(), n)
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
@@ -499,6 +558,8 @@ class Simulator:
                 "frac_expressing": (("perturbation", "gene"), (sums.expressing / cnt).astype(np.float32)),
                 "var": (("perturbation", "gene"), var.astype(np.float32)),
                 "delta": (("perturbation", "gene"), (mean - control_mean).astype(np.float32)),
+                "delta_model": (("perturbation", "gene"), (model_mean - control_mean).astype(np.float32)),
+                "var_model": (("perturbation", "gene"), model_var.astype(np.float32)),
                 "n_cells": (("perturbation",), sums.count),
                 "bucket_mean": (("perturbation", "bucket", "gene"), bucket_mean.astype(np.float32)),
                 "bucket_count": (("perturbation", "bucket"), sums.bucket_count),

@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .model import C2SModel
 
-__all__ = ["TrainConfig", "train", "build_pairs", "KIND_ALIASES"]
+__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class TrainConfig:
     threads: int | None = None
     attention: str = "auto"
     precision: str = "auto"
+    verdict_fraction: float = 0.1
+    verdict_candidates: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -104,6 +106,12 @@ class TrainConfig:
                                 f"condition, for guidance), got {self.generic_fraction}.")
         if self.group_size < 1:
             raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
+        if not 0.0 <= self.verdict_fraction <= 0.5:
+            raise TrainingError(f"verdict_fraction must be in [0, 0.5] (0: no validation verdict), got "
+                                f"{self.verdict_fraction}.")
+        if self.verdict_candidates is not None and (
+                not self.verdict_candidates or not all(isinstance(c, dict) for c in self.verdict_candidates)):
+            raise TrainingError("verdict_candidates must be dicts of Simulator.simulate options, at least one ({}).")
         if self.hidden_size % self.n_heads:
             raise TrainingError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}.")
 
@@ -256,6 +264,41 @@ def _holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarra
     return keep
 
 
+GUIDANCE_CANDIDATES = (1.0, 2.0, 4.0)  # guidance scales the verdict compares (1: none) when verdict_candidates is None
+VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at most: it stays quick
+VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
+VERDICT_MIN_CELLS = 20  # a perturbation holds out cells in a context only when it has this many there
+
+
+def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> np.ndarray:
+    """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
+
+    Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
+    least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
+    ``verdict_fraction`` of the cells of each perturbation with at least 20 cells there.
+    At most 24 perturbations (a seeded choice) lose cells; the others train on all theirs.
+    Returns a boolean mask over ``adata``'s cells; all False when ``verdict_fraction`` is 0.
+    """
+    held = np.zeros(adata.n_obs, dtype=bool)
+    if cfg.verdict_fraction <= 0:
+        return held
+    rng = np.random.default_rng([cfg.seed, 11])
+    labels, ctx, is_ctrl = contract.labels(adata), contract.contexts(adata), contract.is_control(adata)
+    contexts = [c for c in sorted(set(ctx)) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS]
+    eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
+                       if n >= VERDICT_MIN_CELLS})
+    chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()
+    for c in contexts:
+        controls = np.flatnonzero(is_ctrl & (ctx == c))
+        k = min(max(8, int(round(cfg.verdict_fraction * controls.size))), controls.size - 2)
+        held[rng.choice(controls, size=k, replace=False)] = True
+        for p in sorted(chosen):
+            cells = np.flatnonzero((ctx == c) & (labels == p))
+            if cells.size >= VERDICT_MIN_CELLS:
+                held[rng.choice(cells, size=max(1, int(round(cfg.verdict_fraction * cells.size))), replace=False)] = True
+    return held
+
+
 def train(
     adata: ad.AnnData,
     *,
@@ -369,6 +412,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     data = adata[_holdout_mask(adata, cfg.holdout)]
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
+    # the verdict's cells leave before anything is fitted: not sources, not targets, not in the rank fit
+    given_hash = data_hash(data, contract)  # the data as given (after --holdout): what a recorded command reruns on
+    in_verdict = verdict_split(data, contract, cfg)
+    held = data[in_verdict] if in_verdict.any() else None
+    data = data[~in_verdict] if in_verdict.any() else data
     genes = Vocabulary.from_adata(data)
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
@@ -378,8 +426,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     lm, tokenizer, fmt_name = _new_model(cfg, base, genes, pvocab)
-    run_config = asdict(cfg) | {"base": base, "data_hash": data_hash(data, contract), "n_train_cells": int(data.n_obs),
-                                "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size)}
+    run_config = asdict(cfg) | {"base": base, "data_hash": given_hash, "trained_data_hash": data_hash(data, contract),
+                                "n_train_cells": int(data.n_obs),
+                                "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size),
+                                "n_verdict_cells": int(in_verdict.sum()),
+                                "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
+                                "n_verdict_labels": (len(set(contract.labels(held)) - {contract.control})
+                                                     if held is not None else 0)}
     model = C2SModel(lm, tokenizer, genes=genes, perturbations=pvocab, prompt_format=fmt_name, rank_fit=fit,
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
@@ -488,10 +541,34 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
     save_checkpoint(state)
     model.lm.eval()
+    # every process judges: under a multi-process launch the verdict's simulations share out the cells
+    # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
+    _judge(model, data, held, contract, cfg, run_config)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
+
+
+def _judge(model: C2SModel, data: ad.AnnData, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
+           run_config: dict[str, Any]) -> None:
+    """Fit the training baselines and, on the held-out cells, the validation verdict (both go into the checkpoint)."""
+    from . import validation
+
+    t0 = time.perf_counter()
+    model.baselines = validation.Baselines.fit(data, contract, model)
+    if held is not None:
+        candidates = cfg.verdict_candidates
+        if candidates is None:  # guidance scales, where the model has a generic condition to guide against
+            guided = cfg.generic_fraction > 0 and model.format.generic_own() is not None
+            candidates = tuple({"guidance": g} for g in GUIDANCE_CANDIDATES) if guided else ({},)
+        model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates)
+    run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
+    if model.verdict is not None:
+        run_config["verdict_weight"] = model.verdict["weight"]
+        log.info("%s", model.verdict["summary"])
+    model.train_config = model.train_config | {k: run_config[k] for k in ("verdict_seconds", "verdict_weight")
+                                               if k in run_config}
 
 
 class _CallableModule(types.ModuleType):

@@ -1,0 +1,243 @@
+"""The validation verdict: held-out cells, training baselines, the blend weight and the served blend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import virtualcell as vc
+from virtualcell.contract import DataContract
+from virtualcell.errors import ScreenError, TrainingError
+from virtualcell.train import GUIDANCE_CANDIDATES, TrainConfig, data_hash, verdict_split
+from virtualcell.validation import Baselines, blend_weight, run_verdict, score_deltas
+
+# the tiny model of conftest.py is trained with this config (and the default verdict_fraction)
+TINY = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=12, eval_every=6, save_every=6,
+                   batch_size=8, warmup_steps=2, seed=0)
+
+
+# --------------------------------------------------------------------------- the split
+def _two_contexts(papalexi_small):
+    """Context A: every cell; context B: exactly 41 control cells plus one perturbation's cells."""
+    import anndata as ad
+
+    a = papalexi_small.copy()
+    a.obs["line"] = "A"
+    b = a[a.obs.perturbation == "control"][:41].copy()
+    b.obs["line"] = "B"
+    few = a[a.obs.perturbation == "STAT1"].copy()
+    few.obs["line"] = "B"
+    c = a[a.obs.perturbation == "control"][:30].copy()  # context C: too few controls to hold any out
+    c.obs["line"] = "C"
+    for prefix, part in zip("ABSC", (a, b, few, c)):
+        part.obs_names = [f"{prefix}-{n}" for n in part.obs_names]
+    return ad.concat([a, b, few, c], merge="same"), DataContract(perturbation_key="perturbation", control="control", context_key="line")
+
+
+def test_verdict_split_is_seeded_bounded_and_keeps_controls_for_training(papalexi_small):
+    data, contract = _two_contexts(papalexi_small)
+    cfg = TrainConfig(seed=0)
+    held = verdict_split(data, contract, cfg)
+    np.testing.assert_array_equal(held, verdict_split(data, contract, cfg))  # deterministic
+    assert not np.array_equal(held, verdict_split(data, contract, TrainConfig(seed=1)))
+    assert not verdict_split(data, contract, TrainConfig(verdict_fraction=0.0)).any()
+    labels, ctx, ctrl = contract.labels(data), contract.contexts(data), contract.is_control(data)
+    for c in ("A", "B", "C"):
+        assert (ctrl & (ctx == c) & ~held).sum() >= 2  # training keeps controls in every context
+    n_b = int((ctrl & (ctx == "B")).sum())
+    assert n_b == 41 and (ctrl & (ctx == "B") & held).sum() == 8  # at least 8 of a context with >= 40
+    assert not held[ctx == "C"].any()  # fewer than 40 controls: nothing held out there
+    assert (ctrl & (ctx == "A") & held).sum() == round(0.1 * (ctrl & (ctx == "A")).sum())
+    held_labels = set(labels[held & ~ctrl])
+    assert 0 < len(held_labels) <= 24
+    for p in held_labels:  # only perturbations with >= 20 cells in the context lose cells, and only 10% of them
+        for c in ("A", "B"):
+            n = int(((labels == p) & (ctx == c)).sum())
+            k = int(((labels == p) & (ctx == c) & held).sum())
+            assert k == 0 or (n >= 20 and k == max(1, round(0.1 * n)))
+    with pytest.raises(TrainingError, match="verdict_fraction"):
+        TrainConfig(verdict_fraction=0.9)
+
+
+def test_the_verdict_cells_never_reach_training(tiny_model):
+    model, folder, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = verdict_split(data, contract, TINY)
+    tc = model.train_config
+    assert tc["n_verdict_cells"] == int(held.sum()) > 0
+    assert tc["n_train_cells"] == data.n_obs - int(held.sum())
+    assert tc["trained_data_hash"] == data_hash(data[~held], contract)  # what was paired and fitted: the rest only
+    assert tc["data_hash"] == data_hash(data, contract)  # the data as given
+    assert tc["verdict_seconds"] < 60
+
+
+# --------------------------------------------------------------------------- the pure functions
+def test_blend_weight_is_the_least_squares_weight():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(5, 40))
+    b = y + rng.normal(scale=0.5, size=y.shape)
+    m = y + rng.normal(scale=0.5, size=y.shape)
+    d = (m - b).ravel()
+    by_hand = float(d @ (y - b).ravel() / (d @ d))
+    assert 0 < by_hand < 1
+    assert blend_weight(model=m, baseline=b, measured=y) == pytest.approx(by_hand)
+    blend = by_hand * m + (1 - by_hand) * b  # the weight minimizes the error of the blend
+    for w in (by_hand - 0.05, by_hand + 0.05):
+        assert np.sum((blend - y) ** 2) < np.sum((w * m + (1 - w) * b - y) ** 2)
+    assert blend_weight(model=y, baseline=b, measured=y) == 1.0  # the model is the truth
+    assert blend_weight(model=b, baseline=b, measured=y) == 0.0  # nothing to add
+    noise = rng.normal(scale=3.0, size=y.shape)
+    assert blend_weight(model=noise, baseline=y, measured=y) == 0.0  # pure noise against a perfect baseline
+    assert blend_weight(model=2 * y - b, baseline=b, measured=y) == pytest.approx(0.5)
+
+
+def test_score_deltas_by_hand():
+    y = np.array([[1.0, 2.0, 3.0, -1.0]])
+    s = score_deltas(2 * y, y, top_n=2)
+    assert s["pearson_delta"] == pytest.approx(1.0) and s["pearson_delta_top2"] == pytest.approx(1.0)
+    assert s["mse"] == pytest.approx(np.mean(y**2))
+    assert score_deltas(np.zeros_like(y), y)["pearson_delta"] == 0.0  # a constant prediction correlates 0
+
+
+def test_baselines_meanshift_pertmean_and_additive(tiny_model):
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    base = Baselines.fit(data, contract, model)
+    X, _ = vc.sentences.model_expression(data, model.genes)
+    labels = contract.labels(data)
+    by_hand = np.asarray(X[labels == "STAT1"].mean(0) - X[labels == "control"].mean(0)).ravel()
+    d, name = base.delta_for("ko:STAT1")
+    assert name == "meanshift"
+    np.testing.assert_allclose(d, by_hand, atol=1e-5)
+    pair, name = base.delta_for(vc.perturbations.parse("ko:STAT1+ko:JAK2"))
+    assert name == "additive"
+    np.testing.assert_allclose(pair, d + base.delta_for("ko:JAK2")[0], atol=1e-5)
+    unseen = next(g for g in model.genes.genes if g not in {q.split(":")[-1] for q in base.names})
+    other, name = base.delta_for(f"ko:{unseen}")
+    assert name == "pertmean"
+    np.testing.assert_allclose(other, base.delta.mean(0), atol=1e-6)
+    assert base.delta_for("control")[1] == "none" and not base.delta_for("control")[0].any()
+
+
+# --------------------------------------------------------------------------- the checkpoint
+def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
+    model, folder, _ = tiny_model
+    assert (folder / "verdict.json").exists() and (folder / "baselines.npz").exists()
+    verdict = json.loads((folder / "verdict.json").read_text())
+    assert model.verdict == verdict and model.baselines is not None
+    assert 0.0 <= verdict["weight"] <= 1.0 and verdict["settings"] in [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    assert [c["settings"] for c in verdict["candidates"]] == [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    for who in ("model", "baseline", "blend"):
+        assert set(verdict[who]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
+    assert verdict["blend"]["mse"] <= min(verdict["model"]["mse"], verdict["baseline"]["mse"]) + 1e-9
+    assert verdict["n_labels"] > 0 and verdict["n_cells"] > 0
+    assert verdict["summary"].startswith(f"Validation ({verdict['n_labels']} held-out training perturbations")
+    assert f"w={verdict['weight']:.2f}" in verdict["summary"]
+
+
+def test_verdict_keeps_the_candidate_settings_with_the_lowest_model_error(tiny_model):
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = data[verdict_split(data, contract, TINY)]
+    verdict = run_verdict(model, held, contract, seed=0, candidates=[{}, {"temperature": 0.3}])
+    errors = [c["model"]["mse"] for c in verdict["candidates"]]
+    assert errors[0] != errors[1]  # the settings change the prediction
+    assert verdict["settings"] == [{}, {"temperature": 0.3}][int(np.argmin(errors))]
+    assert verdict["model"]["mse"] == min(errors)
+
+
+def test_old_checkpoint_without_verdict_still_simulates(tiny_model, tmp_path):
+    model, folder, data = tiny_model
+    old = tmp_path / "old"
+    shutil.copytree(folder, old, ignore=shutil.ignore_patterns("last", "verdict.json", "baselines.npz"))
+    m = vc.C2SModel.load(old)
+    assert m.verdict is None and m.baselines is None
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:6].copy(), m)
+    res = sim.simulate(["STAT1"], progress=False)  # blend="auto": the pure model
+    assert res.aggregates.attrs["blend_weight"] == 1.0 and res.aggregates.attrs["baseline"] == "none"
+    np.testing.assert_array_equal(res.aggregates["delta"].values, res.aggregates["delta_model"].values)
+    with pytest.raises(ScreenError, match="baselines"):
+        sim.simulate(["STAT1"], progress=False, blend=0.5)
+    bundled = vc.model.bundled()
+    assert bundled.verdict is None and bundled.baselines is None
+
+
+# --------------------------------------------------------------------------- the served blend
+def _calibrated_by_hand(x, delta):
+    """x + delta clipped at 0, each gene rescaled to the unclipped mean (Simulator's calibration)."""
+    r = x + delta
+    clipped = np.maximum(r, 0)
+    m = clipped.mean(0)
+    return clipped * np.divide(np.maximum(r.mean(0), 0), m, out=np.zeros_like(m), where=m > 0)
+
+
+def test_blend_is_arithmetic_on_one_generation(tiny_model):
+    model, _, data = tiny_model
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
+    perts = ["STAT1", "IFNGR1+IRF1"]
+    pure = sim.simulate(perts, progress=False, blend=None, keep_cells=True)
+    raw = sim.simulate(["control", *perts], progress=False, calibrate=False, keep_cells=True).cells.values
+    d_ctrl, d = raw[0], raw[1:]  # the mean decoded control samples, and each perturbation's decoded cells
+    x = sim.expression[:8].toarray()
+    b = np.stack([model.baselines.delta_for(p)[0] for p in model.resolve(perts)])
+    for w in (0.0, 0.5, 1.0):
+        res = sim.simulate(perts, progress=False, blend=w, keep_cells=True)
+        # the pure model's aggregates come from the same generated cells as the served ones
+        np.testing.assert_allclose(res.aggregates["delta_model"].values, pure.aggregates["delta"].values, atol=1e-5)
+        served, P = res.cells.values, pure.cells.values
+        assert res.aggregates.attrs["blend_weight"] == w
+        if w == 1.0:
+            np.testing.assert_array_equal(served, P)
+        for j in range(len(perts)):
+            want = _calibrated_by_hand(x, w * (d[j] - d_ctrl) + (1 - w) * b[j])
+            np.testing.assert_allclose(served[j], want, atol=1e-4)
+    auto = sim.simulate(perts, progress=False)
+    assert auto.aggregates.attrs["blend_weight"] == pytest.approx(model.verdict["weight"])
+    assert auto.aggregates.attrs["baseline"] == "additive;meanshift"
+    with pytest.raises(ScreenError, match="outside"):
+        sim.simulate(perts, progress=False, blend=1.5)
+
+
+def test_screen_ranks_the_served_blend_beside_the_pure_model(tiny_model, tmp_path):
+    model, _, data = tiny_model
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
+    res = sim.screen(["STAT1", "JAK2"], out=tmp_path / "s", progress=False, n_boot=10, blend=0.0)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["blend_weight"] == 0.0 and res.ranking.attrs["virtualcell"]["blend_weight"] == 0.0
+    pure = sim.screen(["STAT1", "JAK2"], out=tmp_path / "p", progress=False, n_boot=10, blend=None)
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["blend_weight"] is None
+    a = res.ranking.set_index("perturbation")
+    p = pure.ranking.set_index("perturbation")
+    np.testing.assert_allclose(a.loc[p.index, "l2_delta_corrected_model"], p["l2_delta_corrected"], rtol=1e-5)
+    np.testing.assert_allclose(p["l2_delta_corrected_model"], p["l2_delta_corrected"])
+
+
+def test_cli_prints_the_verdict_and_the_weight(tiny_model, tmp_path, capsys):
+    from virtualcell.cli import main
+
+    model, folder, data = tiny_model
+    base = tmp_path / "base.h5ad"
+    data[data.obs.perturbation == "control"][:6].copy().write_h5ad(base)
+    assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1",
+                 "--out", str(tmp_path / "p.h5ad")]) == 0
+    out = capsys.readouterr().out
+    assert model.verdict["summary"] in out and f"weight {model.verdict['weight']:.2f}" in out
+    assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1",
+                 "--blend", "none", "--out", str(tmp_path / "q.h5ad")]) == 0
+    assert "served: the pure model" in capsys.readouterr().out
+    panel = tmp_path / "panel.txt"
+    panel.write_text("STAT1\nJAK2\n")
+    assert main(["screen", "--model", vc.model.BUNDLED, "--data", str(base), "--panel", str(panel),
+                 "--n-cells", "4", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "no validation verdict in this checkpoint" in out and "served: the pure model" in out
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1", "--blend", "2",
+              "--out", str(tmp_path / "r.h5ad")])
+    capsys.readouterr()
+    assert main(["train", "--data", str(base), "--perturbation-key", "perturbation", "--control", "control",
+                 "--verdict-fraction", "0.9", "--out", str(tmp_path / "m")]) == 2
+    assert "verdict_fraction must be in [0, 0.5]" in capsys.readouterr().err

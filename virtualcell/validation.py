@@ -1,0 +1,295 @@
+"""The training run's own verdict: how the model does against the simple baselines on cells it never saw.
+
+``virtualcell train`` holds a validation split of *cells* out of training entirely
+(:func:`virtualcell.train.verdict_split`). After the training loop it
+
+1. fits the training-data baselines (:class:`Baselines`): each training label's
+   **meanshift** delta (its mean effect over the contexts), **pertmean** (the mean of
+   those, for perturbations never seen) and the **additive** sum for a combination of
+   seen singles; they are saved in the checkpoint (``baselines.npz``) so that the
+   :class:`~virtualcell.simulator.Simulator` can serve them;
+2. simulates the held-out perturbations on half of the held-out control cells and scores
+   the pure model, the baseline and their blend against the measured deltas (the held-out
+   perturbed cells against the *other* half of the held-out controls: independent noise);
+3. fits the blend weight ``w`` (:func:`blend_weight`) and writes ``verdict.json``.
+
+The Simulator then serves ``x + w·(model delta) + (1−w)·(baseline delta)`` by default
+(``blend="auto"``); a model with nothing to add gets ``w = 0``.
+
+Examples
+--------
+>>> import numpy as np
+>>> from virtualcell.validation import blend_weight
+>>> y = np.array([[1.0, -1.0, 0.5]])
+>>> blend_weight(model=y, baseline=np.zeros_like(y), measured=y)
+1.0
+>>> blend_weight(model=np.zeros_like(y), baseline=y, measured=y)
+0.0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ModelError
+from .perturbations import Combination, Perturbation, parse
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+    from .contract import DataContract
+    from .model import C2SModel
+
+__all__ = ["Baselines", "blend_weight", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
+           "VERDICT_FILE", "TOP_N"]
+
+log = logging.getLogger(__name__)
+
+BASELINES_FILE = "baselines.npz"
+VERDICT_FILE = "verdict.json"
+TOP_N = 50  # genes with the largest measured |delta| for pearson_delta_top50
+
+
+def _key(p: Perturbation | Combination | str) -> str:
+    """The typed name of a perturbation without dose or time: how training labels are stored."""
+    q = parse(p) if isinstance(p, str) else p
+    parts = q.parts if isinstance(q, Combination) else (q,)
+    plain = [Perturbation(x.kind, x.target) if x.kind != "control" else Perturbation("control") for x in parts]
+    return str(plain[0] if len(plain) == 1 else Combination(tuple(plain)))
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Training-data baseline deltas on a model's genes and normalized log1p scale.
+
+    Attributes
+    ----------
+    genes
+        The model's genes, in its order (the columns of ``delta``).
+    names
+        The typed name (no dose) of each training perturbation, one row of ``delta`` each.
+    delta
+        meanshift: per training perturbation, the mean over contexts of
+        ``mean(its training cells) − mean(the context's training controls)``.
+    """
+
+    genes: tuple[str, ...]
+    names: tuple[str, ...]
+    delta: np.ndarray
+
+    @property
+    def pertmean(self) -> np.ndarray:
+        """The mean of every training perturbation's delta: the guess for one never seen."""
+        return self.delta.mean(axis=0) if len(self.names) else np.zeros(len(self.genes))
+
+    @classmethod
+    def fit(cls, adata: ad.AnnData, contract: DataContract, model: C2SModel) -> Baselines:
+        """The meanshift deltas of the training cells ``adata`` (the model's genes and normalization)."""
+        from .evaluate._data import group_means
+        from .sentences import model_expression
+
+        X, _ = model_expression(adata, model.genes)
+        labels = contract.labels(adata)
+        ctx = contract.contexts(adata)
+        keys = np.array([f"{c}\x1f{p}" for p, c in zip(labels, ctx)], dtype=object)
+        groups, means, _ = group_means(X, keys)
+        table = {tuple(k.split("\x1f", 1)): m for k, m in zip(groups, means)}
+        ctrl = {c: m for (c, p), m in table.items() if p == contract.control}
+        per_label: dict[str, list[np.ndarray]] = {}
+        for (c, p), m in table.items():
+            if p != contract.control and c in ctrl:
+                per_label.setdefault(p, []).append(m - ctrl[c])
+        names, rows = [], []
+        for label in sorted(per_label):
+            typed = model.perturbations.labels.get(label)
+            if typed is None:
+                continue
+            names.append(_key(typed))
+            rows.append(np.mean(per_label[label], axis=0))
+        delta = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(model.genes))
+        return cls(tuple(model.genes.genes), tuple(names), delta)
+
+    def delta_for(self, perturbation: Perturbation | Combination | str) -> tuple[np.ndarray, str]:
+        """The baseline delta for one perturbation and the baseline's name.
+
+        A training perturbation gets its own ``meanshift`` delta; a combination whose every
+        part was trained alone gets their sum (``additive``); the control gets zeros
+        (``none``); any other perturbation gets ``pertmean``.
+        """
+        q = parse(perturbation) if isinstance(perturbation, str) else perturbation
+        if isinstance(q, Perturbation) and q.kind == "control":
+            return np.zeros(len(self.genes), dtype=np.float32), "none"
+        row = {n: i for i, n in enumerate(self.names)}
+        key = _key(q)
+        if key in row:
+            return self.delta[row[key]], "meanshift"
+        if isinstance(q, Combination):
+            parts = [_key(x) for x in q.parts]
+            if all(x in row for x in parts):
+                return np.sum([self.delta[row[x]] for x in parts], axis=0).astype(np.float32), "additive"
+        return self.pertmean.astype(np.float32), "pertmean"
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as fh:
+            np.savez(fh, genes=np.array(self.genes, dtype=str), names=np.array(self.names, dtype=str),
+                     delta=self.delta.astype(np.float32))
+
+    @classmethod
+    def load(cls, path: str | Path, genes: Sequence[str]) -> Baselines:
+        """Read ``baselines.npz``; its genes must be the model's (``genes``), in order."""
+        try:
+            with np.load(path) as z:
+                out = cls(tuple(str(g) for g in z["genes"]), tuple(str(n) for n in z["names"]),
+                          np.asarray(z["delta"], dtype=np.float32))
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelError(f"{str(path)!r} is broken ({err}); delete it to serve the pure model, or retrain.") from None
+        if out.genes != tuple(genes):
+            raise ModelError(f"{str(path)!r} holds baselines for other genes than the model's; delete it to serve "
+                             "the pure model, or retrain.")
+        return out
+
+
+# --------------------------------------------------------------------------- #
+# Pure functions: scores and the blend weight
+# --------------------------------------------------------------------------- #
+def blend_weight(*, model: np.ndarray, baseline: np.ndarray, measured: np.ndarray) -> float:
+    """The least-squares weight ``w`` in [0, 1] of ``w·model + (1−w)·baseline`` against ``measured``.
+
+    Rows are perturbations, columns genes (mean deltas):
+    ``w = clip(Σ_p <m_p − b_p, y_p − b_p> / Σ_p ||m_p − b_p||², 0, 1)``; 0 when the model
+    equals the baseline (nothing to add).
+    """
+    m, b, y = (np.asarray(a, dtype=np.float64) for a in (model, baseline, measured))
+    d = m - b
+    denom = float(np.sum(d * d))
+    if denom < 1e-12:
+        return 0.0
+    return float(np.clip(np.sum(d * (y - b)) / denom, 0.0, 1.0))
+
+
+def score_deltas(pred: np.ndarray, measured: np.ndarray, *, top_n: int = TOP_N) -> dict[str, float]:
+    """pearson_delta (all genes and the ``top_n`` genes of largest measured |delta|) and MSE over
+    genes, each averaged over the rows (perturbations)."""
+    from .evaluate.metrics import _pearson
+
+    pred, measured = np.atleast_2d(pred).astype(np.float64), np.atleast_2d(measured).astype(np.float64)
+    n = min(top_n, pred.shape[1])
+    top = np.argsort(-np.abs(measured), axis=1, kind="stable")[:, :n]
+    pt, mt = np.take_along_axis(pred, top, axis=1), np.take_along_axis(measured, top, axis=1)
+    return {
+        "pearson_delta": float(np.mean([_pearson(a, b) for a, b in zip(pred, measured)])),
+        f"pearson_delta_top{top_n}": float(np.mean([_pearson(a, b) for a, b in zip(pt, mt)])),
+        "mse": float(np.mean((pred - measured) ** 2)),
+    }
+
+
+def summary_line(verdict: Mapping[str, Any] | None) -> str:
+    """One line for a person: how the model did against the baseline on the validation split."""
+    if not verdict:
+        return "no validation verdict in this checkpoint"
+    if "summary" in verdict:
+        return str(verdict["summary"])
+    return "validation verdict without a summary"
+
+
+def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str) -> str:
+    better = "the model is better" if model["mse"] < base["mse"] else "the baseline is better"
+    served = ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
+              else "predictions are blended")
+    return (f"Validation ({n_labels} held-out training perturbations, {n_cells} cells): model pearson_delta "
+            f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
+            f"{blend['pearson_delta']:.2f} — {better}; {served}.")
+
+
+# --------------------------------------------------------------------------- #
+# The verdict
+# --------------------------------------------------------------------------- #
+def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
+                candidates: Sequence[Mapping[str, Any]] = ({},), max_input_cells: int = 64) -> dict[str, Any] | None:
+    """Score the model, its baseline and their blend on the held-out cells ``held``.
+
+    Per context, half of the held-out control cells (at most ``max_input_cells`` over all
+    contexts) are the Simulator's input; the other half is the reference that the
+    held-out perturbed cells are measured against. Each dict of ``candidates`` is extra
+    keyword arguments of :meth:`Simulator.simulate` (generation settings); the one with the
+    lowest validation MSE of the pure model is kept (``"settings"``). ``model.baselines``
+    must be set. Returns the verdict (also what ``verdict.json`` holds), or ``None`` when
+    ``held`` has no context with both held-out controls and perturbed cells.
+    """
+    from .sentences import model_expression
+    from .simulator import Simulator
+
+    if model.baselines is None:
+        raise ModelError("run_verdict needs model.baselines (Baselines.fit on the training cells) first.")
+    t0 = time.perf_counter()
+    candidates = [dict(c) for c in candidates] or [{}]
+    rng = np.random.default_rng([seed, 11])
+    labels, ctx, is_ctrl = contract.labels(held), contract.contexts(held), contract.is_control(held)
+    X, _ = model_expression(held, model.genes)
+    known = set(model.perturbations.labels)
+    plans = []
+    for c in sorted(set(ctx)):
+        controls = rng.permutation(np.flatnonzero((ctx == c) & is_ctrl))
+        perts = sorted({p for p in labels[(ctx == c) & ~is_ctrl] if p in known})
+        if controls.size >= 4 and perts:
+            plans.append((c, controls, perts))
+    if not plans:
+        return None
+    per_context = max(2, max_input_cells // len(plans))
+    m_rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(candidates))}
+    b_rows, y_rows, names, n_cells = [], [], [], 0
+    for c, controls, perts in plans:
+        half = min(controls.size // 2, per_context)
+        inputs, reference = np.sort(controls[:half]), np.sort(controls[half:])
+        ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
+        typed = [model.perturbations.resolve(p) for p in perts]
+        sim = Simulator(held[inputs], model, seed=seed)
+        for i, cand in enumerate(candidates):
+            res = sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **cand)
+            m_rows[i].extend(res.aggregates["delta_model"].values.astype(np.float64))
+        for p, q in zip(perts, typed):
+            cells = np.flatnonzero((ctx == c) & (labels == p))
+            y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
+            b_rows.append(model.baselines.delta_for(q)[0].astype(np.float64))
+            names.append(p)
+            n_cells += cells.size
+        n_cells += controls.size
+    Y, B = np.array(y_rows), np.array(b_rows)
+    scored = [{"settings": cand, "model": score_deltas(np.array(m_rows[i]), Y)} for i, cand in enumerate(candidates)]
+    best = min(range(len(candidates)), key=lambda i: scored[i]["model"]["mse"])
+    M = np.array(m_rows[best])
+    w = blend_weight(model=M, baseline=B, measured=Y)
+    model_scores, base_scores = scored[best]["model"], score_deltas(B, Y)
+    blend_scores = score_deltas(w * M + (1 - w) * B, Y)
+    n_labels = len(set(names))
+    verdict = {
+        "model": model_scores,
+        "baseline": base_scores | {"name": "meanshift"},
+        "blend": blend_scores,
+        "weight": w,
+        "settings": candidates[best],
+        "candidates": scored,
+        "n_labels": n_labels,
+        "n_targets": len(names),
+        "n_cells": int(n_cells),
+        "n_contexts": len(plans),
+        "perturbations": sorted(set(names)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
+    return verdict
+
+
+def write_verdict(verdict: Mapping[str, Any], folder: str | Path) -> Path:
+    path = Path(folder) / VERDICT_FILE
+    path.write_text(json.dumps(verdict, indent=1, default=float))
+    return path
