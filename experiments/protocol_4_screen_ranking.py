@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = P.parser(__doc__, minutes=7.0)
     ap.add_argument("--retrain", action="store_true", help="train a model instead of loading the bundled one")
     ap.add_argument("--n-cells", type=int, default=120, help="rep_3 control cells fed to the model (demo: 120)")
+    ap.add_argument("--model", default=None, help="a checkpoint trained with rep_3 held out (default: the bundled one)")
     args = ap.parse_args(argv)
     P.setup(args.threads)
     started = time.perf_counter()
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol4")
         model, model_info = trained.model, {k: v for k, v in vars(trained).items() if k != "model"}
     else:
-        model = vc.model.bundled()
-        model_info = {"bundled": vc.model.BUNDLED, "train_config": {k: v for k, v in model.train_config.items()
+        model = vc.C2SModel.load(args.model) if args.model else vc.model.bundled()
+        model_info = {"bundled" if not args.model else "checkpoint": args.model or vc.model.BUNDLED, "train_config": {k: v for k, v in model.train_config.items()
                                                                     if k not in ("history",)}}
         assert model.train_config.get("holdout") == {col: [rep]}, model.train_config.get("holdout")
     panel = sorted(model.perturbations.labels)
@@ -89,6 +90,23 @@ def main(argv: list[str] | None = None) -> None:
     rho["measured in training replicates"] = float(spearmanr(train_eff.reindex(common), measured.loc[common]).statistic)
     spearman = pd.DataFrame({"ranking": list(rho), "spearman": list(rho.values())})
 
+    # effects too alike? the mean pairwise correlation of the knockouts' predicted deltas, against the measured ones
+    from virtualcell.sentences import model_expression
+
+    X, _ = model_expression(adata, model.genes)
+    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
+    ref_mean = np.asarray(X[ref_idx].mean(axis=0)).ravel()
+    measured_d = np.stack([np.asarray(X[np.flatnonzero(held & (labels == p))].mean(axis=0)).ravel() - ref_mean
+                           for p in common])
+    by_label = {lab: typed_name for typed_name, lab in typed.items()}
+    predicted_d = res.aggregates["delta"].sel(perturbation=[by_label[p] for p in common]).values
+
+    def mean_pairwise(D: np.ndarray) -> float:
+        C = np.corrcoef(D)
+        return float(C[np.triu_indices_from(C, 1)].mean())
+
+    alike = {"model": mean_pairwise(predicted_d), "measured rep_3": mean_pairwise(measured_d)}
+
     reference = adata[held & ~np.isin(np.arange(adata.n_obs), base_idx)].copy()
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, context_key=col,
                     baselines=("nochange", "meanshift", "linear"), seed=args.seed)
@@ -109,10 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         __doc__.split("\n\n", 2)[2], rows, summ, table,
         extra_md=("Spearman correlation with the measured noise-corrected effect sizes in rep_3 "
                   f"({len(common)} knockouts):\n\n" + P.markdown_table(spearman) + "\n\n"
-                  f"Model: {'retrained' if (args.retrain or args.quick) else 'bundled'}; {n} baseline cells, "
+                  f"Mean pairwise correlation of the knockouts' deltas (effects too alike?): predicted "
+                  f"{alike['model']:.2f}, measured in rep_3 {alike['measured rep_3']:.2f}.\n\n"
+                  f"Model: {'retrained' if (args.retrain or args.quick) else (args.model or 'bundled')}; {n} baseline cells, "
                   f"{len(panel)} knockouts predicted in {pred_s:.0f} s.\n\nEffect sizes (sum of squared deltas, "
                   "noise-corrected; predicted: l2_delta_corrected):\n\n" + P.markdown_table(side)),
-        meta={"spearman": rho, "model": model_info, "prediction_seconds": round(pred_s, 1), "n_cells": n,
+        meta={"spearman": rho, "pairwise_correlation": alike, "model": model_info, "prediction_seconds": round(pred_s, 1), "n_cells": n,
               "effects": side.to_dict(orient="records")},
     )
     P.write(report, args.out, started=started, quick=args.quick, args=args)
