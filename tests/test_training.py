@@ -266,3 +266,34 @@ def test_vc_train_called_like_a_function_forwards_to_fit_with_a_warning():
     with pytest.warns(DeprecationWarning, match="vc.fit"), pytest.raises(TypeError, match="out"):
         vc.train(vc.datasets.load()[:10])  # no out=: train's own signature answers
     assert vc.train.TrainConfig is vc.TrainConfig  # still the module namespace
+
+
+def test_generic_condition_replaces_the_named_perturbation_of_drawn_pairs_only():
+    """Pairs drawn for the generic condition read '<generic> <out>' instead of the perturbation; the draw
+    is a pure function of (seed, step), about `fraction` of the perturbed pairs, never a control pair."""
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import GENERIC, CompactFormat, PerturbationVocab, build_gene_tokenizer
+
+    genes = [f"G{i}" for i in range(12)]
+    pv = PerturbationVocab({"G3": "ko:G3"})
+    fmt = CompactFormat(build_gene_tokenizer(genes, pv), genes, pv)
+    sentences = [np.array([i % 12, (i + 1) % 12, (i + 5) % 12]) for i in range(6)]
+    perts = [parse("control"), parse("control"), parse("ko:G3"), parse("ko:G3"), parse("ko:G5"), parse("control")]
+    sources = np.array([1, 0, 0, 0, 1, 0])
+    plain = batching.pair_groups(fmt, [np.array([2, 3]), np.array([4])], sentences=sentences, sources=sources,
+                                 perturbations=perts)
+    mixed = batching.pair_groups(fmt, [np.array([2, 3]), np.array([4])], sentences=sentences, sources=sources,
+                                 perturbations=perts, generic={3})
+    generic = [fmt.token_id[GENERIC], fmt.out]
+    assert fmt.generic_own() == generic
+    assert mixed[0][1][0] == plain[0][1][0]  # target 2 keeps its name
+    assert mixed[0][1][1] == (generic, plain[0][1][1][1])  # target 3: generic prompt, the same response
+    assert mixed[1] == plain[1] and mixed[0][0] == plain[0][0]
+
+    perturbed = np.array([i % 3 != 0 for i in range(3000)])
+    targets = np.arange(3000)
+    a = batching.generic_draw(targets, perturbed, fraction=0.15, seed=0, step=7)
+    assert a == batching.generic_draw(targets, perturbed, fraction=0.15, seed=0, step=7)
+    assert a != batching.generic_draw(targets, perturbed, fraction=0.15, seed=0, step=8)
+    assert all(perturbed[t] for t in a) and 0.12 < len(a) / perturbed.sum() < 0.18
+    assert batching.generic_draw(targets, perturbed, fraction=0.0, seed=0, step=7) == set()

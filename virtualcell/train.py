@@ -454,18 +454,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of,
                                     generic=generic)
 
-    def generic_at(step: int, chunks: list[np.ndarray]) -> set[int]:
-        """The step's perturbed pairs written under the generic condition: a pure function of (seed, step)."""
-        if cfg.generic_fraction <= 0 or fmt.generic_own() is None:
-            return set()
-        targets = np.concatenate(chunks)
-        draw = np.random.default_rng([cfg.seed, step, 2]).random(targets.size) < cfg.generic_fraction
-        return {int(t) for t, d in zip(targets, draw) if d and perturbed[t]}
+    generic_fraction = cfg.generic_fraction if fmt.generic_own() is not None else 0.0
 
     def batch_at(step: int, pretrain: bool) -> batching.Batch:
         schedule = lone if pretrain else pairs
         chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
-        generic = set() if pretrain else generic_at(step, chunks)
+        generic = set() if pretrain else batching.generic_draw(np.concatenate(chunks), perturbed, seed=cfg.seed,
+                                                               fraction=generic_fraction, step=step)
         return batching.pack(groups_of(chunks, pretrain, generic), fmt.pad).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]

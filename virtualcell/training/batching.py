@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "PairSchedule"]
+__all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "PairSchedule"]
 
 # (shared prompt tokens, [(own prompt tokens, response tokens), ...])
 Group = tuple[Sequence[int], Sequence[tuple[Sequence[int], Sequence[int]]]]
@@ -140,6 +140,15 @@ def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.nda
         else:
             out.extend(([], [seg]) for seg in segs)
     return out
+
+
+def generic_draw(targets: np.ndarray, perturbed: np.ndarray, *, fraction: float, seed: int, step: int) -> set[int]:
+    """The step's perturbed targets written under the generic condition (each with probability
+    ``fraction``; control pairs never): a pure function of ``(seed, step)``, so a resumed run draws the same."""
+    if fraction <= 0 or targets.size == 0:
+        return set()
+    draw = np.random.default_rng([seed, step, 2]).random(targets.size) < fraction
+    return {int(t) for t, d in zip(targets, draw) if d and perturbed[t]}
 
 
 def sentence_groups(fmt, cells: Sequence[int], *, sentences) -> list[Group]:  # noqa: ANN001
