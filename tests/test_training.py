@@ -297,3 +297,19 @@ def test_generic_condition_replaces_the_named_perturbation_of_drawn_pairs_only()
     assert a != batching.generic_draw(targets, perturbed, fraction=0.15, seed=0, step=8)
     assert all(perturbed[t] for t in a) and 0.12 < len(a) / perturbed.sum() < 0.18
     assert batching.generic_draw(targets, perturbed, fraction=0.0, seed=0, step=7) == set()
+
+
+def test_thread_guard_drops_to_one_thread_when_steps_slow_down_and_not_before():
+    from virtualcell.generation import torch_threads
+    from virtualcell.training.kernels import ThreadGuard
+
+    with torch_threads(2):
+        g = ThreadGuard(2, slowdown=4.0, window=10)
+        steps = [0.1] * 10 + [0.1, 0.1, 0.1, 0.1, 0.9] * 6  # a few slow steps (checkpoints, a blip) move no median
+        assert not any(g.observe(i, s, True) for i, s in enumerate(steps))
+        assert g.observe(30, 0.5, False) is False  # a new phase starts a new reference
+        fired = [i for i in range(31, 80) if g.observe(i, 0.1 if i < 41 else 0.6, False)]
+        assert fired == [fired[0]] and 41 < fired[0] < 60 and g.fell_back_at == fired[0]
+        assert torch.get_num_threads() == 1 and g.threads == 1
+        assert not g.observe(90, 5.0, False)  # once only
+    assert not ThreadGuard(1).observe(0, 9.0)  # one thread: nothing to drop

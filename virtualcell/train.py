@@ -502,6 +502,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                             attention=cfg.attention, precision=cfg.precision, threads=cfg.threads)
     precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
+    guard = kernels.ThreadGuard(chosen.threads) if accelerator.device.type == "cpu" and cfg.threads is None else None
+
+    def on_step_time(step: int, seconds: float, pretrain: bool) -> None:
+        if guard is not None and guard.observe(step, seconds, pretrain):
+            run_config["kernels"] = run_config["kernels"] | {"threads_after": 1, "fell_back_at_step": step}
 
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     lm, optimizer = accelerator.prepare(lm, optimizer)
@@ -530,7 +535,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
         budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
         backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        progress=progress and accelerator.is_main_process,
+        progress=progress and accelerator.is_main_process, on_step_time=on_step_time,
     )
     model.lm = accelerator.unwrap_model(lm)
     model.lm.set_attn_implementation(attention_before)  # generation picks its own attention

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Kernels", "choose", "autocast"]
+__all__ = ["Kernels", "choose", "autocast", "ThreadGuard"]
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +124,45 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
     log.info("training kernels: %s", ", ".join(f"{k.attention}/{k.precision}/{k.threads} thread(s) {t * 1000:.0f} ms"
                                                for k, t in timings.items()))
     return pick
+
+
+class ThreadGuard:
+    """Drop to one thread when multi-threaded steps become much slower than they were.
+
+    The thread count is measured once, on an idle start. If another process later takes a
+    core, threads that wait for each other spin instead of working: on these 2-core machines a
+    2-thread training step went from 0.13 s to 8 s beside one busy process (60x), where one
+    thread would have lost about 2x. The guard keeps the median of the first ``window`` step
+    times of each phase (pre-training and pair steps cost differently) as the reference; when
+    the median of the last ``window`` steps exceeds ``slowdown`` times it, it sets one thread,
+    once, and says so.
+    """
+
+    def __init__(self, threads: int, *, slowdown: float = 4.0, window: int = 20) -> None:
+        self.threads, self.slowdown, self.window = int(threads), float(slowdown), int(window)
+        self._phase: object = None
+        self._reference: float | None = None
+        self._recent: list[float] = []
+        self.fell_back_at: int | None = None
+
+    def observe(self, step: int, seconds: float, phase: object = None) -> bool:
+        """Record one step's time; returns True when this step made the guard drop to one thread."""
+        if self.threads <= 1 or self.fell_back_at is not None:
+            return False
+        if phase != self._phase:
+            self._phase, self._reference, self._recent = phase, None, []
+        self._recent = (self._recent + [float(seconds)])[-self.window :]
+        if len(self._recent) < self.window:
+            return False
+        median = sorted(self._recent)[self.window // 2]
+        if self._reference is None:
+            self._reference = median
+            return False
+        if median > self.slowdown * self._reference:
+            log.warning("training steps became %.0fx slower than at the start with %d threads (another process is "
+                        "using the cores?): continuing on 1 thread from step %d", median / self._reference,
+                        self.threads, step)
+            torch.set_num_threads(1)
+            self.fell_back_at, self.threads = step, 1
+            return True
+        return False

@@ -75,12 +75,14 @@ def fit(
     clip: Callable[[], None] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    on_step_time: Callable[[int, float, bool], None] | None = None,
 ) -> LoopState:
     """Run optimizer steps from ``state.step`` until ``budget`` ends; returns the final state.
 
     Each step: the batch of the step (pre-training or pairs), the learning rate of the
     schedule, loss, backward, gradient clipping, update. Every ``eval_every`` steps the
     validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
+    ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took.
     """
     from tqdm.auto import tqdm
 
@@ -108,6 +110,8 @@ def fit(
                 clip()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_step_time is not None:  # the step alone: no validation or checkpoint time
+                on_step_time(step, time.perf_counter() - t_step, pretrain)
             state.step += 1
             tokens_seen += batch.n_tokens
             elapsed = budget.spent()
