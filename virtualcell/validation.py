@@ -286,6 +286,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "seconds": round(time.perf_counter() - t0, 2),
     }
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
+    if len(candidates) > 1:  # say what was chosen on this split, and among what
+        chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in candidates[best].items())
+        verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(candidates)} tried)."
     return verdict
 
 
