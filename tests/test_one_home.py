@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 import virtualcell as vc
-from virtualcell._stats import noise_corrected_sq_norm, pca, unbiased_var
+from virtualcell._stats import noise_corrected_sq_norm, paired_sq_norm, pca, unbiased_var
 from virtualcell.errors import PerturbationError, ScreenError
 
 
@@ -184,7 +184,7 @@ def _calibrated_by_hand(x, d, c):
 def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control(bundled_sim):
     perts = ["control", "ko:STAT1"]
     raw = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, control_samples=1)
-    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=1)
+    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=1, blend=None)
     x = bundled_sim.expression.toarray()
     d_ctrl, d_ko = (raw.cells.sel(perturbation=p).values for p in perts)
     got = cal.cells.sel(perturbation="ko:STAT1").values
@@ -200,6 +200,16 @@ def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control
     np.testing.assert_allclose(a["control_var"], x.var(0, ddof=1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a["var"].sel(perturbation="ko:STAT1"),
                                cal.cells.sel(perturbation="ko:STAT1").values.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    # the noise of a delta is that of paired cells: each predicted cell minus its own baseline cell
+    diff = cal.cells.sel(perturbation="ko:STAT1").values - x
+    np.testing.assert_allclose(a["var_delta"].sel(perturbation="ko:STAT1"), diff.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    from virtualcell.objectives import parse_objective
+    from virtualcell.screen import rank
+
+    row = rank(a, parse_objective(None), n_boot=0, seed=0).set_index("perturbation").loc["ko:STAT1"]
+    d = diff.mean(0)
+    want = np.sqrt(max(float(d @ d) - diff.var(0, ddof=1).sum() / diff.shape[0], 0.0))
+    assert row["l2_delta_corrected"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(bundled_sim):
@@ -220,7 +230,7 @@ def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(
     assert not np.allclose(samples[0], samples[1])  # distinct samples, not one repeated
     perts = ["control", "ko:STAT1"]
     raw = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, control_samples=3)
-    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=3)
+    cal = bundled_sim.simulate(perts, seed=2, keep_cells=True, progress=False, control_samples=3, blend=None)
     np.testing.assert_allclose(raw.cells.sel(perturbation="control").values, samples.mean(0), atol=1e-5)
     x = bundled_sim.expression.toarray()
     np.testing.assert_allclose(cal.cells.sel(perturbation="ko:STAT1").values,
@@ -253,8 +263,7 @@ def test_screen_ranking_keeps_its_provenance_through_selection(bundled_sim):
     # the noise-corrected effect size of the ranking is the shared formula over the aggregates
     a, row = res.aggregates, res.ranking.iloc[0]
     agg = a.sel(perturbation=row["perturbation"])
-    sq, noise = noise_corrected_sq_norm(agg["delta"].values, var_a=agg["var"].values, n_a=3,
-                                        var_b=a["control_var"].values, n_b=3)
+    sq, noise = paired_sq_norm(agg["delta"].values, var_diff=agg["var_delta"].values, n=3)
     assert row["l2_delta"] == pytest.approx(np.sqrt(sq), rel=1e-5)
     assert row["l2_delta_corrected"] == pytest.approx(np.sqrt(max(sq - noise, 0)), rel=1e-5, abs=1e-6)
 

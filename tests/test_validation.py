@@ -161,8 +161,8 @@ def test_old_checkpoint_without_verdict_still_simulates(tiny_model, tmp_path):
     np.testing.assert_array_equal(res.aggregates["delta"].values, res.aggregates["delta_model"].values)
     with pytest.raises(ScreenError, match="baselines"):
         sim.simulate(["STAT1"], progress=False, blend=0.5)
-    bundled = vc.model.bundled()
-    assert bundled.verdict is None and bundled.baselines is None
+    bundled = vc.model.bundled()  # retrained with its recorded command: it has both
+    assert bundled.verdict is not None and bundled.baselines is not None
 
 
 # --------------------------------------------------------------------------- the served blend
@@ -230,7 +230,9 @@ def test_cli_prints_the_verdict_and_the_weight(tiny_model, tmp_path, capsys):
     assert "served: the pure model" in capsys.readouterr().out
     panel = tmp_path / "panel.txt"
     panel.write_text("STAT1\nJAK2\n")
-    assert main(["screen", "--model", vc.model.BUNDLED, "--data", str(base), "--panel", str(panel),
+    old = tmp_path / "old"  # a checkpoint from before the verdict
+    shutil.copytree(folder, old, ignore=shutil.ignore_patterns("last", "verdict.json", "baselines.npz"))
+    assert main(["screen", "--model", str(old), "--data", str(base), "--panel", str(panel),
                  "--n-cells", "4", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "no validation verdict in this checkpoint" in out and "served: the pure model" in out

@@ -107,3 +107,14 @@ def noise_corrected_sq_norm(delta: np.ndarray, *, var_a: np.ndarray, n_a: float,
     if n_a < 2 or n_b < 2:
         return sq, float("nan")
     return sq, float(np.sum(var_a) / n_a + np.sum(var_b) / n_b)
+
+
+def paired_sq_norm(delta: np.ndarray, *, var_diff: np.ndarray, n: float) -> tuple[float, float]:
+    """``(||delta||^2, noise)`` for ``delta = mean(a_i - b_i)`` over ``n`` pairs (a predicted cell and
+    its own baseline cell): ``noise = sum(var_diff) / n``, with ``var_diff`` the unbiased per-gene
+    variance of the differences. Treating the pairs as two independent groups
+    (:func:`noise_corrected_sq_norm`) would count the baseline cells' own spread as noise twice."""
+    sq = float(np.sum(np.square(np.asarray(delta, dtype=np.float64))))
+    if n < 2:
+        return sq, float("nan")
+    return sq, float(np.sum(var_diff) / n)

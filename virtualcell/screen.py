@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._stats import noise_corrected_sq_norm
+from ._stats import noise_corrected_sq_norm, paired_sq_norm
 from .distributed import Split
 from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError
@@ -360,8 +360,8 @@ def _read_group(path: Path) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
     ds = _plain_strings(xr.load_dataset(path, engine="h5netcdf"))
     if "control_bucket_mean" not in ds:
         raise ValueError("written by an older virtualcell, without paired buckets")
-    if "delta_model" not in ds:
-        raise ValueError("written by an older virtualcell, without the pure model's delta")
+    if "var_delta" not in ds:
+        raise ValueError("written by an older virtualcell, without the paired noise of its deltas")
     with np.load(path.with_suffix(".npz")) as z:
         return ds, {k: z[k] for k in z.files}
 
@@ -391,8 +391,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
     inside its interval. ``l2_delta`` is the plain, uncorrected norm of the mean delta.
-    ``l2_delta_corrected_model`` is the pure model's noise-corrected effect size (equal to
-    ``l2_delta_corrected`` unless the served prediction is blended with a baseline).
+    ``l2_delta_corrected`` is ``sqrt(max(0, ||delta||^2 - noise))`` with the noise of paired
+    cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``).
+    ``l2_delta_corrected_model`` is the pure model's (equal to ``l2_delta_corrected`` unless the
+    served prediction is blended with a baseline).
     """
     import pandas as pd
 
@@ -424,7 +426,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             score, score_low, score_high = 2 * plug_in - mid, 2 * plug_in - high, 2 * plug_in - low
         else:
             score, score_low, score_high = plug_in, float("nan"), float("nan")
-        sq, noise = noise_corrected_sq_norm(delta, var_a=a["var"].values, n_a=n, var_b=control_var, n_b=n_control)
+        if "var_delta" in a:  # each predicted cell against its own baseline cell
+            sq, noise = paired_sq_norm(delta, var_diff=a["var_delta"].values, n=n)
+        else:  # aggregates from before: two independent groups
+            sq, noise = noise_corrected_sq_norm(delta, var_a=a["var"].values, n_a=n, var_b=control_var, n_b=n_control)
         order = np.argsort(delta)
         ed = float("nan")
         if distance is not None and embedded is not None and baseline_embedded is not None:
@@ -432,8 +437,12 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             if e is not None and e.shape[0] > 1:
                 ed = float(distance(e, baseline_embedded))
         model_delta = a["delta_model"].values.astype(np.float64) if "delta_model" in a else delta
-        model_var = a["var_model"].values if "var_model" in a else a["var"].values
-        sq_m, noise_m = noise_corrected_sq_norm(model_delta, var_a=model_var, n_a=n, var_b=control_var, n_b=n_control)
+        if "var_delta_model" in a:
+            sq_m, noise_m = paired_sq_norm(model_delta, var_diff=a["var_delta_model"].values, n=n)
+        else:
+            model_var = a["var_model"].values if "var_model" in a else a["var"].values
+            sq_m, noise_m = noise_corrected_sq_norm(model_delta, var_a=model_var, n_a=n, var_b=control_var,
+                                                    n_b=n_control)
         rows.append({
             "perturbation": str(p),
             "score": float(score),

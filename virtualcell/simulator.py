@@ -84,6 +84,8 @@ class _Sums:
     sq: np.ndarray = field(init=False)
     model_total: np.ndarray = field(init=False)  # the pure model's sums, beside the served (blended) ones
     model_sq: np.ndarray = field(init=False)
+    diff_sq: np.ndarray = field(init=False)  # sums of (predicted - own baseline cell)^2: the paired noise
+    model_diff_sq: np.ndarray = field(init=False)
     expressing: np.ndarray = field(init=False)
     count: np.ndarray = field(init=False)
     bucket_total: np.ndarray = field(init=False)
@@ -100,6 +102,8 @@ class _Sums:
         self.sq = np.zeros((P, G))
         self.model_total = np.zeros((P, G))
         self.model_sq = np.zeros((P, G))
+        self.diff_sq = np.zeros((P, G))
+        self.model_diff_sq = np.zeros((P, G))
         self.expressing = np.zeros((P, G))
         self.count = np.zeros(P, dtype=np.int64)
         self.bucket_total = np.zeros((P, N_BUCKETS, G))
@@ -107,9 +111,11 @@ class _Sums:
         self.embedded = [[] for _ in range(P)]
         self.embedded_idx = [[] for _ in range(P)]
 
-    def add(self, p: int, X: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None, idx: np.ndarray) -> None:
+    def add(self, p: int, X: np.ndarray, base: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None,
+            idx: np.ndarray) -> None:
         self.total[p] += X.sum(0)
         self.sq[p] += np.square(X, dtype=np.float64).sum(0)
+        self.diff_sq[p] += np.square(X - base, dtype=np.float64).sum(0)
         self.expressing[p] += (X > 0).sum(0)
         self.count[p] += X.shape[0]
         np.add.at(self.bucket_total[p], buckets, X)
@@ -120,18 +126,20 @@ class _Sums:
                 self.embedded[p].append(emb[: self.keep_embedded - have])
                 self.embedded_idx[p].append(idx[: self.keep_embedded - have])
 
-    def add_model(self, p: int, X: np.ndarray) -> None:
+    def add_model(self, p: int, X: np.ndarray, base: np.ndarray) -> None:
         """The pure model's predictions of perturbation ``p`` (the served ones go to :meth:`add`)."""
         self.model_total[p] += X.sum(0)
         self.model_sq[p] += np.square(X, dtype=np.float64).sum(0)
+        self.model_diff_sq[p] += np.square(X - base, dtype=np.float64).sum(0)
 
     def merge(self, split: Split) -> None:
         """Add the sums of every process (each generated a share of the cells)."""
         if split.world == 1:
             return
-        (self.total, self.sq, self.model_total, self.model_sq, self.expressing, self.count, self.bucket_total,
-         self.bucket_count) = split.sum(self.total, self.sq, self.model_total, self.model_sq, self.expressing,
-                                        self.count, self.bucket_total, self.bucket_count)
+        (self.total, self.sq, self.model_total, self.model_sq, self.diff_sq, self.model_diff_sq, self.expressing,
+         self.count, self.bucket_total, self.bucket_count) = split.sum(
+            self.total, self.sq, self.model_total, self.model_sq, self.diff_sq, self.model_diff_sq, self.expressing,
+            self.count, self.bucket_total, self.bucket_count)
         counts = split.sum(np.array([self.n_invalid, self.n_duplicate, self.n_generated_genes], dtype=np.int64))[0]
         self.n_invalid, self.n_duplicate, self.n_generated_genes = (int(v) for v in counts)
         parts = split.gather([(np.concatenate(e) if e else np.zeros((0, self.n_pcs), np.float32),
@@ -154,7 +162,9 @@ class SimulationResult:
         ``frac_expressing``, ``var``, ``delta`` (mean − baseline mean), ``n_cells``,
         ``bucket_mean`` (all of the served prediction: blended with the training baseline when
         ``attrs["blend_weight"]`` < 1); ``delta_model`` and ``var_model`` (the pure model's, from
-        the same generated cells); ``control_mean`` over ``gene`` and ``control_bucket_mean`` (the
+        the same generated cells); ``var_delta`` / ``var_delta_model`` (the variance over cells of
+        each predicted cell minus its own baseline cell: the noise of a delta); ``control_mean`` over
+        ``gene`` and ``control_bucket_mean`` (the
         baseline cells of each bucket, for paired resampling). ``attrs`` record the model, seed
         and config, the blend weight (1: the pure model) and the baselines blended in (``baseline``).
     cells
@@ -491,10 +501,10 @@ class Simulator:
                     else:
                         pred = x if p == control else calibrated(x, d - d_ctrl)
                     pred = pred.astype(np.float32)
-                    sums.add_model(j, pred)
+                    sums.add_model(j, pred, x)
                     if w is not None and w < 1.0 and p != control:  # served: the same generation, blended with the baseline
                         pred = calibrated(x, w * (d - d_ctrl) + (1.0 - w) * shift[j][0]).astype(np.float32)
-                    sums.add(j, pred, buckets, self.embed(pred), idx)
+                    sums.add(j, pred, x, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
                     if writer is not None:
@@ -544,6 +554,10 @@ class Simulator:
         model_mean = sums.model_total / cnt
         model_var = unbiased_var(model_mean, sums.model_sq / cnt, cnt)
         control_mean = self.baseline_mean(n)
+        # each predicted cell against its own baseline cell: the variance of these paired differences is the
+        # noise of a delta (the predicted cells are not a second, independent sample of the baseline)
+        var_delta = unbiased_var(mean - control_mean, sums.diff_sq / cnt, cnt)
+        var_delta_model = unbiased_var(model_mean - control_mean, sums.model_diff_sq / cnt, cnt)
         control_var = unbiased_var(control_mean, np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel(), n)
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
         # the baseline cells of each bucket: a bucket's delta pairs its predicted cells with their own baselines
@@ -560,6 +574,8 @@ class Simulator:
                 "delta": (("perturbation", "gene"), (mean - control_mean).astype(np.float32)),
                 "delta_model": (("perturbation", "gene"), (model_mean - control_mean).astype(np.float32)),
                 "var_model": (("perturbation", "gene"), model_var.astype(np.float32)),
+                "var_delta": (("perturbation", "gene"), np.maximum(var_delta, 0).astype(np.float32)),
+                "var_delta_model": (("perturbation", "gene"), np.maximum(var_delta_model, 0).astype(np.float32)),
                 "n_cells": (("perturbation",), sums.count),
                 "bucket_mean": (("perturbation", "bucket", "gene"), bucket_mean.astype(np.float32)),
                 "bucket_count": (("perturbation", "bucket"), sums.bucket_count),
