@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     measured = measured_effects(adata, contract, col, rep, reference_cells=ref_idx)
     common = [p for p in predicted.index if p in measured.index]
     rho = {"model": float(spearmanr(predicted.loc[common], measured.loc[common]).statistic)}
+    w = vc.Simulator(baseline, model, seed=args.seed).blend_weight("auto")
+    if w is not None and w < 1.0:  # the served blend's ranking, beside the pure model's (the same generation seed)
+        served = vc.Simulator(baseline, model, seed=args.seed).simulate(
+            panel, n_cells=n, seed=args.seed, temperature=args.temperature, guidance=args.guidance, progress=False)
+        s_rank = rank(served.aggregates, parse_objective(None), n_boot=0, seed=args.seed)
+        s_eff = s_rank.assign(label=s_rank["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]
+        rho[f"served blend (w={w:.2f})"] = float(spearmanr(s_eff.loc[common], measured.loc[common]).statistic)
     r1 = measured_effects(adata, contract, col, "rep_1")
     r2 = measured_effects(adata, contract, col, "rep_2")
     both = [p for p in r1.index if p in r2.index]
@@ -111,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, context_key=col,
                     baselines=("nochange", "meanshift", "linear"), seed=args.seed)
     summ = P.summary(table)
-    rows = [{"metric": "Spearman of effect sizes", "model": f"{rho['model']:.2f}",
+    served_rho = [f"; served blend {v:.2f}" for k, v in rho.items() if k.startswith("served blend")]
+    rows = [{"metric": "Spearman of effect sizes", "model": f"{rho['model']:.2f}" + "".join(served_rho),
              "baselines": f"training-replicate effects {rho['measured in training replicates']:.2f}; "
                           f"cell count {rho['training cell count']:.2f}",
              "ceiling": f"{rho['ceiling (rep_1 vs rep_2)']:.2f} (rep_1 vs rep_2)",
