@@ -223,7 +223,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     embedded: dict[str, np.ndarray] = {}
     cells: dict[int, xr.DataArray] = {}
     new_groups = 0
-    bar = tqdm(total=len(names), initial=sum(len(groups[g]) for g in done), disable=not (progress and split.main),
+    resumed = 0 if keep_cells else sum(len(groups[g]) for g in done)  # groups read back, not simulated again
+    bar = tqdm(total=len(names), initial=resumed, disable=not (progress and split.main),
                desc="screen", unit="perturbation", dynamic_ncols=True)
     for gi, group in enumerate(groups):
         if gi in done and not keep_cells:
@@ -234,6 +235,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
                 log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
                 del done[gi]
+                bar.n -= len(group)  # it was counted as resumed
+                bar.refresh()
         if stop_after_groups is not None and new_groups >= stop_after_groups:
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
