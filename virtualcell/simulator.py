@@ -464,7 +464,7 @@ class Simulator:
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
-            guidance = float(((getattr(self.model, "verdict", None) or {}).get("settings") or {}).get("guidance", 1.0))
+            guidance = float(((self.model.verdict or {}).get("settings") or {}).get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
         w = self.blend_weight(blend, calibrate=calibrate)

@@ -130,9 +130,9 @@ class ThreadGuard:
     """Drop to one thread when multi-threaded steps become much slower than they were.
 
     The thread count is measured once, on an idle start. If another process later takes a
-    core, threads that wait for each other spin instead of working: on these 2-core machines a
-    2-thread training step went from 0.13 s to 8 s beside one busy process (60x), where one
-    thread would have lost about 2x. The guard keeps the median of the first ``window`` step
+    core, threads that wait for each other spin instead of working (seen on a 2-core machine:
+    a 2-thread run beside one busy process became many times slower, where one thread would
+    lose about half). The guard keeps the median of the first ``window`` step
     times of each phase (pre-training and pair steps cost differently) as the reference; when
     the median of the last ``window`` steps exceeds ``slowdown`` times it, it sets one thread,
     once, and says so.
