@@ -18,6 +18,9 @@ Sides:
 * ``today's recipe``: the trainer as it was before this benchmark (commit f07ce4d): plain
   sequences, logits at every position, the gene-only and no-repeat masks over
   ``batch x length x vocabulary``.
+* ``virtualcell, group G, ..., compiled``: the same step with the model's layers compiled
+  (``torch.compile``, as ``virtualcell train --compile on``); its one-off compile time is
+  reported beside it, not inside steps/min.
 * ``virtualcell, group G``: the current trainer's step (``virtualcell.training``): pairs that
   share a source cell share its prompt (encoded once; ``G`` pairs at most), logits only where
   there is a target, the same masks.
@@ -101,7 +104,7 @@ class Side:
     """One way of training: a model, an optimizer and a step function, timed per step."""
 
     def __init__(self, name: str, kind: str, group: int, threads: int, ctx, init_state,  # noqa: ANN001, PLR0913
-                 kernels: str = "sdpa/fp32") -> None:
+                 kernels: str = "sdpa/fp32", compiled: bool = False) -> None:
         import torch
 
         from virtualcell.prompts import CompactFormat
@@ -131,6 +134,21 @@ class Side:
             with torch_threads(threads):
                 k = kmod.choose(self.lm, torch.device("cpu"), lambda: self.loss(first, train=True)[0], threads=threads)
             self.precision, self.kernels = k.precision, f"{k.attention}/{k.precision} (auto)"
+        self.compile_s = None
+        if compiled:  # as the trainer compiles: its layers, the compile time spent on a probe batch
+            from virtualcell.training import kernels as kmod
+            from virtualcell.generation import torch_threads
+
+            first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]
+
+            def probe() -> None:
+                with kmod.autocast(torch.device("cpu"), self.precision):
+                    loss = self.loss(first, train=True)[0]
+                loss.backward()
+
+            with torch_threads(threads):
+                self.compile_s = kmod.compile_layers(self.lm, probe)
+            self.kernels += ", compiled"
 
     def groups(self, chunks):  # noqa: ANN001, ANN201
         from virtualcell.training.batching import pair_groups
@@ -241,6 +259,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="training_speed")
+    ap.add_argument("--compiled", default="8", help="groups that also get a compiled side ('' for none)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -253,6 +272,7 @@ def main() -> None:
     init = {k: v.clone() for k, v in lm0.state_dict().items()}
     n_params = sum(p.numel() for p in lm0.parameters())
     threads = [int(t) for t in args.threads.split(",")]
+    compiled_groups = {int(x) for x in args.compiled.split(",") if x}
     sides: list[Side] = []
     for th in threads:
         sides.append(Side(f"plain transformers loop, {th} thread(s)", "plain", 1, th, ctx, init))
@@ -263,6 +283,10 @@ def main() -> None:
                 side = Side(f"virtualcell, group {g}, auto, {th} thread(s)", "trainer", g, th, ctx, init, kernels="auto")
                 side.name = f"virtualcell, group {g}, {side.kernels}, {th} thread(s)"
                 sides.append(side)
+                if g in compiled_groups:
+                    side = Side("", "trainer", g, th, ctx, init, kernels="auto", compiled=True)
+                    side.name = f"virtualcell, group {g}, {side.kernels}, {th} thread(s)"
+                    sides.append(side)
     peaks = {th: gemm_peak(th) for th in threads}
     peaks_bf16 = {th: gemm_peak(th, "bf16") for th in threads}
     done = 0
@@ -283,7 +307,7 @@ def main() -> None:
             "side": s.name, "threads": s.threads, "group": s.group if s.kind == "trainer" else None,
             "steps_per_min": 60 / per_step, "tokens_per_s": s.tokens / total,
             "model_gflops": s.flops / total / 1e9, "peak_gflops": peaks[s.threads],
-            "peak_gflops_bf16": peaks_bf16[s.threads], "precision": s.precision,
+            "peak_gflops_bf16": peaks_bf16[s.threads], "precision": s.precision, "compile_s": s.compile_s,
             "train_loss_tail": float(np.nanmean(s.losses[-args.tail:])) if s.kind != "plain" else None,
             "val_loss_masked": s.masked_loss(val_chunks),
         })
@@ -299,19 +323,22 @@ def main() -> None:
         f"step, 100 genes a sentence), {args.steps} steps per side from the same weights, sides interleaved every "
         f"{args.chunk} steps. Machine: {meta['machine']}.", "",
         "| side | steps/min | x today (1 thread) | tokens read/s | model GFLOP/s | GEMM limit GFLOP/s (fp32 / bf16) | train loss, last "
-        f"{args.tail} | val loss (masked) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{args.tail} | val loss (masked) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tl = "—" if r["train_loss_tail"] is None else f"{r['train_loss_tail']:.3f}"
         lines.append(f"| {r['side']} | {r['steps_per_min']:.0f} | {r['x_today_1_thread']:.2f}x | {r['tokens_per_s']:,.0f} | "
-                     f"{r['model_gflops']:.1f} | {r['peak_gflops']:.0f} / {r['peak_gflops_bf16']:.0f} | {tl} | {r['val_loss_masked']:.3f} |")
+                     f"{r['model_gflops']:.1f} | {r['peak_gflops']:.0f} / {r['peak_gflops_bf16']:.0f} | {tl} | {r['val_loss_masked']:.3f} | "
+                     f"{'—' if r['compile_s'] is None else format(r['compile_s'], '.0f')} |")
     lines += ["", "The plain loop's training loss is unmasked (Hugging Face's own), so only its masked validation loss "
               "is comparable. Tokens read: prompt and response tokens each side's model reads (shared prompts count "
               "once). Model GFLOP/s: the FLOPs of each side's own padded tensors (linear layers, dense attention, "
               "output head; backward counted as 2x forward) per second, against the matrix-product limit of the "
               "precision it runs in. `auto`: the trainer's own measured choice of attention kernel and precision "
-              "(`virtualcell.training.kernels`)."]
+              "(`virtualcell.training.kernels`). `compiled`: its layers compiled as `virtualcell train --compile on` "
+              "does (`kernels.compile_layers`); compile s: the one-off compile time, outside steps/min (the first "
+              "compiled side pays the cold compile, later ones find the inductor cache warm)."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,11 @@ from virtualcell.training.schedule import lr_at
 PAD = 0
 
 
-def _tiny_lm(vocab: int = 40, seed: int = 0):
+def _tiny_lm(vocab: int = 40, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
     return LlamaForCausalLM(cfg).eval()
 
@@ -313,3 +313,60 @@ def test_thread_guard_drops_to_one_thread_when_steps_slow_down_and_not_before():
         assert torch.get_num_threads() == 1 and g.threads == 1
         assert not g.observe(90, 5.0, False)  # once only
     assert not ThreadGuard(1).observe(0, 9.0)  # one thread: nothing to drop
+
+
+def test_compiled_layers_give_the_plain_loss_and_gradients_and_undo_cleanly():
+    from virtualcell.training import kernels
+
+    lm = _tiny_lm(layers=1).train()  # one layer: compiling costs ~30 s a layer on a cold 2-core machine
+    lm.set_attn_implementation("eager")
+    b = batching.pack(_groups(np.random.default_rng(5)), PAD)
+    plain = response_loss(lm, b)[0]
+    plain.backward()
+    grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad(set_to_none=True)
+    seconds = kernels.compile_layers(lm, lambda: response_loss(lm, b)[0].backward())
+    assert seconds is not None and all(p.grad is None for p in lm.parameters())  # the probe leaves no gradient
+    assert all(layer._compiled_call_impl is not None for layer in kernels.decoder_layers(lm))
+    compiled = response_loss(lm, b)[0]
+    compiled.backward()
+    assert torch.allclose(compiled, plain, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(lm.parameters(), grads))
+    kernels.uncompile_layers(lm)
+    assert all(layer._compiled_call_impl is None for layer in kernels.decoder_layers(lm))
+
+
+def test_a_compiler_failure_leaves_the_layers_plain_with_a_warning(caplog):
+    from virtualcell.training import kernels
+
+    lm = _tiny_lm()
+
+    def broken() -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    with caplog.at_level("WARNING"):
+        assert kernels.compile_layers(lm, broken) is None
+    assert all(layer._compiled_call_impl is None for layer in kernels.decoder_layers(lm))
+    assert "compiling the model failed (RuntimeError: no C++ compiler found)" in caplog.text
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it(monkeypatch):
+    from virtualcell.train import TrainConfig, _compile
+    from virtualcell.training import kernels
+
+    lm = _tiny_lm().train()
+    b = batching.pack(_groups(np.random.default_rng(6)), PAD)
+    calls = []
+    monkeypatch.setattr(kernels, "compile_layers", lambda lm, probe: calls.append(probe) or 1.0)
+    loss_of = lambda batch: response_loss(lm, batch)  # noqa: E731
+    cpu = torch.device("cpu")
+    assert _compile(lm, TrainConfig(max_steps=10), cpu, None, b, loss_of=loss_of) is None  # seconds of steps: not worth it
+    assert _compile(lm, TrainConfig(max_steps=10**9), cpu, 60.0, b, loss_of=loss_of) is None  # a 1-minute budget caps it
+    assert _compile(lm, TrainConfig(max_steps=10**9), torch.device("meta"), None, b, loss_of=loss_of) is None  # not a CPU
+    assert not calls
+    assert _compile(lm, TrainConfig(max_steps=10**9), cpu, None, b, loss_of=loss_of) == 1.0
+    assert _compile(lm, TrainConfig(max_steps=1, compile="on"), cpu, None, b, loss_of=loss_of) == 1.0
+    assert _compile(lm, TrainConfig(max_steps=10**9, compile="off"), cpu, None, b, loss_of=loss_of) is None
+    assert len(calls) == 2 and all(p.grad is None for p in lm.parameters())
+    with pytest.raises(TrainingError, match="compile='fast'"):
+        TrainConfig(compile="fast")

@@ -243,3 +243,25 @@ def test_cli_prints_the_verdict_and_the_weight(tiny_model, tmp_path, capsys):
     assert main(["train", "--data", str(base), "--perturbation-key", "perturbation", "--control", "control",
                  "--verdict-fraction", "0.9", "--out", str(tmp_path / "m")]) == 2
     assert "verdict_fraction must be in [0, 0.5]" in capsys.readouterr().err
+
+
+def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from virtualcell.train import train
+    from virtualcell.validation import verdict_seconds
+
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = data[verdict_split(data, contract, TINY)]
+    candidates = [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    assert verdict_seconds(model, held, contract, candidates=candidates) > 0
+    assert verdict_seconds(model, held[contract.is_control(held)], contract, candidates=candidates) == 0.0  # nothing to judge
+    cfg = replace(TINY, max_steps=100_000, eval_every=10_000, save_every=10_000, max_minutes=0.25)
+    trained = train(data, out=tmp_path / "m", config=cfg, progress=False)
+    run = trained.train_config
+    reserved = run["verdict_reserved_s"]
+    assert 0 < reserved <= 7.5  # at most half of the 15 s
+    last = run["history"][-1]["elapsed_s"]
+    assert last <= 15 - reserved + 2.0  # the steps stopped in time to leave the verdict its share
+    assert run["verdict_seconds"] > 0 and trained.verdict is not None

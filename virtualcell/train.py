@@ -85,6 +85,7 @@ class TrainConfig:
     threads: int | None = None
     attention: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
     verdict_fraction: float = 0.1
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
 
@@ -99,6 +100,8 @@ class TrainConfig:
         if self.attention not in ("auto", "sdpa", "eager") or self.precision not in ("auto", "fp32", "bf16"):
             raise TrainingError(f"attention={self.attention!r} / precision={self.precision!r}: use auto, sdpa or eager / "
                                 "auto, fp32 or bf16.")
+        if self.compile not in ("auto", "on", "off"):
+            raise TrainingError(f"compile={self.compile!r}: use auto (when the run is long enough to repay it), on or off.")
         if self.threads is not None and self.threads < 1:
             raise TrainingError(f"threads must be >= 1 (or None: measured), got {self.threads}.")
         if not 0 <= self.generic_fraction < 1:
@@ -401,6 +404,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     import torch
     from accelerate import Accelerator
 
+    from . import validation
     from .model import C2SModel
     from .training import batching, checkpoint, kernels, loop
     from .training.loss import response_loss
@@ -437,6 +441,18 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
     parsed = {s: parse(s) for s in set(typed)}
+    # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget
+    model.baselines = validation.Baselines.fit(data, contract, model)
+    verdict_candidates = _verdict_candidates(cfg, model)
+    if budget_s is not None and held is not None:
+        reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates)
+        if reserve > budget_s / 2:
+            log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
+                        "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
+                        reserve, budget_s)
+            reserve = budget_s / 2
+        run_config["verdict_reserved_s"] = round(reserve, 1)
+        budget_s -= reserve
 
     # which pairs make each step, and how they become tensors
     pairs = batching.PairSchedule(train_targets, src[train_targets], batch_size=cfg.batch_size,
@@ -487,7 +503,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
             return float("nan")
         lm.eval()
         total, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), kernels.eager():
             for chunks in val_batches:
                 loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad).to(accelerator.device))
                 total += float(loss) * n
@@ -502,6 +518,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                             attention=cfg.attention, precision=cfg.precision, threads=cfg.threads)
     precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
+    compiled = _compile(lm, cfg, accelerator.device, budget_s, first,
+                        batch_at(0, True) if cfg.pretrain_fraction > 0 else None, loss_of=loss_of)
+    run_config["kernels"] |= {"compiled_s": compiled}
     guard = kernels.ThreadGuard(chosen.threads) if accelerator.device.type == "cpu" and cfg.threads is None else None
 
     def on_step_time(step: int, seconds: float, pretrain: bool) -> None:
@@ -538,37 +557,76 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         progress=progress and accelerator.is_main_process, on_step_time=on_step_time,
     )
     model.lm = accelerator.unwrap_model(lm)
+    if compiled is not None:
+        kernels.uncompile_layers(model.lm)
     model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
     save_checkpoint(state)
     model.lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, data, held, contract, cfg, run_config)
+    _judge(model, held, contract, cfg, run_config, verdict_candidates)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
 
 
-def _judge(model: C2SModel, data: ad.AnnData, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
-           run_config: dict[str, Any]) -> None:
-    """Fit the training baselines and, on the held-out cells, the validation verdict (both go into the checkpoint)."""
+def _compile(lm, cfg: TrainConfig, device, budget_s: float | None, *batches, loss_of) -> float | None:  # noqa: ANN001
+    """Compile the model's layers when ``cfg.compile`` says so, or ("auto") when the run is expected to
+    last long enough to repay the compile time (:data:`kernels.COMPILE_AFTER_S`); returns the
+    seconds compiling took, or ``None`` when the layers stay plain."""
+    import torch
+
+    from .training import kernels
+
+    if cfg.compile == "off":
+        return None
+    if cfg.compile == "auto":
+        if device.type != "cpu":  # measured on CPUs only; a GPU run opts in with compile="on"
+            return None
+        t = time.perf_counter()
+        loss_of(batches[0])[0].backward()
+        lm.zero_grad(set_to_none=True)
+        expected = cfg.max_steps * (time.perf_counter() - t)
+        if budget_s is not None:
+            expected = min(expected, budget_s)
+        worth = kernels.COMPILE_AFTER_S * len(kernels.decoder_layers(lm))
+        if expected < worth:
+            log.info("not compiling: the run is expected to take %.0f s of steps, under %.0f s", expected, worth)
+            return None
+
+    def probe() -> None:
+        for b in batches:
+            if b is not None:
+                loss_of(b)[0].backward()
+
+    with torch.enable_grad():
+        return kernels.compile_layers(lm, probe)
+
+
+def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, Any], ...]:
+    """The generation settings the verdict compares: ``cfg.verdict_candidates``, or the guidance
+    scales where the model has a generic condition to guide against."""
+    if cfg.verdict_candidates is not None:
+        return tuple(dict(c) for c in cfg.verdict_candidates)
+    guided = cfg.generic_fraction > 0 and model.format.generic_own() is not None
+    return tuple({"guidance": g} for g in GUIDANCE_CANDIDATES) if guided else ({},)
+
+
+def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
+           run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...]) -> None:
+    """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted)."""
     from . import validation
 
     t0 = time.perf_counter()
-    model.baselines = validation.Baselines.fit(data, contract, model)
     if held is not None:
-        candidates = cfg.verdict_candidates
-        if candidates is None:  # guidance scales, where the model has a generic condition to guide against
-            guided = cfg.generic_fraction > 0 and model.format.generic_own() is not None
-            candidates = tuple({"guidance": g} for g in GUIDANCE_CANDIDATES) if guided else ({},)
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]
         log.info("%s", model.verdict["summary"])
-    model.train_config = model.train_config | {k: run_config[k] for k in ("verdict_seconds", "verdict_weight")
-                                               if k in run_config}
+    model.train_config = model.train_config | {k: run_config[k] for k in ("verdict_seconds", "verdict_weight",
+                                                                          "verdict_reserved_s") if k in run_config}
 
 
 class _CallableModule(types.ModuleType):

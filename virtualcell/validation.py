@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 BASELINES_FILE = "baselines.npz"
 VERDICT_FILE = "verdict.json"
 TOP_N = 50  # genes with the largest measured |delta| for pearson_delta_top50
+CONTROL_SAMPLES = 4  # samples of each input cell under control in the verdict's simulations (as Simulator.simulate)
 
 
 def _key(p: Perturbation | Combination | str) -> str:
@@ -232,29 +233,20 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         raise ModelError("run_verdict needs model.baselines (Baselines.fit on the training cells) first.")
     t0 = time.perf_counter()
     candidates = [dict(c) for c in candidates] or [{}]
-    rng = np.random.default_rng([seed, 11])
-    labels, ctx, is_ctrl = contract.labels(held), contract.contexts(held), contract.is_control(held)
+    labels, ctx = contract.labels(held), contract.contexts(held)
     X, _ = model_expression(held, model.genes)
-    known = set(model.perturbations.labels)
-    plans = []
-    for c in sorted(set(ctx)):
-        controls = rng.permutation(np.flatnonzero((ctx == c) & is_ctrl))
-        perts = sorted({p for p in labels[(ctx == c) & ~is_ctrl] if p in known})
-        if controls.size >= 4 and perts:
-            plans.append((c, controls, perts))
+    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
         return None
-    per_context = max(2, max_input_cells // len(plans))
     m_rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(candidates))}
     b_rows, y_rows, names, n_cells = [], [], [], 0
-    for c, controls, perts in plans:
-        half = min(controls.size // 2, per_context)
-        inputs, reference = np.sort(controls[:half]), np.sort(controls[half:])
+    for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
         typed = [model.perturbations.resolve(p) for p in perts]
         sim = Simulator(held[inputs], model, seed=seed)
         for i, cand in enumerate(candidates):
-            res = sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **cand)
+            res = sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False,
+                               control_samples=CONTROL_SAMPLES, **cand)
             m_rows[i].extend(res.aggregates["delta_model"].values.astype(np.float64))
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
@@ -262,7 +254,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             b_rows.append(model.baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
             n_cells += cells.size
-        n_cells += controls.size
+        n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
     scored = [{"settings": cand, "model": score_deltas(np.array(m_rows[i]), Y)} for i, cand in enumerate(candidates)]
     best = min(range(len(candidates)), key=lambda i: scored[i]["model"]["mse"])
@@ -290,6 +282,56 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in candidates[best].items())
         verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(candidates)} tried)."
     return verdict
+
+
+def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int, max_input_cells: int,
+           ) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
+    """Per context of ``held``: its input control cells, its reference control cells and the
+    perturbations to simulate (the model's own, measured there); contexts without both are left out."""
+    rng = np.random.default_rng([seed, 11])
+    labels, ctx, is_ctrl = contract.labels(held), contract.contexts(held), contract.is_control(held)
+    known = set(model.perturbations.labels)
+    found = []
+    for c in sorted(set(ctx)):
+        controls = rng.permutation(np.flatnonzero((ctx == c) & is_ctrl))
+        perts = sorted({p for p in labels[(ctx == c) & ~is_ctrl] if p in known})
+        if controls.size >= 4 and perts:
+            found.append((c, controls, perts))
+    per_context = max(2, max_input_cells // len(found)) if found else 0
+    plans = []
+    for c, controls, perts in found:
+        half = min(controls.size // 2, per_context)
+        plans.append((c, np.sort(controls[:half]), np.sort(controls[half:]), perts))
+    return plans
+
+
+def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
+                    candidates: Sequence[Mapping[str, Any]] = ({},), max_input_cells: int = 64,
+                    probe_cells: int = 4) -> float:
+    """About how long :func:`run_verdict` will take with ``model`` (an upper bound, as a rule).
+
+    It simulates the first context's perturbations from ``probe_cells`` of its input cells
+    with every candidate's settings, and scales the seconds per (cell, generated sentence
+    set) to all the verdict's cells. With an untrained ``model`` (as the trainer asks,
+    before training, to reserve the time) sentences rarely end early, and the small probe
+    batch is slower per row than the verdict's full ones, so the estimate errs high.
+    """
+    from .simulator import Simulator
+
+    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
+    if not plans:
+        return 0.0
+    _, inputs, _, perts = plans[0]
+    probe = inputs[:probe_cells]
+    typed = [model.perturbations.resolve(p) for p in perts]
+    sim = Simulator(held[probe], model, seed=seed)
+    per_slot = 0.0  # seconds per (input cell, perturbation or control sample), all candidates
+    for cand in [dict(c) for c in candidates] or [{}]:
+        t = time.perf_counter()
+        sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, control_samples=CONTROL_SAMPLES,
+                     **cand)
+        per_slot += (time.perf_counter() - t) / (probe.size * (len(perts) + CONTROL_SAMPLES))
+    return per_slot * sum(inp.size * (len(ps) + CONTROL_SAMPLES) for _, inp, _, ps in plans)
 
 
 def write_verdict(verdict: Mapping[str, Any], folder: str | Path) -> Path:
