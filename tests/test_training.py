@@ -370,3 +370,28 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it(monkeypatch):
     assert len(calls) == 2 and all(p.grad is None for p in lm.parameters())
     with pytest.raises(TrainingError, match="compile='fast'"):
         TrainConfig(compile="fast")
+
+
+def test_pca_gene_embeddings_put_co_expressed_genes_together():
+    from virtualcell.training.embeddings import init_gene_embeddings, pca_directions
+
+    rng = np.random.default_rng(0)
+    n = 400
+    a, b = rng.normal(size=(n, 1)), rng.normal(size=(n, 1))  # two programs of 5 genes each, and 2 quiet genes
+    X = np.hstack([a + 0.1 * rng.normal(size=(n, 5)), b + 0.1 * rng.normal(size=(n, 5)), 0.01 * rng.normal(size=(n, 2))])
+    d = pca_directions(X, 4, seed=0)
+    assert d.shape == (12, 4) and d.dtype == np.float32
+    assert np.array_equal(d, pca_directions(X, 4, seed=0))  # seeded
+    cos = (d / np.linalg.norm(d, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+    assert cos[:5, :5].min() > 0.9 and cos[5:10, 5:10].min() > 0.9 and np.abs(cos[:5, 5:10]).max() < 0.3
+    norms = np.linalg.norm(d, axis=1)
+    assert norms[:10].min() > 0.4 and norms[10:].max() < 0.1  # genes that barely vary stay near zero
+    lm = _tiny_lm(vocab=40)
+    before = lm.get_input_embeddings().weight.detach().clone()
+    ids = np.arange(20, 32)
+    init_gene_embeddings(lm, ids, d)
+    after = lm.get_input_embeddings().weight.detach()
+    assert torch.equal(after[:20], before[:20]) and torch.equal(after[ids, 4:], before[ids, 4:])  # only the genes' first k
+    assert torch.allclose(after[ids, :4], torch.from_numpy(d) * 0.02 * 2)
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        pca_directions(X[:1], 4)

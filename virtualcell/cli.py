@@ -292,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
-        threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile,
+        threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
     )
     from .safeio import output_folder
 
@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
                         "layer (less when cached); auto: on a CPU, when the run is expected to last 150 s per layer "
                         "or more (10 minutes for 4 layers)")
+    p.add_argument("--gene-init", choices=("pca", "random"), default="pca",
+                   help="how a new model's gene embeddings start: pca (half of each from the training cells' "
+                        "principal axes, so co-expressed genes start close) or random")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "

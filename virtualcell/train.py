@@ -86,6 +86,7 @@ class TrainConfig:
     attention: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
+    gene_init: str = "pca"
     verdict_fraction: float = 0.1
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
 
@@ -100,6 +101,9 @@ class TrainConfig:
         if self.attention not in ("auto", "sdpa", "eager") or self.precision not in ("auto", "fp32", "bf16"):
             raise TrainingError(f"attention={self.attention!r} / precision={self.precision!r}: use auto, sdpa or eager / "
                                 "auto, fp32 or bf16.")
+        if self.gene_init not in ("pca", "random"):
+            raise TrainingError(f"gene_init={self.gene_init!r}: use pca (gene embeddings start from the training "
+                                "cells' principal axes) or random.")
         if self.compile not in ("auto", "on", "off"):
             raise TrainingError(f"compile={self.compile!r}: use auto (when the run is long enough to repay it), on or off.")
         if self.threads is not None and self.threads < 1:
@@ -441,6 +445,12 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
     parsed = {s: parse(s) for s in set(typed)}
+    if base is None and cfg.gene_init == "pca":  # (a resumed run then loads its trained weights over it)
+        from .sentences import model_expression
+        from .training.embeddings import init_gene_embeddings, pca_directions
+
+        X, _ = model_expression(data, genes)
+        init_gene_embeddings(lm, fmt.gene_tokens, pca_directions(X, cfg.hidden_size // 2, seed=cfg.seed))
     # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget
     model.baselines = validation.Baselines.fit(data, contract, model)
     verdict_candidates = _verdict_candidates(cfg, model)
