@@ -82,6 +82,18 @@ def _protocol_row(records: dict[int, dict[str, Any]], metric: str, baselines: li
                 and (contexts is None or str(g.get("context")) in contexts)})}
 
 
+def _when(records: dict[int, dict[str, Any]], seeds: list[int] | None = None) -> str:
+    """When the runs behind a row ran (UTC, from their records): old and new code can share a table."""
+    dates = sorted(str(r["date"]).replace(" UTC", "") for s, r in records.items()
+                   if r.get("date") and (seeds is None or s in seeds))
+    if not dates:
+        return "—"
+    first, last = dates[0][5:], dates[-1][5:]
+    if first == last:
+        return first
+    return f"{first}–{last[6:]}" if first[:5] == last[:5] else f"{first} – {last}"
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return "n/a" if not np.isfinite(x) else f"{x:.2f}"
@@ -100,25 +112,29 @@ def build(runs: Path) -> list[dict[str, Any]]:
                  "model": p4_stat("spearman", "model"), "blend": served,
                  "best baseline": "training-replicate effects", "baseline": p4_stat("spearman", "measured in training replicates"),
                  "ceiling": p4_stat("spearman", "ceiling (rep_1 vs rep_2)"),
-                 "met": (p4_stat("spearman", "model") >= 0.6) if p4 else None, "seeds": sorted(p4), "groups": 25})
+                 "met": (p4_stat("spearman", "model") >= 0.6) if p4 else None, "seeds": sorted(p4), "groups": 25,
+                 "run": _when(p4)})
     alike_m, alike_r = p4_stat("pairwise_correlation", "model"), p4_stat("pairwise_correlation", "measured rep_3")
     rows.append({"protocol": "", "target": "mean pairwise correlation of deltas <= measured + 0.2", "model": alike_m,
                  "blend": float("nan"), "best baseline": "measured rep_3", "baseline": alike_r, "ceiling": float("nan"),
-                 "met": (alike_m <= alike_r + 0.2) if p4 else None, "seeds": sorted(p4), "groups": 25})
+                 "met": (alike_m <= alike_r + 0.2) if p4 else None, "seeds": sorted(p4), "groups": 25, "run": _when(p4)})
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_mae", ["nochange"], higher=False,
-                                                  target="cell-eval MAE below nochange"))
+                                                  target="cell-eval MAE below nochange") | {"run": _when(p4)})
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_discrimination_score_l1", ["meanshift"], absolute=0.72,
-                                                  target="cell-eval discrimination_score_l1 >= 0.72"))
+                                                  target="cell-eval discrimination_score_l1 >= 0.72") | {"run": _when(p4)})
     p1 = _load(runs, "protocol_1_context_transfer")
     for metric in ("pearson_delta", "pearson_delta_top50"):
         rows.append({"protocol": "1. Context transfer, all 7 cell types (seed 0)" if metric == "pearson_delta" else ""}
-                    | _protocol_row(p1, metric, ["meanshift"], seeds=[0], target=f"{metric} >= meanshift"))
+                    | _protocol_row(p1, metric, ["meanshift"], seeds=[0], target=f"{metric} >= meanshift")
+                    | {"run": _when(p1, [0])})
     for metric in ("pearson_delta", "pearson_delta_top50"):
         rows.append({"protocol": "1. Context transfer, CD4T (seeds 0-2)" if metric == "pearson_delta" else ""}
-                    | _protocol_row(p1, metric, ["meanshift"], contexts={"CD4T"}, target=f"{metric} >= meanshift"))
+                    | _protocol_row(p1, metric, ["meanshift"], contexts={"CD4T"}, target=f"{metric} >= meanshift")
+                    | {"run": _when(p1)})
     p5 = _load(runs, "protocol_5_cytokine_response")
     rows.append({"protocol": "5. Cytokine response"} | _protocol_row(p5, "edistance", ["meanshift"], higher=False,
-                                                                      target="E-distance <= meanshift"))
+                                                                      target="E-distance <= meanshift")
+                | {"run": _when(p5)})
     syn = {}
     for folder in sorted(runs.glob("seed*")):
         f = folder / "synthetic_recovery.json"
@@ -130,14 +146,17 @@ def build(runs: Path) -> list[dict[str, Any]]:
     rows.append({"protocol": "Synthetic screen (known answer)", "target": "Spearman >= 0.8 vs true effects",
                  "model": s_model, "blend": s_blend, "best baseline": "effects measured in training cells",
                  "baseline": s_data, "ceiling": float("nan"), "met": (s_model >= 0.8) if syn else None,
-                 "seeds": sorted(syn), "groups": None})
+                 "seeds": sorted(syn), "groups": None, "run": _when(syn)})
     p3 = _load(runs, "protocol_3_unseen_knockouts")
     rows.append({"protocol": "3. Unseen knockouts"} | _protocol_row(p3, "discrimination", ["pertmean"], absolute=0.7,
-                                                                     target="discrimination >= 0.7"))
-    rows.append({"protocol": ""} | _protocol_row(p3, "pearson_delta", ["pertmean"], target="pearson_delta >= pertmean"))
+                                                                     target="discrimination >= 0.7")
+                | {"run": _when(p3)})
+    rows.append({"protocol": ""} | _protocol_row(p3, "pearson_delta", ["pertmean"], target="pearson_delta >= pertmean")
+                | {"run": _when(p3)})
     p2 = _load(runs, "protocol_2_unseen_pairs")
     rows.append({"protocol": "2. Unseen pairs"} | _protocol_row(p2, "pearson_delta", ["additive"],
-                                                                 target="pearson_delta >= additive"))
+                                                                 target="pearson_delta >= additive")
+                | {"run": _when(p2)})
     return rows
 
 
@@ -146,9 +165,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=RUNS)
     args = ap.parse_args()
     rows = build(args.runs)
-    cols = ["protocol", "target", "model", "blend", "best baseline", "baseline", "ceiling", "met", "seeds", "groups"]
+    cols = ["protocol", "target", "model", "blend", "best baseline", "baseline", "ceiling", "met", "seeds", "groups", "run"]
     lines = ["| " + " | ".join(["protocol", "target", "model (pure)", "served blend", "strongest baseline", "",
-                                "ceiling", "met", "seeds", "groups"]) + " |", "|" + "---|" * len(cols)]
+                                "ceiling", "met", "seeds", "groups", "run (UTC)"]) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         met = {True: "**yes**", False: "no", None: "not run"}[r["met"]]
         lines.append("| " + " | ".join(_fmt(r[c]) if c != "met" else met for c in cols) + " |")
@@ -156,7 +175,8 @@ def main() -> None:
                       "Means over the seeds listed and over all held-out groups (protocol 1: all seven cell types at "
                       "seed 0, and CD4T at seeds 0-2). The targets are for the pure model; the served blend is what "
                       "`Simulator`/`screen` return by default (the weight fitted on the training run's validation "
-                      "split). Command: `python experiments/issue11_table.py`; the runs: see its docstring.", "",
+                      "split). Command: `python experiments/issue11_table.py`; the runs: see its docstring. `run`: when the "
+                      "runs behind a row ran (from their records), since a table can hold runs of different code.", "",
                       *lines, ""])
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "issue11.md").write_text(text)
