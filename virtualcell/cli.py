@@ -470,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
                         "layer (less when cached); auto: on a CPU, when the run is expected to last 150 s per layer "
                         "or more (10 minutes for 4 layers)")
-    p.add_argument("--gene-init", choices=("pca", "random"), default="pca",
-                   help="how a new model's gene embeddings start: pca (half of each from the training cells' "
-                        "principal axes, so co-expressed genes start close) or random")
+    p.add_argument("--gene-init", choices=("pca", "random"), default="random",
+                   help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
+                        "training cells' principal axes, so co-expressed genes start close; better on validation, "
+                        "not on the held-out protocols: see the README)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "

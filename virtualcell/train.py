@@ -86,7 +86,7 @@ class TrainConfig:
     attention: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
-    gene_init: str = "pca"
+    gene_init: str = "random"
     verdict_fraction: float = 0.1
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
 
