@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
 
 __all__ = ["Baselines", "blend_weight", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
-           "VERDICT_FILE", "TOP_N"]
+           "VERDICT_FILE", "TOP_N", "verdict_seconds", "CONTROL_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
