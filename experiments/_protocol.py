@@ -40,6 +40,7 @@ METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
 # prefixed so that its mae stays apart from virtualcell's: the columns a reader of the field compares
 VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
 SERVED = "virtualcell_served"  # predict() -> score(): the served (blended) prediction, when the checkpoint blends
+SERVED_AGGREGATES = "virtualcell_served_aggregates"  # predict() -> callers: the served run's aggregates (score() drops them)
 BLEND = "model (blend)"
 
 
@@ -212,13 +213,14 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     w = sim.blend_weight("auto") if blend is None else None
     if w is not None and w < 1.0:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
-        served = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance,
-                              progress=False, keep_cells=True, blend="auto").to_anndata(perturbation_key=perturbation_key,
-                                                                                          labels=back)
+        served_res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance,
+                                  progress=False, keep_cells=True, blend="auto")
+        served = served_res.to_anndata(perturbation_key=perturbation_key, labels=back)
         served.obs = served.obs.drop(columns=["perturbation_typed"])
         if context is not None:
             served.obs[context[0]] = context[1]
         pred.uns[SERVED] = served
+        pred.uns[SERVED_AGGREGATES] = served_res.aggregates  # its ranking, beside the pure model's (protocol 4)
         pred.uns["blend_weight"] = float(w)
     if context is not None:
         pred.obs[context[0]] = context[1]
@@ -249,6 +251,8 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
     served = pred.uns.pop(SERVED, None) if pred is not None else None
+    if pred is not None:
+        pred.uns.pop(SERVED_AGGREGATES, None)
     table = evaluate(pred, real, profile=list(metrics), **kw)
     if cell_eval:
         vcc = evaluate(pred, real, profile="vcc", **kw)

@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     measured = measured_effects(adata, contract, col, rep, reference_cells=ref_idx)
     common = [p for p in predicted.index if p in measured.index]
     rho = {"model": float(spearmanr(predicted.loc[common], measured.loc[common]).statistic)}
-    w = vc.Simulator(baseline, model, seed=args.seed).blend_weight("auto")
-    if w is not None and w < 1.0:  # the served blend's ranking, beside the pure model's (the same generation seed)
-        served = vc.Simulator(baseline, model, seed=args.seed).simulate(
-            panel, n_cells=n, seed=args.seed, temperature=args.temperature, guidance=args.guidance, progress=False)
-        s_rank = rank(served.aggregates, parse_objective(None), n_boot=0, seed=args.seed)
+    if P.SERVED_AGGREGATES in pred.uns:  # the served blend's ranking, beside the pure model's (the same generation)
+        w = pred.uns["blend_weight"]
+        s_rank = rank(pred.uns[P.SERVED_AGGREGATES], parse_objective(None), n_boot=0, seed=args.seed)
         s_eff = s_rank.assign(label=s_rank["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]
         rho[f"served blend (w={w:.2f})"] = float(spearmanr(s_eff.loc[common], measured.loc[common]).statistic)
     r1 = measured_effects(adata, contract, col, "rep_1")
