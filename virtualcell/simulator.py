@@ -60,6 +60,7 @@ _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells
                "control_samples", "blend_weight", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
+CONTROL_SAMPLES = 4  # default of simulate(control_samples=): samples of each cell under control
 
 
 def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -388,7 +389,7 @@ class Simulator:
         max_genes: int | None = None,
         temperature: float = 1.0,
         guidance: float | None = None,
-        control_samples: int = 4,
+        control_samples: int = CONTROL_SAMPLES,
         calibrate: bool = True,
         blend: str | float | bool | None = "auto",
         keep_cells: bool | None = None,

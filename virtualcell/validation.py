@@ -49,14 +49,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
 
 __all__ = ["Baselines", "blend_weight", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
-           "VERDICT_FILE", "TOP_N", "verdict_seconds", "CONTROL_SAMPLES"]
+           "VERDICT_FILE", "TOP_N", "verdict_seconds"]
 
 log = logging.getLogger(__name__)
 
 BASELINES_FILE = "baselines.npz"
 VERDICT_FILE = "verdict.json"
 TOP_N = 50  # genes with the largest measured |delta| for pearson_delta_top50
-CONTROL_SAMPLES = 4  # samples of each input cell under control in the verdict's simulations (as Simulator.simulate)
 
 
 def _key(p: Perturbation | Combination | str) -> str:
@@ -227,7 +226,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     ``held`` has no context with both held-out controls and perturbed cells.
     """
     from .sentences import model_expression
-    from .simulator import Simulator
+    from .simulator import CONTROL_SAMPLES, Simulator
 
     if model.baselines is None:
         raise ModelError("run_verdict needs model.baselines (Baselines.fit on the training cells) first.")
@@ -316,7 +315,7 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     before training, to reserve the time) sentences rarely end early, and the small probe
     batch is slower per row than the verdict's full ones, so the estimate errs high.
     """
-    from .simulator import Simulator
+    from .simulator import CONTROL_SAMPLES, Simulator
 
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
