@@ -107,8 +107,10 @@ class Side:
                  kernels: str = "sdpa/fp32", compiled: bool = False) -> None:
         import torch
 
+        from virtualcell.generation import torch_threads
         from virtualcell.prompts import CompactFormat
         from virtualcell.train import _new_model
+        from virtualcell.training import kernels as kmod
         from virtualcell.training.batching import PairSchedule
 
         cfg, genes, pvocab, sentences, typed, parsed, src, train_targets, _ = ctx
@@ -126,21 +128,13 @@ class Side:
         self.perturbation_of = [parsed[t] for t in typed]  # each cell's typed perturbation, as the trainer has it
         self.kernels = kernels
         self.precision = "fp32"
+        first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]  # the batch kernels are timed on
         if kernels == "auto":
-            from virtualcell.training import kernels as kmod
-            from virtualcell.generation import torch_threads
-
-            first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]
             with torch_threads(threads):
                 k = kmod.choose(self.lm, torch.device("cpu"), lambda: self.loss(first, train=True)[0], threads=threads)
             self.precision, self.kernels = k.precision, f"{k.attention}/{k.precision} (auto)"
         self.compile_s = None
         if compiled:  # as the trainer compiles: its layers, the compile time spent on a probe batch
-            from virtualcell.training import kernels as kmod
-            from virtualcell.generation import torch_threads
-
-            first = [self.sched.targets[c] for c in self.sched.groups(self.sched.at(0))]
-
             def probe() -> None:
                 with kmod.autocast(torch.device("cpu"), self.precision):
                     loss = self.loss(first, train=True)[0]

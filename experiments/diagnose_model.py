@@ -36,7 +36,8 @@ def main() -> int:
     ctrl = held[is_ctrl][:60].copy()
     knockouts = [p for p in model.perturbations.labels if p != "control"]
 
-    res = vc.Simulator(ctrl, model).simulate(knockouts, seed=0, progress=False, blend=None)  # the pure model
+    sim = vc.Simulator(ctrl, model)
+    res = sim.simulate(knockouts, seed=0, progress=False, blend=None)  # the pure model
     pred = res.aggregates["delta"].values  # knockouts x genes, vs the baseline cells
     genes = list(held.var_names)  # predictions keep the data's gene spelling
     col = [genes.index(g) for g in res.genes]
@@ -60,9 +61,9 @@ def main() -> int:
             other.append(len(g & b) / len(g | b))
 
     # the same generated cells, calibrated as before the per-gene rescaling: each cell clipped at 0 alone
-    raw = vc.Simulator(ctrl, model).simulate(["control", *knockouts], seed=0, progress=False, blend=None,
-                                             calibrate=False, keep_cells=True).cells.values
-    x = vc.Simulator(ctrl, model).expression.toarray()
+    raw = sim.simulate(["control", *knockouts], seed=0, progress=False, blend=None, calibrate=False,
+                       keep_cells=True).cells.values
+    x = sim.expression.toarray()
     clipped = np.stack([(np.maximum(x + raw[j] - raw[0], 0) - x).mean(0) for j in range(1, raw.shape[0])])
 
     rows = [
