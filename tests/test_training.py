@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -315,6 +317,8 @@ def test_thread_guard_drops_to_one_thread_when_steps_slow_down_and_not_before():
     assert not ThreadGuard(1).observe(0, 9.0)  # one thread: nothing to drop
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler (the fallback without one is tested below)")
 def test_compiled_layers_give_the_plain_loss_and_gradients_and_undo_cleanly():
     from virtualcell.training import kernels
 
