@@ -399,3 +399,81 @@ def test_pca_gene_embeddings_put_co_expressed_genes_together():
     assert torch.allclose(after[ids, :4], torch.from_numpy(d) * 0.02 * 2)
     with pytest.raises(ValueError, match="at least 2 cells"):
         pca_directions(X[:1], 4)
+
+
+def _shifted_screen(seed: int = 0):
+    """Two contexts; controls in two states (half high on genes 10-19); a knockout that raises
+    genes 0-9 by 60% in every cell; an off-target knockout with no effect. Raw counts."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows, obs = [], []
+    for ctx in ("a", "b"):
+        for label, n in (("control", 160), ("KO1", 60), ("KO2", 40)):
+            lam = np.full((n, 40), 2.0)
+            lam[: n // 2, 10:20] = 8.0  # a cell state that every label has
+            if label == "KO1":
+                lam[:, :10] *= 1.6
+            rows.append(rng.poisson(lam))
+            obs += [{"perturbation": label, "ctx": ctx}] * n
+    a = ad.AnnData(np.vstack(rows).astype(np.float32), obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))]))
+    a.var_names = [f"G{i}" for i in range(40)]
+    return a
+
+
+def test_ot_pairing_keeps_the_whole_effect_and_pairs_within_the_context():
+    """ot: sources are controls of the target's context (never the cell itself), a fair draw (a
+    perturbation with fewer cells than controls gets distinct sources), so mean(target - source)
+    is the perturbation's whole effect; nearest pairs shrink it (the nearest controls are the
+    ones that already look perturbed). Deterministic by seed."""
+    from virtualcell import DataContract
+    from virtualcell.train import build_pairs
+
+    a = _shifted_screen()
+    c = DataContract("perturbation", "control", context_key="ctx")
+    X = a.X
+    labels, ctx = a.obs["perturbation"].to_numpy(), a.obs["ctx"].to_numpy()
+    ko = labels == "KO1"
+    true = (X[ko].mean(0) - X[labels == "control"].mean(0))[:10].mean()
+    shrink = {}
+    for method in ("ot", "nearest", "random"):
+        src, tgt = build_pairs(a, c, pairing=method, seed=3)
+        assert (tgt == np.arange(a.n_obs)).all()
+        assert (labels[src] == "control").all() and (ctx[src] == ctx).all() and (src != tgt).all()
+        shrink[method] = (X[ko] - X[src[ko]]).mean(0)[:10].mean() / true
+        if method == "ot":
+            for cx in ("a", "b"):
+                for lab in ("KO1", "KO2"):
+                    m = (labels == lab) & (ctx == cx)
+                    assert np.unique(src[m]).size == m.sum()  # fewer cells than controls: a draw without repeats
+            assert (build_pairs(a, c, pairing="ot", seed=3)[0] == src).all()
+            assert not (build_pairs(a, c, pairing="ot", seed=4)[0] == src).all()
+    assert 0.9 < shrink["ot"] < 1.1 and 0.9 < shrink["random"] < 1.1
+    # the nearest controls of KO1's cells are the controls whose genes 0-9 happen to be highest
+    assert shrink["nearest"] < shrink["ot"] - 0.08, shrink  # about 0.8 against 1.0
+
+
+def test_ot_pairing_matches_like_to_like():
+    """Within the draw, the assignment pairs a cell with a control of its own state: the cells
+    high on genes 10-19 get mostly high sources (a random pairing gets half)."""
+    from virtualcell import DataContract
+    from virtualcell.train import build_pairs
+
+    a = _shifted_screen()
+    c = DataContract("perturbation", "control", context_key="ctx")
+    high = a.X[:, 10:20].mean(1) > 5
+    knock = a.obs["perturbation"].to_numpy() != "control"
+    for method, lo in (("ot", 0.7), ("random", 0.3)):
+        src, _ = build_pairs(a, c, pairing=method, seed=0)
+        agree = (high[src] == high)[knock].mean()
+        assert agree > lo, (method, agree)
+    assert (high[build_pairs(a, c, pairing="random", seed=0)[0]] == high)[knock].mean() < 0.65
+
+
+def test_unknown_pairing_is_refused_with_the_choices():
+    from virtualcell.errors import TrainingError
+    from virtualcell.train import TrainConfig
+
+    with pytest.raises(TrainingError, match="pairing='knn'.*ot.*nearest.*random"):
+        TrainConfig(pairing="knn")

@@ -293,6 +293,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
+        pairing=args.pairing,
     )
     from .safeio import output_folder
 
@@ -474,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
                         "training cells' principal axes, so co-expressed genes start close; better on validation, "
                         "not on the held-out protocols: see the README)")
+    from .train import PAIRINGS, TrainConfig
+
+    p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,
+                   help="which control cell each training cell is predicted from: ot (each perturbation's cells matched "
+                        "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "
+                        "of the 5 most similar controls; those look perturbed already, so the effect shrinks) or "
+                        f"random (default: {TrainConfig.pairing})")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
