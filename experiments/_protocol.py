@@ -62,7 +62,26 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--guidance", type=float, default=None,
                     help="guidance scale (default: the one the trainer chose on its validation split; 1 = none)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                    help="change a TrainConfig field of the protocol's training runs, e.g. --set pairing=nearest "
+                         "(repeatable); recorded with the run")
     return ap
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """``"FIELD=VALUE[,FIELD=VALUE]"`` -> ``{FIELD: VALUE}``; values are Python literals where they parse, else strings."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if not value:
+            raise SystemExit(f"{text!r}: write FIELD=VALUE[,FIELD=VALUE], e.g. pairing=nearest")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def setup(threads: int | None) -> None:
@@ -130,6 +149,7 @@ class Trained:
     val_loss: float
     path: str
     config: dict[str, Any] = field(default_factory=dict)
+    verdict: dict[str, Any] | None = None  # the trainer's validation verdict (training data only): model vs baseline
 
 
 def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
@@ -142,6 +162,8 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     base.update(kw)
     if getattr(args, "max_steps", None):
         base["max_steps"] = args.max_steps
+    for item in getattr(args, "set", None) or []:
+        base.update(parse_settings(item))
     if args.quick:
         base.update(hidden_size=32, n_layers=1, n_heads=2, top_k=min(base.get("top_k", 200), 24), max_steps=12,
                     warmup_steps=2, eval_every=12, max_minutes=min(args.max_minutes, 1.0), max_pairs=400)
@@ -173,7 +195,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
     print(f"  trained {name}: {len(history)} steps in {seconds:.0f} s, loss {history[-1]['loss']:.3f}, "
           f"val {val[-1] if val else float('nan'):.3f}", flush=True)
     return Trained(model, seconds, len(history), float(history[-1]["loss"]), float(val[-1]) if val else float("nan"),
-                   str(out), asdict(config))
+                   str(out), asdict(config), model.verdict)
 
 
 # --------------------------------------------------------------------------- #

@@ -20,7 +20,6 @@ Arms run ``--parallel`` at a time (1 torch thread each). Writes
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import tempfile
@@ -30,24 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _protocol import parse_settings as parse_arm
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _value(text: str):  # noqa: ANN202
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_arm(arm: str) -> dict:
-    out = {}
-    for part in arm.split(","):
-        key, _, value = part.partition("=")
-        if not value:
-            raise SystemExit(f"--arms {arm!r}: write FIELD=VALUE[,FIELD=VALUE], e.g. gene_init=random")
-        out[key.strip()] = _value(value.strip())
-    return out
 
 
 def run_one(arm: str, seed: int, max_steps: int, compile_: str) -> dict:

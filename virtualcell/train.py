@@ -3,9 +3,11 @@
 The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
 (README, "Fine-tune on your own screen"):
 
-1. **Pairs by similarity.** Each perturbed cell is paired with one of its nearest
-   control cells of the same context (PCA space), not a random one, so the control
-   sentence carries information about the cell.
+1. **Pairs by optimal transport.** Each perturbation's cells are matched one to one to a
+   fair draw of the control cells of their context, by least total distance in PCA space:
+   the control sentence carries information about the cell (a random pairing makes it
+   nearly uninformative), and, unlike nearest-neighbour pairs, the pairs keep the whole
+   effect (:func:`build_pairs`).
 2. **Control → control pairs too**, so that the model's own drift can be cancelled
    at prediction time (predict ``x + decode(perturbed) − decode(control)``).
 3. **Pre-training** on single cell sentences first, then fine-tuning on pairs, with
@@ -52,6 +54,8 @@ __all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES
 
 log = logging.getLogger(__name__)
 
+PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -69,7 +73,7 @@ class TrainConfig:
     max_minutes: float | None = None
     pretrain_fraction: float = 0.1
     control_fraction: float = 0.2
-    pairing: str = "nearest"
+    pairing: str = PAIRINGS[0]
     neighbours: int = 5
     n_pcs: int = 20
     val_fraction: float = 0.05
@@ -208,12 +212,11 @@ def _all_gene_like(parts: list[str]) -> bool:
     return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
 
 
-PAIRINGS = ("ot", "nearest", "random")
 _OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger groups are cut into random blocks
 
 
 def build_pairs(
-    adata: ad.AnnData, contract: DataContract, *, pairing: str = "nearest", neighbours: int = 5, n_pcs: int = 20,
+    adata: ad.AnnData, contract: DataContract, *, pairing: str = PAIRINGS[0], neighbours: int = 5, n_pcs: int = 20,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair every cell with a control cell of the same context: the cell it is predicted from.
@@ -240,7 +243,7 @@ def build_pairs(
     from scipy.spatial import cKDTree
 
     if pairing not in PAIRINGS:
-        raise TrainingError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)} .")
+        raise TrainingError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)} (the first is the default).")
     rng = np.random.default_rng(seed)
     X = expression_matrix(adata)
     Xn = log_normalize(X, detect_scale(X))
