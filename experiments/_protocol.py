@@ -58,7 +58,9 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
                     help="torch threads (default: training measures 1 against all cores and keeps the faster)")
     ap.add_argument("--model-dir", default=None, help="keep the trained checkpoint(s) here (default: a temp dir)")
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps at most (default: the protocol's)")
-    ap.add_argument("--samples", type=int, default=1, help="generated samples per baseline cell")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="samples of each baseline cell under each perturbation, averaged into its prediction "
+                         "(default: the number the trainer chose on its validation split; 1 where it chose none)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--guidance", type=float, default=None,
                     help="guidance scale (default: the one the trainer chose on its validation split; 1 = none)")
@@ -203,13 +205,14 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 # --------------------------------------------------------------------------- #
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
-            temperature: float = 1.0, samples: int = 1, guidance: float | None = None, blend=None):  # noqa: ANN001
+            temperature: float = 1.0, samples: int | None = None, guidance: float | None = None,
+            blend=None):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
     training label, or a typed perturbation such as ``ko:STAT1`` for one it never saw).
-    ``samples`` > 1 generates that many independent samples per baseline cell (less sampling
-    noise in the mean; the predicted population then holds each baseline cell ``samples`` times).
+    ``samples``: samples of each cell under each perturbation, averaged into its prediction
+    (``Simulator.simulate(samples=)``; ``None``: the trainer's choice).
     Returns ``(AnnData, SimulationResult, seconds)``.
     """
     from virtualcell import Simulator
@@ -218,25 +221,16 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     typed = [str(p) for p in model.resolve(list(targets.values()))]
     back = dict(zip(typed, targets))
     cells = (baseline if n_cells is None else baseline[: min(n_cells, baseline.n_obs)]).copy()
-    if samples > 1:  # each copy of a cell is sampled with its own key, i.e. independently
-        import anndata as ad
-
-        copies = []
-        for k in range(samples):
-            c = cells.copy()
-            c.obs_names = [f"{name}#{k}" for name in c.obs_names]
-            copies.append(c)
-        cells = ad.concat(copies, merge="same", uns_merge="same")
     sim = Simulator(cells, model, seed=seed)
     # blend=None: the pure model (issue 11: the targets are for it); blend="auto" serves the checkpoint's blend
-    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, progress=False,
-                       keep_cells=True, blend=blend)
+    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
+                       progress=False, keep_cells=True, blend=blend)
     pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
     pred.obs = pred.obs.drop(columns=["perturbation_typed"])
     w = sim.blend_weight("auto") if blend is None else None
     if w is not None and w < 1.0:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
         served_res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance,
-                                  progress=False, keep_cells=True, blend="auto")
+                                  samples=samples, progress=False, keep_cells=True, blend="auto")
         served = served_res.to_anndata(perturbation_key=perturbation_key, labels=back)
         served.obs = served.obs.drop(columns=["perturbation_typed"])
         if context is not None:

@@ -242,6 +242,38 @@ def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(
         bundled_sim.simulate(perts, control_samples=0, progress=False)
 
 
+def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bundled_sim):
+    """samples=3: each cell is generated three times under a perturbation (keys 'ko:STAT1',
+    'ko:STAT1#1', 'ko:STAT1#2'; the first is the key samples=1 uses, so its cells are unchanged),
+    and the cell's uncalibrated prediction is the mean of the three decodes."""
+    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.sentences import decode
+
+    model = bundled_sim.model
+    keys = [stable_key("ko:STAT1"), stable_key("ko:STAT1#1"), stable_key("ko:STAT1#2")]
+    dec = {}
+    guidance = float((model.verdict or {}).get("settings", {}).get("guidance", 1.0))
+    for out in model.generate(bundled_sim.sentences, model.resolve(["ko:STAT1"] * 3), perturbation_keys=keys,
+                              config=GenerationConfig(max_genes=model.top_k, seed=2, guidance=guidance)):
+        for r, (c, k) in enumerate(zip(out.cell, out.perturbation)):
+            dec[(int(c), int(k))] = decode(out.sentences, model.rank_fit).toarray()[r]
+    n = bundled_sim.baseline.n_obs
+    draws = np.stack([[dec[(c, k)] for c in range(n)] for k in range(3)])
+    assert not np.allclose(draws[0], draws[1])
+    perts = ["control", "ko:STAT1"]
+    one = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, samples=1)
+    three = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, samples=3)
+    np.testing.assert_allclose(one.cells.sel(perturbation="ko:STAT1").values, draws[0], atol=1e-5)
+    np.testing.assert_allclose(three.cells.sel(perturbation="ko:STAT1").values, draws.mean(0), atol=1e-5)
+    # the control samples are untouched by samples=
+    np.testing.assert_allclose(three.cells.sel(perturbation="control").values,
+                               one.cells.sel(perturbation="control").values, atol=1e-6)
+    assert three.aggregates.attrs["samples"] == 3 and one.aggregates.attrs["samples"] == 1
+    for bad in (0, 1.5):
+        with pytest.raises(vc.errors.DataError, match="samples must be a whole number"):
+            bundled_sim.simulate(perts, samples=bad, progress=False)
+
+
 def test_predicted_cells_are_labelled_and_spelled_like_the_measured_data(bundled_sim):
     res = bundled_sim.simulate(["STAT1", "ko:JAK2"], seed=0, keep_cells=True, progress=False, n_cells=2)
     assert res.labels == {"ko:STAT1": "STAT1", "ko:JAK2": "JAK2"}

@@ -223,3 +223,18 @@ def test_broken_config_or_user_folder_is_refused_and_force_starts_over(sim, tmp_
         screen(sim, PANEL[:2], out=user, progress=False, n_boot=5)
     screen(sim, PANEL[:2], out=user, progress=False, n_boot=5, force=True)
     assert (user / "notes.txt").read_text() == "keep me" and (user / "ranking.csv").exists()
+
+
+def test_screen_with_several_samples_per_cell_is_another_screen(sim, tmp_path):
+    """samples=2 is recorded, changes the predictions, and its folder is not resumed by a one-sample screen
+    (nor the other way round); samples=1 keeps the fingerprint screens always had."""
+    one = screen(sim, PANEL[:2], out=tmp_path / "one", progress=False, n_boot=5, samples=1)
+    two = screen(sim, PANEL[:2], out=tmp_path / "two", progress=False, n_boot=5, samples=2)
+    assert one.config["samples"] == 1 and two.config["samples"] == 2
+    assert not np.allclose(one.aggregates["delta"].values, two.aggregates["delta"].values)
+    with pytest.raises(ScreenError, match="different screen.*samples"):
+        screen(sim, PANEL[:2], out=tmp_path / "one", progress=False, n_boot=5, samples=2)
+    default = screen(sim, PANEL[:2], out=tmp_path / "one", progress=False, n_boot=5)  # the model chose none: 1
+    assert default.config["fingerprint"] == one.config["fingerprint"]
+    with pytest.raises(vc.errors.DataError, match="samples must be a whole number"):
+        screen(sim, PANEL[:2], progress=False, n_boot=5, samples=0)

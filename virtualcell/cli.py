@@ -142,7 +142,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
         big = (len(perts) + 1) * n * len(model.genes) > limit
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
-                           max_genes=args.max_genes, blend=args.blend)
+                           max_genes=args.max_genes, blend=args.blend, samples=args.samples)
         if args.format == "cell-eval":
             _write_cell_eval(res, sim, model, out, n)
         else:
@@ -209,7 +209,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
-                 blend=args.blend)
+                 blend=args.blend, samples=args.samples)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
@@ -387,6 +387,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight W in [0, 1] on the model's delta, 1 - W on the training baseline's; auto (default): "
                    "the weight the training run fitted on its validation split (the pure model when the checkpoint "
                    "has none); none: the pure model")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="samples of each baseline cell under each perturbation, averaged into its prediction: less "
+                        "noise per cell and in the ranking, for that many times the generation (default: the number "
+                        "the training run chose on its validation split; 1 where it chose none)")
 
 
 def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:

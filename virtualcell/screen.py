@@ -119,6 +119,7 @@ def run(
     stop_after_groups: int | None = None,
     force: bool = False,
     blend: str | float | bool | None = "auto",
+    samples: int | None = None,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -150,6 +151,10 @@ def run(
         :meth:`Simulator.simulate`): ``"auto"`` (the checkpoint's fitted weight), a number in
         [0, 1], or ``None`` (the pure model). The ranking scores the served prediction and adds
         the pure model's ``l2_delta_corrected_model``; ``config.json`` records the weight.
+    samples
+        Samples of each baseline cell under each perturbation, averaged into its prediction
+        (:meth:`Simulator.simulate`; ``None``: the trainer's choice, else 1). More samples make
+        the ranking less noisy, for that many times the generation.
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
     folder is locked while the screen runs: a second screen into the same folder stops
@@ -166,15 +171,18 @@ def run(
     genes = list(simulator.gene_names)
     obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
     w = simulator.blend_weight(blend)
+    k = simulator.sample_count(samples)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
         "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
         "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
-        "batch_size": batch_size, "blend_weight": w,
+        "batch_size": batch_size, "blend_weight": w, "samples": k,
     }
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
     if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
         sim_keys = (*sim_keys, "blend_weight")
+    if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
+        sim_keys = (*sim_keys, "samples")
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
@@ -191,14 +199,14 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused, weight=w)
+                    refused=refused, weight=w, samples=k)
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
-         weight: float | None = None) -> ScreenResult:
+         weight: float | None = None, samples: int = 1) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
@@ -241,7 +249,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=keep_cells, progress=False, blend=weight)
+                                 keep_cells=keep_cells, progress=False, blend=weight, samples=samples)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
         if keep_cells:

@@ -57,7 +57,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "control_samples", "blend_weight", "baseline")
+               "control_samples", "samples", "blend_weight", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # default of simulate(control_samples=): samples of each cell under control
@@ -328,6 +328,17 @@ class Simulator:
             )
         self._basis = pca(self.expression, n_pcs, seed=seed)
 
+    def sample_count(self, samples: int | None = None) -> int:
+        """``simulate(samples=)`` resolved: ``None`` is the number the trainer chose on its
+        validation split (1 for a checkpoint that chose none); anything but a whole number >= 1 is refused."""
+        if samples is None:
+            samples = ((self.model.verdict or {}).get("settings") or {}).get("samples", 1)
+        if isinstance(samples, bool) or not isinstance(samples, int | float | np.integer) or int(samples) != samples \
+                or samples < 1:
+            raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
+                            f"perturbation, averaged), got {samples!r}.")
+        return int(samples)
+
     def blend_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
         """The weight on the model's delta that :meth:`simulate` serves for ``blend`` (``None``: the pure model).
 
@@ -390,6 +401,7 @@ class Simulator:
         temperature: float = 1.0,
         guidance: float | None = None,
         control_samples: int = CONTROL_SAMPLES,
+        samples: int | None = None,
         calibrate: bool = True,
         blend: str | float | bool | None = "auto",
         keep_cells: bool | None = None,
@@ -419,6 +431,14 @@ class Simulator:
             control generation's sampling noise is shared by every perturbation's delta (it made
             deltas of unrelated perturbations correlate), and averaging ``k`` samples cuts it by ``sqrt(k)``
             for ``k`` extra rows per cell.
+        samples
+            Samples of each cell under each perturbation, averaged into the cell's predicted delta
+            (as the control samples are): a cell's prediction is then closer to its expected
+            response, with ``1/samples`` of one sample's noise, for ``samples`` times the rows. One
+            sample's noise adds spread that the baseline cell's own variability already carries, and
+            lifts each gene's mean absolute error (more ``n_cells`` cuts the noise of the means, not
+            that of each cell). ``None``: the number the trainer chose on its validation split (1 for
+            a checkpoint without one). ``samples=1`` gives the same cells as before it existed.
         calibrate
             Predict ``x + decode(perturbed) − mean decode(control)`` (default) instead of the decoded generation.
         blend
@@ -442,12 +462,17 @@ class Simulator:
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
         if control_samples < 1:
             raise DataError(f"control_samples must be at least 1, got {control_samples}.")
+        settings = (self.model.verdict or {}).get("settings") or {}
+        samples = self.sample_count(samples)
         control = Perturbation("control")
         # every cell is generated under control control_samples times: their mean is what each perturbation is
         # calibrated against, and its sampling noise is shared by every perturbation's delta
-        run = [control] * control_samples + [p for p in perts if p != control]
+        # ... and under each perturbation `samples` times (sample 0 keeps the key it always had)
+        treated = [p for p in perts if p != control]
+        run = [control] * control_samples + [p for p in treated for _ in range(samples)]
         run_keys = [stable_key("control")] + [stable_key(f"control#{k}") for k in range(1, control_samples)]
-        run_keys += [stable_key(str(p)) for p in run[control_samples:]]
+        run_keys += [stable_key(str(p) if j == 0 else f"{p}#{j}") for p in treated for j in range(samples)]
+        first = {str(p): control_samples + samples * t for t, p in enumerate(treated)}  # p's first row in run
         n = self.baseline.n_obs if n_cells is None else min(int(n_cells), self.baseline.n_obs)
         if n < 1:
             raise DataError("n_cells must be at least 1.")
@@ -465,7 +490,7 @@ class Simulator:
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
-            guidance = float(((self.model.verdict or {}).get("settings") or {}).get("guidance", 1.0))
+            guidance = float(settings.get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
         w = self.blend_weight(blend, calibrate=calibrate)
@@ -495,8 +520,8 @@ class Simulator:
                     if p == control:  # calibrated: the baseline cell itself
                         d = d_ctrl
                     else:
-                        k = run.index(p)
-                        d = np.stack([gen[(i, k)] for i in range(len(idx))])
+                        k0 = first[str(p)]
+                        d = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(k0, k0 + samples)], axis=0)
                     if not calibrate:
                         pred = d
                     else:
@@ -528,6 +553,7 @@ class Simulator:
             base_emb = [emb[np.argsort(idx)]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
         agg.attrs["control_samples"] = int(control_samples)
+        agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
         cells = None
