@@ -73,9 +73,10 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
 def parse_settings(text: str) -> dict[str, Any]:
     """``"FIELD=VALUE[,FIELD=VALUE]"`` -> ``{FIELD: VALUE}``; values are Python literals where they parse, else strings."""
     import ast
+    import re
 
     out: dict[str, Any] = {}
-    for part in text.split(","):
+    for part in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):  # a comma inside a value (a tuple, a dict) stays
         key, _, value = part.partition("=")
         if not value:
             raise SystemExit(f"{text!r}: write FIELD=VALUE[,FIELD=VALUE], e.g. pairing=nearest")

@@ -55,7 +55,8 @@ def run_one(arm: str, seed: int, max_steps: int, compile_: str) -> dict:
     return {"arm": arm, "seed": seed, "steps": model.train_config.get("steps"), "seconds": round(time.perf_counter() - t, 1),
             "val_loss": val[-1] if val else None,
             "model": v.get("model"), "baseline": v.get("baseline"), "blend": v.get("blend"), "weight": v.get("weight"),
-            "settings": v.get("settings")}
+            "settings": v.get("settings"),
+            "candidates": [{"settings": c.get("settings"), "model": c.get("model")} for c in v.get("candidates") or []]}
 
 
 def main(argv: list[str] | None = None) -> None:
