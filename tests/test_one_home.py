@@ -252,7 +252,7 @@ def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bu
     model = bundled_sim.model
     keys = [stable_key("ko:STAT1"), stable_key("ko:STAT1#1"), stable_key("ko:STAT1#2")]
     dec = {}
-    guidance = float((model.verdict or {}).get("settings", {}).get("guidance", 1.0))
+    guidance = float(model.chosen.get("guidance", 1.0))
     for out in model.generate(bundled_sim.sentences, model.resolve(["ko:STAT1"] * 3), perturbation_keys=keys,
                               config=GenerationConfig(max_genes=model.top_k, seed=2, guidance=guidance)):
         for r, (c, k) in enumerate(zip(out.cell, out.perturbation)):

@@ -218,6 +218,11 @@ class C2SModel:
         (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
 
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """The generation settings the training run chose on its validation split (``{}`` without a verdict)."""
+        return dict((self.verdict or {}).get("settings") or {})
+
     def _save_verdict(self, p: Path) -> None:
         """The training baselines and validation verdict (:mod:`virtualcell.validation`), when present."""
         from .validation import BASELINES_FILE, VERDICT_FILE

@@ -332,7 +332,7 @@ class Simulator:
         """``simulate(samples=)`` resolved: ``None`` is the number the trainer chose on its
         validation split (1 for a checkpoint that chose none); anything but a whole number >= 1 is refused."""
         if samples is None:
-            samples = ((self.model.verdict or {}).get("settings") or {}).get("samples", 1)
+            samples = self.model.chosen.get("samples", 1)
         if isinstance(samples, bool) or not isinstance(samples, int | float | np.integer) or int(samples) != samples \
                 or samples < 1:
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
@@ -462,7 +462,6 @@ class Simulator:
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
         if control_samples < 1:
             raise DataError(f"control_samples must be at least 1, got {control_samples}.")
-        settings = (self.model.verdict or {}).get("settings") or {}
         samples = self.sample_count(samples)
         control = Perturbation("control")
         # every cell is generated under control control_samples times: their mean is what each perturbation is
@@ -490,7 +489,7 @@ class Simulator:
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
-            guidance = float(settings.get("guidance", 1.0))
+            guidance = float(self.model.chosen.get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
         w = self.blend_weight(blend, calibrate=calibrate)

@@ -109,9 +109,7 @@ class TrainConfig:
         if self.gene_init not in ("pca", "random"):
             raise TrainingError(f"gene_init={self.gene_init!r}: use pca (gene embeddings start from the training "
                                 "cells' principal axes) or random.")
-        if self.pairing not in PAIRINGS:
-            raise TrainingError(f"pairing={self.pairing!r}: use ot (each perturbation's cells matched one to one to a "
-                                "fair draw of the controls), nearest or random.")
+        _check_pairing(self.pairing)
         if self.compile not in ("auto", "on", "off"):
             raise TrainingError(f"compile={self.compile!r}: use auto (when the run is long enough to repay it), on or off.")
         if self.threads is not None and self.threads < 1:
@@ -212,6 +210,12 @@ def _all_gene_like(parts: list[str]) -> bool:
     return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
 
 
+def _check_pairing(pairing: str) -> None:
+    if pairing not in PAIRINGS:
+        raise TrainingError(f"pairing={pairing!r}: use ot (each perturbation's cells matched one to one to a fair draw "
+                            "of the controls; the default), nearest or random.")
+
+
 _OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger groups are cut into random blocks
 
 
@@ -242,8 +246,7 @@ def build_pairs(
     """
     from scipy.spatial import cKDTree
 
-    if pairing not in PAIRINGS:
-        raise TrainingError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)} (the first is the default).")
+    _check_pairing(pairing)
     rng = np.random.default_rng(seed)
     X = expression_matrix(adata)
     Xn = log_normalize(X, detect_scale(X))
