@@ -238,8 +238,9 @@ def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(
                                atol=1e-5)
     np.testing.assert_allclose(cal.cells.sel(perturbation="control").values, x, atol=1e-6)
     assert cal.aggregates.attrs["control_samples"] == 3
-    with pytest.raises(vc.errors.DataError, match="control_samples"):
-        bundled_sim.simulate(perts, control_samples=0, progress=False)
+    for bad in (0, 2.5, True):
+        with pytest.raises(vc.errors.DataError, match="control_samples"):
+            bundled_sim.simulate(perts, control_samples=bad, progress=False)
 
 
 def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bundled_sim):
@@ -265,10 +266,15 @@ def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bu
     three = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, samples=3)
     np.testing.assert_allclose(one.cells.sel(perturbation="ko:STAT1").values, draws[0], atol=1e-5)
     np.testing.assert_allclose(three.cells.sel(perturbation="ko:STAT1").values, draws.mean(0), atol=1e-5)
-    # the control samples are untouched by samples=
-    np.testing.assert_allclose(three.cells.sel(perturbation="control").values,
-                               one.cells.sel(perturbation="control").values, atol=1e-6)
     assert three.aggregates.attrs["samples"] == 3 and one.aggregates.attrs["samples"] == 1
+    # the control is sampled 4 times per sample by default (its noise is shared by every delta) ...
+    assert (one.aggregates.attrs["control_samples"], three.aggregates.attrs["control_samples"]) == (4, 12)
+    assert not np.allclose(three.cells.sel(perturbation="control").values, one.cells.sel(perturbation="control").values)
+    # ... and the same 4 control samples as samples=1 when they are given
+    four = bundled_sim.simulate(perts, seed=2, calibrate=False, keep_cells=True, progress=False, samples=3,
+                                control_samples=4)
+    np.testing.assert_allclose(four.cells.sel(perturbation="control").values,
+                               one.cells.sel(perturbation="control").values, atol=1e-6)
     for bad in (0, 1.5):
         with pytest.raises(vc.errors.DataError, match="samples must be a whole number"):
             bundled_sim.simulate(perts, samples=bad, progress=False)

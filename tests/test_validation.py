@@ -128,8 +128,13 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert (folder / "verdict.json").exists() and (folder / "baselines.npz").exists()
     verdict = json.loads((folder / "verdict.json").read_text())
     assert model.verdict == verdict and model.baselines is not None
-    assert 0.0 <= verdict["weight"] <= 1.0 and verdict["settings"] in [{"guidance": g} for g in GUIDANCE_CANDIDATES]
-    assert [c["settings"] for c in verdict["candidates"]] == [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    # the guidance scales, then the best of them again with 4 samples per cell; the lowest error is kept
+    tried = [c["settings"] for c in verdict["candidates"]]
+    assert tried[:-1] == [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    first = min(verdict["candidates"][:-1], key=lambda c: c["model"]["mse"])["settings"]
+    assert tried[-1] == first | {"samples": 4}
+    assert verdict["settings"] == min(verdict["candidates"], key=lambda c: c["model"]["mse"])["settings"]
+    assert 0.0 <= verdict["weight"] <= 1.0 and all(c["seconds"] > 0 for c in verdict["candidates"])
     for who in ("model", "baseline", "blend"):
         assert set(verdict[who]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["blend"]["mse"] <= min(verdict["model"]["mse"], verdict["baseline"]["mse"]) + 1e-9
@@ -147,6 +152,24 @@ def test_verdict_keeps_the_candidate_settings_with_the_lowest_model_error(tiny_m
     assert errors[0] != errors[1]  # the settings change the prediction
     assert verdict["settings"] == [{}, {"temperature": 0.3}][int(np.argmin(errors))]
     assert verdict["model"]["mse"] == min(errors)
+
+
+def test_verdict_ignores_the_settings_an_earlier_verdict_chose(tiny_model):
+    """A candidate that leaves samples or guidance out is scored with the plain value (1), not with
+    what the checkpoint's own verdict chose: judging a model again gives the same scores."""
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = data[verdict_split(data, contract, TINY)]
+    kept = model.verdict
+    model.verdict = dict(kept) | {"settings": {"samples": 3}}  # as if the training run had chosen 3 samples
+    try:
+        assert vc.Simulator(held[:4], model).sample_count() == 3
+        again = run_verdict(model, held, contract, seed=0, candidates=[{}], samples=(1,))
+    finally:
+        model.verdict = kept
+    plain = run_verdict(model, held, contract, seed=0, candidates=[{"samples": 1, "guidance": 1.0}])
+    assert again["candidates"][0]["model"] == plain["candidates"][0]["model"]
+    assert len(plain["candidates"]) == 1  # a candidate that sets samples is not tried with more
 
 
 def test_old_checkpoint_without_verdict_still_simulates(tiny_model, tmp_path):

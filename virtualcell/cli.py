@@ -56,6 +56,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    """``"1,4"`` -> ``(1, 4)``: whole numbers >= 1, comma-separated (an argparse type)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: write whole numbers >= 1 separated by commas, e.g. 1,4")
+    return values
+
+
 def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
     """The checkpoint's validation verdict and the weight served, for a person."""
     from .validation import summary_line
@@ -293,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
-        pairing=args.pairing,
+        pairing=args.pairing, verdict_samples=args.verdict_samples,
     )
     from .safeio import output_folder
 
@@ -490,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
                    "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")
+    p.add_argument("--verdict-samples", type=_whole_numbers, default=TrainConfig.verdict_samples, metavar="K[,K...]",
+                   help="samples per cell (each cell's predictions averaged over K generations) that the verdict tries "
+                        "with its best generation settings, keeping the one with the lowest validation error; each "
+                        "K > 1 costs about K times the verdict's generation, and the chosen K multiplies every "
+                        "later screen's (default: %(default)s; 1: one sample, no choice)")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 

@@ -60,7 +60,7 @@ _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells
                "control_samples", "samples", "blend_weight", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
-CONTROL_SAMPLES = 4  # default of simulate(control_samples=): samples of each cell under control
+CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
 
 
 def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -339,6 +339,17 @@ class Simulator:
                             f"perturbation, averaged), got {samples!r}.")
         return int(samples)
 
+    @staticmethod
+    def control_sample_count(samples: int, control_samples: int | None = None) -> int:
+        """``simulate(control_samples=)`` resolved for ``samples`` per perturbation: ``None`` is
+        ``CONTROL_SAMPLES`` per sample (the control's noise, shared by every delta, stays a fixed
+        share of each delta's noise); anything but a whole number >= 1 is refused."""
+        if control_samples is None:
+            return CONTROL_SAMPLES * int(samples)
+        if isinstance(control_samples, bool) or not isinstance(control_samples, int | np.integer) or control_samples < 1:
+            raise DataError(f"control_samples must be a whole number of at least 1, got {control_samples!r}.")
+        return int(control_samples)
+
     def blend_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
         """The weight on the model's delta that :meth:`simulate` serves for ``blend`` (``None``: the pure model).
 
@@ -400,7 +411,7 @@ class Simulator:
         max_genes: int | None = None,
         temperature: float = 1.0,
         guidance: float | None = None,
-        control_samples: int = CONTROL_SAMPLES,
+        control_samples: int | None = None,
         samples: int | None = None,
         calibrate: bool = True,
         blend: str | float | bool | None = "auto",
@@ -430,7 +441,10 @@ class Simulator:
             Samples of each cell under control; predictions are calibrated against their mean. The
             control generation's sampling noise is shared by every perturbation's delta (it made
             deltas of unrelated perturbations correlate), and averaging ``k`` samples cuts it by ``sqrt(k)``
-            for ``k`` extra rows per cell.
+            for ``k`` extra rows per cell. ``None`` (default): ``CONTROL_SAMPLES`` (4) per sample under
+            each perturbation (:meth:`control_sample_count`), so that the shared noise stays a fifth of
+            each delta's noise whatever ``samples`` is: with 4 control samples for 4 perturbation
+            samples it was half, and the deltas' mutual correlation doubled.
         samples
             Samples of each cell under each perturbation, averaged into the cell's predicted delta
             (as the control samples are): a cell's prediction is then closer to its expected
@@ -460,9 +474,8 @@ class Simulator:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
-        if control_samples < 1:
-            raise DataError(f"control_samples must be at least 1, got {control_samples}.")
         samples = self.sample_count(samples)
+        control_samples = self.control_sample_count(samples, control_samples)
         control = Perturbation("control")
         # every cell is generated under control control_samples times: their mean is what each perturbation is
         # calibrated against, and its sampling noise is shared by every perturbation's delta

@@ -94,6 +94,7 @@ class TrainConfig:
     gene_init: str = "random"
     verdict_fraction: float = 0.1
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
+    verdict_samples: tuple[int, ...] = (1, 4)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -125,6 +126,10 @@ class TrainConfig:
         if self.verdict_candidates is not None and (
                 not self.verdict_candidates or not all(isinstance(c, dict) for c in self.verdict_candidates)):
             raise TrainingError("verdict_candidates must be dicts of Simulator.simulate options, at least one ({}).")
+        if not self.verdict_samples or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                               for k in self.verdict_samples):
+            raise TrainingError(f"verdict_samples must be whole numbers >= 1 (samples per cell the verdict tries with "
+                                f"its best generation settings; (1,): only one), got {self.verdict_samples!r}.")
         if self.hidden_size % self.n_heads:
             raise TrainingError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}.")
 
@@ -523,7 +528,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.baselines = validation.Baselines.fit(data, contract, model)
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
-        reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates)
+        reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
+                                             samples=cfg.verdict_samples)
         if reserve > budget_s / 2:
             log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
                         "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
@@ -698,7 +704,8 @@ def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg
 
     t0 = time.perf_counter()
     if held is not None:
-        model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates)
+        model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
+                                               samples=cfg.verdict_samples)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]

@@ -158,6 +158,9 @@ class Baselines:
         return out
 
 
+PLAIN = {"samples": 1, "guidance": 1.0}  # the verdict's generation settings where a candidate sets none
+
+
 # --------------------------------------------------------------------------- #
 # Pure functions: scores and the blend weight
 # --------------------------------------------------------------------------- #
@@ -214,19 +217,22 @@ def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, 
 # The verdict
 # --------------------------------------------------------------------------- #
 def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
-                candidates: Sequence[Mapping[str, Any]] = ({},), max_input_cells: int = 64) -> dict[str, Any] | None:
+                candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
+                max_input_cells: int = 64) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
     contexts) are the Simulator's input; the other half is the reference that the
     held-out perturbed cells are measured against. Each dict of ``candidates`` is extra
-    keyword arguments of :meth:`Simulator.simulate` (generation settings); the one with the
-    lowest validation MSE of the pure model is kept (``"settings"``). ``model.baselines``
-    must be set. Returns the verdict (also what ``verdict.json`` holds), or ``None`` when
-    ``held`` has no context with both held-out controls and perturbed cells.
+    keyword arguments of :meth:`Simulator.simulate` (generation settings); then the best of
+    them (lowest validation MSE of the pure model) is tried again with each number of
+    ``samples`` per cell other than 1 (unless it sets ``samples`` itself), and the setting
+    with the lowest MSE of all is kept (``"settings"``). ``model.baselines`` must be set.
+    Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
+    context with both held-out controls and perturbed cells.
     """
     from .sentences import model_expression
-    from .simulator import CONTROL_SAMPLES, Simulator
+    from .simulator import Simulator
 
     if model.baselines is None:
         raise ModelError("run_verdict needs model.baselines (Baselines.fit on the training cells) first.")
@@ -237,16 +243,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
         return None
-    m_rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(candidates))}
-    b_rows, y_rows, names, n_cells = [], [], [], 0
+    sims, b_rows, y_rows, names, n_cells = [], [], [], [], 0
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
         typed = [model.perturbations.resolve(p) for p in perts]
-        sim = Simulator(held[inputs], model, seed=seed)
-        for i, cand in enumerate(candidates):
-            res = sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False,
-                               control_samples=CONTROL_SAMPLES, **cand)
-            m_rows[i].extend(res.aggregates["delta_model"].values.astype(np.float64))
+        sims.append((Simulator(held[inputs], model, seed=seed), typed))
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
@@ -255,9 +256,19 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             n_cells += cells.size
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
-    scored = [{"settings": cand, "model": score_deltas(np.array(m_rows[i]), Y)} for i, cand in enumerate(candidates)]
-    best = min(range(len(candidates)), key=lambda i: scored[i]["model"]["mse"])
-    M = np.array(m_rows[best])
+
+    def predict(settings: dict[str, Any]) -> tuple[np.ndarray, float]:
+        t = time.perf_counter()  # a setting left out is its plain value, not one an earlier verdict chose
+        rows = [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **(PLAIN | settings))
+                .aggregates["delta_model"].values.astype(np.float64) for sim, typed in sims]
+        return np.concatenate(rows), time.perf_counter() - t
+
+    tried = [(cand, *predict(cand)) for cand in candidates]
+    first = min(range(len(tried)), key=lambda i: float(np.mean((tried[i][1] - Y) ** 2)))
+    tried += [(cand, *predict(cand)) for cand in _more_samples(tried[first][0], samples)]
+    scored = [{"settings": cand, "model": score_deltas(M, Y), "seconds": round(s, 2)} for cand, M, s in tried]
+    best = min(range(len(tried)), key=lambda i: scored[i]["model"]["mse"])
+    settings, M = tried[best][0], tried[best][1]
     w = blend_weight(model=M, baseline=B, measured=Y)
     model_scores, base_scores = scored[best]["model"], score_deltas(B, Y)
     blend_scores = score_deltas(w * M + (1 - w) * B, Y)
@@ -267,7 +278,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "baseline": base_scores | {"name": "meanshift"},
         "blend": blend_scores,
         "weight": w,
-        "settings": candidates[best],
+        "settings": settings,
         "candidates": scored,
         "n_labels": n_labels,
         "n_targets": len(names),
@@ -277,9 +288,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "seconds": round(time.perf_counter() - t0, 2),
     }
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
-    if len(candidates) > 1:  # say what was chosen on this split, and among what
-        chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in candidates[best].items())
-        verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(candidates)} tried)."
+    if len(tried) > 1:  # say what was chosen on this split, and among what
+        chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items())
+        verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(tried)} tried)."
     return verdict
 
 
@@ -305,17 +316,18 @@ def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: i
 
 
 def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
-                    candidates: Sequence[Mapping[str, Any]] = ({},), max_input_cells: int = 64,
-                    probe_cells: int = 4) -> float:
+                    candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
+                    max_input_cells: int = 64, probe_cells: int = 4) -> float:
     """About how long :func:`run_verdict` will take with ``model`` (an upper bound, as a rule).
 
     It simulates the first context's perturbations from ``probe_cells`` of its input cells
-    with every candidate's settings, and scales the seconds per (cell, generated sentence
-    set) to all the verdict's cells. With an untrained ``model`` (as the trainer asks,
-    before training, to reserve the time) sentences rarely end early, and the small probe
-    batch is slower per row than the verdict's full ones, so the estimate errs high.
+    with every candidate's settings (the more ``samples`` on top of the first candidate's), and
+    scales the seconds per generated row to all the verdict's cells. With an untrained
+    ``model`` (as the trainer asks, before training, to reserve the time) sentences rarely end
+    early, and the small probe batch is slower per row than the verdict's full ones, so the
+    estimate errs high.
     """
-    from .simulator import CONTROL_SAMPLES, Simulator
+    from .simulator import Simulator
 
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
@@ -324,13 +336,24 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     probe = inputs[:probe_cells]
     typed = [model.perturbations.resolve(p) for p in perts]
     sim = Simulator(held[probe], model, seed=seed)
-    per_slot = 0.0  # seconds per (input cell, perturbation or control sample), all candidates
-    for cand in [dict(c) for c in candidates] or [{}]:
+    candidates = [dict(c) for c in candidates] or [{}]
+    total = 0.0
+    for cand in candidates + _more_samples(candidates[0], samples):
+        settings = PLAIN | cand
+        k = sim.sample_count(settings["samples"])
+        control = Simulator.control_sample_count(k, settings.get("control_samples"))
         t = time.perf_counter()
-        sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, control_samples=CONTROL_SAMPLES,
-                     **cand)
-        per_slot += (time.perf_counter() - t) / (probe.size * (len(perts) + CONTROL_SAMPLES))
-    return per_slot * sum(inp.size * (len(ps) + CONTROL_SAMPLES) for _, inp, _, ps in plans)
+        sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **settings)
+        per_row = (time.perf_counter() - t) / (probe.size * (control + k * len(perts)))  # rows: control and samples
+        total += per_row * sum(inp.size * (control + k * len(ps)) for _, inp, _, ps in plans)
+    return total
+
+
+def _more_samples(settings: Mapping[str, Any], samples: Sequence[int]) -> list[dict[str, Any]]:
+    """``settings`` with each number of ``samples`` per cell but 1 (none when it sets its own)."""
+    if "samples" in settings:
+        return []
+    return [dict(settings) | {"samples": int(k)} for k in dict.fromkeys(samples) if int(k) != 1]
 
 
 def write_verdict(verdict: Mapping[str, Any], folder: str | Path) -> Path:
