@@ -214,7 +214,10 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     training label, or a typed perturbation such as ``ko:STAT1`` for one it never saw).
     ``samples``: samples of each cell under each perturbation, averaged into its prediction
     (``Simulator.simulate(samples=)``; ``None``: the trainer's choice).
-    Returns ``(AnnData, SimulationResult, seconds)``.
+    Returns ``(AnnData, SimulationResult, seconds)``: the pure model's cells, and with ``blend=None``
+    the served blend's beside them in ``uns`` when the checkpoint serves one, both from one
+    generation (the result's aggregates are then the served ones, with the pure model's
+    ``delta_model`` beside ``delta``).
     """
     from virtualcell import Simulator
 
@@ -223,24 +226,26 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     back = dict(zip(typed, targets))
     cells = (baseline if n_cells is None else baseline[: min(n_cells, baseline.n_obs)]).copy()
     sim = Simulator(cells, model, seed=seed)
-    # blend=None: the pure model (issue 11: the targets are for it); blend="auto" serves the checkpoint's blend
-    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
-                       progress=False, keep_cells=True, blend=blend)
-    pred = res.to_anndata(perturbation_key=perturbation_key, labels=back)
-    pred.obs = pred.obs.drop(columns=["perturbation_typed"])
+    # blend=None: the pure model (issue 11: the targets are for it), and beside it the checkpoint's served blend,
+    # from the same generated cells (res.cells_model are the pure model's; res.aggregates hold both, the pure
+    # model's as delta_model); blend="auto" or a weight: that prediction alone
     w = sim.blend_weight("auto") if blend is None else None
-    if w is not None and w < 1.0:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
-        served_res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance,
-                                  samples=samples, progress=False, keep_cells=True, blend="auto")
-        served = served_res.to_anndata(perturbation_key=perturbation_key, labels=back)
-        served.obs = served.obs.drop(columns=["perturbation_typed"])
+    both = w is not None and w < 1.0
+    res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
+                       progress=False, keep_cells=True, blend="auto" if both else blend)
+
+    def labelled(pure: bool):  # noqa: ANN202
+        out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure)
+        out.obs = out.obs.drop(columns=["perturbation_typed"])
         if context is not None:
-            served.obs[context[0]] = context[1]
-        pred.uns[SERVED] = served
-        pred.uns[SERVED_AGGREGATES] = served_res.aggregates  # its ranking, beside the pure model's (protocol 4)
+            out.obs[context[0]] = context[1]
+        return out
+
+    pred = labelled(pure=True)
+    if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
+        pred.uns[SERVED] = labelled(pure=False)
+        pred.uns[SERVED_AGGREGATES] = res.aggregates  # its ranking, beside the pure model's (protocol 4)
         pred.uns["blend_weight"] = float(w)
-    if context is not None:
-        pred.obs[context[0]] = context[1]
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "

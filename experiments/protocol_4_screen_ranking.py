@@ -72,17 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     pred, res, pred_s = P.predict(model, baseline, {p: p for p in panel}, perturbation_key=contract.perturbation_key,
                                   context=(col, rep), n_cells=n, seed=args.seed,
                                 samples=args.samples, temperature=args.temperature, guidance=args.guidance)
+    # one generation: the pure model's figures (the targets are for it) and, when the checkpoint serves a blend,
+    # the served ones (res.aggregates are then the served prediction's, the pure model's beside them as *_model)
     ranking = rank(res.aggregates, parse_objective(None), n_boot=0, seed=args.seed)
     typed = model.perturbations.label_map(ranking["perturbation"])
-    predicted = ranking.assign(label=ranking["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]
+    effects = ranking.assign(label=ranking["perturbation"].map(typed)).set_index("label")
+    predicted = effects["l2_delta_corrected_model"]
 
     measured = measured_effects(adata, contract, col, rep, reference_cells=ref_idx)
     common = [p for p in predicted.index if p in measured.index]
     rho = {"model": float(spearmanr(predicted.loc[common], measured.loc[common]).statistic)}
     if P.SERVED_AGGREGATES in pred.uns:  # the served blend's ranking, beside the pure model's (the same generation)
         w = pred.uns["blend_weight"]
-        s_rank = rank(pred.uns[P.SERVED_AGGREGATES], parse_objective(None), n_boot=0, seed=args.seed)
-        s_eff = s_rank.assign(label=s_rank["perturbation"].map(typed)).set_index("label")["l2_delta_corrected"]
+        s_eff = effects["l2_delta_corrected"]
         rho[f"served blend (w={w:.2f})"] = float(spearmanr(s_eff.loc[common], measured.loc[common]).statistic)
     r1 = measured_effects(adata, contract, col, "rep_1")
     r2 = measured_effects(adata, contract, col, "rep_2")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     measured_d = np.stack([np.asarray(X[np.flatnonzero(held & (labels == p))].mean(axis=0)).ravel() - ref_mean
                            for p in common])
     by_label = {lab: typed_name for typed_name, lab in typed.items()}
-    predicted_d = res.aggregates["delta"].sel(perturbation=[by_label[p] for p in common]).values
+    predicted_d = res.aggregates["delta_model"].sel(perturbation=[by_label[p] for p in common]).values
 
     def mean_pairwise(D: np.ndarray) -> float:
         C = np.corrcoef(D)

@@ -214,6 +214,11 @@ def test_blend_is_arithmetic_on_one_generation(tiny_model):
         assert res.aggregates.attrs["blend_weight"] == w
         if w == 1.0:
             np.testing.assert_array_equal(served, P)
+            assert res.cells_model is None  # nothing blended: the cells are the pure model's
+        else:  # ... and its cells too, kept beside the served ones
+            np.testing.assert_allclose(res.cells_model.values, P, atol=1e-6)
+            np.testing.assert_allclose(res.to_anndata(pure=True).X, pure.to_anndata().X, atol=1e-6)
+            assert res.to_anndata(pure=True).uns["virtualcell"]["blend_weight"] == 1.0
         for j in range(len(perts)):
             want = _calibrated_by_hand(x, w * (d[j] - d_ctrl) + (1 - w) * b[j])
             np.testing.assert_allclose(served[j], want, atol=1e-4)

@@ -171,13 +171,18 @@ class SimulationResult:
     cells
         Per-cell predictions ``(perturbation, cell, gene)`` as an ``xarray.DataArray``
         (in memory, or lazily read from ``store``), or ``None`` if not kept.
+    cells_model
+        The pure model's per-cell predictions, from the same generated cells, when ``cells``
+        (served) are blended with the baseline and kept in memory; ``None`` otherwise (then
+        ``cells`` are the pure model's, or were not kept).
     """
 
     def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
                  baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
-                 labels: dict[str, str] | None = None) -> None:
+                 labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None) -> None:
         self.aggregates = aggregates
         self.cells = cells
+        self.cells_model = cells_model
         self.embedded = embedded
         self.baseline_embedded = baseline_embedded
         self.source_cells = source_cells
@@ -217,7 +222,8 @@ class SimulationResult:
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
         return head
 
-    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None) -> ad.AnnData:
+    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None,
+                   pure: bool = False) -> ad.AnnData:
         """Predicted cells as AnnData, labelled like the measured data.
 
         Parameters
@@ -227,12 +233,19 @@ class SimulationResult:
             perturbation (what measured data calls it; the typed name where it has none), or
             ``labels[typed name]`` where given. ``obs['perturbation_typed']`` holds the typed
             name and ``obs['source_cell']`` the baseline cell.
+        pure
+            The pure model's cells (:attr:`cells_model` where the served cells are blended)
+            instead of the served ones; ``uns['virtualcell']['blend_weight']`` is then 1.
 
         Genes keep the baseline's spelling (:attr:`Simulator.gene_names`). X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
         """
         P, C, G = self._require_cells()
         out = self._head(perturbation_key, labels)
-        out.X = np.asarray(self.cells.values, dtype=np.float32).reshape(P * C, G)
+        cells = self.cells
+        if pure and self.cells_model is not None:
+            cells = self.cells_model
+            out.uns["virtualcell"] |= {"blend_weight": 1.0, "baseline": "none"}
+        out.X = np.asarray(cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
     def write_h5ad(self, path: str | Path, *, perturbation_key: str = "perturbation",
@@ -490,8 +503,10 @@ class Simulator:
             raise DataError("n_cells must be at least 1.")
         G = len(self.model.genes)
         P = len(perts)
-        if keep_cells is None:
-            keep_cells = store is None and P * n * G <= max_in_memory
+        w = self.blend_weight(blend, calibrate=calibrate)
+        blended = w is not None and w < 1.0
+        if keep_cells is None:  # (a blend keeps the pure model's cells too)
+            keep_cells = store is None and P * n * G * (1 + blended) <= max_in_memory
         split = Split.current(cpu=self.model.device.type == "cpu")
         if split.world > 1 and store is not None:
             raise ScreenError(
@@ -499,13 +514,13 @@ class Simulator:
                 "Use the aggregates, keep_cells=True for small runs, or one process."
             )
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
+        model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells and blended else None
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
             guidance = float(self.model.chosen.get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
-        w = self.blend_weight(blend, calibrate=calibrate)
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
@@ -540,7 +555,9 @@ class Simulator:
                         pred = x if p == control else calibrated(x, d - d_ctrl)
                     pred = pred.astype(np.float32)
                     sums.add_model(j, pred, x)
-                    if w is not None and w < 1.0 and p != control:  # served: the same generation, blended with the baseline
+                    if model_mem is not None:
+                        model_mem[j, idx] = pred
+                    if blended and p != control:  # served: the same generation, blended with the baseline
                         pred = calibrated(x, w * (d - d_ctrl) + (1.0 - w) * shift[j][0]).astype(np.float32)
                     sums.add(j, pred, x, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
@@ -559,6 +576,8 @@ class Simulator:
         if split.world > 1:
             if cells_mem is not None:  # each process filled its own cells, zeros elsewhere
                 cells_mem = split.sum(cells_mem)[0]
+            if model_mem is not None:
+                model_mem = split.sum(model_mem)[0]
             parts = split.gather((base_emb, base_idx))  # every process's chunks, back in cell order
             emb = np.concatenate([e for chunks, _ in parts for e in chunks])
             idx = np.concatenate([i for _, chunks in parts for i in chunks])
@@ -568,20 +587,22 @@ class Simulator:
         agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
-        cells = None
+        cells = cells_model = None
         if cells_mem is not None:
             import xarray as xr
 
-            cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"),
-                                 coords={"perturbation": names, "cell": np.asarray(self.baseline.obs_names[:n]),
-                                         "gene": list(self.gene_names)}, name="expression")
+            coords = {"perturbation": names, "cell": np.asarray(self.baseline.obs_names[:n]), "gene": list(self.gene_names)}
+            cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"), coords=coords, name="expression")
+            if model_mem is not None:
+                cells_model = xr.DataArray(model_mem, dims=("perturbation", "cell", "gene"), coords=coords,
+                                           name="expression")
         elif store is not None:
             cells = _CellStore.open(store)
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
                     for name, e in zip(names, sums.embedded)}
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
-                                dict(zip(names, self.model.perturbations.labels_for(perts))))
+                                dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model)
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
