@@ -234,7 +234,12 @@ def test_screen_with_several_samples_per_cell_is_another_screen(sim, tmp_path):
     assert not np.allclose(one.aggregates["delta"].values, two.aggregates["delta"].values)
     with pytest.raises(ScreenError, match="different screen.*samples"):
         screen(sim, PANEL[:2], out=tmp_path / "one", progress=False, n_boot=5, samples=2)
-    default = screen(sim, PANEL[:2], out=tmp_path / "one", progress=False, n_boot=5)  # the model chose none: 1
-    assert default.config["fingerprint"] == one.config["fingerprint"]
+    # the default is the number the trainer chose on its validation split: the same screen as asking for it
+    chosen = sim.model.chosen.get("samples", 1)
+    default = screen(sim, PANEL[:2], out=tmp_path / "default", progress=False, n_boot=5)
+    asked = two if chosen == 2 else screen(sim, PANEL[:2], out=tmp_path / "asked", progress=False, n_boot=5,
+                                             samples=chosen)
+    assert default.config["samples"] == chosen == sim.sample_count()
+    assert default.config["fingerprint"] == asked.config["fingerprint"]
     with pytest.raises(vc.errors.DataError, match="samples must be a whole number"):
         screen(sim, PANEL[:2], progress=False, n_boot=5, samples=0)
