@@ -40,7 +40,6 @@ METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
 # prefixed so that its mae stays apart from virtualcell's: the columns a reader of the field compares
 VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
 SERVED = "virtualcell_served"  # predict() -> score(): the served (blended) prediction, when the checkpoint blends
-SERVED_AGGREGATES = "virtualcell_served_aggregates"  # predict() -> callers: the served run's aggregates (score() drops them)
 BLEND = "model (blend)"
 
 
@@ -234,7 +233,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
                        progress=False, keep_cells=True, blend="auto" if both else blend)
 
-    def labelled(pure: bool):  # noqa: ANN202
+    def labelled(pure: bool):
         out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure)
         out.obs = out.obs.drop(columns=["perturbation_typed"])
         if context is not None:
@@ -244,7 +243,6 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     pred = labelled(pure=True)
     if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
         pred.uns[SERVED] = labelled(pure=False)
-        pred.uns[SERVED_AGGREGATES] = res.aggregates  # its ranking, beside the pure model's (protocol 4)
         pred.uns["blend_weight"] = float(w)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
@@ -273,8 +271,6 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
     served = pred.uns.pop(SERVED, None) if pred is not None else None
-    if pred is not None:
-        pred.uns.pop(SERVED_AGGREGATES, None)
     table = evaluate(pred, real, profile=list(metrics), **kw)
     if cell_eval:
         vcc = evaluate(pred, real, profile="vcc", **kw)

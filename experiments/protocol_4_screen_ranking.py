@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = measured_effects(adata, contract, col, rep, reference_cells=ref_idx)
     common = [p for p in predicted.index if p in measured.index]
     rho = {"model": float(spearmanr(predicted.loc[common], measured.loc[common]).statistic)}
-    if P.SERVED_AGGREGATES in pred.uns:  # the served blend's ranking, beside the pure model's (the same generation)
+    if "blend_weight" in pred.uns:  # the served blend's ranking, beside the pure model's (the same generation)
         w = pred.uns["blend_weight"]
         s_eff = effects["l2_delta_corrected"]
         rho[f"served blend (w={w:.2f})"] = float(spearmanr(s_eff.loc[common], measured.loc[common]).statistic)

@@ -56,17 +56,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _whole_numbers(text: str) -> tuple[int, ...]:
-    """``"1,4"`` -> ``(1, 4)``: whole numbers >= 1, comma-separated (an argparse type)."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: write whole numbers >= 1 separated by commas, e.g. 1,4")
-    return values
-
-
 def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
     """The checkpoint's validation verdict and the weight served, for a person."""
     from .validation import summary_line
@@ -358,6 +347,14 @@ def _int_at_least(lowest: int):  # noqa: ANN202
 
 _positive_int = _int_at_least(1)  # an argparse type: an integer of at least 1
 _count = _int_at_least(0)  # an argparse type: an integer of at least 0
+
+
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    """``"1,4"`` -> ``(1, 4)``: :data:`_positive_int` values, comma-separated (an argparse type)."""
+    try:
+        return tuple(_positive_int(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write whole numbers >= 1 separated by commas, e.g. 1,4") from None
 
 
 def _positive_float(text: str) -> float:

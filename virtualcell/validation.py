@@ -257,20 +257,24 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
 
-    def predict(settings: dict[str, Any]) -> tuple[np.ndarray, float]:
+    def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
         t = time.perf_counter()  # a setting left out is its plain value, not one an earlier verdict chose
         rows = [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **(PLAIN | settings))
                 .aggregates["delta_model"].values.astype(np.float64) for sim, typed in sims]
-        return np.concatenate(rows), time.perf_counter() - t
+        M = np.concatenate(rows)
+        return {"settings": settings, "model": score_deltas(M, Y), "seconds": round(time.perf_counter() - t, 2)}, M
 
-    tried = [(cand, *predict(cand)) for cand in candidates]
-    first = min(range(len(tried)), key=lambda i: float(np.mean((tried[i][1] - Y) ** 2)))
-    tried += [(cand, *predict(cand)) for cand in _more_samples(tried[first][0], samples)]
-    scored = [{"settings": cand, "model": score_deltas(M, Y), "seconds": round(s, 2)} for cand, M, s in tried]
-    best = min(range(len(tried)), key=lambda i: scored[i]["model"]["mse"])
-    settings, M = tried[best][0], tried[best][1]
+    def lowest_error(tried: list[tuple[dict[str, Any], np.ndarray]]) -> tuple[dict[str, Any], np.ndarray]:
+        return min(tried, key=lambda a: a[0]["model"]["mse"])
+
+    tried = [attempt(cand) for cand in candidates]
+    tried += [attempt(cand) for cand in _more_samples(lowest_error(tried)[0]["settings"], samples)]
+    scored = [a[0] for a in tried]
+    best, M = lowest_error(tried)
+    settings = best["settings"]
     w = blend_weight(model=M, baseline=B, measured=Y)
-    model_scores, base_scores = scored[best]["model"], score_deltas(B, Y)
+    model_scores, base_scores = best["model"], score_deltas(B, Y)
     blend_scores = score_deltas(w * M + (1 - w) * B, Y)
     n_labels = len(set(names))
     verdict = {
