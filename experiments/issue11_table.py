@@ -107,20 +107,30 @@ def _fmt(x: Any) -> str:
     return "—" if x is None else str(x)
 
 
+def _stat(records: dict[int, dict[str, Any]], key: str, sub: str) -> float:
+    """Mean over protocol 4 records of ``record[key][sub]``."""
+    return _mean([r[key][sub] for r in records.values() if key in r])
+
+
+def _ranking_row(records: dict[int, dict[str, Any]], seeds: list[Any]) -> dict[str, Any]:
+    """Protocol 4's ranking target (Spearman of effect sizes >= 0.6) over ``records``."""
+    model = _stat(records, "spearman", "model")
+    served = _mean([v for r in records.values() for k, v in r.get("spearman", {}).items() if k.startswith("served blend")])
+    return {"target": "Spearman of effect sizes >= 0.6", "model": model, "blend": served,
+            "best baseline": "training-replicate effects",
+            "baseline": _stat(records, "spearman", "measured in training replicates"),
+            "ceiling": _stat(records, "spearman", "ceiling (rep_1 vs rep_2)"),
+            "met": (model >= 0.6) if records else None, "seeds": seeds, "groups": 25, "run": _when(records)}
+
+
 def build(runs: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     p4 = _load(runs, "protocol_4_screen_ranking")
 
     def p4_stat(key: str, sub: str) -> float:
-        return _mean([r[key][sub] for r in p4.values() if key in r])
+        return _stat(p4, key, sub)
 
-    served = _mean([v for r in p4.values() for k, v in r.get("spearman", {}).items() if k.startswith("served blend")])
-    rows.append({"protocol": "4. Fit (embedded screen, rep_3 held out)", "target": "Spearman of effect sizes >= 0.6",
-                 "model": p4_stat("spearman", "model"), "blend": served,
-                 "best baseline": "training-replicate effects", "baseline": p4_stat("spearman", "measured in training replicates"),
-                 "ceiling": p4_stat("spearman", "ceiling (rep_1 vs rep_2)"),
-                 "met": (p4_stat("spearman", "model") >= 0.6) if p4 else None, "seeds": sorted(p4), "groups": 25,
-                 "run": _when(p4)})
+    rows.append({"protocol": "4. Fit (embedded screen, rep_3 held out)"} | _ranking_row(p4, sorted(p4)))
     alike_m, alike_r = p4_stat("pairwise_correlation", "model"), p4_stat("pairwise_correlation", "measured rep_3")
     rows.append({"protocol": "", "target": "mean pairwise correlation of deltas <= measured + 0.2", "model": alike_m,
                  "blend": float("nan"), "best baseline": "measured rep_3", "baseline": alike_r, "ceiling": float("nan"),
@@ -136,18 +146,8 @@ def build(runs: Path) -> list[dict[str, Any]]:
         if f.exists():
             trained[int(folder.name[len("training_seed"):])] = json.loads(f.read_text())
     if len(trained) > 1:
-        def t_stat(key: str, sub: str) -> float:
-            return _mean([r[key][sub] for r in trained.values() if key in r])
-
-        t_served = _mean([v for r in trained.values() for k, v in r.get("spearman", {}).items()
-                          if k.startswith("served blend")])
-        rows.append({"protocol": "4. Fit, the bundled recipe trained at seeds 0-2 (sampling seed 0)",
-                     "target": "Spearman of effect sizes >= 0.6", "model": t_stat("spearman", "model"),
-                     "blend": t_served, "best baseline": "training-replicate effects",
-                     "baseline": t_stat("spearman", "measured in training replicates"),
-                     "ceiling": t_stat("spearman", "ceiling (rep_1 vs rep_2)"),
-                     "met": t_stat("spearman", "model") >= 0.6, "seeds": [f"training {t}" for t in sorted(trained)],
-                     "groups": 25, "run": _when(trained)})
+        rows.append({"protocol": "4. Fit, the bundled recipe trained at seeds 0-2 (sampling seed 0)"}
+                    | _ranking_row(trained, [f"training {t}" for t in sorted(trained)]))
     p1 = _load(runs, "protocol_1_context_transfer")
     for metric in ("pearson_delta", "pearson_delta_top50"):
         rows.append({"protocol": "1. Context transfer, all 7 cell types (seed 0)" if metric == "pearson_delta" else ""}
