@@ -101,6 +101,54 @@ def test_masks_rule_out_forbidden_and_repeated_tokens():
     assert torch.allclose(masked, -(lp0 + lp1 + 0.0) / 3, atol=1e-5)
 
 
+def test_weighted_loss_is_the_weighted_mean_of_the_token_losses():
+    lm = _tiny_lm()
+    groups = _groups(np.random.default_rng(1))
+    b = batching.pack(groups, PAD)
+    plain = response_loss(lm, b)[0]
+    assert torch.allclose(response_loss(lm, b, weight=torch.full((40,), 3.0))[0], plain, atol=1e-6)  # scale-free
+    weight = torch.ones(40)
+    weight[7] = 5.0
+    per_token = []  # by hand, from the plain per-token losses
+    for shared, pairs in groups:
+        for own, response in pairs:
+            seq = torch.tensor([list(shared) + list(own) + list(response)])
+            logits = lm(input_ids=seq).logits[0, :-1].float()
+            target = seq[0, 1:][len(shared) + len(own) - 1 :]
+            ce = torch.nn.functional.cross_entropy(logits[len(shared) + len(own) - 1 :], target, reduction="none")
+            per_token += list(zip(ce, weight[target]))
+    want = sum(c * w for c, w in per_token) / sum(w for _, w in per_token)
+    assert torch.allclose(response_loss(lm, b, weight=weight)[0], want, atol=1e-5)
+
+
+def test_responsiveness_finds_the_genes_a_perturbation_moves_and_not_noise():
+    from virtualcell.training.weights import responsiveness, token_weights
+
+    rng = np.random.default_rng(0)
+    n, genes = 600, 6
+    labels = np.repeat(["control", "KO_A", "KO_B"], n // 3)
+    contexts = np.tile(["c1", "c2"], n // 2)
+    X = rng.normal(2.0, 0.5, size=(n, genes))
+    X[labels == "KO_A", 1] -= 1.0  # A moves gene 1 in both contexts
+    X[(labels == "KO_B") & (contexts == "c2"), 4] += 2.0  # B moves gene 4 in one context only
+    X[contexts == "c2"] += 0.7  # a context offset is not a perturbation effect
+    r = responsiveness(X, labels, contexts, labels == "control")
+    assert r[1] > 0.4 and r[4] > 0.7
+    assert np.all(r[[0, 2, 3, 5]] < 0.1)  # noise (and the context shift) give about nothing
+    w = token_weights(r, np.array([10, 11, 12, 13, 14, 15]), 20, strength=1.0)
+    assert w[11] > w[10] and w[14] > w[11] and w[0] == 1 and w[19] == 1
+    assert torch.equal(token_weights(r, np.arange(6), 20, strength=0.0), torch.ones(20))
+    with pytest.raises(ValueError, match="one entry per cell"):
+        responsiveness(X, labels[:-1], contexts, labels == "control")
+
+
+def test_response_weight_must_be_a_sane_strength():
+    from virtualcell.train import TrainConfig
+
+    with pytest.raises(TrainingError, match="response_weight"):
+        TrainConfig(response_weight=-1)
+
+
 def test_pair_schedule_is_deterministic_grouped_and_covers_each_pair_once():
     rng = np.random.default_rng(0)
     targets = np.arange(100, 197)

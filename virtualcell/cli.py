@@ -293,7 +293,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
-        pairing=args.pairing, verdict_samples=args.verdict_samples,
+        pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
     )
     from .safeio import output_folder
 
@@ -487,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
                         "training cells' principal axes, so co-expressed genes start close; better on validation, "
                         "not on the held-out protocols: see the README)")
+    p.add_argument("--response-weight", type=float, default=0.0, metavar="S",
+                   help="weigh each response gene's tokens 1 + S x how much perturbations move that gene in the "
+                        "training cells (relative to the mean gene), so the loss rewards what perturbations change "
+                        "rather than the average cell; 0 (default): every token weighs the same")
     from .train import PAIRINGS, TrainConfig
 
     p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,

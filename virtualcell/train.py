@@ -95,6 +95,7 @@ class TrainConfig:
     verdict_fraction: float = 0.1
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
     verdict_samples: tuple[int, ...] = (1, 4)
+    response_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -130,6 +131,9 @@ class TrainConfig:
                                                for k in self.verdict_samples):
             raise TrainingError(f"verdict_samples must be whole numbers >= 1 (samples per cell the verdict tries with "
                                 f"its best generation settings; (1,): only one), got {self.verdict_samples!r}.")
+        if not 0.0 <= self.response_weight <= 100.0:
+            raise TrainingError(f"response_weight must be in [0, 100] (0: every response token weighs the same; s: a "
+                                f"gene's tokens weigh 1 + s x how much perturbations move it), got {self.response_weight}.")
         if self.hidden_size % self.n_heads:
             raise TrainingError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}.")
 
@@ -571,11 +575,23 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         allowed[torch.as_tensor(response_tokens)] = True
         allowed = allowed.to(accelerator.device)
 
+    weight = None  # the training loss's token weights (validation reports the plain loss)
+    if cfg.response_weight > 0 and response_tokens is not None:
+        from .sentences import model_expression
+        from .training.weights import responsiveness, token_weights
+
+        X, _ = model_expression(data, genes)
+        resp = responsiveness(X, np.asarray(typed), contract.contexts(data), contract.is_control(data))
+        weight = token_weights(resp, fmt.gene_tokens, vocab_size, cfg.response_weight).to(accelerator.device)
+        top = np.argsort(-resp)[:5]
+        run_config["response_weight_top"] = {genes.genes[i]: round(float(weight[fmt.gene_tokens[i]]), 2) for i in top}
+
     precision = "fp32"
 
-    def loss_of(b: batching.Batch) -> tuple[torch.Tensor, int]:
+    def loss_of(b: batching.Batch, weighted: bool = True) -> tuple[torch.Tensor, int]:
         with kernels.autocast(accelerator.device, precision):
-            return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None)
+            return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None,
+                                 weight=weight if weighted else None)
 
     # validation pairs in a fixed order, same-source pairs together
     val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
@@ -589,7 +605,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         total, count = 0.0, 0
         with torch.no_grad(), kernels.eager():
             for chunks in val_batches:
-                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad).to(accelerator.device))
+                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad).to(accelerator.device), weighted=False)
                 total += float(loss) * n
                 count += n
         lm.train()

@@ -37,7 +37,7 @@ def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN
 
 
 def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
-                  ) -> tuple[torch.Tensor, int]:
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the batch's target tokens, and their count.
 
     Parameters
@@ -47,6 +47,10 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         end-of-sentence, for gene-level models); ``None`` for text models.
     no_repeat
         Give no probability to a token already written earlier in the same response.
+    weight
+        A weight per vocabulary token (:func:`~virtualcell.training.weights.token_weights`):
+        the loss is then the mean of the target tokens' cross-entropies weighted by their
+        tokens' weights. ``None``: every token weighs the same.
     """
     logits, targets = _logits(lm, batch)
     valid = targets != -100
@@ -55,7 +59,11 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if no_repeat:
         logits = logits.masked_fill(seen_before(targets, valid, vocab), float("-inf"))
-    loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+    if weight is None:
+        loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+    else:
+        w = weight.to(logits.device)[targets[valid]]
+        loss = (torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="none") * w).sum() / w.sum()
     return loss, int(valid.sum())
 
 
