@@ -67,10 +67,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, key: str = "") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "—"
-    return f"{v:.0f}" if isinstance(v, int) or float(v) > 50 else f"{v:.2f}"
+    if isinstance(v, int) or float(v) > 50:
+        return f"{v:.0f}"
+    return f"{v:.3f}" if key in ("mae", "val_mse") else f"{v:.2f}"  # errors differ in the third digit
 
 
 def markdown(recipes: dict[str, dict[str, Any]]) -> str:
@@ -78,10 +80,10 @@ def markdown(recipes: dict[str, dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, rec in recipes.items():
         for r in rec["rows"]:
-            lines.append(f"| {name} | {Path(r['run']).name} | " + " | ".join(_cell(r[k]) for k, _ in COLUMNS) + " |")
+            lines.append(f"| {name} | {Path(r['run']).name} | " + " | ".join(_cell(r[k], k) for k, _ in COLUMNS) + " |")
         s = rec["summary"]
         lines.append(f"| **{name}** | **mean ± sd ({s['runs']} runs)** | " + " | ".join(
-            f"**{_cell(s[k]['mean'])}** ± {_cell(s[k]['sd'])}" for k, _ in COLUMNS) + " |")
+            f"**{_cell(s[k]['mean'], k)}** ± {_cell(s[k]['sd'], k)}" for k, _ in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
