@@ -23,8 +23,11 @@ Protocol 4 scores one trained model, the bundled one, so its seeds vary the samp
 more models of the bundled recipe, trained at seeds 1 and 2, measure how much the figure moves
 from one training run to the next (sampling seed 0; the bundled model is training seed 0)::
 
-    python experiments/train_bundled_model.py --seed T --max-minutes 40 --threads 1 --out /tmp/bundled_sT
+    python experiments/train_bundled_model.py --seed T --threads 1 --out /tmp/bundled_sT
     python experiments/protocol_4_screen_ranking.py --model /tmp/bundled_sT --seed 0 --out .../training_seedT
+
+(``train_bundled_model.py`` defaults to the recipe's 10,000 steps and 40 minutes.) The
+4,000-step recipe's runs (session 19) are in ``experiments/results/attempts/bundled_4000_steps/``.
 """
 
 from __future__ import annotations
