@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data = vc.datasets.synthetic_screen(seed=args.seed)
     base, rest = vc.evaluate.split_controls(data, seed=args.seed)
-    cfg = TrainConfig(max_minutes=0.3 if args.quick else args.max_minutes, max_steps=20 if args.quick else 3000,
+    cfg = TrainConfig(max_minutes=1.0 if args.quick else args.max_minutes, max_steps=20 if args.quick else 3000,
                       kind_key="perturbation_type", seed=args.seed, top_k=100)
     with tempfile.TemporaryDirectory() as tmp:
         model = train(rest, out=tmp, config=cfg, progress=False)
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "synthetic_recovery.md").write_text(text)
         (args.out / "synthetic_recovery.json").write_text(json.dumps(
             {"config": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "wall_s": wall, "hardware": hw,
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),  # as the protocols' records (the table's run column)
              "rows": rows, "per_condition": {c: {"true": float(t), "predicted": float(p)}
                                              for c, t, p in zip(true.index, true.to_numpy(), pred.to_numpy())}},
             indent=1))
