@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._stats import PCABasis, noise_corrected_sq_norm, pca, unbiased_var
+from .._stats import PCABasis, noise_corrected_sq_norm, pca
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..sentences import with_gene_key
@@ -22,7 +22,7 @@ from ._data import (
     MIN_SHARED,
     Prepared,
     check_values,
-    group_means,
+    group_moments,
     prepare,
     resolve_contract,
     shared_genes,
@@ -171,13 +171,6 @@ class _RealContext:
     control_cells: np.ndarray | None = None
 
 
-def _moments(X: sp.csr_matrix, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
-    names, means, counts = group_means(X, keys)
-    _, sq, _ = group_means(X.multiply(X).tocsr(), keys)
-    var = unbiased_var(means, sq, counts[:, None])
-    return names, means, var, counts
-
-
 def _welch_t(means: np.ndarray, var: np.ndarray, counts: np.ndarray, c_mean: np.ndarray, c_var: np.ndarray,
              n_c: float) -> np.ndarray:
     """Welch t statistic of every group and gene against the control (a tiny variance floor avoids 0/0)."""
@@ -199,7 +192,7 @@ def _real_contexts(
     for ctx in sorted(set(real.contexts)):
         in_ctx = real.contexts == ctx
         idx = np.flatnonzero(in_ctx)
-        names, means, var, counts = _moments(real.X[idx], real.labels[idx])
+        names, means, var, counts = group_moments(real.X[idx], real.labels[idx])
         if control not in names:
             log.info("context %r has no measured control cells; not evaluated", ctx)
             continue
@@ -236,7 +229,7 @@ def _pairs(pred: Prepared, contexts: list[_RealContext], genes: pd.Index, contro
             log.info("the prediction has no control cells in context %r; not evaluated", rc.context)
             continue
         idx = np.flatnonzero(in_ctx)
-        names, means, var, counts = _moments(pred.X[idx], pred.labels[idx])
+        names, means, var, counts = group_moments(pred.X[idx], pred.labels[idx])
         row = {n: i for i, n in enumerate(names)}
         scored = [p for p in rc.candidates if p in row]
         if not scored:

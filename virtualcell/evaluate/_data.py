@@ -221,6 +221,13 @@ def group_means(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any
     return list(uniq), sums / counts[:, None], counts
 
 
+def group_moments(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct key: (keys, means, unbiased variances [groups x genes], counts)."""
+    names, means, counts = group_means(X, keys)
+    _, sq, _ = group_means(X.multiply(X).tocsr() if sp.issparse(X) else np.asarray(X) ** 2, keys)
+    return names, means, unbiased_var(means, sq, counts[:, None]), counts
+
+
 # --------------------------------------------------------------------------- #
 # Independent controls
 # --------------------------------------------------------------------------- #

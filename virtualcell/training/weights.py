@@ -28,14 +28,6 @@ import torch
 __all__ = ["responsiveness", "token_weights"]
 
 
-def _mean_var(X: sp.spmatrix | np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    A = X[rows]
-    mean = np.asarray(A.mean(axis=0)).ravel()
-    sq = A.multiply(A) if sp.issparse(A) else A * A
-    var = np.maximum(np.asarray(sq.mean(axis=0)).ravel() - mean * mean, 0.0)
-    return mean, var * rows.size / max(rows.size - 1, 1)
-
-
 def responsiveness(X: sp.spmatrix | np.ndarray, labels: np.ndarray, contexts: np.ndarray,
                    is_control: np.ndarray) -> np.ndarray:
     """Per gene, the root mean square over (context, perturbation) groups of the noise-corrected
@@ -50,26 +42,26 @@ def responsiveness(X: sp.spmatrix | np.ndarray, labels: np.ndarray, contexts: np
         Per cell: its perturbation label, its context (one value for all cells where there is
         no context) and whether it is a control.
     """
+    from ..evaluate._data import group_moments
+
     labels, contexts, is_control = np.asarray(labels), np.asarray(contexts), np.asarray(is_control, dtype=bool)
     n = X.shape[0]
     if not (labels.shape == contexts.shape == is_control.shape == (n,)):
         raise ValueError(f"labels, contexts and is_control need one entry per cell ({n}).")
+    _, ctx = np.unique(contexts, return_inverse=True)
+    _, lab = np.unique(labels, return_inverse=True)
+    n_labels = int(lab.max()) + 1 if n else 1
+    c_keys, c_mean, c_var, c_n = group_moments(X[is_control], ctx[is_control])
+    control_of = {int(k): i for i, k in enumerate(c_keys) if c_n[i] >= 2}
     total = np.zeros(X.shape[1])
     groups = 0
-    for ctx in np.unique(contexts):
-        in_ctx = contexts == ctx
-        ctrl = np.flatnonzero(in_ctx & is_control)
-        if ctrl.size < 2:
+    keys, g_mean, g_var, g_n = group_moments(X[~is_control], (ctx * n_labels + lab)[~is_control])
+    for key, mean, var, size in zip(keys, g_mean, g_var, g_n):
+        c = control_of.get(int(key) // n_labels)
+        if c is None or size < 2:
             continue
-        c_mean, c_var = _mean_var(X, ctrl)
-        for label in np.unique(labels[in_ctx & ~is_control]):
-            rows = np.flatnonzero(in_ctx & ~is_control & (labels == label))
-            if rows.size < 2:
-                continue
-            g_mean, g_var = _mean_var(X, rows)
-            shift = (g_mean - c_mean) ** 2 - g_var / rows.size - c_var / ctrl.size
-            total += np.maximum(shift, 0.0)
-            groups += 1
+        total += np.maximum((mean - c_mean[c]) ** 2 - var / size - c_var[c] / c_n[c], 0.0)
+        groups += 1
     return np.sqrt(total / groups) if groups else total
 
 
