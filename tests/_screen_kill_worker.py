@@ -61,15 +61,9 @@ def main() -> int:
     model_dir, baseline, reference, killed, n_kills, seed = sys.argv[1:]
     preload()
     sim = vc.Simulator(ad.read_h5ad(baseline), vc.C2SModel.load(model_dir))
-    for attempt in range(3):  # the uninterrupted reference (a hung child, as below, is killed and run again)
-        t0 = time.perf_counter()
-        status = finish(child(sim, reference), limit=180)
-        if status is not None:
-            break
-        print(f"reference child {attempt} hung; killed it and running again", flush=True)
+    status, duration = to_end(sim, reference, limit=180)  # the uninterrupted reference, timed
     if status != 0:
         return 1
-    duration = time.perf_counter() - t0
     rng = np.random.default_rng(int(seed))
     for _ in range(int(n_kills)):
         pid = child(sim, killed)
@@ -79,15 +73,25 @@ def main() -> int:
         left = sorted(p.name for p in Path(killed).rglob("*") if p.is_file())  # where the kill fell, for the log
         groups = sum(n.startswith("group_") and n.endswith(".nc") for n in left)
         print(f"killed with {groups} groups and {len(left)} files on disk", flush=True)
-    for attempt in range(3):  # the last child resumes to the end
-        status = finish(child(sim, killed), limit=60 + 10 * duration)
-        if status is not None:
-            break
-        # a forked child of a parent that holds threads (torch, jax) can deadlock before it starts working;
-        # killing it is one more SIGKILL at a random moment, and the next child resumes
-        print(f"resume child {attempt} hung; killed it and resuming again", flush=True)
+    status, _ = to_end(sim, killed, limit=60 + 10 * duration)  # the last child resumes to the end
     print(f"screen {duration:.2f} s", flush=True)
     return 0 if status == 0 else 1
+
+
+def to_end(sim: vc.Simulator, out: str, *, limit: float, tries: int = 3) -> tuple[int | None, float]:
+    """Run a child's screen into ``out`` to the end: its exit status and seconds.
+
+    A forked child of a parent that holds threads (torch, jax) can deadlock before it starts
+    working; one that runs past ``limit`` is killed (one more SIGKILL at a random moment) and
+    the next child resumes, up to ``tries`` children.
+    """
+    for attempt in range(tries):
+        t0 = time.perf_counter()
+        status = finish(child(sim, out), limit=limit)
+        if status is not None:
+            return status, time.perf_counter() - t0
+        print(f"child {attempt} into {out} hung; killed it and running again", flush=True)
+    return None, float("nan")
 
 
 def finish(pid: int, *, limit: float) -> int | None:
