@@ -20,15 +20,11 @@ import numpy as np
 import _protocol as P
 
 PAIR = "+"
+TOP_K = 200  # genes per cell sentence
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = P.parser(__doc__, minutes=7.0)
-    ap.add_argument("--n-pairs", type=int, default=0, help="hold out this many predictable pairs (0 = all)")
-    ap.add_argument("--n-cells", type=int, default=50, help="baseline cells to predict from (all 50 by default)")
-    args = ap.parse_args(argv)
-    P.setup(args.threads)
-    started = time.perf_counter()
+def data(seed: int, n_pairs: int = 0):  # noqa: ANN201
+    """The split: ``(adata, contract, held pairs, train, baseline, reference, number of singles, number of pairs)``."""
     import virtualcell as vc
 
     adata = vc.datasets.load("perturbench")
@@ -38,17 +34,29 @@ def main(argv: list[str] | None = None) -> None:
     singles = {p for p in set(labels) if PAIR not in p and p != contract.control}
     pairs = sorted({p for p in set(labels) if PAIR in p})
     predictable = [p for p in pairs if all(g in singles for g in p.split(PAIR))]
-    rng = np.random.default_rng(args.seed)
-    held = predictable if args.n_pairs <= 0 else sorted(rng.choice(predictable, args.n_pairs, replace=False))
-    baseline, reference = P.split(adata, contract, seed=args.seed)
+    rng = np.random.default_rng(seed)
+    held = predictable if n_pairs <= 0 else sorted(rng.choice(predictable, n_pairs, replace=False))
+    baseline, reference = P.split(adata, contract, seed=seed)
     ref_ctrl = set(reference.obs_names[contract.is_control(reference)])
     test = np.isin(labels, held) | adata.obs_names.isin(ref_ctrl)
     P.mark_test(adata, test)
     train_ad = adata[~test].copy()
-    print(f"protocol 2: {len(held)} held-out pairs {held}; training on {train_ad.n_obs} cells "
-          f"({len(singles)} singles, {len(pairs) - len(held)} other pairs)", flush=True)
+    return adata, contract, held, train_ad, baseline, reference, len(singles), len(pairs)
 
-    cfg = P.train_config(args, top_k=200, max_steps=3000, kind_key="perturbation_type")
+
+def main(argv: list[str] | None = None) -> None:
+    ap = P.parser(__doc__, minutes=7.0)
+    ap.add_argument("--n-pairs", type=int, default=0, help="hold out this many predictable pairs (0 = all)")
+    ap.add_argument("--n-cells", type=int, default=50, help="baseline cells to predict from (all 50 by default)")
+    args = ap.parse_args(argv)
+    P.setup(args.threads)
+    started = time.perf_counter()
+
+    adata, contract, held, train_ad, baseline, reference, n_singles, n_pairs = data(args.seed, args.n_pairs)
+    print(f"protocol 2: {len(held)} held-out pairs {held}; training on {train_ad.n_obs} cells "
+          f"({n_singles} singles, {n_pairs - len(held)} other pairs)", flush=True)
+
+    cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind_key="perturbation_type")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol2")
     targets = {p: " + ".join(f"act:{g}" for g in p.split(PAIR)) for p in held}
     n_cells = 8 if args.quick else args.n_cells

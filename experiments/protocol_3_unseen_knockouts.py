@@ -22,6 +22,26 @@ import numpy as np
 
 import _protocol as P
 
+TOP_K = 100  # genes per cell sentence
+
+
+def data(seed: int, n_holdout: int):  # noqa: ANN201
+    """The split: ``(adata, contract, held knockouts, candidates, train, baseline, reference)``."""
+    import virtualcell as vc
+
+    adata = vc.datasets.load("papalexi2021")
+    contract = vc.DataContract.from_adata(adata)
+    labels = contract.labels(adata)
+    genes = {str(g).upper() for g in adata.var_names}
+    candidates = sorted(p for p in set(labels) - {contract.control} if p.upper() in genes)
+    rng = np.random.default_rng(seed)
+    held = sorted(rng.choice(candidates, min(n_holdout, len(candidates)), replace=False).tolist())
+    baseline, reference = P.split(adata, contract, seed=seed)
+    test = np.isin(labels, held) | adata.obs_names.isin(reference.obs_names[contract.is_control(reference)])
+    P.mark_test(adata, test)
+    train_ad = adata[~test].copy()
+    return adata, contract, held, candidates, train_ad, baseline, reference
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = P.parser(__doc__, minutes=7.0)
@@ -30,22 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     P.setup(args.threads)
     started = time.perf_counter()
-    import virtualcell as vc
 
-    adata = vc.datasets.load("papalexi2021")
-    contract = vc.DataContract.from_adata(adata)
-    labels = contract.labels(adata)
-    genes = {str(g).upper() for g in adata.var_names}
-    candidates = sorted(p for p in set(labels) - {contract.control} if p.upper() in genes)
-    rng = np.random.default_rng(args.seed)
-    held = sorted(rng.choice(candidates, min(args.n_holdout, len(candidates)), replace=False).tolist())
-    baseline, reference = P.split(adata, contract, seed=args.seed)
-    test = np.isin(labels, held) | adata.obs_names.isin(reference.obs_names[contract.is_control(reference)])
-    P.mark_test(adata, test)
-    train_ad = adata[~test].copy()
+    adata, contract, held, candidates, train_ad, baseline, reference = data(args.seed, args.n_holdout)
     print(f"protocol 3: held-out knockouts {held} (of representable {candidates}); training on {train_ad.n_obs} cells",
           flush=True)
-    cfg = P.train_config(args, top_k=100, max_steps=3000, kind="knockout")
+    cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol3")
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},

@@ -32,6 +32,27 @@ import pandas as pd
 import _protocol as P
 
 HELD = ("bio_rep", "rep_3")
+TOP_K = 100  # genes per cell sentence (the bundled recipe's)
+
+
+def data(seed: int, n_cells: int):  # noqa: ANN201
+    """The split: ``(adata, contract, held mask, train, baseline, baseline indices, reference control indices)``."""
+    import virtualcell as vc
+
+    adata = vc.datasets.load("papalexi2021")
+    contract = vc.DataContract.from_adata(adata)
+    col, rep = HELD
+    held = (adata.obs[col].astype(str) == rep).to_numpy()
+    ctrl = np.random.default_rng(seed).permutation(np.flatnonzero(held & contract.is_control(adata)))
+    n = min(n_cells, ctrl.size // 2)
+    base_idx, ref_idx = np.sort(ctrl[:n]), np.sort(ctrl[n:])
+    P.mark_test(adata, held)
+    return adata, contract, held, adata[~held].copy(), adata[base_idx].copy(), base_idx, ref_idx
+
+
+def held_reference(adata, held: np.ndarray, base_idx: np.ndarray):  # noqa: ANN001, ANN201
+    """The held-out replicate's cells but the baseline ones: what the predictions are scored against."""
+    return adata[held & ~np.isin(np.arange(adata.n_obs), base_idx)].copy()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,18 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     from virtualcell.objectives import parse_objective
     from virtualcell.screen import rank
 
-    adata = vc.datasets.load("papalexi2021")
-    contract = vc.DataContract.from_adata(adata)
+    adata, contract, held, train_ad, baseline, base_idx, ref_idx = data(args.seed, 8 if args.quick else args.n_cells)
+    n = base_idx.size
     col, rep = HELD
-    held = (adata.obs[col].astype(str) == rep).to_numpy()
-    ctrl = np.random.default_rng(args.seed).permutation(np.flatnonzero(held & contract.is_control(adata)))
-    n = min(8 if args.quick else args.n_cells, ctrl.size // 2)
-    base_idx, ref_idx = np.sort(ctrl[:n]), np.sort(ctrl[n:])
-    baseline = adata[base_idx].copy()
-    P.mark_test(adata, held)
-    train_ad = adata[~held].copy()
     if args.retrain or args.quick:
-        cfg = P.train_config(args, top_k=100, max_steps=3000, kind="knockout", holdout={col: [rep]})
+        cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout", holdout={col: [rep]})
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol4")
         model, model_info = trained.model, {k: v for k, v in vars(trained).items() if k != "model"}
     else:
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     alike = {"model": mean_pairwise(predicted_d), "measured rep_3": mean_pairwise(measured_d)}
 
-    reference = adata[held & ~np.isin(np.arange(adata.n_obs), base_idx)].copy()
+    reference = held_reference(adata, held, base_idx)
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, context_key=col,
                     baselines=("nochange", "meanshift", "linear"), seed=args.seed)
     summ = P.summary(table)

@@ -28,6 +28,27 @@ import _protocol as P
 
 HALF = "vc_half"
 METRICS = ("pearson_delta", "pearson_delta_top50", "edistance")
+TOP_K = 100  # genes per cell sentence
+
+
+def data(seed: int):  # noqa: ANN201
+    """The split: ``(adata, contract, stim, train, baseline, reference)``; ``adata`` marks the test cells."""
+    import virtualcell as vc
+
+    adata = vc.datasets.load("kang2018_harmony")
+    contract = vc.DataContract.from_adata(adata)
+    labels = contract.labels(adata)
+    stim = sorted(set(labels) - {contract.control})[0]
+    rng = np.random.default_rng(seed)
+    test = np.zeros(adata.n_obs, dtype=bool)
+    for lbl in (contract.control, stim):
+        idx = np.flatnonzero(labels == lbl)
+        test[rng.choice(idx, idx.size // 2, replace=False)] = True
+    adata.obs[HALF] = np.where(test, "heldout", "train")
+    P.mark_test(adata, test)
+    held = adata[test].copy()
+    baseline, reference = P.split(held, contract, seed=seed, context_key=HALF)
+    return adata, contract, stim, adata[~test].copy(), baseline, reference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,25 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     P.setup(args.threads)
     started = time.perf_counter()
-    import virtualcell as vc
 
-    adata = vc.datasets.load("kang2018_harmony")
-    contract = vc.DataContract.from_adata(adata)
-    labels = contract.labels(adata)
-    stim = sorted(set(labels) - {contract.control})[0]
-    rng = np.random.default_rng(args.seed)
-    test = np.zeros(adata.n_obs, dtype=bool)
-    for lbl in (contract.control, stim):
-        idx = np.flatnonzero(labels == lbl)
-        test[rng.choice(idx, idx.size // 2, replace=False)] = True
-    adata.obs[HALF] = np.where(test, "heldout", "train")
-    P.mark_test(adata, test)
-    held = adata[test].copy()
-    baseline, reference = P.split(held, contract, seed=args.seed, context_key=HALF)
-    train_ad = adata[~test].copy()
+    adata, contract, stim, train_ad, baseline, reference = data(args.seed)
     print(f"protocol 5: training on {train_ad.n_obs} cells; {baseline.n_obs} baseline controls, "
           f"{reference.n_obs} held-out reference cells", flush=True)
-    cfg = P.train_config(args, top_k=100, max_steps=3000, kind="cytokine")
+    cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="cytokine")
     trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol5")
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {stim: stim}, perturbation_key=contract.perturbation_key,

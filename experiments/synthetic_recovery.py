@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TOP_K = 100  # genes per cell sentence
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     data = vc.datasets.synthetic_screen(seed=args.seed)
     base, rest = vc.evaluate.split_controls(data, seed=args.seed)
     cfg = TrainConfig(max_minutes=1.0 if args.quick else args.max_minutes, max_steps=20 if args.quick else 3000,
-                      kind_key="perturbation_type", seed=args.seed, top_k=100)
+                      kind_key="perturbation_type", seed=args.seed, top_k=TOP_K)
     with tempfile.TemporaryDirectory() as tmp:
         model = train(rest, out=tmp, config=cfg, progress=False)
         steps = model.train_config.get("steps")

@@ -41,3 +41,21 @@ def test_unseen_pairs_protocol_quick(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
     assert "| model |" in stem.with_suffix(".md").read_text()
     assert "Unseen pairs" in (tmp_path / "protocols.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_codec_ceiling_quick(tmp_path):
+    """The codec ceiling scores protocol 5's baseline through the cell sentences without training: the
+    non-negative meanshift keeps meanshift's mean delta (the calibration preserves each gene's mean), and the
+    100-gene sentences of a 9,015-gene panel lose part of the effect."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "codec_ceiling.py"), "--quick", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=110)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "codec_ceiling_quick.json").read_text())
+    rows = {r["method"]: r for r in record["protocols"]["5"]["summary"]}
+    assert set(rows) == {"meanshift", "meanshift, non-negative", "codec oracle, top_k=100", "ceiling"}
+    assert abs(rows["meanshift, non-negative"]["pearson_delta"] - rows["meanshift"]["pearson_delta"]) < 0.01
+    assert rows["codec oracle, top_k=100"]["pearson_delta"] < rows["meanshift"]["pearson_delta"] - 0.02
+    assert "codec oracle, top_k=100" in (tmp_path / "codec_ceiling_quick.md").read_text()
