@@ -11,7 +11,8 @@ the data does would still predict the effect *as the codec sees it*, made non-ne
 
 This script measures that limit on each protocol's own split, without training anything:
 1. the training cells are encoded at ``top_k`` (the protocol's, and twice and four times it)
-   and decoded with a ``RankFit`` fitted on them, as ``virtualcell train`` does;
+   and decoded with a ``RankFit`` fitted on them, as ``virtualcell train`` does
+   (``virtualcell.sentences.roundtrip``);
 2. the protocol's strongest baseline rule (meanshift, additive, pertmean) is applied to the
    *decoded* training cells: the effects a model that learned its training data perfectly
    through sentences would give;
@@ -46,18 +47,6 @@ ORACLE = "codec oracle, top_k={k}"
 NONNEG = "{rule}, non-negative"
 
 
-def roundtrip(train, top_k: int, seed: int):  # noqa: ANN001, ANN201
-    """``train``'s cells as the codec gives them back: decode(encode(cells)), on the normalized scale."""
-    import anndata as ad
-
-    from virtualcell.sentences import RankFit, Vocabulary, decode, encode
-
-    sentences = encode(train, top_k=top_k, seed=seed, vocab=Vocabulary.from_adata(train))
-    fit = RankFit.fit(train, sentences, seed=seed)
-    X = decode(sentences, fit)
-    return ad.AnnData(X, obs=train.obs.copy(), var=pd.DataFrame(index=train.var_names.astype(str)))
-
-
 def non_negative(pred, contract, context_key: str | None):  # noqa: ANN001, ANN201
     """A baseline function's output (control cells, then control cells + delta per target) with each target's
     cells made non-negative as the Simulator makes a prediction (``calibrated``)."""
@@ -85,6 +74,7 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
                    cell_eval: bool) -> pd.DataFrame:
     """Every row of one protocol at one seed: the long table of P.score, methods renamed."""
     from virtualcell.evaluate import baselines as B
+    from virtualcell.sentences import roundtrip
 
     fn = getattr(B, rule)
     kw = dict(baseline=baseline, targets=targets, perturbation_key=contract.perturbation_key, control=contract.control,
@@ -97,7 +87,7 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
     parts.append(first.replace({"method": {"model": NONNEG.format(rule=rule)}}))
     for k in top_ks:
         t = time.perf_counter()
-        oracle = non_negative(fn(roundtrip(train, k, seed), **kw), contract, context_key)
+        oracle = non_negative(fn(roundtrip(train, top_k=k, seed=seed), **kw), contract, context_key)
         table = P.score(oracle, reference, baselines=(), **score)
         table = table[table["method"] == "model"].assign(method=ORACLE.format(k=k))
         parts.append(table)
@@ -115,7 +105,7 @@ def synthetic_table(seed: int, top_ks: list[int]) -> pd.DataFrame:
 
     import virtualcell as vc
     from virtualcell.datasets.synthetic import truth_effects
-    from virtualcell.sentences import expression_matrix, log_normalize
+    from virtualcell.sentences import expression_matrix, log_normalize, roundtrip
 
     data = vc.datasets.synthetic_screen(seed=seed)
     _, rest = vc.evaluate.split_controls(data, seed=seed)
@@ -132,7 +122,7 @@ def synthetic_table(seed: int, top_ks: list[int]) -> pd.DataFrame:
         return float(spearmanr(eff[ok], true.to_numpy()[ok]).statistic)
 
     rows = [("measured effect in the training cells", spearman(log_normalize(expression_matrix(rest), "counts")))]
-    rows += [(ORACLE.format(k=k), spearman(roundtrip(rest, k, seed).X)) for k in top_ks]
+    rows += [(ORACLE.format(k=k), spearman(roundtrip(rest, top_k=k, seed=seed).X)) for k in top_ks]
     return pd.DataFrame([{"method": m, "metric": "spearman", "value": v, "seed": seed, "perturbation": "all",
                           "context": "typeA"} for m, v in rows])
 

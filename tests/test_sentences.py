@@ -244,3 +244,22 @@ def test_expression_matrix_leaves_the_callers_unsorted_matrix_alone():
     np.testing.assert_array_equal(a.X.toarray(), before)  # the caller's data is unchanged
     np.testing.assert_array_equal(out.toarray(), before.astype(np.float32))
     assert out.has_sorted_indices
+
+
+def test_roundtrip_is_the_decoded_sentence_of_every_cell(papalexi_small):
+    """Each cell comes back with its sentence's genes at the rank fit's value of their rank, every other gene 0."""
+    from virtualcell.sentences import roundtrip
+
+    a = papalexi_small[:50].copy()
+    sentences = encode(a, top_k=20, seed=0)
+    fit = RankFit.fit(a, sentences, seed=0)
+    back = roundtrip(a, sentences, fit)
+    assert back.shape == a.shape and (back.obs_names == a.obs_names).all() and (back.var_names == a.var_names).all()
+    X = back.X.toarray()
+    for i in (0, 17, 49):
+        ids = sentences[i]
+        np.testing.assert_allclose(X[i, ids], fit.expression(np.arange(ids.size)), rtol=1e-6)
+        rest = np.setdiff1d(np.arange(a.n_vars), ids)
+        assert not X[i, rest].any()
+    with pytest.raises(DataError, match="sentences for"):
+        roundtrip(a[:10], sentences, fit)

@@ -141,6 +141,28 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert verdict["n_labels"] > 0 and verdict["n_cells"] > 0
     assert verdict["summary"].startswith(f"Validation ({verdict['n_labels']} held-out training perturbations")
     assert f"w={verdict['weight']:.2f}" in verdict["summary"]
+    # the codec's limit: the training effects through the model's sentences, on the same held-out cells
+    assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
+    assert verdict["codec"]["top_k"] == model.top_k == TINY.top_k
+    assert f"Through its {model.top_k}-gene sentences" in verdict["summary"]
+
+
+def test_codec_baselines_lose_what_the_sentences_leave_out(tiny_model):
+    """Baselines fitted on the training cells as the codec gives them back (the verdict's ``codec``) follow the
+    measured ones more closely the more genes each sentence keeps."""
+    from virtualcell.sentences import roundtrip
+
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    measured = Baselines.fit(data, contract, model)
+
+    def agreement(top_k: int | None) -> float:
+        codec = Baselines.fit(roundtrip(data, top_k=top_k, seed=0), contract, model)
+        assert codec.names == measured.names and codec.genes == measured.genes
+        return float(np.corrcoef(codec.delta.ravel(), measured.delta.ravel())[0, 1])
+
+    short, every = agreement(3), agreement(None)
+    assert every > 0.8 and every > short + 0.1, (short, every)
 
 
 def test_verdict_keeps_the_candidate_settings_with_the_lowest_model_error(tiny_model):

@@ -45,6 +45,7 @@ __all__ = [
     "ParseReport",
     "encode",
     "decode",
+    "roundtrip",
     "parse_text",
     "expression_matrix",
     "detect_scale",
@@ -841,6 +842,47 @@ def decode(
     )
     X.sort_indices()
     return X
+
+
+def roundtrip(
+    adata: ad.AnnData,
+    sentences: CellSentences | None = None,
+    fit: RankFit | None = None,
+    *,
+    top_k: int | None = DEFAULT_TOP_K,
+    seed: int = 0,
+) -> ad.AnnData:
+    """``adata``'s cells as the cell-sentence codec gives them back: ``decode(encode(cells))``.
+
+    Same cells (``obs``) and genes as ``adata``, values on the normalized log1p scale of the
+    rank fit; a gene outside a cell's sentence is 0. A model that wrote every cell's
+    sentence exactly could not tell these cells from the measured ones, so an effect
+    measured on them is the most such a model can predict (the validation verdict's
+    ``codec`` score; ``experiments/codec_ceiling.py``). ``sentences`` and ``fit`` default to
+    ``encode(adata, top_k=top_k, seed=seed)`` and a :class:`RankFit` fitted on them; pass a
+    model's own to see its codec.
+
+    >>> import numpy as np, anndata as ad
+    >>> a = ad.AnnData(np.array([[5.0, 0.0, 1.0], [0.0, 2.0, 7.0]], dtype=np.float32))
+    >>> back = roundtrip(a, top_k=1)
+    >>> back.shape, int((back.X.toarray() > 0).sum())  # one gene per cell survives
+    ((2, 3), 2)
+    """
+    import anndata as ad
+    import pandas as pd
+
+    if sentences is None:
+        sentences = encode(adata, top_k=top_k, seed=seed)
+    if len(sentences) != adata.n_obs:
+        raise DataError(f"{len(sentences)} sentences for {adata.n_obs} cells: pass the sentences encoded from adata.")
+    if fit is None:
+        fit = RankFit.fit(adata, sentences, seed=seed)
+    own = Vocabulary.from_adata(adata)
+    if sentences.vocab.genes != own.genes:
+        raise DataError("The sentences were encoded in another vocabulary than adata's genes; encode adata itself "
+                        "(encode(adata)) to see its cells through the codec.")
+    X = decode(sentences, fit)
+    return ad.AnnData(X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.copy()))
 
 
 # --------------------------------------------------------------------------- #

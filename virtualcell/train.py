@@ -42,13 +42,14 @@ from ._stats import pca
 from .errors import DataError, TrainingError, preview
 from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse
 from .prompts import PerturbationVocab
-from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
+from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize, roundtrip,
                         require_symbols, with_gene_key)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
     from .model import C2SModel
+    from .validation import Baselines
 
 __all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES"]
 
@@ -528,8 +529,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
         X, _ = model_expression(data, genes)
         init_gene_embeddings(lm, fmt.gene_tokens, pca_directions(X, cfg.hidden_size // 2, seed=cfg.seed))
-    # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget
+    # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
+    # baselines on the training cells as the model's sentences carry them: the codec's limit, in the verdict
     model.baselines = validation.Baselines.fit(data, contract, model)
+    codec = (validation.Baselines.fit(roundtrip(data, sentences, fit), contract, model) if held is not None
+             else None)
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
         reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
@@ -664,7 +668,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, held, contract, cfg, run_config, verdict_candidates)
+    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
@@ -714,14 +718,15 @@ def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, An
 
 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
-           run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...]) -> None:
+           run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
+           codec: Baselines | None = None) -> None:
     """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted)."""
     from . import validation
 
     t0 = time.perf_counter()
     if held is not None:
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
-                                               samples=cfg.verdict_samples)
+                                               samples=cfg.verdict_samples, codec=codec)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]

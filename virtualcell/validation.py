@@ -218,7 +218,7 @@ def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, 
 # --------------------------------------------------------------------------- #
 def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                 candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
-                max_input_cells: int = 64) -> dict[str, Any] | None:
+                max_input_cells: int = 64, codec: Baselines | None = None) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -228,6 +228,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     them (lowest validation MSE of the pure model) is tried again with each number of
     ``samples`` per cell other than 1 (unless it sets ``samples`` itself), and the setting
     with the lowest MSE of all is kept (``"settings"``). ``model.baselines`` must be set.
+    ``codec``: the same baselines fitted on the training cells *as the codec gives them back*
+    (:func:`~virtualcell.sentences.roundtrip` with the model's sentences and rank fit); their
+    scores (``"codec"``) are what a model that learned the training effects exactly could reach
+    through its ``top_k``-gene sentences: when they fall short of the baseline's, the sentences,
+    not the training, limit the model.
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -243,7 +248,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
         return None
-    sims, b_rows, y_rows, names, n_cells = [], [], [], [], 0
+    sims, b_rows, c_rows, y_rows, names, n_cells = [], [], [], [], [], 0
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
         typed = [model.perturbations.resolve(p) for p in perts]
@@ -252,6 +257,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
             b_rows.append(model.baselines.delta_for(q)[0].astype(np.float64))
+            if codec is not None:
+                c_rows.append(codec.delta_for(q)[0].astype(np.float64))
             names.append(p)
             n_cells += cells.size
         n_cells += inputs.size + reference.size
@@ -291,7 +298,12 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "perturbations": sorted(set(names)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if codec is not None:  # the codec's limit: the training effects as a model that wrote them exactly would see them
+        verdict["codec"] = score_deltas(np.array(c_rows), Y) | {"top_k": model.top_k}
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
+    if codec is not None:
+        verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
+                               f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items())
         verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(tried)} tried)."
