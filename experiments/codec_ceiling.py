@@ -149,7 +149,7 @@ def protocol_runs(protocol: int, seed: int, quick: bool) -> dict:
     if protocol == 3:
         import protocol_3_unseen_knockouts as p3
 
-        _, contract, held, _, train, baseline, reference = p3.data(seed, 4)
+        _, contract, held, _, train, baseline, reference = p3.data(seed, p3.N_HOLDOUT)
         return dict(rule="pertmean", train=train, baseline=baseline[: 8 if quick else 200].copy(), reference=reference,
                     contract=contract, context_key=contract.context_key, targets=[(p, "all") for p in held],
                     metrics=P.METRICS, top_k=p3.TOP_K, cell_eval=False)

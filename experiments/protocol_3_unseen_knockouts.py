@@ -23,6 +23,7 @@ import numpy as np
 import _protocol as P
 
 TOP_K = 100  # genes per cell sentence
+N_HOLDOUT = 4  # knockouts held out by default
 
 
 def data(seed: int, n_holdout: int):  # noqa: ANN201
@@ -45,7 +46,7 @@ def data(seed: int, n_holdout: int):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> None:
     ap = P.parser(__doc__, minutes=7.0)
-    ap.add_argument("--n-holdout", type=int, default=4, help="knockouts held out (seeded random among representable)")
+    ap.add_argument("--n-holdout", type=int, default=N_HOLDOUT, help="knockouts held out (seeded random among representable)")
     ap.add_argument("--n-cells", type=int, default=200, help="baseline control cells to predict from")
     args = ap.parse_args(argv)
     P.setup(args.threads)
