@@ -39,6 +39,8 @@ def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: in
 
 
 def main() -> None:
+    from virtualcell.safeio import LOCK
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "virtualcell" / "data" / "model"))
     ap.add_argument("--max-minutes", type=float, default=40.0)
@@ -56,7 +58,8 @@ def main() -> None:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         for f in Path(tmp).iterdir():
-            if f.is_file():  # the model, tokenizer, codec and history; not the resumable trainer state
+            # the model, tokenizer, codec and history; not the resumable trainer state, nor the run's lock file
+            if f.is_file() and f.name != LOCK:
                 shutil.copy2(f, out / f.name)
     meta = json.loads((out / "virtualcell.json").read_text())
     record = {
