@@ -9,13 +9,18 @@ the bundled model knows:
    deltas, against the same for their measured deltas.
 3. **The input cell barely matters.** The Jaccard overlap of each generated cell's genes with
    its own input cell's genes, against another input cell's genes.
+4. **The knocked-out gene itself.** For each knockout whose target is a measured gene, the
+   predicted change of that gene against its measured change in rep_3 and in the training
+   replicates (rep_1 and rep_2 against their own controls), and the size of the whole
+   predicted delta against the measured one (norms).
 
-Run: ``python experiments/diagnose_model.py`` (about a minute). Writes
-``experiments/results/diagnose_model.md``.
+Run: ``python experiments/diagnose_model.py [--model DIR] [--out FILE]`` (about a minute; the bundled
+model by default). Writes ``experiments/results/diagnose_model.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,12 +29,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="a checkpoint trained with rep_3 held out (default: the bundled one)")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "diagnose_model.md")
+    args = ap.parse_args(argv)
     import virtualcell as vc
     from virtualcell.generation import GenerationConfig
     from virtualcell.sentences import encode, expression_matrix, log_normalize
 
-    model = vc.model.bundled(device="cpu")
+    model = vc.C2SModel.load(args.model, device="cpu") if args.model else vc.model.bundled(device="cpu")
     adata = vc.datasets.load("papalexi2021")
     held = adata[adata.obs["bio_rep"] == "rep_3"].copy()
     is_ctrl = (held.obs["perturbation"] == "control").to_numpy()
@@ -75,13 +84,34 @@ def main() -> int:
         ("the same, cells only clipped at 0", f"{mean_offdiag_corr(clipped):.2f}", "—"),
         ("Jaccard of generated genes with own input / another input", f"{np.mean(own):.2f} / {np.mean(other):.2f}", "—"),
     ]
-    lines = ["# Diagnostics of the bundled model on held-out data (Papalexi rep_3)", "",
-             f"`python experiments/diagnose_model.py` — {ctrl.n_obs} control cells of rep_3, {len(knockouts)} knockouts.", "",
+    which = f"the checkpoint {args.model}" if args.model else "the bundled model"
+    lines = [f"# Diagnostics of {which} on held-out data (Papalexi rep_3)", "",
+             f"`{' '.join(['python experiments/diagnose_model.py', *(argv if argv is not None else sys.argv[1:])])}` — "
+             f"{ctrl.n_obs} control cells of rep_3, {len(knockouts)} knockouts.", "",
              "| diagnostic | predicted | measured |", "| --- | ---: | ---: |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+
+    # 4. the knocked-out gene's own change, and the size of each knockout's delta
+    train = adata[adata.obs["bio_rep"] != "rep_3"]
+    Xt = log_normalize(expression_matrix(train), "counts")[:, col].toarray()
+    t_labels = train.obs["perturbation"].astype(str).to_numpy()
+    t_mu0 = Xt[t_labels == "control"].mean(0)
+    upper = [g.upper() for g in res.genes]
+    lines += ["", "The knocked-out gene itself (log1p scale), and the size of each knockout's delta (norm over genes):",
+              "",
+              "| knockout | target gene: predicted | rep_3 | training replicates | delta norm: predicted | rep_3 |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for k, name in enumerate(knockouts):
+        if name.upper() not in upper:
+            continue
+        j = upper.index(name.upper())
+        trained = Xt[t_labels == name].mean(0)[j] - t_mu0[j]
+        lines.append(f"| {name} | {pred[k, j]:+.2f} | {meas[k, j]:+.2f} | {trained:+.2f} | "
+                     f"{np.linalg.norm(pred[k]):.2f} | {np.linalg.norm(meas[k]):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    (ROOT / "experiments" / "results" / "diagnose_model.md").write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     return 0
 
 
