@@ -525,3 +525,38 @@ def test_unknown_pairing_is_refused_with_the_choices():
 
     with pytest.raises(TrainingError, match="pairing='knn'.*ot.*nearest.*random"):
         TrainConfig(pairing="knn")
+
+
+def test_own_target_tokens_name_trained_targets_apart_from_their_genes(papalexi_small):
+    """With target_tokens="own" a trained knockout's target is written with a token of its own, not the gene token
+    that cell sentences use (naming it then does not read as the gene being there); an untrained target is refused
+    with the way out, and the choice survives the checkpoint's perturbation vocabulary."""
+    from virtualcell.contract import DataContract
+    from virtualcell.errors import PerturbationError
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import CompactFormat, PerturbationVocab, build_gene_tokenizer, name_token
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    contract = DataContract.from_adata(papalexi_small)
+    genes = Vocabulary.from_adata(papalexi_small)
+    trained = sorted({p for p in contract.labels(papalexi_small) if p != contract.control and p.upper() in genes})
+    assert "STAT1" in trained
+    untrained = next(g for g in genes.genes if g not in trained)
+
+    def tokens(mode: str, target: str) -> tuple[list[int], dict[str, int]]:
+        _, vocab = typed_labels(papalexi_small, contract, genes, TrainConfig(kind="knockout", target_tokens=mode))
+        vocab = PerturbationVocab.from_dict(vocab.to_dict())  # as a checkpoint reads it back
+        tok = build_gene_tokenizer(genes.genes, vocab)
+        fmt = CompactFormat(tok, genes.genes, vocab)
+        return fmt.perturbation_tokens(parse(f"ko:{target}")), fmt.token_id
+
+    own, ids = tokens("own", "STAT1")
+    assert own[-1] == ids[name_token("target", "STAT1")] != ids["STAT1"]
+    gene, ids = tokens("gene", "STAT1")
+    assert gene[-1] == ids["STAT1"] and name_token("target", "STAT1") not in ids
+    assert tokens("gene", untrained)[0][-1] == tokens("gene", untrained)[1][untrained]  # any gene can be targeted
+    with pytest.raises(PerturbationError, match="--target-tokens gene"):
+        tokens("own", untrained)
+    with pytest.raises(TrainingError, match="target_tokens"):
+        TrainConfig(target_tokens="shared")

@@ -294,6 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
+        target_tokens=args.target_tokens,
     )
     from .safeio import output_folder
 
@@ -491,8 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weigh each response gene's tokens 1 + S x how much perturbations move that gene in the "
                         "training cells (relative to the mean gene), so the loss rewards what perturbations change "
                         "rather than the average cell; 0 (default): every token weighs the same")
-    from .train import PAIRINGS, TrainConfig
+    from .train import PAIRINGS, TARGET_TOKENS, TrainConfig
 
+    p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=TrainConfig.target_tokens,
+                   help="how a prompt names a knockout's (knockdown's, activation's) target gene: gene (default), with "
+                        "the gene's own token, the same one cell sentences use, so a target never trained still means "
+                        "something; own, with a token of its own for every trained target, so naming it does not "
+                        "invite the model to write the gene (untrained targets are then refused)")
     p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,
                    help="which control cell each training cell is predicted from: ot (each perturbation's cells matched "
                         "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "

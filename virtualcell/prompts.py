@@ -91,11 +91,14 @@ class PerturbationVocab:
 
     ``labels`` maps each training label (as written in the data's perturbation column)
     to its typed form, so that users may write either. ``names`` holds the token-level
-    names of drugs, cytokines and plain labels the model was trained on.
+    names of drugs, cytokines and plain labels the model was trained on, and the genetic
+    targets that have a token of their own: targets that are not genes of the model, or,
+    with ``own_targets``, every trained target.
     """
 
     labels: dict[str, str] = field(default_factory=dict)
     names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": []})
+    own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
 
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         """A typed perturbation; a plain label is looked up among the training labels."""
@@ -142,13 +145,14 @@ class PerturbationVocab:
         return dict(zip((str(p) for p in perts), self.labels_for(perts)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()}}
+        return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
+                "own_targets": self.own_targets}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
         names = {"drug": [], "cytokine": [], "label": [], "target": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
-        return cls(dict(d.get("labels", {})), names)
+        return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)))
 
 
 def name_token(kind: str, name: str) -> str:
@@ -285,12 +289,18 @@ class CompactFormat(PromptFormat):
         toks: list[str] = []
         for part in parts:
             if part.kind in GENETIC:
-                target = part.target if part.target in self.token_id else name_token("target", part.target)
+                own = name_token("target", part.target)  # a target's own token, where it has one, comes first
+                target = own if own in self.token_id else part.target
                 if target not in self.token_id:
                     raise PerturbationError(
                         f"{part}: {part.target!r} is neither a gene of this model nor a target it was trained on. "
                         "Genetic perturbations can target any gene in the model's vocabulary."
                     )
+                if target == part.target and self.perturbations.own_targets:
+                    raise PerturbationError(
+                        f"{part}: this model gives each target it was trained on a token of its own (trained with "
+                        f"--target-tokens own), and {part.target!r} is not one of them, so it never learned what "
+                        "perturbing it means. Screen untrained targets with a model trained with --target-tokens gene.")
                 toks += [KIND_TOKENS[part.kind], target]
             elif part.kind == "control":
                 toks.append(KIND_TOKENS["control"])

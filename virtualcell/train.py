@@ -56,6 +56,9 @@ __all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES
 log = logging.getLogger(__name__)
 
 PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
+# how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
+# trained means something); "own", a token of its own for every trained target (untrained targets are refused)
+TARGET_TOKENS = ("gene", "own")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class TrainConfig:
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
     verdict_samples: tuple[int, ...] = (1, 4)
     response_weight: float = 0.0
+    target_tokens: str = TARGET_TOKENS[0]
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -132,6 +136,9 @@ class TrainConfig:
                                                for k in self.verdict_samples):
             raise TrainingError(f"verdict_samples must be whole numbers >= 1 (samples per cell the verdict tries with "
                                 f"its best generation settings; (1,): only one), got {self.verdict_samples!r}.")
+        if self.target_tokens not in TARGET_TOKENS:
+            raise TrainingError(f"target_tokens must be one of {TARGET_TOKENS} ('gene': a genetic target is written with "
+                                f"its gene's token; 'own': each trained target gets its own), got {self.target_tokens!r}.")
         if not 0.0 <= self.response_weight <= 100.0:
             raise TrainingError(f"response_weight must be in [0, 100] (0: every response token weighs the same; s: a "
                                 f"gene's tokens weigh 1 + s x how much perturbations move it), got {self.response_weight}.")
@@ -156,7 +163,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
     dose = adata.obs[contract.dose_key].to_numpy() if contract.dose_key else None
     when = adata.obs[contract.time_key].to_numpy() if contract.time_key else None
-    vocab = PerturbationVocab()
+    vocab = PerturbationVocab(own_targets=cfg.target_tokens == "own")
     typed = np.empty(adata.n_obs, dtype=object)
     cache: dict[tuple, str] = {}
     for i, label in enumerate(labels):
@@ -199,7 +206,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     for x in parts:
         if kind in GENETIC:
             target = x.upper()
-            if target not in genes and target not in vocab.names["target"]:
+            if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
                 vocab.names["target"].append(target)
             out.append(Perturbation(kind, target))  # type: ignore[arg-type]
         elif kind in ("drug", "cytokine"):
