@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                    help="change a TrainConfig field of the training run, e.g. --set target_tokens=own (repeatable); "
+                         "recorded with the run")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -55,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data = vc.datasets.synthetic_screen(seed=args.seed)
     base, rest = vc.evaluate.split_controls(data, seed=args.seed)
-    cfg = TrainConfig(max_minutes=1.0 if args.quick else args.max_minutes, max_steps=20 if args.quick else 3000,
-                      kind_key="perturbation_type", seed=args.seed, top_k=TOP_K)
+    from _protocol import parse_settings
+
+    changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
+    cfg = TrainConfig(**({"max_minutes": 1.0 if args.quick else args.max_minutes, "max_steps": 20 if args.quick else 3000,
+                          "kind_key": "perturbation_type", "seed": args.seed, "top_k": TOP_K} | changed))
     with tempfile.TemporaryDirectory() as tmp:
         model = train(rest, out=tmp, config=cfg, progress=False)
         steps = model.train_config.get("steps")
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": args.threads,
           "python": sys.version.split()[0], "torch": torch.__version__}
     lines = ["# Known-answer screen: does the screen recover the true top interventions?", "",
-             f"`python experiments/synthetic_recovery.py{' --quick' if args.quick else ''}` — synthetic screen seed "
+             f"`python experiments/synthetic_recovery.py{' --quick' if args.quick else ''}"
+             f"{''.join(f' --set {x}' for x in args.set)}` — synthetic screen seed "
              f"{args.seed} ({data.n_obs:,} cells, {len(true)} conditions: knockouts, pairs, drugs at several doses, "
              f"cytokines), model trained {cfg.max_minutes} min ({steps} steps, {args.threads} thread), "
              f"{args.n_cells if not args.quick else 8} held-out control cells of {ctx} screened per condition; "
