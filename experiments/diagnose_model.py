@@ -11,8 +11,9 @@ the bundled model knows:
    its own input cell's genes, against another input cell's genes.
 4. **The knocked-out gene itself.** For each knockout whose target is a measured gene, the
    predicted change of that gene against its measured change in rep_3 and in the training
-   replicates (rep_1 and rep_2 against their own controls), and the size of the whole
-   predicted delta against the measured one (norms).
+   replicates (rep_1 and rep_2 against their own controls); how often a generated sentence
+   writes the gene under the knockout and under control, against the measured cells'
+   sentences; and the size of the whole predicted delta against the measured one (norms).
 
 Run: ``python experiments/diagnose_model.py [--model DIR] [--out FILE]`` (about a minute; the bundled
 model by default). Writes ``experiments/results/diagnose_model.md``.
@@ -91,22 +92,41 @@ def main(argv: list[str] | None = None) -> int:
              "| diagnostic | predicted | measured |", "| --- | ---: | ---: |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
 
-    # 4. the knocked-out gene's own change, and the size of each knockout's delta
+    # 4. the knocked-out gene's own change, how often a sentence writes it, and the size of each knockout's delta
     train = adata[adata.obs["bio_rep"] != "rep_3"]
     Xt = log_normalize(expression_matrix(train), "counts")[:, col].toarray()
     t_labels = train.obs["perturbation"].astype(str).to_numpy()
     t_mu0 = Xt[t_labels == "control"].mean(0)
     upper = [g.upper() for g in res.genes]
-    lines += ["", "The knocked-out gene itself (log1p scale), and the size of each knockout's delta (norm over genes):",
-              "",
-              "| knockout | target gene: predicted | rep_3 | training replicates | delta norm: predicted | rep_3 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    measured_targets = [k for k in knockouts if k.upper() in upper]
+    run = model.resolve(["control", *measured_targets])
+    written: dict[int, list[np.ndarray]] = {}
+    for chunk in model.generate(cells, run, config=GenerationConfig(max_genes=model.top_k, seed=0)):
+        for i, p in enumerate(chunk.perturbation):
+            written.setdefault(int(p), []).append(chunk.sentences[i])
+
+    def share(sentences: list[np.ndarray], gene: int) -> float:
+        return float(np.mean([gene in s for s in sentences]))
+
+    t_sentences = {lab: encode(train[t_labels == lab], vocab=model.genes, top_k=model.top_k)
+                   for lab in ["control", *measured_targets]}
+    lines += ["", "The knocked-out gene itself: its change (log1p scale), the share of cell sentences that write it "
+              "(generated from the rep_3 cells above; measured: the training replicates' cells), and the size of "
+              "each knockout's delta (norm over genes):", "",
+              "| knockout | target gene: predicted | rep_3 | training replicates | written, generated: knockout / "
+              "control | measured: knockout / control | delta norm: predicted | rep_3 |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k, name in enumerate(knockouts):
-        if name.upper() not in upper:
+        if name not in measured_targets:
             continue
         j = upper.index(name.upper())
+        g = model.genes.index(name)
+        s_ts = t_sentences[name]
         trained = Xt[t_labels == name].mean(0)[j] - t_mu0[j]
-        lines.append(f"| {name} | {pred[k, j]:+.2f} | {meas[k, j]:+.2f} | {trained:+.2f} | "
+        gen = f"{share(written[1 + measured_targets.index(name)], g):.2f} / {share(written[0], g):.2f}"
+        data = (f"{share([s_ts[i] for i in range(len(s_ts))], g):.2f} / "
+                f"{share([t_sentences['control'][i] for i in range(len(t_sentences['control']))], g):.2f}")
+        lines.append(f"| {name} | {pred[k, j]:+.2f} | {meas[k, j]:+.2f} | {trained:+.2f} | {gen} | {data} | "
                      f"{np.linalg.norm(pred[k]):.2f} | {np.linalg.norm(meas[k]):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
