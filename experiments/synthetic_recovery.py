@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = train(rest, out=tmp, config=cfg, progress=False)
         steps = model.train_config.get("steps")
+        verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
         truth = truth_effects(data)
         panel, names = [], []
         for cond, row in truth.iterrows():
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
              "| ranking by | Spearman with the true effect sizes | top-10 overlap with the true top 10 |",
              "| --- | ---: | ---: |"]
     lines += [f"| {k} | {v['spearman']:.2f} | {v['top10_overlap']} / 10 |" for k, v in rows.items()]
-    lines += ["", f"Machine: {hw}", ""]
+    lines += ["", f"Training's validation verdict: {verdict['summary'] if verdict else 'none'}", "", f"Machine: {hw}", ""]
     text = "\n".join(lines)
     print(text)
     if not args.quick:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "synthetic_recovery.json").write_text(json.dumps(
             {"config": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "wall_s": wall, "hardware": hw,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),  # as the protocols' records (the table's run column)
-             "rows": rows, "per_condition": {c: {"true": float(t), "predicted": float(p)}
+             "verdict": verdict, "rows": rows, "per_condition": {c: {"true": float(t), "predicted": float(p)}
                                              for c, t, p in zip(true.index, true.to_numpy(), pred.to_numpy())}},
             indent=1))
     return 0
