@@ -29,6 +29,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 100  # genes per cell sentence
+CONTEXT = "typeA"  # the context screened and scored
+
+
+def training_effects(X, cells, conditions) -> tuple:  # noqa: ANN001
+    """Per condition, the norm of its mean delta against the controls of ``CONTEXT`` among ``cells`` (the training
+    cells; ``X`` their normalized expression, e.g. as the codec gives it back) and its cell count there
+    (NaN and 0 where it has none): the reference that ranks what the data itself can tell."""
+    import numpy as np
+
+    X = X.tocsr() if hasattr(X, "tocsr") else np.asarray(X)
+    in_ctx = (cells.obs["cell_type"] == CONTEXT).to_numpy()
+    cond = cells.obs["condition"].astype(str).to_numpy()
+    mu0 = np.asarray(X[np.flatnonzero(in_ctx & (cond == "control"))].mean(0)).ravel()
+    effects, counts = [], []
+    for c in conditions:
+        rows = np.flatnonzero(in_ctx & (cond == c))
+        counts.append(rows.size)
+        effects.append(float(np.linalg.norm(np.asarray(X[rows].mean(0)).ravel() - mu0)) if rows.size else np.nan)
+    return np.array(effects), np.array(counts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 panel.append(Perturbation("cytokine", str(row["perturbation"])))
             names.append(cond)
-        ctx = "typeA"
+        ctx = CONTEXT
         cells = base[base.obs["cell_type"] == ctx].copy()
         sim = vc.Simulator(cells, model, seed=args.seed)
         res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
@@ -93,16 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # references from the training cells of the same context
     X = vc.sentences.log_normalize(vc.sentences.expression_matrix(rest), "counts")
-    in_ctx = (rest.obs["cell_type"] == ctx).to_numpy()
-    cond = rest.obs["condition"].astype(str).to_numpy()
-    ctrl = in_ctx & (cond == "control")
-    mu0 = np.asarray(X[np.flatnonzero(ctrl)].mean(0)).ravel()
-    measured, counts = {}, {}
-    for c in true.index:
-        rows = np.flatnonzero(in_ctx & (cond == c))
-        counts[c] = rows.size
-        measured[c] = float(np.linalg.norm(np.asarray(X[rows].mean(0)).ravel() - mu0)) if rows.size else np.nan
-    measured, counts = np.array([measured[c] for c in true.index]), np.array([counts[c] for c in true.index])
+    measured, counts = training_effects(X, rest, true.index)
 
     def score(values: np.ndarray) -> dict[str, float]:
         ok = np.isfinite(values)
