@@ -45,14 +45,12 @@ CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experi
 BLEND = "model (blend)"
 
 
-def _codec(path: Path, protocol: int, metric: str) -> float:
+def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
     """The protocol's strongest baseline with its training effects passed through the cell-sentence codec at the
     protocol's top_k and made non-negative (``codec_ceiling.py``): what a model that learned that baseline exactly
     would score (protocol 0, the synthetic screen: the training cells' effect sizes through the codec). NaN where
-    not measured."""
-    if not path.exists():
-        return float("nan")
-    rec = json.loads(path.read_text())["protocols"].get(str(protocol) if protocol else "synthetic")
+    not measured. ``protocols``: the ``"protocols"`` of ``codec_ceiling.json`` (empty when it was not run)."""
+    rec = protocols.get(str(protocol) if protocol else "synthetic")
     if rec is None:
         return float("nan")
     row = [r for r in rec["summary"] if r["method"] == f"codec oracle, top_k={rec['top_k']}"]
@@ -144,6 +142,7 @@ def _ranking_row(records: dict[int, dict[str, Any]], seeds: list[Any]) -> dict[s
 
 def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    codec_runs = json.loads(codec.read_text())["protocols"] if codec.exists() else {}
     p4 = _load(runs, "protocol_4_screen_ranking")
 
     def p4_stat(key: str, sub: str) -> float:
@@ -156,10 +155,10 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                  "met": (alike_m <= alike_r + 0.2) if p4 else None, "seeds": sorted(p4), "groups": 25, "run": _when(p4)})
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_mae", ["nochange"], higher=False,
                                                   target="cell-eval MAE below nochange")
-                | {"run": _when(p4), "codec": _codec(codec, 4, "vcc_mae")})
+                | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_mae")})
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_discrimination_score_l1", ["meanshift"], absolute=0.72,
                                                   target="cell-eval discrimination_score_l1 >= 0.72")
-                | {"run": _when(p4), "codec": _codec(codec, 4, "vcc_discrimination_score_l1")})
+                | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_discrimination_score_l1")})
     # the same recipe trained again: training seeds 1, 2 (folders training_seedT) beside the bundled model (0)
     trained = {0: p4[0]} if 0 in p4 else {}
     for folder in sorted(runs.glob("training_seed*")):
@@ -181,7 +180,7 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
     p5 = _load(runs, "protocol_5_cytokine_response")
     rows.append({"protocol": "5. Cytokine response"} | _protocol_row(p5, "edistance", ["meanshift"], higher=False,
                                                                       target="E-distance <= meanshift")
-                | {"run": _when(p5), "codec": _codec(codec, 5, "edistance")})
+                | {"run": _when(p5), "codec": _codec(codec_runs, 5, "edistance")})
     syn = {}
     for folder in sorted(runs.glob("seed*")):
         f = folder / "synthetic_recovery.json"
@@ -194,17 +193,17 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                  "model": s_model, "blend": s_blend, "best baseline": "effects measured in training cells",
                  "baseline": s_data, "ceiling": float("nan"), "met": (s_model >= 0.8) if syn else None,
                  "seeds": sorted(syn), "groups": None, "run": _when(syn),
-                 "codec": _codec(codec, 0, "spearman vs true effects")})
+                 "codec": _codec(codec_runs, 0, "spearman vs true effects")})
     p3 = _load(runs, "protocol_3_unseen_knockouts")
     rows.append({"protocol": "3. Unseen knockouts"} | _protocol_row(p3, "discrimination", ["pertmean"], absolute=0.7,
                                                                      target="discrimination >= 0.7")
-                | {"run": _when(p3), "codec": _codec(codec, 3, "discrimination")})
+                | {"run": _when(p3), "codec": _codec(codec_runs, 3, "discrimination")})
     rows.append({"protocol": ""} | _protocol_row(p3, "pearson_delta", ["pertmean"], target="pearson_delta >= pertmean")
-                | {"run": _when(p3), "codec": _codec(codec, 3, "pearson_delta")})
+                | {"run": _when(p3), "codec": _codec(codec_runs, 3, "pearson_delta")})
     p2 = _load(runs, "protocol_2_unseen_pairs")
     rows.append({"protocol": "2. Unseen pairs"} | _protocol_row(p2, "pearson_delta", ["additive"],
                                                                  target="pearson_delta >= additive")
-                | {"run": _when(p2), "codec": _codec(codec, 2, "pearson_delta")})
+                | {"run": _when(p2), "codec": _codec(codec_runs, 2, "pearson_delta")})
     for r in rows:
         r.setdefault("codec", float("nan"))
     return rows
