@@ -298,10 +298,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "perturbations": sorted(set(names)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
     if codec is not None:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         verdict["codec"] = score_deltas(np.array(c_rows), Y) | {"top_k": model.top_k}
-    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
-    if codec is not None:
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
                                f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
     if len(tried) > 1:  # say what was chosen on this split, and among what
