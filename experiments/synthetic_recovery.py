@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import virtualcell as vc
     from virtualcell.datasets.synthetic import truth_effects
-    from virtualcell.perturbations import Combination, Perturbation
     from virtualcell.screen import run as screen
     from virtualcell.train import TrainConfig, train
 
@@ -87,23 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = model.train_config.get("steps")
         verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
         truth = truth_effects(data)
-        panel, names = [], []
-        for cond, row in truth.iterrows():
-            kind = str(row["perturbation_type"])
-            if kind == "knockout":
-                parts = [Perturbation("knockout", g) for g in str(row["perturbation"]).split("+")]
-                panel.append(parts[0] if len(parts) == 1 else Combination(tuple(parts)))
-            elif kind == "drug":
-                panel.append(Perturbation("drug", str(row["perturbation"]), float(row["dose"])))
-            else:
-                panel.append(Perturbation("cytokine", str(row["perturbation"])))
-            names.append(cond)
+        names = list(truth.index)
+        panel = model.resolve(names)  # each condition as it was trained: a drug at its dose, a cytokine at its one
         ctx = CONTEXT
         cells = base[base.obs["cell_type"] == ctx].copy()
         sim = vc.Simulator(cells, model, seed=args.seed)
         res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
                      n_boot=50)  # served as the checkpoint says; the ranking holds the pure model's column too
-    by_typed = {str(model.resolve([p])[0]): n for p, n in zip(panel, names)}
+    by_typed = {str(p): n for p, n in zip(panel, names)}
     ranking = res.ranking.assign(condition=res.ranking["perturbation"].map(by_typed)).set_index("condition")
     true = truth[f"effect_{ctx}"]
     pred = ranking["l2_delta_corrected_model"].reindex(true.index)  # the pure model (issue 11's target)

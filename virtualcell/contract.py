@@ -93,6 +93,48 @@ class DataContract:
         """The perturbation label of every cell, as strings."""
         return adata.obs[self.perturbation_key].astype(str).to_numpy()
 
+    def quantities(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        """Every cell's dose and time (in the data's units), NaN where the contract names no such
+        column or the cell has none: a missing value, a value that is not a number, or a dose of 0."""
+        def read(key: str | None, *, zero_is_none: bool) -> np.ndarray:
+            out = np.full(adata.n_obs, np.nan)
+            if key is None:
+                return out
+            for i, x in enumerate(adata.obs[key].to_numpy()):
+                v = _number(x)
+                if v is not None and not (zero_is_none and v == 0):
+                    out[i] = v
+            return out
+
+        return read(self.dose_key, zero_is_none=True), read(self.time_key, zero_is_none=False)
+
+    def conditions(self, adata: ad.AnnData) -> np.ndarray:
+        """The condition of every cell, as strings: its label, followed by its dose and time where the
+        contract names those columns (``"drugA@10"``, ``"drugA@10,24h"``; :func:`~virtualcell.perturbations.quantity_suffix`);
+        control cells keep the control label. Pairing, the baselines, the validation verdict and
+        evaluation group cells by condition, so the doses of a drug are never pooled into one group."""
+        labels = self.labels(adata)
+        if self.dose_key is None and self.time_key is None:
+            return labels
+        from .perturbations import quantity_suffix
+
+        dose, time = self.quantities(adata)
+        out = labels.astype(object)
+        for i in np.flatnonzero((np.isfinite(dose) | np.isfinite(time)) & (labels != self.control)):
+            out[i] = labels[i] + quantity_suffix(None if np.isnan(dose[i]) else float(dose[i]),
+                                                 None if np.isnan(time[i]) else float(time[i]))
+        return out.astype(str)
+
+    def without_quantities_absent_from(self, adata: ad.AnnData) -> DataContract:
+        """This contract without the dose and time columns that ``adata`` lacks: predicted cells and
+        baseline predictions carry no dose column, since their labels already name the condition
+        (``"drugA@10"``), so their :meth:`conditions` are their labels."""
+        from dataclasses import replace
+
+        cols = adata.obs.columns
+        return replace(self, dose_key=self.dose_key if self.dose_key in cols else None,
+                       time_key=self.time_key if self.time_key in cols else None)
+
     def contexts(self, adata: ad.AnnData) -> np.ndarray:
         """The context of every cell (a single ``"all"`` context when there is no context column)."""
         if self.context_key is None:
@@ -137,3 +179,13 @@ class DataContract:
         adata.uns.setdefault(UNS_KEY, {})
         adata.uns[UNS_KEY]["contract"] = {k: ("" if v is None else v) for k, v in self.to_dict().items()}
 
+
+def _number(x: Any) -> float | None:
+    """A dose or time value as a float (``"10"``, ``10``; a pair's ``"1+1"`` reads as its first), or None."""
+    import math
+
+    try:
+        v = float(str(x).split("+")[0])
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None

@@ -34,7 +34,7 @@ from typing import Literal
 
 from .errors import PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "quantity_suffix", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -104,14 +104,7 @@ class Perturbation:
         if self.kind == "label":
             return self.target
         s = f"{_SHORT[self.kind]}:{self.target}"
-        if self.dose is not None or self.time is not None:
-            q = []
-            if self.dose is not None:
-                q.append(f"{_fmt(self.dose)}{self.dose_unit or ''}")
-            if self.time is not None:
-                q.append(f"{_fmt(self.time)}{self.time_unit or 'h'}")
-            s += "@" + ",".join(q)
-        return s
+        return s + quantity_suffix(self.dose, self.time, dose_unit=self.dose_unit, time_unit=self.time_unit)
 
     def describe(self) -> str:
         """Natural-language text, as in C2S perturbation prompts."""
@@ -159,6 +152,17 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def quantity_suffix(dose: float | None, time: float | None, *, dose_unit: str | None = None,
+                    time_unit: str | None = None) -> str:
+    """How a dose and a time are written after a name: ``"@10uM"``, ``"@10uM,24h"``, ``"@,24h"`` (a time
+    without a dose), or ``""``. :func:`parse` reads every form back; a cell's condition in the data
+    (:meth:`~virtualcell.contract.DataContract.conditions`) is its label with this suffix."""
+    if dose is None and time is None:
+        return ""
+    text = f"@{_fmt(dose)}{dose_unit or ''}" if dose is not None else "@"
+    return text + (f",{_fmt(time)}{time_unit or 'h'}" if time is not None else "")
+
+
 def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
     m = _QUANTITY.match(text)
     if not m:
@@ -199,7 +203,8 @@ def _parse_part(text: str, source: str) -> Perturbation:
         fields = [f for f in quantities.split(",")]
         if len(fields) > 2:
             raise PerturbationError(f"{source!r}: after '@' write a dose and optionally a time, e.g. '@10uM,24h'.")
-        dose, dose_unit = _quantity(fields[0], "dose", source)
+        if fields[0].strip() or len(fields) == 1:  # '@,24h': a time without a dose
+            dose, dose_unit = _quantity(fields[0], "dose", source)
         if len(fields) == 2:
             time, time_unit = _quantity(fields[1], "time", source)
             if time_unit and time_unit.lower() not in _TIME_UNITS:

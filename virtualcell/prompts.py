@@ -99,11 +99,26 @@ class PerturbationVocab:
     labels: dict[str, str] = field(default_factory=dict)
     names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": []})
     own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
+    # each training condition with a dose or time ("drugA@10", DataContract.conditions) -> its typed form
+    conditions: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
-        """A typed perturbation; a plain label is looked up among the training labels."""
+        """A typed perturbation; a plain label is looked up among the training labels, and a label
+        with a dose or time (``"drugA@10"``, a condition of the data) among the training conditions,
+        or else as that label's perturbation at that dose and time."""
         if isinstance(p, str) and p in self.labels:
+            doses = self.conditions_of(p)
+            if len(doses) == 1:  # trained at one dose and time only: that is the perturbation it names
+                return parse(self.conditions[doses[0]])
+            if len(doses) > 1:
+                raise PerturbationError(
+                    f"{p!r} was trained at {len(doses)} doses or times: {preview(doses, 8)}. Name one of them "
+                    f"(e.g. {doses[0]!r}), or write the dose, e.g. '{p}@10'.")
             return parse(self.labels[p])
+        if isinstance(p, str) and p in self.conditions:
+            return parse(self.conditions[p])
+        if isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels:
+            return _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
         q = parse(p)
         parts = q.parts if isinstance(q, Combination) else (q,)
         out = []
@@ -124,14 +139,32 @@ class PerturbationVocab:
             flat.extend(x.parts if isinstance(x, Combination) else [x])
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
 
+    def trained_form(self, condition: str) -> str | None:
+        """The typed form a training condition (``"drugA@10"``, or a label without dose) was trained as;
+        None for a condition the model was not trained on."""
+        return self.conditions.get(condition) or self.labels.get(condition)
+
+    def conditions_of(self, label: str) -> list[str]:
+        """The training conditions of ``label`` that carry a dose or time (``["drugA@0.1", "drugA@1"]``)."""
+        return sorted(c for c in self.conditions if c.rpartition("@")[0] == label)
+
     def labels_for(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
-        """The training label written for each perturbation (``"STAT1"``, pairs ``"A+B"``), or its
-        typed form when the training data had no such label; predictions then match measured data."""
+        """The training condition or label written for each perturbation (``"STAT1"``, pairs ``"A+B"``, a drug
+        at a dose ``"drugA@10"``), or its typed form when the training data had no such label; predictions
+        are then named as :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
+        typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
 
         def one(p: Perturbation | Combination) -> str:
+            if str(p) in typed_to_condition:  # as the data names it, with its dose: "drugA@10"
+                return typed_to_condition[str(p)]
             if str(p) in typed_to_label:
                 return typed_to_label[str(p)]
+            plain = _without_quantities(p)
+            if plain != p and str(plain) in typed_to_label:  # a trained label at another dose or time
+                suffix = str(p).rpartition("@")[2] if isinstance(p, Perturbation) else None
+                if suffix is not None:
+                    return f"{typed_to_label[str(plain)]}@{suffix}"
             parts = p.parts if isinstance(p, Combination) else (p,)
             labels = [typed_to_label.get(str(q)) for q in parts]
             return "+".join(labels) if len(parts) > 1 and all(labels) else str(p)
@@ -146,13 +179,32 @@ class PerturbationVocab:
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
-                "own_targets": self.own_targets}
+                "own_targets": self.own_targets, "conditions": dict(self.conditions)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
         names = {"drug": [], "cytokine": [], "label": [], "target": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
-        return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)))
+        return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), dict(d.get("conditions", {})))
+
+
+def _without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
+    parts = p.parts if isinstance(p, Combination) else (p,)
+    plain = [Perturbation(q.kind, q.target) if q.kind != "control" else q for q in parts]
+    return plain[0] if len(plain) == 1 else Combination(tuple(plain))
+
+
+def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:
+    """``p`` with the dose and time of ``suffix`` (what follows ``@``) on each part that takes them."""
+    q = parse(f"drug:_@{suffix}")  # reads the dose and time as parse reads any perturbation's
+    assert isinstance(q, Perturbation)
+    parts = p.parts if isinstance(p, Combination) else (p,)
+    if not any(x.kind in ("drug", "cytokine") for x in parts):
+        raise PerturbationError(f"{source!r}: a dose or time ('@{suffix}') applies to drugs and cytokines, and "
+                                f"{str(p)!r} has none; write the label without it.")
+    out = [Perturbation(x.kind, x.target, q.dose, q.dose_unit, q.time, q.time_unit) if x.kind in ("drug", "cytokine")
+           else x for x in parts]
+    return out[0] if len(out) == 1 else Combination(tuple(out))
 
 
 def name_token(kind: str, name: str) -> str:

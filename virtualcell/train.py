@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 import types
@@ -161,15 +160,15 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if unknown:
             raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
-    dose = adata.obs[contract.dose_key].to_numpy() if contract.dose_key else None
-    when = adata.obs[contract.time_key].to_numpy() if contract.time_key else None
+    dose, when = contract.quantities(adata)
+    conditions = contract.conditions(adata)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens == "own")
     typed = np.empty(adata.n_obs, dtype=object)
     cache: dict[tuple, str] = {}
     for i, label in enumerate(labels):
         kind = kinds[i] if kinds is not None else cfg.kind
-        d = _number(dose[i]) if dose is not None else None
-        t = _number(when[i]) if when is not None else None
+        d = None if np.isnan(dose[i]) else float(dose[i])
+        t = None if np.isnan(when[i]) else float(when[i])
         key = (label, kind, d, t)
         if key not in cache:
             cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
@@ -178,15 +177,11 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     for label in set(labels) - {contract.control}:
         forms = [_strip_quantities(s) for s in typed[labels == label]]
         vocab.labels[label] = max(set(forms), key=forms.count)
+    # and each condition with a dose or time (``drugA@10``) to its typed form, which names the model's predictions
+    for condition, form in zip(conditions, typed):
+        if condition not in vocab.labels and condition != contract.control:
+            vocab.conditions.setdefault(str(condition), str(form))
     return typed, vocab
-
-
-def _number(x: Any) -> float | None:
-    try:
-        v = float(str(x).split("+")[0])
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _strip_quantities(s: str) -> str:
@@ -212,7 +207,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
         elif kind in ("drug", "cytokine"):
             if x not in vocab.names[kind]:
                 vocab.names[kind].append(x)
-            out.append(Perturbation(kind, x, dose if dose else None, None, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
+            out.append(Perturbation(kind, x, dose, None, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
         else:
             if x not in vocab.names["label"]:
                 vocab.names["label"].append(x)
@@ -268,7 +263,7 @@ def build_pairs(
     X = expression_matrix(adata)
     Xn = log_normalize(X, detect_scale(X))
     ctx = contract.contexts(adata)
-    labels = contract.labels(adata)
+    labels = contract.conditions(adata)  # each dose of a drug is matched to the controls on its own
     is_ctrl = contract.is_control(adata)
     src = np.full(adata.n_obs, -1, dtype=np.int64)
     for c in np.unique(ctx):
@@ -366,15 +361,16 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
 
     Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
     least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
-    ``verdict_fraction`` of the cells of each perturbation with at least 20 cells there.
-    At most 24 perturbations (a seeded choice) lose cells; the others train on all theirs.
+    ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
+    :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
+    seeded choice) lose cells; the others train on all theirs.
     Returns a boolean mask over ``adata``'s cells; all False when ``verdict_fraction`` is 0.
     """
     held = np.zeros(adata.n_obs, dtype=bool)
     if cfg.verdict_fraction <= 0:
         return held
     rng = np.random.default_rng([cfg.seed, 11])
-    labels, ctx, is_ctrl = contract.labels(adata), contract.contexts(adata), contract.is_control(adata)
+    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
     contexts = [c for c in sorted(set(ctx)) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS]
     eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
                        if n >= VERDICT_MIN_CELLS})
@@ -524,7 +520,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                                 "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size),
                                 "n_verdict_cells": int(in_verdict.sum()),
                                 "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
-                                "n_verdict_labels": (len(set(contract.labels(held)) - {contract.control})
+                                "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
                                                      if held is not None else 0)}
     model = C2SModel(lm, tokenizer, genes=genes, perturbations=pvocab, prompt_format=fmt_name, rank_fit=fit,
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))

@@ -66,6 +66,19 @@ def _key(p: Perturbation | Combination | str) -> str:
     return str(plain[0] if len(plain) == 1 else Combination(tuple(plain)))
 
 
+def _quantity_distance(a: Perturbation | Combination, b: Perturbation | Combination) -> float:
+    """How far apart two forms of one perturbation are in dose and time: summed |log10| ratios
+    (an absent dose or time counts as 1 unit); 0 for forms without either."""
+    def log_quantities(p: Perturbation | Combination) -> list[float]:
+        parts = p.parts if isinstance(p, Combination) else (p,)
+        out = []
+        for x in parts:
+            out += [np.log10(v) if v and v > 0 else 0.0 for v in (x.dose, x.time_hours)] if isinstance(x, Perturbation) else []
+        return out
+
+    return float(np.sum(np.abs(np.subtract(log_quantities(a), log_quantities(b)))))
+
+
 @dataclass(frozen=True)
 class Baselines:
     """Training-data baseline deltas on a model's genes and normalized log1p scale.
@@ -97,7 +110,7 @@ class Baselines:
         from .sentences import model_expression
 
         X, _ = model_expression(adata, model.genes)
-        labels = contract.labels(adata)
+        labels = contract.conditions(adata)  # the doses of a drug are separate rows
         ctx = contract.contexts(adata)
         keys = np.array([f"{c}\x1f{p}" for p, c in zip(labels, ctx)], dtype=object)
         groups, means, _ = group_means(X, keys)
@@ -109,10 +122,10 @@ class Baselines:
                 per_label.setdefault(p, []).append(m - ctrl[c])
         names, rows = [], []
         for label in sorted(per_label):
-            typed = model.perturbations.labels.get(label)
+            typed = model.perturbations.trained_form(label)
             if typed is None:
                 continue
-            names.append(_key(typed))
+            names.append(str(parse(typed)))
             rows.append(np.mean(per_label[label], axis=0))
         delta = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(model.genes))
         return cls(tuple(model.genes.genes), tuple(names), delta)
@@ -127,15 +140,25 @@ class Baselines:
         q = parse(perturbation) if isinstance(perturbation, str) else perturbation
         if isinstance(q, Perturbation) and q.kind == "control":
             return np.zeros(len(self.genes), dtype=np.float32), "none"
-        row = {n: i for i, n in enumerate(self.names)}
-        key = _key(q)
-        if key in row:
-            return self.delta[row[key]], "meanshift"
+        i = self._row(q)
+        if i is not None:
+            return self.delta[i], "meanshift"
         if isinstance(q, Combination):
-            parts = [_key(x) for x in q.parts]
-            if all(x in row for x in parts):
-                return np.sum([self.delta[row[x]] for x in parts], axis=0).astype(np.float32), "additive"
+            rows = [self._row(x) for x in q.parts]
+            if all(r is not None for r in rows):
+                return np.sum([self.delta[r] for r in rows], axis=0).astype(np.float32), "additive"
         return self.pertmean.astype(np.float32), "pertmean"
+
+    def _row(self, q: Perturbation | Combination) -> int | None:
+        """The row of ``q``: its own (same dose and time), else the same perturbation's at the nearest
+        dose and time (log scale), else None."""
+        exact = {n: i for i, n in enumerate(self.names)}
+        if str(q) in exact:
+            return exact[str(q)]
+        same = [(i, parse(n)) for n, i in exact.items() if _key(n) == _key(q)]
+        if not same:
+            return None
+        return min(same, key=lambda x: _quantity_distance(x[1], q))[0]
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
@@ -243,7 +266,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         raise ModelError("run_verdict needs model.baselines (Baselines.fit on the training cells) first.")
     t0 = time.perf_counter()
     candidates = [dict(c) for c in candidates] or [{}]
-    labels, ctx = contract.labels(held), contract.contexts(held)
+    labels, ctx = contract.conditions(held), contract.contexts(held)
     X, _ = model_expression(held, model.genes)
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
@@ -251,7 +274,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     sims, b_rows, c_rows, y_rows, names, n_cells = [], [], [], [], [], 0
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
-        typed = [model.perturbations.resolve(p) for p in perts]
+        typed = [parse(model.perturbations.trained_form(p)) for p in perts]
         sims.append((Simulator(held[inputs], model, seed=seed), typed))
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
@@ -314,8 +337,8 @@ def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: i
     """Per context of ``held``: its input control cells, its reference control cells and the
     perturbations to simulate (the model's own, measured there); contexts without both are left out."""
     rng = np.random.default_rng([seed, 11])
-    labels, ctx, is_ctrl = contract.labels(held), contract.contexts(held), contract.is_control(held)
-    known = set(model.perturbations.labels)
+    labels, ctx, is_ctrl = contract.conditions(held), contract.contexts(held), contract.is_control(held)
+    known = set(model.perturbations.labels) | set(model.perturbations.conditions)
     found = []
     for c in sorted(set(ctx)):
         controls = rng.permutation(np.flatnonzero((ctx == c) & is_ctrl))

@@ -26,6 +26,7 @@ import numpy as np
 from ._stats import pca
 from .contract import DataContract
 from .errors import ContractError, DataError
+from .perturbations import parse
 from .sentences import model_expression
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,9 +157,9 @@ def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContrac
     """Typed perturbation name (as the model writes it, e.g. ``ko:STAT1``) -> the label of the
     measured cells in ``adata`` (e.g. ``STAT1``), for the labels the model knows."""
     contract = contract or DataContract.from_adata(adata)
-    present = set(contract.perturbations(adata))
-    known = model.perturbations.label_map(model.resolve(sorted(model.perturbations.labels)))
-    return {typed: label for typed, label in known.items() if label in present}
+    present = set(contract.conditions(adata)) - {contract.control}
+    vocab = model.perturbations
+    return {str(parse(vocab.trained_form(c))): c for c in sorted(present) if vocab.trained_form(c) is not None}
 
 
 def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[str], *,
@@ -170,7 +171,7 @@ def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[s
     labels = measured_labels(model, adata, contract=contract)
     rng = np.random.default_rng(seed)
     keep = _mask(adata, where)
-    obs_labels = contract.labels(adata)
+    obs_labels = contract.conditions(adata)
     out = {}
     for name in perturbations:
         if name not in labels:

@@ -38,8 +38,8 @@ def resolve_contract(
 ) -> DataContract:
     """The data contract to use: explicit keys over the one ``adata`` carries, over the defaults.
 
-    ``perturbation_key``/``control``/``context_key`` given here win; the rest comes from
-    ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
+    ``perturbation_key``/``control``/``context_key`` given here win; the rest (and the dose and time
+    columns, where ``adata`` has them) comes from ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
     :class:`~virtualcell.DataContract`'s defaults (``"perturbation"`` / ``"control"``, no context).
     """
     try:
@@ -50,7 +50,8 @@ def resolve_contract(
         perturbation_key=perturbation_key or stored.perturbation_key,
         control=control if control is not None else stored.control,
         context_key=context_key if context_key is not None else stored.context_key,
-    )
+        dose_key=stored.dose_key, time_key=stored.time_key,  # a drug's doses stay conditions of their own
+    ).without_quantities_absent_from(adata)
     contract.validate(adata)
     return contract
 
@@ -132,7 +133,7 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     if (idx < 0).any():  # pragma: no cover - genes is an intersection
         raise DataError(f"Internal error: {name} lacks genes {preview(genes[idx < 0])}.")
     X = X[:, idx]
-    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
+    labels = contract.without_quantities_absent_from(adata).conditions(adata)  # a drug's doses are groups of their own
     contexts = contract.contexts(adata)
     return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
 
@@ -351,7 +352,7 @@ def effect_size(
     """
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     X, _ = expression(adata, name="measured")
-    labels, contexts = contract.labels(adata), contract.contexts(adata)
+    labels, contexts = contract.conditions(adata), contract.contexts(adata)
     if reference is not None:
         Xr, _ = expression(reference, name="reference")
         idx = reference.var_names.get_indexer(adata.var_names)

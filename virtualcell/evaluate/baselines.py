@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -226,7 +226,7 @@ def _predict(
         frame = frame.drop(columns="_context")
     frame.index = [f"{name}-{i}" for i in range(len(frame))]
     out = ad.AnnData(np.concatenate(blocks, axis=0), obs=frame, var=pd.DataFrame(index=genes.astype(str)))
-    contract.attach(out)
+    replace(contract, dose_key=None, time_key=None).attach(out)  # its labels are conditions ("drugA@10") already
     out.uns[UNS_KEY]["baseline"] = name
     out.uns[UNS_KEY]["skipped"] = [f"{p} in {c}: {why}" for p, c, why in skipped]
     return out

@@ -1,0 +1,117 @@
+"""A drug's doses are conditions of their own: grouped apart, named apart, predicted apart.
+
+The data contract names a dose (and time) column; every part of the package that groups cells
+(pairing, baselines, the validation verdict, evaluation) groups them by condition, and the
+model names its predictions as the data names those conditions (``"drugA@10"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import virtualcell as vc
+from virtualcell.contract import DataContract
+from virtualcell.errors import PerturbationError
+from virtualcell.perturbations import Perturbation, parse, quantity_suffix
+
+
+@pytest.fixture(scope="module")
+def dosed():
+    """A small synthetic screen with knockouts, drugs at three doses and a cytokine at one dose."""
+    return vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=3, n_pairs=0, n_drugs=2, n_cytokines=1,
+                                        n_cells_per_condition=40, n_control_cells=120, n_contexts=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dosed_model(dosed, tmp_path_factory):
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
+                      kind_key="perturbation_type", verdict_fraction=0.0)
+    out = tmp_path_factory.mktemp("dosed_model")
+    train(dosed, out=out, config=cfg, progress=False)
+    return vc.C2SModel.load(out)
+
+
+def test_conditions_carry_dose_and_time(dosed):
+    contract = DataContract.from_adata(dosed)
+    cond = contract.conditions(dosed)
+    obs = dosed.obs
+    drug = (obs["perturbation_type"] == "drug").to_numpy()
+    expected = [f"{p}@{d:g}" for p, d in zip(obs["perturbation"][drug], obs["dose"][drug])]
+    assert list(cond[drug]) == expected
+    assert set(cond[(obs["perturbation"] == "control").to_numpy()]) == {"control"}
+    ko = (obs["perturbation_type"] == "knockout").to_numpy()  # dose 0: no dose
+    assert list(cond[ko]) == list(obs["perturbation"][ko].astype(str))
+    # no dose column in the contract: the conditions are the labels
+    plain = DataContract("perturbation", "control", context_key="cell_type")
+    assert list(plain.conditions(dosed)) == list(plain.labels(dosed))
+
+
+def test_time_without_dose_round_trips():
+    p = Perturbation("drug", "x", None, None, 24.0, "h")
+    assert str(p) == "drug:x@,24h" and parse(str(p)) == p
+    assert quantity_suffix(10.0, 24.0) == "@10,24h" and quantity_suffix(None, None) == ""
+    assert parse("drug:x@10uM") == Perturbation("drug", "x", 10.0, "uM")
+
+
+def test_model_names_and_resolves_conditions(dosed, dosed_model):
+    vocab = dosed_model.perturbations
+    drugs = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))
+    d = drugs[0]
+    assert vocab.conditions_of(d) == [f"{d}@0.1", f"{d}@1", f"{d}@10"]
+    assert str(dosed_model.resolve([f"{d}@10"])[0]) == f"drug:{d}@10"
+    assert str(dosed_model.resolve([f"{d}@3"])[0]) == f"drug:{d}@3"  # an untrained dose of a trained drug
+    with pytest.raises(PerturbationError, match=r"3 doses or times.*Name one of them"):
+        dosed_model.resolve([d])
+    cyto = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "cytokine"].iloc[0])
+    assert str(dosed_model.resolve([cyto])[0]) == f"cytokine:{cyto}@1"  # its one trained dose, as it was trained
+    # predictions are named as the data names its conditions
+    perts = dosed_model.resolve([f"{d}@10", f"{d}@3", cyto])
+    assert vocab.labels_for(perts) == [f"{d}@10", f"{d}@3", f"{cyto}@1"]
+    # and the checkpoint keeps the conditions
+    again = type(vocab).from_dict(vocab.to_dict())
+    assert again.conditions == vocab.conditions
+
+
+def test_baselines_keep_each_dose(dosed, dosed_model):
+    from virtualcell.validation import Baselines
+
+    contract = DataContract.from_adata(dosed)
+    base = Baselines.fit(dosed, contract, dosed_model)
+    d = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    low, name_low = base.delta_for(f"drug:{d}@0.1")
+    high, name_high = base.delta_for(f"drug:{d}@10")
+    assert name_low == name_high == "meanshift"
+    # the measured deltas of each dose, not their pool
+    X = vc.sentences.model_expression(dosed, dosed_model.genes)[0].toarray()
+    cond = contract.conditions(dosed)
+    measured = X[cond == f"{d}@10"].mean(0) - X[cond == "control"].mean(0)
+    np.testing.assert_allclose(high, measured, atol=1e-5)
+    assert np.linalg.norm(high - low) > 0.1 * np.linalg.norm(high)
+    # an untrained dose gets the nearest trained dose's delta (log scale)
+    np.testing.assert_allclose(base.delta_for(f"drug:{d}@7")[0], high)
+    np.testing.assert_allclose(base.delta_for(f"drug:{d}@0.2")[0], low)
+
+
+def test_effect_sizes_per_dose(dosed):
+    table = vc.evaluate.effect_size(dosed)
+    d = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    rows = table[table["perturbation"].str.startswith(f"{d}@")]
+    assert sorted(rows["perturbation"]) == [f"{d}@0.1", f"{d}@1", f"{d}@10"]
+
+
+def test_ot_pairs_and_verdict_split_group_by_condition(dosed):
+    from virtualcell.train import TrainConfig, build_pairs, verdict_split
+
+    contract = DataContract.from_adata(dosed)
+    src, _ = build_pairs(dosed, contract, pairing="ot", seed=0)
+    cond = contract.conditions(dosed)
+    is_ctrl = contract.is_control(dosed)
+    for c in set(cond[~is_ctrl]):  # one-to-one within each condition: no control serves two cells of one dose
+        s = src[cond == c]
+        assert (s >= 0).all() and len(set(s)) == s.size
+    held = verdict_split(dosed, contract, TrainConfig(verdict_fraction=0.25, seed=0))
+    held_conditions = set(cond[held & ~is_ctrl])
+    assert any("@" in c for c in held_conditions)  # doses are chosen as conditions
