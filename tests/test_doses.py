@@ -115,3 +115,28 @@ def test_ot_pairs_and_verdict_split_group_by_condition(dosed):
     held = verdict_split(dosed, contract, TrainConfig(verdict_fraction=0.25, seed=0))
     held_conditions = set(cond[held & ~is_ctrl])
     assert any("@" in c for c in held_conditions)  # doses are chosen as conditions
+
+
+def test_own_dose_tokens_name_each_trained_dose(dosed, tmp_path):
+    """dose_tokens="own": a trained (drug, dose) gets its own token after the shared dose token; an untrained
+    dose keeps only the shared one; the choice is checked and kept in the checkpoint."""
+    from virtualcell.errors import TrainingError
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
+                      kind_key="perturbation_type", verdict_fraction=0.0, dose_tokens="own")
+    train(dosed, out=tmp_path, config=cfg, progress=False)
+    model = vc.C2SModel.load(tmp_path)
+    assert model.perturbations.own_doses
+    d = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    fmt = model.format
+    words = {v: k for k, v in fmt.token_id.items()}
+
+    def suffix(p: str) -> list[str]:
+        return [words[i] for i in fmt.suffix(model.resolve([p])[0])]
+
+    assert suffix(f"{d}@10") == ["<drug>", f"<drug:{d}>", "<dose:1>", f"<dose:drug:{d}:1>", "<out>"]
+    assert suffix(f"{d}@0.1") == ["<drug>", f"<drug:{d}>", "<dose:-1>", f"<dose:drug:{d}:-1>", "<out>"]
+    assert suffix(f"{d}@1000") == ["<drug>", f"<drug:{d}>", "<dose:3>", "<out>"]  # never trained at it
+    with pytest.raises(TrainingError, match="dose_tokens"):
+        TrainConfig(dose_tokens="per-drug")

@@ -294,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
-        target_tokens=args.target_tokens,
+        target_tokens=args.target_tokens, dose_tokens=args.dose_tokens,
     )
     from .safeio import output_folder
 
@@ -492,8 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weigh each response gene's tokens 1 + S x how much perturbations move that gene in the "
                         "training cells (relative to the mean gene), so the loss rewards what perturbations change "
                         "rather than the average cell; 0 (default): every token weighs the same")
-    from .train import PAIRINGS, TARGET_TOKENS, TrainConfig
+    from .train import DOSE_TOKENS, PAIRINGS, TARGET_TOKENS, TrainConfig
 
+    p.add_argument("--dose-tokens", choices=DOSE_TOKENS, default=TrainConfig.dose_tokens,
+                   help="how a prompt writes a drug's (cytokine's) dose: shared (default), with the dose token every "
+                        "drug shares, so the model must learn how dose and drug combine; own, with that token and one "
+                        "of the drug's own for each dose it was trained at (an untrained dose keeps the shared token)")
     p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=TrainConfig.target_tokens,
                    help="how a prompt names a knockout's (knockdown's, activation's) target gene: gene (default), with "
                         "the gene's own token, the same one cell sentences use, so a target never trained still means "

@@ -73,16 +73,32 @@ GENERIC = "<generic>"
 SPECIAL_TOKENS.append(GENERIC)
 
 
-def _dose_token(dose: float) -> str:
+def _dose_bin(dose: float) -> float:
     v = math.log10(max(dose, 1e-12))
-    b = min(DOSE_BINS, key=lambda x: abs(x - v))
-    return f"<dose:{b:g}>"
+    return min(DOSE_BINS, key=lambda x: abs(x - v))
+
+
+def _time_bin(hours: float) -> int:
+    v = math.log2(max(hours, 1e-6))
+    return min(TIME_BINS, key=lambda x: abs(x - v))
+
+
+def _dose_token(dose: float) -> str:
+    return f"<dose:{_dose_bin(dose):g}>"
 
 
 def _time_token(hours: float) -> str:
-    v = math.log2(max(hours, 1e-6))
-    b = min(TIME_BINS, key=lambda x: abs(x - v))
-    return f"<time:{b}>"
+    return f"<time:{_time_bin(hours)}>"
+
+
+def own_dose_name(part: Perturbation) -> str | None:
+    """The name of a drug's or cytokine's own token for its dose (and time) bins, e.g. ``"drug:drugA:1"``
+    (``TrainConfig.dose_tokens="own"``), or None for a part without dose or time."""
+    if part.kind not in ("drug", "cytokine") or (part.dose is None and part.time_hours is None):
+        return None
+    dose = f"{_dose_bin(part.dose):g}" if part.dose is not None else "-"
+    time = f":{_time_bin(part.time_hours)}" if part.time_hours is not None else ""
+    return f"{part.kind}:{part.target}:{dose}{time}"
 
 
 @dataclass
@@ -97,8 +113,10 @@ class PerturbationVocab:
     """
 
     labels: dict[str, str] = field(default_factory=dict)
-    names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": []})
+    names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": [],
+                                                                  "dose": []})
     own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
+    own_doses: bool = False  # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own")
     # each training condition with a dose or time ("drugA@10", DataContract.conditions) -> its typed form
     conditions: dict[str, str] = field(default_factory=dict)
 
@@ -179,13 +197,14 @@ class PerturbationVocab:
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
-                "own_targets": self.own_targets, "conditions": dict(self.conditions)}
+                "own_targets": self.own_targets, "own_doses": self.own_doses, "conditions": dict(self.conditions)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
-        names = {"drug": [], "cytokine": [], "label": [], "target": []}
+        names = {"drug": [], "cytokine": [], "label": [], "target": [], "dose": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
-        return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), dict(d.get("conditions", {})))
+        return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
+                   dict(d.get("conditions", {})))
 
 
 def _without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
@@ -220,7 +239,8 @@ def build_gene_tokenizer(genes: Sequence[str], perturbations: PerturbationVocab)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    extra = [name_token(k, n) for k in ("drug", "cytokine", "label", "target") for n in perturbations.names.get(k, [])]
+    extra = [name_token(k, n) for k in ("drug", "cytokine", "label", "target", "dose")
+             for n in perturbations.names.get(k, [])]
     tokens = SPECIAL_TOKENS + extra + list(genes)
     if len(set(tokens)) != len(tokens):
         dup = sorted({t for t in tokens if tokens.count(t) > 1})
@@ -372,6 +392,9 @@ class CompactFormat(PromptFormat):
                     toks.append(_dose_token(part.dose))
                 if part.time_hours is not None:
                     toks.append(_time_token(part.time_hours))
+                own = own_dose_name(part)  # this drug's own token for this dose, where it was trained at it
+                if own is not None and name_token("dose", own) in self.token_id:
+                    toks.append(name_token("dose", own))
         return [self.token_id[t] for t in toks]
 
     def suffix(self, p: Perturbation | Combination) -> list[int]:

@@ -40,7 +40,7 @@ from .contract import DataContract
 from ._stats import pca
 from .errors import DataError, TrainingError, preview
 from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse
-from .prompts import PerturbationVocab
+from .prompts import PerturbationVocab, own_dose_name
 from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize, roundtrip,
                         require_symbols, with_gene_key)
 
@@ -58,6 +58,7 @@ PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source co
 # how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
 # trained means something); "own", a token of its own for every trained target (untrained targets are refused)
 TARGET_TOKENS = ("gene", "own")
+DOSE_TOKENS = ("shared", "own")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class TrainConfig:
     verdict_samples: tuple[int, ...] = (1, 4)
     response_weight: float = 0.0
     target_tokens: str = TARGET_TOKENS[0]
+    dose_tokens: str = DOSE_TOKENS[0]
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -135,6 +137,10 @@ class TrainConfig:
                                                for k in self.verdict_samples):
             raise TrainingError(f"verdict_samples must be whole numbers >= 1 (samples per cell the verdict tries with "
                                 f"its best generation settings; (1,): only one), got {self.verdict_samples!r}.")
+        if self.dose_tokens not in DOSE_TOKENS:
+            raise TrainingError(f"dose_tokens must be one of {DOSE_TOKENS} ('shared': a dose is written with the dose "
+                                f"token every drug shares; 'own': each drug's trained doses also get a token of their "
+                                f"own), got {self.dose_tokens!r}.")
         if self.target_tokens not in TARGET_TOKENS:
             raise TrainingError(f"target_tokens must be one of {TARGET_TOKENS} ('gene': a genetic target is written with "
                                 f"its gene's token; 'own': each trained target gets its own), got {self.target_tokens!r}.")
@@ -162,7 +168,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
     dose, when = contract.quantities(adata)
     conditions = contract.conditions(adata)
-    vocab = PerturbationVocab(own_targets=cfg.target_tokens == "own")
+    vocab = PerturbationVocab(own_targets=cfg.target_tokens == "own", own_doses=cfg.dose_tokens == "own")
     typed = np.empty(adata.n_obs, dtype=object)
     cache: dict[tuple, str] = {}
     for i, label in enumerate(labels):
@@ -208,6 +214,9 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
             if x not in vocab.names[kind]:
                 vocab.names[kind].append(x)
             out.append(Perturbation(kind, x, dose, None, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
+            own = own_dose_name(out[-1])
+            if vocab.own_doses and own is not None and own not in vocab.names["dose"]:
+                vocab.names["dose"].append(own)
         else:
             if x not in vocab.names["label"]:
                 vocab.names["label"].append(x)
