@@ -558,5 +558,9 @@ def test_own_target_tokens_name_trained_targets_apart_from_their_genes(papalexi_
     assert tokens("gene", untrained)[0][-1] == tokens("gene", untrained)[1][untrained]  # any gene can be targeted
     with pytest.raises(PerturbationError, match="--target-tokens gene"):
         tokens("own", untrained)
+    both, ids = tokens("both", "STAT1")  # the gene's token, then the target's own
+    assert both[-2:] == [ids["STAT1"], ids[name_token("target", "STAT1")]]
+    lone, ids = tokens("both", untrained)  # an untrained target: the gene's token alone, not refused
+    assert lone[-1] == ids[untrained] and name_token("target", untrained) not in ids
     with pytest.raises(TrainingError, match="target_tokens"):
         TrainConfig(target_tokens="shared")

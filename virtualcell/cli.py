@@ -502,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a prompt names a knockout's (knockdown's, activation's) target gene: gene (default), with "
                         "the gene's own token, the same one cell sentences use, so a target never trained still means "
                         "something; own, with a token of its own for every trained target, so naming it does not "
-                        "invite the model to write the gene (untrained targets are then refused)")
+                        "invite the model to write the gene (untrained targets are then refused); both, with the "
+                        "gene's token and then the trained target's own (an untrained target keeps the gene's alone)")
     p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,
                    help="which control cell each training cell is predicted from: ot (each perturbation's cells matched "
                         "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "

@@ -117,6 +117,8 @@ class PerturbationVocab:
                                                                   "dose": []})
     own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
     own_doses: bool = False  # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own")
+    # a genetic target is written with its gene's token, then its own where it has one (TrainConfig.target_tokens="both")
+    targets_with_gene: bool = False
     # each training condition with a dose or time ("drugA@10", DataContract.conditions) -> its typed form
     conditions: dict[str, str] = field(default_factory=dict)
 
@@ -197,14 +199,15 @@ class PerturbationVocab:
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
-                "own_targets": self.own_targets, "own_doses": self.own_doses, "conditions": dict(self.conditions)}
+                "own_targets": self.own_targets, "own_doses": self.own_doses, "targets_with_gene": self.targets_with_gene,
+                "conditions": dict(self.conditions)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
         names = {"drug": [], "cytokine": [], "label": [], "target": [], "dose": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
-                   dict(d.get("conditions", {})))
+                   bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})))
 
 
 def _without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
@@ -362,6 +365,9 @@ class CompactFormat(PromptFormat):
         for part in parts:
             if part.kind in GENETIC:
                 own = name_token("target", part.target)  # a target's own token, where it has one, comes first
+                if self.perturbations.targets_with_gene and part.target in self.token_id:  # the gene, then its own
+                    toks += [KIND_TOKENS[part.kind], part.target] + ([own] if own in self.token_id else [])
+                    continue
                 target = own if own in self.token_id else part.target
                 if target not in self.token_id:
                     raise PerturbationError(

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
 # how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
 # trained means something); "own", a token of its own for every trained target (untrained targets are refused)
-TARGET_TOKENS = ("gene", "own")
+TARGET_TOKENS = ("gene", "own", "both")
 DOSE_TOKENS = ("shared", "own")
 
 
@@ -143,7 +143,8 @@ class TrainConfig:
                                 f"own), got {self.dose_tokens!r}.")
         if self.target_tokens not in TARGET_TOKENS:
             raise TrainingError(f"target_tokens must be one of {TARGET_TOKENS} ('gene': a genetic target is written with "
-                                f"its gene's token; 'own': each trained target gets its own), got {self.target_tokens!r}.")
+                                f"its gene's token; 'own': each trained target gets its own; 'both': the gene's token, then the "
+                                f"target's own where it was trained), got {self.target_tokens!r}.")
         if not 0.0 <= self.response_weight <= 100.0:
             raise TrainingError(f"response_weight must be in [0, 100] (0: every response token weighs the same; s: a "
                                 f"gene's tokens weigh 1 + s x how much perturbations move it), got {self.response_weight}.")
@@ -168,7 +169,8 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
     dose, when = contract.quantities(adata)
     conditions = contract.conditions(adata)
-    vocab = PerturbationVocab(own_targets=cfg.target_tokens == "own", own_doses=cfg.dose_tokens == "own")
+    vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
+                              targets_with_gene=cfg.target_tokens == "both")
     typed = np.empty(adata.n_obs, dtype=object)
     cache: dict[tuple, str] = {}
     for i, label in enumerate(labels):
