@@ -495,15 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import DOSE_TOKENS, PAIRINGS, TARGET_TOKENS, TrainConfig
 
     p.add_argument("--dose-tokens", choices=DOSE_TOKENS, default=TrainConfig.dose_tokens,
-                   help="how a prompt writes a drug's (cytokine's) dose: shared (default), with the dose token every "
-                        "drug shares, so the model must learn how dose and drug combine; own, with that token and one "
-                        "of the drug's own for each dose it was trained at (an untrained dose keeps the shared token)")
+                   help="how a prompt writes a drug's (cytokine's) dose: own (default), with the dose token every drug "
+                        "shares and then one of the drug's own for each dose it was trained at (an untrained dose keeps "
+                        "the shared token alone); shared, with the shared token alone, so the model must learn how dose "
+                        "and drug combine")
     p.add_argument("--target-tokens", choices=TARGET_TOKENS, default=TrainConfig.target_tokens,
-                   help="how a prompt names a knockout's (knockdown's, activation's) target gene: gene (default), with "
+                   help="how a prompt names a knockout's (knockdown's, activation's) target gene: gene, with "
                         "the gene's own token, the same one cell sentences use, so a target never trained still means "
                         "something; own, with a token of its own for every trained target, so naming it does not "
-                        "invite the model to write the gene (untrained targets are then refused); both, with the "
-                        "gene's token and then the trained target's own (an untrained target keeps the gene's alone)")
+                        "invite the model to write the gene (untrained targets are then refused); both (default), "
+                        "with the gene's token and then the trained target's own (an untrained target keeps the "
+                        "gene's alone)")
     p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,
                    help="which control cell each training cell is predicted from: ot (each perturbation's cells matched "
                         "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "
