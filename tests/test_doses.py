@@ -70,6 +70,9 @@ def test_model_names_and_resolves_conditions(dosed, dosed_model):
     # predictions are named as the data names its conditions
     perts = dosed_model.resolve([f"{d}@10", f"{d}@3", cyto])
     assert vocab.labels_for(perts) == [f"{d}@10", f"{d}@3", f"{cyto}@1"]
+    # the full panel: every trained condition, a drug at each of its doses, never the bare multi-dose label
+    assert {f"{d}@0.1", f"{d}@1", f"{d}@10", f"{cyto}@1"} <= set(vocab.trained()) and d not in vocab.trained()
+    assert all(dosed_model.resolve(vocab.trained()))
     # and the checkpoint keeps the conditions
     again = type(vocab).from_dict(vocab.to_dict())
     assert again.conditions == vocab.conditions

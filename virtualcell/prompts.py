@@ -164,6 +164,11 @@ class PerturbationVocab:
         None for a condition the model was not trained on."""
         return self.conditions.get(condition) or self.labels.get(condition)
 
+    def trained(self) -> list[str]:
+        """Every condition the model was trained on, as the data names it: each label without a dose,
+        and each dose of one that has doses (``["STAT1", "drugA@0.1", "drugA@10"]``); a screen's full panel."""
+        return sorted({*self.conditions, *(lab for lab in self.labels if not self.conditions_of(lab))})
+
     def conditions_of(self, label: str) -> list[str]:
         """The training conditions of ``label`` that carry a dose or time (``["drugA@0.1", "drugA@1"]``)."""
         return sorted(c for c in self.conditions if c.rpartition("@")[0] == label)
