@@ -97,14 +97,11 @@ class DataContract:
         """Every cell's dose and time (in the data's units), NaN where the contract names no such
         column or the cell has none: a missing value, a value that is not a number, or a dose of 0."""
         def read(key: str | None, *, zero_is_none: bool) -> np.ndarray:
-            out = np.full(adata.n_obs, np.nan)
             if key is None:
-                return out
-            for i, x in enumerate(adata.obs[key].to_numpy()):
-                v = _number(x)
-                if v is not None and not (zero_is_none and v == 0):
-                    out[i] = v
-            return out
+                return np.full(adata.n_obs, np.nan)
+            values, cell = np.unique(adata.obs[key].astype(str).to_numpy(), return_inverse=True)  # once per value
+            numbers = np.array([np.nan if (v := _number(x)) is None or (zero_is_none and v == 0) else v for x in values])
+            return numbers[cell]
 
         return read(self.dose_key, zero_is_none=True), read(self.time_key, zero_is_none=False)
 
@@ -119,10 +116,13 @@ class DataContract:
         from .perturbations import quantity_suffix
 
         dose, time = self.quantities(adata)
+        # one suffix per distinct (dose, time), NaN (none) written as -inf so that it is one value too
+        pairs, cell = np.unique(np.nan_to_num(np.column_stack([dose, time]), nan=-np.inf), axis=0, return_inverse=True)
+        suffix = np.array([quantity_suffix(*(None if np.isinf(x) else float(x) for x in pair)) for pair in pairs],
+                          dtype=object)[cell.ravel()]
         out = labels.astype(object)
-        for i in np.flatnonzero((np.isfinite(dose) | np.isfinite(time)) & (labels != self.control)):
-            out[i] = labels[i] + quantity_suffix(None if np.isnan(dose[i]) else float(dose[i]),
-                                                 None if np.isnan(time[i]) else float(time[i]))
+        quantified = (np.isfinite(dose) | np.isfinite(time)) & (labels != self.control)
+        out[quantified] = out[quantified] + suffix[quantified]
         return out.astype(str)
 
     def without_quantities_absent_from(self, adata: ad.AnnData) -> DataContract:

@@ -159,7 +159,8 @@ def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContrac
     contract = contract or DataContract.from_adata(adata)
     present = set(contract.conditions(adata)) - {contract.control}
     vocab = model.perturbations
-    return {str(parse(vocab.trained_form(c))): c for c in sorted(present) if vocab.trained_form(c) is not None}
+    forms = {c: vocab.trained_form(c) for c in sorted(present)}
+    return {str(parse(form)): c for c, form in forms.items() if form is not None}
 
 
 def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[str], *,

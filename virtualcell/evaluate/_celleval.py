@@ -106,7 +106,7 @@ def to_cell_eval(
 
     adata = with_gene_key(adata, gene_key)
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control)
-    labels = contract.without_quantities_absent_from(adata).conditions(adata)  # a drug's doses are perturbations of their own
+    labels = contract.conditions(adata)  # a drug's doses are perturbations of their own
     if CONTROL in set(labels) and contract.control != CONTROL:
         raise DataError(
             f"A perturbation is labelled {CONTROL!r}, the label cell-eval gives the control cells "
