@@ -34,7 +34,7 @@ from typing import Literal
 
 from .errors import PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "quantity_suffix", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "quantity_suffix", "without_quantities", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -150,6 +150,14 @@ class Combination:
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
+
+
+def without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
+    """``p`` without its doses and times (``drug:A@10,24h`` -> ``drug:A``): the perturbation a training
+    label stands for, whatever dose its cells had."""
+    parts = p.parts if isinstance(p, Combination) else (p,)
+    plain = [Perturbation(q.kind, q.target) if q.kind != "control" else q for q in parts]
+    return plain[0] if len(plain) == 1 else Combination(tuple(plain))
 
 
 def quantity_suffix(dose: float | None, time: float | None, *, dose_unit: str | None = None,

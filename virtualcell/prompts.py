@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
-from .perturbations import GENETIC, Combination, Perturbation, parse
+from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sentences import CellSentences, Vocabulary
@@ -185,7 +185,7 @@ class PerturbationVocab:
                 return typed_to_condition[str(p)]
             if str(p) in typed_to_label:
                 return typed_to_label[str(p)]
-            plain = _without_quantities(p)
+            plain = without_quantities(p)
             if plain != p and str(plain) in typed_to_label:  # a trained label at another dose or time
                 suffix = str(p).rpartition("@")[2] if isinstance(p, Perturbation) else None
                 if suffix is not None:
@@ -213,12 +213,6 @@ class PerturbationVocab:
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
                    bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})))
-
-
-def _without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
-    parts = p.parts if isinstance(p, Combination) else (p,)
-    plain = [Perturbation(q.kind, q.target) if q.kind != "control" else q for q in parts]
-    return plain[0] if len(plain) == 1 else Combination(tuple(plain))
 
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:

@@ -39,7 +39,7 @@ import numpy as np
 from .contract import DataContract
 from ._stats import pca
 from .errors import DataError, TrainingError, preview
-from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse
+from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 from .prompts import PerturbationVocab, own_dose_name
 from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize, roundtrip,
                         require_symbols, with_gene_key)
@@ -185,19 +185,13 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         typed[i] = cache[key]
     # each training label maps to its most common typed form (doses dropped)
     for label in set(labels) - {contract.control}:
-        forms = [_strip_quantities(s) for s in typed[labels == label]]
+        forms = [str(without_quantities(parse(s))) for s in typed[labels == label]]
         vocab.labels[label] = max(set(forms), key=forms.count)
     # and each condition with a dose or time (``drugA@10``) to its typed form, which names the model's predictions
     for condition, form in zip(conditions, typed):
         if condition not in vocab.labels and condition != contract.control:
             vocab.conditions.setdefault(str(condition), str(form))
     return typed, vocab
-
-
-def _strip_quantities(s: str) -> str:
-    p = parse(s)
-    parts = p.parts if isinstance(p, Combination) else (p,)
-    return " + ".join(str(Perturbation(q.kind, q.target)) if q.kind != "control" else "control" for q in parts) or "control"
 
 
 def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,

@@ -34,13 +34,14 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ModelError
-from .perturbations import Combination, Perturbation, parse
+from .perturbations import Combination, Perturbation, parse, without_quantities
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -60,10 +61,7 @@ TOP_N = 50  # genes with the largest measured |delta| for pearson_delta_top50
 
 def _key(p: Perturbation | Combination | str) -> str:
     """The typed name of a perturbation without dose or time: how training labels are stored."""
-    q = parse(p) if isinstance(p, str) else p
-    parts = q.parts if isinstance(q, Combination) else (q,)
-    plain = [Perturbation(x.kind, x.target) if x.kind != "control" else Perturbation("control") for x in parts]
-    return str(plain[0] if len(plain) == 1 else Combination(tuple(plain)))
+    return str(without_quantities(parse(p) if isinstance(p, str) else p))
 
 
 def _quantity_distance(a: Perturbation | Combination, b: Perturbation | Combination) -> float:
@@ -149,16 +147,22 @@ class Baselines:
                 return np.sum([self.delta[r] for r in rows], axis=0).astype(np.float32), "additive"
         return self.pertmean.astype(np.float32), "pertmean"
 
+    @cached_property
+    def _rows_by_key(self) -> dict[str, list[tuple[int, Perturbation | Combination]]]:
+        """Each perturbation without dose and time -> its rows and their typed forms, parsed once per table."""
+        out: dict[str, list[tuple[int, Perturbation | Combination]]] = {}
+        for i, name in enumerate(self.names):
+            out.setdefault(_key(name), []).append((i, parse(name)))
+        return out
+
     def _row(self, q: Perturbation | Combination) -> int | None:
         """The row of ``q``: its own (same dose and time), else the same perturbation's at the nearest
         dose and time (log scale), else None."""
-        exact = {n: i for i, n in enumerate(self.names)}
-        if str(q) in exact:
-            return exact[str(q)]
-        same = [(i, parse(n)) for n, i in exact.items() if _key(n) == _key(q)]
-        if not same:
-            return None
-        return min(same, key=lambda x: _quantity_distance(x[1], q))[0]
+        same = self._rows_by_key.get(_key(q), [])
+        exact = [i for i, form in same if str(form) == str(q)]
+        if exact:
+            return exact[-1]  # (the last, as the name -> row map it replaces kept)
+        return min(same, key=lambda x: _quantity_distance(x[1], q))[0] if same else None
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
