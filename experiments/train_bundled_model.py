@@ -34,7 +34,6 @@ def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: in
         "--holdout", "bio_rep=rep_3", "--kind", "knockout",
         "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--lr", "3e-3",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
-        "--target-tokens", "gene",  # as the shipped model was trained (before 'both' became the default)
         "--seed", str(seed), *(["--threads", str(threads)] if threads else []), "--out", out,
     ]
 
