@@ -148,6 +148,20 @@ def test_additive_is_exact_when_the_truth_is_additive(additive_truth):
     assert lin.loc[lin["metric"] == "pearson_delta", "value"].min() > 0.9
 
 
+def test_additive_sums_a_dosed_pair_at_its_dose():
+    """A pair's condition carries one dose for the pair ("A+B@1"): the parts are A@1 and B@1, not A and B@1."""
+    rng = np.random.default_rng(3)
+    g = 30
+    ctrl = rng.uniform(3.0, 5.0, g)
+    eff = {f"{s}@{d}": rng.normal(0, 0.5, g) for s in "AB" for d in (1, 10)}
+    groups = {("control", "x"): ctrl} | {(k, "x"): ctrl + e for k, e in eff.items()}
+    groups |= {("A+B@1", "x"): ctrl + eff["A@1"] + eff["B@1"], ("A@1+B@10", "x"): ctrl + eff["A@1"] + eff["B@10"]}
+    table = evaluate(None, _screen(groups), profile="fast", baselines=("additive",), ceiling=False)
+    add = table[(table["method"] == "additive") & (table["metric"] == "mse")]
+    assert set(add["perturbation"]) == {"A+B@1", "A@1+B@10"}
+    assert add["value"].max() == pytest.approx(0.0, abs=1e-10)
+
+
 def test_meanshift_and_pertmean_leave_the_target_out():
     rng = np.random.default_rng(2)
     g = 25

@@ -105,11 +105,16 @@ def _delta_pertmean(effects: Effects, target: Target) -> np.ndarray | None:
 
 
 def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
+    """effect(A) + effect(B) for ``"A+B"``. A dosed pair's condition, ``"A+B@1"`` (one dose column for the
+    pair), sums its parts at that dose, ``A@1`` and ``B@1``; where those were not measured, the parts as
+    written (``"A@1+B@10"`` or undosed singles)."""
     p, c = target
-    parts = _components(p)
-    if len(parts) < 2 or any((g, c) not in effects.delta for g in parts):
-        return None
-    return np.sum([effects.delta[(g, c)] for g in parts], axis=0)
+    label, at, quantity = p.rpartition("@")
+    readings = [[f"{g}@{quantity}" for g in _components(label)]] if at and PAIR_SEP in label else []
+    for parts in [*readings, _components(p)]:
+        if len(parts) >= 2 and all((g, c) in effects.delta for g in parts):
+            return np.sum([effects.delta[(g, c)] for g in parts], axis=0)
+    return None
 
 
 def _delta_linear(
