@@ -349,6 +349,36 @@ def test_generic_condition_replaces_the_named_perturbation_of_drawn_pairs_only()
     assert batching.generic_draw(targets, perturbed, fraction=0.0, seed=0, step=7) == set()
 
 
+def test_own_token_dropout_names_drawn_pairs_as_an_untrained_target_or_dose_is_named():
+    """Pairs in ``plain`` are named without the trained target's or dose's own token (the form an untrained
+    one gets), with the same response; the generic draw wins over it; a format without own tokens ignores it."""
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import CompactFormat, PerturbationVocab, build_gene_tokenizer, name_token, own_dose_name
+
+    genes = [f"G{i}" for i in range(12)]
+    dosed = parse("drug:dA@10")
+    names = {"drug": ["dA"], "cytokine": [], "label": [], "target": ["G3"], "dose": [own_dose_name(dosed)]}
+    pv = PerturbationVocab({"G3": "ko:G3", "dA": "drug:dA"}, names, own_targets=True, own_doses=True,
+                           targets_with_gene=True)
+    fmt = CompactFormat(build_gene_tokenizer(genes, pv), genes, pv)
+    ko, own_ko, own_dose = fmt.token_id["G3"], fmt.token_id[name_token("target", "G3")], fmt.token_id[name_token("dose", own_dose_name(dosed))]
+    assert fmt.suffix(parse("ko:G3"))[-3:] == [ko, own_ko, fmt.out]
+    assert fmt.plain_own(parse("ko:G3"))[-2:] == [ko, fmt.out]  # the gene alone, as for an untrained target
+    assert own_dose in fmt.suffix(dosed) and own_dose not in fmt.plain_own(dosed)
+    assert fmt.plain_own(dosed) == [t for t in fmt.suffix(dosed) if t != own_dose]  # the shared dose token alone
+    sentences = [np.array([i % 12, (i + 1) % 12, (i + 5) % 12]) for i in range(4)]
+    perts = [parse("control"), parse("ko:G3"), parse("ko:G3"), dosed]
+    sources = np.zeros(4, dtype=int)
+    kw = dict(sentences=sentences, sources=sources, perturbations=perts)
+    named = batching.pair_groups(fmt, [np.array([1, 2, 3])], **kw)
+    mixed = batching.pair_groups(fmt, [np.array([1, 2, 3])], plain={2, 3}, generic={3}, **kw)
+    assert mixed[0][1][0] == named[0][1][0]  # target 1: named in full
+    assert mixed[0][1][1] == (fmt.plain_own(perts[2]), named[0][1][1][1])  # target 2: plain, same response
+    assert mixed[0][1][2][0] == fmt.generic_own()  # target 3: drawn for both, generic wins
+    gene_only = PerturbationVocab({"G3": "ko:G3"})
+    assert CompactFormat(build_gene_tokenizer(genes, gene_only), genes, gene_only).plain_own(parse("ko:G3")) is None
+
+
 def test_thread_guard_drops_to_one_thread_when_steps_slow_down_and_not_before():
     from virtualcell.generation import torch_threads
     from virtualcell.training.kernels import ThreadGuard

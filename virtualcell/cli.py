@@ -294,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
-        target_tokens=args.target_tokens, dose_tokens=args.dose_tokens,
+        target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
     )
     from .safeio import output_folder
 
@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "invite the model to write the gene (untrained targets are then refused); both (default), "
                         "with the gene's token and then the trained target's own (an untrained target keeps the "
                         "gene's alone)")
+    p.add_argument("--own-token-dropout", type=float, default=TrainConfig.own_token_dropout, metavar="F",
+                   help="share of perturbed training pairs named without their target's or dose's own token, as an "
+                        "untrained target or dose is named, so the model also learns that form (default 0)")
     p.add_argument("--pairing", choices=PAIRINGS, default=TrainConfig.pairing,
                    help="which control cell each training cell is predicted from: ot (each perturbation's cells matched "
                         "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "

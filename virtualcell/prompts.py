@@ -320,6 +320,12 @@ class PromptFormat:
         where the format has none (then the trainer never drops a name and guidance is off)."""
         return None
 
+    def plain_own(self, p: Perturbation | Combination) -> list[int] | None:
+        """The ``own`` prompt part of ``p`` without the tokens a trained target or dose has of its own: how
+        the model is asked about a target or dose it was not trained on. ``None`` where the format has no
+        such tokens (then the trainer's ``own_token_dropout`` does nothing)."""
+        return None
+
     def sentence(self, gene_ids: np.ndarray) -> list[int]:
         """A lone cell sentence, for pre-training (every token after the first is a target)."""
         raise NotImplementedError
@@ -356,7 +362,10 @@ class CompactFormat(PromptFormat):
     def prefix(self, cell_gene_ids: np.ndarray) -> list[int]:
         return [self.bos, *self.gene_tokens[cell_gene_ids].tolist(), self.sep]
 
-    def perturbation_tokens(self, p: Perturbation | Combination) -> list[int]:
+    def perturbation_tokens(self, p: Perturbation | Combination, own_tokens: bool = True) -> list[int]:
+        """The tokens that name ``p``. ``own_tokens=False`` leaves out a trained target's own token after
+        its gene's (``target_tokens="both"``) and a trained dose's own token (``dose_tokens="own"``): the
+        form in which an untrained target or dose is written (``plain_own``)."""
         parts = p.parts if isinstance(p, Combination) else (p,)
         if not parts:
             return [self.token_id[KIND_TOKENS["control"]]]
@@ -365,7 +374,7 @@ class CompactFormat(PromptFormat):
             if part.kind in GENETIC:
                 own = name_token("target", part.target)  # a target's own token, where it has one, comes first
                 if self.perturbations.targets_with_gene and part.target in self.token_id:  # the gene, then its own
-                    toks += [KIND_TOKENS[part.kind], part.target] + ([own] if own in self.token_id else [])
+                    toks += [KIND_TOKENS[part.kind], part.target] + ([own] if own_tokens and own in self.token_id else [])
                     continue
                 target = own if own in self.token_id else part.target
                 if target not in self.token_id:
@@ -398,7 +407,7 @@ class CompactFormat(PromptFormat):
                 if part.time_hours is not None:
                     toks.append(_time_token(part.time_hours))
                 own = own_dose_name(part)  # this drug's own token for this dose, where it was trained at it
-                if own is not None and name_token("dose", own) in self.token_id:
+                if own_tokens and own is not None and name_token("dose", own) in self.token_id:
                     toks.append(name_token("dose", own))
         return [self.token_id[t] for t in toks]
 
@@ -416,6 +425,11 @@ class CompactFormat(PromptFormat):
     def generic_own(self) -> list[int] | None:
         """``<generic> <out>``, where the tokenizer has the token (checkpoints before it existed do not)."""
         return [self.token_id[GENERIC], self.out] if GENERIC in self.token_id else None
+
+    def plain_own(self, p: Perturbation | Combination) -> list[int] | None:
+        if not (self.perturbations.targets_with_gene or self.perturbations.own_doses):
+            return None
+        return [*self.perturbation_tokens(p, own_tokens=False), self.out]
 
     def sentence(self, gene_ids: np.ndarray) -> list[int]:
         """A lone cell sentence, for pre-training (every token after the first is a target)."""

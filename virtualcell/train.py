@@ -104,6 +104,8 @@ class TrainConfig:
     # (seeds 0-2), as had the embedded screen's at seed 0 (the one with a recorded counterpart); protocols 2, 3 tied
     target_tokens: str = "both"
     dose_tokens: str = "own"
+    # share of perturbed pairs named without their target's or dose's own token, as an untrained one is named
+    own_token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
@@ -124,6 +126,9 @@ class TrainConfig:
             raise TrainingError(f"compile={self.compile!r}: use auto (when the run is long enough to repay it), on or off.")
         if self.threads is not None and self.threads < 1:
             raise TrainingError(f"threads must be >= 1 (or None: measured), got {self.threads}.")
+        if not 0 <= self.own_token_dropout < 1:
+            raise TrainingError(f"own_token_dropout must be in [0, 1) (share of perturbed pairs named without their "
+                                f"target's or dose's own token), got {self.own_token_dropout}.")
         if not 0 <= self.generic_fraction < 1:
             raise TrainingError(f"generic_fraction must be in [0, 1) (share of perturbed pairs written under the generic "
                                 f"condition, for guidance), got {self.generic_fraction}.")
@@ -566,11 +571,12 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     perturbation_of = [parsed[t] for t in typed]
     perturbed = ~contract.is_control(data)
 
-    def groups_of(chunks: list[np.ndarray], pretrain: bool, generic: set[int] = frozenset()) -> list[batching.Group]:
+    def groups_of(chunks: list[np.ndarray], pretrain: bool, generic: set[int] = frozenset(),
+                  plain: set[int] = frozenset()) -> list[batching.Group]:
         if pretrain:
             return batching.sentence_groups(fmt, [t for c in chunks for t in c], sentences=sentences)
         return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of,
-                                    generic=generic)
+                                    generic=generic, plain=plain)
 
     generic_fraction = cfg.generic_fraction if fmt.generic_own() is not None else 0.0
 
@@ -579,7 +585,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
         generic = set() if pretrain else batching.generic_draw(np.concatenate(chunks), perturbed, seed=cfg.seed,
                                                                fraction=generic_fraction, step=step)
-        return batching.pack(groups_of(chunks, pretrain, generic), fmt.pad).to(accelerator.device)
+        plain = set() if pretrain else batching.generic_draw(np.concatenate(chunks), perturbed, seed=cfg.seed,
+                                                             fraction=cfg.own_token_dropout, step=step, salt=3)
+        return batching.pack(groups_of(chunks, pretrain, generic, plain), fmt.pad).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
     response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None

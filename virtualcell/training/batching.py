@@ -117,14 +117,17 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
 
 
 def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.ndarray,  # noqa: ANN001
-                perturbations: Sequence, generic: set[int] | frozenset[int] = frozenset()) -> list[Group]:
+                perturbations: Sequence, generic: set[int] | frozenset[int] = frozenset(),
+                plain: set[int] | frozenset[int] = frozenset()) -> list[Group]:
     """Token groups of ``chunks`` of target cells whose pairs share a source cell.
 
     ``fmt`` is the model's prompt format, ``sentences[i]`` cell ``i``'s gene ids,
     ``sources[t]`` the control cell target ``t`` is predicted from and
     ``perturbations[t]`` its typed perturbation; targets in ``generic`` are written under
     the generic condition instead (``fmt.generic_own()``: the perturbation not named), which
-    teaches the model the average perturbed cell that guidance contrasts against. A format
+    teaches the model the average perturbed cell that guidance contrasts against. Targets in
+    ``plain`` (and not in ``generic``) name their perturbation without the tokens a trained target or
+    dose has of its own (``fmt.plain_own``), as an untrained one is named, so that form is learned too. A format
     whose prompts share nothing (text prompts naming the perturbation first) gives each pair
     its own group.
     """
@@ -134,6 +137,10 @@ def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.nda
         parts = [fmt.prompt_parts(sentences[int(sources[t])], perturbations[int(t)]) for t in chunk]
         if generic_own is not None:
             parts = [(shared, generic_own if int(t) in generic else own) for (shared, own), t in zip(parts, chunk)]
+        if plain:
+            forms = [fmt.plain_own(perturbations[int(t)]) if int(t) in plain and int(t) not in generic else None
+                     for t in chunk]
+            parts = [(shared, own if form is None else form) for (shared, own), form in zip(parts, forms)]
         segs = [(own, fmt.response(sentences[int(t)])) for (_, own), t in zip(parts, chunk)]
         if parts[0][0]:
             out.append((parts[0][0], segs))
@@ -142,12 +149,14 @@ def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.nda
     return out
 
 
-def generic_draw(targets: np.ndarray, perturbed: np.ndarray, *, fraction: float, seed: int, step: int) -> set[int]:
+def generic_draw(targets: np.ndarray, perturbed: np.ndarray, *, fraction: float, seed: int, step: int,
+                 salt: int = 2) -> set[int]:
     """The step's perturbed targets written under the generic condition (each with probability
-    ``fraction``; control pairs never): a pure function of ``(seed, step)``, so a resumed run draws the same."""
+    ``fraction``; control pairs never): a pure function of ``(seed, step)``, so a resumed run draws the same.
+    Another ``salt`` gives an independent draw (the trainer's ``own_token_dropout`` uses 3)."""
     if fraction <= 0 or targets.size == 0:
         return set()
-    draw = np.random.default_rng([seed, step, 2]).random(targets.size) < fraction
+    draw = np.random.default_rng([seed, step, salt]).random(targets.size) < fraction
     return {int(t) for t, d in zip(targets, draw) if d and perturbed[t]}
 
 
