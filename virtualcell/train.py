@@ -583,10 +583,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     def batch_at(step: int, pretrain: bool) -> batching.Batch:
         schedule = lone if pretrain else pairs
         chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
-        generic = set() if pretrain else batching.generic_draw(np.concatenate(chunks), perturbed, seed=cfg.seed,
-                                                               fraction=generic_fraction, step=step)
-        plain = set() if pretrain else batching.generic_draw(np.concatenate(chunks), perturbed, seed=cfg.seed,
-                                                             fraction=cfg.own_token_dropout, step=step, salt=3)
+        generic: set[int] = set()
+        plain: set[int] = set()
+        if not pretrain:
+            targets = np.concatenate(chunks)
+            generic = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=generic_fraction, step=step)
+            plain = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=cfg.own_token_dropout, step=step,
+                                          salt=3)
         return batching.pack(groups_of(chunks, pretrain, generic, plain), fmt.pad).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
