@@ -147,6 +147,24 @@ def test_parse_then_decode_places_repeated_gene_once():
     assert X[0, 0] == pytest.approx(3.0) and X[0, 1] == pytest.approx(3.0 - np.log10(3.0))
 
 
+def test_rank_fit_decodes_by_its_own_method_and_keeps_it():
+    """``decode`` uses the fit's ``method`` unless told otherwise; the checkpoint's dict keeps it, and a dict
+    written before the field existed decodes as it did (linear)."""
+    vocab = Vocabulary.from_names(["A", "B", "C"])
+    cs, _ = parse_text(["C A B"], vocab)
+    linear = RankFit(-1.0, 3.0, 1.0, "as_is_log1p", 1, rank_means=(5.0, 4.0, 0.5))
+    table = RankFit.from_dict(linear.to_dict() | {"method": "table"})
+    assert table.method == "table" and RankFit.from_dict(table.to_dict()) == table
+    np.testing.assert_allclose(decode(cs, table).toarray(), [[4.0, 0.5, 5.0]])
+    np.testing.assert_allclose(decode(cs, table, method="linear").toarray(), decode(cs, linear).toarray())
+    old = {k: v for k, v in linear.to_dict().items() if k != "method"}
+    assert RankFit.from_dict(old).method == "linear"
+    with pytest.raises(DataError, match="Unknown decode method 'spline'"):
+        RankFit(-1.0, 3.0, 1.0, "as_is_log1p", 1, method="spline")
+    with pytest.raises(DataError, match="rank table"):
+        RankFit(-1.0, 3.0, 1.0, "as_is_log1p", 1, method="table")
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_duplicate_gene_names_after_uppercase_are_named():
     with pytest.raises(VocabularyError, match=r"Tp53 / TP53 -> TP53"):

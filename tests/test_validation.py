@@ -145,6 +145,13 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["codec"]["top_k"] == model.top_k == TINY.top_k
     assert f"Through its {model.top_k}-gene sentences" in verdict["summary"]
+    # ... decoded each way: the decode with the lower codec MSE is the model's, saved with its rank fit
+    assert set(verdict["decode"]) == {"linear", "table"}
+    chosen = min(verdict["decode"], key=lambda m: verdict["decode"][m]["mse"])
+    assert model.rank_fit.method == chosen == verdict["codec"]["decode"]
+    assert verdict["codec"]["mse"] == verdict["decode"][chosen]["mse"]
+    assert f"Decode chosen on it: {chosen}" in verdict["summary"]
+    assert vc.C2SModel.load(folder).rank_fit.method == chosen
 
 
 def test_codec_baselines_lose_what_the_sentences_leave_out(tiny_model):

@@ -742,6 +742,9 @@ def encode(
 # --------------------------------------------------------------------------- #
 # Rank -> expression
 # --------------------------------------------------------------------------- #
+DECODE_METHODS = ("linear", "table")
+
+
 @dataclass(frozen=True)
 class RankFit:
     """The inverse transform: expression = slope · log10(1 + rank) + intercept.
@@ -750,6 +753,11 @@ class RankFit:
     cells, as Cell2Sentence does, on the normalized scale (``normalization``).
     ``rank_means`` holds the mean expression at each rank as well: a lookup-table
     decode (``method="table"``) that has no parametric bias.
+
+    ``method`` is the decode that :func:`decode` (and so the Simulator) uses when none is
+    passed: ``"linear"`` (Cell2Sentence's) unless ``virtualcell train`` chose ``"table"`` on its
+    validation split (:func:`virtualcell.validation.choose_decode`). On sparse panels, whose
+    cells are written in a few dozen genes, the linear map misses the steep first ranks.
     """
 
     slope: float
@@ -758,6 +766,13 @@ class RankFit:
     normalization: str
     n_cells: int
     rank_means: tuple[float, ...] = ()
+    method: Literal["linear", "table"] = "linear"
+
+    def __post_init__(self) -> None:
+        if self.method not in DECODE_METHODS:
+            raise DataError(f"Unknown decode method {self.method!r}; use one of {DECODE_METHODS}.")
+        if self.method == "table" and not self.rank_means:
+            raise DataError("A table decode needs the rank table (rank_means); refit the RankFit or use 'linear'.")
 
     @classmethod
     def fit(
@@ -800,9 +815,10 @@ class RankFit:
         norm = normalization_label(scale)
         return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means)
 
-    def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] = "linear") -> np.ndarray:
-        """Expression at 0-based ``ranks`` (float32, clipped at 0)."""
+    def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] | None = None) -> np.ndarray:
+        """Expression at 0-based ``ranks`` (float32, clipped at 0), by ``method`` (default: the fit's own)."""
         ranks = np.asarray(ranks)
+        method = self.method if method is None else method
         if method == "linear":
             out = self.slope * np.log10(1.0 + ranks) + self.intercept
         elif method == "table":
@@ -827,9 +843,10 @@ class RankFit:
 
 
 def decode(
-    sentences: CellSentences, fit: RankFit, *, method: Literal["linear", "table"] = "linear"
+    sentences: CellSentences, fit: RankFit, *, method: Literal["linear", "table"] | None = None
 ) -> sp.csr_matrix:
-    """Expression matrix (cells × vocabulary genes, float32 CSR) from sentences and a rank fit."""
+    """Expression matrix (cells × vocabulary genes, float32 CSR) from sentences and a rank fit, decoded by
+    ``method`` (default: the fit's own, ``fit.method``)."""
     ranks = sentences.rank_array()
     top = int(ranks.max()) + 1 if ranks.size else 0
     if top <= ranks.size:  # evaluate each distinct rank once, then look it up

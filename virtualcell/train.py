@@ -29,7 +29,7 @@ import logging
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +41,8 @@ from ._stats import pca
 from .errors import DataError, TrainingError, preview
 from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 from .prompts import PerturbationVocab, own_dose_name
-from .sentences import (RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize, roundtrip,
-                        require_symbols, with_gene_key)
+from .sentences import (DECODE_METHODS, RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
+                        require_symbols, roundtrip, with_gene_key)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -545,10 +545,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         X, _ = model_expression(data, genes)
         init_gene_embeddings(lm, fmt.gene_tokens, pca_directions(X, cfg.hidden_size // 2, seed=cfg.seed))
     # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
-    # baselines on the training cells as the model's sentences carry them: the codec's limit, in the verdict
+    # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
+    # in the verdict, which also chooses the decode by them
     model.baselines = validation.Baselines.fit(data, contract, model)
-    codec = (validation.Baselines.fit(roundtrip(data, sentences, fit), contract, model) if held is not None
-             else None)
+    codec = ({m: validation.Baselines.fit(roundtrip(data, sentences, replace(fit, method=m)), contract, model)
+              for m in DECODE_METHODS} if held is not None else None)
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
         reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
@@ -740,7 +741,7 @@ def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, An
 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
-           codec: Baselines | None = None) -> None:
+           codec: Mapping[str, Baselines] | None = None) -> None:
     """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted)."""
     from . import validation
 

@@ -48,8 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .contract import DataContract
     from .model import C2SModel
+    from .sentences import RankFit
 
-__all__ = ["Baselines", "blend_weight", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
+__all__ = ["Baselines", "blend_weight", "choose_decode", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
            "VERDICT_FILE", "TOP_N", "verdict_seconds"]
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,8 @@ def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, 
 # --------------------------------------------------------------------------- #
 def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                 candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
-                max_input_cells: int = 64, codec: Baselines | None = None) -> dict[str, Any] | None:
+                max_input_cells: int = 64, codec: Baselines | Mapping[str, Baselines] | None = None,
+                ) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -259,7 +261,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     (:func:`~virtualcell.sentences.roundtrip` with the model's sentences and rank fit); their
     scores (``"codec"``) are what a model that learned the training effects exactly could reach
     through its ``top_k``-gene sentences: when they fall short of the baseline's, the sentences,
-    not the training, limit the model.
+    not the training, limit the model. A mapping of decode methods (``"linear"``, ``"table"``) to
+    such baselines, each decoded that way, also chooses the decode (:func:`choose_decode`):
+    ``model.rank_fit`` is set to the one with the lowest MSE before any candidate is simulated.
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -275,7 +279,10 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
     if not plans:
         return None
-    sims, b_rows, c_rows, y_rows, names, n_cells = [], [], [], [], [], 0
+    codecs = ({} if codec is None else dict(codec) if isinstance(codec, Mapping)
+              else {model.rank_fit.method if model.rank_fit is not None else "linear": codec})
+    sims, b_rows, y_rows, names, n_cells = [], [], [], [], 0
+    c_rows: dict[str, list[np.ndarray]] = {m: [] for m in codecs}
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
         typed = [parse(model.perturbations.trained_form(p)) for p in perts]
@@ -284,12 +291,15 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
             b_rows.append(model.baselines.delta_for(q)[0].astype(np.float64))
-            if codec is not None:
-                c_rows.append(codec.delta_for(q)[0].astype(np.float64))
+            for m, baselines in codecs.items():
+                c_rows[m].append(baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
             n_cells += cells.size
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
+    codec_scores = {m: score_deltas(np.array(rows), Y) for m, rows in c_rows.items()}
+    if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
+        model.rank_fit = choose_decode(model.rank_fit, codec_scores)
 
     def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
         """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
@@ -326,14 +336,37 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "seconds": round(time.perf_counter() - t0, 2),
     }
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
-    if codec is not None:  # the codec's limit: the training effects as a model that wrote them exactly would see them
-        verdict["codec"] = score_deltas(np.array(c_rows), Y) | {"top_k": model.top_k}
+    if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
+        method = model.rank_fit.method if model.rank_fit.method in codec_scores else next(iter(codec_scores))
+        verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
                                f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
+        if len(codec_scores) > 1:
+            verdict["decode"] = {m: codec_scores[m] for m in codec_scores}
+            others = ", ".join(f"{m} {v['mse']:.4f}" for m, v in codec_scores.items() if m != method)
+            verdict["summary"] += (f" Decode chosen on it: {method} (codec MSE {codec_scores[method]['mse']:.4f}; "
+                                   f"{others}).")
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items())
         verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(tried)} tried)."
     return verdict
+
+
+def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
+    """``fit`` set to decode by the method whose codec scores (:func:`score_deltas` of the training effects
+    through the sentences, decoded that way, against the validation split's measured deltas) have the
+    lowest MSE: the decode that carries what the data says best. The scores are free (no generation),
+    and the map is shared by every prediction, so it is chosen once, before the generation settings.
+
+    >>> from virtualcell.sentences import RankFit
+    >>> fit = RankFit(-1.0, 3.0, 0.9, "log1p", 10, rank_means=(3.0, 2.0, 1.0))
+    >>> choose_decode(fit, {"linear": {"mse": 0.2}, "table": {"mse": 0.1}}).method
+    'table'
+    """
+    from dataclasses import replace
+
+    method = min(codec_scores, key=lambda m: codec_scores[m]["mse"])
+    return fit if fit.method == method else replace(fit, method=method)
 
 
 def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int, max_input_cells: int,
