@@ -55,7 +55,8 @@ def test_codec_ceiling_quick(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "codec_ceiling_quick.json").read_text())
     rows = {r["method"]: r for r in record["protocols"]["5"]["summary"]}
-    assert set(rows) == {"meanshift", "meanshift, non-negative", "codec oracle, top_k=100", "ceiling"}
+    assert set(rows) == {"meanshift", "meanshift, non-negative", "codec oracle, top_k=100",
+                         "codec oracle (rank table), top_k=100", "ceiling"}
     assert abs(rows["meanshift, non-negative"]["pearson_delta"] - rows["meanshift"]["pearson_delta"]) < 0.01
     assert rows["codec oracle, top_k=100"]["pearson_delta"] < rows["meanshift"]["pearson_delta"] - 0.02
     assert "codec oracle, top_k=100" in (tmp_path / "codec_ceiling_quick.md").read_text()

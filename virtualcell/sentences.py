@@ -868,6 +868,7 @@ def roundtrip(
     *,
     top_k: int | None = DEFAULT_TOP_K,
     seed: int = 0,
+    method: Literal["linear", "table"] | None = None,
 ) -> ad.AnnData:
     """``adata``'s cells as the cell-sentence codec gives them back: ``decode(encode(cells))``.
 
@@ -877,7 +878,7 @@ def roundtrip(
     measured on them is the most such a model can predict (the validation verdict's
     ``codec`` score; ``experiments/codec_ceiling.py``). ``sentences`` and ``fit`` default to
     ``encode(adata, top_k=top_k, seed=seed)`` and a :class:`RankFit` fitted on them; pass a
-    model's own to see its codec.
+    model's own to see its codec. ``method``: the decode (default: the fit's own, :attr:`RankFit.method`).
 
     >>> import numpy as np, anndata as ad
     >>> a = ad.AnnData(np.array([[5.0, 0.0, 1.0], [0.0, 2.0, 7.0]], dtype=np.float32))
@@ -898,7 +899,7 @@ def roundtrip(
     if sentences.vocab.genes != own.genes:
         raise DataError("The sentences were encoded in another vocabulary than adata's genes; encode adata itself "
                         "(encode(adata)) to see its cells through the codec.")
-    X = decode(sentences, fit)
+    X = decode(sentences, fit, method=method)
     return ad.AnnData(X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.copy()))
 
 

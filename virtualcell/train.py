@@ -548,7 +548,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
     # in the verdict, which also chooses the decode by them
     model.baselines = validation.Baselines.fit(data, contract, model)
-    codec = ({m: validation.Baselines.fit(roundtrip(data, sentences, replace(fit, method=m)), contract, model)
+    codec = ({m: validation.Baselines.fit(roundtrip(data, sentences, fit, method=m), contract, model)
               for m in DECODE_METHODS} if held is not None else None)
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
