@@ -447,10 +447,11 @@ def write_combined(out: str | Path) -> Path:
         "# Benchmark protocols (issue 5): model vs baselines vs noise ceiling", "",
         f"Each row is one command (`experiments/protocol_N_*.py`), run on a shared 2-core CPU ({cpu}, no GPU) "
         "with 1 torch thread and a 7-minute training budget per model (protocol 4 loads the bundled model, trained "
-        "14 min with rep_3 held out). "
-        "Values are mean (median) over the held-out groups; baselines learn only from the training split; "
-        "deltas are scored against an independent half of the control cells. Details, per-group values and "
-        "plots: `experiments/results/protocol_N_*.md`.", "",
+        "with rep_3 held out by its recorded command, `experiments/train_bundled_model.py`). "
+        "Values are mean (median) over the held-out groups of one seed (the command's); baselines learn only from "
+        "the training split; deltas are scored against an independent half of the control cells. Details, "
+        "per-group values and plots: `protocol_N_*.md` beside this file. Means over seeds 0-2, against issue 11's "
+        "targets: `experiments/results/issue11/issue11.md` (`python experiments/issue11_table.py`).", "",
         "| protocol | metric | model | baselines | ceiling | model vs best baseline | command | wall time |",
         "|---|---|---|---|---|---|---|---|", *rows, ""]
         + (["What was tried to close the gaps, with the numbers: [protocols_attempts.md](protocols_attempts.md).", ""]
