@@ -337,12 +337,12 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     }
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
-        method = model.rank_fit.method if model.rank_fit.method in codec_scores else next(iter(codec_scores))
+        method = model.rank_fit.method  # the one codec's key, or the decode just chosen
         verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
                                f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
         if len(codec_scores) > 1:
-            verdict["decode"] = {m: codec_scores[m] for m in codec_scores}
+            verdict["decode"] = dict(codec_scores)
             others = ", ".join(f"{m} {v['mse']:.4f}" for m, v in codec_scores.items() if m != method)
             verdict["summary"] += (f" Decode chosen on it: {method} (codec MSE {codec_scores[method]['mse']:.4f}; "
                                    f"{others}).")
