@@ -139,7 +139,7 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
         assert set(verdict[who]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["blend"]["mse"] <= min(verdict["model"]["mse"], verdict["baseline"]["mse"]) + 1e-9
     assert verdict["n_labels"] > 0 and verdict["n_cells"] > 0
-    assert verdict["summary"].startswith(f"Validation ({verdict['n_labels']} held-out training perturbations")
+    assert verdict["summary"].startswith(f"Validation (held-out cells of {verdict['n_labels']} training perturbations")
     assert f"w={verdict['weight']:.2f}" in verdict["summary"]
     # the codec's limit: the training effects through the model's sentences, on the same held-out cells
     assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}

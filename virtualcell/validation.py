@@ -236,7 +236,7 @@ def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, 
     better = "the model is better" if model["mse"] < base["mse"] else "the baseline is better"
     served = ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
               else "predictions are blended")
-    return (f"Validation ({n_labels} held-out training perturbations, {n_cells} cells): model pearson_delta "
+    return (f"Validation (held-out cells of {n_labels} training perturbations, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
             f"{blend['pearson_delta']:.2f} — {better}; {served}.")
 
