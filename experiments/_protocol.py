@@ -158,9 +158,9 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     """The protocol's TrainConfig; ``--quick`` shrinks the model and the step count."""
     from virtualcell.train import TrainConfig
 
-    base = dict(hidden_size=128, n_layers=4, n_heads=4, lr=3e-3, batch_size=16, seed=args.seed,
-                max_minutes=args.max_minutes, eval_every=100, save_every=10_000, holdout={SPLIT: ["test"]},
-                threads=args.threads)
+    # the model's size, learning rate and batch are the trainer's defaults (TrainConfig): a protocol measures them
+    base = dict(seed=args.seed, max_minutes=args.max_minutes, eval_every=100, save_every=10_000,
+                holdout={SPLIT: ["test"]}, threads=args.threads)
     base.update(kw)
     if getattr(args, "max_steps", None):
         base["max_steps"] = args.max_steps

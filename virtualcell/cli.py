@@ -450,10 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed that breaks ties between equal counts")
     p.set_defaults(func=cmd_encode)
 
+    from .train import DOSE_TOKENS, PAIRINGS, TARGET_TOKENS, TrainConfig
+
     p = _add_command(sub, "train", "train a small C2S model on a screen, or fine-tune a real checkpoint (--base)",
                      "virtualcell train --data papalexi2021 --perturbation-key perturbation --control control "
                      "--holdout bio_rep=rep_3 --max-minutes 30 --out my-model")
-    p.description += (" Training stops at --max-steps (3000 by default) or when --max-minutes is spent, whichever "
+    p.description += (f" Training stops at --max-steps ({TrainConfig.max_steps} by default) or when --max-minutes is spent, whichever "
                       "comes first; without --max-minutes there is no time limit. A run that finds OUT/last resumes "
                       "from it.")
     p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
@@ -463,37 +465,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder (resumes from OUT/last if present)")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="wall-time budget in minutes; training stops when it is spent (default: no time limit)")
-    p.add_argument("--max-steps", type=_positive_int, default=3000, help="optimizer steps at most")
+    p.add_argument("--max-steps", type=_positive_int, default=TrainConfig.max_steps, help="optimizer steps at most")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, pairing and batch order")
-    p.add_argument("--top-k", type=_positive_int, default=200, help="genes per cell sentence")
-    p.add_argument("--hidden-size", type=_positive_int, default=128, help="width of a new model (divisible by --heads)")
-    p.add_argument("--layers", type=_positive_int, default=4, help="transformer layers of a new model")
-    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads of a new model")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="training pairs per optimizer step")
+    p.add_argument("--top-k", type=_positive_int, default=TrainConfig.top_k, help="genes per cell sentence")
+    p.add_argument("--hidden-size", type=_positive_int, default=TrainConfig.hidden_size, help="width of a new model (divisible by --heads)")
+    p.add_argument("--layers", type=_positive_int, default=TrainConfig.n_layers, help="transformer layers of a new model")
+    p.add_argument("--heads", type=_positive_int, default=TrainConfig.n_heads, help="attention heads of a new model")
+    p.add_argument("--lr", type=_positive_float, default=TrainConfig.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="training pairs per optimizer step")
     p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",
                    help="exclude cells from training, e.g. bio_rep=rep_3 (repeatable; default: none)")
-    p.add_argument("--generic-fraction", type=float, default=0.15,
+    p.add_argument("--generic-fraction", type=float, default=TrainConfig.generic_fraction,
                    help="share of perturbed pairs written under the generic condition, which guidance contrasts "
-                        "against (0 = no guidance; default 0.15)")
+                        "against (0 = no guidance; default %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads (default: measured, 1 against all cores; pass 1 on a machine others share)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
                         "layer (less when cached); auto: on a CPU, when the run is expected to last 150 s per layer "
                         "or more (10 minutes for 4 layers)")
-    p.add_argument("--gene-init", choices=("pca", "random"), default="random",
+    p.add_argument("--gene-init", choices=("pca", "random"), default=TrainConfig.gene_init,
                    help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
                         "training cells' principal axes, so co-expressed genes start close; better on validation, "
                         "not on the held-out protocols: see the README)")
-    p.add_argument("--response-weight", type=float, default=0.0, metavar="S",
+    p.add_argument("--response-weight", type=float, default=TrainConfig.response_weight, metavar="S",
                    help="weigh each response gene's tokens 1 + S x how much perturbations move that gene in the "
                         "training cells (relative to the mean gene), so the loss rewards what perturbations change "
                         "rather than the average cell; 0 (default): every token weighs the same")
-    from .train import DOSE_TOKENS, PAIRINGS, TARGET_TOKENS, TrainConfig
-
     p.add_argument("--dose-tokens", choices=DOSE_TOKENS, default=TrainConfig.dose_tokens,
                    help="how a prompt writes a drug's (cytokine's) dose: own (default), with the dose token every drug "
                         "shares and then one of the drug's own for each dose it was trained at (an untrained dose keeps "
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the 5 most similar controls; those look perturbed already, so the effect shrinks) or "
                         f"random (default: {TrainConfig.pairing})")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
-    p.add_argument("--verdict-fraction", type=float, default=0.1, metavar="F",
+    p.add_argument("--verdict-fraction", type=float, default=TrainConfig.verdict_fraction, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
                    "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")
     p.add_argument("--verdict-samples", type=_whole_numbers, default=TrainConfig.verdict_samples, metavar="K[,K...]",
