@@ -1,6 +1,6 @@
 """Rebuild the bundled default model (virtualcell/data/model) with the project's own command.
 
-    python experiments/train_bundled_model.py [--seed 0] [--threads 1] [--out virtualcell/data/model]
+    python experiments/train_bundled_model.py [--seed 0] [--threads 1] [--lr LR] [--out virtualcell/data/model]
 
 It trains on the embedded default dataset (Papalexi 2021, MIT) with replicate rep_3
 held out, so that `virtualcell demo` can compare its ranking with measured effects the
@@ -27,12 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None) -> list[str]:
+def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None,
+            lr: float | None = None) -> list[str]:
+    from virtualcell.train import TrainConfig
+
     return [
         sys.executable, "-m", "virtualcell.cli", "train",
         "--data", "papalexi2021", "--perturbation-key", "perturbation", "--control", "control",
         "--holdout", "bio_rep=rep_3", "--kind", "knockout",
-        "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--lr", "3e-3",
+        "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--lr", f"{TrainConfig.lr if lr is None else lr:g}",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
         "--seed", str(seed), *(["--threads", str(threads)] if threads else []), "--out", out,
     ]
@@ -47,9 +50,10 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the trainer measures)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads)
+        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads, args.lr)
         t = time.time()
         subprocess.run(cmd, check=True)
         took = time.time() - t
