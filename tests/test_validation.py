@@ -94,6 +94,24 @@ def test_blend_weight_is_the_least_squares_weight():
     assert blend_weight(model=2 * y - b, baseline=b, measured=y) == pytest.approx(0.5)
 
 
+def test_mse_difference_bounds_which_is_better():
+    """The model-minus-baseline MSE, averaged over the rows, with a bootstrap interval over the rows: it
+    excludes 0 when one side is closer on every row, and straddles it when the rows disagree."""
+    from virtualcell.validation import mse_difference
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(12, 30))
+    close, far = y + 0.1 * rng.normal(size=y.shape), y + rng.normal(size=y.shape)
+    d = mse_difference(close, far, y)
+    assert d["rows"] == 12 and d["low"] <= d["mse"] <= d["high"] < 0
+    even = np.arange(12)[:, None] % 2 == 0
+    d = mse_difference(np.where(even, close, far), np.where(even, far, close), y)  # each closer on half the rows
+    assert d["low"] < 0 < d["high"]
+    assert mse_difference(close, far, y, seed=3) == mse_difference(close, far, y, seed=3)  # seeded
+    one = mse_difference(close[:1], far[:1], y[:1])  # one row: a difference, no interval
+    assert one["mse"] < 0 and np.isnan(one["low"]) and np.isnan(one["high"])
+
+
 def test_score_deltas_by_hand():
     y = np.array([[1.0, 2.0, 3.0, -1.0]])
     s = score_deltas(2 * y, y, top_n=2)
@@ -141,6 +159,13 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert verdict["n_labels"] > 0 and verdict["n_cells"] > 0
     assert verdict["summary"].startswith(f"Validation (held-out cells of {verdict['n_labels']} training perturbations")
     assert f"w={verdict['weight']:.2f}" in verdict["summary"]
+    # how sure the split is of the comparison: the MSE difference with its interval, in the record and the words
+    diff = verdict["difference"]
+    assert diff["rows"] == verdict["n_targets"] and diff["low"] <= diff["high"]
+    assert abs(diff["mse"] - (verdict["model"]["mse"] - verdict["baseline"]["mse"])) < 1e-9
+    assert f"{diff['low']:+.4f} to {diff['high']:+.4f}" in verdict["summary"]
+    settled = diff["high"] < 0 or diff["low"] > 0
+    assert ("neither is clearly better" in verdict["summary"]) == (not settled)
     # the codec's limit: the training effects through the model's sentences, on the same held-out cells
     assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["codec"]["top_k"] == model.top_k == TINY.top_k

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["PCABasis", "noise_corrected_sq_norm", "pca", "unbiased_var"]
+__all__ = ["PCABasis", "bootstrap_mean", "noise_corrected_sq_norm", "pca", "unbiased_var"]
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
@@ -118,3 +118,27 @@ def paired_sq_norm(delta: np.ndarray, *, var_diff: np.ndarray, n: float) -> tupl
     if n < 2:
         return sq, float("nan")
     return sq, float(np.sum(var_diff) / n)
+
+
+def bootstrap_mean(values: np.ndarray, *, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
+                   ) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval at ``level``
+    (``n_boot`` resamples of the values with replacement, seeded). With fewer than two values the
+    interval is NaN: one value says nothing about its spread.
+
+    >>> m, lo, hi = bootstrap_mean(np.array([1.0, 2.0, 3.0, 4.0]))
+    >>> m, lo <= m <= hi
+    (2.5, True)
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("bootstrap_mean needs at least one value.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
+    boots = v[idx].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))

@@ -11,7 +11,9 @@
 2. simulates the held-out perturbations on half of the held-out control cells and scores
    the pure model, the baseline and their blend against the measured deltas (the held-out
    perturbed cells against the *other* half of the held-out controls: independent noise);
-3. fits the blend weight ``w`` (:func:`blend_weight`) and writes ``verdict.json``.
+3. fits the blend weight ``w`` (:func:`blend_weight`), bounds how sure the split is of which
+   is better (:func:`mse_difference`: a bootstrap interval over the held-out perturbations)
+   and writes ``verdict.json``.
 
 The Simulator then serves ``x + w·(model delta) + (1−w)·(baseline delta)`` by default
 (``blend="auto"``); a model with nothing to add gets ``w = 0``.
@@ -50,8 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
     from .sentences import RankFit
 
-__all__ = ["Baselines", "blend_weight", "choose_decode", "score_deltas", "run_verdict", "summary_line", "BASELINES_FILE",
-           "VERDICT_FILE", "TOP_N", "verdict_seconds"]
+__all__ = ["Baselines", "blend_weight", "choose_decode", "mse_difference", "score_deltas", "run_verdict", "summary_line",
+           "BASELINES_FILE", "VERDICT_FILE", "TOP_N", "verdict_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +234,35 @@ def summary_line(verdict: Mapping[str, Any] | None) -> str:
     return "validation verdict without a summary"
 
 
-def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str) -> str:
-    better = "the model is better" if model["mse"] < base["mse"] else "the baseline is better"
+def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray, *, seed: int = 0,
+                   ) -> dict[str, float]:
+    """How much larger the model's MSE is than the baseline's, with a 95% bootstrap interval over the
+    rows (perturbations in their contexts): ``{"mse": mean difference, "low", "high", "rows"}``.
+    Negative: the model is closer to the measured deltas. The interval is the split's sampling of
+    perturbations only; a second training run moves the model's side too."""
+    from ._stats import bootstrap_mean
+
+    y = np.atleast_2d(np.asarray(measured, dtype=np.float64))
+    per_row = (np.mean((np.atleast_2d(model) - y) ** 2, axis=1)
+               - np.mean((np.atleast_2d(baseline) - y) ** 2, axis=1))
+    mean, low, high = bootstrap_mean(per_row, seed=seed)
+    return {"mse": mean, "low": low, "high": high, "rows": int(per_row.size)}
+
+
+def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str,
+             diff: Mapping[str, float]) -> str:
+    settled = not (diff["low"] <= 0 <= diff["high"])  # NaN bounds (one row): not settled either
+    if settled:
+        better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
+    else:
+        better = "neither is clearly better"
     served = ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
               else "predictions are blended")
     return (f"Validation (held-out cells of {n_labels} training perturbations, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
-            f"{blend['pearson_delta']:.2f} — {better}; {served}.")
+            f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}; the "
+            f"difference's 95% interval over the {diff['rows']} held-out groups is {diff['low']:+.4f} to "
+            f"{diff['high']:+.4f}); {served}.")
 
 
 # --------------------------------------------------------------------------- #
@@ -321,10 +345,12 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     model_scores, base_scores = best["model"], score_deltas(B, Y)
     blend_scores = score_deltas(w * M + (1 - w) * B, Y)
     n_labels = len(set(names))
+    diff = mse_difference(M, B, Y, seed=seed)
     verdict = {
         "model": model_scores,
         "baseline": base_scores | {"name": "meanshift"},
         "blend": blend_scores,
+        "difference": diff,
         "weight": w,
         "settings": settings,
         "candidates": scored,
@@ -335,7 +361,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "perturbations": sorted(set(names)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift")
+    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift",
+                                  diff)
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         method = model.rank_fit.method  # the one codec's key, or the decode just chosen
         verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
