@@ -110,6 +110,13 @@ def test_mse_difference_bounds_which_is_better():
     assert mse_difference(close, far, y, seed=3) == mse_difference(close, far, y, seed=3)  # seeded
     one = mse_difference(close[:1], far[:1], y[:1])  # one row: a difference, no interval
     assert one["mse"] < 0 and np.isnan(one["low"]) and np.isnan(one["high"])
+    # ... and then the summary settles nothing
+    from virtualcell.validation import _summary
+
+    scores = {"pearson_delta": 0.5, "mse": 0.1}
+    assert "neither is clearly better" in _summary(1, 10, scores, scores, scores, 0.5, "meanshift", one)
+    assert "the model is better" in _summary(12, 10, scores, scores, scores, 0.5, "meanshift",
+                                             mse_difference(close, far, y))
 
 
 def test_score_deltas_by_hand():

@@ -251,7 +251,7 @@ def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray
 
 def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str,
              diff: Mapping[str, float]) -> str:
-    settled = not (diff["low"] <= 0 <= diff["high"])  # NaN bounds (one row): not settled either
+    settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
     if settled:
         better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
     else:
