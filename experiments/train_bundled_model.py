@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None,
             lr: float | None = None) -> list[str]:
-    from virtualcell.train import TrainConfig
+    from virtualcell.train import NEW_MODEL_LR
 
     return [
         sys.executable, "-m", "virtualcell.cli", "train",
         "--data", "papalexi2021", "--perturbation-key", "perturbation", "--control", "control",
         "--holdout", "bio_rep=rep_3", "--kind", "knockout",
         "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4",
-        "--lr", f"{TrainConfig.lr if lr is None else lr:g}",
+        "--lr", f"{NEW_MODEL_LR if lr is None else lr:g}",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
         "--seed", str(seed), *(["--threads", str(threads)] if threads else []), "--out", out,
     ]

@@ -94,6 +94,25 @@ def test_blend_weight_is_the_least_squares_weight():
     assert blend_weight(model=2 * y - b, baseline=b, measured=y) == pytest.approx(0.5)
 
 
+def test_learning_rate_follows_what_is_trained(tiny_model):
+    """No rate given: a new small model trains at NEW_MODEL_LR and a pretrained base is fine-tuned at FINETUNE_LR
+    (a small model's rate would wreck it); a given rate is kept, a non-positive one refused; the checkpoint
+    records the rate it used."""
+    from virtualcell.cli import build_parser
+    from virtualcell.train import FINETUNE_LR, NEW_MODEL_LR, with_learning_rate
+
+    assert TrainConfig().lr is None and FINETUNE_LR < NEW_MODEL_LR
+    assert with_learning_rate(TrainConfig(), None).lr == NEW_MODEL_LR
+    assert with_learning_rate(TrainConfig(), "vandijklab/C2S-Scale-Gemma-2-2B").lr == FINETUNE_LR
+    assert with_learning_rate(TrainConfig(lr=5e-4), "some/base").lr == 5e-4
+    with pytest.raises(TrainingError, match="lr must be > 0"):
+        TrainConfig(lr=0.0)
+    args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"])
+    assert args.lr is None
+    model, _, _ = tiny_model
+    assert model.train_config["lr"] == NEW_MODEL_LR  # the fixture gives none
+
+
 def test_mse_difference_bounds_which_is_better():
     """The model-minus-baseline MSE, averaged over the rows, with a bootstrap interval over the rows: it
     excludes 0 when one side is closer on every row, and straddles it when the rows disagree."""

@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed that breaks ties between equal counts")
     p.set_defaults(func=cmd_encode)
 
-    from .train import DOSE_TOKENS, PAIRINGS, TARGET_TOKENS, TrainConfig
+    from .train import DOSE_TOKENS, FINETUNE_LR, NEW_MODEL_LR, PAIRINGS, TARGET_TOKENS, TrainConfig
 
     p = _add_command(sub, "train", "train a small C2S model on a screen, or fine-tune a real checkpoint (--base)",
                      "virtualcell train --data papalexi2021 --perturbation-key perturbation --control control "
@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=_positive_int, default=TrainConfig.hidden_size, help="width of a new model (divisible by --heads)")
     p.add_argument("--layers", type=_positive_int, default=TrainConfig.n_layers, help="transformer layers of a new model")
     p.add_argument("--heads", type=_positive_int, default=TrainConfig.n_heads, help="attention heads of a new model")
-    p.add_argument("--lr", type=_positive_float, default=TrainConfig.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when fine-tuning "
+                        "--base, as cell2sentence's own fine-tuning tutorial)")
     p.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="training pairs per optimizer step")
     p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")

@@ -50,13 +50,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
     from .validation import Baselines
 
-__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES"]
+__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
 
 log = logging.getLogger(__name__)
 
 PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
 # how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
 # trained means something); "own", a token of its own for every trained target (untrained targets are refused)
+# peak learning rates when none is given: a new small gene-level model (session 25: 6e-3 and above stop it reading the
+# perturbation; 1.5e-3 won one seed's verdict, not three seeds' nor the bundled recipe's), and a pretrained text model
+# fine-tuned with --base (cell2sentence's own perturbation fine-tuning tutorial uses 1e-5; 3e-3 would wreck it)
+NEW_MODEL_LR = 3e-3
+FINETUNE_LR = 1e-5
 TARGET_TOKENS = ("gene", "own", "both")
 DOSE_TOKENS = ("shared", "own")
 
@@ -69,7 +74,7 @@ class TrainConfig:
     hidden_size: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    lr: float = 3e-3
+    lr: float | None = None  # None: NEW_MODEL_LR for a new model, FINETUNE_LR when fine-tuning a --base
     weight_decay: float = 0.01
     warmup_steps: int = 50
     batch_size: int = 16
@@ -111,6 +116,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.lr is not None and not self.lr > 0:
+            raise TrainingError(f"lr must be > 0 (or None: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when "
+                                f"fine-tuning a base model), got {self.lr}.")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError(f"--max-minutes must be > 0, got {self.max_minutes}.")
         if self.kind not in {"auto", *set(KIND_ALIASES.values())}:
@@ -398,6 +406,14 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
     return held
 
 
+def with_learning_rate(cfg: TrainConfig, base: str | None) -> TrainConfig:
+    """``cfg`` with its learning rate filled in where it has none (the checkpoint then records the rate used):
+    :data:`FINETUNE_LR` when fine-tuning a pretrained ``base``, :data:`NEW_MODEL_LR` for a new small model."""
+    if cfg.lr is not None:
+        return cfg
+    return replace(cfg, lr=FINETUNE_LR if base is not None else NEW_MODEL_LR)
+
+
 def train(
     adata: ad.AnnData,
     *,
@@ -435,7 +451,7 @@ def train(
 
     from .generation import torch_threads
 
-    cfg = config or TrainConfig()
+    cfg = with_learning_rate(config or TrainConfig(), base)
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
     adata = with_gene_key(adata, gene_key)
     if base is not None:
