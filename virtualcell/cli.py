@@ -455,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(sub, "train", "train a small C2S model on a screen, or fine-tune a real checkpoint (--base)",
                      "virtualcell train --data papalexi2021 --perturbation-key perturbation --control control "
                      "--holdout bio_rep=rep_3 --max-minutes 30 --out my-model")
-    p.description += (f" Training stops at --max-steps ({TrainConfig.max_steps} by default) or when --max-minutes is spent, whichever "
-                      "comes first; without --max-minutes there is no time limit. A run that finds OUT/last resumes "
-                      "from it.")
+    p.description += (f" Training stops at --max-steps ({TrainConfig.max_steps} by default) or when --max-minutes is "
+                      "spent, whichever comes first; without --max-minutes there is no time limit. A run that finds "
+                      "OUT/last resumes from it.")
     p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
     _add_contract_args(p)
     _add_gene_key(p)
@@ -468,13 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=TrainConfig.max_steps, help="optimizer steps at most")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, pairing and batch order")
     p.add_argument("--top-k", type=_positive_int, default=TrainConfig.top_k, help="genes per cell sentence")
-    p.add_argument("--hidden-size", type=_positive_int, default=TrainConfig.hidden_size, help="width of a new model (divisible by --heads)")
-    p.add_argument("--layers", type=_positive_int, default=TrainConfig.n_layers, help="transformer layers of a new model")
+    p.add_argument("--hidden-size", type=_positive_int, default=TrainConfig.hidden_size,
+                   help="width of a new model (divisible by --heads)")
+    p.add_argument("--layers", type=_positive_int, default=TrainConfig.n_layers,
+                   help="transformer layers of a new model")
     p.add_argument("--heads", type=_positive_int, default=TrainConfig.n_heads, help="attention heads of a new model")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help=f"peak learning rate (default: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when fine-tuning "
-                        "--base, as cell2sentence's own fine-tuning tutorial)")
-    p.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="training pairs per optimizer step")
+                   help=f"peak learning rate (default: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when "
+                        "fine-tuning --base, as cell2sentence's own fine-tuning tutorial)")
+    p.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
+                   help="training pairs per optimizer step")
     p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",

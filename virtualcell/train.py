@@ -54,14 +54,14 @@ __all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES
 
 log = logging.getLogger(__name__)
 
-PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
-# how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
-# trained means something); "own", a token of its own for every trained target (untrained targets are refused)
 # peak learning rates when none is given: a new small gene-level model (session 25: 6e-3 and above stop it reading the
 # perturbation; 1.5e-3 won one seed's verdict, not three seeds' nor the bundled recipe's), and a pretrained text model
 # fine-tuned with --base (cell2sentence's own perturbation fine-tuning tutorial uses 1e-5; 3e-3 would wreck it)
 NEW_MODEL_LR = 3e-3
 FINETUNE_LR = 1e-5
+PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
+# how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
+# trained means something); "own", a token of its own for every trained target (untrained targets are refused)
 TARGET_TOKENS = ("gene", "own", "both")
 DOSE_TOKENS = ("shared", "own")
 
