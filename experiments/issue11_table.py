@@ -45,7 +45,16 @@ CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experi
 BLEND = "model (blend)"
 
 
-def _codec(protocols: dict[str, Any], protocol: int, metric: str, higher: bool = True) -> float:
+def _higher(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better: the metric registry's direction (cell-eval's ``vcc_``
+    metrics by virtualcell's metric of the same name where there is one); the rest here are scores."""
+    from virtualcell.evaluate.metrics import METRICS
+
+    known = METRICS.get(metric.removeprefix("vcc_"))
+    return known.higher_is_better if known is not None else True
+
+
+def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
     """The protocol's strongest baseline with its training effects passed through the cell-sentence codec at the
     protocol's top_k and made non-negative (``codec_ceiling.py``): what a model that learned that baseline exactly
     would score (protocol 0, the synthetic screen: the training cells' effect sizes through the codec), with the
@@ -59,7 +68,7 @@ def _codec(protocols: dict[str, Any], protocol: int, metric: str, higher: bool =
     values = [float(r[metric]) for r in rec["summary"] if r["method"] in names and r.get(metric) is not None]
     if not values:
         return float("nan")
-    return max(values) if higher else min(values)
+    return max(values) if _higher(metric) else min(values)
 
 
 def _load(runs: Path, stem: str) -> dict[int, dict[str, Any]]:
@@ -83,10 +92,11 @@ def _mean(values: list[float]) -> float:
 
 
 def _protocol_row(records: dict[int, dict[str, Any]], metric: str, baselines: list[str], *, target: str,
-                  higher: bool = True, contexts: set[str] | None = None, seeds: list[int] | None = None,
+                  contexts: set[str] | None = None, seeds: list[int] | None = None,
                   absolute: float | None = None) -> dict[str, Any]:
     """Means over the seeds and the held-out groups of model, blend, each baseline and the ceiling."""
     use = {s: r for s, r in records.items() if seeds is None or s in seeds}
+    higher = _higher(metric)
 
     def over(method: str) -> float:
         # mean over seeds of the mean over groups (each seed's groups weigh the same)
@@ -157,9 +167,9 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
     rows.append({"protocol": "", "target": "mean pairwise correlation of deltas <= measured + 0.2", "model": alike_m,
                  "blend": float("nan"), "best baseline": "measured rep_3", "baseline": alike_r, "ceiling": float("nan"),
                  "met": (alike_m <= alike_r + 0.2) if p4 else None, "seeds": sorted(p4), "groups": 25, "run": _when(p4)})
-    rows.append({"protocol": ""} | _protocol_row(p4, "vcc_mae", ["nochange"], higher=False,
+    rows.append({"protocol": ""} | _protocol_row(p4, "vcc_mae", ["nochange"],
                                                   target="cell-eval MAE below nochange")
-                | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_mae", higher=False)})
+                | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_mae")})
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_discrimination_score_l1", ["meanshift"], absolute=0.72,
                                                   target="cell-eval discrimination_score_l1 >= 0.72")
                 | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_discrimination_score_l1")})
@@ -182,9 +192,9 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                     | _protocol_row(p1, metric, ["meanshift"], contexts={"CD4T"}, target=f"{metric} >= meanshift")
                     | {"run": _when(p1)})
     p5 = _load(runs, "protocol_5_cytokine_response")
-    rows.append({"protocol": "5. Cytokine response"} | _protocol_row(p5, "edistance", ["meanshift"], higher=False,
+    rows.append({"protocol": "5. Cytokine response"} | _protocol_row(p5, "edistance", ["meanshift"],
                                                                       target="E-distance <= meanshift")
-                | {"run": _when(p5), "codec": _codec(codec_runs, 5, "edistance", higher=False)})
+                | {"run": _when(p5), "codec": _codec(codec_runs, 5, "edistance")})
     syn = {}
     for folder in sorted(runs.glob("seed*")):
         f = folder / "synthetic_recovery.json"
@@ -233,8 +243,9 @@ def main() -> None:
                       "split). Command: `python experiments/issue11_table.py`; the runs: see its docstring. `run`: when the "
                       "runs behind a row ran (from their records), since a table can hold runs of different code. "
                       "`baseline via the codec`: the strongest baseline with its training effects passed through the "
-                      "cell sentences (encoded at the protocol's top_k, decoded with the better of the two decodes `train` "
-                      "chooses between, made non-negative as every prediction is): what a model that learned that baseline exactly would score "
+                      "cell sentences (encoded at the protocol's top_k, decoded with the better of the two decodes "
+                      "`train` chooses between, made non-negative as every prediction is): what a model that learned "
+                      "that baseline exactly would score "
                       "(`python experiments/codec_ceiling.py`; `codec_ceiling.md`).", "",
                       *lines, ""])
     args.runs.mkdir(parents=True, exist_ok=True)
