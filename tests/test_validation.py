@@ -373,3 +373,52 @@ def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
     last = run["history"][-1]["elapsed_s"]
     assert last <= 15 - reserved + 2.0  # the steps stopped in time to leave the verdict its share
     assert run["verdict_seconds"] > 0 and trained.verdict is not None
+
+
+# --------------------------------------------------------------------------- the verdict again (virtualcell verdict)
+def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny_model, tmp_path, capsys):
+    """``virtualcell verdict`` finds the run's held-out cells again (seed, fraction, holdout, checked by the data
+    hash), rewrites the verdict in place with the old one kept, and tries other samples per cell when asked."""
+    from virtualcell.cli import main
+
+    model, folder, data = tiny_model
+    ckpt = tmp_path / "model"
+    shutil.copytree(folder, ckpt)
+    path = tmp_path / "data.h5ad"
+    data.write_h5ad(path)
+    old = json.loads((ckpt / "verdict.json").read_text())
+    assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--verdict-samples", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "before: " in out and "now: " in out and "previous-verdict.json" in out
+    assert json.loads((ckpt / "previous-verdict.json").read_text()) == old
+    new = vc.C2SModel.load(ckpt)
+    # the same held-out cells and perturbations, judged by the same code: the same scores of the guidance scales
+    assert new.verdict["perturbations"] == old["perturbations"] and new.verdict["n_cells"] == old["n_cells"]
+    for a, b in zip(old["candidates"][:-1], new.verdict["candidates"][:-1]):
+        assert a["settings"] == b["settings"]
+        assert a["model"]["mse"] == pytest.approx(b["model"]["mse"], rel=0.05)
+    # ... and the samples asked for, recorded with the checkpoint
+    assert new.verdict["candidates"][-1]["settings"].get("samples") == 2
+    assert new.train_config["verdict_samples"] == [1, 2]
+    assert new.train_config["data_hash"] == model.train_config["data_hash"]
+    assert (ckpt / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    # other data: refused before anything is judged or written, naming the problem
+    data[:-5].write_h5ad(path)
+    before = (ckpt / "verdict.json").read_text()
+    assert main(["verdict", "--model", str(ckpt), "--data", str(path)]) == 2
+    assert "not the data the model was trained on" in capsys.readouterr().err
+    assert (ckpt / "verdict.json").read_text() == before
+
+
+def test_rejudge_refuses_a_checkpoint_without_a_record_of_its_data(tiny_model):
+    from virtualcell.errors import ModelError
+    from virtualcell.train import rejudge
+
+    model, folder, data = tiny_model
+    bare = vc.C2SModel.load(folder)
+    bare.train_config = {k: v for k, v in bare.train_config.items() if k != "data_hash"}
+    with pytest.raises(ModelError, match="no record of the data it was trained on"):
+        rejudge(bare, data)
+    bare.train_config = dict(model.train_config) | {"verdict_fraction": 0.0}
+    with pytest.raises(ModelError, match="verdict_fraction 0"):
+        rejudge(bare, data)

@@ -313,6 +313,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verdict(args: argparse.Namespace) -> int:
+    """Run a trained model's validation verdict again, on the data it was trained on."""
+    from .model import C2SModel
+    from .train import rejudge
+    from .validation import VERDICT_FILE, summary_line
+
+    model = C2SModel.load(args.model, device=args.device)
+    adata = _load_data(args.data, model.contract)
+    before = summary_line(model.verdict)
+    candidates = None if args.guidance is None else tuple({"guidance": g} for g in args.guidance)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rejudge(model, adata, samples=args.verdict_samples, candidates=candidates)
+    if args.out is not None:
+        from .safeio import output_folder
+
+        with output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last")):
+            model.save(args.out)
+        where = args.out
+    else:  # in place: the weights stay, the verdict and the codec it chose are rewritten; the old verdict is kept
+        from pathlib import Path
+
+        from .safeio import folder_lock, write_text
+
+        folder = Path(args.model)
+        with folder_lock(folder, what="verdict"):
+            if (folder / VERDICT_FILE).exists():
+                write_text(folder / ("previous-" + VERDICT_FILE), (folder / VERDICT_FILE).read_text())
+            model.save_verdict(folder)
+        where = f"{folder} (the previous verdict: previous-{VERDICT_FILE})"
+    print(f"before: {before}")
+    print(f"now:    {summary_line(model.verdict)}")
+    print(f"wrote the verdict into {where}")
+    return 0
+
+
 def _usage(message: str):  # noqa: ANN202
     from .errors import VirtualCellError
 
@@ -367,6 +405,14 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    """``"1,2,4"`` -> ``(1.0, 2.0, 4.0)``: :func:`_positive_float` values, comma-separated (an argparse type)."""
+    try:
+        return tuple(_positive_float(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write numbers above 0 separated by commas, e.g. 1,2,4") from None
 
 
 def _add_command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:  # noqa: ANN001
@@ -530,6 +576,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "later screen's (default: %(default)s; 1: one sample, no choice)")
     _add_force(p)
     p.set_defaults(func=cmd_train)
+
+    p = _add_command(sub, "verdict", "run a trained model's validation verdict again, on the data it was trained on",
+                     "virtualcell verdict --model my-model --data papalexi2021 --verdict-samples 1,4,8")
+    p.description += (" The verdict's held-out cells are found again from the run's record (its seed, "
+                      "--verdict-fraction and --holdout), so --data must be what training was given; its hash is "
+                      "checked. It gives an older checkpoint what the verdict reports now, or tries other samples "
+                      "per cell or guidance scales without training again; what it chooses is what predict and "
+                      "screen then use.")
+    p.add_argument("--model", required=True, help="checkpoint folder written by 'virtualcell train'")
+    p.add_argument("--data", required=True, help="the data the model was trained on: an .h5ad path or a dataset name")
+    p.add_argument("--out", default=None,
+                   help="write the re-judged checkpoint (weights too) into this folder (default: rewrite the "
+                        "verdict inside --model, keeping the old one as previous-verdict.json)")
+    p.add_argument("--verdict-samples", type=_whole_numbers, default=None, metavar="K[,K...]",
+                   help="samples per cell the verdict tries with its best generation settings (default: the "
+                        "training run's)")
+    p.add_argument("--guidance", type=_positive_floats, default=None, metavar="W[,W...]",
+                   help="guidance scales the verdict compares, one sample each (default: the training run's: "
+                        "1,2,4 for a model trained with a generic condition)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    _add_force(p)
+    p.set_defaults(func=cmd_verdict)
 
     p = _add_command(sub, "predict", "predict perturbed cells for a baseline population",
                      "virtualcell predict --model my-model --data baseline.h5ad --perturbations ko:STAT1,ko:JAK2 "

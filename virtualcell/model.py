@@ -218,6 +218,15 @@ class C2SModel:
         (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
 
+    def save_verdict(self, path: str | os.PathLike[str]) -> None:
+        """Write the codec (``virtualcell.json``), the baselines and the verdict into the checkpoint folder
+        ``path``, leaving its weights and tokenizer: what :func:`virtualcell.train.rejudge` changes."""
+        from .safeio import write_text
+
+        p = Path(path)
+        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
+        self._save_verdict(p)
+
     @property
     def chosen(self) -> dict[str, Any]:
         """The generation settings the training run chose on its validation split (``{}`` without a verdict)."""

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
     from .validation import Baselines
 
-__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
+__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
 
 log = logging.getLogger(__name__)
 
@@ -771,6 +771,72 @@ def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg
         log.info("%s", model.verdict["summary"])
     model.train_config = model.train_config | {k: run_config[k] for k in ("verdict_seconds", "verdict_weight",
                                                                           "verdict_reserved_s") if k in run_config}
+
+
+def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | None = None,
+            candidates: tuple[dict[str, Any], ...] | None = None) -> dict[str, Any]:
+    """Run a trained checkpoint's validation verdict again, on the data it was trained on; returns the new verdict.
+
+    The verdict's cells are chosen from the training data by the run's own seed and
+    ``verdict_fraction`` (:func:`verdict_split`), so ``adata`` must be the data the run was given
+    (the same file; the recorded ``--holdout`` is applied here again). It is checked against the
+    run's recorded data hash: on other data the "held-out" cells could be cells the model trained
+    on. Use it to give a checkpoint written by an older version what the verdict reports now, or to
+    try other ``samples`` per cell or generation ``candidates`` without training again. The model
+    is changed in place (``verdict``, the decode it chooses, ``train_config``); save it with
+    :meth:`C2SModel.save` or ``virtualcell verdict``.
+    """
+    from dataclasses import fields
+
+    from . import validation
+    from .errors import ModelError
+
+    run = dict(model.train_config or {})
+    if "data_hash" not in run or model.contract is None or model.rank_fit is None:
+        raise ModelError(f"{model.source or 'This model'} has no record of the data it was trained on (a plain Hugging "
+                         "Face checkpoint, or one written before training recorded it), so the cells its verdict holds "
+                         "out cannot be found again. Train it with 'virtualcell train' to get a verdict.")
+    if not run.get("verdict_fraction"):
+        raise ModelError("This checkpoint was trained with verdict_fraction 0: it held no cells out of training, so "
+                         "every cell was trained on and none can judge it. Retrain with --verdict-fraction 0.1.")
+    known = {f.name for f in fields(TrainConfig)}
+    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in known}
+    cfg = TrainConfig(**recorded)
+    cfg = replace(cfg, verdict_samples=tuple(samples) if samples is not None else cfg.verdict_samples,
+                  verdict_candidates=tuple(dict(c) for c in candidates) if candidates is not None
+                  else cfg.verdict_candidates)
+    contract = model.contract
+    adata = with_gene_key(adata, contract.gene_key)
+    contract.validate(adata)
+    data = adata[_holdout_mask(adata, cfg.holdout)]
+    given = data_hash(data, contract)
+    if given != run["data_hash"]:
+        hold = " after the holdout " + ", ".join(f"{k}={','.join(v)}" for k, v in cfg.holdout.items()) if cfg.holdout \
+            else ""
+        raise DataError(f"This is not the data the model was trained on: its hash{hold} is {given}, the training run "
+                        f"recorded {run['data_hash']} ({run.get('n_train_cells', '?')} training cells). The verdict's "
+                        "held-out cells are drawn from that data, and on any other they could be cells the model "
+                        "trained on. Pass the same file (cells, genes and labels unchanged) that training was given.")
+    in_verdict = verdict_split(data, contract, cfg)
+    held, trained = data[in_verdict], data[~in_verdict]
+    if not in_verdict.any():
+        raise DataError("The verdict split of this data holds out no cells (no context has 40 control cells); "
+                        "there is nothing to judge the model on.")
+    sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
+    if model.baselines is None:
+        model.baselines = validation.Baselines.fit(trained, contract, model)
+    codec = {m: validation.Baselines.fit(roundtrip(trained, sentences, model.rank_fit, method=m), contract, model)
+             for m in DECODE_METHODS}
+    previous = model.verdict
+    model.verdict = None
+    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec)
+    if model.verdict is None:
+        model.verdict = previous
+        raise DataError("The verdict's held-out cells have no context with both control and perturbed cells; the "
+                        "checkpoint's verdict is left as it was.")
+    model.train_config = model.train_config | {"verdict_samples": list(cfg.verdict_samples),
+                                               "verdict_candidates": cfg.verdict_candidates}
+    return model.verdict
 
 
 class _CallableModule(types.ModuleType):
