@@ -391,6 +391,7 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     out = capsys.readouterr().out
     assert "before: " in out and "now: " in out and "previous-verdict.json" in out
     assert json.loads((ckpt / "previous-verdict.json").read_text()) == old
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".")) == []  # no lock file left behind
     new = vc.C2SModel.load(ckpt)
     # the same held-out cells and perturbations, judged by the same code: the same scores of the guidance scales
     assert new.verdict["perturbations"] == old["perturbations"] and new.verdict["n_cells"] == old["n_cells"]

@@ -337,10 +337,10 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     else:  # in place: the weights stay, the verdict and the codec it chose are rewritten; the old verdict is kept
         from pathlib import Path
 
-        from .safeio import folder_lock, write_text
+        from .safeio import file_lock, write_text
 
         folder = Path(args.model)
-        with folder_lock(folder, what="verdict"):
+        with file_lock(folder / VERDICT_FILE, what="verdict"):  # (its lock file goes when it is done)
             if (folder / VERDICT_FILE).exists():
                 write_text(folder / ("previous-" + VERDICT_FILE), (folder / VERDICT_FILE).read_text())
             model.save_verdict(folder)
