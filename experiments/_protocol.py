@@ -469,8 +469,19 @@ def fmt(summ: pd.DataFrame, method: str, metric: str) -> str:
     return f"{r[f'{metric} mean']:.2f} ({r[f'{metric} median']:.2f})"
 
 
-def headline(summ: pd.DataFrame, metric: str, baselines: list[str], *, higher: bool = True) -> dict[str, Any]:
-    """The combined table's row for one metric: model, the named baselines, the ceiling, and who wins."""
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better: the metric registry's direction (cell-eval's ``vcc_``
+    metrics by virtualcell's metric of the same name where there is one); the rest here are scores."""
+    from virtualcell.evaluate.metrics import METRICS
+
+    known = METRICS.get(metric.removeprefix("vcc_"))
+    return known.higher_is_better if known is not None else True
+
+
+def headline(summ: pd.DataFrame, metric: str, baselines: list[str]) -> dict[str, Any]:
+    """The combined table's row for one metric: model, the named baselines, the ceiling, and who wins (in the
+    metric's own direction, :func:`higher_is_better`)."""
+    higher = higher_is_better(metric)
     vals = {m: summ.loc[summ["method"] == m, f"{metric} mean"].iloc[0]
             for m in summ["method"] if np.isfinite(summ.loc[summ["method"] == m, f"{metric} mean"].iloc[0])}
     bases = [b for b in baselines if b in vals]

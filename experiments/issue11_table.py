@@ -39,19 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from _protocol import higher_is_better
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "results" / "issue11"
 CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experiments/codec_ceiling.py
 BLEND = "model (blend)"
-
-
-def _higher(metric: str) -> bool:
-    """Whether a larger value of ``metric`` is better: the metric registry's direction (cell-eval's ``vcc_``
-    metrics by virtualcell's metric of the same name where there is one); the rest here are scores."""
-    from virtualcell.evaluate.metrics import METRICS
-
-    known = METRICS.get(metric.removeprefix("vcc_"))
-    return known.higher_is_better if known is not None else True
 
 
 def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
@@ -68,7 +61,7 @@ def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
     values = [float(r[metric]) for r in rec["summary"] if r["method"] in names and r.get(metric) is not None]
     if not values:
         return float("nan")
-    return max(values) if _higher(metric) else min(values)
+    return max(values) if higher_is_better(metric) else min(values)
 
 
 def _load(runs: Path, stem: str) -> dict[int, dict[str, Any]]:
@@ -96,7 +89,7 @@ def _protocol_row(records: dict[int, dict[str, Any]], metric: str, baselines: li
                   absolute: float | None = None) -> dict[str, Any]:
     """Means over the seeds and the held-out groups of model, blend, each baseline and the ceiling."""
     use = {s: r for s, r in records.items() if seeds is None or s in seeds}
-    higher = _higher(metric)
+    higher = higher_is_better(metric)
 
     def over(method: str) -> float:
         # mean over seeds of the mean over groups (each seed's groups weigh the same)

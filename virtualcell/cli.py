@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _add_command(sub, "demo", "screen the embedded default with the bundled model (offline, ~1 min on a CPU)",
+    p = _add_command(sub, "demo", "screen the embedded default with the bundled model (offline, under 2 min on a CPU)",
                      "virtualcell demo --out virtualcell-demo --n-cells 120")
     p.add_argument("--out", default="virtualcell-demo", help="results folder")
     p.add_argument("--n-cells", type=_positive_int, default=120, help="baseline cells")
