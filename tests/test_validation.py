@@ -403,6 +403,14 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     assert new.train_config["verdict_samples"] == [1, 2]
     assert new.train_config["data_hash"] == model.train_config["data_hash"]
     assert (ckpt / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    # into a copy (--out), with other guidance scales: the copy loads with them, the original is left as it was
+    copy = tmp_path / "copy"
+    assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--guidance", "1,3", "--verdict-samples", "1",
+                 "--out", str(copy)]) == 0
+    capsys.readouterr()
+    tried = [c["settings"] for c in vc.C2SModel.load(copy).verdict["candidates"]]
+    assert tried == [{"guidance": 1.0}, {"guidance": 3.0}]
+    assert vc.C2SModel.load(ckpt).verdict == new.verdict
     # other data: refused before anything is judged or written, naming the problem
     data[:-5].write_h5ad(path)
     before = (ckpt / "verdict.json").read_text()
