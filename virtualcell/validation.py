@@ -234,6 +234,32 @@ def summary_line(verdict: Mapping[str, Any] | None) -> str:
     return "validation verdict without a summary"
 
 
+def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
+    """The generation settings the verdict tried, one line each (validation MSE and pearson_delta of the
+    pure model, seconds), the chosen one marked: what each costs beside what it bought.
+
+    >>> v = {"settings": {"samples": 4}, "candidates": [
+    ...     {"settings": {}, "model": {"mse": 0.2, "pearson_delta": 0.1}, "seconds": 1.0},
+    ...     {"settings": {"samples": 4}, "model": {"mse": 0.1, "pearson_delta": 0.3}, "seconds": 4.0}]}
+    >>> print("\\n".join(candidate_lines(v)))
+    defaults   MSE 0.2000  pearson_delta 0.10     1 s
+    samples 4  MSE 0.1000  pearson_delta 0.30     4 s  <- chosen
+    """
+    tried = list((verdict or {}).get("candidates") or [])
+    if not tried:
+        return []
+
+    def name(settings: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items()) \
+            or "defaults"
+
+    width = max(len(name(c["settings"])) for c in tried)
+    chosen = (verdict or {}).get("settings")
+    return [f"{name(c['settings']):<{width}}  MSE {c['model']['mse']:.4f}  pearson_delta "
+            f"{c['model']['pearson_delta']:.2f}  {c.get('seconds', float('nan')):4.0f} s"
+            + ("  <- chosen" if c["settings"] == chosen else "") for c in tried]
+
+
 def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray, *, seed: int = 0,
                    ) -> dict[str, float]:
     """How much larger the model's MSE is than the baseline's, with a 95% bootstrap interval over the

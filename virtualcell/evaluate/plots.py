@@ -142,7 +142,7 @@ def plot_metric_bars(
     >>> import virtualcell as vc
     >>> adata = vc.datasets.load("perturbench")
     >>> base, ref = vc.evaluate.split_controls(adata, seed=0)
-    >>> table = vc.evaluate.evaluate(None, ref, baseline=base, profile="fast")
+    >>> table = vc.evaluate.evaluate(None, ref, baseline=base, profile="fast", baselines=("nochange", "pertmean"))
     >>> fig = vc.evaluate.plot_metric_bars(table, metric=["pearson_delta", "mse"], return_fig=True)
     """
     import matplotlib.pyplot as plt
