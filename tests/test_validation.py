@@ -390,6 +390,7 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--verdict-samples", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "before: " in out and "now: " in out and "previous-verdict.json" in out
+    assert out.count("<- chosen") == 1 and "samples 2" in out  # what was tried, and which was kept
     assert json.loads((ckpt / "previous-verdict.json").read_text()) == old
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".")) == []  # no lock file left behind
     new = vc.C2SModel.load(ckpt)

@@ -307,21 +307,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
-    from .validation import candidate_lines, summary_line
+    from .validation import summary_line
 
     print(f"  {summary_line(model.verdict)}")
-    lines = candidate_lines(model.verdict)
+    _print_candidates(model.verdict)
+    return 0
+
+
+def _print_candidates(verdict) -> None:  # noqa: ANN001
+    """The generation settings a verdict tried, when it tried more than one (:func:`validation.candidate_lines`)."""
+    from .validation import candidate_lines
+
+    lines = candidate_lines(verdict)
     if len(lines) > 1:
         print("  generation settings tried (validation, pure model; the lowest MSE is chosen):")
         print("\n".join(f"    {line}" for line in lines))
-    return 0
 
 
 def cmd_verdict(args: argparse.Namespace) -> int:
     """Run a trained model's validation verdict again, on the data it was trained on."""
     from .model import C2SModel
     from .train import rejudge
-    from .validation import VERDICT_FILE, candidate_lines, summary_line
+    from .validation import VERDICT_FILE, summary_line
 
     model = C2SModel.load(args.model, device=args.device)
     adata = _load_data(args.data, model.contract)
@@ -351,10 +358,7 @@ def cmd_verdict(args: argparse.Namespace) -> int:
         where = f"{folder} (the previous verdict: previous-{VERDICT_FILE})"
     print(f"before: {before}")
     print(f"now:    {summary_line(model.verdict)}")
-    lines = candidate_lines(model.verdict)
-    if lines:
-        print("  generation settings tried (validation, pure model; the lowest MSE is chosen):")
-        print("\n".join(f"    {line}" for line in lines))
+    _print_candidates(model.verdict)
     print(f"wrote the verdict into {where}")
     return 0
 
