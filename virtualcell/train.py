@@ -820,8 +820,8 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     in_verdict = verdict_split(data, contract, cfg)
     held, trained = data[in_verdict], data[~in_verdict]
     if not in_verdict.any():
-        raise DataError("The verdict split of this data holds out no cells (no context has 40 control cells); "
-                        "there is nothing to judge the model on.")
+        raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
+                        "control cells); there is nothing to judge the model on.")
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
     if model.baselines is None:
         model.baselines = validation.Baselines.fit(trained, contract, model)
