@@ -17,7 +17,8 @@ mean and standard deviation over its runs:
   blend's;
 * the mean pairwise correlation of the predicted deltas (measured rep_3: about 0.15);
 * cell-eval's MAE and discrimination_score_l1 (means over the 25 knockouts);
-* the optimizer steps the run made, and the validation verdict's pearson_delta and MSE.
+* the optimizer steps the run made, and the validation verdict's pearson_delta and MSE, and its MSE
+  at the generation setting every run's verdict scored (``compare_verdicts.py`` explains why).
 
 Writes ``recipes.md`` and ``recipes.json`` in ``--out``.
 """
@@ -33,7 +34,7 @@ import numpy as np
 
 COLUMNS = [("spearman", "Spearman (pure)"), ("served", "Spearman (served)"), ("alike", "delta correlation"),
            ("mae", "vcc MAE"), ("disc", "vcc disc. L1"), ("steps", "steps"), ("val_pd", "verdict pearson_delta"),
-           ("val_mse", "verdict MSE")]
+           ("val_mse", "verdict MSE"), ("val_mse_shared", "verdict MSE, shared setting")]
 
 
 def run_row(folder: Path) -> dict[str, Any]:
@@ -49,12 +50,29 @@ def run_row(folder: Path) -> dict[str, Any]:
            "alike": r["pairwise_correlation"]["model"],
            "mae": summary["model"]["vcc_mae mean"], "disc": summary["model"]["vcc_discrimination_score_l1 mean"],
            "steps": r["model"]["train_config"].get("steps"), "val_pd": float("nan"), "val_mse": float("nan"),
+           "val_mse_shared": float("nan"), "verdict": None,
            "checkpoint": r["model"].get("checkpoint") or r["model"].get("bundled")}
     v = folder / "verdict.json"
     if v.exists():
         verdict = json.loads(v.read_text())
         row["val_pd"], row["val_mse"] = verdict["model"]["pearson_delta"], verdict["model"]["mse"]
+        row["verdict"] = verdict
     return row
+
+
+def at_shared_setting(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each run's verdict MSE at the generation setting every run's verdict scored (the one with the lowest mean
+    MSE; ``validation.shared_setting``): verdicts that chose different samples are not comparable by their own
+    choice, since more samples lower the MSE whatever the model. Fills ``val_mse_shared``; returns the setting."""
+    from virtualcell.validation import mse_at, shared_setting
+
+    verdicts = [r["verdict"] for r in rows if r["verdict"] is not None]
+    setting = shared_setting(verdicts) if verdicts else None
+    for r in rows:
+        if setting is not None and r["verdict"] is not None:
+            r["val_mse_shared"] = mse_at(r["verdict"], setting)
+        r.pop("verdict")
+    return setting
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,7 +90,7 @@ def _cell(v: Any, key: str = "") -> str:
         return "—"
     if isinstance(v, int) or float(v) > 50:
         return f"{v:.0f}"
-    return f"{v:.3f}" if key in ("mae", "val_mse") else f"{v:.2f}"  # errors differ in the third digit
+    return f"{v:.3f}" if key in ("mae", "val_mse", "val_mse_shared") else f"{v:.2f}"  # errors differ in the third digit
 
 
 def markdown(recipes: dict[str, dict[str, Any]]) -> str:
@@ -97,12 +115,15 @@ def main() -> None:
         name, _, folders = item.partition("=")
         if not folders:
             raise SystemExit(f"--recipe {item!r}: write NAME=FOLDER[,FOLDER...]")
-        rows = [run_row(Path(f)) for f in folders.split(",")]
-        recipes[name] = {"rows": rows, "summary": summarize(rows)}
+        recipes[name] = {"rows": [run_row(Path(f)) for f in folders.split(",")]}
+    setting = at_shared_setting([r for rec in recipes.values() for r in rec["rows"]])
+    for rec in recipes.values():
+        rec["summary"] = summarize(rec["rows"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = ("# Training recipes on protocol 4, over training runs\n\nCommand: `python experiments/compare_recipes.py "
-            + " ".join(f'--recipe "{r}"' for r in args.recipe) + f" --out {args.out}`\n\n" + markdown(recipes))
+            + " ".join(f'--recipe "{r}"' for r in args.recipe) + f" --out {args.out}`\n\n" + markdown(recipes)
+            + f"\nShared setting (every run's verdict scored it): {setting or 'none'}.\n")
     (out / "recipes.md").write_text(text)
     (out / "recipes.json").write_text(json.dumps(recipes, indent=1, default=float))
     print(text)

@@ -126,6 +126,7 @@ def _(DEFAULTS, adata, data_source, form, mo, perturbation_key, run, vc, viz):
     _at_defaults = data_source.value == "embedded" and form.value == DEFAULTS
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Train** to train with these settings."))
     from virtualcell.train import TrainConfig, train
+    from virtualcell.validation import candidate_lines, summary_line
 
     _f = form.value
     contract = vc.DataContract(perturbation_key.value, _f["control"], context_key=_f["context_key"])
@@ -145,6 +146,10 @@ def _(DEFAULTS, adata, data_source, form, mo, perturbation_key, run, vc, viz):
               f"{live.history[-1].get('val_loss', float('nan')):.3f}. Screen with it: "
               f"`virtualcell screen --model {_f['out']} --data papalexi2021 --panel panel.txt --out screen/`, "
               "or open `notebooks/screen.py` and choose *local folder*."),
+        mo.md(f"**Validation verdict** (cells held out of training; how far to trust the model): "
+              f"{summary_line(model.verdict)}"),
+        mo.md("Generation settings the verdict tried (pure model; the lowest MSE is chosen):\n\n```\n"
+              + "\n".join(candidate_lines(model.verdict)) + "\n```") if candidate_lines(model.verdict) else mo.md(""),
     ]))
     return
 

@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# scripts the tests launch in subprocesses: importing one runs it, so --doctest-modules must not collect them
+collect_ignore_glob = ["_*_worker.py"]
 
 
 @pytest.fixture(scope="session")

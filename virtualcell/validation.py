@@ -260,6 +260,45 @@ def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
             + ("  <- chosen" if c["settings"] == chosen else "") for c in tried]
 
 
+def shared_setting(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Among the generation settings that every verdict scored (their ``candidates``), the one with the
+    lowest mean validation MSE over them; ``None`` when they share none.
+
+    Two training recipes whose verdicts chose different settings cannot be compared by each one's
+    chosen MSE: more samples per cell lower a verdict's MSE whatever the model (they average out
+    sampling noise), so a recipe that trains less but is offered more samples can look better
+    (``protocols_attempts.md``, session 26). Compare them at a setting both scored
+    (:func:`mse_at`).
+
+    >>> a = {"candidates": [{"settings": {"guidance": 1.0}, "model": {"mse": 0.30}},
+    ...                     {"settings": {"guidance": 1.0, "samples": 4}, "model": {"mse": 0.21}}]}
+    >>> b = {"candidates": [{"settings": {"guidance": 1.0}, "model": {"mse": 0.32}},
+    ...                     {"settings": {"guidance": 1.0, "samples": 4}, "model": {"mse": 0.22}},
+    ...                     {"settings": {"guidance": 1.0, "samples": 8}, "model": {"mse": 0.20}}]}
+    >>> shared_setting([a, b])
+    {'guidance': 1.0, 'samples': 4}
+    >>> mse_at(b, shared_setting([a, b]))
+    0.22
+    """
+    def key(settings: Mapping[str, Any]) -> str:
+        return json.dumps(dict(settings), sort_keys=True)
+
+    scored = [{key(c["settings"]): c for c in (v.get("candidates") or [])} for v in verdicts]
+    common = set.intersection(*(set(s) for s in scored)) if scored else set()
+    if not common:
+        return None
+    best = min(sorted(common), key=lambda k: float(np.mean([s[k]["model"]["mse"] for s in scored])))
+    return dict(scored[0][best]["settings"])
+
+
+def mse_at(verdict: Mapping[str, Any], settings: Mapping[str, Any]) -> float:
+    """The verdict's validation MSE of the pure model at ``settings`` (one of its ``candidates``), or NaN."""
+    for c in verdict.get("candidates") or []:
+        if dict(c["settings"]) == dict(settings):
+            return float(c["model"]["mse"])
+    return float("nan")
+
+
 def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray, *, seed: int = 0,
                    ) -> dict[str, float]:
     """How much larger the model's MSE is than the baseline's, with a 95% bootstrap interval over the
