@@ -70,6 +70,12 @@ def test_a_model_trained_with_gene_key_reads_new_cells_the_same_way(screen_ids, 
     assert main(["predict", "--model", str(model), "--data", str(path), "--perturbations", "STAT1",
                  "--n-cells", "4", "--out", str(pred)]) == 0
     assert list(ad.read_h5ad(pred).var_names) == list(data.var["symbol"])
+    # the verdict run again finds the same cells through the same column (the data hash is of the symbols' data)
+    before = trained.verdict
+    assert main(["verdict", "--model", str(model), "--data", str(path), "--verdict-samples", "1"]) == 0
+    again = vc.C2SModel.load(model).verdict
+    assert before is not None and again["perturbations"] == before["perturbations"]
+    assert again["n_cells"] == before["n_cells"]
 
 
 def test_text_model_refuses_ids_and_names_the_flag(screen_ids):
