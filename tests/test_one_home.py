@@ -200,14 +200,17 @@ def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control
     np.testing.assert_allclose(a["control_var"], x.var(0, ddof=1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a["var"].sel(perturbation="ko:STAT1"),
                                cal.cells.sel(perturbation="ko:STAT1").values.var(0, ddof=1), rtol=1e-4, atol=1e-6)
-    # the noise of a delta is that of paired cells: each predicted cell minus its own baseline cell
-    diff = cal.cells.sel(perturbation="ko:STAT1").values - x
+    # the noise of a delta is that of paired cells: each cell's change before clipping (the calibrated cells keep its
+    # mean, not its spread: clipped at 0, they vary less, and their variance understated the noise)
+    diff = d_ko - d_ctrl
     np.testing.assert_allclose(a["var_delta"].sel(perturbation="ko:STAT1"), diff.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    clipped = cal.cells.sel(perturbation="ko:STAT1").values - x
+    assert diff.var(0, ddof=1).sum() > clipped.var(0, ddof=1).sum()
     from virtualcell.objectives import parse_objective
     from virtualcell.screen import rank
 
     row = rank(a, parse_objective(None), n_boot=0, seed=0).set_index("perturbation").loc["ko:STAT1"]
-    d = diff.mean(0)
+    d = clipped.mean(0)
     want = np.sqrt(max(float(d @ d) - diff.var(0, ddof=1).sum() / diff.shape[0], 0.0))
     assert row["l2_delta_corrected"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 

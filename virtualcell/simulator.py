@@ -85,7 +85,12 @@ class _Sums:
     sq: np.ndarray = field(init=False)
     model_total: np.ndarray = field(init=False)  # the pure model's sums, beside the served (blended) ones
     model_sq: np.ndarray = field(init=False)
-    diff_sq: np.ndarray = field(init=False)  # sums of (predicted - own baseline cell)^2: the paired noise
+    # sums of each cell's change before clipping (its calibrated prediction is x + change, clipped at 0 and
+    # rescaled to the unclipped mean) and of its square: the paired noise of the mean delta, which is the
+    # unclipped change's (the clipped cells vary less: their variance understated the noise 1.7-fold)
+    diff_total: np.ndarray = field(init=False)
+    diff_sq: np.ndarray = field(init=False)
+    model_diff_total: np.ndarray = field(init=False)
     model_diff_sq: np.ndarray = field(init=False)
     expressing: np.ndarray = field(init=False)
     count: np.ndarray = field(init=False)
@@ -103,7 +108,9 @@ class _Sums:
         self.sq = np.zeros((P, G))
         self.model_total = np.zeros((P, G))
         self.model_sq = np.zeros((P, G))
+        self.diff_total = np.zeros((P, G))
         self.diff_sq = np.zeros((P, G))
+        self.model_diff_total = np.zeros((P, G))
         self.model_diff_sq = np.zeros((P, G))
         self.expressing = np.zeros((P, G))
         self.count = np.zeros(P, dtype=np.int64)
@@ -112,11 +119,13 @@ class _Sums:
         self.embedded = [[] for _ in range(P)]
         self.embedded_idx = [[] for _ in range(P)]
 
-    def add(self, p: int, X: np.ndarray, base: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None,
+    def add(self, p: int, X: np.ndarray, change: np.ndarray, buckets: np.ndarray, emb: np.ndarray | None,
             idx: np.ndarray) -> None:
+        """The served predictions ``X`` of perturbation ``p``, and each cell's change before clipping."""
         self.total[p] += X.sum(0)
         self.sq[p] += np.square(X, dtype=np.float64).sum(0)
-        self.diff_sq[p] += np.square(X - base, dtype=np.float64).sum(0)
+        self.diff_total[p] += change.sum(0)
+        self.diff_sq[p] += np.square(change, dtype=np.float64).sum(0)
         self.expressing[p] += (X > 0).sum(0)
         self.count[p] += X.shape[0]
         np.add.at(self.bucket_total[p], buckets, X)
@@ -127,20 +136,21 @@ class _Sums:
                 self.embedded[p].append(emb[: self.keep_embedded - have])
                 self.embedded_idx[p].append(idx[: self.keep_embedded - have])
 
-    def add_model(self, p: int, X: np.ndarray, base: np.ndarray) -> None:
+    def add_model(self, p: int, X: np.ndarray, change: np.ndarray) -> None:
         """The pure model's predictions of perturbation ``p`` (the served ones go to :meth:`add`)."""
         self.model_total[p] += X.sum(0)
         self.model_sq[p] += np.square(X, dtype=np.float64).sum(0)
-        self.model_diff_sq[p] += np.square(X - base, dtype=np.float64).sum(0)
+        self.model_diff_total[p] += change.sum(0)
+        self.model_diff_sq[p] += np.square(change, dtype=np.float64).sum(0)
 
     def merge(self, split: Split) -> None:
         """Add the sums of every process (each generated a share of the cells)."""
         if split.world == 1:
             return
-        (self.total, self.sq, self.model_total, self.model_sq, self.diff_sq, self.model_diff_sq, self.expressing,
-         self.count, self.bucket_total, self.bucket_count) = split.sum(
-            self.total, self.sq, self.model_total, self.model_sq, self.diff_sq, self.model_diff_sq, self.expressing,
-            self.count, self.bucket_total, self.bucket_count)
+        (self.total, self.sq, self.model_total, self.model_sq, self.diff_total, self.diff_sq, self.model_diff_total,
+         self.model_diff_sq, self.expressing, self.count, self.bucket_total, self.bucket_count) = split.sum(
+            self.total, self.sq, self.model_total, self.model_sq, self.diff_total, self.diff_sq, self.model_diff_total,
+            self.model_diff_sq, self.expressing, self.count, self.bucket_total, self.bucket_count)
         counts = split.sum(np.array([self.n_invalid, self.n_duplicate, self.n_generated_genes], dtype=np.int64))[0]
         self.n_invalid, self.n_duplicate, self.n_generated_genes = (int(v) for v in counts)
         parts = split.gather([(np.concatenate(e) if e else np.zeros((0, self.n_pcs), np.float32),
@@ -549,17 +559,23 @@ class Simulator:
                     else:
                         k0 = first[str(p)]
                         d = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(k0, k0 + samples)], axis=0)
+                    # each cell's change before clipping (calibrated: the prediction is x + change, clipped and
+                    # rescaled to the unclipped mean; uncalibrated: the decoded generation against the cell)
                     if not calibrate:
-                        pred = d
+                        pred, change = d, d - x
+                    elif p == control:
+                        pred, change = x, np.zeros_like(x)
                     else:
-                        pred = x if p == control else calibrated(x, d - d_ctrl)
+                        change = d - d_ctrl
+                        pred = calibrated(x, change)
                     pred = pred.astype(np.float32)
-                    sums.add_model(j, pred, x)
+                    sums.add_model(j, pred, change)
                     if model_mem is not None:
                         model_mem[j, idx] = pred
                     if blended and p != control:  # served: the same generation, blended with the baseline
-                        pred = calibrated(x, w * (d - d_ctrl) + (1.0 - w) * shift[j][0]).astype(np.float32)
-                    sums.add(j, pred, x, buckets, self.embed(pred), idx)
+                        change = w * (d - d_ctrl) + (1.0 - w) * shift[j][0]
+                        pred = calibrated(x, change).astype(np.float32)
+                    sums.add(j, pred, change, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
                     if writer is not None:
@@ -614,10 +630,11 @@ class Simulator:
         model_mean = sums.model_total / cnt
         model_var = unbiased_var(model_mean, sums.model_sq / cnt, cnt)
         control_mean = self.baseline_mean(n)
-        # each predicted cell against its own baseline cell: the variance of these paired differences is the
-        # noise of a delta (the predicted cells are not a second, independent sample of the baseline)
-        var_delta = unbiased_var(mean - control_mean, sums.diff_sq / cnt, cnt)
-        var_delta_model = unbiased_var(model_mean - control_mean, sums.model_diff_sq / cnt, cnt)
+        # each predicted cell against its own baseline cell: the variance of these paired changes (before clipping,
+        # whose mean the calibrated cells keep) is the noise of a delta (the predicted cells are not a second,
+        # independent sample of the baseline)
+        var_delta = unbiased_var(sums.diff_total / cnt, sums.diff_sq / cnt, cnt)
+        var_delta_model = unbiased_var(sums.model_diff_total / cnt, sums.model_diff_sq / cnt, cnt)
         control_var = unbiased_var(control_mean, np.asarray(self.expression[:n].power(2).mean(axis=0)).ravel(), n)
         bucket_mean = sums.bucket_total / np.maximum(sums.bucket_count, 1)[..., None]
         # the baseline cells of each bucket: a bucket's delta pairs its predicted cells with their own baselines
