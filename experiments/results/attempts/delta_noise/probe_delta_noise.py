@@ -12,7 +12,6 @@ is the unclipped one by construction, so (a) is its noise; clipping at 0 shrinks
 import json
 from pathlib import Path
 
-
 import virtualcell as vc
 
 ad = vc.datasets.load("papalexi2021")
