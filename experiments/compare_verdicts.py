@@ -38,12 +38,8 @@ def record(path: Path) -> tuple[dict[str, Any], Any]:
     return training["verdict"], training.get("steps")
 
 
-def _settings(s: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in s.items()) or "defaults"
-
-
 def main(argv: list[str] | None = None) -> str:
-    from virtualcell.validation import mse_at, shared_setting
+    from virtualcell.validation import mse_at, settings_text, shared_setting
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", action="append", required=True, metavar="NAME=PATH,PATH,...")
@@ -56,14 +52,14 @@ def main(argv: list[str] | None = None) -> str:
             raise SystemExit(f"--recipe {item!r}: write NAME=PATH[,PATH...]")
         recipes[name] = [(p, *record(Path(p))) for p in paths.split(",")]
     shared = shared_setting([v for runs in recipes.values() for _, v, _ in runs])
-    at = _settings(shared) if shared is not None else "none shared"
+    at = settings_text(shared) if shared is not None else "none shared"
     lines = [f"| recipe | run | steps | chosen setting | MSE, chosen | MSE at {at} |", "|---|---|---|---|---|---|"]
     for name, runs in recipes.items():
         shared_mse = []
         for path, verdict, steps in runs:
             m = mse_at(verdict, shared) if shared is not None else float("nan")
             shared_mse.append(m)
-            lines.append(f"| {name} | {path} | {steps if steps is not None else '—'} | {_settings(verdict['settings'])} "
+            lines.append(f"| {name} | {path} | {steps if steps is not None else '—'} | {settings_text(verdict['settings'])} "
                          f"| {verdict['model']['mse']:.4f} | {m:.4f} |")
         lines.append(f"| **{name}** | **mean ({len(runs)} runs)** | | | "
                      f"**{np.mean([v['model']['mse'] for _, v, _ in runs]):.4f}** | **{np.nanmean(shared_mse):.4f}** |")

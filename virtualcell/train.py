@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
     from .model import C2SModel
+    from .sentences import CellSentences
     from .validation import Baselines
 
 __all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
@@ -564,8 +565,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
     # in the verdict, which also chooses the decode by them
     model.baselines = validation.Baselines.fit(data, contract, model)
-    codec = ({m: validation.Baselines.fit(roundtrip(data, sentences, fit, method=m), contract, model)
-              for m in DECODE_METHODS} if held is not None else None)
+    codec = _codec_baselines(data, sentences, fit, contract, model) if held is not None else None
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
         reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
@@ -755,6 +755,16 @@ def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, An
     return tuple({"guidance": g} for g in GUIDANCE_CANDIDATES) if guided else ({},)
 
 
+def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, contract: DataContract,
+                     model: C2SModel) -> dict[str, Baselines]:
+    """The training baselines fitted on the training ``cells`` as the model's ``sentences`` carry them, decoded
+    each way (:data:`DECODE_METHODS`): the verdict's codec, which also chooses the decode."""
+    from . import validation
+
+    return {m: validation.Baselines.fit(roundtrip(cells, sentences, fit, method=m), contract, model)
+            for m in DECODE_METHODS}
+
+
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
            codec: Mapping[str, Baselines] | None = None) -> None:
@@ -825,8 +835,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
     if model.baselines is None:
         model.baselines = validation.Baselines.fit(trained, contract, model)
-    codec = {m: validation.Baselines.fit(roundtrip(trained, sentences, model.rank_fit, method=m), contract, model)
-             for m in DECODE_METHODS}
+    codec = _codec_baselines(trained, sentences, model.rank_fit, contract, model)
     previous = model.verdict
     model.verdict = None
     _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec)

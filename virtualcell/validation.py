@@ -234,6 +234,15 @@ def summary_line(verdict: Mapping[str, Any] | None) -> str:
     return "validation verdict without a summary"
 
 
+def settings_text(settings: Mapping[str, Any], *, empty: str = "defaults") -> str:
+    """Generation settings for a person, e.g. ``"guidance 1, samples 4"`` (``empty`` when there are none).
+
+    >>> settings_text({"guidance": 1.0, "samples": 4}), settings_text({})
+    ('guidance 1, samples 4', 'defaults')
+    """
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items()) or empty
+
+
 def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
     """The generation settings the verdict tried, one line each (validation MSE and pearson_delta of the
     pure model, seconds), the chosen one marked: what each costs beside what it bought.
@@ -249,13 +258,9 @@ def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
     if not tried:
         return []
 
-    def name(settings: Mapping[str, Any]) -> str:
-        return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items()) \
-            or "defaults"
-
-    width = max(len(name(c["settings"])) for c in tried)
+    width = max(len(settings_text(c["settings"])) for c in tried)
     chosen = (verdict or {}).get("settings")
-    return [f"{name(c['settings']):<{width}}  MSE {c['model']['mse']:.4f}  pearson_delta "
+    return [f"{settings_text(c['settings']):<{width}}  MSE {c['model']['mse']:.4f}  pearson_delta "
             f"{c['model']['pearson_delta']:.2f}  {c.get('seconds', float('nan')):4.0f} s"
             + ("  <- chosen" if c["settings"] == chosen else "") for c in tried]
 
@@ -439,8 +444,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             verdict["summary"] += (f" Decode chosen on it: {method} (codec MSE {codec_scores[method]['mse']:.4f}; "
                                    f"{others}).")
     if len(tried) > 1:  # say what was chosen on this split, and among what
-        chosen = ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in settings.items())
-        verdict["summary"] += f" Generation settings chosen on it: {chosen or 'the defaults'} (of {len(tried)} tried)."
+        chosen = settings_text(settings, empty="the defaults")
+        verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
     return verdict
 
 
