@@ -12,7 +12,7 @@ import virtualcell as vc
 from virtualcell.contract import DataContract
 from virtualcell.errors import ScreenError, TrainingError
 from virtualcell.train import GUIDANCE_CANDIDATES, TrainConfig, data_hash, verdict_split
-from virtualcell.validation import Baselines, blend_weight, run_verdict, score_deltas
+from virtualcell.validation import Baselines, blend_weight, delta_noise, run_verdict, score_deltas
 
 # the tiny model of conftest.py is trained with this config (and the default verdict_fraction)
 TINY = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=12, eval_every=6, save_every=6,
@@ -138,6 +138,25 @@ def test_mse_difference_bounds_which_is_better():
                                              mse_difference(close, far, y))
 
 
+def test_delta_noise_is_the_variance_of_the_mean_over_independent_cells():
+    """Cells hashed into unequal buckets: the spread of the buckets' means gives the variance of the mean over all
+    cells (sigma^2 / N), whatever the bucket sizes; one bucket gives no estimate (0)."""
+    rng = np.random.default_rng(0)
+    n_cells, n_buckets, genes, sigma = 64, 20, 20_000, 2.0
+    bucket = rng.integers(0, n_buckets, n_cells)
+    cells = rng.normal(size=(n_cells, genes)) * sigma
+    means = np.stack([cells[bucket == b].mean(0) if (bucket == b).any() else np.zeros(genes)
+                      for b in range(n_buckets)])[None]
+    counts = np.bincount(bucket, minlength=n_buckets)[None]
+    assert (counts == 0).any() and counts.max() > 2 * counts[counts > 0].min()  # unequal, some empty
+    noise = delta_noise(means, counts)
+    assert noise.shape == (1, genes)
+    assert abs(noise.mean() / (sigma ** 2 / n_cells) - 1) < 0.05
+    one = np.zeros((1, n_buckets), dtype=int)
+    one[0, 3] = n_cells
+    assert not delta_noise(means, one).any()
+
+
 def test_score_deltas_by_hand():
     y = np.array([[1.0, 2.0, 3.0, -1.0]])
     s = score_deltas(2 * y, y, top_n=2)
@@ -179,6 +198,8 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert tried[-1] == first | {"samples": 4}
     assert verdict["settings"] == min(verdict["candidates"], key=lambda c: c["model"]["mse"])["settings"]
     assert 0.0 <= verdict["weight"] <= 1.0 and all(c["seconds"] > 0 for c in verdict["candidates"])
+    # each candidate's MSE carries the sampling noise of its mean delta, measured from its cell buckets
+    assert all(0.0 <= c["model"]["noise"] < np.inf for c in verdict["candidates"])
     for who in ("model", "baseline", "blend"):
         assert set(verdict[who]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["blend"]["mse"] <= min(verdict["model"]["mse"], verdict["baseline"]["mse"]) + 1e-9

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import C2SModel
     from .sentences import RankFit
 
-__all__ = ["Baselines", "blend_weight", "choose_decode", "mse_difference", "score_deltas", "run_verdict", "summary_line",
+__all__ = ["Baselines", "blend_weight", "choose_decode", "delta_noise", "mse_difference", "score_deltas", "run_verdict", "summary_line",
            "BASELINES_FILE", "VERDICT_FILE", "TOP_N", "verdict_seconds"]
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,36 @@ def score_deltas(pred: np.ndarray, measured: np.ndarray, *, top_n: int = TOP_N) 
     }
 
 
+def delta_noise(bucket_delta: np.ndarray, bucket_count: np.ndarray) -> np.ndarray:
+    """The sampling variance of a mean predicted delta, from the spread of its buckets' deltas.
+
+    ``bucket_delta``: perturbations x buckets x genes, each bucket's mean predicted delta (its
+    cells against their own baseline cells: the Simulator's ``bucket_mean - control_bucket_mean``);
+    ``bucket_count``: perturbations x buckets, its cells. Cells fall into buckets by a hash, so the
+    buckets are independent groups and the variance of the cell-weighted mean over them is
+    ``B/(B-1) · Σ_b (n_b/N)² (D_b − D)²`` (B: the buckets with cells), whatever the noise comes
+    from (the samples, the control generations, the cells themselves). It is the part of a
+    validation MSE of the mean delta that more cells or samples would average away. It is not
+    all that more samples change: on the bundled model, ``mse − noise`` still fell from 0.096 to
+    0.084 between 1 and 8 samples per cell (``experiments/results/attempts/guidance_at_samples/``),
+    so a noisier prediction also carries a bias (the clip at zero is not linear). Returns
+    perturbations x genes (0 where fewer than two buckets have cells).
+
+    >>> import numpy as np
+    >>> d = np.array([[[1.0], [3.0]]])          # one perturbation, two buckets of 2 cells, one gene
+    >>> delta_noise(d, np.array([[2, 2]]))       # 2/1 * ((1/2)^2 * 1 + (1/2)^2 * 1)
+    array([[1.]])
+    """
+    D = np.asarray(bucket_delta, dtype=np.float64)
+    n = np.asarray(bucket_count, dtype=np.float64)
+    total = np.maximum(n.sum(axis=1), 1.0)[:, None]
+    share = n / total  # P x B
+    mean = np.einsum("pb,pbg->pg", share, D)
+    used = (n > 0).sum(axis=1)[:, None]
+    spread = np.einsum("pb,pbg->pg", share ** 2, (D - mean[:, None, :]) ** 2)
+    return np.where(used > 1, spread * used / np.maximum(used - 1, 1), 0.0)
+
+
 def summary_line(verdict: Mapping[str, Any] | None) -> str:
     """One line for a person: how the model did against the baseline on the validation split."""
     if not verdict:
@@ -245,14 +275,16 @@ def settings_text(settings: Mapping[str, Any], *, empty: str = "defaults") -> st
 
 def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
     """The generation settings the verdict tried, one line each (validation MSE and pearson_delta of the
-    pure model, seconds), the chosen one marked: what each costs beside what it bought.
+    pure model, seconds), the chosen one marked: what each costs beside what it bought. ``noise``: the
+    part of the MSE that is the sampling noise of the mean predicted delta (:func:`delta_noise`),
+    which more samples or cells would average away.
 
     >>> v = {"settings": {"samples": 4}, "candidates": [
-    ...     {"settings": {}, "model": {"mse": 0.2, "pearson_delta": 0.1}, "seconds": 1.0},
-    ...     {"settings": {"samples": 4}, "model": {"mse": 0.1, "pearson_delta": 0.3}, "seconds": 4.0}]}
+    ...     {"settings": {}, "model": {"mse": 0.2, "pearson_delta": 0.1, "noise": 0.04}, "seconds": 1.0},
+    ...     {"settings": {"samples": 4}, "model": {"mse": 0.1, "pearson_delta": 0.3, "noise": 0.01}, "seconds": 4.0}]}
     >>> print("\\n".join(candidate_lines(v)))
-    defaults   MSE 0.2000  pearson_delta 0.10     1 s
-    samples 4  MSE 0.1000  pearson_delta 0.30     4 s  <- chosen
+    defaults   MSE 0.2000 (noise 0.0400)  pearson_delta 0.10     1 s
+    samples 4  MSE 0.1000 (noise 0.0100)  pearson_delta 0.30     4 s  <- chosen
     """
     tried = list((verdict or {}).get("candidates") or [])
     if not tried:
@@ -260,7 +292,11 @@ def candidate_lines(verdict: Mapping[str, Any] | None) -> list[str]:
 
     width = max(len(settings_text(c["settings"])) for c in tried)
     chosen = (verdict or {}).get("settings")
-    return [f"{settings_text(c['settings']):<{width}}  MSE {c['model']['mse']:.4f}  pearson_delta "
+
+    def noise(c: Mapping[str, Any]) -> str:  # (verdicts written before it was measured have none)
+        return f" (noise {c['model']['noise']:.4f})" if "noise" in c["model"] else ""
+
+    return [f"{settings_text(c['settings']):<{width}}  MSE {c['model']['mse']:.4f}{noise(c)}  pearson_delta "
             f"{c['model']['pearson_delta']:.2f}  {c.get('seconds', float('nan')):4.0f} s"
             + ("  <- chosen" if c["settings"] == chosen else "") for c in tried]
 
@@ -398,10 +434,14 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
         """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
         t = time.perf_counter()  # a setting left out is its plain value, not one an earlier verdict chose
-        rows = [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **(PLAIN | settings))
-                .aggregates["delta_model"].values.astype(np.float64) for sim, typed in sims]
-        M = np.concatenate(rows)
-        return {"settings": settings, "model": score_deltas(M, Y), "seconds": round(time.perf_counter() - t, 2)}, M
+        aggs = [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **(PLAIN | settings))
+                .aggregates for sim, typed in sims]
+        M = np.concatenate([a["delta_model"].values.astype(np.float64) for a in aggs])
+        # (blend=None: the buckets' served cells are the pure model's)
+        V = np.concatenate([delta_noise(a["bucket_mean"].values - a["control_bucket_mean"].values[None],
+                                        a["bucket_count"].values) for a in aggs])
+        scores = score_deltas(M, Y) | {"noise": float(V.mean())}
+        return {"settings": settings, "model": scores, "seconds": round(time.perf_counter() - t, 2)}, M
 
     def lowest_error(tried: list[tuple[dict[str, Any], np.ndarray]]) -> tuple[dict[str, Any], np.ndarray]:
         return min(tried, key=lambda a: a[0]["model"]["mse"])
