@@ -9,7 +9,8 @@ virtualcell.json (train_config) and in TRAINING.json beside it.
 
 10,000 optimizer steps (about 35 minutes on one CPU thread): the recipe's 4,000 steps ended with
 the validation loss still falling, and 10,000 lowered it and the validation verdict's error
-(experiments/results/attempts/recipes/).
+(experiments/results/attempts/recipes/). 20,000 overfit: the validation loss turns up after about
+9,000 steps, and the verdict's error was higher (experiments/results/attempts/steps20k/).
 
 The verdict is offered 8 samples per cell besides 1 and 4 (--verdict-samples 1,4,8): in a 40-minute
 budget its extra ~70 s do not cost steps (10,000 are reached first), and on this recipe's
