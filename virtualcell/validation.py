@@ -237,7 +237,8 @@ def delta_noise(bucket_delta: np.ndarray, bucket_count: np.ndarray) -> np.ndarra
     validation MSE of the mean delta that more cells or samples would average away. It is not
     all that more samples change: on the bundled model, ``mse − noise`` still fell from 0.096 to
     0.084 between 1 and 8 samples per cell (``experiments/results/attempts/guidance_at_samples/``),
-    so a noisier prediction also carries a bias (the clip at zero is not linear). Returns
+    so a noisier prediction also carries an error this does not see (most likely a bias through
+    the clip at zero, which is not linear). Returns
     perturbations x genes (0 where fewer than two buckets have cells).
 
     >>> import numpy as np
