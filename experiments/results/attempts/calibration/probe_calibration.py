@@ -14,6 +14,7 @@ import pandas as pd
 import _protocol as P
 import codec_ceiling as C
 import virtualcell.simulator as S
+from virtualcell.evaluate import baselines as B
 
 orig = S.calibrated
 
@@ -41,7 +42,7 @@ def shift_nonzero(x, d):
     dd = np.divide(dm, frac, out=np.zeros_like(dm), where=frac > 0)
     down = np.where(x > 0, x + dd, 0.0)
     raw = np.where(dm < 0, down, up)
-    return orig(raw, np.zeros_like(raw)) if False else _rescale(raw, x + d)
+    return _rescale(raw, x + d)
 
 
 def _rescale(raw, unclipped):
@@ -58,8 +59,6 @@ rows = []
 for protocol in (5, 4, 3, 2):
     for seed in (0, 1, 2):
         r = C.protocol_runs(protocol, seed, quick=False)
-        from virtualcell.evaluate import baselines as B
-
         fn = getattr(B, r["rule"])
         kw = dict(baseline=r["baseline"], targets=r["targets"], perturbation_key=r["contract"].perturbation_key,
                   control=r["contract"].control, context_key=r["context_key"], max_cells=None, seed=seed)
