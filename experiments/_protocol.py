@@ -229,7 +229,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     # from the same generated cells (res.cells_model are the pure model's; res.aggregates hold both, the pure
     # model's as delta_model); blend="auto" or a weight: that prediction alone
     w = sim.blend_weight("auto") if blend is None else None
-    both = w is not None and w < 1.0
+    both = w is not None and min(w, sim.unseen_weight("auto")) < 1.0
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
                        progress=False, keep_cells=True, blend="auto" if both else blend)
 

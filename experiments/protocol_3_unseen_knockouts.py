@@ -44,6 +44,13 @@ def data(seed: int, n_holdout: int):  # noqa: ANN201
     return adata, contract, held, candidates, train_ad, baseline, reference
 
 
+def unseen_note(verdict: dict | None) -> str:
+    """The training run's verdict on the knockouts it held out whole (``unseen_fraction``), whose blend
+    weight the served prediction of every held-out knockout uses; empty without one."""
+    unseen = (verdict or {}).get("unseen")
+    return f" Training's verdict on knockouts it held out whole: {unseen['summary']}" if unseen else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = P.parser(__doc__, minutes=7.0)
     ap.add_argument("--n-holdout", type=int, default=N_HOLDOUT, help="knockouts held out (seeded random among representable)")
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{trained.seconds / 60:.1f} min (final loss {trained.final_loss:.3f}, validation "
                   f"{trained.val_loss:.3f}); {min(n_cells, baseline.n_obs)} baseline control cells predicted in "
                   f"{pred_s:.0f} s. The discrimination score ranks each prediction among all 25 measured "
-                  "knockouts.\n\nPer knockout:\n\n" + P.markdown_table(per)),
+                  f"knockouts.{unseen_note(trained.verdict)}\n\nPer knockout:\n\n" + P.markdown_table(per)),
         meta={"held_out": held, "candidates": candidates,
               "training": {k: v for k, v in vars(trained).items() if k != "model"},
               "prediction_seconds": round(pred_s, 1), "n_cells": n_cells},

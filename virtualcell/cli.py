@@ -62,6 +62,9 @@ def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
 
     served = ("served: the pure model" if weight is None
               else f"served: blend with weight {weight:.2f} on the model (1 - w on the training baseline)")
+    unseen = (verdict or {}).get("unseen")
+    if weight is not None and unseen:
+        served += f"; {unseen['weight']:.2f} for perturbations it never trained on"
     return f"validation: {summary_line(verdict)}\n{served}"
 
 
@@ -292,7 +295,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
-        threads=args.threads, verdict_fraction=args.verdict_fraction, compile=args.compile, gene_init=args.gene_init,
+        threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
+        compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
     )
@@ -581,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict-fraction", type=float, default=TrainConfig.verdict_fraction, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
                    "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")
+    p.add_argument("--unseen-fraction", type=float, default=TrainConfig.unseen_fraction, metavar="F",
+                   help="share of the perturbations held out of training whole (single knockouts, knockdowns or "
+                   "activations of measured genes), so the verdict also judges the model on perturbations it never "
+                   "saw and fits their blend weight apart; use it when you will screen perturbations the data lacks "
+                   "(they are then not trained on; default: %(default)s, none)")
     p.add_argument("--verdict-samples", type=_whole_numbers, default=TrainConfig.verdict_samples, metavar="K[,K...]",
                    help="samples per cell (each cell's predictions averaged over K generations) that the verdict tries "
                         "with its best generation settings, keeping the one with the lowest validation error; each "

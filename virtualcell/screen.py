@@ -38,7 +38,7 @@ import numpy as np
 from ._stats import noise_corrected_sq_norm, paired_sq_norm
 from .distributed import Split
 from . import safeio
-from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError
+from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 
@@ -171,6 +171,14 @@ def run(
     genes = list(simulator.gene_names)
     obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
     w = simulator.blend_weight(blend)
+    w_unseen = simulator.unseen_weight(blend)
+    if w is not None and w < 1.0 and not (simulator.model.verdict or {}).get("unseen"):
+        new = [n for n, p in zip(names, perts) if simulator.model.baselines.delta_for(p)[1] == "pertmean"]
+        if new:
+            log.warning("%d perturbations of the panel were never trained on (%s); they are served with the blend "
+                        "weight %.2f fitted on trained ones, which says nothing about these: the pure model's "
+                        "figures (*_model) are beside the served ones. Train with --unseen-fraction to fit their own.",
+                        len(new), preview(new, 5), w)
     k = simulator.sample_count(samples)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
@@ -181,6 +189,9 @@ def run(
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
     if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
         sim_keys = (*sim_keys, "blend_weight")
+    if w_unseen != w:  # so is one serving a weight of its own for perturbations the model never trained on
+        config["blend_weight_unseen"] = w_unseen
+        sim_keys = (*sim_keys, "blend_weight_unseen")
     if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
         sim_keys = (*sim_keys, "samples")
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})

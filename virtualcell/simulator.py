@@ -57,7 +57,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "control_samples", "samples", "blend_weight", "baseline")
+               "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -177,7 +177,9 @@ class SimulationResult:
         each predicted cell minus its own baseline cell: the noise of a delta); ``control_mean`` over
         ``gene`` and ``control_bucket_mean`` (the
         baseline cells of each bucket, for paired resampling). ``attrs`` record the model, seed
-        and config, the blend weight (1: the pure model) and the baselines blended in (``baseline``).
+        and config, the blend weight (1: the pure model), the one served for perturbations the
+        model never trained on when it differs (``blend_weight_unseen``) and the baselines blended
+        in (``baseline``).
     cells
         Per-cell predictions ``(perturbation, cell, gene)`` as an ``xarray.DataArray``
         (in memory, or lazily read from ``store``), or ``None`` if not kept.
@@ -403,6 +405,16 @@ class Simulator:
             raise ScreenError("blend needs calibrate=True: it blends the calibrated delta with the baseline's.")
         return w
 
+    def unseen_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
+        """The weight served on the model's delta for a perturbation it never trained on (one whose
+        training baseline is ``pertmean``): with ``"auto"``, the weight the training run fitted on
+        perturbations it held out whole (``verdict["unseen"]``, ``--unseen-fraction``) when it did,
+        else :meth:`blend_weight`'s, as for any other ``blend``."""
+        w = self.blend_weight(blend, calibrate=calibrate)
+        auto = blend is True or (isinstance(blend, str) and blend.lower() == "auto")
+        unseen = (self.model.verdict or {}).get("unseen") or {}
+        return float(unseen["weight"]) if w is not None and auto and unseen.get("weight") is not None else w
+
     def baseline_mean(self, n_cells: int | None = None) -> np.ndarray:
         """Mean expression of the first ``n_cells`` baseline cells (all by default), in the model's genes."""
         return np.asarray(self.expression[:n_cells].mean(axis=0), dtype=np.float64).ravel()
@@ -482,7 +494,9 @@ class Simulator:
             Shrink the model's delta toward the training baseline (:mod:`virtualcell.validation`):
             serve ``x + w·(decode(perturbed) − mean decode(control)) + (1−w)·baseline delta`` (calibrated
             as above). ``"auto"`` (default): the weight ``w`` fitted on the training run's validation split,
-            when the checkpoint has one (else the pure model); a number in [0, 1] forces ``w``; ``None``
+            when the checkpoint has one (else the pure model), and for a perturbation the model never trained
+            on the weight fitted on perturbations held out whole when the run did so (:meth:`unseen_weight`);
+            a number in [0, 1] forces ``w``; ``None``
             or ``False``: the pure model. The pure model's aggregates are kept either way
             (``delta_model``, ``var_model``), from the same generated cells.
         keep_cells
@@ -514,7 +528,12 @@ class Simulator:
         G = len(self.model.genes)
         P = len(perts)
         w = self.blend_weight(blend, calibrate=calibrate)
-        blended = w is not None and w < 1.0
+        # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
+        # trained on (baseline pertmean) gets the weight fitted on such perturbations, where the verdict has one
+        shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
+        w_unseen = self.unseen_weight(blend, calibrate=calibrate)
+        weights = [w_unseen if source == "pertmean" else w for _, source in shift]
+        blended = w is not None and any(x < 1.0 for x in weights)
         if keep_cells is None:  # (a blend keeps the pure model's cells too)
             keep_cells = store is None and P * n * G * (1 + blended) <= max_in_memory
         split = Split.current(cpu=self.model.device.type == "cpu")
@@ -531,7 +550,6 @@ class Simulator:
             guidance = float(self.model.chosen.get("guidance", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
-        shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = _bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate")
@@ -573,7 +591,7 @@ class Simulator:
                     if model_mem is not None:
                         model_mem[j, idx] = pred
                     if blended and p != control:  # served: the same generation, blended with the baseline
-                        change = w * (d - d_ctrl) + (1.0 - w) * shift[j][0]
+                        change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift[j][0]
                         pred = calibrated(x, change).astype(np.float32)
                     sums.add(j, pred, change, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
@@ -602,6 +620,8 @@ class Simulator:
         agg.attrs["control_samples"] = int(control_samples)
         agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
+        if w is not None and w_unseen != w and any(source == "pertmean" for _, source in shift):
+            agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
         cells = cells_model = None
         if cells_mem is not None:

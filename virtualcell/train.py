@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sentences import CellSentences
     from .validation import Baselines
 
-__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
+__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "unseen_labels", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ class TrainConfig:
     compile: str = "auto"
     gene_init: str = "random"
     verdict_fraction: float = 0.1
+    # share of the training perturbations held out whole (never trained on) to judge the model on perturbations it
+    # never saw, with a blend weight of their own (validation.run_verdict's "unseen"); 0: none
+    unseen_fraction: float = 0.0
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
     verdict_samples: tuple[int, ...] = (1, 4)
     response_weight: float = 0.0
@@ -146,6 +149,10 @@ class TrainConfig:
         if not 0.0 <= self.verdict_fraction <= 0.5:
             raise TrainingError(f"verdict_fraction must be in [0, 0.5] (0: no validation verdict), got "
                                 f"{self.verdict_fraction}.")
+        if not 0.0 <= self.unseen_fraction <= 0.5:
+            raise TrainingError(f"unseen_fraction must be in [0, 0.5] (share of the training perturbations held out "
+                                f"whole, to judge the model on perturbations it never saw; 0: none), got "
+                                f"{self.unseen_fraction}.")
         if self.verdict_candidates is not None and (
                 not self.verdict_candidates or not all(isinstance(c, dict) for c in self.verdict_candidates)):
             raise TrainingError("verdict_candidates must be dicts of Simulator.simulate options, at least one ({}).")
@@ -377,14 +384,62 @@ VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has 
 VERDICT_MIN_CELLS = 20  # a perturbation holds out cells in a context only when it has this many there
 
 
-def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> np.ndarray:
+def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> dict[str, str]:
+    """The perturbations held out of training whole, to judge the model on ones it never saw:
+    ``{condition: typed form}`` (empty when ``cfg.unseen_fraction`` is 0).
+
+    Only what a model can name without training is eligible: a single genetic perturbation
+    (knockout, knockdown, activation) of one of the data's genes, without dose or time, with at
+    least 20 cells in a context that has at least 40 control cells. A seeded
+    ``unseen_fraction`` of the data's perturbations (at least 2, at most all eligible but 2
+    perturbations stay for training) is chosen among those; none when fewer than 2 are
+    eligible (logged).
+    """
+    if cfg.unseen_fraction <= 0:
+        return {}
+    typed, _ = typed_labels(adata, contract, Vocabulary.from_adata(adata), cfg)
+    genes = {g.upper() for g in Vocabulary.from_adata(adata).genes}
+    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
+    contexts = {c for c in set(ctx) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS}
+    perturbations = sorted(set(labels[~is_ctrl]))
+    eligible = []
+    for p in perturbations:
+        cells = labels == p
+        q = parse(str(typed[np.flatnonzero(cells)[0]]))
+        enough = any(np.sum(cells & (ctx == c)) >= VERDICT_MIN_CELLS for c in contexts)
+        if (isinstance(q, Perturbation) and q.kind in GENETIC and q.target.upper() in genes and q.dose is None
+                and q.time is None and enough):
+            eligible.append(p)
+    n = min(max(2, int(round(cfg.unseen_fraction * len(perturbations)))), len(eligible), len(perturbations) - 2)
+    if n < 2:
+        log.warning("unseen_fraction %g: %d of the %d perturbations can be held out whole (a single genetic "
+                    "perturbation of a measured gene, with %d cells in a context with %d controls), and 2 are needed "
+                    "while 2 stay for training; the verdict judges seen perturbations only", cfg.unseen_fraction,
+                    len(eligible), len(perturbations), VERDICT_MIN_CELLS, VERDICT_MIN_CONTROLS)
+        return {}
+    chosen = np.random.default_rng([cfg.seed, 13]).choice(eligible, size=n, replace=False)
+    return {str(p): str(typed[np.flatnonzero(labels == p)[0]]) for p in sorted(chosen)}
+
+
+def _baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.ndarray,
+                    unseen: Mapping[str, str]) -> ad.AnnData:
+    """The cells the served baselines (:class:`~virtualcell.validation.Baselines`) are fitted on: the
+    training cells and every cell of the perturbations held out whole. The model never saw those,
+    but their measured effect is the best guess for them and part of ``pertmean``; the verdict
+    judges them against a ``pertmean`` without them (:func:`~virtualcell.validation.run_verdict`)."""
+    return data[~in_verdict | np.isin(contract.conditions(data), sorted(unseen))]
+
+
+def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
+                  unseen: Mapping[str, str] | None = None) -> np.ndarray:
     """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
 
     Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
     least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
     ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
     :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
-    seeded choice) lose cells; the others train on all theirs.
+    seeded choice) lose cells; the others train on all theirs. Every cell of the ``unseen``
+    conditions (:func:`unseen_labels`) is held out too.
     Returns a boolean mask over ``adata``'s cells; all False when ``verdict_fraction`` is 0.
     """
     held = np.zeros(adata.n_obs, dtype=bool)
@@ -392,9 +447,10 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
         return held
     rng = np.random.default_rng([cfg.seed, 11])
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
+    unseen = set(unseen or ())
     contexts = [c for c in sorted(set(ctx)) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS]
     eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
-                       if n >= VERDICT_MIN_CELLS})
+                       if n >= VERDICT_MIN_CELLS} - unseen)
     chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()
     for c in contexts:
         controls = np.flatnonzero(is_ctrl & (ctx == c))
@@ -404,6 +460,8 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
             cells = np.flatnonzero((ctx == c) & (labels == p))
             if cells.size >= VERDICT_MIN_CELLS:
                 held[rng.choice(cells, size=max(1, int(round(cfg.verdict_fraction * cells.size))), replace=False)] = True
+    if unseen:
+        held |= np.isin(labels, sorted(unseen))
     return held
 
 
@@ -531,8 +589,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
     # the verdict's cells leave before anything is fitted: not sources, not targets, not in the rank fit
     given_hash = data_hash(data, contract)  # the data as given (after --holdout): what a recorded command reruns on
-    in_verdict = verdict_split(data, contract, cfg)
+    unseen = unseen_labels(data, contract, cfg)  # perturbations held out whole: judged as ones never seen
+    in_verdict = verdict_split(data, contract, cfg, unseen)
     held = data[in_verdict] if in_verdict.any() else None
+    baseline_cells = _baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
     genes = Vocabulary.from_adata(data)
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
@@ -550,7 +610,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                                 "n_verdict_cells": int(in_verdict.sum()),
                                 "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
                                 "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
-                                                     if held is not None else 0)}
+                                                     if held is not None else 0),
+                                "unseen_labels": sorted(unseen)}
     model = C2SModel(lm, tokenizer, genes=genes, perturbations=pvocab, prompt_format=fmt_name, rank_fit=fit,
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
@@ -564,12 +625,12 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
     # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
     # in the verdict, which also chooses the decode by them
-    model.baselines = validation.Baselines.fit(data, contract, model)
+    model.baselines = validation.Baselines.fit(baseline_cells, contract, model, forms=unseen)
     codec = _codec_baselines(data, sentences, fit, contract, model) if held is not None else None
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
         reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
-                                             samples=cfg.verdict_samples)
+                                             samples=cfg.verdict_samples, unseen=unseen)
         if reserve > budget_s / 2:
             log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
                         "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
@@ -706,7 +767,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec)
+    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec, unseen)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
@@ -767,20 +828,24 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
-           codec: Mapping[str, Baselines] | None = None) -> None:
-    """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted)."""
+           codec: Mapping[str, Baselines] | None = None, unseen: Mapping[str, str] | None = None) -> None:
+    """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted);
+    ``unseen``: the perturbations held out whole (:func:`unseen_labels`)."""
     from . import validation
 
     t0 = time.perf_counter()
     if held is not None:
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
-                                               samples=cfg.verdict_samples, codec=codec)
+                                               samples=cfg.verdict_samples, codec=codec, unseen=unseen)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]
+        if "unseen" in model.verdict:
+            run_config["verdict_weight_unseen"] = model.verdict["unseen"]["weight"]
         log.info("%s", model.verdict["summary"])
     model.train_config = model.train_config | {k: run_config[k] for k in ("verdict_seconds", "verdict_weight",
-                                                                          "verdict_reserved_s") if k in run_config}
+                                                                          "verdict_weight_unseen", "verdict_reserved_s")
+                                               if k in run_config}
 
 
 def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | None = None,
@@ -827,18 +892,20 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
                         f"recorded {run['data_hash']} ({run.get('n_train_cells', '?')} training cells). The verdict's "
                         "held-out cells are drawn from that data, and on any other they could be cells the model "
                         "trained on. Pass the same file (cells, genes and labels unchanged) that training was given.")
-    in_verdict = verdict_split(data, contract, cfg)
+    unseen = unseen_labels(data, contract, cfg)
+    in_verdict = verdict_split(data, contract, cfg, unseen)
     held, trained = data[in_verdict], data[~in_verdict]
     if not in_verdict.any():
         raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
                         "control cells); there is nothing to judge the model on.")
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
     if model.baselines is None:
-        model.baselines = validation.Baselines.fit(trained, contract, model)
+        model.baselines = validation.Baselines.fit(_baseline_cells(data, contract, in_verdict, unseen), contract, model,
+                                                   forms=unseen)
     codec = _codec_baselines(trained, sentences, model.rank_fit, contract, model)
     previous = model.verdict
     model.verdict = None
-    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec)
+    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen)
     if model.verdict is None:
         model.verdict = previous
         raise DataError("The verdict's held-out cells have no context with both control and perturbed cells; the "

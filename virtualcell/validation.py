@@ -104,9 +104,18 @@ class Baselines:
         """The mean of every training perturbation's delta: the guess for one never seen."""
         return self.delta.mean(axis=0) if len(self.names) else np.zeros(len(self.genes))
 
+    def pertmean_without(self, perturbations: Sequence[str]) -> np.ndarray:
+        """:attr:`pertmean` over the rows of every perturbation but ``perturbations`` (typed forms; doses
+        ignored): what a model that never saw those serves for them."""
+        drop = {_key(p) for p in perturbations}
+        keep = [i for i, name in enumerate(self.names) if _key(name) not in drop]
+        return self.delta[keep].mean(axis=0) if keep else np.zeros(len(self.genes))
+
     @classmethod
-    def fit(cls, adata: ad.AnnData, contract: DataContract, model: C2SModel) -> Baselines:
-        """The meanshift deltas of the training cells ``adata`` (the model's genes and normalization)."""
+    def fit(cls, adata: ad.AnnData, contract: DataContract, model: C2SModel,
+            forms: Mapping[str, str] | None = None) -> Baselines:
+        """The meanshift deltas of the training cells ``adata`` (the model's genes and normalization);
+        ``forms``: the typed form of conditions the model was not trained on (else they are left out)."""
         from .evaluate._data import group_means
         from .sentences import model_expression
 
@@ -123,7 +132,7 @@ class Baselines:
                 per_label.setdefault(p, []).append(m - ctrl[c])
         names, rows = [], []
         for label in sorted(per_label):
-            typed = model.perturbations.trained_form(label)
+            typed = model.perturbations.trained_form(label) or (forms or {}).get(label)
             if typed is None:
                 continue
             names.append(str(parse(typed)))
@@ -357,15 +366,16 @@ def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray
 
 
 def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str,
-             diff: Mapping[str, float]) -> str:
+             diff: Mapping[str, float], what: str = "held-out cells of {n} training perturbations", served_for: str = "",
+             ) -> str:
     settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
     if settled:
         better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
     else:
         better = "neither is clearly better"
-    served = ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
+    served = served_for + ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
               else "predictions are blended")
-    return (f"Validation (held-out cells of {n_labels} training perturbations, {n_cells} cells): model pearson_delta "
+    return (f"Validation ({what.format(n=n_labels)}, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
             f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}; the "
             f"difference's 95% interval over the {diff['rows']} held-out groups is {diff['low']:+.4f} to "
@@ -378,7 +388,7 @@ def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, 
 def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                 candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
                 max_input_cells: int = 64, codec: Baselines | Mapping[str, Baselines] | None = None,
-                ) -> dict[str, Any] | None:
+                unseen: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -395,6 +405,12 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     not the training, limit the model. A mapping of decode methods (``"linear"``, ``"table"``) to
     such baselines, each decoded that way, also chooses the decode (:func:`choose_decode`):
     ``model.rank_fit`` is set to the one with the lowest MSE before any candidate is simulated.
+    ``unseen``: perturbations held out of training whole (``{condition: typed form}``,
+    :func:`virtualcell.train.unseen_labels`). They are simulated beside the others but judged
+    apart, against the baseline a perturbation never trained on gets (``pertmean``): the
+    settings, the decode and ``"weight"`` are chosen on the trained perturbations alone, and
+    ``"unseen"`` holds the scores, the difference and a weight of their own, which the
+    Simulator serves for every perturbation whose baseline is ``pertmean``.
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -407,28 +423,35 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     candidates = [dict(c) for c in candidates] or [{}]
     labels, ctx = contract.conditions(held), contract.contexts(held)
     X, _ = model_expression(held, model.genes)
-    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
+    unseen = dict(unseen or {})
+    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells, unseen=unseen)
     if not plans:
         return None
     codecs = ({} if codec is None else dict(codec) if isinstance(codec, Mapping)
               else {model.rank_fit.method if model.rank_fit is not None else "linear": codec})
-    sims, b_rows, y_rows, names, n_cells = [], [], [], [], 0
+    sims, b_rows, y_rows, names, row_cells, n_cells = [], [], [], [], [], 0
+    unseen_base = model.baselines.pertmean_without(list(unseen.values()))
     c_rows: dict[str, list[np.ndarray]] = {m: [] for m in codecs}
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
-        typed = [parse(model.perturbations.trained_form(p)) for p in perts]
+        typed = [parse(unseen[p] if p in unseen else model.perturbations.trained_form(p)) for p in perts]
         sims.append((Simulator(held[inputs], model, seed=seed), typed))
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
-            b_rows.append(model.baselines.delta_for(q)[0].astype(np.float64))
+            # a perturbation held out whole: the pertmean of a model that never saw any of them (the served
+            # baselines know their measured effects)
+            b_rows.append((unseen_base if p in unseen else model.baselines.delta_for(q)[0]).astype(np.float64))
             for m, baselines in codecs.items():
                 c_rows[m].append(baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
+            row_cells.append(cells.size)
             n_cells += cells.size
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
-    codec_scores = {m: score_deltas(np.array(rows), Y) for m, rows in c_rows.items()}
+    new = np.array([p in unseen for p in names])  # perturbations never trained on: judged apart
+    seen = ~new if (~new).any() else new
+    codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
     if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
         model.rank_fit = choose_decode(model.rank_fit, codec_scores)
 
@@ -441,7 +464,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         # (blend=None: the buckets' served cells are the pure model's)
         V = np.concatenate([delta_noise(a["bucket_mean"].values - a["control_bucket_mean"].values[None],
                                         a["bucket_count"].values) for a in aggs])
-        scores = score_deltas(M, Y) | {"noise": float(V.mean())}
+        scores = score_deltas(M[seen], Y[seen]) | {"noise": float(V[seen].mean())}
         return {"settings": settings, "model": scores, "seconds": round(time.perf_counter() - t, 2)}, M
 
     def lowest_error(tried: list[tuple[dict[str, Any], np.ndarray]]) -> tuple[dict[str, Any], np.ndarray]:
@@ -450,12 +473,13 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     tried = [attempt(cand) for cand in candidates]
     tried += [attempt(cand) for cand in _more_samples(lowest_error(tried)[0]["settings"], samples)]
     scored = [a[0] for a in tried]
-    best, M = lowest_error(tried)
+    best, M_all = lowest_error(tried)
     settings = best["settings"]
+    M, B_all, Y_all, B, Y = M_all[seen], B, Y, B[seen], Y[seen]
     w = blend_weight(model=M, baseline=B, measured=Y)
     model_scores, base_scores = best["model"], score_deltas(B, Y)
     blend_scores = score_deltas(w * M + (1 - w) * B, Y)
-    n_labels = len(set(names))
+    n_labels = len({p for p, s in zip(names, seen) if s})
     diff = mse_difference(M, B, Y, seed=seed)
     verdict = {
         "model": model_scores,
@@ -469,7 +493,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "n_targets": len(names),
         "n_cells": int(n_cells),
         "n_contexts": len(plans),
-        "perturbations": sorted(set(names)),
+        "perturbations": sorted({p for p, s in zip(names, seen) if s}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift",
@@ -487,7 +511,26 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = settings_text(settings, empty="the defaults")
         verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
+    if new.any() and seen is not new:  # the perturbations never trained on, at the settings just chosen
+        verdict["unseen"] = _unseen_part(M_all[new], B_all[new], Y_all[new], sorted(set(np.asarray(names)[new])),
+                                         n_cells=int(np.sum(np.asarray(row_cells)[new])), seed=seed)
+        verdict["summary"] += " " + verdict["unseen"]["summary"]
     return verdict
+
+
+def _unseen_part(M: np.ndarray, B: np.ndarray, Y: np.ndarray, perturbations: list[str], *, n_cells: int,
+                 seed: int) -> dict[str, Any]:
+    """The verdict on perturbations held out of training whole: the model, ``pertmean``, and their
+    blend with a weight fitted on these rows alone (what the Simulator serves for a perturbation
+    the model never trained on)."""
+    w = blend_weight(model=M, baseline=B, measured=Y)
+    part = {"model": score_deltas(M, Y), "baseline": score_deltas(B, Y) | {"name": "pertmean"},
+            "blend": score_deltas(w * M + (1 - w) * B, Y), "difference": mse_difference(M, B, Y, seed=seed),
+            "weight": w, "n_labels": len(perturbations), "perturbations": perturbations}
+    part["summary"] = _summary(len(perturbations), n_cells, part["model"], part["baseline"], part["blend"], w,
+                               "pertmean", part["difference"], what="{n} perturbations held out of training whole",
+                               served_for="for perturbations it never trained on, ")
+    return part
 
 
 def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
@@ -508,12 +551,13 @@ def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]])
 
 
 def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int, max_input_cells: int,
-           ) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
+           unseen: Mapping[str, str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
     """Per context of ``held``: its input control cells, its reference control cells and the
-    perturbations to simulate (the model's own, measured there); contexts without both are left out."""
+    perturbations to simulate (the model's own and the ``unseen`` ones, measured there); contexts
+    without both are left out."""
     rng = np.random.default_rng([seed, 11])
     labels, ctx, is_ctrl = contract.conditions(held), contract.contexts(held), contract.is_control(held)
-    known = set(model.perturbations.labels) | set(model.perturbations.conditions)
+    known = set(model.perturbations.labels) | set(model.perturbations.conditions) | set(unseen or ())
     found = []
     for c in sorted(set(ctx)):
         controls = rng.permutation(np.flatnonzero((ctx == c) & is_ctrl))
@@ -530,7 +574,7 @@ def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: i
 
 def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                     candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
-                    max_input_cells: int = 64, probe_cells: int = 4) -> float:
+                    max_input_cells: int = 64, probe_cells: int = 4, unseen: Mapping[str, str] | None = None) -> float:
     """About how long :func:`run_verdict` will take with ``model`` (an upper bound, as a rule).
 
     It simulates the first context's perturbations from ``probe_cells`` of its input cells
@@ -542,12 +586,13 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     """
     from .simulator import Simulator
 
-    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells)
+    unseen = dict(unseen or {})
+    plans = _plans(model, held, contract, seed=seed, max_input_cells=max_input_cells, unseen=unseen)
     if not plans:
         return 0.0
     _, inputs, _, perts = plans[0]
     probe = inputs[:probe_cells]
-    typed = [model.perturbations.resolve(p) for p in perts]
+    typed = [parse(unseen[p]) if p in unseen else model.perturbations.resolve(p) for p in perts]
     sim = Simulator(held[probe], model, seed=seed)
     candidates = [dict(c) for c in candidates] or [{}]
     total = 0.0
