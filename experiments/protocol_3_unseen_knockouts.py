@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = P.parser(__doc__, minutes=7.0)
     ap.add_argument("--n-holdout", type=int, default=N_HOLDOUT, help="knockouts held out (seeded random among representable)")
     ap.add_argument("--n-cells", type=int, default=200, help="baseline control cells to predict from")
+    ap.add_argument("--model", default=None, help="score a checkpoint this protocol trained at this --seed "
+                    "(--model-dir DIR: DIR/protocol3) instead of training one")
     args = ap.parse_args(argv)
     P.setup(args.threads)
     started = time.perf_counter()
@@ -62,8 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     adata, contract, held, candidates, train_ad, baseline, reference = data(args.seed, args.n_holdout)
     print(f"protocol 3: held-out knockouts {held} (of representable {candidates}); training on {train_ad.n_obs} cells",
           flush=True)
-    cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout")
-    trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol3")
+    if args.model:
+        trained = P.load_trained(args.model)
+        unknown = set(trained.model.perturbations.labels) & set(held)
+        if unknown or trained.model.train_config.get("seed") != args.seed:
+            raise SystemExit(f"{args.model} was not trained by this protocol at --seed {args.seed} (seed "
+                             f"{trained.model.train_config.get('seed')}; it knows held-out knockouts {sorted(unknown)}).")
+    else:
+        cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout")
+        trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol3")
     n_cells = 8 if args.quick else args.n_cells
     pred, _, pred_s = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},
                                 perturbation_key=contract.perturbation_key, n_cells=n_cells, seed=args.seed,

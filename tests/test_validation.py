@@ -374,6 +374,98 @@ def test_cli_prints_the_verdict_and_the_weight(tiny_model, tmp_path, capsys):
     assert "verdict_fraction must be in [0, 0.5]" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------- perturbations never trained on
+def test_unseen_labels_are_single_genetic_perturbations_of_measured_genes_held_out_whole(papalexi_small, caplog):
+    from virtualcell.perturbations import parse
+    from virtualcell.train import unseen_labels
+
+    data, contract = papalexi_small, DataContract(perturbation_key="perturbation", control="control")
+    cfg = TrainConfig(seed=0, unseen_fraction=0.2)
+    unseen = unseen_labels(data, contract, cfg)
+    assert unseen == unseen_labels(data, contract, cfg)  # seeded
+    assert unseen != unseen_labels(data, contract, TrainConfig(seed=1, unseen_fraction=0.2))
+    assert unseen_labels(data, contract, TrainConfig(seed=0)) == {}  # none unless asked
+    labels = contract.conditions(data)
+    n_perturbations = len(set(labels) - {"control"})
+    assert 2 <= len(unseen) <= round(0.2 * n_perturbations)
+    genes = {g.upper() for g in data.var_names}
+    for label, form in unseen.items():  # only what a model can name untrained: a knockout of a measured gene
+        q = parse(form)
+        assert q.kind == "knockout" and q.target == label.upper() in genes and (labels == label).sum() >= 20
+    held = verdict_split(data, contract, cfg, unseen)
+    whole = np.isin(labels, list(unseen))
+    assert held[whole].all()  # every cell of theirs leaves training
+    assert (held & ~whole & ~contract.is_control(data)).any()  # ... beside the held-out cells of the others
+    with caplog.at_level("WARNING"):  # nothing a model could name untrained: no unseen verdict, and it says why
+        assert unseen_labels(data, contract, TrainConfig(seed=0, unseen_fraction=0.2, kind="drug")) == {}
+    assert "can be held out whole" in caplog.text
+    with pytest.raises(TrainingError, match="unseen_fraction must be in"):
+        TrainConfig(unseen_fraction=0.7)
+
+
+def test_pertmean_without_some_perturbations():
+    b = Baselines(("A", "B"), ("ko:X", "ko:Y", "drug:d@10"), np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]))
+    np.testing.assert_allclose(b.pertmean_without(["ko:Y"]), [3.0, 2.0])
+    np.testing.assert_allclose(b.pertmean_without(["drug:d"]), [2.0, 1.0])  # doses ignored
+    np.testing.assert_allclose(b.pertmean_without([]), b.pertmean)
+
+
+def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw(papalexi, tmp_path):
+    from dataclasses import replace
+
+    from virtualcell.cli import _verdict_text
+    from virtualcell.train import rejudge, train
+
+    rng = np.random.default_rng(0)
+    data = papalexi[np.sort(rng.choice(papalexi.n_obs, 1200, replace=False))].copy()
+    model = train(data, out=tmp_path / "m", config=replace(TINY, unseen_fraction=0.2), progress=False)
+    verdict = model.verdict
+    unseen = verdict["unseen"]["perturbations"]
+    assert len(unseen) >= 2 and unseen == model.train_config["unseen_labels"]
+    assert not set(unseen) & set(model.perturbations.labels)  # never trained on
+    assert not set(unseen) & set(verdict["perturbations"])  # ... and judged apart from the trained ones
+    # the served baselines know their measured effects; the verdict's pertmean did not
+    assert all(model.baselines.delta_for(f"ko:{g}")[1] == "meanshift" for g in unseen)
+    part = verdict["unseen"]
+    assert part["baseline"]["name"] == "pertmean" and 0.0 <= part["weight"] <= 1.0
+    assert part["difference"]["rows"] == part["n_labels"] == len(unseen)
+    assert part["blend"]["mse"] <= min(part["model"]["mse"], part["baseline"]["mse"]) + 1e-9
+    assert part["summary"] in verdict["summary"] and "held out of training whole" in part["summary"]
+    assert model.train_config["verdict_weight_unseen"] == part["weight"]
+    assert f"{part['weight']:.2f} for perturbations it never trained on" in _verdict_text(verdict, verdict["weight"])
+    # the Simulator serves their weight for a perturbation whose baseline is pertmean, the other for the rest
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
+    w, w_u = verdict["weight"], part["weight"]
+    assert sim.unseen_weight("auto") == pytest.approx(w_u) and sim.unseen_weight(0.5) == 0.5
+    assert sim.unseen_weight(None) is None
+    never = next(g for g in data.var_names if g.upper() not in set(data.obs.perturbation.astype(str)))
+    perts = ["STAT3" if "STAT3" in model.perturbations.labels else sorted(model.perturbations.labels)[0], f"ko:{never}"]
+    raw = sim.simulate(["control", *perts], progress=False, calibrate=False, keep_cells=True).cells.values
+    res = sim.simulate(perts, progress=False, keep_cells=True)
+    x = sim.expression[:8].toarray()
+    typed = model.resolve(perts)
+    assert [model.baselines.delta_for(p)[1] for p in typed] == ["meanshift", "pertmean"]
+    for j, weight in enumerate((w, w_u)):
+        b = model.baselines.delta_for(typed[j])[0]
+        want = _calibrated_by_hand(x, weight * (raw[1 + j] - raw[0]) + (1 - weight) * b)
+        np.testing.assert_allclose(res.cells.values[j], want, atol=1e-4)
+    assert res.aggregates.attrs["blend_weight"] == pytest.approx(w)
+    if w_u != w:
+        assert res.aggregates.attrs["blend_weight_unseen"] == pytest.approx(w_u)
+    # judged again from the recorded run: the same perturbations held out whole
+    assert rejudge(model, data)["unseen"]["perturbations"] == unseen
+
+
+def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):
+    model, _, data = tiny_model
+    assert "unseen" not in model.verdict
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:6].copy(), model)
+    never = next(g for g in data.var_names if g.upper() not in set(data.obs.perturbation.astype(str)))
+    with caplog.at_level("WARNING"):
+        sim.screen(["STAT1", f"ko:{never}"], out=tmp_path / "s", progress=False, n_boot=0, blend=0.5)
+    assert "1 of the panel's perturbations were never trained on" in caplog.text and "--unseen-fraction" in caplog.text
+
+
 def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
     from dataclasses import replace
 

@@ -175,7 +175,7 @@ def run(
     if w is not None and w < 1.0 and not (simulator.model.verdict or {}).get("unseen"):
         new = [n for n, p in zip(names, perts) if simulator.model.baselines.delta_for(p)[1] == "pertmean"]
         if new:
-            log.warning("%d perturbations of the panel were never trained on (%s); they are served with the blend "
+            log.warning("%d of the panel's perturbations were never trained on (%s); they are served with the blend "
                         "weight %.2f fitted on trained ones, which says nothing about these: the pure model's "
                         "figures (*_model) are beside the served ones. Train with --unseen-fraction to fit their own.",
                         len(new), preview(new, 5), w)

@@ -18,6 +18,12 @@
 The Simulator then serves ``x + w·(model delta) + (1−w)·(baseline delta)`` by default
 (``blend="auto"``); a model with nothing to add gets ``w = 0``.
 
+With ``--unseen-fraction`` the trainer also holds some perturbations out whole
+(:func:`virtualcell.train.unseen_labels`); the verdict judges the model on them apart, against
+the ``pertmean`` of a model that never saw them, and fits them a weight of their own
+(``verdict["unseen"]``), which the Simulator serves for every perturbation whose baseline is
+``pertmean``. Without it, such perturbations get the weight fitted on trained ones.
+
 Examples
 --------
 >>> import numpy as np
