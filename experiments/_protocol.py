@@ -281,7 +281,6 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     from virtualcell.evaluate import evaluate
 
     ctx = context_key if context_key is not None else contract.context_key
-    baseline = cells_seen(pred, baseline, ctx)
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
     served = pred.uns.pop(SERVED, None) if pred is not None else None
@@ -307,20 +306,6 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
         keep = set(focus)
         table = table[[(p, c) in keep for p, c in zip(table["perturbation"], table["context"])]].copy()
     return table
-
-
-def cells_seen(pred, baseline, context_key: str | None):  # noqa: ANN001, ANN201
-    """``baseline`` kept, in the contexts ``pred`` covers, to the cells the model predicted from
-    (``obs["source_cell"]``): a prediction from n of N baseline cells is measured against the mean of
-    those n, and the baselines shift the same n. Against all N, the model's delta would carry the
-    sampling noise of its n cells' mean, which the baselines (shifting all N) do not (protocol 3
-    predicts 200 of about 1,200). Unchanged when the model saw every cell."""
-    if pred is None or "source_cell" not in pred.obs:
-        return baseline
-    keep = baseline.obs_names.isin(pred.obs["source_cell"].astype(str))
-    if context_key is not None and context_key in pred.obs and context_key in baseline.obs:
-        keep |= ~baseline.obs[context_key].astype(str).isin(set(pred.obs[context_key].astype(str)))
-    return baseline if keep.all() else baseline[keep].copy()
 
 
 def summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:

@@ -261,6 +261,28 @@ def test_counts_are_normalized_genes_intersected_and_missing_controls_filled(pap
         evaluate(renamed, ref, baseline=base, baselines=(), ceiling=False)
 
 
+def test_a_prediction_from_some_baseline_cells_is_measured_against_those_cells(papalexi_small):
+    """A Simulator prediction names its source cells; evaluate() keeps the baseline to them (in the contexts the
+    prediction covers), so that the model's delta and the baselines start from the same cells."""
+    base, ref = split_controls(papalexi_small, seed=0)
+    fed = base[:40].copy()
+    pred = baselines.pertmean(ref, baseline=fed, max_cells=40)
+    pred = pred[pred.obs["perturbation"] != "control"].copy()
+    n_groups = pred.n_obs // 40
+    pred.obs["source_cell"] = np.tile(fed.obs_names.to_numpy(), n_groups)
+    kw = dict(profile="pearson", baselines=("pertmean", "nochange"), seed=0)
+    given_all = evaluate(pred, ref, baseline=base, **kw)
+    given_fed = evaluate(pred, ref, baseline=fed, **kw)
+    np.testing.assert_allclose(given_all["value"].to_numpy(), given_fed["value"].to_numpy(), atol=1e-6)
+    assert "only the 40 baseline cells it was made from" in given_all.attrs["virtualcell"]["controls"]
+    assert "made from" not in given_fed.attrs["virtualcell"]["controls"]  # it saw every cell given
+    # without source cells (any other tool's prediction) the baseline is used as given, and the model's delta
+    # then carries its 40 cells' sampling noise against the mean of all
+    plain = evaluate(pred.copy().obs.drop(columns="source_cell").pipe(lambda o: ad.AnnData(pred.X, obs=o, var=pred.var)),
+                     ref, baseline=base, **kw)
+    assert _mean(plain, "model", "pearson_delta") < _mean(given_all, "model", "pearson_delta")
+
+
 def test_missing_context_column_in_prediction_says_what_to_do(perturbench_split):
     base, ref = perturbench_split
     pred = ref.copy()

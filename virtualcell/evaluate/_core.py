@@ -107,6 +107,11 @@ def _setup(
                             "baselines' input, the other the reference for measured deltas")
     else:
         info["controls"] = "baseline control cells given; the measured control cells are the reference"
+        baseline, fed = cells_fed(pred, baseline, contract.context_key)
+        if fed is not None:
+            info["controls"] += (f"; in the contexts the prediction covers, only the {fed} baseline cells it was "
+                                 "made from (its obs['source_cell']): the model's delta and the baselines' start from "
+                                 "the same cells")
     named = {"real": real, "baseline": baseline}
     if pred is not None:
         named = {"real": real, "pred": pred, "baseline": baseline}
@@ -134,6 +139,35 @@ def _setup(
     if pred_p is not None:
         info["normalization"]["pred"] = pred_p.normalization
     return _Setup(contract, genes, real_p, base_p, pred_p, info, train)
+
+
+def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData, context_key: str | None) -> tuple[ad.AnnData, int | None]:
+    """``baseline`` kept, in the contexts ``pred`` covers, to the cells ``pred`` was made from
+    (``obs["source_cell"]``, as :meth:`~virtualcell.simulator.SimulationResult.to_anndata` writes it), and how
+    many those are (``None``: unchanged).
+
+    A prediction from ``n`` of ``N`` baseline cells is then measured against the mean of those ``n``,
+    and the baselines shift the same ``n``. Against all ``N``, the model's delta would carry the sampling
+    noise of its ``n`` cells' mean, which the baselines (shifting all ``N``) do not. Left as given
+    when the model saw every cell, or when some source cell is not in ``baseline`` (other cells).
+
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> base = ad.AnnData(np.zeros((4, 1)), obs=pd.DataFrame(index=["a", "b", "c", "d"]))
+    >>> pred = ad.AnnData(np.zeros((2, 1)), obs=pd.DataFrame({"source_cell": ["a", "b"]}, index=["x", "y"]))
+    >>> kept, n = cells_fed(pred, base, None)
+    >>> list(kept.obs_names), n
+    (['a', 'b'], 2)
+    """
+    if pred is None or "source_cell" not in pred.obs:
+        return baseline, None
+    sources = set(pred.obs["source_cell"].astype(str))
+    found = baseline.obs_names.isin(sources)
+    if len(set(baseline.obs_names[found])) < len(sources):
+        return baseline, None
+    keep = found.copy()
+    if context_key is not None and context_key in pred.obs and context_key in baseline.obs:
+        keep |= ~baseline.obs[context_key].astype(str).isin(set(pred.obs[context_key].astype(str)))
+    return (baseline, None) if keep.all() else (baseline[keep], len(sources))
 
 
 _INPUT_NAMES = {"real": "measured (real=, --real)", "pred": "predicted (pred=, --pred)",
