@@ -12,6 +12,11 @@ through the target gene's own token, so the candidates are the knockouts whose t
 one of the 299 measured genes (9 of 25: CMTM6, IFNGR2, JAK2, NFKBIA, STAT1, STAT2, STAT3,
 TNFRSF14, UBE2L6); the other 16 targets get a learned token only when trained on.
 Baseline to beat: ``pertmean`` (control + the mean effect of the training knockouts).
+
+``--set unseen_fraction=0.2``: training also holds a fifth of its own knockouts out whole, so
+its verdict judges the model on knockouts it never saw and fits the blend weight served for
+every held-out knockout (``verdict["unseen"]``); those knockouts are then not trained on.
+Without it (the default) the served blend uses the weight fitted on trained knockouts.
 """
 
 from __future__ import annotations

@@ -594,3 +594,88 @@ def test_own_target_tokens_name_trained_targets_apart_from_their_genes(papalexi_
     assert lone[-1] == ids[untrained] and name_token("target", untrained) not in ids
     with pytest.raises(TrainingError, match="target_tokens"):
         TrainConfig(target_tokens="shared")
+
+
+# --------------------------------------------------------------------------- the weights of the lowest validation loss
+def test_the_loop_keeps_the_weights_of_the_lowest_validation_loss():
+    import time
+    from types import SimpleNamespace
+
+    from virtualcell.training import loop
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    scripted = iter([3.0, 2.0, 2.5, 2.2])  # validation losses at steps 2, 4, 6, 8: lowest at step 4
+    seen = {}
+
+    def validate() -> float:
+        seen[len(seen)] = {k: v.clone() for k, v in net.state_dict().items()}
+        return next(scripted)
+
+    best = loop.BestWeights()
+    state = loop.fit(net, opt, batch_at=lambda step, pre: SimpleNamespace(n_tokens=16),
+                     loss_of=lambda b: (((net(x) - y) ** 2).mean(), 16), validate=validate,
+                     checkpoint=lambda st: None, state=loop.LoopState(),
+                     budget=loop.Budget(8, 0, 0.0, None, time.perf_counter()), lr=0.1, warmup_steps=0,
+                     eval_every=2, save_every=100, progress=False, best=best)
+    assert state.step == 8 and best.step == 4 and best.val_loss == 2.0
+    for k, v in best.state.items():  # the copy is the weights at step 4, untouched by the later steps
+        torch.testing.assert_close(v, seen[1][k])
+        assert not torch.equal(v, net.state_dict()[k])
+    best.restore(net)
+    torch.testing.assert_close(net.state_dict()["weight"], seen[1]["weight"])
+    # through a checkpoint and back; a record without the weights starts over when weights are wanted
+    again = loop.BestWeights.from_dict(best.to_dict())
+    assert again.step == 4 and again.state is not None
+    light = loop.BestWeights(keep_state=False)
+    assert light.observe(3, 1.0, net) and light.state is None and light.step == 3
+    assert loop.BestWeights.from_dict(light.to_dict()).step == 0
+    assert not light.observe(5, float("nan"), net) and light.step == 3
+
+
+def test_a_run_ends_on_its_best_weights_only_when_asked_and_warns_of_a_rise(caplog):
+    from types import SimpleNamespace
+
+    from virtualcell.train import TrainConfig, _end_on_best
+    from virtualcell.training import loop
+
+    net = torch.nn.Linear(3, 1)
+    best = loop.BestWeights()
+    best.observe(4, 2.0, net)
+    at_best = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def run(keep: bool, final: float):
+        with torch.no_grad():
+            net.weight.add_(1.0)  # the later steps moved the weights
+        model, run_config = SimpleNamespace(lm=net, train_config={}), {}
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _end_on_best(model, best, loop.LoopState(8, [{"step": 8, "val_loss": final}]), TrainConfig(keep_best=keep),
+                         run_config)
+        return model, caplog.text
+
+    model, text = run(True, 2.5)
+    assert model.train_config == {"best_val": {"step": 4, "val_loss": 2.0}, "kept_step": 4} and not text
+    torch.testing.assert_close(net.state_dict()["weight"], at_best["weight"])
+    model, text = run(False, 2.5)  # not asked: the last weights stay, and the rise is reported
+    assert "kept_step" not in model.train_config and not torch.equal(net.state_dict()["weight"], at_best["weight"])
+    assert "lowest at step 4 (2.0000) and ends at 2.5000 at step 8: the run overfits" in text and "--keep-best" in text
+    assert not run(False, 2.01)[1]  # within 1% of the lowest: no warning
+
+
+def test_keep_best_saves_the_kept_weights_and_the_last_for_resuming(papalexi_small, tmp_path):
+    import virtualcell as vc
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=12, eval_every=2, save_every=100,
+                      batch_size=8, warmup_steps=0, lr=0.05, seed=0, verdict_fraction=0.0, keep_best=True)
+    model = train(papalexi_small, out=tmp_path / "m", config=cfg, progress=False)
+    saved = vc.C2SModel.load(tmp_path / "m").lm.state_dict()
+    last = torch.load(tmp_path / "m" / "last" / checkpoint.STATE_FILE, weights_only=False)
+    assert last["best"]["step"] == model.train_config["best_val"]["step"]
+    for k, v in last["best"]["state"].items():  # the model is the lowest validation loss's weights...
+        torch.testing.assert_close(saved[k], v)
+    # ... and the checkpoint a longer run resumes from holds the last step's
+    assert last["step"] == 12 and (model.train_config.get("kept_step") is None) == (last["best"]["step"] == 12)

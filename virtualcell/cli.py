@@ -296,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
-        compile=args.compile, gene_init=args.gene_init,
+        keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
     )
@@ -582,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the 5 most similar controls; those look perturbed already, so the effect shrinks) or "
                         f"random (default: {TrainConfig.pairing})")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
+    p.add_argument("--keep-best", action="store_true",
+                   help="end on the weights of the lowest validation loss instead of the last step's, so that a step "
+                        "budget too long for the data cannot hand over an overfit model (without it, a final loss 1%% "
+                        "above the lowest is warned about)")
     p.add_argument("--verdict-fraction", type=float, default=TrainConfig.verdict_fraction, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
                    "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")

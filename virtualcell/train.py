@@ -106,6 +106,8 @@ class TrainConfig:
     # share of the training perturbations held out whole (never trained on) to judge the model on perturbations it
     # never saw, with a blend weight of their own (validation.run_verdict's "unseen"); 0: none
     unseen_fraction: float = 0.0
+    # end on the weights of the lowest validation loss rather than the last step's (a too-long run overfits)
+    keep_best: bool = False
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
     verdict_samples: tuple[int, ...] = (1, 4)
     response_weight: float = 0.0
@@ -733,6 +735,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     lm, optimizer = accelerator.prepare(lm, optimizer)
     state = loop.LoopState()
+    best = loop.BestWeights(keep_state=cfg.keep_best)  # the lowest validation loss (and, to keep, its weights)
     last = out / "last"
     if resume:
         saved = checkpoint.load(last, data_hash=run_config["data_hash"])
@@ -740,6 +743,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
             accelerator.unwrap_model(lm).load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             state = loop.LoopState(saved["step"], saved["history"], saved.get("pretrain_end"))
+            best = loop.BestWeights.from_dict(saved.get("best"), keep_state=cfg.keep_best)
             log.info("resuming from step %d", state.step)
 
     def save_checkpoint(st: loop.LoopState) -> None:
@@ -749,7 +753,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
         checkpoint.save(last, model.save, run_config=run_config,
                         state={"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
-                               "history": st.history, "pretrain_end": st.pretrain_end})
+                               "history": st.history, "pretrain_end": st.pretrain_end, "best": best.to_dict()})
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start)
@@ -757,13 +761,14 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
         budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
         backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        progress=progress and accelerator.is_main_process, on_step_time=on_step_time,
+        progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
     )
     model.lm = accelerator.unwrap_model(lm)
     if compiled is not None:
         kernels.uncompile_layers(model.lm)
     model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
-    save_checkpoint(state)
+    save_checkpoint(state)  # the last step's weights: what a longer run resumes from
+    _end_on_best(model, best, state, cfg, run_config)
     model.lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
@@ -772,6 +777,28 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
+
+
+OVERFIT_WARNING = 0.01  # a final validation loss this far (relative) above the lowest is reported as overfitting
+
+
+def _end_on_best(model: C2SModel, best: Any, state: Any, cfg: TrainConfig, run_config: dict[str, Any]) -> None:
+    """Record the lowest validation loss; with ``keep_best``, end on its weights (``kept_step``), and
+    without it, warn when the run ends well above it (the run overfit its data)."""
+    final = state.history[-1].get("val_loss", float("nan")) if state.history else float("nan")
+    if not np.isfinite(best.val_loss):
+        return
+    run_config["best_val"] = {"step": best.step, "val_loss": round(best.val_loss, 5)}
+    if cfg.keep_best and best.state is not None and best.step != state.step:
+        best.restore(model.lm)
+        run_config["kept_step"] = best.step
+        log.info("ending on the weights of step %d (validation loss %.4f; the last step's: %.4f)", best.step,
+                 best.val_loss, final)
+    elif not cfg.keep_best and final > best.val_loss * (1 + OVERFIT_WARNING):
+        log.warning("the validation loss was lowest at step %d (%.4f) and ends at %.4f at step %d: the run overfits "
+                    "its data. Train fewer --max-steps, or pass --keep-best to end on the weights of the lowest "
+                    "validation loss.", best.step, best.val_loss, final, state.step)
+    model.train_config = model.train_config | {k: run_config[k] for k in ("best_val", "kept_step") if k in run_config}
 
 
 def _compile(lm, cfg: TrainConfig, device, budget_s: float | None, *batches, loss_of) -> float | None:  # noqa: ANN001

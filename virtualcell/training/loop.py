@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from .batching import Batch
 from .schedule import lr_at
 
-__all__ = ["LoopState", "Budget", "fit"]
+__all__ = ["LoopState", "Budget", "BestWeights", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,51 @@ class LoopState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     pretrain_end: int | None = None  # the step pre-training ended at when time, not steps, ended it
+
+
+@dataclass
+class BestWeights:
+    """The weights at the lowest validation loss so far: a copy in memory, and its step and loss.
+
+    With ``TrainConfig(keep_best=True)`` the trainer ends on these instead of the last step's, so
+    that a step budget too long for the data (the loss on held-out pairs rising again) cannot
+    hand over an overfit model; the copy travels in the checkpoint, so a resumed run keeps it.
+    """
+
+    step: int = 0
+    val_loss: float = math.inf
+    state: dict[str, torch.Tensor] | None = None
+    keep_state: bool = True  # False: the step and loss only (no copy of the weights)
+
+    def observe(self, step: int, val_loss: float, module: torch.nn.Module) -> bool:
+        """Note ``module``'s weights (a copy on the CPU) when ``val_loss`` is the lowest yet; returns whether it was."""
+        if not math.isfinite(val_loss) or val_loss >= self.val_loss:
+            return False
+        self.step, self.val_loss = step, float(val_loss)
+        if self.keep_state:
+            module = getattr(module, "module", module)  # (a distributed wrapper's model)
+            self.state = {k.replace("_orig_mod.", ""): v.detach().to("cpu", copy=True)
+                          for k, v in module.state_dict().items()}
+        return True
+
+    def restore(self, module: torch.nn.Module) -> None:
+        """Load the kept weights into ``module`` (the plain model: no compiled or distributed wrapper)."""
+        if self.state is None:
+            raise ValueError("BestWeights.restore: no weights kept (keep_state=False, or no validation loss yet).")
+        module.load_state_dict(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "val_loss": self.val_loss, "state": self.state, "keep_state": self.keep_state}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, keep_state: bool = True) -> BestWeights:
+        """A checkpoint's record (``None``: nothing yet); weights recorded without ``keep_state`` are not there."""
+        if not d:
+            return cls(keep_state=keep_state)
+        best = cls(int(d["step"]), float(d["val_loss"]), d.get("state") if keep_state else None, keep_state)
+        if keep_state and best.state is None:  # the run kept none before: start over from what comes next
+            return cls(keep_state=keep_state)
+        return best
 
 
 @dataclass(frozen=True)
@@ -76,13 +121,16 @@ def fit(
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     on_step_time: Callable[[int, float, bool], None] | None = None,
+    best: BestWeights | None = None,
 ) -> LoopState:
     """Run optimizer steps from ``state.step`` until ``budget`` ends; returns the final state.
 
     Each step: the batch of the step (pre-training or pairs), the learning rate of the
     schedule, loss, backward, gradient clipping, update. Every ``eval_every`` steps the
     validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
-    ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took.
+    ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took. ``best``
+    sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
+    loop itself always ends on the last step's weights.
     """
     from tqdm.auto import tqdm
 
@@ -129,6 +177,8 @@ def fit(
             }
             if state.step % eval_every == 0 or state.step == budget.max_steps:
                 record["val_loss"] = validate()
+                if best is not None:
+                    best.observe(state.step, record["val_loss"], lm)
             state.history.append(record)
             if on_log is not None:
                 on_log(record)
@@ -143,4 +193,6 @@ def fit(
         bar.close()
     if state.history and "val_loss" not in state.history[-1]:
         state.history[-1]["val_loss"] = validate()
+        if best is not None:
+            best.observe(state.step, state.history[-1]["val_loss"], lm)
     return state
