@@ -38,3 +38,18 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     if "vc.fit(" in code:
         assert "STAT1" in printed and "8" in printed, printed  # 8 predicted cells labelled like the data
         assert (tmp_path / "tiny-model" / "virtualcell.json").exists()
+
+
+def test_the_readme_holds_the_issue_11_table_as_its_script_wrote_it():
+    """The README's table of the model against the baselines is issue11.md's, line for line (a lost
+    separator line once left it unrendered, and a rerun's rows must reach both)."""
+    written = (README.parent / "experiments" / "results" / "issue11" / "issue11.md").read_text()
+
+    def table(text: str) -> list[str]:
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("| protocol | target | model (pure)"))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return lines[start:end]
+
+    assert table(README.read_text()) == table(written)
+    assert table(written)[1].startswith("|---")
