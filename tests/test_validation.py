@@ -385,6 +385,7 @@ def test_unseen_labels_are_single_genetic_perturbations_of_measured_genes_held_o
     assert unseen == unseen_labels(data, contract, cfg)  # seeded
     assert unseen != unseen_labels(data, contract, TrainConfig(seed=1, unseen_fraction=0.2))
     assert unseen_labels(data, contract, TrainConfig(seed=0)) == {}  # none unless asked
+    assert unseen_labels(data, contract, TrainConfig(seed=0, unseen_fraction=0.2, verdict_fraction=0.0)) == {}
     labels = contract.conditions(data)
     n_perturbations = len(set(labels) - {"control"})
     assert 2 <= len(unseen) <= round(0.2 * n_perturbations)

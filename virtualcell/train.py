@@ -395,12 +395,13 @@ def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
     least 20 cells in a context that has at least 40 control cells. A seeded
     ``unseen_fraction`` of the data's perturbations (at least 2, at most all eligible but 2
     perturbations stay for training) is chosen among those; none when fewer than 2 are
-    eligible (logged).
+    eligible (logged), or without a verdict (``verdict_fraction`` 0).
     """
-    if cfg.unseen_fraction <= 0:
+    if cfg.unseen_fraction <= 0 or cfg.verdict_fraction <= 0:  # (no verdict, nothing to judge them in)
         return {}
-    typed, _ = typed_labels(adata, contract, Vocabulary.from_adata(adata), cfg)
-    genes = {g.upper() for g in Vocabulary.from_adata(adata).genes}
+    vocabulary = Vocabulary.from_adata(adata)
+    typed, _ = typed_labels(adata, contract, vocabulary, cfg)
+    genes = {g.upper() for g in vocabulary.genes}
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
     contexts = {c for c in set(ctx) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS}
     perturbations = sorted(set(labels[~is_ctrl]))

@@ -481,7 +481,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     scored = [a[0] for a in tried]
     best, M_all = lowest_error(tried)
     settings = best["settings"]
-    M, B_all, Y_all, B, Y = M_all[seen], B, Y, B[seen], Y[seen]
+    B_all, Y_all = B, Y  # every row; the verdict proper is on the trained perturbations' rows
+    M, B, Y = M_all[seen], B_all[seen], Y_all[seen]
     w = blend_weight(model=M, baseline=B, measured=Y)
     model_scores, base_scores = best["model"], score_deltas(B, Y)
     blend_scores = score_deltas(w * M + (1 - w) * B, Y)
