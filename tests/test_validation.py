@@ -457,6 +457,23 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     assert rejudge(model, data)["unseen"]["perturbations"] == unseen
 
 
+def test_a_verdict_of_unseen_perturbations_alone_says_so(tiny_model):
+    """When every perturbation with held-out cells is one never trained on, the verdict is theirs: judged
+    against pertmean, and its summary does not call them training perturbations."""
+    from virtualcell.train import verdict_split
+
+    model, _, data = tiny_model
+    contract = model.contract
+    held = data[verdict_split(data, contract, TINY)]
+    perts = sorted(set(contract.conditions(held)) - {contract.control})[:3]
+    held = held[np.isin(contract.conditions(held), [*perts, contract.control])].copy()
+    unseen = {p: model.perturbations.trained_form(p) for p in perts}  # read as never trained on
+    verdict = run_verdict(model, held, contract, seed=0, unseen=unseen)
+    assert verdict["baseline"]["name"] == "pertmean" and verdict["unseen"]["weight"] == verdict["weight"]
+    assert verdict["summary"].startswith(f"Validation ({len(perts)} perturbations held out of training whole")
+    assert "training perturbations" not in verdict["summary"]
+
+
 def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):
     model, _, data = tiny_model
     assert "unseen" not in model.verdict

@@ -456,7 +456,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
     new = np.array([p in unseen for p in names])  # perturbations never trained on: judged apart
-    seen = ~new if (~new).any() else new
+    only_unseen = bool(new.all())  # (no trained perturbation has held-out cells: the verdict is theirs alone)
+    seen = new if only_unseen else ~new
+    base_name = "pertmean" if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
     if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
         model.rank_fit = choose_decode(model.rank_fit, codec_scores)
@@ -490,7 +492,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     diff = mse_difference(M, B, Y, seed=seed)
     verdict = {
         "model": model_scores,
-        "baseline": base_scores | {"name": "meanshift"},
+        "baseline": base_scores | {"name": base_name},
         "blend": blend_scores,
         "difference": diff,
         "weight": w,
@@ -503,8 +505,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "perturbations": sorted({p for p, s in zip(names, seen) if s}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, "meanshift",
-                                  diff)
+    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, base_name, diff,
+                                  **({"what": "{n} perturbations held out of training whole"} if only_unseen else {}))
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         method = model.rank_fit.method  # the one codec's key, or the decode just chosen
         verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
@@ -518,10 +520,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = settings_text(settings, empty="the defaults")
         verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
-    if new.any() and seen is not new:  # the perturbations never trained on, at the settings just chosen
+    if new.any():  # the perturbations never trained on, at the settings just chosen
         verdict["unseen"] = _unseen_part(M_all[new], B_all[new], Y_all[new], sorted(set(np.asarray(names)[new])),
                                          n_cells=int(np.sum(np.asarray(row_cells)[new])), seed=seed)
-        verdict["summary"] += " " + verdict["unseen"]["summary"]
+        if not only_unseen:  # (otherwise the summary above is already theirs)
+            verdict["summary"] += " " + verdict["unseen"]["summary"]
     return verdict
 
 
