@@ -172,17 +172,24 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     return TrainConfig(**base)
 
 
+def _trained(model, folder: Path, seconds: float | None, config: dict[str, Any]) -> Trained:  # noqa: ANN001
+    """A trained checkpoint with the figures of its ``history.json`` (steps, final and validation loss;
+    ``seconds`` None: the training loop's recorded time)."""
+    history = json.loads((folder / "history.json").read_text())
+    val = [h["val_loss"] for h in history if "val_loss" in h]
+    if seconds is None:
+        seconds = float(history[-1].get("elapsed_s", float("nan")))
+    return Trained(model, seconds, len(history), float(history[-1]["loss"]), float(val[-1]) if val else float("nan"),
+                   str(folder), config, model.verdict)
+
+
 def load_trained(path: str) -> Trained:
     """A checkpoint an earlier run of a protocol trained (``--model-dir``), as :func:`train_model` returns it,
     so that it can be scored again without training (its training time is the recorded one)."""
     from virtualcell import C2SModel
 
     model = C2SModel.load(path)
-    history = json.loads((Path(path) / "history.json").read_text())
-    val = [h["val_loss"] for h in history if "val_loss" in h]
-    return Trained(model, float(history[-1].get("elapsed_s", float("nan"))), len(history), float(history[-1]["loss"]),
-                   float(val[-1]) if val else float("nan"), str(path),
-                   {k: v for k, v in model.train_config.items() if k != "history"}, model.verdict)
+    return _trained(model, Path(path), None, {k: v for k, v in model.train_config.items() if k != "history"})
 
 
 def train_model(adata, contract, config, *, model_dir: str | None, name: str) -> Trained:  # noqa: ANN001
@@ -204,13 +211,10 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
         shutil.rmtree(out)
     t = time.perf_counter()
     model = train(adata, out=out, contract=contract, config=config, progress=False)
-    seconds = time.perf_counter() - t
-    history = json.loads((out / "history.json").read_text())
-    val = [h["val_loss"] for h in history if "val_loss" in h]
-    print(f"  trained {name}: {len(history)} steps in {seconds:.0f} s, loss {history[-1]['loss']:.3f}, "
-          f"val {val[-1] if val else float('nan'):.3f}", flush=True)
-    return Trained(model, seconds, len(history), float(history[-1]["loss"]), float(val[-1]) if val else float("nan"),
-                   str(out), asdict(config), model.verdict)
+    trained = _trained(model, out, time.perf_counter() - t, asdict(config))
+    print(f"  trained {name}: {trained.steps} steps in {trained.seconds:.0f} s, loss {trained.final_loss:.3f}, "
+          f"val {trained.val_loss:.3f}", flush=True)
+    return trained
 
 
 # --------------------------------------------------------------------------- #

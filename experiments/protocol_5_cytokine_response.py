@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     pred, _, pred_s = P.predict(trained.model, baseline, {stim: stim}, perturbation_key=contract.perturbation_key,
                                 context=(HALF, "heldout"), n_cells=n_cells, seed=args.seed,
                                 samples=args.samples, temperature=args.temperature, guidance=args.guidance)
-    # (evaluate() keeps the baselines to the cells the model saw: virtualcell.evaluate._core.cells_fed)
+    # (evaluate() keeps the baseline to the cells the model predicted from, its obs["source_cell"])
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, context_key=HALF,
                     focus=[(stim, "heldout")], metrics=METRICS, baselines=("nochange", "meanshift"), seed=args.seed)
     summ = P.summary(table, METRICS)

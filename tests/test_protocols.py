@@ -60,4 +60,3 @@ def test_codec_ceiling_quick(tmp_path):
     assert abs(rows["meanshift, non-negative"]["pearson_delta"] - rows["meanshift"]["pearson_delta"]) < 0.01
     assert rows["codec oracle, top_k=100"]["pearson_delta"] < rows["meanshift"]["pearson_delta"] - 0.02
     assert "codec oracle, top_k=100" in (tmp_path / "codec_ceiling_quick.md").read_text()
-
