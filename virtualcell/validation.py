@@ -371,9 +371,21 @@ def mse_difference(model: np.ndarray, baseline: np.ndarray, measured: np.ndarray
     return {"mse": mean, "low": low, "high": high, "rows": int(per_row.size)}
 
 
-def _summary(n_labels: int, n_cells: int, model: dict, base: dict, blend: dict, w: float, name: str,
-             diff: Mapping[str, float], what: str = "held-out cells of {n} training perturbations", served_for: str = "",
-             ) -> str:
+def _judged(M: np.ndarray, B: np.ndarray, Y: np.ndarray, name: str, *, seed: int) -> dict[str, Any]:
+    """The model's deltas ``M``, the baseline ``name``'s ``B`` and their least-squares blend, each
+    scored against the measured ``Y`` (rows: perturbations in their contexts), with the blend's
+    weight and the MSE difference's interval: the verdict's parts, for any set of rows."""
+    w = blend_weight(model=M, baseline=B, measured=Y)
+    return {"model": score_deltas(M, Y), "baseline": score_deltas(B, Y) | {"name": name},
+            "blend": score_deltas(w * M + (1 - w) * B, Y), "difference": mse_difference(M, B, Y, seed=seed),
+            "weight": w}
+
+
+def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
+             what: str = "held-out cells of {n} training perturbations", served_for: str = "") -> str:
+    """One line for a person from a :func:`_judged` part."""
+    model, base, blend, w = part["model"], part["baseline"], part["blend"], part["weight"]
+    name, diff = base["name"], part["difference"]
     settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
     if settled:
         better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
@@ -483,30 +495,22 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     scored = [a[0] for a in tried]
     best, M_all = lowest_error(tried)
     settings = best["settings"]
-    B_all, Y_all = B, Y  # every row; the verdict proper is on the trained perturbations' rows
-    M, B, Y = M_all[seen], B_all[seen], Y_all[seen]
-    w = blend_weight(model=M, baseline=B, measured=Y)
-    model_scores, base_scores = best["model"], score_deltas(B, Y)
-    blend_scores = score_deltas(w * M + (1 - w) * B, Y)
-    n_labels = len({p for p, s in zip(names, seen) if s})
-    diff = mse_difference(M, B, Y, seed=seed)
-    verdict = {
-        "model": model_scores,
-        "baseline": base_scores | {"name": base_name},
-        "blend": blend_scores,
-        "difference": diff,
-        "weight": w,
+    # the verdict proper is on the trained perturbations' rows (the model's scores as the candidate had them)
+    plain = _judged(M_all[seen], B[seen], Y[seen], base_name, seed=seed)
+    judged = plain | {"model": best["model"]}
+    perturbations = sorted({p for p, s in zip(names, seen) if s})
+    verdict = judged | {
         "settings": settings,
         "candidates": scored,
-        "n_labels": n_labels,
+        "n_labels": len(perturbations),
         "n_targets": len(names),
         "n_cells": int(n_cells),
         "n_contexts": len(plans),
-        "perturbations": sorted({p for p, s in zip(names, seen) if s}),
+        "perturbations": perturbations,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    verdict["summary"] = _summary(n_labels, int(n_cells), model_scores, base_scores, blend_scores, w, base_name, diff,
-                                  **({"what": "{n} perturbations held out of training whole"} if only_unseen else {}))
+    verdict["summary"] = _summary(len(perturbations), int(n_cells), judged,
+                                  **({"what": UNSEEN_WHAT} if only_unseen else {}))
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         method = model.rank_fit.method  # the one codec's key, or the decode just chosen
         verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
@@ -520,27 +524,19 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = settings_text(settings, empty="the defaults")
         verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
-    if new.any():  # the perturbations never trained on, at the settings just chosen
-        verdict["unseen"] = _unseen_part(M_all[new], B_all[new], Y_all[new], sorted(set(np.asarray(names)[new])),
-                                         n_cells=int(np.sum(np.asarray(row_cells)[new])), seed=seed)
-        if not only_unseen:  # (otherwise the summary above is already theirs)
+    if new.any():  # the perturbations never trained on, at the settings just chosen, with a weight of their own
+        # (when they are all the verdict has, its part above is already theirs)
+        part = plain if only_unseen else _judged(M_all[new], B[new], Y[new], "pertmean", seed=seed)
+        held_whole = sorted(set(np.asarray(names)[new]))
+        verdict["unseen"] = part | {"n_labels": len(held_whole), "perturbations": held_whole}
+        verdict["unseen"]["summary"] = _summary(len(held_whole), int(np.sum(np.asarray(row_cells)[new])), part,
+                                                what=UNSEEN_WHAT, served_for="for perturbations it never trained on, ")
+        if not only_unseen:
             verdict["summary"] += " " + verdict["unseen"]["summary"]
     return verdict
 
 
-def _unseen_part(M: np.ndarray, B: np.ndarray, Y: np.ndarray, perturbations: list[str], *, n_cells: int,
-                 seed: int) -> dict[str, Any]:
-    """The verdict on perturbations held out of training whole: the model, ``pertmean``, and their
-    blend with a weight fitted on these rows alone (what the Simulator serves for a perturbation
-    the model never trained on)."""
-    w = blend_weight(model=M, baseline=B, measured=Y)
-    part = {"model": score_deltas(M, Y), "baseline": score_deltas(B, Y) | {"name": "pertmean"},
-            "blend": score_deltas(w * M + (1 - w) * B, Y), "difference": mse_difference(M, B, Y, seed=seed),
-            "weight": w, "n_labels": len(perturbations), "perturbations": perturbations}
-    part["summary"] = _summary(len(perturbations), n_cells, part["model"], part["baseline"], part["blend"], w,
-                               "pertmean", part["difference"], what="{n} perturbations held out of training whole",
-                               served_for="for perturbations it never trained on, ")
-    return part
+UNSEEN_WHAT = "{n} perturbations held out of training whole"  # how a summary names them
 
 
 def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
