@@ -133,9 +133,13 @@ def test_mse_difference_bounds_which_is_better():
     from virtualcell.validation import _summary
 
     scores = {"pearson_delta": 0.5, "mse": 0.1}
-    assert "neither is clearly better" in _summary(1, 10, scores, scores, scores, 0.5, "meanshift", one)
-    assert "the model is better" in _summary(12, 10, scores, scores, scores, 0.5, "meanshift",
-                                             mse_difference(close, far, y))
+
+    def part(difference):  # noqa: ANN001, ANN202
+        return {"model": scores, "baseline": scores | {"name": "meanshift"}, "blend": scores, "weight": 0.5,
+                "difference": difference}
+
+    assert "neither is clearly better" in _summary(1, 10, part(one))
+    assert "the model is better" in _summary(12, 10, part(mse_difference(close, far, y)))
 
 
 def test_delta_noise_is_the_variance_of_the_mean_over_independent_cells():
