@@ -403,13 +403,13 @@ def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
     typed, _ = typed_labels(adata, contract, vocabulary, cfg)
     genes = {g.upper() for g in vocabulary.genes}
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
-    contexts = {c for c in set(ctx) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS}
+    contexts = _verdict_contexts(ctx, is_ctrl)
     perturbations = sorted(set(labels[~is_ctrl]))
+    form = {p: str(typed[np.flatnonzero(labels == p)[0]]) for p in perturbations}
     eligible = []
     for p in perturbations:
-        cells = labels == p
-        q = parse(str(typed[np.flatnonzero(cells)[0]]))
-        enough = any(np.sum(cells & (ctx == c)) >= VERDICT_MIN_CELLS for c in contexts)
+        q = parse(form[p])
+        enough = any(np.sum((labels == p) & (ctx == c)) >= VERDICT_MIN_CELLS for c in contexts)
         if (isinstance(q, Perturbation) and q.kind in GENETIC and q.target.upper() in genes and q.dose is None
                 and q.time is None and enough):
             eligible.append(p)
@@ -421,7 +421,13 @@ def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
                     len(eligible), len(perturbations), VERDICT_MIN_CELLS, VERDICT_MIN_CONTROLS)
         return {}
     chosen = np.random.default_rng([cfg.seed, 13]).choice(eligible, size=n, replace=False)
-    return {str(p): str(typed[np.flatnonzero(labels == p)[0]]) for p in sorted(chosen)}
+    return {str(p): form[p] for p in sorted(chosen)}
+
+
+def _verdict_contexts(ctx: np.ndarray, is_control: np.ndarray) -> list[str]:
+    """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells: the only ones the verdict holds
+    cells out of (it needs controls to feed the model and others to measure against)."""
+    return [c for c in sorted(set(ctx)) if np.sum(is_control & (ctx == c)) >= VERDICT_MIN_CONTROLS]
 
 
 def _baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.ndarray,
@@ -451,7 +457,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     rng = np.random.default_rng([cfg.seed, 11])
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
     unseen = set(unseen or ())
-    contexts = [c for c in sorted(set(ctx)) if np.sum(is_ctrl & (ctx == c)) >= VERDICT_MIN_CONTROLS]
+    contexts = _verdict_contexts(ctx, is_ctrl)
     eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
                        if n >= VERDICT_MIN_CELLS} - unseen)
     chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()

@@ -66,7 +66,7 @@ class BestWeights:
         module.load_state_dict(self.state)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "val_loss": self.val_loss, "state": self.state, "keep_state": self.keep_state}
+        return {"step": self.step, "val_loss": self.val_loss, "state": self.state}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, keep_state: bool = True) -> BestWeights:
