@@ -19,9 +19,11 @@ smoke run). Writes ``experiments/results/synthetic_recovery.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                     help="change a TrainConfig field of the training run, e.g. --set target_tokens=own (repeatable); "
                          "recorded with the run")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="keep the trained model in DIR/synthetic (its history.json and verdict.json with it) instead "
+                         "of a temporary folder that goes when the run ends")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -81,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
     cfg = TrainConfig(**({"max_minutes": 1.0 if args.quick else args.max_minutes, "max_steps": 20 if args.quick else 3000,
                           "kind_key": "perturbation_type", "seed": args.seed, "top_k": TOP_K} | changed))
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.model_dir is not None:
+            tmp = args.model_dir / "synthetic"
+            if (tmp / "last").exists():  # never resume silently from another run's checkpoint
+                shutil.rmtree(tmp)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
         model = train(rest, out=tmp, config=cfg, progress=False)
         steps = model.train_config.get("steps")
         verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
