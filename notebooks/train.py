@@ -101,7 +101,7 @@ def _(adata, mo, perturbation_key):
         "n_cells": mo.ui.number(100, 10_000_000, step=100, value=DEFAULTS["n_cells"], label="train on at most cells"),
         "minutes": mo.ui.number(0.1, 24 * 60, step=0.1, value=DEFAULTS["minutes"], label="time budget (minutes)"),
         "max_steps": mo.ui.number(10, 1_000_000, step=10, value=DEFAULTS["max_steps"], label="at most steps"),
-        "hidden_size": mo.ui.dropdown([32, 64, 128, 256], value=DEFAULTS["hidden_size"], label="hidden size"),
+        "hidden_size": mo.ui.dropdown([32, 64, 96, 128, 256], value=DEFAULTS["hidden_size"], label="hidden size"),
         "layers": mo.ui.number(1, 12, value=DEFAULTS["layers"], label="layers"),
         "top_k": mo.ui.number(20, 1000, step=10, value=DEFAULTS["top_k"], label="genes per cell sentence"),
         "base": mo.ui.text(value=DEFAULTS["base"], placeholder="empty: new small model; or vandijklab/C2S-Scale-Gemma-2-2B",

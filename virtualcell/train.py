@@ -72,8 +72,10 @@ class TrainConfig:
     """Everything that decides a training run; saved inside the checkpoint."""
 
     top_k: int = 200
-    hidden_size: int = 128
-    n_layers: int = 4
+    # chosen on the training runs' own validation split (session 29, experiments/results/attempts/model_size/):
+    # at a fixed time budget the 96-wide, 3-layer model makes 1.2-1.7x the steps of 128 x 4 and ends lower
+    hidden_size: int = 96
+    n_layers: int = 3
     n_heads: int = 4
     lr: float | None = None  # None: NEW_MODEL_LR for a new model, FINETUNE_LR when fine-tuning a --base
     weight_decay: float = 0.01
