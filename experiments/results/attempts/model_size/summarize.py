@@ -1,0 +1,84 @@
+"""Model size at a fixed time budget: each run's steps, validation loss, verdict and held-out score.
+
+Every run here was made beside its pair (the default shape and one other, same seed, started
+together with ``--threads 1``), so the two shared the machine alike. Each run's folder holds the
+protocol's record (``*.json``) and, from ``--model-dir``, the model's ``history.json`` (cut to its
+validation rows and last step) and ``verdict.json`` (the weights are not kept).
+
+Run: ``python experiments/results/attempts/model_size/summarize.py`` (writes ``summary.md`` beside it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = {"guidance": 1.0}  # a setting every run's verdict scores (1 sample): runs are compared there
+
+
+def row(folder: Path) -> dict:
+    rec = json.loads(next(f for f in folder.glob("*.json") if f.name not in ("verdict.json", "history.json")).read_text())
+    verdict = json.loads((folder / "verdict.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
+    history = history if isinstance(history, list) else history["history"]
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    shared = next(c["model"]["mse"] for c in verdict["candidates"] if c["settings"] == SHARED)
+    if "rows" in rec:  # the synthetic screen
+        held = {k: v["spearman"] for k, v in rec["rows"].items() if k.startswith("model")}
+    else:  # a protocol: its headline metrics, the pure model's figure and the served blend's
+        held = {}
+        for h in rec["headline"]:
+            pure, _, served = h["model"].partition("; served blend ")
+            held[h["metric"]] = f"{pure.split()[0]} / {served.split()[0] if served else '-'}"
+    return {"steps": int(history[-1]["step"]), "val_loss_end": val[-1], "val_loss_min": min(val),
+            "verdict_mse_g1": shared, "verdict_mse_chosen": verdict["model"]["mse"],
+            "verdict_pearson_delta": verdict["model"]["pearson_delta"], "weight": verdict["weight"], "held_out": held}
+
+
+def main() -> None:
+    runs = sorted(p for p in HERE.iterdir() if p.is_dir() and (p / "verdict.json").exists())
+    lines = ["# Model size at a fixed time budget", "", "`python experiments/results/attempts/model_size/summarize.py`", "",
+             "| run | steps | val loss (end / min) | verdict MSE, guidance 1, 1 sample | verdict MSE, chosen | "
+             "verdict pearson_delta | weight | held out (protocols: pure / served) |", "|---|---|---|---|---|---|---|---|"]
+    for p in runs:
+        r = row(p)
+        held = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["held_out"].items())
+        lines.append(f"| {p.name} | {r['steps']} | {r['val_loss_end']:.3f} / {r['val_loss_min']:.3f} | "
+                     f"{r['verdict_mse_g1']:.4f} | {r['verdict_mse_chosen']:.4f} | {r['verdict_pearson_delta']:.3f} | "
+                     f"{r['weight']:.2f} | {held} |")
+    lines += ["", "Per protocol, seeds 0-2: the default shape (128 x 4) against the smaller one (96 x 3), paired by seed.", "",
+              "| protocol | steps, small / default | verdict MSE (chosen setting), default -> small | small lower at | "
+              "held out, pure: default -> small | served: default -> small |", "|---|---|---|---|---|---|"]
+    for proto in sorted({p.name.split("-")[0] for p in runs}):
+        pairs = [(HERE / f"{proto}-default-s{s}", HERE / f"{proto}-small-s{s}") for s in range(3)]
+        pairs = [(row(a), row(b)) for a, b in pairs if (a / "verdict.json").exists() and (b / "verdict.json").exists()]
+        if not pairs:
+            continue
+        ratio = [b["steps"] / a["steps"] for a, b in pairs]
+        mse = [(a["verdict_mse_chosen"], b["verdict_mse_chosen"]) for a, b in pairs]
+        held = []
+        for k in pairs[0][0]["held_out"]:
+            def mean(side: int, which: int) -> float:
+                vals = [str(pr[side]["held_out"][k]).split(" / ") for pr in pairs]
+                vals = [v[which] if len(v) > which else v[0] for v in vals]
+                return sum(float(v) for v in vals) / len(vals)
+            if k.startswith("model (blend)"):
+                continue
+            held.append((k, mean(0, 0), mean(1, 0), mean(0, 1), mean(1, 1)))
+        pure = "; ".join(f"{k} {a:.2f} -> {b:.2f}" for k, a, b, _, _ in held)
+        if proto == "synthetic":  # its served ranking is a row of its own
+            blend = [(pr[0]["held_out"].get("model (blend)"), pr[1]["held_out"].get("model (blend)")) for pr in pairs]
+            served = f"Spearman {sum(a for a, _ in blend) / len(blend):.2f} -> {sum(b for _, b in blend) / len(blend):.2f}"
+        else:
+            served = "; ".join(f"{k} {c:.2f} -> {d:.2f}" for k, _, _, c, d in held)
+        lines.append(f"| {proto} ({len(pairs)} seeds) | {min(ratio):.2f}-{max(ratio):.2f}x | "
+                     f"{sum(a for a, _ in mse) / len(mse):.4f} -> {sum(b for _, b in mse) / len(mse):.4f} | "
+                     f"{sum(b < a for a, b in mse)} of {len(mse)} | {pure} | {served} |")
+    text = "\n".join(lines) + "\n"
+    (HERE / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
