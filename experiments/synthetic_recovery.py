@@ -19,13 +19,10 @@ smoke run). Writes ``experiments/results/synthetic_recovery.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                     help="change a TrainConfig field of the training run, e.g. --set target_tokens=own (repeatable); "
                          "recorded with the run")
-    ap.add_argument("--model-dir", type=Path, default=None,
+    ap.add_argument("--model-dir", default=None,
                     help="keep the trained model in DIR/synthetic (its history.json and verdict.json with it) instead "
                          "of a temporary folder that goes when the run ends")
     args = ap.parse_args(argv)
@@ -75,35 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     import virtualcell as vc
     from virtualcell.datasets.synthetic import truth_effects
     from virtualcell.screen import run as screen
-    from virtualcell.train import TrainConfig, train
+    from virtualcell.train import TrainConfig
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
     data = vc.datasets.synthetic_screen(seed=args.seed)
     base, rest = vc.evaluate.split_controls(data, seed=args.seed)
+    import _protocol as P
     from _protocol import parse_settings
 
     changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
     cfg = TrainConfig(**({"max_minutes": 1.0 if args.quick else args.max_minutes, "max_steps": 20 if args.quick else 3000,
                           "kind_key": "perturbation_type", "seed": args.seed, "top_k": TOP_K} | changed))
-    with contextlib.ExitStack() as stack:
-        if args.model_dir is not None:
-            tmp = args.model_dir / "synthetic"
-            if (tmp / "last").exists():  # never resume silently from another run's checkpoint
-                shutil.rmtree(tmp)
-        else:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        model = train(rest, out=tmp, config=cfg, progress=False)
-        steps = model.train_config.get("steps")
-        verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
-        truth = truth_effects(data)
-        names = list(truth.index)
-        panel = model.resolve(names)  # each condition as it was trained: a drug at its dose, a cytokine at its one
-        ctx = CONTEXT
-        cells = base[base.obs["cell_type"] == ctx].copy()
-        sim = vc.Simulator(cells, model, seed=args.seed)
-        res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
-                     n_boot=50)  # served as the checkpoint says; the ranking holds the pure model's column too
+    model = P.train_model(rest, None, cfg, model_dir=args.model_dir, name="synthetic").model
+    steps = model.train_config.get("steps")
+    verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
+    truth = truth_effects(data)
+    names = list(truth.index)
+    panel = model.resolve(names)  # each condition as it was trained: a drug at its dose, a cytokine at its one
+    ctx = CONTEXT
+    cells = base[base.obs["cell_type"] == ctx].copy()
+    sim = vc.Simulator(cells, model, seed=args.seed)
+    res = screen(sim, panel, n_cells=8 if args.quick else args.n_cells, seed=args.seed, progress=False,
+                 n_boot=50)  # served as the checkpoint says; the ranking holds the pure model's column too
     by_typed = {str(p): n for p, n in zip(panel, names)}
     ranking = res.ranking.assign(condition=res.ranking["perturbation"].map(by_typed)).set_index("condition")
     true = truth[f"effect_{ctx}"]
