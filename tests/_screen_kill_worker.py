@@ -55,24 +55,8 @@ def preload() -> None:
     import xarray  # noqa: F401
 
     torch.set_num_threads(1)  # no thread pool to carry across fork, and no per-child thread benchmark
-    private_progress_locks()
-
-
-def private_progress_locks() -> None:
-    """Keep tqdm's lock out of what the forked children share.
-
-    tqdm guards its bars, disabled ones too, with a multiprocessing lock that every child forked
-    from this parent shares. A child killed while it holds it (creating or closing a bar) leaves
-    it held, and every later child waits on it forever: a kill that lands there hangs the rest
-    of this test. A user's screen, killed and rerun, is a new process with a lock of its own, so
-    each child gets only tqdm's thread lock, a copy of its own, and no monitor thread that could
-    hold that copy at the moment of a fork.
-    """
-    from tqdm import std
-
-    std.TqdmDefaultWriteLock.mp_lock = None
-    std.tqdm.set_lock(std.TqdmDefaultWriteLock())
-    std.tqdm.monitor_interval = 0
+    # No tqdm lock to carry across fork either: quiet screens build no bar (virtualcell.progress).
+    # A child killed holding tqdm's cross-process lock used to hang every later child.
 
 
 def main() -> int:

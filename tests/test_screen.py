@@ -243,3 +243,30 @@ def test_screen_with_several_samples_per_cell_is_another_screen(sim, tmp_path):
     assert default.config["fingerprint"] == asked.config["fingerprint"]
     with pytest.raises(vc.errors.DataError, match="samples must be a whole number"):
         screen(sim, PANEL[:2], progress=False, n_boot=5, samples=0)
+
+
+def test_quiet_screen_takes_no_progress_lock(sim, tmp_path):
+    """A quiet screen must not wait on tqdm's cross-process lock: a forked worker killed while
+    holding it would otherwise hang every other worker of its parent. Here another thread holds it."""
+    import threading
+
+    from tqdm import tqdm
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with tqdm.get_lock():
+            held.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(screen(sim, PANEL[:2], out=tmp_path, progress=False,
+                                                               n_boot=5)), daemon=True)
+    worker.start()
+    worker.join(120)
+    release.set()
+    holder.join(10)
+    assert not worker.is_alive() and len(out[0].ranking) == 2

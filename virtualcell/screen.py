@@ -41,6 +41,7 @@ from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
+from .progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -221,8 +222,6 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
-    from tqdm.auto import tqdm
-
     done: dict[int, Path] = {}
     status: tuple[str, Any] = ("ok", None)
     if refused is not None:
@@ -243,8 +242,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     cells: dict[int, xr.DataArray] = {}
     new_groups = 0
     resumed = 0 if keep_cells else sum(len(groups[g]) for g in done)  # groups read back, not simulated again
-    bar = tqdm(total=len(names), initial=resumed, disable=not (progress and split.main),
-               desc="screen", unit="perturbation", dynamic_ncols=True)
+    bar = progress_bar(len(names), progress and split.main, "screen", "perturbation", initial=resumed)
     for gi, group in enumerate(groups):
         if gi in done and not keep_cells:
             try:

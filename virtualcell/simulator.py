@@ -44,6 +44,7 @@ import numpy as np
 from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
+from .progress import progress_bar
 from ._stats import pca, unbiased_var
 from .sentences import Vocabulary, decode, encode, model_expression, normalization_label, with_gene_key
 
@@ -552,7 +553,7 @@ class Simulator:
                                batch_size=batch_size, seed=seed, guidance=guidance)
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
-        bar = _bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate")
+        bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
         base_emb, base_idx = [], []
         try:
             for c0 in starts:
@@ -703,12 +704,6 @@ def _bucket(idx: np.ndarray, seed: int) -> np.ndarray:
     x = (idx.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B9)) * np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(31)
     return (x % np.uint64(N_BUCKETS)).astype(np.int64)
-
-
-def _bar(total: int, enabled: bool, desc: str):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="cell", dynamic_ncols=True)
 
 
 class _CellStore:

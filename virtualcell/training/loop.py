@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..progress import progress_bar
 from .batching import Batch
 from .schedule import lr_at
 
@@ -132,10 +133,7 @@ def fit(
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
     loop itself always ends on the last step's weights.
     """
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=budget.max_steps, initial=state.step, disable=not progress, desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)
     lm.train()
     tokens_seen, t_loop, first_step_s = 0, time.perf_counter(), None
     try:

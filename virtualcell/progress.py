@@ -1,0 +1,40 @@
+"""Progress bars for long work, and no bar at all when progress is off.
+
+tqdm guards every bar, disabled ones too, with a lock shared across processes: creating or
+closing a bar takes it. A worker process forked from the same parent and killed while it
+holds that lock leaves it held, and every other worker of that parent then waits on it
+forever. A quiet run (``progress=False``) therefore builds :class:`Silent` instead, which
+touches no lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Silent:
+    """The part of a tqdm bar the package uses (``n``, ``update``, ``refresh``, ``set_postfix``, ``close``), doing nothing."""
+
+    def __init__(self, total: int | None = None, initial: int = 0) -> None:
+        self.total, self.n = total, initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def refresh(self) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None, enabled: bool, desc: str, unit: str, initial: int = 0) -> Any:
+    """A tqdm bar (``tqdm.auto``: a widget in notebooks) when ``enabled``, else a :class:`Silent` one."""
+    if not enabled:
+        return Silent(total, initial)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
