@@ -8,9 +8,10 @@ import gc
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import xarray as xr
 
 import virtualcell as vc
-from virtualcell._stats import noise_corrected_sq_norm, paired_sq_norm, pca, unbiased_var
+from virtualcell._stats import noise_corrected_sq_norm, paired_sq_norm, pca, signed_root, unbiased_var
 from virtualcell.errors import PerturbationError, ScreenError
 
 
@@ -211,7 +212,7 @@ def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control
 
     row = rank(a, parse_objective(None), n_boot=0, seed=0).set_index("perturbation").loc["ko:STAT1"]
     d = clipped.mean(0)
-    want = np.sqrt(max(float(d @ d) - diff.var(0, ddof=1).sum() / diff.shape[0], 0.0))
+    want = signed_root(float(d @ d) - diff.var(0, ddof=1).sum() / diff.shape[0])
     assert row["l2_delta_corrected"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
@@ -306,7 +307,20 @@ def test_screen_ranking_keeps_its_provenance_through_selection(bundled_sim):
     agg = a.sel(perturbation=row["perturbation"])
     sq, noise = paired_sq_norm(agg["delta"].values, var_diff=agg["var_delta"].values, n=3)
     assert row["l2_delta"] == pytest.approx(np.sqrt(sq), rel=1e-5)
-    assert row["l2_delta_corrected"] == pytest.approx(np.sqrt(max(sq - noise, 0)), rel=1e-5, abs=1e-6)
+    assert row["l2_delta_corrected"] == pytest.approx(signed_root(sq - noise), rel=1e-5, abs=1e-6)
+    # effects below the noise are negative and keep their order, not all tied at 0
+    from virtualcell.objectives import parse_objective
+    from virtualcell.screen import rank
+
+    weak = a.copy(deep=True)
+    weak["var_delta"] = weak["var_delta"] + 1.0  # noise sum(var_delta) / 3 far above each ||delta||^2
+    weak["delta"] = weak["delta"] * xr.DataArray([0.1, 0.2, 0.3], dims="perturbation")
+    low = rank(weak, parse_objective(None), n_boot=0).set_index("perturbation")["l2_delta_corrected"]
+    for p, value in low.items():
+        g = weak.sel(perturbation=p)
+        sq, noise = paired_sq_norm(g["delta"].values, var_diff=g["var_delta"].values, n=3)
+        assert sq < noise and value == pytest.approx(-np.sqrt(noise - sq), rel=1e-5)
+    assert low.nunique() == len(low)
 
 
 # --------------------------------------------------------------------------- #

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["PCABasis", "bootstrap_mean", "noise_corrected_sq_norm", "pca", "unbiased_var"]
+__all__ = ["PCABasis", "bootstrap_mean", "noise_corrected_sq_norm", "pca", "signed_root", "unbiased_var"]
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
@@ -107,6 +107,18 @@ def noise_corrected_sq_norm(delta: np.ndarray, *, var_a: np.ndarray, n_a: float,
     if n_a < 2 or n_b < 2:
         return sq, float("nan")
     return sq, float(np.sum(var_a) / n_a + np.sum(var_b) / n_b)
+
+
+def signed_root(x: float) -> float:
+    """``sign(x) * sqrt(|x|)``: an effect size on the scale of a norm from ``||delta||^2 - noise``,
+    an unbiased estimate that falls below 0 when the effect is smaller than the noise. Flooring it
+    at 0 would tie every such effect and lose their order; NaN stays NaN.
+
+    >>> signed_root(4.0), signed_root(-0.25)
+    (2.0, -0.5)
+    """
+    x = float(x)
+    return float(np.sign(x) * np.sqrt(abs(x))) if np.isfinite(x) else float("nan")
 
 
 def paired_sq_norm(delta: np.ndarray, *, var_diff: np.ndarray, n: float) -> tuple[float, float]:

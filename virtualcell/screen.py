@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._stats import noise_corrected_sq_norm, paired_sq_norm
+from ._stats import noise_corrected_sq_norm, paired_sq_norm, signed_root
 from .distributed import Split
 from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
@@ -411,8 +411,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
     inside its interval. ``l2_delta`` is the plain, uncorrected norm of the mean delta.
-    ``l2_delta_corrected`` is ``sqrt(max(0, ||delta||^2 - noise))`` with the noise of paired
-    cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``).
+    ``l2_delta_corrected`` is ``sign(x) * sqrt(|x|)`` of ``x = ||delta||^2 - noise``, with the noise of
+    paired cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``); it is
+    negative when the effect is below the noise, so such effects keep their order instead of tying at 0
+    (``evaluate.effect_size`` gives the measured ``x`` itself).
     ``l2_delta_corrected_model`` is the pure model's (equal to ``l2_delta_corrected`` unless the
     served prediction is blended with a baseline).
     """
@@ -470,9 +472,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             "score_high": float(score_high),
             "edistance": ed,
             "l2_delta": float(np.sqrt(sq)),
-            "l2_delta_corrected": float(np.sqrt(max(sq - noise, 0.0))) if np.isfinite(noise) else float("nan"),
-            "l2_delta_corrected_model": (float(np.sqrt(max(sq_m - noise_m, 0.0))) if np.isfinite(noise_m)
-                                         else float("nan")),
+            "l2_delta_corrected": signed_root(sq - noise),
+            "l2_delta_corrected_model": signed_root(sq_m - noise_m),
             "n_cells": n,
             "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
             "top_down": [genes[i] for i in order[:5] if delta[i] < 0],
