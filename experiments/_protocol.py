@@ -70,7 +70,8 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
 
 
 def parse_settings(text: str) -> dict[str, Any]:
-    """``"FIELD=VALUE[,FIELD=VALUE]"`` -> ``{FIELD: VALUE}``; values are Python literals where they parse, else strings."""
+    """``"FIELD=VALUE[,FIELD=VALUE]"`` -> ``{FIELD: VALUE}``; values are Python literals where they parse (``true`` and
+    ``false`` too, in any case), else strings."""
     import ast
     import re
 
@@ -79,6 +80,9 @@ def parse_settings(text: str) -> dict[str, Any]:
         key, _, value = part.partition("=")
         if not value:
             raise SystemExit(f"{text!r}: write FIELD=VALUE[,FIELD=VALUE], e.g. pairing=nearest")
+        if value.strip().lower() in ("true", "false"):  # as a shell user writes them
+            out[key.strip()] = value.strip().lower() == "true"
+            continue
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

@@ -147,6 +147,8 @@ def test_response_weight_must_be_a_sane_strength():
 
     with pytest.raises(TrainingError, match="response_weight"):
         TrainConfig(response_weight=-1)
+    with pytest.raises(TrainingError, match="keep_best must be True or False, got 'false'"):
+        TrainConfig(keep_best="false")  # a string would read as true
 
 
 def test_pair_schedule_is_deterministic_grouped_and_covers_each_pair_once():

@@ -30,7 +30,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,9 @@ class TrainConfig:
     own_token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a string such as "false" would read as true
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise TrainingError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}.")
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
