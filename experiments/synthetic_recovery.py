@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=None,
                     help="keep the trained model in DIR/synthetic (its history.json and verdict.json with it) instead "
                          "of a temporary folder that goes when the run ends")
+    ap.add_argument("--model", default=None,
+                    help="score this kept checkpoint (e.g. DIR/synthetic of an earlier --model-dir run with the same "
+                         "--seed) instead of training one: the same split and screen, so a change to the scoring is "
+                         "measured on the same model")
     args = ap.parse_args(argv)
+    if args.model and (args.set or args.model_dir):
+        ap.error("--model scores a trained checkpoint: --set and --model-dir belong to a training run")
 
     import numpy as np
     import torch
@@ -84,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
     cfg = TrainConfig(**({"max_minutes": 1.0 if args.quick else args.max_minutes, "max_steps": 20 if args.quick else 3000,
                           "kind_key": "perturbation_type", "seed": args.seed, "top_k": TOP_K} | changed))
-    model = P.train_model(rest, None, cfg, model_dir=args.model_dir, name="synthetic").model
+    if args.model:
+        model = vc.C2SModel.load(args.model)
+        seed = (model.train_config or {}).get("seed")
+        if seed != args.seed:
+            ap.error(f"--model {args.model} was trained with seed {seed}, not --seed {args.seed}: its training cells "
+                     f"would overlap the held-out controls of this split. Pass --seed {seed}.")
+    else:
+        model = P.train_model(rest, None, cfg, model_dir=args.model_dir, name="synthetic").model
     steps = model.train_config.get("steps")
     verdict = model.verdict  # the trainer's own validation split: what a setting may be chosen on
     truth = truth_effects(data)
@@ -123,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
           "python": sys.version.split()[0], "torch": torch.__version__}
     lines = ["# Known-answer screen: does the screen recover the true top interventions?", "",
              f"`python experiments/synthetic_recovery.py{' --quick' if args.quick else ''}"
-             f"{''.join(f' --set {x}' for x in args.set)}` — synthetic screen seed "
+             f"{''.join(f' --set {x}' for x in args.set)}{f' --model {args.model}' if args.model else ''}"
+             f"{f' --seed {args.seed}' if args.seed else ''}` — synthetic screen seed "
              f"{args.seed} ({data.n_obs:,} cells, {len(true)} conditions: knockouts, pairs, drugs at several doses, "
-             f"cytokines), model trained {cfg.max_minutes} min ({steps} steps, {args.threads} thread), "
+             f"cytokines), model trained {model.train_config.get("max_minutes", cfg.max_minutes)} min ({steps} steps, {args.threads} thread), "
              f"{args.n_cells if not args.quick else 8} held-out control cells of {ctx} screened per condition; "
              f"{wall / 60:.1f} min in all.", "",
              "| ranking by | Spearman with the true effect sizes | top-10 overlap with the true top 10 |",
