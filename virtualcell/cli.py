@@ -585,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="end on the weights of the lowest validation loss instead of the last step's, so that a step "
                         "budget too long for the data cannot hand over an overfit model (without it, a final loss 1%% "
-                        "above the lowest is warned about)")
+                        "above the lowest is warned about). The token loss can turn up while the predicted effects "
+                        "still improve: compare the validation verdicts of a run with and without it")
     p.add_argument("--verdict-fraction", type=float, default=TrainConfig.verdict_fraction, metavar="F",
                    help="share of the control cells and of up to 24 perturbations' cells held out of training for the "
                    "validation verdict (model vs baseline, and the blend weight predictions are served with); 0: none")

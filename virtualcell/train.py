@@ -108,7 +108,9 @@ class TrainConfig:
     # share of the training perturbations held out whole (never trained on) to judge the model on perturbations it
     # never saw, with a blend weight of their own (validation.run_verdict's "unseen"); 0: none
     unseen_fraction: float = 0.0
-    # end on the weights of the lowest validation loss rather than the last step's (a too-long run overfits)
+    # end on the weights of the lowest validation loss rather than the last step's (a too-long run overfits).
+    # Off: on protocol 5 (session 30) the loss was lowest at step 200-300 of 500-630 while the verdict's error
+    # kept falling, and the kept weights' verdict was worse at both seeds tried (attempts/keep_best/)
     keep_best: bool = False
     verdict_candidates: tuple[dict[str, Any], ...] | None = None
     verdict_samples: tuple[int, ...] = (1, 4)
@@ -807,9 +809,10 @@ def _end_on_best(model: C2SModel, best: Any, state: Any, cfg: TrainConfig, run_c
         log.info("ending on the weights of step %d (validation loss %.4f; the last step's: %.4f)", best.step,
                  best.val_loss, final)
     elif not cfg.keep_best and final > best.val_loss * (1 + OVERFIT_WARNING):
-        log.warning("the validation loss was lowest at step %d (%.4f) and ends at %.4f at step %d: the run overfits "
-                    "its data. Train fewer --max-steps, or pass --keep-best to end on the weights of the lowest "
-                    "validation loss.", best.step, best.val_loss, final, state.step)
+        log.warning("the validation loss was lowest at step %d (%.4f) and ends at %.4f at step %d: the run may "
+                    "overfit its data. The token loss can rise while the predicted effects still improve, so before "
+                    "training fewer --max-steps or passing --keep-best (end on the lowest-loss weights), compare the "
+                    "validation verdict of both runs.", best.step, best.val_loss, final, state.step)
     model.train_config = model.train_config | {k: run_config[k] for k in ("best_val", "kept_step") if k in run_config}
 
 

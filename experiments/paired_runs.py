@@ -1,19 +1,24 @@
-"""Model size at a fixed time budget: each run's steps, validation loss, verdict and held-out score.
+"""Paired training runs, a variant against the default: each run's steps, validation loss, verdict and held-out score.
 
-Every run here was made beside its pair (the default shape and one other, same seed, started
-together with ``--threads 1``), so the two shared the machine alike. Each run's folder holds the
+Every run of a folder was made beside its pair (the default and the variant, same protocol and
+seed, started together with ``--threads 1``), so the two shared the machine alike. The folder holds
+one sub-folder per run, named ``PROTOCOL-default-sSEED`` and ``PROTOCOL-VARIANT-sSEED``, each with the
 protocol's record (``*.json``) and, from ``--model-dir``, the model's ``history.json`` (cut to its
 validation rows and last step) and ``verdict.json`` (the weights are not kept).
 
-Run: ``python experiments/results/attempts/model_size/summarize.py`` (writes ``summary.md`` beside it).
+Run: ``python experiments/paired_runs.py FOLDER --variant NAME --title TITLE`` (writes ``FOLDER/summary.md``).
+The variant wins where the training run's own validation verdict says so (its MSE column), not where the
+held-out columns do: those are reported, never chosen on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 SHARED = {"guidance": 1.0}  # a setting every run's verdict scores (1 sample): runs are compared there
 
 
@@ -36,9 +41,11 @@ def row(folder: Path) -> dict:
             "verdict_pearson_delta": verdict["model"]["pearson_delta"], "weight": verdict["weight"], "held_out": held}
 
 
-def main() -> None:
-    runs = sorted(p for p in HERE.iterdir() if p.is_dir() and (p / "verdict.json").exists())
-    lines = ["# Model size at a fixed time budget", "", "`python experiments/results/attempts/model_size/summarize.py`", "",
+def summary(folder: Path, variant: str, title: str, about: str) -> str:
+    """The runs' table and the per-protocol comparison of the variant with the default, as markdown."""
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "verdict.json").exists())
+    command = " ".join(["python experiments/paired_runs.py", *map(shlex.quote, sys.argv[1:])])
+    lines = [f"# {title}", "", f"`{command}`", "",
              "| run | steps | val loss (end / min) | verdict MSE, guidance 1, 1 sample | verdict MSE, chosen | "
              "verdict pearson_delta | weight | held out (protocols: pure / served) |", "|---|---|---|---|---|---|---|---|"]
     for p in runs:
@@ -47,11 +54,12 @@ def main() -> None:
         lines.append(f"| {p.name} | {r['steps']} | {r['val_loss_end']:.3f} / {r['val_loss_min']:.3f} | "
                      f"{r['verdict_mse_g1']:.4f} | {r['verdict_mse_chosen']:.4f} | {r['verdict_pearson_delta']:.3f} | "
                      f"{r['weight']:.2f} | {held} |")
-    lines += ["", "Per protocol, seeds 0-2: the default shape (128 x 4) against the smaller one (96 x 3), paired by seed.", "",
-              "| protocol | steps, small / default | verdict MSE (chosen setting), default -> small | small lower at | "
-              "held out, pure: default -> small | served: default -> small |", "|---|---|---|---|---|---|"]
+    v = variant
+    lines += ["", f"Per protocol, paired by seed: {about}", "",
+              f"| protocol | steps, {v} / default | verdict MSE (chosen setting), default -> {v} | {v} lower at | "
+              f"held out, pure: default -> {v} | served: default -> {v} |", "|---|---|---|---|---|---|"]
     for proto in sorted({p.name.split("-")[0] for p in runs}):
-        pairs = [(HERE / f"{proto}-default-s{s}", HERE / f"{proto}-small-s{s}") for s in range(3)]
+        pairs = [(folder / f"{proto}-default-s{s}", folder / f"{proto}-{v}-s{s}") for s in range(10)]
         pairs = [(row(a), row(b)) for a, b in pairs if (a / "verdict.json").exists() and (b / "verdict.json").exists()]
         if not pairs:
             continue
@@ -75,8 +83,20 @@ def main() -> None:
         lines.append(f"| {proto} ({len(pairs)} seeds) | {min(ratio):.2f}-{max(ratio):.2f}x | "
                      f"{sum(a for a, _ in mse) / len(mse):.4f} -> {sum(b for _, b in mse) / len(mse):.4f} | "
                      f"{sum(b < a for a, b in mse)} of {len(mse)} | {pure} | {served} |")
-    text = "\n".join(lines) + "\n"
-    (HERE / "summary.md").write_text(text)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=Path, help="the runs' folder (PROTOCOL-default-sS and PROTOCOL-VARIANT-sS inside)")
+    ap.add_argument("--variant", required=True, help="the variant's name in its runs' folder names")
+    ap.add_argument("--title", required=True, help="the summary's heading")
+    ap.add_argument("--about", default="", help="what the default and the variant are, for the comparison's caption")
+    args = ap.parse_args(argv)
+    if not any(args.folder.glob(f"*-{args.variant}-s*")):
+        ap.error(f"no run folder named PROTOCOL-{args.variant}-sSEED in {args.folder}")
+    text = summary(args.folder, args.variant, args.title, args.about)
+    (args.folder / "summary.md").write_text(text)
     print(text)
 
 
