@@ -60,3 +60,22 @@ def test_codec_ceiling_quick(tmp_path):
     assert abs(rows["meanshift, non-negative"]["pearson_delta"] - rows["meanshift"]["pearson_delta"]) < 0.01
     assert rows["codec oracle, top_k=100"]["pearson_delta"] < rows["meanshift"]["pearson_delta"] - 0.02
     assert "codec oracle, top_k=100" in (tmp_path / "codec_ceiling_quick.md").read_text()
+
+
+def test_paired_runs_summary_compares_each_seed_with_its_pair(tmp_path):
+    """experiments/paired_runs.py reads the kept records of paired runs and compares the variant with the default
+    on the runs' own verdicts: the keep_best attempt's two seeds both verdict against it."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import paired_runs
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    runs = shutil.copytree(ROOT / "experiments" / "results" / "attempts" / "keep_best", tmp_path / "runs")
+    (runs / "summary.md").unlink()
+    paired_runs.main([str(runs), "--variant", "best", "--title", "t"])
+    text = (runs / "summary.md").read_text()
+    assert "| p5 (2 seeds) |" in text and "| 0 of 2 |" in text and text.count("| p5-") == 4
+    with pytest.raises(SystemExit):
+        paired_runs.main([str(runs), "--variant", "nosuch", "--title", "t"])
