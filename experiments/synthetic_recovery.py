@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{''.join(f' --set {x}' for x in args.set)}{f' --model {args.model}' if args.model else ''}"
              f"{f' --seed {args.seed}' if args.seed else ''}` — synthetic screen seed "
              f"{args.seed} ({data.n_obs:,} cells, {len(true)} conditions: knockouts, pairs, drugs at several doses, "
-             f"cytokines), model trained {model.train_config.get("max_minutes", cfg.max_minutes)} min ({steps} steps, {args.threads} thread), "
+             f"cytokines), model trained {model.train_config.get('max_minutes', cfg.max_minutes)} min ({steps} steps, {args.threads} thread), "
              f"{args.n_cells if not args.quick else 8} held-out control cells of {ctx} screened per condition; "
              f"{wall / 60:.1f} min in all.", "",
              "| ranking by | Spearman with the true effect sizes | top-10 overlap with the true top 10 |",
