@@ -1,6 +1,7 @@
 """Rebuild the bundled default model (virtualcell/data/model) with the project's own command.
 
-    python experiments/train_bundled_model.py [--seed 0] [--threads 1] [--lr LR] [--out virtualcell/data/model]
+    python experiments/train_bundled_model.py [--seed 0] [--threads 1] [--lr LR] [--hidden-size 128 --layers 4]
+                                              [--out virtualcell/data/model]
 
 It trains on the embedded default dataset (Papalexi 2021, MIT) with replicate rep_3
 held out, so that `virtualcell demo` can compare its ranking with measured effects the
@@ -37,14 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None,
-            lr: float | None = None) -> list[str]:
+            lr: float | None = None, hidden_size: int = 128, layers: int = 4) -> list[str]:
     from virtualcell.train import NEW_MODEL_LR
 
     return [
         sys.executable, "-m", "virtualcell.cli", "train",
         "--data", "papalexi2021", "--perturbation-key", "perturbation", "--control", "control",
         "--holdout", "bio_rep=rep_3", "--kind", "knockout",
-        "--top-k", "100", "--hidden-size", "128", "--layers", "4", "--heads", "4",
+        "--top-k", "100", "--hidden-size", str(hidden_size), "--layers", str(layers), "--heads", "4",
         "--lr", f"{NEW_MODEL_LR if lr is None else lr:g}",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
         "--verdict-samples", "1,4,8",
@@ -62,9 +63,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the trainer measures)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's)")
+    ap.add_argument("--hidden-size", type=int, default=128, help="model width (the recipe's: 128)")
+    ap.add_argument("--layers", type=int, default=4, help="transformer layers (the recipe's: 4)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads, args.lr)
+        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads, args.lr, args.hidden_size, args.layers)
         t = time.time()
         subprocess.run(cmd, check=True)
         took = time.time() - t
