@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "synthetic_recovery.json").write_text(json.dumps(
             {"config": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "wall_s": wall, "hardware": hw,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),  # as the protocols' records (the table's run column)
-             "verdict": verdict, "rows": rows, "per_condition": {c: {"true": float(t), "predicted": float(p)}
-                                             for c, t, p in zip(true.index, true.to_numpy(), pred.to_numpy())}},
+             "verdict": verdict, "rows": rows,
+             # a kept checkpoint scored (--model): how it was trained travels with the figures
+             "model": {"path": args.model, "train_config": model.train_config} if args.model else None,
+             "per_condition": {c: {"true": float(t), "predicted": float(p)}
+                               for c, t, p in zip(true.index, true.to_numpy(), pred.to_numpy())}},
             indent=1))
     return 0
 
