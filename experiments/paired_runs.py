@@ -68,9 +68,9 @@ def summary(folder: Path, variant: str, title: str, about: str) -> str:
         held = []
         for k in pairs[0][0]["held_out"]:
             def mean(side: int, which: int) -> float:
-                vals = [str(pr[side]["held_out"][k]).split(" / ") for pr in pairs]
-                vals = [v[which] if len(v) > which else v[0] for v in vals]
-                return sum(float(v) for v in vals) / len(vals)
+                parts = [str(pr[side]["held_out"][k]).split(" / ") for pr in pairs]  # "pure / served", or one figure
+                vals = [fig[which] if len(fig) > which else fig[0] for fig in parts]
+                return sum(float(x) for x in vals) / len(vals)
             if k.startswith("model (blend)"):
                 continue
             held.append((k, mean(0, 0), mean(1, 0), mean(0, 1), mean(1, 1)))
