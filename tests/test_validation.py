@@ -510,6 +510,33 @@ def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
     assert run["verdict_seconds"] > 0 and trained.verdict is not None
 
 
+def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monkeypatch):
+    """A probe that stalls once (another process on the cores) must not be scaled up into the reserve: each
+    candidate's probe runs twice and the faster run counts."""
+    import time
+
+    from virtualcell.validation import verdict_seconds
+
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = data[verdict_split(data, contract, TINY)]
+    calm = verdict_seconds(model, held, contract)
+    simulate, calls = vc.Simulator.simulate, []
+
+    def stalls_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return simulate(self, *args, **kwargs)
+
+    monkeypatch.setattr(vc.Simulator, "simulate", stalls_once)
+    stalled = verdict_seconds(model, held, contract)
+    assert len(calls) == 2  # one candidate, probed twice
+    assert stalled < 2 * calm + 1.0  # the stall (3 s, times the verdict's rows over the probe's) is not in it
+    with pytest.raises(ValueError, match="repeats"):
+        verdict_seconds(model, held, contract, repeats=0)
+
+
 # --------------------------------------------------------------------------- the verdict again (virtualcell verdict)
 def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny_model, tmp_path, capsys):
     """``virtualcell verdict`` finds the run's held-out cells again (seed, fraction, holdout, checked by the data
