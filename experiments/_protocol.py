@@ -60,7 +60,9 @@ def parser(doc: str, *, minutes: float) -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=None,
                     help="samples of each baseline cell under each perturbation, averaged into its prediction "
                          "(default: the number the trainer chose on its validation split; 1 where it chose none)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: the one the trainer chose on its validation split; 1 where "
+                         "it chose none)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="guidance scale (default: the one the trainer chose on its validation split; 1 = none)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
@@ -226,7 +228,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 # --------------------------------------------------------------------------- #
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
-            temperature: float = 1.0, samples: int | None = None, guidance: float | None = None,
+            temperature: float | None = None, samples: int | None = None, guidance: float | None = None,
             blend=None):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 

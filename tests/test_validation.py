@@ -195,11 +195,17 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert (folder / "verdict.json").exists() and (folder / "baselines.npz").exists()
     verdict = json.loads((folder / "verdict.json").read_text())
     assert model.verdict == verdict and model.baselines is not None
-    # the guidance scales, then the best of them again with 4 samples per cell; the lowest error is kept
-    tried = [c["settings"] for c in verdict["candidates"]]
-    assert tried[:-1] == [{"guidance": g} for g in GUIDANCE_CANDIDATES]
-    first = min(verdict["candidates"][:-1], key=lambda c: c["model"]["mse"])["settings"]
-    assert tried[-1] == first | {"samples": 4}
+    # the guidance scales, then the best of them again with 4 samples per cell, then the best so far at lower
+    # temperatures; the lowest error is kept
+    tried, n = [c["settings"] for c in verdict["candidates"]], len(GUIDANCE_CANDIDATES)
+
+    def best(upto: int) -> dict:
+        return min(verdict["candidates"][:upto], key=lambda c: c["model"]["mse"])["settings"]
+
+    assert tried[:n] == [{"guidance": g} for g in GUIDANCE_CANDIDATES]
+    assert tried[n] == best(n) | {"samples": 4}
+    assert tried[n + 1:] == [best(n + 1) | {"temperature": t} for t in TINY.verdict_temperatures if t != 1.0]
+    assert len(tried) == n + 3
     assert verdict["settings"] == min(verdict["candidates"], key=lambda c: c["model"]["mse"])["settings"]
     assert 0.0 <= verdict["weight"] <= 1.0 and all(c["seconds"] > 0 for c in verdict["candidates"])
     # each candidate's MSE carries the sampling noise of its mean delta, measured from its cell buckets
@@ -275,6 +281,26 @@ def test_verdict_ignores_the_settings_an_earlier_verdict_chose(tiny_model):
     plain = run_verdict(model, held, contract, seed=0, candidates=[{"samples": 1, "guidance": 1.0}])
     assert again["candidates"][0]["model"] == plain["candidates"][0]["model"]
     assert len(plain["candidates"]) == 1  # a candidate that sets samples is not tried with more
+
+
+def test_the_simulator_samples_at_the_temperature_the_verdict_chose(tiny_model):
+    """``temperature=None`` (what screen and predict pass) is the verdict's choice, 1 where it chose none; an
+    explicit one wins, and the prediction records which it used."""
+    model, _, data = tiny_model
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:6].copy(), model)
+    kept = model.verdict
+    try:
+        model.verdict = dict(kept) | {"settings": {}}
+        plain = sim.simulate(["STAT1"], progress=False, blend=None, seed=3)
+        model.verdict = dict(kept) | {"settings": {"temperature": 0.5}}
+        chosen = sim.simulate(["STAT1"], progress=False, blend=None, seed=3)
+        asked = sim.simulate(["STAT1"], progress=False, blend=None, seed=3, temperature=1.0)
+    finally:
+        model.verdict = kept
+    assert plain.aggregates.attrs["temperature"] == asked.aggregates.attrs["temperature"] == 1.0
+    assert chosen.aggregates.attrs["temperature"] == 0.5
+    np.testing.assert_array_equal(plain.aggregates["delta"].values, asked.aggregates["delta"].values)
+    assert not np.array_equal(plain.aggregates["delta"].values, chosen.aggregates["delta"].values)
 
 
 def test_old_checkpoint_without_verdict_still_simulates(tiny_model, tmp_path):
@@ -558,18 +584,21 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     new = vc.C2SModel.load(ckpt)
     # the same held-out cells and perturbations, judged by the same code: the same scores of the guidance scales
     assert new.verdict["perturbations"] == old["perturbations"] and new.verdict["n_cells"] == old["n_cells"]
-    for a, b in zip(old["candidates"][:-1], new.verdict["candidates"][:-1]):
+    n = len(GUIDANCE_CANDIDATES)
+    for a, b in zip(old["candidates"][:n], new.verdict["candidates"][:n]):
         assert a["settings"] == b["settings"]
         assert a["model"]["mse"] == pytest.approx(b["model"]["mse"], rel=0.05)
-    # ... and the samples asked for, recorded with the checkpoint
-    assert new.verdict["candidates"][-1]["settings"].get("samples") == 2
+    # ... and the samples asked for, recorded with the checkpoint (then the temperatures, at the samples chosen)
+    assert new.verdict["candidates"][n]["settings"].get("samples") == 2
+    assert all("temperature" in c["settings"] for c in new.verdict["candidates"][n + 1:])
     assert new.train_config["verdict_samples"] == [1, 2]
+    assert new.train_config["verdict_temperatures"] == list(TINY.verdict_temperatures)
     assert new.train_config["data_hash"] == model.train_config["data_hash"]
     assert (ckpt / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
     # into a copy (--out), with other guidance scales: the copy loads with them, the original is left as it was
     copy = tmp_path / "copy"
     assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--guidance", "1,3", "--verdict-samples", "1",
-                 "--out", str(copy)]) == 0
+                 "--verdict-temperatures", "1", "--out", str(copy)]) == 0
     capsys.readouterr()
     tried = [c["settings"] for c in vc.C2SModel.load(copy).verdict["candidates"]]
     assert tried == [{"guidance": 1.0}, {"guidance": 3.0}]

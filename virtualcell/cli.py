@@ -297,7 +297,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
         keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
-        pairing=args.pairing, verdict_samples=args.verdict_samples, response_weight=args.response_weight,
+        pairing=args.pairing, verdict_samples=args.verdict_samples,
+        verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
     )
     from .safeio import output_folder
@@ -342,7 +343,7 @@ def cmd_verdict(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rejudge(model, adata, samples=args.verdict_samples, candidates=candidates)
+    rejudge(model, adata, samples=args.verdict_samples, candidates=candidates, temperatures=args.verdict_temperatures)
     if args.out is not None:
         from .safeio import output_folder
 
@@ -600,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with its best generation settings, keeping the one with the lowest validation error; each "
                         "K > 1 costs about K times the verdict's generation, and the chosen K multiplies every "
                         "later screen's (default: %(default)s; 1: one sample, no choice)")
+    p.add_argument("--verdict-temperatures", type=_positive_floats, default=TrainConfig.verdict_temperatures,
+                   metavar="T[,T...]",
+                   help="sampling temperatures the verdict tries at its chosen samples per cell, keeping the one "
+                        "with the lowest validation error; each one other than 1 costs one more generation at those "
+                        "samples (default: %(default)s; 1: no choice)")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 
@@ -618,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict-samples", type=_whole_numbers, default=None, metavar="K[,K...]",
                    help="samples per cell the verdict tries with its best generation settings (default: the "
                         "training run's)")
+    p.add_argument("--verdict-temperatures", type=_positive_floats, default=None, metavar="T[,T...]",
+                   help="sampling temperatures the verdict tries at its chosen samples per cell (default: the "
+                        "training run's, or 1,0.8,0.6 for one that recorded none)")
     p.add_argument("--guidance", type=_positive_floats, default=None, metavar="W[,W...]",
                    help="guidance scales the verdict compares, one sample each (default: the training run's: "
                         "1,2,4 for a model trained with a generic condition)")

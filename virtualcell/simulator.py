@@ -445,7 +445,7 @@ class Simulator:
         batch_size: int = 512,
         cell_chunk: int = 32,
         max_genes: int | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         guidance: float | None = None,
         control_samples: int | None = None,
         samples: int | None = None,
@@ -468,6 +468,10 @@ class Simulator:
             Use the first ``n_cells`` baseline cells (default all).
         seed
             Sampling seed; a cell's predictions depend only on (seed, cell, perturbation).
+        temperature
+            Sampling temperature of the generation (below 1: each sampled sentence is closer to the model's
+            likeliest, less noisy and less varied). ``None``: the temperature the trainer chose on its
+            validation split (1 for a checkpoint without one).
         guidance
             Classifier-free guidance scale (1 = none): sample from ``generic + guidance * (specific − generic)``
             logits, which scales up what the model predicts for this perturbation beyond the average
@@ -549,6 +553,8 @@ class Simulator:
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
             guidance = float(self.model.chosen.get("guidance", 1.0))
+        if temperature is None:
+            temperature = float(self.model.chosen.get("temperature", 1.0))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
         fit = self.model.rank_fit

@@ -203,7 +203,7 @@ class Baselines:
         return out
 
 
-PLAIN = {"samples": 1, "guidance": 1.0}  # the verdict's generation settings where a candidate sets none
+PLAIN = {"samples": 1, "guidance": 1.0, "temperature": 1.0}  # the verdict's generation settings where a candidate sets none
 
 
 # --------------------------------------------------------------------------- #
@@ -405,7 +405,8 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
 # --------------------------------------------------------------------------- #
 def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                 candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
-                max_input_cells: int = 64, codec: Baselines | Mapping[str, Baselines] | None = None,
+                temperatures: Sequence[float] = (1.0,), max_input_cells: int = 64,
+                codec: Baselines | Mapping[str, Baselines] | None = None,
                 unseen: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
@@ -414,8 +415,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     held-out perturbed cells are measured against. Each dict of ``candidates`` is extra
     keyword arguments of :meth:`Simulator.simulate` (generation settings); then the best of
     them (lowest validation MSE of the pure model) is tried again with each number of
-    ``samples`` per cell other than 1 (unless it sets ``samples`` itself), and the setting
-    with the lowest MSE of all is kept (``"settings"``). ``model.baselines`` must be set.
+    ``samples`` per cell other than 1 (unless it sets ``samples`` itself), then the best so far
+    with each sampling temperature of ``temperatures`` other than 1 (unless it sets its own), at
+    the samples per cell already chosen: a lower temperature also averages noise away, as more
+    samples do, so it is judged where the samples have done that. The setting with the lowest
+    MSE of all is kept (``"settings"``). ``model.baselines`` must be set.
     ``codec``: the same baselines fitted on the training cells *as the codec gives them back*
     (:func:`~virtualcell.sentences.roundtrip` with the model's sentences and rank fit); their
     scores (``"codec"``) are what a model that learned the training effects exactly could reach
@@ -492,6 +496,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
 
     tried = [attempt(cand) for cand in candidates]
     tried += [attempt(cand) for cand in _more_samples(lowest_error(tried)[0]["settings"], samples)]
+    tried += [attempt(cand) for cand in _other_values(lowest_error(tried)[0]["settings"], "temperature", temperatures)]
     scored = [a[0] for a in tried]
     best, M_all = lowest_error(tried)
     settings = best["settings"]
@@ -580,12 +585,13 @@ def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: i
 
 def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int = 0,
                     candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
-                    max_input_cells: int = 64, probe_cells: int = 4, unseen: Mapping[str, str] | None = None,
-                    repeats: int = 2) -> float:
+                    temperatures: Sequence[float] = (1.0,), max_input_cells: int = 64, probe_cells: int = 4,
+                    unseen: Mapping[str, str] | None = None, repeats: int = 2) -> float:
     """About how long :func:`run_verdict` will take with ``model`` (an upper bound, as a rule).
 
     It simulates the first context's perturbations from ``probe_cells`` of its input cells
-    with every candidate's settings (the more ``samples`` on top of the first candidate's), and
+    with every candidate's settings (the more ``samples`` on top of the first candidate's, and the
+    other ``temperatures`` at the most samples: the most :func:`run_verdict` may try), and
     scales the seconds per generated row to all the verdict's cells. With an untrained
     ``model`` (as the trainer asks, before training, to reserve the time) sentences rarely end
     early, and the small probe batch is slower per row than the verdict's full ones, so the
@@ -610,7 +616,8 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     sim = Simulator(held[probe], model, seed=seed)
     candidates = [dict(c) for c in candidates] or [{}]
     total = 0.0
-    for cand in candidates + _more_samples(candidates[0], samples):
+    most = candidates[0] if "samples" in candidates[0] else candidates[0] | {"samples": max(samples)}
+    for cand in candidates + _more_samples(candidates[0], samples) + _other_values(most, "temperature", temperatures):
         settings = PLAIN | cand
         k = sim.sample_count(settings["samples"])
         control = Simulator.control_sample_count(k, settings.get("control_samples"))
@@ -626,9 +633,21 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
 
 def _more_samples(settings: Mapping[str, Any], samples: Sequence[int]) -> list[dict[str, Any]]:
     """``settings`` with each number of ``samples`` per cell but 1 (none when it sets its own)."""
-    if "samples" in settings:
+    return [dict(s) | {"samples": int(s["samples"])} for s in _other_values(settings, "samples", samples)]
+
+
+def _other_values(settings: Mapping[str, Any], key: str, values: Sequence[Any]) -> list[dict[str, Any]]:
+    """``settings`` with each of ``values`` for ``key`` but its plain one (:data:`PLAIN`); none when ``settings``
+    sets ``key`` itself (a candidate the user wrote whole).
+
+    >>> _other_values({"guidance": 2.0}, "temperature", (1.0, 0.8, 0.6))
+    [{'guidance': 2.0, 'temperature': 0.8}, {'guidance': 2.0, 'temperature': 0.6}]
+    >>> _other_values({"temperature": 0.5}, "temperature", (1.0, 0.8))
+    []
+    """
+    if key in settings:
         return []
-    return [dict(settings) | {"samples": int(k)} for k in dict.fromkeys(samples) if int(k) != 1]
+    return [dict(settings) | {key: v} for v in dict.fromkeys(values) if v != PLAIN[key]]
 
 
 def write_verdict(verdict: Mapping[str, Any], folder: str | Path) -> Path:
