@@ -561,6 +561,12 @@ def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monk
     assert stalled < 2 * calm + 1.0  # the stall (3 s, times the verdict's rows over the probe's) is not in it
     with pytest.raises(ValueError, match="repeats"):
         verdict_seconds(model, held, contract, repeats=0)
+    # the temperatures are reserved for at the most samples, with no probe of their own (a row costs the same)
+    calls.clear()
+    plain = verdict_seconds(model, held, contract, samples=(1, 4))
+    probed = len(calls)
+    with_temperatures = verdict_seconds(model, held, contract, samples=(1, 4), temperatures=(1.0, 0.8, 0.6))
+    assert len(calls) == 2 * probed and with_temperatures > 1.5 * plain
 
 
 # --------------------------------------------------------------------------- the verdict again (virtualcell verdict)
