@@ -569,6 +569,28 @@ def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monk
     assert len(calls) == 2 * probed and with_temperatures > 1.5 * plain
 
 
+def test_the_reserve_prices_the_later_stages_at_the_costliest_candidate(tiny_model, monkeypatch):
+    """The samples and temperature stages run on whichever candidate wins, so they are priced at the costliest one
+    (a guided candidate's rows cost twice a plain one's here), and the temperatures at the most samples."""
+    import time
+
+    from virtualcell.validation import verdict_seconds
+
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = data[verdict_split(data, contract, TINY)]
+
+    def rows_cost(self, *args, samples=1, guidance=1.0, **kwargs):  # seconds in proportion to the rows, and no work
+        time.sleep(0.1 * samples * (2 if guidance > 1 else 1))
+
+    monkeypatch.setattr(vc.Simulator, "simulate", rows_cost)
+    unit = verdict_seconds(model, held, contract, candidates=[{"guidance": 1.0}], samples=(1,), repeats=1)
+    full = verdict_seconds(model, held, contract, candidates=[{"guidance": 1.0}, {"guidance": 4.0}], samples=(1, 4),
+                           temperatures=(1.0, 0.8), repeats=1)
+    # guidance 1 (1) + guidance 4 (2) + 4 samples at guidance 4's cost (8) + temperature 0.8 there (8)
+    assert full == pytest.approx(19 * unit, rel=0.15)
+
+
 # --------------------------------------------------------------------------- the verdict again (virtualcell verdict)
 def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny_model, tmp_path, capsys):
     """``virtualcell verdict`` finds the run's held-out cells again (seed, fraction, holdout, checked by the data

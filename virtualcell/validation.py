@@ -592,7 +592,9 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     It simulates the first context's perturbations from ``probe_cells`` of its input cells
     with every candidate's settings (the more ``samples`` on top of the first candidate's, and the
     other ``temperatures`` at the most samples: the most :func:`run_verdict` may try), and
-    scales the seconds per generated row to all the verdict's cells. With an untrained
+    scales the seconds per generated row to all the verdict's cells. The stages after the
+    candidates are priced as if the costliest candidate had won (a guided one's rows cost about
+    twice a plain one's). With an untrained
     ``model`` (as the trainer asks, before training, to reserve the time) sentences rarely end
     early, and the small probe batch is slower per row than the verdict's full ones, so the
     estimate errs high.
@@ -615,21 +617,35 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     typed = [parse(unseen[p]) if p in unseen else model.perturbations.resolve(p) for p in perts]
     sim = Simulator(held[probe], model, seed=seed)
     candidates = [dict(c) for c in candidates] or [{}]
-    total, per_row = 0.0, {}
-    most = candidates[0] if "samples" in candidates[0] else candidates[0] | {"samples": max(samples)}
-    for cand in candidates + _more_samples(candidates[0], samples) + _other_values(most, "temperature", temperatures):
-        settings = PLAIN | cand
+    per_row: dict[str, float] = {}
+
+    def cost(settings: dict[str, Any]) -> tuple[float, int, int]:
+        """Seconds per generated row at ``settings`` (probed once per cost: a row costs the same at any
+        temperature), and its control and sample rows per cell."""
         k = sim.sample_count(settings["samples"])
         control = Simulator.control_sample_count(k, settings.get("control_samples"))
-        cost = repr(sorted((n, v) for n, v in settings.items() if n != "temperature"))  # (a row costs the same at any)
-        if cost not in per_row:
+        key = repr(sorted((n, v) for n, v in settings.items() if n != "temperature"))
+        if key not in per_row:
             fastest = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
                 sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **settings)
                 fastest = min(fastest, time.perf_counter() - t)
-            per_row[cost] = fastest / (probe.size * (control + k * len(perts)))  # rows: control and samples
-        total += per_row[cost] * sum(inp.size * (control + k * len(ps)) for _, inp, _, ps in plans)
+            per_row[key] = fastest / (probe.size * (control + k * len(perts)))  # rows: control and samples
+        return per_row[key], control, k
+
+    def seconds(row: float, control: int, k: int) -> float:
+        return row * sum(inp.size * (control + k * len(ps)) for _, inp, _, ps in plans)
+
+    firsts = [cost(PLAIN | c) for c in candidates]
+    total = sum(seconds(*c) for c in firsts)
+    # the later stages run on whichever candidate wins: priced on the first one's probe, scaled to the costliest
+    # (a guided candidate generates a second condition beside each row)
+    dearest = max(row for row, _, _ in firsts) / firsts[0][0] if firsts[0][0] > 0 else 1.0
+    most = candidates[0] if "samples" in candidates[0] else candidates[0] | {"samples": max(samples)}
+    for cand in _more_samples(candidates[0], samples) + _other_values(most, "temperature", temperatures):
+        row, control, k = cost(PLAIN | cand)
+        total += seconds(row * dearest, control, k)
     return total
 
 
