@@ -232,6 +232,13 @@ class C2SModel:
         """The generation settings the training run chose on its validation split (``{}`` without a verdict)."""
         return dict((self.verdict or {}).get("settings") or {})
 
+    def setting(self, name: str) -> Any:
+        """The generation setting ``name`` (``"samples"``, ``"guidance"``, ``"temperature"``) the training run chose,
+        or its plain value (:data:`virtualcell.validation.PLAIN`) where it chose none."""
+        from .validation import PLAIN
+
+        return self.chosen.get(name, PLAIN[name])
+
     def _save_verdict(self, p: Path) -> None:
         """The training baselines and validation verdict (:mod:`virtualcell.validation`), when present."""
         from .validation import BASELINES_FILE, VERDICT_FILE

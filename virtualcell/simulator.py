@@ -358,7 +358,7 @@ class Simulator:
         """``simulate(samples=)`` resolved: ``None`` is the number the trainer chose on its
         validation split (1 for a checkpoint that chose none); anything but a whole number >= 1 is refused."""
         if samples is None:
-            samples = self.model.chosen.get("samples", 1)
+            samples = self.model.setting("samples")
         if isinstance(samples, bool) or not isinstance(samples, int | float | np.integer) or int(samples) != samples \
                 or samples < 1:
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
@@ -552,9 +552,9 @@ class Simulator:
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
-            guidance = float(self.model.chosen.get("guidance", 1.0))
+            guidance = float(self.model.setting("guidance"))
         if temperature is None:
-            temperature = float(self.model.chosen.get("temperature", 1.0))
+            temperature = float(self.model.setting("temperature"))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance)
         fit = self.model.rank_fit

@@ -203,7 +203,9 @@ class Baselines:
         return out
 
 
-PLAIN = {"samples": 1, "guidance": 1.0, "temperature": 1.0}  # the verdict's generation settings where a candidate sets none
+# the plain generation settings: where a verdict candidate sets none, and what a checkpoint serves where its verdict
+# chose none (C2SModel.setting)
+PLAIN = {"samples": 1, "guidance": 1.0, "temperature": 1.0}
 
 
 # --------------------------------------------------------------------------- #
