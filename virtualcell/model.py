@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import target_offsets
 from .contract import DataContract
 from .errors import ModelError
 from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
@@ -201,6 +202,8 @@ class C2SModel:
                 contract=DataContract.from_dict(meta["contract"]) if meta.get("contract") else None,
                 top_k=meta.get("top_k", 200), train_config=meta.get("train_config", {}), source=str(name_or_path),
             )
+            if meta.get("target_offsets") is not None:
+                target_offsets.attach(lm, meta["target_offsets"])
             model._load_verdict(path)
         else:
             vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
@@ -213,7 +216,8 @@ class C2SModel:
         """Write model, tokenizer and codec (``virtualcell.json``) into one folder."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(p, safe_serialization=True)
+        # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
+        self.lm.save_pretrained(p, safe_serialization=True, state_dict=target_offsets.without(self.lm.state_dict()))
         self.tokenizer.save_pretrained(p)
         (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
@@ -271,7 +275,7 @@ class C2SModel:
             "contract": self.contract.to_dict() if self.contract else None,
             "perturbations": self.perturbations.to_dict(),
             "train_config": self.train_config,
-        }
+        } | ({"target_offsets": self.target_offsets} if self.target_offsets is not None else {})
 
     @property
     def device(self) -> torch.device:
@@ -334,7 +338,7 @@ class C2SModel:
             self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
             config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
-            guide_suffixes=prompts.guide_suffixes,
+            guide_suffixes=prompts.guide_suffixes, suffix_offsets=self._suffix_offsets(prompts.suffixes),
         )
         # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []
@@ -345,6 +349,20 @@ class C2SModel:
                 batch = []
         if batch:
             yield self._chunk(batch)
+
+    @property
+    def target_offsets(self) -> dict[str, float] | None:
+        """The learned logit offsets on a genetic perturbation's own gene, by kind (:mod:`virtualcell.target_offsets`);
+        ``None`` for a model trained without them."""
+        return target_offsets.values(self.lm)
+
+    def _suffix_offsets(self, suffixes: list[list[int]]) -> list[list[tuple[int, float]]] | None:
+        """Each prompt suffix's ``(gene token, offset)`` pairs, or ``None`` where the model has no offsets."""
+        param = target_offsets.of(self.lm)
+        if param is None:
+            return None
+        value = (param.detach().float().cpu() * target_offsets.SCALE).tolist()
+        return [[(tok, value[kind]) for tok, kind in self.format.named_targets(s)] for s in suffixes]
 
     def _chunk(self, batch: list[tuple[int, int, list[int]]]) -> GeneratedCells:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
 from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
+from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sentences import CellSentences, Vocabulary
@@ -334,6 +335,11 @@ class PromptFormat:
         """The only tokens a response may hold, or ``None`` where no token is ruled out (no repeat mask)."""
         return None
 
+    def named_targets(self, own: Sequence[int]) -> list[tuple[int, int]]:
+        """``(gene token, kind index)`` of every gene a genetic perturbation in the prompt part ``own`` names
+        by its one token (kind index into :data:`virtualcell.target_offsets.KINDS`); none for text prompts."""
+        return []
+
 
 def _dedupe(gene_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Valid (>= 0) gene ids in first-seen order without repeats, and the counts dropped."""
@@ -358,6 +364,8 @@ class CompactFormat(PromptFormat):
         self.token_to_gene = np.full(len(self.token_id), -1, dtype=np.int64)
         self.token_to_gene[self.gene_tokens] = np.arange(len(genes))
         self.bos, self.eos, self.sep, self.out, self.pad = (self.token_id[t] for t in (BOS, EOS, SEP, OUT, PAD))
+        self._genetic_kind = {self.token_id[KIND_TOKENS[k]]: i for i, k in enumerate(TARGET_KINDS)
+                              if KIND_TOKENS[k] in self.token_id}
 
     def prefix(self, cell_gene_ids: np.ndarray) -> list[int]:
         return [self.bos, *self.gene_tokens[cell_gene_ids].tolist(), self.sep]
@@ -438,6 +446,15 @@ class CompactFormat(PromptFormat):
     def response_vocabulary(self) -> np.ndarray | None:
         """The only tokens a response may hold (one per gene, and end-of-sentence)."""
         return np.append(self.gene_tokens, self.eos)
+
+    def named_targets(self, own: Sequence[int]) -> list[tuple[int, int]]:
+        """A genetic kind's token followed by a gene's token (``<ko> STAT1``): that gene, with its kind."""
+        out = []
+        for a, b in zip(own[:-1], own[1:]):
+            kind = self._genetic_kind.get(int(a))
+            if kind is not None and 0 <= int(b) < self.token_to_gene.size and self.token_to_gene[int(b)] >= 0:
+                out.append((int(b), kind))
+        return out
 
     def to_genes(self, tokens: Sequence[int]) -> np.ndarray:
         ids = self.token_to_gene[np.asarray(tokens, dtype=np.int64)] if len(tokens) else np.zeros(0, np.int64)

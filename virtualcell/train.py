@@ -40,6 +40,7 @@ from .contract import DataContract
 from ._stats import pca
 from .errors import DataError, TrainingError, preview
 from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from . import target_offsets
 from .prompts import PerturbationVocab, own_dose_name
 from .sentences import (DECODE_METHODS, RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
                         require_symbols, roundtrip, with_gene_key)
@@ -124,6 +125,9 @@ class TrainConfig:
     dose_tokens: str = "own"
     # share of perturbed pairs named without their target's or dose's own token, as an untrained one is named
     own_token_dropout: float = 0.0
+    # a learned logit offset per genetic kind on the gene a perturbation names (virtualcell.target_offsets);
+    # gene-level models of screens with genetic perturbations only
+    target_offsets: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):  # a string such as "false" would read as true
@@ -639,6 +643,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                      contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt = model.format
     parsed = {s: parse(s) for s in set(typed)}
+    offsets = None
+    if cfg.target_offsets and any(fmt.named_targets(fmt.prompt_parts(np.zeros(1, dtype=np.int64), p)[1])
+                                  for p in parsed.values()):
+        offsets = target_offsets.attach(lm)
+    named = fmt.named_targets if offsets is not None else None  # how a batch finds the genes its prompts perturb
     if base is None and cfg.gene_init == "pca":  # (a resumed run then loads its trained weights over it)
         from .sentences import model_expression
         from .training.embeddings import init_gene_embeddings, pca_directions
@@ -692,7 +701,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
             generic = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=generic_fraction, step=step)
             plain = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=cfg.own_token_dropout, step=step,
                                           salt=3)
-        return batching.pack(groups_of(chunks, pretrain, generic, plain), fmt.pad).to(accelerator.device)
+        return batching.pack(groups_of(chunks, pretrain, generic, plain), fmt.pad, named=named).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
     response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None
@@ -718,7 +727,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     def loss_of(b: batching.Batch, weighted: bool = True) -> tuple[torch.Tensor, int]:
         with kernels.autocast(accelerator.device, precision):
             return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None,
-                                 weight=weight if weighted else None)
+                                 weight=weight if weighted else None, offsets=offsets)
 
     # validation pairs in a fixed order, same-source pairs together
     val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
@@ -732,7 +741,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         total, count = 0.0, 0
         with torch.no_grad(), kernels.eager():
             for chunks in val_batches:
-                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad).to(accelerator.device), weighted=False)
+                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad, named=named).to(accelerator.device),
+                                  weighted=False)
                 total += float(loss) * n
                 count += n
         lm.train()

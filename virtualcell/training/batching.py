@@ -15,11 +15,13 @@ batch and skips none.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..target_offsets import row_tensors
 
 __all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "PairSchedule"]
 
@@ -47,19 +49,27 @@ class Batch:
     cell_of_row: torch.Tensor
     n_tokens: int  # real (non-pad) tokens the model reads: the work done
     n_targets: int  # tokens with a loss
+    # each row's genes named by a genetic perturbation, as virtualcell.target_offsets.row_tensors gives them
+    # (tokens, kinds, valid); None where no row names one
+    named: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        named = None if self.named is None else tuple(t.to(device) for t in self.named)
         return Batch(move(self.prefix_ids), move(self.prefix_mask), move(self.seg_ids), move(self.seg_mask),
-                     move(self.seg_pos), move(self.targets), move(self.cell_of_row), self.n_tokens, self.n_targets)
+                     move(self.seg_pos), move(self.targets), move(self.cell_of_row), self.n_tokens, self.n_targets,
+                     named)
 
 
-def pack(groups: Sequence[Group], pad: int) -> Batch:
+def pack(groups: Sequence[Group], pad: int, named: Callable[[Sequence[int]], list[tuple[int, int]]] | None = None
+         ) -> Batch:
     """Pad a list of groups into a :class:`Batch` (right padding; positions count real tokens).
 
     A group's shared tokens minus the last go to the prefix pass; the last shared token
     starts every segment, so that the first response token is predicted inside the segment
     pass. Without shared tokens a segment is the pair's own prompt and response.
+    ``named`` (the format's :meth:`~virtualcell.prompts.PromptFormat.named_targets`) reads the
+    genes each pair's own prompt perturbs, for the target offsets (``Batch.named``).
     """
     if not groups:
         raise ValueError("pack() needs at least one group.")
@@ -72,6 +82,7 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
     starts: list[int] = []  # position id of the segment's first token
     cells: list[int] = []
     prefixes: list[list[int]] = []
+    targets_named: list[list[tuple[int, int]]] = []
     for c, (shared, pairs) in enumerate(groups):
         if not pairs:
             raise ValueError(f"Group {c} has no pairs.")
@@ -83,6 +94,7 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
             if len(seg) < 2 or not response:
                 raise ValueError(f"Group {c}: a pair needs a prompt token and a response.")
             segs.append(seg)
+            targets_named.append(named(own) if named is not None else [])
             firsts.append(len(head) + len(own))
             starts.append(len(shared) - 1 if with_prefix else 0)
             cells.append(c)
@@ -113,7 +125,8 @@ def pack(groups: Sequence[Group], pad: int) -> Batch:
             raise ValueError("Every shared prompt needs at least two tokens.")
         n_tokens += int(prefix_mask.sum())
     return Batch(prefix_ids, prefix_mask, seg_ids, seg_mask, seg_pos, targets,
-                 torch.tensor(cells, dtype=torch.long), n_tokens, int((targets != -100).sum()))
+                 torch.tensor(cells, dtype=torch.long), n_tokens, int((targets != -100).sum()),
+                 row_tensors(targets_named))
 
 
 def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.ndarray,  # noqa: ANN001

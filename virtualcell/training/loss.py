@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import target_offsets
 from ..generation import _cache_kwarg, _cache_of
 from .batching import Batch
 
@@ -37,7 +38,7 @@ def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN
 
 
 def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
-                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                  weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the batch's target tokens, and their count.
 
     Parameters
@@ -51,10 +52,15 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         A weight per vocabulary token (:func:`~virtualcell.training.weights.token_weights`):
         the loss is then the mean of the target tokens' cross-entropies weighted by their
         tokens' weights. ``None``: every token weighs the same.
+    offsets
+        The model's target offsets (:mod:`virtualcell.target_offsets`), added to the logits of the
+        genes each row's perturbation names (``batch.named``), as generation adds them.
     """
     logits, targets = _logits(lm, batch)
     valid = targets != -100
     vocab = logits.shape[-1]
+    if offsets is not None and batch.named is not None:
+        logits = target_offsets.add(logits, offsets, batch.named)
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if no_repeat:
@@ -64,6 +70,8 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
     else:
         w = weight.to(logits.device)[targets[valid]]
         loss = (torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="none") * w).sum() / w.sum()
+    if offsets is not None:  # a step that names no target still gives the parameter a (zero) gradient
+        loss = loss + 0.0 * offsets.sum()
     return loss, int(valid.sum())
 
 
