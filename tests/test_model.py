@@ -77,17 +77,22 @@ def test_prefix_sharing_matches_full_prompts(tiny_model):
         prompt = fmt.prefix(cells[c]) + fmt.suffix(perts[p])
         (_, _, toks), = generate_grid(model.lm, [prompt], [[]], cell_keys=[0], suffix_keys=[0],
                                       constraint=model.constraint(), eos_id=fmt.eos, pad_id=fmt.pad,
-                                      config=GenerationConfig(max_genes=10, temperature=0))
+                                      config=GenerationConfig(max_genes=10, temperature=0),
+                                      suffix_offsets=model._suffix_offsets([fmt.suffix(perts[p])]))
         assert fmt.to_genes(toks).tolist() == genes
 
 
 def test_guided_generation_matches_a_plain_guided_loop(tiny_model):
     """Guidance through twin rows (shared prefix, cache, batching, dropped rows) writes what a plain loop
-    writes: full prompts under the perturbation and the generic condition, logits mixed as
-    ``generic + w * (specific - generic)``, gene and no-repeat masks, greedy."""
+    writes: full prompts under the perturbation and the generic condition, the target offsets on the
+    specific logits, logits mixed as ``generic + w * (specific - generic)``, gene and no-repeat masks, greedy."""
     model, _, data = tiny_model
     fmt = model.format
     assert fmt.generic_own() is not None and model.train_config["generic_fraction"] > 0
+    from virtualcell.target_offsets import KINDS
+
+    offsets = model.target_offsets
+    assert offsets is not None and offsets["knockout"] != 0  # the fixture's knockouts moved it
     cells = vc.encode(data[:3], vocab=model.genes, top_k=30)
     perts = model.resolve(["control", "STAT1", "IFNGR1+IRF1"])
     w = 3.0
@@ -99,10 +104,13 @@ def test_guided_generation_matches_a_plain_guided_loop(tiny_model):
     for (c, p), genes in got.items():
         spec = fmt.prefix(cells[c]) + fmt.suffix(perts[p])
         generic = fmt.prefix(cells[c]) + ([*fmt.suffix(perts[p])] if p == 0 else fmt.generic_own())
+        bias = torch.zeros(model.lm.config.vocab_size)
+        for tok, kind in fmt.named_targets(fmt.suffix(perts[p])):
+            bias[tok] += offsets[KINDS[kind]]
         out: list[int] = []
         with torch.no_grad():
             for _ in range(8):
-                ls = model.lm(torch.tensor([spec + out])).logits[0, -1]
+                ls = model.lm(torch.tensor([spec + out])).logits[0, -1] + bias
                 lg = model.lm(torch.tensor([generic + out])).logits[0, -1]
                 mixed = (lg + w * (ls - lg)).masked_fill(~allowed, float("-inf"))
                 if out:

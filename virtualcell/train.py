@@ -16,6 +16,9 @@ The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
    and any non-gene token get no probability, so capacity goes to the perturbation
    rather than to learning not to repeat.
 5. **Many small optimizer steps** beat a larger model in a fixed time budget.
+6. **Target offsets** (gene-level models): one learned logit offset per genetic kind on the
+   gene a perturbation names, so a knocked-out gene can leave its sentence and an activated
+   one rise, which a short run barely learns through attention (:mod:`.target_offsets`).
 
 The same entry point fine-tunes a real C2S checkpoint (``base=...``) with the C2S
 prompt, on a GPU through ``accelerate``.

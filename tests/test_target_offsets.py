@@ -1,0 +1,153 @@
+"""The learned logit offsets on the gene a genetic perturbation names (virtualcell.target_offsets)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from virtualcell import target_offsets
+from virtualcell.training import batching
+from virtualcell.training.loss import response_loss
+
+PAD = 0
+
+
+def _tiny_lm(vocab: int = 40, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _named(own):  # noqa: ANN001
+    """A toy format's reading: token 4 is a knockout, token 5 an activation, of the gene token after it."""
+    kinds = {4: 0, 5: 2}
+    return [(b, kinds[a]) for a, b in zip(own[:-1], own[1:]) if a in kinds]
+
+
+def test_the_loss_adds_each_rows_offset_to_its_named_genes_logits_and_learns_it():
+    lm = _tiny_lm()
+    param = target_offsets.attach(lm, {"knockout": -2.0, "activation": 1.5})
+    groups = [([1, 2, 3], [([4, 20, 9], [10, 11, 12]), ([5, 21, 9], [21, 10])]), ([1, 7, 3], [([9], [12, 10])])]
+    b = batching.pack(groups, PAD, named=_named)
+    assert b.named is not None and b.named[2].sum() == 2  # one named gene in each of the first two rows
+    loss = response_loss(lm, b, offsets=param)[0]
+    # by hand: each pair as one sequence, the row's offset added to its named gene's logit
+    losses = []
+    for shared, pairs in groups:
+        for own, response in pairs:
+            seq = torch.tensor([shared + own + response])
+            logits = lm(input_ids=seq).logits[0, :-1].float().clone()
+            for tok, kind in _named(own):
+                logits[:, tok] += (-2.0, 0.0, 1.5)[kind]
+            target = seq[0, 1:].clone()
+            target[: len(shared) + len(own) - 1] = -100
+            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none")[target != -100])
+    assert torch.allclose(loss, torch.cat(losses).mean(), atol=1e-5)
+    lm.zero_grad()
+    loss.backward()
+    g = param.grad.tolist()
+    assert g[0] > 0  # the knocked-out gene 20 is never written: the loss pushes its offset down (gradient > 0)
+    assert g[2] < 0  # the activated gene 21 is written first: pushed up
+    assert g[1] == 0  # no knockdown in the batch
+    # zero offsets are the model without them
+    zero = _tiny_lm()
+    plain = response_loss(zero, b)[0]
+    assert torch.allclose(response_loss(zero, b, offsets=target_offsets.attach(zero))[0], plain)
+
+
+def test_pretraining_batches_name_nothing_and_still_give_the_parameter_a_gradient():
+    lm = _tiny_lm()
+    param = target_offsets.attach(lm)
+    b = batching.pack([([], [([1], [10, 11, 12])])], PAD, named=_named)
+    assert b.named is None
+    response_loss(lm, b, offsets=param)[0].backward()
+    assert param.grad is not None and param.grad.abs().sum() == 0  # defined for data-parallel reduction, and zero
+
+
+def test_attach_refuses_an_unknown_kind_and_without_drops_the_parameter():
+    lm = _tiny_lm()
+    with pytest.raises(ValueError, match="Unknown target-offset kinds"):
+        target_offsets.attach(lm, {"drug": 1.0})
+    target_offsets.attach(lm, {"knockdown": -3.0})
+    assert target_offsets.values(lm) == {"knockout": 0.0, "knockdown": -3.0, "activation": 0.0}
+    state = lm.state_dict()
+    assert target_offsets.PARAMETER in state and target_offsets.PARAMETER not in target_offsets.without(state)
+    assert target_offsets.values(_tiny_lm()) is None
+
+
+def test_the_compact_format_reads_genetic_targets_and_nothing_else(tiny_model):
+    model, _, _ = tiny_model
+    fmt = model.format
+    gene = model.genes.genes[3]
+    tok = int(fmt.gene_tokens[3])
+    suffix = fmt.suffix(model.resolve([f"ko:{gene}"])[0])
+    assert fmt.named_targets(suffix) == [(tok, target_offsets.KINDS.index("knockout"))]
+    pair = fmt.suffix(model.resolve([f"kd:{gene} + act:{model.genes.genes[5]}"])[0])
+    assert sorted(fmt.named_targets(pair)) == sorted([(tok, 1), (int(fmt.gene_tokens[5]), 2)])  # parts in any order
+    assert fmt.named_targets(fmt.suffix(model.resolve(["control"])[0])) == []
+
+
+def test_generation_adds_the_offsets_a_huge_one_forbids_or_forces_the_gene(tiny_model, tmp_path):
+    import virtualcell as vc
+    from virtualcell.generation import GenerationConfig
+
+    model, _, data = tiny_model
+    cells = vc.sentences.encode(data[:12], vocab=model.genes, top_k=model.top_k)
+    counts = np.bincount(np.concatenate([cells[i][: model.top_k] for i in range(len(cells))]), minlength=len(model.genes))
+    g = int(np.argmax(counts))  # a gene in nearly every cell
+    gene = model.genes.genes[g]
+    panel = model.resolve([f"ko:{gene}", f"act:{gene}"])
+    cfg = GenerationConfig(max_genes=model.top_k, temperature=1.0)
+
+    def written(offsets: dict[str, float] | None) -> list[list[np.ndarray]]:
+        setattr(model.lm, target_offsets.PARAMETER, None) if offsets is None else target_offsets.attach(model.lm, offsets)
+        out: list[list[np.ndarray]] = [[], []]
+        for ch in model.generate(cells, panel, config=cfg):
+            for p, k in zip(ch.perturbation, range(len(ch.sentences))):
+                out[p].append(np.asarray(ch.sentences[k]))
+        return out
+
+    saved = target_offsets.values(model.lm)
+    try:
+        plain, zero = written(None), written({})
+        assert all((a == b).all() for x, y in zip(plain, zero) for a, b in zip(x, y))  # 0 offsets change nothing
+        assert sum(g in s for s in plain[0]) > 0  # untouched, the model writes the gene under its knockout
+        pushed = written({"knockout": -1e4, "activation": 1e4})
+        assert not any(g in s for s in pushed[0])  # forbidden under the knockout
+        assert all(s.size and s[0] == g for s in pushed[1])  # written first under the activation
+        # they travel with the checkpoint, in virtualcell.json, and not in the weights
+        model.save(tmp_path / "m")
+        meta = json.loads((tmp_path / "m" / "virtualcell.json").read_text())
+        assert meta["target_offsets"] == {"knockout": -1e4, "knockdown": 0.0, "activation": 1e4}
+        from safetensors.torch import load_file
+
+        assert target_offsets.PARAMETER not in load_file(tmp_path / "m" / "model.safetensors")
+        assert vc.C2SModel.load(tmp_path / "m").target_offsets == meta["target_offsets"]
+    finally:
+        setattr(model.lm, target_offsets.PARAMETER, None)
+        if saved is not None:
+            target_offsets.attach(model.lm, saved)
+
+
+def test_training_learns_a_negative_offset_where_knocked_out_genes_vanish(tmp_path):
+    """On the synthetic screen a knocked-out gene is never in its cells: every pair step pushes the knockout
+    offset down, the kinds the screen lacks stay 0, and a screen without genetic perturbations gets none."""
+    import virtualcell as vc
+    from virtualcell.train import TrainConfig, train
+
+    data = vc.datasets.synthetic_screen(n_genes=60, n_tfs=8, n_knockouts=4, n_pairs=0, n_drugs=1, n_cytokines=1,
+                                        doses=(1.0,), n_cells_per_condition=25, n_control_cells=60, n_contexts=1, seed=0)
+    cfg = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=10, eval_every=5, save_every=5,
+                      batch_size=8, warmup_steps=2, seed=0, kind_key="perturbation_type", verdict_fraction=0.0)
+    model = train(data, out=tmp_path / "ko", config=cfg, progress=False)
+    values = vc.C2SModel.load(tmp_path / "ko").target_offsets
+    assert values == model.target_offsets
+    assert values["knockout"] < 0 and values["knockdown"] == 0 and values["activation"] == 0
+    chemical = data[data.obs["perturbation_type"].isin(["control", "drug", "cytokine"])].copy()
+    assert train(chemical, out=tmp_path / "chem", config=cfg, progress=False).target_offsets is None
