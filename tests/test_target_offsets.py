@@ -151,3 +151,12 @@ def test_training_learns_a_negative_offset_where_knocked_out_genes_vanish(tmp_pa
     assert values["knockout"] < 0 and values["knockdown"] == 0 and values["activation"] == 0
     chemical = data[data.obs["perturbation_type"].isin(["control", "drug", "cytokine"])].copy()
     assert train(chemical, out=tmp_path / "chem", config=cfg, progress=False).target_offsets is None
+    assert "target offsets knockout -" in repr(model)  # the moved kinds, where a user looks at a model
+
+
+def test_the_command_line_turns_them_off():
+    from virtualcell.cli import build_parser
+
+    base = ["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"]
+    assert build_parser().parse_args(base).target_offsets is True
+    assert build_parser().parse_args([*base, "--no-target-offsets"]).target_offsets is False

@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairing=args.pairing, verdict_samples=args.verdict_samples,
         verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
+        target_offsets=args.target_offsets,
     )
     from .safeio import output_folder
 
@@ -312,6 +313,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
+    if model.target_offsets is not None:
+        learned = ", ".join(f"{k} {v:+.2f}" for k, v in model.target_offsets.items() if v != 0) or "none moved"
+        print(f"  target offsets (logits on the gene a perturbation names): {learned}")
     from .validation import summary_line
 
     print(f"  {summary_line(model.verdict)}")
@@ -574,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "invite the model to write the gene (untrained targets are then refused); both (default), "
                         "with the gene's token and then the trained target's own (an untrained target keeps the "
                         "gene's alone)")
+    p.add_argument("--no-target-offsets", dest="target_offsets", action="store_false",
+                   help="leave out the learned logit offset on the gene a knockout (knockdown, activation) names, one "
+                        "number per kind added wherever the model writes a response, so a knocked-out gene can leave "
+                        "its sentence (default: on for gene-level models whose training perturbations name a gene)")
     p.add_argument("--own-token-dropout", type=float, default=TrainConfig.own_token_dropout, metavar="F",
                    help="share of perturbed training pairs named without their target's or dose's own token, as an "
                         "untrained target or dose is named, so the model also learns that form (default 0)")

@@ -289,8 +289,13 @@ class C2SModel:
         return (
             f"C2SModel({self.source or 'in memory'}: {self.n_parameters / 1e6:.2f}M parameters, "
             f"{len(self.genes)} genes, format {self.format.name!r}, {len(self.perturbations.labels)} training labels, "
-            f"device {self.device})"
+            f"{self._offsets_text()}device {self.device})"
         )
+
+    def _offsets_text(self) -> str:
+        """``"target offsets knockout -17.22, "`` (the kinds whose offset moved), or ``""``."""
+        moved = {k: v for k, v in (self.target_offsets or {}).items() if v != 0}
+        return f"target offsets {', '.join(f'{k} {v:+.2f}' for k, v in moved.items())}, " if moved else ""
 
     # ------------------------------------------------------------------ generation
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:
