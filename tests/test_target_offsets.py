@@ -160,3 +160,20 @@ def test_the_command_line_turns_them_off():
     base = ["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"]
     assert build_parser().parse_args(base).target_offsets is True
     assert build_parser().parse_args([*base, "--no-target-offsets"]).target_offsets is False
+
+
+def test_a_run_cannot_resume_across_the_offsets_setting(tmp_path):
+    import virtualcell as vc
+    from virtualcell.errors import TrainingError
+    from virtualcell.train import TrainConfig, train
+
+    data = vc.datasets.synthetic_screen(n_genes=40, n_tfs=4, n_knockouts=3, n_pairs=0, n_drugs=0, n_cytokines=0,
+                                        doses=(1.0,), n_cells_per_condition=15, n_control_cells=40, n_contexts=1, seed=0)
+    cfg = TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=2, eval_every=2, save_every=2,
+                      batch_size=4, warmup_steps=1, seed=0, kind_key="perturbation_type", verdict_fraction=0.0)
+    train(data, out=tmp_path, config=cfg, progress=False)
+    from dataclasses import replace
+
+    with pytest.raises(TrainingError, match=r"with target offsets.*--restart"):
+        train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False)
+    train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False, resume=False)

@@ -775,6 +775,12 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     if resume:
         saved = checkpoint.load(last, data_hash=run_config["data_hash"])
         if saved is not None:
+            if (target_offsets.PARAMETER in saved["model"]) != (offsets is not None):
+                raise TrainingError(
+                    f"{last} was saved by a run {'with' if offsets is None else 'without'} target offsets, and this "
+                    f"run is {'without' if offsets is None else 'with'} them, so it cannot resume from it: train as "
+                    f"that run did ({'without --no-target-offsets' if offsets is None else '--no-target-offsets'}), "
+                    "or start over with --restart (resume=False).")
             accelerator.unwrap_model(lm).load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             state = loop.LoopState(saved["step"], saved["history"], saved.get("pretrain_end"))
