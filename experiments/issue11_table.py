@@ -26,7 +26,7 @@ from one training run to the next (sampling seed 0; the bundled model is trainin
     python experiments/train_bundled_model.py --seed T --threads 1 --out /tmp/bundled_sT
     python experiments/protocol_4_screen_ranking.py --model /tmp/bundled_sT --seed 0 --out .../training_seedT
 
-(``train_bundled_model.py`` defaults to the recipe's 10,000 steps and 40 minutes.) The
+(``train_bundled_model.py`` defaults to the recipe's 10,000 steps and 50 minutes.) The
 4,000-step recipe's runs (session 19) are in ``experiments/results/attempts/bundled_4000_steps/``.
 """
 

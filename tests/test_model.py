@@ -302,6 +302,7 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     shipped = json.loads((Path(BUNDLED) / "virtualcell.json").read_text())
     assert built["train_config"]["data_hash"] == record["data_hash"]  # the same data, hashed the same way
     assert built["genes"] == shipped["genes"]
+    assert built.get("target_offsets") == shipped.get("target_offsets")  # none: the recipe pins --no-target-offsets
     arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())
