@@ -244,6 +244,18 @@ def _flops(lm, prefix_ids, seg_ids, n_logits: int, prefix_rows=None) -> float:  
     return tokens * per_token + 2 * 2 * L * d * pairs + 2 * d * V * n_logits
 
 
+def interleave(sides: list[Side], steps: int, chunk: int) -> None:
+    """Run every side ``steps`` optimizer steps, taking turns every ``chunk`` steps, so that the machine's load
+    falls on all alike."""
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for s in sides:
+            s.run(n, steps)
+        done += n
+        print(f"{done}/{steps} steps on every side", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150)
@@ -283,13 +295,7 @@ def main() -> None:
                     sides.append(side)
     peaks = {th: gemm_peak(th) for th in threads}
     peaks_bf16 = {th: gemm_peak(th, "bf16") for th in threads}
-    done = 0
-    while done < args.steps:
-        n = min(args.chunk, args.steps - done)
-        for s in sides:
-            s.run(n, args.steps)
-        done += n
-        print(f"{done}/{args.steps} steps on every side", file=sys.stderr, flush=True)
+    interleave(sides, args.steps, args.chunk)
     # validation: 400 held-out pairs, 16 a batch, same for every side
     val = ctx[8][:400]
     val_chunks = [[np.array([t]) for t in val[i : i + 16]] for i in range(0, val.size, 16)]

@@ -49,12 +49,7 @@ from virtualcell.train import _new_model  # noqa: E402
 lm0, _, _ = _new_model(ctx[0], None, ctx[1], ctx[2])
 init = {k: v.clone() for k, v in lm0.state_dict().items()}
 sides = [B.Side("trainer", "trainer", 4, 1, ctx, init), WithOffsets("trainer + target offsets", "trainer", 4, 1, ctx, init)]
-done = 0
-while done < args.steps:
-    n = min(args.chunk, args.steps - done)
-    for s in sides:
-        s.run(n, args.steps)
-    done += n
+B.interleave(sides, args.steps, args.chunk)
 for s in sides:
     extra = f", knockout offset {s.offsets.detach().tolist()[0] * 10:+.3f}" if hasattr(s, "offsets") else ""
     print(f"{s.name}: median {statistics.median(s.seconds[3:]) * 1000:.1f} ms/step, "
