@@ -314,8 +314,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
     if model.target_offsets is not None:
-        learned = ", ".join(f"{k} {v:+.2f}" for k, v in model.target_offsets.items() if v != 0) or "none moved"
-        print(f"  target offsets (logits on the gene a perturbation names): {learned}")
+        from .target_offsets import moved
+
+        print(f"  target offsets (logits on the gene a perturbation names): {moved(model.target_offsets) or 'none moved'}")
     from .validation import summary_line
 
     print(f"  {summary_line(model.verdict)}")

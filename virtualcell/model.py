@@ -294,8 +294,8 @@ class C2SModel:
 
     def _offsets_text(self) -> str:
         """``"target offsets knockout -17.22, "`` (the kinds whose offset moved), or ``""``."""
-        moved = {k: v for k, v in (self.target_offsets or {}).items() if v != 0}
-        return f"target offsets {', '.join(f'{k} {v:+.2f}' for k, v in moved.items())}, " if moved else ""
+        moved = target_offsets.moved(self.target_offsets)
+        return f"target offsets {moved}, " if moved else ""
 
     # ------------------------------------------------------------------ generation
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["KINDS", "PARAMETER", "SCALE", "attach", "of", "values", "without", "row_tensors", "row_bias", "add"]
+__all__ = ["KINDS", "PARAMETER", "SCALE", "attach", "of", "values", "moved", "without", "row_tensors", "row_bias", "add"]
 
 KINDS = ("knockout", "knockdown", "activation")  # index = the kind's slot in the parameter
 PARAMETER = "virtualcell_target_offsets"
@@ -63,6 +63,11 @@ def values(lm) -> dict[str, float] | None:  # noqa: ANN001
     """The offsets by kind name (logit units), or ``None`` where ``lm`` has none."""
     p = of(lm)
     return None if p is None else {k: round(float(v) * SCALE, 4) for k, v in zip(KINDS, p.detach().cpu())}
+
+
+def moved(offsets: Mapping[str, float] | None) -> str:
+    """The kinds whose offset left 0, as ``"knockout -17.22, activation +8.35"``; ``""`` where none did."""
+    return ", ".join(f"{k} {v:+.2f}" for k, v in (offsets or {}).items() if v != 0)
 
 
 def without(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
