@@ -78,7 +78,7 @@ def test_prefix_sharing_matches_full_prompts(tiny_model):
         (_, _, toks), = generate_grid(model.lm, [prompt], [[]], cell_keys=[0], suffix_keys=[0],
                                       constraint=model.constraint(), eos_id=fmt.eos, pad_id=fmt.pad,
                                       config=GenerationConfig(max_genes=10, temperature=0),
-                                      suffix_offsets=model._suffix_offsets([fmt.suffix(perts[p])]))
+                                      suffix_targets=model._suffix_targets([fmt.suffix(perts[p])]))
         assert fmt.to_genes(toks).tolist() == genes
 
 

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import target_offsets
+
 __all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "generate_grid", "stable_key", "torch_threads"]
 
 _MASK = (1 << 63) - 1
@@ -482,15 +484,17 @@ def generate_grid(
     config: GenerationConfig,
     max_new_tokens: int | None = None,
     guide_suffixes: Sequence[Sequence[int]] | None = None,
-    suffix_offsets: Sequence[Sequence[tuple[int, float]]] | None = None,
+    suffix_targets: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
 
     ``guide_suffixes[j]`` is suffix ``j``'s counterpart under the generic condition, needed
     when ``config.guidance != 1`` (a suffix that is its own counterpart is not guided).
-    ``suffix_offsets[j]`` lists ``(token, value)`` added to the logits of every step of suffix
-    ``j``'s rows (the model's target offsets, :mod:`virtualcell.target_offsets`; its generic
-    twin gets none, so guidance scales them as part of what the perturbation does).
+    ``suffix_targets[j]`` lists the ``(gene token, kind index)`` pairs that suffix ``j`` perturbs
+    (:meth:`~virtualcell.prompts.PromptFormat.named_targets`): the model's target offsets
+    (:mod:`virtualcell.target_offsets`) are added to those genes' logits at every step of suffix ``j``'s
+    rows, as the training loss adds them; its generic twin gets none, so guidance scales them as part
+    of what the perturbation does. Ignored for a model without offsets.
 
     Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
     bounded by ``config.batch_size`` rows at a time; on a GPU, fewer if the rows' caches
@@ -505,8 +509,10 @@ def generate_grid(
                          "format that shares the cell's prefix); use guidance=1, or retrain with generic_fraction > 0.")
     elif len(guide_suffixes) != len(suffixes):
         raise ValueError("guide_suffixes must have one entry per suffix.")
-    if suffix_offsets is not None and len(suffix_offsets) != len(suffixes):
-        raise ValueError("suffix_offsets must have one entry per suffix.")
+    if suffix_targets is not None and len(suffix_targets) != len(suffixes):
+        raise ValueError("suffix_targets must have one entry per suffix.")
+    if target_offsets.of(model) is None:
+        suffix_targets = None
     steps = max_new_tokens or (config.max_genes + 1)
     longest = max((len(p) for p in prefixes), default=0) + max((len(s) for s in suffixes), default=0) + steps + 1
     cap = _rows_that_fit(model, device, longest)
@@ -523,12 +529,12 @@ def generate_grid(
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
         threads = _pick_threads(model, rows, device, pad_id)
     grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
-                 guide_suffixes, suffix_offsets)
+                 guide_suffixes, suffix_targets)
     yield from _iterate_with_threads(grid, threads)
 
 
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
-          steps, device, guide_suffixes=None, suffix_offsets=None):
+          steps, device, guide_suffixes=None, suffix_targets=None):
     kw = _cache_kwarg(model)
     n_suffix = len(suffixes)
     twins = 2 if guide_suffixes is not None else 1  # a guided row is decoded beside its generic twin
@@ -573,7 +579,9 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
                 device=device,
             )
             twin = torch.tensor([s < 0 for s in rows_suffix], dtype=torch.bool, device=device) if twins > 1 else None
-            offsets = _row_offsets(suffix_offsets, rows_suffix, device)
+            named = None if suffix_targets is None else target_offsets.row_tensors(
+                [suffix_targets[s] if s >= 0 else [] for s in rows_suffix], device)  # a twin (s < 0) gets none
+            offsets = None if named is None else (target_offsets.of(model), named)
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
                                            config, steps, device, twin, offsets):
                 if s >= 0:
@@ -718,27 +726,12 @@ def _guide(logits: torch.Tensor, twin: torch.Tensor, w: float) -> torch.Tensor:
     return out
 
 
-def _row_offsets(suffix_offsets, rows_suffix, device) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
-    """Each row's ``(tokens, values)`` logit offsets (rows x most offsets; a twin row, coded < 0, gets none)."""
-    if suffix_offsets is None:
-        return None
-    per_row = [list(suffix_offsets[s]) if s >= 0 else [] for s in rows_suffix]
-    width = max((len(r) for r in per_row), default=0)
-    if width == 0:
-        return None
-    tok = torch.zeros((len(per_row), width), dtype=torch.long)
-    val = torch.zeros((len(per_row), width), dtype=torch.float32)
-    for r, pairs in enumerate(per_row):
-        for i, (t, v) in enumerate(pairs):
-            tok[r, i], val[r, i] = int(t), float(v)
-    return tok.to(device), val.to(device)
-
-
 def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
                  constraint, eos_id, config, steps, device, twin=None, offsets=None) -> Iterator[tuple[int, int, list[int]]]:
     """Sample every row to EOS. ``twin`` flags generic twin rows (guidance): a twin gets its row's
     mixed logits and key, so it writes the same tokens, and the two finish together. ``offsets``
-    (``(tokens, values)``, rows x k) are added to each row's logits at every step, before guidance."""
+    (the offsets parameter, and each row's named targets as :func:`virtualcell.target_offsets.row_tensors`
+    gives them) are added to each row's logits at every step, before guidance (:func:`target_offsets.add`)."""
     n = len(rows_cell)
     active = torch.arange(n, device=device)
     written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
@@ -752,7 +745,7 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
     eos = torch.tensor(eos_id, device=device)
     for step in range(steps):
         if offsets is not None:
-            logits = logits.float().scatter_add(1, offsets[0], offsets[1])
+            logits = target_offsets.add(logits.float(), *offsets)
         if twin is not None:
             logits = _guide(logits, twin, config.guidance)
         if constraint is not None:
@@ -777,7 +770,7 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
             if twin is not None:
                 twin = twin[keep]
             if offsets is not None:
-                offsets = (offsets[0][keep], offsets[1][keep])
+                offsets = (offsets[0], tuple(t[keep] for t in offsets[1]))
             decoder.select(keep)
             last_pos, keys, tokens = last_pos[keep], keys[keep], tokens[keep]
             finished = finished[keep]

@@ -343,7 +343,7 @@ class C2SModel:
             self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
             config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
-            guide_suffixes=prompts.guide_suffixes, suffix_offsets=self._suffix_offsets(prompts.suffixes),
+            guide_suffixes=prompts.guide_suffixes, suffix_targets=self._suffix_targets(prompts.suffixes),
         )
         # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []
@@ -361,13 +361,12 @@ class C2SModel:
         ``None`` for a model trained without them."""
         return target_offsets.values(self.lm)
 
-    def _suffix_offsets(self, suffixes: list[list[int]]) -> list[list[tuple[int, float]]] | None:
-        """Each prompt suffix's ``(gene token, offset)`` pairs, or ``None`` where the model has no offsets."""
-        param = target_offsets.of(self.lm)
-        if param is None:
+    def _suffix_targets(self, suffixes: list[list[int]]) -> list[list[tuple[int, int]]] | None:
+        """Each prompt suffix's ``(gene token, kind index)`` pairs (the genes its perturbations name, which
+        the target offsets move), or ``None`` where the model has no offsets."""
+        if target_offsets.of(self.lm) is None:
             return None
-        value = (param.detach().float().cpu() * target_offsets.SCALE).tolist()
-        return [[(tok, value[kind]) for tok, kind in self.format.named_targets(s)] for s in suffixes]
+        return [self.format.named_targets(s) for s in suffixes]
 
     def _chunk(self, batch: list[tuple[int, int, list[int]]]) -> GeneratedCells:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
