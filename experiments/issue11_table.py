@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "results" / "issue11"
 CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experiments/codec_ceiling.py
 BLEND = "model (blend)"
+P3_BASELINES = ["pertmean", "coexpression"]  # protocol 3's baselines for unseen knockouts (coexpression: session 34)
 
 
 def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
@@ -202,11 +203,16 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                  "seeds": sorted(syn), "groups": None, "run": _when(syn),
                  "codec": _codec(codec_runs, 0, "spearman vs true effects")})
     p3 = _load(runs, "protocol_3_unseen_knockouts")
-    rows.append({"protocol": "3. Unseen knockouts"} | _protocol_row(p3, "discrimination", ["pertmean"], absolute=0.7,
+    rows.append({"protocol": "3. Unseen knockouts"} | _protocol_row(p3, "discrimination", P3_BASELINES, absolute=0.7,
                                                                      target="discrimination >= 0.7")
                 | {"run": _when(p3), "codec": _codec(codec_runs, 3, "discrimination")})
     rows.append({"protocol": ""} | _protocol_row(p3, "pearson_delta", ["pertmean"], target="pearson_delta >= pertmean")
                 | {"run": _when(p3), "codec": _codec(codec_runs, 3, "pearson_delta")})
+    # not one of issue 11's targets: the same figure against every baseline the protocol scores (session 34's
+    # coexpression is stronger than the pertmean the issue names), so that the table hides no stronger one
+    strongest = _protocol_row(p3, "pearson_delta", P3_BASELINES, target="(reported) pearson_delta >= strongest baseline")
+    if strongest["best baseline"] not in (None, "pertmean"):
+        rows.append({"protocol": "", "issue_target": False} | strongest | {"run": _when(p3)})
     p2 = _load(runs, "protocol_2_unseen_pairs")
     rows.append({"protocol": "2. Unseen pairs"} | _protocol_row(p2, "pearson_delta", ["additive"],
                                                                  target="pearson_delta >= additive")
@@ -229,6 +235,9 @@ def main() -> None:
     for r in rows:
         met = {True: "**yes**", False: "no", None: "not run"}[r["met"]]
         lines.append("| " + " | ".join(_fmt(r[c]) if c != "met" else met for c in cols) + " |")
+    targets = [r for r in rows if r.get("issue_target", True)]
+    lines += ["", f"The pure model meets {sum(bool(r['met']) for r in targets)} of issue 11's {len(targets)} targets "
+                  "(rows marked (reported) are not targets: a stronger baseline than the one the issue names)."]
     text = "\n".join(["# Issue 11: the model against the simple baselines", "",
                       "Means over the seeds listed and over all held-out groups (protocol 1: all seven cell types at "
                       "seed 0, and CD4T at seeds 0-2). The targets are for the pure model; the served blend is what "

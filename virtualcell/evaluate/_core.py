@@ -39,7 +39,7 @@ log = logging.getLogger("virtualcell.evaluate")
 
 __all__ = ["evaluate", "delta_table", "summarize", "DEFAULT_BASELINES", "TABLE_COLUMNS"]
 
-DEFAULT_BASELINES = ("nochange", "meanshift", "pertmean", "additive", "linear")
+DEFAULT_BASELINES = ("nochange", "meanshift", "pertmean", "additive", "linear", "coexpression")
 TABLE_COLUMNS = ["method", "perturbation", "context", "metric", "value", "direction", "n_cells", "effect_size"]
 _N_COMPONENTS = 50
 

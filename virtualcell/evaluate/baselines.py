@@ -12,6 +12,9 @@ cells of the target context. Measured effects are ``mean(perturbed) - mean(contr
 * :func:`linear` — a ridge regression of measured deltas on perturbation features, after
   Ahlmann-Eltze, Huber & Anders (2025, Nat Methods), who found that such linear models
   match deep models at predicting unseen perturbations.
+* :func:`coexpression` — for a perturbation of one measured gene, :func:`pertmean` plus the
+  change that goes with the gene across the training cells of its context (each gene's
+  regression on it), scaled by one factor fitted on the other single-gene perturbations.
 
 A target a baseline cannot predict (no other context, a single rather than a combination,
 a component never measured alone) is left out of its prediction and listed in
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -47,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("virtualcell.evaluate")
 
-__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "BASELINES", "Effects"]
+__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "coexpression", "BASELINES", "Effects"]
 
 Target = tuple[str, str]  # (perturbation, context)
 
@@ -62,6 +65,9 @@ class Effects:
     genes: pd.Index
     delta: Mapping[Target, np.ndarray]
     n_cells: Mapping[Target, int]
+    # the training cells themselves (what :func:`coexpression` regresses on), and its per-context cache
+    cells: Prepared | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_prepared(cls, data: Prepared, genes: pd.Index, control: str) -> Effects:
@@ -78,7 +84,36 @@ class Effects:
                 continue
             delta[(p, c)] = m - ctrl[c]
             n_cells[(p, c)] = n
-        return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells))
+        return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data)
+
+    def response_to(self, gene: int, context: str, *, without: str | None = None) -> np.ndarray:
+        """Each gene's least-squares slope on gene ``gene`` over the training cells of ``context``, times that
+        gene's standard deviation: how every gene moves with a one-standard-deviation change of it (its own entry
+        is its standard deviation). ``without``: a label whose cells are left out (the target of a prediction,
+        which a baseline never learns from). Zeros where the gene does not vary there."""
+        if self.cells is None:
+            raise DataError("These effects were built without their cells; use Effects.from_prepared.")
+
+        def moments(rows: np.ndarray, key: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+            """(cells, per-gene sums, cross-products with gene ``gene``) of ``rows``, cached under ``key``."""
+            if key not in self._cache:
+                X = self.cells.X[rows]
+                x = np.asarray(X[:, gene].toarray()).ravel() if hasattr(X, "toarray") else np.asarray(X[:, gene])
+                self._cache[key] = (len(rows), np.asarray(X.sum(axis=0), dtype=np.float64).ravel(),
+                                    np.asarray(X.T @ x.astype(np.float64), dtype=np.float64).ravel())
+            return self._cache[key]
+
+        in_ctx = self.cells.contexts == context
+        n, total, cross = moments(np.flatnonzero(in_ctx), ("moments", context, gene))
+        if without is not None:
+            mine = in_ctx & (self.cells.labels == without)
+            if mine.any():
+                m, t, c = moments(np.flatnonzero(mine), ("moments", context, gene, without))
+                n, total, cross = n - m, total - t, cross - c
+        if n < 3:
+            return np.zeros(len(self.genes))
+        cov = (cross - total * total[gene] / n) / (n - 1)
+        return cov / np.sqrt(cov[gene]) if cov[gene] > 1e-12 else np.zeros(len(self.genes))
 
 
 def _components(perturbation: str) -> list[str]:
@@ -163,6 +198,45 @@ def _delta_linear(
     # dual form: B = Yc (Xc^T Xc + ridge I)^-1 Xc^T, an n x n solve
     alpha = np.linalg.solve(Xc.T @ Xc + ridge * np.eye(Xc.shape[1]), (features(*target) - x_mean) @ Xc)
     return y_mean + Yc @ alpha
+
+
+def _single_gene(effects: Effects, perturbation: str) -> int | None:
+    """The measured gene that ``perturbation`` names alone (``"STAT1"``, ``"stat1@2"``), or ``None``."""
+    from ..sentences import gene_match_key
+
+    label = perturbation.rpartition("@")[0] or perturbation
+    parts = _components(label)
+    if len(parts) != 1:
+        return None
+    rows = effects._cache.get("gene_rows")
+    if rows is None:
+        rows = effects._cache["gene_rows"] = {gene_match_key(g): i for i, g in enumerate(effects.genes)}
+    return rows.get(gene_match_key(parts[0]))
+
+
+def _delta_coexpression(effects: Effects, target: Target) -> np.ndarray | None:
+    """``pertmean + a * response_to(gene)``: the mean effect of the other perturbations of the context, plus how
+    the genes move with the perturbed gene across the context's training cells (:meth:`Effects.response_to`).
+    The factor ``a`` (how many standard deviations of its gene a perturbation moves, in effect) is one least-squares
+    fit over the context's other single-gene perturbations of a measured gene, each against the mean effect of the
+    rest; ``None`` (left out) for a perturbation that is not one measured gene, or a context with fewer than two
+    such perturbations to fit on."""
+    p, c = target
+    gene = _single_gene(effects, p)
+    base = _delta_pertmean(effects, target)
+    if gene is None or base is None:
+        return None
+    others = [(q, d) for (q, cc), d in effects.delta.items() if cc == c and q != p]
+    fitted = [(i, g) for i, (q, _) in enumerate(others) for g in [_single_gene(effects, q)] if g is not None]
+    if len(fitted) < 2 or len(others) < 2:
+        return None
+    D = np.stack([d for _, d in others]).astype(np.float64)
+    rows = np.array([i for i, _ in fitted])
+    rest = (D.sum(axis=0)[None, :] - D[rows]) / (len(others) - 1)  # each fitted one's "mean of the rest"
+    S = np.stack([effects.response_to(g, c, without=p) for _, g in fitted])
+    den = float((S * S).sum())
+    a = float(((D[rows] - rest) * S).sum()) / den if den > 0 else 0.0
+    return base + a * effects.response_to(gene, c, without=p)
 
 
 # --------------------------------------------------------------------------- #
@@ -316,6 +390,14 @@ linear = _make(
     "    see Ahlmann-Eltze, Huber & Anders, Nat Methods (2025). Ridge penalty 0.1, 10 components.",
 )
 
+coexpression = _make(
+    _delta_coexpression, "coexpression",
+    "Predict a perturbation of one measured gene as control + pertmean + how the genes move with that gene.\n\n"
+    "    Every gene's regression on the perturbed gene across the training cells of the context (its slope\n"
+    "    times the perturbed gene's standard deviation), scaled by one factor fitted on the context's other\n"
+    "    single-gene perturbations against the mean effect of the rest (least squares).",
+)
+
 BASELINES: Mapping[str, Callable[..., ad.AnnData]] = MappingProxyType(
-    {f.__name__: f for f in (nochange, meanshift, pertmean, additive, linear)}
+    {f.__name__: f for f in (nochange, meanshift, pertmean, additive, linear, coexpression)}
 )
