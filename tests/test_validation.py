@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 
 import virtualcell as vc
@@ -184,9 +187,42 @@ def test_baselines_meanshift_pertmean_and_additive(tiny_model):
     np.testing.assert_allclose(pair, d + base.delta_for("ko:JAK2")[0], atol=1e-5)
     unseen = next(g for g in model.genes.genes if g not in {q.split(":")[-1] for q in base.names})
     other, name = base.delta_for(f"ko:{unseen}")
+    assert name == "coexpression"  # a knockout never trained on, of one of the model's genes
+    plain = dataclasses.replace(base, response=None)  # a checkpoint that keeps no covariance
+    other, name = plain.delta_for(f"ko:{unseen}")
     assert name == "pertmean"
     np.testing.assert_allclose(other, base.delta.mean(0), atol=1e-6)
+    assert base.delta_for("drug:nothing")[1] == "pertmean"  # not genetic: no gene to move with
     assert base.delta_for("control")[1] == "none" and not base.delta_for("control")[0].any()
+
+
+def test_the_served_coexpression_baseline_is_the_evaluated_one(tiny_model):
+    """One context, every axis of the covariance kept: the checkpoint's coexpression baseline of a knockout never
+    trained on is what ``evaluate``'s ``coexpression`` predicts from the same training cells."""
+    from virtualcell.evaluate import baselines as B
+    from virtualcell.validation import covariance_factor
+
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    base = Baselines.fit(data, contract, model)
+    X, _ = vc.sentences.model_expression(data, model.genes)
+    exact = dataclasses.replace(base, response=covariance_factor(X, contract.contexts(data), rank=10_000))
+    trained = {q.split(":")[-1] for q in base.names}
+    unseen = [g for g in model.genes.genes if g not in trained][:3]
+    pred = B.coexpression(data, targets=[(g, "all") for g in unseen], max_cells=None)
+    lab = pred.obs[contract.perturbation_key].astype(str).to_numpy()
+    key = vc.sentences.gene_match_key
+    order = pd.Index([key(g) for g in pred.var_names]).get_indexer([key(g) for g in model.genes.genes])
+    assert (order >= 0).all()
+    for g in unseen:
+        want = (pred.X[lab == g].mean(0) - pred.X[lab == "control"].mean(0))[order]
+        got, name = exact.delta_for(f"ko:{g}")
+        assert name == "coexpression"
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    # the kept factor (at most RESPONSE_RANK_DEFAULT axes) is close to it
+    got = np.stack([base.delta_for(f"ko:{g}")[0] for g in unseen])
+    want = np.stack([exact.delta_for(f"ko:{g}")[0] for g in unseen])
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -455,16 +491,17 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     assert len(unseen) >= 2 and unseen == model.train_config["unseen_labels"]
     assert not set(unseen) & set(model.perturbations.labels)  # never trained on
     assert not set(unseen) & set(verdict["perturbations"])  # ... and judged apart from the trained ones
-    # the served baselines know their measured effects; the verdict's pertmean did not
+    # the served baselines know their measured effects; the verdict's baseline (coexpression: knockouts of measured
+    # genes, fitted without them) did not
     assert all(model.baselines.delta_for(f"ko:{g}")[1] == "meanshift" for g in unseen)
     part = verdict["unseen"]
-    assert part["baseline"]["name"] == "pertmean" and 0.0 <= part["weight"] <= 1.0
+    assert part["baseline"]["name"] == "coexpression" and 0.0 <= part["weight"] <= 1.0
     assert part["difference"]["rows"] == part["n_labels"] == len(unseen)
     assert part["blend"]["mse"] <= min(part["model"]["mse"], part["baseline"]["mse"]) + 1e-9
     assert part["summary"] in verdict["summary"] and "held out of training whole" in part["summary"]
     assert model.train_config["verdict_weight_unseen"] == part["weight"]
     assert f"{part['weight']:.2f} for perturbations it never trained on" in _verdict_text(verdict, verdict["weight"])
-    # the Simulator serves their weight for a perturbation whose baseline is pertmean, the other for the rest
+    # the Simulator serves their weight for a perturbation whose baseline is one for the unseen, the other for the rest
     sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
     w, w_u = verdict["weight"], part["weight"]
     assert sim.unseen_weight("auto") == pytest.approx(w_u) and sim.unseen_weight(0.5) == 0.5
@@ -475,7 +512,7 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     res = sim.simulate(perts, progress=False, keep_cells=True)
     x = sim.expression[:8].toarray()
     typed = model.resolve(perts)
-    assert [model.baselines.delta_for(p)[1] for p in typed] == ["meanshift", "pertmean"]
+    assert [model.baselines.delta_for(p)[1] for p in typed] == ["meanshift", "coexpression"]
     for j, weight in enumerate((w, w_u)):
         b = model.baselines.delta_for(typed[j])[0]
         want = _calibrated_by_hand(x, weight * (raw[1 + j] - raw[0]) + (1 - weight) * b)

@@ -39,6 +39,7 @@ from ._stats import noise_corrected_sq_norm, paired_sq_norm, signed_root
 from .distributed import Split
 from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
+from .validation import UNSEEN_BASELINES
 from .objectives import Objective, parse_objective
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
@@ -174,7 +175,7 @@ def run(
     w = simulator.blend_weight(blend)
     w_unseen = simulator.unseen_weight(blend)
     if w is not None and w < 1.0 and not (simulator.model.verdict or {}).get("unseen"):
-        new = [n for n, p in zip(names, perts) if simulator.model.baselines.delta_for(p)[1] == "pertmean"]
+        new = [n for n, p in zip(names, perts) if simulator.model.baselines.delta_for(p)[1] in UNSEEN_BASELINES]
         if new:
             log.warning("%d of the panel's perturbations were never trained on (%s); they are served with the blend "
                         "weight %.2f fitted on trained ones, which says nothing about these: the pure model's "

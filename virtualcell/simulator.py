@@ -47,6 +47,7 @@ from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import pca, unbiased_var
 from .sentences import Vocabulary, decode, encode, model_expression, normalization_label, with_gene_key
+from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -408,7 +409,7 @@ class Simulator:
 
     def unseen_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
         """The weight served on the model's delta for a perturbation it never trained on (one whose
-        training baseline is ``pertmean``): with ``"auto"``, the weight the training run fitted on
+        training baseline is ``pertmean`` or ``coexpression``): with ``"auto"``, the weight the training run fitted on
         perturbations it held out whole (``verdict["unseen"]``, ``--unseen-fraction``) when it did,
         else :meth:`blend_weight`'s, as for any other ``blend``."""
         w = self.blend_weight(blend, calibrate=calibrate)
@@ -534,10 +535,10 @@ class Simulator:
         P = len(perts)
         w = self.blend_weight(blend, calibrate=calibrate)
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
-        # trained on (baseline pertmean) gets the weight fitted on such perturbations, where the verdict has one
+        # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
         w_unseen = self.unseen_weight(blend, calibrate=calibrate)
-        weights = [w_unseen if source == "pertmean" else w for _, source in shift]
+        weights = [w_unseen if source in UNSEEN_BASELINES else w for _, source in shift]
         blended = w is not None and any(x < 1.0 for x in weights)
         if keep_cells is None:  # (a blend keeps the pure model's cells too)
             keep_cells = store is None and P * n * G * (1 + blended) <= max_in_memory
@@ -627,7 +628,7 @@ class Simulator:
         agg.attrs["control_samples"] = int(control_samples)
         agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
-        if w is not None and w_unseen != w and any(source == "pertmean" for _, source in shift):
+        if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for _, source in shift):
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
         cells = cells_model = None

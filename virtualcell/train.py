@@ -891,7 +891,7 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
     each way (:data:`DECODE_METHODS`): the verdict's codec, which also chooses the decode."""
     from . import validation
 
-    return {m: validation.Baselines.fit(roundtrip(cells, sentences, fit, method=m), contract, model)
+    return {m: validation.Baselines.fit(roundtrip(cells, sentences, fit, method=m), contract, model, response=False)
             for m in DECODE_METHODS}
 
 

@@ -5,8 +5,10 @@
 
 1. fits the training-data baselines (:class:`Baselines`): each training label's
    **meanshift** delta (its mean effect over the contexts), **pertmean** (the mean of
-   those, for perturbations never seen) and the **additive** sum for a combination of
-   seen singles; they are saved in the checkpoint (``baselines.npz``) so that the
+   those, for perturbations never seen), **coexpression** for a genetic perturbation never
+   seen (pertmean plus how the genes move with its gene in the training cells; the cells'
+   covariance is kept for it) and the **additive** sum for a combination of seen singles;
+   they are saved in the checkpoint (``baselines.npz``) so that the
    :class:`~virtualcell.simulator.Simulator` can serve them;
 2. simulates the held-out perturbations on half of the held-out control cells and scores
    the pure model, the baseline and their blend against the measured deltas (the held-out
@@ -20,9 +22,10 @@ The Simulator then serves ``x + w·(model delta) + (1−w)·(baseline delta)`` b
 
 With ``--unseen-fraction`` the trainer also holds some perturbations out whole
 (:func:`virtualcell.train.unseen_labels`); the verdict judges the model on them apart, against
-the ``pertmean`` of a model that never saw them, and fits them a weight of their own
-(``verdict["unseen"]``), which the Simulator serves for every perturbation whose baseline is
-``pertmean``. Without it, such perturbations get the weight fitted on trained ones.
+the baseline of a model that never saw them (``pertmean``, or ``coexpression``), and fits them a
+weight of their own (``verdict["unseen"]``), which the Simulator serves for every perturbation
+whose baseline is one of :data:`UNSEEN_BASELINES`. Without it, such perturbations get the weight
+fitted on trained ones.
 
 Examples
 --------
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError
-from .perturbations import Combination, Perturbation, parse, without_quantities
+from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -86,6 +89,32 @@ def _quantity_distance(a: Perturbation | Combination, b: Perturbation | Combinat
     return float(np.sum(np.abs(np.subtract(log_quantities(a), log_quantities(b)))))
 
 
+RESPONSE_CELLS_DEFAULT = 4000  # training cells (seeded) whose covariance the served coexpression baseline keeps
+RESPONSE_RANK_DEFAULT = 256  # at most this many of its principal axes (all of them for a panel of fewer genes)
+
+
+def covariance_factor(X, contexts: np.ndarray, *, max_cells: int = RESPONSE_CELLS_DEFAULT,  # noqa: ANN001
+                      rank: int = RESPONSE_RANK_DEFAULT, seed: int = 0) -> np.ndarray:
+    """``genes x r`` (float32) ``F`` with ``F @ F.T`` the covariance of the cells ``X`` (cells x genes) around their
+    context's mean: of a seeded ``max_cells`` of them, along at most ``rank`` principal axes (every axis, so the
+    covariance itself, for a panel of at most ``rank`` genes)."""
+    rows = np.arange(X.shape[0])
+    if rows.size > max_cells:
+        rows = np.sort(np.random.default_rng([seed, 17]).choice(rows, max_cells, replace=False))
+    Z = np.asarray(X[rows].toarray() if hasattr(X, "toarray") else X[rows], dtype=np.float64)
+    ctx = np.asarray(contexts)[rows]
+    groups = sorted(set(ctx))
+    for c in groups:
+        Z[ctx == c] -= Z[ctx == c].mean(axis=0)
+    dof = max(Z.shape[0] - len(groups), 1)
+    _, S, Vt = np.linalg.svd(Z, full_matrices=False)
+    r = min(rank, int(np.sum(S > 1e-9 * max(S.max(initial=0.0), 1e-12))))
+    return (Vt[:r].T * (S[:r] / np.sqrt(dof))).astype(np.float32)
+
+
+UNSEEN_BASELINES = ("pertmean", "coexpression")  # what Baselines.delta_for serves a perturbation never trained on
+
+
 @dataclass(frozen=True)
 class Baselines:
     """Training-data baseline deltas on a model's genes and normalized log1p scale.
@@ -99,11 +128,17 @@ class Baselines:
     delta
         meanshift: per training perturbation, the mean over contexts of
         ``mean(its training cells) − mean(the context's training controls)``.
+    response
+        ``genes x r``: a factor ``F`` of the training cells' covariance (within their contexts),
+        ``F @ F.T``, kept for models that have genetic perturbations; it gives the served
+        :func:`~virtualcell.evaluate.baselines.coexpression` baseline of a genetic perturbation
+        never trained on. ``None``: such a perturbation gets ``pertmean``.
     """
 
     genes: tuple[str, ...]
     names: tuple[str, ...]
     delta: np.ndarray
+    response: np.ndarray | None = None
 
     @property
     def pertmean(self) -> np.ndarray:
@@ -113,15 +148,66 @@ class Baselines:
     def pertmean_without(self, perturbations: Sequence[str]) -> np.ndarray:
         """:attr:`pertmean` over the rows of every perturbation but ``perturbations`` (typed forms; doses
         ignored): what a model that never saw those serves for them."""
-        drop = {_key(p) for p in perturbations}
-        keep = [i for i, name in enumerate(self.names) if _key(name) not in drop]
+        keep = self._kept(perturbations)
         return self.delta[keep].mean(axis=0) if keep else np.zeros(len(self.genes))
+
+    def _kept(self, perturbations: Sequence[str]) -> list[int]:
+        drop = {_key(p) for p in perturbations}
+        return [i for i, name in enumerate(self.names) if _key(name) not in drop]
+
+    def unseen_delta(self, perturbation: Perturbation | Combination, without: Sequence[str] = ()
+                     ) -> tuple[np.ndarray, str]:
+        """The baseline of a perturbation never trained on, as if ``without`` were not trained on either, and its
+        name: ``coexpression`` for a genetic perturbation of one of the model's genes, where the model keeps the
+        covariance (:attr:`response`) and at least two trained perturbations of that kind target one of its genes
+        (:func:`~virtualcell.evaluate.baselines.coexpression`: ``pertmean`` plus ``a`` times how the genes move
+        with that gene in the training cells, ``a`` fitted on those perturbations of the kind); else ``pertmean``."""
+        from .evaluate.baselines import coupling
+
+        keep = self._kept(without)
+        base = self.delta[keep].mean(axis=0) if keep else np.zeros(len(self.genes))
+        gene = self._genetic_gene(perturbation)
+        if gene is None or len(keep) < 3:
+            return base.astype(np.float32), "pertmean"
+        fitted = [(i, g) for i in keep for g in [self._genetic_gene(parse(self.names[i]), perturbation.kind)]
+                  if g is not None]
+        if len(fitted) < 2:
+            return base.astype(np.float32), "pertmean"
+        D = self.delta.astype(np.float64)
+        rows = np.array([i for i, _ in fitted])
+        rest = (D[keep].sum(axis=0)[None, :] - D[rows]) / (len(keep) - 1)
+        a = coupling(D[rows], rest, np.stack([self._response(g) for _, g in fitted]))
+        if a is None:
+            return base.astype(np.float32), "pertmean"
+        return (base + a * self._response(gene)).astype(np.float32), "coexpression"
+
+    def _genetic_gene(self, q: Perturbation | Combination, kind: str | None = None) -> int | None:
+        """The model gene that ``q`` perturbs, when ``q`` is one genetic perturbation (of ``kind``, if given) and the
+        covariance is kept; else ``None``."""
+        if self.response is None or not isinstance(q, Perturbation) or q.kind not in GENETIC:
+            return None
+        if kind is not None and q.kind != kind:
+            return None
+        return self._gene_rows.get(q.target.upper())
+
+    @cached_property
+    def _gene_rows(self) -> dict[str, int]:
+        from .sentences import gene_match_key
+
+        return {gene_match_key(g): i for i, g in enumerate(self.genes)}
+
+    def _response(self, gene: int) -> np.ndarray:
+        from .evaluate.baselines import regression_response
+
+        F = self.response.astype(np.float64)
+        return regression_response(F @ F[gene], gene)
 
     @classmethod
     def fit(cls, adata: ad.AnnData, contract: DataContract, model: C2SModel,
-            forms: Mapping[str, str] | None = None) -> Baselines:
+            forms: Mapping[str, str] | None = None, *, response: bool = True) -> Baselines:
         """The meanshift deltas of the training cells ``adata`` (the model's genes and normalization);
-        ``forms``: the typed form of conditions the model was not trained on (else they are left out)."""
+        ``forms``: the typed form of conditions the model was not trained on (else they are left out).
+        ``response``: keep the cells' covariance (:attr:`response`) when a training perturbation is genetic."""
         from .evaluate._data import group_means
         from .sentences import model_expression
 
@@ -144,14 +230,17 @@ class Baselines:
             names.append(str(parse(typed)))
             rows.append(np.mean(per_label[label], axis=0))
         delta = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(model.genes))
-        return cls(tuple(model.genes.genes), tuple(names), delta)
+        genetic = any(isinstance(q, Perturbation) and q.kind in GENETIC for q in map(parse, names))
+        factor = covariance_factor(X, ctx) if response and genetic else None
+        return cls(tuple(model.genes.genes), tuple(names), delta, factor)
 
     def delta_for(self, perturbation: Perturbation | Combination | str) -> tuple[np.ndarray, str]:
         """The baseline delta for one perturbation and the baseline's name.
 
         A training perturbation gets its own ``meanshift`` delta; a combination whose every
         part was trained alone gets their sum (``additive``); the control gets zeros
-        (``none``); any other perturbation gets ``pertmean``.
+        (``none``); any other perturbation gets :meth:`unseen_delta` (``coexpression`` or
+        ``pertmean``, :data:`UNSEEN_BASELINES`).
         """
         q = parse(perturbation) if isinstance(perturbation, str) else perturbation
         if isinstance(q, Perturbation) and q.kind == "control":
@@ -163,7 +252,7 @@ class Baselines:
             rows = [self._row(x) for x in q.parts]
             if all(r is not None for r in rows):
                 return np.sum([self.delta[r] for r in rows], axis=0).astype(np.float32), "additive"
-        return self.pertmean.astype(np.float32), "pertmean"
+        return self.unseen_delta(q)
 
     @cached_property
     def _rows_by_key(self) -> dict[str, list[tuple[int, Perturbation | Combination]]]:
@@ -185,8 +274,9 @@ class Baselines:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         with open(path, "wb") as fh:
+            extra = {} if self.response is None else {"response": self.response.astype(np.float32)}
             np.savez(fh, genes=np.array(self.genes, dtype=str), names=np.array(self.names, dtype=str),
-                     delta=self.delta.astype(np.float32))
+                     delta=self.delta.astype(np.float32), **extra)
 
     @classmethod
     def load(cls, path: str | Path, genes: Sequence[str]) -> Baselines:
@@ -194,7 +284,8 @@ class Baselines:
         try:
             with np.load(path) as z:
                 out = cls(tuple(str(g) for g in z["genes"]), tuple(str(n) for n in z["names"]),
-                          np.asarray(z["delta"], dtype=np.float32))
+                          np.asarray(z["delta"], dtype=np.float32),
+                          np.asarray(z["response"], dtype=np.float32) if "response" in z.files else None)
         except (OSError, ValueError, KeyError) as err:
             raise ModelError(f"{str(path)!r} is broken ({err}); delete it to serve the pure model, or retrain.") from None
         if out.genes != tuple(genes):
@@ -431,10 +522,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     ``model.rank_fit`` is set to the one with the lowest MSE before any candidate is simulated.
     ``unseen``: perturbations held out of training whole (``{condition: typed form}``,
     :func:`virtualcell.train.unseen_labels`). They are simulated beside the others but judged
-    apart, against the baseline a perturbation never trained on gets (``pertmean``): the
-    settings, the decode and ``"weight"`` are chosen on the trained perturbations alone, and
-    ``"unseen"`` holds the scores, the difference and a weight of their own, which the
-    Simulator serves for every perturbation whose baseline is ``pertmean``.
+    apart, against the baseline a perturbation never trained on gets (:meth:`Baselines.unseen_delta`
+    without any of them: ``pertmean`` or ``coexpression``): the settings, the decode and ``"weight"``
+    are chosen on the trained perturbations alone, and ``"unseen"`` holds the scores, the difference
+    and a weight of their own, which the Simulator serves for every perturbation whose baseline is one
+    of :data:`UNSEEN_BASELINES`.
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -454,7 +546,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     codecs = ({} if codec is None else dict(codec) if isinstance(codec, Mapping)
               else {model.rank_fit.method if model.rank_fit is not None else "linear": codec})
     sims, b_rows, y_rows, names, row_cells, n_cells = [], [], [], [], [], 0
-    unseen_base = model.baselines.pertmean_without(list(unseen.values()))
+    held_whole = list(unseen.values())
+    unseen_names: set[str] = set()  # the baselines the perturbations held out whole got (UNSEEN_BASELINES)
     c_rows: dict[str, list[np.ndarray]] = {m: [] for m in codecs}
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
@@ -463,9 +556,14 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
-            # a perturbation held out whole: the pertmean of a model that never saw any of them (the served
+            # a perturbation held out whole: the baseline of a model that never saw any of them (the served
             # baselines know their measured effects)
-            b_rows.append((unseen_base if p in unseen else model.baselines.delta_for(q)[0]).astype(np.float64))
+            if p in unseen:
+                delta, name = model.baselines.unseen_delta(q, without=held_whole)
+                unseen_names.add(name)
+            else:
+                delta = model.baselines.delta_for(q)[0]
+            b_rows.append(delta.astype(np.float64))
             for m, baselines in codecs.items():
                 c_rows[m].append(baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
@@ -476,7 +574,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     new = np.array([p in unseen for p in names])  # perturbations never trained on: judged apart
     only_unseen = bool(new.all())  # (no trained perturbation has held-out cells: the verdict is theirs alone)
     seen = new if only_unseen else ~new
-    base_name = "pertmean" if only_unseen else "meanshift"
+    unseen_name = "/".join(sorted(unseen_names)) or "pertmean"
+    base_name = unseen_name if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
     if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
         model.rank_fit = choose_decode(model.rank_fit, codec_scores)
@@ -533,7 +632,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
     if new.any():  # the perturbations never trained on, at the settings just chosen, with a weight of their own
         # (when they are all the verdict has, its part above is already theirs)
-        part = plain if only_unseen else _judged(M_all[new], B[new], Y[new], "pertmean", seed=seed)
+        part = plain if only_unseen else _judged(M_all[new], B[new], Y[new], unseen_name, seed=seed)
         held_whole = sorted(set(np.asarray(names)[new]))
         verdict["unseen"] = part | {"n_labels": len(held_whole), "perturbations": held_whole}
         verdict["unseen"]["summary"] = _summary(len(held_whole), int(np.sum(np.asarray(row_cells)[new])), part,

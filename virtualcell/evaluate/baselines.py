@@ -50,7 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("virtualcell.evaluate")
 
-__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "coexpression", "BASELINES", "Effects"]
+__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "coexpression", "BASELINES", "Effects",
+           "regression_response", "coupling"]
 
 Target = tuple[str, str]  # (perturbation, context)
 
@@ -112,8 +113,25 @@ class Effects:
                 n, total, cross = n - m, total - t, cross - c
         if n < 3:
             return np.zeros(len(self.genes))
-        cov = (cross - total * total[gene] / n) / (n - 1)
-        return cov / np.sqrt(cov[gene]) if cov[gene] > 1e-12 else np.zeros(len(self.genes))
+        return regression_response((cross - total * total[gene] / n) / (n - 1), gene)
+
+
+def regression_response(cov_column: np.ndarray, gene: int) -> np.ndarray:
+    """How every gene moves with a one-standard-deviation change of gene ``gene``: its column of the covariance
+    matrix over its standard deviation (each gene's least-squares slope on it, times its standard deviation; its
+    own entry is its standard deviation). Zeros where it does not vary."""
+    col = np.asarray(cov_column, dtype=np.float64)
+    return col / np.sqrt(col[gene]) if col[gene] > 1e-12 else np.zeros_like(col)
+
+
+def coupling(deltas: np.ndarray, rest: np.ndarray, responses: np.ndarray) -> float | None:
+    """The one factor ``a`` of :func:`coexpression`: least squares of ``deltas - rest ~ a * responses`` over the rows
+    (perturbations of one measured gene each: their deltas, the mean delta of the others, and their genes'
+    :func:`regression_response`). ``None`` with fewer than 2 rows or no response at all."""
+    if len(deltas) < 2:
+        return None
+    den = float((responses * responses).sum())
+    return float(((deltas - rest) * responses).sum()) / den if den > 0 else None
 
 
 def _components(perturbation: str) -> list[str]:
@@ -234,8 +252,9 @@ def _delta_coexpression(effects: Effects, target: Target) -> np.ndarray | None:
     rows = np.array([i for i, _ in fitted])
     rest = (D.sum(axis=0)[None, :] - D[rows]) / (len(others) - 1)  # each fitted one's "mean of the rest"
     S = np.stack([effects.response_to(g, c, without=p) for _, g in fitted])
-    den = float((S * S).sum())
-    a = float(((D[rows] - rest) * S).sum()) / den if den > 0 else 0.0
+    a = coupling(D[rows], rest, S)
+    if a is None:
+        return None
     return base + a * effects.response_to(gene, c, without=p)
 
 
