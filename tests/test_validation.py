@@ -640,6 +640,8 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     path = tmp_path / "data.h5ad"
     data.write_h5ad(path)
     old = json.loads((ckpt / "verdict.json").read_text())
+    before = vc.C2SModel.load(ckpt).baselines
+    dataclasses.replace(before, response=None).save(ckpt / "baselines.npz")  # as an older version wrote them
     assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--verdict-samples", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "before: " in out and "now: " in out and "previous-verdict.json" in out
@@ -660,6 +662,10 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     assert new.train_config["verdict_temperatures"] == list(TINY.verdict_temperatures)
     assert new.train_config["data_hash"] == model.train_config["data_hash"]
     assert (ckpt / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    # the baselines fitted again as training fits them today: the same deltas, and the covariance they lacked
+    assert new.baselines.names == before.names and np.array_equal(new.baselines.delta, before.delta)
+    F, F0 = new.baselines.response, before.response  # (compared as the covariance: an axis' sign is arbitrary)
+    assert F is not None and np.allclose(F @ F.T, F0 @ F0.T, atol=1e-5)
     # into a copy (--out), with other guidance scales: the copy loads with them, the original is left as it was
     copy = tmp_path / "copy"
     assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--guidance", "1,3", "--verdict-samples", "1",

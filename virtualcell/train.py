@@ -929,8 +929,9 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     run's recorded data hash: on other data the "held-out" cells could be cells the model trained
     on. Use it to give a checkpoint written by an older version what the verdict reports now, or to
     try other ``samples`` per cell, ``temperatures`` or generation ``candidates`` without training again (a
-    checkpoint that recorded no temperatures gets today's default). The model
-    is changed in place (``verdict``, the decode it chooses, ``train_config``); save it with
+    checkpoint that recorded no temperatures gets today's default). The served baselines are fitted again from
+    the same cells, as training fits them today. The model
+    is changed in place (``verdict``, the decode it chooses, ``baselines``, ``train_config``); save it with
     :meth:`C2SModel.save` or ``virtualcell verdict``.
     """
     from dataclasses import fields
@@ -973,9 +974,10 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
         raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
                         "control cells); there is nothing to judge the model on.")
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
-    if model.baselines is None:
-        model.baselines = validation.Baselines.fit(_baseline_cells(data, contract, in_verdict, unseen), contract, model,
-                                                   forms=unseen)
+    # fitted again, as training fits them today (a checkpoint of an older version gets what it lacks, e.g. the
+    # covariance that serves the coexpression baseline); the same cells give trained perturbations the same deltas
+    model.baselines = validation.Baselines.fit(_baseline_cells(data, contract, in_verdict, unseen), contract, model,
+                                               forms=unseen)
     codec = _codec_baselines(trained, sentences, model.rank_fit, contract, model)
     previous = model.verdict
     model.verdict = None
