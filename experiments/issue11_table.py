@@ -203,9 +203,10 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                  "seeds": sorted(syn), "groups": None, "run": _when(syn),
                  "codec": _codec(codec_runs, 0, "spearman vs true effects")})
     p3 = _load(runs, "protocol_3_unseen_knockouts")
-    rows.append({"protocol": "3. Unseen knockouts"} | _protocol_row(p3, "discrimination", P3_BASELINES, absolute=0.7,
-                                                                     target="discrimination >= 0.7")
-                | {"run": _when(p3), "codec": _codec(codec_runs, 3, "discrimination")})
+    row = _protocol_row(p3, "discrimination", P3_BASELINES, absolute=0.7, target="discrimination >= 0.7")
+    # (codec_ceiling.py passes pertmean through the codec: no figure where another baseline is the strongest)
+    codec = _codec(codec_runs, 3, "discrimination") if row["best baseline"] == "pertmean" else float("nan")
+    rows.append({"protocol": "3. Unseen knockouts"} | row | {"run": _when(p3), "codec": codec})
     rows.append({"protocol": ""} | _protocol_row(p3, "pearson_delta", ["pertmean"], target="pearson_delta >= pertmean")
                 | {"run": _when(p3), "codec": _codec(codec_runs, 3, "pearson_delta")})
     # not one of issue 11's targets: the same figure against every baseline the protocol scores (session 34's
