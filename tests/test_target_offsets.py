@@ -177,3 +177,84 @@ def test_a_run_cannot_resume_across_the_offsets_setting(tmp_path):
     with pytest.raises(TrainingError, match=r"with target offsets.*--restart"):
         train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False)
     train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False, resume=False)
+
+
+# --------------------------------------------------------------------------- neighbour offsets
+def test_neighbour_offsets_add_each_genes_correlation_with_the_named_gene_times_the_kinds_value():
+    """By hand: every gene's correlation with the named gene (from the covariance factor), 0 on the named gene,
+    times the row's kind's neighbour offset; summed over a row's named genes; on top of the target offsets."""
+    rng = np.random.default_rng(0)
+    genes, vocab = 6, 40
+    tokens = np.arange(20, 26)  # gene g is token 20 + g
+    F = rng.normal(size=(genes, 4))
+    cov = F @ F.T
+    corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    lm = _tiny_lm(vocab)
+    param = target_offsets.attach(lm, {"knockout": -1.0})
+    near_param = target_offsets.attach_neighbours(lm, target_offsets.token_factor(F, tokens, vocab),
+                                                  {"knockout": -3.0, "activation": 2.0})
+    near = target_offsets.neighbours(lm)
+    assert near[0] is near_param and target_offsets.neighbour_values(lm)["knockout"] == -3.0
+    rows = target_offsets.row_tensors([[(21, 0)], [(22, 2), (24, 0)], []])
+    logits = torch.zeros((3, vocab))
+    got = target_offsets.add(logits, param, rows, near).detach().numpy()
+    want = np.zeros((3, vocab))
+    for r, named in enumerate([[(1, 0)], [(2, 2), (4, 0)], []]):
+        for g, kind in named:
+            value = (-3.0, 0.0, 2.0)[kind]
+            for h in range(genes):
+                want[r, tokens[h]] += 0.0 if h == g else value * corr[g, h]
+            want[r, tokens[g]] += (-1.0, 0.0, 0.0)[kind]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not set(target_offsets.without(lm.state_dict())) & {target_offsets.PARAMETER, target_offsets.NEIGHBOURS}
+
+
+def test_a_run_with_neighbour_offsets_learns_them_and_its_checkpoint_serves_them(tmp_path):
+    """Training moves the knockout's neighbour offset, the checkpoint keeps it (virtualcell.json) and reads its
+    correlations back from baselines.npz, and generation under it differs from generation without it."""
+    import virtualcell as vc
+    from virtualcell.errors import ModelError
+    from virtualcell.train import TrainConfig, train
+
+    data = vc.datasets.synthetic_screen(n_genes=60, n_tfs=8, n_knockouts=6, n_pairs=0, n_drugs=0, n_cytokines=0,
+                                        doses=(1.0,), n_cells_per_condition=25, n_control_cells=60, n_contexts=1, seed=0)
+    cfg = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=10, eval_every=5, save_every=5,
+                      batch_size=8, warmup_steps=2, seed=0, kind_key="perturbation_type", verdict_fraction=0.0,
+                      neighbour_offsets=True)
+    model = train(data, out=tmp_path / "m", config=cfg, progress=False)
+    values = model.neighbour_offsets
+    assert values is not None and values["knockout"] != 0 and values["activation"] == 0
+    again = vc.C2SModel.load(tmp_path / "m")
+    assert again.neighbour_offsets == values and "neighbour offsets knockout" in repr(again)
+    meta = json.loads((tmp_path / "m" / "virtualcell.json").read_text())
+    assert meta["neighbour_offsets"] == values
+    # a huge negative one keeps every gene that goes with the knocked-out gene out of its sentences
+    F = again.baselines.response.astype(np.float64)
+    cov = F @ F.T
+    corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)).clip(1e-12))
+    target = int(np.argmax((corr > 0.2).sum(axis=1)))  # the gene with the most partners
+    partners = set(np.flatnonzero(corr[target] > 0.2)) - {target}
+    cells = vc.sentences.encode(data[:20], vocab=again.genes, top_k=again.top_k)
+    panel = again.resolve([f"ko:{again.genes.genes[target]}"])
+
+    def written(value: float) -> set[int]:
+        from virtualcell.generation import GenerationConfig
+
+        target_offsets.neighbours(again.lm)[0].data[0] = value / target_offsets.SCALE
+        return {int(g) for ch in again.generate(cells, panel, config=GenerationConfig(max_genes=again.top_k))
+                for i in range(len(ch.sentences)) for g in ch.sentences[i]}
+
+    assert written(0.0) & partners  # without it the model writes some of them
+    assert not written(-1e4) & partners
+    (tmp_path / "m" / "baselines.npz").unlink()
+    with pytest.raises(ModelError, match="covariance factor"):
+        vc.C2SModel.load(tmp_path / "m")
+    assert build_parser_flag()
+
+
+def build_parser_flag() -> bool:
+    from virtualcell.cli import build_parser
+
+    base = ["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"]
+    return (build_parser().parse_args(base).neighbour_offsets is False
+            and build_parser().parse_args([*base, "--neighbour-offsets"]).neighbour_offsets is True)

@@ -300,7 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairing=args.pairing, verdict_samples=args.verdict_samples,
         verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
-        target_offsets=args.target_offsets,
+        target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets,
     )
     from .safeio import output_folder
 
@@ -317,6 +317,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .target_offsets import moved
 
         print(f"  target offsets (logits on the gene a perturbation names): {moved(model.target_offsets) or 'none moved'}")
+    if model.neighbour_offsets is not None:
+        from .target_offsets import moved
+
+        print(f"  neighbour offsets (per unit of a gene's correlation with it): "
+              f"{moved(model.neighbour_offsets) or 'none moved'}")
     from .validation import summary_line
 
     print(f"  {summary_line(model.verdict)}")
@@ -583,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the learned logit offset on the gene a knockout (knockdown, activation) names, one "
                         "number per kind added wherever the model writes a response, so a knocked-out gene can leave "
                         "its sentence (default: on for gene-level models whose training perturbations name a gene)")
+    p.add_argument("--neighbour-offsets", action="store_true",
+                   help="also learn one number per kind times every gene's correlation with the perturbed gene in the "
+                        "training cells, added to the logits, so a knockout never trained on lowers what goes with "
+                        "its gene (an option; needs target offsets)")
     p.add_argument("--own-token-dropout", type=float, default=TrainConfig.own_token_dropout, metavar="F",
                    help="share of perturbed training pairs named without their target's or dose's own token, as an "
                         "untrained target or dose is named, so the model also learns that form (default 0)")

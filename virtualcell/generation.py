@@ -581,7 +581,7 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
             twin = torch.tensor([s < 0 for s in rows_suffix], dtype=torch.bool, device=device) if twins > 1 else None
             named = None if suffix_targets is None else target_offsets.row_tensors(
                 [suffix_targets[s] if s >= 0 else [] for s in rows_suffix], device)  # a twin (s < 0) gets none
-            offsets = None if named is None else (target_offsets.of(model), named)
+            offsets = None if named is None else (target_offsets.of(model), named, target_offsets.neighbours(model))
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
                                            config, steps, device, twin, offsets):
                 if s >= 0:
@@ -730,8 +730,9 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
                  constraint, eos_id, config, steps, device, twin=None, offsets=None) -> Iterator[tuple[int, int, list[int]]]:
     """Sample every row to EOS. ``twin`` flags generic twin rows (guidance): a twin gets its row's
     mixed logits and key, so it writes the same tokens, and the two finish together. ``offsets``
-    (the offsets parameter, and each row's named targets as :func:`virtualcell.target_offsets.row_tensors`
-    gives them) are added to each row's logits at every step, before guidance (:func:`target_offsets.add`)."""
+    (the offsets parameter, each row's named targets as :func:`virtualcell.target_offsets.row_tensors`
+    gives them, and the neighbour offsets or ``None``) are added to each row's logits at every step, before
+    guidance (:func:`target_offsets.add`)."""
     n = len(rows_cell)
     active = torch.arange(n, device=device)
     written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
@@ -770,7 +771,7 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
             if twin is not None:
                 twin = twin[keep]
             if offsets is not None:
-                offsets = (offsets[0], tuple(t[keep] for t in offsets[1]))
+                offsets = (offsets[0], tuple(t[keep] for t in offsets[1]), offsets[2])
             decoder.select(keep)
             last_pos, keys, tokens = last_pos[keep], keys[keep], tokens[keep]
             finished = finished[keep]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,8 @@ class C2SModel:
             if meta.get("target_offsets") is not None:
                 target_offsets.attach(lm, meta["target_offsets"])
             model._load_verdict(path)
+            if meta.get("neighbour_offsets") is not None:
+                model.attach_neighbours(meta["neighbour_offsets"])
         else:
             vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
             if tokenizer.pad_token_id is None:
@@ -275,7 +277,8 @@ class C2SModel:
             "contract": self.contract.to_dict() if self.contract else None,
             "perturbations": self.perturbations.to_dict(),
             "train_config": self.train_config,
-        } | ({"target_offsets": self.target_offsets} if self.target_offsets is not None else {})
+        } | ({"target_offsets": self.target_offsets} if self.target_offsets is not None else {}) \
+          | ({"neighbour_offsets": self.neighbour_offsets} if self.neighbour_offsets is not None else {})
 
     @property
     def device(self) -> torch.device:
@@ -293,9 +296,10 @@ class C2SModel:
         )
 
     def _offsets_text(self) -> str:
-        """``"target offsets knockout -17.22, "`` (the kinds whose offset moved), or ``""``."""
+        """``"target offsets knockout -17.22, "`` (the kinds whose offset moved, and the neighbour offsets'), or ``""``."""
         moved = target_offsets.moved(self.target_offsets)
-        return f"target offsets {moved}, " if moved else ""
+        near = target_offsets.moved(self.neighbour_offsets)
+        return (f"target offsets {moved}, " if moved else "") + (f"neighbour offsets {near}, " if near else "")
 
     # ------------------------------------------------------------------ generation
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:
@@ -360,6 +364,22 @@ class C2SModel:
         """The learned logit offsets on a genetic perturbation's own gene, by kind (:mod:`virtualcell.target_offsets`);
         ``None`` for a model trained without them."""
         return target_offsets.values(self.lm)
+
+    @property
+    def neighbour_offsets(self) -> dict[str, float] | None:
+        """The learned neighbour offsets by kind (:mod:`virtualcell.target_offsets`); ``None`` for a model without."""
+        return target_offsets.neighbour_values(self.lm)
+
+    def attach_neighbours(self, offsets: Mapping[str, float] | None = None) -> torch.nn.Parameter:
+        """Give the language model neighbour offsets (``offsets`` by kind, or zeros), their correlations read from
+        the covariance factor of the training baselines (:attr:`virtualcell.validation.Baselines.response`)."""
+        if self.baselines is None or self.baselines.response is None:
+            raise ModelError(f"{self.source or 'This model'} has neighbour offsets but its baselines.npz keeps no "
+                             "covariance factor to read their correlations from; restore the checkpoint's "
+                             "baselines.npz as training wrote it, or retrain.")
+        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        factor = target_offsets.token_factor(self.baselines.response, self.format.gene_tokens, vocab)
+        return target_offsets.attach_neighbours(self.lm, factor, offsets)
 
     def _suffix_targets(self, suffixes: list[list[int]]) -> list[list[tuple[int, int]]] | None:
         """Each prompt suffix's ``(gene token, kind index)`` pairs (the genes its perturbations name, which

@@ -19,6 +19,15 @@ Hugging Face checkpoint.
 
 Only gene-level prompts name a target by one token (:meth:`PromptFormat.named_targets`);
 text prompts name none, and nothing changes for them.
+
+**Neighbour offsets** (``TrainConfig(neighbour_offsets=True)``, an option) carry the same idea to the
+genes that move with the target: one more number per kind, times each gene's correlation with the
+perturbed gene across the training cells (0 on the gene itself, which its own offset covers), added
+to every gene's logit. A knockout never trained on then lowers what goes with its gene, as the
+``coexpression`` baseline predicts (:func:`virtualcell.evaluate.baselines.coexpression`). The
+correlations come from the covariance factor the checkpoint keeps for that baseline
+(:attr:`virtualcell.validation.Baselines.response`), held on the language model as a buffer that is
+not saved with the weights (:func:`attach_neighbours`).
 """
 
 from __future__ import annotations
@@ -26,13 +35,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["KINDS", "PARAMETER", "SCALE", "attach", "of", "values", "moved", "without", "row_tensors", "row_bias", "add"]
+__all__ = ["KINDS", "PARAMETER", "NEIGHBOURS", "SCALE", "attach", "of", "values", "moved", "without", "row_tensors",
+           "row_bias", "add", "attach_neighbours", "neighbours", "neighbour_values", "token_factor", "neighbour_bias"]
 
 KINDS = ("knockout", "knockdown", "activation")  # index = the kind's slot in the parameter
 PARAMETER = "virtualcell_target_offsets"
+NEIGHBOURS = "virtualcell_neighbour_offsets"  # the neighbour offsets' parameter (per kind)
+FACTOR = "virtualcell_neighbour_factor"  # vocabulary x r: a gene token's row . another's = their genes' correlation
 # The parameter holds offset / SCALE: Adam moves a parameter by about the learning rate a step whatever its
 # gradient, and at a new model's 3e-3 an offset would need thousands of steps to reach the -5 that keeps a
 # gene out of a sentence (e^-5); scaled, a few hundred steps of the pair phase can.
@@ -72,7 +86,62 @@ def moved(offsets: Mapping[str, float] | None) -> str:
 
 def without(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` (a state dict) without the offsets: what a plain Hugging Face model loads."""
-    return {k: v for k, v in state.items() if k != PARAMETER}
+    return {k: v for k, v in state.items() if k not in (PARAMETER, NEIGHBOURS, FACTOR)}
+
+
+def token_factor(response, gene_tokens, vocab: int) -> np.ndarray:  # noqa: ANN001
+    """``vocab x r`` (float32): gene token ``gene_tokens[g]``'s row is gene ``g``'s row of the covariance factor
+    ``response`` (genes x r, ``F @ F.T`` the covariance) over its standard deviation, so that two rows' dot product
+    is their genes' correlation; 0 for other tokens and genes that do not vary."""
+    F = np.asarray(response, dtype=np.float64)
+    sd = np.sqrt((F * F).sum(axis=1))
+    out = np.zeros((vocab, F.shape[1]), dtype=np.float32)
+    out[np.asarray(gene_tokens)] = np.divide(F, sd[:, None], out=np.zeros_like(F), where=sd[:, None] > 1e-12)
+    return out
+
+
+def attach_neighbours(lm, factor, offsets: Mapping[str, float] | None = None) -> torch.nn.Parameter:  # noqa: ANN001
+    """Give ``lm`` the neighbour offsets (zeros, or ``offsets`` by kind name) and the correlation ``factor``
+    (:func:`token_factor`, a buffer not saved with the weights); returns the parameter."""
+    import torch
+
+    unknown = set(offsets or {}) - set(KINDS)
+    if unknown:
+        raise ValueError(f"Unknown neighbour-offset kinds {sorted(unknown)}; known: {', '.join(KINDS)}.")
+    ref = next(lm.parameters())
+    lm.register_buffer(FACTOR, torch.as_tensor(np.asarray(factor), dtype=torch.float32, device=ref.device),
+                       persistent=False)
+    start = torch.tensor([float((offsets or {}).get(k, 0.0)) / SCALE for k in KINDS], dtype=torch.float32,
+                         device=ref.device)
+    param = torch.nn.Parameter(start)
+    lm.register_parameter(NEIGHBOURS, param)
+    return param
+
+
+def neighbours(lm) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
+    """``(parameter, factor)`` of ``lm``'s neighbour offsets, or ``None`` where it has none."""
+    param = getattr(lm, NEIGHBOURS, None)
+    return None if param is None else (param, getattr(lm, FACTOR))
+
+
+def neighbour_values(lm) -> dict[str, float] | None:  # noqa: ANN001
+    """The neighbour offsets by kind name (logit units per unit of correlation), or ``None``."""
+    found = neighbours(lm)
+    return None if found is None else {k: round(float(v) * SCALE, 4) for k, v in zip(KINDS, found[0].detach().cpu())}
+
+
+def neighbour_bias(found: tuple[torch.Tensor, torch.Tensor], rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   vocab: int) -> torch.Tensor:
+    """``(rows x vocab)``: each row's neighbour offset times every gene's correlation with each gene the row names
+    (summed over them; 0 on the named gene itself), differentiable in the parameter."""
+    import torch
+
+    param, factor = found
+    tok, kind, valid = rows
+    corr = factor[tok] @ factor[:vocab].T  # rows x named x vocab
+    corr = corr.scatter(2, tok[..., None], 0.0)
+    vals = (param * SCALE).to(torch.float32)[kind] * valid  # rows x named
+    return (vals[..., None] * corr).sum(dim=1)
 
 
 def row_tensors(named: Sequence[Sequence[tuple[int, int]]], device: torch.device | str = "cpu"
@@ -102,7 +171,12 @@ def row_bias(param: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.
     return torch.zeros((tok.shape[0], vocab), dtype=vals.dtype, device=vals.device).scatter_add(1, tok, vals)
 
 
-def add(logits: torch.Tensor, param: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``logits`` (rows x vocab, or rows x positions x vocab) with each row's offsets added."""
-    bias = row_bias(param, rows, logits.shape[-1]).to(logits.dtype)
+def add(logits: torch.Tensor, param: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        near: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``logits`` (rows x vocab, or rows x positions x vocab) with each row's offsets added (and its neighbour
+    offsets, with ``near``: :func:`neighbours`)."""
+    bias = row_bias(param, rows, logits.shape[-1])
+    if near is not None:
+        bias = bias + neighbour_bias(near, rows, logits.shape[-1])
+    bias = bias.to(logits.dtype)
     return logits + (bias[:, None, :] if logits.dim() == 3 else bias)

@@ -131,6 +131,9 @@ class TrainConfig:
     # a learned logit offset per genetic kind on the gene a perturbation names (virtualcell.target_offsets);
     # gene-level models of screens with genetic perturbations only
     target_offsets: bool = True
+    # a learned offset per genetic kind times every gene's correlation with the perturbed gene in the training cells
+    # (virtualcell.target_offsets, "neighbour offsets"); needs target_offsets. An option (session 34)
+    neighbour_offsets: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):  # a string such as "false" would read as true
@@ -661,6 +664,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
     # in the verdict, which also chooses the decode by them
     model.baselines = validation.Baselines.fit(baseline_cells, contract, model, forms=unseen)
+    near = None
+    if cfg.neighbour_offsets and offsets is not None and model.baselines.response is not None:
+        model.attach_neighbours()
+        near = target_offsets.neighbours(lm)
+    elif cfg.neighbour_offsets:
+        log.warning("neighbour offsets need target offsets and a genetic perturbation of a measured gene; this run "
+                    "trains without them")
     codec = _codec_baselines(data, sentences, fit, contract, model) if held is not None else None
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
@@ -730,7 +740,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     def loss_of(b: batching.Batch, weighted: bool = True) -> tuple[torch.Tensor, int]:
         with kernels.autocast(accelerator.device, precision):
             return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None,
-                                 weight=weight if weighted else None, offsets=offsets)
+                                 weight=weight if weighted else None, offsets=offsets, near=near)
 
     # validation pairs in a fixed order, same-source pairs together
     val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
@@ -775,6 +785,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     if resume:
         saved = checkpoint.load(last, data_hash=run_config["data_hash"])
         if saved is not None:
+            if (target_offsets.NEIGHBOURS in saved["model"]) != (near is not None):
+                raise TrainingError(
+                    f"{last} was saved by a run {'with' if near is None else 'without'} neighbour offsets, and this "
+                    f"run is {'without' if near is None else 'with'} them, so it cannot resume from it: train as that "
+                    "run did, or start over with --restart (resume=False).")
             if (target_offsets.PARAMETER in saved["model"]) != (offsets is not None):
                 raise TrainingError(
                     f"{last} was saved by a run {'with' if offsets is None else 'without'} target offsets, and this "

@@ -38,7 +38,8 @@ def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN
 
 
 def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
-                  weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                  weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                  near: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the batch's target tokens, and their count.
 
     Parameters
@@ -55,12 +56,14 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
     offsets
         The model's target offsets (:mod:`virtualcell.target_offsets`), added to the logits of the
         genes each row's perturbation names (``batch.named``), as generation adds them.
+    near
+        The model's neighbour offsets (:func:`virtualcell.target_offsets.neighbours`), added with them.
     """
     logits, targets = _logits(lm, batch)
     valid = targets != -100
     vocab = logits.shape[-1]
     if offsets is not None and batch.named is not None:
-        logits = target_offsets.add(logits, offsets, batch.named)
+        logits = target_offsets.add(logits, offsets, batch.named, near)
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if no_repeat:
@@ -72,6 +75,8 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         loss = (torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="none") * w).sum() / w.sum()
     if offsets is not None:  # a step that names no target still gives the parameter a (zero) gradient
         loss = loss + 0.0 * offsets.sum()
+    if near is not None:
+        loss = loss + 0.0 * near[0].sum()
     return loss, int(valid.sum())
 
 
