@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def test_codec_ceiling_quick(tmp_path):
     """The codec ceiling scores protocol 5's baseline through the cell sentences without training: the
     non-negative meanshift keeps meanshift's mean delta (the calibration preserves each gene's mean), and the
     100-gene sentences of a 9,015-gene panel lose part of the effect."""
+    shared_file("kang2018_ifnb_pbmc_harmony_2000cells.h5ad")  # protocol 5's data (GPL-3: read, not embedded)
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "codec_ceiling.py"), "--quick", "--out",
                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=110)
