@@ -313,13 +313,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
-    if model.target_offsets is not None:
-        from .target_offsets import moved
+    from .target_offsets import moved
 
+    if model.target_offsets is not None:
         print(f"  target offsets (logits on the gene a perturbation names): {moved(model.target_offsets) or 'none moved'}")
     if model.neighbour_offsets is not None:
-        from .target_offsets import moved
-
         print(f"  neighbour offsets (per unit of a gene's correlation with it): "
               f"{moved(model.neighbour_offsets) or 'none moved'}")
     from .validation import summary_line

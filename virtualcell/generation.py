@@ -536,6 +536,7 @@ def generate_grid(
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
           steps, device, guide_suffixes=None, suffix_targets=None):
     kw = _cache_kwarg(model)
+    param, near = target_offsets.of(model), target_offsets.neighbours(model)  # the model's offsets, if any
     n_suffix = len(suffixes)
     twins = 2 if guide_suffixes is not None else 1  # a guided row is decoded beside its generic twin
     per_group = max(1, min(n_suffix, config.batch_size // twins))
@@ -581,7 +582,7 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
             twin = torch.tensor([s < 0 for s in rows_suffix], dtype=torch.bool, device=device) if twins > 1 else None
             named = None if suffix_targets is None else target_offsets.row_tensors(
                 [suffix_targets[s] if s >= 0 else [] for s in rows_suffix], device)  # a twin (s < 0) gets none
-            offsets = None if named is None else (target_offsets.of(model), named, target_offsets.neighbours(model))
+            offsets = None if named is None else (param, named, near)
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
                                            config, steps, device, twin, offsets):
                 if s >= 0:

@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .contract import DataContract
     from .model import C2SModel
-    from .sentences import RankFit
+    from .sentences import RankFit, Vocabulary
 
 __all__ = ["Baselines", "blend_weight", "choose_decode", "delta_noise", "mse_difference", "score_deltas", "run_verdict", "summary_line",
            "BASELINES_FILE", "VERDICT_FILE", "TOP_N", "verdict_seconds"]
@@ -164,21 +164,18 @@ class Baselines:
         with that gene in the training cells, ``a`` fitted on those perturbations of the kind); else ``pertmean``."""
         from .evaluate.baselines import coupling
 
-        keep = self._kept(without)
-        base = self.delta[keep].mean(axis=0) if keep else np.zeros(len(self.genes))
+        base = self.pertmean_without(without).astype(np.float32)
         gene = self._genetic_gene(perturbation)
+        keep = self._kept(without)
         if gene is None or len(keep) < 3:
-            return base.astype(np.float32), "pertmean"
-        fitted = [(i, g) for i in keep for g in [self._genetic_gene(parse(self.names[i]), perturbation.kind)]
+            return base, "pertmean"
+        kind = perturbation.kind
+        fitted = [(j, g) for j, i in enumerate(keep) for g in [self._genetic_gene(parse(self.names[i]), kind)]
                   if g is not None]
-        if len(fitted) < 2:
-            return base.astype(np.float32), "pertmean"
-        D = self.delta.astype(np.float64)
-        rows = np.array([i for i, _ in fitted])
-        rest = (D[keep].sum(axis=0)[None, :] - D[rows]) / (len(keep) - 1)
-        a = coupling(D[rows], rest, np.stack([self._response(g) for _, g in fitted]))
+        a = coupling(self.delta[keep], np.array([j for j, _ in fitted], dtype=np.int64),
+                     np.stack([self._response(g) for _, g in fitted])) if len(fitted) >= 2 else None
         if a is None:
-            return base.astype(np.float32), "pertmean"
+            return base, "pertmean"
         return (base + a * self._response(gene)).astype(np.float32), "coexpression"
 
     def _genetic_gene(self, q: Perturbation | Combination, kind: str | None = None) -> int | None:
@@ -188,19 +185,23 @@ class Baselines:
             return None
         if kind is not None and q.kind != kind:
             return None
-        return self._gene_rows.get(q.target.upper())
+        i = int(self._vocabulary.ids([q.target], missing="mark")[0])
+        return i if i >= 0 else None
 
     @cached_property
-    def _gene_rows(self) -> dict[str, int]:
-        from .sentences import gene_match_key
+    def _vocabulary(self) -> Vocabulary:
+        from .sentences import Vocabulary
 
-        return {gene_match_key(g): i for i, g in enumerate(self.genes)}
+        return Vocabulary(self.genes)
+
+    @cached_property
+    def _factor(self) -> np.ndarray:
+        return self.response.astype(np.float64)
 
     def _response(self, gene: int) -> np.ndarray:
         from .evaluate.baselines import regression_response
 
-        F = self.response.astype(np.float64)
-        return regression_response(F @ F[gene], gene)
+        return regression_response(self._factor @ self._factor[gene], gene)
 
     @classmethod
     def fit(cls, adata: ad.AnnData, contract: DataContract, model: C2SModel,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,8 @@ from ._data import Prepared, group_means, prepare, resolve_contract, shared_gene
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
+
+    from ..sentences import Vocabulary
 
 log = logging.getLogger("virtualcell.evaluate")
 
@@ -66,7 +69,7 @@ class Effects:
     genes: pd.Index
     delta: Mapping[Target, np.ndarray]
     n_cells: Mapping[Target, int]
-    # the training cells themselves (what :func:`coexpression` regresses on), and its per-context cache
+    # the training cells themselves (what :func:`coexpression` regresses on), and the moments it caches
     cells: Prepared | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -86,6 +89,13 @@ class Effects:
             delta[(p, c)] = m - ctrl[c]
             n_cells[(p, c)] = n
         return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data)
+
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The genes, looked up as everywhere else (ignoring case and an Ensembl version suffix)."""
+        from ..sentences import Vocabulary
+
+        return Vocabulary(tuple(str(g) for g in self.genes))
 
     def response_to(self, gene: int, context: str, *, without: str | None = None) -> np.ndarray:
         """Each gene's least-squares slope on gene ``gene`` over the training cells of ``context``, times that
@@ -124,14 +134,17 @@ def regression_response(cov_column: np.ndarray, gene: int) -> np.ndarray:
     return col / np.sqrt(col[gene]) if col[gene] > 1e-12 else np.zeros_like(col)
 
 
-def coupling(deltas: np.ndarray, rest: np.ndarray, responses: np.ndarray) -> float | None:
-    """The one factor ``a`` of :func:`coexpression`: least squares of ``deltas - rest ~ a * responses`` over the rows
-    (perturbations of one measured gene each: their deltas, the mean delta of the others, and their genes'
-    :func:`regression_response`). ``None`` with fewer than 2 rows or no response at all."""
-    if len(deltas) < 2:
+def coupling(deltas: np.ndarray, fitted: np.ndarray, responses: np.ndarray) -> float | None:
+    """The one factor ``a`` of :func:`coexpression`: least squares of ``delta - rest ~ a * response`` over the
+    ``fitted`` rows of ``deltas`` (perturbations x genes: every perturbation the baseline may learn from; ``rest`` is
+    the mean delta of the others), ``responses`` holding the :func:`regression_response` of each fitted row's gene.
+    ``None`` with fewer than 2 fitted rows or no response at all."""
+    if len(fitted) < 2:
         return None
+    D = np.asarray(deltas, dtype=np.float64)
+    rest = (D.sum(axis=0)[None, :] - D[fitted]) / (len(D) - 1)
     den = float((responses * responses).sum())
-    return float(((deltas - rest) * responses).sum()) / den if den > 0 else None
+    return float(((D[fitted] - rest) * responses).sum()) / den if den > 0 else None
 
 
 def _components(perturbation: str) -> list[str]:
@@ -220,16 +233,12 @@ def _delta_linear(
 
 def _single_gene(effects: Effects, perturbation: str) -> int | None:
     """The measured gene that ``perturbation`` names alone (``"STAT1"``, ``"stat1@2"``), or ``None``."""
-    from ..sentences import gene_match_key
-
     label = perturbation.rpartition("@")[0] or perturbation
     parts = _components(label)
     if len(parts) != 1:
         return None
-    rows = effects._cache.get("gene_rows")
-    if rows is None:
-        rows = effects._cache["gene_rows"] = {gene_match_key(g): i for i, g in enumerate(effects.genes)}
-    return rows.get(gene_match_key(parts[0]))
+    i = int(effects.vocabulary.ids(parts, missing="mark")[0])
+    return i if i >= 0 else None
 
 
 def _delta_coexpression(effects: Effects, target: Target) -> np.ndarray | None:
@@ -246,13 +255,10 @@ def _delta_coexpression(effects: Effects, target: Target) -> np.ndarray | None:
         return None
     others = [(q, d) for (q, cc), d in effects.delta.items() if cc == c and q != p]
     fitted = [(i, g) for i, (q, _) in enumerate(others) for g in [_single_gene(effects, q)] if g is not None]
-    if len(fitted) < 2 or len(others) < 2:
+    if len(fitted) < 2:
         return None
-    D = np.stack([d for _, d in others]).astype(np.float64)
-    rows = np.array([i for i, _ in fitted])
-    rest = (D.sum(axis=0)[None, :] - D[rows]) / (len(others) - 1)  # each fitted one's "mean of the rest"
-    S = np.stack([effects.response_to(g, c, without=p) for _, g in fitted])
-    a = coupling(D[rows], rest, S)
+    a = coupling(np.stack([d for _, d in others]), np.array([i for i, _ in fitted]),
+                 np.stack([effects.response_to(g, c, without=p) for _, g in fitted]))
     if a is None:
         return None
     return base + a * effects.response_to(gene, c, without=p)
