@@ -39,7 +39,8 @@ METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination")
 # cell-eval's Virtual Cell Challenge profile, computed by the cell-eval library on the same cells and
 # prefixed so that its mae stays apart from virtualcell's: the columns a reader of the field compares
 VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
-SERVED = "virtualcell_served"  # predict() -> score(): the served (blended) prediction, when the checkpoint blends
+METHODS = "virtualcell_methods"  # predict() -> score(): more predictions to score beside the model, by method name
+# (the served blend, when the checkpoint blends; a protocol may add its own)
 BLEND = "model (blend)"
 
 
@@ -229,7 +230,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
             temperature: float | None = None, samples: int | None = None, guidance: float | None = None,
-            blend=None):  # noqa: ANN001
+            blend=None, coexpression_prior: bool = True):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
@@ -239,7 +240,8 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     Returns ``(AnnData, SimulationResult, seconds)``: the pure model's cells, and with ``blend=None``
     the served blend's beside them in ``uns`` when the checkpoint serves one, both from one
     generation (the result's aggregates are then the served ones, with the pure model's
-    ``delta_model`` beside ``delta``).
+    ``delta_model`` beside ``delta``). ``coexpression_prior=False``: the model without the coexpression
+    prior on a knockout it never trained on (``Simulator.simulate(coexpression_prior=)``).
     """
     from virtualcell import Simulator
 
@@ -254,7 +256,8 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     w = sim.blend_weight("auto") if blend is None else None
     both = w is not None and min(w, sim.unseen_weight("auto")) < 1.0
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
-                       progress=False, keep_cells=True, blend="auto" if both else blend)
+                       progress=False, keep_cells=True, blend="auto" if both else blend,
+                       coexpression_prior=coexpression_prior)
 
     def labelled(pure: bool):
         out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure)
@@ -265,7 +268,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
 
     pred = labelled(pure=True)
     if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
-        pred.uns[SERVED] = labelled(pure=False)
+        pred.uns[METHODS] = {BLEND: labelled(pure=False)}
         pred.uns["blend_weight"] = float(w)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
@@ -293,7 +296,7 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
     ctx = context_key if context_key is not None else contract.context_key
     kw = dict(perturbation_key=contract.perturbation_key, control=contract.control, context_key=ctx,
               baselines=baselines, baseline=baseline, train=train, max_cells=max_cells, seed=seed)
-    served = pred.uns.pop(SERVED, None) if pred is not None else None
+    more = pred.uns.pop(METHODS, {}) if pred is not None else {}
     table = evaluate(pred, real, profile=list(metrics), **kw)
     if cell_eval:
         vcc = evaluate(pred, real, profile="vcc", **kw)
@@ -302,13 +305,13 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
         attrs.setdefault("virtualcell", {})["cell_eval"] = vcc.attrs.get("virtualcell", {}).get("engine")
         table = pd.concat([table, vcc], ignore_index=True)
         table.attrs = attrs
-    if served is not None:  # the served blend (predict()), scored as its own method beside the pure model
-        parts = [evaluate(served, real, profile=list(metrics), **(kw | {"baselines": ()}))]
+    for name, other in more.items():  # the served blend (predict()) and others, each a method beside the pure model
+        parts = [evaluate(other, real, profile=list(metrics), **(kw | {"baselines": ()}))]
         if cell_eval:
-            parts.append(evaluate(served, real, profile="vcc", **(kw | {"baselines": ()})))
+            parts.append(evaluate(other, real, profile="vcc", **(kw | {"baselines": ()})))
             parts[-1]["metric"] = "vcc_" + parts[-1]["metric"]
         extra = pd.concat(parts, ignore_index=True)
-        extra = extra[extra["method"] == "model"].assign(method=BLEND)
+        extra = extra[extra["method"] == "model"].assign(method=name)
         attrs = dict(table.attrs)
         table = pd.concat([table, extra], ignore_index=True)
         table.attrs = attrs

@@ -15,6 +15,9 @@ Baseline to beat: ``pertmean`` (control + the mean effect of the training knocko
 named baseline. ``coexpression`` (session 34) is stronger on this screen: ``pertmean`` plus how the
 genes move with the knocked-out gene across the training cells, scaled by one factor fitted on
 the training knockouts (``virtualcell.evaluate.baselines.coexpression``); it is scored beside it.
+The model generates a knockout it never trained on with that baseline's shift on its logits (the
+coexpression prior, ``GenerationConfig.coexpression_prior``, session 35); ``model (no prior)`` is the
+same model and sampling seed without it.
 
 ``--set unseen_fraction=0.2``: training also holds a fifth of its own knockouts out whole, so
 its verdict judges the model on knockouts it never saw and fits the blend weight served for
@@ -33,6 +36,7 @@ import _protocol as P
 TOP_K = 100  # genes per cell sentence
 N_HOLDOUT = 4  # knockouts held out by default
 BASELINES = ("nochange", "pertmean", "linear", "coexpression")
+NO_PRIOR = "model (no prior)"  # the pure model without the coexpression prior, scored beside it
 
 
 def data(seed: int, n_holdout: int):  # noqa: ANN201
@@ -86,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     pred, _, pred_s = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},
                                 perturbation_key=contract.perturbation_key, n_cells=n_cells, seed=args.seed,
                                 samples=args.samples, temperature=args.temperature, guidance=args.guidance)
+    # the same model without the coexpression prior on its logits (session 35), from the same sampling seed
+    alone, _, _ = P.predict(trained.model, baseline, {p: f"ko:{p}" for p in held},
+                            perturbation_key=contract.perturbation_key, n_cells=n_cells, seed=args.seed,
+                            samples=args.samples, temperature=args.temperature, guidance=args.guidance, blend=False,
+                            coexpression_prior=False)
+    pred.uns.setdefault(P.METHODS, {})[NO_PRIOR] = alone
     table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract,
                     focus=[(p, "all") for p in held], baselines=BASELINES, seed=args.seed)
     summ = P.summary(table)

@@ -62,6 +62,21 @@ def test_interrupted_screen_resumes_to_identical_results(sim, tmp_path):
     assert names == ["ko:STAT1", "ko:JAK2", "ko:IFNGR1", "ko:PSMB9", "ko:IFNGR1 + ko:IRF1"]
 
 
+def test_a_screen_records_the_coexpression_prior_where_it_applies_and_will_not_mix_the_two(sim, tmp_path):
+    """ko:PSMB9 is not a knockout the model trained on: the prior moves it, so its screens differ with the setting."""
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, ["STAT1", "ko:PSMB9"], out=tmp_path / "a", group_size=1, stop_after_groups=1, progress=False,
+               n_boot=20)
+    with pytest.raises(ScreenError, match="coexpression_prior"):
+        screen(sim, ["STAT1", "ko:PSMB9"], out=tmp_path / "a", group_size=1, progress=False, n_boot=20,
+               coexpression_prior=False)
+    alone = screen(sim, ["STAT1", "ko:PSMB9"], out=tmp_path / "b", group_size=1, progress=False, n_boot=20, top=1,
+                   coexpression_prior=False)
+    assert alone.config["coexpression_prior"] is False
+    trained = screen(sim, ["STAT1", "JAK2"], group_size=1, progress=False, n_boot=20, top=1)
+    assert "coexpression_prior" not in trained.config  # nothing it applies to: the fingerprint it always had
+
+
 def test_screen_killed_at_random_moments_resumes_to_identical_files(tiny_model, tmp_path):
     """Five SIGKILLs at random moments (mid-group, mid-write), then a resume: the same files."""
     import subprocess

@@ -258,3 +258,71 @@ def build_parser_flag() -> bool:
     base = ["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"]
     return (build_parser().parse_args(base).neighbour_offsets is False
             and build_parser().parse_args([*base, "--neighbour-offsets"]).neighbour_offsets is True)
+
+
+def test_an_untrained_knockout_gets_the_coexpression_prior_and_a_trained_one_does_not(tiny_model):
+    """``GenerationConfig.coexpression_prior``: a knockout of a model gene the model never trained on gets the served
+    coexpression baseline's shift on its logits (its own gene left to the target offsets); a trained one gets none,
+    and turning it off gives the model's sentences back unchanged."""
+    import virtualcell as vc
+    from virtualcell.generation import GenerationConfig
+    from virtualcell.perturbations import parse
+
+    model, _, data = tiny_model
+    trained = sorted(model.perturbations.labels)[0]
+    targets = {str(parse(v).target).upper() for v in model.perturbations.labels.values() if ":" in v}
+    gene = next(g for g in model.genes.genes if g not in targets)
+    panel = model.resolve([trained, f"ko:{gene}"])
+    priors = model.coexpression_priors(panel)
+    assert priors is not None and priors[0] is None
+    b = model.baselines
+    expected, name = b.unseen_delta(parse(f"ko:{gene}"))
+    assert name == "coexpression"
+    shift = priors[1][np.asarray(model.format.gene_tokens)]
+    g = model.genes.genes.index(gene)
+    assert shift[g] == 0.0  # the target's own logit is the target offsets'
+    keep = np.arange(len(shift)) != g
+    np.testing.assert_allclose(shift[keep], (expected - b.pertmean)[keep], rtol=1e-5, atol=1e-6)
+    assert np.abs(shift).max() > 0
+    # the perturbations the model trained on are the ones the prior learns from: none of them is left out
+    assert model.coexpression_priors(model.resolve([trained])) is None
+
+    cells = vc.sentences.encode(data[:12], vocab=model.genes, top_k=model.top_k)
+
+    def written(prior: bool) -> list[list[np.ndarray]]:
+        out: list[list[np.ndarray]] = [[], []]
+        cfg = GenerationConfig(max_genes=model.top_k, coexpression_prior=prior)
+        for ch in model.generate(cells, panel, config=cfg):
+            for p, k in zip(ch.perturbation, range(len(ch.sentences))):
+                out[p].append(np.asarray(ch.sentences[k]))
+        return out
+
+    on, off = written(True), written(False)
+    assert all(np.array_equal(a, c) for a, c in zip(on[0], off[0]))  # the trained one: untouched
+    assert not all(np.array_equal(a, c) for a, c in zip(on[1], off[1]))  # the untrained one: moved
+
+
+def test_generation_adds_a_suffix_bias_to_its_rows_only(tiny_model):
+    """The engine's ``suffix_bias``: a huge negative entry keeps its gene out of that suffix's sentences, at every
+    step and after finished rows leave the batch, and leaves the other suffix alone."""
+    import virtualcell as vc
+    from virtualcell.generation import GenerationConfig
+
+    model, _, data = tiny_model
+    cells = vc.sentences.encode(data[:12], vocab=model.genes, top_k=model.top_k)
+    counts = np.bincount(np.concatenate([cells[i][: model.top_k] for i in range(len(cells))]), minlength=len(model.genes))
+    g = int(np.argmax(counts))
+    panel = model.resolve(sorted(model.perturbations.labels)[:2])
+    vocab = model.lm.get_output_embeddings().weight.shape[0]
+    row = np.zeros(vocab, dtype=np.float32)
+    row[model.format.gene_tokens[g]] = -1e4
+    original = model.coexpression_priors
+    model.coexpression_priors = lambda perturbations: [row, None]
+    try:
+        seen: list[set[int]] = [set(), set()]
+        for ch in model.generate(cells, panel, config=GenerationConfig(max_genes=model.top_k)):
+            for p, k in zip(ch.perturbation, range(len(ch.sentences))):
+                seen[p] |= {int(x) for x in ch.sentences[k]}
+    finally:
+        model.coexpression_priors = original
+    assert g not in seen[0] and g in seen[1]

@@ -145,7 +145,8 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
         big = (len(perts) + 1) * n * len(model.genes) > limit
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
-                           max_genes=args.max_genes, blend=args.blend, samples=args.samples)
+                           max_genes=args.max_genes, blend=args.blend, samples=args.samples,
+                           coexpression_prior=args.coexpression_prior)
         if args.format == "cell-eval":
             _write_cell_eval(res, sim, model, out, n)
         else:
@@ -212,7 +213,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
-                 blend=args.blend, samples=args.samples)
+                 blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
@@ -471,6 +472,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="samples of each baseline cell under each perturbation, averaged into its prediction: less "
                         "noise per cell and in the ranking, for that many times the generation (default: the number "
                         "the training run chose on its validation split; 1 where it chose none)")
+    p.add_argument("--no-coexpression-prior", dest="coexpression_prior", action="store_false",
+                   help="generate a knockout, knockdown or activation the model never trained on without the "
+                        "coexpression baseline's shift on its logits (the model alone)")
 
 
 def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:

@@ -69,7 +69,13 @@ class GenerationConfig:
     reads the same cell and tokens under the generic condition, and tokens are sampled from
     ``generic + guidance * (specific - generic)`` logits, which scales up what the model
     predicts specifically for this perturbation. Needs a model trained with a generic
-    condition (``TrainConfig.generic_fraction``)."""
+    condition (``TrainConfig.generic_fraction``).
+
+    ``coexpression_prior``: a genetic perturbation the model never trained on, of one of its genes,
+    gets the served ``coexpression`` baseline's shift (how the genes move with that gene in the
+    training cells, :meth:`virtualcell.validation.Baselines.coexpression_shift`) added to every gene's
+    logit at every step, in the baseline's log1p units (a logit is a log weight; its own gene is
+    left to the target offsets). Gene-level models with shared prompts only; ``False``: the model alone."""
 
     max_genes: int = 200
     min_genes: int = 1
@@ -80,6 +86,7 @@ class GenerationConfig:
     threads: int | None = None
     prefix_attention: str = "auto"
     guidance: float = 1.0
+    coexpression_prior: bool = True
 
     def __post_init__(self) -> None:
         if not self.guidance >= 0:
@@ -485,6 +492,7 @@ def generate_grid(
     max_new_tokens: int | None = None,
     guide_suffixes: Sequence[Sequence[int]] | None = None,
     suffix_targets: Sequence[Sequence[tuple[int, int]]] | None = None,
+    suffix_bias: Sequence[np.ndarray | None] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
 
@@ -495,6 +503,8 @@ def generate_grid(
     (:mod:`virtualcell.target_offsets`) are added to those genes' logits at every step of suffix ``j``'s
     rows, as the training loss adds them; its generic twin gets none, so guidance scales them as part
     of what the perturbation does. Ignored for a model without offsets.
+    ``suffix_bias[j]`` (a vector over the vocabulary, or ``None``) is added to the logits of suffix
+    ``j``'s rows at every step, its twin's excepted (the coexpression prior, ``C2SModel.generate``).
 
     Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
     bounded by ``config.batch_size`` rows at a time; on a GPU, fewer if the rows' caches
@@ -513,6 +523,10 @@ def generate_grid(
         raise ValueError("suffix_targets must have one entry per suffix.")
     if target_offsets.of(model) is None:
         suffix_targets = None
+    if suffix_bias is not None and len(suffix_bias) != len(suffixes):
+        raise ValueError("suffix_bias must have one entry per suffix.")
+    if suffix_bias is not None and all(b is None for b in suffix_bias):
+        suffix_bias = None
     steps = max_new_tokens or (config.max_genes + 1)
     longest = max((len(p) for p in prefixes), default=0) + max((len(s) for s in suffixes), default=0) + steps + 1
     cap = _rows_that_fit(model, device, longest)
@@ -529,15 +543,23 @@ def generate_grid(
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
         threads = _pick_threads(model, rows, device, pad_id)
     grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
-                 guide_suffixes, suffix_targets)
+                 guide_suffixes, suffix_targets, suffix_bias)
     yield from _iterate_with_threads(grid, threads)
 
 
 def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
-          steps, device, guide_suffixes=None, suffix_targets=None):
+          steps, device, guide_suffixes=None, suffix_targets=None, suffix_bias=None):
     kw = _cache_kwarg(model)
     param, near = target_offsets.of(model), target_offsets.neighbours(model)  # the model's offsets, if any
     n_suffix = len(suffixes)
+    biases = None  # each suffix's bias, then a row of zeros (for twins and suffixes without)
+    if suffix_bias is not None:
+        vocab = next(b for b in suffix_bias if b is not None).shape[0]
+        biases = torch.zeros((n_suffix + 1, vocab), dtype=torch.float32)
+        for j, b in enumerate(suffix_bias):
+            if b is not None:
+                biases[j] = torch.as_tensor(np.asarray(b, dtype=np.float32))
+        biases = biases.to(device)
     twins = 2 if guide_suffixes is not None else 1  # a guided row is decoded beside its generic twin
     per_group = max(1, min(n_suffix, config.batch_size // twins))
     cells_per_chunk = max(1, config.batch_size // per_group)
@@ -583,8 +605,10 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
             named = None if suffix_targets is None else target_offsets.row_tensors(
                 [suffix_targets[s] if s >= 0 else [] for s in rows_suffix], device)  # a twin (s < 0) gets none
             offsets = None if named is None else (param, named, near)
+            bias = None if biases is None else biases[torch.tensor([s if s >= 0 else n_suffix for s in rows_suffix],
+                                                                   dtype=torch.long, device=device)]
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
-                                           config, steps, device, twin, offsets):
+                                           config, steps, device, twin, offsets, bias):
                 if s >= 0:
                     yield c, s, toks
 
@@ -728,12 +752,13 @@ def _guide(logits: torch.Tensor, twin: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
-                 constraint, eos_id, config, steps, device, twin=None, offsets=None) -> Iterator[tuple[int, int, list[int]]]:
+                 constraint, eos_id, config, steps, device, twin=None, offsets=None, bias=None
+                 ) -> Iterator[tuple[int, int, list[int]]]:
     """Sample every row to EOS. ``twin`` flags generic twin rows (guidance): a twin gets its row's
     mixed logits and key, so it writes the same tokens, and the two finish together. ``offsets``
     (the offsets parameter, each row's named targets as :func:`virtualcell.target_offsets.row_tensors`
     gives them, and the neighbour offsets or ``None``) are added to each row's logits at every step, before
-    guidance (:func:`target_offsets.add`)."""
+    guidance (:func:`target_offsets.add`), and so is ``bias`` (rows x vocabulary), where given."""
     n = len(rows_cell)
     active = torch.arange(n, device=device)
     written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
@@ -748,6 +773,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
     for step in range(steps):
         if offsets is not None:
             logits = target_offsets.add(logits.float(), *offsets)
+        if bias is not None:
+            logits = logits.float() + bias
         if twin is not None:
             logits = _guide(logits, twin, config.guidance)
         if constraint is not None:
@@ -773,6 +800,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
                 twin = twin[keep]
             if offsets is not None:
                 offsets = (offsets[0], tuple(t[keep] for t in offsets[1]), offsets[2])
+            if bias is not None:
+                bias = bias[keep]
             decoder.select(keep)
             last_pos, keys, tokens = last_pos[keep], keys[keep], tokens[keep]
             finished = finished[keep]

@@ -32,7 +32,7 @@ from . import target_offsets
 from .contract import DataContract
 from .errors import ModelError
 from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
-from .perturbations import Combination, Perturbation
+from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
 from .sentences import CellSentences, RankFit, Vocabulary
 
@@ -348,6 +348,7 @@ class C2SModel:
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
             config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
             guide_suffixes=prompts.guide_suffixes, suffix_targets=self._suffix_targets(prompts.suffixes),
+            suffix_bias=self.coexpression_priors(perturbations) if cfg.coexpression_prior and prompts.shared else None,
         )
         # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []
@@ -387,6 +388,39 @@ class C2SModel:
         if target_offsets.of(self.lm) is None:
             return None
         return [self.format.named_targets(s) for s in suffixes]
+
+    def coexpression_priors(self, perturbations: Sequence[Perturbation | Combination]
+                             ) -> list[np.ndarray | None] | None:
+        """Each perturbation's coexpression prior on the logits (``GenerationConfig.coexpression_prior``): for every
+        genetic part the model never trained on, the served baselines' :meth:`~virtualcell.validation.Baselines.
+        coexpression_shift` of its gene (learning from nothing the model did not train on), its own gene's entry
+        left to the target offsets; ``None`` for a perturbation without, and for a model whose format has no one
+        token per gene or whose baselines keep no covariance."""
+        gene_tokens = getattr(self.format, "gene_tokens", None)
+        if gene_tokens is None or self.baselines is None or self.baselines.response is None:
+            return None
+        trained = {str(without_quantities(parse(v))) for v in self.perturbations.labels.values()}
+        without = [n for n in self.baselines.names if str(without_quantities(parse(n))) not in trained]
+        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        out: list[np.ndarray | None] = []
+        for p in perturbations:
+            total = None
+            for part in p.parts if isinstance(p, Combination) else (p,):
+                if part.kind not in GENETIC or str(without_quantities(part)) in trained:
+                    continue
+                shift = self.baselines.coexpression_shift(part, without)
+                if shift is None:
+                    continue
+                shift = shift.copy()
+                shift[int(self.genes.ids([part.target], missing="mark")[0])] = 0.0
+                total = shift if total is None else total + shift
+            if total is None:
+                out.append(None)
+                continue
+            row = np.zeros(vocab, dtype=np.float32)
+            row[np.asarray(gene_tokens)] = total
+            out.append(row)
+        return out if any(o is not None for o in out) else None
 
     def _chunk(self, batch: list[tuple[int, int, list[int]]]) -> GeneratedCells:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)

@@ -122,6 +122,7 @@ def run(
     force: bool = False,
     blend: str | float | bool | None = "auto",
     samples: int | None = None,
+    coexpression_prior: bool = True,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -157,6 +158,10 @@ def run(
         Samples of each baseline cell under each perturbation, averaged into its prediction
         (:meth:`Simulator.simulate`; ``None``: the trainer's choice, else 1). More samples make
         the ranking less noisy, for that many times the generation.
+    coexpression_prior
+        A genetic perturbation the model never trained on, of one of its genes, is generated with the
+        coexpression baseline's shift on its logits (:meth:`Simulator.simulate`); ``False``: the model alone.
+        A screen with such perturbations records the setting, so a resumed one does not mix the two.
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
     folder is locked while the screen runs: a second screen into the same folder stops
@@ -196,6 +201,9 @@ def run(
         sim_keys = (*sim_keys, "blend_weight_unseen")
     if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
         sim_keys = (*sim_keys, "samples")
+    if simulator.model.coexpression_priors(perts) is not None:  # so is one the coexpression prior applies to
+        config["coexpression_prior"] = bool(coexpression_prior)
+        sim_keys = (*sim_keys, "coexpression_prior")
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
@@ -212,14 +220,14 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused, weight=w, samples=k)
+                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior)
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
-         weight: float | None = None, samples: int = 1) -> ScreenResult:
+         weight: float | None = None, samples: int = 1, coexpression_prior: bool = True) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
@@ -259,7 +267,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=keep_cells, progress=False, blend=weight, samples=samples)
+                                 keep_cells=keep_cells, progress=False, blend=weight, samples=samples,
+                                 coexpression_prior=coexpression_prior)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
         if keep_cells:

@@ -59,7 +59,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline")
+               "coexpression_prior", "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -448,6 +448,7 @@ class Simulator:
         max_genes: int | None = None,
         temperature: float | None = None,
         guidance: float | None = None,
+        coexpression_prior: bool = True,
         control_samples: int | None = None,
         samples: int | None = None,
         calibrate: bool = True,
@@ -478,6 +479,10 @@ class Simulator:
             logits, which scales up what the model predicts for this perturbation beyond the average
             perturbed cell. Needs a model trained with a generic condition. ``None``: the scale the
             trainer chose on its validation split (1 for a checkpoint without one).
+        coexpression_prior
+            A genetic perturbation the model never trained on, of one of its genes, gets the coexpression
+            baseline's shift on its logits (:class:`~virtualcell.generation.GenerationConfig`); ``False``:
+            the model alone.
         control_samples
             Samples of each cell under control; predictions are calibrated against their mean. The
             control generation's sampling noise is shared by every perturbation's delta (it made
@@ -557,7 +562,8 @@ class Simulator:
         if temperature is None:
             temperature = float(self.model.setting("temperature"))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
-                               batch_size=batch_size, seed=seed, guidance=guidance)
+                               batch_size=batch_size, seed=seed, guidance=guidance,
+                               coexpression_prior=coexpression_prior)
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
@@ -698,6 +704,7 @@ class Simulator:
                 "max_genes": cfg.max_genes,
                 "temperature": cfg.temperature,
                 "guidance": cfg.guidance,
+                "coexpression_prior": int(cfg.coexpression_prior),
                 "invalid_genes": sums.n_invalid,
                 "duplicate_genes": sums.n_duplicate,
                 "generated_genes": sums.n_generated_genes,

@@ -160,23 +160,33 @@ class Baselines:
         """The baseline of a perturbation never trained on, as if ``without`` were not trained on either, and its
         name: ``coexpression`` for a genetic perturbation of one of the model's genes, where the model keeps the
         covariance (:attr:`response`) and at least two trained perturbations of that kind target one of its genes
-        (:func:`~virtualcell.evaluate.baselines.coexpression`: ``pertmean`` plus ``a`` times how the genes move
-        with that gene in the training cells, ``a`` fitted on those perturbations of the kind); else ``pertmean``."""
+        (:func:`~virtualcell.evaluate.baselines.coexpression`: ``pertmean`` plus :meth:`coexpression_shift`);
+        else ``pertmean``."""
+        base = self.pertmean_without(without).astype(np.float32)
+        shift = self.coexpression_shift(perturbation, without)
+        if shift is None:
+            return base, "pertmean"
+        return (base + shift).astype(np.float32), "coexpression"
+
+    def coexpression_shift(self, perturbation: Perturbation | Combination, without: Sequence[str] = ()
+                           ) -> np.ndarray | None:
+        """What :func:`~virtualcell.evaluate.baselines.coexpression` adds to ``pertmean`` for ``perturbation``
+        (as if ``without`` were not trained on): ``a`` times how the genes move with its gene in the training
+        cells, ``a`` fitted on the other trained perturbations of its kind that target one of the model's genes.
+        ``None`` where that baseline does not apply (not one genetic perturbation of a model gene, no covariance
+        kept, fewer than two such perturbations to fit on)."""
         from .evaluate.baselines import coupling
 
-        base = self.pertmean_without(without).astype(np.float32)
         gene = self._genetic_gene(perturbation)
         keep = self._kept(without)
         if gene is None or len(keep) < 3:
-            return base, "pertmean"
+            return None
         kind = perturbation.kind
         fitted = [(j, g) for j, i in enumerate(keep) for g in [self._genetic_gene(parse(self.names[i]), kind)]
                   if g is not None]
         a = coupling(self.delta[keep], np.array([j for j, _ in fitted], dtype=np.int64),
                      np.stack([self._response(g) for _, g in fitted])) if len(fitted) >= 2 else None
-        if a is None:
-            return base, "pertmean"
-        return (base + a * self._response(gene)).astype(np.float32), "coexpression"
+        return None if a is None else a * self._response(gene)
 
     def _genetic_gene(self, q: Perturbation | Combination, kind: str | None = None) -> int | None:
         """The model gene that ``q`` perturbs, when ``q`` is one genetic perturbation (of ``kind``, if given) and the
