@@ -201,9 +201,15 @@ def run(
         sim_keys = (*sim_keys, "blend_weight_unseen")
     if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
         sim_keys = (*sim_keys, "samples")
-    if simulator.model.coexpression_priors(perts) is not None:  # so is one the coexpression prior applies to
+    priors = simulator.model.coexpression_priors(perts)
+    if priors is not None:  # so is one the coexpression prior applies to
         config["coexpression_prior"] = bool(coexpression_prior)
         sim_keys = (*sim_keys, "coexpression_prior")
+        if coexpression_prior:
+            moved = [n for n, prior in zip(names, priors) if prior is not None]
+            log.info("%d of the panel's perturbations were never trained on (%s): the model generates them with the "
+                     "coexpression baseline's shift on its logits (coexpression_prior=False: the model alone)",
+                     len(moved), preview(moved, 5))
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
@@ -288,7 +294,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
-                                            "normalization", "blend_weight", "baseline") if k in agg.attrs}
+                                            "normalization", "blend_weight", "baseline", "coexpression_prior")
+                  if k in agg.attrs}
     ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:
