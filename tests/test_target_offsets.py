@@ -326,3 +326,29 @@ def test_generation_adds_a_suffix_bias_to_its_rows_only(tiny_model):
     finally:
         model.coexpression_priors = original
     assert g not in seen[0] and g in seen[1]
+
+
+def test_the_verdict_keeps_or_drops_the_coexpression_prior_by_the_knockouts_it_held_out_whole(tmp_path, papalexi):
+    """With ``unseen_fraction`` the verdict scores the perturbations held out whole with and without the prior, keeps
+    the one with the lower error (``verdict["unseen"]["settings"]``), and the Simulator then serves that choice."""
+    import virtualcell as vc
+    from virtualcell.train import TrainConfig, train
+
+    rng = np.random.default_rng(1)
+    data = papalexi[np.sort(rng.choice(papalexi.n_obs, 2500, replace=False))].copy()
+    cfg = TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=12, eval_every=6, save_every=6,
+                      batch_size=8, warmup_steps=2, seed=0, unseen_fraction=0.2)
+    model = train(data, out=tmp_path / "m", config=cfg, progress=False)
+    unseen = model.verdict["unseen"]
+    prior = unseen["coexpression_prior"]
+    assert prior["kept"] == (prior["with"]["mse"] <= prior["without"]["mse"])
+    assert unseen["model"] == (prior["with"] if prior["kept"] else prior["without"])
+    assert unseen["settings"] == {"coexpression_prior": prior["kept"]} and "coexpression prior" in unseen["summary"]
+    again = vc.C2SModel.load(tmp_path / "m")
+    assert again.setting("coexpression_prior") is prior["kept"]
+    controls = data[data.obs["perturbation"] == "control"][:6].copy()
+    held = unseen["perturbations"][0]
+    res = vc.Simulator(controls, again).simulate([f"ko:{held}"], progress=False)
+    assert res.aggregates.attrs["coexpression_prior"] == int(prior["kept"])
+    forced = vc.Simulator(controls, again).simulate([f"ko:{held}"], progress=False, coexpression_prior=True)
+    assert forced.aggregates.attrs["coexpression_prior"] == 1

@@ -472,9 +472,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="samples of each baseline cell under each perturbation, averaged into its prediction: less "
                         "noise per cell and in the ranking, for that many times the generation (default: the number "
                         "the training run chose on its validation split; 1 where it chose none)")
-    p.add_argument("--no-coexpression-prior", dest="coexpression_prior", action="store_false",
+    p.add_argument("--no-coexpression-prior", dest="coexpression_prior", action="store_const", const=False,
+                   default=None,
                    help="generate a knockout, knockdown or activation the model never trained on without the "
-                        "coexpression baseline's shift on its logits (the model alone)")
+                        "coexpression baseline's shift on its logits (the model alone; default: as the training "
+                        "run chose, on where it held no perturbation out whole)")
 
 
 def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:

@@ -235,12 +235,14 @@ class C2SModel:
 
     @property
     def chosen(self) -> dict[str, Any]:
-        """The generation settings the training run chose on its validation split (``{}`` without a verdict)."""
-        return dict((self.verdict or {}).get("settings") or {})
+        """The generation settings the training run chose on its validation split (``{}`` without a verdict); the
+        coexpression prior's among them where the verdict judged perturbations held out whole."""
+        verdict = self.verdict or {}
+        return dict(verdict.get("settings") or {}) | dict((verdict.get("unseen") or {}).get("settings") or {})
 
     def setting(self, name: str) -> Any:
-        """The generation setting ``name`` (``"samples"``, ``"guidance"``, ``"temperature"``) the training run chose,
-        or its plain value (:data:`virtualcell.validation.PLAIN`) where it chose none."""
+        """The generation setting ``name`` (``"samples"``, ``"guidance"``, ``"temperature"``, ``"coexpression_prior"``)
+        the training run chose, or its plain value (:data:`virtualcell.validation.PLAIN`) where it chose none."""
         from .validation import PLAIN
 
         return self.chosen.get(name, PLAIN[name])

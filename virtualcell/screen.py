@@ -122,7 +122,7 @@ def run(
     force: bool = False,
     blend: str | float | bool | None = "auto",
     samples: int | None = None,
-    coexpression_prior: bool = True,
+    coexpression_prior: bool | None = None,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -160,7 +160,8 @@ def run(
         the ranking less noisy, for that many times the generation.
     coexpression_prior
         A genetic perturbation the model never trained on, of one of its genes, is generated with the
-        coexpression baseline's shift on its logits (:meth:`Simulator.simulate`); ``False``: the model alone.
+        coexpression baseline's shift on its logits (:meth:`Simulator.simulate`); ``False``: the model alone;
+        ``None``: as the trainer chose.
         A screen with such perturbations records the setting, so a resumed one does not mix the two.
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
@@ -201,6 +202,8 @@ def run(
         sim_keys = (*sim_keys, "blend_weight_unseen")
     if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
         sim_keys = (*sim_keys, "samples")
+    if coexpression_prior is None:
+        coexpression_prior = bool(simulator.model.setting("coexpression_prior"))
     priors = simulator.model.coexpression_priors(perts)
     if priors is not None:  # so is one the coexpression prior applies to
         config["coexpression_prior"] = bool(coexpression_prior)

@@ -448,7 +448,7 @@ class Simulator:
         max_genes: int | None = None,
         temperature: float | None = None,
         guidance: float | None = None,
-        coexpression_prior: bool = True,
+        coexpression_prior: bool | None = None,
         control_samples: int | None = None,
         samples: int | None = None,
         calibrate: bool = True,
@@ -482,7 +482,8 @@ class Simulator:
         coexpression_prior
             A genetic perturbation the model never trained on, of one of its genes, gets the coexpression
             baseline's shift on its logits (:class:`~virtualcell.generation.GenerationConfig`); ``False``:
-            the model alone.
+            the model alone. ``None``: as the trainer chose on the perturbations it held out whole (on where
+            it held out none).
         control_samples
             Samples of each cell under control; predictions are calibrated against their mean. The
             control generation's sampling noise is shared by every perturbation's delta (it made
@@ -561,6 +562,8 @@ class Simulator:
             guidance = float(self.model.setting("guidance"))
         if temperature is None:
             temperature = float(self.model.setting("temperature"))
+        if coexpression_prior is None:
+            coexpression_prior = bool(self.model.setting("coexpression_prior"))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance,
                                coexpression_prior=coexpression_prior)

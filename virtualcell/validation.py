@@ -307,7 +307,7 @@ class Baselines:
 
 # the plain generation settings: where a verdict candidate sets none, and what a checkpoint serves where its verdict
 # chose none (C2SModel.setting)
-PLAIN = {"samples": 1, "guidance": 1.0, "temperature": 1.0}
+PLAIN = {"samples": 1, "guidance": 1.0, "temperature": 1.0, "coexpression_prior": True}
 
 
 # --------------------------------------------------------------------------- #
@@ -537,7 +537,10 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     without any of them: ``pertmean`` or ``coexpression``): the settings, the decode and ``"weight"``
     are chosen on the trained perturbations alone, and ``"unseen"`` holds the scores, the difference
     and a weight of their own, which the Simulator serves for every perturbation whose baseline is one
-    of :data:`UNSEEN_BASELINES`.
+    of :data:`UNSEEN_BASELINES`. Where the coexpression prior moves them (:meth:`C2SModel.coexpression_priors`;
+    not when they are all the verdict has), they are simulated again without it, and the prior is kept only if
+    their error is no higher with it: ``"unseen"["settings"]`` holds the choice, which
+    :meth:`C2SModel.setting` serves, and ``"unseen"["coexpression_prior"]`` both scores.
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -644,16 +647,44 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     if new.any():  # the perturbations never trained on, at the settings just chosen, with a weight of their own
         # (when they are all the verdict has, its part above is already theirs)
         part = plain if only_unseen else _judged(M_all[new], B[new], Y[new], unseen_name, seed=seed)
+        prior = None
+        if not only_unseen and model.coexpression_priors([parse(v) for v in unseen.values()]) is not None:
+            # the coexpression prior moves only these: kept or dropped by their error without it
+            without = _judged(_unseen_deltas(sims, unseen, seed, settings | {"coexpression_prior": False}),
+                              B[new], Y[new], unseen_name, seed=seed)
+            keep = part["model"]["mse"] <= without["model"]["mse"]
+            prior = {"with": part["model"], "without": without["model"], "kept": keep}
+            part = part if keep else without
         held_whole = sorted(set(np.asarray(names)[new]))
         verdict["unseen"] = part | {"n_labels": len(held_whole), "perturbations": held_whole}
         verdict["unseen"]["summary"] = _summary(len(held_whole), int(np.sum(np.asarray(row_cells)[new])), part,
                                                 what=UNSEEN_WHAT, served_for="for perturbations it never trained on, ")
+        if prior is not None:
+            verdict["unseen"] |= {"settings": {"coexpression_prior": prior["kept"]}, "coexpression_prior": prior}
+            verdict["unseen"]["summary"] += (
+                f" The coexpression prior on its logits is {'kept' if prior['kept'] else 'dropped'} for them (MSE "
+                f"{prior['with']['mse']:.4f} with it, {prior['without']['mse']:.4f} without).")
         if not only_unseen:
             verdict["summary"] += " " + verdict["unseen"]["summary"]
     return verdict
 
 
 UNSEEN_WHAT = "{n} perturbations held out of training whole"  # how a summary names them
+
+
+def _unseen_deltas(sims: Sequence[tuple[Any, list]], unseen: Mapping[str, str], seed: int,
+                   settings: Mapping[str, Any]) -> np.ndarray:
+    """The pure model's deltas of the perturbations held out whole (``unseen``'s typed forms), context by context
+    in the verdict's row order, simulated with ``settings``."""
+    forms = {str(parse(v)) for v in unseen.values()}
+    rows = []
+    for sim, typed in sims:
+        mine = [q for q in typed if str(q) in forms]
+        if mine:
+            agg = sim.simulate(mine, seed=seed, blend=None, keep_cells=False, progress=False,
+                               **(PLAIN | dict(settings))).aggregates
+            rows.append(agg["delta_model"].values.astype(np.float64))
+    return np.concatenate(rows)
 
 
 def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
@@ -758,6 +789,9 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     for cand in _more_samples(candidates[0], samples) + _other_values(most, "temperature", temperatures):
         row, control, k = cost(PLAIN | cand)
         total += seconds(row * dearest, control, k)
+    if unseen:  # the perturbations held out whole, once more without the coexpression prior, at the most samples
+        row, control, k = cost(PLAIN | most)
+        total += row * dearest * sum(inp.size * (control + k * sum(p in unseen for p in ps)) for _, inp, _, ps in plans)
     return total
 
 
