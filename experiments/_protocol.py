@@ -230,7 +230,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
             temperature: float | None = None, samples: int | None = None, guidance: float | None = None,
-            blend=None, coexpression_prior: bool = True):  # noqa: ANN001
+            blend=None, coexpression_prior: bool | None = None):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
