@@ -284,6 +284,11 @@ def test_an_untrained_knockout_gets_the_coexpression_prior_and_a_trained_one_doe
     keep = np.arange(len(shift)) != g
     np.testing.assert_allclose(shift[keep], (expected - b.pertmean)[keep], rtol=1e-5, atol=1e-6)
     assert np.abs(shift).max() > 0
+    # the factor is fitted once per set left out (cached), and a different set gives a different fit
+    one = b.coexpression_shift(parse(f"ko:{gene}"), without=[model.perturbations.labels[trained]])
+    assert not np.allclose(one, b.coexpression_shift(parse(f"ko:{gene}")))
+    np.testing.assert_array_equal(one, b.coexpression_shift(parse(f"ko:{gene}"),
+                                                            without=[model.perturbations.labels[trained]]))
     # the perturbations the model trained on are the ones the prior learns from: none of them is left out
     assert model.coexpression_priors(model.resolve([trained])) is None
 

@@ -178,15 +178,22 @@ class Baselines:
         from .evaluate.baselines import coupling
 
         gene = self._genetic_gene(perturbation)
-        keep = self._kept(without)
-        if gene is None or len(keep) < 3:
+        if gene is None:
             return None
-        kind = perturbation.kind
-        fitted = [(j, g) for j, i in enumerate(keep) for g in [self._genetic_gene(parse(self.names[i]), kind)]
-                  if g is not None]
-        a = coupling(self.delta[keep], np.array([j for j, _ in fitted], dtype=np.int64),
-                     np.stack([self._response(g) for _, g in fitted])) if len(fitted) >= 2 else None
+        key = (perturbation.kind, tuple(sorted({_key(p) for p in without})))
+        if key not in self._couplings:  # one fit per kind and set left out, not one per perturbation of a screen
+            keep = self._kept(without)
+            fitted = [(j, g) for j, i in enumerate(keep)
+                      for g in [self._genetic_gene(parse(self.names[i]), perturbation.kind)] if g is not None]
+            self._couplings[key] = (coupling(self.delta[keep], np.array([j for j, _ in fitted], dtype=np.int64),
+                                             np.stack([self._response(g) for _, g in fitted]))
+                                    if len(keep) >= 3 and len(fitted) >= 2 else None)
+        a = self._couplings[key]
         return None if a is None else a * self._response(gene)
+
+    @cached_property
+    def _couplings(self) -> dict[tuple[str, tuple[str, ...]], float | None]:
+        return {}
 
     def _genetic_gene(self, q: Perturbation | Combination, kind: str | None = None) -> int | None:
         """The model gene that ``q`` perturbs, when ``q`` is one genetic perturbation (of ``kind``, if given) and the
