@@ -88,6 +88,7 @@ def _(adata, filter_column, mo, model):
         "objective": "largest",
         "genes": "PSMB9,STAT1",
         "top": 3,
+        "prior": bool(model.setting("coexpression_prior")),  # as the training run chose (on where it could not)
     }
     form = mo.ui.dictionary({
         "filter_value": mo.ui.dropdown(_values, value=DEFAULTS["filter_value"], label="equals"),
@@ -102,12 +103,15 @@ def _(adata, filter_column, mo, model):
                                     value="largest effect", label="objective"),
         "genes": mo.ui.text(value=DEFAULTS["genes"], label="genes or signature", full_width=True),
         "top": mo.ui.number(1, 20, value=DEFAULTS["top"], label="diverse picks"),
+        "prior": mo.ui.checkbox(value=DEFAULTS["prior"], label="knockouts the model never trained on: with the "
+                                "coexpression prior (off: the model alone)"),
     })
     run = mo.ui.run_button(label="Run the screen")
     mo.vstack([
         mo.hstack([form["filter_value"], form["n_cells"]], justify="start"),
         form["panel"], form["picked"],
         mo.hstack([form["objective"], form["genes"], form["top"]], justify="start"),
+        form["prior"],
         run,
     ])
     return DEFAULTS, form, run
@@ -125,7 +129,8 @@ def _(DEFAULTS, adata, contract, data_source, filter_column, form, mo, model, mo
         _objective = f"{_objective}:{form.value['genes']}"
     with mo.status.spinner(title="Screening..."):
         result = sim.screen(viz.panel(form.value["panel"], form.value["picked"]), objective=_objective,
-                            top=form.value["top"], seed=0, progress=False, keep_cells=True)
+                            top=form.value["top"], seed=0, progress=False, keep_cells=True,
+                            coexpression_prior=form.value["prior"])
     return result, sim
 
 
