@@ -32,7 +32,7 @@ from . import target_offsets
 from .contract import DataContract
 from .errors import ModelError
 from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
-from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
+from .perturbations import GENETIC, Combination, Perturbation
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
 from .sentences import CellSentences, RankFit, Vocabulary
 
@@ -398,17 +398,19 @@ class C2SModel:
         coexpression_shift` of its gene (learning from nothing the model did not train on), its own gene's entry
         left to the target offsets; ``None`` for a perturbation without, and for a model whose format has no one
         token per gene or whose baselines keep no covariance."""
+        from .validation import _key  # how the baselines name a perturbation: its typed form without dose or time
+
         gene_tokens = getattr(self.format, "gene_tokens", None)
         if gene_tokens is None or self.baselines is None or self.baselines.response is None:
             return None
-        trained = {str(without_quantities(parse(v))) for v in self.perturbations.labels.values()}
-        without = [n for n in self.baselines.names if str(without_quantities(parse(n))) not in trained]
+        trained = {_key(v) for v in self.perturbations.labels.values()}
+        without = [n for n in self.baselines.names if _key(n) not in trained]
         vocab = self.lm.get_output_embeddings().weight.shape[0]
         out: list[np.ndarray | None] = []
         for p in perturbations:
             total = None
             for part in p.parts if isinstance(p, Combination) else (p,):
-                if part.kind not in GENETIC or str(without_quantities(part)) in trained:
+                if part.kind not in GENETIC or _key(part) in trained:
                     continue
                 shift = self.baselines.coexpression_shift(part, without)
                 if shift is None:

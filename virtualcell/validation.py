@@ -601,13 +601,19 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
         model.rank_fit = choose_decode(model.rank_fit, codec_scores)
 
+    def simulated(settings: Mapping[str, Any], only: set[str] | None = None) -> list:
+        """Each context's aggregates at ``settings`` (a setting left out is its plain value, not one an earlier
+        verdict chose), of its perturbations or of those whose typed form is in ``only``, in the verdict's row
+        order (blend=None: the buckets' served cells are the pure model's)."""
+        chosen = [(sim, [q for q in typed if only is None or str(q) in only]) for sim, typed in sims]
+        return [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False,
+                             **(PLAIN | dict(settings))).aggregates for sim, typed in chosen if typed]
+
     def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
         """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
-        t = time.perf_counter()  # a setting left out is its plain value, not one an earlier verdict chose
-        aggs = [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False, **(PLAIN | settings))
-                .aggregates for sim, typed in sims]
+        t = time.perf_counter()
+        aggs = simulated(settings)
         M = np.concatenate([a["delta_model"].values.astype(np.float64) for a in aggs])
-        # (blend=None: the buckets' served cells are the pure model's)
         V = np.concatenate([delta_noise(a["bucket_mean"].values - a["control_bucket_mean"].values[None],
                                         a["bucket_count"].values) for a in aggs])
         scores = score_deltas(M[seen], Y[seen]) | {"noise": float(V[seen].mean())}
@@ -657,7 +663,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         prior = None
         if not only_unseen and model.coexpression_priors([parse(v) for v in unseen.values()]) is not None:
             # the coexpression prior moves only these: kept or dropped by their error without it
-            without = _judged(_unseen_deltas(sims, unseen, seed, settings | {"coexpression_prior": False}),
+            alone = simulated(settings | {"coexpression_prior": False}, only={str(parse(v)) for v in unseen.values()})
+            without = _judged(np.concatenate([a["delta_model"].values.astype(np.float64) for a in alone]),
                               B[new], Y[new], unseen_name, seed=seed)
             keep = part["model"]["mse"] <= without["model"]["mse"]
             prior = {"with": part["model"], "without": without["model"], "kept": keep}
@@ -677,21 +684,6 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
 
 
 UNSEEN_WHAT = "{n} perturbations held out of training whole"  # how a summary names them
-
-
-def _unseen_deltas(sims: Sequence[tuple[Any, list]], unseen: Mapping[str, str], seed: int,
-                   settings: Mapping[str, Any]) -> np.ndarray:
-    """The pure model's deltas of the perturbations held out whole (``unseen``'s typed forms), context by context
-    in the verdict's row order, simulated with ``settings``."""
-    forms = {str(parse(v)) for v in unseen.values()}
-    rows = []
-    for sim, typed in sims:
-        mine = [q for q in typed if str(q) in forms]
-        if mine:
-            agg = sim.simulate(mine, seed=seed, blend=None, keep_cells=False, progress=False,
-                               **(PLAIN | dict(settings))).aggregates
-            rows.append(agg["delta_model"].values.astype(np.float64))
-    return np.concatenate(rows)
 
 
 def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
