@@ -11,7 +11,8 @@ other rep_3 control cells are the reference for the measured effects.
 
 Scores:
 * Spearman of the predicted noise-corrected effect size (``l2_delta_corrected`` of the screen
-  ranking) against the measured noise-corrected effect size in rep_3 (``evaluate.effect_size``),
+  ranking) against the measured noise-corrected effect size in rep_3 (``evaluate.effect_size``; both
+  the noise-corrected norm of the mean delta, so the table's figures compare as numbers too),
   next to: the replicate-vs-replicate ceiling (rep_1 vs rep_2, as in the demo); ranking by the
   number of training cells (a trivial reference); and the measured effect sizes in the
   training replicates (rep_1 + rep_2 against their own controls), which is what a model that
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"Mean pairwise correlation of the knockouts' deltas (effects too alike?): predicted "
                   f"{alike['model']:.2f}, measured in rep_3 {alike['measured rep_3']:.2f}.\n\n"
                   f"Model: {'retrained' if (args.retrain or args.quick) else (args.model or 'bundled')}; {n} baseline cells, "
-                  f"{len(panel)} knockouts predicted in {pred_s:.0f} s.\n\nEffect sizes (sum of squared deltas, "
-                  "noise-corrected; predicted: l2_delta_corrected):\n\n" + P.markdown_table(side)),
+                  f"{len(panel)} knockouts predicted in {pred_s:.0f} s.\n\nEffect sizes, all on one scale: the "
+                  f"noise-corrected norm of the mean delta over the {X.shape[1]} genes, signed (measured: "
+                  "evaluate.effect_size; predicted: the pure model's l2_delta_corrected):\n\n" + P.markdown_table(side)),
         meta={"spearman": rho, "pairwise_correlation": alike, "model": model_info, "prediction_seconds": round(pred_s, 1), "n_cells": n,
               "effects": side.to_dict(orient="records")},
     )

@@ -291,8 +291,11 @@ def test_effect_size_corrects_for_group_size():
     es = effect_size(a, perturbation_key="perturbation", control="control").set_index("perturbation")
     small = es[es.index.str.startswith("small_null")]
     assert small["squared_norm"].mean() > 5 * es.loc["big_null", "squared_norm"]  # raw: small groups look strong
-    assert abs(small["effect_size"].mean()) < 0.15 * small["squared_norm"].mean()  # corrected: about 0
-    assert es.index[0] == "real" and es.loc["real", "effect_size"] == pytest.approx(g * 0.3**2, rel=0.25)
+    corrected = small["squared_norm"] - small["noise"]
+    assert abs(corrected.mean()) < 0.15 * small["squared_norm"].mean()  # corrected: about 0
+    # on the scale of a norm (signed), as a screen's predicted l2_delta_corrected: sqrt(g) * shift
+    np.testing.assert_allclose(small["effect_size"], np.sign(corrected) * np.sqrt(np.abs(corrected)))
+    assert es.index[0] == "real" and es.loc["real", "effect_size"] == pytest.approx(np.sqrt(g) * 0.3, rel=0.15)
 
 
 def test_counts_are_normalized_genes_intersected_and_missing_controls_filled(papalexi_small):

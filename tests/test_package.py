@@ -38,6 +38,10 @@ def test_cli_help_and_demo(tmp_path, capsys):
     picks = lines[lines.index("Top genes of the diverse picks:") + 1:][:8]
     assert [line.split()[0] for line in picks] == list(ranking.loc[ranking["pick"], "perturbation"])
     assert "Spearman over 25 knockouts" in printed
+    # the measured rep_3 effect is printed beside the predicted one, on its scale (a norm: STAT1's is about 7)
+    header = next(line for line in lines if "l2_delta_corrected" in line).split()
+    stat1 = next(line for line in lines if line.split()[1:2] == ["ko:STAT1"]).split()
+    assert "measured_rep_3" in header and 5 < float(stat1[header.index("measured_rep_3")]) < 10
     assert "replicate vs replicate     +0.84" in printed  # measured rep_1 vs rep_2: independent of the model
     for name in ("ranking.csv", "ranking.parquet", "aggregates.nc", "top_hits.png", "config.json"):
         assert (tmp_path / "demo" / name).exists(), name

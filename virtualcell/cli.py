@@ -32,8 +32,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "panel: every knockout the model knows\n")
     res = run_demo(out=args.out, n_cells=args.n_cells, seed=args.seed, progress=not args.quiet, force=args.force)
     print(_verdict_text(res.verdict, res.blend_weight) + "\n")
-    table = res.screen.ranking
-    cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
+    # the measured effect in the held-out replicate beside the predicted one, on the same scale (a signed norm)
+    table = res.screen.ranking.assign(**{f"measured_{HELDOUT[1]}": lambda t: t["perturbation"].map(
+        res.measured_by_perturbation)})
+    cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected",
+            f"measured_{HELDOUT[1]}", "pick"]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table[cols].head(args.top).to_string(index=False))
         print("\nTop genes of the diverse picks:")

@@ -7,7 +7,7 @@ replicate ``rep_3`` held out. The demo
 2. screens all 25 knockouts the model knows, ranking them by predicted effect size,
 3. writes the results folder and a plot of the top hits,
 4. compares the predicted ranking with the measured, noise-corrected effect sizes in
-   ``rep_3`` (against the other ``rep_3`` control cells, independent of the baseline), and
+   ``rep_3`` (on the scale of the ranking's ``l2_delta_corrected``, so they are printed beside it) (against the other ``rep_3`` control cells, independent of the baseline), and
    with the replicate-vs-replicate agreement of the measured data (the ceiling): the
    served prediction (blended with the training baseline when the checkpoint's validation
    verdict says so) and the pure model, side by side.
@@ -39,6 +39,8 @@ class DemoResult:
     spearman_pure: float = float("nan")  # the pure model's noise-corrected effect sizes
     verdict: dict | None = None  # the model's validation verdict (None: the checkpoint has none)
     blend_weight: float | None = None  # the weight served on the model's delta (None: the pure model)
+    # ``measured`` by the ranking's perturbation names ("ko:STAT1"), on the scale of the ranking's l2_delta_corrected
+    measured_by_perturbation: Any = None
 
 
 def measured_effects(adata, contract, column: str, value: str, *, reference_cells: np.ndarray | None = None):  # noqa: ANN001, ANN201
@@ -94,5 +96,7 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     # a trivial reference: rank knockouts by how many training cells they have
     counts = adata.obs.loc[~held, contract.perturbation_key].astype(str).value_counts()
     rho_size = float(spearmanr(counts.reindex(common).fillna(0), measured.loc[common]).statistic)
+    by_name = pred.reset_index().set_index("perturbation")["label"].map(measured)
     return DemoResult(result, rho_model, rho_ceiling, rho_size, measured, time.perf_counter() - t0, Path(out),
-                      spearman_pure=rho_pure, verdict=model.verdict, blend_weight=sim.blend_weight("auto"))
+                      spearman_pure=rho_pure, verdict=model.verdict, blend_weight=sim.blend_weight("auto"),
+                      measured_by_perturbation=by_name)

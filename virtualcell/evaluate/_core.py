@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._stats import PCABasis, noise_corrected_sq_norm, pca
+from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..sentences import with_gene_key
@@ -239,7 +239,7 @@ def _real_contexts(
         effect = {}
         for i in cand:
             sq, noise = noise_corrected_sq_norm(means[i] - c_mean, var_a=var[i], n_a=counts[i], var_b=c_var, n_b=n_c)
-            effect[names[i]] = sq - noise
+            effect[names[i]] = signed_root(sq - noise)
         rc = _RealContext(ctx, tuple(names[i] for i in cand), means[cand], c_mean, de,
                           {names[i]: int(counts[i]) for i in cand}, effect)
         if cells:

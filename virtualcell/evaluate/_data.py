@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._stats import noise_corrected_sq_norm, unbiased_var
+from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
 from ..sentences import detect_scale, log_normalize, normalization_label
@@ -321,11 +321,15 @@ def effect_size(
 ) -> pd.DataFrame:
     """Strength of every perturbation's effect, corrected for the noise of small groups.
 
-    ``effect_size = ||mean(perturbed) - mean(control)||^2 - (sum_g var_p,g / n_p + sum_g var_c,g / n_c)``:
-    the squared norm of the mean delta minus its expected value under sampling noise alone
-    (unbiased per-gene variances). Without the correction a group of 20 cells looks
-    stronger than one of 2,000 with the same true effect. Values near or below 0 mean
-    "not distinguishable from noise". Expression is log1p-normalized first if it is raw counts.
+    ``squared_norm = ||mean(perturbed) - mean(control)||^2``; ``noise = sum_g var_p,g / n_p + sum_g var_c,g / n_c``
+    is its expected value under sampling noise alone (unbiased per-gene variances), and
+    ``effect_size = signed_root(squared_norm - noise)``: the noise-corrected norm of the mean delta,
+    negative when the effect is below the noise. It is on the scale of a norm, the same scale as a
+    screen's predicted ``l2_delta_corrected`` (:func:`virtualcell.screen.rank`) and a synthetic
+    screen's true effect sizes, so measured and predicted effects can be compared as numbers, not only
+    as ranks. Without the correction a group of 20 cells looks stronger than one of 2,000 with the same
+    true effect. Values near or below 0 mean "not distinguishable from noise". Expression is
+    log1p-normalized first if it is raw counts.
 
     Parameters
     ----------
@@ -381,6 +385,6 @@ def effect_size(
         for p in sorted(set(labels[contexts == ctx]) - {contract.control}):
             p_mean, p_var, n_p = stats(X, (labels == p) & (contexts == ctx))
             sq, noise = noise_corrected_sq_norm(p_mean - c_mean, var_a=p_var, n_a=n_p, var_b=c_var, n_b=n_c)
-            rows.append((p, ctx, n_p, n_c, sq, noise, sq - noise))
+            rows.append((p, ctx, n_p, n_c, sq, noise, signed_root(sq - noise)))
     cols = ["perturbation", "context", "n_cells", "n_control", "squared_norm", "noise", "effect_size"]
     return pd.DataFrame(rows, columns=cols).sort_values("effect_size", ascending=False, ignore_index=True)
