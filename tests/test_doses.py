@@ -143,3 +143,70 @@ def test_own_dose_tokens_name_each_trained_dose(dosed, tmp_path):
     assert suffix(f"{d}@1000") == ["<drug>", f"<drug:{d}>", "<dose:3>", "<out>"]  # never trained at it
     with pytest.raises(TrainingError, match="dose_tokens"):
         TrainConfig(dose_tokens="per-drug")
+
+
+def test_auto_kind_keeps_a_dosed_label_s_doses(dosed):
+    """Without a kind (kind='auto'), a label that is not a gene of the panel but whose cells carry a dose is a drug:
+    its doses stay conditions of their own (once they were dropped, and the verdict's simulate then refused the
+    repeated names); a plain label cannot carry a dose and says so instead of dropping it."""
+    from virtualcell.errors import DataError
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    contract = DataContract.from_adata(dosed)
+    genes = Vocabulary.from_adata(dosed)
+    typed, vocab = typed_labels(dosed, contract, genes, TrainConfig())
+    drug = (dosed.obs["perturbation_type"] == "drug").to_numpy()
+    doses = dosed.obs["dose"].to_numpy()[drug]
+    assert all(parse(t).kind == "drug" and parse(t).dose == pytest.approx(d) for t, d in zip(typed[drug], doses))
+    assert vocab.resolve("drugA@10") == parse("drug:drugA@10")
+    ko = (dosed.obs["perturbation_type"] == "knockout").to_numpy()
+    assert {parse(t).kind for t in typed[ko]} == {"knockout"}  # gene labels stay knockouts
+    with pytest.raises(DataError, match="kind 'label'.*dose"):
+        typed_labels(dosed, contract, genes, TrainConfig(kind="label"))
+
+
+def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_path, capsys):
+    """The path of a user's own file (no stored contract): a drug at doses across patients, one patient's treated
+    cells held out. Predicted cells carry their source cell's context, and `virtualcell evaluate` scores each dose
+    apart (--dose-key) with meanshift learned from the training cells (--train)."""
+    import anndata as ad
+
+    from virtualcell.cli import main
+    from virtualcell.train import TrainConfig, train
+
+    screen = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_pairs=0, n_drugs=2, n_cytokines=0,
+                                          n_cells_per_condition=30, n_control_cells=80, n_contexts=2, seed=1)
+    screen.uns.pop("virtualcell")
+    screen.obs = screen.obs.rename(columns={"cell_type": "patient"})
+    obs = screen.obs
+    held = (obs["patient"] == "typeB").to_numpy()
+    ctrl = (obs["perturbation"] == "control").to_numpy()
+    base_idx = np.flatnonzero(held & ctrl)[::2]
+    training = screen[~(held & ~ctrl)].copy()  # every control, the other patient's treated cells
+    contract = DataContract("perturbation", "control", context_key="patient", dose_key="dose")
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
+                      verdict_fraction=0.0)  # kind "auto": the dosed labels are drugs
+    model = train(training, out=tmp_path / "model", contract=contract, config=cfg, progress=False)
+    res = vc.Simulator(screen[base_idx].copy(), model).simulate(["drugA@10", "drugA@1"], keep_cells=True,
+                                                                progress=False, blend=False)
+    pred = res.to_anndata()
+    assert set(pred.obs["patient"]) == {"typeB"} and set(pred.obs["perturbation"]) == {"drugA@10", "drugA@1"}
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    real_idx = np.flatnonzero(held & (~ctrl | ~np.isin(np.arange(screen.n_obs), base_idx)))
+    screen[real_idx].copy().write_h5ad(tmp_path / "real.h5ad")
+    screen[base_idx].copy().write_h5ad(tmp_path / "base.h5ad")
+    training.write_h5ad(tmp_path / "train.h5ad")
+    args = ["evaluate", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"), "--baseline",
+            str(tmp_path / "base.h5ad"), "--perturbation-key", "perturbation", "--control", "control",
+            "--context-key", "patient", "--profile", "fast", "--baselines", "nochange,meanshift", "--no-ceiling"]
+    assert main([*args, "--out", str(tmp_path / "e0")]) == 2  # the doses would pool into 'drugA': said, with the fix
+    assert "--dose-key" in capsys.readouterr().err
+    assert main([*args, "--dose-key", "dose", "--train", str(tmp_path / "train.h5ad"), "--out", str(tmp_path / "e")]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "e" / "metrics.csv")
+    model, shift = table[table["method"] == "model"], table[table["method"] == "meanshift"]
+    assert set(model["perturbation"]) == {"drugA@10", "drugA@1"} and set(table["context"]) == {"typeB"}
+    assert {"drugA@10", "drugA@1", "drugA@0.1"} <= set(shift["perturbation"])  # each dose, from the other patient
+    assert ad.read_h5ad(tmp_path / "real.h5ad").uns.get("virtualcell") is None  # the file on disk is untouched

@@ -558,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tuning --base, as cell2sentence's own fine-tuning tutorial)")
     p.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
                    help="training pairs per optimizer step")
-    p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label")
+    p.add_argument("--kind", default="auto", help="what the labels are: auto, knockout, knockdown, activation, drug, cytokine, label (auto: labels "
+                   "naming the panel's genes are knockouts, labels whose cells carry a dose or time are drugs, "
+                   "other gene-like symbols knockouts, the rest plain labels)")
     p.add_argument("--kind-key", default=None, help="obs column giving each cell's perturbation kind (e.g. CRISPRa / CRISPRi)")
     p.add_argument("--holdout", action="append", metavar="COLUMN=VALUES",
                    help="exclude cells from training, e.g. bio_rep=rep_3 (repeatable; default: none)")

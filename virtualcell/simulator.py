@@ -193,7 +193,8 @@ class SimulationResult:
 
     def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
                  baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
-                 labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None) -> None:
+                 labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None,
+                 context: tuple[str, np.ndarray] | None = None) -> None:
         self.aggregates = aggregates
         self.cells = cells
         self.cells_model = cells_model
@@ -202,6 +203,8 @@ class SimulationResult:
         self.source_cells = source_cells
         self.store = store
         self.labels = labels or {}  # typed name -> training label (what measured data calls it)
+        # (the model's context column, each source cell's value there): a predicted cell stays in its cell's context
+        self.context = context
 
     @property
     def perturbations(self) -> list[str]:
@@ -231,6 +234,8 @@ class SimulationResult:
             "perturbation_typed": np.repeat(self.perturbations, C),
             "source_cell": np.tile(self.source_cells, P),
         })
+        if self.context is not None and self.context[0] not in obs.columns:
+            obs[self.context[0]] = np.tile(np.asarray(self.context[1], dtype=object), P)
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
         head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))  # the baseline's spelling
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
@@ -365,6 +370,16 @@ class Simulator:
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
                             f"perturbation, averaged), got {samples!r}.")
         return int(samples)
+
+    def source_context(self, n: int | None = None) -> tuple[str, np.ndarray] | None:
+        """The model's context column (``model.contract.context_key``: cell type, patient, cell line) and the
+        first ``n`` baseline cells' values there, which their predicted cells carry (:meth:`SimulationResult.
+        to_anndata`); ``None`` when the model has no context column or the baseline lacks it."""
+        key = self.model.contract.context_key if self.model.contract is not None else None
+        if key is None or key not in self.baseline.obs.columns:
+            return None
+        n = self.baseline.n_obs if n is None else n
+        return key, self.baseline.obs[key].astype(str).to_numpy()[:n]
 
     @staticmethod
     def control_sample_count(samples: int, control_samples: int | None = None) -> int:
@@ -655,7 +670,8 @@ class Simulator:
                     for name, e in zip(names, sums.embedded)}
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
-                                dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model)
+                                dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model,
+                                self.source_context(n))
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:

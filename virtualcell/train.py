@@ -247,7 +247,13 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
         return Perturbation("control")
     parts = [x.strip() for x in label.split("+") if x.strip()]
     if kind == "auto":
-        kind = "knockout" if all(x.upper() in genes for x in parts) or _all_gene_like(parts) else "label"
+        kind = _auto_kind(parts, genes, dosed=dose is not None or time_ is not None)
+    if kind == "label" and (dose is not None or time_ is not None):
+        raise DataError(
+            f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
+            f"cells have a dose or time (the contract's dose_key {contract.dose_key!r} / time_key "
+            f"{contract.time_key!r}); they would be dropped. Pass kind='drug' or 'cytokine' (--kind, or --kind-key "
+            "for a column of kinds), or leave the dose and time keys unset if they do not apply.")
     out: list[Perturbation] = []
     for x in parts:
         if kind in GENETIC:
@@ -267,6 +273,17 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
                 vocab.names["label"].append(x)
             out.append(Perturbation("label", x))
     return out[0] if len(out) == 1 else Combination(tuple(out))
+
+
+def _auto_kind(parts: list[str], genes: Vocabulary, *, dosed: bool) -> str:
+    """``kind="auto"``: labels that name the panel's genes are knockouts; otherwise a label whose cells carry a
+    dose or time is a drug (a compound given at doses, not a gene edit), and labels that look like gene symbols
+    are knockouts of unmeasured genes; anything else is a plain label."""
+    if all(x.upper() in genes for x in parts):
+        return "knockout"
+    if dosed:
+        return "drug"
+    return "knockout" if _all_gene_like(parts) else "label"
 
 
 def _all_gene_like(parts: list[str]) -> bool:

@@ -498,11 +498,16 @@ def _run(
             log.info("%d predicted groups have no measurement and are not scored: %s", len(extra), preview(extra, 5))
             predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
             if not predicted & known:
+                dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p, _ in known)
+                hint = (" The predictions name doses or times ('drugA@10') and the measured labels do not: name the "
+                        "measured data's dose and time columns (CLI: --dose-key / --time-key; Python: "
+                        "DataContract(..., dose_key=...).attach(real)), so that its doses are groups of their own."
+                        if dosed else "")
                 raise DataError(
                     f"None of the predicted groups ({preview(sorted(extra), 5)}) is in the measured data (which has "
                     f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
                     "predictions as the measured data does (virtualcell predict writes the training labels in "
-                    "obs['perturbation']), and check the context column."
+                    "obs['perturbation']), and check the context column." + hint
                 )
         rows += score("model", pred_p, setup.real, contexts)
     if baselines:

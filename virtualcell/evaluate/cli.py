@@ -43,10 +43,18 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="obs column with the perturbation (default: the contract stored in --real)")
     p.add_argument("--control", default=None, help="label of the control cells (default: from the contract)")
     p.add_argument("--context-key", default=None, help="obs column with the context (cell type/line), if any")
+    p.add_argument("--dose-key", default=None,
+                   help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
+                   "(as virtualcell predict names them: drugA@10); default: the contract stored in --real")
+    p.add_argument("--time-key", default=None, help="obs column of --real with each cell's time, as --dose-key")
     p.add_argument("--gene-key", default=None, metavar="COLUMN",
                    help="var column holding the gene names in every input (symbols or Ensembl ids; default var_names)")
     p.add_argument("--baseline", default=None,
                    help="control cells fed to the model (.h5ad); default: split the measured controls in halves")
+    p.add_argument("--train", default=None,
+                   help="measured cells the baselines learn effects from (.h5ad; e.g. the model's training split, "
+                   "so that meanshift carries each perturbation's effect from the other contexts); default: the "
+                   "perturbed cells of --real, each target left out")
     p.add_argument("--out", required=True, help="output folder (created if needed; one of virtualcell's or empty)")
     p.add_argument("--profile", default="default",
                    help="metric profile: virtualcell's default, fast or pearson; or cell-eval's vcc (the Virtual Cell "
@@ -78,6 +86,23 @@ def _read(path: str, what: str) -> Any:
     return read_h5ad(p, what)
 
 
+def _with_quantity_keys(real: Any, *, dose_key: str | None, time_key: str | None) -> None:
+    """Store ``--dose-key``/``--time-key`` in ``real``'s contract (its other keys as stored, or the defaults)."""
+    from dataclasses import replace
+
+    from ..contract import DataContract
+    from ..errors import ContractError, DataError
+
+    for flag, key in (("--dose-key", dose_key), ("--time-key", time_key)):
+        if key is not None and key not in real.obs.columns:
+            raise DataError(f"{flag} {key!r} is not a column of --real's obs (columns: {list(real.obs.columns)[:15]}).")
+    try:
+        stored = DataContract.from_adata(real)
+    except ContractError:
+        stored = DataContract()
+    replace(stored, dose_key=dose_key or stored.dose_key, time_key=time_key or stored.time_key).attach(real)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run :func:`~virtualcell.evaluate.evaluate` from parsed arguments and write the results.
 
@@ -105,11 +130,15 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     pred = _read(args.pred, "--pred")
     real = _read(args.real, "--real")
     base = _read(args.baseline, "--baseline") if args.baseline else None
+    train = _read(args.train, "--train") if args.train else None
+    if args.dose_key or args.time_key:
+        for data in (real, train) if train is not None else (real,):
+            _with_quantity_keys(data, dose_key=args.dose_key, time_key=args.time_key)
     keys = dict(perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key,
                 gene_key=args.gene_key)
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     try:
-        table, deltas = _run(pred, real, **keys, profile=args.profile, baselines=baselines, baseline=base,
+        table, deltas = _run(pred, real, **keys, profile=args.profile, baselines=baselines, baseline=base, train=train,
                              ceiling=not args.no_ceiling, max_cells=args.max_cells, seed=args.seed,
                              threads=args.threads, min_shared_genes=args.min_shared_genes)
     except ImportError as err:
