@@ -78,6 +78,30 @@ def test_a_model_trained_with_gene_key_reads_new_cells_the_same_way(screen_ids, 
     assert again["n_cells"] == before["n_cells"]
 
 
+def test_knockouts_named_by_symbol_in_an_id_screen_are_linked_to_their_genes(screen_ids, tmp_path):
+    """Genes as Ensembl ids, knockouts labelled by symbol (STAT1), the symbols in a var column: the trainer links
+    each target to its gene, so the model knows which gene a knockout removes (its own token, the target offsets,
+    the coexpression baseline and prior), and 'ko:STAT1' or an untrained 'ko:STAT2' find it too."""
+    from virtualcell.train import TrainConfig, train
+
+    data, _ = screen_ids
+    stat1 = data.var_names[list(data.var["symbol"]).index("STAT1")].upper()
+    cfg = TrainConfig(top_k=15, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0)
+    model = train(data, out=tmp_path / "m", config=cfg, progress=False)
+    vocab = model.perturbations
+    assert vocab.aliases["STAT1"] == stat1 and str(vocab.resolve("STAT1")) == f"ko:{stat1}"
+    assert vocab.resolve("ko:STAT1") == vocab.resolve("STAT1")  # typed by symbol: the same gene
+    assert model.genes.index(stat1) >= 0
+    stat2 = vc.perturbations.parse("ko:STAT2")  # measured, not in this training subset
+    assert vocab.resolve(stat2).target == data.var_names[list(data.var["symbol"]).index("STAT2")].upper()
+    assert vocab.labels_for([vocab.resolve(stat2)]) == ["ko:STAT2"]  # named as the labels name genes
+    again = vc.C2SModel.load(tmp_path / "m")  # kept in the checkpoint
+    assert again.perturbations.aliases == vocab.aliases
+    # a screen whose labels are the gene names themselves gets no aliases
+    plain = train(data[:, :].copy(), out=tmp_path / "m2", config=cfg, progress=False, gene_key="symbol")
+    assert plain.perturbations.aliases == {}
+
+
 def test_text_model_refuses_ids_and_names_the_flag(screen_ids):
     from virtualcell.train import train
 

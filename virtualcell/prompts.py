@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -122,6 +122,9 @@ class PerturbationVocab:
     targets_with_gene: bool = False
     # each training condition with a dose or time ("drugA@10", DataContract.conditions) -> its typed form
     conditions: dict[str, str] = field(default_factory=dict)
+    # a genetic target as the data's labels name it (upper case, e.g. a symbol "STAT1") -> the model's gene it is
+    # (e.g. its Ensembl id), where the training data's gene names were not the labels' (train.target_aliases)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         """A typed perturbation; a plain label is looked up among the training labels, and a label
@@ -153,6 +156,8 @@ class PerturbationVocab:
                     f"The model does not know the perturbation {part.target!r}.{did} Known labels: "
                     f"{preview(sorted(self.labels), 12)}. Or write a typed perturbation, e.g. 'ko:{part.target}'."
                 )
+            elif part.kind in GENETIC and part.target.upper() in self.aliases:  # "ko:STAT1" -> its gene's id
+                out.append(replace(part, target=self.aliases[part.target.upper()]))
             else:
                 out.append(part)
         flat: list[Perturbation] = []
@@ -180,6 +185,7 @@ class PerturbationVocab:
         are then named as :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
+        symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
 
         def one(p: Perturbation | Combination) -> str:
             if str(p) in typed_to_condition:  # as the data names it, with its dose: "drugA@10"
@@ -193,7 +199,12 @@ class PerturbationVocab:
                     return f"{typed_to_label[str(plain)]}@{suffix}"
             parts = p.parts if isinstance(p, Combination) else (p,)
             labels = [typed_to_label.get(str(q)) for q in parts]
-            return "+".join(labels) if len(parts) > 1 and all(labels) else str(p)
+            if len(parts) > 1 and all(labels):
+                return "+".join(labels)
+            if symbol_of:  # a target never trained on, named as the data's labels name genes ("ko:IRF9")
+                named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
+                return str(named[0] if len(named) == 1 else Combination(tuple(named)))
+            return str(p)
 
         return [one(p) for p in perturbations]
 
@@ -206,14 +217,14 @@ class PerturbationVocab:
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
                 "own_targets": self.own_targets, "own_doses": self.own_doses, "targets_with_gene": self.targets_with_gene,
-                "conditions": dict(self.conditions)}
+                "conditions": dict(self.conditions), "aliases": dict(self.aliases)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
         names = {"drug": [], "cytokine": [], "label": [], "target": [], "dose": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
-                   bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})))
+                   bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})))
 
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:

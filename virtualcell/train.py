@@ -220,6 +220,8 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     conditions = contract.conditions(adata)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
                               targets_with_gene=cfg.target_tokens == "both")
+    if kinds is not None or cfg.kind in ("auto", *GENETIC):
+        vocab.aliases = target_aliases(adata, sorted(set(labels) - {contract.control}), genes)
     typed = np.empty(adata.n_obs, dtype=object)
     cache: dict[tuple, str] = {}
     for i, label in enumerate(labels):
@@ -247,7 +249,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
         return Perturbation("control")
     parts = [x.strip() for x in label.split("+") if x.strip()]
     if kind == "auto":
-        kind = _auto_kind(parts, genes, dosed=dose is not None or time_ is not None)
+        kind = _auto_kind(parts, genes, vocab.aliases, dosed=dose is not None or time_ is not None)
     if kind == "label" and (dose is not None or time_ is not None):
         raise DataError(
             f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
@@ -257,7 +259,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     out: list[Perturbation] = []
     for x in parts:
         if kind in GENETIC:
-            target = x.upper()
+            target = vocab.aliases.get(x.upper(), x.upper())  # the gene it names, where the labels name genes otherwise
             if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
                 vocab.names["target"].append(target)
             out.append(Perturbation(kind, target))  # type: ignore[arg-type]
@@ -275,15 +277,49 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     return out[0] if len(out) == 1 else Combination(tuple(out))
 
 
-def _auto_kind(parts: list[str], genes: Vocabulary, *, dosed: bool) -> str:
-    """``kind="auto"``: labels that name the panel's genes are knockouts; otherwise a label whose cells carry a
-    dose or time is a drug (a compound given at doses, not a gene edit), and labels that look like gene symbols
-    are knockouts of unmeasured genes; anything else is a plain label."""
-    if all(x.upper() in genes for x in parts):
+def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], *, dosed: bool) -> str:
+    """``kind="auto"``: labels that name the panel's genes (or their aliases) are knockouts; otherwise a label whose
+    cells carry a dose or time is a drug (a compound given at doses, not a gene edit), and labels that look like
+    gene symbols are knockouts of unmeasured genes; anything else is a plain label."""
+    if all(x.upper() in genes or x.upper() in aliases for x in parts):
         return "knockout"
     if dosed:
         return "drug"
     return "knockout" if _all_gene_like(parts) else "label"
+
+
+def target_aliases(adata: ad.AnnData, labels: list[str], genes: Vocabulary) -> dict[str, str]:
+    """``{name: gene}`` for genes the perturbation labels name otherwise than the gene names do, e.g. knockout
+    labels written as symbols (``STAT1``) in a screen whose genes are Ensembl ids, with the symbols in a var column.
+
+    Among the var columns of text, the one that holds the most of the labels' parts that are not gene names is
+    taken (none when no column holds any: nothing to link), and each name in it that names one gene only (and is
+    not itself another gene's name) maps to that gene. The chosen column is logged. Without the link a knocked-out
+    gene would be a name of its own, and its own expression drop, the coexpression baseline and prior, and the
+    target offsets would not know it."""
+    parts = {x.strip().upper() for lab in labels for x in str(lab).split("+") if x.strip()}
+    missing = {x for x in parts if x not in genes}
+    if not missing:
+        return {}
+    best: tuple[int, str | None, dict[str, str]] = (0, None, {})
+    for col in adata.var.columns:
+        values = adata.var[col]
+        if not (values.dtype == object or str(values.dtype) in ("category", "string")):
+            continue
+        names = values.astype(str).str.strip().str.upper().to_numpy()
+        unique, counts = np.unique(names, return_counts=True)
+        once = set(unique[counts == 1]) - {"", "NAN", "NONE"}
+        mapping = {n: genes.genes[genes.index(v)] for n, v in zip(names, adata.var_names.astype(str))
+                   if n in once and n not in genes and v in genes}
+        hits = len(missing & mapping.keys())
+        if hits > best[0]:
+            best = (hits, str(col), mapping)
+    hits, col, mapping = best
+    if col is not None:
+        log.info("%d of the %d perturbation targets that are not gene names are named by var[%r]; each is linked "
+                 "to its gene (e.g. %s)", hits, len(missing), col,
+                 preview([f"{x} -> {mapping[x]}" for x in sorted(missing & mapping.keys())], 3))
+    return mapping
 
 
 def _all_gene_like(parts: list[str]) -> bool:
