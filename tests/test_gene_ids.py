@@ -102,6 +102,19 @@ def test_knockouts_named_by_symbol_in_an_id_screen_are_linked_to_their_genes(scr
     assert plain.perturbations.aliases == {}
 
 
+def test_evaluate_baselines_link_symbol_labels_to_id_genes(papalexi_small):
+    """evaluate's coexpression and linear baselines find the knocked-out gene through the same link as the
+    trainer (sentences.target_aliases): the same figures whether the genes are symbols or ids."""
+    tables = []
+    for data in (papalexi_small, _ensembl(papalexi_small)):
+        base, ref = vc.evaluate.split_controls(data, seed=0)
+        t = vc.evaluate.evaluate(None, ref, baseline=base, profile="pearson", baselines=("coexpression", "linear"),
+                                 ceiling=False)
+        tables.append(t.groupby(["method", "perturbation", "metric"])["value"].mean())
+    assert (tables[0].loc["coexpression"].size > 0) and tables[0].index.equals(tables[1].index)
+    np.testing.assert_allclose(tables[0].to_numpy(), tables[1].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_text_model_refuses_ids_and_names_the_flag(screen_ids):
     from virtualcell.train import train
 

@@ -22,6 +22,7 @@ Examples
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections import Counter
@@ -55,7 +56,10 @@ __all__ = [
     "gene_match_key",
     "normalization_label",
     "model_expression",
+    "target_aliases",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 200
 TARGET_SUM = 1e4
@@ -398,6 +402,41 @@ class Vocabulary:
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:
         return cls(tuple(json.loads(text)["genes"]))
+
+
+def target_aliases(adata: ad.AnnData, labels: list[str], genes: Vocabulary) -> dict[str, str]:
+    """``{name: gene}`` for genes the perturbation labels name otherwise than the gene names do, e.g. knockout
+    labels written as symbols (``STAT1``) in a screen whose genes are Ensembl ids, with the symbols in a var column.
+
+    Among the var columns of text, the one that holds the most of the labels' parts that are not gene names is
+    taken (none when no column holds any: nothing to link), and each name in it that names one gene only (and is
+    not itself another gene's name) maps to that gene. The chosen column is logged. Without the link a knocked-out
+    gene would be a name of its own, and its own expression drop, the coexpression baseline and prior, and the
+    target offsets would not know it."""
+    bare = (str(lab).rpartition("@")[0] or str(lab) for lab in labels)  # a condition's label without its dose
+    parts = {x.strip().upper() for lab in bare for x in lab.split("+") if x.strip()}
+    missing = {x for x in parts if x not in genes}
+    if not missing:
+        return {}
+    best: tuple[int, str | None, dict[str, str]] = (0, None, {})
+    for col in adata.var.columns:
+        values = adata.var[col]
+        if not (values.dtype == object or str(values.dtype) in ("category", "string")):
+            continue
+        names = values.astype(str).str.strip().str.upper().to_numpy()
+        unique, counts = np.unique(names, return_counts=True)
+        once = set(unique[counts == 1]) - {"", "NAN", "NONE"}
+        mapping = {n: genes.genes[genes.index(v)] for n, v in zip(names, adata.var_names.astype(str))
+                   if n in once and n not in genes and v in genes}
+        hits = len(missing & mapping.keys())
+        if hits > best[0]:
+            best = (hits, str(col), mapping)
+    hits, col, mapping = best
+    if col is not None:
+        log.info("%d of the %d perturbation targets that are not gene names are named by var[%r]; each is linked "
+                 "to its gene (e.g. %s)", hits, len(missing), col,
+                 preview([f"{x} -> {mapping[x]}" for x in sorted(missing & mapping.keys())], 3))
+    return mapping
 
 
 # --------------------------------------------------------------------------- #

@@ -46,7 +46,7 @@ from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, par
 from . import target_offsets
 from .prompts import PerturbationVocab, own_dose_name
 from .sentences import (DECODE_METHODS, RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
-                        require_symbols, roundtrip, with_gene_key)
+                        require_symbols, roundtrip, target_aliases, with_gene_key)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -286,40 +286,6 @@ def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], 
     if dosed:
         return "drug"
     return "knockout" if _all_gene_like(parts) else "label"
-
-
-def target_aliases(adata: ad.AnnData, labels: list[str], genes: Vocabulary) -> dict[str, str]:
-    """``{name: gene}`` for genes the perturbation labels name otherwise than the gene names do, e.g. knockout
-    labels written as symbols (``STAT1``) in a screen whose genes are Ensembl ids, with the symbols in a var column.
-
-    Among the var columns of text, the one that holds the most of the labels' parts that are not gene names is
-    taken (none when no column holds any: nothing to link), and each name in it that names one gene only (and is
-    not itself another gene's name) maps to that gene. The chosen column is logged. Without the link a knocked-out
-    gene would be a name of its own, and its own expression drop, the coexpression baseline and prior, and the
-    target offsets would not know it."""
-    parts = {x.strip().upper() for lab in labels for x in str(lab).split("+") if x.strip()}
-    missing = {x for x in parts if x not in genes}
-    if not missing:
-        return {}
-    best: tuple[int, str | None, dict[str, str]] = (0, None, {})
-    for col in adata.var.columns:
-        values = adata.var[col]
-        if not (values.dtype == object or str(values.dtype) in ("category", "string")):
-            continue
-        names = values.astype(str).str.strip().str.upper().to_numpy()
-        unique, counts = np.unique(names, return_counts=True)
-        once = set(unique[counts == 1]) - {"", "NAN", "NONE"}
-        mapping = {n: genes.genes[genes.index(v)] for n, v in zip(names, adata.var_names.astype(str))
-                   if n in once and n not in genes and v in genes}
-        hits = len(missing & mapping.keys())
-        if hits > best[0]:
-            best = (hits, str(col), mapping)
-    hits, col, mapping = best
-    if col is not None:
-        log.info("%d of the %d perturbation targets that are not gene names are named by var[%r]; each is linked "
-                 "to its gene (e.g. %s)", hits, len(missing), col,
-                 preview([f"{x} -> {mapping[x]}" for x in sorted(missing & mapping.keys())], 3))
-    return mapping
 
 
 def _all_gene_like(parts: list[str]) -> bool:

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
-from ..sentences import with_gene_key
+from ..sentences import Vocabulary, target_aliases, with_gene_key
 from . import _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
 from ._data import (
@@ -56,6 +56,8 @@ class _Setup:
     pred: Prepared | None
     info: dict[str, Any] = field(default_factory=dict)
     train: ad.AnnData | None = None  # the training data, on the shared genes
+    # perturbed genes as the labels name them -> the genes' names (sentences.target_aliases over the measured var)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
@@ -126,6 +128,11 @@ def _setup(
         log.info("evaluating on %d shared genes; dropped %s", len(genes),
                  ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
     real_p = prepare(real, contract, genes, name="measured")
+    vocabulary = Vocabulary(tuple(str(g) for g in genes))
+    aliases = {}
+    for data in (real, train) if train is not None else (real,):  # the measured data's var, else the training's
+        labels = sorted(set(contract.labels(data)) - {contract.control}) if contract.perturbation_key in data.obs else []
+        aliases = aliases or target_aliases(data, labels, vocabulary)
     base_p = prepare(baseline, contract, genes, name="baseline")
     keep = base_p.labels == contract.control
     if not keep.any():
@@ -138,7 +145,7 @@ def _setup(
     info["normalization"] = {"real": real_p.normalization, "baseline": base_p.normalization}
     if pred_p is not None:
         info["normalization"]["pred"] = pred_p.normalization
-    return _Setup(contract, genes, real_p, base_p, pred_p, info, train)
+    return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases)
 
 
 def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData, context_key: str | None) -> tuple[ad.AnnData, int | None]:
@@ -523,6 +530,9 @@ def _run(
         else:
             tp = prepare(setup.train, contract, genes, name="training")
             train_ad = _as_anndata(tp, genes, contract)
+        # the measured data's own names for its perturbed genes (knockouts labelled by symbol, genes by id): the
+        # training cells handed to the baselines keep no var columns, so the link travels with them
+        train_ad.uns[UNS_KEY]["gene_aliases"] = dict(setup.aliases)
         targets = [(p, rc.context) for rc in contexts for p in rc.candidates]
         for name, fn in baselines.items():
             out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,

@@ -71,10 +71,14 @@ class Effects:
     n_cells: Mapping[Target, int]
     # the training cells themselves (what :func:`coexpression` regresses on), and the moments it caches
     cells: Prepared | None = None
+    # a perturbed gene as the labels name it -> the gene's name here (``sentences.target_aliases``: knockouts
+    # labelled by symbol in data whose genes are Ensembl ids)
+    aliases: Mapping[str, str] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_prepared(cls, data: Prepared, genes: pd.Index, control: str) -> Effects:
+    def from_prepared(cls, data: Prepared, genes: pd.Index, control: str,
+                      aliases: Mapping[str, str] | None = None) -> Effects:
         keys = np.array([f"{c}\x1f{p}" for p, c in zip(data.labels, data.contexts)], dtype=object)
         names, means, counts = group_means(data.X, keys)
         table = {tuple(k.split("\x1f", 1)[::-1]): (m, int(n)) for k, m, n in zip(names, means, counts)}
@@ -88,7 +92,8 @@ class Effects:
                 continue
             delta[(p, c)] = m - ctrl[c]
             n_cells[(p, c)] = n
-        return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data)
+        return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data,
+                   aliases=MappingProxyType(dict(aliases or {})))
 
     @cached_property
     def vocabulary(self) -> Vocabulary:
@@ -96,6 +101,13 @@ class Effects:
         from ..sentences import Vocabulary
 
         return Vocabulary(tuple(str(g) for g in self.genes))
+
+    def gene_index(self, name: str) -> int | None:
+        """The gene a perturbation's part names (``"STAT1"``), looked up as everywhere else (case, Ensembl version
+        suffix, then the aliases), or ``None`` when it is not a gene here."""
+        name = self.aliases.get(str(name).upper(), str(name))
+        i = int(self.vocabulary.ids([name], missing="mark")[0])
+        return i if i >= 0 else None
 
     def response_to(self, gene: int, context: str, *, without: str | None = None) -> np.ndarray:
         """Each gene's least-squares slope on gene ``gene`` over the training cells of ``context``, times that
@@ -209,7 +221,6 @@ def _delta_linear(
     U, S, _ = np.linalg.svd(Yc, full_matrices=False)
     k = int(min(n_components, np.sum(S > 1e-8 * max(S.max(initial=0.0), 1e-12))))
     G = U[:, :k] * np.sqrt(len(effects.genes))  # genes x k, entries of order 1
-    gene_row = {str(g): i for i, g in enumerate(effects.genes)}
     comps = sorted({g for q, _ in cols for g in _components(q)})
     contexts = sorted({c for _, c in cols})
 
@@ -218,8 +229,9 @@ def _delta_linear(
         onehot = np.array([parts.count(g) for g in comps], dtype=np.float64)
         emb = np.zeros(k)
         for g in parts:
-            if g in gene_row:
-                emb += G[gene_row[g]]
+            row = effects.gene_index(g)
+            if row is not None:
+                emb += G[row]
         ctx = np.array([c == x for x in contexts], dtype=np.float64)
         return np.concatenate([onehot, emb, ctx])
 
@@ -235,10 +247,7 @@ def _single_gene(effects: Effects, perturbation: str) -> int | None:
     """The measured gene that ``perturbation`` names alone (``"STAT1"``, ``"stat1@2"``), or ``None``."""
     label = perturbation.rpartition("@")[0] or perturbation
     parts = _components(label)
-    if len(parts) != 1:
-        return None
-    i = int(effects.vocabulary.ids(parts, missing="mark")[0])
-    return i if i >= 0 else None
+    return effects.gene_index(parts[0]) if len(parts) == 1 else None
 
 
 def _delta_coexpression(effects: Effects, target: Target) -> np.ndarray | None:
@@ -287,7 +296,12 @@ def _predict(
     genes, _, inputs = shared_genes(inputs)
     train, baseline = inputs["train"], inputs.get("baseline")
     data = prepare(train, contract, genes, name="training")
-    effects = Effects.from_prepared(data, genes, contract.control)
+    from ..sentences import Vocabulary, target_aliases
+
+    stored = (train.uns.get(UNS_KEY) or {}).get("gene_aliases")  # what evaluate found in the measured data's var
+    aliases = dict(stored) if stored is not None else target_aliases(
+        train, sorted(set(data.labels) - {contract.control}), Vocabulary(tuple(str(g) for g in genes)))
+    effects = Effects.from_prepared(data, genes, contract.control, aliases)
     base = data if baseline is None else prepare(baseline, contract, genes, name="baseline")
     base_ctrl = base.labels == contract.control
     if not base_ctrl.any():
