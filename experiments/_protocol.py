@@ -230,7 +230,7 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
             temperature: float | None = None, samples: int | None = None, guidance: float | None = None,
-            blend=None, coexpression_prior: bool | None = None):  # noqa: ANN001
+            blend=None, coexpression_prior: bool | None = None, compose: bool = False):  # noqa: ANN001
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
@@ -241,7 +241,8 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     the served blend's beside them in ``uns`` when the checkpoint serves one, both from one
     generation (the result's aggregates are then the served ones, with the pure model's
     ``delta_model`` beside ``delta``). ``coexpression_prior=False``: the model without the coexpression
-    prior on a knockout it never trained on (``Simulator.simulate(coexpression_prior=)``).
+    prior on a knockout it never trained on (``Simulator.simulate(coexpression_prior=)``); ``compose``: a
+    combination generated from its parts' logits, or from its pair prompt (``Simulator.simulate(compose=)``).
     """
     from virtualcell import Simulator
 
@@ -257,7 +258,7 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     both = w is not None and min(w, sim.unseen_weight("auto")) < 1.0
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
                        progress=False, keep_cells=True, blend="auto" if both else blend,
-                       coexpression_prior=coexpression_prior)
+                       coexpression_prior=coexpression_prior, compose=compose)
 
     def labelled(pure: bool):
         out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure)

@@ -64,6 +64,21 @@ def test_generation_is_seeded_and_batch_independent(tiny_model):
     assert all(sub[(i, p)] == a[(i + 3, p)] for i in range(2) for p in range(3))
 
 
+def _plain_greedy(fmt, allowed, next_logits, steps: int) -> list[int]:  # noqa: ANN001
+    """Greedy decoding as the engine masks it (genes only, no gene twice, stop at EOS), from ``next_logits(written)``."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            mixed = next_logits(out).masked_fill(~allowed, float("-inf"))
+            if out:
+                mixed[torch.tensor(out)] = float("-inf")
+            tok = int(mixed.argmax())
+            if tok == fmt.eos:
+                break
+            out.append(tok)
+    return out
+
+
 def test_prefix_sharing_matches_full_prompts(tiny_model):
     """Sharing a cell's cached prefix gives the same tokens as feeding each full prompt (greedy)."""
     model, _, data = tiny_model
@@ -107,18 +122,12 @@ def test_guided_generation_matches_a_plain_guided_loop(tiny_model):
         bias = torch.zeros(model.lm.config.vocab_size)
         for tok, kind in fmt.named_targets(fmt.suffix(perts[p])):
             bias[tok] += offsets[KINDS[kind]]
-        out: list[int] = []
-        with torch.no_grad():
-            for _ in range(8):
-                ls = model.lm(torch.tensor([spec + out])).logits[0, -1] + bias
-                lg = model.lm(torch.tensor([generic + out])).logits[0, -1]
-                mixed = (lg + w * (ls - lg)).masked_fill(~allowed, float("-inf"))
-                if out:
-                    mixed[torch.tensor(out)] = float("-inf")
-                tok = int(mixed.argmax())
-                if tok == fmt.eos:
-                    break
-                out.append(tok)
+        def guided(out, spec=spec, generic=generic, bias=bias):  # noqa: ANN001, ANN202
+            ls = model.lm(torch.tensor([spec + out])).logits[0, -1] + bias
+            lg = model.lm(torch.tensor([generic + out])).logits[0, -1]
+            return lg + w * (ls - lg)
+
+        out = _plain_greedy(fmt, allowed, guided, 8)
         assert fmt.to_genes(out).tolist() == genes, (c, p)
     assert all(got[(c, 0)] == plain[(c, 0)] for c in range(3))  # control is not guided
     # the 12-step model's logits under a name and the generic condition differ by ~1e-3: a large scale shows it
@@ -126,6 +135,61 @@ def test_guided_generation_matches_a_plain_guided_loop(tiny_model):
                for g in (1.0, 1000.0)]
     assert all(sampled[0][(c, 0)] == sampled[1][(c, 0)] for c in range(3))
     assert any(sampled[0][k] != sampled[1][k] for k in got if k[1] > 0)  # guidance changes what is written
+
+
+def test_components_mix_logits_as_a_plain_loop_does(tiny_model):
+    """A row decoded from weighted components (the engine's mix, shared prefix, batching, dropped rows) writes what
+    a plain loop writes from the same weighted sum of full prompts' logits (each with its own target offsets),
+    greedy; the weights are large so that the 12-step model's small differences between conditions show."""
+    from virtualcell.generation import Component, generate_grid
+    from virtualcell.perturbations import Perturbation
+    from virtualcell.target_offsets import KINDS
+
+    model, _, data = tiny_model
+    fmt, offsets = model.format, model.target_offsets
+    cells = vc.encode(data[:3], vocab=model.genes, top_k=30)
+    a, b = model.resolve(["STAT1", "IRF1"])
+    parts = [tuple(fmt.suffix(a)), tuple(fmt.suffix(b)), tuple(fmt.suffix(Perturbation("control")))]
+    weights = [300.0, 300.0, -599.0]
+    comps = [Component(t, wt, tuple(fmt.named_targets(list(t)))) for t, wt in zip(parts, weights)]
+    prefixes = [fmt.prefix(cells[c]) for c in range(3)]
+    cfg = GenerationConfig(max_genes=8, temperature=0, batch_size=5)
+
+    def run(components):  # noqa: ANN001, ANN202
+        out = generate_grid(model.lm, prefixes, [list(parts[0]), list(parts[2])], cell_keys=[0, 1, 2], suffix_keys=[0, 1],
+                            constraint=model.constraint(), eos_id=fmt.eos, pad_id=fmt.pad, config=cfg,
+                            suffix_targets=model._suffix_targets([list(parts[0]), list(parts[2])]), components=components)
+        return {(c, s): toks for c, s, toks in out}
+
+    got = run([comps, []])  # suffix 1 (the control) as itself
+    allowed = torch.zeros(model.lm.config.vocab_size, dtype=torch.bool)
+    allowed[torch.as_tensor(fmt.response_vocabulary())] = True
+    for c in range(3):
+        def summed(out, c=c):  # noqa: ANN001, ANN202
+            mixed = torch.zeros(model.lm.config.vocab_size)
+            for t, wt in zip(parts, weights):
+                bias = torch.zeros(model.lm.config.vocab_size)
+                for tok, kind in fmt.named_targets(list(t)):
+                    bias[tok] += offsets[KINDS[kind]]
+                mixed += wt * (model.lm(torch.tensor([prefixes[c] + list(t) + out])).logits[0, -1] + bias)
+            return mixed
+
+        assert got[(c, 0)] == _plain_greedy(fmt, allowed, summed, 8), c
+    alone = run(None)
+    assert all(got[(c, 1)] == alone[(c, 1)] for c in range(3))  # a suffix without components is itself
+    assert any(got[(c, 0)] != alone[(c, 0)] for c in range(3))  # and the mix is not the first part alone
+
+
+def test_a_combination_is_composed_only_when_asked(tiny_model):
+    """compose=True writes 'STAT1+IRF1' from its parts' logits, not from a prompt naming both (the default, which
+    scored higher on protocol 2); a single perturbation is never composed and is the same either way."""
+    model, _, data = tiny_model
+    pair, single = model.resolve(["STAT1+IRF1", "STAT1"])
+    assert model.composes(pair, True) and not model.composes(pair) and not model.composes(single, True)
+    cells = vc.encode(data[:3], vocab=model.genes, top_k=30)
+    run = {c: gather(model.generate(cells, [single, pair], config=GenerationConfig(max_genes=8, seed=2, compose=c)))
+           for c in (False, True)}
+    assert all(run[False][(c, 0)] == run[True][(c, 0)] for c in range(3))
 
 
 def test_guidance_needs_a_generic_condition(tiny_model):

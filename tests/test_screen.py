@@ -77,6 +77,22 @@ def test_a_screen_records_the_coexpression_prior_where_it_applies_and_will_not_m
     assert "coexpression_prior" not in trained.config  # nothing it applies to: the fingerprint it always had
 
 
+def test_a_screen_records_how_its_combinations_are_written_and_will_not_mix_the_two(sim, tmp_path):
+    """compose=True writes STAT1+IRF1 from its parts: the screen records it (and the provenance names it), and
+    resuming it without compose is refused; a screen without it keeps the fingerprint it always had."""
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, ["STAT1", "STAT1+IRF1"], out=tmp_path / "a", group_size=1, stop_after_groups=1, progress=False,
+               n_boot=20, compose=True)
+    with pytest.raises(ScreenError, match="compose"):
+        screen(sim, ["STAT1", "STAT1+IRF1"], out=tmp_path / "a", group_size=1, progress=False, n_boot=20)
+    done = screen(sim, ["STAT1", "STAT1+IRF1"], out=tmp_path / "a", group_size=1, progress=False, n_boot=20, top=1,
+                  compose=True)
+    pair = sim.model.resolve(["STAT1+IRF1"])[0]
+    assert done.config["compose"] == [str(pair)] and done.ranking.attrs["virtualcell"]["composed"] == str(pair)
+    plain = screen(sim, ["STAT1", "STAT1+IRF1"], group_size=1, progress=False, n_boot=20, top=1)
+    assert "compose" not in plain.config and plain.ranking.attrs["virtualcell"]["composed"] == ""
+
+
 def test_screen_killed_at_random_moments_resumes_to_identical_files(tiny_model, tmp_path):
     """Five SIGKILLs at random moments (mid-group, mid-write), then a resume: the same files."""
     import subprocess

@@ -149,7 +149,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
         res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes, blend=args.blend, samples=args.samples,
-                           coexpression_prior=args.coexpression_prior)
+                           coexpression_prior=args.coexpression_prior, compose=args.compose)
         if args.format == "cell-eval":
             _write_cell_eval(res, sim, model, out, n)
         else:
@@ -216,7 +216,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
-                 blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior)
+                 blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior,
+                 compose=args.compose)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
@@ -480,6 +481,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="generate a knockout, knockdown or activation the model never trained on without the "
                         "coexpression baseline's shift on its logits (the model alone; default: as the training "
                         "run chose, on where it held no perturbation out whole)")
+    p.add_argument("--compose", action="store_true",
+                   help="generate a combination never trained on as such (A+B) from its parts' logits (control + "
+                   "the sum of each part's change over the control, at every step) instead of a prompt naming "
+                   "both (off by default: it scored below the pair prompt on held-out pairs)")
 
 
 def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:

@@ -47,7 +47,20 @@ import torch
 
 from . import target_offsets
 
-__all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "generate_grid", "stable_key", "torch_threads"]
+__all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "Component", "generate_grid", "stable_key",
+           "torch_threads"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One condition a row's next-token logits are mixed from (:func:`generate_grid`'s ``components``): the
+    prompt suffix it reads, its weight in the sum of logits, the ``(gene token, kind index)`` pairs whose
+    target offsets it adds, and a bias over the vocabulary (or ``None``)."""
+
+    tokens: tuple[int, ...]
+    weight: float = 1.0
+    targets: tuple[tuple[int, int], ...] = ()
+    bias: Any = None
 
 _MASK = (1 << 63) - 1
 
@@ -75,7 +88,15 @@ class GenerationConfig:
     gets the served ``coexpression`` baseline's shift (how the genes move with that gene in the
     training cells, :meth:`virtualcell.validation.Baselines.coexpression_shift`) added to every gene's
     logit at every step, in the baseline's log1p units (a logit is a log weight; its own gene is
-    left to the target offsets). Gene-level models with shared prompts only; ``False``: the model alone."""
+    left to the target offsets). Gene-level models with shared prompts only; ``False``: the model alone.
+
+    ``compose``: a combination the model never trained on as such (``ko:A + ko:B``) is decoded from the
+    logits of its parts, each read beside the others under the control: ``control + sum(part - control)``,
+    one token sampled from that sum at every step (a product of the parts' next-gene distributions over the
+    control's; with guidance, each part is guided against the generic condition); gene-level models with shared
+    prompts only. Off by default: on protocol 2's held-out pairs it scored below the prompt naming both at all six
+    runs, also for models trained on singles only, which never read such a prompt
+    (``experiments/results/attempts/compose_pairs/``)."""
 
     max_genes: int = 200
     min_genes: int = 1
@@ -87,6 +108,7 @@ class GenerationConfig:
     prefix_attention: str = "auto"
     guidance: float = 1.0
     coexpression_prior: bool = True
+    compose: bool = False
 
     def __post_init__(self) -> None:
         if not self.guidance >= 0:
@@ -493,6 +515,7 @@ def generate_grid(
     guide_suffixes: Sequence[Sequence[int]] | None = None,
     suffix_targets: Sequence[Sequence[tuple[int, int]]] | None = None,
     suffix_bias: Sequence[np.ndarray | None] | None = None,
+    components: Sequence[Sequence[Component]] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
 
@@ -505,6 +528,10 @@ def generate_grid(
     of what the perturbation does. Ignored for a model without offsets.
     ``suffix_bias[j]`` (a vector over the vocabulary, or ``None``) is added to the logits of suffix
     ``j``'s rows at every step, its twin's excepted (the coexpression prior, ``C2SModel.generate``).
+    ``components[j]`` (optional) decodes suffix ``j`` as a weighted sum of the logits of several conditions
+    read beside one another (:class:`Component`; e.g. a combination composed from its parts and the control),
+    and then stands for the guidance, targets and bias above for that suffix; every component row writes the
+    token sampled from the sum, so they move in lockstep. Guidance is the case ``[(specific, w), (generic, 1 - w)]``.
 
     Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
     bounded by ``config.batch_size`` rows at a time; on a GPU, fewer if the rows' caches
@@ -527,8 +554,12 @@ def generate_grid(
         raise ValueError("suffix_bias must have one entry per suffix.")
     if suffix_bias is not None and all(b is None for b in suffix_bias):
         suffix_bias = None
+    if components is not None and len(components) != len(suffixes):
+        raise ValueError("components must have one entry per suffix.")
+    comps = _components(suffixes, guide_suffixes, config.guidance, suffix_targets, suffix_bias, components)
     steps = max_new_tokens or (config.max_genes + 1)
-    longest = max((len(p) for p in prefixes), default=0) + max((len(s) for s in suffixes), default=0) + steps + 1
+    longest = (max((len(p) for p in prefixes), default=0) + max((len(c.tokens) for cs in comps for c in cs), default=0)
+               + steps + 1)
     cap = _rows_that_fit(model, device, longest)
     if cap is not None and cap < config.batch_size:
         import dataclasses
@@ -542,28 +573,41 @@ def generate_grid(
     if threads is None:
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
         threads = _pick_threads(model, rows, device, pad_id)
-    grid = _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
-                 guide_suffixes, suffix_targets, suffix_bias)
+    grid = _grid(model, prefixes, comps, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
+                 use_offsets=suffix_targets is not None or components is not None)
     yield from _iterate_with_threads(grid, threads)
 
 
-def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
-          steps, device, guide_suffixes=None, suffix_targets=None, suffix_bias=None):
+def _components(suffixes, guide_suffixes, guidance, suffix_targets, suffix_bias, components  # noqa: ANN001, ANN202
+                ) -> list[list[Component]]:
+    """Each suffix's components: as given, else the suffix alone (with its targets and bias) and, guided, its
+    generic counterpart (``1 - guidance`` of it, without targets or bias)."""
+    if components is not None:
+        return [list(cs) if cs else [Component(tuple(suffixes[j]))] for j, cs in enumerate(components)]
+    out = []
+    for j, tokens in enumerate(suffixes):
+        own = Component(tuple(tokens), guidance if guide_suffixes is not None else 1.0,
+                        tuple(suffix_targets[j]) if suffix_targets is not None else (),
+                        None if suffix_bias is None else suffix_bias[j])
+        out.append([own] if guide_suffixes is None else [own, Component(tuple(guide_suffixes[j]), 1.0 - guidance)])
+    return out
+
+
+def _grid(model, prefixes, comps, cell_keys, suffix_keys, constraint, eos_id, pad_id, config,  # noqa: ANN001, ANN202, PLR0913
+          steps, device, use_offsets=True):
     kw = _cache_kwarg(model)
     param, near = target_offsets.of(model), target_offsets.neighbours(model)  # the model's offsets, if any
-    n_suffix = len(suffixes)
-    biases = None  # each suffix's bias, then a row of zeros (for twins and suffixes without)
-    if suffix_bias is not None:
-        vocab = next(b for b in suffix_bias if b is not None).shape[0]
-        biases = torch.zeros((n_suffix + 1, vocab), dtype=torch.float32)
-        for j, b in enumerate(suffix_bias):
-            if b is not None:
-                biases[j] = torch.as_tensor(np.asarray(b, dtype=np.float32))
-        biases = biases.to(device)
-    twins = 2 if guide_suffixes is not None else 1  # a guided row is decoded beside its generic twin
-    per_group = max(1, min(n_suffix, config.batch_size // twins))
+    if not use_offsets:
+        param = None
+    n_suffix = len(comps)
+    vocab = next((np.shape(c.bias)[0] for cs in comps for c in cs if c.bias is not None), None)
+    zero_bias = None if vocab is None else torch.zeros(vocab, dtype=torch.float32, device=device)
+    # several rows a suffix (its components) are decoded side by side and mixed; a plain suffix has one, weight 1
+    mixed = any(len(cs) > 1 or cs[0].weight != 1.0 for cs in comps)
+    width = max(len(cs) for cs in comps) if comps else 1
+    per_group = max(1, min(n_suffix, config.batch_size // width))
     cells_per_chunk = max(1, config.batch_size // per_group)
-    s_longest = max((len(s) for s in suffixes), default=0)
+    s_longest = max((len(c.tokens) for cs in comps for c in cs), default=0)
     for c0 in range(0, len(prefixes), cells_per_chunk):
         cells = list(range(c0, min(c0 + cells_per_chunk, len(prefixes))))
         p_ids, p_mask = _left_pad([prefixes[i] for i in cells], pad_id)
@@ -575,10 +619,10 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
         shared = _use_shared_prefix(model, config, p_ids.shape[1] + s_longest + steps + 1, pad_id, device)
         for s0 in range(0, n_suffix, per_group):
             group = list(range(s0, min(s0 + per_group, n_suffix)))
-            # each cell's rows: the group's suffixes, then (guided) their generic twins, coded -1 - j
-            row_kinds = group + [-1 - j for j in group] * (twins - 1)
+            # each cell's rows: every component of each of the group's suffixes, (suffix, component)
+            row_kinds = [(j, k) for j in group for k in range(len(comps[j]))]
             g = len(row_kinds)
-            tokens_of = [suffixes[j] if j >= 0 else guide_suffixes[-1 - j] for j in row_kinds]
+            tokens_of = [list(comps[j][k].tokens) for j, k in row_kinds]
             capacity = max(len(t) for t in tokens_of) + steps + 1
             if shared:
                 decoder = _SharedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
@@ -586,7 +630,8 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
                 decoder = _RepeatedPrefixDecoder(model, kw, prefix_cache, p_mask, g, capacity)
             last_pos = p_pos[:, -1].repeat_interleave(g, dim=0)
             rows_cell = [cells[i // g] for i in range(len(cells) * g)]
-            rows_suffix = [row_kinds[i % g] for i in range(len(cells) * g)]
+            rows_suffix = [row_kinds[i % g][0] for i in range(len(cells) * g)]
+            rows_comp = [comps[j][k] for j, k in (row_kinds[i % g] for i in range(len(cells) * g))]
             s_ids, s_mask = _left_pad([tokens_of[i % g] for i in range(len(cells) * g)], pad_id)
             if s_ids.shape[1] > 0:
                 s_ids, s_mask = s_ids.to(device), s_mask.to(device)
@@ -595,22 +640,29 @@ def _grid(model, prefixes, suffixes, cell_keys, suffix_keys, constraint, eos_id,
                 last_pos = s_pos[:, -1]
             else:
                 logits = prefix_last_logits.repeat_interleave(g, dim=0).float()
-            keys = torch.tensor(  # a twin samples with its row's key
-                [(config.seed * 1_000_003 + cell_keys[c] * 7919 + suffix_keys[s if s >= 0 else -1 - s]) & _MASK
+            keys = torch.tensor(  # every component row of a suffix samples with its suffix's key
+                [(config.seed * 1_000_003 + cell_keys[c] * 7919 + suffix_keys[s]) & _MASK
                  for c, s in zip(rows_cell, rows_suffix)],
                 dtype=torch.int64,
                 device=device,
             )
-            twin = torch.tensor([s < 0 for s in rows_suffix], dtype=torch.bool, device=device) if twins > 1 else None
-            named = None if suffix_targets is None else target_offsets.row_tensors(
-                [suffix_targets[s] if s >= 0 else [] for s in rows_suffix], device)  # a twin (s < 0) gets none
+            mix = None
+            if mixed:  # rows of one (cell, suffix) share an owner; their logits are summed with the weights
+                owner = torch.tensor([i // g * len(group) + group.index(rows_suffix[i]) for i in range(len(rows_cell))],
+                                     dtype=torch.long, device=device)
+                weight = torch.tensor([c.weight for c in rows_comp], dtype=torch.float32, device=device)
+                mix = (owner, weight)
+            main = [row_kinds[i % g][1] == 0 for i in range(len(rows_cell))]  # the row that is yielded
+            named = None if param is None else target_offsets.row_tensors([list(c.targets) for c in rows_comp], device)
             offsets = None if named is None else (param, named, near)
-            bias = None if biases is None else biases[torch.tensor([s if s >= 0 else n_suffix for s in rows_suffix],
-                                                                   dtype=torch.long, device=device)]
+            bias = None
+            if zero_bias is not None:
+                bias = torch.stack([zero_bias if c.bias is None else
+                                    torch.as_tensor(np.asarray(c.bias, dtype=np.float32), device=device)
+                                    for c in rows_comp])
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
-                                           config, steps, device, twin, offsets, bias):
-                if s >= 0:
-                    yield c, s, toks
+                                           config, steps, device, mix, offsets, bias, main):
+                yield c, s, toks
 
 
 class _RepeatedPrefixDecoder:
@@ -740,25 +792,23 @@ def _check_shared_prefix(model, token: int, device: torch.device) -> bool:  # no
     return True
 
 
-def _guide(logits: torch.Tensor, twin: torch.Tensor, w: float) -> torch.Tensor:
-    """Rows and their generic twins (in the same order, twins flagged) both get ``generic + w * (row - generic)``."""
-    rows, twins = (~twin).nonzero().squeeze(1), twin.nonzero().squeeze(1)
-    generic = logits[twins]
-    mixed = generic + w * (logits[rows] - generic)
-    out = torch.empty_like(logits)
-    out[rows] = mixed
-    out[twins] = mixed
-    return out
+def _mix_rows(logits: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Every row gets the weighted sum of the logits of its owner's rows (the components of one suffix of one
+    cell): guidance's ``generic + w * (row - generic)``, or a combination composed from its parts."""
+    summed = torch.zeros((int(owner.max()) + 1, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+    summed.index_add_(0, owner, logits * weight[:, None].to(logits.dtype))
+    return summed[owner]
 
 
 def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noqa: ANN001, PLR0913
-                 constraint, eos_id, config, steps, device, twin=None, offsets=None, bias=None
+                 constraint, eos_id, config, steps, device, mix=None, offsets=None, bias=None, main=None
                  ) -> Iterator[tuple[int, int, list[int]]]:
-    """Sample every row to EOS. ``twin`` flags generic twin rows (guidance): a twin gets its row's
-    mixed logits and key, so it writes the same tokens, and the two finish together. ``offsets``
-    (the offsets parameter, each row's named targets as :func:`virtualcell.target_offsets.row_tensors`
-    gives them, and the neighbour offsets or ``None``) are added to each row's logits at every step, before
-    guidance (:func:`target_offsets.add`), and so is ``bias`` (rows x vocabulary), where given."""
+    """Sample every row to EOS; yield the rows flagged ``main`` (all, by default). ``mix`` (each row's owner and
+    weight) sums the rows of one owner into the logits each of them samples from, with the same key, so they write
+    the same tokens and finish together. ``offsets`` (the offsets parameter, each row's named targets as
+    :func:`virtualcell.target_offsets.row_tensors` gives them, and the neighbour offsets or ``None``) are added to
+    each row's logits at every step, before the mix (:func:`target_offsets.add`), and so is ``bias`` (rows x
+    vocabulary), where given."""
     n = len(rows_cell)
     active = torch.arange(n, device=device)
     written = torch.full((n, steps), eos_id, dtype=torch.long, device=device)  # EOS = nothing written
@@ -775,8 +825,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
             logits = target_offsets.add(logits.float(), *offsets)
         if bias is not None:
             logits = logits.float() + bias
-        if twin is not None:
-            logits = _guide(logits, twin, config.guidance)
+        if mix is not None:
+            logits = _mix_rows(logits.float(), *mix)
         if constraint is not None:
             logits = constraint.mask(state, logits, config)
         tokens = _sample(logits, keys, step, config.temperature)
@@ -796,8 +846,8 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
         if n_done * 4 >= active.numel():
             keep = (~done).nonzero().squeeze(1)
             active = active[keep]
-            if twin is not None:
-                twin = twin[keep]
+            if mix is not None:
+                mix = (mix[0][keep], mix[1][keep])
             if offsets is not None:
                 offsets = (offsets[0], tuple(t[keep] for t in offsets[1]), offsets[2])
             if bias is not None:
@@ -810,4 +860,5 @@ def _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix,  # noq
         last_pos = last_pos + 1
         logits = decoder.forward(tokens[:, None], last_pos[:, None])
     for i, row in enumerate(written.cpu().tolist()):
-        yield rows_cell[i], rows_suffix[i], row[: row.index(eos_id)] if eos_id in row else row
+        if main is None or main[i]:
+            yield rows_cell[i], rows_suffix[i], row[: row.index(eos_id)] if eos_id in row else row

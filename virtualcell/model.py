@@ -31,8 +31,8 @@ import torch
 from . import target_offsets
 from .contract import DataContract
 from .errors import ModelError
-from .generation import GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
-from .perturbations import GENETIC, Combination, Perturbation
+from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
+from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
 from .sentences import CellSentences, RankFit, Vocabulary
 
@@ -345,12 +345,13 @@ class C2SModel:
         constraint = self.constraint() if cfg.constrain else None
         cell_ids = [cells[i][: self.top_k] for i in range(len(cells))]
         prompts = self.format.grid(cell_ids, perturbations, cell_keys=keys, perturbation_keys=pert_keys)
+        priors = self.coexpression_priors(perturbations) if cfg.coexpression_prior and prompts.shared else None
         grid = generate_grid(
             self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
             config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
             guide_suffixes=prompts.guide_suffixes, suffix_targets=self._suffix_targets(prompts.suffixes),
-            suffix_bias=self.coexpression_priors(perturbations) if cfg.coexpression_prior and prompts.shared else None,
+            suffix_bias=priors, components=self._composed(perturbations, prompts, cfg, priors),
         )
         # group the engine's output into chunks of sentences, dropping invalid / repeated genes (only when unconstrained)
         batch: list[tuple[int, int, list[int]]] = []
@@ -361,6 +362,49 @@ class C2SModel:
                 batch = []
         if batch:
             yield self._chunk(batch)
+
+    def composes(self, p: Perturbation | Combination, compose: bool = False) -> bool:
+        """Whether ``p`` is generated composed from its parts (:attr:`GenerationConfig.compose`): with ``compose``,
+        a combination not trained as such, on a gene-level model with shared prompts."""
+        if not compose or not isinstance(p, Combination) or getattr(self.format, "gene_tokens", None) is None:
+            return False
+        trained = {str(parse(t)) for t in (*self.perturbations.labels.values(), *self.perturbations.conditions.values())}
+        return str(p) not in trained
+
+    def _composed(self, perturbations: Sequence[Perturbation | Combination], prompts: Any, cfg: GenerationConfig,
+                  priors: Sequence[np.ndarray | None] | None) -> list[list[Component]] | None:
+        """The engine's components where a combination is composed (:meth:`composes`), else ``None`` (each suffix
+        as itself, guided against the generic condition where ``cfg.guidance != 1``)."""
+        if not prompts.shared or not any(self.composes(p, cfg.compose) for p in perturbations):
+            return None
+        w = cfg.guidance if prompts.guide_suffixes is not None else 1.0
+        control = tuple(self.format.suffix(Perturbation("control")))
+
+        def named(tokens: Sequence[int]) -> tuple[tuple[int, int], ...]:  # the targets whose offsets it adds
+            found = self._suffix_targets([list(tokens)])
+            return tuple(found[0]) if found else ()
+
+        def plain(j: int) -> list[Component]:
+            own = Component(tuple(prompts.suffixes[j]), w, named(prompts.suffixes[j]),
+                            None if priors is None else priors[j])
+            return [own] if w == 1.0 else [own, Component(tuple(prompts.guide_suffixes[j]), 1.0 - w)]
+
+        out = []
+        for j, p in enumerate(perturbations):
+            if not self.composes(p, cfg.compose):
+                out.append(plain(j))
+                continue
+            parts = list(p.parts)
+            part_priors = self.coexpression_priors(parts) if priors is not None else None
+            comps = []
+            for i, q in enumerate(parts):
+                tokens = tuple(self.format.suffix(q))
+                comps.append(Component(tokens, w, named(tokens), None if part_priors is None else part_priors[i]))
+            if w != 1.0:  # each part guided against the generic condition: K (1 - w) of it
+                comps.append(Component(tuple(prompts.guide_suffixes[j]), len(parts) * (1.0 - w)))
+            comps.append(Component(control, 1.0 - len(parts)))
+            out.append(comps)
+        return out
 
     @property
     def target_offsets(self) -> dict[str, float] | None:

@@ -123,6 +123,7 @@ def run(
     blend: str | float | bool | None = "auto",
     samples: int | None = None,
     coexpression_prior: bool | None = None,
+    compose: bool = False,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -163,6 +164,9 @@ def run(
         coexpression baseline's shift on its logits (:meth:`Simulator.simulate`); ``False``: the model alone;
         ``None``: as the trainer chose.
         A screen with such perturbations records the setting, so a resumed one does not mix the two.
+    compose
+        A combination the model never trained on as such is generated from its parts' logits
+        (:meth:`Simulator.simulate`; off by default). A screen it changes records it, so a resumed one does not mix.
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
     folder is locked while the screen runs: a second screen into the same folder stops
@@ -213,6 +217,12 @@ def run(
             log.info("%d of the panel's perturbations were never trained on (%s): the model generates them with the "
                      "coexpression baseline's shift on its logits (coexpression_prior=False: the model alone)",
                      len(moved), preview(moved, 5))
+    composed = [n for n, p in zip(names, perts) if simulator.model.composes(p, compose)]
+    if composed:  # recorded, so that a resumed screen never mixes the two ways (off: the fingerprint it always had)
+        config["compose"] = sorted(composed)
+        sim_keys = (*sim_keys, "compose")
+        log.info("%d of the panel's combinations were never trained on as such (%s): generated from their parts' "
+                 "logits (compose=False: from a prompt naming both)", len(composed), preview(composed, 5))
     fingerprint = _fingerprint({k: config[k] for k in sim_keys})
     config["fingerprint"] = fingerprint
     groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
@@ -229,14 +239,20 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior)
+                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior, compose=compose)
+
+
+# screen settings that enter the fingerprint only where they change something (else a screen keeps the fingerprint
+# it had before they existed)
+_RECORDED_WHERE_THEY_APPLY = ("blend_weight", "blend_weight_unseen", "samples", "coexpression_prior", "compose")
 
 
 def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[list[str]], config: dict[str, Any],
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
-         weight: float | None = None, samples: int = 1, coexpression_prior: bool = True) -> ScreenResult:
+         weight: float | None = None, samples: int = 1, coexpression_prior: bool = True,
+         compose: bool = False) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked."""
     import xarray as xr
 
@@ -277,7 +293,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
                                  keep_cells=keep_cells, progress=False, blend=weight, samples=samples,
-                                 coexpression_prior=coexpression_prior)
+                                 coexpression_prior=coexpression_prior, compose=compose)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
         if keep_cells:
@@ -291,13 +307,17 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
                     coords="minimal", compat="override")
     agg = _plain_strings(agg)
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
+    # attributes that differ between groups: the whole panel's (concat keeps the first group's)
+    agg.attrs["composed"] = "; ".join(c for g in range(len(groups))
+                                      for c in str(parts[g].attrs.get("composed", "")).split("; ") if c)
     # one path for the baseline's embedding, whether groups were simulated now or read back, so that
     # a resumed screen ranks exactly as an uninterrupted one (simulate embeds chunk by chunk)
     base_emb = simulator.embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
-                                            "normalization", "blend_weight", "baseline", "coexpression_prior")
+                                            "normalization", "blend_weight", "baseline", "coexpression_prior",
+                                            "composed")
                   if k in agg.attrs}
     ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
     if folder is not None and split.main:
@@ -353,6 +373,8 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
             old = {}
         if old.get("fingerprint") != fingerprint and not force:
             diff = [k for k in sim_keys if old.get(k) != config[k]]
+            # the settings a screen records only where they apply: one the other screen recorded differs too
+            diff += [k for k in _RECORDED_WHERE_THEY_APPLY if k not in sim_keys and k in old and old[k] != config.get(k)]
             raise ScreenError(
                 f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
                 "Refusing to mix them: choose another --out folder, or pass --force (force=True) to discard them "

@@ -59,7 +59,8 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "coexpression_prior", "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline")
+               "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
+               "baseline")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -464,6 +465,7 @@ class Simulator:
         temperature: float | None = None,
         guidance: float | None = None,
         coexpression_prior: bool | None = None,
+        compose: bool = False,
         control_samples: int | None = None,
         samples: int | None = None,
         calibrate: bool = True,
@@ -499,6 +501,11 @@ class Simulator:
             baseline's shift on its logits (:class:`~virtualcell.generation.GenerationConfig`); ``False``:
             the model alone. ``None``: as the trainer chose on the perturbations it held out whole (on where
             it held out none).
+        compose
+            A combination the model never trained on as such (``"ko:A + ko:B"``) is generated from its parts'
+            logits, ``control + sum(part - control)`` at every step, instead of from a prompt naming both
+            (:class:`~virtualcell.generation.GenerationConfig`; off by default: it scored below the pair prompt
+            on protocol 2). ``aggregates.attrs["composed"]`` names the perturbations composed (``"; "``-separated).
         control_samples
             Samples of each cell under control; predictions are calibrated against their mean. The
             control generation's sampling noise is shared by every perturbation's delta (it made
@@ -581,7 +588,7 @@ class Simulator:
             coexpression_prior = bool(self.model.setting("coexpression_prior"))
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance,
-                               coexpression_prior=coexpression_prior)
+                               coexpression_prior=coexpression_prior, compose=compose)
         fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
@@ -724,6 +731,8 @@ class Simulator:
                 "temperature": cfg.temperature,
                 "guidance": cfg.guidance,
                 "coexpression_prior": int(cfg.coexpression_prior),
+                # the combinations generated composed from their parts (GenerationConfig.compose)
+                "composed": "; ".join(p for p in names if self.model.composes(self.model.resolve([p])[0], cfg.compose)),
                 "invalid_genes": sums.n_invalid,
                 "duplicate_genes": sums.n_duplicate,
                 "generated_genes": sums.n_generated_genes,
