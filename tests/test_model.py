@@ -185,7 +185,8 @@ def test_a_combination_is_composed_only_when_asked(tiny_model):
     scored higher on protocol 2); a single perturbation is never composed and is the same either way."""
     model, _, data = tiny_model
     pair, single = model.resolve(["STAT1+IRF1", "STAT1"])
-    assert model.composes(pair, True) and not model.composes(pair) and not model.composes(single, True)
+    assert model.composes(pair, compose=True) and not model.composes(pair)
+    assert not model.composes(single, compose=True)
     cells = vc.encode(data[:3], vocab=model.genes, top_k=30)
     run = {c: gather(model.generate(cells, [single, pair], config=GenerationConfig(max_genes=8, seed=2, compose=c)))
            for c in (False, True)}

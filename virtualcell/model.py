@@ -363,7 +363,7 @@ class C2SModel:
         if batch:
             yield self._chunk(batch)
 
-    def composes(self, p: Perturbation | Combination, compose: bool = False) -> bool:
+    def composes(self, p: Perturbation | Combination, *, compose: bool = False) -> bool:
         """Whether ``p`` is generated composed from its parts (:attr:`GenerationConfig.compose`): with ``compose``,
         a combination not trained as such, on a gene-level model with shared prompts."""
         if not compose or not isinstance(p, Combination) or getattr(self.format, "gene_tokens", None) is None:
@@ -375,7 +375,7 @@ class C2SModel:
                   priors: Sequence[np.ndarray | None] | None) -> list[list[Component]] | None:
         """The engine's components where a combination is composed (:meth:`composes`), else ``None`` (each suffix
         as itself, guided against the generic condition where ``cfg.guidance != 1``)."""
-        if not prompts.shared or not any(self.composes(p, cfg.compose) for p in perturbations):
+        if not prompts.shared or not any(self.composes(p, compose=cfg.compose) for p in perturbations):
             return None
         w = cfg.guidance if prompts.guide_suffixes is not None else 1.0
         control = tuple(self.format.suffix(Perturbation("control")))
@@ -391,7 +391,7 @@ class C2SModel:
 
         out = []
         for j, p in enumerate(perturbations):
-            if not self.composes(p, cfg.compose):
+            if not self.composes(p, compose=cfg.compose):
                 out.append(plain(j))
                 continue
             parts = list(p.parts)

@@ -217,7 +217,7 @@ def run(
             log.info("%d of the panel's perturbations were never trained on (%s): the model generates them with the "
                      "coexpression baseline's shift on its logits (coexpression_prior=False: the model alone)",
                      len(moved), preview(moved, 5))
-    composed = [n for n, p in zip(names, perts) if simulator.model.composes(p, compose)]
+    composed = [n for n, p in zip(names, perts) if simulator.model.composes(p, compose=compose)]
     if composed:  # recorded, so that a resumed screen never mixes the two ways (off: the fingerprint it always had)
         config["compose"] = sorted(composed)
         sim_keys = (*sim_keys, "compose")

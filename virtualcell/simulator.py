@@ -732,7 +732,8 @@ class Simulator:
                 "guidance": cfg.guidance,
                 "coexpression_prior": int(cfg.coexpression_prior),
                 # the combinations generated composed from their parts (GenerationConfig.compose)
-                "composed": "; ".join(p for p in names if self.model.composes(self.model.resolve([p])[0], cfg.compose)),
+                "composed": "; ".join(p for p in names
+                                      if self.model.composes(self.model.resolve([p])[0], compose=cfg.compose)),
                 "invalid_genes": sums.n_invalid,
                 "duplicate_genes": sums.n_duplicate,
                 "generated_genes": sums.n_generated_genes,
