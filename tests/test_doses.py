@@ -178,27 +178,28 @@ def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_p
     screen = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_pairs=0, n_drugs=2, n_cytokines=0,
                                           n_cells_per_condition=30, n_control_cells=80, n_contexts=2, seed=1)
     screen.uns.pop("virtualcell")
-    screen.obs = screen.obs.rename(columns={"cell_type": "patient"})
+    screen.obs = screen.obs.rename(columns={"cell_type": "patient", "perturbation": "treatment"})
     obs = screen.obs
     held = (obs["patient"] == "typeB").to_numpy()
-    ctrl = (obs["perturbation"] == "control").to_numpy()
+    ctrl = (obs["treatment"] == "control").to_numpy()
     base_idx = np.flatnonzero(held & ctrl)[::2]
     training = screen[~(held & ~ctrl)].copy()  # every control, the other patient's treated cells
-    contract = DataContract("perturbation", "control", context_key="patient", dose_key="dose")
+    contract = DataContract("treatment", "control", context_key="patient", dose_key="dose")
     cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
                       verdict_fraction=0.0)  # kind "auto": the dosed labels are drugs
     model = train(training, out=tmp_path / "model", contract=contract, config=cfg, progress=False)
     res = vc.Simulator(screen[base_idx].copy(), model).simulate(["drugA@10", "drugA@1"], keep_cells=True,
                                                                 progress=False, blend=False)
     pred = res.to_anndata()
-    assert set(pred.obs["patient"]) == {"typeB"} and set(pred.obs["perturbation"]) == {"drugA@10", "drugA@1"}
+    # labelled in the training data's own column, each cell in its source cell's patient
+    assert set(pred.obs["patient"]) == {"typeB"} and set(pred.obs["treatment"]) == {"drugA@10", "drugA@1"}
     pred.write_h5ad(tmp_path / "pred.h5ad")
     real_idx = np.flatnonzero(held & (~ctrl | ~np.isin(np.arange(screen.n_obs), base_idx)))
     screen[real_idx].copy().write_h5ad(tmp_path / "real.h5ad")
     screen[base_idx].copy().write_h5ad(tmp_path / "base.h5ad")
     training.write_h5ad(tmp_path / "train.h5ad")
     args = ["evaluate", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"), "--baseline",
-            str(tmp_path / "base.h5ad"), "--perturbation-key", "perturbation", "--control", "control",
+            str(tmp_path / "base.h5ad"), "--perturbation-key", "treatment", "--control", "control",
             "--context-key", "patient", "--profile", "fast", "--baselines", "nochange,meanshift", "--no-ceiling"]
     assert main([*args, "--out", str(tmp_path / "e0")]) == 2  # the doses would pool into 'drugA': said, with the fix
     assert "--dose-key" in capsys.readouterr().err

@@ -169,7 +169,7 @@ def _write_cell_eval(res, sim, model, out, n: int) -> None:  # noqa: ANN001
 
     from .evaluate import to_cell_eval
 
-    cells = res.to_anndata()
+    cells = res.to_anndata(perturbation_key="perturbation")
     control = model.contract.control if model.contract is not None else "control"
     if control not in set(cells.obs["perturbation"]):
         ctrl = ad.AnnData(sim.expression[:n].toarray(), var=cells.var.copy())

@@ -195,7 +195,7 @@ class SimulationResult:
     def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
                  baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
                  labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None,
-                 context: tuple[str, np.ndarray] | None = None) -> None:
+                 context: tuple[str, np.ndarray] | None = None, perturbation_key: str = "perturbation") -> None:
         self.aggregates = aggregates
         self.cells = cells
         self.cells_model = cells_model
@@ -206,6 +206,7 @@ class SimulationResult:
         self.labels = labels or {}  # typed name -> training label (what measured data calls it)
         # (the model's context column, each source cell's value there): a predicted cell stays in its cell's context
         self.context = context
+        self.perturbation_key = perturbation_key  # the column predictions are labelled in by default
 
     @property
     def perturbations(self) -> list[str]:
@@ -223,10 +224,12 @@ class SimulationResult:
             )
         return self.cells.shape
 
-    def _head(self, perturbation_key: str, labels: Mapping[str, str] | None) -> ad.AnnData:
+    def _head(self, perturbation_key: str | None, labels: Mapping[str, str] | None) -> ad.AnnData:
         """The predicted cells' obs, var and uns, without X (shared by to_anndata and write_h5ad)."""
         import anndata as ad
         import pandas as pd
+
+        perturbation_key = perturbation_key or self.perturbation_key
 
         P, C, _ = self._require_cells()
         names = {**self.labels, **dict(labels or {})}
@@ -242,7 +245,7 @@ class SimulationResult:
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
         return head
 
-    def to_anndata(self, *, perturbation_key: str = "perturbation", labels: Mapping[str, str] | None = None,
+    def to_anndata(self, *, perturbation_key: str | None = None, labels: Mapping[str, str] | None = None,
                    pure: bool = False) -> ad.AnnData:
         """Predicted cells as AnnData, labelled like the measured data.
 
@@ -251,8 +254,11 @@ class SimulationResult:
         perturbation_key
             The obs column of the perturbation labels: the model's training label of each
             perturbation (what measured data calls it; the typed name where it has none), or
-            ``labels[typed name]`` where given. ``obs['perturbation_typed']`` holds the typed
-            name and ``obs['source_cell']`` the baseline cell.
+            ``labels[typed name]`` where given. ``None`` (default): the column the model's training data
+            named its perturbations in (``model.contract.perturbation_key``; ``"perturbation"`` without one), so
+            that the predictions line up with measured data of the same layout. ``obs['perturbation_typed']``
+            holds the typed name, ``obs['source_cell']`` the baseline cell, and the model's context column
+            (where the baseline has it) each cell's context.
         pure
             The pure model's cells (:attr:`cells_model` where the served cells are blended)
             instead of the served ones; ``uns['virtualcell']['blend_weight']`` is then 1.
@@ -268,7 +274,7 @@ class SimulationResult:
         out.X = np.asarray(cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
-    def write_h5ad(self, path: str | Path, *, perturbation_key: str = "perturbation",
+    def write_h5ad(self, path: str | Path, *, perturbation_key: str | None = None,
                    labels: Mapping[str, str] | None = None) -> Path:
         """Write the predicted cells as ``.h5ad`` (same layout and options as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
@@ -678,7 +684,9 @@ class Simulator:
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
                                 dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model,
-                                self.source_context(n))
+                                self.source_context(n),
+                                self.model.contract.perturbation_key if self.model.contract is not None else
+                                "perturbation")
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
