@@ -16,7 +16,7 @@ their own column names) and runs the three commands a user would, reading back `
 For each: ``virtualcell train`` (``--max-minutes``), ``virtualcell predict`` served (the checkpoint's blend)
 and pure (``--blend none``), and ``virtualcell evaluate --train`` (so ``meanshift`` brings each effect from
 the other patients or cell types). Written to ``--out/user_files.md`` (default
-``experiments/results/user_files``; the files, models and evaluations go to ``--work``, a temporary folder
+``experiments/results/user_files/seedSEED``; the files, models and evaluations go to ``--work``, a temporary folder
 by default). One seed is a check of the path and a rough figure, not a table row.
 """
 
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-minutes", type=float, default=4.0)
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "user_files"))
+    ap.add_argument("--out", default=None, help="default: experiments/results/user_files/seedSEED")
     ap.add_argument("--work", default=None, help="folder for the files, models and evaluations (default: a temporary one)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / "user_files" / f"seed{args.seed}"
     if args.work is None:
         import atexit
         import shutil
