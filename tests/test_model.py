@@ -161,7 +161,7 @@ def test_components_mix_logits_as_a_plain_loop_does(tiny_model):
                             suffix_targets=model._suffix_targets([list(parts[0]), list(parts[2])]), components=components)
         return {(c, s): toks for c, s, toks in out}
 
-    got = run([comps, []])  # suffix 1 (the control) as itself
+    got = run([comps, None])  # suffix 1 (the control) as itself
     allowed = torch.zeros(model.lm.config.vocab_size, dtype=torch.bool)
     allowed[torch.as_tensor(fmt.response_vocabulary())] = True
     for c in range(3):

@@ -515,7 +515,7 @@ def generate_grid(
     guide_suffixes: Sequence[Sequence[int]] | None = None,
     suffix_targets: Sequence[Sequence[tuple[int, int]]] | None = None,
     suffix_bias: Sequence[np.ndarray | None] | None = None,
-    components: Sequence[Sequence[Component]] | None = None,
+    components: Sequence[Sequence[Component] | None] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Generate for every (prefix, suffix) pair; yields ``(prefix index, suffix index, tokens)``.
 
@@ -528,9 +528,10 @@ def generate_grid(
     of what the perturbation does. Ignored for a model without offsets.
     ``suffix_bias[j]`` (a vector over the vocabulary, or ``None``) is added to the logits of suffix
     ``j``'s rows at every step, its twin's excepted (the coexpression prior, ``C2SModel.generate``).
-    ``components[j]`` (optional) decodes suffix ``j`` as a weighted sum of the logits of several conditions
-    read beside one another (:class:`Component`; e.g. a combination composed from its parts and the control),
-    and then stands for the guidance, targets and bias above for that suffix; every component row writes the
+    ``components[j]`` (optional; ``None``: suffix ``j`` as above) decodes suffix ``j`` as a weighted sum of the
+    logits of several conditions read beside one another (:class:`Component`; e.g. a combination composed from
+    its parts and the control), and then stands for the guidance, targets and bias above for that suffix; every
+    component row writes the
     token sampled from the sum, so they move in lockstep. Guidance is the case ``[(specific, w), (generic, 1 - w)]``.
 
     Prefixes are computed once per chunk of cells and shared by all suffixes. Memory is
@@ -580,12 +581,13 @@ def generate_grid(
 
 def _components(suffixes, guide_suffixes, guidance, suffix_targets, suffix_bias, components  # noqa: ANN001, ANN202
                 ) -> list[list[Component]]:
-    """Each suffix's components: as given, else the suffix alone (with its targets and bias) and, guided, its
-    generic counterpart (``1 - guidance`` of it, without targets or bias)."""
-    if components is not None:
-        return [list(cs) if cs else [Component(tuple(suffixes[j]))] for j, cs in enumerate(components)]
+    """Each suffix's components: as given, else (no ``components``, or ``None`` for that suffix) the suffix alone,
+    with its targets and bias, and, guided, its generic counterpart (``1 - guidance`` of it, without either)."""
     out = []
     for j, tokens in enumerate(suffixes):
+        if components is not None and components[j] is not None:
+            out.append(list(components[j]))
+            continue
         own = Component(tuple(tokens), guidance if guide_suffixes is not None else 1.0,
                         tuple(suffix_targets[j]) if suffix_targets is not None else (),
                         None if suffix_bias is None else suffix_bias[j])

@@ -372,34 +372,26 @@ class C2SModel:
         return str(p) not in trained
 
     def _composed(self, perturbations: Sequence[Perturbation | Combination], prompts: Any, cfg: GenerationConfig,
-                  priors: Sequence[np.ndarray | None] | None) -> list[list[Component]] | None:
-        """The engine's components where a combination is composed (:meth:`composes`), else ``None`` (each suffix
-        as itself, guided against the generic condition where ``cfg.guidance != 1``)."""
+                  priors: Sequence[np.ndarray | None] | None) -> list[list[Component] | None] | None:
+        """The engine's components of each combination composed from its parts (:meth:`composes`), ``None`` for
+        the others (the engine decodes those as themselves); ``None`` where nothing is composed."""
         if not prompts.shared or not any(self.composes(p, compose=cfg.compose) for p in perturbations):
             return None
         w = cfg.guidance if prompts.guide_suffixes is not None else 1.0
         control = tuple(self.format.suffix(Perturbation("control")))
-
-        def named(tokens: Sequence[int]) -> tuple[tuple[int, int], ...]:  # the targets whose offsets it adds
-            found = self._suffix_targets([list(tokens)])
-            return tuple(found[0]) if found else ()
-
-        def plain(j: int) -> list[Component]:
-            own = Component(tuple(prompts.suffixes[j]), w, named(prompts.suffixes[j]),
-                            None if priors is None else priors[j])
-            return [own] if w == 1.0 else [own, Component(tuple(prompts.guide_suffixes[j]), 1.0 - w)]
-
-        out = []
+        out: list[list[Component] | None] = []
         for j, p in enumerate(perturbations):
             if not self.composes(p, compose=cfg.compose):
-                out.append(plain(j))
+                out.append(None)
                 continue
             parts = list(p.parts)
             part_priors = self.coexpression_priors(parts) if priors is not None else None
             comps = []
             for i, q in enumerate(parts):
                 tokens = tuple(self.format.suffix(q))
-                comps.append(Component(tokens, w, named(tokens), None if part_priors is None else part_priors[i]))
+                named = self._suffix_targets([list(tokens)])  # the targets whose offsets it adds
+                comps.append(Component(tokens, w, tuple(named[0]) if named else (),
+                                       None if part_priors is None else part_priors[i]))
             if w != 1.0:  # each part guided against the generic condition: K (1 - w) of it
                 comps.append(Component(tuple(prompts.guide_suffixes[j]), len(parts) * (1.0 - w)))
             comps.append(Component(control, 1.0 - len(parts)))

@@ -662,6 +662,9 @@ class Simulator:
             idx = np.concatenate([i for _, chunks in parts for i in chunks])
             base_emb = [emb[np.argsort(idx)]]
         agg = self._aggregates(sums, names, n, seed, cfg, calibrate)
+        # the combinations generated composed from their parts (GenerationConfig.compose)
+        agg.attrs["composed"] = "; ".join(name for name, p in zip(names, perts)
+                                          if self.model.composes(p, compose=cfg.compose))
         agg.attrs["control_samples"] = int(control_samples)
         agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
@@ -739,9 +742,6 @@ class Simulator:
                 "temperature": cfg.temperature,
                 "guidance": cfg.guidance,
                 "coexpression_prior": int(cfg.coexpression_prior),
-                # the combinations generated composed from their parts (GenerationConfig.compose)
-                "composed": "; ".join(p for p in names
-                                      if self.model.composes(self.model.resolve([p])[0], compose=cfg.compose)),
                 "invalid_genes": sums.n_invalid,
                 "duplicate_genes": sums.n_duplicate,
                 "generated_genes": sums.n_generated_genes,
