@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,19 @@ def test_generation_is_seeded_and_batch_independent(tiny_model):
     assert all(sub[(i, p)] == a[(i + 3, p)] for i in range(2) for p in range(3))
 
 
+def _table_bias(model, tokens) -> torch.Tensor:  # noqa: ANN001
+    """The model's token-bias rows of ``tokens`` summed (zeros without a table), read from what the checkpoint
+    records: the table and the token of each of its rows."""
+    from virtualcell import token_bias
+
+    vocab = model.lm.config.vocab_size
+    table = token_bias.table(model.lm)
+    if table is None:
+        return torch.zeros(vocab)
+    row = {model.format.token_id[t]: i for i, t in enumerate(model.meta()["token_bias"])}
+    return torch.as_tensor(sum((table[row[t]] for t in tokens if t in row), np.zeros(vocab, np.float32)))
+
+
 def _plain_greedy(fmt, allowed, next_logits, steps: int) -> list[int]:  # noqa: ANN001
     """Greedy decoding as the engine masks it (genes only, no gene twice, stop at EOS), from ``next_logits(written)``."""
     out: list[int] = []
@@ -93,7 +107,8 @@ def test_prefix_sharing_matches_full_prompts(tiny_model):
         (_, _, toks), = generate_grid(model.lm, [prompt], [[]], cell_keys=[0], suffix_keys=[0],
                                       constraint=model.constraint(), eos_id=fmt.eos, pad_id=fmt.pad,
                                       config=GenerationConfig(max_genes=10, temperature=0),
-                                      suffix_targets=model._suffix_targets([fmt.suffix(perts[p])]))
+                                      suffix_targets=model._suffix_targets([fmt.suffix(perts[p])]),
+                                      suffix_bias=[_table_bias(model, fmt.suffix(perts[p])).numpy()])
         assert fmt.to_genes(toks).tolist() == genes
 
 
@@ -119,12 +134,13 @@ def test_guided_generation_matches_a_plain_guided_loop(tiny_model):
     for (c, p), genes in got.items():
         spec = fmt.prefix(cells[c]) + fmt.suffix(perts[p])
         generic = fmt.prefix(cells[c]) + ([*fmt.suffix(perts[p])] if p == 0 else fmt.generic_own())
-        bias = torch.zeros(model.lm.config.vocab_size)
+        bias = _table_bias(model, fmt.suffix(perts[p]))
         for tok, kind in fmt.named_targets(fmt.suffix(perts[p])):
             bias[tok] += offsets[KINDS[kind]]
-        def guided(out, spec=spec, generic=generic, bias=bias):  # noqa: ANN001, ANN202
+        generic_bias = _table_bias(model, generic[len(fmt.prefix(cells[c])):])
+        def guided(out, spec=spec, generic=generic, bias=bias, generic_bias=generic_bias):  # noqa: ANN001, ANN202
             ls = model.lm(torch.tensor([spec + out])).logits[0, -1] + bias
-            lg = model.lm(torch.tensor([generic + out])).logits[0, -1]
+            lg = model.lm(torch.tensor([generic + out])).logits[0, -1] + generic_bias
             return lg + w * (ls - lg)
 
         out = _plain_greedy(fmt, allowed, guided, 8)
@@ -168,7 +184,7 @@ def test_components_mix_logits_as_a_plain_loop_does(tiny_model):
         def summed(out, c=c):  # noqa: ANN001, ANN202
             mixed = torch.zeros(model.lm.config.vocab_size)
             for t, wt in zip(parts, weights):
-                bias = torch.zeros(model.lm.config.vocab_size)
+                bias = _table_bias(model, list(t))
                 for tok, kind in fmt.named_targets(list(t)):
                     bias[tok] += offsets[KINDS[kind]]
                 mixed += wt * (model.lm(torch.tensor([prefixes[c] + list(t) + out])).logits[0, -1] + bias)
@@ -368,6 +384,7 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     assert built["train_config"]["data_hash"] == record["data_hash"]  # the same data, hashed the same way
     assert built["genes"] == shipped["genes"]
     assert built.get("target_offsets") == shipped.get("target_offsets")  # none: the recipe pins --no-target-offsets
+    assert built.get("token_bias") == shipped.get("token_bias")  # none: the recipe pins --no-token-bias
     arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())

@@ -113,7 +113,12 @@ def test_generation_adds_the_offsets_a_huge_one_forbids_or_forces_the_gene(tiny_
                 out[p].append(np.asarray(ch.sentences[k]))
         return out
 
+    from virtualcell import token_bias
+
     saved = target_offsets.values(model.lm)
+    # the model without its token-bias table, whose rows for the kind and the target's own token learn the same drop
+    table, rows = token_bias.table(model.lm), token_bias.bias_tokens(model.format)
+    model.lm._parameters.pop(token_bias.PARAMETER, None)
     try:
         plain, zero = written(None), written({})
         assert all((a == b).all() for x, y in zip(plain, zero) for a, b in zip(x, y))  # 0 offsets change nothing
@@ -133,6 +138,8 @@ def test_generation_adds_the_offsets_a_huge_one_forbids_or_forces_the_gene(tiny_
         setattr(model.lm, target_offsets.PARAMETER, None)
         if saved is not None:
             target_offsets.attach(model.lm, saved)
+        if table is not None:
+            token_bias.attach(model.lm, [model.format.token_id[t] for t in rows], table)
 
 
 def test_training_learns_a_negative_offset_where_knocked_out_genes_vanish(tmp_path):

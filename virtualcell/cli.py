@@ -305,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairing=args.pairing, verdict_samples=args.verdict_samples,
         verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
-        target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets,
+        target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets, token_bias=args.token_bias,
     )
     from .safeio import output_folder
 
@@ -606,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also learn one number per kind times every gene's correlation with the perturbed gene in the "
                         "training cells, added to the logits, so a knockout never trained on lowers what goes with "
                         "its gene (an option; needs target offsets)")
+    p.add_argument("--token-bias", action=argparse.BooleanOptionalAction, default=TrainConfig.token_bias,
+                   help="learn a bias over the genes for every token that names a perturbation (a drug, a dose, a "
+                        "cytokine, a kind), added to the response's logits, so a perturbation's mean shift is learned "
+                        "directly rather than only through attention (gene-level models)")
     p.add_argument("--own-token-dropout", type=float, default=TrainConfig.own_token_dropout, metavar="F",
                    help="share of perturbed training pairs named without their target's or dose's own token, as an "
                         "untrained target or dose is named, so the model also learns that form (default 0)")

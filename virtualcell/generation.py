@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import target_offsets
+from . import target_offsets, token_bias
 
 __all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "Component", "generate_grid", "stable_key",
            "torch_threads"]
@@ -599,6 +599,8 @@ def _grid(model, prefixes, comps, cell_keys, suffix_keys, constraint, eos_id, pa
           steps, device, use_offsets=True):
     kw = _cache_kwarg(model)
     param, near = target_offsets.of(model), target_offsets.neighbours(model)  # the model's offsets, if any
+    table = token_bias.of(model)
+    table = None if table is None else (table[0].detach(), table[1])
     if not use_offsets:
         param = None
     n_suffix = len(comps)
@@ -662,6 +664,9 @@ def _grid(model, prefixes, comps, cell_keys, suffix_keys, constraint, eos_id, pa
                 bias = torch.stack([zero_bias if c.bias is None else
                                     torch.as_tensor(np.asarray(c.bias, dtype=np.float32), device=device)
                                     for c in rows_comp])
+            if table is not None:  # each row's tokens' learned biases (virtualcell.token_bias), as the loss adds them
+                own = token_bias.bias(table, token_bias.row_tokens(tokens_of, device)).float().repeat(len(cells), 1)
+                bias = own if bias is None else bias + own
             for c, s, toks in _sample_loop(decoder, last_pos, logits, keys, rows_cell, rows_suffix, constraint, eos_id,
                                            config, steps, device, mix, offsets, bias, main):
                 yield c, s, toks

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import target_offsets
+from . import target_offsets, token_bias
 from .contract import DataContract
 from .errors import ModelError
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
@@ -204,6 +204,8 @@ class C2SModel:
             )
             if meta.get("target_offsets") is not None:
                 target_offsets.attach(lm, meta["target_offsets"])
+            if meta.get("token_bias") is not None:
+                model._load_token_bias(path, list(meta["token_bias"]))
             model._load_verdict(path)
             if meta.get("neighbour_offsets") is not None:
                 model.attach_neighbours(meta["neighbour_offsets"])
@@ -219,7 +221,11 @@ class C2SModel:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
-        self.lm.save_pretrained(p, safe_serialization=True, state_dict=target_offsets.without(self.lm.state_dict()))
+        state = token_bias.without(target_offsets.without(self.lm.state_dict()))
+        self.lm.save_pretrained(p, safe_serialization=True, state_dict=state)
+        table = token_bias.table(self.lm)
+        if table is not None:  # beside the weights, which stay a plain Hugging Face checkpoint
+            np.save(p / token_bias.FILE, table)
         self.tokenizer.save_pretrained(p)
         (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
@@ -246,6 +252,26 @@ class C2SModel:
         from .validation import PLAIN
 
         return self.chosen.get(name, PLAIN[name])
+
+    def _load_token_bias(self, p: Path, tokens: list[str]) -> None:
+        """Attach the token-bias table (:mod:`virtualcell.token_bias`) that :meth:`save` wrote beside the weights,
+        one row for each of ``tokens`` (as ``virtualcell.json`` lists them)."""
+        f = p / token_bias.FILE
+        try:
+            values = np.load(f)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{str(f)!r} cannot be read ({err}); the checkpoint's virtualcell.json says the model "
+                             "has a token-bias table. Copy the checkpoint folder again, or retrain.") from None
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in tokens if t not in vocab]
+        if missing:
+            raise ModelError(f"The token-bias table of {str(p)!r} names tokens its tokenizer lacks ({missing[:5]}); "
+                             "copy the checkpoint folder again, or retrain.")
+        try:
+            token_bias.attach(self.lm, [vocab[t] for t in tokens], values)
+        except ValueError as err:
+            raise ModelError(f"{str(f)!r} does not fit this model ({err}). Copy the checkpoint folder again, "
+                             "or retrain.") from None
 
     def _save_verdict(self, p: Path) -> None:
         """The training baselines and validation verdict (:mod:`virtualcell.validation`), when present."""
@@ -280,7 +306,16 @@ class C2SModel:
             "perturbations": self.perturbations.to_dict(),
             "train_config": self.train_config,
         } | ({"target_offsets": self.target_offsets} if self.target_offsets is not None else {}) \
+          | ({"token_bias": self._token_bias_tokens()} if token_bias.of(self.lm) is not None else {}) \
           | ({"neighbour_offsets": self.neighbour_offsets} if self.neighbour_offsets is not None else {})
+
+    def _token_bias_tokens(self) -> list[str]:
+        """The tokens of the token-bias table's rows, in order (what ``virtualcell.json`` keeps of it)."""
+        _, rows = token_bias.of(self.lm)
+        by_id = {i: t for t, i in self.tokenizer.get_vocab().items()}
+        ids = torch.nonzero(rows >= 0).flatten()
+        order = rows[ids].argsort()
+        return [by_id[int(i)] for i in ids[order]]
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +336,9 @@ class C2SModel:
         """``"target offsets knockout -17.22, "`` (the kinds whose offset moved, and the neighbour offsets'), or ``""``."""
         moved = target_offsets.moved(self.target_offsets)
         near = target_offsets.moved(self.neighbour_offsets)
-        return (f"target offsets {moved}, " if moved else "") + (f"neighbour offsets {near}, " if near else "")
+        table = token_bias.of(self.lm)
+        return ((f"target offsets {moved}, " if moved else "") + (f"neighbour offsets {near}, " if near else "")
+                + (f"token bias over {table[0].shape[0]} named tokens, " if table is not None else ""))
 
     # ------------------------------------------------------------------ generation
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..target_offsets import row_tensors
+from ..token_bias import row_tokens
 
 __all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "PairSchedule"]
 
@@ -52,13 +53,15 @@ class Batch:
     # each row's genes named by a genetic perturbation, as virtualcell.target_offsets.row_tensors gives them
     # (tokens, kinds, valid); None where no row names one
     named: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # each row's own prompt tokens (rows x most, -1 pads), as virtualcell.token_bias.row_tokens gives them
+    own: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         named = None if self.named is None else tuple(t.to(device) for t in self.named)
         return Batch(move(self.prefix_ids), move(self.prefix_mask), move(self.seg_ids), move(self.seg_mask),
                      move(self.seg_pos), move(self.targets), move(self.cell_of_row), self.n_tokens, self.n_targets,
-                     named)
+                     named, move(self.own))
 
 
 def pack(groups: Sequence[Group], pad: int, named: Callable[[Sequence[int]], list[tuple[int, int]]] | None = None
@@ -83,6 +86,7 @@ def pack(groups: Sequence[Group], pad: int, named: Callable[[Sequence[int]], lis
     cells: list[int] = []
     prefixes: list[list[int]] = []
     targets_named: list[list[tuple[int, int]]] = []
+    owns: list[list[int]] = []
     for c, (shared, pairs) in enumerate(groups):
         if not pairs:
             raise ValueError(f"Group {c} has no pairs.")
@@ -95,6 +99,7 @@ def pack(groups: Sequence[Group], pad: int, named: Callable[[Sequence[int]], lis
                 raise ValueError(f"Group {c}: a pair needs a prompt token and a response.")
             segs.append(seg)
             targets_named.append(named(own) if named is not None else [])
+            owns.append(list(own))
             firsts.append(len(head) + len(own))
             starts.append(len(shared) - 1 if with_prefix else 0)
             cells.append(c)
@@ -126,7 +131,7 @@ def pack(groups: Sequence[Group], pad: int, named: Callable[[Sequence[int]], lis
         n_tokens += int(prefix_mask.sum())
     return Batch(prefix_ids, prefix_mask, seg_ids, seg_mask, seg_pos, targets,
                  torch.tensor(cells, dtype=torch.long), n_tokens, int((targets != -100).sum()),
-                 row_tensors(targets_named))
+                 row_tensors(targets_named), row_tokens(owns))
 
 
 def pair_groups(fmt, chunks: Sequence[np.ndarray], *, sentences, sources: np.ndarray,  # noqa: ANN001

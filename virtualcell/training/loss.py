@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import target_offsets
+from .. import target_offsets, token_bias
 from ..generation import _cache_kwarg, _cache_of
 from .batching import Batch
 
@@ -39,7 +39,8 @@ def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN
 
 def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
                   weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
-                  near: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+                  near: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the batch's target tokens, and their count.
 
     Parameters
@@ -58,12 +59,17 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         genes each row's perturbation names (``batch.named``), as generation adds them.
     near
         The model's neighbour offsets (:func:`virtualcell.target_offsets.neighbours`), added with them.
+    bias
+        The model's token-bias table and its token-to-row map (:func:`virtualcell.token_bias.of`): each row's
+        logits get the sum of the table's rows of its own prompt tokens (``batch.own``), as generation adds them.
     """
     logits, targets = _logits(lm, batch)
     valid = targets != -100
     vocab = logits.shape[-1]
     if offsets is not None and batch.named is not None:
         logits = target_offsets.add(logits, offsets, batch.named, near)
+    if bias is not None and batch.own is not None:
+        logits = token_bias.add(logits, bias, batch.own)
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if no_repeat:
@@ -77,6 +83,8 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         loss = loss + 0.0 * offsets.sum()
     if near is not None:
         loss = loss + 0.0 * near[0].sum()
+    if bias is not None:  # (a step whose prompts name no trained perturbation, e.g. pre-training)
+        loss = loss + 0.0 * bias[0].sum()
     return loss, int(valid.sum())
 
 
