@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-minutes", type=float, default=4.0)
     ap.add_argument("--out", default=None, help="default: experiments/results/user_files/seedSEED")
     ap.add_argument("--work", default=None, help="folder for the files, models and evaluations (default: a temporary one)")
+    ap.add_argument("--train-option", action="append", default=[], metavar="OPTION",
+                    help="an extra option of 'virtualcell train' (repeatable), e.g. --train-option=--token-bias")
+    ap.add_argument("--only", choices=("drug_doses", "cytokine_cell_types"), default=None, help="run one file only")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else ROOT / "experiments" / "results" / "user_files" / f"seed{args.seed}"
     if args.work is None:
@@ -121,12 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work)
     rows, timing = [], {}
     for name, build in (("drug_doses", drug_doses), ("cytokine_cell_types", cytokine_cell_types)):
+        if args.only not in (None, name):
+            continue
         folder = work / name
         spec = build(folder, args.seed)
         f = lambda x: str(folder / x)  # noqa: E731
         secs = {"train": cli("train", "--data", f("screen.h5ad"), *spec["keys"], *spec["dose"], "--holdout",
                              "split=test,reference", "--max-minutes", f"{args.max_minutes:g}", "--seed",
-                             str(args.seed), "--threads", str(args.threads), "--out", f("model"), "--force")}
+                             str(args.seed), "--threads", str(args.threads), *args.train_option, "--out", f("model"),
+                             "--force")}
         for served, blend in (("served", "auto"), ("pure", "none")):
             secs[f"predict ({served})"] = cli("predict", "--model", f("model"), "--data", f("baseline.h5ad"),
                                               "--perturbations", spec["panel"], "--blend", blend, "--seed",
@@ -146,9 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         timing[name] = {**{k: round(v) for k, v in secs.items()},
                         "steps": (model_meta.get("train_config", {}).get("history") or [{}])[-1].get("step")}
     frame = pd.DataFrame(rows)
+    extra = "".join(f" --train-option={o}" for o in args.train_option) + (f" --only {args.only}" if args.only else "")
     md = [f"# A user's own files through the command line (seed {args.seed})", "",
           f"Command: `python experiments/user_files.py --seed {args.seed} --threads {args.threads} "
-          f"--max-minutes {args.max_minutes:g}`", "", __doc__.split("\n\n", 2)[2].strip(), "",
+          f"--max-minutes {args.max_minutes:g}{extra}`", "", __doc__.split("\n\n", 2)[2].strip(), "",
           "pearson_delta over the held-out groups (drug_doses: 9 drug-dose conditions in patient PD; "
           "cytokine_cell_types: IFN-beta in CD4T):", "",
           "| file | method | groups | pearson_delta | pearson_delta_top50 |", "|---|---|---|---|---|"]

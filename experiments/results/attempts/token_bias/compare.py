@@ -1,0 +1,94 @@
+"""Token-bias runs beside the runs without it: held-out figures and the trainers' own verdicts.
+
+    python experiments/results/attempts/token_bias/compare.py
+
+Reads ``experiments/results/attempts/token_bias/<protocol>/seedS`` (the runs with ``--set token_bias=true``) and
+the same protocol's runs without it (``experiments/results/issue11/seedS``, the table's runs; the default then), and
+``names_only/<protocol>/seedS`` where present (a table over the name tokens only: no kind, shared dose, control or
+generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it),
+and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
+as means, the pure model's held-out figures and the validation verdict's MSE (what a setting may be chosen on).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[4]
+HERE = Path(__file__).resolve().parent
+REF = ROOT / "experiments" / "results" / "issue11"
+PROTOCOLS = {"p1": "protocol_1_context_transfer", "p2": "protocol_2_unseen_pairs", "p3": "protocol_3_unseen_knockouts",
+             "p5": "protocol_5_cytokine_response", "synthetic": "synthetic_recovery"}
+METRICS = ("pearson_delta", "pearson_delta_top50", "discrimination", "vcc_discrimination_score_l1", "edistance",
+           "spearman")
+
+
+def protocol_row(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    if "rows" in d and "verdict" in d:  # synthetic_recovery: the ranking of the true effect sizes
+        return {"spearman": d["rows"]["model (screen, held-out controls)"]["spearman"],
+                "verdict_mse": d["verdict"]["model"]["mse"], "steps": d["steps"]}
+    out = {}
+    if "runs" in d:  # protocol 1: CD4T alone (the cell type every seed holds out)
+        groups = [g for g in d["groups"] if g["method"] == "model" and g.get("context") == "CD4T"]
+        out |= {m: float(np.mean([g["value"] for g in groups if g["metric"] == m]))
+                for m in METRICS if any(g["metric"] == m for g in groups)}
+        tr = next((r["training"] for r in d["runs"] if r["cell_type"] == "CD4T"), {})
+    else:
+        for row in d.get("summary", []):
+            if row["method"] == "model":
+                out |= {m: row[f"{m} mean"] for m in METRICS if f"{m} mean" in row}
+        tr = d.get("training") or {}
+    verdict = tr.get("verdict") or {}
+    out["verdict_mse"] = (verdict.get("model") or {}).get("mse")
+    out["steps"] = tr.get("steps")
+    return out
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    cell = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else (  # noqa: E731
+        f"{v:.4g}" if isinstance(v, float) else str(v))
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
+
+
+lines = []
+for key, name in PROTOCOLS.items():
+    rows = []
+    for seed_dir in sorted((HERE / key).glob("seed*")):
+        f = seed_dir / f"{name}.json"
+        ref = REF / seed_dir.name / f"{name}.json"
+        names = HERE / "names_only" / key / seed_dir.name / f"{name}.json"
+        if f.exists() and ref.exists():
+            rows.append({"seed": seed_dir.name, "arm": "token bias", **protocol_row(f)})
+            if names.exists():
+                rows.append({"seed": seed_dir.name, "arm": "names only", **protocol_row(names)})
+            rows.append({"seed": seed_dir.name, "arm": "without", **protocol_row(ref)})
+    if rows:
+        t = pd.DataFrame(rows)
+        mean = t.groupby("arm").mean(numeric_only=True).reset_index().assign(seed="mean")
+        lines += [f"## {name}", "", markdown(pd.concat([t, mean])), ""]
+
+rows = []
+for seed_dir in sorted((HERE / "user_files").glob("seed*")):
+    ref = ROOT / "experiments" / "results" / "user_files" / seed_dir.name / "user_files.csv"
+    f = seed_dir / "user_files.csv"
+    if f.exists() and ref.exists():
+        names = HERE / "names_only" / "user_files" / seed_dir.name / "user_files.csv"
+        for arm, path in (("token bias", f), ("names only", names), ("without", ref)):
+            if not path.exists():
+                continue
+            t = pd.read_csv(path)
+            t = t[t["method"].isin(["model (pure)", "meanshift"])]
+            for _, r in t.iterrows():
+                rows.append({"seed": seed_dir.name, "file": r["file"], "arm": arm if r["method"] != "meanshift" else
+                             "meanshift", "pearson_delta": r["pearson_delta"], "top50": r["pearson_delta_top50"]})
+if rows:
+    t = pd.DataFrame(rows).drop_duplicates(["seed", "file", "arm"])
+    mean = t.groupby(["file", "arm"]).mean(numeric_only=True).reset_index().assign(seed="mean")
+    lines += ["## user_files (pure model; meanshift)", "", markdown(pd.concat([t, mean])), ""]
+text = "\n".join(lines)
+(HERE / "compare.md").write_text(text)
+print(text)
