@@ -12,16 +12,8 @@ from virtualcell import target_offsets
 from virtualcell.training import batching
 from virtualcell.training.loss import response_loss
 
-PAD = 0
+from _by_hand import PAD, loss_by_hand, tiny_lm
 
-
-def _tiny_lm(vocab: int = 40, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _named(own):  # noqa: ANN001
@@ -31,24 +23,18 @@ def _named(own):  # noqa: ANN001
 
 
 def test_the_loss_adds_each_rows_offset_to_its_named_genes_logits_and_learns_it():
-    lm = _tiny_lm()
+    lm = tiny_lm()
     param = target_offsets.attach(lm, {"knockout": -2.0, "activation": 1.5})
     groups = [([1, 2, 3], [([4, 20, 9], [10, 11, 12]), ([5, 21, 9], [21, 10])]), ([1, 7, 3], [([9], [12, 10])])]
     b = batching.pack(groups, PAD, named=_named)
     assert b.named is not None and b.named[2].sum() == 2  # one named gene in each of the first two rows
     loss = response_loss(lm, b, offsets=param)[0]
     # by hand: each pair as one sequence, the row's offset added to its named gene's logit
-    losses = []
-    for shared, pairs in groups:
-        for own, response in pairs:
-            seq = torch.tensor([shared + own + response])
-            logits = lm(input_ids=seq).logits[0, :-1].float().clone()
-            for tok, kind in _named(own):
-                logits[:, tok] += (-2.0, 0.0, 1.5)[kind]
-            target = seq[0, 1:].clone()
-            target[: len(shared) + len(own) - 1] = -100
-            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none")[target != -100])
-    assert torch.allclose(loss, torch.cat(losses).mean(), atol=1e-5)
+    def adjust(own, logits):  # noqa: ANN001, ANN202
+        for tok, kind in _named(own):
+            logits[:, tok] += (-2.0, 0.0, 1.5)[kind]
+
+    assert torch.allclose(loss, loss_by_hand(lm, groups, adjust), atol=1e-5)
     lm.zero_grad()
     loss.backward()
     g = param.grad.tolist()
@@ -56,13 +42,13 @@ def test_the_loss_adds_each_rows_offset_to_its_named_genes_logits_and_learns_it(
     assert g[2] < 0  # the activated gene 21 is written first: pushed up
     assert g[1] == 0  # no knockdown in the batch
     # zero offsets are the model without them
-    zero = _tiny_lm()
+    zero = tiny_lm()
     plain = response_loss(zero, b)[0]
     assert torch.allclose(response_loss(zero, b, offsets=target_offsets.attach(zero))[0], plain)
 
 
 def test_pretraining_batches_name_nothing_and_still_give_the_parameter_a_gradient():
-    lm = _tiny_lm()
+    lm = tiny_lm()
     param = target_offsets.attach(lm)
     b = batching.pack([([], [([1], [10, 11, 12])])], PAD, named=_named)
     assert b.named is None
@@ -71,14 +57,14 @@ def test_pretraining_batches_name_nothing_and_still_give_the_parameter_a_gradien
 
 
 def test_attach_refuses_an_unknown_kind_and_without_drops_the_parameter():
-    lm = _tiny_lm()
+    lm = tiny_lm()
     with pytest.raises(ValueError, match="Unknown target-offset kinds"):
         target_offsets.attach(lm, {"drug": 1.0})
     target_offsets.attach(lm, {"knockdown": -3.0})
     assert target_offsets.values(lm) == {"knockout": 0.0, "knockdown": -3.0, "activation": 0.0}
     state = lm.state_dict()
     assert target_offsets.PARAMETER in state and target_offsets.PARAMETER not in target_offsets.without(state)
-    assert target_offsets.values(_tiny_lm()) is None
+    assert target_offsets.values(tiny_lm()) is None
 
 
 def test_the_compact_format_reads_genetic_targets_and_nothing_else(tiny_model):
@@ -196,7 +182,7 @@ def test_neighbour_offsets_add_each_genes_correlation_with_the_named_gene_times_
     F = rng.normal(size=(genes, 4))
     cov = F @ F.T
     corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
-    lm = _tiny_lm(vocab)
+    lm = tiny_lm(vocab)
     param = target_offsets.attach(lm, {"knockout": -1.0})
     near_param = target_offsets.attach_neighbours(lm, target_offsets.token_factor(F, tokens, vocab),
                                                   {"knockout": -3.0, "activation": 2.0})

@@ -12,17 +12,9 @@ from virtualcell import token_bias
 from virtualcell.training import batching
 from virtualcell.training.loss import response_loss
 
-PAD = 0
+from _by_hand import PAD, loss_by_hand, tiny_lm
+
 NAMED = [4, 5, 6, 7]  # the toy vocabulary's tokens that name a perturbation each (with a row in the table)
-
-
-def _tiny_lm(vocab: int = 40, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _drop(lm) -> None:  # noqa: ANN001
@@ -31,7 +23,7 @@ def _drop(lm) -> None:  # noqa: ANN001
 
 
 def test_the_loss_adds_the_sum_of_each_rows_named_tokens_rows_and_learns_them():
-    lm = _tiny_lm()
+    lm = tiny_lm()
     values = np.random.default_rng(0).normal(size=(len(NAMED), 40)).astype(np.float32)
     param = token_bias.attach(lm, NAMED, values)
     row = {t: i for i, t in enumerate(NAMED)}
@@ -40,22 +32,16 @@ def test_the_loss_adds_the_sum_of_each_rows_named_tokens_rows_and_learns_them():
     groups = [([1, 9, 3], [([4, 6, 2], [10, 11, 12]), ([5, 20, 2], [21, 10])]), ([1, 14, 3], [([7, 2], [12, 10])])]
     b = batching.pack(groups, PAD)
     loss = response_loss(lm, b, bias=token_bias.of(lm))[0]
-    losses = []
-    for shared, pairs in groups:
-        for own, response in pairs:
-            seq = torch.tensor([shared + own + response])
-            logits = lm(input_ids=seq).logits[0, :-1].float().clone()
-            logits += torch.as_tensor(sum(values[row[t]] for t in own if t in row))
-            target = seq[0, 1:].clone()
-            target[: len(shared) + len(own) - 1] = -100
-            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none")[target != -100])
-    assert torch.allclose(loss, torch.cat(losses).mean(), atol=1e-5)
+    def adjust(own, logits):  # noqa: ANN001, ANN202
+        logits += torch.as_tensor(sum(values[row[t]] for t in own if t in row))
+
+    assert torch.allclose(loss, loss_by_hand(lm, groups, adjust), atol=1e-5)
     lm.zero_grad()
     loss.backward()
     g = param.grad
     assert float(g[row[4], 10]) < 0 and float(g[row[7], 12]) < 0  # a written gene is pushed up under its prompt's tokens
     # a zero table is the model without it
-    zero = _tiny_lm()
+    zero = tiny_lm()
     plain = response_loss(zero, b)[0]
     token_bias.attach(zero, NAMED)
     assert torch.allclose(response_loss(zero, b, bias=token_bias.of(zero))[0], plain)
@@ -66,7 +52,7 @@ def test_the_loss_adds_the_sum_of_each_rows_named_tokens_rows_and_learns_them():
 
 
 def test_attach_checks_the_shape_and_without_drops_the_parameter():
-    lm = _tiny_lm()
+    lm = tiny_lm()
     with pytest.raises(ValueError, match="expected"):
         token_bias.attach(lm, NAMED, np.zeros((len(NAMED), 39)))
     with pytest.raises(ValueError, match="distinct"):

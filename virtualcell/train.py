@@ -816,22 +816,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     if resume:
         saved = checkpoint.load(last, data_hash=run_config["data_hash"])
         if saved is not None:
-            if (target_offsets.NEIGHBOURS in saved["model"]) != (near is not None):
-                raise TrainingError(
-                    f"{last} was saved by a run {'with' if near is None else 'without'} neighbour offsets, and this "
-                    f"run is {'without' if near is None else 'with'} them, so it cannot resume from it: train as that "
-                    "run did, or start over with --restart (resume=False).")
-            if (target_offsets.PARAMETER in saved["model"]) != (offsets is not None):
-                raise TrainingError(
-                    f"{last} was saved by a run {'with' if offsets is None else 'without'} target offsets, and this "
-                    f"run is {'without' if offsets is None else 'with'} them, so it cannot resume from it: train as "
-                    f"that run did ({'without --no-target-offsets' if offsets is None else '--no-target-offsets'}), "
-                    "or start over with --restart (resume=False).")
-            if (token_bias.PARAMETER in saved["model"]) != (table is not None):
-                raise TrainingError(
-                    f"{last} was saved by a run {'with' if table is None else 'without'} a token-bias table, and "
-                    f"this run is {'without' if table is None else 'with'} one, so it cannot resume from it: train as "
-                    "that run did, or start over with --restart (resume=False).")
+            _same_extras(saved["model"], last, [(target_offsets.NEIGHBOURS, near is not None, "neighbour offsets", None),
+                                                (target_offsets.PARAMETER, offsets is not None, "target offsets",
+                                                 "--no-target-offsets"),
+                                                (token_bias.PARAMETER, table is not None, "a token-bias table",
+                                                 "--no-token-bias")])
             accelerator.unwrap_model(lm).load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             state = loop.LoopState(saved["step"], saved["history"], saved.get("pretrain_end"))
@@ -869,6 +858,19 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
+
+
+def _same_extras(state: Mapping[str, Any], last: Path, extras: list[tuple[str, bool, str, str | None]]) -> None:
+    """Refuse to resume from ``state`` (the saved model's) where it has one of the model's extra parameters
+    (target offsets, neighbour offsets, the token bias) that this run lacks, or lacks one this run has: each extra
+    as ``(parameter name, whether this run has it, what it is called, the flag that leaves it out)``."""
+    for key, here, what, flag in extras:
+        if (key in state) != here:
+            how = f" ({'without ' if not here else ''}{flag})" if flag else ""
+            raise TrainingError(
+                f"{last} was saved by a run {'with' if not here else 'without'} {what}, and this run is "
+                f"{'without' if not here else 'with'} {'them' if what.endswith('s') else 'one'}, so it cannot resume "
+                f"from it: train as that run did{how}, or start over with --restart (resume=False).")
 
 
 def _attach_token_bias(lm, fmt) -> Any:  # noqa: ANN001
