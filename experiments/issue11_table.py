@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "results" / "issue11"
 CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experiments/codec_ceiling.py
 BLEND = "model (blend)"
+P5_NONNEGATIVE = "meanshift (non-negative)"  # protocol 5's meanshift made non-negative (session 38)
 P3_BASELINES = ["pertmean", "coexpression"]  # protocol 3's baselines for unseen knockouts (coexpression: session 34)
 
 
@@ -189,6 +190,13 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
     rows.append({"protocol": "5. Cytokine response"} | _protocol_row(p5, "edistance", ["meanshift"],
                                                                       target="E-distance <= meanshift")
                 | {"run": _when(p5), "codec": _codec(codec_runs, 5, "edistance")})
+    # not a target: meanshift leaves cells below 0 wherever a cell expresses a gene less than its drop, which no
+    # served prediction does; the same baseline made non-negative as the model's cells are (session 38) shows how
+    # much of the E-distance gap is that
+    nonneg = _protocol_row(p5, "edistance", [P5_NONNEGATIVE],
+                           target="(reported) E-distance <= meanshift made non-negative as predictions are")
+    if nonneg["best baseline"] is not None:
+        rows.append({"protocol": "", "issue_target": False} | nonneg | {"run": _when(p5)})
     syn = {}
     for folder in sorted(runs.glob("seed*")):
         f = folder / "synthetic_recovery.json"
@@ -238,7 +246,8 @@ def main() -> None:
         lines.append("| " + " | ".join(_fmt(r[c]) if c != "met" else met for c in cols) + " |")
     targets = [r for r in rows if r.get("issue_target", True)]
     lines += ["", f"The pure model meets {sum(bool(r['met']) for r in targets)} of issue 11's {len(targets)} targets "
-                  "(rows marked (reported) are not targets: a stronger baseline than the one the issue names)."]
+                  "(rows marked (reported) are not targets: a stronger baseline than the one the issue names, or "
+                  "the named one made non-negative as every prediction is)."]
     text = "\n".join(["# Issue 11: the model against the simple baselines", "",
                       "Means over the seeds listed and over all held-out groups (protocol 1: all seven cell types at "
                       "seed 0, and CD4T at seeds 0-2). The targets are for the pure model; the served blend is what "

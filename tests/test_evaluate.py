@@ -185,6 +185,29 @@ def test_meanshift_and_pertmean_leave_the_target_out():
     assert ms.uns["virtualcell"]["baseline"] == "meanshift"
 
 
+def test_a_nonnegative_baseline_keeps_the_mean_shift_and_never_goes_below_zero():
+    """control + delta goes negative where a cell expresses less than the drop; nonnegative=True clips and rescales
+    each gene as the Simulator does, so the means agree (0 where the shifted mean is negative) and nothing is < 0."""
+    rng = np.random.default_rng(3)
+    g, n = 8, 30
+    ctrl = np.where(rng.random((n, g)) < 0.5, 0.0, rng.uniform(0.5, 2.0, (n, g)))  # sparse, as measured cells are
+    effect = np.array([-0.3, -0.1, 0.0, 0.2, 0.5, -5.0, 1.0, -0.05])
+    rows = [ctrl, ctrl + effect, ctrl, ctrl + effect]
+    X = np.concatenate(rows).astype(np.float32)
+    obs = pd.DataFrame({"perturbation": ["control"] * n + ["P"] * n + ["control"] * n + ["P"] * n,
+                        "cell_type": ["a"] * 2 * n + ["b"] * 2 * n}, index=[str(i) for i in range(4 * n)])
+    adata = ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    vc.DataContract("perturbation", "control", context_key="cell_type").attach(adata)
+    plain = baselines.meanshift(adata, targets=[("P", "a")], max_cells=None)
+    kept = baselines.meanshift(adata, targets=[("P", "a")], max_cells=None, nonnegative=True)
+    p_plain = plain.X[(plain.obs["perturbation"] == "P").to_numpy()]
+    p_kept = kept.X[(kept.obs["perturbation"] == "P").to_numpy()]
+    assert (p_plain < 0).any() and (p_kept >= 0).all()
+    want = np.maximum(p_plain.mean(0), 0.0)
+    np.testing.assert_allclose(p_kept.mean(0), want, atol=1e-5)
+    assert p_kept[:, 5].max() == 0.0  # a drop below every cell leaves the gene at 0, not at a negative mean
+    np.testing.assert_allclose(p_kept[:, 2], ctrl[:, 2], atol=1e-6)  # no effect: the cells themselves
+
 def test_coexpression_is_pertmean_plus_the_fitted_regression_on_the_gene():
     """The rule, recomputed densely: pertmean of the others, plus a * (cov(g, .) / sd(g)) over the context's training
     cells but the target's own (a baseline never learns from its target), a the least-squares fit over the other

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["PCABasis", "bootstrap_mean", "noise_corrected_sq_norm", "pca", "signed_root", "unbiased_var"]
+__all__ = ["PCABasis", "bootstrap_mean", "calibrated", "noise_corrected_sq_norm", "pca", "signed_root", "unbiased_var"]
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
@@ -82,6 +82,20 @@ def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCA
         comps = vt[np.argsort(s)[::-1]]
     comps = comps * np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])[:, None]
     return PCABasis(center.astype(np.float32), comps.astype(np.float32))
+
+
+def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Cells x genes: ``x + delta``, clipped at 0, each gene rescaled so that its mean over the cells
+    is the unclipped mean (or 0 where that is negative).
+
+    How every prediction is made non-negative: the Simulator's cells (see its module docstring) and the
+    baselines' with ``nonnegative=True``, so that a distribution metric compares them on equal terms.
+    """
+    raw = x + delta
+    pred = np.maximum(raw, 0.0)
+    have, want = pred.mean(axis=0), np.maximum(raw.mean(axis=0), 0.0)
+    scale = np.divide(want, have, out=np.zeros_like(have), where=have > 0)
+    return pred * scale
 
 
 def unbiased_var(mean: np.ndarray, mean_of_squares: np.ndarray, n: np.ndarray | float) -> np.ndarray:

@@ -45,7 +45,7 @@ from .distributed import Split
 from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
-from ._stats import pca, unbiased_var
+from ._stats import calibrated, pca, unbiased_var
 from .sentences import Vocabulary, decode, encode, model_expression, normalization_label, with_gene_key
 from .validation import UNSEEN_BASELINES
 
@@ -64,16 +64,6 @@ _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
-
-
-def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Cells x genes: ``x + delta``, clipped at 0, each gene rescaled so that its mean over the cells
-    is the unclipped mean (or 0 where that is negative); see the module docstring."""
-    raw = x + delta
-    pred = np.maximum(raw, 0.0)
-    have, want = pred.mean(axis=0), np.maximum(raw.mean(axis=0), 0.0)
-    scale = np.divide(want, have, out=np.zeros_like(have), where=have > 0)
-    return pred * scale
 
 
 @dataclass
