@@ -6,7 +6,7 @@ The model never sees expression. It reads and writes cell sentences (each cell's
 expressed genes, by rank), and the Simulator turns a generated sentence back into expression
 with one rank -> expression map (``RankFit``, as Cell2Sentence does) and predicts a baseline
 cell ``x`` as ``calibrated(x, decode(perturbed) - decode(control))``, which is never below zero
-(``virtualcell.simulator.calibrated``). So a model that wrote every perturbed cell exactly as
+(``virtualcell._stats.calibrated``; a baseline's ``nonnegative=True``). So a model that wrote every perturbed cell exactly as
 the data does would still predict the effect *as the codec sees it*, made non-negative.
 
 This script measures that limit on each protocol's own split, without training anything:
@@ -51,28 +51,6 @@ TABLE = "codec oracle (rank table), top_k={k}"  # decoded by the rank table, not
 NONNEG = "{rule}, non-negative"
 
 
-def non_negative(pred, contract, context_key: str | None):  # noqa: ANN001, ANN201
-    """A baseline function's output (control cells, then control cells + delta per target) with each target's
-    cells made non-negative as the Simulator makes a prediction (``calibrated``)."""
-    from virtualcell.simulator import calibrated
-
-    labels = pred.obs[contract.perturbation_key].astype(str).to_numpy()
-    ctx = (pred.obs[context_key].astype(str).to_numpy() if context_key is not None
-           else np.full(pred.n_obs, "all", dtype=object))
-    X = np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X, dtype=np.float64)
-    out = X.copy()
-    for c in sorted(set(ctx)):
-        x = X[(ctx == c) & (labels == contract.control)]
-        for p in sorted(set(labels[ctx == c]) - {contract.control}):
-            rows = np.flatnonzero((ctx == c) & (labels == p))
-            if rows.size != len(x):
-                raise RuntimeError(f"{p} in {c}: {rows.size} predicted cells for {len(x)} control cells")
-            out[rows] = calibrated(x, X[rows] - x)
-    res = pred.copy()
-    res.X = out.astype(np.float32)
-    return res
-
-
 def score_protocol(name: str, *, rule: str, train, baseline, reference, contract, context_key: str | None,  # noqa: ANN001
                    targets: list[tuple[str, str]], metrics: tuple[str, ...], top_ks: list[int], seed: int,
                    cell_eval: bool) -> pd.DataFrame:
@@ -86,12 +64,12 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
     score = dict(baseline=baseline, train=train, contract=contract, context_key=context_key, focus=targets,
                  metrics=metrics, seed=seed, cell_eval=cell_eval)
     parts = []
-    measured = non_negative(fn(train, **kw), contract, context_key)
+    measured = fn(train, nonnegative=True, **kw)
     first = P.score(measured, reference, baselines=(rule,), **score)
     parts.append(first.replace({"method": {"model": NONNEG.format(rule=rule)}}))
     for k, method in [(k, "linear") for k in top_ks] + [(top_ks[0], "table")]:
         t = time.perf_counter()
-        oracle = non_negative(fn(roundtrip(train, top_k=k, seed=seed, method=method), **kw), contract, context_key)
+        oracle = fn(roundtrip(train, top_k=k, seed=seed, method=method), nonnegative=True, **kw)
         table = P.score(oracle, reference, baselines=(), **score)
         table = table[table["method"] == "model"].assign(method=(ORACLE if method == "linear" else TABLE).format(k=k))
         parts.append(table)
