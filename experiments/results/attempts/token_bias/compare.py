@@ -3,7 +3,8 @@
     python experiments/results/attempts/token_bias/compare.py
 
 Reads ``experiments/results/attempts/token_bias/<protocol>/seedS`` (the runs with ``--set token_bias=true``) and
-the same protocol's runs without it (``experiments/results/issue11/seedS``, the table's runs; the default then), and
+the same protocol's runs without it (``experiments/results/issue11/seedS``, the table's runs; the default then; or
+``without/<protocol>/seedS``, where the table's runs were moved once it was rerun with the token bias), and
 ``names_only/<protocol>/seedS`` where present (a table over the name tokens only: no kind, shared dose, control or
 generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it),
 and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
@@ -59,7 +60,8 @@ for key, name in PROTOCOLS.items():
     rows = []
     for seed_dir in sorted((HERE / key).glob("seed*")):
         f = seed_dir / f"{name}.json"
-        ref = REF / seed_dir.name / f"{name}.json"
+        ref = HERE / "without" / key / seed_dir.name / f"{name}.json"  # moved here once the table's runs had it
+        ref = ref if ref.exists() else REF / seed_dir.name / f"{name}.json"
         names = HERE / "names_only" / key / seed_dir.name / f"{name}.json"
         if f.exists() and ref.exists():
             rows.append({"seed": seed_dir.name, "arm": "token bias", **protocol_row(f)})
