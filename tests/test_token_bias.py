@@ -143,6 +143,27 @@ def test_training_learns_the_table_and_cannot_resume_across_the_setting(tmp_path
     with pytest.raises(TrainingError, match="token-bias table"):
         train(data, out=tmp_path / "tb", config=dataclasses.replace(cfg, token_bias=False, max_steps=12),
               progress=False)
+    # its own weight decay: a group of its own in the optimizer, and a resume may not change it
+    with pytest.raises(TrainingError, match="weight decay"):
+        train(data, out=tmp_path / "tb", config=dataclasses.replace(cfg, token_bias_decay=1.0, max_steps=12),
+              progress=False)
+    with pytest.raises(TrainingError, match="token_bias_decay"):
+        dataclasses.replace(cfg, token_bias_decay=-1.0)
+
+
+def test_the_table_gets_its_own_weight_decay_only_when_asked():
+    from virtualcell.train import TrainConfig, _param_groups
+
+    lm = tiny_lm()
+    token_bias.attach(lm, [3, 4])
+    param = token_bias.of(lm)
+    n = len(list(lm.parameters()))
+    one = _param_groups(lm, param, TrainConfig())
+    assert len(one) == 1 and len(one[0]["params"]) == n
+    assert _param_groups(lm, None, TrainConfig(token_bias_decay=1.0))[0]["params"] == list(lm.parameters())
+    two = _param_groups(lm, param, TrainConfig(token_bias_decay=1.0))
+    assert [len(g["params"]) for g in two] == [n - 1, 1] and two[1]["params"][0] is param[0]
+    assert two[1]["weight_decay"] == 1.0 and "weight_decay" not in two[0]
 
 
 def test_the_command_line_turns_it_on_and_off():
@@ -151,3 +172,5 @@ def test_the_command_line_turns_it_on_and_off():
     base = ["train", "--data", "x", "--out", "y", "--perturbation-key", "p", "--control", "c"]
     assert build_parser().parse_args([*base, "--token-bias"]).token_bias is True
     assert build_parser().parse_args([*base, "--no-token-bias"]).token_bias is False
+    assert build_parser().parse_args(base).token_bias_decay is None
+    assert build_parser().parse_args([*base, "--token-bias-decay", "1"]).token_bias_decay == 1.0

@@ -306,6 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
         target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets, token_bias=args.token_bias,
+        token_bias_decay=args.token_bias_decay,
     )
     from .safeio import output_folder
 
@@ -610,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn a bias over the genes for every token that names a perturbation (a drug, a dose, a "
                         "cytokine, a kind), added to the response's logits, so a perturbation's mean shift is learned "
                         "directly rather than only through attention (gene-level models)")
+    p.add_argument("--token-bias-decay", type=float, default=TrainConfig.token_bias_decay, metavar="D",
+                   help="weight decay of the token-bias table (default: the model's, 0.01); a larger one keeps the "
+                        "table small over long runs")
     p.add_argument("--own-token-dropout", type=float, default=TrainConfig.own_token_dropout, metavar="F",
                    help="share of perturbed training pairs named without their target's or dose's own token, as an "
                         "untrained target or dose is named, so the model also learns that form (default 0)")

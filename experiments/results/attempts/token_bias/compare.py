@@ -6,7 +6,8 @@ Reads ``experiments/results/attempts/token_bias/<protocol>/seedS`` (the runs wit
 the same protocol's runs without it (``experiments/results/issue11/seedS``, the table's runs; the default then; or
 ``without/<protocol>/seedS``, where the table's runs were moved once it was rerun with the token bias), and
 ``names_only/<protocol>/seedS`` where present (a table over the name tokens only: no kind, shared dose, control or
-generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it),
+generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it), ``decay/<protocol>/seedS`` where
+present (the table with weight decay 1, ``--set token_bias_decay=1``, session 38),
 and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
 as means, the pure model's held-out figures and the validation verdict's MSE (what a setting may be chosen on).
 """
@@ -63,10 +64,13 @@ for key, name in PROTOCOLS.items():
         ref = HERE / "without" / key / seed_dir.name / f"{name}.json"  # moved here once the table's runs had it
         ref = ref if ref.exists() else REF / seed_dir.name / f"{name}.json"
         names = HERE / "names_only" / key / seed_dir.name / f"{name}.json"
+        decay = HERE / "decay" / key / seed_dir.name / f"{name}.json"
         if f.exists() and ref.exists():
             rows.append({"seed": seed_dir.name, "arm": "token bias", **protocol_row(f)})
             if names.exists():
                 rows.append({"seed": seed_dir.name, "arm": "names only", **protocol_row(names)})
+            if decay.exists():
+                rows.append({"seed": seed_dir.name, "arm": "decay 1", **protocol_row(decay)})
             rows.append({"seed": seed_dir.name, "arm": "without", **protocol_row(ref)})
     if rows:
         t = pd.DataFrame(rows)
@@ -79,7 +83,8 @@ for seed_dir in sorted((HERE / "user_files").glob("seed*")):
     f = seed_dir / "user_files.csv"
     if f.exists() and ref.exists():
         names = HERE / "names_only" / "user_files" / seed_dir.name / "user_files.csv"
-        for arm, path in (("token bias", f), ("names only", names), ("without", ref)):
+        decay = HERE / "decay" / "user_files" / seed_dir.name / "user_files.csv"
+        for arm, path in (("token bias", f), ("names only", names), ("decay 1", decay), ("without", ref)):
             if not path.exists():
                 continue
             t = pd.read_csv(path)
