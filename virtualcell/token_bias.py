@@ -20,7 +20,9 @@ screens and much higher on protocol 2's pairs; ``attempts/token_bias/README.md``
 
 The table starts at 0 (the model without it) and lives on the language model as one extra
 parameter (with a buffer mapping token ids to its rows), so the optimizer, gradient clipping and
-checkpoints handle it with the rest; :meth:`virtualcell.model.C2SModel.save` writes it beside the
+checkpoints handle it with the rest (its weight decay is the model's unless ``TrainConfig.token_bias_decay`` gives
+it one of its own: over the bundled recipe's 10,000 steps the table kept growing at the model's 0.01,
+``attempts/token_bias/bundled/``); :meth:`virtualcell.model.C2SModel.save` writes it beside the
 weights (``token_bias.npy``, its tokens in ``virtualcell.json``), which stay a plain Hugging Face
 checkpoint. Only gene-level prompts have it.
 """
