@@ -893,8 +893,8 @@ def _same_decay(saved: dict[str, Any], optimizer: Any, last: Path) -> None:
     if was != now:
         raise TrainingError(
             f"The checkpoint in {last} was trained with weight decay {was} (the model's, then the token-bias table's "
-            f"where it differs) and this run asks for {now}. Resume with the settings it was trained with, or "
-            "train into a new --out folder."
+            f"where it differs) and this run asks for {now}: loading it would bring its own back. Resume with the "
+            "settings it was trained with, or start over with --restart (resume=False)."
         )
 
 
