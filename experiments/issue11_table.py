@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from _protocol import higher_is_better
+from protocol_5_cytokine_response import NONNEGATIVE as P5_NONNEGATIVE  # its meanshift made non-negative
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "results" / "issue11"
 CODEC = ROOT / "experiments" / "results" / "codec_ceiling.json"  # python experiments/codec_ceiling.py
 BLEND = "model (blend)"
-P5_NONNEGATIVE = "meanshift (non-negative)"  # protocol 5's meanshift made non-negative (session 38)
 P3_BASELINES = ["pertmean", "coexpression"]  # protocol 3's baselines for unseen knockouts (coexpression: session 34)
 
 

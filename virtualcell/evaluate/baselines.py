@@ -380,8 +380,8 @@ _DOC = """
         Seed of that subsample.
     nonnegative
         Make the shifted cells non-negative as the Simulator makes its predictions
-        (:func:`virtualcell._stats.calibrated`: clipped at 0, each gene rescaled to the unshifted
-        mean, or 0 where that is negative). By default the cells are ``control + delta`` as the
+        (:func:`virtualcell._stats.calibrated`: clipped at 0, each gene rescaled to its unclipped
+        shifted mean, or 0 where that is negative). By default the cells are ``control + delta`` as the
         field defines the baseline, negative wherever a cell expresses less than the gene's drop;
         the means agree wherever they are not below 0; the distributions (E-distance) differ.
 
