@@ -2,12 +2,16 @@
 
     python experiments/results/attempts/token_bias/compare.py
 
-Reads ``experiments/results/attempts/token_bias/<protocol>/seedS`` (the runs with ``--set token_bias=true``) and
+Reads ``experiments/results/attempts/token_bias/<protocol>/seedS`` (the runs with ``--set token_bias=true``; where that
+folder holds no run, the table's run ``experiments/results/issue11/seedS``, which is the token-bias run once the run
+without it was moved to ``without/``: session 39 moved protocols 2, 3, the synthetic screen and protocol 1's seeds 1-2) and
 the same protocol's runs without it (``experiments/results/issue11/seedS``, the table's runs; the default then; or
 ``without/<protocol>/seedS``, where the table's runs were moved once it was rerun with the token bias), and
 ``names_only/<protocol>/seedS`` where present (a table over the name tokens only: no kind, shared dose, control or
 generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it), ``decay/<protocol>/seedS`` where
 present (the table with weight decay 1, ``--set token_bias_decay=1``, session 38),
+``decay/user_files_paired/{token_bias,decay1}/seedS`` (the drug screen at
+both decays, run side by side with their verdicts kept, session 39),
 and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
 as means, the pure model's held-out figures and the validation verdict's MSE (what a setting may be chosen on).
 """
@@ -59,10 +63,14 @@ def markdown(frame: pd.DataFrame) -> str:
 lines = []
 for key, name in PROTOCOLS.items():
     rows = []
-    for seed_dir in sorted((HERE / key).glob("seed*")):
+    seeds = sorted({d.name for d in (HERE / key).glob("seed*")} | {d.name for d in (HERE / "without" / key).glob("seed*")})
+    for seed in seeds:
+        seed_dir = HERE / key / seed
+        ref = HERE / "without" / key / seed / f"{name}.json"  # moved here once the table's runs had it
+        # the token-bias run: here, or (moved there in session 39) the table's run, once the run without it is in without/
         f = seed_dir / f"{name}.json"
-        ref = HERE / "without" / key / seed_dir.name / f"{name}.json"  # moved here once the table's runs had it
-        ref = ref if ref.exists() else REF / seed_dir.name / f"{name}.json"
+        f = f if f.exists() or not ref.exists() else REF / seed / f"{name}.json"
+        ref = ref if ref.exists() else REF / seed / f"{name}.json"
         names = HERE / "names_only" / key / seed_dir.name / f"{name}.json"
         decay = HERE / "decay" / key / seed_dir.name / f"{name}.json"
         if f.exists() and ref.exists():
@@ -96,6 +104,23 @@ if rows:
     t = pd.DataFrame(rows).drop_duplicates(["seed", "file", "arm"])
     mean = t.groupby(["file", "arm"]).mean(numeric_only=True).reset_index().assign(seed="mean")
     lines += ["## user_files (pure model; meanshift)", "", markdown(pd.concat([t, mean])), ""]
+rows = []  # session 39: the drug screen, the table at the model's decay and at 1, run side by side with --work kept
+for arm, folder in (("token bias", "token_bias"), ("decay 1", "decay1")):
+    for seed_dir in sorted((HERE / "decay" / "user_files_paired" / folder).glob("seed*")):
+        t = pd.read_csv(seed_dir / "user_files.csv")
+        verdict = json.loads((seed_dir / "verdict.json").read_text())
+        steps = json.loads(seed_dir.joinpath("user_files.md").read_text().rsplit("Seconds per command", 1)[1]
+                           .split(": ", 1)[1].strip())["drug_doses"]["steps"]
+        for _, r in t[t["method"].isin(["model (pure)", "meanshift"])].iterrows():
+            rows.append({"seed": seed_dir.name, "arm": arm if r["method"] != "meanshift" else "meanshift",
+                         "pearson_delta": r["pearson_delta"], "top50": r["pearson_delta_top50"],
+                         "verdict_mse": verdict["model"]["mse"] if r["method"] != "meanshift" else verdict["baseline"]["mse"],
+                         "steps": steps if r["method"] != "meanshift" else None})
+if rows:
+    t = pd.DataFrame(rows).drop_duplicates(["seed", "arm"])
+    mean = t.groupby("arm").mean(numeric_only=True).reset_index().assign(seed="mean")
+    lines += ["## user_files drug_doses, side by side (decay/user_files_paired; pure model, verdict kept)", "",
+              markdown(pd.concat([t, mean])), ""]
 text = "\n".join(lines)
 (HERE / "compare.md").write_text(text)
 print(text)
