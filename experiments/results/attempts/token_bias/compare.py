@@ -105,7 +105,7 @@ if rows:
     mean = t.groupby(["file", "arm"]).mean(numeric_only=True).reset_index().assign(seed="mean")
     lines += ["## user_files (pure model; meanshift)", "", markdown(pd.concat([t, mean])), ""]
 rows = []  # session 39: the drug screen, the table at the model's decay and at 1, run side by side with --work kept
-for arm, folder in (("token bias", "token_bias"), ("decay 1", "decay1")):
+for arm, folder in (("token bias", "token_bias"), ("decay 1", "decay1"), ("without", "without")):
     for seed_dir in sorted((HERE / "decay" / "user_files_paired" / folder).glob("seed*")):
         t = pd.read_csv(seed_dir / "user_files.csv")
         verdict = json.loads((seed_dir / "verdict.json").read_text())
