@@ -10,8 +10,8 @@ the same protocol's runs without it (``experiments/results/issue11/seedS``, the 
 ``names_only/<protocol>/seedS`` where present (a table over the name tokens only: no kind, shared dose, control or
 generic rows; runs with ``VC_TB_NAMES=1`` on the session-37 code that tried it), ``decay/<protocol>/seedS`` where
 present (the table with weight decay 1, ``--set token_bias_decay=1``, session 38),
-``decay/user_files_paired/{token_bias,decay1}/seedS`` (the drug screen at
-both decays, run side by side with their verdicts kept, session 39),
+``decay/user_files_paired/{token_bias,decay1,without}/seedS`` (the drug screen at
+both decays and without the table, with their verdicts kept, session 39),
 and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
 as means, the pure model's held-out figures and the validation verdict's MSE (what a setting may be chosen on).
 """
