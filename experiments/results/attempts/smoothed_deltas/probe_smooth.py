@@ -16,7 +16,7 @@ from virtualcell._stats import calibrated
 model_dir, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
 P.setup(1)
 adata, contract, stim, train_ad, baseline, reference = p5.data(seed)
-model = vc.C2SModel.load(model_dir) if hasattr(vc, "C2SModel") else vc.model.load(model_dir)
+model = vc.C2SModel.load(model_dir)
 pred, res, _ = P.predict(model, baseline, {stim: stim}, perturbation_key=contract.perturbation_key,
                          context=(p5.HALF, "heldout"), n_cells=250, seed=seed)
 pred.uns.pop(P.METHODS, None)

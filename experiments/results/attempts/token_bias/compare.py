@@ -65,21 +65,20 @@ for key, name in PROTOCOLS.items():
     rows = []
     seeds = sorted({d.name for d in (HERE / key).glob("seed*")} | {d.name for d in (HERE / "without" / key).glob("seed*")})
     for seed in seeds:
-        seed_dir = HERE / key / seed
         ref = HERE / "without" / key / seed / f"{name}.json"  # moved here once the table's runs had it
         # the token-bias run: here, or (moved there in session 39) the table's run, once the run without it is in without/
-        f = seed_dir / f"{name}.json"
+        f = HERE / key / seed / f"{name}.json"
         f = f if f.exists() or not ref.exists() else REF / seed / f"{name}.json"
         ref = ref if ref.exists() else REF / seed / f"{name}.json"
-        names = HERE / "names_only" / key / seed_dir.name / f"{name}.json"
-        decay = HERE / "decay" / key / seed_dir.name / f"{name}.json"
+        names = HERE / "names_only" / key / seed / f"{name}.json"
+        decay = HERE / "decay" / key / seed / f"{name}.json"
         if f.exists() and ref.exists():
-            rows.append({"seed": seed_dir.name, "arm": "token bias", **protocol_row(f)})
+            rows.append({"seed": seed, "arm": "token bias", **protocol_row(f)})
             if names.exists():
-                rows.append({"seed": seed_dir.name, "arm": "names only", **protocol_row(names)})
+                rows.append({"seed": seed, "arm": "names only", **protocol_row(names)})
             if decay.exists():
-                rows.append({"seed": seed_dir.name, "arm": "decay 1", **protocol_row(decay)})
-            rows.append({"seed": seed_dir.name, "arm": "without", **protocol_row(ref)})
+                rows.append({"seed": seed, "arm": "decay 1", **protocol_row(decay)})
+            rows.append({"seed": seed, "arm": "without", **protocol_row(ref)})
     if rows:
         t = pd.DataFrame(rows)
         mean = t.groupby("arm").mean(numeric_only=True).reset_index().assign(seed="mean")
