@@ -71,6 +71,56 @@ def test_packed_gradients_equal_the_plain_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def _reference_masked_loss(lm, groups, allowed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """As _reference_loss, with generation's rules applied one response token at a time: only ``allowed`` tokens,
+    never one the response already holds; each token's cross-entropy weighted by ``weight``."""
+    losses, weights = [], []
+    for shared, pairs in groups:
+        for own, response in pairs:
+            seq = torch.tensor([list(shared) + list(own) + list(response)])
+            logits = lm(input_ids=seq).logits[0, :-1].float()
+            start = len(shared) + len(own) - 1
+            for i, token in enumerate(response):
+                row = logits[start + i].masked_fill(~allowed, float("-inf"))
+                if i:
+                    row = row.masked_fill(torch.isin(torch.arange(row.numel()), torch.tensor(response[:i])),
+                                          float("-inf"))
+                losses.append(torch.nn.functional.cross_entropy(row[None], torch.tensor([token])))
+                weights.append(weight[token])
+    w = torch.stack(weights)
+    return (torch.stack(losses) * w).sum() / w.sum()
+
+
+def test_masked_weighted_loss_and_gradients_equal_the_plain_ones():
+    """The gene-only and no-repeat masks and the token weights, applied to the packed batch at once, give each
+    response token's loss and gradient as one plain sequence at a time does; a response that holds every allowed
+    token (nothing left to write after it) leaves no NaN in the gradients."""
+    vocab = 40
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[10:] = True
+    weight = torch.linspace(0.5, 2.0, vocab)
+    rng = np.random.default_rng(3)
+    groups = []
+    for _ in range(3):
+        shared = rng.integers(1, vocab, size=4).tolist()
+        pairs = [(rng.integers(1, vocab, size=2).tolist(), rng.choice(np.arange(10, vocab), size=int(k), replace=False).tolist())
+                 for k in rng.integers(1, 8, size=3)]
+        groups.append((shared, pairs))
+    groups.append(([3, 4], [([5], list(range(10, vocab))), ([6], [12, 11])]))  # every allowed token, then a short one
+    grads, losses = [], []
+    for fn in (lambda m: _reference_masked_loss(m, groups, allowed, weight),
+               lambda m: response_loss(m, batching.pack(groups, PAD), allowed=allowed, no_repeat=True, weight=weight)[0]):
+        lm = _tiny_lm(vocab)
+        lm.zero_grad()
+        loss = fn(lm)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None]))
+    assert torch.isfinite(losses[1]) and torch.isfinite(grads[1]).all()
+    assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
 def test_pack_without_shared_prompt_and_the_token_count():
     groups = [([], [([5], [6, 7, 8])]), ([], [([5, 9, 9], [3])])]
     b = batching.pack(groups, PAD)

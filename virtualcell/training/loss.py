@@ -70,15 +70,27 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
         logits = target_offsets.add(logits, offsets, batch.named, near)
     if bias is not None and batch.own is not None:
         logits = token_bias.add(logits, bias, batch.own)
+    # one mask, one fill; positions without a target keep their logits (a row with every token masked would give
+    # NaN gradients even where the loss ignores it). No gather of the valid positions either: at thousands of genes
+    # copying rows x positions x vocabulary out and scattering its gradient back cost a fifth of the step
+    banned = None
     if allowed is not None:
-        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        banned = ~allowed.to(logits.device)
     if no_repeat:
-        logits = logits.masked_fill(seen_before(targets, valid, vocab), float("-inf"))
+        seen = seen_before(targets, valid, vocab)
+        banned = seen if banned is None else seen | banned
+    if banned is not None:
+        if banned.dim() == 3:
+            banned &= valid[:, :, None]
+        logits = logits.masked_fill(banned, float("-inf"))
+    flat_targets = targets.reshape(-1)
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), flat_targets, ignore_index=-100,
+                                               reduction="none")
     if weight is None:
-        loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+        loss = losses.sum() / valid.sum()
     else:
-        w = weight.to(logits.device)[targets[valid]]
-        loss = (torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="none") * w).sum() / w.sum()
+        w = weight.to(logits.device)[flat_targets.clamp(min=0)] * valid.reshape(-1)
+        loss = (losses * w).sum() / w.sum()
     if offsets is not None:  # a step that names no target still gives the parameter a (zero) gradient
         loss = loss + 0.0 * offsets.sum()
     if near is not None:
