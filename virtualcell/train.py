@@ -576,6 +576,7 @@ def train(
     """
     import torch
 
+    from .allocator import large_blocks_on_heap
     from .generation import torch_threads
 
     cfg = with_learning_rate(config or TrainConfig(), base)
@@ -584,7 +585,8 @@ def train(
     if base is not None:
         require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
     contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
-    with torch_threads(torch.get_num_threads()):  # the thread count chosen for training is undone on the way out
+    # the thread count chosen for training is undone on the way out; freed logits stay in the heap while it runs
+    with torch_threads(torch.get_num_threads()), large_blocks_on_heap():
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log)
 
