@@ -1,6 +1,6 @@
 """Training steps with glibc's default malloc against large blocks kept on the heap (``virtualcell.allocator``).
 
-    python experiments/bench_allocator.py [--genes 299 300 2000 9015] [--steps 60] [--repeats 2]   # ~10 min on 2 cores
+    python experiments/bench_allocator.py [--genes 299 300 2000 9015] [--steps 60] [--repeats 2] [--long 600]   # 5 min; 17 with --long 600
 
 A training step allocates several ``rows x positions x vocabulary`` tensors (logits, masks, their
 gradients). glibc serves each block above its mmap threshold with a fresh ``mmap`` and returns it
@@ -19,6 +19,10 @@ losses differ only where the trainer's timed choice of kernels, made afresh in e
 * 299 genes: the embedded Papalexi screen (rep_3 held out, 100 genes per sentence: the bundled recipe's);
 * any other number: the Kang 2018 PBMC file from ``../shared/data`` (raw counts, 2,000 cells; all its 9,015
   genes, or the ones detected in most cells), 200 genes per sentence (``train``'s default).
+
+With ``--long STEPS`` (600 in the recorded run) each side also makes one whole run as ``virtualcell
+train`` makes it at 9,015 genes (validation every 200 steps, checkpoints, the verdict): its wall
+time, the resident memory every 50 steps and at the end (``VmRSS``), and the peak (``ru_maxrss``).
 
 Writes ``experiments/results/allocator.{md,json}``.
 """
@@ -60,6 +64,35 @@ def data(genes: int):  # noqa: ANN201
     return adata, vc.DataContract(perturbation_key="perturbation", control="control"), {}
 
 
+def _resident_mb() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+
+
+def long_side(steps: int, heap: bool, out: str) -> dict:
+    """One whole default run at 9,015 genes in this process: wall time and resident memory."""
+    import tempfile
+
+    import virtualcell as vc
+    import virtualcell.allocator as allocator
+    from virtualcell.train import TrainConfig
+
+    if not heap:
+        allocator._glibc = lambda: None
+    adata, contract, fields = data(9015)
+    cfg = TrainConfig(max_steps=steps, compile="off", threads=2, seed=0, **fields)
+    resident = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        vc.fit(adata, out=tmp, contract=contract, config=cfg, resume=False, progress=False,
+                 on_log=lambda r: resident.append(_resident_mb()) if r["step"] % 50 == 0 else None)
+    result = {"heap": heap, "steps": steps, "wall_s": time.perf_counter() - t0, "resident_mb_every_50": resident,
+              "resident_mb_after": _resident_mb(),
+              "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    Path(out).write_text(json.dumps(result))
+    return result
+
+
 def side(genes: int, steps: int, heap: bool, out: str) -> dict:
     """One training run in this process; returns its timings."""
     import tempfile
@@ -77,7 +110,7 @@ def side(genes: int, steps: int, heap: bool, out: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        vc.train(adata, out=tmp, contract=contract, config=cfg, resume=False, progress=False,
+        vc.fit(adata, out=tmp, contract=contract, config=cfg, resume=False, progress=False,
                  on_log=lambda r: log.append((r.get("step"), r.get("elapsed_s"), r.get("loss"))))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -100,10 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--long", type=int, default=0, metavar="STEPS",
+                    help="also one whole default run per side at 9,015 genes (0: none)")
     ap.add_argument("--side", nargs=3, metavar=("GENES", "HEAP", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.side:  # a child process: one run
-        side(int(args.side[0]), args.steps, args.side[1] == "1", args.side[2])
+        if args.side[0] == "long":
+            long_side(args.long, args.side[1] == "1", args.side[2])
+        else:
+            side(int(args.side[0]), args.steps, args.side[1] == "1", args.side[2])
         return
     started = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -119,6 +157,14 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(f"{genes} genes, {SIDES[heap]}, repeat {rep}: {row['s_per_step']:.3f} s/step, "
                       f"{row['minor_faults']:,} minor faults, {row['system_share']:.0%} system", flush=True)
+    longs = []
+    for heap in (False, True) if args.long else ():
+        path = Path(args.out) / f".allocator_long_{int(heap)}.json"
+        subprocess.run([sys.executable, __file__, "--long", str(args.long), "--side", "long", str(int(heap)), str(path)],
+                       check=True)
+        longs.append(json.loads(path.read_text()))
+        path.unlink()
+        print(f"whole run, {SIDES[heap]}: {longs[-1]['wall_s']:.0f} s, peak {longs[-1]['peak_mb']} MB", flush=True)
     lines = ["| genes | side | s/step (each repeat) | steps/min | minor page faults | system share of CPU | last loss |",
              "|---|---|---|---|---|---|---|"]
     summary = []
@@ -134,17 +180,24 @@ def main(argv: list[str] | None = None) -> None:
                          + " / ".join(f"{r['last_loss']:.4f}" for r in rs) + " |")
     speed = [f"{a['genes']:,} genes {a['s_per_step'] / b['s_per_step']:.2f}x"
              for a, b in zip(summary[::2], summary[1::2])]
+    long_md = ""
+    if longs:
+        long_md = (f"\n\nOne whole run per side at 9,015 genes, {args.long} steps (validation, checkpoints, verdict):\n\n"
+                   "| side | wall s | resident MB every 50 steps | resident MB after the run | peak MB |\n|---|---|---|---|---|\n"
+                   + "\n".join(f"| {SIDES[r['heap']]} | {r['wall_s']:.0f} | "
+                                + " ".join(str(v) for v in r["resident_mb_every_50"])
+                                + f" | {r['resident_mb_after']} | {r['peak_mb']} |" for r in longs))
     import platform
 
     md = (f"# Training steps: glibc's default malloc against large blocks kept on the heap\n\nCommand: `python "
           f"experiments/bench_allocator.py {' '.join(sys.argv[1:])}`".rstrip() + f"  \nWall time: "
           f"{(time.perf_counter() - started) / 60:.1f} min on {platform.processor() or platform.machine()} (2 torch "
           f"threads, 2 cores, no GPU).\n\n" + __doc__.split("\n\n", 2)[2].rsplit("\n\nWrites", 1)[0] + "\n\n"
-          + "\n".join(lines) + f"\n\nSteps per minute, heap against glibc default: {'; '.join(speed)}.\n")
+          + "\n".join(lines) + f"\n\nSteps per minute, heap against glibc default: {'; '.join(speed)}." + long_md + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "allocator.md").write_text(md)
-    (out / "allocator.json").write_text(json.dumps({"command": sys.argv, "rows": rows, "summary": summary}, indent=1))
+    (out / "allocator.json").write_text(json.dumps({"command": sys.argv, "rows": rows, "summary": summary, "long": longs}, indent=1))
     print(md)
 
 
