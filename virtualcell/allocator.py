@@ -11,8 +11,8 @@ million and 7%, and 2.3x the steps per minute; 1.05-1.12x on panels of 300 to 2,
 (``experiments/bench_allocator.py``).
 
 :func:`large_blocks_on_heap` raises the mmap and trim thresholds for the duration of a run, so
-freed blocks stay in the process's heap and are reused, then restores glibc's defaults and
-returns the free memory to the system (``malloc_trim``). Resident memory stays near the run's
+freed blocks stay in the process's heap and are reused, then sets them where glibc's own rule
+settles after large frees and returns the free memory to the system (``malloc_trim``). Resident memory stays near the run's
 peak while it lasts (measured at 9,015 genes: 2.0 GB through 600 steps and the verdict, against
 1.0 GB, for 238 s against 497 s; 0.7 GB once the run ended). A heap can also fragment: blocks that live long, made between
 the large ones, keep freed large blocks from being reused whole, and the heap grows instead (seen
@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 _M_MMAP_THRESHOLD = -3
-_DEFAULT_THRESHOLD = 128 * 1024  # glibc's default for both
+# on the way out: where glibc's own rule settles once large blocks have been freed (it raises the mmap threshold to the
+# size of each freed mmapped block, up to 32 MiB on 64-bit systems, and keeps trim at twice that). Any mallopt ends
+# that rule for the process, so restoring the 128 KiB start would send every later block above it to mmap again
+# (measured: a screen in such a process 8.8 / 12.4 s against 7.0 / 7.5 s with these values;
+# experiments/results/attempts/allocator_steps/screen_after_heap.py)
+_AFTER_MMAP_THRESHOLD = 32 * 2**20
+_AFTER_TRIM_THRESHOLD = 2 * _AFTER_MMAP_THRESHOLD
 HEAP_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (an int): blocks up to 2 GiB come from the heap
 RESIDENT_SHARE = 0.6  # of (resident + available memory) at the start: past it, large blocks go back to mmap
 _WATCH_S = 0.5
@@ -93,8 +99,8 @@ def _available() -> int:
 
 
 def _restore(libc: ctypes.CDLL) -> None:
-    libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+    libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
     libc.malloc_trim(0)
 
 
@@ -124,8 +130,9 @@ def large_blocks_on_heap(max_resident: int | None = None) -> Iterator[HeapRun]:
 
     ``max_resident``: bytes of resident memory past which the watcher hands large blocks back to
     mmap (default: :data:`RESIDENT_SHARE` of this process's resident plus the machine's available
-    memory now). Nested and concurrent uses share the outermost's setting and watcher; it restores
-    glibc's defaults (128 KiB for both thresholds) and trims the heap on the way out.
+    memory now). Nested and concurrent uses share the outermost's setting and watcher; it sets the
+    thresholds where glibc's own rule settles after large frees (mmap 32 MiB, trim 64 MiB) and trims the
+    heap on the way out.
     """
     global _depth, _watch
     libc = _glibc()
