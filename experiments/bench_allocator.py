@@ -65,8 +65,9 @@ def data(genes: int):  # noqa: ANN201
 
 
 def _resident_mb() -> int:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+    from virtualcell.allocator import _resident  # the watcher's own reading
+
+    return _resident() // 2**20
 
 
 def long_side(steps: int, heap: bool, out: str) -> dict:

@@ -18,9 +18,8 @@ for s in (0, 1, 2):
             vals = {}
             for r in g:
                 vals.setdefault(r["method"], {})[r["metric"]] = r["value"]
-            tr = d.get("training") or next((r["training"] for r in d.get("runs", []) if r.get("cell_type", "CD4T") == ctx or True), {})
-            if "runs" in d:
-                tr = next((r["training"] for r in d["runs"] if r.get("cell_type") == ctx or r.get("context") == ctx), d["runs"][0]["training"])
+            tr = d["training"] if "runs" not in d else next(
+                (r["training"] for r in d["runs"] if ctx in (r.get("cell_type"), r.get("context"))), d["runs"][0]["training"])
             m, b = vals.get("model", {}), vals.get("model (blend)", {})
             keys = ["pearson_delta", "pearson_delta_top50"] + (["edistance"] if "edistance" in m else [])
             print(name, s, tag, f"steps {tr.get('steps')}", "pure", {k: round(m[k], 3) for k in keys}, "served", {k: round(b[k], 3) for k in keys if k in b},
