@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +281,26 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     train(data, out=tmp_path, config=replace(cfg, max_steps=6), progress=False)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_pair_draws_change_the_pairs_from_the_second_epoch_on(papalexi_small, tmp_path):
+    """pair_draws=2 trains the first epoch on the default's pairs (equal losses, step by step) and the second on
+    another draw (other losses)."""
+    from virtualcell.train import TrainConfig, train
+
+    data = papalexi_small[:160].copy()
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=40, batch_size=8, warmup_steps=1,
+                      pretrain_fraction=0.0, verdict_fraction=0.0, eval_every=40, save_every=40, attention="eager",
+                      precision="fp32", compile="off", threads=1)
+    losses = {}
+    for draws in (1, 2):
+        model = train(data, out=tmp_path / str(draws), config=replace(cfg, pair_draws=draws), progress=False)
+        history = json.loads((tmp_path / str(draws) / "history.json").read_text())
+        losses[draws] = np.array([h["loss"] for h in history if "loss" in h])
+    per_epoch = model.train_config["n_pairs"] // cfg.batch_size
+    assert 0 < per_epoch < 30
+    assert np.allclose(losses[1][:per_epoch], losses[2][:per_epoch])
+    assert not np.allclose(losses[1][per_epoch : 2 * per_epoch], losses[2][per_epoch : 2 * per_epoch])
 
 
 def test_repeat_mask_of_the_loss_matches_a_cumulative_one_hot():

@@ -224,6 +224,23 @@ def test_pair_schedule_is_deterministic_grouped_and_covers_each_pair_once():
     assert all(g.size == 1 for g in lone.groups(lone.at(0)))
 
 
+def test_pair_schedule_cycles_through_draws_of_the_sources():
+    """With several draws of the sources, epoch e uses draw e % draws: its groups share a source in that draw,
+    and the draw a step uses is a pure function of the step (a resumed run pairs as the first did)."""
+    rng = np.random.default_rng(1)
+    targets = np.arange(64)
+    draws = rng.integers(0, 8, size=(3, targets.size))
+    sched = batching.PairSchedule(targets, draws, batch_size=16, group_size=4, seed=0)
+    assert [sched.draw(k) for k in range(0, 13, 4)] == [0, 1, 2, 0]
+    for k in range(12):
+        for g in sched.groups(sched.at(k), k):
+            assert len(set(draws[sched.draw(k)][g].tolist())) == 1
+    assert np.array_equal(batching.PairSchedule(targets, draws[:1], batch_size=16, group_size=4, seed=0).at(2),
+                          batching.PairSchedule(targets, draws[0], batch_size=16, group_size=4, seed=0).at(2))
+    with pytest.raises(ValueError, match="one source per target"):
+        batching.PairSchedule(targets, draws[:, :10], batch_size=16, group_size=4, seed=0)
+
+
 def test_learning_rate_schedule():
     assert lr_at(0, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(0.1)
     assert lr_at(9, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(1.0)
@@ -582,6 +599,35 @@ def test_ot_pairing_keeps_the_whole_effect_and_pairs_within_the_context():
     assert 0.9 < shrink["ot"] < 1.1 and 0.9 < shrink["random"] < 1.1
     # the nearest controls of KO1's cells are the controls whose genes 0-9 happen to be highest
     assert shrink["nearest"] < shrink["ot"] - 0.08, shrink  # about 0.8 against 1.0
+
+
+def test_ot_pairing_draws_differ_and_stay_fair():
+    """draw > 0: other sources, still controls of the target's context (never itself), still a fair sample of
+    them (the whole effect kept); a perturbation with as many cells as controls (one fixed matching at draw 0)
+    gets other sources too. draw 0 is the default's pairing."""
+    from virtualcell import DataContract
+    from virtualcell.train import TrainConfig, build_pairs
+
+    a = _shifted_screen()
+    c = DataContract("perturbation", "control", context_key="ctx")
+    X, labels, ctx = a.X, a.obs["perturbation"].to_numpy(), a.obs["ctx"].to_numpy()
+    first = build_pairs(a, c, seed=3)[0]
+    assert (build_pairs(a, c, seed=3, draw=0)[0] == first).all()
+    ko = labels == "KO1"
+    true = (X[ko].mean(0) - X[labels == "control"].mean(0))[:10].mean()
+    for d in (1, 2):
+        src = build_pairs(a, c, seed=3, draw=d)[0]
+        assert (labels[src] == "control").all() and (ctx[src] == ctx).all() and (src != np.arange(a.n_obs)).all()
+        assert (src != first).mean() > 0.3
+        assert 0.85 < (X[ko] - X[src[ko]]).mean(0)[:10].mean() / true < 1.15
+    even = a[(labels == "control") | ((labels == "KO1") & (ctx == "a"))].copy()  # 160 controls beside 60 KO1 in "a"
+    even = even[np.r_[np.flatnonzero(even.obs["ctx"] == "a")[:60], np.flatnonzero(even.obs["perturbation"] == "KO1"),
+                      np.flatnonzero(even.obs["ctx"] == "b")]].copy()
+    ko_even = (even.obs["perturbation"] == "KO1").to_numpy()
+    assert (build_pairs(even, c, seed=0)[0] == build_pairs(even, c, seed=1)[0])[ko_even].all()  # one matching
+    assert (build_pairs(even, c, seed=0, draw=1)[0] != build_pairs(even, c, seed=0)[0])[ko_even].mean() > 0.3
+    with pytest.raises(TrainingError, match="pair_draws"):
+        TrainConfig(pair_draws=0)
 
 
 def test_ot_pairing_matches_like_to_like():

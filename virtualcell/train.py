@@ -90,6 +90,9 @@ class TrainConfig:
     pretrain_fraction: float = 0.1
     control_fraction: float = 0.2
     pairing: str = PAIRINGS[0]
+    # draws of the pairing the epochs cycle through (each a fresh draw of build_pairs: another uniform sample of the
+    # controls, matched anew), so a target cell meets other source cells from one epoch to the next; 1: one draw
+    pair_draws: int = 1
     neighbours: int = 5
     n_pcs: int = 20
     val_fraction: float = 0.05
@@ -182,6 +185,9 @@ class TrainConfig:
         if not 0 <= self.generic_fraction < 1:
             raise TrainingError(f"generic_fraction must be in [0, 1) (share of perturbed pairs written under the generic "
                                 f"condition, for guidance), got {self.generic_fraction}.")
+        if not isinstance(self.pair_draws, int) or isinstance(self.pair_draws, bool) or self.pair_draws < 1:
+            raise TrainingError(f"pair_draws must be a whole number >= 1 (draws of the pairing the epochs cycle "
+                                f"through; 1: one), got {self.pair_draws!r}.")
         if self.group_size < 1:
             raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
         if not 0.0 <= self.verdict_fraction <= 0.5:
@@ -322,7 +328,7 @@ _OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger g
 
 def build_pairs(
     adata: ad.AnnData, contract: DataContract, *, pairing: str = PAIRINGS[0], neighbours: int = 5, n_pcs: int = 20,
-    seed: int = 0,
+    seed: int = 0, draw: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair every cell with a control cell of the same context: the cell it is predicted from.
 
@@ -344,11 +350,17 @@ def build_pairs(
 
     Control cells are never paired with themselves. Returns ``(source, target)`` index
     arrays: target cell ``target[i]`` is predicted from control cell ``source[i]``.
+    ``draw`` > 0 gives another draw of the same pairing over the same PCA embedding, with other random
+    choices; for ``"ot"`` the controls are then drawn with replacement (a bootstrap sample: uniform still, but not
+    every control once, so that a perturbation with as many cells as there are controls, whose transport is then
+    one fixed matching, gets other pairs too). ``draw=0`` is the draw of ``seed`` alone.
     """
     from scipy.spatial import cKDTree
 
     _check_pairing(pairing)
-    rng = np.random.default_rng(seed)
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}.")
+    rng = np.random.default_rng(seed if draw == 0 else [seed, draw])
     X = expression_matrix(adata)
     Xn = log_normalize(X, detect_scale(X))
     ctx = contract.contexts(adata)
@@ -378,7 +390,7 @@ def build_pairs(
             groups += [(members[~is_ctrl[members] & (labels[members] == lab)], controls)
                        for lab in np.unique(labels[members][~is_ctrl[members]])]
             for targets, pool in groups:
-                src[targets] = _transport(targets, pool, at, rng)
+                src[targets] = _transport(targets, pool, at, rng, bootstrap=draw > 0)
             continue
         tree = cKDTree(emb[[pos[m] for m in controls]])
         k = min(neighbours + 1, controls.size)
@@ -392,14 +404,18 @@ def build_pairs(
 
 
 def _transport(targets: np.ndarray, pool: np.ndarray, at: Callable[[np.ndarray], np.ndarray],
-               rng: np.random.Generator) -> np.ndarray:
+               rng: np.random.Generator, bootstrap: bool = False) -> np.ndarray:
     """A source from ``pool`` for each of ``targets``: a uniform draw of the pool (each pool cell
-    used equally often, up to one), assigned to the targets by least total squared distance of
-    their embeddings ``at(idx)``; groups over ``_OT_BLOCK`` cells are solved in random blocks."""
+    used equally often, up to one; with ``bootstrap``, drawn with replacement), assigned to the targets by
+    least total squared distance of their embeddings ``at(idx)``; groups over ``_OT_BLOCK`` cells are solved
+    in random blocks."""
     from scipy.optimize import linear_sum_assignment
 
     n = targets.size
-    draw = np.concatenate([rng.permutation(pool) for _ in range(-(-n // pool.size))])[:n]
+    if bootstrap:
+        draw = rng.choice(pool, size=n, replace=True)
+    else:
+        draw = np.concatenate([rng.permutation(pool) for _ in range(-(-n // pool.size))])[:n]
     order = rng.permutation(n)
     out = np.empty(n, dtype=np.int64)
     for block in np.array_split(order, -(-n // _OT_BLOCK)) if n else []:
@@ -668,8 +684,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)
-    src, _ = build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
-                         seed=cfg.seed)
+    # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws
+    src_draws = np.stack([build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
+                                      seed=cfg.seed, draw=d)[0] for d in range(cfg.pair_draws)])
+    src = src_draws[0]
     train_targets, val_targets = _pair_split(data, contract, cfg, src)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -724,7 +742,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         budget_s -= reserve
 
     # which pairs make each step, and how they become tensors
-    pairs = batching.PairSchedule(train_targets, src[train_targets], batch_size=cfg.batch_size,
+    pairs = batching.PairSchedule(train_targets, src_draws[:, train_targets], batch_size=cfg.batch_size,
                                   group_size=cfg.group_size, seed=cfg.seed)
     lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
                                  group_size=1, seed=cfg.seed, salt=1)
@@ -734,17 +752,17 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     perturbed = ~contract.is_control(data)
 
     def groups_of(chunks: list[np.ndarray], pretrain: bool, generic: set[int] = frozenset(),
-                  plain: set[int] = frozenset()) -> list[batching.Group]:
+                  plain: set[int] = frozenset(), draw: int = 0) -> list[batching.Group]:
         if pretrain:
             return batching.sentence_groups(fmt, [t for c in chunks for t in c], sentences=sentences)
-        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src, perturbations=perturbation_of,
-                                    generic=generic, plain=plain)
+        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src_draws[draw],
+                                    perturbations=perturbation_of, generic=generic, plain=plain)
 
     generic_fraction = cfg.generic_fraction if fmt.generic_own() is not None else 0.0
 
     def batch_at(step: int, pretrain: bool) -> batching.Batch:
         schedule = lone if pretrain else pairs
-        chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world))]
+        chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world), step)]
         generic: set[int] = set()
         plain: set[int] = set()
         if not pretrain:
@@ -752,7 +770,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
             generic = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=generic_fraction, step=step)
             plain = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=cfg.own_token_dropout, step=step,
                                           salt=3)
-        return batching.pack(groups_of(chunks, pretrain, generic, plain), fmt.pad, named=named).to(accelerator.device)
+        return batching.pack(groups_of(chunks, pretrain, generic, plain, draw=schedule.draw(step)), fmt.pad,
+                             named=named).to(accelerator.device)
 
     vocab_size = lm.get_output_embeddings().weight.shape[0]
     response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None

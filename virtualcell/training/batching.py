@@ -204,7 +204,9 @@ class PairSchedule:
     targets
         The pairs' target cells.
     sources
-        Each pair's source cell (``-1`` for single sentences, as in pre-training).
+        Each pair's source cell (``-1`` for single sentences, as in pre-training); or several
+        draws of them (draws x pairs), of which epoch ``e`` uses draw ``e % draws`` (:meth:`draw`),
+        so that a target is seen with other source cells from one epoch to the next.
     """
 
     def __init__(self, targets: np.ndarray, sources: np.ndarray, *, batch_size: int, group_size: int, seed: int,
@@ -212,12 +214,16 @@ class PairSchedule:
         if batch_size < 1 or group_size < 1:
             raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}.")
         self.targets = np.asarray(targets, dtype=np.int64)
-        self.sources = np.asarray(sources, dtype=np.int64)
-        if self.targets.shape != self.sources.shape:
-            raise ValueError("targets and sources must have the same length.")
+        self.draws = np.atleast_2d(np.asarray(sources, dtype=np.int64))
+        if self.targets.ndim != 1 or self.draws.ndim != 2 or self.draws.shape[1:] != self.targets.shape:
+            raise ValueError("sources must hold one source per target (or draws x targets of them).")
         self.batch_size, self.group_size, self.seed, self.salt = batch_size, group_size, seed, salt
         self.per_epoch = max(1, self.targets.size // batch_size)
         self._epoch: tuple[int, np.ndarray] | None = None
+
+    def draw(self, step: int) -> int:
+        """Which draw of the sources the pairs of ``step`` use."""
+        return (step // self.per_epoch) % len(self.draws)
 
     def _order(self, epoch: int) -> np.ndarray:
         """The epoch's pair order (indices into ``targets``)."""
@@ -225,25 +231,28 @@ class PairSchedule:
         order = rng.permutation(self.targets.size)
         if self.group_size == 1:
             return order
-        by_source = order[np.argsort(self.sources[order], kind="stable")]
-        chunks = chunks_by_source(by_source, self.sources[by_source], self.group_size)
+        sources = self.draws[epoch % len(self.draws)]
+        by_source = order[np.argsort(sources[order], kind="stable")]
+        chunks = chunks_by_source(by_source, sources[by_source], self.group_size)
         return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
 
     def at(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
-        """Indices (into ``targets``/``sources``) of the pairs of ``step``, this process's share."""
+        """Indices (into ``targets`` and each draw of the sources) of the pairs of ``step``, this process's share."""
         epoch, k = divmod(step, self.per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self._order(epoch))
         chosen = self._epoch[1][k * self.batch_size : (k + 1) * self.batch_size]
         return np.array_split(chosen, world)[rank] if world > 1 else chosen
 
-    def groups(self, chosen: np.ndarray) -> list[np.ndarray]:
-        """Consecutive pairs with the same source, at most ``group_size`` each (single sentences alone)."""
+    def groups(self, chosen: np.ndarray, step: int = 0) -> list[np.ndarray]:
+        """Consecutive pairs with the same source (in ``step``'s draw), at most ``group_size`` each (single
+        sentences alone)."""
+        sources = self.draws[self.draw(step)]
         out: list[np.ndarray] = []
         start = 0
         for i in range(1, chosen.size + 1):
-            if (i == chosen.size or self.sources[chosen[i]] != self.sources[chosen[start]]
-                    or self.sources[chosen[start]] < 0 or i - start == self.group_size):
+            if (i == chosen.size or sources[chosen[i]] != sources[chosen[start]]
+                    or sources[chosen[start]] < 0 or i - start == self.group_size):
                 out.append(chosen[start:i])
                 start = i
         return out
