@@ -3,7 +3,7 @@
 Every run of a folder was made beside its pair (the default and the variant, same protocol and
 seed, started together with ``--threads 1``), so the two shared the machine alike. The folder holds
 one sub-folder per run, named ``PROTOCOL-default-sSEED`` and ``PROTOCOL-VARIANT-sSEED``, each with the
-protocol's record (``*.json``) and, from ``--model-dir``, the model's ``history.json`` (cut to its
+protocol's record (``*.json``; ``user_files.csv`` for ``user_files.py --only drug_doses``) and, from ``--model-dir``, the model's ``history.json`` (cut to its
 validation rows and last step) and ``verdict.json`` (the weights are not kept).
 
 Run: ``python experiments/paired_runs.py FOLDER --variant NAME --title TITLE`` (writes ``FOLDER/summary.md``).
@@ -22,14 +22,26 @@ from pathlib import Path
 SHARED = {"guidance": 1.0}  # a setting every run's verdict scores (1 sample): runs are compared there
 
 
+def _user_files(folder: Path) -> dict[str, str]:
+    """``user_files.py``'s drug screen (``--only drug_doses``): pure / served per metric, from its csv."""
+    import csv
+
+    rows = {r["method"]: r for r in csv.DictReader((folder / "user_files.csv").open()) if r["file"] == "drug_doses"}
+    return {m: f"{float(rows['model (pure)'][m]):.2f} / {float(rows['model (served)'][m]):.2f}"
+            for m in ("pearson_delta", "pearson_delta_top50")}
+
+
 def row(folder: Path) -> dict:
-    rec = json.loads(next(f for f in folder.glob("*.json") if f.name not in ("verdict.json", "history.json")).read_text())
     verdict = json.loads((folder / "verdict.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     history = history if isinstance(history, list) else history["history"]
     val = [r["val_loss"] for r in history if "val_loss" in r]
     shared = next(c["model"]["mse"] for c in verdict["candidates"] if c["settings"] == SHARED)
-    if "rows" in rec:  # the synthetic screen
+    if (folder / "user_files.csv").exists():  # user_files.py's drug screen
+        held = _user_files(folder)
+    elif "rows" in (rec := json.loads(next(f for f in folder.glob("*.json")
+                                          if f.name not in ("verdict.json", "history.json")).read_text())):
+        # the synthetic screen
         held = {k: v["spearman"] for k, v in rec["rows"].items() if k.startswith("model")}
     else:  # a protocol: its headline metrics, the pure model's figure and the served blend's
         held = {}

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: int | None = None,
-            lr: float | None = None, hidden_size: int = 128, layers: int = 4) -> list[str]:
+            lr: float | None = None, hidden_size: int = 128, layers: int = 4, pair_draws: int = 1) -> list[str]:
     from virtualcell.train import NEW_MODEL_LR
 
     return [
@@ -66,7 +66,7 @@ def command(out: str, max_minutes: float, max_steps: int, seed: int, threads: in
         "--top-k", "100", "--hidden-size", str(hidden_size), "--layers", str(layers), "--heads", "4",
         "--lr", f"{NEW_MODEL_LR if lr is None else lr:g}",
         "--batch-size", "16", "--max-steps", str(max_steps), "--max-minutes", str(max_minutes),
-        "--verdict-samples", "1,4,8", "--no-target-offsets", "--no-token-bias",
+        "--verdict-samples", "1,4,8", "--no-target-offsets", "--no-token-bias", "--pair-draws", str(pair_draws),
         "--seed", str(seed), *(["--threads", str(threads)] if threads else []), "--out", out,
     ]
 
@@ -83,9 +83,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's)")
     ap.add_argument("--hidden-size", type=int, default=128, help="model width (the recipe's: 128)")
     ap.add_argument("--layers", type=int, default=4, help="transformer layers (the recipe's: 4)")
+    ap.add_argument("--pair-draws", type=int, default=1, help="draws of the pairing the epochs cycle through (the recipe's: 1)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads, args.lr, args.hidden_size, args.layers)
+        cmd = command(tmp, args.max_minutes, args.max_steps, args.seed, args.threads, args.lr, args.hidden_size, args.layers,
+                      args.pair_draws)
         t = time.time()
         subprocess.run(cmd, check=True)
         took = time.time() - t
