@@ -239,6 +239,14 @@ def test_pair_schedule_cycles_through_draws_of_the_sources():
                           batching.PairSchedule(targets, draws[0], batch_size=16, group_size=4, seed=0).at(2))
     with pytest.raises(ValueError, match="one source per target"):
         batching.PairSchedule(targets, draws[:, :10], batch_size=16, group_size=4, seed=0)
+    made = []
+    lazy = batching.LazyDraws(3, lambda d: made.append(d) or draws[d])
+    again = batching.PairSchedule(targets, lazy, batch_size=16, group_size=4, seed=0)
+    assert made == [0] and np.array_equal(again.at(5), sched.at(5)) and made == [0, 1]  # a draw when first needed
+    assert [again.groups(again.at(k), k) for k in (9, 1)] and made == [0, 1, 2]
+    assert all(np.array_equal(a, b) for k in range(12)
+               for a, b in zip(again.groups(again.at(k), k), sched.groups(sched.at(k), k)))
+    assert made == [0, 1, 2]  # each made once
 
 
 def test_learning_rate_schedule():

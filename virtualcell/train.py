@@ -684,9 +684,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)
-    # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws
-    src_draws = np.stack([build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
-                                      seed=cfg.seed, draw=d)[0] for d in range(cfg.pair_draws)])
+    # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
+    # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 20 s)
+    def pairs_of_draw(d: int) -> np.ndarray:
+        return build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
+                           seed=cfg.seed, draw=d)[0]
+
+    src_draws = batching.LazyDraws(cfg.pair_draws, pairs_of_draw)
     src = src_draws[0]
     train_targets, val_targets = _pair_split(data, contract, cfg, src)
 
@@ -742,8 +746,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         budget_s -= reserve
 
     # which pairs make each step, and how they become tensors
-    pairs = batching.PairSchedule(train_targets, src_draws[:, train_targets], batch_size=cfg.batch_size,
-                                  group_size=cfg.group_size, seed=cfg.seed)
+    pairs = batching.PairSchedule(train_targets, src_draws.derived(lambda s: s[train_targets]),
+                                  batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
     lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
                                  group_size=1, seed=cfg.seed, salt=1)
     rank, world = accelerator.process_index, accelerator.num_processes

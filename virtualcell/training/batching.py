@@ -24,7 +24,8 @@ import torch
 from ..target_offsets import row_tensors
 from ..token_bias import row_tokens
 
-__all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "PairSchedule"]
+__all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "LazyDraws",
+           "PairSchedule"]
 
 # (shared prompt tokens, [(own prompt tokens, response tokens), ...])
 Group = tuple[Sequence[int], Sequence[tuple[Sequence[int], Sequence[int]]]]
@@ -191,6 +192,34 @@ def chunks_by_source(items: np.ndarray, keys: np.ndarray, group_size: int) -> li
     return out
 
 
+class LazyDraws(Sequence[np.ndarray]):
+    """``count`` draws of an index array, draw ``d`` made by ``make(d)`` when first asked for, then kept.
+
+    A draw of the pairing can take a while (optimal transport on 50,000 cells: about 20 s), and a run on
+    many cells may never finish its first epoch, so later draws are made when an epoch first needs them.
+    """
+
+    def __init__(self, count: int, make: Callable[[int], np.ndarray]) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}.")
+        self.count, self.make = int(count), make
+        self._made: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, d: int) -> np.ndarray:  # type: ignore[override]
+        if not 0 <= d < self.count:
+            raise IndexError(f"draw {d} of {self.count}")
+        if d not in self._made:
+            self._made[d] = np.asarray(self.make(d), dtype=np.int64)
+        return self._made[d]
+
+    def derived(self, how: Callable[[np.ndarray], np.ndarray]) -> LazyDraws:
+        """The same draws passed through ``how`` (e.g. the training pairs' share), each made when first asked for."""
+        return LazyDraws(self.count, lambda d: how(self[d]))
+
+
 class PairSchedule:
     """The pairs of every step: epochs of shuffled pairs, same-source pairs kept together.
 
@@ -205,18 +234,18 @@ class PairSchedule:
         The pairs' target cells.
     sources
         Each pair's source cell (``-1`` for single sentences, as in pre-training); or several
-        draws of them (draws x pairs), of which epoch ``e`` uses draw ``e % draws`` (:meth:`draw`),
-        so that a target is seen with other source cells from one epoch to the next.
+        draws of them (draws x pairs, or a :class:`LazyDraws`), of which epoch ``e`` uses draw
+        ``e % draws`` (:meth:`draw`), so that a target is seen with other source cells from one
+        epoch to the next.
     """
 
-    def __init__(self, targets: np.ndarray, sources: np.ndarray, *, batch_size: int, group_size: int, seed: int,
-                 salt: int = 0) -> None:
+    def __init__(self, targets: np.ndarray, sources: np.ndarray | LazyDraws, *, batch_size: int, group_size: int,
+                 seed: int, salt: int = 0) -> None:
         if batch_size < 1 or group_size < 1:
             raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}.")
         self.targets = np.asarray(targets, dtype=np.int64)
-        self.draws = np.atleast_2d(np.asarray(sources, dtype=np.int64))
-        if self.targets.ndim != 1 or self.draws.ndim != 2 or self.draws.shape[1:] != self.targets.shape:
-            raise ValueError("sources must hold one source per target (or draws x targets of them).")
+        self.draws = sources if isinstance(sources, LazyDraws) else np.atleast_2d(np.asarray(sources, dtype=np.int64))
+        self._sources(0)
         self.batch_size, self.group_size, self.seed, self.salt = batch_size, group_size, seed, salt
         self.per_epoch = max(1, self.targets.size // batch_size)
         self._epoch: tuple[int, np.ndarray] | None = None
@@ -225,13 +254,19 @@ class PairSchedule:
         """Which draw of the sources the pairs of ``step`` use."""
         return (step // self.per_epoch) % len(self.draws)
 
+    def _sources(self, d: int) -> np.ndarray:
+        sources = self.draws[d]
+        if self.targets.ndim != 1 or sources.shape != self.targets.shape:
+            raise ValueError("sources must hold one source per target (or draws x targets of them).")
+        return sources
+
     def _order(self, epoch: int) -> np.ndarray:
         """The epoch's pair order (indices into ``targets``)."""
         rng = np.random.default_rng([self.seed, epoch, self.salt])
         order = rng.permutation(self.targets.size)
         if self.group_size == 1:
             return order
-        sources = self.draws[epoch % len(self.draws)]
+        sources = self._sources(epoch % len(self.draws))
         by_source = order[np.argsort(sources[order], kind="stable")]
         chunks = chunks_by_source(by_source, sources[by_source], self.group_size)
         return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
@@ -247,7 +282,7 @@ class PairSchedule:
     def groups(self, chosen: np.ndarray, step: int = 0) -> list[np.ndarray]:
         """Consecutive pairs with the same source (in ``step``'s draw), at most ``group_size`` each (single
         sentences alone)."""
-        sources = self.draws[self.draw(step)]
+        sources = self._sources(self.draw(step))
         out: list[np.ndarray] = []
         start = 0
         for i in range(1, chosen.size + 1):
