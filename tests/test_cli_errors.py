@@ -59,6 +59,8 @@ CASES = [
     ("n-cells-0", f"predict {M} --perturbations STAT1 --n-cells 0 --out {{tmp}}/p.h5ad", r"argument --n-cells: must be at least 1"),
     ("train-max-steps-0", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-steps 0 "
      "--out {tmp}/t"), r"argument --max-steps: must be at least 1"),
+    ("train-pair-draws-0", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --pair-draws 0 "
+     "--out {tmp}/t"), r"argument --pair-draws: must be at least 1"),
     ("train-max-minutes-0", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-minutes 0 "
      "--out {tmp}/t"), r"argument --max-minutes: must be a number above 0"),
     # training data

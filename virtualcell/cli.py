@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one to one to a fair draw of the controls, so the pairs carry the whole effect), nearest (one "
                         "of the 5 most similar controls; those look perturbed already, so the effect shrinks) or "
                         f"random (default: {TrainConfig.pairing})")
-    p.add_argument("--pair-draws", type=int, default=TrainConfig.pair_draws, metavar="N",
+    p.add_argument("--pair-draws", type=_positive_int, default=TrainConfig.pair_draws, metavar="N",
                    help="draws of the pairing the training epochs cycle through, so that a cell is predicted from other "
                         f"control cells from one epoch to the next (default {TrainConfig.pair_draws}: one draw)")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
