@@ -247,6 +247,8 @@ def test_pair_schedule_cycles_through_draws_of_the_sources():
     assert all(np.array_equal(a, b) for k in range(12)
                for a, b in zip(again.groups(again.at(k), k), sched.groups(sched.at(k), k)))
     assert made == [0, 1, 2]  # each made once
+    with pytest.raises(ValueError, match="needs the step"):
+        sched.groups(sched.at(0))
 
 
 def test_learning_rate_schedule():

@@ -279,10 +279,12 @@ class PairSchedule:
         chosen = self._epoch[1][k * self.batch_size : (k + 1) * self.batch_size]
         return np.array_split(chosen, world)[rank] if world > 1 else chosen
 
-    def groups(self, chosen: np.ndarray, step: int = 0) -> list[np.ndarray]:
+    def groups(self, chosen: np.ndarray, step: int | None = None) -> list[np.ndarray]:
         """Consecutive pairs with the same source (in ``step``'s draw), at most ``group_size`` each (single
-        sentences alone)."""
-        sources = self._sources(self.draw(step))
+        sentences alone). ``step`` may be left out where there is one draw."""
+        if step is None and len(self.draws) > 1:
+            raise ValueError("groups() needs the step when the sources have several draws (which one is the step's).")
+        sources = self._sources(0 if step is None else self.draw(step))
         out: list[np.ndarray] = []
         start = 0
         for i in range(1, chosen.size + 1):
