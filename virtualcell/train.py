@@ -93,7 +93,7 @@ class TrainConfig:
     # draws of the pairing the epochs cycle through (each a fresh draw of build_pairs: another uniform sample of the
     # controls, matched anew), so a target cell meets other source cells from one epoch to the next; 1: one draw.
     # An option (session 41, attempts/pair_draws/): 8 draws cut the memorizing of long runs and their verdict error
-    # (protocols 1 and 5: lower at 5 of 6 runs), but not where a run ends near its lowest loss (2 of 10): 7 of 16
+    # (protocols 1 and 5: lower at 5 of 6 runs), but lowered it at 9 of 19 runs and on 3 of 8 comparisons in all
     pair_draws: int = 1
     neighbours: int = 5
     n_pcs: int = 20
