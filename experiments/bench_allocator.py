@@ -86,7 +86,7 @@ def long_side(steps: int, heap: bool, out: str) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         vc.fit(adata, out=tmp, contract=contract, config=cfg, resume=False, progress=False,
-                 on_log=lambda r: resident.append(_resident_mb()) if r["step"] % 50 == 0 else None)
+               on_log=lambda r: resident.append(_resident_mb()) if r["step"] % 50 == 0 else None)
     result = {"heap": heap, "steps": steps, "wall_s": time.perf_counter() - t0, "resident_mb_every_50": resident,
               "resident_mb_after": _resident_mb(),
               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
@@ -112,7 +112,7 @@ def side(genes: int, steps: int, heap: bool, out: str) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         vc.fit(adata, out=tmp, contract=contract, config=cfg, resume=False, progress=False,
-                 on_log=lambda r: log.append((r.get("step"), r.get("elapsed_s"), r.get("loss"))))
+               on_log=lambda r: log.append((r.get("step"), r.get("elapsed_s"), r.get("loss"))))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
     timed = [(s, t, loss) for s, t, loss in log if s is not None and loss is not None]

@@ -32,6 +32,9 @@ def _user_files(folder: Path) -> dict[str, str]:
 
 
 def row(folder: Path) -> dict:
+    # the protocol's record (user_files.py's drug screen has none: its user_files.csv instead)
+    rec = next((json.loads(f.read_text()) for f in folder.glob("*.json") if f.name not in ("verdict.json", "history.json")),
+               {})
     verdict = json.loads((folder / "verdict.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     history = history if isinstance(history, list) else history["history"]
@@ -39,9 +42,7 @@ def row(folder: Path) -> dict:
     shared = next(c["model"]["mse"] for c in verdict["candidates"] if c["settings"] == SHARED)
     if (folder / "user_files.csv").exists():  # user_files.py's drug screen
         held = _user_files(folder)
-    elif "rows" in (rec := json.loads(next(f for f in folder.glob("*.json")
-                                          if f.name not in ("verdict.json", "history.json")).read_text())):
-        # the synthetic screen
+    elif "rows" in rec:  # the synthetic screen
         held = {k: v["spearman"] for k, v in rec["rows"].items() if k.startswith("model")}
     else:  # a protocol: its headline metrics, the pure model's figure and the served blend's
         held = {}

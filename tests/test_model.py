@@ -276,8 +276,6 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=4, save_every=2, eval_every=2,
                       batch_size=4, warmup_steps=1)
     train(data, out=tmp_path, config=cfg, progress=False)
-    from dataclasses import replace
-
     train(data, out=tmp_path, config=replace(cfg, max_steps=6), progress=False)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
