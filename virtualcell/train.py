@@ -687,7 +687,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)
     # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
-    # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 20 s)
+    # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 10 s)
     def pairs_of_draw(d: int) -> np.ndarray:
         return build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
                            seed=cfg.seed, draw=d)[0]

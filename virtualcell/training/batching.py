@@ -195,8 +195,9 @@ def chunks_by_source(items: np.ndarray, keys: np.ndarray, group_size: int) -> li
 class LazyDraws(Sequence[np.ndarray]):
     """``count`` draws of an index array, draw ``d`` made by ``make(d)`` when first asked for, then kept.
 
-    A draw of the pairing can take a while (optimal transport on 50,000 cells: about 20 s), and a run on
-    many cells may never finish its first epoch, so later draws are made when an epoch first needs them.
+    A draw of the pairing can take a while (optimal transport on 50,000 cells: about 10 s;
+    ``experiments/results/attempts/pair_draws/draw_time.py``), and a run on many cells may never
+    finish its first epoch, so later draws are made when an epoch first needs them.
     """
 
     def __init__(self, count: int, make: Callable[[int], np.ndarray]) -> None:
