@@ -263,13 +263,19 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["codec"]["top_k"] == model.top_k == TINY.top_k
     assert f"Through its {model.top_k}-gene sentences" in verdict["summary"]
-    # ... decoded each way: the decode with the lower codec MSE is the model's, saved with its rank fit
-    assert set(verdict["decode"]) == {"linear", "table"}
+    # ... decoded each way, and each way through a gene map: the decode with the lower codec MSE is the model's,
+    # saved with its rank fit (and its map, when it has one)
+    assert set(verdict["decode"]) == {"linear", "table", "linear+map", "table+map"}
     chosen = min(verdict["decode"], key=lambda m: verdict["decode"][m]["mse"])
-    assert model.rank_fit.method == chosen == verdict["codec"]["decode"]
+    assert chosen == verdict["codec"]["decode"] and model.rank_fit.method == chosen.split("+")[0]
+    assert (model.gene_map is not None) == chosen.endswith("+map")
     assert verdict["codec"]["mse"] == verdict["decode"][chosen]["mse"]
     assert f"Decode chosen on it: {chosen}" in verdict["summary"]
-    assert vc.C2SModel.load(folder).rank_fit.method == chosen
+    loaded = vc.C2SModel.load(folder)
+    assert loaded.rank_fit.method == model.rank_fit.method
+    assert (loaded.gene_map is None) == (model.gene_map is None)
+    if model.gene_map is not None:
+        assert np.array_equal(loaded.gene_map.right, model.gene_map.right)
 
 
 def test_codec_baselines_lose_what_the_sentences_leave_out(tiny_model):

@@ -118,6 +118,7 @@ class C2SModel:
         self.source = source
         self.baselines: Any = None  # validation.Baselines: training-data baseline deltas (baselines.npz)
         self.verdict: dict[str, Any] | None = None  # the training run's validation verdict (verdict.json)
+        self.gene_map: Any = None  # gene_map.GeneMap: every gene from a decoded sentence, when the verdict chose it
         if prompt_format not in FORMATS:
             raise ModelError(f"Unknown prompt format {prompt_format!r}; use one of {', '.join(FORMATS)}.")
         self.format: PromptFormat = FORMATS[prompt_format](tokenizer, genes.genes, self.perturbations)
@@ -207,6 +208,10 @@ class C2SModel:
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
             model._load_verdict(path)
+            if meta.get("gene_map") is not None:
+                from .gene_map import FILE, GeneMap
+
+                model.gene_map = GeneMap.load(Path(path) / FILE, meta["gene_map"], len(vocab))
             if meta.get("neighbour_offsets") is not None:
                 model.attach_neighbours(meta["neighbour_offsets"])
         else:
@@ -274,9 +279,15 @@ class C2SModel:
                              "or retrain.") from None
 
     def _save_verdict(self, p: Path) -> None:
-        """The training baselines and validation verdict (:mod:`virtualcell.validation`), when present."""
+        """The training baselines, validation verdict (:mod:`virtualcell.validation`) and the gene map the verdict
+        chose (:mod:`virtualcell.gene_map`), when present."""
+        from .gene_map import FILE
         from .validation import BASELINES_FILE, VERDICT_FILE
 
+        if self.gene_map is not None:
+            self.gene_map.save(p / FILE)
+        elif (p / FILE).exists():  # a verdict run again chose no map: virtualcell.json says none, the file goes
+            (p / FILE).unlink()
         if self.baselines is not None:
             self.baselines.save(p / BASELINES_FILE)
         if self.verdict is not None:
@@ -307,7 +318,8 @@ class C2SModel:
             "train_config": self.train_config,
         } | ({"target_offsets": self.target_offsets} if self.target_offsets is not None else {}) \
           | ({"token_bias": self._token_bias_tokens()} if token_bias.of(self.lm) is not None else {}) \
-          | ({"neighbour_offsets": self.neighbour_offsets} if self.neighbour_offsets is not None else {})
+          | ({"neighbour_offsets": self.neighbour_offsets} if self.neighbour_offsets is not None else {}) \
+          | ({"gene_map": self.gene_map.record()} if self.gene_map is not None else {})
 
     def _token_bias_tokens(self) -> list[str]:
         """The tokens of the token-bias table's rows, in order (what ``virtualcell.json`` keeps of it)."""
@@ -316,6 +328,17 @@ class C2SModel:
         ids = torch.nonzero(rows >= 0).flatten()
         order = rows[ids].argsort()
         return [by_id[int(i)] for i in ids[order]]
+
+    def decode(self, sentences: CellSentences) -> np.ndarray:
+        """Expression (cells x the model's genes, float32) of sentences in its vocabulary: the rank fit's decode,
+        then the gene map where the training run's verdict chose one (every gene, not only those written)."""
+        from .sentences import decode
+
+        if self.rank_fit is None:
+            raise ModelError(f"{self.source or 'This model'} has no rank fit, so its sentences cannot be turned back "
+                             "into expression: model.rank_fit = RankFit.fit(adata, encode(adata, vocab=model.genes)).")
+        D = decode(sentences, self.rank_fit)
+        return self.gene_map(D) if self.gene_map is not None else D.toarray()
 
     @property
     def device(self) -> torch.device:

@@ -6,7 +6,10 @@ control generation (README, "Fine-tune on your own screen")::
     r_ip = x_i + decode(gen(i, p)) − mean_k decode(gen_k(i, control))
     x̂_ip = max(0, r_ip) · s_p,   s_p = max(0, mean_i r_ip) / mean_i max(0, r_ip)   (per gene)
 
-which cancels the drift of generated cells toward the training population. The
+which cancels the drift of generated cells toward the training population. ``decode`` is the
+model's (:meth:`C2SModel.decode`): the rank fit, then, where the training run's verdict chose
+one, a gene map that predicts every gene from the decoded sentence (:mod:`virtualcell.gene_map`),
+so that genes below the sentence's cut have an effect too. The
 calibrated prediction under ``control`` is the baseline cell itself, so deltas are
 against the baseline population. Expression cannot be negative, but clipping each
 cell at 0 alone adds ``E[max(0, noise)] > 0`` to every gene a cell does not express:
@@ -46,7 +49,7 @@ from .errors import DataError, ScreenError
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
-from .sentences import Vocabulary, decode, encode, model_expression, normalization_label, with_gene_key
+from .sentences import Vocabulary, encode, model_expression, normalization_label, with_gene_key
 from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -519,7 +522,8 @@ class Simulator:
             that of each cell). ``None``: the number the trainer chose on its validation split (1 for
             a checkpoint without one). ``samples=1`` gives the same cells as before it existed.
         calibrate
-            Predict ``x + decode(perturbed) − mean decode(control)`` (default) instead of the decoded generation.
+            Predict ``x + decode(perturbed) − mean decode(control)`` (default) instead of the decoded generation
+            (which, through a gene map, :mod:`virtualcell.gene_map`, can read a little below 0 for a rare gene).
         blend
             Shrink the model's delta toward the training baseline (:mod:`virtualcell.validation`):
             serve ``x + w·(decode(perturbed) − mean decode(control)) + (1−w)·baseline delta`` (calibrated
@@ -585,7 +589,6 @@ class Simulator:
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance,
                                coexpression_prior=coexpression_prior, compose=compose)
-        fit = self.model.rank_fit
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
         base_emb, base_idx = [], []
@@ -598,7 +601,7 @@ class Simulator:
                     sums.n_invalid += out.n_invalid
                     sums.n_duplicate += out.n_duplicate
                     sums.n_generated_genes += int(out.sentences.ids.size)
-                    D = decode(out.sentences, fit).toarray()
+                    D = self.model.decode(out.sentences)
                     for row, (c, p) in enumerate(zip(out.cell, out.perturbation)):
                         gen[(int(c), int(p))] = D[row]
                 x = self.expression[idx].toarray()

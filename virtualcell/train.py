@@ -51,6 +51,7 @@ from .sentences import (DECODE_METHODS, RankFit, Vocabulary, detect_scale, encod
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
+    from .gene_map import GeneMap
     from .model import C2SModel
     from .sentences import CellSentences
     from .validation import Baselines
@@ -733,7 +734,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     elif cfg.neighbour_offsets:
         log.warning("neighbour offsets need target offsets and a genetic perturbation of a measured gene; this run "
                     "trains without them")
-    codec = _codec_baselines(data, sentences, fit, contract, model) if held is not None else None
+    codec, gene_maps = (_codec_baselines(data, sentences, fit, contract, model, seed=cfg.seed) if held is not None
+                        else (None, None))
     verdict_candidates = _verdict_candidates(cfg, model)
     if budget_s is not None and held is not None:
         reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
@@ -892,7 +894,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     model.lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec, unseen)
+    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec, unseen, gene_maps)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
@@ -1018,27 +1020,43 @@ def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, An
 
 
 def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, contract: DataContract,
-                     model: C2SModel) -> dict[str, Baselines]:
+                     model: C2SModel, *, seed: int = 0) -> tuple[dict[str, Baselines], dict[str, GeneMap]]:
     """The training baselines fitted on the training ``cells`` as the model's ``sentences`` carry them, decoded
-    each way (:data:`DECODE_METHODS`): the verdict's codec, which also chooses the decode."""
-    from . import validation
+    each way (:data:`DECODE_METHODS`), and each way through a gene map fitted on the same cells
+    (:mod:`virtualcell.gene_map`; named ``"linear+map"`` ...): the verdict's codec, which also chooses the decode.
+    Returns the baselines by decode, and the maps by their decode's name."""
+    from dataclasses import replace
 
-    return {m: validation.Baselines.fit(roundtrip(cells, sentences, fit, method=m), contract, model, response=False)
-            for m in DECODE_METHODS}
+    from . import validation
+    from .gene_map import MAPPED, GeneMap
+    from .sentences import model_expression
+
+    measured, _ = model_expression(cells, model.genes)
+    codec, maps = {}, {}
+    for m in DECODE_METHODS:
+        decoded = roundtrip(cells, sentences, fit, method=m)
+        codec[m] = validation.Baselines.fit(decoded, contract, model, response=False)
+        gene_map = GeneMap.fit(decoded.X, measured, decode=m, seed=seed)
+        # the meanshift deltas are means of cells, so the map passes them on by its linear part
+        maps[MAPPED.format(decode=m)] = gene_map
+        codec[MAPPED.format(decode=m)] = replace(codec[m], delta=gene_map.shift(codec[m].delta))
+    return codec, maps
 
 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
-           codec: Mapping[str, Baselines] | None = None, unseen: Mapping[str, str] | None = None) -> None:
+           codec: Mapping[str, Baselines] | None = None, unseen: Mapping[str, str] | None = None,
+           gene_maps: Mapping[str, GeneMap] | None = None) -> None:
     """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted);
-    ``unseen``: the perturbations held out whole (:func:`unseen_labels`)."""
+    ``unseen``: the perturbations held out whole (:func:`unseen_labels`); ``gene_maps``: the maps of the codec's
+    mapped decodes (:func:`_codec_baselines`)."""
     from . import validation
 
     t0 = time.perf_counter()
     if held is not None:
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
                                                samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
-                                               codec=codec, unseen=unseen)
+                                               codec=codec, unseen=unseen, gene_maps=gene_maps)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]
@@ -1110,10 +1128,10 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     # covariance that serves the coexpression baseline); the same cells give trained perturbations the same deltas
     model.baselines = validation.Baselines.fit(_baseline_cells(data, contract, in_verdict, unseen), contract, model,
                                                forms=unseen)
-    codec = _codec_baselines(trained, sentences, model.rank_fit, contract, model)
+    codec, gene_maps = _codec_baselines(trained, sentences, model.rank_fit, contract, model, seed=cfg.seed)
     previous = model.verdict
     model.verdict = None
-    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen)
+    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen, gene_maps)
     if model.verdict is None:
         model.verdict = previous
         raise DataError("The verdict's held-out cells have no context with both control and perturbed cells; the "

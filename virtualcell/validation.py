@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
     from .contract import DataContract
+    from .gene_map import GeneMap
     from .model import C2SModel
     from .sentences import RankFit, Vocabulary
 
@@ -518,7 +519,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                 candidates: Sequence[Mapping[str, Any]] = ({},), samples: Sequence[int] = (1,),
                 temperatures: Sequence[float] = (1.0,), max_input_cells: int = 64,
                 codec: Baselines | Mapping[str, Baselines] | None = None,
-                unseen: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+                unseen: Mapping[str, str] | None = None,
+                gene_maps: Mapping[str, GeneMap] | None = None) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -537,7 +539,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     through its ``top_k``-gene sentences: when they fall short of the baseline's, the sentences,
     not the training, limit the model. A mapping of decode methods (``"linear"``, ``"table"``) to
     such baselines, each decoded that way, also chooses the decode (:func:`choose_decode`):
-    ``model.rank_fit`` is set to the one with the lowest MSE before any candidate is simulated.
+    ``model.rank_fit`` is set to the one with the lowest MSE before any candidate is simulated. ``gene_maps``:
+    the gene maps of the codec's mapped decodes (``"linear+map"`` ...; :mod:`virtualcell.gene_map`):
+    ``model.gene_map`` becomes the chosen one, or ``None`` where a decode without a map was chosen.
     ``unseen``: perturbations held out of training whole (``{condition: typed form}``,
     :func:`virtualcell.train.unseen_labels`). They are simulated beside the others but judged
     apart, against the baseline a perturbation never trained on gets (:meth:`Baselines.unseen_delta`
@@ -598,8 +602,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     unseen_name = "/".join(sorted(unseen_names)) or "pertmean"
     base_name = unseen_name if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
-    if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit
-        model.rank_fit = choose_decode(model.rank_fit, codec_scores)
+    decode_name = model.rank_fit.method if model.rank_fit is not None else "linear"
+    if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit (and its map)
+        model.rank_fit, model.gene_map, decode_name = choose_decode(model.rank_fit, codec_scores, gene_maps)
 
     def simulated(settings: Mapping[str, Any], only: set[str] | None = None) -> list:
         """Each context's aggregates at ``settings`` (a setting left out is its plain value, not one an earlier
@@ -645,7 +650,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     verdict["summary"] = _summary(len(perturbations), int(n_cells), judged,
                                   **({"what": UNSEEN_WHAT} if only_unseen else {}))
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
-        method = model.rank_fit.method  # the one codec's key, or the decode just chosen
+        method = next(iter(codec_scores)) if len(codec_scores) == 1 else decode_name  # the decode just chosen
         verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
                                f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
@@ -686,21 +691,33 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
 UNSEEN_WHAT = "{n} perturbations held out of training whole"  # how a summary names them
 
 
-def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]]) -> RankFit:
-    """``fit`` set to decode by the method whose codec scores (:func:`score_deltas` of the training effects
-    through the sentences, decoded that way, against the validation split's measured deltas) have the
-    lowest MSE: the decode that carries what the data says best. The scores are free (no generation),
-    and the map is shared by every prediction, so it is chosen once, before the generation settings.
+def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]],
+                  gene_maps: Mapping[str, GeneMap] | None = None) -> tuple[RankFit, GeneMap | None, str]:
+    """The decode whose codec scores (:func:`score_deltas` of the training effects through the sentences,
+    decoded that way, against the validation split's measured deltas) have the lowest MSE: the decode that
+    carries what the data says best. A decode is a rank-fit method (``"linear"``, ``"table"``) or one of them
+    followed by its gene map (``"linear+map"``, the map in ``gene_maps``; :mod:`virtualcell.gene_map`). The
+    scores are free (no generation), and the decode is shared by every prediction, so it is chosen once,
+    before the generation settings. Returns ``fit`` set to decode by the chosen method, the chosen gene map
+    (``None``: none) and the decode's name.
 
     >>> from virtualcell.sentences import RankFit
     >>> fit = RankFit(-1.0, 3.0, 0.9, "log1p", 10, rank_means=(3.0, 2.0, 1.0))
-    >>> choose_decode(fit, {"linear": {"mse": 0.2}, "table": {"mse": 0.1}}).method
-    'table'
+    >>> fit2, gene_map, name = choose_decode(fit, {"linear": {"mse": 0.2}, "table": {"mse": 0.1}})
+    >>> fit2.method, gene_map, name
+    ('table', None, 'table')
     """
     from dataclasses import replace
 
-    method = min(codec_scores, key=lambda m: codec_scores[m]["mse"])
-    return fit if fit.method == method else replace(fit, method=method)
+    from .sentences import DECODE_METHODS
+
+    name = min(codec_scores, key=lambda m: codec_scores[m]["mse"])
+    gene_map = (gene_maps or {}).get(name)
+    method = gene_map.decode if gene_map is not None else name
+    if method not in DECODE_METHODS:
+        raise ModelError(f"The codec's decode {name!r} is neither a rank-fit method {DECODE_METHODS} nor a gene map "
+                         "passed with it.")
+    return (fit if fit.method == method else replace(fit, method=method)), gene_map, name
 
 
 def _plans(model: C2SModel, held: ad.AnnData, contract: DataContract, *, seed: int, max_input_cells: int,

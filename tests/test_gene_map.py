@@ -1,0 +1,106 @@
+"""The gene map: every gene from a decoded cell sentence (virtualcell.gene_map)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from virtualcell.errors import ModelError
+from virtualcell.gene_map import GeneMap
+from virtualcell.sentences import roundtrip
+from virtualcell.validation import choose_decode
+
+
+def _two_programs(n: int = 400, seed: int = 0) -> tuple[ad.AnnData, np.ndarray]:
+    """Cells in one of two programs: A writes genes 0-9 high, B genes 10-19; below every sentence's cut, genes 20-39
+    rise with A and 40-59 with B. Log1p counts; returns the cells and each cell's program (1: A)."""
+    rng = np.random.default_rng(seed)
+    a = rng.random(n) < 0.5
+    rate = np.full((n, 60), 0.05)
+    rate[a, 0:10] = 40.0
+    rate[~a, 10:20] = 40.0
+    rate[a, 20:40] = 1.0
+    rate[~a, 40:60] = 1.0
+    X = np.log1p(rng.poisson(rate)).astype(np.float32)
+    return ad.AnnData(X, var=pd.DataFrame(index=[f"G{i}" for i in range(60)])), a
+
+
+def test_the_map_gives_back_the_genes_the_sentences_leave_out():
+    cells, a = _two_programs()
+    decoded = roundtrip(cells, top_k=10, seed=0)  # sentences of 10 genes: genes 20-59 never written
+    assert not np.asarray(decoded.X[:, 20:].todense()).any()
+    gene_map = GeneMap.fit(decoded.X, cells.X, decode="linear", seed=0)
+    assert gene_map.error < 0.5 * gene_map.error_without  # on the fifth of the cells that chose it
+    full = gene_map(decoded.X)
+    assert full.shape == cells.shape and full.dtype == np.float32
+    # the unwritten genes now follow the program the sentence shows
+    assert full[a, 20:40].mean() > 0.4 and full[~a, 20:40].mean() < 0.1
+    assert full[~a, 40:60].mean() > 0.4 and full[a, 40:60].mean() < 0.1
+    # a change of decoded expression (what the Simulator predicts from) passes on by the map's linear part
+    change = np.asarray(decoded.X[a].mean(axis=0) - decoded.X[~a].mean(axis=0)).ravel()
+    moved = gene_map.shift(change)
+    np.testing.assert_allclose(moved, full[a].mean(axis=0) - full[~a].mean(axis=0), atol=1e-4)
+    assert moved[20:40].mean() > 0.4 and moved[40:60].mean() < -0.4
+
+
+def test_the_map_refuses_what_it_cannot_fit_or_read(tmp_path):
+    cells, _ = _two_programs(n=60)
+    decoded = roundtrip(cells, top_k=10, seed=0)
+    with pytest.raises(ModelError, match="same cells and genes"):
+        GeneMap.fit(decoded.X, cells.X[:, :30], decode="linear")
+    with pytest.raises(ModelError, match="at least 10 cells"):
+        GeneMap.fit(decoded.X[:5], cells.X[:5], decode="linear")
+    gene_map = GeneMap.fit(decoded.X, cells.X, decode="table", seed=1)
+    with pytest.raises(ModelError, match="decoded sentences of 60 genes"):
+        gene_map(np.zeros((3, 59)))
+    path = tmp_path / "gene_map.npz"
+    gene_map.save(path)
+    again = GeneMap.load(path, gene_map.record(), 60)
+    np.testing.assert_array_equal(again(decoded.X), gene_map(decoded.X))
+    assert again.record() == gene_map.record()
+    with pytest.raises(ModelError, match="does not fit this model's 61 genes"):
+        GeneMap.load(path, gene_map.record(), 61)
+    path.write_bytes(b"not a numpy file")
+    with pytest.raises(ModelError, match="cannot be read"):
+        GeneMap.load(path, gene_map.record(), 60)
+
+
+def test_choose_decode_takes_the_map_only_where_its_codec_error_is_lowest():
+    from virtualcell.sentences import RankFit
+
+    cells, _ = _two_programs(n=60)
+    gene_map = GeneMap.fit(roundtrip(cells, top_k=10, seed=0, method="table").X, cells.X, decode="table")
+    fit = RankFit(-1.0, 3.0, 0.9, "log1p", 10, rank_means=(3.0, 2.0, 1.0))
+    maps = {"table+map": gene_map}
+    scores = {"linear": {"mse": 0.3}, "table": {"mse": 0.2}, "table+map": {"mse": 0.1}}
+    chosen, chosen_map, name = choose_decode(fit, scores, maps)
+    assert (chosen.method, chosen_map, name) == ("table", gene_map, "table+map")
+    chosen, chosen_map, name = choose_decode(fit, scores | {"linear": {"mse": 0.05}}, maps)
+    assert (chosen.method, chosen_map, name) == ("linear", None, "linear")
+    with pytest.raises(ModelError, match="neither a rank-fit method"):
+        choose_decode(fit, {"linear+map": {"mse": 0.1}})  # a mapped decode whose map was not passed
+
+
+def test_the_simulator_decodes_through_the_models_gene_map(tiny_model):
+    """A model with a gene map decodes every generated sentence through it: the uncalibrated prediction (the mean
+    decoded generation) is the map of the one without it, from the same generation."""
+    import virtualcell as vc
+    from virtualcell.sentences import decode, encode, model_expression
+
+    model, _, data = tiny_model
+    sentences = encode(data, vocab=model.genes, top_k=model.top_k, seed=0)
+    gene_map = GeneMap.fit(decode(sentences, model.rank_fit), model_expression(data, model.genes)[0],
+                           decode=model.rank_fit.method, seed=0)
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:6].copy(), model)
+    kept = model.gene_map
+    try:
+        model.gene_map = None
+        plain = sim.simulate(["STAT1"], progress=False, calibrate=False, seed=2).cells.values
+        model.gene_map = gene_map
+        mapped = sim.simulate(["STAT1"], progress=False, calibrate=False, seed=2).cells.values
+    finally:
+        model.gene_map = kept
+    np.testing.assert_allclose(mapped[0], gene_map(plain[0]), atol=1e-4)
+    assert not np.allclose(mapped, plain, atol=1e-2)
