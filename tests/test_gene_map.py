@@ -104,3 +104,28 @@ def test_the_simulator_decodes_through_the_models_gene_map(tiny_model):
         model.gene_map = kept
     np.testing.assert_allclose(mapped[0], gene_map(plain[0]), atol=1e-4)
     assert not np.allclose(mapped, plain, atol=1e-2)
+
+
+def test_a_checkpoint_keeps_its_gene_map_until_a_verdict_drops_it(tiny_model, tmp_path):
+    """save_verdict (what 'virtualcell verdict' writes) stores the chosen map beside virtualcell.json, and removes
+    it when a verdict run again chose a decode without one: a stale file is never read back."""
+    import shutil
+
+    import virtualcell as vc
+    from virtualcell.gene_map import FILE
+    from virtualcell.sentences import decode, encode, model_expression
+
+    model, folder, data = tiny_model
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    model = vc.C2SModel.load(copy)
+    sentences = encode(data, vocab=model.genes, top_k=model.top_k, seed=0)
+    model.gene_map = GeneMap.fit(decode(sentences, model.rank_fit), model_expression(data, model.genes)[0],
+                                 decode=model.rank_fit.method, seed=0)
+    model.save_verdict(copy)
+    again = vc.C2SModel.load(copy)
+    assert again.gene_map is not None and again.gene_map.record() == model.gene_map.record()
+    np.testing.assert_array_equal(again.decode(sentences[:5]), model.decode(sentences[:5]))
+    model.gene_map = None
+    model.save_verdict(copy)
+    assert not (copy / FILE).exists() and vc.C2SModel.load(copy).gene_map is None
