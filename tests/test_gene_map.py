@@ -129,3 +129,14 @@ def test_a_checkpoint_keeps_its_gene_map_until_a_verdict_drops_it(tiny_model, tm
     model.gene_map = None
     model.save_verdict(copy)
     assert not (copy / FILE).exists() and vc.C2SModel.load(copy).gene_map is None
+
+
+def test_a_small_panel_keeps_the_full_rank_among_the_choices():
+    """Cutting the map's rank drops the inputs that vary least; on a panel whose sentences hold every gene they still
+    carry some genes, so the full rank stays a choice wherever its factors are small (not on a 9,015-gene panel)."""
+    from virtualcell.gene_map import MAX_FLOATS, RANKS, _ranks
+
+    assert _ranks(299, 299 + 299)[-1] == 299 and set(RANKS[:-1]) <= set(_ranks(299, 598))
+    assert _ranks(1600, 4039 + 9015) == list(RANKS)  # the full rank's factors would exceed MAX_FLOATS
+    assert 1600 * (4039 + 9015) > MAX_FLOATS
+    assert _ranks(5, 10) == [5]  # fewer components than the smallest rank tried
