@@ -12,8 +12,10 @@ cells, with its penalty and its rank chosen on a random fifth of them. Applied t
 generates, it turns each into a full expression profile; the Simulator's ``decode(perturbed) - decode(control)``
 then has an effect on every gene. ``virtualcell train`` keeps it only where its validation split says the
 training effects, passed through the sentences, come out closer to the measured ones with it than without
-(:func:`virtualcell.validation.choose_decode`); on a panel whose sentences hold every expressed gene it changes
-little and is left out.
+(:func:`virtualcell.validation.choose_decode`). On a panel whose sentences hold nearly every expressed gene it
+predicts single cells a little *less* well than the decode alone (the ridge pulls a written gene toward its mean,
+not toward its decoded value; ``experiments/results/attempts/gene_map/``), and the verdict there chooses by the
+mean deltas, which it helped on one such panel (protocol 1) and not on another (the embedded screen).
 
 The map is stored as two factors, ``inputs x rank`` and ``rank x genes``, in ``gene_map.npz`` in the checkpoint.
 """
@@ -30,7 +32,7 @@ import scipy.sparse as sp
 from .errors import ModelError
 
 FILE = "gene_map.npz"
-PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalty, times the mean input variance per cell
+PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalty, times the mean diagonal of the inputs' D'D
 RANKS = (8, 16, 32, 64, 128, 256)  # the map's ranks tried, and its full rank where the file stays small
 MAX_FLOATS = 1 << 22  # a map's two factors hold at most this many numbers (16 MB): the full rank of a small panel
 MAPPED = "{decode}+map"  # a decode through the map, as the verdict's codec names it (validation.choose_decode)
@@ -46,8 +48,8 @@ class GeneMap:
     sentences, and the Simulator's predictions are made non-negative after it (``simulator.calibrated``).
 
     ``decode``: the rank decode (``"linear"`` or ``"table"``) whose output it was fitted on; ``penalty``,
-    ``rank``: chosen on the validation fifth of the fitting cells (the rank at most the inputs' own); ``error``: that fifth's mean squared error
-    per gene, and ``error_without`` the decoded sentences' own, for the record.
+    ``rank``: chosen on the validation fifth of the fitting cells (the rank at most the inputs' own); ``error``:
+    that fifth's mean squared error per gene, and ``error_without`` the decoded sentences' own, for the record.
     """
 
     inputs: np.ndarray
