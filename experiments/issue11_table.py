@@ -260,8 +260,8 @@ def main() -> None:
                       "runs behind a row ran (from their records), since a table can hold runs of different code. "
                       "`baseline via the codec`: the strongest baseline with its training effects passed through the "
                       "cell sentences (encoded at the protocol's top_k, decoded with the best of the four decodes "
-                      "`train` chooses among: linear, rank table, each alone or through a gene map; made non-negative as every prediction is): what a model that learned "
-                      "that baseline exactly would score "
+                      "`train` chooses among: linear, rank table, each alone or through a gene map; made non-negative "
+                      "as every prediction is): what a model that learned that baseline exactly would score "
                       "(`python experiments/codec_ceiling.py`; `codec_ceiling.md`).", "",
                       *lines, ""])
     args.runs.mkdir(parents=True, exist_ok=True)

@@ -90,18 +90,18 @@ class GeneMap:
         rng = np.random.default_rng([seed, 23])
         n = decoded.shape[0]
         cells = np.sort(rng.choice(n, size=min(n, MAX_CELLS), replace=False))
-        D = _dense(decoded, cells)
+        full = _dense(decoded, cells)
         T = _dense(expression, cells)
-        inputs = np.flatnonzero((D != 0).any(axis=0))
+        inputs = np.flatnonzero((full != 0).any(axis=0))
         if inputs.size == 0 or cells.size < 10:
             raise ModelError(f"A gene map needs at least 10 cells with written genes; got {cells.size} cells, "
                              f"{inputs.size} genes written.")
-        D = D[:, inputs]
+        D = full[:, inputs]
         val = rng.random(cells.size) < VALIDATION
         if val.sum() < 2 or (~val).sum() < 5:
             val = np.arange(cells.size) % 5 == 0
         penalty, rank, error = _choose(D[~val], T[~val], D[val], T[val])
-        base = float(((_dense(decoded, cells[val]) - T[val]) ** 2).mean())
+        base = float(((full[val] - T[val]) ** 2).mean())
         mean_in, mean_out, left, right = _solve(D, T, penalty, rank)
         return cls(inputs.astype(np.int64), mean_in, mean_out, left, right, decode, float(penalty),
                    int(left.shape[1]), float(error), base)
@@ -175,11 +175,11 @@ def _choose(D: np.ndarray, T: np.ndarray, Dv: np.ndarray, Tv: np.ndarray) -> tup
 
 
 def _ranks(components: int, width: int) -> list[int]:
-    """The ranks tried: :data:`RANKS` below the number of ``components``, and all of them where the two factors
-    (``width`` = inputs + genes numbers per rank) fit :data:`MAX_FLOATS`. Cutting components by their singular
-    value drops the inputs that vary least, which on a panel whose sentences hold every gene still carry the
-    most of some genes: the full rank must stay a choice there (the embedded screen's 299 genes: without it the
-    map's error per gene was twice the plain decode's)."""
+    """The ranks tried: :data:`RANKS` below the number of ``components``, and the full rank (every component)
+    where its two factors (``width`` = inputs + genes numbers per rank) fit :data:`MAX_FLOATS`. Cutting
+    components by their singular value drops the inputs that vary least, which on a panel whose sentences hold
+    every gene still carry the most of some genes: the full rank must stay a choice there (the embedded screen's
+    299 genes: without it the map's error per gene was twice the plain decode's)."""
     ranks = [r for r in RANKS if r < components]
     return ranks + [components] if components * width <= MAX_FLOATS or not ranks else ranks
 

@@ -1025,8 +1025,6 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
     each way (:data:`DECODE_METHODS`), and each way through a gene map fitted on the same cells
     (:mod:`virtualcell.gene_map`; named ``"linear+map"`` ...): the verdict's codec, which also chooses the decode.
     Returns the baselines by decode, and the maps by their decode's name."""
-    from dataclasses import replace
-
     from . import validation
     from .gene_map import MAPPED, GeneMap
     from .sentences import model_expression

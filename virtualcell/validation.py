@@ -602,9 +602,10 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     unseen_name = "/".join(sorted(unseen_names)) or "pertmean"
     base_name = unseen_name if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
-    decode_name = model.rank_fit.method if model.rank_fit is not None else "linear"
     if len(codec_scores) > 1:  # before any simulation: the Simulator decodes with model.rank_fit (and its map)
         model.rank_fit, model.gene_map, decode_name = choose_decode(model.rank_fit, codec_scores, gene_maps)
+    else:  # the one codec's own decode (none without a codec)
+        decode_name = next(iter(codec_scores), None)
 
     def simulated(settings: Mapping[str, Any], only: set[str] | None = None) -> list:
         """Each context's aggregates at ``settings`` (a setting left out is its plain value, not one an earlier
@@ -650,15 +651,14 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     verdict["summary"] = _summary(len(perturbations), int(n_cells), judged,
                                   **({"what": UNSEEN_WHAT} if only_unseen else {}))
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
-        method = next(iter(codec_scores)) if len(codec_scores) == 1 else decode_name  # the decode just chosen
-        verdict["codec"] = codec_scores[method] | {"top_k": model.top_k, "decode": method}
+        verdict["codec"] = codec_scores[decode_name] | {"top_k": model.top_k, "decode": decode_name}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
                                f"exactly would score pearson_delta {verdict['codec']['pearson_delta']:.2f}.")
         if len(codec_scores) > 1:
             verdict["decode"] = dict(codec_scores)
-            others = ", ".join(f"{m} {v['mse']:.4f}" for m, v in codec_scores.items() if m != method)
-            verdict["summary"] += (f" Decode chosen on it: {method} (codec MSE {codec_scores[method]['mse']:.4f}; "
-                                   f"{others}).")
+            others = ", ".join(f"{m} {v['mse']:.4f}" for m, v in codec_scores.items() if m != decode_name)
+            verdict["summary"] += (f" Decode chosen on it: {decode_name} (codec MSE "
+                                   f"{codec_scores[decode_name]['mse']:.4f}; {others}).")
     if len(tried) > 1:  # say what was chosen on this split, and among what
         chosen = settings_text(settings, empty="the defaults")
         verdict["summary"] += f" Generation settings chosen on it: {chosen} (of {len(tried)} tried)."
