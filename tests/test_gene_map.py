@@ -139,4 +139,38 @@ def test_a_small_panel_keeps_the_full_rank_among_the_choices():
     assert _ranks(299, 299 + 299)[-1] == 299 and set(RANKS[:-1]) <= set(_ranks(299, 598))
     assert _ranks(1600, 4039 + 9015) == list(RANKS)  # the full rank's factors would exceed MAX_FLOATS
     assert 1600 * (4039 + 9015) > MAX_FLOATS
-    assert _ranks(5, 10) == [5]  # fewer components than the smallest rank tried
+    assert _ranks(5, 10) == [0, 5]  # fewer components than the smallest positive rank tried; 0 is the decode alone
+
+
+def test_where_the_sentences_write_every_gene_the_map_keeps_the_decode():
+    """The map fits what the decode misses, so a large penalty or rank 0 gives the decode back: on sentences that
+    write every gene it predicts the cells at least as well as the decode alone (a map fitted to the expression
+    itself shrank each written gene toward its mean and did worse: experiments/results/attempts/gene_map/)."""
+    cells, a = _two_programs()
+    decoded = roundtrip(cells, top_k=60, seed=0)
+    gene_map = GeneMap.fit(decoded.X, cells.X, decode="linear", seed=0)
+    assert gene_map.residual and gene_map.error <= gene_map.error_without
+    D = np.asarray(decoded.X.todense())
+    full = gene_map(D)
+    T = np.asarray(cells.X)
+    assert np.corrcoef(full.ravel(), T.ravel())[0, 1] >= np.corrcoef(D.ravel(), T.ravel())[0, 1]
+    # with the rank at 0 the map is the decode plus the residual's mean, whatever the sentence
+    flat = GeneMap(gene_map.inputs, gene_map.mean_in, gene_map.mean_out, gene_map.left[:, :0], gene_map.right[:0],
+                   "linear", 1.0, 0, np.nan, np.nan)
+    np.testing.assert_allclose(flat(D) - D, np.broadcast_to(gene_map.mean_out, D.shape), atol=1e-5)
+    np.testing.assert_allclose(flat.shift(D[:3] - D[3:6]), D[:3] - D[3:6], atol=1e-5)
+
+
+def test_a_map_written_before_the_residual_fit_loads_as_it_was_fitted(tmp_path):
+    """A checkpoint's map whose record has no 'residual' (session 42's maps, fitted to the expression itself)
+    predicts without adding the decode, as it did when it was chosen."""
+    cells, _ = _two_programs(n=100)
+    decoded = roundtrip(cells, top_k=10, seed=0)
+    gene_map = GeneMap.fit(decoded.X, cells.X, decode="linear", seed=0)
+    path = tmp_path / "gene_map.npz"
+    gene_map.save(path)
+    old = {k: v for k, v in gene_map.record().items() if k != "residual"}
+    before = GeneMap.load(path, old, 60)
+    D = np.asarray(decoded.X.todense())
+    assert not before.residual and before.record()["residual"] is False
+    np.testing.assert_allclose(before(D), gene_map(D) - D, atol=1e-5)

@@ -604,7 +604,21 @@ def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monk
     assert stalled < 2 * calm + 1.0  # the stall (3 s, times the verdict's rows over the probe's) is not in it
     with pytest.raises(ValueError, match="repeats"):
         verdict_seconds(model, held, contract, repeats=0)
-    # the temperatures are reserved for at the most samples, with no probe of their own (a row costs the same)
+    # the temperatures are reserved for at the most samples, with no probe of their own (a row costs the same);
+    # timed on a clock that each generation moves by 1 s, so the comparison does not depend on the machine's load
+    import types
+
+    import virtualcell.validation as validation
+
+    clock = [0.0]
+
+    def one_second_each(self, *args, **kwargs):
+        calls.append(1)
+        clock[0] += 1.0
+        return simulate(self, *args, **kwargs)
+
+    monkeypatch.setattr(vc.Simulator, "simulate", one_second_each)
+    monkeypatch.setattr(validation, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls.clear()
     plain = verdict_seconds(model, held, contract, samples=(1, 4))
     probed = len(calls)

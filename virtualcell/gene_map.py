@@ -6,16 +6,17 @@ and a written gene reads the value of its rank, whatever the gene. Where a panel
 IFN-beta effect, decoded, scored pearson_delta 0.83 against meanshift's 0.94. Yet the genes below the cut move with
 those above it (an interferon program is many genes at once), so the decoded sentence predicts them.
 
-:class:`GeneMap` is that prediction: a ridge regression from the decoded sentence (the genes any training sentence
-wrote) to every gene's measured expression (log-normalized, as the Simulator's cells are), fitted on the training
-cells, with its penalty and its rank chosen on a random fifth of them. Applied to the decoded sentences the model
-generates, it turns each into a full expression profile; the Simulator's ``decode(perturbed) - decode(control)``
-then has an effect on every gene. ``virtualcell train`` keeps it only where its validation split says the
-training effects, passed through the sentences, come out closer to the measured ones with it than without
-(:func:`virtualcell.validation.choose_decode`). On a panel whose sentences hold nearly every expressed gene it
-predicts single cells a little *less* well than the decode alone (the ridge pulls a written gene toward its mean,
-not toward its decoded value; ``experiments/results/attempts/gene_map/``), and the verdict there chooses by the
-mean deltas, which it helped on one such panel (protocol 1) and not on another (the embedded screen).
+:class:`GeneMap` is that prediction: the decoded sentence plus a ridge regression from it (the genes any training
+sentence wrote) to what the decode misses, every gene's measured expression (log-normalized, as the Simulator's
+cells are) minus its decoded value, fitted on the training cells, with its penalty and its rank chosen on a random
+fifth of them. Applied to the decoded sentences the model generates, it turns each into a full expression profile;
+the Simulator's ``decode(perturbed) - decode(control)`` then has an effect on every gene. Fitting the residual, not
+the expression itself, keeps the decode where the map has nothing to add: a large penalty, or rank 0, gives back the
+decoded sentence (plus the residual's mean), so on a panel whose sentences hold nearly every expressed gene the map
+no longer pulls a written gene toward its mean (a map fitted to the expression itself predicted protocol 1's single
+cells worse than the decode alone: ``experiments/results/attempts/gene_map/gate_check.txt``). ``virtualcell train``
+keeps it only where its validation split says the training effects, passed through the sentences, come out closer
+to the measured ones with it than without (:func:`virtualcell.validation.choose_decode`).
 
 The map is stored as two factors, ``inputs x rank`` and ``rank x genes``, in ``gene_map.npz`` in the checkpoint.
 """
@@ -33,7 +34,7 @@ from .errors import ModelError
 
 FILE = "gene_map.npz"
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalty, times the mean diagonal of the inputs' D'D
-RANKS = (8, 16, 32, 64, 128, 256)  # the map's ranks tried, and its full rank where the file stays small
+RANKS = (0, 8, 16, 32, 64, 128, 256)  # the map's ranks tried (0: the decode plus a constant), and its full rank
 MAX_FLOATS = 1 << 22  # a map's two factors hold at most this many numbers (16 MB): the full rank of a small panel
 MAPPED = "{decode}+map"  # a decode through the map, as the verdict's codec names it (validation.choose_decode)
 MAX_CELLS = 2000  # training cells the map is fitted on at most (a seeded draw): the fit is a cells x inputs SVD
@@ -42,7 +43,10 @@ VALIDATION = 0.2  # share of those cells that choose the penalty and the rank
 
 @dataclass(frozen=True)
 class GeneMap:
-    """``expression = (decoded[:, inputs] - mean_in) @ left @ right + mean_out``.
+    """``expression = decoded + (decoded[:, inputs] - mean_in) @ left @ right + mean_out``.
+
+    ``residual=False`` (a map written before the residual fit, session 42) drops the leading ``decoded``: such a
+    map was fitted to the expression itself, and loads as it was fitted.
 
     Not clipped at 0: a difference of two mapped profiles (what the Simulator predicts from) stays linear in the
     sentences, and the Simulator's predictions are made non-negative after it (``simulator.calibrated``).
@@ -62,6 +66,7 @@ class GeneMap:
     rank: int
     error: float
     error_without: float
+    residual: bool = True
 
     @property
     def n_genes(self) -> int:
@@ -72,12 +77,14 @@ class GeneMap:
         D = decoded.toarray() if sp.issparse(decoded) else np.asarray(decoded)
         if D.ndim != 2 or D.shape[1] != self.n_genes:
             raise ModelError(f"The gene map reads decoded sentences of {self.n_genes} genes; got shape {D.shape}.")
-        return (((D[:, self.inputs] - self.mean_in) @ self.left) @ self.right + self.mean_out).astype(np.float32)
+        out = ((D[:, self.inputs] - self.mean_in) @ self.left) @ self.right + self.mean_out
+        return (out + D if self.residual else out).astype(np.float32)
 
     def shift(self, delta: np.ndarray) -> np.ndarray:
         """A change of decoded expression (rows x genes) as the map passes it on: its linear part, no intercept."""
         delta = np.asarray(delta)
-        return ((delta[..., self.inputs] @ self.left) @ self.right).astype(np.float32)
+        out = (delta[..., self.inputs] @ self.left) @ self.right
+        return (out + delta if self.residual else out).astype(np.float32)
 
     @classmethod
     def fit(cls, decoded: sp.spmatrix | np.ndarray, expression: sp.spmatrix | np.ndarray, *, decode: str,
@@ -100,9 +107,10 @@ class GeneMap:
         val = rng.random(cells.size) < VALIDATION
         if val.sum() < 2 or (~val).sum() < 5:
             val = np.arange(cells.size) % 5 == 0
-        penalty, rank, error = _choose(D[~val], T[~val], D[val], T[val])
-        base = float(((full[val] - T[val]) ** 2).mean())
-        mean_in, mean_out, left, right = _solve(D, T, penalty, rank)
+        R = T - full  # what the decode misses: the map's target
+        penalty, rank, error = _choose(D[~val], R[~val], D[val], R[val])
+        base = float((R[val] ** 2).mean())
+        mean_in, mean_out, left, right = _solve(D, R, penalty, rank)
         return cls(inputs.astype(np.int64), mean_in, mean_out, left, right, decode, float(penalty),
                    int(left.shape[1]), float(error), base)
 
@@ -110,7 +118,7 @@ class GeneMap:
     def record(self) -> dict[str, Any]:
         """What ``virtualcell.json`` says of it (the arrays are in :data:`FILE`)."""
         return {"decode": self.decode, "penalty": self.penalty, "rank": self.rank, "inputs": int(self.inputs.size),
-                "error": self.error, "error_without": self.error_without}
+                "error": self.error, "error_without": self.error_without, "residual": self.residual}
 
     def save(self, path: str | Path) -> None:
         from .safeio import atomic_write
@@ -129,7 +137,8 @@ class GeneMap:
                              "decodes through a gene map. Copy the checkpoint folder again, or run 'virtualcell "
                              "verdict' on it to fit the map again.") from None
         out = cls(**arrays, decode=str(record["decode"]), penalty=float(record["penalty"]), rank=int(record["rank"]),
-                  error=float(record.get("error", np.nan)), error_without=float(record.get("error_without", np.nan)))
+                  error=float(record.get("error", np.nan)), error_without=float(record.get("error_without", np.nan)),
+                  residual=bool(record.get("residual", False)))
         if out.n_genes != n_genes or out.left.shape != (out.inputs.size, out.rank) \
                 or out.right.shape != (out.rank, n_genes):
             raise ModelError(f"{str(path)!r} does not fit this model's {n_genes} genes; copy the checkpoint folder "
@@ -181,7 +190,7 @@ def _ranks(components: int, width: int) -> list[int]:
     every gene still carry the most of some genes: the full rank must stay a choice there (the embedded screen's
     299 genes: without it the map's error per gene was twice the plain decode's)."""
     ranks = [r for r in RANKS if r < components]
-    return ranks + [components] if components * width <= MAX_FLOATS or not ranks else ranks
+    return ranks + [components] if components * width <= MAX_FLOATS or max(ranks, default=0) == 0 else ranks
 
 
 def _solve(D: np.ndarray, T: np.ndarray, penalty: float, rank: int) -> tuple[np.ndarray, ...]:
