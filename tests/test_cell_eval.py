@@ -123,7 +123,7 @@ def test_predict_output_runs_through_cell_evals_own_cli(tiny_model, tmp_path):
     out = tmp_path / "ce"
     run = subprocess.run([sys.executable, "-m", "cell_eval", "run", "-ap", str(pred), "-ar", str(real),
                           "--profile", "vcc", "--num-threads", "1", "-o", str(out)],
-                         capture_output=True, text=True, timeout=110)
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     results = pd.read_csv(out / "results.csv")
     assert set(results["perturbation"]) == {"STAT1", "IFNGR1"}
@@ -185,3 +185,23 @@ def test_a_calibrated_prediction_above_cell_evals_raw_count_heuristic_is_scored(
     base, ref = split_controls(real, seed=0)
     table = evaluate(pred, ref, baseline=base, profile="vcc", baselines=("nochange",))
     assert np.isfinite(_values(table, "model", "mae")).all()
+
+
+def test_a_cell_eval_score_leaves_torchs_thread_count_as_it_was():
+    """cell-eval's differential expression (pdex) sets numba's OpenMP pool to every core, which torch shares: a
+    protocol run held to 1 torch thread generated on every core after its first vcc score, beside another run."""
+    import os
+
+    import torch
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: cell-eval cannot raise the thread count")
+    real = _screen(seed=0)
+    base, ref = split_controls(real, seed=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        evaluate(_screen(seed=1), ref, baseline=base, profile="vcc", baselines=("nochange",), threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

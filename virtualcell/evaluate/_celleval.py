@@ -15,7 +15,9 @@ cell-eval (with polars, scanpy and pdex) is imported only here, and only when us
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -41,6 +43,20 @@ CELL_EVAL_PROFILES = ("vcc", "full", "minimal", "de", "anndata", "pds")
 PERT_COL = "target_gene"  # cell-eval run's default --pert-col
 CONTROL = "non-targeting"  # cell-eval run's default --control-pert
 INSTALL = "pip install 'cell-eval>=0.8.2'"
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Any:
+    """Give torch back its thread count after cell-eval ran: its differential expression (pdex, numba's OpenMP
+    pool) leaves torch on every core, so a run held to 1 thread (``--threads 1``, two runs sharing a machine's
+    cores) generated on all of them after its first cell-eval score. Nothing to do where torch is not imported."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def require_cell_eval() -> Any:
@@ -217,7 +233,8 @@ def score(
         r_rows = np.flatnonzero((real.contexts == rc.context) & np.isin(real.labels, wanted))
         p_ad = _anndata(pred.X[p_rows], pred.labels[p_rows], genes)
         r_ad = _anndata(real.X[r_rows], real.labels[r_rows], genes)
-        with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(prefix="vc-cell-eval-") as tmp, warnings.catch_warnings(), \
+                _torch_threads_kept():
             warnings.filterwarnings("ignore", "the string cache", DeprecationWarning)  # polars, inside cell-eval
             try:
                 # Both sides are on virtualcell's log1p scale already: cell-eval must not normalize them again,
