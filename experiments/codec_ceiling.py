@@ -26,7 +26,8 @@ Rows of each protocol's table:
   ``virtualcell train`` may choose on its validation split (``RankFit.method``);
 * ``codec oracle + gene map (D), top_k=K``: the decoded cells (decode ``D``) passed through a gene map fitted on
   the same training cells (``virtualcell.gene_map``: every gene predicted from the decoded sentence, the genes
-  below the sentence's cut included), the third and fourth decodes the verdict may choose;
+  below the sentence's cut included); ``+ residual gene map``: through the map fitted to what the decode misses,
+  added to the decode. The four other decodes the verdict may choose;
 * ``baseline, non-negative``: the baseline rule on the measured training cells, calibrated as a
   prediction is (what the served blend gives at weight 0): the cost of non-negativity alone;
 * the baseline as the protocol scores it (``x + delta``, whose cells may go below zero) and the
@@ -53,18 +54,20 @@ ORACLE = "codec oracle, top_k={k}"
 TABLE = "codec oracle (rank table), top_k={k}"  # decoded by the rank table, not the linear map (RankFit.method)
 NONNEG = "{rule}, non-negative"
 MAPPED = "codec oracle + gene map ({decode}), top_k={k}"  # the decode followed by a gene map (virtualcell.gene_map)
+RESIDUAL = "codec oracle + residual gene map ({decode}), top_k={k}"  # ... by a map fitted to what the decode misses
 
 
-def through_gene_map(decoded, train, method: str, seed: int):  # noqa: ANN001, ANN201
+def through_gene_map(decoded, train, method: str, seed: int, residual: bool = False):  # noqa: ANN001, ANN201
     """The decoded training cells through a gene map fitted on them and the measured ``train`` cells, as
-    ``virtualcell train`` fits it for its verdict's mapped decodes."""
+    ``virtualcell train`` fits it for its verdict's mapped decodes (``residual``: the map fitted to what the
+    decode misses, :data:`RESIDUAL`; else to the expression itself, :data:`MAPPED`)."""
     import anndata as ad
 
     from virtualcell.gene_map import GeneMap
     from virtualcell.sentences import detect_scale, expression_matrix, log_normalize
 
     X = expression_matrix(train)
-    gene_map = GeneMap.fit(decoded.X, log_normalize(X, detect_scale(X)), decode=method, seed=seed)
+    gene_map = GeneMap.fit(decoded.X, log_normalize(X, detect_scale(X)), decode=method, seed=seed, residual=residual)
     return ad.AnnData(gene_map(decoded.X), obs=decoded.obs.copy(), var=decoded.var.copy())
 
 
@@ -84,18 +87,18 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
     measured = fn(train, nonnegative=True, **kw)
     first = P.score(measured, reference, baselines=(rule,), **score)
     parts.append(first.replace({"method": {"model": NONNEG.format(rule=rule)}}))
-    for k, method, mapped in ([(k, "linear", False) for k in top_ks]
-                              + [(top_ks[0], "table", False), (top_ks[0], "linear", True), (top_ks[0], "table", True)]):
+    # mapped: None (the decode alone), MAPPED or RESIDUAL (through that kind of gene map)
+    for k, method, mapped in ([(k, "linear", None) for k in top_ks] + [(top_ks[0], "table", None)]
+                              + [(top_ks[0], m, kind) for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")]):
         t = time.perf_counter()
         cells = roundtrip(train, top_k=k, seed=seed, method=method)
         if mapped:  # every gene from the decoded sentence, by a gene map fitted on the same training cells
-            cells = through_gene_map(cells, train, method, seed)
+            cells = through_gene_map(cells, train, method, seed, residual=mapped == RESIDUAL)
         oracle = fn(cells, nonnegative=True, **kw)
         table = P.score(oracle, reference, baselines=(), **score)
-        label = (MAPPED if mapped else ORACLE if method == "linear" else TABLE).format(k=k, decode=method)
+        label = (mapped or (ORACLE if method == "linear" else TABLE)).format(k=k, decode=method)
         parts.append(table[table["method"] == "model"].assign(method=label))
-        print(f"  {name} seed {seed}: top_k {k}, {method} decode{' + gene map' if mapped else ''}, in "
-              f"{time.perf_counter() - t:.0f} s", flush=True)
+        print(f"  {name} seed {seed}: top_k {k}, {label}, in {time.perf_counter() - t:.0f} s", flush=True)
     out = pd.concat(parts, ignore_index=True)
     out["seed"] = seed
     return out
@@ -125,9 +128,10 @@ def synthetic_table(seed: int, top_ks: list[int]) -> pd.DataFrame:
     rows = [("measured effect in the training cells", spearman(log_normalize(expression_matrix(rest), "counts")))]
     rows += [(ORACLE.format(k=k), spearman(roundtrip(rest, top_k=k, seed=seed).X)) for k in top_ks]
     rows += [(TABLE.format(k=top_ks[0]), spearman(roundtrip(rest, top_k=top_ks[0], seed=seed, method="table").X))]
-    rows += [(MAPPED.format(k=top_ks[0], decode=m),
-              spearman(through_gene_map(roundtrip(rest, top_k=top_ks[0], seed=seed, method=m), rest, m, seed).X))
-             for m in ("linear", "table")]
+    rows += [(kind.format(k=top_ks[0], decode=m),
+              spearman(through_gene_map(roundtrip(rest, top_k=top_ks[0], seed=seed, method=m), rest, m, seed,
+                                        residual=kind == RESIDUAL).X))
+             for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")]
     return pd.DataFrame([{"method": m, "metric": "spearman", "value": v, "seed": seed, "perturbation": "all",
                           "context": CONTEXT} for m, v in rows])
 

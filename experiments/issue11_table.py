@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from _protocol import higher_is_better
-from codec_ceiling import MAPPED  # the rows of a decode followed by a gene map
+from codec_ceiling import MAPPED, RESIDUAL  # the rows of a decode followed by either kind of gene map
 from protocol_5_cytokine_response import NONNEGATIVE as P5_NONNEGATIVE  # its meanshift made non-negative
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
     """The protocol's strongest baseline with its training effects passed through the cell-sentence codec at the
     protocol's top_k and made non-negative (``codec_ceiling.py``): what a model that learned that baseline exactly
     would score (protocol 0, the synthetic screen: the training cells' effect sizes through the codec), with the
-    best of the four decodes (linear, rank table, each alone or followed by a gene map), since ``train`` chooses
+    best of the six decodes (linear, rank table, each alone or followed by either kind of gene map), since ``train`` chooses
     among them on its validation split.
     NaN where not measured. ``protocols``: the ``"protocols"`` of ``codec_ceiling.json`` (empty when it was not run).
     """
@@ -63,7 +63,7 @@ def _codec(protocols: dict[str, Any], protocol: int, metric: str) -> float:
         return float("nan")
     k = rec["top_k"]
     names = {f"codec oracle, top_k={k}", f"codec oracle (rank table), top_k={k}"}
-    names |= {MAPPED.format(k=k, decode=m) for m in ("linear", "table")}
+    names |= {kind.format(k=k, decode=m) for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")}
     values = [float(r[metric]) for r in rec["summary"] if r["method"] in names and r.get(metric) is not None]
     if not values:
         return float("nan")
@@ -259,7 +259,7 @@ def main() -> None:
                       "split). Command: `python experiments/issue11_table.py`; the runs: see its docstring. `run`: when the "
                       "runs behind a row ran (from their records), since a table can hold runs of different code. "
                       "`baseline via the codec`: the strongest baseline with its training effects passed through the "
-                      "cell sentences (encoded at the protocol's top_k, decoded with the best of the four decodes "
+                      "cell sentences (encoded at the protocol's top_k, decoded with the best of the six decodes "
                       "`train` chooses among: linear, rank table, each alone or through a gene map; made non-negative "
                       "as every prediction is): what a model that learned that baseline exactly would score "
                       "(`python experiments/codec_ceiling.py`; `codec_ceiling.md`).", "",

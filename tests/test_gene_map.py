@@ -79,6 +79,15 @@ def test_choose_decode_takes_the_map_only_where_its_codec_error_is_lowest():
     assert (chosen.method, chosen_map, name) == ("table", gene_map, "table+map")
     chosen, chosen_map, name = choose_decode(fit, scores | {"linear": {"mse": 0.05}}, maps)
     assert (chosen.method, chosen_map, name) == ("linear", None, "linear")
+    # the two kinds of map after one decode are two decodes: the lower codec error wins
+    decoded = roundtrip(cells, top_k=10, seed=0, method="linear").X
+    plain = GeneMap.fit(decoded, cells.X, decode="linear", residual=False)
+    residual = GeneMap.fit(decoded, cells.X, decode="linear", residual=True)
+    assert not plain.residual and residual.residual
+    maps = {"linear+map": plain, "linear+residual map": residual}
+    both = {"linear": {"mse": 0.3}, "linear+map": {"mse": 0.2}, "linear+residual map": {"mse": 0.1}}
+    assert choose_decode(fit, both, maps)[1:] == (residual, "linear+residual map")
+    assert choose_decode(fit, both | {"linear+map": {"mse": 0.05}}, maps)[1:] == (plain, "linear+map")
     with pytest.raises(ModelError, match="neither a rank-fit method"):
         choose_decode(fit, {"linear+map": {"mse": 0.1}})  # a mapped decode whose map was not passed
 

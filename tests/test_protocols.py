@@ -60,11 +60,14 @@ def test_codec_ceiling_quick(tmp_path):
     mapped = "codec oracle + gene map (linear), top_k=100"
     assert set(rows) == {"meanshift", "meanshift, non-negative", "codec oracle, top_k=100",
                          "codec oracle (rank table), top_k=100", mapped, "codec oracle + gene map (table), top_k=100",
-                         "ceiling"}
+                         "codec oracle + residual gene map (linear), top_k=100",
+                         "codec oracle + residual gene map (table), top_k=100", "ceiling"}
     assert abs(rows["meanshift, non-negative"]["pearson_delta"] - rows["meanshift"]["pearson_delta"]) < 0.01
     assert rows["codec oracle, top_k=100"]["pearson_delta"] < rows["meanshift"]["pearson_delta"] - 0.02
     # ... and a gene map, fitted on the training cells, gives back most of what the sentences left out
     assert rows[mapped]["pearson_delta"] > rows["codec oracle, top_k=100"]["pearson_delta"] + 0.05
+    residual = rows["codec oracle + residual gene map (linear), top_k=100"]
+    assert residual["pearson_delta"] > rows["codec oracle, top_k=100"]["pearson_delta"] + 0.05
     assert "codec oracle, top_k=100" in (tmp_path / "codec_ceiling_quick.md").read_text()
 
 

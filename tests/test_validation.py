@@ -263,12 +263,14 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     assert set(verdict["codec"]) >= {"pearson_delta", "pearson_delta_top50", "mse"}
     assert verdict["codec"]["top_k"] == model.top_k == TINY.top_k
     assert f"Through its {model.top_k}-gene sentences" in verdict["summary"]
-    # ... decoded each way, and each way through a gene map: the decode with the lower codec MSE is the model's,
-    # saved with its rank fit (and its map, when it has one)
-    assert set(verdict["decode"]) == {"linear", "table", "linear+map", "table+map"}
+    # ... decoded each way, and each way through both kinds of gene map: the decode with the lower codec MSE is the
+    # model's, saved with its rank fit (and its map, when it has one, of the kind chosen)
+    assert set(verdict["decode"]) == {"linear", "table", "linear+map", "table+map", "linear+residual map",
+                                      "table+residual map"}
     chosen = min(verdict["decode"], key=lambda m: verdict["decode"][m]["mse"])
     assert chosen == verdict["codec"]["decode"] and model.rank_fit.method == chosen.split("+")[0]
-    assert (model.gene_map is not None) == chosen.endswith("+map")
+    assert (model.gene_map is not None) == chosen.endswith("map")
+    assert model.gene_map is None or model.gene_map.residual == chosen.endswith("residual map")
     assert verdict["codec"]["mse"] == verdict["decode"][chosen]["mse"]
     assert f"Decode chosen on it: {chosen}" in verdict["summary"]
     loaded = vc.C2SModel.load(folder)

@@ -1022,11 +1022,11 @@ def _verdict_candidates(cfg: TrainConfig, model: C2SModel) -> tuple[dict[str, An
 def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, contract: DataContract,
                      model: C2SModel, *, seed: int = 0) -> tuple[dict[str, Baselines], dict[str, GeneMap]]:
     """The training baselines fitted on the training ``cells`` as the model's ``sentences`` carry them, decoded
-    each way (:data:`DECODE_METHODS`), and each way through a gene map fitted on the same cells
-    (:mod:`virtualcell.gene_map`; named ``"linear+map"`` ...): the verdict's codec, which also chooses the decode.
-    Returns the baselines by decode, and the maps by their decode's name."""
+    each way (:data:`DECODE_METHODS`), and each way through both kinds of gene map fitted on the same cells
+    (:mod:`virtualcell.gene_map`; named ``"linear+map"``, ``"linear+residual map"`` ...): the verdict's codec, which
+    also chooses the decode. Returns the baselines by decode, and the maps by their decode's name."""
     from . import validation
-    from .gene_map import MAPPED, GeneMap
+    from .gene_map import MAPPED, RESIDUAL, GeneMap
     from .sentences import model_expression
 
     measured, _ = model_expression(cells, model.genes)
@@ -1034,10 +1034,11 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
     for m in DECODE_METHODS:
         decoded = roundtrip(cells, sentences, fit, method=m)
         codec[m] = validation.Baselines.fit(decoded, contract, model, response=False)
-        gene_map = GeneMap.fit(decoded.X, measured, decode=m, seed=seed)
-        # the meanshift deltas are means of cells, so the map passes them on by its linear part
-        maps[MAPPED.format(decode=m)] = gene_map
-        codec[MAPPED.format(decode=m)] = replace(codec[m], delta=gene_map.shift(codec[m].delta))
+        for name, residual in ((MAPPED, False), (RESIDUAL, True)):
+            gene_map = GeneMap.fit(decoded.X, measured, decode=m, seed=seed, residual=residual)
+            # the meanshift deltas are means of cells, so the map passes them on by its linear part
+            maps[name.format(decode=m)] = gene_map
+            codec[name.format(decode=m)] = replace(codec[m], delta=gene_map.shift(codec[m].delta))
     return codec, maps
 
 

@@ -696,7 +696,8 @@ def choose_decode(fit: RankFit, codec_scores: Mapping[str, Mapping[str, float]],
     """The decode whose codec scores (:func:`score_deltas` of the training effects through the sentences,
     decoded that way, against the validation split's measured deltas) have the lowest MSE: the decode that
     carries what the data says best. A decode is a rank-fit method (``"linear"``, ``"table"``) or one of them
-    followed by its gene map (``"linear+map"``, the map in ``gene_maps``; :mod:`virtualcell.gene_map`). The
+    followed by a gene map (``"linear+map"``, ``"linear+residual map"``, the map in ``gene_maps``;
+    :mod:`virtualcell.gene_map`). The
     scores are free (no generation), and the decode is shared by every prediction, so it is chosen once,
     before the generation settings. Returns ``fit`` set to decode by the chosen method, the chosen gene map
     (``None``: none) and the decode's name.
