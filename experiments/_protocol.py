@@ -105,6 +105,11 @@ def setup(threads: int | None) -> None:
 
     if threads is not None:
         torch.set_num_threads(threads)
+        # numpy is loaded by now, so OMP_NUM_THREADS above came too late for its BLAS: set its pools themselves
+        # (two runs at --threads 1 otherwise busy-wait on each other's BLAS threads)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="anndata")

@@ -787,3 +787,25 @@ def test_keep_best_saves_the_kept_weights_and_the_last_for_resuming(papalexi_sma
         torch.testing.assert_close(saved[k], v)
     # ... and the checkpoint a longer run resumes from holds the last step's
     assert last["step"] == 12 and (model.train_config.get("kept_step") is None) == (last["best"]["step"] == 12)
+
+
+def test_blas_threads_holds_numpys_pools_and_gives_them_back():
+    """--threads must hold numpy's BLAS too: OMP_NUM_THREADS set after numpy loaded changes nothing, and two runs
+    at 1 torch thread each then busy-waited on each other's BLAS threads (a gene map's SVDs took minutes)."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    from virtualcell.generation import blas_threads
+
+    def blas() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas()
+    with blas_threads(1):
+        assert blas() and set(blas()) == {1}
+    assert blas() == before
+    with blas_threads(None):
+        assert blas() == before
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        assert max(before) > 1  # the pool the context manager must hold (CI's 2 cores)

@@ -357,7 +357,11 @@ def cmd_verdict(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rejudge(model, adata, samples=args.verdict_samples, candidates=candidates, temperatures=args.verdict_temperatures)
+    from .generation import blas_threads
+
+    with blas_threads(args.threads):  # the gene maps' SVDs: numpy's BLAS held to --threads too
+        rejudge(model, adata, samples=args.verdict_samples, candidates=candidates,
+                temperatures=args.verdict_temperatures)
     if args.out is not None:
         from .safeio import output_folder
 

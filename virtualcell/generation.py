@@ -421,6 +421,27 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Hold numpy's and scipy's BLAS / OpenMP pools to ``n`` threads in the block (``None``: leave them alone).
+
+    ``OMP_NUM_THREADS`` is read when a BLAS library loads, so a run that sets its thread count after importing
+    numpy kept OpenBLAS on every core: two runs held to 1 torch thread each on a 2-core machine then busy-waited
+    on each other's BLAS threads, and a gene map's SVDs before training took minutes instead of seconds (session
+    43: protocol 1's set-up grew from ~20 s to 266-415 s). ``threadpoolctl`` (a scikit-learn dependency) sets the
+    loaded pools themselves; without it nothing changes."""
+    if not n:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - installed with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=int(n)):
+        yield
+
+
 def _iterate_with_threads(items: Iterator[Any], n: int | None) -> Iterator[Any]:
     """Iterate ``items`` with ``n`` torch threads while it computes, and the caller's own setting
     while the caller runs between items (a generator must not leave a process setting changed)."""

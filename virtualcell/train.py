@@ -596,7 +596,7 @@ def train(
     import torch
 
     from .allocator import large_blocks_on_heap
-    from .generation import torch_threads
+    from .generation import blas_threads, torch_threads
 
     cfg = with_learning_rate(config or TrainConfig(), base)
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
@@ -605,7 +605,8 @@ def train(
         require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
     contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
     # the thread count chosen for training is undone on the way out; freed logits stay in the heap while it runs
-    with torch_threads(torch.get_num_threads()), large_blocks_on_heap():
+    # --threads holds numpy's BLAS too (the gene maps' SVDs), not torch alone
+    with torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log)
 
