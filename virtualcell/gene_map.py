@@ -99,7 +99,14 @@ class GeneMap:
         fits the expression itself, which recalibrates each written gene as well (its decoded value is that of
         its rank, whatever the gene) but pulls it toward its mean where the penalty is large. Which carries the
         training effects better differs from panel to panel, so the trainer's verdict scores both
-        (:data:`RESIDUAL`, :data:`MAPPED`)."""
+        (:data:`RESIDUAL`, :data:`MAPPED`; :meth:`fit_kinds` fits them at the cost of one)."""
+        return cls.fit_kinds(decoded, expression, decode=decode, seed=seed, kinds=(residual,))[residual]
+
+    @classmethod
+    def fit_kinds(cls, decoded: sp.spmatrix | np.ndarray, expression: sp.spmatrix | np.ndarray, *, decode: str,
+                  seed: int = 0, kinds: tuple[bool, ...] = (False, True)) -> dict[bool, GeneMap]:
+        """:meth:`fit` of each kind in ``kinds`` (``residual`` values) on the same cells: the kinds differ in their
+        target only, so the inputs' two SVDs (on the fitting cells, and on all of them) are made once."""
         if decoded.shape != expression.shape:
             raise ModelError(f"decoded {decoded.shape} and expression {expression.shape} must be the same cells and "
                              "genes.")
@@ -116,12 +123,16 @@ class GeneMap:
         val = rng.random(cells.size) < VALIDATION
         if val.sum() < 2 or (~val).sum() < 5:
             val = np.arange(cells.size) % 5 == 0
-        R = T - full if residual else T  # the map's target: what the decode misses, or the expression itself
-        penalty, rank, error = _choose(D[~val], R[~val], D[val], R[val])
         base = float(((T[val] - full[val]) ** 2).mean())
-        mean_in, mean_out, left, right = _solve(D, R, penalty, rank)
-        return cls(inputs.astype(np.int64), mean_in, mean_out, left, right, decode, float(penalty),
-                   int(left.shape[1]), float(error), base, bool(residual))
+        fitting, every = _basis(D[~val]), _basis(D)
+        maps = {}
+        for residual in kinds:
+            R = T - full if residual else T  # the map's target: what the decode misses, or the expression itself
+            penalty, rank, error = _choose(fitting, R[~val], D[val], R[val])
+            mean_in, mean_out, left, right = _solve(every, R, penalty, rank)
+            maps[residual] = cls(inputs.astype(np.int64), mean_in, mean_out, left, right, decode, float(penalty),
+                                 int(left.shape[1]), float(error), base, bool(residual))
+        return maps
 
     # ------------------------------------------------------------------ storage
     def record(self) -> dict[str, Any]:
@@ -160,12 +171,19 @@ def _dense(X: sp.spmatrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.asarray(part.toarray() if sp.issparse(part) else part, dtype=np.float64)
 
 
-def _svd(D: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Centred thin SVD of the inputs, and the targets in its left basis: ``D - mu = U s V'``, ``B = U'(T - nu)``."""
-    mu, nu = D.mean(axis=0), T.mean(axis=0)
+def _basis(D: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Centred thin SVD of the inputs: ``D - mu = U s V'`` (``mu, U, s, V'``), shared by every target fitted on
+    them."""
+    mu = D.mean(axis=0)
     U, s, Vt = np.linalg.svd(D - mu, full_matrices=False)
     keep = s > s[0] * 1e-9 if s.size else s > 0
-    return mu, nu, U[:, keep], s[keep], Vt[keep], U[:, keep].T @ (T - nu)
+    return mu, U[:, keep], s[keep], Vt[keep]
+
+
+def _targets(basis: tuple[np.ndarray, ...], T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The targets' mean ``nu`` and the centred targets in the basis's left vectors: ``B = U'(T - nu)``."""
+    nu = T.mean(axis=0)
+    return nu, basis[1].T @ (T - nu)
 
 
 def _shrunk(s: np.ndarray, penalty: float, n_inputs: int) -> np.ndarray:
@@ -173,17 +191,19 @@ def _shrunk(s: np.ndarray, penalty: float, n_inputs: int) -> np.ndarray:
     return s / (s ** 2 + penalty * float((s ** 2).sum()) / max(n_inputs, 1))
 
 
-def _choose(D: np.ndarray, T: np.ndarray, Dv: np.ndarray, Tv: np.ndarray) -> tuple[float, int, float]:
-    """The (penalty, rank) of least squared error on the validation cells ``Dv, Tv``, fitted on ``D, T``; and that
-    error (mean per cell and gene). Truncating the SVD at ``rank`` components, by singular value, gives the rank."""
-    mu, nu, _, s, Vt, B = _svd(D, T)
+def _choose(basis: tuple[np.ndarray, ...], T: np.ndarray, Dv: np.ndarray, Tv: np.ndarray) -> tuple[float, int, float]:
+    """The (penalty, rank) of least squared error on the validation cells ``Dv, Tv``, fitted on the cells of
+    ``basis`` (:func:`_basis`) with targets ``T``; and that error (mean per cell and gene). Truncating the SVD at
+    ``rank`` components, by singular value, gives the rank."""
+    mu, _, s, Vt = basis
+    nu, B = _targets(basis, T)
     A = (Dv - mu) @ Vt.T  # validation inputs in the right basis
     R = Tv - nu
     AtA, BBt, M = A.T @ A, B @ B.T, A.T @ R @ B.T
     best = (np.inf, PENALTIES[0], RANKS[0])
     for penalty in PENALTIES:
-        f = _shrunk(s, penalty, D.shape[1])
-        for rank in _ranks(s.size, D.shape[1] + T.shape[1]):
+        f = _shrunk(s, penalty, Vt.shape[1])
+        for rank in _ranks(s.size, Vt.shape[1] + T.shape[1]):
             g = np.where(np.arange(s.size) < rank, f, 0.0)
             # ||A diag(g) B - R||^2 through k x k products: no cells x genes matrix per candidate
             err = float(np.einsum("i,ij,j,ji->", g, AtA, g, BBt) - 2 * (g * np.diag(M)).sum() + (R ** 2).sum())
@@ -202,11 +222,12 @@ def _ranks(components: int, width: int) -> list[int]:
     return ranks + [components] if components * width <= MAX_FLOATS or max(ranks, default=0) == 0 else ranks
 
 
-def _solve(D: np.ndarray, T: np.ndarray, penalty: float, rank: int) -> tuple[np.ndarray, ...]:
-    """The map's factors fitted on all of ``D, T``: ``left = V diag(s / (s^2 + lambda))`` and ``right = U'(T - nu)``,
-    each cut to ``rank`` components."""
-    mu, nu, _, s, Vt, B = _svd(D, T)
-    f = _shrunk(s, penalty, D.shape[1])
+def _solve(basis: tuple[np.ndarray, ...], T: np.ndarray, penalty: float, rank: int) -> tuple[np.ndarray, ...]:
+    """The map's factors fitted on all the cells of ``basis`` (:func:`_basis`) with targets ``T``:
+    ``left = V diag(s / (s^2 + lambda))`` and ``right = U'(T - nu)``, each cut to ``rank`` components."""
+    mu, _, s, Vt = basis
+    nu, B = _targets(basis, T)
+    f = _shrunk(s, penalty, Vt.shape[1])
     r = min(rank, s.size)
     left = (Vt[:r].T * f[:r]).astype(np.float32)
     return mu.astype(np.float32), nu.astype(np.float32), left, B[:r].astype(np.float32)

@@ -1035,8 +1035,9 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
     for m in DECODE_METHODS:
         decoded = roundtrip(cells, sentences, fit, method=m)
         codec[m] = validation.Baselines.fit(decoded, contract, model, response=False)
+        kinds = GeneMap.fit_kinds(decoded.X, measured, decode=m, seed=seed)  # one SVD of the inputs for both
         for name, residual in ((MAPPED, False), (RESIDUAL, True)):
-            gene_map = GeneMap.fit(decoded.X, measured, decode=m, seed=seed, residual=residual)
+            gene_map = kinds[residual]
             # the meanshift deltas are means of cells, so the map passes them on by its linear part
             maps[name.format(decode=m)] = gene_map
             codec[name.format(decode=m)] = replace(codec[m], delta=gene_map.shift(codec[m].delta))
