@@ -57,18 +57,37 @@ MAPPED = "codec oracle + gene map ({decode}), top_k={k}"  # the decode followed 
 RESIDUAL = "codec oracle + residual gene map ({decode}), top_k={k}"  # ... by a map fitted to what the decode misses
 
 
-def through_gene_map(decoded, train, method: str, seed: int, residual: bool = False):  # noqa: ANN001, ANN201
-    """The decoded training cells through a gene map fitted on them and the measured ``train`` cells, as
-    ``virtualcell train`` fits it for its verdict's mapped decodes (``residual``: the map fitted to what the
-    decode misses, :data:`RESIDUAL`; else to the expression itself, :data:`MAPPED`)."""
+def oracle_rows(train, top_ks: list[int], seed: int, score) -> list[tuple[str, object]]:  # noqa: ANN001
+    """``(label, score(cells))`` for every codec oracle, in the tables' row order: the linear decode at every top_k,
+    the rank table, then both kinds of gene map after each decode at the protocol's top_k (``top_ks[0]``).
+    ``score`` turns the training cells, decoded one way, into that row's result."""
+    k0, rows = top_ks[0], {}
+    for k, method in [(k, "linear") for k in top_ks] + [(k0, "table")]:
+        for way, cells in decoded_ways(train, k, method, seed, mapped=k == k0).items():
+            rows[(way or (ORACLE if method == "linear" else TABLE)).format(k=k, decode=method)] = score(cells)
+    order = ([ORACLE.format(k=k) for k in top_ks] + [TABLE.format(k=k0)]
+             + [kind.format(k=k0, decode=m) for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")])
+    return [(label, rows[label]) for label in order]
+
+
+def decoded_ways(train, k: int, method: str, seed: int, *, mapped: bool = True) -> dict:  # noqa: ANN001
+    """The training cells through the codec at ``top_k`` ``k``, decoded by ``method``: ``{None: the decode alone}``
+    and, with ``mapped``, the same cells through both kinds of gene map fitted on them as ``virtualcell train`` fits
+    them for its verdict's mapped decodes (``{MAPPED: fitted to the expression, RESIDUAL: fitted to what the decode
+    misses}``). One roundtrip and one :meth:`GeneMap.fit_kinds` (its SVDs shared by both kinds) per decode."""
     import anndata as ad
 
     from virtualcell.gene_map import GeneMap
-    from virtualcell.sentences import detect_scale, expression_matrix, log_normalize
+    from virtualcell.sentences import detect_scale, expression_matrix, log_normalize, roundtrip
 
-    X = expression_matrix(train)
-    gene_map = GeneMap.fit(decoded.X, log_normalize(X, detect_scale(X)), decode=method, seed=seed, residual=residual)
-    return ad.AnnData(gene_map(decoded.X), obs=decoded.obs.copy(), var=decoded.var.copy())
+    cells = roundtrip(train, top_k=k, seed=seed, method=method)
+    ways = {None: cells}
+    if mapped:
+        X = expression_matrix(train)
+        kinds = GeneMap.fit_kinds(cells.X, log_normalize(X, detect_scale(X)), decode=method, seed=seed)
+        for label, residual in ((MAPPED, False), (RESIDUAL, True)):
+            ways[label] = ad.AnnData(kinds[residual](cells.X), obs=cells.obs.copy(), var=cells.var.copy())
+    return ways
 
 
 def score_protocol(name: str, *, rule: str, train, baseline, reference, contract, context_key: str | None,  # noqa: ANN001
@@ -76,7 +95,6 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
                    cell_eval: bool) -> pd.DataFrame:
     """Every row of one protocol at one seed: the long table of P.score, methods renamed."""
     from virtualcell.evaluate import baselines as B
-    from virtualcell.sentences import roundtrip
 
     fn = getattr(B, rule)
     kw = dict(baseline=baseline, targets=targets, perturbation_key=contract.perturbation_key, control=contract.control,
@@ -87,18 +105,14 @@ def score_protocol(name: str, *, rule: str, train, baseline, reference, contract
     measured = fn(train, nonnegative=True, **kw)
     first = P.score(measured, reference, baselines=(rule,), **score)
     parts.append(first.replace({"method": {"model": NONNEG.format(rule=rule)}}))
-    # mapped: None (the decode alone), MAPPED or RESIDUAL (through that kind of gene map)
-    for k, method, mapped in ([(k, "linear", None) for k in top_ks] + [(top_ks[0], "table", None)]
-                              + [(top_ks[0], m, kind) for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")]):
-        t = time.perf_counter()
-        cells = roundtrip(train, top_k=k, seed=seed, method=method)
-        if mapped:  # every gene from the decoded sentence, by a gene map fitted on the same training cells
-            cells = through_gene_map(cells, train, method, seed, residual=mapped == RESIDUAL)
-        oracle = fn(cells, nonnegative=True, **kw)
-        table = P.score(oracle, reference, baselines=(), **score)
-        label = (mapped or (ORACLE if method == "linear" else TABLE)).format(k=k, decode=method)
-        parts.append(table[table["method"] == "model"].assign(method=label))
-        print(f"  {name} seed {seed}: top_k {k}, {label}, in {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+
+    def oracle(cells):  # noqa: ANN001, ANN202 - the rule on the decoded training cells, scored as the protocol does
+        table = P.score(fn(cells, nonnegative=True, **kw), reference, baselines=(), **score)
+        return table[table["method"] == "model"]
+
+    parts += [table.assign(method=label) for label, table in oracle_rows(train, top_ks, seed, oracle)]
+    print(f"  {name} seed {seed}: the codec oracles in {time.perf_counter() - t:.0f} s", flush=True)
     out = pd.concat(parts, ignore_index=True)
     out["seed"] = seed
     return out
@@ -114,7 +128,7 @@ def synthetic_table(seed: int, top_ks: list[int]) -> pd.DataFrame:
 
     import virtualcell as vc
     from virtualcell.datasets.synthetic import truth_effects
-    from virtualcell.sentences import expression_matrix, log_normalize, roundtrip
+    from virtualcell.sentences import expression_matrix, log_normalize
 
     data = vc.datasets.synthetic_screen(seed=seed)
     _, rest = vc.evaluate.split_controls(data, seed=seed)
@@ -126,12 +140,7 @@ def synthetic_table(seed: int, top_ks: list[int]) -> pd.DataFrame:
         return float(spearmanr(eff[ok], true.to_numpy()[ok]).statistic)
 
     rows = [("measured effect in the training cells", spearman(log_normalize(expression_matrix(rest), "counts")))]
-    rows += [(ORACLE.format(k=k), spearman(roundtrip(rest, top_k=k, seed=seed).X)) for k in top_ks]
-    rows += [(TABLE.format(k=top_ks[0]), spearman(roundtrip(rest, top_k=top_ks[0], seed=seed, method="table").X))]
-    rows += [(kind.format(k=top_ks[0], decode=m),
-              spearman(through_gene_map(roundtrip(rest, top_k=top_ks[0], seed=seed, method=m), rest, m, seed,
-                                        residual=kind == RESIDUAL).X))
-             for kind in (MAPPED, RESIDUAL) for m in ("linear", "table")]
+    rows += oracle_rows(rest, top_ks, seed, lambda cells: spearman(cells.X))
     return pd.DataFrame([{"method": m, "metric": "spearman", "value": v, "seed": seed, "perturbation": "all",
                           "context": CONTEXT} for m, v in rows])
 
