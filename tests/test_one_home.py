@@ -284,6 +284,44 @@ def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bu
             bundled_sim.simulate(perts, samples=bad, progress=False)
 
 
+def test_draws_are_each_cells_first_sample_calibrated_against_the_same_control_mean(bundled_sim):
+    """keep_draws: beside the cells averaged over samples=3, one draw per cell, its first sample alone
+    (the key samples=1 uses), calibrated against the same mean of the control samples; served and pure."""
+    perts = ["control", "ko:STAT1"]
+    kw = dict(seed=2, progress=False, samples=3, control_samples=4)
+    raw = bundled_sim.simulate(perts, calibrate=False, keep_draws=True, **kw)
+    one = bundled_sim.simulate(perts, calibrate=False, keep_cells=True, **{**kw, "samples": 1})
+    first = one.cells.sel(perturbation="ko:STAT1").values  # the first sample's decode, uncalibrated
+    np.testing.assert_allclose(raw.draws.sel(perturbation="ko:STAT1").values, first, atol=1e-6)
+    averaged = raw.cells.sel(perturbation="ko:STAT1").values
+    assert not np.allclose(averaged, first)
+    # calibrated: x + first sample - mean of the 4 control samples (the same 4 as samples=1's)
+    x = bundled_sim.expression.toarray()
+    d_ctrl = one.cells.sel(perturbation="control").values
+    pure = bundled_sim.simulate(perts, keep_draws=True, blend=None, **kw)
+    np.testing.assert_allclose(pure.draws.sel(perturbation="ko:STAT1").values, _calibrated_by_hand(x, first, d_ctrl),
+                               atol=1e-5)
+    np.testing.assert_allclose(pure.draws.sel(perturbation="control").values, x, atol=1e-6)
+    assert pure.draws_model is None  # nothing blended: the draws are the pure model's
+    # the averaged cells, and the aggregates made of them, are what they are without draws
+    plain = bundled_sim.simulate(perts, keep_cells=True, blend=None, **kw)
+    np.testing.assert_allclose(pure.cells.values, plain.cells.values, atol=1e-6)
+    np.testing.assert_allclose(pure.aggregates["delta"].values, plain.aggregates["delta"].values, atol=1e-6)
+    # served with a blend weight: the draw's change blended with the baseline's, and the pure draws beside them
+    blended = bundled_sim.simulate(perts, keep_draws=True, blend=0.5, **kw)
+    np.testing.assert_allclose(blended.draws_model.values, pure.draws.values, atol=1e-5)
+    shift = bundled_sim.model.baselines.delta_for(bundled_sim.model.resolve(["ko:STAT1"])[0])[0]
+    want = _calibrated_by_hand(x, 0.5 * (first - d_ctrl) + 0.5 * shift, np.zeros_like(x))
+    np.testing.assert_allclose(blended.draws.sel(perturbation="ko:STAT1").values, want, atol=1e-5)
+    ann = blended.to_anndata(draws=True, pure=True)
+    np.testing.assert_allclose(ann.X, pure.draws.values.reshape(ann.n_obs, -1), atol=1e-5)
+    assert ann.uns["virtualcell"]["draws"] is True and ann.uns["virtualcell"]["blend_weight"] == 1.0
+    with pytest.raises(vc.errors.ScreenError, match="keep_draws=True"):
+        plain.to_anndata(draws=True)
+    with pytest.raises(vc.errors.ScreenError, match="keep_draws=True keeps one draw"):
+        bundled_sim.simulate(perts, keep_draws=True, keep_cells=False, **kw)
+
+
 def test_predicted_cells_are_labelled_and_spelled_like_the_measured_data(bundled_sim):
     res = bundled_sim.simulate(["STAT1", "ko:JAK2"], seed=0, keep_cells=True, progress=False, n_cells=2)
     assert res.labels == {"ko:STAT1": "STAT1", "ko:JAK2": "JAK2"}

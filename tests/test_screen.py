@@ -206,7 +206,7 @@ def _baseline_file(tiny_model, tmp_path):
     return path
 
 
-def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_path):
+def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_path, capsys):
     import anndata as ad
 
     from virtualcell.cli import main
@@ -223,6 +223,22 @@ def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_pat
     assert set(mem.obs["perturbation"]) == {"STAT1", "JAK2"}
     np.testing.assert_allclose(mem.X, disk.X, atol=1e-6)  # the streamed file is the same prediction
     assert not list(tmp_path.glob(".vc-predict-*"))  # the temporary store is gone
+    # --draws: one draw per cell instead of the mean of --samples; with one sample they are the same cells
+    got = {}
+    for samples in ("1", "3"):
+        for draws in (True, False):
+            name = tmp_path / f"s{samples}{'draws' if draws else 'mean'}.h5ad"
+            assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
+                         "--seed", "1", "--samples", samples, "--out", str(name), *(["--draws"] if draws else [])]) == 0
+            got[samples, draws] = ad.read_h5ad(name)
+    assert got["1", True].uns["virtualcell"]["draws"] and "draws" not in got["1", False].uns["virtualcell"]
+    np.testing.assert_allclose(got["1", True].X, got["1", False].X, atol=1e-6)
+    assert got["3", True].shape == got["3", False].shape and not np.allclose(got["3", True].X, got["3", False].X)
+    # a prediction too large for memory cannot keep its draws: refused before any generation, nothing written
+    assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1", "--draws",
+                 "--max-in-memory", "0", "--out", str(tmp_path / "big.h5ad")]) == 2
+    assert "--draws holds the predictions in memory" in capsys.readouterr().err
+    assert not (tmp_path / "big.h5ad").exists()
 
 
 def test_cli_panel_error_names_the_line(tiny_model, tmp_path, capsys):

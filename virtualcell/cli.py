@@ -146,14 +146,18 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
         # large predictions stream through a chunked file on disk instead of memory
         limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
         big = (len(perts) + 1) * n * len(model.genes) > limit
-        res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big,
+        if big and args.draws:
+            raise _usage(f"--draws holds the predictions in memory, and {len(perts) + 1} x {n:,} cells x "
+                         f"{len(model.genes):,} genes is over --max-in-memory ({limit:,} values): predict fewer "
+                         "--n-cells or perturbations at a time, or raise --max-in-memory.")
+        res = sim.simulate(perts, n_cells=n, seed=args.seed, keep_cells=not big, keep_draws=args.draws,
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes, blend=args.blend, samples=args.samples,
                            coexpression_prior=args.coexpression_prior, compose=args.compose)
         if args.format == "cell-eval":
-            _write_cell_eval(res, sim, model, out, n)
+            _write_cell_eval(res, sim, model, out, n, draws=args.draws)
         else:
-            res.write_h5ad(out)
+            res.write_h5ad(out, draws=args.draws)
         if res.store is not None:
             res.cells.close()
     a = res.aggregates.attrs
@@ -163,13 +167,13 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     return 0
 
 
-def _write_cell_eval(res, sim, model, out, n: int) -> None:  # noqa: ANN001
+def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:  # noqa: ANN001
     """Predicted cells plus the baseline as the control (its calibrated prediction), in cell-eval's form."""
     import anndata as ad
 
     from .evaluate import to_cell_eval
 
-    cells = res.to_anndata(perturbation_key="perturbation")
+    cells = res.to_anndata(perturbation_key="perturbation", draws=draws)
     control = model.contract.control if model.contract is not None else "control"
     if control not in set(cells.obs["perturbation"]):
         ctrl = ad.AnnData(sim.expression[:n].toarray(), var=cells.var.copy())
@@ -696,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-memory", type=_count, default=None, metavar="VALUES",
                    help="stream predictions larger than this many values through a file on disk (0: always; "
                    "default 50 million)")
+    p.add_argument("--draws", action="store_true",
+                   help="write one draw per cell (each cell's first generated sample alone, calibrated the same way) "
+                   "instead of the cells averaged over --samples: the predicted population, with its spread, for "
+                   "distribution distances such as E-distance; held in memory")
     _add_force(p, "an existing file that virtualcell did not write")
     p.set_defaults(func=cmd_predict)
 

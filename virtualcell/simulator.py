@@ -183,15 +183,22 @@ class SimulationResult:
         The pure model's per-cell predictions, from the same generated cells, when ``cells``
         (served) are blended with the baseline and kept in memory; ``None`` otherwise (then
         ``cells`` are the pure model's, or were not kept).
+    draws, draws_model
+        With ``simulate(keep_draws=True)``: one draw per cell and perturbation ``(perturbation, cell, gene)``,
+        each from the cell's first generated sample alone instead of the mean of ``samples`` (served and,
+        when blended, the pure model's, as ``cells`` / ``cells_model``); ``None`` otherwise.
     """
 
     def __init__(self, aggregates: xr.Dataset, cells: xr.DataArray | None, embedded: dict[str, np.ndarray],
                  baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
                  labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None,
-                 context: tuple[str, np.ndarray] | None = None, perturbation_key: str = "perturbation") -> None:
+                 context: tuple[str, np.ndarray] | None = None, perturbation_key: str = "perturbation",
+                 draws: xr.DataArray | None = None, draws_model: xr.DataArray | None = None) -> None:
         self.aggregates = aggregates
         self.cells = cells
         self.cells_model = cells_model
+        self.draws = draws
+        self.draws_model = draws_model
         self.embedded = embedded
         self.baseline_embedded = baseline_embedded
         self.source_cells = source_cells
@@ -217,6 +224,12 @@ class SimulationResult:
             )
         return self.cells.shape
 
+    def _draws(self) -> xr.DataArray:
+        if self.draws is None:
+            raise ScreenError("One draw per cell was not kept: run simulate(..., keep_draws=True) to keep it beside "
+                              "the cells averaged over their samples.")
+        return self.draws
+
     def _head(self, perturbation_key: str | None, labels: Mapping[str, str] | None) -> ad.AnnData:
         """The predicted cells' obs, var and uns, without X (shared by to_anndata and write_h5ad)."""
         import anndata as ad
@@ -239,7 +252,7 @@ class SimulationResult:
         return head
 
     def to_anndata(self, *, perturbation_key: str | None = None, labels: Mapping[str, str] | None = None,
-                   pure: bool = False) -> ad.AnnData:
+                   pure: bool = False, draws: bool = False) -> ad.AnnData:
         """Predicted cells as AnnData, labelled like the measured data.
 
         Parameters
@@ -255,28 +268,37 @@ class SimulationResult:
         pure
             The pure model's cells (:attr:`cells_model` where the served cells are blended)
             instead of the served ones; ``uns['virtualcell']['blend_weight']`` is then 1.
+        draws
+            One draw per cell (:attr:`draws`, kept by ``simulate(keep_draws=True)``) instead of the cells
+            averaged over their samples: a sample of the predicted population, with its spread, for
+            distribution distances. ``uns['virtualcell']['draws']`` is then true.
 
         Genes keep the baseline's spelling (:attr:`Simulator.gene_names`). X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
         """
         P, C, G = self._require_cells()
         out = self._head(perturbation_key, labels)
-        cells = self.cells
-        if pure and self.cells_model is not None:
-            cells = self.cells_model
+        cells, model = (self._draws(), self.draws_model) if draws else (self.cells, self.cells_model)
+        if draws:
+            out.uns["virtualcell"]["draws"] = True
+        if pure and model is not None:
+            cells = model
             out.uns["virtualcell"] |= {"blend_weight": 1.0, "baseline": "none"}
         out.X = np.asarray(cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
     def write_h5ad(self, path: str | Path, *, perturbation_key: str | None = None,
-                   labels: Mapping[str, str] | None = None) -> Path:
+                   labels: Mapping[str, str] | None = None, draws: bool = False) -> Path:
         """Write the predicted cells as ``.h5ad`` (same layout and options as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
         import h5py
 
         P, C, G = self._require_cells()
+        cells = self._draws() if draws else self.cells
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         head = self._head(perturbation_key, labels)
+        if draws:
+            head.uns["virtualcell"]["draws"] = True
         from .safeio import atomic_path
 
         with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one
@@ -288,7 +310,7 @@ class SimulationResult:
                 X.attrs["encoding-type"] = "array"
                 X.attrs["encoding-version"] = "0.2.0"
                 for i in range(P):
-                    X[i * C : (i + 1) * C] = np.asarray(self.cells[i].values, dtype=np.float32)
+                    X[i * C : (i + 1) * C] = np.asarray(cells[i].values, dtype=np.float32)
         return path
 
     def __repr__(self) -> str:
@@ -470,6 +492,7 @@ class Simulator:
         calibrate: bool = True,
         blend: str | float | bool | None = "auto",
         keep_cells: bool | None = None,
+        keep_draws: bool = False,
         store: str | Path | None = None,
         keep_embedded: int = 256,
         max_in_memory: int = MAX_IN_MEMORY,
@@ -535,6 +558,14 @@ class Simulator:
             (``delta_model``, ``var_model``), from the same generated cells.
         keep_cells
             Keep per-cell predictions in memory (default: when they are at most ``max_in_memory`` values).
+        keep_draws
+            Keep, beside the cells, one draw per cell and perturbation (:attr:`SimulationResult.draws`,
+            ``to_anndata(draws=True)``): the cell's prediction from its first generated sample alone, calibrated
+            against the same control mean, instead of the mean of ``samples``. The averaged cells estimate each
+            cell's expected response, which the aggregates and deltas are made of; averaging narrows the
+            predicted population, so a distribution distance between predicted and measured cells (E-distance,
+            ``pertpy.tools.Distance``) should compare the draws. With ``samples=1`` the draws are the cells.
+            In memory only (``keep_cells`` must allow it; not with ``store``).
         store
             A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
         """
@@ -568,8 +599,11 @@ class Simulator:
         w_unseen = self.unseen_weight(blend, calibrate=calibrate)
         weights = [w_unseen if source in UNSEEN_BASELINES else w for _, source in shift]
         blended = w is not None and any(x < 1.0 for x in weights)
+        if keep_draws and (store is not None or keep_cells is False):
+            raise ScreenError("keep_draws=True keeps one draw per cell in memory beside the cells: it needs the cells "
+                              "in memory too (keep_cells=True or None, and no store=).")
         if keep_cells is None:  # (a blend keeps the pure model's cells too)
-            keep_cells = store is None and P * n * G * (1 + blended) <= max_in_memory
+            keep_cells = keep_draws or (store is None and P * n * G * (1 + blended) <= max_in_memory)
         split = Split.current(cpu=self.model.device.type == "cpu")
         if split.world > 1 and store is not None:
             raise ScreenError(
@@ -578,6 +612,8 @@ class Simulator:
             )
         cells_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells else None
         model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells and blended else None
+        draws_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws else None
+        draws_model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws and blended else None
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         if guidance is None:
@@ -634,6 +670,20 @@ class Simulator:
                     sums.add(j, pred, change, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
+                    if draws_mem is not None:  # the cell's first sample alone, made into a prediction the same way
+                        first_row = 0 if p == control else first[str(p)]
+                        d0 = np.array([gen[(i, first_row)] for i in range(len(idx))])
+                        if not calibrate:
+                            draw = served = d0
+                        elif p == control:
+                            draw = served = x
+                        else:
+                            draw = served = calibrated(x, d0 - d_ctrl)
+                            if blended:
+                                served = calibrated(x, weights[j] * (d0 - d_ctrl) + (1.0 - weights[j]) * shift[j][0])
+                        draws_mem[j, idx] = served
+                        if draws_model_mem is not None:
+                            draws_model_mem[j, idx] = draw
                     if writer is not None:
                         writer.write(j, idx, pred)
                 del gen
@@ -650,6 +700,10 @@ class Simulator:
                 cells_mem = split.sum(cells_mem)[0]
             if model_mem is not None:
                 model_mem = split.sum(model_mem)[0]
+            if draws_mem is not None:
+                draws_mem = split.sum(draws_mem)[0]
+            if draws_model_mem is not None:
+                draws_model_mem = split.sum(draws_model_mem)[0]
             parts = split.gather((base_emb, base_idx))  # every process's chunks, back in cell order
             emb = np.concatenate([e for chunks, _ in parts for e in chunks])
             idx = np.concatenate([i for _, chunks in parts for i in chunks])
@@ -664,7 +718,7 @@ class Simulator:
         if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for _, source in shift):
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
-        cells = cells_model = None
+        cells = cells_model = draws = draws_model = None
         if cells_mem is not None:
             import xarray as xr
 
@@ -672,6 +726,11 @@ class Simulator:
             cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"), coords=coords, name="expression")
             if model_mem is not None:
                 cells_model = xr.DataArray(model_mem, dims=("perturbation", "cell", "gene"), coords=coords,
+                                           name="expression")
+            if draws_mem is not None:
+                draws = xr.DataArray(draws_mem, dims=("perturbation", "cell", "gene"), coords=coords, name="expression")
+            if draws_model_mem is not None:
+                draws_model = xr.DataArray(draws_model_mem, dims=("perturbation", "cell", "gene"), coords=coords,
                                            name="expression")
         elif store is not None:
             cells = _CellStore.open(store)
@@ -682,7 +741,7 @@ class Simulator:
                                 dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model,
                                 self.source_context(n),
                                 self.model.contract.perturbation_key if self.model.contract is not None else
-                                "perturbation")
+                                "perturbation", draws, draws_model)
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
