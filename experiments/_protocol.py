@@ -42,6 +42,7 @@ VCC_METRICS = ("vcc_overlap_at_N", "vcc_mae", "vcc_discrimination_score_l1")
 METHODS = "virtualcell_methods"  # predict() -> score(): more predictions to score beside the model, by method name
 # (the served blend, when the checkpoint blends; a protocol may add its own)
 BLEND = "model (blend)"
+DRAWS = "virtualcell_draws"  # predict(draws=True) -> the caller: one draw per cell, for distribution metrics
 
 
 # --------------------------------------------------------------------------- #
@@ -126,8 +127,14 @@ def hardware() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    # the instruction set decides the trainer's kernels (bfloat16 only where native: training ran about twice as fast
+    # where it was), so runs on "AMD EPYC" machines of different generations are told apart by it (session 44)
+    from virtualcell.training.kernels import bf16_native
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "gpu": torch.cuda.is_available()}
+            "python": platform.python_version(), "machine": platform.machine(), "gpu": torch.cuda.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": bf16_native(torch.device("cpu"))}
 
 
 def command_line() -> str:
@@ -235,7 +242,8 @@ def train_model(adata, contract, config, *, model_dir: str | None, name: str) ->
 def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str,  # noqa: ANN001, ANN201
             context: tuple[str, str] | None = None, n_cells: int | None = None, seed: int = 0,
             temperature: float | None = None, samples: int | None = None, guidance: float | None = None,
-            blend=None, coexpression_prior: bool | None = None, compose: bool = False):  # noqa: ANN001
+            blend=None, coexpression_prior: bool | None = None, compose: bool = False,  # noqa: ANN001
+            draws: bool = False):
     """Predicted cells of every target from the baseline cells, labelled like the measured data.
 
     ``targets`` maps each measured label to the perturbation written for the model (a
@@ -248,6 +256,9 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     ``delta_model`` beside ``delta``). ``coexpression_prior=False``: the model without the coexpression
     prior on a knockout it never trained on (``Simulator.simulate(coexpression_prior=)``); ``compose``: a
     combination generated from its parts' logits, or from its pair prompt (``Simulator.simulate(compose=)``).
+    ``draws``: also one draw per cell, each cell's first sample alone (``Simulator.simulate(keep_draws=True)``), in
+    ``uns[DRAWS]`` (with its own blend beside it): the predicted population for a distribution metric, where the
+    cells averaged over ``samples`` are the expected responses, for the means.
     """
     from virtualcell import Simulator
 
@@ -263,10 +274,10 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     both = w is not None and min(w, sim.unseen_weight("auto")) < 1.0
     res = sim.simulate(list(targets.values()), seed=seed, temperature=temperature, guidance=guidance, samples=samples,
                        progress=False, keep_cells=True, blend="auto" if both else blend,
-                       coexpression_prior=coexpression_prior, compose=compose)
+                       coexpression_prior=coexpression_prior, compose=compose, keep_draws=draws)
 
-    def labelled(pure: bool):
-        out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure)
+    def labelled(pure: bool, draws: bool = False):
+        out = res.to_anndata(perturbation_key=perturbation_key, labels=back, pure=pure, draws=draws)
         out.obs = out.obs.drop(columns=["perturbation_typed"])
         if context is not None:
             out.obs[context[0]] = context[1]
@@ -276,6 +287,12 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
     if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
         pred.uns[METHODS] = {BLEND: labelled(pure=False)}
         pred.uns["blend_weight"] = float(w)
+    if draws:
+        one = labelled(pure=True, draws=True)
+        if both:
+            one.uns[METHODS] = {BLEND: labelled(pure=False, draws=True)}
+            one.uns["blend_weight"] = float(w)
+        pred.uns[DRAWS] = one
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "
@@ -325,6 +342,20 @@ def score(pred, real, *, baseline, train, contract, focus: list[tuple[str, str]]
         keep = set(focus)
         table = table[[(p, c) in keep for p, c in zip(table["perturbation"], table["context"])]].copy()
     return table
+
+
+DRAWN = " (draws)"  # with_draws(): the model's distribution metric on one draw per cell, reported beside it
+
+
+def with_draws(table: pd.DataFrame, drawn: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """``table`` (score() of the served cells, each averaged over its samples) with the model's and the blend's
+    ``metrics`` on their draws beside them (score() of ``predict(draws=True)``'s one draw per cell), as
+    ``model (draws)`` / ``model (blend) (draws)``: a distribution metric can compare the predicted population
+    the model samples, where averaging narrows it. Every other row is ``table``'s."""
+    drawn = drawn[drawn["method"].isin(["model", BLEND]) & drawn["metric"].isin(metrics)]
+    out = pd.concat([table, drawn.assign(method=drawn["method"] + DRAWN)], ignore_index=True)
+    out.attrs = dict(table.attrs)
+    return out
 
 
 def summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:

@@ -88,3 +88,30 @@ def test_paired_runs_summary_compares_each_seed_with_its_pair(tmp_path):
     assert "| p5 (2 seeds) |" in text and "| 0 of 2 |" in text and text.count("| p5-") == 4
     with pytest.raises(SystemExit):
         paired_runs.main([str(runs), "--variant", "nosuch", "--title", "t"])
+
+
+def test_distribution_metrics_of_the_models_draws_are_reported_beside_the_served_cells():
+    """protocol 5 also scores E-distance on one draw per cell (P.with_draws): the model's and the blend's rows of that
+    metric from the draws' table are added as '(draws)'; every row of the served cells' table stays as it was."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import _protocol as P
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+    def rows(values):
+        return pd.DataFrame([{"method": m, "metric": k, "value": v, "perturbation": "IFNB", "context": "heldout"}
+                             for (m, k), v in values.items()])
+
+    served = {("model", "edistance"): 3.0, ("model", "pearson_delta"): 0.9, (P.BLEND, "edistance"): 2.5,
+              ("meanshift", "edistance"): 1.7, ("ceiling", "edistance"): 1.4}
+    averaged = rows(served)
+    averaged.attrs = {"virtualcell": {"seed": 0}}
+    drawn = rows({("model", "edistance"): 2.0, (P.BLEND, "edistance"): 1.9, ("meanshift", "edistance"): 9.9,
+                  ("model", "pearson_delta"): 0.1})
+    out = P.with_draws(averaged, drawn, ("edistance",))
+    got = {(m, k): v for m, k, v in zip(out["method"], out["metric"], out["value"])}
+    assert got == served | {("model" + P.DRAWN, "edistance"): 2.0, (P.BLEND + P.DRAWN, "edistance"): 1.9}
+    assert out.attrs == averaged.attrs

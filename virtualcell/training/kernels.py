@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Kernels", "choose", "autocast", "ThreadGuard", "decoder_layers", "compile_layers", "uncompile_layers",
+__all__ = ["Kernels", "choose", "autocast", "bf16_native", "ThreadGuard", "decoder_layers", "compile_layers", "uncompile_layers",
            "eager", "COMPILE_AFTER_S"]
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _bf16_native(device: torch.device) -> bool:
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic natively (on a CPU: AVX-512 BF16 or AMX; without, emulated and slow)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -82,15 +83,15 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
     for value, allowed, what in ((attention, ATTENTION, "attention"), (precision, PRECISION, "precision")):
         if value != "auto" and value not in allowed:
             raise ValueError(f"Unknown {what} {value!r}; use auto or one of {', '.join(allowed)}.")
-    if precision == "bf16" and not _bf16_native(device):
+    if precision == "bf16" and not bf16_native(device):
         log.warning("bf16 was asked for, but %s has no native bfloat16 arithmetic: it will be slow", device)
     attn = [attention] if attention != "auto" else (["sdpa"] if device.type != "cpu" else list(ATTENTION))
     if precision != "auto":
         prec = [precision]
     elif device.type != "cpu":
-        prec = ["bf16"] if _bf16_native(device) else ["fp32"]
+        prec = ["bf16"] if bf16_native(device) else ["fp32"]
     else:
-        prec = ["fp32", "bf16"] if _bf16_native(device) else ["fp32"]
+        prec = ["fp32", "bf16"] if bf16_native(device) else ["fp32"]
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}.")
