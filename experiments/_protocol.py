@@ -283,16 +283,16 @@ def predict(model, baseline, targets: dict[str, str], *, perturbation_key: str, 
             out.obs[context[0]] = context[1]
         return out
 
-    pred = labelled(pure=True)
-    if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
-        pred.uns[METHODS] = {BLEND: labelled(pure=False)}
-        pred.uns["blend_weight"] = float(w)
+    def with_blend(draws: bool):
+        out = labelled(pure=True, draws=draws)
+        if both:  # the checkpoint serves a blend: score it beside the pure model (score() reads it)
+            out.uns[METHODS] = {BLEND: labelled(pure=False, draws=draws)}
+            out.uns["blend_weight"] = float(w)
+        return out
+
+    pred = with_blend(draws=False)
     if draws:
-        one = labelled(pure=True, draws=True)
-        if both:
-            one.uns[METHODS] = {BLEND: labelled(pure=False, draws=True)}
-            one.uns["blend_weight"] = float(w)
-        pred.uns[DRAWS] = one
+        pred.uns[DRAWS] = with_blend(draws=True)
     seconds = time.perf_counter() - t
     a = res.aggregates.attrs
     print(f"  predicted {len(targets)} perturbations x {res.aggregates['n_cells'].values.max()} cells in "

@@ -625,6 +625,25 @@ class Simulator:
         cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
                                batch_size=batch_size, seed=seed, guidance=guidance,
                                coexpression_prior=coexpression_prior, compose=compose)
+
+        def made(j: int, p: Any, d: np.ndarray, x: np.ndarray, d_ctrl: np.ndarray) -> tuple[np.ndarray, ...]:
+            """Perturbation ``j``'s predictions of the cells ``x`` from decodes ``d``: ``(pure, its change, served,
+            its change)``. A change is each cell's before clipping (calibrated: the prediction is x + change, clipped
+            and rescaled to the unclipped mean; uncalibrated: the decoded generation against the cell); served is the
+            pure prediction, or where blended the same generation blended with the baseline."""
+            if not calibrate:
+                pure, change = d, d - x
+            elif p == control:  # calibrated: the baseline cell itself
+                pure, change = x, np.zeros_like(x)
+            else:
+                change = d - d_ctrl
+                pure = calibrated(x, change)
+            pure = pure.astype(np.float32)
+            if not blended or p == control:
+                return pure, change, pure, change
+            served_change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift[j][0]
+            return pure, change, calibrated(x, served_change).astype(np.float32), served_change
+
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
         base_emb, base_idx = [], []
@@ -646,41 +665,21 @@ class Simulator:
                 d_ctrl = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(control_samples)], axis=0)
                 buckets = _bucket(idx, seed)
                 for j, p in enumerate(perts):
-                    if p == control:  # calibrated: the baseline cell itself
+                    if p == control:
                         d = d_ctrl
                     else:
                         k0 = first[str(p)]
                         d = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(k0, k0 + samples)], axis=0)
-                    # each cell's change before clipping (calibrated: the prediction is x + change, clipped and
-                    # rescaled to the unclipped mean; uncalibrated: the decoded generation against the cell)
-                    if not calibrate:
-                        pred, change = d, d - x
-                    elif p == control:
-                        pred, change = x, np.zeros_like(x)
-                    else:
-                        change = d - d_ctrl
-                        pred = calibrated(x, change)
-                    pred = pred.astype(np.float32)
-                    sums.add_model(j, pred, change)
+                    pure, change, pred, served_change = made(j, p, d, x, d_ctrl)
+                    sums.add_model(j, pure, change)
                     if model_mem is not None:
-                        model_mem[j, idx] = pred
-                    if blended and p != control:  # served: the same generation, blended with the baseline
-                        change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift[j][0]
-                        pred = calibrated(x, change).astype(np.float32)
-                    sums.add(j, pred, change, buckets, self.embed(pred), idx)
+                        model_mem[j, idx] = pure
+                    sums.add(j, pred, served_change, buckets, self.embed(pred), idx)
                     if cells_mem is not None:
                         cells_mem[j, idx] = pred
                     if draws_mem is not None:  # the cell's first sample alone, made into a prediction the same way
-                        first_row = 0 if p == control else first[str(p)]
-                        d0 = np.array([gen[(i, first_row)] for i in range(len(idx))])
-                        if not calibrate:
-                            draw = served = d0
-                        elif p == control:
-                            draw = served = x
-                        else:
-                            draw = served = calibrated(x, d0 - d_ctrl)
-                            if blended:
-                                served = calibrated(x, weights[j] * (d0 - d_ctrl) + (1.0 - weights[j]) * shift[j][0])
+                        k1 = 0 if p == control else first[str(p)]
+                        draw, _, served, _ = made(j, p, np.array([gen[(i, k1)] for i in range(len(idx))]), x, d_ctrl)
                         draws_mem[j, idx] = served
                         if draws_model_mem is not None:
                             draws_model_mem[j, idx] = draw
@@ -723,15 +722,10 @@ class Simulator:
             import xarray as xr
 
             coords = {"perturbation": names, "cell": np.asarray(self.baseline.obs_names[:n]), "gene": list(self.gene_names)}
-            cells = xr.DataArray(cells_mem, dims=("perturbation", "cell", "gene"), coords=coords, name="expression")
-            if model_mem is not None:
-                cells_model = xr.DataArray(model_mem, dims=("perturbation", "cell", "gene"), coords=coords,
-                                           name="expression")
-            if draws_mem is not None:
-                draws = xr.DataArray(draws_mem, dims=("perturbation", "cell", "gene"), coords=coords, name="expression")
-            if draws_model_mem is not None:
-                draws_model = xr.DataArray(draws_model_mem, dims=("perturbation", "cell", "gene"), coords=coords,
-                                           name="expression")
+            cells, cells_model, draws, draws_model = (
+                None if mem is None else xr.DataArray(mem, dims=("perturbation", "cell", "gene"), coords=coords,
+                                                      name="expression")
+                for mem in (cells_mem, model_mem, draws_mem, draws_model_mem))
         elif store is not None:
             cells = _CellStore.open(store)
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Kernels", "choose", "autocast", "bf16_native", "ThreadGuard", "decoder_layers", "compile_layers", "uncompile_layers",
-           "eager", "COMPILE_AFTER_S"]
+__all__ = ["Kernels", "choose", "autocast", "bf16_native", "ThreadGuard", "decoder_layers", "compile_layers",
+           "uncompile_layers", "eager", "COMPILE_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
