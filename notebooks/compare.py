@@ -88,10 +88,13 @@ def _(adata, contract, holdout_column, mo, model, viz):
     _values = sorted(adata.obs[holdout_column.value].astype(str).unique()) if holdout_column.value else []
     _known = sorted(viz.measured_labels(model, adata, contract=contract).values())
     _first = [p for p in ("IFNGR1", "IFNGR2", "JAK2", "STAT1", "IRF1", "SMAD4", "CD86", "ATF2") if p in _known]
+    _n_cells = int(mo.cli_args().get("n_cells", 64))  # e.g. marimo export html notebooks/compare.py -- --n_cells 128
+    if not (16 <= _n_cells <= 512 and _n_cells % 16 == 0):
+        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes 16 to 512 in steps of 16.")
     DEFAULTS = {
         "holdout_value": "rep_3" if "rep_3" in _values else None,
         "perturbations": _first or _known[:8],
-        "n_cells": 64,
+        "n_cells": _n_cells,
         "profile": "default",
     }
     form = mo.ui.dictionary({

@@ -80,9 +80,12 @@ def _(adata, contract, mo):
 @app.cell
 def _(adata, filter_column, mo, model):
     _values = sorted(adata.obs[filter_column.value].astype(str).unique()) if filter_column.value else []
+    _n_cells = int(mo.cli_args().get("n_cells", 40))  # e.g. marimo export html notebooks/screen.py -- --n_cells 200
+    if not (8 <= _n_cells <= 400 and _n_cells % 8 == 0):
+        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes 8 to 400 in steps of 8.")
     DEFAULTS = {
         "filter_value": "rep_3" if "rep_3" in _values else None,
-        "n_cells": 40,
+        "n_cells": _n_cells,
         "panel": "ko:STAT1\nko:JAK2\nko:IFNGR1\nko:IRF1\nko:CD86\nko:SMAD4\n",
         "picked": [],
         "objective": "largest",
