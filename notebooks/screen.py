@@ -162,6 +162,16 @@ def _(mo, result):
 
 
 @app.cell
+def _(mo, result):
+    mo.stop(result.dose_series().empty,
+            mo.md("*Dose-response: put a drug or cytokine at two or more doses in the panel (e.g. "
+                  "`drug:NAME@0.1uM`, `drug:NAME@1uM`, `drug:NAME@10uM`) to see its effect by dose.*"))
+    mo.vstack([mo.md("## Dose-response (score with 95% CI, and the genes that change most)"),
+               result.plot_dose_response(return_fig=True)])
+    return
+
+
+@app.cell
 def _(adata, contract, filter_column, form, mo, result, sim, viz):
     _top = list(result.picks()["perturbation"][:3])
     _measured = viz.measured_cells(adata, sim.model, _top, contract=contract, n_cells=form.value["n_cells"],

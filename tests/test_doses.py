@@ -211,3 +211,56 @@ def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_p
     assert set(model["perturbation"]) == {"drugA@10", "drugA@1"} and set(table["context"]) == {"typeB"}
     assert {"drugA@10", "drugA@1", "drugA@0.1"} <= set(shift["perturbation"])  # each dose, from the other patient
     assert ad.read_h5ad(tmp_path / "real.h5ad").uns.get("virtualcell") is None  # the file on disk is untouched
+
+
+def test_a_screen_of_doses_draws_each_agent_s_dose_response(dosed, dosed_model, tmp_path):
+    """A panel with one drug at several doses (one of them never trained) gets its dose series and
+    dose_response.png; a single dose, a knockout and a cytokine at one dose are no series."""
+    import matplotlib.pyplot as plt
+
+    from virtualcell.errors import ScreenError
+
+    drugs = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))
+    a, b = drugs[:2]
+    cyto = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "cytokine"].iloc[0])
+    ko = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "knockout"].iloc[0])
+    base = dosed[dosed.obs["perturbation"].astype(str) == "control"][:8].copy()
+    sim = vc.Simulator(base, dosed_model, seed=0)
+    res = sim.screen([f"{a}@0.1", f"{a}@1", f"{a}@3", f"{a}@10", f"{b}@10", f"{cyto}@1", ko], out=tmp_path / "s",
+                     progress=False)
+    series = res.dose_series()
+    assert list(series["series"]) == [f"drug:{a}"] * 4 and list(series["dose"]) == [0.1, 1.0, 3.0, 10.0]
+    ranked = res.ranking.set_index("perturbation")
+    assert list(series["score"]) == list(ranked.loc[series["perturbation"], "score"])  # the ranking's own rows
+    assert (tmp_path / "s" / "dose_response.png").stat().st_size > 0
+    fig = res.plot_dose_response(genes=[str(res.aggregates.gene.values[0])], return_fig=True)
+    assert len(fig.axes) == 2
+    plt.close(fig)
+    with pytest.raises(ScreenError, match=r"NOTAGENE.*not in the screen's aggregates"):
+        res.plot_dose_response(genes=["NOTAGENE"])
+    # a screen without a dose series draws none and says how to make one
+    single = sim.screen([f"{a}@10", ko], out=tmp_path / "t", progress=False)
+    assert single.dose_series().empty and not (tmp_path / "t" / "dose_response.png").exists()
+    with pytest.raises(ScreenError, match=r"two or more doses.*'drug:NAME@0.1uM'"):
+        single.plot_dose_response()
+
+
+def test_dose_series_puts_units_on_one_scale_and_refuses_units_it_cannot():
+    import pandas as pd
+
+    from virtualcell.dose_response import dose_series
+    from virtualcell.errors import ScreenError
+
+    def ranking(labels):
+        n = len(labels)
+        return pd.DataFrame({"perturbation": labels, "rank": range(1, n + 1), "score": np.arange(n, dtype=float),
+                             "score_low": np.zeros(n), "score_high": np.ones(n) * n})
+
+    s = dose_series(ranking(["drug:A@500nM,24h", "drug:A@2µM,24h", "drug:A@1uM,6h", "cytokine:IFNB@10ng/ml",
+                             "cytokine:IFNB@0.1ug/ml", "ko:STAT1", "drug:A@1uM,6h + ko:STAT1"]))
+    assert list(s["series"]) == ["cytokine:IFNB", "cytokine:IFNB", "drug:A,24h", "drug:A,24h"]  # 6h has one dose
+    assert list(s["dose"]) == [10.0, 100.0, 0.5, 2.0] and list(s["unit"]) == ["ng/ml", "ng/ml", "uM", "uM"]
+    with pytest.raises(ScreenError, match=r"drug:A is screened at doses in units \['ng/ml', 'uM'\]"):
+        dose_series(ranking(["drug:A@1uM", "drug:A@10ng/ml"]))
+    with pytest.raises(ScreenError, match="no 'perturbation' column"):
+        dose_series(pd.DataFrame({"score": [1.0]}))

@@ -227,7 +227,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
-    print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, top_hits.png)")
+    figures = "top_hits.png" + (", dose_response.png" if not res.dose_series().empty else "")
+    print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, {figures})")
     return 0
 
 

@@ -11,6 +11,8 @@ seed, cell and perturbation). The folder holds::
     aggregates.nc       per-perturbation mean, fraction expressing, variance, delta
     ranking.csv/.parquet  the ranked table
     top_hits.png        the top hits with confidence intervals and their top genes
+    dose_response.png   where the panel holds a drug or cytokine at two or more doses: score and top genes
+                        by dose (:mod:`virtualcell.dose_response`)
 
 The ranking has one row per candidate: the objective's score with a bootstrap
 confidence interval (resampling the generated cells), effect sizes against the
@@ -86,6 +88,20 @@ class ScreenResult:
     def plot_top_hits(self, n: int = 15, *, return_fig: bool = False) -> Any:
         """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes."""
         return plot_top_hits(self.ranking, self.aggregates, n=n, return_fig=return_fig)
+
+    def dose_series(self) -> pd.DataFrame:
+        """The ranking's rows of each drug or cytokine screened at two or more doses, doses on one scale
+        (:func:`virtualcell.dose_response.dose_series`); empty when the panel has none."""
+        from .dose_response import dose_series
+
+        return dose_series(self.ranking)
+
+    def plot_dose_response(self, genes: list[str] | None = None, *, n_genes: int = 3, return_fig: bool = False) -> Any:
+        """Each dose series' score (95% interval) and its genes' predicted change against the dose
+        (:func:`virtualcell.dose_response.plot_dose_response`)."""
+        from .dose_response import plot_dose_response
+
+        return plot_dose_response(self.ranking, self.aggregates, genes=genes, n_genes=n_genes, return_fig=return_fig)
 
 
 def _fingerprint(d: dict[str, Any]) -> str:
@@ -330,12 +346,17 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             table.to_csv(tmp, index=False)
         with safeio.atomic_path(folder / "ranking.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        fig = plot_top_hits(ranking, agg, return_fig=True)
-        with safeio.atomic_path(folder / "top_hits.png") as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
         import matplotlib.pyplot as plt
 
-        plt.close(fig)
+        from .dose_response import dose_series, plot_dose_response
+
+        figures = {"top_hits.png": plot_top_hits(ranking, agg, return_fig=True)}
+        if not dose_series(ranking).empty:
+            figures["dose_response.png"] = plot_dose_response(ranking, agg, return_fig=True)
+        for name, fig in figures.items():
+            with safeio.atomic_path(folder / name) as tmp:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+            plt.close(fig)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
 
@@ -350,7 +371,7 @@ def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combinatio
 
 
 SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.csv", "ranking.parquet",
-                "top_hits.png")
+                "top_hits.png", "dose_response.png")
 
 
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],

@@ -1,0 +1,169 @@
+"""Dose-response curves from a screen: a drug or cytokine screened at several doses.
+
+A screen ranks every condition on its own. When a panel holds the same agent at two or more
+doses (``drug:dexamethasone@0.1uM``, ``@1uM``, ``@10uM``), how its predicted effect grows with
+the dose is what a wet lab plans a titration from. :func:`dose_series` gathers those rows of a
+ranking, one series per agent and time, with the doses on one scale; :func:`plot_dose_response`
+draws each series' score (with its bootstrap 95% interval) and the predicted change of chosen
+genes against the dose. ``screen.run`` writes the figure as ``dose_response.png`` wherever its
+panel has such a series.
+
+Doses are compared on one scale per unit family: molar (pM, nM, uM/µM, mM, M) in uM, mass
+concentration (pg/ml ... mg/ml) in ng/ml; any other unit must be the same for all the doses of
+an agent (a series that mixes units it cannot convert is refused, naming them).
+
+Examples
+--------
+>>> import pandas as pd
+>>> from virtualcell.dose_response import dose_series
+>>> ranking = pd.DataFrame({"perturbation": ["drug:A@1uM", "drug:A@100nM", "ko:STAT1", "drug:B@1uM"],
+...                         "rank": [1, 2, 3, 4], "score": [2.0, 1.0, 3.0, 0.5],
+...                         "score_low": [1.5, 0.5, 2.5, 0.1], "score_high": [2.5, 1.5, 3.5, 0.9]})
+>>> dose_series(ranking)[["series", "dose", "unit", "score"]].to_string(index=False)
+'series  dose unit  score\\ndrug:A   0.1   uM    1.0\\ndrug:A   1.0   uM    2.0'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ScreenError
+from .perturbations import Perturbation, parse
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import xarray as xr
+
+__all__ = ["dose_series", "plot_dose_response"]
+
+# unit families: each unit's factor to the family's common unit (lower case, 'µ' read as 'u')
+_MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
+_MASS = {"pg/ml": 1e-3, "ng/ml": 1.0, "ug/ml": 1e3, "mg/ml": 1e6, "g/l": 1e6, "mg/l": 1e3, "ug/l": 1.0}
+_COMMON = (("uM", _MOLAR), ("ng/ml", _MASS))
+_COLUMNS = ("perturbation", "rank", "score", "score_low", "score_high", "l2_delta_corrected")
+
+
+def _on_one_scale(unit: str | None) -> tuple[str, float]:
+    """``(common unit, factor)`` for a dose unit; a unit of no known family keeps itself (factor 1)."""
+    key = (unit or "").strip().lower().replace("µ", "u").replace("μ", "u")
+    for common, family in _COMMON:
+        if key in family:
+            return common, family[key]
+    return unit or "", 1.0
+
+
+def dose_series(ranking: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``ranking`` that belong to a dose series: one drug or cytokine (alone, not in a
+    combination) at two or more doses, at one time.
+
+    Returns one row per dose with ``series`` (the agent and its time, e.g. ``"drug:A,24h"``), ``kind``,
+    ``target``, ``time_h`` (hours, or NaN), ``dose`` on the series' common ``unit``, and the ranking's
+    ``perturbation``, ``rank``, ``score``, ``score_low``, ``score_high`` (and ``l2_delta_corrected`` where
+    present); sorted by series and dose. Empty when no agent has two doses.
+
+    Raises
+    ------
+    ScreenError
+        When the ranking lacks a perturbation column, or one agent's doses use units that cannot be put on
+        one scale (``uM`` beside ``ng/ml``, or two unknown units).
+    """
+    import pandas as pd
+
+    if "perturbation" not in ranking.columns:
+        raise ScreenError("The ranking has no 'perturbation' column: pass a screen's ranking (ScreenResult.ranking "
+                          "or ranking.csv of a screen folder).")
+    rows = []
+    for _, row in ranking.iterrows():
+        try:
+            p = parse(str(row["perturbation"]))
+        except ValueError:
+            continue  # a label the typed syntax does not read is no dose series
+        if not isinstance(p, Perturbation) or p.kind not in ("drug", "cytokine") or p.dose is None:
+            continue
+        unit, factor = _on_one_scale(p.dose_unit)
+        time = p.time_hours
+        series = f"{'drug' if p.kind == 'drug' else 'cytokine'}:{p.target}" + (f",{time:g}h" if time is not None else "")
+        rows.append({"series": series, "kind": p.kind, "target": p.target,
+                     "time_h": np.nan if time is None else float(time), "dose": p.dose * factor, "unit": unit,
+                     **{c: row[c] for c in _COLUMNS if c in ranking.columns}})
+    columns = ["series", "kind", "target", "time_h", "dose", "unit", *[c for c in _COLUMNS if c in ranking.columns]]
+    table = pd.DataFrame(rows, columns=columns)
+    if table.empty:
+        return table
+    for series, part in table.groupby("series", sort=False):
+        units = sorted(set(part["unit"]))
+        if len(units) > 1:
+            raise ScreenError(f"{series} is screened at doses in units {units} that cannot be put on one scale: "
+                              "write its doses in one unit (molar: pM, nM, uM, mM; or mass: pg/ml, ng/ml, ug/ml).")
+    counts = table.groupby("series")["dose"].transform("nunique")
+    return table[counts >= 2].sort_values(["series", "dose"], kind="stable").reset_index(drop=True)
+
+
+def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = None, *,
+                       genes: list[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
+    """Each dose series' score with its 95% interval against the dose, beside the predicted change of genes.
+
+    Parameters
+    ----------
+    ranking, aggregates
+        A screen's ranking and aggregates (:class:`~virtualcell.screen.ScreenResult`); without
+        ``aggregates`` only the score panel is drawn.
+    genes
+        Genes whose predicted mean change (``aggregates["delta"]``, the served prediction) to draw, one panel
+        each; by default the ``n_genes`` that change most at any dose of any series.
+    return_fig
+        Return the figure instead of ``None``.
+
+    Raises
+    ------
+    ScreenError
+        When the ranking holds no agent at two or more doses (it names how to write one), or a gene asked for
+        is not in the aggregates.
+    """
+    import matplotlib.pyplot as plt
+
+    table = dose_series(ranking)
+    if table.empty:
+        raise ScreenError("No drug or cytokine of this screen was screened at two or more doses, so there is no "
+                          "dose-response to draw: put one agent at several doses in the panel, e.g. "
+                          "'drug:NAME@0.1uM', 'drug:NAME@1uM', 'drug:NAME@10uM'.")
+    if aggregates is not None:
+        known = [str(g) for g in aggregates["gene"].values]
+        if genes is None:
+            delta = aggregates["delta"].sel(perturbation=list(table["perturbation"])).values
+            order = np.argsort(-np.nanmax(np.abs(delta), axis=0), kind="stable")
+            genes = [known[i] for i in order[:n_genes]]
+        missing = [g for g in genes if g not in known]
+        if missing:
+            raise ScreenError(f"Genes {missing} are not in the screen's aggregates ({len(known)} genes): pick genes "
+                              "the screen predicted (aggregates.gene).")
+    else:
+        genes = []
+    fig, axes = plt.subplots(1, 1 + len(genes), figsize=(4.2 * (1 + len(genes)), 3.6), squeeze=False)
+    axes = axes[0]
+    positive = table["dose"][table["dose"] > 0]
+    linthresh = float(positive.min()) if len(positive) else 1.0
+    units = sorted(set(table["unit"]))
+    for series, part in table.groupby("series", sort=True):
+        x = part["dose"].to_numpy(float)
+        err = np.vstack([part["score"] - part["score_low"], part["score_high"] - part["score"]]).clip(min=0)
+        line = axes[0].errorbar(x, part["score"], yerr=err, marker="o", capsize=3, label=series)
+        for ax, gene in zip(axes[1:], genes):
+            d = aggregates["delta"].sel(perturbation=list(part["perturbation"]), gene=gene).values
+            ax.plot(x, d, marker="o", color=line[0].get_color(), label=series)
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=linthresh) if (table["dose"] <= 0).any() else ax.set_xscale("log")
+        ax.set_xlabel(f"dose ({', '.join(u for u in units if u) or 'as written'})")
+    axes[0].set_ylabel(f"score ({ranking.attrs.get('virtualcell', {}).get('objective', 'objective')}), 95% CI")
+    axes[0].set_title("Predicted effect by dose")
+    axes[0].legend(fontsize=7)
+    for ax, gene in zip(axes[1:], genes):
+        ax.axhline(0, color="#999", lw=0.8)
+        ax.set_title(f"{gene}: predicted mean change")
+        ax.set_ylabel("change (log1p)")
+    fig.tight_layout()
+    if return_fig:
+        return fig
+    return None
