@@ -43,6 +43,7 @@ CASES = [
     ("screen-broken-config", f"screen {M} --panel {{panel}} --out {{broken_screen}}", r"not a readable screen config.*--force"),
     ("panel-utf16", f"screen {M} --panel {{panel_utf16}} --out {{tmp}}/s", r"panel line 2 \('ko:NOTAGENE'\)"),
     ("panel-utf8-bom", f"screen {M} --panel {{panel_bom}} --out {{tmp}}/s", r"panel line 1 \('ko:NOTAGENE'\)"),
+    ("panel-group", f"screen {M} --panel {{panel_group}} --out {{tmp}}/s", r"panel line 2 \('ko:NOTAGENE'\)"),
     ("panel-latin1", f"screen {M} --panel {{panel_latin1}} --out {{tmp}}/s", r"is not UTF-8 text\. Save it as UTF-8"),
     # predictions
     ("perturbations-empty", f"predict {M} --perturbations '' --out {{tmp}}/p.h5ad", r"lists none: give at least one"),
@@ -119,6 +120,8 @@ def files(tiny_model, tmp_path_factory):
     f["panel_utf16"] = str(d / "panel_utf16.txt")
     (d / "panel_bom.txt").write_text("ko:NOTAGENE\nko:STAT1\n", encoding="utf-8-sig")
     f["panel_bom"] = str(d / "panel_bom.txt")
+    (d / "panel_group.txt").write_text("ko:STAT1\nko:{JAK2,NOTAGENE}\n")  # one line, two perturbations
+    f["panel_group"] = str(d / "panel_group.txt")
     (d / "panel_latin1.txt").write_bytes("ko:STAT1 # Prüfung\n".encode("latin-1"))
     f["panel_latin1"] = str(d / "panel_latin1.txt")
     # folders

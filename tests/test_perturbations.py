@@ -56,3 +56,19 @@ def test_panel_names_the_bad_line():
     with pytest.raises(PerturbationError, match="empty"):
         parse_panel("# nothing\n\n")
     assert [str(p) for p in parse_panel("ko:A  # first\n\nSTAT1\n")] == ["ko:A", "STAT1"]
+
+
+def test_a_panel_line_with_a_group_writes_one_perturbation_a_choice():
+    panel = parse_panel("drug:DEX@{0.1, 1,10}uM,24h  # a titration\nko:{STAT1,JAK2} + drug:RUX@1uM\n")
+    assert [str(p) for p in panel] == ["drug:DEX@0.1uM,24h", "drug:DEX@1uM,24h", "drug:DEX@10uM,24h",
+                                       "drug:RUX@1uM + ko:STAT1", "drug:RUX@1uM + ko:JAK2"]
+    with pytest.raises(PerturbationError, match=r"panel line 2: .*one \{\.\.\.\} group a line"):
+        parse_panel("ko:STAT1\ndrug:DEX@{0.1,1uM\n")
+    with pytest.raises(PerturbationError, match=r"panel line 1: .*one \{\.\.\.\} group a line"):
+        parse_panel("drug:{A,B}@{1,10}uM\n")
+    with pytest.raises(PerturbationError, match=r"panel line 1: .*empty choice"):
+        parse_panel("drug:DEX@{0.1,,10}uM\n")
+    with pytest.raises(PerturbationError, match=r"panel line 2: 'drug:DEX@1uM' repeats line 1"):
+        parse_panel("drug:DEX@1uM\ndrug:DEX@{1,10}uM\n")
+    with pytest.raises(PerturbationError, match=r"panel line 1: .*'ko:A' repeats line 1"):
+        parse_panel("ko:{A,a}\n")

@@ -195,7 +195,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
     from .errors import ScreenError
     from .model import C2SModel
-    from .perturbations import parse_panel
+    from .perturbations import panel_lines, parse_panel
     from .screen import run as screen
     from .simulator import Simulator
 
@@ -208,13 +208,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
     try:
         model.resolve(panel)
     except VirtualCellError as err:  # say which line
-        for number, line in enumerate(text.splitlines(), start=1):
-            body = line.split("#", 1)[0].strip()
-            if body:
-                try:
-                    model.resolve([body])
-                except VirtualCellError as line_err:
-                    raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
+        for number, body in panel_lines(text):
+            try:
+                model.resolve([body])
+            except VirtualCellError as line_err:
+                raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))

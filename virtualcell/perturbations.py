@@ -8,6 +8,7 @@ The text syntax, one perturbation per panel line::
     act:STAT1                   activation      (also activation:, crispra:, oe:)
     drug:dexamethasone@10uM,24h drug with dose and time (both optional)
     cytokine:IFNB@100ng/ml      cytokine with dose
+    drug:dexamethasone@{0.1,1,10}uM   one line a choice in {...}: a dose series (also ko:{STAT1,JAK2})
     ko:STAT1 + drug:ruxolitinib@1uM        a combination (parts joined by '+')
     STAT1                       a plain label, exactly as in a model's training data
     KLF1+MAP2K6                 a pair of plain labels
@@ -34,7 +35,7 @@ from typing import Literal
 
 from .errors import PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "quantity_suffix", "without_quantities", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -234,17 +235,53 @@ def parse(text: str | Perturbation | Combination) -> Perturbation | Combination:
     return Combination(tuple(parts))
 
 
+def expand(line: str) -> list[str]:
+    """One panel line's perturbations: a ``{a,b,c}`` group is written out once per choice, so a dose
+    series or a family of targets takes one line.
+
+    >>> expand("drug:dexamethasone@{0.1,1,10}uM,24h")
+    ['drug:dexamethasone@0.1uM,24h', 'drug:dexamethasone@1uM,24h', 'drug:dexamethasone@10uM,24h']
+    >>> expand("ko:{STAT1,JAK2} + drug:ruxolitinib@1uM")
+    ['ko:STAT1 + drug:ruxolitinib@1uM', 'ko:JAK2 + drug:ruxolitinib@1uM']
+    """
+    opened, closed = line.count("{"), line.count("}")
+    if opened == closed == 0:
+        return [line]
+    if opened != 1 or closed != 1 or line.index("{") > line.index("}"):
+        raise PerturbationError(f"{line!r}: write one {{...}} group a line, e.g. 'drug:NAME@{{0.1,1,10}}uM'.")
+    head, rest = line.split("{", 1)
+    inner, tail = rest.split("}", 1)
+    choices = [c.strip() for c in inner.split(",")]
+    if not all(choices):
+        raise PerturbationError(f"{line!r}: the {{...}} group has an empty choice; separate choices with one comma.")
+    return [f"{head}{c}{tail}" for c in choices]
+
+
+def panel_lines(text: str) -> list[tuple[int, str]]:
+    """A panel's perturbations as ``(line number, text)``, comments ('#' on) and blank lines left out, each
+    ``{a,b,c}`` group written out (:func:`expand`); a line with a malformed group raises
+    :class:`PerturbationError` naming its number."""
+    out: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        body = line.split("#", 1)[0].strip()
+        if not body:
+            continue
+        try:
+            out.extend((number, b) for b in expand(body))
+        except PerturbationError as err:
+            raise PerturbationError(f"panel line {number}: {err}") from None
+    return out
+
+
 def parse_panel(text: str) -> list[Perturbation | Combination]:
-    """Parse a panel: one perturbation a line; '#' starts a comment; blank lines are skipped.
+    """Parse a panel: one perturbation a line (a ``{a,b,c}`` group writes one a choice, :func:`expand`);
+    '#' starts a comment; blank lines are skipped.
 
     A line that does not parse raises :class:`PerturbationError` naming its line number.
     """
     out: list[Perturbation | Combination] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        body = line.split("#", 1)[0].strip()
-        if not body:
-            continue
+    for number, body in panel_lines(text):
         try:
             p = parse(body)
         except PerturbationError as err:
