@@ -72,3 +72,13 @@ def test_a_panel_line_with_a_group_writes_one_perturbation_a_choice():
         parse_panel("drug:DEX@1uM\ndrug:DEX@{1,10}uM\n")
     with pytest.raises(PerturbationError, match=r"panel line 1: .*'ko:A' repeats line 1"):
         parse_panel("ko:{A,a}\n")
+
+
+def test_the_command_line_list_keeps_times_and_groups_whole():
+    from virtualcell.cli import _split_list
+
+    assert _split_list("A,B+C, drug:X@1uM,24h") == ["A", "B+C", "drug:X@1uM,24h"]
+    assert _split_list("drug:X@{0.1,1}uM,24h,ko:{STAT1,JAK2}") == [
+        "drug:X@0.1uM,24h", "drug:X@1uM,24h", "ko:STAT1", "ko:JAK2"]
+    with pytest.raises(PerturbationError, match=r"one \{\.\.\.\} group a line"):
+        _split_list("drug:X@{0.1,1uM")

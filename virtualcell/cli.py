@@ -86,16 +86,27 @@ def _blend_arg(text: str) -> str | float | None:
 
 
 def _split_list(text: str) -> list[str]:
-    """Split 'A,B,drug:x@1uM,24h' on commas, keeping a drug's ',TIME' with its dose."""
+    """Split 'A,B,drug:x@1uM,24h' on commas, keeping a drug's ',TIME' with its dose and a '{a,b}' group
+    whole, then write each group out (``perturbations.expand``: 'drug:x@{0.1,1}uM' is two)."""
     import re
 
+    from .perturbations import expand
+
+    pieces, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth <= 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    if start <= len(text):  # an unclosed '{': the rest is one piece, which expand() refuses by name
+        pieces.append(text[start:])
     out: list[str] = []
-    for piece in text.split(","):
-        if out and "@" in out[-1] and re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]*\s*", piece) and out[-1].count(",") == 0:
-            out[-1] += "," + piece
+    for piece in pieces:
+        if out and "@" in out[-1] and re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]*\s*", piece) and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
+            out[-1] += "," + piece.strip()
         elif piece.strip():
             out.append(piece.strip())
-    return out
+    return [q for piece in out for q in expand(piece)]
 
 
 def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
@@ -689,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "virtualcell predict --model my-model --data baseline.h5ad --perturbations ko:STAT1,ko:JAK2 "
                      "--out predictions.h5ad")
     _add_model_args(p)
-    p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h)")
+    p.add_argument("--perturbations", required=True, help="comma-separated: training labels (A, A+B) or typed (ko:A, drug:X@1uM,24h); a {a,b} group "
+                        "writes one a choice (drug:X@{0.1,1,10}uM)")
     p.add_argument("--out", required=True, help="output .h5ad file")
     p.add_argument("--format", choices=["h5ad", "cell-eval"], default="h5ad",
                    help="h5ad: virtualcell's layout (default); cell-eval: what 'cell-eval run -ap OUT -ar REAL' "
