@@ -140,7 +140,7 @@ def _(DEFAULTS, adata, contract, data_source, filter_column, form, mo, model, mo
 @app.cell
 def _(mo, result):
     _cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected",
-             "n_cells", "pick", "similar_to_pick", "top_up", "top_down"]
+             "n_cells", "trained", "pick", "similar_to_pick", "top_up", "top_down"]
     _table = result.ranking[_cols].assign(top_up=result.ranking["top_up"].str.join(", "),
                                           top_down=result.ranking["top_down"].str.join(", "))
     mo.vstack([

@@ -230,6 +230,7 @@ def test_a_screen_of_doses_draws_each_agent_s_dose_response(dosed, dosed_model, 
                      progress=False)
     series = res.dose_series()
     assert list(series["series"]) == [f"drug:{a}"] * 4 and list(series["dose"]) == [0.1, 1.0, 3.0, 10.0]
+    assert list(series["trained"]) == [True, True, False, True]  # 3 lies between the doses it trained on
     ranked = res.ranking.set_index("perturbation")
     assert list(series["score"]) == list(ranked.loc[series["perturbation"], "score"])  # the ranking's own rows
     assert (tmp_path / "s" / "dose_response.png").stat().st_size > 0

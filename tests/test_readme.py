@@ -31,11 +31,15 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(?!virtualcell)")
         exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})  # noqa: S102 - the README is ours
     printed = out.getvalue()
-    if "sim.screen(" in code:
+    if "sim.screen(" in code and "dose_series" not in code:
         for name in ("ko:STAT1", "ko:JAK2", "ko:IFNGR1 + ko:IRF1"):  # the ranking prints every candidate
             assert name in printed, printed
         assert (tmp_path / "my-screen" / "ranking.csv").exists()
-    if "vc.fit(" in code:
+    if "dose_series" in code:  # the titration: five doses of one drug, two of them never trained
+        for dose in ("0.1", "0.3", "1.0", "3.0", "10.0"):
+            assert dose in printed, printed
+        assert (tmp_path / "titration" / "dose_response.png").exists()
+    elif "vc.fit(" in code:
         assert "STAT1" in printed and "8" in printed, printed  # 8 predicted cells labelled like the data
         assert (tmp_path / "tiny-model" / "virtualcell.json").exists()
 

@@ -73,6 +73,8 @@ def test_a_screen_records_the_coexpression_prior_where_it_applies_and_will_not_m
     alone = screen(sim, ["STAT1", "ko:PSMB9"], out=tmp_path / "b", group_size=1, progress=False, n_boot=20, top=1,
                    coexpression_prior=False)
     assert alone.config["coexpression_prior"] is False
+    # the ranking says which candidates the model trained on (a knockout it never saw is its extrapolation)
+    assert dict(zip(alone.ranking["perturbation"], alone.ranking["trained"])) == {"ko:STAT1": True, "ko:PSMB9": False}
     trained = screen(sim, ["STAT1", "JAK2"], group_size=1, progress=False, n_boot=20, top=1)
     assert "coexpression_prior" not in trained.config  # nothing it applies to: the fingerprint it always had
 
@@ -91,6 +93,7 @@ def test_a_screen_records_how_its_combinations_are_written_and_will_not_mix_the_
     assert done.config["compose"] == [str(pair)] and done.ranking.attrs["virtualcell"]["composed"] == str(pair)
     plain = screen(sim, ["STAT1", "STAT1+IRF1"], group_size=1, progress=False, n_boot=20, top=1)
     assert "compose" not in plain.config and plain.ranking.attrs["virtualcell"]["composed"] == ""
+    assert plain.ranking.set_index("perturbation")["trained"].to_dict() == {"ko:STAT1": True, str(pair): False}
 
 
 def test_screen_killed_at_random_moments_resumes_to_identical_files(tiny_model, tmp_path):

@@ -234,6 +234,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
+    if not res.ranking["trained"].all():  # say which candidates are the model's extrapolations
+        cols.append("trained")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
     figures = "top_hits.png" + (", dose_response.png" if not res.dose_series().empty else "")

@@ -5,7 +5,7 @@ doses (``drug:dexamethasone@0.1uM``, ``@1uM``, ``@10uM``), how its predicted eff
 the dose is what a wet lab plans a titration from. :func:`dose_series` gathers those rows of a
 ranking, one series per agent and time, with the doses on one scale; :func:`plot_dose_response`
 draws each series' score (with its bootstrap 95% interval) and the predicted change of chosen
-genes against the dose. ``screen.run`` writes the figure as ``dose_response.png`` wherever its
+genes against the dose, a dose the model never trained on hollow. ``screen.run`` writes the figure as ``dose_response.png`` wherever its
 panel has such a series.
 
 Doses are compared on one scale per unit family: molar (pM, nM, uM/µM, mM, M) in uM, mass
@@ -42,7 +42,7 @@ __all__ = ["dose_series", "plot_dose_response"]
 _MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
 _MASS = {"pg/ml": 1e-3, "ng/ml": 1.0, "ug/ml": 1e3, "mg/ml": 1e6, "g/l": 1e6, "mg/l": 1e3, "ug/l": 1.0}
 _COMMON = (("uM", _MOLAR), ("ng/ml", _MASS))
-_COLUMNS = ("perturbation", "rank", "score", "score_low", "score_high", "l2_delta_corrected")
+_COLUMNS = ("perturbation", "rank", "score", "score_low", "score_high", "l2_delta_corrected", "trained")
 
 
 def _on_one_scale(unit: str | None) -> tuple[str, float]:
@@ -60,8 +60,8 @@ def dose_series(ranking: pd.DataFrame) -> pd.DataFrame:
 
     Returns one row per dose with ``series`` (the agent and its time, e.g. ``"drug:A,24h"``), ``kind``,
     ``target``, ``time_h`` (hours, or NaN), ``dose`` on the series' common ``unit``, and the ranking's
-    ``perturbation``, ``rank``, ``score``, ``score_low``, ``score_high`` (and ``l2_delta_corrected`` where
-    present); sorted by series and dose. Empty when no agent has two doses.
+    ``perturbation``, ``rank``, ``score``, ``score_low``, ``score_high`` (and ``l2_delta_corrected`` and
+    ``trained``, whether the model trained on that dose, where present); sorted by series and dose. Empty when no agent has two doses.
 
     Raises
     ------
@@ -150,14 +150,20 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
         x = part["dose"].to_numpy(float)
         err = np.vstack([part["score"] - part["score_low"], part["score_high"] - part["score"]]).clip(min=0)
         line = axes[0].errorbar(x, part["score"], yerr=err, marker="o", capsize=3, label=series)
+        color = line[0].get_color()
+        # a dose the model never trained on: a hollow marker (its prediction is the model's interpolation)
+        new = ~part["trained"].to_numpy(bool) if "trained" in part else np.zeros(len(part), dtype=bool)
+        axes[0].plot(x[new], part["score"].to_numpy()[new], "o", color=color, mfc="white", zorder=3)
         for ax, gene in zip(axes[1:], genes):
             d = aggregates["delta"].sel(perturbation=list(part["perturbation"]), gene=gene).values
-            ax.plot(x, d, marker="o", color=line[0].get_color(), label=series)
+            ax.plot(x, d, marker="o", color=color, label=series)
+            ax.plot(x[new], d[new], "o", color=color, mfc="white", zorder=3)
     for ax in axes:
         ax.set_xscale("symlog", linthresh=linthresh) if (table["dose"] <= 0).any() else ax.set_xscale("log")
         ax.set_xlabel(f"dose ({', '.join(u for u in units if u) or 'as written'})")
     axes[0].set_ylabel(f"score ({ranking.attrs.get('virtualcell', {}).get('objective', 'objective')}), 95% CI")
-    axes[0].set_title("Predicted effect by dose")
+    hollow = "trained" in table and not table["trained"].astype(bool).all()
+    axes[0].set_title("Predicted effect by dose" + ("\n(hollow: a dose the model never trained on)" if hollow else ""))
     axes[0].legend(fontsize=7)
     for ax, gene in zip(axes[1:], genes):
         ax.axhline(0, color="#999", lw=0.8)

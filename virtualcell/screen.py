@@ -19,7 +19,9 @@ confidence interval (resampling the generated cells), effect sizes against the
 baseline (E-distance through ``pertpy.tools.Distance``, the L2 norm of the mean delta
 and its noise-corrected version, and the pure model's noise-corrected effect size beside the
 served one when the served prediction is blended with the training baseline), the top up- and down-regulated genes, and the
-diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects).
+diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects), and whether the model
+trained on measured cells of that very condition (``trained``: False for a knockout, a pair or a dose it never
+saw, whose prediction is an extrapolation).
 """
 
 from __future__ import annotations
@@ -331,6 +333,11 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     base_emb = simulator.embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
+    # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair
+    # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
+    vocab = simulator.model.perturbations
+    trained = set(vocab.trained())
+    ranking["trained"] = [label in trained for label in vocab.labels_for(simulator.model.resolve(list(ranking["perturbation"])))]
     provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
                                             "normalization", "blend_weight", "baseline", "coexpression_prior",
                                             "composed")
