@@ -172,6 +172,14 @@ def _(mo, result):
 
 
 @app.cell
+def _(mo, result):
+    mo.stop(result.time_series().empty)  # a time course: one agent at one dose and two or more times
+    mo.vstack([mo.md("## Time course (score with 95% CI, and the genes that change most)"),
+               result.plot_time_course(return_fig=True)])
+    return
+
+
+@app.cell
 def _(adata, contract, filter_column, form, mo, result, sim, viz):
     _top = list(result.picks()["perturbation"][:3])
     _measured = viz.measured_cells(adata, sim.model, _top, contract=contract, n_cells=form.value["n_cells"],

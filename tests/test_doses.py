@@ -265,3 +265,28 @@ def test_dose_series_puts_units_on_one_scale_and_refuses_units_it_cannot():
         dose_series(ranking(["drug:A@1uM", "drug:A@10ng/ml"]))
     with pytest.raises(ScreenError, match="no 'perturbation' column"):
         dose_series(pd.DataFrame({"score": [1.0]}))
+
+
+def test_a_time_course_is_one_agent_at_one_dose_over_time():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import xarray as xr
+
+    from virtualcell.dose_response import dose_series, plot_time_course, time_series
+    from virtualcell.errors import ScreenError
+
+    labels = ["drug:A@1uM,6h", "drug:A@1uM,1d", "drug:A@10uM,6h", "drug:A@1uM,30min", "cytokine:IFNB@10ng/ml,6h"]
+    ranking = pd.DataFrame({"perturbation": labels, "rank": range(1, 6), "score": [1.0, 3.0, 2.0, 0.5, 4.0],
+                            "score_low": [0.5, 2.0, 1.0, 0.1, 3.0], "score_high": [1.5, 4.0, 3.0, 0.9, 5.0],
+                            "trained": [True, True, True, False, True]})
+    t = time_series(ranking)
+    assert list(t["series"]) == ["drug:A@1uM"] * 3 and list(t["time_h"]) == [0.5, 6.0, 24.0]  # days and minutes
+    assert list(t["trained"]) == [False, True, True]
+    assert list(dose_series(ranking)["series"]) == ["drug:A,6h", "drug:A,6h"]  # 1 and 10 uM at 6h
+    agg = xr.Dataset({"delta": (("perturbation", "gene"), np.arange(10.0).reshape(5, 2))},
+                     coords={"perturbation": labels, "gene": ["G1", "G2"]})
+    fig = plot_time_course(ranking, agg, n_genes=1, return_fig=True)
+    assert len(fig.axes) == 2 and fig.axes[0].get_xlabel() == "time (h)"
+    plt.close(fig)
+    with pytest.raises(ScreenError, match=r"two or more times.*'drug:NAME@1uM,\{6,24\}h'"):
+        plot_time_course(ranking.iloc[[0, 2]])  # 1 and 10 uM at 6h: a dose series, no time course

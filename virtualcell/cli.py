@@ -102,7 +102,7 @@ def _split_list(text: str) -> list[str]:
         pieces.append(text[start:])
     out: list[str] = []
     for piece in pieces:
-        if out and "@" in out[-1] and re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]*\s*", piece) and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
+        if out and "@" in out[-1] and re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*[A-Za-z]*\s*", piece) and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
             out[-1] += "," + piece.strip()
         elif piece.strip():
             out.append(piece.strip())
@@ -238,7 +238,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         cols.append("trained")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
-    figures = "top_hits.png" + (", dose_response.png" if not res.dose_series().empty else "")
+    figures = ("top_hits.png" + (", dose_response.png" if not res.dose_series().empty else "")
+               + (", time_course.png" if not res.time_series().empty else ""))
     print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, {figures})")
     return 0
 

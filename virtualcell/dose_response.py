@@ -1,11 +1,13 @@
-"""Dose-response curves from a screen: a drug or cytokine screened at several doses.
+"""Dose-response curves and time courses from a screen: a drug or cytokine at several doses or times.
 
 A screen ranks every condition on its own. When a panel holds the same agent at two or more
 doses (``drug:dexamethasone@0.1uM``, ``@1uM``, ``@10uM``), how its predicted effect grows with
 the dose is what a wet lab plans a titration from. :func:`dose_series` gathers those rows of a
 ranking, one series per agent and time, with the doses on one scale; :func:`plot_dose_response`
 draws each series' score (with its bootstrap 95% interval) and the predicted change of chosen
-genes against the dose, a dose the model never trained on hollow. ``screen.run`` writes the figure as ``dose_response.png`` wherever its
+genes against the dose, a dose the model never trained on hollow. :func:`time_series` and
+:func:`plot_time_course` do the same for one agent at one dose and several times (``@1uM,6h``,
+``@1uM,24h``). ``screen.run`` writes ``dose_response.png`` and ``time_course.png`` wherever its
 panel has such a series.
 
 Doses are compared on one scale per unit family: molar (pM, nM, uM/µM, mM, M) in uM, mass
@@ -36,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import xarray as xr
 
-__all__ = ["dose_series", "plot_dose_response"]
+__all__ = ["dose_series", "time_series", "plot_dose_response", "plot_time_course"]
 
 # unit families: each unit's factor to the family's common unit (lower case, 'µ' read as 'u')
 _MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
@@ -61,7 +63,8 @@ def dose_series(ranking: pd.DataFrame) -> pd.DataFrame:
     Returns one row per dose with ``series`` (the agent and its time, e.g. ``"drug:A,24h"``), ``kind``,
     ``target``, ``time_h`` (hours, or NaN), ``dose`` on the series' common ``unit``, and the ranking's
     ``perturbation``, ``rank``, ``score``, ``score_low``, ``score_high`` (and ``l2_delta_corrected`` and
-    ``trained``, whether the model trained on that dose, where present); sorted by series and dose. Empty when no agent has two doses.
+    ``trained``, whether the model trained on that dose, where present); sorted by series and dose. Empty
+    when no agent has two doses.
 
     Raises
     ------
@@ -69,36 +72,57 @@ def dose_series(ranking: pd.DataFrame) -> pd.DataFrame:
         When the ranking lacks a perturbation column, or one agent's doses use units that cannot be put on
         one scale (``uM`` beside ``ng/ml``, or two unknown units).
     """
+    return _series(ranking, "dose")
+
+
+def time_series(ranking: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``ranking`` that belong to a time course: one drug or cytokine (alone) at one dose, at two
+    or more times (``drug:A@1uM,6h`` and ``drug:A@1uM,24h``). The same columns as :func:`dose_series`, the
+    ``series`` naming the agent and its dose (``"drug:A@1uM"``), sorted by series and ``time_h``."""
+    return _series(ranking, "time")
+
+
+def _series(ranking: pd.DataFrame, over: str) -> pd.DataFrame:
+    """:func:`dose_series` (``over="dose"``) or :func:`time_series` (``over="time"``)."""
     import pandas as pd
 
     if "perturbation" not in ranking.columns:
         raise ScreenError("The ranking has no 'perturbation' column: pass a screen's ranking (ScreenResult.ranking "
                           "or ranking.csv of a screen folder).")
+    x = "dose" if over == "dose" else "time_h"
     rows = []
     for _, row in ranking.iterrows():
         try:
             p = parse(str(row["perturbation"]))
         except ValueError:
-            continue  # a label the typed syntax does not read is no dose series
-        if not isinstance(p, Perturbation) or p.kind not in ("drug", "cytokine") or p.dose is None:
+            continue  # a label the typed syntax does not read is no series
+        if not isinstance(p, Perturbation) or p.kind not in ("drug", "cytokine"):
+            continue
+        time = p.time_hours
+        if (p.dose is None) if over == "dose" else (time is None):
             continue
         unit, factor = _on_one_scale(p.dose_unit)
-        time = p.time_hours
-        series = f"{'drug' if p.kind == 'drug' else 'cytokine'}:{p.target}" + (f",{time:g}h" if time is not None else "")
+        agent = f"{p.kind}:{p.target}"
+        if over == "dose":
+            series = agent + (f",{time:g}h" if time is not None else "")
+        else:
+            series = agent + (f"@{p.dose:g}{p.dose_unit or ''}" if p.dose is not None else "")
         rows.append({"series": series, "kind": p.kind, "target": p.target,
-                     "time_h": np.nan if time is None else float(time), "dose": p.dose * factor, "unit": unit,
+                     "time_h": np.nan if time is None else float(time),
+                     "dose": np.nan if p.dose is None else p.dose * factor, "unit": unit,
                      **{c: row[c] for c in _COLUMNS if c in ranking.columns}})
     columns = ["series", "kind", "target", "time_h", "dose", "unit", *[c for c in _COLUMNS if c in ranking.columns]]
     table = pd.DataFrame(rows, columns=columns)
     if table.empty:
         return table
-    for series, part in table.groupby("series", sort=False):
-        units = sorted(set(part["unit"]))
-        if len(units) > 1:
-            raise ScreenError(f"{series} is screened at doses in units {units} that cannot be put on one scale: "
-                              "write its doses in one unit (molar: pM, nM, uM, mM; or mass: pg/ml, ng/ml, ug/ml).")
-    counts = table.groupby("series")["dose"].transform("nunique")
-    return table[counts >= 2].sort_values(["series", "dose"], kind="stable").reset_index(drop=True)
+    if over == "dose":
+        for series, part in table.groupby("series", sort=False):
+            units = sorted(set(part["unit"]))
+            if len(units) > 1:
+                raise ScreenError(f"{series} is screened at doses in units {units} that cannot be put on one scale: "
+                                  "write its doses in one unit (molar: pM, nM, uM, mM; or mass: pg/ml, ng/ml, ug/ml).")
+    counts = table.groupby("series")[x].transform("nunique")
+    return table[counts >= 2].sort_values(["series", x], kind="stable").reset_index(drop=True)
 
 
 def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = None, *,
@@ -122,13 +146,28 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
         When the ranking holds no agent at two or more doses (it names how to write one), or a gene asked for
         is not in the aggregates.
     """
+    return _plot(ranking, aggregates, "dose", genes=genes, n_genes=n_genes, return_fig=return_fig)
+
+
+def plot_time_course(ranking: pd.DataFrame, aggregates: xr.Dataset | None = None, *,
+                     genes: list[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
+    """Each time course's score with its 95% interval against the time (hours), beside the predicted change
+    of genes: :func:`plot_dose_response` for an agent at one dose and several times (:func:`time_series`)."""
+    return _plot(ranking, aggregates, "time", genes=genes, n_genes=n_genes, return_fig=return_fig)
+
+
+def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, genes: list[str] | None,
+          n_genes: int, return_fig: bool) -> Any:
     import matplotlib.pyplot as plt
 
-    table = dose_series(ranking)
+    table = _series(ranking, over)
+    x_col, what = ("dose", "doses") if over == "dose" else ("time_h", "times")
     if table.empty:
-        raise ScreenError("No drug or cytokine of this screen was screened at two or more doses, so there is no "
-                          "dose-response to draw: put one agent at several doses in the panel, e.g. "
-                          "'drug:NAME@0.1uM', 'drug:NAME@1uM', 'drug:NAME@10uM'.")
+        example = ("'drug:NAME@0.1uM', 'drug:NAME@1uM', 'drug:NAME@10uM' (or 'drug:NAME@{0.1,1,10}uM')"
+                   if over == "dose" else "'drug:NAME@1uM,6h', 'drug:NAME@1uM,24h' (or 'drug:NAME@1uM,{6,24}h')")
+        raise ScreenError(f"No drug or cytokine of this screen was screened at two or more {what}, so there is no "
+                          f"{'dose-response' if over == 'dose' else 'time course'} to draw: put one agent at several "
+                          f"{what} in the panel, e.g. {example}.")
     if aggregates is not None:
         known = [str(g) for g in aggregates["gene"].values]
         if genes is None:
@@ -143,27 +182,37 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
         genes = []
     fig, axes = plt.subplots(1, 1 + len(genes), figsize=(4.2 * (1 + len(genes)), 3.6), squeeze=False)
     axes = axes[0]
-    positive = table["dose"][table["dose"] > 0]
-    linthresh = float(positive.min()) if len(positive) else 1.0
-    units = sorted(set(table["unit"]))
     for series, part in table.groupby("series", sort=True):
-        x = part["dose"].to_numpy(float)
+        x = part[x_col].to_numpy(float)
         err = np.vstack([part["score"] - part["score_low"], part["score_high"] - part["score"]]).clip(min=0)
         line = axes[0].errorbar(x, part["score"], yerr=err, marker="o", capsize=3, label=series)
         color = line[0].get_color()
-        # a dose the model never trained on: a hollow marker (its prediction is the model's interpolation)
+        # a condition the model never trained on: a hollow marker (its prediction is the model's interpolation)
         new = ~part["trained"].to_numpy(bool) if "trained" in part else np.zeros(len(part), dtype=bool)
         axes[0].plot(x[new], part["score"].to_numpy()[new], "o", color=color, mfc="white", zorder=3)
         for ax, gene in zip(axes[1:], genes):
             d = aggregates["delta"].sel(perturbation=list(part["perturbation"]), gene=gene).values
             ax.plot(x, d, marker="o", color=color, label=series)
             ax.plot(x[new], d[new], "o", color=color, mfc="white", zorder=3)
+    if over == "dose":
+        positive = table["dose"][table["dose"] > 0]
+        units = sorted(set(table["unit"]))
+        label = f"dose ({', '.join(u for u in units if u) or 'as written'})"
+    else:
+        label = "time (h)"
     for ax in axes:
-        ax.set_xscale("symlog", linthresh=linthresh) if (table["dose"] <= 0).any() else ax.set_xscale("log")
-        ax.set_xlabel(f"dose ({', '.join(u for u in units if u) or 'as written'})")
+        if over == "time":
+            pass  # hours on a plain axis, as time courses are read
+        elif (table["dose"] <= 0).any():
+            ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
     axes[0].set_ylabel(f"score ({ranking.attrs.get('virtualcell', {}).get('objective', 'objective')}), 95% CI")
     hollow = "trained" in table and not table["trained"].astype(bool).all()
-    axes[0].set_title("Predicted effect by dose" + ("\n(hollow: a dose the model never trained on)" if hollow else ""))
+    title = "Predicted effect by dose" if over == "dose" else "Predicted effect over time"
+    axes[0].set_title(title + (f"\n(hollow: {'a dose' if over == 'dose' else 'a time'} the model never trained on)"
+                               if hollow else ""))
     axes[0].legend(fontsize=7)
     for ax, gene in zip(axes[1:], genes):
         ax.axhline(0, color="#999", lw=0.8)

@@ -13,6 +13,7 @@ seed, cell and perturbation). The folder holds::
     top_hits.png        the top hits with confidence intervals and their top genes
     dose_response.png   where the panel holds a drug or cytokine at two or more doses: score and top genes
                         by dose (:mod:`virtualcell.dose_response`)
+    time_course.png     the same by time, where it holds one at one dose and two or more times
 
 The ranking has one row per candidate: the objective's score with a bootstrap
 confidence interval (resampling the generated cells), effect sizes against the
@@ -104,6 +105,20 @@ class ScreenResult:
         from .dose_response import plot_dose_response
 
         return plot_dose_response(self.ranking, self.aggregates, genes=genes, n_genes=n_genes, return_fig=return_fig)
+
+    def time_series(self) -> pd.DataFrame:
+        """The ranking's rows of each drug or cytokine screened at one dose and two or more times
+        (:func:`virtualcell.dose_response.time_series`); empty when the panel has none."""
+        from .dose_response import time_series
+
+        return time_series(self.ranking)
+
+    def plot_time_course(self, genes: list[str] | None = None, *, n_genes: int = 3, return_fig: bool = False) -> Any:
+        """Each time course's score (95% interval) and its genes' predicted change against the time
+        (:func:`virtualcell.dose_response.plot_time_course`)."""
+        from .dose_response import plot_time_course
+
+        return plot_time_course(self.ranking, self.aggregates, genes=genes, n_genes=n_genes, return_fig=return_fig)
 
 
 def _fingerprint(d: dict[str, Any]) -> str:
@@ -355,11 +370,13 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             table.to_parquet(tmp, index=False)
         import matplotlib.pyplot as plt
 
-        from .dose_response import dose_series, plot_dose_response
+        from .dose_response import dose_series, plot_dose_response, plot_time_course, time_series
 
         figures = {"top_hits.png": plot_top_hits(ranking, agg, return_fig=True)}
         if not dose_series(ranking).empty:
             figures["dose_response.png"] = plot_dose_response(ranking, agg, return_fig=True)
+        if not time_series(ranking).empty:
+            figures["time_course.png"] = plot_time_course(ranking, agg, return_fig=True)
         for name, fig in figures.items():
             with safeio.atomic_path(folder / name) as tmp:
                 fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -378,7 +395,7 @@ def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combinatio
 
 
 SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.csv", "ranking.parquet",
-                "top_hits.png", "dose_response.png")
+                "top_hits.png", "dose_response.png", "time_course.png")
 
 
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
