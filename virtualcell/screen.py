@@ -615,7 +615,8 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
 
 
 def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False) -> Any:
-    """Top hits: scores with 95% intervals (picks dark), and a heatmap of their top genes."""
+    """Top hits: scores with 95% intervals (picks dark, candidates the model never trained on hatched), and a
+    heatmap of their top genes."""
     import matplotlib.pyplot as plt
 
     top = ranking.head(n)
@@ -630,10 +631,15 @@ def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return
     y = np.arange(len(top))[::-1]
     colors = ["#1f4e79" if p else "#9dc3e6" for p in top["pick"]] if "pick" in top else "#1f4e79"
     err = np.vstack([top["score"] - top["score_low"], top["score_high"] - top["score"]]).clip(min=0)
-    ax1.barh(y, top["score"], xerr=err, color=colors, ecolor="#444", capsize=2)
+    bars = ax1.barh(y, top["score"], xerr=err, color=colors, ecolor="#444", capsize=2)
+    new = ~top["trained"].to_numpy(bool) if "trained" in top else np.zeros(len(top), dtype=bool)
+    for bar, extrapolated in zip(bars, new):  # a candidate the model never trained on: hatched
+        if extrapolated:
+            bar.set_hatch("///")
+            bar.set_edgecolor("white")
     ax1.set_yticks(y, top["perturbation"])
     ax1.set_xlabel(f"score ({agg.attrs.get('objective', 'objective')}), 95% CI")
-    ax1.set_title("Top hits (dark: diverse picks)")
+    ax1.set_title("Top hits (dark: diverse picks" + ("; hatched: never trained on" if new.any() else "") + ")")
     if genes:
         M = agg["delta"].sel(perturbation=list(top["perturbation"]), gene=genes).values
         lim = float(np.abs(M).max()) or 1.0
