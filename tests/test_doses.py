@@ -290,3 +290,31 @@ def test_a_time_course_is_one_agent_at_one_dose_over_time():
     plt.close(fig)
     with pytest.raises(ScreenError, match=r"two or more times.*'drug:NAME@1uM,\{6,24\}h'"):
         plot_time_course(ranking.iloc[[0, 2]])  # 1 and 10 uM at 6h: a dose series, no time course
+
+
+def test_the_dose_baseline_interpolates_the_agent_s_other_doses_in_log_dose():
+    """A@1 between A@0.1 (+0.5) and A@10 (+2.5): halfway in log10 dose, +1.5; beyond the measured doses, the
+    nearest; an agent with no other dose is skipped by name. Built in, but not among the defaults."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.evaluate import DEFAULT_BASELINES
+    from virtualcell.evaluate.baselines import BASELINES, dose
+
+    labels = ["control"] * 50 + ["A@0.1"] * 20 + ["A@10"] * 20 + ["A@100"] * 20 + ["A@10,24h"] * 20
+    X = np.full((len(labels), 3), 1.2)  # log-normalized values (not whole numbers, so not read as counts)
+    X[50:70, 0] += 0.5
+    X[70:90, 0] += 2.5
+    X[90:110, 0] += 3.0
+    X[110:130, 0] += 9.0  # another time: never mixed with the doses at no time
+    cells = ad.AnnData(X.astype(np.float32), obs=pd.DataFrame({"perturbation": labels},
+                                                               index=[f"c{i}" for i in range(len(labels))]),
+                       var=pd.DataFrame(index=["G1", "G2", "G3"]))
+    base, train = cells[:25].copy(), cells[25:].copy()
+    targets = [("A@1", "all"), ("A@1000", "all"), ("A@0.01", "all"), ("A@10", "all"), ("B@1", "all")]
+    out = dose(train, baseline=base, targets=targets, perturbation_key="perturbation", control="control")
+    shift = {t: float(np.asarray(out[out.obs["perturbation"] == t].X.mean(0)).ravel()[0] - 1.2) for t, _ in targets[:4]}
+    # A@10 from its other doses (0.1 and 100: 1/3 of the way in log dose), never from itself
+    assert shift == pytest.approx({"A@1": 1.5, "A@1000": 3.0, "A@0.01": 0.5, "A@10": 0.5 + 2.5 * 2 / 3}, abs=1e-5)
+    assert out.uns["virtualcell"]["skipped"] == ["B@1 in all: dose cannot predict it from the training data"]
+    assert "dose" in BASELINES and "dose" not in DEFAULT_BASELINES

@@ -15,6 +15,9 @@ cells of the target context. Measured effects are ``mean(perturbed) - mean(contr
 * :func:`coexpression` — for a perturbation of one measured gene, :func:`pertmean` plus the
   change that goes with the gene across the training cells of its context (each gene's
   regression on it), scaled by one factor fitted on the other single-gene perturbations.
+* :func:`dose` — for a drug or cytokine at a dose, its measured effects at its other doses
+  in the same context, interpolated in log dose (not among the defaults: name it, e.g.
+  ``evaluate(..., baselines=("nochange", "meanshift", "dose"))``).
 
 A target a baseline cannot predict (no other context, a single rather than a combination,
 a component never measured alone) is left out of its prediction and listed in
@@ -58,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("virtualcell.evaluate")
 
-__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "coexpression", "BASELINES", "Effects",
+__all__ = ["nochange", "meanshift", "pertmean", "additive", "linear", "coexpression", "dose", "BASELINES", "Effects",
            "regression_response", "coupling"]
 
 Target = tuple[str, str]  # (perturbation, context)
@@ -198,6 +201,45 @@ def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
         if len(parts) >= 2 and all((g, c) in effects.delta for g in parts):
             return np.sum([effects.delta[(g, c)] for g in parts], axis=0)
     return None
+
+
+def _dose_of(condition: str) -> tuple[str, float | None, str]:
+    """``(label, dose, time)`` of a condition as the data names it (``"drugA@10,24h"`` -> ``("drugA", 10.0,
+    "24h")``); dose None where it has none or it is not a number."""
+    label, at, quantity = condition.rpartition("@")
+    if not at:
+        return condition, None, ""
+    dose, _, time = quantity.partition(",")
+    try:
+        return label, float(dose), time
+    except ValueError:
+        return label, None, time
+
+
+def _delta_dose(effects: Effects, target: Target) -> np.ndarray | None:
+    """The same agent's measured effects at its *other* doses (same context, same time), interpolated linearly in
+    log10 dose between the nearest dose below and above the target's; beyond the measured range, the nearest
+    dose's effect. None for a target without a dose, or an agent measured at no other dose."""
+    p, c = target
+    label, dose, time = _dose_of(p)
+    if dose is None or dose <= 0:
+        return None
+    measured = {}
+    for (q, cc), d in effects.delta.items():
+        lab, qd, qt = _dose_of(q)
+        if cc == c and q != p and lab == label and qt == time and qd is not None and qd > 0:
+            measured[np.log10(qd)] = d
+    if not measured:
+        return None
+    x, xs = np.log10(dose), np.array(sorted(measured))
+    below, above = xs[xs <= x], xs[xs >= x]
+    if len(below) == 0 or len(above) == 0:  # outside the measured doses: the nearest one
+        return measured[float(xs[np.argmin(np.abs(xs - x))])]
+    lo, hi = float(below[-1]), float(above[0])
+    if hi == lo:
+        return measured[lo]
+    w = (x - lo) / (hi - lo)
+    return (1 - w) * measured[lo] + w * measured[hi]
 
 
 def _delta_linear(
@@ -444,6 +486,13 @@ linear = _make(
     "    see Ahlmann-Eltze, Huber & Anders, Nat Methods (2025). Ridge penalty 0.1, 10 components.",
 )
 
+dose = _make(
+    _delta_dose, "dose",
+    "Predict a drug or cytokine at a dose as control + its measured effects at its other doses in the same\n"
+    "    context and time, interpolated linearly in log10 dose (beyond the measured doses, the nearest one's).\n"
+    "    The simple reference for a dose a model never trained on (a titration's in-between doses).",
+)
+
 coexpression = _make(
     _delta_coexpression, "coexpression",
     "Predict a perturbation of one measured gene as control + pertmean + how the genes move with that gene.\n\n"
@@ -453,5 +502,5 @@ coexpression = _make(
 )
 
 BASELINES: Mapping[str, Callable[..., ad.AnnData]] = MappingProxyType(
-    {f.__name__: f for f in (nochange, meanshift, pertmean, additive, linear, coexpression)}
+    {f.__name__: f for f in (nochange, meanshift, pertmean, additive, linear, coexpression, dose)}
 )
