@@ -16,6 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_dose_interpolation_protocol_quick(tmp_path):
+    """Protocol 6 holds every drug's middle dose out of training, predicts it, and scores the model beside the
+    dose baseline (the neighbouring doses, interpolated in log dose), pertmean and the ceiling, on those doses only."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "protocol_6_dose_interpolation.py"), "--quick", "--out",
+         str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=110)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "protocol_6_dose_interpolation.json").read_text())
+    assert {"model", "nochange", "pertmean", "dose", "ceiling"} <= {r["method"] for r in record["summary"]}
+    held = set(record["held_out"])
+    assert held == {"drugA@1", "drugB@1", "drugC@1"} and 1.0 not in record["trained_doses"]
+    assert {g["perturbation"] for g in record["groups"]} == held  # only the held-out doses are scored
+    dose = next(r for r in record["summary"] if r["method"] == "dose")
+    assert dose["pearson_delta mean"] > 0.3  # the neighbouring doses carry a monotone drug's effect
+
+
 def test_unseen_pairs_protocol_quick(tmp_path):
     """Protocol 2 trains a tiny model, predicts the held-out pairs and writes its table, json, plot and
     the combined protocols.md, with the model, the additive baseline and the ceiling side by side."""
