@@ -75,8 +75,9 @@ def summarize(folder: Path) -> Path:
     steps = [run["training"]["steps"] for run in runs.values()]
     shown = folder.resolve().relative_to(P.ROOT) if folder.resolve().is_relative_to(P.ROOT) else folder
     lines = ["# Protocol 6: doses never trained on, seeds " + ", ".join(map(str, runs)), "",
-             f"`python experiments/protocol_6_dose_interpolation.py --summary {shown}` over the runs of "
-             "`python experiments/protocol_6_dose_interpolation.py --seed S --threads 1` (one folder a seed). "
+             f"`python experiments/protocol_6_dose_interpolation.py --summary {shown}` over its `seed*/` runs (each "
+             "run's command heads its `protocol_6_dose_interpolation.md`: `--seed S --threads 1` trains, `--model` "
+             "scores a kept checkpoint again). "
              f"Training: {min(steps)}-{max(steps)} steps in the 7-minute budget. Means over seeds of each seed's mean "
              "over its 8 held-out doses.", "",
              P.markdown_table(table.reset_index()), ""]
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     ap = P.parser(__doc__, minutes=7.0)
     ap.add_argument("--n-cells", type=int, default=100, help="baseline control cells perturbed per drug")
+    ap.add_argument("--model", default=None,
+                    help="score this kept checkpoint (DIR/protocol6 of an earlier --model-dir run at the same --seed) "
+                         "instead of training one: the same split and prediction, so a change to serving or scoring "
+                         "is measured on the same model")
     args = ap.parse_args(argv)
     if args.out == str(P.RESULTS):
         args.out = str(P.RESULTS / "dose_interpolation" / f"seed{args.seed}")
@@ -105,8 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     adata, contract, held, train, baseline, reference = data(args.seed, args.quick)
     print(f"protocol 6: {len(held)} held-out drug doses {held}; training on {int((adata.obs[P.SPLIT] != 'test').sum())} "
           f"cells", flush=True)
-    cfg = P.train_config(args, top_k=TOP_K, kind_key="perturbation_type")
-    trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol6")
+    if args.model:
+        trained = P.load_trained(args.model)
+        if trained.config.get("seed") != args.seed:
+            ap.error(f"--model {args.model} was trained at seed {trained.config.get('seed')}, not --seed {args.seed}: "
+                     "its training cells would overlap this split's held-out ones.")
+    else:
+        cfg = P.train_config(args, top_k=TOP_K, kind_key="perturbation_type")
+        trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol6")
     targets = {p: p for p in held}  # the data's own names ("drugA@1"): the model reads the drug at that dose
     n_cells = 8 if args.quick else args.n_cells
     # predicted cells are labelled with the condition itself ("drugA@1") and carry no dose column

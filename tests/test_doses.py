@@ -93,9 +93,14 @@ def test_baselines_keep_each_dose(dosed, dosed_model):
     measured = X[cond == f"{d}@10"].mean(0) - X[cond == "control"].mean(0)
     np.testing.assert_allclose(high, measured, atol=1e-5)
     assert np.linalg.norm(high - low) > 0.1 * np.linalg.norm(high)
-    # an untrained dose gets the nearest trained dose's delta (log scale)
-    np.testing.assert_allclose(base.delta_for(f"drug:{d}@7")[0], high)
-    np.testing.assert_allclose(base.delta_for(f"drug:{d}@0.2")[0], low)
+    # an untrained dose between trained ones: their deltas interpolated in log dose (protocol 6); beyond them,
+    # the nearest trained dose's
+    mid, name_mid = base.delta_for(f"drug:{d}@1")
+    w = np.log10(7) / np.log10(10)  # 7 lies between 1 and 10
+    np.testing.assert_allclose(base.delta_for(f"drug:{d}@7")[0], (1 - w) * mid + w * high, atol=1e-5)
+    np.testing.assert_allclose(base.delta_for(f"drug:{d}@20")[0], high)
+    np.testing.assert_allclose(base.delta_for(f"drug:{d}@0.01")[0], low)
+    assert base.delta_for(f"drug:{d}@7")[1] == name_mid == "meanshift"
 
 
 def test_effect_sizes_per_dose(dosed):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["PCABasis", "bootstrap_mean", "calibrated", "noise_corrected_sq_norm", "pca", "signed_root", "unbiased_var"]
+__all__ = ["PCABasis", "bootstrap_mean", "calibrated", "log_dose_interpolation", "noise_corrected_sq_norm", "pca",
+           "signed_root", "unbiased_var"]
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
@@ -96,6 +97,29 @@ def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
     have, want = pred.mean(axis=0), np.maximum(raw.mean(axis=0), 0.0)
     scale = np.divide(want, have, out=np.zeros_like(have), where=have > 0)
     return pred * scale
+
+
+def log_dose_interpolation(effects: dict[float, np.ndarray], dose: float) -> np.ndarray | None:
+    """An effect at ``dose`` from the effects measured at other doses (``{dose: delta}``, doses > 0): linear in
+    log10 dose between the nearest measured dose below and above; beyond the measured range, the nearest dose's;
+    None when nothing is measured or ``dose`` is not positive. The one rule for a dose between measured ones, for
+    the ``dose`` baseline of :mod:`virtualcell.evaluate` and the served baseline of an untrained dose.
+
+    >>> log_dose_interpolation({0.1: np.array([1.0]), 10.0: np.array([3.0])}, 1.0)
+    array([2.])
+    """
+    points = {float(np.log10(d)): v for d, v in effects.items() if d > 0}
+    if not points or not dose > 0:
+        return None
+    x, xs = float(np.log10(dose)), np.array(sorted(points))
+    below, above = xs[xs <= x], xs[xs >= x]
+    if len(below) == 0 or len(above) == 0:  # outside the measured doses: the nearest one
+        return points[float(xs[np.argmin(np.abs(xs - x))])]
+    lo, hi = float(below[-1]), float(above[0])
+    if hi == lo:
+        return points[lo]
+    w = (x - lo) / (hi - lo)
+    return (1 - w) * points[lo] + w * points[hi]
 
 
 def unbiased_var(mean: np.ndarray, mean_of_squares: np.ndarray, n: np.ndarray | float) -> np.ndarray:

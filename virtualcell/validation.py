@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._stats import log_dose_interpolation
 from .errors import ModelError
 from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
 
@@ -264,14 +265,30 @@ class Baselines:
         q = parse(perturbation) if isinstance(perturbation, str) else perturbation
         if isinstance(q, Perturbation) and q.kind == "control":
             return np.zeros(len(self.genes), dtype=np.float32), "none"
-        i = self._row(q)
-        if i is not None:
-            return self.delta[i], "meanshift"
+        own = self._measured(q)
+        if own is not None:
+            return own, "meanshift"
         if isinstance(q, Combination):
-            rows = [self._row(x) for x in q.parts]
-            if all(r is not None for r in rows):
-                return np.sum([self.delta[r] for r in rows], axis=0).astype(np.float32), "additive"
+            parts = [self._measured(x) for x in q.parts]
+            if all(d is not None for d in parts):
+                return np.sum(parts, axis=0).astype(np.float32), "additive"
         return self.unseen_delta(q)
+
+    def _measured(self, q: Perturbation | Combination) -> np.ndarray | None:
+        """``q``'s measured delta: its own row; a drug or cytokine at an untrained dose, its trained doses at the
+        same time interpolated in log dose (``_stats.log_dose_interpolation``; protocol 6: 0.70 against the
+        model's 0.60); else the row at the nearest dose and time (:meth:`_row`); None for a perturbation never
+        trained at any dose."""
+        i = self._row(q)
+        if i is None:
+            return None
+        same = self._rows_by_key.get(_key(q), [])
+        if not isinstance(q, Perturbation) or q.dose is None or any(str(form) == str(q) for _, form in same):
+            return self.delta[i]
+        doses = {form.dose: self.delta[j] for j, form in same
+                 if isinstance(form, Perturbation) and form.dose is not None and form.time_hours == q.time_hours}
+        between = log_dose_interpolation(doses, q.dose) if doses else None
+        return self.delta[i] if between is None else between.astype(np.float32)
 
     @cached_property
     def _rows_by_key(self) -> dict[str, list[tuple[int, Perturbation | Combination]]]:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._stats import calibrated
+from .._stats import calibrated, log_dose_interpolation
 from ..contract import PAIR_SEP, UNS_KEY
 from ..errors import DataError, preview
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
@@ -218,28 +218,18 @@ def _dose_of(condition: str) -> tuple[str, float | None, str]:
 
 def _delta_dose(effects: Effects, target: Target) -> np.ndarray | None:
     """The same agent's measured effects at its *other* doses (same context, same time), interpolated linearly in
-    log10 dose between the nearest dose below and above the target's; beyond the measured range, the nearest
-    dose's effect. None for a target without a dose, or an agent measured at no other dose."""
+    log10 dose (``_stats.log_dose_interpolation``); None for a target without a dose, or an agent measured at no
+    other dose."""
     p, c = target
     label, dose, time = _dose_of(p)
-    if dose is None or dose <= 0:
+    if dose is None:
         return None
     measured = {}
     for (q, cc), d in effects.delta.items():
         lab, qd, qt = _dose_of(q)
-        if cc == c and q != p and lab == label and qt == time and qd is not None and qd > 0:
-            measured[np.log10(qd)] = d
-    if not measured:
-        return None
-    x, xs = np.log10(dose), np.array(sorted(measured))
-    below, above = xs[xs <= x], xs[xs >= x]
-    if len(below) == 0 or len(above) == 0:  # outside the measured doses: the nearest one
-        return measured[float(xs[np.argmin(np.abs(xs - x))])]
-    lo, hi = float(below[-1]), float(above[0])
-    if hi == lo:
-        return measured[lo]
-    w = (x - lo) / (hi - lo)
-    return (1 - w) * measured[lo] + w * measured[hi]
+        if cc == c and q != p and lab == label and qt == time and qd is not None:
+            measured[qd] = d
+    return log_dose_interpolation(measured, dose)
 
 
 def _delta_linear(
