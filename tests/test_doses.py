@@ -280,7 +280,7 @@ def test_a_time_course_is_one_agent_at_one_dose_over_time():
     from virtualcell.dose_response import dose_series, plot_time_course, time_series
     from virtualcell.errors import ScreenError
 
-    labels = ["drug:A@1uM,6h", "drug:A@1uM,1d", "drug:A@10uM,6h", "drug:A@1uM,30min", "cytokine:IFNB@10ng/ml,6h"]
+    labels = ["drug:A@1uM,6h", "drug:A@1000nM,1d", "drug:A@10uM,6h", "drug:A@1uM,30min", "cytokine:IFNB@10ng/ml,6h"]
     ranking = pd.DataFrame({"perturbation": labels, "rank": range(1, 6), "score": [1.0, 3.0, 2.0, 0.5, 4.0],
                             "score_low": [0.5, 2.0, 1.0, 0.1, 3.0], "score_high": [1.5, 4.0, 3.0, 0.9, 5.0],
                             "trained": [True, True, True, False, True]})

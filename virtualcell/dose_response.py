@@ -106,7 +106,7 @@ def _series(ranking: pd.DataFrame, over: str) -> pd.DataFrame:
         if over == "dose":
             series = agent + (f",{time:g}h" if time is not None else "")
         else:
-            series = agent + (f"@{p.dose:g}{p.dose_unit or ''}" if p.dose is not None else "")
+            series = agent + (f"@{p.dose * factor:g}{unit}" if p.dose is not None else "")  # 1000nM is 1uM
         rows.append({"series": series, "kind": p.kind, "target": p.target,
                      "time_h": np.nan if time is None else float(time),
                      "dose": np.nan if p.dose is None else p.dose * factor, "unit": unit,
