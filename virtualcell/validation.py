@@ -275,20 +275,23 @@ class Baselines:
         return self.unseen_delta(q)
 
     def _measured(self, q: Perturbation | Combination) -> np.ndarray | None:
-        """``q``'s measured delta: its own row; a drug or cytokine at an untrained dose, its trained doses at the
-        same time interpolated in log dose (``_stats.log_dose_interpolation``; protocol 6: 0.70 against the
-        model's 0.60); else the row at the nearest dose and time (:meth:`_row`); None for a perturbation never
-        trained at any dose."""
-        i = self._row(q)
-        if i is None:
-            return None
+        """``q``'s measured delta: its own row (same dose and time); a drug or cytokine at an untrained dose, its
+        trained doses at the same time interpolated in log dose (``_stats.log_dose_interpolation``; protocol 6:
+        0.70 against the model's 0.60); else the row of the same perturbation at the nearest dose and time (log
+        scale); None for a perturbation never trained at any dose."""
         same = self._rows_by_key.get(_key(q), [])
-        if not isinstance(q, Perturbation) or q.dose is None or any(str(form) == str(q) for _, form in same):
-            return self.delta[i]
-        doses = {form.dose: self.delta[j] for j, form in same
-                 if isinstance(form, Perturbation) and form.dose is not None and form.time_hours == q.time_hours}
-        between = log_dose_interpolation(doses, q.dose) if doses else None
-        return self.delta[i] if between is None else between.astype(np.float32)
+        if not same:
+            return None
+        exact = [i for i, form in same if str(form) == str(q)]
+        if exact:
+            return self.delta[exact[-1]]  # (the last, as the name -> row map it replaced kept)
+        if isinstance(q, Perturbation) and q.dose is not None:
+            doses = {form.dose: self.delta[i] for i, form in same
+                     if isinstance(form, Perturbation) and form.dose is not None and form.time_hours == q.time_hours}
+            between = log_dose_interpolation(doses, q.dose) if doses else None
+            if between is not None:
+                return between.astype(np.float32)
+        return self.delta[min(same, key=lambda x: _quantity_distance(x[1], q))[0]]
 
     @cached_property
     def _rows_by_key(self) -> dict[str, list[tuple[int, Perturbation | Combination]]]:
@@ -297,15 +300,6 @@ class Baselines:
         for i, name in enumerate(self.names):
             out.setdefault(_key(name), []).append((i, parse(name)))
         return out
-
-    def _row(self, q: Perturbation | Combination) -> int | None:
-        """The row of ``q``: its own (same dose and time), else the same perturbation's at the nearest
-        dose and time (log scale), else None."""
-        same = self._rows_by_key.get(_key(q), [])
-        exact = [i for i, form in same if str(form) == str(q)]
-        if exact:
-            return exact[-1]  # (the last, as the name -> row map it replaces kept)
-        return min(same, key=lambda x: _quantity_distance(x[1], q))[0] if same else None
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
