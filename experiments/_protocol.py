@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,12 +203,19 @@ def _trained(model, folder: Path, seconds: float | None, config: dict[str, Any])
                    str(folder), config, model.verdict)
 
 
-def load_trained(path: str) -> Trained:
+def load_trained(path: str, *, seed: int | None = None, held: Sequence[str] = ()) -> Trained:
     """A checkpoint an earlier run of a protocol trained (``--model-dir``), as :func:`train_model` returns it,
-    so that it can be scored again without training (its training time is the recorded one)."""
+    so that it can be scored again without training (its training time is the recorded one). With ``seed``,
+    refused (exit) unless it was trained at that seed (another seed's split trained on this one's held-out
+    cells) and knows none of the ``held`` labels."""
     from virtualcell import C2SModel
 
     model = C2SModel.load(path)
+    unknown = sorted(set(model.perturbations.labels) & set(held))
+    if seed is not None and (unknown or model.train_config.get("seed") != seed):
+        raise SystemExit(f"{path} was not trained by this protocol at --seed {seed} (seed "
+                         f"{model.train_config.get('seed')}; it knows held-out perturbations {unknown}): its training "
+                         "cells would overlap the held-out ones.")
     return _trained(model, Path(path), None, {k: v for k, v in model.train_config.items() if k != "history"})
 
 

@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"protocol 3: held-out knockouts {held} (of representable {candidates}); training on {train_ad.n_obs} cells",
           flush=True)
     if args.model:
-        trained = P.load_trained(args.model)
-        unknown = set(trained.model.perturbations.labels) & set(held)
-        if unknown or trained.model.train_config.get("seed") != args.seed:
-            raise SystemExit(f"{args.model} was not trained by this protocol at --seed {args.seed} (seed "
-                             f"{trained.model.train_config.get('seed')}; it knows held-out knockouts {sorted(unknown)}).")
+        trained = P.load_trained(args.model, seed=args.seed, held=held)
     else:
         cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout")
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol3")

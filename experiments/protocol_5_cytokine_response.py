@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"protocol 5: training on {train_ad.n_obs} cells; {baseline.n_obs} baseline controls, "
           f"{reference.n_obs} held-out reference cells", flush=True)
     if args.model:
-        trained = P.load_trained(args.model)
-        if trained.model.train_config.get("seed") != args.seed:
-            raise SystemExit(f"{args.model} was not trained by this protocol at --seed {args.seed} (seed "
-                             f"{trained.model.train_config.get('seed')}): its training cells would overlap the held-out "
-                             "ones.")
+        trained = P.load_trained(args.model, seed=args.seed)
     else:
         cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="cytokine")
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol5")

@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"unseen knockouts (synthetic, seed {args.seed}): held out {held}; training on {train_ad.n_obs} cells",
           flush=True)
     if args.model:
-        trained = P.load_trained(args.model)
-        if set(trained.model.perturbations.labels) & set(held) or trained.model.train_config.get("seed") != args.seed:
-            raise SystemExit(f"{args.model} was not trained by this script at --seed {args.seed}.")
+        trained = P.load_trained(args.model, seed=args.seed, held=held)
     else:
         cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind_key="perturbation_type")
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="unseen_synthetic")
