@@ -194,19 +194,16 @@ def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, ge
             d = aggregates["delta"].sel(perturbation=list(part["perturbation"]), gene=gene).values
             ax.plot(x, d, marker="o", color=color, label=series)
             ax.plot(x[new], d[new], "o", color=color, mfc="white", zorder=3)
-    if over == "dose":
+    scale: dict[str, Any] = {}  # time: hours on a plain axis, as time courses are read
+    label = "time (h)"
+    if over == "dose":  # doses on a log axis, symlog where a dose is 0
         positive = table["dose"][table["dose"] > 0]
-        units = sorted(set(table["unit"]))
-        label = f"dose ({', '.join(u for u in units if u) or 'as written'})"
-    else:
-        label = "time (h)"
+        scale = ({"value": "symlog", "linthresh": float(positive.min()) if len(positive) else 1.0}
+                 if (table["dose"] <= 0).any() else {"value": "log"})
+        label = f"dose ({', '.join(u for u in sorted(set(table['unit'])) if u) or 'as written'})"
     for ax in axes:
-        if over == "time":
-            pass  # hours on a plain axis, as time courses are read
-        elif (table["dose"] <= 0).any():
-            ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
-        else:
-            ax.set_xscale("log")
+        if scale:
+            ax.set_xscale(**scale)
         ax.set_xlabel(label)
     axes[0].set_ylabel(f"score ({ranking.attrs.get('virtualcell', {}).get('objective', 'objective')}), 95% CI")
     hollow = "trained" in table and not table["trained"].astype(bool).all()
