@@ -250,6 +250,10 @@ def run(
             log.info("%d of the panel's perturbations were never trained on (%s): the model generates them with the "
                      "coexpression baseline's shift on its logits (coexpression_prior=False: the model alone)",
                      len(moved), preview(moved, 5))
+    # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair
+    # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
+    seen = set(simulator.model.perturbations.trained())
+    trained = {name: label in seen for name, label in zip(names, simulator.model.perturbations.labels_for(perts))}
     composed = [n for n, p in zip(names, perts) if simulator.model.composes(p, compose=compose)]
     if composed:  # recorded, so that a resumed screen never mixes the two ways (off: the fingerprint it always had)
         config["compose"] = sorted(composed)
@@ -272,7 +276,8 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior, compose=compose)
+                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior, compose=compose,
+                    trained=trained)
 
 
 # screen settings that enter the fingerprint only where they change something (else a screen keeps the fingerprint
@@ -285,8 +290,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
          weight: float | None = None, samples: int = 1, coexpression_prior: bool = True,
-         compose: bool = False) -> ScreenResult:
-    """The body of :func:`screen`, run while the folder is locked."""
+         compose: bool = False, trained: dict[str, bool]) -> ScreenResult:
+    """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column."""
     import xarray as xr
 
     done: dict[int, Path] = {}
@@ -348,11 +353,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     base_emb = simulator.embed(simulator.expression[:n].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
-    # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair
-    # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
-    vocab = simulator.model.perturbations
-    trained = set(vocab.trained())
-    ranking["trained"] = [label in trained for label in vocab.labels_for(simulator.model.resolve(list(ranking["perturbation"])))]
+    ranking["trained"] = ranking["perturbation"].map(trained)
     provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
                                             "normalization", "blend_weight", "baseline", "coexpression_prior",
                                             "composed")
