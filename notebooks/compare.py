@@ -88,9 +88,10 @@ def _(adata, contract, holdout_column, mo, model, viz):
     _values = sorted(adata.obs[holdout_column.value].astype(str).unique()) if holdout_column.value else []
     _known = sorted(viz.measured_labels(model, adata, contract=contract).values())
     _first = [p for p in ("IFNGR1", "IFNGR2", "JAK2", "STAT1", "IRF1", "SMAD4", "CD86", "ATF2") if p in _known]
+    _lo, _hi, _step = 16, 512, 16  # the baseline cells' slider
     _n_cells = int(mo.cli_args().get("n_cells", 64))  # e.g. marimo export html notebooks/compare.py -- --n_cells 128
-    if not (16 <= _n_cells <= 512 and _n_cells % 16 == 0):
-        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes 16 to 512 in steps of 16.")
+    if not (_lo <= _n_cells <= _hi and _n_cells % _step == 0):
+        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes {_lo} to {_hi} in steps of {_step}.")
     DEFAULTS = {
         "holdout_value": "rep_3" if "rep_3" in _values else None,
         "perturbations": _first or _known[:8],
@@ -101,7 +102,7 @@ def _(adata, contract, holdout_column, mo, model, viz):
         "holdout_value": mo.ui.dropdown(_values, value=DEFAULTS["holdout_value"], label="equals"),
         "perturbations": mo.ui.multiselect(_known, value=DEFAULTS["perturbations"],
                                            label="perturbations to predict and score"),
-        "n_cells": mo.ui.slider(16, 512, step=16, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
+        "n_cells": mo.ui.slider(_lo, _hi, step=_step, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
         "profile": mo.ui.dropdown(["default", "fast", "pearson"], value=DEFAULTS["profile"],
                                   label="metrics (default includes E-distances)"),
     })

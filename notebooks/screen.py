@@ -80,9 +80,10 @@ def _(adata, contract, mo):
 @app.cell
 def _(adata, filter_column, mo, model):
     _values = sorted(adata.obs[filter_column.value].astype(str).unique()) if filter_column.value else []
+    _lo, _hi, _step = 8, 400, 8  # the baseline cells' slider
     _n_cells = int(mo.cli_args().get("n_cells", 40))  # e.g. marimo export html notebooks/screen.py -- --n_cells 200
-    if not (8 <= _n_cells <= 400 and _n_cells % 8 == 0):
-        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes 8 to 400 in steps of 8.")
+    if not (_lo <= _n_cells <= _hi and _n_cells % _step == 0):
+        raise ValueError(f"--n_cells {_n_cells}: the baseline cells' slider takes {_lo} to {_hi} in steps of {_step}.")
     DEFAULTS = {
         "filter_value": "rep_3" if "rep_3" in _values else None,
         "n_cells": _n_cells,
@@ -95,7 +96,7 @@ def _(adata, filter_column, mo, model):
     }
     form = mo.ui.dictionary({
         "filter_value": mo.ui.dropdown(_values, value=DEFAULTS["filter_value"], label="equals"),
-        "n_cells": mo.ui.slider(8, 400, step=8, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
+        "n_cells": mo.ui.slider(_lo, _hi, step=_step, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
         "panel": mo.ui.text_area(value=DEFAULTS["panel"], label="panel (one a line: ko:STAT1, kd:MYC, act:KLF1, "
                                  "drug:X@1uM,24h, ko:A + ko:B)", rows=6, full_width=True),
         "picked": mo.ui.multiselect(sorted(model.perturbations.labels.values()), value=DEFAULTS["picked"],
