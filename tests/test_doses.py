@@ -171,6 +171,71 @@ def test_auto_kind_keeps_a_dosed_label_s_doses(dosed):
         typed_labels(dosed, contract, genes, TrainConfig(kind="label"))
 
 
+def _with_dose_strings(adata, write):  # noqa: ANN001, ANN202
+    """``adata`` with its dose column written as strings by ``write(label, dose)`` (cells of dose 0 get "")."""
+    out = adata.copy()
+    out.obs["dose"] = [write(str(lab), d) if d > 0 else "" for lab, d in zip(out.obs["perturbation"], out.obs["dose"])]
+    return out
+
+
+def test_a_dose_column_with_units_reads_as_each_agent_s_numbers(dosed):
+    """Doses written with units ("10uM") are read, not silently dropped (they once read as no dose, pooling a drug's
+    doses into one group); one family given in several units is put on one; values that are no dose stop."""
+    from virtualcell.errors import ContractError
+
+    contract = DataContract.from_adata(dosed)
+    plain = sorted(set(contract.conditions(dosed)))
+    assert contract.dose_units(dosed) == {}
+    cyto = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "cytokine"].iloc[0])
+
+    in_um = _with_dose_strings(dosed, lambda lab, d: f"{d:g}uM" if lab != cyto else f"{d:g} ng/ml")
+    assert sorted(set(contract.conditions(in_um))) == plain
+    assert contract.dose_units(in_um) == {"drugA": "uM", "drugB": "uM", cyto: "ng/ml"}
+    mixed = _with_dose_strings(dosed, lambda lab, d: f"{d * 1000:g}nM" if d < 1 else f"{d:g}µM")
+    assert sorted(set(contract.conditions(mixed))) == plain  # 100nM is drugA@0.1, in uM
+    assert set(contract.dose_units(mixed).values()) == {"uM"}
+    with_nan = dosed.copy()
+    with_nan.obs["dose"] = with_nan.obs["dose"].where(with_nan.obs["dose"] > 0)  # NaN: no dose, not an error
+    contract.validate(with_nan)
+    assert sorted(set(contract.conditions(with_nan))) == plain
+    odd_control = _with_dose_strings(dosed, lambda lab, d: "vehicle" if lab == "control" else f"{d:g}")
+    assert sorted(set(contract.conditions(odd_control))) == plain  # a control's value is not read
+
+    for write, match in [
+        (lambda lab, d: "high" if d > 5 else f"{d:g}", r"not a number with an optional unit: 'high'"),
+        (lambda lab, d: f"{d:g}" if d < 1 else f"{d:g}uM", r"some doses in 'uM' and others without a unit"),
+        (lambda lab, d: f"{d:g}ng/ml" if d < 1 else f"{d:g}uM", r"doses of '(drugA|drugB|CYTO1)'.*do not convert"),
+    ]:
+        with pytest.raises(ContractError, match=match):
+            contract.conditions(_with_dose_strings(dosed, write))
+
+    timed = dosed.copy()
+    timed.obs["time"] = ["30min" if i % 2 else "1d" for i in range(timed.n_obs)]
+    with_time = DataContract("perturbation", "control", time_key="time")
+    assert {c.partition("@")[2] for c in with_time.conditions(timed) if "@" in c} == {",0.5h", ",24h"}
+    timed.obs["time"] = "3kg"
+    with pytest.raises(ContractError, match="units that are not times: 'kg'"):
+        with_time.conditions(timed)
+
+
+def test_a_model_trained_in_um_reads_doses_in_nm_and_refuses_ones_that_do_not_convert(dosed, tmp_path):
+    from virtualcell.train import TrainConfig, train
+
+    cyto = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "cytokine"].iloc[0])
+    data = _with_dose_strings(dosed, lambda lab, d: f"{d:g}uM" if lab != cyto else f"{d:g}ng/ml")
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=1, batch_size=8, seed=0,
+                      kind_key="perturbation_type", verdict_fraction=0.0)
+    train(data, out=tmp_path, config=cfg, progress=False)
+    model = vc.C2SModel.load(tmp_path)  # the units travel in the checkpoint
+    assert model.perturbations.dose_units["drugA"] == "uM"
+    perts = model.resolve(["drugA@100nM", "drugA@10uM", "drugA@1", f"{cyto}@1000pg/ml", "drugA@1000nM,1d"])
+    assert [str(p) for p in perts] == ["drug:drugA@0.1", "drug:drugA@10", "drug:drugA@1", f"cytokine:{cyto}@1",
+                                       "drug:drugA@1,24h"]
+    assert model.perturbations.labels_for(perts[:4]) == ["drugA@0.1", "drugA@10", "drugA@1", f"{cyto}@1"]
+    with pytest.raises(PerturbationError, match="trained on doses of drugA in uM, and ng/ml does not convert"):
+        model.resolve(["drugA@5ng/ml"])
+
+
 def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_path, capsys):
     """The path of a user's own file (no stored contract): a drug at doses across patients, one patient's treated
     cells held out. Predicted cells carry their source cell's context, and `virtualcell evaluate` scores each dose

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ContractError, close_matches, preview
+from .perturbations import dose_on_one_scale, hours_per, quantity_suffix, read_quantity
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -66,7 +67,7 @@ class DataContract:
                     f"{preview(adata.obs.columns, 15) or 'none'}. Pass the right name "
                     f"(CLI: --{role.replace(' ', '-')}-key)."
                 )
-            if adata.obs[key].isna().any():
+            if role not in ("dose", "time") and adata.obs[key].isna().any():  # a missing dose or time: none
                 n = int(adata.obs[key].isna().sum())
                 raise ContractError(
                     f"The {role} column {key!r} has {n} missing values. Fill them (e.g. with the "
@@ -94,16 +95,43 @@ class DataContract:
         return adata.obs[self.perturbation_key].astype(str).to_numpy()
 
     def quantities(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
-        """Every cell's dose and time (in the data's units), NaN where the contract names no such
-        column or the cell has none: a missing value, a value that is not a number, or a dose of 0."""
-        def read(key: str | None, *, zero_is_none: bool) -> np.ndarray:
-            if key is None:
-                return np.full(adata.n_obs, np.nan)
-            values, cell = np.unique(adata.obs[key].astype(str).to_numpy(), return_inverse=True)  # once per value
-            numbers = np.array([np.nan if (v := _number(x)) is None or (zero_is_none and v == 0) else v for x in values])
-            return numbers[cell]
+        """Every cell's dose and time, NaN where the contract names no such column or the cell has none (an
+        empty value, ``NaN``/``none``/``-``, or a dose of 0).
 
-        return read(self.dose_key, zero_is_none=True), read(self.time_key, zero_is_none=False)
+        A value is a number with an optional unit (``10``, ``"10"``, ``"10uM"``, ``"24 h"``; a pair's ``"1+1"``
+        reads as its first). Times are read in hours (``"30min"`` is 0.5). Doses stay in the unit they are given
+        in; where one family of units comes in several (``"100nM"`` and ``"1uM"``), its doses are put on the
+        family's common unit (0.1 and 1, in uM; mass concentrations in ng/ml). Families may differ between agents
+        (drugs in uM, cytokines in ng/ml), never within one. A perturbed cell's value that is no number, a unit
+        that is not a time, some doses with a unit and others without, or one agent's doses in units that do not
+        convert to one another stop with a :class:`ContractError` naming them (a control cell's value is not
+        read)."""
+        return self._read(adata, self.dose_key, "dose")[0], self._read(adata, self.time_key, "time")[0]
+
+    def dose_units(self, adata: ad.AnnData) -> dict[str, str]:
+        """The unit of the doses :meth:`quantities` reads, for each perturbation label with a dose
+        (``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own unit) or no
+        dose column."""
+        return self._read(adata, self.dose_key, "dose")[1]
+
+    def _read(self, adata: ad.AnnData, key: str | None, what: str) -> tuple[np.ndarray, dict[str, str]]:
+        if key is None:
+            return np.full(adata.n_obs, np.nan), {}
+        values, cell = np.unique(adata.obs[key].astype(str).to_numpy(), return_inverse=True)  # once per value
+        cell = cell.ravel()
+        perturbed = ~self.is_control(adata)
+        read_by = np.zeros(values.size, dtype=bool)
+        read_by[np.unique(cell[perturbed])] = True
+        number, unit = _column_values(values, read_by, what=what, key=key)
+        if what == "time":
+            unknown = sorted({str(u) for u in unit[read_by] if u and hours_per(u) is None})
+            if unknown:
+                raise ContractError(f"The time column {key!r} has units that are not times: {preview(unknown, 6)}. "
+                                    "Write times in h, min or d (e.g. '24h').")
+            return _rounded(number * np.array([hours_per(u) or 1.0 for u in unit]))[cell], {}
+        number = np.where(number == 0, np.nan, number)  # a dose of 0 is no dose, whatever its unit
+        factor, units = _dose_scale(number, unit, cell[perturbed], self.labels(adata)[perturbed], key=key)
+        return _rounded(number * factor)[cell], units
 
     def conditions(self, adata: ad.AnnData) -> np.ndarray:
         """The condition of every cell, as strings: its label, followed by its dose and time where the
@@ -113,7 +141,6 @@ class DataContract:
         labels = self.labels(adata)
         if self.dose_key is None and self.time_key is None:
             return labels
-        from .perturbations import quantity_suffix
 
         dose, time = self.quantities(adata)
         # one suffix per distinct (dose, time), NaN (none) written as -inf so that it is one value too
@@ -180,12 +207,64 @@ class DataContract:
         adata.uns[UNS_KEY]["contract"] = {k: ("" if v is None else v) for k, v in self.to_dict().items()}
 
 
-def _number(x: Any) -> float | None:
-    """A dose or time value as a float (``"10"``, ``10``; a pair's ``"1+1"`` reads as its first), or None."""
-    import math
+# the values that mean "no dose" or "no time" in a column (lower case, stripped)
+_NO_VALUE = frozenset({"", "nan", "none", "na", "n/a", "-", "null", "<na>"})
 
-    try:
-        v = float(str(x).split("+")[0])
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
+
+def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The number and unit (``""``: none) of each distinct value of a dose or time column, NaN for no value;
+    ``read_by`` marks the values perturbed cells carry, the only ones a value that is no number stops."""
+    number = np.full(values.size, np.nan)
+    unit = np.full(values.size, "", dtype=object)
+    bad = []
+    for i, v in enumerate(values):
+        text = str(v).strip()
+        if text.lower() in _NO_VALUE:
+            continue
+        q = read_quantity(text.split("+")[0])
+        if q is None:
+            bad += [str(v)] if read_by[i] else []
+        else:
+            number[i], unit[i] = q
+    if bad:
+        example = "'10', '10uM'" if what == "dose" else "'24', '24h', '30min'"
+        raise ContractError(
+            f"The {what} column {key!r} has values that are not a number with an optional unit: {preview(bad, 6)}. "
+            f"Write each {what} as one ({example}), or leave it empty where a cell has no {what}.")
+    return number, unit
+
+
+def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: np.ndarray, *,
+                key: str) -> tuple[np.ndarray, dict[str, str]]:
+    """The factor that puts each distinct dose value on its family's one unit, and each dosed label's unit
+    (``{}``: plain numbers); ``cell``/``label``: the value index and label of every perturbed cell."""
+    import pandas as pd
+
+    seen = pd.DataFrame({"label": label, "value": cell}).drop_duplicates()
+    seen = seen[np.isfinite(number[seen["value"].to_numpy()])]
+    used = sorted({str(unit[v]) for v in seen["value"]})
+    if used in ([], [""]):
+        return np.ones(number.size), {}
+    if "" in used:
+        raise ContractError(f"The dose column {key!r} gives some doses in {preview(used[1:], 6)} and others without a "
+                            "unit: give every dose its unit, or write every one as a plain number in one unit.")
+    family = {u: dose_on_one_scale(u)[0] for u in used}  # (a unit of no known family is its own)
+    seen["family"] = [family[str(unit[v])] for v in seen["value"]]
+    families = seen.groupby("label")["family"].nunique()
+    if (families > 1).any():
+        label = str(families.index[families.to_numpy() > 1][0])
+        units = sorted({str(unit[v]) for v in seen.loc[seen["label"] == label, "value"]})
+        raise ContractError(
+            f"The doses of {label!r} in the dose column {key!r} are in units that do not convert to one another "
+            f"({preview(units, 6)}): give each agent's doses in one unit (nM and uM convert to each other, as do "
+            "ng/ml and ug/ml).")
+    in_family = {f: sorted(u for u in used if family[u] == f) for f in set(family.values())}
+    target = {f: us[0] if len(us) == 1 else f for f, us in in_family.items()}  # one unit kept; several: the common
+    factor = np.array([dose_on_one_scale(str(u))[1] / dose_on_one_scale(target[family[str(u)]])[1]
+                       if str(u) in family else 1.0 for u in unit])
+    return factor, {str(lab): target[f] for lab, f in zip(seen["label"], seen["family"])}
+
+
+def _rounded(x: np.ndarray) -> np.ndarray:
+    """12 significant digits: 300nM is 0.3uM, not 0.30000000000000004."""
+    return np.array([float(f"{v:.12g}") for v in x])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ScreenError
-from .perturbations import Perturbation, parse
+from .perturbations import Perturbation, dose_on_one_scale, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -40,20 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["dose_series", "time_series", "plot_dose_response", "plot_time_course"]
 
-# unit families: each unit's factor to the family's common unit (lower case, 'µ' read as 'u')
-_MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
-_MASS = {"pg/ml": 1e-3, "ng/ml": 1.0, "ug/ml": 1e3, "mg/ml": 1e6, "g/l": 1e6, "mg/l": 1e3, "ug/l": 1.0}
-_COMMON = (("uM", _MOLAR), ("ng/ml", _MASS))
 _COLUMNS = ("perturbation", "rank", "score", "score_low", "score_high", "l2_delta_corrected", "trained")
-
-
-def _on_one_scale(unit: str | None) -> tuple[str, float]:
-    """``(common unit, factor)`` for a dose unit; a unit of no known family keeps itself (factor 1)."""
-    key = (unit or "").strip().lower().replace("µ", "u").replace("μ", "u")
-    for common, family in _COMMON:
-        if key in family:
-            return common, family[key]
-    return unit or "", 1.0
 
 
 def dose_series(ranking: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +88,7 @@ def _series(ranking: pd.DataFrame, over: str) -> pd.DataFrame:
         time = p.time_hours
         if (p.dose is None) if over == "dose" else (time is None):
             continue
-        unit, factor = _on_one_scale(p.dose_unit)
+        unit, factor = dose_on_one_scale(p.dose_unit)
         agent = f"{p.kind}:{p.target}"
         if over == "dose":
             series = agent + (f",{time:g}h" if time is not None else "")

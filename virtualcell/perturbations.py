@@ -29,13 +29,15 @@ Examples
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal
 
 from .errors import PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -57,6 +59,30 @@ _DESCRIBE = {"knockout": "CRISPR knockout of", "knockdown": "CRISPRi knockdown o
 _QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ/%]*)\s*$")
 _TIME_UNITS = {"h": 1.0, "hr": 1.0, "hrs": 1.0, "hours": 1.0, "hour": 1.0, "min": 1 / 60, "m": 1 / 60, "d": 24.0, "day": 24.0, "days": 24.0}
 _GENE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+# dose unit families: each unit's factor to its family's common unit (lower case, 'µ' read as 'u')
+_MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
+_MASS = {"pg/ml": 1e-3, "ng/ml": 1.0, "ug/ml": 1e3, "mg/ml": 1e6, "g/l": 1e6, "mg/l": 1e3, "ug/l": 1.0}
+_COMMON = (("uM", _MOLAR), ("ng/ml", _MASS))
+
+
+def _unit_key(unit: str | None) -> str:
+    return (unit or "").strip().lower().replace("µ", "u").replace("μ", "u")
+
+
+def _dose_family(unit: str | None) -> tuple[str, float] | None:
+    key = _unit_key(unit)
+    return next(((common, family[key]) for common, family in _COMMON if key in family), None)
+
+
+def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
+    """``(common unit, factor)`` of a dose unit: molar units to uM, mass concentrations to ng/ml (``"nM"`` ->
+    ``("uM", 0.001)``); a unit of no known family keeps itself (factor 1)."""
+    return _dose_family(unit) or (unit or "", 1.0)
+
+
+def hours_per(unit: str | None) -> float | None:
+    """Hours in one ``unit`` of time (no unit: hours), or None for a unit that is not a time."""
+    return _TIME_UNITS.get((unit or "h").strip().lower())
 
 
 @dataclass(frozen=True)
@@ -97,7 +123,7 @@ class Perturbation:
     def time_hours(self) -> float | None:
         if self.time is None:
             return None
-        return self.time * _TIME_UNITS.get((self.time_unit or "h").lower(), 1.0)
+        return self.time * (hours_per(self.time_unit) or 1.0)
 
     def __str__(self) -> str:
         if self.kind == "control":
@@ -172,14 +198,54 @@ def quantity_suffix(dose: float | None, time: float | None, *, dose_unit: str | 
     return text + (f",{_fmt(time)}{time_unit or 'h'}" if time is not None else "")
 
 
-def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
+def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Perturbation | Combination:
+    """``p`` as a model trained on doses in ``dose_units`` (each dosed agent's unit,
+    :meth:`~virtualcell.contract.DataContract.dose_units`) names it: each dose a plain number in its agent's trained
+    unit, each time in hours, so that ``drugA@1000nM,1d`` asks a model trained in uM for ``drugA@1,24h``. An agent
+    never trained at a dose takes the trained unit of the dose's family. A dose without a unit is taken to be in the
+    trained unit already; with no ``dose_units`` (a model trained on plain numbers) doses stay as written. A dose
+    that does not convert to its agent's unit (or, for a new agent, to any trained unit) raises
+    :class:`PerturbationError`."""
+    by_family = {_unit_key(dose_on_one_scale(u)[0]): u for u in sorted(set(dose_units.values()))}
+
+    def one(x: Perturbation) -> Perturbation:
+        dose, unit, time, time_unit = x.dose, x.dose_unit, x.time, x.time_unit
+        if time is not None:
+            time, time_unit = float(f"{x.time_hours:.12g}"), "h"
+        if dose is not None and unit and dose_units:
+            family = _unit_key(dose_on_one_scale(unit)[0])
+            to = dose_units.get(x.target) or by_family.get(family)
+            if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
+                known = dose_units.get(x.target) or " or ".join(by_family.values())
+                raise PerturbationError(f"{x}: the model was trained on doses of {x.target} in {known}, and {unit} "
+                                        f"does not convert to it; write the dose in {known}." if x.target in dose_units
+                                        else f"{x}: the model was trained on doses in {known}, and {unit} converts to "
+                                        f"none of them; write the dose in {known}.")
+            dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), None
+        return Perturbation(x.kind, x.target, dose, unit, time, time_unit)
+
+    if isinstance(p, Combination):
+        return Combination(tuple(one(x) for x in p.parts))
+    return one(p)
+
+
+def read_quantity(text: str) -> tuple[float, str] | None:
+    """``(number, unit)`` of a dose or time as written (``"10uM"`` -> ``(10.0, "uM")``, ``"24"`` -> ``(24.0, "")``),
+    or None where ``text`` is not a finite number with an optional unit."""
     m = _QUANTITY.match(text)
-    if not m:
+    if m is None or not math.isfinite(value := float(m.group(1))):
+        return None
+    return value, m.group(2)
+
+
+def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
+    q = read_quantity(text)
+    if q is None:
         raise PerturbationError(
             f"Cannot read the {what} {text!r} in {source!r}: write a number with an optional unit, e.g. "
             + ("'10uM'." if what == "dose" else "'24h'.")
         )
-    return float(m.group(1)), m.group(2)
+    return q
 
 
 def _parse_part(text: str, source: str) -> Perturbation:

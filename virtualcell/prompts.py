@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
-from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
+from .perturbations import GENETIC, Combination, Perturbation, in_units, parse, without_quantities
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,11 +125,18 @@ class PerturbationVocab:
     # a genetic target as the data's labels name it (upper case, e.g. a symbol "STAT1") -> the model's gene it is
     # (e.g. its Ensembl id), where the training data's gene names were not the labels' (train.target_aliases)
     aliases: dict[str, str] = field(default_factory=dict)
+    # the unit each dosed training label's doses are in (DataContract.dose_units: {"drugA": "uM"}; {}: plain numbers);
+    # a dose asked in another unit of that family is converted to it (perturbations.in_units)
+    dose_units: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         """A typed perturbation; a plain label is looked up among the training labels, and a label
         with a dose or time (``"drugA@10"``, a condition of the data) among the training conditions,
-        or else as that label's perturbation at that dose and time."""
+        or else as that label's perturbation at that dose and time. Doses are put in the training doses' unit and
+        times in hours (``"drugA@1000nM,1d"`` is ``drugA@1,24h`` to a model trained in uM)."""
+        return in_units(self._resolve(p), self.dose_units)
+
+    def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         if isinstance(p, str) and p in self.labels:
             doses = self.conditions_of(p)
             if len(doses) == 1:  # trained at one dose and time only: that is the perturbation it names
@@ -217,14 +224,15 @@ class PerturbationVocab:
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
                 "own_targets": self.own_targets, "own_doses": self.own_doses, "targets_with_gene": self.targets_with_gene,
-                "conditions": dict(self.conditions), "aliases": dict(self.aliases)}
+                "conditions": dict(self.conditions), "aliases": dict(self.aliases), "dose_units": dict(self.dose_units)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
         names = {"drug": [], "cytokine": [], "label": [], "target": [], "dose": []}
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
-                   bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})))
+                   bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})),
+                   dict(d.get("dose_units", {})))
 
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:

@@ -244,7 +244,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     dose, when = contract.quantities(adata)
     conditions = contract.conditions(adata)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
-                              targets_with_gene=cfg.target_tokens == "both")
+                              targets_with_gene=cfg.target_tokens == "both", dose_units=contract.dose_units(adata))
     if kinds is not None or cfg.kind in ("auto", *GENETIC):
         vocab.aliases = target_aliases(adata, sorted(set(labels) - {contract.control}), genes)
     typed = np.empty(adata.n_obs, dtype=object)
