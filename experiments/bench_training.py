@@ -311,7 +311,8 @@ def main() -> None:
             "train_loss_tail": float(np.nanmean(s.losses[-args.tail:])) if s.kind != "plain" else None,
             "val_loss_masked": s.masked_loss(val_chunks),
         })
-    ref = next(r for r in rows if r["side"].startswith("today's recipe") and r["threads"] == 1)
+    # the reference: today's recipe at the fewest threads this run measured (1 unless --threads leaves it out)
+    ref = next(r for r in rows if r["side"].startswith("today's recipe") and r["threads"] == min(threads))
     for r in rows:
         r["x_today_1_thread"] = r["steps_per_min"] / ref["steps_per_min"]
     meta = {"steps": args.steps, "batch_pairs": cfg.batch_size, "parameters": n_params, "seed": args.seed,
@@ -322,7 +323,7 @@ def main() -> None:
         f"`{meta['command'].strip()}` — the bundled model's recipe ({n_params:,} parameters, {cfg.batch_size} pairs a "
         f"step, 100 genes a sentence), {args.steps} steps per side from the same weights, sides interleaved every "
         f"{args.chunk} steps. Machine: {meta['machine']}.", "",
-        "| side | steps/min | x today (1 thread) | tokens read/s | model GFLOP/s | GEMM limit GFLOP/s (fp32 / bf16) | train loss, last "
+        f"| side | steps/min | x today ({min(threads)} thread{'s' if min(threads) > 1 else ''}) | tokens read/s | model GFLOP/s | GEMM limit GFLOP/s (fp32 / bf16) | train loss, last "
         f"{args.tail} | val loss (masked) | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

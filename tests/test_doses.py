@@ -237,9 +237,10 @@ def test_a_model_trained_in_um_reads_doses_in_nm_and_refuses_ones_that_do_not_co
 
 
 def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_path, capsys):
-    """The path of a user's own file (no stored contract): a drug at doses across patients, one patient's treated
-    cells held out. Predicted cells carry their source cell's context, and `virtualcell evaluate` scores each dose
-    apart (--dose-key) with meanshift learned from the training cells (--train)."""
+    """The path of a user's own file (no stored contract): a drug at doses across patients (written with their unit),
+    one patient's treated cells held out. Predicted cells carry their source cell's context and are named as the
+    data's conditions whatever unit the dose is asked in, and `virtualcell evaluate` scores each dose apart
+    (--dose-key) with meanshift learned from the training cells (--train)."""
     import anndata as ad
 
     from virtualcell.cli import main
@@ -249,6 +250,7 @@ def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_p
                                           n_cells_per_condition=30, n_control_cells=80, n_contexts=2, seed=1)
     screen.uns.pop("virtualcell")
     screen.obs = screen.obs.rename(columns={"cell_type": "patient", "perturbation": "treatment"})
+    screen.obs["dose"] = [f"{d:g} uM" if d > 0 else "" for d in screen.obs["dose"]]  # as files often write them
     obs = screen.obs
     held = (obs["patient"] == "typeB").to_numpy()
     ctrl = (obs["treatment"] == "control").to_numpy()
@@ -258,7 +260,7 @@ def test_a_user_s_dosed_screen_across_contexts_from_training_to_evaluation(tmp_p
     cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
                       verdict_fraction=0.0)  # kind "auto": the dosed labels are drugs
     model = train(training, out=tmp_path / "model", contract=contract, config=cfg, progress=False)
-    res = vc.Simulator(screen[base_idx].copy(), model).simulate(["drugA@10", "drugA@1"], keep_cells=True,
+    res = vc.Simulator(screen[base_idx].copy(), model).simulate(["drugA@10uM", "drugA@1000nM"], keep_cells=True,
                                                                 progress=False, blend=False)
     pred = res.to_anndata()
     # labelled in the training data's own column, each cell in its source cell's patient
