@@ -229,8 +229,8 @@ def test_a_model_trained_in_um_reads_doses_in_nm_and_refuses_ones_that_do_not_co
     model = vc.C2SModel.load(tmp_path)  # the units travel in the checkpoint
     assert model.perturbations.dose_units["drugA"] == "uM"
     perts = model.resolve(["drugA@100nM", "drugA@10uM", "drugA@1", f"{cyto}@1000pg/ml", "drugA@1000nM,1d"])
-    assert [str(p) for p in perts] == ["drug:drugA@0.1", "drug:drugA@10", "drug:drugA@1", f"cytokine:{cyto}@1",
-                                       "drug:drugA@1,24h"]
+    assert [str(p) for p in perts] == ["drug:drugA@0.1uM", "drug:drugA@10uM", "drug:drugA@1uM",
+                                       f"cytokine:{cyto}@1ng/ml", "drug:drugA@1uM,24h"]
     assert model.perturbations.labels_for(perts[:4]) == ["drugA@0.1", "drugA@10", "drugA@1", f"{cyto}@1"]
     with pytest.raises(PerturbationError, match="trained on doses of drugA in uM, and ng/ml does not convert"):
         model.resolve(["drugA@5ng/ml"])

@@ -109,9 +109,9 @@ class DataContract:
         return self._read(adata, self.dose_key, "dose")[0], self._read(adata, self.time_key, "time")[0]
 
     def dose_units(self, adata: ad.AnnData) -> dict[str, str]:
-        """The unit of the doses :meth:`quantities` reads, for each perturbation label with a dose
-        (``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own unit) or no
-        dose column."""
+        """The unit of the doses :meth:`quantities` reads, for each agent with a dose (a label, or each part of a
+        pair's label: ``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own
+        unit) or no dose column."""
         return self._read(adata, self.dose_key, "dose")[1]
 
     def _read(self, adata: ad.AnnData, key: str | None, what: str) -> tuple[np.ndarray, dict[str, str]]:
@@ -236,8 +236,9 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
 
 def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: np.ndarray, *,
                 key: str) -> tuple[np.ndarray, dict[str, str]]:
-    """The factor that puts each distinct dose value on its family's one unit, and each dosed label's unit
-    (``{}``: plain numbers); ``cell``/``label``: the value index and label of every perturbed cell."""
+    """The factor that puts each distinct dose value on its family's one unit, and each dosed agent's unit (an
+    agent: a label, or each part of a pair's label; ``{}``: plain numbers); ``cell``/``label``: the value index and
+    label of every perturbed cell."""
     import pandas as pd
 
     seen = pd.DataFrame({"label": label, "value": cell}).drop_duplicates()
@@ -262,7 +263,8 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
     target = {f: us[0] if len(us) == 1 else f for f, us in in_family.items()}  # one unit kept; several: the common
     factor = np.array([dose_on_one_scale(str(u))[1] / dose_on_one_scale(target[family[str(u)]])[1]
                        if str(u) in family else 1.0 for u in unit])
-    return factor, {str(lab): target[f] for lab, f in zip(seen["label"], seen["family"])}
+    return factor, {agent.strip(): target[f] for lab, f in zip(seen["label"], seen["family"])
+                    for agent in str(lab).split(PAIR_SEP) if agent.strip()}
 
 
 def _rounded(x: np.ndarray) -> np.ndarray:

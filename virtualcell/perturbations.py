@@ -200,28 +200,31 @@ def quantity_suffix(dose: float | None, time: float | None, *, dose_unit: str | 
 
 def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Perturbation | Combination:
     """``p`` as a model trained on doses in ``dose_units`` (each dosed agent's unit,
-    :meth:`~virtualcell.contract.DataContract.dose_units`) names it: each dose a plain number in its agent's trained
-    unit, each time in hours, so that ``drugA@1000nM,1d`` asks a model trained in uM for ``drugA@1,24h``. An agent
-    never trained at a dose takes the trained unit of the dose's family. A dose without a unit is taken to be in the
-    trained unit already; with no ``dose_units`` (a model trained on plain numbers) doses stay as written. A dose
-    that does not convert to its agent's unit (or, for a new agent, to any trained unit) raises
-    :class:`PerturbationError`."""
+    :meth:`~virtualcell.contract.DataContract.dose_units`) names it: each dose in its agent's trained unit and each
+    time in hours, so that ``drugA@1000nM,1d`` asks a model trained in uM for ``drugA@1uM,24h``, and ``drugA@1``
+    (no unit: the trained one) is ``drugA@1uM`` too. An agent never trained at a dose takes the trained unit of its
+    dose's family. With no ``dose_units`` (a model trained on plain numbers) doses stay as written. A dose that does
+    not convert to its agent's unit (or, for a new agent, to any trained unit) raises :class:`PerturbationError`."""
     by_family = {_unit_key(dose_on_one_scale(u)[0]): u for u in sorted(set(dose_units.values()))}
 
     def one(x: Perturbation) -> Perturbation:
         dose, unit, time, time_unit = x.dose, x.dose_unit, x.time, x.time_unit
         if time is not None:
             time, time_unit = float(f"{x.time_hours:.12g}"), "h"
-        if dose is not None and unit and dose_units:
-            family = _unit_key(dose_on_one_scale(unit)[0])
-            to = dose_units.get(x.target) or by_family.get(family)
-            if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
-                known = dose_units.get(x.target) or " or ".join(by_family.values())
-                raise PerturbationError(f"{x}: the model was trained on doses of {x.target} in {known}, and {unit} "
-                                        f"does not convert to it; write the dose in {known}." if x.target in dose_units
-                                        else f"{x}: the model was trained on doses in {known}, and {unit} converts to "
-                                        f"none of them; write the dose in {known}.")
-            dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), None
+        if dose is not None and dose_units:
+            own = dose_units.get(x.target)
+            if not unit:
+                unit = own  # a plain number: in the agent's trained unit (None for an agent never trained at a dose)
+            else:
+                family = _unit_key(dose_on_one_scale(unit)[0])
+                to = own or by_family.get(family)
+                if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
+                    known = own or " or ".join(by_family.values())
+                    raise PerturbationError(
+                        f"{x}: the model was trained on doses of {x.target} in {known}, and {unit} does not convert "
+                        f"to it; write the dose in {known}." if own else f"{x}: the model was trained on doses in "
+                        f"{known}, and {unit} converts to none of them; write the dose in {known}.")
+                dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), to
         return Perturbation(x.kind, x.target, dose, unit, time, time_unit)
 
     if isinstance(p, Combination):

@@ -133,7 +133,7 @@ class PerturbationVocab:
         """A typed perturbation; a plain label is looked up among the training labels, and a label
         with a dose or time (``"drugA@10"``, a condition of the data) among the training conditions,
         or else as that label's perturbation at that dose and time. Doses are put in the training doses' unit and
-        times in hours (``"drugA@1000nM,1d"`` is ``drugA@1,24h`` to a model trained in uM)."""
+        times in hours (``"drugA@1000nM,1d"`` is ``drug:drugA@1uM,24h`` to a model trained in uM)."""
         return in_units(self._resolve(p), self.dose_units)
 
     def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:

@@ -291,7 +291,8 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
         elif kind in ("drug", "cytokine"):
             if x not in vocab.names[kind]:
                 vocab.names[kind].append(x)
-            out.append(Perturbation(kind, x, dose, None, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
+            unit = vocab.dose_units.get(x) if dose is not None else None  # the data's unit ("10uM"), if it gave one
+            out.append(Perturbation(kind, x, dose, unit, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
             own = own_dose_name(out[-1])
             if vocab.own_doses and own is not None and own not in vocab.names["dose"]:
                 vocab.names["dose"].append(own)
