@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -88,3 +90,59 @@ def test_contract_round_trips_through_h5ad(tmp_path):
     c.attach(a)
     a.write_h5ad(tmp_path / "a.h5ad")
     assert DataContract.from_adata(ad.read_h5ad(tmp_path / "a.h5ad")) == c
+
+
+def test_several_control_labels_are_read_as_one(tmp_path):
+    """Screens often label their controls several ways (one label per non-targeting guide): other_controls (CLI:
+    --control NT_1,NT_2) reads every one as the first, for the contract, its round trips and the CLI's parsing."""
+    from virtualcell.contract import control_labels
+
+    obs = pd.DataFrame({"g": ["NT_1", "NT_2", "A", "B", "NT_2", "NT_3"]}, index=list("abcdef"))
+    a = ad.AnnData(np.ones((6, 2)), obs=obs)
+    c = DataContract("g", "NT_1", other_controls=["NT_2", "NT_3", "NT_1"])  # the first again: dropped
+    assert c.other_controls == ("NT_2", "NT_3") and c.controls == ("NT_1", "NT_2", "NT_3")
+    assert list(c.labels(a)) == ["NT_1", "NT_1", "A", "B", "NT_1", "NT_1"]
+    assert c.is_control(a).sum() == 4 and c.perturbations(a) == ["A", "B"]
+    c.validate(a)
+    c.attach(a)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    assert DataContract.from_adata(ad.read_h5ad(tmp_path / "a.h5ad")) == c
+    assert DataContract.from_dict(json.loads(c.to_json())) == c
+    with pytest.raises(ContractError, match=r"None of the control labels 'X', 'Y' occurs"):
+        DataContract("g", "X", other_controls=("Y",)).validate(a)
+    with pytest.raises(ContractError, match="takes a list of labels"):
+        DataContract("g", "NT_1", other_controls="NT_2")
+    assert control_labels(" NT_1, NT_2 ,") == ("NT_1", ("NT_2",)) and control_labels("ctrl") == ("ctrl", ())
+    with pytest.raises(ContractError, match="names no label"):
+        control_labels(" , ")
+
+
+def test_several_control_labels_through_train_predict_and_evaluate(papalexi, tmp_path, capsys):
+    from virtualcell.cli import main
+
+    rng = np.random.default_rng(0)
+    keep = papalexi.obs["perturbation"].isin(["control", "STAT1", "JAK2"]).to_numpy()
+    data = papalexi[np.sort(rng.choice(np.flatnonzero(keep), 300, replace=False))].copy()
+    data.uns.pop("virtualcell", None)
+    labels = data.obs["perturbation"].astype(str).to_numpy()
+    ctrl = np.flatnonzero(labels == "control")
+    labels[ctrl[1::2]] = "NT_2"  # half the controls under a second guide's label
+    data.obs["guide"] = labels
+    path = tmp_path / "screen.h5ad"
+    data.write_h5ad(path)
+    tiny = ["--top-k", "15", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--max-steps", "2",
+            "--batch-size", "8", "--verdict-fraction", "0"]
+    assert main(["train", "--data", str(path), "--perturbation-key", "guide", "--control", "control,NT_2",
+                 "--out", str(tmp_path / "m"), *tiny]) == 0
+    model = vc.C2SModel.load(tmp_path / "m")
+    assert model.contract.controls == ("control", "NT_2") and set(model.perturbations.labels) == {"STAT1", "JAK2"}
+    pred = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(tmp_path / "m"), "--data", str(path), "--perturbations", "STAT1",
+                 "--n-cells", "6", "--out", str(pred)]) == 0
+    assert f"baseline: the {ctrl.size} control cells (guide == 'control' or 'NT_2')" in capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(pred), "--real", str(path), "--perturbation-key", "guide",
+                 "--control", "control,NT_2", "--baselines", "nochange", "--profile", "pearson", "--no-ceiling",
+                 "--out", str(tmp_path / "e")]) == 0
+    table = pd.read_csv(tmp_path / "e" / "metrics.csv")
+    assert set(table["perturbation"]) == {"STAT1", "JAK2"}  # NT_2 is no perturbation of its own
+    assert set(table.loc[table["method"] == "model", "perturbation"]) == {"STAT1"}

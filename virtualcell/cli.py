@@ -114,18 +114,19 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     adata = _load_data(args.data)
     contract = model.contract
     if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
-        labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
-        is_ctrl = labels == contract.control
+        is_ctrl = contract.is_control(adata)
+        named = " or ".join(repr(c) for c in contract.controls)
         if not is_ctrl.any():
             from .errors import ContractError, preview
 
+            labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
             raise ContractError(
-                f"No cell of {args.data} has {contract.perturbation_key} == {contract.control!r} (the model's control "
+                f"No cell of {args.data} has {contract.perturbation_key} == {named} (the model's control "
                 f"label); it holds {preview(sorted(set(labels)), 8)}. Pass --all-cells to use every cell as the baseline."
             )
         if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
-            print(f"baseline: the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {contract.control!r}) of {args.data}")
+            print(f"baseline: the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {named}) of {args.data}")
             adata = adata[is_ctrl].copy()
     return adata
 
@@ -293,11 +294,12 @@ def _load_data(spec: str, contract=None):  # noqa: ANN001, ANN202
 
 
 def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
-    from .contract import DataContract
+    from .contract import DataContract, control_labels
 
+    control, others = control_labels(args.control)
     return DataContract(
-        perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key,
-        dose_key=getattr(args, "dose_key", None), time_key=getattr(args, "time_key", None),
+        perturbation_key=args.perturbation_key, control=control, context_key=args.context_key,
+        dose_key=getattr(args, "dose_key", None), time_key=getattr(args, "time_key", None), other_controls=others,
     )
 
 
@@ -518,7 +520,8 @@ def _add_gene_key(p: argparse.ArgumentParser, *aliases: str) -> None:
 
 def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--perturbation-key", required=required, default="perturbation", help="obs column of the perturbation labels")
-    p.add_argument("--control", required=required, default="control", help="label of the control cells")
+    p.add_argument("--control", required=required, default="control",
+                   help="label of the control cells; several separated by commas (NT_1,NT_2), all read as the first")
     p.add_argument("--context-key", default=None, help="obs column of the context (cell type / line / patient)")
     p.add_argument("--dose-key", default=None,
                    help="obs column of the dose: numbers, or numbers with a unit ('10uM'; nM and uM convert)")

@@ -29,7 +29,7 @@ from .perturbations import dose_on_one_scale, hours_per, quantity_suffix, read_q
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
-__all__ = ["DataContract", "UNS_KEY"]
+__all__ = ["DataContract", "UNS_KEY", "control_labels"]
 
 UNS_KEY = "virtualcell"
 PAIR_SEP = "+"
@@ -42,6 +42,10 @@ class DataContract:
     ``gene_key`` names the var column that held the gene names a model was trained on
     (``None``: ``var_names``); a checkpoint keeps it, so that new cells with that column are
     read the same way.
+
+    ``other_controls`` names further labels of control cells (several non-targeting guides,
+    ``"DMSO"`` beside ``"vehicle"``): :meth:`labels` reads them as ``control``, so every part of the
+    package sees one control population (CLI: ``--control NT_1,NT_2``, the first is ``control``).
     """
 
     perturbation_key: str = "perturbation"
@@ -50,6 +54,21 @@ class DataContract:
     dose_key: str | None = None
     time_key: str | None = None
     gene_key: str | None = None
+    other_controls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        others = self.other_controls
+        if isinstance(others, str):
+            raise ContractError(f"other_controls takes a list of labels, got the string {others!r}: write "
+                                f"other_controls=[{others!r}].")
+        # a tuple of distinct labels other than control (lists and arrays from JSON or h5ad become one)
+        object.__setattr__(self, "other_controls",
+                           tuple(dict.fromkeys(str(x) for x in others if str(x) != self.control)))
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        """Every label of control cells: ``control``, then ``other_controls``."""
+        return (self.control, *self.other_controls)
 
     # ------------------------------------------------------------------ #
     def validate(self, adata: ad.AnnData, *, require_control: bool = True) -> None:
@@ -78,8 +97,10 @@ class DataContract:
             if self.control not in set(labels):
                 hint = close_matches(self.control, set(labels))
                 did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+                named = (f"The control label {self.control!r} does not occur" if not self.other_controls else
+                         f"None of the control labels {preview(self.controls, 8)} occurs")
                 raise ContractError(
-                    f"The control label {self.control!r} does not occur in obs[{self.perturbation_key!r}].{did} "
+                    f"{named} in obs[{self.perturbation_key!r}].{did} "
                     f"Labels there: {preview(sorted(set(labels)), 12)}. Pass the label of the unperturbed "
                     "cells (CLI: --control)."
                 )
@@ -91,8 +112,11 @@ class DataContract:
 
     # ------------------------------------------------------------------ #
     def labels(self, adata: ad.AnnData) -> np.ndarray:
-        """The perturbation label of every cell, as strings."""
-        return adata.obs[self.perturbation_key].astype(str).to_numpy()
+        """The perturbation label of every cell, as strings (each of ``other_controls`` read as ``control``)."""
+        labels = adata.obs[self.perturbation_key].astype(str).to_numpy()
+        if self.other_controls:
+            labels = np.where(np.isin(labels, self.other_controls), self.control, labels)
+        return labels
 
     def quantities(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
         """Every cell's dose and time, NaN where the contract names no such column or the cell has none (an
@@ -185,7 +209,9 @@ class DataContract:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataContract:
         # h5ad cannot store None, so attach() writes "" for an absent optional column
-        known = {k: (None if d[k] == "" else d[k]) for k in cls.__dataclass_fields__ if k in d}
+        known = {k: (None if isinstance(d[k], str) and d[k] == "" else d[k]) for k in cls.__dataclass_fields__ if k in d}
+        if "other_controls" in known:
+            known["other_controls"] = () if known["other_controls"] is None else tuple(known["other_controls"])
         return cls(**known)
 
     @classmethod
@@ -204,7 +230,18 @@ class DataContract:
     def attach(self, adata: ad.AnnData) -> None:
         """Store the contract in ``adata.uns`` so that it travels with the data."""
         adata.uns.setdefault(UNS_KEY, {})
-        adata.uns[UNS_KEY]["contract"] = {k: ("" if v is None else v) for k, v in self.to_dict().items()}
+        adata.uns[UNS_KEY]["contract"] = {k: ("" if v is None or v == () else list(v) if isinstance(v, tuple) else v)
+                                          for k, v in self.to_dict().items()}
+
+
+def control_labels(text: str) -> tuple[str, tuple[str, ...]]:
+    """``(control, other_controls)`` of a command line's ``--control``: one label, or several separated by commas
+    (``"NT_1,NT_2"`` -> ``("NT_1", ("NT_2",))``)."""
+    labels = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not labels:
+        raise ContractError(f"--control {text!r} names no label: give the label of the control cells (several: "
+                            "separate them with commas, e.g. --control NT_1,NT_2).")
+    return labels[0], tuple(labels[1:])
 
 
 # the values that mean "no dose" or "no time" in a column (lower case, stripped)

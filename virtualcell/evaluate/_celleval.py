@@ -78,7 +78,7 @@ def to_cell_eval(
     adata: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     gene_key: str | None = None,
     like: ad.AnnData | None = None,
 ) -> ad.AnnData:

@@ -79,7 +79,7 @@ def _setup(
     real: ad.AnnData,
     *,
     perturbation_key: str | None,
-    control: str | None,
+    control: str | Sequence[str] | None,
     context_key: str | None,
     baseline: ad.AnnData | None,
     train: ad.AnnData | None,
@@ -103,7 +103,7 @@ def _setup(
                 "was given, so its controls are split again. Pass baseline=<the other half>.",
                 stacklevel=3,
             )
-        baseline, real = split_controls(real, perturbation_key=contract.perturbation_key, control=contract.control,
+        baseline, real = split_controls(real, perturbation_key=contract.perturbation_key, control=contract.controls,
                                         context_key=contract.context_key, seed=seed)
         info["controls"] = (f"the measured control cells were split in two halves (seed {seed}): one is the "
                             "baselines' input, the other the reference for measured deltas")
@@ -348,7 +348,7 @@ def evaluate(
     real: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     gene_key: str | None = None,
     profile: str | Sequence[str | Metric] = "default",
@@ -385,7 +385,8 @@ def evaluate(
     real
         The measured screen: perturbed cells and the reference control cells.
     perturbation_key, control, context_key
-        The data contract; defaults to the one ``real`` carries.
+        The data contract; defaults to the one ``real`` carries. ``control`` may name several labels of control
+        cells (``["NT_1", "NT_2"]``), all read as the first.
     gene_key
         Var column holding the gene names in every input (default ``var_names``).
     profile
@@ -448,7 +449,7 @@ def _run(
     real: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     gene_key: str | None = None,
     profile: str | Sequence[str | Metric] = "default",
@@ -575,7 +576,7 @@ def delta_table(
     real: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     gene_key: str | None = None,
     baseline: ad.AnnData | None = None,

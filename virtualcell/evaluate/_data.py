@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,24 +34,36 @@ def resolve_contract(
     adata: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
 ) -> DataContract:
     """The data contract to use: explicit keys over the one ``adata`` carries, over the defaults.
 
     ``perturbation_key``/``control``/``context_key`` given here win; the rest (and the dose and time
     columns, where ``adata`` has them) comes from ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
-    :class:`~virtualcell.DataContract`'s defaults (``"perturbation"`` / ``"control"``, no context).
+    :class:`~virtualcell.DataContract`'s defaults (``"perturbation"`` / ``"control"``, no context). ``control``
+    may name several labels of control cells (``["NT_1", "NT_2"]``), all read as the first
+    (:attr:`DataContract.other_controls`).
     """
     try:
         stored = DataContract.from_adata(adata)
     except ContractError:
         stored = DataContract()
+    if control is None or (isinstance(control, str) and control == stored.control):
+        control, others = stored.control, stored.other_controls
+    elif isinstance(control, str):
+        others = ()
+    else:
+        labels = [str(x) for x in control]
+        if not labels:
+            raise ContractError("control names no label: give the label of the control cells, or a list of them.")
+        control, others = labels[0], tuple(labels[1:])
     contract = DataContract(
         perturbation_key=perturbation_key or stored.perturbation_key,
-        control=control if control is not None else stored.control,
+        control=control,
         context_key=context_key if context_key is not None else stored.context_key,
         dose_key=stored.dose_key, time_key=stored.time_key,  # a drug's doses stay conditions of their own
+        other_controls=others,
     ).without_quantities_absent_from(adata)
     contract.validate(adata)
     return contract
@@ -236,7 +249,7 @@ def split_controls(
     adata: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     fraction: float = 0.5,
     seed: int = 0,
@@ -315,7 +328,7 @@ def effect_size(
     adata: ad.AnnData,
     *,
     perturbation_key: str | None = None,
-    control: str | None = None,
+    control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     reference: ad.AnnData | None = None,
 ) -> pd.DataFrame:

@@ -40,7 +40,7 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
@@ -321,7 +321,7 @@ def _predict(
     baseline: ad.AnnData | None,
     targets: Iterable[Target] | None,
     perturbation_key: str | None,
-    control: str | None,
+    control: str | Sequence[str] | None,
     context_key: str | None,
     max_cells: int | None,
     seed: int,
@@ -439,7 +439,7 @@ def _make(rule: Callable[..., np.ndarray | None], name: str, summary: str) -> Ca
         baseline: ad.AnnData | None = None,
         targets: Iterable[Target] | None = None,
         perturbation_key: str | None = None,
-        control: str | None = None,
+        control: str | Sequence[str] | None = None,
         context_key: str | None = None,
         max_cells: int | None = 500,
         seed: int = 0,

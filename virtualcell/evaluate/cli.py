@@ -41,7 +41,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="measured cells (.h5ad): perturbed and control cells")
     p.add_argument("--perturbation-key", default=None,
                    help="obs column with the perturbation (default: the contract stored in --real)")
-    p.add_argument("--control", default=None, help="label of the control cells (default: from the contract)")
+    p.add_argument("--control", default=None,
+                   help="label of the control cells, several separated by commas (default: from the contract)")
     p.add_argument("--context-key", default=None, help="obs column with the context (cell type/line), if any")
     p.add_argument("--dose-key", default=None,
                    help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
@@ -125,6 +126,7 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..contract import control_labels
     from . import plot_delta_scatter, plot_metric_bars, summarize
     from ._core import _run
 
@@ -135,7 +137,11 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     if args.dose_key or args.time_key:
         for data in (real, train) if train is not None else (real,):
             _with_quantity_keys(data, dose_key=args.dose_key, time_key=args.time_key)
-    keys = dict(perturbation_key=args.perturbation_key, control=args.control, context_key=args.context_key,
+    control = None
+    if args.control is not None:  # one label, or several separated by commas (all read as the first)
+        first, others = control_labels(args.control)
+        control = [first, *others] if others else first
+    keys = dict(perturbation_key=args.perturbation_key, control=control, context_key=args.context_key,
                 gene_key=args.gene_key)
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     try:
