@@ -689,6 +689,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)
+    if pvocab.dose_units:  # the data gave its doses a unit: say how they were read (conditions write the numbers)
+        by_unit: dict[str, list[str]] = {}
+        for agent, unit in sorted(pvocab.dose_units.items()):
+            by_unit.setdefault(unit, []).append(agent)
+        log.info("doses read in %s", "; ".join(f"{u} ({preview(a, 5)})" for u, a in by_unit.items()))
     # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
     # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 10 s)
     def pairs_of_draw(d: int) -> np.ndarray:
