@@ -118,15 +118,16 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, mo, model, m
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Predict and score** to run with these settings."))
     mo.stop(not form.value["perturbations"], mo.md("Pick at least one perturbation."))
     _where = {holdout_column.value: form.value["holdout_value"]} if holdout_column.value else {}
-    _where[contract.perturbation_key] = [contract.control, *form.value["perturbations"]]
+    _where[contract.perturbation_key] = [*contract.controls, *form.value["perturbations"]]
     held = viz.subset(adata, _where)
-    baseline, reference = vc.evaluate.split_controls(held, seed=0)
+    baseline, reference = vc.evaluate.split_controls(held, control=list(contract.controls), seed=0)
     sim = vc.Simulator(viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), model, genes="shared",
                        seed=0)
     with mo.status.spinner(title="Predicting..."):
         predicted = viz.predict_as_measured(sim, form.value["perturbations"], seed=0, contract=contract)
     with mo.status.spinner(title="Scoring..."):
-        table = vc.evaluate.evaluate(predicted, reference, baseline=baseline, profile=form.value["profile"], seed=0)
+        table = vc.evaluate.evaluate(predicted, reference, baseline=baseline, control=list(contract.controls),
+                                     profile=form.value["profile"], seed=0)
     return baseline, predicted, reference, table
 
 

@@ -77,7 +77,7 @@ def _(adata, mo, perturbation_key):
     _columns = [str(c) for c in adata.obs.columns if 1 < adata.obs[c].nunique() <= 100 and c != perturbation_key.value]
     _cli = mo.cli_args()  # e.g. marimo export html notebooks/train.py -o train.html -- --base FOLDER --minutes 5
     DEFAULTS = {
-        "control": "control" if "control" in _labels else _labels[0],
+        "control": ["control" if "control" in _labels else _labels[0]],
         "context_key": None,
         "kind": "auto",
         "holdout_key": "bio_rep" if "bio_rep" in _columns else None,
@@ -92,7 +92,7 @@ def _(adata, mo, perturbation_key):
         "out": str(_cli.get("out", "my-model")),
     }
     form = mo.ui.dictionary({
-        "control": mo.ui.dropdown(_labels, value=DEFAULTS["control"], label="control label"),
+        "control": mo.ui.multiselect(_labels, value=DEFAULTS["control"], label="control label(s)"),
         "context_key": mo.ui.dropdown(_columns, value=DEFAULTS["context_key"], label="context column (optional)"),
         "kind": mo.ui.dropdown(["auto", "knockout", "knockdown", "activation", "drug", "cytokine", "label"],
                                value=DEFAULTS["kind"], label="perturbation kind"),
@@ -129,7 +129,9 @@ def _(DEFAULTS, adata, data_source, form, mo, perturbation_key, run, vc, viz):
     from virtualcell.validation import candidate_lines, summary_line
 
     _f = form.value
-    contract = vc.DataContract(perturbation_key.value, _f["control"], context_key=_f["context_key"])
+    mo.stop(not _f["control"], mo.md("Pick the label of the control cells (several: all are read as the first)."))
+    contract = vc.DataContract(perturbation_key.value, _f["control"][0], context_key=_f["context_key"],
+                               other_controls=tuple(_f["control"][1:]))
     config = TrainConfig(
         top_k=_f["top_k"], hidden_size=_f["hidden_size"], n_layers=_f["layers"], n_heads=4,
         max_steps=int(_f["max_steps"]), max_minutes=_f["minutes"], eval_every=max(1, int(_f["max_steps"]) // 4),

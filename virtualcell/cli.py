@@ -522,7 +522,9 @@ def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> 
     p.add_argument("--perturbation-key", required=required, default="perturbation", help="obs column of the perturbation labels")
     p.add_argument("--control", required=required, default="control",
                    help="label of the control cells; several separated by commas (NT_1,NT_2), all read as the first")
-    p.add_argument("--context-key", default=None, help="obs column of the context (cell type / line / patient)")
+    p.add_argument("--context-key", default=None,
+                   help="obs column of the context (cell type / line / patient); several joined by + "
+                   "(cell_type+patient): each combination is a context")
     p.add_argument("--dose-key", default=None,
                    help="obs column of the dose: numbers, or numbers with a unit ('10uM'; nM and uM convert)")
     p.add_argument("--time-key", default=None, help="obs column of the time, in hours or with a unit ('24h', '30min')")

@@ -33,6 +33,8 @@ __all__ = ["DataContract", "UNS_KEY", "control_labels"]
 
 UNS_KEY = "virtualcell"
 PAIR_SEP = "+"
+CONTEXT_SEP = "+"  # a context of several obs columns: context_key="cell_type+patient"
+CONTEXT_VALUE_SEP = "|"  # ... whose values are joined: "CD4T|patient1"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class DataContract:
     ``gene_key`` names the var column that held the gene names a model was trained on
     (``None``: ``var_names``); a checkpoint keeps it, so that new cells with that column are
     read the same way.
+
+    ``context_key`` may name several columns joined by ``+`` (``"cell_type+patient"``): each combination of
+    their values is a context of its own (``"CD4T|patient1"``), and predicted cells carry it in a column of
+    that name.
 
     ``other_controls`` names further labels of control cells (several non-targeting guides,
     ``"DMSO"`` beside ``"vehicle"``): :meth:`labels` reads them as ``control``, so every part of the
@@ -77,7 +83,7 @@ class DataContract:
             raise ContractError(
                 "The AnnData has no cells. Check the filter or subset that produced it."
             )
-        for role, key in self._keys():
+        for role, key in self._keys(adata):
             if key not in adata.obs.columns:
                 hint = close_matches(key, adata.obs.columns)
                 did = f" Did you mean {preview(hint, 3)}?" if hint else ""
@@ -105,10 +111,25 @@ class DataContract:
                     "cells (CLI: --control)."
                 )
 
-    def _keys(self) -> list[tuple[str, str]]:
-        pairs = [("perturbation", self.perturbation_key), ("context", self.context_key),
+    def _keys(self, adata: ad.AnnData) -> list[tuple[str, str]]:
+        pairs = [("perturbation", self.perturbation_key), *(("context", c) for c in self.context_columns(adata)),
                  ("dose", self.dose_key), ("time", self.time_key)]
         return [(role, key) for role, key in pairs if key is not None]
+
+    def context_columns(self, adata: ad.AnnData) -> list[str]:
+        """The obs columns the context is read from: ``[context_key]``, or, for a context of several columns
+        (``"cell_type+patient"``) that ``adata`` does not hold as one column, each of them; ``[]`` without one."""
+        key = self.context_key
+        if key is None:
+            return []
+        if key in adata.obs.columns or CONTEXT_SEP not in key:
+            return [key]
+        return [k.strip() for k in key.split(CONTEXT_SEP) if k.strip()]
+
+    def has_context(self, adata: ad.AnnData) -> bool:
+        """Whether ``adata`` holds this contract's context (its column, or every column of a composite one)."""
+        cols = self.context_columns(adata)
+        return bool(cols) and all(c in adata.obs.columns for c in cols)
 
     # ------------------------------------------------------------------ #
     def labels(self, adata: ad.AnnData) -> np.ndarray:
@@ -187,10 +208,15 @@ class DataContract:
                        time_key=self.time_key if self.time_key in cols else None)
 
     def contexts(self, adata: ad.AnnData) -> np.ndarray:
-        """The context of every cell (a single ``"all"`` context when there is no context column)."""
+        """The context of every cell (a single ``"all"`` context when there is no context column). A context of
+        several columns (``context_key="cell_type+patient"``) is their values joined: ``"CD4T|patient1"``."""
         if self.context_key is None:
             return np.full(adata.n_obs, "all", dtype=object)
-        return adata.obs[self.context_key].astype(str).to_numpy()
+        cols = self.context_columns(adata)
+        out = adata.obs[cols[0]].astype(str).to_numpy().astype(object)
+        for col in cols[1:]:
+            out = out + CONTEXT_VALUE_SEP + adata.obs[col].astype(str).to_numpy().astype(object)
+        return out
 
     def is_control(self, adata: ad.AnnData) -> np.ndarray:
         return self.labels(adata) == self.control

@@ -397,11 +397,11 @@ class Simulator:
         """The model's context column (``model.contract.context_key``: cell type, patient, cell line) and the
         first ``n`` baseline cells' values there, which their predicted cells carry (:meth:`SimulationResult.
         to_anndata`); ``None`` when the model has no context column or the baseline lacks it."""
-        key = self.model.contract.context_key if self.model.contract is not None else None
-        if key is None or key not in self.baseline.obs.columns:
+        contract = self.model.contract
+        if contract is None or not contract.has_context(self.baseline):
             return None
         n = self.baseline.n_obs if n is None else n
-        return key, self.baseline.obs[key].astype(str).to_numpy()[:n]
+        return contract.context_key, contract.contexts(self.baseline)[:n]  # (a composite key's values joined)
 
     @staticmethod
     def control_sample_count(samples: int, control_samples: int | None = None) -> int:

@@ -205,8 +205,8 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
                       var=pd.DataFrame(index=pred.var_names))
     out = ad.concat([pred, ctrl], merge="first")
     out.obs = out.obs[[perturbation_key, "source_cell"]]
-    if contract.context_key is not None:
-        context = simulator.baseline.obs[contract.context_key].astype(str)
+    if contract.has_context(simulator.baseline):
+        context = pd.Series(contract.contexts(simulator.baseline), index=simulator.baseline.obs_names)
         out.obs[contract.context_key] = context.reindex(out.obs["source_cell"]).to_numpy()
     out.uns["virtualcell"] = dict(pred.uns["virtualcell"])
     DataContract(perturbation_key, control, context_key=contract.context_key).attach(out)

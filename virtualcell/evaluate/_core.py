@@ -109,7 +109,7 @@ def _setup(
                             "baselines' input, the other the reference for measured deltas")
     else:
         info["controls"] = "baseline control cells given; the measured control cells are the reference"
-        baseline, fed = cells_fed(pred, baseline, contract.context_key)
+        baseline, fed = cells_fed(pred, baseline, contract)
         if fed is not None:
             info["controls"] += (f"; in the contexts the prediction covers, only the {fed} baseline cells it was "
                                  "made from (its obs['source_cell']): the model's delta and the baselines' start from "
@@ -148,10 +148,11 @@ def _setup(
     return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases)
 
 
-def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData, context_key: str | None) -> tuple[ad.AnnData, int | None]:
+def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData,
+              contract: DataContract | None) -> tuple[ad.AnnData, int | None]:
     """``baseline`` kept, in the contexts ``pred`` covers, to the cells ``pred`` was made from
     (``obs["source_cell"]``, as :meth:`~virtualcell.simulator.SimulationResult.to_anndata` writes it), and how
-    many those are (``None``: unchanged).
+    many those are (``None``: unchanged); ``contract`` says how to read contexts (``None``: one context).
 
     A prediction from ``n`` of ``N`` baseline cells is then measured against the mean of those ``n``,
     and the baselines shift the same ``n``. Against all ``N``, the model's delta would carry the sampling
@@ -172,8 +173,8 @@ def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData, context_key: str | 
     if len(set(baseline.obs_names[found])) < len(sources):
         return baseline, None
     keep = found.copy()
-    if context_key is not None and context_key in pred.obs and context_key in baseline.obs:
-        keep |= ~baseline.obs[context_key].astype(str).isin(set(pred.obs[context_key].astype(str)))
+    if contract is not None and contract.has_context(pred) and contract.has_context(baseline):
+        keep |= ~np.isin(contract.contexts(baseline), list(set(contract.contexts(pred))))
     return (baseline, None) if keep.all() else (baseline[keep], len(sources))
 
 

@@ -135,8 +135,8 @@ class Prepared:
 
 def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str) -> Prepared:
     """Normalize ``adata``, keep ``genes`` (in that order) and read labels and contexts."""
-    for key in (contract.perturbation_key, contract.context_key):
-        if key is not None and key not in adata.obs.columns:
+    for key in (contract.perturbation_key, *contract.context_columns(adata)):
+        if key not in adata.obs.columns:
             raise ContractError(
                 f"The {name} AnnData has no obs column {key!r}. Give it the same perturbation and context "
                 f"columns as the measured data (obs columns here: {preview(adata.obs.columns, 12) or 'none'})."

@@ -43,7 +43,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="obs column with the perturbation (default: the contract stored in --real)")
     p.add_argument("--control", default=None,
                    help="label of the control cells, several separated by commas (default: from the contract)")
-    p.add_argument("--context-key", default=None, help="obs column with the context (cell type/line), if any")
+    p.add_argument("--context-key", default=None,
+                   help="obs column with the context (cell type/line), if any; several joined by + (cell_type+patient)")
     p.add_argument("--dose-key", default=None,
                    help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
                    "(as virtualcell predict names them: drugA@10); default: the contract stored in --real")
