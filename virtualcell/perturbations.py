@@ -219,11 +219,9 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
                 family = _unit_key(dose_on_one_scale(unit)[0])
                 to = own or by_family.get(family)
                 if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
-                    known = own or " or ".join(by_family.values())
-                    raise PerturbationError(
-                        f"{x}: the model was trained on doses of {x.target} in {known}, and {unit} does not convert "
-                        f"to it; write the dose in {known}." if own else f"{x}: the model was trained on doses in "
-                        f"{known}, and {unit} converts to none of them; write the dose in {known}.")
+                    trained = f"doses of {x.target} in {own}" if own else f"doses in {' or '.join(by_family.values())}"
+                    raise PerturbationError(f"{x}: the model was trained on {trained}, and {unit} does not convert to "
+                                            f"{'it' if own else 'any of them'}; write the dose in {own or 'one of them'}.")
                 dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), to
         return Perturbation(x.kind, x.target, dose, unit, time, time_unit)
 
