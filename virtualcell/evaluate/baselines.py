@@ -52,6 +52,7 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import PAIR_SEP, UNS_KEY
 from ..errors import DataError, preview
+from ..perturbations import dose_on_one_scale, read_quantity
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,15 +206,15 @@ def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
 
 def _dose_of(condition: str) -> tuple[str, float | None, str]:
     """``(label, dose, time)`` of a condition as the data names it (``"drugA@10,24h"`` -> ``("drugA", 10.0,
-    "24h")``); dose None where it has none or it is not a number."""
+    "24h")``); a dose with a unit is put on its family's scale (``"drugA@100nM"`` -> 0.1, in uM), as
+    :func:`~virtualcell.perturbations.read_quantity` and ``dose_on_one_scale`` read every dose; None where it has
+    none or it is not a number."""
     label, at, quantity = condition.rpartition("@")
     if not at:
         return condition, None, ""
     dose, _, time = quantity.partition(",")
-    try:
-        return label, float(dose), time
-    except ValueError:
-        return label, None, time
+    read = read_quantity(dose)
+    return label, None if read is None else read[0] * dose_on_one_scale(read[1])[1], time
 
 
 def _delta_dose(effects: Effects, target: Target) -> np.ndarray | None:
