@@ -390,3 +390,8 @@ def test_the_dose_baseline_interpolates_the_agent_s_other_doses_in_log_dose():
     assert shift == pytest.approx({"A@1": 1.5, "A@1000": 3.0, "A@0.01": 0.5, "A@10": 0.5 + 2.5 * 2 / 3}, abs=1e-5)
     assert out.uns["virtualcell"]["skipped"] == ["B@1 in all: dose cannot predict it from the training data"]
     assert "dose" in BASELINES and "dose" not in DEFAULT_BASELINES
+    # labels that carry their unit read on one scale: 100nM and 10uM around 1uM (halfway in log dose)
+    train.obs["perturbation"] = train.obs["perturbation"].astype(str).replace({"A@0.1": "A@100nM", "A@10": "A@10uM"})
+    out = dose(train, baseline=base, targets=[("A@1uM", "all")], perturbation_key="perturbation", control="control")
+    predicted = out[out.obs["perturbation"] == "A@1uM"]
+    assert float(np.asarray(predicted.X.mean(0)).ravel()[0] - 1.2) == pytest.approx(1.5, abs=1e-5)
