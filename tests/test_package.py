@@ -47,9 +47,9 @@ def test_cli_help_and_demo(tmp_path, capsys):
         assert (tmp_path / "demo" / name).exists(), name
 
 
-def test_cli_error_is_clean(tmp_path):
+def test_cli_error_is_clean(tmp_path):  # (through python -m virtualcell, as well as the virtualcell script)
     r = subprocess.run(
-        [sys.executable, "-m", "virtualcell.cli", "encode", "--data", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "x.npz")],
+        [sys.executable, "-m", "virtualcell", "encode", "--data", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "x.npz")],
         capture_output=True, text=True,
     )
     assert r.returncode == 2
