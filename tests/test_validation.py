@@ -581,30 +581,6 @@ def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
     assert run["verdict_seconds"] > 0 and trained.verdict is not None
 
 
-def test_the_verdict_reserve_is_estimated_again_on_the_partly_trained_model(tiny_model, tmp_path, monkeypatch):
-    """The reserve made before training (an untrained model writes every sentence to full length) is estimated
-    again once a quarter of the steps' time is spent, and the steps' budget moves by the difference less the
-    probe's own time."""
-    from dataclasses import replace
-
-    import virtualcell.train as train_module
-    from virtualcell.train import train
-
-    _, _, data = tiny_model
-    monkeypatch.setattr(train_module, "REESTIMATE_RESERVE_S", 0.0)  # (a tiny run's reserve is a second or two)
-    cfg = replace(TINY, max_steps=100_000, eval_every=10_000, save_every=10_000, max_minutes=0.25)
-    run = train(data, out=tmp_path / "m", config=cfg, progress=False).train_config
-    again = run["verdict_reserve"]
-    assert again["at_step"] >= 1 and again["probe_s"] > 0 and again["reserved_s"] == run["verdict_reserved_s"]
-    assert 0 < run["verdict_reserved_s"] <= 7.5  # still at most half of the 15 s
-    last = run["history"][-1]["elapsed_s"]
-    assert last <= 15 - run["verdict_reserved_s"] + 2.0  # the steps stopped in time for the verdict's new share
-    # a short run's reserve (under REESTIMATE_RESERVE_S) is not estimated again: the probe would cost more than it saves
-    monkeypatch.setattr(train_module, "REESTIMATE_RESERVE_S", 1e9)
-    run = train(data, out=tmp_path / "m2", config=cfg, progress=False).train_config
-    assert "verdict_reserve" not in run
-
-
 def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monkeypatch):
     """A probe that stalls once (another process on the cores) must not be scaled up into the reserve: each
     candidate's probe runs twice and the faster run counts."""

@@ -744,22 +744,15 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     codec, gene_maps = (_codec_baselines(data, sentences, fit, contract, model, seed=cfg.seed) if held is not None
                         else (None, None))
     verdict_candidates = _verdict_candidates(cfg, model)
-
-    def verdict_reserve() -> float:
-        """The verdict's time to keep out of the steps' budget: its estimate, at most half of --max-minutes."""
-        seconds = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
+    if budget_s is not None and held is not None:
+        reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
                                              samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
                                              unseen=unseen)
-        return min(seconds, total_s / 2)
-
-    total_s, reserve = budget_s, 0.0
-    if budget_s is not None and held is not None:
-        reserve = verdict_reserve()
-        if reserve >= budget_s / 2:
-            log.warning("the validation verdict needs about half of --max-minutes (%.0f s) or more, as an untrained "
-                        "model writes: training keeps half, until the estimate is made again on the partly trained "
-                        "model; give more minutes or a smaller --verdict-fraction to keep the total within budget",
-                        budget_s)
+        if reserve > budget_s / 2:
+            log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
+                        "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
+                        reserve, budget_s)
+            reserve = budget_s / 2
         run_config["verdict_reserved_s"] = round(reserve, 1)
         budget_s -= reserve
 
@@ -893,40 +886,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start)
-    adjust = None
-    if (budget_s is not None and held is not None and reserve >= REESTIMATE_RESERVE_S
-            and accelerator.num_processes == 1):  # (every process of a launch must stop at the same step)
-        def adjust(step: int, b: loop.Budget) -> None:
-            """Once a quarter of the steps' time is spent, estimate the verdict again on the partly trained model,
-            whose sentences end as trained ones do: an untrained one writes every sentence to its full length, and
-            its estimate kept a 15-minute drug screen's steps to 385 s for a 149 s verdict (session 46)."""
-            nonlocal adjust_done
-            if adjust_done or b.seconds is None or b.spent() < REESTIMATE_AT * b.seconds:
-                return
-            adjust_done = True
-            inner = accelerator.unwrap_model(lm)
-            inner.eval()
-            t = time.perf_counter()
-            try:
-                with torch.no_grad(), kernels.eager():
-                    again = verdict_reserve()
-            finally:
-                inner.train()
-            probe_s = time.perf_counter() - t
-            before = run_config["verdict_reserved_s"]
-            b.seconds += before - again - probe_s  # (the probe's own time comes out of the steps' budget)
-            run_config["verdict_reserved_s"] = round(again, 1)
-            run_config["verdict_reserve"] = {"first_s": before, "at_step": step, "probe_s": round(probe_s, 1),
-                                             "reserved_s": round(again, 1)}
-            log.info("the verdict's reserve estimated again at step %d on the partly trained model: %.0f s (was %.0f s; "
-                     "probing took %.0f s)", step, again, before, probe_s)
-
-        adjust_done = False
     state = loop.fit(
         lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
         budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
         backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best, adjust=adjust,
+        progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
     )
     model.lm = accelerator.unwrap_model(lm)
     if compiled is not None:
@@ -995,13 +959,6 @@ def _attach_token_bias(lm, fmt) -> Any:  # noqa: ANN001
     token_bias.attach(lm, [fmt.token_id[t] for t in names])
     return token_bias.of(lm)
 
-
-# The verdict's reserve is estimated before training, on an untrained model that writes every sentence to its full
-# length, so it errs high (a 15-minute drug screen reserved 450 s, capped at half, for a 149 s verdict): once
-# REESTIMATE_AT of the steps' time is spent, a reserve of at least REESTIMATE_RESERVE_S is estimated again on the
-# partly trained model (a probe of a few seconds to some tens of seconds, paid from the steps' time)
-REESTIMATE_AT = 0.25
-REESTIMATE_RESERVE_S = 60.0
 
 OVERFIT_WARNING = 0.01  # a final validation loss this far (relative) above the lowest is reported as overfitting
 

@@ -80,10 +80,9 @@ class BestWeights:
         return best
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
-    """The run's limits: optimizer steps, pre-training steps, and wall time (seconds, from ``t_start``; ``fit``'s
-    ``adjust`` may move it while the run goes)."""
+    """The run's limits: optimizer steps, pre-training steps, and wall time (seconds, from ``t_start``)."""
 
     max_steps: int
     pretrain_steps: int
@@ -124,7 +123,6 @@ def fit(
     progress: bool = True,
     on_step_time: Callable[[int, float, bool], None] | None = None,
     best: BestWeights | None = None,
-    adjust: Callable[[int, Budget], None] | None = None,
 ) -> LoopState:
     """Run optimizer steps from ``state.step`` until ``budget`` ends; returns the final state.
 
@@ -133,8 +131,7 @@ def fit(
     validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
     ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took. ``best``
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
-    loop itself always ends on the last step's weights. ``adjust(step, budget)``, after each step, may change
-    ``budget.seconds`` (the trainer's verdict reserve, estimated again on the partly trained model).
+    loop itself always ends on the last step's weights.
     """
     bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)
     lm.train()
@@ -187,8 +184,6 @@ def fit(
             bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs")
             if state.step % save_every == 0:
                 checkpoint(state)
-            if adjust is not None:
-                adjust(state.step, budget)
             if budget.seconds is not None and elapsed + (time.perf_counter() - t_step) > budget.seconds:
                 log.info("stopping at step %d: the time budget (%.1f s) is spent", state.step, budget.seconds)
                 break
