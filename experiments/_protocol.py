@@ -173,6 +173,15 @@ class Trained:
     config: dict[str, Any] = field(default_factory=dict)
     verdict: dict[str, Any] | None = None  # the trainer's validation verdict (training data only): model vs baseline
 
+    def record(self) -> dict[str, Any]:
+        """Everything but the model: a report's ``meta["training"]``."""
+        return {k: v for k, v in vars(self).items() if k != "model"}
+
+    def described(self) -> str:
+        """How every protocol's report states the training: ``"N steps in M min (final loss L, validation V)"``."""
+        return (f"{self.steps} steps in {self.seconds / 60:.1f} min (final loss {self.final_loss:.3f}, validation "
+                f"{self.val_loss:.3f})")
+
 
 def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     """The protocol's TrainConfig; ``--quick`` shrinks the model and the step count."""

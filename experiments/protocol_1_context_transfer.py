@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         table = P.score(pred, reference, baseline=baseline, train=train_ad, contract=contract, focus=[(stim, ct)],
                         metrics=METRICS, baselines=("nochange", "meanshift", "linear"), seed=args.seed)
         tables.append(table)
-        runs.append({"cell_type": ct, "training": {k: v for k, v in vars(trained).items() if k != "model"},
+        runs.append({"cell_type": ct, "training": trained.record(),
                      "prediction_seconds": round(pred_s, 1), "n_cells": min(n_cells, base_ct.n_obs)})
     table = pd.concat(tables, ignore_index=True)
     table.attrs = tables[0].attrs

@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         [P.headline(summ, m, base) for m in P.METRICS],
         summ, table,
         extra_md=(("Trained on the singles alone (--singles-only). " if args.singles_only else "")
-                  + f"Held-out pairs: {', '.join(held)}. Training: {trained.steps} steps in {trained.seconds / 60:.1f} min "
-                  f"(final loss {trained.final_loss:.3f}, validation {trained.val_loss:.3f}); prediction from "
+                  + f"Held-out pairs: {', '.join(held)}. Training: {trained.described()}; prediction from "
                   f"{min(n_cells, baseline.n_obs)} baseline control cells in {pred_s:.0f} s. "
                   "`meanshift` does not apply (one cell line)."),
-        meta={"held_out": held, "training": {k: v for k, v in vars(trained).items() if k != "model"},
+        meta={"held_out": held, "training": trained.record(),
               "prediction_seconds": round(pred_s, 1), "n_cells": n_cells},
     )
     P.write(report, args.out, started=started, quick=args.quick, args=args)

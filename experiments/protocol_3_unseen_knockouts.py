@@ -101,13 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         __doc__.split("\n\n", 2)[2],
         [P.headline(summ, m, list(BASELINES)) for m in P.METRICS],
         summ, table,
-        extra_md=(f"Held-out knockouts: {', '.join(held)}. Training: {trained.steps} steps in "
-                  f"{trained.seconds / 60:.1f} min (final loss {trained.final_loss:.3f}, validation "
-                  f"{trained.val_loss:.3f}); {min(n_cells, baseline.n_obs)} baseline control cells predicted in "
+        extra_md=(f"Held-out knockouts: {', '.join(held)}. Training: {trained.described()}; "
+                  f"{min(n_cells, baseline.n_obs)} baseline control cells predicted in "
                   f"{pred_s:.0f} s. The discrimination score ranks each prediction among all 25 measured "
                   f"knockouts.{unseen_note(trained.verdict)}\n\nPer knockout:\n\n" + P.markdown_table(per)),
         meta={"held_out": held, "candidates": candidates,
-              "training": {k: v for k, v in vars(trained).items() if k != "model"},
+              "training": trained.record(),
               "prediction_seconds": round(pred_s, 1), "n_cells": n_cells},
     )
     P.write(report, args.out, started=started, quick=args.quick, args=args)

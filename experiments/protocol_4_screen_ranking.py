@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.retrain or args.quick:
         cfg = P.train_config(args, top_k=TOP_K, max_steps=3000, kind="knockout", holdout={col: [rep]})
         trained = P.train_model(adata, contract, cfg, model_dir=args.model_dir, name="protocol4")
-        model, model_info = trained.model, {k: v for k, v in vars(trained).items() if k != "model"}
+        model, model_info = trained.model, trained.record()
     else:
         model = vc.C2SModel.load(args.model) if args.model else vc.model.bundled()
         model_info = {"bundled" if not args.model else "checkpoint": args.model or vc.model.BUNDLED, "train_config": {k: v for k, v in model.train_config.items()

@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     report = P.Report(
         5, "cytokine_response", "Cytokine response (Kang 2018 IFN-beta, held-out half)",
         __doc__.split("\n\n", 2)[2], rows, summ, table,
-        extra_md=(f"Training: {trained.steps} steps in {trained.seconds / 60:.1f} min (final loss "
-                  f"{trained.final_loss:.3f}, validation {trained.val_loss:.3f}); {min(n_cells, baseline.n_obs)} "
+        extra_md=(f"Training: {trained.described()}; {min(n_cells, baseline.n_obs)} "
                   f"baseline cells predicted in {pred_s:.0f} s. One group (IFN-beta), so mean = median and "
                   "the discrimination score does not apply. E-distance: lower is better."),
-        meta={"training": {k: v for k, v in vars(trained).items() if k != "model"}, "prediction_seconds": round(pred_s, 1),
+        meta={"training": trained.record(), "prediction_seconds": round(pred_s, 1),
               "n_cells": n_cells, "n_reference_stimulated": int((contract.labels(reference) == stim).sum())},
         metrics=METRICS,
     )

@@ -133,11 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         [P.headline(summ, m, list(baselines)) for m in P.METRICS],
         summ, table,
         extra_md=(f"Held-out conditions: {', '.join(held)} (trained doses {trained_doses}). Training: "
-                  f"{trained.steps} steps in {trained.seconds / 60:.1f} min (final loss {trained.final_loss:.3f}, "
-                  f"validation {trained.val_loss:.3f}); prediction from {min(n_cells, baseline.n_obs)} baseline "
+                  f"{trained.described()}; prediction from {min(n_cells, baseline.n_obs)} baseline "
                   f"control cells in {pred_s:.0f} s."),
         meta={"held_out": held, "trained_doses": trained_doses,
-              "training": {k: v for k, v in vars(trained).items() if k != "model"},
+              "training": trained.record(),
               "prediction_seconds": round(pred_s, 1), "n_cells": n_cells},
     )
     P.write(report, args.out, started=started, quick=args.quick, args=args)
