@@ -47,3 +47,31 @@ def test_two_processes_match_one(tiny_model, tmp_path):
         np.testing.assert_allclose(got["score"], ranked.ranking.sort_values("perturbation")["score"], rtol=1e-4)
     # only the main process wrote the results folder, and it is complete
     assert (tmp_path / "screen" / "ranking.csv").exists() and len(list((tmp_path / "screen" / "groups").glob("*.nc"))) == 2
+
+
+TRAIN_WORKER = Path(__file__).with_name("_distributed_train_worker.py")
+
+
+def test_two_process_training_agrees(papalexi_small, tmp_path):
+    """``virtualcell train`` as data-parallel training (torchrun, two CPU processes) under a time budget, rank 1's
+    clock running 1.5x fast: only the main process claims --out (both did, and the second was refused as "in use by
+    another run"); both stop at the same step (one stopping alone leaves the other in the gradient exchange) and
+    end with the same weights."""
+    data = tmp_path / "data.h5ad"
+    papalexi_small[:600].copy().write_h5ad(data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(TRAIN_WORKER), str(data), str(tmp_path), "0.25"],
+        capture_output=True, text=True, env=env, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 5, ranks
+    assert ranks[0]["weights"] == ranks[1]["weights"], ranks  # the gradients were averaged, the start was shared
+    history = json.loads((tmp_path / "model" / "history.json").read_text())  # (written by the main process)
+    first_val = next(h["val_loss"] for h in history if "val_loss" in h)
+    assert ranks[0]["last_val"] == ranks[1]["last_val"] < first_val, (first_val, ranks)  # it learned
+    assert vc.C2SModel.load(tmp_path / "model").train_config["steps"] == ranks[0]["steps"]

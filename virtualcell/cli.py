@@ -139,11 +139,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not perts:
         raise _usage(f"--perturbations {args.perturbations!r} lists none: give at least one, e.g. --perturbations ko:STAT1")
     out = check_output_file(args.out, suffix=".h5ad", force=args.force)  # before any work
-    with file_lock(out, what="predict"):
+    with _main_only(file_lock(out, what="predict")):
         return _predict(args, perts, out)
 
 
+def _main_only(claim):  # noqa: ANN001, ANN202
+    """``claim`` (a lock on an output) in a lone process or the main process of a multi-process launch; nothing in
+    the others, which share the work (:mod:`virtualcell.distributed`) but leave the writing to the main one. A
+    refusal ends the main process, and the launcher then stops the others."""
+    import contextlib
+
+    from .distributed import launch_rank
+
+    return claim if launch_rank() == 0 else contextlib.nullcontext()
+
+
 def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: ANN001
+    from .distributed import launch_rank
     import tempfile
     from pathlib import Path
 
@@ -166,7 +178,9 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes, blend=args.blend, samples=args.samples,
                            coexpression_prior=args.coexpression_prior, compose=args.compose)
-        if args.format == "cell-eval":
+        if launch_rank() != 0:
+            pass  # (the main process writes)
+        elif args.format == "cell-eval":
             _write_cell_eval(res, sim, model, out, n, draws=args.draws)
         else:
             res.write_h5ad(out, draws=args.draws)
@@ -329,7 +343,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from .safeio import output_folder
 
-    with output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last")):
+    with _main_only(output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last"))):
         model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
                       gene_key=args.gene_key)
     hist = model.train_config.get("history", [])
@@ -381,6 +395,10 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     with blas_threads(args.threads):  # the gene maps' SVDs: numpy's BLAS held to --threads too
         rejudge(model, adata, samples=args.verdict_samples, candidates=candidates,
                 temperatures=args.verdict_temperatures)
+    from .distributed import launch_rank
+
+    if launch_rank() != 0:  # (under a multi-process launch every process judges; the main one writes)
+        return 0
     if args.out is not None:
         from .safeio import output_folder
 

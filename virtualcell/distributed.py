@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Split", "launched"]
+__all__ = ["Split", "launched", "launch_rank"]
 
 
 def launched() -> bool:
@@ -31,6 +31,15 @@ def launched() -> bool:
         if int(os.environ.get(key, "1")) > 1:
             return True
     return False
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it in the environment (0 when not launched), read before any
+    process group exists: what a command needs to let only the main process claim its output folder."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 @dataclass(frozen=True)
@@ -61,17 +70,7 @@ class Split:
         """Element-wise sums over processes (every process gets the result)."""
         if self.world == 1:
             return list(arrays)
-        import torch
-        import torch.distributed as dist
-
-        out = []
-        for a in arrays:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t)
-            out.append(t.cpu().numpy().astype(a.dtype, copy=False))
-        return out
+        return [self.sum_with(a) for a in arrays]
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, in rank order (every process gets the list)."""
@@ -82,3 +81,58 @@ class Split:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def largest(self, value: float) -> float:
+        """The largest of every process's ``value`` (every process gets it): one clock for a time budget."""
+        if self.world == 1:
+            return value
+        return float(self.sum_with(np.array([value], dtype=np.float64), op="max")[0])
+
+    def sum_with(self, a: np.ndarray, *, op: str = "sum") -> np.ndarray:
+        """``a`` reduced over processes element-wise by ``op`` (``"sum"`` or ``"max"``)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t.cpu().numpy().astype(a.dtype, copy=False)
+
+    def average_gradients(self, parameters: Any, weight: float = 1.0, loss: float = 0.0) -> float:
+        """Replace every parameter's gradient by its mean over processes weighted by each process's ``weight``,
+        in one exchange (data-parallel training: each process computed the gradient of the mean loss over its
+        share of the batch, and ``weight`` is how many target tokens that share held, so the result is the
+        gradient of the mean over the whole batch, as one process computes it). A parameter without a gradient
+        counts as a zero gradient, so every process exchanges the same tensor. Returns the whole batch's mean of
+        ``loss`` (each process's mean loss over its share) by the same weights, for the record."""
+        if self.world == 1:
+            return loss
+        import torch
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in parameters if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads) * float(weight)
+        # the loss and the weights' total travel in the same exchange
+        flat = torch.cat([flat, flat.new_tensor([float(loss) * float(weight), float(weight)])])
+        dist.all_reduce(flat)
+        total = float(flat[-1])
+        if total > 0:
+            flat /= total
+        for g, mean in zip(grads, _unflatten_dense_tensors(flat[:-2], grads), strict=True):
+            g.copy_(mean)
+        return float(flat[-2])
+
+    def same_weights(self, module: Any) -> None:
+        """Give every process the main process's parameters and buffers (data-parallel training starts equal)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)

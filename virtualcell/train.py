@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -667,6 +668,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     from accelerate import Accelerator
 
     from . import validation
+    from .distributed import Split
     from .model import C2SModel
     from .training import batching, checkpoint, kernels, loop
     from .training.loss import response_loss
@@ -762,6 +764,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
                                  group_size=1, seed=cfg.seed, salt=1)
     rank, world = accelerator.process_index, accelerator.num_processes
+    split = Split(rank, world)
 
     perturbation_of = [parsed[t] for t in typed]
     perturbed = ~contract.is_control(data)
@@ -780,8 +783,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world), step)]
         generic: set[int] = set()
         plain: set[int] = set()
-        if not pretrain:
-            targets = np.concatenate(chunks)
+        if not pretrain:  # drawn over the whole step's pairs, so that a process's share draws as one process would
+            targets = schedule.targets[schedule.at(step)]
             generic = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=generic_fraction, step=step)
             plain = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=cfg.own_token_dropout, step=step,
                                           salt=3)
@@ -841,14 +844,18 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # the fastest attention kernel and precision for this model on this machine (measured on a CPU)
     attention_before = lm.config._attn_implementation
     first = batch_at(0, False)
+    threads = cfg.threads
+    if threads is None and world > 1 and accelerator.device.type == "cpu":  # the processes share the cores
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     chosen = kernels.choose(lm, accelerator.device, lambda: loss_of(first)[0],  # loss_of is still fp32 here
-                            attention=cfg.attention, precision=cfg.precision, threads=cfg.threads)
+                            attention=cfg.attention, precision=cfg.precision, threads=threads,
+                            agree=(lambda k: split.gather(k)[0]) if world > 1 else None)
     precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
     compiled = _compile(lm, cfg, accelerator.device, budget_s, first,
                         batch_at(0, True) if cfg.pretrain_fraction > 0 else None, loss_of=loss_of)
     run_config["kernels"] |= {"compiled_s": compiled}
-    guard = kernels.ThreadGuard(chosen.threads) if accelerator.device.type == "cpu" and cfg.threads is None else None
+    guard = kernels.ThreadGuard(chosen.threads) if accelerator.device.type == "cpu" and threads is None else None
 
     def on_step_time(step: int, seconds: float, pretrain: bool) -> None:
         if guard is not None and guard.observe(step, seconds, pretrain):
@@ -856,7 +863,11 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     optimizer = torch.optim.AdamW(_param_groups(lm, table, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
-    lm, optimizer = accelerator.prepare(lm, optimizer)
+    # data parallel without DistributedDataParallel: the loss runs the model twice per step (the shared prompts, then
+    # the responses on their cache) and reaches into its base model, which DDP's wrapper neither shows nor expects;
+    # each process takes its share of the batch (batch_at), and the gradients are averaged before the update
+    split.same_weights(lm)
+    optimizer = accelerator.prepare(optimizer)
     state = loop.LoopState()
     best = loop.BestWeights(keep_state=cfg.keep_best)  # the lowest validation loss (and, to keep, its weights)
     last = out / "last"
@@ -876,20 +887,23 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
             log.info("resuming from step %d", state.step)
 
     def save_checkpoint(st: loop.LoopState) -> None:
-        if not accelerator.is_main_process:
-            return
         model.lm = accelerator.unwrap_model(lm)
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
+        if not accelerator.is_main_process:  # (every process's model keeps the record; the main one writes)
+            return
         checkpoint.save(last, model.save, run_config=run_config,
                         state={"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
                                "history": st.history, "pretrain_end": st.pretrain_end, "best": best.to_dict()})
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
-                         pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start)
+                         pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
+                         agree=split.largest if world > 1 else None)
+
     state = loop.fit(
         lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
         budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
         backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
+        average=(lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss)) if world > 1 else None,
         progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
     )
     model.lm = accelerator.unwrap_model(lm)

@@ -73,12 +73,14 @@ def _probing(lm) -> Iterator[None]:  # noqa: ANN001
 
 
 def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, attention: str = "auto",  # noqa: ANN001
-           precision: str = "auto", threads: int | None = None) -> Kernels:
+           precision: str = "auto", threads: int | None = None,
+           agree: Callable[[Kernels], Kernels] | None = None) -> Kernels:
     """Pick (and set: on ``lm`` and ``torch.set_num_threads``) the attention kernel, precision and thread count.
 
     ``"auto"`` (``threads=None``) measures on a CPU. ``loss_of()`` computes the loss of a
     representative batch with the model as it is set. The caller restores the thread setting
-    when it is done (:func:`virtualcell.generation.torch_threads`).
+    when it is done (:func:`virtualcell.generation.torch_threads`). ``agree`` turns this process's pick
+    into the one every process of a multi-process launch sets (the main process's), so that they compute alike.
     """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (precision, PRECISION, "precision")):
         if value != "auto" and value not in allowed:
@@ -121,6 +123,8 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
                 lm.zero_grad(set_to_none=True)
             timings[k] = best
     pick = min(timings, key=timings.get)
+    if agree is not None:
+        pick = agree(pick)
     _set_attention(lm, pick.attention)
     torch.set_num_threads(pick.threads)
     log.info("training kernels: %s", ", ".join(f"{k.attention}/{k.precision}/{k.threads} thread(s) {t * 1000:.0f} ms"

@@ -89,12 +89,21 @@ class Budget:
     pretrain_fraction: float
     seconds: float | None
     t_start: float
+    # under a multi-process launch: the largest of every process's value (each calls it at the same points), so
+    # that all processes read one clock and end pre-training, set the learning rate and stop at the same step
+    # (a process stopping alone would leave the others waiting in the next gradient exchange); None: one process
+    agree: Callable[[float], float] | None = None
 
     def spent(self) -> float:
         return time.perf_counter() - self.t_start
 
+    def fraction(self, seconds: float) -> float:
+        """``seconds`` (of this process's clock) as a share of the budget, agreed between processes."""
+        f = seconds / self.seconds
+        return f if self.agree is None else self.agree(f)
+
     def time_fraction(self) -> float | None:
-        return None if self.seconds is None else self.spent() / self.seconds
+        return None if self.seconds is None else self.fraction(self.spent())
 
 
 def in_pretraining(step: int, state: LoopState, budget: Budget) -> bool:
@@ -119,6 +128,7 @@ def fit(
     save_every: int,
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
     clip: Callable[[], None] | None = None,
+    average: Callable[[float, int], float] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     on_step_time: Callable[[int, float, bool], None] | None = None,
@@ -131,7 +141,9 @@ def fit(
     validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
     ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took. ``best``
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
-    loop itself always ends on the last step's weights.
+    loop itself always ends on the last step's weights. ``average(loss, n)``, under a multi-process launch,
+    replaces this process's gradients (of its mean ``loss`` over its ``n`` target tokens) by the whole batch's,
+    before clipping, and returns the whole batch's loss (which the history records).
     """
     bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)
     lm.train()
@@ -140,18 +152,22 @@ def fit(
         while state.step < budget.max_steps:
             step = state.step
             t_step = time.perf_counter()
-            if (budget.seconds is not None and state.pretrain_end is None and step < budget.pretrain_steps
-                    and budget.spent() > budget.pretrain_fraction * budget.seconds):
+            time_fraction = budget.time_fraction()  # (one agreed reading per step start)
+            if (time_fraction is not None and state.pretrain_end is None and step < budget.pretrain_steps
+                    and time_fraction > budget.pretrain_fraction):
                 state.pretrain_end = step
                 log.info("pre-training ends at step %d: its share of --max-minutes is used", step)
             pretrain = in_pretraining(step, state, budget)
             batch = batch_at(step, pretrain)
             rate = lr_at(step, lr=lr, warmup_steps=warmup_steps, max_steps=budget.max_steps,
-                         time_fraction=budget.time_fraction())
+                         time_fraction=time_fraction)
             for g in optimizer.param_groups:
                 g["lr"] = rate
-            loss, _ = loss_of(batch)
+            loss, n_targets = loss_of(batch)
             backward(loss)
+            loss_value = loss.item()
+            if average is not None:
+                loss_value = average(loss_value, n_targets)
             if clip is not None:
                 clip()
             optimizer.step()
@@ -170,7 +186,7 @@ def fit(
                         f"{math.ceil(elapsed * 20 / 60 * 10) / 10:g} minutes for a useful run."
                     )
             record: dict[str, Any] = {
-                "step": state.step, "loss": loss.item(), "lr": rate, "phase": 0.0 if pretrain else 1.0,
+                "step": state.step, "loss": loss_value, "lr": rate, "phase": 0.0 if pretrain else 1.0,
                 "tokens_per_s": tokens_seen / max(1e-9, time.perf_counter() - t_loop), "elapsed_s": elapsed,
             }
             if state.step % eval_every == 0 or state.step == budget.max_steps:
@@ -184,7 +200,7 @@ def fit(
             bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs")
             if state.step % save_every == 0:
                 checkpoint(state)
-            if budget.seconds is not None and elapsed + (time.perf_counter() - t_step) > budget.seconds:
+            if budget.seconds is not None and budget.fraction(elapsed + (time.perf_counter() - t_step)) > 1.0:
                 log.info("stopping at step %d: the time budget (%.1f s) is spent", state.step, budget.seconds)
                 break
     finally:
