@@ -73,6 +73,12 @@ def test_model_names_and_resolves_conditions(dosed, dosed_model):
     # the full panel: every trained condition, a drug at each of its doses, never the bare multi-dose label
     assert {f"{d}@0.1", f"{d}@1", f"{d}@10", f"{cyto}@1"} <= set(vocab.trained()) and d not in vocab.trained()
     assert all(dosed_model.resolve(vocab.trained()))
+    # its doses were plain numbers: a dose with a unit could be 1,000x off what it was trained on, so it is refused
+    with pytest.raises(PerturbationError, match=rf"trained on doses written as plain numbers.*'{d}@10' if that"):
+        dosed_model.resolve([f"{d}@10uM"])
+    with pytest.raises(PerturbationError, match="plain numbers"):
+        dosed_model.resolve([f"drug:{d}@10nM + ko:STAT1"])
+    assert str(dosed_model.resolve([f"{d}@1,24h"])[0]) == f"drug:{d}@1,24h"  # a time's unit is no dose unit
     # and the checkpoint keeps the conditions
     again = type(vocab).from_dict(vocab.to_dict())
     assert again.conditions == vocab.conditions

@@ -134,7 +134,26 @@ class PerturbationVocab:
         with a dose or time (``"drugA@10"``, a condition of the data) among the training conditions,
         or else as that label's perturbation at that dose and time. Doses are put in the training doses' unit and
         times in hours (``"drugA@1000nM,1d"`` is ``drug:drugA@1uM,24h`` to a model trained in uM)."""
-        return in_units(self._resolve(p), self.dose_units)
+        q = self._resolve(p)
+        if not self.dose_units:
+            self._no_unit_asked(q)
+        return in_units(q, self.dose_units)
+
+    def _no_unit_asked(self, q: Perturbation | Combination) -> None:
+        """Refuse a dose with a unit asked of a model trained at doses written as plain numbers: it cannot know
+        what unit those numbers were in, so ``drugA@10uM`` could be 1,000x off its ``drugA@10``."""
+        parts = q.parts if isinstance(q, Combination) else (q,)
+        with_unit = [x for x in parts if x.dose is not None and x.dose_unit]
+        if not with_unit:
+            return
+        trained = sorted(c for c, t in self.conditions.items() if _has_dose(t))
+        if trained:
+            x = with_unit[0]
+            raise PerturbationError(
+                f"{x}: the model was trained on doses written as plain numbers ({preview(trained, 4)}), so it cannot "
+                f"tell what {x.dose_unit} is in them. Ask for the dose as a number in the unit of its training data "
+                f"(e.g. '{x.target}@{x.dose:g}' if that was {x.dose_unit}), or train on a dose column that carries "
+                "its unit ('10uM').")
 
     def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         if isinstance(p, str) and p in self.labels:
@@ -233,6 +252,11 @@ class PerturbationVocab:
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
                    bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})),
                    dict(d.get("dose_units", {})))
+
+
+def _has_dose(typed: str) -> bool:
+    q = parse(typed)
+    return any(x.dose is not None for x in (q.parts if isinstance(q, Combination) else (q,)))
 
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:
