@@ -401,3 +401,8 @@ def test_the_dose_baseline_interpolates_the_agent_s_other_doses_in_log_dose():
     out = dose(train, baseline=base, targets=[("A@1uM", "all")], perturbation_key="perturbation", control="control")
     predicted = out[out.obs["perturbation"] == "A@1uM"]
     assert float(np.asarray(predicted.X.mean(0)).ravel()[0] - 1.2) == pytest.approx(1.5, abs=1e-5)
+    # times read in hours: a day's doses meet a target named in hours (the 24-hour cells stay apart from no time)
+    train.obs["perturbation"] = train.obs["perturbation"].astype(str).replace({"A@10,24h": "A@10,1d"})
+    out = dose(train, baseline=base, targets=[("A@1,24h", "all")], perturbation_key="perturbation", control="control")
+    predicted = out[out.obs["perturbation"] == "A@1,24h"]
+    assert float(np.asarray(predicted.X.mean(0)).ravel()[0] - 1.2) == pytest.approx(9.0, abs=1e-5)

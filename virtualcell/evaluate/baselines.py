@@ -52,7 +52,7 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import PAIR_SEP, UNS_KEY
 from ..errors import DataError, preview
-from ..perturbations import dose_on_one_scale, read_quantity
+from ..perturbations import dose_on_one_scale, hours_per, read_quantity
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,17 +204,21 @@ def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
     return None
 
 
-def _dose_of(condition: str) -> tuple[str, float | None, str]:
+def _dose_of(condition: str) -> tuple[str, float | None, float | str]:
     """``(label, dose, time)`` of a condition as the data names it (``"drugA@10,24h"`` -> ``("drugA", 10.0,
-    "24h")``); a dose with a unit is put on its family's scale (``"drugA@100nM"`` -> 0.1, in uM), as
+    24.0)``); a dose with a unit is put on its family's scale (``"drugA@100nM"`` -> 0.1, in uM), as
     :func:`~virtualcell.perturbations.read_quantity` and ``dose_on_one_scale`` read every dose; None where it has
-    none or it is not a number."""
+    none or it is not a number. The time is in hours (``"1d"`` -> 24.0, so that it meets ``"24h"``), ``""`` where
+    there is none, and the text as written where it is no time."""
     label, at, quantity = condition.rpartition("@")
     if not at:
         return condition, None, ""
     dose, _, time = quantity.partition(",")
     read = read_quantity(dose)
-    return label, None if read is None else read[0] * dose_on_one_scale(read[1])[1], time
+    when = read_quantity(time) if time else None
+    per = hours_per(when[1]) if when is not None else None
+    return (label, None if read is None else read[0] * dose_on_one_scale(read[1])[1],
+            float(f"{when[0] * per:.12g}") if per is not None else time)
 
 
 def _delta_dose(effects: Effects, target: Target) -> np.ndarray | None:
