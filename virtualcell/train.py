@@ -833,13 +833,16 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         lm.eval()
         total, count = 0.0, 0
         with torch.no_grad(), kernels.eager():
-            for chunks in val_batches:
+            for i, chunks in enumerate(val_batches):
+                if not split.mine(i):  # (under a multi-process launch each process takes its share of the batches)
+                    continue
                 loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad, named=named).to(accelerator.device),
                                   weighted=False)
                 total += float(loss) * n
                 count += n
         lm.train()
-        return total / max(count, 1)
+        total, count = split.sum(np.array([total, count], dtype=np.float64))[0]
+        return float(total / max(count, 1))
 
     # the fastest attention kernel and precision for this model on this machine (measured on a CPU)
     attention_before = lm.config._attn_implementation
