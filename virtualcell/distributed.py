@@ -1,10 +1,11 @@
-"""Data-parallel generation across processes (GPUs or CPU workers), through accelerate.
+"""Data-parallel generation and training across processes (GPUs or CPU workers), through accelerate.
 
 Launch any script that calls :meth:`Simulator.simulate` or :func:`screen` with several
 processes and each process generates a share of the baseline cells; the streaming sums
 are then added across processes, so every process ends with the same aggregates, equal
 to a one-process run (sampling is keyed by seed, cell and perturbation, never by
-process). Only the main process writes files.
+process). Only the main process writes files. ``virtualcell train`` under the same launchers
+trains data-parallel (:meth:`Split.average_gradients`, :meth:`Split.largest` for one clock).
 
 * GPUs, one machine: ``accelerate launch --multi_gpu --num_processes 4 my_screen.py``
 * several machines: add ``--num_machines 2 --machine_rank R --main_process_ip HOST``

@@ -21,7 +21,11 @@ The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
    one rise, which a short run barely learns through attention (:mod:`.target_offsets`).
 
 The same entry point fine-tunes a real C2S checkpoint (``base=...``) with the C2S
-prompt, on a GPU through ``accelerate``.
+prompt, on a GPU through ``accelerate``. Launched on several processes (``torchrun``,
+``accelerate launch``: GPUs or CPU workers) it trains data-parallel: each process takes its
+share of every batch and of the validation batches, the gradients are averaged weighted by
+target tokens (one process's update, to float precision), and one agreed clock ends the run
+(:class:`virtualcell.distributed.Split`).
 """
 
 from __future__ import annotations
