@@ -151,13 +151,19 @@ class DataContract:
         that is not a time, some doses with a unit and others without, or one agent's doses in units that do not
         convert to one another stop with a :class:`ContractError` naming them (a control cell's value is not
         read)."""
-        return self._read(adata, self.dose_key, "dose")[0], self._read(adata, self.time_key, "time")[0]
+        dose, time, _ = self.read_quantities(adata)
+        return dose, time
 
     def dose_units(self, adata: ad.AnnData) -> dict[str, str]:
         """The unit of the doses :meth:`quantities` reads, for each agent with a dose (a label, or each part of a
         pair's label: ``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own
         unit) or no dose column."""
         return self._read(adata, self.dose_key, "dose")[1]
+
+    def read_quantities(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+        """:meth:`quantities` and :meth:`dose_units` from one reading of the columns: ``(dose, time, units)``."""
+        dose, units = self._read(adata, self.dose_key, "dose")
+        return dose, self._read(adata, self.time_key, "time")[0], units
 
     def _read(self, adata: ad.AnnData, key: str | None, what: str) -> tuple[np.ndarray, dict[str, str]]:
         if key is None:
@@ -178,16 +184,17 @@ class DataContract:
         factor, units = _dose_scale(number, unit, cell[perturbed], self.labels(adata)[perturbed], key=key)
         return _rounded(number * factor)[cell], units
 
-    def conditions(self, adata: ad.AnnData) -> np.ndarray:
+    def conditions(self, adata: ad.AnnData, quantities: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """The condition of every cell, as strings: its label, followed by its dose and time where the
         contract names those columns (``"drugA@10"``, ``"drugA@10,24h"``; :func:`~virtualcell.perturbations.quantity_suffix`);
         control cells keep the control label. Pairing, the baselines, the validation verdict and
-        evaluation group cells by condition, so the doses of a drug are never pooled into one group."""
+        evaluation group cells by condition, so the doses of a drug are never pooled into one group.
+        ``quantities``: ``adata``'s :meth:`quantities`, where the caller has read them already."""
         labels = self.labels(adata)
         if self.dose_key is None and self.time_key is None:
             return labels
 
-        dose, time = self.quantities(adata)
+        dose, time = self.quantities(adata) if quantities is None else quantities
         # one suffix per distinct (dose, time), NaN (none) written as -inf so that it is one value too
         pairs, cell = np.unique(np.nan_to_num(np.column_stack([dose, time]), nan=-np.inf), axis=0, return_inverse=True)
         suffix = np.array([quantity_suffix(*(None if np.isinf(x) else float(x) for x in pair)) for pair in pairs],

@@ -246,10 +246,10 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if unknown:
             raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
-    dose, when = contract.quantities(adata)
-    conditions = contract.conditions(adata)
+    dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
+    conditions = contract.conditions(adata, (dose, when))
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
-                              targets_with_gene=cfg.target_tokens == "both", dose_units=contract.dose_units(adata))
+                              targets_with_gene=cfg.target_tokens == "both", dose_units=units)
     if kinds is not None or cfg.kind in ("auto", *GENETIC):
         vocab.aliases = target_aliases(adata, sorted(set(labels) - {contract.control}), genes)
     typed = np.empty(adata.n_obs, dtype=object)
