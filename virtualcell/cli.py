@@ -772,6 +772,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    from .distributed import launch_rank
+
+    if launch_rank() != 0:  # under a multi-process launch the main process reports; the others' errors still show
+        import contextlib
+        import os
+
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except VirtualCellError as err:
