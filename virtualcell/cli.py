@@ -588,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "--holdout bio_rep=rep_3 --max-minutes 30 --out my-model")
     p.description += (f" Training stops at --max-steps ({TrainConfig.max_steps} by default) or when --max-minutes is "
                       "spent, whichever comes first; without --max-minutes there is no time limit. A run that finds "
-                      "OUT/last resumes from it.")
+                      "OUT/last resumes from it. Launched on several processes (torchrun --nproc_per_node N -m "
+                      "virtualcell train ..., or accelerate launch) it trains data-parallel, each process on its "
+                      "share of every batch.")
     p.add_argument("--data", required=True, help="the screen: an .h5ad path or a dataset name")
     _add_contract_args(p)
     _add_gene_key(p)
