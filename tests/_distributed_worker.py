@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a simulation and a
-screen split across two CPU processes (gloo)."""
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a simulation, a
+screen and ``virtualcell predict`` split across two CPU processes (gloo)."""
 
 import sys
 from pathlib import Path
@@ -21,3 +21,9 @@ assert split.world == 2, split
 np.savez(out / f"rank{split.rank}.npz", mean=res.aggregates["mean"].values, cells=res.cells.values,
          emb=res.embedded["ko:STAT1"], score=ranked.ranking.sort_values("perturbation")["score"].to_numpy(),
          invalid=res.aggregates.attrs["invalid_genes"], n=res.aggregates["n_cells"].values)
+
+from virtualcell import cli  # noqa: E402
+
+# the command line: only the main process locks and writes the file (both did, and the second was refused)
+assert cli.main(["predict", "--model", model_dir, "--data", baseline, "--perturbations", "STAT1,ko:JAK2", "--seed", "5",
+                 "--out", str(out / "cli.h5ad")]) == 0

@@ -45,6 +45,17 @@ def test_two_processes_match_one(tiny_model, tmp_path):
         np.testing.assert_allclose(got["mean"], one.aggregates["mean"].values, atol=1e-5)
         np.testing.assert_allclose(got["emb"], one.embedded["ko:STAT1"], atol=1e-4)
         np.testing.assert_allclose(got["score"], ranked.ranking.sort_values("perturbation")["score"], rtol=1e-4)
+    import anndata as ad
+
+    from virtualcell import cli
+
+    assert cli.main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
+                     "--seed", "5", "--out", str(tmp_path / "cli_single.h5ad")]) == 0
+    got = ad.read_h5ad(tmp_path / "cli.h5ad")  # virtualcell predict on two processes: the same cells as on one
+    mine = ad.read_h5ad(tmp_path / "cli_single.h5ad")
+    assert list(got.obs_names) == list(mine.obs_names) and got.n_obs >= 14
+    np.testing.assert_allclose(np.asarray(got[:, mine.var_names].X.todense() if hasattr(got.X, "todense") else got.X),
+                               np.asarray(mine.X.todense() if hasattr(mine.X, "todense") else mine.X), atol=1e-5)
     # only the main process wrote the results folder, and it is complete
     assert (tmp_path / "screen" / "ranking.csv").exists() and len(list((tmp_path / "screen" / "groups").glob("*.nc"))) == 2
 
