@@ -102,11 +102,12 @@ class Split:
 
     def average_gradients(self, parameters: Any, weight: float = 1.0, loss: float = 0.0) -> float:
         """Replace every parameter's gradient by its mean over processes weighted by each process's ``weight``,
-        in one exchange (data-parallel training: each process computed the gradient of the mean loss over its
-        share of the batch, and ``weight`` is how many target tokens that share held, so the result is the
-        gradient of the mean over the whole batch, as one process computes it). A parameter without a gradient
-        counts as a zero gradient, so every process exchanges the same tensor. Returns the whole batch's mean of
-        ``loss`` (each process's mean loss over its share) by the same weights, for the record."""
+        in one exchange. Data-parallel training: each process computed the gradient of the mean loss over its
+        share of the batch, and ``weight`` is what that mean is over (the share's target tokens, or their loss
+        weights' sum), so the result is the gradient of the mean over the whole batch, as one process computes it.
+        A parameter without a gradient counts as a zero gradient, so every process exchanges the same tensor.
+        Returns the whole batch's mean of ``loss`` (each process's mean loss over its share) by the same weights,
+        for the record."""
         if self.world == 1:
             return loss
         import torch

@@ -128,7 +128,7 @@ def fit(
     save_every: int,
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
     clip: Callable[[], None] | None = None,
-    average: Callable[[float, int], float] | None = None,
+    average: Callable[[float, float], float] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     on_step_time: Callable[[int, float, bool], None] | None = None,
@@ -142,7 +142,8 @@ def fit(
     ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took. ``best``
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
     loop itself always ends on the last step's weights. ``average(loss, n)``, under a multi-process launch,
-    replaces this process's gradients (of its mean ``loss`` over its ``n`` target tokens) by the whole batch's,
+    replaces this process's gradients (of its mean ``loss`` over ``n``: its target tokens, or their weights' sum) by
+    the whole batch's,
     before clipping, and returns the whole batch's loss (which the history records).
     """
     bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)

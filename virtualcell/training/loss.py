@@ -40,8 +40,9 @@ def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN
 def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_repeat: bool = False,  # noqa: ANN001
                   weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
                   near: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the batch's target tokens, and their count.
+                  bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over the batch's target tokens, and what it is the mean over: their count, or with
+    ``weight`` their weights' sum (so that batches' losses combine exactly, e.g. across processes).
 
     Parameters
     ----------
@@ -87,17 +88,19 @@ def response_loss(lm, batch: Batch, *, allowed: torch.Tensor | None = None, no_r
     losses = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), flat_targets, ignore_index=-100,
                                                reduction="none")
     if weight is None:
-        loss = losses.sum() / valid.sum()
+        norm = valid.sum()
+        loss = losses.sum() / norm
     else:
         w = weight.to(logits.device)[flat_targets.clamp(min=0)] * valid.reshape(-1)
-        loss = (losses * w).sum() / w.sum()
+        norm = w.sum()
+        loss = (losses * w).sum() / norm
     if offsets is not None:  # a step that names no target still gives the parameter a (zero) gradient
         loss = loss + 0.0 * offsets.sum()
     if near is not None:
         loss = loss + 0.0 * near[0].sum()
     if bias is not None:  # (a step whose prompts name no trained perturbation, e.g. pre-training)
         loss = loss + 0.0 * bias[0].sum()
-    return loss, int(valid.sum())
+    return loss, float(norm) if weight is not None else int(norm)
 
 
 def seen_before(target: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
