@@ -809,3 +809,36 @@ def test_blas_threads_holds_numpys_pools_and_gives_them_back():
         assert blas() == before
     if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
         assert max(before) > 1  # the pool the context manager must hold (CI's 2 cores)
+
+
+def test_the_loop_reads_the_agreed_clock_and_hands_gradients_to_average():
+    """Under a multi-process launch the loop asks ``budget.agree`` for every time reading and stops when the
+    agreed share is spent (another process further along stops this one too), and hands each step's loss and
+    target count to ``average`` before clipping, recording the loss it returns."""
+    import time
+    from types import SimpleNamespace
+
+    from virtualcell.training import loop
+
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    asked, averaged = [], []
+
+    def agree(f: float) -> float:  # the other process: past its budget once this one has asked 6 times
+        asked.append(f)
+        return 2.0 if len(asked) > 6 else f
+
+    def average(loss: float, n: float) -> float:
+        assert net.weight.grad is not None  # after backward, before the update
+        averaged.append(n)
+        return 42.0
+
+    state = loop.fit(net, opt, batch_at=lambda step, pre: SimpleNamespace(n_tokens=16),
+                     loss_of=lambda b: (((net(x) - y) ** 2).mean(), 16), validate=lambda: 1.0,
+                     checkpoint=lambda st: None, state=loop.LoopState(),
+                     budget=loop.Budget(1000, 0, 0.0, 3600.0, time.perf_counter(), agree=agree), lr=0.1,
+                     warmup_steps=0, eval_every=100, save_every=1000, progress=False, average=average)
+    # two readings a step (its start, its end): the 7th, at step 4's start, says time is up at step 4's end
+    assert state.step == 4 and len(asked) == 8 and all(f < 0.01 for f in asked[:6])
+    assert averaged == [16] * 4 and {h["loss"] for h in state.history} == {42.0}

@@ -143,8 +143,7 @@ def fit(
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
     loop itself always ends on the last step's weights. ``average(loss, n)``, under a multi-process launch,
     replaces this process's gradients (of its mean ``loss`` over ``n``: its target tokens, or their weights' sum) by
-    the whole batch's,
-    before clipping, and returns the whole batch's loss (which the history records).
+    the whole batch's, before clipping, and returns the whole batch's loss (which the history records).
     """
     bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)
     lm.train()
