@@ -178,12 +178,11 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes, blend=args.blend, samples=args.samples,
                            coexpression_prior=args.coexpression_prior, compose=args.compose)
-        if launch_rank() != 0:
-            pass  # (the main process writes)
-        elif args.format == "cell-eval":
-            _write_cell_eval(res, sim, model, out, n, draws=args.draws)
-        else:
-            res.write_h5ad(out, draws=args.draws)
+        if launch_rank() == 0:  # (under a multi-process launch the main process writes)
+            if args.format == "cell-eval":
+                _write_cell_eval(res, sim, model, out, n, draws=args.draws)
+            else:
+                res.write_h5ad(out, draws=args.draws)
         if res.store is not None:
             res.cells.close()
     a = res.aggregates.attrs

@@ -768,7 +768,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
                                  group_size=1, seed=cfg.seed, salt=1)
     rank, world = accelerator.process_index, accelerator.num_processes
-    split = Split(rank, world)
+    split = Split(rank, world)  # (its exchanges hand a lone process's values straight back)
 
     perturbation_of = [parsed[t] for t in typed]
     perturbed = ~contract.is_control(data)
@@ -856,7 +856,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     chosen = kernels.choose(lm, accelerator.device, lambda: loss_of(first)[0],  # loss_of is still fp32 here
                             attention=cfg.attention, precision=cfg.precision, threads=threads,
-                            agree=(lambda k: split.gather(k)[0]) if world > 1 else None)
+                            agree=lambda k: split.gather(k)[0])
     precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
     compiled = _compile(lm, cfg, accelerator.device, budget_s, first,
@@ -904,13 +904,13 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
-                         agree=split.largest if world > 1 else None)
+                         agree=split.largest)
 
     state = loop.fit(
         lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
         budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
         backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        average=(lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss)) if world > 1 else None,
+        average=lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss),
         progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
     )
     model.lm = accelerator.unwrap_model(lm)

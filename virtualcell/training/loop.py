@@ -91,7 +91,7 @@ class Budget:
     t_start: float
     # under a multi-process launch: the largest of every process's value (each calls it at the same points), so
     # that all processes read one clock and end pre-training, set the learning rate and stop at the same step
-    # (a process stopping alone would leave the others waiting in the next gradient exchange); None: one process
+    # (a process stopping alone would leave the others waiting in the next gradient exchange); None: the own clock
     agree: Callable[[float], float] | None = None
 
     def spent(self) -> float:
