@@ -281,6 +281,20 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the accelerator's device other than the CPU)")
+def test_training_on_a_gpu_puts_the_model_where_the_batches_are(papalexi_small, tmp_path):
+    """On a GPU the trainer's model, with its extras (target offsets, token bias), goes to the accelerator's device,
+    where it puts the batches (session 48: data parallel without accelerator.prepare(model) had left it on the CPU)."""
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=6, eval_every=3, save_every=3,
+                      batch_size=4, warmup_steps=1, verdict_samples=(1,), verdict_temperatures=(1.0,))
+    model = train(papalexi_small[:400].copy(), out=tmp_path, config=cfg, progress=False)
+    assert {p.device.type for p in model.lm.parameters()} == {"cuda"}
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7)) and all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+
+
 def test_pair_draws_change_the_pairs_from_the_second_epoch_on(papalexi_small, tmp_path):
     """pair_draws=2 trains the first epoch on the default's pairs (equal losses, step by step) and the second on
     another draw (other losses)."""

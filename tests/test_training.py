@@ -842,3 +842,116 @@ def test_the_loop_reads_the_agreed_clock_and_hands_gradients_to_average():
     # two readings a step (its start, its end): the 7th, at step 4's start, says time is up at step 4's end
     assert state.step == 4 and len(asked) == 8 and all(f < 0.01 for f in asked[:6])
     assert averaged == [16] * 4 and {h["loss"] for h in state.history} == {42.0}
+
+
+def _step_batches(rank: int = 0, world: int = 1, generic: float = 0.3) -> batching.StepBatches:
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import CompactFormat, PerturbationVocab, build_gene_tokenizer
+
+    genes = [f"G{i}" for i in range(12)]
+    pv = PerturbationVocab({"G3": "ko:G3"})
+    fmt = CompactFormat(build_gene_tokenizer(genes, pv), genes, pv)
+    n = 60
+    rng = np.random.default_rng(0)
+    sentences = [rng.permutation(12)[:4] for _ in range(n)]
+    perts = [parse("control") if i % 4 == 0 else parse("ko:G3") for i in range(n)]
+    sources = np.where(np.arange(n) % 4 == 0, np.arange(n), (np.arange(n) // 8) * 4)  # controls pair with themselves
+    targets = np.arange(n)
+    draws = batching.LazyDraws(1, lambda d: sources)
+    return batching.StepBatches(
+        fmt, sentences, draws, perts, np.array([i % 4 != 0 for i in range(n)]),
+        pairs=batching.PairSchedule(targets, draws.derived(lambda s: s[targets]), batch_size=16, group_size=4, seed=0),
+        lone=batching.PairSchedule(targets, np.full(n, -1), batch_size=16, group_size=1, seed=0, salt=1),
+        seed=0, generic_fraction=generic, rank=rank, world=world)
+
+
+def test_step_batches_shares_of_two_processes_make_the_one_process_batch():
+    """Each process's share of a step, put together in rank order, holds the one-process batch's pairs with the same
+    prompts (the generic draws are made over the whole step); the batch of a step is the same every time it is asked
+    for; pre-training steps hold lone sentences; validation batches name every pair as it is."""
+    from virtualcell.prompts import GENERIC
+
+    def segments(groups) -> list:  # noqa: ANN001
+        return [(tuple(shared), tuple(own), tuple(resp)) for shared, pairs in groups for own, resp in pairs]
+
+    one, shares = _step_batches(), [_step_batches(r, 2) for r in range(2)]
+    generic_seen = 0
+    for step in (0, 1, 5, 9):
+        whole = segments(one.groups_at(step))
+        assert len(whole) == 16
+        assert whole == segments(shares[0].groups_at(step)) + segments(shares[1].groups_at(step))
+        assert whole == segments(_step_batches().groups_at(step))  # a pure function of the step
+        generic_seen += sum(own[0] == one.fmt.token_id[GENERIC] for _, own, _ in whole)
+        b = one.at(step)
+        assert b.n_targets == sum(len(resp) for _, _, resp in whole)
+    assert generic_seen > 0
+    assert all(len(p) == 1 and len(p[0][0]) == 1 for _, p in one.groups_at(0, pretrain=True))  # lone sentences
+    chunks = batching.validation_chunks(np.arange(60), one.sources[0], batch_size=16, group_size=4)
+    assert sorted(int(t) for b in chunks for c in b for t in c) == list(range(60))
+    assert all(len(set(one.sources[0][c])) == 1 and len(c) <= 4 for b in chunks for c in b)
+    assert not any(own[0] == one.fmt.token_id[GENERIC] for _, own, _ in segments(one.groups(chunks[0])))
+    assert _step_batches(generic=0.0).of(chunks[0]).n_targets == one.of(chunks[0]).n_targets
+
+
+def test_validation_loss_weighs_batches_by_their_targets_in_eval_mode_and_shares_them_out():
+    from virtualcell.training.loop import validation_loss
+
+    module = torch.nn.Linear(2, 2)
+    module.train()
+    modes = []
+
+    def loss_of(b):  # noqa: ANN001, ANN202
+        modes.append((module.training, torch.is_grad_enabled()))
+        return torch.tensor(b[0]), b[1]
+
+    batches = [lambda: (2.0, 1), lambda: (4.0, 3)]
+    assert validation_loss(module, loss_of, batches) == pytest.approx(3.5)  # (2 * 1 + 4 * 3) / 4
+    assert modes == [(False, False)] * 2 and module.training
+    assert validation_loss(module, loss_of, batches, mine=lambda i: i == 0) == pytest.approx(2.0)
+    # another process's share, summed in: [loss sum, count] of batch 1 added to this one's batch 0
+    assert validation_loss(module, loss_of, batches, mine=lambda i: i == 0,
+                           total=lambda v: v + np.array([12.0, 3.0])) == pytest.approx(3.5)
+    assert np.isnan(validation_loss(module, loss_of, []))
+
+
+def test_objective_is_the_response_loss_with_the_runs_rules_and_weights():
+    from virtualcell.training.loss import Objective
+
+    lm = _tiny_lm()
+    batch = batching.pack(_groups(np.random.default_rng(3)), PAD)
+    allowed = torch.ones(40, dtype=torch.bool)
+    allowed[:5] = False
+    weight = torch.linspace(0.5, 2.0, 40)
+    objective = Objective(lm, "cpu", allowed=allowed, weight=weight)
+    loss, n = objective(batch)
+    ref, ref_n = response_loss(lm, batch, allowed=allowed, no_repeat=True, weight=weight)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach())) and n == pytest.approx(ref_n)
+    plain, count = objective(batch, weighted=False)
+    ref, ref_n = response_loss(lm, batch, allowed=allowed, no_repeat=True)
+    assert float(plain.detach()) == pytest.approx(float(ref.detach())) and count == ref_n == batch.n_targets
+    assert float(Objective(lm)(batch)[0].detach()) == pytest.approx(float(response_loss(lm, batch)[0].detach()))
+
+
+def test_resume_loads_the_checkpoint_and_refuses_one_with_other_extras(tmp_path):
+    from virtualcell.training import loop
+
+    last = tmp_path / "last"
+    lm = _tiny_lm(seed=1)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    assert checkpoint.resume(last, data_hash="abc", module=lm, optimizer=opt, extras=[], keep_best=False) is None
+    best = loop.BestWeights(3, 1.5, None, keep_state=False)
+    checkpoint.save(last, _write, run_config={"data_hash": "abc"},
+                    state={"model": lm.state_dict(), "optimizer": opt.state_dict(), "step": 7,
+                           "history": [{"step": 7}], "pretrain_end": 2, "best": best.to_dict()})
+    fresh = _tiny_lm(seed=2)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state, kept = checkpoint.resume(last, data_hash="abc", module=fresh, optimizer=opt2, extras=[], keep_best=False)
+    assert (state.step, state.history, state.pretrain_end) == (7, [{"step": 7}], 2)
+    assert (kept.step, kept.val_loss) == (3, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(TrainingError, match="without a token-bias table"):
+        checkpoint.resume(last, data_hash="abc", module=fresh, optimizer=opt2, keep_best=False,
+                          extras=[("virtualcell_token_bias", True, "a token-bias table", "--no-token-bias")])
+    other = torch.optim.AdamW(fresh.parameters(), lr=1e-3, weight_decay=0.5)
+    with pytest.raises(TrainingError, match="weight decay"):
+        checkpoint.resume(last, data_hash="abc", module=fresh, optimizer=other, extras=[], keep_best=False)

@@ -666,30 +666,39 @@ def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: Pe
     return AutoModelForCausalLM.from_pretrained(base), tokenizer, "c2s"
 
 
-def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainConfig, base: str | None, resume: bool,
-           progress: bool, on_log: Callable[[dict[str, float]], None] | None) -> C2SModel:
-    import torch
-    from accelerate import Accelerator
+@dataclass
+class _Cells:
+    """The training run's cells, as :func:`_prepare` leaves them for the model and the batches."""
 
-    from . import validation
-    from .distributed import Split
-    from .model import C2SModel
-    from .training import batching, checkpoint, kernels, loop
-    from .training.loss import response_loss
+    data: ad.AnnData  # the cells trained on (after --holdout and the verdict's cells)
+    held: ad.AnnData | None  # the verdict's cells
+    baseline: ad.AnnData  # the cells the served baselines are fitted on
+    unseen: dict[str, str]  # perturbations held out whole
+    n_verdict: int
+    given_hash: str  # the data as given (after --holdout): what a recorded command reruns on
+    genes: Vocabulary
+    sentences: CellSentences
+    fit: RankFit
+    typed: list[str]  # each cell's typed perturbation
+    pvocab: PerturbationVocab
+    sources: Any  # the draws of the pairing (batching.LazyDraws): each cell's source control cell
+    train_targets: np.ndarray
+    val_targets: np.ndarray
 
-    contract.validate(adata)
-    t_start = time.perf_counter()
-    budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+
+def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Cells:
+    """The cells of a run: ``--holdout`` applied, the verdict's cells set apart before anything is fitted (they are
+    not sources, not targets, not in the rank fit), sentences, typed perturbations, pairs and their split."""
+    from .training import batching
 
     data = adata[_holdout_mask(adata, cfg.holdout)]
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
-    # the verdict's cells leave before anything is fitted: not sources, not targets, not in the rank fit
-    given_hash = data_hash(data, contract)  # the data as given (after --holdout): what a recorded command reruns on
+    given_hash = data_hash(data, contract)
     unseen = unseen_labels(data, contract, cfg)  # perturbations held out whole: judged as ones never seen
     in_verdict = verdict_split(data, contract, cfg, unseen)
     held = data[in_verdict] if in_verdict.any() else None
-    baseline_cells = _baseline_cells(data, contract, in_verdict, unseen)
+    baseline = _baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
     genes = Vocabulary.from_adata(data)
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
@@ -702,257 +711,261 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         log.info("doses read in %s", "; ".join(f"{u} ({preview(a, 5)})" for u, a in by_unit.items()))
     # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
     # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 10 s)
-    def pairs_of_draw(d: int) -> np.ndarray:
-        return build_pairs(data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs,
-                           seed=cfg.seed, draw=d)[0]
+    sources = batching.LazyDraws(cfg.pair_draws, lambda d: build_pairs(
+        data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d)[0])
+    train_targets, val_targets = _pair_split(data, contract, cfg, sources[0])
+    return _Cells(data, held, baseline, unseen, int(in_verdict.sum()), given_hash, genes, sentences, fit, typed,
+                  pvocab, sources, train_targets, val_targets)
 
-    src_draws = batching.LazyDraws(cfg.pair_draws, pairs_of_draw)
-    src = src_draws[0]
-    train_targets, val_targets = _pair_split(data, contract, cfg, src)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    lm, tokenizer, fmt_name = _new_model(cfg, base, genes, pvocab)
-    run_config = asdict(cfg) | {"base": base, "data_hash": given_hash, "trained_data_hash": data_hash(data, contract),
-                                "n_train_cells": int(data.n_obs),
-                                "n_pairs": int(train_targets.size), "n_val_pairs": int(val_targets.size),
-                                "n_verdict_cells": int(in_verdict.sum()),
-                                "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
-                                "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
-                                                     if held is not None else 0),
-                                "unseen_labels": sorted(unseen)}
-    model = C2SModel(lm, tokenizer, genes=genes, perturbations=pvocab, prompt_format=fmt_name, rank_fit=fit,
-                     contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
-    fmt = model.format
-    parsed = {s: parse(s) for s in set(typed)}
-    offsets = None
+def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None) -> dict[str, Any]:
+    """What the checkpoint records of the run: its settings and the data it saw."""
+    held = cells.held
+    return asdict(cfg) | {"base": base, "data_hash": cells.given_hash,
+                          "trained_data_hash": data_hash(cells.data, contract), "n_train_cells": int(cells.data.n_obs),
+                          "n_pairs": int(cells.train_targets.size), "n_val_pairs": int(cells.val_targets.size),
+                          "n_verdict_cells": cells.n_verdict,
+                          "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
+                          "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
+                                               if held is not None else 0),
+                          "unseen_labels": sorted(cells.unseen)}
+
+
+@dataclass
+class _Extras:
+    """The parameters a model may carry beyond its language model's (:mod:`.target_offsets`, :mod:`.token_bias`)."""
+
+    offsets: Any = None  # the target offsets
+    table: Any = None  # the token-bias table and its token-to-row map
+    near: Any = None  # the neighbour offsets
+
+    def named(self, fmt) -> Callable | None:  # noqa: ANN001
+        """How a batch finds the genes its prompts perturb (with target offsets only)."""
+        return fmt.named_targets if self.offsets is not None else None
+
+    def resumable(self) -> list[tuple[str, bool, str, str | None]]:
+        """Each extra as :func:`.training.checkpoint.same_extras` checks a resumed checkpoint against it."""
+        return [(target_offsets.NEIGHBOURS, self.near is not None, "neighbour offsets", None),
+                (target_offsets.PARAMETER, self.offsets is not None, "target offsets", "--no-target-offsets"),
+                (token_bias.PARAMETER, self.table is not None, "a token-bias table", "--no-token-bias")]
+
+
+def _build_model(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None, out: Path,
+                 run_config: dict[str, Any]) -> tuple[C2SModel, _Extras]:
+    """The model to train, with its extras attached (target offsets, token bias) and, for a new model asked for
+    ``gene_init="pca"``, its gene embeddings from the training cells (a resumed run then loads its weights over it)."""
+    from .model import C2SModel
+
+    lm, tokenizer, fmt_name = _new_model(cfg, base, cells.genes, cells.pvocab)
+    model = C2SModel(lm, tokenizer, genes=cells.genes, perturbations=cells.pvocab, prompt_format=fmt_name,
+                     rank_fit=cells.fit, contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
+    fmt, extras = model.format, _Extras()
     if cfg.target_offsets and any(fmt.named_targets(fmt.prompt_parts(np.zeros(1, dtype=np.int64), p)[1])
-                                  for p in parsed.values()):
-        offsets = target_offsets.attach(lm)
-    named = fmt.named_targets if offsets is not None else None  # how a batch finds the genes its prompts perturb
-    table = _attach_token_bias(lm, fmt) if cfg.token_bias else None
-    if base is None and cfg.gene_init == "pca":  # (a resumed run then loads its trained weights over it)
+                                  for p in {parse(s) for s in set(cells.typed)}):
+        extras.offsets = target_offsets.attach(lm)
+    extras.table = _attach_token_bias(lm, fmt) if cfg.token_bias else None
+    if base is None and cfg.gene_init == "pca":
         from .sentences import model_expression
         from .training.embeddings import init_gene_embeddings, pca_directions
 
-        X, _ = model_expression(data, genes)
+        X, _ = model_expression(cells.data, cells.genes)
         init_gene_embeddings(lm, fmt.gene_tokens, pca_directions(X, cfg.hidden_size // 2, seed=cfg.seed))
-    # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
-    # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
-    # in the verdict, which also chooses the decode by them
-    model.baselines = validation.Baselines.fit(baseline_cells, contract, model, forms=unseen)
-    near = None
-    if cfg.neighbour_offsets and offsets is not None and model.baselines.response is not None:
+    return model, extras
+
+
+def _attach_neighbours(model: C2SModel, cfg: TrainConfig, extras: _Extras) -> None:
+    """Neighbour offsets, where asked for and the model can have them (after its baselines are fitted)."""
+    if cfg.neighbour_offsets and extras.offsets is not None and model.baselines.response is not None:
         model.attach_neighbours()
-        near = target_offsets.neighbours(lm)
+        extras.near = target_offsets.neighbours(model.lm)
     elif cfg.neighbour_offsets:
         log.warning("neighbour offsets need target offsets and a genetic perturbation of a measured gene; this run "
                     "trains without them")
-    codec, gene_maps = (_codec_baselines(data, sentences, fit, contract, model, seed=cfg.seed) if held is not None
-                        else (None, None))
-    verdict_candidates = _verdict_candidates(cfg, model)
-    if budget_s is not None and held is not None:
-        reserve = validation.verdict_seconds(model, held, contract, seed=cfg.seed, candidates=verdict_candidates,
-                                             samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
-                                             unseen=unseen)
-        if reserve > budget_s / 2:
-            log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
-                        "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
-                        reserve, budget_s)
-            reserve = budget_s / 2
-        run_config["verdict_reserved_s"] = round(reserve, 1)
-        budget_s -= reserve
 
-    # which pairs make each step, and how they become tensors
-    pairs = batching.PairSchedule(train_targets, src_draws.derived(lambda s: s[train_targets]),
-                                  batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
-    lone = batching.PairSchedule(np.arange(data.n_obs), np.full(data.n_obs, -1), batch_size=cfg.batch_size,
-                                 group_size=1, seed=cfg.seed, salt=1)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    split = Split(rank, world)  # (its exchanges hand a lone process's values straight back)
 
-    perturbation_of = [parsed[t] for t in typed]
-    perturbed = ~contract.is_control(data)
+def _keep_verdict_time(model: C2SModel, cells: _Cells, contract: DataContract, cfg: TrainConfig,
+                       budget_s: float | None, candidates: tuple[dict[str, Any], ...],
+                       run_config: dict[str, Any]) -> float | None:
+    """The seconds left for the steps once the verdict's are set apart from ``--max-minutes`` (at most half)."""
+    from . import validation
 
-    def groups_of(chunks: list[np.ndarray], pretrain: bool, generic: set[int] = frozenset(),
-                  plain: set[int] = frozenset(), draw: int = 0) -> list[batching.Group]:
-        if pretrain:
-            return batching.sentence_groups(fmt, [t for c in chunks for t in c], sentences=sentences)
-        return batching.pair_groups(fmt, chunks, sentences=sentences, sources=src_draws[draw],
-                                    perturbations=perturbation_of, generic=generic, plain=plain)
+    if budget_s is None or cells.held is None:
+        return budget_s
+    reserve = validation.verdict_seconds(model, cells.held, contract, seed=cfg.seed, candidates=candidates,
+                                         samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
+                                         unseen=cells.unseen)
+    if reserve > budget_s / 2:
+        log.warning("the validation verdict needs about %.0f s, over half of --max-minutes (%.0f s): training keeps "
+                    "half; give more minutes or a smaller --verdict-fraction to keep the total within budget",
+                    reserve, budget_s)
+        reserve = budget_s / 2
+    run_config["verdict_reserved_s"] = round(reserve, 1)
+    return budget_s - reserve
 
-    generic_fraction = cfg.generic_fraction if fmt.generic_own() is not None else 0.0
 
-    def batch_at(step: int, pretrain: bool) -> batching.Batch:
-        schedule = lone if pretrain else pairs
-        chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, rank, world), step)]
-        generic: set[int] = set()
-        plain: set[int] = set()
-        if not pretrain:  # drawn over the whole step's pairs, so that a process's share draws as one process would
-            targets = schedule.targets[schedule.at(step)]
-            generic = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=generic_fraction, step=step)
-            plain = batching.generic_draw(targets, perturbed, seed=cfg.seed, fraction=cfg.own_token_dropout, step=step,
-                                          salt=3)
-        return batching.pack(groups_of(chunks, pretrain, generic, plain, draw=schedule.draw(step)), fmt.pad,
-                             named=named).to(accelerator.device)
+def _objective(model: C2SModel, cells: _Cells, contract: DataContract, cfg: TrainConfig, extras: _Extras, device: Any,
+               run_config: dict[str, Any]):  # noqa: ANN202
+    """The run's loss (:class:`.training.loss.Objective`): the no-repeat rule over the response vocabulary, and the
+    token weights of ``--response-weight`` (the training loss's; validation reports the plain loss)."""
+    import torch
 
+    from .training.loss import Objective
+
+    lm, fmt = model.lm, model.format
     vocab_size = lm.get_output_embeddings().weight.shape[0]
     response_tokens = fmt.response_vocabulary() if cfg.mask_repeats_in_loss else None
     allowed = None
     if response_tokens is not None:
         allowed = torch.zeros(vocab_size, dtype=torch.bool)
         allowed[torch.as_tensor(response_tokens)] = True
-        allowed = allowed.to(accelerator.device)
-
-    weight = None  # the training loss's token weights (validation reports the plain loss)
+        allowed = allowed.to(device)
+    weight = None
     if cfg.response_weight > 0 and response_tokens is not None:
         from .sentences import model_expression
         from .training.weights import responsiveness, token_weights
 
-        X, _ = model_expression(data, genes)
-        resp = responsiveness(X, np.asarray(typed), contract.contexts(data), contract.is_control(data))
-        weight = token_weights(resp, fmt.gene_tokens, vocab_size, cfg.response_weight).to(accelerator.device)
+        X, _ = model_expression(cells.data, cells.genes)
+        resp = responsiveness(X, np.asarray(cells.typed), contract.contexts(cells.data), contract.is_control(cells.data))
+        weight = token_weights(resp, fmt.gene_tokens, vocab_size, cfg.response_weight).to(device)
         top = np.argsort(-resp)[:5]
-        run_config["response_weight_top"] = {genes.genes[i]: round(float(weight[fmt.gene_tokens[i]]), 2) for i in top}
+        run_config["response_weight_top"] = {cells.genes.genes[i]: round(float(weight[fmt.gene_tokens[i]]), 2)
+                                             for i in top}
+    return Objective(lm, device, allowed=allowed, weight=weight, offsets=extras.offsets, near=extras.near is not None,
+                     bias=extras.table is not None)
 
-    precision = "fp32"
 
-    def loss_of(b: batching.Batch, weighted: bool = True) -> tuple[torch.Tensor, int]:
-        # the buffers (neighbour correlations, the token-bias rows) are looked up on the model as it is now:
-        # accelerator.prepare moves them to the device as new tensors, where parameters keep their identity
-        inner = accelerator.unwrap_model(lm)
-        with kernels.autocast(accelerator.device, precision):
-            return response_loss(lm, b, allowed=allowed, no_repeat=allowed is not None,
-                                 weight=weight if weighted else None, offsets=offsets,
-                                 near=target_offsets.neighbours(inner) if near is not None else None,
-                                 bias=token_bias.of(inner) if table is not None else None)
+def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainConfig, base: str | None, resume: bool,
+           progress: bool, on_log: Callable[[dict[str, float]], None] | None) -> C2SModel:
+    """The run: cells -> model -> baselines and the verdict's time -> batches and loss -> kernels -> the loop ->
+    the verdict. Every part is a function or class of its own (here, and in :mod:`.training`)."""
+    import functools
 
-    # validation pairs in a fixed order, same-source pairs together
-    val_order = val_targets[np.argsort(src[val_targets], kind="stable")]
-    val_batches = [batching.chunks_by_source(part, src[part], cfg.group_size)
-                   for part in (val_order[i : i + cfg.batch_size] for i in range(0, val_order.size, cfg.batch_size))]
+    import torch
+    from accelerate import Accelerator
 
-    def validate() -> float:
-        if not val_batches:
-            return float("nan")
-        lm.eval()
-        total, count = 0.0, 0
-        with torch.no_grad(), kernels.eager():
-            for i, chunks in enumerate(val_batches):
-                if not split.mine(i):  # (under a multi-process launch each process takes its share of the batches)
-                    continue
-                loss, n = loss_of(batching.pack(groups_of(chunks, False), fmt.pad, named=named).to(accelerator.device),
-                                  weighted=False)
-                total += float(loss) * n
-                count += n
-        lm.train()
-        total, count = split.sum(np.array([total, count], dtype=np.float64))[0]
-        return float(total / max(count, 1))
+    from . import validation
+    from .distributed import Split
+    from .training import batching, checkpoint, kernels, loop
 
-    # the fastest attention kernel and precision for this model on this machine (measured on a CPU)
+    contract.validate(adata)
+    t_start = time.perf_counter()
+    budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+    cells = _prepare(adata, contract, cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    split = Split(rank, world)  # (its exchanges hand a lone process's values straight back)
+    run_config = _run_record(cells, contract, cfg, base)
+    model, extras = _build_model(cells, contract, cfg, base, out, run_config)
+    lm, fmt = model.lm, model.format
+    # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
+    # baselines on the training cells as the model's sentences carry them, decoded each way: the codec's limit,
+    # in the verdict, which also chooses the decode by them
+    model.baselines = validation.Baselines.fit(cells.baseline, contract, model, forms=cells.unseen)
+    _attach_neighbours(model, cfg, extras)
+    codec, gene_maps = (_codec_baselines(cells.data, cells.sentences, cells.fit, contract, model, seed=cfg.seed)
+                        if cells.held is not None else (None, None))
+    verdict_candidates = _verdict_candidates(cfg, model)
+    budget_s = _keep_verdict_time(model, cells, contract, cfg, budget_s, verdict_candidates, run_config)
+
+    # which pairs make each step, and how they become tensors and a loss
+    parsed = {t: parse(t) for t in set(cells.typed)}
+    batches = batching.StepBatches(
+        fmt, cells.sentences, cells.sources, [parsed[t] for t in cells.typed], ~contract.is_control(cells.data),
+        pairs=batching.PairSchedule(cells.train_targets, cells.sources.derived(lambda s: s[cells.train_targets]),
+                                    batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed),
+        lone=batching.PairSchedule(np.arange(cells.data.n_obs), np.full(cells.data.n_obs, -1),
+                                   batch_size=cfg.batch_size, group_size=1, seed=cfg.seed, salt=1),
+        seed=cfg.seed, generic_fraction=cfg.generic_fraction if fmt.generic_own() is not None else 0.0,
+        plain_fraction=cfg.own_token_dropout, named=extras.named(fmt), device=device, rank=rank, world=world)
+    objective = _objective(model, cells, contract, cfg, extras, device, run_config)
+    val_batches = [functools.partial(batches.of, chunks) for chunks in batching.validation_chunks(
+        cells.val_targets, cells.sources[0], batch_size=cfg.batch_size, group_size=cfg.group_size)]
+
+    def validate() -> float:  # (under a multi-process launch each process takes its share of the batches)
+        return loop.validation_loss(lm, functools.partial(objective, weighted=False), val_batches, mine=split.mine,
+                                    total=lambda v: split.sum(v)[0])
+
+    # the model with everything attached goes to the accelerator's device, where the batches and the loss's masks
+    # are (data parallel here is without accelerator.prepare(model), which had moved it)
+    lm.to(device)
     attention_before = lm.config._attn_implementation
-    first = batch_at(0, False)
-    threads = cfg.threads
-    if threads is None and world > 1 and accelerator.device.type == "cpu":  # the processes share the cores
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    chosen = kernels.choose(lm, accelerator.device, lambda: loss_of(first)[0],  # loss_of is still fp32 here
-                            attention=cfg.attention, precision=cfg.precision, threads=threads,
-                            agree=lambda k: split.gather(k)[0])
-    precision = chosen.precision
-    run_config["kernels"] = asdict(chosen)
-    compiled = _compile(lm, cfg, accelerator.device, budget_s, first,
-                        batch_at(0, True) if cfg.pretrain_fraction > 0 else None, loss_of=loss_of)
-    run_config["kernels"] |= {"compiled_s": compiled}
-    guard = kernels.ThreadGuard(chosen.threads) if accelerator.device.type == "cpu" and threads is None else None
+    compiled, guard = _choose_kernels(lm, cfg, objective, batches, split, device, budget_s, run_config)
 
     def on_step_time(step: int, seconds: float, pretrain: bool) -> None:
         if guard is not None and guard.observe(step, seconds, pretrain):
             run_config["kernels"] = run_config["kernels"] | {"threads_after": 1, "fell_back_at_step": step}
 
-    optimizer = torch.optim.AdamW(_param_groups(lm, table, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(_param_groups(lm, extras.table, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
     # data parallel without DistributedDataParallel: the loss runs the model twice per step (the shared prompts, then
     # the responses on their cache) and reaches into its base model, which DDP's wrapper neither shows nor expects;
-    # each process takes its share of the batch (batch_at), and the gradients are averaged before the update
+    # each process takes its share of the batch (StepBatches), and the gradients are averaged before the update
     split.same_weights(lm)
     optimizer = accelerator.prepare(optimizer)
-    state = loop.LoopState()
-    best = loop.BestWeights(keep_state=cfg.keep_best)  # the lowest validation loss (and, to keep, its weights)
     last = out / "last"
-    if resume:
-        saved = checkpoint.load(last, data_hash=run_config["data_hash"])
-        if saved is not None:
-            _same_extras(saved["model"], last, [(target_offsets.NEIGHBOURS, near is not None, "neighbour offsets", None),
-                                                (target_offsets.PARAMETER, offsets is not None, "target offsets",
-                                                 "--no-target-offsets"),
-                                                (token_bias.PARAMETER, table is not None, "a token-bias table",
-                                                 "--no-token-bias")])
-            accelerator.unwrap_model(lm).load_state_dict(saved["model"])
-            _same_decay(saved["optimizer"], optimizer, last)
-            optimizer.load_state_dict(saved["optimizer"])
-            state = loop.LoopState(saved["step"], saved["history"], saved.get("pretrain_end"))
-            best = loop.BestWeights.from_dict(saved.get("best"), keep_state=cfg.keep_best)
-            log.info("resuming from step %d", state.step)
+    resumed = checkpoint.resume(last, data_hash=run_config["data_hash"], module=lm, optimizer=optimizer,
+                                extras=extras.resumable(), keep_best=cfg.keep_best) if resume else None
+    # the loop's state, and the lowest validation loss (and, to keep, its weights)
+    state, best = resumed or (loop.LoopState(), loop.BestWeights(keep_state=cfg.keep_best))
+    if resumed:
+        log.info("resuming from step %d", state.step)
 
     def save_checkpoint(st: loop.LoopState) -> None:
-        model.lm = accelerator.unwrap_model(lm)
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
         if not accelerator.is_main_process:  # (every process's model keeps the record; the main one writes)
             return
         checkpoint.save(last, model.save, run_config=run_config,
-                        state={"model": model.lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
+                        state={"model": lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
                                "history": st.history, "pretrain_end": st.pretrain_end, "best": best.to_dict()})
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
                          agree=split.largest)
-
     state = loop.fit(
-        lm, optimizer, batch_at=batch_at, loss_of=loss_of, validate=validate, checkpoint=save_checkpoint, state=state,
-        budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
-        backward=accelerator.backward, clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
+        lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
+        state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, backward=accelerator.backward,
+        clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
         average=lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss),
         progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
     )
-    model.lm = accelerator.unwrap_model(lm)
     if compiled is not None:
-        kernels.uncompile_layers(model.lm)
-    model.lm.set_attn_implementation(attention_before)  # generation picks its own attention
+        kernels.uncompile_layers(lm)
+    lm.set_attn_implementation(attention_before)  # generation picks its own attention
     save_checkpoint(state)  # the last step's weights: what a longer run resumes from
     _end_on_best(model, best, state, cfg, run_config)
-    model.lm.eval()
+    lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, held, contract, cfg, run_config, verdict_candidates, codec, unseen, gene_maps)
+    _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps)
     if accelerator.is_main_process:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
 
 
-def _same_extras(state: Mapping[str, Any], last: Path, extras: list[tuple[str, bool, str, str | None]]) -> None:
-    """Refuse to resume from ``state`` (the saved model's) where it has one of the model's extra parameters
-    (target offsets, neighbour offsets, the token bias) that this run lacks, or lacks one this run has: each extra
-    as ``(parameter name, whether this run has it, what it is called, the flag that leaves it out)``."""
-    for key, here, what, flag in extras:
-        if (key in state) != here:
-            how = f" ({'without ' if not here else ''}{flag})" if flag else ""
-            raise TrainingError(
-                f"{last} was saved by a run {'with' if not here else 'without'} {what}, and this run is "
-                f"{'without' if not here else 'with'} {'them' if what.endswith('s') else 'one'}, so it cannot resume "
-                f"from it: train as that run did{how}, or start over with --restart (resume=False).")
+def _choose_kernels(lm, cfg: TrainConfig, objective, batches, split, device, budget_s: float | None,  # noqa: ANN001
+                    run_config: dict[str, Any]) -> tuple[float | None, Any]:
+    """The fastest attention kernel and precision for this model on this machine (measured on a CPU; every process
+    takes the main one's choice), then the compiled layers when they repay it. Sets ``objective.precision``; returns
+    the seconds compiling took (``None``: plain layers) and the CPU's thread guard (``None`` where threads were
+    given, or on a GPU)."""
+    from .training import kernels
 
-
-def _same_decay(saved: dict[str, Any], optimizer: Any, last: Path) -> None:
-    """Stop a resume whose optimizer had other weight decays (``weight_decay``, ``--token-bias-decay``): loading
-    its state would silently bring its settings back."""
-    was = [g.get("weight_decay") for g in saved.get("param_groups", [])]
-    now = [g.get("weight_decay") for g in optimizer.param_groups]
-    if was != now:
-        raise TrainingError(
-            f"The checkpoint in {last} was trained with weight decay {was} (the model's, then the token-bias table's "
-            f"where it differs) and this run asks for {now}: loading it would bring its own back. Resume with the "
-            "settings it was trained with, or start over with --restart (resume=False)."
-        )
+    first = batches.at(0, False)
+    threads = cfg.threads
+    if threads is None and split.world > 1 and device.type == "cpu":  # the processes share the cores
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", split.world)))
+    chosen = kernels.choose(lm, device, lambda: objective(first)[0],  # the objective is still fp32 here
+                            attention=cfg.attention, precision=cfg.precision, threads=threads,
+                            agree=lambda k: split.gather(k)[0])
+    objective.precision = chosen.precision
+    run_config["kernels"] = asdict(chosen)
+    compiled = _compile(lm, cfg, device, budget_s, first, batches.at(0, True) if cfg.pretrain_fraction > 0 else None,
+                        loss_of=objective)
+    run_config["kernels"] |= {"compiled_s": compiled}
+    guard = kernels.ThreadGuard(chosen.threads) if device.type == "cpu" and threads is None else None
+    return compiled, guard
 
 
 def _param_groups(lm, table, cfg: TrainConfig) -> list[dict[str, Any]]:  # noqa: ANN001

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from ..target_offsets import row_tensors
 from ..token_bias import row_tokens
 
 __all__ = ["Group", "Batch", "pack", "pair_groups", "sentence_groups", "chunks_by_source", "generic_draw", "LazyDraws",
-           "PairSchedule"]
+           "PairSchedule", "StepBatches", "validation_chunks"]
 
 # (shared prompt tokens, [(own prompt tokens, response tokens), ...])
 Group = tuple[Sequence[int], Sequence[tuple[Sequence[int], Sequence[int]]]]
@@ -294,3 +295,73 @@ class PairSchedule:
                 out.append(chosen[start:i])
                 start = i
         return out
+
+
+def validation_chunks(targets: np.ndarray, sources: np.ndarray, *, batch_size: int, group_size: int
+                      ) -> list[list[np.ndarray]]:
+    """The validation pairs in a fixed order, same-source pairs together: batches of ``batch_size`` target cells,
+    each cut into chunks that share a source cell (``sources[t]``: target ``t``'s source)."""
+    order = targets[np.argsort(sources[targets], kind="stable")]
+    return [chunks_by_source(part, sources[part], group_size)
+            for part in (order[i : i + batch_size] for i in range(0, order.size, batch_size))]
+
+
+@dataclass
+class StepBatches:
+    """The batch of every step, as tensors on ``device``: this process's share of the step's pairs, or of the
+    lone sentences while pre-training.
+
+    ``pairs`` and ``lone`` schedule them (:class:`PairSchedule`); the pairs' sources are the draws of the pairing
+    (``sources``, each a source per cell), ``perturbations[t]`` is target ``t``'s typed perturbation and
+    ``perturbed[t]`` whether it is one. A step's generic-condition targets (``generic_fraction``) and those named
+    without their own tokens (``plain_fraction``) are drawn over the whole step's pairs (:func:`generic_draw`), so
+    that ``world`` processes' shares draw as one process would. ``named`` finds the genes a prompt perturbs
+    (target offsets; ``None`` without them)."""
+
+    fmt: Any
+    sentences: Any
+    sources: LazyDraws
+    perturbations: Sequence
+    perturbed: np.ndarray
+    pairs: PairSchedule
+    lone: PairSchedule
+    seed: int
+    generic_fraction: float = 0.0
+    plain_fraction: float = 0.0
+    named: Callable[[Sequence[int]], list[tuple[int, int]]] | None = None
+    device: torch.device | str = "cpu"
+    rank: int = 0
+    world: int = 1
+
+    def groups(self, chunks: Sequence[np.ndarray], pretrain: bool = False, *, generic: set[int] | frozenset[int] = frozenset(),
+               plain: set[int] | frozenset[int] = frozenset(), draw: int = 0) -> list[Group]:
+        """Token groups of ``chunks`` of target cells: lone sentences (``pretrain``) or pairs of draw ``draw``."""
+        if pretrain:
+            return sentence_groups(self.fmt, [t for c in chunks for t in c], sentences=self.sentences)
+        return pair_groups(self.fmt, chunks, sentences=self.sentences, sources=self.sources[draw],
+                           perturbations=self.perturbations, generic=generic, plain=plain)
+
+    def at(self, step: int, pretrain: bool = False) -> Batch:
+        """This process's share of the batch of ``step``, as tensors on ``device``."""
+        return self.pack(self.groups_at(step, pretrain))
+
+    def groups_at(self, step: int, pretrain: bool = False) -> list[Group]:
+        """This process's share of the batch of ``step``, as token groups."""
+        schedule = self.lone if pretrain else self.pairs
+        chunks = [schedule.targets[c] for c in schedule.groups(schedule.at(step, self.rank, self.world), step)]
+        generic: set[int] = set()
+        plain: set[int] = set()
+        if not pretrain:  # drawn over the whole step's pairs, so that a process's share draws as one process would
+            targets = schedule.targets[schedule.at(step)]
+            generic = generic_draw(targets, self.perturbed, seed=self.seed, fraction=self.generic_fraction, step=step)
+            plain = generic_draw(targets, self.perturbed, seed=self.seed, fraction=self.plain_fraction, step=step,
+                                 salt=3)
+        return self.groups(chunks, pretrain, generic=generic, plain=plain, draw=schedule.draw(step))
+
+    def of(self, chunks: Sequence[np.ndarray]) -> Batch:
+        """The pairs of ``chunks`` (target cells, same source in each) as the first draw pairs them, each named as
+        it is (no generic condition, no dropped tokens): the validation loss's batches."""
+        return self.pack(self.groups(chunks))
+
+    def pack(self, groups: Sequence[Group]) -> Batch:
+        return pack(groups, self.fmt.pad, named=self.named).to(self.device)

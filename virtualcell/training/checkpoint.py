@@ -10,14 +10,14 @@ undoes a swap that a kill interrupted (:func:`virtualcell.safeio.recover_folder`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
 from ..safeio import atomic_folder, recover_folder
 
-__all__ = ["save", "load", "STATE_FILE", "CONFIG_FILE"]
+__all__ = ["save", "load", "resume", "same_extras", "same_decay", "STATE_FILE", "CONFIG_FILE"]
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
@@ -62,3 +62,48 @@ def load(folder: str | Path, *, data_hash: str) -> dict[str, Any] | None:
             "Use another --out, or --restart to start over."
         )
     return state
+
+
+def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
+           extras: list[tuple[str, bool, str, str | None]], keep_best: bool) -> tuple[Any, Any] | None:
+    """Load the checkpoint in ``folder`` (of the data whose hash is ``data_hash``) into ``module`` and ``optimizer``;
+    returns the loop's state and its best weights to go on from (:class:`~.loop.LoopState`,
+    :class:`~.loop.BestWeights`), or ``None`` where there is no checkpoint. Refuses one whose extra parameters
+    (``extras``, see :func:`same_extras`) or weight decays differ from this run's."""
+    from .loop import BestWeights, LoopState
+
+    saved = load(folder, data_hash=data_hash)
+    if saved is None:
+        return None
+    same_extras(saved["model"], Path(folder), extras)
+    module.load_state_dict(saved["model"])
+    same_decay(saved["optimizer"], optimizer, Path(folder))
+    optimizer.load_state_dict(saved["optimizer"])
+    return (LoopState(saved["step"], saved["history"], saved.get("pretrain_end")),
+            BestWeights.from_dict(saved.get("best"), keep_state=keep_best))
+
+
+def same_extras(state: Mapping[str, Any], last: Path, extras: list[tuple[str, bool, str, str | None]]) -> None:
+    """Refuse to resume from ``state`` (the saved model's) where it has one of the model's extra parameters
+    (target offsets, neighbour offsets, the token bias) that this run lacks, or lacks one this run has: each extra
+    as ``(parameter name, whether this run has it, what it is called, the flag that leaves it out)``."""
+    for key, here, what, flag in extras:
+        if (key in state) != here:
+            how = f" ({'without ' if not here else ''}{flag})" if flag else ""
+            raise TrainingError(
+                f"{last} was saved by a run {'with' if not here else 'without'} {what}, and this run is "
+                f"{'without' if not here else 'with'} {'them' if what.endswith('s') else 'one'}, so it cannot resume "
+                f"from it: train as that run did{how}, or start over with --restart (resume=False).")
+
+
+def same_decay(saved: dict[str, Any], optimizer: Any, last: Path) -> None:
+    """Stop a resume whose optimizer had other weight decays (``weight_decay``, ``--token-bias-decay``): loading
+    its state would silently bring its settings back."""
+    was = [g.get("weight_decay") for g in saved.get("param_groups", [])]
+    now = [g.get("weight_decay") for g in optimizer.param_groups]
+    if was != now:
+        raise TrainingError(
+            f"The checkpoint in {last} was trained with weight decay {was} (the model's, then the token-bias table's "
+            f"where it differs) and this run asks for {now}: loading it would bring its own back. Resume with the "
+            "settings it was trained with, or start over with --restart (resume=False)."
+        )

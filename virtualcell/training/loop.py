@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import TrainingError
@@ -21,7 +22,7 @@ from ..progress import progress_bar
 from .batching import Batch
 from .schedule import lr_at
 
-__all__ = ["LoopState", "Budget", "BestWeights", "fit"]
+__all__ = ["LoopState", "Budget", "BestWeights", "fit", "validation_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,31 @@ class Budget:
 
     def time_fraction(self) -> float | None:
         return None if self.seconds is None else self.fraction(self.spent())
+
+
+def validation_loss(module: torch.nn.Module, loss_of: Callable[[Batch], tuple[torch.Tensor, float]],
+                    batches: Sequence[Callable[[], Batch]], *, mine: Callable[[int], bool] = lambda i: True,
+                    total: Callable[[np.ndarray], np.ndarray] = lambda v: v) -> float:
+    """The mean loss over the validation ``batches`` (each made when its turn comes), in eval mode, without gradients
+    and in plain (eager) kernels; ``nan`` without any. ``loss_of`` returns a batch's mean loss and what it is the mean
+    over. Under several processes each takes the batches ``mine(i)`` and ``total`` sums ``[loss sum, count]`` over
+    them (:meth:`virtualcell.distributed.Split.sum`)."""
+    from .kernels import eager
+
+    if not batches:
+        return float("nan")
+    module.eval()
+    loss_sum, count = 0.0, 0.0
+    with torch.no_grad(), eager():
+        for i, make in enumerate(batches):
+            if not mine(i):
+                continue
+            loss, n = loss_of(make())
+            loss_sum += float(loss) * n
+            count += n
+    module.train()
+    loss_sum, count = np.asarray(total(np.array([loss_sum, count], dtype=np.float64))).reshape(-1)[:2]
+    return float(loss_sum / max(count, 1))
 
 
 def in_pretraining(step: int, state: LoopState, budget: Budget) -> bool:

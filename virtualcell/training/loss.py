@@ -10,13 +10,16 @@ enforces anyway.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from .. import target_offsets, token_bias
 from ..generation import _cache_kwarg, _cache_of
 from .batching import Batch
 
-__all__ = ["response_loss", "seen_before"]
+__all__ = ["response_loss", "seen_before", "Objective"]
 
 
 def _logits(lm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -114,3 +117,33 @@ def seen_before(target: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> t
     first = torch.full((B, vocab_size), T, dtype=torch.long, device=target.device)
     first.scatter_reduce_(1, target.clamp(min=0), torch.where(valid, pos, torch.full_like(pos, T)), reduce="amin")
     return first[:, None, :] < pos[:, :, None]
+
+
+@dataclass
+class Objective:
+    """The training run's loss of a batch on ``lm``: :func:`response_loss` with the run's rules and extras.
+
+    ``allowed`` (the tokens a response may write; ``None``: any) also turns on the no-repeat rule; ``weight`` are the
+    training loss's token weights (the validation loss asks for the plain one: ``weighted=False``); ``offsets`` the
+    model's target offsets; ``near`` and ``bias`` say whether the model has neighbour offsets and a token-bias table,
+    which are looked up on ``lm`` at each call (moving the model to a device gives its buffers new tensors, where
+    parameters keep their identity). ``precision`` is the autocast the kernel choice settles on (``fp32`` until
+    then)."""
+
+    lm: Any
+    device: torch.device | str = "cpu"
+    allowed: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    near: bool = False
+    bias: bool = False
+    precision: str = "fp32"
+
+    def __call__(self, batch: Batch, weighted: bool = True) -> tuple[torch.Tensor, float]:
+        from .kernels import autocast
+
+        with autocast(torch.device(self.device), self.precision):
+            return response_loss(self.lm, batch, allowed=self.allowed, no_repeat=self.allowed is not None,
+                                 weight=self.weight if weighted else None, offsets=self.offsets,
+                                 near=target_offsets.neighbours(self.lm) if self.near else None,
+                                 bias=token_bias.of(self.lm) if self.bias else None)
