@@ -351,6 +351,38 @@ def bpe_model():
     return model
 
 
+def test_a_pretrained_text_model_is_fine_tuned_with_the_c2s_prompt(bpe_model, tmp_path):
+    """`train(base=FOLDER)` fine-tunes a Hugging Face text model (as it would C2S-Scale, here a small BPE model whose
+    tokenizer splits gene names) with the C2S prompt: the same trainer, without the gene-level extras, at the
+    fine-tuning rate; the checkpoint loads again and simulates a perturbation through the trie-constrained decoder."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.train import FINETUNE_LR, TrainConfig, train
+
+    base = tmp_path / "base"
+    bpe_model.lm.save_pretrained(base)
+    bpe_model.tokenizer.save_pretrained(base)
+    genes = list(bpe_model.genes.genes)
+    rng = np.random.default_rng(0)
+    labels = np.array(["control"] * 80 + ["STAT1"] * 40 + ["IRF1"] * 40)
+    X = rng.poisson(3.0, size=(labels.size, len(genes))).astype(np.float32)
+    X[labels == "STAT1", genes.index("STAT1")] = 0
+    cells = ad.AnnData(X, obs=pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(labels.size)]),
+                       var=pd.DataFrame(index=genes))
+    contract = vc.DataContract(perturbation_key="perturbation", control="control")
+    cfg = TrainConfig(top_k=12, max_steps=4, eval_every=2, save_every=2, batch_size=4, warmup_steps=1,
+                      verdict_fraction=0.0, compile="off")
+    model = train(cells, out=tmp_path / "out", contract=contract, config=cfg, base=str(base), progress=False)
+    record = model.train_config
+    assert (record["base"], record["lr"], record["steps"], model.format.name) == (str(base), FINETUNE_LR, 4, "c2s")
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+    again = C2SModel.load(tmp_path / "out")
+    res = vc.Simulator(cells[:6].copy(), again).simulate(["ko:STAT1"], n_cells=6, max_genes=6, seed=0)
+    assert res.aggregates["delta"].shape[-1] == len(genes)
+
+
 def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     m = bpe_model
     cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)
