@@ -32,6 +32,11 @@ CASES = [
      r"\(--pred\) is not a readable \.h5ad file"),
     ("screen-toward-truncated", ("screen --model {model} --data {base} --panel {panel} --objective toward:{trunc_h5ad} "
      "--out {tmp}/s"), r"toward: reference\) is not a readable \.h5ad"),
+    # a device this machine has not (the CPU-only case is in test_a_gpu_asked_of_a_cpu_only_machine_is_refused)
+    ("predict-unknown-device", "predict --model {model} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad --device gpu",
+     r"Unknown device 'gpu': use cuda \(or cuda:N\), mps or cpu"),
+    ("screen-unknown-device", "screen --model {model} --data {base} --panel {panel} --out {tmp}/s --device GPU0",
+     r"Unknown device 'GPU0'"),
     # broken model files
     ("model-truncated-safetensors", "predict --model {trunc_model} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"cannot be read .*model\.safetensors may be truncated"),
@@ -187,3 +192,23 @@ def test_every_command_has_a_description_an_example_and_option_help():
                 assert "default" in shown or action.required or action.default is False, (name, shown)
     train = sub.choices["train"].format_help()
     assert "3000" in train and "no time limit" in train
+
+
+def test_a_gpu_asked_of_a_machine_without_one_is_refused_with_what_it_has():
+    """--device cuda (or mps) on a machine without one: one sentence saying so and what the machine has, not a
+    traceback from deep inside torch (it was 'AssertionError: Torch not compiled with CUDA enabled')."""
+    import torch
+
+    from virtualcell.errors import ModelError
+    from virtualcell.model import pick_device
+
+    assert pick_device("cpu")[0] == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match=r"Device 'cuda:1' was asked for, but .*This machine has: .*cpu"):
+            pick_device("cuda:1")
+    elif torch.cuda.device_count() < 8:
+        with pytest.raises(ModelError, match=r"CUDA GPU\(s\): cuda:0 to"):
+            pick_device("cuda:8")
+    if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        with pytest.raises(ModelError, match=r"Device 'mps' \(Apple's Metal\) was asked for"):
+            pick_device("mps")

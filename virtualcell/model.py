@@ -49,20 +49,42 @@ KNOWN_HUB_MODELS = (
 )
 
 
+def _available_device(device: str | torch.device, *, mps: bool) -> torch.device:
+    """``device`` as a torch device, where this machine has it; otherwise an error that says what it has."""
+    have = ", ".join(x for x in ("cuda" if torch.cuda.is_available() else "", "mps" if mps else "", "cpu") if x)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"Unknown device {device!r}: use cuda (or cuda:N), mps or cpu, or leave it out for the best "
+                         f"available. This machine has: {have}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU here"
+        raise ModelError(f"Device {device!r} was asked for, but {why}. This machine has: {have}; leave the device out "
+                         "for the best available, or run on a machine with a GPU (and a CUDA build of torch).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"Device {device!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if dev.type == "mps" and not mps:
+        raise ModelError(f"Device {device!r} (Apple's Metal) was asked for, but torch has no MPS backend here. This "
+                         f"machine has: {have}.")
+    return dev
+
+
 def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable.
 
     Under a multi-process launcher (``accelerate launch``, ``torchrun``) each process takes
     the GPU of its ``LOCAL_RANK``.
     """
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device is None:
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        elif mps:
             device = "mps"
         else:
             device = "cpu"
-    dev = torch.device(device)
+    dev = _available_device(device, mps=mps)
     if dtype is None:
         if dev.type == "cuda":
             dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
