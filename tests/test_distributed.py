@@ -83,6 +83,8 @@ def test_two_process_training_agrees(papalexi_small, tmp_path):
     assert ranks[0]["steps"] == ranks[1]["steps"] > 5, ranks
     assert ranks[0]["weights"] == ranks[1]["weights"], ranks  # the gradients were averaged, the start was shared
     history = json.loads((tmp_path / "model" / "history.json").read_text())  # (written by the main process)
-    first_val = next(h["val_loss"] for h in history if "val_loss" in h)
-    assert ranks[0]["last_val"] == ranks[1]["last_val"] < first_val, (first_val, ranks)  # it learned
+    assert ranks[0]["last_val"] == ranks[1]["last_val"], ranks  # the validation loss, shared out, summed alike
+    # it learned: the training loss fell (a slow machine may not reach a second validation within the budget)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
     assert vc.C2SModel.load(tmp_path / "model").train_config["steps"] == ranks[0]["steps"]
