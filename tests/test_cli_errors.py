@@ -35,6 +35,8 @@ CASES = [
     # a device this machine has not (the CPU-only case is in test_a_gpu_asked_of_a_cpu_only_machine_is_refused)
     ("predict-unknown-device", "predict --model {model} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad --device gpu",
      r"Unknown device 'gpu': use cuda \(or cuda:N\), mps or cpu"),
+    ("train-unknown-device", "train --data {base} --perturbation-key perturbation --control control --out {tmp}/t --device gpu",
+     r"Unknown device 'gpu'"),
     ("screen-unknown-device", "screen --model {model} --data {base} --panel {panel} --out {tmp}/s --device GPU0",
      r"Unknown device 'GPU0'"),
     # broken model files

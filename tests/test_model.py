@@ -281,16 +281,17 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the accelerator's device other than the CPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_training_on_a_gpu_puts_the_model_where_the_batches_are(papalexi_small, tmp_path):
-    """On a GPU the trainer's model, with its extras (target offsets, token bias), goes to the accelerator's device,
-    where it puts the batches (session 48: data parallel without accelerator.prepare(model) had left it on the CPU)."""
+    """On a GPU (the default device where there is one) the trainer's model, with its extras (target offsets, token
+    bias), goes where it puts the batches (session 47's data parallel without accelerator.prepare(model) had left it on
+    the CPU; fixed in session 48)."""
     from virtualcell.train import TrainConfig, train
 
     cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=6, eval_every=3, save_every=3,
                       batch_size=4, warmup_steps=1, verdict_samples=(1,), verdict_temperatures=(1.0,))
     model = train(papalexi_small[:400].copy(), out=tmp_path, config=cfg, progress=False)
-    assert {p.device.type for p in model.lm.parameters()} == {"cuda"}
+    assert {p.device.type for p in model.lm.parameters()} == {"cuda"} and model.train_config["device"].startswith("cuda")
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7)) and all(np.isfinite(h["loss"]) for h in history if "loss" in h)
 
@@ -373,9 +374,11 @@ def test_a_pretrained_text_model_is_fine_tuned_with_the_c2s_prompt(bpe_model, tm
     contract = vc.DataContract(perturbation_key="perturbation", control="control")
     cfg = TrainConfig(top_k=12, max_steps=4, eval_every=2, save_every=2, batch_size=4, warmup_steps=1,
                       verdict_fraction=0.0, compile="off")
-    model = train(cells, out=tmp_path / "out", contract=contract, config=cfg, base=str(base), progress=False)
+    model = train(cells, out=tmp_path / "out", contract=contract, config=cfg, base=str(base), progress=False,
+                  device="cpu")
     record = model.train_config
     assert (record["base"], record["lr"], record["steps"], model.format.name) == (str(base), FINETUNE_LR, 4, "c2s")
+    assert record["device"] == "cpu"
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
     again = C2SModel.load(tmp_path / "out")

@@ -318,8 +318,9 @@ def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or fine-tune) a model on a perturbation screen."""
-    from .train import TrainConfig, train
+    from .train import TrainConfig, train, training_device
 
+    training_device(args.device)  # a device this machine lacks is refused before the data is read
     contract = _contract_from_args(args)
     adata = _load_data(args.data, contract)
     holdout = {}
@@ -344,7 +345,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with _main_only(output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last"))):
         model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
-                      gene_key=args.gene_key)
+                      gene_key=args.gene_key, device=args.device)
     hist = model.train_config.get("history", [])
     last = hist[-1] if hist else {}
     print(f"saved {model} to {args.out}")
@@ -621,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "against (0 = no guidance; default %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads (default: measured, 1 against all cores; pass 1 on a machine others share)")
+    p.add_argument("--device", default=None,
+                   help="cuda, mps or cpu (default: a CUDA GPU where there is one, else the CPU; under torchrun / "
+                        "accelerate launch each process takes the GPU of its LOCAL_RANK)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
                         "layer (less when cached); auto: on a CPU, when the run is expected to last 150 s per layer "

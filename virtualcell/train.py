@@ -21,7 +21,7 @@ The recipe, from what was measured to make a tiny C2S-style model learn on a CPU
    one rise, which a short run barely learns through attention (:mod:`.target_offsets`).
 
 The same entry point fine-tunes a real C2S checkpoint (``base=...``) with the C2S
-prompt, on a GPU through ``accelerate``. Launched on several processes (``torchrun``,
+prompt, on a GPU (``device=``, by default a CUDA GPU where there is one). Launched on several processes (``torchrun``,
 ``accelerate launch``: GPUs or CPU workers) it trains data-parallel: each process takes its
 share of every batch and of the validation batches, the gradients are averaged weighted by
 target tokens (one process's update, to float precision), and one agreed clock ends the run
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sentences import CellSentences
     from .validation import Baselines
 
-__all__ = ["TrainConfig", "train", "build_pairs", "verdict_split", "unseen_labels", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
+__all__ = ["TrainConfig", "train", "training_device", "build_pairs", "verdict_split", "unseen_labels", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
 
 log = logging.getLogger(__name__)
 
@@ -577,6 +577,7 @@ def train(
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
     gene_key: str | None = None,
+    device: str | None = None,
 ) -> C2SModel:
     """Train (or fine-tune) a C2S model on a perturbation screen; returns the trained model.
 
@@ -598,12 +599,17 @@ def train(
     gene_key
         Var column holding the gene names (symbols, or Ensembl ids for the default gene-level
         model); default ``var_names``.
+    device
+        ``cuda`` (or ``cuda:N``), ``mps`` or ``cpu``; default: a CUDA GPU where there is one, else the CPU. Under a
+        multi-process launch each process trains on the GPU of its ``LOCAL_RANK``. Checked before the data is read
+        further: a device the machine lacks is refused, saying what it has.
     """
     import torch
 
     from .allocator import large_blocks_on_heap
     from .generation import blas_threads, torch_threads
 
+    dev = training_device(device)
     cfg = with_learning_rate(config or TrainConfig(), base)
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
     adata = with_gene_key(adata, gene_key)
@@ -614,7 +620,23 @@ def train(
     # --threads holds numpy's BLAS too (the gene maps' SVDs), not torch alone
     with torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
-                      on_log=on_log)
+                      on_log=on_log, device=dev)
+
+
+def training_device(device: str | None = None) -> Any:
+    """The torch device a run trains on: ``device`` where this machine has it (:func:`virtualcell.model.pick_device`
+    refuses one it lacks), by default a CUDA GPU where there is one and else the CPU (not MPS: training there is
+    unmeasured). A GPU named without an index is, under a multi-process launch, the process's own (``LOCAL_RANK``)."""
+    import torch
+
+    from .model import pick_device
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev, _ = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return dev
 
 
 def _pair_split(data: ad.AnnData, contract: DataContract, cfg: TrainConfig, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -835,13 +857,12 @@ def _objective(model: C2SModel, cells: _Cells, contract: DataContract, cfg: Trai
 
 
 def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainConfig, base: str | None, resume: bool,
-           progress: bool, on_log: Callable[[dict[str, float]], None] | None) -> C2SModel:
+           progress: bool, on_log: Callable[[dict[str, float]], None] | None, device: Any) -> C2SModel:
     """The run: cells -> model -> baselines and the verdict's time -> batches and loss -> kernels -> the loop ->
     the verdict. Every part is a function or class of its own (here, and in :mod:`.training`)."""
     import functools
 
     import torch
-    from accelerate import Accelerator
 
     from . import validation
     from .distributed import Split
@@ -851,10 +872,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     t_start = time.perf_counter()
     budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     cells = _prepare(adata, contract, cfg)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    split = Split(rank, world)  # (its exchanges hand a lone process's values straight back)
-    run_config = _run_record(cells, contract, cfg, base)
+    # under torchrun / accelerate launch, the process group (nccl between GPUs, gloo between CPU workers)
+    split = Split.current(cpu=device.type != "cuda")  # (its exchanges hand a lone process's values straight back)
+    rank, world = split.rank, split.world
+    run_config = _run_record(cells, contract, cfg, base) | {"device": str(device)}
     model, extras = _build_model(cells, contract, cfg, base, out, run_config)
     lm, fmt = model.lm, model.format
     # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
@@ -885,8 +906,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         return loop.validation_loss(lm, functools.partial(objective, weighted=False), val_batches, mine=split.mine,
                                     total=lambda v: split.sum(v)[0])
 
-    # the model with everything attached goes to the accelerator's device, where the batches and the loss's masks
-    # are (data parallel here is without accelerator.prepare(model), which had moved it)
+    # the model with everything attached goes to the device, where the batches and the loss's masks are
     lm.to(device)
     attention_before = lm.config._attn_implementation
     compiled, guard = _choose_kernels(lm, cfg, objective, batches, split, device, budget_s, run_config)
@@ -901,7 +921,6 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # the responses on their cache) and reaches into its base model, which DDP's wrapper neither shows nor expects;
     # each process takes its share of the batch (StepBatches), and the gradients are averaged before the update
     split.same_weights(lm)
-    optimizer = accelerator.prepare(optimizer)
     last = out / "last"
     resumed = checkpoint.resume(last, data_hash=run_config["data_hash"], module=lm, optimizer=optimizer,
                                 extras=extras.resumable(), keep_best=cfg.keep_best) if resume else None
@@ -912,7 +931,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     def save_checkpoint(st: loop.LoopState) -> None:
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
-        if not accelerator.is_main_process:  # (every process's model keeps the record; the main one writes)
+        if not split.main:  # (every process's model keeps the record; the main one writes)
             return
         checkpoint.save(last, model.save, run_config=run_config,
                         state={"model": lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
@@ -924,10 +943,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     state = loop.fit(
         lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
         state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
-        save_every=cfg.save_every, backward=accelerator.backward,
-        clip=lambda: accelerator.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
+        save_every=cfg.save_every, clip=lambda: torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
         average=lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss),
-        progress=progress and accelerator.is_main_process, on_step_time=on_step_time, best=best,
+        progress=progress and split.main, on_step_time=on_step_time, best=best,
     )
     if compiled is not None:
         kernels.uncompile_layers(lm)
@@ -938,7 +956,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
     _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps)
-    if accelerator.is_main_process:
+    if split.main:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
