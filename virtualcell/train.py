@@ -883,6 +883,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # in the verdict, which also chooses the decode by them
     model.baselines = validation.Baselines.fit(cells.baseline, contract, model, forms=cells.unseen)
     _attach_neighbours(model, cfg, extras)
+    # the model with everything attached goes to the device: the verdict's time is measured there, and the batches
+    # and the loss's masks are put there
+    lm.to(device)
     codec, gene_maps = (_codec_baselines(cells.data, cells.sentences, cells.fit, contract, model, seed=cfg.seed)
                         if cells.held is not None else (None, None))
     verdict_candidates = _verdict_candidates(cfg, model)
@@ -906,8 +909,6 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         return loop.validation_loss(lm, functools.partial(objective, weighted=False), val_batches, mine=split.mine,
                                     total=lambda v: split.sum(v)[0])
 
-    # the model with everything attached goes to the device, where the batches and the loss's masks are
-    lm.to(device)
     attention_before = lm.config._attn_implementation
     compiled, guard = _choose_kernels(lm, cfg, objective, batches, split, device, budget_s, run_config)
 
