@@ -702,6 +702,7 @@ class _Cells:
     sentences: CellSentences
     fit: RankFit
     typed: list[str]  # each cell's typed perturbation
+    parsed: dict[str, Perturbation | Combination]  # each typed perturbation, parsed (once)
     pvocab: PerturbationVocab
     sources: Any  # the draws of the pairing (batching.LazyDraws): each cell's source control cell
     train_targets: np.ndarray
@@ -737,7 +738,7 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
         data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d)[0])
     train_targets, val_targets = _pair_split(data, contract, cfg, sources[0])
     return _Cells(data, held, baseline, unseen, int(in_verdict.sum()), given_hash, genes, sentences, fit, typed,
-                  pvocab, sources, train_targets, val_targets)
+                  {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets)
 
 
 def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None) -> dict[str, Any]:
@@ -783,7 +784,7 @@ def _build_model(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: 
                      rank_fit=cells.fit, contract=contract, top_k=cfg.top_k, train_config=run_config, source=str(out))
     fmt, extras = model.format, _Extras()
     if cfg.target_offsets and any(fmt.named_targets(fmt.prompt_parts(np.zeros(1, dtype=np.int64), p)[1])
-                                  for p in {parse(s) for s in set(cells.typed)}):
+                                  for p in cells.parsed.values()):
         extras.offsets = target_offsets.attach(lm)
     extras.table = _attach_token_bias(lm, fmt) if cfg.token_bias else None
     if base is None and cfg.gene_init == "pca":
@@ -892,9 +893,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     budget_s = _keep_verdict_time(model, cells, contract, cfg, budget_s, verdict_candidates, run_config)
 
     # which pairs make each step, and how they become tensors and a loss
-    parsed = {t: parse(t) for t in set(cells.typed)}
     batches = batching.StepBatches(
-        fmt, cells.sentences, cells.sources, [parsed[t] for t in cells.typed], ~contract.is_control(cells.data),
+        fmt, cells.sentences, cells.sources, [cells.parsed[t] for t in cells.typed], ~contract.is_control(cells.data),
         pairs=batching.PairSchedule(cells.train_targets, cells.sources.derived(lambda s: s[cells.train_targets]),
                                     batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed),
         lone=batching.PairSchedule(np.arange(cells.data.n_obs), np.full(cells.data.n_obs, -1),
