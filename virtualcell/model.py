@@ -74,17 +74,14 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
     """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable.
 
     Under a multi-process launcher (``accelerate launch``, ``torchrun``) each process takes
-    the GPU of its ``LOCAL_RANK``.
+    the GPU of its ``LOCAL_RANK``, by default or where ``cuda`` is named without an index.
     """
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device is None:
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-        elif mps:
-            device = "mps"
-        else:
-            device = "cpu"
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     dev = _available_device(device, mps=mps)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if dtype is None:
         if dev.type == "cuda":
             dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -624,19 +624,16 @@ def train(
 
 
 def training_device(device: str | None = None) -> Any:
-    """The torch device a run trains on: ``device`` where this machine has it (:func:`virtualcell.model.pick_device`
-    refuses one it lacks), by default a CUDA GPU where there is one and else the CPU (not MPS: training there is
-    unmeasured). A GPU named without an index is, under a multi-process launch, the process's own (``LOCAL_RANK``)."""
+    """The torch device a run trains on: ``device`` as :func:`virtualcell.model.pick_device` reads it (one this machine
+    lacks is refused; a GPU named without an index is, under a multi-process launch, the process's own), by default a
+    CUDA GPU where there is one and else the CPU (not MPS: training there is unmeasured)."""
     import torch
 
     from .model import pick_device
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev, _ = pick_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return dev
+    return pick_device(device)[0]
 
 
 def _pair_split(data: ad.AnnData, contract: DataContract, cfg: TrainConfig, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
