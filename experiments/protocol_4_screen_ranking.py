@@ -36,6 +36,12 @@ HELD = ("bio_rep", "rep_3")
 TOP_K = 100  # genes per cell sentence (the bundled recipe's)
 
 
+def mean_pairwise(D: np.ndarray) -> float:
+    """The mean pairwise correlation of the rows of ``D`` (perturbations x genes): how alike the deltas are."""
+    C = np.corrcoef(D)
+    return float(C[np.triu_indices_from(C, 1)].mean())
+
+
 def data(seed: int, n_cells: int):  # noqa: ANN201
     """The split: ``(adata, contract, held mask, train, baseline, baseline indices, reference control indices)``."""
     import virtualcell as vc
@@ -122,10 +128,6 @@ def main(argv: list[str] | None = None) -> None:
                            for p in common])
     by_label = {lab: typed_name for typed_name, lab in typed.items()}
     predicted_d = res.aggregates["delta_model"].sel(perturbation=[by_label[p] for p in common]).values
-
-    def mean_pairwise(D: np.ndarray) -> float:
-        C = np.corrcoef(D)
-        return float(C[np.triu_indices_from(C, 1)].mean())
 
     alike = {"model": mean_pairwise(predicted_d), "measured rep_3": mean_pairwise(measured_d)}
 

@@ -29,19 +29,25 @@ from codec_ceiling import MAPPED, decoded_ways, protocol_runs  # noqa: E402
 M = 5.0  # shrinkage weight (cells) toward the all-gene bin mean
 
 
-def gene_table_cells(train, k: int, seed: int):  # noqa: ANN001, ANN201
-    import anndata as ad
-
+def expression_and_ranks(train, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """The training cells' log-normalized expression (cells x genes) and each gene's rank in its cell's sentence at
+    ``top_k`` ``k`` (-1 where the sentence does not write it)."""
     from virtualcell.sentences import detect_scale, encode, expression_matrix, log_normalize
 
     X = expression_matrix(train)
     X = log_normalize(X, detect_scale(X))
     X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
     s = encode(train, top_k=k, seed=seed)
-    n, g = X.shape
-    rows = np.repeat(np.arange(len(s)), s.lengths)
-    ranks = np.full((n, g), -1, dtype=np.int64)
-    ranks[rows, s.ids] = s.rank_array()
+    ranks = np.full(X.shape, -1, dtype=np.int64)
+    ranks[np.repeat(np.arange(len(s)), s.lengths), s.ids] = s.rank_array()
+    return X, ranks
+
+
+def gene_table_cells(train, k: int, seed: int):  # noqa: ANN001, ANN201
+    import anndata as ad
+
+    X, ranks = expression_and_ranks(train, k, seed)
+    g = X.shape[1]
     nb = int(np.floor(np.log2(k + 1))) + 1
     bins = np.where(ranks >= 0, np.floor(np.log2(np.maximum(ranks, 0) + 1)).astype(np.int64), nb)  # nb: unwritten
     idx = np.arange(g)[None, :] * (nb + 1) + bins
@@ -59,22 +65,13 @@ def gene_linear_cells(train, k: int, seed: int):  # noqa: ANN001, ANN201
     the all-gene line with the weight of M cells); an unwritten gene reads its mean where it is unwritten."""
     import anndata as ad
 
-    from virtualcell.sentences import detect_scale, encode, expression_matrix, log_normalize
-
-    X = expression_matrix(train)
-    X = log_normalize(X, detect_scale(X))
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
-    s = encode(train, top_k=k, seed=seed)
-    n, g = X.shape
-    rows = np.repeat(np.arange(len(s)), s.lengths)
-    ranks = np.full((n, g), -1, dtype=np.int64)
-    ranks[rows, s.ids] = s.rank_array()
+    X, ranks = expression_and_ranks(train, k, seed)
     w = ranks >= 0
     u = np.where(w, np.log10(1.0 + np.maximum(ranks, 0)), 0.0)
     y = np.where(w, X, 0.0)
     # the all-gene line
     uu, yy = u[w], X[w]
-    B, A0 = np.polyfit(uu, yy, 1)
+    B, _ = np.polyfit(uu, yy, 1)
     cnt = w.sum(0) + M
     su, sy = u.sum(0) + M * uu.mean(), y.sum(0) + M * yy.mean()
     suu = (u * u).sum(0) + M * (uu * uu).mean()

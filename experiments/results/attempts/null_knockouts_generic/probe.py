@@ -22,11 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import _protocol as P  # noqa: E402
 import protocol_4_screen_ranking as p4  # noqa: E402
-
-
-def mean_pairwise(D: np.ndarray) -> float:
-    C = np.corrcoef(D)
-    return float(C[np.triu_indices_from(C, 1)].mean())
+from protocol_4_screen_ranking import mean_pairwise  # noqa: E402
 
 
 def main() -> None:
