@@ -83,7 +83,7 @@ def _(adata, mo, perturbation_key):
         "holdout_key": "bio_rep" if "bio_rep" in _columns else None,
         "holdout_value": "rep_3",
         "n_cells": int(_cli.get("n_cells", 1500)),
-        "minutes": float(_cli.get("minutes", 0.5)),
+        "minutes": float(_cli.get("minutes", 2.0)),  # a budget, not a target: 30 steps end first
         "max_steps": int(_cli.get("max_steps", 30)),
         "hidden_size": 64,
         "layers": 2,
