@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -87,14 +88,29 @@ def data_halves(X: np.ndarray, labels: np.ndarray, scope: np.ndarray, ref: np.nd
     return np.stack(A), np.stack(B), whole
 
 
+def off_u(A: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``A`` (a row, or rows) with the unit direction ``u`` projected out."""
+    return A - np.outer(A @ u, u).reshape(A.shape)
+
+
 def decompose(A: np.ndarray, B: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the coefficient along unit ``u`` and the noise-free squared norm off it."""
     along = (A @ u + B @ u) / 2
-    off = np.einsum("ij,ij->i", A - np.outer(A @ u, u), B - np.outer(B @ u, u))
+    off = np.einsum("ij,ij->i", off_u(A, u), off_u(B, u))
     return along, off
 
 
-def one_seed(seed: int, n_cells: int, model_dir: str | None = None) -> dict:
+def small_products(A: np.ndarray, B: np.ndarray, u: np.ndarray, small: np.ndarray) -> tuple[float, float]:
+    """The ``small`` rows off ``u``: the mean noise-free squared norm of each, and the mean product of two different
+    ones (``A_i' . B_j'``, what they share)."""
+    cross = off_u(A[small], u) @ off_u(B[small], u).T
+    return float(np.diag(cross).mean()), float(cross[~np.eye(len(small), dtype=bool)].mean())
+
+
+def screen(seed: int, n_cells: int, model_dir: str | None = None) -> SimpleNamespace:
+    """Protocol 4's split, the model, the cells' expression in its genes, and the training replicates' halves with
+    what they define: ``u`` (their mean knockout delta, unit) and ``small`` (the knockouts whose noise-free squared
+    norm there is below 1: their effect is near noise). ``rng`` is the generator that drew the halves, for more."""
     import virtualcell as vc
     from virtualcell.sentences import model_expression
 
@@ -104,29 +120,35 @@ def one_seed(seed: int, n_cells: int, model_dir: str | None = None) -> dict:
     X = model_expression(adata, model.genes)[0].toarray()
     labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
     ctl = contract.is_control(adata)
-    t0 = time.perf_counter()
-    mA, mB = model_halves(model, baseline, panel, seed)
-    seconds = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     tA, tB, t_whole = data_halves(X, labels, ~held, np.flatnonzero(~held & ctl), panel, rng)
-    r3_ref = np.setdiff1d(np.flatnonzero(held & ctl), base_idx)
-    hA, hB, h_whole = data_halves(X, labels, held, r3_ref, panel, rng)
+    g = (tA.mean(0) + tB.mean(0)) / 2
+    return SimpleNamespace(model=model, panel=panel, adata=adata, contract=contract, held=held, baseline=baseline,
+                           base_idx=base_idx, X=X, labels=labels, ctl=ctl, rng=rng, tA=tA, tB=tB, t_whole=t_whole,
+                           u=g / np.linalg.norm(g), small=np.flatnonzero(np.einsum("ij,ij->i", tA, tB) < 1.0))
+
+
+def one_seed(seed: int, n_cells: int, model_dir: str | None = None) -> dict:
+    import virtualcell as vc
+
+    sc = screen(seed, n_cells, model_dir)
+    model, panel, held, ctl, small = sc.model, sc.panel, sc.held, sc.ctl, sc.small
+    t0 = time.perf_counter()
+    mA, mB = model_halves(model, sc.baseline, panel, seed)
+    seconds = time.perf_counter() - t0
+    r3_ref = np.setdiff1d(np.flatnonzero(held & ctl), sc.base_idx)
+    hA, hB, h_whole = data_halves(sc.X, sc.labels, held, r3_ref, panel, sc.rng)
     # the training replicates' cells written as the model's cell sentences and decoded by its decode: what a model
     # that wrote each training cell exactly would give (the codec's share of the loss)
-    Xc = model.decode(vc.sentences.encode(adata, top_k=model.top_k, vocab=model.genes, seed=seed))
-    cA, cB, c_whole = data_halves(Xc, labels, ~held, np.flatnonzero(~held & ctl), panel, np.random.default_rng(seed))
-    g = (tA.mean(0) + tB.mean(0)) / 2
-    u = g / np.linalg.norm(g)
-    # the small knockouts: noise-free squared norm below 1 in the training replicates (their effect is near noise)
-    small = np.flatnonzero(np.einsum("ij,ij->i", tA, tB) < 1.0)
-    out = {"seed": seed, "small": [panel[i] for i in small], "n_cells": int(baseline.n_obs), "generation_seconds": round(seconds, 1), "knockouts": panel}
-    for name, (A, B, whole) in {"model": (mA, mB, (mA + mB) / 2), "training replicates": (tA, tB, t_whole),
+    Xc = model.decode(vc.sentences.encode(sc.adata, top_k=model.top_k, vocab=model.genes, seed=seed))
+    cA, cB, c_whole = data_halves(Xc, sc.labels, ~held, np.flatnonzero(~held & ctl), panel, np.random.default_rng(seed))
+    out = {"seed": seed, "small": [panel[i] for i in small], "n_cells": int(sc.baseline.n_obs),
+           "generation_seconds": round(seconds, 1), "knockouts": panel}
+    for name, (A, B, whole) in {"model": (mA, mB, (mA + mB) / 2), "training replicates": (sc.tA, sc.tB, sc.t_whole),
                                 "training via the codec": (cA, cB, c_whole), "rep_3": (hA, hB, h_whole)}.items():
-        along, off = decompose(A, B, u)
-        a, b = A[small] - np.outer(A[small] @ u, u), B[small] - np.outer(B[small] @ u, u)
-        cross = a @ b.T
-        out[name + " small"] = {"own": float(np.diag(cross).mean()),
-                                "shared": float(cross[~np.eye(len(small), dtype=bool)].mean())}
+        along, off = decompose(A, B, sc.u)
+        own, shared = small_products(A, B, sc.u, small)
+        out[name + " small"] = {"own": own, "shared": shared}
         out[name] = {"naive": mean_pairwise(whole), "pooled_naive": pooled(whole, whole), "pooled": pooled(A, B),
                      "along": along.tolist(), "off": off.tolist()}
     return out

@@ -20,27 +20,18 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[2])]
 import _protocol as P  # noqa: E402
 import probe as pr  # noqa: E402
-import protocol_4_screen_ranking as p4  # noqa: E402
 
 
 def main() -> None:
     P.setup(2)
-    import virtualcell as vc
-    from virtualcell.sentences import encode, expression_matrix, log_normalize, detect_scale, model_expression
+    from virtualcell.sentences import encode, expression_matrix, log_normalize, detect_scale
     from virtualcell.train import build_pairs
 
-    model = vc.model.bundled()
-    panel = sorted(model.perturbations.labels)
-    adata, contract, held, train_ad, baseline, _, _ = p4.data(0, 200)
-    X = model_expression(adata, model.genes)[0].toarray()
-    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
-    ctl = contract.is_control(adata)
-    mA, mB = pr.model_halves(model, baseline, panel, 0)
-    tA, tB, _ = pr.data_halves(X, labels, ~held, np.flatnonzero(~held & ctl), panel, np.random.default_rng(0))
-    g = (tA.mean(0) + tB.mean(0)) / 2
-    u = g / np.linalg.norm(g)
-    off = lambda v: v - np.outer(np.atleast_2d(v) @ u, u).reshape(v.shape)  # noqa: E731
-    small = np.flatnonzero(np.einsum("ij,ij->i", tA, tB) < 1.0)
+    sc = pr.screen(0, 200)
+    model, panel, X, labels, held, ctl, u, small = sc.model, sc.panel, sc.X, sc.labels, sc.held, sc.ctl, sc.u, sc.small
+    adata, contract, tA, tB = sc.adata, sc.contract, sc.tA, sc.tB
+    mA, mB = pr.model_halves(model, sc.baseline, panel, 0)
+    off = lambda v: pr.off_u(v, u)  # noqa: E731
     m = (off(mA[small]).mean(0) + off(mB[small]).mean(0)) / 2
     corr = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
     print(f"small knockouts ({len(small)}): their shared part off u (model) has norm {np.linalg.norm(m):.2f}")
@@ -60,6 +51,7 @@ def main() -> None:
         i = panel.index(p)
         print(f"{p} | {counts[p]} | {((mA[i] + mB[i]) / 2) @ rv:.2f} | {((tA[i] + tB[i]) / 2) @ rv:.2f}")
 
+    train_ad = adata[~held].copy()
     src, tgt = build_pairs(train_ad, contract, pairing="ot", seed=0)
     src, tgt = src[src >= 0], tgt[src >= 0]
     Xt = expression_matrix(train_ad)
