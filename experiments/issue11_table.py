@@ -153,19 +153,25 @@ def _ranking_row(records: dict[int, dict[str, Any]], seeds: list[Any]) -> dict[s
             "met": (model >= 0.6) if records else None, "seeds": seeds, "groups": 25, "run": _when(records)}
 
 
+def _alike_row(records: dict[int, dict[str, Any]], seeds: list[Any], reported: bool = False) -> dict[str, Any]:
+    """Protocol 4's "deltas too alike" target (mean pairwise correlation <= the measured one + 0.2) over ``records``;
+    ``reported``: shown, not counted as one of the issue's targets."""
+    model = _stat(records, "pairwise_correlation", "model")
+    measured = _stat(records, "pairwise_correlation", "measured rep_3")
+    target = "mean pairwise correlation of deltas <= measured + 0.2"
+    return {"target": f"(reported) {target}" if reported else target, "model": model, "blend": float("nan"),
+            "best baseline": "measured rep_3", "baseline": measured, "ceiling": float("nan"),
+            "met": (model <= measured + 0.2) if records else None, "seeds": seeds, "groups": 25,
+            "run": _when(records)} | ({"issue_target": False} if reported else {})
+
+
 def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     codec_runs = json.loads(codec.read_text())["protocols"] if codec.exists() else {}
     p4 = _load(runs, "protocol_4_screen_ranking")
 
-    def p4_stat(key: str, sub: str) -> float:
-        return _stat(p4, key, sub)
-
     rows.append({"protocol": "4. Fit (embedded screen, rep_3 held out)"} | _ranking_row(p4, sorted(p4)))
-    alike_m, alike_r = p4_stat("pairwise_correlation", "model"), p4_stat("pairwise_correlation", "measured rep_3")
-    rows.append({"protocol": "", "target": "mean pairwise correlation of deltas <= measured + 0.2", "model": alike_m,
-                 "blend": float("nan"), "best baseline": "measured rep_3", "baseline": alike_r, "ceiling": float("nan"),
-                 "met": (alike_m <= alike_r + 0.2) if p4 else None, "seeds": sorted(p4), "groups": 25, "run": _when(p4)})
+    rows.append({"protocol": ""} | _alike_row(p4, sorted(p4)))
     rows.append({"protocol": ""} | _protocol_row(p4, "vcc_mae", ["nochange"],
                                                   target="cell-eval MAE below nochange")
                 | {"run": _when(p4), "codec": _codec(codec_runs, 4, "vcc_mae")})
@@ -182,13 +188,7 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
         rows.append({"protocol": "4. Fit, the bundled recipe trained at seeds 0-2 (sampling seed 0)"}
                     | _ranking_row(trained, [f"training {t}" for t in sorted(trained)]))
         # how much the "alike" figure moves from one training run to the next (session 50: five runs span 0.16-0.36)
-        alike_t, ref_t = _stat(trained, "pairwise_correlation", "model"), _stat(trained, "pairwise_correlation",
-                                                                                  "measured rep_3")
-        rows.append({"protocol": "", "target": "(reported) mean pairwise correlation of deltas <= measured + 0.2",
-                     "model": alike_t, "blend": float("nan"), "best baseline": "measured rep_3", "baseline": ref_t,
-                     "ceiling": float("nan"), "met": alike_t <= ref_t + 0.2,
-                     "seeds": [f"training {t}" for t in sorted(trained)], "groups": 25, "run": _when(trained),
-                     "issue_target": False})
+        rows.append({"protocol": ""} | _alike_row(trained, [f"training {t}" for t in sorted(trained)], reported=True))
     p1 = _load(runs, "protocol_1_context_transfer")
     for metric in ("pearson_delta", "pearson_delta_top50"):
         rows.append({"protocol": "1. Context transfer, all 7 cell types (seed 0)" if metric == "pearson_delta" else ""}

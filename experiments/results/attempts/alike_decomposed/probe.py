@@ -44,10 +44,20 @@ def pooled(A: np.ndarray, B: np.ndarray) -> float:
     return float(C[np.triu_indices_from(C, 1)].mean() / np.diag(C).mean())
 
 
+def generation_config(model, seed: int):  # noqa: ANN001, ANN201
+    """The generation settings the model's verdict chose (temperature, guidance, coexpression prior), as
+    ``Simulator.simulate`` resolves them, for a probe that drives ``model.generate`` itself."""
+    from virtualcell.generation import GenerationConfig
+
+    return GenerationConfig(max_genes=model.top_k, temperature=float(model.setting("temperature")), batch_size=512,
+                            seed=seed, guidance=float(model.setting("guidance")),
+                            coexpression_prior=bool(model.setting("coexpression_prior")))
+
+
 def model_halves(model, baseline, panel: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """The model's deltas from two independent halves of its samples: ``(A, B)``, knockouts x genes."""
     import virtualcell as vc
-    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.generation import stable_key
     from virtualcell.perturbations import Perturbation
 
     sentences = vc.Simulator(baseline, model, seed=seed).sentences
@@ -55,9 +65,7 @@ def model_halves(model, baseline, panel: list[str], seed: int) -> tuple[np.ndarr
     run = [Perturbation("control")] * CONTROL_SAMPLES + [p for p in perts for _ in range(2)]
     keys = [stable_key(f"control#{k}") for k in range(CONTROL_SAMPLES)]
     keys += [stable_key(f"{p}#{j}") for p in perts for j in range(2)]
-    cfg = GenerationConfig(max_genes=model.top_k, temperature=float(model.setting("temperature")), batch_size=512,
-                           seed=seed, guidance=float(model.setting("guidance")),
-                           coexpression_prior=bool(model.setting("coexpression_prior")))
+    cfg = generation_config(model, seed)
     sums = np.zeros((len(run), len(model.genes)))
     n = baseline.n_obs
     for c0 in range(0, n, 32):
@@ -108,9 +116,10 @@ def small_products(A: np.ndarray, B: np.ndarray, u: np.ndarray, small: np.ndarra
 
 
 def screen(seed: int, n_cells: int, model_dir: str | None = None) -> SimpleNamespace:
-    """Protocol 4's split, the model, the cells' expression in its genes, and the training replicates' halves with
-    what they define: ``u`` (their mean knockout delta, unit) and ``small`` (the knockouts whose noise-free squared
-    norm there is below 1: their effect is near noise). ``rng`` is the generator that drew the halves, for more."""
+    """Protocol 4's split, the model (``model_dir``, default the bundled one), the cells' expression in its genes, and
+    the training replicates' halves with what they define: ``u`` (their mean knockout delta, unit) and ``small`` (the
+    knockouts whose noise-free squared norm there is below 1: their effect is near noise). ``rng`` is the generator
+    that drew the halves, for more."""
     import virtualcell as vc
     from virtualcell.sentences import model_expression
 

@@ -40,7 +40,8 @@ def main() -> None:
     from virtualcell import train as T
     from virtualcell.training import batching, loop
 
-    model = vc.C2SModel.load(args.model) if args.model else vc.model.bundled()
+    sc = pr.screen(0, 200, args.model)  # the model, and which knockouts are small
+    model = sc.model
     rec = model.train_config
     names = {f.name for f in dataclasses.fields(T.TrainConfig)}
     cfg = T.TrainConfig(**{k: (tuple(v) if k == "verdict_candidates" and v is not None else v)
@@ -50,7 +51,6 @@ def main() -> None:
     cells = T._prepare(adata, contract, cfg)
     assert cells.given_hash == rec["data_hash"], (cells.given_hash, rec["data_hash"])
     assert cells.train_targets.size == rec["n_pairs"], (cells.train_targets.size, rec["n_pairs"])
-    sc = pr.screen(0, 200, args.model)
     small = {sc.panel[i] for i in sc.small}
     typed = np.asarray(cells.typed)
     is_ctrl = contract.is_control(cells.data)

@@ -32,6 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "alike_decomposed"), str(HERE.parents[2])]  # probe.py there; _protocol
 import _protocol as P  # noqa: E402
+import probe as pr  # noqa: E402  (../alike_decomposed/probe.py)
 import protocol_4_screen_ranking as p4  # noqa: E402
 
 SAMPLES = 2
@@ -41,14 +42,12 @@ SPLITS = 20  # random halvings averaged in the noise-free products
 def predictions(model, cells, prompts, seed: int) -> np.ndarray:  # noqa: ANN001
     """Per prompt and cell, the mean decoded prediction over SAMPLES samples: prompts x cells x genes."""
     import virtualcell as vc
-    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.generation import stable_key
 
     sentences = vc.Simulator(cells, model, seed=seed).sentences
     run = [p for p in prompts for _ in range(SAMPLES)]
     keys = [stable_key(f"{p}#{j}") for p in prompts for j in range(SAMPLES)]
-    cfg = GenerationConfig(max_genes=model.top_k, temperature=float(model.setting("temperature")), batch_size=512,
-                           seed=seed, guidance=float(model.setting("guidance")),
-                           coexpression_prior=bool(model.setting("coexpression_prior")))
+    cfg = pr.generation_config(model, seed)
     out_arr = np.zeros((len(prompts), cells.n_obs, len(model.genes)))
     for c0 in range(0, cells.n_obs, 32):
         idx = np.arange(c0, min(c0 + 32, cells.n_obs))
@@ -74,11 +73,9 @@ def main() -> None:
     import virtualcell as vc
     from virtualcell.perturbations import Perturbation
 
-    model = vc.C2SModel.load(args.model) if args.model else vc.model.bundled()
-    adata = vc.datasets.load("papalexi2021")
-    contract = vc.DataContract.from_adata(adata)
+    sc = pr.screen(args.seed, 200, args.model)  # the model and the screen, with u and the small knockouts for bias()
+    model, adata, ctl = sc.model, sc.adata, sc.ctl
     rep = adata.obs[p4.HELD[0]].astype(str).to_numpy()
-    ctl = contract.is_control(adata)
     rng = np.random.default_rng(args.seed)
     reps = ("rep_1", "rep_2", "rep_3")
     sets = {r: np.sort(rng.permutation(np.flatnonzero((rep == r) & ctl))[: args.n_cells]) for r in reps}
@@ -113,24 +110,21 @@ def main() -> None:
         print(f"{name} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f}")
     rows = np.array(rows)
     print(f"knockouts' mean | {rows[1:, 0].mean():.3f} | {rows[1:, 1].mean():.3f} | {rows[1:, 2].mean():.3f}")
-    bias(model, adata, contract, rep, names, pred, args.seed, args.model)
+    bias(sc, rep, names, pred, args.seed)
 
 
-def bias(model, adata, contract, rep, names, pred, seed: int, model_dir: str | None) -> None:  # noqa: ANN001
+def bias(sc, rep, names, pred, seed: int) -> None:  # noqa: ANN001
     """From the training replicates' sources (rep_1 + rep_2): each prompt's mean prediction minus the mean of its own
     training cells through the codec (its error), off u, noise-free: from two random halves of the source cells (the
     model's side) and of the prompt's training cells (the data's side), ``E1_i . E2_j`` has no noise term. Is the small
-    knockouts' shared part the control prediction's error (which every delta subtracts) or the knockout prompts'?"""
+    knockouts' shared part the control prediction's error (which every delta subtracts) or the knockout prompts'?
+    ``sc`` is the screen (``pr.screen``) the predictions were made on."""
     import virtualcell as vc
 
-    import probe as pr  # ../alike_decomposed/probe.py
-
-    sc = pr.screen(seed, 200, model_dir)
-    u, small = sc.u, sc.small  # small: indices into the panel (names[1:])
+    model, u, small = sc.model, sc.u, sc.small  # small: indices into the panel (names[1:])
     train = np.isin(rep, ["rep_1", "rep_2"])
-    labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
-    Xc = model.decode(vc.sentences.encode(adata, top_k=model.top_k, vocab=model.genes, seed=seed))
-    ctl = contract.is_control(adata)
+    labels, ctl = sc.labels, sc.ctl
+    Xc = model.decode(vc.sentences.encode(sc.adata, top_k=model.top_k, vocab=model.genes, seed=seed))
     rng = np.random.default_rng(seed + 5)
     cells = np.concatenate([pred["rep_1"], pred["rep_2"]], 1)  # prompts x sources x genes
     groups = [train & (ctl if n == "control" else labels == n) for n in names]
