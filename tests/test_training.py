@@ -640,6 +640,34 @@ def test_ot_pairing_draws_differ_and_stay_fair():
         TrainConfig(pair_draws=0)
 
 
+def test_scarce_controls_are_trained_again_unless_control_copies_is_off():
+    """A control share above what the controls give (0.8 asks 800 control pairs beside 200 perturbed cells; there
+    are 320 controls): by default the training control pairs come again up to that share; with control_copies off
+    each trains once. Either way every perturbed cell is a target once and validation has no copies."""
+    from dataclasses import replace
+
+    from virtualcell import DataContract
+    from virtualcell.train import TrainConfig, _pair_split
+
+    a = _shifted_screen()
+    c = DataContract("perturbation", "control", context_key="ctx")
+    is_ctrl = (a.obs["perturbation"] == "control").to_numpy()
+    cfg = TrainConfig(control_fraction=0.8, seed=2)
+    split = {copies: _pair_split(a, c, replace(cfg, control_copies=copies), np.zeros(a.n_obs, int))
+             for copies in (True, False)}
+    for train_t, val_t in split.values():
+        assert np.unique(val_t).size == val_t.size and not np.isin(val_t, train_t).any()
+        perturbed = np.concatenate([train_t, val_t])[~is_ctrl[np.concatenate([train_t, val_t])]]
+        assert np.sort(perturbed).tolist() == np.flatnonzero(~is_ctrl).tolist()
+    (copied, val), (once, val_once) = split[True], split[False]
+    assert (val == val_once).all()  # the same split: only the copies differ
+    ctrl_copied, ctrl_once = copied[is_ctrl[copied]], once[is_ctrl[once]]
+    assert np.unique(ctrl_once).size == ctrl_once.size == (is_ctrl.sum() - is_ctrl[val].sum())
+    assert ctrl_copied.size > 2 * ctrl_once.size and set(ctrl_copied) == set(ctrl_once)
+    with pytest.raises(TrainingError, match="control_copies"):
+        TrainConfig(control_copies="no")
+
+
 def test_ot_pairing_matches_like_to_like():
     """Within the draw, the assignment pairs a cell with a control of its own state: the cells
     high on genes 10-19 get mostly high sources (a random pairing gets half)."""

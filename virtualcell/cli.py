@@ -335,8 +335,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
         keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
-        pairing=args.pairing, pair_draws=args.pair_draws, verdict_samples=args.verdict_samples,
-        verdict_temperatures=args.verdict_temperatures, response_weight=args.response_weight,
+        pairing=args.pairing, pair_draws=args.pair_draws, control_copies=args.control_copies,
+        verdict_samples=args.verdict_samples, verdict_temperatures=args.verdict_temperatures,
+        response_weight=args.response_weight,
         target_tokens=args.target_tokens, dose_tokens=args.dose_tokens, own_token_dropout=args.own_token_dropout,
         target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets, token_bias=args.token_bias,
         token_bias_decay=args.token_bias_decay,
@@ -675,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-draws", type=_positive_int, default=TrainConfig.pair_draws, metavar="N",
                    help="draws of the pairing the training epochs cycle through, so that a cell is predicted from other "
                         f"control cells from one epoch to the next (default {TrainConfig.pair_draws}: one draw)")
+    p.add_argument("--control-copies", action=argparse.BooleanOptionalAction, default=TrainConfig.control_copies,
+                   help="where the screen has fewer control cells than its control share asks for, train the control "
+                        "pairs again up to that share; --no-control-copies trains each once, so the control prompt "
+                        f"memorizes its targets less (default: {'on' if TrainConfig.control_copies else 'off'})")
     p.add_argument("--restart", action="store_true", help="ignore OUT/last and start over")
     p.add_argument("--keep-best", action="store_true",
                    help="end on the weights of the lowest validation loss instead of the last step's, so that a step "
