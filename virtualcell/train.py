@@ -98,7 +98,8 @@ class TrainConfig:
     # where a screen has fewer control cells than control_fraction asks for, train its control pairs again so that
     # the control prompt keeps its share of the steps (True), or train each once (False: the share is what the cells
     # give). An option (session 51, attempts/control_copies/): without the copies the control prompt memorizes less
-    # and the verdict error was lower on protocol 2 (3 of 3 seeds), tied on the bundled recipe (1 seed)
+    # and the verdict error was lower at all 7 paired runs of protocols 2 and 3, tied on the bundled recipe (1 seed);
+    # not yet the default, since most protocol-3 pairs ran short of steps on a loaded machine
     control_copies: bool = True
     pairing: str = PAIRINGS[0]
     # draws of the pairing the epochs cycle through (each a fresh draw of build_pairs: another uniform sample of the
