@@ -657,8 +657,8 @@ def test_scarce_controls_are_trained_again_unless_control_copies_is_off():
              for copies in (True, False)}
     for train_t, val_t in split.values():
         assert np.unique(val_t).size == val_t.size and not np.isin(val_t, train_t).any()
-        perturbed = np.concatenate([train_t, val_t])[~is_ctrl[np.concatenate([train_t, val_t])]]
-        assert np.sort(perturbed).tolist() == np.flatnonzero(~is_ctrl).tolist()
+        targets = np.concatenate([train_t, val_t])
+        assert np.sort(targets[~is_ctrl[targets]]).tolist() == np.flatnonzero(~is_ctrl).tolist()
     (copied, val), (once, val_once) = split[True], split[False]
     assert (val == val_once).all()  # the same split: only the copies differ
     ctrl_copied, ctrl_once = copied[is_ctrl[copied]], once[is_ctrl[once]]

@@ -163,6 +163,13 @@ class TrainConfig:
     # the table); 1 held it small there (attempts/token_bias/bundled/)
     token_bias_decay: float | None = None
 
+    @classmethod
+    def from_record(cls, run: Mapping[str, Any]) -> TrainConfig:
+        """The config a training run recorded (a checkpoint's ``train_config``): the record's other keys (data hash,
+        steps, ...) left out, lists back to tuples, and fields newer than the run at their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in known})
+
     def __post_init__(self) -> None:
         for f in fields(self):  # a string such as "false" would read as true
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
@@ -202,10 +209,6 @@ class TrainConfig:
         if not isinstance(self.pair_draws, int) or isinstance(self.pair_draws, bool) or self.pair_draws < 1:
             raise TrainingError(f"pair_draws must be a whole number >= 1 (draws of the pairing the epochs cycle "
                                 f"through; 1: one), got {self.pair_draws!r}.")
-        if not isinstance(self.control_copies, bool):
-            raise TrainingError(f"control_copies must be True or False (train the control pairs again where the "
-                                f"screen has fewer control cells than control_fraction asks for), got "
-                                f"{self.control_copies!r}.")
         if self.group_size < 1:
             raise TrainingError(f"group_size must be >= 1 (pairs sharing one source cell's prompt), got {self.group_size}.")
         if not 0.0 <= self.verdict_fraction <= 0.5:
@@ -1152,8 +1155,6 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     is changed in place (``verdict``, the decode it chooses, ``baselines``, ``train_config``); save it with
     :meth:`C2SModel.save` or ``virtualcell verdict``.
     """
-    from dataclasses import fields
-
     from . import validation
     from .errors import ModelError
 
@@ -1165,9 +1166,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     if not run.get("verdict_fraction"):
         raise ModelError("This checkpoint was trained with verdict_fraction 0: it held no cells out of training, so "
                          "every cell was trained on and none can judge it. Retrain with --verdict-fraction 0.1.")
-    known = {f.name for f in fields(TrainConfig)}
-    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in known}
-    cfg = TrainConfig(**recorded)
+    cfg = TrainConfig.from_record(run)
     cfg = replace(cfg, verdict_samples=tuple(samples) if samples is not None else cfg.verdict_samples,
                   verdict_temperatures=(tuple(temperatures) if temperatures is not None
                                         else cfg.verdict_temperatures),

@@ -14,7 +14,6 @@ cells than ``control_fraction`` asks for).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -43,9 +42,7 @@ def main() -> None:
     sc = pr.screen(0, 200, args.model)  # the model, and which knockouts are small
     model = sc.model
     rec = model.train_config
-    names = {f.name for f in dataclasses.fields(T.TrainConfig)}
-    cfg = T.TrainConfig(**{k: (tuple(v) if k == "verdict_candidates" and v is not None else v)
-                           for k, v in rec.items() if k in names})
+    cfg = T.TrainConfig.from_record(rec)
     adata = vc.datasets.load("papalexi2021")
     contract = vc.DataContract.from_adata(adata)
     cells = T._prepare(adata, contract, cfg)
