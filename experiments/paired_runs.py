@@ -70,7 +70,8 @@ def summary(folder: Path, variant: str, title: str, about: str) -> str:
     v = variant
     lines += ["", f"Per protocol, paired by seed: {about}", "",
               f"| protocol | steps, {v} / default | verdict MSE (chosen setting), default -> {v} | {v} lower at | "
-              f"held out, pure: default -> {v} | served: default -> {v} |", "|---|---|---|---|---|---|"]
+              f"verdict MSE at guidance 1, 1 sample (a setting both scored): default -> {v}, lower at | "
+              f"held out, pure: default -> {v} | served: default -> {v} |", "|---|---|---|---|---|---|---|"]
     for proto in sorted({p.name.split("-")[0] for p in runs}):
         pairs = [(folder / f"{proto}-default-s{s}", folder / f"{proto}-{v}-s{s}") for s in range(10)]
         pairs = [(row(a), row(b)) for a, b in pairs if (a / "verdict.json").exists() and (b / "verdict.json").exists()]
@@ -78,6 +79,7 @@ def summary(folder: Path, variant: str, title: str, about: str) -> str:
             continue
         ratio = [b["steps"] / a["steps"] for a, b in pairs]
         mse = [(a["verdict_mse_chosen"], b["verdict_mse_chosen"]) for a, b in pairs]
+        g1 = [(a["verdict_mse_g1"], b["verdict_mse_g1"]) for a, b in pairs]
         held = []
         for k in pairs[0][0]["held_out"]:
             def mean(side: int, which: int) -> float:
@@ -95,7 +97,8 @@ def summary(folder: Path, variant: str, title: str, about: str) -> str:
             served = "; ".join(f"{k} {c:.2f} -> {d:.2f}" for k, _, _, c, d in held)
         lines.append(f"| {proto} ({len(pairs)} seeds) | {min(ratio):.2f}-{max(ratio):.2f}x | "
                      f"{sum(a for a, _ in mse) / len(mse):.4f} -> {sum(b for _, b in mse) / len(mse):.4f} | "
-                     f"{sum(b < a for a, b in mse)} of {len(mse)} | {pure} | {served} |")
+                     f"{sum(b < a for a, b in mse)} of {len(mse)} | {sum(a for a, _ in g1) / len(g1):.4f} -> "
+                     f"{sum(b for _, b in g1) / len(g1):.4f}, {sum(b < a for a, b in g1)} of {len(g1)} | {pure} | {served} |")
     return "\n".join(lines) + "\n"
 
 
