@@ -642,9 +642,10 @@ def test_ot_pairing_draws_differ_and_stay_fair():
 
 def test_scarce_controls_are_trained_again_unless_control_copies_is_off():
     """A control share above what the controls give (0.8 asks 800 control pairs beside 200 perturbed cells; there
-    are 320 controls): by default the training control pairs come again up to that share; with control_copies off
-    each trains once. Either way every perturbed cell is a target once and validation has no copies."""
-    from dataclasses import replace
+    are 320 controls): with control_copies on the training control pairs come again up to that share; off (the
+    default since session 52) each trains once. Either way every perturbed cell is a target once and validation has
+    no copies. A run recorded before the option existed trained the copies, and its record rebuilds so."""
+    from dataclasses import asdict, replace
 
     from virtualcell import DataContract
     from virtualcell.train import TrainConfig, _pair_split
@@ -666,6 +667,10 @@ def test_scarce_controls_are_trained_again_unless_control_copies_is_off():
     assert ctrl_copied.size > 2 * ctrl_once.size and set(ctrl_copied) == set(ctrl_once)
     with pytest.raises(TrainingError, match="control_copies"):
         TrainConfig(control_copies="no")
+    assert not TrainConfig().control_copies
+    record = {k: v for k, v in asdict(cfg).items() if k != "control_copies"} | {"data_hash": "x"}
+    assert TrainConfig.from_record(record) == replace(cfg, control_copies=True)
+    assert TrainConfig.from_record(asdict(cfg)) == cfg
 
 
 def test_ot_pairing_matches_like_to_like():
