@@ -32,6 +32,13 @@ error at both seeds and every setting both scored (seed 0, 8 samples: MSE 0.0977
 against 0.1187) and keeps growing after; a stronger weight decay on it (1) brought the verdict back near, not below,
 the shipped model's (0.0901). The plainer model stays.
 
+Each control pair trained once (the default since session 52; `--no-control-copies`): the embedded screen has
+fewer control cells than the control share asks for, and until then the training control pairs came again up to
+it. The control prompt memorized those copies, and every predicted delta subtracts its error: the deltas of the
+model shipped before shared a part the measured ones lack (protocol 4's mean pairwise correlation 0.36). Trained
+once (session 52), its verdict error was lower than its twin's with copies (0.0921 against 0.0934), and held out
+its deltas correlate 0.21 over sampling seeds 0-2 (`attempts/control_copies/`).
+
 The verdict is offered 8 samples per cell besides 1 and 4 (--verdict-samples 1,4,8): its extra
 time does not cost steps (10,000 are reached first), and on this recipe's
 validation split the error kept falling (MSE 0.116 / 0.093 / 0.088 with 1 / 4 / 8 samples;

@@ -458,6 +458,7 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     assert built["genes"] == shipped["genes"]
     assert built.get("target_offsets") == shipped.get("target_offsets")  # none: the recipe pins --no-target-offsets
     assert built.get("token_bias") == shipped.get("token_bias")  # none: the recipe pins --no-token-bias
+    assert built["train_config"]["control_copies"] == shipped["train_config"]["control_copies"]  # off: the default
     arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())
