@@ -219,14 +219,14 @@ def test_calibrated_prediction_is_x_plus_decoded_perturbed_minus_decoded_control
 def test_predictions_are_calibrated_against_the_mean_of_several_control_samples(bundled_sim):
     """control_samples=3: each cell is generated three times under control (keys 'control', 'control#1',
     'control#2'), and every perturbation is calibrated against the mean of the three decodes."""
-    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.generation import stable_key
     from virtualcell.sentences import decode
 
     model = bundled_sim.model
     keys = [stable_key("control"), stable_key("control#1"), stable_key("control#2")]
     dec = {}
     for out in model.generate(bundled_sim.sentences, model.resolve(["control"] * 3), perturbation_keys=keys,
-                              config=GenerationConfig(max_genes=model.top_k, seed=2)):
+                              config=bundled_sim.generation_config(seed=2)):  # the model's chosen settings
         for r, (c, k) in enumerate(zip(out.cell, out.perturbation)):
             dec[(int(c), int(k))] = decode(out.sentences, model.rank_fit).toarray()[r]
     n = bundled_sim.baseline.n_obs
@@ -251,15 +251,14 @@ def test_each_perturbation_can_be_sampled_several_times_per_cell_and_averaged(bu
     """samples=3: each cell is generated three times under a perturbation (keys 'ko:STAT1',
     'ko:STAT1#1', 'ko:STAT1#2'; the first is the key samples=1 uses, so its cells are unchanged),
     and the cell's uncalibrated prediction is the mean of the three decodes."""
-    from virtualcell.generation import GenerationConfig, stable_key
+    from virtualcell.generation import stable_key
     from virtualcell.sentences import decode
 
     model = bundled_sim.model
     keys = [stable_key("ko:STAT1"), stable_key("ko:STAT1#1"), stable_key("ko:STAT1#2")]
     dec = {}
-    guidance = float(model.chosen.get("guidance", 1.0))
     for out in model.generate(bundled_sim.sentences, model.resolve(["ko:STAT1"] * 3), perturbation_keys=keys,
-                              config=GenerationConfig(max_genes=model.top_k, seed=2, guidance=guidance)):
+                              config=bundled_sim.generation_config(seed=2)):  # the model's chosen settings
         for r, (c, k) in enumerate(zip(out.cell, out.perturbation)):
             dec[(int(c), int(k))] = decode(out.sentences, model.rank_fit).toarray()[r]
     n = bundled_sim.baseline.n_obs

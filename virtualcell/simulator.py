@@ -473,6 +473,22 @@ class Simulator:
     def __repr__(self) -> str:
         return f"Simulator({self.baseline.n_obs} baseline cells, {self.model!r})"
 
+    def generation_config(self, *, seed: int = 0, batch_size: int = 512, max_genes: int | None = None,
+                          temperature: float | None = None, guidance: float | None = None,
+                          coexpression_prior: bool | None = None, compose: bool = False) -> Any:
+        """The :class:`~virtualcell.generation.GenerationConfig` that :meth:`simulate` generates with: each setting
+        left ``None`` is the one the trainer chose on its validation split (``model.setting``), ``max_genes`` the
+        model's sentence length."""
+        from .generation import GenerationConfig
+
+        m = self.model
+        return GenerationConfig(
+            max_genes=max_genes or m.top_k, batch_size=batch_size, seed=seed, compose=compose,
+            temperature=float(m.setting("temperature")) if temperature is None else temperature,
+            guidance=float(m.setting("guidance")) if guidance is None else guidance,
+            coexpression_prior=bool(m.setting("coexpression_prior")) if coexpression_prior is None else coexpression_prior,
+        )
+
     # ------------------------------------------------------------------ #
     def simulate(
         self,
@@ -569,7 +585,7 @@ class Simulator:
         store
             A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
         """
-        from .generation import GenerationConfig, stable_key
+        from .generation import stable_key
 
         perts = self.model.resolve(list(perturbations))
         names = [str(p) for p in perts]
@@ -616,15 +632,8 @@ class Simulator:
         draws_model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws and blended else None
         writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
-        if guidance is None:
-            guidance = float(self.model.setting("guidance"))
-        if temperature is None:
-            temperature = float(self.model.setting("temperature"))
-        if coexpression_prior is None:
-            coexpression_prior = bool(self.model.setting("coexpression_prior"))
-        cfg = GenerationConfig(max_genes=max_genes or self.model.top_k, temperature=temperature,
-                               batch_size=batch_size, seed=seed, guidance=guidance,
-                               coexpression_prior=coexpression_prior, compose=compose)
+        cfg = self.generation_config(seed=seed, batch_size=batch_size, max_genes=max_genes, temperature=temperature,
+                                     guidance=guidance, coexpression_prior=coexpression_prior, compose=compose)
 
         def made(j: int, p: Any, d: np.ndarray, x: np.ndarray, d_ctrl: np.ndarray) -> tuple[np.ndarray, ...]:
             """Perturbation ``j``'s predictions of the cells ``x`` from decodes ``d``: ``(pure, its change, served,
