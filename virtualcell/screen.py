@@ -239,8 +239,7 @@ def run(
         sim_keys = (*sim_keys, "blend_weight_unseen")
     if k != 1:  # so is one with several samples per cell (one sample: the fingerprint it always had)
         sim_keys = (*sim_keys, "samples")
-    if coexpression_prior is None:
-        coexpression_prior = bool(simulator.model.setting("coexpression_prior"))
+    coexpression_prior = simulator.generation_config(coexpression_prior=coexpression_prior).coexpression_prior
     priors = simulator.model.coexpression_priors(perts)
     if priors is not None:  # so is one the coexpression prior applies to
         config["coexpression_prior"] = bool(coexpression_prior)
