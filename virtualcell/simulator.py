@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
     import xarray as xr
 
+    from .generation import GenerationConfig
     from .model import C2SModel
 
 __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
@@ -475,7 +476,7 @@ class Simulator:
 
     def generation_config(self, *, seed: int = 0, batch_size: int = 512, max_genes: int | None = None,
                           temperature: float | None = None, guidance: float | None = None,
-                          coexpression_prior: bool | None = None, compose: bool = False) -> Any:
+                          coexpression_prior: bool | None = None, compose: bool = False) -> GenerationConfig:
         """The :class:`~virtualcell.generation.GenerationConfig` that :meth:`simulate` generates with: each setting
         left ``None`` is the one the trainer chose on its validation split (``model.setting``), ``max_genes`` the
         model's sentence length."""
