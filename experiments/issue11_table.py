@@ -189,6 +189,14 @@ def build(runs: Path, codec: Path = CODEC) -> list[dict[str, Any]]:
                     | _ranking_row(trained, [f"training {t}" for t in sorted(trained)]))
         # how much the "alike" figure moves from one training run to the next (session 50: five runs span 0.16-0.36)
         rows.append({"protocol": ""} | _alike_row(trained, [f"training {t}" for t in sorted(trained)], reported=True))
+        # and the cell-eval targets: one training run's figure moves as much as a target's margin (session 53)
+        for metric, base, target, absolute in (
+                ("vcc_mae", ["nochange"], "cell-eval MAE below nochange", None),
+                ("vcc_discrimination_score_l1", ["meanshift"], "cell-eval discrimination_score_l1 >= 0.72", 0.72)):
+            rows.append({"protocol": "", "issue_target": False}
+                        | _protocol_row(trained, metric, base, target=f"(reported) {target}", absolute=absolute)
+                        | {"seeds": [f"training {t}" for t in sorted(trained)], "run": _when(trained),
+                           "codec": _codec(codec_runs, 4, metric)})
     p1 = _load(runs, "protocol_1_context_transfer")
     for metric in ("pearson_delta", "pearson_delta_top50"):
         rows.append({"protocol": "1. Context transfer, all 7 cell types (seed 0)" if metric == "pearson_delta" else ""}
