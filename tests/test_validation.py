@@ -549,6 +549,57 @@ def test_a_verdict_of_unseen_perturbations_alone_says_so(tiny_model):
     assert "training perturbations" not in verdict["summary"]
 
 
+@pytest.fixture(scope="module")
+def two_contexts():
+    """A small synthetic screen in two cell types: knockouts measured in both."""
+    data = vc.datasets.synthetic_screen(n_genes=60, n_tfs=8, n_knockouts=6, n_drugs=0, n_cytokines=0,
+                                        n_cells_per_condition=40, n_control_cells=120, seed=0)
+    return data, DataContract.from_adata(data)
+
+
+def test_a_context_is_held_out_whole_only_when_asked(two_contexts):
+    from virtualcell.train import verdict_context
+
+    data, contract = two_contexts
+    assert verdict_context(data, contract, TrainConfig()) is None  # off by default
+    cfg = TrainConfig(context_verdict=True)
+    chosen = verdict_context(data, contract, cfg)
+    assert chosen in set(contract.contexts(data)) and chosen == verdict_context(data, contract, cfg)  # seeded
+    assert verdict_context(data, contract, TrainConfig(context_verdict=True, verdict_fraction=0.0)) is None
+    held = verdict_split(data, contract, cfg, context=chosen)
+    there, control = contract.contexts(data) == chosen, contract.is_control(data)
+    assert held[there & ~control].all()  # every perturbed cell of the context
+    assert held[there & control].any() and not held[there & control].all()  # some of its controls: inputs, reference
+    assert not held[~there & ~control].all()  # the other context trains
+    # one context only: nothing to transfer from, so none is held out (and the run says so)
+    alone = data[contract.contexts(data) == chosen].copy()
+    assert verdict_context(alone, contract, cfg) is None
+
+
+def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_path):
+    from virtualcell.cli import main
+
+    data, contract = two_contexts
+    data.write_h5ad(tmp_path / "screen.h5ad")
+    assert main(["train", "--data", str(tmp_path / "screen.h5ad"), "--perturbation-key", "perturbation",
+                 "--control", "control", "--context-key", "cell_type", "--context-verdict", "--top-k", "30",
+                 "--hidden-size", "32", "--layers", "2", "--heads", "2", "--max-steps", "12", "--batch-size", "8",
+                 "--verdict-samples", "1", "--verdict-temperatures", "1", "--out", str(tmp_path / "m")]) == 0
+    model = vc.C2SModel.load(tmp_path / "m")
+    assert model.train_config["context_verdict"] is True
+    part = model.verdict["new_context"]
+    assert part["context"] in set(contract.contexts(data)) and part["n_labels"] >= 1
+    assert part["baseline"]["name"] == "meanshift" and 0.0 <= part["weight"] <= 1.0
+    assert "held out of training whole" in model.verdict["summary"] and "not what predictions are served" in part["summary"]
+    # the verdict proper is still the trained contexts' (its weight is the one served), even to that context's cells
+    there = data[(contract.contexts(data) == part["context"]) & contract.is_control(data)][:4].copy()
+    assert vc.Simulator(there, model).blend_weight() == model.verdict["weight"]
+    # judged again without training: the same context is found again from the run's record
+    assert main(["verdict", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "screen.h5ad"),
+                 "--verdict-samples", "1", "--verdict-temperatures", "1"]) == 0
+    assert vc.C2SModel.load(tmp_path / "m").verdict["new_context"]["context"] == part["context"]
+
+
 def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):
     model, _, data = tiny_model
     assert "unseen" not in model.verdict

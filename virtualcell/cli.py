@@ -334,7 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
-        keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
+        context_verdict=args.context_verdict, keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
         pairing=args.pairing, pair_draws=args.pair_draws, control_copies=args.control_copies,
         verdict_samples=args.verdict_samples, verdict_temperatures=args.verdict_temperatures,
         response_weight=args.response_weight,
@@ -694,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "activations of measured genes), so the verdict also judges the model on perturbations it never "
                    "saw and fits their blend weight apart; use it when you will screen perturbations the data lacks "
                    "(they are then not trained on; default: %(default)s, none)")
+    p.add_argument("--context-verdict", action="store_true",
+                   help="hold the perturbed cells of one context (a cell type or patient of --context-key, a seeded "
+                   "choice) out of training whole, so the verdict also judges the model on a context it never saw "
+                   "perturbed, against the other contexts' mean effects; use it when you will predict new cell types "
+                   "or patients (that context's perturbed cells are then not trained on; default: off)")
     p.add_argument("--verdict-samples", type=_whole_numbers, default=TrainConfig.verdict_samples, metavar="K[,K...]",
                    help="samples per cell (each cell's predictions averaged over K generations) that the verdict tries "
                         "with its best generation settings, keeping the one with the lowest validation error; each "

@@ -137,6 +137,10 @@ class TrainConfig:
     # share of the training perturbations held out whole (never trained on) to judge the model on perturbations it
     # never saw, with a blend weight of their own (validation.run_verdict's "unseen"); 0: none
     unseen_fraction: float = 0.0
+    # hold the perturbed cells of one seeded context (a cell type, a patient: --context-key) out of training whole, so
+    # that the verdict also judges the model on a context it never saw perturbed, against the other contexts' mean
+    # effects (validation.run_verdict's "new_context"); the verdict proper judges held-out cells of trained contexts
+    context_verdict: bool = False
     # end on the weights of the lowest validation loss rather than the last step's (a too-long run overfits).
     # Off: on protocol 5 (session 30) the loss was lowest at step 200-300 of 500-630 while the verdict's error
     # kept falling, and the kept weights' verdict was worse at both seeds tried (attempts/keep_best/)
@@ -531,6 +535,45 @@ def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
     return {str(p): form[p] for p in sorted(chosen)}
 
 
+def verdict_context(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
+                    unseen: Mapping[str, str] | None = None) -> str | None:
+    """The context whose perturbed cells are held out of training whole (``cfg.context_verdict``), for the
+    verdict to judge the model on a context it never saw perturbed; ``None`` when not asked, without a verdict,
+    or when no context qualifies (logged).
+
+    A seeded choice among the contexts with at least 40 control cells that have a perturbation (not one of
+    ``unseen``) with at least 20 cells there which is also measured in another context: its baseline there is
+    the other contexts' mean effect (``meanshift``), what a model that never saw the context perturbed serves.
+    """
+    if not cfg.context_verdict or cfg.verdict_fraction <= 0:
+        return None
+    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
+    unseen = set(unseen or ())
+    eligible = []
+    for c in _verdict_contexts(ctx, is_ctrl):
+        here, n = np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True)
+        elsewhere = set(labels[(ctx != c) & ~is_ctrl])
+        if any(k >= VERDICT_MIN_CELLS and p in elsewhere and p not in unseen for p, k in zip(here, n)):
+            eligible.append(c)
+    if not eligible:
+        log.warning("context_verdict: no context can be held out whole (one with %d control cells and a perturbation "
+                    "of %d cells there that is also measured in another context; contexts: %s); the verdict judges "
+                    "trained contexts only", VERDICT_MIN_CONTROLS, VERDICT_MIN_CELLS,
+                    preview(sorted(set(ctx)), 8))
+        return None
+    return str(np.random.default_rng([cfg.seed, 17]).choice(eligible))
+
+
+def _verdict_cells(data: ad.AnnData, contract: DataContract, cfg: TrainConfig
+                   ) -> tuple[dict[str, str], str | None, np.ndarray]:
+    """What a run holds out for its verdict, as training and ``rejudge`` both find it: the perturbations held out
+    whole (:func:`unseen_labels`), the context held out whole (:func:`verdict_context`) and the mask of the held-out
+    cells (:func:`verdict_split`)."""
+    unseen = unseen_labels(data, contract, cfg)
+    context = verdict_context(data, contract, cfg, unseen)
+    return unseen, context, verdict_split(data, contract, cfg, unseen, context)
+
+
 def _verdict_contexts(ctx: np.ndarray, is_control: np.ndarray) -> list[str]:
     """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells: the only ones the verdict holds
     cells out of (it needs controls to feed the model and others to measure against)."""
@@ -547,7 +590,7 @@ def _baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.nda
 
 
 def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
-                  unseen: Mapping[str, str] | None = None) -> np.ndarray:
+                  unseen: Mapping[str, str] | None = None, context: str | None = None) -> np.ndarray:
     """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
 
     Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
@@ -555,7 +598,8 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
     :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
     seeded choice) lose cells; the others train on all theirs. Every cell of the ``unseen``
-    conditions (:func:`unseen_labels`) is held out too.
+    conditions (:func:`unseen_labels`) is held out too, and every perturbed cell of ``context``
+    (:func:`verdict_context`).
     Returns a boolean mask over ``adata``'s cells; all False when ``verdict_fraction`` is 0.
     """
     held = np.zeros(adata.n_obs, dtype=bool)
@@ -578,6 +622,8 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
                 held[rng.choice(cells, size=max(1, int(round(cfg.verdict_fraction * cells.size))), replace=False)] = True
     if unseen:
         held |= np.isin(labels, sorted(unseen))
+    if context is not None:
+        held |= (ctx == context) & ~is_ctrl
     return held
 
 
@@ -717,6 +763,7 @@ class _Cells:
     held: ad.AnnData | None  # the verdict's cells
     baseline: ad.AnnData  # the cells the served baselines are fitted on
     unseen: dict[str, str]  # perturbations held out whole
+    context: str | None  # the context whose perturbed cells are held out whole
     n_verdict: int
     given_hash: str  # the data as given (after --holdout): what a recorded command reruns on
     genes: Vocabulary
@@ -739,8 +786,8 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
     given_hash = data_hash(data, contract)
-    unseen = unseen_labels(data, contract, cfg)  # perturbations held out whole: judged as ones never seen
-    in_verdict = verdict_split(data, contract, cfg, unseen)
+    # perturbations, and a context, held out whole: judged as ones never seen
+    unseen, context, in_verdict = _verdict_cells(data, contract, cfg)
     held = data[in_verdict] if in_verdict.any() else None
     baseline = _baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
@@ -758,8 +805,8 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     sources = batching.LazyDraws(cfg.pair_draws, lambda d: build_pairs(
         data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d)[0])
     train_targets, val_targets = _pair_split(data, contract, cfg, sources[0])
-    return _Cells(data, held, baseline, unseen, int(in_verdict.sum()), given_hash, genes, sentences, fit, typed,
-                  {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets)
+    return _Cells(data, held, baseline, unseen, context, int(in_verdict.sum()), given_hash, genes, sentences, fit,
+                  typed, {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets)
 
 
 def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None) -> dict[str, Any]:
@@ -977,7 +1024,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     lm.eval()
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
-    _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps)
+    _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps,
+           cells.context)
     if split.main:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
@@ -1127,17 +1175,18 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
            codec: Mapping[str, Baselines] | None = None, unseen: Mapping[str, str] | None = None,
-           gene_maps: Mapping[str, GeneMap] | None = None) -> None:
+           gene_maps: Mapping[str, GeneMap] | None = None, context: str | None = None) -> None:
     """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted);
     ``unseen``: the perturbations held out whole (:func:`unseen_labels`); ``gene_maps``: the maps of the codec's
-    mapped decodes (:func:`_codec_baselines`)."""
+    mapped decodes (:func:`_codec_baselines`); ``context``: the context held out whole (:func:`verdict_context`)."""
     from . import validation
 
     t0 = time.perf_counter()
     if held is not None:
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
                                                samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
-                                               codec=codec, unseen=unseen, gene_maps=gene_maps)
+                                               codec=codec, unseen=unseen, gene_maps=gene_maps,
+                                               new_context=context)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]
@@ -1194,8 +1243,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
                         f"recorded {run['data_hash']} ({run.get('n_train_cells', '?')} training cells). The verdict's "
                         "held-out cells are drawn from that data, and on any other they could be cells the model "
                         "trained on. Pass the same file (cells, genes and labels unchanged) that training was given.")
-    unseen = unseen_labels(data, contract, cfg)
-    in_verdict = verdict_split(data, contract, cfg, unseen)
+    unseen, context, in_verdict = _verdict_cells(data, contract, cfg)
     held, trained = data[in_verdict], data[~in_verdict]
     if not in_verdict.any():
         raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
@@ -1208,7 +1256,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     codec, gene_maps = _codec_baselines(trained, sentences, model.rank_fit, contract, model, seed=cfg.seed)
     previous = model.verdict
     model.verdict = None
-    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen, gene_maps)
+    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen, gene_maps, context)
     if model.verdict is None:
         model.verdict = previous
         raise DataError("The verdict's held-out cells have no context with both control and perturbed cells; the "

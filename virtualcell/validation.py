@@ -505,8 +505,9 @@ def _judged(M: np.ndarray, B: np.ndarray, Y: np.ndarray, name: str, *, seed: int
 
 
 def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
-             what: str = "held-out cells of {n} training perturbations", served_for: str = "") -> str:
-    """One line for a person from a :func:`_judged` part."""
+             what: str = "held-out cells of {n} training perturbations", served_for: str = "",
+             served_: bool = True) -> str:
+    """One line for a person from a :func:`_judged` part; ``served_=False``: its weight is reported, not served."""
     model, base, blend, w = part["model"], part["baseline"], part["blend"], part["weight"]
     name, diff = base["name"], part["difference"]
     settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
@@ -516,6 +517,8 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
         better = "neither is clearly better"
     served = served_for + ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
               else "predictions are blended")
+    if not served_:
+        served = f"a blend fitted there would weigh the model {w:.2f} (reported; not what predictions are served with)"
     return (f"Validation ({what.format(n=n_labels)}, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
             f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}; the "
@@ -531,7 +534,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                 temperatures: Sequence[float] = (1.0,), max_input_cells: int = 64,
                 codec: Baselines | Mapping[str, Baselines] | None = None,
                 unseen: Mapping[str, str] | None = None,
-                gene_maps: Mapping[str, GeneMap] | None = None) -> dict[str, Any] | None:
+                gene_maps: Mapping[str, GeneMap] | None = None,
+                new_context: str | None = None) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -563,6 +567,11 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     not when they are all the verdict has), they are simulated again without it, and the prior is kept only if
     their error is no higher with it: ``"unseen"["settings"]`` holds the choice, which
     :meth:`C2SModel.setting` serves, and ``"unseen"["coexpression_prior"]`` both scores.
+    ``new_context``: the context whose perturbed cells were held out of training whole
+    (:func:`virtualcell.train.verdict_context`). Its trained perturbations are simulated beside the others and judged
+    apart, against their mean effect in the other contexts (``meanshift``, which is what the baselines were fitted
+    on): ``"new_context"`` holds the scores, the difference and the weight a blend fitted there would have,
+    reported, not served (the settings, the decode and ``"weight"`` are chosen on the trained contexts' rows).
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -581,7 +590,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         return None
     codecs = ({} if codec is None else dict(codec) if isinstance(codec, Mapping)
               else {model.rank_fit.method if model.rank_fit is not None else "linear": codec})
-    sims, b_rows, y_rows, names, row_cells, n_cells = [], [], [], [], [], 0
+    sims, b_rows, y_rows, names, row_cells, row_ctx, n_cells = [], [], [], [], [], [], 0
     held_whole = list(unseen.values())
     unseen_names: set[str] = set()  # the baselines the perturbations held out whole got (UNSEEN_BASELINES)
     c_rows: dict[str, list[np.ndarray]] = {m: [] for m in codecs}
@@ -603,13 +612,18 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             for m, baselines in codecs.items():
                 c_rows[m].append(baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
+            row_ctx.append(c)
             row_cells.append(cells.size)
             n_cells += cells.size
         n_cells += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
     new = np.array([p in unseen for p in names])  # perturbations never trained on: judged apart
+    # trained perturbations in the context held out whole: judged apart too
+    moved = np.array([c == new_context for c in row_ctx]) & ~new if new_context is not None else np.zeros_like(new)
     only_unseen = bool(new.all())  # (no trained perturbation has held-out cells: the verdict is theirs alone)
-    seen = new if only_unseen else ~new
+    seen = new if only_unseen else ~new & ~moved
+    if not seen.any():  # (only the held-out context has trained perturbations' cells: the settings are chosen there)
+        seen = moved
     unseen_name = "/".join(sorted(unseen_names)) or "pertmean"
     base_name = unseen_name if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
@@ -696,6 +710,15 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                 f"{prior['with']['mse']:.4f} with it, {prior['without']['mse']:.4f} without).")
         if not only_unseen:
             verdict["summary"] += " " + verdict["unseen"]["summary"]
+    if moved.any():  # the context never seen perturbed, at the settings just chosen: reported beside
+        part = _judged(M_all[moved], B[moved], Y[moved], "meanshift", seed=seed)
+        labels_there = sorted(set(np.asarray(names)[moved]))
+        verdict["new_context"] = part | {"context": new_context, "n_labels": len(labels_there),
+                                         "perturbations": labels_there}
+        verdict["new_context"]["summary"] = _summary(
+            len(labels_there), int(np.sum(np.asarray(row_cells)[moved])), part,
+            what=f"context {new_context!r} held out of training whole, {{n}} perturbations", served_=False)
+        verdict["summary"] += " " + verdict["new_context"]["summary"]
     return verdict
 
 
