@@ -506,8 +506,8 @@ def _judged(M: np.ndarray, B: np.ndarray, Y: np.ndarray, name: str, *, seed: int
 
 def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
              what: str = "held-out cells of {n} training perturbations", served_for: str = "",
-             served_: bool = True) -> str:
-    """One line for a person from a :func:`_judged` part; ``served_=False``: its weight is reported, not served."""
+             reported_only: bool = False) -> str:
+    """One line for a person from a :func:`_judged` part; ``reported_only``: its weight is reported, not served."""
     model, base, blend, w = part["model"], part["baseline"], part["blend"], part["weight"]
     name, diff = base["name"], part["difference"]
     settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
@@ -517,7 +517,7 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
         better = "neither is clearly better"
     served = served_for + ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
               else "predictions are blended")
-    if not served_:
+    if reported_only:
         served = f"a blend fitted there would weigh the model {w:.2f} (reported; not what predictions are served with)"
     return (f"Validation ({what.format(n=n_labels)}, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
@@ -717,7 +717,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                                          "perturbations": labels_there}
         verdict["new_context"]["summary"] = _summary(
             len(labels_there), int(np.sum(np.asarray(row_cells)[moved])), part,
-            what=f"context {new_context!r} held out of training whole, {{n}} perturbations", served_=False)
+            what=f"context {new_context!r} held out of training whole, {{n}} perturbations", reported_only=True)
         verdict["summary"] += " " + verdict["new_context"]["summary"]
     return verdict
 
