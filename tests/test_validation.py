@@ -594,10 +594,30 @@ def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_pat
     # the verdict proper is still the trained contexts' (its weight is the one served), even to that context's cells
     there = data[(contract.contexts(data) == part["context"]) & contract.is_control(data)][:4].copy()
     assert vc.Simulator(there, model).blend_weight() == model.verdict["weight"]
+    assert part["served"] is False
     # judged again without training: the same context is found again from the run's record
     assert main(["verdict", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "screen.h5ad"),
                  "--verdict-samples", "1", "--verdict-temperatures", "1"]) == 0
     assert vc.C2SModel.load(tmp_path / "m").verdict["new_context"]["context"] == part["context"]
+
+
+def test_a_verdict_with_no_other_context_to_judge_is_the_held_out_context_s(two_contexts, tmp_path):
+    """Where only the context held out whole has enough control cells for the verdict, its rows are the verdict
+    proper (its weight, the only one there is, is served), named as that context's, not as trained contexts'."""
+    from virtualcell.train import train
+
+    data, contract = two_contexts
+    ctx, control = contract.contexts(data), contract.is_control(data)
+    other = sorted(set(ctx))[1]
+    keep = ~((ctx == other) & control) | (np.cumsum((ctx == other) & control) <= 30)  # 30 controls: no verdict there
+    data = data[keep].copy()
+    cfg = dataclasses.replace(TINY, context_verdict=True, verdict_samples=(1,), verdict_temperatures=(1.0,))
+    model = train(data, out=tmp_path / "m", contract=contract, config=cfg, progress=False)
+    part = model.verdict["new_context"]
+    assert part["context"] == sorted(set(ctx))[0] and part["served"] is True
+    assert part["weight"] == model.verdict["weight"]
+    assert model.verdict["summary"].startswith(f"Validation (context {part['context']!r} held out of training whole")
+    assert model.verdict["summary"].count("held out of training whole") == 1
 
 
 def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):

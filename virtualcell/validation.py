@@ -571,7 +571,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     (:func:`virtualcell.train.verdict_context`). Its trained perturbations are simulated beside the others and judged
     apart, against their mean effect in the other contexts (``meanshift``, which is what the baselines were fitted
     on): ``"new_context"`` holds the scores, the difference and the weight a blend fitted there would have,
-    reported, not served (the settings, the decode and ``"weight"`` are chosen on the trained contexts' rows).
+    reported, not served (the settings, the decode and ``"weight"`` are chosen on the trained contexts' rows;
+    ``"served"`` False). Where the held-out context has the only trained perturbations' rows, the verdict proper is
+    its (``"served"`` True).
     Returns the verdict (also what ``verdict.json`` holds), or ``None`` when ``held`` has no
     context with both held-out controls and perturbed cells.
     """
@@ -622,8 +624,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     moved = np.array([c == new_context for c in row_ctx]) & ~new if new_context is not None else np.zeros_like(new)
     only_unseen = bool(new.all())  # (no trained perturbation has held-out cells: the verdict is theirs alone)
     seen = new if only_unseen else ~new & ~moved
-    if not seen.any():  # (only the held-out context has trained perturbations' cells: the settings are chosen there)
-        seen = moved
+    only_moved = not seen.any()  # (only the held-out context has trained perturbations' cells: the verdict is its)
+    if only_moved:
+        seen, moved = moved, np.zeros_like(moved)
     unseen_name = "/".join(sorted(unseen_names)) or "pertmean"
     base_name = unseen_name if only_unseen else "meanshift"
     codec_scores = {m: score_deltas(np.array(rows)[seen], Y[seen]) for m, rows in c_rows.items()}
@@ -673,8 +676,13 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "perturbations": perturbations,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    context_what = f"context {new_context!r} held out of training whole, {{n}} perturbations"
     verdict["summary"] = _summary(len(perturbations), int(n_cells), judged,
-                                  **({"what": UNSEEN_WHAT} if only_unseen else {}))
+                                  **({"what": UNSEEN_WHAT} if only_unseen else {"what": context_what} if only_moved
+                                     else {}))
+    if only_moved:  # the verdict proper is the context's: its weight, the only one there is, is served
+        verdict["new_context"] = judged | {"context": new_context, "n_labels": len(perturbations),
+                                           "perturbations": perturbations, "served": True}
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         verdict["codec"] = codec_scores[decode_name] | {"top_k": model.top_k, "decode": decode_name}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
@@ -714,10 +722,10 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         part = _judged(M_all[moved], B[moved], Y[moved], "meanshift", seed=seed)
         labels_there = sorted(set(np.asarray(names)[moved]))
         verdict["new_context"] = part | {"context": new_context, "n_labels": len(labels_there),
-                                         "perturbations": labels_there}
+                                         "perturbations": labels_there, "served": False}
         verdict["new_context"]["summary"] = _summary(
             len(labels_there), int(np.sum(np.asarray(row_cells)[moved])), part,
-            what=f"context {new_context!r} held out of training whole, {{n}} perturbations", reported_only=True)
+            what=context_what, reported_only=True)
         verdict["summary"] += " " + verdict["new_context"]["summary"]
     return verdict
 
