@@ -615,6 +615,7 @@ def test_a_verdict_with_no_other_context_to_judge_is_the_held_out_context_s(two_
     model = train(data, out=tmp_path / "m", contract=contract, config=cfg, progress=False)
     part = model.verdict["new_context"]
     assert part["context"] == sorted(set(ctx))[0] and part["served"] is True
+    assert model.verdict["summary"].startswith(part["summary"])  # a summary, as the reported part has, which is the verdict's
     assert part["weight"] == model.verdict["weight"]
     assert model.verdict["summary"].startswith(f"Validation (context {part['context']!r} held out of training whole")
     assert model.verdict["summary"].count("held out of training whole") == 1

@@ -515,10 +515,11 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
         better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
     else:
         better = "neither is clearly better"
-    served = served_for + ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
-              else "predictions are blended")
     if reported_only:
         served = f"a blend fitted there would weigh the model {w:.2f} (reported; not what predictions are served with)"
+    else:
+        served = served_for + ("predictions are the baseline's" if w <= 0 else "predictions are the model's" if w >= 1
+                  else "predictions are blended")
     return (f"Validation ({what.format(n=n_labels)}, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
             f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}; the "
@@ -682,7 +683,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                                      else {}))
     if only_moved:  # the verdict proper is the context's: its weight, the only one there is, is served
         verdict["new_context"] = judged | {"context": new_context, "n_labels": len(perturbations),
-                                           "perturbations": perturbations, "served": True}
+                                           "perturbations": perturbations, "served": True,
+                                           "summary": verdict["summary"]}
     if codec_scores:  # the codec's limit: the training effects as a model that wrote them exactly would see them
         verdict["codec"] = codec_scores[decode_name] | {"top_k": model.top_k, "decode": decode_name}
         verdict["summary"] += (f" Through its {model.top_k}-gene sentences, a model that learned the training effects "
