@@ -45,13 +45,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
-from ._stats import pca
 from .errors import DataError, TrainingError, preview
-from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
-from .prompts import PerturbationVocab, own_dose_name
-from .sentences import (DECODE_METHODS, RankFit, Vocabulary, detect_scale, encode, expression_matrix, log_normalize,
-                        require_symbols, roundtrip, target_aliases, with_gene_key)
+from .prompts import PerturbationVocab
+from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_symbols, roundtrip,
+                        with_gene_key)
+from .training.holdout import (VERDICT_MIN_CONTROLS, baseline_cells, holdout_mask, unseen_labels, verdict_cells,
+                               verdict_context, verdict_split)
+from .training.labels import typed_labels
+from .training.pairing import PAIRINGS, build_pairs, check_pairing
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -61,7 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sentences import CellSentences
     from .validation import Baselines
 
-__all__ = ["TrainConfig", "train", "training_device", "build_pairs", "verdict_split", "unseen_labels", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
+__all__ = ["TrainConfig", "train", "training_device", "build_pairs", "typed_labels", "verdict_split", "unseen_labels",
+           "verdict_context", "rejudge", "KIND_ALIASES", "NEW_MODEL_LR", "FINETUNE_LR"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,6 @@ log = logging.getLogger(__name__)
 # fine-tuned with --base (cell2sentence's own perturbation fine-tuning tutorial uses 1e-5; 3e-3 would wreck it)
 NEW_MODEL_LR = 3e-3
 FINETUNE_LR = 1e-5
-PAIRINGS = ("ot", "nearest", "random")  # how training cells get their source control cell; the first is the default
 # how a prompt names a genetic target: "gene", the gene's own token (the same as in cell sentences, so a target never
 # trained means something); "own", a token of its own for every trained target (untrained targets are refused)
 TARGET_TOKENS = ("gene", "own", "both")
@@ -204,7 +207,7 @@ class TrainConfig:
         if self.gene_init not in ("pca", "random"):
             raise TrainingError(f"gene_init={self.gene_init!r}: use pca (gene embeddings start from the training "
                                 "cells' principal axes) or random.")
-        _check_pairing(self.pairing)
+        check_pairing(self.pairing)
         if self.compile not in ("auto", "on", "off"):
             raise TrainingError(f"compile={self.compile!r}: use auto (when the run is long enough to repay it), on or off.")
         if self.threads is not None and self.threads < 1:
@@ -259,210 +262,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- #
-# Data → typed perturbations and pairs
-# --------------------------------------------------------------------------- #
-def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig) -> tuple[np.ndarray, PerturbationVocab]:
-    """The typed perturbation of every cell (as a string), and the model's perturbation vocabulary."""
-    labels = contract.labels(adata)
-    kinds = None
-    if cfg.kind_key is not None:
-        if cfg.kind_key not in adata.obs.columns:
-            raise DataError(f"kind column {cfg.kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
-        raw = adata.obs[cfg.kind_key].astype(str).str.lower().to_numpy()
-        unknown = sorted(set(raw) - set(KIND_ALIASES))
-        if unknown:
-            raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
-        kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
-    dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
-    conditions = contract.conditions(adata, (dose, when))
-    vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
-                              targets_with_gene=cfg.target_tokens == "both", dose_units=units)
-    if kinds is not None or cfg.kind in ("auto", *GENETIC):
-        vocab.aliases = target_aliases(adata, sorted(set(labels) - {contract.control}), genes)
-    typed = np.empty(adata.n_obs, dtype=object)
-    cache: dict[tuple, str] = {}
-    for i, label in enumerate(labels):
-        kind = kinds[i] if kinds is not None else cfg.kind
-        d = None if np.isnan(dose[i]) else float(dose[i])
-        t = None if np.isnan(when[i]) else float(when[i])
-        key = (label, kind, d, t)
-        if key not in cache:
-            cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
-        typed[i] = cache[key]
-    # each training label maps to its most common typed form (doses dropped)
-    for label in set(labels) - {contract.control}:
-        forms = [str(without_quantities(parse(s))) for s in typed[labels == label]]
-        vocab.labels[label] = max(set(forms), key=forms.count)
-    # and each condition with a dose or time (``drugA@10``) to its typed form, which names the model's predictions
-    for condition, form in zip(conditions, typed):
-        if condition not in vocab.labels and condition != contract.control:
-            vocab.conditions.setdefault(str(condition), str(form))
-    return typed, vocab
-
-
-def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,
-           genes: Vocabulary, vocab: PerturbationVocab) -> Perturbation | Combination:
-    if label == contract.control or kind == "control":
-        return Perturbation("control")
-    parts = [x.strip() for x in label.split("+") if x.strip()]
-    if kind == "auto":
-        kind = _auto_kind(parts, genes, vocab.aliases, dosed=dose is not None or time_ is not None)
-    if kind == "label" and (dose is not None or time_ is not None):
-        raise DataError(
-            f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
-            f"cells have a dose or time (the contract's dose_key {contract.dose_key!r} / time_key "
-            f"{contract.time_key!r}); they would be dropped. Pass kind='drug' or 'cytokine' (--kind, or --kind-key "
-            "for a column of kinds), or leave the dose and time keys unset if they do not apply.")
-    out: list[Perturbation] = []
-    for x in parts:
-        if kind in GENETIC:
-            target = vocab.aliases.get(x.upper(), x.upper())  # the gene it names, where the labels name genes otherwise
-            if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
-                vocab.names["target"].append(target)
-            out.append(Perturbation(kind, target))  # type: ignore[arg-type]
-        elif kind in ("drug", "cytokine"):
-            if x not in vocab.names[kind]:
-                vocab.names[kind].append(x)
-            unit = vocab.dose_units.get(x) if dose is not None else None  # the data's unit ("10uM"), if it gave one
-            out.append(Perturbation(kind, x, dose, unit, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
-            own = own_dose_name(out[-1])
-            if vocab.own_doses and own is not None and own not in vocab.names["dose"]:
-                vocab.names["dose"].append(own)
-        else:
-            if x not in vocab.names["label"]:
-                vocab.names["label"].append(x)
-            out.append(Perturbation("label", x))
-    return out[0] if len(out) == 1 else Combination(tuple(out))
-
-
-def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], *, dosed: bool) -> str:
-    """``kind="auto"``: labels that name the panel's genes (or their aliases) are knockouts; otherwise a label whose
-    cells carry a dose or time is a drug (a compound given at doses, not a gene edit), and labels that look like
-    gene symbols are knockouts of unmeasured genes; anything else is a plain label."""
-    if all(x.upper() in genes or x.upper() in aliases for x in parts):
-        return "knockout"
-    if dosed:
-        return "drug"
-    return "knockout" if _all_gene_like(parts) else "label"
-
-
-def _all_gene_like(parts: list[str]) -> bool:
-    """Labels that look like gene symbols (upper case letters and digits) are read as genetic targets."""
-    import re
-
-    return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
-
-
-def _check_pairing(pairing: str) -> None:
-    if pairing not in PAIRINGS:
-        raise TrainingError(f"pairing={pairing!r}: use ot (each perturbation's cells matched one to one to a fair draw "
-                            "of the controls; the default), nearest or random.")
-
-
-_OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger groups are cut into random blocks
-
-
-def build_pairs(
-    adata: ad.AnnData, contract: DataContract, *, pairing: str = PAIRINGS[0], neighbours: int = 5, n_pcs: int = 20,
-    seed: int = 0, draw: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pair every cell with a control cell of the same context: the cell it is predicted from.
-
-    ``pairing`` says how:
-
-    * ``"ot"``: optimal transport. Each perturbation's cells (in each context) are matched,
-      one to one, to an equally large uniform draw of the context's control cells, by the
-      assignment of least total squared distance in PCA space. The sources are then a fair
-      sample of the controls, so the pairs carry the perturbation's whole effect, and within
-      that a cell is still paired with a control that resembles it (as CINEMA-OT pairs).
-      Control cells are split into two random halves matched to each other the same way.
-    * ``"nearest"``: one of the ``neighbours`` nearest control cells, at random. The source
-      then resembles its target most, but for a perturbation that moves the cells, the
-      nearest controls are those that already look perturbed: the pairs carry only part of
-      the effect (about 0.4–0.9 of it on the embedded screen's strongest knockouts, varying
-      from one knockout to another), and that shrinkage is what the model learns.
-    * ``"random"``: a random control cell of the context; unbiased, but the source says
-      nothing about its target beyond the context.
-
-    Control cells are never paired with themselves. Returns ``(source, target)`` index
-    arrays: target cell ``target[i]`` is predicted from control cell ``source[i]``.
-    ``draw`` > 0 gives another draw of the same pairing over the same PCA embedding, with other random
-    choices; for ``"ot"`` the controls are then drawn with replacement (a bootstrap sample: uniform still, but not
-    every control once, so that a perturbation with as many cells as there are controls, whose transport is then
-    one fixed matching, gets other pairs too). ``draw=0`` is the draw of ``seed`` alone.
-    """
-    from scipy.spatial import cKDTree
-
-    _check_pairing(pairing)
-    if draw < 0:
-        raise ValueError(f"draw must be >= 0, got {draw}.")
-    rng = np.random.default_rng(seed if draw == 0 else [seed, draw])
-    X = expression_matrix(adata)
-    Xn = log_normalize(X, detect_scale(X))
-    ctx = contract.contexts(adata)
-    labels = contract.conditions(adata)  # each dose of a drug is matched to the controls on its own
-    is_ctrl = contract.is_control(adata)
-    src = np.full(adata.n_obs, -1, dtype=np.int64)
-    for c in np.unique(ctx):
-        members = np.flatnonzero(ctx == c)
-        controls = members[is_ctrl[members]]
-        if controls.size < 2:
-            raise DataError(
-                f"Context {c!r} has {controls.size} control cells; pairs need at least 2. Add control cells for it "
-                "or drop the context."
-            )
-        if pairing == "random":
-            for m in members:
-                cand = controls[controls != m]
-                src[m] = cand[rng.integers(cand.size)]
-            continue
-        emb = pca(Xn[members], n_pcs, seed=seed).transform(Xn[members])
-        pos = {m: i for i, m in enumerate(members)}
-        if pairing == "ot":
-            at = lambda idx: emb[[pos[int(i)] for i in idx]]  # noqa: E731
-            half = rng.permutation(controls)
-            a, b = half[: half.size // 2], half[half.size // 2 :]
-            groups = [(a, b), (b, a)]
-            groups += [(members[~is_ctrl[members] & (labels[members] == lab)], controls)
-                       for lab in np.unique(labels[members][~is_ctrl[members]])]
-            for targets, pool in groups:
-                src[targets] = _transport(targets, pool, at, rng, bootstrap=draw > 0)
-            continue
-        tree = cKDTree(emb[[pos[m] for m in controls]])
-        k = min(neighbours + 1, controls.size)
-        _, nn = tree.query(emb, k=k)
-        nn = np.atleast_2d(nn)
-        for row, m in enumerate(members):
-            cand = controls[nn[row]]
-            cand = cand[cand != m][: max(1, k - 1)]
-            src[m] = cand[rng.integers(cand.size)]
-    return src, np.arange(adata.n_obs)
-
-
-def _transport(targets: np.ndarray, pool: np.ndarray, at: Callable[[np.ndarray], np.ndarray],
-               rng: np.random.Generator, bootstrap: bool = False) -> np.ndarray:
-    """A source from ``pool`` for each of ``targets``: a uniform draw of the pool (each pool cell
-    used equally often, up to one; with ``bootstrap``, drawn with replacement), assigned to the targets by
-    least total squared distance of their embeddings ``at(idx)``; groups over ``_OT_BLOCK`` cells are solved
-    in random blocks."""
-    from scipy.optimize import linear_sum_assignment
-
-    n = targets.size
-    if bootstrap:
-        draw = rng.choice(pool, size=n, replace=True)
-    else:
-        draw = np.concatenate([rng.permutation(pool) for _ in range(-(-n // pool.size))])[:n]
-    order = rng.permutation(n)
-    out = np.empty(n, dtype=np.int64)
-    for block in np.array_split(order, -(-n // _OT_BLOCK)) if n else []:
-        t, s = at(targets[block]), at(draw[block])
-        cost = ((t[:, None, :] - s[None, :, :]) ** 2).sum(-1)
-        rows, cols = linear_sum_assignment(cost)
-        out[block[rows]] = draw[block][cols]
-    return out
-
-
-# --------------------------------------------------------------------------- #
 # Training
 # --------------------------------------------------------------------------- #
 def data_hash(adata: ad.AnnData, contract: DataContract) -> str:
@@ -475,156 +274,7 @@ def data_hash(adata: ad.AnnData, contract: DataContract) -> str:
     return h.hexdigest()[:16]
 
 
-def _holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray:
-    keep = np.ones(adata.n_obs, dtype=bool)
-    for col, values in holdout.items():
-        if col not in adata.obs.columns:
-            raise DataError(f"holdout column {col!r} is not in adata.obs.")
-        column = adata.obs[col].astype(str)
-        unknown = sorted({str(v) for v in values} - set(column))
-        if unknown:
-            raise DataError(
-                f"holdout {col}={','.join(unknown)} matches no cell, so nothing would be held out. "
-                f"{col} holds: {preview(sorted(set(column)), 20)}."
-            )
-        keep &= ~column.isin([str(v) for v in values]).to_numpy()
-    return keep
-
-
 GUIDANCE_CANDIDATES = (1.0, 2.0, 4.0)  # guidance scales the verdict compares (1: none) when verdict_candidates is None
-VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at most: it stays quick
-VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
-VERDICT_MIN_CELLS = 20  # a perturbation holds out cells in a context only when it has this many there
-
-
-def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> dict[str, str]:
-    """The perturbations held out of training whole, to judge the model on ones it never saw:
-    ``{condition: typed form}`` (empty when ``cfg.unseen_fraction`` is 0).
-
-    Only what a model can name without training is eligible: a single genetic perturbation
-    (knockout, knockdown, activation) of one of the data's genes, without dose or time, with at
-    least 20 cells in a context that has at least 40 control cells. A seeded
-    ``unseen_fraction`` of the data's perturbations (at least 2, at most all eligible but 2
-    perturbations stay for training) is chosen among those; none when fewer than 2 are
-    eligible (logged), or without a verdict (``verdict_fraction`` 0).
-    """
-    if cfg.unseen_fraction <= 0 or cfg.verdict_fraction <= 0:  # (no verdict, nothing to judge them in)
-        return {}
-    vocabulary = Vocabulary.from_adata(adata)
-    typed, _ = typed_labels(adata, contract, vocabulary, cfg)
-    genes = {g.upper() for g in vocabulary.genes}
-    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
-    contexts = _verdict_contexts(ctx, is_ctrl)
-    perturbations = sorted(set(labels[~is_ctrl]))
-    form = {p: str(typed[np.flatnonzero(labels == p)[0]]) for p in perturbations}
-    eligible = []
-    for p in perturbations:
-        q = parse(form[p])
-        enough = any(np.sum((labels == p) & (ctx == c)) >= VERDICT_MIN_CELLS for c in contexts)
-        if (isinstance(q, Perturbation) and q.kind in GENETIC and q.target.upper() in genes and q.dose is None
-                and q.time is None and enough):
-            eligible.append(p)
-    n = min(max(2, int(round(cfg.unseen_fraction * len(perturbations)))), len(eligible), len(perturbations) - 2)
-    if n < 2:
-        log.warning("unseen_fraction %g: %d of the %d perturbations can be held out whole (a single genetic "
-                    "perturbation of a measured gene, with %d cells in a context with %d controls), and 2 are needed "
-                    "while 2 stay for training; the verdict judges seen perturbations only", cfg.unseen_fraction,
-                    len(eligible), len(perturbations), VERDICT_MIN_CELLS, VERDICT_MIN_CONTROLS)
-        return {}
-    chosen = np.random.default_rng([cfg.seed, 13]).choice(eligible, size=n, replace=False)
-    return {str(p): form[p] for p in sorted(chosen)}
-
-
-def verdict_context(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
-                    unseen: Mapping[str, str] | None = None) -> str | None:
-    """The context whose perturbed cells are held out of training whole (``cfg.context_verdict``), for the
-    verdict to judge the model on a context it never saw perturbed; ``None`` when not asked, without a verdict,
-    or when no context qualifies (logged).
-
-    A seeded choice among the contexts with at least 40 control cells that have a perturbation (not one of
-    ``unseen``) with at least 20 cells there which is also measured in another context: its baseline there is
-    the other contexts' mean effect (``meanshift``), what a model that never saw the context perturbed serves.
-    """
-    if not cfg.context_verdict or cfg.verdict_fraction <= 0:
-        return None
-    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
-    unseen = set(unseen or ())
-    eligible = []
-    for c in _verdict_contexts(ctx, is_ctrl):
-        here, n = np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True)
-        elsewhere = set(labels[(ctx != c) & ~is_ctrl])
-        if any(k >= VERDICT_MIN_CELLS and p in elsewhere and p not in unseen for p, k in zip(here, n)):
-            eligible.append(c)
-    if not eligible:
-        log.warning("context_verdict: no context can be held out whole (one with %d control cells and a perturbation "
-                    "of %d cells there that is also measured in another context; contexts: %s); the verdict judges "
-                    "trained contexts only", VERDICT_MIN_CONTROLS, VERDICT_MIN_CELLS,
-                    preview(sorted(set(ctx)), 8))
-        return None
-    return str(np.random.default_rng([cfg.seed, 17]).choice(eligible))
-
-
-def _verdict_cells(data: ad.AnnData, contract: DataContract, cfg: TrainConfig
-                   ) -> tuple[dict[str, str], str | None, np.ndarray]:
-    """What a run holds out for its verdict, as training and ``rejudge`` both find it: the perturbations held out
-    whole (:func:`unseen_labels`), the context held out whole (:func:`verdict_context`) and the mask of the held-out
-    cells (:func:`verdict_split`)."""
-    unseen = unseen_labels(data, contract, cfg)
-    context = verdict_context(data, contract, cfg, unseen)
-    return unseen, context, verdict_split(data, contract, cfg, unseen, context)
-
-
-def _verdict_contexts(ctx: np.ndarray, is_control: np.ndarray) -> list[str]:
-    """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells: the only ones the verdict holds
-    cells out of (it needs controls to feed the model and others to measure against)."""
-    return [c for c in sorted(set(ctx)) if np.sum(is_control & (ctx == c)) >= VERDICT_MIN_CONTROLS]
-
-
-def _baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.ndarray,
-                    unseen: Mapping[str, str]) -> ad.AnnData:
-    """The cells the served baselines (:class:`~virtualcell.validation.Baselines`) are fitted on: the
-    training cells and every cell of the perturbations held out whole. The model never saw those,
-    but their measured effect is the best guess for them and part of ``pertmean``; the verdict
-    judges them against a ``pertmean`` without them (:func:`~virtualcell.validation.run_verdict`)."""
-    return data[~in_verdict | np.isin(contract.conditions(data), sorted(unseen))]
-
-
-def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
-                  unseen: Mapping[str, str] | None = None, context: str | None = None) -> np.ndarray:
-    """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
-
-    Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
-    least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
-    ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
-    :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
-    seeded choice) lose cells; the others train on all theirs. Every cell of the ``unseen``
-    conditions (:func:`unseen_labels`) is held out too, and every perturbed cell of ``context``
-    (:func:`verdict_context`).
-    Returns a boolean mask over ``adata``'s cells; all False when ``verdict_fraction`` is 0.
-    """
-    held = np.zeros(adata.n_obs, dtype=bool)
-    if cfg.verdict_fraction <= 0:
-        return held
-    rng = np.random.default_rng([cfg.seed, 11])
-    labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
-    unseen = set(unseen or ())
-    contexts = _verdict_contexts(ctx, is_ctrl)
-    eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
-                       if n >= VERDICT_MIN_CELLS} - unseen)
-    chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()
-    for c in contexts:
-        controls = np.flatnonzero(is_ctrl & (ctx == c))
-        k = min(max(8, int(round(cfg.verdict_fraction * controls.size))), controls.size - 2)
-        held[rng.choice(controls, size=k, replace=False)] = True
-        for p in sorted(chosen):
-            cells = np.flatnonzero((ctx == c) & (labels == p))
-            if cells.size >= VERDICT_MIN_CELLS:
-                held[rng.choice(cells, size=max(1, int(round(cfg.verdict_fraction * cells.size))), replace=False)] = True
-    if unseen:
-        held |= np.isin(labels, sorted(unseen))
-    if context is not None:
-        held |= (ctx == context) & ~is_ctrl
-    return held
 
 
 def with_learning_rate(cfg: TrainConfig, base: str | None) -> TrainConfig:
@@ -782,14 +432,14 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     not sources, not targets, not in the rank fit), sentences, typed perturbations, pairs and their split."""
     from .training import batching
 
-    data = adata[_holdout_mask(adata, cfg.holdout)]
+    data = adata[holdout_mask(adata, cfg.holdout)]
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
     given_hash = data_hash(data, contract)
     # perturbations, and a context, held out whole: judged as ones never seen
-    unseen, context, in_verdict = _verdict_cells(data, contract, cfg)
+    unseen, context, in_verdict = verdict_cells(data, contract, cfg)
     held = data[in_verdict] if in_verdict.any() else None
-    baseline = _baseline_cells(data, contract, in_verdict, unseen)
+    baseline = baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
     genes = Vocabulary.from_adata(data)
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
@@ -1234,7 +884,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     contract = model.contract
     adata = with_gene_key(adata, contract.gene_key)
     contract.validate(adata)
-    data = adata[_holdout_mask(adata, cfg.holdout)]
+    data = adata[holdout_mask(adata, cfg.holdout)]
     given = data_hash(data, contract)
     if given != run["data_hash"]:
         hold = " after the holdout " + ", ".join(f"{k}={','.join(v)}" for k, v in cfg.holdout.items()) if cfg.holdout \
@@ -1243,7 +893,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
                         f"recorded {run['data_hash']} ({run.get('n_train_cells', '?')} training cells). The verdict's "
                         "held-out cells are drawn from that data, and on any other they could be cells the model "
                         "trained on. Pass the same file (cells, genes and labels unchanged) that training was given.")
-    unseen, context, in_verdict = _verdict_cells(data, contract, cfg)
+    unseen, context, in_verdict = verdict_cells(data, contract, cfg)
     held, trained = data[in_verdict], data[~in_verdict]
     if not in_verdict.any():
         raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
@@ -1251,7 +901,7 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
     # fitted again, as training fits them today (a checkpoint of an older version gets what it lacks, e.g. the
     # covariance that serves the coexpression baseline); the same cells give trained perturbations the same deltas
-    model.baselines = validation.Baselines.fit(_baseline_cells(data, contract, in_verdict, unseen), contract, model,
+    model.baselines = validation.Baselines.fit(baseline_cells(data, contract, in_verdict, unseen), contract, model,
                                                forms=unseen)
     codec, gene_maps = _codec_baselines(trained, sentences, model.rank_fit, contract, model, seed=cfg.seed)
     previous = model.verdict

@@ -1,5 +1,10 @@
 """The trainer's parts, each small and tested on its own.
 
+* :mod:`.labels` — each cell's typed perturbation (``ko:STAT1``, ``drug:drugA@10uM``) from the screen's labels,
+  kinds, doses and times, and the model's perturbation vocabulary.
+* :mod:`.pairing` — the control cell each training cell is predicted from (optimal transport by default).
+* :mod:`.holdout` — the cells kept out of training: the user's ``holdout`` and the validation verdict's
+  (a share of each context's cells, perturbations or a context held out whole).
 * :mod:`.batching` — (source cell, perturbation, target cell) pairs → padded tensors. Pairs
   that share a source cell share its prompt: the cell is encoded once and several
   responses attend to it (the training twin of the shared-prefix generation engine).

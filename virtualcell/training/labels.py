@@ -1,0 +1,119 @@
+"""Each cell's typed perturbation, read from the screen's labels, kinds, doses and times.
+
+:func:`typed_labels` turns the labels a screen gives (``STAT1``, ``drugA`` at dose 10, ``A+B``) into the typed
+perturbations the model is prompted with (``ko:STAT1``, ``drug:drugA@10uM``, a combination), and fills the model's
+:class:`~virtualcell.prompts.PerturbationVocab`: the names it learns, each label's and each condition's typed form,
+the aliases by which labels name the panel's genes. ``kind="auto"`` reads genes as knockouts and dosed agents as drugs
+(:func:`_auto_kind`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..contract import DataContract
+from ..errors import DataError
+from ..perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from ..prompts import PerturbationVocab, own_dose_name
+from ..sentences import Vocabulary, target_aliases
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata as ad
+
+    from ..train import TrainConfig
+
+__all__ = ["typed_labels"]
+
+
+def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig) -> tuple[np.ndarray, PerturbationVocab]:
+    """The typed perturbation of every cell (as a string), and the model's perturbation vocabulary."""
+    labels = contract.labels(adata)
+    kinds = None
+    if cfg.kind_key is not None:
+        if cfg.kind_key not in adata.obs.columns:
+            raise DataError(f"kind column {cfg.kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
+        raw = adata.obs[cfg.kind_key].astype(str).str.lower().to_numpy()
+        unknown = sorted(set(raw) - set(KIND_ALIASES))
+        if unknown:
+            raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
+        kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
+    dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
+    conditions = contract.conditions(adata, (dose, when))
+    vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
+                              targets_with_gene=cfg.target_tokens == "both", dose_units=units)
+    if kinds is not None or cfg.kind in ("auto", *GENETIC):
+        vocab.aliases = target_aliases(adata, sorted(set(labels) - {contract.control}), genes)
+    typed = np.empty(adata.n_obs, dtype=object)
+    cache: dict[tuple, str] = {}
+    for i, label in enumerate(labels):
+        kind = kinds[i] if kinds is not None else cfg.kind
+        d = None if np.isnan(dose[i]) else float(dose[i])
+        t = None if np.isnan(when[i]) else float(when[i])
+        key = (label, kind, d, t)
+        if key not in cache:
+            cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
+        typed[i] = cache[key]
+    # each training label maps to its most common typed form (doses dropped)
+    for label in set(labels) - {contract.control}:
+        forms = [str(without_quantities(parse(s))) for s in typed[labels == label]]
+        vocab.labels[label] = max(set(forms), key=forms.count)
+    # and each condition with a dose or time (``drugA@10``) to its typed form, which names the model's predictions
+    for condition, form in zip(conditions, typed):
+        if condition not in vocab.labels and condition != contract.control:
+            vocab.conditions.setdefault(str(condition), str(form))
+    return typed, vocab
+
+
+def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,
+           genes: Vocabulary, vocab: PerturbationVocab) -> Perturbation | Combination:
+    if label == contract.control or kind == "control":
+        return Perturbation("control")
+    parts = [x.strip() for x in label.split("+") if x.strip()]
+    if kind == "auto":
+        kind = _auto_kind(parts, genes, vocab.aliases, dosed=dose is not None or time_ is not None)
+    if kind == "label" and (dose is not None or time_ is not None):
+        raise DataError(
+            f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
+            f"cells have a dose or time (the contract's dose_key {contract.dose_key!r} / time_key "
+            f"{contract.time_key!r}); they would be dropped. Pass kind='drug' or 'cytokine' (--kind, or --kind-key "
+            "for a column of kinds), or leave the dose and time keys unset if they do not apply.")
+    out: list[Perturbation] = []
+    for x in parts:
+        if kind in GENETIC:
+            target = vocab.aliases.get(x.upper(), x.upper())  # the gene it names, where the labels name genes otherwise
+            if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
+                vocab.names["target"].append(target)
+            out.append(Perturbation(kind, target))  # type: ignore[arg-type]
+        elif kind in ("drug", "cytokine"):
+            if x not in vocab.names[kind]:
+                vocab.names[kind].append(x)
+            unit = vocab.dose_units.get(x) if dose is not None else None  # the data's unit ("10uM"), if it gave one
+            out.append(Perturbation(kind, x, dose, unit, time_, "h" if time_ is not None else None))  # type: ignore[arg-type]
+            own = own_dose_name(out[-1])
+            if vocab.own_doses and own is not None and own not in vocab.names["dose"]:
+                vocab.names["dose"].append(own)
+        else:
+            if x not in vocab.names["label"]:
+                vocab.names["label"].append(x)
+            out.append(Perturbation("label", x))
+    return out[0] if len(out) == 1 else Combination(tuple(out))
+
+
+def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], *, dosed: bool) -> str:
+    """``kind="auto"``: labels that name the panel's genes (or their aliases) are knockouts; otherwise a label whose
+    cells carry a dose or time is a drug (a compound given at doses, not a gene edit), and labels that look like
+    gene symbols are knockouts of unmeasured genes; anything else is a plain label."""
+    if all(x.upper() in genes or x.upper() in aliases for x in parts):
+        return "knockout"
+    if dosed:
+        return "drug"
+    return "knockout" if _all_gene_like(parts) else "label"
+
+
+def _all_gene_like(parts: list[str]) -> bool:
+    """Labels that look like gene symbols (upper case letters and digits) are read as genetic targets."""
+    return all(re.fullmatch(r"[A-Z][A-Z0-9\-\.]{1,15}", x) is not None for x in parts)
