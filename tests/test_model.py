@@ -463,3 +463,24 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())
     assert {k: cfg_built[k] for k in arch} == {k: cfg_shipped[k] for k in arch}
+
+
+def test_info_prints_what_a_checkpoint_knows(tiny_model, capsys):
+    """`virtualcell info`: the card read from the checkpoint's own record, for a person and as JSON."""
+    from virtualcell.cli import main
+
+    model, out, _ = tiny_model
+    assert main(["info", "--model", str(out)]) == 0
+    text = capsys.readouterr().out
+    trained = model.perturbations.trained()
+    assert f"{len(trained)} trained conditions ({len(trained)} knockout)" in text
+    assert all(repr(c) in text for c in trained)
+    assert "verdict      Validation" in text and "serves       " in text
+    assert "contexts     " not in text  # trained without a context column: nothing to say about contexts
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card == json.loads(json.dumps(model.card(), default=str))  # the same card in Python
+    assert card["genes"]["n"] == len(model.genes) and card["training"]["steps"] == model.train_config["steps"]
+    assert card["contexts"] == {"all": {"control": card["contexts"]["all"]["control"],
+                                        "perturbed": card["contexts"]["all"]["perturbed"]}}
+    assert card["contexts"]["all"]["perturbed"] > 0 and card["verdict"]["weight"] == model.verdict.get("weight")

@@ -576,7 +576,7 @@ def test_a_context_is_held_out_whole_only_when_asked(two_contexts):
     assert verdict_context(alone, contract, cfg) is None
 
 
-def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_path):
+def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_path, caplog, capsys):
     from virtualcell.cli import main
 
     data, contract = two_contexts
@@ -595,6 +595,29 @@ def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_pat
     there = data[(contract.contexts(data) == part["context"]) & contract.is_control(data)][:4].copy()
     assert vc.Simulator(there, model).blend_weight() == model.verdict["weight"]
     assert part["served"] is False
+    # the checkpoint records that the context was never trained perturbed, and a prediction there says so, once
+    trained = model.trained_contexts
+    assert trained[part["context"]]["perturbed"] == 0 < trained[part["context"]]["control"]
+    (elsewhere,) = set(trained) - {part["context"]}
+    assert trained[elsewhere]["perturbed"] > 0
+    sim = vc.Simulator(there, model)
+    assert sim.new_contexts() == [part["context"]]
+    with caplog.at_level("WARNING"):
+        first = sim.simulate(model.perturbations.trained()[:1], progress=False)
+        sim.simulate(model.perturbations.trained()[:1], progress=False)
+    assert caplog.text.count("never saw perturbed") == 1 and part["context"] in caplog.text
+    assert first.aggregates.attrs["new_contexts"] == part["context"]
+    assert first.to_anndata().uns["virtualcell"]["new_contexts"] == part["context"]
+    home = data[(contract.contexts(data) == elsewhere) & contract.is_control(data)][:4].copy()
+    assert vc.Simulator(home, model).new_contexts() == []
+    # and the model's card shows both, beside the verdict's part on the held-out context
+    capsys.readouterr()
+    assert main(["info", "--model", str(tmp_path / "m")]) == 0
+    text = capsys.readouterr().out
+    assert f"seen perturbed: {elsewhere!r}; controls only: {part['context']!r}" in text and "new context" in text
+    assert main(["info", "--model", str(tmp_path / "m"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["contexts"] == trained and card["verdict"]["new_context"]["weight"] == part["weight"]
     # judged again without training: the same context is found again from the run's record
     assert main(["verdict", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "screen.h5ad"),
                  "--verdict-samples", "1", "--verdict-temperatures", "1"]) == 0

@@ -424,6 +424,19 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """A checkpoint's card: what it is, was trained on, can be asked, and how its verdict went."""
+    import json
+
+    from .card import card, card_text
+    from .model import BUNDLED, C2SModel
+
+    model = C2SModel.load(BUNDLED if args.model == "bundled" else args.model, device="cpu")
+    c = card(model)
+    print(json.dumps(c, indent=1, default=str) if args.json else card_text(c))
+    return 0
+
+
 def _usage(message: str):  # noqa: ANN202
     from .errors import VirtualCellError
 
@@ -737,6 +750,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     _add_force(p)
     p.set_defaults(func=cmd_verdict)
+
+    p = _add_command(sub, "info", "what a trained model is, was trained on, can be asked, and how its verdict went",
+                     "virtualcell info --model my-model")
+    p.description += (" Read from the checkpoint's own record, nothing simulated: its size and genes, the data "
+                      "contract it reads, every condition it trained on (as the data named it), the contexts it saw "
+                      "perturbed, the training run, and the validation verdict with the blend weight and generation "
+                      "settings that predict and screen serve.")
+    p.add_argument("--model", required=True, help="checkpoint folder written by 'virtualcell train' ('bundled': the "
+                   "model shipped in the package)")
+    p.add_argument("--json", action="store_true", help="the card as JSON, for a script")
+    p.set_defaults(func=cmd_info)
 
     p = _add_command(sub, "predict", "predict perturbed cells for a baseline population",
                      "virtualcell predict --model my-model --data baseline.h5ad --perturbations ko:STAT1,ko:JAK2 "

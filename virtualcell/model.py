@@ -359,6 +359,20 @@ class C2SModel:
         D = decode(sentences, self.rank_fit)
         return self.gene_map(D) if self.gene_map is not None else D.toarray()
 
+    def card(self) -> dict[str, Any]:
+        """What the model is, was trained on, can be asked and how its verdict went, from its own record
+        (:func:`virtualcell.card.card`; ``virtualcell info`` prints it, :func:`virtualcell.card.card_text` too)."""
+        from .card import card
+
+        return card(self)
+
+    @property
+    def trained_contexts(self) -> dict[str, dict[str, int]] | None:
+        """The training cells of each context, ``{context: {"control": n, "perturbed": n}}`` (``"all"`` for a model
+        trained without a context column); ``None`` for a checkpoint that did not record them (one trained before they were)."""
+        contexts = self.train_config.get("contexts")
+        return None if contexts is None else {str(c): dict(n) for c, n in contexts.items()}
+
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device

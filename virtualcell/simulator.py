@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .distributed import Split
-from .errors import DataError, ScreenError
+from .errors import DataError, ScreenError, preview
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -64,7 +64,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
-               "baseline")
+               "baseline", "new_contexts")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -338,12 +338,17 @@ class Simulator:
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
         and predictions keep the baseline's spelling (:attr:`gene_names`). By default, the
         column the model was trained with (``model.contract.gene_key``) when ``baseline`` has it.
+    warn_new_contexts
+        Log a warning (once) when baseline cells come from a context (cell type, patient) whose perturbed cells the
+        model never trained on (:meth:`new_contexts`): its validation verdict and the blend weight it serves were
+        measured on the contexts it trained on, and for these cells the prediction is a transfer. The verdict,
+        which simulates such a context on purpose (``train --context-verdict``), turns it off.
 
     ``Simulator(model, baseline)`` (the order before 0.2) still works, with a DeprecationWarning.
     """
 
     def __init__(self, baseline: ad.AnnData, model: C2SModel, *, genes: Literal["all", "shared"] = "all",
-                 seed: int = 0, n_pcs: int = 30, gene_key: str | None = None) -> None:
+                 seed: int = 0, n_pcs: int = 30, gene_key: str | None = None, warn_new_contexts: bool = True) -> None:
         if hasattr(baseline, "generate") and hasattr(model, "obs"):  # the old order: (model, baseline)
             import warnings
 
@@ -382,6 +387,7 @@ class Simulator:
                 "like the baseline: model.rank_fit = RankFit.fit(adata, encode(adata, vocab=model.genes))."
             )
         self._basis = pca(self.expression, n_pcs, seed=seed)
+        self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
 
     def sample_count(self, samples: int | None = None) -> int:
         """``simulate(samples=)`` resolved: ``None`` is the number the trainer chose on its
@@ -393,6 +399,17 @@ class Simulator:
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
                             f"perturbation, averaged), got {samples!r}.")
         return int(samples)
+
+    def new_contexts(self, n: int | None = None) -> list[str]:
+        """The contexts of the first ``n`` baseline cells (all by default) whose perturbed cells the model never
+        trained on (:attr:`C2SModel.trained_contexts`); empty where there are none, or where it cannot tell (a
+        model with no context column or no record of its contexts, a baseline without the model's context column).
+        """
+        trained = self.model.trained_contexts
+        context = self.source_context(n)
+        if trained is None or context is None:
+            return []
+        return sorted({str(c) for c in context[1]} - {c for c, k in trained.items() if k.get("perturbed", 0) > 0})
 
     def source_context(self, n: int | None = None) -> tuple[str, np.ndarray] | None:
         """The model's context column (``model.contract.context_key``: cell type, patient, cell line) and the
@@ -610,6 +627,16 @@ class Simulator:
         G = len(self.model.genes)
         P = len(perts)
         w = self.blend_weight(blend, calibrate=calibrate)
+        new_contexts = self.new_contexts(n)
+        if new_contexts and self._warn_new_contexts:
+            self._warn_new_contexts = False
+            trained = [c for c, k in (self.model.trained_contexts or {}).items() if k.get("perturbed", 0) > 0]
+            log.warning("The baseline cells of %s %s come from a context the model never saw perturbed (it trained "
+                        "on perturbed cells of %s): its validation verdict%s was measured on the contexts it trained "
+                        "on, so for these cells the prediction is a transfer it did not check. `virtualcell train "
+                        "--context-verdict` judges one context held out whole.", self.model.contract.context_key,
+                        preview(new_contexts, 5), preview(trained, 5),
+                        "" if w is None else f" and the blend weight served ({w:.2f})")
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
@@ -727,6 +754,7 @@ class Simulator:
         if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for _, source in shift):
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
+        agg.attrs["new_contexts"] = "; ".join(new_contexts)  # the cells' contexts the model never saw perturbed
         cells = cells_model = draws = draws_model = None
         if cells_mem is not None:
             import xarray as xr

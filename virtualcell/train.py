@@ -469,7 +469,16 @@ def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: s
                           "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
                           "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
                                                if held is not None else 0),
-                          "unseen_labels": sorted(cells.unseen)}
+                          "unseen_labels": sorted(cells.unseen), "contexts": trained_contexts(cells.data, contract)}
+
+
+def trained_contexts(data: ad.AnnData, contract: DataContract) -> dict[str, dict[str, int]]:
+    """``{context: {"control": n, "perturbed": n}}``: the training cells of each context (``"all"`` without a
+    context column), as the checkpoint records them, so that a prediction can say when its cells come from a
+    context the model never saw perturbed (:meth:`virtualcell.simulator.Simulator.new_contexts`)."""
+    ctx, is_ctrl = contract.contexts(data), contract.is_control(data)
+    return {str(c): {"control": int(np.sum(is_ctrl & (ctx == c))), "perturbed": int(np.sum(~is_ctrl & (ctx == c)))}
+            for c in sorted(set(ctx))}
 
 
 @dataclass

@@ -600,7 +600,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     for c, inputs, reference, perts in plans:
         ref_mean = np.asarray(X[reference].mean(axis=0)).ravel()
         typed = [parse(unseen[p] if p in unseen else model.perturbations.trained_form(p)) for p in perts]
-        sims.append((Simulator(held[inputs], model, seed=seed), typed))
+        sims.append((Simulator(held[inputs], model, seed=seed, warn_new_contexts=False), typed))
         for p, q in zip(perts, typed):
             cells = np.flatnonzero((ctx == c) & (labels == p))
             y_rows.append(np.asarray(X[cells].mean(axis=0)).ravel() - ref_mean)
@@ -819,7 +819,7 @@ def verdict_seconds(model: C2SModel, held: ad.AnnData, contract: DataContract, *
     _, inputs, _, perts = plans[0]
     probe = inputs[:probe_cells]
     typed = [parse(unseen[p]) if p in unseen else model.perturbations.resolve(p) for p in perts]
-    sim = Simulator(held[probe], model, seed=seed)
+    sim = Simulator(held[probe], model, seed=seed, warn_new_contexts=False)
     candidates = [dict(c) for c in candidates] or [{}]
     per_row: dict[str, float] = {}
 

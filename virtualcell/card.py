@@ -1,0 +1,145 @@
+"""A checkpoint's card: what the model is, what it was trained on, what it can be asked, and how it did.
+
+``virtualcell info --model DIR`` prints it (``--json`` for a script); :func:`card` gives the same as a dict. Someone
+handed a model folder reads here, before screening with it, which perturbations it knows (as the data named them),
+which contexts it saw perturbed, how long it trained and on what, and its validation verdict with the weight it
+serves. Everything comes from the checkpoint's own record; nothing is simulated.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import C2SModel
+
+__all__ = ["card", "card_text"]
+
+_GENETIC = ("knockout", "knockdown", "activation")
+
+
+def card(model: C2SModel) -> dict[str, Any]:
+    """The model's card as plain data (JSON-ready): ``model``, ``genes``, ``data``, ``perturbations``,
+    ``contexts``, ``training``, ``verdict``. A field the checkpoint did not record is ``None``."""
+    from .perturbations import parse
+
+    run = model.train_config
+    vocab = model.perturbations
+    contract = model.contract
+    trained = vocab.trained()
+    typed = {c: vocab.trained_form(c) for c in trained}
+    kinds = Counter(_kind(parse(t)) for t in typed.values() if t)
+    genes = list(model.genes.genes)
+    last = (run.get("history") or [{}])[-1]
+    verdict = model.verdict or {}
+    return {
+        "model": {"source": model.source, "parameters": int(model.n_parameters), "format": model.format.name,
+                  "top_k": int(model.top_k), "base": run.get("base")},
+        "genes": {"n": len(genes), "ids": _are_ids(genes), "first": genes[:8]},
+        "data": None if contract is None else {
+            "perturbation_key": contract.perturbation_key, "control": contract.control,
+            "other_controls": list(contract.other_controls), "context_key": contract.context_key,
+            "dose_key": contract.dose_key, "time_key": contract.time_key, "gene_key": contract.gene_key,
+            "data_hash": run.get("data_hash"), "holdout": run.get("holdout") or {}},
+        "perturbations": {"n": len(trained), "kinds": dict(kinds), "trained": typed,
+                          "untrained_genetic": model.format.name != "c2s" and bool(genes)},
+        "contexts": model.trained_contexts,
+        "training": None if not run else {
+            "steps": run.get("steps"), "max_steps": run.get("max_steps"), "max_minutes": run.get("max_minutes"),
+            "seed": run.get("seed"), "device": run.get("device"), "n_train_cells": run.get("n_train_cells"),
+            "n_verdict_cells": run.get("n_verdict_cells"), "unseen_labels": run.get("unseen_labels") or [],
+            "context_verdict": bool(run.get("context_verdict")), "minutes": _minutes(last),
+            "final_loss": last.get("loss"), "hidden_size": run.get("hidden_size"), "n_layers": run.get("n_layers")},
+        "verdict": None if not verdict else {
+            "summary": verdict.get("summary"), "weight": verdict.get("weight"),
+            "settings": verdict.get("settings") or {}, "decode": (verdict.get("codec") or {}).get("decode"),
+            "unseen": _part(verdict.get("unseen")), "new_context": _part(verdict.get("new_context"))},
+    }
+
+
+def card_text(c: dict[str, Any]) -> str:
+    """The card for a person, a few labelled lines."""
+    from .errors import preview
+    from .validation import settings_text
+
+    m, g, d, p, t, v = c["model"], c["genes"], c["data"], c["perturbations"], c["training"], c["verdict"]
+    lines = [f"model        {m['source'] or 'in memory'}: {m['parameters'] / 1e6:.2f}M parameters, prompt format "
+             f"{m['format']!r}, {m['top_k']}-gene cell sentences" + (f", fine-tuned from {m['base']}" if m["base"] else ""),
+             f"genes        {g['n']} ({'Ensembl ids' if g['ids'] else 'symbols'}: {', '.join(g['first'][:5])}"
+             + (f" … and {g['n'] - 5} more)" if g["n"] > 5 else ")")]
+    if d is not None:
+        controls = ", ".join(repr(x) for x in [d["control"], *d["other_controls"]])
+        extra = [f"{k.removesuffix('_key')} obs[{d[k]!r}]" for k in ("context_key", "dose_key", "time_key") if d[k]]
+        lines.append(f"data         perturbations in obs[{d['perturbation_key']!r}], control {controls}"
+                     + (f"; {', '.join(extra)}" if extra else "")
+                     + (f"; genes from var[{d['gene_key']!r}]" if d["gene_key"] else "")
+                     + (f"; held out: {_holdout_text(d['holdout'])}" if d["holdout"] else ""))
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(p["kinds"].items()))
+    named = [f"{c} ({f})" if f and c != f.split(":", 1)[-1] else c for c, f in p["trained"].items()]
+    lines.append(f"knows        {p['n']} trained conditions ({kinds or 'none'}): {preview(named, 60)}")
+    if p["untrained_genetic"]:
+        lines.append("             and a knockout, knockdown or activation of any of its genes, never trained on "
+                     "(generated with the coexpression prior)")
+    contexts = c["contexts"]
+    if contexts is None and d is not None and d["context_key"]:
+        lines.append("contexts     not recorded by this checkpoint")
+    elif contexts is not None and list(contexts) != ["all"]:
+        seen = [x for x, n in contexts.items() if n["perturbed"] > 0]
+        controls_only = [x for x, n in contexts.items() if n["perturbed"] == 0]
+        lines.append(f"contexts     {len(contexts)}; seen perturbed: {preview(seen, 8)}"
+                     + (f"; controls only: {preview(controls_only, 8)}" if controls_only else "")
+                     + " (cells of another context are a transfer its verdict did not check)")
+    if t is not None:
+        took = f" in {t['minutes']:.1f} min" if t["minutes"] is not None else ""
+        loss = f", final loss {t['final_loss']:.3f}" if t["final_loss"] is not None else ""
+        lines.append(f"training     {t['steps'] if t['steps'] is not None else '?'} steps{took} on {t['device'] or '?'} "
+                     f"(seed {t['seed']}{loss}; {_count(t['n_train_cells'])} training cells, "
+                     f"{_count(t['n_verdict_cells'])} held out for the verdict)")
+        if t["unseen_labels"]:
+            lines.append(f"             held out whole for the verdict: {preview(t['unseen_labels'], 8)}")
+    if v is None:
+        lines.append("verdict      none in this checkpoint: predictions are the pure model's")
+    else:
+        w = v["weight"]
+        lines.append(f"verdict      {v['summary'] or 'no summary'}")
+        lines.append("serves       " + ("the pure model" if w is None else
+                                        f"a blend, weight {w:.2f} on the model (1 - w on the training baseline)")
+                     + (f"; {v['unseen']['weight']:.2f} for perturbations never trained on"
+                        if w is not None and v["unseen"] and v["unseen"].get("weight") is not None else "")
+                     + f"; generation {settings_text(v['settings'])}"
+                     + (f"; decode {v['decode']}" if v["decode"] else ""))
+        if v["new_context"] and v["new_context"].get("summary"):
+            lines.append(f"new context  {v['new_context']['summary']}")
+    return "\n".join(textwrap.fill(line, width=118, subsequent_indent=" " * 13, break_long_words=False,
+                                   break_on_hyphens=False) for line in lines)
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{int(n):,}"
+
+
+def _kind(q: Any) -> str:
+    from .perturbations import Combination
+
+    return "combination" if isinstance(q, Combination) else q.kind
+
+
+def _are_ids(genes: list[str]) -> bool:
+    return bool(genes) and sum(str(x).upper().startswith("ENS") for x in genes) > len(genes) / 2
+
+
+def _minutes(last: dict[str, Any]) -> float | None:
+    return None if last.get("elapsed_s") is None else float(last["elapsed_s"]) / 60
+
+
+def _part(part: Any) -> dict[str, Any] | None:
+    """An unseen or new-context part of a verdict: its summary and weight."""
+    if not part:
+        return None
+    return {"summary": part.get("summary"), "weight": part.get("weight"), "served": part.get("served")}
+
+
+def _holdout_text(holdout: dict[str, Any]) -> str:
+    return "; ".join(f"{col}={','.join(map(str, values))}" for col, values in holdout.items())
