@@ -90,7 +90,7 @@ def card_text(c: dict[str, Any]) -> str:
         controls_only = [x for x, n in contexts.items() if n["perturbed"] == 0]
         lines.append(f"contexts     {len(contexts)}; seen perturbed: {preview(seen, 8)}"
                      + (f"; controls only: {preview(controls_only, 8)}" if controls_only else "")
-                     + " (cells of another context are a transfer its verdict did not check)")
+                     + "; predicting cells of a context not seen perturbed is a transfer its verdict did not check")
     if t is not None:
         took = f" in {t['minutes']:.1f} min" if t["minutes"] is not None else ""
         loss = f", final loss {t['final_loss']:.3f}" if t["final_loss"] is not None else ""
