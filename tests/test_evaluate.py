@@ -100,6 +100,20 @@ def test_prediction_equal_to_the_measurement_scores_perfectly(perturbench_split)
     assert values.min()["discrimination"] == 1.0
 
 
+def test_predicted_groups_without_measured_cells_are_named_not_dropped(perturbench_split, caplog):
+    """A prediction whose label the measured data lacks is not scored: the run warns and the summary says which."""
+    base, ref = perturbench_split
+    pred = ref.copy()
+    labels = pred.obs["perturbation"].astype(str).to_numpy()
+    one = sorted(set(labels) - {"control"})[0]
+    pred.obs["perturbation"] = np.where(labels == one, "ko:NOT_MEASURED", labels)
+    with caplog.at_level("WARNING"):
+        table = evaluate(pred, ref, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    assert "not scored" in caplog.text and "ko:NOT_MEASURED" in caplog.text
+    assert one not in set(table.loc[table["method"] == "model", "perturbation"])
+    assert "- not scored: " in summarize(table) and "ko:NOT_MEASURED" in summarize(table)
+
+
 def test_nochange_scores_zero_correlation_and_table_is_tidy(perturbench_split):
     base, ref = perturbench_split
     table = evaluate(None, ref, baseline=base, profile="fast", baselines=("nochange",), ceiling=False)

@@ -94,7 +94,7 @@ def test_knockouts_named_by_symbol_in_an_id_screen_are_linked_to_their_genes(scr
     assert model.genes.index(stat1) >= 0
     stat2 = vc.perturbations.parse("ko:STAT2")  # measured, not in this training subset
     assert vocab.resolve(stat2).target == data.var_names[list(data.var["symbol"]).index("STAT2")].upper()
-    assert vocab.labels_for([vocab.resolve(stat2)]) == ["ko:STAT2"]  # named as the labels name genes
+    assert vocab.labels_for([vocab.resolve(stat2)]) == ["STAT2"]  # named as the labels name knockouts: by symbol
     again = vc.C2SModel.load(tmp_path / "m")  # kept in the checkpoint
     assert again.perturbations.aliases == vocab.aliases
     # a screen whose labels are the gene names themselves gets no aliases

@@ -484,3 +484,34 @@ def test_info_prints_what_a_checkpoint_knows(tiny_model, capsys):
     assert card["contexts"] == {"all": {"control": card["contexts"]["all"]["control"],
                                         "perturbed": card["contexts"]["all"]["perturbed"]}}
     assert card["contexts"]["all"]["perturbed"] > 0 and card["verdict"]["weight"] == model.verdict.get("weight")
+
+
+def test_a_baseline_lacking_some_of_the_models_genes_is_refused_unless_shared(tiny_model, caplog):
+    """Read as not expressed, unmeasured genes would be predicted from a baseline of 0 nobody measured: refused by
+    default, and with genes='shared' a warning and the result's attrs name them."""
+    model, _, data = tiny_model
+    cells = data[data.obs.perturbation == "control"][:6]
+    part = cells[:, 50:].copy()
+    n = len(model.genes)
+    with pytest.raises(VocabularyError, match=rf"lacks 50 of the model's {n} genes.*genes='shared'"):
+        vc.Simulator(part, model)
+    with caplog.at_level("WARNING"):
+        sim = vc.Simulator(part, model, genes="shared")
+    assert "lacks 50 of the model's" in caplog.text and len(sim.absent_genes) == 50
+    res = sim.simulate(["STAT1"], progress=False, samples=1)
+    assert res.aggregates.attrs["absent_genes"].split("; ") == sim.absent_genes
+    assert res.to_anndata().uns["virtualcell"]["absent_genes"] == res.aggregates.attrs["absent_genes"]
+    assert vc.Simulator(cells.copy(), model).absent_genes == []
+
+
+def test_a_knockout_never_trained_on_is_named_as_the_screen_names_knockouts(tiny_model):
+    """The embedded screen labels knockouts by their gene (STAT1): an untrained one is named so too, so that
+    evaluate finds its measured cells; a kind the screen never trained keeps its typed name."""
+    model, _, _ = tiny_model
+    vocab = model.perturbations
+    trained = {label.upper() for label in vocab.labels}
+    never = next(g for g in model.genes.genes if g.upper() not in trained)
+    assert vocab.labels_for([vocab.resolve(f"ko:{never}")]) == [never.upper()]
+    assert vocab.labels_for([vocab.resolve(f"kd:{never}")]) == [f"kd:{never.upper()}"]
+    label = sorted(vocab.labels)[0]
+    assert vocab.labels_for([vocab.resolve(label)]) == [label]

@@ -281,3 +281,18 @@ def test_roundtrip_is_the_decoded_sentence_of_every_cell(papalexi_small):
         assert not X[i, rest].any()
     with pytest.raises(DataError, match="sentences for"):
         roundtrip(a[:10], sentences, fit)
+
+
+def test_values_that_are_neither_counts_nor_log_scale_are_refused():
+    """Normalized but not logged (or corrected counts): read as log1p they would put every prediction on the
+    wrong scale, so they stop with what to do."""
+    from virtualcell.sentences import detect_scale
+
+    counts = sp.random(40, 30, density=0.3, format="csr", random_state=0, data_rvs=lambda n: np.arange(1, n + 1))
+    assert detect_scale(counts) == "counts"
+    cp10k = counts.multiply(1e4 / counts.sum(axis=1)).tocsr()
+    assert detect_scale(cp10k.log1p()) == "log1p"
+    with pytest.raises(DataError, match=r"not whole numbers.*reach [0-9.e+]+.*sc\.pp\.log1p.*np\.rint"):
+        detect_scale(cp10k)
+    with pytest.raises(DataError, match="not whole numbers"):
+        detect_scale((counts * 0.93).toarray())  # ambient-corrected counts, dense

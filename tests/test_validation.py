@@ -610,6 +610,11 @@ def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_pat
     assert first.to_anndata().uns["virtualcell"]["new_contexts"] == part["context"]
     home = data[(contract.contexts(data) == elsewhere) & contract.is_control(data)][:4].copy()
     assert vc.Simulator(home, model).new_contexts() == []
+    bare = home.copy()
+    del bare.obs["cell_type"]  # no context column: nothing can tell, and the run says that instead
+    with caplog.at_level("WARNING"):
+        vc.Simulator(bare, model).simulate(model.perturbations.trained()[:1], progress=False)
+    assert "baseline cells have no such column" in caplog.text
     # and the model's card shows both, beside the verdict's part on the held-out context
     capsys.readouterr()
     assert main(["info", "--model", str(tmp_path / "m")]) == 0

@@ -212,6 +212,7 @@ class PerturbationVocab:
         typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
+        by_gene = self._kinds_named_by_gene()
 
         def one(p: Perturbation | Combination) -> str:
             if str(p) in typed_to_condition:  # as the data names it, with its dose: "drugA@10"
@@ -227,12 +228,29 @@ class PerturbationVocab:
             labels = [typed_to_label.get(str(q)) for q in parts]
             if len(parts) > 1 and all(labels):
                 return "+".join(labels)
-            if symbol_of:  # a target never trained on, named as the data's labels name genes ("ko:IRF9")
-                named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
-                return str(named[0] if len(named) == 1 else Combination(tuple(named)))
-            return str(p)
+            named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
+            if len(named) == 1 and named[0].kind in by_gene and named[0].dose is None and named[0].time is None \
+                    and named[0].target.upper() not in by_gene[named[0].kind]:
+                # a target never trained on, of a kind whose every training label is its gene's name (a knockout
+                # screen labelled STAT1, JAK2): named so too, "IRF9", as the measured cells would be; not where that
+                # name is a training label already (of another kind)
+                return named[0].target
+            return str(named[0] if len(named) == 1 else Combination(tuple(named)))
 
         return [one(p) for p in perturbations]
+
+    def _kinds_named_by_gene(self) -> dict[str, set[str]]:
+        """The genetic kinds whose training labels are each their target gene's name (``"STAT1"`` for
+        ``ko:STAT1``, also through :attr:`aliases`), each with every training label (upper case), which such a
+        name must not repeat; a kind trained under any other label (``"STAT1_KO"``, a pair) is left out."""
+        names: dict[str, bool] = {}
+        for label, typed in self.labels.items():
+            q = parse(typed)
+            if isinstance(q, Perturbation) and q.kind in GENETIC:
+                gene = self.aliases.get(label.upper(), label.upper())
+                names[q.kind] = names.get(q.kind, True) and gene == q.target.upper()
+        taken = {label.upper() for label in self.labels}
+        return {kind: taken for kind, ok in names.items() if ok}
 
     def label_map(self, perturbations: Sequence[str | Perturbation | Combination]) -> dict[str, str]:
         """Typed name -> training label (:meth:`labels_for`) of each perturbation, e.g.

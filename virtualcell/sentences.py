@@ -119,21 +119,41 @@ def _check_values(values: np.ndarray, where: str) -> None:
         raise DataError(
             f"{where} holds {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values. "
             "Expression must be finite: fix or remove the affected cells (for example "
-            "adata = adata[np.isfinite(adata.X.sum(axis=1)).A1]) before encoding."
+            "adata = adata[np.isfinite(np.asarray(adata.X.sum(axis=1))).ravel()]) before encoding."
         )
     if values.size and values.min() < 0:
         raise DataError(
             f"{where} holds {int((values < 0).sum())} negative values (min {float(values.min()):.3g}). "
             "Cell sentences rank expression, which must be >= 0: pass raw counts or log-normalized "
-            "values, not scaled/centered data (use the layer saved before sc.pp.scale, or adata.raw)."
+            "values, not scaled/centered data: put the values saved before sc.pp.scale back in X and write the "
+            "file again (adata.X = adata.layers['counts'], or adata = adata.raw.to_adata())."
         )
 
 
+# above this, values that are not whole numbers are not on a log scale: log1p of counts per million stays below 14,
+# and log1p(1e13) is 30 (so this is no tuned constant: any log-normalized matrix is far below it)
+LOG_SCALE_MAX = 30.0
+
+
 def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
-    """``"counts"`` if every stored value is a whole number, else ``"log1p"`` (already normalized)."""
+    """``"counts"`` if every stored value is a whole number, else ``"log1p"`` (already normalized).
+
+    Values that are not whole numbers and reach past :data:`LOG_SCALE_MAX` are refused: normalized but not logged,
+    or corrected counts (CellBender, SoupX), which read as log1p would put every prediction on the wrong scale.
+    """
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
     sample = values[: 2_000_000]
-    return "counts" if np.all(np.mod(sample, 1) == 0) else "log1p"
+    if np.all(np.mod(sample, 1) == 0):
+        return "counts"
+    top = float(np.max(sample))
+    if top > LOG_SCALE_MAX:
+        raise DataError(
+            f"The expression values are not whole numbers, so they are not raw counts, and they reach {top:.4g}, "
+            f"which no log-normalized data does (log1p of counts per million stays below 14): they look normalized "
+            "but not logged, or like corrected counts (CellBender, SoupX). virtualcell reads raw counts (whole "
+            "numbers) or log1p-normalized values: log them first (sc.pp.log1p(adata)), or give it raw counts "
+            "(corrected ones rounded: adata.X = np.rint(adata.X)).")
+    return "log1p"
 
 
 def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .distributed import Split
-from .errors import DataError, ScreenError, preview
+from .errors import DataError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -64,7 +64,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 log = logging.getLogger(__name__)
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
-               "baseline", "new_contexts")
+               "baseline", "new_contexts", "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -331,8 +331,10 @@ class Simulator:
     model
         A :class:`~virtualcell.model.C2SModel`.
     genes
-        ``"all"``: every gene of ``baseline`` must be in the model's vocabulary;
-        ``"shared"``: proceed on the shared genes.
+        ``"all"``: ``baseline`` and the model must have the same genes (every gene of ``baseline`` in the model's
+        vocabulary, and every gene of the model measured in ``baseline``); ``"shared"``: proceed on the shared
+        genes. The model's genes that ``baseline`` lacks are then read as not expressed, with a warning, and the
+        result names them (``attrs["absent_genes"]``).
     gene_key
         Var column of ``baseline`` holding the gene names (symbols or Ensembl ids); default
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
@@ -374,6 +376,20 @@ class Simulator:
         for i in np.flatnonzero(col >= 0):
             names[col[i]] = spelled[i]
         self.gene_names: list[str] = names
+        # the model's genes the baseline does not measure: read as not expressed, which is not what they are
+        absent = np.setdiff1d(np.arange(len(model.genes)), col[col >= 0])
+        self.absent_genes: list[str] = [model.genes.genes[i] for i in absent]
+        if absent.size:
+            what = (f"The baseline lacks {absent.size} of the model's {len(model.genes)} genes (e.g. "
+                    f"{preview(self.absent_genes, 5)}): the model would read every baseline cell as not expressing "
+                    "them, and predict them from a baseline of 0 that nobody measured")
+            if genes == "all":
+                raise VocabularyError(
+                    f"{what}. Give the baseline every gene the model was trained on (a gene measured and not "
+                    "expressed is a column of zeros), or pass genes='shared' (CLI: --genes shared) to go on anyway: "
+                    "those genes then stay in the prediction, read as not expressed, and the result names them "
+                    "(attrs['absent_genes']).")
+            log.warning("%s; genes='shared' goes on (the result names them: attrs['absent_genes']).", what)
         if versions:
             import warnings
 
@@ -628,6 +644,14 @@ class Simulator:
         P = len(perts)
         w = self.blend_weight(blend, calibrate=calibrate)
         new_contexts = self.new_contexts(n)
+        key = self.model.contract.context_key if self.model.contract is not None else None
+        if self._warn_new_contexts and key is not None and self.source_context(n) is None:
+            self._warn_new_contexts = False
+            log.warning("The model was trained with contexts in obs[%r] (%s) and the baseline cells have no such "
+                        "column: the predicted cells carry no context, and nothing tells whether they come from a "
+                        "context the model saw perturbed. Add obs[%r] to the baseline.", key,
+                        preview(sorted(self.model.trained_contexts or {}), 5) if self.model.trained_contexts
+                        else "not recorded", key)
         if new_contexts and self._warn_new_contexts:
             self._warn_new_contexts = False
             trained = [c for c, k in (self.model.trained_contexts or {}).items() if k.get("perturbed", 0) > 0]
@@ -755,6 +779,7 @@ class Simulator:
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
         agg.attrs["new_contexts"] = "; ".join(new_contexts)  # the cells' contexts the model never saw perturbed
+        agg.attrs["absent_genes"] = "; ".join(self.absent_genes)  # the model's genes the baseline did not measure
         cells = cells_model = draws = draws_model = None
         if cells_mem is not None:
             import xarray as xr

@@ -503,8 +503,10 @@ def _run(
         extra = sorted({f"{p} in {c}" for p, c in zip(pred_p.labels, pred_p.contexts)
                         if p != contract.control and (p, c) not in known})
         if extra:
-            info["pred_unmeasured"] = extra[:20]
-            log.info("%d predicted groups have no measurement and are not scored: %s", len(extra), preview(extra, 5))
+            info["pred_unmeasured"] = {"n": len(extra), "groups": extra[:20]}
+            log.warning("%d predicted groups have no measured cells under that label and are not scored: %s (the "
+                        "measured data's labels: %s)", len(extra), preview(extra, 5),
+                        preview(sorted({p for p, _ in known if p != contract.control}), 8))
             predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
             if not predicted & known:
                 dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p, _ in known)
@@ -677,6 +679,10 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
         for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
             if key in info:
                 lines.append(f"- {label}: {info[key]}")
+        if "pred_unmeasured" in info:
+            extra = info["pred_unmeasured"]
+            lines.append(f"- not scored: {extra['n']} predicted groups with no measured cells under that label "
+                         f"({preview(extra['groups'], 8)})")
     n_pert = table[["perturbation", "context"]].drop_duplicates().shape[0]
     if common and "model" in methods:
         keys = table.loc[table["method"] == "model", ["perturbation", "context"]].drop_duplicates()

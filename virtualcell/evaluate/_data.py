@@ -94,8 +94,9 @@ def check_values(adata: ad.AnnData, *, name: str, allow_negative: bool = False) 
     if not allow_negative and values.size and values.min() < 0:
         raise DataError(
             f"The {name} expression holds {int((values < 0).sum())} negative values (min {float(values.min()):.3g}). "
-            "Expression must be raw counts or log-normalized values (>= 0), not scaled or centered data: use the "
-            "layer saved before sc.pp.scale, or adata.raw."
+            "Expression must be raw counts or log-normalized values (>= 0), not scaled or centered data: put the "
+            "values saved before sc.pp.scale back in X and write the file again (adata.X = adata.layers['counts'], "
+            "or adata = adata.raw.to_adata())."
         )
 
 
@@ -112,8 +113,13 @@ def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> 
     X = adata.X
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
     values = X.data
-    if values.size and values.min() >= 0 and detect_scale(X) == "counts":
-        return log_normalize(X, "counts"), normalization_label("counts")
+    if values.size and values.min() >= 0:
+        try:
+            scale = detect_scale(X)
+        except DataError as err:
+            raise DataError(f"{name}: {err}") from None
+        if scale == "counts":
+            return log_normalize(X, "counts"), normalization_label("counts")
     return X, normalization_label("log1p")
 
 
