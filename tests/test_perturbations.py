@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from virtualcell.errors import PerturbationError
-from virtualcell.perturbations import Combination, Perturbation, parse, parse_panel
+from virtualcell.perturbations import Combination, Perturbation, in_units, parse, parse_panel
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,12 @@ def test_the_command_line_list_keeps_times_and_groups_whole():
         "drug:X@0.1uM,24h", "drug:X@1uM,24h", "ko:STAT1", "ko:JAK2"]
     with pytest.raises(PerturbationError, match=r"one \{\.\.\.\} group a line"):
         _split_list("drug:X@{0.1,1uM")
+
+
+def test_micro_is_read_from_the_micro_sign_and_the_greek_mu():
+    """Word, Excel and macOS write either character for micro; both read as u (they look the same on screen)."""
+    from virtualcell.perturbations import read_quantity
+
+    assert read_quantity("1 \u00b5M") == (1.0, "\u00b5M") and read_quantity("10 \u03bcM") == (10.0, "\u03bcM")
+    a, b = parse("drug:x@10\u00b5M"), parse("drug:x@10\u03bcM")
+    assert a.dose == b.dose == 10.0 and str(in_units(b, {"x": "uM"})) == str(in_units(a, {"x": "uM"}))

@@ -737,6 +737,37 @@ def test_own_target_tokens_name_trained_targets_apart_from_their_genes(papalexi_
         TrainConfig(target_tokens="shared")
 
 
+def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
+    """A drug with a dose in some cells and none in others, and pairs joined by '_' instead of '+', train (they may
+    be meant), but the run says so, naming them and the fix; 'A|B' as a gene is refused with how pairs are written."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.contract import DataContract
+    from virtualcell.errors import PerturbationError
+    from virtualcell.perturbations import parse
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    labels = ["control"] * 4 + ["drugA"] * 6 + ["KLF1_MAP2K6"] * 2 + ["KLF1"] * 2 + ["NT_2"] * 2
+    dose = [""] * 4 + ["1uM", "1uM", "1uM", "10uM", "", "nan"] + [""] * 6
+    a = ad.AnnData(np.ones((len(labels), 3), dtype=np.float32),
+                   obs=pd.DataFrame({"perturbation": labels, "dose": dose}, index=[str(i) for i in range(len(labels))]),
+                   var=pd.DataFrame(index=["KLF1", "MAP2K6", "GATA1"]))
+    contract = DataContract("perturbation", "control", dose_key="dose")
+    with caplog.at_level("WARNING"):
+        typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig())
+    assert "2 cells of 'drugA' have no dose in obs['dose']" in caplog.text and "its other 4 cells" in caplog.text
+    assert "1 labels join genes or other labels with '_' or '|' ('KLF1_MAP2K6')" in caplog.text
+    assert "NT_2" not in caplog.text.split("join genes")[1]  # a guide's number is not a gene
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a second control under another label, not named as one
+        typed_labels(a, DataContract("perturbation", "NT_1"), Vocabulary.from_adata(a), TrainConfig())
+    assert "labels look like control labels ('NT_2'" in caplog.text and "--control NT_1,NT_2" in caplog.text
+    with pytest.raises(PerturbationError, match=r"combination is written with '\+' \('KLF1\+MAP2K6'\)"):
+        parse("act:KLF1|MAP2K6")
+
+
 # --------------------------------------------------------------------------- the weights of the lowest validation loss
 def test_the_loop_keeps_the_weights_of_the_lowest_validation_loss():
     import time

@@ -56,7 +56,7 @@ KIND_ALIASES: dict[str, str] = {
 }
 _SHORT = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug": "drug", "cytokine": "cytokine", "label": "label"}
 _DESCRIBE = {"knockout": "CRISPR knockout of", "knockdown": "CRISPRi knockdown of", "activation": "CRISPRa activation of"}
-_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ/%]*)\s*$")
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµμ/%]*)\s*$")  # µ: micro sign, μ: Greek mu
 _TIME_UNITS = {"h": 1.0, "hr": 1.0, "hrs": 1.0, "hours": 1.0, "hour": 1.0, "min": 1 / 60, "m": 1 / 60, "d": 24.0, "day": 24.0, "days": 24.0}
 _GENE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 # dose unit families: each unit's factor to its family's common unit (lower case, 'µ' read as 'u')
@@ -106,7 +106,11 @@ class Perturbation:
             raise PerturbationError(f"A {self.kind} needs a target (e.g. '{_SHORT[self.kind]}:NAME').")
         if self.kind in GENETIC:
             if not _GENE.match(self.target):
-                raise PerturbationError(f"{self.target!r} is not a gene symbol (letters, digits, '.', '-', '_').")
+                joined = next((sep for sep in ("|", ",", ";", "&") if sep in self.target), None)
+                raise PerturbationError(
+                    f"{self.target!r} is not a gene symbol (letters, digits, '.', '-', '_')."
+                    + (f" A combination is written with '+' ({self.target.replace(joined, '+')!r}), not {joined!r}."
+                       if joined else ""))
             object.__setattr__(self, "target", self.target.upper())
             if self.dose is not None or self.time is not None:
                 raise PerturbationError(f"A {self.kind} takes no dose or time; use 'drug:' for compounds.")

@@ -9,6 +9,7 @@ the aliases by which labels name the panel's genes. ``kind="auto"`` reads genes 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..contract import DataContract
-from ..errors import DataError
+from ..errors import DataError, preview
 from ..perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 from ..prompts import PerturbationVocab, own_dose_name
 from ..sentences import Vocabulary, target_aliases
@@ -27,6 +28,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
 
 __all__ = ["typed_labels"]
+
+log = logging.getLogger(__name__)
+
+# labels that name a control in most screens; one of them trained as a perturbation is worth a warning
+CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
+                          "untreated", "mock", "unperturbed", "safe-targeting"})
 
 
 def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig) -> tuple[np.ndarray, PerturbationVocab]:
@@ -41,8 +48,16 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if unknown:
             raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
         kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
+    spaced = sorted({x for x in set(labels) - {contract.control} if any(c.isspace() for c in x)})
+    if spaced:
+        raise DataError(
+            f"{len(spaced)} perturbation labels in obs[{contract.perturbation_key!r}] hold spaces ({preview(spaced, 5)}), "
+            "which a perturbation's name cannot: rename them in the file, e.g. adata.obs[key] = "
+            "adata.obs[key].astype(str).str.replace(' ', '_'), or to the gene alone ('STAT1' for 'STAT1 KO') so that "
+            "a knockout is read as its gene's.")
     dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
     conditions = contract.conditions(adata, (dose, when))
+    _warn_odd_labels(labels, (dose, when), contract, genes)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
                               targets_with_gene=cfg.target_tokens == "both", dose_units=units)
     if kinds is not None or cfg.kind in ("auto", *GENETIC):
@@ -66,6 +81,41 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if condition not in vocab.labels and condition != contract.control:
             vocab.conditions.setdefault(str(condition), str(form))
     return typed, vocab
+
+
+def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarray], contract: DataContract,
+                     genes: Vocabulary) -> None:
+    """Warn about labels that train, but hardly as meant: a perturbation given a dose (or time) in some cells and
+    none in others (missing values, not a condition of their own), and labels that join two of the panel's genes or
+    two training labels with '_' or '|' (a combination is read only as 'A+B')."""
+    perturbed = labels != contract.control
+    for values, what, key in zip(quantities, ("dose", "time"), (contract.dose_key, contract.time_key)):
+        if key is None:
+            continue
+        given = np.isfinite(values) & perturbed
+        for label in sorted(set(labels[given])):
+            missing = (labels == label) & ~np.isfinite(values)
+            if missing.any():
+                log.warning("%d cells of %r have no %s in obs[%r] (empty, NaN or 0) while its other %d cells have "
+                            "one: they train as a condition of their own, %r without a %s, beside its %ss. If their "
+                            "%s is missing, fill it in or drop those cells.", int(missing.sum()), label, what, key,
+                            int(((labels == label) & given).sum()), label, what, what, what)
+    stem = re.sub(r"[\W_]*\d+$", "", contract.control).lower()
+    alike = sorted(x for x in set(labels[perturbed])
+                   if (x_stem := re.sub(r"[\W_]*\d+$", "", x).lower()) in CONTROL_LIKE or x.lower() in CONTROL_LIKE
+                   or (stem and x_stem == stem))
+    if alike:
+        log.warning("%d labels look like control labels (%s) and train as perturbations; if they are controls, "
+                    "name them all (--control %s; DataContract(..., other_controls=...)).", len(alike),
+                    preview(alike, 5), ",".join([contract.control, *alike[:3]]))
+    names = {g.upper() for g in genes.genes} | {str(x).upper() for x in labels[perturbed]}
+    joined = sorted(x for x in set(labels[perturbed]) if len(parts := re.split(r"[_|]", x)) > 1
+                    and all(part.upper() in names for part in parts))
+    if joined:
+        log.warning("%d labels join genes or other labels with '_' or '|' (%s): each is read as one perturbation "
+                    "of its own, not a combination. A combination is written 'A+B': rename them (e.g. "
+                    "adata.obs[%r] = adata.obs[%r].str.replace('_', '+')) to train them as pairs.", len(joined),
+                    preview(joined, 5), contract.perturbation_key, contract.perturbation_key)
 
 
 def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,
