@@ -214,3 +214,28 @@ def test_a_gpu_asked_of_a_machine_without_one_is_refused_with_what_it_has():
     if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         with pytest.raises(ModelError, match=r"Device 'mps' \(Apple's Metal\) was asked for"):
             pick_device("mps")
+
+
+def test_an_interrupted_command_says_how_to_resume_and_warnings_are_log_lines(monkeypatch, capsys, caplog):
+    """Ctrl-C is a line saying what to run, not a traceback; a Python warning is one log line, not a source line."""
+    import warnings
+
+    from virtualcell import cli
+
+    def interrupted(args):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    def warns(args):  # noqa: ANN001, ANN202
+        warnings.warn("a warning for a person", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_screen", interrupted)
+    assert cli.main(["screen", "--model", "m", "--data", "d", "--panel", "p", "--out", "o"]) == 130
+    assert "screen: interrupted. Run the same command again: the screen resumes" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_info", warns)
+    shown = warnings.showwarning
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        assert cli.main(["info", "--model", "m"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "virtualcell"] == ["a warning for a person"]
+    assert warnings.showwarning is shown  # put back when the command ends

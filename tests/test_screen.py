@@ -257,6 +257,21 @@ def test_cli_panel_error_names_the_line(tiny_model, tmp_path, capsys):
     assert code != 0 and "line 4" in err and "ko:JAK2 ++ drug:" in err
 
 
+def test_cli_group_size_sets_what_an_interrupted_screen_keeps(tiny_model, tmp_path):
+    import json
+
+    from virtualcell.cli import main
+
+    _, folder, _ = tiny_model
+    base = _baseline_file(tiny_model, tmp_path)
+    panel = tmp_path / "panel.txt"
+    panel.write_text("ko:STAT1\nko:JAK2\nko:IRF1\n")
+    assert main(["screen", "--model", str(folder), "--data", str(base), "--panel", str(panel), "--n-cells", "4",
+                 "--samples", "1", "--group-size", "1", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["group_size"] == 1
+    assert len(list((tmp_path / "out" / "groups").glob("group_*.nc"))) == 3  # one saved group per perturbation
+
+
 def test_broken_config_or_user_folder_is_refused_and_force_starts_over(sim, tmp_path):
     from virtualcell.errors import OutputError
 

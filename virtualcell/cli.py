@@ -112,6 +112,10 @@ def _split_list(text: str) -> list[str]:
 def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     """The baseline cells: the data's control cells when it is a whole screen with the model's contract."""
     adata = _load_data(args.data)
+    if adata.n_obs == 0:
+        from .errors import DataError
+
+        raise DataError(f"{args.data} holds no cells: the baseline needs at least one cell to predict from.")
     contract = model.contract
     if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
         is_ctrl = contract.is_control(adata)
@@ -244,7 +248,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
                  blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior,
-                 compose=args.compose)
+                 compose=args.compose, group_size=args.group_size)
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
@@ -353,6 +357,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last:
         print(f"  steps {last.get('step')}, train loss {last.get('loss', float('nan')):.3f}, "
               f"validation loss {last.get('val_loss', float('nan')):.3f}")
+    kinds = model.card()["perturbations"]["kinds"]
+    print(f"  the labels were read as: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}"
+          + (" (--kind auto; --kind or --kind-key say otherwise)" if args.kind == "auto" and not args.kind_key else ""))
     from .target_offsets import moved
 
     if model.target_offsets is not None:
@@ -517,7 +524,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
     _add_gene_key(p)
     p.add_argument("--genes", choices=["all", "shared"], default="all",
-                   help="'all': every gene of --data must be in the model; 'shared': proceed on the genes the model knows")
+                   help="'all': --data and the model must have the same genes; 'shared': proceed on the genes "
+                   "both have (the model's genes that --data lacks are read as not expressed, with a warning)")
     p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, cell and perturbation")
     p.add_argument("--batch-size", type=_positive_int, default=512,
@@ -792,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest (default), raise:G1,G2, lower:G1,G2, signature:UP/DOWN, reverse:UP/DOWN, toward:REF.h5ad")
     p.add_argument("--top", type=_positive_int, default=10, help="size of the diverse shortlist")
     p.add_argument("--out", required=True, help="results folder (resumes an interrupted screen)")
+    p.add_argument("--group-size", type=_positive_int, default=16,
+                   help="perturbations simulated and saved together: an interrupted screen resumes after its last "
+                   "finished group (smaller: less lost to an interruption, a little slower)")
     _add_force(p, "a folder virtualcell did not write, or one of another screen (its results are then discarded)")
     p.set_defaults(func=cmd_screen)
 
@@ -822,9 +833,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """``warnings.showwarning`` for the command line: the warning as one log line."""
+    log.warning("%s", message)
+
+
 def _run(args: argparse.Namespace) -> int:
+    import warnings
+
+    shown = warnings.showwarning
+    if args.verbose < 2:  # a warning is one log line for a person, not a source line of ours (-vv: Python's own)
+        warnings.showwarning = _warning_line
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose >= 2:
+            raise
+        again = {"train": "training resumes from OUT/last", "screen": "the screen resumes from its finished batches"}
+        print(f"\nvirtualcell {args.command}: interrupted." + (
+            f" Run the same command again: {again[args.command]}." if args.command in again else ""), file=sys.stderr)
+        return 130
     except VirtualCellError as err:
         print(f"virtualcell {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -834,6 +862,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"virtualcell {args.command}: error: cannot use {err.filename!r} ({err.strerror}). "
               "Check the path and its permissions (-vv shows the traceback).", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":  # pragma: no cover
