@@ -132,7 +132,7 @@ def test_mse_difference_bounds_which_is_better():
     assert mse_difference(close, far, y, seed=3) == mse_difference(close, far, y, seed=3)  # seeded
     one = mse_difference(close[:1], far[:1], y[:1])  # one row: a difference, no interval
     assert one["mse"] < 0 and np.isnan(one["low"]) and np.isnan(one["high"])
-    # ... and then the summary settles nothing
+    # ... and then the summary settles nothing: it says which error is lower, and that one group gives no interval
     from virtualcell.validation import _summary
 
     scores = {"pearson_delta": 0.5, "mse": 0.1}
@@ -141,7 +141,9 @@ def test_mse_difference_bounds_which_is_better():
         return {"model": scores, "baseline": scores | {"name": "meanshift"}, "blend": scores, "weight": 0.5,
                 "difference": difference}
 
-    assert "neither is clearly better" in _summary(1, 10, part(one))
+    lone = _summary(1, 10, part(one))
+    assert "the model's error is lower, on 1 held-out group, too few for an interval" in lone and "nan" not in lone
+    assert "better" not in lone.split("—")[1].split(";")[0]
     assert "the model is better" in _summary(12, 10, part(mse_difference(close, far, y)))
 
 
@@ -647,6 +649,28 @@ def test_a_verdict_with_no_other_context_to_judge_is_the_held_out_context_s(two_
     assert part["weight"] == model.verdict["weight"]
     assert model.verdict["summary"].startswith(f"Validation (context {part['context']!r} held out of training whole")
     assert model.verdict["summary"].count("held out of training whole") == 1
+
+
+def test_small_contexts_still_get_a_verdict_and_none_at_all_is_said_at_train(tmp_path, caplog):
+    """Patient x cell-type contexts often have fewer than 40 control cells each: the verdict then holds out of those
+    with 16, rather than none (which served the pure model unjudged); below that, training says why there is none."""
+    from virtualcell.train import train
+
+    data = vc.datasets.synthetic_screen(n_genes=40, n_tfs=6, n_knockouts=3, n_drugs=0, n_cytokines=0, n_contexts=2,
+                                        n_cells_per_condition=30, n_control_cells=30, seed=0)
+    contract = DataContract.from_adata(data)
+    cfg = dataclasses.replace(TINY, verdict_samples=(1,), verdict_temperatures=(1.0,))
+    held = verdict_split(data, contract, cfg)
+    assert held[contract.is_control(data)].sum() == 2 * 8 and held[~contract.is_control(data)].any()
+    model = train(data, out=tmp_path / "m", contract=contract, config=cfg, progress=False)
+    assert model.verdict is not None and model.verdict["n_contexts"] == 2
+    ctx, control = contract.contexts(data), contract.is_control(data)
+    few = data[~control | (np.cumsum(control) % 3 == 0)].copy()  # 10 controls a context
+    with caplog.at_level("WARNING"):
+        bare = train(few, out=tmp_path / "m2", contract=contract, config=cfg, progress=False)
+    assert bare.verdict is None
+    assert "No validation verdict: no context has 16 control cells (the most: 10 in" in caplog.text
+    assert "serve the pure model" in caplog.text
 
 
 def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):

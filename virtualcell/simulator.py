@@ -655,12 +655,15 @@ class Simulator:
         if new_contexts and self._warn_new_contexts:
             self._warn_new_contexts = False
             trained = [c for c, k in (self.model.trained_contexts or {}).items() if k.get("perturbed", 0) > 0]
+            checked = ("it has no validation verdict, so nothing checked it anywhere, and for these cells the "
+                       "prediction is a transfer too" if not self.model.verdict else
+                       "its validation verdict" + ("" if w is None else f" and the blend weight served ({w:.2f})")
+                       + " was measured on the contexts it trained on, so for these cells the prediction is a "
+                       "transfer it did not check")
             log.warning("The baseline cells of %s %s come from a context the model never saw perturbed (it trained "
-                        "on perturbed cells of %s): its validation verdict%s was measured on the contexts it trained "
-                        "on, so for these cells the prediction is a transfer it did not check. `virtualcell train "
-                        "--context-verdict` judges one context held out whole.", self.model.contract.context_key,
-                        preview(new_contexts, 5), preview(trained, 5),
-                        "" if w is None else f" and the blend weight served ({w:.2f})")
+                        "on perturbed cells of %s): %s. `virtualcell train --context-verdict` judges one context held "
+                        "out whole.", self.model.contract.context_key, preview(new_contexts, 5), preview(trained, 5),
+                        checked)
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []

@@ -51,7 +51,7 @@ from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
 from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_symbols, roundtrip,
                         with_gene_key)
-from .training.holdout import (VERDICT_MIN_CONTROLS, baseline_cells, holdout_mask, unseen_labels, verdict_cells,
+from .training.holdout import (baseline_cells, holdout_mask, no_verdict_reason, unseen_labels, verdict_cells,
                                verdict_context, verdict_split)
 from .training.labels import typed_labels
 from .training.pairing import PAIRINGS, build_pairs, check_pairing
@@ -438,6 +438,10 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     given_hash = data_hash(data, contract)
     # perturbations, and a context, held out whole: judged as ones never seen
     unseen, context, in_verdict = verdict_cells(data, contract, cfg)
+    if cfg.verdict_fraction > 0 and not (in_verdict & ~contract.is_control(data)).any():
+        log.warning("No validation verdict: %s. Nothing is held out to judge the model on, so predict and screen will "
+                    "serve the pure model, unblended and unchecked against the baseline.",
+                    no_verdict_reason(data, contract))
     held = data[in_verdict] if in_verdict.any() else None
     baseline = baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
@@ -905,8 +909,13 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     unseen, context, in_verdict = verdict_cells(data, contract, cfg)
     held, trained = data[in_verdict], data[~in_verdict]
     if not in_verdict.any():
-        raise DataError(f"The verdict split of this data holds out no cells (no context has {VERDICT_MIN_CONTROLS} "
-                        "control cells); there is nothing to judge the model on.")
+        raise DataError(f"The verdict split of this data holds out no cells ({no_verdict_reason(data, contract)}); "
+                        "there is nothing to judge the model on.")
+    recorded = run.get("n_verdict_cells")
+    if recorded is not None and int(in_verdict.sum()) != int(recorded):
+        raise DataError(f"The verdict split of this data holds out {int(in_verdict.sum())} cells, and the training run "
+                        f"held out {recorded}: this checkpoint was trained by a virtualcell that chose other cells, so "
+                        "some cells judged now may be cells it trained on. Train it again to judge it.")
     sentences = encode(trained, top_k=model.top_k, seed=cfg.seed)
     # fitted again, as training fits them today (a checkpoint of an older version gets what it lacks, e.g. the
     # covariance that serves the coexpression baseline); the same cells give trained perturbations the same deltas

@@ -511,10 +511,16 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
     model, base, blend, w = part["model"], part["baseline"], part["blend"], part["weight"]
     name, diff = base["name"], part["difference"]
     settled = diff["high"] < 0 or diff["low"] > 0  # the interval excludes 0; NaN bounds (one row) settle nothing
+    lone = not (np.isfinite(diff["low"]) and np.isfinite(diff["high"]))  # one group: no interval over groups
     if settled:
         better = "the model is better" if diff["mse"] < 0 else "the baseline is better"
+    elif lone:
+        better = (f"the {'model' if diff['mse'] < 0 else 'baseline'}'s error is lower, on {diff['rows']} held-out "
+                  "group, too few for an interval")
     else:
         better = "neither is clearly better"
+    interval = ("" if lone else f"; the difference's 95% interval over the {diff['rows']} held-out perturbation x "
+                f"context groups is {diff['low']:+.4f} to {diff['high']:+.4f}")
     if reported_only:
         served = f"a blend fitted there would weigh the model {w:.2f} (reported; not what predictions are served with)"
     else:
@@ -522,9 +528,8 @@ def _summary(n_labels: int, n_cells: int, part: Mapping[str, Any],
                   else "predictions are blended")
     return (f"Validation ({what.format(n=n_labels)}, {n_cells} cells): model pearson_delta "
             f"{model['pearson_delta']:.2f}, {name} {base['pearson_delta']:.2f}, blend (w={w:.2f}) "
-            f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}; the "
-            f"difference's 95% interval over the {diff['rows']} held-out groups is {diff['low']:+.4f} to "
-            f"{diff['high']:+.4f}); {served}.")
+            f"{blend['pearson_delta']:.2f} — {better} (MSE {model['mse']:.4f} against {base['mse']:.4f}{interval}); "
+            f"{served}.")
 
 
 # --------------------------------------------------------------------------- #

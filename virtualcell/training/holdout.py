@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
 
 __all__ = ["holdout_mask", "unseen_labels", "verdict_context", "verdict_split", "verdict_cells", "baseline_cells",
-           "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_MIN_CELLS"]
+           "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
+           "VERDICT_MIN_CELLS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray
         unknown = sorted({str(v) for v in values} - set(column))
         if unknown:
             raise DataError(
-                f"holdout {col}={','.join(unknown)} matches no cell, so nothing would be held out. "
-                f"{col} holds: {preview(sorted(set(column)), 20)}."
+                f"holdout {col}={','.join(unknown)} matches no cell, so nothing would be held out "
+                f"(',' separates values). {col} holds: {preview(sorted(set(column)), 20)}."
             )
         keep &= ~column.isin([str(v) for v in values]).to_numpy()
     return keep
@@ -50,6 +51,8 @@ def holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray
 
 VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at most: it stays quick
 VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
+# ... or, where no context has that many (small patient x cell-type contexts), this many: 8 held out, 8 left to train
+VERDICT_FEWEST_CONTROLS = 16
 VERDICT_MIN_CELLS = 20  # a perturbation holds out cells in a context only when it has this many there
 
 
@@ -131,9 +134,27 @@ def verdict_cells(data: ad.AnnData, contract: DataContract, cfg: TrainConfig
 
 
 def _contexts_with_controls(ctx: np.ndarray, is_control: np.ndarray) -> list[str]:
-    """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells: the only ones the verdict holds
-    cells out of (it needs controls to feed the model and others to measure against)."""
-    return [c for c in sorted(set(ctx)) if np.sum(is_control & (ctx == c)) >= VERDICT_MIN_CONTROLS]
+    """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells, or where none has that many, those with
+    :data:`VERDICT_FEWEST_CONTROLS`: the only ones the verdict holds cells out of (it needs controls to feed the
+    model and others to measure against). A smaller verdict is noisier, but none at all serves the pure model
+    unjudged."""
+    counts = {c: int(np.sum(is_control & (ctx == c))) for c in sorted(set(ctx))}
+    enough = [c for c, n in counts.items() if n >= VERDICT_MIN_CONTROLS]
+    return enough or [c for c, n in counts.items() if n >= VERDICT_FEWEST_CONTROLS]
+
+
+def no_verdict_reason(data: ad.AnnData, contract: DataContract) -> str:
+    """Why :func:`verdict_split` holds nothing out of ``data``, for a person."""
+    ctx, is_ctrl = contract.contexts(data), contract.is_control(data)
+    counts = {c: int(np.sum(is_ctrl & (ctx == c))) for c in sorted(set(ctx))}
+    most = max(counts, key=counts.get) if counts else None
+    if most is None or counts[most] < VERDICT_FEWEST_CONTROLS:
+        where = f" (the most: {counts[most]} in {most!r})" if most is not None and len(counts) > 1 else (
+            f" ({counts[most]})" if most is not None else "")
+        return (f"no context has {VERDICT_FEWEST_CONTROLS} control cells{where}; a coarser --context-key, or more "
+                "control cells, gives one")
+    return (f"no perturbation has {VERDICT_MIN_CELLS} cells in a context with {VERDICT_FEWEST_CONTROLS} control cells "
+            "or more")
 
 
 def baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.ndarray,
@@ -149,7 +170,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
                   unseen: Mapping[str, str] | None = None, context: str | None = None) -> np.ndarray:
     """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
 
-    Per context with at least 40 control cells, a seeded ``verdict_fraction`` of them (at
+    Per context with at least 40 control cells (16 where no context has 40), a seeded ``verdict_fraction`` of them (at
     least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
     ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
     :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
