@@ -74,6 +74,9 @@ CASES = [
     # training data
     ("holdout-value-matches-nothing", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
      "--holdout bio_rep=rep3 --max-steps 1 --out {tmp}/t"), r"holdout bio_rep=rep3 matches no cell.*'rep_1'"),
+    ("holdout-values-match-nothing", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--holdout bio_rep=rep9,rep8 --max-steps 1 --out {tmp}/t"), r"matches no cell, so nothing would be held out \(',' "
+     r"separates values\)"),
     # output folders that are not ours, or in use
     ("train-out-not-ours", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-steps 1 "
      "--out {user_folder}"), r"not written by virtualcell .*--force"),
@@ -239,3 +242,18 @@ def test_an_interrupted_command_says_how_to_resume_and_warnings_are_log_lines(mo
         assert cli.main(["info", "--model", "m"]) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "virtualcell"] == ["a warning for a person"]
     assert warnings.showwarning is shown  # put back when the command ends
+
+
+def test_a_holdout_value_holding_a_comma_is_read_whole(files, tmp_path):
+    import anndata as ad
+
+    import virtualcell as vc
+    from virtualcell.cli import main
+
+    a = ad.read_h5ad(files["screen_h5ad"])
+    a.obs["batch"] = np.where(np.arange(a.n_obs) % 3 == 0, "lane 1,2", "lane 3")
+    a.write_h5ad(tmp_path / "s.h5ad")
+    assert main(["train", "--data", str(tmp_path / "s.h5ad"), "--perturbation-key", "perturbation", "--control",
+                 "control", "--holdout", "batch=lane 1,2", "--max-steps", "1", "--top-k", "10", "--hidden-size", "16",
+                 "--layers", "1", "--heads", "2", "--verdict-fraction", "0", "--out", str(tmp_path / "m")]) == 0
+    assert vc.C2SModel.load(tmp_path / "m").train_config["holdout"] == {"batch": ["lane 1,2"]}

@@ -164,6 +164,10 @@ def test_a_context_of_several_columns(tmp_path):
     assert contract.context_columns(screen) == ["cell_type", "patient"] and contract.has_context(screen)
     with pytest.raises(ContractError, match=r"context column 'donor' is not in adata.obs"):
         DataContract("perturbation", "control", context_key="cell_type+donor").validate(screen)
+    joined = screen.copy()  # a value holding the separator would merge ('A|x', 'y') with ('A', 'x|y'): refused
+    joined.obs["patient"] = np.where(joined.obs["patient"] == "p1", "p1|a", "p2")
+    with pytest.raises(ContractError, match=r"'patient' has values holding '\|' \('p1\|a'\)"):
+        contract.contexts(joined)
     cfg = TrainConfig(top_k=15, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
                       verdict_fraction=0.0)
     model = train(screen, out=tmp_path / "m", contract=contract, config=cfg, progress=False)

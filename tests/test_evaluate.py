@@ -162,6 +162,13 @@ def test_additive_is_exact_when_the_truth_is_additive(additive_truth):
     assert lin.loc[lin["metric"] == "pearson_delta", "value"].min() > 0.9
 
 
+def test_a_baseline_with_nothing_to_predict_is_named_in_the_summary(additive_truth):
+    """One context: meanshift (the effect in other contexts) predicts nothing; the summary says so and why."""
+    table = evaluate(None, additive_truth, profile="pearson", baselines=("meanshift", "additive"), ceiling=False)
+    assert "meanshift" not in set(table["method"]) and table.attrs["virtualcell"]["baselines_empty"] == ["meanshift"]
+    assert "- baselines that predict none of these groups: meanshift (meanshift needs" in summarize(table)
+
+
 def test_additive_sums_a_dosed_pair_at_its_dose():
     """A pair's condition carries one dose for the pair ("A+B@1"): the parts are A@1 and B@1, not A and B@1."""
     rng = np.random.default_rng(3)

@@ -766,6 +766,20 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     assert "labels look like control labels ('NT_2'" in caplog.text and "--control NT_1,NT_2" in caplog.text
     with pytest.raises(PerturbationError, match=r"combination is written with '\+' \('KLF1\+MAP2K6'\)"):
         parse("act:KLF1|MAP2K6")
+    caplog.clear()  # a knockout time course: a gene outside the panel, given a time and no dose, reads as a drug
+    a.obs["time"] = ["" if x == "control" else "24h" for x in labels]
+    a.obs["perturbation"] = ["IRF1" if x == "drugA" else x for x in labels]
+    with caplog.at_level("WARNING"):
+        typed, _ = typed_labels(a, DataContract("perturbation", "control", time_key="time"),
+                                Vocabulary.from_adata(a), TrainConfig())
+    assert "1 labels that look like gene symbols ('IRF1') are read as drugs" in caplog.text
+    assert "--kind knockout" in caplog.text and "KLF1'" not in caplog.text.split("read as drugs")[0]
+    caplog.clear()  # a dose column that gives no cell a dose: most likely the wrong column
+    a.obs["empty"] = [""] * a.n_obs
+    with caplog.at_level("WARNING"):
+        typed_labels(a, DataContract("perturbation", "control", dose_key="empty"), Vocabulary.from_adata(a),
+                     TrainConfig())
+    assert "obs['empty'], named as the dose column, gives no perturbed cell a dose" in caplog.text
 
 
 # --------------------------------------------------------------------------- the weights of the lowest validation loss

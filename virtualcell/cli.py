@@ -332,7 +332,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         col, _, values = item.partition("=")
         if not values:
             raise _usage(f"--holdout {item!r}: write COLUMN=VALUE[,VALUE...], e.g. bio_rep=rep_3")
-        holdout[col] = values.split(",")
+        column = set(adata.obs[col].astype(str)) if col in adata.obs.columns else set()
+        holdout[col] = [values] if values in column else values.split(",")  # a value with a comma, given whole
     cfg = TrainConfig(
         top_k=args.top_k, hidden_size=args.hidden_size, n_layers=args.layers, n_heads=args.heads, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,

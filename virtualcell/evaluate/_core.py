@@ -542,7 +542,10 @@ def _run(
             out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,
                      control=contract.control, context_key=contract.context_key, max_cells=max_cells, seed=seed)
             bp = prepare(out, contract, genes, name=f"baseline {name!r}")
-            rows += score(name, bp, setup.real, contexts)
+            scored = score(name, bp, setup.real, contexts)
+            if not scored:
+                info.setdefault("baselines_empty", []).append(name)
+            rows += scored
     if ceiling:
         half_a, half_b = _halves(setup.real, contract.control, seed)
         ceiling_contexts = _real_contexts(half_b, contract.control, cells=cells, max_cells=max_cells, seed=seed)
@@ -679,6 +682,11 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
         for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
             if key in info:
                 lines.append(f"- {label}: {info[key]}")
+        if info.get("baselines_empty"):
+            lines.append(f"- baselines that predict none of these groups: {', '.join(info['baselines_empty'])} "
+                         "(meanshift needs the perturbation measured in another context, pertmean and linear other "
+                         "perturbations in the context, additive the parts of a pair, coexpression a measured gene; "
+                         "--train gives them training cells)")
         if "pred_unmeasured" in info:
             extra = info["pred_unmeasured"]
             lines.append(f"- not scored: {extra['n']} predicted groups with no measured cells under that label "

@@ -314,7 +314,8 @@ def compare_distance(pair: PredRealPair) -> dict[str, float]:
     for p in pair.perturbations:
         X, Y, C = pair.pred_cells.get(p), pair.real_cells.get(p), pair.control_cells
         ok = X is not None and Y is not None and C is not None and len(X) and len(Y) and len(C)
-        out[p] = float(dist.compare_distance(pert=Y, pred=X, ctrl=C)) if ok else np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):  # a prediction equal to the controls (nochange) is inf
+            out[p] = float(dist.compare_distance(pert=Y, pred=X, ctrl=C)) if ok else np.nan
     return out
 
 

@@ -31,6 +31,9 @@ __all__ = ["typed_labels"]
 
 log = logging.getLogger(__name__)
 
+# words that follow a gene in a label without naming a second one ("STAT1_KO", "JAK2_sg1" is not gene-like anyway)
+NOT_GENES = frozenset({"KO", "KD", "OE", "SG", "GUIDE", "CTRL", "NT", "WT", "MUT", "CRISPRA", "CRISPRI"})
+
 # labels that name a control in most screens; one of them trained as a perturbation is worth a warning
 CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
                           "untreated", "mock", "unperturbed", "safe-targeting"})
@@ -72,6 +75,15 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if key not in cache:
             cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
         typed[i] = cache[key]
+    if kinds is None and cfg.kind == "auto":  # a time course of knockouts of genes outside the panel reads as drugs
+        timed = sorted({str(lab) for lab, form in zip(labels, typed)
+                        if form.startswith("drug:") and _all_gene_like(str(lab).split("+"))}
+                       - {str(lab) for lab, d in zip(labels, dose) if np.isfinite(d)})
+        if timed:
+            log.warning("%d labels that look like gene symbols (%s) are read as drugs: their cells carry a time and "
+                        "they name no gene of the panel (kind auto). If they are genetic perturbations, pass --kind "
+                        "knockout (or activation, knockdown; --kind-key for a column of kinds).", len(timed),
+                        preview(timed, 5))
     # each training label maps to its most common typed form (doses dropped)
     for label in set(labels) - {contract.control}:
         forms = [str(without_quantities(parse(s))) for s in typed[labels == label]]
@@ -93,6 +105,9 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
         if key is None:
             continue
         given = np.isfinite(values) & perturbed
+        if perturbed.any() and not given.any():
+            log.warning("obs[%r], named as the %s column, gives no perturbed cell a %s (every value empty, NaN or 0): "
+                        "check the column's name, or leave the %s key unset.", key, what, what, what)
         for label in sorted(set(labels[given])):
             missing = (labels == label) & ~np.isfinite(values)
             if missing.any():
@@ -110,7 +125,8 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
                     preview(alike, 5), ",".join([contract.control, *alike[:3]]))
     names = {g.upper() for g in genes.genes} | {str(x).upper() for x in labels[perturbed]}
     joined = sorted(x for x in set(labels[perturbed]) if len(parts := re.split(r"[_|]", x)) > 1
-                    and all(part.upper() in names for part in parts))
+                    and _all_gene_like(parts) and not {part.upper() for part in parts} & NOT_GENES
+                    and any(part.upper() in names for part in parts))
     if joined:
         log.warning("%d labels join genes or other labels with '_' or '|' (%s): each is read as one perturbation "
                     "of its own, not a combination. A combination is written 'A+B': rename them (e.g. "
