@@ -671,6 +671,11 @@ def test_small_contexts_still_get_a_verdict_and_none_at_all_is_said_at_train(tmp
     assert bare.verdict is None
     assert "No validation verdict: no context has 16 control cells (the most: 10 in" in caplog.text
     assert "serve the pure model" in caplog.text
+    # perturbations of 12 cells a context (none has 20): 10 is enough
+    thin = vc.datasets.synthetic_screen(n_genes=40, n_tfs=6, n_knockouts=3, n_drugs=0, n_cytokines=0, n_contexts=2,
+                                        n_cells_per_condition=12, n_control_cells=30, seed=0)
+    assert verdict_split(thin, contract, cfg)[~contract.is_control(thin)].any()
+    assert train(thin, out=tmp_path / "m3", contract=contract, config=cfg, progress=False).verdict is not None
 
 
 def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(tiny_model, tmp_path, caplog):

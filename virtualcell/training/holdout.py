@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["holdout_mask", "unseen_labels", "verdict_context", "verdict_split", "verdict_cells", "baseline_cells",
            "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
-           "VERDICT_MIN_CELLS"]
+           "VERDICT_MIN_CELLS", "VERDICT_FEWEST_CELLS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at mos
 VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
 # ... or, where no context has that many (small patient x cell-type contexts), this many: 8 held out, 8 left to train
 VERDICT_FEWEST_CONTROLS = 16
+VERDICT_FEWEST_CELLS = 10  # ... and perturbations with this many cells there, where none has VERDICT_MIN_CELLS
 VERDICT_MIN_CELLS = 20  # a perturbation holds out cells in a context only when it has this many there
 
 
@@ -153,8 +154,8 @@ def no_verdict_reason(data: ad.AnnData, contract: DataContract) -> str:
             f" ({counts[most]})" if most is not None else "")
         return (f"no context has {VERDICT_FEWEST_CONTROLS} control cells{where}; a coarser --context-key, or more "
                 "control cells, gives one")
-    return (f"no perturbation has {VERDICT_MIN_CELLS} cells in a context with {VERDICT_FEWEST_CONTROLS} control cells "
-            "or more")
+    return (f"no perturbation has {VERDICT_FEWEST_CELLS} cells in a context with {VERDICT_FEWEST_CONTROLS} control "
+            "cells or more")
 
 
 def baseline_cells(data: ad.AnnData, contract: DataContract, in_verdict: np.ndarray,
@@ -173,7 +174,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     Per context with at least 40 control cells (16 where no context has 40), a seeded ``verdict_fraction`` of them (at
     least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
     ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
-    :meth:`DataContract.conditions`) with at least 20 cells there. At most 24 conditions (a
+    :meth:`DataContract.conditions`) with at least 20 cells there (10 where none has 20). At most 24 conditions (a
     seeded choice) lose cells; the others train on all theirs. Every cell of the ``unseen``
     conditions (:func:`unseen_labels`) is held out too, and every perturbed cell of ``context``
     (:func:`verdict_context`).
@@ -186,8 +187,11 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
     unseen = set(unseen or ())
     contexts = _contexts_with_controls(ctx, is_ctrl)
-    eligible = sorted({p for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
-                       if n >= VERDICT_MIN_CELLS} - unseen)
+    counts = [(p, n) for c in contexts for p, n in zip(*np.unique(labels[(ctx == c) & ~is_ctrl], return_counts=True))
+              if p not in unseen]
+    # perturbations with 20 cells in a context, or where none has that many, 10
+    fewest = VERDICT_MIN_CELLS if any(n >= VERDICT_MIN_CELLS for _, n in counts) else VERDICT_FEWEST_CELLS
+    eligible = sorted({p for p, n in counts if n >= fewest})
     chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()
     for c in contexts:
         controls = np.flatnonzero(is_ctrl & (ctx == c))
@@ -195,7 +199,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
         held[rng.choice(controls, size=k, replace=False)] = True
         for p in sorted(chosen):
             cells = np.flatnonzero((ctx == c) & (labels == p))
-            if cells.size >= VERDICT_MIN_CELLS:
+            if cells.size >= fewest:
                 held[rng.choice(cells, size=max(1, int(round(cfg.verdict_fraction * cells.size))), replace=False)] = True
     if unseen:
         held |= np.isin(labels, sorted(unseen))
