@@ -97,9 +97,10 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
 
 def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarray], contract: DataContract,
                      genes: Vocabulary) -> None:
-    """Warn about labels that train, but hardly as meant: a perturbation given a dose (or time) in some cells and
-    none in others (missing values, not a condition of their own), and labels that join two of the panel's genes or
-    two training labels with '_' or '|' (a combination is read only as 'A+B')."""
+    """Warn about labels that train, but hardly as meant: a dose (or time) column that gives no perturbed cell a
+    value (the wrong column?); a perturbation given a dose (or time) in some cells and none in others (missing values,
+    not a condition of their own); labels that look like a second control; and labels that join genes or training
+    labels with '_' or '|' (a combination is read only as 'A+B')."""
     perturbed = labels != contract.control
     for values, what, key in zip(quantities, ("dose", "time"), (contract.dose_key, contract.time_key)):
         if key is None:
