@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # words that follow a gene in a label without naming a second one ("STAT1_KO", "JAK2_sg1" is not gene-like anyway)
 NOT_GENES = frozenset({"KO", "KD", "OE", "SG", "GUIDE", "CTRL", "NT", "WT", "MUT", "CRISPRA", "CRISPRI"})
 
+FEW_CELLS = 3  # a perturbation with fewer cells than this is named: its effect is mostly noise
+
 # labels that name a control in most screens; one of them trained as a perturbation is worth a warning
 CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
                           "untreated", "mock", "unperturbed", "safe-targeting"})
@@ -99,8 +101,9 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
                      genes: Vocabulary) -> None:
     """Warn about labels that train, but hardly as meant: a dose (or time) column that gives no perturbed cell a
     value (the wrong column?); a perturbation given a dose (or time) in some cells and none in others (missing values,
-    not a condition of their own); labels that look like a second control; and labels that join genes or training
-    labels with '_' or '|' (a combination is read only as 'A+B')."""
+    not a condition of their own); perturbations of fewer than :data:`FEW_CELLS` cells; labels that look like a
+    second control; and labels that join genes or training labels with '_' or '|' (a combination is read only as
+    'A+B')."""
     perturbed = labels != contract.control
     for values, what, key in zip(quantities, ("dose", "time"), (contract.dose_key, contract.time_key)):
         if key is None:
@@ -116,6 +119,11 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
                             "one: they train as a condition of their own, %r without a %s, beside its %ss. If their "
                             "%s is missing, fill it in or drop those cells.", int(missing.sum()), label, what, key,
                             int(((labels == label) & given).sum()), label, what, what, what)
+    names_, n_cells = np.unique(labels[perturbed], return_counts=True)
+    tiny = [str(x) for x, n in zip(names_, n_cells) if n < FEW_CELLS]
+    if tiny:
+        log.warning("%d perturbations have fewer than %d cells (%s): their measured effect is mostly noise, which the "
+                    "model trains on and the baselines serve as it is.", len(tiny), FEW_CELLS, preview(tiny, 5))
     stem = re.sub(r"[\W_]*\d+$", "", contract.control).lower()
     alike = sorted(x for x in set(labels[perturbed])
                    if (x_stem := re.sub(r"[\W_]*\d+$", "", x).lower()) in CONTROL_LIKE or x.lower() in CONTROL_LIKE
