@@ -169,6 +169,15 @@ def test_a_baseline_with_nothing_to_predict_is_named_in_the_summary(additive_tru
     assert "- baselines that predict none of these groups: meanshift (meanshift needs" in summarize(table)
 
 
+def test_a_metric_undefined_on_every_group_is_explained_under_the_summary(perturbench_split):
+    base, ref = perturbench_split
+    labels = ref.obs["perturbation"].astype(str)
+    one = ref[labels.isin(["control", sorted(set(labels) - {"control"})[0]])].copy()  # one perturbation measured
+    text = summarize(evaluate(one, one, baseline=base, profile="fast", baselines=(), ceiling=False))
+    assert "| discrimination | higher | nan (nan) |" in text
+    assert "nan: discrimination ranks a prediction among the context's measured perturbations, and needs two." in text
+
+
 def test_additive_sums_a_dosed_pair_at_its_dose():
     """A pair's condition carries one dose for the pair ("A+B@1"): the parts are A@1 and B@1, not A and B@1."""
     rng = np.random.default_rng(3)

@@ -724,4 +724,14 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             text = f"{stats.loc[m, 'mean']:.3g} ({stats.loc[m, 'median']:.3g})"
             cells.append(f"**{text}**" if m == best else text)
         lines.append(f"| {metric} | {direction} | " + " | ".join(cells) + " |")
+    undefined = [m for m in metric_names if m in UNDEFINED_WHEN and not np.isfinite(
+        table.loc[table["metric"] == m, "value"].to_numpy(dtype=float)).any() and (table["metric"] == m).any()]
+    if undefined:
+        lines.append("")
+        lines += [f"nan: {m} {UNDEFINED_WHEN[m]}." for m in undefined]
     return "\n".join(lines) + "\n"
+
+
+# why a metric can be NaN for every group, for the line under summarize()'s table
+UNDEFINED_WHEN = {"discrimination": "ranks a prediction among the context's measured perturbations, and needs two",
+                  "compare_distance": "needs cells of the prediction, the measured perturbation and the controls"}
