@@ -515,3 +515,33 @@ def test_a_knockout_never_trained_on_is_named_as_the_screen_names_knockouts(tiny
     assert vocab.labels_for([vocab.resolve(f"kd:{never}")]) == [f"kd:{never.upper()}"]
     label = sorted(vocab.labels)[0]
     assert vocab.labels_for([vocab.resolve(label)]) == [label]
+
+
+def test_a_checkpoint_copied_without_its_verdict_or_baselines_says_what_it_serves_instead(tiny_model, tmp_path, caplog):
+    """Weights and json copied alone load (deleting verdict.json is how one serves the pure model), but say so."""
+    import shutil
+
+    _, folder, _ = tiny_model
+    for name in ("verdict.json", "baselines.npz"):
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        (copy / name).unlink()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            C2SModel.load(copy)
+        assert f"lacks {name}" in caplog.text and "serves the pure model" in caplog.text
+        assert ("at default generation settings" in caplog.text) == (name == "verdict.json")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        C2SModel.load(folder)
+    assert "lacks" not in caplog.text
+
+
+def test_a_backed_baseline_is_refused_with_how_to_load_it(tiny_model, tmp_path):
+    import anndata as ad
+
+    _, _, data = tiny_model
+    data[:20].copy().write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    with pytest.raises(vc.errors.DataError, match=r"backed='r'.*adata.to_memory\(\)"):
+        vc.encode(backed)

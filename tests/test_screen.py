@@ -335,3 +335,47 @@ def test_quiet_screen_takes_no_progress_lock(sim, tmp_path):
     release.set()
     holder.join(10)
     assert not worker.is_alive() and len(out[0].ranking) == 2
+
+
+def test_a_score_is_the_same_whatever_else_is_screened(sim):
+    """Each perturbation's bootstrap draws its own resamples: its score and interval do not move with the panel."""
+    alone = screen(sim, ["JAK2"], progress=False, n_boot=50).ranking.set_index("perturbation")
+    among = screen(sim, ["STAT1", "IFNGR1", "JAK2"], progress=False, n_boot=50).ranking.set_index("perturbation")
+    for col in ("score", "score_low", "score_high"):
+        assert among.loc["ko:JAK2", col] == pytest.approx(alone.loc["ko:JAK2", col], rel=1e-6)
+
+
+def test_what_a_screen_cannot_rank_is_refused_by_name(sim):
+    """An empty panel, an objective that gives NaN, a seed that is no whole number >= 0: named before or instead of
+    a traceback from deep inside; one perturbation given as a string is a panel of one."""
+    with pytest.raises(ScreenError, match="The panel is empty"):
+        screen(sim, [], progress=False)
+    with pytest.raises(ScreenError, match=r"scored 'ko:STAT1' as NaN or infinite"):
+        screen(sim, ["STAT1"], objective=lambda d: float("nan"), progress=False, n_boot=5)
+    for seed in (-1, 3.0, True):
+        with pytest.raises(vc.errors.DataError, match="seed must be a whole number >= 0"):
+            sim.simulate(["STAT1"], seed=seed, progress=False, n_cells=2)
+    with pytest.raises(vc.errors.DataError, match="n_cells must be a whole number"):
+        sim.simulate(["STAT1"], n_cells=2.5, progress=False)
+    with pytest.raises(vc.errors.DataError, match="max_genes must be a whole number of at least 1"):
+        sim.simulate(["STAT1"], max_genes=0, progress=False, n_cells=2)
+    one = sim.simulate("STAT1", progress=False, n_cells=2, samples=1)
+    assert list(one.aggregates["perturbation"].values) == ["ko:STAT1"]
+    assert vc.objectives.raise_genes("STAT1").up == ["STAT1"]
+    with pytest.raises(ScreenError, match="both to raise and to lower"):
+        vc.objectives.Signature(up=["STAT1"], down=["stat1"])
+
+
+def test_a_target_state_is_approached_on_the_genes_it_measures(tiny_model):
+    """A reference measuring some of the model's genes: the distance is taken on those, not with the others held
+    at the controls (which counted any movement of unmeasured genes as moving away)."""
+    model, _, data = tiny_model
+    ref = data[data.obs.perturbation == "STAT1"]
+    genes = list(model.genes.genes)
+    part = vc.objectives.TowardState(ref[:, 100:].copy()).bind(genes, np.zeros(len(genes)))
+    whole = vc.objectives.TowardState(ref.copy()).bind(genes, np.zeros(len(genes)))
+    delta = np.random.default_rng(0).normal(size=len(genes))
+    moved_elsewhere = delta.copy()
+    moved_elsewhere[:100] += 5.0  # genes the partial reference does not measure
+    assert part.score(delta) == pytest.approx(part.score(moved_elsewhere))
+    assert whole.score(delta) != pytest.approx(whole.score(moved_elsewhere))

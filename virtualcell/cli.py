@@ -528,7 +528,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="'all': --data and the model must have the same genes; 'shared': proceed on the genes "
                    "both have (the model's genes that --data lacks are read as not expressed, with a warning)")
     p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, cell and perturbation")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, the cell (and its row in --data) and the "
+                   "perturbation")
     p.add_argument("--batch-size", type=_positive_int, default=512,
                    help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=_positive_int, default=None, help="genes per generated cell (default: the model's top_k)")

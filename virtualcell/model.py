@@ -324,6 +324,17 @@ class C2SModel:
             except (OSError, ValueError) as err:
                 raise ModelError(f"{str(p / VERDICT_FILE)!r} is broken ({err}); delete it to serve the pure model, "
                                  "or retrain.") from None
+        # a copy of the folder without them (weights and json only) serves something else, so it is said
+        run = self.train_config
+        lost = []
+        if "data_hash" in run and self.baselines is None:
+            lost.append(f"{BASELINES_FILE} (the training baselines a blend serves)")
+        if int(run.get("n_verdict_cells") or 0) > 0 and self.verdict is None:
+            lost.append(f"{VERDICT_FILE} (the verdict's blend weight and generation settings)")
+        if lost:
+            log.warning("%s lacks %s, which its training run wrote: it serves the pure model%s. Copy the whole "
+                        "folder, or run `virtualcell verdict` on the data it was trained on to make them again.", p,
+                        " and ".join(lost), " at default generation settings" if self.verdict is None else "")
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -398,7 +409,10 @@ class C2SModel:
 
     # ------------------------------------------------------------------ generation
     def resolve(self, perturbations: Sequence[str | Perturbation | Combination]) -> list[Perturbation | Combination]:
-        """Typed perturbations, with plain training labels looked up; checks the model can represent them."""
+        """Typed perturbations, with plain training labels looked up; checks the model can represent them.
+        One perturbation given alone (``"ko:STAT1"``) is a list of one, not its letters."""
+        if isinstance(perturbations, str | Perturbation | Combination):
+            perturbations = [perturbations]
         out = [self.perturbations.resolve(p) for p in perturbations]
         for p in out:
             self.format.check(p)  # raises PerturbationError if it cannot be represented

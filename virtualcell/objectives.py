@@ -18,6 +18,7 @@ better (it always is: objectives are written so that the best candidate scores h
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ScreenError, close_matches, preview
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -87,8 +90,13 @@ class Signature(Objective):
     _down: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        self.up = [self.up] if isinstance(self.up, str) else list(self.up)  # one gene, not its letters
+        self.down = [self.down] if isinstance(self.down, str) else list(self.down)
         if not self.up and not self.down:
             raise ScreenError("A signature needs up genes, down genes or both.")
+        both = sorted({g.upper() for g in self.up} & {g.upper() for g in self.down})
+        if both:
+            raise ScreenError(f"A signature lists {preview(both, 5)} both to raise and to lower; name each gene once.")
         if not self.description:
             self.description = f"raise {preview(self.up, 5) or 'nothing'}; lower {preview(self.down, 5) or 'nothing'}"
 
@@ -108,12 +116,12 @@ class Signature(Objective):
 
 def raise_genes(genes: Sequence[str], *, name: str = "raise") -> Signature:
     """Raise the named genes (or a gene program)."""
-    return Signature(up=list(genes), name=name)
+    return Signature(up=[genes] if isinstance(genes, str) else list(genes), name=name)
 
 
 def lower_genes(genes: Sequence[str], *, name: str = "lower") -> Signature:
     """Lower the named genes (or a gene program)."""
-    return Signature(down=list(genes), name=name)
+    return Signature(down=[genes] if isinstance(genes, str) else list(genes), name=name)
 
 
 @dataclass
@@ -131,6 +139,7 @@ class TowardState(Objective):
     description: str = "move the mean toward a reference state"
     _target: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _control: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    _shared: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # the genes the target measures
 
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> TowardState:
         from .sentences import detect_scale, expression_matrix, log_normalize
@@ -153,14 +162,17 @@ class TowardState(Objective):
                 f"The target state shares only {len(shared)} of the model's {len(genes)} genes: check that it "
                 "uses gene symbols of the same species."
             )
-        target = np.array(control_mean, dtype=np.float64)  # genes the target lacks: no pull
-        target[shared] = mean[[lookup[genes[i].upper()] for i in shared]]
-        self._target, self._control = target, np.asarray(control_mean, dtype=np.float64)
+        if len(shared) < len(genes):  # the distance is taken on the genes the target measures, not the others
+            log.info("the target state measures %d of the model's %d genes; the distance to it is taken on those",
+                     len(shared), len(genes))
+        self._shared = np.asarray(shared, dtype=np.int64)
+        self._target = mean[[lookup[genes[i].upper()] for i in shared]].astype(np.float64)
+        self._control = np.asarray(control_mean, dtype=np.float64)[self._shared]
         return self
 
     def score(self, delta: np.ndarray) -> float:
         before = np.linalg.norm(self._control - self._target)
-        after = np.linalg.norm(self._control + delta - self._target)
+        after = np.linalg.norm(self._control + np.asarray(delta)[self._shared] - self._target)
         return float(before - after)
 
 

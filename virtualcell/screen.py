@@ -3,7 +3,7 @@
 :func:`run` (also ``Simulator.screen``) runs a panel in groups of perturbations. Each finished group is written
 to the results folder at once, so a screen that is killed resumes where it stopped and
 ends with exactly the results of an uninterrupted run (a prediction depends only on
-seed, cell and perturbation). The folder holds::
+seed, the cell and its row in the baseline, and the perturbation; a score's bootstrap only on seed and perturbation). The folder holds::
 
     config.json         what was screened, how; a different screen is refused here
     panel.txt           the resolved panel, one perturbation a line
@@ -206,7 +206,12 @@ def run(
     with :class:`~virtualcell.errors.FolderInUseError`. A screen killed at any moment and
     resumed writes the same files, byte for byte, as an uninterrupted one.
     """
-    perts = simulator.model.resolve(list(panel))
+    from .simulator import check_seed
+
+    check_seed(seed)
+    perts = simulator.model.resolve(panel if isinstance(panel, str | Perturbation | Combination) else list(panel))
+    if not perts:
+        raise ScreenError("The panel is empty: list at least one perturbation to screen.")
     names = [str(p) for p in perts]
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})
@@ -507,7 +512,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     """
     import pandas as pd
 
-    rng = np.random.default_rng(seed)
+    from .generation import stable_key
+
     genes = [str(g) for g in agg["gene"].values]
     control = agg["control_mean"].values.astype(np.float64)
     control_var = agg["control_var"].values.astype(np.float64)
@@ -525,6 +531,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
         bucket_delta = bm - paired if paired is not None else bm - control
         boots = []
         nonempty = np.flatnonzero(bc > 0)
+        rng = np.random.default_rng([seed, stable_key(str(p))])  # its own draws: the same whatever else is screened
         for _ in range(n_boot if nonempty.size else 0):
             pick = rng.choice(nonempty, size=nonempty.size, replace=True)
             w = bc[pick]
@@ -565,6 +572,11 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             "top_up": [genes[i] for i in order[::-1][:5] if delta[i] > 0],
             "top_down": [genes[i] for i in order[:5] if delta[i] < 0],
         })
+    bad = [r["perturbation"] for r in rows if not np.isfinite(r["score"])]
+    if bad:
+        raise ScreenError(f"The objective {objective.description or objective.name!r} scored {preview(bad, 5)} "
+                          "as NaN or infinite, so they cannot be ranked: an objective must return a finite number "
+                          "for every predicted change.")
     table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table

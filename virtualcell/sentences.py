@@ -95,6 +95,9 @@ def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_
         where = f"adata.layers[{layer!r}]"
     if X is None:
         raise DataError(f"{where} is empty (None). Put the expression matrix there or choose another layer.")
+    if getattr(adata, "isbacked", False) and not sp.issparse(X) and not isinstance(X, np.ndarray):
+        raise DataError(f"{where} is on disk (an AnnData read with backed='r'), and virtualcell reads expression in "
+                        "memory: load it first, adata = adata.to_memory() (or a subset: adata[cells].to_memory()).")
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=False)
         values = X.data
@@ -708,7 +711,8 @@ def encode(
         with fewer expressed genes get shorter sentences.
     seed
         Seed of the tie-break: genes with equal expression are ordered by a hash of
-        (seed, cell, gene), reproducible and independent of chunking.
+        (seed, the cell's row, the gene's column), reproducible and independent of chunking; reordering the
+        cells or the genes draws other tie-breaks.
     vocab
         Encode into this vocabulary (a model's). By default the vocabulary is built
         from ``adata`` (``var_names`` or ``var[gene_key]``).

@@ -320,6 +320,13 @@ class SimulationResult:
                 f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
 
 
+def check_seed(seed: Any) -> int:
+    """A sampling seed as given, if it is a whole number >= 0 (numpy's too); anything else is refused by name."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"seed must be a whole number >= 0, got {seed!r}.")
+    return int(seed)
+
+
 class Simulator:
     """A population of baseline cells and a model that predicts their responses.
 
@@ -404,6 +411,11 @@ class Simulator:
             )
         self._basis = pca(self.expression, n_pcs, seed=seed)
         self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
+        if not baseline.obs_names.is_unique:
+            dup = baseline.obs_names[baseline.obs_names.duplicated()].unique()
+            log.warning("%d baseline cell names repeat (e.g. %s): predicted cells name their source cell "
+                        "(obs['source_cell']) by it, so those cannot be told apart. baseline.obs_names_make_unique() "
+                        "first.", len(dup), preview(list(dup), 3))
 
     def sample_count(self, samples: int | None = None) -> int:
         """``simulate(samples=)`` resolved: ``None`` is the number the trainer chose on its
@@ -558,7 +570,10 @@ class Simulator:
         n_cells
             Use the first ``n_cells`` baseline cells (default all).
         seed
-            Sampling seed; a cell's predictions depend only on (seed, cell, perturbation).
+            Sampling seed; a cell's predictions depend only on (seed, the cell, its row in the baseline,
+            perturbation), not on the other perturbations or how the work is chunked. The same baseline in the same
+            order predicts the same; reordering or subsetting its cells (or reordering its genes) draws other samples,
+            which moves a prediction within its sampling noise.
         temperature
             Sampling temperature of the generation (below 1: each sampled sentence is closer to the model's
             likeliest, less noisy and less varied). ``None``: the temperature the trainer chose on its
@@ -621,7 +636,15 @@ class Simulator:
         """
         from .generation import stable_key
 
-        perts = self.model.resolve(list(perturbations))
+        seed = check_seed(seed)
+        if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer)):
+            raise DataError(f"n_cells must be a whole number of baseline cells, got {n_cells!r}.")
+        if max_genes is not None and (isinstance(max_genes, bool) or not isinstance(max_genes, int | np.integer)
+                                      or max_genes < 1):
+            raise DataError(f"max_genes must be a whole number of at least 1 (genes per generated cell; None: the "
+                            f"model's top_k), got {max_genes!r}.")
+        perts = self.model.resolve(perturbations if isinstance(perturbations, str | Perturbation | Combination)
+                                   else list(perturbations))
         names = [str(p) for p in perts]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
