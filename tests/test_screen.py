@@ -379,3 +379,20 @@ def test_a_target_state_is_approached_on_the_genes_it_measures(tiny_model):
     moved_elsewhere[:100] += 5.0  # genes the partial reference does not measure
     assert part.score(delta) == pytest.approx(part.score(moved_elsewhere))
     assert whole.score(delta) != pytest.approx(whole.score(moved_elsewhere))
+
+
+def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
+    """vc.screen.load(folder): the ranking (gene lists and provenance too) and aggregates the run returned, without
+    the model; an unfinished folder is refused with how to finish it."""
+    from virtualcell.screen import load
+
+    done = screen(sim, PANEL[:3], out=tmp_path / "s", progress=False, n_boot=5)
+    again = load(tmp_path / "s")
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(again.ranking, done.ranking, check_dtype=False)
+    assert again.ranking.attrs["virtualcell"] == done.ranking.attrs["virtualcell"]
+    assert again.aggregates.identical(done.aggregates) and again.config["panel"] == done.config["panel"]
+    assert list(again.picks()["perturbation"]) == list(done.picks()["perturbation"])
+    (tmp_path / "s" / "ranking.parquet").unlink()
+    with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\).*resumes"):
+        load(tmp_path / "s")

@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .simulator import Simulator
 
-__all__ = ["run", "ScreenResult", "diverse_picks", "rank", "plot_top_hits"]
+__all__ = ["run", "load", "ScreenResult", "diverse_picks", "rank", "plot_top_hits"]
 
 log = logging.getLogger(__name__)
 
@@ -358,16 +358,12 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     ranking["trained"] = ranking["perturbation"].map(trained)
-    provenance = {k: agg.attrs[k] for k in ("model", "seed", "objective", "fingerprint", "n_baseline_cells",
-                                            "normalization", "blend_weight", "baseline", "coexpression_prior",
-                                            "composed")
-                  if k in agg.attrs}
-    ranking.attrs["virtualcell"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in provenance.items()}
+    ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:
             agg.to_netcdf(tmp, engine="h5netcdf")
         table = ranking.copy()
-        for col in ("top_up", "top_down", "represents"):
+        for col in LIST_COLUMNS:
             table[col] = table[col].map(lambda v: ";".join(v))
         with safeio.atomic_path(folder / "ranking.csv") as tmp:
             table.to_csv(tmp, index=False)
@@ -388,6 +384,39 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             plt.close(fig)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
+
+
+LIST_COLUMNS = ("top_up", "top_down", "represents")  # written ';'-joined into ranking.csv / .parquet
+
+
+def _provenance(agg: xr.Dataset) -> dict[str, Any]:
+    """What ``ranking.attrs["virtualcell"]`` keeps of the aggregates' attributes: the run's provenance."""
+    keys = ("model", "seed", "objective", "fingerprint", "n_baseline_cells", "normalization", "blend_weight",
+            "baseline", "coexpression_prior", "composed")
+    return {k: agg.attrs[k].item() if isinstance(agg.attrs[k], np.generic) else agg.attrs[k]
+            for k in keys if k in agg.attrs}
+
+
+def load(folder: str | Path) -> ScreenResult:
+    """A finished screen's results from the folder :func:`run` wrote (``out=``), without the model or the cells:
+    the ranking (its gene lists restored, its provenance in ``attrs``), the aggregates and the config. A folder whose
+    screen did not finish is refused: run the same screen into it again, and it resumes from its saved groups."""
+    import pandas as pd
+    import xarray as xr
+
+    folder = Path(folder)
+    missing = [f for f in ("config.json", "aggregates.nc", "ranking.parquet") if not (folder / f).exists()]
+    if missing:
+        raise ScreenError(f"{folder} holds no finished screen ({', '.join(missing)} missing). Run the same screen "
+                          "into it again to finish it: it resumes from its saved groups.")
+    config = json.loads((folder / "config.json").read_text())
+    ranking = pd.read_parquet(folder / "ranking.parquet")
+    for col in LIST_COLUMNS:
+        if col in ranking.columns:
+            ranking[col] = ranking[col].map(lambda s: [x for x in str(s).split(";") if x])
+    agg = xr.load_dataset(folder / "aggregates.nc", engine="h5netcdf")
+    ranking.attrs["virtualcell"] = _provenance(agg)
+    return ScreenResult(ranking, agg, folder, config)
 
 
 def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combination], **options: Any) -> ScreenResult:
