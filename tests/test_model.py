@@ -535,6 +535,12 @@ def test_a_checkpoint_copied_without_its_verdict_or_baselines_says_what_it_serve
     with caplog.at_level("WARNING"):
         C2SModel.load(folder)
     assert "lacks" not in caplog.text
+    for name in ("config.json", "tokenizer.json"):  # without these it cannot load: named, not "truncated"
+        copy = tmp_path / f"no-{name}"
+        shutil.copytree(folder, copy)
+        (copy / name).unlink()
+        with pytest.raises(ModelError, match=f"lacks {name}, which every checkpoint virtualcell writes holds"):
+            C2SModel.load(copy)
 
 
 def test_a_backed_baseline_is_refused_with_how_to_load_it(tiny_model, tmp_path):

@@ -192,6 +192,13 @@ class C2SModel:
                 + ("; as a Hugging Face hub id it also needs genes=... (the gene symbols it may write, "
                    "e.g. adata.var_names)." if hub else ".")
             )
+        if is_local and meta:  # a folder virtualcell wrote: name a missing file rather than guess at a truncated one
+            # (a fine-tuned text model's tokenizer may be saved in other files; the gene-level one is tokenizer.json)
+            needed = ("config.json", "tokenizer.json") if meta.get("prompt_format") == "compact" else ("config.json",)
+            gone = [f for f in needed if not (path / f).exists()]
+            if gone:
+                raise ModelError(f"{str(path)!r} lacks {', '.join(gone)}, which every checkpoint virtualcell writes "
+                                 "holds. Copy the whole checkpoint folder again, or retrain it.")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
             lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
