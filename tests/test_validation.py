@@ -621,7 +621,8 @@ def test_the_verdict_judges_a_context_held_out_whole_apart(two_contexts, tmp_pat
     capsys.readouterr()
     assert main(["info", "--model", str(tmp_path / "m")]) == 0
     text = capsys.readouterr().out
-    assert f"seen perturbed: {elsewhere!r}; controls only: {part['context']!r};" in text and "new context" in text
+    assert (f"seen perturbed: {elsewhere!r}; controls only: {part['context']!r} (perturbed cells held out for the "
+            "context verdict);") in text and "new context" in text
     assert main(["info", "--model", str(tmp_path / "m"), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["contexts"] == trained and card["verdict"]["new_context"]["weight"] == part["weight"]

@@ -87,9 +87,13 @@ def card_text(c: dict[str, Any]) -> str:
         lines.append("contexts     not recorded by this checkpoint")
     elif contexts is not None and list(contexts) != ["all"]:
         seen = [x for x, n in contexts.items() if n["perturbed"] > 0]
-        controls_only = [x for x, n in contexts.items() if n["perturbed"] == 0]
+        held = ((v or {}).get("new_context") or {}).get("context")  # its perturbed cells judged, not trained on
+        controls_only = [f"{x!r} (perturbed cells held out for the context verdict)" if x == held else repr(x)
+                         for x, n in contexts.items() if n["perturbed"] == 0]
         lines.append(f"contexts     {len(contexts)}; seen perturbed: {preview(seen, 8)}"
-                     + (f"; controls only: {preview(controls_only, 8)}" if controls_only else "")
+                     + (f"; controls only: {', '.join(controls_only[:8])}"
+                        + (f" … and {len(controls_only) - 8} more" if len(controls_only) > 8 else "")
+                        if controls_only else "")
                      + "; predicting cells of a context not seen perturbed is a transfer its verdict did not check")
     if t is not None:
         took = f" in {t['minutes']:.1f} min" if t["minutes"] is not None else ""
@@ -138,7 +142,8 @@ def _part(part: Any) -> dict[str, Any] | None:
     """An unseen or new-context part of a verdict: its summary and weight."""
     if not part:
         return None
-    return {"summary": part.get("summary"), "weight": part.get("weight"), "served": part.get("served")}
+    return {"summary": part.get("summary"), "weight": part.get("weight"), "served": part.get("served"),
+            "context": part.get("context")}
 
 
 def _holdout_text(holdout: dict[str, Any]) -> str:
