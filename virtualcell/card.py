@@ -17,9 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["card", "card_text"]
 
-_GENETIC = ("knockout", "knockdown", "activation")
-
-
 def card(model: C2SModel) -> dict[str, Any]:
     """The model's card as plain data (JSON-ready): ``model``, ``genes``, ``data``, ``perturbations``,
     ``contexts``, ``training``, ``verdict``. A field the checkpoint did not record is ``None``."""

@@ -220,18 +220,19 @@ class DataContract:
         if self.context_key is None:
             return np.full(adata.n_obs, "all", dtype=object)
         cols = self.context_columns(adata)
-        out = adata.obs[cols[0]].astype(str).to_numpy().astype(object)
+        columns = [adata.obs[col].astype(str).to_numpy().astype(object) for col in cols]
         if len(cols) > 1:  # joined with CONTEXT_VALUE_SEP: a value holding it would merge two contexts into one
-            for col in cols:
-                values = {str(v) for v in np.unique(adata.obs[col].astype(str)) if CONTEXT_VALUE_SEP in str(v)}
-                if values:
+            for col, values in zip(cols, columns):
+                joined = sorted({v for v in set(values) if CONTEXT_VALUE_SEP in v})
+                if joined:
                     raise ContractError(
-                        f"The context column {col!r} has values holding {CONTEXT_VALUE_SEP!r} ({preview(sorted(values), 3)}), "
+                        f"The context column {col!r} has values holding {CONTEXT_VALUE_SEP!r} ({preview(joined, 3)}), "
                         f"which joins the columns of the composite context {self.context_key!r}, so two contexts "
                         "could read as one. Replace it in those values, e.g. "
                         f"adata.obs[{col!r}] = adata.obs[{col!r}].astype(str).str.replace({CONTEXT_VALUE_SEP!r}, '/').")
-        for col in cols[1:]:
-            out = out + CONTEXT_VALUE_SEP + adata.obs[col].astype(str).to_numpy().astype(object)
+        out = columns[0]
+        for values in columns[1:]:
+            out = out + CONTEXT_VALUE_SEP + values
         return out
 
     def is_control(self, adata: ad.AnnData) -> np.ndarray:

@@ -392,6 +392,13 @@ class C2SModel:
         return None if contexts is None else {str(c): dict(n) for c, n in contexts.items()}
 
     @property
+    def perturbed_contexts(self) -> list[str] | None:
+        """The contexts of :attr:`trained_contexts` whose perturbed cells the model trained on; ``None`` where they
+        were not recorded."""
+        trained = self.trained_contexts
+        return None if trained is None else [c for c, n in trained.items() if n.get("perturbed", 0) > 0]
+
+    @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 

@@ -116,12 +116,12 @@ class Signature(Objective):
 
 def raise_genes(genes: Sequence[str], *, name: str = "raise") -> Signature:
     """Raise the named genes (or a gene program)."""
-    return Signature(up=[genes] if isinstance(genes, str) else list(genes), name=name)
+    return Signature(up=genes, name=name)
 
 
 def lower_genes(genes: Sequence[str], *, name: str = "lower") -> Signature:
     """Lower the named genes (or a gene program)."""
-    return Signature(down=[genes] if isinstance(genes, str) else list(genes), name=name)
+    return Signature(down=genes, name=name)
 
 
 @dataclass

@@ -209,7 +209,7 @@ def run(
     from .simulator import check_seed
 
     check_seed(seed)
-    perts = simulator.model.resolve(panel if isinstance(panel, str | Perturbation | Combination) else list(panel))
+    perts = simulator.model.resolve(panel)
     if not perts:
         raise ScreenError("The panel is empty: list at least one perturbation to screen.")
     names = [str(p) for p in perts]

@@ -433,11 +433,14 @@ class Simulator:
         trained on (:attr:`C2SModel.trained_contexts`); empty where there are none, or where it cannot tell (a
         model with no context column or no record of its contexts, a baseline without the model's context column).
         """
-        trained = self.model.trained_contexts
-        context = self.source_context(n)
-        if trained is None or context is None:
+        return self._new_contexts(self.source_context(n))
+
+    def _new_contexts(self, context: tuple[str, np.ndarray] | None) -> list[str]:
+        """:meth:`new_contexts` of the baseline cells' ``context`` (:meth:`source_context`)."""
+        seen = self.model.perturbed_contexts
+        if seen is None or context is None:
             return []
-        return sorted({str(c) for c in context[1]} - {c for c, k in trained.items() if k.get("perturbed", 0) > 0})
+        return sorted({str(c) for c in context[1]} - set(seen))
 
     def source_context(self, n: int | None = None) -> tuple[str, np.ndarray] | None:
         """The model's context column (``model.contract.context_key``: cell type, patient, cell line) and the
@@ -643,8 +646,7 @@ class Simulator:
                                       or max_genes < 1):
             raise DataError(f"max_genes must be a whole number of at least 1 (genes per generated cell; None: the "
                             f"model's top_k), got {max_genes!r}.")
-        perts = self.model.resolve(perturbations if isinstance(perturbations, str | Perturbation | Combination)
-                                   else list(perturbations))
+        perts = self.model.resolve(perturbations)
         names = [str(p) for p in perts]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -666,9 +668,10 @@ class Simulator:
         G = len(self.model.genes)
         P = len(perts)
         w = self.blend_weight(blend, calibrate=calibrate)
-        new_contexts = self.new_contexts(n)
+        context = self.source_context(n)
+        new_contexts = self._new_contexts(context)
         key = self.model.contract.context_key if self.model.contract is not None else None
-        if self._warn_new_contexts and key is not None and self.source_context(n) is None:
+        if self._warn_new_contexts and key is not None and context is None:
             self._warn_new_contexts = False
             log.warning("The model was trained with contexts in obs[%r] (%s) and the baseline cells have no such "
                         "column: the predicted cells carry no context, and nothing tells whether they come from a "
@@ -677,7 +680,7 @@ class Simulator:
                         else "not recorded", key)
         if new_contexts and self._warn_new_contexts:
             self._warn_new_contexts = False
-            trained = [c for c, k in (self.model.trained_contexts or {}).items() if k.get("perturbed", 0) > 0]
+            trained = self.model.perturbed_contexts or []
             checked = ("it has no validation verdict, so nothing checked it anywhere, and for these cells the "
                        "prediction is a transfer too" if not self.model.verdict else
                        "its validation verdict" + ("" if w is None else f" and the blend weight served ({w:.2f})")

@@ -51,8 +51,8 @@ from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
 from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_symbols, roundtrip,
                         with_gene_key)
-from .training.holdout import (baseline_cells, holdout_mask, no_verdict_reason, unseen_labels, verdict_cells,
-                               verdict_context, verdict_split)
+from .training.holdout import (baseline_cells, cells_per_context, holdout_mask, no_verdict_reason, unseen_labels,
+                               verdict_cells, verdict_context, verdict_split)
 from .training.labels import typed_labels
 from .training.pairing import PAIRINGS, build_pairs, check_pairing
 
@@ -481,8 +481,8 @@ def trained_contexts(data: ad.AnnData, contract: DataContract) -> dict[str, dict
     context column), as the checkpoint records them, so that a prediction can say when its cells come from a
     context the model never saw perturbed (:meth:`virtualcell.simulator.Simulator.new_contexts`)."""
     ctx, is_ctrl = contract.contexts(data), contract.is_control(data)
-    return {str(c): {"control": int(np.sum(is_ctrl & (ctx == c))), "perturbed": int(np.sum(~is_ctrl & (ctx == c)))}
-            for c in sorted(set(ctx))}
+    control, perturbed = cells_per_context(ctx, is_ctrl), cells_per_context(ctx, ~is_ctrl)
+    return {c: {"control": n, "perturbed": perturbed[c]} for c, n in control.items()}
 
 
 @dataclass

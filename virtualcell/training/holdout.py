@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..train import TrainConfig
 
-__all__ = ["holdout_mask", "unseen_labels", "verdict_context", "verdict_split", "verdict_cells", "baseline_cells",
-           "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
+__all__ = ["cells_per_context", "holdout_mask", "unseen_labels", "verdict_context", "verdict_split", "verdict_cells",
+           "baseline_cells", "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
            "VERDICT_MIN_CELLS", "VERDICT_FEWEST_CELLS"]
 
 log = logging.getLogger(__name__)
@@ -134,25 +134,30 @@ def verdict_cells(data: ad.AnnData, contract: DataContract, cfg: TrainConfig
     return unseen, context, verdict_split(data, contract, cfg, unseen, context)
 
 
+def cells_per_context(ctx: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    """``{context: number of cells in mask}`` for every context of ``ctx`` (0 where none), in sorted order: the one
+    count behind the verdict's choice of contexts, the reason it gives for holding none, and the run's record."""
+    names, at = np.unique(np.asarray(ctx, dtype=str), return_inverse=True)
+    return dict(zip(names.tolist(), np.bincount(at.ravel()[np.asarray(mask)], minlength=names.size).tolist()))
+
+
 def _contexts_with_controls(ctx: np.ndarray, is_control: np.ndarray) -> list[str]:
     """The contexts with at least :data:`VERDICT_MIN_CONTROLS` control cells, or where none has that many, those with
     :data:`VERDICT_FEWEST_CONTROLS`: the only ones the verdict holds cells out of (it needs controls to feed the
     model and others to measure against). A smaller verdict is noisier, but none at all serves the pure model
     unjudged."""
-    counts = {c: int(np.sum(is_control & (ctx == c))) for c in sorted(set(ctx))}
+    counts = cells_per_context(ctx, is_control)
     enough = [c for c, n in counts.items() if n >= VERDICT_MIN_CONTROLS]
     return enough or [c for c, n in counts.items() if n >= VERDICT_FEWEST_CONTROLS]
 
 
 def no_verdict_reason(data: ad.AnnData, contract: DataContract) -> str:
     """Why :func:`verdict_split` holds nothing out of ``data``, for a person."""
-    ctx, is_ctrl = contract.contexts(data), contract.is_control(data)
-    counts = {c: int(np.sum(is_ctrl & (ctx == c))) for c in sorted(set(ctx))}
-    most = max(counts, key=counts.get) if counts else None
-    if most is None or counts[most] < VERDICT_FEWEST_CONTROLS:
-        where = f" (the most: {counts[most]} in {most!r})" if most is not None and len(counts) > 1 else (
-            f" ({counts[most]})" if most is not None else "")
-        return (f"no context has {VERDICT_FEWEST_CONTROLS} control cells{where}; a coarser --context-key, or more "
+    counts = cells_per_context(contract.contexts(data), contract.is_control(data))
+    most = max(counts, key=counts.get)
+    if counts[most] < VERDICT_FEWEST_CONTROLS:
+        where = f"the most: {counts[most]} in {most!r}" if len(counts) > 1 else str(counts[most])
+        return (f"no context has {VERDICT_FEWEST_CONTROLS} control cells ({where}); a coarser --context-key, or more "
                 "control cells, gives one")
     return (f"no perturbation has {VERDICT_FEWEST_CELLS} cells in a context with {VERDICT_FEWEST_CONTROLS} control "
             "cells or more")
