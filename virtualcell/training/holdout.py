@@ -71,7 +71,7 @@ def unseen_labels(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -
     if cfg.unseen_fraction <= 0 or cfg.verdict_fraction <= 0:  # (no verdict, nothing to judge them in)
         return {}
     vocabulary = Vocabulary.from_adata(adata)
-    typed, _ = typed_labels(adata, contract, vocabulary, cfg)
+    typed, _ = typed_labels(adata, contract, vocabulary, cfg, warn=False)  # (training reads them again, and warns)
     genes = {g.upper() for g in vocabulary.genes}
     labels, ctx, is_ctrl = contract.conditions(adata), contract.contexts(adata), contract.is_control(adata)
     contexts = _contexts_with_controls(ctx, is_ctrl)

@@ -41,8 +41,11 @@ CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "n
                           "untreated", "mock", "unperturbed", "safe-targeting"})
 
 
-def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig) -> tuple[np.ndarray, PerturbationVocab]:
-    """The typed perturbation of every cell (as a string), and the model's perturbation vocabulary."""
+def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig, *,
+                 warn: bool = True) -> tuple[np.ndarray, PerturbationVocab]:
+    """The typed perturbation of every cell (as a string), and the model's perturbation vocabulary. ``warn``: log
+    the labels that train but hardly as meant (:func:`_warn_odd_labels`); off for a second reading of the same
+    labels in one run (:func:`~virtualcell.training.holdout.unseen_labels`), so each warning is said once."""
     labels = contract.labels(adata)
     kinds = None
     if cfg.kind_key is not None:
@@ -62,7 +65,8 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
             "a knockout is read as its gene's.")
     dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
     conditions = contract.conditions(adata, (dose, when))
-    _warn_odd_labels(labels, (dose, when), contract, genes)
+    if warn:
+        _warn_odd_labels(labels, (dose, when), contract, genes)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
                               targets_with_gene=cfg.target_tokens == "both", dose_units=units)
     if kinds is not None or cfg.kind in ("auto", *GENETIC):
@@ -77,7 +81,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if key not in cache:
             cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
         typed[i] = cache[key]
-    if kinds is None and cfg.kind == "auto":  # a time course of knockouts of genes outside the panel reads as drugs
+    if warn and kinds is None and cfg.kind == "auto":  # a time course of knockouts outside the panel reads as drugs
         timed = sorted({str(lab) for lab, form in zip(labels, typed)
                         if form.startswith("drug:") and _all_gene_like(str(lab).split("+"))}
                        - {str(lab) for lab, d in zip(labels, dose) if np.isfinite(d)})
