@@ -178,6 +178,19 @@ def test_a_metric_undefined_on_every_group_is_explained_under_the_summary(pertur
     assert "nan: discrimination ranks a prediction among the context's measured perturbations, and needs two." in text
 
 
+def test_a_metric_undefined_on_some_groups_says_how_many_its_mean_leaves_out():
+    """A context with one measured perturbation has no discrimination; the mean over the rest says it left it out."""
+    rng = np.random.default_rng(0)
+    ctrl = rng.uniform(2.0, 4.0, 12)
+    groups = {("control", "a"): ctrl, ("control", "b"): ctrl,
+              ("P", "a"): ctrl + np.eye(12)[0], ("Q", "a"): ctrl + np.eye(12)[1], ("P", "b"): ctrl + np.eye(12)[0]}
+    truth = _screen(groups, noise=0.1)
+    table = evaluate(truth, truth, profile="fast", baselines=(), ceiling=False)
+    disc = table[table["metric"] == "discrimination"]
+    assert disc["value"].isna().sum() == 1  # P in context b: the only perturbation measured there
+    assert "nan: discrimination is NaN in 1 of 3 rows (method x group), left out of its mean" in summarize(table)
+
+
 def test_additive_sums_a_dosed_pair_at_its_dose():
     """A pair's condition carries one dose for the pair ("A+B@1"): the parts are A@1 and B@1, not A and B@1."""
     rng = np.random.default_rng(3)

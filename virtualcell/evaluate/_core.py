@@ -724,11 +724,19 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             text = f"{stats.loc[m, 'mean']:.3g} ({stats.loc[m, 'median']:.3g})"
             cells.append(f"**{text}**" if m == best else text)
         lines.append(f"| {metric} | {direction} | " + " | ".join(cells) + " |")
-    undefined = [m for m in metric_names if m in UNDEFINED_WHEN and not np.isfinite(
-        table.loc[table["metric"] == m, "value"].to_numpy(dtype=float)).any() and (table["metric"] == m).any()]
-    if undefined:
-        lines.append("")
-        lines += [f"nan: {m} {UNDEFINED_WHEN[m]}." for m in undefined]
+    notes = []
+    for m in metric_names:
+        values = table.loc[table["metric"] == m, "value"].to_numpy(dtype=float)
+        missing = int((~np.isfinite(values)).sum())
+        if m not in UNDEFINED_WHEN or not missing:
+            continue
+        if missing == len(values):
+            notes.append(f"nan: {m} {UNDEFINED_WHEN[m]}.")
+        else:  # the mean and median above leave these rows out
+            notes.append(f"nan: {m} is NaN in {missing} of {len(values)} rows (method x group), left out of its mean "
+                         f"and median: it {UNDEFINED_WHEN[m]}.")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 
