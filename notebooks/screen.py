@@ -99,7 +99,7 @@ def _(adata, filter_column, mo, model):
         "n_cells": mo.ui.slider(_lo, _hi, step=_step, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
         "panel": mo.ui.text_area(value=DEFAULTS["panel"], label="panel (one a line: ko:STAT1, kd:MYC, act:KLF1, "
                                  "drug:X@1uM,24h, ko:A + ko:B)", rows=6, full_width=True),
-        "picked": mo.ui.multiselect(sorted(model.perturbations.labels.values()), value=DEFAULTS["picked"],
+        "picked": mo.ui.multiselect(sorted(set(model.perturbations.typed_forms(conditions=False))), value=DEFAULTS["picked"],
                                     label="and/or pick from what the model knows"),
         "objective": mo.ui.dropdown({"largest effect": "largest", "raise genes": "raise", "lower genes": "lower",
                                      "signature (UP,UP/DOWN,DOWN)": "signature",

@@ -91,3 +91,35 @@ def test_micro_is_read_from_the_micro_sign_and_the_greek_mu():
     assert read_quantity("1 \u00b5M") == (1.0, "\u00b5M") and read_quantity("10 \u03bcM") == (10.0, "\u03bcM")
     a, b = parse("drug:x@10\u00b5M"), parse("drug:x@10\u03bcM")
     assert a.dose == b.dose == 10.0 and str(in_units(b, {"x": "uM"})) == str(in_units(a, {"x": "uM"}))
+
+
+def test_a_label_trained_as_two_kinds_names_neither_alone_and_a_pair_reads_in_any_order():
+    """A gene activated in one cell line and knocked down in others (obs[kind_key] differs by context): each kind is
+    its own perturbation; the bare label is refused naming both, each typed form is named by the label in
+    predictions, and a trained pair written in the other order is that pair (not its parts' commonest kinds)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from virtualcell.contract import DataContract
+    from virtualcell.prompts import PerturbationVocab
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    rows = [("control", "control", "k562"), ("MAP2K3", "CRISPRa", "k562"), ("KLF1+MAP2K6", "CRISPRa", "k562"),
+            ("KLF1", "CRISPRa", "k562"), ("control", "control", "u87"), ("MAP2K3", "CRISPRi", "u87"),
+            ("MAP2K3", "CRISPRi", "u87"), ("MAP2K6", "CRISPRi", "u87")]
+    obs = pd.DataFrame(rows, columns=["perturbation", "kind", "cell_line"], index=[f"c{i}" for i in range(len(rows))])
+    adata = ad.AnnData(np.ones((len(rows), 3), dtype=np.float32), obs=obs,
+                       var=pd.DataFrame(index=["MAP2K3", "MAP2K6", "KLF1"]))
+    typed, vocab = typed_labels(adata, DataContract("perturbation", "control", context_key="cell_line"),
+                                Vocabulary.from_adata(adata), TrainConfig(kind_key="kind"), warn=False)
+    assert typed[1] == "act:MAP2K3" and typed[5] == "kd:MAP2K3"
+    assert vocab.forms == {"MAP2K3": ["act:MAP2K3", "kd:MAP2K3"]}
+    for asked in ("MAP2K3", "MAP2K3+KLF1"):
+        with pytest.raises(PerturbationError, match="trained as 2 perturbations, act:MAP2K3 and kd:MAP2K3"):
+            vocab.resolve(asked)
+    assert str(vocab.resolve("act:MAP2K3")) == "act:MAP2K3"
+    assert vocab.labels_for([parse("act:MAP2K3"), parse("kd:MAP2K3")]) == ["MAP2K3", "MAP2K3"]
+    assert vocab.resolve("MAP2K6+KLF1") == vocab.resolve("KLF1+MAP2K6") == parse("act:KLF1+act:MAP2K6")
+    assert PerturbationVocab.from_dict(vocab.to_dict()).forms == vocab.forms

@@ -26,8 +26,9 @@ def card(model: C2SModel) -> dict[str, Any]:
     vocab = model.perturbations
     contract = model.contract
     trained = vocab.trained()
-    typed = {c: vocab.trained_form(c) for c in trained}
-    kinds = Counter(_kind(parse(t)) for t in typed.values() if t)
+    # a label trained as several kinds (vocab.forms) is each of them: "act:MAP2K3 | kd:MAP2K3"
+    typed = {c: " | ".join(vocab.forms[c]) if c in vocab.forms else vocab.trained_form(c) for c in trained}
+    kinds = Counter(_kind(parse(t)) for c, f in typed.items() if f for t in vocab.forms.get(c, [f]))
     genes = list(model.genes.genes)
     last = (run.get("history") or [{}])[-1]
     verdict = model.verdict or {}

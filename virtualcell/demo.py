@@ -80,7 +80,7 @@ def run_demo(*, out: str | Path = "virtualcell-demo", n_cells: int = 120, seed: 
     n = min(n_cells, ctrl.size // 2)
     baseline_idx, reference_idx = np.sort(ctrl[:n]), np.sort(ctrl[n:])
     sim = Simulator(adata[baseline_idx].copy(), model, seed=seed)
-    panel = model.perturbations.trained()  # each trained condition (a drug at each of its doses)
+    panel = model.perturbations.panel()  # each trained condition (a drug at each of its doses)
     result = screen(sim, panel, out=out, top=8, seed=seed, progress=progress, force=force)
     measured = measured_effects(adata, contract, col, rep, reference_cells=reference_idx)
     labels = model.perturbations.label_map(result.ranking["perturbation"])

@@ -489,7 +489,7 @@ class C2SModel:
         a combination not trained as such, on a gene-level model with shared prompts."""
         if not compose or not isinstance(p, Combination) or getattr(self.format, "gene_tokens", None) is None:
             return False
-        trained = {str(parse(t)) for t in (*self.perturbations.labels.values(), *self.perturbations.conditions.values())}
+        trained = {str(parse(t)) for t in self.perturbations.typed_forms()}
         return str(p) not in trained
 
     def _composed(self, perturbations: Sequence[Perturbation | Combination], prompts: Any, cfg: GenerationConfig,
@@ -560,7 +560,7 @@ class C2SModel:
         gene_tokens = getattr(self.format, "gene_tokens", None)
         if gene_tokens is None or self.baselines is None or self.baselines.response is None:
             return None
-        trained = {_key(v) for v in self.perturbations.labels.values()}
+        trained = {_key(v) for v in self.perturbations.typed_forms(conditions=False)}
         without = [n for n in self.baselines.names if _key(n) not in trained]
         vocab = self.lm.get_output_embeddings().weight.shape[0]
         out: list[np.ndarray | None] = []

@@ -128,6 +128,9 @@ class PerturbationVocab:
     # the unit each dosed training label's doses are in (DataContract.dose_units: {"drugA": "uM"}; {}: plain numbers);
     # a dose asked in another unit of that family is converted to it (perturbations.in_units)
     dose_units: dict[str, str] = field(default_factory=dict)
+    # a training label that names several typed forms (a gene activated in one cell line and knocked down in another,
+    # as a column of kinds says) -> each form; such a label alone is ambiguous, and ``labels`` holds its commonest
+    forms: dict[str, list[str]] = field(default_factory=dict)
 
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         """A typed perturbation; a plain label is looked up among the training labels, and a label
@@ -156,6 +159,8 @@ class PerturbationVocab:
                 "its unit ('10uM').")
 
     def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
+        if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
+            p = self._pairs_in_any_order().get(_unordered(p), p)
         if isinstance(p, str) and p in self.labels:
             doses = self.conditions_of(p)
             if len(doses) == 1:  # trained at one dose and time only: that is the perturbation it names
@@ -164,6 +169,7 @@ class PerturbationVocab:
                 raise PerturbationError(
                     f"{p!r} was trained at {len(doses)} doses or times: {preview(doses, 8)}. Name one of them "
                     f"(e.g. {doses[0]!r}), or write the dose, e.g. '{p}@10'.")
+            self._refuse_ambiguous(p, p)
             return parse(self.labels[p])
         if isinstance(p, str) and p in self.conditions:
             return parse(self.conditions[p])
@@ -174,6 +180,7 @@ class PerturbationVocab:
         out = []
         for part in parts:
             if part.kind == "label" and part.target in self.labels:
+                self._refuse_ambiguous(part.target, p)
                 out.append(parse(self.labels[part.target]))
             elif part.kind == "label" and part.target not in self.names["label"]:
                 hint = close_matches(part.target, list(self.labels))
@@ -191,15 +198,39 @@ class PerturbationVocab:
             flat.extend(x.parts if isinstance(x, Combination) else [x])
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
 
+    def _refuse_ambiguous(self, label: str, asked: object) -> None:
+        """Refuse a label trained as several perturbations (:attr:`forms`): which one is meant, only the user knows."""
+        if label in self.forms:
+            forms = self.forms[label]
+            raise PerturbationError(
+                f"{str(asked)!r}: the label {label!r} was trained as {len(forms)} perturbations, {' and '.join(forms)} "
+                "(its cells' kinds differ, e.g. by cell line), so it does not say which one is meant. Name one of "
+                f"them (e.g. {forms[0]!r}); in a combination, name each part so.")
+
+    def _pairs_in_any_order(self) -> dict[str, str]:
+        """Each trained combination's label keyed by its parts in any order (:func:`_unordered`)."""
+        return {_unordered(lab): lab for lab in self.labels if "+" in lab}
+
     def trained_form(self, condition: str) -> str | None:
         """The typed form a training condition (``"drugA@10"``, or a label without dose) was trained as;
         None for a condition the model was not trained on."""
         return self.conditions.get(condition) or self.labels.get(condition)
 
+    def typed_forms(self, *, conditions: bool = True) -> list[str]:
+        """Every typed form a training label was trained as (each of a label's :attr:`forms`), and with
+        ``conditions`` each dosed condition's (``drug:drugA@10uM``)."""
+        forms = [t for label, typed in self.labels.items() for t in self.forms.get(label, [typed])]
+        return forms + (list(self.conditions.values()) if conditions else [])
+
     def trained(self) -> list[str]:
         """Every condition the model was trained on, as the data names it: each label without a dose,
         and each dose of one that has doses (``["STAT1", "drugA@0.1", "drugA@10"]``); a screen's full panel."""
         return sorted({*self.conditions, *(lab for lab in self.labels if not self.conditions_of(lab))})
+
+    def panel(self) -> list[str]:
+        """Every trained condition as it can be asked (:meth:`trained`, with a label trained as several kinds
+        written as each of its :attr:`forms`): the panel of a screen of everything the model knows."""
+        return [f for c in self.trained() for f in self.forms.get(c, [c])]
 
     def conditions_of(self, label: str) -> list[str]:
         """The training conditions of ``label`` that carry a dose or time (``["drugA@0.1", "drugA@1"]``)."""
@@ -210,6 +241,8 @@ class PerturbationVocab:
         at a dose ``"drugA@10"``), or its typed form when the training data had no such label; predictions
         are then named as :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
+        for lab, forms in self.forms.items():  # each form of a label trained as several is named by that label
+            typed_to_label.update({str(parse(t)): lab for t in forms})
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
         by_gene = self._kinds_named_by_gene()
@@ -244,7 +277,8 @@ class PerturbationVocab:
         ``ko:STAT1``, also through :attr:`aliases`), each with every training label (upper case), which such a
         name must not repeat; a kind trained under any other label (``"STAT1_KO"``, a pair) is left out."""
         names: dict[str, bool] = {}
-        for label, typed in self.labels.items():
+        every = [(label, t) for label, typed in self.labels.items() for t in self.forms.get(label, [typed])]
+        for label, typed in every:
             q = parse(typed)
             if isinstance(q, Perturbation) and q.kind in GENETIC:
                 gene = self.aliases.get(label.upper(), label.upper())
@@ -261,7 +295,8 @@ class PerturbationVocab:
     def to_dict(self) -> dict[str, Any]:
         return {"labels": dict(self.labels), "names": {k: list(v) for k, v in self.names.items()},
                 "own_targets": self.own_targets, "own_doses": self.own_doses, "targets_with_gene": self.targets_with_gene,
-                "conditions": dict(self.conditions), "aliases": dict(self.aliases), "dose_units": dict(self.dose_units)}
+                "conditions": dict(self.conditions), "aliases": dict(self.aliases), "dose_units": dict(self.dose_units),
+                **({"forms": {k: list(v) for k, v in self.forms.items()}} if self.forms else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbationVocab:
@@ -269,7 +304,13 @@ class PerturbationVocab:
         names.update({k: list(v) for k, v in d.get("names", {}).items()})
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
                    bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})),
-                   dict(d.get("dose_units", {})))
+                   dict(d.get("dose_units", {})), {k: list(v) for k, v in d.get("forms", {}).items()})
+
+
+def _unordered(label: str) -> str:
+    """A plain combination label's parts sorted (``"B+A"`` -> ``"A+B"``); anything else as it is."""
+    parts = [x.strip() for x in label.split("+")]
+    return "+".join(sorted(parts)) if len(parts) > 1 and not any(":" in x or "@" in x for x in parts) else label
 
 
 def _has_dose(typed: str) -> bool:

@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._stats import log_dose_interpolation
-from .errors import ModelError
-from .perturbations import GENETIC, Combination, Perturbation, parse, without_quantities
+from .errors import DataError, ModelError, preview
+from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -76,6 +76,26 @@ TOP_N = 50  # genes with the largest measured |delta| for pearson_delta_top50
 def _key(p: Perturbation | Combination | str) -> str:
     """The typed name of a perturbation without dose or time: how training labels are stored."""
     return str(without_quantities(parse(p) if isinstance(p, str) else p))
+
+
+KIND_SEP = "\x1e"  # joins a label trained as several kinds to one cell's kind: "MAP2K3\x1eactivation"
+
+
+def _kind_of(typed: str) -> str:
+    """The kind of a typed form (its first part's, for a combination)."""
+    q = parse(typed)
+    return (q.parts[0] if isinstance(q, Combination) else q).kind
+
+
+def _kind_split(adata: ad.AnnData, labels: np.ndarray, forms: Mapping[str, list[str]], kind_key: str | None
+                ) -> np.ndarray:
+    """``labels`` with each cell of a label trained as several kinds (``forms``) marked with its kind from
+    ``obs[kind_key]``, so that an activation's cells and a knockdown's are not averaged into one effect."""
+    if kind_key is None or kind_key not in adata.obs:
+        raise DataError(f"{len(forms)} labels were trained as several kinds ({preview(sorted(forms), 4)}), told apart "
+                        f"by the column of kinds {kind_key!r}, which these cells lack: give them that column.")
+    kinds = adata.obs[kind_key].astype(str).str.lower().map(KIND_ALIASES).to_numpy()
+    return np.array([f"{lab}{KIND_SEP}{k}" if lab in forms else lab for lab, k in zip(labels, kinds)], dtype=object)
 
 
 def _quantity_distance(a: Perturbation | Combination, b: Perturbation | Combination) -> float:
@@ -233,6 +253,9 @@ class Baselines:
 
         X, _ = model_expression(adata, model.genes)
         labels = contract.conditions(adata)  # the doses of a drug are separate rows
+        forms_of = model.perturbations.forms  # a label trained as several kinds: a row per kind, not their mean
+        if forms_of:
+            labels = _kind_split(adata, labels, forms_of, (model.train_config or {}).get("kind_key"))
         ctx = contract.contexts(adata)
         keys = np.array([f"{c}\x1f{p}" for p, c in zip(labels, ctx)], dtype=object)
         groups, means, _ = group_means(X, keys)
@@ -243,12 +266,14 @@ class Baselines:
             if p != contract.control and c in ctrl:
                 per_label.setdefault(p, []).append(m - ctrl[c])
         names, rows = [], []
-        for label in sorted(per_label):
-            typed = model.perturbations.trained_form(label) or (forms or {}).get(label)
+        for key in sorted(per_label):
+            label, _, kind = key.partition(KIND_SEP)
+            typed = (next(f for f in forms_of[label] if _kind_of(f) == kind) if kind
+                     else model.perturbations.trained_form(label) or (forms or {}).get(label))
             if typed is None:
                 continue
             names.append(str(parse(typed)))
-            rows.append(np.mean(per_label[label], axis=0))
+            rows.append(np.mean(per_label[key], axis=0))
         delta = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(model.genes))
         genetic = any(isinstance(q, Perturbation) and q.kind in GENETIC for q in map(parse, names))
         factor = covariance_factor(X, ctx) if response and genetic else None

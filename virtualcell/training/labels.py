@@ -90,10 +90,17 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
                         "they name no gene of the panel (kind auto). If they are genetic perturbations, pass --kind "
                         "knockout (or activation, knockdown; --kind-key for a column of kinds).", len(timed),
                         preview(timed, 5))
-    # each training label maps to its most common typed form (doses dropped)
+    # each training label maps to its most common typed form (doses dropped); one trained as several kinds (a gene
+    # activated in one cell line, knocked down in another) keeps them all, and alone names none of them
     for label in set(labels) - {contract.control}:
         forms = [str(without_quantities(parse(s))) for s in typed[labels == label]]
         vocab.labels[label] = max(set(forms), key=forms.count)
+        if kinds is not None and len(set(forms)) > 1:
+            vocab.forms[label] = sorted(set(forms))
+    if vocab.forms:
+        log.info("%d labels name perturbations of several kinds in obs[%r] (%s): each kind trains as its own "
+                 "perturbation, and a prediction names it typed (e.g. %r).", len(vocab.forms), cfg.kind_key,
+                 preview(sorted(vocab.forms), 5), next(iter(sorted(vocab.forms.items())))[1][0])
     # and each condition with a dose or time (``drugA@10``) to its typed form, which names the model's predictions
     for condition, form in zip(conditions, typed):
         if condition not in vocab.labels and condition != contract.control:
