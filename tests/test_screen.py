@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import virtualcell as vc
 from virtualcell.errors import PerturbationError, ScreenError
@@ -176,6 +177,23 @@ def test_folder_of_another_screen_is_refused(sim, tmp_path):
     screen(sim, PANEL[:2], out=tmp_path, progress=False, n_boot=5)
     with pytest.raises(ScreenError, match="different screen.*panel"):
         screen(sim, PANEL[:3], out=tmp_path, progress=False, n_boot=5)
+
+
+def test_a_screen_of_a_model_retrained_in_place_is_not_resumed(sim, tmp_path):
+    """The model folder's path and data are the same, its weights are not (trained again into the same --out):
+    the finished groups came from another model, so resuming is refused and --force starts over."""
+    import copy
+
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, PANEL[:4], out=tmp_path, group_size=2, stop_after_groups=1, progress=False, n_boot=5)
+    other = copy.deepcopy(sim.model)
+    with torch.no_grad():
+        next(other.lm.parameters()).add_(1e-3)
+    assert other.weights_digest() != sim.model.weights_digest() == copy.deepcopy(sim.model).weights_digest()
+    retrained = vc.Simulator(sim.baseline, other)
+    with pytest.raises(ScreenError, match="different screen.*the model's weights"):
+        screen(retrained, PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5)
+    screen(retrained, PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5, force=True)
 
 
 def test_signature_with_unknown_genes_names_them(sim):

@@ -406,6 +406,21 @@ class C2SModel:
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.lm.parameters())
 
+    def weights_digest(self) -> str:
+        """A short digest of the weights (up to 4,096 evenly spaced values of every parameter, with its name and
+        shape): another training run, or more steps of this one, gives another digest. Cheap for a 2B model, and
+        what a resumed screen checks, since a folder path says nothing about what was trained into it."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=12)
+        with torch.no_grad():
+            for name, w in self.lm.named_parameters():
+                flat = w.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                h.update(f"{name}{tuple(w.shape)}".encode())
+                h.update(flat[::step].float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return (
             f"C2SModel({self.source or 'in memory'}: {self.n_parameters / 1e6:.2f}M parameters, "
