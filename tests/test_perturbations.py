@@ -123,3 +123,16 @@ def test_a_label_trained_as_two_kinds_names_neither_alone_and_a_pair_reads_in_an
     assert vocab.labels_for([parse("act:MAP2K3"), parse("kd:MAP2K3")]) == ["MAP2K3", "MAP2K3"]
     assert vocab.resolve("MAP2K6+KLF1") == vocab.resolve("KLF1+MAP2K6") == parse("act:KLF1+act:MAP2K6")
     assert PerturbationVocab.from_dict(vocab.to_dict()).forms == vocab.forms
+
+
+def test_a_large_or_tiny_dose_writes_and_reads_back_and_a_zero_dose_is_refused():
+    """str() never writes an exponent ('1e+06' would split as a combination), parse reads one typed by hand, and a
+    dose of 0 (no drug at all) is refused rather than read as a dose bin."""
+    for text in ("cytokine:C@1000000ng/ml,6h", "drug:x@0.000000001uM", "drug:x@25000000nM + ko:STAT1"):
+        assert str(parse(str(parse(text)))) == str(parse(text)) and "e+" not in str(parse(text)) \
+            and "e-" not in str(parse(text))
+    assert parse("drug:x@1e+3nM") == parse("drug:x@1000nM")
+    assert parse("drug:x@1e+3nM + ko:PPP1R3E") == parse("drug:x@1000nM + ko:PPP1R3E")
+    assert str(parse("PPP1R3E+STAT1")) == "PPP1R3E + STAT1"  # a gene ending in digit + E still splits
+    with pytest.raises(PerturbationError, match="a dose of 0 is no drug"):
+        parse("drug:x@0uM,24h")

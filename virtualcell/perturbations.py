@@ -116,6 +116,10 @@ class Perturbation:
                 raise PerturbationError(f"A {self.kind} takes no dose or time; use 'drug:' for compounds.")
         if self.dose is not None and self.dose < 0:
             raise PerturbationError(f"Dose must be >= 0, got {self.dose}.")
+        if self.dose == 0:
+            raise PerturbationError(
+                f"{self.kind}:{self.target} at a dose of 0 is no {self.kind}: predict the control (or the vehicle's "
+                "label) for untreated cells, or give a dose above 0. (A dose column reads 0 as no dose too.)")
         if self.time is not None and self.time < 0:
             raise PerturbationError(f"Time must be >= 0, got {self.time}.")
 
@@ -180,7 +184,21 @@ class Combination:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}"
+    """A quantity as written in a name: six significant digits, never in exponent form (``1e+06`` would read as
+    a combination, its ``+`` joining two parts)."""
+    text = f"{x:g}"
+    if "e" in text:
+        text = f"{float(text):.15f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{float(text):.0f}"
+    return text
+
+
+# a '+' inside a number's exponent after '@' or ',' ("@1e+3nM"): not a combination's
+_EXPONENT_PLUS = re.compile(r"([@,]\s*[0-9]*\.?[0-9]+[eE])\+([0-9])")
+
+
+def _split_parts(text: str) -> list[str]:
+    """A perturbation's parts, split at the '+' that join them (not one in a dose's exponent, ``@1e+3nM``)."""
+    return [p.replace("\x00", "+") for p in _EXPONENT_PLUS.sub("\\1\x00\\2", text).split("+")]
 
 
 def without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
@@ -299,7 +317,7 @@ def parse(text: str | Perturbation | Combination) -> Perturbation | Combination:
         return text
     if not isinstance(text, str):
         raise PerturbationError(f"Expected a perturbation string, got {type(text).__name__}.")
-    parts = [_parse_part(p, text) for p in text.split("+")]
+    parts = [_parse_part(p, text) for p in _split_parts(text)]
     parts = [p for p in parts if p.kind != "control"] or [Perturbation("control")]
     if len(parts) == 1:
         return parts[0]
