@@ -406,3 +406,24 @@ def test_the_dose_baseline_interpolates_the_agent_s_other_doses_in_log_dose():
     out = dose(train, baseline=base, targets=[("A@1,24h", "all")], perturbation_key="perturbation", control="control")
     predicted = out[out.obs["perturbation"] == "A@1,24h"]
     assert float(np.asarray(predicted.X.mean(0)).ravel()[0] - 1.2) == pytest.approx(9.0, abs=1e-5)
+
+
+def test_a_dose_in_a_trained_dose_s_bin_is_said_to_read_its_prompt_and_a_sole_time_is_filled_in(dosed, dosed_model,
+                                                                                                   caplog):
+    """drugA@1.5 is no trained condition, but the model writes doses in half-decade bins, so it reads drugA@1's
+    prompt: simulate says so (once per Simulator). A dose asked without a time, of an agent trained at one time
+    only, is that time (else the prompt would be a form no training cell had)."""
+    from virtualcell.prompts import PerturbationVocab
+
+    d = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    perts = dosed_model.resolve([f"{d}@1.5", f"{d}@3", f"{d}@1"])
+    assert dosed_model.prompt_twins(perts) == {f"drug:{d}@1.5": f"{d}@1"}  # @3 is its own bin; @1 is trained
+    sim = vc.Simulator(dosed[dosed.obs["perturbation"] == "control"][:4].copy(), dosed_model)
+    with caplog.at_level("WARNING", logger="virtualcell"):
+        sim.simulate([f"{d}@1.5"], progress=False)
+        sim.simulate([f"{d}@1.5"], progress=False)
+    said = [r.message for r in caplog.records if "read the prompt of one" in r.message]
+    assert len(said) == 1 and f"drug:{d}@1.5 as {d}@1" in said[0]
+    vocab = PerturbationVocab(labels={"IFNB": "cytokine:IFNB"}, conditions={"IFNB@10,6h": "cytokine:IFNB@10,6h"})
+    assert str(vocab.resolve("cytokine:IFNB@10")) == str(vocab.resolve("IFNB@10")) == "cytokine:IFNB@10,6h"
+    assert str(vocab.resolve("cytokine:IFNB@10,2h")) == "cytokine:IFNB@10,2h"  # a time asked stays

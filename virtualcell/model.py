@@ -406,6 +406,26 @@ class C2SModel:
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.lm.parameters())
 
+    def prompt_twins(self, perturbations: Sequence[Perturbation | Combination]) -> dict[str, str]:
+        """Each of ``perturbations`` that is no trained condition but is written with the very prompt of one,
+        mapped to that condition's name: a dose in a trained dose's half-decade bin (``drugA@1.5uM`` reads as the
+        trained ``drugA@1uM``), a time in its doubling. The pure model predicts such a pair alike."""
+        dosed = [p for p in perturbations
+                 if any(x.dose is not None or x.time is not None for x in (p.parts if isinstance(p, Combination) else (p,)))]
+        if not dosed:
+            return {}
+        vocab = self.perturbations
+        panel = vocab.panel()
+        empty = np.zeros(0, dtype=np.int64)
+
+        def own(q: Perturbation | Combination) -> tuple[int, ...]:
+            return tuple(self.format.prompt_parts(empty, q)[1])
+
+        trained = {own(q): name for name, q in zip(panel, self.resolve(panel))}
+        seen = set(vocab.trained())
+        return {str(p): trained[own(p)] for p, label in zip(dosed, vocab.labels_for(dosed))
+                if label not in seen and own(p) in trained}
+
     def weights_digest(self) -> str:
         """A short digest of the weights (up to 4,096 evenly spaced values of every parameter, with its name and
         shape): another training run, or more steps of this one, gives another digest. Cheap for a 2B model, and

@@ -140,7 +140,28 @@ class PerturbationVocab:
         q = self._resolve(p)
         if not self.dose_units:
             self._no_unit_asked(q)
-        return in_units(q, self.dose_units)
+        return self._sole_time(in_units(q, self.dose_units))
+
+    def _sole_time(self, q: Perturbation | Combination) -> Perturbation | Combination:
+        """``q`` with the time its agent was always trained at, on each dosed part asked without a time
+        (``cytokine:IFNB@10ng/ml`` for a model that saw IFNB at 6 h only is ``@10ng/ml,6h``): written without it,
+        the prompt would be a form no training cell had."""
+        parts = q.parts if isinstance(q, Combination) else (q,)
+        if not any(x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None for x in parts):
+            return q
+        times: dict[tuple[str, str], set[float | None]] = {}
+        for typed in self.conditions.values():
+            t = parse(typed)
+            for x in t.parts if isinstance(t, Combination) else (t,):
+                times.setdefault((x.kind, x.target), set()).add(x.time_hours)
+        out = []
+        for x in parts:
+            sole = times.get((x.kind, x.target), set())
+            if x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None and len(sole) == 1 \
+                    and (h := next(iter(sole))) is not None:
+                x = replace(x, time=h, time_unit="h")
+            out.append(x)
+        return out[0] if len(out) == 1 else Combination(tuple(out))
 
     def _no_unit_asked(self, q: Perturbation | Combination) -> None:
         """Refuse a dose with a unit asked of a model trained at doses written as plain numbers: it cannot know

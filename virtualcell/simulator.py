@@ -411,6 +411,7 @@ class Simulator:
             )
         self._basis = pca(self.expression, n_pcs, seed=seed)
         self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
+        self._said_twins: set[str] = set()  # perturbations read as a trained condition's prompt, warned of once
         if not baseline.obs_names.is_unique:
             dup = baseline.obs_names[baseline.obs_names.duplicated()].unique()
             log.warning("%d baseline cell names repeat (e.g. %s): predicted cells name their source cell "
@@ -651,6 +652,13 @@ class Simulator:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")
+        twins = {k: v for k, v in self.model.prompt_twins(perts).items() if k not in self._said_twins}
+        if twins:  # (each once per Simulator: a screen simulates its panel group by group)
+            self._said_twins.update(twins)
+            log.warning("%d perturbations are no trained condition but read the prompt of one (%s): the model tells "
+                        "doses apart by half-decade bins and times by doublings, so the pure model predicts each as "
+                        "that condition (the baseline a blend serves interpolates between trained doses where it can).", len(twins),
+                        preview([f"{k} as {v}" for k, v in twins.items()], 4))
         samples = self.sample_count(samples)
         control_samples = self.control_sample_count(samples, control_samples)
         control = Perturbation("control")
