@@ -414,3 +414,20 @@ def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
     (tmp_path / "s" / "ranking.parquet").unlink()
     with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\).*resumes"):
         load(tmp_path / "s")
+
+
+def test_a_candidate_predicted_against_the_objective_is_never_a_pick():
+    """lower:STAT1 with a candidate that raises it (score < 0): the shortlist stops short rather than send it to
+    the wet lab; a near-duplicate of a pick is represented by it, as before."""
+    import pandas as pd
+    import xarray as xr
+
+    from virtualcell.screen import diverse_picks
+
+    names = ["A", "A_like", "B", "C"]
+    delta = np.array([[1.0, 0.0, 0.0], [0.95, 0.05, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    agg = xr.Dataset({"delta": (("perturbation", "gene"), delta)}, coords={"perturbation": names})
+    ranking = pd.DataFrame({"perturbation": names, "score": [2.0, 1.5, 0.4, -0.1]})
+    out = diverse_picks(ranking, agg, top=3)
+    assert list(out.loc[out["pick"], "perturbation"]) == ["A", "B"]
+    assert out.set_index("perturbation").loc["A_like", "similar_to_pick"] == "A"

@@ -628,7 +628,9 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
     Candidates are nodes of a ``networkx`` graph with an edge wherever the cosine
     similarity of their predicted effects is at least ``similarity``. Going down the
     ranking, a candidate is picked unless it neighbours an earlier pick; each pick
-    ``represents`` its unpicked neighbours.
+    ``represents`` its unpicked neighbours. A candidate scoring 0 or less is never picked: it is predicted
+    to move against the objective (or, for the largest effect, to do no more than the sampling noise), so
+    fewer than ``top`` may be picked, and the log says so.
     """
     import networkx as nx
 
@@ -643,14 +645,18 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
     graph.add_edges_from((names[i], names[j], {"similarity": float(S[i, j])}) for i, j in zip(ii, jj))
     picks: list[str] = []
     covered: dict[str, str] = {}
+    score = dict(zip(names, ranking["score"].to_numpy(dtype=float)))
     for name in names:
         if len(picks) >= top:
             break
-        if name in covered:
+        if name in covered or not score[name] > 0:
             continue
         picks.append(name)
         for nb in graph.neighbors(name):
             covered.setdefault(nb, name)
+    if len(picks) < min(top, len(names)) and not all(v > 0 for v in score.values()):
+        log.info("%d of %d diverse picks: the other candidates are near an earlier pick or score 0 or less "
+                 "(predicted to move against the objective).", len(picks), top)
     out = ranking.copy()
     out["pick"] = out["perturbation"].isin(picks)
     out["represents"] = [sorted(k for k, v in covered.items() if v == name and k not in picks) if name in picks else []
