@@ -90,7 +90,7 @@ def _split_list(text: str) -> list[str]:
     whole, then write each group out (``perturbations.expand``: 'drug:x@{0.1,1}uM' is two)."""
     import re
 
-    from .perturbations import expand
+    from .perturbations import expand, hours_per
 
     pieces, depth, start = [], 0, 0
     for i, ch in enumerate(text + ","):
@@ -102,7 +102,10 @@ def _split_list(text: str) -> list[str]:
         pieces.append(text[start:])
     out: list[str] = []
     for piece in pieces:
-        if out and "@" in out[-1] and re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*[A-Za-z]*\s*", piece) and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
+        # a time is a number with a time's unit or none ("24h", "30min", "24"); "5FU" is the next item
+        m = re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*([A-Za-z]*)\s*", piece)
+        if out and "@" in out[-1] and m and (not m.group(2) or hours_per(m.group(2)) is not None) \
+                and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
             out[-1] += "," + piece.strip()
         elif piece.strip():
             out.append(piece.strip())
