@@ -551,3 +551,15 @@ def test_a_backed_baseline_is_refused_with_how_to_load_it(tiny_model, tmp_path):
     backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
     with pytest.raises(vc.errors.DataError, match=r"backed='r'.*adata.to_memory\(\)"):
         vc.encode(backed)
+
+
+def test_bundled_names_the_shipped_model_and_a_control_like_label_is_said_to_be_a_control(tmp_path, monkeypatch):
+    """'bundled' loads the shipped model wherever no folder of that name is (predict and screen as info did); a
+    panel naming the control ('DMSO') is told the baseline cells are the controls, not to write 'ko:DMSO'."""
+    monkeypatch.chdir(tmp_path)
+    model = vc.C2SModel.load("bundled")
+    assert Path(model.source) == Path(vc.model.BUNDLED)
+    with pytest.raises(PerturbationError, match="looks like a control"):
+        model.resolve(["DMSO"])
+    with pytest.raises(PerturbationError, match="'drug:5FU@1uM'"):
+        model.resolve(["5FU"])

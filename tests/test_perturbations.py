@@ -137,3 +137,8 @@ def test_a_large_or_tiny_dose_writes_and_reads_back_and_a_zero_dose_is_refused()
     assert str(parse("PPP1R3E+STAT1")) == "PPP1R3E + STAT1"  # a gene ending in digit + E still splits
     with pytest.raises(PerturbationError, match="a dose of 0 is no drug"):
         parse("drug:x@0uM,24h")
+
+
+def test_a_combination_perturbing_one_gene_twice_is_refused():
+    with pytest.raises(PerturbationError, match="perturbs STAT1 twice"):
+        parse("ko:STAT1 + kd:STAT1")

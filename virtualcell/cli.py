@@ -440,9 +440,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from .card import card, card_text
-    from .model import BUNDLED, C2SModel
+    from .model import C2SModel
 
-    model = C2SModel.load(BUNDLED if args.model == "bundled" else args.model, device="cpu")
+    model = C2SModel.load(args.model, device="cpu")
     c = card(model)
     print(json.dumps(c, indent=1, default=str) if args.json else card_text(c))
     return 0
@@ -523,7 +523,8 @@ def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that 
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output) or hub id")
+    p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output), hub id, or 'bundled' "
+                   "(the model shipped in the package)")
     p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
     p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
     _add_gene_key(p)
@@ -745,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "checked. It gives an older checkpoint what the verdict reports now, or tries other samples "
                       "per cell or guidance scales without training again; what it chooses is what predict and "
                       "screen then use.")
-    p.add_argument("--model", required=True, help="checkpoint folder written by 'virtualcell train'")
+    p.add_argument("--model", required=True, help="checkpoint folder written by 'virtualcell train', or 'bundled' (the "
+                   "model shipped in the package)")
     p.add_argument("--data", required=True, help="the data the model was trained on: an .h5ad path or a dataset name")
     p.add_argument("--out", default=None,
                    help="write the re-judged checkpoint (weights too) into this folder (default: rewrite the "

@@ -157,10 +157,13 @@ class C2SModel:
 
         A folder written by :meth:`save` (or ``virtualcell train``) carries its codec. A
         plain HF checkpoint, such as ``vandijklab/C2S-Scale-Gemma-2-2B``, uses the C2S
-        prompt and needs ``genes``: the gene symbols it may write (your data's var_names).
+        prompt and needs ``genes``: the gene symbols it may write (your data's var_names). ``"bundled"`` (where no
+        folder of that name is here) is the model shipped in the package, as the default is.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if str(name_or_path) == "bundled" and not Path("bundled").exists():
+            name_or_path = BUNDLED
         path = Path(str(name_or_path))
         dev, dt = pick_device(device, dtype)
         is_local = path.exists()

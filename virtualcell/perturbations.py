@@ -80,6 +80,11 @@ def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
     return _dose_family(unit) or (unit or "", 1.0)
 
 
+# labels that name a control in most screens; one of them trained as a perturbation is worth a warning
+CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
+                          "untreated", "mock", "unperturbed", "safe-targeting"})
+
+
 def hours_per(unit: str | None) -> float | None:
     """Hours in one ``unit`` of time (no unit: hours), or None for a unit that is not a time."""
     return _TIME_UNITS.get((unit or "h").strip().lower())
@@ -172,6 +177,11 @@ class Combination:
             raise PerturbationError("A combination needs at least two non-control parts.")
         if len(set(flat)) != len(flat):
             raise PerturbationError(f"A combination repeats a part: {' + '.join(map(str, flat))}.")
+        genes = [p.target for p in flat if p.kind in GENETIC]
+        if len(set(genes)) != len(genes):
+            twice = sorted({g for g in genes if genes.count(g) > 1})
+            raise PerturbationError(f"A combination perturbs {', '.join(twice)} twice ({' + '.join(map(str, flat))}): "
+                                    "one gene takes one genetic perturbation (a knockout, knockdown or activation).")
         object.__setattr__(self, "parts", tuple(sorted(flat, key=str)))
 
     kind: str = "combination"

@@ -26,6 +26,7 @@ to build a decoding constraint.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
-from .perturbations import GENETIC, Combination, Perturbation, in_units, parse, without_quantities
+from .perturbations import CONTROL_LIKE, GENETIC, Combination, Perturbation, in_units, parse, without_quantities
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +72,7 @@ SPECIAL_TOKENS += [f"<dose:{b:g}>" for b in DOSE_BINS] + [f"<time:{b}>" for b in
 # the generic condition ("some perturbation, not named"), for classifier-free guidance; last, so
 # that the ids of the tokens before it match checkpoints written before it existed
 GENERIC = "<generic>"
+_GENE_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what may name a gene (a 'ko:' is worth suggesting)
 SPECIAL_TOKENS.append(GENERIC)
 
 
@@ -206,9 +208,17 @@ class PerturbationVocab:
             elif part.kind == "label" and part.target not in self.names["label"]:
                 hint = close_matches(part.target, list(self.labels))
                 did = f" Close matches it knows: {preview(hint, 5)}." if hint else ""
+                name = part.target.partition("@")[0]
+                if re.sub(r"[\W_]*\d+$", "", name).lower() in CONTROL_LIKE:
+                    typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
+                             "and the baseline cells are the controls; leave it out of the panel.")
+                elif _GENE_LIKE.match(name):
+                    typed = f" Or write a typed perturbation, e.g. 'ko:{name}' (or kd:, act:, drug:NAME@DOSE)."
+                else:
+                    typed = f" Or write a typed perturbation, e.g. 'drug:{name}@1uM' or 'cytokine:NAME@10ng/ml'."
                 raise PerturbationError(
                     f"The model does not know the perturbation {part.target!r}.{did} Known labels: "
-                    f"{preview(sorted(self.labels), 12)}. Or write a typed perturbation, e.g. 'ko:{part.target}'."
+                    f"{preview(sorted(self.labels), 12)}.{typed}"
                 )
             elif part.kind in GENETIC and part.target.upper() in self.aliases:  # "ko:STAT1" -> its gene's id
                 out.append(replace(part, target=self.aliases[part.target.upper()]))

@@ -222,13 +222,21 @@ def run(
     obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
     w = simulator.blend_weight(blend)
     w_unseen = simulator.unseen_weight(blend)
-    if w is not None and w < 1.0 and not (simulator.model.verdict or {}).get("unseen"):
-        new = [n for n, p in zip(names, perts) if simulator.model.baselines.delta_for(p)[1] in UNSEEN_BASELINES]
+    # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair
+    # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
+    seen = set(simulator.model.perturbations.trained())
+    trained = {name: label in seen for name, label in zip(names, simulator.model.perturbations.labels_for(perts))}
+    if w is not None and w < 1.0:
+        # served the weight fitted on trained perturbations: every untrained one but those the run's verdict on
+        # perturbations held out whole fitted a weight for (a knockout never trained on, not a pair or a new dose)
+        own = bool((simulator.model.verdict or {}).get("unseen"))
+        new = [n for n, p in zip(names, perts) if not trained[n]
+               and not (own and simulator.model.baselines.delta_for(p)[1] in UNSEEN_BASELINES)]
         if new:
-            log.warning("%d of the panel's perturbations were never trained on (%s); they are served with the blend "
-                        "weight %.2f fitted on trained ones, which says nothing about these: the pure model's "
-                        "figures (*_model) are beside the served ones. Train with --unseen-fraction to fit their own.",
-                        len(new), preview(new, 5), w)
+            log.warning("%d of the panel's perturbations were never trained on as such (%s); they are served with "
+                        "the blend weight %.2f fitted on trained ones, which says nothing about these: the pure "
+                        "model's figures (*_model) are beside the served ones.%s", len(new), preview(new, 5), w,
+                        "" if own else " Train with --unseen-fraction to fit a weight for knockouts never trained on.")
     k = simulator.sample_count(samples)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
@@ -254,10 +262,6 @@ def run(
             log.info("%d of the panel's perturbations were never trained on (%s): the model generates them with the "
                      "coexpression baseline's shift on its logits (coexpression_prior=False: the model alone)",
                      len(moved), preview(moved, 5))
-    # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair
-    # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
-    seen = set(simulator.model.perturbations.trained())
-    trained = {name: label in seen for name, label in zip(names, simulator.model.perturbations.labels_for(perts))}
     composed = [n for n, p in zip(names, perts) if simulator.model.composes(p, compose=compose)]
     if composed:  # recorded, so that a resumed screen never mixes the two ways (off: the fingerprint it always had)
         config["compose"] = sorted(composed)

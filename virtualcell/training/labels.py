@@ -18,7 +18,7 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from ..perturbations import CONTROL_LIKE, GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 from ..prompts import PerturbationVocab, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 NOT_GENES = frozenset({"KO", "KD", "OE", "SG", "GUIDE", "CTRL", "NT", "WT", "MUT", "CRISPRA", "CRISPRI"})
 
 FEW_CELLS = 3  # a perturbation with fewer cells than this is named: its effect is mostly noise
-
-# labels that name a control in most screens; one of them trained as a perturbation is worth a warning
-CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
-                          "untreated", "mock", "unperturbed", "safe-targeting"})
 
 
 def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, cfg: TrainConfig, *,
