@@ -296,3 +296,21 @@ def test_values_that_are_neither_counts_nor_log_scale_are_refused():
         detect_scale(cp10k)
     with pytest.raises(DataError, match="not whole numbers"):
         detect_scale((counts * 0.93).toarray())  # ambient-corrected counts, dense
+
+
+def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_order():
+    """The scale was read from the first 2M stored values: log1p rows first read every count row as log1p (values
+    up to hundreds, unnormalized), counts first normalized the log rows a second time."""
+    import scipy.sparse as sp
+
+    from virtualcell.errors import DataError
+    from virtualcell.sentences import detect_scale
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(3000, 400, density=0.3, format="csr", random_state=1, data_rvs=lambda k: rng.integers(1, 50, k))
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data * 10.0).astype(np.float32)
+    assert detect_scale(counts) == "counts" and detect_scale(logged) == "log1p"
+    for mixed in (sp.vstack([logged, counts]).tocsr(), sp.vstack([counts, logged]).tocsr()):
+        with pytest.raises(DataError, match="mixes scales"):
+            detect_scale(mixed)

@@ -145,10 +145,26 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     or corrected counts (CellBender, SoupX), which read as log1p would put every prediction on the wrong scale.
     """
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    sample = values[: 2_000_000]
-    if np.all(np.mod(sample, 1) == 0):
+    # 16 windows spread over the stored values (row blocks of a CSR matrix), not its first rows only: two batches
+    # concatenated, one of counts and one of log values, must not pass as either
+    n_windows, width = 16, 125_000
+    starts = np.unique(np.linspace(0, max(values.size - width, 0), n_windows).astype(np.int64))
+    whole = []
+    for a in starts:
+        window = values[a : a + width]
+        window = window[window != 0]
+        if window.size:
+            whole.append(bool(np.all(np.mod(window, 1) == 0)))
+    if all(whole):
         return "counts"
-    top = float(np.max(sample))
+    if any(whole):
+        share = sum(whole) / len(whole)
+        raise DataError(
+            f"The expression matrix mixes scales: in {sum(whole)} of {len(whole)} stretches spread over it "
+            f"({share:.0%}) every value is a whole number (raw counts), in the others not (normalized or logged "
+            "values), as when files on different scales are concatenated. Put every cell on one scale first (raw "
+            "counts throughout, e.g. from each file's .layers['counts'] or .raw, or log1p-normalized throughout).")
+    top = float(np.max(values)) if values.size else 0.0
     if top > LOG_SCALE_MAX:
         raise DataError(
             f"The expression values are not whole numbers, so they are not raw counts, and they reach {top:.4g}, "
