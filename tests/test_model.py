@@ -563,3 +563,44 @@ def test_bundled_names_the_shipped_model_and_a_control_like_label_is_said_to_be_
         model.resolve(["DMSO"])
     with pytest.raises(PerturbationError, match="'drug:5FU@1uM'"):
         model.resolve(["5FU"])
+
+
+def test_a_baseline_on_another_scale_is_put_on_the_model_s(tmp_path):
+    """The bundled model trained on raw counts of its 299 genes. The same control cells as log1p of scanpy's default
+    normalize_total (the median library, not 1e4), or as counts beside 1,000 more genes (genes='shared'), predict
+    what the counts predict: each prediction adds the model's change to a baseline on the model's scale."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    model = vc.C2SModel.load()
+    data = vc.datasets.load("papalexi2021")
+    ctrl = data[data.obs["perturbation"] == "control"][:24]
+    counts = sp.csr_matrix(ctrl.X, dtype=np.float32)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    logged = sp.diags((np.median(totals) / totals).astype(np.float32)) @ counts
+    logged = sp.csr_matrix(logged)
+    logged.data = np.log1p(logged.data)
+    rng = np.random.default_rng(0)
+    extra = sp.random(24, 1000, density=0.3, random_state=1, format="csr",
+                      data_rvs=lambda k: rng.integers(1, 9, k)).astype(np.float32)
+    wide_var = pd.DataFrame(index=[*ctrl.var_names, *(f"PAD{i}" for i in range(1000))])
+    variants = [(ad.AnnData(counts, obs=ctrl.obs, var=ctrl.var), {}),
+                (ad.AnnData(logged, obs=ctrl.obs, var=ctrl.var), {}),
+                (ad.AnnData(sp.hstack([counts, extra]).tocsr(), obs=ctrl.obs, var=wide_var), {"genes": "shared"})]
+    means = []
+    for adata, kw in variants:
+        sim = vc.Simulator(adata, model, **kw)
+        means.append(sim.simulate(["STAT1"], seed=0, progress=False).to_anndata().X.mean(axis=0))
+    np.testing.assert_allclose(means[1], means[0], atol=2e-3)
+    np.testing.assert_allclose(means[2], means[0], atol=1e-5)
+
+
+def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
+    model = vc.C2SModel.load()
+    data = vc.datasets.load("papalexi2021")
+    mixed = data[:60]
+    assert (mixed.obs["perturbation"] != "control").any()
+    with caplog.at_level("WARNING", logger="virtualcell"):
+        vc.Simulator(mixed, model)
+    assert any("baseline cells are not controls" in r.message for r in caplog.records)

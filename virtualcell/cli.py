@@ -133,7 +133,9 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
             )
         if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
-            print(f"baseline: the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {named}) of {args.data}")
+            first = f"the first {args.n_cells} of " if args.n_cells is not None and args.n_cells < is_ctrl.sum() else ""
+            print(f"baseline: {first}the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {named}) "
+                  f"of {args.data}")
             adata = adata[is_ctrl].copy()
     return adata
 
@@ -530,7 +532,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_gene_key(p)
     p.add_argument("--genes", choices=["all", "shared"], default="all",
                    help="'all': --data and the model must have the same genes; 'shared': proceed on the genes "
-                   "both have (the model's genes that --data lacks are read as not expressed, with a warning)")
+                   "both have (the model's genes that --data lacks are read as not expressed, with a warning; genes "
+                   "--data has beyond the model's are left out, and each cell is normalized over the model's genes, "
+                   "as its training cells were)")
     p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, the cell (and its row in --data) and the "
                    "perturbation")

@@ -147,9 +147,11 @@ class TowardState(Objective):
         if hasattr(self.target, "var_names"):
             ref: ad.AnnData = self.target
             X = expression_matrix(ref)
-            X = log_normalize(X, detect_scale(X))
+            modelled = {g.upper() for g in genes}  # counts normalized over the model's genes, as its cells are
+            cols = [i for i, g in enumerate(ref.var_names) if str(g).upper() in modelled] or list(range(ref.n_vars))
+            X = log_normalize(X[:, cols], detect_scale(X))
             mean = np.asarray(X.mean(axis=0)).ravel()
-            names = [str(g) for g in ref.var_names]
+            names = [str(ref.var_names[i]) for i in cols]
         else:
             mean = np.asarray(self.target, dtype=np.float64)
             names = list(self.target_genes or genes)

@@ -200,14 +200,33 @@ def normalization_label(scale: str) -> str:
     return _NORMALIZATION[scale]
 
 
+def onto_cp10k(X: sp.csr_matrix) -> tuple[sp.csr_matrix, float]:
+    """log1p values (CSR, float32) normalized again to 1e4 per cell over their columns, ``log1p(1e4 · e / Σ e)``
+    with ``e = expm1(x)``: the scale a model trained on raw counts reads (``"log1p_cp10k"`` over its genes), whatever
+    total (scanpy's default is the median library size) or gene set the values were normalized to. Returns it and the
+    cells' median total of ``e`` before (1e4 where they were on that scale already)."""
+    out = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    np.expm1(out.data, out=out.data)
+    totals = np.asarray(out.sum(axis=1)).ravel()
+    had = float(np.median(totals[totals > 0])) if (totals > 0).any() else TARGET_SUM
+    totals[totals == 0] = 1.0
+    out.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
+    return out, had
+
+
 def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None) -> tuple[sp.csr_matrix, str]:
     """Log-normalized expression of ``adata`` with one column per gene of ``genes`` (a model's
-    vocabulary; zeros for genes ``adata`` lacks), as float32 CSR, and the scale the data came in."""
+    vocabulary; zeros for genes ``adata`` lacks), as float32 CSR, and the scale the data came in.
+
+    Raw counts are normalized over the model's genes that ``adata`` has, as the model's training cells were (their
+    genes are the model's): a file with genes beyond the model's (a full transcriptome beside a 2,000-gene model)
+    would otherwise put each cell lower on the model's scale by its counts on genes the model never reads."""
     X = expression_matrix(adata, layer=layer)
     scale = detect_scale(X)
     col = genes.ids(Vocabulary.from_adata(adata).genes, missing="mark")
     keep = col >= 0
-    Xn = log_normalize(X, scale)[:, np.flatnonzero(keep)].tocoo()
+    Xn = log_normalize(X[:, np.flatnonzero(keep)], scale).tocoo()
     out = sp.csr_matrix((Xn.data, (Xn.row, col[keep][Xn.col])), shape=(adata.n_obs, len(genes)), dtype=np.float32)
     return out, scale
 

@@ -49,7 +49,7 @@ from .errors import DataError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
-from .sentences import Vocabulary, encode, model_expression, normalization_label, with_gene_key
+from .sentences import TARGET_SUM, Vocabulary, encode, model_expression, normalization_label, onto_cp10k, with_gene_key
 from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -371,10 +371,31 @@ class Simulator:
             log.info("gene names from var[%r], the column the model was trained with", gene_key)
         baseline = with_gene_key(baseline, gene_key)
         self.baseline = baseline
+        contract = model.contract
+        if contract is not None and contract.perturbation_key in baseline.obs.columns and baseline.n_obs:
+            perturbed = ~contract.is_control(baseline)
+            if perturbed.any():  # a prediction adds each perturbation to every baseline cell, these included
+                labels = sorted(set(contract.labels(baseline)[perturbed]))
+                log.warning("%d of the %d baseline cells are not controls in obs[%r] (%s): each prediction starts "
+                            "from every baseline cell, these included. For the usual baseline pass the controls "
+                            "only (adata[adata.obs[%r] == %r]); if they are meant, go on.", int(perturbed.sum()),
+                            baseline.n_obs, contract.perturbation_key, preview(labels, 4), contract.perturbation_key,
+                            contract.control)
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
         # baseline expression in the model's gene order (zeros for model genes the data lacks)
         self.expression, self.scale = model_expression(baseline, model.genes)
         self.normalization = normalization_label(self.scale)
+        if self.scale == "log1p" and getattr(model.rank_fit, "normalization", None) == normalization_label("counts"):
+            # a model trained on raw counts reads log1p(counts per 1e4 over its genes); log1p values normalized to
+            # another total (scanpy's default: the median library) or over other genes go onto that scale, or each
+            # prediction would add the model's change to a baseline on another scale
+            self.expression, had = onto_cp10k(self.expression)
+            if not 0.9 <= had / TARGET_SUM <= 1.1:
+                (log.warning if not 0.5 <= had / TARGET_SUM <= 2.0 else log.info)(
+                    "The baseline's log1p values were normalized to a median of %.4g per cell over the model's genes "
+                    "and the model's training cells to %g (it trained on raw counts): normalized again onto the "
+                    "model's scale. (Values on a log2 scale cannot be told from log1p: give raw counts where you "
+                    "can.)", had, TARGET_SUM)
         # the names predictions carry: the baseline's own spelling where it has the gene
         col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         names = list(model.genes.genes)
