@@ -13,7 +13,7 @@ from typing import Any
 
 
 class Silent:
-    """The part of a tqdm bar the package uses (``n``, ``update``, ``refresh``, ``set_postfix``, ``close``), doing nothing."""
+    """The part of a tqdm bar the package uses (``n``, ``update``, ``refresh``, ``set_postfix``, ``set_postfix_str``, ``close``), doing nothing."""
 
     def __init__(self, total: int | None = None, initial: int = 0) -> None:
         self.total, self.n = total, initial
@@ -22,6 +22,9 @@ class Silent:
         self.n += n
 
     def refresh(self) -> None:
+        pass
+
+    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:

@@ -688,7 +688,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # every process judges: under a multi-process launch the verdict's simulations share out the cells
     # (virtualcell.distributed) and every process ends with the same verdict; the main one writes it
     _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps,
-           cells.context)
+           cells.context, progress=progress and split.main)
     if split.main:
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
@@ -838,7 +838,8 @@ def _codec_baselines(cells: ad.AnnData, sentences: CellSentences, fit: RankFit, 
 def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg: TrainConfig,
            run_config: dict[str, Any], candidates: tuple[dict[str, Any], ...],
            codec: Mapping[str, Baselines] | None = None, unseen: Mapping[str, str] | None = None,
-           gene_maps: Mapping[str, GeneMap] | None = None, context: str | None = None) -> None:
+           gene_maps: Mapping[str, GeneMap] | None = None, context: str | None = None, progress: bool = False
+           ) -> None:
     """The validation verdict on the held-out cells (into the checkpoint; ``model.baselines`` is fitted);
     ``unseen``: the perturbations held out whole (:func:`unseen_labels`); ``gene_maps``: the maps of the codec's
     mapped decodes (:func:`_codec_baselines`); ``context``: the context held out whole (:func:`verdict_context`)."""
@@ -849,7 +850,7 @@ def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg
         model.verdict = validation.run_verdict(model, held, contract, seed=cfg.seed, candidates=candidates,
                                                samples=cfg.verdict_samples, temperatures=cfg.verdict_temperatures,
                                                codec=codec, unseen=unseen, gene_maps=gene_maps,
-                                               new_context=context)
+                                               new_context=context, progress=progress)
     run_config["verdict_seconds"] = round(time.perf_counter() - t0, 2)
     if model.verdict is not None:
         run_config["verdict_weight"] = model.verdict["weight"]

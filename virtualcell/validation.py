@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._stats import log_dose_interpolation
+from .progress import progress_bar
 from .errors import DataError, ModelError, preview
 from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
 
@@ -566,7 +567,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
                 codec: Baselines | Mapping[str, Baselines] | None = None,
                 unseen: Mapping[str, str] | None = None,
                 gene_maps: Mapping[str, GeneMap] | None = None,
-                new_context: str | None = None) -> dict[str, Any] | None:
+                new_context: str | None = None, progress: bool = False) -> dict[str, Any] | None:
     """Score the model, its baseline and their blend on the held-out cells ``held``.
 
     Per context, half of the held-out control cells (at most ``max_input_cells`` over all
@@ -674,10 +675,15 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         return [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False,
                              **(PLAIN | dict(settings))).aggregates for sim, typed in chosen if typed]
 
+    # one step per generation setting tried; how many depends on which win, so the bar counts without a total
+    bar = progress_bar(None, progress, "verdict (generation settings tried)", " settings")
+
     def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
         """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
         t = time.perf_counter()
+        bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in settings.items()) or "plain")
         aggs = simulated(settings)
+        bar.update(1)
         M = np.concatenate([a["delta_model"].values.astype(np.float64) for a in aggs])
         V = np.concatenate([delta_noise(a["bucket_mean"].values - a["control_bucket_mean"].values[None],
                                         a["bucket_count"].values) for a in aggs])
@@ -690,6 +696,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
     tried = [attempt(cand) for cand in candidates]
     tried += [attempt(cand) for cand in _more_samples(lowest_error(tried)[0]["settings"], samples)]
     tried += [attempt(cand) for cand in _other_values(lowest_error(tried)[0]["settings"], "temperature", temperatures)]
+    bar.close()
     scored = [a[0] for a in tried]
     best, M_all = lowest_error(tried)
     settings = best["settings"]
