@@ -139,7 +139,8 @@ def test_several_control_labels_through_train_predict_and_evaluate(papalexi, tmp
     pred = tmp_path / "pred.h5ad"
     assert main(["predict", "--model", str(tmp_path / "m"), "--data", str(path), "--perturbations", "STAT1",
                  "--n-cells", "6", "--out", str(pred)]) == 0
-    assert f"baseline: the {ctrl.size} control cells (guide == 'control' or 'NT_2')" in capsys.readouterr().out
+    assert f"baseline: the first 6 of the {ctrl.size} control cells (guide == 'control' or 'NT_2')" \
+        in capsys.readouterr().out
     assert main(["evaluate", "--pred", str(pred), "--real", str(path), "--perturbation-key", "guide",
                  "--control", "control,NT_2", "--baselines", "nochange", "--profile", "pearson", "--no-ceiling",
                  "--out", str(tmp_path / "e")]) == 0
