@@ -846,3 +846,23 @@ def test_rejudge_refuses_a_checkpoint_without_a_record_of_its_data(tiny_model):
     bare.train_config = dict(model.train_config) | {"verdict_fraction": 0.0}
     with pytest.raises(ModelError, match="verdict_fraction 0"):
         rejudge(bare, data)
+
+
+def test_the_covariance_of_more_genes_than_cells_is_the_thin_svd_s():
+    """A full transcriptome (more genes than the 4,000 cells kept) takes the cells' Gram matrix instead of the thin
+    SVD's cells x genes workspace: the same covariance along the axes kept."""
+    import scipy.sparse as sp
+
+    from virtualcell.validation import covariance_factor
+
+    rng = np.random.default_rng(0)
+    X = sp.random(300, 1200, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    X.data = np.log1p(X.data * 10)
+    ctx = np.array(["a", "b"])[rng.integers(0, 2, 300)]
+    F = covariance_factor(X, ctx, rank=64).astype(np.float64)
+    Z = X.toarray().astype(np.float64)
+    for c in "ab":
+        Z[ctx == c] -= Z[ctx == c].mean(axis=0)
+    _, S, Vt = np.linalg.svd(Z, full_matrices=False)
+    exact = Vt[:64].T * (S[:64] / np.sqrt(298))
+    np.testing.assert_allclose(F @ F[:40].T, exact @ exact[:40].T, atol=1e-6)
