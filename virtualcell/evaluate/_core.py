@@ -74,6 +74,30 @@ def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: n
     return out
 
 
+def _refuse_shared_controls(baseline: ad.AnnData, real: ad.AnnData, contract: DataContract) -> None:
+    """Refuse baseline cells that are also the measured control cells (the same names, the same expression): the
+    reference of every measured delta would then be the baselines' own input, and on a screen with no effect at all
+    a baseline scores pearson_delta 0.66 instead of 0."""
+    if contract.perturbation_key not in real.obs.columns:
+        return
+    ref_names = real.obs_names[contract.is_control(real)]
+    shared = baseline.obs_names.intersection(ref_names)
+    if shared.empty:
+        return
+    rows = shared[: 200]  # the same names may be a coincidence ("0", "1", ... of two files): same values are not
+
+    def values(a: ad.AnnData) -> np.ndarray:
+        x = a[rows].X
+        return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+    if values(baseline).shape == values(real).shape and np.allclose(values(baseline), values(real)):
+        raise DataError(
+            f"{len(shared)} of the baseline's {baseline.n_obs} cells are the measured control cells too (same names "
+            "and values): the measured deltas would be taken from the very cells the baselines start from, which "
+            "inflates every score (a screen with no effect scores like one with effects). Split the controls in two "
+            "halves (vc.evaluate.split_controls(real, ...): base, real), or give no baseline and evaluate splits them.")
+
+
 def _setup(
     pred: ad.AnnData | None,
     real: ad.AnnData,
@@ -108,6 +132,7 @@ def _setup(
         info["controls"] = (f"the measured control cells were split in two halves (seed {seed}): one is the "
                             "baselines' input, the other the reference for measured deltas")
     else:
+        _refuse_shared_controls(baseline, real, contract)
         info["controls"] = "baseline control cells given; the measured control cells are the reference"
         baseline, fed = cells_fed(pred, baseline, contract)
         if fed is not None:
@@ -553,7 +578,10 @@ def _run(
                              np.concatenate([half_a.labels, setup.base.labels]),
                              np.concatenate([half_a.contexts, setup.base.contexts]), "log1p")
         rows += score("ceiling", pred_half, half_b, ceiling_contexts)
-        info["ceiling"] = "half of every measured group against the other half (n_cells is the full group)"
+        info["ceiling"] = ("half of every measured group against the other half (n_cells is the full group): how "
+                           "well a replicate of half the cells agrees, not an upper bound, since a prediction is "
+                           "scored against all the cells, whose mean is less noisy (the exact population mean "
+                           "scores above it)")
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if cell_eval:
         info["engine"] = f"cell-eval {_version('cell-eval')}, profile {profile!r}"
@@ -645,6 +673,18 @@ def _deltas(setup: _Setup, pred_p: Prepared, contexts: list[_RealContext]) -> pd
 # --------------------------------------------------------------------------- #
 # Markdown summary
 # --------------------------------------------------------------------------- #
+def on_model_groups(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``table`` on the perturbation x context groups the model predicts (all rows without a model):
+    what :func:`summarize` and :func:`~virtualcell.evaluate.plot_metric_bars` average over, so that every method's
+    mean covers the same groups as the model's."""
+    if "model" not in set(table["method"]):
+        return table
+    keys = table.loc[table["method"] == "model", ["perturbation", "context"]].drop_duplicates()
+    out = table.merge(keys, on=["perturbation", "context"])
+    out.attrs = dict(table.attrs)
+    return out
+
+
 def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, title: str = "Evaluation",
               common: bool = True) -> str:
     """A markdown summary of an :func:`evaluate` table: mean (median) of every metric per method.
@@ -693,9 +733,9 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
                          f"({preview(extra['groups'], 8)})")
     n_pert = table[["perturbation", "context"]].drop_duplicates().shape[0]
     if common and "model" in methods:
-        keys = table.loc[table["method"] == "model", ["perturbation", "context"]].drop_duplicates()
-        table = table.merge(keys, on=["perturbation", "context"])
-        lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the {len(keys)} "
+        table = on_model_groups(table)
+        n_model = table.loc[table["method"] == "model", ["perturbation", "context"]].drop_duplicates().shape[0]
+        lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the {n_model} "
                      "groups the model predicts, for every method")
     else:
         lines.append(f"- {n_pert} perturbation x context groups; values are mean (median) over the groups "
@@ -711,7 +751,11 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             continue
         direction = sub["direction"].iloc[0]
         stats = sub.groupby("method")["value"].agg(["mean", "median"])
-        contenders = [m for m in methods if m != "ceiling" and m in stats.index and np.isfinite(stats.loc[m, "mean"])]
+        # bold: the best of the methods scored on every group the table covers (a mean over 2 of 8 groups is
+        # no match for one over all 8; the groups scored row says which are partial)
+        full = max((int(counts.get(m, 0)) for m in methods if m != "ceiling"), default=0)
+        contenders = [m for m in methods if m != "ceiling" and m in stats.index and np.isfinite(stats.loc[m, "mean"])
+                      and int(counts.get(m, 0)) == full]
         best = None
         if contenders and direction in ("higher", "lower"):
             pick = max if direction == "higher" else min

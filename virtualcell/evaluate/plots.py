@@ -123,7 +123,8 @@ def plot_metric_bars(
     ax: Axes | None = None,
     return_fig: bool = False,
 ) -> Figure | None:
-    """Mean (± standard error) of a metric per method: the model next to the baselines and the ceiling.
+    """Mean (± standard error) of a metric per method: the model next to the baselines and the ceiling, each over
+    the groups the model predicts (where the table has a model), as :func:`~virtualcell.evaluate.summarize` averages.
 
     Parameters
     ----------
@@ -147,6 +148,9 @@ def plot_metric_bars(
     """
     import matplotlib.pyplot as plt
 
+    from ._core import on_model_groups
+
+    table = on_model_groups(table)  # every bar over the groups the model predicts, as summarize() averages
     names = [metric] if isinstance(metric, str) else list(metric)
     unknown = [m for m in names if m not in set(table["metric"])]
     if unknown:
