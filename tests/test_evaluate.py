@@ -221,6 +221,18 @@ def test_a_method_scored_on_fewer_groups_is_not_bolded_as_best_and_the_bars_aver
     assert heights["pertmean"] == pytest.approx(0.5)  # Q (a group the model does not predict) left out
 
 
+def test_counts_on_fewer_genes_are_normalized_over_the_genes_compared():
+    """The measured counts themselves, as a prediction of 280 of their 299 genes: normalized over the genes compared
+    (not each file over its own), they score MAE 0, as on all genes."""
+    data = vc.datasets.load("papalexi2021")
+    rng = np.random.default_rng(0)
+    cells = data[np.sort(rng.choice(data.n_obs, 600, replace=False))].copy()
+    base, real = split_controls(cells, seed=0)
+    pred = real[~real.obs["is_control"].astype(bool).to_numpy(), real.var_names[:280]].copy()
+    table = evaluate(pred, real, baseline=base, profile="fast", baselines=(), ceiling=False)
+    assert _mean(table, "model", "mae") == pytest.approx(0.0, abs=1e-6)
+
+
 def test_additive_sums_a_dosed_pair_at_its_dose():
     """A pair's condition carries one dose for the pair ("A+B@1"): the parts are A@1 and B@1, not A and B@1."""
     rng = np.random.default_rng(3)
