@@ -185,3 +185,17 @@ def test_evaluate_names_the_input_with_bad_values(split):
     whole = bad.copy()
     with pytest.raises(DataError, match=r"measured \(real=, --real\) expression holds 1 NaN"):
         vc.evaluate.evaluate(None, whole, profile="pearson", baselines=("nochange",))  # controls split here
+
+
+def test_evaluate_gene_key_maps_the_inputs_that_have_the_column_and_names_one_that_cannot(split):
+    """A measured file of Ensembl ids with a symbol column, a prediction named by symbols: the gene key maps the
+    inputs that have the column and the others keep their names; a key no input has is refused, naming each's."""
+    base, ref = split
+    pred = ref[~ref.obs["is_control"].astype(bool).to_numpy()].copy()
+    ids_ref, ids_base = _ensembl(ref), _ensembl(base)
+    table = vc.evaluate.evaluate(pred, ids_ref, baseline=ids_base, gene_key="symbol", profile="fast", baselines=(),
+                                 ceiling=False)
+    assert table.loc[(table["method"] == "model") & (table["metric"] == "mae"), "value"].max() < 1e-6
+    with pytest.raises(DataError, match=r"--gene-key 'symbl' is a var column of no input: measured.*'symbol'"):
+        vc.evaluate.evaluate(pred, ids_ref, baseline=ids_base, gene_key="symbl", profile="fast", baselines=(),
+                             ceiling=False)

@@ -74,6 +74,19 @@ def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: n
     return out
 
 
+def _named_genes(adata: ad.AnnData, gene_key: str | None, name: str) -> ad.AnnData:
+    """``adata`` with its genes named by ``var[gene_key]`` where it has that column; an input without it keeps its
+    var_names (a prediction named by symbols beside a measured file of Ensembl ids with a symbol column; the genes
+    then have to match by name, which the shared-genes check sees to)."""
+    if gene_key is None or gene_key in adata.var.columns:
+        try:
+            return with_gene_key(adata, gene_key)
+        except DataError as err:
+            raise DataError(f"{name}: {err}") from None
+    log.info("%s has no var column %r: its genes are its var_names", name, gene_key)
+    return adata
+
+
 def _refuse_shared_controls(baseline: ad.AnnData, real: ad.AnnData, contract: DataContract) -> None:
     """Refuse baseline cells that are also the measured control cells (the same names, the same expression): the
     reference of every measured delta would then be the baselines' own input, and on a screen with no effect at all
@@ -115,7 +128,12 @@ def _setup(
     for key, a in inputs.items():  # every input checked as the user passed it, and named so
         if a is not None:  # measured expression is never negative; a shifted-control prediction can be
             check_values(a, name=_INPUT_NAMES[key], allow_negative=key == "pred")
-    real, pred, baseline, train = (with_gene_key(a, gene_key) if a is not None else None for a in inputs.values())
+    if gene_key is not None and not any(gene_key in a.var.columns for a in inputs.values() if a is not None):
+        raise DataError(f"--gene-key {gene_key!r} is a var column of no input: "
+                        + "; ".join(f"{_INPUT_NAMES[k]} has {preview(list(a.var.columns), 6) or 'none'}"
+                                    for k, a in inputs.items() if a is not None) + ".")
+    real, pred, baseline, train = (_named_genes(a, gene_key, _INPUT_NAMES[k]) if a is not None else None
+                                   for k, a in inputs.items())
     contract = resolve_contract(real, perturbation_key=perturbation_key, control=control, context_key=context_key)
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
     if gene_key is not None:
