@@ -142,3 +142,12 @@ def test_a_large_or_tiny_dose_writes_and_reads_back_and_a_zero_dose_is_refused()
 def test_a_combination_perturbing_one_gene_twice_is_refused():
     with pytest.raises(PerturbationError, match="perturbs STAT1 twice"):
         parse("ko:STAT1 + kd:STAT1")
+
+
+def test_two_spellings_of_one_dose_name_one_condition():
+    """evaluate matched 'drugA@1.0' (a prediction's label) to no measured 'drugA@1' group, and scored 2 of 6."""
+    from virtualcell.perturbations import canonical_condition
+
+    assert canonical_condition("drugA@1.0") == "drugA@1" and canonical_condition("drugA@0.10,24.0h") == "drugA@0.1,24h"
+    for kept in ("drugA@1uM", "A+B@1+1", "x@high", "STAT1", "drugA@,24h"):
+        assert canonical_condition(kept) == kept

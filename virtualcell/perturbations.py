@@ -262,6 +262,20 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
     return one(p)
 
 
+def canonical_condition(label: str) -> str:
+    """A condition's name with its numbers written as :func:`quantity_suffix` writes them (``"drugA@1.0"`` and
+    ``"drugA@1.00,24.0h"`` are ``"drugA@1"`` and ``"drugA@1,24h"``), units kept; anything else as it is. Two
+    spellings of one dose then name one group."""
+    name, at, suffix = label.rpartition("@")
+    if not at or not name:
+        return label
+    parts = suffix.split(",")
+    read = [read_quantity(x) if x.strip() else None for x in parts]
+    if len(parts) > 2 or any(q is None and x.strip() for q, x in zip(read, parts)):
+        return label
+    return name + "@" + ",".join(f"{_fmt(q[0])}{q[1]}" if q is not None else "" for q in read)
+
+
 def read_quantity(text: str) -> tuple[float, str] | None:
     """``(number, unit)`` of a dose or time as written (``"10uM"`` -> ``(10.0, "uM")``, ``"24"`` -> ``(24.0, "")``),
     or None where ``text`` is not a finite number with an optional unit."""

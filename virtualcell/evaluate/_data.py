@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
+from ..perturbations import canonical_condition
 from ..sentences import detect_scale, log_normalize, normalization_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,6 +155,7 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     # of a file's 9,000 genes and the measured file itself otherwise sit on two scales (MAE 0.02 for the same cells)
     X, norm = expression(adata[:, idx], name=name)
     labels = contract.without_quantities_absent_from(adata).conditions(adata)  # a drug's doses are groups of their own
+    labels = np.array([canonical_condition(x) if "@" in x else x for x in labels], dtype=object)  # "@1.0" is "@1"
     contexts = contract.contexts(adata)
     return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
 
