@@ -85,6 +85,17 @@ CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "n
                           "untreated", "mock", "unperturbed", "safe-targeting"})
 
 
+def label_stem(label: str) -> str:
+    """A label without a trailing number, lower case (``"NT_2"`` -> ``"nt"``): one guide of several, or a replicate."""
+    return re.sub(r"[\W_]*\d+$", "", label).lower()
+
+
+def looks_like_control(label: str) -> bool:
+    """Whether ``label`` names a control in most screens (:data:`CONTROL_LIKE`), a trailing number aside
+    (``NT_2``, ``DMSO1``)."""
+    return label_stem(label) in CONTROL_LIKE or label.lower() in CONTROL_LIKE
+
+
 def hours_per(unit: str | None) -> float | None:
     """Hours in one ``unit`` of time (no unit: hours), or None for a unit that is not a time."""
     return _TIME_UNITS.get((unit or "h").strip().lower())

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
-from .perturbations import CONTROL_LIKE, GENETIC, Combination, Perturbation, in_units, parse, without_quantities
+from .perturbations import (GENETIC, Combination, Perturbation, in_units, looks_like_control, parse,
+                            without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,8 +73,8 @@ SPECIAL_TOKENS += [f"<dose:{b:g}>" for b in DOSE_BINS] + [f"<time:{b}>" for b in
 # the generic condition ("some perturbation, not named"), for classifier-free guidance; last, so
 # that the ids of the tokens before it match checkpoints written before it existed
 GENERIC = "<generic>"
-_GENE_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what may name a gene (a 'ko:' is worth suggesting)
 SPECIAL_TOKENS.append(GENERIC)
+_GENE_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what may name a gene (a 'ko:' is worth suggesting)
 
 
 def _dose_bin(dose: float) -> float:
@@ -209,7 +210,7 @@ class PerturbationVocab:
                 hint = close_matches(part.target, list(self.labels))
                 did = f" Close matches it knows: {preview(hint, 5)}." if hint else ""
                 name = part.target.partition("@")[0]
-                if re.sub(r"[\W_]*\d+$", "", name).lower() in CONTROL_LIKE:
+                if looks_like_control(name):
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
                 elif _GENE_LIKE.match(name):
@@ -255,7 +256,8 @@ class PerturbationVocab:
 
     def trained(self) -> list[str]:
         """Every condition the model was trained on, as the data names it: each label without a dose,
-        and each dose of one that has doses (``["STAT1", "drugA@0.1", "drugA@10"]``); a screen's full panel."""
+        and each dose of one that has doses (``["STAT1", "drugA@0.1", "drugA@10"]``); :meth:`panel` writes them as
+        they can be asked."""
         return sorted({*self.conditions, *(lab for lab in self.labels if not self.conditions_of(lab))})
 
     def panel(self) -> list[str]:

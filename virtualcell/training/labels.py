@@ -18,7 +18,8 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import CONTROL_LIKE, GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from ..perturbations import (GENETIC, KIND_ALIASES, Combination, Perturbation, label_stem, looks_like_control, parse,
+                             without_quantities)
 from ..prompts import PerturbationVocab, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -131,10 +132,9 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
     if tiny:
         log.warning("%d perturbations have fewer than %d cells (%s): their measured effect is mostly noise, which the "
                     "model trains on and the baselines serve as it is.", len(tiny), FEW_CELLS, preview(tiny, 5))
-    stem = re.sub(r"[\W_]*\d+$", "", contract.control).lower()
+    stem = label_stem(contract.control)
     alike = sorted(x for x in set(labels[perturbed])
-                   if (x_stem := re.sub(r"[\W_]*\d+$", "", x).lower()) in CONTROL_LIKE or x.lower() in CONTROL_LIKE
-                   or (stem and x_stem == stem))
+                   if looks_like_control(x) or (stem and label_stem(x) == stem))
     if alike:
         log.warning("%d labels look like control labels (%s) and train as perturbations; if they are controls, "
                     "name them all (--control %s; DataContract(..., other_controls=...)).", len(alike),
