@@ -35,13 +35,16 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+# the baselines evaluate() and `virtualcell evaluate` put beside a model unless told otherwise (here, not in _core, so
+# that the CLI's parser reads it without importing pandas)
+DEFAULT_BASELINES = ("nochange", "meanshift", "pertmean", "additive", "linear", "coexpression")
+
 # name -> (module, attribute or None for the module). Imported on first use, so that
 # `import virtualcell.evaluate.cli` (the CLI's parser) does not import pandas.
 _LAZY = {
     "evaluate": ("._core", "evaluate"),
     "summarize": ("._core", "summarize"),
     "delta_table": ("._core", "delta_table"),
-    "DEFAULT_BASELINES": ("._core", "DEFAULT_BASELINES"),
     "TABLE_COLUMNS": ("._core", "TABLE_COLUMNS"),
     "split_controls": ("._data", "split_controls"),
     "to_cell_eval": ("._celleval", "to_cell_eval"),
@@ -64,7 +67,7 @@ _LAZY = {
     "plot_metric_bars": (".plots", "plot_metric_bars"),
 }
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, "DEFAULT_BASELINES"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..sentences import Vocabulary, target_aliases, with_gene_key
-from . import _celleval
+from . import DEFAULT_BASELINES, _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
 from ._data import (
     MIN_SHARED,
@@ -39,7 +39,6 @@ log = logging.getLogger("virtualcell.evaluate")
 
 __all__ = ["evaluate", "delta_table", "summarize", "DEFAULT_BASELINES", "TABLE_COLUMNS"]
 
-DEFAULT_BASELINES = ("nochange", "meanshift", "pertmean", "additive", "linear", "coexpression")
 TABLE_COLUMNS = ["method", "perturbation", "context", "metric", "value", "direction", "n_cells", "effect_size"]
 _N_COMPONENTS = 50
 

@@ -65,9 +65,11 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's differential expression (default 1)")
     p.add_argument("--min-shared-genes", type=float, default=0.9,
                    help="refuse inputs sharing fewer than this fraction of the smallest input's genes (default 0.9)")
-    p.add_argument("--baselines", default="nochange,meanshift,pertmean,additive,linear",
-                   help="comma-separated baselines ('' for none); also built in: coexpression (a knockout of a measured "
-                        "gene never trained on) and dose (a drug's other doses, interpolated in log dose)")
+    from . import DEFAULT_BASELINES
+
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help="comma-separated baselines ('' for none; default: evaluate()'s, %(default)s); also built in: "
+                        "dose (a drug's other doses, interpolated in log dose)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the split-half noise ceiling")
     p.add_argument("--max-cells", type=_positive_int, default=500, help="cells per group for distances and baselines")
     p.add_argument("--seed", type=int, default=0, help="seed of the cell subsampling and the split halves")
