@@ -588,10 +588,12 @@ def test_a_baseline_on_another_scale_is_put_on_the_model_s(tmp_path):
     variants = [(ad.AnnData(counts, obs=ctrl.obs, var=ctrl.var), {}),
                 (ad.AnnData(logged, obs=ctrl.obs, var=ctrl.var), {}),
                 (ad.AnnData(sp.hstack([counts, extra]).tocsr(), obs=ctrl.obs, var=wide_var), {"genes": "shared"})]
-    means = []
+    means, scales = [], []
     for adata, kw in variants:
         sim = vc.Simulator(adata, model, **kw)
         means.append(sim.simulate(["STAT1"], seed=0, progress=False).to_anndata().X.mean(axis=0))
+        scales.append(sim.normalization)
+    assert scales == ["log1p_cp10k"] * 3  # what the values are once on the model's scale
     np.testing.assert_allclose(means[1], means[0], atol=2e-3)
     np.testing.assert_allclose(means[2], means[0], atol=1e-5)
 

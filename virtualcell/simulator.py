@@ -394,6 +394,7 @@ class Simulator:
             # another total (scanpy's default: the median library) or over other genes go onto that scale, or each
             # prediction would add the model's change to a baseline on another scale
             self.expression, had = onto_cp10k(self.expression)
+            self.normalization = normalization_label("counts")  # what the values now are: log1p of 1e4 per cell
             if not 0.9 <= had / TARGET_SUM <= 1.1:
                 (log.warning if not 0.5 <= had / TARGET_SUM <= 2.0 else log.info)(
                     "The baseline's log1p values were normalized to a median of %.4g per cell over the model's genes "
@@ -682,8 +683,8 @@ class Simulator:
             self._said_twins.update(twins)
             log.warning("%d perturbations are no trained condition but read the prompt of one (%s): the model tells "
                         "doses apart by half-decade bins and times by doublings, so the pure model predicts each as "
-                        "that condition (the baseline a blend serves interpolates between trained doses where it can).", len(twins),
-                        preview([f"{k} as {v}" for k, v in twins.items()], 4))
+                        "that condition (the baseline a blend serves interpolates between trained doses where it "
+                        "can).", len(twins), preview([f"{k} as {v}" for k, v in twins.items()], 4))
         samples = self.sample_count(samples)
         control_samples = self.control_sample_count(samples, control_samples)
         control = Perturbation("control")
