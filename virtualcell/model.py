@@ -426,8 +426,8 @@ class C2SModel:
 
         trained = {own(q): name for name, q in zip(panel, self.resolve(panel))}
         seen = set(vocab.trained())
-        return {str(p): trained[own(p)] for p, label in zip(dosed, vocab.labels_for(dosed))
-                if label not in seen and own(p) in trained}
+        asked = [(p, own(p)) for p, label in zip(dosed, vocab.labels_for(dosed)) if label not in seen]
+        return {str(p): trained[tokens] for p, tokens in asked if tokens in trained}
 
     def weights_digest(self) -> str:
         """A short digest of the weights (up to 4,096 evenly spaced values of every parameter, with its name and

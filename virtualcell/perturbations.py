@@ -33,9 +33,9 @@ import math
 import re
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
-from .errors import PerturbationError
+from .errors import DataError, PerturbationError
 
 __all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "KINDS", "GENETIC", "KIND_ALIASES"]
 
@@ -78,6 +78,18 @@ def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
     """``(common unit, factor)`` of a dose unit: molar units to uM, mass concentrations to ng/ml (``"nM"`` ->
     ``("uM", 0.001)``); a unit of no known family keeps itself (factor 1)."""
     return _dose_family(unit) or (unit or "", 1.0)
+
+
+def read_kinds(adata: Any, kind_key: str) -> list[str]:
+    """Each cell's perturbation kind from the column of kinds ``adata.obs[kind_key]`` (any alias of
+    :data:`KIND_ALIASES`, any case: ``CRISPRa`` is ``activation``); a missing column or an unknown kind is refused."""
+    if kind_key not in adata.obs.columns:
+        raise DataError(f"kind column {kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
+    raw = adata.obs[kind_key].astype(str).str.lower().to_numpy()
+    unknown = sorted(set(raw) - set(KIND_ALIASES))
+    if unknown:
+        raise DataError(f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
+    return [KIND_ALIASES[k] for k in raw]
 
 
 # labels that name a control in most screens; one of them trained as a perturbation is worth a warning

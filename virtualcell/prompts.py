@@ -248,11 +248,15 @@ class PerturbationVocab:
         None for a condition the model was not trained on."""
         return self.conditions.get(condition) or self.labels.get(condition)
 
+    def label_forms(self) -> list[tuple[str, str]]:
+        """``(label, typed form)`` of every form each training label was trained as: one for most labels, each of
+        :attr:`forms` for a label trained as several kinds."""
+        return [(label, t) for label, typed in self.labels.items() for t in self.forms.get(label, [typed])]
+
     def typed_forms(self, *, conditions: bool = True) -> list[str]:
-        """Every typed form a training label was trained as (each of a label's :attr:`forms`), and with
-        ``conditions`` each dosed condition's (``drug:drugA@10uM``)."""
-        forms = [t for label, typed in self.labels.items() for t in self.forms.get(label, [typed])]
-        return forms + (list(self.conditions.values()) if conditions else [])
+        """Every typed form a training label was trained as (:meth:`label_forms`), and with ``conditions`` each
+        dosed condition's (``drug:drugA@10uM``)."""
+        return [t for _, t in self.label_forms()] + (list(self.conditions.values()) if conditions else [])
 
     def trained(self) -> list[str]:
         """Every condition the model was trained on, as the data names it: each label without a dose,
@@ -273,9 +277,7 @@ class PerturbationVocab:
         """The training condition or label written for each perturbation (``"STAT1"``, pairs ``"A+B"``, a drug
         at a dose ``"drugA@10"``), or its typed form when the training data had no such label; predictions
         are then named as :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells."""
-        typed_to_label = {str(parse(t)): lab for lab, t in self.labels.items()}
-        for lab, forms in self.forms.items():  # each form of a label trained as several is named by that label
-            typed_to_label.update({str(parse(t)): lab for t in forms})
+        typed_to_label = {str(parse(t)): lab for lab, t in self.label_forms()}  # each form of a label names it
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
         by_gene = self._kinds_named_by_gene()
@@ -310,8 +312,7 @@ class PerturbationVocab:
         ``ko:STAT1``, also through :attr:`aliases`), each with every training label (upper case), which such a
         name must not repeat; a kind trained under any other label (``"STAT1_KO"``, a pair) is left out."""
         names: dict[str, bool] = {}
-        every = [(label, t) for label, typed in self.labels.items() for t in self.forms.get(label, [typed])]
-        for label, typed in every:
+        for label, typed in self.label_forms():
             q = parse(typed)
             if isinstance(q, Perturbation) and q.kind in GENETIC:
                 gene = self.aliases.get(label.upper(), label.upper())

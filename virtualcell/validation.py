@@ -52,9 +52,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._stats import log_dose_interpolation
-from .progress import progress_bar
 from .errors import DataError, ModelError, preview
-from .perturbations import GENETIC, KIND_ALIASES, Combination, Perturbation, parse, without_quantities
+from .perturbations import GENETIC, Combination, Perturbation, parse, read_kinds, without_quantities
+from .progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -95,7 +95,7 @@ def _kind_split(adata: ad.AnnData, labels: np.ndarray, forms: Mapping[str, list[
     if kind_key is None or kind_key not in adata.obs:
         raise DataError(f"{len(forms)} labels were trained as several kinds ({preview(sorted(forms), 4)}), told apart "
                         f"by the column of kinds {kind_key!r}, which these cells lack: give them that column.")
-    kinds = adata.obs[kind_key].astype(str).str.lower().map(KIND_ALIASES).to_numpy()
+    kinds = read_kinds(adata, kind_key)
     return np.array([f"{lab}{KIND_SEP}{k}" if lab in forms else lab for lab, k in zip(labels, kinds)], dtype=object)
 
 

@@ -102,7 +102,8 @@ def _refuse_shared_controls(baseline: ad.AnnData, real: ad.AnnData, contract: Da
         x = a[rows].X
         return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
 
-    if values(baseline).shape == values(real).shape and np.allclose(values(baseline), values(real)):
+    mine, theirs = values(baseline), values(real)
+    if mine.shape == theirs.shape and np.allclose(mine, theirs):
         raise DataError(
             f"{len(shared)} of the baseline's {baseline.n_obs} cells are the measured control cells too (same names "
             "and values): the measured deltas would be taken from the very cells the baselines start from, which "

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (GENETIC, KIND_ALIASES, Combination, Perturbation, label_stem, looks_like_control, parse,
+from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, read_kinds,
                              without_quantities)
 from ..prompts import PerturbationVocab, own_dose_name
 from ..sentences import Vocabulary, target_aliases
@@ -46,13 +46,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     labels = contract.labels(adata)
     kinds = None
     if cfg.kind_key is not None:
-        if cfg.kind_key not in adata.obs.columns:
-            raise DataError(f"kind column {cfg.kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
-        raw = adata.obs[cfg.kind_key].astype(str).str.lower().to_numpy()
-        unknown = sorted(set(raw) - set(KIND_ALIASES))
-        if unknown:
-            raise DataError(f"Unknown perturbation kinds {unknown} in obs[{cfg.kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
-        kinds = np.array([KIND_ALIASES[k] for k in raw], dtype=object)
+        kinds = np.array(read_kinds(adata, cfg.kind_key), dtype=object)
     spaced = sorted({x for x in set(labels) - {contract.control} if any(c.isspace() for c in x)})
     if spaced:
         raise DataError(
