@@ -205,14 +205,11 @@ def onto_cp10k(X: sp.csr_matrix) -> tuple[sp.csr_matrix, float]:
     with ``e = expm1(x)``: the scale a model trained on raw counts reads (``"log1p_cp10k"`` over its genes), whatever
     total (scanpy's default is the median library size) or gene set the values were normalized to. Returns it and the
     cells' median total of ``e`` before (1e4 where they were on that scale already)."""
-    out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    np.expm1(out.data, out=out.data)
-    totals = np.asarray(out.sum(axis=1)).ravel()
+    linear = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    np.expm1(linear.data, out=linear.data)
+    totals = np.asarray(linear.sum(axis=1)).ravel()
     had = float(np.median(totals[totals > 0])) if (totals > 0).any() else TARGET_SUM
-    totals[totals == 0] = 1.0
-    out.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(out.indptr))
-    np.log1p(out.data, out=out.data)
-    return out, had
+    return log_normalize(linear, "counts"), had  # the project's one normalization, as for counts
 
 
 def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None) -> tuple[sp.csr_matrix, str]:
