@@ -173,6 +173,30 @@ def test_score_intervals_cover_the_truth_on_the_synthetic_screen():
     assert covered / total >= 0.85, f"coverage {covered / total:.2f} of nominal 0.95"
 
 
+def test_a_candidate_with_no_effect_scores_about_0_and_its_interval_holds_0():
+    """The largest effect of a perturbation that changes nothing: the norm of its noisy mean is above 0 every
+    time, so the score corrects on the squared norm, where the noise subtracts away. Corrected on the norm
+    itself it scored about 0.6 sqrt(noise) with an interval above 0 in 391 of 400 such candidates, and each was
+    a diverse pick."""
+    from virtualcell.objectives import LargestEffect
+    from virtualcell.screen import rank
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(40)]
+    scores, holds = [], 0
+    for rep in range(10):
+        ctrl = rng.gamma(2.0, 1.0, (120, 40)) + 3
+        perts = {f"null{k}": ctrl + rng.normal(0, 0.4, ctrl.shape) for k in range(4)}  # each cell against its own
+        table = rank(_aggregates_of_cells(ctrl, perts, genes), LargestEffect(), n_boot=200, seed=rep)
+        scores += list(table["score"])
+        holds += int(((table["score_low"] <= 0) & (0 <= table["score_high"])).sum())
+    assert holds >= 36, f"the interval holds the true 0 for {holds} of 40 null candidates"
+    assert abs(np.mean(scores)) < 0.5 * np.std(scores), (np.mean(scores), np.std(scores))
+    one = {"a": ctrl[:1] + 1.0}
+    lone = rank(_aggregates_of_cells(ctrl[:1], one, genes), LargestEffect(), n_boot=20)
+    assert lone["score_low"].isna().all() and lone["score_high"].isna().all()  # one bucket: no interval
+
+
 def test_folder_of_another_screen_is_refused(sim, tmp_path):
     screen(sim, PANEL[:2], out=tmp_path, progress=False, n_boot=5)
     with pytest.raises(ScreenError, match="different screen.*panel"):

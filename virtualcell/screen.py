@@ -536,10 +536,12 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     (``control_bucket_mean``), so a resample compares the same cells, as the score does.
     Objectives that are not linear in the delta, such as the L2 norm of a noisy mean,
     are biased upward, and a resample is biased once more. The bootstrap measures that
-    bias, and ``score`` is the bias-corrected estimate ``2 * plug_in - median(boots)``;
+    bias, and ``score`` is the bias-corrected estimate (:meth:`.Objective.corrected`:
+    ``2 * plug_in - median(boots)``, for the largest effect on the squared norm);
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
-    inside its interval. ``l2_delta`` is the plain, uncorrected norm of the mean delta.
+    inside its interval. With fewer than two buckets of cells there is no interval (NaN bounds).
+    ``l2_delta`` is the plain, uncorrected norm of the mean delta.
     ``l2_delta_corrected`` is ``sign(x) * sqrt(|x|)`` of ``x = ||delta||^2 - noise``, with the noise of
     paired cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``); it is
     negative when the effect is below the noise, so such effects keep their order instead of tying at 0
@@ -574,10 +576,9 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             w = bc[pick]
             boots.append(objective.score((bucket_delta[pick] * w[:, None]).sum(0) / w.sum()))
         plug_in = objective.score(delta)
-        if boots:
-            low, mid, high = np.percentile(boots, [2.5, 50, 97.5])
-            score, score_low, score_high = 2 * plug_in - mid, 2 * plug_in - high, 2 * plug_in - low
-        else:
+        if boots and nonempty.size > 1:
+            score, score_low, score_high = objective.corrected(plug_in, np.asarray(boots))
+        else:  # no resamples, or one bucket (a resample returns it): no interval and no bias to measure
             score, score_low, score_high = plug_in, float("nan"), float("nan")
         if "var_delta" in a:  # each predicted cell against its own baseline cell
             sq, noise = paired_sq_norm(delta, var_diff=a["var_delta"].values, n=n)
@@ -634,7 +635,9 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
     ranking, a candidate is picked unless it neighbours an earlier pick; each pick
     ``represents`` its unpicked neighbours. A candidate scoring 0 or less is never picked: it is predicted
     to move against the objective (or, for the largest effect, to do no more than the sampling noise), so
-    fewer than ``top`` may be picked, and the log says so.
+    fewer than ``top`` may be picked, and the log says so. (A largest-effect score is the noise-corrected
+    estimate: a candidate with no effect scores about 0, above it about half the time, with an interval
+    holding 0; it is picked only when fewer candidates with real effects than ``top`` remain.)
     """
     import networkx as nx
 
