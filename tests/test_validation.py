@@ -116,6 +116,48 @@ def test_learning_rate_follows_what_is_trained(tiny_model):
     assert model.train_config["lr"] == NEW_MODEL_LR  # the fixture gives none
 
 
+def test_the_mse_difference_resamples_perturbations_and_contexts_not_rows():
+    """20 perturbations x 5 contexts where the model and the baseline are equally good, but each perturbation's
+    error is shared by its contexts: resampling rows called a difference settled in over a third of splits;
+    resampling perturbations and contexts, about as often as its 95% says."""
+    from virtualcell.validation import mse_difference
+
+    rng = np.random.default_rng(0)
+    p, c = np.repeat(np.arange(20), 5).astype(str), np.tile(np.arange(5), 20).astype(str)
+    settled_rows = settled = 0
+    for r in range(100):
+        y = np.zeros((100, 10))
+        shared = np.repeat(rng.normal(0, 1, (20, 2, 10)), 5, axis=0)  # each perturbation's own error, two sides
+        m, b = shared[:, 0] + 0.3 * rng.normal(size=y.shape), shared[:, 1] + 0.3 * rng.normal(size=y.shape)
+        d = mse_difference(m, b, y, seed=r)
+        settled_rows += d["high"] < 0 or d["low"] > 0
+        d = mse_difference(m, b, y, seed=r, perturbations=p, contexts=c)
+        settled += d["high"] < 0 or d["low"] > 0
+        assert (d["perturbations"], d["contexts"], d["rows"]) == (20, 5, 100)
+    assert settled_rows > 20 and settled <= 12, (settled_rows, settled)
+    one = mse_difference(np.ones((5, 3)), np.zeros((5, 3)), np.zeros((5, 3)), perturbations=["a"] * 5,
+                         contexts=list("vwxyz"))  # one perturbation in five contexts: resampled over contexts
+    assert np.isfinite(one["low"]) and one["perturbations"] == 1
+
+
+def test_a_setting_chosen_on_the_rows_is_judged_on_the_other_half():
+    """The verdict keeps the candidate of lowest MSE; judged on the rows that chose it, a difference from the
+    baseline is optimistic. crossfitted takes each half's deltas from the candidate the other half chose."""
+    from virtualcell.validation import crossfitted
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(8, 5))
+    groups = list("aabbccdd")
+    good = y + 0.1
+    cands = [y + rng.normal(size=y.shape) for _ in range(3)] + [good]
+    assert np.allclose(crossfitted(cands, y, groups, seed=1), good)  # the best everywhere is chosen by both halves
+    # a candidate best on one half only: that half's rows take the other half's choice
+    mixed = np.where(np.isin(groups, ["a", "b"])[:, None], y, y + 5.0)
+    out = crossfitted([mixed, good], y, groups, seed=0)
+    assert not np.allclose(out, mixed) or not np.allclose(out, good)
+    assert crossfitted([good], y, groups) is None and crossfitted(cands, y, ["a"] * 8) is None
+
+
 def test_mse_difference_bounds_which_is_better():
     """The model-minus-baseline MSE, averaged over the rows, with a bootstrap interval over the rows: it
     excludes 0 when one side is closer on every row, and straddles it when the rows disagree."""
@@ -257,7 +299,9 @@ def test_fit_writes_the_verdict_and_load_reads_it(tiny_model):
     # how sure the split is of the comparison: the MSE difference with its interval, in the record and the words
     diff = verdict["difference"]
     assert diff["rows"] == verdict["n_targets"] and diff["low"] <= diff["high"]
-    assert abs(diff["mse"] - (verdict["model"]["mse"] - verdict["baseline"]["mse"])) < 1e-9
+    # judged on deltas whose setting was chosen on the other half of the perturbations (several were tried)
+    assert diff["crossfitted"] and diff["perturbations"] == verdict["n_labels"]
+    assert "each half's generation setting chosen on the other half" in verdict["summary"]
     assert f"{diff['low']:+.4f} to {diff['high']:+.4f}" in verdict["summary"]
     settled = diff["high"] < 0 or diff["low"] > 0
     assert ("neither is clearly better" in verdict["summary"]) == (not settled)

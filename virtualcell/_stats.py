@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,14 +172,23 @@ def paired_sq_norm(delta: np.ndarray, *, var_diff: np.ndarray, n: float) -> tupl
 
 
 def bootstrap_mean(values: np.ndarray, *, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
-                   ) -> tuple[float, float, float]:
+                   factors: Sequence[np.ndarray] | None = None) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval at ``level``
     (``n_boot`` resamples of the values with replacement, seeded). With fewer than two values the
     interval is NaN: one value says nothing about its spread.
 
+    ``factors``: labels of each value (e.g. its perturbation and its context), one array per factor.
+    Values that share a label are not independent (a model that misreads a perturbation misreads it in
+    every context), and resampling them one by one makes the interval too narrow. So each factor's
+    labels are resampled instead, independently, and a value counts as often as the product of its
+    labels' draws (Owen's "pigeonhole" bootstrap); with one factor this is the cluster bootstrap. The
+    interval is NaN when no factor has two labels.
+
     >>> m, lo, hi = bootstrap_mean(np.array([1.0, 2.0, 3.0, 4.0]))
     >>> m, lo <= m <= hi
     (2.5, True)
+    >>> bootstrap_mean(np.array([1.0, 2.0]), factors=[np.array(["a", "a"])])[1:]  # one perturbation
+    (nan, nan)
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
@@ -188,7 +198,21 @@ def bootstrap_mean(values: np.ndarray, *, seed: int = 0, n_boot: int = 2000, lev
     mean = float(v.mean())
     if v.size < 2:
         return mean, float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
-    boots = v[idx].mean(axis=1)
+    rng = np.random.default_rng(seed)
     tail = 100 * (1 - level) / 2
+    if factors is None:
+        idx = rng.integers(0, v.size, size=(n_boot, v.size))
+        boots = v[idx].mean(axis=1)
+        return mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+    codes = [np.unique(np.asarray(f).astype(str), return_inverse=True)[1].ravel() for f in factors]
+    if any(c.size != v.size for c in codes):
+        raise ValueError("bootstrap_mean: each factor needs one label per value.")
+    if all(c.max(initial=0) == 0 for c in codes):
+        return mean, float("nan"), float("nan")
+    weight = np.ones((n_boot, v.size))
+    for c in codes:
+        levels = int(c.max()) + 1
+        weight *= rng.multinomial(levels, np.full(levels, 1.0 / levels), size=n_boot)[:, c]
+    total = weight.sum(axis=1)
+    boots = (weight @ v)[total > 0] / total[total > 0]  # a draw whose labels share no value says nothing
     return mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
