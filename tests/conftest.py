@@ -41,6 +41,18 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def log1p_median(adata):
+    """``adata`` (counts) as scanpy's default ``normalize_total`` (each cell to the median total, not 1e4) then
+    ``log1p`` leaves it, by hand: the log-normalized file a user most often has."""
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(adata.X, dtype=np.float64)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    out = adata.copy()
+    out.X = sp.csr_matrix(sp.diags(np.median(totals) / totals) @ X).log1p().astype(np.float32)
+    return out
+
+
 @pytest.fixture(scope="session")
 def kang_harmony():
     import anndata as ad

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import virtualcell as vc
+from conftest import log1p_median
 from virtualcell.errors import ModelError, PerturbationError, TrainingError, VocabularyError
 from virtualcell.generation import GenerationConfig
 from virtualcell.model import C2SModel
@@ -577,10 +578,7 @@ def test_a_baseline_on_another_scale_is_put_on_the_model_s(tmp_path):
     data = vc.datasets.load("papalexi2021")
     ctrl = data[data.obs["perturbation"] == "control"][:24]
     counts = sp.csr_matrix(ctrl.X, dtype=np.float32)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    logged = sp.diags((np.median(totals) / totals).astype(np.float32)) @ counts
-    logged = sp.csr_matrix(logged)
-    logged.data = np.log1p(logged.data)
+    logged = log1p_median(ctrl).X
     rng = np.random.default_rng(0)
     extra = sp.random(24, 1000, density=0.3, random_state=1, format="csr",
                       data_rvs=lambda k: rng.integers(1, 9, k)).astype(np.float32)

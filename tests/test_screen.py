@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import virtualcell as vc
+from conftest import log1p_median
 from virtualcell.errors import PerturbationError, ScreenError
 from virtualcell.screen import run as screen
 
@@ -421,6 +422,25 @@ def test_a_target_state_is_approached_on_the_genes_it_measures(tiny_model):
     moved_elsewhere[:100] += 5.0  # genes the partial reference does not measure
     assert part.score(delta) == pytest.approx(part.score(moved_elsewhere))
     assert whole.score(delta) != pytest.approx(whole.score(moved_elsewhere))
+
+
+def test_a_target_state_is_put_on_the_baseline_s_scale(tiny_model):
+    """The reference cells of toward: go onto the model's scale as the baseline does: given as counts, or as log1p
+    of scanpy's median total (which the Simulator puts onto 1e4 per cell for a model trained on counts), the
+    target is the same. Left on its own scale, the measured STAT1 knockout scored -0.22 toward its own cells."""
+    model, _, data = tiny_model
+    ctrl = data[data.obs.perturbation == "control"][:12].copy()
+    ref = data[data.obs.perturbation == "STAT1"].copy()
+    genes = None
+    targets = []
+    for base, target in ((ctrl, ref), (log1p_median(ctrl), log1p_median(ref)), (ctrl, log1p_median(ref))):
+        sim = vc.Simulator(base, model)
+        genes = list(sim.gene_names)
+        obj = vc.objectives.TowardState(target).on_simulator(sim).bind(genes, sim.baseline_mean())
+        targets.append((obj._target, obj._control))
+    for t, c in targets[1:]:
+        np.testing.assert_allclose(t, targets[0][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(c, targets[0][1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):

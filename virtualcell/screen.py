@@ -219,7 +219,7 @@ def run(
     obj = parse_objective(objective)
     n = simulator.baseline.n_obs if n_cells is None else min(n_cells, simulator.baseline.n_obs)
     genes = list(simulator.gene_names)
-    obj.bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before any generation
+    obj.on_simulator(simulator).bind(genes, simulator.baseline_mean(n))  # unknown genes fail here, before generation
     w = simulator.blend_weight(blend)
     w_unseen = simulator.unseen_weight(blend)
     # whether the model trained on measured cells of exactly this condition: a knockout never trained on, a pair

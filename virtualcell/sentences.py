@@ -228,6 +228,29 @@ def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None 
     return out, scale
 
 
+def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, counts_trained: bool,
+                   what: str = "baseline") -> tuple[sp.csr_matrix, str, str]:
+    """``adata``'s expression as a model reads it: :func:`model_expression` (one column per gene of ``genes``,
+    counts normalized over them), and for a model trained on raw counts (``counts_trained``) log1p values
+    normalized to another total (scanpy's default: the median library) or over other genes put onto its
+    1e4 per cell (:func:`onto_cp10k`), with a log line naming ``what``. Returns the matrix, the scale the data
+    came in and the normalization its values now have (:func:`normalization_label`). The one reading of
+    cells onto a model's scale: the Simulator's baseline, a screen's target state."""
+    X, scale = model_expression(adata, genes)
+    normalization = normalization_label(scale)
+    if scale == "log1p" and counts_trained:
+        # each prediction adds the model's change to these values: on another scale, to the wrong ones
+        X, had = onto_cp10k(X)
+        normalization = normalization_label("counts")  # what the values now are: log1p of 1e4 per cell
+        if not 0.9 <= had / TARGET_SUM <= 1.1:
+            (log.warning if not 0.5 <= had / TARGET_SUM <= 2.0 else log.info)(
+                "The %s's log1p values were normalized to a median of %.4g per cell over the model's genes and the "
+                "model's training cells to %g (it trained on raw counts): normalized again onto the model's scale. "
+                "(Values on a log2 scale cannot be told from log1p: give raw counts where you can.)", what, had,
+                TARGET_SUM)
+    return X, scale, normalization
+
+
 # --------------------------------------------------------------------------- #
 # Gene identifiers
 # --------------------------------------------------------------------------- #

@@ -49,11 +49,12 @@ from .errors import DataError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
-from .sentences import TARGET_SUM, Vocabulary, encode, model_expression, normalization_label, onto_cp10k, with_gene_key
+from .sentences import Vocabulary, encode, normalization_label, on_model_scale, with_gene_key
 from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
+    import scipy.sparse as sp
     import xarray as xr
 
     from .generation import GenerationConfig
@@ -374,6 +375,7 @@ class Simulator:
             gene_key = trained_with
             log.info("gene names from var[%r], the column the model was trained with", gene_key)
         baseline = with_gene_key(baseline, gene_key)
+        self._gene_key = gene_key
         self.baseline = baseline
         contract = model.contract
         if contract is not None and contract.perturbation_key in baseline.obs.columns and baseline.n_obs:
@@ -386,21 +388,9 @@ class Simulator:
                             baseline.n_obs, contract.perturbation_key, preview(labels, 4), contract.perturbation_key,
                             contract.control)
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
-        # baseline expression in the model's gene order (zeros for model genes the data lacks)
-        self.expression, self.scale = model_expression(baseline, model.genes)
-        self.normalization = normalization_label(self.scale)
-        if self.scale == "log1p" and getattr(model.rank_fit, "normalization", None) == normalization_label("counts"):
-            # a model trained on raw counts reads log1p(counts per 1e4 over its genes); log1p values normalized to
-            # another total (scanpy's default: the median library) or over other genes go onto that scale, or each
-            # prediction would add the model's change to a baseline on another scale
-            self.expression, had = onto_cp10k(self.expression)
-            self.normalization = normalization_label("counts")  # what the values now are: log1p of 1e4 per cell
-            if not 0.9 <= had / TARGET_SUM <= 1.1:
-                (log.warning if not 0.5 <= had / TARGET_SUM <= 2.0 else log.info)(
-                    "The baseline's log1p values were normalized to a median of %.4g per cell over the model's genes "
-                    "and the model's training cells to %g (it trained on raw counts): normalized again onto the "
-                    "model's scale. (Values on a log2 scale cannot be told from log1p: give raw counts where you "
-                    "can.)", had, TARGET_SUM)
+        # baseline expression in the model's gene order (zeros for model genes the data lacks), on its scale
+        self.expression, self.scale, self.normalization = on_model_scale(
+            baseline, model.genes, counts_trained=self._counts_trained, what="baseline")
         # the names predictions carry: the baseline's own spelling where it has the gene
         col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         names = list(model.genes.genes)
@@ -529,6 +519,22 @@ class Simulator:
         auto = blend is True or (isinstance(blend, str) and blend.lower() == "auto")
         unseen = (self.model.verdict or {}).get("unseen") or {}
         return float(unseen["weight"]) if w is not None and auto and unseen.get("weight") is not None else w
+
+    @property
+    def _counts_trained(self) -> bool:
+        """Whether the model trained on raw counts (its scale: log1p of 1e4 per cell over its genes)."""
+        return getattr(self.model.rank_fit, "normalization", None) == normalization_label("counts")
+
+    def expression_of(self, cells: ad.AnnData, *, what: str = "reference") -> tuple[sp.csr_matrix, np.ndarray]:
+        """Other cells (a reference state) on the baseline's footing: one column per model gene, on the model's
+        scale as the baseline is put on it (:func:`~virtualcell.sentences.on_model_scale`), and which of the
+        model's genes ``cells`` measures (the others are columns of zeros)."""
+        cells = with_gene_key(cells, self._gene_key if self._gene_key in cells.var.columns else None)
+        X, _, _ = on_model_scale(cells, self.model.genes, counts_trained=self._counts_trained, what=what)
+        col = self.model.genes.ids(Vocabulary.from_adata(cells).genes, missing="mark")
+        measured = np.zeros(len(self.model.genes), dtype=bool)
+        measured[col[col >= 0]] = True
+        return X, measured
 
     def baseline_mean(self, n_cells: int | None = None) -> np.ndarray:
         """Mean expression of the first ``n_cells`` baseline cells (all by default), in the model's genes."""
