@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import virtualcell as vc
+from conftest import log1p_median
 from virtualcell.errors import DataError
 from virtualcell.evaluate import (
     METRICS,
@@ -219,6 +220,22 @@ def test_a_method_scored_on_fewer_groups_is_not_bolded_as_best_and_the_bars_aver
     heights = {t.get_text().split("\n")[0]: b.get_height() for t, b in zip(fig.axes[0].get_xticklabels(),
                                                                            fig.axes[0].patches)}
     assert heights["pertmean"] == pytest.approx(0.5)  # Q (a group the model does not predict) left out
+
+
+def test_measured_log1p_at_another_total_goes_onto_the_prediction_s_scale(tiny_model):
+    """A model trained on counts predicts on log1p of 1e4 per cell (and records it); the baseline and measured files
+    given as log1p of scanpy's median total go onto that scale too, as the Simulator put the baseline: the same
+    predictions score the same against the cells given either way (they scored pearson_delta -0.03 against 0.46)."""
+    model, _, data = tiny_model
+    base, real = split_controls(data, seed=0)
+    sim = vc.Simulator(log1p_median(base)[:20].copy(), model)
+    pred = sim.simulate(["STAT1", "ko:JAK2"], seed=0, progress=False, samples=1).to_anndata()
+    assert pred.uns["virtualcell"]["normalization"] == "log1p_cp10k"
+    kw = {"profile": "pearson", "baselines": ("nochange",), "ceiling": False}
+    as_counts = evaluate(pred, real, baseline=base, **kw)
+    as_log = evaluate(pred, log1p_median(real), baseline=log1p_median(base), **kw)
+    assert as_log.attrs["virtualcell"]["normalization"]["real"] == "log1p_onto_cp10k"
+    np.testing.assert_allclose(as_log["value"].to_numpy(), as_counts["value"].to_numpy(), atol=1e-4)
 
 
 def test_counts_on_fewer_genes_are_normalized_over_the_genes_compared():

@@ -23,6 +23,7 @@ from ._data import (
     Prepared,
     check_values,
     group_moments,
+    onto_prediction_scale,
     prepare,
     resolve_contract,
     shared_genes,
@@ -163,6 +164,12 @@ def _setup(
     if train is not None:
         named["train"] = train
     genes, dropped, named = shared_genes(named, min_shared=min_shared)
+    named, moved = onto_prediction_scale(named, genes)
+    if moved:
+        info["onto_prediction_scale"] = moved
+        log.warning("The prediction is on log1p of 1e4 per cell (its model trained on raw counts) and the %s "
+                    "on log1p normalized to another total: put onto 1e4 per cell over the %d genes compared, as "
+                    "the Simulator put its baseline.", " and ".join(moved), len(genes))
     real, baseline = named["real"], named["baseline"]
     pred, train = named.get("pred"), named.get("train")
     info["n_genes"] = len(genes)
@@ -186,8 +193,10 @@ def _setup(
     base_p = Prepared(base_p.X[np.flatnonzero(keep)], base_p.labels[keep], base_p.contexts[keep], base_p.normalization)
     pred_p = prepare(pred, contract, genes, name="predicted") if pred is not None else None
     info["normalization"] = {"real": real_p.normalization, "baseline": base_p.normalization}
-    if pred_p is not None:
-        info["normalization"]["pred"] = pred_p.normalization
+    for key in set(moved) & set(info["normalization"]):  # log1p at another total, put onto the prediction's 1e4
+        info["normalization"][key] = "log1p_onto_cp10k"
+    if pred_p is not None:  # what the prediction's values are, as it records them (else as read)
+        info["normalization"]["pred"] = (pred.uns.get(UNS_KEY) or {}).get("normalization") or pred_p.normalization
     return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases)
 
 
