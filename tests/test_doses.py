@@ -106,7 +106,7 @@ def test_baselines_keep_each_dose(dosed, dosed_model):
     np.testing.assert_allclose(base.delta_for(f"drug:{d}@7")[0], (1 - w) * mid + w * high, atol=1e-5)
     np.testing.assert_allclose(base.delta_for(f"drug:{d}@20")[0], high)
     np.testing.assert_allclose(base.delta_for(f"drug:{d}@0.01")[0], low)
-    assert base.delta_for(f"drug:{d}@7")[1] == name_mid == "meanshift"
+    assert name_mid == "meanshift" and base.delta_for(f"drug:{d}@7")[1] == "dose"  # named as evaluate's baseline
 
 
 def test_effect_sizes_per_dose(dosed):

@@ -7,6 +7,7 @@ import shutil
 
 import dataclasses
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -418,7 +419,7 @@ def _calibrated_by_hand(x, delta):
     return clipped * np.divide(np.maximum(r.mean(0), 0), m, out=np.zeros_like(m), where=m > 0)
 
 
-def test_blend_is_arithmetic_on_one_generation(tiny_model):
+def test_blend_is_arithmetic_on_one_generation(tiny_model, tmp_path):
     model, _, data = tiny_model
     sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
     perts = ["STAT1", "IFNGR1+IRF1"]
@@ -436,10 +437,14 @@ def test_blend_is_arithmetic_on_one_generation(tiny_model):
         if w == 1.0:
             np.testing.assert_array_equal(served, P)
             assert res.cells_model is None  # nothing blended: the cells are the pure model's
+            assert res.aggregates.attrs["baseline"] == "none"  # ... and no baseline is in them
         else:  # ... and its cells too, kept beside the served ones
             np.testing.assert_allclose(res.cells_model.values, P, atol=1e-6)
             np.testing.assert_allclose(res.to_anndata(pure=True).X, pure.to_anndata().X, atol=1e-6)
             assert res.to_anndata(pure=True).uns["virtualcell"]["blend_weight"] == 1.0
+            written = anndata.read_h5ad(res.write_h5ad(tmp_path / f"pure{w}.h5ad", pure=True))  # the same, written
+            np.testing.assert_allclose(written.X, pure.to_anndata().X, atol=1e-6)
+            assert written.uns["virtualcell"]["baseline"] == "none"
         for j in range(len(perts)):
             want = _calibrated_by_hand(x, w * (d[j] - d_ctrl) + (1 - w) * b[j])
             np.testing.assert_allclose(served[j], want, atol=1e-4)
@@ -554,7 +559,7 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     assert part["blend"]["mse"] <= min(part["model"]["mse"], part["baseline"]["mse"]) + 1e-9
     assert part["summary"] in verdict["summary"] and "held out of training whole" in part["summary"]
     assert model.train_config["verdict_weight_unseen"] == part["weight"]
-    assert f"{part['weight']:.2f} for perturbations it never trained on" in _verdict_text(verdict, verdict["weight"])
+    assert f"{part['weight']:.2f} for perturbations no training cell measured" in _verdict_text(verdict, verdict["weight"])
     # the Simulator serves their weight for a perturbation whose baseline is one for the unseen, the other for the rest
     sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
     w, w_u = verdict["weight"], part["weight"]
@@ -574,6 +579,14 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     assert res.aggregates.attrs["blend_weight"] == pytest.approx(w)
     if w_u != w:
         assert res.aggregates.attrs["blend_weight_unseen"] == pytest.approx(w_u)
+    # a screen serves the same cells, one perturbation per group: it passed simulate the trained ones' weight
+    # resolved, which served it to the never-trained knockout too, and kept the first group's attributes
+    screened = sim.screen(perts, out=tmp_path / "s", group_size=1, progress=False, n_boot=5).aggregates
+    np.testing.assert_allclose(screened["delta"].values, res.aggregates["delta"].values, atol=1e-5)
+    for key in ("baseline", "blend_weight_unseen"):
+        assert screened.attrs.get(key) == res.aggregates.attrs.get(key), key
+    # every group's genes generated (each group's control samples too), not the first group's
+    assert screened.attrs["generated_genes"] > res.aggregates.attrs["generated_genes"]
     # judged again from the recorded run: the same perturbations held out whole
     assert rejudge(model, data)["unseen"]["perturbations"] == unseen
 

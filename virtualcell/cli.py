@@ -67,7 +67,8 @@ def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
               else f"served: blend with weight {weight:.2f} on the model (1 - w on the training baseline)")
     unseen = (verdict or {}).get("unseen")
     if weight is not None and unseen:
-        served += f"; {unseen['weight']:.2f} for perturbations it never trained on"
+        served += (f"; {unseen['weight']:.2f} for perturbations no training cell measured (served beside pertmean "
+                   "or coexpression)")
     return f"validation: {summary_line(verdict)}\n{served}"
 
 

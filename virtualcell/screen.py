@@ -284,7 +284,7 @@ def run(
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
-                    refused=refused, weight=w, samples=k, coexpression_prior=coexpression_prior, compose=compose,
+                    refused=refused, blend=blend, samples=k, coexpression_prior=coexpression_prior, compose=compose,
                     trained=trained)
 
 
@@ -297,9 +297,12 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
          sim_keys: Sequence[str], fingerprint: str, folder: Path | None, split: Split, *, n: int, seed: int, top: int,
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
-         weight: float | None = None, samples: int = 1, coexpression_prior: bool = True,
+         blend: str | float | bool | None = "auto", samples: int = 1, coexpression_prior: bool = True,
          compose: bool = False, trained: dict[str, bool]) -> ScreenResult:
-    """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column."""
+    """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column.
+    ``blend`` goes to :meth:`Simulator.simulate` as the user gave it, which serves each perturbation its weight
+    (``"auto"``: the one fitted on perturbations never trained on, for those, where the verdict fitted it;
+    given the trained ones' weight resolved, it served that to every perturbation)."""
     import xarray as xr
 
     done: dict[int, Path] = {}
@@ -338,7 +341,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             bar.close()
             raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
         res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=keep_cells, progress=False, blend=weight, samples=samples,
+                                 keep_cells=keep_cells, progress=False, blend=blend, samples=samples,
                                  coexpression_prior=coexpression_prior, compose=compose)
         parts[gi] = res.aggregates
         embedded.update(res.embedded)
@@ -353,12 +356,14 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
                     coords="minimal", compat="override")
     agg = _plain_strings(agg)
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
-    # attributes that differ between groups: the whole panel's (concat keeps the first group's)
-    agg.attrs["composed"] = "; ".join(c for g in range(len(groups))
-                                      for c in str(parts[g].attrs.get("composed", "")).split("; ") if c)
+    agg.attrs.update(_panel_attrs([parts[g] for g in range(len(groups))]))
     # one path for the baseline's embedding, whether groups were simulated now or read back, so that
     # a resumed screen ranks exactly as an uninterrupted one (simulate embeds chunk by chunk)
-    base_emb = simulator.embed(simulator.expression[:n].toarray())
+    from .simulator import KEEP_EMBEDDED
+
+    # against the same cells the predicted side keeps (the first KEEP_EMBEDDED): the first 256 of 600 baseline
+    # cells against all 600 are 0.05 apart with no perturbation at all
+    base_emb = simulator.embed(simulator.expression[:min(n, KEEP_EMBEDDED)].toarray())
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     ranking["trained"] = ranking["perturbation"].map(trained)
@@ -526,6 +531,24 @@ def _write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -
             np.savez(fh, **embedded)
     with safeio.atomic_path(stem.with_suffix(".nc")) as tmp:
         _plain_strings(agg).to_netcdf(tmp, engine="h5netcdf")
+
+
+def _panel_attrs(parts: Sequence[xr.Dataset]) -> dict[str, Any]:
+    """The attributes that differ between a screen's groups, for the whole panel (``xr.concat`` keeps the
+    first group's): the perturbations composed and the baselines blended in (each group's, joined), the weight
+    served to perturbations never trained on (where any group served it), the generation counters (summed)."""
+    out: dict[str, Any] = {
+        "composed": "; ".join(c for a in parts for c in str(a.attrs.get("composed", "")).split("; ") if c),
+        "baseline": ";".join(sorted({b for a in parts for b in str(a.attrs.get("baseline", "none")).split(";")}
+                                    - {"none", ""})) or "none",
+    }
+    for key in ("invalid_genes", "duplicate_genes", "generated_genes"):
+        if all(key in a.attrs for a in parts):
+            out[key] = int(sum(int(a.attrs[key]) for a in parts))
+    unseen = [a.attrs["blend_weight_unseen"] for a in parts if "blend_weight_unseen" in a.attrs]
+    if unseen:
+        out["blend_weight_unseen"] = unseen[0]
+    return out
 
 
 def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarray] | None = None,

@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
+KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
 _PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
                "baseline", "new_contexts", "absent_genes")
@@ -279,28 +280,33 @@ class SimulationResult:
         """
         P, C, G = self._require_cells()
         out = self._head(perturbation_key, labels)
-        cells, model = (self._draws(), self.draws_model) if draws else (self.cells, self.cells_model)
-        if draws:
-            out.uns["virtualcell"]["draws"] = True
-        if pure and model is not None:
-            cells = model
-            out.uns["virtualcell"] |= {"blend_weight": 1.0, "baseline": "none"}
+        cells, said = self._chosen(pure=pure, draws=draws)
+        out.uns["virtualcell"] |= said
         out.X = np.asarray(cells.values, dtype=np.float32).reshape(P * C, G)
         return out
 
+    def _chosen(self, *, pure: bool, draws: bool) -> tuple[xr.DataArray, dict[str, Any]]:
+        """The cells :meth:`to_anndata` and :meth:`write_h5ad` write for ``pure`` and ``draws``, and what their
+        ``uns['virtualcell']`` then says of them."""
+        cells, model = (self._draws(), self.draws_model) if draws else (self.cells, self.cells_model)
+        said: dict[str, Any] = {"draws": True} if draws else {}
+        if pure and model is not None:
+            cells = model
+            said |= {"blend_weight": 1.0, "baseline": "none"}
+        return cells, said
+
     def write_h5ad(self, path: str | Path, *, perturbation_key: str | None = None,
-                   labels: Mapping[str, str] | None = None, draws: bool = False) -> Path:
+                   labels: Mapping[str, str] | None = None, pure: bool = False, draws: bool = False) -> Path:
         """Write the predicted cells as ``.h5ad`` (same layout and options as :meth:`to_anndata`), one
         perturbation at a time, so that memory holds one perturbation's cells, not all."""
         import h5py
 
         P, C, G = self._require_cells()
-        cells = self._draws() if draws else self.cells
+        cells, said = self._chosen(pure=pure, draws=draws)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         head = self._head(perturbation_key, labels)
-        if draws:
-            head.uns["virtualcell"]["draws"] = True
+        head.uns["virtualcell"] |= said
         from .safeio import atomic_path
 
         with atomic_path(path) as tmp:  # a kill leaves the old file or the new one, never a partial one
@@ -592,7 +598,7 @@ class Simulator:
         keep_cells: bool | None = None,
         keep_draws: bool = False,
         store: str | Path | None = None,
-        keep_embedded: int = 256,
+        keep_embedded: int = KEEP_EMBEDDED,
         max_in_memory: int = MAX_IN_MEMORY,
         progress: bool = True,
         on_chunk: Callable[[int, int], None] | None = None,
@@ -846,7 +852,9 @@ class Simulator:
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
         if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for _, source in shift):
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
-        agg.attrs["baseline"] = "none" if w is None else ";".join(sorted({b for _, b in shift} - {"none"})) or "none"
+        # the baselines the served cells blend in: none where the weight a perturbation is served at is 1
+        blended = {b for _, b in shift if (w_unseen if b in UNSEEN_BASELINES else w) < 1.0} - {"none"}
+        agg.attrs["baseline"] = ";".join(sorted(blended)) or "none"
         agg.attrs["new_contexts"] = "; ".join(new_contexts)  # the cells' contexts the model never saw perturbed
         agg.attrs["absent_genes"] = "; ".join(self.absent_genes)  # the model's genes the baseline did not measure
         cells = cells_model = draws = draws_model = None

@@ -292,8 +292,9 @@ class Baselines:
     def delta_for(self, perturbation: Perturbation | Combination | str) -> tuple[np.ndarray, str]:
         """The baseline delta for one perturbation and the baseline's name.
 
-        A training perturbation gets its own ``meanshift`` delta; a combination whose every
-        part was trained alone gets their sum (``additive``); the control gets zeros
+        A training perturbation gets its own ``meanshift`` delta (at an untrained dose, its trained doses
+        interpolated in log dose: ``dose``, as :mod:`virtualcell.evaluate` names that baseline); a combination
+        whose every part was trained alone gets their sum (``additive``); the control gets zeros
         (``none``); any other perturbation gets :meth:`unseen_delta` (``coexpression`` or
         ``pertmean``, :data:`UNSEEN_BASELINES`).
         """
@@ -302,31 +303,32 @@ class Baselines:
             return np.zeros(len(self.genes), dtype=np.float32), "none"
         own = self._measured(q)
         if own is not None:
-            return own, "meanshift"
+            return own
         if isinstance(q, Combination):
             parts = [self._measured(x) for x in q.parts]
             if all(d is not None for d in parts):
-                return np.sum(parts, axis=0).astype(np.float32), "additive"
+                return np.sum([d for d, _ in parts], axis=0).astype(np.float32), "additive"
         return self.unseen_delta(q)
 
-    def _measured(self, q: Perturbation | Combination) -> np.ndarray | None:
-        """``q``'s measured delta: its own row (same dose and time); a drug or cytokine at an untrained dose, its
-        trained doses at the same time interpolated in log dose (``_stats.log_dose_interpolation``; protocol 6:
-        0.70 against the model's 0.60); else the row of the same perturbation at the nearest dose and time (log
-        scale); None for a perturbation never trained at any dose."""
+    def _measured(self, q: Perturbation | Combination) -> tuple[np.ndarray, str] | None:
+        """``q``'s measured delta and how it was had: its own row (same dose and time; ``meanshift``); a drug or
+        cytokine at an untrained dose, its trained doses at the same time interpolated in log dose (``dose``;
+        ``_stats.log_dose_interpolation``; protocol 6: 0.70 against the model's 0.60); else the row of the same
+        perturbation at the nearest dose and time (log scale; ``meanshift``); None for a perturbation never
+        trained at any dose."""
         same = self._rows_by_key.get(_key(q), [])
         if not same:
             return None
         exact = [i for i, form in same if str(form) == str(q)]
         if exact:
-            return self.delta[exact[-1]]  # (the last, as the name -> row map it replaced kept)
+            return self.delta[exact[-1]], "meanshift"  # (the last, as the name -> row map it replaced kept)
         if isinstance(q, Perturbation) and q.dose is not None:
             doses = {form.dose: self.delta[i] for i, form in same
                      if isinstance(form, Perturbation) and form.dose is not None and form.time_hours == q.time_hours}
             between = log_dose_interpolation(doses, q.dose) if doses else None
             if between is not None:
-                return between.astype(np.float32)
-        return self.delta[min(same, key=lambda x: _quantity_distance(x[1], q))[0]]
+                return between.astype(np.float32), "dose"
+        return self.delta[min(same, key=lambda x: _quantity_distance(x[1], q))[0]], "meanshift"
 
     @cached_property
     def _rows_by_key(self) -> dict[str, list[tuple[int, Perturbation | Combination]]]:
@@ -817,7 +819,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         held_whole = sorted(set(np.asarray(names)[new]))
         verdict["unseen"] = part | {"n_labels": len(held_whole), "perturbations": held_whole}
         verdict["unseen"]["summary"] = _summary(len(held_whole), int(np.sum(np.asarray(row_cells)[new])), part,
-                                                what=UNSEEN_WHAT, served_for="for perturbations it never trained on, ")
+                                                what=UNSEEN_WHAT, served_for="for perturbations no training cell measured, ")
         if prior is not None:
             verdict["unseen"] |= {"settings": {"coexpression_prior": prior["kept"]}, "coexpression_prior": prior}
             verdict["unseen"]["summary"] += (
