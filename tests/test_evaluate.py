@@ -238,6 +238,24 @@ def test_measured_log1p_at_another_total_goes_onto_the_prediction_s_scale(tiny_m
     np.testing.assert_allclose(as_log["value"].to_numpy(), as_counts["value"].to_numpy(), atol=1e-4)
 
 
+def test_a_pair_named_in_either_order_is_one_group():
+    """A prediction labels a pair 'TF06+TF03' where the measured data says 'TF03+TF06': one condition, scored as
+    one group (unmatched, it went unscored; and a file holding both spellings let pertmean count the pair as
+    another perturbation of itself)."""
+    data = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=4, n_pairs=2, n_drugs=0, n_cytokines=0,
+                                        n_cells_per_condition=40, n_control_cells=120, n_contexts=1, seed=0)
+    data.obs = data.obs[["perturbation"]]
+    data.uns.pop("virtualcell", None)  # (its stored contract names a context column)
+    base, real = split_controls(data, seed=0)
+    pred = real.copy()
+    flipped = {p: "+".join(reversed(p.split("+"))) for p in set(pred.obs["perturbation"].astype(str)) if "+" in p}
+    pred.obs["perturbation"] = pred.obs["perturbation"].astype(str).replace(flipped)
+    table = evaluate(pred, real, baseline=base, profile="pearson", baselines=(), ceiling=False)
+    scored = set(table.loc[table["method"] == "model", "perturbation"])
+    assert {"TF03+TF06", "TF06+TF08"} <= scored, scored
+    assert np.allclose(table.loc[(table["method"] == "model") & (table["metric"] == "pearson_delta"), "value"], 1.0)
+
+
 def test_counts_on_fewer_genes_are_normalized_over_the_genes_compared():
     """The measured counts themselves, as a prediction of 280 of their 299 genes: normalized over the genes compared
     (not each file over its own), they score MAE 0, as on all genes."""

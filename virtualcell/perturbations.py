@@ -285,6 +285,17 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
     return one(p)
 
 
+def unordered_label(label: str) -> str:
+    """A plain combination label's parts sorted (``"B+A"`` -> ``"A+B"``), so that one pair has one name;
+    anything else (a single label, typed or dosed parts) as it is.
+
+    >>> unordered_label("IRF1+IFNGR1"), unordered_label("STAT1")
+    ('IFNGR1+IRF1', 'STAT1')
+    """
+    parts = [x.strip() for x in label.split("+")]
+    return "+".join(sorted(parts)) if len(parts) > 1 and not any(":" in x or "@" in x for x in parts) else label
+
+
 def canonical_condition(label: str) -> str:
     """A condition's name with its numbers written as :func:`quantity_suffix` writes them (``"drugA@1.0"`` and
     ``"drugA@1.00,24.0h"`` are ``"drugA@1"`` and ``"drugA@1,24h"``), units kept; anything else as it is. Two

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
 from .perturbations import (GENETIC, Combination, Perturbation, in_units, looks_like_control, parse,
-                            without_quantities)
+                            unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,7 +184,7 @@ class PerturbationVocab:
 
     def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
-            p = self._pairs_in_any_order().get(_unordered(p), p)
+            p = self._pairs_in_any_order().get(unordered_label(p), p)
         if isinstance(p, str) and p in self.labels:
             doses = self.conditions_of(p)
             if len(doses) == 1:  # trained at one dose and time only: that is the perturbation it names
@@ -240,8 +240,8 @@ class PerturbationVocab:
                 f"them (e.g. {forms[0]!r}); in a combination, name each part so.")
 
     def _pairs_in_any_order(self) -> dict[str, str]:
-        """Each trained combination's label keyed by its parts in any order (:func:`_unordered`)."""
-        return {_unordered(lab): lab for lab in self.labels if "+" in lab}
+        """Each trained combination's label keyed by its parts in any order (:func:`~virtualcell.perturbations.unordered_label`)."""
+        return {unordered_label(lab): lab for lab in self.labels if "+" in lab}
 
     def trained_form(self, condition: str) -> str | None:
         """The typed form a training condition (``"drugA@10"``, or a label without dose) was trained as;
@@ -339,12 +339,6 @@ class PerturbationVocab:
         return cls(dict(d.get("labels", {})), names, bool(d.get("own_targets", False)), bool(d.get("own_doses", False)),
                    bool(d.get("targets_with_gene", False)), dict(d.get("conditions", {})), dict(d.get("aliases", {})),
                    dict(d.get("dose_units", {})), {k: list(v) for k, v in d.get("forms", {}).items()})
-
-
-def _unordered(label: str) -> str:
-    """A plain combination label's parts sorted (``"B+A"`` -> ``"A+B"``); anything else as it is."""
-    parts = [x.strip() for x in label.split("+")]
-    return "+".join(sorted(parts)) if len(parts) > 1 and not any(":" in x or "@" in x for x in parts) else label
 
 
 def _has_dose(typed: str) -> bool:

@@ -813,4 +813,5 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
 
 # why a metric can be NaN for every group, for the line under summarize()'s table
 UNDEFINED_WHEN = {"discrimination": "ranks a prediction among the context's measured perturbations, and needs two",
-                  "compare_distance": "needs cells of the prediction, the measured perturbation and the controls"}
+                  "compare_distance": "needs cells of the prediction, the measured perturbation and the controls",
+                  "de_overlap_top50": "needs more than 50 genes (with fewer, all of them are both tops)"}

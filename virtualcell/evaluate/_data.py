@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
-from ..perturbations import canonical_condition
+from ..perturbations import canonical_condition, unordered_label
 from ..sentences import detect_scale, log_normalize, normalization_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -191,7 +191,8 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     # of a file's 9,000 genes and the measured file itself otherwise sit on two scales (MAE 0.02 for the same cells)
     X, norm = expression(adata[:, idx], name=name)
     labels = contract.without_quantities_absent_from(adata).conditions(adata)  # a drug's doses are groups of their own
-    labels = np.array([canonical_condition(x) if "@" in x else x for x in labels], dtype=object)  # "@1.0" is "@1"
+    # "@1.0" is "@1", and "B+A" is "A+B": one condition, one group, whichever spelling an input uses
+    labels = np.array([canonical_condition(x) if "@" in x else unordered_label(x) for x in labels], dtype=object)
     contexts = contract.contexts(adata)
     return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
 
@@ -283,7 +284,8 @@ def group_means(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any
 def group_moments(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
     """Per distinct key: (keys, means, unbiased variances [groups x genes], counts)."""
     names, means, counts = group_means(X, keys)
-    _, sq, _ = group_means(X.multiply(X).tocsr() if sp.issparse(X) else np.asarray(X) ** 2, keys)
+    X = X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)  # squares without float32 loss
+    _, sq, _ = group_means(X.multiply(X).tocsr() if sp.issparse(X) else X ** 2, keys)
     return names, means, unbiased_var(means, sq, counts[:, None]), counts
 
 

@@ -254,9 +254,12 @@ def direction_accuracy_top50(pair: PredRealPair) -> dict[str, float]:
 def de_overlap_top50(pair: PredRealPair) -> dict[str, float]:
     """Share of the 50 top measured DE genes among the 50 top predicted DE genes (the same Welch t ranking).
 
-    A gene whose predicted delta is 0 never counts as predicted DE.
+    A gene whose predicted delta is 0 never counts as predicted DE. NaN with 50 genes or fewer: every gene
+    is then among both tops, and any prediction that moves them all scored 1.
     """
     n = pair.top_de.shape[1]
+    if len(pair.genes) <= TOP_N:
+        return _rowwise(pair, [float("nan")] * len(pair.top_de))
     score = np.where(pair.pred_delta == 0, 0.0, np.abs(np.nan_to_num(pair.pred_de_score, nan=0.0)))
     out = []
     for row, real_top in zip(score, pair.top_de):
