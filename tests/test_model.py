@@ -280,6 +280,15 @@ def test_training_resumes_from_last_checkpoint(papalexi_small, tmp_path):
     train(data, out=tmp_path, config=replace(cfg, max_steps=6), progress=False)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    # under settings that made the steps taken (a seed moves cells the model trained on into the verdict's split;
+    # another width does not fit the weights), or asked for fewer steps than taken, it is refused, naming them;
+    # how long it runs and how it runs may change
+    for changed, match in ((dict(max_steps=8, seed=1), "seed: 0 there, 1 here"),
+                           (dict(max_steps=8, lr=1e-4), "lr: "), (dict(max_steps=8, hidden_size=64), "hidden_size"),
+                           (dict(max_steps=3), "at step 6, past the 3 steps asked")):
+        with pytest.raises(vc.errors.TrainingError, match=match):
+            train(data, out=tmp_path, config=replace(cfg, **changed), progress=False)
+    train(data, out=tmp_path, config=replace(cfg, max_steps=7, threads=1, eval_every=7), progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

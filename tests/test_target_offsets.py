@@ -167,7 +167,7 @@ def test_a_run_cannot_resume_across_the_offsets_setting(tmp_path):
     train(data, out=tmp_path, config=cfg, progress=False)
     from dataclasses import replace
 
-    with pytest.raises(TrainingError, match=r"with target offsets.*--restart"):
+    with pytest.raises(TrainingError, match=r"target_offsets: True there, False here.*--restart"):
         train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False)
     train(data, out=tmp_path, config=replace(cfg, max_steps=3, target_offsets=False), progress=False, resume=False)
 

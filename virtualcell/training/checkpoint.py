@@ -64,19 +64,64 @@ def load(folder: str | Path, *, data_hash: str) -> dict[str, Any] | None:
     return state
 
 
+# settings a resumed run may change: how long it goes on, how it runs, what it keeps and how the verdict after it
+# looks; every other one (the seed, the splits, the model's shape, the data it is shown, the schedule) made the
+# steps already taken, and a resume under another would mix two runs and record only the second
+RESUMABLE_WITH_OTHER = frozenset({
+    "max_steps", "max_minutes", "threads", "compile", "attention", "precision", "keep_best", "eval_every",
+    "save_every", "verdict_candidates", "verdict_samples", "verdict_temperatures"})
+
+
+def same_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], last: Path, step: int) -> None:
+    """Refuse to resume the run recorded in ``saved`` (its ``run_config.json``) under ``settings`` (this run's
+    :class:`~virtualcell.train.TrainConfig` fields, and ``base``) where one outside :data:`RESUMABLE_WITH_OTHER`
+    differs (a new seed moved 108 of 119 cells the model had trained on into the verdict's held-out split), or
+    where ``max_steps`` is below the ``step`` already reached. A setting the record lacks (a run from before it
+    existed) is not compared."""
+    differ = [k for k, v in settings.items()
+              if k not in RESUMABLE_WITH_OTHER and k in saved and _plain(saved[k]) != _plain(v)]
+    if differ:
+        said = "; ".join(f"{k}: {saved[k]!r} there, {settings[k]!r} here" for k in differ[:6])
+        raise TrainingError(
+            f"{last} holds a run trained with other settings ({said}): resuming it under these would mix two runs "
+            "(and the record would name only the second). Train as that run did to go on from it, or start over with "
+            "--restart (resume=False), or use another --out.")
+    wanted = settings.get("max_steps")
+    if isinstance(wanted, int) and wanted < step:
+        raise TrainingError(
+            f"{last} is at step {step}, past the {wanted} steps asked (--max-steps): there is nothing to train. Ask for "
+            f"more than {step} steps to go on, or --restart (resume=False) to train {wanted} from the start.")
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON keeps it (tuples are lists there)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
-           extras: list[tuple[str, bool, str, str | None]], keep_best: bool) -> tuple[Any, Any] | None:
+           extras: list[tuple[str, bool, str, str | None]], keep_best: bool,
+           settings: Mapping[str, Any] | None = None) -> tuple[Any, Any] | None:
     """Load the checkpoint in ``folder`` (of the data whose hash is ``data_hash``) into ``module`` and ``optimizer``;
     returns the loop's state and its best weights to go on from (:class:`~.loop.LoopState`,
-    :class:`~.loop.BestWeights`), or ``None`` where there is no checkpoint. Refuses one whose extra parameters
-    (``extras``, see :func:`same_extras`) or weight decays differ from this run's."""
+    :class:`~.loop.BestWeights`), or ``None`` where there is no checkpoint. Refuses one trained under other
+    ``settings`` (:func:`same_settings`), or whose extra parameters (``extras``, see :func:`same_extras`), weights'
+    shapes or weight decays differ from this run's."""
     from .loop import BestWeights, LoopState
 
     saved = load(folder, data_hash=data_hash)
     if saved is None:
         return None
+    if settings is not None:
+        recorded = json.loads((recover_folder(folder) / CONFIG_FILE).read_text())
+        same_settings(recorded, settings, Path(folder), int(saved["step"]))
     same_extras(saved["model"], Path(folder), extras)
-    module.load_state_dict(saved["model"])
+    try:
+        module.load_state_dict(saved["model"])
+    except RuntimeError as err:  # another shape (hidden size, layers, heads, vocabulary)
+        first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"{folder} holds a model of another shape than this run's ({first}): train as that run did to go on "
+            "from it, or start over with --restart (resume=False).") from None
     same_decay(saved["optimizer"], optimizer, Path(folder))
     optimizer.load_state_dict(saved["optimizer"])
     return (LoopState(saved["step"], saved["history"], saved.get("pretrain_end")),
