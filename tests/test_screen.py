@@ -221,6 +221,26 @@ def test_a_screen_of_a_model_retrained_in_place_is_not_resumed(sim, tmp_path):
     screen(retrained, PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5, force=True)
 
 
+def test_a_screen_resumes_from_another_path_to_the_model_but_not_onto_a_rejudged_one(sim, tmp_path):
+    """The model's path as typed (relative to where the screen ran) is not the model: the same weights reached by
+    another path resume. `virtualcell verdict` rewrites what serves the weights (guidance, decode, blend) in place:
+    a screen resumed after it mixed groups generated at guidance 2 with groups at guidance 4; now refused."""
+    import copy
+
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, PANEL[:4], out=tmp_path, group_size=2, stop_after_groups=1, progress=False, n_boot=5)
+    elsewhere = copy.deepcopy(sim.model)
+    elsewhere.source = "../somewhere/else/the-same-model"
+    with pytest.raises(KeyboardInterrupt):  # resumed (the finished group is kept), stopped again before the last
+        screen(vc.Simulator(sim.baseline, elsewhere), PANEL[:4], out=tmp_path, group_size=2, stop_after_groups=0,
+               progress=False, n_boot=5)
+    rejudged = copy.deepcopy(sim.model)
+    rejudged.verdict = dict(rejudged.verdict or {}) | {"settings": {"guidance": 4.0}}
+    assert rejudged.serving_digest() != sim.model.serving_digest() and rejudged.weights_digest() == sim.model.weights_digest()
+    with pytest.raises(ScreenError, match="how the model's predictions are served"):
+        screen(vc.Simulator(sim.baseline, rejudged), PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5)
+
+
 def test_signature_with_unknown_genes_names_them(sim):
     with pytest.raises(ScreenError, match="NOTAGENE"):
         screen(sim, PANEL[:2], objective="raise:NOTAGENE,STAT1", progress=False)

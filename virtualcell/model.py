@@ -444,6 +444,29 @@ class C2SModel:
                 h.update(flat[::step].float().cpu().numpy().tobytes())
         return h.hexdigest()
 
+    def serving_digest(self) -> str:
+        """A short digest of what serves the weights' predictions: the verdict's generation settings and blend
+        weights, the decode (rank fit, gene map) and the served baselines. ``virtualcell verdict`` rewrites these in
+        place without touching the weights; a resumed screen checks this beside :meth:`weights_digest`, or it mixed
+        groups generated at guidance 2 with groups at guidance 4."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=12)
+        verdict = self.verdict or {}
+        unseen = verdict.get("unseen") or {}
+        served = {"settings": verdict.get("settings"), "weight": verdict.get("weight"),
+                  "unseen": [unseen.get("weight"), unseen.get("settings")],
+                  "rank_fit": self.rank_fit.to_dict() if self.rank_fit else None}
+        h.update(json.dumps(served, sort_keys=True, default=str).encode())
+        arrays = [] if self.gene_map is None else [self.gene_map.left, self.gene_map.right]
+        if self.baselines is not None:
+            arrays.append(np.asarray(self.baselines.delta))
+        for a in arrays:
+            flat = np.asarray(a, dtype=np.float32).reshape(-1)
+            h.update(str(a.shape).encode())
+            h.update(flat[:: max(1, flat.size // 4096)].tobytes())
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return (
             f"C2SModel({self.source or 'in memory'}: {self.n_parameters / 1e6:.2f}M parameters, "

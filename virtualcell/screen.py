@@ -243,6 +243,7 @@ def run(
         "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
         "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
         "batch_size": batch_size, "blend_weight": w, "samples": k, "weights": simulator.model.weights_digest(),
+        "serving": simulator.model.serving_digest(),
     }
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
     if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
@@ -459,20 +460,29 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
                     "another --out folder."
                 ) from None
             old = {}
-        # the model's weights, checked beside the fingerprint (a screen from before they were recorded resumes): the
-        # same folder retrained, or trained on, is another model
+        # the model's weights and what serves them (the verdict's settings, the decode, the baselines: `virtualcell
+        # verdict` rewrites those in place), checked beside the fingerprint (a screen from before they were recorded
+        # resumes): the same folder retrained, trained on or judged again is another model
         reweighted = "weights" in old and old["weights"] != config["weights"]
-        if (old.get("fingerprint") != fingerprint or reweighted) and not force:
-            diff = [k for k in sim_keys if old.get(k) != config[k]]
-            # the settings a screen records only where they apply: one the other screen recorded differs too
-            diff += [k for k in _RECORDED_WHERE_THEY_APPLY if k not in sim_keys and k in old and old[k] != config.get(k)]
+        reserved = "serving" in old and old["serving"] != config["serving"]
+        # the model's path as typed (relative to where the screen ran) says nothing where the weights match
+        same_model = "weights" in old and not reweighted
+        diff = [k for k in sim_keys if old.get(k) != config[k] and not (k == "model" and same_model)]
+        # the settings a screen records only where they apply: one the other screen recorded differs too
+        diff += [k for k in _RECORDED_WHERE_THEY_APPLY if k not in sim_keys and k in old and old[k] != config.get(k)]
+        renamed = (old.get("fingerprint") != fingerprint and not diff and same_model
+                   and old.get("model") != config["model"])
+        changed = (old.get("fingerprint") != fingerprint and not renamed) or reweighted or reserved
+        if changed and not force:
             diff += ["the model's weights (the model folder now holds another training run)"] if reweighted else []
+            diff += (["how the model's predictions are served (its verdict was run again: generation settings, decode "
+                      "or blend)"] if reserved else [])
             raise ScreenError(
                 f"{folder} holds the results of a different screen (differs in: {', '.join(diff) or 'config'}). "
                 "Refusing to mix them: choose another --out folder, or pass --force (force=True) to discard them "
                 "and start this screen there."
             )
-        if old.get("fingerprint") != fingerprint or reweighted:  # forced: the other screen's groups go
+        if changed:  # forced: the other screen's groups go
             import shutil
 
             shutil.rmtree(groups, ignore_errors=True)
