@@ -110,3 +110,11 @@ def test_file_lock_is_removed_after_use(tmp_path):
             pass
         assert (tmp_path / ".pred.h5ad.lock").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_saved_model_s_weights_are_as_readable_as_its_other_files(tiny_model):
+    """save_pretrained wrote model.safetensors 0600 beside 0644 files: a model folder shared with a lab group could
+    not be loaded by the others."""
+    _, out, _ = tiny_model
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["virtualcell.json"], modes

@@ -26,6 +26,9 @@ def test_simulate_gives_xarray_and_anndata(sim):
     agg = res.aggregates
     assert agg["delta"].dims == ("perturbation", "gene") and list(agg["perturbation"].values) == ["ko:STAT1", "ko:JAK2"]
     assert agg.attrs["invalid_genes"] == 0 and agg.attrs["duplicate_genes"] == 0
+    # both seeds are recorded: the sampling's (simulate) and the baseline's encoding (Simulator), as the CLI sets both
+    assert (agg.attrs["seed"], agg.attrs["sentence_seed"]) == (0, 0)
+    assert res.to_anndata().uns["virtualcell"]["sentence_seed"] == 0
     np.testing.assert_allclose(agg["mean"].values, res.cells.values.mean(axis=1), atol=1e-4)
     a = res.to_anndata()
     assert a.n_obs == 24 and set(a.obs["perturbation"]) == {"STAT1", "JAK2"}  # the training labels

@@ -252,16 +252,20 @@ class C2SModel:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write model, tokenizer and codec (``virtualcell.json``) into one folder."""
+        from .safeio import usual_mode, write_text
+
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
         state = token_bias.without(target_offsets.without(self.lm.state_dict()))
         self.lm.save_pretrained(p, safe_serialization=True, state_dict=state)
+        for f in p.glob("*.safetensors*"):  # written private (0600); the folder's other files are not
+            usual_mode(f)
         table = token_bias.table(self.lm)
         if table is not None:  # beside the weights, which stay a plain Hugging Face checkpoint
             np.save(p / token_bias.FILE, table)
         self.tokenizer.save_pretrained(p)
-        (p / META_FILE).write_text(json.dumps(self.meta(), indent=1))
+        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
 
     def save_verdict(self, path: str | os.PathLike[str]) -> None:
@@ -311,6 +315,7 @@ class C2SModel:
         """The training baselines, validation verdict (:mod:`virtualcell.validation`) and the gene map the verdict
         chose (:mod:`virtualcell.gene_map`), when present."""
         from .gene_map import FILE
+        from .safeio import write_text
         from .validation import BASELINES_FILE, VERDICT_FILE
 
         if self.gene_map is not None:
@@ -319,8 +324,8 @@ class C2SModel:
             (p / FILE).unlink()
         if self.baselines is not None:
             self.baselines.save(p / BASELINES_FILE)
-        if self.verdict is not None:
-            (p / VERDICT_FILE).write_text(json.dumps(self.verdict, indent=1, default=float))
+        if self.verdict is not None:  # each file whole or not at all (virtualcell verdict rewrites them in place)
+            write_text(p / VERDICT_FILE, json.dumps(self.verdict, indent=1, default=float))
 
     def _load_verdict(self, p: Path) -> None:
         """Read what :meth:`_save_verdict` wrote; a checkpoint without it serves the pure model."""

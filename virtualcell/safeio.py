@@ -90,6 +90,16 @@ def _usual_mode(tmp: Path, target: Path, *, folder: bool = False) -> None:
         os.chmod(tmp, mode)
 
 
+def usual_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file another library wrote privately (``save_pretrained`` writes ``model.safetensors`` 0600) the
+    permissions a new file gets (the umask's), as every other file of a checkpoint has: a model folder shared with
+    a lab group is then readable by it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~mask)
+
+
 def _unwritable(path: Path, err: OSError) -> OutputError:
     return OutputError(
         f"Cannot write {str(path)!r} ({err.strerror or err}). Choose an --out in a folder you can write to."

@@ -64,7 +64,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
-_PROVENANCE = ("normalization", "model", "seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
+_PROVENANCE = ("normalization", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
                "baseline", "new_contexts", "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
@@ -353,6 +353,11 @@ class Simulator:
         vocabulary, and every gene of the model measured in ``baseline``); ``"shared"``: proceed on the shared
         genes. The model's genes that ``baseline`` lacks are then read as not expressed, with a warning, and the
         result names them (``attrs["absent_genes"]``).
+    seed
+        The seed of the baseline's encoding (the tie-break among equal values in its cell sentences) and of its
+        principal axes (the E-distance's); each call's sampling has its own (``simulate(seed=)``). Recorded as
+        ``attrs["sentence_seed"]``. ``virtualcell predict --seed S`` (and ``screen``) uses ``S`` for both, so
+        ``Simulator(base, model, seed=S).simulate(seed=S)`` is what it predicts.
     gene_key
         Var column of ``baseline`` holding the gene names (symbols or Ensembl ids); default
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
@@ -382,6 +387,7 @@ class Simulator:
             log.info("gene names from var[%r], the column the model was trained with", gene_key)
         baseline = with_gene_key(baseline, gene_key)
         self._gene_key = gene_key
+        self.seed = check_seed(seed)
         self.baseline = baseline
         contract = model.contract
         if contract is not None and contract.perturbation_key in baseline.obs.columns and baseline.n_obs:
@@ -393,7 +399,7 @@ class Simulator:
                             "only (adata[adata.obs[%r] == %r]); if they are meant, go on.", int(perturbed.sum()),
                             baseline.n_obs, contract.perturbation_key, preview(labels, 4), contract.perturbation_key,
                             contract.control)
-        self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=seed)
+        self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=self.seed)
         # baseline expression in the model's gene order (zeros for model genes the data lacks), on its scale
         self.expression, self.scale, self.normalization = on_model_scale(
             baseline, model.genes, counts_trained=self._counts_trained, what="baseline")
@@ -431,7 +437,7 @@ class Simulator:
                 "The model has no rank fit (codec), so it cannot decode sentences into expression. Fit one on data "
                 "like the baseline: model.rank_fit = RankFit.fit(adata, encode(adata, vocab=model.genes))."
             )
-        self._basis = pca(self.expression, n_pcs, seed=seed)
+        self._basis = pca(self.expression, n_pcs, seed=self.seed)
         self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
         self._said_twins: set[str] = set()  # perturbations read as a trained condition's prompt, warned of once
         if not baseline.obs_names.is_unique:
@@ -921,6 +927,7 @@ class Simulator:
             attrs={
                 "model": self.model.source or "in memory",
                 "seed": seed,
+                "sentence_seed": self.seed,
                 "n_baseline_cells": n,
                 "calibrated": int(calibrate),
                 "normalization": self.normalization,

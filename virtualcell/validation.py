@@ -340,7 +340,9 @@ class Baselines:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
-        with open(path, "wb") as fh:
+        from .safeio import atomic_write
+
+        with atomic_write(path, "wb") as fh:  # whole or not at all (virtualcell verdict rewrites it in place)
             extra = {} if self.response is None else {"response": self.response.astype(np.float32)}
             np.savez(fh, genes=np.array(self.genes, dtype=str), names=np.array(self.names, dtype=str),
                      delta=self.delta.astype(np.float32), **extra)
