@@ -537,8 +537,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "--data has beyond the model's are left out, and each cell is normalized over the model's genes, "
                    "as its training cells were)")
     p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a prediction depends only on seed, the cell (and its row in --data) and the "
-                   "perturbation")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed (and the baseline's tie-breaks); a prediction depends on seed, the cell, its "
+                        "row in --data and the perturbation, and through the non-negativity rescale on the other "
+                        "cells of its block of 32 rows")
     p.add_argument("--batch-size", type=_positive_int, default=512,
                    help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=_positive_int, default=None, help="genes per generated cell (default: the model's top_k)")

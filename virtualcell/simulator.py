@@ -618,10 +618,12 @@ class Simulator:
         n_cells
             Use the first ``n_cells`` baseline cells (default all).
         seed
-            Sampling seed; a cell's predictions depend only on (seed, the cell, its row in the baseline,
-            perturbation), not on the other perturbations or how the work is chunked. The same baseline in the same
-            order predicts the same; reordering or subsetting its cells (or reordering its genes) draws other samples,
-            which moves a prediction within its sampling noise.
+            Sampling seed; a cell's generated sentences depend only on (seed, the cell, its row in the baseline,
+            perturbation), not on the other perturbations or the batch size. Its served values also depend on the
+            other cells of its block of ``cell_chunk`` rows (32 by default, from row 0): the non-negativity rescale
+            gives each gene back the block's unclipped mean. The same baseline in the same order predicts the same;
+            reordering or subsetting its cells (``n_cells``, ``--n-cells``), reordering its genes or another
+            ``cell_chunk`` moves a prediction within its sampling noise.
         temperature
             Sampling temperature of the generation (below 1: each sampled sentence is closer to the model's
             likeliest, less noisy and less varied). ``None``: the temperature the trainer chose on its
