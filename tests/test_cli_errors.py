@@ -46,6 +46,8 @@ CASES = [
      r"virtualcell\.json' is broken"),
     ("model-mistyped-folder", "predict --model {tmp}/my-modle --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"No such folder: '.*my-modle'\. Check the path"),
+    # the shipped model is not rewritten in place (it would rewrite the package's files)
+    ("verdict-bundled-in-place", "verdict --model bundled --data {screen_h5ad}", r"not judged again in place.*--out"),
     # screens
     ("screen-broken-config", f"screen {M} --panel {{panel}} --out {{broken_screen}}", r"not a readable screen config.*--force"),
     ("panel-utf16", f"screen {M} --panel {{panel_utf16}} --out {{tmp}}/s", r"panel line 2 \('ko:NOTAGENE'\)"),

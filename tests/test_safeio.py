@@ -118,3 +118,19 @@ def test_a_saved_model_s_weights_are_as_readable_as_its_other_files(tiny_model):
     _, out, _ = tiny_model
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
     assert modes["model.safetensors"] == modes["config.json"] == modes["virtualcell.json"], modes
+
+
+def test_training_from_python_refuses_a_user_s_folder_as_the_cli_does(papalexi_small, tmp_path):
+    """vc.fit / train() wrote over a lab's own config.json in a folder virtualcell never wrote (only the CLI
+    guarded its --out); now the Python API claims and locks the folder too, and force=True goes on."""
+    import json
+
+    import virtualcell as vc
+    from virtualcell.errors import OutputError
+
+    (tmp_path / "config.json").write_text(json.dumps({"my": "lab config"}))
+    cfg = vc.TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=2, warmup_steps=1, batch_size=4,
+                         verdict_fraction=0.0)
+    with pytest.raises(OutputError):
+        vc.fit(papalexi_small[:300].copy(), out=tmp_path, config=cfg, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"my": "lab config"}

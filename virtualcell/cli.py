@@ -353,11 +353,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         target_offsets=args.target_offsets, neighbour_offsets=args.neighbour_offsets, token_bias=args.token_bias,
         token_bias_decay=args.token_bias_decay,
     )
-    from .safeio import output_folder
-
-    with _main_only(output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last"))):
-        model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
-                      gene_key=args.gene_key, device=args.device)
+    model = train(adata, out=args.out, contract=contract, config=cfg, base=args.base, resume=not args.restart,
+                  gene_key=args.gene_key, device=args.device, force=args.force)
     hist = model.train_config.get("history", [])
     last = hist[-1] if hist else {}
     print(f"saved {model} to {args.out}")
@@ -405,32 +402,45 @@ def cmd_verdict(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .generation import blas_threads
+    import contextlib
+    import os
+    from pathlib import Path
 
-    with blas_threads(args.threads):  # the gene maps' SVDs: numpy's BLAS held to --threads too
-        rejudge(model, adata, samples=args.verdict_samples, candidates=candidates,
-                temperatures=args.verdict_temperatures)
     from .distributed import launch_rank
+    from .errors import OutputError
+    from .generation import blas_threads
+    from .safeio import file_lock, output_folder, write_text
 
-    if launch_rank() != 0:  # (under a multi-process launch every process judges; the main one writes)
-        return 0
-    if args.out is not None:
-        from .safeio import output_folder
+    main = launch_rank() == 0  # (under a multi-process launch every process judges; the main one writes)
+    folder = Path(model.source or args.model)  # ('bundled' is the package's folder)
+    with contextlib.ExitStack() as claimed:
+        # where it will write is claimed before the minutes of judging, not refused after them
+        if main and args.out is not None:
+            claimed.enter_context(output_folder(args.out, kind="train", force=args.force,
+                                                legacy=("virtualcell.json", "last")))
+        elif main:
+            from .model import BUNDLED
 
-        with output_folder(args.out, kind="train", force=args.force, legacy=("virtualcell.json", "last")):
+            if folder.resolve() == Path(BUNDLED).resolve():
+                raise OutputError("The shipped model is not judged again in place (its verdict is the one the README's "
+                                  "figures were made with): pass --out NEW_FOLDER to write it with its new verdict.")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OutputError(f"Cannot write the verdict into {str(folder)!r} (not a folder you can write to): "
+                                  "pass --out NEW_FOLDER to write the model with its new verdict there.")
+            claimed.enter_context(file_lock(folder / VERDICT_FILE, what="verdict"))  # (its lock file goes after)
+        with blas_threads(args.threads):  # the gene maps' SVDs: numpy's BLAS held to --threads too
+            rejudge(model, adata, samples=args.verdict_samples, candidates=candidates,
+                    temperatures=args.verdict_temperatures)
+        if not main:
+            return 0
+        if args.out is not None:
             model.save(args.out)
-        where = args.out
-    else:  # in place: the weights stay, the verdict and the codec it chose are rewritten; the old verdict is kept
-        from pathlib import Path
-
-        from .safeio import file_lock, write_text
-
-        folder = Path(args.model)
-        with file_lock(folder / VERDICT_FILE, what="verdict"):  # (its lock file goes when it is done)
+            where = args.out
+        else:  # in place: the weights stay, the verdict and the codec it chose are rewritten; the old verdict is kept
             if (folder / VERDICT_FILE).exists():
                 write_text(folder / ("previous-" + VERDICT_FILE), (folder / VERDICT_FILE).read_text())
             model.save_verdict(folder)
-        where = f"{folder} (the previous verdict: previous-{VERDICT_FILE})"
+            where = f"{folder} (the previous verdict: previous-{VERDICT_FILE})"
     print(f"before: {before}")
     print(f"now:    {summary_line(model.verdict)}")
     _print_candidates(model.verdict)

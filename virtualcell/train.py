@@ -297,6 +297,7 @@ def train(
     on_log: Callable[[dict[str, float]], None] | None = None,
     gene_key: str | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> C2SModel:
     """Train (or fine-tune) a C2S model on a perturbation screen; returns the trained model.
 
@@ -322,7 +323,13 @@ def train(
         ``cuda`` (or ``cuda:N``), ``mps`` or ``cpu``; default: a CUDA GPU where there is one, else the CPU. Under a
         multi-process launch each process trains on the GPU of its ``LOCAL_RANK``. Checked before the data is read
         further: a device the machine lacks is refused, saying what it has.
+    force
+        Train into ``out`` even where it holds files virtualcell did not write (they are left; a run there is refused
+        by default, as ``virtualcell train`` refuses it). The folder is locked while the run trains: a second run into
+        it stops with :class:`~virtualcell.errors.FolderInUseError`.
     """
+    import contextlib
+
     import torch
 
     from .allocator import large_blocks_on_heap
@@ -337,7 +344,13 @@ def train(
     contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
     # the thread count chosen for training is undone on the way out; freed logits stay in the heap while it runs
     # --threads holds numpy's BLAS too (the gene maps' SVDs), not torch alone
-    with torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
+    from .distributed import launch_rank
+    from .safeio import output_folder
+
+    # the main process claims and locks the folder (a user's own folder is refused before anything is written)
+    claim = (output_folder(out, kind="train", force=force, legacy=("virtualcell.json", "last")) if launch_rank() == 0
+             else contextlib.nullcontext())
+    with claim, torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log, device=dev)
 
