@@ -176,7 +176,15 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".vc-predict-") as tmp:
+    # the chunked file of a large prediction goes beside --out, named for it and this process; one a killed run left
+    # (a scheduler's time limit) is removed here, under the output's lock
+    prefix = f".vc-predict-{out.name}-r{launch_rank()}-"
+    if out.parent.exists():
+        import shutil
+
+        for stale in out.parent.glob(prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=prefix) as tmp:
         # large predictions stream through a chunked file on disk instead of memory
         limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
         big = (len(perts) + 1) * n * len(model.genes) > limit
@@ -863,6 +871,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
+    import contextlib
     import warnings
 
     shown = warnings.showwarning
@@ -880,6 +889,12 @@ def _run(args: argparse.Namespace) -> int:
     except VirtualCellError as err:
         print(f"virtualcell {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (virtualcell info | head): nothing more to say, no traceback
+        import os
+
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
         if args.verbose >= 2:
             raise

@@ -94,9 +94,10 @@ class DataContract:
                 )
             if role not in ("dose", "time") and adata.obs[key].isna().any():  # a missing dose or time: none
                 n = int(adata.obs[key].isna().sum())
+                fill = (f"(e.g. with the control label {self.control!r} where that is true)"
+                        if role == "perturbation" else "(with each cell's cell type, patient or batch)")
                 raise ContractError(
-                    f"The {role} column {key!r} has {n} missing values. Fill them (e.g. with the "
-                    f"control label {self.control!r} where that is true) or drop those cells."
+                    f"The {role} column {key!r} has {n} missing values. Fill them {fill} or drop those cells."
                 )
         if require_control:
             labels = self.labels(adata)

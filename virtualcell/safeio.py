@@ -101,6 +101,10 @@ def usual_mode(path: str | os.PathLike[str]) -> None:
 
 
 def _unwritable(path: Path, err: OSError) -> OutputError:
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # a file where a folder must go (--out afile): say that, not "File exists"
+        return OutputError(f"Cannot write {str(path)!r}: {str(blocked)!r} is a file, not a folder. Choose another "
+                           "--out, or move that file.")
     return OutputError(
         f"Cannot write {str(path)!r} ({err.strerror or err}). Choose an --out in a folder you can write to."
     )

@@ -52,8 +52,8 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         raise DataError(
             f"{len(spaced)} perturbation labels in obs[{contract.perturbation_key!r}] hold spaces ({preview(spaced, 5)}), "
             "which a perturbation's name cannot: rename them in the file, e.g. adata.obs[key] = "
-            "adata.obs[key].astype(str).str.replace(' ', '_'), or to the gene alone ('STAT1' for 'STAT1 KO') so that "
-            "a knockout is read as its gene's.")
+            "adata.obs[key].astype(str).str.strip() for spaces around a label, or to the gene alone ('STAT1' for "
+            "'STAT1 KO') so that a knockout is read as its gene's.")
     dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
     conditions = contract.conditions(adata, (dose, when))
     if warn:
@@ -126,6 +126,14 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
     if tiny:
         log.warning("%d perturbations have fewer than %d cells (%s): their measured effect is mostly noise, which the "
                     "model trains on and the baselines serve as it is.", len(tiny), FEW_CELLS, preview(tiny, 5))
+    by_case: dict[str, list[str]] = {}
+    for x in sorted(set(labels[perturbed])):
+        by_case.setdefault(x.upper(), []).append(x)
+    cased = [" / ".join(v) for v in by_case.values() if len(v) > 1]
+    if cased:
+        log.warning("%d perturbations are named in more than one case (%s): each spelling trains as a perturbation of "
+                    "its own. If they are one, write them one way in obs[%r].", len(cased), preview(cased, 5),
+                    contract.perturbation_key)
     stem = label_stem(contract.control)
     alike = sorted(x for x in set(labels[perturbed])
                    if looks_like_control(x) or (stem and label_stem(x) == stem))
