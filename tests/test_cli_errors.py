@@ -84,7 +84,7 @@ CASES = [
      "--out {user_folder}"), r"not written by virtualcell .*--force"),
     ("evaluate-out-not-ours", "evaluate --pred {base} --real {base} --out {user_folder}", r"not written by virtualcell .*--force"),
     ("screen-out-not-ours", f"screen {M} --panel {{panel}} --out {{user_folder}}", r"not written by virtualcell .*--force"),
-    ("screen-out-unwritable", f"screen {M} --panel {{panel}} --out {{panel}}/s", r"Cannot write .*Choose an --out"),
+    ("screen-out-unwritable", f"screen {M} --panel {{panel}} --out {{panel}}/s", r"Cannot write .*is a file, not a folder\. Choose another --out"),
     ("screen-out-in-use", f"screen {M} --panel {{panel}} --out {{locked}}", r"is in use by another virtualcell run"),
 ]
 
