@@ -78,10 +78,35 @@ def test_model_names_and_resolves_conditions(dosed, dosed_model):
         dosed_model.resolve([f"{d}@10uM"])
     with pytest.raises(PerturbationError, match="plain numbers"):
         dosed_model.resolve([f"drug:{d}@10nM + ko:STAT1"])
+    # a training condition as the data names it, in a panel line or a combination (parse reads it as a label)
+    assert str(dosed_model.resolve([parse(f"{d}@10")])[0]) == f"drug:{d}@10"
+    ko = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "knockout"].iloc[0])
+    assert str(dosed_model.resolve([f"{d}@10 + ko:{ko}"])[0]) == f"drug:{d}@10 + ko:{ko}"
+    # a typed drug without a dose names no condition it trained (it was predicted from a prompt no cell had)
+    with pytest.raises(PerturbationError, match=rf"drug:{d} was trained at doses only.*Name one of them"):
+        dosed_model.resolve([f"drug:{d}"])
+    assert str(dosed_model.resolve([f"cytokine:{cyto}"])[0]) == f"cytokine:{cyto}@1"  # one dose: that one
     assert str(dosed_model.resolve([f"{d}@1,24h"])[0]) == f"drug:{d}@1,24h"  # a time's unit is no dose unit
     # and the checkpoint keeps the conditions
     again = type(vocab).from_dict(vocab.to_dict())
     assert again.conditions == vocab.conditions
+
+
+def test_an_untrained_dose_with_a_unit_is_named_as_the_data_names_its_conditions(dosed, tmp_path):
+    """Trained on doses written with a unit ('1uM'), a drug at an untrained dose was labelled 'drugA@3uM', which no
+    measured group is (the data's conditions are 'drugA@3', the number in the agent's unit): evaluate matched none."""
+    from virtualcell.train import TrainConfig, train
+
+    data = dosed.copy()
+    drug = (data.obs["perturbation_type"] == "drug").to_numpy()
+    data.obs["dose"] = [f"{x:g}uM" if is_drug else "" for x, is_drug in zip(data.obs["dose"], drug)]
+    cfg = TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=1, batch_size=8, seed=0,
+                      kind_key="perturbation_type", verdict_fraction=0.0)
+    model = train(data, out=tmp_path, config=cfg, progress=False)
+    d = sorted(set(data.obs["perturbation"][drug].astype(str)))[0]
+    assert model.perturbations.labels_for(model.resolve([f"{d}@3", f"{d}@3000nM", f"{d}@10"])) == [
+        f"{d}@3", f"{d}@3", f"{d}@10"]
+    assert set(DataContract.from_adata(data).conditions(data)) >= {f"{d}@10"}
 
 
 def test_baselines_keep_each_dose(dosed, dosed_model):

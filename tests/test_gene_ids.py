@@ -134,6 +134,10 @@ def test_baseline_spelled_differently_keeps_its_own_spelling(tiny_model):
     assert list(res.to_anndata().var_names) == list(ctrl.var_names)
     plain = vc.Simulator(data[data.obs["perturbation"] == "control"][:8].copy(), model)
     assert "C10orf11" in plain.gene_names and "C10ORF11" not in plain.gene_names  # not upper-cased any more
+    # a knockout never trained on is named by its gene as the baseline spells it (as measured data labels it)
+    never = next(g for g in ctrl.var_names if g.upper() not in model.perturbations.labels and g != g.upper())
+    res = sim.simulate([f"ko:{never}"], n_cells=2, progress=False)
+    assert list(res.to_anndata().obs["perturbation"].unique()) == [never]
 
 
 def test_version_suffix_differences_are_matched_with_a_warning(screen_ids, tmp_path):
@@ -147,6 +151,18 @@ def test_version_suffix_differences_are_matched_with_a_warning(screen_ids, tmp_p
     with pytest.warns(UserWarning, match=r"Ensembl version suffix"):
         sim = vc.Simulator(other, model)
     assert sim.gene_names[: 3] == list(other.var_names[:3])
+    # a knockout and an objective name a gene as genes are matched everywhere: without the version, or by the
+    # symbol the training data linked to the id (both were refused: 'neither a gene of this model ...')
+    stat1 = data.var_names[list(data.var["symbol"]).index("STAT1")]
+    jak2 = data.var_names[list(data.var["symbol"]).index("JAK2")]
+    assert model.resolve([f"ko:{jak2.split('.')[0]}"]) == model.resolve([f"ko:{jak2.split('.')[0]}.99"]) \
+        == model.resolve([f"ko:{jak2}"])
+    res = sim.screen(["STAT1"], objective="raise:STAT1,stat1,JAK2", out=tmp_path / "s", progress=False, n_boot=5,
+                     n_cells=4)
+    delta = res.aggregates["delta"].sel(perturbation=res.ranking["perturbation"][0]).to_pandas()
+    by_id = {g.split(".")[0]: v for g, v in delta.items()}
+    want = (by_id[stat1.split(".")[0]] + by_id[jak2.split(".")[0]]) / 2  # STAT1 once, however often named
+    assert res.ranking["score"][0] == pytest.approx(want, abs=1e-4) or res.ranking["score_low"][0] <= want
 
 
 # --------------------------------------------------------------------------- #

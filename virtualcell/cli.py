@@ -103,8 +103,9 @@ def _split_list(text: str) -> list[str]:
         pieces.append(text[start:])
     out: list[str] = []
     for piece in pieces:
-        # a time is a number with a time's unit or none ("24h", "30min", "24"); "5FU" is the next item
-        m = re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*([A-Za-z]*)\s*", piece)
+        # a time is a number with a time's unit or none ("24h", "30min", "24"), the rest of a combination may follow
+        # it ("24h + ko:STAT1"); "5FU" is the next item
+        m = re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*([A-Za-z]*)\s*(\+.*)?", piece)
         if out and "@" in out[-1] and m and (not m.group(2) or hours_per(m.group(2)) is not None) \
                 and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
             out[-1] += "," + piece.strip()

@@ -493,10 +493,22 @@ class C2SModel:
         One perturbation given alone (``"ko:STAT1"``) is a list of one, not its letters."""
         if isinstance(perturbations, str | Perturbation | Combination):
             perturbations = [perturbations]
-        out = [self.perturbations.resolve(p) for p in perturbations]
+        out = [self._model_genes(self.perturbations.resolve(p)) for p in perturbations]
         for p in out:
             self.format.check(p)  # raises PerturbationError if it cannot be represented
         return out
+
+    def _model_genes(self, p: Perturbation | Combination) -> Perturbation | Combination:
+        """``p`` with each genetic target that is one of the model's genes written as the model writes it: matched
+        as genes are everywhere (ignoring case and an Ensembl version suffix; ``ko:ENSG...`` without its ``.4``
+        named the model's gene and was refused)."""
+        from dataclasses import replace
+
+        def one(x: Perturbation) -> Perturbation:
+            i = self.genes.find(x.target) if x.kind in GENETIC else -1
+            return replace(x, target=self.genes.genes[i]) if i >= 0 and self.genes.genes[i] != x.target else x
+
+        return Combination(tuple(one(x) for x in p.parts)) if isinstance(p, Combination) else one(p)
 
     def constraint(self) -> GeneConstraint | TrieConstraint:
         if self._constraint is None:

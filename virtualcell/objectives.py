@@ -64,8 +64,12 @@ class Objective:
 
 
 def _index(genes: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray:
-    lookup = {g.upper(): i for i, g in enumerate(genes)}
-    missing = [w for w in wanted if str(w).upper() not in lookup]
+    """The columns of ``wanted`` among ``genes``, matched as genes are everywhere (ignoring case and an Ensembl
+    version suffix), each gene once however often it is named (``raise:Tf02,TF02`` weighed it twice)."""
+    from .sentences import gene_match_key
+
+    lookup = {gene_match_key(g): i for i, g in enumerate(genes)}
+    missing = [w for w in wanted if gene_match_key(w) not in lookup]
     if missing:
         hints = {m: close_matches(m, genes, 2) for m in missing[:5]}
         hint = "; ".join(f"{m}: did you mean {preview(h, 2)}?" for m, h in hints.items() if h)
@@ -76,7 +80,7 @@ def _index(genes: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray
         )
     if not wanted:
         raise ScreenError(f"The {what} names no genes.")
-    return np.array([lookup[str(w).upper()] for w in wanted], dtype=np.int64)
+    return np.array(list(dict.fromkeys(lookup[gene_match_key(w)] for w in wanted)), dtype=np.int64)
 
 
 @dataclass
@@ -117,21 +121,38 @@ class Signature(Objective):
     description: str = ""
     _up: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _down: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    _spelled: dict[str, str] = field(default_factory=dict, repr=False)  # a symbol alias -> the baseline's gene
 
     def __post_init__(self) -> None:
         self.up = [self.up] if isinstance(self.up, str) else list(self.up)  # one gene, not its letters
         self.down = [self.down] if isinstance(self.down, str) else list(self.down)
         if not self.up and not self.down:
             raise ScreenError("A signature needs up genes, down genes or both.")
-        both = sorted({g.upper() for g in self.up} & {g.upper() for g in self.down})
+        from .sentences import gene_match_key
+
+        both = sorted({gene_match_key(g) for g in self.up} & {gene_match_key(g) for g in self.down})
         if both:
             raise ScreenError(f"A signature lists {preview(both, 5)} both to raise and to lower; name each gene once.")
         if not self.description:
             self.description = f"raise {preview(self.up, 5) or 'nothing'}; lower {preview(self.down, 5) or 'nothing'}"
 
+    def on_simulator(self, simulator: Any) -> Signature:
+        """Genes named by a symbol the training data linked to a gene id (``var['symbol']``; ``ko:TF02`` found its
+        gene by it, ``raise:TF02`` did not), as the baseline spells that gene."""
+        from .sentences import gene_match_key
+
+        have = {gene_match_key(g) for g in simulator.gene_names}
+        aliases = simulator.model.perturbations.aliases
+        for name in (str(g) for g in (*self.up, *self.down)):
+            i = simulator.model.genes.find(aliases.get(name.upper(), "")) if gene_match_key(name) not in have else -1
+            if i >= 0:
+                self._spelled[name] = simulator.gene_names[i]
+        return self
+
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Signature:
-        self._up = _index(genes, list(self.up), "signature's up list") if self.up else np.zeros(0, np.int64)
-        self._down = _index(genes, list(self.down), "signature's down list") if self.down else np.zeros(0, np.int64)
+        up, down = ([self._spelled.get(str(g), g) for g in names] for names in (self.up, self.down))
+        self._up = _index(genes, up, "signature's up list") if up else np.zeros(0, np.int64)
+        self._down = _index(genes, down, "signature's down list") if down else np.zeros(0, np.int64)
         return self
 
     def score(self, delta: np.ndarray) -> float:
@@ -185,23 +206,23 @@ class TowardState(Objective):
         return self
 
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> TowardState:
-        from .sentences import detect_scale, expression_matrix, log_normalize
+        from .sentences import detect_scale, expression_matrix, gene_match_key, log_normalize
 
         if hasattr(self.target, "var_names"):
             ref: ad.AnnData = self.target
             X = expression_matrix(ref)
-            modelled = {g.upper() for g in genes}  # counts normalized over the model's genes, as its cells are
-            cols = [i for i, g in enumerate(ref.var_names) if str(g).upper() in modelled] or list(range(ref.n_vars))
+            modelled = {gene_match_key(g) for g in genes}  # counts normalized over the model's genes, as its cells are
+            cols = [i for i, g in enumerate(ref.var_names) if gene_match_key(g) in modelled] or list(range(ref.n_vars))
             X = log_normalize(X[:, cols], detect_scale(X))
             mean = np.asarray(X.mean(axis=0)).ravel()
             names = [str(ref.var_names[i]) for i in cols]
         else:
             mean = np.asarray(self.target, dtype=np.float64)
-            names = list(self.target_genes or genes)
+            names = list(genes if self.target_genes is None else self.target_genes)
             if mean.shape != (len(names),):
                 raise ScreenError(f"The target vector has shape {mean.shape}; expected ({len(names)},) over target_genes.")
-        lookup = {g.upper(): i for i, g in enumerate(names)}
-        shared = [i for i, g in enumerate(genes) if g.upper() in lookup]
+        lookup = {gene_match_key(g): i for i, g in enumerate(names)}
+        shared = [i for i, g in enumerate(genes) if gene_match_key(g) in lookup]
         if len(shared) < max(2, len(genes) // 10):
             raise ScreenError(
                 f"The target state shares only {len(shared)} of the model's {len(genes)} genes: check that it "
@@ -211,7 +232,7 @@ class TowardState(Objective):
             log.info("the target state measures %d of the model's %d genes; the distance to it is taken on those",
                      len(shared), len(genes))
         self._shared = np.asarray(shared, dtype=np.int64)
-        self._target = mean[[lookup[genes[i].upper()] for i in shared]].astype(np.float64)
+        self._target = mean[[lookup[gene_match_key(genes[i])] for i in shared]].astype(np.float64)
         self._control = np.asarray(control_mean, dtype=np.float64)[self._shared]
         return self
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
 from .perturbations import (GENETIC, Combination, Perturbation, in_units, looks_like_control, parse,
-                            unordered_label, without_quantities)
+                            quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,7 +198,8 @@ class PerturbationVocab:
         if isinstance(p, str) and p in self.conditions:
             return parse(self.conditions[p])
         if isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels:
-            return _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
+            q = _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
+            return self._with_trained_dose(q, p) if isinstance(q, Perturbation) else q
         q = parse(p)
         parts = q.parts if isinstance(q, Combination) else (q,)
         out = []
@@ -206,6 +207,10 @@ class PerturbationVocab:
             if part.kind == "label" and part.target in self.labels:
                 self._refuse_ambiguous(part.target, p)
                 out.append(parse(self.labels[part.target]))
+            elif part.kind == "label" and "@" in part.target and (
+                    part.target in self.conditions or part.target.rpartition("@")[0] in self.labels):
+                # a training condition as the data names it ("drugA@10"), in a panel or a combination: as alone
+                out.append(self._resolve(part.target))
             elif part.kind == "label" and part.target not in self.names["label"]:
                 hint = close_matches(part.target, list(self.labels))
                 did = f" Close matches it knows: {preview(hint, 5)}." if hint else ""
@@ -224,11 +229,31 @@ class PerturbationVocab:
             elif part.kind in GENETIC and part.target.upper() in self.aliases:  # "ko:STAT1" -> its gene's id
                 out.append(replace(part, target=self.aliases[part.target.upper()]))
             else:
-                out.append(part)
+                out.append(self._with_trained_dose(part, p))
         flat: list[Perturbation] = []
         for x in out:
             flat.extend(x.parts if isinstance(x, Combination) else [x])
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
+
+    def _with_trained_dose(self, part: Perturbation, asked: object) -> Perturbation:
+        """A typed part without a dose (``drug:drugA``, ``drugA@,24h``) of an agent every training cell had at a
+        dose: the one trained dose (at the time asked, if any) where there is one, as its plain label gets; else
+        refused, naming the doses, as its plain label is. (It was predicted from a prompt with no dose token, a
+        form no training cell had.) Anything else as it is."""
+        if part.dose is not None or part.kind in GENETIC or part.kind in ("label", "control"):
+            return part
+        trained = [parse(t) for t in (*self.conditions.values(),
+                                      *(t for lab, t in self.labels.items() if not self.conditions_of(lab)))]
+        same = [t for t in trained if isinstance(t, Perturbation) and (t.kind, t.target) == (part.kind, part.target)]
+        if not same or any(t.dose is None for t in same):
+            return part
+        at_time = [t for t in same if part.time is None or t.time_hours == part.time_hours]
+        if len({str(t) for t in at_time}) == 1:
+            return at_time[0]
+        doses = list(dict.fromkeys(str(t) for t in sorted(at_time or same, key=lambda t: (t.dose, t.time_hours or 0))))
+        raise PerturbationError(
+            f"{str(asked)!r}: {part.kind}:{part.target} was trained at doses only ({preview(doses, 6)}), so without "
+            f"one it names no condition the model knows. Name one of them (e.g. {doses[0]!r}).")
 
     def _refuse_ambiguous(self, label: str, asked: object) -> None:
         """Refuse a label trained as several perturbations (:attr:`forms`): which one is meant, only the user knows."""
@@ -273,10 +298,14 @@ class PerturbationVocab:
         """The training conditions of ``label`` that carry a dose or time (``["drugA@0.1", "drugA@1"]``)."""
         return sorted(c for c in self.conditions if c.rpartition("@")[0] == label)
 
-    def labels_for(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
+    def labels_for(self, perturbations: Sequence[Perturbation | Combination], *,
+                   spelling: Mapping[str, str] | None = None) -> list[str]:
         """The training condition or label written for each perturbation (``"STAT1"``, pairs ``"A+B"``, a drug
-        at a dose ``"drugA@10"``), or its typed form when the training data had no such label; predictions
-        are then named as :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells."""
+        at a dose ``"drugA@10"``, also at a dose or time it never trained at), or its typed form when the
+        training data had no such label; predictions are then named as
+        :meth:`~virtualcell.contract.DataContract.conditions` names the measured cells. ``spelling``: the
+        data's spelling of the model's genes (upper case -> as written), for a knockout never trained on named
+        by its gene (``Tf06``, not the model's ``TF06``)."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.label_forms()}  # each form of a label names it
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
@@ -288,10 +317,11 @@ class PerturbationVocab:
             if str(p) in typed_to_label:
                 return typed_to_label[str(p)]
             plain = without_quantities(p)
-            if plain != p and str(plain) in typed_to_label:  # a trained label at another dose or time
-                suffix = str(p).rpartition("@")[2] if isinstance(p, Perturbation) else None
-                if suffix is not None:
-                    return f"{typed_to_label[str(plain)]}@{suffix}"
+            if plain != p and str(plain) in typed_to_label and isinstance(p, Perturbation):
+                # a trained label at another dose or time, its numbers written as the data's conditions are (in the
+                # agent's trained unit, no unit; hours): "drugA@3", not "drugA@3uM", which no measured group is
+                time = p.time_hours if p.time is not None else None
+                return typed_to_label[str(plain)] + quantity_suffix(p.dose, time)
             parts = p.parts if isinstance(p, Combination) else (p,)
             labels = [typed_to_label.get(str(q)) for q in parts]
             if len(parts) > 1 and all(labels):
@@ -302,7 +332,7 @@ class PerturbationVocab:
                 # a target never trained on, of a kind whose every training label is its gene's name (a knockout
                 # screen labelled STAT1, JAK2): named so too, "IRF9", as the measured cells would be; not where that
                 # name is a training label already (of another kind)
-                return named[0].target
+                return (spelling or {}).get(named[0].target.upper(), named[0].target)
             return str(named[0] if len(named) == 1 else Combination(tuple(named)))
 
         return [one(p) for p in perturbations]

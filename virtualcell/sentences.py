@@ -452,6 +452,10 @@ class Vocabulary:
             i = self._loose.get(gene_match_key(g), -1)
         return i
 
+    def find(self, gene: str) -> int:
+        """The id of one gene (ignoring case and an Ensembl version suffix), or -1 where it is not one."""
+        return self._find(str(gene))
+
     def index(self, gene: str) -> int:
         """The id of one gene (ignoring case and an Ensembl version suffix)."""
         i = self._find(str(gene))

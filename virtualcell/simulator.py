@@ -880,7 +880,8 @@ class Simulator:
                     for name, e in zip(names, sums.embedded)}
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
-                                dict(zip(names, self.model.perturbations.labels_for(perts))), cells_model,
+                                dict(zip(names, self.model.perturbations.labels_for(perts, spelling=dict(
+                                    zip((g.upper() for g in self.model.genes.genes), self.gene_names))))), cells_model,
                                 self.source_context(n),
                                 self.model.contract.perturbation_key if self.model.contract is not None else
                                 "perturbation", draws, draws_model)
