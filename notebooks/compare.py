@@ -57,21 +57,21 @@ def _(mo, viz):
 
 
 @app.cell
-def _(data_loader, data_path, data_source, mo, vc, viz):
+def _(data_loader, data_path, data_source, mo, viz):
     _value = viz.chosen_data(data_source.value, path=data_path.value, loader=data_loader.value)
     mo.stop(_value is None, mo.md("Give the .h5ad path or pick a pertpy loader."))
     adata = viz.load_data(data_source.value, _value)
-    contract = vc.DataContract.from_adata(adata)
-    return adata, contract
+    return (adata,)
 
 
 @app.cell
 def _(adata, mo, model_path, model_source, viz):
     mo.stop(model_source.value != "bundled" and not model_path.value, mo.md("Give the model folder or hub id."))
     model = viz.load_model(model_source.value, model_path.value, fit_on=adata)
+    contract = viz.data_contract(adata, model)  # the data's stored contract, else the model's columns
     mo.md(f"**measured** {adata.n_obs:,} cells x {adata.n_vars} genes &nbsp; **model** `{model!r}`; trained with "
           f"held out: `{model.train_config.get('holdout') or 'nothing recorded'}`")
-    return (model,)
+    return contract, model
 
 
 @app.cell
@@ -86,7 +86,8 @@ def _(adata, contract, mo):
 @app.cell
 def _(adata, contract, holdout_column, mo, model, viz):
     _values = sorted(adata.obs[holdout_column.value].astype(str).unique()) if holdout_column.value else []
-    _known = sorted(viz.measured_labels(model, adata, contract=contract).values())
+    measured = viz.measured_labels(model, adata, contract=contract)  # typed -> the measured cells' label
+    _known = sorted(measured.values())
     _first = [p for p in ("IFNGR1", "IFNGR2", "JAK2", "STAT1", "IRF1", "SMAD4", "CD86", "ATF2") if p in _known]
     _lo, _hi, _step = 16, 512, 16  # the baseline cells' slider
     _n_cells = int(mo.cli_args().get("n_cells", 64))  # e.g. marimo export html notebooks/compare.py -- --n_cells 128
@@ -109,12 +110,15 @@ def _(adata, contract, holdout_column, mo, model, viz):
     run = mo.ui.run_button(label="Predict and score")
     mo.vstack([mo.hstack([form["holdout_value"], form["n_cells"], form["profile"]], justify="start"),
                form["perturbations"], run])
-    return DEFAULTS, form, run
+    return DEFAULTS, form, measured, run
 
 
 @app.cell
-def _(DEFAULTS, adata, contract, data_source, form, holdout_column, mo, model, model_source, run, vc, viz):
-    _at_defaults = data_source.value == "embedded" and model_source.value == "bundled" and form.value == DEFAULTS
+def _(DEFAULTS, adata, contract, data_source, form, holdout_column, measured, mo, model, model_source, run, vc, viz):
+    # on opening, the embedded default runs; any other choice (another holdout column rebuilds the form at its own
+    # defaults, and would score cells the model trained on) waits for the button
+    _at_defaults = (data_source.value == "embedded" and model_source.value == "bundled"
+                    and holdout_column.value == "bio_rep" and form.value == DEFAULTS)
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Predict and score** to run with these settings."))
     mo.stop(not form.value["perturbations"], mo.md("Pick at least one perturbation."))
     _where = {holdout_column.value: form.value["holdout_value"]} if holdout_column.value else {}
@@ -124,7 +128,9 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, mo, model, m
     sim = vc.Simulator(viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), model, genes="shared",
                        seed=0)
     with mo.status.spinner(title="Predicting..."):
-        predicted = viz.predict_as_measured(sim, form.value["perturbations"], seed=0, contract=contract)
+        # asked typed (a perturbation held out of training whole has no training label to ask it by)
+        _asked = [typed for typed, label in measured.items() if label in set(form.value["perturbations"])]
+        predicted = viz.predict_as_measured(sim, _asked, seed=0, contract=contract)
     with mo.status.spinner(title="Scoring..."):
         table = vc.evaluate.evaluate(predicted, reference, baseline=baseline, control=list(contract.controls),
                                      profile=form.value["profile"], seed=0)

@@ -52,20 +52,20 @@ def _(mo, viz):
 
 
 @app.cell
-def _(data_loader, data_path, data_source, mo, vc, viz):
+def _(data_loader, data_path, data_source, mo, viz):
     _value = viz.chosen_data(data_source.value, path=data_path.value, loader=data_loader.value)
     mo.stop(_value is None, mo.md("Give the .h5ad path or pick a pertpy loader."))
     adata = viz.load_data(data_source.value, _value)
-    contract = vc.DataContract.from_adata(adata)
-    return adata, contract
+    return (adata,)
 
 
 @app.cell
 def _(adata, mo, model_path, model_source, viz):
     mo.stop(model_source.value != "bundled" and not model_path.value, mo.md("Give the model folder or hub id."))
     model = viz.load_model(model_source.value, model_path.value, fit_on=adata)
+    contract = viz.data_contract(adata, model)  # the data's stored contract, else the model's columns
     mo.md(f"**data** {adata.n_obs:,} cells x {adata.n_vars} genes &nbsp; **model** `{model!r}`")
-    return (model,)
+    return contract, model
 
 
 @app.cell
@@ -99,7 +99,7 @@ def _(adata, filter_column, mo, model):
         "n_cells": mo.ui.slider(_lo, _hi, step=_step, value=DEFAULTS["n_cells"], label="baseline cells", show_value=True),
         "panel": mo.ui.text_area(value=DEFAULTS["panel"], label="panel (one a line: ko:STAT1, kd:MYC, act:KLF1, "
                                  "drug:X@1uM,24h, ko:A + ko:B)", rows=6, full_width=True),
-        "picked": mo.ui.multiselect(sorted(set(model.perturbations.typed_forms(conditions=False))), value=DEFAULTS["picked"],
+        "picked": mo.ui.multiselect(model.perturbations.panel(), value=DEFAULTS["picked"],
                                     label="and/or pick from what the model knows"),
         "objective": mo.ui.dropdown({"largest effect": "largest", "raise genes": "raise", "lower genes": "lower",
                                      "signature (UP,UP/DOWN,DOWN)": "signature",
@@ -123,7 +123,10 @@ def _(adata, filter_column, mo, model):
 
 @app.cell
 def _(DEFAULTS, adata, contract, data_source, filter_column, form, mo, model, model_source, run, vc, viz):
-    _at_defaults = data_source.value == "embedded" and model_source.value == "bundled" and form.value == DEFAULTS
+    # on opening, the embedded default runs; any other choice (another filter column rebuilds the form at its own
+    # defaults) waits for the button
+    _at_defaults = (data_source.value == "embedded" and model_source.value == "bundled"
+                    and filter_column.value == (contract.context_key or "bio_rep") and form.value == DEFAULTS)
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Run the screen** to screen with these settings."))
     baseline = viz.baseline_cells(adata, contract=contract, n_cells=form.value["n_cells"],
                                   where={filter_column.value: form.value["filter_value"]} if filter_column.value else None)

@@ -76,8 +76,11 @@ def _(adata, mo, perturbation_key):
     _labels = sorted(adata.obs[perturbation_key.value].astype(str).unique())
     _columns = [str(c) for c in adata.obs.columns if 1 < adata.obs[c].nunique() <= 100 and c != perturbation_key.value]
     _cli = mo.cli_args()  # e.g. marimo export html notebooks/train.py -o train.html -- --base FOLDER --minutes 5
+    from virtualcell.perturbations import looks_like_control
+
+    # the control label: 'control', else the labels that look like one; never a guess among the perturbations
     DEFAULTS = {
-        "control": ["control" if "control" in _labels else _labels[0]],
+        "control": ["control"] if "control" in _labels else [x for x in _labels if looks_like_control(x)][:1],
         "context_key": None,
         "kind": "auto",
         "holdout_key": "bio_rep" if "bio_rep" in _columns else None,
@@ -122,8 +125,11 @@ def _(adata, mo, perturbation_key):
 
 
 @app.cell
-def _(DEFAULTS, adata, data_source, form, mo, perturbation_key, run, vc, viz):
-    _at_defaults = data_source.value == "embedded" and form.value == DEFAULTS
+def _(DEFAULTS, adata, data_path, data_source, form, mo, perturbation_key, run, vc, viz):
+    # on opening, the embedded screen trains for a few seconds; any other choice (another perturbation column rebuilds
+    # the form at its own defaults) waits for the button
+    _at_defaults = (data_source.value == "embedded" and perturbation_key.value == "perturbation"
+                    and form.value == DEFAULTS)
     mo.stop(not (run.value or _at_defaults), mo.md("Press **Train** to train with these settings."))
     from virtualcell.train import TrainConfig, train
     from virtualcell.validation import candidate_lines, summary_line
@@ -141,12 +147,13 @@ def _(DEFAULTS, adata, data_source, form, mo, perturbation_key, run, vc, viz):
     live = viz.LiveLoss(mo.output.replace, every=10)
     model = train(viz.sample(adata, _f["n_cells"], seed=0), out=_f["out"], contract=contract, config=config,
                   base=_f["base"] or None, resume=False, progress=False, on_log=live)
+    _data = "papalexi2021" if data_source.value == "embedded" else (data_path.value or "YOUR_SCREEN.h5ad")
     mo.output.replace(mo.vstack([
-        mo.md(f"## Trained: `{model!r}`, saved to `{_f['out']}`"),
+        mo.md(f"## Trained: `{model!r}`, saved to `{_f['out']}` (each press of Train starts over there)"),
         viz.plot_history(live.history, return_fig=True),
         mo.md(f"{len(live.history)} steps; last training loss {live.history[-1]['loss']:.3f}, validation loss "
               f"{live.history[-1].get('val_loss', float('nan')):.3f}. Screen with it: "
-              f"`virtualcell screen --model {_f['out']} --data papalexi2021 --panel panel.txt --out screen/`, "
+              f"`virtualcell screen --model {_f['out']} --data {_data} --panel panel.txt --out screen/`, "
               "or open `notebooks/screen.py` and choose *local folder*."),
         mo.md(f"**Validation verdict** (cells held out of training; how far to trust the model): "
               f"{summary_line(model.verdict)}"),

@@ -92,7 +92,9 @@ def card_text(c: dict[str, Any]) -> str:
                      + (f"; controls only: {', '.join(controls_only[:8])}"
                         + (f" … and {len(controls_only) - 8} more" if len(controls_only) > 8 else "")
                         if controls_only else "")
-                     + "; predicting cells of a context not seen perturbed is a transfer its verdict did not check")
+                     + ("; predicting cells of a context not seen perturbed is a transfer, which its verdict judged "
+                        f"on {held!r} (below)" if held is not None else
+                        "; predicting cells of a context not seen perturbed is a transfer its verdict did not check"))
     if t is not None:
         took = f" in {t['minutes']:.1f} min" if t["minutes"] is not None else ""
         loss = f", final loss {t['final_loss']:.3f}" if t["final_loss"] is not None else ""

@@ -46,7 +46,7 @@ from . import safeio
 from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
 from .validation import UNSEEN_BASELINES
 from .objectives import Objective, parse_objective
-from .perturbations import Combination, Perturbation
+from .perturbations import GENETIC, Combination, Perturbation
 from .progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -236,7 +236,9 @@ def run(
             log.warning("%d of the panel's perturbations were never trained on as such (%s); they are served with "
                         "the blend weight %.2f fitted on trained ones, which says nothing about these: the pure "
                         "model's figures (*_model) are beside the served ones.%s", len(new), preview(new, 5), w,
-                        "" if own else " Train with --unseen-fraction to fit a weight for knockouts never trained on.")
+                        "" if own or not any(isinstance(p, Perturbation) and p.kind in GENETIC
+                                             for n, p in zip(names, perts) if n in new)
+                        else " Train with --unseen-fraction to fit a weight for knockouts never trained on.")
     k = simulator.sample_count(samples)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),

@@ -735,15 +735,21 @@ class Simulator:
         if new_contexts and self._warn_new_contexts:
             self._warn_new_contexts = False
             trained = self.model.perturbed_contexts or []
-            checked = ("it has no validation verdict, so nothing checked it anywhere, and for these cells the "
-                       "prediction is a transfer too" if not self.model.verdict else
-                       "its validation verdict" + ("" if w is None else f" and the blend weight served ({w:.2f})")
-                       + " was measured on the contexts it trained on, so for these cells the prediction is a "
-                       "transfer it did not check")
+            judged = ((self.model.verdict or {}).get("new_context") or {})
+            if judged.get("context") is not None:  # the run held one context out whole and judged the transfer there
+                checked = (f"its verdict judged such a transfer on {judged['context']!r}, held out of training whole: "
+                           f"{judged.get('summary', '')}")
+                advice = ""
+            else:
+                checked = ("it has no validation verdict, so nothing checked it anywhere, and for these cells the "
+                           "prediction is a transfer too" if not self.model.verdict else
+                           "its validation verdict" + ("" if w is None else f" and the blend weight served ({w:.2f})")
+                           + " was measured on the contexts it trained on, so for these cells the prediction is a "
+                           "transfer it did not check")
+                advice = " `virtualcell train --context-verdict` judges one context held out whole."
             log.warning("The baseline cells of %s %s come from a context the model never saw perturbed (it trained "
-                        "on perturbed cells of %s): %s. `virtualcell train --context-verdict` judges one context held "
-                        "out whole.", self.model.contract.context_key, preview(new_contexts, 5), preview(trained, 5),
-                        checked)
+                        "on perturbed cells of %s): %s.%s", self.model.contract.context_key, preview(new_contexts, 5),
+                        preview(trained, 5), checked.rstrip("."), advice)
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []

@@ -690,7 +690,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         return None
     codecs = ({} if codec is None else dict(codec) if isinstance(codec, Mapping)
               else {model.rank_fit.method if model.rank_fit is not None else "linear": codec})
-    sims, b_rows, y_rows, names, row_cells, row_ctx, n_cells = [], [], [], [], [], [], 0
+    sims, b_rows, y_rows, names, row_cells, row_ctx, n_cells, n_controls = [], [], [], [], [], [], 0, 0
     held_whole = list(unseen.values())
     unseen_names: set[str] = set()  # the baselines the perturbations held out whole got (UNSEEN_BASELINES)
     c_rows: dict[str, list[np.ndarray]] = {m: [] for m in codecs}
@@ -716,6 +716,7 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             row_cells.append(cells.size)
             n_cells += cells.size
         n_cells += inputs.size + reference.size
+        n_controls += inputs.size + reference.size
     Y, B = np.array(y_rows), np.array(b_rows)
     new = np.array([p in unseen for p in names])  # perturbations never trained on: judged apart
     # trained perturbations in the context held out whole: judged apart too
@@ -787,7 +788,8 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         "seconds": round(time.perf_counter() - t0, 2),
     }
     context_what = f"context {new_context!r} held out of training whole, {{n}} perturbations"
-    verdict["summary"] = _summary(len(perturbations), int(n_cells), judged,
+    # the cells behind the verdict proper: its perturbations' and the controls (not those judged apart below)
+    verdict["summary"] = _summary(len(perturbations), int(np.sum(np.asarray(row_cells)[seen])) + n_controls, judged,
                                   **({"what": UNSEEN_WHAT} if only_unseen else {"what": context_what} if only_moved
                                      else {}))
     if only_moved:  # the verdict proper is the context's: its weight, the only one there is, is served

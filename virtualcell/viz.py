@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,8 @@ import numpy as np
 
 from ._stats import pca
 from .contract import DataContract
-from .errors import ContractError, DataError
-from .perturbations import parse
+from .errors import ContractError, DataError, VirtualCellError
+from .perturbations import GENETIC, Perturbation, parse
 from .sentences import model_expression
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,14 +154,40 @@ def baseline_cells(adata: ad.AnnData, *, contract: DataContract | None = None, n
     return adata[idx].copy()
 
 
+def data_contract(adata: ad.AnnData, model: C2SModel) -> DataContract:
+    """The data's columns: its stored contract, else the model's where the data has the model's perturbation column
+    (a file of the shared data folder, or any plain .h5ad, has no stored contract); else refused, naming the columns."""
+    try:
+        return DataContract.from_adata(adata)
+    except ContractError:
+        own = model.contract
+        if own is not None and own.perturbation_key in adata.obs.columns:
+            return DataContract(own.perturbation_key, own.control, context_key=own.context_key
+                                if own.context_key in adata.obs.columns else None, other_controls=own.other_controls)
+        raise ContractError(
+            f"The data has no stored contract and not the model's perturbation column "
+            f"({own.perturbation_key if own is not None else 'none recorded'!r}); obs columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'}. Attach one first (vc.DataContract(KEY, CONTROL)"
+            ".attach(adata); notebooks/train.py has pickers for it).") from None
+
+
 def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContract | None = None) -> dict[str, str]:
     """Typed perturbation name (as the model writes it, e.g. ``ko:STAT1``) -> the label of the
     measured cells in ``adata`` (e.g. ``STAT1``), for the labels the model knows."""
     contract = contract or DataContract.from_adata(adata)
     present = set(contract.conditions(adata)) - {contract.control}
     vocab = model.perturbations
-    forms = {c: vocab.trained_form(c) for c in sorted(present)}
-    return {str(parse(form)): c for c, form in forms.items() if form is not None}
+    # a label trained as several kinds (CRISPRa in one cell line, CRISPRi in others) names cells of both: left out,
+    # since its cells here cannot be told apart by label (they were all drawn as the commonest kind's)
+    forms = {c: vocab.trained_form(c) for c in sorted(present) if c not in vocab.forms}
+    out = {str(parse(form)): c for c, form in forms.items() if form is not None}
+    # perturbations the run held out of training whole: asked typed, as they are named in its kind of screen
+    kinds = {parse(t).kind for _, t in vocab.label_forms() if isinstance(parse(t), Perturbation)} & set(GENETIC)
+    for label in (model.train_config or {}).get("unseen_labels") or []:
+        if label in present and len(kinds) == 1:
+            with contextlib.suppress(VirtualCellError):
+                out[str(model.resolve([f"{next(iter(kinds))}:{label}"])[0])] = label
+    return out
 
 
 def measured_cells(adata: ad.AnnData, model: C2SModel, perturbations: Sequence[str], *,
@@ -214,7 +241,11 @@ def predict_as_measured(simulator: Simulator, labels: Sequence[str], *, n_cells:
 
 
 def pca_frame(baseline: np.ndarray, groups: Mapping[str, np.ndarray], *, kind: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Cells on the first two principal axes of ``baseline`` (cells x genes, same genes everywhere).
+    """Cells on the first two principal axes of all the cells plotted (cells x genes, same genes everywhere).
+
+    The axes are fitted on the baseline and every group together: fitted on the baseline alone (40 cells), they
+    followed its own noise, which the predicted cells (made from those cells) share and independent measured cells
+    do not, so measured controls looked squeezed toward the centre (their spread 2.5 against the baseline's 8.4).
 
     Returns a DataFrame with ``pc1``, ``pc2``, ``group`` (``"baseline"`` or the key of ``groups``)
     and ``kind`` (``kind[group]``, e.g. ``"predicted"`` / ``"measured"``).
@@ -222,7 +253,7 @@ def pca_frame(baseline: np.ndarray, groups: Mapping[str, np.ndarray], *, kind: M
     import pandas as pd
 
     B = np.asarray(baseline, dtype=np.float64)
-    basis = pca(B, 2)
+    basis = pca(np.vstack([B, *(np.asarray(X, dtype=np.float64) for X in groups.values())]), 2)
     frames = []
     for name, X in {"baseline": B, **dict(groups)}.items():
         E = basis.transform(np.asarray(X, dtype=np.float64))
@@ -309,6 +340,9 @@ def panel(text: str = "", picked: Sequence[str] = ()) -> list[str]:
     and perturbations picked from a list, in order, each once."""
     from .perturbations import parse_panel
 
+    written = any(line.split("#")[0].strip() for line in (text or "").splitlines())
+    if not written and picked:  # the text box left empty: the picks are the panel
+        return list(dict.fromkeys(str(p) for p in picked))
     return list(dict.fromkeys([*(str(p) for p in parse_panel(text or "")), *(str(p) for p in picked)]))
 
 

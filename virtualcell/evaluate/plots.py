@@ -104,8 +104,9 @@ def plot_delta_scatter(
         panel.axhline(0, lw=0.5, color="black")
         panel.axvline(0, lw=0.5, color="black")
         if not shared:
-            r = np.corrcoef(top["measured"], top["predicted"])[0, 1] if top["predicted"].std() > 0 else 0.0
-            panel.set_title(f"{label}\nr(top 50) = {r:.2f}", fontsize=9)
+            moves = top["predicted"].std() > 0 and top["measured"].std() > 0
+            r = f"{np.corrcoef(top['measured'], top['predicted'])[0, 1]:.2f}" if moves else "n/a (a constant side)"
+            panel.set_title(f"{label}\nr(top 50) = {r}", fontsize=9)
         panel.set_xlabel("measured delta")
         panel.set_ylabel("predicted delta")
     if ax is not None:
@@ -172,7 +173,12 @@ def plot_metric_bars(
         sub = table[table["metric"] == name]
         stats = sub.groupby("method")["value"].agg(["mean", "sem", "count"]).reindex(methods).dropna(subset=["mean"])
         colors: list[Any] = [_COLORS.get(m, "#1f77b4") for m in stats.index]
-        bars = panel.bar(range(len(stats)), stats["mean"], yerr=stats["sem"].fillna(0), color=colors, capsize=3)
+        if stats.empty:  # NaN for every method (e.g. discrimination with one perturbation): say so, not a blank
+            panel.text(0.5, 0.5, "n/a: undefined on these groups", ha="center", va="center",
+                       transform=panel.transAxes, fontsize=8, color="#666666")
+        # one group has no spread to show: no error bar rather than a zero-width one
+        bars = panel.bar(range(len(stats)), stats["mean"], yerr=stats["sem"].where(stats["count"] > 1), color=colors,
+                         capsize=3)
         for bar, m in zip(bars, stats.index):
             if m == "ceiling":
                 bar.set_hatch("//")
