@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help answers, runs nothing
     import virtualcell as vc
     from virtualcell.sentences import RankFit, decode, detect_scale, encode, expression_matrix, log_normalize
 

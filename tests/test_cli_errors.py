@@ -46,6 +46,9 @@ CASES = [
      r"virtualcell\.json' is broken"),
     ("model-mistyped-folder", "predict --model {tmp}/my-modle --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"No such folder: '.*my-modle'\. Check the path"),
+    # a base model that cannot be loaded (offline here): one sentence, as loading a model to predict says it
+    ("train-base-offline", "train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--base vandijklab/C2S-Scale-Gemma-2-2B --out {tmp}/tb", r"Could not load 'vandijklab/C2S-Scale-Gemma-2-2B'.*offline"),
     # the shipped model is not rewritten in place (it would rewrite the package's files)
     ("verdict-bundled-in-place", "verdict --model bundled --data {screen_h5ad}", r"not judged again in place.*--out"),
     # screens
@@ -60,6 +63,11 @@ CASES = [
     ("out-unwritable", f"predict {M} --perturbations STAT1 --out {{panel}}/p.h5ad", r"not a folder you can write to"),
     ("out-not-ours-file", f"predict {M} --perturbations STAT1 --out {{user_h5ad}}",
      r"was not written by virtualcell; refusing to overwrite it\. .*--force"),
+    # measured cells saved from vc.datasets.load carry uns['virtualcell'] (their contract): still the user's
+    ("out-measured-file", f"predict {M} --perturbations STAT1 --out {{screen_h5ad}}",
+     r"was not written by virtualcell; refusing to overwrite it"),
+    ("out-is-the-data", "predict --model {model} --data {base} --perturbations STAT1 --out {base} --force",
+     r"is the --data file"),
     ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"No cell of .* has perturbation == 'control'.*--all-cells"),
     # numbers that cannot be

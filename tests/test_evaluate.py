@@ -238,6 +238,36 @@ def test_measured_log1p_at_another_total_goes_onto_the_prediction_s_scale(tiny_m
     np.testing.assert_allclose(as_log["value"].to_numpy(), as_counts["value"].to_numpy(), atol=1e-4)
 
 
+def test_a_prediction_made_from_measured_controls_is_measured_from_them_without_a_baseline(papalexi_small):
+    """evaluate --pred --real (no --baseline), the prediction made from some of real's own control cells (its
+    obs['source_cell']): those cells are its baseline and the other controls the reference. Split again at random,
+    a no-change copy of its cells scored pearson_delta -0.2 (its delta taken against half the cells it was made
+    from); now it scores as nochange does. Made from every control, it is said that nothing independent is left."""
+    real = papalexi_small[papalexi_small.obs["perturbation"].isin(["control", "STAT1", "JAK2"])].copy()
+    ctrl = real[real.obs["perturbation"] == "control"]
+    half = ctrl[: ctrl.n_obs // 2]
+    parts = []
+    for p in ("STAT1", "JAK2"):
+        x = half.copy()
+        x.obs = pd.DataFrame({"perturbation": p, "source_cell": half.obs_names.astype(str)},
+                             index=[f"{p}|{c}" for c in half.obs_names])
+        parts.append(x)
+    pred = ad.concat(parts)
+    table = evaluate(pred, real, profile="pearson", baselines=("nochange",), ceiling=False)
+    assert "made from" in table.attrs["virtualcell"]["controls"]
+    model = table[(table["method"] == "model") & (table["metric"] == "mse")]["value"].to_numpy()
+    nochange = table[(table["method"] == "nochange") & (table["metric"] == "mse")]["value"].to_numpy()
+    np.testing.assert_allclose(model, nochange, atol=1e-6)
+    all_src = []
+    for p in ("STAT1", "JAK2"):
+        x = ctrl.copy()
+        x.obs = pd.DataFrame({"perturbation": p, "source_cell": ctrl.obs_names.astype(str)},
+                             index=[f"{p}|{c}" for c in ctrl.obs_names])
+        all_src.append(x)
+    with pytest.warns(UserWarning, match="made from every measured control cell"):
+        evaluate(ad.concat(all_src), real, profile="pearson", baselines=(), ceiling=False)
+
+
 def test_a_pair_named_in_either_order_is_one_group():
     """A prediction labels a pair 'TF06+TF03' where the measured data says 'TF03+TF06': one condition, scored as
     one group (unmatched, it went unscored; and a file holding both spellings let pertmean count the pair as

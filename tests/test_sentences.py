@@ -311,6 +311,7 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
     logged = counts.copy()
     logged.data = np.log1p(logged.data * 10.0).astype(np.float32)
     assert detect_scale(counts) == "counts" and detect_scale(logged) == "log1p"
-    for mixed in (sp.vstack([logged, counts]).tocsr(), sp.vstack([counts, logged]).tocsr()):
+    for mixed in (sp.vstack([logged, counts]).tocsr(), sp.vstack([counts, logged]).tocsr(),
+                  sp.vstack([logged[:100], counts[:100]]).tocsr()):  # a small one too (one window covered it all)
         with pytest.raises(DataError, match="mixes scales"):
             detect_scale(mixed)

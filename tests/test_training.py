@@ -769,7 +769,7 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     a.obs["perturbation"] = [x.lower() if x == "KLF1" and i % 2 else x for i, x in enumerate(labels)]
     with caplog.at_level("WARNING"):  # half of KLF1's cells as 'klf1': a perturbation of its own, said
         typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig())
-    assert "1 perturbations are named in more than one case ('KLF1 / klf1')" in caplog.text
+    assert "1 perturbation is named in more than one case ('KLF1 / klf1')" in caplog.text
     a.obs["perturbation"] = labels
     with pytest.raises(PerturbationError, match=r"combination is written with '\+' \('KLF1\+MAP2K6'\)"):
         parse("act:KLF1|MAP2K6")

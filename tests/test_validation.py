@@ -743,7 +743,7 @@ def test_a_screen_warns_when_unseen_perturbations_get_the_trained_ones_weight(ti
     never = next(g for g in data.var_names if g.upper() not in set(data.obs.perturbation.astype(str)))
     with caplog.at_level("WARNING"):
         sim.screen(["STAT1", f"ko:{never}"], out=tmp_path / "s", progress=False, n_boot=0, blend=0.5)
-    assert "1 of the panel's perturbations were never trained on" in caplog.text and "--unseen-fraction" in caplog.text
+    assert "1 of the panel's perturbations was never trained on" in caplog.text and "--unseen-fraction" in caplog.text
 
 
 def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):

@@ -150,6 +150,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not perts:
         raise _usage(f"--perturbations {args.perturbations!r} lists none: give at least one, e.g. --perturbations ko:STAT1")
     out = check_output_file(args.out, suffix=".h5ad", force=args.force)  # before any work
+    from pathlib import Path
+
+    if Path(str(args.data)).exists() and Path(str(args.data)).resolve() == out.resolve():
+        from .errors import OutputError
+
+        raise OutputError(f"--out {args.out!r} is the --data file: the predictions would replace the cells they are "
+                          "made from. Write them to another file.")
     with _main_only(file_lock(out, what="predict")):
         return _predict(args, perts, out)
 
@@ -218,6 +225,7 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:
     from .evaluate import to_cell_eval
 
     cells = res.to_anndata(perturbation_key="perturbation", draws=draws)
+    provenance = dict(cells.uns.get("virtualcell") or {})  # what made them (and what lets a rerun replace the file)
     control = model.contract.control if model.contract is not None else "control"
     if control not in set(cells.obs["perturbation"]):
         ctrl = ad.AnnData(sim.expression[:n].toarray(), var=cells.var.copy())
@@ -227,8 +235,10 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:
         cells = ad.concat([cells, ctrl], merge="same")
     from .safeio import atomic_path
 
+    written = to_cell_eval(cells, perturbation_key="perturbation", control=control)
+    written.uns["virtualcell"] = provenance
     with atomic_path(out) as tmp:
-        to_cell_eval(cells, perturbation_key="perturbation", control=control).write_h5ad(tmp)
+        written.write_h5ad(tmp)
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -545,8 +555,8 @@ def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that 
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output), hub id, or 'bundled' "
-                   "(the model shipped in the package)")
+    p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output, or a C2S checkpoint "
+                   "fine-tuned by it), or 'bundled' (the model shipped in the package)")
     p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
     p.add_argument("--all-cells", action="store_true", help="use every cell of --data as baseline, not only controls")
     _add_gene_key(p)

@@ -214,13 +214,7 @@ class C2SModel:
                 ) from None
             if not isinstance(err, OSError):
                 raise
-            raise ModelError(
-                f"Could not load {str(name_or_path)!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
-                "If it is a hub id, this machine may be offline or the id wrong. Alternatives: a local folder "
-                "(on a connected machine: huggingface-cli download <id> --local-dir DIR), the bundled model "
-                f"(virtualcell.model.BUNDLED), your own 'virtualcell train' output, or the C2S hub models "
-                f"{', '.join(KNOWN_HUB_MODELS)}."
-            ) from err
+            raise unreachable(name_or_path, err) from err
         lm.to(dev).eval()
         if meta:
             vocab = Vocabulary(tuple(meta["genes"]))
@@ -665,6 +659,18 @@ class C2SModel:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
         return GeneratedCells(np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
                               n_invalid, n_dup)
+
+
+def unreachable(name_or_path: str | os.PathLike[str], err: BaseException) -> ModelError:
+    """The error for a model that could not be loaded by its hub id or path (offline, a wrong id): what to use
+    instead. Loading to predict (:meth:`C2SModel.load`) and to fine-tune (``train --base``) say the same."""
+    return ModelError(
+        f"Could not load {str(name_or_path)!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
+        "If it is a hub id, this machine may be offline or the id wrong. Alternatives: a local folder "
+        "(on a connected machine: huggingface-cli download <id> --local-dir DIR), the bundled model "
+        f"(virtualcell.model.BUNDLED), your own 'virtualcell train' output, or the C2S hub models "
+        f"{', '.join(KNOWN_HUB_MODELS)}."
+    )
 
 
 def bundled(*, device: str | None = None) -> C2SModel:

@@ -378,7 +378,14 @@ def _has_dose(typed: str) -> bool:
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:
     """``p`` with the dose and time of ``suffix`` (what follows ``@``) on each part that takes them."""
-    q = parse(f"drug:_@{suffix}")  # reads the dose and time as parse reads any perturbation's
+    name = source.rpartition("@")[0] or "_"  # (in a message, the label asked: 'drugA at a dose of 0')
+    try:
+        q = parse(f"drug:{name}@{suffix}")  # reads the dose and time as parse reads any perturbation's
+    except PerturbationError as err:  # a label that is no drug's name: read the quantities alone
+        try:
+            q = parse(f"drug:_@{suffix}")
+        except PerturbationError:
+            raise err from None  # (the quantities are wrong: said of the label asked)
     assert isinstance(q, Perturbation)
     parts = p.parts if isinstance(p, Combination) else (p,)
     if not any(x.kind in ("drug", "cytokine") for x in parts):

@@ -361,12 +361,15 @@ def file_lock(path: str | os.PathLike[str], *, what: str = "run") -> Iterator[Pa
 
 
 def h5ad_is_ours(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is an ``.h5ad`` that virtualcell wrote (it carries ``uns['virtualcell']``)."""
+    """Whether ``path`` is an ``.h5ad`` of predictions that virtualcell wrote: it carries their provenance
+    (``uns['virtualcell']['model']``). ``uns['virtualcell']`` alone is not enough: a user's measured data saved from
+    ``vc.datasets.load`` or ``split_controls`` carries it too (its contract), and ``predict --out real.h5ad``
+    replaced 748 measured cells with 4 predicted ones."""
     try:
         import h5py
 
         with h5py.File(path, "r") as f:
-            return "uns/virtualcell" in f
+            return "uns/virtualcell/model" in f
     except (OSError, ImportError):
         return False
 

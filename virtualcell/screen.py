@@ -233,9 +233,10 @@ def run(
         new = [n for n, p in zip(names, perts) if not trained[n]
                and not (own and simulator.model.baselines.delta_for(p)[1] in UNSEEN_BASELINES)]
         if new:
-            log.warning("%d of the panel's perturbations were never trained on as such (%s); they are served with "
+            log.warning("%d of the panel's perturbations %s never trained on as such (%s); they are served with "
                         "the blend weight %.2f fitted on trained ones, which says nothing about these: the pure "
-                        "model's figures (*_model) are beside the served ones.%s", len(new), preview(new, 5), w,
+                        "model's figures (*_model) are beside the served ones.%s", len(new),
+                        "was" if len(new) == 1 else "were", preview(new, 5), w,
                         "" if own or not any(isinstance(p, Perturbation) and p.kind in GENETIC
                                              for n, p in zip(names, perts) if n in new)
                         else " Train with --unseen-fraction to fit a weight for knockouts never trained on.")
@@ -575,7 +576,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     ``2 * plug_in - median(boots)``, for the largest effect on the squared norm);
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
-    inside its interval. With fewer than two buckets of cells there is no interval (NaN bounds).
+    inside its interval. With fewer than two buckets of cells there is no interval (NaN bounds). The
+    interval covers the prediction's sampling over its cells, nothing else: a perturbation served its
+    training baseline alone (blend weight 0) is one shift for every cell, so its interval is about as
+    narrow as a point, and says nothing of how well the training cells measured that shift.
     ``l2_delta`` is the plain, uncorrected norm of the mean delta.
     ``l2_delta_corrected`` is ``sign(x) * sqrt(|x|)`` of ``x = ||delta||^2 - noise``, with the noise of
     paired cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``); it is

@@ -147,7 +147,10 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
     # 16 windows spread over the stored values (row blocks of a CSR matrix), not its first rows only: two batches
     # concatenated, one of counts and one of log values, must not pass as either
-    n_windows, width = 16, 125_000
+    # (narrower on a small matrix, so that its windows fall in both batches: one window of 125,000 values covered a
+    # whole 30,000-value file, which then never looked mixed)
+    n_windows = 16
+    width = max(1_000, min(125_000, values.size // n_windows))
     starts = np.unique(np.linspace(0, max(values.size - width, 0), n_windows).astype(np.int64))
     whole = []
     for a in starts:

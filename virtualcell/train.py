@@ -412,10 +412,16 @@ def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: Pe
         )
         torch.manual_seed(cfg.seed)
         return LlamaForCausalLM(lm_config), tokenizer, "compact"
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    from .model import unreachable
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        lm = AutoModelForCausalLM.from_pretrained(base)
+    except OSError as err:  # offline, a wrong id, a folder without a model: said as loading a model says it
+        raise unreachable(base, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(base), tokenizer, "c2s"
+    return lm, tokenizer, "c2s"
 
 
 @dataclass

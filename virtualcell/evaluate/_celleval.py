@@ -246,6 +246,12 @@ def score(
                                       pdex_kwargs={"is_log1p": True})
                 results, _ = ev.compute(profile=profile, write_csv=False, break_on_error=True)
             except Exception as err:
+                if profile in ("full", "anndata"):  # its clustering metrics fail on a few perturbations
+                    raise DataError(
+                        f"cell-eval's {profile!r} profile failed on the {len(scored)} perturbations of context "
+                        f"{rc.context!r} ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}): "
+                        "its clustering and distribution metrics need more perturbations than that. Score them with "
+                        "--profile vcc (or the default profile), or with more perturbations.") from err
                 if hasattr(err, "add_note"):
                     err.add_note(f"while cell-eval scored {method!r} in context {rc.context!r} (profile {profile!r})")
                 raise

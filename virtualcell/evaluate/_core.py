@@ -139,7 +139,23 @@ def _setup(
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
     if gene_key is not None:
         info["gene_key"] = gene_key
-    if baseline is None:
+    sources = _sources_among_controls(pred, real, contract)
+    if baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any():
+        warnings.warn(
+            f"The prediction was made from every measured control cell ({int(sources.sum())}, its "
+            "obs['source_cell']), so no independent control cells are left to measure the deltas against: the "
+            "controls are split at random and the model's delta shares half its cells' noise with the reference. Split "
+            "the controls before predicting (vc.evaluate.split_controls: predict from one half, pass it as "
+            "--baseline and the rest as --real).", stacklevel=3)
+        sources = None
+    if baseline is None and sources is not None:
+        # the prediction was made from some of these very control cells (its obs['source_cell']): they are its
+        # baseline, the others the reference. Split again at random, the model's delta was taken against half of
+        # the cells it was made from (a no-change copy of every control scored pearson_delta -0.2, not 0)
+        baseline, real = real[sources].copy(), real[~sources].copy()
+        info["controls"] = (f"the {int(sources.sum())} measured control cells the prediction was made from (its "
+                            "obs['source_cell']) are the baselines' input, the other control cells the reference")
+    elif baseline is None:
         if split_role(real) == "reference":
             warnings.warn(
                 "real holds only the reference half of the controls (from split_controls) but no baseline= "
@@ -198,6 +214,19 @@ def _setup(
     if pred_p is not None:  # what the prediction's values are, as it records them (else as read)
         info["normalization"]["pred"] = (pred.uns.get(UNS_KEY) or {}).get("normalization") or pred_p.normalization
     return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases)
+
+
+def _sources_among_controls(pred: ad.AnnData | None, real: ad.AnnData, contract: DataContract) -> np.ndarray | None:
+    """A mask of ``real``'s cells that ``pred`` was made from (``obs['source_cell']``), where every source is one of
+    its control cells; else ``None``."""
+    if pred is None or "source_cell" not in pred.obs:
+        return None
+    sources = set(pred.obs["source_cell"].astype(str))
+    mask = real.obs_names.isin(sources)
+    controls = contract.is_control(real)
+    if mask.sum() < len(sources) or (mask & ~controls).any():
+        return None
+    return mask
 
 
 def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData,

@@ -232,6 +232,9 @@ def shared_genes(
 
     from ..sentences import gene_match_key
 
+    if not 0 < min_shared <= 1:
+        raise DataError(f"min_shared_genes (--min-shared-genes) is a fraction of the smallest input's genes in (0, 1], "
+                        f"got {min_shared!r}.")
     items = list(named.items())
     for name, a in items:
         if not a.var_names.is_unique:

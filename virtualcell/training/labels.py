@@ -124,16 +124,17 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
     names_, n_cells = np.unique(labels[perturbed], return_counts=True)
     tiny = [str(x) for x, n in zip(names_, n_cells) if n < FEW_CELLS]
     if tiny:
-        log.warning("%d perturbations have fewer than %d cells (%s): their measured effect is mostly noise, which the "
-                    "model trains on and the baselines serve as it is.", len(tiny), FEW_CELLS, preview(tiny, 5))
+        log.warning("%d perturbation%s fewer than %d cells (%s): their measured effect is mostly noise, which the "
+                    "model trains on and the baselines serve as it is.", len(tiny), "s have" if len(tiny) != 1 else " has",
+                    FEW_CELLS, preview(tiny, 5))
     by_case: dict[str, list[str]] = {}
     for x in sorted(set(labels[perturbed])):
         by_case.setdefault(x.upper(), []).append(x)
     cased = [" / ".join(v) for v in by_case.values() if len(v) > 1]
     if cased:
-        log.warning("%d perturbations are named in more than one case (%s): each spelling trains as a perturbation of "
-                    "its own. If they are one, write them one way in obs[%r].", len(cased), preview(cased, 5),
-                    contract.perturbation_key)
+        log.warning("%d perturbation%s named in more than one case (%s): each spelling trains as a perturbation of "
+                    "its own. If they are one, write them one way in obs[%r].", len(cased),
+                    "s are" if len(cased) != 1 else " is", preview(cased, 5), contract.perturbation_key)
     stem = label_stem(contract.control)
     alike = sorted(x for x in set(labels[perturbed])
                    if looks_like_control(x) or (stem and label_stem(x) == stem))

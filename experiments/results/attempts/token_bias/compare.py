@@ -15,11 +15,14 @@ both decays and without the table, with their verdicts kept, session 39),
 and ``attempts/token_bias/user_files/seedS`` against ``experiments/results/user_files/seedS``. Prints, per seed and
 as means, the pure model's held-out figures and the validation verdict's MSE (what a setting may be chosen on).
 """
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help answers, runs nothing
 
 ROOT = Path(__file__).resolve().parents[4]
 HERE = Path(__file__).resolve().parent
