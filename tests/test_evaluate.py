@@ -245,27 +245,24 @@ def test_a_prediction_made_from_measured_controls_is_measured_from_them_without_
     from); now it scores as nochange does. Made from every control, it is said that nothing independent is left."""
     real = papalexi_small[papalexi_small.obs["perturbation"].isin(["control", "STAT1", "JAK2"])].copy()
     ctrl = real[real.obs["perturbation"] == "control"]
-    half = ctrl[: ctrl.n_obs // 2]
-    parts = []
-    for p in ("STAT1", "JAK2"):
-        x = half.copy()
-        x.obs = pd.DataFrame({"perturbation": p, "source_cell": half.obs_names.astype(str)},
-                             index=[f"{p}|{c}" for c in half.obs_names])
-        parts.append(x)
-    pred = ad.concat(parts)
-    table = evaluate(pred, real, profile="pearson", baselines=("nochange",), ceiling=False)
+
+    def no_change_from(cells):  # each perturbation "predicted" as its source cells themselves
+        parts = []
+        for p in ("STAT1", "JAK2"):
+            x = cells.copy()
+            x.obs = pd.DataFrame({"perturbation": p, "source_cell": cells.obs_names.astype(str)},
+                                 index=[f"{p}|{c}" for c in cells.obs_names])
+            parts.append(x)
+        return ad.concat(parts)
+
+    table = evaluate(no_change_from(ctrl[: ctrl.n_obs // 2]), real, profile="pearson", baselines=("nochange",),
+                     ceiling=False)
     assert "made from" in table.attrs["virtualcell"]["controls"]
     model = table[(table["method"] == "model") & (table["metric"] == "mse")]["value"].to_numpy()
     nochange = table[(table["method"] == "nochange") & (table["metric"] == "mse")]["value"].to_numpy()
     np.testing.assert_allclose(model, nochange, atol=1e-6)
-    all_src = []
-    for p in ("STAT1", "JAK2"):
-        x = ctrl.copy()
-        x.obs = pd.DataFrame({"perturbation": p, "source_cell": ctrl.obs_names.astype(str)},
-                             index=[f"{p}|{c}" for c in ctrl.obs_names])
-        all_src.append(x)
     with pytest.warns(UserWarning, match="made from every measured control cell"):
-        evaluate(ad.concat(all_src), real, profile="pearson", baselines=(), ceiling=False)
+        evaluate(no_change_from(ctrl), real, profile="pearson", baselines=(), ceiling=False)
 
 
 def test_a_pair_named_in_either_order_is_one_group():
