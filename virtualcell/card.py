@@ -76,7 +76,8 @@ def card_text(c: dict[str, Any]) -> str:
                      + (f"; held out: {_holdout_text(d['holdout'])}" if d["holdout"] else ""))
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(p["kinds"].items()))
     named = [f"{c} ({f})" if f and c != f.split(":", 1)[-1] else c for c, f in p["trained"].items()]
-    lines.append(f"knows        {p['n']} trained conditions ({kinds or 'none'}): {preview(named, 60)}")
+    lines.append(f"knows        {p['n']} trained condition{'' if p['n'] == 1 else 's'} ({kinds or 'none'}): "
+                 f"{preview(named, 60)}")
     if p["untrained_genetic"]:
         lines.append("             and a knockout, knockdown or activation of any of its genes, never trained on "
                      "(generated with the coexpression prior)")

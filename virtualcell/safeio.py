@@ -281,7 +281,7 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
         raise OutputError(
             f"--out {str(folder)!r} is not empty and was not written by virtualcell (it holds "
             f"{', '.join(sorted(contents)[:5])}{' …' if len(contents) > 5 else ''}); refusing to overwrite it. "
-            "Choose another folder, or pass --force to write into it anyway."
+            "Choose another folder, or pass --force (force=True in Python) to write into it anyway."
         )
     if marker.is_file():
         try:
@@ -291,7 +291,7 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
         if old_kind not in (None, kind) and not force:
             raise OutputError(
                 f"--out {str(folder)!r} holds virtualcell {old_kind} results, not {kind} results. "
-                "Choose another folder, or pass --force to write into it anyway."
+                "Choose another folder, or pass --force (force=True in Python) to write into it anyway."
             )
     if not marker.is_file() or force:
         try:

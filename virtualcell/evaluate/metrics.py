@@ -359,9 +359,12 @@ def resolve_metrics(profile: str | Sequence[str | Metric]) -> list[Metric]:
     """The metrics of a profile name, or of a list of metric names and :class:`Metric` objects."""
     if isinstance(profile, str):
         if profile not in PROFILES:
+            from ._celleval import CELL_EVAL_PROFILES
+
             raise DataError(
-                f"Unknown metric profile {profile!r}. Profiles: {', '.join(PROFILES)}; or pass a list of "
-                f"metric names ({preview(METRICS, 12)}) and Metric objects."
+                f"Unknown metric profile {profile!r}. Profiles: {', '.join(PROFILES)}, and cell-eval's "
+                f"{', '.join(CELL_EVAL_PROFILES)}; or pass a list of metric names ({preview(METRICS, 12)}) and Metric "
+                "objects."
             )
         return [METRICS[n] for n in PROFILES[profile]]
     out = []
