@@ -143,6 +143,7 @@ class Signature(Objective):
 
         have = {gene_match_key(g) for g in simulator.gene_names}
         aliases = simulator.model.perturbations.aliases
+        self._spelled = {}  # (this Simulator's spellings only, not an earlier one's)
         for name in (str(g) for g in (*self.up, *self.down)):
             i = simulator.model.genes.find(aliases.get(name.upper(), "")) if gene_match_key(name) not in have else -1
             if i >= 0:

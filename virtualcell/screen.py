@@ -610,14 +610,14 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
         boots = []
         nonempty = np.flatnonzero(bc > 0)
         rng = np.random.default_rng([seed, stable_key(str(p))])  # its own draws: the same whatever else is screened
-        for _ in range(n_boot if nonempty.size else 0):
+        for _ in range(n_boot if nonempty.size > 1 else 0):  # (one bucket: a resample returns it)
             pick = rng.choice(nonempty, size=nonempty.size, replace=True)
             w = bc[pick]
             boots.append(objective.score((bucket_delta[pick] * w[:, None]).sum(0) / w.sum()))
         plug_in = objective.score(delta)
-        if boots and nonempty.size > 1:
+        if boots:
             score, score_low, score_high = objective.corrected(plug_in, np.asarray(boots))
-        else:  # no resamples, or one bucket (a resample returns it): no interval and no bias to measure
+        else:  # no resamples: no interval and no bias to measure
             score, score_low, score_high = plug_in, float("nan"), float("nan")
         if "var_delta" in a:  # each predicted cell against its own baseline cell
             sq, noise = paired_sq_norm(delta, var_diff=a["var_delta"].values, n=n)

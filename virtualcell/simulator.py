@@ -884,10 +884,12 @@ class Simulator:
             cells = _CellStore.open(store)
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
                     for name, e in zip(names, sums.embedded)}
+        # each prediction's label, a gene's as the baseline spells it (an untrained knockout 'Tf06', not 'TF06')
+        spelling = {g.upper(): s for g, s in zip(self.model.genes.genes, self.gene_names)}
+        labels = dict(zip(names, self.model.perturbations.labels_for(perts, spelling=spelling)))
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
-                                dict(zip(names, self.model.perturbations.labels_for(perts, spelling=dict(
-                                    zip((g.upper() for g in self.model.genes.genes), self.gene_names))))), cells_model,
+                                labels, cells_model,
                                 self.source_context(n),
                                 self.model.contract.perturbation_key if self.model.contract is not None else
                                 "perturbation", draws, draws_model)

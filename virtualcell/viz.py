@@ -162,8 +162,11 @@ def data_contract(adata: ad.AnnData, model: C2SModel) -> DataContract:
     except ContractError:
         own = model.contract
         if own is not None and own.perturbation_key in adata.obs.columns:
-            return DataContract(own.perturbation_key, own.control, context_key=own.context_key
-                                if own.context_key in adata.obs.columns else None, other_controls=own.other_controls)
+            from dataclasses import replace
+
+            # the model's contract, without the obs columns (context, dose, time) this data lacks
+            lacks = {k: None for k in ("dose_key", "time_key") if getattr(own, k) not in adata.obs.columns}
+            return replace(own, **lacks, **({} if own.has_context(adata) else {"context_key": None}))
         raise ContractError(
             f"The data has no stored contract and not the model's perturbation column "
             f"({own.perturbation_key if own is not None else 'none recorded'!r}); obs columns: "
@@ -182,7 +185,7 @@ def measured_labels(model: C2SModel, adata: ad.AnnData, *, contract: DataContrac
     forms = {c: vocab.trained_form(c) for c in sorted(present) if c not in vocab.forms}
     out = {str(parse(form)): c for c, form in forms.items() if form is not None}
     # perturbations the run held out of training whole: asked typed, as they are named in its kind of screen
-    kinds = {parse(t).kind for _, t in vocab.label_forms() if isinstance(parse(t), Perturbation)} & set(GENETIC)
+    kinds = {q.kind for _, t in vocab.label_forms() if isinstance(q := parse(t), Perturbation)} & set(GENETIC)
     for label in (model.train_config or {}).get("unseen_labels") or []:
         if label in present and len(kinds) == 1:
             with contextlib.suppress(VirtualCellError):

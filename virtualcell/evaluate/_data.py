@@ -137,7 +137,7 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
     """
     import anndata as ad
 
-    from ..sentences import TARGET_SUM, onto_cp10k
+    from ..sentences import TARGET_SUM, expression_matrix, onto_cp10k
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
@@ -147,14 +147,14 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
     for key, a in named.items():
         if key == "pred" or a is None:
             continue
-        X = a.X[:, a.var_names.get_indexer(genes)]
-        X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
-        if not X.nnz or X.data.min() < 0 or detect_scale(X) != "log1p":
+        idx = a.var_names.get_indexer(genes)
+        X = expression_matrix(a)[:, idx]  # (measured values: checked non-negative before this)
+        if not X.nnz or detect_scale(X) != "log1p":
             continue
         onto, had = onto_cp10k(X)
         if 0.99 <= had / TARGET_SUM <= 1.01:  # there already
             continue
-        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[a.var_names.get_indexer(genes)], uns=dict(a.uns))
+        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[idx], uns=dict(a.uns))
         moved.append(key)
         log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, had)
     return out, moved

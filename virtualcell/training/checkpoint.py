@@ -37,11 +37,11 @@ def save(folder: str | Path, write: Callable[[Path], None], *, state: dict[str, 
         torch.save(state, tmp / STATE_FILE)
 
 
-def load(folder: str | Path, *, data_hash: str) -> dict[str, Any] | None:
+def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The checkpoint's trainer state, or ``None`` when there is none.
 
-    A checkpoint that cannot be read, or one of other data, is refused with a
-    :class:`TrainingError` that names ``--restart``.
+    A checkpoint that cannot be read, one of other data, or (given this run's ``settings``) one trained under
+    other settings (:func:`same_settings`) is refused with a :class:`TrainingError` that names ``--restart``.
     """
     import torch
 
@@ -61,6 +61,8 @@ def load(folder: str | Path, *, data_hash: str) -> dict[str, Any] | None:
             f"{folder} holds a run on other data (hash {saved.get('data_hash')} vs {data_hash}). "
             "Use another --out, or --restart to start over."
         )
+    if settings is not None:
+        same_settings(saved, settings, folder, int(state["step"]))
     return state
 
 
@@ -108,12 +110,9 @@ def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
     shapes or weight decays differ from this run's."""
     from .loop import BestWeights, LoopState
 
-    saved = load(folder, data_hash=data_hash)
+    saved = load(folder, data_hash=data_hash, settings=settings)
     if saved is None:
         return None
-    if settings is not None:
-        recorded = json.loads((recover_folder(folder) / CONFIG_FILE).read_text())
-        same_settings(recorded, settings, Path(folder), int(saved["step"]))
     same_extras(saved["model"], Path(folder), extras)
     try:
         module.load_state_dict(saved["model"])
