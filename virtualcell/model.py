@@ -98,6 +98,13 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
     return dev, dt
 
 
+def _sampled_bytes(flat: torch.Tensor | np.ndarray, n: int = 4096) -> bytes:
+    """About ``n`` evenly spaced values of a flat array as float32 bytes (a tensor is sliced before it leaves its
+    device): what :meth:`C2SModel.weights_digest` and :meth:`C2SModel.serving_digest` hash of each array."""
+    part = flat[:: max(1, len(flat) // n)]
+    return (part.float().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, np.float32)).tobytes()
+
+
 @dataclass
 class GeneratedCells:
     """Generated sentences for a grid of (cell, perturbation) pairs, as gene ids."""
@@ -437,10 +444,8 @@ class C2SModel:
         h = hashlib.blake2b(digest_size=12)
         with torch.no_grad():
             for name, w in self.lm.named_parameters():
-                flat = w.detach().reshape(-1)
-                step = max(1, flat.numel() // 4096)
                 h.update(f"{name}{tuple(w.shape)}".encode())
-                h.update(flat[::step].float().cpu().numpy().tobytes())
+                h.update(_sampled_bytes(w.detach().reshape(-1)))
         return h.hexdigest()
 
     def serving_digest(self) -> str:
@@ -461,9 +466,8 @@ class C2SModel:
         if self.baselines is not None:
             arrays.append(np.asarray(self.baselines.delta))
         for a in arrays:
-            flat = np.asarray(a, dtype=np.float32).reshape(-1)
             h.update(str(a.shape).encode())
-            h.update(flat[:: max(1, flat.size // 4096)].tobytes())
+            h.update(_sampled_bytes(np.asarray(a).reshape(-1)))
         return h.hexdigest()
 
     def __repr__(self) -> str:
