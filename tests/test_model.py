@@ -613,3 +613,23 @@ def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     with caplog.at_level("WARNING", logger="virtualcell"):
         vc.Simulator(mixed, model)
     assert any("baseline cells are not controls" in r.message for r in caplog.records)
+
+
+def test_a_genetic_kind_the_model_never_trained_on_is_refused_and_the_card_offers_the_trained_kinds():
+    """The bundled model trained on knockouts only. Asked an activation of STAT1 it predicted STAT1 going down (a
+    loss, correlated 0.72 with the STAT1 knockout), served with the knockouts' mean effect: its activation token was
+    never trained. Such a kind is refused, naming what it can be asked; its card offers knockouts of any gene only."""
+    import virtualcell as vc
+    from virtualcell.card import card, card_text
+    from virtualcell.errors import PerturbationError
+
+    model = vc.C2SModel.load("bundled")
+    assert model.perturbations.trained_kinds() == {"knockout"}
+    for asked in ("act:STAT1", "kd:CMTM6", "ko:STAT1 + act:IRF1"):
+        with pytest.raises(PerturbationError, match=r"never trained on an? (activation|knockdown) \(it trained on "
+                                                    r"knockouts\).*can predict a knockout of any of its genes"):
+            model.resolve([asked])
+    assert [str(p) for p in model.resolve(["ko:CMTM6", "STAT1"])] == ["ko:CMTM6", "ko:STAT1"]
+    c = card(model)
+    assert c["perturbations"]["untrained_genetic"] == ["knockout"]
+    assert "and a knockout of any of its genes, never trained on" in card_text(c)

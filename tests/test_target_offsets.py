@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from virtualcell import target_offsets
+from virtualcell.perturbations import parse
 from virtualcell.training import batching
 from virtualcell.training.loss import response_loss
 
@@ -74,7 +75,7 @@ def test_the_compact_format_reads_genetic_targets_and_nothing_else(tiny_model):
     tok = int(fmt.gene_tokens[3])
     suffix = fmt.suffix(model.resolve([f"ko:{gene}"])[0])
     assert fmt.named_targets(suffix) == [(tok, target_offsets.KINDS.index("knockout"))]
-    pair = fmt.suffix(model.resolve([f"kd:{gene} + act:{model.genes.genes[5]}"])[0])
+    pair = fmt.suffix(parse(f"kd:{gene} + act:{model.genes.genes[5]}"))  # (kinds this model never trained on)
     assert sorted(fmt.named_targets(pair)) == sorted([(tok, 1), (int(fmt.gene_tokens[5]), 2)])  # parts in any order
     assert fmt.named_targets(fmt.suffix(model.resolve(["control"])[0])) == []
 
@@ -88,7 +89,7 @@ def test_generation_adds_the_offsets_a_huge_one_forbids_or_forces_the_gene(tiny_
     counts = np.bincount(np.concatenate([cells[i][: model.top_k] for i in range(len(cells))]), minlength=len(model.genes))
     g = int(np.argmax(counts))  # a gene in nearly every cell
     gene = model.genes.genes[g]
-    panel = model.resolve([f"ko:{gene}", f"act:{gene}"])
+    panel = [parse(f"ko:{gene}"), parse(f"act:{gene}")]  # the format's offsets, for a kind trained or not
     cfg = GenerationConfig(max_genes=model.top_k, temperature=1.0)
 
     def written(offsets: dict[str, float] | None) -> list[list[np.ndarray]]:

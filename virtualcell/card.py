@@ -42,7 +42,10 @@ def card(model: C2SModel) -> dict[str, Any]:
             "dose_key": contract.dose_key, "time_key": contract.time_key, "gene_key": contract.gene_key,
             "data_hash": run.get("data_hash"), "holdout": run.get("holdout") or {}},
         "perturbations": {"n": len(trained), "kinds": dict(kinds), "trained": typed,
-                          "untrained_genetic": model.format.name != "c2s" and bool(genes)},
+                          # the genetic kinds it can predict of any of its genes, never trained on (the kinds it trained
+                          # on: C2SModel.resolve refuses another)
+                          "untrained_genetic": [] if model.format.name == "c2s" or not genes else
+                          [k for k in ("knockout", "knockdown", "activation") if k in vocab.trained_kinds()]},
         "contexts": model.trained_contexts,
         "training": None if not run else {
             "steps": run.get("steps"), "max_steps": run.get("max_steps"), "max_minutes": run.get("max_minutes"),
@@ -79,8 +82,10 @@ def card_text(c: dict[str, Any]) -> str:
     lines.append(f"knows        {p['n']} trained condition{'' if p['n'] == 1 else 's'} ({kinds or 'none'}): "
                  f"{preview(named, 60)}")
     if p["untrained_genetic"]:
-        lines.append("             and a knockout, knockdown or activation of any of its genes, never trained on "
-                     "(generated with the coexpression prior)")
+        kinds_asked = p["untrained_genetic"]
+        said = ", ".join(kinds_asked[:-1]) + (" or " if len(kinds_asked) > 1 else "") + kinds_asked[-1]
+        lines.append(f"             and {'an' if said[0] in 'aeiou' else 'a'} {said} of any of its genes, never trained "
+                     "on (generated with the coexpression prior)")
     contexts = c["contexts"]
     if contexts is None and d is not None and d["context_key"]:
         lines.append("contexts     not recorded by this checkpoint")

@@ -30,7 +30,7 @@ import torch
 
 from . import target_offsets, token_bias
 from .contract import DataContract
-from .errors import ModelError
+from .errors import ModelError, PerturbationError
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
@@ -494,7 +494,27 @@ class C2SModel:
         out = [self._model_genes(self.perturbations.resolve(p)) for p in perturbations]
         for p in out:
             self.format.check(p)  # raises PerturbationError if it cannot be represented
+            self._check_kind_trained(p)
         return out
+
+    def _check_kind_trained(self, p: Perturbation | Combination) -> None:
+        """Refuse a genetic perturbation of a kind the model never trained on (``act:STAT1`` of a knockout screen's
+        model): its kind token was never learned, and the bundled model read an activation of STAT1 as a loss of
+        STAT1, served with the knockouts' mean effect. A text model (format ``c2s``) reads the kind as words, and a
+        checkpoint without training labels records no kinds: neither is checked."""
+        kinds = self.perturbations.trained_kinds()
+        if self.format.name == "c2s" or not kinds:
+            return
+        for x in p.parts if isinstance(p, Combination) else (p,):
+            if x.kind in GENETIC and x.kind not in kinds:
+                genetic = sorted(kinds & GENETIC)
+                can = (f"It can predict a {' or '.join(genetic)} of any of its genes, never trained on or not."
+                       if genetic else "It trained on no genetic perturbation, so it predicts none.")
+                a = "an" if x.kind[0] in "aeiou" else "a"
+                raise PerturbationError(
+                    f"{str(p)!r}: this model never trained on {a} {x.kind} (it trained on {', '.join(k + 's' for k in sorted(kinds))}), "
+                    f"so it has not learned what {x.kind!r} means and would predict a guess. {can} Train on a "
+                    f"screen with {x.kind}s to ask this.")
 
     def _model_genes(self, p: Perturbation | Combination) -> Perturbation | Combination:
         """``p`` with each genetic target that is one of the model's genes written as the model writes it: matched

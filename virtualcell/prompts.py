@@ -283,6 +283,15 @@ class PerturbationVocab:
         dosed condition's (``drug:drugA@10uM``)."""
         return [t for _, t in self.label_forms()] + (list(self.conditions.values()) if conditions else [])
 
+    def trained_kinds(self) -> set[str]:
+        """The kinds of perturbation the model trained on (``{"knockout"}``; a combination's parts count), from
+        :meth:`typed_forms`; empty for a model with no training labels (a plain checkpoint)."""
+        kinds: set[str] = set()
+        for t in self.typed_forms():
+            q = parse(t)
+            kinds.update(x.kind for x in (q.parts if isinstance(q, Combination) else (q,)))
+        return kinds
+
     def trained(self) -> list[str]:
         """Every condition the model was trained on, as the data names it: each label without a dose,
         and each dose of one that has doses (``["STAT1", "drugA@0.1", "drugA@10"]``); :meth:`panel` writes them as
