@@ -543,6 +543,21 @@ def test_distance_test_puts_pvalues_on_the_right_groups():
     assert tab.loc["strong", "distance"] > tab.loc["null", "distance"]
 
 
+def test_distance_test_corrects_over_the_tested_groups_and_reads_a_numeric_contrast():
+    """pertpy corrects the p-values over every group, the contrast's own among them, then sets its row to 1: one test
+    too many. The adjusted p-values are those of the tested groups alone; a contrast given as a number names its
+    group in a column of numbers (they are read as strings)."""
+    from statsmodels.stats.multitest import multipletests
+
+    a = _unsorted_groups()
+    tab = distance_test(a, groupby="group", contrast="ctrl", n_perms=100)
+    tested = [g for g in tab.index if g != "ctrl"]
+    want = multipletests(tab.loc[tested, "pvalue"].to_numpy(float), method="holm-sidak")[1]
+    np.testing.assert_allclose(tab.loc[tested, "pvalue_adj"].to_numpy(float), want)
+    a.obs["code"] = a.obs["group"].map({"ctrl": 7, "strong": 1, "null": 2})
+    assert distance_test(a, groupby="code", contrast=7, n_perms=20).loc["1", "distance"] > 0
+
+
 def test_raw_pertpy_distance_test_misplaces_pvalues_when_unsorted():
     """Documents the upstream bug the wrapper fixes; skips once pertpy is fixed."""
     from pertpy.tools import DistanceTest

@@ -236,7 +236,7 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:
     from .safeio import atomic_path
 
     written = to_cell_eval(cells, perturbation_key="perturbation", control=control)
-    written.uns["virtualcell"] = provenance
+    written.uns["virtualcell"] = provenance | written.uns["virtualcell"]
     with atomic_path(out) as tmp:
         written.write_h5ad(tmp)
 
