@@ -1040,3 +1040,75 @@ def test_resume_loads_the_checkpoint_and_refuses_one_with_other_extras(tmp_path)
     other = torch.optim.AdamW(fresh.parameters(), lr=1e-3, weight_decay=0.5)
     with pytest.raises(TrainingError, match="weight decay"):
         checkpoint.resume(last, data_hash="abc", module=fresh, optimizer=other, extras=[], keep_best=False)
+
+
+def _fit_linear(state, budget, phases):  # noqa: ANN001, ANN202
+    """Loop ``state`` on under ``budget`` with a linear model, noting each step's (step, pre-training?)."""
+    from types import SimpleNamespace
+
+    from virtualcell.training import loop
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def batch_at(step: int, pre: bool):  # noqa: ANN202
+        phases.append((step, pre))
+        return SimpleNamespace(n_tokens=16)
+
+    return loop.fit(net, opt, batch_at=batch_at, loss_of=lambda b: (((net(x) - y) ** 2).mean(), 16),
+                    validate=lambda: 1.0, checkpoint=lambda st: None, state=state, budget=budget, lr=0.1,
+                    warmup_steps=0, eval_every=100, save_every=1000, progress=False)
+
+
+def test_a_resumed_run_with_more_steps_does_not_go_back_to_pretraining():
+    """Pre-training's end was recomputed from the new --max-steps (10% of 400 = 40), so a 20-step run resumed to 400
+    trained lone sentences again for steps 20-39; the end is now recorded when it comes."""
+    import time
+
+    from virtualcell.training import loop
+
+    state = _fit_linear(loop.LoopState(), loop.Budget(20, 2, 0.1, None, time.perf_counter()), [])
+    assert state.pretrain_end == 2
+    phases = []
+    _fit_linear(state, loop.Budget(400, 40, 0.1, None, time.perf_counter()), phases)
+    assert phases[0][0] == 20 and not any(pre for _, pre in phases)
+
+
+def test_a_resumed_time_budget_counts_the_time_spent_before():
+    """A --max-minutes run resumed started its budget (and its learning-rate decay) over: a 24 s run killed at 17 s
+    trained 24 s more from the peak rate. The earlier seconds now count (Budget.before); with the budget spent, no
+    step is taken."""
+    import time
+
+    from virtualcell.training import loop
+
+    state = _fit_linear(loop.LoopState(5, [{"step": 5, "lr": 0.05}]),
+                        loop.Budget(1000, 0, 0.0, 10.0, time.perf_counter(), before=7.0), [])
+    assert state.step > 5 and state.history[1]["lr"] < 0.06  # the decay 70% of the way, not the peak rate 0.1
+    assert state.history[1]["elapsed_s"] >= 7.0
+    spent = loop.LoopState(5, [{"step": 5}])
+    assert _fit_linear(spent, loop.Budget(1000, 0, 0.0, 10.0, time.perf_counter(), before=11.0), []).step == 5
+
+
+def test_pretraining_leaves_out_the_validation_targets_and_a_pair_cap_is_said(papalexi_small, caplog):
+    """Pre-training wrote every training cell's sentence, the validation loss's targets too (88 of 88 in a 3,000-step
+    run), so that loss (keep_best, the overfitting warning) scored sentences already fitted whole. And max_pairs
+    dropped cells without a word."""
+    import logging
+    from dataclasses import replace
+
+    from virtualcell import DataContract
+    from virtualcell.train import TrainConfig, _pair_split, _prepare, lone_schedule, with_learning_rate
+
+    contract = DataContract.from_adata(papalexi_small)
+    cfg = with_learning_rate(TrainConfig(top_k=30, batch_size=16, seed=0), None)
+    cells = _prepare(papalexi_small, contract, cfg)
+    lone = lone_schedule(cells, cfg)
+    written = lone.targets[np.concatenate([lone.at(s) for s in range(2 * lone.per_epoch)])]  # two epochs
+    assert cells.val_targets.size and not np.isin(cells.val_targets, written).any()
+    assert sorted(lone.targets) == sorted(set(range(cells.data.n_obs)) - set(cells.val_targets))
+    with caplog.at_level(logging.WARNING, logger="virtualcell.train"):
+        _pair_split(cells.data, contract, replace(cfg, max_pairs=100), cells.sources[0])
+    assert "max_pairs is 100" in caplog.text

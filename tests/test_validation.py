@@ -925,3 +925,16 @@ def test_the_covariance_of_more_genes_than_cells_is_the_thin_svd_s():
     _, S, Vt = np.linalg.svd(Z, full_matrices=False)
     exact = Vt[:64].T * (S[:64] / np.sqrt(298))
     np.testing.assert_allclose(F @ F[:40].T, exact @ exact[:40].T, atol=1e-6)
+
+
+def test_the_covariance_leaves_out_perturbations_held_out_whole(tiny_model):
+    """The coexpression baseline's covariance was of the training cells and of every cell of the perturbations held
+    out whole, which the verdict judges as never seen (their baseline scored 0.78 with them, 0.75 without)."""
+    model, _, data = tiny_model
+    contract = DataContract.from_adata(data)
+    held = sorted(set(contract.conditions(data)) - {contract.control})[:2]
+    with_forms = Baselines.fit(data, contract, model, forms={h: f"ko:{h}" for h in held})
+    keep = ~np.isin(contract.conditions(data), held)
+    without = Baselines.fit(data[keep].copy(), contract, model)
+    np.testing.assert_allclose(with_forms.response, without.response, atol=1e-5)
+    assert set(held) <= {n.split(":")[-1] for n in with_forms.names}  # their meanshift is still served

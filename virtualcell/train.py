@@ -379,6 +379,9 @@ def _pair_split(data: ad.AnnData, contract: DataContract, cfg: TrainConfig, src:
     n_ctrl_pairs = min(ctrl_idx.size, n_ctrl_wanted)
     pair_targets = np.concatenate([pert_idx, rng.choice(ctrl_idx, size=n_ctrl_pairs, replace=False)])
     if pair_targets.size > cfg.max_pairs:
+        log.warning("%d cells would make pairs and max_pairs is %d: a seeded %d of them are trained on (and validated "
+                    "on), the other %d not; raise TrainConfig(max_pairs=...) to use them all", pair_targets.size,
+                    cfg.max_pairs, cfg.max_pairs, pair_targets.size - cfg.max_pairs)
         pair_targets = rng.choice(pair_targets, size=cfg.max_pairs, replace=False)
     rng.shuffle(pair_targets)
     n_val = max(1, int(round(cfg.val_fraction * pair_targets.size))) if pair_targets.size > 20 else 0
@@ -647,8 +650,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         fmt, cells.sentences, cells.sources, [cells.parsed[t] for t in cells.typed], ~contract.is_control(cells.data),
         pairs=batching.PairSchedule(cells.train_targets, cells.sources.derived(lambda s: s[cells.train_targets]),
                                     batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed),
-        lone=batching.PairSchedule(np.arange(cells.data.n_obs), np.full(cells.data.n_obs, -1),
-                                   batch_size=cfg.batch_size, group_size=1, seed=cfg.seed, salt=1),
+        lone=lone_schedule(cells, cfg),
         seed=cfg.seed, generic_fraction=cfg.generic_fraction if fmt.generic_own() is not None else 0.0,
         plain_fraction=cfg.own_token_dropout, named=extras.named(fmt), device=device, rank=rank, world=world)
     objective = _objective(model, cells, contract, cfg, extras, device, run_config)
@@ -681,6 +683,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     state, best = resumed or (loop.LoopState(), loop.BestWeights(keep_state=cfg.keep_best))
     if resumed:
         log.info("resuming from step %d", state.step)
+    # the seconds the run's earlier processes spent: --max-minutes bounds the whole run, resumed or not
+    before = float(state.history[-1].get("elapsed_s", 0.0)) if resumed and state.history else 0.0
 
     def save_checkpoint(st: loop.LoopState) -> None:
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
@@ -692,7 +696,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
-                         agree=split.largest)
+                         agree=split.largest, before=before)
+    if resumed and state.history and state.step < cfg.max_steps:
+        _say_schedule_moved(state, budget, cfg)
     state = loop.fit(
         lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
         state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
@@ -714,6 +720,31 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.save(out)
         (out / "history.json").write_text(json.dumps(state.history))
     return model
+
+
+def lone_schedule(cells: _Cells, cfg: TrainConfig) -> Any:
+    """Pre-training's schedule of lone sentences: every training cell's but those the validation loss scores
+    (written whole in pre-training, all 88 validation targets of a 3,000-step run had been fitted, so that loss, which
+    ``keep_best`` and the overfitting warning read, was optimistic)."""
+    from .training.batching import PairSchedule
+
+    lone = np.setdiff1d(np.arange(cells.data.n_obs), cells.val_targets)
+    return PairSchedule(lone, np.full(lone.size, -1), batch_size=cfg.batch_size, group_size=1, seed=cfg.seed, salt=1)
+
+
+def _say_schedule_moved(state: Any, budget: Any, cfg: TrainConfig) -> None:
+    """Warn where a resumed run's learning rate jumps: the schedule decays over ``--max-steps``, so more steps than
+    the run was started with put its rate back up (a warm restart), which the user should know, not find out."""
+    from .training.schedule import lr_at
+
+    was = float(state.history[-1].get("lr", 0.0))
+    now = lr_at(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=budget.max_steps,
+                time_fraction=budget.time_fraction() if budget.seconds is not None else None)
+    if was > 0 and now > 1.25 * was:
+        log.warning("resuming at step %d under a longer budget than the run was started with (--max-steps %d%s): "
+                    "the learning rate's decay is spread over it, so the rate goes back up from %.3g to %.3g (a warm "
+                    "restart); resume with the run's own budget to go on where it was", state.step, budget.max_steps,
+                    f", --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes is not None else "", was, now)
 
 
 def _choose_kernels(lm, cfg: TrainConfig, objective, batches, split, device, budget_s: float | None,  # noqa: ANN001

@@ -262,7 +262,7 @@ class Baselines:
         from .sentences import model_expression
 
         X, _ = model_expression(adata, model.genes)
-        labels = contract.conditions(adata)  # the doses of a drug are separate rows
+        labels = conditions = contract.conditions(adata)  # the doses of a drug are separate rows
         forms_of = model.perturbations.forms  # a label trained as several kinds: a row per kind, not their mean
         if forms_of:
             labels = _kind_split(adata, labels, forms_of, (model.train_config or {}).get("kind_key"))
@@ -286,7 +286,10 @@ class Baselines:
             rows.append(np.mean(per_label[key], axis=0))
         delta = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(model.genes))
         genetic = any(isinstance(q, Perturbation) and q.kind in GENETIC for q in map(parse, names))
-        factor = covariance_factor(X, ctx) if response and genetic else None
+        # the covariance of the cells the model trained on: not of perturbations held out whole (``forms``), whose
+        # baseline the verdict judges as a model's that never saw them
+        trained = ~np.isin(conditions, sorted(forms or {}))
+        factor = covariance_factor(X[trained], ctx[trained]) if response and genetic else None
         return cls(tuple(model.genes.genes), tuple(names), delta, factor)
 
     def delta_for(self, perturbation: Perturbation | Combination | str) -> tuple[np.ndarray, str]:

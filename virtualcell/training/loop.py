@@ -33,7 +33,9 @@ class LoopState:
 
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    pretrain_end: int | None = None  # the step pre-training ended at when time, not steps, ended it
+    # the step pre-training ended at (by its share of the steps or of the time budget): a resumed run with more
+    # --max-steps goes on training pairs instead of going back to lone sentences for the longer run's share
+    pretrain_end: int | None = None
 
 
 @dataclass
@@ -83,7 +85,9 @@ class BestWeights:
 
 @dataclass(frozen=True)
 class Budget:
-    """The run's limits: optimizer steps, pre-training steps, and wall time (seconds, from ``t_start``)."""
+    """The run's limits: optimizer steps, pre-training steps, and wall time (seconds, from ``t_start``, after the
+    ``before`` seconds a resumed run's earlier processes spent: an interrupted run goes on with what its budget has
+    left, and its schedule where it was, instead of a second whole budget from the peak learning rate)."""
 
     max_steps: int
     pretrain_steps: int
@@ -94,9 +98,10 @@ class Budget:
     # that all processes read one clock and end pre-training, set the learning rate and stop at the same step
     # (a process stopping alone would leave the others waiting in the next gradient exchange); None: the own clock
     agree: Callable[[float], float] | None = None
+    before: float = 0.0
 
     def spent(self) -> float:
-        return time.perf_counter() - self.t_start
+        return time.perf_counter() - self.t_start + self.before
 
     def fraction(self, seconds: float) -> float:
         """``seconds`` (of this process's clock) as a share of the budget, agreed between processes."""
@@ -175,7 +180,11 @@ def fit(
     lm.train()
     tokens_seen, t_loop, first_step_s = 0, time.perf_counter(), None
     try:
-        while state.step < budget.max_steps:
+        spent = budget.seconds is not None and budget.before > 0 and budget.fraction(budget.spent()) > 1.0
+        if spent:  # a resumed run whose earlier processes used the budget up
+            log.info("the time budget (%.1f s) was spent before step %d: nothing more to train", budget.seconds,
+                     state.step)
+        while state.step < budget.max_steps and not spent:
             step = state.step
             t_step = time.perf_counter()
             time_fraction = budget.time_fraction()  # (one agreed reading per step start)
@@ -184,6 +193,8 @@ def fit(
                 state.pretrain_end = step
                 log.info("pre-training ends at step %d: its share of --max-minutes is used", step)
             pretrain = in_pretraining(step, state, budget)
+            if not pretrain and state.pretrain_end is None:
+                state.pretrain_end = step
             batch = batch_at(step, pretrain)
             rate = lr_at(step, lr=lr, warmup_steps=warmup_steps, max_steps=budget.max_steps,
                          time_fraction=time_fraction)
@@ -205,7 +216,7 @@ def fit(
             elapsed = budget.spent()
             if first_step_s is None:
                 first_step_s = time.perf_counter() - t_step
-                if budget.seconds is not None and elapsed > budget.seconds:
+                if budget.seconds is not None and not budget.before and elapsed > budget.seconds:
                     raise TrainingError(
                         f"--max-minutes {budget.seconds / 60:g} ({budget.seconds:.1f} s) is too small: setting up took "
                         f"{elapsed - first_step_s:.1f} s and one optimizer step {first_step_s:.2f} s here. Give at least "
