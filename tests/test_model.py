@@ -428,7 +428,8 @@ def test_trie_mask_after_a_completed_gene_excludes_starting_it_again(bpe_model):
     from virtualcell.generation import TrieConstraint
 
     m = bpe_model
-    trie = TrieConstraint(m.tokenizer, m.genes.genes, m.tokenizer.eos_token_id, len(m.tokenizer))
+    trie = m.format.constraint(m.genes.genes, len(m.tokenizer))
+    assert isinstance(trie, TrieConstraint)
     toks = m.tokenizer(" MT-CO1", add_special_tokens=False)["input_ids"]
     assert len(toks) > 1 and trie.children[0].get(toks[0]) is not None
     cfg = GenerationConfig(max_genes=8, min_genes=1)
@@ -633,3 +634,41 @@ def test_a_genetic_kind_the_model_never_trained_on_is_refused_and_the_card_offer
     c = card(model)
     assert c["perturbations"]["untrained_genetic"] == ["knockout"]
     assert "and a knockout of any of its genes, never trained on" in card_text(c)
+
+
+def test_a_tokenizer_that_marks_its_first_space_writes_genes_as_sentences_hold_them(bpe_model):
+    """A SentencePiece-style tokenizer that puts '▁' before its text (Llama-2, Mistral) writes ' STAT1' alone as
+    '▁ ▁STAT1', so the trie built from each gene alone forced an extra '▁' before every gene, a sequence the model was
+    never fine-tuned to write (its responses were tokenized whole). Responses and the trie now take each gene's tokens
+    as a sentence holds them (prompts.in_sentence_tokens): every trained token is allowed, in order. A byte-level BPE
+    writes what it wrote before."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from virtualcell.generation import TrieConstraint
+    from virtualcell.prompts import C2SFormat
+
+    genes = ["CD4", "CD44", "STAT1", "STAT2", "IRF1", "GAPDH", "ACTB", "HLA-DRA"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [C2S_PERTURBATION_PROMPT] + [" ".join(genes[i:] + genes[:i]) for i in range(len(genes))]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    fmt = C2SFormat(hf, genes, PerturbationVocab())
+    response = fmt.response(np.array([0, 2, 4]))
+    assert hf.convert_ids_to_tokens(response[1:2]) == ["▁STAT1"]  # one token, as in a sentence, not '▁' '▁STAT1'
+    trie = fmt.constraint(genes, len(hf))
+    assert isinstance(trie, TrieConstraint)
+    cfg = GenerationConfig(max_genes=8)
+    state = trie.start(1, torch.device("cpu"))
+    for t in response:
+        assert torch.isfinite(trie.mask(state, torch.zeros(1, len(hf)), cfg))[0, t], hf.convert_ids_to_tokens([t])
+        trie.update(state, torch.tensor([t]), cfg)
+    # a byte-level BPE: the same tokens as the whole sentence tokenized at once
+    b = bpe_model.format
+    ids = np.array([0, 3, 5, 6])
+    text = "".join(" " + b.genes[i] for i in ids)
+    assert b.response(ids) == list(b.tokenizer(text, add_special_tokens=False)["input_ids"]) + [b.eos]

@@ -88,7 +88,9 @@ class GenerationConfig:
     gets the served ``coexpression`` baseline's shift (how the genes move with that gene in the
     training cells, :meth:`virtualcell.validation.Baselines.coexpression_shift`) added to every gene's
     logit at every step, in the baseline's log1p units (a logit is a log weight; its own gene is
-    left to the target offsets). Gene-level models with shared prompts only; ``False``: the model alone.
+    left to the target offsets). It is part of the specific condition, so guidance scales it with the rest:
+    ``generic + guidance * (specific + prior - generic)``, the prior at ``guidance`` times its size (the verdict
+    chooses the two together). Gene-level models with shared prompts only; ``False``: the model alone.
 
     ``compose``: a combination the model never trained on as such (``ko:A + ko:B``) is decoded from the
     logits of its parts, each read beside the others under the control: ``control + sum(part - control)``,
@@ -205,19 +207,19 @@ class GeneConstraint:
 class TrieConstraint:
     """Genes that span several tokens: a trie over each gene's token sequence.
 
-    Each gene is tokenized as it appears inside a sentence (``" " + name``). Inside a
+    ``paths``: each gene's tokens as it appears inside a sentence
+    (:func:`virtualcell.prompts.in_sentence_tokens`, as responses are written). Inside a
     gene only its continuations are allowed; at a gene boundary, the first token of
     any gene not yet written, or EOS. A gene is written once.
     """
 
-    def __init__(self, tokenizer, genes: Sequence[str], eos_id: int, vocab_size: int) -> None:  # noqa: ANN001
+    def __init__(self, paths: Sequence[Sequence[int]], genes: Sequence[str], eos_id: int, vocab_size: int) -> None:
         self.eos_id = int(eos_id)
         self.vocab_size = int(vocab_size)
         self.children: list[dict[int, int]] = [{}]
         self.gene_at: list[int] = [-1]
         self.paths: list[list[int]] = []
-        encoded = tokenizer([" " + g for g in genes], add_special_tokens=False)["input_ids"]
-        for g, toks in enumerate(encoded):
+        for g, toks in enumerate(paths):
             if not toks:
                 raise ValueError(f"Gene {genes[g]!r} tokenizes to nothing.")
             node, path = 0, []

@@ -667,6 +667,28 @@ class CompactFormat(PromptFormat):
 
 
 
+def in_sentence_tokens(tokenizer, genes: Sequence[str]) -> list[list[int]]:  # noqa: ANN001
+    """Each gene's tokens as a text tokenizer writes it inside a sentence, after another word and a space: what a
+    response is made of (:meth:`C2SFormat.response`) and what the decoding trie allows
+    (:class:`~virtualcell.generation.TrieConstraint`), one rule for both. Read off ``"x " + gene`` past the tokens of
+    ``"x"``: a tokenizer that puts a space marker before its text (Llama-2's, Mistral's ``▁``) writes ``" STAT1"`` on
+    its own as ``▁ ▁STAT1``, which a sentence never holds; where the tokens of ``"x"`` do not lead (a merge across the
+    space), the gene's own tokens after a space."""
+    head = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    joined = tokenizer(["x " + g for g in genes], add_special_tokens=False)["input_ids"]
+    alone = None
+    out = []
+    for i, ids in enumerate(joined):
+        ids = list(ids)
+        if ids[: len(head)] == head and len(ids) > len(head):
+            out.append(ids[len(head):])
+            continue
+        if alone is None:
+            alone = tokenizer([" " + g for g in genes], add_special_tokens=False)["input_ids"]
+        out.append(list(alone[i]))
+    return out
+
+
 class C2SFormat(PromptFormat):
     """The official C2S natural-language perturbation prompt, for any text tokenizer."""
 
@@ -683,6 +705,13 @@ class C2SFormat(PromptFormat):
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.bos = tokenizer.bos_token_id
+        self._paths: list[list[int]] | None = None
+
+    def gene_paths(self) -> list[list[int]]:
+        """Each gene's tokens inside a sentence (:func:`in_sentence_tokens`), read once."""
+        if self._paths is None:
+            self._paths = in_sentence_tokens(self.tokenizer, self.genes)
+        return self._paths
 
     def text(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> str:
         sentence = " ".join(self.genes[i] for i in cell_gene_ids)
@@ -693,8 +722,10 @@ class C2SFormat(PromptFormat):
         return ([self.bos] if self.bos is not None else []) + list(ids)
 
     def response(self, gene_ids: np.ndarray) -> list[int]:
-        text = "".join(" " + self.genes[i] for i in gene_ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos]
+        """The genes' tokens as a sentence holds them (each gene's :meth:`gene_paths`), then EOS: the sequence the
+        decoding trie allows, token for token."""
+        paths = self.gene_paths()
+        return [t for i in gene_ids for t in paths[int(i)]] + [self.eos]
 
     # the interface the trainer calls (one per format, no type checks)
     def prompt_parts(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> tuple[list[int], list[int]]:
@@ -721,7 +752,8 @@ class C2SFormat(PromptFormat):
     def constraint(self, genes: Sequence[str], vocab_size: int):  # noqa: ANN201
         from .generation import TrieConstraint
 
-        return TrieConstraint(self.tokenizer, genes, self.eos, vocab_size)
+        paths = self.gene_paths() if list(genes) == self.genes else in_sentence_tokens(self.tokenizer, genes)
+        return TrieConstraint(paths, genes, self.eos, vocab_size)
 
     def max_new_tokens(self, max_genes: int, constraint: Any) -> int:
         """A gene is several tokens: enough steps for ``max_genes`` of the longest."""
