@@ -112,3 +112,45 @@ def test_rows_are_capped_by_free_accelerator_memory_with_the_same_cells(monkeypa
     with pytest.warns(UserWarning, match="using 2 rows"):
         capped = run()
     assert capped == full
+
+
+def test_suffixes_of_several_lengths_past_a_sliding_window_are_refused():
+    """Left-padding between a cell's prefix and suffixes of several lengths puts pad positions inside a sliding window
+    (a shorter suffix's row then sees less of its cell: 0.2-0.4 in log-probability against a plain forward pass on a
+    Gemma-2 with an 8-token window). Refused; one suffix length runs."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+        intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=16)).eval()
+    prefix = [np.random.default_rng(0).integers(3, 50, size=6).tolist()]
+
+    def run(suffixes, max_genes):  # noqa: ANN001, ANN202
+        cfg = GenerationConfig(max_genes=max_genes, temperature=0, constrain=False)
+        with torch.inference_mode():
+            return list(G.generate_grid(model, prefix, suffixes, cell_keys=[0], suffix_keys=list(range(len(suffixes))),
+                                        constraint=None, eos_id=2, pad_id=0, config=cfg))
+
+    with pytest.raises(ValueError, match="sliding window of 8 tokens.*several lengths"):
+        run([[5], [6, 7, 8]], 12)
+    assert len(run([[5], [6]], 12)) == 2  # one length: no padding between prefix and suffix
+
+
+def test_min_genes_above_the_genes_left_ends_the_sentence():
+    """With min_genes above the genes there are, no token was allowed once every gene was written, and sampling wrote
+    non-gene tokens (greedy, the pad id). EOS is allowed where no gene is left."""
+    import transformers as tf
+
+    from virtualcell.generation import GeneConstraint
+
+    torch.manual_seed(0)
+    lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2)).eval()
+    genes = [10, 11, 12, 13, 14]
+    for temperature in (1.0, 0.0):
+        cfg = GenerationConfig(max_genes=10, min_genes=8, temperature=temperature, seed=0)
+        with torch.inference_mode():
+            (_, _, tokens), = G.generate_grid(lm, [[1, 10, 3]], [[4]], cell_keys=[0], suffix_keys=[0],
+                                              constraint=GeneConstraint(genes, 2, 20), eos_id=2, pad_id=0, config=cfg)
+        assert sorted(tokens) == genes, (temperature, tokens)

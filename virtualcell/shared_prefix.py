@@ -172,13 +172,24 @@ def active(model) -> Iterator[None]:  # noqa: ANN001
         config._attn_implementation = previous
 
 
+def window_below(model, total: int) -> int | None:  # noqa: ANN001
+    """``model``'s sliding window where a sequence of ``total`` positions is longer than it (Gemma-2's layers attend
+    to the last ``window`` positions only); else ``None``."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) is not False and total > int(window):
+        return int(window)
+    return None
+
+
 def supported(model, max_total: int) -> bool:  # noqa: ANN001
     """Whether the shared-prefix path may be used for ``model`` (structure only; the
     numerical check against the plain path is :func:`virtualcell.generation._check_shared_prefix`)."""
     config = model.config
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) is not False and max_total > int(window):
-        return False  # a sliding window would cut into the prefix: the plain path handles it
+    if window_below(model, max_total) is not None:
+        # a sliding window would cut into the prefix: the plain path handles it, where every row's suffix has one
+        # length (padding between prefix and suffix would take window positions; generation refuses that case)
+        return False
     if getattr(config, "is_encoder_decoder", False):
         return False
     return True
