@@ -452,3 +452,62 @@ def test_a_dose_in_a_trained_dose_s_bin_is_said_to_read_its_prompt_and_a_sole_ti
     vocab = PerturbationVocab(labels={"IFNB": "cytokine:IFNB"}, conditions={"IFNB@10,6h": "cytokine:IFNB@10,6h"})
     assert str(vocab.resolve("cytokine:IFNB@10")) == str(vocab.resolve("IFNB@10")) == "cytokine:IFNB@10,6h"
     assert str(vocab.resolve("cytokine:IFNB@10,2h")) == "cytokine:IFNB@10,2h"  # a time asked stays
+
+
+def test_evaluate_names_measured_doses_in_the_predictions_units():
+    """Condition names carry no unit, and a file puts an agent's doses on its family's common unit (uM) only where it
+    holds several of its units: a model trained in nM labels 1 nM 'drugA@1', and a measured file with 1nM and 1uM
+    cells names its 1 uM cells 'drugA@1'. evaluate scored the 1 nM prediction against the 1 uM cells. A prediction
+    records its units (uns['virtualcell']['dose_units']) and measured doses are named in them."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.perturbations import condition_in_units, units_of_text, units_text
+
+    rng = np.random.default_rng(0)
+    g = 20
+    ctrl, low, high = (rng.uniform(1, 3, g) for _ in range(3))
+    groups = {("control", ""): ctrl, ("drugA", "1nM"): low, ("drugA", "1uM"): high}
+    X = np.concatenate([np.clip(m + rng.normal(0, 0.2, (40, g)), 0, None) for m in groups.values()])
+    obs = pd.DataFrame([k for k in groups for _ in range(40)], columns=["perturbation", "dose"])
+    obs.index = obs.index.astype(str)
+    real = ad.AnnData(X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    DataContract("perturbation", "control", dose_key="dose").attach(real)
+    base, ref = vc.evaluate.split_controls(real, seed=0)
+    cells = ref[ref.obs["dose"] == "1nM"]  # a perfect prediction of 1 nM, labelled as a model trained in nM does
+    pred = ad.AnnData(np.vstack([cells.X, base.X]), var=real.var.copy(),
+                      obs=pd.DataFrame({"perturbation": ["drugA@1"] * cells.n_obs + ["control"] * base.n_obs},
+                                       index=[str(i) for i in range(cells.n_obs + base.n_obs)]))
+    pred.uns["virtualcell"] = {"dose_units": units_text({"drugA": "nM"})}
+    assert units_of_text(pred.uns["virtualcell"]["dose_units"]) == {"drugA": "nM"}
+    t = vc.evaluate.evaluate(pred, ref, baseline=base, baselines=(), ceiling=False, profile=["mae"])
+    assert set(t["perturbation"]) == {"drugA@1"} and float(t["value"].iloc[0]) < 0.05  # the 1 nM cells
+    assert condition_in_units("drugA@1,24h", {"drugA": "uM"}, {"drugA": "ng/ml"}) == "drugA@1,24h"  # no conversion
+
+
+def test_a_dose_column_in_a_spreadsheets_exponent_form_reads_its_numbers():
+    """'1.00E+01' (how spreadsheets export numbers) was cut at its '+' as a pair's value: three doses read as one
+    condition 'drugA@1' in a unit 'E'. A '+' after an exponent's E is the exponent's."""
+    import anndata as ad
+    import pandas as pd
+
+    obs = pd.DataFrame({"perturbation": ["control", "drugA", "drugA", "drugA", "drugA"],
+                        "dose": ["", "1.00E+01", "1.00E+02", "1.00E+03", "1e+1+1e+2"]}, index=list("abcde"))
+    a = ad.AnnData(np.ones((5, 3), np.float32), obs=obs)
+    c = DataContract("perturbation", "control", dose_key="dose")
+    assert list(c.conditions(a)) == ["control", "drugA@10", "drugA@100", "drugA@1000", "drugA@10"]
+
+
+def test_a_dose_without_a_time_of_an_agent_trained_at_several_times_is_refused_and_a_dosed_label_combines():
+    """'drugA@100' of a drug trained at 6 h and 24 h (never without a time) went through as a prompt no training cell
+    had, served one time's baseline; it is refused, naming the times. 'drugA@100,24h+G5' ended in a bare
+    AssertionError (the whole text after '@' was read as drugA's quantities)."""
+    from virtualcell.prompts import PerturbationVocab
+
+    vocab = PerturbationVocab(labels={"drugA": "drug:drugA", "G5": "ko:G5"},
+                              conditions={"drugA@10,24h": "drug:drugA@10nM,24h", "drugA@100,6h": "drug:drugA@100nM,6h"},
+                              dose_units={"drugA": "nM"})
+    with pytest.raises(PerturbationError, match=r"several times \(6h, 24h\).*Add the time, e.g. 'drugA@100,6h'"):
+        vocab.resolve("drugA@100")
+    assert str(vocab.resolve("drugA@100,24h+G5")) == "drug:drugA@100nM,24h + ko:G5"
+    assert str(vocab.resolve("drugA@30,24h")) == "drug:drugA@30nM,24h"

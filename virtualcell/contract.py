@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ContractError, close_matches, preview
-from .perturbations import dose_on_one_scale, hours_per, quantity_suffix, read_quantity
+from .perturbations import dose_on_one_scale, first_quantity, hours_per, quantity_suffix, read_quantity
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -302,7 +302,7 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
         text = str(v).strip()
         if text.lower() in _NO_VALUE:
             continue
-        q = read_quantity(text.split("+")[0])
+        q = read_quantity(first_quantity(text))
         if q is None:
             bad += [str(v)] if read_by[i] else []
         else:

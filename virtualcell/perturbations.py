@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from .errors import DataError, PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "condition_in_units", "units_text", "units_of_text", "first_quantity", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -234,6 +234,15 @@ def _split_parts(text: str) -> list[str]:
     return [p.replace("\x00", "+") for p in _EXPONENT_PLUS.sub("\\1\x00\\2", text).split("+")]
 
 
+_JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values, not an exponent's ('1.00E+01')
+
+
+def first_quantity(text: str) -> str:
+    """The first of the values a dose or time column's entry holds (a pair's ``"1+1"`` reads as its first), its
+    exponent kept: a spreadsheet's ``"1.00E+01"`` is 10, not ``"1.00E"``."""
+    return _JOINING_PLUS.split(text, maxsplit=1)[0]
+
+
 def without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
     """``p`` without its doses and times (``drug:A@10,24h`` -> ``drug:A``): the perturbation a training
     label stands for, whatever dose its cells had."""
@@ -308,6 +317,42 @@ def canonical_condition(label: str) -> str:
     if len(parts) > 2 or any(q is None and x.strip() for q, x in zip(read, parts)):
         return label
     return name + "@" + ",".join(f"{_fmt(q[0])}{q[1]}" if q is not None else "" for q in read)
+
+
+def condition_in_units(condition: str, have: Mapping[str, str], want: Mapping[str, str]) -> str:
+    """A condition's name (``"drugA@1,24h"``: doses in each agent's unit ``have``, as
+    :meth:`~virtualcell.contract.DataContract.dose_units` read them) with its dose in the agents' units ``want`` (a
+    prediction's, its model's training units): ``"drugA@1000,24h"`` for ``have={"drugA": "uM"}``,
+    ``want={"drugA": "nM"}``. Condition names carry no unit, and a file puts an agent's doses on its family's common
+    unit only where it holds several of its units, so one dose was ``drugA@1`` in one file and ``drugA@0.001`` in
+    another (evaluate matched a 1 nM prediction with 1 uM cells). Unchanged where either unit is unknown or the two do
+    not convert; a pair's dose is its first agent's.
+
+    >>> condition_in_units("drugA@1,24h", {"drugA": "uM"}, {"drugA": "nM"})
+    'drugA@1000,24h'
+    """
+    name, at, suffix = condition.rpartition("@")
+    agent = name.split("+")[0].strip()
+    if not at or agent not in have or agent not in want or have[agent] == want[agent]:
+        return condition
+    dose, comma, time = suffix.partition(",")
+    q = read_quantity(dose) if dose.strip() else None
+    a, b = _dose_family(have[agent]), _dose_family(want[agent])
+    if q is None or q[1] or a is None or b is None or a[0] != b[0]:
+        return condition
+    return f"{name}@{_fmt(float(f'{q[0] * a[1] / b[1]:.12g}'))}{comma}{time}"
+
+
+def units_text(units: Mapping[str, str]) -> str:
+    """Each agent's dose unit as one string (``"IFNB=ng/ml;drugA=nM"``), for a file's flat attributes; read back by
+    :func:`units_of_text`."""
+    return ";".join(f"{a}={u}" for a, u in sorted(units.items()))
+
+
+def units_of_text(text: object) -> dict[str, str]:
+    """:func:`units_text`'s string back as ``{agent: unit}`` (``{}`` for none)."""
+    pairs = (x.rpartition("=") for x in str(text or "").split(";") if "=" in x)
+    return {a: u for a, _, u in pairs if a}
 
 
 def read_quantity(text: str) -> tuple[float, str] | None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PerturbationError, close_matches, preview
-from .perturbations import (GENETIC, Combination, Perturbation, in_units, looks_like_control, parse,
+from .perturbations import (GENETIC, Combination, Perturbation, _split_parts, in_units, looks_like_control, parse,
                             quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
@@ -163,6 +163,13 @@ class PerturbationVocab:
             if x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None and len(sole) == 1 \
                     and (h := next(iter(sole))) is not None:
                 x = replace(x, time=h, time_unit="h")
+            elif x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None and len(sole) > 1 \
+                    and None not in sole:  # trained at several times, never without one: which is meant?
+                said = ", ".join(f"{h:g}h" for h in sorted(sole))
+                raise PerturbationError(
+                    f"{x}: {x.kind}:{x.target} was trained at several times ({said}) and never without one, so a dose "
+                    f"without a time names no condition the model knows (its baseline would be one time's). Add the "
+                    f"time, e.g. '{x.target}@{quantity_suffix(x.dose, None)[1:]},{min(sole):g}h'.")
             out.append(x)
         return out[0] if len(out) == 1 else Combination(tuple(out))
 
@@ -197,7 +204,8 @@ class PerturbationVocab:
             return parse(self.labels[p])
         if isinstance(p, str) and p in self.conditions:
             return parse(self.conditions[p])
-        if isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels:
+        if (isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels
+                and len(_split_parts(p)) == 1):  # (a label at a dose, not a combination: 'drugA@100,24h+G5')
             q = _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
             return self._with_trained_dose(q, p) if isinstance(q, Perturbation) else q
         q = parse(p)

@@ -46,7 +46,7 @@ import numpy as np
 
 from .distributed import Split
 from .errors import DataError, ScreenError, VocabularyError, preview
-from .perturbations import Combination, Perturbation
+from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
 from .sentences import Vocabulary, encode, normalization_label, on_model_scale, with_gene_key
@@ -64,7 +64,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
-_PROVENANCE = ("normalization", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
+_PROVENANCE = ("normalization", "dose_units", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
                "baseline", "new_contexts", "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
@@ -942,6 +942,8 @@ class Simulator:
                 "n_baseline_cells": n,
                 "calibrated": int(calibrate),
                 "normalization": self.normalization,
+                # the unit of each agent's doses in the labels (conditions name none): evaluate reads measured doses so
+                "dose_units": units_text(self.model.perturbations.dose_units),
                 "max_genes": cfg.max_genes,
                 "temperature": cfg.temperature,
                 "guidance": cfg.guidance,

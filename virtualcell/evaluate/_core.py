@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
+from ..perturbations import units_of_text
 from ..sentences import Vocabulary, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
@@ -58,6 +59,8 @@ class _Setup:
     train: ad.AnnData | None = None  # the training data, on the shared genes
     # perturbed genes as the labels name them -> the genes' names (sentences.target_aliases over the measured var)
     aliases: dict[str, str] = field(default_factory=dict)
+    # each agent's dose unit in the prediction's labels: measured doses are named in them (prepare's dose_units)
+    dose_units: dict[str, str] = field(default_factory=dict)
 
 
 def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
@@ -193,13 +196,14 @@ def _setup(
     if any(dropped.values()):
         log.info("evaluating on %d shared genes; dropped %s", len(genes),
                  ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
-    real_p = prepare(real, contract, genes, name="measured")
+    units = units_of_text((pred.uns.get(UNS_KEY) or {}).get("dose_units")) if pred is not None else {}
+    real_p = prepare(real, contract, genes, name="measured", dose_units=units)
     vocabulary = Vocabulary(tuple(str(g) for g in genes))
     aliases = {}
     for data in (real, train) if train is not None else (real,):  # the measured data's var, else the training's
         labels = sorted(set(contract.labels(data)) - {contract.control}) if contract.perturbation_key in data.obs else []
         aliases = aliases or target_aliases(data, labels, vocabulary)
-    base_p = prepare(baseline, contract, genes, name="baseline")
+    base_p = prepare(baseline, contract, genes, name="baseline", dose_units=units)
     keep = base_p.labels == contract.control
     if not keep.any():
         raise DataError(
@@ -213,7 +217,7 @@ def _setup(
         info["normalization"][key] = "log1p_onto_cp10k"
     if pred_p is not None:  # what the prediction's values are, as it records them (else as read)
         info["normalization"]["pred"] = (pred.uns.get(UNS_KEY) or {}).get("normalization") or pred_p.normalization
-    return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases)
+    return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases, units)
 
 
 def _sources_among_controls(pred: ad.AnnData | None, real: ad.AnnData, contract: DataContract) -> np.ndarray | None:
@@ -613,7 +617,7 @@ def _run(
                          "log1p"),
                 genes, contract)
         else:
-            tp = prepare(setup.train, contract, genes, name="training")
+            tp = prepare(setup.train, contract, genes, name="training", dose_units=setup.dose_units)
             train_ad = _as_anndata(tp, genes, contract)
         # the measured data's own names for its perturbed genes (knockouts labelled by symbol, genes by id): the
         # training cells handed to the baselines keep no var columns, so the link travels with them

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
-from ..perturbations import canonical_condition, unordered_label
+from ..perturbations import canonical_condition, condition_in_units, unordered_label
 from ..sentences import detect_scale, log_normalize, normalization_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -176,8 +176,11 @@ class Prepared:
         return np.asarray(self.X[np.flatnonzero(mask)].toarray(), dtype=np.float32)
 
 
-def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str) -> Prepared:
-    """Keep ``genes`` of ``adata`` (in that order), normalize them and read labels and contexts."""
+def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str,
+            dose_units: Mapping[str, str] | None = None) -> Prepared:
+    """Keep ``genes`` of ``adata`` (in that order), normalize them and read labels and contexts. ``dose_units``: each
+    agent's dose unit in the prediction's labels (``uns['virtualcell']['dose_units']``); a measured file's doses are
+    named in those units (:func:`~virtualcell.perturbations.condition_in_units`), whichever units it holds."""
     for key in (contract.perturbation_key, *contract.context_columns(adata)):
         if key not in adata.obs.columns:
             raise ContractError(
@@ -190,7 +193,11 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     # raw counts normalized over the genes compared, as the model's cells are over its genes: a prediction of 2,000
     # of a file's 9,000 genes and the measured file itself otherwise sit on two scales (MAE 0.02 for the same cells)
     X, norm = expression(adata[:, idx], name=name)
-    labels = contract.without_quantities_absent_from(adata).conditions(adata)  # a drug's doses are groups of their own
+    own = contract.without_quantities_absent_from(adata)
+    labels = own.conditions(adata)  # a drug's doses are groups of their own
+    if dose_units and own.dose_key is not None:
+        have = own.dose_units(adata)
+        labels = np.array([condition_in_units(x, have, dose_units) for x in labels], dtype=object)
     # "@1.0" is "@1", and "B+A" is "A+B": one condition, one group, whichever spelling an input uses
     labels = np.array([canonical_condition(x) if "@" in x else unordered_label(x) for x in labels], dtype=object)
     contexts = contract.contexts(adata)
