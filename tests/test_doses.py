@@ -511,3 +511,64 @@ def test_a_dose_without_a_time_of_an_agent_trained_at_several_times_is_refused_a
         vocab.resolve("drugA@100")
     assert str(vocab.resolve("drugA@100,24h+G5")) == "drug:drugA@100nM,24h + ko:G5"
     assert str(vocab.resolve("drugA@30,24h")) == "drug:drugA@30nM,24h"
+
+
+def test_a_dosed_drug_with_a_knockout_of_a_panel_gene_is_read_part_by_part():
+    """'drugA+G5' at 10 nM, G5 a gene of the panel: one kind for the label typed it 'drug:G5@10nM + drug:drugA@10nM',
+    a form no one asks; each part is its own kind, the dose the drug's."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    obs = pd.DataFrame({"perturbation": ["control", "drugA+G5", "drugA", "G5"], "dose": ["", "10nM", "10nM", ""]},
+                       index=list("abcd"))
+    a = ad.AnnData(np.ones((4, 3), np.float32), obs=obs, var=pd.DataFrame(index=["G5", "G6", "G7"]))
+    typed, vocab = typed_labels(a, DataContract("perturbation", "control", dose_key="dose"),
+                                Vocabulary.from_adata(a), TrainConfig())
+    assert list(typed) == ["control", "drug:drugA@10nM + ko:G5", "drug:drugA@10nM", "ko:G5"]
+    assert vocab.labels["drugA+G5"] == "drug:drugA + ko:G5"
+
+
+def test_an_agent_in_two_unit_families_is_refused_also_inside_a_combination():
+    """'drugA+drugB' at 10nM beside drugB alone at 5ng/ml: the units were checked per label, so the pair passed and
+    its 10 nM was written 'drugB@0.01ng/ml' (the unit map kept the last label's)."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.contract import ContractError
+
+    obs = pd.DataFrame({"perturbation": ["control", "drugA+drugB", "drugB", "drugA"],
+                        "dose": ["", "10nM", "5ng/ml", "1uM"]}, index=list("abcd"))
+    a = ad.AnnData(np.ones((4, 3), np.float32), obs=obs)
+    with pytest.raises(ContractError, match=r"doses of 'drugB'.*'ng/ml \(drugB\)'.*part of a combination"):
+        DataContract("perturbation", "control", dose_key="dose").conditions(a)
+    a.obs["dose"] = ["", "10nM", "5nM", "1uM"]
+    assert DataContract("perturbation", "control", dose_key="dose").dose_units(a) == {"drugA": "uM", "drugB": "uM"}
+
+
+def test_training_warns_where_trained_doses_read_one_prompt(caplog):
+    """Doses are half-decade bins of log10 of the value in its unit, from 1e-4 to 1e4: 1e-9 .. 1e-6 written in M all
+    read the 1e-4 bin, four conditions the model cannot tell apart, without a word."""
+    import logging
+
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    obs = pd.DataFrame({"perturbation": ["control"] + ["drugA"] * 4, "dose": ["", "1e-9M", "1e-8M", "1e-7M", "1e-6M"]},
+                       index=list("abcde"))
+    a = ad.AnnData(np.ones((5, 3), np.float32), obs=obs)
+    with caplog.at_level(logging.WARNING):
+        typed_labels(a, DataContract("perturbation", "control", dose_key="dose"), Vocabulary.from_adata(a),
+                     TrainConfig())
+    assert "read one prompt" in caplog.text and "nM for 1e-9 M" in caplog.text
+    caplog.clear()
+    a.obs["dose"] = ["", "1nM", "10nM", "100nM", "1000nM"]
+    with caplog.at_level(logging.WARNING):
+        typed_labels(a, DataContract("perturbation", "control", dose_key="dose"), Vocabulary.from_adata(a),
+                     TrainConfig())
+    assert "read one prompt" not in caplog.text

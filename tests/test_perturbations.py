@@ -153,3 +153,12 @@ def test_two_spellings_of_one_dose_name_one_condition():
     assert canonical_condition("drugA@1.0") == "drugA@1" and canonical_condition("drugA@0.10,24.0h") == "drugA@0.1,24h"
     for kept in ("drugA@1uM", "A+B@1+1", "x@high", "STAT1", "drugA@,24h"):
         assert canonical_condition(kept) == kept
+
+
+def test_a_time_in_capital_m_is_refused_as_molar_not_read_as_minutes():
+    """'@100,5M' read 5 minutes (the time units were matched in lower case, and 'm' is a minute); M is molar."""
+    from virtualcell.perturbations import hours_per
+
+    with pytest.raises(PerturbationError, match="unknown time unit 'M'"):
+        parse("drug:drugA@100,5M")
+    assert parse("drug:drugA@100,5m").time_hours == pytest.approx(5 / 60) and hours_per("M") is None

@@ -332,20 +332,24 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
                             "unit: give every dose its unit, or write every one as a plain number in one unit.")
     family = {u: dose_on_one_scale(u)[0] for u in used}  # (a unit of no known family is its own)
     seen["family"] = [family[str(unit[v])] for v in seen["value"]]
-    families = seen.groupby("label")["family"].nunique()
+    # per agent: a pair's dose is its agents' too ('drugA+drugB' at 10nM beside drugB alone at 5ng/ml is drugB in two
+    # families; checked per label, the pair's number took drugB's ng/ml)
+    seen["agent"] = [[a.strip() for a in str(lab).split(PAIR_SEP) if a.strip()] for lab in seen["label"]]
+    by_agent = seen.explode("agent").dropna(subset=["agent"])
+    families = by_agent.groupby("agent")["family"].nunique()
     if (families > 1).any():
-        label = str(families.index[families.to_numpy() > 1][0])
-        units = sorted({str(unit[v]) for v in seen.loc[seen["label"] == label, "value"]})
+        agent = str(families.index[families.to_numpy() > 1][0])
+        rows = by_agent[by_agent["agent"] == agent]
+        units = sorted({f"{unit[v]} ({lab})" for v, lab in zip(rows["value"], rows["label"])})
         raise ContractError(
-            f"The doses of {label!r} in the dose column {key!r} are in units that do not convert to one another "
+            f"The doses of {agent!r} in the dose column {key!r} are in units that do not convert to one another "
             f"({preview(units, 6)}): give each agent's doses in one unit (nM and uM convert to each other, as do "
-            "ng/ml and ug/ml).")
+            "ng/ml and ug/ml), also where it is part of a combination.")
     in_family = {f: sorted(u for u in used if family[u] == f) for f in set(family.values())}
     target = {f: us[0] if len(us) == 1 else f for f, us in in_family.items()}  # one unit kept; several: the common
     factor = np.array([dose_on_one_scale(str(u))[1] / dose_on_one_scale(target[family[str(u)]])[1]
                        if str(u) in family else 1.0 for u in unit])
-    return factor, {agent.strip(): target[f] for lab, f in zip(seen["label"], seen["family"])
-                    for agent in str(lab).split(PAIR_SEP) if agent.strip()}
+    return factor, {str(a): target[f] for a, f in zip(by_agent["agent"], by_agent["family"])}
 
 
 def _rounded(x: np.ndarray) -> np.ndarray:

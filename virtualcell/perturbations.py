@@ -109,7 +109,10 @@ def looks_like_control(label: str) -> bool:
 
 
 def hours_per(unit: str | None) -> float | None:
-    """Hours in one ``unit`` of time (no unit: hours), or None for a unit that is not a time."""
+    """Hours in one ``unit`` of time (no unit: hours), or None for a unit that is not a time (``M``, molar, is none:
+    ``m`` is a minute)."""
+    if (unit or "").strip() == "M":
+        return None
     return _TIME_UNITS.get((unit or "h").strip().lower())
 
 
@@ -284,8 +287,11 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
                 to = own or by_family.get(family)
                 if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
                     trained = f"doses of {x.target} in {own}" if own else f"doses in {' or '.join(by_family.values())}"
+                    time_hint = (f" If {_fmt(dose)}{unit} is a time, it goes after the dose and a comma "
+                                 f"('{x.target}@DOSE,{_fmt(dose)}{unit}')." if hours_per(unit) is not None else "")
                     raise PerturbationError(f"{x}: the model was trained on {trained}, and {unit} does not convert to "
-                                            f"{'it' if own else 'any of them'}; write the dose in {own or 'one of them'}.")
+                                            f"{'it' if own else 'any of them'}; write the dose in {own or 'one of them'}."
+                                            + time_hint)
                 dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), to
         return Perturbation(x.kind, x.target, dose, unit, time, time_unit)
 
@@ -408,7 +414,7 @@ def _parse_part(text: str, source: str) -> Perturbation:
             dose, dose_unit = _quantity(fields[0], "dose", source)
         if len(fields) == 2:
             time, time_unit = _quantity(fields[1], "time", source)
-            if time_unit and time_unit.lower() not in _TIME_UNITS:
+            if time_unit and hours_per(time_unit) is None:
                 raise PerturbationError(f"{source!r}: unknown time unit {time_unit!r}; use h, min or d.")
             time_unit = time_unit or "h"
     return Perturbation(kind, name, dose, dose_unit or None, time, time_unit)  # type: ignore[arg-type]

@@ -95,6 +95,14 @@ def _time_token(hours: float) -> str:
     return f"<time:{_time_bin(hours)}>"
 
 
+def dose_prompt_key(p: Perturbation | Combination) -> tuple:
+    """What a prompt holds of ``p``: each part's kind, target and dose and time bins. Two conditions with one key read
+    one prompt (training warns of them)."""
+    parts = p.parts if isinstance(p, Combination) else (p,)
+    return tuple(sorted((x.kind, x.target, None if x.dose is None else _dose_bin(x.dose),
+                         None if x.time_hours is None else _time_bin(x.time_hours)) for x in parts))
+
+
 def own_dose_name(part: Perturbation) -> str | None:
     """The name of a drug's or cytokine's own token for its dose (and time) bins, e.g. ``"drug:drugA:1"``
     (``TrainConfig.dose_tokens="own"``), or None for a part without dose or time."""

@@ -20,7 +20,7 @@ from ..contract import DataContract
 from ..errors import DataError, preview
 from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, read_kinds,
                              without_quantities)
-from ..prompts import PerturbationVocab, own_dose_name
+from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,7 +96,25 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     for condition, form in zip(conditions, typed):
         if condition not in vocab.labels and condition != contract.control:
             vocab.conditions.setdefault(str(condition), str(form))
+    if warn:
+        _warn_shared_prompts(vocab)
     return typed, vocab
+
+
+def _warn_shared_prompts(vocab: PerturbationVocab) -> None:
+    """Warn where trained conditions of one agent read one prompt: doses are written as half-decade bins of log10 of
+    the value in its unit, from 1e-4 to 1e4, so doses closer than that, or beyond the range (1e-9 .. 1e-6 written in
+    M all read the 1e-4 bin), are one condition to the model."""
+    by_prompt: dict[tuple, list[str]] = {}
+    for condition, form in vocab.conditions.items():
+        by_prompt.setdefault(dose_prompt_key(parse(form)), []).append(condition)
+    shared = [sorted(v) for v in by_prompt.values() if len(v) > 1]
+    if shared:
+        log.warning("%d groups of trained conditions read one prompt each, so the model cannot tell them apart (%s): "
+                    "a dose is written as a half-decade bin of log10 of its value in its unit, from 1e-4 to 1e4 (a "
+                    "time as a whole bin of log2 hours). Where the doses are far apart, write them in a unit that "
+                    "puts them inside that range (nM for 1e-9 M).", len(shared),
+                    "; ".join(" = ".join(v) for v in shared[:3]))
 
 
 def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarray], contract: DataContract,
@@ -158,8 +176,15 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     if label == contract.control or kind == "control":
         return Perturbation("control")
     parts = [x.strip() for x in label.split("+") if x.strip()]
+    dosed = dose is not None or time_ is not None
+    part_kinds = None
     if kind == "auto":
-        kind = _auto_kind(parts, genes, vocab.aliases, dosed=dose is not None or time_ is not None)
+        gene_parts = [x.upper() in genes or x.upper() in vocab.aliases for x in parts]
+        if dosed and any(gene_parts) and not all(gene_parts):
+            # a dosed drug with a knockout of a panel gene ('drugA+G5' at 10 nM): each part its own kind, the dose
+            # the drug's (one kind for the label read G5 as a drug at 10 nM, a form no one asks)
+            part_kinds = ["knockout" if g else "drug" for g in gene_parts]
+        kind = _auto_kind(parts, genes, vocab.aliases, dosed=dosed)
     if kind == "label" and (dose is not None or time_ is not None):
         raise DataError(
             f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
@@ -167,7 +192,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
             f"{contract.time_key!r}); they would be dropped. Pass kind='drug' or 'cytokine' (--kind, or --kind-key "
             "for a column of kinds), or leave the dose and time keys unset if they do not apply.")
     out: list[Perturbation] = []
-    for x in parts:
+    for x, kind in zip(parts, part_kinds or [kind] * len(parts)):
         if kind in GENETIC:
             target = vocab.aliases.get(x.upper(), x.upper())  # the gene it names, where the labels name genes otherwise
             if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
