@@ -315,3 +315,35 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
                   sp.vstack([logged[:100], counts[:100]]).tocsr()):  # a small one too (one window covered it all)
         with pytest.raises(DataError, match="mixes scales"):
             detect_scale(mixed)
+
+
+def test_counts_go_onto_the_total_of_a_model_trained_on_log1p_values(papalexi_small, caplog):
+    """A model trained on scanpy's layout (log1p of the median library) read raw counts normalized to 1e4 per cell,
+    several times its scale, without a word; predictions recorded another normalization and evaluate normalized
+    measured counts to 1e4 against them. The rank fit records its training cells' total; counts go onto it, in the
+    Simulator and in evaluate (the prediction records it: uns scale_total)."""
+    from virtualcell.evaluate._data import prediction_total, prepare
+    from virtualcell.sentences import on_model_scale
+
+    counts = papalexi_small[:300].copy()
+    X = counts.X.toarray().astype(np.float64)
+    logged = counts.copy()
+    logged.X = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 700.0).astype(np.float32))
+    vocab = Vocabulary.from_adata(logged)
+    fit = RankFit.fit(logged, encode(logged, vocab=vocab, top_k=30))
+    assert fit.normalization == "as_is_log1p" and fit.total == pytest.approx(700.0, rel=1e-4)
+    assert RankFit.from_dict(fit.to_dict()) == fit
+    old = RankFit.from_dict({k: v for k, v in fit.to_dict().items() if k != "total"})
+    assert old.total is None and "total" not in old.to_dict()  # an earlier checkpoint's record (and digest) as it was
+    onto, scale, norm = on_model_scale(counts, vocab, fit=fit)
+    assert scale == "counts" and norm == "as_is_log1p"
+    np.testing.assert_allclose(onto.toarray(), logged.X.toarray(), atol=1e-4)
+    with caplog.at_level("WARNING"):
+        on_model_scale(counts, vocab, fit=old)
+    assert "without recording their total" in caplog.text
+    pred = logged[:10].copy()
+    pred.uns["virtualcell"] = {"normalization": "as_is_log1p", "scale_total": 700.0}
+    assert prediction_total(pred) == 700.0
+    contract = vc.DataContract.from_adata(counts)
+    prepared = prepare(counts, contract, pd.Index(counts.var_names), name="measured", total=prediction_total(pred))
+    np.testing.assert_allclose(prepared.X.toarray(), logged.X.toarray(), atol=1e-4)

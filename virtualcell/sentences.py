@@ -178,8 +178,9 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     return "log1p"
 
 
-def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:
-    """The project's normalization: counts → log1p(counts / total * 1e4); log1p input unchanged."""
+def log_normalize(X: sp.csr_matrix, scale: str, *, total: float | None = None) -> sp.csr_matrix:
+    """The project's normalization: counts → log1p(counts / cell total * ``total``), ``total`` 1e4 unless a model
+    trained on log1p values at another total reads them (:attr:`RankFit.total`); log1p input unchanged."""
     if scale == "log1p":
         return X
     if scale != "counts":
@@ -187,7 +188,7 @@ def log_normalize(X: sp.csr_matrix, scale: str) -> sp.csr_matrix:
     totals = np.asarray(X.sum(axis=1)).ravel()
     totals[totals == 0] = 1.0
     out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    out.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(out.indptr))
+    out.data *= np.repeat(((total or TARGET_SUM) / totals).astype(np.float32), np.diff(out.indptr))
     np.log1p(out.data, out=out.data)
     return out
 
@@ -203,43 +204,50 @@ def normalization_label(scale: str) -> str:
     return _NORMALIZATION[scale]
 
 
-def onto_cp10k(X: sp.csr_matrix) -> tuple[sp.csr_matrix, float]:
+def onto_cp10k(X: sp.csr_matrix, *, total: float | None = None) -> tuple[sp.csr_matrix, float]:
     """log1p values (CSR, float32) normalized again to 1e4 per cell over their columns, ``log1p(1e4 · e / Σ e)``
     with ``e = expm1(x)``: the scale a model trained on raw counts reads (``"log1p_cp10k"`` over its genes), whatever
     total (scanpy's default is the median library size) or gene set the values were normalized to. Returns it and the
-    cells' median total of ``e`` before (1e4 where they were on that scale already)."""
+    cells' median total of ``e`` before (1e4 where they were on that scale already). ``total``: another per-cell total
+    than 1e4 to put them onto."""
     linear = sp.csr_matrix(X, dtype=np.float32, copy=True)
     np.expm1(linear.data, out=linear.data)
     totals = np.asarray(linear.sum(axis=1)).ravel()
     had = float(np.median(totals[totals > 0])) if (totals > 0).any() else TARGET_SUM
-    return log_normalize(linear, "counts"), had  # the project's one normalization, as for counts
+    return log_normalize(linear, "counts", total=total), had  # the project's one normalization, as for counts
 
 
-def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None) -> tuple[sp.csr_matrix, str]:
+def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None,
+                     total: float | None = None) -> tuple[sp.csr_matrix, str]:
     """Log-normalized expression of ``adata`` with one column per gene of ``genes`` (a model's
     vocabulary; zeros for genes ``adata`` lacks), as float32 CSR, and the scale the data came in.
 
     Raw counts are normalized over the model's genes that ``adata`` has, as the model's training cells were (their
     genes are the model's): a file with genes beyond the model's (a full transcriptome beside a 2,000-gene model)
-    would otherwise put each cell lower on the model's scale by its counts on genes the model never reads."""
+    would otherwise put each cell lower on the model's scale by its counts on genes the model never reads.
+    ``total``: the per-cell total counts are normalized to (1e4 unless given, :attr:`RankFit.total`)."""
     X = expression_matrix(adata, layer=layer)
     scale = detect_scale(X)
     col = genes.ids(Vocabulary.from_adata(adata).genes, missing="mark")
     keep = col >= 0
-    Xn = log_normalize(X[:, np.flatnonzero(keep)], scale).tocoo()
+    Xn = log_normalize(X[:, np.flatnonzero(keep)], scale, total=total).tocoo()
     out = sp.csr_matrix((Xn.data, (Xn.row, col[keep][Xn.col])), shape=(adata.n_obs, len(genes)), dtype=np.float32)
     return out, scale
 
 
-def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, counts_trained: bool,
+def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
                    what: str = "baseline") -> tuple[sp.csr_matrix, str, str]:
-    """``adata``'s expression as a model reads it: :func:`model_expression` (one column per gene of ``genes``,
-    counts normalized over them), and for a model trained on raw counts (``counts_trained``) log1p values
-    normalized to another total (scanpy's default: the median library) or over other genes put onto its
-    1e4 per cell (:func:`onto_cp10k`), with a log line naming ``what``. Returns the matrix, the scale the data
-    came in and the normalization its values now have (:func:`normalization_label`). The one reading of
+    """``adata``'s expression as a model reads it, the model's scale read off its rank fit ``fit``
+    (:attr:`RankFit.normalization` and :attr:`RankFit.total`): :func:`model_expression` (one column per gene of
+    ``genes``, counts normalized over them to the per-cell total its training cells had: 1e4 for a model trained on
+    raw counts, the median of its log1p training cells' totals for one trained on log1p values); for a model trained
+    on raw counts, log1p values normalized to another total (scanpy's default: the median library) or over other
+    genes put onto its 1e4 per cell (:func:`onto_cp10k`), with a log line naming ``what``. Returns the matrix, the
+    scale the data came in and the normalization its values now have (:func:`normalization_label`). The one reading of
     cells onto a model's scale: the Simulator's baseline, a screen's target state."""
-    X, scale = model_expression(adata, genes)
+    counts_trained = getattr(fit, "normalization", None) == normalization_label("counts")
+    log1p_total = None if counts_trained else getattr(fit, "total", None)
+    X, scale = model_expression(adata, genes, total=log1p_total)
     normalization = normalization_label(scale)
     if scale == "log1p" and counts_trained:
         # each prediction adds the model's change to these values: on another scale, to the wrong ones
@@ -251,6 +259,17 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, counts_trained: bool
                 "model's training cells to %g (it trained on raw counts): normalized again onto the model's scale. "
                 "(Values on a log2 scale cannot be told from log1p: give raw counts where you can.)", what, had,
                 TARGET_SUM)
+    elif scale == "counts" and fit is not None and not counts_trained:
+        # a model trained on log1p values (scanpy's layout): counts go to its training cells' total, not to 1e4
+        normalization = normalization_label("log1p")  # the model's scale, which the values are now on
+        if log1p_total is not None:
+            log.info("The %s's raw counts were normalized to %.4g per cell over the model's genes (its training "
+                     "cells' median total: it trained on log1p values), then log1p'd.", what, log1p_total)
+        else:
+            log.warning("The %s holds raw counts and the model trained on log1p values without recording their "
+                        "total (a checkpoint from before it did): the counts were normalized to %g per cell, which "
+                        "may not be the model's scale. Give log1p values normalized as its training data were.",
+                        what, TARGET_SUM)
     return X, scale, normalization
 
 
@@ -892,6 +911,10 @@ class RankFit:
     n_cells: int
     rank_means: tuple[float, ...] = ()
     method: Literal["linear", "table"] = "linear"
+    # the training cells' median per-cell total of expm1 over the model's genes: 1e4 for raw counts, whatever a log1p
+    # file was normalized to otherwise; counts given to a model trained on log1p values are put onto it (None: a
+    # checkpoint from before it was recorded)
+    total: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in DECODE_METHODS:
@@ -938,7 +961,11 @@ class RankFit:
         counts = np.bincount(r.astype(np.int64))
         means = tuple(float(v) for v in sums / np.maximum(counts, 1))
         norm = normalization_label(scale)
-        return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means)
+        linear = sp.csr_matrix(Xn, dtype=np.float64, copy=True)
+        np.expm1(linear.data, out=linear.data)
+        totals = np.asarray(linear.sum(axis=1)).ravel()
+        total = TARGET_SUM if scale == "counts" else float(np.median(totals[totals > 0])) if (totals > 0).any() else None
+        return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means, total=total)
 
     def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] | None = None) -> np.ndarray:
         """Expression at 0-based ``ranks`` (float32, clipped at 0), by ``method`` (default: the fit's own)."""
@@ -958,6 +985,8 @@ class RankFit:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rank_means"] = list(self.rank_means)
+        if d["total"] is None:  # (a checkpoint from before it: its record, and its serving digest, as they were)
+            del d["total"]
         return d
 
     @classmethod

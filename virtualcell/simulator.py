@@ -49,7 +49,7 @@ from .errors import DataError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
-from .sentences import Vocabulary, encode, normalization_label, on_model_scale, with_gene_key
+from .sentences import Vocabulary, encode, on_model_scale, with_gene_key
 from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,7 +64,7 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
-_PROVENANCE = ("normalization", "dose_units", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
+_PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
                "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
                "baseline", "new_contexts", "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
@@ -402,7 +402,7 @@ class Simulator:
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=self.seed)
         # baseline expression in the model's gene order (zeros for model genes the data lacks), on its scale
         self.expression, self.scale, self.normalization = on_model_scale(
-            baseline, model.genes, counts_trained=self._counts_trained, what="baseline")
+            baseline, model.genes, fit=model.rank_fit, what="baseline")
         # the names predictions carry: the baseline's own spelling where it has the gene
         col = model.genes.ids(Vocabulary.from_adata(baseline).genes, missing="mark")
         names = list(model.genes.genes)
@@ -532,17 +532,12 @@ class Simulator:
         unseen = (self.model.verdict or {}).get("unseen") or {}
         return float(unseen["weight"]) if w is not None and auto and unseen.get("weight") is not None else w
 
-    @property
-    def _counts_trained(self) -> bool:
-        """Whether the model trained on raw counts (its scale: log1p of 1e4 per cell over its genes)."""
-        return getattr(self.model.rank_fit, "normalization", None) == normalization_label("counts")
-
     def expression_of(self, cells: ad.AnnData, *, what: str = "reference") -> tuple[sp.csr_matrix, np.ndarray]:
         """Other cells (a reference state) on the baseline's footing: one column per model gene, on the model's
         scale as the baseline is put on it (:func:`~virtualcell.sentences.on_model_scale`), and which of the
         model's genes ``cells`` measures (the others are columns of zeros)."""
         cells = with_gene_key(cells, self._gene_key if self._gene_key in cells.var.columns else None)
-        X, _, _ = on_model_scale(cells, self.model.genes, counts_trained=self._counts_trained, what=what)
+        X, _, _ = on_model_scale(cells, self.model.genes, fit=self.model.rank_fit, what=what)
         col = self.model.genes.ids(Vocabulary.from_adata(cells).genes, missing="mark")
         measured = np.zeros(len(self.model.genes), dtype=bool)
         measured[col[col >= 0]] = True
@@ -942,6 +937,8 @@ class Simulator:
                 "n_baseline_cells": n,
                 "calibrated": int(calibrate),
                 "normalization": self.normalization,
+                # the per-cell total the values are log1p of (0: not recorded): evaluate puts measured counts on it
+                "scale_total": float(getattr(self.model.rank_fit, "total", None) or 0.0),
                 # the unit of each agent's doses in the labels (conditions name none): evaluate reads measured doses so
                 "dose_units": units_text(self.model.perturbations.dose_units),
                 "max_genes": cfg.max_genes,

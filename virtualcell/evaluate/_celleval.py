@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from ..contract import UNS_KEY
 from ..errors import DataError, preview
 from ..sentences import gene_match_key, with_gene_key
-from ._data import Prepared, expression, onto_prediction_scale, resolve_contract
+from ._data import Prepared, expression, onto_prediction_scale, prediction_total, resolve_contract
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -164,7 +164,7 @@ def to_cell_eval(
     cells = adata if like is None else _with_genes(adata, col, genes)
     if like is not None:
         cells = onto_prediction_scale({"pred": like, "measured": cells}, genes)[0]["measured"]
-    X, _ = expression(cells, name="input", allow_negative=False)
+    X, _ = expression(cells, name="input", allow_negative=False, total=prediction_total(like))
     col = np.arange(len(genes))
     rows = np.flatnonzero(keep)
     obs = adata.obs.iloc[rows].copy()
@@ -173,11 +173,12 @@ def to_cell_eval(
     if not obs.index.is_unique:
         obs.index = pd.Index([f"{i}-{n}" for n, i in enumerate(obs.index)])
     out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
-    recorded = (adata.uns.get(UNS_KEY) or {}).get("normalization")  # a prediction's scale, read by like= in turn
+    record = adata.uns.get(UNS_KEY) or {}  # a prediction's scale, read by like= in turn
+    kept = {k: record[k] for k in ("normalization", "scale_total") if record.get(k) is not None}
     out.uns[UNS_KEY] = {"cell_eval": {"pert_col": PERT_COL, "control_pert": CONTROL,
                                       "perturbation_key": contract.perturbation_key,
                                       "control": contract.control, "scale": "log1p"},
-                        **({"normalization": recorded} if recorded else {})}
+                        **kept}
     return out
 
 

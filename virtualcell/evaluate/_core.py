@@ -25,6 +25,7 @@ from ._data import (
     check_values,
     group_moments,
     onto_prediction_scale,
+    prediction_total,
     prepare,
     resolve_contract,
     shared_genes,
@@ -61,6 +62,8 @@ class _Setup:
     aliases: dict[str, str] = field(default_factory=dict)
     # each agent's dose unit in the prediction's labels: measured doses are named in them (prepare's dose_units)
     dose_units: dict[str, str] = field(default_factory=dict)
+    # the per-cell total measured counts are normalized to (a prediction of a model trained on log1p values at it)
+    total: float | None = None
 
 
 def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
@@ -197,13 +200,14 @@ def _setup(
         log.info("evaluating on %d shared genes; dropped %s", len(genes),
                  ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
     units = units_of_text((pred.uns.get(UNS_KEY) or {}).get("dose_units")) if pred is not None else {}
-    real_p = prepare(real, contract, genes, name="measured", dose_units=units)
+    total = prediction_total(pred)  # measured counts onto the prediction's scale: its model's training total
+    real_p = prepare(real, contract, genes, name="measured", dose_units=units, total=total)
     vocabulary = Vocabulary(tuple(str(g) for g in genes))
     aliases = {}
     for data in (real, train) if train is not None else (real,):  # the measured data's var, else the training's
         labels = sorted(set(contract.labels(data)) - {contract.control}) if contract.perturbation_key in data.obs else []
         aliases = aliases or target_aliases(data, labels, vocabulary)
-    base_p = prepare(baseline, contract, genes, name="baseline", dose_units=units)
+    base_p = prepare(baseline, contract, genes, name="baseline", dose_units=units, total=total)
     keep = base_p.labels == contract.control
     if not keep.any():
         raise DataError(
@@ -217,7 +221,7 @@ def _setup(
         info["normalization"][key] = "log1p_onto_cp10k"
     if pred_p is not None:  # what the prediction's values are, as it records them (else as read)
         info["normalization"]["pred"] = (pred.uns.get(UNS_KEY) or {}).get("normalization") or pred_p.normalization
-    return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases, units)
+    return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases, units, total)
 
 
 def _sources_among_controls(pred: ad.AnnData | None, real: ad.AnnData, contract: DataContract) -> np.ndarray | None:
@@ -617,7 +621,8 @@ def _run(
                          "log1p"),
                 genes, contract)
         else:
-            tp = prepare(setup.train, contract, genes, name="training", dose_units=setup.dose_units)
+            tp = prepare(setup.train, contract, genes, name="training", dose_units=setup.dose_units,
+                         total=setup.total)
             train_ad = _as_anndata(tp, genes, contract)
         # the measured data's own names for its perturbed genes (knockouts labelled by symbol, genes by id): the
         # training cells handed to the baselines keep no var columns, so the link travels with them

@@ -101,14 +101,16 @@ def check_values(adata: ad.AnnData, *, name: str, allow_negative: bool = False) 
         )
 
 
-def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> tuple[sp.csr_matrix, str]:
+def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True,
+               total: float | None = None) -> tuple[sp.csr_matrix, str]:
     """``adata.X`` as float32 CSR on the log1p-normalized scale, and what was done to it.
 
     Raw counts (every value a whole number) are normalized with
     :func:`virtualcell.sentences.log_normalize`; the second value is
     :func:`virtualcell.sentences.normalization_label` of the input's scale. NaN and inf are refused. Negative values
     are allowed with ``allow_negative`` (a baseline made by shifting control cells can go
-    below zero); user inputs are checked with :func:`check_values` first, which refuses them.
+    below zero); user inputs are checked with :func:`check_values` first, which refuses them. ``total``: the per-cell
+    total counts go to, where a prediction is on a log1p scale of another than 1e4 (:func:`prediction_total`).
     """
     check_values(adata, name=name, allow_negative=allow_negative)
     X = adata.X
@@ -120,8 +122,19 @@ def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True) -> 
         except DataError as err:
             raise DataError(f"{name}: {err}") from None
         if scale == "counts":
-            return log_normalize(X, "counts"), normalization_label("counts")
+            return (log_normalize(X, "counts", total=total),
+                    normalization_label("counts") if total is None else normalization_label("log1p"))
     return X, normalization_label("log1p")
+
+
+def prediction_total(pred: ad.AnnData | None) -> float | None:
+    """The per-cell total a prediction's values are log1p of, where its model trained on log1p values at a recorded
+    total (``uns['virtualcell']``: ``normalization`` ``as_is_log1p``, ``scale_total``); else None (1e4). Measured
+    counts are normalized to it, as the Simulator put its baseline's (a model trained on scanpy's layout scored MSE
+    1.47 against counts normalized to 1e4, 0.02 against the same cells as log1p)."""
+    record = (pred.uns.get(UNS_KEY) or {}) if pred is not None else {}
+    total = float(record.get("scale_total") or 0.0)
+    return total if record.get("normalization") == normalization_label("log1p") and total > 0 else None
 
 
 def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tuple[dict[str, ad.AnnData], list[str]]:
@@ -177,10 +190,11 @@ class Prepared:
 
 
 def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str,
-            dose_units: Mapping[str, str] | None = None) -> Prepared:
+            dose_units: Mapping[str, str] | None = None, total: float | None = None) -> Prepared:
     """Keep ``genes`` of ``adata`` (in that order), normalize them and read labels and contexts. ``dose_units``: each
     agent's dose unit in the prediction's labels (``uns['virtualcell']['dose_units']``); a measured file's doses are
-    named in those units (:func:`~virtualcell.perturbations.condition_in_units`), whichever units it holds."""
+    named in those units (:func:`~virtualcell.perturbations.condition_in_units`), whichever units it holds.
+    ``total``: the per-cell total raw counts are normalized to (:func:`prediction_total`; 1e4 by default)."""
     for key in (contract.perturbation_key, *contract.context_columns(adata)):
         if key not in adata.obs.columns:
             raise ContractError(
@@ -192,7 +206,7 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
         raise DataError(f"Internal error: {name} lacks genes {preview(genes[idx < 0])}.")
     # raw counts normalized over the genes compared, as the model's cells are over its genes: a prediction of 2,000
     # of a file's 9,000 genes and the measured file itself otherwise sit on two scales (MAE 0.02 for the same cells)
-    X, norm = expression(adata[:, idx], name=name)
+    X, norm = expression(adata[:, idx], name=name, total=total)
     own = contract.without_quantities_absent_from(adata)
     labels = own.conditions(adata)  # a drug's doses are groups of their own
     if dose_units and own.dose_key is not None:
