@@ -678,3 +678,27 @@ def test_predictions_that_match_no_measured_group_are_an_error(perturbench_split
     pred.obs["perturbation"] = np.where(labels == "control", labels, "ko:" + labels)  # typed names, not the labels
     with pytest.raises(DataError, match="None of the predicted groups"):
         evaluate(pred, ref, baseline=base, profile="fast", baselines=(), ceiling=False)
+
+
+def test_repeated_cell_names_are_refused_and_a_slice_pandas_calls_non_unique_is_read():
+    """Concatenated samples keep their barcodes: evaluate, which finds cells by name, ended in a pandas InvalidIndexError;
+    it names the repeat and the fix. A slice of a file whose gene names repeat elsewhere (pandas keeps the parent's
+    non-unique flag, though no name repeats in it) was refused as having duplicated genes, then failed to index."""
+    a = _screen({("control", "all"): np.full(6, 2.0), ("A", "all"): np.full(6, 3.0), ("B", "all"): np.full(6, 1.0)},
+                n=12, noise=0.2)
+    base, real = split_controls(a, seed=0)
+    pred = real[real.obs["perturbation"] != "control"].copy()
+    twice = real.copy()
+    twice.obs_names = [f"AAAC-{i % 5}" for i in range(twice.n_obs)]
+    with pytest.raises(DataError, match=r"names repeat.*obs_names_make_unique"):
+        evaluate(pred, twice, baseline=base, baselines=(), ceiling=False)
+    names = list(real.var_names)
+    names[-1] = names[-2]
+    repeated = real.copy()
+    repeated.var_names = names
+    assert not repeated.var_names.is_unique
+    sub = repeated[:, : len(names) - 1]
+    assert not sub.var_names.duplicated().any()
+    table = evaluate(pred[:, : len(names) - 1].copy(), sub, baseline=base[:, : len(names) - 1].copy(), baselines=(),
+                     ceiling=False)
+    assert len(table)

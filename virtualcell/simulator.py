@@ -440,7 +440,7 @@ class Simulator:
         self._basis = pca(self.expression, n_pcs, seed=self.seed)
         self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
         self._said_twins: set[str] = set()  # perturbations read as a trained condition's prompt, warned of once
-        if not baseline.obs_names.is_unique:
+        if baseline.obs_names.duplicated().any():  # (not is_unique: pandas keeps a parent's flag on a slice)
             dup = baseline.obs_names[baseline.obs_names.duplicated()].unique()
             log.warning("%d baseline cell names repeat (e.g. %s): predicted cells name their source cell "
                         "(obs['source_cell']) by it, so those cannot be told apart. baseline.obs_names_make_unique() "

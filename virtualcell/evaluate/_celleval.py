@@ -170,7 +170,7 @@ def to_cell_eval(
     obs = adata.obs.iloc[rows].copy()
     obs[PERT_COL] = pd.Categorical(target[rows])
     obs.index = pd.Index([str(i) for i in obs.index])
-    if not obs.index.is_unique:
+    if obs.index.duplicated().any():
         obs.index = pd.Index([f"{i}-{n}" for n, i in enumerate(obs.index)])
     out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
     record = adata.uns.get(UNS_KEY) or {}  # a prediction's scale, read by like= in turn

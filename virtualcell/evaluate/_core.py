@@ -93,6 +93,20 @@ def _named_genes(adata: ad.AnnData, gene_key: str | None, name: str) -> ad.AnnDa
     return adata
 
 
+def _fresh_names(adata: ad.AnnData) -> ad.AnnData:
+    """``adata`` with new name indexes where pandas calls them non-unique though no name repeats (a slice of an index
+    whose names repeat elsewhere keeps the parent's flag, and pandas then refuses to look names up in it); else
+    ``adata`` itself."""
+    stale = [axis for axis in ("var_names", "obs_names")
+             if not getattr(adata, axis).is_unique and not getattr(adata, axis).duplicated().any()]
+    if not stale:
+        return adata
+    adata = adata.copy()
+    for axis in stale:
+        setattr(adata, axis, pd.Index(getattr(adata, axis).astype(str).tolist()))
+    return adata
+
+
 def _refuse_shared_controls(baseline: ad.AnnData, real: ad.AnnData, contract: DataContract) -> None:
     """Refuse baseline cells that are also the measured control cells (the same names, the same expression): the
     reference of every measured delta would then be the baselines' own input, and on a screen with no effect at all
@@ -135,11 +149,19 @@ def _setup(
     for key, a in inputs.items():  # every input checked as the user passed it, and named so
         if a is not None:  # measured expression is never negative; a shifted-control prediction can be
             check_values(a, name=_INPUT_NAMES[key], allow_negative=key == "pred")
+        if a is not None and key in ("real", "baseline") and a.obs_names.duplicated().any():
+            # cells are found by name (the baseline's among the reference, a prediction's source cells)
+            repeated = sorted(set(a.obs_names[a.obs_names.duplicated()]))
+            raise DataError(
+                f"The {_INPUT_NAMES[key]} cells' names repeat ({len(repeated)}, e.g. {preview(repeated, 3)}; files of "
+                "several samples concatenated keep their barcodes): cells are matched by name. Make them unique "
+                "before splitting and predicting (adata.obs_names_make_unique(), or anndata.concat(..., "
+                "index_unique='-')), then predict and evaluate.")
     if gene_key is not None and not any(gene_key in a.var.columns for a in inputs.values() if a is not None):
         raise DataError(f"--gene-key {gene_key!r} is a var column of no input: "
                         + "; ".join(f"{_INPUT_NAMES[k]} has {preview(list(a.var.columns), 6) or 'none'}"
                                     for k, a in inputs.items() if a is not None) + ".")
-    real, pred, baseline, train = (_named_genes(a, gene_key, _INPUT_NAMES[k]) if a is not None else None
+    real, pred, baseline, train = (_fresh_names(_named_genes(a, gene_key, _INPUT_NAMES[k])) if a is not None else None
                                    for k, a in inputs.items())
     contract = resolve_contract(real, perturbation_key=perturbation_key, control=control, context_key=context_key)
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}

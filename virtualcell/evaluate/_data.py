@@ -258,7 +258,7 @@ def shared_genes(
                         f"got {min_shared!r}.")
     items = list(named.items())
     for name, a in items:
-        if not a.var_names.is_unique:
+        if a.var_names.duplicated().any():  # (not is_unique: a slice of a repeated index keeps its flag)
             raise DataError(
                 f"The {name} AnnData has duplicated gene names. Run adata.var_names_make_unique() first."
             )
