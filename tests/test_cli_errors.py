@@ -267,3 +267,40 @@ def test_a_holdout_value_holding_a_comma_is_read_whole(files, tmp_path):
                  "control", "--holdout", "batch=lane 1,2", "--max-steps", "1", "--top-k", "10", "--hidden-size", "16",
                  "--layers", "1", "--heads", "2", "--verdict-fraction", "0", "--out", str(tmp_path / "m")]) == 0
     assert vc.C2SModel.load(tmp_path / "m").train_config["holdout"] == {"batch": ["lane 1,2"]}
+
+
+def test_a_reader_that_leaves_does_not_stop_the_work_and_no_command_is_a_usage_error(papalexi, tmp_path, capsys):
+    """predict printed its verdict before the work; with stdout a pipe whose reader had gone (`| grep -q`, `| true`),
+    the next progress bar's flush raised BrokenPipeError half-way and the command exited 0 with nothing written.
+    Standard output now outlives its reader. A missing command is a usage error (exit 2), not a success."""
+    import os
+    import subprocess
+    import sys
+
+    base = tmp_path / "base.h5ad"
+    papalexi[papalexi.obs["perturbation"] == "control"][:8].copy().write_h5ad(base)
+    out = tmp_path / "pred.h5ad"
+    proc = subprocess.Popen([sys.executable, "-m", "virtualcell", "predict", "--model", "bundled", "--data", str(base),
+                             "--perturbations", "STAT1", "--n-cells", "4", "--samples", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    proc.stdout.close()  # the reader leaves at once
+    assert proc.wait(timeout=300) == 0 and out.exists()
+    assert main([]) == 2 and "usage" in capsys.readouterr().err
+    for command in (["evaluate", "--pred", "p", "--real", "r"], ["train", "--data", "d", "--out", "o"], ["demo"]):
+        with pytest.raises(SystemExit) as ended:  # a negative seed was a traceback from numpy, exit 1
+            main([*command, "--seed", "-1"])
+        assert ended.value.code == 2 and "--seed: must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", "p", "--real", "r", "--threads", "0"])
+
+
+def test_encode_will_not_replace_a_users_file(tmp_path, capsys):
+    """encode replaced any .txt or .npz (a user's notes.txt ended up holding cell sentences)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert main(["encode", "--data", "papalexi2021", "--out", str(notes)]) == 2
+    assert notes.read_text() == "my notes\n" and "--force" in capsys.readouterr().err
+    mine = tmp_path / "s.npz"
+    assert main(["encode", "--data", "papalexi2021", "--out", str(mine), "--top-k", "20"]) == 0
+    assert main(["encode", "--data", "papalexi2021", "--out", str(mine), "--top-k", "20"]) == 0  # its own: replaced
+    assert main(["encode", "--data", "papalexi2021", "--out", str(notes), "--force"]) == 0

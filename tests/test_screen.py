@@ -418,8 +418,8 @@ def test_what_a_screen_cannot_rank_is_refused_by_name(sim):
         screen(sim, [], progress=False)
     with pytest.raises(ScreenError, match=r"scored 'ko:STAT1' as NaN or infinite"):
         screen(sim, ["STAT1"], objective=lambda d: float("nan"), progress=False, n_boot=5)
-    for seed in (-1, 3.0, True):
-        with pytest.raises(vc.errors.DataError, match="seed must be a whole number >= 0"):
+    for seed in (-1, 3.0, True, 2**64):  # (2**64 overflowed the cells' buckets)
+        with pytest.raises(vc.errors.DataError, match="seed must be a whole number from 0 to 4294967295"):
             sim.simulate(["STAT1"], seed=seed, progress=False, n_cells=2)
     with pytest.raises(vc.errors.DataError, match="n_cells must be a whole number"):
         sim.simulate(["STAT1"], n_cells=2.5, progress=False)

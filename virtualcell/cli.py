@@ -7,6 +7,7 @@ so ``virtualcell --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -309,6 +310,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not args.out.endswith((".txt", ".npz")):
         raise _usage(f"--out {args.out!r} must end in .npz (compact ids) or .txt (one sentence a line).")
     check_output_file(args.out)
+    _refuse_someone_elses(args.out, force=args.force)
     adata = _load_data(args.data)
     cs = encode(adata, layer=args.layer, top_k=args.top_k, seed=args.seed, gene_key=args.gene_key)
     if args.out.endswith(".txt"):
@@ -318,6 +320,29 @@ def cmd_encode(args: argparse.Namespace) -> int:
             cs.save(str(tmp))
     print(f"wrote {cs} to {args.out}")
     return 0
+
+
+def _refuse_someone_elses(out: str, *, force: bool) -> None:
+    """Refuse to replace an existing ``--out`` that is not encode's own (a sentences .npz), unless ``force``: a
+    .txt cannot say who wrote it (a user's notes.txt was replaced by cell sentences)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import OutputError
+
+    path = Path(out)
+    if force or not path.exists():
+        return
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as saved:
+                if {"ids", "offsets", "genes"} <= set(saved.files):
+                    return
+        except (OSError, ValueError):  # not an .npz at all
+            pass
+    raise OutputError(f"--out {out!r} exists and is not a file virtualcell encode wrote; refusing to replace it. "
+                      "Choose another file name, or pass --force to replace it.")
 
 
 def _load_data(spec: str, contract=None):  # noqa: ANN001, ANN202
@@ -500,7 +525,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _int_at_least(lowest: int):  # noqa: ANN202
+def _int_at_least(lowest: int, below: int | None = None):  # noqa: ANN202
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -508,6 +533,8 @@ def _int_at_least(lowest: int):  # noqa: ANN202
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < lowest:
             raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {value}")
         return value
 
     return parse
@@ -515,6 +542,7 @@ def _int_at_least(lowest: int):  # noqa: ANN202
 
 _positive_int = _int_at_least(1)  # an argparse type: an integer of at least 1
 _count = _int_at_least(0)  # an argparse type: an integer of at least 0
+_seed = _int_at_least(0, below=2**32)  # an argparse type: a seed (simulator.SEED_LIMIT)
 
 
 def _whole_numbers(text: str) -> tuple[int, ...]:
@@ -566,7 +594,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "--data has beyond the model's are left out, and each cell is normalized over the model's genes, "
                    "as its training cells were)")
     p.add_argument("--n-cells", type=_positive_int, default=None, help="use the first N baseline cells (default: all)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="sampling seed (and the baseline's tie-breaks); a prediction depends on seed, the cell, its "
                         "row in --data and the perturbation, and through the non-negativity rescale on the other "
                         "cells of its block of 32 rows")
@@ -630,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="virtualcell-demo", help="results folder")
     p.add_argument("--n-cells", type=_positive_int, default=120, help="baseline cells")
     p.add_argument("--top", type=_positive_int, default=12, help="rows of the ranking to print")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_force(p)
     p.set_defaults(func=cmd_demo)
@@ -642,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
     _add_gene_key(p, "--var-key")  # --var-key: the former name, kept working
     p.add_argument("--top-k", type=_positive_int, default=200, help="genes per cell sentence")
-    p.add_argument("--seed", type=int, default=0, help="seed that breaks ties between equal counts")
+    p.add_argument("--seed", type=_seed, default=0, help="seed that breaks ties between equal counts")
+    _add_force(p, "a file that virtualcell encode did not write")
     p.set_defaults(func=cmd_encode)
 
     from .train import DOSE_TOKENS, FINETUNE_LR, NEW_MODEL_LR, PAIRINGS, TARGET_TOKENS, TrainConfig
@@ -663,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="wall-time budget in minutes; training stops when it is spent (default: no time limit)")
     p.add_argument("--max-steps", type=_positive_int, default=TrainConfig.max_steps, help="optimizer steps at most")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, pairing and batch order")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initialization, pairing and batch order")
     p.add_argument("--top-k", type=_positive_int, default=TrainConfig.top_k, help="genes per cell sentence")
     p.add_argument("--hidden-size", type=_positive_int, default=TrainConfig.hidden_size,
                    help="width of a new model (divisible by --heads)")
@@ -863,17 +892,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2  # (a missing command is a usage error)
     from .distributed import launch_rank
 
     if launch_rank() != 0:  # under a multi-process launch the main process reports; the others' errors still show
-        import contextlib
         import os
 
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             return _run(args)
-    return _run(args)
+    with contextlib.redirect_stdout(_ReaderMayLeave(sys.stdout)):
+        return _run(args)
+
+
+class _ReaderMayLeave:
+    """Standard output that outlives its reader: once a pipe's reader has gone (``predict ... | head -1``, a ``grep
+    -q``), what is printed goes nowhere and the work goes on. A print before the work (the verdict) raised
+    BrokenPipeError half-way, and predict and screen exited 0 with nothing written."""
+
+    def __init__(self, stream) -> None:  # noqa: ANN001
+        self._stream = stream
+
+    def _gone(self) -> None:
+        import os
+
+        with contextlib.suppress(OSError, ValueError):  # (and the interpreter's last flush finds nothing to say)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - isatty, fileno, encoding...: the stream's own
+        return getattr(self._stream, name)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -900,12 +961,14 @@ def _run(args: argparse.Namespace) -> int:
     except VirtualCellError as err:
         print(f"virtualcell {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (virtualcell info | head): nothing more to say, no traceback
+    except BrokenPipeError:  # a pipe gone under something else than standard output (which outlives its reader)
         import os
 
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        print(f"virtualcell {args.command}: stopped: a pipe it wrote to was closed; the work may be unfinished.",
+              file=sys.stderr)
+        return 1
     except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
         if args.verbose >= 2:
             raise

@@ -331,10 +331,14 @@ class SimulationResult:
                 f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
 
 
+SEED_LIMIT = 2**32  # seeds are whole numbers below it (the cells' hashed buckets mix them in 64 bits)
+
+
 def check_seed(seed: Any) -> int:
-    """A sampling seed as given, if it is a whole number >= 0 (numpy's too); anything else is refused by name."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise DataError(f"seed must be a whole number >= 0, got {seed!r}.")
+    """A sampling seed as given, if it is a whole number in [0, 2**32) (numpy's too); anything else is refused by
+    name."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
+        raise DataError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed!r}.")
     return int(seed)
 
 

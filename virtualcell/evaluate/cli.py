@@ -27,7 +27,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     >>> args.func is cmd_evaluate
     True
     """
-    from ..cli import _Formatter, _add_force, _positive_int
+    from ..cli import _Formatter, _add_force, _positive_int, _seed
 
     p = subparsers.add_parser(
         "evaluate", formatter_class=_Formatter,
@@ -62,7 +62,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="metric profile: virtualcell's default, fast or pearson; or cell-eval's vcc (the Virtual Cell "
                    "Challenge metrics), full, minimal, de, anndata or pds, computed by the cell-eval library "
                    "(default: default)")
-    p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's differential expression (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="threads for cell-eval's differential expression (default 1)")
     p.add_argument("--min-shared-genes", type=float, default=0.9,
                    help="refuse inputs sharing fewer than this fraction of the smallest input's genes (default 0.9)")
     from . import DEFAULT_BASELINES
@@ -72,7 +72,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "dose (a drug's other doses, interpolated in log dose)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the split-half noise ceiling")
     p.add_argument("--max-cells", type=_positive_int, default=500, help="cells per group for distances and baselines")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cell subsampling and the split halves")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the cell subsampling and the split halves")
     _add_force(p)
     p.set_defaults(func=cmd_evaluate)
     return p
