@@ -347,3 +347,37 @@ def test_counts_go_onto_the_total_of_a_model_trained_on_log1p_values(papalexi_sm
     contract = vc.DataContract.from_adata(counts)
     prepared = prepare(counts, contract, pd.Index(counts.var_names), name="measured", total=prediction_total(pred))
     np.testing.assert_allclose(prepared.X.toarray(), logged.X.toarray(), atol=1e-4)
+
+
+def test_real_lab_files_odd_labels_read_one_way(papalexi_small, tmp_path):
+    """A backed file failed differently at each entry point (anndata's and numpy's errors); half the controls written
+    'control ' were dropped by predict and measured as a perturbation by split_controls; a control given as the number
+    0 of integer labels was not found; gene names with spaces around them were 'none of the model's genes'."""
+    import warnings
+
+    from virtualcell.errors import DataError, VocabularyError
+
+    path = tmp_path / "a.h5ad"
+    papalexi_small[:50].copy().write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    for call in (lambda: vc.evaluate.split_controls(backed), lambda: vc.evaluate.to_cell_eval(backed),
+                 lambda: vc.train.train(backed, out=tmp_path / "m")):
+        with pytest.raises(DataError, match=r"on disk.*to_memory\(\)"):
+            call()
+    backed.file.close()
+    a = papalexi_small.copy()
+    ctrl = np.flatnonzero(a.obs["perturbation"] == "control")
+    a.obs["perturbation"] = a.obs["perturbation"].astype(str)
+    a.obs.iloc[ctrl[::2], a.obs.columns.get_loc("perturbation")] = "control "
+    contract = vc.DataContract("perturbation", "control")
+    with pytest.warns(UserWarning, match="spaces around"):
+        assert contract.is_control(a).sum() == ctrl.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, real = vc.evaluate.split_controls(a, perturbation_key="perturbation", control="control")
+    assert "control " not in set(contract.labels(real)) and base.n_obs + int(contract.is_control(real).sum()) == ctrl.size
+    assert vc.DataContract("n", 0).control == "0"
+    spaced = a[:20].copy()
+    spaced.var_names = [f"{g} " for g in spaced.var_names]
+    with pytest.raises(VocabularyError, match="spaces around them"):
+        encode(spaced, vocab=Vocabulary.from_adata(a), top_k=10)

@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +64,15 @@ class DataContract:
     other_controls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # labels are read as strings, so a control given as a number (control=0 of integer labels) is its string
+        object.__setattr__(self, "control", str(self.control).strip())
         others = self.other_controls
         if isinstance(others, str):
             raise ContractError(f"other_controls takes a list of labels, got the string {others!r}: write "
                                 f"other_controls=[{others!r}].")
         # a tuple of distinct labels other than control (lists and arrays from JSON or h5ad become one)
         object.__setattr__(self, "other_controls",
-                           tuple(dict.fromkeys(str(x) for x in others if str(x) != self.control)))
+                           tuple(dict.fromkeys(str(x).strip() for x in others if str(x).strip() != self.control)))
 
     @property
     def controls(self) -> tuple[str, ...]:
@@ -134,8 +137,18 @@ class DataContract:
 
     # ------------------------------------------------------------------ #
     def labels(self, adata: ad.AnnData) -> np.ndarray:
-        """The perturbation label of every cell, as strings (each of ``other_controls`` read as ``control``)."""
-        labels = adata.obs[self.perturbation_key].astype(str).to_numpy()
+        """The perturbation label of every cell, as strings (each of ``other_controls`` read as ``control``), without
+        spaces around them: ``'control '`` is ``'control'`` (a warning says so), in training, prediction, the split of
+        the controls and evaluation alike (predict took the ``'control'`` cells alone, split_controls measured the
+        others as a perturbation)."""
+        column = adata.obs[self.perturbation_key].astype(str)
+        stripped = column.str.strip()
+        spaced = stripped != column
+        if spaced.any():
+            examples = sorted({repr(x) for x in column[spaced.to_numpy()]})
+            warnings.warn(f"{int(spaced.sum())} cells' labels in obs[{self.perturbation_key!r}] have spaces around "
+                          f"them ({preview(examples, 4)}): read without them.", stacklevel=2)
+        labels = stripped.to_numpy()
         if self.other_controls:
             labels = np.where(np.isin(labels, self.other_controls), self.control, labels)
         return labels

@@ -240,7 +240,7 @@ class PerturbationVocab:
                     typed = f" Or write a typed perturbation, e.g. 'drug:{name}@1uM' or 'cytokine:NAME@10ng/ml'."
                 raise PerturbationError(
                     f"The model does not know the perturbation {part.target!r}.{did} Known labels: "
-                    f"{preview(sorted(self.labels), 12)}.{typed}"
+                    f"{preview(sorted(self.labels), 12) or 'none'}.{typed}"
                 )
             elif part.kind in GENETIC and part.target.upper() in self.aliases:  # "ko:STAT1" -> its gene's id
                 out.append(replace(part, target=self.aliases[part.target.upper()]))

@@ -71,6 +71,14 @@ _STRIP = ".,;:!?\"'()[]{}"
 # --------------------------------------------------------------------------- #
 # Expression matrices: validation and normalization
 # --------------------------------------------------------------------------- #
+def require_in_memory(adata: ad.AnnData, what: str = "The AnnData") -> None:
+    """Refuse an AnnData read with ``backed='r'``: virtualcell reads expression in memory, and a backed file failed
+    differently at each entry point (train, evaluate, split_controls: anndata's and numpy's errors)."""
+    if getattr(adata, "isbacked", False):
+        raise DataError(f"{what} is on disk (an AnnData read with backed='r'), and virtualcell reads expression in "
+                        "memory: load it first, adata = adata.to_memory() (or a subset: adata[cells].to_memory()).")
+
+
 def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_matrix:
     """The cells × genes matrix of ``adata`` as float32 CSR, after checking its values.
 
@@ -96,8 +104,7 @@ def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_
     if X is None:
         raise DataError(f"{where} is empty (None). Put the expression matrix there or choose another layer.")
     if getattr(adata, "isbacked", False) and not sp.issparse(X) and not isinstance(X, np.ndarray):
-        raise DataError(f"{where} is on disk (an AnnData read with backed='r'), and virtualcell reads expression in "
-                        "memory: load it first, adata = adata.to_memory() (or a subset: adata[cells].to_memory()).")
+        require_in_memory(adata, where)
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=False)
         values = X.data
@@ -819,9 +826,12 @@ def encode(
         col_map = vocab.ids(own.genes, missing="mark")
         unknown = np.flatnonzero(col_map < 0)
         if unknown.size == len(own):
+            spaced = sum(g != g.strip() for g in own.genes)
+            hint = (f" {spaced} of the data's gene names have spaces around them: strip them, adata.var_names = "
+                    "adata.var_names.str.strip()." if spaced else "")
             raise VocabularyError(
                 f"None of the data's {len(own)} genes are in the model's vocabulary "
-                f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}). "
+                f"(data e.g. {preview(own.genes, 3)}; model e.g. {preview(vocab.genes, 3)}).{hint} "
                 "Check that both name genes the same way (symbols or Ensembl ids, same species); if the "
                 "model's names sit in a var column of the data, pass --gene-key COLUMN (gene_key='COLUMN')."
             )

@@ -49,7 +49,7 @@ from .errors import DataError, TrainingError, preview
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
-from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_symbols, roundtrip,
+from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_in_memory, require_symbols, roundtrip,
                         with_gene_key)
 from .training.holdout import (baseline_cells, cells_per_context, holdout_mask, no_verdict_reason, unseen_labels,
                                verdict_cells, verdict_context, verdict_split)
@@ -335,6 +335,7 @@ def train(
     from .allocator import large_blocks_on_heap
     from .generation import blas_threads, torch_threads
 
+    require_in_memory(adata, "The training data")
     dev = training_device(device)
     cfg = with_learning_rate(config or TrainConfig(), base)
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
@@ -623,6 +624,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     from .training import batching, checkpoint, kernels, loop
 
     contract.validate(adata)
+    if contract.is_control(adata).all():  # (a model of no perturbation: it trained and saved, then predicted nothing)
+        raise DataError(f"Every cell of the training data is a control ({contract.control!r} in "
+                        f"obs[{contract.perturbation_key!r}]): there is no perturbation to learn. Train on a screen "
+                        "with perturbed cells, or check the perturbation column and the control label.")
     t_start = time.perf_counter()
     budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     cells = _prepare(adata, contract, cfg)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from ..contract import UNS_KEY
 from ..errors import DataError, preview
-from ..sentences import gene_match_key, with_gene_key
+from ..sentences import gene_match_key, require_in_memory, with_gene_key
 from ._data import Prepared, expression, onto_prediction_scale, prediction_total, resolve_contract
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,6 +121,7 @@ def to_cell_eval(
     """
     import anndata as ad
 
+    require_in_memory(adata)
     adata = with_gene_key(adata, gene_key)
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control)
     labels = contract.conditions(adata)  # a drug's doses are perturbations of their own

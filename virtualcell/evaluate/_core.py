@@ -16,7 +16,7 @@ from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview
 from ..perturbations import units_of_text
-from ..sentences import Vocabulary, target_aliases, with_gene_key
+from ..sentences import Vocabulary, require_in_memory, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
 from ._data import (
@@ -148,6 +148,7 @@ def _setup(
     inputs = {"real": real, "pred": pred, "baseline": baseline, "train": train}
     for key, a in inputs.items():  # every input checked as the user passed it, and named so
         if a is not None:  # measured expression is never negative; a shifted-control prediction can be
+            require_in_memory(a, f"The {_INPUT_NAMES[key]} AnnData")
             check_values(a, name=_INPUT_NAMES[key], allow_negative=key == "pred")
         if a is not None and key in ("real", "baseline") and a.obs_names.duplicated().any():
             # cells are found by name (the baseline's among the reference, a prediction's source cells)

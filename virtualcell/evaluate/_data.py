@@ -18,7 +18,7 @@ from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
 from ..perturbations import canonical_condition, condition_in_units, unordered_label
-from ..sentences import detect_scale, log_normalize, normalization_label
+from ..sentences import detect_scale, log_normalize, normalization_label, require_in_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -361,6 +361,7 @@ def split_controls(
     """
     if not 0.0 < fraction < 1.0:
         raise DataError(f"fraction must be between 0 and 1 (exclusive), got {fraction}.")
+    require_in_memory(adata)
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     rng = np.random.default_rng(seed)
     is_ctrl = contract.is_control(adata)
