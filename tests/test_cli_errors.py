@@ -304,3 +304,17 @@ def test_encode_will_not_replace_a_users_file(tmp_path, capsys):
     assert main(["encode", "--data", "papalexi2021", "--out", str(mine), "--top-k", "20"]) == 0
     assert main(["encode", "--data", "papalexi2021", "--out", str(mine), "--top-k", "20"]) == 0  # its own: replaced
     assert main(["encode", "--data", "papalexi2021", "--out", str(notes), "--force"]) == 0
+
+
+def test_every_command_takes_verbose_and_quiet_after_its_name(capsys, monkeypatch, caplog):
+    """-v worked only before the command ('virtualcell info --model m -v' was an unrecognized argument); only demo had
+    --quiet, so a log of predict, screen, train or evaluate filled with progress bars' \\r updates."""
+    import logging
+
+    from virtualcell.progress import Silent, progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with caplog.at_level(logging.INFO):
+        assert main(["info", "--model", "bundled", "-v", "-q"]) == 0
+    assert isinstance(progress_bar(3, True, "x", "it"), Silent)  # -q: every bar off
+    capsys.readouterr()

@@ -214,7 +214,9 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
             res.cells.close()
     a = res.aggregates.attrs
     P, C, G = res.cells.shape
-    print(f"wrote {P * C:,} predicted cells x {G} genes to {args.out} "
+    controls = (f" and the {C:,} baseline cells as cell-eval's control"  # (the cell-eval form holds them too)
+                if args.format == "cell-eval" and "control" not in res.perturbations else "")
+    print(f"wrote {P * C:,} predicted cells{controls} x {G} genes to {args.out} "
           f"({a['normalization']}; invalid genes {a['invalid_genes']}, duplicates {a['duplicate_genes']})")
     return 0
 
@@ -519,7 +521,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (default is not None and default is not False and default != argparse.SUPPRESS and "%(default)" not in text
                 and "default" not in text and action.option_strings and not action.required):
-            text += " (default: %(default)s)"
+            # a tuple as it is typed: 1,4 (not "(1, 4)")
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+                if isinstance(default, tuple) else "%(default)s"
+            text += f" (default: {shown})"
         elif default is None and action.option_strings and not action.required and "default" not in text:
             text += " (default: none)"
         return text
@@ -573,9 +578,14 @@ def _positive_floats(text: str) -> tuple[float, ...]:
 
 
 def _add_command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:  # noqa: ANN001
-    """A sub-command with a one-line description and an example in its help."""
-    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                          epilog=f"example:\n  {example}", formatter_class=_Formatter)
+    """A sub-command with a one-line description and an example in its help, and the options every command takes:
+    ``-v`` (also after the command) and ``-q``/``--quiet`` (no progress bars, for logs)."""
+    p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                       epilog=f"example:\n  {example}", formatter_class=_Formatter)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="more log output, -vv for debug (default: warnings only)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (a log file gets no \\r updates)")
+    return p
 
 
 def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that virtualcell did not write") -> None:
@@ -659,7 +669,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cells", type=_positive_int, default=120, help="baseline cells")
     p.add_argument("--top", type=_positive_int, default=12, help="rows of the ranking to print")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_force(p)
     p.set_defaults(func=cmd_demo)
 
@@ -795,12 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per cell (each cell's predictions averaged over K generations) that the verdict tries "
                         "with its best generation settings, keeping the one with the lowest validation error; each "
                         "K > 1 costs about K times the verdict's generation, and the chosen K multiplies every "
-                        "later screen's (default: %(default)s; 1: one sample, no choice)")
+                        "later screen's (default: " + ",".join(map(str, TrainConfig.verdict_samples)) + "; 1: one sample, no choice)")
     p.add_argument("--verdict-temperatures", type=_positive_floats, default=TrainConfig.verdict_temperatures,
                    metavar="T[,T...]",
                    help="sampling temperatures the verdict tries at its chosen samples per cell, keeping the one "
                         "with the lowest validation error; each one other than 1 costs one more generation at those "
-                        "samples (default: %(default)s; 1: no choice)")
+                        "samples (default: " + ",".join(f"{t:g}" for t in TrainConfig.verdict_temperatures) + "; 1: no choice)")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 
@@ -894,6 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2  # (a missing command is a usage error)
+    if getattr(args, "quiet", False):  # every bar, ours (virtualcell.progress) and tqdm's in the libraries we call
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
     from .distributed import launch_rank
 
     if launch_rank() != 0:  # under a multi-process launch the main process reports; the others' errors still show

@@ -9,6 +9,7 @@ touches no lock.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -35,8 +36,9 @@ class Silent:
 
 
 def progress_bar(total: int | None, enabled: bool, desc: str, unit: str, initial: int = 0) -> Any:
-    """A tqdm bar (``tqdm.auto``: a widget in notebooks) when ``enabled``, else a :class:`Silent` one."""
-    if not enabled:
+    """A tqdm bar (``tqdm.auto``: a widget in notebooks) when ``enabled``, else a :class:`Silent` one (also where the
+    environment sets ``TQDM_DISABLE``, as ``virtualcell --quiet`` does)."""
+    if not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
         return Silent(total, initial)
     from tqdm.auto import tqdm
 
