@@ -381,3 +381,14 @@ def test_real_lab_files_odd_labels_read_one_way(papalexi_small, tmp_path):
     spaced.var_names = [f"{g} " for g in spaced.var_names]
     with pytest.raises(VocabularyError, match="spaces around them"):
         encode(spaced, vocab=Vocabulary.from_adata(a), top_k=10)
+
+
+def test_a_missing_context_is_refused_wherever_contexts_are_read(papalexi_small):
+    """train and evaluate refused a context column with missing values; the Simulator read them as a context named
+    'nan'. contexts() refuses them, one rule for every reader."""
+    from virtualcell.errors import ContractError
+
+    a = papalexi_small[:10].copy()
+    a.obs["cell_type"] = pd.array(["A", None] * 5, dtype="string")
+    with pytest.raises(ContractError, match="context column 'cell_type' has 5 missing values"):
+        vc.DataContract("perturbation", "control", context_key="cell_type").contexts(a)

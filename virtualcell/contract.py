@@ -234,6 +234,11 @@ class DataContract:
         if self.context_key is None:
             return np.full(adata.n_obs, "all", dtype=object)
         cols = self.context_columns(adata)
+        for col in cols:  # (read as the string 'nan', a missing value was a context of its own in the Simulator)
+            if adata.obs[col].isna().any():
+                raise ContractError(f"The context column {col!r} has {int(adata.obs[col].isna().sum())} missing "
+                                    "values. Fill them (with each cell's cell type, patient or batch) or drop those "
+                                    "cells.")
         columns = [adata.obs[col].astype(str).to_numpy().astype(object) for col in cols]
         if len(cols) > 1:  # joined with CONTEXT_VALUE_SEP: a value holding it would merge two contexts into one
             for col, values in zip(cols, columns):
