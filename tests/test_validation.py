@@ -938,3 +938,44 @@ def test_the_covariance_leaves_out_perturbations_held_out_whole(tiny_model):
     without = Baselines.fit(data[keep].copy(), contract, model)
     np.testing.assert_allclose(with_forms.response, without.response, atol=1e-5)
     assert set(held) <= {n.split(":")[-1] for n in with_forms.names}  # their meanshift is still served
+
+
+def test_a_cell_is_served_its_own_contexts_measured_effect(tmp_path):
+    """drugX moves G00-G04 four times up in cell type A and four times down in B. The served baseline was one vector,
+    the mean over contexts (about -0.2 for every cell), so a screen of A cells ranked drugX below a mild drug and
+    listed G00-G04 as going down. Each cell now gets its own context's measured effect where it was measured (the
+    mean over contexts where not), in the Simulator and in the verdict's baseline; baselines.npz keeps them."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:02d}" for i in range(40)]
+    mu = rng.uniform(5, 30, len(genes))
+    rows, obs = [], []
+    for c in ("A", "B"):
+        for p, n in (("control", 150), ("drugX", 60), ("drugY", 60)):
+            m = mu.copy()
+            if p == "drugX":
+                m[:5] *= 4.0 if c == "A" else 0.25
+            if p == "drugY":
+                m[10:15] *= 1.6
+            rows.append(rng.poisson(m, size=(n, len(genes))))
+            obs += [(p, c)] * n
+    a = ad.AnnData(sp.csr_matrix(np.vstack(rows).astype(np.float32)),
+                   obs=pd.DataFrame(obs, columns=["perturbation", "cell_type"], index=[f"c{i}" for i in range(len(obs))]),
+                   var=pd.DataFrame(index=genes))
+    cfg = vc.TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=8, eval_every=4, save_every=4,
+                         batch_size=8, warmup_steps=2, seed=0)
+    vc.train.train(a, out=tmp_path / "m", config=cfg, progress=False,
+                   contract=DataContract("perturbation", "control", context_key="cell_type"))
+    model = vc.C2SModel.load(tmp_path / "m")
+    base = model.baselines
+    own_a, own_b = base.delta_for("drugX", context="A")[0][:5], base.delta_for("drugX", context="B")[0][:5]
+    assert (own_a > 1.0).all() and (own_b < -1.0).all()
+    np.testing.assert_allclose(base.delta_for("drugX", context="new")[0], base.delta_for("drugX")[0])
+    np.testing.assert_allclose(base.delta_for("drugX")[0][:5], (own_a + own_b) / 2, atol=1e-5)
+    ctrl = a[a.obs["perturbation"] == "control"]
+    for c, sign in (("A", 1), ("B", -1)):
+        cells = ctrl[ctrl.obs["cell_type"] == c][:12].copy()
+        served = vc.Simulator(cells, model, seed=0).simulate(["drugX"], blend=0.0, samples=1, progress=False)
+        assert (sign * served.aggregates["delta"].values[0, :5] > 0.8).all(), c

@@ -465,6 +465,8 @@ class C2SModel:
         arrays = [] if self.gene_map is None else [self.gene_map.left, self.gene_map.right]
         if self.baselines is not None:
             arrays.append(np.asarray(self.baselines.delta))
+            if self.baselines.own_delta is not None:  # (a checkpoint from before it has none: its digest as it was)
+                arrays.append(np.asarray(self.baselines.own_delta))
         for a in arrays:
             h.update(str(a.shape).encode())
             h.update(_sampled_bytes(np.asarray(a).reshape(-1)))

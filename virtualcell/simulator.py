@@ -752,6 +752,11 @@ class Simulator:
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
+        # ... each cell's own: a perturbation's effect in the cell's context where it was measured there
+        contexts, cell_context = (np.unique(np.asarray(context[1], dtype=str), return_inverse=True) if context is not None
+                                  else (np.array([None], dtype=object), np.zeros(n, dtype=np.int64)))
+        shift_in = [np.stack([self.model.baselines.delta_for(p, context=c)[0] for c in contexts]) for p in perts] \
+            if w is not None else []
         w_unseen = self.unseen_weight(blend, calibrate=calibrate)
         weights = [w_unseen if source in UNSEEN_BASELINES else w for _, source in shift]
         blended = w is not None and any(x < 1.0 for x in weights)
@@ -775,11 +780,13 @@ class Simulator:
         cfg = self.generation_config(seed=seed, batch_size=batch_size, max_genes=max_genes, temperature=temperature,
                                      guidance=guidance, coexpression_prior=coexpression_prior, compose=compose)
 
-        def made(j: int, p: Any, d: np.ndarray, x: np.ndarray, d_ctrl: np.ndarray) -> tuple[np.ndarray, ...]:
+        def made(j: int, p: Any, d: np.ndarray, x: np.ndarray, d_ctrl: np.ndarray, rows: np.ndarray
+                 ) -> tuple[np.ndarray, ...]:
             """Perturbation ``j``'s predictions of the cells ``x`` from decodes ``d``: ``(pure, its change, served,
             its change)``. A change is each cell's before clipping (calibrated: the prediction is x + change, clipped
             and rescaled to the unclipped mean; uncalibrated: the decoded generation against the cell); served is the
-            pure prediction, or where blended the same generation blended with the baseline."""
+            pure prediction, or where blended the same generation blended with the baseline (each cell's, by its
+            context: ``rows`` are the cells' rows in the baseline)."""
             if not calibrate:
                 pure, change = d, d - x
             elif p == control:  # calibrated: the baseline cell itself
@@ -790,7 +797,7 @@ class Simulator:
             pure = pure.astype(np.float32)
             if not blended or p == control:
                 return pure, change, pure, change
-            served_change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift[j][0]
+            served_change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift_in[j][cell_context[rows]]
             return pure, change, calibrated(x, served_change).astype(np.float32), served_change
 
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
@@ -819,7 +826,7 @@ class Simulator:
                     else:
                         k0 = first[str(p)]
                         d = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(k0, k0 + samples)], axis=0)
-                    pure, change, pred, served_change = made(j, p, d, x, d_ctrl)
+                    pure, change, pred, served_change = made(j, p, d, x, d_ctrl, idx)
                     sums.add_model(j, pure, change)
                     if model_mem is not None:
                         model_mem[j, idx] = pure
@@ -828,7 +835,8 @@ class Simulator:
                         cells_mem[j, idx] = pred
                     if draws_mem is not None:  # the cell's first sample alone, made into a prediction the same way
                         k1 = 0 if p == control else first[str(p)]
-                        draw, _, served, _ = made(j, p, np.array([gen[(i, k1)] for i in range(len(idx))]), x, d_ctrl)
+                        draw, _, served, _ = made(j, p, np.array([gen[(i, k1)] for i in range(len(idx))]), x, d_ctrl,
+                                                 idx)
                         draws_mem[j, idx] = served
                         if draws_model_mem is not None:
                             draws_model_mem[j, idx] = draw
