@@ -3,11 +3,12 @@ the verdict's model-minus-baseline difference, each beside the rule it replaced,
 truth is known (numpy only, no model; seeded).
 
 1. **A screen candidate with no effect** (``screen.rank`` with the default objective, the L2 norm of the mean delta):
-   aggregates laid out as ``Simulator.simulate`` writes them (120 baseline cells in the Simulator's 20 buckets, each
-   predicted cell paired with its own baseline cell), four candidates per screen whose true mean change is 0, and
-   candidates with a true effect of 1x, 3x and 10x the noise. The score is corrected on the squared norm
-   (``LargestEffect.corrected``); the rule before (the basic bootstrap on the norm itself, ``2 * plug_in -
-   median(boots)``) is computed from the same resamples. Reported: how often the interval excludes the true value
+   aggregates laid out as ``Simulator.simulate`` writes them (120 baseline cells in the Simulator's 20 buckets, and a
+   small screen of 12 cells in 10 or so, each predicted cell paired with its own baseline cell), four candidates per
+   screen whose true mean change is 0, and candidates with a true effect of 1x, 3x and 10x the noise. The score is
+   corrected on the squared norm with the resamples widened for the buckets' number (``LargestEffect.corrected``,
+   ``objectives.widened``); the rules before (the basic bootstrap on the norm itself, ``2 * plug_in -
+   median(boots)``; on the squared norm without widening, session 56) are computed from the same resamples. Reported: how often the interval excludes the true value
    (nominal 5%), how often a null candidate scores above 0 (and so may be a diverse pick), the mean score.
 2. **The verdict's difference when model and baseline are equally good** (``validation.mse_difference``): 20
    perturbations x 5 contexts, each perturbation's error shared by its contexts (a model that misreads a
@@ -69,8 +70,10 @@ def aggregates(changes: np.ndarray, x: np.ndarray, names: list[str]):  # noqa: A
         attrs={"n_baseline_cells": n})
 
 
-def norm_rule(agg, name: str, n_boot: int, seed: int) -> tuple[float, float, float]:  # noqa: ANN001
-    """The rule before: the basic bootstrap on the norm, from the same resamples ``screen.rank`` draws."""
+def earlier_rules(agg, name: str, n_boot: int, seed: int) -> dict[str, tuple[float, float, float]]:  # noqa: ANN001
+    """The rules before, from the same resamples ``screen.rank`` draws: the basic bootstrap on the norm (before
+    session 56), and on the squared norm without widening the resamples for the buckets' number (session 56)."""
+    from virtualcell.objectives import LargestEffect
     from virtualcell.generation import stable_key
 
     a = agg.sel(perturbation=name)
@@ -85,20 +88,21 @@ def norm_rule(agg, name: str, n_boot: int, seed: int) -> tuple[float, float, flo
         boots.append(np.linalg.norm((bucket_delta[pick] * w[:, None]).sum(0) / w.sum()))
     plug = float(np.linalg.norm(a["delta"].values))
     low, mid, high = np.percentile(boots, [2.5, 50, 97.5])
-    return 2 * plug - mid, 2 * plug - high, 2 * plug - low
+    return {"norm (before session 56)": (2 * plug - mid, 2 * plug - high, 2 * plug - low),
+            "squared, not widened (session 56)": LargestEffect().corrected(plug, np.asarray(boots))}
 
 
 def largest_effect(reps: int, n_boot: int) -> list[dict]:
     from virtualcell.objectives import LargestEffect
     from virtualcell.screen import rank
 
-    genes, n, noise_sq = 50, 120, 0.15  # the paired noise ||.||^2 of the demo's screen (120 cells)
-    s = np.sqrt(noise_sq * n / genes)  # per-cell, per-gene sd of the change giving that noise
+    genes, noise_sq = 50, 0.15  # the paired noise ||.||^2 of the demo's screen (120 cells)
     obj = LargestEffect()
     rows = []
-    for ratio in (0.0, 1.0, 3.0, 10.0):
+    for n, ratio in [(12, 0.0), (12, 3.0), (120, 0.0), (120, 1.0), (120, 3.0), (120, 10.0)]:
+        s = np.sqrt(noise_sq * n / genes)  # per-cell, per-gene sd of the change giving that noise of the mean
         truth = float(np.sqrt(ratio * noise_sq))
-        tally = {"now": [0, 0, []], "before": [0, 0, []]}  # excludes the truth, scores above 0, scores
+        tally = {rule: [0, 0, []] for rule in ("now", "squared, not widened (session 56)", "norm (before session 56)")}
         for r in range(reps):
             rng = np.random.default_rng(1000 * int(ratio) + r)
             x = rng.gamma(2.0, 1.0, (n, genes)) + 3
@@ -111,13 +115,13 @@ def largest_effect(reps: int, n_boot: int) -> list[dict]:
             for name in names:
                 for rule, (score, low, high) in (
                         ("now", tuple(table.loc[name, ["score", "score_low", "score_high"]])),
-                        ("before", norm_rule(agg, name, n_boot, r))):
+                        *earlier_rules(agg, name, n_boot, r).items()):
                     t = tally[rule]
                     t[0] += not (low <= truth <= high)
                     t[1] += score > 0
                     t[2].append(score)
         for rule, (excl, above, scores) in tally.items():
-            rows.append({"effect / noise": ratio, "true norm": round(truth, 3), "rule": rule,
+            rows.append({"cells": n, "effect / noise": ratio, "true norm": round(truth, 3), "rule": rule,
                          "candidates": 4 * reps, "interval excludes the truth": excl / (4 * reps),
                          "score above 0": above / (4 * reps), "mean score": float(np.mean(scores))})
     return rows
@@ -189,7 +193,7 @@ def main() -> int:
         {"command": " ".join(["python", "experiments/interval_calibration.py", *sys.argv[1:]]), "seconds": seconds,
          **parts}, indent=1))
     doc = __doc__.split("Run from")[0].strip()
-    md = [f"# How often a 95% interval says something that is not there\n",
+    md = ["# How often a 95% interval says something that is not there\n",
           f"Command: `python experiments/interval_calibration.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
           f"({seconds:.0f} s). Nominal: an interval misses the truth in 5% of cases; a one-sided claim is wrong in "
           "2.5%.\n", doc.split("\n\n", 1)[1] + "\n",

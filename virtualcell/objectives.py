@@ -51,16 +51,34 @@ class Objective:
     def score(self, delta: np.ndarray) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def corrected(self, plug_in: float, boots: np.ndarray) -> tuple[float, float, float]:
+    def corrected(self, plug_in: float, boots: np.ndarray, n_buckets: int | None = None
+                  ) -> tuple[float, float, float]:
         """``(score, low, high)`` from the score of the mean delta and its bootstrap resamples' scores:
         the bias-corrected estimate ``2 * plug_in - median(boots)`` and the basic bootstrap's 95% interval
         around the same correction, ``2 * plug_in - q97.5`` to ``2 * plug_in - q2.5`` (so the score lies
-        inside its interval). For a score linear in the delta the correction is about nothing."""
-        low, mid, high = np.percentile(boots, [2.5, 50, 97.5])
+        inside its interval). For a score linear in the delta the correction is about nothing. ``n_buckets``:
+        how many buckets of cells were resampled (:func:`widened`)."""
+        low, mid, high = np.percentile(widened(plug_in, boots, n_buckets), [2.5, 50, 97.5])
         return 2 * plug_in - mid, 2 * plug_in - high, 2 * plug_in - low
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description}
+
+
+def widened(plug_in: float, boots: np.ndarray, n_buckets: int | None, *, squared: bool = False) -> np.ndarray:
+    """Bootstrap resamples of a score widened around ``plug_in`` by ``sqrt(B / (B - 1))`` for ``B`` resampled
+    buckets (by ``B / (B - 1)`` for a squared score, ``squared``): resampling ``B`` buckets gives a mean's variance
+    ``(B - 1) / B`` of its unbiased estimate, too little for the few buckets of a small screen (8 cells are 7-8
+    buckets). As they are without ``n_buckets``.
+
+    >>> widened(1.0, np.array([0.0, 2.0]), 2).tolist()
+    [-0.41421356237309515, 2.414213562373095]
+    """
+    boots = np.asarray(boots, dtype=np.float64)
+    if n_buckets is None or n_buckets < 2:
+        return boots
+    factor = n_buckets / (n_buckets - 1)
+    return plug_in + (factor if squared else np.sqrt(factor)) * (boots - plug_in)
 
 
 def _index(genes: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray:
@@ -93,12 +111,14 @@ class LargestEffect(Objective):
     def score(self, delta: np.ndarray) -> float:
         return float(np.linalg.norm(delta))
 
-    def corrected(self, plug_in: float, boots: np.ndarray) -> tuple[float, float, float]:
+    def corrected(self, plug_in: float, boots: np.ndarray, n_buckets: int | None = None
+                  ) -> tuple[float, float, float]:
         """The correction made on the squared norm, where the noise adds (``E||mean delta||^2 = ||mu||^2 +
         noise``, and a resample adds it again), and brought back as ``sign(x) * sqrt(|x|)``: a perturbation
         with no effect scores about 0, below it as often as above, and its interval holds 0. (On the norm
         itself the noise does not subtract away: a null effect scored about 0.6 sqrt(noise), its interval
-        above 0.)
+        above 0.) The resamples' spread is widened for the few buckets resampled (:func:`widened`, on the squared
+        norm): with 8 cells a null effect scored above 0 in 82% of screens, not half.
 
         >>> s, lo, hi = LargestEffect().corrected(1.0, np.sqrt(np.linspace(1.5, 2.5, 101)))
         >>> abs(s) < 1e-6, lo < 0 < hi
@@ -106,7 +126,8 @@ class LargestEffect(Objective):
         """
         from ._stats import signed_root
 
-        sq, b = plug_in ** 2, np.square(np.asarray(boots, dtype=np.float64))
+        sq = plug_in ** 2
+        b = widened(sq, np.square(np.asarray(boots, dtype=np.float64)), n_buckets, squared=True)
         low, high = np.percentile(b, [2.5, 97.5])
         return signed_root(2 * sq - b.mean()), signed_root(2 * sq - high), signed_root(2 * sq - low)
 

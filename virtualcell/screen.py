@@ -616,7 +616,7 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             boots.append(objective.score((bucket_delta[pick] * w[:, None]).sum(0) / w.sum()))
         plug_in = objective.score(delta)
         if boots:
-            score, score_low, score_high = objective.corrected(plug_in, np.asarray(boots))
+            score, score_low, score_high = objective.corrected(plug_in, np.asarray(boots), n_buckets=nonempty.size)
         else:  # no resamples: no interval and no bias to measure
             score, score_low, score_high = plug_in, float("nan"), float("nan")
         if "var_delta" in a:  # each predicted cell against its own baseline cell
