@@ -1112,3 +1112,17 @@ def test_pretraining_leaves_out_the_validation_targets_and_a_pair_cap_is_said(pa
     with caplog.at_level(logging.WARNING, logger="virtualcell.train"):
         _pair_split(cells.data, contract, replace(cfg, max_pairs=100), cells.sources[0])
     assert "max_pairs is 100" in caplog.text
+
+
+def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path):
+    """train() reseeded the caller's global torch generator with its own seed (a user's later torch.rand changed
+    with the training seed); the model's initial weights are the seed's under the caller's state untouched."""
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=1, eval_every=1, save_every=1,
+                      batch_size=8, warmup_steps=1, seed=0, attention="eager", precision="fp32", threads=1)
+    torch.manual_seed(123)
+    want = torch.rand(1)
+    torch.manual_seed(123)
+    train(papalexi_small[::4].copy(), out=tmp_path / "m", config=cfg, progress=False)
+    assert torch.equal(torch.rand(1), want)

@@ -60,15 +60,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verdict_text(verdict, weight) -> str:  # noqa: ANN001
-    """The checkpoint's validation verdict and the weight served, for a person."""
+def _verdict_text(verdict, weight, unseen_weight=None) -> str:  # noqa: ANN001
+    """The checkpoint's validation verdict and the weights served (``unseen_weight``: the one perturbations no
+    training cell measured get, where it differs), for a person."""
     from .validation import summary_line
 
     served = ("served: the pure model" if weight is None
               else f"served: blend with weight {weight:.2f} on the model (1 - w on the training baseline)")
-    unseen = (verdict or {}).get("unseen")
-    if weight is not None and unseen:
-        served += (f"; {unseen['weight']:.2f} for perturbations no training cell measured (served beside pertmean "
+    if weight is not None and unseen_weight is not None and unseen_weight != weight:
+        served += (f"; {unseen_weight:.2f} for perturbations no training cell measured (served beside pertmean "
                    "or coexpression)")
     return f"validation: {summary_line(verdict)}\n{served}"
 
@@ -184,7 +184,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     model = C2SModel.load(args.model, device=args.device)
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     n = sim.baseline.n_obs if args.n_cells is None else min(args.n_cells, sim.baseline.n_obs)
-    print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
+    print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
     # the chunked file of a large prediction goes beside --out, named for it and this process; one a killed run left
     # (a scheduler's time limit) is removed here, under the output's lock
     prefix = f".vc-predict-{out.name}-r{launch_rank()}-"
@@ -197,6 +197,13 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
         # large predictions stream through a chunked file on disk instead of memory
         limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
         big = (len(perts) + 1) * n * len(model.genes) > limit
+        from .distributed import launched
+
+        if big and launched():  # (the processes would write one chunked file at once)
+            raise _usage(f"{len(perts) + 1} x {n:,} cells x {len(model.genes):,} genes is over --max-in-memory "
+                         f"({limit:,} values), and a prediction that large streams through one file, which a "
+                         "multi-process launch cannot share yet: run it as one process, predict fewer --n-cells or "
+                         "perturbations at a time, or raise --max-in-memory.")
         if big and args.draws:
             raise _usage(f"--draws holds the predictions in memory, and {len(perts) + 1} x {n:,} cells x "
                          f"{len(model.genes):,} genes is over --max-in-memory ({limit:,} values): predict fewer "
@@ -272,7 +279,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
-    print(_verdict_text(model.verdict, sim.blend_weight(args.blend)))
+    print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
     res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
                  blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior,
@@ -391,7 +398,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
-        context_verdict=args.context_verdict, keep_best=args.keep_best, compile=args.compile, gene_init=args.gene_init,
+        context_verdict=args.context_verdict, keep_best=args.keep_best, compile=args.compile, attention=args.attention, precision=args.precision, gene_init=args.gene_init,
         pairing=args.pairing, pair_draws=args.pair_draws, control_copies=args.control_copies,
         verdict_samples=args.verdict_samples, verdict_temperatures=args.verdict_temperatures,
         response_weight=args.response_weight,
@@ -731,6 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
                         "layer (less when cached); auto: on a CPU, when the run is expected to last 150 s per layer "
                         "or more (10 minutes for 4 layers)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "eager"), default=TrainConfig.attention,
+                   help="attention kernel; auto: the faster of the two, timed on this machine at the start, which can "
+                        "differ between two runs of one command (their weights then differ in the 6th digit): name one "
+                        "to repeat a run exactly")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=TrainConfig.precision,
+                   help="arithmetic of the training steps; auto: bf16 where timed faster on this CPU or GPU (as "
+                        "--attention, timed per run): name one to repeat a run exactly")
     p.add_argument("--gene-init", choices=("pca", "random"), default=TrainConfig.gene_init,
                    help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
                         "training cells' principal axes, so co-expressed genes start close; better on validation, "

@@ -233,10 +233,12 @@ def run(
         new = [n for n, p in zip(names, perts) if not trained[n]
                and not (own and simulator.model.baselines.delta_for(p)[1] in UNSEEN_BASELINES)]
         if new:
+            chosen = not (blend is True or (isinstance(blend, str) and blend.lower() == "auto"))
             log.warning("%d of the panel's perturbations %s never trained on as such (%s); they are served with "
-                        "the blend weight %.2f fitted on trained ones, which says nothing about these: the pure "
+                        "the blend weight %.2f %s, which says nothing about these: the pure "
                         "model's figures (*_model) are beside the served ones.%s", len(new),
                         "was" if len(new) == 1 else "were", preview(new, 5), w,
+                        "you chose" if chosen else "fitted on trained ones",
                         "" if own or not any(isinstance(p, Perturbation) and p.kind in GENETIC
                                              for n, p in zip(names, perts) if n in new)
                         else " Train with --unseen-fraction to fit a weight for knockouts never trained on.")
@@ -395,6 +397,9 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             with safeio.atomic_path(folder / name) as tmp:
                 fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
             plt.close(fig)
+        for name in ("dose_response.png", "time_course.png"):  # another screen's, in this folder: not this one's
+            if name not in figures:
+                (folder / name).unlink(missing_ok=True)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
 
@@ -660,10 +665,20 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
 
 
 def _edistance() -> Callable[[np.ndarray, np.ndarray], float]:
-    """E-distance through pertpy.tools.Distance (imported here: it is slow to import)."""
+    """E-distance through pertpy.tools.Distance (imported here: it is slow to import), its BLAS held to one thread:
+    the sums it reduces came out otherwise in the 6th digit with the machine's thread count (a ranking file differed
+    in bytes between OMP_NUM_THREADS=1 and the default)."""
     import pertpy as pt
 
-    return pt.tools.Distance(metric="edistance")
+    from .generation import blas_threads
+
+    distance = pt.tools.Distance(metric="edistance")
+
+    def one_thread(a: np.ndarray, b: np.ndarray) -> float:
+        with blas_threads(1):
+            return distance(a, b)
+
+    return one_thread
 
 
 def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, similarity: float = 0.8) -> pd.DataFrame:

@@ -414,8 +414,9 @@ def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: Pe
             max_position_embeddings=2 * cfg.top_k + 64, rms_norm_eps=1e-5, tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        torch.manual_seed(cfg.seed)
-        return LlamaForCausalLM(lm_config), tokenizer, "compact"
+        with torch.random.fork_rng(devices=[]):  # the seed's weights, and the caller's random state untouched
+            torch.manual_seed(cfg.seed)
+            return LlamaForCausalLM(lm_config), tokenizer, "compact"
     from .model import unreachable
 
     try:
