@@ -513,3 +513,27 @@ def test_the_largest_effect_widens_its_resamples_for_the_buckets_resampled():
     assert wide[0] == pytest.approx(np.sign(x := 2 - (1 + 1.25 * (sq.mean() - 1))) * np.sqrt(abs(x)))
     assert wide[0] < plain[0] and wide[1] < plain[1]  # (the resamples, all above the plug-in here, move up)
     assert LargestEffect().corrected(1.0, boots, n_buckets=1) == plain
+
+
+def test_the_top_hits_heatmap_shows_the_objectives_genes_and_lowered_ones():
+    """The heatmap took every hit's raised genes before any lowered one and cut at 30, so a screen to lower STAT1
+    showed neither STAT1 nor any gene going down."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    import xarray as xr
+
+    from virtualcell.screen import plot_top_hits
+
+    genes = [f"G{i}" for i in range(60)]
+    n = 12
+    ranking = pd.DataFrame({"perturbation": [f"p{i}" for i in range(n)], "score": np.arange(n, 0, -1.0),
+                            "score_low": np.arange(n, 0, -1.0) - 0.1, "score_high": np.arange(n, 0, -1.0) + 0.1,
+                            "top_up": [[f"G{3 * i}", f"G{3 * i + 1}", f"G{3 * i + 2}"] for i in range(n)],
+                            "top_down": [["G59", "G58"] for _ in range(n)]})
+    agg = xr.Dataset({"delta": (("perturbation", "gene"), np.zeros((n, 60)))},
+                     coords={"perturbation": list(ranking["perturbation"]), "gene": genes})
+    fig = plot_top_hits(ranking, agg, return_fig=True, first=["g50"])
+    shown = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert shown[0] == "G50" and "G59" in shown and "G58" in shown and len(shown) <= 30

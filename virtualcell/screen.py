@@ -388,7 +388,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
 
         from .dose_response import dose_series, plot_dose_response, plot_time_course, time_series
 
-        figures = {"top_hits.png": plot_top_hits(ranking, agg, return_fig=True)}
+        figures = {"top_hits.png": plot_top_hits(ranking, agg, return_fig=True,
+                                                 first=[*getattr(obj, "up", ()), *getattr(obj, "down", ())])}
         if not dose_series(ranking).empty:
             figures["dose_response.png"] = plot_dose_response(ranking, agg, return_fig=True)
         if not time_series(ranking).empty:
@@ -726,18 +727,21 @@ def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, simi
     return out
 
 
-def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False) -> Any:
+def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return_fig: bool = False,
+                  first: Sequence[str] = ()) -> Any:
     """Top hits: scores with 95% intervals (picks dark, candidates the model never trained on hatched), and a
-    heatmap of their top genes."""
+    heatmap of genes: ``first`` (an objective's own, where the screen has them), then each hit's top 3 raised and
+    top 3 lowered genes in turn, 30 at most (all the raised ones came first, so lowered genes never made it)."""
     import matplotlib.pyplot as plt
 
     top = ranking.head(n)
-    genes = []
-    for lst in list(top["top_up"]) + list(top["top_down"]):
-        for g in lst[:3]:
+    spelled = {str(g).upper(): str(g) for g in agg["gene"].values}
+    genes = [spelled[str(g).upper()] for g in first if str(g).upper() in spelled]
+    for up, down in zip(top["top_up"], top["top_down"]):
+        for g in [*list(up)[:3], *list(down)[:3]]:
             if g not in genes:
                 genes.append(g)
-    genes = genes[:30]
+    genes = list(dict.fromkeys(genes))[:30]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.35 * len(top) + 1.5)),
                                    gridspec_kw={"width_ratios": [1, 1.6]})
     y = np.arange(len(top))[::-1]
