@@ -559,7 +559,8 @@ def test_a_run_with_unseen_fraction_judges_and_serves_perturbations_it_never_saw
     assert part["blend"]["mse"] <= min(part["model"]["mse"], part["baseline"]["mse"]) + 1e-9
     assert part["summary"] in verdict["summary"] and "held out of training whole" in part["summary"]
     assert model.train_config["verdict_weight_unseen"] == part["weight"]
-    assert f"{part['weight']:.2f} for perturbations no training cell measured" in _verdict_text(verdict, verdict["weight"])
+    assert f"{part['weight']:.2f} for perturbations no training cell measured" in _verdict_text(
+        verdict, verdict["weight"], part["weight"])
     # the Simulator serves their weight for a perturbation whose baseline is one for the unseen, the other for the rest
     sim = vc.Simulator(data[data.obs.perturbation == "control"][:8].copy(), model)
     w, w_u = verdict["weight"], part["weight"]
