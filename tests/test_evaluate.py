@@ -702,3 +702,18 @@ def test_repeated_cell_names_are_refused_and_a_slice_pandas_calls_non_unique_is_
     table = evaluate(pred[:, : len(names) - 1].copy(), sub, baseline=base[:, : len(names) - 1].copy(), baselines=(),
                      ceiling=False)
     assert len(table)
+
+
+def test_groups_left_unscored_for_want_of_controls_are_warned_of(caplog):
+    """A baseline file spelling its contexts otherwise ('typea' for 'typeA') left every predicted group unscored with
+    an info line only (an empty table, no warning); a measured context without control cells the same."""
+    import logging
+
+    a = _screen({("control", "typeA"): np.full(6, 2.0), ("A", "typeA"): np.full(6, 3.0)}, n=12, noise=0.2)
+    base, real = split_controls(a, seed=0)
+    pred = real[real.obs["perturbation"] != "control"].copy()
+    base.obs["cell_type"] = base.obs["cell_type"].astype(str).str.lower()
+    with caplog.at_level(logging.WARNING, logger="virtualcell.evaluate"):
+        table = evaluate(pred, real, baseline=base, baselines=(), ceiling=False)
+    assert table.empty
+    assert "no control cells in context 'typeA'" in caplog.text and "'typea'" in caplog.text

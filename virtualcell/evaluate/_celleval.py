@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from ..contract import UNS_KEY
 from ..errors import DataError, preview
 from ..sentences import gene_match_key, require_in_memory, with_gene_key
-from ._data import Prepared, expression, onto_prediction_scale, prediction_total, resolve_contract
+from ._data import Prepared, controls_in, expression, onto_prediction_scale, prediction_total, resolve_contract
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -240,8 +240,7 @@ def score(
     rows: list[tuple] = []
     for rc in contexts:
         in_pred = pred.contexts == rc.context
-        if not (in_pred & (pred.labels == control)).any():
-            log.info("the %s prediction has no control cells in context %r; not evaluated", method, rc.context)
+        if not controls_in(pred, rc.context, control, rc.candidates, method):
             continue
         scored = sorted(set(pred.labels[in_pred]) & set(rc.candidates))
         if not scored:

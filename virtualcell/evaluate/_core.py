@@ -23,6 +23,7 @@ from ._data import (
     MIN_SHARED,
     Prepared,
     check_values,
+    controls_in,
     group_moments,
     onto_prediction_scale,
     prediction_total,
@@ -347,8 +348,10 @@ def _real_contexts(
         in_ctx = real.contexts == ctx
         idx = np.flatnonzero(in_ctx)
         names, means, var, counts = group_moments(real.X[idx], real.labels[idx])
-        if control not in names:
-            log.info("context %r has no measured control cells; not evaluated", ctx)
+        if control not in names:  # (its perturbed cells have no reference to be measured from)
+            log.warning("The measured context %r has no control cells, so its %d perturbed groups (%s) are not "
+                        "evaluated; give the measured file that context's control cells.", ctx, len(names),
+                        preview(names, 4))
             continue
         ci = names.index(control)
         cand = [i for i, n in enumerate(names) if n != control]
@@ -374,13 +377,12 @@ def _real_contexts(
 
 
 def _pairs(pred: Prepared, contexts: list[_RealContext], genes: pd.Index, control: str, *, cells: bool,
-           max_cells: int | None, seed: int) -> list[PredRealPair]:
+           max_cells: int | None, seed: int, method: str = "model") -> list[PredRealPair]:
     rng = np.random.default_rng(seed + 1)
     pairs = []
     for rc in contexts:
         in_ctx = pred.contexts == rc.context
-        if not (in_ctx & (pred.labels == control)).any():
-            log.info("the prediction has no control cells in context %r; not evaluated", rc.context)
+        if not controls_in(pred, rc.context, control, rc.candidates, method):
             continue
         idx = np.flatnonzero(in_ctx)
         names, means, var, counts = group_moments(pred.X[idx], pred.labels[idx])
@@ -605,7 +607,7 @@ def _run(
         if cell_eval:
             return _celleval.score(method, pred_p, real_p, ctxs, [str(g) for g in genes], contract.control, groups,
                                    profile=str(profile), threads=threads)
-        return _score(method, _pairs(pred_p, ctxs, genes, contract.control, **kw), groups, metrics)
+        return _score(method, _pairs(pred_p, ctxs, genes, contract.control, method=method, **kw), groups, metrics)
 
     rows: list[tuple] = []
     pred_p = None

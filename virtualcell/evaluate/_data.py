@@ -189,6 +189,21 @@ class Prepared:
         return np.asarray(self.X[np.flatnonzero(mask)].toarray(), dtype=np.float32)
 
 
+def controls_in(pred: Prepared, context: str, control: str, candidates: Sequence[str], method: str) -> bool:
+    """Whether ``pred`` (a method's predicted cells, its control cells among them) has control cells in ``context``,
+    which its deltas are measured from; where not, the log says so, a warning where it predicted groups measured
+    there (a baseline file spelling its contexts otherwise left every group of theirs unscored without a word)."""
+    if (pred.labels[pred.contexts == context] == control).any():
+        return True
+    lost = sorted(set(pred.labels[pred.contexts == context]) & set(candidates))
+    (log.warning if lost else log.info)(
+        "The %s prediction has no control cells in context %r (check how each file spells its contexts; the "
+        "controls' are %s), so %s not evaluated there.", method, context,
+        preview(sorted(set(pred.contexts[pred.labels == control])), 4) or "none",
+        f"its {len(lost)} predicted groups ({preview(lost, 4)}) are" if lost else "nothing is")
+    return False
+
+
 def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name: str,
             dose_units: Mapping[str, str] | None = None, total: float | None = None) -> Prepared:
     """Keep ``genes`` of ``adata`` (in that order), normalize them and read labels and contexts. ``dose_units``: each
