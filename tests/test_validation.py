@@ -945,7 +945,8 @@ def test_a_cell_is_served_its_own_contexts_measured_effect(tmp_path):
     """drugX moves G00-G04 four times up in cell type A and four times down in B. The served baseline was one vector,
     the mean over contexts (about -0.2 for every cell), so a screen of A cells ranked drugX below a mild drug and
     listed G00-G04 as going down. Each cell now gets its own context's measured effect where it was measured (the
-    mean over contexts where not), in the Simulator and in the verdict's baseline; baselines.npz keeps them."""
+    mean over contexts where not); baselines.npz keeps them. (The verdict fits its one weight against the mean over
+    contexts, the baseline a new context gets.)"""
     import anndata as ad
     import scipy.sparse as sp
 

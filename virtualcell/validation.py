@@ -5,7 +5,7 @@
 
 1. fits the training-data baselines (:class:`Baselines`): each training label's
    **meanshift** delta (its effect in each context it was measured in, served to that context's cells, and its mean
-   over those contexts, served to any other), **pertmean** (the mean of
+   over those contexts, served to any other and the baseline the verdict judges), **pertmean** (the mean of
    those, for perturbations never seen), **coexpression** for a genetic perturbation never
    seen (pertmean plus how the genes move with its gene in the training cells; the cells'
    covariance is kept for it) and the **additive** sum for a combination of seen singles;
@@ -744,11 +744,14 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
             if p in unseen:
                 delta, name = model.baselines.unseen_delta(q, without=held_whole)
                 unseen_names.add(name)
-            else:  # its effect measured in this context's training cells, where it was (its mean over them, if not)
-                delta = model.baselines.delta_for(q, context=c)[0]
+            else:  # its mean over the training contexts: what a context it was not measured in is served. (Its own
+                # context's effect, served to that context's cells, is the stronger baseline there, and judged against
+                # it the weight fell, lowering the blend a new cell type gets; one weight serves both, so it is fitted
+                # against the baseline a transfer gets)
+                delta = model.baselines.delta_for(q)[0]
             b_rows.append(delta.astype(np.float64))
             for m, baselines in codecs.items():
-                c_rows[m].append(baselines.delta_for(q, context=c)[0].astype(np.float64))
+                c_rows[m].append(baselines.delta_for(q)[0].astype(np.float64))
             names.append(p)
             row_ctx.append(c)
             row_cells.append(cells.size)
