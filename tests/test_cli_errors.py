@@ -313,8 +313,38 @@ def test_every_command_takes_verbose_and_quiet_after_its_name(capsys, monkeypatc
 
     from virtualcell.progress import Silent, progress_bar
 
+    import os
+
+    import virtualcell.cli as cli
+
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    seen = []
+    monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(
+        (args.verbose, isinstance(progress_bar(3, True, "x", "it"), Silent))) or 0)
     with caplog.at_level(logging.INFO):
         assert main(["info", "--model", "bundled", "-v", "-q"]) == 0
-    assert isinstance(progress_bar(3, True, "x", "it"), Silent)  # -q: every bar off
+    assert seen == [(1, True)]  # -v after the command counted; -q: every bar off while it runs
+    assert "TQDM_DISABLE" not in os.environ  # ... and the caller's environment as it was after
     capsys.readouterr()
+
+
+def test_predict_takes_threads_and_gives_the_setting_back(papalexi, tmp_path, monkeypatch):
+    """predict and screen had no --threads (train and verdict had): on a shared machine they took every core."""
+    import torch
+
+    import virtualcell.generation as generation
+
+    base = tmp_path / "base.h5ad"
+    papalexi[papalexi.obs["perturbation"] == "control"][:6].copy().write_h5ad(base)
+    seen = []
+    real = generation.torch_threads
+
+    def spy(n):  # noqa: ANN001, ANN202
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(generation, "torch_threads", spy)
+    before = torch.get_num_threads()
+    assert main(["predict", "--model", "bundled", "--data", str(base), "--perturbations", "STAT1", "--n-cells", "4",
+                 "--samples", "1", "--threads", "1", "--out", str(tmp_path / "p.h5ad"), "-q"]) == 0
+    assert seen[:1] == [1] and torch.get_num_threads() == before and (tmp_path / "p.h5ad").exists()

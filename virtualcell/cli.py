@@ -600,6 +600,9 @@ def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that 
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the model and numpy (default: all cores; generation may still use 1 where it "
+                        "times faster): fewer leave cores to others on a shared machine")
     p.add_argument("--model", required=True, help="checkpoint folder (virtualcell train output, or a C2S checkpoint "
                    "fine-tuned by it), or 'bundled' (the model shipped in the package)")
     p.add_argument("--data", required=True, help="baseline cells: an .h5ad or a dataset name (control cells are used)")
@@ -920,7 +923,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # every bar, ours (virtualcell.progress) and tqdm's in the libraries we call
         import os
 
+        previous = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"
+        try:
+            return _main_run(args)
+        finally:  # (main() called from Python: the caller's environment as it was)
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+    return _main_run(args)
+
+
+def _main_run(args: argparse.Namespace) -> int:
+    """The command, in the main process or one of a multi-process launch."""
     from .distributed import launch_rank
 
     if launch_rank() != 0:  # under a multi-process launch the main process reports; the others' errors still show
@@ -977,6 +993,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.verbose < 2:  # a warning is one log line for a person, not a source line of ours (-vv: Python's own)
         warnings.showwarning = _warning_line
     try:
+        if getattr(args, "threads", None) is not None and args.command in ("predict", "screen"):
+            from .generation import blas_threads, torch_threads
+
+            with torch_threads(args.threads), blas_threads(args.threads):  # (train and verdict hold their own)
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.verbose >= 2:
