@@ -285,14 +285,15 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
             else:
                 family = _unit_key(dose_on_one_scale(unit)[0])
                 to = own or by_family.get(family)
-                if to is None or _unit_key(dose_on_one_scale(to)[0]) != family:
+                converted = None if to is None else _converted(dose, unit, to)
+                if converted is None:
                     trained = f"doses of {x.target} in {own}" if own else f"doses in {' or '.join(by_family.values())}"
                     time_hint = (f" If {_fmt(dose)}{unit} is a time, it goes after the dose and a comma "
                                  f"('{x.target}@DOSE,{_fmt(dose)}{unit}')." if hours_per(unit) is not None else "")
-                    raise PerturbationError(f"{x}: the model was trained on {trained}, and {unit} does not convert to "
-                                            f"{'it' if own else 'any of them'}; write the dose in {own or 'one of them'}."
-                                            + time_hint)
-                dose, unit = float(f"{dose * dose_on_one_scale(unit)[1] / dose_on_one_scale(to)[1]:.12g}"), to
+                    raise PerturbationError(
+                        f"{x}: the model was trained on {trained}, and {unit} does not convert to "
+                        f"{'it' if own else 'any of them'}; write the dose in {own or 'one of them'}.{time_hint}")
+                dose, unit = converted, to
         return Perturbation(x.kind, x.target, dose, unit, time, time_unit)
 
     if isinstance(p, Combination):
@@ -343,10 +344,17 @@ def condition_in_units(condition: str, have: Mapping[str, str], want: Mapping[st
         return condition
     dose, comma, time = suffix.partition(",")
     q = read_quantity(dose) if dose.strip() else None
-    a, b = _dose_family(have[agent]), _dose_family(want[agent])
-    if q is None or q[1] or a is None or b is None or a[0] != b[0]:
-        return condition
-    return f"{name}@{_fmt(float(f'{q[0] * a[1] / b[1]:.12g}'))}{comma}{time}"
+    value = None if q is None or q[1] else _converted(q[0], have[agent], want[agent])
+    return condition if value is None else f"{name}@{_fmt(value)}{comma}{time}"
+
+
+def _converted(dose: float, unit: str, to: str) -> float | None:
+    """``dose`` in ``unit`` written in ``to`` (12 significant digits: 300nM is 0.3uM, not 0.30000000000000004), or None
+    where the two units are not of one family (a unit of no known family is one of its own)."""
+    (common, factor), (common_to, factor_to) = dose_on_one_scale(unit), dose_on_one_scale(to)
+    if _unit_key(common) != _unit_key(common_to):
+        return None
+    return float(f"{dose * factor / factor_to:.12g}")
 
 
 def units_text(units: Mapping[str, str]) -> str:

@@ -217,11 +217,23 @@ def onto_cp10k(X: sp.csr_matrix, *, total: float | None = None) -> tuple[sp.csr_
     total (scanpy's default is the median library size) or gene set the values were normalized to. Returns it and the
     cells' median total of ``e`` before (1e4 where they were on that scale already). ``total``: another per-cell total
     than 1e4 to put them onto."""
-    linear = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    np.expm1(linear.data, out=linear.data)
-    totals = np.asarray(linear.sum(axis=1)).ravel()
-    had = float(np.median(totals[totals > 0])) if (totals > 0).any() else TARGET_SUM
+    linear = _expm1(X, np.float32)
+    had = _median_total(linear) or TARGET_SUM
     return log_normalize(linear, "counts", total=total), had  # the project's one normalization, as for counts
+
+
+def _expm1(X: sp.spmatrix, dtype: type) -> sp.csr_matrix:
+    """log1p values back on their linear scale, ``expm1(x)``, as a CSR copy of ``dtype``."""
+    linear = sp.csr_matrix(X, dtype=dtype, copy=True)
+    np.expm1(linear.data, out=linear.data)
+    return linear
+
+
+def _median_total(linear: sp.csr_matrix) -> float | None:
+    """The cells' median total on the linear scale (cells with none left out; None where no cell has any): what log1p
+    values were normalized to (:func:`onto_cp10k`, :attr:`RankFit.total`)."""
+    totals = np.asarray(linear.sum(axis=1)).ravel()
+    return float(np.median(totals[totals > 0])) if (totals > 0).any() else None
 
 
 def model_expression(adata: ad.AnnData, genes: Vocabulary, *, layer: str | None = None,
@@ -971,10 +983,7 @@ class RankFit:
         counts = np.bincount(r.astype(np.int64))
         means = tuple(float(v) for v in sums / np.maximum(counts, 1))
         norm = normalization_label(scale)
-        linear = sp.csr_matrix(Xn, dtype=np.float64, copy=True)
-        np.expm1(linear.data, out=linear.data)
-        totals = np.asarray(linear.sum(axis=1)).ravel()
-        total = TARGET_SUM if scale == "counts" else float(np.median(totals[totals > 0])) if (totals > 0).any() else None
+        total = TARGET_SUM if scale == "counts" else _median_total(_expm1(Xn, np.float64))
         return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means, total=total)
 
     def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] | None = None) -> np.ndarray:

@@ -751,14 +751,16 @@ class Simulator:
                         preview(trained, 5), checked.rstrip("."), advice)
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
-        shift = [self.model.baselines.delta_for(p) for p in perts] if w is not None else []
-        # ... each cell's own: a perturbation's effect in the cell's context where it was measured there
-        contexts, cell_context = (np.unique(np.asarray(context[1], dtype=str), return_inverse=True) if context is not None
-                                  else (np.array([None], dtype=object), np.zeros(n, dtype=np.int64)))
-        shift_in = [np.stack([self.model.baselines.delta_for(p, context=c)[0] for c in contexts]) for p in perts] \
+        # ... each cell's own: a perturbation's effect in the cell's context where it was measured there (the name
+        # of the baseline is the same in every context)
+        contexts, cell_context = (np.unique(np.asarray(context[1], dtype=str), return_inverse=True)
+                                  if context is not None else (np.array([None], dtype=object), np.zeros(n, np.int64)))
+        per_context = [[self.model.baselines.delta_for(p, context=c) for c in contexts] for p in perts] \
             if w is not None else []
+        shift_in = [np.stack([d for d, _ in row]) for row in per_context]
+        sources = [row[0][1] for row in per_context]
         w_unseen = self.unseen_weight(blend, calibrate=calibrate)
-        weights = [w_unseen if source in UNSEEN_BASELINES else w for _, source in shift]
+        weights = [w_unseen if source in UNSEEN_BASELINES else w for source in sources]
         blended = w is not None and any(x < 1.0 for x in weights)
         if keep_draws and (store is not None or keep_cells is False):
             raise ScreenError("keep_draws=True keeps one draw per cell in memory beside the cells: it needs the cells "
@@ -871,10 +873,10 @@ class Simulator:
         agg.attrs["control_samples"] = int(control_samples)
         agg.attrs["samples"] = samples
         agg.attrs["blend_weight"] = 1.0 if w is None else float(w)
-        if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for _, source in shift):
+        if w is not None and w_unseen != w and any(source in UNSEEN_BASELINES for source in sources):
             agg.attrs["blend_weight_unseen"] = float(w_unseen)  # served for the perturbations never trained on
         # the baselines the served cells blend in: none where the weight a perturbation is served at is 1
-        blended = {b for _, b in shift if (w_unseen if b in UNSEEN_BASELINES else w) < 1.0} - {"none"}
+        blended = {b for b in sources if (w_unseen if b in UNSEEN_BASELINES else w) < 1.0} - {"none"}
         agg.attrs["baseline"] = ";".join(sorted(blended)) or "none"
         agg.attrs["new_contexts"] = "; ".join(new_contexts)  # the cells' contexts the model never saw perturbed
         agg.attrs["absent_genes"] = "; ".join(self.absent_genes)  # the model's genes the baseline did not measure

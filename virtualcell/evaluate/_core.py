@@ -248,17 +248,21 @@ def _setup(
     return _Setup(contract, genes, real_p, base_p, pred_p, info, train, aliases, units, total)
 
 
-def _sources_among_controls(pred: ad.AnnData | None, real: ad.AnnData, contract: DataContract) -> np.ndarray | None:
-    """A mask of ``real``'s cells that ``pred`` was made from (``obs['source_cell']``), where every source is one of
-    its control cells; else ``None``."""
+def _made_from(pred: ad.AnnData | None, cells: ad.AnnData) -> np.ndarray | None:
+    """A mask of ``cells`` that ``pred`` was made from (its ``obs['source_cell']``, by name), where every source is
+    among them; else ``None`` (no such column, or some source is another file's cell)."""
     if pred is None or "source_cell" not in pred.obs:
         return None
     sources = set(pred.obs["source_cell"].astype(str))
-    mask = real.obs_names.isin(sources)
-    controls = contract.is_control(real)
-    if mask.sum() < len(sources) or (mask & ~controls).any():
-        return None
-    return mask
+    mask = cells.obs_names.isin(sources)
+    return mask if len(set(cells.obs_names[mask])) == len(sources) else None
+
+
+def _sources_among_controls(pred: ad.AnnData | None, real: ad.AnnData, contract: DataContract) -> np.ndarray | None:
+    """A mask of ``real``'s cells that ``pred`` was made from (``obs['source_cell']``), where every source is one of
+    its control cells; else ``None``."""
+    mask = _made_from(pred, real)
+    return None if mask is None or (mask & ~contract.is_control(real)).any() else mask
 
 
 def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData,
@@ -279,16 +283,13 @@ def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData,
     >>> list(kept.obs_names), n
     (['a', 'b'], 2)
     """
-    if pred is None or "source_cell" not in pred.obs:
-        return baseline, None
-    sources = set(pred.obs["source_cell"].astype(str))
-    found = baseline.obs_names.isin(sources)
-    if len(set(baseline.obs_names[found])) < len(sources):
+    found = _made_from(pred, baseline)
+    if found is None:
         return baseline, None
     keep = found.copy()
     if contract is not None and contract.has_context(pred) and contract.has_context(baseline):
         keep |= ~np.isin(contract.contexts(baseline), list(set(contract.contexts(pred))))
-    return (baseline, None) if keep.all() else (baseline[keep], len(sources))
+    return (baseline, None) if keep.all() else (baseline[keep], len(set(baseline.obs_names[found])))
 
 
 _INPUT_NAMES = {"real": "measured (real=, --real)", "pred": "predicted (pred=, --pred)",

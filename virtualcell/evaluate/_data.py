@@ -193,9 +193,10 @@ def controls_in(pred: Prepared, context: str, control: str, candidates: Sequence
     """Whether ``pred`` (a method's predicted cells, its control cells among them) has control cells in ``context``,
     which its deltas are measured from; where not, the log says so, a warning where it predicted groups measured
     there (a baseline file spelling its contexts otherwise left every group of theirs unscored without a word)."""
-    if (pred.labels[pred.contexts == context] == control).any():
+    here = pred.labels[pred.contexts == context]
+    if (here == control).any():
         return True
-    lost = sorted(set(pred.labels[pred.contexts == context]) & set(candidates))
+    lost = sorted(set(here) & set(candidates))
     (log.warning if lost else log.info)(
         "The %s prediction has no control cells in context %r (check how each file spells its contexts; the "
         "controls' are %s), so %s not evaluated there.", method, context,

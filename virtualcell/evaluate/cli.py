@@ -62,7 +62,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="metric profile: virtualcell's default, fast or pearson; or cell-eval's vcc (the Virtual Cell "
                    "Challenge metrics), full, minimal, de, anndata or pds, computed by the cell-eval library "
                    "(default: default)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="threads for cell-eval's differential expression (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="threads for cell-eval's differential expression (default 1)")
     p.add_argument("--min-shared-genes", type=float, default=0.9,
                    help="refuse inputs sharing fewer than this fraction of the smallest input's genes (default 0.9)")
     from . import DEFAULT_BASELINES
