@@ -45,7 +45,7 @@ def card(model: C2SModel) -> dict[str, Any]:
                           # the genetic kinds it can predict of any of its genes, never trained on (the kinds it trained
                           # on: C2SModel.resolve refuses another)
                           "untrained_genetic": [] if model.format.name == "c2s" or not genes else
-                          [k for k in ("knockout", "knockdown", "activation") if k in vocab.trained_kinds()]},
+                          vocab.trained_genetic_kinds()},
         "contexts": model.trained_contexts,
         "training": None if not run else {
             "steps": run.get("steps"), "max_steps": run.get("max_steps"), "max_minutes": run.get("max_minutes"),
@@ -62,7 +62,7 @@ def card(model: C2SModel) -> dict[str, Any]:
 
 def card_text(c: dict[str, Any]) -> str:
     """The card for a person, a few labelled lines."""
-    from .errors import preview
+    from .errors import a_kind_of, preview
     from .validation import settings_text
 
     m, g, d, p, t, v = c["model"], c["genes"], c["data"], c["perturbations"], c["training"], c["verdict"]
@@ -82,10 +82,8 @@ def card_text(c: dict[str, Any]) -> str:
     lines.append(f"knows        {p['n']} trained condition{'' if p['n'] == 1 else 's'} ({kinds or 'none'}): "
                  f"{preview(named, 60)}")
     if p["untrained_genetic"]:
-        kinds_asked = p["untrained_genetic"]
-        said = ", ".join(kinds_asked[:-1]) + (" or " if len(kinds_asked) > 1 else "") + kinds_asked[-1]
-        lines.append(f"             and {'an' if said[0] in 'aeiou' else 'a'} {said} of any of its genes, never trained "
-                     "on (generated with the coexpression prior)")
+        lines.append(f"             and {a_kind_of(p['untrained_genetic'])} of any of its genes, never trained on "
+                     "(generated with the coexpression prior)")
     contexts = c["contexts"]
     if contexts is None and d is not None and d["context_key"]:
         lines.append("contexts     not recorded by this checkpoint")

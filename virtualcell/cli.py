@@ -398,7 +398,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
         kind=args.kind, kind_key=args.kind_key, holdout=holdout, generic_fraction=args.generic_fraction,
         threads=args.threads, verdict_fraction=args.verdict_fraction, unseen_fraction=args.unseen_fraction,
-        context_verdict=args.context_verdict, keep_best=args.keep_best, compile=args.compile, attention=args.attention, precision=args.precision, gene_init=args.gene_init,
+        context_verdict=args.context_verdict, keep_best=args.keep_best, compile=args.compile, attention=args.attention,
+        precision=args.precision, gene_init=args.gene_init,
         pairing=args.pairing, pair_draws=args.pair_draws, control_copies=args.control_copies,
         verdict_samples=args.verdict_samples, verdict_temperatures=args.verdict_temperatures,
         response_weight=args.response_weight,
@@ -528,13 +529,19 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (default is not None and default is not False and default != argparse.SUPPRESS and "%(default)" not in text
                 and "default" not in text and action.option_strings and not action.required):
-            # a tuple as it is typed: 1,4 (not "(1, 4)")
-            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
-                if isinstance(default, tuple) else "%(default)s"
-            text += f" (default: {shown})"
+            text += " (default: %(default)s)"
         elif default is None and action.option_strings and not action.required and "default" not in text:
             text += " (default: none)"
         return text
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        """A tuple default shown as it is typed, ``1,4`` (not ``(1, 4)``)."""
+        if isinstance(action.default, tuple):
+            import copy
+
+            action = copy.copy(action)
+            action.default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in action.default)
+        return super()._expand_help(action)
 
 
 def _int_at_least(lowest: int, below: int | None = None):  # noqa: ANN202
@@ -821,12 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per cell (each cell's predictions averaged over K generations) that the verdict tries "
                         "with its best generation settings, keeping the one with the lowest validation error; each "
                         "K > 1 costs about K times the verdict's generation, and the chosen K multiplies every "
-                        "later screen's (default: " + ",".join(map(str, TrainConfig.verdict_samples)) + "; 1: one sample, no choice)")
+                        "later screen's (default: %(default)s; 1: one sample, no choice)")
     p.add_argument("--verdict-temperatures", type=_positive_floats, default=TrainConfig.verdict_temperatures,
                    metavar="T[,T...]",
                    help="sampling temperatures the verdict tries at its chosen samples per cell, keeping the one "
                         "with the lowest validation error; each one other than 1 costs one more generation at those "
-                        "samples (default: " + ",".join(f"{t:g}" for t in TrainConfig.verdict_temperatures) + "; 1: no choice)")
+                        "samples (default: %(default)s; 1: no choice)")
     _add_force(p)
     p.set_defaults(func=cmd_train)
 
@@ -986,19 +993,19 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
-    import contextlib
     import warnings
 
     shown = warnings.showwarning
     if args.verbose < 2:  # a warning is one log line for a person, not a source line of ours (-vv: Python's own)
         warnings.showwarning = _warning_line
     try:
-        if getattr(args, "threads", None) is not None and args.command in ("predict", "screen"):
-            from .generation import blas_threads, torch_threads
+        with contextlib.ExitStack() as held:
+            if getattr(args, "threads", None) is not None and args.command in ("predict", "screen"):
+                from .generation import blas_threads, torch_threads  # (train and verdict hold their own)
 
-            with torch_threads(args.threads), blas_threads(args.threads):  # (train and verdict hold their own)
-                return int(args.func(args) or 0)
-        return int(args.func(args) or 0)
+                held.enter_context(torch_threads(args.threads))
+                held.enter_context(blas_threads(args.threads))
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.verbose >= 2:
             raise

@@ -8,7 +8,7 @@ so ``except ValueError`` keeps working for callers that do not know this package
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class VirtualCellError(Exception):
@@ -64,3 +64,15 @@ def preview(items: Iterable[object], n: int = 10) -> str:
     items = [str(i) for i in items]
     head = ", ".join(repr(i) for i in items[:n])
     return head + (f" … and {len(items) - n} more" if len(items) > n else "")
+
+
+def a_kind_of(kinds: Sequence[str]) -> str:
+    """Kinds as a message names one of them, with its article: ``"a knockout"``, ``"an activation"``, ``"a knockout,
+    knockdown or activation"``.
+
+    >>> a_kind_of(["activation"]), a_kind_of(["knockout", "knockdown", "activation"])
+    ('an activation', 'a knockout, knockdown or activation')
+    """
+    kinds = list(kinds)
+    said = ", ".join(kinds[:-1]) + (" or " if len(kinds) > 1 else "") + kinds[-1]
+    return ("an " if said[0] in "aeiou" else "a ") + said

@@ -706,8 +706,8 @@ def _refuse_padding_in_window(model, total: int, suffixes: list[list[int]]) -> N
     window = window_below(model, total)
     if window is not None and len({len(t) for t in suffixes}) > 1:
         raise ValueError(
-            f"A model with a sliding window of {window} tokens cannot read prompts of {total} positions with perturbation "
-            "suffixes of several lengths (a shorter one would see less of its cell). Use a text prompt format "
+            f"A model with a sliding window of {window} tokens cannot read prompts of {total} positions with "
+            "perturbation suffixes of several lengths (a shorter one would see less of its cell). Use a text prompt format "
             "(prompt_format='c2s'), fewer genes per sentence (top_k, max_genes), or a model without a sliding window.")
 
 

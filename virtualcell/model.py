@@ -30,7 +30,7 @@ import torch
 
 from . import target_offsets, token_bias
 from .contract import DataContract
-from .errors import ModelError, PerturbationError
+from .errors import ModelError, PerturbationError, a_kind_of
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
@@ -509,14 +509,13 @@ class C2SModel:
             return
         for x in p.parts if isinstance(p, Combination) else (p,):
             if x.kind in GENETIC and x.kind not in kinds:
-                genetic = sorted(kinds & GENETIC)
-                can = (f"It can predict a {' or '.join(genetic)} of any of its genes, never trained on or not."
+                genetic = self.perturbations.trained_genetic_kinds()
+                can = (f"It can predict {a_kind_of(genetic)} of any of its genes, never trained on or not."
                        if genetic else "It trained on no genetic perturbation, so it predicts none.")
-                a = "an" if x.kind[0] in "aeiou" else "a"
                 raise PerturbationError(
-                    f"{str(p)!r}: this model never trained on {a} {x.kind} (it trained on {', '.join(k + 's' for k in sorted(kinds))}), "
-                    f"so it has not learned what {x.kind!r} means and would predict a guess. {can} Train on a "
-                    f"screen with {x.kind}s to ask this.")
+                    f"{str(p)!r}: this model never trained on {a_kind_of([x.kind])} (it trained on "
+                    f"{', '.join(k + 's' for k in sorted(kinds))}), so it has not learned what {x.kind!r} means and "
+                    f"would predict a guess. {can} Train on a screen with {x.kind}s to ask this.")
 
     def _model_genes(self, p: Perturbation | Combination) -> Perturbation | Combination:
         """``p`` with each genetic target that is one of the model's genes written as the model writes it: matched

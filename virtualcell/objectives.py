@@ -173,10 +173,11 @@ class Signature(Objective):
 
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Signature:
         up, down = ([self._spelled.get(str(g), g) for g in names] for names in (self.up, self.down))
-        what = {"raise": ("genes to raise", ""), "lower": ("", "genes to lower")}.get(
+        what_up, what_down = {"raise": ("genes to raise", "signature's down list"),
+                              "lower": ("signature's up list", "genes to lower")}.get(
             self.name, ("signature's up list", "signature's down list"))
-        self._up = _index(genes, up, what[0] or "signature's up list") if up else np.zeros(0, np.int64)
-        self._down = _index(genes, down, what[1] or "signature's down list") if down else np.zeros(0, np.int64)
+        self._up = _index(genes, up, what_up) if up else np.zeros(0, np.int64)
+        self._down = _index(genes, down, what_down) if down else np.zeros(0, np.int64)
         return self
 
     def score(self, delta: np.ndarray) -> float:

@@ -168,11 +168,11 @@ class PerturbationVocab:
         out = []
         for x in parts:
             sole = times.get((x.kind, x.target), set())
-            if x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None and len(sole) == 1 \
-                    and (h := next(iter(sole))) is not None:
+            if x.kind not in ("drug", "cytokine") or x.dose is None or x.time is not None:
+                pass
+            elif len(sole) == 1 and (h := next(iter(sole))) is not None:
                 x = replace(x, time=h, time_unit="h")
-            elif x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None and len(sole) > 1 \
-                    and None not in sole:  # trained at several times, never without one: which is meant?
+            elif len(sole) > 1 and None not in sole:  # trained at several times, never without one: which is meant?
                 said = ", ".join(f"{h:g}h" for h in sorted(sole))
                 raise PerturbationError(
                     f"{x}: {x.kind}:{x.target} was trained at several times ({said}) and never without one, so a dose "
@@ -298,6 +298,12 @@ class PerturbationVocab:
         """Every typed form a training label was trained as (:meth:`label_forms`), and with ``conditions`` each
         dosed condition's (``drug:drugA@10uM``)."""
         return [t for _, t in self.label_forms()] + (list(self.conditions.values()) if conditions else [])
+
+    def trained_genetic_kinds(self) -> list[str]:
+        """The genetic kinds the model trained on, in the order knockout, knockdown, activation: those it can be asked
+        of any of its genes (:meth:`~virtualcell.model.C2SModel.resolve` refuses another)."""
+        kinds = self.trained_kinds()
+        return [k for k in ("knockout", "knockdown", "activation") if k in kinds]
 
     def trained_kinds(self) -> set[str]:
         """The kinds of perturbation the model trained on (``{"knockout"}``; a combination's parts count), from

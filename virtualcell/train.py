@@ -49,8 +49,8 @@ from .errors import DataError, TrainingError, preview
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
-from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_in_memory, require_symbols, roundtrip,
-                        with_gene_key)
+from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_in_memory,
+                        require_symbols, roundtrip, with_gene_key)
 from .training.holdout import (baseline_cells, cells_per_context, holdout_mask, no_verdict_reason, unseen_labels,
                                verdict_cells, verdict_context, verdict_split)
 from .training.labels import typed_labels

@@ -377,7 +377,8 @@ class Baselines:
         with atomic_write(path, "wb") as fh:  # whole or not at all (virtualcell verdict rewrites it in place)
             extra = {} if self.response is None else {"response": self.response.astype(np.float32)}
             if self.own_rows is not None:
-                extra |= {"own_rows": self.own_rows.astype(np.int64), "own_contexts": np.array(self.own_contexts, dtype=str),
+                extra |= {"own_rows": self.own_rows.astype(np.int64),
+                          "own_contexts": np.array(self.own_contexts, dtype=str),
                           "own_delta": self.own_delta.astype(np.float32)}
             np.savez(fh, genes=np.array(self.genes, dtype=str), names=np.array(self.names, dtype=str),
                      delta=self.delta.astype(np.float32), **extra)

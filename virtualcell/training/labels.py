@@ -143,8 +143,8 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
     tiny = [str(x) for x, n in zip(names_, n_cells) if n < FEW_CELLS]
     if tiny:
         log.warning("%d perturbation%s fewer than %d cells (%s): their measured effect is mostly noise, which the "
-                    "model trains on and the baselines serve as it is.", len(tiny), "s have" if len(tiny) != 1 else " has",
-                    FEW_CELLS, preview(tiny, 5))
+                    "model trains on and the baselines serve as it is.", len(tiny),
+                    "s have" if len(tiny) != 1 else " has", FEW_CELLS, preview(tiny, 5))
     by_case: dict[str, list[str]] = {}
     for x in sorted(set(labels[perturbed])):
         by_case.setdefault(x.upper(), []).append(x)
