@@ -750,11 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or more (10 minutes for 4 layers)")
     p.add_argument("--attention", choices=("auto", "sdpa", "eager"), default=TrainConfig.attention,
                    help="attention kernel; auto: the faster of the two, timed on this machine at the start, which can "
-                        "differ between two runs of one command (their weights then differ in the 6th digit): name one "
-                        "to repeat a run exactly")
+                        "differ between two runs of one command (their weights then differ slightly): name one to "
+                        "take the timing out of a run")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=TrainConfig.precision,
                    help="arithmetic of the training steps; auto: bf16 where timed faster on this CPU or GPU (as "
-                        "--attention, timed per run): name one to repeat a run exactly")
+                        "--attention, timed per run): name one to take the timing out of a run")
     p.add_argument("--gene-init", choices=("pca", "random"), default=TrainConfig.gene_init,
                    help="how a new model's gene embeddings start: random (default) or pca (half of each from the "
                         "training cells' principal axes, so co-expressed genes start close; better on validation, "
