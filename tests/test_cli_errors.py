@@ -348,3 +348,28 @@ def test_predict_takes_threads_and_gives_the_setting_back(papalexi, tmp_path, mo
     assert main(["predict", "--model", "bundled", "--data", str(base), "--perturbations", "STAT1", "--n-cells", "4",
                  "--samples", "1", "--threads", "1", "--out", str(tmp_path / "p.h5ad"), "-q"]) == 0
     assert seen[:1] == [1] and torch.get_num_threads() == before and (tmp_path / "p.h5ad").exists()
+
+
+def test_screen_refuses_its_out_and_objective_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """A user's --out folder or a mistyped objective were refused only after the model had loaded (minutes for a
+    C2S-Scale checkpoint); now before, and without writing anything into the user's folder."""
+    from virtualcell.model import C2SModel
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(C2SModel, "load", loaded)
+    panel = tmp_path / "panel.txt"
+    panel.write_text("ko:STAT1\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    base = ["screen", "--model", "bundled", "--data", "papalexi2021", "--panel", str(panel)]
+    assert main([*base, "--out", str(mine)]) == 2
+    assert "not written by virtualcell" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]
+    assert main([*base, "--out", str(tmp_path / "s"), "--objective", "rasie:STAT1"]) == 2
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

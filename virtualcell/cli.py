@@ -259,7 +259,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
     from .errors import ScreenError
     from .model import C2SModel
+    from .objectives import parse_objective
     from .perturbations import panel_lines, parse_panel
+    from .screen import check_out
     from .screen import run as screen
     from .simulator import Simulator
 
@@ -268,6 +270,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise ScreenError(f"No such panel file: {args.panel!r}. Write one perturbation a line, e.g. 'ko:STAT1'.")
     text = _read_panel(path)
     panel = parse_panel(text)
+    objective = parse_objective(args.objective)  # a mistyped objective or --out is refused before the model loads
+    check_out(args.out, force=args.force)
     model = C2SModel.load(args.model, device=args.device)
     try:
         model.resolve(panel)
@@ -280,7 +284,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
-    res = screen(sim, panel, objective=args.objective, out=args.out, top=args.top, n_cells=args.n_cells,
+    res = screen(sim, panel, objective=objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
                  blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior,
                  compose=args.compose, group_size=args.group_size)

@@ -12,6 +12,8 @@ either the old complete file or the new complete one, never a partial one:
 * :func:`claim_folder` — an output folder is one of ours or empty: a marker file
   (``.virtualcell``) says that virtualcell wrote it; a non-empty folder without one is
   refused unless ``force=True`` (``--force`` on the command line).
+  :func:`check_output_folder` says so without writing anything, for a command to call
+  before its work.
 * :func:`folder_lock` — an exclusive lock (``.virtualcell.lock``, ``fcntl.flock``) for a
   folder in use: a second run into the same folder stops with :class:`FolderInUseError`.
 * :func:`output_folder` — both, as a command uses its ``--out``: refuse a user's folder
@@ -54,7 +56,7 @@ from .errors import FolderInUseError, OutputError
 
 __all__ = [
     "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
-    "claim_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours", "h5ad_is_ours",
+    "claim_folder", "check_output_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours", "h5ad_is_ours",
 ]
 
 log = logging.getLogger(__name__)
@@ -259,23 +261,21 @@ def is_ours(folder: str | os.PathLike[str], *, legacy: Sequence[str] = ()) -> bo
     return (folder / MARKER).is_file() or any((folder / name).exists() for name in legacy)
 
 
-def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
-                 legacy: Sequence[str] = ()) -> Path:
-    """Make ``folder`` an output folder of ``kind`` (``"screen"``, ``"train"``, ``"evaluate"``…).
-
-    A missing or empty folder is created and marked. A folder that holds the marker (or
-    a ``legacy`` name) is ours: it is reused. Anything else is a user's folder, and is
-    refused with :class:`~virtualcell.errors.OutputError` unless ``force`` is true.
-    Returns the folder.
-    """
+def check_output_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
+                        legacy: Sequence[str] = ()) -> Path:
+    """Refuse, before any work and without writing anything, an ``--out`` folder that :func:`claim_folder` would
+    refuse: a file, a user's folder that is not empty, another command's results, a place that cannot be written.
+    Returns the folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--out {str(folder)!r} is a file, not a folder. Choose a folder name.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _unwritable(folder, err) from None
-    marker = folder / MARKER
+    if not folder.exists():
+        probe = next((p for p in folder.parents if p.exists()), Path("."))
+        if not probe.is_dir():
+            raise _unwritable(folder, OSError("a file is in the way"))
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise _unwritable(folder, PermissionError(13, "Permission denied"))
+        return folder
     contents = [p.name for p in folder.iterdir() if p.name not in _IGNORED]
     if contents and not is_ours(folder, legacy=legacy) and not force:
         raise OutputError(
@@ -283,6 +283,7 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
             f"{', '.join(sorted(contents)[:5])}{' …' if len(contents) > 5 else ''}); refusing to overwrite it. "
             "Choose another folder, or pass --force (force=True in Python) to write into it anyway."
         )
+    marker = folder / MARKER
     if marker.is_file():
         try:
             old_kind = json.loads(marker.read_text()).get("kind")
@@ -293,6 +294,24 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
                 f"--out {str(folder)!r} holds virtualcell {old_kind} results, not {kind} results. "
                 "Choose another folder, or pass --force (force=True in Python) to write into it anyway."
             )
+    return folder
+
+
+def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = False,
+                 legacy: Sequence[str] = ()) -> Path:
+    """Make ``folder`` an output folder of ``kind`` (``"screen"``, ``"train"``, ``"evaluate"``…).
+
+    A missing or empty folder is created and marked. A folder that holds the marker (or
+    a ``legacy`` name) is ours: it is reused. Anything else is a user's folder, and is
+    refused with :class:`~virtualcell.errors.OutputError` unless ``force`` is true.
+    Returns the folder.
+    """
+    folder = check_output_folder(folder, kind=kind, force=force, legacy=legacy)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(folder, err) from None
+    marker = folder / MARKER
     if not marker.is_file() or force:
         try:
             write_text(marker, json.dumps({"written_by": "virtualcell", "kind": kind}) + "\n")
@@ -389,10 +408,7 @@ def output_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fa
     ...     (out / ".virtualcell").exists()
     True
     """
-    folder = Path(folder)
-    if folder.is_dir() and not force and any(p.name not in _IGNORED for p in folder.iterdir()) \
-            and not is_ours(folder, legacy=legacy):
-        claim_folder(folder, kind=kind, legacy=legacy)  # raises the refusal
+    folder = check_output_folder(folder, kind=kind, force=force, legacy=legacy)
     with folder_lock(folder, what=kind):
         yield claim_folder(folder, kind=kind, force=force, legacy=legacy)
 

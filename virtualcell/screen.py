@@ -282,9 +282,8 @@ def run(
     with contextlib.ExitStack() as stack:
         refused: VirtualCellError | None = None  # raised below, once every process knows
         if folder is not None and split.main:  # only the main process touches the folder
-            legacy = ("config.json",) if (folder / "groups").is_dir() else ()  # a screen from before the marker
             try:
-                stack.enter_context(safeio.output_folder(folder, kind="screen", force=force, legacy=legacy))
+                stack.enter_context(safeio.output_folder(folder, kind="screen", force=force, legacy=_legacy(folder)))
             except VirtualCellError as err:
                 refused = err
         return _run(simulator, obj, names, groups, config, sim_keys, fingerprint, folder, split, n=n, seed=seed,
@@ -292,6 +291,17 @@ def run(
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
                     refused=refused, blend=blend, samples=k, coexpression_prior=coexpression_prior, compose=compose,
                     trained=trained)
+
+
+def _legacy(folder: Path) -> tuple[str, ...]:
+    """What marks a screen folder written before the marker existed."""
+    return ("config.json",) if (folder / "groups").is_dir() else ()
+
+
+def check_out(out: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Refuse an ``out`` that :func:`run` would refuse (a file, a user's folder, another command's results), before
+    the minutes of loading a model: the same checks, nothing written."""
+    safeio.check_output_folder(out, kind="screen", force=force, legacy=_legacy(Path(out)))
 
 
 # screen settings that enter the fingerprint only where they change something (else a screen keeps the fingerprint
