@@ -723,7 +723,7 @@ def test_small_contexts_still_get_a_verdict_and_none_at_all_is_said_at_train(tmp
     assert held[contract.is_control(data)].sum() == 2 * 8 and held[~contract.is_control(data)].any()
     model = train(data, out=tmp_path / "m", contract=contract, config=cfg, progress=False)
     assert model.verdict is not None and model.verdict["n_contexts"] == 2
-    ctx, control = contract.contexts(data), contract.is_control(data)
+    control = contract.is_control(data)
     few = data[~control | (np.cumsum(control) % 3 == 0)].copy()  # 10 controls a context
     with caplog.at_level("WARNING"):
         bare = train(few, out=tmp_path / "m2", contract=contract, config=cfg, progress=False)
