@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from virtualcell.errors import TrainingError
+from virtualcell.train import TrainConfig
 from virtualcell.training import batching, checkpoint
 from virtualcell.training.loss import response_loss
 from virtualcell.training.schedule import lr_at
@@ -193,8 +194,6 @@ def test_responsiveness_finds_the_genes_a_perturbation_moves_and_not_noise():
 
 
 def test_response_weight_must_be_a_sane_strength():
-    from virtualcell.train import TrainConfig
-
     with pytest.raises(TrainingError, match="response_weight"):
         TrainConfig(response_weight=-1)
     with pytest.raises(TrainingError, match="keep_best must be True or False, got 'false'"):
@@ -259,6 +258,11 @@ def test_learning_rate_schedule():
     assert lr_at(100, lr=1.0, warmup_steps=10, max_steps=100) == pytest.approx(0.1)
     # a spent time budget ends the decay early
     assert lr_at(20, lr=1.0, warmup_steps=10, max_steps=100, time_fraction=1.0) == pytest.approx(0.1)
+    # a run shorter than its warm-up (--max-steps 30 beside the default 50) reached neither the peak nor the decay
+    rates = [lr_at(s, lr=1.0, warmup_steps=50, max_steps=30) for s in range(31)]
+    assert max(rates) == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    with pytest.raises(TrainingError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1)
 
 
 def _state(step: int) -> dict:

@@ -100,7 +100,7 @@ class TrainConfig:
     n_heads: int = 4
     lr: float | None = None  # None: NEW_MODEL_LR for a new model, FINETUNE_LR when fine-tuning a --base
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # at most half of max_steps (training/schedule.py)
     batch_size: int = 16
     max_steps: int = 3000
     max_minutes: float | None = None
@@ -194,6 +194,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "top_k", "hidden_size", "n_layers", "n_heads"):
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if int(self.warmup_steps) < 0:
+            raise TrainingError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.lr is not None and not self.lr > 0:
             raise TrainingError(f"lr must be > 0 (or None: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when "
                                 f"fine-tuning a base model), got {self.lr}.")

@@ -1,5 +1,8 @@
 """The learning rate at a step: linear warm-up, then cosine decay to 10% of the peak.
 
+The warm-up takes at most half of ``max_steps``: a run shorter than its warm-up (``--max-steps 30`` beside the
+default 50 warm-up steps) would never reach the peak rate nor decay from it.
+
 The decay runs over ``max_steps`` or over the time budget, whichever ends first, so a run
 stopped by ``--max-minutes`` still ends at a low learning rate.
 """
@@ -20,7 +23,10 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, time_fract
     0.1
     >>> round(lr_at(100, lr=1.0, warmup_steps=10, max_steps=100), 3)
     0.1
+    >>> [round(lr_at(s, lr=1.0, warmup_steps=50, max_steps=4), 2) for s in range(4)]  # warm-up: half the run
+    [0.5, 1.0, 1.0, 0.55]
     """
+    warmup_steps = min(warmup_steps, max_steps // 2)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     frac = (step - warmup_steps) / max(1, max_steps - warmup_steps)
