@@ -373,3 +373,25 @@ def test_screen_refuses_its_out_and_objective_before_loading_the_model(tmp_path,
     (tmp_path / "afile").write_text("x")
     assert main([*base, "--out", str(tmp_path / "afile")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_train_and_verdict_refuse_a_users_out_before_reading_anything(tmp_path, capsys, monkeypatch):
+    """train read the whole --data (minutes for a large screen) and verdict loaded the model and the data before a
+    user's --out folder was refused."""
+    import virtualcell.cli as cli
+    from virtualcell.model import C2SModel
+
+    def read(*args, **kwargs):
+        raise AssertionError("read before --out was checked")
+
+    monkeypatch.setattr(cli, "_load_data", read)
+    monkeypatch.setattr(C2SModel, "load", read)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    assert main(["train", "--data", "papalexi2021", "--perturbation-key", "perturbation", "--control", "control",
+                 "--out", str(mine)]) == 2
+    assert "not written by virtualcell" in capsys.readouterr().err
+    assert main(["verdict", "--model", "bundled", "--data", "papalexi2021", "--out", str(mine)]) == 2
+    assert "not written by virtualcell" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]

@@ -385,9 +385,13 @@ def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or fine-tune) a model on a perturbation screen."""
-    from .train import TrainConfig, train, training_device
+    from .distributed import launch_rank
+    from .safeio import check_output_folder
+    from .train import LEGACY, TrainConfig, train, training_device
 
-    training_device(args.device)  # a device this machine lacks is refused before the data is read
+    training_device(args.device)  # a device this machine lacks, or a user's --out, is refused before the data is read
+    if launch_rank() == 0:
+        check_output_folder(args.out, kind="train", force=args.force, legacy=LEGACY)
     contract = _contract_from_args(args)
     adata = _load_data(args.data, contract)
     holdout = {}
@@ -448,10 +452,14 @@ def _print_candidates(verdict) -> None:  # noqa: ANN001
 
 def cmd_verdict(args: argparse.Namespace) -> int:
     """Run a trained model's validation verdict again, on the data it was trained on."""
+    from .distributed import launch_rank
     from .model import C2SModel
-    from .train import rejudge
+    from .safeio import check_output_folder
+    from .train import LEGACY, rejudge
     from .validation import VERDICT_FILE, summary_line
 
+    if args.out is not None and launch_rank() == 0:  # a user's --out is refused before the model and data load
+        check_output_folder(args.out, kind="train", force=args.force, legacy=LEGACY)
     model = C2SModel.load(args.model, device=args.device)
     adata = _load_data(args.data, model.contract)
     before = summary_line(model.verdict)
@@ -468,14 +476,14 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     from .errors import OutputError
     from .generation import blas_threads
     from .safeio import file_lock, output_folder, write_text
+    from .train import LEGACY
 
     main = launch_rank() == 0  # (under a multi-process launch every process judges; the main one writes)
     folder = Path(model.source or args.model)  # ('bundled' is the package's folder)
     with contextlib.ExitStack() as claimed:
         # where it will write is claimed before the minutes of judging, not refused after them
         if main and args.out is not None:
-            claimed.enter_context(output_folder(args.out, kind="train", force=args.force,
-                                                legacy=("virtualcell.json", "last")))
+            claimed.enter_context(output_folder(args.out, kind="train", force=args.force, legacy=LEGACY))
         elif main:
             from .model import BUNDLED
 

@@ -88,6 +88,10 @@ RECORDED_BEFORE: dict[str, Any] = {
 }
 
 
+# what marks a model folder written before the marker existed (it is ours to train into again)
+LEGACY = ("virtualcell.json", "last")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run; saved inside the checkpoint."""
@@ -351,7 +355,7 @@ def train(
     from .safeio import output_folder
 
     # the main process claims and locks the folder (a user's own folder is refused before anything is written)
-    claim = (output_folder(out, kind="train", force=force, legacy=("virtualcell.json", "last")) if launch_rank() == 0
+    claim = (output_folder(out, kind="train", force=force, legacy=LEGACY) if launch_rank() == 0
              else contextlib.nullcontext())
     with claim, torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
