@@ -543,6 +543,18 @@ def test_distance_test_puts_pvalues_on_the_right_groups():
     assert tab.loc["strong", "distance"] > tab.loc["null", "distance"]
 
 
+@pytest.mark.parametrize("metric", ["edistance", "mmd", "wasserstein"])
+def test_distance_test_reads_a_layer_for_every_metric(metric):
+    """With layer_key, pertpy read obsm[None] for the metrics it cannot precompute (mmd, wasserstein, euclidean): a
+    bare KeyError 'None'. The layer is now read as the embedding for every metric."""
+    a = _unsorted_groups()
+    a = ad.AnnData(a.obsm["X_pca"].astype(np.float32), obs=a.obs)
+    a.layers["logn"], a.X = a.X.copy(), np.zeros_like(a.X)  # X says nothing: only the layer separates the groups
+    tab = distance_test(a, groupby="group", contrast="ctrl", metric=metric, layer_key="logn", n_perms=50)
+    assert tab.loc["strong", "pvalue"] < 0.05 and tab.loc["strong", "distance"] > tab.loc["null", "distance"]
+    assert "_virtualcell_layer" not in a.obsm  # the caller's AnnData is left as it was
+
+
 def test_distance_test_corrects_over_the_tested_groups_and_reads_a_numeric_contrast():
     """pertpy corrects the p-values over every group, the contrast's own among them, then sets its row to 1: one test
     too many. The adjusted p-values are those of the tested groups alone; a contrast given as a number names its

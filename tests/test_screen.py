@@ -268,6 +268,16 @@ def test_predictions_on_disk_write_the_same_h5ad_as_in_memory(sim, tmp_path):
     assert back.uns["virtualcell"]["normalization"] == ref.uns["virtualcell"]["normalization"]
 
 
+def test_the_pure_cells_of_a_blended_simulation_on_disk_are_refused_not_the_served_ones(sim, tmp_path):
+    """to_anndata(pure=True) of cells streamed to disk returned the served blend (only served cells are stored)."""
+    disk = sim.simulate(["STAT1"], seed=3, progress=False, store=tmp_path / "cells.nc", blend=0.5)
+    for write in (disk.to_anndata, lambda pure: disk.write_h5ad(tmp_path / "p.h5ad", pure=pure)):
+        with pytest.raises(ScreenError, match="pure model's cells were not kept.*blend=False"):
+            write(pure=True)
+    pure = sim.simulate(["STAT1"], seed=3, progress=False, store=tmp_path / "pure.nc", blend=False)
+    np.testing.assert_allclose(pure.to_anndata(pure=True).X, pure.to_anndata().X)  # nothing blended: the same cells
+
+
 def _baseline_file(tiny_model, tmp_path):
     _, _, data = tiny_model
     path = tmp_path / "baseline.h5ad"

@@ -290,6 +290,13 @@ class SimulationResult:
         ``uns['virtualcell']`` then says of them."""
         cells, model = (self._draws(), self.draws_model) if draws else (self.cells, self.cells_model)
         said: dict[str, Any] = {"draws": True} if draws else {}
+        if pure and model is None and self.aggregates.attrs.get("baseline", "none") != "none":
+            raise ScreenError(
+                "The pure model's cells were not kept: simulate(store=...) writes the served cells, blended with the "
+                f"{self.aggregates.attrs['baseline']} baseline, to disk, not the pure ones. Simulate with blend=False "
+                "to store the pure model's cells, or keep_cells=True to keep both in memory; the aggregates hold both "
+                "(delta and delta_model)."
+            )
         if pure and model is not None:
             cells = model
             said |= {"blend_weight": 1.0, "baseline": "none"}

@@ -106,8 +106,11 @@ def distance_test(
         from pertpy.tools import DistanceTest
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
         raise ImportError(f"distance_test needs pertpy: pip install pertpy ({err}).") from err
-    test = DistanceTest(metric, n_perms=n_perms, layer_key=layer_key, obsm_key=obsm_key, alpha=alpha,
-                        correction=correction)
+    if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read obsm[None]):
+        obsm_key = "_virtualcell_layer"  # every metric reads it as an embedding
+        layer = sorted_adata.layers[layer_key]
+        sorted_adata.obsm[obsm_key] = layer.toarray() if hasattr(layer, "toarray") else np.asarray(layer)
+    test = DistanceTest(metric, n_perms=n_perms, obsm_key=obsm_key, alpha=alpha, correction=correction)
     with warnings.catch_warnings():  # statsmodels' holm-sidak warns on p-values of exactly 1; harmless
         warnings.filterwarnings("ignore", "divide by zero encountered in log1p", RuntimeWarning)
         out = test(sorted_adata, groupby=groupby, contrast=contrast, show_progressbar=False)
