@@ -196,8 +196,10 @@ class SimulationResult:
                  baseline_embedded: np.ndarray, source_cells: np.ndarray, store: Path | None = None,
                  labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None,
                  context: tuple[str, np.ndarray] | None = None, perturbation_key: str = "perturbation",
-                 draws: xr.DataArray | None = None, draws_model: xr.DataArray | None = None) -> None:
+                 draws: xr.DataArray | None = None, draws_model: xr.DataArray | None = None,
+                 gene_ids: list[str] | None = None) -> None:
         self.aggregates = aggregates
+        self.gene_ids = gene_ids  # each gene's var_name in a baseline read through a gene_key, else None
         self.cells = cells
         self.cells_model = cells_model
         self.draws = draws
@@ -250,8 +252,12 @@ class SimulationResult:
         if self.context is not None and self.context[0] not in obs.columns:
             obs[self.context[0]] = np.tile(np.asarray(self.context[1], dtype=object), P)
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
-        head = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.genes))  # the baseline's spelling
+        var = pd.DataFrame(index=self.genes)  # the baseline's spelling
+        if self.gene_ids is not None:  # read through a gene_key: the baseline's own var_names beside ('' if it lacked it)
+            var["var_names_before_gene_key"] = self.gene_ids
+        head = ad.AnnData(obs=obs, var=var)
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
+        head.uns["log1p"] = {"base": None}  # X is log1p (natural log): scanpy's log1p warns instead of logging again
         return head
 
     def to_anndata(self, *, perturbation_key: str | None = None, labels: Mapping[str, str] | None = None,
@@ -276,7 +282,10 @@ class SimulationResult:
             averaged over their samples: a sample of the predicted population, with its spread, for
             distribution distances. ``uns['virtualcell']['draws']`` is then true.
 
-        Genes keep the baseline's spelling (:attr:`Simulator.gene_names`). X is on the model's normalized scale; ``uns['virtualcell']`` records it with the model and seed.
+        Genes keep the baseline's spelling (:attr:`Simulator.gene_names`); a baseline read through a ``gene_key``
+        keeps its own var_names in ``var['var_names_before_gene_key']``. X is on the model's normalized scale, a
+        natural log1p (``uns['log1p']`` says so, as scanpy does); ``uns['virtualcell']`` records it with the model
+        and seed.
         """
         P, C, G = self._require_cells()
         out = self._head(perturbation_key, labels)
@@ -422,6 +431,13 @@ class Simulator:
         for i in np.flatnonzero(col >= 0):
             names[col[i]] = spelled[i]
         self.gene_names: list[str] = names
+        # with a gene_key, each gene's var_name in the baseline ('' for a model gene it lacks): predictions keep it
+        self.gene_ids: list[str] | None = None
+        if gene_key is not None:
+            before = baseline.var["var_names_before_gene_key"].astype(str).to_numpy()
+            self.gene_ids = [""] * len(names)
+            for i in np.flatnonzero(col >= 0):
+                self.gene_ids[col[i]] = before[i]
         # the model's genes the baseline does not measure: read as not expressed, which is not what they are
         absent = np.setdiff1d(np.arange(len(model.genes)), col[col >= 0])
         self.absent_genes: list[str] = [model.genes.genes[i] for i in absent]
@@ -908,7 +924,7 @@ class Simulator:
                                 labels, cells_model,
                                 self.source_context(n),
                                 self.model.contract.perturbation_key if self.model.contract is not None else
-                                "perturbation", draws, draws_model)
+                                "perturbation", draws, draws_model, self.gene_ids)
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
