@@ -396,6 +396,38 @@ def test_a_pretrained_text_model_is_fine_tuned_with_the_c2s_prompt(bpe_model, tm
     assert res.aggregates["delta"].shape[-1] == len(genes)
 
 
+def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_model, tmp_path, capsys):
+    """C2S-Scale is Gemma-2, for which transformers refuses sdpa attention: `train --base` set it anyway and crashed
+    before its first step (on a GPU sdpa was the only candidate); now it trains with eager attention, and asking for
+    sdpa is refused with what to use instead."""
+    import anndata as ad
+    import pandas as pd
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from virtualcell.cli import main
+
+    base = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=4096)).save_pretrained(base)
+    bpe_model.tokenizer.save_pretrained(base)
+    genes = list(bpe_model.genes.genes)
+    rng = np.random.default_rng(0)
+    labels = np.array(["control"] * 40 + ["STAT1"] * 20)
+    cells = ad.AnnData(rng.poisson(3.0, size=(labels.size, len(genes))).astype(np.float32),
+                       obs=pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(labels.size)]),
+                       var=pd.DataFrame(index=genes))
+    data = tmp_path / "cells.h5ad"
+    cells.write_h5ad(data)
+    args = ["train", "--base", str(base), "--data", str(data), "--perturbation-key", "perturbation", "--control",
+            "control", "--top-k", "8", "--max-steps", "2", "--batch-size", "4", "--verdict-fraction", "0"]
+    assert main([*args, "--out", str(tmp_path / "sdpa"), "--attention", "sdpa"]) == 2
+    assert "does not support sdpa attention" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert C2SModel.load(tmp_path / "out").train_config["steps"] == 2
+
+
 def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     m = bpe_model
     cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)

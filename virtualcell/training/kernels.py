@@ -61,6 +61,17 @@ def _set_attention(lm, name: str) -> None:  # noqa: ANN001
     lm.set_attn_implementation(name)
 
 
+def _supports_sdpa(lm) -> bool:  # noqa: ANN001
+    """Whether transformers lets ``lm`` use torch's scaled_dot_product_attention (Gemma-2 does not)."""
+    return bool(getattr(lm, "_supports_sdpa", True))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 @contextlib.contextmanager
 def _probing(lm) -> Iterator[None]:  # noqa: ANN001
     """Leave no gradient and no changed mode behind."""
@@ -88,6 +99,13 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
     if precision == "bf16" and not bf16_native(device):
         log.warning("bf16 was asked for, but %s has no native bfloat16 arithmetic: it will be slow", device)
     attn = [attention] if attention != "auto" else (["sdpa"] if device.type != "cpu" else list(ATTENTION))
+    if not _supports_sdpa(lm):  # (Gemma-2: transformers refuses sdpa for its logit soft-capping)
+        if attention == "sdpa":
+            from ..errors import TrainingError
+
+            raise TrainingError(f"{type(lm).__name__} does not support sdpa attention in transformers "
+                             f"{_transformers_version()}: use --attention eager (attention='eager') or auto.")
+        attn = ["eager"]
     if precision != "auto":
         prec = [precision]
     elif device.type != "cpu":
