@@ -428,6 +428,37 @@ def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_
     assert C2SModel.load(tmp_path / "out").train_config["steps"] == 2
 
 
+def test_sequences_past_the_models_context_are_refused_in_training_and_generation(bpe_model, tmp_path):
+    """A base model with a short context (GPT-2's learned positions fail inside the embedding; a rotary model, as
+    here, read positions it never trained on without a word) is refused where a prompt and its answer do not fit."""
+    import anndata as ad
+    import pandas as pd
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from virtualcell.errors import ModelError, TrainingError
+    from virtualcell.train import TrainConfig, train
+
+    base = tmp_path / "short"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(base)
+    bpe_model.tokenizer.save_pretrained(base)
+    genes = list(bpe_model.genes.genes)
+    labels = np.array(["control"] * 40 + ["STAT1"] * 20)
+    cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, size=(labels.size, len(genes))).astype(np.float32),
+                       obs=pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(labels.size)]),
+                       var=pd.DataFrame(index=genes))
+    cfg = TrainConfig(top_k=12, max_steps=2, batch_size=4, warmup_steps=1, verdict_fraction=0.0, compile="off")
+    with pytest.raises(TrainingError, match=r"needs \d+ tokens, past the 64 positions.*--top-k"):
+        train(cells, out=tmp_path / "out", contract=vc.DataContract(perturbation_key="perturbation", control="control"),
+              config=cfg, base=str(base), progress=False, device="cpu")
+    model = C2SModel.load(base, genes=genes)
+    model.rank_fit = vc.sentences.RankFit.fit(cells, vc.encode(cells, vocab=model.genes))
+    with pytest.raises(ModelError, match=r"past the 64 positions.*--max-genes"):
+        vc.Simulator(cells[:2].copy(), model).simulate(["ko:STAT1"], max_genes=12, progress=False)
+
+
 def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     m = bpe_model
     cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)

@@ -523,6 +523,30 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def position_limit(model) -> int | None:  # noqa: ANN001
+    """The most positions ``model`` was built for (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, total: int, *, prompt: int, what: str) -> None:  # noqa: ANN001
+    """Refuse sequences of ``total`` positions (``prompt`` of them the prompt) longer than ``model`` was built for:
+    a model with learned positions (GPT-2) fails inside its embedding, one with rotary positions (Llama, Gemma,
+    Pythia) reads positions it never trained on without a word."""
+    limit = position_limit(model)
+    if limit is not None and total > limit:
+        from .errors import ModelError
+
+        raise ModelError(
+            f"The {what} needs sequences of up to {total} tokens ({prompt} of prompt, {total - prompt} generated or "
+            f"answered), past the {limit} positions the model was built for. Use fewer genes a cell: a smaller "
+            "max_genes (--max-genes) or top_k (--top-k), or a base model with a longer context.")
+
+
 @torch.inference_mode()
 def generate_grid(
     model,  # noqa: ANN001
@@ -585,6 +609,7 @@ def generate_grid(
     steps = max_new_tokens or (config.max_genes + 1)
     longest = (max((len(p) for p in prefixes), default=0) + max((len(c.tokens) for cs in comps for c in cs), default=0)
                + steps + 1)
+    check_positions(model, longest - 1, prompt=longest - 1 - steps, what="generation")
     cap = _rows_that_fit(model, device, longest)
     if cap is not None and cap < config.batch_size:
         import dataclasses

@@ -778,9 +778,12 @@ class C2SFormat(PromptFormat):
         return TrieConstraint(paths, genes, self.eos, vocab_size)
 
     def max_new_tokens(self, max_genes: int, constraint: Any) -> int:
-        """A gene is several tokens: enough steps for ``max_genes`` of the longest."""
-        longest = max(len(t) for t in constraint.paths) if constraint is not None else 8
-        return max_genes * longest + 1
+        """A gene is several tokens: enough steps for the ``max_genes`` longest genes (the constraint writes each gene
+        once), or 8 tokens a gene unconstrained; plus EOS."""
+        if constraint is None:
+            return max_genes * 8 + 1
+        lengths = sorted((len(t) for t in constraint.paths), reverse=True)
+        return sum(lengths[:max_genes]) + 1
 
     def to_sentences(self, tokens: Sequence[Sequence[int]], genes: Vocabulary) -> tuple[CellSentences, int, int]:
         from .sentences import parse_text

@@ -628,6 +628,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     from . import validation
     from .distributed import Split
+    from .generation import position_limit
     from .training import batching, checkpoint, kernels, loop
 
     contract.validate(adata)
@@ -664,7 +665,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                                     batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed),
         lone=lone_schedule(cells, cfg),
         seed=cfg.seed, generic_fraction=cfg.generic_fraction if fmt.generic_own() is not None else 0.0,
-        plain_fraction=cfg.own_token_dropout, named=extras.named(fmt), device=device, rank=rank, world=world)
+        plain_fraction=cfg.own_token_dropout, named=extras.named(fmt), device=device, rank=rank, world=world,
+        max_positions=position_limit(lm))
     objective = _objective(model, cells, contract, cfg, extras, device, run_config)
     val_batches = [functools.partial(batches.of, chunks) for chunks in batching.validation_chunks(
         cells.val_targets, cells.sources[0], batch_size=cfg.batch_size, group_size=cfg.group_size)]

@@ -332,6 +332,7 @@ class StepBatches:
     device: torch.device | str = "cpu"
     rank: int = 0
     world: int = 1
+    max_positions: int | None = None  # the model's (None: unchecked)
 
     def groups(self, chunks: Sequence[np.ndarray], pretrain: bool = False, *, generic: set[int] | frozenset[int] = frozenset(),
                plain: set[int] | frozenset[int] = frozenset(), draw: int = 0) -> list[Group]:
@@ -364,4 +365,14 @@ class StepBatches:
         return self.pack(self.groups(chunks))
 
     def pack(self, groups: Sequence[Group]) -> Batch:
-        return pack(groups, self.fmt.pad, named=self.named).to(self.device)
+        batch = pack(groups, self.fmt.pad, named=self.named)
+        if self.max_positions is not None:  # (the first batch is packed before training, for the kernel choice)
+            used = int(batch.seg_pos.masked_select(batch.seg_mask.bool()).max()) + 1
+            if used > self.max_positions:
+                from ..errors import TrainingError
+
+                raise TrainingError(
+                    f"A training pair needs {used} tokens, past the {self.max_positions} positions the model was "
+                    "built for (a rotary model would read positions it never trained on, one with learned positions "
+                    "fails). Use fewer genes a cell (--top-k), or a base model with a longer context.")
+        return batch.to(self.device)
