@@ -459,6 +459,29 @@ def test_sequences_past_the_models_context_are_refused_in_training_and_generatio
         vc.Simulator(cells[:2].copy(), model).simulate(["ko:STAT1"], max_genes=12, progress=False)
 
 
+def test_a_tokenizer_whose_decoding_loses_genes_is_refused(bpe_model):
+    """Generated cells are read by decoding their tokens to text: a tokenizer without a decoder (the tokenizers
+    library's default) wrote 'RP11-34P13.7' back as 'RP11 - 34 P13 . 7', and every such gene was dropped as invalid
+    without a word (one with an unknown character read as another gene)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from virtualcell.errors import ModelError
+
+    genes = list(bpe_model.genes.genes)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # and no decoder
+    tok.train_from_iterator([C2S_PERTURBATION_PROMPT, " ".join(genes)],
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    model = C2SModel(bpe_model.lm, hf, genes=Vocabulary.from_names(genes), perturbations=PerturbationVocab(),
+                     prompt_format="c2s")
+    with pytest.raises(ModelError, match=r"genes do not come back from the tokenizer.*decodes as 'HLA - DRA'"):
+        model.format.gene_paths()
+    assert len(bpe_model.format.gene_paths()) == len(genes)  # a byte-level BPE with its decoder gives them back
+
+
 def test_trie_constraint_gives_zero_invalid_and_zero_duplicate(bpe_model):
     m = bpe_model
     cells = vc.sentences.CellSentences.from_lists([[0, 2, 4], [7, 8, 9, 10]], m.genes)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import PerturbationError, close_matches, preview
+from .errors import ModelError, PerturbationError, close_matches, preview
 from .perturbations import (GENETIC, Combination, Perturbation, _split_parts, in_units, looks_like_control, parse,
                             quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
@@ -730,9 +730,21 @@ class C2SFormat(PromptFormat):
         self._paths: list[list[int]] | None = None
 
     def gene_paths(self) -> list[list[int]]:
-        """Each gene's tokens inside a sentence (:func:`in_sentence_tokens`), read once."""
+        """Each gene's tokens inside a sentence (:func:`in_sentence_tokens`), read once; each must decode back to its
+        gene, as generated sentences are read (decoded, then split into words)."""
         if self._paths is None:
-            self._paths = in_sentence_tokens(self.tokenizer, self.genes)
+            paths = in_sentence_tokens(self.tokenizer, self.genes)
+            texts = self.tokenizer.batch_decode(paths, skip_special_tokens=True)
+            wrong = [(g, t) for g, t in zip(self.genes, texts) if t.strip().upper() != g.upper()]
+            if wrong:
+                g, t = wrong[0]
+                raise ModelError(
+                    f"{len(wrong)} of the {len(self.genes)} genes do not come back from the tokenizer as written (e.g. "
+                    f"{g!r} decodes as {t.strip()!r}; others: {preview([w for w, _ in wrong[1:]], 4) or 'none'}): a "
+                    "generated cell would lose them, or read them as other genes. Use a tokenizer whose decoding gives "
+                    "back what it encoded (one with a decoder and byte fallback, as Gemma's, Llama's and GPT-2's have), "
+                    "or leave these genes out.")
+            self._paths = paths
         return self._paths
 
     def text(self, cell_gene_ids: np.ndarray, p: Perturbation | Combination) -> str:
