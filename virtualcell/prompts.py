@@ -712,7 +712,9 @@ def in_sentence_tokens(tokenizer, genes: Sequence[str]) -> list[list[int]]:  # n
 
 
 class C2SFormat(PromptFormat):
-    """The official C2S natural-language perturbation prompt, for any text tokenizer."""
+    """The official C2S natural-language perturbation prompt (cell2sentence's tutorial 10 template), for any text
+    tokenizer. The perturbation is named in words (:meth:`Perturbation.describe`) where the tutorial writes the bare
+    label, and the answer ends at EOS without the tutorial's period."""
 
     name = "c2s"
 
