@@ -379,6 +379,13 @@ def test_both_prompt_formats_implement_one_interface(bundled_sim):
     sentences, n_invalid, n_dup = fmt.to_sentences([fmt.response(cells[1])[:-1] + [fmt.response(cells[1])[0]]],
                                                    model.genes)
     assert list(sentences[0]) == list(cells[1]) and (n_invalid, n_dup) == (0, 1)
+    # a word dropped (not a gene, or repeated) leaves the genes after it at their places, as parse_text reads text
+    # (the gene-level path closed the gap: the same generated cell decoded to other expression)
+    g = fmt.response(cells[1])[:3]
+    sentences, n_invalid, n_dup = fmt.to_sentences([[fmt.sep, g[0], g[0], g[1], g[2]]], model.genes)
+    words = " ".join(["FOO"] + [model.genes.genes[i] for i in (cells[1][0], cells[1][0], cells[1][1], cells[1][2])])
+    text, _ = vc.sentences.parse_text([words], model.genes)
+    assert list(sentences.rank_array()) == list(text.rank_array()) == [1, 3, 4] and (n_invalid, n_dup) == (1, 1)
     c2s = FORMATS["c2s"](model.tokenizer, model.genes.genes, model.perturbations)
     grid = c2s.grid(cells, perts, cell_keys=[10, 11], perturbation_keys=[1, 2, 3])
     assert len(grid.prefixes) == 6 and grid.suffixes == [[]]

@@ -539,11 +539,14 @@ class PromptFormat:
         return []
 
 
-def _dedupe(gene_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Valid (>= 0) gene ids in first-seen order without repeats, and the counts dropped."""
-    valid = gene_ids[gene_ids >= 0]
-    _, first = np.unique(valid, return_index=True)
-    return valid[np.sort(first)], int((gene_ids < 0).sum()), int(valid.size - first.size)
+def _dedupe(gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Valid (>= 0) gene ids in first-seen order without repeats, their places in ``gene_ids`` (their ranks: a word
+    dropped does not move the genes after it, as :func:`~virtualcell.sentences.parse_text` reads text), and the
+    counts dropped."""
+    at = np.flatnonzero(gene_ids >= 0)
+    _, first = np.unique(gene_ids[at], return_index=True)
+    kept = at[np.sort(first)]
+    return gene_ids[kept], kept, int(gene_ids.size - at.size), int(at.size - first.size)
 
 
 class CompactFormat(PromptFormat):
@@ -684,8 +687,10 @@ class CompactFormat(PromptFormat):
         from .sentences import CellSentences
 
         out = [_dedupe(self.to_genes(t)) for t in tokens]
-        return (CellSentences.from_lists([o[0] for o in out], genes), sum(o[1] for o in out),
-                sum(o[2] for o in out))
+        gaps = any(o[1].size and o[1][-1] != o[1].size - 1 for o in out)  # (constrained decoding leaves none)
+        ranks = np.concatenate([o[1] for o in out]) if gaps else None
+        return (CellSentences.from_lists([o[0] for o in out], genes, ranks=ranks), sum(o[2] for o in out),
+                sum(o[3] for o in out))
 
 
 
