@@ -49,6 +49,11 @@ CASES = [
     # a base model that cannot be loaded (offline here): one sentence, as loading a model to predict says it
     ("train-base-offline", "train --data {screen_h5ad} --perturbation-key perturbation --control control "
      "--base vandijklab/C2S-Scale-Gemma-2-2B --out {tmp}/tb", r"Could not load 'vandijklab/C2S-Scale-Gemma-2-2B'.*offline"),
+    # a mistyped local --base is a missing folder, not a network failure
+    ("train-base-mistyped-folder", "train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--base ./models/my-bsae --out {tmp}/tb", r"No such folder: '\./models/my-bsae'\. Check the path"),
+    ("train-base-mistyped-2-slashes", "train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--base {tmp}/models/my-bsae --out {tmp}/tb", r"No such folder: '.*/models/my-bsae'\. Check the path"),
     # the shipped model is not rewritten in place (it would rewrite the package's files)
     ("verdict-bundled-in-place", "verdict --model bundled --data {screen_h5ad}", r"not judged again in place.*--out"),
     # screens

@@ -196,11 +196,10 @@ class C2SModel:
             )
         elif not is_local and genes is None:
             name = str(name_or_path)
-            hub = name.count("/") == 1 and not name.startswith((".", "/", "~"))
             raise ModelError(
                 f"No such folder: {name!r}. Check the path of the model folder"
                 + ("; as a Hugging Face hub id it also needs genes=... (the gene symbols it may write, "
-                   "e.g. adata.var_names)." if hub else ".")
+                   "e.g. adata.var_names)." if looks_like_hub_id(name) else ".")
             )
         if is_local and meta:  # a folder virtualcell wrote: name a missing file rather than guess at a truncated one
             # (a fine-tuned text model's tokenizer may be saved in other files; the gene-level one is tokenizer.json)
@@ -686,12 +685,22 @@ class C2SModel:
                               n_invalid, n_dup)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face hub id (``owner/model``) rather than a path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def unreachable(name_or_path: str | os.PathLike[str], err: BaseException) -> ModelError:
     """The error for a model that could not be loaded by its hub id or path (offline, a wrong id): what to use
     instead. Loading to predict (:meth:`C2SModel.load`) and to fine-tune (``train --base``) say the same."""
+    name = str(name_or_path)
+    if not Path(name).exists() and not looks_like_hub_id(name):  # a mistyped folder, not the network
+        return ModelError(f"No such folder: {name!r}. Check the path of the model folder.")
     return ModelError(
-        f"Could not load {str(name_or_path)!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
-        "If it is a hub id, this machine may be offline or the id wrong. Alternatives: a local folder "
+        f"Could not load {name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). "
+        + (f"There is no folder {name!r} here; as a hub id, this machine may be offline or the id wrong. "
+           if not Path(name).exists() else "If it is a hub id, this machine may be offline or the id wrong. ")
+        + "Alternatives: a local folder "
         "(on a connected machine: huggingface-cli download <id> --local-dir DIR), the bundled model "
         f"(virtualcell.model.BUNDLED), your own 'virtualcell train' output, or the C2S hub models "
         f"{', '.join(KNOWN_HUB_MODELS)}."

@@ -423,8 +423,10 @@ def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: Pe
         with torch.random.fork_rng(devices=[]):  # the seed's weights, and the caller's random state untouched
             torch.manual_seed(cfg.seed)
             return LlamaForCausalLM(lm_config), tokenizer, "compact"
-    from .model import unreachable
+    from .model import looks_like_hub_id, unreachable
 
+    if not Path(base).exists() and not looks_like_hub_id(base):  # a mistyped folder: said without asking the hub
+        raise unreachable(base, FileNotFoundError(base))
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         lm = AutoModelForCausalLM.from_pretrained(base)
