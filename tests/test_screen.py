@@ -488,6 +488,9 @@ def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
     assert again.ranking.attrs["virtualcell"] == done.ranking.attrs["virtualcell"]
     assert again.aggregates.identical(done.aggregates) and again.config["panel"] == done.config["panel"]
     assert list(again.picks()["perturbation"]) == list(done.picks()["perturbation"])
+    # each candidate as measured data names it, beside its typed name: a ranking joins measured results
+    assert dict(zip(again.ranking["perturbation"], again.ranking["label"])) == {
+        "ko:STAT1": "STAT1", "ko:JAK2": "JAK2", "ko:IFNGR1": "IFNGR1"}
     (tmp_path / "s" / "ranking.parquet").unlink()
     with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\).*resumes"):
         load(tmp_path / "s")

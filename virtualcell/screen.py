@@ -22,7 +22,8 @@ and its noise-corrected version, and the pure model's noise-corrected effect siz
 served one when the served prediction is blended with the training baseline), the top up- and down-regulated genes, and the
 diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects), and whether the model
 trained on measured cells of that very condition (``trained``: False for a knockout, a pair or a dose it never
-saw, whose prediction is an extrapolation).
+saw, whose prediction is an extrapolation). ``label`` names each candidate as measured data does (the model's
+training label, as predicted cells are labelled), beside its typed name in ``perturbation``.
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ def run(
     # only its parts were, a drug at a dose between its trained ones are the model's extrapolations
     seen = set(simulator.model.perturbations.trained())
     trained = {name: label in seen for name, label in zip(names, simulator.model.perturbations.labels_for(perts))}
+    labels = dict(zip(names, simulator.labels_of(perts)))  # what measured data calls each: the ranking's 'label'
     if w is not None and w < 1.0:
         # served the weight fitted on trained perturbations: every untrained one but those the run's verdict on
         # perturbations held out whole fitted a weight for (a knockout never trained on, not a pair or a new dose)
@@ -290,7 +292,7 @@ def run(
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
                     refused=refused, blend=blend, samples=k, coexpression_prior=coexpression_prior, compose=compose,
-                    trained=trained)
+                    trained=trained, labels=labels)
 
 
 def _legacy(folder: Path) -> tuple[str, ...]:
@@ -314,7 +316,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
          blend: str | float | bool | None = "auto", samples: int = 1, coexpression_prior: bool = True,
-         compose: bool = False, trained: dict[str, bool]) -> ScreenResult:
+         compose: bool = False, trained: dict[str, bool], labels: dict[str, str]) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column.
     ``blend`` goes to :meth:`Simulator.simulate` as the user gave it, which serves each perturbation its weight
     (``"auto"``: the one fitted on perturbations never trained on, for those, where the verdict fitted it;
@@ -383,6 +385,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     ranking["trained"] = ranking["perturbation"].map(trained)
+    ranking.insert(ranking.columns.get_loc("perturbation") + 1, "label", ranking["perturbation"].map(labels))
     ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:

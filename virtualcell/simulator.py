@@ -519,6 +519,12 @@ class Simulator:
             raise DataError(f"control_samples must be a whole number of at least 1, got {control_samples!r}.")
         return int(control_samples)
 
+    def labels_of(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
+        """Each perturbation's label as measured data names it (the model's training label; a gene as the baseline
+        spells it: an untrained knockout 'Tf06', not 'TF06'): what predictions and a screen's ranking carry."""
+        spelling = {g.upper(): s for g, s in zip(self.model.genes.genes, self.gene_names)}
+        return self.model.perturbations.labels_for(perturbations, spelling=spelling)
+
     def blend_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
         """The weight on the model's delta that :meth:`simulate` serves for ``blend`` (``None``: the pure model).
 
@@ -916,9 +922,7 @@ class Simulator:
             cells = _CellStore.open(store)
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
                     for name, e in zip(names, sums.embedded)}
-        # each prediction's label, a gene's as the baseline spells it (an untrained knockout 'Tf06', not 'TF06')
-        spelling = {g.upper(): s for g, s in zip(self.model.genes.genes, self.gene_names)}
-        labels = dict(zip(names, self.model.perturbations.labels_for(perts, spelling=spelling)))
+        labels = dict(zip(names, self.labels_of(perts)))
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
                                 labels, cells_model,
