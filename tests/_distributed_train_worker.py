@@ -17,6 +17,24 @@ assert split.world == 2, split
 if split.rank == 1:  # a process whose clock runs fast: alone, it would stop steps before the other
     real = loop.Budget.spent
     loop.Budget.spent = lambda self: 1.5 * real(self)
+# refusals only the main process can make (its --out) stop both processes from Python too: a caught refusal on the
+# main one left the other waiting in its first exchange for ever; a batch smaller than the processes is refused
+import virtualcell as vc  # noqa: E402
+from virtualcell.errors import OutputError, TrainingError  # noqa: E402
+
+cells = vc.datasets.read_h5ad(data_path)
+contract = vc.DataContract(perturbation_key="perturbation", control="control")
+mine = out / "users_folder"
+if split.main:
+    mine.mkdir(exist_ok=True)
+    (mine / "notes.md").write_text("my notes")
+tiny = virtualcell.train.TrainConfig(top_k=10, hidden_size=16, n_layers=1, n_heads=2, max_steps=1, batch_size=4)
+for config, folder, error in ((tiny, mine, OutputError), (tiny.__class__(batch_size=1), out / "b1", TrainingError)):
+    try:
+        virtualcell.train.train(cells, out=folder, contract=contract, config=config, progress=False)
+        raise AssertionError(f"rank {split.rank}: not refused")
+    except error:
+        pass
 trained = []  # the model each process ends with (the command line keeps it to itself)
 plain = virtualcell.train.train
 virtualcell.train.train = lambda *a, **k: trained.append(plain(*a, **k)) or trained[-1]

@@ -27,3 +27,10 @@ from virtualcell import cli  # noqa: E402
 # the command line: only the main process locks and writes the file (both did, and the second was refused)
 assert cli.main(["predict", "--model", model_dir, "--data", baseline, "--perturbations", "STAT1,ko:JAK2", "--seed", "5",
                  "--out", str(out / "cli.h5ad")]) == 0
+
+# processes given different cells (or a different panel) are refused on both, not added into a mixture of them
+import pytest  # noqa: E402
+
+for cells, panel in ((sim.baseline[split.rank:].copy(), ["STAT1"]), (sim.baseline, ["STAT1", "JAK2"][: 1 + split.rank])):
+    with pytest.raises(vc.errors.ScreenError, match="2 processes were given different"):
+        vc.Simulator(cells, model).simulate(panel, seed=5, progress=False)

@@ -1,4 +1,5 @@
-"""Data-parallel generation: two CPU processes (torchrun, gloo) give the one-process result."""
+"""Data-parallel generation: two CPU processes (torchrun, gloo) give the one-process result, and are refused when
+given different inputs."""
 
 from __future__ import annotations
 

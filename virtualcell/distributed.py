@@ -83,6 +83,24 @@ class Split:
         dist.all_gather_object(out, obj)
         return out
 
+    def main_error(self, err: BaseException | None) -> None:
+        """Raise the main process's ``err`` on every process (a virtualcell error by its class and message; the
+        others' own ``err`` is not looked at): a refusal only the main process can make (its output folder) must
+        stop them all, or the others wait in their next exchange for ever. Returns where the main one had none."""
+        from . import errors
+
+        status = None if err is None else (type(err).__name__, str(err))
+        if self.world > 1:
+            status = self.gather(status)[0]
+        if status is None:
+            return
+        if self.main and err is not None:
+            raise err
+        kind, message = status
+        cls = getattr(errors, kind, None)
+        raise (cls if isinstance(cls, type) and issubclass(cls, errors.VirtualCellError)
+               else errors.VirtualCellError)(message)
+
     def largest(self, value: float) -> float:
         """The largest of every process's ``value`` (every process gets it): one clock for a time budget."""
         if self.world == 1:

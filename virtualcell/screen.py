@@ -44,7 +44,7 @@ import numpy as np
 from ._stats import noise_corrected_sq_norm, paired_sq_norm, signed_root
 from .distributed import Split
 from . import safeio
-from .errors import FolderInUseError, OutputError, ScreenError, VirtualCellError, preview
+from .errors import ScreenError, VirtualCellError, preview
 from .validation import UNSEEN_BASELINES
 from .objectives import Objective, parse_objective
 from .perturbations import GENETIC, Combination, Perturbation
@@ -124,16 +124,6 @@ class ScreenResult:
 
 def _fingerprint(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _baseline_hash(sim: Simulator, n: int) -> str:
-    h = hashlib.sha256()
-    s = sim.sentences.subset(np.arange(n))
-    h.update(s.ids.tobytes())
-    h.update(s.offsets.tobytes())
-    X = sim.expression[:n]
-    h.update(X.data.tobytes())
-    return h.hexdigest()[:16]
 
 
 def run(
@@ -247,7 +237,7 @@ def run(
     k = simulator.sample_count(samples)
     config = {
         "model": simulator.model.source, "model_config": simulator.model.train_config.get("data_hash"),
-        "baseline_cells": n, "baseline_hash": _baseline_hash(simulator, n), "panel": names, "seed": seed,
+        "baseline_cells": n, "baseline_hash": simulator.baseline_digest(n), "panel": names, "seed": seed,
         "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
         "batch_size": batch_size, "blend_weight": w, "samples": k, "weights": simulator.model.weights_digest(),
         "serving": simulator.model.serving_digest(),
@@ -324,20 +314,15 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     import xarray as xr
 
     done: dict[int, Path] = {}
-    status: tuple[str, Any] = ("ok", None)
-    if refused is not None:
-        status = ("error", (type(refused).__name__, str(refused)))
-    elif folder is not None and split.main:
+    if refused is None and folder is not None and split.main:
         try:
             done = _open_folder(folder, config, sim_keys, fingerprint, names, len(groups), force=force)
         except VirtualCellError as err:
-            status = ("error", (type(err).__name__, str(err)))
+            refused = err
+    split.main_error(refused)  # the main process's refusal stops every process
     if split.world > 1:  # every process follows the main one's view of the folder
-        status, done_ids = split.gather((status, sorted(done)))[0]
+        done_ids = split.gather(sorted(done))[0]
         done = {g: folder / "groups" / f"group_{g:05d}.nc" for g in done_ids} if folder is not None else {}
-    if status[0] == "error":
-        kind, message = status[1]
-        raise {c.__name__: c for c in (OutputError, FolderInUseError)}.get(kind, ScreenError)(message)
     parts: dict[int, xr.Dataset] = {}
     embedded: dict[str, np.ndarray] = {}
     cells: dict[int, xr.DataArray] = {}

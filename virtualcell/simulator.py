@@ -519,6 +519,19 @@ class Simulator:
             raise DataError(f"control_samples must be a whole number of at least 1, got {control_samples!r}.")
         return int(control_samples)
 
+    def baseline_digest(self, n: int | None = None) -> str:
+        """A digest of the first ``n`` baseline cells as the model reads them (their sentences and expression): what
+        a screen's fingerprint and the processes of a launch compare."""
+        import hashlib
+
+        n = self.baseline.n_obs if n is None else n
+        h = hashlib.sha256()
+        s = self.sentences.subset(np.arange(n))
+        h.update(s.ids.tobytes())
+        h.update(s.offsets.tobytes())
+        h.update(self.expression[:n].data.tobytes())
+        return h.hexdigest()[:16]
+
     def labels_of(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
         """Each perturbation's label as measured data names it (the model's training label; a gene as the baseline
         spells it: an untrained knockout 'Tf06', not 'TF06'): what predictions and a screen's ranking carry."""
@@ -797,6 +810,16 @@ class Simulator:
         if keep_cells is None:  # (a blend keeps the pure model's cells too)
             keep_cells = keep_draws or (store is None and P * n * G * (1 + blended) <= max_in_memory)
         split = Split.current(cpu=self.model.device.type == "cpu")
+        if split.world > 1:  # each process simulates a share of the cells: of the same cells and panel, or a mixture
+            given = {"baseline cells": self.baseline_digest(n), "perturbations": names, "seed": seed,
+                     "cell_chunk": cell_chunk, "samples": samples, "blend": (w, w_unseen)}
+            every = split.gather(given)
+            differ = [k for k in given if any(g[k] != every[0][k] for g in every)]
+            if differ:
+                raise ScreenError(
+                    f"The {split.world} processes were given different {', '.join(differ)}: each simulates a share "
+                    "of the cells and the shares are added, so the result would mix them. Give every process the "
+                    "same inputs (e.g. a subsample drawn with a fixed seed).")
         if split.world > 1 and store is not None:
             raise ScreenError(
                 f"store= is not supported with {split.world} processes yet (they would write one file at once). "

@@ -351,13 +351,27 @@ def train(
     contract = replace(contract or DataContract.from_adata(adata), gene_key=gene_key)  # the checkpoint keeps it
     # the thread count chosen for training is undone on the way out; freed logits stay in the heap while it runs
     # --threads holds numpy's BLAS too (the gene maps' SVDs), not torch alone
-    from .distributed import launch_rank
+    from .distributed import Split
+    from .errors import VirtualCellError
     from .safeio import output_folder
 
-    # the main process claims and locks the folder (a user's own folder is refused before anything is written)
-    claim = (output_folder(out, kind="train", force=force, legacy=LEGACY) if launch_rank() == 0
-             else contextlib.nullcontext())
-    with claim, torch_threads(torch.get_num_threads()), blas_threads(cfg.threads), large_blocks_on_heap():
+    split = Split.current(cpu=dev.type != "cuda")
+    if cfg.batch_size < split.world:
+        raise TrainingError(f"batch_size {cfg.batch_size} is below the {split.world} processes: each process trains "
+                            f"on a share of every batch, so give --batch-size {split.world} or more.")
+    with contextlib.ExitStack() as stack:
+        # the main process claims and locks the folder (a user's own folder is refused before anything is written);
+        # its refusal stops every process, which would otherwise wait for it in their first exchange
+        refused = None
+        if split.main:
+            try:
+                stack.enter_context(output_folder(out, kind="train", force=force, legacy=LEGACY))
+            except VirtualCellError as err:
+                refused = err
+        split.main_error(refused)
+        stack.enter_context(torch_threads(torch.get_num_threads()))
+        stack.enter_context(blas_threads(cfg.threads))
+        stack.enter_context(large_blocks_on_heap())
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log, device=dev)
 
