@@ -918,19 +918,23 @@ def test_the_loop_reads_the_agreed_clock_and_hands_gradients_to_average():
         asked.append(f)
         return 2.0 if len(asked) > 6 else f
 
-    def average(loss: float, n: float) -> float:
+    def average(loss: float, n: float, tokens: float) -> tuple[float, float]:
         assert net.weight.grad is not None  # after backward, before the update
-        averaged.append(n)
-        return 42.0
+        averaged.append((n, tokens))
+        return 42.0, 2 * tokens  # the whole batch: two processes' shares
 
     state = loop.fit(net, opt, batch_at=lambda step, pre: SimpleNamespace(n_tokens=16),
                      loss_of=lambda b: (((net(x) - y) ** 2).mean(), 16), validate=lambda: 1.0,
                      checkpoint=lambda st: None, state=loop.LoopState(),
                      budget=loop.Budget(1000, 0, 0.0, 3600.0, time.perf_counter(), agree=agree), lr=0.1,
                      warmup_steps=0, eval_every=100, save_every=1000, progress=False, average=average)
-    # two readings a step (its start, its end): the 7th, at step 4's start, says time is up at step 4's end
-    assert state.step == 4 and len(asked) == 8 and all(f < 0.01 for f in asked[:6])
-    assert averaged == [16] * 4 and {h["loss"] for h in state.history} == {42.0}
+    # two readings a step (its start, its end) and one more after the first (the agreed "budget too small"): the
+    # 7th, at step 3's end, says time is up
+    assert state.step == 3 and len(asked) == 7 and all(f < 0.01 for f in asked[:6])
+    assert averaged == [(16, 16)] * 3 and {h["loss"] for h in state.history} == {42.0}
+    # the job's throughput, not this process's share of it
+    last = state.history[-1]
+    assert last["tokens_per_s"] * last["elapsed_s"] == pytest.approx(2 * 16 * 3, rel=0.5)
 
 
 def _step_batches(rank: int = 0, world: int = 1, generic: float = 0.3) -> batching.StepBatches:

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import __version__
 from .errors import VirtualCellError
@@ -940,18 +940,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2  # (a missing command is a usage error)
     if getattr(args, "quiet", False):  # every bar, ours (virtualcell.progress) and tqdm's in the libraries we call
-        import os
-
-        previous = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-        try:
+        with _no_bars():
             return _main_run(args)
-        finally:  # (main() called from Python: the caller's environment as it was)
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
     return _main_run(args)
+
+
+@contextlib.contextmanager
+def _no_bars() -> Iterator[None]:
+    """No progress bar (``TQDM_DISABLE``), and the caller's environment as it was afterwards (main() called from
+    Python)."""
+    import os
+
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 def _main_run(args: argparse.Namespace) -> int:
@@ -961,8 +969,15 @@ def _main_run(args: argparse.Namespace) -> int:
     if launch_rank() != 0:  # under a multi-process launch the main process reports; the others' errors still show
         import os
 
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            return _run(args)
+        # (their warnings and progress bars are the main one's: 8 GPUs printed each warning 8 times)
+        ours = logging.getLogger("virtualcell")
+        level = ours.level
+        ours.setLevel(logging.ERROR)
+        try:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), _no_bars():
+                return _run(args)
+        finally:
+            ours.setLevel(level)
     with contextlib.redirect_stdout(_ReaderMayLeave(sys.stdout)):
         return _run(args)
 

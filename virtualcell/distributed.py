@@ -118,16 +118,17 @@ class Split:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return t.cpu().numpy().astype(a.dtype, copy=False)
 
-    def average_gradients(self, parameters: Any, weight: float = 1.0, loss: float = 0.0) -> float:
+    def average_gradients(self, parameters: Any, weight: float = 1.0, loss: float = 0.0, tokens: float = 0.0
+                          ) -> tuple[float, float]:
         """Replace every parameter's gradient by its mean over processes weighted by each process's ``weight``,
         in one exchange. Data-parallel training: each process computed the gradient of the mean loss over its
         share of the batch, and ``weight`` is what that mean is over (the share's target tokens, or their loss
         weights' sum), so the result is the gradient of the mean over the whole batch, as one process computes it.
         A parameter without a gradient counts as a zero gradient, so every process exchanges the same tensor.
         Returns the whole batch's mean of ``loss`` (each process's mean loss over its share) by the same weights,
-        for the record."""
+        and the sum of every process's ``tokens`` (the tokens the whole batch read), for the record."""
         if self.world == 1:
-            return loss
+            return loss, tokens
         import torch
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -138,15 +139,15 @@ class Split:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         flat = _flatten_dense_tensors(grads) * float(weight)
-        # the loss and the weights' total travel in the same exchange
-        flat = torch.cat([flat, flat.new_tensor([float(loss) * float(weight), float(weight)])])
+        # the loss, the tokens and the weights' total travel in the same exchange
+        flat = torch.cat([flat, flat.new_tensor([float(tokens), float(loss) * float(weight), float(weight)])])
         dist.all_reduce(flat)
-        total = float(flat[-1])
+        total, tokens = float(flat[-1]), float(flat[-3])
         if total > 0:
             flat /= total
-        for g, mean in zip(grads, _unflatten_dense_tensors(flat[:-2], grads), strict=True):
+        for g, mean in zip(grads, _unflatten_dense_tensors(flat[:-3], grads), strict=True):
             g.copy_(mean)
-        return float(flat[-2])
+        return float(flat[-2]), tokens
 
     def same_weights(self, module: Any) -> None:
         """Give every process the main process's parameters and buffers (data-parallel training starts equal)."""

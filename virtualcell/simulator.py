@@ -855,7 +855,9 @@ class Simulator:
             return pure, change, calibrated(x, served_change).astype(np.float32), served_change
 
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
-        bar = progress_bar(sum(min(cell_chunk, n - c0) for c0 in starts), progress and split.main, "simulate", "cell")
+        share = sum(min(cell_chunk, n - c0) for c0 in starts)
+        bar = progress_bar(share, progress and split.main, "simulate" if split.world == 1 else
+                           f"simulate (the main process's {share} of {n} cells)", "cell")
         base_emb, base_idx = [], []
         try:
             for c0 in starts:

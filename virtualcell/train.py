@@ -659,6 +659,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     split = Split.current(cpu=device.type != "cuda")  # (its exchanges hand a lone process's values straight back)
     rank, world = split.rank, split.world
     run_config = _run_record(cells, contract, cfg, base) | {"device": str(device)}
+    if world > 1:  # (tokens_per_s in the history is the whole job's)
+        run_config["processes"] = world
     model, extras = _build_model(cells, contract, cfg, base, out, run_config)
     lm, fmt = model.lm, model.format
     # the baselines (training cells only) now, and the verdict's time kept out of the steps' budget; the same
@@ -733,7 +735,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
         state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
         save_every=cfg.save_every, clip=lambda: torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        average=lambda loss, n: split.average_gradients(lm.parameters(), weight=n, loss=loss),
+        average=lambda loss, n, tokens: split.average_gradients(lm.parameters(), weight=n, loss=loss, tokens=tokens),
         progress=progress and split.main, on_step_time=on_step_time, best=best,
     )
     if compiled is not None:
@@ -795,7 +797,7 @@ def _choose_kernels(lm, cfg: TrainConfig, objective, batches, split, device, bud
     objective.precision = chosen.precision
     run_config["kernels"] = asdict(chosen)
     compiled = _compile(lm, cfg, device, budget_s, first, batches.at(0, True) if cfg.pretrain_fraction > 0 else None,
-                        loss_of=objective)
+                        loss_of=objective, agree=lambda worth: split.gather(worth)[0])
     run_config["kernels"] |= {"compiled_s": compiled}
     guard = kernels.ThreadGuard(chosen.threads) if device.type == "cpu" and threads is None else None
     return compiled, guard
@@ -851,10 +853,12 @@ def _end_on_best(model: C2SModel, best: Any, state: Any, cfg: TrainConfig, run_c
     model.train_config = model.train_config | {k: run_config[k] for k in ("best_val", "kept_step") if k in run_config}
 
 
-def _compile(lm, cfg: TrainConfig, device, budget_s: float | None, *batches, loss_of) -> float | None:  # noqa: ANN001
+def _compile(lm, cfg: TrainConfig, device, budget_s: float | None, *batches, loss_of,  # noqa: ANN001
+             agree: Callable[[bool], bool] = lambda worth: worth) -> float | None:
     """Compile the model's layers when ``cfg.compile`` says so, or ("auto") when the run is expected to
     last long enough to repay the compile time (:data:`kernels.COMPILE_AFTER_S`); returns the
-    seconds compiling took, or ``None`` when the layers stay plain."""
+    seconds compiling took, or ``None`` when the layers stay plain. ``agree`` turns this process's "auto" decision
+    into the one every process of a launch takes (the main process's), as the kernel choice is."""
     import torch
 
     from .training import kernels
@@ -871,7 +875,7 @@ def _compile(lm, cfg: TrainConfig, device, budget_s: float | None, *batches, los
         if budget_s is not None:
             expected = min(expected, budget_s)
         worth = kernels.COMPILE_AFTER_S * len(kernels.decoder_layers(lm))
-        if expected < worth:
+        if not agree(expected >= worth):
             log.info("not compiling: the run is expected to take %.0f s of steps, under %.0f s", expected, worth)
             return None
 

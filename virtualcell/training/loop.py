@@ -159,7 +159,7 @@ def fit(
     save_every: int,
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
     clip: Callable[[], None] | None = None,
-    average: Callable[[float, float], float] | None = None,
+    average: Callable[[float, float, float], tuple[float, float]] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     on_step_time: Callable[[int, float, bool], None] | None = None,
@@ -172,9 +172,10 @@ def fit(
     validation loss is logged; every ``save_every`` steps ``checkpoint`` is called.
     ``on_step_time(step, seconds, pretrain)`` hears how long each step's work took. ``best``
     sees every validation loss and keeps the weights of the lowest (:class:`BestWeights`); the
-    loop itself always ends on the last step's weights. ``average(loss, n)``, under a multi-process launch,
+    loop itself always ends on the last step's weights. ``average(loss, n, tokens)``, under a multi-process launch,
     replaces this process's gradients (of its mean ``loss`` over ``n``: its target tokens, or their weights' sum) by
-    the whole batch's, before clipping, and returns the whole batch's loss (which the history records).
+    the whole batch's, before clipping, and returns the whole batch's loss and tokens read (which the history
+    records).
     """
     bar = progress_bar(budget.max_steps, progress, "train", "step", initial=state.step)
     lm.train()
@@ -202,9 +203,9 @@ def fit(
                 g["lr"] = rate
             loss, n_targets = loss_of(batch)
             backward(loss)
-            loss_value = loss.item()
-            if average is not None:
-                loss_value = average(loss_value, n_targets)
+            loss_value, step_tokens = loss.item(), batch.n_tokens
+            if average is not None:  # the whole batch's loss and tokens, from every process's share
+                loss_value, step_tokens = average(loss_value, n_targets, step_tokens)
             if clip is not None:
                 clip()
             optimizer.step()
@@ -212,11 +213,12 @@ def fit(
             if on_step_time is not None:  # the step alone: no validation or checkpoint time
                 on_step_time(step, time.perf_counter() - t_step, pretrain)
             state.step += 1
-            tokens_seen += batch.n_tokens
+            tokens_seen += step_tokens
             elapsed = budget.spent()
             if first_step_s is None:
                 first_step_s = time.perf_counter() - t_step
-                if budget.seconds is not None and not budget.before and elapsed > budget.seconds:
+                # (agreed: every process stops here, or none; one stopping alone leaves the others in an exchange)
+                if budget.seconds is not None and not budget.before and budget.fraction(elapsed) > 1.0:
                     raise TrainingError(
                         f"--max-minutes {budget.seconds / 60:g} ({budget.seconds:.1f} s) is too small: setting up took "
                         f"{elapsed - first_step_s:.1f} s and one optimizer step {first_step_s:.2f} s here. Give at least "
