@@ -73,7 +73,11 @@ def test_a_model_trained_with_gene_key_reads_new_cells_the_same_way(screen_ids, 
     assert list(written.var_names) == list(data.var["symbol"])
     # the baseline's own ids beside: without them a concat with the measured cells (indexed by id) shared no gene
     assert list(written.var["var_names_before_gene_key"]) == list(data.var_names)
-    assert written.uns["log1p"] == {"base": None}  # X is log1p: scanpy's log1p warns instead of logging it again
+    assert written.uns["log1p"] == {"base": None}  # X is log1p, marked as scanpy marks it
+    assert main(["predict", "--model", str(model), "--data", str(path), "--perturbations", "STAT1", "--n-cells", "4",
+                 "--format", "cell-eval", "--out", str(tmp_path / "ce.h5ad")]) == 0
+    ce = ad.read_h5ad(tmp_path / "ce.h5ad")  # the cell-eval form keeps both (a concat dropped them)
+    assert list(ce.var["var_names_before_gene_key"]) == list(data.var_names) and ce.uns["log1p"] == {"base": None}
     # the verdict run again finds the same cells through the same column (the data hash is of the symbols' data)
     before = trained.verdict
     assert main(["verdict", "--model", str(model), "--data", str(path), "--verdict-samples", "1"]) == 0

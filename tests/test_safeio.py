@@ -83,6 +83,18 @@ def test_a_user_folder_is_refused_unless_forced(tmp_path):
     assert safeio.claim_folder(empty, kind="screen") == empty and safeio.is_ours(empty)
 
 
+def test_the_early_check_of_an_out_folder_refuses_what_the_claim_would(tmp_path):
+    """check_output_folder (called before a command's work) passed a link to a missing folder, which the claim then
+    refused as 'File exists' after the work."""
+    link = tmp_path / "results"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputError, match="is a link to a missing folder"):
+        safeio.check_output_folder(link, kind="screen")
+    (tmp_path / "gone").mkdir()
+    assert safeio.check_output_folder(link, kind="screen") == link  # the folder exists now: it is fine
+    assert safeio.claim_folder(link, kind="screen") == link
+
+
 def test_a_folder_locked_by_another_process_is_refused(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time

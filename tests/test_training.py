@@ -261,6 +261,9 @@ def test_learning_rate_schedule():
     # a run shorter than its warm-up (--max-steps 30 beside the default 50) reached neither the peak nor the decay
     rates = [lr_at(s, lr=1.0, warmup_steps=50, max_steps=30) for s in range(31)]
     assert max(rates) == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    # ... or a time budget that gives fewer steps than the warm-up: the rate peaks by half the budget, then decays
+    timed = [lr_at(s, lr=1.0, warmup_steps=50, max_steps=3000, time_fraction=(s + 1) / 20) for s in range(20)]
+    assert max(timed) == pytest.approx(1.0) and timed[-1] == pytest.approx(0.1)
     with pytest.raises(TrainingError, match="warmup_steps must be >= 0"):
         TrainConfig(warmup_steps=-1)
 

@@ -609,7 +609,9 @@ def generate_grid(
     steps = max_new_tokens or (config.max_genes + 1)
     longest = (max((len(p) for p in prefixes), default=0) + max((len(c.tokens) for cs in comps for c in cs), default=0)
                + steps + 1)
-    check_positions(model, longest - 1, prompt=longest - 1 - steps, what="generation")
+    # the prompt, then the tokens the model reads back: all but the last of at most steps - 1 (EOS is never read)
+    prompt_len = longest - steps - 1
+    check_positions(model, prompt_len + max(steps - 2, 0), prompt=prompt_len, what="generation")
     cap = _rows_that_fit(model, device, longest)
     if cap is not None and cap < config.batch_size:
         import dataclasses

@@ -269,6 +269,9 @@ def check_output_folder(folder: str | os.PathLike[str], *, kind: str, force: boo
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--out {str(folder)!r} is a file, not a folder. Choose a folder name.")
+    if folder.is_symlink() and not folder.exists():
+        raise OutputError(f"--out {str(folder)!r} is a link to a missing folder ({os.readlink(folder)!r}). Create "
+                          "that folder, or choose another --out.")
     if not folder.exists():
         probe = next((p for p in folder.parents if p.exists()), Path("."))
         if not probe.is_dir():
@@ -276,7 +279,12 @@ def check_output_folder(folder: str | os.PathLike[str], *, kind: str, force: boo
         if not os.access(probe, os.W_OK | os.X_OK):
             raise _unwritable(folder, PermissionError(13, "Permission denied"))
         return folder
-    contents = [p.name for p in folder.iterdir() if p.name not in _IGNORED]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _unwritable(folder, PermissionError(13, "Permission denied"))
+    try:
+        contents = [p.name for p in folder.iterdir() if p.name not in _IGNORED]
+    except OSError as err:  # (an OutputError, which every process of a launch is told of, not a bare one)
+        raise _unwritable(folder, err) from None
     if contents and not is_ours(folder, legacy=legacy) and not force:
         raise OutputError(
             f"--out {str(folder)!r} is not empty and was not written by virtualcell (it holds "

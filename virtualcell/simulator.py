@@ -257,7 +257,7 @@ class SimulationResult:
             var["var_names_before_gene_key"] = self.gene_ids
         head = ad.AnnData(obs=obs, var=var)
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
-        head.uns["log1p"] = {"base": None}  # X is log1p (natural log): scanpy's log1p warns instead of logging again
+        head.uns["log1p"] = {"base": None}  # X is log1p (natural log), as scanpy marks it: its log1p warns
         return head
 
     def to_anndata(self, *, perturbation_key: str | None = None, labels: Mapping[str, str] | None = None,
@@ -284,8 +284,8 @@ class SimulationResult:
 
         Genes keep the baseline's spelling (:attr:`Simulator.gene_names`); a baseline read through a ``gene_key``
         keeps its own var_names in ``var['var_names_before_gene_key']``. X is on the model's normalized scale, a
-        natural log1p (``uns['log1p']`` says so, as scanpy does); ``uns['virtualcell']`` records it with the model
-        and seed.
+        natural log1p (``uns['log1p']`` says so, as scanpy marks it: ``sc.pp.log1p`` then warns);
+        ``uns['virtualcell']`` records it with the model and seed.
         """
         P, C, G = self._require_cells()
         out = self._head(perturbation_key, labels)

@@ -173,7 +173,10 @@ def to_cell_eval(
     obs.index = pd.Index([str(i) for i in obs.index])
     if obs.index.duplicated().any():
         obs.index = pd.Index([f"{i}-{n}" for n, i in enumerate(obs.index)])
-    out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
+    var = adata.var.iloc[col].copy() if len(adata.var.columns) else pd.DataFrame(index=genes)  # (ids beside names)
+    var.index = genes
+    out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=var)
+    out.uns["log1p"] = {"base": None}  # X is log1p, as scanpy marks it
     record = adata.uns.get(UNS_KEY) or {}  # a prediction's scale, read by like= in turn
     kept = {k: record[k] for k in ("normalization", "scale_total") if record.get(k) is not None}
     out.uns[UNS_KEY] = {"cell_eval": {"pert_col": PERT_COL, "control_pert": CONTROL,
