@@ -196,9 +196,14 @@ def train_config(args: argparse.Namespace, **kw: Any):  # noqa: ANN201
     for item in getattr(args, "set", None) or []:
         base.update(parse_settings(item))
     if args.quick:
-        base.update(hidden_size=32, n_layers=1, n_heads=2, top_k=min(base.get("top_k", 200), 24), max_steps=12,
-                    warmup_steps=2, eval_every=12, max_minutes=min(args.max_minutes, 1.0), max_pairs=400)
+        base.update(quick_settings(base.get("top_k", 200), args.max_minutes))
     return TrainConfig(**base)
+
+
+def quick_settings(top_k: int, max_minutes: float | None = 1.0) -> dict[str, Any]:
+    """What ``--quick`` changes in a run's TrainConfig: a small model for a few steps, a smoke run of the path."""
+    return dict(hidden_size=32, n_layers=1, n_heads=2, top_k=min(top_k, 24), max_steps=12, warmup_steps=2,
+                eval_every=12, max_minutes=min(max_minutes or 1.0, 1.0), max_pairs=400)
 
 
 def _trained(model, folder: Path, seconds: float | None, config: dict[str, Any]) -> Trained:  # noqa: ANN001

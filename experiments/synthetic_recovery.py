@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from _protocol import parse_settings
 
     changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
-    cfg = TrainConfig(**({"max_minutes": 1.0 if args.quick else args.max_minutes, "max_steps": 20 if args.quick else 3000,
-                          "kind_key": "perturbation_type", "seed": args.seed, "top_k": TOP_K} | changed))
+    quick = P.quick_settings(TOP_K) if args.quick else {}
+    cfg = TrainConfig(**({"max_minutes": args.max_minutes, "max_steps": 3000, "kind_key": "perturbation_type",
+                          "seed": args.seed, "top_k": TOP_K} | quick | changed))
     if args.model:
         model = vc.C2SModel.load(args.model)
         seed = (model.train_config or {}).get("seed")

@@ -1137,3 +1137,22 @@ def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path
     torch.manual_seed(123)
     train(papalexi_small[::4].copy(), out=tmp_path / "m", config=cfg, progress=False)
     assert torch.equal(torch.rand(1), want)
+
+
+def test_a_budget_too_small_names_the_minutes_given_and_the_verdicts_share():
+    """The refusal named the training's share of --max-minutes as if it were the whole (--max-minutes 1 was
+    reported as 0.5 when the verdict kept half)."""
+    import time
+    from types import SimpleNamespace
+
+    from virtualcell.training import loop
+
+    net = torch.nn.Linear(3, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    with pytest.raises(TrainingError, match=r"--max-minutes 1 \(60\.0 s, of which 30\.0 s are kept for the "
+                                            r"validation verdict\) is too small: setting up took 9[0-9]\.\d s"):
+        loop.fit(net, torch.optim.SGD(net.parameters(), lr=0.1), batch_at=lambda s, p: SimpleNamespace(n_tokens=16),
+                 loss_of=lambda b: (((net(x) - y) ** 2).mean(), 16), validate=lambda: 1.0,
+                 checkpoint=lambda st: None, state=loop.LoopState(),
+                 budget=loop.Budget(1000, 0, 0.0, 30.0, time.perf_counter() - 90.0, reserved=30.0), lr=0.1,
+                 warmup_steps=0, eval_every=100, save_every=1000, progress=False)

@@ -728,7 +728,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
-                         agree=split.largest, before=before)
+                         agree=split.largest, before=before, reserved=run_config.get("verdict_reserved_s") or 0.0)
     if resumed and state.history and state.step < cfg.max_steps:
         _say_schedule_moved(state, budget, cfg)
     state = loop.fit(

@@ -99,6 +99,7 @@ class Budget:
     # (a process stopping alone would leave the others waiting in the next gradient exchange); None: the own clock
     agree: Callable[[float], float] | None = None
     before: float = 0.0
+    reserved: float = 0.0  # seconds of --max-minutes kept for the validation verdict after training (not in seconds)
 
     def spent(self) -> float:
         return time.perf_counter() - self.t_start + self.before
@@ -219,10 +220,13 @@ def fit(
                 first_step_s = time.perf_counter() - t_step
                 # (agreed: every process stops here, or none; one stopping alone leaves the others in an exchange)
                 if budget.seconds is not None and not budget.before and budget.fraction(elapsed) > 1.0:
+                    total = budget.seconds + budget.reserved
+                    kept = (f", of which {budget.reserved:.1f} s are kept for the validation verdict"
+                            if budget.reserved else "")
                     raise TrainingError(
-                        f"--max-minutes {budget.seconds / 60:g} ({budget.seconds:.1f} s) is too small: setting up took "
+                        f"--max-minutes {total / 60:g} ({total:.1f} s{kept}) is too small: setting up took "
                         f"{elapsed - first_step_s:.1f} s and one optimizer step {first_step_s:.2f} s here. Give at least "
-                        f"{math.ceil(elapsed * 20 / 60 * 10) / 10:g} minutes for a useful run."
+                        f"{math.ceil((elapsed * 20 + budget.reserved) / 60 * 10) / 10:g} minutes for a useful run."
                     )
             record: dict[str, Any] = {
                 "step": state.step, "loss": loss_value, "lr": rate, "phase": 0.0 if pretrain else 1.0,
