@@ -11,7 +11,13 @@ with the log-normalized truth:
 * the rank fit's R^2 and its slope/intercept.
 
 Run: ``python experiments/roundtrip.py`` (about a minute). Writes
-``experiments/results/roundtrip.{md,json}``.
+``experiments/results/roundtrip.{md,json}`` (``--out``: another folder); a dataset that cannot be read stops it
+before anything is written (a table with fewer rows would replace the full one).
+
+Reading it: on raw-count data (papalexi, kang harmony) the rank fit explains most of the variance of the kept
+values and the decoded gene means track the truth. perturbench is stored as log1p values of 500 selected genes
+with ~35 expressed per cell: values are a few discrete count levels scaled by library size, so rank explains little
+of the value across cells (a low R²) even though every cell's order is kept exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     import argparse
 
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help answers, runs nothing
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for roundtrip.md/.json")
+    args = ap.parse_args()
     import virtualcell as vc
     from virtualcell.sentences import RankFit, decode, detect_scale, encode, expression_matrix, log_normalize
 
@@ -37,9 +45,9 @@ def main() -> int:
     for name in ("papalexi2021", "perturbench", "kang2018_harmony", "kang2018_scgen"):
         try:
             adata = vc.datasets.load(name)
-        except Exception as err:  # noqa: BLE001 - a local file may be missing: say so, go on
-            print(f"skip {name}: {err}")
-            continue
+        except Exception as err:  # noqa: BLE001 - a local file may be missing: say which, write nothing
+            print(f"cannot read {name}: {err}", file=sys.stderr)
+            return 1
         if adata.n_obs > 5000:
             adata = adata[np.random.default_rng(0).choice(adata.n_obs, 5000, replace=False)].copy()
         X = expression_matrix(adata)
@@ -74,7 +82,8 @@ def main() -> int:
                      f"| {r['linear_pearson_mean']:.2f} / {r['table_pearson_mean']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "experiments" / "results"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "roundtrip.md").write_text(text)
     (out / "roundtrip.json").write_text(json.dumps(rows, indent=1))
     return 0
