@@ -612,6 +612,12 @@ def test_ot_pairing_keeps_the_whole_effect_and_pairs_within_the_context():
                     m = (labels == lab) & (ctx == cx)
                     assert np.unique(src[m]).size == m.sum()  # fewer cells than controls: a draw without repeats
             assert (build_pairs(a, c, pairing="ot", seed=3)[0] == src).all()
+            # the embedding kept by one draw and reused by the next gives the pairs made without it
+            kept: dict = {}
+            for d in (0, 1):
+                assert (build_pairs(a, c, pairing="ot", seed=3, draw=d, embedded=kept)[0]
+                        == build_pairs(a, c, pairing="ot", seed=3, draw=d)[0]).all()
+            assert set(kept) == {"a", "b"}
             assert not (build_pairs(a, c, pairing="ot", seed=4)[0] == src).all()
     assert 0.9 < shrink["ot"] < 1.1 and 0.9 < shrink["random"] < 1.1
     # the nearest controls of KO1's cells are the controls whose genes 0-9 happen to be highest

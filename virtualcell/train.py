@@ -502,8 +502,10 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
         log.info("doses read in %s", "; ".join(f"{u} ({preview(a, 5)})" for u, a in by_unit.items()))
     # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
     # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 10 s)
+    embedded: dict[str, np.ndarray] = {}  # each context's embedding, made by the first draw, reused by the others
     sources = batching.LazyDraws(cfg.pair_draws, lambda d: build_pairs(
-        data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d)[0])
+        data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d,
+        embedded=embedded)[0])
     train_targets, val_targets = _pair_split(data, contract, cfg, sources[0])
     return _Cells(data, held, baseline, unseen, context, int(in_verdict.sum()), given_hash, genes, sentences, fit,
                   typed, {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets)

@@ -37,7 +37,7 @@ _OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger g
 
 def build_pairs(
     adata: ad.AnnData, contract: DataContract, *, pairing: str = PAIRINGS[0], neighbours: int = 5, n_pcs: int = 20,
-    seed: int = 0, draw: int = 0,
+    seed: int = 0, draw: int = 0, embedded: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair every cell with a control cell of the same context: the cell it is predicted from.
 
@@ -62,7 +62,9 @@ def build_pairs(
     ``draw`` > 0 gives another draw of the same pairing over the same PCA embedding, with other random
     choices; for ``"ot"`` the controls are then drawn with replacement (a bootstrap sample: uniform still, but not
     every control once, so that a perturbation with as many cells as there are controls, whose transport is then
-    one fixed matching, gets other pairs too). ``draw=0`` is the draw of ``seed`` alone.
+    one fixed matching, gets other pairs too). ``draw=0`` is the draw of ``seed`` alone. ``embedded``: a dict the
+    call keeps each context's PCA embedding in, for the next draw of the same cells to reuse (the embedding does
+    not depend on the draw; at 20,000 genes it is most of a draw's time).
     """
     from scipy.spatial import cKDTree
 
@@ -70,8 +72,18 @@ def build_pairs(
     if draw < 0:
         raise ValueError(f"draw must be >= 0, got {draw}.")
     rng = np.random.default_rng(seed if draw == 0 else [seed, draw])
-    X = expression_matrix(adata)
-    Xn = log_normalize(X, detect_scale(X))
+    embedded = {} if embedded is None else embedded
+    normalized: list = []  # read once, where an embedding is not kept yet
+
+    def embedding(c: str, members: np.ndarray) -> np.ndarray:
+        if c not in embedded:
+            if not normalized:
+                X = expression_matrix(adata)
+                normalized.append(log_normalize(X, detect_scale(X)))
+            Xn = normalized[0][members]
+            embedded[c] = pca(Xn, n_pcs, seed=seed).transform(Xn)
+        return embedded[c]
+
     ctx = contract.contexts(adata)
     labels = contract.conditions(adata)  # each dose of a drug is matched to the controls on its own
     is_ctrl = contract.is_control(adata)
@@ -89,7 +101,7 @@ def build_pairs(
                 cand = controls[controls != m]
                 src[m] = cand[rng.integers(cand.size)]
             continue
-        emb = pca(Xn[members], n_pcs, seed=seed).transform(Xn[members])
+        emb = embedding(str(c), members)
         pos = {m: i for i, m in enumerate(members)}
         if pairing == "ot":
             at = lambda idx: emb[[pos[int(i)] for i in idx]]  # noqa: E731
