@@ -199,7 +199,7 @@ def _choose(basis: tuple[np.ndarray, ...], T: np.ndarray, Dv: np.ndarray, Tv: np
     nu, B = _targets(basis, T)
     A = (Dv - mu) @ Vt.T  # validation inputs in the right basis
     R = Tv - nu
-    # (only the diagonal of A.T @ R @ B.T enters the error: its k x k whole cost minutes at 20,000 genes)
+    # (only the diagonal of A.T @ R @ B.T enters the error: the whole k x k product grows with genes x k^2)
     AtA, BBt, dM, RR = A.T @ A, B @ B.T, ((A.T @ R) * B).sum(1), float((R ** 2).sum())
     best = (np.inf, PENALTIES[0], RANKS[0])
     for penalty in PENALTIES:

@@ -374,7 +374,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
         with safeio.atomic_path(folder / "aggregates.nc") as tmp:
-            agg.to_netcdf(tmp, engine="h5netcdf")
+            _to_netcdf(agg, tmp)
         table = ranking.copy()
         for col in LIST_COLUMNS:
             table[col] = table[col].map(lambda v: ";".join(v))
@@ -547,7 +547,14 @@ def _write_group(stem: Path, agg: xr.Dataset, embedded: dict[str, np.ndarray]) -
         with open(tmp, "wb") as fh:
             np.savez(fh, **embedded)
     with safeio.atomic_path(stem.with_suffix(".nc")) as tmp:
-        _plain_strings(agg).to_netcdf(tmp, engine="h5netcdf")
+        _to_netcdf(_plain_strings(agg), tmp)
+
+
+def _to_netcdf(agg: xr.Dataset, path: Path) -> None:
+    """``agg`` as netCDF, its float arrays compressed: a wide panel's files are mostly the zeros of genes and buckets
+    no cell reached, and a screen writes each group and then the whole."""
+    encoding = {k: {"zlib": True, "complevel": 4} for k, v in agg.data_vars.items() if v.dtype.kind == "f"}
+    agg.to_netcdf(path, engine="h5netcdf", encoding=encoding)
 
 
 def _panel_attrs(parts: Sequence[xr.Dataset]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray
 
 VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at most: it stays quick
 # control cells a context holds out at most: the verdict simulates half of them under every perturbation and
-# setting, and 10% of 20,000 controls made it most of an hour (none of the shipped screens holds out more than 239)
+# setting, so its time grew with the screen's size (none of the shipped screens holds out more than 239)
 VERDICT_MAX_CONTROLS = 256
 VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
 # ... or, where no context has that many (small patient x cell-type contexts), this many: 8 held out, 8 left to train

@@ -64,7 +64,7 @@ def build_pairs(
     every control once, so that a perturbation with as many cells as there are controls, whose transport is then
     one fixed matching, gets other pairs too). ``draw=0`` is the draw of ``seed`` alone. ``embedded``: a dict the
     call keeps each context's PCA embedding in, for the next draw of the same cells to reuse (the embedding does
-    not depend on the draw; at 20,000 genes it is most of a draw's time).
+    not depend on the draw; on wide data it is most of a draw's time).
     """
     from scipy.spatial import cKDTree
 
