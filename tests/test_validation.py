@@ -984,8 +984,8 @@ def test_a_cell_is_served_its_own_contexts_measured_effect(tmp_path):
 
 
 def test_a_large_screen_holds_out_at_most_256_controls_a_context_for_the_verdict():
-    """10% of the controls, uncapped: the verdict simulates half of them under every perturbation and setting, which
-    for 20,000 controls was most of an hour. A small screen holds out its 10% as before."""
+    """10% of the controls, uncapped: the verdict simulates half of them under every perturbation and setting, so its
+    time grew with the screen. A small screen holds out its 10% as before."""
     big = vc.datasets.synthetic_screen(n_genes=20, n_tfs=4, n_knockouts=2, n_drugs=0, n_cytokines=0, n_contexts=2,
                                        n_cells_per_condition=30, n_control_cells=3000, seed=0)
     contract = DataContract.from_adata(big)
