@@ -14,7 +14,7 @@ protocol's held-out cells:
   50) and MSE, next to the meanshift baseline's, and the blend weight it fitted.
 
 Arms run ``--parallel`` at a time (1 torch thread each). Writes
-``experiments/results/ablations/<name>.{md,json}``.
+``experiments/results/ablations/<name>.{md,json}`` (``--out``: another folder).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", default="on", choices=("auto", "on", "off"))
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "ablations",
+                    help="folder for the results (default: experiments/results/ablations)")
     args = ap.parse_args(argv)
     for arm in args.arms:
         parse_arm(arm)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     name = args.name or "_vs_".join(a.replace("=", "-").replace(",", "+") for a in args.arms)
-    out = ROOT / "experiments" / "results" / "ablations"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=float))

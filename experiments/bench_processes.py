@@ -18,7 +18,7 @@ from the seed).
     python experiments/bench_processes.py                  # ~15 min on 2 cores
     python experiments/bench_processes.py --steps 60 --repeats 1   # smoke
 
-Writes ``experiments/results/training_processes.{md,json}``.
+Writes ``experiments/results/training_processes.{md,json}`` (``--out``: another folder).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="training_processes")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = ap.parse_args()
     sides = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2), ("2 processes, 1 thread each", 2, 1)]
     rows = []
@@ -114,9 +115,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary},
-                                                          indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary},
+                                                          indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ costs the next side cold caches and, between 1- and 2-thread sides, a thread poo
 wake; the fastest sides lose most. ``--chunk`` equal to ``--steps`` runs the sides one after
 another, as a real training run goes (one configuration throughout). Both are reported.
 
-Writes ``experiments/results/training_speed.{md,json}``.
+Writes ``experiments/results/training_speed.{md,json}`` (``--out``: another folder, e.g. for a smoke run).
 """
 
 from __future__ import annotations
@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="training_speed")
     ap.add_argument("--compiled", default="8", help="groups that also get a compiled side ('' for none)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -343,8 +344,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

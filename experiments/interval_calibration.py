@@ -24,7 +24,7 @@ Run from the repository root::
     python experiments/interval_calibration.py            # about 2 minutes on one core
     python experiments/interval_calibration.py --reps 50  # a quick run
 
-Writes ``experiments/results/interval_calibration.md`` and ``.json``.
+Writes ``experiments/results/interval_calibration.md`` and ``.json`` (``--out``: another folder, e.g. for a smoke run).
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=100, help="simulated screens / splits per row")
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of a screen (as screen's default)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = ap.parse_args()
     import torch
 
@@ -188,8 +189,8 @@ def main() -> int:
     parts = {"largest_effect": largest_effect(args.reps, args.n_boot), "verdict_interval": verdict_interval(args.reps),
              "chosen_setting": chosen_setting(args.reps)}
     seconds = round(time.perf_counter() - t0, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "interval_calibration.json").write_text(json.dumps(
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "interval_calibration.json").write_text(json.dumps(
         {"command": " ".join(["python", "experiments/interval_calibration.py", *sys.argv[1:]]), "seconds": seconds,
          **parts}, indent=1))
     doc = __doc__.split("Run from")[0].strip()
@@ -200,7 +201,7 @@ def main() -> int:
           "## 1. The largest-effect score of a screen candidate\n", table(parts["largest_effect"]) + "\n",
           "## 2. The verdict's difference, model and baseline equally good\n", table(parts["verdict_interval"]) + "\n",
           "## 3. A generation setting chosen on the rows that judge it\n", table(parts["chosen_setting"]) + "\n"]
-    (RESULTS / "interval_calibration.md").write_text("\n".join(md))
+    (args.out / "interval_calibration.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 
