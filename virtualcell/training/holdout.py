@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
 
 __all__ = ["cells_per_context", "holdout_mask", "unseen_labels", "verdict_context", "verdict_split", "verdict_cells",
-           "baseline_cells", "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MAX_CONTROLS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
+           "baseline_cells", "no_verdict_reason", "VERDICT_MAX_LABELS", "VERDICT_MIN_CONTROLS", "VERDICT_FEWEST_CONTROLS",
            "VERDICT_MIN_CELLS", "VERDICT_FEWEST_CELLS"]
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,6 @@ def holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray
 
 
 VERDICT_MAX_LABELS = 24  # perturbations the validation verdict simulates at most: it stays quick
-# control cells a context holds out at most: the verdict simulates half of them under every perturbation and
-# setting, so its time grew with the screen's size (none of the shipped screens holds out more than 239)
-VERDICT_MAX_CONTROLS = 256
 VERDICT_MIN_CONTROLS = 40  # a context holds out control cells only when it has this many
 # ... or, where no context has that many (small patient x cell-type contexts), this many: 8 held out, 8 left to train
 VERDICT_FEWEST_CONTROLS = 16
@@ -180,7 +177,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     """The cells held out of training entirely, for the validation verdict (:mod:`virtualcell.validation`).
 
     Per context with at least 40 control cells (16 where no context has 40), a seeded ``verdict_fraction`` of them (at
-    least 8, at most 256, and never leaving fewer than 2 for training); in those contexts, a seeded
+    least 8, and never leaving fewer than 2 for training); in those contexts, a seeded
     ``verdict_fraction`` of the cells of each condition (a perturbation at one dose and time,
     :meth:`DataContract.conditions`) with at least 20 cells there (10 where none has 20). At most 24 conditions (a
     seeded choice) lose cells; the others train on all theirs. Every cell of the ``unseen``
@@ -203,7 +200,7 @@ def verdict_split(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig,
     chosen = set(rng.choice(eligible, size=min(VERDICT_MAX_LABELS, len(eligible)), replace=False)) if eligible else set()
     for c in contexts:
         controls = np.flatnonzero(is_ctrl & (ctx == c))
-        k = min(max(8, int(round(cfg.verdict_fraction * controls.size))), controls.size - 2, VERDICT_MAX_CONTROLS)
+        k = min(max(8, int(round(cfg.verdict_fraction * controls.size))), controls.size - 2)
         held[rng.choice(controls, size=k, replace=False)] = True
         for p in sorted(chosen):
             cells = np.flatnonzero((ctx == c) & (labels == p))
