@@ -981,4 +981,3 @@ def test_a_cell_is_served_its_own_contexts_measured_effect(tmp_path):
         cells = ctrl[ctrl.obs["cell_type"] == c][:12].copy()
         served = vc.Simulator(cells, model, seed=0).simulate(["drugX"], blend=0.0, samples=1, progress=False)
         assert (sign * served.aggregates["delta"].values[0, :5] > 0.8).all(), c
-
