@@ -114,7 +114,6 @@ def main() -> None:
                      f"{s['steps_per_min'] / base:.2f}x | {s['train_loss_last50']:.4f} | {s['val_loss']:.4f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(text)
     (args.out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary},

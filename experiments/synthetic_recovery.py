@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from _protocol import parse_settings
 
     changed = {k: v for item in args.set for k, v in parse_settings(item).items()}
-    quick = P.quick_settings(TOP_K) if args.quick else {}
+    quick = P.quick_settings(TOP_K, args.max_minutes) if args.quick else {}
     cfg = TrainConfig(**({"max_minutes": args.max_minutes, "max_steps": 3000, "kind_key": "perturbation_type",
                           "seed": args.seed, "top_k": TOP_K} | quick | changed))
     if args.model:

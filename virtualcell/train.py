@@ -502,7 +502,7 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
         log.info("doses read in %s", "; ".join(f"{u} ({preview(a, 5)})" for u, a in by_unit.items()))
     # draw 0 pairs the validation loss's targets; the training epochs cycle through all the draws, each made when
     # an epoch first needs it (a draw of optimal transport on 50,000 cells takes about 10 s)
-    embedded: dict[str, np.ndarray] = {}  # each context's embedding, made by the first draw, reused by the others
+    embedded: dict[tuple, np.ndarray] = {}  # each context's embedding, made by the first draw, reused by the others
     sources = batching.LazyDraws(cfg.pair_draws, lambda d: build_pairs(
         data, contract, pairing=cfg.pairing, neighbours=cfg.neighbours, n_pcs=cfg.n_pcs, seed=cfg.seed, draw=d,
         embedded=embedded)[0])
@@ -730,7 +730,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
-                         agree=split.largest, before=before, reserved=run_config.get("verdict_reserved_s") or 0.0)
+                         agree=split.largest, before=before,
+                         reserved=0.0 if budget_s is None else cfg.max_minutes * 60.0 - budget_s)  # (unrounded)
     if resumed and state.history and state.step < cfg.max_steps:
         _say_schedule_moved(state, budget, cfg)
     state = loop.fit(
@@ -771,6 +772,8 @@ def _say_schedule_moved(state: Any, budget: Any, cfg: TrainConfig) -> None:
     the run was started with put its rate back up (a warm restart), which the user should know, not find out."""
     from .training.schedule import lr_at
 
+    if state.step <= min(cfg.warmup_steps, budget.max_steps // 2):  # still warming up: the rate rises by design
+        return
     was = float(state.history[-1].get("lr", 0.0))
     now = lr_at(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=budget.max_steps,
                 time_fraction=budget.time_fraction() if budget.seconds is not None else None)

@@ -37,7 +37,7 @@ _OT_BLOCK = 1024  # the largest assignment solved at once (cubic cost); larger g
 
 def build_pairs(
     adata: ad.AnnData, contract: DataContract, *, pairing: str = PAIRINGS[0], neighbours: int = 5, n_pcs: int = 20,
-    seed: int = 0, draw: int = 0, embedded: dict[str, np.ndarray] | None = None,
+    seed: int = 0, draw: int = 0, embedded: dict[tuple, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair every cell with a control cell of the same context: the cell it is predicted from.
 
@@ -76,13 +76,14 @@ def build_pairs(
     normalized: list = []  # read once, where an embedding is not kept yet
 
     def embedding(c: str, members: np.ndarray) -> np.ndarray:
-        if c not in embedded:
+        key = (c, n_pcs, seed, adata.n_obs, hash(members.tobytes()))  # (kept for these very cells and settings only)
+        if key not in embedded:
             if not normalized:
                 X = expression_matrix(adata)
                 normalized.append(log_normalize(X, detect_scale(X)))
             Xn = normalized[0][members]
-            embedded[c] = pca(Xn, n_pcs, seed=seed).transform(Xn)
-        return embedded[c]
+            embedded[key] = pca(Xn, n_pcs, seed=seed).transform(Xn)
+        return embedded[key]
 
     ctx = contract.contexts(adata)
     labels = contract.conditions(adata)  # each dose of a drug is matched to the controls on its own
