@@ -131,6 +131,33 @@ def test_predict_output_runs_through_cell_evals_own_cli(tiny_model, tmp_path):
     assert results["mae"].notna().all()
 
 
+def test_the_cell_eval_file_written_a_perturbation_at_a_time_is_the_whole_converted_at_once(tiny_model, tmp_path):
+    """predict --format cell-eval held the whole prediction in memory several times over (to_anndata, a dense copy of
+    the controls, a concat, the conversion); it now converts and appends one perturbation at a time. The file is the
+    one converting everything at once gives."""
+    import virtualcell as vc
+
+    model, path, data = tiny_model
+    base_file = tmp_path / "base.h5ad"
+    base = data[data.obs["perturbation"] == "control"][:10].copy()
+    base.write_h5ad(base_file)
+    pred = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(path), "--data", str(base_file), "--perturbations", "STAT1,IFNGR1,JAK2",
+                 "--seed", "3", "--format", "cell-eval", "--out", str(pred)]) == 0
+    streamed = ad.read_h5ad(pred)
+    sim = vc.Simulator(base, model, seed=3)
+    res = sim.simulate(["STAT1", "IFNGR1", "JAK2"], seed=3, progress=False, keep_cells=True)
+    cells = res.to_anndata(perturbation_key="perturbation")
+    ctrl = ad.AnnData(sim.expression[:10].toarray(), var=cells.var.copy())
+    ctrl.obs["perturbation"], ctrl.obs["source_cell"] = "control", list(res.source_cells)
+    ctrl.obs_names = [f"control|{c}" for c in res.source_cells]
+    whole = to_cell_eval(ad.concat([cells, ctrl], merge="same"), perturbation_key="perturbation", control="control")
+    assert list(streamed.obs_names) == list(whole.obs_names) and list(streamed.var_names) == list(whole.var_names)
+    assert list(streamed.obs["target_gene"]) == list(whole.obs["target_gene"])
+    np.testing.assert_allclose(streamed.X.toarray(), whole.X.toarray(), atol=1e-6)
+    assert streamed.uns["virtualcell"]["cell_eval"] == whole.uns["virtualcell"]["cell_eval"]
+
+
 def test_cli_evaluate_vcc_prints_cell_eval_metrics_for_model_baselines_and_ceiling(tmp_path, capsys, monkeypatch):
     from virtualcell.evaluate import _core
 

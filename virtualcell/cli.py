@@ -229,26 +229,58 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
 
 
 def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:  # noqa: ANN001
-    """Predicted cells plus the baseline as the control (its calibrated prediction), in cell-eval's form."""
+    """Predicted cells plus the baseline as the control (its calibrated prediction), in cell-eval's form, one
+    perturbation at a time (memory holds one perturbation's cells, as the plain ``.h5ad`` form does): each part goes
+    through :func:`~virtualcell.evaluate.to_cell_eval` and is appended to the file's X."""
+    import tempfile
+    from pathlib import Path
+
     import anndata as ad
+    import h5py
+    import numpy as np
+    import pandas as pd
 
     from .evaluate import to_cell_eval
-
-    cells = res.to_anndata(perturbation_key="perturbation", draws=draws)
-    provenance = dict(cells.uns.get("virtualcell") or {})  # what made them (and what lets a rerun replace the file)
-    control = model.contract.control if model.contract is not None else "control"
-    if control not in set(cells.obs["perturbation"]):
-        ctrl = ad.AnnData(sim.expression[:n].toarray(), var=cells.var.copy())
-        ctrl.obs["perturbation"] = control
-        ctrl.obs["source_cell"] = list(res.source_cells)
-        ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
-        cells = ad.concat([cells, ctrl], merge="same")
     from .safeio import atomic_path
 
-    written = to_cell_eval(cells, perturbation_key="perturbation", control=control)
-    written.uns["virtualcell"] = provenance | written.uns["virtualcell"]
-    with atomic_path(out) as tmp:
-        written.write_h5ad(tmp)
+    head = res._head("perturbation", None)  # every predicted cell's obs, the genes, what made them
+    cells, said = res._chosen(pure=False, draws=draws)
+    provenance = dict(head.uns.get("virtualcell") or {}) | said  # (what lets a rerun replace the file, too)
+    control = model.contract.control if model.contract is not None else "control"
+    P, C, _ = res._require_cells()
+
+    def parts():  # noqa: ANN202
+        for i in range(P):
+            rows = slice(i * C, (i + 1) * C)
+            yield ad.AnnData(np.asarray(cells[i].values, dtype=np.float32), obs=head.obs.iloc[rows].copy(),
+                             var=head.var.copy(), uns={"virtualcell": provenance})
+        if control not in set(head.obs["perturbation"]):
+            ctrl = ad.AnnData(sim.expression[:n].toarray(), var=head.var.copy())
+            ctrl.obs["perturbation"] = control
+            ctrl.obs["source_cell"] = list(res.source_cells)
+            ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
+            yield ctrl
+
+    obs, first = [], None
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as scratch:
+        xfile = Path(scratch) / "X.h5"
+        with h5py.File(xfile, "w") as f:
+            for part in parts():
+                written = to_cell_eval(part, perturbation_key="perturbation", control=control, part=True)
+                obs.append(written.obs)
+                if first is None:
+                    first = written
+                    ad.io.write_elem(f, "X", written.X)
+                else:
+                    ad.io.sparse_dataset(f["X"]).append(written.X)
+        whole = ad.AnnData(obs=pd.concat(obs), var=first.var, uns=first.uns)
+        whole.uns["virtualcell"] = provenance | first.uns["virtualcell"]
+        with atomic_path(out) as tmp:
+            whole.write_h5ad(tmp)
+            with h5py.File(tmp, "a") as f, h5py.File(xfile, "r") as src:
+                if "X" in f:
+                    del f["X"]
+                src.copy(src["X"], f, "X")
 
 
 def cmd_screen(args: argparse.Namespace) -> int:

@@ -82,6 +82,7 @@ def to_cell_eval(
     control: str | Sequence[str] | None = None,
     gene_key: str | None = None,
     like: ad.AnnData | None = None,
+    part: bool = False,
 ) -> ad.AnnData:
     """``adata`` in the form ``cell-eval run -ap PRED -ar REAL`` accepts with its default options.
 
@@ -102,6 +103,9 @@ def to_cell_eval(
     like
         The other file of the pair (cell-eval form); genes are matched ignoring case and
         an Ensembl version suffix and written with ``like``'s spelling.
+    part
+        ``adata`` is one part of a file written a part at a time (``virtualcell predict --format cell-eval``
+        writes a perturbation at a time): it need not hold the control cells itself.
 
     Returns
     -------
@@ -123,7 +127,7 @@ def to_cell_eval(
 
     require_in_memory(adata)
     adata = with_gene_key(adata, gene_key)
-    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control)
+    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, require_control=not part)
     labels = contract.conditions(adata)  # a drug's doses are perturbations of their own
     if CONTROL in set(labels) and contract.control != CONTROL:
         raise DataError(

@@ -37,6 +37,7 @@ def resolve_contract(
     perturbation_key: str | None = None,
     control: str | Sequence[str] | None = None,
     context_key: str | None = None,
+    require_control: bool = True,
 ) -> DataContract:
     """The data contract to use: explicit keys over the one ``adata`` carries, over the defaults.
 
@@ -66,7 +67,7 @@ def resolve_contract(
         dose_key=stored.dose_key, time_key=stored.time_key,  # a drug's doses stay conditions of their own
         other_controls=others,
     ).without_quantities_absent_from(adata)
-    contract.validate(adata)
+    contract.validate(adata, require_control=require_control)
     return contract
 
 
