@@ -340,6 +340,14 @@ def _subsample(n: int, max_cells: int | None, rng: np.random.Generator) -> np.nd
     return np.sort(rng.choice(n, max_cells, replace=False))
 
 
+def _sampled_cells(data: Prepared, mask: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+    """The cells of ``mask`` (at most ``max_cells``, a seeded draw) as a dense array: drawn first, then made dense
+    (all of a large group was made dense to keep a few hundred)."""
+    rows = np.flatnonzero(mask)
+    rows = rows[_subsample(rows.size, max_cells, rng)]
+    return np.asarray(data.X[rows].toarray(), dtype=np.float32)
+
+
 def _real_contexts(
     real: Prepared, control: str, *, cells: bool, max_cells: int | None, seed: int
 ) -> list[_RealContext]:
@@ -367,8 +375,7 @@ def _real_contexts(
         rc = _RealContext(ctx, tuple(names[i] for i in cand), means[cand], c_mean, de,
                           {names[i]: int(counts[i]) for i in cand}, effect)
         if cells:
-            groups = {n: real.dense(in_ctx & (real.labels == n)) for n in names}
-            groups = {n: g[_subsample(len(g), max_cells, rng)] for n, g in groups.items()}
+            groups = {n: _sampled_cells(real, in_ctx & (real.labels == n), max_cells, rng) for n in names}
             stacked = np.concatenate(list(groups.values()), axis=0).astype(np.float64)
             rc.basis = pca(stacked, _N_COMPONENTS, seed=seed)
             rc.cells = {n: rc.basis.transform(g) for n, g in groups.items() if n != control}
@@ -397,8 +404,7 @@ def _pairs(pred: Prepared, contexts: list[_RealContext], genes: pd.Index, contro
         pred_cells: dict[str, np.ndarray] = {}
         if cells and rc.basis is not None:
             for p in scored:
-                g = pred.dense(in_ctx & (pred.labels == p))
-                pred_cells[p] = rc.basis.transform(g[_subsample(len(g), max_cells, rng)])
+                pred_cells[p] = rc.basis.transform(_sampled_cells(pred, in_ctx & (pred.labels == p), max_cells, rng))
         pairs.append(PredRealPair(
             genes=tuple(str(g) for g in genes),
             context=rc.context,
