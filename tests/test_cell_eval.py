@@ -154,6 +154,10 @@ def test_the_cell_eval_file_written_a_perturbation_at_a_time_is_the_whole_conver
     whole = to_cell_eval(ad.concat([cells, ctrl], merge="same"), perturbation_key="perturbation", control="control")
     assert list(streamed.obs_names) == list(whole.obs_names) and list(streamed.var_names) == list(whole.var_names)
     assert list(streamed.obs["target_gene"]) == list(whole.obs["target_gene"])
+    for column in whole.obs.columns:  # the columns the whole had, alike; and none left empty in the control rows
+        assert list(streamed.obs[column].astype(str)) == list(whole.obs[column].astype(str)), column
+    assert not streamed.obs.isna().any().any() and (streamed.obs["perturbation_typed"] == "control").sum() == 10
+    assert not list(tmp_path.glob(".vc-predict-*"))  # the scratch file went with the command's temporary folder
     np.testing.assert_allclose(streamed.X.toarray(), whole.X.toarray(), atol=1e-6)
     assert streamed.uns["virtualcell"]["cell_eval"] == whole.uns["virtualcell"]["cell_eval"]
 

@@ -214,7 +214,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
                            coexpression_prior=args.coexpression_prior, compose=args.compose)
         if launch_rank() == 0:  # (under a multi-process launch the main process writes)
             if args.format == "cell-eval":
-                _write_cell_eval(res, sim, model, out, n, draws=args.draws)
+                _write_cell_eval(res, sim, model, out, n, draws=args.draws, scratch=Path(tmp))
             else:
                 res.write_h5ad(out, draws=args.draws)
         if res.store is not None:
@@ -228,11 +228,11 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     return 0
 
 
-def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:  # noqa: ANN001
+def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False, *, scratch) -> None:  # noqa: ANN001
     """Predicted cells plus the baseline as the control (its calibrated prediction), in cell-eval's form, one
     perturbation at a time (memory holds one perturbation's cells, as the plain ``.h5ad`` form does): each part goes
-    through :func:`~virtualcell.evaluate.to_cell_eval` and is appended to the file's X."""
-    import tempfile
+    through :func:`~virtualcell.evaluate.to_cell_eval` and is appended to the X of a file in ``scratch`` (the
+    command's temporary folder, which a rerun clears after a kill), then copied into the result."""
     from pathlib import Path
 
     import anndata as ad
@@ -256,31 +256,33 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False) -> None:
                              var=head.var.copy(), uns={"virtualcell": provenance})
         if control not in set(head.obs["perturbation"]):
             ctrl = ad.AnnData(sim.expression[:n].toarray(), var=head.var.copy())
-            ctrl.obs["perturbation"] = control
+            ctrl.obs["perturbation"] = ctrl.obs["perturbation_typed"] = control
             ctrl.obs["source_cell"] = list(res.source_cells)
+            if res.context is not None and res.context[0] in head.obs.columns:  # each cell's context, as predicted
+                ctrl.obs[res.context[0]] = np.asarray(res.context[1], dtype=object)
             ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
             yield ctrl
 
     obs, first = [], None
-    with tempfile.TemporaryDirectory(dir=Path(out).parent) as scratch:
-        xfile = Path(scratch) / "X.h5"
-        with h5py.File(xfile, "w") as f:
-            for part in parts():
-                written = to_cell_eval(part, perturbation_key="perturbation", control=control, part=True)
-                obs.append(written.obs)
-                if first is None:
-                    first = written
-                    ad.io.write_elem(f, "X", written.X)
-                else:
-                    ad.io.sparse_dataset(f["X"]).append(written.X)
-        whole = ad.AnnData(obs=pd.concat(obs), var=first.var, uns=first.uns)
-        whole.uns["virtualcell"] = provenance | first.uns["virtualcell"]
-        with atomic_path(out) as tmp:
-            whole.write_h5ad(tmp)
-            with h5py.File(tmp, "a") as f, h5py.File(xfile, "r") as src:
-                if "X" in f:
-                    del f["X"]
-                src.copy(src["X"], f, "X")
+    xfile = Path(scratch) / "cell_eval_X.h5"
+    with h5py.File(xfile, "w") as f:
+        for part in parts():
+            written = to_cell_eval(part, perturbation_key="perturbation", control=control, part=True)
+            obs.append(written.obs)
+            if first is None:
+                first = written
+                ad.io.write_elem(f, "X", written.X)
+            else:
+                ad.io.sparse_dataset(f["X"]).append(written.X)
+    whole = ad.AnnData(obs=pd.concat(obs), var=first.var, uns=first.uns)
+    whole.uns["virtualcell"] = provenance | first.uns["virtualcell"]
+    with atomic_path(out) as tmp:
+        whole.write_h5ad(tmp)
+        with h5py.File(tmp, "a") as f, h5py.File(xfile, "r") as src:
+            if "X" in f:
+                del f["X"]
+            src.copy(src["X"], f, "X")
+    xfile.unlink()
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
