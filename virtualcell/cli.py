@@ -282,7 +282,6 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False, *, scrat
             if "X" in f:
                 del f["X"]
             src.copy(src["X"], f, "X")
-    xfile.unlink()
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -420,12 +419,11 @@ def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or fine-tune) a model on a perturbation screen."""
     from .distributed import launch_rank
-    from .safeio import check_output_folder
-    from .train import LEGACY, TrainConfig, train, training_device
+    from .train import TrainConfig, check_out, train, training_device
 
     training_device(args.device)  # a device this machine lacks, or a user's --out, is refused before the data is read
     if launch_rank() == 0:
-        check_output_folder(args.out, kind="train", force=args.force, legacy=LEGACY)
+        check_out(args.out, force=args.force)
     contract = _contract_from_args(args)
     adata = _load_data(args.data, contract)
     holdout = {}
@@ -486,14 +484,21 @@ def _print_candidates(verdict) -> None:  # noqa: ANN001
 
 def cmd_verdict(args: argparse.Namespace) -> int:
     """Run a trained model's validation verdict again, on the data it was trained on."""
+    import contextlib
+    import os
+    from pathlib import Path
+
     from .distributed import launch_rank
+    from .errors import OutputError
+    from .generation import blas_threads
     from .model import C2SModel
-    from .safeio import check_output_folder
-    from .train import LEGACY, rejudge
+    from .safeio import file_lock, output_folder, write_text
+    from .train import LEGACY, check_out, rejudge
     from .validation import VERDICT_FILE, summary_line
 
-    if args.out is not None and launch_rank() == 0:  # a user's --out is refused before the model and data load
-        check_output_folder(args.out, kind="train", force=args.force, legacy=LEGACY)
+    main = launch_rank() == 0  # (under a multi-process launch every process judges; the main one writes)
+    if args.out is not None and main:  # a user's --out is refused before the model and data load
+        check_out(args.out, force=args.force)
     model = C2SModel.load(args.model, device=args.device)
     adata = _load_data(args.data, model.contract)
     before = summary_line(model.verdict)
@@ -502,17 +507,6 @@ def cmd_verdict(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    import contextlib
-    import os
-    from pathlib import Path
-
-    from .distributed import launch_rank
-    from .errors import OutputError
-    from .generation import blas_threads
-    from .safeio import file_lock, output_folder, write_text
-    from .train import LEGACY
-
-    main = launch_rank() == 0  # (under a multi-process launch every process judges; the main one writes)
     folder = Path(model.source or args.model)  # ('bundled' is the package's folder)
     with contextlib.ExitStack() as claimed:
         # where it will write is claimed before the minutes of judging, not refused after them

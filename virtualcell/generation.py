@@ -734,8 +734,9 @@ def _refuse_padding_in_window(model, total: int, suffixes: list[list[int]]) -> N
     if window is not None and len({len(t) for t in suffixes}) > 1:
         raise ValueError(
             f"A model with a sliding window of {window} tokens cannot read prompts of {total} positions with "
-            "perturbation suffixes of several lengths (a shorter one would see less of its cell). Use a text prompt format "
-            "(prompt_format='c2s'), fewer genes per sentence (top_k, max_genes), or a model without a sliding window.")
+            "perturbation suffixes of several lengths (a shorter one would see less of its cell). Use a text prompt "
+            "format (prompt_format='c2s'), fewer genes per sentence (top_k, max_genes), or a model without a sliding "
+            "window.")
 
 
 class _RepeatedPrefixDecoder:

@@ -37,7 +37,9 @@ from typing import Any, Literal
 
 from .errors import DataError, PerturbationError
 
-__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix", "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "condition_in_units", "units_text", "units_of_text", "first_quantity", "KINDS", "GENETIC", "KIND_ALIASES"]
+__all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix",
+           "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "condition_in_units",
+           "units_text", "units_of_text", "first_quantity", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")

@@ -748,9 +748,9 @@ class C2SFormat(PromptFormat):
                 raise ModelError(
                     f"{len(wrong)} of the {len(self.genes)} genes do not come back from the tokenizer as written (e.g. "
                     f"{g!r} decodes as {t.strip()!r}; others: {preview([w for w, _ in wrong[1:]], 4) or 'none'}): a "
-                    "generated cell would lose them, or read them as other genes. Use a tokenizer whose decoding gives "
-                    "back what it encoded (one with a decoder and byte fallback, as Gemma's, Llama's and GPT-2's have), "
-                    "or leave these genes out.")
+                    "generated cell would lose them, or read them as other genes. Use a tokenizer whose decoding "
+                    "gives back what it encoded (one with a decoder and byte fallback, as Gemma's, Llama's and "
+                    "GPT-2's have), or leave these genes out.")
             self._paths = paths
         return self._paths
 

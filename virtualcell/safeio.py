@@ -56,7 +56,8 @@ from .errors import FolderInUseError, OutputError
 
 __all__ = [
     "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
-    "claim_folder", "check_output_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours", "h5ad_is_ours",
+    "claim_folder", "check_output_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours",
+    "h5ad_is_ours",
 ]
 
 log = logging.getLogger(__name__)

@@ -64,9 +64,10 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
-_PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "seed", "sentence_seed", "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance",
-               "coexpression_prior", "composed", "control_samples", "samples", "blend_weight", "blend_weight_unseen",
-               "baseline", "new_contexts", "absent_genes")
+_PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "seed", "sentence_seed", "calibrated",
+               "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
+               "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline", "new_contexts",
+               "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -253,7 +254,7 @@ class SimulationResult:
             obs[self.context[0]] = np.tile(np.asarray(self.context[1], dtype=object), P)
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
         var = pd.DataFrame(index=self.genes)  # the baseline's spelling
-        if self.gene_ids is not None:  # read through a gene_key: the baseline's own var_names beside ('' if it lacked it)
+        if self.gene_ids is not None:  # read through a gene_key: the baseline's own var_names ('' where it lacked one)
             var["var_names_before_gene_key"] = self.gene_ids
         head = ad.AnnData(obs=obs, var=var)
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}

@@ -92,6 +92,14 @@ RECORDED_BEFORE: dict[str, Any] = {
 LEGACY = ("virtualcell.json", "last")
 
 
+def check_out(out: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Refuse an ``out`` that :func:`train` would refuse (a file, a user's folder, another command's results), before
+    reading the data or loading a model: the same checks, nothing written."""
+    from .safeio import check_output_folder
+
+    check_output_folder(out, kind="train", force=force, legacy=LEGACY)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run; saved inside the checkpoint."""
@@ -770,9 +778,9 @@ def lone_schedule(cells: _Cells, cfg: TrainConfig) -> Any:
 def _say_schedule_moved(state: Any, budget: Any, cfg: TrainConfig) -> None:
     """Warn where a resumed run's learning rate jumps: the schedule decays over ``--max-steps``, so more steps than
     the run was started with put its rate back up (a warm restart), which the user should know, not find out."""
-    from .training.schedule import lr_at
+    from .training.schedule import lr_at, warmup_of
 
-    if state.step <= min(cfg.warmup_steps, budget.max_steps // 2):  # still warming up: the rate rises by design
+    if state.step <= warmup_of(cfg.warmup_steps, budget.max_steps):  # still warming up: the rate rises by design
         return
     was = float(state.history[-1].get("lr", 0.0))
     now = lr_at(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=budget.max_steps,

@@ -176,7 +176,8 @@ class Baselines:
     response: np.ndarray | None = None
     # each training perturbation's own effect in each context it was measured in, where there are several contexts:
     # row ``own_rows[k]`` of ``delta`` in context ``own_contexts[k]`` is ``own_delta[k]`` (a cell type's own effect,
-    # served to its cells: the mean over contexts gave monocytes 40% too little of IFN-beta's and CD4T cells too much)
+    # served to its cells: the mean over contexts gave a cell type with a strong response too little, a weak one too
+    # much)
     own_rows: np.ndarray | None = None
     own_contexts: tuple[str, ...] = ()
     own_delta: np.ndarray | None = None

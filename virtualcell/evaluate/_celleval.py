@@ -177,7 +177,7 @@ def to_cell_eval(
     obs.index = pd.Index([str(i) for i in obs.index])
     if obs.index.duplicated().any():
         obs.index = pd.Index([f"{i}-{n}" for n, i in enumerate(obs.index)])
-    var = adata.var.iloc[col].copy() if len(adata.var.columns) else pd.DataFrame(index=genes)  # (ids beside names)
+    var = adata.var.iloc[col].copy()  # its columns kept (ids beside names), its index named as compared
     var.index = genes
     out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=var)
     out.uns["log1p"] = {"base": None}  # X is log1p, as scanpy marks it

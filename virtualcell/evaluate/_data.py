@@ -131,8 +131,8 @@ def expression(adata: ad.AnnData, *, name: str, allow_negative: bool = True,
 def prediction_total(pred: ad.AnnData | None) -> float | None:
     """The per-cell total a prediction's values are log1p of, where its model trained on log1p values at a recorded
     total (``uns['virtualcell']``: ``normalization`` ``as_is_log1p``, ``scale_total``); else None (1e4). Measured
-    counts are normalized to it, as the Simulator put its baseline's (a model trained on scanpy's layout scored MSE
-    1.47 against counts normalized to 1e4, 0.02 against the same cells as log1p)."""
+    counts are normalized to it, as the Simulator put its baseline's (counts normalized to 1e4 scored a model trained
+    on scanpy's layout against cells on another scale than its predictions)."""
     record = (pred.uns.get(UNS_KEY) or {}) if pred is not None else {}
     total = float(record.get("scale_total") or 0.0)
     return total if record.get("normalization") == normalization_label("log1p") and total > 0 else None

@@ -106,8 +106,8 @@ def distance_test(
         from pertpy.tools import DistanceTest
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
         raise ImportError(f"distance_test needs pertpy: pip install pertpy ({err}).") from err
-    if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read obsm[None]):
-        obsm_key = "_virtualcell_layer"  # every metric reads it as an embedding
+    if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
+        obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
         layer = sorted_adata.layers[layer_key]
         sorted_adata.obsm[obsm_key] = layer.toarray() if hasattr(layer, "toarray") else np.asarray(layer)
     test = DistanceTest(metric, n_perms=n_perms, obsm_key=obsm_key, alpha=alpha, correction=correction)

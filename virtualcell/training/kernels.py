@@ -104,7 +104,7 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
             from ..errors import TrainingError
 
             raise TrainingError(f"{type(lm).__name__} does not support sdpa attention in transformers "
-                             f"{_transformers_version()}: use --attention eager (attention='eager') or auto.")
+                                f"{_transformers_version()}: use --attention eager (attention='eager') or auto.")
         attn = ["eager"]
     if precision != "auto":
         prec = [precision]

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lr_at"]
+__all__ = ["lr_at", "warmup_of"]
+
+
+def warmup_of(warmup_steps: int, max_steps: int) -> int:
+    """The warm-up's steps in a run of ``max_steps``: ``warmup_steps``, at most half the run."""
+    return min(warmup_steps, max_steps // 2)
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, time_fraction: float | None = None) -> float:
@@ -27,7 +32,7 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, time_fract
     >>> [round(lr_at(s, lr=1.0, warmup_steps=50, max_steps=4), 2) for s in range(4)]  # warm-up: half the run
     [0.5, 1.0, 1.0, 0.55]
     """
-    warmup_steps = min(warmup_steps, max_steps // 2)
+    warmup_steps = warmup_of(warmup_steps, max_steps)
     if step < warmup_steps and (time_fraction is None or time_fraction < 0.5):
         # (the time budget's share counts the setup before the first step too: it ends the warm-up, never speeds it)
         return lr * (step + 1) / warmup_steps
