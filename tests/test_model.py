@@ -758,3 +758,32 @@ def test_a_tokenizer_that_marks_its_first_space_writes_genes_as_sentences_hold_t
     ids = np.array([0, 3, 5, 6])
     text = "".join(" " + b.genes[i] for i in ids)
     assert b.response(ids) == list(b.tokenizer(text, add_special_tokens=False)["input_ids"]) + [b.eos]
+
+
+def test_unconstrained_decoding_fits_the_context_constrained_decoding_fits(bpe_model, tmp_path):
+    """Unconstrained decoding of a text model gets the steps of the ``max_genes`` longest genes, as constrained
+    decoding does: it budgeted 8 tokens a gene and refused runs that fit the model's context."""
+    import anndata as ad
+    import pandas as pd
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from virtualcell.generation import GenerationConfig
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(base)
+    bpe_model.tokenizer.save_pretrained(base)
+    genes = list(bpe_model.genes.genes)
+    cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, size=(2, len(genes))).astype(np.float32),
+                       var=pd.DataFrame(index=genes))
+    model = C2SModel.load(base, genes=genes)
+    steps = model.format.max_new_tokens(12, model.constraint())
+    assert steps == sum(sorted((len(p) for p in model.constraint().paths), reverse=True)[:12]) + 1
+    assert 8 * 12 + 1 > steps  # the old budget, past this model's 256 positions with the 12-gene prompt
+    cs = vc.encode(cells, vocab=model.genes)
+    for constrain in (True, False):
+        out = list(model.generate(cs, [vc.perturbations.parse("ko:STAT1")],
+                                  config=GenerationConfig(max_genes=12, constrain=constrain, seed=0)))
+        assert sum(len(chunk.sentences) for chunk in out) == 2

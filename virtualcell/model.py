@@ -566,7 +566,7 @@ class C2SModel:
         grid = generate_grid(
             self.lm, prompts.prefixes, prompts.suffixes, cell_keys=prompts.prefix_keys,
             suffix_keys=prompts.suffix_keys, constraint=constraint, eos_id=self.format.eos, pad_id=self.format.pad,
-            config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, constraint),
+            config=cfg, max_new_tokens=self.format.max_new_tokens(cfg.max_genes, self.constraint()),
             guide_suffixes=prompts.guide_suffixes, suffix_targets=self._suffix_targets(prompts.suffixes),
             suffix_bias=priors, components=self._composed(perturbations, prompts, cfg, priors),
         )

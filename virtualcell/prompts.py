@@ -798,9 +798,9 @@ class C2SFormat(PromptFormat):
 
     def max_new_tokens(self, max_genes: int, constraint: Any) -> int:
         """A gene is several tokens: enough steps for the ``max_genes`` longest genes (the constraint writes each gene
-        once), or 8 tokens a gene unconstrained; plus EOS."""
-        if constraint is None:
-            return max_genes * 8 + 1
+        once), plus EOS. Unconstrained decoding gets the same steps (``constraint`` is the model's gene paths
+        whether or not decoding applies it): a sentence of real genes fits, and the context check refuses no run
+        the constrained one would run."""
         lengths = sorted((len(t) for t in constraint.paths), reverse=True)
         return sum(lengths[:max_genes]) + 1
 
