@@ -324,6 +324,7 @@ def test_draws_are_each_cells_first_sample_calibrated_against_the_same_control_m
 def test_predicted_cells_are_labelled_and_spelled_like_the_measured_data(bundled_sim):
     res = bundled_sim.simulate(["STAT1", "ko:JAK2"], seed=0, keep_cells=True, progress=False, n_cells=2)
     assert res.labels == {"ko:STAT1": "STAT1", "ko:JAK2": "JAK2"}
+    assert list(res.aggregates["label"].values) == ["STAT1", "JAK2"]  # the aggregates carry the same labels
     # a knockout never trained on is named as the screen names knockouts (by gene); a kind it never trained, typed
     assert bundled_sim.model.perturbations.label_map(["ko:STAT1", "ko:NOTKNOWN", "kd:NOTKNOWN"]) == {
         "ko:STAT1": "STAT1", "ko:NOTKNOWN": "NOTKNOWN", "kd:NOTKNOWN": "kd:NOTKNOWN"}

@@ -491,6 +491,9 @@ def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
     # each candidate as measured data names it, beside its typed name: a ranking joins measured results
     assert dict(zip(again.ranking["perturbation"], again.ranking["label"])) == {
         "ko:STAT1": "STAT1", "ko:JAK2": "JAK2", "ko:IFNGR1": "IFNGR1"}
+    # and so do the aggregates, read back from the folder as the run held them
+    assert dict(zip(again.aggregates["perturbation"].values, again.aggregates["label"].values)) == dict(
+        zip(again.ranking["perturbation"], again.ranking["label"]))
     (tmp_path / "s" / "ranking.parquet").unlink()
     with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\).*resumes"):
         load(tmp_path / "s")

@@ -355,9 +355,10 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         new_groups += 1
         bar.update(len(group))
     bar.close()
-    agg = xr.concat([parts[g] for g in range(len(groups))], dim="perturbation", data_vars="minimal",
-                    coords="minimal", compat="override")
-    agg = _plain_strings(agg)
+    # each group's label coordinate is set again from this panel's labels (a group a version without it wrote lacks it)
+    agg = xr.concat([parts[g].drop_vars("label", errors="ignore") for g in range(len(groups))], dim="perturbation",
+                    data_vars="minimal", coords="minimal", compat="override")
+    agg = _plain_strings(agg.assign_coords(label=("perturbation", [labels[str(p)] for p in agg["perturbation"].values])))
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
     agg.attrs.update(_panel_attrs([parts[g] for g in range(len(groups))]))
     # one path for the baseline's embedding, whether groups were simulated now or read back, so that
@@ -518,7 +519,7 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     ds = ds.copy()
     for name in ds.variables:
         ds[name].encoding = {}
-    for name in ("perturbation", "gene"):
+    for name in ("perturbation", "gene", "label"):
         if name in ds.coords:
             ds = ds.assign_coords({name: np.array([str(v) for v in ds[name].values], dtype=object)})
     return ds

@@ -169,7 +169,8 @@ class SimulationResult:
     Attributes
     ----------
     aggregates
-        ``xarray.Dataset`` with dims ``(perturbation, gene)`` (and ``bucket``): ``mean``,
+        ``xarray.Dataset`` with dims ``(perturbation, gene)`` (and ``bucket``), a ``label`` coordinate on
+        ``perturbation`` (each perturbation as measured data names it, as :meth:`to_anndata` labels it): ``mean``,
         ``frac_expressing``, ``var``, ``delta`` (mean − baseline mean), ``n_cells``,
         ``bucket_mean`` (all of the served prediction: blended with the training baseline when
         ``attrs["blend_weight"]`` < 1); ``delta_model`` and ``var_model`` (the pure model's, from
@@ -949,6 +950,7 @@ class Simulator:
         embedded = {name: (np.concatenate(e) if e else np.zeros((0, sums.n_pcs), np.float32))
                     for name, e in zip(names, sums.embedded)}
         labels = dict(zip(names, self.labels_of(perts)))
+        agg = agg.assign_coords(label=("perturbation", np.array([labels[name] for name in names], dtype=object)))
         return SimulationResult(agg, cells, embedded, np.concatenate(base_emb) if base_emb else np.zeros((0, 0)),
                                 np.asarray(self.baseline.obs_names[:n]), Path(store) if store else None,
                                 labels, cells_model,
