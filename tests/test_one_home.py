@@ -330,6 +330,8 @@ def test_predicted_cells_are_labelled_and_spelled_like_the_measured_data(bundled
         "ko:STAT1": "STAT1", "ko:NOTKNOWN": "NOTKNOWN", "kd:NOTKNOWN": "kd:NOTKNOWN"}
     pred = res.to_anndata(perturbation_key="guide", labels={"ko:JAK2": "JAK2_g1"})
     assert list(pred.obs["guide"].unique()) == ["STAT1", "JAK2_g1"]
+    pred.X[:] = 0  # (as scanpy's in-place steps do) the AnnData is a copy: the result's cells stay as predicted
+    assert res.cells.values.any() and res.to_anndata().X.any()
     assert list(pred.var_names) == list(bundled_sim.gene_names) == list(bundled_sim.baseline.var_names.astype(str))
     assert pred.uns["virtualcell"]["normalization"] == bundled_sim.normalization
     assert pred.uns["virtualcell"]["seed"] == 0

@@ -207,6 +207,43 @@ def test_folder_of_another_screen_is_refused(sim, tmp_path):
         screen(sim, PANEL[:3], out=tmp_path, progress=False, n_boot=5)
 
 
+def test_a_screen_does_not_resume_onto_a_baseline_its_first_cells_digest_cannot_tell_apart(tiny_model, sim, tmp_path):
+    """The embedding a screen's distances are measured on is fitted on every baseline cell, and its groups are named
+    by the baseline's genes: a resume onto other cells past --n-cells (the same first ones) ranked with groups
+    embedded on two bases, and one onto lower-cased gene names crashed blaming the objective. Both are refused."""
+    import anndata as ad
+
+    _, _, data = tiny_model
+    ctrl = data[data.obs.perturbation == "control"]
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, PANEL[:4], out=tmp_path, n_cells=6, group_size=2, stop_after_groups=1, progress=False, n_boot=5)
+    others = vc.Simulator(ad.concat([ctrl[:6], ctrl[12:18]]), sim.model)
+    assert others.baseline_digest(6) == sim.baseline_digest(6)
+    with pytest.raises(ScreenError, match="different screen.*the cells past the first 6"):
+        screen(others, PANEL[:4], out=tmp_path, n_cells=6, group_size=2, progress=False, n_boot=5)
+    lower = sim.baseline.copy()
+    lower.var_names = [g.lower() for g in lower.var_names]
+    with pytest.raises(ScreenError, match="different screen.*gene names"):
+        screen(vc.Simulator(lower, sim.model), PANEL[:4], out=tmp_path, n_cells=6, group_size=2, progress=False,
+               n_boot=5)
+    screen(sim, PANEL[:4], out=tmp_path, n_cells=6, group_size=2, progress=False, n_boot=5)  # the same: resumes
+
+
+def test_a_screen_started_over_leaves_no_finished_screen_until_it_finishes(sim, tmp_path):
+    """A screen forced into the folder of a finished one (or run again there with another objective) and stopped
+    left the old ranking beside its own config: vc.screen.load returned one screen's results under another's."""
+    from virtualcell.screen import load
+
+    screen(sim, PANEL[:2], out=tmp_path, progress=False, n_boot=5)
+    with pytest.raises(KeyboardInterrupt):
+        screen(sim, PANEL[2:5], out=tmp_path, group_size=2, stop_after_groups=1, progress=False, n_boot=5, force=True)
+    with pytest.raises(ScreenError, match="holds no finished screen"):
+        load(tmp_path)
+    assert not any((tmp_path / f).exists() for f in ("ranking.csv", "top_hits.png"))
+    done = screen(sim, PANEL[2:5], out=tmp_path, group_size=2, progress=False, n_boot=5)
+    assert list(load(tmp_path).ranking["perturbation"]) == list(done.ranking["perturbation"])
+
+
 def test_a_screen_of_a_model_retrained_in_place_is_not_resumed(sim, tmp_path):
     """The model folder's path and data are the same, its weights are not (trained again into the same --out):
     the finished groups came from another model, so resuming is refused and --force starts over."""
@@ -474,6 +511,14 @@ def test_a_target_state_is_put_on_the_baseline_s_scale(tiny_model):
     for t, c in targets[1:]:
         np.testing.assert_allclose(t, targets[0][0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(c, targets[0][1], rtol=1e-4, atol=1e-5)
+    # one objective reused over Simulators of other genes reads its reference cells again for each (it replaced
+    # them by the first one's mean, and scored a second screen against the first's target)
+    reused = vc.objectives.TowardState(ref)
+    for s in (vc.Simulator(ctrl, model), vc.Simulator(ctrl[:, 40:].copy(), model, genes="shared")):
+        got = reused.on_simulator(s).bind(s.gene_names, s.baseline_mean())._target.copy()
+        fresh = vc.objectives.TowardState(ref).on_simulator(s).bind(s.gene_names, s.baseline_mean())._target
+        np.testing.assert_array_equal(got, fresh)
+    assert reused.target is ref
 
 
 def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):

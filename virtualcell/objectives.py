@@ -218,22 +218,28 @@ class TowardState(Objective):
     _target: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _control: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _shared: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # the genes the target measures
+    # the reference cells' mean and genes on the last Simulator's scale (on_simulator), beside the target as given
+    _resolved: tuple[np.ndarray, list[str]] | None = field(default=None, repr=False)
 
     def on_simulator(self, simulator: Any) -> TowardState:
         """The reference cells' mean on the Simulator's scale, over the model's genes they measure: a target
         left on another scale (log1p of scanpy's median total beside a baseline put onto 1e4 per cell) made
-        the measured STAT1 knockout itself score -0.22 toward its own cells instead of +9.07."""
+        the measured STAT1 knockout itself score -0.22 toward its own cells instead of +9.07. ``target`` stays as
+        given: the objective reused with another Simulator (another model's genes or scale) reads it again."""
+        self._resolved = None
         if hasattr(self.target, "var_names"):
             X, measured = simulator.expression_of(self.target, what="target state")
             keep = np.flatnonzero(measured)
-            self.target = np.asarray(X[:, keep].mean(axis=0), dtype=np.float64).ravel()
-            self.target_genes = [simulator.gene_names[i] for i in keep]
+            self._resolved = (np.asarray(X[:, keep].mean(axis=0), dtype=np.float64).ravel(),
+                              [simulator.gene_names[i] for i in keep])
         return self
 
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> TowardState:
         from .sentences import detect_scale, expression_matrix, gene_match_key, log_normalize
 
-        if hasattr(self.target, "var_names"):
+        if self._resolved is not None:  # on the Simulator's scale (on_simulator)
+            mean, names = self._resolved
+        elif hasattr(self.target, "var_names"):
             ref: ad.AnnData = self.target
             X = expression_matrix(ref)
             modelled = {gene_match_key(g) for g in genes}  # counts normalized over the model's genes, as its cells are

@@ -240,7 +240,7 @@ def run(
         "baseline_cells": n, "baseline_hash": simulator.baseline_digest(n), "panel": names, "seed": seed,
         "group_size": group_size, "max_genes": max_genes or simulator.model.top_k, "objective": obj.to_dict(),
         "batch_size": batch_size, "blend_weight": w, "samples": k, "weights": simulator.model.weights_digest(),
-        "serving": simulator.model.serving_digest(),
+        "serving": simulator.model.serving_digest(), "baseline_reads": simulator.reading_digest(n),
     }
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
     if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
@@ -446,8 +446,10 @@ def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combinatio
     return run(simulator, panel, **options)
 
 
-SCREEN_FILES = ("config.json", "panel.txt", "groups", "aggregates.nc", "ranking.csv", "ranking.parquet",
-                "top_hits.png", "dose_response.png", "time_course.png")
+# what a screen writes when it finishes, after its groups
+FINISHED_FILES = ("aggregates.nc", "ranking.csv", "ranking.parquet", "top_hits.png", "dose_response.png",
+                  "time_course.png")
+SCREEN_FILES = ("config.json", "panel.txt", "groups", *FINISHED_FILES)
 
 
 def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], fingerprint: str, names: list[str],
@@ -473,6 +475,8 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
         # resumes): the same folder retrained, trained on or judged again is another model
         reweighted = "weights" in old and old["weights"] != config["weights"]
         reserved = "serving" in old and old["serving"] != config["serving"]
+        # the baseline's contexts, gene names or cells past the first n (the embedding): checked where recorded
+        rebased = "baseline_reads" in old and old["baseline_reads"] != config["baseline_reads"]
         # the model's path as typed (relative to where the screen ran) says nothing where the weights match
         same_model = "weights" in old and not reweighted
         diff = [k for k in sim_keys if old.get(k) != config[k] and not (k == "model" and same_model)]
@@ -480,9 +484,12 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
         diff += [k for k in _RECORDED_WHERE_THEY_APPLY if k not in sim_keys and k in old and old[k] != config.get(k)]
         renamed = (old.get("fingerprint") != fingerprint and not diff and same_model
                    and old.get("model") != config["model"])
-        changed = (old.get("fingerprint") != fingerprint and not renamed) or reweighted or reserved
+        changed = (old.get("fingerprint") != fingerprint and not renamed) or reweighted or reserved or rebased
         if changed and not force:
             diff += ["the model's weights (the model folder now holds another training run)"] if reweighted else []
+            diff += (["the baseline cells' contexts, their gene names, or the cells past the first "
+                      f"{config['baseline_cells']} (the embedding the distances are measured on is fitted on every "
+                      "cell)"] if rebased else [])
             diff += (["how the model's predictions are served (its verdict was run again: generation settings, decode "
                       "or blend)"] if reserved else [])
             raise ScreenError(
@@ -494,6 +501,10 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
             import shutil
 
             shutil.rmtree(groups, ignore_errors=True)
+    # a finished screen's outputs go before this one's config is written: until this run writes its own, the folder
+    # holds no finished screen (vc.screen.load read another screen's ranking under this one's config)
+    for name in FINISHED_FILES:
+        (folder / name).unlink(missing_ok=True)
     safeio.write_text(cfg_path, json.dumps(config, indent=1, default=str))
     safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
     groups.mkdir(exist_ok=True)

@@ -293,7 +293,8 @@ class SimulationResult:
         out = self._head(perturbation_key, labels)
         cells, said = self._chosen(pure=pure, draws=draws)
         out.uns["virtualcell"] |= said
-        out.X = np.asarray(cells.values, dtype=np.float32).reshape(P * C, G)
+        # a copy: scanpy's in-place steps (sc.pp.scale) on the AnnData must not rewrite this result's cells
+        out.X = np.array(cells.values, dtype=np.float32, copy=True).reshape(P * C, G)
         return out
 
     def _chosen(self, *, pure: bool, draws: bool) -> tuple[xr.DataArray, dict[str, Any]]:
@@ -532,6 +533,23 @@ class Simulator:
         h.update(s.ids.tobytes())
         h.update(s.offsets.tobytes())
         h.update(self.expression[:n].data.tobytes())
+        return h.hexdigest()[:16]
+
+    def reading_digest(self, n: int | None = None) -> str:
+        """A digest of what else the predictions of the first ``n`` baseline cells depend on, beside
+        :meth:`baseline_digest`: their contexts (a blend serves each context's baseline), the gene names (the genes
+        of every group of a screen) and every baseline cell's expression with the number of principal axes (the
+        embedding a screen's distances are measured on is fitted on all the cells, not only the first ``n``)."""
+        import hashlib
+
+        n = self.baseline.n_obs if n is None else n
+        h = hashlib.sha256()
+        context = self.source_context(n)
+        h.update(repr(None if context is None else (context[0], [str(c) for c in context[1]])).encode())
+        h.update("\x00".join(self.gene_names).encode())
+        X = self.expression
+        for part in (X.data, X.indices, X.indptr, np.asarray(X.shape), np.asarray(self._basis.components.shape)):
+            h.update(np.ascontiguousarray(part).tobytes())
         return h.hexdigest()[:16]
 
     def labels_of(self, perturbations: Sequence[Perturbation | Combination]) -> list[str]:
@@ -813,7 +831,8 @@ class Simulator:
             keep_cells = keep_draws or (store is None and P * n * G * (1 + blended) <= max_in_memory)
         split = Split.current(cpu=self.model.device.type == "cpu")
         if split.world > 1:  # each process simulates a share of the cells: of the same cells and panel, or a mixture
-            given = {"baseline cells": self.baseline_digest(n), "perturbations": names, "seed": seed,
+            given = {"baseline cells": (self.baseline_digest(n), self.reading_digest(n)), "perturbations": names,
+                     "seed": seed,
                      "cell_chunk": cell_chunk, "samples": samples, "blend": (w, w_unseen)}
             every = split.gather(given)
             differ = [k for k in given if any(g[k] != every[0][k] for g in every)]
