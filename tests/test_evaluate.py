@@ -450,6 +450,19 @@ def test_shared_control_inflates_scores_on_pure_noise():
     assert abs(_mean(split, "pertmean", "pearson_delta")) < 0.15
 
 
+def test_effect_size_reads_a_reference_spelling_genes_otherwise(papalexi_small):
+    """effect_size(reference=) matches genes ignoring case, as evaluate does: a reference in lower case was refused
+    as lacking every gene; one that lacks some is refused naming them."""
+    from virtualcell.errors import DataError
+
+    lower = papalexi_small.copy()
+    lower.var_names = [g.lower() for g in lower.var_names]
+    pd.testing.assert_frame_equal(effect_size(papalexi_small, reference=lower),
+                                  effect_size(papalexi_small, reference=papalexi_small))
+    with pytest.raises(DataError, match=r"reference lacks 2 genes of adata \(.*\)"):
+        effect_size(papalexi_small, reference=papalexi_small[:, 2:].copy())
+
+
 def test_effect_size_corrects_for_group_size():
     g = 50
     rng = np.random.default_rng(0)

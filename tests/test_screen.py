@@ -472,6 +472,11 @@ def test_what_a_screen_cannot_rank_is_refused_by_name(sim):
         sim.simulate(["STAT1"], n_cells=2.5, progress=False)
     with pytest.raises(vc.errors.DataError, match="max_genes must be a whole number of at least 1"):
         sim.simulate(["STAT1"], max_genes=0, progress=False, n_cells=2)
+    for bad in (2.0, float("nan"), 0, True):  # one rule for both counts (2.0 was taken for one, NaN a ValueError)
+        with pytest.raises(vc.errors.DataError, match="samples must be a whole number of at least 1"):
+            sim.simulate(["STAT1"], samples=bad, progress=False, n_cells=2)
+        with pytest.raises(vc.errors.DataError, match="control_samples must be a whole number of at least 1"):
+            sim.simulate(["STAT1"], control_samples=bad, progress=False, n_cells=2)
     one = sim.simulate("STAT1", progress=False, n_cells=2, samples=1)
     assert list(one.aggregates["perturbation"].values) == ["ko:STAT1"]
     assert vc.objectives.raise_genes("STAT1").up == ["STAT1"]

@@ -168,6 +168,10 @@ def test_load_synthetic_and_scale():
     generator = vc.datasets.synthetic_screen(n_cells_per_condition=5, n_control_cells=5,
                                              seed=np.random.default_rng(3))
     assert generator.uns["virtualcell"]["truth"]["params"]["seed"] == -1
+    # a screen with no dosed agent names no dose column (training warned the user of a column they never named)
+    plain = vc.datasets.synthetic_screen(n_drugs=0, n_cytokines=0, n_cells_per_condition=5, n_control_cells=5)
+    assert vc.DataContract.from_adata(plain).dose_key is None
+    assert vc.DataContract.from_adata(generator).dose_key == "dose"
 
 
 def test_impossible_settings_say_what_to_change():

@@ -1142,9 +1142,12 @@ def test_pretraining_leaves_out_the_validation_targets_and_a_pair_cap_is_said(pa
     assert "max_pairs is 100" in caplog.text
 
 
-def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path):
+def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path, capfd):
     """train() reseeded the caller's global torch generator with its own seed (a user's later torch.rand changed
-    with the training seed); the model's initial weights are the seed's under the caller's state untouched."""
+    with the training seed); the model's initial weights are the seed's under the caller's state untouched. A quiet
+    run prints no bar of transformers' either (its 'Writing model shards' came through progress=False)."""
+    from transformers.utils import logging as hf_logging
+
     from virtualcell.train import TrainConfig, train
 
     cfg = TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=1, eval_every=1, save_every=1,
@@ -1152,8 +1155,11 @@ def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path
     torch.manual_seed(123)
     want = torch.rand(1)
     torch.manual_seed(123)
+    capfd.readouterr()
     train(papalexi_small[::4].copy(), out=tmp_path / "m", config=cfg, progress=False)
     assert torch.equal(torch.rand(1), want)
+    assert "model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # as it was
 
 
 def test_a_budget_too_small_names_the_minutes_given_and_the_verdicts_share():

@@ -42,6 +42,11 @@ CONTEXT_VALUE_SEP = "|"  # ... whose values are joined: "CD4T|patient1"
 class DataContract:
     """Which obs columns hold the perturbation, its control label, context, dose and time.
 
+    ``perturbation_key`` is the obs column of the perturbation labels, ``control`` the label of control cells,
+    ``context_key`` the column of the cell type, line or patient (``None``: one context), ``dose_key`` and
+    ``time_key`` the columns of each cell's dose (``"10uM"``, or a number) and time (``"24h"``) where the screen
+    has them (:meth:`quantities`).
+
     ``gene_key`` names the var column that held the gene names a model was trained on
     (``None``: ``var_names``); a checkpoint keeps it, so that new cells with that column are
     read the same way.

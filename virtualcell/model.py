@@ -165,7 +165,10 @@ class C2SModel:
         A folder written by :meth:`save` (or ``virtualcell train``) carries its codec. A
         plain HF checkpoint, such as ``vandijklab/C2S-Scale-Gemma-2-2B``, uses the C2S
         prompt and needs ``genes``: the gene symbols it may write (your data's var_names). ``"bundled"`` (where no
-        folder of that name is here) is the model shipped in the package, as the default is.
+        folder of that name is here) is the model shipped in the package, as the default is. ``device``
+        (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``) and ``dtype`` (``"bf16"``, ``torch.float32``...) default
+        to the best available: CUDA in bf16 (fp16 where bf16 is unsupported), else MPS or the CPU in fp32
+        (:func:`pick_device`).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

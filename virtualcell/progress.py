@@ -9,7 +9,9 @@ touches no lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -43,3 +45,21 @@ def progress_bar(total: int | None, enabled: bool, desc: str, unit: str, initial
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (loading weights, writing shards) off for the block where ``enabled`` is false, and
+    as they were afterwards: a quiet run (``progress=False``) printed them between its own silence."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -164,6 +164,18 @@ def run(
         Results folder. Written incrementally; an interrupted screen resumes from it.
     top
         How many diverse picks to choose for the wet lab.
+    n_cells
+        Use the first ``n_cells`` baseline cells (default all; :meth:`Simulator.simulate`).
+    seed
+        Sampling seed (:meth:`Simulator.simulate`); also the bootstrap's.
+    group_size
+        Perturbations simulated together and saved as one group: the unit an interrupted screen resumes from.
+    n_boot
+        Bootstrap resamples of the cell buckets behind each score's 95% interval (:func:`rank`).
+    batch_size, max_genes
+        As in :meth:`Simulator.simulate`.
+    progress
+        A progress bar over the panel.
     similarity
         Cosine similarity of predicted effects above which two candidates count as near-duplicates.
     keep_cells
@@ -596,7 +608,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     Objectives that are not linear in the delta, such as the L2 norm of a noisy mean,
     are biased upward, and a resample is biased once more. The bootstrap measures that
     bias, and ``score`` is the bias-corrected estimate (:meth:`.Objective.corrected`:
-    ``2 * plug_in - median(boots)``, for the largest effect on the squared norm);
+    ``2 * plug_in - median(boots)``; for the largest effect, on the squared norm, with the mean of the
+    resamples' squares);
     ``score_low`` and ``score_high`` are the basic bootstrap interval built around the same
     correction, ``2 * plug_in - q97.5`` and ``2 * plug_in - q2.5``. So the score always lies
     inside its interval. With fewer than two buckets of cells there is no interval (NaN bounds). The
@@ -607,7 +620,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     ``l2_delta_corrected`` is ``sign(x) * sqrt(|x|)`` of ``x = ||delta||^2 - noise``, with the noise of
     paired cells (each predicted cell against its own baseline cell: ``sum(var_delta) / n``); it is
     negative when the effect is below the noise, so such effects keep their order instead of tying at 0
-    (``evaluate.effect_size`` gives the measured ``x`` itself).
+    (``evaluate.effect_size``'s ``effect_size`` column is the same transform of the measured ``x``, which its
+    ``squared_norm`` minus ``noise`` gives).
     ``l2_delta_corrected_model`` is the pure model's (equal to ``l2_delta_corrected`` unless the
     served prediction is blended with a baseline).
     """
@@ -748,7 +762,7 @@ def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return
                   first: Sequence[str] = ()) -> Any:
     """Top hits: scores with 95% intervals (picks dark, candidates the model never trained on hatched), and a
     heatmap of genes: ``first`` (an objective's own, where the screen has them), then each hit's top 3 raised and
-    top 3 lowered genes in turn, 30 at most (all the raised ones came first, so lowered genes never made it)."""
+    top 3 lowered genes in turn, 30 at most (so the lowered genes are shown, not crowded out by the raised)."""
     import matplotlib.pyplot as plt
 
     top = ranking.head(n)

@@ -175,7 +175,8 @@ class SimulationResult:
         ``bucket_mean`` (all of the served prediction: blended with the training baseline when
         ``attrs["blend_weight"]`` < 1); ``delta_model`` and ``var_model`` (the pure model's, from
         the same generated cells); ``var_delta`` / ``var_delta_model`` (the variance over cells of
-        each predicted cell minus its own baseline cell: the noise of a delta); ``control_mean`` over
+        each cell's change before it is clipped at 0 and rescaled, the cell being its baseline plus that change:
+        the paired noise of the mean delta; clipped cells understate it); ``control_mean`` over
         ``gene`` and ``control_bucket_mean`` (the
         baseline cells of each bucket, for paired resampling). ``attrs`` record the model, seed
         and config, the blend weight (1: the pure model), the one served for perturbations the
@@ -226,7 +227,8 @@ class SimulationResult:
     def _require_cells(self) -> tuple[int, int, int]:
         if self.cells is None:
             raise ScreenError(
-                "Per-cell predictions were not kept (too large for memory). Run simulate(..., store='cells.nc') "
+                "Per-cell predictions were not kept (keep_cells=False, or more values than max_in_memory). Run "
+                "simulate(..., store='cells.nc') "
                 "to write them to disk, or keep_cells=True for small runs, or use the aggregates."
             )
         return self.cells.shape
@@ -350,6 +352,12 @@ class SimulationResult:
                 f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
 
 
+def _whole_at_least_one(value: Any) -> bool:
+    """An integer of at least 1, as seeds, ``n_cells`` and ``max_genes`` are (not a bool, nor a float: ``2.0`` was
+    taken for ``samples`` and refused for ``control_samples``, and NaN raised a bare ValueError)."""
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= 1
+
+
 SEED_LIMIT = 2**32  # seeds are whole numbers below it (the cells' hashed buckets mix them in 64 bits)
 
 
@@ -368,7 +376,8 @@ class Simulator:
     ----------
     baseline
         The baseline cells (e.g. the control cells of one context), raw counts or
-        log-normalized. Encoded once, into the model's vocabulary.
+        log-normalized. Encoded once, into the model's vocabulary; its obs (contexts, cell names) are read at
+        each call, so change neither while a screen over it may resume.
     model
         A :class:`~virtualcell.model.C2SModel`.
     genes
@@ -381,6 +390,9 @@ class Simulator:
         principal axes (the E-distance's); each call's sampling has its own (``simulate(seed=)``). Recorded as
         ``attrs["sentence_seed"]``. ``virtualcell predict --seed S`` (and ``screen``) uses ``S`` for both, so
         ``Simulator(base, model, seed=S).simulate(seed=S)`` is what it predicts.
+    n_pcs
+        Principal axes of the baseline cells that predicted and baseline cells are embedded on (the E-distance a
+        screen ranks by, :attr:`SimulationResult.embedded`).
     gene_key
         Var column of ``baseline`` holding the gene names (symbols or Ensembl ids); default
         ``var_names``. Names match the model's ignoring case and an Ensembl version suffix,
@@ -392,7 +404,7 @@ class Simulator:
         measured on the contexts it trained on, and for these cells the prediction is a transfer. The verdict,
         which simulates such a context on purpose (``train --context-verdict``), turns it off.
 
-    ``Simulator(model, baseline)`` (the order before 0.2) still works, with a DeprecationWarning.
+    ``Simulator(model, baseline)`` (the order of earlier versions) still works, with a DeprecationWarning.
     """
 
     def __init__(self, baseline: ad.AnnData, model: C2SModel, *, genes: Literal["all", "shared"] = "all",
@@ -481,8 +493,7 @@ class Simulator:
         validation split (1 for a checkpoint that chose none); anything but a whole number >= 1 is refused."""
         if samples is None:
             samples = self.model.setting("samples")
-        if isinstance(samples, bool) or not isinstance(samples, int | float | np.integer) or int(samples) != samples \
-                or samples < 1:
+        if not _whole_at_least_one(samples):
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
                             f"perturbation, averaged), got {samples!r}.")
         return int(samples)
@@ -518,7 +529,7 @@ class Simulator:
         share of each delta's noise); anything but a whole number >= 1 is refused."""
         if control_samples is None:
             return CONTROL_SAMPLES * int(samples)
-        if isinstance(control_samples, bool) or not isinstance(control_samples, int | np.integer) or control_samples < 1:
+        if not _whole_at_least_one(control_samples):
             raise DataError(f"control_samples must be a whole number of at least 1, got {control_samples!r}.")
         return int(control_samples)
 
@@ -685,6 +696,14 @@ class Simulator:
             gives each gene back the block's unclipped mean. The same baseline in the same order predicts the same;
             reordering or subsetting its cells (``n_cells``, ``--n-cells``), reordering its genes or another
             ``cell_chunk`` moves a prediction within its sampling noise.
+        batch_size
+            (cell, perturbation) rows generated in one forward pass (on a GPU, fewer where their caches would
+            not fit): memory and speed, not the predictions.
+        cell_chunk
+            Baseline cells generated together, under every perturbation, before their results are added up (and
+            the rows of the non-negativity rescale, see ``seed``).
+        max_genes
+            Genes each generated cell may name (``None``: the model's ``top_k``, the length it trained on).
         temperature
             Sampling temperature of the generation (below 1: each sampled sentence is closer to the model's
             likeliest, less noisy and less varied). ``None``: the temperature the trainer chose on its
@@ -744,6 +763,16 @@ class Simulator:
             In memory only (``keep_cells`` must allow it; not with ``store``).
         store
             A ``.nc`` path: write per-cell predictions there chunk by chunk, read back lazily.
+        keep_embedded
+            Predicted cells of each perturbation (the first ones) kept on the baseline's principal axes
+            (:attr:`SimulationResult.embedded`), for the E-distance a screen ranks by.
+        max_in_memory
+            The most per-cell values (perturbations x cells x genes, twice that when blended) kept in memory
+            when ``keep_cells`` is ``None``.
+        progress
+            A progress bar over the cells.
+        on_chunk
+            Called as ``on_chunk(done, total)`` after each chunk of cells (``done`` cells of ``total`` simulated).
         """
         from .generation import stable_key
 

@@ -348,6 +348,7 @@ def train(
 
     from .allocator import large_blocks_on_heap
     from .generation import blas_threads, torch_threads
+    from .progress import library_bars
 
     require_in_memory(adata, "The training data")
     dev = training_device(device)
@@ -380,6 +381,7 @@ def train(
         stack.enter_context(torch_threads(torch.get_num_threads()))
         stack.enter_context(blas_threads(cfg.threads))
         stack.enter_context(large_blocks_on_heap())
+        stack.enter_context(library_bars(progress))
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log, device=dev)
 

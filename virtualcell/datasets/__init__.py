@@ -158,7 +158,9 @@ def cache_dir() -> Path:
 
 
 def data_dirs() -> list[Path]:
-    """Folders searched for local copies of datasets: ``$VIRTUALCELL_DATA``, ``../shared/data``, ``./data``."""
+    """Folders searched for local copies of datasets, in order: ``$VIRTUALCELL_DATA``, ``../shared/data``,
+    ``./shared/data``, ``./data``, and ``shared/data`` beside the checkout the package runs from (the folder
+    above ``virtualcell/``: an editable install finds it wherever it is run)."""
     dirs = [os.environ.get("VIRTUALCELL_DATA"), "../shared/data", "shared/data", "data"]
     here = Path(__file__).resolve().parents[2]
     dirs.append(str(here.parent / "shared" / "data"))

@@ -450,7 +450,9 @@ def synthetic_screen(
         },
         "truth": truth,
     }
-    contract = DataContract("perturbation", CONTROL, context_key="cell_type", dose_key="dose")
+    # a dose column only where some cells have a dose (drugs, cytokines): named with none, training warns of it
+    contract = DataContract("perturbation", CONTROL, context_key="cell_type",
+                            dose_key="dose" if n_drugs or n_cytokines else None)
     contract.attach(adata)
     contract.validate(adata)
     return adata

@@ -5,7 +5,8 @@
 * :data:`METRICS` / :data:`PROFILES` — the metric registry (pure functions over a frozen
   :class:`PredRealPair`, each with a direction) and named sets of them.
 * :mod:`~virtualcell.evaluate.baselines` — ``nochange``, ``meanshift``, ``pertmean``,
-  ``additive``, ``linear``: each returns a predicted AnnData.
+  ``additive``, ``linear``, ``coexpression`` (the defaults, :data:`DEFAULT_BASELINES`) and ``dose``:
+  each returns a predicted AnnData.
 * cell-eval (Arc Institute, the Virtual Cell Challenge metrics) as the engine: ``profile="vcc"``
   (or ``"full"``, ``"minimal"``, ``"de"``, ``"anndata"``, ``"pds"``; :data:`CELL_EVAL_PROFILES`)
   scores the model, the baselines and the ceiling with cell-eval's own metric functions, and

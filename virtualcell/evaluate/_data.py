@@ -453,8 +453,8 @@ def effect_size(
     --------
     >>> import virtualcell as vc
     >>> adata = vc.datasets.load("papalexi2021")
-    >>> vc.evaluate.effect_size(adata).iloc[0]["perturbation"]  # doctest: +SKIP
-    'IFNGR2'
+    >>> vc.evaluate.effect_size(adata).iloc[0]["perturbation"]
+    'STAT1'
     """
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     X, _ = expression(adata, name="measured")
@@ -462,8 +462,17 @@ def effect_size(
     if reference is not None:
         Xr, _ = expression(reference, name="reference")
         idx = reference.var_names.get_indexer(adata.var_names)
+        if (idx < 0).any():  # names match ignoring case and an Ensembl version suffix, as evaluate's do
+            from ..sentences import gene_match_key
+
+            keyed: dict[str, int] = {}
+            for i, g in enumerate(reference.var_names):
+                keyed.setdefault(gene_match_key(g), i)
+            idx = np.array([i if i >= 0 else keyed.get(gene_match_key(g), -1) for i, g in zip(idx, adata.var_names)])
         if (idx < 0).any():
-            raise DataError("reference must hold every gene of adata; subset adata to the shared genes first.")
+            missing = [str(g) for g in adata.var_names[idx < 0]]
+            raise DataError(f"reference lacks {len(missing)} genes of adata ({preview(missing, 5)}): it must hold "
+                            "every gene of adata; subset adata to the shared genes first.")
         ref_ctx = contract.contexts(reference)
         ref_ctrl = contract.is_control(reference)
         Xr = Xr[:, idx]
