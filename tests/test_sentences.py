@@ -311,9 +311,13 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
     logged = counts.copy()
     logged.data = np.log1p(logged.data * 10.0).astype(np.float32)
     assert detect_scale(counts) == "counts" and detect_scale(logged) == "log1p"
+    interleaved = sp.vstack([counts[:1500], logged[1500:]]).tocsr()[rng.permutation(3000)]  # concatenated, sorted
+    small = counts[:100].copy()
+    small.data = np.minimum(small.data, 20)  # counts below the log scale's reach: no value looks out of place
     for mixed in (sp.vstack([logged, counts]).tocsr(), sp.vstack([counts, logged]).tocsr(),
-                  sp.vstack([logged[:100], counts[:100]]).tocsr()):  # a small one too (one window covered it all)
-        with pytest.raises(DataError, match="mixes scales"):
+                  sp.vstack([logged[:100], counts[:100]]).tocsr(),  # a small one too (one window covered it all)
+                  interleaved, interleaved.toarray(), sp.vstack([logged[:100], small]).tocsr()[rng.permutation(200)]):
+        with pytest.raises(DataError, match="mixes scales"):  # (interleaved: 'not logged', so users logged twice)
             detect_scale(mixed)
 
 

@@ -151,38 +151,53 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     Values that are not whole numbers and reach past :data:`LOG_SCALE_MAX` are refused: normalized but not logged,
     or corrected counts (CellBender, SoupX), which read as log1p would put every prediction on the wrong scale.
     """
-    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    # 16 windows spread over the stored values (row blocks of a CSR matrix), not its first rows only: two batches
-    # concatenated, one of counts and one of log values, must not pass as either
-    # (narrower on a small matrix, so that its windows fall in both batches: one window of 125,000 values covered a
-    # whole 30,000-value file, which then never looked mixed)
-    n_windows = 16
-    width = max(1_000, min(125_000, values.size // n_windows))
-    starts = np.unique(np.linspace(0, max(values.size - width, 0), n_windows).astype(np.int64))
-    whole = []
-    for a in starts:
-        window = values[a : a + width]
-        window = window[window != 0]
-        if window.size:
-            whole.append(bool(np.all(np.mod(window, 1) == 0)))
-    if all(whole):
+    # cell by cell (up to MAX_SCALE_ROWS cells spread over the matrix): a cell of raw counts has only whole numbers,
+    # a cell of logged values hardly ever does. Stretches of stored values (each mixing cells) missed files
+    # concatenated and then sorted, whose every stretch held both kinds, and read them as log1p.
+    rows, whole, top = _whole_rows(X)
+    if whole.all():  # (a matrix of zeros too: nothing says otherwise)
         return "counts"
-    if any(whole):
-        share = sum(whole) / len(whole)
-        raise DataError(
-            f"The expression matrix mixes scales: in {sum(whole)} of {len(whole)} stretches spread over it "
-            f"({share:.0%}) every value is a whole number (raw counts), in the others not (normalized or logged "
-            "values), as when files on different scales are concatenated. Put every cell on one scale first (raw "
-            "counts throughout, e.g. from each file's .layers['counts'] or .raw, or log1p-normalized throughout).")
-    top = float(np.max(values)) if values.size else 0.0
-    if top > LOG_SCALE_MAX:
+    if top > LOG_SCALE_MAX:  # (normalized values of a cell whose total divides 1e4 can be whole: not a mix)
         raise DataError(
             f"The expression values are not whole numbers, so they are not raw counts, and they reach {top:.4g}, "
             f"which no log-normalized data does (log1p of counts per million stays below 14): they look normalized "
             "but not logged, or like corrected counts (CellBender, SoupX). virtualcell reads raw counts (whole "
             "numbers) or log1p-normalized values: log them first (sc.pp.log1p(adata)), or give it raw counts "
             "(corrected ones rounded: adata.X = np.rint(adata.X)).")
+    if whole.any():  # logged cells beside cells of whole numbers, which no logged cell is
+        rows = rows[whole]
+        raise DataError(
+            f"The expression matrix mixes scales: {int(whole.sum())} of {whole.size} cells checked hold only whole "
+            f"numbers (raw counts; e.g. rows {', '.join(str(int(r)) for r in rows[:3])}), the others logged values, "
+            "as when files on different scales are concatenated. Put every cell on one scale first (raw counts "
+            "throughout, e.g. from each file's .layers['counts'] or .raw, or log1p-normalized throughout).")
     return "log1p"
+
+
+MAX_SCALE_ROWS = 20_000  # cells detect_scale checks one by one (spread evenly over the matrix)
+
+
+def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Up to :data:`MAX_SCALE_ROWS` cells spread over ``X`` that express something (their rows), for each whether every
+    value it stores is a whole number, and the largest value of the others (0 where there are none)."""
+    n = X.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, min(n, MAX_SCALE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
+    if sp.issparse(X):
+        sub = (X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X))[rows]
+
+        def per_row(flags: np.ndarray) -> np.ndarray:
+            total = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+            return total[sub.indptr[1:]] - total[sub.indptr[:-1]]
+
+        nonzero, bad = per_row(sub.data != 0), per_row(np.mod(sub.data, 1) != 0)
+        row_of = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
+        others = sub.data[bad[row_of] > 0]
+    else:
+        sub = np.asarray(X)[rows]
+        nonzero, bad = (sub != 0).sum(axis=1), (np.mod(sub, 1) != 0).sum(axis=1)
+        others = sub[np.asarray(bad).ravel() > 0]
+    expressing = np.asarray(nonzero).ravel() > 0
+    return rows[expressing], np.asarray(bad).ravel()[expressing] == 0, float(np.max(others)) if others.size else 0.0
 
 
 def log_normalize(X: sp.csr_matrix, scale: str, *, total: float | None = None) -> sp.csr_matrix:
