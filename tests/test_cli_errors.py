@@ -75,6 +75,9 @@ CASES = [
      r"is the --data file"),
     ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"No cell of .* has perturbation == 'control'.*--all-cells"),
+    # the perturbations under another column name: every cell, perturbed ones too, was the baseline without a word
+    ("perturbation-column-renamed", "predict --model {model} --data {renamed} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"has no obs column 'perturbation' .*obs\['pert'\] holds its control label 'control'.*rename.*--all-cells"),
     # numbers that cannot be
     ("batch-size-0", f"predict {M} --perturbations STAT1 --batch-size 0 --out {{tmp}}/p.h5ad",
      r"argument --batch-size: must be at least 1, got 0"),
@@ -117,6 +120,10 @@ def files(tiny_model, tmp_path_factory):
     no_ctrl = data[data.obs.perturbation != "control"][:6].copy()
     no_ctrl.write_h5ad(d / "no_control.h5ad")
     f["no_control"] = str(d / "no_control.h5ad")
+    renamed = data[:12].copy()
+    renamed.obs = renamed.obs.rename(columns={"perturbation": "pert"})
+    renamed.write_h5ad(d / "renamed.h5ad")
+    f["renamed"] = str(d / "renamed.h5ad")
     (d / "text.h5ad").write_text("gene,cell1\nSTAT1,3\n")
     f["text_h5ad"] = str(d / "text.h5ad")
     raw = (d / "base.h5ad").read_bytes()

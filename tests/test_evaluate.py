@@ -463,6 +463,14 @@ def test_effect_size_reads_a_reference_spelling_genes_otherwise(papalexi_small):
         effect_size(papalexi_small, reference=papalexi_small[:, 2:].copy())
 
 
+def test_max_cells_below_one_is_refused(papalexi_small):
+    """evaluate(max_cells=0) dropped every baseline and left the distances NaN without a word (the CLI refused it)."""
+    from virtualcell.errors import DataError
+
+    with pytest.raises(DataError, match="max_cells must be a whole number of at least 1, or None"):
+        vc.evaluate.evaluate(papalexi_small, papalexi_small, max_cells=0)
+
+
 def test_effect_size_corrects_for_group_size():
     g = 50
     rng = np.random.default_rng(0)

@@ -700,6 +700,12 @@ def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     with caplog.at_level("WARNING", logger="virtualcell"):
         vc.Simulator(mixed, model)
     assert any("baseline cells are not controls" in r.message for r in caplog.records)
+    caplog.clear()
+    renamed = mixed.copy()  # the same cells, their perturbations under another column name
+    renamed.obs = renamed.obs.rename(columns={"perturbation": "pert"})
+    with caplog.at_level("WARNING", logger="virtualcell"):
+        vc.Simulator(renamed, model)
+    assert any("obs['pert'] holds its control label 'control'" in r.getMessage() for r in caplog.records)
 
 
 def test_a_genetic_kind_the_model_never_trained_on_is_refused_and_the_card_offers_the_trained_kinds():

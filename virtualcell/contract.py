@@ -262,6 +262,21 @@ class DataContract:
     def is_control(self, adata: ad.AnnData) -> np.ndarray:
         return self.labels(adata) == self.control
 
+    def labels_elsewhere(self, adata: ad.AnnData) -> str | None:
+        """Where ``adata`` lacks the perturbation column: another obs column that holds a control label beside other
+        labels (the perturbations under another name, ``'pert'``), else ``None``."""
+        if self.perturbation_key in adata.obs.columns:
+            return None
+        controls = set(self.controls)
+        for name in adata.obs.columns:
+            column = adata.obs[name]
+            if column.dtype.kind in "biuf":  # numbers are no labels
+                continue
+            values = {str(v).strip() for v in column.unique()}
+            if values & controls and values - controls:
+                return str(name)
+        return None
+
     def perturbations(self, adata: ad.AnnData) -> list[str]:
         """The distinct non-control labels, sorted."""
         return sorted(set(self.labels(adata)) - {self.control})

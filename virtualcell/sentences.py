@@ -845,6 +845,8 @@ def encode(
     """
     if top_k is not None and top_k < 1:
         raise DataError(f"top_k must be a positive number of genes or None, got {top_k}.")
+    if genes not in ("all", "shared"):  # (anything but 'all' read as 'shared' and skipped the check)
+        raise DataError(f"genes must be 'all' or 'shared', got {genes!r}.")
     X = expression_matrix(adata, layer=layer)
     own = Vocabulary.from_adata(adata, gene_key=_gene_key_alias(gene_key, var_key))
     if vocab is None:

@@ -36,6 +36,7 @@ Examples
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .distributed import Split
-from .errors import DataError, ScreenError, VocabularyError, preview
+from .errors import DataError, ModelError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -415,6 +416,9 @@ class Simulator:
             warnings.warn("Simulator(model, baseline) is deprecated: the data comes first, Simulator(baseline, model).",
                           DeprecationWarning, stacklevel=2)
             baseline, model = model, baseline  # type: ignore[assignment]
+        if isinstance(model, str | os.PathLike):
+            raise ModelError(f"model={str(model)!r} is a name or path, not a model: load it first, "
+                             f"vc.C2SModel.load({str(model)!r}) (vc.model.bundled() for the shipped one).")
         self.model = model
         trained_with = model.contract.gene_key if model.contract is not None else None
         if gene_key is None and trained_with is not None and trained_with in baseline.var.columns:
@@ -434,6 +438,12 @@ class Simulator:
                             "only (adata[adata.obs[%r] == %r]); if they are meant, go on.", int(perturbed.sum()),
                             baseline.n_obs, contract.perturbation_key, preview(labels, 4), contract.perturbation_key,
                             contract.control)
+        elsewhere = contract.labels_elsewhere(baseline) if contract is not None else None
+        if elsewhere is not None:
+            log.warning("The baseline has no obs column %r (the model's perturbation column), but obs[%r] holds its "
+                        "control label %r beside other labels: every baseline cell, perturbed ones too, is a starting "
+                        "point. For the usual baseline pass the controls only (adata[adata.obs[%r] == %r]).",
+                        contract.perturbation_key, elsewhere, contract.control, elsewhere, contract.control)
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=self.seed)
         # baseline expression in the model's gene order (zeros for model genes the data lacks), on its scale
         self.expression, self.scale, self.normalization = on_model_scale(

@@ -586,6 +586,9 @@ def _run(
     deltas: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """:func:`evaluate` and, with ``deltas``, :func:`delta_table`, from one setup (the CLI needs both)."""
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer)
+                                  or max_cells < 1):  # (0 dropped every baseline without a word)
+        raise DataError(f"max_cells must be a whole number of at least 1, or None (every cell), got {max_cells!r}.")
     cell_eval = isinstance(profile, str) and profile in CELL_EVAL_PROFILES
     metrics = [] if cell_eval else resolve_metrics(profile)
     if cell_eval:
