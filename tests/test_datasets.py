@@ -46,9 +46,18 @@ def test_pertpy_loader_offline_gives_a_clear_error(monkeypatch, tmp_path):
         vc.datasets.load("norman_2019")
 
 
+def test_a_download_cache_that_cannot_be_made_names_the_setting(monkeypatch, tmp_path):
+    """A read-only home: a bare PermissionError from the cache folder, before any download was tried."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("VIRTUALCELL_CACHE", str(blocker / "cache"))  # under a file: no folder can be made
+    with pytest.raises(DataError, match=r"Cannot create the download cache .*\$VIRTUALCELL_CACHE"):
+        vc.datasets.load("norman_2019")
+
+
 def test_local_copy_missing_names_the_folders(monkeypatch, tmp_path):
     monkeypatch.setattr(vc.datasets, "data_dirs", lambda: [tmp_path])
-    with pytest.raises(DataError, match="VIRTUALCELL_DATA"):
+    with pytest.raises(DataError, match="VIRTUALCELL_DATA.*datasets.available"):
         vc.datasets.load("kang2018_scgen")
 
 

@@ -163,7 +163,8 @@ def data_dirs() -> list[Path]:
     above ``virtualcell/``: an editable install finds it wherever it is run)."""
     dirs = [os.environ.get("VIRTUALCELL_DATA"), "../shared/data", "shared/data", "data"]
     here = Path(__file__).resolve().parents[2]
-    dirs.append(str(here.parent / "shared" / "data"))
+    if (here / "pyproject.toml").exists():  # a checkout (an installed copy sits in site-packages: no such folder)
+        dirs.append(str(here.parent / "shared" / "data"))
     return [Path(d) for d in dirs if d]
 
 
@@ -197,7 +198,8 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
             raise DataError(
                 f"Dataset {name!r} is read from a local copy named {info.local!r} ({info.license}), "
                 f"which is not in any of: {', '.join(str(d) for d in data_dirs())}. "
-                "Put the file there or point $VIRTUALCELL_DATA at its folder."
+                "Put the file there or point $VIRTUALCELL_DATA at its folder; virtualcell.datasets.available() "
+                "lists the datasets shipped in the package (embedded) and those that download (pertpy)."
             )
         adata = _read(found[0])
     else:
@@ -234,7 +236,11 @@ def _read(path: Any, what: str = "") -> ad.AnnData:
 def _from_pertpy(info: DatasetInfo) -> ad.AnnData:
     """Download (once) through pertpy.data into the cache, with a clear error offline."""
     target = cache_dir() / "pertpy"
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"Cannot create the download cache {str(target)!r} ({err.strerror or err}): set "
+                        "$VIRTUALCELL_CACHE to a folder you can write to.") from None
     try:
         import scanpy as sc
 
