@@ -28,6 +28,11 @@ CASES = [
      r"not a readable \.h5ad file"),
     ("encode-truncated-h5ad", "encode --data {trunc_h5ad} --out {tmp}/e.npz", r"not a readable \.h5ad file"),
     ("encode-out-suffix", "encode --data {base} --out {tmp}/e.csv", r"must end in \.npz .* or \.txt"),
+    # a file or folder that exists is the user's, not a dataset's name (it was 'Unknown dataset', with Python advice)
+    ("predict-csv", "predict --model {model} --data {csv} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"is not an \.h5ad file\. Convert it with anndata first"),
+    ("predict-folder", "predict --model {model} --data {user_folder} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"is a folder; --data takes an \.h5ad file or a dataset name"),
     ("evaluate-not-h5ad", "evaluate --pred {text_h5ad} --real {base} --out {tmp}/ev",
      r"\(--pred\) is not a readable \.h5ad file"),
     ("screen-toward-truncated", ("screen --model {model} --data {base} --panel {panel} --objective toward:{trunc_h5ad} "
@@ -125,6 +130,8 @@ def files(tiny_model, tmp_path_factory):
     renamed.write_h5ad(d / "renamed.h5ad")
     f["renamed"] = str(d / "renamed.h5ad")
     (d / "text.h5ad").write_text("gene,cell1\nSTAT1,3\n")
+    (d / "cells.csv").write_text("gene,cell1\nSTAT1,3\n")
+    f["csv"] = str(d / "cells.csv")
     f["text_h5ad"] = str(d / "text.h5ad")
     raw = (d / "base.h5ad").read_bytes()
     (d / "trunc.h5ad").write_bytes(raw[: len(raw) // 2])

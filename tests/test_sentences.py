@@ -227,6 +227,15 @@ def test_cells_without_expressed_genes_are_named():
     X[1] = 0
     with pytest.raises(DataError, match=r"1 of 3 cells have no expressed genes \(e.g. 'c1'\)"):
         encode(make(X))
+    # on the genes shared with a vocabulary, the cell that expresses only others is named so, with a filter over
+    # the shared genes (the filter over all genes removed nothing, and the same refusal came back)
+    X = np.array([[1, 2, 0], [0, 0, 5], [3, 0, 1]], dtype=np.float32)
+    vocab = Vocabulary.from_names(["G0", "G1"])
+    with pytest.raises(DataError, match=r"1 of 3 cells express none of the 2 genes shared.*missing='mark'"):
+        encode(make(X), vocab=vocab, genes="shared")
+    shared = vocab.ids(["G0", "G1", "G2"], missing="mark") >= 0  # the filter the message gives keeps the others
+    kept = make(X)[np.asarray((make(X)[:, shared].X > 0).sum(axis=1)).ravel() > 0]
+    assert list(kept.obs_names) == ["c0", "c2"] and len(encode(kept, vocab=vocab, genes="shared")) == 2
 
 
 def test_empty_anndata():

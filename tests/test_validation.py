@@ -891,6 +891,13 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     before = (ckpt / "verdict.json").read_text()
     assert main(["verdict", "--model", str(ckpt), "--data", str(path)]) == 2
     assert "not the data the model was trained on" in capsys.readouterr().err
+    # other columns: the same answer, not advice to pass --control or --perturbation-key, which verdict has not
+    other = data.copy()
+    other.obs["perturbation"] = other.obs["perturbation"].astype(str).replace({"control": "NT"})
+    other.write_h5ad(path)
+    assert main(["verdict", "--model", str(ckpt), "--data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not the data the model was trained on" in err and "--control" not in err
     assert (ckpt / "verdict.json").read_text() == before
 
 

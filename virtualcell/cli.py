@@ -405,13 +405,20 @@ def _refuse_someone_elses(out: str, *, force: bool) -> None:
 
 def _load_data(spec: str, contract=None):  # noqa: ANN001, ANN202
     """A dataset name (see virtualcell.datasets) or an .h5ad path."""
+    from pathlib import Path
+
     from . import datasets
 
-    if spec.endswith(".h5ad"):
+    path = Path(spec)
+    if spec.lower().endswith(".h5ad") or path.exists():  # a file the user named, not a dataset's name
+        if path.is_dir():
+            raise datasets.DataError(f"{spec!r} is a folder; --data takes an .h5ad file or a dataset name "
+                                     f"({', '.join(datasets.available())}).")
+        if path.exists() and not spec.lower().endswith(".h5ad"):
+            raise datasets.DataError(f"{spec!r} is not an .h5ad file. Convert it with anndata first (e.g. "
+                                     "sc.read_10x_mtx(...).write_h5ad('cells.h5ad'); ad.read_csv(...) for a table).")
         if contract is None:
-            from pathlib import Path
-
-            if not Path(spec).exists():
+            if not path.exists():
                 raise datasets.DataError(f"No such file: {spec!r}. Check the path.")
             return datasets._read(spec)
         return datasets.read_h5ad(spec, contract=contract)
@@ -512,7 +519,7 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     if args.out is not None and main:  # a user's --out is refused before the model and data load
         check_out(args.out, force=args.force)
     model = C2SModel.load(args.model, device=args.device)
-    adata = _load_data(args.data, model.contract)
+    adata = _load_data(args.data)  # (rejudge checks it is the training data, against the model's own columns)
     before = summary_line(model.verdict)
     candidates = None if args.guidance is None else tuple({"guidance": g} for g in args.guidance)
     if args.threads is not None:

@@ -116,11 +116,11 @@ class DataContract:
                          f"None of the control labels {preview(self.controls, 8)} occurs")
                 raise ContractError(
                     f"{named} in obs[{self.perturbation_key!r}].{did} "
-                    f"Labels there: {preview(sorted(set(labels)), 12)}. Pass the label of the unperturbed "
+                    f"Labels there, most cells first: {preview(_by_count(labels), 12)}. Pass the label of the unperturbed "
                     "cells (CLI: --control)."
                 )
 
-    def _keys(self, adata: ad.AnnData) -> list[tuple[str, str]]:
+    def _keys(self, adata: ad.AnnData) -> list[tuple[str, str]]:  # noqa: D102
         pairs = [("perturbation", self.perturbation_key), *(("context", c) for c in self.context_columns(adata)),
                  ("dose", self.dose_key), ("time", self.time_key)]
         return [(role, key) for role, key in pairs if key is not None]
@@ -393,3 +393,10 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
 def _rounded(x: np.ndarray) -> np.ndarray:
     """12 significant digits: 300nM is 0.3uM, not 0.30000000000000004."""
     return np.array([float(f"{v:.12g}") for v in x])
+
+
+def _by_count(labels: np.ndarray) -> list[str]:
+    """The distinct labels, the most frequent first (a screen's controls, usually the largest group, show among the
+    first; sorted by name they hid behind a dozen perturbations), ties by name."""
+    values, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    return [str(values[i]) for i in np.lexsort((values, -counts))]

@@ -882,6 +882,12 @@ def encode(
     empty = np.flatnonzero(n_expressed == 0)
     if empty.size:
         names = adata.obs_names[empty]
+        if X.shape[1] < len(own):  # genes='shared': they may express genes the model does not know
+            raise DataError(
+                f"{empty.size} of {adata.n_obs} cells express none of the {X.shape[1]} genes shared with the model "
+                f"(e.g. {preview(names, 5)}). A cell sentence needs at least one gene: remove them first, e.g. "
+                "shared = model.genes.ids(list(adata.var_names), missing='mark') >= 0; "
+                "adata = adata[np.asarray((adata[:, shared].X > 0).sum(axis=1)).ravel() > 0].")
         raise DataError(
             f"{empty.size} of {adata.n_obs} cells have no expressed genes (e.g. {preview(names, 5)}). "
             "A cell sentence needs at least one gene: remove them first, e.g. "

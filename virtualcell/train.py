@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
-from .errors import DataError, TrainingError, preview
+from .errors import ContractError, DataError, TrainingError, preview
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
@@ -998,7 +998,12 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
                   else cfg.verdict_candidates)
     contract = model.contract
     adata = with_gene_key(adata, contract.gene_key)
-    contract.validate(adata)
+    try:
+        contract.validate(adata)
+    except ContractError as err:  # its advice (another column or label) is not the verdict's: the same file is
+        raise ContractError(f"This is not the data the model was trained on (the model reads the columns it trained "
+                            f"with): {str(err).split(' Pass ')[0]} Pass the same file (cells, genes and labels unchanged) "
+                            "that training was given.") from None
     data = adata[holdout_mask(adata, cfg.holdout)]
     given = data_hash(data, contract)
     if given != run["data_hash"]:

@@ -185,7 +185,8 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
         did = f" Did you mean {preview(hint, 3)}?" if hint else ""
         raise DataError(
             f"Unknown dataset {name!r}.{did} Known: {preview(sorted(_REGISTRY), 20)}, 'synthetic'. "
-            "For your own file use virtualcell.datasets.read_h5ad(path, contract=...)."
+            "For your own file give its path, an .h5ad (CLI: --data cells.h5ad; Python: "
+            "virtualcell.datasets.read_h5ad(path, contract=...))."
         )
     info = _REGISTRY[name]
     if info.embedded:
@@ -268,7 +269,7 @@ def read_h5ad(path: str | os.PathLike[str], *, contract: DataContract | None = N
     p = Path(path)
     if not p.exists():
         raise DataError(f"No such file: {str(p)!r}. Check the path (relative paths start at {os.getcwd()}).")
-    if p.suffix != ".h5ad":
+    if p.suffix.lower() != ".h5ad":
         raise DataError(f"{str(p)!r} is not an .h5ad file. Convert it with anndata (e.g. sc.read_10x_mtx(...).write_h5ad(...)).")
     adata = _read(p)
     if contract is None:
