@@ -345,6 +345,11 @@ def test_every_command_takes_verbose_and_quiet_after_its_name(capsys, monkeypatc
     assert seen == [(1, True)]  # -v after the command counted; -q: every bar off while it runs
     assert "TQDM_DISABLE" not in os.environ  # ... and the caller's environment as it was after
     capsys.readouterr()
+    # every command, evaluate too (its parser lives in virtualcell.evaluate: it took neither)
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, parser in sub.choices.items():
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert {"-v", "--verbose", "-q", "--quiet"} <= flags, name
 
 
 def test_predict_takes_threads_and_gives_the_setting_back(papalexi, tmp_path, monkeypatch):

@@ -562,6 +562,12 @@ def test_distance_test_puts_pvalues_on_the_right_groups():
     assert tab.loc["strong", "pvalue"] < 0.05 and tab.loc["strong", "significant"]
     assert tab.loc["null", "pvalue"] > 0.5 and not tab.loc["null", "significant"]
     assert tab.loc["strong", "distance"] > tab.loc["null", "distance"]
+    # a mistyped column is named first, even without an embedding (it advised running PCA, then named the column)
+    bare = ad.AnnData(np.zeros((4, 2)), obs=pd.DataFrame({"group": list("aabb")}, index=list("wxyz")))
+    with pytest.raises(DataError, match=r"obs column 'grup' does not exist\. Did you mean 'group'"):
+        distance_test(bare, groupby="grup", contrast="a")
+    with pytest.raises(DataError, match=r"obsm\['X_pca'\] is missing.*as obsm_key="):
+        distance_test(bare, groupby="group", contrast="a")
 
 
 @pytest.mark.parametrize("metric", ["edistance", "mmd", "wasserstein"])

@@ -455,7 +455,7 @@ def test_sequences_past_the_models_context_are_refused_in_training_and_generatio
               config=cfg, base=str(base), progress=False, device="cpu")
     model = C2SModel.load(base, genes=genes)
     model.rank_fit = vc.sentences.RankFit.fit(cells, vc.encode(cells, vocab=model.genes))
-    with pytest.raises(ModelError, match=r"past the 64 positions.*--max-genes"):
+    with pytest.raises(ModelError, match=r"past the 64 positions.*The prompt alone .* smaller --top-k"):
         vc.Simulator(cells[:2].copy(), model).simulate(["ko:STAT1"], max_genes=12, progress=False)
 
 
@@ -793,3 +793,8 @@ def test_unconstrained_decoding_fits_the_context_constrained_decoding_fits(bpe_m
         out = list(model.generate(cs, [vc.perturbations.parse("ko:STAT1")],
                                   config=GenerationConfig(max_genes=12, constrain=constrain, seed=0)))
         assert sum(len(chunk.sentences) for chunk in out) == 2
+    # where the prompt fits and the answer does not, the refusal names max_genes and the positions left for it
+    model.lm.config.max_position_embeddings = 230
+    with pytest.raises(vc.errors.ModelError, match=r"past the 230 positions.*--max-genes\), whose tokens must fit "
+                                                   r"the \d+ positions left after the prompt"):
+        list(model.generate(cs, [vc.perturbations.parse("ko:STAT1")], config=GenerationConfig(max_genes=12, seed=0)))

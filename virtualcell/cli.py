@@ -655,10 +655,15 @@ def _add_command(sub, name: str, summary: str, example: str) -> argparse.Argumen
     ``-v`` (also after the command) and ``-q``/``--quiet`` (no progress bars, for logs)."""
     p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                        epilog=f"example:\n  {example}", formatter_class=_Formatter)
+    _add_common(p)
+    return p
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """The options every command takes: ``-v`` (also after the command) and ``-q``/``--quiet``."""
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="more log output, -vv for debug (default: warnings only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (a log file gets no \\r updates)")
-    return p
 
 
 def _add_force(p: argparse.ArgumentParser, what: str = "a non-empty folder that virtualcell did not write") -> None:

@@ -541,10 +541,13 @@ def check_positions(model, total: int, *, prompt: int, what: str) -> None:  # no
     if limit is not None and total > limit:
         from .errors import ModelError
 
+        fix = (f"Use fewer genes a cell: a smaller max_genes (--max-genes), whose tokens must fit the {limit - prompt} "
+               "positions left after the prompt" if prompt < limit else
+               "The prompt alone (the cell's top_k genes, set in training) does not fit: train with a smaller --top-k")
         raise ModelError(
             f"The {what} needs sequences of up to {total} tokens ({prompt} of prompt, {total - prompt} generated or "
-            f"answered), past the {limit} positions the model was built for. Use fewer genes a cell: a smaller "
-            "max_genes (--max-genes) or top_k (--top-k), or a base model with a longer context.")
+            f"answered), past the {limit} positions the model was built for. {fix}, or use a base model with a "
+            "longer context.")
 
 
 @torch.inference_mode()

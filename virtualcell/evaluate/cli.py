@@ -27,7 +27,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     >>> args.func is cmd_evaluate
     True
     """
-    from ..cli import _Formatter, _add_force, _positive_int, _seed
+    from ..cli import _add_common, _Formatter, _add_force, _positive_int, _seed
 
     p = subparsers.add_parser(
         "evaluate", formatter_class=_Formatter,
@@ -37,6 +37,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the built-in baselines and a split-half noise ceiling. Writes metrics.csv, summary.md, "
         "config.json and plots into --out.",
     )
+    _add_common(p)
     p.add_argument("--pred", required=True, help="predicted cells (.h5ad), labelled like --real")
     p.add_argument("--real", required=True, help="measured cells (.h5ad): perturbed and control cells")
     p.add_argument("--perturbation-key", default=None,

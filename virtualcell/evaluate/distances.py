@@ -25,6 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["distance_test", "sorted_by_group"]
 
 
+def _require_column(adata: ad.AnnData, groupby: str) -> None:
+    if groupby not in adata.obs.columns:
+        hint = close_matches(groupby, adata.obs.columns)
+        did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+        raise DataError(f"obs column {groupby!r} does not exist.{did} obs columns: {preview(adata.obs.columns, 12)}.")
+
+
 def sorted_by_group(adata: ad.AnnData, groupby: str) -> ad.AnnData:
     """A copy of ``adata`` whose cells are sorted by ``obs[groupby]`` (as plain strings).
 
@@ -32,10 +39,7 @@ def sorted_by_group(adata: ad.AnnData, groupby: str) -> ad.AnnData:
     labels alphabetically rather than in category order; first appearance and sorted
     order then agree, which is what ``DistanceTest`` silently assumes.
     """
-    if groupby not in adata.obs.columns:
-        hint = close_matches(groupby, adata.obs.columns)
-        did = f" Did you mean {preview(hint, 3)}?" if hint else ""
-        raise DataError(f"obs column {groupby!r} does not exist.{did} obs columns: {preview(adata.obs.columns, 12)}.")
+    _require_column(adata, groupby)
     labels = adata.obs[groupby].astype(str).to_numpy()
     order = np.argsort(labels, kind="stable")
     out = adata[order].copy()
@@ -85,6 +89,7 @@ def distance_test(
     >>> bool(distance_test(a, groupby="g", contrast="ctrl", n_perms=50).loc["strong", "pvalue"] < 0.05)
     True
     """
+    _require_column(adata, groupby)  # (before the embedding: running PCA as told only to learn the column is wrong)
     if layer_key is not None:
         obsm_key = None
         if layer_key not in adata.layers:
@@ -94,7 +99,7 @@ def distance_test(
     elif obsm_key not in adata.obsm:
         raise DataError(
             f"obsm[{obsm_key!r}] is missing. Compute an embedding first (e.g. scanpy.pp.pca(adata)) "
-            f"or name one of: {preview(adata.obsm.keys()) or 'none'}; or pass layer_key=."
+            f"or name one of {preview(adata.obsm.keys()) or 'none'} as obsm_key=; or pass layer_key=."
         )
     sorted_adata = sorted_by_group(adata, groupby)
     contrast = str(contrast)  # (the groups are read as strings: a column of numbers and contrast=4 name group '4')
