@@ -100,6 +100,12 @@ CASES = [
     ("holdout-values-match-nothing", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
      "--holdout bio_rep=rep9,rep8 --max-steps 1 --out {tmp}/t"), r"matches no cell, so nothing would be held out \(',' "
      r"separates values\)"),
+    ("holdout-column-mistyped", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--holdout biorep=rep_3 --max-steps 1 --out {tmp}/t"),
+     r"holdout column 'biorep' is not in adata\.obs\. Did you mean 'bio_rep'\?"),
+    ("train-heads-do-not-divide", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
+     "--hidden-size 30 --heads 4 --max-steps 1 --out {tmp}/t"),
+     r"hidden_size 30 \(--hidden-size\) must be divisible by n_heads 4 \(--heads\)"),
     # output folders that are not ours, or in use
     ("train-out-not-ours", ("train --data {screen_h5ad} --perturbation-key perturbation --control control --max-steps 1 "
      "--out {user_folder}"), r"not written by virtualcell .*--force"),

@@ -234,6 +234,7 @@ def test_a_dose_column_with_units_reads_as_each_agent_s_numbers(dosed):
 
     for write, match in [
         (lambda lab, d: "high" if d > 5 else f"{d:g}", r"not a number with an optional unit: 'high'"),
+        (lambda lab, d: f"-{d:g}" if d > 5 else f"{d:g}", r"has negative values: '-10'.*positive"),
         (lambda lab, d: f"{d:g}" if d < 1 else f"{d:g}uM", r"some doses in 'uM' and others without a unit"),
         (lambda lab, d: f"{d:g}ng/ml" if d < 1 else f"{d:g}uM", r"doses of '(drugA|drugB|CYTO1)'.*do not convert"),
     ]:

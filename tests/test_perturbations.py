@@ -41,7 +41,8 @@ def test_combinations_are_canonical():
     ("text", "match"),
     [("ko:STAT1@1uM", "takes no dose"), ("virus:X", "Unknown perturbation type"), ("drug:x@ten", "Cannot read the dose"),
      ("drug:x@1uM,3weeks", "unknown time unit"), ("ko:", "needs a target"), ("two words", "no spaces"),
-     ("ko:A + ko:A", "repeats a part"), ("ko:A +", "stray")],
+     ("ko:A + ko:A", "repeats a part"), ("ko:A +", "stray"), ("drug:x@-3uM", "is negative: write a positive dose"),
+     ("", "An empty perturbation")],
 )
 def test_bad_perturbations(text, match):
     with pytest.raises(PerturbationError, match=match):
@@ -62,8 +63,10 @@ def test_a_panel_line_with_a_group_writes_one_perturbation_a_choice():
     panel = parse_panel("drug:DEX@{0.1, 1,10}uM,24h  # a titration\nko:{STAT1,JAK2} + drug:RUX@1uM\n")
     assert [str(p) for p in panel] == ["drug:DEX@0.1uM,24h", "drug:DEX@1uM,24h", "drug:DEX@10uM,24h",
                                        "drug:RUX@1uM + ko:STAT1", "drug:RUX@1uM + ko:JAK2"]
-    with pytest.raises(PerturbationError, match=r"panel line 2: .*one \{\.\.\.\} group a line"):
+    with pytest.raises(PerturbationError, match=r"panel line 2: .*has a '\{' that no '\}' closes"):
         parse_panel("ko:STAT1\ndrug:DEX@{0.1,1uM\n")
+    with pytest.raises(PerturbationError, match=r"panel line 1: .*has a '\}' that no '\{' opens"):
+        parse_panel("ko:STAT1}\n")
     with pytest.raises(PerturbationError, match=r"panel line 1: .*one \{\.\.\.\} group a line"):
         parse_panel("drug:{A,B}@{1,10}uM\n")
     with pytest.raises(PerturbationError, match=r"panel line 1: .*empty choice"):
@@ -83,7 +86,7 @@ def test_the_command_line_list_keeps_times_and_groups_whole():
     assert _split_list("drug:X@1uM,24h + ko:STAT1,JAK2") == ["drug:X@1uM,24h + ko:STAT1", "JAK2"]
     assert _split_list("drug:X@{0.1,1}uM,24h,ko:{STAT1,JAK2}") == [
         "drug:X@0.1uM,24h", "drug:X@1uM,24h", "ko:STAT1", "ko:JAK2"]
-    with pytest.raises(PerturbationError, match=r"one \{\.\.\.\} group a line"):
+    with pytest.raises(PerturbationError, match=r"that no '\}' closes"):
         _split_list("drug:X@{0.1,1uM")
 
 

@@ -302,8 +302,9 @@ class DataContract:
         stored = adata.uns.get(UNS_KEY, {}).get("contract") if isinstance(adata.uns.get(UNS_KEY), dict) else None
         if not stored:
             raise ContractError(
-                "This AnnData carries no data contract. Build one: "
-                "DataContract(perturbation_key='<obs column>', control='<control label>', context_key=...)."
+                "This AnnData carries no data contract (which obs columns hold the perturbations and controls). "
+                "Pass one: contract=DataContract(perturbation_key='<obs column>', control='<control label>', "
+                "context_key=...) (CLI: --perturbation-key, --control, --context-key)."
             )
         if isinstance(stored, str):
             stored = json.loads(stored)
@@ -345,6 +346,10 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
             bad += [str(v)] if read_by[i] else []
         else:
             number[i], unit[i] = q
+    negative = [b for b in bad if b.strip().startswith("-") and read_quantity(first_quantity(b.strip()[1:]))]
+    if negative:
+        raise ContractError(f"The {what} column {key!r} has negative values: {preview(negative, 6)}. A {what} is "
+                            f"positive; leave it empty where a cell has no {what}.")
     if bad:
         example = "'10', '10uM'" if what == "dose" else "'24', '24h', '30min'"
         raise ContractError(

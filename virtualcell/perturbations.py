@@ -382,6 +382,9 @@ def read_quantity(text: str) -> tuple[float, str] | None:
 
 def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
     q = read_quantity(text)
+    if q is None and (neg := read_quantity(text.strip().removeprefix("-"))) is not None and text.strip()[:1] == "-":
+        raise PerturbationError(f"The {what} {text!r} in {source!r} is negative: write a positive {what} "
+                                f"(e.g. '{_fmt(neg[0])}{neg[1]}').")
     if q is None:
         raise PerturbationError(
             f"Cannot read the {what} {text!r} in {source!r}: write a number with an optional unit, e.g. "
@@ -393,7 +396,8 @@ def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
 def _parse_part(text: str, source: str) -> Perturbation:
     t = text.strip()
     if not t:
-        raise PerturbationError(f"Empty part in {source!r}: check for a stray '+'.")
+        raise PerturbationError("An empty perturbation: write one, e.g. 'ko:STAT1'." if not source.strip() else
+                                f"Empty part in {source!r}: check for a stray '+'.")
     if t.lower() in {"control", "ctrl", "none", "dmso", "vehicle", "non-targeting"} and ":" not in t:
         return Perturbation("control") if t.lower() in {"control", "ctrl", "none"} else Perturbation("label", t)
     if ":" not in t:
@@ -455,7 +459,11 @@ def expand(line: str) -> list[str]:
     opened, closed = line.count("{"), line.count("}")
     if opened == closed == 0:
         return [line]
-    if opened != 1 or closed != 1 or line.index("{") > line.index("}"):
+    if opened != closed:
+        which = "a '{' that no '}' closes" if opened > closed else "a '}' that no '{' opens"
+        raise PerturbationError(f"{line!r} has {which}: write a group of choices as {{a,b,c}}, e.g. "
+                                "'drug:NAME@{0.1,1,10}uM'.")
+    if opened != 1 or line.index("{") > line.index("}"):
         raise PerturbationError(f"{line!r}: write one {{...}} group a line, e.g. 'drug:NAME@{{0.1,1,10}}uM'.")
     head, rest = line.split("{", 1)
     inner, tail = rest.split("}", 1)

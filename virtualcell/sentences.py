@@ -97,7 +97,7 @@ def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_
         if layer not in adata.layers:
             raise DataError(
                 f"Layer {layer!r} is not in the AnnData. Available layers: "
-                f"{preview(adata.layers.keys()) or 'none'}; pass layer=None to use adata.X."
+                f"{preview(adata.layers.keys()) or 'none'}; leave the layer out (CLI: no --layer; Python: layer=None) to use adata.X."
             )
         X = adata.layers[layer]
         where = f"adata.layers[{layer!r}]"
@@ -378,8 +378,8 @@ def with_gene_key(adata: ad.AnnData, gene_key: str | None) -> ad.AnnData:
 
     if gene_key not in adata.var.columns:
         raise VocabularyError(
-            f"--gene-key {gene_key!r}: there is no such var column. var columns: "
-            f"{preview(adata.var.columns) or 'none'}; leave --gene-key out to use var_names "
+            f"gene_key {gene_key!r} (--gene-key): there is no such var column. var columns: "
+            f"{preview(adata.var.columns) or 'none'}; leave it out to use var_names "
             f"(e.g. {preview(adata.var_names[:3], 3)})."
         )
     col = adata.var[gene_key]
@@ -387,14 +387,14 @@ def with_gene_key(adata: ad.AnnData, gene_key: str | None) -> ad.AnnData:
     empty = col.isna().to_numpy() | (names == "").to_numpy() | names.str.lower().isin(["nan", "none"]).to_numpy()
     if empty.any():
         raise VocabularyError(
-            f"--gene-key {gene_key!r}: {int(empty.sum())} of {adata.n_vars} genes have no name in that column "
+            f"gene_key {gene_key!r} (--gene-key): {int(empty.sum())} of {adata.n_vars} genes have no name in that column "
             f"(e.g. var_names {preview(adata.var_names[empty], 3)}). Drop them first, e.g. "
             f"adata = adata[:, adata.var[{gene_key!r}].notna()], or fill them in."
         )
     dup = names[names.duplicated()].unique()
     if len(dup):
         raise VocabularyError(
-            f"--gene-key {gene_key!r}: {len(dup)} names occur more than once in that column ({preview(dup, 5)}). "
+            f"gene_key {gene_key!r} (--gene-key): {len(dup)} names occur more than once in that column ({preview(dup, 5)}). "
             "Each gene needs its own name: keep one row per name, or use another column."
         )
     var = adata.var.copy()

@@ -272,7 +272,8 @@ class TrainConfig:
             raise TrainingError(f"response_weight must be in [0, 100] (0: every response token weighs the same; s: a "
                                 f"gene's tokens weigh 1 + s x how much perturbations move it), got {self.response_weight}.")
         if self.hidden_size % self.n_heads:
-            raise TrainingError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}.")
+            raise TrainingError(f"hidden_size {self.hidden_size} (--hidden-size) must be divisible by n_heads "
+                                f"{self.n_heads} (--heads): each head takes an equal share of it.")
 
 
 # --------------------------------------------------------------------------- #
