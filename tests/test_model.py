@@ -213,8 +213,11 @@ def test_a_combination_is_composed_only_when_asked(tiny_model):
 
 def test_guidance_needs_a_generic_condition(tiny_model):
     model, _, data = tiny_model
-    with pytest.raises(ValueError, match="guidance must be >= 0"):
-        GenerationConfig(guidance=-1)
+    for bad in (-1, float("inf"), float("nan")):  # (inf and NaN sampled next to nothing: every delta 0)
+        with pytest.raises(ValueError, match="guidance must be a number >= 0"):
+            GenerationConfig(guidance=bad)
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            GenerationConfig(temperature=bad)
     from virtualcell.generation import generate_grid
 
     fmt = model.format

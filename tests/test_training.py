@@ -1142,6 +1142,23 @@ def test_pretraining_leaves_out_the_validation_targets_and_a_pair_cap_is_said(pa
     assert "max_pairs is 100" in caplog.text
 
 
+def test_a_diverging_run_stops_instead_of_saving_a_broken_model(papalexi_small, tmp_path):
+    """lr=1e4 (a typo for 1e-4): the loss went NaN, the run saved NaN weights, and its verdict called the model
+    (which predicted no change at all) better than the baselines. It stops naming the learning rate; a learning rate
+    that is no finite number is refused before training."""
+    from virtualcell.errors import TrainingError
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(top_k=20, hidden_size=16, n_layers=1, n_heads=2, max_steps=8, eval_every=4, save_every=4,
+                      batch_size=8, warmup_steps=1, seed=0, lr=1e4, attention="eager", precision="fp32", threads=1)
+    with pytest.raises(TrainingError, match=r"The training loss is (nan|inf) at step \d+: the run diverged.*--lr"):
+        train(papalexi_small[::4].copy(), out=tmp_path / "m", config=cfg, progress=False)
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    for lr in (float("inf"), float("nan")):
+        with pytest.raises(TrainingError, match="lr must be > 0"):
+            TrainConfig(lr=lr)
+
+
 def test_training_leaves_the_callers_random_state_alone(papalexi_small, tmp_path, capfd):
     """train() reseeded the caller's global torch generator with its own seed (a user's later torch.rand changed
     with the training seed); the model's initial weights are the seed's under the caller's state untouched. A quiet

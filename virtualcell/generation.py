@@ -36,6 +36,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 import weakref
 import zlib
 from collections.abc import Iterator, Sequence
@@ -113,14 +114,14 @@ class GenerationConfig:
     compose: bool = False
 
     def __post_init__(self) -> None:
-        if not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0 (1 = none), got {self.guidance}.")
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):  # (inf and NaN sampled nothing: no effect)
+            raise ValueError(f"guidance must be a number >= 0 (1 = none), got {self.guidance}.")
         if self.prefix_attention not in ("auto", "shared", "repeat"):
             raise ValueError(f"prefix_attention must be 'auto', 'shared' or 'repeat', got {self.prefix_attention!r}.")
         if self.max_genes < 1 or self.min_genes < 0 or self.min_genes > self.max_genes:
             raise ValueError(f"Need 0 <= min_genes <= max_genes and max_genes >= 1, got {self.min_genes}, {self.max_genes}.")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy).")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}.")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1.")
         if self.threads is not None and self.threads < 1:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -208,7 +209,7 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if int(self.warmup_steps) < 0:
             raise TrainingError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.lr is not None and not self.lr > 0:
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be > 0 (or None: {NEW_MODEL_LR:g} for a new model, {FINETUNE_LR:g} when "
                                 f"fine-tuning a base model), got {self.lr}.")
         if self.max_minutes is not None and self.max_minutes <= 0:

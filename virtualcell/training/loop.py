@@ -207,6 +207,12 @@ def fit(
             loss_value, step_tokens = loss.item(), batch.n_tokens
             if average is not None:  # the whole batch's loss and tokens, from every process's share
                 loss_value, step_tokens = average(loss_value, n_targets, step_tokens)
+            if not math.isfinite(loss_value):  # (the job's loss: every process stops here together)
+                raise TrainingError(
+                    f"The training loss is {loss_value} at step {step + 1}: the run diverged, and a model trained on "
+                    f"from here would be broken (its weights go {loss_value} too). Lower the learning rate (--lr; it "
+                    f"was {rate:g} at this step) and train again from the start (--restart; resume=False): the last "
+                    "checkpoint may hold diverging weights already.")
             if clip is not None:
                 clip()
             optimizer.step()
