@@ -238,6 +238,24 @@ def test_measured_log1p_at_another_total_goes_onto_the_prediction_s_scale(tiny_m
     np.testing.assert_allclose(as_log["value"].to_numpy(), as_counts["value"].to_numpy(), atol=1e-4)
 
 
+def test_inputs_of_counts_and_of_log1p_at_another_total_are_scored_on_one_scale(papalexi_small):
+    """Another tool's prediction given as raw counts (normalized to 1e4 per cell here) beside measured cells in
+    scanpy's log1p of the median total: the measured cells 'predicted' as themselves scored far below the same cells given as counts, each
+    delta taken between two scales. The log1p inputs go onto 1e4 per cell, as beside a virtualcell prediction; an
+    effect size against a reference of counts too."""
+    real = papalexi_small[papalexi_small.obs["perturbation"].isin(["control", "STAT1", "JAK2"])].copy()
+    base, ref = split_controls(real, seed=0)
+    pred = ref[ref.obs["perturbation"] != "control"].copy()  # the measured cells themselves, as counts
+    kw = {"profile": "pearson", "baselines": ("nochange",), "ceiling": False}
+    table = evaluate(pred, log1p_median(ref), baseline=log1p_median(base), **kw)
+    counts = evaluate(pred, ref, baseline=base, **kw)  # every input as counts: what the one scale gives
+    assert counts["value"].notna().all()
+    np.testing.assert_allclose(table["value"].to_numpy(), counts["value"].to_numpy(), atol=1e-4)
+    as_counts = effect_size(real, reference=base).set_index("perturbation")["effect_size"]
+    mixed = effect_size(log1p_median(real), reference=base).set_index("perturbation")["effect_size"]
+    np.testing.assert_allclose(mixed.sort_index(), as_counts.sort_index(), rtol=1e-4)
+
+
 def test_a_prediction_made_from_measured_controls_is_measured_from_them_without_a_baseline(papalexi_small):
     """evaluate --pred --real (no --baseline), the prediction made from some of real's own control cells (its
     obs['source_cell']): those cells are its baseline and the other controls the reference. Split again at random,

@@ -328,6 +328,12 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
                   interleaved, interleaved.toarray(), sp.vstack([logged[:100], small]).tocsr()[rng.permutation(200)]):
         with pytest.raises(DataError, match="mixes scales"):  # (interleaved: 'not logged', so users logged twice)
             detect_scale(mixed)
+    # counts with two values of x.5 in one cell are no concatenation of files: that cell is named, to be rounded
+    odd = counts[:24].toarray()
+    odd[5, np.flatnonzero(odd[5])[:2]] += 0.5
+    with pytest.raises(DataError, match=r"1 of 24 cells checked hold values that are not whole numbers \(e\.g\. rows 5;"
+                                        r".*np\.rint"):
+        detect_scale(odd)
 
 
 def test_counts_go_onto_the_total_of_a_model_trained_on_log1p_values(papalexi_small, caplog):

@@ -154,9 +154,15 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     # cell by cell (up to MAX_SCALE_ROWS cells spread over the matrix): a cell of raw counts has only whole numbers,
     # a cell of logged values hardly ever does. Stretches of stored values (each mixing cells) missed files
     # concatenated and then sorted, whose every stretch held both kinds, and read them as log1p.
-    rows, whole, top = _whole_rows(X)
+    rows, whole, top, share = _whole_rows(X)
     if whole.all():  # (a matrix of zeros too: nothing says otherwise)
         return "counts"
+    if share < 0.5:  # cells of counts with a few values that are not whole numbers, not cells of logged values
+        rows = rows[~whole]
+        raise DataError(
+            f"{int((~whole).sum())} of {whole.size} cells checked hold values that are not whole numbers (e.g. rows "
+            f"{', '.join(str(int(r)) for r in rows[:3])}; {share:.0%} of their values), among cells of raw counts. If "
+            "they are counts (corrected or averaged), round them: adata.X = np.rint(adata.X).")
     if top > LOG_SCALE_MAX:  # (normalized values of a cell whose total divides 1e4 can be whole: not a mix)
         raise DataError(
             f"The expression values are not whole numbers, so they are not raw counts, and they reach {top:.4g}, "
@@ -177,9 +183,10 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
 MAX_SCALE_ROWS = 20_000  # cells detect_scale checks one by one (spread evenly over the matrix)
 
 
-def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Up to :data:`MAX_SCALE_ROWS` cells spread over ``X`` that express something (their rows), for each whether every
-    value it stores is a whole number, and the largest value of the others (0 where there are none)."""
+    value it stores is a whole number, the largest value of the others (0 where there are none) and the share of
+    their values that are not whole numbers."""
     n = X.shape[0]
     rows = np.unique(np.linspace(0, n - 1, min(n, MAX_SCALE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
     if sp.issparse(X):
@@ -196,8 +203,10 @@ def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
         sub = np.asarray(X)[rows]
         nonzero, bad = (sub != 0).sum(axis=1), (np.mod(sub, 1) != 0).sum(axis=1)
         others = sub[np.asarray(bad).ravel() > 0]
-    expressing = np.asarray(nonzero).ravel() > 0
-    return rows[expressing], np.asarray(bad).ravel()[expressing] == 0, float(np.max(others)) if others.size else 0.0
+    nonzero, bad = np.asarray(nonzero).ravel(), np.asarray(bad).ravel()
+    expressing = nonzero > 0
+    share = float(bad.sum() / max(nonzero[bad > 0].sum(), 1))  # of the other cells' values, those not whole
+    return (rows[expressing], bad[expressing] == 0, float(np.max(others)) if others.size else 0.0, share)
 
 
 def log_normalize(X: sp.csr_matrix, scale: str, *, total: float | None = None) -> sp.csr_matrix:
@@ -291,8 +300,18 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
             (log.warning if not 0.5 <= had / TARGET_SUM <= 2.0 else log.info)(
                 "The %s's log1p values were normalized to a median of %.4g per cell over the model's genes and the "
                 "model's training cells to %g (it trained on raw counts): normalized again onto the model's scale. "
-                "(Values on a log2 scale cannot be told from log1p: give raw counts where you can.)", what, had,
-                TARGET_SUM)
+                "(Values on a log2 scale, or normalized but never logged, cannot be told from log1p: give raw counts "
+                "where you can.)", what, had, TARGET_SUM)
+    elif scale == "log1p" and log1p_total:
+        # a model trained on log1p values: cells are not put onto one total (its training cells' totals varied, by
+        # cell line and depth), but values normalized to another total altogether are not on its scale
+        had = _median_total(_expm1(X, np.float64)) or log1p_total
+        if not 0.25 <= had / log1p_total <= 4.0:
+            log.warning("The %s's log1p values were normalized to a median of %.4g per cell over the model's genes, "
+                        "its training cells' to %.4g (it trained on log1p values): predictions add the model's "
+                        "changes to values on another scale. Give raw counts, or log1p values normalized as the "
+                        "training data were (scanpy's normalize_total with the same target_sum).", what, had,
+                        log1p_total)
     elif scale == "counts" and fit is not None and not counts_trained:
         # a model trained on log1p values (scanpy's layout): counts go to its training cells' total, not to 1e4
         normalization = normalization_label("log1p")  # the model's scale, which the values are now on

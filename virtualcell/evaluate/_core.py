@@ -213,9 +213,10 @@ def _setup(
     named, moved = onto_prediction_scale(named, genes)
     if moved:
         info["onto_prediction_scale"] = moved
-        log.warning("The prediction is on log1p of 1e4 per cell (its model trained on raw counts) and the %s "
-                    "on log1p normalized to another total: put onto 1e4 per cell over the %d genes compared, as "
-                    "the Simulator put its baseline.", " and ".join(moved), len(genes))
+        log.warning("The prediction is on log1p of 1e4 per cell (its model trained on raw counts, or given as raw "
+                    "counts, or beside inputs of raw counts) and the %s on log1p normalized to another total: put "
+                    "onto 1e4 per cell over the %d genes compared, as the Simulator put its baseline.",
+                    " and ".join(moved), len(genes))
     real, baseline = named["real"], named["baseline"]
     pred, train = named.get("pred"), named.get("train")
     info["n_genes"] = len(genes)

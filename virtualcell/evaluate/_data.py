@@ -138,16 +138,23 @@ def prediction_total(pred: ad.AnnData | None) -> float | None:
     return total if record.get("normalization") == normalization_label("log1p") and total > 0 else None
 
 
-def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tuple[dict[str, ad.AnnData], list[str]]:
-    """The measured inputs of ``named`` (all but ``"pred"``) on the prediction's scale, and the keys of those moved.
+def _matrix(adata: ad.AnnData) -> Any:
+    """``adata.X`` as it is (sparse or dense), for a copy on other genes."""
+    return adata.X if sp.issparse(adata.X) else np.asarray(adata.X)
 
-    A prediction that records ``log1p_cp10k`` (``uns['virtualcell']['normalization']``: a model trained on
-    raw counts, its cells on log1p of 1e4 per cell over its genes) is compared with measured log1p values
-    normalized to another total (scanpy's default, the median library) or over other genes: those go onto 1e4
-    per cell over ``genes`` (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left
-    as they were, every predicted delta was a 1e4-scale prediction minus a baseline on another scale (pearson_delta
-    -0.03 against 0.46 for the same predictions scored against the cells given as counts). Counts are normalized
-    over ``genes`` by :func:`prepare` anyway; a prediction recording nothing (another tool's) leaves all as given.
+
+def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tuple[dict[str, ad.AnnData], list[str]]:
+    """The inputs of ``named`` on one scale, and the keys of those moved.
+
+    Raw counts are normalized to 1e4 per cell over ``genes`` (:func:`prepare`), and a prediction that records
+    ``log1p_cp10k`` (``uns['virtualcell']['normalization']``: a model trained on raw counts, its cells on log1p of
+    1e4 per cell over its genes) is on that scale too. Where either holds, an input of log1p values normalized to
+    another total (scanpy's default, the median library) or over other genes goes onto 1e4 per cell over ``genes``
+    (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left as they were, every delta
+    was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored against the
+    cells given as counts; a prediction of the measured cells themselves, given as counts beside scanpy's log1p,
+    scored far below the same cells given as counts). A prediction that records a model's own log1p total (``as_is_log1p``) leaves all as
+    given (counts go onto its total, :func:`prediction_total`), as do inputs all of log1p values.
     """
     import anndata as ad
 
@@ -155,20 +162,22 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
-    if recorded != normalization_label("counts"):
+    if recorded not in (None, normalization_label("counts")):
         return named, []
+    matrices = {key: expression_matrix(a)[:, a.var_names.get_indexer(genes)]  # (checked non-negative before this)
+                for key, a in named.items() if a is not None}
+    scales = {key: detect_scale(X) if X.nnz else "counts" for key, X in matrices.items()}
+    if recorded is None and "counts" not in scales.values():
+        return named, []  # all log1p: compared as given
     out, moved = dict(named), []
-    for key, a in named.items():
-        if key == "pred" or a is None:
-            continue
-        idx = a.var_names.get_indexer(genes)
-        X = expression_matrix(a)[:, idx]  # (measured values: checked non-negative before this)
-        if not X.nnz or detect_scale(X) != "log1p":
+    for key, X in matrices.items():
+        if scales[key] != "log1p" or (key == "pred" and recorded is not None):
             continue
         onto, had = onto_cp10k(X)
         if 0.99 <= had / TARGET_SUM <= 1.01:  # there already
             continue
-        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[idx], uns=dict(a.uns))
+        a = named[key]
+        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[a.var_names.get_indexer(genes)], uns=dict(a.uns))
         moved.append(key)
         log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, had)
     return out, moved
@@ -456,11 +465,14 @@ def effect_size(
     >>> vc.evaluate.effect_size(adata).iloc[0]["perturbation"]
     'STAT1'
     """
+    from ..sentences import require_in_memory
+
+    require_in_memory(adata, "The measured cells")
+    if reference is not None:
+        require_in_memory(reference, "The reference cells")
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
-    X, _ = expression(adata, name="measured")
     labels, contexts = contract.conditions(adata), contract.contexts(adata)
     if reference is not None:
-        Xr, _ = expression(reference, name="reference")
         idx = reference.var_names.get_indexer(adata.var_names)
         if (idx < 0).any():  # names match ignoring case and an Ensembl version suffix, as evaluate's do
             from ..sentences import gene_match_key
@@ -475,8 +487,16 @@ def effect_size(
                             "every gene of adata; subset adata to the shared genes first.")
         ref_ctx = contract.contexts(reference)
         ref_ctrl = contract.is_control(reference)
-        Xr = Xr[:, idx]
+        import anndata as ad
+
+        # on adata's genes, and both on one scale (counts beside log1p values at another total were compared as given)
+        aligned = ad.AnnData(X=sp.csr_matrix(_matrix(reference))[:, idx], obs=reference.obs,
+                             var=pd.DataFrame(index=adata.var_names), uns=dict(reference.uns))
+        both, _ = onto_prediction_scale({"measured": adata, "reference": aligned}, adata.var_names)
+        X, _ = expression(both["measured"], name="measured", allow_negative=False)
+        Xr, _ = expression(both["reference"], name="reference", allow_negative=False)
     else:
+        X, _ = expression(adata, name="measured", allow_negative=False)  # (z-scored values: refused, naming the fix)
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
     def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
