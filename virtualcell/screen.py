@@ -212,6 +212,11 @@ def run(
     from .simulator import check_seed
 
     check_seed(seed)
+    for name, value, least in (("top", top, 0), ("group_size", group_size, 1), ("n_boot", n_boot, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ScreenError(f"{name} must be a whole number of at least {least}, got {value!r}.")
+    if not 0.0 <= similarity <= 1.0:  # (NaN too)
+        raise ScreenError(f"similarity must be a cosine similarity in [0, 1], got {similarity!r}.")
     perts = simulator.model.resolve(panel)
     if not perts:
         raise ScreenError("The panel is empty: list at least one perturbation to screen.")
