@@ -61,6 +61,7 @@ _LAZY = {
     "screen": ("virtualcell.screen", None),
     "ScreenResult": ("virtualcell.screen", "ScreenResult"),
     "evaluate": ("virtualcell.evaluate", None),
+    "viz": ("virtualcell.viz", None),
     # the trainer's module; the verb is vc.fit (see fit below)
     "train": ("virtualcell.train", None),
 }
