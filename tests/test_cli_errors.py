@@ -102,7 +102,7 @@ CASES = [
      r"separates values\)"),
     ("holdout-column-mistyped", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
      "--holdout biorep=rep_3 --max-steps 1 --out {tmp}/t"),
-     r"holdout column 'biorep' is not in adata\.obs\. Did you mean 'bio_rep'\?"),
+     r"holdout column 'biorep' does not exist\. Did you mean 'bio_rep'\?"),
     ("train-heads-do-not-divide", ("train --data {screen_h5ad} --perturbation-key perturbation --control control "
      "--hidden-size 30 --heads 4 --max-steps 1 --out {tmp}/t"),
      r"hidden_size 30 \(--hidden-size\) must be divisible by n_heads 4 \(--heads\)"),
@@ -425,3 +425,17 @@ def test_train_and_verdict_refuse_a_users_out_before_reading_anything(tmp_path, 
     assert main(["verdict", "--model", "bundled", "--data", "papalexi2021", "--out", str(mine)]) == 2
     assert "not written by virtualcell" in capsys.readouterr().err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]
+
+
+def test_a_dataset_name_is_a_dataset_whatever_folder_shares_it(tmp_path, monkeypatch):
+    """A folder named like a dataset in the working directory (e.g. after --out synthetic) was read as the user's
+    folder and refused; a file or folder that names no dataset is still the user's."""
+    from virtualcell.cli import _load_data
+    from virtualcell.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "perturbench").mkdir()
+    assert _load_data("perturbench").n_obs > 0
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="is a folder"):
+        _load_data("mine")

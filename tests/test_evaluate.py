@@ -494,7 +494,7 @@ def test_effect_size_corrects_for_group_size():
     rng = np.random.default_rng(0)
     sizes = {"control": 400, "big_null": 400, "real": 100} | {f"small_null{i}": 8 for i in range(20)}
     shift = {"real": 0.3}
-    X = np.concatenate([1.0 + shift.get(k, 0.0) + rng.normal(0, 0.5, (n, g)) for k, n in sizes.items()])
+    X = np.concatenate([3.0 + shift.get(k, 0.0) + rng.normal(0, 0.5, (n, g)) for k, n in sizes.items()])  # (>= 0)
     obs = pd.DataFrame({"perturbation": np.repeat(list(sizes), list(sizes.values()))})
     obs.index = obs.index.astype(str)
     a = ad.AnnData(X.astype(np.float32) + 0.001, obs=obs)  # not whole numbers: used as log values

@@ -473,7 +473,8 @@ def test_what_a_screen_cannot_rank_is_refused_by_name(sim):
     with pytest.raises(vc.errors.DataError, match="max_genes must be a whole number of at least 1"):
         sim.simulate(["STAT1"], max_genes=0, progress=False, n_cells=2)
     for bad in ({"top": -1}, {"group_size": 0}, {"n_boot": 2.5}, {"similarity": float("nan")}):
-        with pytest.raises(ScreenError, match="must be"):
+        (name, value), = bad.items()
+        with pytest.raises(ScreenError, match=rf"^{name} must be .*got {value!r}"):
             screen(sim, ["STAT1"], progress=False, **bad)
     with pytest.raises(vc.errors.DataError, match="genes must be 'all' or 'shared', got 'All'"):
         vc.Simulator(sim.baseline, sim.model, genes="All")  # (read as 'shared': the missing genes went unchecked)

@@ -332,8 +332,13 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
     odd = counts[:24].toarray()
     odd[5, np.flatnonzero(odd[5])[:2]] += 0.5
     with pytest.raises(DataError, match=r"1 of 24 cells checked hold values that are not whole numbers \(e\.g\. rows 5;"
-                                        r".*np\.rint"):
+                                        r".*among cells of raw counts.*np\.rint"):
         detect_scale(odd)
+    # log2(1 + counts) keeps counts 1, 3, 7 whole: it passed as counts with odd values, and rounding ruined it
+    log2 = counts.copy()
+    log2.data = np.log2(1 + log2.data).astype(np.float32)
+    with pytest.raises(DataError, match=r"look like log2\(1 \+ counts\).*np\.exp2"):
+        detect_scale(log2)
 
 
 def test_counts_go_onto_the_total_of_a_model_trained_on_log1p_values(papalexi_small, caplog):

@@ -410,7 +410,8 @@ def _load_data(spec: str, contract=None):  # noqa: ANN001, ANN202
     from . import datasets
 
     path = Path(spec)
-    if spec.lower().endswith(".h5ad") or path.exists():  # a file the user named, not a dataset's name
+    named = spec in datasets.available() or spec == "synthetic"  # a dataset's name, whatever folder shares it
+    if spec.lower().endswith(".h5ad") or (path.exists() and not named):  # a file the user named
         if path.is_dir():
             raise datasets.DataError(f"{spec!r} is a folder; --data takes an .h5ad file or a dataset name "
                                      f"({', '.join(datasets.available())}).")

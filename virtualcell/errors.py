@@ -76,3 +76,20 @@ def a_kind_of(kinds: Sequence[str]) -> str:
     kinds = list(kinds)
     said = ", ".join(kinds[:-1]) + (" or " if len(kinds) > 1 else "") + kinds[-1]
     return ("an " if said[0] in "aeiou" else "a ") + said
+
+
+def whole_at_least(value: object, least: int = 1) -> bool:
+    """An integer (not a bool, nor a float such as ``2.0`` or NaN) of at least ``least``: the one rule for counts a
+    user passes (samples, cells, picks)."""
+    import numpy as np
+
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= least
+
+
+def no_such_column(name: str, columns: Iterable[object], *, what: str = "obs column") -> str:
+    """The message for a column ``name`` that is not among ``columns``: a close match where there is one, and the
+    columns there are."""
+    columns = [str(c) for c in columns]
+    hint = close_matches(name, columns)
+    did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+    return f"{what} {name!r} does not exist.{did} Columns there: {preview(columns, 12) or 'none'}."

@@ -44,7 +44,7 @@ import numpy as np
 from ._stats import noise_corrected_sq_norm, paired_sq_norm, signed_root
 from .distributed import Split
 from . import safeio
-from .errors import ScreenError, VirtualCellError, preview
+from .errors import ScreenError, VirtualCellError, preview, whole_at_least
 from .validation import UNSEEN_BASELINES
 from .objectives import Objective, parse_objective
 from .perturbations import GENETIC, Combination, Perturbation
@@ -213,7 +213,7 @@ def run(
 
     check_seed(seed)
     for name, value, least in (("top", top, 0), ("group_size", group_size, 1), ("n_boot", n_boot, 0)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        if not whole_at_least(value, least):
             raise ScreenError(f"{name} must be a whole number of at least {least}, got {value!r}.")
     if not 0.0 <= similarity <= 1.0:  # (NaN too)
         raise ScreenError(f"similarity must be a cosine similarity in [0, 1], got {similarity!r}.")
@@ -414,9 +414,6 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             with safeio.atomic_path(folder / name) as tmp:
                 fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
             plt.close(fig)
-        for name in ("dose_response.png", "time_course.png"):  # another screen's, in this folder: not this one's
-            if name not in figures:
-                (folder / name).unlink(missing_ok=True)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
 
@@ -504,9 +501,9 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
         changed = (old.get("fingerprint") != fingerprint and not renamed) or reweighted or reserved or rebased
         if changed and not force:
             diff += ["the model's weights (the model folder now holds another training run)"] if reweighted else []
-            diff += (["the baseline cells' contexts, their gene names, or the cells past the first "
-                      f"{config['baseline_cells']} (the embedding the distances are measured on is fitted on every "
-                      "cell)"] if rebased else [])
+            diff += (["the baseline cells' contexts, their gene names, the cells past the first "
+                      f"{config['baseline_cells']} or the Simulator's n_pcs (the embedding the distances are "
+                      "measured on is fitted on every cell)"] if rebased else [])
             diff += (["how the model's predictions are served (its verdict was run again: generation settings, decode "
                       "or blend)"] if reserved else [])
             raise ScreenError(

@@ -29,6 +29,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -146,10 +147,13 @@ LOG_SCALE_MAX = 30.0
 
 
 def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
-    """``"counts"`` if every stored value is a whole number, else ``"log1p"`` (already normalized).
+    """``"counts"`` if every stored value is a whole number, else ``"log1p"`` (already normalized), read from up to
+    :data:`MAX_SCALE_ROWS` cells spread over ``X``.
 
-    Values that are not whole numbers and reach past :data:`LOG_SCALE_MAX` are refused: normalized but not logged,
-    or corrected counts (CellBender, SoupX), which read as log1p would put every prediction on the wrong scale.
+    Refused, naming the fix: values that are not whole numbers and reach past :data:`LOG_SCALE_MAX` (normalized but
+    not logged, or corrected counts: CellBender, SoupX), which read as log1p would put every prediction on the wrong
+    scale; cells of whole numbers beside cells of logged values (files on two scales concatenated); counts with a few
+    values that are not whole numbers (to be rounded); log2(1 + counts).
     """
     # cell by cell (up to MAX_SCALE_ROWS cells spread over the matrix): a cell of raw counts has only whole numbers,
     # a cell of logged values hardly ever does. Stretches of stored values (each mixing cells) missed files
@@ -157,12 +161,20 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
     rows, whole, top, share = _whole_rows(X)
     if whole.all():  # (a matrix of zeros too: nothing says otherwise)
         return "counts"
-    if share < 0.5:  # cells of counts with a few values that are not whole numbers, not cells of logged values
+    values = (X.data if sp.issparse(X) else np.asarray(X).ravel())[:1_000_000].astype(np.float64)
+    odd = values[np.mod(values, 1) != 0]  # (log2 keeps counts 1, 3, 7 whole: it can pass as counts with a few odd)
+    if odd.size and np.mean(np.abs(np.exp2(odd) - 1 - np.rint(np.exp2(odd) - 1)) < 1e-3) > 0.99:
+        raise DataError(
+            "The expression values look like log2(1 + counts) (2**x - 1 is a whole number for nearly every value "
+            "that is not one), which read as counts or as log1p would put every prediction on the wrong scale. Give "
+            "raw counts: adata.X = np.rint(np.exp2(adata.X) - 1) (for a sparse X, on adata.X.data).")
+    if share < 0.5:  # mostly whole numbers: counts with a few values that are not
         rows = rows[~whole]
+        among = " among cells of raw counts" if whole.any() else ""
         raise DataError(
             f"{int((~whole).sum())} of {whole.size} cells checked hold values that are not whole numbers (e.g. rows "
-            f"{', '.join(str(int(r)) for r in rows[:3])}; {share:.0%} of their values), among cells of raw counts. If "
-            "they are counts (corrected or averaged), round them: adata.X = np.rint(adata.X).")
+            f"{', '.join(str(int(r)) for r in rows[:3])}; {share:.0%} of their values){among}. If they are counts "
+            "(corrected or averaged), round them: adata.X = np.rint(adata.X).")
     if top > LOG_SCALE_MAX:  # (normalized values of a cell whose total divides 1e4 can be whole: not a mix)
         raise DataError(
             f"The expression values are not whole numbers, so they are not raw counts, and they reach {top:.4g}, "
@@ -329,6 +341,17 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
 # --------------------------------------------------------------------------- #
 # Gene identifiers
 # --------------------------------------------------------------------------- #
+def gene_positions(have: Sequence[object], want: Sequence[object]) -> np.ndarray:
+    """Where each name of ``want`` sits in ``have``: the same name, else the same :func:`gene_match_key` (case and
+    an Ensembl version suffix aside), the first such; -1 where none."""
+    exact: dict[str, int] = {}
+    keyed: dict[str, int] = {}
+    for i, g in enumerate(have):
+        exact.setdefault(str(g), i)
+        keyed.setdefault(gene_match_key(g), i)
+    return np.array([exact.get(str(g), keyed.get(gene_match_key(g), -1)) for g in want], dtype=np.int64)
+
+
 def gene_match_key(name: object) -> str:
     """The key two spellings of one gene share: upper case, Ensembl version suffix dropped.
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .distributed import Split
-from .errors import DataError, ModelError, ScreenError, VocabularyError, preview
+from .errors import DataError, ModelError, ScreenError, VocabularyError, preview, whole_at_least
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -353,12 +353,6 @@ class SimulationResult:
                 f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
 
 
-def _whole_at_least_one(value: Any) -> bool:
-    """An integer of at least 1, as seeds, ``n_cells`` and ``max_genes`` are (not a bool, nor a float: ``2.0`` was
-    taken for ``samples`` and refused for ``control_samples``, and NaN raised a bare ValueError)."""
-    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= 1
-
-
 SEED_LIMIT = 2**32  # seeds are whole numbers below it (the cells' hashed buckets mix them in 64 bits)
 
 
@@ -503,7 +497,7 @@ class Simulator:
         validation split (1 for a checkpoint that chose none); anything but a whole number >= 1 is refused."""
         if samples is None:
             samples = self.model.setting("samples")
-        if not _whole_at_least_one(samples):
+        if not whole_at_least(samples):
             raise DataError(f"samples must be a whole number of at least 1 (samples of each cell under each "
                             f"perturbation, averaged), got {samples!r}.")
         return int(samples)
@@ -539,7 +533,7 @@ class Simulator:
         share of each delta's noise); anything but a whole number >= 1 is refused."""
         if control_samples is None:
             return CONTROL_SAMPLES * int(samples)
-        if not _whole_at_least_one(control_samples):
+        if not whole_at_least(control_samples):
             raise DataError(f"control_samples must be a whole number of at least 1, got {control_samples!r}.")
         return int(control_samples)
 

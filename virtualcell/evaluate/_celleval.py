@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from ..contract import UNS_KEY
 from ..errors import DataError, preview
-from ..sentences import gene_match_key, require_in_memory, with_gene_key
+from ..sentences import gene_positions, require_in_memory, with_gene_key
 from ._data import Prepared, controls_in, expression, onto_prediction_scale, prediction_total, resolve_contract
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,9 +153,7 @@ def to_cell_eval(
                 "files: predict only measured ones, or check the perturbation column and control label."
             )
         keep = np.isin(target, sorted(wanted))
-        own = {gene_match_key(g): i for i, g in enumerate(genes)}
-        exact = {g: i for i, g in enumerate(genes)}
-        col = np.array([exact.get(str(g), own.get(gene_match_key(g), -1)) for g in like.var_names])
+        col = gene_positions(genes, like.var_names)
         if (col < 0).any():
             lacking = [str(g) for g, c in zip(like.var_names, col) if c < 0]
             raise DataError(

@@ -14,12 +14,13 @@ import scipy.sparse as sp
 
 from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
-from ..errors import DataError, preview
+from ..errors import DataError, preview, whole_at_least
 from ..perturbations import units_of_text
 from ..sentences import Vocabulary, require_in_memory, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
 from ._data import (
+    INPUT_NAMES as _INPUT_NAMES,
     MIN_SHARED,
     Prepared,
     check_values,
@@ -213,10 +214,10 @@ def _setup(
     named, moved = onto_prediction_scale(named, genes)
     if moved:
         info["onto_prediction_scale"] = moved
-        log.warning("The prediction is on log1p of 1e4 per cell (its model trained on raw counts, or given as raw "
-                    "counts, or beside inputs of raw counts) and the %s on log1p normalized to another total: put "
-                    "onto 1e4 per cell over the %d genes compared, as the Simulator put its baseline.",
-                    " and ".join(moved), len(genes))
+        log.warning("The %s held log1p values normalized to another total than the raw counts beside them, or the "
+                    "prediction's (log1p of 1e4 per cell): put onto 1e4 per cell over the %d genes compared, as the "
+                    "Simulator put its baseline.", " and ".join(_INPUT_NAMES[k].split(" (")[0] for k in moved),
+                    len(genes))
     real, baseline = named["real"], named["baseline"]
     pred, train = named.get("pred"), named.get("train")
     info["n_genes"] = len(genes)
@@ -293,8 +294,6 @@ def cells_fed(pred: ad.AnnData | None, baseline: ad.AnnData,
     return (baseline, None) if keep.all() else (baseline[keep], len(set(baseline.obs_names[found])))
 
 
-_INPUT_NAMES = {"real": "measured (real=, --real)", "pred": "predicted (pred=, --pred)",
-                "baseline": "baseline (baseline=, --baseline)", "train": "training (train=)"}
 
 
 def _with_control(pred: Prepared, base: Prepared, control: str, info: dict[str, Any]) -> Prepared:
@@ -587,8 +586,7 @@ def _run(
     deltas: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """:func:`evaluate` and, with ``deltas``, :func:`delta_table`, from one setup (the CLI needs both)."""
-    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer)
-                                  or max_cells < 1):  # (0 dropped every baseline without a word)
+    if max_cells is not None and not whole_at_least(max_cells, 1):  # (0 dropped every baseline without a word)
         raise DataError(f"max_cells must be a whole number of at least 1, or None (every cell), got {max_cells!r}.")
     cell_eval = isinstance(profile, str) and profile in CELL_EVAL_PROFILES
     metrics = [] if cell_eval else resolve_metrics(profile)

@@ -144,43 +144,63 @@ def _matrix(adata: ad.AnnData) -> Any:
 
 
 def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tuple[dict[str, ad.AnnData], list[str]]:
-    """The inputs of ``named`` on one scale, and the keys of those moved.
+    """The measured inputs of ``named`` (all but ``"pred"``) on the prediction's scale, and the keys of those moved.
 
     Raw counts are normalized to 1e4 per cell over ``genes`` (:func:`prepare`), and a prediction that records
     ``log1p_cp10k`` (``uns['virtualcell']['normalization']``: a model trained on raw counts, its cells on log1p of
-    1e4 per cell over its genes) is on that scale too. Where either holds, an input of log1p values normalized to
-    another total (scanpy's default, the median library) or over other genes goes onto 1e4 per cell over ``genes``
-    (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left as they were, every delta
-    was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored against the
-    cells given as counts; a prediction of the measured cells themselves, given as counts beside scanpy's log1p,
-    scored far below the same cells given as counts). A prediction that records a model's own log1p total (``as_is_log1p``) leaves all as
-    given (counts go onto its total, :func:`prediction_total`), as do inputs all of log1p values.
+    1e4 per cell over its genes) is on that scale too. Where either holds, a measured input of log1p values
+    normalized to another total (scanpy's default, the median library) or over other genes goes onto 1e4 per cell
+    over ``genes`` (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left as they were,
+    every delta was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored
+    against the cells given as counts). The prediction itself is never moved (another tool's, recording nothing,
+    may hold means of log values, whose totals say nothing of a scale); a prediction that records a model's own
+    log1p total (``as_is_log1p``) leaves all as given (counts go onto its total, :func:`prediction_total`), as do
+    inputs all of log1p values, and inputs with negative values (a baseline shifted below zero) stay as they are.
     """
     import anndata as ad
 
-    from ..sentences import TARGET_SUM, expression_matrix, onto_cp10k
+    from ..sentences import TARGET_SUM, onto_cp10k
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
     if recorded not in (None, normalization_label("counts")):
         return named, []
-    matrices = {key: expression_matrix(a)[:, a.var_names.get_indexer(genes)]  # (checked non-negative before this)
-                for key, a in named.items() if a is not None}
-    scales = {key: detect_scale(X) if X.nnz else "counts" for key, X in matrices.items()}
+    scales, matrices = {}, {}
+    for key, a in named.items():
+        if a is None:
+            continue
+        X = sp.csr_matrix(_matrix(a), dtype=np.float32)[:, _positions(a, genes)]  # (as given: negatives too)
+        if X.nnz and X.data.min() < 0:
+            continue
+        try:
+            scales[key] = detect_scale(X) if X.nnz else "counts"
+        except DataError as err:
+            raise DataError(f"{INPUT_NAMES.get(key, key)}: {err}") from None
+        matrices[key] = X
     if recorded is None and "counts" not in scales.values():
         return named, []  # all log1p: compared as given
     out, moved = dict(named), []
     for key, X in matrices.items():
-        if scales[key] != "log1p" or (key == "pred" and recorded is not None):
+        if key == "pred" or scales[key] != "log1p":
             continue
         onto, had = onto_cp10k(X)
         if 0.99 <= had / TARGET_SUM <= 1.01:  # there already
             continue
         a = named[key]
-        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[a.var_names.get_indexer(genes)], uns=dict(a.uns))
+        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[_positions(a, genes)], uns=dict(a.uns))
         moved.append(key)
         log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, had)
     return out, moved
+
+
+# what the inputs of evaluate (and effect_size) are called in messages
+INPUT_NAMES = {"real": "measured (real=, --real)", "pred": "predicted (pred=, --pred)",
+               "baseline": "baseline (baseline=, --baseline)", "train": "training (train=)"}
+
+
+def _positions(a: ad.AnnData, genes: pd.Index) -> np.ndarray:
+    """The columns of ``a`` for ``genes`` (its own var_names, repeated names and all, as they are)."""
+    return np.arange(a.n_vars) if a.var_names.equals(genes) else a.var_names.get_indexer(genes)
 
 
 @dataclass(frozen=True)
@@ -472,15 +492,12 @@ def effect_size(
         require_in_memory(reference, "The reference cells")
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     labels, contexts = contract.conditions(adata), contract.contexts(adata)
+    check_values(adata, name="measured")  # (z-scored values: refused, naming the fix)
     if reference is not None:
-        idx = reference.var_names.get_indexer(adata.var_names)
-        if (idx < 0).any():  # names match ignoring case and an Ensembl version suffix, as evaluate's do
-            from ..sentences import gene_match_key
+        from ..sentences import gene_positions
 
-            keyed: dict[str, int] = {}
-            for i, g in enumerate(reference.var_names):
-                keyed.setdefault(gene_match_key(g), i)
-            idx = np.array([i if i >= 0 else keyed.get(gene_match_key(g), -1) for i, g in zip(idx, adata.var_names)])
+        check_values(reference, name="reference")
+        idx = gene_positions(reference.var_names, adata.var_names)  # ignoring case and version, as evaluate's do
         if (idx < 0).any():
             missing = [str(g) for g in adata.var_names[idx < 0]]
             raise DataError(f"reference lacks {len(missing)} genes of adata ({preview(missing, 5)}): it must hold "
@@ -496,7 +513,7 @@ def effect_size(
         X, _ = expression(both["measured"], name="measured", allow_negative=False)
         Xr, _ = expression(both["reference"], name="reference", allow_negative=False)
     else:
-        X, _ = expression(adata, name="measured", allow_negative=False)  # (z-scored values: refused, naming the fix)
+        X, _ = expression(adata, name="measured", allow_negative=False)
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
     def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DataError, close_matches, preview
+from ..errors import DataError, no_such_column, preview
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -27,9 +27,7 @@ __all__ = ["distance_test", "sorted_by_group"]
 
 def _require_column(adata: ad.AnnData, groupby: str) -> None:
     if groupby not in adata.obs.columns:
-        hint = close_matches(groupby, adata.obs.columns)
-        did = f" Did you mean {preview(hint, 3)}?" if hint else ""
-        raise DataError(f"obs column {groupby!r} does not exist.{did} obs columns: {preview(adata.obs.columns, 12)}.")
+        raise DataError(no_such_column(groupby, adata.obs.columns))
 
 
 def sorted_by_group(adata: ad.AnnData, groupby: str) -> ad.AnnData:

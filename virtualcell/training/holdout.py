@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..contract import DataContract
-from ..errors import DataError, close_matches, preview
+from ..errors import DataError, no_such_column, preview
 from ..perturbations import GENETIC, Perturbation, parse
 from ..sentences import Vocabulary
 from .labels import typed_labels
@@ -37,10 +37,7 @@ def holdout_mask(adata: ad.AnnData, holdout: dict[str, list[str]]) -> np.ndarray
     keep = np.ones(adata.n_obs, dtype=bool)
     for col, values in holdout.items():
         if col not in adata.obs.columns:
-            hint = close_matches(col, adata.obs.columns)
-            did = f" Did you mean {preview(hint, 3)}?" if hint else ""
-            raise DataError(f"holdout column {col!r} is not in adata.obs.{did} obs columns: "
-                            f"{preview(adata.obs.columns, 12) or 'none'}.")
+            raise DataError(no_such_column(col, adata.obs.columns, what="holdout column"))
         column = adata.obs[col].astype(str)
         unknown = sorted({str(v) for v in values} - set(column))
         if unknown:
