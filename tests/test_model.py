@@ -695,6 +695,14 @@ def test_a_baseline_on_another_scale_is_put_on_the_model_s(tmp_path):
     np.testing.assert_allclose(means[2], means[0], atol=1e-5)
 
 
+def test_a_dtype_that_is_no_floating_point_type_is_refused_by_name():
+    """torch.int8 was blamed on a possibly truncated model.safetensors."""
+    from virtualcell.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"dtype torch\.int8 is no floating-point type"):
+        vc.C2SModel.load(dtype=torch.int8)
+
+
 def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     model = vc.C2SModel.load()
     data = vc.datasets.load("papalexi2021")

@@ -93,8 +93,10 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
         if dtype not in names:
             raise ModelError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
         dt = names[dtype]
-    else:
+    elif isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         dt = dtype
+    else:  # (torch.int8 was blamed on the weights file, which loads fine)
+        raise ModelError(f"dtype {dtype!r} is no floating-point type: use 'bf16', 'fp16' or 'fp32' (or torch's own).")
     return dev, dt
 
 

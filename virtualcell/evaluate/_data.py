@@ -517,9 +517,9 @@ def effect_size(
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
     def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        sub = M[np.flatnonzero(mask)]
+        sub = M[np.flatnonzero(mask)].astype(np.float64)  # (in float32, identical cells differed by -0.003)
         n = sub.shape[0]
-        mean = np.asarray(sub.mean(axis=0)).ravel().astype(np.float64)
+        mean = np.asarray(sub.mean(axis=0)).ravel()
         var = unbiased_var(mean, np.asarray(sub.multiply(sub).mean(axis=0)).ravel(), n)
         return mean, var, n
 
