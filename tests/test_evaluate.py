@@ -256,6 +256,31 @@ def test_inputs_of_counts_and_of_log1p_at_another_total_are_scored_on_one_scale(
     np.testing.assert_allclose(mixed.sort_index(), as_counts.sort_index(), rtol=1e-4)
 
 
+def test_inputs_on_scales_far_apart_that_are_not_moved_are_warned_of(papalexi_small, caplog):
+    """The prediction is never rescaled, nor log1p inputs normalized alike that differ in total by their cells'
+    make-up; where a prediction's total, or the measured inputs' among themselves, are more than 5-fold apart (scanpy's
+    median total here against 1e4 per cell), the run warns instead of scoring two scales silently."""
+    import scipy.sparse as sp
+
+    real = papalexi_small[papalexi_small.obs["perturbation"].isin(["control", "STAT1", "JAK2"])].copy()
+    base, ref = split_controls(real, seed=0)
+    pred = log1p_median(ref[ref.obs["perturbation"] != "control"].copy())
+    kw = {"profile": "pearson", "baselines": ("nochange",), "ceiling": False}
+    with caplog.at_level("WARNING"):
+        evaluate(pred, ref, baseline=base, **kw)
+    assert "The prediction's log1p values sum to a median of" in caplog.text
+    caplog.clear()
+    at_1e4 = ref.copy()
+    at_1e4.X = sp.csr_matrix(np.log1p(at_1e4.X.toarray() / at_1e4.X.toarray().sum(1, keepdims=True) * 1e4))
+    with caplog.at_level("WARNING"):
+        effect_size(at_1e4, reference=log1p_median(base))
+    assert "more than 5-fold apart, they look normalized to different totals" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same normalization for both: no word
+        effect_size(log1p_median(real), reference=log1p_median(real))
+    assert "5-fold" not in caplog.text
+
+
 def test_a_prediction_made_from_measured_controls_is_measured_from_them_without_a_baseline(papalexi_small):
     """evaluate --pred --real (no --baseline), the prediction made from some of real's own control cells (its
     obs['source_cell']): those cells are its baseline and the other controls the reference. Split again at random,

@@ -716,7 +716,18 @@ def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     renamed.obs = renamed.obs.rename(columns={"perturbation": "pert"})
     with caplog.at_level("WARNING", logger="virtualcell"):
         vc.Simulator(renamed, model)
-    assert any("obs['pert'] holds its control label 'control'" in r.getMessage() for r in caplog.records)
+    assert any("obs 'pert' holds its control label 'control'" in r.getMessage() for r in caplog.records)
+    # a column of controls beside labels the model does not know (healthy donors and patients), or with missing
+    # values, is no perturbation column: no warning
+    import pandas as pd
+
+    caplog.clear()
+    ctrl = data[data.obs["perturbation"] == "control"][:20].copy()
+    ctrl.obs = pd.DataFrame({"status": ["control"] * 10 + ["patient"] * 10,
+                             "treatment": ["control"] * 15 + [None] * 5}, index=ctrl.obs_names)
+    with caplog.at_level("WARNING", logger="virtualcell"):
+        vc.Simulator(ctrl, model)
+    assert not any("holds its control label" in r.getMessage() for r in caplog.records)
 
 
 def test_a_genetic_kind_the_model_never_trained_on_is_refused_and_the_card_offers_the_trained_kinds():

@@ -334,6 +334,11 @@ def test_a_matrix_of_counts_and_log_values_concatenated_is_refused_in_either_ord
     with pytest.raises(DataError, match=r"1 of 24 cells checked hold values that are not whole numbers \(e\.g\. rows 5;"
                                         r".*among cells of raw counts.*np\.rint"):
         detect_scale(odd)
+    # log1p values stored as float16: a near-empty cell of one gene can read whole (log1p(2981) is 8.0); not a mix
+    f16 = logged[:200].toarray()
+    f16[:5] = 0
+    f16[np.arange(5), np.arange(5)] = 8.0
+    assert detect_scale(f16.astype(np.float16)) == "log1p"
     # log2(1 + counts) keeps counts 1, 3, 7 whole: it passed as counts with odd values, and rounding ruined it
     log2 = counts.copy()
     log2.data = np.log2(1 + log2.data).astype(np.float32)
@@ -365,6 +370,20 @@ def test_counts_go_onto_the_total_of_a_model_trained_on_log1p_values(papalexi_sm
     with caplog.at_level("WARNING"):
         on_model_scale(counts, vocab, fit=old)
     assert "without recording their total" in caplog.text
+    # log1p values at its own total, or at 1e4 per cell (14-fold off: within 25), pass without a word (cell lines of
+    # other depths are); at 1e6 per cell a warning names both totals
+    caplog.clear()
+    for total in (700.0, 1e4):
+        other = counts.copy()
+        other.X = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * total).astype(np.float32))
+        with caplog.at_level("WARNING"):
+            on_model_scale(other, vocab, fit=fit)
+    assert "normalized to a median of" not in caplog.text
+    far = counts.copy()
+    far.X = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e6).astype(np.float32))
+    with caplog.at_level("WARNING"):
+        on_model_scale(far, vocab, fit=fit)
+    assert "normalized to a median of 1e+06" in caplog.text and "to 700" in caplog.text
     pred = logged[:10].copy()
     pred.uns["virtualcell"] = {"normalization": "as_is_log1p", "scale_total": 700.0}
     assert prediction_total(pred) == 700.0

@@ -123,15 +123,18 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
         raise DataError(f"{args.data} holds no cells: the baseline needs at least one cell to predict from.")
     contract = model.contract
-    elsewhere = contract.labels_elsewhere(adata) if contract is not None and not args.all_cells else None
-    if elsewhere is not None:  # every cell, the perturbed ones too, would be the baseline
-        from .errors import ContractError
+    elsewhere = (contract.labels_elsewhere(adata, model.known_labels()) if contract is not None and not args.all_cells
+                 else [])
+    if elsewhere:  # every cell, the perturbed ones too, would be the baseline
+        from .errors import ContractError, preview
 
+        first = elsewhere[0]
         raise ContractError(
             f"{args.data} has no obs column {contract.perturbation_key!r} (the model's perturbation column), but "
-            f"obs[{elsewhere!r}] holds its control label {contract.control!r} beside other labels: rename it "
-            f"(adata.obs = adata.obs.rename(columns={{{elsewhere!r}: {contract.perturbation_key!r}}})) to take its "
-            "control cells as the baseline, or pass --all-cells to use every cell.")
+            f"obs {preview(elsewhere, 3)} holds its control label {contract.control!r} beside perturbations it knows: "
+            f"if that is the perturbation column, rename it (adata.obs = adata.obs.rename(columns={{{first!r}: "
+            f"{contract.perturbation_key!r}}})) to take its control cells as the baseline; or pass --all-cells to "
+            "use every cell.")
     if contract is not None and contract.perturbation_key not in adata.obs.columns and not args.all_cells:
         print(f"baseline: every cell of {args.data} (it has no obs column {contract.perturbation_key!r} to find "
               "control cells by)")

@@ -262,20 +262,22 @@ class DataContract:
     def is_control(self, adata: ad.AnnData) -> np.ndarray:
         return self.labels(adata) == self.control
 
-    def labels_elsewhere(self, adata: ad.AnnData) -> str | None:
-        """Where ``adata`` lacks the perturbation column: another obs column that holds a control label beside other
-        labels (the perturbations under another name, ``'pert'``), else ``None``."""
+    def labels_elsewhere(self, adata: ad.AnnData, known: set[str]) -> list[str]:
+        """Where ``adata`` lacks the perturbation column: the other obs columns that hold a control label (any case)
+        beside labels in ``known`` (upper case: what the model knows as perturbations or genes), the perturbations
+        under another name (``'pert'``); a column of controls and patients, or one with missing values, is none."""
         if self.perturbation_key in adata.obs.columns:
-            return None
-        controls = set(self.controls)
+            return []
+        controls = {c.upper() for c in self.controls}
+        found = []
         for name in adata.obs.columns:
             column = adata.obs[name]
             if column.dtype.kind in "biuf":  # numbers are no labels
                 continue
-            values = {str(v).strip() for v in column.unique()}
-            if values & controls and values - controls:
-                return str(name)
-        return None
+            values = {str(v).strip().upper() for v in column.dropna().unique()} - {""}
+            if values & controls and (values - controls) & known:
+                found.append(str(name))
+        return found
 
     def perturbations(self, adata: ad.AnnData) -> list[str]:
         """The distinct non-control labels, sorted."""

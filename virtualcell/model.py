@@ -397,6 +397,12 @@ class C2SModel:
 
         return card(self)
 
+    def known_labels(self) -> set[str]:
+        """What the model knows as a perturbation's name, in upper case: its training labels (a dose's condition
+        too) and its genes (a knockout is named by its gene)."""
+        labels = {str(x).rpartition("@")[0] or str(x) for x in self.perturbations.trained()}
+        return {x.upper() for x in (*labels, *self.genes.genes)}
+
     @property
     def trained_contexts(self) -> dict[str, dict[str, int]] | None:
         """The training cells of each context, ``{context: {"control": n, "perturbed": n}}`` (``"all"`` for a model

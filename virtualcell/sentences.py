@@ -196,8 +196,8 @@ MAX_SCALE_ROWS = 20_000  # cells detect_scale checks one by one (spread evenly o
 
 
 def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Up to :data:`MAX_SCALE_ROWS` cells spread over ``X`` that express something (their rows), for each whether every
-    value it stores is a whole number, the largest value of the others (0 where there are none) and the share of
+    """Up to :data:`MAX_SCALE_ROWS` cells spread over ``X`` that express three genes or more (any where none does;
+    their rows), for each whether every value it stores is a whole number, the largest value of the others (0 where there are none) and the share of
     their values that are not whole numbers."""
     n = X.shape[0]
     rows = np.unique(np.linspace(0, n - 1, min(n, MAX_SCALE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
@@ -216,7 +216,9 @@ def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
         nonzero, bad = (sub != 0).sum(axis=1), (np.mod(sub, 1) != 0).sum(axis=1)
         others = sub[np.asarray(bad).ravel() > 0]
     nonzero, bad = np.asarray(nonzero).ravel(), np.asarray(bad).ravel()
-    expressing = nonzero > 0
+    # cells of three values or more, where there are any: a cell of one or two can be whole by chance (log1p of a
+    # near-empty droplet stored as float16: log1p(2981) is 8.0)
+    expressing = nonzero >= 3 if (nonzero >= 3).any() else nonzero > 0
     share = float(bad.sum() / max(nonzero[bad > 0].sum(), 1))  # of the other cells' values, those not whole
     return (rows[expressing], bad[expressing] == 0, float(np.max(others)) if others.size else 0.0, share)
 
@@ -316,11 +318,12 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
                 "where you can.)", what, had, TARGET_SUM)
     elif scale == "log1p" and log1p_total:
         # a model trained on log1p values: cells are not put onto one total (its training cells' totals varied, by
-        # cell line and depth), but values normalized to another total altogether are not on its scale
+        # cell line and depth, several-fold over a gene panel), but values normalized to another total altogether are
+        # not on its scale
         had = _median_total(_expm1(X, np.float64)) or log1p_total
-        if not 0.25 <= had / log1p_total <= 4.0:
+        if not 1 / 25 <= had / log1p_total <= 25:
             log.warning("The %s's log1p values were normalized to a median of %.4g per cell over the model's genes, "
-                        "its training cells' to %.4g (it trained on log1p values): predictions add the model's "
+                        "its training cells' to %.4g (it trained on log1p values; 25-fold apart): predictions add the model's "
                         "changes to values on another scale. Give raw counts, or log1p values normalized as the "
                         "training data were (scanpy's normalize_total with the same target_sum).", what, had,
                         log1p_total)

@@ -144,28 +144,31 @@ def _matrix(adata: ad.AnnData) -> Any:
 
 
 def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tuple[dict[str, ad.AnnData], list[str]]:
-    """The measured inputs of ``named`` (all but ``"pred"``) on the prediction's scale, and the keys of those moved.
+    """The measured inputs of ``named`` (all but ``"pred"``) on one scale with the prediction, and the keys of those
+    moved.
 
     Raw counts are normalized to 1e4 per cell over ``genes`` (:func:`prepare`), and a prediction that records
     ``log1p_cp10k`` (``uns['virtualcell']['normalization']``: a model trained on raw counts, its cells on log1p of
     1e4 per cell over its genes) is on that scale too. Where either holds, a measured input of log1p values
     normalized to another total (scanpy's default, the median library) or over other genes goes onto 1e4 per cell
     over ``genes`` (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left as they were,
-    every delta was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored
-    against the cells given as counts). The prediction itself is never moved (another tool's, recording nothing,
-    may hold means of log values, whose totals say nothing of a scale); a prediction that records a model's own
-    log1p total (``as_is_log1p``) leaves all as given (counts go onto its total, :func:`prediction_total`), as do
-    inputs all of log1p values, and inputs with negative values (a baseline shifted below zero) stay as they are.
+    every delta was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored against
+    the cells given as counts). Measured inputs all of log1p values whose totals are more than 5-fold apart are warned
+    of, not moved (inputs of one normalization differ in total by their cells' make-up: cell lines, depth). The
+    prediction itself is never moved (another tool's, recording nothing, may hold means of log values, whose totals
+    read low); one of log1p values whose total is more than 5-fold off the measured cells' is warned of. A prediction
+    that records a model's own log1p total (``as_is_log1p``) leaves all as given (counts go onto its total,
+    :func:`prediction_total`); inputs with negative values (a baseline shifted below zero) stay as they are.
     """
     import anndata as ad
 
-    from ..sentences import TARGET_SUM, onto_cp10k
+    from ..sentences import TARGET_SUM, _expm1, _median_total, onto_cp10k
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
     if recorded not in (None, normalization_label("counts")):
         return named, []
-    scales, matrices = {}, {}
+    scales, matrices, totals = {}, {}, {}
     for key, a in named.items():
         if a is None:
             continue
@@ -177,19 +180,31 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
         except DataError as err:
             raise DataError(f"{INPUT_NAMES.get(key, key)}: {err}") from None
         matrices[key] = X
-    if recorded is None and "counts" not in scales.values():
-        return named, []  # all log1p: compared as given
+        if scales[key] == "log1p":
+            totals[key] = _median_total(_expm1(X, np.float64)) or TARGET_SUM
+    measured = [k for k in totals if k != "pred"]
+    onto_1e4 = recorded is not None or "counts" in scales.values()
+    if not onto_1e4 and measured and max(totals[k] for k in measured) > 5 * min(totals[k] for k in measured):
+        # (not moved: inputs of one normalization differ in total by their cells' make-up, cell lines and depth)
+        log.warning("The measured inputs' log1p values sum to medians of %s per cell on the linear scale: more than "
+                    "5-fold apart, they look normalized to different totals, and their deltas would compare two "
+                    "scales. Give them normalized alike (or as raw counts).",
+                    ", ".join(f"{INPUT_NAMES.get(k, k).split(' (')[0]} {totals[k]:.4g}" for k in measured))
     out, moved = dict(named), []
-    for key, X in matrices.items():
-        if key == "pred" or scales[key] != "log1p":
-            continue
-        onto, had = onto_cp10k(X)
-        if 0.99 <= had / TARGET_SUM <= 1.01:  # there already
+    for key in measured if onto_1e4 else []:
+        if 0.99 <= totals[key] / TARGET_SUM <= 1.01:  # there already
             continue
         a = named[key]
-        out[key] = ad.AnnData(X=onto, obs=a.obs, var=a.var.iloc[_positions(a, genes)], uns=dict(a.uns))
+        out[key] = ad.AnnData(X=onto_cp10k(matrices[key])[0], obs=a.obs, var=a.var.iloc[_positions(a, genes)],
+                              uns=dict(a.uns))
         moved.append(key)
-        log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, had)
+        log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, totals[key])
+    if "pred" in totals and recorded is None:
+        scale = TARGET_SUM if onto_1e4 else float(np.median([totals[k] for k in measured] or [TARGET_SUM]))
+        if not 1 / 5 <= totals["pred"] / scale <= 5:
+            log.warning("The prediction's log1p values sum to a median of %.4g per cell on the linear scale and the "
+                        "measured cells' to %.4g: more than 5-fold apart, the deltas compare two scales. Give the "
+                        "prediction on the measured cells' scale (or as raw counts).", totals["pred"], scale)
     return out, moved
 
 
