@@ -147,7 +147,10 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
             labels = adata.obs[contract.perturbation_key].astype(str).to_numpy()
             raise ContractError(
                 f"No cell of {args.data} has {contract.perturbation_key} == {named} (the model's control "
-                f"label); it holds {preview(sorted(set(labels)), 8)}. Pass --all-cells to use every cell as the baseline."
+                f"label); it holds {preview(sorted(set(labels)), 8)}. If this file labels its controls otherwise, "
+                f"relabel them (adata.obs[{contract.perturbation_key!r}] = adata.obs[{contract.perturbation_key!r}]"
+                f".replace({{'NT': {contract.control!r}}}), with its own label); --all-cells uses every cell, the "
+                "perturbed too, as the baseline."
             )
         if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
