@@ -82,7 +82,7 @@ CASES = [
      r"No cell of .* has perturbation == 'control'.*--all-cells"),
     # the perturbations under another column name: every cell, perturbed ones too, was the baseline without a word
     ("perturbation-column-renamed", "predict --model {model} --data {renamed} --perturbations STAT1 --out {tmp}/p.h5ad",
-     r"has no obs column 'perturbation' .*obs 'pert' holds its control label 'control'.*rename.*--all-cells"),
+     r"has no obs column 'perturbation' .*obs\['pert'\] holds its control label \('control'\).*rename.*--all-cells"),
     # numbers that cannot be
     ("batch-size-0", f"predict {M} --perturbations STAT1 --batch-size 0 --out {{tmp}}/p.h5ad",
      r"argument --batch-size: must be at least 1, got 0"),

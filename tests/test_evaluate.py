@@ -258,8 +258,8 @@ def test_inputs_of_counts_and_of_log1p_at_another_total_are_scored_on_one_scale(
 
 def test_inputs_on_scales_far_apart_that_are_not_moved_are_warned_of(papalexi_small, caplog):
     """The prediction is never rescaled, nor log1p inputs normalized alike that differ in total by their cells'
-    make-up; where a prediction's total, or the measured inputs' among themselves, are more than 5-fold apart (scanpy's
-    median total here against 1e4 per cell), the run warns instead of scoring two scales silently."""
+    make-up; where a prediction's total, or the measured inputs' among themselves, are far apart (scanpy's median
+    total here against 1e4 per cell), the run warns instead of scoring two scales silently."""
     import scipy.sparse as sp
 
     real = papalexi_small[papalexi_small.obs["perturbation"].isin(["control", "STAT1", "JAK2"])].copy()
@@ -274,11 +274,11 @@ def test_inputs_on_scales_far_apart_that_are_not_moved_are_warned_of(papalexi_sm
     at_1e4.X = sp.csr_matrix(np.log1p(at_1e4.X.toarray() / at_1e4.X.toarray().sum(1, keepdims=True) * 1e4))
     with caplog.at_level("WARNING"):
         effect_size(at_1e4, reference=log1p_median(base))
-    assert "more than 5-fold apart, they look normalized to different totals" in caplog.text
+    assert "-fold apart, they look normalized to different totals" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):  # the same normalization for both: no word
         effect_size(log1p_median(real), reference=log1p_median(real))
-    assert "5-fold" not in caplog.text
+    assert "-fold apart" not in caplog.text
 
 
 def test_a_prediction_made_from_measured_controls_is_measured_from_them_without_a_baseline(papalexi_small):
@@ -515,7 +515,7 @@ def test_max_cells_below_one_is_refused(papalexi_small):
 
 
 def test_identical_cells_have_no_effect():
-    """Means in float32 gave 300 identical cells an effect of -0.003 against their own copies."""
+    """Means in float32 gave 300 identical cells an effect visibly below 0 against their own copies."""
     row = np.random.default_rng(0).poisson(3, (1, 50)).astype(np.float32)
     obs = pd.DataFrame({"perturbation": ["control"] * 150 + ["A"] * 150}, index=[str(i) for i in range(300)])
     es = effect_size(ad.AnnData(np.repeat(row, 300, axis=0), obs=obs), perturbation_key="perturbation",

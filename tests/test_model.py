@@ -699,8 +699,9 @@ def test_a_dtype_that_is_no_floating_point_type_is_refused_by_name():
     """torch.int8 was blamed on a possibly truncated model.safetensors."""
     from virtualcell.errors import ModelError
 
-    with pytest.raises(ModelError, match=r"dtype torch\.int8 is no floating-point type"):
-        vc.C2SModel.load(dtype=torch.int8)
+    for bad in (torch.int8, torch.float8_e4m3fn, np.float32):  # (a float8 was blamed on the weights file too)
+        with pytest.raises(ModelError, match=r"dtype .* is not one a model runs in"):
+            vc.C2SModel.load(dtype=bad)
 
 
 def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
@@ -716,7 +717,7 @@ def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     renamed.obs = renamed.obs.rename(columns={"perturbation": "pert"})
     with caplog.at_level("WARNING", logger="virtualcell"):
         vc.Simulator(renamed, model)
-    assert any("obs 'pert' holds its control label 'control'" in r.getMessage() for r in caplog.records)
+    assert any("obs['pert'] holds its control label ('control')" in r.getMessage() for r in caplog.records)
     # a column of controls beside labels the model does not know (healthy donors and patients), or with missing
     # values, is no perturbation column: no warning
     import pandas as pd
@@ -728,6 +729,15 @@ def test_a_baseline_holding_perturbed_cells_is_warned_of(caplog):
     with caplog.at_level("WARNING", logger="virtualcell"):
         vc.Simulator(ctrl, model)
     assert not any("holds its control label" in r.getMessage() for r in caplog.records)
+    # the columns are found whatever the control's case, and by a label's dose too ('drugA@10', as predictions name
+    # conditions); each with the control as it spells it
+    import anndata as ad
+
+    cells = ad.AnnData(obs=pd.DataFrame({"batch": ["b1", "b2"] * 2, "cond": ["Control", "STAT1", "Control", "JAK2"],
+                                         "drug": ["control", "drugA@10", "control", "drugA@1"]},
+                                        index=list("wxyz")))
+    known = {"STAT1", "JAK2", "DRUGA"}
+    assert vc.DataContract().labels_elsewhere(cells, known) == [("cond", "Control"), ("drug", "control")]
 
 
 def test_a_genetic_kind_the_model_never_trained_on_is_refused_and_the_card_offers_the_trained_kinds():

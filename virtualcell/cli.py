@@ -128,13 +128,15 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     if elsewhere:  # every cell, the perturbed ones too, would be the baseline
         from .errors import ContractError, preview
 
-        first = elsewhere[0]
+        (first, spelled), key = elsewhere[0], contract.perturbation_key
+        relabel = (f"; adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).replace({{{spelled!r}: "
+                   f"{contract.control!r}}})" if spelled != contract.control else "")
         raise ContractError(
-            f"{args.data} has no obs column {contract.perturbation_key!r} (the model's perturbation column), but "
-            f"obs {preview(elsewhere, 3)} holds its control label {contract.control!r} beside perturbations it knows: "
-            f"if that is the perturbation column, rename it (adata.obs = adata.obs.rename(columns={{{first!r}: "
-            f"{contract.perturbation_key!r}}})) to take its control cells as the baseline; or pass --all-cells to "
-            "use every cell.")
+            f"{args.data} has no obs column {key!r} (the model's perturbation column), but obs[{first!r}] "
+            f"{'(and ' + preview([c for c, _ in elsewhere[1:]], 3) + ') ' if len(elsewhere) > 1 else ''}holds its "
+            f"control label ({spelled!r}) beside perturbations it knows: if that is the perturbation column, rename it "
+            f"(adata.obs = adata.obs.rename(columns={{{first!r}: {key!r}}}){relabel}) to take its control cells as "
+            "the baseline; or pass --all-cells to use every cell.")
     if contract is not None and contract.perturbation_key not in adata.obs.columns and not args.all_cells:
         print(f"baseline: every cell of {args.data} (it has no obs column {contract.perturbation_key!r} to find "
               "control cells by)")
@@ -149,7 +151,8 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
                 f"No cell of {args.data} has {contract.perturbation_key} == {named} (the model's control "
                 f"label); it holds {preview(sorted(set(labels)), 8)}. If this file labels its controls otherwise, "
                 f"relabel them (adata.obs[{contract.perturbation_key!r}] = adata.obs[{contract.perturbation_key!r}]"
-                f".replace({{'NT': {contract.control!r}}}), with its own label); --all-cells uses every cell, the "
+                f".astype(str).replace({{'NT': {contract.control!r}}}), with its own label); --all-cells uses every "
+                "cell, the "
                 "perturbed too, as the baseline."
             )
         if not is_ctrl.all():

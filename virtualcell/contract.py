@@ -262,10 +262,11 @@ class DataContract:
     def is_control(self, adata: ad.AnnData) -> np.ndarray:
         return self.labels(adata) == self.control
 
-    def labels_elsewhere(self, adata: ad.AnnData, known: set[str]) -> list[str]:
+    def labels_elsewhere(self, adata: ad.AnnData, known: set[str]) -> list[tuple[str, str]]:
         """Where ``adata`` lacks the perturbation column: the other obs columns that hold a control label (any case)
-        beside labels in ``known`` (upper case: what the model knows as perturbations or genes), the perturbations
-        under another name (``'pert'``); a column of controls and patients, or one with missing values, is none."""
+        beside labels in ``known`` (upper case: what the model knows as perturbations or genes; a value's dose
+        ``@10`` aside too), the perturbations under another name (``'pert'``), each with its control label as that
+        column spells it; a column of controls and patients, or one with missing values, is none."""
         if self.perturbation_key in adata.obs.columns:
             return []
         controls = {c.upper() for c in self.controls}
@@ -274,9 +275,11 @@ class DataContract:
             column = adata.obs[name]
             if column.dtype.kind in "biuf":  # numbers are no labels
                 continue
-            values = {str(v).strip().upper() for v in column.dropna().unique()} - {""}
-            if values & controls and (values - controls) & known:
-                found.append(str(name))
+            values = {str(v).strip() for v in column.dropna().unique()} - {""}
+            spelled = sorted(v for v in values if v.upper() in controls)
+            others = {v.upper() for v in values if v.upper() not in controls}
+            if spelled and (others & known or {v.rpartition("@")[0] for v in others if "@" in v} & known):
+                found.append((str(name), spelled[0]))
         return found
 
     def perturbations(self, adata: ad.AnnData) -> list[str]:

@@ -93,10 +93,11 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
         if dtype not in names:
             raise ModelError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
         dt = names[dtype]
-    elif isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    elif dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         dt = dtype
     else:  # (torch.int8 was blamed on the weights file, which loads fine)
-        raise ModelError(f"dtype {dtype!r} is no floating-point type: use 'bf16', 'fp16' or 'fp32' (or torch's own).")
+        raise ModelError(f"dtype {dtype!r} is not one a model runs in: use 'bf16', 'fp16' or 'fp32' (or torch.bfloat16, "
+                         "torch.float16, torch.float32).")
     return dev, dt
 
 
@@ -398,10 +399,10 @@ class C2SModel:
         return card(self)
 
     def known_labels(self) -> set[str]:
-        """What the model knows as a perturbation's name, in upper case: its training labels (a dose's condition
-        too) and its genes (a knockout is named by its gene)."""
-        labels = {str(x).rpartition("@")[0] or str(x) for x in self.perturbations.trained()}
-        return {x.upper() for x in (*labels, *self.genes.genes)}
+        """What the model knows as a perturbation's name, in upper case: its training labels and conditions
+        (``drugA@10``), the symbols its labels named genes by, and its genes (a knockout is named by its gene)."""
+        vocab = self.perturbations
+        return {str(x).upper() for x in (*vocab.labels, *vocab.trained(), *vocab.aliases, *self.genes.genes)}
 
     @property
     def trained_contexts(self) -> dict[str, dict[str, int]] | None:

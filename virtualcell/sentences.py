@@ -193,6 +193,10 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
 
 
 MAX_SCALE_ROWS = 20_000  # cells detect_scale checks one by one (spread evenly over the matrix)
+# log1p values whose median totals are more than this many-fold apart were normalized to different totals (cells of
+# one normalization differ by their make-up, cell lines and depth, several-fold over a gene panel): the one threshold
+# of the warnings that say so
+SCALE_APART = 25.0
 
 
 def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -321,12 +325,12 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
         # cell line and depth, several-fold over a gene panel), but values normalized to another total altogether are
         # not on its scale
         had = _median_total(_expm1(X, np.float64)) or log1p_total
-        if not 1 / 25 <= had / log1p_total <= 25:
+        if not 1 / SCALE_APART <= had / log1p_total <= SCALE_APART:
             log.warning("The %s's log1p values were normalized to a median of %.4g per cell over the model's genes, "
-                        "its training cells' to %.4g (it trained on log1p values; 25-fold apart): predictions add the model's "
-                        "changes to values on another scale. Give raw counts, or log1p values normalized as the "
-                        "training data were (scanpy's normalize_total with the same target_sum).", what, had,
-                        log1p_total)
+                        "its training cells' to %.4g (it trained on log1p values; more than %g-fold apart): "
+                        "predictions add the model's changes to values on another scale. Give raw counts, or log1p "
+                        "values normalized as the training data were (scanpy's normalize_total with the same "
+                        "target_sum).", what, had, log1p_total, SCALE_APART)
     elif scale == "counts" and fit is not None and not counts_trained:
         # a model trained on log1p values (scanpy's layout): counts go to its training cells' total, not to 1e4
         normalization = normalization_label("log1p")  # the model's scale, which the values are now on

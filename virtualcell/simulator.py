@@ -434,11 +434,11 @@ class Simulator:
                             contract.control)
         elsewhere = contract.labels_elsewhere(baseline, model.known_labels()) if contract is not None else []
         if elsewhere:
-            log.warning("The baseline has no obs column %r (the model's perturbation column), but obs %s holds its "
-                        "control label %r beside perturbations it knows: every baseline cell, perturbed ones too, is a "
-                        "starting point. For the usual baseline pass the controls only (adata[adata.obs[%r] == %r]).",
-                        contract.perturbation_key, preview(elsewhere, 3), contract.control, elsewhere[0],
-                        contract.control)
+            (first, spelled) = elsewhere[0]
+            log.warning("The baseline has no obs column %r (the model's perturbation column), but obs[%r] holds its "
+                        "control label (%r) beside perturbations it knows: every baseline cell, perturbed ones too, is "
+                        "a starting point. For the usual baseline pass the controls only (adata[adata.obs[%r] == %r]).",
+                        contract.perturbation_key, first, spelled, first, spelled)
         self.sentences = encode(baseline, vocab=model.genes, genes=genes, top_k=model.top_k, seed=self.seed)
         # baseline expression in the model's gene order (zeros for model genes the data lacks), on its scale
         self.expression, self.scale, self.normalization = on_model_scale(

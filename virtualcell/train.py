@@ -106,8 +106,8 @@ class TrainConfig:
     """Everything that decides a training run; saved inside the checkpoint (``train_config``).
 
     Most fields have a ``virtualcell train`` flag of the same name (``--max-steps`` for ``max_steps``; ``--layers``
-    and ``--heads`` for ``n_layers`` and ``n_heads``) whose ``--help`` says what it does; the comments beside the
-    fields in the source say why each default is what it is. The ones most runs touch: ``max_steps`` and
+    and ``--heads`` for ``n_layers`` and ``n_heads``) whose ``--help`` says what it does; where a default was chosen by
+    a measurement, the comment beside the field in the source says which. The ones most runs touch: ``max_steps`` and
     ``max_minutes`` (the budget), ``top_k`` (genes per cell sentence), ``hidden_size``, ``n_layers`` and ``n_heads``
     (a new model's size), ``lr`` (``None``: the rate for a new model, or for fine-tuning a base), ``batch_size``,
     ``seed``, ``holdout`` (obs column -> values kept out of training), and what the validation verdict judges on:

@@ -153,16 +153,16 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
     normalized to another total (scanpy's default, the median library) or over other genes goes onto 1e4 per cell
     over ``genes`` (:func:`~virtualcell.sentences.onto_cp10k`), as the Simulator put its baseline. Left as they were,
     every delta was taken between two scales (pearson_delta -0.03 against 0.46 for the same predictions scored against
-    the cells given as counts). Measured inputs all of log1p values whose totals are more than 5-fold apart are warned
-    of, not moved (inputs of one normalization differ in total by their cells' make-up: cell lines, depth). The
+    the cells given as counts). Measured inputs all of log1p values whose totals are far apart (``SCALE_APART``) are
+    warned of, not moved (inputs of one normalization differ in total by their cells' make-up: cell lines, depth). The
     prediction itself is never moved (another tool's, recording nothing, may hold means of log values, whose totals
-    read low); one of log1p values whose total is more than 5-fold off the measured cells' is warned of. A prediction
+    read low); one of log1p values whose total is that far off the measured cells' is warned of. A prediction
     that records a model's own log1p total (``as_is_log1p``) leaves all as given (counts go onto its total,
     :func:`prediction_total`); inputs with negative values (a baseline shifted below zero) stay as they are.
     """
     import anndata as ad
 
-    from ..sentences import TARGET_SUM, _expm1, _median_total, onto_cp10k
+    from ..sentences import SCALE_APART, TARGET_SUM, _expm1, _median_total, onto_cp10k
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
@@ -184,12 +184,12 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
             totals[key] = _median_total(_expm1(X, np.float64)) or TARGET_SUM
     measured = [k for k in totals if k != "pred"]
     onto_1e4 = recorded is not None or "counts" in scales.values()
-    if not onto_1e4 and measured and max(totals[k] for k in measured) > 5 * min(totals[k] for k in measured):
+    if not onto_1e4 and measured and max(totals[k] for k in measured) > SCALE_APART * min(totals[k] for k in measured):
         # (not moved: inputs of one normalization differ in total by their cells' make-up, cell lines and depth)
         log.warning("The measured inputs' log1p values sum to medians of %s per cell on the linear scale: more than "
-                    "5-fold apart, they look normalized to different totals, and their deltas would compare two "
+                    "%g-fold apart, they look normalized to different totals, and their deltas would compare two "
                     "scales. Give them normalized alike (or as raw counts).",
-                    ", ".join(f"{INPUT_NAMES.get(k, k).split(' (')[0]} {totals[k]:.4g}" for k in measured))
+                    ", ".join(f"{INPUT_NAMES.get(k, k).split(' (')[0]} {totals[k]:.4g}" for k in measured), SCALE_APART)
     out, moved = dict(named), []
     for key in measured if onto_1e4 else []:
         if 0.99 <= totals[key] / TARGET_SUM <= 1.01:  # there already
@@ -201,10 +201,11 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
         log.info("%s: log1p values at a median total of %.4g per cell put onto 1e4", key, totals[key])
     if "pred" in totals and recorded is None:
         scale = TARGET_SUM if onto_1e4 else float(np.median([totals[k] for k in measured] or [TARGET_SUM]))
-        if not 1 / 5 <= totals["pred"] / scale <= 5:
+        if not 1 / SCALE_APART <= totals["pred"] / scale <= SCALE_APART:
             log.warning("The prediction's log1p values sum to a median of %.4g per cell on the linear scale and the "
-                        "measured cells' to %.4g: more than 5-fold apart, the deltas compare two scales. Give the "
-                        "prediction on the measured cells' scale (or as raw counts).", totals["pred"], scale)
+                        "measured cells' to %.4g: more than %g-fold apart, the deltas compare two scales. Give the "
+                        "prediction on the measured cells' scale (or as raw counts).", totals["pred"], scale,
+                        SCALE_APART)
     return out, moved
 
 
@@ -532,7 +533,7 @@ def effect_size(
         Xr, ref_ctx, ref_ctrl = X, contexts, labels == contract.control
 
     def stats(M: sp.csr_matrix, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        sub = M[np.flatnonzero(mask)].astype(np.float64)  # (in float32, identical cells differed by -0.003)
+        sub = M[np.flatnonzero(mask)].astype(np.float64)  # (in float32, identical cells differed from 0)
         n = sub.shape[0]
         mean = np.asarray(sub.mean(axis=0)).ravel()
         var = unbiased_var(mean, np.asarray(sub.multiply(sub).mean(axis=0)).ravel(), n)
