@@ -431,22 +431,28 @@ def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_
     assert C2SModel.load(tmp_path / "out").train_config["steps"] == 2
 
 
+def _text_base(bpe_model, folder, *, positions: int):  # noqa: ANN001, ANN202
+    """A one-layer Llama base of ``positions`` positions with the BPE model's tokenizer, saved into ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=positions)).save_pretrained(folder)
+    bpe_model.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_sequences_past_the_models_context_are_refused_in_training_and_generation(bpe_model, tmp_path):
     """A base model with a short context (GPT-2's learned positions fail inside the embedding; a rotary model, as
     here, read positions it never trained on without a word) is refused where a prompt and its answer do not fit."""
     import anndata as ad
     import pandas as pd
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from virtualcell.errors import ModelError, TrainingError
     from virtualcell.train import TrainConfig, train
 
-    base = tmp_path / "short"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                 max_position_embeddings=64)).save_pretrained(base)
-    bpe_model.tokenizer.save_pretrained(base)
+    base = _text_base(bpe_model, tmp_path / "short", positions=64)
     genes = list(bpe_model.genes.genes)
     labels = np.array(["control"] * 40 + ["STAT1"] * 20)
     cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, size=(labels.size, len(genes))).astype(np.float32),
@@ -803,16 +809,10 @@ def test_unconstrained_decoding_fits_the_context_constrained_decoding_fits(bpe_m
     decoding does: it budgeted 8 tokens a gene and refused runs that fit the model's context."""
     import anndata as ad
     import pandas as pd
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from virtualcell.generation import GenerationConfig
 
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe_model.tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                 max_position_embeddings=256)).save_pretrained(base)
-    bpe_model.tokenizer.save_pretrained(base)
+    base = _text_base(bpe_model, tmp_path / "base", positions=256)
     genes = list(bpe_model.genes.genes)
     cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, size=(2, len(genes))).astype(np.float32),
                        var=pd.DataFrame(index=genes))
