@@ -552,6 +552,9 @@ def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
     # and so do the aggregates, read back from the folder as the run held them
     assert dict(zip(again.aggregates["perturbation"].values, again.aggregates["label"].values)) == dict(
         zip(again.ranking["perturbation"], again.ranking["label"]))
+    for agg in (done.aggregates, again.aggregates):  # along perturbation (it became a dimension of its own)
+        assert agg["label"].dims == ("perturbation",)
+        assert list(agg.swap_dims(perturbation="label").sel(label=["STAT1"])["perturbation"].values) == ["ko:STAT1"]
     (tmp_path / "s" / "ranking.parquet").unlink()
     with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\).*resumes"):
         load(tmp_path / "s")

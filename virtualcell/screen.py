@@ -545,8 +545,8 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     for name in ds.variables:
         ds[name].encoding = {}
     for name in ("perturbation", "gene", "label"):
-        if name in ds.coords:
-            ds = ds.assign_coords({name: np.array([str(v) for v in ds[name].values], dtype=object)})
+        if name in ds.coords:  # (on the coordinate's own dims: a bare array made 'label' a dimension of its own)
+            ds = ds.assign_coords({name: (ds[name].dims, np.array([str(v) for v in ds[name].values], dtype=object))})
     return ds
 
 
