@@ -583,6 +583,11 @@ def test_a_prediction_from_some_baseline_cells_is_measured_against_those_cells(p
     plain = evaluate(pred.copy().obs.drop(columns="source_cell").pipe(lambda o: ad.AnnData(pred.X, obs=o, var=pred.var)),
                      ref, baseline=base, **kw)
     assert _mean(plain, "model", "pearson_delta") < _mean(given_all, "model", "pearson_delta")
+    # made from cells neither real nor a baseline holds (predict --format h5ad, then evaluate without --baseline):
+    # the controls are split at random, which the run and the summary now say, naming --baseline
+    with pytest.warns(UserWarning, match=r"not all control cells of real.*--baseline"):
+        alone = evaluate(pred, ref, **kw)
+    assert "pass the file it was predicted from as baseline=" in alone.attrs["virtualcell"]["controls"]
 
 
 def test_missing_context_column_in_prediction_says_what_to_do(perturbench_split):

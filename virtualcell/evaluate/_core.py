@@ -197,6 +197,12 @@ def _setup(
                                         context_key=contract.context_key, seed=seed)
         info["controls"] = (f"the measured control cells were split in two halves (seed {seed}): one is the "
                             "baselines' input, the other the reference for measured deltas")
+        if pred is not None and "source_cell" in pred.obs:  # made from cells of another file (or not all of these)
+            note = ("the prediction names the cells it was made from (obs['source_cell']) and they are not all control "
+                    "cells of real, so the model's delta is taken against other cells than its own baseline: pass "
+                    "the file it was predicted from as baseline= (--baseline)")
+            warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=3)
+            info["controls"] += "; " + note
     else:
         _refuse_shared_controls(baseline, real, contract)
         info["controls"] = "baseline control cells given; the measured control cells are the reference"
