@@ -1196,3 +1196,25 @@ def test_a_budget_too_small_names_the_minutes_given_and_the_verdicts_share():
                  checkpoint=lambda st: None, state=loop.LoopState(),
                  budget=loop.Budget(1000, 0, 0.0, 30.0, time.perf_counter() - 90.0, reserved=30.0), lr=0.1,
                  warmup_steps=0, eval_every=100, save_every=1000, progress=False)
+
+
+def test_labels_that_cannot_be_names_are_refused_before_training(papalexi_small):
+    """A label with spaces, or with ';' (a screen's files join lists of labels with it: 'IRF1;v2' came back from
+    vc.screen.load as two labels), is refused naming the fix."""
+    from virtualcell.contract import DataContract
+    from virtualcell.errors import DataError
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig
+    from virtualcell.training.labels import typed_labels
+
+    contract = DataContract.from_adata(papalexi_small)
+    genes = Vocabulary.from_adata(papalexi_small)
+    for bad, match in (("IRF1;v2", r"hold ';' \('IRF1;v2'\).*str\.replace"), ("IRF1 KO", "hold spaces")):
+        cells = papalexi_small[:200].copy()
+        labels = cells.obs["perturbation"].astype(str).to_numpy()
+        labels[labels == "IRF1"] = bad
+        cells.obs["perturbation"] = labels
+        if bad not in set(labels):
+            cells.obs.iloc[-1, cells.obs.columns.get_loc("perturbation")] = bad
+        with pytest.raises(DataError, match=match):
+            typed_labels(cells, contract, genes, TrainConfig())

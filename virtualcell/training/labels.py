@@ -54,6 +54,12 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
             "which a perturbation's name cannot: rename them in the file, e.g. adata.obs[key] = "
             "adata.obs[key].astype(str).str.strip() for spaces around a label, or to the gene alone ('STAT1' for "
             "'STAT1 KO') so that a knockout is read as its gene's.")
+    semicolon = sorted({x for x in set(labels) if ";" in x})
+    if semicolon:  # (a screen's lists of labels are ';'-joined in ranking.csv/.parquet: one came back as two)
+        raise DataError(
+            f"{len(semicolon)} perturbation labels in obs[{contract.perturbation_key!r}] hold ';' "
+            f"({preview(semicolon, 5)}), which separates labels in a screen's files: rename them in the file, e.g. "
+            "adata.obs[key] = adata.obs[key].astype(str).str.replace(';', '_').")
     dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
     conditions = contract.conditions(adata, (dose, when))
     if warn:
