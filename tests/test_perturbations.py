@@ -165,3 +165,19 @@ def test_a_time_in_capital_m_is_refused_as_molar_not_read_as_minutes():
     with pytest.raises(PerturbationError, match="unknown time unit 'M'"):
         parse("drug:drugA@100,5M")
     assert parse("drug:drugA@100,5m").time_hours == pytest.approx(5 / 60) and hours_per("M") is None
+
+
+def test_the_control_cells_kind_is_not_read():
+    """--kind-key: control cells with an empty kind stopped training as an unknown kind 'nan' (a dose column's
+    control values are not read either)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from virtualcell.errors import DataError
+    from virtualcell.perturbations import read_kinds
+
+    cells = ad.AnnData(obs=pd.DataFrame({"kind": [None, "CRISPRa", "knockdown"]}, index=list("abc")))
+    assert read_kinds(cells, "kind", controls=np.array([True, False, False])) == ["control", "activation", "knockdown"]
+    with pytest.raises(DataError, match=r"Unknown perturbation kinds \['none'\]"):
+        read_kinds(cells, "kind")

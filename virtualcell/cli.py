@@ -959,7 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["h5ad", "cell-eval"], default="h5ad",
                    help="h5ad: virtualcell's layout (default); cell-eval: what 'cell-eval run -ap OUT -ar REAL' "
                    "reads as it is (obs['target_gene'], control 'non-targeting', the baseline cells as the "
-                   "control, log1p values; held in memory). Put the measured file in the same form with "
+                   "control, log1p values; written a perturbation at a time). Put the measured file in the same form with "
                    "virtualcell.evaluate.to_cell_eval(real, like=pred)")
     p.add_argument("--max-in-memory", type=_count, default=None, metavar="VALUES",
                    help="stream predictions larger than this many values through a file on disk (0: always; "

@@ -82,12 +82,18 @@ def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
     return _dose_family(unit) or (unit or "", 1.0)
 
 
-def read_kinds(adata: Any, kind_key: str) -> list[str]:
+def read_kinds(adata: Any, kind_key: str, *, controls: Any = None) -> list[str]:
     """Each cell's perturbation kind from the column of kinds ``adata.obs[kind_key]`` (any alias of
-    :data:`KIND_ALIASES`, any case: ``CRISPRa`` is ``activation``); a missing column or an unknown kind is refused."""
+    :data:`KIND_ALIASES`, any case: ``CRISPRa`` is ``activation``); a missing column or an unknown kind is refused.
+    ``controls`` (a mask of the control cells): their value is not read, as a dose column's is not (an empty one
+    stopped training as an unknown kind 'nan')."""
     if kind_key not in adata.obs.columns:
         raise DataError(f"kind column {kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
     raw = adata.obs[kind_key].astype(str).str.lower().to_numpy()
+    if controls is not None:
+        import numpy as np
+
+        raw = np.where(np.asarray(controls, dtype=bool), "control", raw)
     unknown = sorted(set(raw) - set(KIND_ALIASES))
     if unknown:
         raise DataError(f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}.")

@@ -163,6 +163,7 @@ def detect_scale(X: sp.spmatrix | np.ndarray) -> Literal["counts", "log1p"]:
         return "counts"
     values = (X.data if sp.issparse(X) else np.asarray(X).ravel())[:1_000_000].astype(np.float64)
     odd = values[np.mod(values, 1) != 0]  # (log2 keeps counts 1, 3, 7 whole: it can pass as counts with a few odd)
+    odd = odd[odd < 60]  # (2**x past that is no count; numpy would warn of overflow)
     if odd.size and np.mean(np.abs(np.exp2(odd) - 1 - np.rint(np.exp2(odd) - 1)) < 1e-3) > 0.99:
         raise DataError(
             "The expression values look like log2(1 + counts) (2**x - 1 is a whole number for nearly every value "

@@ -96,7 +96,7 @@ def _kind_split(adata: ad.AnnData, labels: np.ndarray, forms: Mapping[str, list[
     if kind_key is None or kind_key not in adata.obs:
         raise DataError(f"{len(forms)} labels were trained as several kinds ({preview(sorted(forms), 4)}), told apart "
                         f"by the column of kinds {kind_key!r}, which these cells lack: give them that column.")
-    kinds = read_kinds(adata, kind_key)
+    kinds = read_kinds(adata, kind_key, controls=~np.isin(labels, list(forms)))  # (only these cells' kinds are read)
     return np.array([f"{lab}{KIND_SEP}{k}" if lab in forms else lab for lab, k in zip(labels, kinds)], dtype=object)
 
 

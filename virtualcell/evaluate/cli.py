@@ -49,7 +49,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dose-key", default=None,
                    help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
                    "(as virtualcell predict names them: drugA@10); default: the contract stored in --real")
-    p.add_argument("--time-key", default=None, help="obs column of --real with each cell's time, as --dose-key")
+    p.add_argument("--time-key", default=None, help="obs column of --real with each cell's time, as --dose-key "
+                   "(default: the contract stored in --real)")
     p.add_argument("--gene-key", default=None, metavar="COLUMN",
                    help="var column holding the gene names in every input (symbols or Ensembl ids; default var_names)")
     p.add_argument("--baseline", default=None,

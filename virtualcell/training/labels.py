@@ -46,7 +46,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     labels = contract.labels(adata)
     kinds = None
     if cfg.kind_key is not None:
-        kinds = np.array(read_kinds(adata, cfg.kind_key), dtype=object)
+        kinds = np.array(read_kinds(adata, cfg.kind_key, controls=labels == contract.control), dtype=object)
     spaced = sorted({x for x in set(labels) - {contract.control} if any(c.isspace() for c in x)})
     if spaced:
         raise DataError(
