@@ -152,8 +152,7 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
                 f"label); it holds {preview(sorted(set(labels)), 8)}. If this file labels its controls otherwise, "
                 f"relabel them (adata.obs[{contract.perturbation_key!r}] = adata.obs[{contract.perturbation_key!r}]"
                 f".astype(str).replace({{'NT': {contract.control!r}}}), with its own label); --all-cells uses every "
-                "cell, the "
-                "perturbed too, as the baseline."
+                "cell, the perturbed too, as the baseline."
             )
         if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)

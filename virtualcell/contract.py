@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ContractError, close_matches, preview
-from .perturbations import dose_on_one_scale, first_quantity, hours_per, quantity_suffix, read_quantity
+from .perturbations import (dose_on_one_scale, first_quantity, hours_per, negative_quantity, quantity_suffix,
+                            read_quantity)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -351,7 +352,7 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
             bad += [str(v)] if read_by[i] else []
         else:
             number[i], unit[i] = q
-    negative = [b for b in bad if b.strip().startswith("-") and read_quantity(first_quantity(b.strip()[1:]))]
+    negative = [b for b in bad if negative_quantity(first_quantity(b.strip()))]
     if negative:
         raise ContractError(f"The {what} column {key!r} has negative values: {preview(negative, 6)}. A {what} is "
                             f"positive; leave it empty where a cell has no {what}.")

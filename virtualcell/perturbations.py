@@ -386,9 +386,16 @@ def read_quantity(text: str) -> tuple[float, str] | None:
     return value, m.group(2)
 
 
+def negative_quantity(text: str) -> tuple[float, str] | None:
+    """``(number, unit)`` of a dose or time written with a minus sign (``"-3uM"`` -> ``(3.0, "uM")``), else None:
+    what a name and a dose column refuse as negative rather than unreadable."""
+    t = text.strip()
+    return read_quantity(t[1:]) if t.startswith("-") else None
+
+
 def _quantity(text: str, what: str, source: str) -> tuple[float, str]:
     q = read_quantity(text)
-    if q is None and (neg := read_quantity(text.strip().removeprefix("-"))) is not None and text.strip()[:1] == "-":
+    if q is None and (neg := negative_quantity(text)) is not None:
         raise PerturbationError(f"The {what} {text!r} in {source!r} is negative: write a positive {what} "
                                 f"(e.g. '{_fmt(neg[0])}{neg[1]}').")
     if q is None:

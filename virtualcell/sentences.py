@@ -228,6 +228,12 @@ def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
     return (rows[expressing], bad[expressing] == 0, float(np.max(others)) if others.size else 0.0, share)
 
 
+def median_log1p_total(X: sp.spmatrix) -> float | None:
+    """The cells' median total of log1p values ``X`` on the linear scale, ``expm1`` summed in float64 (cells with
+    none left out; None where no cell has any): what they were normalized to."""
+    return _median_total(_expm1(X, np.float64))
+
+
 def log_normalize(X: sp.csr_matrix, scale: str, *, total: float | None = None) -> sp.csr_matrix:
     """The project's normalization: counts → log1p(counts / cell total * ``total``), ``total`` 1e4 unless a model
     trained on log1p values at another total reads them (:attr:`RankFit.total`); log1p input unchanged."""
@@ -325,7 +331,7 @@ def on_model_scale(adata: ad.AnnData, genes: Vocabulary, *, fit: RankFit | None,
         # a model trained on log1p values: cells are not put onto one total (its training cells' totals varied, by
         # cell line and depth, several-fold over a gene panel), but values normalized to another total altogether are
         # not on its scale
-        had = _median_total(_expm1(X, np.float64)) or log1p_total
+        had = median_log1p_total(X) or log1p_total
         if not 1 / SCALE_APART <= had / log1p_total <= SCALE_APART:
             log.warning("The %s's log1p values were normalized to a median of %.4g per cell over the model's genes, "
                         "its training cells' to %.4g (it trained on log1p values; more than %g-fold apart): "
@@ -1056,7 +1062,7 @@ class RankFit:
         counts = np.bincount(r.astype(np.int64))
         means = tuple(float(v) for v in sums / np.maximum(counts, 1))
         norm = normalization_label(scale)
-        total = TARGET_SUM if scale == "counts" else _median_total(_expm1(Xn, np.float64))
+        total = TARGET_SUM if scale == "counts" else median_log1p_total(Xn)
         return cls(float(slope), float(intercept), 1.0 - ss_res / ss_tot, norm, len(cells), means, total=total)
 
     def expression(self, ranks: np.ndarray, *, method: Literal["linear", "table"] | None = None) -> np.ndarray:

@@ -784,8 +784,7 @@ class Simulator:
         seed = check_seed(seed)
         if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer)):
             raise DataError(f"n_cells must be a whole number of baseline cells, got {n_cells!r}.")
-        if max_genes is not None and (isinstance(max_genes, bool) or not isinstance(max_genes, int | np.integer)
-                                      or max_genes < 1):
+        if max_genes is not None and not whole_at_least(max_genes, 1):
             raise DataError(f"max_genes must be a whole number of at least 1 (genes per generated cell; None: the "
                             f"model's top_k), got {max_genes!r}.")
         perts = self.model.resolve(perturbations)

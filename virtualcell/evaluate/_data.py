@@ -162,7 +162,7 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
     """
     import anndata as ad
 
-    from ..sentences import SCALE_APART, TARGET_SUM, _expm1, _median_total, onto_cp10k
+    from ..sentences import SCALE_APART, TARGET_SUM, median_log1p_total, onto_cp10k
 
     pred = named.get("pred")
     recorded = ((pred.uns.get(UNS_KEY) or {}).get("normalization") if pred is not None else None)
@@ -181,7 +181,7 @@ def onto_prediction_scale(named: dict[str, ad.AnnData], genes: pd.Index) -> tupl
             raise DataError(f"{INPUT_NAMES.get(key, key)}: {err}") from None
         matrices[key] = X
         if scales[key] == "log1p":
-            totals[key] = _median_total(_expm1(X, np.float64)) or TARGET_SUM
+            totals[key] = median_log1p_total(X) or TARGET_SUM
     measured = [k for k in totals if k != "pred"]
     onto_1e4 = recorded is not None or "counts" in scales.values()
     if not onto_1e4 and measured and max(totals[k] for k in measured) > SCALE_APART * min(totals[k] for k in measured):
@@ -508,10 +508,11 @@ def effect_size(
         require_in_memory(reference, "The reference cells")
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     labels, contexts = contract.conditions(adata), contract.contexts(adata)
-    check_values(adata, name="measured")  # (z-scored values: refused, naming the fix)
     if reference is not None:
         from ..sentences import gene_positions
 
+        # (checked before the scales are read: z-scored values refused naming the fix; expression() checks alone)
+        check_values(adata, name="measured")
         check_values(reference, name="reference")
         idx = gene_positions(reference.var_names, adata.var_names)  # ignoring case and version, as evaluate's do
         if (idx < 0).any():
