@@ -608,6 +608,12 @@ def test_a_baseline_lacking_some_of_the_models_genes_is_refused_unless_shared(ti
     assert res.aggregates.attrs["absent_genes"].split("; ") == sim.absent_genes
     assert res.to_anndata().uns["virtualcell"]["absent_genes"] == res.aggregates.attrs["absent_genes"]
     assert vc.Simulator(cells.copy(), model).absent_genes == []
+    # a gene subset taken after adata.raw = adata (scanpy's highly variable genes): the refusal names .raw
+    kept = cells.copy()
+    kept.raw = kept
+    with pytest.raises(VocabularyError, match=r"baseline.raw holds 50 of them.*raw.to_adata\(\)"):
+        vc.Simulator(kept[:, 50:].copy(), model)
+    assert vc.Simulator(kept[:, 50:].copy().raw.to_adata(), model).absent_genes == []
 
 
 def test_a_knockout_never_trained_on_is_named_as_the_screen_names_knockouts(tiny_model):

@@ -356,6 +356,19 @@ class SimulationResult:
 SEED_LIMIT = 2**32  # seeds are whole numbers below it (the cells' hashed buckets mix them in 64 bits)
 
 
+def _raw_hint(baseline: ad.AnnData, absent: Sequence[str]) -> str:
+    """Where ``baseline`` keeps some of the ``absent`` genes in ``.raw`` (a gene subset, such as scanpy's highly
+    variable genes, taken after ``adata.raw = adata``), a sentence naming the cells with every measured gene."""
+    if baseline.raw is None:
+        return ""
+    raw = {str(g).upper() for g in baseline.raw.var_names}
+    held = sum(str(g).upper() in raw for g in absent)
+    if not held:
+        return ""
+    return (f" (baseline.raw holds {held} of them: the cells with every gene they were measured on are "
+            "baseline.raw.to_adata(), with baseline.obs)")
+
+
 def check_seed(seed: Any) -> int:
     """A sampling seed as given, if it is a whole number in [0, 2**32) (numpy's too); anything else is refused by
     name."""
@@ -465,6 +478,7 @@ class Simulator:
             what = (f"The baseline lacks {absent.size} of the model's {len(model.genes)} genes (e.g. "
                     f"{preview(self.absent_genes, 5)}): the model would read every baseline cell as not expressing "
                     "them, and predict them from a baseline of 0 that nobody measured")
+            what += _raw_hint(baseline, self.absent_genes)
             if genes == "all":
                 raise VocabularyError(
                     f"{what}. Give the baseline every gene the model was trained on (a gene measured and not "
