@@ -43,6 +43,27 @@ def launch_rank() -> int:
     return 0
 
 
+_ENDING: list[bool] = []
+
+
+def _end_at_exit() -> None:
+    """Leave the process group when the interpreter exits (registered once). Left standing, gloo's threads met the
+    interpreter's end and aborted the process ("terminate called without an active exception": exit status -6, the
+    launcher reports the whole run failed) in most runs of a two-process script that otherwise finished."""
+    if _ENDING:
+        return
+    _ENDING.append(True)
+    import atexit
+
+    def end() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(end)
+
+
 @dataclass(frozen=True)
 class Split:
     """This process's place in the job: ``rank`` of ``world`` processes."""
@@ -61,6 +82,7 @@ class Split:
         from accelerate import PartialState
 
         state = PartialState(cpu=cpu)
+        _end_at_exit()
         return cls(state.process_index, state.num_processes)
 
     def mine(self, i: int) -> bool:
