@@ -160,22 +160,23 @@ def test_several_control_labels_through_train_predict_and_evaluate(papalexi, tmp
 
 def test_a_context_of_several_columns(tmp_path):
     """context_key="cell_type+patient": each combination is a context, read from the two columns of the measured
-    data and from the one column predicted cells carry; train, simulate and evaluate agree on it."""
+    data and from the two columns predicted cells carry, as the baseline typed them (an integer patient stays an
+    integer: a string '1' no longer matched the measured data's 1 in a merge); train, simulate and evaluate agree."""
     from virtualcell.train import TrainConfig, train
 
     screen = vc.datasets.synthetic_screen(n_genes=30, n_tfs=6, n_knockouts=2, n_pairs=0, n_drugs=0, n_cytokines=0,
                                           n_cells_per_condition=20, n_control_cells=60, n_contexts=2, seed=0)
     screen.uns.pop("virtualcell")
-    screen.obs["patient"] = np.where(np.arange(screen.n_obs) % 2 == 0, "p1", "p2")
+    screen.obs["patient"] = np.where(np.arange(screen.n_obs) % 2 == 0, 1, 2)
     contract = DataContract("perturbation", "control", context_key="cell_type+patient")
     contract.validate(screen)
     ctx = contract.contexts(screen)
-    assert set(ctx) == {f"{c}|{p}" for c in set(screen.obs["cell_type"]) for p in ("p1", "p2")}
+    assert set(ctx) == {f"{c}|{p}" for c in set(screen.obs["cell_type"]) for p in (1, 2)}
     assert contract.context_columns(screen) == ["cell_type", "patient"] and contract.has_context(screen)
     with pytest.raises(ContractError, match=r"context column 'donor' is not in adata.obs"):
         DataContract("perturbation", "control", context_key="cell_type+donor").validate(screen)
     joined = screen.copy()  # a value holding the separator would merge ('A|x', 'y') with ('A', 'x|y'): refused
-    joined.obs["patient"] = np.where(joined.obs["patient"] == "p1", "p1|a", "p2")
+    joined.obs["patient"] = np.where(joined.obs["patient"] == 1, "p1|a", "p2")
     with pytest.raises(ContractError, match=r"'patient' has values holding '\|' \('p1\|a'\)"):
         contract.contexts(joined)
     cfg = TrainConfig(top_k=15, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
@@ -184,8 +185,9 @@ def test_a_context_of_several_columns(tmp_path):
     base = screen[contract.is_control(screen)][:10].copy()
     ko = sorted(model.perturbations.labels)[0]
     pred = vc.Simulator(base, model).simulate([ko], keep_cells=True, progress=False, blend=False).to_anndata()
-    assert list(pred.obs["cell_type+patient"]) == list(contract.contexts(base))  # each cell's own context
-    assert list(contract.contexts(pred)) == list(pred.obs["cell_type+patient"])  # read back from the one column
+    for col in ("cell_type", "patient"):  # each cell's own context, typed as the baseline types it
+        assert list(pred.obs[col]) == list(base.obs[col]) and pred.obs[col].dtype == base.obs[col].dtype, col
+    assert list(contract.contexts(pred)) == list(contract.contexts(base))
     table = vc.evaluate.evaluate(pred, screen, context_key="cell_type+patient", profile="pearson",
                                  baselines=("nochange",), ceiling=False)
     assert set(table["context"]) <= set(ctx) and set(table.loc[table["method"] == "model", "perturbation"]) == {ko}

@@ -278,8 +278,9 @@ def _write_cell_eval(res, sim, model, out, n: int, draws: bool = False, *, scrat
             ctrl = ad.AnnData(sim.expression[:n].toarray(), var=head.var.copy())
             ctrl.obs["perturbation"] = ctrl.obs["perturbation_typed"] = control
             ctrl.obs["source_cell"] = list(res.source_cells)
-            if res.context is not None and res.context[0] in head.obs.columns:  # each cell's context, as predicted
-                ctrl.obs[res.context[0]] = np.asarray(res.context[1], dtype=object)
+            for col in [] if res.context_obs is None else res.context_obs.columns:  # each cell's context
+                if col in head.obs.columns:
+                    ctrl.obs[col] = res.context_obs[col].values
             ctrl.obs_names = [f"{control}|{c}" for c in res.source_cells]
             yield ctrl
 

@@ -55,6 +55,7 @@ from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
+    import pandas as pd
     import scipy.sparse as sp
     import xarray as xr
 
@@ -201,7 +202,7 @@ class SimulationResult:
                  labels: dict[str, str] | None = None, cells_model: xr.DataArray | None = None,
                  context: tuple[str, np.ndarray] | None = None, perturbation_key: str = "perturbation",
                  draws: xr.DataArray | None = None, draws_model: xr.DataArray | None = None,
-                 gene_ids: list[str] | None = None) -> None:
+                 gene_ids: list[str] | None = None, context_obs: pd.DataFrame | None = None) -> None:
         self.aggregates = aggregates
         self.gene_ids = gene_ids  # each gene's var_name in a baseline read through a gene_key, else None
         self.cells = cells
@@ -215,6 +216,8 @@ class SimulationResult:
         self.labels = labels or {}  # typed name -> training label (what measured data calls it)
         # (the model's context column, each source cell's value there): a predicted cell stays in its cell's context
         self.context = context
+        # the source cells' own context columns (each column of a composite key), as the baseline typed them
+        self.context_obs = context_obs
         self.perturbation_key = perturbation_key  # the column predictions are labelled in by default
 
     @property
@@ -254,7 +257,12 @@ class SimulationResult:
             "perturbation_typed": np.repeat(self.perturbations, C),
             "source_cell": np.tile(self.source_cells, P),
         })
-        if self.context is not None and self.context[0] not in obs.columns:
+        if self.context_obs is not None:  # each column as the baseline has it (integers, categories kept)
+            rows = np.tile(np.arange(C), P)
+            for col in self.context_obs.columns:
+                if col not in obs.columns:
+                    obs[col] = self.context_obs[col].iloc[rows].reset_index(drop=True)
+        elif self.context is not None and self.context[0] not in obs.columns:
             obs[self.context[0]] = np.tile(np.asarray(self.context[1], dtype=object), P)
         obs.index = [f"{p}|{c}" for p, c in zip(obs["perturbation_typed"], obs["source_cell"])]
         var = pd.DataFrame(index=self.genes)  # the baseline's spelling
@@ -278,7 +286,8 @@ class SimulationResult:
             named its perturbations in (``model.contract.perturbation_key``; ``"perturbation"`` without one), so
             that the predictions line up with measured data of the same layout. ``obs['perturbation_typed']``
             holds the typed name, ``obs['source_cell']`` the baseline cell, and the model's context column
-            (where the baseline has it) each cell's context.
+            (where the baseline has it; each column of a composite ``"cell_type+patient"``) each cell's context, as
+            the baseline types it.
         pure
             The pure model's cells (:attr:`cells_model` where the served cells are blended)
             instead of the served ones; ``uns['virtualcell']['blend_weight']`` is then 1.
@@ -540,6 +549,16 @@ class Simulator:
             return None
         n = self.baseline.n_obs if n is None else n
         return contract.context_key, contract.contexts(self.baseline)[:n]  # (a composite key's values joined)
+
+    def source_context_obs(self, n: int | None = None) -> pd.DataFrame | None:
+        """The first ``n`` baseline cells' context columns (:meth:`source_context`'s, each column of a composite key)
+        as the baseline types them (an integer patient stays an integer), with a fresh index; ``None`` where
+        :meth:`source_context` is."""
+        contract = self.model.contract
+        if contract is None or not contract.has_context(self.baseline):
+            return None
+        n = self.baseline.n_obs if n is None else n
+        return self.baseline.obs[contract.context_columns(self.baseline)].iloc[:n].reset_index(drop=True).copy()
 
     @staticmethod
     def control_sample_count(samples: int, control_samples: int | None = None) -> int:
@@ -1022,7 +1041,7 @@ class Simulator:
                                 labels, cells_model,
                                 self.source_context(n),
                                 self.model.contract.perturbation_key if self.model.contract is not None else
-                                "perturbation", draws, draws_model, self.gene_ids)
+                                "perturbation", draws, draws_model, self.gene_ids, self.source_context_obs(n))
 
     # ------------------------------------------------------------------ #
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
