@@ -29,6 +29,9 @@ def test_simulate_gives_xarray_and_anndata(sim):
     # both seeds are recorded: the sampling's (simulate) and the baseline's encoding (Simulator), as the CLI sets both
     assert (agg.attrs["seed"], agg.attrs["sentence_seed"]) == (0, 0)
     assert res.to_anndata().uns["virtualcell"]["sentence_seed"] == 0
+    # and what the model ran in (bf16 on a GPU samples slightly different cells than fp32 on a CPU)
+    assert {k: res.to_anndata().uns["virtualcell"][k] for k in ("device", "dtype")} == {"device": "cpu",
+                                                                                       "dtype": "float32"}
     np.testing.assert_allclose(agg["mean"].values, res.cells.values.mean(axis=1), atol=1e-4)
     a = res.to_anndata()
     assert a.n_obs == 24 and set(a.obs["perturbation"]) == {"STAT1", "JAK2"}  # the training labels

@@ -66,8 +66,8 @@ __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
 log = logging.getLogger(__name__)
 KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first ones), for the E-distance
-_PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "seed", "sentence_seed", "calibrated",
-               "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
+_PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "device", "dtype", "seed", "sentence_seed",
+               "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
                "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline", "new_contexts",
                "absent_genes")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
@@ -1086,6 +1086,9 @@ class Simulator:
             coords={"perturbation": names, "gene": genes, "bucket": np.arange(N_BUCKETS)},
             attrs={
                 "model": self.model.source or "in memory",
+                # what the model ran in: bf16 on a GPU and fp32 on a CPU sample slightly different cells
+                "device": self.model.device.type,
+                "dtype": str(next(self.model.lm.parameters()).dtype).removeprefix("torch."),
                 "seed": seed,
                 "sentence_seed": self.seed,
                 "n_baseline_cells": n,
