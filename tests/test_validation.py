@@ -771,36 +771,39 @@ def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
 
 def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monkeypatch):
     """A probe that stalls once (another process on the cores) must not be scaled up into the reserve: each
-    candidate's probe runs twice and the faster run counts."""
-    import time
+    candidate's probe runs twice and the faster run counts. Timed on a clock that each generation moves by 1 s
+    (the stalled one by 4 s), so the comparison does not depend on the machine's load."""
+    import types
 
+    import virtualcell.validation as validation
     from virtualcell.validation import verdict_seconds
 
     model, _, data = tiny_model
     contract = DataContract.from_adata(data)
     held = data[verdict_split(data, contract, TINY)]
-    calm = verdict_seconds(model, held, contract)
-    simulate, calls = vc.Simulator.simulate, []
+    simulate, calls, clock = vc.Simulator.simulate, [], [0.0]
+
+    def one_second_each(self, *args, **kwargs):
+        calls.append(1)
+        clock[0] += 1.0
+        return simulate(self, *args, **kwargs)
 
     def stalls_once(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
-            time.sleep(3.0)
+        clock[0] += 4.0 if len(calls) == 1 else 1.0
         return simulate(self, *args, **kwargs)
 
+    monkeypatch.setattr(validation, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(vc.Simulator, "simulate", one_second_each)
+    calm = verdict_seconds(model, held, contract)
     monkeypatch.setattr(vc.Simulator, "simulate", stalls_once)
+    calls.clear()
     stalled = verdict_seconds(model, held, contract)
     assert len(calls) == 2  # one candidate, probed twice
-    assert stalled < 2 * calm + 1.0  # the stall (3 s, times the verdict's rows over the probe's) is not in it
+    assert stalled == pytest.approx(calm) and calm > 0  # the stall (times the verdict's rows over the probe's) is not in it
     with pytest.raises(ValueError, match="repeats"):
         verdict_seconds(model, held, contract, repeats=0)
-    # the temperatures are reserved for at the most samples, with no probe of their own (a row costs the same);
-    # timed on a clock that each generation moves by 1 s, so the comparison does not depend on the machine's load
-    import types
-
-    import virtualcell.validation as validation
-
-    clock = [0.0]
+    # the temperatures are reserved for at the most samples, with no probe of their own (a row costs the same)
 
     def one_second_each(self, *args, **kwargs):
         calls.append(1)
@@ -808,7 +811,6 @@ def test_one_stalled_probe_does_not_inflate_the_verdict_reserve(tiny_model, monk
         return simulate(self, *args, **kwargs)
 
     monkeypatch.setattr(vc.Simulator, "simulate", one_second_each)
-    monkeypatch.setattr(validation, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls.clear()
     plain = verdict_seconds(model, held, contract, samples=(1, 4))
     probed = len(calls)
