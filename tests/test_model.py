@@ -836,3 +836,40 @@ def test_unconstrained_decoding_fits_the_context_constrained_decoding_fits(bpe_m
     with pytest.raises(vc.errors.ModelError, match=r"past the 230 positions.*--max-genes\), whose tokens must fit "
                                                    r"the \d+ positions left after the prompt"):
         list(model.generate(cs, [vc.perturbations.parse("ko:STAT1")], config=GenerationConfig(max_genes=12, seed=0)))
+
+
+def test_python_api_misuse_is_refused_by_name(tiny_model, tmp_path):
+    """Python-only arguments the CLI never passes: each refused as a virtualcell error naming the fix (cell_chunk=-1
+    generated no cell and returned zeros labelled as the perturbation; an empty list gave a result whose repr raised;
+    a dict config, a matrix baseline, a folder to write to and a holdout string failed deep inside)."""
+    from virtualcell.errors import DataError, OutputError, ScreenError, VirtualCellError
+
+    model, _, data = tiny_model
+    base = data[data.obs.perturbation == "control"][:4].copy()
+    sim = vc.Simulator(base, model)
+    for chunk in (-1, 0, 2.0):
+        with pytest.raises(DataError, match=rf"cell_chunk must be a whole number of at least 1.*got {chunk!r}"):
+            sim.simulate(["STAT1"], cell_chunk=chunk, progress=False)
+    with pytest.raises(ScreenError, match="no perturbation"):
+        sim.simulate([], progress=False)
+    for bad in ({"temperature": -1}, {"guidance": -1}, {"batch_size": 0}):
+        with pytest.raises(VirtualCellError, match=next(iter(bad))):
+            sim.simulate(["STAT1"], progress=False, **bad)
+    with pytest.raises(DataError, match=r"baseline must be an AnnData.*got csr_matrix"):
+        vc.Simulator(base.X, model)
+    res = sim.simulate(["STAT1"], progress=False, samples=1)
+    with pytest.raises(OutputError, match="is a folder; give the name of a file"):
+        res.write_h5ad(tmp_path)
+    # short reprs for a notebook (every gene, rank and label was printed)
+    assert len(repr(model.genes)) < 200 and len(repr(model.rank_fit)) < 200 and len(repr(model.perturbations)) < 300
+    assert not {"Any", "TYPE_CHECKING", "import_module", "warnings"} & set(dir(vc))
+    # a dict config is a TrainConfig's fields; a key that is none is named with the close one
+    from virtualcell.train import as_config
+
+    assert as_config({"top_k": 30}) == vc.TrainConfig(top_k=30)
+    with pytest.raises(TrainingError, match=r"'top_kk' \(did you mean 'top_k'\?\)"):
+        as_config({"top_kk": 30})
+    with pytest.raises(TrainingError, match="holdout must map obs columns"):
+        vc.TrainConfig(holdout=["STAT1"])
+    assert vc.TrainConfig(holdout={"perturbation": "STAT1"}).holdout == {"perturbation": ["STAT1"]}
+    assert vc.TrainConfig(verdict_samples=[1, 4]).verdict_samples == (1, 4)

@@ -261,6 +261,7 @@ class DataContract:
         return out
 
     def is_control(self, adata: ad.AnnData) -> np.ndarray:
+        """A boolean per cell: whether its label is the control (or one of :attr:`other_controls`)."""
         return self.labels(adata) == self.control
 
     def labels_elsewhere(self, adata: ad.AnnData, known: set[str]) -> list[tuple[str, str]]:
@@ -289,6 +290,7 @@ class DataContract:
 
     # ------------------------------------------------------------------ #
     def to_dict(self) -> dict[str, Any]:
+        """The contract's fields as a dict (:meth:`from_dict` reads it back)."""
         return asdict(self)
 
     def to_json(self) -> str:
@@ -296,6 +298,7 @@ class DataContract:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataContract:
+        """The contract :meth:`to_dict` (or :meth:`attach`, in ``uns``) wrote; keys it does not know are left out."""
         # h5ad cannot store None, so attach() writes "" for an absent optional column
         known = {k: (None if isinstance(d[k], str) and d[k] == "" else d[k]) for k in cls.__dataclass_fields__ if k in d}
         if "other_controls" in known:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from . import target_offsets, token_bias
+from .errors import DataError
 
 __all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "Component", "generate_grid", "stable_key",
            "torch_threads"]
@@ -115,17 +116,17 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if not (self.guidance >= 0 and math.isfinite(self.guidance)):  # (inf and NaN sampled nothing: no effect)
-            raise ValueError(f"guidance must be a number >= 0 (1 = none), got {self.guidance}.")
+            raise DataError(f"guidance must be a number >= 0 (1 = none), got {self.guidance}.")
         if self.prefix_attention not in ("auto", "shared", "repeat"):
-            raise ValueError(f"prefix_attention must be 'auto', 'shared' or 'repeat', got {self.prefix_attention!r}.")
+            raise DataError(f"prefix_attention must be 'auto', 'shared' or 'repeat', got {self.prefix_attention!r}.")
         if self.max_genes < 1 or self.min_genes < 0 or self.min_genes > self.max_genes:
-            raise ValueError(f"Need 0 <= min_genes <= max_genes and max_genes >= 1, got {self.min_genes}, {self.max_genes}.")
+            raise DataError(f"Need 0 <= min_genes <= max_genes and max_genes >= 1, got {self.min_genes}, {self.max_genes}.")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}.")
+            raise DataError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}.")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1.")
+            raise DataError("batch_size must be >= 1.")
         if self.threads is not None and self.threads < 1:
-            raise ValueError("threads must be >= 1, or None to let the engine choose on CPU.")
+            raise DataError("threads must be >= 1, or None to let the engine choose on CPU.")
 
 
 # --------------------------------------------------------------------------- #

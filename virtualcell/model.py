@@ -358,6 +358,8 @@ class C2SModel:
                         " and ".join(lost), " at default generation settings" if self.verdict is None else "")
 
     def meta(self) -> dict[str, Any]:
+        """What :meth:`save` writes beside the weights (its codec: genes, rank fit, perturbations, contract, the
+        training record), as a JSON-able dict."""
         return {
             "virtualcell_checkpoint": 1,
             "prompt_format": self.format.name,
@@ -420,10 +422,12 @@ class C2SModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are (``cpu``, ``cuda:0``)."""
         return next(self.lm.parameters()).device
 
     @property
     def n_parameters(self) -> int:
+        """The language model's parameter count."""
         return sum(p.numel() for p in self.lm.parameters())
 
     def prompt_twins(self, perturbations: Sequence[Perturbation | Combination]) -> dict[str, str]:

@@ -42,6 +42,9 @@ class Objective:
     description = ""
 
     def bind(self, genes: Sequence[str], control_mean: np.ndarray) -> Objective:
+        """Fix the objective to a screen's ``genes`` (the order of every ``delta`` :meth:`score` gets) and their mean
+        baseline expression; returns the objective to score with. Unknown genes are refused here, before any
+        generation. The default needs neither."""
         return self
 
     def on_simulator(self, simulator: Any) -> Objective:
@@ -49,6 +52,8 @@ class Objective:
         return self
 
     def score(self, delta: np.ndarray) -> float:  # pragma: no cover - abstract
+        """The candidate's score from its predicted mean change per gene (``delta``, in :meth:`bind`'s gene order, on
+        the log1p scale): higher ranks first."""
         raise NotImplementedError
 
     def corrected(self, plug_in: float, boots: np.ndarray, n_buckets: int | None = None

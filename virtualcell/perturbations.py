@@ -168,6 +168,8 @@ class Perturbation:
 
     @property
     def time_hours(self) -> float | None:
+        """The time in hours (``24h``, ``90min`` -> 1.5, ``2d`` -> 48; a time without a unit reads as hours), or
+        ``None`` without a time."""
         if self.time is None:
             return None
         return self.time * (hours_per(self.time_unit) or 1.0)

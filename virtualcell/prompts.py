@@ -143,6 +143,13 @@ class PerturbationVocab:
     # as a column of kinds says) -> each form; such a label alone is ambiguous, and ``labels`` holds its commonest
     forms: dict[str, list[str]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # (every label and condition was printed)
+        from .errors import preview
+
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in self.names.items() if v)
+        return (f"PerturbationVocab({len(self.labels)} labels: {preview(self.labels, 4)}; "
+                f"{len(self.conditions)} conditions with a dose or time; tokens: {kinds or 'none'})")
+
     def resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
         """A typed perturbation; a plain label is looked up among the training labels, and a label
         with a dose or time (``"drugA@10"``, a condition of the data) among the training conditions,

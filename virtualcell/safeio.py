@@ -133,6 +133,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     folder = path.parent
+    if path.is_dir():  # (os.replace failed naming the temporary file)
+        raise OutputError(f"{str(path)!r} is a folder; give the name of a file to write (e.g. "
+                          f"{str(path / ('out' + (path.suffix or '.h5ad')))!r}).")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")

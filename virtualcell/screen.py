@@ -82,7 +82,15 @@ class ScreenResult:
     config: dict[str, Any]
     cells: xr.DataArray | None = None
 
+    def __repr__(self) -> str:  # (the dataclass's printed the ranking, the aggregates and every panel entry)
+        r = self.ranking
+        head = ", ".join(map(str, r["perturbation"].head(3))) if "perturbation" in r.columns and len(r) else ""
+        picks = int(r["pick"].sum()) if "pick" in r.columns else 0
+        return (f"ScreenResult({len(r)} candidates ranked, {picks} picks; top: {head or 'none'}"
+                f"{'' if len(r) <= 3 else ', ...'}; folder {str(self.out) if self.out else 'none'})")
+
     def top(self, n: int = 10) -> pd.DataFrame:
+        """The ``n`` best-ranked rows of :attr:`ranking`."""
         return self.ranking.head(n)
 
     def picks(self) -> pd.DataFrame:

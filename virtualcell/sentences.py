@@ -74,7 +74,12 @@ _STRIP = ".,;:!?\"'()[]{}"
 # --------------------------------------------------------------------------- #
 def require_in_memory(adata: ad.AnnData, what: str = "The AnnData") -> None:
     """Refuse an AnnData read with ``backed='r'``: virtualcell reads expression in memory, and a backed file failed
-    differently at each entry point (train, evaluate, split_controls: anndata's and numpy's errors)."""
+    differently at each entry point (train, evaluate, split_controls: anndata's and numpy's errors). Anything but an
+    AnnData (a matrix, a DataFrame) is refused naming what to build."""
+    if not all(hasattr(adata, a) for a in ("X", "obs", "var", "obs_names", "var_names")):
+        raise DataError(f"{what} must be an AnnData (cells x genes, with gene names), got {type(adata).__name__}: "
+                        "wrap a matrix as anndata.AnnData(X, obs=pd.DataFrame(index=cell_names), "
+                        "var=pd.DataFrame(index=gene_names)), or read a file with vc.datasets.read_h5ad(path).")
     if getattr(adata, "isbacked", False):
         raise DataError(f"{what} is on disk (an AnnData read with backed='r'), and virtualcell reads expression in "
                         "memory: load it first, adata = adata.to_memory() (or a subset: adata[cells].to_memory()).")
@@ -491,6 +496,9 @@ class Vocabulary:
     genes: tuple[str, ...]
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     _loose: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # (every gene was printed: 189 kB for 20,000 genes)
+        return f"Vocabulary({len(self.genes)} genes: {preview(self.genes, 5)})"
 
     def __post_init__(self) -> None:
         genes = tuple(str(g) for g in self.genes)
@@ -1016,6 +1024,11 @@ class RankFit:
     # file was normalized to otherwise; counts given to a model trained on log1p values are put onto it (None: a
     # checkpoint from before it was recorded)
     total: float | None = None
+
+    def __repr__(self) -> str:  # (the rank table printed one float per rank)
+        total = "" if self.total is None else f", total {self.total:.4g}"
+        return (f"RankFit({self.method}: slope {self.slope:.4g}, intercept {self.intercept:.4g}, r2 {self.r2:.3f}; "
+                f"{self.normalization}{total}; {self.n_cells} cells, {len(self.rank_means)} ranks in the table)")
 
     def __post_init__(self) -> None:
         if self.method not in DECODE_METHODS:

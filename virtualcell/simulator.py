@@ -50,7 +50,7 @@ from .errors import DataError, ModelError, ScreenError, VocabularyError, preview
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
-from .sentences import Vocabulary, encode, on_model_scale, with_gene_key
+from .sentences import Vocabulary, encode, on_model_scale, require_in_memory, with_gene_key
 from .validation import UNSEEN_BASELINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .generation import GenerationConfig
     from .model import C2SModel
+    from .screen import ScreenResult
 
 __all__ = ["Simulator", "SimulationResult", "N_BUCKETS"]
 
@@ -222,10 +223,12 @@ class SimulationResult:
 
     @property
     def perturbations(self) -> list[str]:
+        """The perturbations simulated, typed (``ko:STAT1``), in the order asked."""
         return [str(p) for p in self.aggregates["perturbation"].values]
 
     @property
     def genes(self) -> list[str]:
+        """The genes predicted, in the baseline's spelling."""
         return [str(g) for g in self.aggregates["gene"].values]
 
     def _require_cells(self) -> tuple[int, int, int]:
@@ -358,7 +361,8 @@ class SimulationResult:
 
     def __repr__(self) -> str:
         a = self.aggregates
-        return (f"SimulationResult({a.sizes['perturbation']} perturbations x {int(a['n_cells'].max())} cells x "
+        return (f"SimulationResult({a.sizes['perturbation']} perturbations x "
+                f"{int(a['n_cells'].max()) if a.sizes['perturbation'] else 0} cells x "
                 f"{a.sizes['gene']} genes; per-cell predictions {'on disk' if self.store else 'in memory' if self.cells is not None else 'not kept'})")
 
 
@@ -435,6 +439,7 @@ class Simulator:
         if isinstance(model, str | os.PathLike):
             raise ModelError(f"model={str(model)!r} is a name or path, not a model: load it first, "
                              f"vc.C2SModel.load({str(model)!r}) (vc.model.bundled() for the shipped one).")
+        require_in_memory(baseline, "The baseline")
         self.model = model
         trained_with = model.contract.gene_key if model.contract is not None else None
         if gene_key is None and trained_with is not None and trained_with in baseline.var.columns:
@@ -666,7 +671,7 @@ class Simulator:
         """Cells (model-gene expression, like :attr:`expression`) on the baseline's principal axes."""
         return self._basis.transform(X)
 
-    def screen(self, panel: Sequence[str | Perturbation | Combination], **options: Any) -> Any:
+    def screen(self, panel: Sequence[str | Perturbation | Combination], **options: Any) -> ScreenResult:
         """Screen ``panel`` on these baseline cells and rank it: :func:`virtualcell.screen.run`
         (``objective=``, ``out=``, ``top=``... are its options); returns a
         :class:`~virtualcell.screen.ScreenResult`."""
@@ -820,8 +825,13 @@ class Simulator:
         if max_genes is not None and not whole_at_least(max_genes, 1):
             raise DataError(f"max_genes must be a whole number of at least 1 (genes per generated cell; None: the "
                             f"model's top_k), got {max_genes!r}.")
+        if not whole_at_least(cell_chunk, 1):  # (-1 generated no cell and returned a result of zeros)
+            raise DataError(f"cell_chunk must be a whole number of at least 1 (baseline cells generated together), "
+                            f"got {cell_chunk!r}.")
         perts = self.model.resolve(perturbations)
         names = [str(p) for p in perts]
+        if not names:
+            raise ScreenError("simulate was given no perturbation: list at least one, e.g. ['ko:STAT1'].")
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ScreenError(f"Perturbations repeat after parsing: {dup}. List each once.")

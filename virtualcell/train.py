@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract
-from .errors import ContractError, DataError, TrainingError, preview
+from .errors import ContractError, DataError, TrainingError, close_matches, preview
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
@@ -211,6 +211,15 @@ class TrainConfig:
         return cls(**before, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in known})
 
     def __post_init__(self) -> None:
+        for name in ("verdict_samples", "verdict_temperatures", "verdict_candidates"):  # lists kept as lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.holdout, Mapping):  # (a list failed later on .items())
+            raise TrainingError(f"holdout must map obs columns to the values held out, e.g. "
+                                f"{{'perturbation': ['STAT1']}}, got {self.holdout!r}.")
+        # one value as a string is that value (it was read letter by letter: 'STAT1' held out S, T, A and 1)
+        object.__setattr__(self, "holdout", {str(k): [v] if isinstance(v, str | int | float) else list(v)
+                                             for k, v in self.holdout.items()})
         for f in fields(self):  # a string such as "false" would read as true
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TrainingError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}.")
@@ -303,6 +312,25 @@ def data_hash(adata: ad.AnnData, contract: DataContract) -> str:
 GUIDANCE_CANDIDATES = (1.0, 2.0, 4.0)  # guidance scales the verdict compares (1: none) when verdict_candidates is None
 
 
+def as_config(config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
+    """``config`` as a :class:`TrainConfig`: a dict of its fields is taken (``{"top_k": 30}``), a key that is no
+    field refused naming the close ones; ``None`` is the defaults."""
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, TrainConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise TrainingError(f"config must be a TrainConfig (or a dict of its fields), got {type(config).__name__}.")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(str(k) for k in config if k not in known)
+    if unknown:
+        near = {u: close_matches(u, known, 1) for u in unknown}
+        hints = "; ".join(f"{u!r} (did you mean {n[0]!r}?)" if n else repr(u) for u, n in near.items())
+        raise TrainingError(f"config has keys that are no TrainConfig field: {hints}. The fields: "
+                            "help(virtualcell.TrainConfig).")
+    return TrainConfig(**config)
+
+
 def with_learning_rate(cfg: TrainConfig, base: str | None) -> TrainConfig:
     """``cfg`` with its learning rate filled in where it has none (the checkpoint then records the rate used):
     :data:`FINETUNE_LR` when fine-tuning a pretrained ``base``, :data:`NEW_MODEL_LR` for a new small model."""
@@ -316,7 +344,7 @@ def train(
     *,
     out: str | Path,
     contract: DataContract | None = None,
-    config: TrainConfig | None = None,
+    config: TrainConfig | Mapping[str, Any] | None = None,
     base: str | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -336,7 +364,7 @@ def train(
     contract
         Columns of the screen (default: the contract stored in ``adata``).
     config
-        :class:`TrainConfig`; ``max_minutes`` bounds the wall time.
+        :class:`TrainConfig` (or a dict of its fields); ``max_minutes`` bounds the wall time.
     base
         A Hugging Face causal LM to fine-tune (hub id or folder), e.g. a C2S-Scale model;
         default: a new small gene-level Llama model.
@@ -364,7 +392,7 @@ def train(
 
     require_in_memory(adata, "The training data")
     dev = training_device(device)
-    cfg = with_learning_rate(config or TrainConfig(), base)
+    cfg = with_learning_rate(as_config(config), base)
     gene_key = gene_key or (contract.gene_key if contract is not None else None)
     adata = with_gene_key(adata, gene_key)
     if base is not None:

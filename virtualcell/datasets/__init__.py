@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..contract import DataContract
 from ..errors import DataError, close_matches, preview
+from . import synthetic  # (light: numpy; networkx is imported when a screen is made)
+from .synthetic import synthetic_screen  # a known-answer screen simulated from a gene regulatory network
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
-__all__ = ["load", "read_h5ad", "available", "cache_dir", "DEFAULT", "synthetic_screen", "DatasetInfo", "DataError"]
+__all__ = ["load", "read_h5ad", "available", "cache_dir", "DEFAULT", "synthetic_screen", "synthetic", "DatasetInfo", "DataError"]
 
 DEFAULT = "papalexi2021"
 
@@ -277,10 +279,3 @@ def read_h5ad(path: str | os.PathLike[str], *, contract: DataContract | None = N
     contract.attach(adata)
     contract.validate(adata)
     return adata
-
-
-def synthetic_screen(*args: Any, **kwargs: Any) -> ad.AnnData:
-    """A known-answer screen simulated from a gene regulatory network; see :mod:`.synthetic`."""
-    from .synthetic import synthetic_screen as _impl
-
-    return _impl(*args, **kwargs)

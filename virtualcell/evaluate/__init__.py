@@ -34,7 +34,17 @@ Examples
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - the lazy names below, for type checkers and editors
+    from . import baselines, distances, metrics, plots
+    from ._celleval import CELL_EVAL_PROFILES, to_cell_eval
+    from ._core import TABLE_COLUMNS, delta_table, evaluate, summarize
+    from ._data import effect_size, resolve_contract, split_controls
+    from .baselines import BASELINES
+    from .distances import distance_test, sorted_by_group
+    from .metrics import METRICS, PROFILES, TOP_N, Metric, PredRealPair
+    from .plots import plot_delta_scatter, plot_metric_bars
 
 # the baselines evaluate() and `virtualcell evaluate` put beside a model unless told otherwise (here, not in _core, so
 # that the CLI's parser reads it without importing pandas)
