@@ -768,7 +768,7 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     import pandas as pd
 
     from virtualcell.contract import DataContract
-    from virtualcell.errors import PerturbationError
+    from virtualcell.errors import DataError, PerturbationError
     from virtualcell.perturbations import parse
     from virtualcell.sentences import Vocabulary
     from virtualcell.train import TrainConfig, typed_labels
@@ -791,9 +791,12 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     assert "labels look like control labels ('NT_2'" in caplog.text and "--control NT_1,NT_2" in caplog.text
     caplog.clear()
     a.obs["perturbation"] = [x.lower() if x == "KLF1" and i % 2 else x for i, x in enumerate(labels)]
-    with caplog.at_level("WARNING"):  # half of KLF1's cells as 'klf1': a perturbation of its own, said
+    with pytest.raises(DataError, match=r"'KLF1' and 'klf1' are ko:KLF1"):  # half of KLF1's cells as 'klf1': one knockout
         typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig())
-    assert "1 perturbation is named in more than one case ('KLF1 / klf1')" in caplog.text
+    a.obs["perturbation"] = [x.lower() if x == "NT_2" and i % 2 else x for i, x in enumerate(labels)]
+    with caplog.at_level("WARNING"):  # plain labels in two cases stay two perturbations, and that is said
+        typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig())
+    assert "1 perturbation is named in more than one case ('NT_2 / nt_2')" in caplog.text
     a.obs["perturbation"] = labels
     with pytest.raises(PerturbationError, match=r"combination is written with '\+' \('KLF1\+MAP2K6'\)"):
         parse("act:KLF1|MAP2K6")
@@ -1218,3 +1221,51 @@ def test_labels_that_cannot_be_names_are_refused_before_training(papalexi_small)
             cells.obs.iloc[-1, cells.obs.columns.get_loc("perturbation")] = bad
         with pytest.raises(DataError, match=match):
             typed_labels(cells, contract, genes, TrainConfig())
+
+
+def test_labels_that_would_read_as_something_else_are_refused_or_kept_as_written(papalexi_small, caplog):
+    """Each label trains as the perturbation it names, or is refused by name before training:
+    'None' and 'ctrl' trained as the control prompt while counted as perturbed (now plain labels, written 'label:None'
+    so that they read back as themselves); 'IL-2:high' (no kind) is a plain label and 'drug:5-FU' the drug it writes;
+    'STAT1+' trained as STAT1 merged with its cells, and 'STAT1' beside 'stat1' merged under a warning saying the
+    opposite, then failed when training ended: both refused; an Ensembl id without its version suffix names the
+    panel's gene as the panel spells it; a label holding ',' trains with a warning that the command line cannot list
+    it."""
+    from virtualcell.contract import DataContract
+    from virtualcell.errors import DataError
+    from virtualcell.perturbations import Perturbation, parse
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig
+    from virtualcell.training.labels import typed_labels
+
+    contract = DataContract.from_adata(papalexi_small)
+    cells = papalexi_small[:200].copy()
+    labels = cells.obs["perturbation"].astype(str).to_numpy()
+    perturbed = np.flatnonzero(labels != contract.control)
+
+    def relabel(new):
+        out = cells.copy()
+        values = labels.copy()
+        values[perturbed[: len(new) * 3]] = np.repeat(new, 3)
+        out.obs["perturbation"] = values
+        return out
+
+    genes = Vocabulary.from_adata(cells)
+    with caplog.at_level("WARNING"):
+        typed, vocab = typed_labels(relabel(["None", "ctrl", "IL-2:high", "drug:5-FU", "anti-CD3,CD28"]), contract,
+                                    genes, TrainConfig())
+    assert {k: vocab.labels[k] for k in ("None", "ctrl", "IL-2:high", "drug:5-FU", "anti-CD3,CD28")} == {
+        "None": "label:None", "ctrl": "label:ctrl", "IL-2:high": "label:IL-2:high", "drug:5-FU": "drug:5-FU",
+        "anti-CD3,CD28": "anti-CD3,CD28"}
+    assert parse(str(Perturbation("label", "None"))) == Perturbation("label", "None")
+    assert vocab.resolve("None") == Perturbation("label", "None")
+    assert "hold ','" in caplog.text and "panel file" in caplog.text
+    for new, match in ((["STAT1+"], r"empty part around '\+' \('STAT1\+'\)"), ([""], "are empty"),
+                       (["STAT1", "stat1"], r"'STAT1' and 'stat1' are ko:STAT1.*one way")):
+        with pytest.raises(DataError, match=match):
+            typed_labels(relabel(new), contract, genes, TrainConfig())
+    versioned = cells.copy()
+    versioned.var_names = ["ENSG00000115415.20" if g == "STAT1" else g for g in versioned.var_names]
+    typed, vocab = typed_labels(relabel(["ENSG00000115415"]), contract, Vocabulary.from_adata(versioned),
+                                TrainConfig())
+    assert vocab.labels["ENSG00000115415"] == "ko:ENSG00000115415.20"

@@ -350,7 +350,9 @@ class C2SModel:
         lost = []
         if "data_hash" in run and self.baselines is None:
             lost.append(f"{BASELINES_FILE} (the training baselines a blend serves)")
-        if int(run.get("n_verdict_cells") or 0) > 0 and self.verdict is None:
+        # (a run that held cells out but made no verdict, its held cells all controls, records no verdict_weight)
+        made = "verdict_weight" in run or "verdict_seconds" not in run
+        if int(run.get("n_verdict_cells") or 0) > 0 and made and self.verdict is None:
             lost.append(f"{VERDICT_FILE} (the verdict's blend weight and generation settings)")
         if lost:
             log.warning("%s lacks %s, which its training run wrote: it serves the pure model%s. Copy the whole "

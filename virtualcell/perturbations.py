@@ -177,8 +177,9 @@ class Perturbation:
     def __str__(self) -> str:
         if self.kind == "control":
             return "control"
-        if self.kind == "label":
-            return self.target
+        if self.kind == "label":  # 'label:' where the bare name reads otherwise ('None' is the control, 'IL-2:high' a kind)
+            bare = ":" not in self.target and self.target.strip().lower() not in _CONTROL_WORDS
+            return self.target if bare else f"label:{self.target}"
         s = f"{_SHORT[self.kind]}:{self.target}"
         return s + quantity_suffix(self.dose, self.time, dose_unit=self.dose_unit, time_unit=self.time_unit)
 
@@ -227,6 +228,9 @@ class Combination:
 
     def describe(self) -> str:
         return " and ".join(p.describe() for p in self.parts)
+
+
+_CONTROL_WORDS = frozenset({"control", "ctrl", "none"})  # read as the control when written alone
 
 
 def _fmt(x: float) -> str:
@@ -413,8 +417,8 @@ def _parse_part(text: str, source: str) -> Perturbation:
     if not t:
         raise PerturbationError("An empty perturbation: write one, e.g. 'ko:STAT1'." if not source.strip() else
                                 f"Empty part in {source!r}: check for a stray '+'.")
-    if t.lower() in {"control", "ctrl", "none", "dmso", "vehicle", "non-targeting"} and ":" not in t:
-        return Perturbation("control") if t.lower() in {"control", "ctrl", "none"} else Perturbation("label", t)
+    if t.lower() in {*_CONTROL_WORDS, "dmso", "vehicle", "non-targeting"} and ":" not in t:
+        return Perturbation("control") if t.lower() in _CONTROL_WORDS else Perturbation("label", t)
     if ":" not in t:
         if any(c.isspace() for c in t):
             raise PerturbationError(

@@ -542,6 +542,10 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     baseline = baseline_cells(data, contract, in_verdict, unseen)
     data = data[~in_verdict] if in_verdict.any() else data
     genes = Vocabulary.from_adata(data)
+    joined = [g for g in genes.genes if ";" in g]
+    if joined:  # (a screen's files join its lists of genes with ';': 'ANP32B;AS1' came back as two genes)
+        raise DataError(f"{len(joined)} gene names hold ';' ({preview(joined, 5)}), which separates genes in a "
+                        "screen's files: rename them, e.g. adata.var_names = adata.var_names.str.replace(';', '_').")
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)

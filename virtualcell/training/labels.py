@@ -60,10 +60,15 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
             f"{len(semicolon)} perturbation labels in obs[{contract.perturbation_key!r}] hold ';' "
             f"({preview(semicolon, 5)}), which separates labels in a screen's files: rename them in the file, e.g. "
             "adata.obs[key] = adata.obs[key].astype(str).str.replace(';', '_').")
+    empty = sorted({x for x in set(labels) - {contract.control} if not all(p.strip() for p in x.split("+"))})
+    if empty:  # ('STAT1+' trained as the knockout of STAT1, merged with the STAT1 cells; '' failed as a pair)
+        raise DataError(
+            f"{len(empty)} perturbation labels in obs[{contract.perturbation_key!r}] are empty or have an empty part "
+            f"around '+' ({preview(empty, 5)}): '+' joins the parts of a combination ('A+B'), so 'CD14+' would train "
+            "as CD14 alone. Rename them in the file, e.g. adata.obs[key] = adata.obs[key].astype(str).str.replace("
+            "'+', '_pos'), and give an empty label its perturbation (or drop those cells).")
     dose, when, units = contract.read_quantities(adata)  # (the dose and time columns, read once)
     conditions = contract.conditions(adata, (dose, when))
-    if warn:
-        _warn_odd_labels(labels, (dose, when), contract, genes)
     vocab = PerturbationVocab(own_targets=cfg.target_tokens in ("own", "both"), own_doses=cfg.dose_tokens == "own",
                               targets_with_gene=cfg.target_tokens == "both", dose_units=units)
     if kinds is not None or cfg.kind in ("auto", *GENETIC):
@@ -78,6 +83,10 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if key not in cache:
             cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
         typed[i] = cache[key]
+    _refuse_merged(labels, typed, contract)
+    if warn:
+        _warn_odd_labels(labels, (dose, when), contract, genes)
+        _warn_unlistable(labels, contract)
     if warn and kinds is None and cfg.kind == "auto":  # a time course of knockouts outside the panel reads as drugs
         timed = sorted({str(lab) for lab, form in zip(labels, typed)
                         if form.startswith("drug:") and _all_gene_like(str(lab).split("+"))}
@@ -105,6 +114,42 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     if warn:
         _warn_shared_prompts(vocab)
     return typed, vocab
+
+
+def _refuse_merged(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
+    """Refuse two labels read as one perturbation ('STAT1' and 'stat1' are both the knockout of STAT1; 'A+B' and
+    'B+A' one pair): trained as one, measured as two, they failed at the end of training (the verdict simulated it
+    twice) or trained merged under a warning that said otherwise."""
+    by_form: dict[str, set[str]] = {}
+    for label, form in set(zip(labels, typed)):
+        if label != contract.control:
+            by_form.setdefault(str(form), set()).add(str(label))
+    merged = sorted((form, sorted(named)) for form, named in by_form.items() if len(named) > 1)
+    if merged:
+        said = "; ".join(f"{' and '.join(map(repr, named))} are {form}" for form, named in merged[:5])
+        raise DataError(
+            f"{len(merged)} perturbations are named by more than one label in obs[{contract.perturbation_key!r}] "
+            f"({said}{'; ...' if len(merged) > 5 else ''}): the model would train them as one while the data measures "
+            "them apart. Write each one way in the file, e.g. adata.obs[key] = adata.obs[key].astype(str).replace("
+            "{'stat1': 'STAT1'}).")
+
+
+# characters a label may hold that the command line reads otherwise, and where that is
+_LIST_CHARACTERS = {",": ("separates the perturbations of predict --perturbations",
+                          "list them in a screen's panel file (one a line) or ask for them from Python"),
+                    "{": ("opens a group of choices ({a,b})", "ask for them from Python (sim.simulate([...]))"),
+                    "}": ("closes a group of choices ({a,b})", "ask for them from Python (sim.simulate([...]))"),
+                    "#": ("starts a comment in a panel file", "ask for them from Python (sim.simulate([...]))")}
+
+
+def _warn_unlistable(labels: np.ndarray, contract: DataContract) -> None:
+    """Warn of labels that train but that the command line cannot list as they are: 'anti-CD3,CD28' was asked as
+    'anti-CD3' and 'CD28', and the refusal named 'anti-CD3,CD28' as the close match."""
+    for ch, (what, instead) in _LIST_CHARACTERS.items():
+        held = sorted({x for x in set(labels) if ch in x} - {contract.control})
+        if held:
+            log.warning("%d perturbation labels hold %r (%s), which %s: %s, or rename them in the file.",
+                        len(held), ch, preview(held, 3), what, instead)
 
 
 def _warn_shared_prompts(vocab: PerturbationVocab) -> None:
@@ -154,7 +199,7 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
     by_case: dict[str, list[str]] = {}
     for x in sorted(set(labels[perturbed])):
         by_case.setdefault(x.upper(), []).append(x)
-    cased = [" / ".join(v) for v in by_case.values() if len(v) > 1]
+    cased = [" / ".join(v) for v in by_case.values() if len(v) > 1]  # (twins read as one perturbation are refused)
     if cased:
         log.warning("%d perturbation%s named in more than one case (%s): each spelling trains as a perturbation of "
                     "its own. If they are one, write them one way in obs[%r].", len(cased),
@@ -184,14 +229,21 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     parts = [x.strip() for x in label.split("+") if x.strip()]
     dosed = dose is not None or time_ is not None
     part_kinds = None
-    if kind == "auto":
+    written = [_written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
+    if any(written):
+        parts = [w[1] if w else x for x, w in zip(parts, written)]
+        rest = [x for x, w in zip(parts, written) if not w]
+        if kind == "auto":
+            kind = _auto_kind(rest, genes, vocab.aliases, dosed=dosed) if rest else written[0][0]
+        part_kinds = [w[0] if w else kind for w in written]
+    elif kind == "auto":
         gene_parts = [x.upper() in genes or x.upper() in vocab.aliases for x in parts]
         if dosed and any(gene_parts) and not all(gene_parts):
             # a dosed drug with a knockout of a panel gene ('drugA+G5' at 10 nM): each part its own kind, the dose
             # the drug's (one kind for the label read G5 as a drug at 10 nM, a form no one asks)
             part_kinds = ["knockout" if g else "drug" for g in gene_parts]
         kind = _auto_kind(parts, genes, vocab.aliases, dosed=dosed)
-    if kind == "label" and (dose is not None or time_ is not None):
+    if dosed and all(k == "label" for k in part_kinds or [kind]):
         raise DataError(
             f"Perturbation {label!r} is read as a plain label (kind 'label'), which carries no dose or time, but its "
             f"cells have a dose or time (the contract's dose_key {contract.dose_key!r} / time_key "
@@ -201,6 +253,8 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     for x, kind in zip(parts, part_kinds or [kind] * len(parts)):
         if kind in GENETIC:
             target = vocab.aliases.get(x.upper(), x.upper())  # the gene it names, where the labels name genes otherwise
+            if target in genes:  # as the model spells it ('ENSG00000096968' is the panel's 'ENSG00000096968.21')
+                target = genes.genes[genes.find(target)]
             if (target not in genes or vocab.own_targets) and target not in vocab.names["target"]:
                 vocab.names["target"].append(target)
             out.append(Perturbation(kind, target))  # type: ignore[arg-type]
@@ -217,6 +271,21 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
                 vocab.names["label"].append(x)
             out.append(Perturbation("label", x))
     return out[0] if len(out) == 1 else Combination(tuple(out))
+
+
+def _written_kind(part: str) -> tuple[str, str] | None:
+    """``(kind, name)`` of a label's part written typed, with a kind the perturbation language knows and no dose or
+    time of its own ('ko:STAT1', 'drug:5-FU'; the dose columns give doses); ``None`` for any other part, which is
+    read by its kind ('IL-2:high' is a plain label: 'IL-2' is no kind)."""
+    if ":" not in part:
+        return None
+    try:
+        p = parse(part)
+    except ValueError:
+        return None
+    if not isinstance(p, Perturbation) or p.kind == "control" or p.dose is not None or p.time is not None:
+        return None
+    return p.kind, p.target
 
 
 def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], *, dosed: bool) -> str:
