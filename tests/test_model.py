@@ -647,6 +647,19 @@ def test_a_checkpoint_copied_without_its_verdict_or_baselines_says_what_it_serve
     with caplog.at_level("WARNING"):
         C2SModel.load(folder)
     assert "lacks" not in caplog.text
+    # a run that held cells out but made no verdict (they were all controls) records no verdict weight: nothing lost
+    from virtualcell.model import META_FILE
+
+    none = tmp_path / "no_verdict"
+    shutil.copytree(folder, none)
+    (none / "verdict.json").unlink()
+    meta = json.loads((none / META_FILE).read_text())
+    meta["train_config"].pop("verdict_weight")
+    (none / META_FILE).write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        C2SModel.load(none)
+    assert "lacks" not in caplog.text
     for name in ("config.json", "tokenizer.json"):  # without these it cannot load: named, not "truncated"
         copy = tmp_path / f"no-{name}"
         shutil.copytree(folder, copy)
