@@ -1261,7 +1261,8 @@ def test_labels_that_would_read_as_something_else_are_refused_or_kept_as_written
     assert vocab.resolve("None") == Perturbation("label", "None")
     assert "hold ','" in caplog.text and "panel file" in caplog.text
     for new, match in ((["STAT1+"], r"empty part around '\+' \('STAT1\+'\)"), ([""], "are empty"),
-                       (["STAT1", "stat1"], r"'STAT1' and 'stat1' are ko:STAT1.*one way")):
+                       (["STAT1", "stat1"], r"'STAT1' and 'stat1' are ko:STAT1.*one way"),
+                       (["A:B@3", "drug:X@10uM"], r"cannot be written so that they read back.*'A:B@3', 'drug:X@10uM'")):
         with pytest.raises(DataError, match=match):
             typed_labels(relabel(new), contract, genes, TrainConfig())
     versioned = cells.copy()

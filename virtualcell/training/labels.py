@@ -117,9 +117,24 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
 
 
 def _refuse_merged(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
-    """Refuse two labels read as one perturbation ('STAT1' and 'stat1' are both the knockout of STAT1; 'A+B' and
+    """Refuse a label whose typed form does not read back as itself, and two labels read as one perturbation ('STAT1' and 'stat1' are both the knockout of STAT1; 'A+B' and
     'B+A' one pair): trained as one, measured as two, they failed at the end of training (the verdict simulated it
     twice) or trained merged under a warning that said otherwise."""
+    unread = []
+    for label, form in sorted(set(zip(labels, typed))):
+        try:
+            same = str(parse(form)) == form
+        except ValueError:
+            same = False
+        if not same:
+            unread.append(label)
+    if unread:  # ('A:B@3' is a plain label, written 'label:A:B@3', which reads as 'A:B' at a dose of 3)
+        raise DataError(
+            f"{len(unread)} perturbation labels in obs[{contract.perturbation_key!r}] cannot be written so that they "
+            f"read back as themselves ({preview(unread, 5)}): a label holding ':' after a name that is no kind, or a "
+            "kind with a dose ('drug:X@10uM'), mixes the perturbation language's marks. Rename them in the file (e.g. "
+            "adata.obs[key] = adata.obs[key].astype(str).str.replace(':', '_')), and give doses in a dose column "
+            "(--dose-key).")
     by_form: dict[str, set[str]] = {}
     for label, form in set(zip(labels, typed)):
         if label != contract.control:
