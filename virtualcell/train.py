@@ -342,7 +342,7 @@ def with_learning_rate(cfg: TrainConfig, base: str | None) -> TrainConfig:
 def train(
     adata: ad.AnnData,
     *,
-    out: str | Path,
+    out: str | os.PathLike[str],
     contract: DataContract | None = None,
     config: TrainConfig | Mapping[str, Any] | None = None,
     base: str | None = None,
