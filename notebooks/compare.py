@@ -1,7 +1,7 @@
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = [
-#     "marimo>=0.9",
+#     "marimo>=0.17",
 #     "virtualcell",
 # ]
 # ///

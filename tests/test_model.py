@@ -429,6 +429,14 @@ def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_
     assert "does not support sdpa attention" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert C2SModel.load(tmp_path / "out").train_config["steps"] == 2
+    # transformers 4.56 to 5.20 flagged Gemma-2 as taking sdpa, which drops its logit soft-capping: the cap decides
+    from types import SimpleNamespace
+
+    from virtualcell.training.kernels import _supports_sdpa
+
+    capped = SimpleNamespace(_supports_sdpa=True, config=SimpleNamespace(attn_logit_softcapping=50.0))
+    assert not _supports_sdpa(capped)
+    assert _supports_sdpa(SimpleNamespace(_supports_sdpa=True, config=SimpleNamespace(attn_logit_softcapping=None)))
 
 
 def _text_base(bpe_model, folder, *, positions: int):  # noqa: ANN001, ANN202

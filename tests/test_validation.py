@@ -759,13 +759,15 @@ def test_the_verdict_time_is_reserved_inside_max_minutes(tiny_model, tmp_path):
     candidates = [{"guidance": g} for g in GUIDANCE_CANDIDATES]
     assert verdict_seconds(model, held, contract, candidates=candidates) > 0
     assert verdict_seconds(model, held[contract.is_control(held)], contract, candidates=candidates) == 0.0  # nothing to judge
-    cfg = replace(TINY, max_steps=100_000, eval_every=10_000, save_every=10_000, max_minutes=0.25)
+    # 30 s: setting up took 17.7 s once on a machine another test suite was loading, past a 15 s budget
+    budget = 30.0
+    cfg = replace(TINY, max_steps=100_000, eval_every=10_000, save_every=10_000, max_minutes=budget / 60)
     trained = train(data, out=tmp_path / "m", config=cfg, progress=False)
     run = trained.train_config
     reserved = run["verdict_reserved_s"]
-    assert 0 < reserved <= 7.5  # at most half of the 15 s
+    assert 0 < reserved <= budget / 2  # at most half of the budget
     last = run["history"][-1]["elapsed_s"]
-    assert last <= 15 - reserved + 2.0  # the steps stopped in time to leave the verdict its share
+    assert last <= budget - reserved + 2.0  # the steps stopped in time to leave the verdict its share
     assert run["verdict_seconds"] > 0 and trained.verdict is not None
 
 

@@ -219,10 +219,14 @@ class C2SModel:
             lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
         except Exception as err:  # a broken local file fails in the loader's own error types
             if is_local:
+                import transformers
+
                 raise ModelError(
                     f"The model in {str(path)!r} cannot be read ({err.__class__.__name__}: "
-                    f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}); a file such as "
-                    "model.safetensors may be truncated. Copy the checkpoint folder again, or retrain it."
+                    f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}) with transformers "
+                    f"{transformers.__version__}: a transformers older than virtualcell needs (5.0; pip install -U "
+                    "transformers), or a truncated file such as model.safetensors (copy the checkpoint folder again, "
+                    "or retrain it)."
                 ) from None
             if not isinstance(err, OSError):
                 raise

@@ -62,7 +62,12 @@ def _set_attention(lm, name: str) -> None:  # noqa: ANN001
 
 
 def _supports_sdpa(lm) -> bool:  # noqa: ANN001
-    """Whether transformers lets ``lm`` use torch's scaled_dot_product_attention (Gemma-2 does not)."""
+    """Whether ``lm`` may use torch's scaled_dot_product_attention: transformers allows it, and the model caps no
+    attention logits (Gemma-2's ``attn_logit_softcapping``, which sdpa has no place for: transformers 4.56 to 5.20
+    allowed sdpa for Gemma-2 and dropped the cap without a word)."""
+    config = getattr(lm, "config", None)
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
     return bool(getattr(lm, "_supports_sdpa", True))
 
 
