@@ -594,8 +594,8 @@ def _to_netcdf(agg: xr.Dataset, path: Path) -> None:
 def _panel_attrs(parts: Sequence[xr.Dataset]) -> dict[str, Any]:
     """The attributes that differ between a screen's groups, for the whole panel (``xr.concat`` keeps the
     first group's): the perturbations composed, the baselines blended in and the devices and dtypes the groups ran
-    in (each group's, joined), the weight
-    served to perturbations never trained on (where any group served it), the generation counters (summed)."""
+    in (each group's, joined), the weight served to perturbations never trained on (where any group served it), the
+    generation counters (summed)."""
     out: dict[str, Any] = {
         "composed": "; ".join(c for a in parts for c in str(a.attrs.get("composed", "")).split("; ") if c),
         "baseline": ";".join(sorted({b for a in parts for b in str(a.attrs.get("baseline", "none")).split(";")}
