@@ -46,7 +46,7 @@ CASES = [
      r"Unknown device 'GPU0'"),
     # broken model files
     ("model-truncated-safetensors", "predict --model {trunc_model} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
-     r"cannot be read .*with transformers .*truncated file such as model\.safetensors"),
+     r"cannot be read .*model\.safetensors may be truncated"),
     ("model-broken-virtualcell-json", "predict --model {broken_meta} --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"virtualcell\.json' is broken"),
     ("model-mistyped-folder", "predict --model {tmp}/my-modle --data {base} --perturbations STAT1 --out {tmp}/p.h5ad",

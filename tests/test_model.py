@@ -426,7 +426,7 @@ def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_
     args = ["train", "--base", str(base), "--data", str(data), "--perturbation-key", "perturbation", "--control",
             "control", "--top-k", "8", "--max-steps", "2", "--batch-size", "4", "--verdict-fraction", "0"]
     assert main([*args, "--out", str(tmp_path / "sdpa"), "--attention", "sdpa"]) == 2
-    assert "does not support sdpa attention" in capsys.readouterr().err
+    assert "caps its attention logits" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert C2SModel.load(tmp_path / "out").train_config["steps"] == 2
     # transformers 4.56 to 5.20 flagged Gemma-2 as taking sdpa, which drops its logit soft-capping: the cap decides
@@ -437,6 +437,14 @@ def test_a_gemma2_base_fine_tunes_with_the_attention_transformers_allows_it(bpe_
     capped = SimpleNamespace(_supports_sdpa=True, config=SimpleNamespace(attn_logit_softcapping=50.0))
     assert not _supports_sdpa(capped)
     assert _supports_sdpa(SimpleNamespace(_supports_sdpa=True, config=SimpleNamespace(attn_logit_softcapping=None)))
+    # ... and loaded with sdpa there, it is set to eager for training, the verdict and serving alike
+    from virtualcell.model import eager_if_capped
+
+    set_to = []
+    loaded = SimpleNamespace(config=SimpleNamespace(attn_logit_softcapping=50.0, _attn_implementation="sdpa"),
+                             set_attn_implementation=set_to.append)
+    assert eager_if_capped(loaded) is loaded and set_to == ["eager"]
+    assert C2SModel.load(tmp_path / "out").lm.config._attn_implementation == "eager"
 
 
 def _text_base(bpe_model, folder, *, positions: int):  # noqa: ANN001, ANN202
@@ -894,3 +902,15 @@ def test_python_api_misuse_is_refused_by_name(tiny_model, tmp_path):
         vc.TrainConfig(holdout=["STAT1"])
     assert vc.TrainConfig(holdout={"perturbation": "STAT1"}).holdout == {"perturbation": ["STAT1"]}
     assert vc.TrainConfig(verdict_samples=[1, 4]).verdict_samples == (1, 4)
+    assert vc.TrainConfig(holdout={"bio_rep": np.int64(1)}).holdout == {"bio_rep": [1]}
+    with pytest.raises(TrainingError, match=r"holdout gives no values for \['perturbation'\]"):
+        vc.TrainConfig(holdout={"perturbation": None})
+    # a context column of mixed types (1, 2 and '3', built in Python) is written as strings, not refused by h5py
+    mixed = base.copy()
+    mixed.obs["bio_rep"] = np.array([1, 2, "3", 4], dtype=object)
+    model.contract = replace(model.contract, context_key="bio_rep")
+    try:
+        res = vc.Simulator(mixed, model, warn_new_contexts=False).simulate(["STAT1"], progress=False, samples=1)
+        assert list(res.write_h5ad(tmp_path / "mixed.h5ad") and res.to_anndata().obs["bio_rep"]) == ["1", "2", "3", "4"]
+    finally:
+        model.contract = replace(model.contract, context_key=None)

@@ -216,17 +216,19 @@ class C2SModel:
                                  "holds. Copy the whole checkpoint folder again, or retrain it.")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-            lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
+            lm = eager_if_capped(AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt))
         except Exception as err:  # a broken local file fails in the loader's own error types
             if is_local:
                 import transformers
 
+                old = int(transformers.__version__.split(".")[0]) < 5
                 raise ModelError(
                     f"The model in {str(path)!r} cannot be read ({err.__class__.__name__}: "
-                    f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}) with transformers "
-                    f"{transformers.__version__}: a transformers older than virtualcell needs (5.0; pip install -U "
-                    "transformers), or a truncated file such as model.safetensors (copy the checkpoint folder again, "
-                    "or retrain it)."
+                    f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'})"
+                    + (f" with transformers {transformers.__version__}, older than virtualcell needs (5.0): pip "
+                       "install -U transformers. Or" if old else ";") +
+                    " a file such as model.safetensors may be truncated: copy the checkpoint folder again, or "
+                    "retrain it."
                 ) from None
             if not isinstance(err, OSError):
                 raise
@@ -705,6 +707,20 @@ class C2SModel:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
         return GeneratedCells(np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
                               n_invalid, n_dup)
+
+
+def caps_attention(lm: Any) -> bool:
+    """Whether ``lm`` caps its attention logits (Gemma-2's ``attn_logit_softcapping``, so C2S-Scale's), which torch's
+    sdpa attention cannot: such a model must run eager attention."""
+    return bool(getattr(getattr(lm, "config", None), "attn_logit_softcapping", None))
+
+
+def eager_if_capped(lm: Any) -> Any:
+    """``lm`` set to eager attention where it caps its attention logits (:func:`caps_attention`) and was loaded with
+    another: transformers 5.0 to 5.20 loaded Gemma-2 with sdpa and dropped the cap without a word."""
+    if caps_attention(lm) and getattr(lm.config, "_attn_implementation", "eager") != "eager":
+        lm.set_attn_implementation("eager")
+    return lm
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -563,7 +563,11 @@ class Simulator:
         if contract is None or not contract.has_context(self.baseline):
             return None
         n = self.baseline.n_obs if n is None else n
-        return self.baseline.obs[contract.context_columns(self.baseline)].iloc[:n].reset_index(drop=True).copy()
+        obs = self.baseline.obs[contract.context_columns(self.baseline)].iloc[:n].reset_index(drop=True).copy()
+        for col in obs.columns:  # (a column of 1, 2 and '3' could not be written to .h5ad)
+            if obs[col].dtype == object:
+                obs[col] = obs[col].astype(str)
+        return obs
 
     @staticmethod
     def control_sample_count(samples: int, control_samples: int | None = None) -> int:

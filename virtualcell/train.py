@@ -218,7 +218,11 @@ class TrainConfig:
             raise TrainingError(f"holdout must map obs columns to the values held out, e.g. "
                                 f"{{'perturbation': ['STAT1']}}, got {self.holdout!r}.")
         # one value as a string is that value (it was read letter by letter: 'STAT1' held out S, T, A and 1)
-        object.__setattr__(self, "holdout", {str(k): [v] if isinstance(v, str | int | float) else list(v)
+        empty = [str(k) for k, v in self.holdout.items() if v is None]
+        if empty:
+            raise TrainingError(f"holdout gives no values for {empty}: name the values of each column held out, e.g. "
+                                f"{{{empty[0]!r}: ['STAT1']}}.")
+        object.__setattr__(self, "holdout", {str(k): [v] if isinstance(v, str | int | float | np.generic) else list(v)
                                              for k, v in self.holdout.items()})
         for f in fields(self):  # a string such as "false" would read as true
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
@@ -487,13 +491,13 @@ def _new_model(cfg: TrainConfig, base: str | None, genes: Vocabulary, pvocab: Pe
         with torch.random.fork_rng(devices=[]):  # the seed's weights, and the caller's random state untouched
             torch.manual_seed(cfg.seed)
             return LlamaForCausalLM(lm_config), tokenizer, "compact"
-    from .model import looks_like_hub_id, unreachable
+    from .model import eager_if_capped, looks_like_hub_id, unreachable
 
     if not Path(base).exists() and not looks_like_hub_id(base):  # a mistyped folder: said without asking the hub
         raise unreachable(base, FileNotFoundError(base))
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
-        lm = AutoModelForCausalLM.from_pretrained(base)
+        lm = eager_if_capped(AutoModelForCausalLM.from_pretrained(base))
     except OSError as err:  # offline, a wrong id, a folder without a model: said as loading a model says it
         raise unreachable(base, err) from None
     if tokenizer.pad_token is None:
@@ -1051,8 +1055,8 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     data = adata[holdout_mask(adata, cfg.holdout)]
     given = data_hash(data, contract)
     if given != run["data_hash"]:
-        hold = " after the holdout " + ", ".join(f"{k}={','.join(v)}" for k, v in cfg.holdout.items()) if cfg.holdout \
-            else ""
+        held = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in cfg.holdout.items())
+        hold = f" after the holdout {held}" if cfg.holdout else ""
         raise DataError(f"This is not the data the model was trained on: its hash{hold} is {given}, the training run "
                         f"recorded {run['data_hash']} ({run.get('n_train_cells', '?')} training cells). The verdict's "
                         "held-out cells are drawn from that data, and on any other they could be cells the model "

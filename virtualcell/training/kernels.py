@@ -63,12 +63,11 @@ def _set_attention(lm, name: str) -> None:  # noqa: ANN001
 
 def _supports_sdpa(lm) -> bool:  # noqa: ANN001
     """Whether ``lm`` may use torch's scaled_dot_product_attention: transformers allows it, and the model caps no
-    attention logits (Gemma-2's ``attn_logit_softcapping``, which sdpa has no place for: transformers 4.56 to 5.20
-    allowed sdpa for Gemma-2 and dropped the cap without a word)."""
-    config = getattr(lm, "config", None)
-    if getattr(config, "attn_logit_softcapping", None):
-        return False
-    return bool(getattr(lm, "_supports_sdpa", True))
+    attention logits (:func:`~virtualcell.model.caps_attention`, Gemma-2's: transformers 4.56 to 5.20 allowed sdpa
+    for Gemma-2 and dropped the cap without a word)."""
+    from ..model import caps_attention
+
+    return not caps_attention(lm) and bool(getattr(lm, "_supports_sdpa", True))
 
 
 def _transformers_version() -> str:
@@ -108,8 +107,11 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
         if attention == "sdpa":
             from ..errors import TrainingError
 
-            raise TrainingError(f"{type(lm).__name__} does not support sdpa attention in transformers "
-                                f"{_transformers_version()}: use --attention eager (attention='eager') or auto.")
+            from ..model import caps_attention
+
+            why = ("caps its attention logits (attn_logit_softcapping), which sdpa attention drops" if caps_attention(lm)
+                   else f"does not support sdpa attention in transformers {_transformers_version()}")
+            raise TrainingError(f"{type(lm).__name__} {why}: use --attention eager (attention='eager') or auto.")
         attn = ["eager"]
     if precision != "auto":
         prec = [precision]
