@@ -191,3 +191,11 @@ def test_a_context_of_several_columns(tmp_path):
     table = vc.evaluate.evaluate(pred, screen, context_key="cell_type+patient", profile="pearson",
                                  baselines=("nochange",), ceiling=False)
     assert set(table["context"]) <= set(ctx) and set(table.loc[table["method"] == "model", "perturbation"]) == {ko}
+
+
+def test_contexts_written_as_whole_floats_are_named_with_the_fix():
+    """A patient column turned float by a merge with missing values reads '1.0' where the model trained on '1': the
+    new-context warning and evaluate's refusal say so, with the conversion."""
+    said = DataContract.whole_floats(["1.0", "2.0", "CD4T"], {"1", "2", "3"})
+    assert "'1.0', '2.0' are whole numbers written as floats" in said and ".astype(int)" in said
+    assert DataContract.whole_floats(["1.5", "CD4T", "4.0"], {"1", "2", "3"}) == ""

@@ -18,7 +18,9 @@ Examples
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -233,6 +235,18 @@ class DataContract:
         cols = adata.obs.columns
         return replace(self, dose_key=self.dose_key if self.dose_key in cols else None,
                        time_key=self.time_key if self.time_key in cols else None)
+
+    @staticmethod
+    def whole_floats(contexts: Iterable[str], known: Iterable[str]) -> str:
+        """A sentence for contexts written as whole-number floats where ``known`` has them as integers ('1.0' for
+        '1': a column of patients turned float by a merge with missing values); '' where there are none."""
+        known = {str(k) for k in known}
+        floats = sorted({c for c in map(str, contexts) if re.fullmatch(r"-?[0-9]+\.0", c) and c[:-2] in known})
+        if not floats:
+            return ""
+        return (f" The contexts {preview(floats, 3)} are whole numbers written as floats, where the model and data "
+                f"have {preview([c[:-2] for c in floats], 3)}: make the column integers, e.g. adata.obs[col] = "
+                "adata.obs[col].astype(int).")
 
     def contexts(self, adata: ad.AnnData) -> np.ndarray:
         """The context of every cell (a single ``"all"`` context when there is no context column). A context of

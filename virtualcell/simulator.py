@@ -889,8 +889,9 @@ class Simulator:
                            "transfer it did not check")
                 advice = " `virtualcell train --context-verdict` judges one context held out whole."
             log.warning("The baseline cells of %s %s come from a context the model never saw perturbed (it trained "
-                        "on perturbed cells of %s): %s.%s", self.model.contract.context_key, preview(new_contexts, 5),
-                        preview(trained, 5), checked.rstrip("."), advice)
+                        "on perturbed cells of %s): %s.%s%s", self.model.contract.context_key, preview(new_contexts, 5),
+                        preview(trained, 5), checked.rstrip("."), advice,
+                        self.model.contract.whole_floats(new_contexts, self.model.trained_contexts or trained))
         # the baseline of each perturbation, and the weight on the model's delta: a perturbation the model never
         # trained on (baseline pertmean or coexpression) gets the weight fitted on such perturbations, where the verdict has one
         # ... each cell's own: a perturbation's effect in the cell's context where it was measured there (the name

@@ -648,6 +648,7 @@ def _run(
                     f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
                     "predictions as the measured data does (virtualcell predict writes the training labels in "
                     "obs['perturbation']), and check the context column." + hint
+                    + contract.whole_floats({c for _, c in predicted}, {c for _, c in known})
                 )
         rows += score("model", pred_p, setup.real, contexts)
     if baselines:
