@@ -435,3 +435,19 @@ def test_a_missing_context_is_refused_wherever_contexts_are_read(papalexi_small)
     a.obs["cell_type"] = pd.array(["A", None] * 5, dtype="string")
     with pytest.raises(ContractError, match="context column 'cell_type' has 5 missing values"):
         vc.DataContract("perturbation", "control", context_key="cell_type").contexts(a)
+
+
+def test_sentence_text_refuses_gene_names_holding_its_separator():
+    """A gene 'GENE Y' written into a sentence's text reads back as two genes: the text form refuses it, naming the
+    compact form that keeps it."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.errors import VocabularyError
+
+    a = ad.AnnData(np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]], dtype=np.float32),
+                   var=pd.DataFrame(index=["GENE Y", "STAT1", "JAK2"]))
+    cs = vc.encode(a)
+    with pytest.raises(VocabularyError, match=r"1 gene names hold ' ' \('GENE Y'\).*\.npz"):
+        cs.to_text()
+    assert cs.to_text(sep=",")[0] == "GENE Y,STAT1"

@@ -729,7 +729,14 @@ class CellSentences:
         return [names[j] for j in self[i]]
 
     def to_text(self, *, sep: str = " ") -> list[str]:
-        """Space-separated gene names, one string per cell: the text C2S models read."""
+        """Space-separated gene names, one string per cell: the text C2S models read. Gene names holding the
+        separator are refused (their words could not be told apart from two genes'); :meth:`save` keeps them."""
+        spaced = [g for g in self.vocab.genes if sep in g or (sep.isspace() and any(c.isspace() for c in g))]
+        if spaced:
+            raise VocabularyError(f"{len(spaced)} gene names hold {sep!r} ({preview(spaced, 3)}), which separates "
+                                  "genes in a sentence's text: write the compact form instead (.npz; "
+                                  "CellSentences.save), or rename them, e.g. adata.var_names = "
+                                  "adata.var_names.str.replace(' ', '_').")
         names = np.asarray(self.vocab.genes, dtype=object)
         words = names[self.ids]
         return [sep.join(words[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
