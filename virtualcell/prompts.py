@@ -158,7 +158,26 @@ class PerturbationVocab:
         q = self._resolve(p)
         if not self.dose_units:
             self._no_unit_asked(q)
+        self._no_time_trained(q)
         return self._sole_time(in_units(q, self.dose_units))
+
+    def _no_time_trained(self, q: Perturbation | Combination) -> None:
+        """Refuse a time asked of a model that trained no condition with a time: its time tokens never trained, so
+        '@1,24h' read a token nothing taught and changed the prediction unchecked (screen's warning of untrained
+        conditions was the only word, and only where a blend weight was served)."""
+        parts = q.parts if isinstance(q, Combination) else (q,)
+        timed = [x for x in parts if x.time is not None]
+        if not timed:
+            return
+        for typed in self.conditions.values():
+            t = parse(typed)
+            if any(x.time is not None for x in (t.parts if isinstance(t, Combination) else (t,))):
+                return
+        bare = [replace(x, time=None, time_unit=None) for x in parts]
+        raise PerturbationError(
+            f"{q}: the model trained no condition with a time, so it cannot read one: ask without it "
+            f"('{bare[0] if len(bare) == 1 else Combination(tuple(bare))}'), or train on data with a time column "
+            "(--time-key).")
 
     def _sole_time(self, q: Perturbation | Combination) -> Perturbation | Combination:
         """``q`` with the time its agent was always trained at, on each dosed part asked without a time
