@@ -76,6 +76,8 @@ CASES = [
     # measured cells saved from vc.datasets.load carry uns['virtualcell'] (their contract): still the user's
     ("out-measured-file", f"predict {M} --perturbations STAT1 --out {{screen_h5ad}}",
      r"was not written by virtualcell; refusing to overwrite it"),
+    ("predict-repeated-cell-names", "predict --model {model} --data {dup_names} --perturbations STAT1 --out {tmp}/p.h5ad",
+     r"5 baseline cell names in .* repeat \(e\.g\. 'cell'\).*obs_names_make_unique"),
     ("out-is-the-data", "predict --model {model} --data {base} --perturbations STAT1 --out {base} --force",
      r"is the --data file"),
     ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",
@@ -125,6 +127,10 @@ def files(tiny_model, tmp_path_factory):
     ctrl = data[data.obs.perturbation == "control"][:6].copy()
     ctrl.write_h5ad(d / "base.h5ad")
     f["base"] = str(d / "base.h5ad")
+    dup = ctrl.copy()
+    dup.obs_names = ["cell"] * dup.n_obs
+    dup.write_h5ad(d / "dup_names.h5ad")
+    f["dup_names"] = str(d / "dup_names.h5ad")
     small = data[:300].copy()
     small.write_h5ad(d / "screen.h5ad")
     f["screen_h5ad"] = str(d / "screen.h5ad")
