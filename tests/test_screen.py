@@ -282,6 +282,15 @@ def test_a_screen_resumes_from_another_path_to_the_model_but_not_onto_a_rejudged
     assert rejudged.serving_digest() != sim.model.serving_digest() and rejudged.weights_digest() == sim.model.weights_digest()
     with pytest.raises(ScreenError, match="how the model's predictions are served"):
         screen(vc.Simulator(sim.baseline, rejudged), PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5)
+    # a screen from before the weights were recorded knows its model only by the path as typed: said so
+    import json
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("weights", "serving"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ScreenError, match=r"from an older virtualcell, recorded its model only by the path as typed"):
+        screen(sim, PANEL[:4], out=tmp_path, group_size=2, progress=False, n_boot=5)  # (the first run's path)
 
 
 def test_signature_with_unknown_genes_names_them(sim):

@@ -1270,3 +1270,27 @@ def test_labels_that_would_read_as_something_else_are_refused_or_kept_as_written
     typed, vocab = typed_labels(relabel(["ENSG00000115415"]), contract, Vocabulary.from_adata(versioned),
                                 TrainConfig())
     assert vocab.labels["ENSG00000115415"] == "ko:ENSG00000115415.20"
+
+
+def test_a_checkpoint_that_read_labels_otherwise_is_not_resumed_and_warns_when_loaded(tiny_model, tmp_path, caplog):
+    """A version before 'None' trained as a plain label read it as the control prompt: a resume would train those
+    cells two ways (refused, naming the label), and loading such a checkpoint says what it serves."""
+    import json
+    import shutil
+
+    from virtualcell.errors import TrainingError
+    from virtualcell.model import META_FILE, C2SModel
+    from virtualcell.training.checkpoint import same_labels
+
+    _, folder, _ = tiny_model
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / META_FILE).read_text())
+    meta["perturbations"]["labels"]["None"] = "control"
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(TrainingError, match=r"'None': control there, label:None here.*--restart"):
+        same_labels(old, {"None": "label:None", "STAT1": meta["perturbations"]["labels"]["STAT1"]})
+    same_labels(old, {"STAT1": meta["perturbations"]["labels"]["STAT1"]})  # the labels both read alike: fine
+    with caplog.at_level("WARNING"):
+        C2SModel.load(old)
+    assert "trained the perturbation label 'None' as the control prompt" in caplog.text

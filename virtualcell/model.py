@@ -30,7 +30,7 @@ import torch
 
 from . import target_offsets, token_bias
 from .contract import DataContract
-from .errors import ModelError, PerturbationError, a_kind_of
+from .errors import ModelError, PerturbationError, a_kind_of, preview
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import GENETIC, Combination, Perturbation, parse
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
@@ -249,6 +249,12 @@ class C2SModel:
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
             model._load_verdict(path)
+            as_control = sorted(k for k, v in model.perturbations.labels.items() if v == "control")
+            if as_control:  # (a version before they trained as plain labels read 'None' and 'ctrl' so)
+                log.warning("%s trained the perturbation label%s %s as the control prompt, with those perturbed cells "
+                            "among its controls: its predictions of them are the control's, and its controls carry "
+                            "their effect. Retrain it with this virtualcell, which trains them as labels of their own.",
+                            path, "s" if len(as_control) > 1 else "", preview(as_control, 5))
             if meta.get("gene_map") is not None:
                 from .gene_map import FILE, GeneMap
 

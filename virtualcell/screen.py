@@ -508,6 +508,10 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
                    and old.get("model") != config["model"])
         changed = (old.get("fingerprint") != fingerprint and not renamed) or reweighted or reserved or rebased
         if changed and not force:
+            if "model" in diff and "weights" not in old:  # (a screen from before the weights were recorded)
+                diff[diff.index("model")] = (f"model (this screen, from an older virtualcell, recorded its model only "
+                                             f"by the path as typed, {old.get('model')!r}: give --model exactly so "
+                                             "to go on with it)")
             diff += ["the model's weights (the model folder now holds another training run)"] if reweighted else []
             diff += (["the baseline cells' contexts, their gene names, the cells past the first "
                       f"{config['baseline_cells']} or the Simulator's n_pcs (the embedding the distances are "

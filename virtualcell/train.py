@@ -770,7 +770,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     # the settings the steps taken were made under (the contexts: a data contract with another --context-key)
     settings = {k: run_config[k] for k in (*(f.name for f in fields(cfg)), "base", "contexts") if k in run_config}
     resumed = checkpoint.resume(last, data_hash=run_config["data_hash"], module=lm, optimizer=optimizer,
-                                extras=extras.resumable(), keep_best=cfg.keep_best, settings=settings) if resume else None
+                                extras=extras.resumable(), keep_best=cfg.keep_best, settings=settings,
+                                labels=model.perturbations.labels) if resume else None
     # the loop's state, and the lowest validation loss (and, to keep, its weights)
     state, best = resumed or (loop.LoopState(), loop.BestWeights(keep_state=cfg.keep_best))
     if resumed:

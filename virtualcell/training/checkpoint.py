@@ -37,11 +37,14 @@ def save(folder: str | Path, write: Callable[[Path], None], *, state: dict[str, 
         torch.save(state, tmp / STATE_FILE)
 
 
-def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | None = None,
+         labels: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The checkpoint's trainer state, or ``None`` when there is none.
 
     A checkpoint that cannot be read, one of other data, or (given this run's ``settings``) one trained under
-    other settings (:func:`same_settings`) is refused with a :class:`TrainingError` that names ``--restart``.
+    other settings (:func:`same_settings`), or (given this run's ``labels``: each training label's typed form) one
+    whose labels were read as other perturbations (:func:`same_labels`) is refused with a :class:`TrainingError`
+    that names ``--restart``.
     """
     import torch
 
@@ -63,7 +66,26 @@ def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | No
         )
     if settings is not None:
         same_settings(saved, settings, folder, int(state["step"]))
+    if labels is not None:
+        same_labels(folder, labels)
     return state
+
+
+def same_labels(last: Path, labels: Mapping[str, str]) -> None:
+    """Refuse to resume where the checkpoint read a training label as another perturbation than this run does (a
+    version before 'None' and 'ctrl' trained as plain labels trained them as the control prompt: its steps and the
+    rest would mix two readings of those cells, and the record would keep only the second)."""
+    try:
+        saved = json.loads((last / "virtualcell.json").read_text())["perturbations"]["labels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # (no record of them: nothing to compare)
+    differ = sorted(k for k, v in labels.items() if k in saved and saved[k] != v)
+    if differ:
+        said = "; ".join(f"{k!r}: {saved[k]} there, {labels[k]} here" for k in differ[:5])
+        raise TrainingError(
+            f"{last} was trained reading some labels as other perturbations than this run does ({said}; a version of "
+            "virtualcell before this one read them so): resuming would train those cells two ways. Start over with "
+            "--restart (resume=False), or use another --out.")
 
 
 # settings a resumed run may change: how long it goes on, how it runs, what it keeps and how the verdict after it
@@ -84,10 +106,17 @@ def same_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], last: P
               if k not in RESUMABLE_WITH_OTHER and k in saved and _plain(saved[k]) != _plain(v)]
     if differ:
         said = "; ".join(f"{k}: {saved[k]!r} there, {settings[k]!r} here" for k in differ[:6])
+        from dataclasses import fields
+
+        from ..train import TrainConfig
+
+        first = next((k for k in differ if k in {f.name for f in fields(TrainConfig)}), None)
+        python = ("" if first is None else " (a setting the command line has no flag for, from Python: vc.fit(adata, "
+                  f"out=..., config=vc.TrainConfig({first}={saved[first]!r}, ...)))")
         raise TrainingError(
             f"{last} holds a run trained with other settings ({said}): resuming it under these would mix two runs "
-            "(and the record would name only the second). Train as that run did to go on from it, or start over with "
-            "--restart (resume=False), or use another --out.")
+            f"(and the record would name only the second). Train as that run did to go on from it{python}, or start "
+            "over with --restart (resume=False), or use another --out.")
     wanted = settings.get("max_steps")
     if isinstance(wanted, int) and wanted < step:
         raise TrainingError(
@@ -102,7 +131,7 @@ def _plain(value: Any) -> Any:
 
 def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
            extras: list[tuple[str, bool, str, str | None]], keep_best: bool,
-           settings: Mapping[str, Any] | None = None) -> tuple[Any, Any] | None:
+           settings: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None) -> tuple[Any, Any] | None:
     """Load the checkpoint in ``folder`` (of the data whose hash is ``data_hash``) into ``module`` and ``optimizer``;
     returns the loop's state and its best weights to go on from (:class:`~.loop.LoopState`,
     :class:`~.loop.BestWeights`), or ``None`` where there is no checkpoint. Refuses one trained under other
@@ -110,7 +139,7 @@ def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
     shapes or weight decays differ from this run's."""
     from .loop import BestWeights, LoopState
 
-    saved = load(folder, data_hash=data_hash, settings=settings)
+    saved = load(folder, data_hash=data_hash, settings=settings, labels=labels)
     if saved is None:
         return None
     same_extras(saved["model"], Path(folder), extras)
