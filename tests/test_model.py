@@ -914,3 +914,32 @@ def test_python_api_misuse_is_refused_by_name(tiny_model, tmp_path):
         assert list(res.write_h5ad(tmp_path / "mixed.h5ad") and res.to_anndata().obs["bio_rep"]) == ["1", "2", "3", "4"]
     finally:
         model.contract = replace(model.contract, context_key=None)
+
+
+def test_a_save_cut_half_way_leaves_a_folder_that_is_refused_not_a_mix(tiny_model, tmp_path, monkeypatch):
+    """A full disk stopped the final save after the weights: the new weights loaded beside the last run's verdict and
+    baselines, without a word. The codec is now removed first and written last, so such a folder is refused, naming
+    the rerun; and a model saved without a verdict over a folder that held one no longer serves the old one."""
+    import errno
+    import shutil
+
+    from virtualcell.model import META_FILE
+
+    _, folder, _ = tiny_model
+    out = tmp_path / "m"
+    shutil.copytree(folder, out)
+    model = C2SModel.load(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model.tokenizer), "save_pretrained", full)
+    with pytest.raises(OSError):
+        model.save(out)
+    monkeypatch.undo()
+    assert not (out / META_FILE).exists() and (out / "verdict.json").exists()
+    with pytest.raises(ModelError, match=r"has no virtualcell\.json.*a save that was cut.*run the training command"):
+        C2SModel.load(out)
+    model.verdict = None
+    model.save(out)
+    assert not (out / "verdict.json").exists() and C2SModel.load(out).verdict is None

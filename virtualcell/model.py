@@ -197,8 +197,10 @@ class C2SModel:
             have = sorted(p.name for p in path.iterdir())[:12]
             raise ModelError(
                 f"{str(path)!r} has no {META_FILE} (the sentence codec: genes, rank fit, perturbations, contract); "
-                f"it holds {have}. Use a folder written by 'virtualcell train' / C2SModel.save, or, for a plain "
-                "Hugging Face checkpoint, pass genes=adata.var_names so it can use the C2S prompt."
+                f"it holds {have}. Use a folder written by 'virtualcell train' / C2SModel.save (a save that was cut, "
+                "by a full disk or a kill, leaves one without it: run the training command again, which goes on "
+                "from its last checkpoint), or, for a plain Hugging Face checkpoint, pass genes=adata.var_names so "
+                "it can use the C2S prompt."
             )
         elif not is_local and genes is None:
             name = str(name_or_path)
@@ -274,6 +276,9 @@ class C2SModel:
 
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
+        # the codec goes first and comes back last: a save cut half-way (a full disk) leaves a folder load refuses,
+        # not the new weights beside the last run's verdict and baselines, which loaded without a word
+        (p / META_FILE).unlink(missing_ok=True)
         # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
         state = token_bias.without(target_offsets.without(self.lm.state_dict()))
         self.lm.save_pretrained(p, safe_serialization=True, state_dict=state)
@@ -283,8 +288,8 @@ class C2SModel:
         if table is not None:  # beside the weights, which stay a plain Hugging Face checkpoint
             np.save(p / token_bias.FILE, table)
         self.tokenizer.save_pretrained(p)
-        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
+        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
 
     def save_verdict(self, path: str | os.PathLike[str]) -> None:
         """Write the codec (``virtualcell.json``), the baselines and the verdict into the checkpoint folder
@@ -342,8 +347,12 @@ class C2SModel:
             (p / FILE).unlink()
         if self.baselines is not None:
             self.baselines.save(p / BASELINES_FILE)
+        elif (p / BASELINES_FILE).exists():  # (a run saved over another's folder served that run's)
+            (p / BASELINES_FILE).unlink()
         if self.verdict is not None:  # each file whole or not at all (virtualcell verdict rewrites them in place)
             write_text(p / VERDICT_FILE, json.dumps(self.verdict, indent=1, default=float))
+        elif (p / VERDICT_FILE).exists():
+            (p / VERDICT_FILE).unlink()
 
     def _load_verdict(self, p: Path) -> None:
         """Read what :meth:`_save_verdict` wrote; a checkpoint without it serves the pure model."""

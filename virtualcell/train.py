@@ -811,8 +811,10 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     _judge(model, cells.held, contract, cfg, run_config, verdict_candidates, codec, cells.unseen, gene_maps,
            cells.context, progress=progress and split.main)
     if split.main:
+        from .safeio import write_text
+
         model.save(out)
-        (out / "history.json").write_text(json.dumps(state.history))
+        write_text(out / "history.json", json.dumps(state.history))
     return model
 
 
