@@ -445,3 +445,27 @@ def test_a_dataset_name_is_a_dataset_whatever_folder_shares_it(tmp_path, monkeyp
     (tmp_path / "mine").mkdir()
     with pytest.raises(DataError, match="is a folder"):
         _load_data("mine")
+
+
+def test_a_full_disk_or_a_memory_limit_is_said_with_what_to_do(files, tmp_path, capsys, monkeypatch):
+    """torch, h5py and safetensors report a full disk in words of their own (a RuntimeError 'unexpected pos', an
+    OSError 28 chained): each was a raw traceback. The command says what ran out and what to do, exit code 2."""
+    import errno
+
+    from virtualcell.sentences import CellSentences
+
+    def full(self, path):  # noqa: ANN001
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 498176 vs 498068") from err
+
+    monkeypatch.setattr(CellSentences, "save", full)
+    assert main(["encode", "--data", files["base"], "--out", str(tmp_path / "e.npz")]) == 2
+    assert "the disk is full: free space, or write to another --out" in capsys.readouterr().err
+    monkeypatch.setattr(CellSentences, "save", lambda self, path: (_ for _ in ()).throw(MemoryError()))
+    assert main(["encode", "--data", files["base"], "--out", str(tmp_path / "e.npz")]) == 2
+    assert "out of memory" in capsys.readouterr().err
+    monkeypatch.setattr(CellSentences, "save", lambda self, path: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is not dressed up as one of these
+        main(["encode", "--data", files["base"], "--out", str(tmp_path / "e.npz")])

@@ -156,6 +156,14 @@ def test_several_control_labels_through_train_predict_and_evaluate(papalexi, tmp
     table = pd.read_csv(tmp_path / "e" / "metrics.csv")
     assert set(table["perturbation"]) == {"STAT1", "JAK2"}  # NT_2 is no perturbation of its own
     assert set(table.loc[table["method"] == "model", "perturbation"]) == {"STAT1"}
+    # run again into the folder: a killed run's temporary file and the last run's outputs do not stay beside it
+    (tmp_path / "e" / ".metric_bars.x1.partial.png").write_bytes(b"half")
+    (tmp_path / "e" / "delta_scatter.png").write_bytes(b"the last run's")
+    assert main(["evaluate", "--pred", str(pred), "--real", str(path), "--perturbation-key", "guide",
+                 "--control", "control,NT_2", "--baselines", "nochange", "--profile", "pearson", "--no-ceiling",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert not list((tmp_path / "e").glob(".*.partial.*"))
+    assert (tmp_path / "e" / "delta_scatter.png").read_bytes() != b"the last run's"
 
 
 def test_a_context_of_several_columns(tmp_path):

@@ -1127,8 +1127,37 @@ def _run(args: argparse.Namespace) -> int:
         print(f"virtualcell {args.command}: error: cannot use {err.filename!r} ({err.strerror}). "
               "Check the path and its permissions (-vv shows the traceback).", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError, MemoryError) as err:  # (torch, h5py and safetensors each word these their own way)
+        said = _out_of(err)
+        if said is None or args.verbose >= 2:
+            raise
+        print(f"virtualcell {args.command}: error: {said} (-vv shows the traceback).", file=sys.stderr)
+        return 2
     finally:
         warnings.showwarning = shown
+
+
+def _out_of(err: BaseException) -> str | None:
+    """What ran out, for an error a full disk or a memory limit raised (through any library, its own error chained
+    or worded), or ``None``: each said with what to do, and that the last complete outputs are kept."""
+    import errno
+
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    text = " ".join(f"{type(e).__name__}: {e}" for e in seen).lower()
+    codes = {getattr(e, "errno", None) for e in seen}
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota exceeded" in text:
+        return ("the disk is full: free space, or write to another --out; the last complete outputs are kept, and "
+                "train and screen run again go on from what they finished")
+    if errno.EFBIG in codes or "file too large" in text:
+        return ("a file grew past the size limit of this process or file system (ulimit -f): raise it, or write to "
+                "another --out; the last complete outputs are kept")
+    if any(isinstance(e, MemoryError) for e in seen) or "can't allocate memory" in text or "out of memory" in text:
+        return ("out of memory: predict or screen fewer cells at a time (--n-cells, --batch-size), or raise the "
+                "memory limit")
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -108,7 +108,9 @@ def distance_test(
     try:
         from pertpy.tools import DistanceTest
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise ImportError(f"distance_test needs pertpy: pip install pertpy ({err}).") from err
+        raise ImportError(f"distance_test needs pertpy, and it could not be imported ({err}): "
+                          + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
+                             "it is installed, so a library it loads failed (out of memory under a limit?).")) from err
     if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
         obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
         layer = sorted_adata.layers[layer_key]

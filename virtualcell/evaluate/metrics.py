@@ -296,7 +296,9 @@ def _distance():  # noqa: ANN202 - pertpy is imported lazily
     try:
         from pertpy.tools import Distance
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise ImportError(f"The distance metrics need pertpy: pip install pertpy ({err}).") from err
+        raise ImportError(f"The distance metrics need pertpy, and it could not be imported ({err}): "
+                          + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
+                             "it is installed, so a library it loads failed (out of memory under a limit?).")) from err
     return Distance(metric="edistance")
 
 
