@@ -221,6 +221,8 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
 
         for stale in out.parent.glob(prefix + "*"):
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in out.parent.glob(f".{out.stem}.*.partial{out.suffix}") if launch_rank() == 0 else ():
+            stale.unlink(missing_ok=True)  # (atomic_path's, of a killed run: the main process holds the lock)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=prefix) as tmp:
         # large predictions stream through a chunked file on disk instead of memory
         limit = MAX_IN_MEMORY if args.max_in_memory is None else args.max_in_memory
