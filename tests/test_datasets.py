@@ -157,7 +157,7 @@ def test_several_control_labels_through_train_predict_and_evaluate(papalexi, tmp
     assert set(table["perturbation"]) == {"STAT1", "JAK2"}  # NT_2 is no perturbation of its own
     assert set(table.loc[table["method"] == "model", "perturbation"]) == {"STAT1"}
     # run again into the folder: a killed run's temporary file and the last run's outputs do not stay beside it
-    (tmp_path / "e" / ".metric_bars.x1.partial.png").write_bytes(b"half")
+    (tmp_path / "e" / ".metric_bars.x1y2z3w4.partial.png").write_bytes(b"half")
     (tmp_path / "e" / "delta_scatter.png").write_bytes(b"the last run's")
     assert main(["evaluate", "--pred", str(pred), "--real", str(path), "--perturbation-key", "guide",
                  "--control", "control,NT_2", "--baselines", "nochange", "--profile", "pearson", "--no-ceiling",
@@ -207,3 +207,4 @@ def test_contexts_written_as_whole_floats_are_named_with_the_fix():
     said = DataContract.whole_floats(["1.0", "2.0", "CD4T"], {"1", "2", "3"})
     assert "'1.0', '2.0' are whole numbers written as floats" in said and ".astype(int)" in said
     assert DataContract.whole_floats(["1.5", "CD4T", "4.0"], {"1", "2", "3"}) == ""
+    assert "'CD4T|1.0'" in DataContract.whole_floats(["CD4T|1.0"], {"CD4T|1"})  # a context of two columns too

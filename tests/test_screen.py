@@ -341,7 +341,8 @@ def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_pat
 
     model, folder, _ = tiny_model
     base = _baseline_file(tiny_model, tmp_path)
-    (tmp_path / ".mem.abc123.partial.h5ad").write_bytes(b"a killed run's half-written file")
+    (tmp_path / ".mem.abc12345.partial.h5ad").write_bytes(b"a killed run's half-written file")
+    (tmp_path / ".mem.v2.abc12345.partial.h5ad").write_bytes(b"another output's, being written")
     for big, name in ((False, "mem.h5ad"), (True, "disk.h5ad")):
         assert main(["predict", "--model", str(folder), "--data", str(base), "--perturbations", "STAT1,ko:JAK2",
                      "--seed", "1", "--max-in-memory", str(0 if big else 10**9), "--out", str(tmp_path / name)]) == 0
@@ -352,7 +353,8 @@ def test_cli_predict_writes_predictions_with_the_model_genes(tiny_model, tmp_pat
     assert set(mem.obs["perturbation"]) == {"STAT1", "JAK2"}
     np.testing.assert_allclose(mem.X, disk.X, atol=1e-6)  # the streamed file is the same prediction
     assert not list(tmp_path.glob(".vc-predict-*"))  # the temporary store is gone
-    assert not list(tmp_path.glob(".*.partial.*"))  # and a killed run's temporary file, under the output's lock
+    # and a killed run's temporary file, under the output's lock; not another output's (mem.v2.h5ad's)
+    assert [p.name for p in tmp_path.glob(".*.partial.*")] == [".mem.v2.abc12345.partial.h5ad"]
     # --draws: one draw per cell instead of the mean of --samples; with one sample they are the same cells
     got = {}
     for samples in ("1", "3"):

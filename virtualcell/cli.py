@@ -221,7 +221,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
 
         for stale in out.parent.glob(prefix + "*"):
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in out.parent.glob(f".{out.stem}.*.partial{out.suffix}") if launch_rank() == 0 else ():
+        for stale in out.parent.glob(f".{out.stem}.????????.partial{out.suffix}") if launch_rank() == 0 else ():
             stale.unlink(missing_ok=True)  # (atomic_path's, of a killed run: the main process holds the lock)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=prefix) as tmp:
         # large predictions stream through a chunked file on disk instead of memory
@@ -1129,7 +1129,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"virtualcell {args.command}: error: cannot use {err.filename!r} ({err.strerror}). "
               "Check the path and its permissions (-vv shows the traceback).", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, MemoryError) as err:  # (torch, h5py and safetensors each word these their own way)
+    except Exception as err:  # noqa: BLE001 - a full disk or a memory limit, in torch's, h5py's or safetensors' words
         said = _out_of(err)
         if said is None or args.verbose >= 2:
             raise
@@ -1147,18 +1147,22 @@ def _out_of(err: BaseException) -> str | None:
     seen: list[BaseException] = []
     while err is not None and err not in seen:
         seen.append(err)
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)  # type: ignore[assignment]
     text = " ".join(f"{type(e).__name__}: {e}" for e in seen).lower()
     codes = {getattr(e, "errno", None) for e in seen}
+    kept = "; the last complete outputs are kept, and train and screen run again go on from what they finished"
     if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota exceeded" in text:
-        return ("the disk is full: free space, or write to another --out; the last complete outputs are kept, and "
-                "train and screen run again go on from what they finished")
+        return "the disk is full: free space, or write to another --out" + kept
     if errno.EFBIG in codes or "file too large" in text:
         return ("a file grew past the size limit of this process or file system (ulimit -f): raise it, or write to "
-                "another --out; the last complete outputs are kept")
-    if any(isinstance(e, MemoryError) for e in seen) or "can't allocate memory" in text or "out of memory" in text:
-        return ("out of memory: predict or screen fewer cells at a time (--n-cells, --batch-size), or raise the "
-                "memory limit")
+                "another --out" + kept)
+    if ("unexpected pos" in text or "file write failed" in text or "basic_ios" in text
+            or ("requested and" in text and "written" in text)):  # (torch.save, np.save: a write stopped short)
+        return ("a file could not be written whole (a full disk, or a file-size limit?): free space, or write to "
+                "another --out" + kept)
+    if (any(isinstance(e, MemoryError) for e in seen) or errno.ENOMEM in codes or "allocate memory" in text
+            or "out of memory" in text):
+        return "out of memory: use fewer cells at a time (--n-cells) or a smaller --batch-size, or raise the limit"
     return None
 
 

@@ -240,12 +240,16 @@ class DataContract:
     def whole_floats(contexts: Iterable[str], known: Iterable[str]) -> str:
         """A sentence for contexts written as whole-number floats where ``known`` has them as integers ('1.0' for
         '1': a column of patients turned float by a merge with missing values); '' where there are none."""
+        def whole(context: str) -> str:  # each value of a context of several columns ('CD4T|1.0') on its own
+            return CONTEXT_VALUE_SEP.join(str(int(float(v))) if re.fullmatch(r"-?[0-9]+\.0", v) else v
+                                          for v in context.split(CONTEXT_VALUE_SEP))
+
         known = {str(k) for k in known}
-        floats = sorted({c for c in map(str, contexts) if re.fullmatch(r"-?[0-9]+\.0", c) and c[:-2] in known})
+        floats = sorted({c for c in map(str, contexts) if c not in known and whole(c) in known})
         if not floats:
             return ""
         return (f" The contexts {preview(floats, 3)} are whole numbers written as floats, where the model and data "
-                f"have {preview([c[:-2] for c in floats], 3)}: make the column integers, e.g. adata.obs[col] = "
+                f"have {preview([whole(c) for c in floats], 3)}: make the column integers, e.g. adata.obs[col] = "
                 "adata.obs[col].astype(int).")
 
     def contexts(self, adata: ad.AnnData) -> np.ndarray:

@@ -251,7 +251,8 @@ class C2SModel:
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
             model._load_verdict(path)
-            as_control = sorted(k for k, v in model.perturbations.labels.items() if v == "control")
+            as_control = sorted(k for k, v in model.perturbations.labels.items()  # (not those a kind column made so)
+                                if v == "control" and k.strip().lower() in {"none", "ctrl", "control"})
             if as_control:  # (a version before they trained as plain labels read 'None' and 'ctrl' so)
                 log.warning("%s trained the perturbation label%s %s as the control prompt, with those perturbed cells "
                             "among its controls: its predictions of them are the control's, and its controls carry "

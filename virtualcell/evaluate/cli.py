@@ -161,8 +161,10 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     # the last evaluation's files go first: a run cut half-way (a full disk) left its figures beside these metrics
     for name in ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png"):
         (out / name).unlink(missing_ok=True)
-    for stale in out.glob(".*.partial.*"):  # (a killed run's temporary files; this run holds the folder's lock)
-        stale.unlink(missing_ok=True)
+    for name in ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png"):
+        stem, suffix = name.rsplit(".", 1)  # (a killed run's temporary files; this run holds the folder's lock)
+        for stale in out.glob(f".{stem}.????????.partial.{suffix}"):
+            stale.unlink(missing_ok=True)
     with safeio.atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
     title = f"Evaluation of {Path(args.pred).name} against {Path(args.real).name}"

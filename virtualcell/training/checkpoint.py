@@ -111,8 +111,8 @@ def same_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], last: P
         from ..train import TrainConfig
 
         first = next((k for k in differ if k in {f.name for f in fields(TrainConfig)}), None)
-        python = ("" if first is None else " (a setting the command line has no flag for, from Python: vc.fit(adata, "
-                  f"out=..., config=vc.TrainConfig({first}={saved[first]!r}, ...)))")
+        python = ("" if first is None else " (its flag, or, for a setting the command line has no flag for, from "
+                  f"Python: vc.fit(adata, out=..., config=vc.TrainConfig({first}={saved[first]!r}, ...)))")
         raise TrainingError(
             f"{last} holds a run trained with other settings ({said}): resuming it under these would mix two runs "
             f"(and the record would name only the second). Train as that run did to go on from it{python}, or start "
