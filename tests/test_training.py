@@ -1265,6 +1265,9 @@ def test_labels_that_would_read_as_something_else_are_refused_or_kept_as_written
                        (["A:B@3", "drug:X@10uM"], r"cannot be written so that they read back.*'A:B@3', 'drug:X@10uM'")):
         with pytest.raises(DataError, match=match):
             typed_labels(relabel(new), contract, genes, TrainConfig())
+    typed, vocab = typed_labels(relabel(["(+)-JQ1", "(+)-JQ1+STAT1"]), contract, genes, TrainConfig())
+    assert vocab.labels["(+)-JQ1"] == "(+)-JQ1"  # one compound (sci-Plex's), not '(' and ')-JQ1' as a pair
+    assert [q.target for q in parse(vocab.labels["(+)-JQ1+STAT1"]).parts] == ["(+)-JQ1", "STAT1"]  # a pair of two
     versioned = cells.copy()
     versioned.var_names = ["ENSG00000115415.20" if g == "STAT1" else g for g in versioned.var_names]
     typed, vocab = typed_labels(relabel(["ENSG00000115415"]), contract, Vocabulary.from_adata(versioned),

@@ -246,9 +246,29 @@ def _fmt(x: float) -> str:
 _EXPONENT_PLUS = re.compile(r"([@,]\s*[0-9]*\.?[0-9]+[eE])\+([0-9])")
 
 
-def _split_parts(text: str) -> list[str]:
-    """A perturbation's parts, split at the '+' that join them (not one in a dose's exponent, ``@1e+3nM``)."""
-    return [p.replace("\x00", "+") for p in _EXPONENT_PLUS.sub("\\1\x00\\2", text).split("+")]
+def split_label(text: str) -> list[str]:
+    """A perturbation's or a label's parts, split at the '+' that join them: not one in a dose's exponent
+    (``@1e+3nM``), nor one inside brackets, as a compound's name has (``(+)-JQ1`` is one drug, not '(' and ')-JQ1').
+    The one reading of '+' for parsing, training labels, pairs' names and the baselines' parts.
+
+    >>> split_label("(+)-JQ1+ko:STAT1"), split_label("drug:x@1e+3nM")
+    (['(+)-JQ1', 'ko:STAT1'], ['drug:x@1e+3nM'])
+    """
+    text = _EXPONENT_PLUS.sub("\\1\x00\\2", text)
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+        elif ch == "+" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.replace("\x00", "+") for p in parts]
+
+
+_split_parts = split_label  # (its older name, used in prompts)
 
 
 _JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values, not an exponent's ('1.00E+01')
@@ -322,7 +342,7 @@ def unordered_label(label: str) -> str:
     >>> unordered_label("IRF1+IFNGR1"), unordered_label("STAT1")
     ('IFNGR1+IRF1', 'STAT1')
     """
-    parts = [x.strip() for x in label.split("+")]
+    parts = [x.strip() for x in split_label(label)]
     return "+".join(sorted(parts)) if len(parts) > 1 and not any(":" in x or "@" in x for x in parts) else label
 
 
@@ -353,7 +373,7 @@ def condition_in_units(condition: str, have: Mapping[str, str], want: Mapping[st
     'drugA@1000,24h'
     """
     name, at, suffix = condition.rpartition("@")
-    agent = name.split("+")[0].strip()
+    agent = split_label(name)[0].strip()
     if not at or agent not in have or agent not in want or have[agent] == want[agent]:
         return condition
     dose, comma, time = suffix.partition(",")

@@ -615,8 +615,10 @@ def target_aliases(adata: ad.AnnData, labels: list[str], genes: Vocabulary) -> d
     not itself another gene's name) maps to that gene. The chosen column is logged. Without the link a knocked-out
     gene would be a name of its own, and its own expression drop, the coexpression baseline and prior, and the
     target offsets would not know it."""
+    from .perturbations import split_label
+
     bare = (str(lab).rpartition("@")[0] or str(lab) for lab in labels)  # a condition's label without its dose
-    parts = {x.strip().upper() for lab in bare for x in lab.split("+") if x.strip()}
+    parts = {x.strip().upper() for lab in bare for x in split_label(lab) if x.strip()}
     missing = {x for x in parts if x not in genes}
     if not missing:
         return {}

@@ -52,7 +52,7 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import PAIR_SEP, UNS_KEY
 from ..errors import DataError, preview
-from ..perturbations import dose_on_one_scale, hours_per, read_quantity
+from ..perturbations import dose_on_one_scale, hours_per, read_quantity, split_label
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,7 +169,7 @@ def coupling(deltas: np.ndarray, fitted: np.ndarray, responses: np.ndarray) -> f
 
 
 def _components(perturbation: str) -> list[str]:
-    return [g for g in perturbation.split(PAIR_SEP) if g]
+    return [g for g in split_label(perturbation) if g]
 
 
 # --------------------------------------------------------------------------- #

@@ -19,7 +19,7 @@ import numpy as np
 from ..contract import DataContract
 from ..errors import DataError, preview
 from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, read_kinds,
-                             without_quantities)
+                             split_label, without_quantities)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -60,7 +60,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
             f"{len(semicolon)} perturbation labels in obs[{contract.perturbation_key!r}] hold ';' "
             f"({preview(semicolon, 5)}), which separates labels in a screen's files: rename them in the file, e.g. "
             "adata.obs[key] = adata.obs[key].astype(str).str.replace(';', '_').")
-    empty = sorted({x for x in set(labels) - {contract.control} if not all(p.strip() for p in x.split("+"))})
+    empty = sorted({x for x in set(labels) - {contract.control} if not all(p.strip() for p in split_label(x))})
     if empty:  # ('STAT1+' trained as the knockout of STAT1, merged with the STAT1 cells; '' failed as a pair)
         raise DataError(
             f"{len(empty)} perturbation labels in obs[{contract.perturbation_key!r}] are empty or have an empty part "
@@ -89,7 +89,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         _warn_unlistable(labels, contract)
     if warn and kinds is None and cfg.kind == "auto":  # a time course of knockouts outside the panel reads as drugs
         timed = sorted({str(lab) for lab, form in zip(labels, typed)
-                        if form.startswith("drug:") and _all_gene_like(str(lab).split("+"))}
+                        if form.startswith("drug:") and _all_gene_like(split_label(str(lab)))}
                        - {str(lab) for lab, d in zip(labels, dose) if np.isfinite(d)})
         if timed:
             log.warning("%d labels that look like gene symbols (%s) are read as drugs: their cells carry a time and "
@@ -241,7 +241,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
            genes: Vocabulary, vocab: PerturbationVocab) -> Perturbation | Combination:
     if label == contract.control or kind == "control":
         return Perturbation("control")
-    parts = [x.strip() for x in label.split("+") if x.strip()]
+    parts = [x.strip() for x in split_label(label) if x.strip()]
     dosed = dose is not None or time_ is not None
     part_kinds = None
     written = [_written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
