@@ -577,3 +577,26 @@ def test_training_warns_where_trained_doses_read_one_prompt(caplog):
         typed_labels(a, DataContract("perturbation", "control", dose_key="dose"), Vocabulary.from_adata(a),
                      TrainConfig())
     assert "read one prompt" not in caplog.text
+
+
+def test_a_drug_named_with_spaces_trains_and_is_asked_as_the_data_names_it(dosed, tmp_path):
+    """sci-Plex names its compounds 'Givinostat (ITF2357)', 'Quisinostat (JNJ-26481585) 2HCl': refused at training as
+    'labels hold spaces' (meant for 'STAT1 KO'), they train as drugs at their doses, with tokens of their own, and are
+    asked and named as the data names them."""
+    from virtualcell.train import TrainConfig, train
+
+    data = dosed.copy()
+    drugs = sorted(set(data.obs["perturbation"][data.obs["perturbation_type"] == "drug"].astype(str)))
+    names = {drugs[0]: "Givinostat (ITF2357)", drugs[1]: "Quisinostat (JNJ-26481585) 2HCl"}
+    data.obs["perturbation"] = data.obs["perturbation"].astype(str).replace(names)
+    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=1, batch_size=8, seed=0,
+                      kind_key="perturbation_type", verdict_fraction=0.0)
+    train(data, out=tmp_path, config=cfg, progress=False)
+    model = vc.C2SModel.load(tmp_path)
+    asked = model.resolve(["Givinostat (ITF2357)@1", "drug:Quisinostat (JNJ-26481585) 2HCl@10"])
+    assert [str(p) for p in asked] == ["drug:Givinostat (ITF2357)@1", "drug:Quisinostat (JNJ-26481585) 2HCl@10"]
+    tokens = [model.tokenizer.convert_ids_to_tokens(list(model.format.perturbation_tokens(p))) for p in asked]
+    assert "<drug:Givinostat (ITF2357)>" in tokens[0] and model.tokenizer.unk_token not in tokens[0] + tokens[1]
+    base = data[data.obs["perturbation"] == "control"][:3].copy()
+    pred = vc.Simulator(base, model).simulate(asked, progress=False, samples=1).to_anndata()
+    assert set(pred.obs["perturbation"]) == {"Givinostat (ITF2357)@1", "Quisinostat (JNJ-26481585) 2HCl@10"}

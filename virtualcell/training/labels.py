@@ -47,13 +47,6 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     kinds = None
     if cfg.kind_key is not None:
         kinds = np.array(read_kinds(adata, cfg.kind_key, controls=labels == contract.control), dtype=object)
-    spaced = sorted({x for x in set(labels) - {contract.control} if any(c.isspace() for c in x)})
-    if spaced:
-        raise DataError(
-            f"{len(spaced)} perturbation labels in obs[{contract.perturbation_key!r}] hold spaces ({preview(spaced, 5)}), "
-            "which a perturbation's name cannot: rename them in the file, e.g. adata.obs[key] = "
-            "adata.obs[key].astype(str).str.strip() for spaces around a label, or to the gene alone ('STAT1' for "
-            "'STAT1 KO') so that a knockout is read as its gene's.")
     semicolon = sorted({x for x in set(labels) if ";" in x})
     if semicolon:  # (a screen's lists of labels are ';'-joined in ranking.csv/.parquet: one came back as two)
         raise DataError(
@@ -83,6 +76,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         if key not in cache:
             cache[key] = str(_typed(label, kind, d, t, contract, genes, vocab))
         typed[i] = cache[key]
+    _refuse_spaced(labels, typed, contract)
     _refuse_merged(labels, typed, contract)
     if warn:
         _warn_odd_labels(labels, (dose, when), contract, genes)
@@ -114,6 +108,28 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     if warn:
         _warn_shared_prompts(vocab)
     return typed, vocab
+
+
+def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
+    """Refuse labels holding spaces, but a drug's or cytokine's name ('Givinostat (ITF2357)' at its doses, as sci-Plex
+    names its compounds: its typed form 'drug:Givinostat (ITF2357)@1' reads back, and its tokens are its own). A plain
+    label or a gene cannot ('STAT1 KO' is the knockout of STAT1, written 'STAT1')."""
+    def agents_only(form: str) -> bool:
+        try:
+            q = parse(form)
+        except ValueError:
+            return False
+        return all(x.kind in ("drug", "cytokine") for x in (q.parts if isinstance(q, Combination) else (q,)))
+
+    spaced = sorted({str(lab) for lab, form in set(zip(labels, typed))
+                     if lab != contract.control and any(c.isspace() for c in str(lab)) and not agents_only(str(form))})
+    if spaced:
+        raise DataError(
+            f"{len(spaced)} perturbation labels in obs[{contract.perturbation_key!r}] hold spaces ({preview(spaced, 5)}), "
+            "which the name of a gene or a plain label cannot: rename them in the file, e.g. to the gene alone "
+            "('STAT1' for 'STAT1 KO') so that a knockout is read as its gene's, or adata.obs[key] = "
+            "adata.obs[key].astype(str).str.replace(' ', '_'). A drug's or a cytokine's name may hold spaces: name "
+            "its dose column (--dose-key) or its kind (--kind drug, --kind-key).")
 
 
 def _refuse_merged(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
