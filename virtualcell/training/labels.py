@@ -129,7 +129,7 @@ def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract
             "which the name of a gene or a plain label cannot: rename them in the file, e.g. to the gene alone "
             "('STAT1' for 'STAT1 KO') so that a knockout is read as its gene's, or adata.obs[key] = "
             "adata.obs[key].astype(str).str.replace(' ', '_')"
-            + (", or, for spaces around the '+' of a pair, .str.replace(r'\s*\+\s*', '+', regex=True)"
+            + (r", or, for spaces around the '+' of a pair, .str.replace(r'\s*\+\s*', '+', regex=True)"
                if any(not any(c.isspace() for c in re.sub(r"\s*\+\s*", "+", x)) for x in spaced) else "")
             + ". A drug's or a cytokine's name may hold spaces: name its dose column (--dose-key) or its kind "
             "(--kind drug, --kind-key).")
