@@ -40,13 +40,25 @@ def test_combinations_are_canonical():
 @pytest.mark.parametrize(
     ("text", "match"),
     [("ko:STAT1@1uM", "takes no dose"), ("virus:X", "Unknown perturbation type"), ("drug:x@ten", "Cannot read the dose"),
-     ("drug:x@1uM,3weeks", "unknown time unit"), ("ko:", "needs a target"), ("two words", "no spaces"),
+     ("drug:x@1uM,3weeks", "unknown time unit"), ("ko:", "needs a target"),
      ("ko:A + ko:A", "repeats a part"), ("ko:A +", "stray"), ("drug:x@-3uM", "is negative: write a positive dose"),
      ("", "An empty perturbation")],
 )
 def test_bad_perturbations(text, match):
     with pytest.raises(PerturbationError, match=match):
         parse(text)
+
+
+def test_a_label_is_read_as_the_data_names_it_spaces_and_all(tiny_model):
+    """A panel line 'Givinostat (ITF2357)@1' (sci-Plex's names) was refused before the model was asked ('a plain label
+    has no spaces'); a label of several words the model does not know ('STAT1 KO') is refused by the model, with
+    the typed form of a gene's knockout."""
+    from virtualcell.perturbations import Perturbation, parse_panel
+
+    assert parse_panel("Givinostat (ITF2357)@1\n") == [Perturbation("label", "Givinostat (ITF2357)@1")]
+    model, _, _ = tiny_model
+    with pytest.raises(PerturbationError, match=r"does not know the perturbation 'STAT1 KO'.*'ko:STAT1'"):
+        model.resolve(["STAT1 KO"])
 
 
 def test_panel_names_the_bad_line():

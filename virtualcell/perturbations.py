@@ -439,12 +439,7 @@ def _parse_part(text: str, source: str) -> Perturbation:
                                 f"Empty part in {source!r}: check for a stray '+'.")
     if t.lower() in {*_CONTROL_WORDS, "dmso", "vehicle", "non-targeting"} and ":" not in t:
         return Perturbation("control") if t.lower() in _CONTROL_WORDS else Perturbation("label", t)
-    if ":" not in t:
-        if any(c.isspace() for c in t):
-            raise PerturbationError(
-                f"Cannot parse {source!r}: a plain label has no spaces. Use a typed form such as "
-                "'ko:STAT1', 'drug:NAME@10uM,24h' or 'cytokine:IFNB@100ng/ml'."
-            )
+    if ":" not in t:  # a label as the data names it, spaces and all ('Givinostat (ITF2357)@1', sci-Plex's)
         return Perturbation("label", t)
     prefix, _, rest = t.partition(":")
     kind = KIND_ALIASES.get(prefix.strip().lower())

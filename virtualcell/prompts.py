@@ -257,9 +257,13 @@ class PerturbationVocab:
                 hint = close_matches(part.target, list(self.labels))
                 did = f" Close matches it knows: {preview(hint, 5)}." if hint else ""
                 name = part.target.partition("@")[0]
+                first = name.split()[0] if name.split() else name
                 if looks_like_control(name):
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
+                elif first != name and _GENE_LIKE.match(first):  # ('STAT1 KO': a gene and a word of what was done)
+                    typed = (f" For a gene's knockout (or knockdown, activation), write its typed form, e.g. "
+                             f"'ko:{first}' (or kd:, act:).")
                 elif _GENE_LIKE.match(name):
                     typed = f" Or write a typed perturbation, e.g. 'ko:{name}' (or kd:, act:, drug:NAME@DOSE)."
                 else:
