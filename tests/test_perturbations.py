@@ -59,6 +59,25 @@ def test_a_label_is_read_as_the_data_names_it_spaces_and_all(tiny_model):
     model, _, _ = tiny_model
     with pytest.raises(PerturbationError, match=r"does not know the perturbation 'STAT1 KO'.*'ko:STAT1'"):
         model.resolve(["STAT1 KO"])
+    with pytest.raises(PerturbationError) as err:  # two words that are no gene and an edit: no knockout offered
+        model.resolve(["TNF alpha"])
+    assert "ko:TNF" not in str(err.value)
+    # a '+' inside brackets is the name's; one after a bracket nobody closes joins two parts, as it always did
+    from virtualcell.perturbations import split_label
+
+    assert split_label("(+)-JQ1+ko:STAT1") == ["(+)-JQ1", "ko:STAT1"]
+    assert split_label("drug:a (b@1uM+ko:STAT1") == ["drug:a (b@1uM", "ko:STAT1"]
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from virtualcell.contract import DataContract
+
+    cells = ad.AnnData(np.ones((4, 2), np.float32), var=pd.DataFrame(index=["G1", "G2"]),
+                       obs=pd.DataFrame({"perturbation": ["control", "(+)-JQ1", "(+)-JQ1", "drugB"],
+                                         "dose": ["", "1uM", "10uM", "5ng/ml"]}, index=list("abcd")))
+    units = DataContract("perturbation", "control", dose_key="dose").dose_units(cells)
+    assert units == {"(+)-JQ1": "uM", "drugB": "ng/ml"}  # the compound's own unit, not '(' and ')-JQ1''s
 
 
 def test_panel_names_the_bad_line():

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ContractError, close_matches, preview
 from .perturbations import (dose_on_one_scale, first_quantity, hours_per, negative_quantity, quantity_suffix,
-                            read_quantity)
+                            read_quantity, split_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -404,7 +404,7 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
     seen["family"] = [family[str(unit[v])] for v in seen["value"]]
     # per agent: a pair's dose is its agents' too ('drugA+drugB' at 10nM beside drugB alone at 5ng/ml is drugB in two
     # families; checked per label, the pair's number took drugB's ng/ml)
-    seen["agent"] = [[a.strip() for a in str(lab).split(PAIR_SEP) if a.strip()] for lab in seen["label"]]
+    seen["agent"] = [[a.strip() for a in split_label(str(lab)) if a.strip()] for lab in seen["label"]]
     by_agent = seen.explode("agent").dropna(subset=["agent"])
     families = by_agent.groupby("agent")["family"].nunique()
     if (families > 1).any():

@@ -265,6 +265,8 @@ def split_label(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
+    if depth:  # a bracket no one closes ('drug:a (b@1uM+ko:STAT1'): every '+' joins, as before brackets were read
+        parts = text.split("+")
     return [p.replace("\x00", "+") for p in parts]
 
 

@@ -74,6 +74,9 @@ SPECIAL_TOKENS += [f"<dose:{b:g}>" for b in DOSE_BINS] + [f"<time:{b}>" for b in
 # that the ids of the tokens before it match checkpoints written before it existed
 GENERIC = "<generic>"
 SPECIAL_TOKENS.append(GENERIC)
+# words that follow a gene in a label to say what was done to it ('STAT1 KO'), not a second name
+_EDIT_WORDS = frozenset({"KO", "KD", "OE", "KNOCKOUT", "KNOCKDOWN", "CRISPR", "CRISPRI", "CRISPRA", "SGRNA", "SG",
+                         "GUIDE", "ACTIVATION", "OVEREXPRESSION"})
 _GENE_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what may name a gene (a 'ko:' is worth suggesting)
 
 
@@ -261,7 +264,8 @@ class PerturbationVocab:
                 if looks_like_control(name):
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
-                elif first != name and _GENE_LIKE.match(first):  # ('STAT1 KO': a gene and a word of what was done)
+                elif first != name and _GENE_LIKE.match(first) and all(  # ('STAT1 KO': a gene, and what was done)
+                        w.upper() in _EDIT_WORDS for w in name.split()[1:]):
                     typed = (f" For a gene's knockout (or knockdown, activation), write its typed form, e.g. "
                              f"'ko:{first}' (or kd:, act:).")
                 elif _GENE_LIKE.match(name):
