@@ -600,3 +600,15 @@ def test_a_drug_named_with_spaces_trains_and_is_asked_as_the_data_names_it(dosed
     base = data[data.obs["perturbation"] == "control"][:3].copy()
     pred = vc.Simulator(base, model).simulate(asked, progress=False, samples=1).to_anndata()
     assert set(pred.obs["perturbation"]) == {"Givinostat (ITF2357)@1", "Quisinostat (JNJ-26481585) 2HCl@10"}
+
+
+def test_predictions_of_plain_dose_numbers_against_doses_with_units_are_warned_of(dosed, dosed_model, caplog):
+    """A model trained on plain numbers (sci-Plex's dose_value) names '@10'; measured doses written '10uM' were matched
+    by number without a word, whatever unit the model's numbers were in."""
+    base = dosed[dosed.obs["perturbation"] == "control"][:6].copy()
+    drug = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    pred = vc.Simulator(base, dosed_model).simulate([f"{drug}@10"], progress=False, samples=1).to_anndata()
+    real = _with_dose_strings(dosed, lambda lab, d: f"{d:g}uM")
+    with caplog.at_level("WARNING"):
+        vc.evaluate.evaluate(pred, real, profile="pearson", baselines=("nochange",), ceiling=False)
+    assert "name their doses as plain numbers" in caplog.text and "('uM')" in caplog.text

@@ -115,6 +115,9 @@ def test_the_command_line_list_keeps_times_and_groups_whole():
     assert _split_list("drugA@1,5FU,drugB@1,30min") == ["drugA@1", "5FU", "drugB@1,30min"]  # 5FU is no time
     # a dosed, timed part before another part of its combination (it was cut at the time: '24h + ko:STAT1')
     assert _split_list("drug:X@1uM,24h + ko:STAT1,JAK2") == ["drug:X@1uM,24h + ko:STAT1", "JAK2"]
+    # a pair of timed drugs, as predict names it: the second part's time is its own (it was cut off as '24h')
+    assert _split_list("drug:(+)-JQ1@10,24h + drug:Dexamethasone@10,24h") == [
+        "drug:(+)-JQ1@10,24h + drug:Dexamethasone@10,24h"]
     assert _split_list("drug:X@{0.1,1}uM,24h,ko:{STAT1,JAK2}") == [
         "drug:X@0.1uM,24h", "drug:X@1uM,24h", "ko:STAT1", "ko:JAK2"]
     with pytest.raises(PerturbationError, match=r"that no '\}' closes"):

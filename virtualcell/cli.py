@@ -92,7 +92,7 @@ def _split_list(text: str) -> list[str]:
     whole, then write each group out (``perturbations.expand``: 'drug:x@{0.1,1}uM' is two)."""
     import re
 
-    from .perturbations import expand, hours_per
+    from .perturbations import expand, hours_per, split_label
 
     pieces, depth, start = [], 0, 0
     for i, ch in enumerate(text + ","):
@@ -107,8 +107,9 @@ def _split_list(text: str) -> list[str]:
         # a time is a number with a time's unit or none ("24h", "30min", "24"), the rest of a combination may follow
         # it ("24h + ko:STAT1"); "5FU" is the next item
         m = re.fullmatch(r"\s*(\{[^}]*\}|[0-9.]+)\s*([A-Za-z]*)\s*(\+.*)?", piece)
-        if out and "@" in out[-1] and m and (not m.group(2) or hours_per(m.group(2)) is not None) \
-                and "," not in re.sub(r"\{[^}]*\}", "", out[-1]):
+        last = split_label(out[-1])[-1] if out else ""  # (the part the time belongs to: a pair's second has its own)
+        if "@" in last and m and (not m.group(2) or hours_per(m.group(2)) is not None) \
+                and "," not in re.sub(r"\{[^}]*\}", "", last):
             out[-1] += "," + piece.strip()
         elif piece.strip():
             out.append(piece.strip())

@@ -171,7 +171,8 @@ def _setup(
     if gene_key is not None:
         info["gene_key"] = gene_key
     sources = _sources_among_controls(pred, real, contract)
-    if baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any():
+    every = baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any()
+    if every:
         warnings.warn(
             f"The prediction was made from every measured control cell ({int(sources.sum())}, its "
             "obs['source_cell']), so no independent control cells are left to measure the deltas against: the "
@@ -197,7 +198,7 @@ def _setup(
                                         context_key=contract.context_key, seed=seed)
         info["controls"] = (f"the measured control cells were split in two halves (seed {seed}): one is the "
                             "baselines' input, the other the reference for measured deltas")
-        if pred is not None and "source_cell" in pred.obs:  # made from cells of another file (or not all of these)
+        if pred is not None and "source_cell" in pred.obs and not every:  # made from cells of another file
             note = ("the prediction names the cells it was made from (obs['source_cell']) and they are not all control "
                     "cells of real, so the model's delta is taken against other cells than its own baseline: pass "
                     "the file it was predicted from as baseline= (--baseline)")
@@ -232,6 +233,14 @@ def _setup(
         log.info("evaluating on %d shared genes; dropped %s", len(genes),
                  ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
     units = units_of_text((pred.uns.get(UNS_KEY) or {}).get("dose_units")) if pred is not None else {}
+    if pred is not None and not units and contract.dose_key is not None and contract.dose_key in real.obs:
+        measured = contract.dose_units(real)  # (a model trained on plain numbers: matched by number, unit unknown)
+        if measured:
+            log.warning("The predictions name their doses as plain numbers (their model trained on doses without a "
+                        "unit) and the measured doses carry units (%s): they are matched by number, so '@10' meets "
+                        "the measured 10 %s whatever unit the model's numbers were in. Write the measured doses in the "
+                        "training data's unit (or train on doses with their unit) to be sure.",
+                        preview(sorted(set(measured.values())), 3), next(iter(measured.values())))
     total = prediction_total(pred)  # measured counts onto the prediction's scale: its model's training total
     real_p = prepare(real, contract, genes, name="measured", dose_units=units, total=total)
     vocabulary = Vocabulary(tuple(str(g) for g in genes))
