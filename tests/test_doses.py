@@ -612,3 +612,14 @@ def test_predictions_of_plain_dose_numbers_against_doses_with_units_are_warned_o
     with caplog.at_level("WARNING"):
         vc.evaluate.evaluate(pred, real, profile="pearson", baselines=("nochange",), ceiling=False)
     assert "name their doses as plain numbers" in caplog.text and "('uM')" in caplog.text
+
+
+def test_predictions_naming_times_against_measured_labels_without_are_told_the_time_key(dosed):
+    """Predictions 'drugA@10,24h' against measured 'drugA@10' (the time column not named) matched nothing, and the
+    refusal named the context column only."""
+    drug = sorted(set(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "drug"].astype(str)))[0]
+    pred = dosed[(dosed.obs["perturbation"] == drug) & (dosed.obs["dose"] == 10)].copy()
+    pred.obs["perturbation"] = f"{drug}@10,24h"
+    del pred.obs["dose"]
+    with pytest.raises(vc.errors.DataError, match=r"name times .* --time-key"):
+        vc.evaluate.evaluate(pred, dosed, profile="pearson", baselines=("nochange",), ceiling=False)

@@ -648,10 +648,15 @@ def _run(
             predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
             if not predicted & known:
                 dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p, _ in known)
+                timed = (any("," in p.partition("@")[2] for p, _ in predicted)
+                         and not any("," in p.partition("@")[2] for p, _ in known))
                 hint = (" The predictions name doses or times ('drugA@10') and the measured labels do not: name the "
                         "measured data's dose and time columns (CLI: --dose-key / --time-key; Python: "
                         "DataContract(..., dose_key=...).attach(real)), so that its doses are groups of their own."
-                        if dosed else "")
+                        if dosed else
+                        " The predictions name times ('drugA@10,24h') and the measured labels do not: name the "
+                        "measured data's time column (CLI: --time-key; Python: DataContract(..., time_key=...)"
+                        ".attach(real))." if timed else "")
                 raise DataError(
                     f"None of the predicted groups ({preview(sorted(extra), 5)}) is in the measured data (which has "
                     f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
