@@ -32,7 +32,7 @@ from . import target_offsets, token_bias
 from .contract import DataContract
 from .errors import ModelError, PerturbationError, a_kind_of, preview
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
-from .perturbations import GENETIC, Combination, Perturbation, parse
+from .perturbations import CONTROL_WORDS, GENETIC, Combination, Perturbation, parse
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
 from .sentences import CellSentences, RankFit, Vocabulary
 
@@ -252,7 +252,7 @@ class C2SModel:
                 model._load_token_bias(path, list(meta["token_bias"]))
             model._load_verdict(path)
             as_control = sorted(k for k, v in model.perturbations.labels.items()  # (not those a kind column made so)
-                                if v == "control" and k.strip().lower() in {"none", "ctrl", "control"})
+                                if v == "control" and k.strip().lower() in CONTROL_WORDS)
             if as_control:  # (a version before they trained as plain labels read 'None' and 'ctrl' so)
                 log.warning("%s trained the perturbation label%s %s as the control prompt, with those perturbed cells "
                             "among its controls: its predictions of them are the control's, and its controls carry "

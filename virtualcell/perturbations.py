@@ -178,7 +178,7 @@ class Perturbation:
         if self.kind == "control":
             return "control"
         if self.kind == "label":  # 'label:' where the bare name reads otherwise ('None' is the control, 'IL-2:high' a kind)
-            bare = ":" not in self.target and self.target.strip().lower() not in _CONTROL_WORDS
+            bare = ":" not in self.target and self.target.strip().lower() not in CONTROL_WORDS
             return self.target if bare else f"label:{self.target}"
         s = f"{_SHORT[self.kind]}:{self.target}"
         return s + quantity_suffix(self.dose, self.time, dose_unit=self.dose_unit, time_unit=self.time_unit)
@@ -230,7 +230,7 @@ class Combination:
         return " and ".join(p.describe() for p in self.parts)
 
 
-_CONTROL_WORDS = frozenset({"control", "ctrl", "none"})  # read as the control when written alone
+CONTROL_WORDS = frozenset({"control", "ctrl", "none"})  # read as the control when written alone
 
 
 def _fmt(x: float) -> str:
@@ -269,8 +269,6 @@ def split_label(text: str) -> list[str]:
         parts = text.split("+")
     return [p.replace("\x00", "+") for p in parts]
 
-
-_split_parts = split_label  # (its older name, used in prompts)
 
 
 _JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values, not an exponent's ('1.00E+01')
@@ -439,8 +437,8 @@ def _parse_part(text: str, source: str) -> Perturbation:
     if not t:
         raise PerturbationError("An empty perturbation: write one, e.g. 'ko:STAT1'." if not source.strip() else
                                 f"Empty part in {source!r}: check for a stray '+'.")
-    if t.lower() in {*_CONTROL_WORDS, "dmso", "vehicle", "non-targeting"} and ":" not in t:
-        return Perturbation("control") if t.lower() in _CONTROL_WORDS else Perturbation("label", t)
+    if t.lower() in {*CONTROL_WORDS, "dmso", "vehicle", "non-targeting"} and ":" not in t:
+        return Perturbation("control") if t.lower() in CONTROL_WORDS else Perturbation("label", t)
     if ":" not in t:  # a label as the data names it, spaces and all ('Givinostat (ITF2357)@1', sci-Plex's)
         return Perturbation("label", t)
     prefix, _, rest = t.partition(":")
@@ -476,7 +474,7 @@ def parse(text: str | Perturbation | Combination) -> Perturbation | Combination:
         return text
     if not isinstance(text, str):
         raise PerturbationError(f"Expected a perturbation string, got {type(text).__name__}.")
-    parts = [_parse_part(p, text) for p in _split_parts(text)]
+    parts = [_parse_part(p, text) for p in split_label(text)]
     parts = [p for p in parts if p.kind != "control"] or [Perturbation("control")]
     if len(parts) == 1:
         return parts[0]

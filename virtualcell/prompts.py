@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
-from .perturbations import (GENETIC, Combination, Perturbation, _split_parts, in_units, looks_like_control, parse,
+from .perturbations import (GENETIC, Combination, Perturbation, split_label, in_units, looks_like_control, parse,
                             quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
@@ -242,7 +242,7 @@ class PerturbationVocab:
         if isinstance(p, str) and p in self.conditions:
             return parse(self.conditions[p])
         if (isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels
-                and len(_split_parts(p)) == 1):  # (a label at a dose, not a combination: 'drugA@100,24h+G5')
+                and len(split_label(p)) == 1):  # (a label at a dose, not a combination: 'drugA@100,24h+G5')
             q = _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
             return self._with_trained_dose(q, p) if isinstance(q, Perturbation) else q
         q = parse(p)

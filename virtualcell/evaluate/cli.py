@@ -14,6 +14,9 @@ from typing import Any
 
 __all__ = ["add_evaluate_parser", "cmd_evaluate"]
 
+# what an evaluation writes into its folder (a figure only where it has something to show)
+OUTPUTS = ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png")
+
 
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``evaluate`` to an ``argparse`` sub-parser collection; returns the new parser.
@@ -158,13 +161,12 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
         from ..errors import VirtualCellError
 
         raise VirtualCellError(str(err)) from None
-    # the last evaluation's files go first: a run cut half-way (a full disk) left its figures beside these metrics
-    for name in ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("metrics.csv", "summary.md", "config.json", "metric_bars.png", "delta_scatter.png"):
-        stem, suffix = name.rsplit(".", 1)  # (a killed run's temporary files; this run holds the folder's lock)
-        for stale in out.glob(f".{stem}.????????.partial.{suffix}"):
-            stale.unlink(missing_ok=True)
+    # the last evaluation's files go first, with a killed run's temporary ones (this run holds the folder's lock): a
+    # run cut half-way (a full disk) left its figures beside these metrics
+    for name in OUTPUTS:
+        stem, suffix = name.rsplit(".", 1)
+        for old in (out / name, *out.glob(f".{stem}.????????.partial.{suffix}")):
+            old.unlink(missing_ok=True)
     with safeio.atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
     title = f"Evaluation of {Path(args.pred).name} against {Path(args.real).name}"

@@ -75,8 +75,10 @@ def same_labels(last: Path, labels: Mapping[str, str]) -> None:
     """Refuse to resume where the checkpoint read a training label as another perturbation than this run does (a
     version before 'None' and 'ctrl' trained as plain labels trained them as the control prompt: its steps and the
     rest would mix two readings of those cells, and the record would keep only the second)."""
+    from ..model import META_FILE
+
     try:
-        saved = json.loads((last / "virtualcell.json").read_text())["perturbations"]["labels"]
+        saved = json.loads((last / META_FILE).read_text())["perturbations"]["labels"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # (no record of them: nothing to compare)
     differ = sorted(k for k, v in labels.items() if k in saved and saved[k] != v)

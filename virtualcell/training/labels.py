@@ -136,9 +136,10 @@ def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract
 
 
 def _refuse_merged(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
-    """Refuse a label whose typed form does not read back as itself, and two labels read as one perturbation ('STAT1' and 'stat1' are both the knockout of STAT1; 'A+B' and
-    'B+A' one pair): trained as one, measured as two, they failed at the end of training (the verdict simulated it
-    twice) or trained merged under a warning that said otherwise."""
+    """Refuse a label whose typed form does not read back as itself, and two labels read as one perturbation ('STAT1'
+    and 'stat1' are both the knockout of STAT1; 'A+B' and 'B+A' one pair): trained as one, measured as two, they
+    failed at the end of training (the verdict simulated it twice) or trained merged under a warning that said
+    otherwise."""
     unread = []
     for label, form in sorted(set(zip(labels, typed))):
         try:
