@@ -207,8 +207,8 @@ SCALE_APART = 25.0
 
 def _whole_rows(X: sp.spmatrix | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Up to :data:`MAX_SCALE_ROWS` cells spread over ``X`` that express three genes or more (any where none does;
-    their rows), for each whether every value it stores is a whole number, the largest value of the others (0 where there are none) and the share of
-    their values that are not whole numbers."""
+    their rows), for each whether every value it stores is a whole number, the largest value of the others (0 where
+    there are none) and the share of their values that are not whole numbers."""
     n = X.shape[0]
     rows = np.unique(np.linspace(0, n - 1, min(n, MAX_SCALE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
     if sp.issparse(X):
