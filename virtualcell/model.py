@@ -32,7 +32,7 @@ from . import target_offsets, token_bias
 from .contract import DataContract
 from .errors import ModelError, PerturbationError, a_kind_of, preview
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
-from .perturbations import CONTROL_WORDS, GENETIC, Combination, Perturbation, parse
+from .perturbations import CONTROL_WORDS, GENETIC, Combination, Perturbation, parse, parts_of
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
 from .sentences import CellSentences, RankFit, Vocabulary
 
@@ -459,7 +459,7 @@ class C2SModel:
         mapped to that condition's name: a dose in a trained dose's half-decade bin (``drugA@1.5uM`` reads as the
         trained ``drugA@1uM``), a time in its doubling. The pure model predicts such a pair alike."""
         dosed = [p for p in perturbations
-                 if any(x.dose is not None or x.time is not None for x in (p.parts if isinstance(p, Combination) else (p,)))]
+                 if any(x.dose is not None or x.time is not None for x in parts_of(p))]
         if not dosed:
             return {}
         vocab = self.perturbations
@@ -546,7 +546,7 @@ class C2SModel:
         kinds = self.perturbations.trained_kinds()
         if self.format.name == "c2s" or not kinds:
             return
-        for x in p.parts if isinstance(p, Combination) else (p,):
+        for x in parts_of(p):
             if x.kind in GENETIC and x.kind not in kinds:
                 genetic = self.perturbations.trained_genetic_kinds()
                 can = (f"It can predict {a_kind_of(genetic)} of any of its genes, never trained on or not."
@@ -702,7 +702,7 @@ class C2SModel:
         out: list[np.ndarray | None] = []
         for p in perturbations:
             total = None
-            for part in p.parts if isinstance(p, Combination) else (p,):
+            for part in parts_of(p):
                 if part.kind not in GENETIC or _key(part) in trained:
                     continue
                 shift = self.baselines.coexpression_shift(part, without)

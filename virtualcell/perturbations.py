@@ -39,7 +39,7 @@ from .errors import DataError, PerturbationError
 
 __all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix",
            "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "condition_in_units",
-           "units_text", "units_of_text", "first_quantity", "KINDS", "GENETIC", "KIND_ALIASES"]
+           "units_text", "units_of_text", "first_quantity", "parts_of", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -208,7 +208,7 @@ class Combination:
     def __post_init__(self) -> None:
         flat: list[Perturbation] = []
         for p in self.parts:
-            flat.extend(p.parts if isinstance(p, Combination) else [p])
+            flat.extend(parts_of(p))
         flat = [p for p in flat if p.kind != "control"]
         if len(flat) < 2:
             raise PerturbationError("A combination needs at least two non-control parts.")
@@ -231,6 +231,12 @@ class Combination:
 
 
 CONTROL_WORDS = frozenset({"control", "ctrl", "none"})  # read as the control when written alone
+
+
+def parts_of(p: Perturbation | Combination) -> tuple[Perturbation, ...]:
+    """The perturbations ``p`` applies: a combination's parts, or ``p`` alone (the control included, where
+    :attr:`Perturbation.parts` is empty)."""
+    return p.parts if isinstance(p, Combination) else (p,)
 
 
 def _fmt(x: float) -> str:
@@ -283,7 +289,7 @@ def first_quantity(text: str) -> str:
 def without_quantities(p: Perturbation | Combination) -> Perturbation | Combination:
     """``p`` without its doses and times (``drug:A@10,24h`` -> ``drug:A``): the perturbation a training
     label stands for, whatever dose its cells had."""
-    parts = p.parts if isinstance(p, Combination) else (p,)
+    parts = parts_of(p)
     plain = [Perturbation(q.kind, q.target) if q.kind != "control" else q for q in parts]
     return plain[0] if len(plain) == 1 else Combination(tuple(plain))
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
 from .perturbations import (GENETIC, Combination, Perturbation, split_label, in_units, looks_like_control, parse,
-                            quantity_suffix, unordered_label, without_quantities)
+                            parts_of, quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,7 +101,7 @@ def _time_token(hours: float) -> str:
 def dose_prompt_key(p: Perturbation | Combination) -> tuple:
     """What a prompt holds of ``p``: each part's kind, target and dose and time bins. Two conditions with one key read
     one prompt (training warns of them)."""
-    parts = p.parts if isinstance(p, Combination) else (p,)
+    parts = parts_of(p)
     return tuple(sorted((x.kind, x.target, None if x.dose is None else _dose_bin(x.dose),
                          None if x.time_hours is None else _time_bin(x.time_hours)) for x in parts))
 
@@ -168,13 +168,13 @@ class PerturbationVocab:
         """Refuse a time asked of a model that trained no condition with a time: its time tokens never trained, so
         '@1,24h' read a token nothing taught and changed the prediction unchecked (screen's warning of untrained
         conditions was the only word, and only where a blend weight was served)."""
-        parts = q.parts if isinstance(q, Combination) else (q,)
+        parts = parts_of(q)
         timed = [x for x in parts if x.time is not None]
         if not timed:
             return
         for typed in self.conditions.values():
             t = parse(typed)
-            if any(x.time is not None for x in (t.parts if isinstance(t, Combination) else (t,))):
+            if any(x.time is not None for x in parts_of(t)):
                 return
         bare = [replace(x, time=None, time_unit=None) for x in parts]
         raise PerturbationError(
@@ -186,13 +186,13 @@ class PerturbationVocab:
         """``q`` with the time its agent was always trained at, on each dosed part asked without a time
         (``cytokine:IFNB@10ng/ml`` for a model that saw IFNB at 6 h only is ``@10ng/ml,6h``): written without it,
         the prompt would be a form no training cell had."""
-        parts = q.parts if isinstance(q, Combination) else (q,)
+        parts = parts_of(q)
         if not any(x.kind in ("drug", "cytokine") and x.dose is not None and x.time is None for x in parts):
             return q
         times: dict[tuple[str, str], set[float | None]] = {}
         for typed in self.conditions.values():
             t = parse(typed)
-            for x in t.parts if isinstance(t, Combination) else (t,):
+            for x in parts_of(t):
                 times.setdefault((x.kind, x.target), set()).add(x.time_hours)
         out = []
         for x in parts:
@@ -213,7 +213,7 @@ class PerturbationVocab:
     def _no_unit_asked(self, q: Perturbation | Combination) -> None:
         """Refuse a dose with a unit asked of a model trained at doses written as plain numbers: it cannot know
         what unit those numbers were in, so ``drugA@10uM`` could be 1,000x off its ``drugA@10``."""
-        parts = q.parts if isinstance(q, Combination) else (q,)
+        parts = parts_of(q)
         with_unit = [x for x in parts if x.dose is not None and x.dose_unit]
         if not with_unit:
             return
@@ -246,7 +246,7 @@ class PerturbationVocab:
             q = _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
             return self._with_trained_dose(q, p) if isinstance(q, Perturbation) else q
         q = parse(p)
-        parts = q.parts if isinstance(q, Combination) else (q,)
+        parts = parts_of(q)
         out = []
         for part in parts:
             if part.kind == "label" and part.target in self.labels:
@@ -282,7 +282,7 @@ class PerturbationVocab:
                 out.append(self._with_trained_dose(part, p))
         flat: list[Perturbation] = []
         for x in out:
-            flat.extend(x.parts if isinstance(x, Combination) else [x])
+            flat.extend(parts_of(x))
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
 
     def _with_trained_dose(self, part: Perturbation, asked: object) -> Perturbation:
@@ -345,7 +345,7 @@ class PerturbationVocab:
         kinds: set[str] = set()
         for t in self.typed_forms():
             q = parse(t)
-            kinds.update(x.kind for x in (q.parts if isinstance(q, Combination) else (q,)))
+            kinds.update(x.kind for x in parts_of(q))
         return kinds
 
     def trained(self) -> list[str]:
@@ -387,7 +387,7 @@ class PerturbationVocab:
                 # agent's trained unit, no unit; hours): "drugA@3", not "drugA@3uM", which no measured group is
                 time = p.time_hours if p.time is not None else None
                 return typed_to_label[str(plain)] + quantity_suffix(p.dose, time)
-            parts = p.parts if isinstance(p, Combination) else (p,)
+            parts = parts_of(p)
             labels = [typed_to_label.get(str(q)) for q in parts]
             if len(parts) > 1 and all(labels):
                 return "+".join(labels)
@@ -438,7 +438,7 @@ class PerturbationVocab:
 
 def _has_dose(typed: str) -> bool:
     q = parse(typed)
-    return any(x.dose is not None for x in (q.parts if isinstance(q, Combination) else (q,)))
+    return any(x.dose is not None for x in parts_of(q))
 
 
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:
@@ -452,7 +452,7 @@ def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) ->
         except PerturbationError:
             raise err from None  # (the quantities are wrong: said of the label asked)
     assert isinstance(q, Perturbation)
-    parts = p.parts if isinstance(p, Combination) else (p,)
+    parts = parts_of(p)
     if not any(x.kind in ("drug", "cytokine") for x in parts):
         raise PerturbationError(f"{source!r}: a dose or time ('@{suffix}') applies to drugs and cytokines, and "
                                 f"{str(p)!r} has none; write the label without it.")
@@ -609,7 +609,7 @@ class CompactFormat(PromptFormat):
         """The tokens that name ``p``. ``own_tokens=False`` leaves out a trained target's own token after
         its gene's (``target_tokens="both"``) and a trained dose's own token (``dose_tokens="own"``): the
         form in which an untrained target or dose is written (``plain_own``)."""
-        parts = p.parts if isinstance(p, Combination) else (p,)
+        parts = parts_of(p)
         if not parts:
             return [self.token_id[KIND_TOKENS["control"]]]
         toks: list[str] = []

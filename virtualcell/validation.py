@@ -54,7 +54,7 @@ import numpy as np
 
 from ._stats import log_dose_interpolation
 from .errors import DataError, ModelError, preview
-from .perturbations import GENETIC, Combination, Perturbation, parse, read_kinds, without_quantities
+from .perturbations import GENETIC, Combination, Perturbation, parse, parts_of, read_kinds, without_quantities
 from .progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,7 +104,7 @@ def _quantity_distance(a: Perturbation | Combination, b: Perturbation | Combinat
     """How far apart two forms of one perturbation are in dose and time: summed |log10| ratios
     (an absent dose or time counts as 1 unit); 0 for forms without either."""
     def log_quantities(p: Perturbation | Combination) -> list[float]:
-        parts = p.parts if isinstance(p, Combination) else (p,)
+        parts = parts_of(p)
         out = []
         for x in parts:
             out += [np.log10(v) if v and v > 0 else 0.0 for v in (x.dose, x.time_hours)] if isinstance(x, Perturbation) else []

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, read_kinds,
-                             split_label, without_quantities)
+from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, parts_of,
+                             read_kinds, split_label, without_quantities)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -119,7 +119,7 @@ def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract
             q = parse(form)
         except ValueError:
             return False
-        return all(x.kind in ("drug", "cytokine") for x in (q.parts if isinstance(q, Combination) else (q,)))
+        return all(x.kind in ("drug", "cytokine") for x in parts_of(q))
 
     spaced = sorted({str(lab) for lab, form in set(zip(labels, typed))
                      if lab != contract.control and any(c.isspace() for c in str(lab)) and not agents_only(str(form))})
