@@ -916,6 +916,47 @@ def test_python_api_misuse_is_refused_by_name(tiny_model, tmp_path):
         model.contract = replace(model.contract, context_key=None)
 
 
+def test_a_verdict_rewrite_cut_half_way_serves_the_pure_model_not_one_runs_codec_with_anothers_verdict(
+        tiny_model, tmp_path, caplog):
+    """`virtualcell verdict` in place rewrites the verdict files and the codec apart: cut between them (a full disk, a
+    kill), the folder loaded one run's codec with the other run's verdict, baselines and gene map, without a word.
+    The codec records each verdict file's digest, and a folder where one differs serves the pure model, saying so;
+    a file deleted (how one serves the pure model) still loads as before."""
+    import shutil
+
+    from virtualcell.model import META_FILE, verdict_files
+
+    _, folder, _ = tiny_model
+    out = tmp_path / "m"
+    shutil.copytree(folder, out)
+    model = C2SModel.load(out)
+    assert model.verdict is not None and model.baselines is not None
+    model.save_verdict(out)  # (a folder saved by this virtualcell records the digests)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["verdict_files"] == verdict_files(out) and meta["verdict_files"]["verdict.json"] is not None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = C2SModel.load(out)
+    assert again.verdict == model.verdict and again.baselines is not None and "changed after" not in caplog.text
+
+    # the new verdict written, the codec not yet: the old codec with the new verdict
+    verdict = json.loads((out / "verdict.json").read_text())
+    (out / "verdict.json").write_text(json.dumps(verdict | {"weight": 0.123}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cut = C2SModel.load(out)
+    assert cut.verdict is None and cut.baselines is None and cut.gene_map is None
+    assert "verdict.json changed after its virtualcell.json was written" in caplog.text
+    assert f"virtualcell verdict {out} --data" in caplog.text
+    # judged again (save_verdict writes the files, then the codec): served again, without a warning
+    cut.verdict, cut.baselines = model.verdict, model.baselines
+    cut.save_verdict(out)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert C2SModel.load(out).verdict == model.verdict
+    assert "changed after" not in caplog.text
+
+
 def test_a_save_cut_half_way_leaves_a_folder_that_is_refused_not_a_mix(tiny_model, tmp_path, monkeypatch):
     """A full disk stopped the final save after the weights: the new weights loaded beside the last run's verdict and
     baselines, without a word. The codec is now removed first and written last, so such a folder is refused, naming

@@ -108,6 +108,23 @@ def _sampled_bytes(flat: torch.Tensor | np.ndarray, n: int = 4096) -> bytes:
     return (part.float().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, np.float32)).tobytes()
 
 
+def verdict_files(folder: str | os.PathLike[str]) -> dict[str, str | None]:
+    """The SHA-256 of each file a checkpoint's verdict is served from (the verdict, the training baselines, the
+    gene map), ``None`` for one that is absent. :meth:`C2SModel.save` records them in ``virtualcell.json`` and
+    :meth:`C2SModel.load` serves none of them where one differs: they and the codec are written apart, so a rewrite
+    cut half-way would otherwise pair one run's codec with another's verdict."""
+    import hashlib
+
+    from .gene_map import FILE as GENE_MAP_FILE
+    from .validation import BASELINES_FILE, VERDICT_FILE
+
+    out: dict[str, str | None] = {}
+    for name in (VERDICT_FILE, BASELINES_FILE, GENE_MAP_FILE):
+        f = Path(folder) / name
+        out[name] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+    return out
+
+
 @dataclass
 class GeneratedCells:
     """Generated sentences for a grid of (cell, perturbation) pairs, as gene ids."""
@@ -250,7 +267,17 @@ class C2SModel:
                 target_offsets.attach(lm, meta["target_offsets"])
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
-            model._load_verdict(path)
+            written = meta.get("verdict_files")  # (None: a checkpoint saved before the codec recorded them)
+            changed = [] if written is None else [f for f, d in verdict_files(path).items()
+                                                  if d is not None and d != written.get(f)]
+            if changed:
+                log.warning("%s: %s changed after its %s was written (a `virtualcell verdict` or a save cut half-way, "
+                            "or an edit), so the verdict, its baselines and its gene map are not served: the pure model "
+                            "is, at default generation settings. Run `virtualcell verdict %s --data TRAINING_DATA` to "
+                            "judge it again.", path, " and ".join(changed), META_FILE, path)
+                meta.pop("gene_map", None)
+            else:
+                model._load_verdict(path)
             as_control = sorted(k for k, v in model.perturbations.labels.items()  # (not those a kind column made so)
                                 if v == "control" and k.strip().lower() in CONTROL_WORDS)
             if as_control:  # (a version before they trained as plain labels read 'None' and 'ctrl' so)
@@ -290,16 +317,19 @@ class C2SModel:
             np.save(p / token_bias.FILE, table)
         self.tokenizer.save_pretrained(p)
         self._save_verdict(p)
-        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
+        write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
 
     def save_verdict(self, path: str | os.PathLike[str]) -> None:
-        """Write the codec (``virtualcell.json``), the baselines and the verdict into the checkpoint folder
-        ``path``, leaving its weights and tokenizer: what :func:`virtualcell.train.rejudge` changes."""
+        """Write the baselines, the verdict and the codec (``virtualcell.json``, last) into the checkpoint folder
+        ``path``, leaving its weights and tokenizer: what :func:`virtualcell.train.rejudge` changes. The codec
+        records the digest of each verdict file it was written with (:func:`verdict_files`), so a rewrite cut
+        half-way (a full disk, a kill) loads as the pure model, saying so, not one run's codec with another's
+        verdict."""
         from .safeio import write_text
 
         p = Path(path)
-        write_text(p / META_FILE, json.dumps(self.meta(), indent=1))
         self._save_verdict(p)
+        write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
 
     @property
     def chosen(self) -> dict[str, Any]:

@@ -1027,9 +1027,3 @@ def _other_values(settings: Mapping[str, Any], key: str, values: Sequence[Any]) 
     if key in settings:
         return []
     return [dict(settings) | {key: v} for v in dict.fromkeys(values) if v != PLAIN[key]]
-
-
-def write_verdict(verdict: Mapping[str, Any], folder: str | Path) -> Path:
-    path = Path(folder) / VERDICT_FILE
-    path.write_text(json.dumps(verdict, indent=1, default=float))
-    return path
