@@ -576,6 +576,30 @@ def test_a_finished_screen_reopens_from_its_folder(sim, tmp_path):
         load(tmp_path / "s")
 
 
+def test_a_screen_cut_while_writing_its_figures_is_not_loaded_as_finished(sim, tmp_path, monkeypatch):
+    """A full disk stopped a screen after its ranking while it wrote top_hits.png: vc.screen.load returned it as
+    finished, without its figure. The ranking's parquet, what load reads, is now written last; the run again
+    finishes it."""
+    import errno
+
+    import matplotlib.figure
+
+    from virtualcell.screen import load
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(OSError):
+        screen(sim, PANEL[:3], out=tmp_path, progress=False, n_boot=5)
+    monkeypatch.undo()
+    with pytest.raises(ScreenError, match=r"holds no finished screen \(ranking.parquet missing\)"):
+        load(tmp_path)
+    done = screen(sim, PANEL[:3], out=tmp_path, progress=False, n_boot=5)
+    assert (tmp_path / "top_hits.png").exists()
+    assert list(load(tmp_path).ranking["perturbation"]) == list(done.ranking["perturbation"])
+
+
 def test_a_candidate_predicted_against_the_objective_is_never_a_pick():
     """lower:STAT1 with a candidate that raises it (score < 0): the shortlist stops short rather than send it to
     the wet lab; a near-duplicate of a pick is represented by it, as before."""

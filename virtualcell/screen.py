@@ -406,8 +406,6 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             table[col] = table[col].map(lambda v: ";".join(v))
         with safeio.atomic_path(folder / "ranking.csv") as tmp:
             table.to_csv(tmp, index=False)
-        with safeio.atomic_path(folder / "ranking.parquet") as tmp:
-            table.to_parquet(tmp, index=False)
         import matplotlib.pyplot as plt
 
         from .dose_response import dose_series, plot_dose_response, plot_time_course, time_series
@@ -419,9 +417,15 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         if not time_series(ranking).empty:
             figures["time_course.png"] = plot_time_course(ranking, agg, return_fig=True)
         for name, fig in figures.items():
-            with safeio.atomic_path(folder / name) as tmp:
-                fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-            plt.close(fig)
+            try:
+                with safeio.atomic_path(folder / name) as tmp:
+                    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+            finally:
+                plt.close(fig)
+        # last: what load() reads as the mark of a finished screen (a run cut by a full disk while writing its
+        # figures left a folder that loaded as finished without them)
+        with safeio.atomic_path(folder / "ranking.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
 
@@ -445,6 +449,7 @@ def load(folder: str | Path) -> ScreenResult:
     import xarray as xr
 
     folder = Path(folder)
+    # (ranking.parquet is the last file a screen writes, after its figures)
     missing = [f for f in ("config.json", "aggregates.nc", "ranking.parquet") if not (folder / f).exists()]
     if missing:
         raise ScreenError(f"{folder} holds no finished screen ({', '.join(missing)} missing). Run the same screen "
@@ -468,7 +473,7 @@ def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combinatio
     return run(simulator, panel, **options)
 
 
-# what a screen writes when it finishes, after its groups
+# what a screen writes when it finishes, after its groups (ranking.parquet last of them: the mark of a finished one)
 FINISHED_FILES = ("aggregates.nc", "ranking.csv", "ranking.parquet", "top_hits.png", "dose_response.png",
                   "time_course.png")
 SCREEN_FILES = ("config.json", "panel.txt", "groups", *FINISHED_FILES)
