@@ -773,8 +773,8 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     from virtualcell.sentences import Vocabulary
     from virtualcell.train import TrainConfig, typed_labels
 
-    labels = ["control"] * 4 + ["drugA"] * 6 + ["KLF1_MAP2K6"] * 2 + ["KLF1"] * 2 + ["NT_2"] * 2
-    dose = [""] * 4 + ["1uM", "1uM", "1uM", "10uM", "", "nan"] + [""] * 6
+    labels = ["control"] * 4 + ["drugA"] * 6 + ["KLF1_MAP2K6"] * 2 + ["KLF1"] * 2 + ["NT_2"] * 2 + ["KLF1_KNOCKOUT"] * 3
+    dose = [""] * 4 + ["1uM", "1uM", "1uM", "10uM", "", "nan"] + [""] * 9
     a = ad.AnnData(np.ones((len(labels), 3), dtype=np.float32),
                    obs=pd.DataFrame({"perturbation": labels, "dose": dose}, index=[str(i) for i in range(len(labels))]),
                    var=pd.DataFrame(index=["KLF1", "MAP2K6", "GATA1"]))
@@ -784,6 +784,7 @@ def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     assert "2 cells of 'drugA' have no dose in obs['dose']" in caplog.text and "its other 4 cells" in caplog.text
     assert "1 labels join genes or other labels with '_' or '|' ('KLF1_MAP2K6')" in caplog.text
     assert "NT_2" not in caplog.text.split("join genes")[1]  # a guide's number is not a gene
+    assert "KLF1_KNOCKOUT" not in caplog.text  # nor what was done to a gene (the words prompts' hint reads too)
     assert "3 perturbations have fewer than 3 cells ('KLF1', 'KLF1_MAP2K6', 'NT_2')" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):  # a second control under another label, not named as one

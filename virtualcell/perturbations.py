@@ -231,6 +231,9 @@ class Combination:
 
 
 CONTROL_WORDS = frozenset({"control", "ctrl", "none"})  # read as the control when written alone
+# words that follow a gene in a label to say what was done to it ('STAT1 KO', 'STAT1_ko'), not a second gene's name
+EDIT_WORDS = frozenset({"KO", "KD", "OE", "KNOCKOUT", "KNOCKDOWN", "CRISPR", "CRISPRI", "CRISPRA", "SGRNA", "SG",
+                        "GUIDE", "ACTIVATION", "OVEREXPRESSION"})
 
 
 def parts_of(p: Perturbation | Combination) -> tuple[Perturbation, ...]:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
-from .perturbations import (GENETIC, Combination, Perturbation, split_label, in_units, looks_like_control, parse,
-                            parts_of, quantity_suffix, unordered_label, without_quantities)
+from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, split_label, in_units, looks_like_control,
+                            parse, parts_of, quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,9 +74,6 @@ SPECIAL_TOKENS += [f"<dose:{b:g}>" for b in DOSE_BINS] + [f"<time:{b}>" for b in
 # that the ids of the tokens before it match checkpoints written before it existed
 GENERIC = "<generic>"
 SPECIAL_TOKENS.append(GENERIC)
-# words that follow a gene in a label to say what was done to it ('STAT1 KO'), not a second name
-_EDIT_WORDS = frozenset({"KO", "KD", "OE", "KNOCKOUT", "KNOCKDOWN", "CRISPR", "CRISPRI", "CRISPRA", "SGRNA", "SG",
-                         "GUIDE", "ACTIVATION", "OVEREXPRESSION"})
 _GENE_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what may name a gene (a 'ko:' is worth suggesting)
 
 
@@ -265,7 +262,7 @@ class PerturbationVocab:
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
                 elif first != name and _GENE_LIKE.match(first) and all(  # ('STAT1 KO': a gene, and what was done)
-                        w.upper() in _EDIT_WORDS for w in name.split()[1:]):
+                        w.upper() in EDIT_WORDS for w in name.split()[1:]):
                     typed = (f" For a gene's knockout (or knockdown, activation), write its typed form, e.g. "
                              f"'ko:{first}' (or kd:, act:).")
                 elif _GENE_LIKE.match(name):

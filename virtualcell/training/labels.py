@@ -18,8 +18,8 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse, parts_of,
-                             read_kinds, split_label, without_quantities)
+from ..perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse,
+                             parts_of, read_kinds, split_label, without_quantities)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -32,8 +32,9 @@ __all__ = ["typed_labels"]
 
 log = logging.getLogger(__name__)
 
-# words that follow a gene in a label without naming a second one ("STAT1_KO", "JAK2_sg1" is not gene-like anyway)
-NOT_GENES = frozenset({"KO", "KD", "OE", "SG", "GUIDE", "CTRL", "NT", "WT", "MUT", "CRISPRA", "CRISPRI"})
+# words that follow a gene in a label without naming a second one: what was done to it ("STAT1_KO"; "JAK2_sg1" is not
+# gene-like anyway) or that a part is none ("STAT1_ctrl", "STAT1_NT")
+NOT_GENES = EDIT_WORDS | {"CTRL", "NT", "WT", "MUT"}
 
 FEW_CELLS = 3  # a perturbation with fewer cells than this is named: its effect is mostly noise
 
