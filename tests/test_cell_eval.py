@@ -256,3 +256,30 @@ def test_to_cell_eval_puts_measured_counts_on_the_predictions_scale_over_its_gen
     assert list(real.var_names) == genes
     np.testing.assert_allclose(np.asarray(real.X.todense() if hasattr(real.X, "todense") else real.X),
                                np.asarray(p.X.todense() if hasattr(p.X, "todense") else p.X), atol=1e-5)
+
+
+def test_to_cell_eval_reads_a_measured_dose_screen_by_the_dose_keys_it_is_given():
+    """A measured drug screen without a stored contract (sci-Plex's dose_value beside dose_unit) against a prediction
+    naming each dose ('A@10000', as predict names it) was refused: to_cell_eval took no dose keys, so the measured
+    cells were 'A' alone. With dose_key=, dose_unit_key= (and time_key=) each dose is a perturbation of its own."""
+    from virtualcell.errors import ContractError
+
+    real = _screen(n=12, seed=0)
+    real.uns.pop("virtualcell")
+    labels = real.obs["perturbation"].astype(str).to_numpy()
+    real.obs["dose_value"] = np.where(labels == "control", 0.0, np.where(np.arange(real.n_obs) % 2, 100.0, 10000.0))
+    real.obs["dose_unit"] = [np.nan if x == "control" else "nM" for x in labels]
+    real.obs["time"] = 24
+    pred = real[labels != "control"].copy()
+    pred.obs = pd.DataFrame({"perturbation": [f"{p}@{d:g},24h" for p, d in zip(pred.obs["perturbation"],
+                                                                               pred.obs["dose_value"])]},
+                            index=pred.obs_names)
+    like = to_cell_eval(pred, part=True)
+    with pytest.raises(vc.errors.DataError, match="not measured here"):
+        to_cell_eval(real, like=like)  # the doses unread: measured 'A', predicted 'A@10000,24h'
+    keys = dict(dose_key="dose_value", dose_unit_key="dose_unit", time_key="time")
+    out = to_cell_eval(real, like=like, **keys)
+    assert set(out.obs["target_gene"]) == set(like.obs["target_gene"]) and "A@100,24h" in set(out.obs["target_gene"])
+    assert list(out.var_names) == list(like.var_names)
+    with pytest.raises(ContractError, match=r"dose unit column 'dose_units'.*Did you mean 'dose_unit'.*--dose-unit-key"):
+        to_cell_eval(real, like=like, **{**keys, "dose_unit_key": "dose_units"})

@@ -46,6 +46,34 @@ def test_pertpy_loader_offline_gives_a_clear_error(monkeypatch, tmp_path):
         vc.datasets.load("norman_2019")
 
 
+def test_sciplex3_reads_its_dose_unit_column_and_loads_without_one(monkeypatch, tmp_path, caplog):
+    """sci-Plex 3 keeps each dose's unit in its own column (dose_value beside dose_unit): the dataset reads the
+    doses in it; a download without that column loads with its doses as plain numbers, saying so, not refused."""
+    import anndata as ad
+    import pandas as pd
+
+    monkeypatch.setenv("VIRTUALCELL_CACHE", str(tmp_path))
+    import pertpy as pt
+
+    obs = pd.DataFrame({"perturbation": ["control"] * 2 + ["drugA"] * 4, "cell_line": ["A549"] * 6,
+                        "dose_value": [0.0, 0.0, 10.0, 10.0, 10000.0, 10000.0], "dose_unit": [None] * 2 + ["nM"] * 4,
+                        "time": [24.0] * 6}, index=[f"c{i}" for i in range(6)])
+    file = ad.AnnData(np.ones((6, 3), dtype=np.float32), obs=obs, var=pd.DataFrame(index=["G1", "G2", "G3"]))
+    monkeypatch.setattr(pt.data, "srivatsan_2020_sciplex3", lambda: file.copy())
+    adata = vc.datasets.load("sciplex3")
+    contract = vc.DataContract.from_adata(adata)
+    assert contract.dose_unit_key == "dose_unit"
+    assert contract.dose_units(adata) == {"drugA": "nM"}  # (without the column: {}, the doses' unit unknown)
+    assert sorted(set(contract.conditions(adata))) == ["control", "drugA@10,24h", "drugA@10000,24h"]
+    monkeypatch.setattr(pt.data, "srivatsan_2020_sciplex3",
+                        lambda: ad.AnnData(file.X.copy(), obs=obs.drop(columns="dose_unit"), var=file.var.copy()))
+    with caplog.at_level("WARNING"):
+        plain = vc.datasets.load("sciplex3")
+    assert "has no dose unit column 'dose_unit'" in caplog.text
+    plain_contract = vc.DataContract.from_adata(plain)
+    assert plain_contract.dose_unit_key is None and plain_contract.dose_units(plain) == {}
+
+
 def test_a_download_cache_that_cannot_be_made_names_the_setting(monkeypatch, tmp_path):
     """A read-only home: a bare PermissionError from the cache folder, before any download was tried."""
     blocker = tmp_path / "file"

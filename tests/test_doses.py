@@ -623,3 +623,286 @@ def test_predictions_naming_times_against_measured_labels_without_are_told_the_t
     del pred.obs["dose"]
     with pytest.raises(vc.errors.DataError, match=r"name times .* --time-key"):
         vc.evaluate.evaluate(pred, dosed, profile="pearson", baselines=("nochange",), ceiling=False)
+
+
+def _sciplex_shaped(adata, *, unit=None):  # noqa: ANN001, ANN202
+    """``adata`` as pertpy's sci-Plex 3 keeps a screen's doses: numbers in obs['dose_value'] (the drugs' here in nM,
+    x1000) and each dose's unit in obs['dose_unit'] ('nM'; ``unit(label, dose)`` where given), the control cells at
+    dose 0 with no unit (NaN for half of them, '' for the rest), the knockouts at 0 with '', the cytokine in ng/ml."""
+    out = adata.copy()
+    obs = out.obs
+    cyto = (obs["perturbation_type"] == "cytokine").to_numpy()
+    dose = obs.pop("dose").to_numpy(dtype=float)
+    labels = obs["perturbation"].astype(str).to_numpy()
+    obs["dose_value"] = np.where(cyto, dose, dose * 1000)
+    units = np.array(["ng/ml" if c else unit(lab, d) if unit else "nM" for lab, d, c in zip(labels, dose, cyto)],
+                     dtype=object)
+    units[dose == 0] = ""
+    units[np.flatnonzero(labels == "control")[::2]] = np.nan
+    obs["dose_unit"] = units
+    return out
+
+
+_SCIPLEX = dict(context_key="cell_type", dose_key="dose_value", dose_unit_key="dose_unit")
+
+
+def test_a_dose_unit_column_reads_as_doses_written_with_their_unit(dosed, tmp_path):
+    """sci-Plex keeps each dose's unit in a column of its own (dose_value beside dose_unit). Named as the dose column
+    alone, its doses read as plain numbers, their unit lost; with dose_unit_key each dose reads as its value joined
+    with its unit: the conditions and each agent's unit of the same data written '10000nM' in one column."""
+    import anndata as ad
+
+    cyto = str(dosed.obs["perturbation"][dosed.obs["perturbation_type"] == "cytokine"].iloc[0])
+    sciplex = _sciplex_shaped(dosed)
+    contract = DataContract("perturbation", "control", **_SCIPLEX)
+    contract.validate(sciplex)  # the controls' missing units are no error: their doses are not read
+    one_column = _with_dose_strings(dosed, lambda lab, d: f"{d:g}ng/ml" if lab == cyto else f"{d * 1000:g}nM")
+    written = DataContract("perturbation", "control", context_key="cell_type", dose_key="dose")
+    assert list(contract.conditions(sciplex)) == list(written.conditions(one_column))
+    assert contract.dose_units(sciplex) == written.dose_units(one_column) == {"drugA": "nM", "drugB": "nM",
+                                                                              cyto: "ng/ml"}
+    assert "drugA@10000" in set(contract.conditions(sciplex))
+    # one family in several units is put on its common unit, as '100nM' beside '10uM' in one column
+    mixed = _sciplex_shaped(dosed, unit=lambda lab, d: "uM" if d == 10 else "nM")
+    mixed.obs["dose_value"] = np.where(mixed.obs["dose_unit"] == "uM", mixed.obs["dose_value"] / 1000,
+                                       mixed.obs["dose_value"])
+    assert list(contract.conditions(mixed)) == list(DataContract.from_adata(dosed).conditions(dosed))  # in uM
+    assert contract.dose_units(mixed)["drugA"] == "uM"
+    # a dose that holds the unit its unit column gives is read once ('10000nM' beside 'nM', '10µM' beside 'uM')
+    agreeing = sciplex.copy()
+    agreeing.obs["dose_value"] = [f"{v:g}{u}" if isinstance(u, str) else f"{v:g}"
+                                  for v, u in zip(sciplex.obs["dose_value"], sciplex.obs["dose_unit"])]
+    assert list(contract.conditions(agreeing)) == list(contract.conditions(sciplex))
+    drug = (dosed.obs["perturbation_type"] == "drug").to_numpy()
+    agreeing.obs.loc[drug, "dose_value"] = [f"{d:g}µM" for d in dosed.obs["dose"][drug]]
+    agreeing.obs.loc[drug, "dose_unit"] = "uM"
+    assert list(contract.conditions(agreeing)) == list(DataContract.from_adata(dosed).conditions(dosed))
+    # the key travels with the data and in a checkpoint's record; a record without it reads as none
+    contract.attach(sciplex)
+    sciplex.write_h5ad(tmp_path / "sciplex.h5ad")
+    assert DataContract.from_adata(ad.read_h5ad(tmp_path / "sciplex.h5ad")) == contract
+    assert DataContract.from_dict(contract.to_dict()) == contract
+    old = {k: v for k, v in contract.to_dict().items() if k != "dose_unit_key"}
+    assert DataContract.from_dict(old).dose_unit_key is None
+    # predicted cells carry no dose column: the unit column goes with it
+    bare = sciplex.copy()
+    del bare.obs["dose_value"]
+    assert contract.without_quantities_absent_from(bare).dose_unit_key is None
+
+
+def test_a_dose_unit_column_is_refused_where_missing_without_doses_contradicting_them_or_empty_for_a_dose(dosed):
+    """The unit column's refusals name the fix: a column not in obs (the close names, --dose-unit-key), a unit column
+    without a dose column (--dose-key), a dose holding a unit its unit column contradicts (both named), and a perturbed
+    cell's dose without a unit; a control cell's unit is not read, as its dose is not."""
+    from virtualcell.errors import ContractError
+
+    sciplex = _sciplex_shaped(dosed)
+    typo = DataContract("perturbation", "control", context_key="cell_type", dose_key="dose_value",
+                        dose_unit_key="dose_units")
+    for read in (typo.validate, typo.conditions, typo.dose_units):
+        with pytest.raises(ContractError, match=r"dose unit column 'dose_units' is not in adata.obs. Did you mean "
+                                                r"'dose_unit'.*--dose-unit-key"):
+            read(sciplex)
+    controls = sciplex[sciplex.obs["perturbation"] == "control"].copy()
+    del controls.obs["dose_unit"]
+    assert set(typo.conditions(controls)) == {"control"}  # control cells alone (a baseline): no unit is read
+
+    alone = DataContract("perturbation", "control", dose_unit_key="dose_unit")
+    with pytest.raises(ContractError, match=r"'dose_unit' is named without a dose column.*--dose-key"):
+        alone.validate(sciplex)
+
+    contract = DataContract("perturbation", "control", **_SCIPLEX)
+    contradicted = sciplex.copy()
+    contradicted.obs["dose_value"] = contradicted.obs["dose_value"].astype(object)
+    first = np.flatnonzero((sciplex.obs["perturbation"] == "drugA").to_numpy())[0]
+    contradicted.obs.iloc[first, contradicted.obs.columns.get_loc("dose_value")] = "10uM"  # its unit column: nM
+    with pytest.raises(ContractError, match=r"'dose_value' gives doses with a unit that the dose unit column "
+                                            r"'dose_unit' contradicts.*'10uM beside nM'.*--dose-unit-key"):
+        contract.conditions(contradicted)
+
+    no_unit = sciplex.copy()
+    no_unit.obs.iloc[first, no_unit.obs.columns.get_loc("dose_unit")] = np.nan
+    with pytest.raises(ContractError, match=r"'dose_unit' has no unit for doses of perturbed cells: '(100|1000|10000)"
+                                            r"\.0'.*Give each dosed cell its unit"):
+        contract.conditions(no_unit)
+
+    odd_controls = sciplex.copy()  # a control's dose and unit are not read, whatever they hold
+    ctrl = (sciplex.obs["perturbation"] == "control").to_numpy()
+    odd_controls.obs["dose_value"] = np.where(ctrl, "vehicle", sciplex.obs["dose_value"].astype(str))
+    odd_controls.obs["dose_unit"] = np.where(ctrl, "10uM", sciplex.obs["dose_unit"].astype(object))
+    assert list(contract.conditions(odd_controls)) == list(contract.conditions(sciplex))
+
+
+def test_a_sciplex_shaped_screen_trains_predicts_and_evaluates_in_its_units(dosed, tmp_path, capsys):
+    """A file of sci-Plex's columns (no stored contract) from the command line: `train --dose-key dose_value
+    --dose-unit-key dose_unit` keeps each agent's unit in the model, so a dose asked in uM is the trained nM one
+    ('drugA@10uM' predicts 'drugA@10000'), and `evaluate --dose-unit-key` reads the measured file the same way."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.cli import main
+
+    data = _sciplex_shaped(dosed)
+    data.uns.pop("virtualcell")
+    path = tmp_path / "sciplex.h5ad"
+    data.write_h5ad(path)
+    tiny = ["--top-k", "20", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--max-steps", "2",
+            "--batch-size", "8", "--verdict-fraction", "0", "--kind-key", "perturbation_type"]
+    keys = ["--context-key", "cell_type", "--dose-key", "dose_value"]
+    assert main(["train", "--data", str(path), "--perturbation-key", "perturbation", "--control", "control", *keys,
+                 "--dose-unit-key", "dose_unit", *tiny, "--out", str(tmp_path / "model")]) == 0
+    model = vc.C2SModel.load(tmp_path / "model")
+    assert model.contract == DataContract("perturbation", "control", **_SCIPLEX)  # the checkpoint keeps the key
+    assert model.perturbations.dose_units["drugA"] == "nM"
+    asked = model.resolve(["drugA@0.1uM"])
+    assert str(asked[0]) == "drug:drugA@100nM" and model.perturbations.labels_for(asked) == ["drugA@100"]
+    pred = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(tmp_path / "model"), "--data", str(path), "--perturbations", "drugA@10uM",
+                 "--n-cells", "12", "--out", str(pred)]) == 0
+    assert set(ad.read_h5ad(pred).obs["perturbation"]) == {"drugA@10000"}
+    args = ["evaluate", "--pred", str(pred), "--real", str(path), *keys, "--baselines", "nochange", "--profile",
+            "pearson", "--no-ceiling"]
+    assert main([*args, "--dose-unit-key", "dose_unit", "--out", str(tmp_path / "eval")]) == 0
+    table = pd.read_csv(tmp_path / "eval" / "metrics.csv")
+    assert set(table.loc[table["method"] == "model", "perturbation"]) == {"drugA@10000"}
+    capsys.readouterr()
+    unit_alone = [a for a in args if a not in ("--dose-key", "dose_value")]
+    assert main([*unit_alone, "--dose-unit-key", "dose_unit", "--out", str(tmp_path / "e2")]) == 2
+    assert "--dose-key" in capsys.readouterr().err
+
+
+def test_evaluate_reads_a_measured_dose_unit_column_in_the_predictions_units():
+    """A measured file with drugA at 1 nM and 1 uM kept as dose_value 1 beside dose_unit 'nM' / 'uM' (its stored
+    contract names both columns) against a model trained in nM: read without their units, both doses were
+    'drugA@1', one pooled group; read with them, the 1 nM cells are the prediction's 'drugA@1'."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.perturbations import units_text
+
+    rng = np.random.default_rng(0)
+    g = 20
+    groups = {("control", 0.0, None): rng.uniform(1, 3, g), ("drugA", 1.0, "nM"): rng.uniform(1, 3, g),
+              ("drugA", 1.0, "uM"): rng.uniform(1, 3, g)}
+    X = np.concatenate([np.clip(m + rng.normal(0, 0.2, (40, g)), 0, None) for m in groups.values()])
+    obs = pd.DataFrame([k for k in groups for _ in range(40)], columns=["perturbation", "dose_value", "dose_unit"])
+    obs.index = obs.index.astype(str)
+    real = ad.AnnData(X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="dose_unit").attach(real)
+    base, ref = vc.evaluate.split_controls(real, seed=0)
+    cells = ref[(ref.obs["dose_unit"] == "nM").to_numpy()]  # a perfect prediction of 1 nM, as a model in nM names it
+    pred = ad.AnnData(np.vstack([cells.X, base.X]), var=real.var.copy(),
+                      obs=pd.DataFrame({"perturbation": ["drugA@1"] * cells.n_obs + ["control"] * base.n_obs},
+                                       index=[str(i) for i in range(cells.n_obs + base.n_obs)]))
+    pred.uns["virtualcell"] = {"dose_units": units_text({"drugA": "nM"})}
+    t = vc.evaluate.evaluate(pred, ref, baseline=base, baselines=(), ceiling=False, profile=["mae"])
+    assert set(t["perturbation"]) == {"drugA@1"} and float(t["value"].iloc[0]) < 0.05  # the 1 nM cells alone
+
+
+def _nm_and_um_screen():  # noqa: ANN202
+    """drugA at 1 nM and at 1 uM, kept as dose_value 1 beside dose_unit 'nM' / 'uM', 40 cells each and 40 controls,
+    no stored contract; and a perfect prediction of the 1 nM cells as a model trained in nM names it."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.perturbations import units_text
+
+    rng = np.random.default_rng(0)
+    g = 20
+    groups = {("control", 0.0, None): rng.uniform(1, 3, g), ("drugA", 1.0, "nM"): rng.uniform(1, 3, g),
+              ("drugA", 1.0, "uM"): rng.uniform(1, 3, g)}
+    X = np.concatenate([np.clip(m + rng.normal(0, 0.2, (40, g)), 0, None) for m in groups.values()])
+    obs = pd.DataFrame([k for k in groups for _ in range(40)], columns=["perturbation", "dose_value", "dose_unit"])
+    obs.index = obs.index.astype(str)
+    real = ad.AnnData(X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    nm = real[(real.obs["dose_unit"] == "nM").to_numpy()]
+    pred = ad.AnnData(nm.X.copy(), var=real.var.copy(),
+                      obs=pd.DataFrame({"perturbation": ["drugA@1"] * nm.n_obs}, index=[f"p{i}" for i in range(40)]))
+    pred.uns["virtualcell"] = {"dose_units": units_text({"drugA": "nM"})}
+    return real, pred
+
+
+def test_a_measured_dose_screen_meets_a_prediction_in_its_units_or_says_it_cannot(caplog):
+    """From a review of the dose unit column: to_cell_eval(real, like=pred) paired a prediction of 1 nM with the
+    measured 1 uM cells (evaluate converts the measured doses into the prediction's units; to_cell_eval did not),
+    and evaluate pooled 1 nM and 1 uM as one 'drugA@1' without a word where the measured unit column was not named.
+    Both now read the measured doses as evaluate does (one function), and say so where one side's unit is unknown."""
+    real, pred = _nm_and_um_screen()
+    like = vc.evaluate.to_cell_eval(pred, part=True)
+    assert like.uns["virtualcell"]["dose_units"] == pred.uns["virtualcell"]["dose_units"]  # kept for like= to read
+    out = vc.evaluate.to_cell_eval(real, dose_key="dose_value", dose_unit_key="dose_unit", like=like)
+    assert set(out.obs["target_gene"]) == {"drugA@1"}  # (like= holds no control cells: none are kept)
+    paired = out[(out.obs["target_gene"] == "drugA@1").to_numpy()]
+    assert paired.n_obs == 40
+    np.testing.assert_allclose(paired.X.mean(0), like.X.mean(0), atol=1e-4)  # the 1 nM cells, not the 1 uM ones
+    # the unit column not named: one side's unit unknown, said with the flag that names it
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        vc.evaluate.to_cell_eval(real, dose_key="dose_value", like=like)
+    assert "plain numbers" in caplog.text and "1 nM and 1 uM would pool" in caplog.text
+    assert "--dose-unit-key" in caplog.text
+    DataContract("perturbation", "control", dose_key="dose_value").attach(real)
+    base, ref = vc.evaluate.split_controls(real, seed=0)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        vc.evaluate.evaluate(pred, ref, baseline=base, baselines=(), ceiling=False, profile=["mae"])
+    assert "1 nM and 1 uM would pool" in caplog.text and "--dose-unit-key" in caplog.text
+    # a stored unit column whose dose column was renamed: named again, the dose column finds the stored units
+    DataContract("perturbation", "control", dose_key="old_dose", dose_unit_key="dose_unit").attach(real)
+    renamed = vc.evaluate.to_cell_eval(real, dose_key="dose_value", like=like)
+    assert (renamed.obs["target_gene"] == "drugA@1").sum() == 40
+
+
+def test_a_dose_unit_column_holding_no_units_or_a_pairs_units_reads_as_it_should(caplog):
+    """From the review: a pair's units ('nM+uM' beside '1+1') read as its first, as its doses do; a unit column of
+    numbers, or the dose column named as its own unit column, is refused as the wrong column; a column of words
+    that are no units (the perturbation kind) is read, with a warning naming the column."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.errors import ContractError
+
+    obs = pd.DataFrame({"perturbation": ["control"] * 2 + ["drugA+drugB"] * 2 + ["drugA"] * 2,
+                        "dose_value": ["0", "0", "1+1", "1+1", "1", "1"],
+                        "dose_unit": [None, None, "nM+nM", "nM+nM", "nM", "nM"],
+                        "kind": ["control", "control", "drug", "drug", "drug", "drug"],
+                        "count": ["0", "0", "3", "3", "3", "3"]}, index=[f"c{i}" for i in range(6)])
+    a = ad.AnnData(np.ones((6, 2), dtype=np.float32), obs=obs, var=pd.DataFrame(index=["G1", "G2"]))
+    contract = DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="dose_unit")
+    assert sorted(set(contract.conditions(a))) == ["control", "drugA+drugB@1", "drugA@1"]
+    assert contract.dose_units(a) == {"drugA": "nM", "drugB": "nM"}
+    with pytest.raises(ContractError, match=r"dose unit column 'count' holds numbers, not units: '3'"):
+        DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="count").conditions(a)
+    with pytest.raises(ContractError, match=r"'dose_value' is named as both the dose column and the dose unit"):
+        DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="dose_value").validate(a)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="kind").conditions(a)
+    assert "dose unit column 'kind' holds units of no molar or mass family ('drug')" in caplog.text
+
+
+def test_a_run_is_not_resumed_under_another_reading_of_its_doses(tmp_path):
+    """The data's hash reads its labels, not its doses: a run started without --dose-key (or its unit column) and
+    resumed with it would mix two readings of the same cells. The run records how it read them and refuses."""
+    from virtualcell.errors import TrainingError
+    from virtualcell.training.checkpoint import same_settings
+
+    before = {"quantity_keys": {"dose": "dose_value", "dose_unit": None, "time": None}}
+    now = {"quantity_keys": {"dose": "dose_value", "dose_unit": "dose_unit", "time": None}}
+    with pytest.raises(TrainingError, match=r"other settings \(quantity_keys:.*--restart"):
+        same_settings(before, now, tmp_path, 2)
+    same_settings(before, before, tmp_path, 2)
+    same_settings({}, now, tmp_path, 2)  # (a run recorded before it was kept: not compared)
+
+
+def test_evaluate_names_the_file_that_lacks_a_dose_column():
+    """--dose-unit-key missing from --train's file was refused as a column --real lacked."""
+    from virtualcell.errors import DataError
+    from virtualcell.evaluate.cli import _with_quantity_keys
+
+    real, _ = _nm_and_um_screen()
+    train = real.copy()
+    del train.obs["dose_unit"]
+    _with_quantity_keys(real, dose_key="dose_value", time_key=None, dose_unit_key="dose_unit", name="--real")
+    with pytest.raises(DataError, match=r"--dose-unit-key 'dose_unit' is not a column of --train's obs"):
+        _with_quantity_keys(train, dose_key="dose_value", time_key=None, dose_unit_key="dose_unit", name="--train")

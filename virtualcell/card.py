@@ -39,7 +39,8 @@ def card(model: C2SModel) -> dict[str, Any]:
         "data": None if contract is None else {
             "perturbation_key": contract.perturbation_key, "control": contract.control,
             "other_controls": list(contract.other_controls), "context_key": contract.context_key,
-            "dose_key": contract.dose_key, "time_key": contract.time_key, "gene_key": contract.gene_key,
+            "dose_key": contract.dose_key, "dose_unit_key": contract.dose_unit_key, "time_key": contract.time_key,
+            "gene_key": contract.gene_key,
             "data_hash": run.get("data_hash"), "holdout": run.get("holdout") or {}},
         "perturbations": {"n": len(trained), "kinds": dict(kinds), "trained": typed,
                           # the genetic kinds it can predict of any of its genes, never trained on (the kinds it trained
@@ -72,7 +73,8 @@ def card_text(c: dict[str, Any]) -> str:
              + (f" … and {g['n'] - 5} more)" if g["n"] > 5 else ")")]
     if d is not None:
         controls = ", ".join(repr(x) for x in [d["control"], *d["other_controls"]])
-        extra = [f"{k.removesuffix('_key')} obs[{d[k]!r}]" for k in ("context_key", "dose_key", "time_key") if d[k]]
+        extra = [f"{k.removesuffix('_key').replace('_', ' ')} obs[{d[k]!r}]"
+                 for k in ("context_key", "dose_key", "dose_unit_key", "time_key") if d.get(k)]
         lines.append(f"data         perturbations in obs[{d['perturbation_key']!r}], control {controls}"
                      + (f"; {', '.join(extra)}" if extra else "")
                      + (f"; genes from var[{d['gene_key']!r}]" if d["gene_key"] else "")

@@ -453,6 +453,7 @@ def _contract_from_args(args: argparse.Namespace):  # noqa: ANN202
     return DataContract(
         perturbation_key=args.perturbation_key, control=control, context_key=args.context_key,
         dose_key=getattr(args, "dose_key", None), time_key=getattr(args, "time_key", None), other_controls=others,
+        dose_unit_key=getattr(args, "dose_unit_key", None),
     )
 
 
@@ -749,6 +750,9 @@ def _add_contract_args(p: argparse.ArgumentParser, *, required: bool = True) -> 
                    "(cell_type+patient): each combination is a context")
     p.add_argument("--dose-key", default=None,
                    help="obs column of the dose: numbers, or numbers with a unit ('10uM'; nM and uM convert)")
+    p.add_argument("--dose-unit-key", default=None,
+                   help="obs column of each dose's unit, where the screen keeps it apart from --dose-key (sci-Plex: "
+                   "--dose-key dose_value --dose-unit-key dose_unit): each dose reads as its value with its unit")
     p.add_argument("--time-key", default=None, help="obs column of the time, in hours or with a unit ('24h', '30min')")
 
 

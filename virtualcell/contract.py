@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from collections.abc import Iterable
@@ -27,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ContractError, close_matches, preview
-from .perturbations import (dose_on_one_scale, first_quantity, hours_per, negative_quantity, quantity_suffix,
-                            read_quantity, split_label)
+from .perturbations import (dose_on_one_scale, first_quantity, hours_per, known_dose_unit, negative_quantity,
+                            quantity_suffix, read_quantity, split_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataContract", "UNS_KEY", "control_labels"]
 
@@ -48,7 +51,9 @@ class DataContract:
     ``perturbation_key`` is the obs column of the perturbation labels, ``control`` the label of control cells,
     ``context_key`` the column of the cell type, line or patient (``None``: one context), ``dose_key`` and
     ``time_key`` the columns of each cell's dose (``"10uM"``, or a number) and time (``"24h"``) where the screen
-    has them (:meth:`quantities`).
+    has them (:meth:`quantities`). ``dose_unit_key`` names the column of each dose's unit where a screen keeps it
+    apart (sci-Plex's ``dose_value`` beside ``dose_unit``): each dose is read as its value joined with its unit, as
+    ``"10nM"`` written in one column would be.
 
     ``gene_key`` names the var column that held the gene names a model was trained on
     (``None``: ``var_names``); a checkpoint keeps it, so that new cells with that column are
@@ -70,6 +75,7 @@ class DataContract:
     time_key: str | None = None
     gene_key: str | None = None
     other_controls: tuple[str, ...] = ()
+    dose_unit_key: str | None = None
 
     def __post_init__(self) -> None:
         # labels are read as strings, so a control given as a number (control=0 of integer labels) is its string
@@ -94,16 +100,11 @@ class DataContract:
             raise ContractError(
                 "The AnnData has no cells. Check the filter or subset that produced it."
             )
+        self.require_dose_key()
         for role, key in self._keys(adata):
             if key not in adata.obs.columns:
-                hint = close_matches(key, adata.obs.columns)
-                did = f" Did you mean {preview(hint, 3)}?" if hint else ""
-                raise ContractError(
-                    f"The {role} column {key!r} is not in adata.obs.{did} obs columns: "
-                    f"{preview(adata.obs.columns, 15) or 'none'}. Pass the right name "
-                    f"(CLI: --{role.replace(' ', '-')}-key)."
-                )
-            if role not in ("dose", "time") and adata.obs[key].isna().any():  # a missing dose or time: none
+                raise _not_a_column(role, key, adata)
+            if role not in _QUANTITY_ROLES and adata.obs[key].isna().any():  # a missing dose or time: none
                 n = int(adata.obs[key].isna().sum())
                 fill = (f"(e.g. with the control label {self.control!r} where that is true)"
                         if role == "perturbation" else "(with each cell's cell type, patient or batch)")
@@ -125,8 +126,22 @@ class DataContract:
 
     def _keys(self, adata: ad.AnnData) -> list[tuple[str, str]]:  # noqa: D102
         pairs = [("perturbation", self.perturbation_key), *(("context", c) for c in self.context_columns(adata)),
-                 ("dose", self.dose_key), ("time", self.time_key)]
+                 ("dose", self.dose_key), ("dose unit", self.dose_unit_key), ("time", self.time_key)]
         return [(role, key) for role, key in pairs if key is not None]
+
+    def require_dose_key(self) -> None:
+        """Refuse a ``dose_unit_key`` without a ``dose_key`` (the units of no dose would be read by nothing), or the
+        same column as both."""
+        if self.dose_unit_key is not None and self.dose_key is None:
+            raise ContractError(
+                f"The dose unit column {self.dose_unit_key!r} is named without a dose column, so no dose would be "
+                "read in its units. Name the column of the dose values too (dose_key='<obs column>'; CLI: "
+                "--dose-key), or leave out dose_unit_key (--dose-unit-key).")
+        if self.dose_unit_key is not None and self.dose_unit_key == self.dose_key:
+            raise ContractError(
+                f"{self.dose_key!r} is named as both the dose column and the dose unit column. Name the column of "
+                "each dose's unit (e.g. 'dose_unit'; CLI: --dose-unit-key), or leave dose_unit_key out where the "
+                "doses carry their units ('10uM').")
 
     def context_columns(self, adata: ad.AnnData) -> list[str]:
         """The obs columns the context is read from: ``[context_key]``, or, for a context of several columns
@@ -166,13 +181,15 @@ class DataContract:
         empty value, ``NaN``/``none``/``-``, or a dose of 0).
 
         A value is a number with an optional unit (``10``, ``"10"``, ``"10uM"``, ``"24 h"``; a pair's ``"1+1"``
-        reads as its first). Times are read in hours (``"30min"`` is 0.5). Doses stay in the unit they are given
+        reads as its first); with ``dose_unit_key``, a dose's unit is its cell's value in that column (``10000`` and
+        ``"nM"`` read as ``"10000nM"``; a dose that holds a unit already keeps it where the column agrees or is
+        empty). Times are read in hours (``"30min"`` is 0.5). Doses stay in the unit they are given
         in; where one family of units comes in several (``"100nM"`` and ``"1uM"``), its doses are put on the
         family's common unit (0.1 and 1, in uM; mass concentrations in ng/ml). Families may differ between agents
         (drugs in uM, cytokines in ng/ml), never within one. A perturbed cell's value that is no number, a unit
-        that is not a time, some doses with a unit and others without, or one agent's doses in units that do not
-        convert to one another stop with a :class:`ContractError` naming them (a control cell's value is not
-        read)."""
+        that is not a time, some doses with a unit and others without, one agent's doses in units that do not
+        convert to one another, a dose without a unit in the unit column, or a dose whose own unit the unit column
+        contradicts stop with a :class:`ContractError` naming them (a control cell's values are not read)."""
         dose, time, _ = self.read_quantities(adata)
         return dose, time
 
@@ -190,12 +207,19 @@ class DataContract:
     def _read(self, adata: ad.AnnData, key: str | None, what: str) -> tuple[np.ndarray, dict[str, str]]:
         if key is None:
             return np.full(adata.n_obs, np.nan), {}
-        values, cell = np.unique(adata.obs[key].astype(str).to_numpy(), return_inverse=True)  # once per value
-        cell = cell.ravel()
         perturbed = ~self.is_control(adata)
+        text = adata.obs[key].astype(str).to_numpy().astype(object)
+        unit_key = self.dose_unit_key if what == "dose" else None
+        if unit_key is not None:  # each dose beside its unit, read as one value ("10000" and "nM": "10000nM")
+            if unit_key in adata.obs.columns:
+                text = text + _UNIT_SEP + adata.obs[unit_key].astype(str).to_numpy().astype(object)
+            elif perturbed.any():  # (control cells alone, as a baseline's: their units are not read)
+                raise _not_a_column("dose unit", unit_key, adata)
+        values, cell = np.unique(text, return_inverse=True)  # once per value
+        cell = cell.ravel()
         read_by = np.zeros(values.size, dtype=bool)
         read_by[np.unique(cell[perturbed])] = True
-        number, unit = _column_values(values, read_by, what=what, key=key)
+        number, unit = _column_values(values, read_by, what=what, key=key, unit_key=unit_key)
         if what == "time":
             unknown = sorted({str(u) for u in unit[read_by] if u and hours_per(u) is None})
             if unknown:
@@ -227,14 +251,16 @@ class DataContract:
         return out.astype(str)
 
     def without_quantities_absent_from(self, adata: ad.AnnData) -> DataContract:
-        """This contract without the dose and time columns that ``adata`` lacks: predicted cells and
-        baseline predictions carry no dose column, since their labels already name the condition
-        (``"drugA@10"``), so their :meth:`conditions` are their labels."""
+        """This contract without the dose and time columns that ``adata`` lacks (and without the dose unit column
+        where the dose column goes): predicted cells and baseline predictions carry no dose column, since their
+        labels already name the condition (``"drugA@10"``), so their :meth:`conditions` are their labels."""
         from dataclasses import replace
 
         cols = adata.obs.columns
+        dosed = self.dose_key is None or self.dose_key in cols  # (a unit column without a dose: validate refuses it)
         return replace(self, dose_key=self.dose_key if self.dose_key in cols else None,
-                       time_key=self.time_key if self.time_key in cols else None)
+                       time_key=self.time_key if self.time_key in cols else None,
+                       dose_unit_key=self.dose_unit_key if dosed else None)
 
     @staticmethod
     def whole_floats(contexts: Iterable[str], known: Iterable[str]) -> str:
@@ -356,32 +382,87 @@ def control_labels(text: str) -> tuple[str, tuple[str, ...]]:
 
 # the values that mean "no dose" or "no time" in a column (lower case, stripped)
 _NO_VALUE = frozenset({"", "nan", "none", "na", "n/a", "-", "null", "<na>"})
+_QUANTITY_ROLES = ("dose", "dose unit", "time")  # columns where a missing value is no value (a control's)
+_UNIT_SEP = "\x1f"  # joins a dose to its unit column's value while the distinct pairs are read
 
 
-def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _not_a_column(role: str, key: str, adata: ad.AnnData) -> ContractError:
+    """The refusal of a contract's column that ``adata.obs`` lacks, with the names closest to it and the CLI flag."""
+    hint = close_matches(key, adata.obs.columns)
+    did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+    return ContractError(f"The {role} column {key!r} is not in adata.obs.{did} obs columns: "
+                         f"{preview(adata.obs.columns, 15) or 'none'}. Pass the right name "
+                         f"(CLI: --{role.replace(' ', '-')}-key).")
+
+
+def _same_unit(a: str, b: str) -> bool:
+    """Whether two spellings of a dose unit name one unit (``"uM"`` and ``"µM"``, ``"ug/ml"`` and ``"mg/l"``)."""
+    return a.strip().lower() == b.strip().lower() or dose_on_one_scale(a) == dose_on_one_scale(b)
+
+
+def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: str,
+                   unit_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The number and unit (``""``: none) of each distinct value of a dose or time column, NaN for no value;
-    ``read_by`` marks the values perturbed cells carry, the only ones a value that is no number stops."""
+    ``read_by`` marks the values perturbed cells carry, the only ones a value that is no number stops. With
+    ``unit_key`` (the dose unit column), each value is a dose and its unit joined by ``_UNIT_SEP``: a dose without a
+    unit of its own takes the column's, one with a unit keeps it where the column agrees or is empty."""
     number = np.full(values.size, np.nan)
     unit = np.full(values.size, "", dtype=object)
-    bad = []
+    bad, no_unit, disagree, numeric, unknown = [], [], [], [], set()
     for i, v in enumerate(values):
-        text = str(v).strip()
+        text, _, given = str(v).partition(_UNIT_SEP)
+        # a pair's units ('nM+uM') read as its first, as its doses ('1+1') are
+        text, given = text.strip(), first_quantity(given.strip()).strip()
+        given = "" if given.lower() in _NO_VALUE else given
         if text.lower() in _NO_VALUE:
             continue
+        if given and read_by[i] and read_quantity(given) is not None and read_quantity(given)[1] == "":
+            numeric.append(given)  # a number where a unit belongs: the wrong column
+            continue
+        if given and read_by[i] and given.isalpha() and not known_dose_unit(given):
+            unknown.add(given)  # a word where a unit belongs ('drug', 'A'), not a unit of its own such as 'U/ml'
         q = read_quantity(first_quantity(text))
+        if q is not None and given:
+            if q[1] and not _same_unit(q[1], given):
+                disagree += [f"{text} beside {given}"] if read_by[i] else []
+            elif not q[1]:
+                q = read_quantity(f"{first_quantity(text)}{given}")  # (None: a unit that is no unit, 'nM (approx.)')
         if q is None:
-            bad += [str(v)] if read_by[i] else []
+            bad += [str(v) if unit_key is None else f"{text} {given}".strip()] if read_by[i] else []
         else:
             number[i], unit[i] = q
+            if unit_key is not None and not q[1] and q[0] != 0 and read_by[i]:  # (a dose of 0 is no dose)
+                no_unit.append(text)
+    if numeric:
+        raise ContractError(
+            f"The dose unit column {unit_key!r} holds numbers, not units: {preview(sorted(set(numeric)), 6)}. Name "
+            f"the column of each dose's unit ('nM', 'uM', 'ng/ml'; CLI: --dose-unit-key), or leave dose_unit_key out "
+            f"where the dose column {key!r} carries its units.")
+    if unknown:
+        log.warning("The dose unit column %r holds units of no molar or mass family (%s): each is read as a unit of "
+                    "its own. If that column holds something else, name the column of each dose's unit "
+                    "(--dose-unit-key).", unit_key, preview(sorted(unknown), 6))
     negative = [b for b in bad if negative_quantity(first_quantity(b.strip()))]
     if negative:
         raise ContractError(f"The {what} column {key!r} has negative values: {preview(negative, 6)}. A {what} is "
                             f"positive; leave it empty where a cell has no {what}.")
     if bad:
         example = "'10', '10uM'" if what == "dose" else "'24', '24h', '30min'"
+        joined = f" (each read with its unit from the dose unit column {unit_key!r})" if unit_key is not None else ""
         raise ContractError(
-            f"The {what} column {key!r} has values that are not a number with an optional unit: {preview(bad, 6)}. "
-            f"Write each {what} as one ({example}), or leave it empty where a cell has no {what}.")
+            f"The {what} column {key!r} has values that are not a number with an optional unit{joined}: "
+            f"{preview(bad, 6)}. Write each {what} as one ({example}), or leave it empty where a cell has no {what}.")
+    if disagree:
+        raise ContractError(
+            f"The dose column {key!r} gives doses with a unit that the dose unit column {unit_key!r} contradicts (dose "
+            f"beside unit): {preview(disagree, 6)}. Keep each dose's unit in one place: write the dose column as "
+            f"numbers (their unit in {unit_key!r}), or correct {unit_key!r}; or leave out dose_unit_key (CLI: "
+            "--dose-unit-key) to read the units the doses carry.")
+    if no_unit:
+        raise ContractError(
+            f"The dose unit column {unit_key!r} has no unit for doses of perturbed cells: {preview(no_unit, 6)} "
+            f"(in the dose column {key!r}). Give each dosed cell its unit (e.g. 'nM'), or leave its dose empty (or 0) "
+            "where a cell has no dose.")
     return number, unit
 
 

@@ -76,6 +76,12 @@ def _dose_family(unit: str | None) -> tuple[str, float] | None:
     return next(((common, family[key]) for common, family in _COMMON if key in family), None)
 
 
+def known_dose_unit(unit: str | None) -> bool:
+    """Whether ``unit`` is a molar or mass concentration (``"nM"``, ``"µM"``, ``"ng/ml"``): those
+    :func:`dose_on_one_scale` converts."""
+    return _dose_family(unit) is not None
+
+
 def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
     """``(common unit, factor)`` of a dose unit: molar units to uM, mass concentrations to ng/ml (``"nM"`` ->
     ``("uM", 0.001)``); a unit of no known family keeps itself (factor 1)."""

@@ -579,7 +579,10 @@ def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: s
                           "n_verdict_controls": int(contract.is_control(held).sum()) if held is not None else 0,
                           "n_verdict_labels": (len(set(contract.conditions(held)) - {contract.control})
                                                if held is not None else 0),
-                          "unseen_labels": sorted(cells.unseen), "contexts": trained_contexts(cells.data, contract)}
+                          "unseen_labels": sorted(cells.unseen), "contexts": trained_contexts(cells.data, contract),
+                          # how each cell's dose and time were read (the data's hash reads its labels, not these)
+                          "quantity_keys": {"dose": contract.dose_key, "dose_unit": contract.dose_unit_key,
+                                            "time": contract.time_key}}
 
 
 def trained_contexts(data: ad.AnnData, contract: DataContract) -> dict[str, dict[str, int]]:
@@ -768,7 +771,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     split.same_weights(lm)
     last = out / "last"
     # the settings the steps taken were made under (the contexts: a data contract with another --context-key)
-    settings = {k: run_config[k] for k in (*(f.name for f in fields(cfg)), "base", "contexts") if k in run_config}
+    settings = {k: run_config[k] for k in (*(f.name for f in fields(cfg)), "base", "contexts", "quantity_keys")
+                if k in run_config}
     resumed = checkpoint.resume(last, data_hash=run_config["data_hash"], module=lm, optimizer=optimizer,
                                 extras=extras.resumable(), keep_best=cfg.keep_best, settings=settings,
                                 labels=model.perturbations.labels) if resume else None

@@ -164,9 +164,9 @@ def data_contract(adata: ad.AnnData, model: C2SModel) -> DataContract:
         if own is not None and own.perturbation_key in adata.obs.columns:
             from dataclasses import replace
 
-            # the model's contract, without the obs columns (context, dose, time) this data lacks
-            lacks = {k: None for k in ("dose_key", "time_key") if getattr(own, k) not in adata.obs.columns}
-            return replace(own, **lacks, **({} if own.has_context(adata) else {"context_key": None}))
+            # the model's contract, without the obs columns (context, dose and its unit, time) this data lacks
+            return replace(own.without_quantities_absent_from(adata),
+                           **({} if own.has_context(adata) else {"context_key": None}))
         raise ContractError(
             f"The data has no stored contract and not the model's perturbation column "
             f"({own.perturbation_key if own is not None else 'none recorded'!r}); obs columns: "

@@ -22,6 +22,7 @@ in ``adata.uns["virtualcell"]["contract"]``, already validated.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .synthetic import synthetic_screen  # a known-answer screen simulated from 
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load", "read_h5ad", "available", "cache_dir", "DEFAULT", "synthetic_screen", "synthetic", "DatasetInfo", "DataError"]
 
@@ -123,7 +126,8 @@ _REGISTRY: dict[str, DatasetInfo] = {
         DatasetInfo(
             "sciplex3",
             "Srivatsan 2020 sci-Plex3 drug screen, 3 cell lines, 188 compounds, 4 doses (pertpy.data, download)",
-            DataContract("perturbation", "control", context_key="cell_line", dose_key="dose_value", time_key="time"),
+            DataContract("perturbation", "control", context_key="cell_line", dose_key="dose_value", time_key="time",
+                         dose_unit_key="dose_unit"),  # dose_value in the unit of dose_unit (nM)
             "see pertpy / scPerturb",
             "Srivatsan S.R. et al. Science 367, 45-51 (2020).",
             pertpy="srivatsan_2020_sciplex3",
@@ -209,8 +213,17 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
         adata = _from_pertpy(info)
     adata.uns.setdefault("virtualcell", {})
     adata.uns["virtualcell"]["dataset"] = {"name": info.name, "license": info.license, "citation": info.citation}
-    info.contract.attach(adata)
-    info.contract.validate(adata)
+    contract = info.contract
+    if contract.dose_unit_key is not None and contract.dose_unit_key not in adata.obs.columns:
+        from dataclasses import replace
+
+        # (a release of the download without its unit column: its doses read as plain numbers, as they did before
+        # the column was read, rather than the dataset refusing to load)
+        log.warning("%s has no dose unit column %r: its doses are read as plain numbers, in the unit the data was "
+                    "written in.", name, contract.dose_unit_key)
+        contract = replace(contract, dose_unit_key=None)
+    contract.attach(adata)
+    contract.validate(adata)
     return adata
 
 

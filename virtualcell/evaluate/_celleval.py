@@ -21,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..contract import UNS_KEY
-from ..errors import DataError, preview
+from ..contract import UNS_KEY, DataContract
+from ..errors import ContractError, DataError, preview
+from ..perturbations import units_of_text
 from ..sentences import gene_positions, require_in_memory, with_gene_key
-from ._data import Prepared, controls_in, expression, onto_prediction_scale, prediction_total, resolve_contract
+from ._data import (Prepared, canonical_label, condition_labels, controls_in, dose_units_warning, expression,
+                    onto_prediction_scale, prediction_total, resolve_contract)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -81,6 +84,9 @@ def to_cell_eval(
     perturbation_key: str | None = None,
     control: str | Sequence[str] | None = None,
     gene_key: str | None = None,
+    dose_key: str | None = None,
+    time_key: str | None = None,
+    dose_unit_key: str | None = None,
     like: ad.AnnData | None = None,
     part: bool = False,
 ) -> ad.AnnData:
@@ -100,6 +106,11 @@ def to_cell_eval(
         The data contract; defaults to the one ``adata`` carries.
     gene_key
         Var column with the gene names to use (default ``var_names``).
+    dose_key, time_key, dose_unit_key
+        Obs columns of each cell's dose, time and dose unit (:class:`~virtualcell.DataContract`), so that each dose
+        of a drug is a perturbation of its own (``drugA@10``, as ``virtualcell predict`` names it); default: the
+        contract ``adata`` carries. A measured screen without a stored contract needs them to meet a prediction's
+        dosed labels (sci-Plex: ``dose_key="dose_value", dose_unit_key="dose_unit", time_key="time"``).
     like
         The other file of the pair (cell-eval form); genes are matched ignoring case and
         an Ensembl version suffix and written with ``like``'s spelling.
@@ -128,7 +139,24 @@ def to_cell_eval(
     require_in_memory(adata)
     adata = with_gene_key(adata, gene_key)
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, require_control=not part)
+    if dose_key is not None or time_key is not None or dose_unit_key is not None:  # given here: over the stored ones
+        try:  # (the stored unit column, where the stored dose column is gone and one is named here)
+            stored_unit = DataContract.from_adata(adata).dose_unit_key
+        except ContractError:
+            stored_unit = None
+        contract = replace(contract, dose_key=dose_key or contract.dose_key, time_key=time_key or contract.time_key,
+                           dose_unit_key=dose_unit_key or contract.dose_unit_key or stored_unit)
+        contract.validate(adata, require_control=not part)  # (a column named here that adata lacks is refused)
     labels = contract.conditions(adata)  # a drug's doses are perturbations of their own
+    if like is not None and PERT_COL in like.obs.columns:
+        # named as like= names them: measured doses in the prediction's units, one spelling of a pair ('B+A' is 'A+B')
+        units = units_of_text((like.uns.get(UNS_KEY) or {}).get("dose_units"))
+        said = dose_units_warning(units, adata, contract)
+        if said:
+            log.warning(said)
+        spelled = {canonical_label(x): x for x in like.obs[PERT_COL].astype(str).unique()}
+        labels = np.array([spelled.get(c, c) for c in condition_labels(adata, contract, dose_units=units)],
+                          dtype=object)
     if CONTROL in set(labels) and contract.control != CONTROL:
         raise DataError(
             f"A perturbation is labelled {CONTROL!r}, the label cell-eval gives the control cells "
@@ -180,7 +208,7 @@ def to_cell_eval(
     out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=var)
     out.uns["log1p"] = {"base": None}  # X is log1p, as scanpy marks it
     record = adata.uns.get(UNS_KEY) or {}  # a prediction's scale, read by like= in turn
-    kept = {k: record[k] for k in ("normalization", "scale_total") if record.get(k) is not None}
+    kept = {k: record[k] for k in ("normalization", "scale_total", "dose_units") if record.get(k) is not None}
     out.uns[UNS_KEY] = {"cell_eval": {"pert_col": PERT_COL, "control_pert": CONTROL,
                                       "perturbation_key": contract.perturbation_key,
                                       "control": contract.control, "scale": "log1p"},

@@ -25,6 +25,7 @@ from ._data import (
     Prepared,
     check_values,
     controls_in,
+    dose_units_warning,
     group_moments,
     onto_prediction_scale,
     prediction_total,
@@ -233,14 +234,9 @@ def _setup(
         log.info("evaluating on %d shared genes; dropped %s", len(genes),
                  ", ".join(f"{len(v)} from {k}" for k, v in dropped.items() if v))
     units = units_of_text((pred.uns.get(UNS_KEY) or {}).get("dose_units")) if pred is not None else {}
-    if pred is not None and not units and contract.dose_key is not None and contract.dose_key in real.obs:
-        measured = contract.dose_units(real)  # (a model trained on plain numbers: matched by number, unit unknown)
-        if measured:
-            log.warning("The predictions name their doses as plain numbers (their model trained on doses without a "
-                        "unit) and the measured doses carry units (%s): they are matched by number, so '@10' meets "
-                        "the measured 10 %s whatever unit the model's numbers were in. Write the measured doses in the "
-                        "training data's unit (or train on doses with their unit) to be sure.",
-                        preview(sorted(set(measured.values())), 3), next(iter(measured.values())))
+    said = dose_units_warning(units, real, contract) if pred is not None else None
+    if said:
+        log.warning(said)
     total = prediction_total(pred)  # measured counts onto the prediction's scale: its model's training total
     real_p = prepare(real, contract, genes, name="measured", dose_units=units, total=total)
     vocabulary = Vocabulary(tuple(str(g) for g in genes))
@@ -651,8 +647,9 @@ def _run(
                 timed = (any("," in p.partition("@")[2] for p, _ in predicted)
                          and not any("," in p.partition("@")[2] for p, _ in known))
                 hint = (" The predictions name doses or times ('drugA@10') and the measured labels do not: name the "
-                        "measured data's dose and time columns (CLI: --dose-key / --time-key; Python: "
-                        "DataContract(..., dose_key=...).attach(real)), so that its doses are groups of their own."
+                        "measured data's dose and time columns (CLI: --dose-key / --time-key, and --dose-unit-key "
+                        "where the units are a column of their own; Python: DataContract(..., dose_key=...)"
+                        ".attach(real)), so that its doses are groups of their own."
                         if dosed else
                         " The predictions name times ('drugA@10,24h') and the measured labels do not: name the "
                         "measured data's time column (CLI: --time-key; Python: DataContract(..., time_key=...)"

@@ -65,7 +65,7 @@ def resolve_contract(
         control=control,
         context_key=context_key if context_key is not None else stored.context_key,
         dose_key=stored.dose_key, time_key=stored.time_key,  # a drug's doses stay conditions of their own
-        other_controls=others,
+        other_controls=others, dose_unit_key=stored.dose_unit_key,  # ... read in their units
     ).without_quantities_absent_from(adata)
     contract.validate(adata, require_control=require_control)
     return contract
@@ -269,15 +269,49 @@ def prepare(adata: ad.AnnData, contract: DataContract, genes: pd.Index, *, name:
     # raw counts normalized over the genes compared, as the model's cells are over its genes: a prediction of 2,000
     # of a file's 9,000 genes and the measured file itself otherwise sit on two scales (MAE 0.02 for the same cells)
     X, norm = expression(adata[:, idx], name=name, total=total)
+    labels = condition_labels(adata, contract, dose_units=dose_units)
+    contexts = contract.contexts(adata)
+    return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
+
+
+def condition_labels(adata: ad.AnnData, contract: DataContract, *,
+                     dose_units: Mapping[str, str] | None = None) -> np.ndarray:
+    """Each cell's condition as a prediction's labels name it: its label with its dose and time (a drug's doses are
+    groups of their own), the doses in ``dose_units`` (each agent's unit in the prediction's labels,
+    ``uns['virtualcell']['dose_units']``; :func:`~virtualcell.perturbations.condition_in_units`), in one spelling
+    (``"@1.0"`` is ``"@1"``, ``"B+A"`` is ``"A+B"``): how evaluate and :func:`to_cell_eval` meet a prediction."""
     own = contract.without_quantities_absent_from(adata)
-    labels = own.conditions(adata)  # a drug's doses are groups of their own
+    labels = own.conditions(adata)
     if dose_units and own.dose_key is not None:
         have = own.dose_units(adata)
         labels = np.array([condition_in_units(x, have, dose_units) for x in labels], dtype=object)
-    # "@1.0" is "@1", and "B+A" is "A+B": one condition, one group, whichever spelling an input uses
-    labels = np.array([canonical_condition(x) if "@" in x else unordered_label(x) for x in labels], dtype=object)
-    contexts = contract.contexts(adata)
-    return Prepared(X.tocsr(), labels, np.asarray(contexts, dtype=object), norm)
+    return np.array([canonical_label(x) for x in labels], dtype=object)
+
+
+def canonical_label(label: str) -> str:
+    """One spelling of a condition (``"@1.0"`` is ``"@1"``, ``"B+A"`` is ``"A+B"``)."""
+    return canonical_condition(label) if "@" in label else unordered_label(label)
+
+
+def dose_units_warning(units: Mapping[str, str], real: ad.AnnData, contract: DataContract) -> str | None:
+    """What to say where a prediction's doses (``units``: its agents' units, ``{}`` for plain numbers) and the
+    measured doses of ``real`` are matched by number alone, one side's unit unknown; ``None`` where they meet."""
+    if contract.dose_key is None or contract.dose_key not in real.obs:
+        return None
+    measured = contract.dose_units(real)
+    if not units and measured:  # (a model trained on plain numbers)
+        return (f"The predictions name their doses as plain numbers (their model trained on doses without a unit) and "
+                f"the measured doses carry units ({preview(sorted(set(measured.values())), 3)}): they are matched by "
+                f"number, so '@10' meets the measured 10 {next(iter(measured.values()))} whatever unit the model's "
+                "numbers were in. Write the measured doses in the training data's unit (or train on doses with their "
+                "unit) to be sure.")
+    if units and not measured and np.isfinite(contract.quantities(real)[0]).any():
+        return (f"The predictions name their doses in units ({preview(sorted(set(units.values())), 3)}) and the "
+                f"measured doses in obs[{contract.dose_key!r}] are plain numbers: they are matched by number, so '@10' "
+                "meets every measured 10, whatever its unit (1 nM and 1 uM would pool). Where the measured units are "
+                "in a column of their own (sci-Plex's dose_unit), name it: --dose-unit-key (Python: "
+                "DataContract(..., dose_unit_key=...), or to_cell_eval(..., dose_unit_key=...)).")
+    return None
 
 
 MIN_SHARED = 0.9  # evaluate refuses inputs that share fewer of their genes than this

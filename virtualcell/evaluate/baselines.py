@@ -388,7 +388,8 @@ def _predict(
         frame = frame.drop(columns="_context")
     frame.index = [f"{name}-{i}" for i in range(len(frame))]
     out = ad.AnnData(np.concatenate(blocks, axis=0), obs=frame, var=pd.DataFrame(index=genes.astype(str)))
-    replace(contract, dose_key=None, time_key=None).attach(out)  # its labels are conditions ("drugA@10") already
+    # its labels are conditions ("drugA@10") already
+    replace(contract, dose_key=None, time_key=None, dose_unit_key=None).attach(out)
     out.uns[UNS_KEY]["baseline"] = name
     out.uns[UNS_KEY]["skipped"] = [f"{p} in {c}: {why}" for p, c, why in skipped]
     return out

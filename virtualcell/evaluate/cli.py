@@ -52,6 +52,9 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dose-key", default=None,
                    help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
                    "(as virtualcell predict names them: drugA@10); default: the contract stored in --real")
+    p.add_argument("--dose-unit-key", default=None,
+                   help="obs column of --real with each dose's unit, where it is kept apart from --dose-key (sci-Plex's "
+                   "dose_unit beside dose_value); default: the contract stored in --real")
     p.add_argument("--time-key", default=None, help="obs column of --real with each cell's time, as --dose-key "
                    "(default: the contract stored in --real)")
     p.add_argument("--gene-key", default=None, metavar="COLUMN",
@@ -97,21 +100,26 @@ def _read(path: str, what: str) -> Any:
     return read_h5ad(p, what)
 
 
-def _with_quantity_keys(real: Any, *, dose_key: str | None, time_key: str | None) -> None:
-    """Store ``--dose-key``/``--time-key`` in ``real``'s contract (its other keys as stored, or the defaults)."""
+def _with_quantity_keys(real: Any, *, dose_key: str | None, time_key: str | None,
+                        dose_unit_key: str | None = None, name: str = "--real") -> None:
+    """Store ``--dose-key``/``--time-key``/``--dose-unit-key`` in ``real``'s contract (its other keys as stored, or
+    the defaults); ``name``: the option that gave ``real``, for the refusals."""
     from dataclasses import replace
 
     from ..contract import DataContract
     from ..errors import ContractError, DataError
 
-    for flag, key in (("--dose-key", dose_key), ("--time-key", time_key)):
+    for flag, key in (("--dose-key", dose_key), ("--dose-unit-key", dose_unit_key), ("--time-key", time_key)):
         if key is not None and key not in real.obs.columns:
-            raise DataError(f"{flag} {key!r} is not a column of --real's obs (columns: {list(real.obs.columns)[:15]}).")
+            raise DataError(f"{flag} {key!r} is not a column of {name}'s obs (columns: {list(real.obs.columns)[:15]}).")
     try:
         stored = DataContract.from_adata(real)
     except ContractError:
         stored = DataContract()
-    replace(stored, dose_key=dose_key or stored.dose_key, time_key=time_key or stored.time_key).attach(real)
+    keys = replace(stored, dose_key=dose_key or stored.dose_key, time_key=time_key or stored.time_key,
+                   dose_unit_key=dose_unit_key or stored.dose_unit_key)
+    keys.require_dose_key()  # a unit column without a dose column: refused before anything is read
+    keys.attach(real)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -143,9 +151,11 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     real = _read(args.real, "--real")
     base = _read(args.baseline, "--baseline") if args.baseline else None
     train = _read(args.train, "--train") if args.train else None
-    if args.dose_key or args.time_key:
-        for data in (real, train) if train is not None else (real,):
-            _with_quantity_keys(data, dose_key=args.dose_key, time_key=args.time_key)
+    if args.dose_key or args.time_key or args.dose_unit_key:
+        for name, data in (("--real", real), ("--train", train)):
+            if data is not None:
+                _with_quantity_keys(data, dose_key=args.dose_key, time_key=args.time_key,
+                                    dose_unit_key=args.dose_unit_key, name=name)
     control = None
     if args.control is not None:  # one label, or several separated by commas (all read as the first)
         first, others = control_labels(args.control)
