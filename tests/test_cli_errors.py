@@ -77,7 +77,7 @@ CASES = [
     ("out-measured-file", f"predict {M} --perturbations STAT1 --out {{screen_h5ad}}",
      r"was not written by virtualcell; refusing to overwrite it"),
     ("predict-repeated-cell-names", "predict --model {model} --data {dup_names} --perturbations STAT1 --out {tmp}/p.h5ad",
-     r"5 baseline cell names in .* repeat \(e\.g\. 'cell'\).*obs_names_make_unique"),
+     r"1 baseline cell name in .* repeats \(6 cells; e\.g\. 'cell'\).*obs_names_make_unique"),
     ("out-is-the-data", "predict --model {model} --data {base} --perturbations STAT1 --out {base} --force",
      r"is the --data file"),
     ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",

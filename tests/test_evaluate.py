@@ -163,6 +163,40 @@ def test_additive_is_exact_when_the_truth_is_additive(additive_truth):
     assert lin.loc[lin["metric"] == "pearson_delta", "value"].min() > 0.9
 
 
+def test_singles_written_with_the_control_as_gears_writes_them_add_up_to_their_pairs(additive_truth):
+    """GEARS-processed screens (Norman, Adamson) write a single 'A+ctrl' and the control 'ctrl': the additive
+    baseline looked the pair's parts up as 'A' and found nothing, so it predicted no pair."""
+    gears = additive_truth.copy()
+    labels = gears.obs["perturbation"].astype(str)
+    gears.obs["perturbation"] = np.where(labels == "control", "ctrl",
+                                         np.where(labels.str.contains("+", regex=False), labels, labels + "+ctrl"))
+    vc.DataContract("perturbation", "ctrl", context_key="cell_type").attach(gears)
+    table = evaluate(None, gears, profile="fast", baselines=("additive",))
+    add = table[(table["method"] == "additive")]
+    assert set(add["perturbation"]) == {"A+B", "C+D", "A+C"}
+    assert add.loc[add["metric"] == "mse", "value"].max() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_a_control_label_given_as_a_number_is_one_label():
+    """control=0 (integer labels) raised "'int' object is not iterable" in vc.evaluate; DataContract took it."""
+    a = _screen({("0", "x"): np.full(5, 2.0), ("1", "x"): np.full(5, 3.0)}, n=8)
+    a.obs["perturbation"] = a.obs["perturbation"].astype(int)
+    del a.uns["virtualcell"]
+    base, ref = vc.evaluate.split_controls(a, control=0, context_key="cell_type")
+    assert base.n_obs + ref.n_obs == a.n_obs and set(base.obs["perturbation"]) == {0}
+
+
+def test_a_gene_key_only_some_inputs_have_is_named_where_the_genes_then_differ(additive_truth):
+    """--gene-key renames the genes of the inputs that hold the column; a prediction without it keeps its var_names,
+    and the refusal of '0 shared genes' now says so."""
+    real = additive_truth.copy()
+    real.var["feature_name"] = [f"SYM{i}" for i in range(real.n_vars)]
+    with pytest.raises(vc.errors.DataError, match=r"share only 0 gene names.*--gene-key 'feature_name' named the "
+                                                  r"genes of the inputs that have that var column; predicted "
+                                                  r"\(pred=, --pred\) has none and kept its var_names"):
+        evaluate(additive_truth.copy(), real, profile="fast", baselines=(), ceiling=False, gene_key="feature_name")
+
+
 def test_a_baseline_with_nothing_to_predict_is_named_in_the_summary(additive_truth):
     """One context: meanshift (the effect in other contexts) predicts nothing; the summary says so and why."""
     table = evaluate(None, additive_truth, profile="pearson", baselines=("meanshift", "additive"), ceiling=False)

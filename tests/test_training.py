@@ -761,6 +761,33 @@ def test_own_target_tokens_name_trained_targets_apart_from_their_genes(papalexi_
         TrainConfig(target_tokens="shared")
 
 
+def test_singles_written_with_the_control_read_as_their_gene_as_gears_writes_them(caplog):
+    """GEARS-processed screens write a single 'KLF1+ctrl' (control 'ctrl'): it trained as the pair of KLF1 and a gene
+    named CTRL (or a plain label 'ctrl'), never linked to the pairs' KLF1. It reads as KLF1 now, saying so; written
+    with '_' ('KLF1_ctrl'), it is named by the joined-labels warning, and scPerturb's kind 'CRISPR-cas9' is a knockout."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.contract import DataContract
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig, typed_labels
+
+    labels = ["ctrl"] * 4 + ["KLF1+ctrl"] * 3 + ["ctrl+MAP2K6"] * 3 + ["KLF1+MAP2K6"] * 3 + ["CEBPE_ctrl"] * 3
+    a = ad.AnnData(np.ones((len(labels), 3), dtype=np.float32),
+                   obs=pd.DataFrame({"perturbation": labels, "kind": ["CRISPR-cas9"] * len(labels)},
+                                    index=[str(i) for i in range(len(labels))]),
+                   var=pd.DataFrame(index=["KLF1", "MAP2K6", "GATA1"]))
+    contract = DataContract("perturbation", "ctrl")
+    with caplog.at_level("INFO"):
+        typed, vocab = typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig(kind="activation"))
+    assert vocab.labels["KLF1+ctrl"] == "act:KLF1" and vocab.labels["ctrl+MAP2K6"] == "act:MAP2K6"
+    assert vocab.labels["KLF1+MAP2K6"] == "act:KLF1 + act:MAP2K6"
+    assert "2 labels name the control as a part ('KLF1+ctrl', 'ctrl+MAP2K6')" in caplog.text
+    assert "labels join genes or other labels with '_' or '|' ('CEBPE_ctrl')" in caplog.text
+    _, by_kind = typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig(kind_key="kind"), warn=False)
+    assert by_kind.labels["KLF1+ctrl"] == "ko:KLF1"
+
+
 def test_labels_that_train_but_hardly_as_meant_are_named(caplog):
     """A drug with a dose in some cells and none in others, and pairs joined by '_' instead of '+', train (they may
     be meant), but the run says so, naming them and the fix; 'A|B' as a gene is refused with how pairs are written."""

@@ -209,10 +209,13 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
     if names.duplicated().any():  # (the predictions' cells would repeat names too, and evaluate refuses them)
         from .errors import DataError, preview
 
-        raise DataError(f"{int(names.duplicated().sum())} baseline cell names in {args.data} repeat (e.g. "
-                        f"{preview(list(names[names.duplicated()].unique()), 3)}): each predicted cell is named by "
-                        "its source cell, so those could not be told apart. Make them unique and write the file "
-                        "again: adata.obs_names_make_unique(); adata.write_h5ad(path).")
+        repeated = names[names.duplicated()].unique()
+        many = len(repeated) != 1
+        raise DataError(f"{len(repeated)} baseline cell name{'s' if many else ''} in {args.data} "
+                        f"repeat{'' if many else 's'} ({int(names.isin(repeated).sum())} cells; e.g. "
+                        f"{preview(list(repeated), 3)}): each predicted cell is named by its source cell, so those "
+                        "could not be told apart. Make them unique and write the file again: "
+                        "adata.obs_names_make_unique(); adata.write_h5ad(path).")
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
     # the chunked file of a large prediction goes beside --out, named for it and this process; one a killed run left
     # (a scheduler's time limit) is removed here, under the output's lock

@@ -38,8 +38,9 @@ from typing import Any, Literal
 from .errors import DataError, PerturbationError
 
 __all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix",
-           "without_quantities", "dose_on_one_scale", "hours_per", "read_quantity", "in_units", "condition_in_units",
-           "units_text", "units_of_text", "first_quantity", "parts_of", "KINDS", "GENETIC", "KIND_ALIASES"]
+           "without_quantities", "dose_on_one_scale", "known_dose_unit", "hours_per", "read_quantity", "in_units",
+           "condition_in_units", "units_text", "units_of_text", "first_quantity", "label_parts", "parts_of", "KINDS",
+           "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -49,6 +50,7 @@ GENETIC = frozenset({"knockout", "knockdown", "activation"})
 # kind column (TrainConfig.kind_key) both read this one table
 KIND_ALIASES: dict[str, str] = {
     "ko": "knockout", "knockout": "knockout", "crispr": "knockout", "crispr-ko": "knockout", "crisprko": "knockout",
+    "crispr-cas9": "knockout", "cas9": "knockout",  # (scPerturb's perturbation_type)
     "kd": "knockdown", "knockdown": "knockdown", "crispri": "knockdown", "sirna": "knockdown", "shrna": "knockdown",
     "act": "activation", "activation": "activation", "crispra": "activation", "oe": "activation",
     "overexpression": "activation",
@@ -102,7 +104,11 @@ def read_kinds(adata: Any, kind_key: str, *, controls: Any = None) -> list[str]:
         raw = np.where(np.asarray(controls, dtype=bool), "control", raw)
     unknown = sorted(set(raw) - set(KIND_ALIASES))
     if unknown:
-        raise DataError(f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}.")
+        written = next(x for x in adata.obs[kind_key].astype(str) if x.lower() == unknown[0])  # (as the file spells it)
+        raise DataError(
+            f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}. Map each to "
+            f"one, e.g. adata.obs[{kind_key!r}] = adata.obs[{kind_key!r}].replace({{{written!r}: 'knockout'}}) (or "
+            "'knockdown', 'activation', 'drug', 'cytokine', 'label' for a perturbation of no kind).")
     return [KIND_ALIASES[k] for k in raw]
 
 
@@ -284,6 +290,20 @@ def split_label(text: str) -> list[str]:
         parts = text.split("+")
     return [p.replace("\x00", "+") for p in parts]
 
+
+
+def label_parts(label: str, controls: Any = ()) -> list[str]:
+    """A training label's parts (:func:`split_label`, stripped), without a part that names the control where another
+    is left: GEARS-processed screens (Norman, Adamson, Dixit) write a single ``"KLF1+ctrl"``, which is KLF1, not a
+    pair. ``controls``: the data's control labels, beside :data:`CONTROL_WORDS`.
+
+    >>> label_parts("KLF1+ctrl"), label_parts("ctrl+KLF1+MAP2K6"), label_parts("NT_1+STAT1", ["NT_1"])
+    (['KLF1'], ['KLF1', 'MAP2K6'], ['STAT1'])
+    """
+    parts = [x.strip() for x in split_label(label) if x.strip()]
+    named = CONTROL_WORDS | {str(c).strip().lower() for c in controls}
+    rest = [x for x in parts if x.lower() not in named]
+    return rest or parts
 
 
 _JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values, not an exponent's ('1.00E+01')

@@ -81,8 +81,9 @@ def require_in_memory(adata: ad.AnnData, what: str = "The AnnData") -> None:
                         "wrap a matrix as anndata.AnnData(X, obs=pd.DataFrame(index=cell_names), "
                         "var=pd.DataFrame(index=gene_names)), or read a file with vc.datasets.read_h5ad(path).")
     if getattr(adata, "isbacked", False):
-        raise DataError(f"{what} is on disk (an AnnData read with backed='r'), and virtualcell reads expression in "
-                        "memory: load it first, adata = adata.to_memory() (or a subset: adata[cells].to_memory()).")
+        raise DataError(f"{what}: the AnnData was read with backed='r' (its expression stays on disk), and "
+                        "virtualcell reads expression in memory: load it first, adata = adata.to_memory() (or a "
+                        "subset: adata[cells].to_memory()).")
 
 
 def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_matrix:

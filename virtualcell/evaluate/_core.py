@@ -218,7 +218,17 @@ def _setup(
         named = {"real": real, "pred": pred, "baseline": baseline}
     if train is not None:
         named["train"] = train
-    genes, dropped, named = shared_genes(named, min_shared=min_shared)
+    try:
+        genes, dropped, named = shared_genes(named, min_shared=min_shared)
+    except DataError as err:
+        lacking = [_INPUT_NAMES[k] for k, a in inputs.items() if a is not None and gene_key is not None
+                   and gene_key not in a.var.columns]
+        if not lacking:
+            raise
+        raise DataError(f"{err} --gene-key {gene_key!r} named the genes of the inputs that have that var column; "
+                        f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} none and kept "
+                        f"{'its' if len(lacking) == 1 else 'their'} var_names: leave --gene-key out to compare "
+                        "var_names, or give every input that column.") from None
     named, moved = onto_prediction_scale(named, genes)
     if moved:
         info["onto_prediction_scale"] = moved

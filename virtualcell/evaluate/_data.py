@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +51,8 @@ def resolve_contract(
         stored = DataContract.from_adata(adata)
     except ContractError:
         stored = DataContract()
+    if control is not None and not isinstance(control, str) and not isinstance(control, Iterable):
+        control = str(control)  # one label given as a number (control=0 of integer labels), as DataContract reads it
     if control is None or (isinstance(control, str) and control == stored.control):
         control, others = stored.control, stored.other_controls
     elif isinstance(control, str):

@@ -52,7 +52,7 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import PAIR_SEP, UNS_KEY
 from ..errors import DataError, preview
-from ..perturbations import dose_on_one_scale, hours_per, read_quantity, split_label
+from ..perturbations import dose_on_one_scale, hours_per, label_parts, read_quantity
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,6 +103,17 @@ class Effects:
             n_cells[(p, c)] = n
         return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data,
                    aliases=MappingProxyType(dict(aliases or {})))
+
+    @cached_property
+    def singles(self) -> dict[Target, np.ndarray]:
+        """:attr:`delta`, and each single's under its one part's name too (``"KLF1+ctrl"`` as ``"KLF1"``): what a
+        pair's parts are looked up in."""
+        out = dict(self.delta)
+        for (q, c), d in self.delta.items():
+            parts = _components(q)
+            if len(parts) == 1:
+                out.setdefault((parts[0], c), d)
+        return out
 
     @cached_property
     def vocabulary(self) -> Vocabulary:
@@ -169,7 +180,8 @@ def coupling(deltas: np.ndarray, fitted: np.ndarray, responses: np.ndarray) -> f
 
 
 def _components(perturbation: str) -> list[str]:
-    return [g for g in split_label(perturbation) if g]
+    """A label's parts, without one naming the control (``"KLF1+ctrl"``, as GEARS writes a single, is KLF1)."""
+    return label_parts(perturbation)
 
 
 # --------------------------------------------------------------------------- #
@@ -198,9 +210,10 @@ def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
     p, c = target
     label, at, quantity = p.rpartition("@")
     readings = [[f"{g}@{quantity}" for g in _components(label)]] if at and PAIR_SEP in label else []
+    singles = effects.singles
     for parts in [*readings, _components(p)]:
-        if len(parts) >= 2 and all((g, c) in effects.delta for g in parts):
-            return np.sum([effects.delta[(g, c)] for g in parts], axis=0)
+        if len(parts) >= 2 and all((g, c) in singles for g in parts):
+            return np.sum([singles[(g, c)] for g in parts], axis=0)
     return None
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, label_stem, looks_like_control, parse,
-                             parts_of, read_kinds, split_label, without_quantities)
+from ..perturbations import (CONTROL_WORDS, EDIT_WORDS, GENETIC, Combination, Perturbation, label_parts, label_stem,
+                             looks_like_control, parse, parts_of, read_kinds, split_label, without_quantities)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -247,22 +247,38 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
         log.warning("%d labels look like control labels (%s) and train as perturbations; if they are controls, "
                     "name them all (--control %s; DataContract(..., other_controls=...)).", len(alike),
                     preview(alike, 5), ",".join([contract.control, *alike[:3]]))
-    names = {g.upper() for g in genes.genes} | {str(x).upper() for x in labels[perturbed]}
-    joined = sorted(x for x in set(labels[perturbed]) if len(parts := re.split(r"[_|]", x)) > 1
-                    and _all_gene_like(parts) and not {part.upper() for part in parts} & NOT_GENES
-                    and any(part.upper() in names for part in parts))
+    controls = {w.upper() for w in CONTROL_WORDS} | {c.upper() for c in contract.controls}
+
+    def beside_control(x: str) -> list[str]:  # the genes of a single written with the control ('KLF1_ctrl'), or []
+        parts = re.split(r"[_|]", x)
+        rest = [p for p in parts if p.upper() not in controls]
+        return rest if 0 < len(rest) < len(parts) and _all_gene_like(rest) and not {
+            p.upper() for p in rest} & NOT_GENES else []
+
+    names = ({g.upper() for g in genes.genes} | {str(x).upper() for x in labels[perturbed]}
+             | {p.upper() for x in set(labels[perturbed]) for p in beside_control(x)})
+    joined = sorted(x for x in set(labels[perturbed]) if beside_control(x) or (
+        len(parts := re.split(r"[_|]", x)) > 1 and _all_gene_like(parts) and not {part.upper() for part in parts}
+        & NOT_GENES and any(part.upper() in names for part in parts)))
     if joined:
         log.warning("%d labels join genes or other labels with '_' or '|' (%s): each is read as one perturbation "
                     "of its own, not a combination. A combination is written 'A+B': rename them (e.g. "
-                    "adata.obs[%r] = adata.obs[%r].str.replace('_', '+')) to train them as pairs.", len(joined),
+                    "adata.obs[%r] = adata.obs[%r].str.replace('_', '+')) to train them as pairs (a part naming "
+                    "the control, 'KLF1+ctrl', then reads as the other alone).", len(joined),
                     preview(joined, 5), contract.perturbation_key, contract.perturbation_key)
+    single = sorted(x for x in set(labels[perturbed]) if len(label_parts(x, contract.controls)) < len(
+        [p for p in split_label(x) if p.strip()]))
+    if single:
+        log.info("%d labels name the control as a part (%s): each is read as its other parts ('%s' as %r), as "
+                 "GEARS writes a single.", len(single), preview(single, 5), single[0],
+                 "+".join(label_parts(single[0], contract.controls)))
 
 
 def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,
            genes: Vocabulary, vocab: PerturbationVocab) -> Perturbation | Combination:
     if label == contract.control or kind == "control":
         return Perturbation("control")
-    parts = [x.strip() for x in split_label(label) if x.strip()]
+    parts = label_parts(label, contract.controls)  # ('KLF1+ctrl', as GEARS writes a single, is KLF1)
     dosed = dose is not None or time_ is not None
     part_kinds = None
     written = [_written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
