@@ -484,6 +484,24 @@ def test_sequences_past_the_models_context_are_refused_in_training_and_generatio
         vc.Simulator(cells[:2].copy(), model).simulate(["ko:STAT1"], max_genes=12, progress=False)
 
 
+def test_a_plain_checkpoint_asked_to_predict_says_it_never_trained_on_the_prompt(bpe_model, tmp_path, caplog):
+    """A released C2S-Scale checkpoint learned perturbations only in targeted fine-tuning, never on virtualcell's
+    prompt: simulating with it as loaded gives guesses, and the Simulator says so, naming the fine-tuning command."""
+    import anndata as ad
+    import pandas as pd
+
+    base = _text_base(bpe_model, tmp_path / "plain", positions=256)
+    genes = list(bpe_model.genes.genes)
+    cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, size=(8, len(genes))).astype(np.float32),
+                       obs=pd.DataFrame({"perturbation": ["control"] * 8}, index=[f"c{i}" for i in range(8)]),
+                       var=pd.DataFrame(index=genes))
+    model = C2SModel.load(base, genes=genes)
+    model.rank_fit = vc.sentences.RankFit.fit(cells, vc.encode(cells, vocab=model.genes))
+    with caplog.at_level("WARNING"):
+        vc.Simulator(cells.copy(), model)
+    assert "was not fine-tuned by virtualcell" in caplog.text and f"virtualcell train --base {base}" in caplog.text
+
+
 def test_a_tokenizer_whose_decoding_loses_genes_is_refused(bpe_model):
     """Generated cells are read by decoding their tokens to text: a tokenizer without a decoder (the tokenizers
     library's default) wrote 'RP11-34P13.7' back as 'RP11 - 34 P13 . 7', and every such gene was dropped as invalid
@@ -837,6 +855,9 @@ def test_a_tokenizer_that_marks_its_first_space_writes_genes_as_sentences_hold_t
     ids = np.array([0, 3, 5, 6])
     text = "".join(" " + b.genes[i] for i in ids)
     assert b.response(ids) == list(b.tokenizer(text, add_special_tokens=False)["input_ids"]) + [b.eos]
+    # a lone sentence (pre-training) starts with the BOS every prompt starts with: Gemma, C2S-Scale's base, reads
+    # text without it as noise, and the first gene is then a target too
+    assert b.sentence(ids) == [b.bos, *b.response(ids)] and b.bos == b.tokenizer.bos_token_id is not None
 
 
 def test_unconstrained_decoding_fits_the_context_constrained_decoding_fits(bpe_model, tmp_path):

@@ -805,8 +805,9 @@ class C2SFormat(PromptFormat):
         return [], self.prompt(cell_gene_ids, p)
 
     def sentence(self, gene_ids: np.ndarray) -> list[int]:
-        """A lone cell sentence, for pre-training (every token after the first is a target)."""
-        return self.response(gene_ids)
+        """A lone cell sentence, for pre-training (every token after the first is a target), after the tokenizer's
+        BOS as every prompt is: Gemma (C2S-Scale's base) reads text without its BOS as noise."""
+        return ([self.bos] if self.bos is not None else []) + self.response(gene_ids)
 
     def response_vocabulary(self) -> np.ndarray | None:
         """``None``: a text tokenizer writes genes in several tokens, so no token is ruled out."""

@@ -507,6 +507,11 @@ class Simulator:
                 f"{len(versions)} baseline genes match the model's only without their Ensembl version suffix "
                 f"(e.g. {versions[0][0]!r} <-> {versions[0][1]!r}); they are treated as the same gene and "
                 "predictions use the baseline's names.", UserWarning, stacklevel=2)
+        if not model.train_config and model.format.name == "c2s":  # a plain Hugging Face checkpoint (load(genes=))
+            log.warning("%s was not fine-tuned by virtualcell: it never trained on virtualcell's perturbation prompt "
+                        "(released C2S-Scale checkpoints learned perturbations only in targeted fine-tuning), so its "
+                        "predictions are guesses. Fine-tune it on a screen first: virtualcell train --base %s --data "
+                        "SCREEN.h5ad --out FOLDER.", model.source or "This model", model.source or "MODEL")
         if model.rank_fit is None:
             raise DataError(
                 "The model has no rank fit (codec), so it cannot decode sentences into expression. Fit one on data "
