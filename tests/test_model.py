@@ -968,7 +968,7 @@ def test_a_verdict_rewrite_cut_half_way_serves_the_pure_model_not_one_runs_codec
         cut = C2SModel.load(out)
     assert cut.verdict is None and cut.baselines is None and cut.gene_map is None
     assert "verdict.json changed after its virtualcell.json was written" in caplog.text
-    assert f"virtualcell verdict {out} --data" in caplog.text
+    assert f"virtualcell verdict --model {out} --data" in caplog.text
     # judged again (save_verdict writes the files, then the codec): served again, without a warning
     cut.verdict, cut.baselines = model.verdict, model.baselines
     cut.save_verdict(out)
@@ -976,6 +976,31 @@ def test_a_verdict_rewrite_cut_half_way_serves_the_pure_model_not_one_runs_codec
     with caplog.at_level("WARNING"):
         assert C2SModel.load(out).verdict == model.verdict
     assert "changed after" not in caplog.text
+
+
+def test_a_model_with_neighbour_offsets_loads_and_is_judged_again_after_a_verdict_rewrite_was_cut(tmp_path, caplog):
+    """From a review: where the verdict files no longer matched the codec, a model with neighbour offsets could not
+    load at all (its offsets need the covariance factor in baselines.npz, which the mismatch skipped), nor could the
+    `virtualcell verdict` the warning names. It loads as the pure model with its offsets, and is judged again."""
+    import json
+
+    from virtualcell.cli import main
+    from virtualcell.train import TrainConfig, train
+
+    a = vc.datasets.synthetic_screen(n_genes=60, n_tfs=6, n_knockouts=6, n_pairs=0, n_drugs=0, n_cytokines=0,
+                                     n_cells_per_condition=30, n_control_cells=150, n_contexts=1)
+    out = tmp_path / "m"
+    train(a, out=out, config=TrainConfig(top_k=30, hidden_size=32, n_layers=2, n_heads=2, max_steps=12, eval_every=6,
+                                         save_every=6, batch_size=8, warmup_steps=2, seed=0, neighbour_offsets=True),
+          progress=False)
+    verdict = json.loads((out / "verdict.json").read_text())
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2))  # the same verdict, written otherwise
+    with caplog.at_level("WARNING"):
+        cut = C2SModel.load(out)
+    assert cut.verdict is None and cut.neighbour_offsets is not None and "virtualcell verdict --model" in caplog.text
+    a.write_h5ad(tmp_path / "data.h5ad")
+    assert main(["verdict", "--model", str(out), "--data", str(tmp_path / "data.h5ad")]) == 0
+    assert C2SModel.load(out).verdict is not None
 
 
 def test_a_save_cut_half_way_leaves_a_folder_that_is_refused_not_a_mix(tiny_model, tmp_path, monkeypatch):

@@ -864,6 +864,10 @@ def test_verdict_command_judges_a_checkpoint_again_on_its_own_training_data(tiny
     old = json.loads((ckpt / "verdict.json").read_text())
     before = vc.C2SModel.load(ckpt).baselines
     dataclasses.replace(before, response=None).save(ckpt / "baselines.npz")  # as an older version wrote them
+    meta = json.loads((ckpt / "virtualcell.json").read_text())  # (which recorded no digests of its verdict files)
+    meta.pop("verdict_files")
+    (ckpt / "virtualcell.json").write_text(json.dumps(meta))
+    assert vc.C2SModel.load(ckpt).baselines.response is None  # the old baselines are read, not set aside
     assert main(["verdict", "--model", str(ckpt), "--data", str(path), "--verdict-samples", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "before: " in out and "now: " in out and "previous-verdict.json" in out

@@ -271,11 +271,17 @@ class C2SModel:
             changed = [] if written is None else [f for f, d in verdict_files(path).items()
                                                   if d is not None and d != written.get(f)]
             if changed:
-                log.warning("%s: %s changed after its %s was written (a `virtualcell verdict` or a save cut half-way, "
-                            "or an edit), so the verdict, its baselines and its gene map are not served: the pure model "
-                            "is, at default generation settings. Run `virtualcell verdict %s --data TRAINING_DATA` to "
-                            "judge it again.", path, " and ".join(changed), META_FILE, path)
+                log.warning("%s: %s changed after its %s was written (a `virtualcell verdict` cut half-way, or an "
+                            "edit), so the verdict, its baselines and its gene map are not served: the pure model is, "
+                            "at default generation settings. Run `virtualcell verdict --model %s --data TRAINING_DATA` "
+                            "to judge it again.", path, " and ".join(changed), META_FILE, path)
                 meta.pop("gene_map", None)
+                from .validation import BASELINES_FILE, Baselines
+
+                if meta.get("neighbour_offsets") is not None and (path / BASELINES_FILE).exists():
+                    # the neighbour offsets' covariance factor, the same in either run (without a verdict no blend is
+                    # served; without the factor neither the model nor `virtualcell verdict` could load)
+                    model.baselines = Baselines.load(path / BASELINES_FILE, model.genes.genes)
             else:
                 model._load_verdict(path)
             as_control = sorted(k for k, v in model.perturbations.labels.items()  # (not those a kind column made so)

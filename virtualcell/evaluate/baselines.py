@@ -83,6 +83,7 @@ class Effects:
     # a perturbed gene as the labels name it -> the gene's name here (``sentences.target_aliases``: knockouts
     # labelled by symbol in data whose genes are Ensembl ids)
     aliases: Mapping[str, str] = field(default_factory=dict)
+    control: str = "control"  # the data's control label, which a label's part may name ('A+NT' is A)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -102,7 +103,7 @@ class Effects:
             delta[(p, c)] = m - ctrl[c]
             n_cells[(p, c)] = n
         return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data,
-                   aliases=MappingProxyType(dict(aliases or {})))
+                   aliases=MappingProxyType(dict(aliases or {})), control=control)
 
     @cached_property
     def singles(self) -> dict[Target, np.ndarray]:
@@ -110,7 +111,7 @@ class Effects:
         pair's parts are looked up in."""
         out = dict(self.delta)
         for (q, c), d in self.delta.items():
-            parts = _components(q)
+            parts = _components(self, q)
             if len(parts) == 1:
                 out.setdefault((parts[0], c), d)
         return out
@@ -179,9 +180,10 @@ def coupling(deltas: np.ndarray, fitted: np.ndarray, responses: np.ndarray) -> f
     return float(((D[fitted] - rest) * responses).sum()) / den if den > 0 else None
 
 
-def _components(perturbation: str) -> list[str]:
-    """A label's parts, without one naming the control (``"KLF1+ctrl"``, as GEARS writes a single, is KLF1)."""
-    return label_parts(perturbation)
+def _components(effects: Effects, perturbation: str) -> list[str]:
+    """A label's parts, without one naming the control (``"KLF1+ctrl"``, as GEARS writes a single, is KLF1; the
+    data's own control label too, as training reads it)."""
+    return label_parts(perturbation, (effects.control,))
 
 
 # --------------------------------------------------------------------------- #
@@ -209,9 +211,9 @@ def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
     written (``"A@1+B@10"`` or undosed singles)."""
     p, c = target
     label, at, quantity = p.rpartition("@")
-    readings = [[f"{g}@{quantity}" for g in _components(label)]] if at and PAIR_SEP in label else []
+    readings = [[f"{g}@{quantity}" for g in _components(effects, label)]] if at and PAIR_SEP in label else []
     singles = effects.singles
-    for parts in [*readings, _components(p)]:
+    for parts in [*readings, _components(effects, p)]:
         if len(parts) >= 2 and all((g, c) in singles for g in parts):
             return np.sum([singles[(g, c)] for g in parts], axis=0)
     return None
@@ -276,11 +278,11 @@ def _delta_linear(
     U, S, _ = np.linalg.svd(Yc, full_matrices=False)
     k = int(min(n_components, np.sum(S > 1e-8 * max(S.max(initial=0.0), 1e-12))))
     G = U[:, :k] * np.sqrt(len(effects.genes))  # genes x k, entries of order 1
-    comps = sorted({g for q, _ in cols for g in _components(q)})
+    comps = sorted({g for q, _ in cols for g in _components(effects, q)})
     contexts = sorted({c for _, c in cols})
 
     def features(p: str, c: str) -> np.ndarray:
-        parts = _components(p)
+        parts = _components(effects, p)
         onehot = np.array([parts.count(g) for g in comps], dtype=np.float64)
         emb = np.zeros(k)
         for g in parts:
@@ -301,7 +303,7 @@ def _delta_linear(
 def _single_gene(effects: Effects, perturbation: str) -> int | None:
     """The measured gene that ``perturbation`` names alone (``"STAT1"``, ``"stat1@2"``), or ``None``."""
     label = perturbation.rpartition("@")[0] or perturbation
-    parts = _components(label)
+    parts = _components(effects, label)
     return effects.gene_index(parts[0]) if len(parts) == 1 else None
 
 
