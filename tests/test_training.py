@@ -786,6 +786,13 @@ def test_singles_written_with_the_control_read_as_their_gene_as_gears_writes_the
     assert "labels join genes or other labels with '_' or '|' ('CEBPE_ctrl')" in caplog.text
     _, by_kind = typed_labels(a, contract, Vocabulary.from_adata(a), TrainConfig(kind_key="kind"), warn=False)
     assert by_kind.labels["KLF1+ctrl"] == "ko:KLF1"
+    # a single never trained on is named as the screen names its singles, so evaluate finds its measured cells
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import PerturbationVocab
+
+    gears = PerturbationVocab({"KLF1+ctrl": "act:KLF1", "MAP2K6+ctrl": "act:MAP2K6"})
+    assert gears.labels_for([parse("act:CEBPE"), parse("act:KLF1")]) == ["CEBPE+ctrl", "KLF1+ctrl"]
+    assert PerturbationVocab({"KLF1": "act:KLF1"}).labels_for([parse("act:CEBPE")]) == ["CEBPE"]
 
 
 def test_labels_that_train_but_hardly_as_meant_are_named(caplog):

@@ -389,28 +389,35 @@ class PerturbationVocab:
             if len(parts) > 1 and all(labels):
                 return "+".join(labels)
             named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
-            if len(named) == 1 and named[0].kind in by_gene and named[0].dose is None and named[0].time is None \
-                    and named[0].target.upper() not in by_gene[named[0].kind]:
+            if len(named) == 1 and named[0].kind in by_gene and named[0].dose is None and named[0].time is None:
                 # a target never trained on, of a kind whose every training label is its gene's name (a knockout
-                # screen labelled STAT1, JAK2): named so too, "IRF9", as the measured cells would be; not where that
-                # name is a training label already (of another kind)
-                return (spelling or {}).get(named[0].target.upper(), named[0].target)
+                # screen labelled STAT1, JAK2; GEARS' 'KLF1+ctrl'): named so too, "IRF9" ("IRF9+ctrl"), as the
+                # measured cells would be; not where that name is a training label already (of another kind)
+                taken, form = by_gene[named[0].kind]
+                name = form.format((spelling or {}).get(named[0].target.upper(), named[0].target))
+                if name.upper() not in taken:
+                    return name
             return str(named[0] if len(named) == 1 else Combination(tuple(named)))
 
         return [one(p) for p in perturbations]
 
-    def _kinds_named_by_gene(self) -> dict[str, set[str]]:
+    def _kinds_named_by_gene(self) -> dict[str, tuple[set[str], str]]:
         """The genetic kinds whose training labels are each their target gene's name (``"STAT1"`` for
-        ``ko:STAT1``, also through :attr:`aliases`), each with every training label (upper case), which such a
-        name must not repeat; a kind trained under any other label (``"STAT1_KO"``, a pair) is left out."""
-        names: dict[str, bool] = {}
+        ``ko:STAT1``, also through :attr:`aliases`), or each that name beside one same control word (GEARS'
+        ``"KLF1+ctrl"``), each with every training label (upper case), which such a name must not repeat, and the
+        form of its names (``"{}"``, ``"{}+ctrl"``); a kind trained under any other label (``"STAT1_KO"``, a pair,
+        names of several forms) is left out."""
+        forms: dict[str, set[str | None]] = {}
         for label, typed in self.label_forms():
             q = parse(typed)
             if isinstance(q, Perturbation) and q.kind in GENETIC:
-                gene = self.aliases.get(label.upper(), label.upper())
-                names[q.kind] = names.get(q.kind, True) and gene == q.target.upper()
+                parts = [x.strip() for x in split_label(label)]  # (a single of two parts: its other names a control)
+                at = [i for i, x in enumerate(parts) if self.aliases.get(x.upper(), x.upper()) == q.target.upper()]
+                form = "+".join("{}" if i == at[0] else x.replace("{", "{{").replace("}", "}}")
+                                for i, x in enumerate(parts)) if len(at) == 1 and len(parts) <= 2 else None
+                forms.setdefault(q.kind, set()).add(form)
         taken = {label.upper() for label in self.labels}
-        return {kind: taken for kind, ok in names.items() if ok}
+        return {kind: (taken, str(next(iter(f)))) for kind, f in forms.items() if len(f) == 1 and None not in f}
 
     def label_map(self, perturbations: Sequence[str | Perturbation | Combination]) -> dict[str, str]:
         """Typed name -> training label (:meth:`labels_for`) of each perturbation, e.g.
