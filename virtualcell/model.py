@@ -404,6 +404,10 @@ class C2SModel:
                 raise ModelError(f"{str(p / VERDICT_FILE)!r} is broken ({err}); delete it to serve the pure model, "
                                  "or retrain.") from None
         # a copy of the folder without them (weights and json only) serves something else, so it is said
+        from .training.checkpoint import STATE_FILE
+
+        if (p / STATE_FILE).exists():  # a training checkpoint (out/last): its run had not judged it yet
+            return
         run = self.train_config
         lost = []
         if "data_hash" in run and self.baselines is None:
