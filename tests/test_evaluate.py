@@ -180,6 +180,27 @@ def test_singles_written_with_the_control_as_gears_writes_them_add_up_to_their_p
         assert add.loc[add["metric"] == "mse", "value"].max() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_evaluating_against_the_models_own_training_file_is_said(tiny_model):
+    """A prediction scored against the very file its model trained on scored far above the noise ceiling without a
+    word: the prediction records its training data's hash, and evaluate says when the measured file is that file."""
+    import warnings as w
+
+    model, _, data = tiny_model
+    controls = data[(data.obs["perturbation"] == "control").to_numpy()][:12].copy()
+    label = sorted(set(data.obs["perturbation"]) - {"control"})[0]
+    sim = vc.Simulator(controls, model)
+    pred = sim.simulate([label], max_genes=20, progress=False).to_anndata()
+    assert pred.uns["virtualcell"]["training_data_hash"] == model.train_config["data_hash"]
+    with pytest.warns(UserWarning, match=r"the file the model was trained on .*--holdout"):
+        table = evaluate(pred, data, profile="fast", baselines=(), ceiling=False)
+    assert "caution" in vc.evaluate.summarize(table)
+    other = data[:-1].copy()  # another file (one cell fewer): nothing to say
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        evaluate(pred, other, profile="fast", baselines=(), ceiling=False)
+    assert not any("trained on" in str(c.message) for c in caught)
+
+
 def test_a_control_label_given_as_a_number_is_one_label():
     """control=0 (integer labels) raised "'int' object is not iterable" in vc.evaluate; DataContract took it."""
     a = _screen({("0", "x"): np.full(5, 2.0), ("1", "x"): np.full(5, 3.0)}, n=8)

@@ -40,6 +40,8 @@ from .errors import DataError, VocabularyError, preview
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
 
+    from .contract import DataContract
+
 __all__ = [
     "Vocabulary",
     "CellSentences",
@@ -127,6 +129,21 @@ def expression_matrix(adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_
         X = X.copy()
         X.sort_indices()
     return X
+
+
+def data_hash(adata: ad.AnnData, contract: DataContract) -> str:
+    """A short digest of ``adata``'s expression, perturbation labels (as ``contract`` reads them) and gene names:
+    what a training run records of the data it was given (``data_hash``) and trained on, so that a resumed run, a
+    verdict run again and an evaluation can tell that file again."""
+    import hashlib
+
+    X = expression_matrix(adata)
+    h = hashlib.sha256()
+    for arr in (X.data, X.indices, X.indptr):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(contract.labels(adata)).encode())
+    h.update("\n".join(map(str, adata.var_names)).encode())
+    return h.hexdigest()[:16]
 
 
 def _check_values(values: np.ndarray, where: str) -> None:

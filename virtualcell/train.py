@@ -30,7 +30,6 @@ target tokens (one process's update, to float precision), and one agreed clock e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,8 +49,8 @@ from .errors import ContractError, DataError, TrainingError, close_matches, prev
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
-from .sentences import (DECODE_METHODS, RankFit, Vocabulary, encode, expression_matrix, require_in_memory,
-                        require_symbols, roundtrip, with_gene_key)
+from .sentences import (DECODE_METHODS, RankFit, Vocabulary, data_hash, encode, require_in_memory, require_symbols,
+                        roundtrip, with_gene_key)
 from .training.holdout import (baseline_cells, cells_per_context, holdout_mask, no_verdict_reason, unseen_labels,
                                verdict_cells, verdict_context, verdict_split)
 from .training.labels import typed_labels
@@ -303,16 +302,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- #
 # Training
 # --------------------------------------------------------------------------- #
-def data_hash(adata: ad.AnnData, contract: DataContract) -> str:
-    X = expression_matrix(adata)
-    h = hashlib.sha256()
-    for arr in (X.data, X.indices, X.indptr):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\n".join(contract.labels(adata)).encode())
-    h.update("\n".join(map(str, adata.var_names)).encode())
-    return h.hexdigest()[:16]
-
-
 GUIDANCE_CANDIDATES = (1.0, 2.0, 4.0)  # guidance scales the verdict compares (1: none) when verdict_candidates is None
 
 

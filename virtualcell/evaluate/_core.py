@@ -16,7 +16,7 @@ from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract
 from ..errors import DataError, preview, whole_at_least
 from ..perturbations import units_of_text
-from ..sentences import Vocabulary, require_in_memory, target_aliases, with_gene_key
+from ..sentences import Vocabulary, data_hash, require_in_memory, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
 from ._celleval import CELL_EVAL_PROFILES, require_cell_eval
 from ._data import (
@@ -171,6 +171,14 @@ def _setup(
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
     if gene_key is not None:
         info["gene_key"] = gene_key
+    trained = (pred.uns.get(UNS_KEY) or {}).get("training_data_hash") if pred is not None else None
+    if trained and trained in {data_hash(a, contract) for a in {id(x): x for x in (inputs["real"], real)}.values()}:
+        note = ("the measured data is the file the model was trained on (its hash is the training run's): its "
+                "perturbed cells, but for any the run held out, are cells the model learned, so these scores say "
+                "how well it fits them, not how it predicts cells it never saw. Hold cells out when training "
+                "(--holdout COLUMN=VALUE) and score the prediction against those only")
+        warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=3)
+        info["measured_is_training_data"] = note
     sources = _sources_among_controls(pred, real, contract)
     every = baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any()
     if every:
@@ -846,6 +854,8 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             lines.append(f"- metrics: {info['engine']}")
         if "normalization" in info:
             lines.append("- scale: " + ", ".join(f"{k}: {v}" for k, v in info["normalization"].items()))
+        if "measured_is_training_data" in info:
+            lines.append(f"- **caution**: {info['measured_is_training_data']}")
         for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
             if key in info:
                 lines.append(f"- {label}: {info[key]}")
