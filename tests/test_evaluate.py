@@ -718,6 +718,33 @@ def test_distance_test_corrects_over_the_tested_groups_and_reads_a_numeric_contr
     assert distance_test(a, groupby="code", contrast=7, n_perms=20).loc["1", "distance"] > 0
 
 
+def test_distance_test_says_where_its_premise_fails_and_refuses_what_pertpy_would_crash_on():
+    """From a pertpy sweep: groups predicted from the contrast's own cells (obs['source_cell']) were tested as
+    independent, which misses real effects; a group of one cell got the smallest p-value and was called significant
+    (its distance NaN); counts beside log values were compared without a word; n_perms=0, an unknown metric or
+    correction failed inside pertpy or statsmodels. Each is now said or refused, naming the fix."""
+    a = _unsorted_groups()
+    a.obs["source_cell"] = np.concatenate([[np.nan] * 30, a.obs_names[:30], [np.nan] * 30])  # strong: from ctrl
+    with pytest.warns(UserWarning, match=r"'strong'.* predicted from the 'ctrl' cells themselves.*split_controls"):
+        distance_test(a, groupby="group", contrast="ctrl", n_perms=20)
+    lone = ad.concat([_unsorted_groups(), _unsorted_groups()[:1]])  # one more group: a single cell
+    lone.obs_names_make_unique()
+    lone.obs["group"] = lone.obs["group"].astype(str)
+    lone.obs.iloc[-1, 0] = "lone"
+    with pytest.warns(UserWarning, match=r"'lone'.*fewer than 2 cells"):
+        tab = distance_test(lone, groupby="group", contrast="ctrl", metric="t_test", n_perms=20)
+    assert np.isnan(tab.loc["lone", "pvalue"]) and not tab.loc["lone", "significant_adj"]
+    assert np.isfinite(tab.loc["strong", "pvalue_adj"])  # the others corrected among themselves
+    mixed = _unsorted_groups()
+    mixed.X = np.concatenate([np.full((30, 1), 3.0), np.full((60, 1), 1.5)]).astype(np.float32)  # counts + logs
+    with pytest.warns(UserWarning, match=r"mixes scales.*normalize_total"):
+        distance_test(mixed, groupby="group", contrast="ctrl", n_perms=20)
+    for bad, match in ((dict(n_perms=0), "n_perms must be a whole number"), (dict(metric="nonsense"), "edistance, "),
+                       (dict(correction="bogus"), "holm-sidak")):
+        with pytest.raises(DataError, match=match):
+            distance_test(_unsorted_groups(), groupby="group", contrast="ctrl", **bad)
+
+
 def test_raw_pertpy_distance_test_misplaces_pvalues_when_unsorted():
     """Documents the upstream bug the wrapper fixes; skips once pertpy is fixed."""
     from pertpy.tools import DistanceTest

@@ -88,6 +88,11 @@ def distance_test(
     True
     """
     _require_column(adata, groupby)  # (before the embedding: running PCA as told only to learn the column is wrong)
+    if isinstance(n_perms, bool) or not isinstance(n_perms, int | np.integer) or n_perms < 1:
+        raise DataError(f"n_perms must be a whole number of permutations of at least 1, got {n_perms!r}.")
+    if correction not in CORRECTIONS:
+        raise DataError(f"correction {correction!r} is not a multiple-testing correction statsmodels knows: "
+                        f"{', '.join(CORRECTIONS)}.")
     if layer_key is not None:
         obsm_key = None
         if layer_key not in adata.layers:
@@ -111,6 +116,10 @@ def distance_test(
         raise ImportError(f"distance_test needs pertpy, and it could not be imported ({err}): "
                           + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
                              "it is installed, so a library it loads failed (out of memory under a limit?).")) from err
+    known = _metrics()
+    if known and metric not in known:
+        raise DataError(f"metric {metric!r} is not one pertpy's DistanceTest knows: {', '.join(known)}.")
+    _warn_unsound(sorted_adata, groupby, contrast, layer_key)
     if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
         obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
         layer = sorted_adata.layers[layer_key]
@@ -123,9 +132,71 @@ def distance_test(
         # (Holm-Sidak over 5 groups' p-values gave 0.0198 where 0.0166 is right); corrected over the tested groups
         from statsmodels.stats.multitest import multipletests
 
-        tested = out.index != contrast
+        # a group whose distance is no number (one cell under a t-test) has no p-value, where pertpy gives it the
+        # smallest a permutation test can (it clips its count of failures to 1) and calls it significant
+        undefined = ~np.isfinite(out["distance"].to_numpy(float)) & (out.index != contrast)
+        if undefined.any():
+            warnings.warn(f"{int(undefined.sum())} group(s) have no {metric} distance to {contrast!r} "
+                          f"({preview(list(out.index[undefined]), 5)}; too few cells?): their p-values are NaN, not "
+                          "significant.", UserWarning, stacklevel=2)
+            out["pvalue"] = out["pvalue"].astype(float)
+            out.loc[undefined, ["pvalue", "pvalue_adj"]] = np.nan
+            out.loc[undefined, ["significant", "significant_adj"]] = False
+        tested = (out.index != contrast) & ~undefined
         if tested.any():
             reject, adjusted, _, _ = multipletests(out.loc[tested, "pvalue"].to_numpy(float), alpha=alpha,
                                                    method=correction)
             out.loc[tested, "pvalue_adj"], out.loc[tested, "significant_adj"] = adjusted, reject
         return out
+
+
+# the multiple-testing corrections statsmodels' multipletests takes (what pertpy passes its correction to)
+CORRECTIONS = ("bonferroni", "sidak", "holm-sidak", "holm", "simes-hochberg", "hommel", "fdr_bh", "fdr_by",
+               "fdr_tsbh", "fdr_tsbky")
+
+
+def _metrics() -> tuple[str, ...]:
+    """The metrics pertpy's distances take (``()`` where this pertpy does not list them)."""
+    from typing import get_args
+
+    try:
+        from pertpy.tools._distances._distances import Metric
+    except ImportError:  # pragma: no cover - a pertpy that moved it: pertpy's own refusal then
+        return ()
+    return tuple(str(m) for m in get_args(Metric))
+
+
+def _warn_unsound(adata: ad.AnnData, groupby: str, contrast: str, layer_key: str | None) -> None:
+    """Warn where the test's premise fails without an error: groups predicted from the contrast's own cells
+    (``obs['source_cell']``: each predicted cell is paired with a cell of the contrast, and a test of independent
+    groups is then far too conservative), groups of fewer than two cells, and cells on two scales (counts beside
+    log values, as when measured counts are concatenated with predictions)."""
+    from ..sentences import detect_scale
+
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    if "source_cell" in adata.obs.columns:
+        source = adata.obs["source_cell"].astype(str).to_numpy()
+        # the contrast's cells by name, or by the cell they were predicted from (a predicted control)
+        among = set(adata.obs_names[labels == contrast].astype(str)) | set(source[labels == contrast]) - {"nan"}
+        sourced = np.isin(source, list(among)) & (labels != contrast)
+        if sourced.any():
+            warnings.warn(
+                f"Cells of {preview(sorted(set(labels[sourced])), 5)} were predicted from the {contrast!r} cells "
+                "themselves (their obs['source_cell']): each is paired with a cell of the contrast, and a permutation "
+                "test of independent groups then misses real effects. Test them against control cells the prediction "
+                "was not made from (vc.evaluate.split_controls: predict from one half, contrast the other).",
+                UserWarning, stacklevel=3)
+    names, counts = np.unique(labels, return_counts=True)
+    if (counts < 2).any():
+        warnings.warn(f"{preview(list(names[counts < 2]), 5)} have fewer than 2 cells: a distance test has nothing to "
+                      "permute there.", UserWarning, stacklevel=3)
+    X = adata.layers[layer_key] if layer_key is not None else adata.X
+    try:
+        detect_scale(X)
+    except DataError as err:
+        if "mixes scales" in str(err):
+            warnings.warn(f"{err} The distances would compare cells on two scales: predictions are log1p of 1e4 per "
+                          "cell; put measured counts on it first (sc.pp.normalize_total(adata, target_sum=1e4); "
+                          "sc.pp.log1p(adata)) and compute the embedding again.", UserWarning, stacklevel=3)
+    except (TypeError, ValueError):  # (values it cannot read as expression: the embedding is what is tested)
+        pass
