@@ -438,3 +438,14 @@ def test_the_engine_restores_the_callers_thread_setting_between_items(bundled_si
     del tiny
     gc.collect()
     assert not any(isinstance(m, Tiny) for m in _THREAD_CHOICE)  # a dead model's choice goes with it
+
+
+def test_the_control_is_named_as_the_data_names_it(bundled_sim, monkeypatch):
+    """Predictions of the control were labelled 'control' whatever the data called its controls ('ctrl',
+    'non-targeting'): a pertpy contrast by the data's label missed them, and a concat held both names."""
+    from dataclasses import replace
+
+    from virtualcell.perturbations import parse
+
+    monkeypatch.setattr(bundled_sim.model, "contract", replace(bundled_sim.model.contract, control="ctrl"))
+    assert bundled_sim.labels_of([parse("control"), parse("ko:STAT1")]) == ["ctrl", "STAT1"]

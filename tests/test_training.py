@@ -792,6 +792,10 @@ def test_singles_written_with_the_control_read_as_their_gene_as_gears_writes_the
 
     gears = PerturbationVocab({"KLF1+ctrl": "act:KLF1", "MAP2K6+ctrl": "act:MAP2K6"})
     assert gears.labels_for([parse("act:CEBPE"), parse("act:KLF1")]) == ["CEBPE+ctrl", "KLF1+ctrl"]
+    # and a pair as the screen joins its singles' names ('TF04+ctrl+TF05+ctrl' found no measured pair); one with a
+    # target never trained on too (it was typed, 'act:CEBPE + act:KLF1', where the measured pair is 'CEBPE+KLF1')
+    assert gears.labels_for([parse("act:KLF1 + act:MAP2K6"), parse("act:KLF1 + act:CEBPE")]) == [
+        "KLF1+MAP2K6", "CEBPE+KLF1"]
     assert PerturbationVocab({"KLF1": "act:KLF1"}).labels_for([parse("act:CEBPE")]) == ["CEBPE"]
 
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
-from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, split_label, in_units, looks_like_control,
-                            parse, parts_of, quantity_suffix, unordered_label, without_quantities)
+from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, split_label, in_units, label_parts,
+                            looks_like_control, parse, parts_of, quantity_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -385,19 +385,24 @@ class PerturbationVocab:
                 time = p.time_hours if p.time is not None else None
                 return typed_to_label[str(plain)] + quantity_suffix(p.dose, time)
             parts = parts_of(p)
-            labels = [typed_to_label.get(str(q)) for q in parts]
-            if len(parts) > 1 and all(labels):
-                return "+".join(labels)
+            if len(parts) > 1:  # a pair as the data joins its parts' names, where each part has one
+                labels = [typed_to_label.get(str(q)) or gene_named(q) for q in parts]
+                if all(labels):  # ('KLF1+ctrl' and 'MAP2K6+ctrl' join as the data's pair 'KLF1+MAP2K6')
+                    return "+".join(x for lab in labels for x in label_parts(str(lab)))
             named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
-            if len(named) == 1 and named[0].kind in by_gene and named[0].dose is None and named[0].time is None:
-                # a target never trained on, of a kind whose every training label is its gene's name (a knockout
-                # screen labelled STAT1, JAK2; GEARS' 'KLF1+ctrl'): named so too, "IRF9" ("IRF9+ctrl"), as the
-                # measured cells would be; not where that name is a training label already (of another kind)
-                taken, form = by_gene[named[0].kind]
-                name = form.format((spelling or {}).get(named[0].target.upper(), named[0].target))
-                if name.upper() not in taken:
-                    return name
-            return str(named[0] if len(named) == 1 else Combination(tuple(named)))
+            return (gene_named(parts[0]) if len(parts) == 1 else None) or str(
+                named[0] if len(named) == 1 else Combination(tuple(named)))
+
+        def gene_named(q: Perturbation) -> str | None:
+            """A target never trained on, of a kind whose every training label is its gene's name (a knockout screen
+            labelled STAT1, JAK2; GEARS' 'KLF1+ctrl'): named so too, "IRF9" ("IRF9+ctrl"), as the measured cells
+            would be; not where that name is a training label already (of another kind)."""
+            if q.kind not in by_gene or q.dose is not None or q.time is not None:
+                return None
+            taken, form = by_gene[q.kind]
+            target = symbol_of.get(q.target, q.target)
+            name = form.format((spelling or {}).get(target.upper(), target))
+            return None if name.upper() in taken else name
 
         return [one(p) for p in perturbations]
 

@@ -619,7 +619,10 @@ class Simulator:
         """Each perturbation's label as measured data names it (the model's training label; a gene as the baseline
         spells it: an untrained knockout 'Tf06', not 'TF06'): what predictions and a screen's ranking carry."""
         spelling = {g.upper(): s for g, s in zip(self.model.genes.genes, self.gene_names)}
-        return self.model.perturbations.labels_for(perturbations, spelling=spelling)
+        names = self.model.perturbations.labels_for(perturbations, spelling=spelling)
+        control = self.model.contract.control if self.model.contract is not None else "control"
+        # the control as the data names it ('ctrl', 'non-targeting'), not the typed 'control' beside its cells
+        return [control if str(p) == "control" else name for p, name in zip(perturbations, names)]
 
     def blend_weight(self, blend: str | float | bool | None = "auto", *, calibrate: bool = True) -> float | None:
         """The weight on the model's delta that :meth:`simulate` serves for ``blend`` (``None``: the pure model).
