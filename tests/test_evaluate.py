@@ -739,6 +739,10 @@ def test_distance_test_says_where_its_premise_fails_and_refuses_what_pertpy_woul
     mixed.X = np.concatenate([np.full((30, 1), 3.0), np.full((60, 1), 1.5)]).astype(np.float32)  # counts + logs
     with pytest.warns(UserWarning, match=r"mixes scales.*normalize_total"):
         distance_test(mixed, groupby="group", contrast="ctrl", n_perms=20)
+    gaps = _unsorted_groups()
+    gaps.obs["group"] = gaps.obs["group"].where(gaps.obs.index != "5")
+    with pytest.raises(DataError, match=r"1 cells have no group in obs\['group'\].*notna"):
+        distance_test(gaps, groupby="group", contrast="ctrl", n_perms=20)
     for bad, match in ((dict(n_perms=0), "n_perms must be a whole number"), (dict(metric="nonsense"), "edistance, "),
                        (dict(correction="bogus"), "holm-sidak")):
         with pytest.raises(DataError, match=match):

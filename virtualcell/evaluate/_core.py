@@ -675,8 +675,9 @@ def _run(
                 raise DataError(
                     f"None of the predicted groups ({preview(sorted(extra), 5)}) is in the measured data (which has "
                     f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
-                    "predictions as the measured data does (virtualcell predict writes the training labels in "
-                    "obs['perturbation']), and check the context column." + hint
+                    "predictions as the measured data does (virtualcell predict writes the training labels in the "
+                    f"column its training data named them in; read here: obs[{contract.perturbation_key!r}], "
+                    "--perturbation-key), and check the context column." + hint
                     + contract.whole_floats({c for _, c in predicted}, {c for _, c in known})
                 )
         rows += score("model", pred_p, setup.real, contexts)

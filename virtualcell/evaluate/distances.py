@@ -88,6 +88,10 @@ def distance_test(
     True
     """
     _require_column(adata, groupby)  # (before the embedding: running PCA as told only to learn the column is wrong)
+    missing = int(adata.obs[groupby].isna().sum())
+    if missing:  # (read as strings they were a group named 'nan', tested as one)
+        raise DataError(f"{missing} cells have no group in obs[{groupby!r}] (missing values): drop them "
+                        f"(adata = adata[adata.obs[{groupby!r}].notna()].copy()) or give them their group.")
     if isinstance(n_perms, bool) or not isinstance(n_perms, int | np.integer) or n_perms < 1:
         raise DataError(f"n_perms must be a whole number of permutations of at least 1, got {n_perms!r}.")
     if correction not in CORRECTIONS:
