@@ -449,3 +449,27 @@ def test_the_control_is_named_as_the_data_names_it(bundled_sim, monkeypatch):
 
     monkeypatch.setattr(bundled_sim.model, "contract", replace(bundled_sim.model.contract, control="ctrl"))
     assert bundled_sim.labels_of([parse("control"), parse("ko:STAT1")]) == ["ctrl", "STAT1"]
+
+
+def test_what_moves_a_prediction_is_said_and_recorded(bundled_sim, caplog):
+    """From a sweep of every route to one prediction: a block of a few baseline cells kept the clip's up-shift (the
+    rescale has too few cells) without a word; two models trained into one folder left the same records; and
+    effect_size read predicted cells against their own source cells as independent groups. Each is now said or
+    recorded."""
+    with caplog.at_level("WARNING"):
+        result = bundled_sim.simulate(["ko:STAT1"], n_cells=6, max_genes=8, progress=False, keep_cells=True)
+    assert "A block of 6 baseline cells is generated alone" in caplog.text
+    said = result.to_anndata().uns["virtualcell"]
+    assert said["model_weights"] == bundled_sim.model.weights_digest()
+    assert said["model_serving"] == bundled_sim.model.serving_digest() and said["virtualcell_version"] == vc.__version__
+    import anndata as ad
+
+    pred = result.to_anndata()
+    base = bundled_sim.baseline[:6].copy()
+    base.obs = base.obs[["perturbation"]]
+    X = np.asarray(base.X.todense() if hasattr(base.X, "todense") else base.X, dtype=np.float64)
+    base.X = np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32)  # on the predictions' scale
+    base.obs["source_cell"] = np.nan  # (measured cells come from none; anndata.concat keeps shared columns only)
+    both = ad.concat([pred, base])  # predicted cells beside the very cells they were predicted from
+    with pytest.warns(UserWarning, match=r"predicted from the control cells they are measured against"):
+        vc.evaluate.effect_size(both, perturbation_key="perturbation", control="control")

@@ -777,7 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="virtualcell-demo", help="results folder")
     p.add_argument("--n-cells", type=_positive_int, default=120, help="baseline cells")
     p.add_argument("--top", type=_positive_int, default=12, help="rows of the ranking to print")
-    p.add_argument("--seed", type=_seed, default=0, help="sampling seed")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the sampling and of the draw of held-out control cells into the baseline and the "
+                        "measured reference (another seed draws other cells, so the measured column moves too)")
     _add_force(p)
     p.set_defaults(func=cmd_demo)
 

@@ -70,10 +70,11 @@ KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first
 _PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "device", "dtype", "seed", "sentence_seed",
                "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
                "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline", "new_contexts",
-               "absent_genes", "training_data_hash")
+               "absent_genes", "training_data_hash", "model_weights", "model_serving", "virtualcell_version")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
+MIN_RESCALE_CELLS = 8  # a block of fewer baseline cells is warned of: its rescale leaves the clip's up-shift
 
 
 @dataclass
@@ -750,10 +751,14 @@ class Simulator:
             other cells of its block of ``cell_chunk`` rows (32 by default, from row 0): the non-negativity rescale
             gives each gene back the block's unclipped mean. The same baseline in the same order predicts the same;
             reordering or subsetting its cells (``n_cells``, ``--n-cells``), reordering its genes or another
-            ``cell_chunk`` moves a prediction within its sampling noise.
+            ``cell_chunk`` moves a prediction within its sampling noise, but for a block of a few cells (a baseline
+            of fewer than 8 cells, or a last block as short: 33 cells leave one), where the rescale has too few
+            cells to give the unclipped mean back and the clipped cells' up-shift stays: it warns.
         batch_size
             (cell, perturbation) rows generated in one forward pass (on a GPU, fewer where their caches would
-            not fit): memory and speed, not the predictions.
+            not fit): memory and speed. Predictions are the same up to floating-point rounding, which the shapes
+            of a pass change and which can, rarely, flip a near-tie between two tokens (as another panel beside a
+            perturbation, or a screen's ``group_size``, can): within sampling noise.
         cell_chunk
             Baseline cells generated together, under every perturbation, before their results are added up (and
             the rows of the non-negativity rescale, see ``seed``).
@@ -964,6 +969,13 @@ class Simulator:
             served_change = weights[j] * (d - d_ctrl) + (1.0 - weights[j]) * shift_in[j][cell_context[rows]]
             return pure, change, calibrated(x, served_change).astype(np.float32), served_change
 
+        short = n % cell_chunk or min(n, cell_chunk)  # the last block's cells
+        if calibrate and short < MIN_RESCALE_CELLS:
+            log.warning("A block of %d baseline cell%s is generated alone (%d cells in blocks of cell_chunk=%d): the "
+                        "non-negativity rescale gives a gene back its unclipped mean over the cells of a block, and "
+                        "over so few the clipped cells' up-shift stays, raising every prediction of those cells. "
+                        "Predict at least %d cells in each block (n_cells, or a cell_chunk that divides them).", short,
+                        "s" if short != 1 else "", n, cell_chunk, MIN_RESCALE_CELLS)
         starts = [c0 for i, c0 in enumerate(range(0, n, cell_chunk)) if split.mine(i)]
         share = sum(min(cell_chunk, n - c0) for c0 in starts)
         bar = progress_bar(share, progress and split.main, "simulate" if split.world == 1 else
@@ -1132,6 +1144,12 @@ class Simulator:
         )
         if self.model.train_config.get("data_hash"):  # the file it was trained on: evaluate tells it again
             ds.attrs["training_data_hash"] = str(self.model.train_config["data_hash"])
+        # which model, by what it is rather than by its path (two runs trained into one folder share the path)
+        ds.attrs["model_weights"] = self.model.weights_digest()
+        ds.attrs["model_serving"] = self.model.serving_digest()
+        from . import __version__
+
+        ds.attrs["virtualcell_version"] = __version__
         return ds
 
 

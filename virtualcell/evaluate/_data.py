@@ -494,6 +494,17 @@ def split_role(adata: ad.AnnData) -> str | None:
 # --------------------------------------------------------------------------- #
 # Effect sizes corrected for group size
 # --------------------------------------------------------------------------- #
+def predicted_from(adata: ad.AnnData, contrast: np.ndarray) -> np.ndarray:
+    """The cells outside ``contrast`` (a mask) that were predicted from a cell of it (their ``obs['source_cell']``
+    names a contrast cell, by its name or by the cell a predicted contrast cell came from): each is paired with one,
+    which tests and noise terms of independent groups cannot see. All false without the column."""
+    if "source_cell" not in adata.obs.columns:
+        return np.zeros(adata.n_obs, dtype=bool)
+    source = adata.obs["source_cell"].astype(str).to_numpy()
+    among = set(adata.obs_names[contrast].astype(str)) | set(source[contrast]) - {"nan", "None", ""}
+    return np.isin(source, list(among)) & ~contrast
+
+
 def effect_size(
     adata: ad.AnnData,
     *,
@@ -510,7 +521,8 @@ def effect_size(
     negative when the effect is below the noise. It is on the scale of a norm, the same scale as a
     screen's predicted ``l2_delta_corrected`` (:func:`virtualcell.screen.rank`) and a synthetic
     screen's true effect sizes, so measured and predicted effects can be compared as numbers, not only
-    as ranks. Without the correction a group of 20 cells looks stronger than one of 2,000 with the same
+    as ranks. (It reads independent groups: predicted cells measured against the very cells they were
+    predicted from are paired, which the screen's figure takes into account and this does not; it warns.) Without the correction a group of 20 cells looks stronger than one of 2,000 with the same
     true effect. Values near or below 0 mean "not distinguishable from noise". Expression is
     log1p-normalized first if it is raw counts.
 
@@ -544,6 +556,14 @@ def effect_size(
         require_in_memory(reference, "The reference cells")
     contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, context_key=context_key)
     labels, contexts = contract.conditions(adata), contract.contexts(adata)
+    if reference is None and predicted_from(adata, contract.is_control(adata)).any():
+        import warnings
+
+        warnings.warn("The perturbed cells were predicted from the control cells they are measured against (their "
+                      "obs['source_cell']): this reads them as independent groups, so its noise term and effect size "
+                      "differ from a screen's l2_delta_corrected, which pairs each predicted cell with its source. "
+                      "For predictions, read the screen's figure, or pass reference= control cells they were not "
+                      "made from.", UserWarning, stacklevel=2)
     if reference is not None:
         from ..sentences import gene_positions
 

@@ -177,19 +177,17 @@ def _warn_unsound(adata: ad.AnnData, groupby: str, contrast: str, layer_key: str
     log values, as when measured counts are concatenated with predictions)."""
     from ..sentences import detect_scale
 
+    from ._data import predicted_from
+
     labels = adata.obs[groupby].astype(str).to_numpy()
-    if "source_cell" in adata.obs.columns:
-        source = adata.obs["source_cell"].astype(str).to_numpy()
-        # the contrast's cells by name, or by the cell they were predicted from (a predicted control)
-        among = set(adata.obs_names[labels == contrast].astype(str)) | set(source[labels == contrast]) - {"nan"}
-        sourced = np.isin(source, list(among)) & (labels != contrast)
-        if sourced.any():
-            warnings.warn(
-                f"Cells of {preview(sorted(set(labels[sourced])), 5)} were predicted from the {contrast!r} cells "
-                "themselves (their obs['source_cell']): each is paired with a cell of the contrast, and a permutation "
-                "test of independent groups then misses real effects. Test them against control cells the prediction "
-                "was not made from (vc.evaluate.split_controls: predict from one half, contrast the other).",
-                UserWarning, stacklevel=3)
+    sourced = predicted_from(adata, labels == contrast)
+    if sourced.any():
+        warnings.warn(
+            f"Cells of {preview(sorted(set(labels[sourced])), 5)} were predicted from the {contrast!r} cells "
+            "themselves (their obs['source_cell']): each is paired with a cell of the contrast, and a permutation "
+            "test of independent groups then misses real effects. Test them against control cells the prediction "
+            "was not made from (vc.evaluate.split_controls: predict from one half, contrast the other).",
+            UserWarning, stacklevel=3)
     names, counts = np.unique(labels, return_counts=True)
     if (counts < 2).any():
         warnings.warn(f"{preview(list(names[counts < 2]), 5)} have fewer than 2 cells: a distance test has nothing to "
