@@ -456,9 +456,11 @@ def test_what_moves_a_prediction_is_said_and_recorded(bundled_sim, caplog):
     rescale has too few cells) without a word; two models trained into one folder left the same records; and
     effect_size read predicted cells against their own source cells as independent groups. Each is now said or
     recorded."""
+    sim = vc.Simulator(bundled_sim.baseline.copy(), bundled_sim.model, seed=0)  # (its own: the warning is once)
     with caplog.at_level("WARNING"):
-        result = bundled_sim.simulate(["ko:STAT1"], n_cells=6, max_genes=8, progress=False, keep_cells=True)
-    assert "A block of 6 baseline cells is generated alone" in caplog.text
+        result = sim.simulate(["ko:STAT1"], n_cells=6, max_genes=8, progress=False, keep_cells=True)
+        sim.simulate(["ko:JAK2"], n_cells=6, max_genes=8, progress=False)
+    assert caplog.text.count("A block of 6 baseline cells is generated alone") == 1  # once a Simulator
     said = result.to_anndata().uns["virtualcell"]
     assert said["model_weights"] == bundled_sim.model.weights_digest()
     assert said["model_serving"] == bundled_sim.model.serving_digest() and said["virtualcell_version"] == vc.__version__

@@ -423,8 +423,10 @@ class Simulator:
     warn_new_contexts
         Log a warning (once) when baseline cells come from a context (cell type, patient) whose perturbed cells the
         model never trained on (:meth:`new_contexts`): its validation verdict and the blend weight it serves were
-        measured on the contexts it trained on, and for these cells the prediction is a transfer. The verdict,
-        which simulates such a context on purpose (``train --context-verdict``), turns it off.
+        measured on the contexts it trained on, and for these cells the prediction is a transfer; and (once) when a
+        block of baseline cells is too small for the non-negativity rescale (see ``simulate``'s ``seed``). The
+        verdict, which simulates such a context on purpose (``train --context-verdict``) and on the held-out cells
+        it has, turns both off.
 
     ``Simulator(model, baseline)`` (the order of earlier versions) still works, with a DeprecationWarning.
     """
@@ -520,6 +522,7 @@ class Simulator:
             )
         self._basis = pca(self.expression, n_pcs, seed=self.seed)
         self._warn_new_contexts = warn_new_contexts  # (once: simulate sets it False when it has warned)
+        self._warn_small_blocks = warn_new_contexts  # (once, as the new contexts)
         self._said_twins: set[str] = set()  # perturbations read as a trained condition's prompt, warned of once
         if baseline.obs_names.duplicated().any():  # (not is_unique: pandas keeps a parent's flag on a slice)
             dup = baseline.obs_names[baseline.obs_names.duplicated()].unique()
@@ -970,7 +973,8 @@ class Simulator:
             return pure, change, calibrated(x, served_change).astype(np.float32), served_change
 
         short = n % cell_chunk or min(n, cell_chunk)  # the last block's cells
-        if calibrate and short < MIN_RESCALE_CELLS:
+        if calibrate and short < MIN_RESCALE_CELLS and self._warn_small_blocks and split.main:
+            self._warn_small_blocks = False
             log.warning("A block of %d baseline cell%s is generated alone (%d cells in blocks of cell_chunk=%d): the "
                         "non-negativity rescale gives a gene back its unclipped mean over the cells of a block, and "
                         "over so few the clipped cells' up-shift stays, raising every prediction of those cells. "

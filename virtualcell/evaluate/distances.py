@@ -190,9 +190,11 @@ def _warn_unsound(adata: ad.AnnData, groupby: str, contrast: str, layer_key: str
             UserWarning, stacklevel=3)
     names, counts = np.unique(labels, return_counts=True)
     if (counts < 2).any():
-        warnings.warn(f"{preview(list(names[counts < 2]), 5)} have fewer than 2 cells: a distance test has nothing to "
-                      "permute there.", UserWarning, stacklevel=3)
+        warnings.warn(f"Groups with fewer than 2 cells ({preview(list(names[counts < 2]), 5)}): a distance test has "
+                      "nothing to permute there.", UserWarning, stacklevel=3)
     X = adata.layers[layer_key] if layer_key is not None else adata.X
+    if X is None:  # (an AnnData of an embedding alone: nothing to read a scale from)
+        return
     try:
         detect_scale(X)
     except DataError as err:
@@ -200,5 +202,5 @@ def _warn_unsound(adata: ad.AnnData, groupby: str, contrast: str, layer_key: str
             warnings.warn(f"{err} The distances would compare cells on two scales: predictions are log1p of 1e4 per "
                           "cell; put measured counts on it first (sc.pp.normalize_total(adata, target_sum=1e4); "
                           "sc.pp.log1p(adata)) and compute the embedding again.", UserWarning, stacklevel=3)
-    except (TypeError, ValueError):  # (values it cannot read as expression: the embedding is what is tested)
+    except (TypeError, ValueError, AttributeError):  # (values it cannot read as expression: the embedding is tested)
         pass
