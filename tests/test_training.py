@@ -796,6 +796,8 @@ def test_singles_written_with_the_control_read_as_their_gene_as_gears_writes_the
     # target never trained on too (it was typed, 'act:CEBPE + act:KLF1', where the measured pair is 'CEBPE+KLF1')
     assert gears.labels_for([parse("act:KLF1 + act:MAP2K6"), parse("act:KLF1 + act:CEBPE")]) == [
         "KLF1+MAP2K6", "CEBPE+KLF1"]
+    nt = PerturbationVocab({"KLF1+NT": "act:KLF1", "MAP2K6+NT": "act:MAP2K6"})  # the data's own control label
+    assert nt.labels_for([parse("act:KLF1 + act:CEBPE"), parse("act:CEBPE")]) == ["CEBPE+KLF1", "CEBPE+NT"]
     assert PerturbationVocab({"KLF1": "act:KLF1"}).labels_for([parse("act:CEBPE")]) == ["CEBPE"]
 
 

@@ -372,6 +372,8 @@ class PerturbationVocab:
         typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
         by_gene = self._kinds_named_by_gene()
+        # the words a screen writes beside a single's gene (its control label: 'KLF1+NT'), dropped from a pair's name
+        beside = {x for _, form in by_gene.values() for x in form.split("+") if x != "{}"}
 
         def one(p: Perturbation | Combination) -> str:
             if str(p) in typed_to_condition:  # as the data names it, with its dose: "drugA@10"
@@ -388,7 +390,7 @@ class PerturbationVocab:
             if len(parts) > 1:  # a pair as the data joins its parts' names, where each part has one
                 labels = [typed_to_label.get(str(q)) or gene_named(q) for q in parts]
                 if all(labels):  # ('KLF1+ctrl' and 'MAP2K6+ctrl' join as the data's pair 'KLF1+MAP2K6')
-                    return "+".join(x for lab in labels for x in label_parts(str(lab)))
+                    return "+".join(x for lab in labels for x in label_parts(str(lab), beside))
             named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
             return (gene_named(parts[0]) if len(parts) == 1 else None) or str(
                 named[0] if len(named) == 1 else Combination(tuple(named)))
