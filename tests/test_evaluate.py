@@ -191,9 +191,13 @@ def test_evaluating_against_the_models_own_training_file_is_said(tiny_model):
     sim = vc.Simulator(controls, model)
     pred = sim.simulate([label], max_genes=20, progress=False).to_anndata()
     assert pred.uns["virtualcell"]["training_data_hash"] == model.train_config["data_hash"]
-    with pytest.warns(UserWarning, match=r"the file the model was trained on .*--holdout"):
+    with pytest.warns(UserWarning, match=r"perturbed cells are those the model was trained on .*--holdout"):
         table = evaluate(pred, data, profile="fast", baselines=(), ceiling=False)
     assert "caution" in vc.evaluate.summarize(table)
+    # the common way to meet it: the training file's controls split in two, its perturbed cells all kept
+    base, ref = vc.evaluate.split_controls(data, seed=0)
+    with pytest.warns(UserWarning, match=r"perturbed cells are those the model was trained on"):
+        evaluate(pred, ref, baseline=base, profile="fast", baselines=(), ceiling=False)
     other = data[:-1].copy()  # another file (one cell fewer): nothing to say
     with w.catch_warnings(record=True) as caught:
         w.simplefilter("always")

@@ -70,7 +70,7 @@ KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first
 _PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "device", "dtype", "seed", "sentence_seed",
                "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
                "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline", "new_contexts",
-               "absent_genes", "training_data_hash", "model_weights", "model_serving", "virtualcell_version")
+               "absent_genes", "training_data_hash", "training_perturbed_data_hash", "model_weights", "model_serving", "virtualcell_version")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)
@@ -1146,8 +1146,9 @@ class Simulator:
                 "generated_genes": sums.n_generated_genes,
             },
         )
-        if self.model.train_config.get("data_hash"):  # the file it was trained on: evaluate tells it again
-            ds.attrs["training_data_hash"] = str(self.model.train_config["data_hash"])
+        for key in ("data_hash", "perturbed_data_hash"):  # the file it was trained on: evaluate tells it again
+            if self.model.train_config.get(key):
+                ds.attrs[f"training_{key}"] = str(self.model.train_config[key])
         # which model, by what it is rather than by its path (two runs trained into one folder share the path)
         ds.attrs["model_weights"] = self.model.weights_digest()
         ds.attrs["model_serving"] = self.model.serving_digest()

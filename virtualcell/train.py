@@ -514,6 +514,7 @@ class _Cells:
     sources: Any  # the draws of the pairing (batching.LazyDraws): each cell's source control cell
     train_targets: np.ndarray
     val_targets: np.ndarray
+    given_perturbed_hash: str = ""  # its perturbed cells alone: what a measured file's perturbed cells are told by
 
 
 def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Cells:
@@ -525,6 +526,8 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     if data.n_obs == 0:
         raise DataError(f"The holdout {cfg.holdout} leaves no cells to train on.")
     given_hash = data_hash(data, contract)
+    perturbed = ~contract.is_control(data)
+    given_perturbed_hash = data_hash(data[perturbed], contract) if perturbed.any() else ""
     # perturbations, and a context, held out whole: judged as ones never seen
     unseen, context, in_verdict = verdict_cells(data, contract, cfg)
     if cfg.verdict_fraction > 0 and not (in_verdict & ~contract.is_control(data)).any():
@@ -555,13 +558,15 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
         embedded=embedded)[0])
     train_targets, val_targets = _pair_split(data, contract, cfg, sources[0])
     return _Cells(data, held, baseline, unseen, context, int(in_verdict.sum()), given_hash, genes, sentences, fit,
-                  typed, {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets)
+                  typed, {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets,
+                  given_perturbed_hash=given_perturbed_hash)
 
 
 def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None) -> dict[str, Any]:
     """What the checkpoint records of the run: its settings and the data it saw."""
     held = cells.held
     return asdict(cfg) | {"base": base, "data_hash": cells.given_hash,
+                          "perturbed_data_hash": cells.given_perturbed_hash,
                           "trained_data_hash": data_hash(cells.data, contract), "n_train_cells": int(cells.data.n_obs),
                           "n_pairs": int(cells.train_targets.size), "n_val_pairs": int(cells.val_targets.size),
                           "n_verdict_cells": cells.n_verdict,

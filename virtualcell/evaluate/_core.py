@@ -171,12 +171,17 @@ def _setup(
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
     if gene_key is not None:
         info["gene_key"] = gene_key
-    trained = (pred.uns.get(UNS_KEY) or {}).get("training_data_hash") if pred is not None else None
-    if trained and trained in {data_hash(a, contract) for a in {id(x): x for x in (inputs["real"], real)}.values()}:
-        note = ("the measured data is the file the model was trained on (its hash is the training run's): its "
-                "perturbed cells, but for any the run held out, are cells the model learned, so these scores say "
-                "how well it fits them, not how it predicts cells it never saw. Hold cells out when training "
-                "(--holdout COLUMN=VALUE) and score the prediction against those only")
+    said = (pred.uns.get(UNS_KEY) or {}) if pred is not None else {}
+    trained = {said.get("training_data_hash"), said.get("training_perturbed_data_hash")} - {None, ""}
+    measured = set()
+    for a in ({id(x): x for x in (inputs["real"], real)}.values() if trained else ()):
+        perturbed = ~contract.is_control(a)
+        measured |= {data_hash(a, contract)} | ({data_hash(a[perturbed], contract)} if perturbed.any() else set())
+    if trained & measured:
+        note = ("the measured perturbed cells are those the model was trained on (their hash is the training run's, "
+                "a split of its controls or not): the model learned them, so these scores say how well it fits them, "
+                "not how it predicts cells it never saw. Hold cells out when training (--holdout COLUMN=VALUE) and "
+                "score the prediction against those only")
         warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=3)
         info["measured_is_training_data"] = note
     sources = _sources_among_controls(pred, real, contract)
