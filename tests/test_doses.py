@@ -780,14 +780,7 @@ def test_evaluate_reads_a_measured_dose_unit_column_in_the_predictions_units():
 
     from virtualcell.perturbations import units_text
 
-    rng = np.random.default_rng(0)
-    g = 20
-    groups = {("control", 0.0, None): rng.uniform(1, 3, g), ("drugA", 1.0, "nM"): rng.uniform(1, 3, g),
-              ("drugA", 1.0, "uM"): rng.uniform(1, 3, g)}
-    X = np.concatenate([np.clip(m + rng.normal(0, 0.2, (40, g)), 0, None) for m in groups.values()])
-    obs = pd.DataFrame([k for k in groups for _ in range(40)], columns=["perturbation", "dose_value", "dose_unit"])
-    obs.index = obs.index.astype(str)
-    real = ad.AnnData(X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    real, _ = _nm_and_um_screen()
     DataContract("perturbation", "control", dose_key="dose_value", dose_unit_key="dose_unit").attach(real)
     base, ref = vc.evaluate.split_controls(real, seed=0)
     cells = ref[(ref.obs["dose_unit"] == "nM").to_numpy()]  # a perfect prediction of 1 nM, as a model in nM names it
