@@ -108,10 +108,10 @@ def distance_test(
             f"obsm[{obsm_key!r}] is missing. Compute an embedding first (e.g. scanpy.pp.pca(adata)) "
             f"or name one of {preview(adata.obsm.keys()) or 'none'} as obsm_key=; or pass layer_key=."
         )
-    sorted_adata = sorted_by_group(adata, groupby)
+    labels = adata.obs[groupby].astype(str).to_numpy()
     contrast = str(contrast)  # (the groups are read as strings: a column of numbers and contrast=4 name group '4')
-    if contrast not in set(sorted_adata.obs[groupby]):
-        groups = preview(sorted(set(sorted_adata.obs[groupby])))
+    if contrast not in set(labels):
+        groups = preview(sorted(set(labels)))
         raise DataError(f"Contrast group {contrast!r} is not in obs[{groupby!r}]; groups: {groups}. "
                         "Pass the control label.")
     try:
@@ -123,11 +123,22 @@ def distance_test(
     known = _metrics()
     if known and metric not in known:
         raise DataError(f"metric {metric!r} is not one pertpy's DistanceTest knows: {', '.join(known)}.")
-    _warn_unsound(sorted_adata, groupby, contrast, layer_key)
+    _warn_unsound(adata, groupby, contrast, layer_key)
     if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
         obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
-        layer = sorted_adata.layers[layer_key]
-        sorted_adata.obsm[obsm_key] = layer.toarray() if hasattr(layer, "toarray") else np.asarray(layer)
+        layer = adata.layers[layer_key]
+        embedding = layer.toarray() if hasattr(layer, "toarray") else np.asarray(layer)
+    else:
+        embedding = np.asarray(adata.obsm[obsm_key])
+    # the cells sorted by group (sorted_by_group's order), holding only what the test reads: the groups and the
+    # embedding, not a copy of the whole AnnData with its expression
+    import anndata as ad
+    import pandas as pd
+
+    order = np.argsort(labels, kind="stable")
+    sorted_adata = ad.AnnData(obs=pd.DataFrame({groupby: labels[order].astype(object)},
+                                               index=adata.obs_names[order].astype(str)),
+                              obsm={obsm_key: embedding[order]})
     test = DistanceTest(metric, n_perms=n_perms, obsm_key=obsm_key, alpha=alpha, correction=correction)
     with warnings.catch_warnings():  # statsmodels' holm-sidak warns on p-values of exactly 1; harmless
         warnings.filterwarnings("ignore", "divide by zero encountered in log1p", RuntimeWarning)
