@@ -416,7 +416,8 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
         given = "" if given.lower() in _NO_VALUE else given
         if text.lower() in _NO_VALUE:
             continue
-        if given and read_by[i] and read_quantity(given) is not None and read_quantity(given)[1] == "":
+        as_number = read_quantity(given) if given and read_by[i] else None
+        if as_number is not None and as_number[1] == "":
             numeric.append(given)  # a number where a unit belongs: the wrong column
             continue
         if given and read_by[i] and given.isalpha() and not known_dose_unit(given):

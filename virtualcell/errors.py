@@ -86,6 +86,14 @@ def whole_at_least(value: object, least: int = 1) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= least
 
 
+def pertpy_unavailable(what: str, err: ImportError) -> ImportError:
+    """The error for ``what`` (e.g. ``"distance_test"``) where ``import pertpy`` failed: not installed, or installed and
+    failing to load a library of its own (out of memory under a limit, say), each with what to do."""
+    return ImportError(f"{what} needs pertpy, and it could not be imported ({err}): "
+                       + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
+                          "it is installed, so a library it loads failed (out of memory under a limit?)."))
+
+
 def no_such_column(name: str, columns: Iterable[object], *, what: str = "obs column") -> str:
     """The message for a column ``name`` that is not among ``columns``: a close match where there is one, and the
     columns there are."""

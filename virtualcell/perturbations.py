@@ -39,8 +39,8 @@ from .errors import DataError, PerturbationError
 
 __all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix",
            "without_quantities", "dose_on_one_scale", "known_dose_unit", "hours_per", "read_quantity", "in_units",
-           "condition_in_units", "units_text", "units_of_text", "first_quantity", "label_parts", "parts_of", "KINDS",
-           "GENETIC", "KIND_ALIASES"]
+           "condition_in_units", "units_text", "units_of_text", "first_quantity", "label_parts", "control_words",
+           "parts_of", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
 KINDS: tuple[str, ...] = ("control", "knockout", "knockdown", "activation", "drug", "cytokine", "label")
@@ -291,7 +291,6 @@ def split_label(text: str) -> list[str]:
     return [p.replace("\x00", "+") for p in parts]
 
 
-
 def label_parts(label: str, controls: Any = ()) -> list[str]:
     """A training label's parts (:func:`split_label`, stripped), without a part that names the control where another
     is left: GEARS-processed screens (Norman, Adamson, Dixit) write a single ``"KLF1+ctrl"``, which is KLF1, not a
@@ -301,9 +300,15 @@ def label_parts(label: str, controls: Any = ()) -> list[str]:
     (['KLF1'], ['KLF1', 'MAP2K6'], ['STAT1'])
     """
     parts = [x.strip() for x in split_label(label) if x.strip()]
-    named = CONTROL_WORDS | {str(c).strip().lower() for c in controls}
+    named = control_words(controls)
     rest = [x for x in parts if x.lower() not in named]
     return rest or parts
+
+
+def control_words(controls: Any = ()) -> frozenset[str]:
+    """The words (lower case) that name the control as a label's part: :data:`CONTROL_WORDS` and the data's own
+    control labels ``controls``; what :func:`label_parts` drops and training's joined-labels warning reads."""
+    return CONTROL_WORDS | {str(c).strip().lower() for c in controls}
 
 
 _JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values, not an exponent's ('1.00E+01')

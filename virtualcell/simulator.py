@@ -70,7 +70,8 @@ KEEP_EMBEDDED = 256  # predicted cells per perturbation kept embedded (the first
 _PROVENANCE = ("normalization", "scale_total", "dose_units", "model", "device", "dtype", "seed", "sentence_seed",
                "calibrated", "n_baseline_cells", "max_genes", "temperature", "guidance", "coexpression_prior", "composed",
                "control_samples", "samples", "blend_weight", "blend_weight_unseen", "baseline", "new_contexts",
-               "absent_genes", "training_data_hash", "training_perturbed_data_hash", "model_weights", "model_serving", "virtualcell_version")
+               "absent_genes", "training_data_hash", "training_perturbed_data_hash", "model_weights", "model_serving",
+               "virtualcell_version")
 N_BUCKETS = 20  # cells are hashed into buckets; resampling buckets gives confidence intervals
 MAX_IN_MEMORY = 50_000_000  # default of simulate(max_in_memory=): per-cell values kept in memory
 CONTROL_SAMPLES = 4  # samples of each cell under control per sample under each perturbation (simulate's default)

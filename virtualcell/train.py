@@ -530,7 +530,7 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     given_perturbed_hash = data_hash(data[perturbed], contract) if perturbed.any() else ""
     # perturbations, and a context, held out whole: judged as ones never seen
     unseen, context, in_verdict = verdict_cells(data, contract, cfg)
-    if cfg.verdict_fraction > 0 and not (in_verdict & ~contract.is_control(data)).any():
+    if cfg.verdict_fraction > 0 and not (in_verdict & perturbed).any():
         log.warning("No validation verdict: %s. Nothing is held out to judge the model on, so predict and screen will "
                     "serve the pure model, unblended and unchecked against the baseline.",
                     no_verdict_reason(data, contract))

@@ -172,12 +172,18 @@ def _setup(
     if gene_key is not None:
         info["gene_key"] = gene_key
     said = (pred.uns.get(UNS_KEY) or {}) if pred is not None else {}
-    trained = {said.get("training_data_hash"), said.get("training_perturbed_data_hash")} - {None, ""}
-    measured = set()
-    for a in ({id(x): x for x in (inputs["real"], real)}.values() if trained else ()):
+    # the hash of the training run's perturbed cells where it recorded one (it also tells the whole file), else of
+    # the file it was given (a run from before the perturbed cells' hash was kept)
+    alone = bool(said.get("training_perturbed_data_hash"))
+    trained = said.get("training_perturbed_data_hash") or said.get("training_data_hash")
+
+    def hashed(a: ad.AnnData) -> str | None:
+        if not alone:
+            return data_hash(a, contract)
         perturbed = ~contract.is_control(a)
-        measured |= {data_hash(a, contract)} | ({data_hash(a[perturbed], contract)} if perturbed.any() else set())
-    if trained & measured:
+        return data_hash(a[perturbed], contract) if perturbed.any() else None
+
+    if trained and trained in {hashed(a) for a in {id(x): x for x in (inputs["real"], real)}.values()}:
         note = ("the measured perturbed cells are those the model was trained on (their hash is the training run's, "
                 "a split of its controls or not): the model learned them, so these scores say how well it fits them, "
                 "not how it predicts cells it never saw. Hold cells out when training (--holdout COLUMN=VALUE) and "

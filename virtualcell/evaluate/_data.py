@@ -300,14 +300,14 @@ def dose_units_warning(units: Mapping[str, str], real: ad.AnnData, contract: Dat
     measured doses of ``real`` are matched by number alone, one side's unit unknown; ``None`` where they meet."""
     if contract.dose_key is None or contract.dose_key not in real.obs:
         return None
-    measured = contract.dose_units(real)
+    dose, _, measured = contract.read_quantities(real)
     if not units and measured:  # (a model trained on plain numbers)
         return (f"The predictions name their doses as plain numbers (their model trained on doses without a unit) and "
                 f"the measured doses carry units ({preview(sorted(set(measured.values())), 3)}): they are matched by "
                 f"number, so '@10' meets the measured 10 {next(iter(measured.values()))} whatever unit the model's "
                 "numbers were in. Write the measured doses in the training data's unit (or train on doses with their "
                 "unit) to be sure.")
-    if units and not measured and np.isfinite(contract.quantities(real)[0]).any():
+    if units and not measured and np.isfinite(dose).any():
         return (f"The predictions name their doses in units ({preview(sorted(set(units.values())), 3)}) and the "
                 f"measured doses in obs[{contract.dose_key!r}] are plain numbers: they are matched by number, so '@10' "
                 "meets every measured 10, whatever its unit (1 nM and 1 uM would pool). Where the measured units are "
@@ -522,8 +522,8 @@ def effect_size(
     screen's predicted ``l2_delta_corrected`` (:func:`virtualcell.screen.rank`) and a synthetic
     screen's true effect sizes, so measured and predicted effects can be compared as numbers, not only
     as ranks. (It reads independent groups: predicted cells measured against the very cells they were
-    predicted from are paired, which the screen's figure takes into account and this does not; it warns.) Without the correction a group of 20 cells looks stronger than one of 2,000 with the same
-    true effect. Values near or below 0 mean "not distinguishable from noise". Expression is
+    predicted from are paired, which the screen's figure takes into account and this does not; it warns.)
+    Without the correction a group of 20 cells looks stronger than one of 2,000 with the same true effect. Values near or below 0 mean "not distinguishable from noise". Expression is
     log1p-normalized first if it is raw counts.
 
     Parameters

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DataError, no_such_column, preview
+from ..errors import DataError, no_such_column, pertpy_unavailable, preview, whole_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -37,12 +37,18 @@ def sorted_by_group(adata: ad.AnnData, groupby: str) -> ad.AnnData:
     labels alphabetically rather than in category order; first appearance and sorted
     order then agree, which is what ``DistanceTest`` silently assumes.
     """
-    _require_column(adata, groupby)
-    labels = adata.obs[groupby].astype(str).to_numpy()
-    order = np.argsort(labels, kind="stable")
+    labels, order = _group_order(adata, groupby)
     out = adata[order].copy()
     out.obs[groupby] = labels[order].astype(object)
     return out
+
+
+def _group_order(adata: ad.AnnData, groupby: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's group as a plain string, and the order that sorts the cells by it (stable): the order
+    ``DistanceTest`` assumes."""
+    _require_column(adata, groupby)
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    return labels, np.argsort(labels, kind="stable")
 
 
 def distance_test(
@@ -92,7 +98,7 @@ def distance_test(
     if missing:  # (read as strings they were a group named 'nan', tested as one)
         raise DataError(f"{missing} cells have no group in obs[{groupby!r}] (missing values): drop them "
                         f"(adata = adata[adata.obs[{groupby!r}].notna()].copy()) or give them their group.")
-    if isinstance(n_perms, bool) or not isinstance(n_perms, int | np.integer) or n_perms < 1:
+    if not whole_at_least(n_perms):
         raise DataError(f"n_perms must be a whole number of permutations of at least 1, got {n_perms!r}.")
     if correction not in CORRECTIONS:
         raise DataError(f"correction {correction!r} is not a multiple-testing correction statsmodels knows: "
@@ -108,7 +114,7 @@ def distance_test(
             f"obsm[{obsm_key!r}] is missing. Compute an embedding first (e.g. scanpy.pp.pca(adata)) "
             f"or name one of {preview(adata.obsm.keys()) or 'none'} as obsm_key=; or pass layer_key=."
         )
-    labels = adata.obs[groupby].astype(str).to_numpy()
+    labels, order = _group_order(adata, groupby)
     contrast = str(contrast)  # (the groups are read as strings: a column of numbers and contrast=4 name group '4')
     if contrast not in set(labels):
         groups = preview(sorted(set(labels)))
@@ -117,13 +123,11 @@ def distance_test(
     try:
         from pertpy.tools import DistanceTest
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise ImportError(f"distance_test needs pertpy, and it could not be imported ({err}): "
-                          + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
-                             "it is installed, so a library it loads failed (out of memory under a limit?).")) from err
+        raise pertpy_unavailable("distance_test", err) from err
     known = _metrics()
     if known and metric not in known:
         raise DataError(f"metric {metric!r} is not one pertpy's DistanceTest knows: {', '.join(known)}.")
-    _warn_unsound(adata, groupby, contrast, layer_key)
+    _warn_unsound(adata, labels, contrast, layer_key)
     if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
         obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
         layer = adata.layers[layer_key]
@@ -135,7 +139,6 @@ def distance_test(
     import anndata as ad
     import pandas as pd
 
-    order = np.argsort(labels, kind="stable")
     sorted_adata = ad.AnnData(obs=pd.DataFrame({groupby: labels[order].astype(object)},
                                                index=adata.obs_names[order].astype(str)),
                               obsm={obsm_key: embedding[order]})
@@ -181,16 +184,15 @@ def _metrics() -> tuple[str, ...]:
     return tuple(str(m) for m in get_args(Metric))
 
 
-def _warn_unsound(adata: ad.AnnData, groupby: str, contrast: str, layer_key: str | None) -> None:
+def _warn_unsound(adata: ad.AnnData, labels: np.ndarray, contrast: str, layer_key: str | None) -> None:
     """Warn where the test's premise fails without an error: groups predicted from the contrast's own cells
     (``obs['source_cell']``: each predicted cell is paired with a cell of the contrast, and a test of independent
     groups is then far too conservative), groups of fewer than two cells, and cells on two scales (counts beside
-    log values, as when measured counts are concatenated with predictions)."""
+    log values, as when measured counts are concatenated with predictions). ``labels``: each cell's group."""
     from ..sentences import detect_scale
 
     from ._data import predicted_from
 
-    labels = adata.obs[groupby].astype(str).to_numpy()
     sourced = predicted_from(adata, labels == contrast)
     if sourced.any():
         warnings.warn(

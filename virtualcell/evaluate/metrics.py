@@ -39,7 +39,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ..errors import DataError, preview
+from ..errors import DataError, pertpy_unavailable, preview
 
 __all__ = ["Metric", "PredRealPair", "METRICS", "PROFILES", "TOP_N", "resolve_metrics"]
 
@@ -296,9 +296,7 @@ def _distance():  # noqa: ANN202 - pertpy is imported lazily
     try:
         from pertpy.tools import Distance
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise ImportError(f"The distance metrics need pertpy, and it could not be imported ({err}): "
-                          + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
-                             "it is installed, so a library it loads failed (out of memory under a limit?).")) from err
+        raise pertpy_unavailable("The distance metrics", err) from err
     return Distance(metric="edistance")
 
 

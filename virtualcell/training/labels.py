@@ -18,7 +18,7 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (CONTROL_WORDS, EDIT_WORDS, GENETIC, Combination, Perturbation, label_parts, label_stem,
+from ..perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, control_words, label_parts, label_stem,
                              looks_like_control, parse, parts_of, read_kinds, split_label, without_quantities)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
@@ -247,11 +247,11 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
         log.warning("%d labels look like control labels (%s) and train as perturbations; if they are controls, "
                     "name them all (--control %s; DataContract(..., other_controls=...)).", len(alike),
                     preview(alike, 5), ",".join([contract.control, *alike[:3]]))
-    controls = {w.upper() for w in CONTROL_WORDS} | {c.upper() for c in contract.controls}
+    controls = control_words(contract.controls)
 
     def beside_control(x: str) -> list[str]:  # the genes of a single written with the control ('KLF1_ctrl'), or []
         parts = re.split(r"[_|]", x)
-        rest = [p for p in parts if p.upper() not in controls]
+        rest = [p for p in parts if p.lower() not in controls]
         return rest if 0 < len(rest) < len(parts) and _all_gene_like(rest) and not {
             p.upper() for p in rest} & NOT_GENES else []
 
