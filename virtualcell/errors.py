@@ -86,6 +86,34 @@ def whole_at_least(value: object, least: int = 1) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= least
 
 
+def finite_number(value: object) -> bool:
+    """A real, finite number (an int or float, numpy's too; not a bool, a string such as ``"0.6"``, NaN or inf): the
+    one rule for a number read back from a file someone else wrote (a checkpoint's codec, verdict or arrays)."""
+    import math
+
+    import numpy as np
+
+    return (not isinstance(value, bool | np.bool_) and isinstance(value, int | float | np.integer | np.floating)
+            and math.isfinite(value))
+
+
+def non_finite(values: object) -> str:
+    """``""`` where every value of the array ``values`` is a finite number, else what is wrong, for a message:
+    ``"3 of 900 values are not finite (nan, inf)"``, or ``"it holds strings, not numbers"``."""
+    import numpy as np
+
+    a = np.asarray(values)
+    if a.dtype.kind not in "biuf":
+        return f"it holds {a.dtype} values, not numbers"
+    if a.dtype.kind != "f":
+        return ""
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return ""
+    kinds = sorted({str(v) for v in np.unique(a[bad])})
+    return f"{int(bad.sum())} of {a.size} values are not finite ({', '.join(kinds)})"
+
+
 def pertpy_unavailable(what: str, err: ImportError) -> ImportError:
     """The error for ``what`` (e.g. ``"distance_test"``) where ``import pertpy`` failed: not installed, or installed and
     failing to load a library of its own (out of memory under a limit, say), each with what to do."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ModelError
+from .errors import ModelError, finite_number, non_finite, whole_at_least
 
 FILE = "gene_map.npz"
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalty, times the mean diagonal of the inputs' D'D
@@ -149,21 +149,63 @@ class GeneMap:
 
     @classmethod
     def load(cls, path: str | Path, record: dict[str, Any], n_genes: int) -> GeneMap:
+        """The map in ``path`` (``gene_map.npz``), as ``record`` (``virtualcell.json``'s ``gene_map``) describes it,
+        for a model of ``n_genes`` genes. Arrays of another shape, inputs that are not genes of the model (numpy
+        wrapped a negative one round to another gene), and values that are not finite numbers are refused, naming
+        the file."""
+        again = ("Copy the checkpoint folder again, or run 'virtualcell verdict' on it to fit the map again.")
         try:
             with np.load(path) as z:
                 arrays = {k: z[k] for k in ("inputs", "mean_in", "mean_out", "left", "right")}
         except (OSError, ValueError, KeyError) as err:
             raise ModelError(f"{str(path)!r} cannot be read ({err}); the checkpoint's virtualcell.json says the model "
-                             "decodes through a gene map. Copy the checkpoint folder again, or run 'virtualcell "
-                             "verdict' on it to fit the map again.") from None
+                             f"decodes through a gene map. {again}") from None
+        said = _record_fault(record)
+        if said:
+            raise ModelError(f"The gene_map record in the virtualcell.json beside {str(path)!r} is damaged ({said}). "
+                             + again)
+        inputs = arrays["inputs"]
+        if inputs.ndim != 1 or inputs.dtype.kind not in "iu" or (inputs.size and (
+                int(inputs.min()) < 0 or int(inputs.max()) >= n_genes)):
+            raise ModelError(f"{str(path)!r} is damaged: its inputs are not positions of this model's {n_genes} genes "
+                             f"({inputs.dtype}, {inputs.size} of them, from {inputs.min() if inputs.size else '-'} to "
+                             f"{inputs.max() if inputs.size else '-'}). {again}")
+        for name in ("mean_in", "mean_out", "left", "right"):
+            bad = non_finite(arrays[name])
+            if bad:
+                raise ModelError(f"{str(path)!r} is damaged: its {name}: {bad}. {again}")
         out = cls(**arrays, decode=str(record["decode"]), penalty=float(record["penalty"]), rank=int(record["rank"]),
                   error=float(record.get("error", np.nan)), error_without=float(record.get("error_without", np.nan)),
                   residual=bool(record.get("residual", False)))
-        if out.n_genes != n_genes or out.left.shape != (out.inputs.size, out.rank) \
-                or out.right.shape != (out.rank, n_genes):
+        if out.n_genes != n_genes or out.mean_out.shape != (n_genes,) or out.mean_in.shape != (out.inputs.size,) \
+                or out.left.shape != (out.inputs.size, out.rank) or out.right.shape != (out.rank, n_genes):
             raise ModelError(f"{str(path)!r} does not fit this model's {n_genes} genes; copy the checkpoint folder "
                              "again, or run 'virtualcell verdict' on it to fit the map again.")
         return out
+
+
+def _record_fault(record: Any) -> str:
+    """What is wrong with a map's record in ``virtualcell.json`` (:meth:`GeneMap.record`), or ``""``."""
+    from .sentences import DECODE_METHODS
+
+    if not isinstance(record, dict):
+        return f"{type(record).__name__}, not a record"
+    missing = [k for k in ("decode", "penalty", "rank") if k not in record]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if record["decode"] not in DECODE_METHODS:
+        return f"decode {record['decode']!r}, not one of {', '.join(DECODE_METHODS)}"
+    if not (finite_number(record["penalty"]) and record["penalty"] >= 0):
+        return f"penalty {record['penalty']!r}, not a number >= 0"
+    if not whole_at_least(record["rank"], 0):
+        return f"rank {record['rank']!r}, not a whole number >= 0"
+    if not isinstance(record.get("residual", False), bool):
+        return f"residual {record['residual']!r}, not true or false"
+    for key in ("error", "error_without"):  # (for the record only: NaN where it was not measured)
+        value = record.get(key, np.nan)
+        if not (finite_number(value) or (isinstance(value, float) and np.isnan(value))):
+            return f"{key} {value!r}, not a number"
+    return ""
 
 
 def _dense(X: sp.spmatrix | np.ndarray, rows: np.ndarray) -> np.ndarray:

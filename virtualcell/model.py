@@ -30,7 +30,7 @@ import torch
 
 from . import target_offsets, token_bias
 from .contract import DataContract
-from .errors import ModelError, PerturbationError, a_kind_of, preview
+from .errors import DataError, ModelError, PerturbationError, a_kind_of, finite_number, preview, whole_at_least
 from .generation import Component, GeneConstraint, GenerationConfig, TrieConstraint, generate_grid, stable_key
 from .perturbations import CONTROL_WORDS, GENETIC, Combination, Perturbation, parse, parts_of
 from .prompts import FORMATS, PerturbationVocab, PromptFormat
@@ -189,10 +189,20 @@ class C2SModel:
         (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``) and ``dtype`` (``"bf16"``, ``torch.float32``...) default
         to the best available: CUDA in bf16 (fp16 where bf16 is unsupported), else MPS or the CPU in fp32
         (:func:`pick_device`).
+
+        A folder virtualcell wrote is checked before anything is served from it, and refused naming the file and
+        the fix where its weights are not the model its ``config.json`` describes (missing, extra) or not finite,
+        or where a number it stores (rank fit, offsets, token bias, gene map, baselines, the verdict's blend weight
+        and settings) is not a finite number in its range. A plain Hugging Face checkpoint loads as transformers
+        loads it. A name that is also a hub id (``owner/name``) or ``"bundled"`` loads the local folder of that
+        name where there is one, says so (a warning where the name is a known C2S hub model, one in the Hugging
+        Face cache, or ``"bundled"``), and records the folder's absolute path as :attr:`source`.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if str(name_or_path) == "bundled" and not Path("bundled").exists():
+        asked = str(name_or_path)
+        shipped = asked == "bundled" and not Path("bundled").exists()  # the shipped model, not a folder named so
+        if shipped:
             name_or_path = BUNDLED
         path = Path(str(name_or_path))
         dev, dt = pick_device(device, dtype)
@@ -210,6 +220,10 @@ class C2SModel:
                     f"{str(path / META_FILE)!r} is broken ({str(err)[:120]}), so the model's codec cannot be read. "
                     "Copy the checkpoint folder again, or retrain it."
                 ) from None
+            fault = _meta_fault(meta)
+            if fault:
+                raise ModelError(f"{str(path / META_FILE)!r} is damaged: {fault}. Copy the checkpoint folder again, "
+                                 "or retrain it.")
         elif is_local and genes is None:
             have = sorted(p.name for p in path.iterdir())[:12]
             raise ModelError(
@@ -233,9 +247,18 @@ class C2SModel:
             if gone:
                 raise ModelError(f"{str(path)!r} lacks {', '.join(gone)}, which every checkpoint virtualcell writes "
                                  "holds. Copy the whole checkpoint folder again, or retrain it.")
+        source = str(name_or_path)
+        if is_local and not shipped and (looks_like_hub_id(asked) or asked == "bundled"):  # a name meaning two things
+            source = _local_over(asked, path, genes_ignored=genes is not None and bool(meta))
+        loading_info = None
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-            lm = eager_if_capped(AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt))
+            if meta:  # (a folder virtualcell wrote holds every weight its config names: checked below)
+                lm, loading_info = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt,
+                                                                        output_loading_info=True)
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
+            lm = eager_if_capped(lm)
         except Exception as err:  # a broken local file fails in the loader's own error types
             if is_local:
                 import transformers
@@ -246,25 +269,39 @@ class C2SModel:
                     f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'})"
                     + (f" with transformers {transformers.__version__}, older than virtualcell needs (5.0): pip "
                        "install -U transformers. Or" if old else ";") +
-                    " a file such as model.safetensors may be truncated: copy the checkpoint folder again, or "
-                    "retrain it."
+                    " a file of it may be damaged (config.json, tokenizer.json), or a file such as model.safetensors "
+                    "may be truncated: copy the checkpoint folder again, or retrain it."
                 ) from None
             if not isinstance(err, OSError):
                 raise
             raise unreachable(name_or_path, err) from err
         lm.to(dev).eval()
         if meta:
+            _check_weights(lm, loading_info, path)
+            file = str(path / META_FILE)
             vocab = Vocabulary(tuple(meta["genes"]))
-            model = cls(
-                lm, tokenizer, genes=vocab,
-                perturbations=PerturbationVocab.from_dict(meta.get("perturbations", {})),
-                prompt_format=meta.get("prompt_format", "compact"),
-                rank_fit=RankFit.from_dict(meta["rank_fit"]) if meta.get("rank_fit") else None,
-                contract=DataContract.from_dict(meta["contract"]) if meta.get("contract") else None,
-                top_k=meta.get("top_k", 200), train_config=meta.get("train_config", {}), source=str(name_or_path),
-            )
-            if meta.get("target_offsets") is not None:
-                target_offsets.attach(lm, meta["target_offsets"])
+            try:
+                rank_fit = RankFit.from_dict(meta["rank_fit"]) if meta.get("rank_fit") else None
+            except DataError as err:
+                raise ModelError(f"{file!r}: {err}") from None
+            try:
+                model = cls(
+                    lm, tokenizer, genes=vocab,
+                    perturbations=PerturbationVocab.from_dict(meta.get("perturbations", {})),
+                    prompt_format=meta.get("prompt_format", "compact"),
+                    rank_fit=rank_fit,
+                    contract=DataContract.from_dict(meta["contract"]) if meta.get("contract") else None,
+                    top_k=meta.get("top_k", 200), train_config=meta.get("train_config", {}), source=source,
+                )
+            except (PerturbationError, DataError) as err:  # (its genes or labels against its own tokenizer)
+                raise ModelError(f"{file!r} does not agree with itself or with the tokenizer beside it ({err}): the "
+                                 "folder is damaged, or holds files of two runs. Copy the checkpoint folder again, or "
+                                 "retrain it.") from None
+            try:
+                if meta.get("target_offsets") is not None:
+                    target_offsets.attach(lm, meta["target_offsets"])
+            except ValueError as err:
+                raise ModelError(f"{file!r} is damaged: {err} Copy the checkpoint folder again, or retrain it.") from None
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
             written = meta.get("verdict_files")  # (None: a checkpoint saved before the codec recorded them)
@@ -296,12 +333,16 @@ class C2SModel:
 
                 model.gene_map = GeneMap.load(Path(path) / FILE, meta["gene_map"], len(vocab))
             if meta.get("neighbour_offsets") is not None:
-                model.attach_neighbours(meta["neighbour_offsets"])
+                try:
+                    model.attach_neighbours(meta["neighbour_offsets"])
+                except ValueError as err:
+                    raise ModelError(f"{file!r} is damaged: {err} Copy the checkpoint folder again, or retrain "
+                                     "it.") from None
         else:
             vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            model = cls(lm, tokenizer, genes=vocab, prompt_format="c2s", source=str(name_or_path))
+            model = cls(lm, tokenizer, genes=vocab, prompt_format="c2s", source=source)
         return model
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -368,8 +409,8 @@ class C2SModel:
         try:
             token_bias.attach(self.lm, [vocab[t] for t in tokens], values)
         except ValueError as err:
-            raise ModelError(f"{str(f)!r} does not fit this model ({err}). Copy the checkpoint folder again, "
-                             "or retrain.") from None
+            raise ModelError(f"{str(f)!r} is damaged or does not fit this model ({err}). Copy the checkpoint folder "
+                             "again, or retrain.") from None
 
     def _save_verdict(self, p: Path) -> None:
         """The training baselines, validation verdict (:mod:`virtualcell.validation`) and the gene map the verdict
@@ -400,9 +441,13 @@ class C2SModel:
         if (p / VERDICT_FILE).exists():
             try:
                 self.verdict = json.loads((p / VERDICT_FILE).read_text())
+                fault = _verdict_fault(self.verdict)
+                if fault:
+                    raise ValueError(fault)
             except (OSError, ValueError) as err:
                 raise ModelError(f"{str(p / VERDICT_FILE)!r} is broken ({err}); delete it to serve the pure model, "
-                                 "or retrain.") from None
+                                 "or retrain (or run `virtualcell verdict` on the training data to judge it "
+                                 "again).") from None
         # a copy of the folder without them (weights and json only) serves something else, so it is said
         from .training.checkpoint import STATE_FILE
 
@@ -763,6 +808,126 @@ class C2SModel:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
         return GeneratedCells(np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
                               n_invalid, n_dup)
+
+
+def _meta_fault(meta: dict[str, Any]) -> str:
+    """What is wrong with the fields of a checkpoint's ``virtualcell.json`` that :meth:`C2SModel.load` reads as they
+    are (``genes``, ``top_k``, ``prompt_format``, the token-bias tokens), or ``""``; the rank fit, the offsets and the
+    gene map check their own."""
+    genes = meta["genes"]
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+        return f"its genes are {str(genes)[:60]!r}, not a list of gene names"
+    if len(set(genes)) != len(genes):
+        dups = sorted({g for g in genes if genes.count(g) > 1}) if len(genes) < 5000 else ["..."]
+        return f"its genes list {preview(dups, 5)} more than once"
+    if "top_k" in meta and not whole_at_least(meta["top_k"], 1):
+        return f"its top_k is {meta['top_k']!r}, not a whole number of genes of at least 1"
+    if not isinstance(meta.get("prompt_format", "compact"), str) or meta.get("prompt_format", "compact") not in FORMATS:
+        return f"its prompt_format is {meta.get('prompt_format')!r}, not one of {', '.join(FORMATS)}"
+    tokens = meta.get("token_bias")
+    if tokens is not None and (not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)):
+        return f"its token_bias is {str(tokens)[:60]!r}, not a list of tokens"
+    return ""
+
+
+def _check_weights(lm: Any, info: Mapping[str, Any] | None, path: Path) -> None:
+    """Refuse the weights of a folder virtualcell wrote where they are not the model its ``config.json`` describes
+    (``info``: what ``from_pretrained(output_loading_info=True)`` reports) or are not finite numbers. transformers
+    left a missing layer at random values (or dropped one its config.json did not have) with a printed report, and
+    the model predicted under the folder's name; a NaN weight or config value served the baseline's effect as the
+    model's."""
+    weights = ", ".join(sorted(f.name for f in path.glob("*.safetensors"))) or "its weights file"
+    again = "Copy the whole checkpoint folder again (a copy cut short, or files from two runs), or retrain it."
+    info = info or {}
+    tied = set(getattr(lm, "_tied_weights_keys", None) or ()) if getattr(lm.config, "tie_word_embeddings", False) \
+        else set()  # (an output layer tied to the embeddings is not stored, and may be reported missing)
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in tied)
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if missing:
+        raise ModelError(f"{str(path)!r}: {weights} lacks {len(missing)} of the weights its config.json describes "
+                         f"({preview(missing, 4)}); they would be left at random values, and the model would predict "
+                         f"noise. {again}")
+    if unexpected:
+        raise ModelError(f"{str(path)!r}: {weights} holds {len(unexpected)} weights that its config.json has no place "
+                         f"for ({preview(unexpected, 4)}; config.json describes another shape than the weights, e.g. "
+                         f"fewer layers), and they would be dropped. {again}")
+    with torch.no_grad():
+        bad = [n for n, w in lm.named_parameters() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+        if bad:
+            raise ModelError(f"{str(path)!r}: {weights} holds weights that are not finite numbers (NaN or inf), in "
+                             f"{preview(bad, 4)}; such a model writes no sentence of its own, "
+                             f"and what it served would be the baseline's. {again}")
+        odd = [f"{k} {v!r}" for k, v in _numbers(lm.config.to_dict()) if not finite_number(v)]
+        odd += [f"{n} (from it)" for n, b in lm.named_buffers()
+                if b.is_floating_point() and not bool(torch.isfinite(b).all())]
+        if odd:
+            raise ModelError(f"{str(path / 'config.json')!r} holds values that are not finite numbers ({preview(odd, 4)}"
+                             f"): the model would compute NaN. {again}")
+
+
+def _numbers(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float of a (nested) config dict, with its dotted key."""
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, float):
+            yield f"{prefix}{k}", v
+
+
+def _verdict_fault(verdict: Any) -> str:
+    """What is wrong with what a checkpoint's ``verdict.json`` serves (its blend weights and generation settings), or
+    ``""``: the weight was served as it was (2.0 extrapolated past the model; NaN made every prediction NaN)."""
+    if not isinstance(verdict, dict):
+        return f"it is {type(verdict).__name__}, not the verdict's record"
+    unseen = verdict.get("unseen")
+    if unseen is not None and not isinstance(unseen, dict):
+        return f"its unseen is {str(unseen)[:40]!r}, not a record"
+    for where, part in (("weight", verdict), ("unseen weight", unseen or {})):
+        w = part.get("weight")
+        if w is not None and not (finite_number(w) and 0.0 <= w <= 1.0):
+            return f"its {where} is {w!r}, not a blend weight in [0, 1]"
+        settings = part.get("settings")
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            return f"its {where.replace('weight', 'settings')} are {str(settings)[:40]!r}, not a record"
+        if "samples" in settings and not whole_at_least(settings["samples"], 1):
+            return f"its samples setting is {settings['samples']!r}, not a whole number of at least 1"
+        for key in ("guidance", "temperature"):
+            if key in settings and not (finite_number(settings[key]) and settings[key] >= 0):
+                return f"its {key} setting is {settings[key]!r}, not a number >= 0"
+        if "coexpression_prior" in settings and not isinstance(settings["coexpression_prior"], bool):
+            return f"its coexpression_prior setting is {settings['coexpression_prior']!r}, not true or false"
+    return ""
+
+
+def _local_over(name: str, path: Path, *, genes_ignored: bool) -> str:
+    """Say that the local folder ``path`` is loaded for ``name``, which is also a hub id (or ``"bundled"``, the
+    shipped model), and return its absolute path: what the model records as its source (predictions' and screens'
+    ``model``), which ends with the name as it was asked for. Loud (a warning) where ``name`` is most likely meant as
+    the other: one of the C2S hub models, one in this machine's Hugging Face cache, or ``"bundled"``; quiet (info)
+    for the everyday ``runs/model`` folder, which nobody meant as a hub id."""
+    resolved = str(path.resolve())
+    meant_other = name == "bundled" or name in KNOWN_HUB_MODELS or _in_hub_cache(name)
+    other = "the model shipped in the package" if name == "bundled" else f"the Hugging Face hub model {name!r}"
+    if meant_other:
+        log.warning("Loading the local folder %s for %r, not %s%s. To load that, run from another folder or rename "
+                    "this one; to load the folder without this warning, give it as ./%s.", resolved, name, other,
+                    " (genes= is not used: the folder carries its own genes)" if genes_ignored else "", name)
+    else:
+        log.info("loading the local folder %s for %r (as a hub id it would name a Hugging Face model)%s.", resolved,
+                 name, "; genes= is not used: the folder carries its own genes" if genes_ignored else "")
+    return resolved
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether this machine's Hugging Face cache holds the hub model ``name`` (offline: no request is made)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not an id the hub accepts, or no huggingface_hub: not in the cache
+        return False
 
 
 def caps_attention(lm: Any) -> bool:

@@ -156,6 +156,7 @@ def run(
     samples: int | None = None,
     coexpression_prior: bool | None = None,
     compose: bool = False,
+    on_start: Callable[[], None] | None = None,
 ) -> ScreenResult:
     """Screen a panel of perturbations and rank them by ``objective``.
 
@@ -211,6 +212,9 @@ def run(
     compose
         A combination the model never trained on as such is generated from its parts' logits
         (:meth:`Simulator.simulate`; off by default). A screen it changes records it, so a resumed one does not mix.
+    on_start
+        Called once every input is checked, before any generation (``virtualcell screen`` prints the model's
+        verdict there, so a refused panel or objective leaves nothing on stdout).
 
     Every file in ``out`` is written atomically (see :mod:`virtualcell.safeio`), and the
     folder is locked while the screen runs: a second screen into the same folder stops
@@ -307,7 +311,7 @@ def run(
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
                     refused=refused, blend=blend, samples=k, coexpression_prior=coexpression_prior, compose=compose,
-                    trained=trained, labels=labels)
+                    trained=trained, labels=labels, on_start=on_start)
 
 
 def _legacy(folder: Path) -> tuple[str, ...]:
@@ -331,7 +335,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
          similarity: float, n_boot: int, batch_size: int, max_genes: int | None, progress: bool, keep_cells: bool,
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
          blend: str | float | bool | None = "auto", samples: int = 1, coexpression_prior: bool = True,
-         compose: bool = False, trained: dict[str, bool], labels: dict[str, str]) -> ScreenResult:
+         compose: bool = False, trained: dict[str, bool], labels: dict[str, str],
+         on_start: Callable[[], None] | None = None) -> ScreenResult:
     """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column.
     ``blend`` goes to :meth:`Simulator.simulate` as the user gave it, which serves each perturbation its weight
     (``"auto"``: the one fitted on perturbations never trained on, for those, where the verdict fitted it;
@@ -345,6 +350,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
         except VirtualCellError as err:
             refused = err
     split.main_error(refused)  # the main process's refusal stops every process
+    if on_start is not None and split.main:
+        on_start()
     if split.world > 1:  # every process follows the main one's view of the folder
         done_ids = split.gather(sorted(done))[0]
         done = {g: folder / "groups" / f"group_{g:05d}.nc" for g in done_ids} if folder is not None else {}
@@ -354,32 +361,35 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     new_groups = 0
     resumed = 0 if keep_cells else sum(len(groups[g]) for g in done)  # groups read back, not simulated again
     bar = progress_bar(len(names), progress and split.main, "screen", "perturbation", initial=resumed)
-    for gi, group in enumerate(groups):
-        if gi in done and not keep_cells:
-            try:
-                parts[gi], emb = _read_group(done[gi])
-                embedded.update(emb)
-                continue
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
-                log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
-                del done[gi]
-                bar.n -= len(group)  # it was counted as resumed
-                bar.refresh()
-        if stop_after_groups is not None and new_groups >= stop_after_groups:
-            bar.close()
-            raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
-        res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
-                                 keep_cells=keep_cells, progress=False, blend=blend, samples=samples,
-                                 coexpression_prior=coexpression_prior, compose=compose)
-        parts[gi] = res.aggregates
-        embedded.update(res.embedded)
-        if keep_cells:
-            cells[gi] = res.cells
-        if folder is not None and split.main and gi not in done:
-            _write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
-        new_groups += 1
-        bar.update(len(group))
-    bar.close()
+    try:  # (closed however the loop ends: an interrupt drew the stale bar again below its message)
+        for gi, group in enumerate(groups):
+            if gi in done and not keep_cells:
+                try:
+                    parts[gi], emb = _read_group(done[gi], group)
+                    embedded.update(emb)
+                    continue
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: run it again
+                    log.warning("group %d in %s cannot be read (%s); running it again", gi, done[gi].parent, err)
+                    del done[gi]
+                    bar.n -= len(group)  # it was counted as resumed
+                    bar.refresh()
+            if stop_after_groups is not None and new_groups >= stop_after_groups:
+                raise KeyboardInterrupt(f"stopped after {new_groups} groups (stop_after_groups)")
+            res = simulator.simulate(group, n_cells=n, seed=seed, batch_size=batch_size, max_genes=max_genes,
+                                     keep_cells=keep_cells, progress=False, blend=blend, samples=samples,
+                                     coexpression_prior=coexpression_prior, compose=compose,
+                                     on_chunk=lambda done_cells, total, gi=gi: bar.set_postfix_str(
+                                         f"group {gi + 1}/{len(groups)}: {done_cells}/{total} cells"))
+            parts[gi] = res.aggregates
+            embedded.update(res.embedded)
+            if keep_cells:
+                cells[gi] = res.cells
+            if folder is not None and split.main and gi not in done:
+                _write_group(folder / "groups" / f"group_{gi:05d}", res.aggregates, res.embedded)
+            new_groups += 1
+            bar.update(len(group))
+    finally:
+        bar.close()
     # each group's label coordinate is set again from this panel's labels (a group a version without it wrote lacks it)
     agg = xr.concat([parts[g].drop_vars("label", errors="ignore") for g in range(len(groups))], dim="perturbation",
                     data_vars="minimal", coords="minimal", compat="override")
@@ -454,14 +464,36 @@ def load(folder: str | Path) -> ScreenResult:
     if missing:
         raise ScreenError(f"{folder} holds no finished screen ({', '.join(missing)} missing). Run the same screen "
                           "into it again to finish it: it resumes from its saved groups.")
-    config = json.loads((folder / "config.json").read_text())
-    ranking = pd.read_parquet(folder / "ranking.parquet")
+    # a damaged file (a copy cut short, an edit) is named, with how to make it again, not left to its reader's error
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not the screen's settings")
+    except (OSError, ValueError) as err:
+        raise ScreenError(f"{folder / 'config.json'} cannot be read ({_first_line(err)}): the screen folder is "
+                          "damaged. Copy it again, or run the screen again into it with --force (force=True), which "
+                          "starts it over.") from None
+    rebuild = ("the screen folder is damaged. Copy it again, or run the same screen into it again: it rebuilds its "
+               "results from its saved groups.")
+    try:
+        ranking = pd.read_parquet(folder / "ranking.parquet")
+    except Exception as err:  # noqa: BLE001 - pyarrow's own errors (ArrowInvalid) for a truncated file
+        raise ScreenError(f"{folder / 'ranking.parquet'} cannot be read ({_first_line(err)}): {rebuild}") from None
     for col in LIST_COLUMNS:
         if col in ranking.columns:
             ranking[col] = ranking[col].map(lambda s: [x for x in str(s).split(";") if x])
-    agg = xr.load_dataset(folder / "aggregates.nc", engine="h5netcdf")
+    try:
+        agg = xr.load_dataset(folder / "aggregates.nc", engine="h5netcdf")
+    except Exception as err:  # noqa: BLE001 - h5py's and h5netcdf's own errors for a truncated or empty file
+        raise ScreenError(f"{folder / 'aggregates.nc'} cannot be read ({_first_line(err)}): {rebuild}") from None
     ranking.attrs["virtualcell"] = _provenance(agg)
     return ScreenResult(ranking, agg, folder, config)
+
+
+def _first_line(err: BaseException) -> str:
+    """``err`` for a message: its type and the first line of what it says."""
+    said = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {said[0][:160]}" if said else type(err).__name__
 
 
 def screen(simulator: Simulator, panel: Sequence[str | Perturbation | Combination], **options: Any) -> ScreenResult:
@@ -567,11 +599,19 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def _read_group(path: Path) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
-    """A finished group and its embedded cells, as the run that wrote it held them."""
+def _read_group(path: Path, names: Sequence[str]) -> tuple[xr.Dataset, dict[str, np.ndarray]]:
+    """A finished group and its embedded cells, as the run that wrote it held them; ``names``: the perturbations the
+    group holds in this screen. A file that holds others (copied over from another group or screen) is refused: it
+    was ranked as this group's perturbations, or failed in the ranking with a raw TypeError."""
     import xarray as xr
 
     ds = _plain_strings(xr.load_dataset(path, engine="h5netcdf"))
+    held = [str(v) for v in ds["perturbation"].values] if "perturbation" in ds.coords else []
+    if held != [str(n) for n in names]:
+        raise ScreenError(
+            f"{path} holds {preview(held, 4) or 'no perturbations'}, not this group's {preview(names, 4)}: the file is "
+            f"another group's or another screen's. Delete {path.name} and {path.with_suffix('.npz').name} to have the "
+            "group run again, or pass --force (force=True) to start the screen over.")
     if "control_bucket_mean" not in ds:
         raise ValueError("written by an older virtualcell, without paired buckets")
     if "var_delta" not in ds:

@@ -27,7 +27,7 @@ import re
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import repeat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import DataError, VocabularyError, preview
+from .errors import DataError, VocabularyError, finite_number, preview, whole_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -1129,9 +1129,44 @@ class RankFit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RankFit:
-        d = dict(d)
-        d["rank_means"] = tuple(d.get("rank_means", ()))
-        return cls(**d)
+        """A fit as :meth:`to_dict` wrote it (a checkpoint's ``virtualcell.json``, ``rank_fit``). A field this
+        virtualcell does not know (a newer one's), a missing one, and a number that is not a finite number (a NaN
+        slope decoded every value as NaN; a slope stored as a string failed in numpy) are refused with a
+        :class:`DataError` that names the field."""
+        damaged = "restore the file as training wrote it (copy the checkpoint folder again), or retrain the model."
+        if not isinstance(d, dict):
+            raise DataError(f"rank_fit is {type(d).__name__}, not the record of the rank fit's fields: {damaged}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise DataError(f"rank_fit has fields this virtualcell does not know ({preview(unknown, 5)}): it was "
+                            "written by a newer virtualcell. Upgrade virtualcell (pip install -U virtualcell) to "
+                            "load it.")
+        missing = [k for k in ("slope", "intercept", "r2", "normalization", "n_cells") if k not in d]
+        if missing:
+            raise DataError(f"rank_fit lacks {', '.join(missing)}: {damaged}")
+        for key in ("slope", "intercept"):
+            if not finite_number(d[key]):
+                raise DataError(f"rank_fit's {key} is {d[key]!r}, not a finite number: {damaged}")
+        if not (finite_number(d["r2"]) or (isinstance(d["r2"], float) and np.isnan(d["r2"]))):
+            raise DataError(f"rank_fit's r2 is {d['r2']!r}, not a number: {damaged}")
+        if not isinstance(d["normalization"], str) or not isinstance(d.get("method", "linear"), str):
+            raise DataError(f"rank_fit's normalization and method are names (strings), not {d['normalization']!r} "
+                            f"and {d.get('method')!r}: {damaged}")
+        if d.get("method", "linear") not in DECODE_METHODS:
+            raise DataError(f"rank_fit's method is {d['method']!r}, not one of {', '.join(DECODE_METHODS)} (a newer "
+                            f"virtualcell's? pip install -U virtualcell): {damaged}")
+        if not whole_at_least(d["n_cells"], 0):
+            raise DataError(f"rank_fit's n_cells is {d['n_cells']!r}, not a count of cells: {damaged}")
+        total = d.get("total")
+        if total is not None and not (finite_number(total) and total > 0):
+            raise DataError(f"rank_fit's total is {total!r}, not a positive number: {damaged}")
+        means = d.get("rank_means", ())
+        if not isinstance(means, list | tuple) or not all(finite_number(v) for v in means):
+            bad = means if not isinstance(means, list | tuple) else next(v for v in means if not finite_number(v))
+            raise DataError(f"rank_fit's rank_means hold {bad!r}, not finite numbers (one mean expression per rank): "
+                            f"{damaged}")
+        return cls(**(d | {"rank_means": tuple(float(v) for v in means)}))
 
 
 def decode(

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import finite_number
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -54,18 +56,31 @@ SCALE = 10.0
 
 
 def attach(lm, offsets: Mapping[str, float] | None = None) -> torch.nn.Parameter:  # noqa: ANN001
-    """Give ``lm`` the offsets parameter (zeros, or ``offsets`` by kind name) and return it."""
+    """Give ``lm`` the offsets parameter (zeros, or ``offsets`` by kind name) and return it. ``offsets`` of an
+    unknown kind, or that are not finite numbers (a checkpoint's ``virtualcell.json`` edited or damaged), raise a
+    ``ValueError`` that names them."""
     import torch
 
-    unknown = set(offsets or {}) - set(KINDS)
-    if unknown:
-        raise ValueError(f"Unknown target-offset kinds {sorted(unknown)}; known: {', '.join(KINDS)}.")
+    _check(offsets, "target-offset")
     ref = next(lm.parameters())
     start = torch.tensor([float((offsets or {}).get(k, 0.0)) / SCALE for k in KINDS], dtype=torch.float32,
                          device=ref.device)
     param = torch.nn.Parameter(start)
     lm.register_parameter(PARAMETER, param)
     return param
+
+
+def _check(offsets: Mapping[str, float] | None, what: str) -> None:
+    """Refuse ``offsets`` (by kind name) of an unknown kind, or whose value is not a finite number: a NaN offset
+    was served as it was, a string one read as its number."""
+    if offsets is not None and not isinstance(offsets, Mapping):
+        raise ValueError(f"the {what}s are {offsets!r}, not a number by kind ({', '.join(KINDS)}).")
+    unknown = set(offsets or {}) - set(KINDS)
+    if unknown:
+        raise ValueError(f"Unknown {what} kinds {sorted(unknown)}; known: {', '.join(KINDS)}.")
+    bad = {k: v for k, v in (offsets or {}).items() if not finite_number(v)}
+    if bad:
+        raise ValueError(f"the {what}s {bad} are not finite numbers.")
 
 
 def of(lm) -> torch.nn.Parameter | None:  # noqa: ANN001
@@ -105,9 +120,7 @@ def attach_neighbours(lm, factor, offsets: Mapping[str, float] | None = None) ->
     (:func:`token_factor`, a buffer not saved with the weights); returns the parameter."""
     import torch
 
-    unknown = set(offsets or {}) - set(KINDS)
-    if unknown:
-        raise ValueError(f"Unknown neighbour-offset kinds {sorted(unknown)}; known: {', '.join(KINDS)}.")
+    _check(offsets, "neighbour-offset")
     ref = next(lm.parameters())
     lm.register_buffer(FACTOR, torch.as_tensor(np.asarray(factor), dtype=torch.float32, device=ref.device),
                        persistent=False)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import non_finite
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -74,9 +76,13 @@ def attach(lm, token_ids: Sequence[int], values: np.ndarray | None = None) -> to
     ref = next(lm.parameters())
     shape = (int(ids.size), vocab)
     if values is not None:
-        values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values)
         if values.shape != shape:
             raise ValueError(f"token bias of shape {values.shape}, expected {shape}.")
+        bad = non_finite(values)  # (a NaN row made every sentence under its token NaN logits)
+        if bad:
+            raise ValueError(f"token bias: {bad}")
+        values = values.astype(np.float32)
         start = torch.as_tensor(values, device=ref.device)
     else:
         start = torch.zeros(shape, dtype=torch.float32, device=ref.device)

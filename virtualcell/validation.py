@@ -386,7 +386,10 @@ class Baselines:
 
     @classmethod
     def load(cls, path: str | Path, genes: Sequence[str]) -> Baselines:
-        """Read ``baselines.npz``; its genes must be the model's (``genes``), in order."""
+        """Read ``baselines.npz``; its genes must be the model's (``genes``), in order, its tables one row per
+        perturbation and its values finite numbers."""
+        from .errors import non_finite
+
         try:
             with np.load(path) as z:
                 own = ((np.asarray(z["own_rows"], dtype=np.int64), tuple(str(c) for c in z["own_contexts"]),
@@ -399,6 +402,26 @@ class Baselines:
         if out.genes != tuple(genes):
             raise ModelError(f"{str(path)!r} holds baselines for other genes than the model's; delete it to serve "
                              "the pure model, or retrain.")
+        # what the file holds is served as it is: a NaN delta made every prediction NaN, a table of other rows
+        # failed deep in a screen with an IndexError
+        n, g = len(out.names), len(out.genes)
+        own = 0 if out.own_rows is None else len(out.own_rows)
+        fault = (f"delta is {out.delta.shape}, not one row per perturbation ({n}) by gene ({g})"
+                 if out.delta.shape != (n, g) else
+                 f"response is {out.response.shape}, not one row per gene ({g})"
+                 if out.response is not None and (out.response.ndim != 2 or out.response.shape[0] != g) else
+                 f"own_delta is {out.own_delta.shape} and own_contexts {len(out.own_contexts)} long, not one row "
+                 f"and context per own_rows ({own}) by gene ({g})"
+                 if out.own_rows is not None and (out.own_delta.shape != (own, g) or len(out.own_contexts) != own
+                                                  or out.own_rows.ndim != 1) else
+                 f"own_rows point outside its {n} perturbations"
+                 if own and (int(out.own_rows.min()) < 0 or int(out.own_rows.max()) >= n) else "")
+        for name in ("delta", "response", "own_delta"):
+            bad = "" if fault or getattr(out, name) is None else non_finite(getattr(out, name))
+            fault = fault or (f"its {name}: {bad}" if bad else "")
+        if fault:
+            raise ModelError(f"{str(path)!r} is damaged ({fault}); delete it to serve the pure model, copy the "
+                             "checkpoint folder again, or retrain.")
         return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import TrainingError
 from ..safeio import atomic_folder, recover_folder
 
-__all__ = ["save", "load", "resume", "same_extras", "same_decay", "STATE_FILE", "CONFIG_FILE"]
+__all__ = ["save", "load", "resume", "same_extras", "same_decay", "same_quantities", "STATE_FILE", "CONFIG_FILE"]
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
@@ -27,25 +27,52 @@ def save(folder: str | Path, write: Callable[[Path], None], *, state: dict[str, 
     """Write a checkpoint atomically.
 
     ``write(tmp)`` writes the model files into ``tmp``; the trainer state (``state``: model
-    and optimizer state dicts, step, history) and the run config go beside them.
+    and optimizer state dicts, step, history) and the run config go beside them. The state is written as tensors and
+    plain values only (:func:`_storable`), all that :func:`load` reads back: it never unpickles objects.
     """
     import torch
 
     with atomic_folder(folder) as tmp:
         write(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
-        torch.save(state, tmp / STATE_FILE)
+        torch.save(_storable(state), tmp / STATE_FILE)
+
+
+def _storable(value: Any) -> Any:
+    """``value`` (the trainer state) with numpy scalars and arrays as Python numbers and tensors: what
+    ``torch.load(weights_only=True)`` reads (it refuses a numpy float in the history)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, Mapping):
+        return {k: _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_storable(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value
 
 
 def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | None = None,
-         labels: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+         labels: Mapping[str, str] | None = None, quantities: Mapping[str, Mapping[str, str]] | None = None
+         ) -> dict[str, Any] | None:
     """The checkpoint's trainer state, or ``None`` when there is none.
 
     A checkpoint that cannot be read, one of other data, or (given this run's ``settings``) one trained under
     other settings (:func:`same_settings`), or (given this run's ``labels``: each training label's typed form) one
-    whose labels were read as other perturbations (:func:`same_labels`) is refused with a :class:`TrainingError`
-    that names ``--restart``.
+    whose labels were read as other perturbations (:func:`same_labels`), or (given this run's ``quantities``: its
+    ``conditions`` and ``dose_units``, as its :class:`~virtualcell.prompts.PerturbationVocab` holds them) one whose
+    doses and times were read otherwise (:func:`same_quantities`) is refused with a :class:`TrainingError` that
+    names ``--restart``.
+
+    ``trainer_state.pt`` is read as tensors and plain values only (``torch.load(weights_only=True)``): a model
+    folder someone shared carries its ``last/`` checkpoint, and a pickle in it would run its code on a resume. One
+    that holds anything else is refused, unread.
     """
+    import pickle
+
     import torch
 
     folder = recover_folder(folder)
@@ -53,21 +80,43 @@ def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | No
         return None
     try:
         saved = json.loads((folder / CONFIG_FILE).read_text())
-        state = torch.load(folder / STATE_FILE, weights_only=False)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{CONFIG_FILE} is not a JSON object")
     except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the fix is the same
         raise TrainingError(
             f"The checkpoint {folder} cannot be read ({type(err).__name__}: {err}); it was not written by a complete "
             "save. Use --restart to start over (or delete the folder)."
         ) from None
-    if saved.get("data_hash") != data_hash:
+    if saved.get("data_hash") != data_hash:  # (before the state file is opened at all)
         raise TrainingError(
             f"{folder} holds a run on other data (hash {saved.get('data_hash')} vs {data_hash}). "
             "Use another --out, or --restart to start over."
         )
+    try:
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no trainer state (a dict with its step) in it")
+    except pickle.UnpicklingError as err:
+        # (torch's message is a page of advice on loading it anyway; the line naming what it holds is kept)
+        what = next((line.strip() for line in str(err).splitlines() if "nsupported" in line), "")
+        said = f" ({what.removeprefix('WeightsUnpickler error: ').rstrip('.')[:200]})" if what else ""
+        raise TrainingError(
+            f"{folder / STATE_FILE} holds more than the tensors and plain values virtualcell writes there{said}, "
+            "and it is not unpickled: a pickle can run code, and this one was not written by virtualcell (or by one "
+            "older than it reads). Use --restart to start over from the model (or delete the folder's last/ "
+            "checkpoint)."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the fix is the same
+        raise TrainingError(
+            f"The checkpoint {folder} cannot be read ({type(err).__name__}: {err}); it was not written by a complete "
+            "save. Use --restart to start over (or delete the folder)."
+        ) from None
     if settings is not None:
         same_settings(saved, settings, folder, int(state["step"]))
     if labels is not None:
         same_labels(folder, labels)
+    if quantities is not None:
+        same_quantities(folder, quantities)
     return state
 
 
@@ -88,6 +137,39 @@ def same_labels(last: Path, labels: Mapping[str, str]) -> None:
             f"{last} was trained reading some labels as other perturbations than this run does ({said}; a version of "
             "virtualcell before this one read them so): resuming would train those cells two ways. Start over with "
             "--restart (resume=False), or use another --out.")
+
+
+def same_quantities(last: Path, quantities: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse to resume where the checkpoint read the data's doses or times otherwise than this run does: its
+    conditions (``"drugA@1,6h"`` -> its typed form) or its agents' dose units differ. The data's hash reads its
+    expression and labels, and the run's record names its dose and time columns, not their values: a time column
+    rewritten from '6h' to '6min', or doses from uM to nM, resumed the run under a second reading of the same cells
+    without a word, and its record kept only the second."""
+    from ..model import META_FILE
+
+    try:
+        saved = json.loads((last / META_FILE).read_text())["perturbations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # (no record of them: nothing to compare)
+    said = []
+    for key, what in (("conditions", "conditions"), ("dose_units", "dose units")):
+        if not isinstance(saved, Mapping) or key not in saved or key not in quantities:
+            continue  # (a record from before it was kept: not compared)
+        was, now = dict(saved[key]), dict(quantities[key])
+        if was == now:
+            continue
+        there, here = sorted(set(was) - set(now)), sorted(set(now) - set(was))
+        other = sorted(k for k in set(was) & set(now) if was[k] != now[k])
+        parts = ([f"{k!r} ({was[k]}) there only" for k in there[:3]] + [f"{k!r} ({now[k]}) here only" for k in here[:3]]
+                 + [f"{k!r}: {was[k]} there, {now[k]} here" for k in other[:3]])
+        said.append(f"{what}: {'; '.join(parts)}")
+    if said:
+        raise TrainingError(
+            f"{last} was trained reading the data's doses or times otherwise than this run does ({' | '.join(said)}): "
+            "the values of the dose or time column changed (a time '6h' now '6min', doses in uM now in nM) while the "
+            "labels and the expression did not, or a version of virtualcell before this one read them so; resuming "
+            "would train the same cells under two readings and record only the second. Give the run the values it "
+            "was trained on to go on from it, or start over with --restart (resume=False), or use another --out.")
 
 
 # settings a resumed run may change: how long it goes on, how it runs, what it keeps and how the verdict after it
@@ -133,15 +215,17 @@ def _plain(value: Any) -> Any:
 
 def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
            extras: list[tuple[str, bool, str, str | None]], keep_best: bool,
-           settings: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None) -> tuple[Any, Any] | None:
+           settings: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None,
+           quantities: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Any, Any] | None:
     """Load the checkpoint in ``folder`` (of the data whose hash is ``data_hash``) into ``module`` and ``optimizer``;
     returns the loop's state and its best weights to go on from (:class:`~.loop.LoopState`,
     :class:`~.loop.BestWeights`), or ``None`` where there is no checkpoint. Refuses one trained under other
-    ``settings`` (:func:`same_settings`), or whose extra parameters (``extras``, see :func:`same_extras`), weights'
+    ``settings`` (:func:`same_settings`), labels or ``quantities`` (:func:`same_labels`, :func:`same_quantities`), or
+    whose extra parameters (``extras``, see :func:`same_extras`), weights'
     shapes or weight decays differ from this run's."""
     from .loop import BestWeights, LoopState
 
-    saved = load(folder, data_hash=data_hash, settings=settings, labels=labels)
+    saved = load(folder, data_hash=data_hash, settings=settings, labels=labels, quantities=quantities)
     if saved is None:
         return None
     same_extras(saved["model"], Path(folder), extras)
