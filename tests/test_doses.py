@@ -497,7 +497,7 @@ def test_a_dose_column_in_a_spreadsheets_exponent_form_reads_its_numbers():
     import pandas as pd
 
     obs = pd.DataFrame({"perturbation": ["control", "drugA", "drugA", "drugA", "drugA"],
-                        "dose": ["", "1.00E+01", "1.00E+02", "1.00E+03", "1e+1+1e+2"]}, index=list("abcde"))
+                        "dose": ["", "1.00E+01", "1.00E+02", "1.00E+03", "1e+1+1e+1"]}, index=list("abcde"))
     a = ad.AnnData(np.ones((5, 3), np.float32), obs=obs)
     c = DataContract("perturbation", "control", dose_key="dose")
     assert list(c.conditions(a)) == ["control", "drugA@10", "drugA@100", "drugA@1000", "drugA@10"]

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ContractError, close_matches, preview
-from .perturbations import (dose_on_one_scale, first_quantity, hours_per, known_dose_unit, negative_quantity,
-                            quantity_suffix, read_quantity, split_label)
+from .perturbations import (_JOINING_PLUS, KIND_ALIASES, dose_on_one_scale, first_quantity, hours_per,
+                            known_dose_unit, negative_quantity, quantity_suffix, read_quantity, split_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -62,6 +62,12 @@ class DataContract:
     ``context_key`` may name several columns joined by ``+`` (``"cell_type+patient"``): each combination of
     their values is a context of its own (``"CD4T|patient1"``), and predicted cells carry it in a column of
     that name.
+
+    One dose and one time per cell: a combination's parts share its cells' dose and time (``drugA+drugB`` at
+    ``1uM``, 24h, is each of them at 1uM for 24h). A column that gives each part its own (``"1+1"``, ``"6h+6h"``) is
+    read where the parts' values are one; where they differ (``"1+10"``, ``"6h+24h"``, ``"10ng/ml+1uM"``) it is
+    refused, since a pair whose parts were given at different doses or times is not something virtualcell can train
+    or ask for.
 
     ``other_controls`` names further labels of control cells (several non-targeting guides,
     ``"DMSO"`` beside ``"vehicle"``): :meth:`labels` reads them as ``control``, so every part of the
@@ -180,23 +186,26 @@ class DataContract:
         """Every cell's dose and time, NaN where the contract names no such column or the cell has none (an
         empty value, ``NaN``/``none``/``-``, or a dose of 0).
 
-        A value is a number with an optional unit (``10``, ``"10"``, ``"10uM"``, ``"24 h"``; a pair's ``"1+1"``
-        reads as its first); with ``dose_unit_key``, a dose's unit is its cell's value in that column (``10000`` and
-        ``"nM"`` read as ``"10000nM"``; a dose that holds a unit already keeps it where the column agrees or is
-        empty). Times are read in hours (``"30min"`` is 0.5). Doses stay in the unit they are given
-        in; where one family of units comes in several (``"100nM"`` and ``"1uM"``), its doses are put on the
-        family's common unit (0.1 and 1, in uM; mass concentrations in ng/ml). Families may differ between agents
-        (drugs in uM, cytokines in ng/ml), never within one. A perturbed cell's value that is no number, a unit
-        that is not a time, some doses with a unit and others without, one agent's doses in units that do not
-        convert to one another, a dose without a unit in the unit column, or a dose whose own unit the unit column
-        contradicts stop with a :class:`ContractError` naming them (a control cell's values are not read)."""
+        A value is a number with an optional unit (``10``, ``"10"``, ``"10uM"``, ``"24 h"``; a combination's
+        ``"1+1"``, one value per part, reads as that value where the parts' values are one: a cell has one dose and
+        one time, and parts given different ones, ``"1+10"``, are refused); with ``dose_unit_key``, a dose's unit is
+        its cell's value in that column (``10000`` and ``"nM"`` read as ``"10000nM"``; a dose that holds a unit
+        already keeps it where the column agrees or is empty). Times are read in hours (``"30min"`` is 0.5). Doses
+        stay in the unit they are given in; where one family of units comes in several (``"100nM"`` and ``"1uM"``),
+        its doses are put on the family's common unit (0.1 and 1, in uM; mass concentrations in ng/ml). Families
+        may differ between agents (drugs in uM, cytokines in ng/ml), never within one. A perturbed cell's value that
+        is no number, a unit that is not a time, some doses with a unit and others without, one agent's doses in
+        units that do not convert to one another, a dose without a unit in the unit column, a dose whose own unit the
+        unit column contradicts, or one value per part of a combination that differ, stop with a
+        :class:`ContractError` naming them (a control cell's values are not read)."""
         dose, time, _ = self.read_quantities(adata)
         return dose, time
 
     def dose_units(self, adata: ad.AnnData) -> dict[str, str]:
         """The unit of the doses :meth:`quantities` reads, for each agent with a dose (a label, or each part of a
-        pair's label: ``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own
-        unit) or no dose column."""
+        pair's label, by its name: ``'drug:drugC'`` is ``drugC``, and a part written as a genetic one, ``'ko:TF06'``,
+        none; ``{"drugA": "uM", "IFNB": "ng/ml"}``), or ``{}`` for plain numbers (each in the data's own unit) or no
+        dose column."""
         return self._read(adata, self.dose_key, "dose")[1]
 
     def read_quantities(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
@@ -219,6 +228,9 @@ class DataContract:
         cell = cell.ravel()
         read_by = np.zeros(values.size, dtype=bool)
         read_by[np.unique(cell[perturbed])] = True
+        values, differ = _one_value_per_cell(values, read_by, what=what)
+        if differ:
+            self._refuse_values_per_part(adata, differ, cell, perturbed, what=what, key=key)
         number, unit = _column_values(values, read_by, what=what, key=key, unit_key=unit_key)
         if what == "time":
             unknown = sorted({str(u) for u in unit[read_by] if u and hours_per(u) is None})
@@ -229,6 +241,25 @@ class DataContract:
         number = np.where(number == 0, np.nan, number)  # a dose of 0 is no dose, whatever its unit
         factor, units = _dose_scale(number, unit, cell[perturbed], self.labels(adata)[perturbed], key=key)
         return _rounded(number * factor)[cell], units
+
+    def _refuse_values_per_part(self, adata: ad.AnnData, differ: dict[int, str], cell: np.ndarray,
+                                perturbed: np.ndarray, *, what: str, key: str) -> None:
+        """Refuse the values of a dose or time column that give a cell one value per part, and not the same one
+        (``differ``: each such value's index -> its text), naming the labels that carry them."""
+        labels = self.labels(adata)
+        said, named = [], set()
+        for i, text in sorted(differ.items(), key=lambda kv: kv[1]):
+            these = sorted(set(labels[perturbed & (cell == i)]))
+            said.append(f"{preview(these, 2)} at {text!r}")
+            named.update(these)
+        raise ContractError(
+            f"The {what} column {key!r} gives cells one {what} per part of their label, and not the same one ("
+            f"{'; '.join(said[:4])}{'; ...' if len(said) > 4 else ''}): virtualcell reads one dose and one time per "
+            f"cell, which a combination's parts share, so all but the first {what} would be dropped without a word. "
+            f"Give each such cell one {what} for all its parts (the first part's, e.g., where a combination's {what}s "
+            f"keep one ratio throughout the screen; a part that takes none, a knockout, may be left empty: '1uM+'), "
+            f"or leave those cells out (adata = adata[~adata.obs[{self.perturbation_key!r}].isin("
+            f"{sorted(named)[:3]!r})]).")
 
     def conditions(self, adata: ad.AnnData, quantities: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """The condition of every cell, as strings: its label, followed by its dose and time where the
@@ -400,6 +431,62 @@ def _same_unit(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower() or dose_on_one_scale(a) == dose_on_one_scale(b)
 
 
+def _one_value_per_cell(values: np.ndarray, read_by: np.ndarray, *, what: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Each distinct value of a dose or time column that gives one value per part of a combination ('1+1', '6h+6h';
+    a dose with its unit column's value joined by ``_UNIT_SEP``, either of which may be so written: '1+1' beside
+    'uM+uM') as one value, where its parts' values are one (a part without a value, or a dose of 0, gives none; a part
+    without a unit takes another part's: '1uM+1' is 1uM); and ``{index: text}`` of those ``read_by`` marks whose
+    parts' values differ ('1+10', '6h+24h', '10ng/ml+1uM'). A part that is no number is left for the column's reading
+    to refuse."""
+    out = values.copy()
+    differ: dict[int, str] = {}
+    for i, v in enumerate(values):
+        text, sep, given = str(v).partition(_UNIT_SEP)
+        texts, givens = _JOINING_PLUS.split(text), _JOINING_PLUS.split(given)
+        if len(texts) == 1 and len(givens) == 1:
+            continue
+        said = text.strip() + (f" {given.strip()}" if given.strip() else "")
+        if len(texts) > 1 and len(givens) > 1 and len(texts) != len(givens):  # (parts that do not match)
+            differ.update({i: said} if read_by[i] else {})
+            continue
+        n = max(len(texts), len(givens))
+        valued = []  # (text, its unit column's value, (number, unit)) of each part with a value
+        for k in range(n):
+            t, g = texts[min(k, len(texts) - 1)].strip(), givens[min(k, len(givens) - 1)].strip()
+            g = "" if g.lower() in _NO_VALUE else g
+            if t.lower() in _NO_VALUE:
+                continue
+            q = read_quantity(t)
+            if q is None:  # (no number: the column's reading refuses it, as this part)
+                break
+            if not (what == "dose" and q[0] == 0):  # (a dose of 0 is no dose)
+                valued.append((t, g, q))
+        else:
+            unit = next((q[1] or g for _, g, q in valued if q[1] or g), "")  # (a part without a unit takes this)
+            amounts = {_amount(q[0], q[1] or g or unit, what) for _, g, q in valued}
+            if len(amounts) > 1:
+                differ.update({i: said} if read_by[i] else {})
+                continue
+            if not valued:
+                out[i] = sep
+                continue
+            t, g, q = valued[0]
+            out[i] = t + (sep + (g or unit) if sep else ("" if q[1] else unit))
+            continue
+        out[i] = t + (sep + g if sep else "")
+    return out, differ
+
+
+def _amount(number: float, unit: str, what: str) -> tuple[str, float]:
+    """A dose or time as one value to compare: its family's common unit and the number in it (a unit of no known
+    family is its own; a time in hours)."""
+    if what == "time":
+        hours = hours_per(unit)
+        return ("h", float(f"{number * hours:.12g}")) if hours is not None else (unit, number)
+    common, factor = dose_on_one_scale(unit)
+    return common.lower(), float(f"{number * factor:.12g}")
+
+
 def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: str,
                    unit_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The number and unit (``""``: none) of each distinct value of a dose or time column, NaN for no value;
@@ -486,7 +573,7 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
     seen["family"] = [family[str(unit[v])] for v in seen["value"]]
     # per agent: a pair's dose is its agents' too ('drugA+drugB' at 10nM beside drugB alone at 5ng/ml is drugB in two
     # families; checked per label, the pair's number took drugB's ng/ml)
-    seen["agent"] = [[a.strip() for a in split_label(str(lab)) if a.strip()] for lab in seen["label"]]
+    seen["agent"] = [_dosed_agents(str(lab)) for lab in seen["label"]]
     by_agent = seen.explode("agent").dropna(subset=["agent"])
     families = by_agent.groupby("agent")["family"].nunique()
     if (families > 1).any():
@@ -502,6 +589,22 @@ def _dose_scale(number: np.ndarray, unit: np.ndarray, cell: np.ndarray, label: n
     factor = np.array([dose_on_one_scale(str(u))[1] / dose_on_one_scale(target[family[str(u)]])[1]
                        if str(u) in family else 1.0 for u in unit])
     return factor, {str(a): target[f] for a, f in zip(by_agent["agent"], by_agent["family"])}
+
+
+def _dosed_agents(label: str) -> list[str]:
+    """The agents a label's dose may be of, each by its name as a typed perturbation has it: each part of its label
+    (``'drugA+drugB'``), a part written typed by its name (``'drug:drugC'`` is the agent ``drugC``, as a label
+    ``'drugC'`` is), and none for a part written as a genetic perturbation or a plain label (``'ko:TF06'`` takes no
+    dose). One agent's doses in two families of units are refused, however its labels spell it."""
+    agents = []
+    for part in split_label(label):
+        prefix, colon, name = part.strip().partition(":")
+        kind = KIND_ALIASES.get(prefix.strip().lower()) if colon else None
+        if kind is None:
+            agents += [part.strip()] if part.strip() else []
+        elif kind in ("drug", "cytokine") and name.strip():
+            agents.append(name.strip())
+    return agents
 
 
 def _rounded(x: np.ndarray) -> np.ndarray:

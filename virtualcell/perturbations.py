@@ -93,8 +93,10 @@ def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
 def read_kinds(adata: Any, kind_key: str, *, controls: Any = None) -> list[str]:
     """Each cell's perturbation kind from the column of kinds ``adata.obs[kind_key]`` (any alias of
     :data:`KIND_ALIASES`, any case: ``CRISPRa`` is ``activation``); a missing column or an unknown kind is refused.
-    ``controls`` (a mask of the control cells): their value is not read, as a dose column's is not (an empty one
-    stopped training as an unknown kind 'nan')."""
+    A combination's kinds may be written one per part, joined by '+' in the order of its label's parts
+    (``drug+knockout`` for ``drugA+TF06``): each part is read as an alias, and the kinds come back joined the same
+    way (``compound+ko`` is ``drug+knockout``). ``controls`` (a mask of the control cells): their value is not read,
+    as a dose column's is not (an empty one stopped training as an unknown kind 'nan')."""
     if kind_key not in adata.obs.columns:
         raise DataError(f"kind column {kind_key!r} is not in adata.obs; columns: {list(adata.obs.columns)[:15]}.")
     raw = adata.obs[kind_key].astype(str).str.lower().to_numpy()
@@ -102,14 +104,28 @@ def read_kinds(adata: Any, kind_key: str, *, controls: Any = None) -> list[str]:
         import numpy as np
 
         raw = np.where(np.asarray(controls, dtype=bool), "control", raw)
-    unknown = sorted(set(raw) - set(KIND_ALIASES))
+    from .errors import preview
+
+    values = sorted(set(raw))
+    # a value joined with '+' holds one kind per part of a combination's label ('drug+knockout'); each part is read
+    per_part = {v: [x.strip() for x in v.split("+")] for v in values if "+" in v}
+    unknown = sorted({v for v in values if v not in per_part and v not in KIND_ALIASES}
+                     | {v for v, ks in per_part.items() if any(k not in KIND_ALIASES for k in ks)})
     if unknown:
         written = next(x for x in adata.obs[kind_key].astype(str) if x.lower() == unknown[0])  # (as the file spells it)
+        bad = sorted({k for v in unknown if v in per_part for k in per_part[v] if k not in KIND_ALIASES})
+        joined = ("" if not any(v in per_part for v in unknown) else
+                  f" A combination's kinds are written one per part, joined by '+' in the order of its label's parts "
+                  f"(e.g. 'drug+knockout' for 'drugA+TF06'): {preview(bad, 5)} in "
+                  f"{preview([v for v in unknown if v in per_part], 5)} "
+                  f"{'is' if len(bad) == 1 else 'are'} no kind.")
+        mapped = "+".join(k if k in KIND_ALIASES else "knockout" for k in per_part.get(unknown[0], [unknown[0]]))
         raise DataError(
-            f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}. Map each to "
-            f"one, e.g. adata.obs[{kind_key!r}] = adata.obs[{kind_key!r}].replace({{{written!r}: 'knockout'}}) (or "
-            "'knockdown', 'activation', 'drug', 'cytokine', 'label' for a perturbation of no kind).")
-    return [KIND_ALIASES[k] for k in raw]
+            f"Unknown perturbation kinds {unknown} in obs[{kind_key!r}]; known: {sorted(KIND_ALIASES)}.{joined} Map "
+            f"each to one, e.g. adata.obs[{kind_key!r}] = adata.obs[{kind_key!r}].replace({{{written!r}: "
+            f"{mapped!r}}}) (or 'knockdown', 'activation', 'drug', 'cytokine', "
+            "'label' for a perturbation of no kind).")
+    return ["+".join(KIND_ALIASES[k] for k in per_part[v]) if v in per_part else KIND_ALIASES[v] for v in raw]
 
 
 # labels that name a control in most screens; one of them trained as a perturbation is worth a warning

@@ -545,6 +545,7 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     sentences = encode(data, top_k=cfg.top_k, seed=cfg.seed)
     fit = RankFit.fit(data, sentences, seed=cfg.seed)
     typed, pvocab = typed_labels(data, contract, genes, cfg)
+    _warn_unnamed_quantities(data, contract, cfg)
     if pvocab.dose_units:  # the data gave its doses a unit: say how they were read (conditions write the numbers)
         by_unit: dict[str, list[str]] = {}
         for agent, unit in sorted(pvocab.dose_units.items()):
@@ -560,6 +561,62 @@ def _prepare(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> _Ce
     return _Cells(data, held, baseline, unseen, context, int(in_verdict.sum()), given_hash, genes, sentences, fit,
                   typed, {t: parse(t) for t in set(typed)}, pvocab, sources, train_targets, val_targets,
                   given_perturbed_hash=given_perturbed_hash)
+
+
+# the words of an obs column's name that say it holds a time or a dose (its name split at '_', '.', ' ', case changes)
+_TIME_WORDS = frozenset({"time", "times", "timepoint", "timepoints", "hour", "hours", "hr", "hrs", "duration"})
+_DOSE_WORDS = frozenset({"dose", "doses", "dosage", "concentration", "concentrations", "conc"})
+
+
+def unnamed_quantities(adata: ad.AnnData, contract: DataContract, *, kind_key: str | None = None
+                       ) -> list[tuple[str, str, dict[str, list[str]]]]:
+    """The obs columns whose name says a time (``time``, ``timepoint``, ``time_point``, ``hours``) or a dose (``dose``,
+    ``dose_value``, ``concentration``) where the contract names no time (or dose) column, and whose values differ
+    between the perturbed cells of one label in one context: ``(column, "time" or "dose", {label: a few of its
+    values})``; ``kind_key``: the column of kinds, which is none. Without the column named, those cells train and
+    are scored as one condition, their effects pooled."""
+    import re
+
+    import pandas as pd
+
+    from .contract import _NO_VALUE
+
+    named = {contract.perturbation_key, contract.dose_key, contract.time_key, contract.dose_unit_key,
+             *contract.context_columns(adata), kind_key}
+    perturbed = ~contract.is_control(adata)
+    if not perturbed.any():
+        return []
+    labels, contexts = contract.labels(adata)[perturbed], contract.contexts(adata)[perturbed]
+    found = []
+    for column in adata.obs.columns:
+        if column in named:
+            continue
+        words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(column)).lower()))
+        what = ("time" if words & _TIME_WORDS and contract.time_key is None else
+                "dose" if words & _DOSE_WORDS and contract.dose_key is None and not words & {"unit", "units"} else None)
+        if what is None:
+            continue
+        values = adata.obs[column].astype(str).str.strip().to_numpy()[perturbed]
+        given = ~pd.Series(values).str.lower().isin(_NO_VALUE).to_numpy()
+        cells = pd.DataFrame({"label": labels[given], "context": contexts[given], "value": values[given]})
+        counts = cells.drop_duplicates().groupby(["label", "context"])["value"].nunique()
+        varied = sorted({str(lab) for lab, _ in counts.index[counts.to_numpy() > 1]})
+        if varied:
+            found.append((str(column), what, {lab: sorted(set(cells["value"][cells["label"] == lab]))[:3]
+                                              for lab in varied[:3]}))
+    return found
+
+
+def _warn_unnamed_quantities(adata: ad.AnnData, contract: DataContract, cfg: TrainConfig) -> None:
+    """Warn of an obs column that looks like each cell's time (or dose) and varies within a perturbation's cells,
+    while no time (or dose) column is named (:func:`unnamed_quantities`): its conditions pool without a word."""
+    for column, what, examples in unnamed_quantities(adata, contract, kind_key=cfg.kind_key):
+        said = "; ".join(f"{lab!r} at {preview(v, 3)}" for lab, v in examples.items())
+        log.warning("obs[%r] looks like each cell's %s and differs between the cells of one perturbation (%s), but "
+                    "no %s column is named: those cells train, and are judged, as one condition, their effects "
+                    "pooled. If it holds the %s, name it (--%s-key %s; DataContract(%s_key=%r)); if it is something "
+                    "else (a batch, a context), leave it or name it as a context (--context-key).", column, what, said,
+                    what, what, what, column, what, column)
 
 
 def _run_record(cells: _Cells, contract: DataContract, cfg: TrainConfig, base: str | None) -> dict[str, Any]:
@@ -769,7 +826,9 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                 if k in run_config}
     resumed = checkpoint.resume(last, data_hash=run_config["data_hash"], module=lm, optimizer=optimizer,
                                 extras=extras.resumable(), keep_best=cfg.keep_best, settings=settings,
-                                labels=model.perturbations.labels) if resume else None
+                                labels=model.perturbations.labels,
+                                quantities={"conditions": model.perturbations.conditions,
+                                            "dose_units": model.perturbations.dose_units}) if resume else None
     # the loop's state, and the lowest validation loss (and, to keep, its weights)
     state, best = resumed or (loop.LoopState(), loop.BestWeights(keep_state=cfg.keep_best))
     if resumed:

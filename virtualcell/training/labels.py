@@ -4,7 +4,10 @@
 perturbations the model is prompted with (``ko:STAT1``, ``drug:drugA@10uM``, a combination), and fills the model's
 :class:`~virtualcell.prompts.PerturbationVocab`: the names it learns, each label's and each condition's typed form,
 the aliases by which labels name the panel's genes. ``kind="auto"`` reads genes as knockouts and dosed agents as drugs
-(:func:`_auto_kind`).
+(:func:`_auto_kind`); a column of kinds gives each cell one kind, or one per part of a combination (``drug+knockout``).
+
+What a prompt cannot say is refused, not pooled: a genetic perturbation at several times or doses (its prompt carries
+neither), and one kind for a combination that types a part against how it trains alone.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         typed[i] = cache[key]
     _refuse_spaced(labels, typed, contract)
     _refuse_merged(labels, typed, contract)
+    _refuse_timed_genetic(labels, typed, conditions, (dose, when), contract)
+    if kinds is not None:
+        _refuse_kind_for_all_parts(cache, contract, genes, vocab, cfg.kind_key)
     if warn:
         _warn_odd_labels(labels, (dose, when), contract, genes)
         _warn_unlistable(labels, contract)
@@ -168,6 +174,108 @@ def _refuse_merged(labels: np.ndarray, typed: np.ndarray, contract: DataContract
             f"({said}{'; ...' if len(merged) > 5 else ''}): the model would train them as one while the data measures "
             "them apart. Write each one way in the file, e.g. adata.obs[key] = adata.obs[key].astype(str).replace("
             "{'stat1': 'STAT1'}).")
+
+
+def _refuse_timed_genetic(labels: np.ndarray, typed: np.ndarray, conditions: np.ndarray,
+                          quantities: tuple[np.ndarray, np.ndarray], contract: DataContract) -> None:
+    """Refuse a genetic perturbation (every part a knockout, knockdown or activation) whose cells carry more than one
+    time or dose (a knockout measured at 24h and at 72h; some cells with a time, some without): its prompt carries
+    neither, so the model trained the conditions as one perturbation, their effects pooled, and named its
+    predictions after one of them, while the only word was that two conditions read one prompt. One time (or dose)
+    for all its cells trains as before: dropped from the prompt, its predictions named as the data names the
+    condition (``'TF06@,24h'``)."""
+    import pandas as pd
+
+    if contract.dose_key is None and contract.time_key is None:
+        return
+    genetic = {f: all(x.kind in GENETIC for x in parts_of(parse(f))) for f in set(typed)}
+    mask = np.array([genetic[f] for f in typed], dtype=bool) & (labels != contract.control)
+    if not mask.any():
+        return
+    dose, when = quantities
+    # (a label trained as several kinds, a column of kinds says, is several perturbations: each its own prompt)
+    seen = pd.DataFrame({"label": labels[mask], "form": typed[mask], "condition": conditions[mask],
+                         "dose": dose[mask], "time": when[mask]}).drop_duplicates(["label", "form", "condition"])
+    counts = seen.groupby(["label", "form"])["condition"].nunique()
+    many = sorted({str(lab) for lab, _ in counts.index[counts.to_numpy() > 1]})
+    if not many:
+        return
+    rows = seen[seen["label"].isin(many)]
+    varies = rows.groupby(["label", "form"])[["dose", "time"]].nunique(dropna=False).max()
+    what = " and ".join(w for w in ("dose", "time") if varies[w] > 1) or "time"
+    keys = [k for k, w in ((contract.dose_key, "dose"), (contract.time_key, "time")) if w in what and k is not None]
+    key = keys[-1] if keys else "time"
+    said = "; ".join(f"{lab!r} at {preview(sorted(set(rows['condition'][rows['label'] == lab])), 4)}"
+                     for lab in many[:4])
+    context = f"{contract.context_key}+{key}" if contract.context_key else key
+    flag = "--time-key" if key == contract.time_key else "--dose-key"
+    raise DataError(
+        f"{len(many)} genetic perturbation label{'s' if len(many) != 1 else ''} in obs[{contract.perturbation_key!r}] "
+        f"{'have' if len(many) != 1 else 'has'} cells at more than one {what} ({said}"
+        f"{'; ...' if len(many) > 4 else ''}): a knockout's, knockdown's or activation's prompt carries no dose or "
+        f"time, so its cells at each {what} would train as one perturbation, their effects pooled, and its predictions "
+        f"would be named after one of them. Train the {what} as a context: --context-key {context} without {flag} "
+        f"(DataContract(context_key={context!r}, ...)), each {what} a context of its own with its control cells; or "
+        f"train one model per {what} (e.g. adata[adata.obs[{key!r}] == ...]). Where some of its cells lack the {what}, "
+        "fill it in or drop those cells.")
+
+
+def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContract, genes: Vocabulary,
+                               vocab: PerturbationVocab, kind_key: str | None) -> None:
+    """Refuse a combination whose cells' one kind (a column of kinds gives a cell one) types a part against how it
+    trains elsewhere: 'drugA+TF06' of kind 'drug' trained TF06 as a drug while TF06 alone trained as a knockout (two
+    perturbations under one name), or names a gene of the panel as a drug or cytokine. A part written typed in the
+    label ('ko:TF06') or given its kind per part ('drug+knockout') is as the data says."""
+    def family(kind: str) -> str:
+        return "genetic" if kind in GENETIC else kind
+
+    alone: dict[str, set[str]] = {}  # each single label's name (upper case) -> the kinds it trained as
+    for (label, kind, _, _), form in cache.items():
+        parts = label_parts(label, contract.controls)
+        if label != contract.control and kind != "control" and len(parts) == 1:
+            name = (_written_kind(parts[0]) or ("", parts[0]))[1]
+            alone.setdefault(name.upper(), set()).add(parts_of(parse(form))[0].kind)
+    wrong: dict[str, str] = {}
+    for label, kind, _, _ in cache:
+        parts = label_parts(label, contract.controls)
+        if label == contract.control or kind in ("control", "auto") or "+" in kind or len(parts) < 2:
+            continue
+        for x in parts:
+            if _written_kind(x) is not None:
+                continue
+            trained = alone.get(x.upper(), set())
+            if trained and family(kind) not in {family(k) for k in trained}:
+                wrong.setdefault(label, f"{label!r} ({kind}): {x!r} trains alone as {' and '.join(sorted(trained))}")
+            elif not trained and kind in ("drug", "cytokine") and (x.upper() in genes or x.upper() in vocab.aliases):
+                wrong.setdefault(label, f"{label!r} ({kind}): {x!r} names a gene of the panel")
+    if wrong:
+        first = sorted(wrong)[0]
+        kind = next(k for (lab, k, _, _) in cache if lab == first)
+        guessed = [(x, _part_kind_guess(x, kind, alone, genes, vocab)) for x in label_parts(first, contract.controls)]
+        per_part = "+".join(k for _, k in guessed)
+        typed = "+".join(x if k == kind else f"{_SHORT_KIND.get(k, k)}:{x}" for x, k in guessed)
+        raise DataError(
+            f"{len(wrong)} combination label{'s' if len(wrong) != 1 else ''} in obs[{contract.perturbation_key!r}] "
+            f"take{'s' if len(wrong) == 1 else ''} one kind from obs[{kind_key!r}] for every part, which types a part "
+            f"against how it trains elsewhere ({'; '.join(wrong[k] for k in sorted(wrong)[:4])}"
+            f"{'; ...' if len(wrong) > 4 else ''}): the model would learn that part as another perturbation than the "
+            f"one it is. Give such a combination its kinds per part, in the order of its label's parts "
+            f"(obs[{kind_key!r}] {per_part!r} for {first!r}), or write the part's kind in the label ({typed!r}), or "
+            "read the kinds from the labels (kind auto: leave out --kind-key).")
+
+
+_SHORT_KIND = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug": "drug", "cytokine": "cytokine",
+               "label": "label"}
+
+
+def _part_kind_guess(part: str, kind: str, alone: Mapping[str, set[str]], genes: Vocabulary,
+                     vocab: PerturbationVocab) -> str:
+    """A combination part's kind as it trains alone (or a knockout, for a gene of the panel), else ``kind``: what a
+    refusal suggests writing per part."""
+    trained = sorted(alone.get(part.upper(), set()))
+    if trained:
+        return kind if kind in trained else trained[0]
+    return "knockout" if part.upper() in genes or part.upper() in vocab.aliases else kind
 
 
 # characters a label may hold that the command line reads otherwise, and where that is
@@ -281,13 +389,16 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     parts = label_parts(label, contract.controls)  # ('KLF1+ctrl', as GEARS writes a single, is KLF1)
     dosed = dose is not None or time_ is not None
     part_kinds = None
+    given = _kinds_per_part(label, kind, parts, contract) if "+" in kind else None  # ('drug+knockout')
     written = [_written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
     if any(written):
         parts = [w[1] if w else x for x, w in zip(parts, written)]
         rest = [x for x, w in zip(parts, written) if not w]
         if kind == "auto":
             kind = _auto_kind(rest, genes, vocab.aliases, dosed=dosed) if rest else written[0][0]
-        part_kinds = [w[0] if w else kind for w in written]
+        part_kinds = [w[0] if w else (given[i] if given else kind) for i, w in enumerate(written)]
+    elif given is not None:
+        part_kinds = given
     elif kind == "auto":
         gene_parts = [x.upper() in genes or x.upper() in vocab.aliases for x in parts]
         if dosed and any(gene_parts) and not all(gene_parts):
@@ -323,6 +434,25 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
                 vocab.names["label"].append(x)
             out.append(Perturbation("label", x))
     return out[0] if len(out) == 1 else Combination(tuple(out))
+
+
+def _kinds_per_part(label: str, kind: str, parts: list[str], contract: DataContract) -> list[str]:
+    """The kinds a column of kinds gives a combination one per part (``'drug+knockout'`` for ``'drugA+TF06'``), in
+    the order of the label's parts; refused where their number is not the label's parts' (a part naming the control,
+    'KLF1+ctrl', may have its kind or not) or one of them is the control."""
+    kinds = kind.split("+")
+    written = [x.strip() for x in split_label(label) if x.strip()]
+    if len(kinds) == len(written) != len(parts):  # (a kind for the part naming the control too: dropped with it)
+        kinds = [k for k, x in zip(kinds, written) if x.lower() not in control_words(contract.controls)]
+    if len(kinds) != len(parts) or "control" in kinds:
+        example = [k if k != "control" else "knockout" for k in (kinds + kinds[-1:] * len(parts))[:len(parts)]]
+        raise DataError(
+            f"Perturbation {label!r} is given the kinds {kind!r}, one per part joined by '+', but "
+            + (f"it has {len(parts)} part{'s' if len(parts) != 1 else ''} ({preview(parts, 5)})"
+               if len(kinds) != len(parts) else "a part's kind is the control")
+            + f". Give it one kind per part in the order of its label's parts in the column of kinds (e.g. "
+            f"{'+'.join(example)!r}), or one kind for all its parts.")
+    return kinds
 
 
 def _written_kind(part: str) -> tuple[str, str] | None:
