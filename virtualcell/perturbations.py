@@ -392,14 +392,43 @@ def in_units(p: Perturbation | Combination, dose_units: Mapping[str, str]) -> Pe
 
 
 def unordered_label(label: str) -> str:
-    """A plain combination label's parts sorted (``"B+A"`` -> ``"A+B"``), so that one pair has one name;
-    anything else (a single label, typed or dosed parts) as it is.
+    """A combination label's parts sorted (``"B+A"`` -> ``"A+B"``, typed parts too: ``"drugC+cytokine:CYTO1"`` ->
+    ``"cytokine:CYTO1+drugC"``), so that one pair has one name. A pair's condition as the data names it, one dose and
+    time after its parts (:func:`shared_suffix`: ``"TF06+drugA@1,24h"``), keeps that suffix after its sorted parts;
+    parts that each carry their own (``"B@10+A@1"``) are sorted with theirs. Anything else (a single label, a pair
+    with some parts dosed and others not) as it is.
 
-    >>> unordered_label("IRF1+IFNGR1"), unordered_label("STAT1")
-    ('IFNGR1+IRF1', 'STAT1')
+    >>> unordered_label("IRF1+IFNGR1"), unordered_label("STAT1"), unordered_label("TF06+drugA@1,24h")
+    ('IFNGR1+IRF1', 'STAT1', 'TF06+drugA@1,24h')
+    >>> unordered_label("drugA+ko:TF06@1,6h"), unordered_label("ko:TF06+drugA@1,6h")
+    ('drugA+ko:TF06@1,6h', 'drugA+ko:TF06@1,6h')
     """
     parts = [x.strip() for x in split_label(label)]
-    return "+".join(sorted(parts)) if len(parts) > 1 and not any(":" in x or "@" in x for x in parts) else label
+    if len(parts) < 2:
+        return label
+    if not any("@" in x for x in parts):
+        return "+".join(sorted(parts))
+    shared = shared_suffix(label)
+    if shared is not None:
+        return unordered_label(shared[0]) + "@" + shared[1].strip()
+    return "+".join(sorted(parts)) if all("@" in x for x in parts) else label
+
+
+def shared_suffix(label: str) -> tuple[str, str] | None:
+    """``(pair, quantities)`` of a combination written with one dose and time after its last part, as the data names
+    a pair's condition (:meth:`~virtualcell.contract.DataContract.conditions`: its label, then the dose and time of
+    its cells): ``"drugA+ko:TF06@1,24h"`` -> ``("drugA+ko:TF06", "1,24h")``. The quantities are the pair's, each dosed
+    part's (a drug's, a cytokine's), not its last part's alone. ``None`` for a single, a pair without quantities, or
+    parts written with quantities of their own (``"drugA@1+drugB@10"``).
+
+    >>> shared_suffix("drugA+ko:TF06@1,24h"), shared_suffix("drugA@1+drugB@10"), shared_suffix("drugA@1")
+    (('drugA+ko:TF06', '1,24h'), None, None)
+    """
+    parts = split_label(label)
+    if len(parts) < 2 or "@" not in parts[-1] or any("@" in x for x in parts[:-1]):
+        return None
+    name, _, suffix = label.rpartition("@")
+    return name, suffix
 
 
 def canonical_condition(label: str) -> str:
@@ -423,13 +452,17 @@ def condition_in_units(condition: str, have: Mapping[str, str], want: Mapping[st
     ``want={"drugA": "nM"}``. Condition names carry no unit, and a file puts an agent's doses on its family's common
     unit only where it holds several of its units, so one dose was ``drugA@1`` in one file and ``drugA@0.001`` in
     another (evaluate matched a 1 nM prediction with 1 uM cells). Unchanged where either unit is unknown or the two do
-    not convert; a pair's dose is its first agent's.
+    not convert; a pair's dose is that of its first part with a unit on both sides, whatever the order of its parts
+    (``"TF06+drugA@1"`` is drugA's, as ``"drugA+TF06@1"`` is).
 
     >>> condition_in_units("drugA@1,24h", {"drugA": "uM"}, {"drugA": "nM"})
     'drugA@1000,24h'
+    >>> condition_in_units("TF06+drugA@1,24h", {"drugA": "uM"}, {"drugA": "nM"})
+    'TF06+drugA@1000,24h'
     """
     name, at, suffix = condition.rpartition("@")
-    agent = split_label(name)[0].strip()
+    parts = [x.strip() for x in split_label(name)]
+    agent = next((x for x in parts if x in have and x in want), parts[0])
     if not at or agent not in have or agent not in want or have[agent] == want[agent]:
         return condition
     dose, comma, time = suffix.partition(",")

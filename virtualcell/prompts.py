@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
-from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, split_label, in_units, label_parts,
-                            looks_like_control, parse, parts_of, quantity_suffix, unordered_label, without_quantities)
+from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, canonical_condition, split_label, in_units,
+                            label_parts, looks_like_control, parse, parts_of, quantity_suffix, shared_suffix,
+                            unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -230,14 +231,24 @@ class PerturbationVocab:
             doses = self.conditions_of(p)
             if len(doses) == 1:  # trained at one dose and time only: that is the perturbation it names
                 return parse(self.conditions[doses[0]])
+            if len(doses) > 1 and len({str(parse(self.conditions[c])) for c in doses}) == 1:
+                # its doses or times trained as one prompt (a knockout at 24h and 72h is ko:TF06 at both): that
+                # perturbation, named by the label asked (labels_for), never by one of its conditions
+                return parse(self.conditions[doses[0]])
             if len(doses) > 1:
                 raise PerturbationError(
                     f"{p!r} was trained at {len(doses)} doses or times: {preview(doses, 8)}. Name one of them "
                     f"(e.g. {doses[0]!r}), or write the dose, e.g. '{p}@10'.")
             self._refuse_ambiguous(p, p)
             return parse(self.labels[p])
+        if isinstance(p, str) and p not in self.conditions and len(split_label(p)) > 1:
+            # a trained pair's condition written in another order: "ko:TF06+drugA@1,24h" for "drugA+ko:TF06@1,24h"
+            p = self._conditions_in_any_order().get(canonical_condition(unordered_label(p)), p)
         if isinstance(p, str) and p in self.conditions:
+            self._refuse_pooled(p)
             return parse(self.conditions[p])
+        if isinstance(p, str) and (pair := self._with_shared_quantities(p)) is not None:
+            return pair
         if (isinstance(p, str) and "@" in p and ":" not in p and p.rpartition("@")[0] in self.labels
                 and len(split_label(p)) == 1):  # (a label at a dose, not a combination: 'drugA@100,24h+G5')
             q = _with_quantities(parse(self.labels[p.rpartition("@")[0]]), p.rpartition("@")[2], p)
@@ -313,7 +324,90 @@ class PerturbationVocab:
 
     def _pairs_in_any_order(self) -> dict[str, str]:
         """Each trained combination's label keyed by its parts in any order (:func:`~virtualcell.perturbations.unordered_label`)."""
-        return {unordered_label(lab): lab for lab in self.labels if "+" in lab}
+        return {unordered_label(lab): lab for lab in self.labels if len(split_label(lab)) > 1}
+
+    def _conditions_in_any_order(self) -> dict[str, str]:
+        """Each trained combination's condition (``"drugA+ko:TF06@1,24h"``) keyed by its parts in any order, its
+        numbers in one spelling."""
+        return {canonical_condition(unordered_label(c)): c for c in self.conditions if len(split_label(c)) > 1}
+
+    def pooled(self) -> dict[str, list[str]]:
+        """Each typed form that several training conditions were trained as (``"ko:TF06"`` for ``"TF06@,24h"`` and
+        ``"TF06@,72h"``: a knockout takes no dose or time, so their cells read one prompt) -> those conditions. The
+        model cannot tell them apart: its prediction of that form is named by its label, never by one of them."""
+        by_form: dict[str, list[str]] = {}
+        for c, t in self.conditions.items():
+            by_form.setdefault(str(parse(t)), []).append(c)
+        return {t: sorted(cs) for t, cs in by_form.items() if len(cs) > 1}
+
+    def _refuse_pooled(self, condition: str) -> None:
+        """Refuse a training condition that shares its typed form with others (:meth:`pooled`): a prediction named
+        after it would be theirs pooled, scored against its cells alone."""
+        typed = str(parse(self.conditions[condition]))
+        others = [c for c in self.pooled().get(typed, []) if c != condition]
+        if not others:
+            return
+        label = condition.rpartition("@")[0] or typed
+        genetic = any(x.kind in GENETIC for x in parts_of(parse(typed)))
+        raise PerturbationError(
+            f"{condition!r} was trained as {typed}, as {preview(others, 4)} {'was' if len(others) == 1 else 'were'}"
+            + (" (a knockout, knockdown or activation takes no dose or time, so their cells read one prompt)"
+               if genetic else " (their cells read one prompt)")
+            + f": the model cannot predict {condition!r} apart from {'it' if len(others) == 1 else 'them'}, and a "
+            f"prediction named {condition!r} would be theirs pooled. Ask {label!r} for that pooled prediction "
+            f"(named {label!r}), or retrain with each of them a label of its own (e.g. one label per time).")
+
+    def _with_shared_quantities(self, p: str) -> Perturbation | Combination | None:
+        """A pair written as the data names a pair's condition, one dose and time after its parts
+        (``"TF06+drugA@1,6h"``, ``"drugA+ko:TF06@1,6h"``, :func:`~virtualcell.perturbations.shared_suffix`): those
+        quantities on each part that takes them (its drugs and cytokines), as training gave a pair's cells the dose and
+        time of their row (the knockout in it takes none). A trained pair (in any order) is its trained typed form at
+        them. ``None`` for anything else, and for the panel syntax's typed last part that takes a dose (``"ko:STAT1 +
+        drug:X@1uM"``): its quantities are its own."""
+        shared = shared_suffix(p)
+        if shared is None:
+            return None
+        name, suffix = shared
+        label = name if name in self.labels else self._pairs_in_any_order().get(unordered_label(name))
+        if label is not None:
+            self._refuse_ambiguous(label, p)
+            plain = without_quantities(parse(self.labels[label]))
+        else:
+            texts = [x.strip() for x in split_label(name)]
+            if ":" in texts[-1] and texts[-1] not in self.labels:
+                try:
+                    last = parse(texts[-1])
+                except PerturbationError:
+                    return None  # (read as before, and refused so)
+                if last.kind in ("drug", "cytokine"):
+                    return None  # ('ko:STAT1 + drug:X@1uM': the typed syntax, each part's quantities its own)
+            parts: list[Perturbation] = []
+            for x in texts:
+                if x in self.labels:
+                    self._refuse_ambiguous(x, p)
+                    q = without_quantities(parse(self.labels[x]))
+                else:
+                    q = parse(x)
+                    if isinstance(q, Perturbation) and q.kind == "label":
+                        q = self._resolve(x)  # (an unknown label is refused here, with close matches)
+                    elif isinstance(q, Perturbation) and q.kind in GENETIC and q.target.upper() in self.aliases:
+                        q = replace(q, target=self.aliases[q.target.upper()])
+                parts.extend(parts_of(q))
+            plain = parts[0] if len(parts) == 1 else Combination(tuple(parts))
+        q = _with_quantities(plain, suffix, p)
+        if label is not None and all(x.dose is None for x in parts_of(q) if x.kind in ("drug", "cytokine")):
+            # a trained pair asked at a time alone ('@,24h'): its one trained dose at that time, as a single's
+            hours = next(x.time_hours for x in parts_of(q) if x.kind in ("drug", "cytokine"))
+            at = [c for c in self.conditions_of(label) if {x.time_hours for x in parts_of(parse(self.conditions[c]))
+                                                           if x.kind in ("drug", "cytokine")} == {hours}]
+            if len(at) == 1:
+                return parse(self.conditions[at[0]])
+            if at:
+                raise PerturbationError(f"{p!r}: {label!r} was trained at {len(at)} doses at that time "
+                                        f"({preview(at, 6)}), so without one it names no condition the model knows. "
+                                        f"Name one of them (e.g. {at[0]!r}).")
+        out = [self._with_trained_dose(x, p) if x.kind in ("drug", "cytokine") else x for x in parts_of(q)]
+        return out[0] if len(out) == 1 else Combination(tuple(out))
 
     def trained_form(self, condition: str) -> str | None:
         """The typed form a training condition (``"drugA@10"``, or a label without dose) was trained as;
@@ -353,8 +447,15 @@ class PerturbationVocab:
 
     def panel(self) -> list[str]:
         """Every trained condition as it can be asked (:meth:`trained`, with a label trained as several kinds
-        written as each of its :attr:`forms`): the panel of a screen of everything the model knows."""
-        return [f for c in self.trained() for f in self.forms.get(c, [c])]
+        written as each of its :attr:`forms`, and conditions trained as one typed form, :meth:`pooled`, as their label
+        once): the panel of a screen of everything the model knows."""
+        pooled = {c: t for t, cs in self.pooled().items() for c in cs}
+        asked = [self._pooled_name(pooled[c]) if c in pooled else c for c in self.trained()]
+        return list(dict.fromkeys(f for c in asked for f in self.forms.get(c, [c])))
+
+    def _pooled_name(self, typed: str) -> str:
+        """How a form several conditions were trained as is asked: its label, where one names it, else itself."""
+        return next((lab for lab, t in self.label_forms() if str(parse(t)) == typed), typed)
 
     def conditions_of(self, label: str) -> list[str]:
         """The training conditions of ``label`` that carry a dose or time (``["drugA@0.1", "drugA@1"]``)."""
@@ -369,7 +470,9 @@ class PerturbationVocab:
         data's spelling of the model's genes (upper case -> as written), for a knockout never trained on named
         by its gene (``Tf06``, not the model's ``TF06``)."""
         typed_to_label = {str(parse(t)): lab for lab, t in self.label_forms()}  # each form of a label names it
-        typed_to_condition = {str(parse(t)): c for c, t in self.conditions.items()}
+        # (a form several conditions were trained as names none of them: its label names it, :meth:`pooled`)
+        pooled = self.pooled()
+        typed_to_condition = {typed: c for c, t in self.conditions.items() if (typed := str(parse(t))) not in pooled}
         symbol_of = {gene: symbol for symbol, gene in self.aliases.items()}
         by_gene = self._kinds_named_by_gene()
         # the words a screen writes beside a single's gene (its control label: 'KLF1+NT'), dropped from a pair's name
@@ -381,16 +484,20 @@ class PerturbationVocab:
             if str(p) in typed_to_label:
                 return typed_to_label[str(p)]
             plain = without_quantities(p)
-            if plain != p and str(plain) in typed_to_label and isinstance(p, Perturbation):
-                # a trained label at another dose or time, its numbers written as the data's conditions are (in the
-                # agent's trained unit, no unit; hours): "drugA@3", not "drugA@3uM", which no measured group is
-                time = p.time_hours if p.time is not None else None
-                return typed_to_label[str(plain)] + quantity_suffix(p.dose, time)
             parts = parts_of(p)
-            if len(parts) > 1:  # a pair as the data joins its parts' names, where each part has one
-                labels = [typed_to_label.get(str(q)) or gene_named(q) for q in parts]
+            shared = _shared_quantities(p) if plain != p else None
+            if shared is not None and str(plain) in typed_to_label:
+                # a trained label (a pair's too) at another dose or time, its numbers written as the data's conditions
+                # are (in the agent's trained unit, no unit; hours, after the pair's parts as the data writes them):
+                # "drugA@3", not "drugA@3uM", which no measured group is; "drugA+ko:TF06@1,6h", not its typed form
+                return typed_to_label[str(plain)] + quantity_suffix(*shared)
+            if len(parts) > 1 and (shared is not None or plain == p):
+                # a pair as the data joins its parts' names, where each part has one, then the dose and time its
+                # dosed parts share, as the data writes a pair's condition
+                labels = [typed_to_label.get(str(without_quantities(q))) or gene_named(q) for q in parts]
                 if all(labels):  # ('KLF1+ctrl' and 'MAP2K6+ctrl' join as the data's pair 'KLF1+MAP2K6')
-                    return "+".join(x for lab in labels for x in label_parts(str(lab), beside))
+                    return ("+".join(x for lab in labels for x in label_parts(str(lab), beside))
+                            + (quantity_suffix(*shared) if shared is not None else ""))
             named = [replace(q, target=symbol_of.get(q.target, q.target)) if q.kind in GENETIC else q for q in parts]
             return (gene_named(parts[0]) if len(parts) == 1 else None) or str(
                 named[0] if len(named) == 1 else Combination(tuple(named)))
@@ -447,6 +554,17 @@ class PerturbationVocab:
                    dict(d.get("dose_units", {})), {k: list(v) for k, v in d.get("forms", {}).items()})
 
 
+def _shared_quantities(p: Perturbation | Combination) -> tuple[float | None, float | None] | None:
+    """``(dose, hours)`` that every part of ``p`` that takes them (a drug, a cytokine: not a knockout, knockdown or
+    activation) has, one of the two perhaps None: what one dose and time after a label names (``"drugA+ko:TF06@1,6h"``);
+    None where its parts have doses or times of their own, or none has any."""
+    dosable = [x for x in parts_of(p) if x.kind not in GENETIC and x.kind != "control"]
+    quantities = {(x.dose, x.time_hours if x.time is not None else None) for x in dosable}
+    if len(quantities) != 1 or quantities == {(None, None)}:
+        return None
+    return next(iter(quantities))
+
+
 def _has_dose(typed: str) -> bool:
     q = parse(typed)
     return any(x.dose is not None for x in parts_of(q))
@@ -455,13 +573,19 @@ def _has_dose(typed: str) -> bool:
 def _with_quantities(p: Perturbation | Combination, suffix: str, source: str) -> Perturbation | Combination:
     """``p`` with the dose and time of ``suffix`` (what follows ``@``) on each part that takes them."""
     name = source.rpartition("@")[0] or "_"  # (in a message, the label asked: 'drugA at a dose of 0')
-    try:
-        q = parse(f"drug:{name}@{suffix}")  # reads the dose and time as parse reads any perturbation's
-    except PerturbationError as err:  # a label that is no drug's name: read the quantities alone
+    if len(split_label(name)) > 1:  # a pair's quantities ('TF06+drugA@1,6h'): read alone, said of the pair asked
         try:
             q = parse(f"drug:_@{suffix}")
-        except PerturbationError:
-            raise err from None  # (the quantities are wrong: said of the label asked)
+        except PerturbationError as err:
+            raise PerturbationError(str(err).replace(repr(f"drug:_@{suffix}"), repr(source))) from None
+    else:
+        try:
+            q = parse(f"drug:{name}@{suffix}")  # reads the dose and time as parse reads any perturbation's
+        except PerturbationError as err:  # a label that is no drug's name: read the quantities alone
+            try:
+                q = parse(f"drug:_@{suffix}")
+            except PerturbationError:
+                raise err from None  # (the quantities are wrong: said of the label asked)
     assert isinstance(q, Perturbation)
     parts = parts_of(p)
     if not any(x.kind in ("drug", "cytokine") for x in parts):

@@ -34,7 +34,8 @@ from ..errors import ContractError, DataError, preview
 from ..perturbations import units_of_text
 from ..sentences import gene_positions, require_in_memory, with_gene_key
 from ._data import (Prepared, canonical_label, condition_labels, controls_in, dose_units_warning, expression,
-                    onto_prediction_scale, prediction_total, resolve_contract)
+                    names_conditions, onto_prediction_scale, prediction_total, refuse_absent_quantities,
+                    resolve_contract)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -138,12 +139,18 @@ def to_cell_eval(
 
     require_in_memory(adata)
     adata = with_gene_key(adata, gene_key)
-    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, require_control=not part)
+    contract = resolve_contract(adata, perturbation_key=perturbation_key, control=control, require_control=not part,
+                                measured=False)
+    try:
+        stored = DataContract.from_adata(adata)
+    except ContractError:
+        stored = DataContract()
+    if not names_conditions(adata, contract):  # measured cells: a stored dose or time column they lack is refused
+        refuse_absent_quantities(adata, replace(stored, dose_key=dose_key or stored.dose_key,
+                                                time_key=time_key or stored.time_key),
+                                 python="to_cell_eval(..., {role}_key='COLUMN')")
     if dose_key is not None or time_key is not None or dose_unit_key is not None:  # given here: over the stored ones
-        try:  # (the stored unit column, where the stored dose column is gone and one is named here)
-            stored_unit = DataContract.from_adata(adata).dose_unit_key
-        except ContractError:
-            stored_unit = None
+        stored_unit = stored.dose_unit_key  # (the stored unit column, where the stored dose column is gone)
         contract = replace(contract, dose_key=dose_key or contract.dose_key, time_key=time_key or contract.time_key,
                            dose_unit_key=dose_unit_key or contract.dose_unit_key or stored_unit)
         contract.validate(adata, require_control=not part)  # (a column named here that adata lacks is refused)

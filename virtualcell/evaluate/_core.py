@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,7 +70,8 @@ class _Setup:
 
 
 def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: np.ndarray | None = None) -> ad.AnnData:
-    """A normalized, gene-aligned AnnData of (a subset of) prepared cells, carrying ``contract``."""
+    """A normalized, gene-aligned AnnData of (a subset of) prepared cells, carrying ``contract`` without its dose and
+    time columns: its labels are the cells' conditions already (``"drugA@10,24h"``)."""
     import anndata as ad
 
     idx = np.arange(len(data.labels)) if mask is None else np.flatnonzero(mask)
@@ -79,7 +80,7 @@ def _as_anndata(data: Prepared, genes: pd.Index, contract: DataContract, mask: n
         obs[contract.context_key] = data.contexts[idx]
     obs.index = obs.index.astype(str)
     out = ad.AnnData(data.X[idx], obs=obs, var=pd.DataFrame(index=genes.astype(str)))
-    contract.attach(out)
+    replace(contract, dose_key=None, time_key=None, dose_unit_key=None).attach(out)
     return out
 
 
@@ -348,6 +349,49 @@ def _with_control(pred: Prepared, base: Prepared, control: str, info: dict[str, 
     idx = np.flatnonzero(missing)
     return Prepared(sp.vstack([pred.X, base.X[idx]]).tocsr(), np.concatenate([pred.labels, base.labels[idx]]),
                     np.concatenate([pred.contexts, base.contexts[idx]]), pred.normalization)
+
+
+def _one_sided_quantities(unmatched: set[str], measured: set[str]) -> str:
+    """What to say where predicted groups miss measured ones only by a dose or a time that one side names and the other
+    does not (``'drugA@1,24h'`` beside the measured ``'drugA@1'``, or the other way round), with the fix for each way;
+    ``''`` where no unmatched group does. (That a whole prediction meets nothing was the only case told before.)"""
+    def split(label: str) -> tuple[str, str | None, str | None]:
+        name, at, suffix = label.rpartition("@")
+        if not at or not name:
+            return label, None, None
+        dose, _, time = suffix.partition(",")
+        return name, dose.strip() or None, time.strip() or None
+
+    by_name: dict[str, list[tuple[str, str | None, str | None]]] = {}
+    for m in sorted(measured):
+        name, dose, time = split(m)
+        by_name.setdefault(name, []).append((m, dose, time))
+    found: dict[tuple[str, bool], list[tuple[str, str]]] = {}  # (dose or time, the prediction names it) -> examples
+    for p in sorted(unmatched):
+        name, dose, time = split(p)
+        for m, m_dose, m_time in by_name.get(name, []):
+            sided = {"dose": (dose is None) != (m_dose is None), "time": (time is None) != (m_time is None)}
+            same = {"dose": dose == m_dose, "time": time == m_time}
+            if any(sided.values()) and all(sided[w] or same[w] for w in sided):
+                for what in (w for w in sided if sided[w]):
+                    found.setdefault((what, (dose if what == "dose" else time) is not None), []).append((p, m))
+                break
+    out = []
+    for (what, predicted), pairs in sorted(found.items()):
+        groups = sorted({p for p, _ in pairs})
+        p, m = pairs[0]
+        if predicted:
+            out.append(f" {len(groups)} predicted groups name {what}s the measured labels lack (e.g. predicted {p!r}, "
+                       f"measured {m!r}): name the measured data's {what} column (evaluate CLI: --{what}-key; Python: "
+                       f"DataContract(..., {what}_key=...).attach(real)), so that its {what}s are groups of their own.")
+        else:
+            out.append(f" {len(groups)} predicted groups name no {what} where the measured labels name one (e.g. "
+                       f"predicted {p!r}, measured {m!r}): each is a prediction of no one {what} (its model trained "
+                       f"without a {what} column, or read a knockout's {what}s as one prompt). Train the model with "
+                       f"--{what}-key to predict each {what}, or, where the measured file holds one {what} per "
+                       f"perturbation, compare without its {what} column (DataContract(..., {what}_key=None)"
+                       ".attach(real)).")
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- #
@@ -667,10 +711,12 @@ def _run(
                         if p != contract.control and (p, c) not in known})
         if extra:
             info["pred_unmeasured"] = {"n": len(extra), "groups": extra[:20]}
-            log.warning("%d predicted groups have no measured cells under that label and are not scored: %s (the "
-                        "measured data's labels: %s)", len(extra), preview(extra, 5),
-                        preview(sorted({p for p, _ in known if p != contract.control}), 8))
             predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
+            one_sided = _one_sided_quantities({p for p, c in predicted if (p, c) not in known},
+                                              {p for p, _ in known if p != contract.control})
+            log.warning("%d predicted groups have no measured cells under that label and are not scored: %s (the "
+                        "measured data's labels: %s).%s", len(extra), preview(extra, 5),
+                        preview(sorted({p for p, _ in known if p != contract.control}), 8), one_sided)
             if not predicted & known:
                 dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p, _ in known)
                 timed = (any("," in p.partition("@")[2] for p, _ in predicted)
@@ -688,7 +734,7 @@ def _run(
                     f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
                     "predictions as the measured data does (virtualcell predict writes the training labels in the "
                     f"column its training data named them in; read here: obs[{contract.perturbation_key!r}], "
-                    "--perturbation-key), and check the context column." + hint
+                    "--perturbation-key), and check the context column." + (one_sided or hint)
                     + contract.whole_floats({c for _, c in predicted}, {c for _, c in known})
                 )
         rows += score("model", pred_p, setup.real, contexts)

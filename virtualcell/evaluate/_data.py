@@ -16,8 +16,8 @@ import scipy.sparse as sp
 
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract
-from ..errors import ContractError, DataError, preview
-from ..perturbations import canonical_condition, condition_in_units, unordered_label
+from ..errors import ContractError, DataError, close_matches, preview
+from ..perturbations import canonical_condition, condition_in_units, split_label, unordered_label
 from ..sentences import detect_scale, log_normalize, normalization_label, require_in_memory
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,19 +38,25 @@ def resolve_contract(
     control: str | Sequence[str] | None = None,
     context_key: str | None = None,
     require_control: bool = True,
+    measured: bool = True,
 ) -> DataContract:
     """The data contract to use: explicit keys over the one ``adata`` carries, over the defaults.
 
     ``perturbation_key``/``control``/``context_key`` given here win; the rest (and the dose and time
-    columns, where ``adata`` has them) comes from ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
+    columns) comes from ``adata.uns["virtualcell"]["contract"]`` when there is one, else from
     :class:`~virtualcell.DataContract`'s defaults (``"perturbation"`` / ``"control"``, no context). ``control``
     may name several labels of control cells (``["NT_1", "NT_2"]``), all read as the first
-    (:attr:`DataContract.other_controls`).
+    (:attr:`DataContract.other_controls`). ``measured``: ``adata`` holds measured cells, so a dose or time column its
+    stored contract names and its obs lacks is refused (:func:`refuse_absent_quantities`: left out, the doses or times
+    of a label would pool into one group); otherwise (predicted cells, whose labels name their conditions already)
+    such a column is left out.
     """
     try:
         stored = DataContract.from_adata(adata)
     except ContractError:
         stored = DataContract()
+    if measured:
+        refuse_absent_quantities(adata, stored)
     if control is not None and not isinstance(control, str) and not isinstance(control, Iterable):
         control = str(control)  # one label given as a number (control=0 of integer labels), as DataContract reads it
     if control is None or (isinstance(control, str) and control == stored.control):
@@ -71,6 +77,41 @@ def resolve_contract(
     ).without_quantities_absent_from(adata)
     contract.validate(adata, require_control=require_control)
     return contract
+
+
+def refuse_absent_quantities(adata: ad.AnnData, stored: DataContract, *, name: str = "measured",
+                             python: str = "dataclasses.replace(DataContract.from_adata(real), {role}_key='COLUMN')"
+                                           ".attach(real)") -> None:
+    """Refuse measured cells whose stored contract names a dose or time column their obs lacks (renamed or dropped
+    after the contract was attached): without it the cells of one label at several doses or times would pool into
+    one group, 6 h with 24 h, and be scored as one. The message names the column, the closest obs columns and the
+    fix (the evaluate CLI's ``--dose-key``/``--time-key``, or ``python``, the Python call that names it, ``{role}``
+    standing for ``dose`` or ``time``)."""
+    for role, key in (("dose", stored.dose_key), ("time", stored.time_key)):
+        if key is None or key in adata.obs.columns:
+            continue
+        hint = close_matches(key, adata.obs.columns)
+        did = f" (did you mean {preview(hint, 3)}?)" if hint else ""
+        raise ContractError(
+            f"The {name} cells' stored contract (uns['virtualcell']['contract']) names the {role} column {key!r}, "
+            f"which their obs does not hold{did}; obs columns: {preview(adata.obs.columns, 12) or 'none'}. Left out, "
+            f"the cells of one perturbation at several {role}s would pool into one group and be scored as one. Name "
+            f"the column that holds each cell's {role} (evaluate CLI: --{role}-key COLUMN; Python: "
+            f"{python.format(role=role)}), or, where every perturbation was measured at one {role}, store the "
+            f"contract without it ({role}_key=None).")
+
+
+def names_conditions(adata: ad.AnnData, contract: DataContract) -> bool:
+    """Whether ``adata`` looks like predicted cells, whose labels name their conditions already (``"drugA@10,24h"``):
+    a prediction's record (``uns['virtualcell']['model']``, ``obs['perturbation_typed']``) or a label with a dose or
+    time. Its contract's dose and time columns are then not needed
+    (:meth:`~virtualcell.contract.DataContract.without_quantities_absent_from`)."""
+    record = adata.uns.get(UNS_KEY) or {}
+    if (isinstance(record, Mapping) and record.get("model")) or "perturbation_typed" in adata.obs.columns:
+        return True
+    if contract.perturbation_key not in adata.obs.columns:
+        return False
+    return any("@" in str(x) for x in adata.obs[contract.perturbation_key].astype(str).unique())
 
 
 # --------------------------------------------------------------------------- #
@@ -291,8 +332,19 @@ def condition_labels(adata: ad.AnnData, contract: DataContract, *,
 
 
 def canonical_label(label: str) -> str:
-    """One spelling of a condition (``"@1.0"`` is ``"@1"``, ``"B+A"`` is ``"A+B"``)."""
-    return canonical_condition(label) if "@" in label else unordered_label(label)
+    """One spelling of a condition (``"@1.0"`` is ``"@1"``, ``"B+A"`` is ``"A+B"``), a dosed pair's too: its parts
+    sorted and the dose and time it shares kept after them (``"TF06+drugA@1.0,24h"`` is ``"TF06+drugA@1,24h"``, as
+    ``"drugA+TF06@1,24h"`` is: :func:`~virtualcell.perturbations.unordered_label`), parts with doses of their own
+    sorted with theirs (``"B@10+A@1.0"`` is ``"A@1+B@10"``).
+
+    >>> canonical_label("drugA+TF06@1.0,24h"), canonical_label("TF06+drugA@1,24h"), canonical_label("B@10+A@1.0")
+    ('TF06+drugA@1,24h', 'TF06+drugA@1,24h', 'A@1+B@10')
+    """
+    parts = [x.strip() for x in split_label(label)]
+    if len(parts) > 1 and all("@" in x for x in parts):  # each part its own dose: each in one spelling, then sorted
+        return "+".join(sorted(canonical_condition(x) for x in parts))
+    label = unordered_label(label)
+    return canonical_condition(label) if "@" in label else label
 
 
 def dose_units_warning(units: Mapping[str, str], real: ad.AnnData, contract: DataContract) -> str | None:

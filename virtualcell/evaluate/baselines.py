@@ -21,7 +21,8 @@ cells of the target context. Measured effects are ``mean(perturbed) - mean(contr
 
 A target a baseline cannot predict (no other context, a single rather than a combination,
 a component never measured alone) is left out of its prediction and listed in
-``adata.uns["virtualcell"]["skipped"]``.
+``adata.uns["virtualcell"]["skipped"]``; a pair whose part was never measured alone is also said in a warning,
+with the forms of the part looked for.
 
 The shifted cells are ``control + delta``, negative wherever a cell expresses a gene less than
 its predicted drop; ``nonnegative=True`` makes them non-negative the way the Simulator makes
@@ -50,9 +51,10 @@ import numpy as np
 import pandas as pd
 
 from .._stats import calibrated, log_dose_interpolation
-from ..contract import PAIR_SEP, UNS_KEY
-from ..errors import DataError, preview
-from ..perturbations import dose_on_one_scale, hours_per, label_parts, read_quantity
+from ..contract import UNS_KEY
+from ..errors import DataError, PerturbationError, preview
+from ..perturbations import (Perturbation, canonical_condition, dose_on_one_scale, hours_per, label_parts, parse,
+                             read_quantity, shared_suffix)
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,18 +207,70 @@ def _delta_pertmean(effects: Effects, target: Target) -> np.ndarray | None:
     return np.mean(others, axis=0) if others else None
 
 
+class Unpredictable(Exception):
+    """Raised by a delta rule for a target it is meant for but cannot predict, with why (a pair whose part was never
+    measured alone): :func:`_predict` skips it with a warning that says so, where a target the rule is not for (a
+    single, to :func:`additive`) is skipped with a note in the log."""
+
+
 def _delta_additive(effects: Effects, target: Target) -> np.ndarray | None:
-    """effect(A) + effect(B) for ``"A+B"``. A dosed pair's condition, ``"A+B@1"`` (one dose column for the
-    pair), sums its parts at that dose, ``A@1`` and ``B@1``; where those were not measured, the parts as
-    written (``"A@1+B@10"`` or undosed singles)."""
+    """effect(A) + effect(B) for ``"A+B"``, whatever the order of its parts. A dosed pair's condition, ``"A+B@1,24h"``
+    (one dose and time for the pair, as the data names it), sums each part at the quantities it takes: a part
+    measured at that dose and time (a drug: ``A@1,24h``) at them; a part never measured at a dose (a knockout) at
+    that time alone (``B@,24h``) where it was measured so, else as it is (``B``); a drug's dose is never a knockout's.
+    Parts written with doses of their own (``"A@1+B@10"``) are read as written. A pair with a part measured at none of
+    these raises :class:`Unpredictable`, naming it; a single is None."""
     p, c = target
-    label, at, quantity = p.rpartition("@")
-    readings = [[f"{g}@{quantity}" for g in _components(effects, label)]] if at and PAIR_SEP in label else []
     singles = effects.singles
-    for parts in [*readings, _components(effects, p)]:
-        if len(parts) >= 2 and all((g, c) in singles for g in parts):
-            return np.sum([singles[(g, c)] for g in parts], axis=0)
-    return None
+    found: list[np.ndarray] = []
+    lacking: list[str] = []
+
+    def look(keys: list[str], said: str) -> None:  # the first of a part's readings measured here, else it is lacking
+        hit = next((k for k in keys if (k, c) in singles), None)
+        if hit is None:
+            lacking.append(said)
+        else:
+            found.append(singles[(hit, c)])
+
+    shared = shared_suffix(p)
+    if shared is not None:
+        label, quantity = shared
+        parts = _components(effects, label)
+        if len(parts) < 2:
+            return None
+        _, _, time = quantity.partition(",")
+        for g in parts:
+            names = [g, *_target_of(g)]  # ('ko:TF06' is measured alone as 'TF06')
+            alone = [_dose_of(q) for q, cc in singles if cc == c and _dose_of(q)[0] in names]
+            dosed = any(dose is not None for _, dose, _ in alone)
+            def forms(n: str) -> list[str]:  # a drug at the pair's dose and time; a knockout at its time, or alone
+                return [f"{n}@{quantity}"] if dosed else [*([f"{n}@,{time}"] if time.strip() else []), n]
+
+            look(list(dict.fromkeys(canonical_condition(t) for n in names for t in forms(n))),
+                 " or ".join(repr(canonical_condition(t)) for t in forms(names[-1])) if alone
+                 else f"{names[-1]!r} (at any dose or time)")
+    else:
+        parts = _components(effects, p)
+        if len(parts) < 2:
+            return None
+        for g in parts:
+            look([g, *_target_of(g)], repr([g, *_target_of(g)][-1]))
+    if lacking:
+        raise Unpredictable(f"no cells of {'; '.join(lacking)} alone in context {c!r}")
+    return np.sum(found, axis=0)
+
+
+def _target_of(part: str) -> list[str]:
+    """A typed part's bare name, where it is written typed (``"ko:TF06"`` -> ``["TF06"]``: the data's label of the
+    knockout alone), else none."""
+    if ":" not in part:
+        return []
+    try:
+        q = parse(part)
+    except PerturbationError:
+        return []
+    return [q.target] if isinstance(q, Perturbation) and q.kind not in ("label", "control") and q.target != part \
+        else []
 
 
 def _dose_of(condition: str) -> tuple[str, float | None, float | str]:
@@ -370,7 +424,7 @@ def _predict(
     if targets is None:
         targets = sorted(set(effects.delta))
     rng = np.random.default_rng(seed)
-    blocks, obs, skipped = [], [], []
+    blocks, obs, skipped, unpredictable = [], [], [], []
     contexts = sorted(set(base.contexts[base_ctrl]))
     ctrl_cells = {c: base.dense(base_ctrl & (base.contexts == c)) for c in contexts}
     for c in contexts:  # the control population itself comes along as the prediction's control
@@ -380,7 +434,12 @@ def _predict(
         if c not in ctrl_cells:
             skipped.append((p, c, "no baseline control cells in this context"))
             continue
-        d = rule(effects, (p, c))
+        try:
+            d = rule(effects, (p, c))
+        except Unpredictable as why:  # a target the rule is for but cannot predict: said at WARNING, with why
+            unpredictable.append((p, c, str(why)))
+            skipped.append((p, c, f"{name} cannot predict it: {why}"))
+            continue
         if d is None:
             skipped.append((p, c, f"{name} cannot predict it from the training data"))
             continue
@@ -394,8 +453,15 @@ def _predict(
         shifted = calibrated(cells, d[None, :]) if nonnegative else cells + d[None, :]
         blocks.append(shifted.astype(np.float32))
         obs += [(p, c)] * len(cells)
-    if skipped:
-        log.info("%s skipped %d targets: %s", name, len(skipped), preview([f"{p} in {c}" for p, c, _ in skipped], 5))
+    if unpredictable:
+        log.warning("%s cannot predict %d of its targets, which it leaves out: %s. Measure each part alone (at the "
+                    "pair's dose and time, where dosed), or pass training cells that hold them (train=, --train).",
+                    name, len(unpredictable), "; ".join(f"{p} in {c}: {why}" for p, c, why in unpredictable[:3])
+                    + (f"; ... and {len(unpredictable) - 3} more" if len(unpredictable) > 3 else ""))
+    said = {(p, c) for p, c, _ in unpredictable}
+    quiet = [f"{p} in {c}" for p, c, _ in skipped if (p, c) not in said]  # (not meant for it: a single, to additive)
+    if quiet:
+        log.info("%s skipped %d targets: %s", name, len(quiet), preview(quiet, 5))
     frame = pd.DataFrame(obs, columns=[contract.perturbation_key, "_context"])
     if contract.context_key is not None:
         frame = frame.rename(columns={"_context": contract.context_key})
