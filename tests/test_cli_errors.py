@@ -78,6 +78,10 @@ CASES = [
      r"was not written by virtualcell; refusing to overwrite it"),
     ("predict-repeated-cell-names", "predict --model {model} --data {dup_names} --perturbations STAT1 --out {tmp}/p.h5ad",
      r"1 baseline cell name in .* repeats \(6 cells; e\.g\. 'cell'\).*obs_names_make_unique"),
+    # refused before the verdict is printed: stdout stays empty (a redirected predict kept the verdict of a refusal)
+    ("predict-unknown-gene", f"predict {M} --perturbations ko:NOTAGENE --out {{tmp}}/p.h5ad", r"NOTAGENE"),
+    ("screen-objective-unknown-gene", f"screen {M} --panel {{panel}} --objective raise:NOTAGENE --out {{tmp}}/s",
+     r"NOTAGENE"),
     ("out-is-the-data", "predict --model {model} --data {base} --perturbations STAT1 --out {base} --force",
      r"is the --data file"),
     ("control-label-matches-nothing", "predict --model {model} --data {no_control} --perturbations STAT1 --out {tmp}/p.h5ad",
@@ -203,9 +207,11 @@ def test_bad_input_is_one_sentence_with_exit_code_2(files, tmp_path, capsys, arg
             code = main(argv)
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert code == 2, err
     assert "Traceback" not in err
+    assert said.out == "", said.out  # nothing lands on stdout before a refusal (predict printed its verdict first)
     message = err.strip().splitlines()[-1]
     assert message.startswith(("virtualcell", "usage")) and "error:" in message, err
     assert re.search(pattern, message), message

@@ -216,6 +216,7 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
                         f"{preview(list(repeated), 3)}): each predicted cell is named by its source cell, so those "
                         "could not be told apart. Make them unique and write the file again: "
                         "adata.obs_names_make_unique(); adata.write_h5ad(path).")
+    model.resolve(perts)  # an unknown perturbation is refused before anything lands on stdout
     print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
     # the chunked file of a large prediction goes beside --out, named for it and this process; one a killed run left
     # (a scheduler's time limit) is removed here, under the output's lock
@@ -351,11 +352,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
                 raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
     sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
-    print(_verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend)))
+    verdict = _verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend))
     res = screen(sim, panel, objective=objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
                  blend=args.blend, samples=args.samples, coexpression_prior=args.coexpression_prior,
-                 compose=args.compose, group_size=args.group_size)
+                 compose=args.compose, group_size=args.group_size, on_start=lambda: print(verdict))
     cols = ["rank", "perturbation", "score", "score_low", "score_high", "edistance", "l2_delta_corrected", "pick"]
     if res.config.get("blend_weight") is not None:  # the pure model beside the served blend
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainingError
-from ..progress import progress_bar
+from ..progress import library_bars, progress_bar
 from .batching import Batch
 from .schedule import lr_at
 
@@ -246,9 +246,11 @@ def fit(
             if on_log is not None:
                 on_log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs")
+            # refresh=False: the bar redraws at tqdm's own pace (every step forced a line into a redirected log)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", phase="pre" if pretrain else "pairs", refresh=False)
             if state.step % save_every == 0:
-                checkpoint(state)
+                with library_bars(False):  # transformers' shard bar, nested under ours, wrote cursor codes into logs
+                    checkpoint(state)
             if budget.seconds is not None and budget.fraction(elapsed + (time.perf_counter() - t_step)) > 1.0:
                 log.info("stopping at step %d: the time budget (%.1f s) is spent", state.step, budget.seconds)
                 break
