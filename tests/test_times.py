@@ -306,3 +306,20 @@ def test_no_unnamed_quantity_is_said_of_the_bundled_files(name):
     if name == "perturbench":
         contract = DataContract("perturbation", "control", context_key="cell_type", dose_key="dose")
         assert {c for c in contract.conditions(a) if "+" in c} <= {f"{x}@1" for x in contract.labels(a)}
+
+
+def test_times_that_share_a_bin_are_said_with_the_fix_for_times_not_for_doses(caplog):
+    """48h and 72h read one prompt (whole bins of log2 hours): the warning said to write the doses in nM."""
+    labels = ["control"] + ["drugA"] * 3
+    a, contract = _cells(labels * 2, dose=["", "1uM", "1uM", "1uM"] * 2, time=["", "24h", "48h", "72h"] * 2)
+    with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
+        _typed(a, contract)
+    said = [r.getMessage() for r in caplog.records if "read one prompt" in r.getMessage()]
+    assert len(said) == 1 and "drugA@1,48h = drugA@1,72h" in said[0], said
+    assert "--context-key" in said[0] and "nM" not in said[0]
+    caplog.clear()  # doses apart by less than a bin still get the dose advice
+    a, contract = _cells(labels * 2, dose=["", "1uM", "1.1uM", "10uM"] * 2)
+    with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
+        _typed(a, contract)
+    said = [r.getMessage() for r in caplog.records if "read one prompt" in r.getMessage()]
+    assert len(said) == 1 and "half-decade" in said[0] and "--context-key" not in said[0], said

@@ -299,17 +299,29 @@ def _warn_unlistable(labels: np.ndarray, contract: DataContract) -> None:
 def _warn_shared_prompts(vocab: PerturbationVocab) -> None:
     """Warn where trained conditions of one agent read one prompt: doses are written as half-decade bins of log10 of
     the value in its unit, from 1e-4 to 1e4, so doses closer than that, or beyond the range (1e-9 .. 1e-6 written in
-    M all read the 1e-4 bin), are one condition to the model."""
+    M all read the 1e-4 bin), are one condition to the model; times as whole bins of log2 hours (48h and 72h are
+    one). Each is said with its own fix."""
     by_prompt: dict[tuple, list[str]] = {}
     for condition, form in vocab.conditions.items():
         by_prompt.setdefault(dose_prompt_key(parse(form)), []).append(condition)
     shared = [sorted(v) for v in by_prompt.values() if len(v) > 1]
-    if shared:
+
+    def doses(group: list[str]) -> set:  # each part's dose, without the times
+        return {tuple(x.dose for x in parts_of(parse(vocab.conditions[c]))) for c in group}
+
+    by_time = [v for v in shared if len(doses(v)) == 1]  # conditions apart by their times alone
+    by_dose = [v for v in shared if len(doses(v)) > 1]
+    if by_dose:
         log.warning("%d groups of trained conditions read one prompt each, so the model cannot tell them apart (%s): "
-                    "a dose is written as a half-decade bin of log10 of its value in its unit, from 1e-4 to 1e4 (a "
-                    "time as a whole bin of log2 hours). Where the doses are far apart, write them in a unit that "
-                    "puts them inside that range (nM for 1e-9 M).", len(shared),
-                    "; ".join(" = ".join(v) for v in shared[:3]))
+                    "a dose is written as a half-decade bin of log10 of its value in its unit, from 1e-4 to 1e4. "
+                    "Where the doses are far apart, write them in a unit that puts them inside that range (nM for "
+                    "1e-9 M).", len(by_dose), "; ".join(" = ".join(v) for v in by_dose[:3]))
+    if by_time:
+        log.warning("%d groups of trained conditions read one prompt each, so the model cannot tell them apart (%s): "
+                    "a time is written as a whole bin of log2 hours (48h and 72h share one; so do 3h and 4h), from "
+                    "2^-3 to 2^9 hours. To keep such times apart, train with the time as a context (--context-key "
+                    "with the time column, not --time-key; each time with its own control cells) or one model per "
+                    "time.", len(by_time), "; ".join(" = ".join(v) for v in by_time[:3]))
 
 
 def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarray], contract: DataContract,
