@@ -81,8 +81,10 @@ def test_a_shared_checkpoints_trainer_state_is_never_unpickled(tiny_model, tmp_p
     torch.save({"model": {}, "optimizer": {}, "step": 0, "history": [], "x": _Payload(str(marker))},
                last / checkpoint.STATE_FILE)
     # `virtualcell train --out SHARED` resumes from SHARED/last by default: the state is read, never run
-    with pytest.raises(TrainingError, match=r"trainer_state\.pt holds more than the tensors .* not unpickled.*--restart"):
+    with pytest.raises(TrainingError, match=r"trainer_state\.pt holds more than the tensors .*\(it holds GLOBAL "
+                                            r"posix\.mkdir\).* not unpickled.*--restart") as refused:
         checkpoint.load(last, data_hash=data_hash)
+    assert "add_safe_globals" not in str(refused.value)  # torch's advice to allow-list what is refused is not passed on
     assert not marker.exists()
 
 
@@ -207,7 +209,7 @@ def test_a_local_folder_named_like_a_hub_model_is_said_and_recorded_by_its_path(
     with caplog.at_level(logging.INFO, logger="virtualcell.model"):
         mine = vc.C2SModel.load("runs/model")
     assert [r.levelno for r in caplog.records if "local folder" in r.getMessage()] == [logging.INFO]
-    assert mine.source == str((tmp_path / "runs" / "model").resolve())
+    assert mine.source == "runs/model"  # as given: a screen written with it resumes by it
     # "bundled" with no folder of that name here is the shipped model itself: nothing to say (it warned that it was not)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="virtualcell.model"):

@@ -127,7 +127,7 @@ def test_a_column_of_kinds_gives_a_combination_one_kind_per_part():
     assert forms["KLF1+ctrl"] == "act:KLF1" and forms["KLF1+G1"] == "act:G1 + act:KLF1"
 
 
-def test_one_kind_for_a_pair_that_contradicts_a_part_is_refused():
+def test_one_kind_for_a_pair_that_contradicts_a_part_is_refused(caplog):
     """'drugA+TF06' of kind 'drug' trained TF06 as a drug while TF06 alone trained as a knockout; 'CYTO1+drugB' of
     kind 'cytokine' trained drugB as a cytokine."""
     labels = ["control", "TF06", "drugA", "drugA+TF06"]
@@ -138,10 +138,17 @@ def test_one_kind_for_a_pair_that_contradicts_a_part_is_refused():
     a.obs["perturbation"] = ["control", "TF06", "drugA", "drugA+ko:TF06"]  # the part typed in the label: as it says
     forms, _ = _typed(a, contract, kind_key="kind")
     assert forms["drugA+ko:TF06@1"] == "drug:drugA@1uM + ko:TF06"
-    # a gene of the panel, never alone, typed as a drug by its pair's one kind
+    # a gene of the panel, never alone, typed as a drug by its pair's one kind: believed, with a word
     a, contract = _cells(["control", "drugA", "drugA+G1"], dose=["", "1uM", "1uM"], kind=["control", "drug", "drug"])
-    with pytest.raises(DataError, match=r"'G1' names a gene of the panel.*'drug\+knockout'.*'drugA\+ko:G1'"):
-        _typed(a, contract, kind_key="kind")
+    with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
+        forms, _ = _typed(a, contract, kind_key="kind")
+    assert forms["drugA+G1@1"] == "drug:G1@1uM + drug:drugA@1uM"
+    assert any("names a gene of the panel ('G1'" in r.getMessage() and "'drugA+ko:G1'" in r.getMessage()
+               for r in caplog.records)
+    # a cytokine pair names genes of the panel (IFNG+TNF): the column is believed, and no genetic kind is suggested
+    a, contract = _cells(["control", "G1+G2"], dose=["", "10"], kind=["control", "cytokine"])
+    forms, _ = _typed(a, contract, kind_key="kind")
+    assert forms["G1+G2@10"] == "cytokine:G1@10 + cytokine:G2@10"
     # cytokine + drug
     labels = ["control", "CYTO1", "drugB", "CYTO1+drugB"]
     a, contract = _cells(labels, dose=["", "10", "1", "10"], kind=["control", "cytokine", "drug", "cytokine"])

@@ -196,7 +196,7 @@ class C2SModel:
         and settings) is not a finite number in its range. A plain Hugging Face checkpoint loads as transformers
         loads it. A name that is also a hub id (``owner/name``) or ``"bundled"`` loads the local folder of that
         name where there is one, says so (a warning where the name is a known C2S hub model, one in the Hugging
-        Face cache, or ``"bundled"``), and records the folder's absolute path as :attr:`source`.
+        Face cache, or ``"bundled"``, whose :attr:`source` is then the folder's absolute path).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -903,10 +903,10 @@ def _verdict_fault(verdict: Any) -> str:
 
 def _local_over(name: str, path: Path, *, genes_ignored: bool) -> str:
     """Say that the local folder ``path`` is loaded for ``name``, which is also a hub id (or ``"bundled"``, the
-    shipped model), and return its absolute path: what the model records as its source (predictions' and screens'
-    ``model``), which ends with the name as it was asked for. Loud (a warning) where ``name`` is most likely meant as
-    the other: one of the C2S hub models, one in this machine's Hugging Face cache, or ``"bundled"``; quiet (info)
-    for the everyday ``runs/model`` folder, which nobody meant as a hub id."""
+    shipped model), and return what the model records as its source (predictions' and screens' ``model``). Loud (a
+    warning) where ``name`` is most likely meant as the other: one of the C2S hub models, one in this machine's Hugging
+    Face cache, or ``"bundled"``, whose source is then the absolute path; quiet (info) for the everyday ``runs/model`` folder, which nobody meant as a hub id and
+    whose source stays the name as given (a screen written with it resumes by it)."""
     resolved = str(path.resolve())
     meant_other = name == "bundled" or name in KNOWN_HUB_MODELS or _in_hub_cache(name)
     other = "the model shipped in the package" if name == "bundled" else f"the Hugging Face hub model {name!r}"
@@ -914,10 +914,10 @@ def _local_over(name: str, path: Path, *, genes_ignored: bool) -> str:
         log.warning("Loading the local folder %s for %r, not %s%s. To load that, run from another folder or rename "
                     "this one; to load the folder without this warning, give it as ./%s.", resolved, name, other,
                     " (genes= is not used: the folder carries its own genes)" if genes_ignored else "", name)
-    else:
-        log.info("loading the local folder %s for %r (as a hub id it would name a Hugging Face model)%s.", resolved,
-                 name, "; genes= is not used: the folder carries its own genes" if genes_ignored else "")
-    return resolved
+        return resolved
+    log.info("loading the local folder %s for %r (as a hub id it would name a Hugging Face model)%s.", resolved,
+             name, "; genes= is not used: the folder carries its own genes" if genes_ignored else "")
+    return name  # (an everyday folder keeps the name as given, as every other path does: a screen resumes by it)
 
 
 def _in_hub_cache(name: str) -> bool:

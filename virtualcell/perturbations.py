@@ -331,8 +331,9 @@ _JOINING_PLUS = re.compile(r"(?<![0-9.][eE])\+")  # a '+' that joins two values,
 
 
 def first_quantity(text: str) -> str:
-    """The first of the values a dose or time column's entry holds (a pair's ``"1+1"`` reads as its first), its
-    exponent kept: a spreadsheet's ``"1.00E+01"`` is 10, not ``"1.00E"``."""
+    """The first of the values a dose or time column's entry holds, its exponent kept: a spreadsheet's
+    ``"1.00E+01"`` is 10, not ``"1.00E"``. A pair's entry reaches it once its parts are known to agree (``"1+1"``;
+    the contract refuses ``"1+10"`` before, in ``_one_value_per_cell``)."""
     return _JOINING_PLUS.split(text, maxsplit=1)[0]
 
 

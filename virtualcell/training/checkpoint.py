@@ -97,9 +97,12 @@ def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | No
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("no trainer state (a dict with its step) in it")
     except pickle.UnpicklingError as err:
-        # (torch's message is a page of advice on loading it anyway; the line naming what it holds is kept)
-        what = next((line.strip() for line in str(err).splitlines() if "nsupported" in line), "")
-        said = f" ({what.removeprefix('WeightsUnpickler error: ').rstrip('.')[:200]})" if what else ""
+        # (torch's message is a page of advice on loading it anyway, allow-listing what is refused included: only
+        # the name of what the file holds is kept, 'GLOBAL posix.system')
+        import re
+
+        what = re.search(r"GLOBAL\s+[\w.]+", str(err))
+        said = f" (it holds {what.group(0).rstrip('.')})" if what else ""
         raise TrainingError(
             f"{folder / STATE_FILE} holds more than the tensors and plain values virtualcell writes there{said}, "
             "and it is not unpickled: a pickle can run code, and this one was not written by virtualcell (or by one "

@@ -213,8 +213,8 @@ def _refuse_timed_genetic(labels: np.ndarray, typed: np.ndarray, conditions: np.
         f"{len(many)} genetic perturbation label{'s' if len(many) != 1 else ''} in obs[{contract.perturbation_key!r}] "
         f"{'have' if len(many) != 1 else 'has'} cells at more than one {what} ({said}"
         f"{'; ...' if len(many) > 4 else ''}): a knockout's, knockdown's or activation's prompt carries no dose or "
-        f"time, so its cells at each {what} would train as one perturbation, their effects pooled, and its predictions "
-        f"would be named after one of them. Train the {what} as a context: --context-key {context} without {flag} "
+        f"time, so its cells at each {what} would train as one perturbation (their effects pooled where one context "
+        f"holds several), and its predictions, in every context, would be named after one of them. Train the {what} as a context: --context-key {context} without {flag} "
         f"(DataContract(context_key={context!r}, ...)), each {what} a context of its own with its control cells; or "
         f"train one model per {what} (e.g. adata[adata.obs[{key!r}] == ...]). Where some of its cells lack the {what}, "
         "fill it in or drop those cells.")
@@ -224,8 +224,9 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
                                vocab: PerturbationVocab, kind_key: str | None) -> None:
     """Refuse a combination whose cells' one kind (a column of kinds gives a cell one) types a part against how it
     trains elsewhere: 'drugA+TF06' of kind 'drug' trained TF06 as a drug while TF06 alone trained as a knockout (two
-    perturbations under one name), or names a gene of the panel as a drug or cytokine. A part written typed in the
-    label ('ko:TF06') or given its kind per part ('drug+knockout') is as the data says."""
+    perturbations under one name). A part never trained alone is as the column says (a cytokine pair 'IFNG+TNF' names
+    genes of the panel), with a warning where a drug part names a gene. A part written typed in the label ('ko:TF06')
+    or given its kind per part ('drug+knockout') is as the data says."""
     def family(kind: str) -> str:
         return "genetic" if kind in GENETIC else kind
 
@@ -236,6 +237,7 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
             name = (_written_kind(parts[0]) or ("", parts[0]))[1]
             alone.setdefault(name.upper(), set()).add(parts_of(parse(form))[0].kind)
     wrong: dict[str, str] = {}
+    drug_genes: dict[str, str] = {}  # a part never trained alone that names a gene, typed a drug by the column
     for label, kind, _, _ in cache:
         parts = label_parts(label, contract.controls)
         if label == contract.control or kind in ("control", "auto") or "+" in kind or len(parts) < 2:
@@ -246,8 +248,21 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
             trained = alone.get(x.upper(), set())
             if trained and family(kind) not in {family(k) for k in trained}:
                 wrong.setdefault(label, f"{label!r} ({kind}): {x!r} trains alone as {' and '.join(sorted(trained))}")
-            elif not trained and kind in ("drug", "cytokine") and (x.upper() in genes or x.upper() in vocab.aliases):
-                wrong.setdefault(label, f"{label!r} ({kind}): {x!r} names a gene of the panel")
+            elif not trained and kind == "drug" and (x.upper() in genes or x.upper() in vocab.aliases):
+                drug_genes.setdefault(label, x)
+    # the column's kind is believed where nothing contradicts it (a cytokine is named by its gene, IFNG+TNF), but a
+    # drug named like a gene of the panel is worth a word
+    if drug_genes:
+        first = sorted(drug_genes)[0]
+        many = len(drug_genes) != 1
+        log.warning("%d combination label%s in obs[%r] take%s the kind 'drug' from obs[%r] for every part, and a part "
+                    "names a gene of the panel (%r in %r): it trains as a drug of that name. If it is a knockout, "
+                    "give the kinds per part (%r) or write it in the label (%r).", len(drug_genes),
+                    "s" if many else "", contract.perturbation_key, "" if many else "s", kind_key, drug_genes[first],
+                    first,
+                    "+".join("knockout" if x == drug_genes[first] else "drug"
+                             for x in label_parts(first, contract.controls)),
+                    "+".join(f"ko:{x}" if x == drug_genes[first] else x for x in label_parts(first, contract.controls)))
     if wrong:
         first = sorted(wrong)[0]
         kind = next(k for (lab, k, _, _) in cache if lab == first)
@@ -270,12 +285,12 @@ _SHORT_KIND = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug":
 
 def _part_kind_guess(part: str, kind: str, alone: Mapping[str, set[str]], genes: Vocabulary,
                      vocab: PerturbationVocab) -> str:
-    """A combination part's kind as it trains alone (or a knockout, for a gene of the panel), else ``kind``: what a
-    refusal suggests writing per part."""
+    """A combination part's kind as it trains alone (or a knockout, for a gene of the panel in a drug's label), else
+    ``kind``: what a refusal suggests writing per part (never a genetic kind for a part the data calls a cytokine)."""
     trained = sorted(alone.get(part.upper(), set()))
     if trained:
         return kind if kind in trained else trained[0]
-    return "knockout" if part.upper() in genes or part.upper() in vocab.aliases else kind
+    return "knockout" if kind == "drug" and (part.upper() in genes or part.upper() in vocab.aliases) else kind
 
 
 # characters a label may hold that the command line reads otherwise, and where that is
