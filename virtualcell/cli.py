@@ -1115,13 +1115,20 @@ def _run(args: argparse.Namespace) -> int:
 
                 held.enter_context(torch_threads(args.threads))
                 held.enter_context(blas_threads(args.threads))
-            return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+            from .contract import one_reading
+
+            # one command is one reading of its data: a warning about the data is said once (read_h5ad and then
+            # train said the same one twice)
+            return int(one_reading(args.func)(args) or 0)
+    except KeyboardInterrupt as stop:
         if args.verbose >= 2:
             raise
+        # what was kept, where the work knows it (train: the step of its last checkpoint, and the steps lost)
+        kept = " ".join(str(note) for note in getattr(stop, "__notes__", ()))
         again = {"train": "training resumes from OUT/last", "screen": "the screen resumes from its finished batches"}
-        print(f"\nvirtualcell {args.command}: interrupted." + (
-            f" Run the same command again: {again[args.command]}." if args.command in again else ""), file=sys.stderr)
+        said = (f" {kept} Run the same command again." if kept and args.command in again else
+                f" Run the same command again: {again[args.command]}." if args.command in again else "")
+        print(f"\nvirtualcell {args.command}: interrupted.{said}", file=sys.stderr)
         return 130
     except VirtualCellError as err:
         print(f"virtualcell {args.command}: error: {err}", file=sys.stderr)

@@ -17,17 +17,19 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .errors import ContractError, close_matches, preview
+from .errors import ContractError, close_matches, preview, user_stacklevel
 from .perturbations import (_JOINING_PLUS, KIND_ALIASES, dose_on_one_scale, first_quantity, hours_per,
                             known_dose_unit, negative_quantity, quantity_suffix, read_quantity, split_label)
 
@@ -36,12 +38,47 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataContract", "UNS_KEY", "control_labels"]
+__all__ = ["DataContract", "UNS_KEY", "control_labels", "one_reading"]
 
 UNS_KEY = "virtualcell"
 PAIR_SEP = "+"
 CONTEXT_SEP = "+"  # a context of several obs columns: context_key="cell_type+patient"
 CONTEXT_VALUE_SEP = "|"  # ... whose values are joined: "CD4T|patient1"
+
+
+# what has been said about the data in the public call now reading it (None: no such call; see one_reading)
+_SAID: ContextVar[set[Hashable] | None] = ContextVar("virtualcell_said", default=None)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def one_reading(fn: _F) -> _F:
+    """Make ``fn`` (a public call: fit, simulate, evaluate) one reading of the user's data: what the contract says
+    about the data (labels with spaces around them, dose units of no family) is said once in it, however many times
+    the call reads the labels. A run read them some 30 times, on the whole file and on each of its splits, and said
+    the same warning up to 31 times with three different counts. A call inside another is the outer one's reading."""
+    @functools.wraps(fn)
+    def read_once(*args: Any, **kwargs: Any) -> Any:
+        if _SAID.get() is not None:
+            return fn(*args, **kwargs)
+        token = _SAID.set(set())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SAID.reset(token)
+
+    return read_once  # type: ignore[return-value]
+
+
+def _first_time(key: Hashable) -> bool:
+    """Whether ``key`` (what is about to be said of the data) is new to the reading now under way (always, outside
+    one): it is remembered as said."""
+    said = _SAID.get()
+    if said is None:
+        return True
+    if key in said:
+        return False
+    said.add(key)
+    return True
 
 
 @dataclass(frozen=True)
@@ -169,14 +206,19 @@ class DataContract:
         """The perturbation label of every cell, as strings (each of ``other_controls`` read as ``control``), without
         spaces around them: ``'control '`` is ``'control'`` (a warning says so), in training, prediction, the split of
         the controls and evaluation alike (predict took the ``'control'`` cells alone, split_controls measured the
-        others as a perturbation)."""
+        others as a perturbation). The warning is said once per public call (:func:`one_reading`), at the user's
+        line."""
         column = adata.obs[self.perturbation_key].astype(str)
         stripped = column.str.strip()
         spaced = stripped != column
         if spaced.any():
             examples = sorted({repr(x) for x in column[spaced.to_numpy()]})
-            warnings.warn(f"{int(spaced.sum())} cells' labels in obs[{self.perturbation_key!r}] have spaces around "
-                          f"them ({preview(examples, 4)}): read without them.", stacklevel=2)
+            if _first_time(("spaced labels", self.perturbation_key, tuple(examples))):
+                key = self.perturbation_key
+                warnings.warn(f"{int(spaced.sum())} cells' labels in obs[{key!r}] have spaces around them "
+                              f"({preview(examples, 4)}): read without them. To silence this, strip them: "
+                              f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).str.strip().",
+                              stacklevel=user_stacklevel())
         labels = stripped.to_numpy()
         if self.other_controls:
             labels = np.where(np.isin(labels, self.other_controls), self.control, labels)
@@ -526,7 +568,7 @@ def _column_values(values: np.ndarray, read_by: np.ndarray, *, what: str, key: s
             f"The dose unit column {unit_key!r} holds numbers, not units: {preview(sorted(set(numeric)), 6)}. Name "
             f"the column of each dose's unit ('nM', 'uM', 'ng/ml'; CLI: --dose-unit-key), or leave dose_unit_key out "
             f"where the dose column {key!r} carries its units.")
-    if unknown:
+    if unknown and _first_time(("units of no family", key, unit_key, tuple(sorted(unknown)))):
         log.warning("The dose unit column %r holds units of no molar or mass family (%s): each is read as a unit of "
                     "its own. If that column holds something else, name the column of each dose's unit "
                     "(--dose-unit-key).", unit_key, preview(sorted(unknown), 6))

@@ -129,3 +129,22 @@ def no_such_column(name: str, columns: Iterable[object], *, what: str = "obs col
     hint = close_matches(name, columns)
     did = f" Did you mean {preview(hint, 3)}?" if hint else ""
     return f"{what} {name!r} does not exist.{did} Columns there: {preview(columns, 12) or 'none'}."
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a :func:`warnings.warn` called where this is called point at the first frame
+    outside virtualcell: the user's line that called into the package, however deep in it the warning is said (a
+    fixed ``stacklevel=3`` named a line of the package wherever the warning was reached from another way):
+    ``warnings.warn(message, stacklevel=user_stacklevel())``."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _in_package(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _in_package(frame: object) -> bool:
+    """Whether ``frame`` runs virtualcell's own code (a module of the package, by its name)."""
+    name = str(getattr(frame, "f_globals", {}).get("__name__", ""))
+    return name == "virtualcell" or name.startswith("virtualcell.")

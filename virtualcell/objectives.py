@@ -96,10 +96,11 @@ def _index(genes: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray
     if missing:
         hints = {m: close_matches(m, genes, 2) for m in missing[:5]}
         hint = "; ".join(f"{m}: did you mean {preview(h, 2)}?" for m, h in hints.items() if h)
+        one = len(missing) == 1
         raise ScreenError(
-            f"The {what} names {len(missing)} genes the model does not have: {preview(missing)}. "
+            f"The {what} names {len(missing)} gene{'' if one else 's'} the model does not have: {preview(missing)}. "
             f"{hint + ' ' if hint else ''}Use genes from the model's vocabulary ({len(genes)} genes), "
-            "or drop these."
+            f"or drop {'it' if one else 'them'}."
         )
     if not wanted:
         raise ScreenError(f"The {what} names no genes.")

@@ -46,7 +46,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .distributed import Split
-from .errors import DataError, ModelError, ScreenError, VocabularyError, preview, whole_at_least
+from .contract import one_reading
+from .errors import (DataError, ModelError, ScreenError, VocabularyError, non_finite, preview, user_stacklevel,
+                     whole_at_least)
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -432,13 +434,14 @@ class Simulator:
     ``Simulator(model, baseline)`` (the order of earlier versions) still works, with a DeprecationWarning.
     """
 
+    @one_reading
     def __init__(self, baseline: ad.AnnData, model: C2SModel, *, genes: Literal["all", "shared"] = "all",
                  seed: int = 0, n_pcs: int = 30, gene_key: str | None = None, warn_new_contexts: bool = True) -> None:
         if hasattr(baseline, "generate") and hasattr(model, "obs"):  # the old order: (model, baseline)
             import warnings
 
             warnings.warn("Simulator(model, baseline) is deprecated: the data comes first, Simulator(baseline, model).",
-                          DeprecationWarning, stacklevel=2)
+                          DeprecationWarning, stacklevel=user_stacklevel())
             baseline, model = model, baseline  # type: ignore[assignment]
         if isinstance(model, str | os.PathLike):
             raise ModelError(f"model={str(model)!r} is a name or path, not a model: load it first, "
@@ -510,7 +513,7 @@ class Simulator:
             warnings.warn(
                 f"{len(versions)} baseline genes match the model's only without their Ensembl version suffix "
                 f"(e.g. {versions[0][0]!r} <-> {versions[0][1]!r}); they are treated as the same gene and "
-                "predictions use the baseline's names.", UserWarning, stacklevel=2)
+                "predictions use the baseline's names.", UserWarning, stacklevel=user_stacklevel())
         if not model.train_config and model.format.name == "c2s":  # a plain Hugging Face checkpoint (load(genes=))
             log.warning("%s was not fine-tuned by virtualcell: it never trained on virtualcell's perturbation prompt "
                         "(released C2S-Scale checkpoints learned perturbations only in targeted fine-tuning), so its "
@@ -716,6 +719,7 @@ class Simulator:
         )
 
     # ------------------------------------------------------------------ #
+    @one_reading
     def simulate(
         self,
         perturbations: Sequence[str | Perturbation | Combination],
@@ -1003,6 +1007,7 @@ class Simulator:
                 base_idx.append(idx)
                 d_ctrl = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(control_samples)], axis=0)
                 buckets = _bucket(idx, seed)
+                broken = []  # the perturbations whose predictions of these cells are not finite
                 for j, p in enumerate(perts):
                     if p == control:
                         d = d_ctrl
@@ -1010,6 +1015,9 @@ class Simulator:
                         k0 = first[str(p)]
                         d = np.mean([[gen[(i, k)] for i in range(len(idx))] for k in range(k0, k0 + samples)], axis=0)
                     pure, change, pred, served_change = made(j, p, d, x, d_ctrl, idx)
+                    if not (np.isfinite(pure).all() and np.isfinite(pred).all()):
+                        broken.append(j)  # (nothing of it is kept or written: the block ends in the refusal below)
+                        continue
                     sums.add_model(j, pure, change)
                     if model_mem is not None:
                         model_mem[j, idx] = pure
@@ -1026,6 +1034,8 @@ class Simulator:
                     if writer is not None:
                         writer.write(j, idx, pred)
                 del gen
+                if broken:
+                    raise self._not_finite([names[j] for j in broken], d_ctrl, idx)
                 bar.update(len(idx))
                 if on_chunk is not None:
                     on_chunk(int(idx[-1]) + 1, n)
@@ -1084,6 +1094,17 @@ class Simulator:
                                 "perturbation", draws, draws_model, self.gene_ids, self.source_context_obs(n))
 
     # ------------------------------------------------------------------ #
+    def _not_finite(self, broken: list[str], d_ctrl: np.ndarray, idx: np.ndarray) -> ModelError:
+        """The refusal of predictions that are not finite (NaN or inf): the model's decode gave such values, which a
+        prediction written on would carry without a word (its folder's rank fit, gene map or weights damaged?)."""
+        control = "" if not non_finite(d_ctrl) else " (its decode of the control cells too: every perturbation is hit)"
+        where = self.model.source or "the model's folder"
+        return ModelError(
+            f"The model's predictions of {preview(broken, 5)} are not finite (NaN or inf) for baseline cells "
+            f"{int(idx[0])} to {int(idx[-1])}{control}: the model decodes its sentences into such values, so {where} "
+            "may be damaged (its rank fit, gene map or weights). Load it from a good copy, or train it again "
+            "(virtualcell train --restart); the simulation stops here, with nothing returned.")
+
     def _aggregates(self, sums: _Sums, names: list[str], n: int, seed: int, cfg: Any, calibrate: bool) -> xr.Dataset:
         import xarray as xr
 

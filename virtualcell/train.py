@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .contract import DataContract
+from .contract import DataContract, one_reading
 from .errors import ContractError, DataError, TrainingError, close_matches, preview
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
@@ -332,6 +332,7 @@ def with_learning_rate(cfg: TrainConfig, base: str | None) -> TrainConfig:
     return replace(cfg, lr=FINETUNE_LR if base is not None else NEW_MODEL_LR)
 
 
+@one_reading
 def train(
     adata: ad.AnnData,
     *,
@@ -835,6 +836,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         log.info("resuming from step %d", state.step)
     # the seconds the run's earlier processes spent: --max-minutes bounds the whole run, resumed or not
     before = float(state.history[-1].get("elapsed_s", 0.0)) if resumed and state.history else 0.0
+    kept = [state.step if resumed else None]  # the step of the checkpoint in last/ (None: none yet)
 
     def save_checkpoint(st: loop.LoopState) -> None:
         model.train_config = run_config | {"steps": st.step, "history": st.history[-50:]}
@@ -843,6 +845,7 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         checkpoint.save(last, model.save, run_config=run_config,
                         state={"model": lm.state_dict(), "optimizer": optimizer.state_dict(), "step": st.step,
                                "history": st.history, "pretrain_end": st.pretrain_end, "best": best.to_dict()})
+        kept[0] = st.step
 
     budget = loop.Budget(max_steps=cfg.max_steps, pretrain_steps=int(cfg.pretrain_fraction * cfg.max_steps),
                          pretrain_fraction=cfg.pretrain_fraction, seconds=budget_s, t_start=t_start,
@@ -850,13 +853,19 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
                          reserved=0.0 if budget_s is None else cfg.max_minutes * 60.0 - budget_s)  # (unrounded)
     if resumed and state.history and state.step < cfg.max_steps:
         _say_schedule_moved(state, budget, cfg)
-    state = loop.fit(
-        lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
-        state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
-        save_every=cfg.save_every, clip=lambda: torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0), on_log=on_log,
-        average=lambda loss, n, tokens: split.average_gradients(lm.parameters(), weight=n, loss=loss, tokens=tokens),
-        progress=progress and split.main, on_step_time=on_step_time, best=best,
-    )
+    try:
+        state = loop.fit(
+            lm, optimizer, batch_at=batches.at, loss_of=objective, validate=validate, checkpoint=save_checkpoint,
+            state=state, budget=budget, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
+            save_every=cfg.save_every, clip=lambda: torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0),
+            on_log=on_log, progress=progress and split.main, on_step_time=on_step_time, best=best,
+            average=lambda loss, n, tokens: split.average_gradients(lm.parameters(), weight=n, loss=loss,
+                                                                    tokens=tokens),
+        )
+    except KeyboardInterrupt as stop:  # what Ctrl-C kept and lost: said by the CLI, and under a Python traceback
+        if split.main:
+            stop.add_note(_interrupted_note(state.step, cfg.max_steps, kept[0], last, save_every=cfg.save_every))
+        raise
     if compiled is not None:
         kernels.uncompile_layers(lm)
     lm.set_attn_implementation(attention_before)  # generation picks its own attention
@@ -873,6 +882,26 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         model.save(out)
         write_text(out / "history.json", json.dumps(state.history))
     return model
+
+
+def _interrupted_note(step: int, max_steps: int, kept: int | None, last: Path, *, save_every: int) -> str:
+    """What an interrupt after ``step`` (of ``max_steps``) kept: the step of the checkpoint in ``last`` (``kept``;
+    ``None``: none was written yet), the steps after it that are lost, and where a run again goes on from.
+
+    >>> from pathlib import Path
+    >>> print(_interrupted_note(57, 3000, 50, Path("m/last"), save_every=50))  # doctest: +NORMALIZE_WHITESPACE
+    Stopped after step 57 of 3000. The last checkpoint kept is step 50 (in m/last): the 7 steps after it are lost,
+    and training again into the same folder resumes from step 50.
+    """
+    head = f"Stopped after step {step} of {max_steps}."
+    if kept is None:
+        lost = "nothing is lost" if step == 0 else "its step is lost" if step == 1 else f"its {step} steps are lost"
+        return (f"{head} No checkpoint was written yet (one every {save_every} steps, TrainConfig.save_every): "
+                f"{lost}, and training again into the same folder starts from step 0.")
+    lost = ("no step after it is lost" if step <= kept else "the step after it is lost" if step == kept + 1
+            else f"the {step - kept} steps after it are lost")
+    return (f"{head} The last checkpoint kept is step {kept} (in {last}): {lost}, and training again into the same "
+            f"folder resumes from step {kept}.")
 
 
 def lone_schedule(cells: _Cells, cfg: TrainConfig) -> Any:
@@ -1071,9 +1100,10 @@ def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg
                                                if k in run_config}
 
 
+@one_reading
 def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | None = None,
             candidates: tuple[dict[str, Any], ...] | None = None,
-            temperatures: tuple[float, ...] | None = None) -> dict[str, Any]:
+            temperatures: tuple[float, ...] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run a trained checkpoint's validation verdict again, on the data it was trained on; returns the new verdict.
 
     The verdict's cells are chosen from the training data by the run's own seed and
@@ -1085,7 +1115,8 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     checkpoint that recorded no temperatures gets today's default). The served baselines are fitted again from
     the same cells, as training fits them today. The model
     is changed in place (``verdict``, the decode it chooses, ``baselines``, ``train_config``); save it with
-    :meth:`C2SModel.save` or ``virtualcell verdict``.
+    :meth:`C2SModel.save` or ``virtualcell verdict``. ``progress``: a bar over the generation settings tried, as
+    training's verdict shows.
     """
     from . import validation
     from .errors import ModelError
@@ -1139,7 +1170,8 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     codec, gene_maps = _codec_baselines(trained, sentences, model.rank_fit, contract, model, seed=cfg.seed)
     previous = model.verdict
     model.verdict = None
-    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen, gene_maps, context)
+    _judge(model, held, contract, cfg, run, _verdict_candidates(cfg, model), codec, unseen, gene_maps, context,
+           progress=progress)
     if model.verdict is None:
         model.verdict = previous
         raise DataError("The verdict's held-out cells have no context with both control and perturbed cells; the "

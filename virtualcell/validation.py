@@ -811,8 +811,19 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         return [sim.simulate(typed, seed=seed, blend=None, keep_cells=False, progress=False,
                              **(PLAIN | dict(settings))).aggregates for sim, typed in chosen if typed]
 
-    # one step per generation setting tried; how many depends on which win, so the bar counts without a total
-    bar = progress_bar(None, progress, "verdict (generation settings tried)", " settings")
+    # one step per generation setting tried: the candidates, then the other samples per cell and temperatures of the
+    # best so far, fewer where the best sets its own (a candidate the user wrote whole), which the total then drops
+    more = {"samples": len(_other_values({}, "samples", samples)),
+            "temperature": len(_other_values({}, "temperature", temperatures))}
+    bar = progress_bar(len(candidates) + sum(more.values()), progress, "verdict (generation settings tried)",
+                       " settings")
+
+    def then(key: str, tries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The ``tries`` of the step trying other values of ``key``, the bar's total put right for them."""
+        if len(tries) != more[key]:
+            bar.total -= more[key] - len(tries)
+            bar.refresh()
+        return tries
 
     def attempt(settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
         """The candidate's score (what ``"candidates"`` lists) and its predicted deltas."""
@@ -830,8 +841,9 @@ def run_verdict(model: C2SModel, held: ad.AnnData, contract: DataContract, *, se
         return min(tried, key=lambda a: a[0]["model"]["mse"])
 
     tried = [attempt(cand) for cand in candidates]
-    tried += [attempt(cand) for cand in _more_samples(lowest_error(tried)[0]["settings"], samples)]
-    tried += [attempt(cand) for cand in _other_values(lowest_error(tried)[0]["settings"], "temperature", temperatures)]
+    tried += [attempt(cand) for cand in then("samples", _more_samples(lowest_error(tried)[0]["settings"], samples))]
+    tried += [attempt(cand) for cand in then("temperature", _other_values(lowest_error(tried)[0]["settings"],
+                                                                          "temperature", temperatures))]
     bar.close()
     scored = [a[0] for a in tried]
     best, M_all = lowest_error(tried)

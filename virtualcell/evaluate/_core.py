@@ -13,8 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
-from ..contract import UNS_KEY, DataContract
-from ..errors import DataError, preview, whole_at_least
+from ..contract import UNS_KEY, DataContract, one_reading
+from ..errors import DataError, preview, user_stacklevel, whole_at_least
 from ..perturbations import units_of_text
 from ..sentences import Vocabulary, data_hash, require_in_memory, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
@@ -187,9 +187,10 @@ def _setup(
     if trained and trained in {hashed(a) for a in {id(x): x for x in (inputs["real"], real)}.values()}:
         note = ("the measured perturbed cells are those the model was trained on (their hash is the training run's, "
                 "a split of its controls or not): the model learned them, so these scores say how well it fits them, "
-                "not how it predicts cells it never saw. Hold cells out when training (--holdout COLUMN=VALUE) and "
-                "score the prediction against those only")
-        warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=3)
+                "not how it predicts cells it never saw. Hold cells out when training (Python: "
+                "vc.fit(adata, out=..., config=vc.TrainConfig(holdout={'COLUMN': ['VALUE']})); CLI: --holdout "
+                "COLUMN=VALUE) and score the prediction against those only")
+        warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=user_stacklevel())
         info["measured_is_training_data"] = note
     sources = _sources_among_controls(pred, real, contract)
     every = baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any()
@@ -199,7 +200,7 @@ def _setup(
             "obs['source_cell']), so no independent control cells are left to measure the deltas against: the "
             "controls are split at random and the model's delta shares half its cells' noise with the reference. Split "
             "the controls before predicting (vc.evaluate.split_controls: predict from one half, pass it as "
-            "--baseline and the rest as --real).", stacklevel=3)
+            "--baseline and the rest as --real).", stacklevel=user_stacklevel())
         sources = None
     if baseline is None and sources is not None:
         # the prediction was made from some of these very control cells (its obs['source_cell']): they are its
@@ -213,7 +214,7 @@ def _setup(
             warnings.warn(
                 "real holds only the reference half of the controls (from split_controls) but no baseline= "
                 "was given, so its controls are split again. Pass baseline=<the other half>.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         baseline, real = split_controls(real, perturbation_key=contract.perturbation_key, control=contract.controls,
                                         context_key=contract.context_key, seed=seed)
@@ -223,7 +224,7 @@ def _setup(
             note = ("the prediction names the cells it was made from (obs['source_cell']) and they are not all control "
                     "cells of real, so the model's delta is taken against other cells than its own baseline: pass "
                     "the file it was predicted from as baseline= (--baseline)")
-            warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=3)
+            warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=user_stacklevel())
             info["controls"] += "; " + note
     else:
         _refuse_shared_controls(baseline, real, contract)
@@ -349,6 +350,60 @@ def _with_control(pred: Prepared, base: Prepared, control: str, info: dict[str, 
     idx = np.flatnonzero(missing)
     return Prepared(sp.vstack([pred.X, base.X[idx]]).tocsr(), np.concatenate([pred.labels, base.labels[idx]]),
                     np.concatenate([pred.contexts, base.contexts[idx]]), pred.normalization)
+
+
+def _none_measured(predicted: set[tuple[str, str]], known: set[tuple[str, str]],
+                   contract: DataContract) -> DataError:
+    """The refusal of a prediction none of whose groups (``predicted``: perturbation and context) is measured
+    (``known``): a few groups of each side, and the usual fixes (the labels' column, the context column, the doses and
+    times that one side names)."""
+    control = contract.control
+    measured = {p for p, _ in known if p != control}
+    one_sided = _one_sided_quantities({p for p, _ in predicted}, measured)
+    dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p in measured)
+    timed = (any("," in p.partition("@")[2] for p, _ in predicted)
+             and not any("," in p.partition("@")[2] for p in measured))
+    hint = (" The predictions name doses or times ('drugA@10') and the measured labels do not: name the "
+            "measured data's dose and time columns (CLI: --dose-key / --time-key, and --dose-unit-key "
+            "where the units are a column of their own; Python: DataContract(..., dose_key=...)"
+            ".attach(real)), so that its doses are groups of their own."
+            if dosed else
+            " The predictions name times ('drugA@10,24h') and the measured labels do not: name the "
+            "measured data's time column (CLI: --time-key; Python: DataContract(..., time_key=...)"
+            ".attach(real))." if timed else "")
+    has = preview(sorted({f"{p} in {c}" for p, c in known if p != control}), 5) or "no perturbed cells"
+    return DataError(
+        f"None of the predicted groups ({preview(sorted(f'{p} in {c}' for p, c in predicted), 5)}) is in the measured "
+        f"data (which has {has}). Label the predictions as the measured data does (virtualcell predict writes the "
+        f"training labels in the column its training data named them in; read here: "
+        f"obs[{contract.perturbation_key!r}], --perturbation-key), and check the context column." + (one_sided or hint)
+        + contract.whole_floats({c for _, c in predicted}, {c for _, c in known})
+    )
+
+
+def _nothing_scored(setup: _Setup, pred: Prepared, contexts: list[_RealContext]) -> DataError:
+    """The refusal of a prediction that gave no group to compare (:func:`delta_table`): it has no perturbed cells,
+    none of its groups is measured, or those measured lack control cells on one side; each with a few groups and the
+    fix."""
+    control = setup.contract.control
+    predicted = {(p, c) for p, c in zip(pred.labels, pred.contexts) if p != control}
+    if not predicted:
+        return DataError(f"The prediction holds control cells only (label {control!r}), so no perturbation can be "
+                         "compared. Pass the predicted perturbed cells (SimulationResult.to_anndata(), or virtualcell "
+                         "predict's output).")
+    known = set(zip(setup.real.labels, setup.real.contexts))
+    both = predicted & known
+    if not both:
+        return _none_measured(predicted, known, setup.contract)
+    scorable = {(p, rc.context) for rc in contexts for p in rc.candidates}
+    where = preview(sorted({c for _, c in both}), 3)
+    lacks = (f"the measured data has no control cells (label {control!r}) in their contexts ({where}): give the "
+             "measured file those contexts' control cells" if not both & scorable else
+             f"the prediction has no control cells (label {control!r}) in their contexts ({where}), nor its baseline: "
+             "pass the control cells it was made from as baseline= (--baseline), spelling the contexts as it does")
+    return DataError(
+        f"The predicted groups that are measured ({preview(sorted(f'{p} in {c}' for p, c in both), 5)}) cannot be "
+        f"compared, since a group's delta is taken against the control cells of its context, and {lacks}.")
 
 
 def _one_sided_quantities(unmatched: set[str], measured: set[str]) -> str:
@@ -650,6 +705,7 @@ def evaluate(
     return table
 
 
+@one_reading
 def _run(
     pred: ad.AnnData | None,
     real: ad.AnnData,
@@ -718,25 +774,7 @@ def _run(
                         "measured data's labels: %s).%s", len(extra), preview(extra, 5),
                         preview(sorted({p for p, _ in known if p != contract.control}), 8), one_sided)
             if not predicted & known:
-                dosed = any("@" in p for p, _ in predicted) and not any("@" in p for p, _ in known)
-                timed = (any("," in p.partition("@")[2] for p, _ in predicted)
-                         and not any("," in p.partition("@")[2] for p, _ in known))
-                hint = (" The predictions name doses or times ('drugA@10') and the measured labels do not: name the "
-                        "measured data's dose and time columns (CLI: --dose-key / --time-key, and --dose-unit-key "
-                        "where the units are a column of their own; Python: DataContract(..., dose_key=...)"
-                        ".attach(real)), so that its doses are groups of their own."
-                        if dosed else
-                        " The predictions name times ('drugA@10,24h') and the measured labels do not: name the "
-                        "measured data's time column (CLI: --time-key; Python: DataContract(..., time_key=...)"
-                        ".attach(real))." if timed else "")
-                raise DataError(
-                    f"None of the predicted groups ({preview(sorted(extra), 5)}) is in the measured data (which has "
-                    f"{preview(sorted({f'{p} in {c}' for p, c in known if p != contract.control}), 5)}). Label the "
-                    "predictions as the measured data does (virtualcell predict writes the training labels in the "
-                    f"column its training data named them in; read here: obs[{contract.perturbation_key!r}], "
-                    "--perturbation-key), and check the context column." + (one_sided or hint)
-                    + contract.whole_floats({c for _, c in predicted}, {c for _, c in known})
-                )
+                raise _none_measured(predicted, known, contract)
         rows += score("model", pred_p, setup.real, contexts)
     if baselines:
         base_ad = _as_anndata(setup.base, genes, contract)
@@ -798,6 +836,7 @@ def _version(dist: str) -> str:
 # --------------------------------------------------------------------------- #
 # Deltas for plots
 # --------------------------------------------------------------------------- #
+@one_reading
 def delta_table(
     pred: ad.AnnData,
     real: ad.AnnData,
@@ -859,7 +898,7 @@ def _deltas(setup: _Setup, pred_p: Prepared, contexts: list[_RealContext]) -> pd
             "effect_size": np.repeat([rc.effect_size[p] for p in pair.perturbations], n_g),
         }))
     if not frames:
-        raise DataError("No predicted perturbation matches a measured one (same label and context).")
+        raise _nothing_scored(setup, pred_p, contexts)
     return pd.concat(frames, ignore_index=True)
 
 

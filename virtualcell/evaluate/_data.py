@@ -15,8 +15,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
-from ..contract import UNS_KEY, DataContract
-from ..errors import ContractError, DataError, close_matches, preview
+from ..contract import UNS_KEY, DataContract, one_reading
+from ..errors import ContractError, DataError, close_matches, preview, user_stacklevel
 from ..perturbations import canonical_condition, condition_in_units, split_label, unordered_label
 from ..sentences import detect_scale, log_normalize, normalization_label, require_in_memory
 
@@ -428,7 +428,7 @@ def shared_genes(
                 warnings.warn(
                     f"The inputs share {len(genes)} gene names as written but {len(loose)} when case and Ensembl "
                     f"version suffixes are ignored (e.g. {examples[0][0]!r} = {examples[0][1]!r}); genes are matched "
-                    f"that way and named as in {items[0][0]}.", UserWarning, stacklevel=3)
+                    f"that way and named as in {items[0][0]}.", UserWarning, stacklevel=user_stacklevel())
                 items = list(named.items())
                 genes = _intersect([(n, a.var_names) for n, a in items])
     if len(genes) < min_shared * smallest:
@@ -466,6 +466,7 @@ def group_moments(X: sp.spmatrix | np.ndarray, keys: np.ndarray) -> tuple[list[A
 # --------------------------------------------------------------------------- #
 # Independent controls
 # --------------------------------------------------------------------------- #
+@one_reading
 def split_controls(
     adata: ad.AnnData,
     *,
@@ -615,7 +616,7 @@ def effect_size(
                       "obs['source_cell']): this reads them as independent groups, so its noise term and effect size "
                       "differ from a screen's l2_delta_corrected, which pairs each predicted cell with its source. "
                       "For predictions, read the screen's figure, or pass reference= control cells they were not "
-                      "made from.", UserWarning, stacklevel=2)
+                      "made from.", UserWarning, stacklevel=user_stacklevel())
     if reference is not None:
         from ..sentences import gene_positions
 

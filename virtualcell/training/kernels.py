@@ -132,6 +132,9 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
         _set_attention(lm, candidates[0].attention)
         torch.set_num_threads(candidates[0].threads)
         return candidates[0]
+    # (seconds to a minute before the first step's bar, said only afterwards: a person saw nothing happen)
+    log.info("timing %d training kernels (attention/precision/threads) on the first batch before the first step",
+             len(candidates))
     timings = {}
     with _probing(lm):
         lm.train()
