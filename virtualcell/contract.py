@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .errors import ContractError, close_matches, preview, user_stacklevel
-from .perturbations import (_JOINING_PLUS, KIND_ALIASES, dose_on_one_scale, first_quantity, hours_per,
+from .perturbations import (_JOINING_PLUS, dose_on_one_scale, first_quantity, hours_per,
                             known_dose_unit, negative_quantity, quantity_suffix, read_quantity, split_label)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -638,14 +638,15 @@ def _dosed_agents(label: str) -> list[str]:
     (``'drugA+drugB'``), a part written typed by its name (``'drug:drugC'`` is the agent ``drugC``, as a label
     ``'drugC'`` is), and none for a part written as a genetic perturbation or a plain label (``'ko:TF06'`` takes no
     dose). One agent's doses in two families of units are refused, however its labels spell it."""
+    from .perturbations import written_kind
+
     agents = []
-    for part in split_label(label):
-        prefix, colon, name = part.strip().partition(":")
-        kind = KIND_ALIASES.get(prefix.strip().lower()) if colon else None
-        if kind is None:
-            agents += [part.strip()] if part.strip() else []
-        elif kind in ("drug", "cytokine") and name.strip():
-            agents.append(name.strip())
+    for part in (x.strip() for x in split_label(label)):
+        typed = written_kind(part)
+        if typed is None:
+            agents += [part] if part else []
+        elif typed[0] in ("drug", "cytokine"):
+            agents.append(typed[1])
     return agents
 
 

@@ -39,7 +39,7 @@ from .errors import DataError, PerturbationError
 
 __all__ = ["Perturbation", "Combination", "parse", "parse_panel", "panel_lines", "expand", "quantity_suffix",
            "without_quantities", "dose_on_one_scale", "known_dose_unit", "hours_per", "read_quantity", "in_units",
-           "condition_in_units", "units_text", "units_of_text", "first_quantity", "label_parts", "control_words",
+           "condition_in_units", "condition_parts", "written_kind", "units_text", "units_of_text", "first_quantity", "label_parts", "control_words",
            "parts_of", "KINDS", "GENETIC", "KIND_ALIASES"]
 
 Kind = Literal["control", "knockout", "knockdown", "activation", "drug", "cytokine", "label"]
@@ -430,6 +430,42 @@ def shared_suffix(label: str) -> tuple[str, str] | None:
         return None
     name, _, suffix = label.rpartition("@")
     return name, suffix
+
+
+def written_kind(part: str) -> tuple[str, str] | None:
+    """``(kind, name)`` of a label's part written typed, with a kind the perturbation language knows and no dose or
+    time of its own ('ko:STAT1', 'drug:5-FU'; the dose columns give doses); ``None`` for any other part, which is
+    read by its kind ('IL-2:high' is a plain label: 'IL-2' is no kind). The one reading of a typed part of a training
+    label, for training's labels and the contract's dosed agents.
+
+    >>> written_kind("ko:STAT1"), written_kind("drug:5-FU"), written_kind("IL-2:high"), written_kind("STAT1")
+    (('knockout', 'STAT1'), ('drug', '5-FU'), None, None)
+    """
+    if ":" not in part:
+        return None
+    try:
+        p = parse(part)
+    except ValueError:
+        return None
+    if not isinstance(p, Perturbation) or p.kind == "control" or p.dose is not None or p.time is not None:
+        return None
+    return p.kind, p.target
+
+
+def condition_parts(label: str) -> tuple[str, str | None, str | None]:
+    """``(name, dose, time)`` as a condition's name writes them, after its last ``@`` (``"drugA@10uM,24h"`` ->
+    ``("drugA", "10uM", "24h")``; ``"TF06@,24h"`` -> ``("TF06", None, "24h")``), None where one is not written; a
+    label without ``@`` is its own name. The one reading of a condition's name into its parts, for those that compare
+    or convert them (evaluate's baselines and its unmatched groups).
+
+    >>> condition_parts("drugA@10uM,24h"), condition_parts("TF06@,24h"), condition_parts("STAT1")
+    (('drugA', '10uM', '24h'), ('TF06', None, '24h'), ('STAT1', None, None))
+    """
+    name, at, suffix = label.rpartition("@")
+    if not at or not name:
+        return label, None, None
+    dose, _, time = suffix.partition(",")
+    return name, dose.strip() or None, time.strip() or None
 
 
 def canonical_condition(label: str) -> str:

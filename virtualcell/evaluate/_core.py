@@ -410,12 +410,7 @@ def _one_sided_quantities(unmatched: set[str], measured: set[str]) -> str:
     """What to say where predicted groups miss measured ones only by a dose or a time that one side names and the other
     does not (``'drugA@1,24h'`` beside the measured ``'drugA@1'``, or the other way round), with the fix for each way;
     ``''`` where no unmatched group does. (That a whole prediction meets nothing was the only case told before.)"""
-    def split(label: str) -> tuple[str, str | None, str | None]:
-        name, at, suffix = label.rpartition("@")
-        if not at or not name:
-            return label, None, None
-        dose, _, time = suffix.partition(",")
-        return name, dose.strip() or None, time.strip() or None
+    from ..perturbations import condition_parts as split
 
     by_name: dict[str, list[tuple[str, str | None, str | None]]] = {}
     for m in sorted(measured):

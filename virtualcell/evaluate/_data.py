@@ -341,9 +341,9 @@ def canonical_label(label: str) -> str:
     ('TF06+drugA@1,24h', 'TF06+drugA@1,24h', 'A@1+B@10')
     """
     parts = [x.strip() for x in split_label(label)]
-    if len(parts) > 1 and all("@" in x for x in parts):  # each part its own dose: each in one spelling, then sorted
-        return "+".join(sorted(canonical_condition(x) for x in parts))
-    label = unordered_label(label)
+    if len(parts) > 1 and all("@" in x for x in parts):  # each part its own dose: each in one spelling first
+        label = "+".join(canonical_condition(x) for x in parts)
+    label = unordered_label(label)  # (the one home of a pair's order)
     return canonical_condition(label) if "@" in label else label
 
 

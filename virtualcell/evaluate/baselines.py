@@ -53,8 +53,8 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import UNS_KEY
 from ..errors import DataError, PerturbationError, preview
-from ..perturbations import (Perturbation, canonical_condition, dose_on_one_scale, hours_per, label_parts, parse,
-                             read_quantity, shared_suffix)
+from ..perturbations import (Perturbation, canonical_condition, condition_parts, dose_on_one_scale, hours_per,
+                             label_parts, parse, read_quantity, shared_suffix)
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -279,11 +279,9 @@ def _dose_of(condition: str) -> tuple[str, float | None, float | str]:
     :func:`~virtualcell.perturbations.read_quantity` and ``dose_on_one_scale`` read every dose; None where it has
     none or it is not a number. The time is in hours (``"1d"`` -> 24.0, so that it meets ``"24h"``), ``""`` where
     there is none, and the text as written where it is no time."""
-    label, at, quantity = condition.rpartition("@")
-    if not at:
-        return condition, None, ""
-    dose, _, time = quantity.partition(",")
-    read = read_quantity(dose)
+    label, dose, time = condition_parts(condition)
+    read = read_quantity(dose) if dose else None
+    time = time or ""
     when = read_quantity(time) if time else None
     per = hours_per(when[1]) if when is not None else None
     return (label, None if read is None else read[0] * dose_on_one_scale(read[1])[1],

@@ -22,7 +22,8 @@ import numpy as np
 from ..contract import DataContract
 from ..errors import DataError, preview
 from ..perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, control_words, label_parts, label_stem,
-                             looks_like_control, parse, parts_of, read_kinds, split_label, without_quantities)
+                             looks_like_control, parse, parts_of, read_kinds, split_label, without_quantities,
+                             written_kind)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -234,7 +235,7 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
     for (label, kind, _, _), form in cache.items():
         parts = label_parts(label, contract.controls)
         if label != contract.control and kind != "control" and len(parts) == 1:
-            name = (_written_kind(parts[0]) or ("", parts[0]))[1]
+            name = (written_kind(parts[0]) or ("", parts[0]))[1]
             alone.setdefault(name.upper(), set()).add(parts_of(parse(form))[0].kind)
     wrong: dict[str, str] = {}
     drug_genes: dict[str, str] = {}  # a part never trained alone that names a gene, typed a drug by the column
@@ -243,7 +244,7 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
         if label == contract.control or kind in ("control", "auto") or "+" in kind or len(parts) < 2:
             continue
         for x in parts:
-            if _written_kind(x) is not None:
+            if written_kind(x) is not None:
                 continue
             trained = alone.get(x.upper(), set())
             if trained and family(kind) not in {family(k) for k in trained}:
@@ -417,7 +418,7 @@ def _typed(label: str, kind: str, dose: float | None, time_: float | None, contr
     dosed = dose is not None or time_ is not None
     part_kinds = None
     given = _kinds_per_part(label, kind, parts, contract) if "+" in kind else None  # ('drug+knockout')
-    written = [_written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
+    written = [written_kind(x) for x in parts]  # a part the data writes typed ('ko:STAT1', 'drug:5-FU')
     if any(written):
         parts = [w[1] if w else x for x, w in zip(parts, written)]
         rest = [x for x, w in zip(parts, written) if not w]
@@ -480,21 +481,6 @@ def _kinds_per_part(label: str, kind: str, parts: list[str], contract: DataContr
             + f". Give it one kind per part in the order of its label's parts in the column of kinds (e.g. "
             f"{'+'.join(example)!r}), or one kind for all its parts.")
     return kinds
-
-
-def _written_kind(part: str) -> tuple[str, str] | None:
-    """``(kind, name)`` of a label's part written typed, with a kind the perturbation language knows and no dose or
-    time of its own ('ko:STAT1', 'drug:5-FU'; the dose columns give doses); ``None`` for any other part, which is
-    read by its kind ('IL-2:high' is a plain label: 'IL-2' is no kind)."""
-    if ":" not in part:
-        return None
-    try:
-        p = parse(part)
-    except ValueError:
-        return None
-    if not isinstance(p, Perturbation) or p.kind == "control" or p.dose is not None or p.time is not None:
-        return None
-    return p.kind, p.target
 
 
 def _auto_kind(parts: list[str], genes: Vocabulary, aliases: Mapping[str, str], *, dosed: bool) -> str:
