@@ -66,7 +66,9 @@ _GENE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 # dose unit families: each unit's factor to its family's common unit (lower case, 'µ' read as 'u')
 _MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "mm": 1e3, "m": 1e6}
 _MASS = {"pg/ml": 1e-3, "ng/ml": 1.0, "ug/ml": 1e3, "mg/ml": 1e6, "g/l": 1e6, "mg/l": 1e3, "ug/l": 1.0}
-_COMMON = (("uM", _MOLAR), ("ng/ml", _MASS))
+# activity (a cytokine's international units): U/ml, IU/ml and units/ml are one unit written three ways; kU/ml 1000
+_ACTIVITY = {"u/ml": 1.0, "iu/ml": 1.0, "units/ml": 1.0, "unit/ml": 1.0, "ku/ml": 1e3, "kiu/ml": 1e3}
+_COMMON = (("uM", _MOLAR), ("ng/ml", _MASS), ("U/ml", _ACTIVITY))
 
 
 def _unit_key(unit: str | None) -> str:
@@ -79,14 +81,15 @@ def _dose_family(unit: str | None) -> tuple[str, float] | None:
 
 
 def known_dose_unit(unit: str | None) -> bool:
-    """Whether ``unit`` is a molar or mass concentration (``"nM"``, ``"µM"``, ``"ng/ml"``): those
-    :func:`dose_on_one_scale` converts."""
+    """Whether ``unit`` is a molar or mass concentration or an activity (``"nM"``, ``"µM"``, ``"ng/ml"``,
+    ``"U/ml"``): those :func:`dose_on_one_scale` converts."""
     return _dose_family(unit) is not None
 
 
 def dose_on_one_scale(unit: str | None) -> tuple[str, float]:
-    """``(common unit, factor)`` of a dose unit: molar units to uM, mass concentrations to ng/ml (``"nM"`` ->
-    ``("uM", 0.001)``); a unit of no known family keeps itself (factor 1)."""
+    """``(common unit, factor)`` of a dose unit: molar units to uM, mass concentrations to ng/ml, activities to U/ml
+    (``"nM"`` -> ``("uM", 0.001)``; ``"IU/ml"`` and ``"units/ml"`` -> ``("U/ml", 1.0)``); a unit of no known family
+    keeps itself (factor 1)."""
     return _dose_family(unit) or (unit or "", 1.0)
 
 
@@ -130,7 +133,9 @@ def read_kinds(adata: Any, kind_key: str, *, controls: Any = None) -> list[str]:
 
 # labels that name a control in most screens; one of them trained as a perturbation is worth a warning
 CONTROL_LIKE = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", "vehicle",
-                          "untreated", "mock", "unperturbed", "safe-targeting"})
+                          "untreated", "mock", "unperturbed", "safe-targeting",
+                          # (a stimulation's: cells left unstimulated, or given the carrier alone)
+                          "unstim", "unstimulated", "pbs", "medium", "resting"})
 
 
 def label_stem(label: str) -> str:

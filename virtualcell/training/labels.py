@@ -21,9 +21,9 @@ import numpy as np
 
 from ..contract import DataContract
 from ..errors import DataError, preview
-from ..perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, control_words, label_parts, label_stem,
-                             looks_like_control, parse, parts_of, read_kinds, split_label, without_quantities,
-                             written_kind)
+from ..perturbations import (EDIT_WORDS, GENETIC, KIND_ALIASES, Combination, Perturbation, control_words,
+                             dose_on_one_scale, label_parts, label_stem, looks_like_control, parse, parts_of,
+                             read_kinds, split_label, without_quantities, written_kind)
 from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
 from ..sentences import Vocabulary, target_aliases
 
@@ -85,10 +85,15 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     _refuse_merged(labels, typed, contract)
     _refuse_timed_genetic(labels, typed, conditions, (dose, when), contract)
     if kinds is not None:
-        _refuse_kind_for_all_parts(cache, contract, genes, vocab, cfg.kind_key)
+        _refuse_kind_for_all_parts(cache, contract, genes, vocab, cfg.kind_key, warn=warn)
     if warn:
         _warn_odd_labels(labels, (dose, when), contract, genes)
         _warn_unlistable(labels, contract)
+        _warn_dosed_genetic(labels, typed, dose, units, contract)
+        _warn_rising_targets(adata, labels, typed, contract)
+    if warn and kinds is None and cfg.kind == "auto":
+        _warn_unmeasured_knockouts(labels, typed, contract, genes)
+        _warn_kind_column(adata, contract)
     if warn and kinds is None and cfg.kind == "auto":  # a time course of knockouts outside the panel reads as drugs
         timed = sorted({str(lab) for lab, form in zip(labels, typed)
                         if form.startswith("drug:") and _all_gene_like(split_label(str(lab)))}
@@ -218,11 +223,14 @@ def _refuse_timed_genetic(labels: np.ndarray, typed: np.ndarray, conditions: np.
         f"holds several), and its predictions, in every context, would be named after one of them. Train the {what} as a context: --context-key {context} without {flag} "
         f"(DataContract(context_key={context!r}, ...)), each {what} a context of its own with its control cells; or "
         f"train one model per {what} (e.g. adata[adata.obs[{key!r}] == ...]). Where some of its cells lack the {what}, "
-        "fill it in or drop those cells.")
+        "fill it in or drop those cells."
+        + (" If the label names an agent given at doses rather than a gene edit (a cytokine named by its gene, IFNG "
+           "at 10ng/ml), read it as one: --kind cytokine or --kind drug (or a column of kinds, --kind-key), and "
+           "each dose trains as a condition of its own." if "dose" in what else ""))
 
 
 def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContract, genes: Vocabulary,
-                               vocab: PerturbationVocab, kind_key: str | None) -> None:
+                               vocab: PerturbationVocab, kind_key: str | None, *, warn: bool = True) -> None:
     """Refuse a combination whose cells' one kind (a column of kinds gives a cell one) types a part against how it
     trains elsewhere: 'drugA+TF06' of kind 'drug' trained TF06 as a drug while TF06 alone trained as a knockout (two
     perturbations under one name). A part never trained alone is as the column says (a cytokine pair 'IFNG+TNF' names
@@ -238,7 +246,7 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
             name = (written_kind(parts[0]) or ("", parts[0]))[1]
             alone.setdefault(name.upper(), set()).add(parts_of(parse(form))[0].kind)
     wrong: dict[str, str] = {}
-    drug_genes: dict[str, str] = {}  # a part never trained alone that names a gene, typed a drug by the column
+    drug_genes: dict[str, list[str]] = {}  # parts never trained alone that name genes, typed drugs by the column
     for label, kind, _, _ in cache:
         parts = label_parts(label, contract.controls)
         if label == contract.control or kind in ("control", "auto") or "+" in kind or len(parts) < 2:
@@ -250,34 +258,39 @@ def _refuse_kind_for_all_parts(cache: Mapping[tuple, str], contract: DataContrac
             if trained and family(kind) not in {family(k) for k in trained}:
                 wrong.setdefault(label, f"{label!r} ({kind}): {x!r} trains alone as {' and '.join(sorted(trained))}")
             elif not trained and kind == "drug" and (x.upper() in genes or x.upper() in vocab.aliases):
-                drug_genes.setdefault(label, x)
+                drug_genes.setdefault(label, []).append(x)
     # the column's kind is believed where nothing contradicts it (a cytokine is named by its gene, IFNG+TNF), but a
     # drug named like a gene of the panel is worth a word
-    if drug_genes:
+    if drug_genes and warn:  # (not again where training reads the labels a second time, warn=False)
         first = sorted(drug_genes)[0]
-        many = len(drug_genes) != 1
-        log.warning("%d combination label%s in obs[%r] take%s the kind 'drug' from obs[%r] for every part, and a part "
-                    "names a gene of the panel (%r in %r): it trains as a drug of that name. If it is a knockout, "
-                    "give the kinds per part (%r) or write it in the label (%r).", len(drug_genes),
-                    "s" if many else "", contract.perturbation_key, "" if many else "s", kind_key, drug_genes[first],
-                    first,
-                    "+".join("knockout" if x == drug_genes[first] else "drug"
-                             for x in label_parts(first, contract.controls)),
-                    "+".join(f"ko:{x}" if x == drug_genes[first] else x for x in label_parts(first, contract.controls)))
+        many, gene_parts = len(drug_genes) != 1, drug_genes[first]
+        parts = label_parts(first, contract.controls)
+        log.warning("%d combination label%s in obs[%r] take%s the kind 'drug' from obs[%r] for every part, and %s "
+                    "name%s a gene of the panel (%s in %r): %s as a drug of that name. If %s a knockout, give the "
+                    "kinds per part (%r) or write it in the label (%r).", len(drug_genes), "s" if many else "",
+                    contract.perturbation_key, "" if many else "s", kind_key,
+                    "a part" if len(gene_parts) == 1 else "parts", "s" if len(gene_parts) == 1 else "",
+                    preview(gene_parts, 4), first, "it trains" if len(gene_parts) == 1 else "each trains",
+                    "it is" if len(gene_parts) == 1 else "one is",
+                    "+".join("knockout" if x in gene_parts else "drug" for x in parts),
+                    "+".join(f"ko:{x}" if x in gene_parts else x for x in parts))
     if wrong:
         first = sorted(wrong)[0]
         kind = next(k for (lab, k, _, _) in cache if lab == first)
         guessed = [(x, _part_kind_guess(x, kind, alone, genes, vocab)) for x in label_parts(first, contract.controls)]
         per_part = "+".join(k for _, k in guessed)
         typed = "+".join(x if k == kind else f"{_SHORT_KIND.get(k, k)}:{x}" for x, k in guessed)
+        n_parts = len(guessed)
+        as_column = "+".join([kind] * n_parts)  # (the other reading: the part is what the column says, not its single)
         raise DataError(
             f"{len(wrong)} combination label{'s' if len(wrong) != 1 else ''} in obs[{contract.perturbation_key!r}] "
             f"take{'s' if len(wrong) == 1 else ''} one kind from obs[{kind_key!r}] for every part, which types a part "
-            f"against how it trains elsewhere ({'; '.join(wrong[k] for k in sorted(wrong)[:4])}"
-            f"{'; ...' if len(wrong) > 4 else ''}): the model would learn that part as another perturbation than the "
-            f"one it is. Give such a combination its kinds per part, in the order of its label's parts "
-            f"(obs[{kind_key!r}] {per_part!r} for {first!r}), or write the part's kind in the label ({typed!r}), or "
-            "read the kinds from the labels (kind auto: leave out --kind-key).")
+            f"against how it trains alone ({'; '.join(wrong[k] for k in sorted(wrong)[:4])}"
+            f"{'; ...' if len(wrong) > 4 else ''}): which one is meant cannot be read from the data. Give such a "
+            f"combination its kinds per part, in the order of its label's parts: obs[{kind_key!r}] {per_part!r} for "
+            f"{first!r} where the part is the perturbation it is alone (or write it in the label, {typed!r}), or "
+            f"{as_column!r} where it is what the column says (a cytokine pair named by genes whose knockouts are "
+            "screened too); or read the kinds from the labels (kind auto: leave out --kind-key).")
 
 
 _SHORT_KIND = {"knockout": "ko", "knockdown": "kd", "activation": "act", "drug": "drug", "cytokine": "cytokine",
@@ -408,6 +421,161 @@ def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarra
         log.info("%d labels name the control as a part (%s): each is read as its other parts ('%s' as %r), as "
                  "GEARS writes a single.", len(single), preview(single, 5), single[0],
                  "+".join(label_parts(single[0], contract.controls)))
+
+
+# the fixes for labels that kind auto (or a genetic --kind) reads as gene edits while the data says they are not
+_KIND_FIXES = ("pass --kind activation for a CRISPRa screen, --kind cytokine (or drug) for ligands and compounds named "
+               "by their genes, or name a column of each cell's kind (--kind-key)")
+
+# a label read as a knockout or knockdown whose own gene's mean log1p expression in its cells is this much above the
+# controls' (about 1.65-fold) raises its target, which a knockout does not: half a natural-log unit, far past the
+# noise of a mean over a few cells, far below what an activation or a self-inducing cytokine does
+RISE = 0.5
+
+
+def _genetic_form(form: str) -> bool:
+    try:
+        return all(x.kind in GENETIC for x in parts_of(parse(form)))
+    except ValueError:
+        return False
+
+
+def _warn_dosed_genetic(labels: np.ndarray, typed: np.ndarray, dose: np.ndarray, units: Mapping[str, str],
+                        contract: DataContract) -> None:
+    """Warn of labels read as genetic perturbations whose cells carry doses in a unit of mass or activity (ng/ml,
+    U/ml): a gene edit takes no dose, so the dose is dropped, and the label is likely an agent named by its gene (a
+    cytokine). Plain numbers (perturbench's '1+1' for its knockouts) and molar units say nothing of the kind."""
+    dosed = np.isfinite(dose) & (labels != contract.control)
+    said: dict[str, str] = {}
+    for label, form in sorted(set(zip(labels[dosed], typed[dosed]))):
+        if not _genetic_form(str(form)):
+            continue
+        for part in label_parts(str(label), contract.controls):
+            unit = units.get(part)
+            if unit and dose_on_one_scale(unit)[0] in ("ng/ml", "U/ml"):
+                said.setdefault(str(label), unit)
+    if said:
+        shown = [f"{lab} ({u})" for lab, u in sorted(said.items())]
+        log.warning("%d label%s read as genetic perturbations (knockouts, knockdowns or activations) %s cells dosed "
+                    "in a unit of mass or activity (%s): a gene edit takes no dose, so the dose is dropped from %s "
+                    "prompt%s. If they are agents named by their genes (a cytokine such as IFNG at 10ng/ml), pass "
+                    "--kind cytokine (or --kind drug; --kind-key for a column of kinds).", len(said),
+                    "s" if len(said) != 1 else "", "have" if len(said) != 1 else "has", preview(shown, 5),
+                    "their" if len(said) != 1 else "its", "s" if len(said) != 1 else "")
+
+
+def _warn_unmeasured_knockouts(labels: np.ndarray, typed: np.ndarray, contract: DataContract,
+                               genes: Vocabulary) -> None:
+    """Warn (kind auto) where labels are read as knockouts and not one of them names a gene of the panel ('IFNB'
+    alone, Kang's interferon): a knockout screen measures some of its targets, so these are likely agents named like
+    genes. Trained as knockouts, every knockout the model is asked about, of any gene, is served their effect."""
+    knocked: set[str] = set()
+    for label, form in set(zip(labels, typed)):
+        if label == contract.control or not _genetic_form(str(form)):
+            continue
+        parts = parts_of(parse(str(form)))
+        if any(x.target in genes for x in parts):
+            return
+        knocked.add(str(label))
+    if knocked:
+        many = len(knocked) != 1
+        log.warning("%d label%s (%s) %s read as %s, as kind auto reads a name like a gene's, and %s gene of "
+                    "the panel: a knockout screen measures some of its targets, so %s likely no gene edit%s. Trained "
+                    "as knockouts, the model would serve %s effect for a knockout of any gene. If %s, %s.", len(knocked),
+                    "s" if many else "", preview(sorted(knocked), 5), "are" if many else "is",
+                    "knockouts" if many else "a knockout", "none names a" if many else "it names no", "these are" if many else "it is", "s" if many else "",
+                    "their" if many else "its",
+                    "they are agents or stimulations" if many else "it is an agent or a stimulation", _KIND_FIXES)
+
+
+def _warn_rising_targets(adata: ad.AnnData, labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
+    """Warn where most labels read as knockouts or knockdowns of a gene of the panel raise that gene's own
+    expression in their cells (mean log1p, against the controls of each cell's context, by more than :data:`RISE`):
+    a knockout lowers its target's expression or leaves it, an activation (CRISPRa) or a cytokine that induces its
+    own gene (TNF) raises it. Singles with :data:`FEW_CELLS` cells or more are judged."""
+    import scipy.sparse as sp
+
+    from ..sentences import TARGET_SUM, detect_scale
+
+    local = Vocabulary.from_adata(adata)
+    target: dict[str, int] = {}  # each single knockout or knockdown label -> its gene's column
+    for label, form in set(zip(labels, typed)):
+        if label == contract.control:
+            continue
+        try:
+            p = parse(str(form))
+        except ValueError:
+            continue
+        if isinstance(p, Perturbation) and p.kind in ("knockout", "knockdown") and local.find(p.target) >= 0:
+            target[str(label)] = local.find(p.target)
+    if not target:
+        return
+    X = adata.X
+    scale = detect_scale(X)
+    totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+    totals[totals == 0] = 1.0
+    cols = np.array(sorted(set(target.values())))
+    col_at = {c: i for i, c in enumerate(cols)}
+
+    def normalized(values: np.ndarray, rows: np.ndarray) -> np.ndarray:  # log1p values, as training reads them
+        values = np.asarray(values, dtype=np.float64)
+        if scale == "log1p":
+            return values
+        factor = TARGET_SUM / totals[rows]
+        return np.log1p(values * (factor[:, None] if values.ndim == 2 else factor))
+
+    contexts = contract.contexts(adata)
+    is_control = contract.is_control(adata)
+    control_mean: dict[str, np.ndarray] = {}
+    for c in np.unique(contexts[is_control]):
+        rows = np.flatnonzero(is_control & (contexts == c))
+        sub = X[rows][:, cols]
+        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        control_mean[str(c)] = normalized(sub, rows).mean(axis=0)
+    changes: dict[str, float] = {}
+    for label, col in target.items():
+        rows = np.flatnonzero((labels == label) & np.isin(contexts, list(control_mean)))
+        if rows.size < FEW_CELLS:
+            continue
+        values = X[rows, np.full(rows.size, col)]
+        own = normalized(np.asarray(values).ravel(), rows)
+        base = np.array([control_mean[str(c)][col_at[col]] for c in contexts[rows]])
+        changes[label] = float(np.mean(own - base))
+    rising = {lab: d for lab, d in changes.items() if d > RISE}
+    if changes and len(rising) * 2 > len(changes):
+        shown = [f"{lab} {d:+.2f}" for lab, d in sorted(rising.items(), key=lambda kv: -kv[1])]
+        log.warning("%d of %d labels read as knockouts or knockdowns of a gene of the panel raise that gene's own "
+                    "expression in their cells against the controls (mean log1p: %s): a knockout lowers its target "
+                    "or leaves it, so they are likely activations (CRISPRa) or agents that induce their own gene (a "
+                    "cytokine named by its gene, such as TNF). If so, %s.", len(rising), len(changes),
+                    preview(shown, 5), _KIND_FIXES)
+
+
+def _warn_kind_column(adata: ad.AnnData, contract: DataContract) -> None:
+    """Warn (kind auto, no column of kinds named) of an obs column whose values, over the perturbed cells, are mostly
+    perturbation kinds (:data:`~virtualcell.perturbations.KIND_ALIASES`: scPerturb's 'perturbation_type', as the
+    synthetic screen ships it): kind auto reads kinds from the labels alone, never from it."""
+    import pandas as pd
+
+    perturbed = ~contract.is_control(adata)
+    if not perturbed.any():
+        return
+    named = {contract.perturbation_key, contract.dose_key, contract.time_key, contract.dose_unit_key,
+             *(contract.context_key or "").split("+")}
+    for col in adata.obs.columns:
+        values = adata.obs[col]
+        if col in named or not (values.dtype == object or isinstance(values.dtype, (pd.CategoricalDtype,
+                                                                                    pd.StringDtype))):
+            continue
+        counts = values[perturbed].astype(str).str.strip().str.lower().value_counts()
+        known = [v for v in counts.index if all(k.strip() in KIND_ALIASES for k in str(v).split("+"))]
+        kinds = {KIND_ALIASES.get(k.strip()) for v in known for k in str(v).split("+")} - {"control", "label"}
+        if kinds and counts[known].sum() * 2 > counts.sum():
+            log.warning("obs[%r] holds perturbation kinds (%s), which kind auto does not read: it types each label "
+                        "by its name (a gene of the panel as a knockout, a dosed agent as a drug). To train each "
+                        "cell as that column says, pass --kind-key %s (TrainConfig(kind_key=%r)).", col,
+                        preview(sorted(known), 5), col, col)
+            return
 
 
 def _typed(label: str, kind: str, dose: float | None, time_: float | None, contract: DataContract,
