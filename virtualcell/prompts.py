@@ -225,6 +225,11 @@ class PerturbationVocab:
                 "its unit ('10uM').")
 
     def _resolve(self, p: str | Perturbation | Combination) -> Perturbation | Combination:
+        if not isinstance(p, str) and parts_of(p) and all(x.kind == "label" for x in parts_of(p)):
+            # labels parsed already (parse_panel's 'IFNG', 'IFNG+TNF@10'): read as the string they were, so that a
+            # label trained at one dose is that dose's condition either way (parsed, it lost its dose, and a screen
+            # resolving its name again met another perturbation)
+            p = "+".join(x.target for x in parts_of(p))
         if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
             p = self._pairs_in_any_order().get(unordered_label(p), p)
         if isinstance(p, str) and p in self.labels:
@@ -259,7 +264,7 @@ class PerturbationVocab:
         for part in parts:
             if part.kind == "label" and part.target in self.labels:
                 self._refuse_ambiguous(part.target, p)
-                out.append(parse(self.labels[part.target]))
+                out.append(self._resolve(part.target))  # as the label alone is: at its one trained dose, if one
             elif part.kind == "label" and "@" in part.target and (
                     part.target in self.conditions or part.target.rpartition("@")[0] in self.labels):
                 # a training condition as the data names it ("drugA@10"), in a panel or a combination: as alone
@@ -268,18 +273,11 @@ class PerturbationVocab:
                 hint = close_matches(part.target, list(self.labels))
                 did = f" Close matches it knows: {preview(hint, 5)}." if hint else ""
                 name = part.target.partition("@")[0]
-                first = name.split()[0] if name.split() else name
                 if looks_like_control(name):
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
-                elif first != name and _GENE_LIKE.match(first) and all(  # ('STAT1 KO': a gene, and what was done)
-                        w.upper() in EDIT_WORDS for w in name.split()[1:]):
-                    typed = (f" For a gene's knockout (or knockdown, activation), write its typed form, e.g. "
-                             f"'ko:{first}' (or kd:, act:).")
-                elif _GENE_LIKE.match(name):
-                    typed = f" Or write a typed perturbation, e.g. 'ko:{name}' (or kd:, act:, drug:NAME@DOSE)."
                 else:
-                    typed = f" Or write a typed perturbation, e.g. 'drug:{name}@1uM' or 'cytokine:NAME@10ng/ml'."
+                    typed = self._typed_hint(name)
                 raise PerturbationError(
                     f"The model does not know the perturbation {part.target!r}.{did} Known labels: "
                     f"{preview(sorted(self.labels), 12) or 'none'}.{typed}"
@@ -292,6 +290,38 @@ class PerturbationVocab:
         for x in out:
             flat.extend(parts_of(x))
         return flat[0] if len(flat) == 1 else Combination(tuple(flat))
+
+    def _typed_hint(self, name: str) -> str:
+        """What to say of the typed forms an unknown label ``name`` could be written in: only of kinds the model
+        trained on (its :meth:`trained_kinds`; every kind for a model that records none, a plain checkpoint), since
+        another is refused ('ko:IL6' to a model of cytokines alone) or, of an auto-kind model, steers into a kind the
+        name never was."""
+        recorded = self.trained_kinds()
+        kinds = recorded or {*GENETIC, "drug", "cytokine"}
+        genetic = [k for k in ("knockout", "knockdown", "activation") if k in kinds]
+        agents = [k for k in ("drug", "cytokine") if k in kinds]
+        short = {"knockout": "ko", "knockdown": "kd", "activation": "act"}
+        first = name.split()[0] if name.split() else name
+        edited = first != name and _GENE_LIKE.match(first) and all(  # ('STAT1 KO': a gene, and what was done)
+            w.upper() in EDIT_WORDS for w in name.split()[1:])
+        gene = first if edited else name if _GENE_LIKE.match(name) else None
+        if gene is not None and genetic:
+            rest = [f"{short[k]}:" for k in genetic[1:]] + (["drug:NAME@DOSE"] if "drug" in agents and not edited
+                                                            else [])
+            lead = (f" For a gene's {genetic[0]}, write its typed form" if edited
+                    else f" Or write a typed perturbation{' of a kind it trained on' if recorded else ''}")
+            as_trained = next((f" (as it trained its label {lab!r}: {t})" for lab, t in sorted(self.label_forms())
+                               if parse(t).kind == genetic[0]), "")  # (a label read as a knockout shows here)
+            return (f"{lead}, e.g. '{short[genetic[0]]}:{gene}'{as_trained}"
+                    + (f" (or {', '.join(rest)})." if rest else "."))
+        if gene is not None and not genetic:
+            words = {"drug": "drugs", "cytokine": "cytokines", "label": "plain labels"}
+            trained = ", ".join(words[k] for k in sorted(kinds) if k in words)
+            return (f" This model trained on no knockout, knockdown or activation (only on {trained}), so it has not "
+                    "learned what one of a gene means: ask for one of its labels, or train on a screen of that kind.")
+        example = {"drug": f"'drug:{name}@1uM'", "cytokine": "'cytokine:NAME@10ng/ml'"}
+        said = [example[k] for k in agents]
+        return f" Or write a typed perturbation, e.g. {' or '.join(said)}." if said else ""
 
     def _with_trained_dose(self, part: Perturbation, asked: object) -> Perturbation:
         """A typed part without a dose (``drug:drugA``, ``drugA@,24h``) of an agent every training cell had at a

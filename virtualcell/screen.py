@@ -230,6 +230,9 @@ def run(
     if not 0.0 <= similarity <= 1.0:  # (NaN too)
         raise ScreenError(f"similarity must be a cosine similarity in [0, 1], got {similarity!r}.")
     perts = simulator.model.resolve(panel)
+    # the groups are simulated by name, which is resolved again: a name that then named another perturbation left
+    # the ranking's maps without it (a raw KeyError at the end of the screen); each is what its name resolves to
+    perts = [q if str(q) != str(p) else p for p, q in zip(perts, simulator.model.resolve([str(p) for p in perts]))]
     if not perts:
         raise ScreenError("The panel is empty: list at least one perturbation to screen.")
     names = [str(p) for p in perts]
@@ -393,7 +396,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     # each group's label coordinate is set again from this panel's labels (a group a version without it wrote lacks it)
     agg = xr.concat([parts[g].drop_vars("label", errors="ignore") for g in range(len(groups))], dim="perturbation",
                     data_vars="minimal", coords="minimal", compat="override")
-    agg = _plain_strings(agg.assign_coords(label=("perturbation", [labels[str(p)] for p in agg["perturbation"].values])))
+    named = [labels.get(str(p), str(p)) for p in agg["perturbation"].values]
+    agg = _plain_strings(agg.assign_coords(label=("perturbation", named)))
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
     agg.attrs.update(_panel_attrs([parts[g] for g in range(len(groups))]))
     # one path for the baseline's embedding, whether groups were simulated now or read back, so that

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from ..contract import UNS_KEY, DataContract
 from ..errors import ContractError, DataError, preview
-from ..perturbations import units_of_text
+from ..perturbations import condition_parts, units_of_text
 from ..sentences import gene_positions, require_in_memory, with_gene_key
 from ._data import (Prepared, canonical_label, condition_labels, controls_in, dose_units_warning, expression,
                     names_conditions, onto_prediction_scale, prediction_total, refuse_absent_quantities,
@@ -186,6 +186,7 @@ def to_cell_eval(
                 f"{len(missing)} perturbations of like= are not measured here ({preview(missing, 5)}; measured: "
                 f"{preview(sorted(set(target) - {CONTROL}), 5)}). cell-eval needs the same perturbations in both "
                 "files: predict only measured ones, or check the perturbation column and control label."
+                + _quantities_hint(missing, set(target) - {CONTROL}, adata, contract)
             )
         keep = np.isin(target, sorted(wanted))
         col = gene_positions(genes, like.var_names)
@@ -222,6 +223,30 @@ def to_cell_eval(
                         **kept}
     return out
 
+
+
+def _quantities_hint(missing: Sequence[str], measured: set[str], adata: ad.AnnData, contract: DataContract) -> str:
+    """What to add where like='s perturbations name doses or times the measured labels lack (``'IFNG@10'`` beside
+    ``'IFNG'``): the measured file's dose or time column (``dose_key=``, ``time_key=``), so that each dose is a
+    perturbation of its own, as the prediction names it; ``''`` where none does."""
+    plain = {condition_parts(m)[0] for m in measured if condition_parts(m)[1:] == (None, None)}
+    found = {"dose": [], "time": []}
+    for p in missing:
+        name, dose, time = condition_parts(p)
+        if name in plain:
+            for what, value in (("dose", dose), ("time", time)):
+                if value is not None and getattr(contract, f"{what}_key") is None:
+                    found[what].append(p)
+    out = ""
+    for what, names in found.items():
+        if names:
+            cols = [str(c) for c in adata.obs.columns if what in str(c).lower()]
+            col = next((c for c in cols if c.lower() == what), cols[0]) if cols else "COLUMN"
+            seen = f" (its obs has {preview(cols, 4)})" if cols else ""
+            out += (f" {len(names)} of them name a {what} (e.g. {names[0]!r}) that the measured labels lack: name the "
+                    f"measured file's {what} column{seen}, e.g. to_cell_eval(real, like=pred, {what}_key={col!r}), "
+                    f"so that each {what} is a perturbation of its own, as the prediction names it.")
+    return out
 
 def _with_genes(adata: ad.AnnData, col: np.ndarray, genes: pd.Index) -> ad.AnnData:
     """``adata``'s columns ``col``, named ``genes`` (the other file's spelling)."""

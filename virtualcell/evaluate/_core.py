@@ -788,6 +788,13 @@ def _run(
         # the measured data's own names for its perturbed genes (knockouts labelled by symbol, genes by id): the
         # training cells handed to the baselines keep no var columns, so the link travels with them
         train_ad.uns[UNS_KEY]["gene_aliases"] = dict(setup.aliases)
+        if (pred is not None and setup.pred is not None and "perturbation_typed" in pred.obs.columns
+                and len(setup.pred.labels) == pred.n_obs):
+            # each predicted label's typed form travels too: a cytokine named by its gene ('IFNG', trained without a
+            # dose) is no knockout of that gene, which the coexpression baseline would otherwise predict it as
+            forms = dict(zip(setup.pred.labels.astype(str), pred.obs["perturbation_typed"].astype(str)))
+            train_ad.obs["perturbation_typed"] = [forms.get(str(x), "") for x in
+                                                  train_ad.obs[contract.perturbation_key].astype(str)]
         targets = [(p, rc.context) for rc in contexts for p in rc.candidates]
         for name, fn in baselines.items():
             out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,

@@ -53,8 +53,8 @@ import pandas as pd
 from .._stats import calibrated, log_dose_interpolation
 from ..contract import UNS_KEY
 from ..errors import DataError, PerturbationError, preview
-from ..perturbations import (Perturbation, canonical_condition, condition_parts, dose_on_one_scale, hours_per,
-                             label_parts, parse, read_quantity, shared_suffix)
+from ..perturbations import (GENETIC, Perturbation, canonical_condition, condition_parts, dose_on_one_scale,
+                             hours_per, label_parts, parse, parts_of, read_quantity, shared_suffix)
 from ._data import Prepared, group_means, prepare, resolve_contract, shared_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,11 +86,14 @@ class Effects:
     # labelled by symbol in data whose genes are Ensembl ids)
     aliases: Mapping[str, str] = field(default_factory=dict)
     control: str = "control"  # the data's control label, which a label's part may name ('A+NT' is A)
+    # each label's typed form where the cells say it (obs['perturbation_typed'] of predicted cells): a cytokine or
+    # drug named by its gene ('IFNG@10', 'cytokine:IFNG@10ng/ml') is no perturbation of that gene (:func:`genetic`)
+    typed: Mapping[str, str] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_prepared(cls, data: Prepared, genes: pd.Index, control: str,
-                      aliases: Mapping[str, str] | None = None) -> Effects:
+                      aliases: Mapping[str, str] | None = None, typed: Mapping[str, str] | None = None) -> Effects:
         keys = np.array([f"{c}\x1f{p}" for p, c in zip(data.labels, data.contexts)], dtype=object)
         names, means, counts = group_means(data.X, keys)
         table = {tuple(k.split("\x1f", 1)[::-1]): (m, int(n)) for k, m, n in zip(names, means, counts)}
@@ -105,7 +108,8 @@ class Effects:
             delta[(p, c)] = m - ctrl[c]
             n_cells[(p, c)] = n
         return cls(genes, MappingProxyType(delta), MappingProxyType(n_cells), cells=data,
-                   aliases=MappingProxyType(dict(aliases or {})), control=control)
+                   aliases=MappingProxyType(dict(aliases or {})), control=control,
+                   typed=MappingProxyType(dict(typed or {})))
 
     @cached_property
     def singles(self) -> dict[Target, np.ndarray]:
@@ -124,6 +128,26 @@ class Effects:
         from ..sentences import Vocabulary
 
         return Vocabulary(tuple(str(g) for g in self.genes))
+
+    def genetic(self, label: str) -> bool:
+        """Whether ``label`` may be a knockout, knockdown or activation: its typed form (:attr:`typed`) where the
+        cells say it, else the label as written, which is not where it names a drug or cytokine (``"drug:X"``) or a
+        dose (``"IFNG@10"``: a knockout takes none, so a dosed condition is a drug's or a cytokine's, named by its
+        gene or not). A plain label without a dose (``"STAT1"``) may be."""
+        if label in self.typed:
+            try:
+                q = parse(self.typed[label])
+            except PerturbationError:
+                return False
+            return all(x.kind in GENETIC for x in parts_of(q)) and bool(parts_of(q))
+        name, dose, _ = condition_parts(label)
+        if dose is not None:
+            return False
+        try:
+            q = parse(name)
+        except PerturbationError:
+            return True  # (a label the typed syntax cannot read: as plain as before)
+        return all(x.kind in GENETIC or x.kind == "label" for x in parts_of(q))
 
     def gene_index(self, name: str) -> int | None:
         """The gene a perturbation's part names (``"STAT1"``), looked up as everywhere else (case, Ensembl version
@@ -353,7 +377,11 @@ def _delta_linear(
 
 
 def _single_gene(effects: Effects, perturbation: str) -> int | None:
-    """The measured gene that ``perturbation`` names alone (``"STAT1"``, ``"stat1@2"``), or ``None``."""
+    """The measured gene that ``perturbation`` perturbs alone (``"STAT1"``, ``"STAT1@,24h"``), or ``None``: also for
+    a drug or cytokine named by a gene (``"IFNG@10"``, :meth:`Effects.genetic`), which does not perturb that gene as
+    a knockout would."""
+    if not effects.genetic(perturbation):
+        return None
     label = perturbation.rpartition("@")[0] or perturbation
     parts = _components(effects, label)
     return effects.gene_index(parts[0]) if len(parts) == 1 else None
@@ -411,7 +439,11 @@ def _predict(
     stored = (train.uns.get(UNS_KEY) or {}).get("gene_aliases")  # what evaluate found in the measured data's var
     aliases = dict(stored) if stored is not None else target_aliases(
         train, sorted(set(data.labels) - {contract.control}), Vocabulary(tuple(str(g) for g in genes)))
-    effects = Effects.from_prepared(data, genes, contract.control, aliases)
+    typed = {}
+    if "perturbation_typed" in train.obs.columns:  # (predicted cells, or evaluate's: each label's typed form; '' none)
+        typed = {label: form for label, form in zip(contract.conditions(train).astype(str),
+                                                    train.obs["perturbation_typed"].astype(str)) if form}
+    effects = Effects.from_prepared(data, genes, contract.control, aliases, typed)
     base = data if baseline is None else prepare(baseline, contract, genes, name="baseline")
     base_ctrl = base.labels == contract.control
     if not base_ctrl.any():
@@ -573,7 +605,9 @@ coexpression = _make(
     "Predict a perturbation of one measured gene as control + pertmean + how the genes move with that gene.\n\n"
     "    Every gene's regression on the perturbed gene across the training cells of the context (its slope\n"
     "    times the perturbed gene's standard deviation), scaled by one factor fitted on the context's other\n"
-    "    single-gene perturbations against the mean effect of the rest (least squares).",
+    "    single-gene perturbations against the mean effect of the rest (least squares). A drug or cytokine\n"
+    "    named by a gene (``IFNG@10``, or typed so in ``obs['perturbation_typed']``) is no perturbation of it:\n"
+    "    neither predicted nor fitted on.",
 )
 
 BASELINES: Mapping[str, Callable[..., ad.AnnData]] = MappingProxyType(
