@@ -28,7 +28,9 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     out = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("error", DeprecationWarning)  # the README uses no deprecated name
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(?!virtualcell)")
+        # other libraries' deprecations are theirs; one said at the README's own line (a deprecated call of ours,
+        # pointed at its caller) is not ignored: the filter passed every such one before
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(?!virtualcell|__readme__)")
         exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})  # noqa: S102 - the README is ours
     printed = out.getvalue()
     if "sim.screen(" in code and "dose_series" not in code:

@@ -179,7 +179,7 @@ def test_an_interrupted_fit_says_which_checkpoint_it_kept(papalexi, tmp_path):
                progress=False, on_log=stop)
     notes = " ".join(getattr(stopped.value, "__notes__", []))
     assert "Stopped after step 3 of 50. The last checkpoint kept is step 2" in notes
-    assert "the step after it is lost" in notes and "resumes from step 2" in notes
+    assert "the step after it is lost" in notes and "to resume from step 2" in notes
 
 
 def test_the_command_line_says_what_an_interrupt_kept(monkeypatch, capsys):
@@ -196,8 +196,11 @@ def test_the_command_line_says_what_an_interrupt_kept(monkeypatch, capsys):
                      "--out", "m"]) == 130
     err = capsys.readouterr().err
     assert ("train: interrupted. Stopped after step 57 of 3000. The last checkpoint kept is step 50 (in m/last): the "
-            "7 steps after it are lost") in err and err.rstrip().endswith("Run the same command again.")
+            "7 steps after it are lost. Train again into the same folder to resume from step 50.") in err
+    assert "Run the same command again" not in err  # (the same command with --restart started over)
     assert "No checkpoint was written yet" in _interrupted_note(7, 3000, None, "m/last", save_every=200)
+    # a --restart run: running it again as it was starts over, and an earlier run's checkpoint may still be there
+    assert "without --restart" in _interrupted_note(57, 3000, 50, "m/last", save_every=50, restarted=True)
 
 
 def test_predictions_that_are_not_finite_are_refused(spaced_run, monkeypatch):
@@ -208,6 +211,29 @@ def test_predictions_that_are_not_finite_are_refused(spaced_run, monkeypatch):
     sim = vc.Simulator(data[data.obs["perturbation"] == "control"][:8].copy(), model)
     with pytest.raises(ModelError, match=r"predictions of .*STAT1.* are not finite.*may be damaged"):
         sim.simulate(["STAT1"], progress=False)
+
+
+def test_a_refused_simulation_leaves_no_cells_file(spaced_run, monkeypatch, tmp_path):
+    """simulate(store=...) refused in its second block left the file at its name, opening as whole with the second
+    block all zeros: it is written beside its name and put in place once every block is made."""
+    model, _, data, _ = spaced_run
+    decode, calls = model.decode, []
+
+    def second_block_broken(sentences):  # noqa: ANN001, ANN202
+        calls.append(1)
+        out = decode(sentences)
+        return np.full_like(out, np.nan) if len(calls) > 1 else out
+
+    monkeypatch.setattr(model, "decode", second_block_broken)
+    sim = vc.Simulator(data[data.obs["perturbation"] == "control"][:16].copy(), model)
+    store = tmp_path / "cells.nc"
+    with pytest.raises(ModelError, match="not finite"):
+        sim.simulate(["STAT1"], progress=False, store=store, cell_chunk=8)
+    assert len(calls) > 1 and list(tmp_path.iterdir()) == []  # no file at its name, no partial one beside it
+    monkeypatch.setattr(model, "decode", decode)
+    res = sim.simulate(["STAT1"], progress=False, store=store, cell_chunk=8)  # a whole run puts it in place
+    assert store.exists() and res.cells.shape[1] == 16
+    res.cells.close()
 
 
 def test_the_command_line_says_a_spaced_label_once(papalexi, tmp_path, caplog):

@@ -952,7 +952,15 @@ class Simulator:
         model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_cells and blended else None
         draws_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws else None
         draws_model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws and blended else None
-        writer = _CellStore(store, names, n, self.gene_names) if store is not None else None
+        import contextlib
+
+        from .safeio import atomic_path
+
+        # the cells file is written beside its name and put in place once every block is made: a refused or killed
+        # run leaves no file that opens as whole with blocks of zeros
+        placed = contextlib.ExitStack()
+        writer = (_CellStore(placed.enter_context(atomic_path(store)), names, n, self.gene_names)
+                  if store is not None else None)
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         cfg = self.generation_config(seed=seed, batch_size=batch_size, max_genes=max_genes, temperature=temperature,
                                      guidance=guidance, coexpression_prior=coexpression_prior, compose=compose)
@@ -1039,10 +1047,17 @@ class Simulator:
                 bar.update(len(idx))
                 if on_chunk is not None:
                     on_chunk(int(idx[-1]) + 1, n)
+        except BaseException as err:
+            if writer is not None:
+                writer.close()
+                writer = None
+            placed.__exit__(type(err), err, err.__traceback__)  # (the partial file goes)
+            raise
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+        placed.close()  # every block made: the file takes its name
         sums.merge(split)
         if split.world > 1:
             if cells_mem is not None:  # each process filled its own cells, zeros elsewhere

@@ -864,7 +864,8 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
         )
     except KeyboardInterrupt as stop:  # what Ctrl-C kept and lost: said by the CLI, and under a Python traceback
         if split.main:
-            stop.add_note(_interrupted_note(state.step, cfg.max_steps, kept[0], last, save_every=cfg.save_every))
+            stop.add_note(_interrupted_note(state.step, cfg.max_steps, kept[0], last, save_every=cfg.save_every,
+                                            restarted=not resume))
         raise
     if compiled is not None:
         kernels.uncompile_layers(lm)
@@ -884,24 +885,33 @@ def _train(adata: ad.AnnData, *, out: Path, contract: DataContract, cfg: TrainCo
     return model
 
 
-def _interrupted_note(step: int, max_steps: int, kept: int | None, last: Path, *, save_every: int) -> str:
+def _interrupted_note(step: int, max_steps: int, kept: int | None, last: Path, *, save_every: int,
+                      restarted: bool = False) -> str:
     """What an interrupt after ``step`` (of ``max_steps``) kept: the step of the checkpoint in ``last`` (``kept``;
-    ``None``: none was written yet), the steps after it that are lost, and where a run again goes on from.
+    ``None``: none was written yet), the steps after it that are lost, and how to go on from it: training again into
+    the same folder, without ``--restart`` where this run was one (``restarted``; run again as it was, it starts over).
+    A run that wrote none yet may leave an earlier run's checkpoint in ``last``, which is said too.
 
     >>> from pathlib import Path
     >>> print(_interrupted_note(57, 3000, 50, Path("m/last"), save_every=50))  # doctest: +NORMALIZE_WHITESPACE
-    Stopped after step 57 of 3000. The last checkpoint kept is step 50 (in m/last): the 7 steps after it are lost,
-    and training again into the same folder resumes from step 50.
+    Stopped after step 57 of 3000. The last checkpoint kept is step 50 (in m/last): the 7 steps after it are lost.
+    Train again into the same folder to resume from step 50.
     """
     head = f"Stopped after step {step} of {max_steps}."
+    again = ("Train again into the same folder without --restart (Python: resume=True)" if restarted else
+             "Train again into the same folder")
     if kept is None:
         lost = "nothing is lost" if step == 0 else "its step is lost" if step == 1 else f"its {step} steps are lost"
-        return (f"{head} No checkpoint was written yet (one every {save_every} steps, TrainConfig.save_every): "
-                f"{lost}, and training again into the same folder starts from step 0.")
+        from .training.checkpoint import STATE_FILE
+
+        earlier = (Path(last) / STATE_FILE).exists()
+        return (f"{head} No checkpoint was written yet (one every {save_every} steps): {lost}. "
+                + (f"{last} still holds an earlier run's checkpoint: {again.lower()[0] + again[1:]} would resume "
+                   "from it; --restart starts from step 0." if earlier else
+                   "Training again into the same folder starts from step 0."))
     lost = ("no step after it is lost" if step <= kept else "the step after it is lost" if step == kept + 1
             else f"the {step - kept} steps after it are lost")
-    return (f"{head} The last checkpoint kept is step {kept} (in {last}): {lost}, and training again into the same "
-            f"folder resumes from step {kept}.")
+    return f"{head} The last checkpoint kept is step {kept} (in {last}): {lost}. {again} to resume from step {kept}."
 
 
 def lone_schedule(cells: _Cells, cfg: TrainConfig) -> Any:
