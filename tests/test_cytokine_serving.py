@@ -123,6 +123,8 @@ def test_the_coexpression_baseline_scores_no_cytokine_named_by_its_gene():
     # a knockout's label is its gene's, with a time too; a dose or a typed drug or cytokine is not
     effects = Effects(plain.var_names, {}, {})
     assert effects.genetic("STAT1") and effects.genetic("ko:STAT1") and effects.genetic("TF06@,24h")
+    # a kind="label" model types its knockouts plainly ('STAT2'): typed or not, such a label may be a knockout
+    assert Effects(plain.var_names, {}, {}, typed={"STAT2": "STAT2"}).genetic("STAT2")
     assert not effects.genetic("IFNG@10") and not effects.genetic("cytokine:IFNG")
 
 
@@ -169,3 +171,37 @@ def test_evaluate_reads_a_predicted_cytokines_typed_form_for_the_coexpression_ba
     coexpression = set(table["perturbation"][table["method"] == "coexpression"])
     knockouts = set(plain.obs["perturbation"][plain.obs["perturbation_type"] == "knockout"])
     assert coexpression & knockouts and "TF05" not in coexpression, coexpression  # (it scored TF05 as a knockout)
+    # held out of the training cells whole: its typed form reaches the baseline all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = vc.evaluate.evaluate(pred, plain[plain.obs["perturbation"] != "control"].concatenate(ctrl[16:]),
+                                     perturbation_key="perturbation", control="control", baseline=ctrl[:16].copy(),
+                                     train=plain[plain.obs["perturbation"] != "TF05"].copy(),
+                                     baselines=["coexpression"], ceiling=False, max_cells=20)
+    coexpression = set(table["perturbation"][table["method"] == "coexpression"])
+    assert coexpression & knockouts and "TF05" not in coexpression, coexpression
+
+
+def test_a_panel_line_with_a_pairs_shared_dose_resolves_as_its_string_whatever_its_order():
+    """parse sorts a pair's parts and kept the line's one suffix on its part: the panel line 'TNF+IFNG@10' (the
+    trained pair at 10) became IFNG at 10 beside TNF at its own trained 20, an untrained pair, without a word."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell.contract import DataContract
+    from virtualcell.perturbations import parse
+    from virtualcell.sentences import Vocabulary
+    from virtualcell.train import TrainConfig
+    from virtualcell.training.labels import typed_labels
+
+    rows = [("control", np.nan, 20), ("IFNG", 10, 10), ("TNF", 20, 10), ("IFNG+TNF", 10, 10)]
+    labels = [lab for lab, _, n in rows for _ in range(n)]
+    doses = [d for _, d, n in rows for _ in range(n)]
+    a = ad.AnnData(np.random.default_rng(0).poisson(1.0, (len(labels), 4)).astype(np.float32),
+                   obs=pd.DataFrame({"perturbation": labels, "dose": doses}, index=[str(i) for i in range(len(labels))]),
+                   var=pd.DataFrame(index=["STAT1", "IRF1", "IFNG", "TNF"]))
+    vocab = typed_labels(a, DataContract(dose_key="dose"), Vocabulary.from_adata(a), TrainConfig(kind="cytokine"))[1]
+    for asked in ("IFNG+TNF@10", "TNF+IFNG@10"):
+        as_string = str(vocab.resolve(asked))
+        assert as_string == "cytokine:IFNG@10 + cytokine:TNF@10"
+        assert str(vocab.resolve(parse(asked))) == str(vocab.resolve(parse_panel(asked)[0])) == as_string, asked

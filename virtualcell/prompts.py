@@ -229,7 +229,16 @@ class PerturbationVocab:
             # labels parsed already (parse_panel's 'IFNG', 'IFNG+TNF@10'): read as the string they were, so that a
             # label trained at one dose is that dose's condition either way (parsed, it lost its dose, and a screen
             # resolving its name again met another perturbation)
-            p = "+".join(x.target for x in parts_of(p))
+            names = [x.target for x in parts_of(p)]
+            dosed = [x for x in names if "@" in x]
+            if len(names) > 1 and len(dosed) == 1:
+                # parse sorted the parts and kept the line's one suffix on its part ('TNF+IFNG@10' -> 'IFNG@10', 'TNF'):
+                # written once after a combination it is the pair's shared dose (as the data names a pair's
+                # condition), so it goes back after the names, not onto one part (TNF took its own other dose)
+                name, _, suffix = dosed[0].rpartition("@")
+                p = "+".join(name if x == dosed[0] else x for x in names) + "@" + suffix
+            else:
+                p = "+".join(names)
         if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
             p = self._pairs_in_any_order().get(unordered_label(p), p)
         if isinstance(p, str) and p in self.labels:
@@ -321,7 +330,14 @@ class PerturbationVocab:
                     "learned what one of a gene means: ask for one of its labels, or train on a screen of that kind.")
         example = {"drug": f"'drug:{name}@1uM'", "cytokine": "'cytokine:NAME@10ng/ml'"}
         said = [example[k] for k in agents]
-        return f" Or write a typed perturbation, e.g. {' or '.join(said)}." if said else ""
+        if said:
+            return f" Or write a typed perturbation, e.g. {' or '.join(said)}."
+        if not recorded:
+            return ""
+        can = f" or a {genetic[0]} of any of its genes (e.g. '{short[genetic[0]]}:GENE')" if genetic else ""
+        return (f" This model trained on no drug or cytokine (only on {' and '.join(k + 's' for k in sorted(recorded))}"
+                f"), so it cannot predict one it never saw: ask for one of its labels{can}, or train on a screen that "
+                "holds it.")
 
     def _with_trained_dose(self, part: Perturbation, asked: object) -> Perturbation:
         """A typed part without a dose (``drug:drugA``, ``drugA@,24h``) of an agent every training cell had at a

@@ -232,7 +232,12 @@ def run(
     perts = simulator.model.resolve(panel)
     # the groups are simulated by name, which is resolved again: a name that then named another perturbation left
     # the ranking's maps without it (a raw KeyError at the end of the screen); each is what its name resolves to
-    perts = [q if str(q) != str(p) else p for p, q in zip(perts, simulator.model.resolve([str(p) for p in perts]))]
+    again = simulator.model.resolve([str(p) for p in perts])
+    moved = [f"{p} -> {q}" for p, q in zip(perts, again) if str(q) != str(p)]
+    if moved:  # (none known: every ask of the tests' vocabularies resolves to itself; said should one ever not)
+        log.warning("%d of the panel's perturbations name another once resolved again (%s): each is screened as its "
+                    "name resolves, the second.", len(moved), preview(moved, 3))
+    perts = [q if str(q) != str(p) else p for p, q in zip(perts, again)]
     if not perts:
         raise ScreenError("The panel is empty: list at least one perturbation to screen.")
     names = [str(p) for p in perts]

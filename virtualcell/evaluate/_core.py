@@ -792,9 +792,9 @@ def _run(
                 and len(setup.pred.labels) == pred.n_obs):
             # each predicted label's typed form travels too: a cytokine named by its gene ('IFNG', trained without a
             # dose) is no knockout of that gene, which the coexpression baseline would otherwise predict it as
+            # (by label, in uns: a perturbation held out whole has no training cell to carry it)
             forms = dict(zip(setup.pred.labels.astype(str), pred.obs["perturbation_typed"].astype(str)))
-            train_ad.obs["perturbation_typed"] = [forms.get(str(x), "") for x in
-                                                  train_ad.obs[contract.perturbation_key].astype(str)]
+            train_ad.uns[UNS_KEY]["typed_forms"] = {k: v for k, v in forms.items() if v}
         targets = [(p, rc.context) for rc in contexts for p in rc.candidates]
         for name, fn in baselines.items():
             out = fn(train_ad, baseline=base_ad, targets=targets, perturbation_key=contract.perturbation_key,

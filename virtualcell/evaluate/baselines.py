@@ -139,7 +139,8 @@ class Effects:
                 q = parse(self.typed[label])
             except PerturbationError:
                 return False
-            return all(x.kind in GENETIC for x in parts_of(q)) and bool(parts_of(q))
+            # (a plain label, as a kind="label" model types a knockout 'STAT2', may be one: as the untyped path reads it)
+            return all(x.kind in GENETIC or x.kind == "label" for x in parts_of(q)) and bool(parts_of(q))
         name, dose, _ = condition_parts(label)
         if dose is not None:
             return False
@@ -439,10 +440,11 @@ def _predict(
     stored = (train.uns.get(UNS_KEY) or {}).get("gene_aliases")  # what evaluate found in the measured data's var
     aliases = dict(stored) if stored is not None else target_aliases(
         train, sorted(set(data.labels) - {contract.control}), Vocabulary(tuple(str(g) for g in genes)))
-    typed = {}
+    # each predicted label's typed form, as evaluate hands it (those with training cells and those held out whole)
+    typed = dict((train.uns.get(UNS_KEY) or {}).get("typed_forms") or {})
     if "perturbation_typed" in train.obs.columns:  # (predicted cells, or evaluate's: each label's typed form; '' none)
-        typed = {label: form for label, form in zip(contract.conditions(train).astype(str),
-                                                    train.obs["perturbation_typed"].astype(str)) if form}
+        typed.update({label: form for label, form in zip(contract.conditions(train).astype(str),
+                                                         train.obs["perturbation_typed"].astype(str)) if form})
     effects = Effects.from_prepared(data, genes, contract.control, aliases, typed)
     base = data if baseline is None else prepare(baseline, contract, genes, name="baseline")
     base_ctrl = base.labels == contract.control
