@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import virtualcell as vc
 from virtualcell.contract import DataContract
 from virtualcell.errors import DataError
 from virtualcell.perturbations import dose_on_one_scale, looks_like_control
@@ -128,6 +129,16 @@ def test_a_column_of_kinds_that_kind_auto_leaves_unread_is_named(caplog):
     # a column of other words (a donor, a plate) is none
     a, contract = _cells(SCREEN, extra={"donor": ["d1", "d2"] * 7})
     assert not [m for m in _read(a, contract, caplog)[1] if "kind auto does not read" in m]
+    # a column that says what kind auto reads anyway (a drug screen's 'drug', a knockout screen's 'CRISPR') is none
+    for name, screen in (("drug", vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_drugs=2,
+                                                                n_cytokines=0, n_contexts=1, n_cells_per_condition=20,
+                                                                n_control_cells=60)),
+                         ("knockout", vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=4, n_drugs=0,
+                                                                    n_cytokines=0, n_contexts=1,
+                                                                    n_cells_per_condition=20, n_control_cells=60))):
+        assert set(screen.obs["perturbation_type"]) == {"control", name}
+        said = _read(screen, DataContract.from_adata(screen), caplog)[1]
+        assert not [m for m in said if "kind auto does not read" in m], said
 
 
 @pytest.mark.parametrize("label", ["unstim", "unstimulated", "PBS", "medium", "resting", "vehicle", "untreated",

@@ -93,7 +93,7 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
         _warn_rising_targets(adata, labels, typed, contract)
     if warn and kinds is None and cfg.kind == "auto":
         _warn_unmeasured_knockouts(labels, typed, contract, genes)
-        _warn_kind_column(adata, contract)
+        _warn_kind_column(adata, contract, labels, typed)
     if warn and kinds is None and cfg.kind == "auto":  # a time course of knockouts outside the panel reads as drugs
         timed = sorted({str(lab) for lab, form in zip(labels, typed)
                         if form.startswith("drug:") and _all_gene_like(split_label(str(lab)))}
@@ -481,11 +481,13 @@ def _warn_unmeasured_knockouts(labels: np.ndarray, typed: np.ndarray, contract: 
         many = len(knocked) != 1
         log.warning("%d label%s (%s) %s read as %s, as kind auto reads a name like a gene's, and %s gene of "
                     "the panel: a knockout screen measures some of its targets, so %s likely no gene edit%s. Trained "
-                    "as knockouts, the model would serve %s effect for a knockout of any gene. If %s, %s.", len(knocked),
+                    "as knockouts, the model would serve %s effect for a knockout of any gene. If %s, %s. If %s gene "
+                    "edits whose targets the panel leaves out, pass --kind knockout to say so.", len(knocked),
                     "s" if many else "", preview(sorted(knocked), 5), "are" if many else "is",
-                    "knockouts" if many else "a knockout", "none names a" if many else "it names no", "these are" if many else "it is", "s" if many else "",
-                    "their" if many else "its",
-                    "they are agents or stimulations" if many else "it is an agent or a stimulation", _KIND_FIXES)
+                    "knockouts" if many else "a knockout", "none names a" if many else "it names no",
+                    "these are" if many else "it is", "s" if many else "", "their" if many else "its",
+                    "they are agents or stimulations" if many else "it is an agent or a stimulation", _KIND_FIXES,
+                    "they are" if many else "it is")
 
 
 def _warn_rising_targets(adata: ad.AnnData, labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
@@ -530,11 +532,22 @@ def _warn_rising_targets(adata: ad.AnnData, labels: np.ndarray, typed: np.ndarra
     for c in np.unique(contexts[is_control]):
         rows = np.flatnonzero(is_control & (contexts == c))
         sub = X[rows][:, cols]
-        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-        control_mean[str(c)] = normalized(sub, rows).mean(axis=0)
+        if sp.issparse(sub):  # kept sparse (a large screen's controls by its targets, dense in float64, took GBs)
+            sub = sp.csr_matrix(sub, dtype=np.float64)
+            if scale != "log1p":
+                sub = sp.csr_matrix(sp.diags(TARGET_SUM / totals[rows]) @ sub)
+                sub.data = np.log1p(sub.data)
+            control_mean[str(c)] = np.asarray(sub.mean(axis=0)).ravel()
+        else:
+            control_mean[str(c)] = normalized(np.asarray(sub), rows).mean(axis=0)
     changes: dict[str, float] = {}
+    import pandas as pd
+
+    judged = np.isin(contexts, list(control_mean))
+    rows_of = pd.Series(np.arange(len(labels))).groupby(np.asarray(labels, dtype=str)).indices  # (one pass)
     for label, col in target.items():
-        rows = np.flatnonzero((labels == label) & np.isin(contexts, list(control_mean)))
+        rows = rows_of.get(str(label), np.array([], dtype=np.int64))
+        rows = rows[judged[rows]]
         if rows.size < FEW_CELLS:
             continue
         values = X[rows, np.full(rows.size, col)]
@@ -551,10 +564,12 @@ def _warn_rising_targets(adata: ad.AnnData, labels: np.ndarray, typed: np.ndarra
                     preview(shown, 5), _KIND_FIXES)
 
 
-def _warn_kind_column(adata: ad.AnnData, contract: DataContract) -> None:
+def _warn_kind_column(adata: ad.AnnData, contract: DataContract, labels: np.ndarray, typed: np.ndarray) -> None:
     """Warn (kind auto, no column of kinds named) of an obs column whose values, over the perturbed cells, are mostly
     perturbation kinds (:data:`~virtualcell.perturbations.KIND_ALIASES`: scPerturb's 'perturbation_type', as the
-    synthetic screen ships it): kind auto reads kinds from the labels alone, never from it."""
+    synthetic screen ships it) and that types some cells otherwise than kind auto read their labels (``typed``): kind
+    auto reads kinds from the labels alone, never from it. A column that agrees with the reading is not worth a word
+    (a knockout screen's 'CRISPR', a drug screen's 'drug')."""
     import pandas as pd
 
     perturbed = ~contract.is_control(adata)
@@ -570,11 +585,26 @@ def _warn_kind_column(adata: ad.AnnData, contract: DataContract) -> None:
         counts = values[perturbed].astype(str).str.strip().str.lower().value_counts()
         known = [v for v in counts.index if all(k.strip() in KIND_ALIASES for k in str(v).split("+"))]
         kinds = {KIND_ALIASES.get(k.strip()) for v in known for k in str(v).split("+")} - {"control", "label"}
-        if kinds and counts[known].sum() * 2 > counts.sum():
+        if not (kinds and counts[known].sum() * 2 > counts.sum()):
+            continue
+        said = values[perturbed].astype(str).str.strip().str.lower().to_numpy()
+        differ = set()
+        for label, form, value in set(zip(labels[perturbed], typed[perturbed], said)):  # (each reading once)
+            if value not in KIND_ALIASES and not all(k.strip() in KIND_ALIASES for k in value.split("+")):
+                continue
+            column = [KIND_ALIASES[k.strip()] for k in value.split("+")]
+            try:
+                read = [x.kind for x in parts_of(parse(str(form)))]
+            except ValueError:
+                continue
+            if not (column == read or (len(column) == 1 and set(read) == set(column))):
+                differ.add(f"{label} ({'+'.join(read)}; the column: {'+'.join(column)})")
+        if differ:
             log.warning("obs[%r] holds perturbation kinds (%s), which kind auto does not read: it types each label "
-                        "by its name (a gene of the panel as a knockout, a dosed agent as a drug). To train each "
-                        "cell as that column says, pass --kind-key %s (TrainConfig(kind_key=%r)).", col,
-                        preview(sorted(known), 5), col, col)
+                        "by its name (a gene of the panel as a knockout, a dosed agent as a drug), and %d label%s "
+                        "read otherwise than the column says (%s). To train each cell as that column says, pass "
+                        "--kind-key %s (TrainConfig(kind_key=%r)).", col, preview(sorted(known), 5),
+                        len(differ), "s" if len(differ) != 1 else "", preview(sorted(differ), 3), col, col)
             return
 
 
