@@ -202,6 +202,14 @@ def test_the_command_line_says_what_an_interrupt_kept(monkeypatch, capsys):
     # a --restart run: running it again as it was starts over, and an earlier run's checkpoint may still be there
     assert "without --restart" in _interrupted_note(57, 3000, 50, "m/last", save_every=50, restarted=True)
 
+    def interrupted_early(args):  # noqa: ANN001, ANN202 - outside the loop (data preparation): no note
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted_early)
+    assert cli.main(["train", "--data", "d.h5ad", "--perturbation-key", "perturbation", "--control", "control",
+                     "--out", "m", "--restart"]) == 130
+    assert "Run it again without --restart: training resumes from OUT/last" in capsys.readouterr().err
+
 
 def test_predictions_that_are_not_finite_are_refused(spaced_run, monkeypatch):
     """Item T: a model whose decode gives NaN (a damaged folder) predicted NaN cells without a word."""
@@ -230,9 +238,11 @@ def test_a_refused_simulation_leaves_no_cells_file(spaced_run, monkeypatch, tmp_
     with pytest.raises(ModelError, match="not finite"):
         sim.simulate(["STAT1"], progress=False, store=store, cell_chunk=8)
     assert len(calls) > 1 and list(tmp_path.iterdir()) == []  # no file at its name, no partial one beside it
+    killed = tmp_path / ".cells.abcd1234.partial.nc"  # what a killed run leaves (no Python cleanup ran): cleared
+    killed.write_bytes(b"partial")
     monkeypatch.setattr(model, "decode", decode)
     res = sim.simulate(["STAT1"], progress=False, store=store, cell_chunk=8)  # a whole run puts it in place
-    assert store.exists() and res.cells.shape[1] == 16
+    assert store.exists() and res.cells.shape[1] == 16 and not killed.exists()
     res.cells.close()
 
 

@@ -1126,8 +1126,11 @@ def _run(args: argparse.Namespace) -> int:
         # what was kept, where the work knows it (train: the step of its last checkpoint, and the steps lost)
         kept = " ".join(str(note) for note in getattr(stop, "__notes__", ()))
         again = {"train": "training resumes from OUT/last", "screen": "the screen resumes from its finished batches"}
+        how = "Run the same command again"
+        if args.command == "train" and getattr(args, "restart", False):  # (run again as it was, it starts over)
+            how, again["train"] = "Run it again without --restart", "training resumes from OUT/last, if it was written"
         said = (f" {kept}" if kept and args.command in again else  # (the note says how to go on)
-                f" Run the same command again: {again[args.command]}." if args.command in again else "")
+                f" {how}: {again[args.command]}." if args.command in again else "")
         print(f"\nvirtualcell {args.command}: interrupted.{said}", file=sys.stderr)
         return 130
     except VirtualCellError as err:
