@@ -205,3 +205,6 @@ def test_a_panel_line_with_a_pairs_shared_dose_resolves_as_its_string_whatever_i
         as_string = str(vocab.resolve(asked))
         assert as_string == "cytokine:IFNG@10 + cytokine:TNF@10"
         assert str(vocab.resolve(parse(asked))) == str(vocab.resolve(parse_panel(asked)[0])) == as_string, asked
+    # a part's own dose where no pair was trained at it: as written, the other part at its own trained dose (reading
+    # the one suffix as shared gave TNF at 100, a dose it never trained at, without a word)
+    assert str(vocab.resolve(parse_panel("IFNG@100+TNF")[0])) == "cytokine:IFNG@100 + cytokine:TNF@20"

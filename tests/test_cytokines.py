@@ -139,6 +139,11 @@ def test_a_column_of_kinds_that_kind_auto_leaves_unread_is_named(caplog):
         assert set(screen.obs["perturbation_type"]) == {"control", name}
         said = _read(screen, DataContract.from_adata(screen), caplog)[1]
         assert not [m for m in said if "kind auto does not read" in m], said
+    # a pair's kinds per part agree in any order, a control part aside ('CRISPR+drug' for 'STAT1+drugA')
+    a, contract = _cells(["control", "STAT1", "drugA", "STAT1+drugA", "KLF1+ctrl"], dose=["", "", "1", "1", ""],
+                         extra={"perturbation_type": ["control", "CRISPR", "drug", "CRISPR+drug", "CRISPR+control"]},
+                         genes=("G1", "STAT1", "KLF1"))
+    assert not [m for m in _read(a, contract, caplog)[1] if "kind auto does not read" in m]
 
 
 @pytest.mark.parametrize("label", ["unstim", "unstimulated", "PBS", "medium", "resting", "vehicle", "untreated",

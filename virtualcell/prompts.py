@@ -231,14 +231,17 @@ class PerturbationVocab:
             # resolving its name again met another perturbation)
             names = [x.target for x in parts_of(p)]
             dosed = [x for x in names if "@" in x]
+            p = "+".join(names)
             if len(names) > 1 and len(dosed) == 1:
-                # parse sorted the parts and kept the line's one suffix on its part ('TNF+IFNG@10' -> 'IFNG@10', 'TNF'):
-                # written once after a combination it is the pair's shared dose (as the data names a pair's
-                # condition), so it goes back after the names, not onto one part (TNF took its own other dose)
+                # parse sorted the parts, keeping the line's one suffix on its part: 'TNF+IFNG@10' (the pair's shared
+                # dose, as the data names a pair's condition) and 'IFNG@10+TNF' (IFNG's own) parse alike. The
+                # trained pair at that dose where there is one (TNF took its own other dose, an untrained pair);
+                # else each part as written
                 name, _, suffix = dosed[0].rpartition("@")
-                p = "+".join(name if x == dosed[0] else x for x in names) + "@" + suffix
-            else:
-                p = "+".join(names)
+                shared = "+".join(name if x == dosed[0] else x for x in names) + "@" + suffix
+                if shared in self.conditions or canonical_condition(unordered_label(shared)) in \
+                        self._conditions_in_any_order():
+                    p = shared
         if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
             p = self._pairs_in_any_order().get(unordered_label(p), p)
         if isinstance(p, str) and p in self.labels:

@@ -959,11 +959,6 @@ class Simulator:
         # the cells file is written beside its name and put in place once every block is made: a refused or killed
         # run leaves no file that opens as whole with blocks of zeros
         placed = contextlib.ExitStack()
-        if store is not None:  # the partial file a killed run left beside it (atomic_path's name for it) goes
-            where = Path(store)
-            for stale in where.parent.glob(f".{where.stem}.????????.partial{where.suffix}"):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
         writer = (_CellStore(placed.enter_context(atomic_path(store)), names, n, self.gene_names)
                   if store is not None else None)
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)

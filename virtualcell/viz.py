@@ -338,15 +338,19 @@ def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = No
     return fig if return_fig else None
 
 
-def panel(text: str = "", picked: Sequence[str] = ()) -> list[str]:
+def panel(text: str = "", picked: Sequence[str] = ()) -> list[Any]:
     """A screening panel from text in the typed syntax (one perturbation a line, ``#`` comments)
-    and perturbations picked from a list, in order, each once."""
+    and perturbations picked from a list, in order, each once (by name). The text's perturbations come as parsed (a
+    pair's string, 'IFNG@10 + TNF', read each part's own dose where the line 'TNF+IFNG@10' named the pair's)."""
     from .perturbations import parse_panel
 
     written = any(line.split("#")[0].strip() for line in (text or "").splitlines())
     if not written and picked:  # the text box left empty: the picks are the panel
         return list(dict.fromkeys(str(p) for p in picked))
-    return list(dict.fromkeys([*(str(p) for p in parse_panel(text or "")), *(str(p) for p in picked)]))
+    out: dict[str, Any] = {}
+    for p in [*parse_panel(text or ""), *picked]:
+        out.setdefault(str(p), p)
+    return list(out.values())
 
 
 def sample(adata: ad.AnnData, n_cells: int | None, *, seed: int = 0) -> ad.AnnData:

@@ -597,7 +597,8 @@ def _warn_kind_column(adata: ad.AnnData, contract: DataContract, labels: np.ndar
                 read = [x.kind for x in parts_of(parse(str(form)))]
             except ValueError:
                 continue
-            if not (column == read or (len(column) == 1 and set(read) == set(column))):
+            column = [k for k in column if k != "control"]  # (GEARS' 'KLF1+ctrl' as 'CRISPR+control')
+            if not (sorted(column) == sorted(read) or (len(column) == 1 and set(read) == set(column))):
                 differ.add(f"{label} ({'+'.join(read)}; the column: {'+'.join(column)})")
         if differ:
             log.warning("obs[%r] holds perturbation kinds (%s), which kind auto does not read: it types each label "
