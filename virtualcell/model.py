@@ -222,8 +222,7 @@ class C2SModel:
                 ) from None
             fault = _meta_fault(meta)
             if fault:
-                raise ModelError(f"{str(path / META_FILE)!r} is damaged: {fault}. Copy the checkpoint folder again, "
-                                 "or retrain it.")
+                raise _damaged(str(path / META_FILE), fault)
         elif is_local and genes is None:
             have = sorted(p.name for p in path.iterdir())[:12]
             raise ModelError(
@@ -301,7 +300,7 @@ class C2SModel:
                 if meta.get("target_offsets") is not None:
                     target_offsets.attach(lm, meta["target_offsets"])
             except ValueError as err:
-                raise ModelError(f"{file!r} is damaged: {err} Copy the checkpoint folder again, or retrain it.") from None
+                raise _damaged(file, str(err)) from None
             if meta.get("token_bias") is not None:
                 model._load_token_bias(path, list(meta["token_bias"]))
             written = meta.get("verdict_files")  # (None: a checkpoint saved before the codec recorded them)
@@ -336,8 +335,7 @@ class C2SModel:
                 try:
                     model.attach_neighbours(meta["neighbour_offsets"])
                 except ValueError as err:
-                    raise ModelError(f"{file!r} is damaged: {err} Copy the checkpoint folder again, or retrain "
-                                     "it.") from None
+                    raise _damaged(file, str(err)) from None
         else:
             vocab = genes if isinstance(genes, Vocabulary) else Vocabulary.from_names(list(genes))  # type: ignore[arg-type]
             if tokenizer.pad_token_id is None:
@@ -810,6 +808,11 @@ class C2SModel:
                               n_invalid, n_dup)
 
 
+def _damaged(file: str, fault: str) -> ModelError:
+    """The refusal of a checkpoint file whose content is wrong (``fault``, a sentence), with the fix."""
+    return ModelError(f"{file!r} is damaged: {fault.rstrip('.')}. Copy the checkpoint folder again, or retrain it.")
+
+
 def _meta_fault(meta: dict[str, Any]) -> str:
     """What is wrong with the fields of a checkpoint's ``virtualcell.json`` that :meth:`C2SModel.load` reads as they
     are (``genes``, ``top_k``, ``prompt_format``, the token-bias tokens), or ``""``; the rank fit, the offsets and the
@@ -905,8 +908,9 @@ def _local_over(name: str, path: Path, *, genes_ignored: bool) -> str:
     """Say that the local folder ``path`` is loaded for ``name``, which is also a hub id (or ``"bundled"``, the
     shipped model), and return what the model records as its source (predictions' and screens' ``model``). Loud (a
     warning) where ``name`` is most likely meant as the other: one of the C2S hub models, one in this machine's Hugging
-    Face cache, or ``"bundled"``, whose source is then the absolute path; quiet (info) for the everyday ``runs/model`` folder, which nobody meant as a hub id and
-    whose source stays the name as given (a screen written with it resumes by it)."""
+    Face cache, or ``"bundled"``, whose source is then the absolute path; quiet (info) for the everyday ``runs/model``
+    folder, which nobody meant as a hub id and whose source stays the name as given (a screen written with it resumes
+    by it)."""
     resolved = str(path.resolve())
     meant_other = name == "bundled" or name in KNOWN_HUB_MODELS or _in_hub_cache(name)
     other = "the model shipped in the package" if name == "bundled" else f"the Hugging Face hub model {name!r}"

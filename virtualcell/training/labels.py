@@ -194,7 +194,7 @@ def _refuse_timed_genetic(labels: np.ndarray, typed: np.ndarray, conditions: np.
 
     if contract.dose_key is None and contract.time_key is None:
         return
-    genetic = {f: all(x.kind in GENETIC for x in parts_of(parse(f))) for f in set(typed)}
+    genetic = {f: _genetic_form(str(f)) for f in set(typed)}
     mask = np.array([genetic[f] for f in typed], dtype=bool) & (labels != contract.control)
     if not mask.any():
         return
