@@ -34,6 +34,18 @@ def papalexi_small(papalexi):
     return papalexi[idx].copy()
 
 
+def trained_tiny(adata, out, *, contract=None, **config):
+    """A tiny model trained for two steps on ``adata`` into ``out`` (kinds from obs['perturbation_type'], no verdict;
+    ``config`` overrides), loaded back: the recipe the dose and cytokine tests share."""
+    import virtualcell as vc
+    from virtualcell.train import TrainConfig, train
+
+    cfg = TrainConfig(**{**dict(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
+                                kind_key="perturbation_type", verdict_fraction=0.0), **config})
+    train(adata, out=out, contract=contract, config=cfg, progress=False)
+    return vc.C2SModel.load(out)
+
+
 def shared_file(name: str) -> Path:
     path = SHARED / name
     if not path.exists():

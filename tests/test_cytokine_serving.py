@@ -14,6 +14,8 @@ import virtualcell as vc
 from virtualcell.errors import DataError, PerturbationError
 from virtualcell.perturbations import parse_panel
 
+from conftest import trained_tiny
+
 # the synthetic screen's cytokines, named by genes of the data as a cytokine screen names them (each at dose 1)
 NAMES = {"CYTO1": "TF05", "CYTO2": "TF06", "CYTO3": "TF05+TF06"}
 
@@ -30,13 +32,7 @@ def cyto():
 
 @pytest.fixture(scope="module")
 def cyto_model(cyto, tmp_path_factory):
-    from virtualcell.train import TrainConfig, train
-
-    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
-                      kind_key="perturbation_type", verdict_fraction=0.0)
-    out = tmp_path_factory.mktemp("cyto_model")
-    train(cyto, out=out, config=cfg, progress=False)
-    return vc.C2SModel.load(out)
+    return trained_tiny(cyto, tmp_path_factory.mktemp("cyto_model"))
 
 
 def test_a_label_resolves_to_its_one_dose_whether_a_string_or_parsed(cyto_model):
@@ -149,17 +145,13 @@ def test_evaluate_reads_a_predicted_cytokines_typed_form_for_the_coexpression_ba
     import warnings
 
     from virtualcell.contract import DataContract
-    from virtualcell.train import TrainConfig, train
 
     plain = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=4, n_pairs=0, n_drugs=0, n_cytokines=3,
                                          n_cells_per_condition=30, n_control_cells=90, n_contexts=1, seed=0)
     del plain.uns["virtualcell"]  # (its stored contract names the dose column)
     plain.obs = plain.obs[["perturbation", "perturbation_type"]].copy()  # knockouts too: the baseline fits on them
     plain.obs["perturbation"] = plain.obs["perturbation"].astype(str).replace(NAMES)
-    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
-                      kind_key="perturbation_type", verdict_fraction=0.0)
-    train(plain, out=tmp_path / "m", config=cfg, contract=DataContract("perturbation", "control"), progress=False)
-    model = vc.C2SModel.load(tmp_path / "m")
+    model = trained_tiny(plain, tmp_path / "m", contract=DataContract("perturbation", "control"))
     ctrl = plain[plain.obs["perturbation"] == "control"]
     pred = vc.Simulator(ctrl[:16].copy(), model).simulate(["TF05"], progress=False).to_anndata()
     assert set(pred.obs["perturbation_typed"]) == {"cytokine:TF05"}

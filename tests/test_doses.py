@@ -15,6 +15,8 @@ from virtualcell.contract import DataContract
 from virtualcell.errors import PerturbationError
 from virtualcell.perturbations import Perturbation, parse, quantity_suffix
 
+from conftest import trained_tiny
+
 
 @pytest.fixture(scope="module")
 def dosed():
@@ -25,13 +27,7 @@ def dosed():
 
 @pytest.fixture(scope="module")
 def dosed_model(dosed, tmp_path_factory):
-    from virtualcell.train import TrainConfig, train
-
-    cfg = TrainConfig(top_k=20, hidden_size=32, n_layers=1, n_heads=2, max_steps=2, batch_size=8, seed=0,
-                      kind_key="perturbation_type", verdict_fraction=0.0)
-    out = tmp_path_factory.mktemp("dosed_model")
-    train(dosed, out=out, config=cfg, progress=False)
-    return vc.C2SModel.load(out)
+    return trained_tiny(dosed, tmp_path_factory.mktemp("dosed_model"))
 
 
 def test_conditions_carry_dose_and_time(dosed):
