@@ -239,8 +239,7 @@ class PerturbationVocab:
                 # else each part as written
                 name, _, suffix = dosed[0].rpartition("@")
                 shared = "+".join(name if x == dosed[0] else x for x in names) + "@" + suffix
-                if shared in self.conditions or canonical_condition(unordered_label(shared)) in \
-                        self._conditions_in_any_order():
+                if self._trained_condition(shared) is not None:
                     p = shared
         if isinstance(p, str) and p not in self.labels:  # a trained pair written in another order: "B+A" for "A+B"
             p = self._pairs_in_any_order().get(unordered_label(p), p)
@@ -260,7 +259,7 @@ class PerturbationVocab:
             return parse(self.labels[p])
         if isinstance(p, str) and p not in self.conditions and len(split_label(p)) > 1:
             # a trained pair's condition written in another order: "ko:TF06+drugA@1,24h" for "drugA+ko:TF06@1,24h"
-            p = self._conditions_in_any_order().get(canonical_condition(unordered_label(p)), p)
+            p = self._trained_condition(p) or p
         if isinstance(p, str) and p in self.conditions:
             self._refuse_pooled(p)
             return parse(self.conditions[p])
@@ -374,6 +373,13 @@ class PerturbationVocab:
     def _pairs_in_any_order(self) -> dict[str, str]:
         """Each trained combination's label keyed by its parts in any order (:func:`~virtualcell.perturbations.unordered_label`)."""
         return {unordered_label(lab): lab for lab in self.labels if len(split_label(lab)) > 1}
+
+    def _trained_condition(self, text: str) -> str | None:
+        """The training condition ``text`` names, as written or with a combination's parts in another order (its
+        numbers in any spelling), or None."""
+        if text in self.conditions:
+            return text
+        return self._conditions_in_any_order().get(canonical_condition(unordered_label(text)))
 
     def _conditions_in_any_order(self) -> dict[str, str]:
         """Each trained combination's condition (``"drugA+ko:TF06@1,24h"``) keyed by its parts in any order, its
