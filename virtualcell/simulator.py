@@ -959,8 +959,10 @@ class Simulator:
         # the cells file is written beside its name and put in place once every block is made: a refused or killed
         # run leaves no file that opens as whole with blocks of zeros
         placed = contextlib.ExitStack()
-        writer = (_CellStore(placed.enter_context(atomic_path(store)), names, n, self.gene_names)
-                  if store is not None else None)
+        writer = None
+        if store is not None:
+            writer = _CellStore(placed.enter_context(atomic_path(store)), names, n, self.gene_names)
+            placed.callback(writer.close)  # (closed before the file takes its name, or goes)
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
         cfg = self.generation_config(seed=seed, batch_size=batch_size, max_genes=max_genes, temperature=temperature,
                                      guidance=guidance, coexpression_prior=coexpression_prior, compose=compose)
@@ -997,8 +999,11 @@ class Simulator:
         share = sum(min(cell_chunk, n - c0) for c0 in starts)
         bar = progress_bar(share, progress and split.main, "simulate" if split.world == 1 else
                            f"simulate (the main process's {share} of {n} cells)", "cell")
+        placed.callback(bar.close)
         base_emb, base_idx = [], []
-        try:
+        # on leaving: the bar and the cells file closed; the file takes its name where every block was made, and goes
+        # where the run was refused or interrupted
+        with placed:
             for c0 in starts:
                 idx = np.arange(c0, min(c0 + cell_chunk, n))
                 chunk = self.sentences.subset(idx)
@@ -1047,17 +1052,6 @@ class Simulator:
                 bar.update(len(idx))
                 if on_chunk is not None:
                     on_chunk(int(idx[-1]) + 1, n)
-        except BaseException as err:
-            if writer is not None:
-                writer.close()
-                writer = None
-            placed.__exit__(type(err), err, err.__traceback__)  # (the partial file goes)
-            raise
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        placed.close()  # every block made: the file takes its name
         sums.merge(split)
         if split.world > 1:
             if cells_mem is not None:  # each process filled its own cells, zeros elsewhere
