@@ -33,7 +33,7 @@ def test_two_processes_match_one(tiny_model, tmp_path):
          "--master_port", str(_free_port()), str(WORKER), str(folder), str(base), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-3000:]
 
     sim = vc.Simulator(vc.datasets.read_h5ad(base), model)
     one = sim.simulate(["STAT1", "ko:JAK2"], seed=5, progress=False, keep_cells=True, cell_chunk=2)
@@ -77,7 +77,7 @@ def test_two_process_training_agrees(papalexi_small, tmp_path):
          "--master_port", str(_free_port()), str(TRAIN_WORKER), str(data), str(tmp_path), "0.25"],
         capture_output=True, text=True, env=env, timeout=240, check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-3000:]
     import json
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -94,7 +94,8 @@ def test_two_process_training_agrees(papalexi_small, tmp_path):
 def test_processes_leave_the_process_group_at_exit(tmp_path):
     """A two-process script that exchanges and ends: gloo's threads, left standing at the interpreter's end, aborted
     a process ("terminate called without an active exception") in about half of the runs, and the launcher failed the
-    whole run. Three runs: each failed with even odds before the process group was left at exit."""
+    whole run. One run here and one in each of the two tests above (each checks the same): each failed with even
+    odds before the process group was left at exit, so the three together miss it one time in eight."""
     script = tmp_path / "exchange.py"
     script.write_text("from virtualcell.distributed import Split\n"
                       "import numpy as np\n"
@@ -104,10 +105,9 @@ def test_processes_leave_the_process_group_at_exit(tmp_path):
                       "    split.gather(split.rank)\n"
                       "    split.sum(np.ones(1000))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for _ in range(3):
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(_free_port()), str(script)],
-            capture_output=True, text=True, env=env, timeout=120, check=False,
-        )
-        assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(script)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]

@@ -574,12 +574,12 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     """The recorded command that built virtualcell/data/model runs today (2 steps) on the same data.
 
     The verdict of an untrained model is its slowest part (its sentences never end early), so it
-    runs here with one sample per cell, one temperature and 3% of the cells held out instead of 10%
-    (``--verdict-samples 1 --verdict-temperatures 1 --verdict-fraction 0.03``): the verdict's guidance
-    candidates, decode choice and blend still run, on the bundled data's 24 held-out perturbations, without
-    the reruns at more samples and lower temperatures (test_validation covers those). 108 -> 61 s on an
-    AVX2-only CPU; the split's fraction changes which cells train, not the data, genes or architecture
-    checked below."""
+    runs here with one sample per cell, one temperature and 1% of the cells held out instead of 10%
+    (``--verdict-samples 1 --verdict-temperatures 1 --verdict-fraction 0.01``): the verdict's guidance
+    candidates, decode choice and blend still run, on every one of the bundled data's 24 perturbations (a
+    condition keeps at least one held-out cell), without the reruns at more samples and lower temperatures
+    (test_validation covers those). The split's fraction changes which cells train, not the data, genes or
+    architecture checked below."""
     import json
 
     from virtualcell.cli import main
@@ -591,7 +591,7 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     args[args.index("--max-steps") + 1] = "2"
     args[args.index("--out") + 1] = str(tmp_path / "m")
     assert main([*args, "--verdict-samples", "1", "--verdict-temperatures", "1",
-                 "--verdict-fraction", "0.03"]) == 0
+                 "--verdict-fraction", "0.01"]) == 0
     built = json.loads((tmp_path / "m" / "virtualcell.json").read_text())
     shipped = json.loads((Path(BUNDLED) / "virtualcell.json").read_text())
     assert built["train_config"]["data_hash"] == record["data_hash"]  # the same data, hashed the same way
@@ -603,6 +603,9 @@ def test_the_bundled_model_command_still_runs(tmp_path):
     cfg_built = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg_shipped = json.loads((Path(BUNDLED) / "config.json").read_text())
     assert {k: cfg_built[k] for k in arch} == {k: cfg_shipped[k] for k in arch}
+    judged = json.loads((tmp_path / "m" / "verdict.json").read_text())
+    shipped_verdict = json.loads((Path(BUNDLED) / "verdict.json").read_text())
+    assert judged["n_labels"] == shipped_verdict["n_labels"]  # 1% held out still judges every training perturbation
 
 
 def test_info_prints_what_a_checkpoint_knows(tiny_model, capsys):
