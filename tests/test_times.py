@@ -315,18 +315,68 @@ def test_no_unnamed_quantity_is_said_of_the_bundled_files(name):
         assert {c for c in contract.conditions(a) if "+" in c} <= {f"{x}@1" for x in contract.labels(a)}
 
 
-def test_times_that_share_a_bin_are_said_with_the_fix_for_times_not_for_doses(caplog):
-    """48h and 72h read one prompt (whole bins of log2 hours): the warning said to write the doses in nM."""
-    labels = ["control"] + ["drugA"] * 3
-    a, contract = _cells(labels * 2, dose=["", "1uM", "1uM", "1uM"] * 2, time=["", "24h", "48h", "72h"] * 2)
+def test_times_that_share_a_bin_train_apart_with_tokens_of_their_own(caplog):
+    """48h and 72h share a whole bin of log2 hours, so they read one prompt and a model predicted them alike (warned
+    of only). With tokens of their own for each dose (the default), each such condition gets a token for its very
+    dose and time after the bins' token: their prompts differ, a time between them reads the bins' token alone, and
+    an agent whose conditions each have bins of their own gets no new token (its prompts are as before)."""
+    from virtualcell.perturbations import parse
+    from virtualcell.prompts import CompactFormat, build_gene_tokenizer
+
+    labels = ["control"] + ["drugA"] * 3 + ["drugB"] * 2
+    a, contract = _cells(labels * 2, dose=["", "1uM", "1uM", "1uM", "1uM", "1uM"] * 2,
+                         time=["", "24h", "48h", "72h", "24h", "72h"] * 2)
+    with caplog.at_level(logging.INFO, logger="virtualcell.training.labels"):
+        _, vocab = _typed(a, contract)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "drugA@1,48h = drugA@1,72h" in caplog.text and "train apart" in caplog.text
+    exact = [n for n in vocab.names["dose"] if "@" in n]
+    assert exact == ["drug:drugA@1,48h", "drug:drugA@1,72h"]  # none for drugA at 24h, nor for drugB
+    genes = list(a.var_names)
+    fmt = CompactFormat(build_gene_tokenizer(genes, vocab), genes, vocab)
+    tokens = {t: fmt.perturbation_tokens(parse(f"drug:drugA@1,{t}")) for t in ("24h", "48h", "60h", "72h")}
+    assert tokens["48h"] != tokens["72h"] and tokens["48h"][:-1] == tokens["72h"][:-1] == tokens["60h"]
+    assert len(tokens["24h"]) == len(tokens["60h"])  # the bins' token, no token of its own
+    assert fmt.perturbation_tokens(parse("drug:drugA@1,72h"), own_tokens=False) == tokens["60h"][:-1]
+    # with one token per bin shared by every agent (--dose-tokens shared), they still read one prompt: said, with
+    # the fix for times, not for doses
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
-        _typed(a, contract)
+        _typed(a, contract, dose_tokens="shared")
     said = [r.getMessage() for r in caplog.records if "read one prompt" in r.getMessage()]
     assert len(said) == 1 and "drugA@1,48h = drugA@1,72h" in said[0], said
     assert "--context-key" in said[0] and "nM" not in said[0]
     caplog.clear()  # doses apart by less than a bin still get the dose advice
-    a, contract = _cells(labels * 2, dose=["", "1uM", "1.1uM", "10uM"] * 2)
+    a, contract = _cells(labels[:4] * 2, dose=["", "1uM", "1.1uM", "10uM"] * 2)
     with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
-        _typed(a, contract)
+        _typed(a, contract, dose_tokens="shared")
     said = [r.getMessage() for r in caplog.records if "read one prompt" in r.getMessage()]
     assert len(said) == 1 and "half-decade" in said[0] and "--context-key" not in said[0], said
+    caplog.clear()  # ... and with tokens of their own they train apart, said at info only
+    with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
+        _, vocab = _typed(a, contract)
+    assert caplog.text == "" and [n for n in vocab.names["dose"] if "@" in n] == ["drug:drugA@1", "drug:drugA@1.1"]
+
+
+def test_a_time_course_sharing_a_bin_is_predicted_apart(tmp_path):
+    """A drug measured at 48h and at 72h (one log2-hour bin): the trained model read both through one prompt, so its
+    next-gene distributions after any cell were the same; with a token for each time they are not."""
+    import torch
+
+    from tests.conftest import trained_tiny
+    from virtualcell.perturbations import parse
+
+    a = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_pairs=0, n_drugs=1, n_cytokines=0,
+                                     n_cells_per_condition=20, n_control_cells=40, n_contexts=1, seed=0)
+    a = a[a.obs["condition"].isin(["control", "drugA@1"])].copy()
+    perturbed = (a.obs["perturbation"] != "control").to_numpy()
+    a.obs["time"] = np.where(perturbed, np.where(np.arange(a.n_obs) % 2 == 0, "48h", "72h"), "")
+    contract = DataContract("perturbation", "control", dose_key="dose", time_key="time")
+    model = trained_tiny(a, tmp_path / "m", contract=contract, kind_key=None, kind="drug")
+    resolved = [model.perturbations.resolve(c) for c in ("drugA@1,48h", "drugA@1,72h")]
+    assert [str(r) for r in resolved] == [str(parse("drug:drugA@1,48h")), str(parse("drug:drugA@1,72h"))]
+    cell = np.arange(10)
+    with torch.no_grad():
+        logits = [model.lm(torch.tensor([model.format.prefix(cell) + model.format.suffix(r)])).logits[0, -1]
+                  for r in resolved]
+    assert not torch.allclose(logits[0], logits[1])

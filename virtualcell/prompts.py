@@ -114,6 +114,18 @@ def own_dose_name(part: Perturbation) -> str | None:
     return f"{part.kind}:{part.target}:{dose}{time}"
 
 
+def own_exact_name(part: Perturbation) -> str | None:
+    """The name of a drug's or cytokine's own token for its very dose and time (``"drug:drugA@1,48h"``), which a model
+    has where trained conditions of that agent share :func:`own_dose_name`'s bins (48h and 72h share a log2-hour bin;
+    1 and 2 uM a half-decade): it follows the bins' own token in the prompt, so each trained condition reads its own
+    prompt, and a dose or time between them reads the bins' token alone. None for a part without dose or time."""
+    if own_dose_name(part) is None:
+        return None
+    dose = f"{part.dose:g}" if part.dose is not None else ""
+    time = f",{part.time_hours:g}h" if part.time_hours is not None else ""
+    return f"{part.kind}:{part.target}@{dose}{time}"
+
+
 @dataclass
 class PerturbationVocab:
     """What perturbations a model knows.
@@ -129,7 +141,9 @@ class PerturbationVocab:
     names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": [],
                                                                   "dose": []})
     own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
-    own_doses: bool = False  # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own")
+    # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own"), and each trained
+    # condition whose bins it shares with another of the agent's, one for its very dose and time (own_exact_name)
+    own_doses: bool = False
     # a genetic target is written with its gene's token, then its own where it has one (TrainConfig.target_tokens="both")
     targets_with_gene: bool = False
     # each training condition with a dose or time ("drugA@10", DataContract.conditions) -> its typed form
@@ -842,6 +856,9 @@ class CompactFormat(PromptFormat):
                 own = own_dose_name(part)  # this drug's own token for this dose, where it was trained at it
                 if own_tokens and own is not None and name_token("dose", own) in self.token_id:
                     toks.append(name_token("dose", own))
+                    exact = name_token("dose", own_exact_name(part))  # ... and for its very dose and time, where
+                    if exact in self.token_id:                        # trained conditions share those bins
+                        toks.append(exact)
         return [self.token_id[t] for t in toks]
 
     def suffix(self, p: Perturbation | Combination) -> list[int]:

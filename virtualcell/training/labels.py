@@ -24,7 +24,7 @@ from ..errors import DataError, preview
 from ..perturbations import (EDIT_WORDS, GENETIC, KIND_ALIASES, Combination, Perturbation, control_words,
                              dose_on_one_scale, label_parts, label_stem, looks_like_control, parse, parts_of,
                              read_kinds, split_label, without_quantities, written_kind)
-from ..prompts import PerturbationVocab, dose_prompt_key, own_dose_name
+from ..prompts import DOSE_BINS, PerturbationVocab, dose_prompt_key, own_dose_name, own_exact_name
 from ..sentences import Vocabulary, target_aliases
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,9 +118,28 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
     for condition, form in zip(conditions, typed):
         if condition not in vocab.labels and condition != contract.control:
             vocab.conditions.setdefault(str(condition), str(form))
+    if vocab.own_doses:
+        _add_exact_tokens(vocab)
     if warn:
         _warn_shared_prompts(vocab)
     return typed, vocab
+
+
+def _add_exact_tokens(vocab: PerturbationVocab) -> None:
+    """Give each trained condition of an agent a token for its very dose and time (:func:`own_exact_name`) where
+    another condition of that agent shares its dose and time bins (48h and 72h, whole bins of log2 hours; 1 and 2 uM,
+    half-decade bins): without it the two read one prompt and were predicted alike. Agents whose conditions each have
+    bins of their own get none, so their prompts are as before."""
+    exact: dict[str, set[str]] = {}  # an own bin token's name -> the exact names trained under it
+    for form in vocab.conditions.values():
+        for part in parts_of(parse(form)):
+            own = own_dose_name(part)
+            if own is not None:
+                exact.setdefault(own, set()).add(own_exact_name(part))
+    for own in list(vocab.names["dose"]):  # (in the order the bins' tokens were added: ids are stable run to run)
+        names = exact.get(own, set())
+        if len(names) > 1:
+            vocab.names["dose"] += [n for n in sorted(names) if n not in vocab.names["dose"]]
 
 
 def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
@@ -329,7 +348,9 @@ def _warn_shared_prompts(vocab: PerturbationVocab) -> None:
     """Warn where trained conditions of one agent read one prompt: doses are written as half-decade bins of log10 of
     the value in its unit, from 1e-4 to 1e4, so doses closer than that, or beyond the range (1e-9 .. 1e-6 written in
     M all read the 1e-4 bin), are one condition to the model; times as whole bins of log2 hours (48h and 72h are
-    one). Each is said with its own fix."""
+    one). Each is said with its own fix. With tokens of their own for each dose (``dose_tokens="own"``, the default)
+    such conditions train apart (:func:`_add_exact_tokens`): said at info, but for doses beyond the bins' range, which
+    the model can then tell apart yet not order (a dose between them reads as all of them)."""
     by_prompt: dict[tuple, list[str]] = {}
     for condition, form in vocab.conditions.items():
         by_prompt.setdefault(dose_prompt_key(parse(form)), []).append(condition)
@@ -338,19 +359,37 @@ def _warn_shared_prompts(vocab: PerturbationVocab) -> None:
     def doses(group: list[str]) -> set:  # each part's dose, without the times
         return {tuple(x.dose for x in parts_of(parse(vocab.conditions[c]))) for c in group}
 
+    def beyond(group: list[str]) -> bool:  # a dose outside the bins' range (each bin is half a decade wide)
+        return any(x.dose is not None and not DOSE_BINS[0] - 0.25 <= np.log10(max(x.dose, 1e-300)) <= DOSE_BINS[-1] + 0.25
+                   for c in group for x in parts_of(parse(vocab.conditions[c])))
+
     by_time = [v for v in shared if len(doses(v)) == 1]  # conditions apart by their times alone
     by_dose = [v for v in shared if len(doses(v)) > 1]
-    if by_dose:
+    if vocab.own_doses:
+        if shared:
+            log.info("%d groups of trained conditions share their dose and time bins (%s): each has a token of its own, "
+                     "so they train apart; a dose or time between them is read as their shared bins.", len(shared),
+                     "; ".join(" = ".join(v) for v in shared[:3]))
+        by_dose, by_time = [v for v in by_dose if beyond(v)], []
+    if by_dose and vocab.own_doses:
+        log.warning("%d groups of trained conditions read one dose token each (%s): a dose is written as a half-decade "
+                    "bin of log10 of its value in its unit, from 1e-4 to 1e4, and these lie outside it. Each trained "
+                    "dose has a token of its own, so they train apart, but the model cannot order them, and any other "
+                    "dose of the agent reads as all of them. Write the doses in a unit that puts them inside that "
+                    "range (nM for 1e-9 M).", len(by_dose), "; ".join(" = ".join(v) for v in by_dose[:3]))
+    elif by_dose:
         log.warning("%d groups of trained conditions read one prompt each, so the model cannot tell them apart (%s): "
                     "a dose is written as a half-decade bin of log10 of its value in its unit, from 1e-4 to 1e4. "
                     "Where the doses are far apart, write them in a unit that puts them inside that range (nM for "
-                    "1e-9 M).", len(by_dose), "; ".join(" = ".join(v) for v in by_dose[:3]))
+                    "1e-9 M); where they are close, train with tokens of their own for each dose (--dose-tokens own, "
+                    "the default).", len(by_dose), "; ".join(" = ".join(v) for v in by_dose[:3]))
     if by_time:
         log.warning("%d groups of trained conditions read one prompt each, so the model cannot tell them apart (%s): "
                     "a time is written as a whole bin of log2 hours (48h and 72h share one; so do 3h and 4h), from "
-                    "2^-3 to 2^9 hours. To keep such times apart, train with the time as a context (--context-key "
-                    "with the time column, not --time-key; each time with its own control cells) or one model per "
-                    "time.", len(by_time), "; ".join(" = ".join(v) for v in by_time[:3]))
+                    "2^-3 to 2^9 hours. To keep such times apart, train with tokens of their own for each dose and "
+                    "time (--dose-tokens own, the default), with the time as a context (--context-key with the time "
+                    "column, not --time-key; each time with its own control cells), or one model per time.",
+                    len(by_time), "; ".join(" = ".join(v) for v in by_time[:3]))
 
 
 def _warn_odd_labels(labels: np.ndarray, quantities: tuple[np.ndarray, np.ndarray], contract: DataContract,
