@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -109,6 +109,8 @@ class DataContract:
     ``other_controls`` names further labels of control cells (several non-targeting guides,
     ``"DMSO"`` beside ``"vehicle"``): :meth:`labels` reads them as ``control``, so every part of the
     package sees one control population (CLI: ``--control NT_1,NT_2``, the first is ``control``).
+    ``control`` may be such a list too: ``DataContract("guide", ["NT_1", "NT_2"])`` is
+    ``DataContract("guide", "NT_1", other_controls=("NT_2",))``, as ``--control NT_1,NT_2`` reads.
     """
 
     perturbation_key: str = "perturbation"
@@ -121,12 +123,24 @@ class DataContract:
     dose_unit_key: str | None = None
 
     def __post_init__(self) -> None:
-        # labels are read as strings, so a control given as a number (control=0 of integer labels) is its string
-        object.__setattr__(self, "control", str(self.control).strip())
         others = self.other_controls
         if isinstance(others, str):
             raise ContractError(f"other_controls takes a list of labels, got the string {others!r}: write "
                                 f"other_controls=[{others!r}].")
+        control = self.control
+        if isinstance(control, Set | Mapping):  # (no first label to be the control)
+            raise ContractError(f"control={control!r} has no order, and the first of several control labels is the "
+                                f"one the others are read as: pass a list, control={sorted(map(str, control))!r}.")
+        if not isinstance(control, str) and isinstance(control, Iterable):
+            # several labels, as the command line's --control NT_1,NT_2 gives them (control_labels): all read as
+            # the first, which the others join (evaluate and split_controls take control=[...] so too)
+            labels = [str(x).strip() for x in control if str(x).strip()]
+            if not labels:
+                raise ContractError("control names no label: give the label of the control cells, or a list of them "
+                                    "(control=['NT_1', 'NT_2']: all read as the first).")
+            control, others = labels[0], (*labels[1:], *others)
+        # labels are read as strings, so a control given as a number (control=0 of integer labels) is its string
+        object.__setattr__(self, "control", str(control).strip())
         # a tuple of distinct labels other than control (lists and arrays from JSON or h5ad become one)
         object.__setattr__(self, "other_controls",
                            tuple(dict.fromkeys(str(x).strip() for x in others if str(x).strip() != self.control)))
@@ -159,6 +173,10 @@ class DataContract:
             if self.control not in set(labels):
                 hint = close_matches(self.control, set(labels))
                 did = f" Did you mean {preview(hint, 3)}?" if hint else ""
+                listed = [x.strip() for x in self.control.split(",") if x.strip()]
+                if len(listed) > 1 and set(listed) & set(labels):  # (the command line's comma list, in Python)
+                    did = (f" Several control labels are a list in Python (the command line's --control "
+                           f"{self.control} is one): control={listed!r}, all read as the first.")
                 named = (f"The control label {self.control!r} does not occur" if not self.other_controls else
                          f"None of the control labels {preview(self.controls, 8)} occurs")
                 raise ContractError(

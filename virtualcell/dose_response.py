@@ -27,11 +27,12 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ScreenError
+from .errors import ScreenError, as_names
 from .perturbations import Perturbation, dose_on_one_scale, parse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,7 +114,7 @@ def _series(ranking: pd.DataFrame, over: str) -> pd.DataFrame:
 
 
 def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = None, *,
-                       genes: list[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
+                       genes: str | Sequence[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
     """Each dose series' score with its 95% interval against the dose, beside the predicted change of genes.
 
     Parameters
@@ -123,7 +124,10 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
         ``aggregates`` only the score panel is drawn.
     genes
         Genes whose predicted mean change (``aggregates["delta"]``, the served prediction) to draw, one panel
-        each; by default the ``n_genes`` that change most at any dose of any series.
+        each (one gene, ``"STAT1"``, or a list); by default the ``n_genes`` that change most at any dose of any
+        series.
+    n_genes
+        How many genes to draw when ``genes`` is not given.
     return_fig
         Return the figure instead of ``None``.
 
@@ -137,13 +141,13 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
 
 
 def plot_time_course(ranking: pd.DataFrame, aggregates: xr.Dataset | None = None, *,
-                     genes: list[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
+                     genes: str | Sequence[str] | None = None, n_genes: int = 3, return_fig: bool = False) -> Any:
     """Each time course's score with its 95% interval against the time (hours), beside the predicted change
     of genes: :func:`plot_dose_response` for an agent at one dose and several times (:func:`time_series`)."""
     return _plot(ranking, aggregates, "time", genes=genes, n_genes=n_genes, return_fig=return_fig)
 
 
-def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, genes: list[str] | None,
+def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, genes: str | Sequence[str] | None,
           n_genes: int, return_fig: bool) -> Any:
     import matplotlib.pyplot as plt
 
@@ -155,6 +159,8 @@ def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, ge
         raise ScreenError(f"No drug or cytokine of this screen was screened at two or more {what}, so there is no "
                           f"{'dose-response' if over == 'dose' else 'time course'} to draw: put one agent at several "
                           f"{what} in the panel, e.g. {example}.")
+    if genes is not None:
+        genes = as_names(genes)  # one gene, not its letters
     if aggregates is not None:
         known = [str(g) for g in aggregates["gene"].values]
         if genes is None:

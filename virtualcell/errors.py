@@ -78,6 +78,24 @@ def a_kind_of(kinds: Sequence[str]) -> str:
     return ("an " if said[0] in "aeiou" else "a ") + said
 
 
+def as_names(value: object) -> list[str]:
+    """One name or several, as a list of strings: a bare string (or any single value) is one name, not its letters
+    (``genes="TF01"`` was read as ``T``, ``F``, ``0``, ``1``); a list, tuple, set, array or Index gives its items. The
+    one reading of an argument that takes "a name or a list of names".
+
+    >>> as_names("TF01"), as_names(("TF01", "TF02"))
+    (['TF01'], ['TF01', 'TF02'])
+    """
+    import numpy as np
+
+    if isinstance(value, str) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return [str(value)]
+    try:
+        return [str(x) for x in value]  # type: ignore[attr-defined]
+    except TypeError:  # (one value that is no sequence: a number naming a label)
+        return [str(value)]
+
+
 def whole_at_least(value: object, least: int = 1) -> bool:
     """An integer (not a bool, nor a float such as ``2.0`` or NaN) of at least ``least``: the one rule for counts a
     user passes (samples, cells, picks)."""

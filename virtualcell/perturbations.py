@@ -178,10 +178,14 @@ class Perturbation:
             raise PerturbationError(f"A {self.kind} needs a target (e.g. '{_SHORT[self.kind]}:NAME').")
         if self.kind in GENETIC:
             if not _GENE.match(self.target):
-                joined = next((sep for sep in ("|", ",", ";", "&") if sep in self.target), None)
+                # (a {a,b} group or a panel's lines: parse says what they are, with the whole text)
+                grouped = any(c in self.target for c in "{}\n")
+                joined = next((sep for sep in ("|", ",", ";", "&") if sep in self.target and not grouped), None)
+                several = [f"{_SHORT[self.kind]}:{x.strip()}" for x in self.target.split(",") if x.strip()]
                 raise PerturbationError(
                     f"{self.target!r} is not a gene symbol (letters, digits, '.', '-', '_')."
-                    + (f" A combination is written with '+' ({self.target.replace(joined, '+')!r}), not {joined!r}."
+                    + (f" A combination is written with '+' ({self.target.replace(joined, '+')!r}), not {joined!r}"
+                       + (f"; several perturbations are a list ({several!r})." if joined == "," else ".")
                        if joined else ""))
             object.__setattr__(self, "target", self.target.upper())
             if self.dose is not None or self.time is not None:
@@ -605,11 +609,46 @@ def parse(text: str | Perturbation | Combination) -> Perturbation | Combination:
         return text
     if not isinstance(text, str):
         raise PerturbationError(f"Expected a perturbation string, got {type(text).__name__}.")
-    parts = [_parse_part(p, text) for p in split_label(text)]
+    try:
+        parts = [_parse_part(p, text) for p in split_label(text)]
+    except PerturbationError as err:  # a panel's syntax for several, given as one: say so
+        hint = list_syntax_hint(text, comma=False)
+        if hint:
+            raise PerturbationError(f"{err}{hint}") from None
+        raise
     parts = [p for p in parts if p.kind != "control"] or [Perturbation("control")]
     if len(parts) == 1:
         return parts[0]
     return Combination(tuple(parts))
+
+
+def list_syntax_hint(text: str, *, comma: bool = True) -> str:
+    """What to add to a refusal of ``text``, given as one perturbation, where it is written in a panel's or the
+    command line's syntax for several: a panel's lines, a ``{a,b}`` group (a panel's shorthand), or names separated by
+    ',' before any '@' (``comma``); ``""`` where it is none of those.
+
+    >>> list_syntax_hint("STAT1,JAK2")
+    " ',' separates no perturbations in a name: pass several as a list (['STAT1', 'JAK2']); a combination is written with '+' ('STAT1+JAK2')."
+    """
+    if "\n" in text.strip():
+        return (" It holds several lines, as a panel's text does: read it with vc.perturbations.parse_panel(text) "
+                "and pass the list that gives.")
+    if "{" in text or "}" in text:
+        try:
+            written = f"write them out with vc.perturbations.expand({text.strip()!r}) (gives {expand(text.strip())!r})"
+        except PerturbationError:  # (a malformed group: expand's own refusal would say why)
+            written = "write them out with vc.perturbations.expand(line)"
+        return (f" A {{a,b}} group is a panel's shorthand for one perturbation per choice, which a single "
+                f"perturbation does not expand: {written}, or read a whole panel with "
+                "vc.perturbations.parse_panel(text), and pass the list.")
+    name = text.partition("@")[0]  # (after '@', ',' parts a dose from a time)
+    if comma and "," in name:
+        parts = [x.strip() for x in name.split(",") if x.strip()]
+        prefix = parts[0].partition(":")[0] + ":" if parts and ":" in parts[0] else ""
+        parts = [x if ":" in x or not prefix else prefix + x for x in parts]
+        return (f" ',' separates no perturbations in a name: pass several as a list ({parts!r}); a combination is "
+                f"written with '+' ({'+'.join(parts)!r}).")
+    return ""
 
 
 def expand(line: str) -> list[str]:

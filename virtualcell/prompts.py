@@ -35,8 +35,8 @@ import numpy as np
 
 from .errors import ModelError, PerturbationError, close_matches, preview
 from .perturbations import (EDIT_WORDS, GENETIC, Combination, Perturbation, canonical_condition, split_label, in_units,
-                            label_parts, looks_like_control, parse, parts_of, quantity_suffix, shared_suffix,
-                            unordered_label, without_quantities)
+                            label_parts, list_syntax_hint, looks_like_control, parse, parts_of, quantity_suffix,
+                            shared_suffix, unordered_label, without_quantities)
 from .target_offsets import KINDS as TARGET_KINDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,8 +301,8 @@ class PerturbationVocab:
                 if looks_like_control(name):
                     typed = (" It looks like a control: a prediction is of the baseline cells under a perturbation, "
                              "and the baseline cells are the controls; leave it out of the panel.")
-                else:
-                    typed = self._typed_hint(name)
+                else:  # (several perturbations written as one name, 'STAT1,JAK2', say that first)
+                    typed = list_syntax_hint(part.target) or self._typed_hint(name)
                 raise PerturbationError(
                     f"The model does not know the perturbation {part.target!r}.{did} Known labels: "
                     f"{preview(sorted(self.labels), 12) or 'none'}.{typed}"

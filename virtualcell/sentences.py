@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections import Counter
@@ -77,7 +78,10 @@ _STRIP = ".,;:!?\"'()[]{}"
 def require_in_memory(adata: ad.AnnData, what: str = "The AnnData") -> None:
     """Refuse an AnnData read with ``backed='r'``: virtualcell reads expression in memory, and a backed file failed
     differently at each entry point (train, evaluate, split_controls: anndata's and numpy's errors). Anything but an
-    AnnData (a matrix, a DataFrame) is refused naming what to build."""
+    AnnData (a matrix, a DataFrame) is refused naming what to build, a path naming how to read it."""
+    if isinstance(adata, str | os.PathLike):  # (the CLI takes paths, so a path is tried here too)
+        raise DataError(f"{what} must be an AnnData, got the path {str(adata)!r}: read it first, adata = "
+                        "vc.datasets.read_h5ad(path) (with contract=DataContract(...) where the file carries none).")
     if not all(hasattr(adata, a) for a in ("X", "obs", "var", "obs_names", "var_names")):
         raise DataError(f"{what} must be an AnnData (cells x genes, with gene names), got {type(adata).__name__}: "
                         "wrap a matrix as anndata.AnnData(X, obs=pd.DataFrame(index=cell_names), "
@@ -934,6 +938,7 @@ def encode(
     Zeros, including explicitly stored zeros, are never part of a sentence. A cell
     with no expressed gene is an error (remove such cells first).
     """
+    require_in_memory(adata, "The cells to encode")
     if top_k is not None and top_k < 1:
         raise DataError(f"top_k must be a positive number of genes or None, got {top_k}.")
     if genes not in ("all", "shared"):  # (anything but 'all' read as 'shared' and skipped the check)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract, one_reading
-from .errors import ContractError, DataError, TrainingError, close_matches, preview
+from .errors import ContractError, DataError, TrainingError, close_matches, finite_number, preview, whole_at_least
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
@@ -210,9 +210,21 @@ class TrainConfig:
         return cls(**before, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in known})
 
     def __post_init__(self) -> None:
-        for name in ("verdict_samples", "verdict_temperatures", "verdict_candidates"):  # lists kept as lists
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.verdict_candidates, list):  # (a list, read back from JSON: a tuple)
+            object.__setattr__(self, "verdict_candidates", tuple(self.verdict_candidates))
+        # one value or several, as Python or numpy numbers (a DataFrame's, np.arange's), kept as a tuple of plain ones
+        samples = _numbers(self.verdict_samples, whole=True)
+        if samples is None:
+            raise TrainingError(f"verdict_samples (rejudge's samples=) must be whole numbers >= 1, one or several (4, "
+                                f"or (1, 4): samples per cell the verdict tries with its best generation settings; "
+                                f"(1,): only one), got {self.verdict_samples!r}.")
+        temperatures = _numbers(self.verdict_temperatures, whole=False)
+        if temperatures is None:
+            raise TrainingError(f"verdict_temperatures (rejudge's temperatures=) must be numbers above 0, one or "
+                                f"several (0.8, or (1.0, 0.8): sampling temperatures the verdict tries at its chosen "
+                                f"samples per cell; (1.0,): none), got {self.verdict_temperatures!r}.")
+        object.__setattr__(self, "verdict_samples", samples)
+        object.__setattr__(self, "verdict_temperatures", temperatures)
         if not isinstance(self.holdout, Mapping):  # (a list failed later on .items())
             raise TrainingError(f"holdout must map obs columns to the values held out, e.g. "
                                 f"{{'perturbation': ['STAT1']}}, got {self.holdout!r}.")
@@ -275,14 +287,6 @@ class TrainConfig:
         if self.verdict_candidates is not None and (
                 not self.verdict_candidates or not all(isinstance(c, dict) for c in self.verdict_candidates)):
             raise TrainingError("verdict_candidates must be dicts of Simulator.simulate options, at least one ({}).")
-        if not self.verdict_samples or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                                               for k in self.verdict_samples):
-            raise TrainingError(f"verdict_samples must be whole numbers >= 1 (samples per cell the verdict tries with "
-                                f"its best generation settings; (1,): only one), got {self.verdict_samples!r}.")
-        if not self.verdict_temperatures or not all(isinstance(t, int | float) and not isinstance(t, bool) and t > 0
-                                                    for t in self.verdict_temperatures):
-            raise TrainingError(f"verdict_temperatures must be numbers above 0 (sampling temperatures the verdict "
-                                f"tries at its chosen samples per cell; (1.0,): none), got {self.verdict_temperatures!r}.")
         if self.dose_tokens not in DOSE_TOKENS:
             raise TrainingError(f"dose_tokens must be one of {DOSE_TOKENS} ('shared': a dose is written with the dose "
                                 f"token every drug shares; 'own': each drug's trained doses also get a token of their "
@@ -297,6 +301,24 @@ class TrainConfig:
         if self.hidden_size % self.n_heads:
             raise TrainingError(f"hidden_size {self.hidden_size} (--hidden-size) must be divisible by n_heads "
                                 f"{self.n_heads} (--heads): each head takes an equal share of it.")
+
+
+def _numbers(value: Any, *, whole: bool) -> tuple[int, ...] | tuple[float, ...] | None:
+    """``value`` as a tuple of plain Python numbers: one number (Python's or numpy's) is one value, a sequence or
+    array of numbers its items; whole numbers of at least 1 (``whole``) or finite numbers above 0. ``None`` for
+    anything else (a string, a bool, an empty sequence, an item out of range), for the caller to refuse by name."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, str | bytes | Mapping) or value is None:
+        return None
+    items = [value] if isinstance(value, int | float | np.generic) else value
+    try:
+        items = list(items)
+    except TypeError:  # (neither a number nor a sequence)
+        return None
+    if not items or not all(whole_at_least(x, 1) if whole else finite_number(x) and x > 0 for x in items):
+        return None
+    return tuple(int(x) for x in items) if whole else tuple(float(x) for x in items)
 
 
 # --------------------------------------------------------------------------- #
@@ -364,9 +386,14 @@ def train(
         default: a new small gene-level Llama model.
     on_log
         Called with each log record (step, loss, val_loss, tokens/s), e.g. for live plots.
+    resume
+        Resume from ``out/last`` where a run left it (``False``: train afresh).
+    progress
+        Show progress bars.
     gene_key
         Var column holding the gene names (symbols, or Ensembl ids for the default gene-level
-        model); default ``var_names``.
+        model); default: the column ``contract``'s ``gene_key`` names (without ``contract``, the contract stored in
+        ``adata``'s), else ``var_names``.
     device
         ``cuda`` (or ``cuda:N``), ``mps`` or ``cpu``; default: a CUDA GPU where there is one, else the CPU. Under a
         multi-process launch each process trains on the GPU of its ``LOCAL_RANK``. Checked before the data is read
@@ -387,7 +414,9 @@ def train(
     require_in_memory(adata, "The training data")
     dev = training_device(device)
     cfg = with_learning_rate(as_config(config), base)
-    gene_key = gene_key or (contract.gene_key if contract is not None else None)
+    # the gene column named by the contract given, else by the one the data carries (its perturbation column and
+    # control were read from it while its gene column was dropped)
+    gene_key = gene_key or (contract.gene_key if contract is not None else _stored_gene_key(adata))
     adata = with_gene_key(adata, gene_key)
     if base is not None:
         require_symbols(adata.var_names, what=f"--base {base!r} is a text model (C2S prompt); it")
@@ -418,6 +447,25 @@ def train(
         stack.enter_context(library_bars(progress))
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log, device=dev)
+
+
+def _stored_gene_key(adata: ad.AnnData) -> str | None:
+    """The var column of gene names that the contract stored in ``adata`` names (``read_h5ad(path,
+    contract=DataContract(..., gene_key="symbol"))``), where ``adata`` has that column; ``None`` without one (a
+    contract naming a column the data lacks is said, and ``var_names`` read)."""
+    try:
+        key = DataContract.from_adata(adata).gene_key
+    except ContractError:  # (no contract stored: train's own refusal names what to pass)
+        return None
+    if key is None:
+        return None
+    if key not in adata.var.columns:
+        log.warning("The data's contract names the gene column %r, which its var lacks (var columns: %s): the genes "
+                    "are read from var_names. Pass gene_key= to read another column.", key,
+                    preview(adata.var.columns) or "none")
+        return None
+    log.info("gene names from var[%r], the column the data's contract names", key)
+    return key
 
 
 def training_device(device: str | None = None) -> Any:
@@ -1111,9 +1159,9 @@ def _judge(model: C2SModel, held: ad.AnnData | None, contract: DataContract, cfg
 
 
 @one_reading
-def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | None = None,
+def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: int | tuple[int, ...] | None = None,
             candidates: tuple[dict[str, Any], ...] | None = None,
-            temperatures: tuple[float, ...] | None = None, progress: bool = True) -> dict[str, Any]:
+            temperatures: float | tuple[float, ...] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run a trained checkpoint's validation verdict again, on the data it was trained on; returns the new verdict.
 
     The verdict's cells are chosen from the training data by the run's own seed and
@@ -1122,8 +1170,9 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
     run's recorded data hash: on other data the "held-out" cells could be cells the model trained
     on. Use it to give a checkpoint written by an older version what the verdict reports now, or to
     try other ``samples`` per cell, ``temperatures`` or generation ``candidates`` without training again (a
-    checkpoint that recorded no temperatures gets today's default). The served baselines are fitted again from
-    the same cells, as training fits them today. The model
+    checkpoint that recorded no temperatures gets today's default); ``samples`` and ``temperatures`` are one number
+    or several, read as :class:`TrainConfig` reads ``verdict_samples`` and ``verdict_temperatures``. The served
+    baselines are fitted again from the same cells, as training fits them today. The model
     is changed in place (``verdict``, the decode it chooses, ``baselines``, ``train_config``); save it with
     :meth:`C2SModel.save` or ``virtualcell verdict``. ``progress``: a bar over the generation settings tried, as
     training's verdict shows.
@@ -1140,9 +1189,9 @@ def rejudge(model: C2SModel, adata: ad.AnnData, *, samples: tuple[int, ...] | No
         raise ModelError("This checkpoint was trained with verdict_fraction 0: it held no cells out of training, so "
                          "every cell was trained on and none can judge it. Retrain with --verdict-fraction 0.1.")
     cfg = TrainConfig.from_record(run)
-    cfg = replace(cfg, verdict_samples=tuple(samples) if samples is not None else cfg.verdict_samples,
-                  verdict_temperatures=(tuple(temperatures) if temperatures is not None
-                                        else cfg.verdict_temperatures),
+    # samples and temperatures read as TrainConfig reads them (one number or several, numpy's too)
+    cfg = replace(cfg, verdict_samples=samples if samples is not None else cfg.verdict_samples,
+                  verdict_temperatures=temperatures if temperatures is not None else cfg.verdict_temperatures,
                   verdict_candidates=tuple(dict(c) for c in candidates) if candidates is not None
                   else cfg.verdict_candidates)
     contract = model.contract

@@ -177,6 +177,17 @@ def data_dirs() -> list[Path]:
 def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
     """Load a dataset by name; see the module docstring for the names.
 
+    Parameters
+    ----------
+    name
+        A name :func:`available` lists, or ``"synthetic"``. For your own file use :func:`read_h5ad`.
+    **kwargs
+        For ``"synthetic"``: the arguments of :func:`synthetic_screen` (``n_cells_per_condition=``, ``seed=``, ...).
+        For a named dataset: ``contract=``, a :class:`~virtualcell.DataContract` read instead of the dataset's own
+        (a context column, say: ``load("papalexi2021", contract=DataContract(context_key="bio_rep"))``), as
+        :func:`read_h5ad` takes one. Any other keyword is refused with a :class:`DataError` naming the ones the
+        loader takes (they were dropped without a word).
+
     Examples
     --------
     >>> import virtualcell as vc
@@ -185,7 +196,11 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
     (20729, 299)
     """
     if name == "synthetic":
+        _refuse_keywords(name, kwargs)
         return synthetic_screen(**kwargs)
+    if isinstance(name, os.PathLike) or (isinstance(name, str) and name.lower().endswith(".h5ad")):
+        raise DataError(f"load() takes a dataset's name, and {str(name)!r} is a file: read it with "
+                        "vc.datasets.read_h5ad(path) (with contract=DataContract(...) where the file carries none).")
     if name not in _REGISTRY:
         hint = close_matches(name, _REGISTRY)
         did = f" Did you mean {preview(hint, 3)}?" if hint else ""
@@ -194,6 +209,7 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
             "For your own file give its path, an .h5ad (CLI: --data cells.h5ad; Python: "
             "virtualcell.datasets.read_h5ad(path, contract=...))."
         )
+    _refuse_keywords(name, kwargs)
     info = _REGISTRY[name]
     if info.embedded:
         path = resources.files("virtualcell") / "data" / info.embedded
@@ -213,7 +229,7 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
         adata = _from_pertpy(info)
     adata.uns.setdefault("virtualcell", {})
     adata.uns["virtualcell"]["dataset"] = {"name": info.name, "license": info.license, "citation": info.citation}
-    contract = info.contract
+    contract = kwargs.get("contract") or info.contract
     if contract.dose_unit_key is not None and contract.dose_unit_key not in adata.obs.columns:
         from dataclasses import replace
 
@@ -225,6 +241,35 @@ def load(name: str = DEFAULT, **kwargs: Any) -> ad.AnnData:
     contract.attach(adata)
     contract.validate(adata)
     return adata
+
+
+def _refuse_keywords(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse the keywords of ``load(name, **kwargs)`` that its loader does not take, naming the ones it does (with a
+    close match where there is one): every keyword but ``contract`` was dropped without a word for a named dataset."""
+    import inspect
+
+    synthetic_args = sorted(inspect.signature(synthetic_screen).parameters)
+    takes = synthetic_args if name == "synthetic" else ["contract"]
+    unknown = [k for k in kwargs if k not in takes]
+    if not unknown:
+        if kwargs.get("contract") is not None and not isinstance(kwargs["contract"], DataContract):
+            raise DataError(f"contract must be a virtualcell.DataContract, got {type(kwargs['contract']).__name__}: "
+                            "e.g. contract=vc.DataContract('perturbation', 'control', context_key='bio_rep').")
+        return
+    near = {k: close_matches(k, takes, 1) for k in unknown}
+    named = ", ".join(f"{k!r} (did you mean {n[0]!r}?)" if n else repr(k) for k, n in near.items())
+    said = []
+    if name != "synthetic" and any(k in synthetic_args for k in unknown):
+        said.append("the synthetic screen's arguments (n_cells_per_condition=, seed=, ...) are load('synthetic')'s; "
+                    "take a subset of a named dataset's cells yourself (adata[:1000].copy())")
+    if "backed" in unknown:
+        said.append("virtualcell reads expression in memory, so a dataset is never read backed")
+    if "cache_dir" in unknown:
+        said.append("downloads are cached under $VIRTUALCELL_CACHE (vc.datasets.cache_dir()): set it to move them")
+    advice = f" ({'; '.join(said)})" if said else ""
+    own = "" if name == "synthetic" else " For a file of your own: vc.datasets.read_h5ad(path, contract=...)."
+    raise DataError(f"load({name!r}) takes no keyword{'s' if len(unknown) > 1 else ''} {named}; it takes "
+                    f"{preview(takes, 20)}{advice}.{own}")
 
 
 def _read(path: Any, what: str = "") -> ad.AnnData:

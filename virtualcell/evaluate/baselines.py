@@ -430,13 +430,16 @@ def _predict(
 ) -> ad.AnnData:
     import anndata as ad
 
+    from ..sentences import Vocabulary, require_in_memory, target_aliases
+
+    require_in_memory(train, "The training cells (train=)")
+    if baseline is not None:
+        require_in_memory(baseline, "The baseline cells (baseline=)")
     contract = resolve_contract(train, perturbation_key=perturbation_key, control=control, context_key=context_key)
     inputs = {"train": train} if baseline is None else {"train": train, "baseline": baseline}
     genes, _, inputs = shared_genes(inputs)
     train, baseline = inputs["train"], inputs.get("baseline")
     data = prepare(train, contract, genes, name="training")
-    from ..sentences import Vocabulary, target_aliases
-
     stored = (train.uns.get(UNS_KEY) or {}).get("gene_aliases")  # what evaluate found in the measured data's var
     aliases = dict(stored) if stored is not None else target_aliases(
         train, sorted(set(data.labels) - {contract.control}), Vocabulary(tuple(str(g) for g in genes)))

@@ -73,7 +73,12 @@ def distance_test(
         obs column with the groups (e.g. the perturbation column).
     contrast
         The group everything is tested against (the control label).
-    metric, n_perms, obsm_key, layer_key, alpha, correction
+    obsm_key
+        The embedding the distances are measured in, ``obsm[obsm_key]``; ``None``: the expression itself,
+        ``adata.X`` (every gene, densified: slow on many genes).
+    layer_key
+        Measure in this layer instead (``obsm_key`` is then not read).
+    metric, n_perms, alpha, correction
         As in ``pertpy.tools.DistanceTest``. pertpy draws its permutations from an
         unseeded generator, so p-values vary a little between runs.
 
@@ -109,10 +114,15 @@ def distance_test(
             raise DataError(
                 f"Layer {layer_key!r} is not in the AnnData. Layers: {preview(adata.layers.keys()) or 'none'}."
             )
+    elif obsm_key is None:
+        if adata.X is None:
+            raise DataError("obsm_key=None measures in adata.X, and this AnnData has no X: name an embedding "
+                            f"(obsm_key=, one of {preview(adata.obsm.keys()) or 'none'}) or a layer (layer_key=).")
     elif obsm_key not in adata.obsm:
         raise DataError(
             f"obsm[{obsm_key!r}] is missing. Compute an embedding first (e.g. scanpy.pp.pca(adata)) "
-            f"or name one of {preview(adata.obsm.keys()) or 'none'} as obsm_key=; or pass layer_key=."
+            f"or name one of {preview(adata.obsm.keys()) or 'none'} as obsm_key=; or pass layer_key=, or "
+            "obsm_key=None for adata.X."
         )
     labels, order = _group_order(adata, groupby)
     contrast = str(contrast)  # (the groups are read as strings: a column of numbers and contrast=4 name group '4')
@@ -128,9 +138,10 @@ def distance_test(
     if known and metric not in known:
         raise DataError(f"metric {metric!r} is not one pertpy's DistanceTest knows: {', '.join(known)}.")
     _warn_unsound(adata, labels, contrast, layer_key)
-    if layer_key is not None:  # pertpy reads a layer for some metrics only (mmd, wasserstein, euclidean read
-        obsm_key = "_virtualcell_layer"  # obsm[None]): every metric reads it as an embedding
-        layer = adata.layers[layer_key]
+    if layer_key is not None or obsm_key is None:  # pertpy reads a layer for some metrics only (mmd, wasserstein,
+        # euclidean read obsm[None]): every metric reads a layer, or X, as an embedding
+        layer = adata.layers[layer_key] if layer_key is not None else adata.X
+        obsm_key = "_virtualcell_layer"
         embedding = layer.toarray() if hasattr(layer, "toarray") else np.asarray(layer)
     else:
         embedding = np.asarray(adata.obsm[obsm_key])

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError, preview
+from ..errors import DataError, as_names, preview
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -30,7 +30,7 @@ def _finish(fig: Figure, return_fig: bool) -> Figure | None:
 def plot_delta_scatter(
     deltas: pd.DataFrame,
     *,
-    perturbations: Sequence[str] | None = None,
+    perturbations: str | Sequence[str] | None = None,
     n_top: int = 4,
     ax: Axes | None = None,
     return_fig: bool = False,
@@ -42,8 +42,8 @@ def plot_delta_scatter(
     deltas
         The output of :func:`~virtualcell.evaluate.delta_table`.
     perturbations
-        Which perturbations to show; by default the ``n_top`` with the largest measured effect
-        size (corrected for group size, so small noisy groups do not win).
+        Which perturbations to show (one, ``"STAT1"``, or a list); by default the ``n_top`` with the largest
+        measured effect size (corrected for group size, so small noisy groups do not win).
     n_top
         How many perturbations by default.
     ax
@@ -70,8 +70,9 @@ def plot_delta_scatter(
     if perturbations is None:
         chosen = list(groups.index[:n_top])
     else:
-        chosen = [k for k in groups.index if k[0] in set(perturbations)]
-        unknown = sorted(set(perturbations) - {k[0] for k in chosen})
+        asked = set(as_names(perturbations))  # one perturbation, not its letters
+        chosen = [k for k in groups.index if k[0] in asked]
+        unknown = sorted(asked - {k[0] for k in chosen})
         if unknown:
             raise DataError(f"Perturbations {preview(unknown)} are not in the delta table.")
     if not chosen:
@@ -152,7 +153,7 @@ def plot_metric_bars(
     from ._core import on_model_groups
 
     table = on_model_groups(table)  # every bar over the groups the model predicts, as summarize() averages
-    names = [metric] if isinstance(metric, str) else list(metric)
+    names = as_names(metric)
     unknown = [m for m in names if m not in set(table["metric"])]
     if unknown:
         have = preview(sorted(set(table["metric"])))
