@@ -19,7 +19,9 @@ __all__ = ["card", "card_text"]
 
 def card(model: C2SModel) -> dict[str, Any]:
     """The model's card as plain data (JSON-ready): ``model``, ``genes``, ``data``, ``perturbations``,
-    ``contexts``, ``training``, ``verdict``. A field the checkpoint did not record is ``None``."""
+    ``contexts``, ``measured`` (each condition of the served baselines and the contexts it was measured in,
+    :meth:`C2SModel.measured_pairs`), ``training``, ``verdict``. A field the checkpoint did not record, or one it
+    cannot tell, is ``None``."""
     from .perturbations import parse
 
     run = model.train_config
@@ -32,6 +34,7 @@ def card(model: C2SModel) -> dict[str, Any]:
     genes = list(model.genes.genes)
     last = (run.get("history") or [{}])[-1]
     verdict = model.verdict or {}
+    measured = model.measured_pairs()
     return {
         "model": {"source": model.source, "parameters": int(model.n_parameters), "format": model.format.name,
                   "top_k": int(model.top_k), "base": run.get("base")},
@@ -48,6 +51,7 @@ def card(model: C2SModel) -> dict[str, Any]:
                           "untrained_genetic": [] if model.format.name == "c2s" or not genes else
                           vocab.trained_genetic_kinds()},
         "contexts": model.trained_contexts,
+        "measured": None if measured is None else {name: list(c) for name, c in measured.items()},
         "training": None if not run else {
             "steps": run.get("steps"), "max_steps": run.get("max_steps"), "max_minutes": run.get("max_minutes"),
             "seed": run.get("seed"), "device": run.get("device"), "n_train_cells": run.get("n_train_cells"),
@@ -101,6 +105,13 @@ def card_text(c: dict[str, Any]) -> str:
                      + ("; predicting cells of a context not seen perturbed is a transfer, which its verdict judged "
                         f"on {held!r} (below)" if held is not None else
                         "; predicting cells of a context not seen perturbed is a transfer its verdict did not check"))
+    partly = _measured_partly(c.get("measured"))
+    if partly:
+        shown = [f"{name} in {', '.join(where) or 'none'}" for name, where in list(partly.items())[:6]]
+        lines.append(f"measured     {len(partly)} of {len(c['measured'])} conditions in only some of the contexts "
+                     f"seen perturbed: {'; '.join(shown)}" + (f" … and {len(partly) - 6} more" if len(partly) > 6 else "")
+                     + "; a cell of another context is served their effect measured there (a transfer: a screen's "
+                       "unmeasured_in column names such contexts)")
     if t is not None:
         took = f" in {t['minutes']:.1f} min" if t["minutes"] is not None else ""
         loss = f", final loss {t['final_loss']:.3f}" if t["final_loss"] is not None else ""
@@ -124,6 +135,15 @@ def card_text(c: dict[str, Any]) -> str:
             lines.append(f"new context  {v['new_context']['summary']}")
     return "\n".join(textwrap.fill(line, width=118, subsequent_indent=" " * 13, break_long_words=False,
                                    break_on_hyphens=False) for line in lines)
+
+
+def _measured_partly(measured: dict[str, list[str]] | None) -> dict[str, list[str]]:
+    """The conditions of a card's ``measured`` that were measured in some of the contexts any was measured in, not
+    all, with those contexts."""
+    if not measured:
+        return {}
+    everywhere = set().union(*map(set, measured.values()))
+    return {name: list(where) for name, where in measured.items() if set(where) != everywhere}
 
 
 def _count(n: int | None) -> str:

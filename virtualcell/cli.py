@@ -116,8 +116,9 @@ def _split_list(text: str) -> list[str]:
     return [q for piece in out for q in expand(piece)]
 
 
-def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
-    """The baseline cells: the data's control cells when it is a whole screen with the model's contract."""
+def _baseline(args: argparse.Namespace, model, *, pooled: bool = False):  # noqa: ANN001, ANN202
+    """The baseline cells: the data's control cells when it is a whole screen with the model's contract. Printed
+    with their contexts where they hold several (``pooled``: a screen, which ranks them as one pool)."""
     adata = _load_data(args.data)
     if adata.n_obs == 0:
         from .errors import DataError
@@ -138,9 +139,10 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
             f"control label ({spelled!r}) beside perturbations it knows: if that is the perturbation column, rename it "
             f"(adata.obs = adata.obs.rename(columns={{{first!r}: {key!r}}}){relabel}) to take its control cells as "
             "the baseline; or pass --all-cells to use every cell.")
+    said = None  # the baseline line, which the contexts of its cells are added to
     if contract is not None and contract.perturbation_key not in adata.obs.columns and not args.all_cells:
-        print(f"baseline: every cell of {args.data} (it has no obs column {contract.perturbation_key!r} to find "
-              "control cells by)")
+        said = (f"baseline: every cell of {args.data} (it has no obs column {contract.perturbation_key!r} to find "
+                "control cells by)")
     if contract is not None and contract.perturbation_key in adata.obs.columns and not args.all_cells:
         is_ctrl = contract.is_control(adata)
         named = " or ".join(repr(c) for c in contract.controls)
@@ -158,10 +160,46 @@ def _baseline(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
         if not is_ctrl.all():
             log.info("using the %d control cells of %s as the baseline (--all-cells to use every cell)", is_ctrl.sum(), args.data)
             first = f"the first {args.n_cells} of " if args.n_cells is not None and args.n_cells < is_ctrl.sum() else ""
-            print(f"baseline: {first}the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == {named}) "
-                  f"of {args.data}")
+            said = (f"baseline: {first}the {int(is_ctrl.sum())} control cells ({contract.perturbation_key} == "
+                    f"{named}) of {args.data}")
             adata = adata[is_ctrl].copy()
+    _print_baseline(said, adata, model, args, pooled=pooled)
     return adata
+
+
+def _print_baseline(said: str | None, adata, model, args: argparse.Namespace, *, pooled: bool) -> None:  # noqa: ANN001
+    """The baseline line ``said`` (or none), with how many of the cells used (the first ``--n-cells``) come from each
+    of the model's contexts where they come from several, or the one they come from where the file holds several;
+    ``pooled`` (a screen): and a line saying the ranking pools them, and how to rank one context."""
+    from .errors import preview
+    from .screen import _composition
+
+    contract = model.contract
+    if contract is None or contract.context_key is None or not contract.has_context(adata):
+        if said:
+            print(said)
+        return
+    key = contract.context_key
+    every = [str(c) for c in contract.contexts(adata)]
+    used = every[:args.n_cells] if args.n_cells is not None else every
+    counts, kinds = _composition(used), sorted(set(every))
+    found = list(counts)
+    if len(found) > 1 or len(kinds) > 1:  # (a line of its own where none was said)
+        said = said or f"baseline: the {len(used)} cells of {args.data}"
+    if len(found) > 1:
+        shown = [f"{c}: {counts[c]}" for c in found]
+        print(f"{said}, of {len(found)} contexts in obs[{key!r}] ({', '.join(shown[:8])}"
+              + (f" … and {len(found) - 8} more)" if len(found) > 8 else ")"))
+        if pooled:
+            one = (f": adata[adata.obs[{key!r}] == {found[0]!r}].write_h5ad('{found[0]}.h5ad')"
+                   if contract.context_columns(adata) == [key] else "")
+            print(f"  the ranking pools them (each score over all {len(used)} cells, whatever their context); to rank "
+                  f"one context, give --data a file of its cells alone{one}")
+    elif len(kinds) > 1:  # (--n-cells took the first cells in file order)
+        print(f"{said}, all of {key} {found[0]!r} (--n-cells takes the first in file order; all {len(every)} hold "
+              f"{len(kinds)} contexts: {preview(kinds, 5)})")
+    elif said:
+        print(said)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -351,7 +389,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
             except VirtualCellError as line_err:
                 raise type(err)(f"panel line {number} ({body!r}): {line_err}") from None
         raise
-    sim = Simulator(_baseline(args, model), model, genes=args.genes, seed=args.seed, gene_key=args.gene_key)
+    sim = Simulator(_baseline(args, model, pooled=True), model, genes=args.genes, seed=args.seed,
+                    gene_key=args.gene_key)
     verdict = _verdict_text(model.verdict, sim.blend_weight(args.blend), sim.unseen_weight(args.blend))
     res = screen(sim, panel, objective=objective, out=args.out, top=args.top, n_cells=args.n_cells,
                  seed=args.seed, batch_size=args.batch_size, max_genes=args.max_genes, force=args.force,
@@ -362,8 +401,19 @@ def cmd_screen(args: argparse.Namespace) -> int:
         cols.insert(cols.index("l2_delta_corrected") + 1, "l2_delta_corrected_model")
     if not res.ranking["trained"].all():  # say which candidates are the model's extrapolations
         cols.append("trained")
+    unmeasured = res.ranking["unmeasured_in"].map(len).to_numpy() > 0
+    if unmeasured.any():  # and in which of the ranked cells' contexts each was never measured
+        cols.append("unmeasured_in")
+    shown = res.ranking[cols].head(max(args.top, 10)).copy()
+    if unmeasured.any():
+        shown["unmeasured_in"] = shown["unmeasured_in"].map(
+            lambda v: ", ".join(v[:3]) + (f" +{len(v) - 3} more" if len(v) > 3 else "") if len(v) else "-")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(res.ranking[cols].head(max(args.top, 10)).to_string(index=False))
+        print(shown.to_string(index=False))
+    if unmeasured.any():
+        print(f"unmeasured_in: the ranked cells' contexts in which the training cells never measured the candidate "
+              f"({int(unmeasured.sum())} of {len(unmeasured)} candidates have some); there the baseline served is its "
+              "effect measured in other contexts (a transfer) or, for one measured nowhere, an extrapolation")
     figures = ("top_hits.png" + (", dose_response.png" if not res.dose_series().empty else "")
                + (", time_course.png" if not res.time_series().empty else ""))
     print(f"\nwrote {args.out}/ (ranking.csv, ranking.parquet, aggregates.nc, {figures})")

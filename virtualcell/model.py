@@ -527,6 +527,33 @@ class C2SModel:
         trained = self.trained_contexts
         return None if trained is None else [c for c, n in trained.items() if n.get("perturbed", 0) > 0]
 
+    def measured_contexts(self, perturbation: str | Perturbation | Combination) -> tuple[str, ...] | None:
+        """The contexts (as :meth:`~virtualcell.contract.DataContract.contexts` names them) whose training cells
+        measured this very condition (its typed form, dose and time; :meth:`resolve` it first), sorted; empty for one
+        measured nowhere. A context's cells are served its own measured effect there
+        (:meth:`virtualcell.validation.Baselines.delta_for`), and elsewhere the mean over these: a transfer.
+        ``None`` where the model cannot tell: no context column, no baselines, a checkpoint from before the
+        per-context effects were kept, or the control."""
+        if self.baselines is None:
+            return None
+        return self.baselines.measured_contexts(perturbation, fitted_on=self._sole_context())
+
+    def measured_pairs(self) -> dict[str, tuple[str, ...]] | None:
+        """Every condition the served baselines hold (typed names) and the contexts it was measured in
+        (:meth:`measured_contexts`); ``None`` where the model cannot tell. ``virtualcell info`` prints those measured
+        in only some of the contexts it saw perturbed."""
+        if self.baselines is None:
+            return None
+        return self.baselines.measured_pairs(fitted_on=self._sole_context())
+
+    def _sole_context(self) -> str | None:
+        """The one context a model with a context column trained on (its baselines keep no per-context record
+        then), or ``None``."""
+        trained = self.trained_contexts
+        if self.contract is None or self.contract.context_key is None or trained is None or len(trained) != 1:
+            return None
+        return next(iter(trained))
+
     @property
     def device(self) -> torch.device:
         """Where the model's weights are (``cpu``, ``cuda:0``)."""

@@ -24,6 +24,21 @@ diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effec
 trained on measured cells of that very condition (``trained``: False for a knockout, a pair or a dose it never
 saw, whose prediction is an extrapolation). ``label`` names each candidate as measured data does (the model's
 training label, as predicted cells are labelled), beside its typed name in ``perturbation``.
+
+A baseline of several contexts (cell types, patients: the model's context column) is ranked as one pool: each score
+is over all the ranked cells, whatever their context. ``config.json`` (``baseline_contexts``), the aggregates' attrs
+(the same, as JSON text) and ``ranking.attrs["virtualcell"]["baseline_contexts"]`` record how many ranked cells each
+context holds; to rank one context, screen a baseline of its cells alone. ``unmeasured_in`` lists, per candidate, the
+contexts of the ranked cells whose training cells never measured that very condition (its typed form, dose and time,
+against that context's controls; :meth:`~virtualcell.model.C2SModel.measured_contexts`: the cells the model's served
+baselines were fitted on, which include those of perturbations the trainer held out whole for its verdict). There the
+baseline served (blended) for a candidate measured in other contexts is the mean of its effects measured in those (a
+transfer: the log counts such candidates); one measured nowhere lists every context ranked (``trained`` False; its
+``pertmean`` or ``coexpression`` baseline is served alike in every context). It is empty where the condition was
+measured in every context ranked, and where the model cannot tell: a model or a baseline without the context column,
+a checkpoint without served baselines or from before they kept each context's own effect. ``trained`` says whether the
+model trained on measured cells of the condition in any context: True for one measured in a single context, whatever
+the contexts ranked.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import xarray as xr
 
+    from .model import C2SModel
     from .simulator import Simulator
 
 __all__ = ["run", "load", "ScreenResult", "diverse_picks", "rank", "plot_top_hits"]
@@ -69,7 +85,8 @@ class ScreenResult:
     ----------
     ranking
         One row per candidate, best first; ``ranking.attrs["virtualcell"]`` holds the
-        provenance (model, seed, objective, fingerprint), which survives row selection.
+        provenance (model, seed, objective, fingerprint, the ranked cells of each context: ``baseline_contexts``),
+        which survives row selection.
     aggregates
         ``xarray.Dataset`` per perturbation and gene (see :class:`~virtualcell.simulator.SimulationResult`).
     cells
@@ -255,6 +272,9 @@ def run(
     seen = set(simulator.model.perturbations.trained())
     trained = {name: label in seen for name, label in zip(names, simulator.model.perturbations.labels_for(perts))}
     labels = dict(zip(names, simulator.labels_of(perts)))  # what measured data calls each: the ranking's 'label'
+    context = simulator.source_context(n)
+    composition = None if context is None else _composition(context[1])  # the ranked cells of each context
+    unmeasured = _unmeasured(simulator.model, perts, names, list(composition or ()))
     if w is not None and w < 1.0:
         # served the weight fitted on trained perturbations: every untrained one but those the run's verdict on
         # perturbations held out whole fitted a weight for (a knockout never trained on, not a pair or a new dose)
@@ -279,6 +299,8 @@ def run(
         "batch_size": batch_size, "blend_weight": w, "samples": k, "weights": simulator.model.weights_digest(),
         "serving": simulator.model.serving_digest(), "baseline_reads": simulator.reading_digest(n),
     }
+    if composition is not None:  # a record only: the contexts are checked on resuming through baseline_reads
+        config["baseline_contexts"] = composition
     sim_keys = ("model", "model_config", "baseline_cells", "baseline_hash", "panel", "seed", "group_size", "max_genes")
     if w is not None:  # a blended screen is another screen; a pure one keeps the fingerprint it always had
         sim_keys = (*sim_keys, "blend_weight")
@@ -319,7 +341,30 @@ def run(
                     top=top, similarity=similarity, n_boot=n_boot, batch_size=batch_size, max_genes=max_genes,
                     progress=progress, keep_cells=keep_cells, stop_after_groups=stop_after_groups, force=force,
                     refused=refused, blend=blend, samples=k, coexpression_prior=coexpression_prior, compose=compose,
-                    trained=trained, labels=labels, on_start=on_start)
+                    trained=trained, labels=labels, unmeasured=unmeasured, on_start=on_start)
+
+
+def _composition(contexts: Sequence[str]) -> dict[str, int]:
+    """How many of the baseline cells whose ``contexts`` these are (:meth:`Simulator.source_context`'s values) come
+    from each context, by context name (``virtualcell screen`` prints it)."""
+    found, counts = np.unique(np.asarray([str(c) for c in contexts], dtype=object), return_counts=True)
+    return {str(c): int(k) for c, k in zip(found, counts)}
+
+
+def _unmeasured(model: C2SModel, perts: Sequence[Perturbation | Combination], names: Sequence[str],
+                contexts: Sequence[str]) -> dict[str, list[str]]:
+    """Each candidate's ``unmeasured_in``: the ``contexts`` (the ranked cells') whose training cells never measured
+    it (:meth:`C2SModel.measured_contexts`); empty where the model cannot tell. Says in the log how many are served
+    another context's measured effect somewhere (a transfer)."""
+    measured = {name: model.measured_contexts(p) if contexts else None for name, p in zip(names, perts)}
+    out = {name: [] if m is None else [c for c in contexts if c not in m] for name, m in measured.items()}
+    moved = [f"{name} (not in {', '.join(out[name])})" for name in names if out[name] and measured[name]]
+    if moved:
+        log.info("%d of the panel's %d candidates were never measured in some of the baseline cells' contexts, only "
+                 "in other contexts the model trained on (%s): in those cells their served baseline is their effect "
+                 "measured elsewhere (the mean over the contexts measured), a transfer; the ranking's unmeasured_in "
+                 "column names the contexts.", len(moved), len(names), preview(moved, 5))
+    return out
 
 
 def _legacy(folder: Path) -> tuple[str, ...]:
@@ -344,8 +389,9 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
          stop_after_groups: int | None, force: bool, refused: VirtualCellError | None,
          blend: str | float | bool | None = "auto", samples: int = 1, coexpression_prior: bool = True,
          compose: bool = False, trained: dict[str, bool], labels: dict[str, str],
-         on_start: Callable[[], None] | None = None) -> ScreenResult:
-    """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column.
+         unmeasured: dict[str, list[str]], on_start: Callable[[], None] | None = None) -> ScreenResult:
+    """The body of :func:`screen`, run while the folder is locked; ``trained``: each name's ``trained`` column,
+    ``unmeasured``: its ``unmeasured_in``.
     ``blend`` goes to :meth:`Simulator.simulate` as the user gave it, which serves each perturbation its weight
     (``"auto"``: the one fitted on perturbations never trained on, for those, where the verdict fitted it;
     given the trained ones' weight resolved, it served that to every perturbation)."""
@@ -405,6 +451,8 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     agg = _plain_strings(agg.assign_coords(label=("perturbation", named)))
     agg.attrs.update({"objective": obj.name, "fingerprint": fingerprint})
     agg.attrs.update(_panel_attrs([parts[g] for g in range(len(groups))]))
+    if "baseline_contexts" in config:  # (JSON: a netCDF attribute holds no mapping)
+        agg.attrs["baseline_contexts"] = json.dumps(config["baseline_contexts"], sort_keys=True)
     # one path for the baseline's embedding, whether groups were simulated now or read back, so that
     # a resumed screen ranks exactly as an uninterrupted one (simulate embeds chunk by chunk)
     from .simulator import KEEP_EMBEDDED
@@ -415,6 +463,7 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking = rank(agg, obj, embedded=embedded, baseline_embedded=base_emb, n_boot=n_boot, seed=seed)
     ranking = diverse_picks(ranking, agg, top=top, similarity=similarity)
     ranking["trained"] = ranking["perturbation"].map(trained)
+    ranking["unmeasured_in"] = [list(unmeasured[p]) for p in ranking["perturbation"]]
     ranking.insert(ranking.columns.get_loc("perturbation") + 1, "label", ranking["perturbation"].map(labels))
     ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
@@ -449,15 +498,19 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     return ScreenResult(ranking, agg, folder, config, kept)
 
 
-LIST_COLUMNS = ("top_up", "top_down", "represents")  # written ';'-joined into ranking.csv / .parquet
+LIST_COLUMNS = ("top_up", "top_down", "represents", "unmeasured_in")  # written ';'-joined into ranking.csv / .parquet
 
 
 def _provenance(agg: xr.Dataset) -> dict[str, Any]:
     """What ``ranking.attrs["virtualcell"]`` keeps of the aggregates' attributes: the run's provenance."""
     keys = ("model", "seed", "objective", "fingerprint", "n_baseline_cells", "normalization", "blend_weight",
-            "baseline", "coexpression_prior", "composed")
-    return {k: agg.attrs[k].item() if isinstance(agg.attrs[k], np.generic) else agg.attrs[k]
-            for k in keys if k in agg.attrs}
+            "baseline", "coexpression_prior", "composed", "baseline_contexts")
+    out = {k: agg.attrs[k].item() if isinstance(agg.attrs[k], np.generic) else agg.attrs[k]
+           for k in keys if k in agg.attrs}
+    if "baseline_contexts" in out:  # the ranked cells of each context, as a mapping again
+        with contextlib.suppress(ValueError):  # (an attribute edited by hand stays the text it is)
+            out["baseline_contexts"] = json.loads(out["baseline_contexts"])
+    return out
 
 
 def load(folder: str | Path) -> ScreenResult:

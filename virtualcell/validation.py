@@ -346,7 +346,7 @@ class Baselines:
         exact = [i for i, form in same if str(form) == str(q)]
         # several rows of one form: conditions the model read as one prompt (a knockout at 24h and 72h is ko:TF06 at
         # both), served their mean, as the model learned them, never one of them (the last row was, 72h for 24h)
-        if exact and all((i, context) in self._own_at for i in exact):  # its effect in this very context
+        if self._own_in(exact, context):  # its effect in this very context
             return np.mean([self.own_delta[self._own_at[(i, context)]] for i in exact], axis=0).astype(
                 np.float32), "meanshift"
         if exact:
@@ -358,6 +358,44 @@ class Baselines:
             if between is not None:
                 return between.astype(np.float32), "dose"
         return self.delta[min(same, key=lambda x: _quantity_distance(x[1], q))[0]], "meanshift"
+
+    def _own_in(self, rows: Sequence[int], context: str | None) -> bool:
+        """Whether the table keeps the effect of every one of ``rows`` (the rows of one typed form) measured in
+        ``context`` itself: where :meth:`delta_for` serves that context's cells its own effect."""
+        return bool(rows) and all((i, context) in self._own_at for i in rows)
+
+    def measured_contexts(self, perturbation: Perturbation | Combination | str, *, fitted_on: str | None = None
+                          ) -> tuple[str, ...] | None:
+        """The contexts in which the cells these baselines were fitted on measured this very condition (the same
+        typed form, dose and time; its own effect there is kept in :attr:`own_delta`), sorted: there
+        :meth:`delta_for` serves its own effect; in any other context the mean over these (``meanshift``), or, for a
+        condition measured nowhere (empty), an extrapolation. ``None`` for the control, and where the table keeps no
+        per-context record (a checkpoint from before it was kept, or one fitted on a single context) unless
+        ``fitted_on`` names that single context (:meth:`C2SModel.measured_contexts` passes it from the training
+        record): then ``(fitted_on,)`` for a condition it holds.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> b = Baselines(("g1", "g2"), ("ko:A", "ko:B"), np.zeros((2, 2), np.float32), None, np.array([0, 0, 1]),
+        ...               ("liver", "lung", "liver"), np.zeros((3, 2), np.float32))
+        >>> b.measured_contexts("ko:A"), b.measured_contexts("ko:B"), b.measured_contexts("ko:C")
+        (('liver', 'lung'), ('liver',), ())
+        """
+        q = parse(perturbation) if isinstance(perturbation, str) else perturbation
+        if (self.own_rows is None and fitted_on is None) or (isinstance(q, Perturbation) and q.kind == "control"):
+            return None
+        exact = [i for i, form in self._rows_by_key.get(_key(q), []) if str(form) == str(q)]
+        if self.own_rows is None:
+            return (str(fitted_on),) if exact else ()
+        return tuple(c for c in sorted(set(self.own_contexts)) if self._own_in(exact, c))
+
+    def measured_pairs(self, *, fitted_on: str | None = None) -> dict[str, tuple[str, ...]] | None:
+        """Each condition of the table (its typed name, as :attr:`names` holds it) and the contexts it was measured
+        in (:meth:`measured_contexts`, ``fitted_on`` as there); ``None`` where that is."""
+        if self.own_rows is None and fitted_on is None:
+            return None
+        return {name: self.measured_contexts(name, fitted_on=fitted_on) for name in dict.fromkeys(self.names)}
 
     @cached_property
     def _own_at(self) -> dict[tuple[int, str], int]:
