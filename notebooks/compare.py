@@ -124,7 +124,12 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, measured, mo
     _where = {holdout_column.value: form.value["holdout_value"]} if holdout_column.value else {}
     _where[contract.perturbation_key] = [*contract.controls, *form.value["perturbations"]]
     held = viz.subset(adata, _where)
-    baseline, reference = vc.evaluate.split_controls(held, control=list(contract.controls), seed=0)
+    # the contract's columns, named: a file with no stored contract has them from the model (viz.data_contract); its
+    # dose and time columns, which no argument names, travel with the cells
+    contract.attach(held)
+    keys = dict(perturbation_key=contract.perturbation_key, control=list(contract.controls),
+                context_key=contract.context_key)
+    baseline, reference = vc.evaluate.split_controls(held, **keys, seed=0)
     sim = vc.Simulator(viz.baseline_cells(baseline, n_cells=form.value["n_cells"], seed=0), model, genes="shared",
                        seed=0)
     with mo.status.spinner(title="Predicting..."):
@@ -132,9 +137,9 @@ def _(DEFAULTS, adata, contract, data_source, form, holdout_column, measured, mo
         _asked = [typed for typed, label in measured.items() if label in set(form.value["perturbations"])]
         predicted = viz.predict_as_measured(sim, _asked, seed=0, contract=contract)
     with mo.status.spinner(title="Scoring..."):
-        table = vc.evaluate.evaluate(predicted, reference, baseline=baseline, control=list(contract.controls),
-                                     profile=form.value["profile"], seed=0)
-    return baseline, predicted, reference, table
+        table = vc.evaluate.evaluate(predicted, reference, baseline=baseline, **keys, profile=form.value["profile"],
+                                     seed=0)
+    return baseline, keys, predicted, reference, table
 
 
 @app.cell
@@ -154,8 +159,8 @@ def _(mo, table, vc):
 
 
 @app.cell
-def _(baseline, mo, predicted, reference, vc):
-    _deltas = vc.evaluate.delta_table(predicted, reference, baseline=baseline, seed=0)
+def _(baseline, keys, mo, predicted, reference, vc):
+    _deltas = vc.evaluate.delta_table(predicted, reference, baseline=baseline, **keys, seed=0)
     mo.vstack([
         mo.md("## Predicted vs measured change of every gene (top 50 measured DE genes coloured)"),
         vc.evaluate.plot_delta_scatter(_deltas, n_top=4, return_fig=True),

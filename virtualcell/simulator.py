@@ -277,6 +277,10 @@ class SimulationResult:
             var["var_names_before_gene_key"] = self.gene_ids
         head = ad.AnnData(obs=obs, var=var)
         head.uns["virtualcell"] = {k: self.aggregates.attrs[k] for k in _PROVENANCE if k in self.aggregates.attrs}
+        if self.context is not None:  # the model's context column, which each predicted cell carries: evaluate reads
+            # the measured cells' contexts from it where it is told of none (pooled, a prediction from typeA cells was
+            # scored against measured typeB cells as one context 'all')
+            head.uns["virtualcell"]["context_key"] = self.context[0]
         head.uns["log1p"] = {"base": None}  # X is log1p (natural log), as scanpy marks it: its log1p warns
         return head
 
@@ -294,7 +298,8 @@ class SimulationResult:
             that the predictions line up with measured data of the same layout. ``obs['perturbation_typed']``
             holds the typed name, ``obs['source_cell']`` the baseline cell, and the model's context column
             (where the baseline has it; each column of a composite ``"cell_type+patient"``) each cell's context, as
-            the baseline types it.
+            the baseline types it; ``uns['virtualcell']['context_key']`` then names that column, which
+            :func:`~virtualcell.evaluate.evaluate` reads the measured cells' contexts from where it is told of none.
         pure
             The pure model's cells (:attr:`cells_model` where the served cells are blended)
             instead of the served ones; ``uns['virtualcell']['blend_weight']`` is then 1.

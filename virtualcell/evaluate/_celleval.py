@@ -34,8 +34,8 @@ from ..errors import ContractError, DataError, preview
 from ..perturbations import condition_parts, units_of_text
 from ..sentences import gene_positions, require_in_memory, with_gene_key
 from ._data import (Prepared, canonical_label, condition_labels, controls_in, dose_units_warning, expression,
-                    names_conditions, onto_prediction_scale, prediction_total, refuse_absent_quantities,
-                    resolve_contract)
+                    names_conditions, onto_prediction_scale, prediction_context_key, prediction_total,
+                    refuse_absent_quantities, resolve_contract)
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -97,7 +97,10 @@ def to_cell_eval(
     ``"non-targeting"`` (the other obs columns stay); ``X`` holds log1p values, float32
     (raw counts are normalized as virtualcell does). With ``like`` (a file already in this
     form, e.g. ``virtualcell predict --format cell-eval`` output), the result has exactly its
-    genes, in its order, and its perturbations: what cell-eval needs to pair two files.
+    genes, in its order, and its perturbations: what cell-eval needs to pair two files. cell-eval pairs cells by
+    perturbation alone, so where ``like``'s cells are of other contexts than these (its context column,
+    ``uns['virtualcell']['context_key']``, else this file's stored one: seven cell types predicted, CD14 monocytes
+    measured), a warning names each side's contexts and the fix.
 
     Parameters
     ----------
@@ -198,6 +201,7 @@ def to_cell_eval(
                 "--gene-key column that names genes as the prediction does."
             )
         genes = pd.Index(like.var_names.astype(str))
+        _warn_other_contexts(adata, like, target, keep, contract)
     # onto the prediction's scale as evaluate puts it: counts normalized over the genes compared (not over every gene of
     # this file, which left a perfect prediction of 250 of 299 genes with MAE 0.05), log1p at another total onto 1e4
     cells = adata if like is None else _with_genes(adata, col, genes)
@@ -216,13 +220,74 @@ def to_cell_eval(
     out = ad.AnnData(X=X[rows][:, col].astype(np.float32), obs=obs, var=var)
     out.uns["log1p"] = {"base": None}  # X is log1p, as scanpy marks it
     record = adata.uns.get(UNS_KEY) or {}  # a prediction's scale, read by like= in turn
-    kept = {k: record[k] for k in ("normalization", "scale_total", "dose_units") if record.get(k) is not None}
+    kept = {k: record[k] for k in ("normalization", "scale_total", "dose_units", "context_key")
+            if record.get(k) is not None}
     out.uns[UNS_KEY] = {"cell_eval": {"pert_col": PERT_COL, "control_pert": CONTROL,
                                       "perturbation_key": contract.perturbation_key,
                                       "control": contract.control, "scale": "log1p"},
                         **kept}
     return out
 
+
+def _warn_other_contexts(adata: ad.AnnData, like: ad.AnnData, target: np.ndarray, keep: np.ndarray,
+                         contract: DataContract) -> None:
+    """Warn where ``like`` (a prediction in cell-eval form) and the cells of ``adata`` kept for it (``keep``, their
+    cell-eval labels ``target``) are of other contexts, perturbation by perturbation: cell-eval pairs them by
+    ``target_gene`` alone, so a prediction made from seven cell types was compared with measured CD14 monocytes,
+    without a word. The context column is ``like``'s (:func:`~virtualcell.evaluate._data.prediction_context_key`),
+    else ``adata``'s stored one; nothing is said without one, or where ``like`` lacks it."""
+    key = prediction_context_key(like) or contract.context_key
+    keyed = DataContract(context_key=key) if key is not None else None
+    if keyed is None or not keyed.has_context(like):
+        return
+    import warnings
+
+    from ..errors import user_stacklevel
+
+    predicted = pd.Series(keyed.contexts(like), index=like.obs[PERT_COL].astype(str).to_numpy())
+    pred_all = sorted(set(predicted))
+    fix = ("cell-eval pairs cells by target_gene alone, so each perturbation's predicted cells would be compared with "
+           "measured cells of other contexts. ")
+    if not keyed.has_context(adata):
+        if len(pred_all) > 1:
+            warnings.warn(
+                f"The prediction (like=) is of {len(pred_all)} contexts in obs[{key!r}] ({preview(pred_all, 6)}) and "
+                f"these measured cells have no column {key!r}, so their contexts cannot be matched: {fix}Give the "
+                f"measured cells the column {key!r} (each cell's context) to have them checked, or subset the "
+                f"prediction to the context they are of (pred[pred.obs[{key!r}] == 'CONTEXT']) before converting.",
+                UserWarning, stacklevel=user_stacklevel())
+        return
+    measured = pd.Series(keyed.contexts(adata)[keep], index=target[keep].astype(str))
+    pred_sets = {t: set(c) for t, c in predicted.groupby(level=0)}
+    real_sets = {t: set(c) for t, c in measured.groupby(level=0)}
+    differ = sorted(t for t in pred_sets if pred_sets[t] != real_sets.get(t, set()))
+    if not differ:
+        return
+    real_all = sorted(set(measured))
+    shown = differ[0]
+    each = ("" if set(pred_all) != set(real_all) else
+            f" ({len(differ)} of {len(pred_sets)} perturbations differ, e.g. {shown!r}: predicted in "
+            f"{preview(sorted(pred_sets[shown]), 4)}, measured in "
+            f"{preview(sorted(real_sets.get(shown, ())), 4) or 'none'})")
+
+    def code(values: list[str]) -> str:  # a list to paste, or a placeholder where it is long
+        return repr(values) if len(values) <= 8 else "[...]"
+
+    both = sorted(set(pred_all) & set(real_all))
+    fixes = []
+    if set(pred_all) - set(real_all):
+        fixes.append(f"subset the prediction to the measured contexts (pred = pred[pred.obs[{key!r}].isin("
+                     f"{code(both or real_all)})], and write it again)")
+    if set(real_all) - set(pred_all):
+        fixes.append(f"subset the measured cells to the predicted contexts (real = real[real.obs[{key!r}].isin("
+                     f"{code(pred_all)})])")
+    if not fixes:  # the same contexts in all, not for every perturbation
+        fixes.append("keep each perturbation's cells, on both sides, to the contexts both hold for it")
+    warnings.warn(
+        f"The prediction (like=) and these measured cells are of other contexts in obs[{key!r}]: predicted "
+        f"{preview(pred_all, 6)}, measured {preview(real_all, 6)}{each}. {fix}Before converting, "
+        f"{' and '.join(fixes)}; or score the prediction with virtualcell evaluate (--profile vcc), which pairs "
+        "cells context by context.", UserWarning, stacklevel=user_stacklevel())
 
 
 def _quantities_hint(missing: Sequence[str], measured: set[str], adata: ad.AnnData, contract: DataContract) -> str:

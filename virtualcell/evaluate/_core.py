@@ -24,6 +24,7 @@ from ._data import (
     MIN_SHARED,
     Prepared,
     check_values,
+    context_of_prediction,
     controls_in,
     dose_units_warning,
     group_moments,
@@ -169,7 +170,13 @@ def _setup(
     real, pred, baseline, train = (_fresh_names(_named_genes(a, gene_key, _INPUT_NAMES[k])) if a is not None else None
                                    for k, a in inputs.items())
     contract = resolve_contract(real, perturbation_key=perturbation_key, control=control, context_key=context_key)
+    # no context column given or stored: the prediction's own (uns['virtualcell']['context_key']), where the measured
+    # inputs hold it (pooled, a prediction from typeA cells was scored against measured typeB cells, without a word)
+    contract, said_contexts = context_of_prediction(pred, contract, {"real": real, "baseline": baseline,
+                                                                     "train": train})
     info: dict[str, Any] = {"contract": contract.to_dict(), "seed": int(seed)}
+    if said_contexts:
+        info["contexts"] = said_contexts
     if gene_key is not None:
         info["gene_key"] = gene_key
     said = (pred.uns.get(UNS_KEY) or {}) if pred is not None else {}
@@ -642,7 +649,10 @@ def evaluate(
         The measured screen: perturbed cells and the reference control cells.
     perturbation_key, control, context_key
         The data contract; defaults to the one ``real`` carries. ``control`` may name several labels of control
-        cells (``["NT_1", "NT_2"]``), all read as the first.
+        cells (``["NT_1", "NT_2"]``), all read as the first. With no context column given or stored, the
+        prediction's (``uns['virtualcell']['context_key']``, which predicted cells record) is used where ``real``
+        (and ``baseline``, ``train``) hold it; where they lack it and the cells are of several contexts, a warning
+        says that the contexts are pooled.
     gene_key
         Var column holding the gene names in every input (default ``var_names``).
     profile
@@ -763,11 +773,18 @@ def _run(
         if extra:
             info["pred_unmeasured"] = {"n": len(extra), "groups": extra[:20]}
             predicted = {(p, c) for p, c in zip(pred_p.labels, pred_p.contexts) if p != contract.control}
-            one_sided = _one_sided_quantities({p for p, c in predicted if (p, c) not in known},
-                                              {p for p, _ in known if p != contract.control})
+            measured = {p for p, _ in known if p != contract.control}
+            one_sided = _one_sided_quantities({p for p, c in predicted if (p, c) not in known}, measured)
+            # a label measured in other contexts only: predicted from cells of another cell type than those measured
+            elsewhere = sorted({c for p, c in predicted if (p, c) not in known and p in measured})
+            where = (f" {sum(1 for p, c in predicted if (p, c) not in known and p in measured)} of them were "
+                     f"predicted from cells of contexts (obs[{contract.context_key!r}]: {preview(elsewhere, 6)}) where "
+                     f"their label is not measured; the measured cells are of "
+                     f"{preview(sorted({c for _, c in known}), 6)}."
+                     if elsewhere and contract.context_key is not None else "")
             log.warning("%d predicted groups have no measured cells under that label and are not scored: %s (the "
-                        "measured data's labels: %s).%s", len(extra), preview(extra, 5),
-                        preview(sorted({p for p, _ in known if p != contract.control}), 8), one_sided)
+                        "measured data's labels: %s).%s%s", len(extra), preview(extra, 5),
+                        preview(sorted(measured), 8), where, one_sided)
             if not predicted & known:
                 raise _none_measured(predicted, known, contract)
         rows += score("model", pred_p, setup.real, contexts)
@@ -955,7 +972,8 @@ def summarize(table: pd.DataFrame, *, metrics: Sequence[str] | None = None, titl
             lines.append("- scale: " + ", ".join(f"{k}: {v}" for k, v in info["normalization"].items()))
         if "measured_is_training_data" in info:
             lines.append(f"- **caution**: {info['measured_is_training_data']}")
-        for key, label in (("controls", "controls"), ("pred_control", "prediction's control"), ("ceiling", "ceiling")):
+        for key, label in (("contexts", "contexts"), ("controls", "controls"), ("pred_control", "prediction's control"),
+                           ("ceiling", "ceiling")):
             if key in info:
                 lines.append(f"- {label}: {info[key]}")
         if info.get("baselines_empty"):

@@ -6,7 +6,7 @@ Everything here is numpy/scipy/pandas; nothing imports torch or pertpy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,70 @@ def resolve_contract(
     ).without_quantities_absent_from(adata)
     contract.validate(adata, require_control=require_control)
     return contract
+
+
+def prediction_context_key(pred: ad.AnnData | None) -> str | None:
+    """The obs column a prediction's cells carry their context in: ``uns['virtualcell']['context_key']`` (the model's
+    context column, as :meth:`~virtualcell.simulator.SimulationResult.to_anndata` and ``virtualcell predict``
+    record it), else its stored contract's; ``None`` where it records none, or its obs lacks that column (each column
+    of a composite ``"cell_type+patient"``)."""
+    if pred is None:
+        return None
+    record = pred.uns.get(UNS_KEY) or {}
+    key = record.get("context_key") if isinstance(record, Mapping) else None
+    if not key:
+        try:
+            key = DataContract.from_adata(pred).context_key
+        except ContractError:
+            key = None
+    if not key or not DataContract(context_key=str(key)).has_context(pred):
+        return None
+    return str(key)
+
+
+def context_of_prediction(pred: ad.AnnData | None, contract: DataContract,
+                          measured: Mapping[str, ad.AnnData | None]) -> tuple[DataContract, str | None]:
+    """``contract`` (resolved from the measured cells, :func:`resolve_contract`) with the prediction's context column
+    (:func:`prediction_context_key`) where it names none and every input of ``measured`` (``{"real": ..., "baseline":
+    ..., "train": ...}``, ``None`` for one not given) holds that column; and what was done, for the table's record.
+
+    Without it every context pooled into one group ``"all"``: a prediction from typeA cells was scored against
+    measured typeB cells as one context, without a word. Where an input lacks the column and the prediction's
+    cells and the measured cells are of more than one context in all, a warning names them and the fix; the contexts
+    are pooled then, as before. A context column given or stored (``context_key=``, ``--context-key``, the measured
+    file's contract) is kept as it is.
+    """
+    key = prediction_context_key(pred) if contract.context_key is None else None
+    if key is None:
+        return contract, None
+    keyed = replace(contract, context_key=key)
+    given = {name: a for name, a in measured.items() if a is not None}
+    lacking = [name for name, a in given.items() if not keyed.has_context(a)]
+    if not lacking:
+        said = (f"each cell's context read from obs[{key!r}], the prediction's context column "
+                "(uns['virtualcell']['context_key']), as the measured file names no context column of its own")
+        log.info("evaluate: %s", said)
+        return keyed, said
+    import warnings
+
+    predicted = sorted(set(keyed.contexts(pred)))
+    real = given.get("real")
+    there = sorted(set(keyed.contexts(real))) if real is not None and keyed.has_context(real) else []
+    if len(set(predicted) | set(there)) < 2:  # one context in all: pooling it changes nothing
+        return contract, None
+    names = ["{} cells ({}".format(*INPUT_NAMES[n].split(" (", 1)) for n in lacking]  # measured cells (real=, --real)
+    they = "it" if len(names) == 1 else "them"
+    measured_ctx = f"; the measured cells are of {preview(there, 6)}" if there else ""
+    said = (f"the prediction's cells are of {len(predicted)} contexts in obs[{key!r}] (its "
+            f"uns['virtualcell']['context_key']: {preview(predicted, 6)}{measured_ctx}), but the "
+            f"{' and '.join(names)} {'has' if len(names) == 1 else 'have'} no such column, so every context is pooled "
+            "into one group 'all' and each predicted group is scored against measured cells of other contexts too")
+    warnings.warn(
+        said[0].upper() + said[1:] + f". Give {they} the column {key!r} (each cell's context: it is then read from "
+        f"there, as context_key={key!r}, --context-key {key} would), or subset the prediction to the context the "
+        f"measured cells are of (pred[pred.obs[{key!r}] == {there[0] if len(there) == 1 else 'CONTEXT'!r}]).",
+        UserWarning, stacklevel=user_stacklevel())
+    return contract, said
 
 
 def refuse_absent_quantities(adata: ad.AnnData, stored: DataContract, *, name: str = "measured",

@@ -48,7 +48,9 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--control", default=None,
                    help="label of the control cells, several separated by commas (default: from the contract)")
     p.add_argument("--context-key", default=None,
-                   help="obs column with the context (cell type/line), if any; several joined by + (cell_type+patient)")
+                   help="obs column with the context (cell type/line), if any; several joined by + (cell_type+patient) "
+                   "(default: the contract stored in --real, else the prediction's context column, recorded by "
+                   "virtualcell predict, where --real has it)")
     p.add_argument("--dose-key", default=None,
                    help="obs column of --real with each cell's dose, so that each dose of a drug is a group of its own "
                    "(as virtualcell predict names them: drugA@10); default: the contract stored in --real")
