@@ -356,6 +356,36 @@ def test_times_that_share_a_bin_train_apart_with_tokens_of_their_own(caplog):
     with caplog.at_level(logging.WARNING, logger="virtualcell.training.labels"):
         _, vocab = _typed(a, contract)
     assert caplog.text == "" and [n for n in vocab.names["dose"] if "@" in n] == ["drug:drugA@1", "drug:drugA@1.1"]
+    # a part sharing its bins with another condition's part, where the two conditions read prompts of their own
+    # anyway (drugA in a pair at 1 uM, alone at 1.2 uM): no token is added, their prompts are as before
+    a, contract = _cells(["control", "drugA+drugB", "drugA"] * 2, dose=["", "1uM", "1.2uM"] * 2)
+    _, vocab = _typed(a, contract)
+    assert not [n for n in vocab.names["dose"] if "@" in n], vocab.names["dose"]
+
+
+def _time_course():
+    """A drug measured at 48h and at 72h (one whole bin of log2 hours) beside control cells, and its contract."""
+    a = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_pairs=0, n_drugs=1, n_cytokines=0,
+                                     n_cells_per_condition=20, n_control_cells=40, n_contexts=1, seed=0)
+    a = a[a.obs["condition"].isin(["control", "drugA@1"])].copy()
+    perturbed = (a.obs["perturbation"] != "control").to_numpy()
+    a.obs["time"] = np.where(perturbed, np.where(np.arange(a.n_obs) % 2 == 0, "48h", "72h"), "")
+    return a, DataContract("perturbation", "control", dose_key="dose", time_key="time")
+
+
+def test_a_run_an_older_version_started_is_refused_as_such_on_resume(tmp_path, monkeypatch):
+    """A run started before trained conditions sharing bins got tokens of their own (simulated by leaving them out)
+    could not be resumed: 'holds a model of another shape ... train as that run did', which the user had done. The
+    refusal says another version wrote the tokens, and what to do."""
+    from tests.conftest import trained_tiny
+    from virtualcell.training import labels
+
+    a, contract = _time_course()
+    with monkeypatch.context() as m:
+        m.setattr(labels, "_add_exact_tokens", lambda vocab: None)
+        trained_tiny(a, tmp_path / "m", contract=contract, kind_key=None, kind="drug")
+    with pytest.raises(TrainingError, match="another number of tokens.*another version of virtualcell.*--restart"):
+        trained_tiny(a, tmp_path / "m", contract=contract, kind_key=None, kind="drug", max_steps=4)
 
 
 def test_a_time_course_sharing_a_bin_is_predicted_apart(tmp_path):
@@ -366,12 +396,7 @@ def test_a_time_course_sharing_a_bin_is_predicted_apart(tmp_path):
     from tests.conftest import trained_tiny
     from virtualcell.perturbations import parse
 
-    a = vc.datasets.synthetic_screen(n_genes=40, n_tfs=8, n_knockouts=0, n_pairs=0, n_drugs=1, n_cytokines=0,
-                                     n_cells_per_condition=20, n_control_cells=40, n_contexts=1, seed=0)
-    a = a[a.obs["condition"].isin(["control", "drugA@1"])].copy()
-    perturbed = (a.obs["perturbation"] != "control").to_numpy()
-    a.obs["time"] = np.where(perturbed, np.where(np.arange(a.n_obs) % 2 == 0, "48h", "72h"), "")
-    contract = DataContract("perturbation", "control", dose_key="dose", time_key="time")
+    a, contract = _time_course()
     model = trained_tiny(a, tmp_path / "m", contract=contract, kind_key=None, kind="drug")
     resolved = [model.perturbations.resolve(c) for c in ("drugA@1,48h", "drugA@1,72h")]
     assert [str(r) for r in resolved] == [str(parse("drug:drugA@1,48h")), str(parse("drug:drugA@1,72h"))]

@@ -116,9 +116,10 @@ def own_dose_name(part: Perturbation) -> str | None:
 
 def own_exact_name(part: Perturbation) -> str | None:
     """The name of a drug's or cytokine's own token for its very dose and time (``"drug:drugA@1,48h"``), which a model
-    has where trained conditions of that agent share :func:`own_dose_name`'s bins (48h and 72h share a log2-hour bin;
-    1 and 2 uM a half-decade): it follows the bins' own token in the prompt, so each trained condition reads its own
-    prompt, and a dose or time between them reads the bins' token alone. None for a part without dose or time."""
+    has where trained conditions would otherwise read one prompt, sharing :func:`own_dose_name`'s bins (48h and 72h
+    share a log2-hour bin; 1 and 1.5 uM a half-decade): it follows the bins' own token in the prompt, so each trained
+    condition reads its own prompt, and a dose or time between them reads the bins' token alone. None for a part
+    without dose or time."""
     if own_dose_name(part) is None:
         return None
     dose = f"{part.dose:g}" if part.dose is not None else ""
@@ -141,8 +142,8 @@ class PerturbationVocab:
     names: dict[str, list[str]] = field(default_factory=lambda: {"drug": [], "cytokine": [], "label": [], "target": [],
                                                                   "dose": []})
     own_targets: bool = False  # every trained genetic target has a token of its own (TrainConfig.target_tokens="own")
-    # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own"), and each trained
-    # condition whose bins it shares with another of the agent's, one for its very dose and time (own_exact_name)
+    # each trained (drug, dose bin) has a token of its own too (TrainConfig.dose_tokens="own"), and each part of
+    # trained conditions that would read one prompt, one for its very dose and time (own_exact_name)
     own_doses: bool = False
     # a genetic target is written with its gene's token, then its own where it has one (TrainConfig.target_tokens="both")
     targets_with_gene: bool = False

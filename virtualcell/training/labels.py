@@ -126,20 +126,26 @@ def typed_labels(adata: ad.AnnData, contract: DataContract, genes: Vocabulary, c
 
 
 def _add_exact_tokens(vocab: PerturbationVocab) -> None:
-    """Give each trained condition of an agent a token for its very dose and time (:func:`own_exact_name`) where
-    another condition of that agent shares its dose and time bins (48h and 72h, whole bins of log2 hours; 1 and 2 uM,
-    half-decade bins): without it the two read one prompt and were predicted alike. Agents whose conditions each have
-    bins of their own get none, so their prompts are as before."""
-    exact: dict[str, set[str]] = {}  # an own bin token's name -> the exact names trained under it
+    """Where trained conditions read one prompt (:func:`dose_prompt_key`: 48h and 72h share a whole bin of log2
+    hours; 1 and 1.5 uM a half-decade), give each part of theirs that the others write in the same bins at another
+    dose or time a token for its very dose and time (:func:`own_exact_name`), so they train apart. Conditions that
+    already read prompts of their own get none, so their prompts are as before."""
+    by_prompt: dict[tuple, list[str]] = {}
     for form in vocab.conditions.values():
-        for part in parts_of(parse(form)):
-            own = own_dose_name(part)
-            if own is not None:
-                exact.setdefault(own, set()).add(own_exact_name(part))
-    for own in list(vocab.names["dose"]):  # (in the order the bins' tokens were added: ids are stable run to run)
-        names = exact.get(own, set())
-        if len(names) > 1:
-            vocab.names["dose"] += [n for n in sorted(names) if n not in vocab.names["dose"]]
+        by_prompt.setdefault(dose_prompt_key(parse(form)), []).append(form)
+    added: set[str] = set()
+    for forms in by_prompt.values():
+        if len(set(forms)) < 2:
+            continue
+        exact: dict[str, set[str]] = {}  # an own bin token's name -> the exact names the group writes under it
+        for form in forms:
+            for part in parts_of(parse(form)):
+                own = own_dose_name(part)
+                if own is not None:
+                    exact.setdefault(own, set()).add(own_exact_name(part))
+        added |= {n for names in exact.values() if len(names) > 1 for n in names}
+    # (sorted, after the bins' tokens: ids are stable run to run)
+    vocab.names["dose"] += [n for n in sorted(added) if n not in vocab.names["dose"]]
 
 
 def _refuse_spaced(labels: np.ndarray, typed: np.ndarray, contract: DataContract) -> None:
