@@ -236,6 +236,14 @@ def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
         module.load_state_dict(saved["model"])
     except RuntimeError as err:  # another shape (hidden size, layers, heads, vocabulary)
         first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        if _vocabulary_only(saved["model"], module.state_dict()):
+            # (the same data and settings, so the tokens were written otherwise: a run an older virtualcell started,
+            # e.g. before trained conditions sharing dose and time bins got tokens of their own)
+            raise TrainingError(
+                f"{folder} holds a model of this run's shape but with another number of tokens ({first}): the "
+                "data and settings are the same, so the run was started by another version of virtualcell, which "
+                "wrote its perturbations' tokens otherwise. Resume it with the version that started it, or start "
+                "over with --restart (resume=False).") from None
         raise TrainingError(
             f"{folder} holds a model of another shape than this run's ({first}): train as that run did to go on "
             "from it, or start over with --restart (resume=False).") from None
@@ -243,6 +251,19 @@ def resume(folder: str | Path, *, data_hash: str, module: Any, optimizer: Any,
     optimizer.load_state_dict(saved["optimizer"])
     return (LoopState(saved["step"], saved["history"], saved.get("pretrain_end")),
             BestWeights.from_dict(saved.get("best"), keep_state=keep_best))
+
+
+def _vocabulary_only(saved: Mapping[str, Any], here: Mapping[str, Any]) -> bool:
+    """Whether the saved weights differ from this run's in their number of tokens alone: the same names, and each
+    weight of another shape differs in its first dimension only (the embedding's and the output's rows; the token
+    bias's table, whose rows and columns both follow the tokens, differs in any)."""
+    from .. import token_bias
+
+    if set(saved) != set(here):
+        return False
+    differ = [k for k in here if tuple(saved[k].shape) != tuple(here[k].shape)]
+    return bool(differ) and all(saved[k].ndim == here[k].ndim and (
+        k.startswith(token_bias.PARAMETER) or tuple(saved[k].shape[1:]) == tuple(here[k].shape[1:])) for k in differ)
 
 
 def same_extras(state: Mapping[str, Any], last: Path, extras: list[tuple[str, bool, str, str | None]]) -> None:
