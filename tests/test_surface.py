@@ -242,3 +242,20 @@ def test_distance_test_with_obsm_key_none_measures_in_x():
     a.obsm["X_pca"] = np.asarray(a.X)  # the same numbers as an embedding: the same distance
     same = distance_test(a, groupby="g", contrast="ctrl", n_perms=50)
     assert np.isclose(out.loc["strong", "distance"], same.loc["strong", "distance"])
+
+
+def test_list_hints_keep_each_parts_kind_and_leave_names_and_times_alone():
+    """The hint that several perturbations were written as one prefixed a typed part again ('ko:ko:JAK2',
+    'ko:kd:JAK2'), read a time after ',' as a perturbation ('drugA,48h') and split a drug's name ('2,4-DNP'); it was
+    computed twice (Perturbation and list_syntax_hint), which disagreed."""
+    from virtualcell.errors import PerturbationError
+    from virtualcell.perturbations import list_syntax_hint, parse
+
+    for text, listed in (("ko:STAT1,ko:JAK2", ["ko:STAT1", "ko:JAK2"]), ("ko:STAT1, kd:JAK2", ["ko:STAT1", "kd:JAK2"]),
+                         ("ko:STAT1,JAK2", ["ko:STAT1", "ko:JAK2"])):
+        with pytest.raises(PerturbationError) as err:
+            parse(text)
+        assert f"list ({listed!r})" in str(err.value), err.value
+        assert f"list ({listed!r})" in list_syntax_hint(text)
+    for text in ("drugA,48h", "2,4-DNP", "TF01,", "drug:2,4-DNP@1"):
+        assert list_syntax_hint(text) == "", text

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .errors import ContractError, close_matches, preview, user_stacklevel
+from .errors import ContractError, as_names, close_matches, preview, user_stacklevel
 from .perturbations import (_JOINING_PLUS, dose_on_one_scale, first_quantity, hours_per,
                             known_dose_unit, negative_quantity, quantity_suffix, read_quantity, split_label)
 
@@ -131,14 +131,13 @@ class DataContract:
         if isinstance(control, Set | Mapping):  # (no first label to be the control)
             raise ContractError(f"control={control!r} has no order, and the first of several control labels is the "
                                 f"one the others are read as: pass a list, control={sorted(map(str, control))!r}.")
-        if not isinstance(control, str) and isinstance(control, Iterable):
-            # several labels, as the command line's --control NT_1,NT_2 gives them (control_labels): all read as
-            # the first, which the others join (evaluate and split_controls take control=[...] so too)
-            labels = [str(x).strip() for x in control if str(x).strip()]
-            if not labels:
-                raise ContractError("control names no label: give the label of the control cells, or a list of them "
-                                    "(control=['NT_1', 'NT_2']: all read as the first).")
-            control, others = labels[0], (*labels[1:], *others)
+        # one label, or several, as the command line's --control NT_1,NT_2 gives them (control_labels): all read
+        # as the first, which the others join (evaluate and split_controls take control=[...] so too)
+        labels = [x.strip() for x in as_names(control) if x.strip()]
+        if not labels:
+            raise ContractError("control names no label: give the label of the control cells, or a list of them "
+                                "(control=['NT_1', 'NT_2']: all read as the first).")
+        control, others = labels[0], (*labels[1:], *others)
         # labels are read as strings, so a control given as a number (control=0 of integer labels) is its string
         object.__setattr__(self, "control", str(control).strip())
         # a tuple of distinct labels other than control (lists and arrays from JSON or h5ad become one)

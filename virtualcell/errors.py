@@ -88,8 +88,10 @@ def as_names(value: object) -> list[str]:
     """
     import numpy as np
 
+    if isinstance(value, bytes):  # (one name, as h5py may hand a string back)
+        return [value.decode(errors="replace")]
     if isinstance(value, str) or (isinstance(value, np.ndarray) and value.ndim == 0):
-        return [str(value)]
+        return [str(value.item() if isinstance(value, np.ndarray) else value)]
     try:
         return [str(x) for x in value]  # type: ignore[attr-defined]
     except TypeError:  # (one value that is no sequence: a number naming a label)

@@ -181,12 +181,13 @@ class Perturbation:
                 # (a {a,b} group or a panel's lines: parse says what they are, with the whole text)
                 grouped = any(c in self.target for c in "{}\n")
                 joined = next((sep for sep in ("|", ",", ";", "&") if sep in self.target and not grouped), None)
-                several = [f"{_SHORT[self.kind]}:{x.strip()}" for x in self.target.split(",") if x.strip()]
+                several = _listed(f"{_SHORT[self.kind]}:{self.target}") if joined == "," else None
                 raise PerturbationError(
                     f"{self.target!r} is not a gene symbol (letters, digits, '.', '-', '_')."
-                    + (f" A combination is written with '+' ({self.target.replace(joined, '+')!r}), not {joined!r}"
-                       + (f"; several perturbations are a list ({several!r})." if joined == "," else ".")
-                       if joined else ""))
+                    + (f" A combination is written with '+' ({'+'.join(several)!r}), not ','; several "
+                       f"perturbations are a list ({several!r})." if several else
+                       f" A combination is written with '+' ({self.target.replace(joined, '+')!r}), not {joined!r}."
+                       if joined and joined != "," else ""))
             object.__setattr__(self, "target", self.target.upper())
             if self.dose is not None or self.time is not None:
                 raise PerturbationError(f"A {self.kind} takes no dose or time; use 'drug:' for compounds.")
@@ -641,14 +642,33 @@ def list_syntax_hint(text: str, *, comma: bool = True) -> str:
         return (f" A {{a,b}} group is a panel's shorthand for one perturbation per choice, which a single "
                 f"perturbation does not expand: {written}, or read a whole panel with "
                 "vc.perturbations.parse_panel(text), and pass the list.")
-    name = text.partition("@")[0]  # (after '@', ',' parts a dose from a time)
-    if comma and "," in name:
-        parts = [x.strip() for x in name.split(",") if x.strip()]
-        prefix = parts[0].partition(":")[0] + ":" if parts and ":" in parts[0] else ""
-        parts = [x if ":" in x or not prefix else prefix + x for x in parts]
+    parts = _listed(text) if comma else None
+    if parts:
         return (f" ',' separates no perturbations in a name: pass several as a list ({parts!r}); a combination is "
                 f"written with '+' ({'+'.join(parts)!r}).")
     return ""
+
+
+_NAMED = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]*$")  # what a listed perturbation's name looks like (not '48h', '2')
+
+
+def _listed(text: str) -> list[str] | None:
+    """The perturbations ``text`` lists with ',' before any '@' (``"ko:STAT1,JAK2"`` is ``['ko:STAT1', 'ko:JAK2']``:
+    a part without a kind takes the first part's), or ``None`` where it lists fewer than two names or a part looks
+    like no perturbation's name (``"drugA,48h"``, a time; ``"2,4-DNP"``, one drug's name): the one reading behind
+    every hint that a list was written as one perturbation."""
+    name = text.partition("@")[0]  # (after '@', ',' parts a dose from a time)
+    if "," not in name:
+        return None
+    parts = [x.strip() for x in name.split(",")]
+    if len(parts) < 2 or not all(parts):
+        return None
+    kind = lambda x: x.partition(":")[0] if x.partition(":")[0].lower() in KIND_ALIASES and ":" in x else None  # noqa: E731
+    prefix = kind(parts[0])
+    out = [x if kind(x) or prefix is None else f"{prefix}:{x}" for x in parts]
+    if not all(_NAMED.match(x.partition(":")[2] if kind(x) else x) for x in out):
+        return None
+    return out
 
 
 def expand(line: str) -> list[str]:

@@ -318,7 +318,9 @@ def _numbers(value: Any, *, whole: bool) -> tuple[int, ...] | tuple[float, ...] 
         return None
     if not items or not all(whole_at_least(x, 1) if whole else finite_number(x) and x > 0 for x in items):
         return None
-    return tuple(int(x) for x in items) if whole else tuple(float(x) for x in items)
+    # (a float32's shortest text: np.float32(0.8) is 0.8 in the record, not 0.800000011920929)
+    return tuple(int(x) for x in items) if whole else tuple(float(str(x)) if isinstance(x, np.floating) else float(x)
+                                                            for x in items)
 
 
 # --------------------------------------------------------------------------- #
