@@ -221,6 +221,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict(args, perts, out)
 
 
+def _refuse_busy(out) -> None:  # noqa: ANN001
+    """Refuse an ``--out`` folder another run holds the lock of (:func:`virtualcell.safeio.check_not_in_use`), in a
+    lone process or the main process of a launch (the others would see the main one's lock), before any work."""
+    from .distributed import launch_rank
+    from .safeio import check_not_in_use
+
+    if launch_rank() == 0:
+        check_not_in_use(out)
+
+
 def _main_only(claim):  # noqa: ANN001, ANN202
     """``claim`` (a lock on an output) in a lone process or the main process of a multi-process launch; nothing in
     the others, which share the work (:mod:`virtualcell.distributed`) but leave the writing to the main one. A
@@ -379,6 +389,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     panel = parse_panel(text)
     objective = parse_objective(args.objective)  # a mistyped objective or --out is refused before the model loads
     check_out(args.out, force=args.force)
+    _refuse_busy(args.out)  # (as predict's lock is taken: before the minutes of loading a model and its baseline)
     model = C2SModel.load(args.model, device=args.device)
     try:
         model.resolve(panel)
@@ -519,6 +530,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     training_device(args.device)  # a device this machine lacks, or a user's --out, is refused before the data is read
     if launch_rank() == 0:
         check_out(args.out, force=args.force)
+    _refuse_busy(args.out)  # (before the data is read: a second training into it is refused at once)
     contract = _contract_from_args(args)
     adata = _load_data(args.data, contract)
     holdout = {}
@@ -586,37 +598,38 @@ def cmd_verdict(args: argparse.Namespace) -> int:
     from .distributed import launch_rank
     from .errors import OutputError
     from .generation import blas_threads
-    from .model import C2SModel
-    from .safeio import file_lock, output_folder, write_text
+    from .model import BUNDLED, C2SModel, _shipped
+    from .safeio import folder_lock, output_folder, write_text
     from .train import LEGACY, check_out, rejudge
     from .validation import VERDICT_FILE, summary_line
 
     main = launch_rank() == 0  # (under a multi-process launch every process judges; the main one writes)
     if args.out is not None and main:  # a user's --out is refused before the model and data load
         check_out(args.out, force=args.force)
-    model = C2SModel.load(args.model, device=args.device)
-    adata = _load_data(args.data)  # (rejudge checks it is the training data, against the model's own columns)
-    before = summary_line(model.verdict)
-    candidates = None if args.guidance is None else tuple({"guidance": g} for g in args.guidance)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    folder = Path(model.source or args.model)  # ('bundled' is the package's folder)
+        _refuse_busy(args.out)
+    folder = Path(BUNDLED if _shipped(args.model) else args.model)  # where an in-place verdict writes
     with contextlib.ExitStack() as claimed:
-        # where it will write is claimed before the minutes of judging, not refused after them
-        if main and args.out is not None:
-            claimed.enter_context(output_folder(args.out, kind="train", force=args.force, legacy=LEGACY))
-        elif main:
-            from .model import BUNDLED
-
+        if main and args.out is None and folder.is_dir():
             if folder.resolve() == Path(BUNDLED).resolve():
                 raise OutputError("The shipped model is not judged again in place (its verdict is the one the README's "
                                   "figures were made with): pass --out NEW_FOLDER to write it with its new verdict.")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise OutputError(f"Cannot write the verdict into {str(folder)!r} (not a folder you can write to): "
                                   "pass --out NEW_FOLDER to write the model with its new verdict there.")
-            claimed.enter_context(file_lock(folder / VERDICT_FILE, what="verdict"))  # (its lock file goes after)
+            # the folder's own lock, a training's, taken before the model loads: a training into it is refused now,
+            # and none starts until the verdict is written (its end would save other weights under this verdict)
+            claimed.enter_context(folder_lock(folder, what="verdict"))
+        model = C2SModel.load(args.model, device=args.device)
+        adata = _load_data(args.data)  # (rejudge checks it is the training data, against the model's own columns)
+        before = summary_line(model.verdict)
+        candidates = None if args.guidance is None else tuple({"guidance": g} for g in args.guidance)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        # where it will write is claimed before the minutes of judging, not refused after them
+        if main and args.out is not None:
+            claimed.enter_context(output_folder(args.out, kind="train", force=args.force, legacy=LEGACY))
         with blas_threads(args.threads):  # the gene maps' SVDs: numpy's BLAS held to --threads too
             rejudge(model, adata, samples=args.verdict_samples, candidates=candidates,
                     temperatures=args.verdict_temperatures)
@@ -626,6 +639,7 @@ def cmd_verdict(args: argparse.Namespace) -> int:
             model.save(args.out)
             where = args.out
         else:  # in place: the weights stay, the verdict and the codec it chose are rewritten; the old verdict is kept
+            model._check_on_disk(folder)  # (weights saved there since it loaded: refused before anything is written)
             if (folder / VERDICT_FILE).exists():
                 write_text(folder / ("previous-" + VERDICT_FILE), (folder / VERDICT_FILE).read_text())
             model.save_verdict(folder)

@@ -17,6 +17,7 @@ Real checkpoints and the project's small models run the same code::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -169,6 +170,9 @@ class C2SModel:
             raise ModelError(f"Unknown prompt format {prompt_format!r}; use one of {', '.join(FORMATS)}.")
         self.format: PromptFormat = FORMATS[prompt_format](tokenizer, genes.genes, self.perturbations)
         self._constraint: GeneConstraint | TrieConstraint | None = None
+        # the folder this model was loaded from or saved to, and its files as they were then (_on_disk): what
+        # save_verdict writes its codec beside
+        self._written: tuple[str, dict[str, tuple[int, ...]]] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -197,11 +201,26 @@ class C2SModel:
         loads it. A name that is also a hub id (``owner/name``) or ``"bundled"`` loads the local folder of that
         name where there is one, says so (a warning where the name is a known C2S hub model, one in the Hugging
         Face cache, or ``"bundled"``, whose :attr:`source` is then the folder's absolute path).
+
+        A local folder is read under a shared lock (:func:`virtualcell.safeio.reading`): a save into it
+        (:meth:`save`, ``virtualcell train``'s end, ``virtualcell verdict``) is waited for, never read half-way, so
+        the weights and the codec loaded are one save's. A training that holds the folder for its run does not
+        block this: its previous model loads meanwhile.
         """
+        from .safeio import reading
+
+        folder = Path(BUNDLED if _shipped(str(name_or_path)) else str(name_or_path))
+        with reading(folder) if folder.is_dir() else contextlib.nullcontext():
+            return cls._load(name_or_path, genes=genes, device=device, dtype=dtype)
+
+    @classmethod
+    def _load(cls, name_or_path: str | os.PathLike[str], *, genes: Sequence[str] | Vocabulary | None,
+              device: str | None, dtype: str | torch.dtype | None) -> C2SModel:
+        """The body of :meth:`load`, run while a local folder is locked for reading."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         asked = str(name_or_path)
-        shipped = asked == "bundled" and not Path("bundled").exists()  # the shipped model, not a folder named so
+        shipped = _shipped(asked)  # the shipped model, not a folder named so
         if shipped:
             name_or_path = BUNDLED
         path = Path(str(name_or_path))
@@ -224,6 +243,14 @@ class C2SModel:
             if fault:
                 raise _damaged(str(path / META_FILE), fault)
         elif is_local and genes is None:
+            from .safeio import in_use_by
+
+            holder = in_use_by(path)  # a training's first run saves the model at its end, not before
+            if holder is not None:
+                doing = "being trained now" if holder.endswith(", train") else "in use by a virtualcell run now"
+                raise ModelError(f"{str(path)!r} holds no model yet: it is {doing} ({holder}), and a training "
+                                 f"writes its model ({META_FILE} and the weights) there when it ends. Wait for that "
+                                 "run to finish, then run this again.")
             have = sorted(p.name for p in path.iterdir())[:12]
             raise ModelError(
                 f"{str(path)!r} has no {META_FILE} (the sentence codec: genes, rank fit, perturbations, contract); "
@@ -341,40 +368,72 @@ class C2SModel:
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             model = cls(lm, tokenizer, genes=vocab, prompt_format="c2s", source=source)
+        if meta:
+            model._written = (str(path.resolve()), _on_disk(path))
         return model
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write model, tokenizer and codec (``virtualcell.json``) into one folder."""
-        from .safeio import usual_mode, write_text
+        from .safeio import atomic_path, usual_mode, write_text, writing
 
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        # the codec goes first and comes back last: a save cut half-way (a full disk) leaves a folder load refuses,
-        # not the new weights beside the last run's verdict and baselines, which loaded without a word
-        (p / META_FILE).unlink(missing_ok=True)
-        # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
-        state = token_bias.without(target_offsets.without(self.lm.state_dict()))
-        self.lm.save_pretrained(p, safe_serialization=True, state_dict=state)
-        for f in p.glob("*.safetensors*"):  # written private (0600); the folder's other files are not
-            usual_mode(f)
-        table = token_bias.table(self.lm)
-        if table is not None:  # beside the weights, which stay a plain Hugging Face checkpoint
-            np.save(p / token_bias.FILE, table)
-        self.tokenizer.save_pretrained(p)
-        self._save_verdict(p)
-        write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
+        with writing(p):  # a process loading the folder meanwhile waits, and is waited for (load reads it whole)
+            # the codec goes first and comes back last: a save cut half-way (a full disk) leaves a folder load
+            # refuses, not the new weights beside the last run's verdict and baselines, which loaded without a word
+            (p / META_FILE).unlink(missing_ok=True)
+            # the target offsets go into the codec file, so the weights stay a plain Hugging Face checkpoint
+            state = token_bias.without(target_offsets.without(self.lm.state_dict()))
+            self.lm.save_pretrained(p, safe_serialization=True, state_dict=state)
+            for f in p.glob("*.safetensors*"):  # written private (0600); the folder's other files are not
+                usual_mode(f)
+            table = token_bias.table(self.lm)
+            if table is not None:  # beside the weights, which stay a plain Hugging Face checkpoint
+                with atomic_path(p / token_bias.FILE) as tmp:
+                    np.save(tmp, table)
+            self.tokenizer.save_pretrained(p)
+            self._save_verdict(p)
+            write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
+            self._written = (str(p.resolve()), _on_disk(p))
 
     def save_verdict(self, path: str | os.PathLike[str]) -> None:
         """Write the baselines, the verdict and the codec (``virtualcell.json``, last) into the checkpoint folder
         ``path``, leaving its weights and tokenizer: what :func:`virtualcell.train.rejudge` changes. The codec
         records the digest of each verdict file it was written with (:func:`verdict_files`), so a rewrite cut
         half-way (a full disk, a kill) loads as the pure model, saying so, not one run's codec with another's
-        verdict."""
-        from .safeio import write_text
+        verdict.
+
+        The codec holds the weights' target offsets, and the verdict was judged on the weights loaded: ``path`` must
+        be the folder this model was loaded from (or saved to), its weights and codec as they were then. Where a
+        training or a save replaced them meanwhile, or ``path`` is another model's folder, nothing is written
+        (:class:`~virtualcell.errors.ModelError`), rather than this model's codec and verdict beside other weights.
+        """
+        from .safeio import write_text, writing
 
         p = Path(path)
-        self._save_verdict(p)
-        write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
+        with writing(p):  # (a process loading the folder meanwhile reads it before or after, never half-way)
+            self._check_on_disk(p)
+            self._save_verdict(p)
+            write_text(p / META_FILE, json.dumps(self.meta() | {"verdict_files": verdict_files(p)}, indent=1))
+            self._written = (str(p.resolve()), _on_disk(p))
+
+    def _check_on_disk(self, p: Path) -> None:
+        """Refuse to write this model's codec into ``p`` where its weights are not the ones this model was loaded
+        from or saved to there (:meth:`save_verdict`). A model that never was in a folder is not checked."""
+        if self._written is None:
+            return
+        where, files = self._written
+        if str(p.resolve()) != where:
+            raise ModelError(f"{str(p)!r} is not the folder this model was loaded from or saved to ({where!r}): its "
+                             "verdict and codec (which holds the weights' target offsets) would go beside other "
+                             "weights. Write the whole model there with model.save(path) instead.")
+        now = _on_disk(p)
+        changed = sorted(f for f in files.keys() | now.keys() if files.get(f) != now.get(f))
+        if changed:
+            raise ModelError(f"{str(p)!r} changed since this model was loaded from it ({', '.join(changed)}: a "
+                             "training or a save into it finished meanwhile), so the verdict, judged on the model "
+                             "loaded before, is not written beside other weights. Run `virtualcell verdict --model "
+                             f"{p} --data TRAINING_DATA` again to judge the model it holds now.")
 
     @property
     def chosen(self) -> dict[str, Any]:
@@ -394,11 +453,14 @@ class C2SModel:
         """Attach the token-bias table (:mod:`virtualcell.token_bias`) that :meth:`save` wrote beside the weights,
         one row for each of ``tokens`` (as ``virtualcell.json`` lists them)."""
         f = p / token_bias.FILE
+        if not f.is_file():
+            raise ModelError(f"{str(f)!r} is missing; the checkpoint's virtualcell.json says the model has a "
+                             "token-bias table. Copy the checkpoint folder again, or retrain.")
         try:
             values = np.load(f)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"{str(f)!r} cannot be read ({err}); the checkpoint's virtualcell.json says the model "
-                             "has a token-bias table. Copy the checkpoint folder again, or retrain.") from None
+        except (OSError, ValueError, EOFError) as err:  # (a file cut short: EOFError)
+            raise _damaged(str(f), f"it cannot be read as the model's token-bias table ({type(err).__name__}: "
+                                   f"{str(err)[:120] or 'no detail'})") from None
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in tokens if t not in vocab]
         if missing:
@@ -833,6 +895,25 @@ class C2SModel:
         sentences, n_invalid, n_dup = self.format.to_sentences([t for _, _, t in batch], self.genes)
         return GeneratedCells(np.array([c for c, _, _ in batch]), np.array([p for _, p, _ in batch]), sentences,
                               n_invalid, n_dup)
+
+
+def _shipped(name: str) -> bool:
+    """Whether ``name`` asks for the model shipped in the package (``"bundled"``, where no folder of that name is
+    here)."""
+    return name == "bundled" and not Path("bundled").exists()
+
+
+def _on_disk(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The file id, size, modification and change times of each file of ``folder`` that holds the model's weights or codec
+    (not the verdict's, which :meth:`C2SModel.save_verdict` rewrites): another save or training into the folder
+    changes them. Cheap for a 2B model: no file is read."""
+    names = [META_FILE, "config.json", token_bias.FILE, *(f.name for f in folder.glob("*.safetensors*"))]
+    out = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = (folder / name).stat()
+            out[name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
 
 
 def _damaged(file: str, fault: str) -> ModelError:

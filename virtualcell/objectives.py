@@ -278,6 +278,21 @@ class TowardState(Objective):
         after = np.linalg.norm(self._control + np.asarray(delta)[self._shared] - self._target)
         return float(before - after)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record a screen keeps (``config.json``): once bound, with ``target_digest``, a digest of the target
+        mean it scores toward and the genes it is taken on, so that two references are told apart by their cells,
+        not by the path typed (a reference file rewritten in place ranked toward other cells under the same
+        record)."""
+        out = super().to_dict()
+        if self._target is not None:
+            import hashlib
+
+            h = hashlib.blake2b(digest_size=12)
+            h.update(np.asarray(self._shared, dtype=np.int64).tobytes())
+            h.update(np.asarray(self._target, dtype=np.float32).tobytes())  # (float32: the last bits of a sum vary)
+            out["target_digest"] = h.hexdigest()
+        return out
+
 
 @dataclass
 class Custom(Objective):

@@ -19,8 +19,18 @@ either the old complete file or the new complete one, never a partial one:
 * :func:`output_folder` — both, as a command uses its ``--out``: refuse a user's folder
   (before writing anything into it), lock, mark.
 * :func:`file_lock` — the same lock for one output file (``.NAME.lock`` beside it).
+* :func:`writing` / :func:`reading` — a model folder written file by file (:meth:`C2SModel.save
+  <virtualcell.model.C2SModel.save>`) is read whole or not at all: the writer holds an exclusive lock
+  (``.virtualcell.save.lock``) while it writes, a reader a shared one while it reads. ``folder_lock``,
+  which a training holds for hours, is another lock: the previous model stays readable meanwhile.
+* :func:`in_use_by` / :func:`check_not_in_use` — whether a run holds a folder's lock, asked without
+  taking it or writing anything (a command checks its ``--out`` before loading a model).
 * :func:`check_output_file` — an output *file* path (``predict --out``): not a folder,
   its folder writable, not a user's file, checked before any work is done.
+
+A lock file is locked, then checked to be still the file its path names (a holder that removes its
+lock file on release, as :func:`file_lock` does, may do so between another's open and its lock); on a
+filesystem without locks (``ENOLCK``: some network mounts) a run goes on unlocked, saying so.
 
 Examples
 --------
@@ -43,12 +53,13 @@ virtualcell.errors.OutputError: --out '...' is not empty and was not written by 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,14 +68,15 @@ from .errors import FolderInUseError, OutputError
 __all__ = [
     "MARKER", "LOCK", "atomic_path", "atomic_write", "write_text", "write_bytes", "atomic_folder", "recover_folder",
     "claim_folder", "check_output_folder", "folder_lock", "file_lock", "output_folder", "check_output_file", "is_ours",
-    "h5ad_is_ours",
+    "h5ad_is_ours", "SAVE_LOCK", "writing", "reading", "in_use_by", "check_not_in_use",
 ]
 
 log = logging.getLogger(__name__)
 
 MARKER = ".virtualcell"  # JSON: {"written_by": "virtualcell", "kind": ...}
 LOCK = ".virtualcell.lock"
-_IGNORED = {MARKER, LOCK, ".DS_Store"}
+SAVE_LOCK = ".virtualcell.save.lock"  # held while a model folder is written (exclusive) or read (shared); see writing()
+_IGNORED = {MARKER, LOCK, SAVE_LOCK, ".DS_Store"}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -334,40 +346,218 @@ def claim_folder(folder: str | os.PathLike[str], *, kind: str, force: bool = Fal
     return folder
 
 
+# flock's answers for a lock another process holds; any other error means the filesystem cannot lock (ENOLCK,
+# EOPNOTSUPP, ENOSYS: Lustre without -o flock, some CIFS and FUSE mounts), which no wait will change
+_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+
+def _fcntl() -> Any:
+    """The ``fcntl`` module, or ``None`` where it does not exist (Windows: locks are not taken)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return fcntl
+
+
+def _same_file(fh: IO[Any], path: Path) -> bool:
+    """Whether ``path`` still names the file ``fh`` has open (not removed, nor replaced by another)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _holder(fh: IO[Any]) -> str:
+    """What the holder of a lock wrote into its lock file (``pid 123, train``)."""
+    with contextlib.suppress(OSError, ValueError):
+        fh.seek(0)
+        return fh.read().strip() or "another process"
+    return "another process"
+
+
+class _Busy(Exception):
+    """Another process holds the lock (``args[0]``: what its lock file says)."""
+
+
+def _lock(lockfile: Path, *, shared: bool = False, wait: bool = False, readonly: bool = False,
+          waiting: Callable[[str], None] | None = None) -> tuple[IO[Any] | None, OSError | None]:
+    """Open ``lockfile`` and ``flock`` it, exclusive or ``shared``, waiting for it (``wait``, after calling
+    ``waiting`` with what the holder's file says) or raising :class:`_Busy`. Returns ``(file, None)`` once it is
+    locked and ``lockfile`` still names the file locked (else it is opened again: a holder that removes its lock
+    file on release may do so between another process's open and its lock, and the two would each hold a lock of
+    their own); ``(file, error)`` where the filesystem cannot lock (the file open, not locked); ``(None, None)``
+    where a ``readonly`` caller cannot open it (no lock file in a folder it cannot write) or ``fcntl`` does not
+    exist. Opening it otherwise raises ``OSError``."""
+    fcntl = _fcntl()
+    if fcntl is None:  # pragma: no cover - Windows
+        return None, None
+    while True:
+        try:
+            fh = open(lockfile, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError:
+            if not readonly:
+                raise
+            try:  # (a folder the reader cannot write: the writer's lock file, where there is one)
+                fh = open(lockfile)  # noqa: SIM115
+            except OSError:
+                return None, None
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            try:
+                fcntl.flock(fh.fileno(), op | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in _BUSY:
+                    return fh, err
+                if not wait:
+                    raise _Busy(_holder(fh)) from None
+                if waiting is not None:
+                    waiting(_holder(fh))
+                    waiting = None
+                fcntl.flock(fh.fileno(), op)
+        except BaseException:
+            fh.close()
+            raise
+        if _same_file(fh, lockfile):
+            return fh, None
+        fh.close()
+
+
+def _unlock(fh: IO[Any], lockfile: Path, *, remove: bool, shared: bool = False) -> None:
+    """Release a lock :func:`_lock` took, removing its file where ``remove`` is true: while it is still held, and,
+    for a ``shared`` holder, only where no other process holds it (an exclusive lock taken without waiting)."""
+    try:
+        if remove:
+            fcntl = _fcntl()
+            if shared and fcntl is not None:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return  # another holds it, and removes it in its turn
+            if _same_file(fh, lockfile):
+                with contextlib.suppress(OSError):
+                    lockfile.unlink()
+    finally:
+        fh.close()
+
+
+def _in_use(where: Path, holder: str) -> FolderInUseError:
+    return FolderInUseError(f"{str(where)!r} is in use by another virtualcell run ({holder}). Wait for it to finish, "
+                            "or choose another --out.")
+
+
+def _no_locks(where: Path, what: str, err: OSError) -> None:
+    """Say that ``where`` goes on without its lock: its filesystem cannot lock (``err``). Refusing would leave the
+    command unusable on that filesystem, whose users often cannot remount it, for the rare case of two runs into
+    one folder at once."""
+    log.warning("%s cannot be locked (%s: its filesystem does not support file locks, as some network mounts do not), "
+                "so this %s runs without the lock that keeps a second run out of it: start no other run into it until "
+                "this one ends, or use a folder on a local disk.", where, err.strerror or err, what)
+
+
 @contextlib.contextmanager
 def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> Iterator[None]:
     try:
         lockfile.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lockfile, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        fh, unsupported = _lock(lockfile)
+    except _Busy as busy:
+        raise _in_use(where, busy.args[0]) from None
     except OSError as err:
         raise _unwritable(where, err) from None
-    acquired = False
+    if fh is None:  # pragma: no cover - Windows: the block runs unlocked
+        yield
+        return
+    if unsupported is not None:
+        _no_locks(where, what, unsupported)
+    else:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, {what}")
+        fh.flush()
     try:
+        yield
+    finally:  # (removed while still held: a run that opened it meanwhile sees it gone once it locks, and opens anew)
+        _unlock(fh, lockfile, remove=remove)
+
+
+def in_use_by(folder: str | os.PathLike[str]) -> str | None:
+    """Who holds :func:`folder_lock` on ``folder`` now, as its lock file says (``"pid 123, train"``), or ``None``
+    where no other process does (nor where the folder has no lock file, or locks do not work there). Asked without
+    taking the lock or writing anything."""
+    fcntl = _fcntl()
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    try:
+        fh = open(Path(folder) / LOCK)  # noqa: SIM115
+    except OSError:
+        return None
+    with fh:
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise FolderInUseError(
-                    f"{str(where)!r} is in use by another virtualcell run ({holder}). Wait for it to finish, "
-                    "or choose another --out."
-                ) from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}, {what}")
-            fh.flush()
-        acquired = True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _holder(fh) if err.errno in _BUSY else None
+            return None if holder is None or holder.startswith(f"pid {os.getpid()},") else holder
+    return None
+
+
+def check_not_in_use(folder: str | os.PathLike[str]) -> None:
+    """Refuse (:class:`FolderInUseError`) a ``folder`` whose lock another run holds, before the minutes of loading a
+    model and data that :func:`output_folder` would refuse after; nothing is written."""
+    holder = in_use_by(folder)
+    if holder is not None:
+        raise _in_use(Path(folder), holder)
+
+
+@contextlib.contextmanager
+def writing(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``FOLDER/.virtualcell.save.lock`` exclusively while the files of one whole (a model folder's weights,
+    codec and verdict) are written into ``folder``: readers holding :func:`reading` are waited for, and wait in
+    their turn, so none reads one save's weights beside another's codec. Not :func:`folder_lock`, which a training
+    holds for its whole run; the lock file is removed afterwards. A folder whose filesystem cannot lock is written
+    unlocked."""
+    folder = Path(folder)
+    lockfile = folder / SAVE_LOCK
+    try:
+        fh, unsupported = _lock(lockfile, wait=True, waiting=lambda holder: log.info(
+            "%s is being read or written by another process (%s): waiting for it to finish", folder, holder))
+    except OSError:  # (a folder that cannot be written: the save's own writes say so)
+        fh, unsupported = None, None
+    if fh is None:
+        yield
+        return
+    if unsupported is None:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, saving")
+        fh.flush()
+    else:
+        log.info("%s cannot be locked while it is written (%s); a process reading it meanwhile may read a mix",
+                 folder, unsupported.strerror or unsupported)
+    try:
         yield
     finally:
-        if remove and acquired:  # unlinked while still held, so no other run can lock it in between
-            with contextlib.suppress(OSError):
-                lockfile.unlink()
-        fh.close()
+        _unlock(fh, lockfile, remove=True)
+
+
+@contextlib.contextmanager
+def reading(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``FOLDER/.virtualcell.save.lock`` shared while the files of a model folder are read: a save into it
+    (:func:`writing`) is waited for, and waits in its turn; other readers read alongside. A folder this process
+    cannot write (an installed model) and that holds no lock file is read unlocked, as is one whose filesystem
+    cannot lock. The lock file is removed afterwards by the last holder."""
+    folder = Path(folder)
+    lockfile = folder / SAVE_LOCK
+    fh, unsupported = _lock(lockfile, shared=True, wait=True, readonly=True, waiting=lambda holder: log.info(
+        "%s is being written (%s): waiting for the save to finish before loading it", folder, holder))
+    if fh is None:
+        yield
+        return
+    try:
+        yield
+    finally:  # (where nothing locks, the file goes as the reader leaves)
+        _unlock(fh, lockfile, remove=True, shared=unsupported is None)
 
 
 @contextlib.contextmanager

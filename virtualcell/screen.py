@@ -626,6 +626,8 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
             import shutil
 
             shutil.rmtree(groups, ignore_errors=True)
+        else:
+            _say_objective_change(folder, old.get("objective"), config["objective"])
     # a finished screen's outputs go before this one's config is written: until this run writes its own, the folder
     # holds no finished screen (vc.screen.load read another screen's ranking under this one's config)
     for name in FINISHED_FILES:
@@ -643,6 +645,26 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
     if done:
         log.info("resuming: %d of %d groups already done", len(done), n_groups)
     return done
+
+
+def _say_objective_change(folder: Path, old: Any, new: dict[str, Any]) -> None:
+    """Say where a resumed screen ranks its groups by another objective than the folder's last ranking (recorded in
+    ``old``): the groups do not depend on it and are kept, the ranking follows the new one. A warning where the
+    objective reads the same and only its reference's cells differ (``target_digest``: the file was rewritten since);
+    nothing where a record from before the digest existed cannot tell."""
+    if not isinstance(old, dict):
+        return
+    differ = [k for k in new if k in old and old[k] != new[k]]
+    if not differ:
+        return
+    what = ("ranked again toward the reference given now, whose cells differ from those of the folder's last ranking "
+            f"(the same {new.get('description')!r}: the file changed since, or was replaced)")
+    if differ != ["target_digest"]:
+        what = (f"ranked by the objective given now ({new.get('description') or new.get('name')!r}), not by the one "
+                f"of the folder's last ranking ({old.get('description') or old.get('name')!r})")
+    (log.warning if differ == ["target_digest"] else log.info)(
+        "%s: the saved groups are %s. The groups (the predictions) do not depend on the objective and are kept; the "
+        "ranking and config.json follow the new one.", folder, what)
 
 
 def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
