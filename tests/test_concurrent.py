@@ -392,3 +392,17 @@ def test_a_toward_reference_whose_cells_changed_is_recorded_and_said_on_resume(t
         run_with("IFNGR1")
     assert "ranked again" not in caplog.text and "resuming" in caplog.text
     assert json.loads((out / "config.json").read_text())["objective"]["target_digest"] == digest
+
+
+def test_simulate_store_is_locked_as_predict_out_is(tiny_model, tmp_path):
+    """Two processes storing cells to one path: the last to finish won, silently (predict --out had a lock). While
+    another run holds the path, simulate(store=) is refused naming it, and the path is left as it was."""
+    model, _, data = tiny_model
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:4].copy(), model)
+    path = tmp_path / "cells.nc"
+    with safeio.file_lock(path, what="simulate"):
+        with pytest.raises(FolderInUseError, match="in use by another virtualcell run"):
+            sim.simulate(["STAT1"], seed=0, store=path, progress=False)
+    assert not path.exists()
+    sim.simulate(["STAT1"], seed=0, store=path, progress=False)  # once free, it writes
+    assert path.exists() and not list(tmp_path.glob(".*.lock"))

@@ -51,6 +51,8 @@ def test_the_model_lists_the_contexts_each_condition_was_measured_in(three_conte
     assert model.measured_contexts(only_a) == ("typeA",)
     assert model.measured_contexts(both) == ("typeA", "typeB")
     assert model.measured_contexts(never) == ()  # measured nowhere (an extrapolation, trained False)
+    # a label reads as resolve reads it ('TF01' was read as a plain label, and said to be measured nowhere)
+    assert model.measured_contexts("TF01") == ("typeA", "typeB") and model.measured_contexts(ONLY_A) == ("typeA",)
     pairs = model.measured_pairs()
     assert pairs[str(only_a)] == ("typeA",) and pairs[str(both)] == ("typeA", "typeB") and str(never) not in pairs
     # the same answer as what is served: typeB's cells get typeA's effect of GENE030 (the mean over where measured)

@@ -188,7 +188,9 @@ def _print_baseline(said: str | None, adata, model, args: argparse.Namespace, *,
         said = said or f"baseline: the {len(used)} cells of {args.data}"
     if len(found) > 1:
         shown = [f"{c}: {counts[c]}" for c in found]
-        print(f"{said}, of {len(found)} contexts in obs[{key!r}] ({', '.join(shown[:8])}"
+        columns = contract.context_columns(adata)  # (a composite key names several columns: each, joined)
+        where = " and ".join(f"obs[{c!r}]" for c in columns)
+        print(f"{said}, of {len(found)} contexts in {where} ({', '.join(shown[:8])}"
               + (f" … and {len(found) - 8} more)" if len(found) > 8 else ")"))
         if pooled:
             one = (f": adata[adata.obs[{key!r}] == {found[0]!r}].write_h5ad('{found[0]}.h5ad')"

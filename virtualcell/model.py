@@ -591,13 +591,15 @@ class C2SModel:
 
     def measured_contexts(self, perturbation: str | Perturbation | Combination) -> tuple[str, ...] | None:
         """The contexts (as :meth:`~virtualcell.contract.DataContract.contexts` names them) whose training cells
-        measured this very condition (its typed form, dose and time; :meth:`resolve` it first), sorted; empty for one
-        measured nowhere. A context's cells are served its own measured effect there
+        measured this very condition (its typed form, dose and time; a label, ``"TF03"`` or ``"drugA@1"``, is read as
+        :meth:`resolve` reads it), sorted; empty for one measured nowhere. A context's cells are served its own measured effect there
         (:meth:`virtualcell.validation.Baselines.delta_for`), and elsewhere the mean over these: a transfer.
         ``None`` where the model cannot tell: no context column, no baselines, a checkpoint from before the
         per-context effects were kept, or the control."""
         if self.baselines is None:
             return None
+        if isinstance(perturbation, str):  # (a label read as a typed name was 'measured nowhere': "TF03" is ko:TF03)
+            perturbation = self.resolve([perturbation])[0]
         return self.baselines.measured_contexts(perturbation, fitted_on=self._sole_context())
 
     def measured_pairs(self) -> dict[str, tuple[str, ...]] | None:

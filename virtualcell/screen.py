@@ -33,8 +33,9 @@ contexts of the ranked cells whose training cells never measured that very condi
 against that context's controls; :meth:`~virtualcell.model.C2SModel.measured_contexts`: the cells the model's served
 baselines were fitted on, which include those of perturbations the trainer held out whole for its verdict). There the
 baseline served (blended) for a candidate measured in other contexts is the mean of its effects measured in those (a
-transfer: the log counts such candidates); one measured nowhere lists every context ranked (``trained`` False; its
-``pertmean`` or ``coexpression`` baseline is served alike in every context). It is empty where the condition was
+transfer: the log counts such candidates); one measured nowhere lists every context ranked (``trained`` False: a
+single perturbation's ``pertmean`` or ``coexpression`` baseline is served alike in every context, a pair of trained
+parts its ``additive`` one, the sum of its parts' effects in each context). It is empty where the condition was
 measured in every context ranked, and where the model cannot tell: a model or a baseline without the context column,
 a checkpoint without served baselines or from before they kept each context's own effect. ``trained`` says whether the
 model trained on measured cells of the condition in any context: True for one measured in a single context, whatever

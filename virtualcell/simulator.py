@@ -959,13 +959,15 @@ class Simulator:
         draws_model_mem = np.zeros((P, n, G), dtype=np.float32) if keep_draws and blended else None
         import contextlib
 
-        from .safeio import atomic_path
+        from .safeio import atomic_path, file_lock
 
         # the cells file is written beside its name and put in place once every block is made: a refused or killed
-        # run leaves no file that opens as whole with blocks of zeros
+        # run leaves no file that opens as whole with blocks of zeros; and locked, as predict --out is (two
+        # processes storing to one path: the last to finish won, silently)
         placed = contextlib.ExitStack()
         writer = None
         if store is not None:
+            placed.enter_context(file_lock(store, what="simulate"))
             writer = _CellStore(placed.enter_context(atomic_path(store)), names, n, self.gene_names)
             placed.callback(writer.close)  # (closed before the file takes its name, or goes)
         sums = _Sums(P, G, self._basis.components.shape[0], keep_embedded)
