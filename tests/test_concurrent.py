@@ -406,3 +406,18 @@ def test_simulate_store_is_locked_as_predict_out_is(tiny_model, tmp_path):
     assert not path.exists()
     sim.simulate(["STAT1"], seed=0, store=path, progress=False)  # once free, it writes
     assert path.exists() and not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_verdict_saved_in_place_is_not_refused_for_a_chmod_or_a_hard_link(tiny_model, tmp_path):
+    """A review: the 'changed since loaded' check compared the files' change times, so a chmod or a hard-link backup
+    of the weights refused the verdict's save, saying a training had finished meanwhile."""
+    import os
+
+    _, folder, _ = tiny_model
+    own = tmp_path / "m"
+    shutil.copytree(folder, own)
+    model = vc.C2SModel.load(own)
+    weights = next(own.glob("*.safetensors"))
+    os.chmod(weights, 0o600)
+    os.link(weights, tmp_path / "backup.safetensors")
+    model.save_verdict(own)  # the weights are the ones loaded: written

@@ -162,7 +162,7 @@ def test_evaluate_warns_where_the_measured_file_lacks_the_predictions_context_co
     real = measured(screen, baselines)
     real.obs = real.obs.drop(columns=["cell_type"])
     with pytest.warns(UserWarning, match=r"2 contexts in obs\['cell_type'\].*'typeA', 'typeB'.*measured cells "
-                                         r"\(real=, --real\) has no such column, so every context is pooled") as said:
+                                         r"\(real=, --real\) has no readable column .cell_type. \(absent, or with missing values\), so every context is pooled") as said:
         table = vc.evaluate.evaluate(pred, real, baseline=base, **KEYS, **FAST)
     assert "Give it the column 'cell_type'" in str(said[0].message)
     assert set(table["context"]) == {"all"}
@@ -250,3 +250,19 @@ def test_the_compare_notebook_scores_each_context_of_a_file_without_a_stored_con
     scored = table[table["method"] == "model"]
     assert set(scored["perturbation"]) == set(picked)
     assert set(scored["context"]) == set(defs["predicted"].obs["cell_type"]) == {"typeA", "typeB"}
+
+
+def test_a_measured_context_column_with_gaps_is_pooled_with_a_warning_not_a_crash(pred_ab, screen, baselines):
+    """A review: the prediction's column was taken where the measured file's had missing values, and evaluate stopped
+    ('3 missing values') where it had scored the same inputs, pooled, before; the column is taken only where every
+    input reads it whole."""
+    import numpy as np
+
+    pred, base = pred_ab
+    real = measured(screen, baselines)
+    values = real.obs["cell_type"].astype(object).to_numpy()
+    values[:3] = np.nan
+    real.obs["cell_type"] = values
+    with pytest.warns(UserWarning, match=r"has no readable column .cell_type. \(absent, or with missing values\)"):
+        table = vc.evaluate.evaluate(pred, real, baseline=base, **KEYS, **FAST)
+    assert set(table["context"]) == {"all"}

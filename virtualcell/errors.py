@@ -88,14 +88,17 @@ def as_names(value: object) -> list[str]:
     """
     import numpy as np
 
-    if isinstance(value, bytes):  # (one name, as h5py may hand a string back)
-        return [value.decode(errors="replace")]
-    if isinstance(value, str) or (isinstance(value, np.ndarray) and value.ndim == 0):
-        return [str(value.item() if isinstance(value, np.ndarray) else value)]
+    def one(x: object) -> str:  # (bytes are one name, as h5py may hand a string back)
+        return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
+
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, str | bytes):
+        return [one(value)]
     try:
-        return [str(x) for x in value]  # type: ignore[attr-defined]
+        return [one(x) for x in value]  # type: ignore[attr-defined]
     except TypeError:  # (one value that is no sequence: a number naming a label)
-        return [str(value)]
+        return [one(value)]
 
 
 def whole_at_least(value: object, least: int = 1) -> bool:

@@ -430,8 +430,10 @@ class C2SModel:
         now = _on_disk(p)
         changed = sorted(f for f in files.keys() | now.keys() if files.get(f) != now.get(f))
         if changed:
-            raise ModelError(f"{str(p)!r} changed since this model was loaded from it ({', '.join(changed)}: a "
-                             "training or a save into it finished meanwhile), so the verdict, judged on the model "
+            what = ("another verdict or save rewrote its record meanwhile" if changed == [META_FILE] else
+                    "a training or a save into it finished meanwhile, or they were rewritten or touched")
+            raise ModelError(f"{str(p)!r} changed since this model was loaded from it ({', '.join(changed)}: {what}), "
+                             "so the verdict, judged on the model "
                              "loaded before, is not written beside other weights. Run `virtualcell verdict --model "
                              f"{p} --data TRAINING_DATA` again to judge the model it holds now.")
 
@@ -906,7 +908,7 @@ def _shipped(name: str) -> bool:
 
 
 def _on_disk(folder: Path) -> dict[str, tuple[int, ...]]:
-    """The file id, size, modification and change times of each file of ``folder`` that holds the model's weights or codec
+    """The file id, size and modification time of each file of ``folder`` that holds the model's weights or codec
     (not the verdict's, which :meth:`C2SModel.save_verdict` rewrites): another save or training into the folder
     changes them. Cheap for a 2B model: no file is read."""
     names = [META_FILE, "config.json", token_bias.FILE, *(f.name for f in folder.glob("*.safetensors*"))]
@@ -914,7 +916,7 @@ def _on_disk(folder: Path) -> dict[str, tuple[int, ...]]:
     for name in names:
         with contextlib.suppress(OSError):
             st = (folder / name).stat()
-            out[name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)  # (not the change time: chmod, hard links move it)
     return out
 
 

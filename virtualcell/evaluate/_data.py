@@ -111,36 +111,48 @@ def context_of_prediction(pred: ad.AnnData | None, contract: DataContract,
     file's contract) is kept as it is.
     """
     key = prediction_context_key(pred) if contract.context_key is None else None
+    if key is not None and key in {contract.perturbation_key, contract.dose_key, contract.time_key}:
+        key = None  # (the measured file's perturbation, dose or time column: no context)
     if key is None:
         return contract, None
     keyed = replace(contract, context_key=key)
     given = {name: a for name, a in measured.items() if a is not None}
-    lacking = [name for name, a in given.items() if not keyed.has_context(a)]
-    if not lacking:
+    lacking = [name for name, a in given.items() if not _readable(keyed, a)]
+    real = given.get("real")
+    predicted = sorted(set(_contexts_or_empty(keyed, pred)))
+    there = sorted(set(_contexts_or_empty(keyed, real))) if real is not None else []
+    if not lacking:  # (contexts that match nowhere are then refused by name, as a stored context column's are)
         said = (f"each cell's context read from obs[{key!r}], the prediction's context column "
                 "(uns['virtualcell']['context_key']), as the measured file names no context column of its own")
         log.info("evaluate: %s", said)
         return keyed, said
     import warnings
 
-    predicted = sorted(set(keyed.contexts(pred)))
-    real = given.get("real")
-    there = sorted(set(keyed.contexts(real))) if real is not None and keyed.has_context(real) else []
     if len(set(predicted) | set(there)) < 2:  # one context in all: pooling it changes nothing
         return contract, None
     names = ["{} cells ({}".format(*INPUT_NAMES[n].split(" (", 1)) for n in lacking]  # measured cells (real=, --real)
-    they = "it" if len(names) == 1 else "them"
-    measured_ctx = f"; the measured cells are of {preview(there, 6)}" if there else ""
-    said = (f"the prediction's cells are of {len(predicted)} contexts in obs[{key!r}] (its "
-            f"uns['virtualcell']['context_key']: {preview(predicted, 6)}{measured_ctx}), but the "
-            f"{' and '.join(names)} {'has' if len(names) == 1 else 'have'} no such column, so every context is pooled "
-            "into one group 'all' and each predicted group is scored against measured cells of other contexts too")
-    warnings.warn(
-        said[0].upper() + said[1:] + f". Give {they} the column {key!r} (each cell's context: it is then read from "
-        f"there, as context_key={key!r}, --context-key {key} would), or subset the prediction to the context the "
-        f"measured cells are of (pred[pred.obs[{key!r}] == {there[0] if len(there) == 1 else 'CONTEXT'!r}]).",
-        UserWarning, stacklevel=user_stacklevel())
+    why = (f"the {' and '.join(names)} {'has' if len(names) == 1 else 'have'} no readable column {key!r} (absent, or "
+           "with missing values)")
+    fix = (f"Give {'it' if len(names) == 1 else 'them'} the column {key!r} (each cell's context: it is then read "
+           "from there), or subset " + (f"the prediction to the context the measured cells are of "
+                                        f"(pred[pred.obs[{key!r}] == CONTEXT])." if len(predicted) > 1 else
+                                        "the measured cells to the prediction's context."))
+    said = (f"the prediction's cells are of {len(predicted)} context{'s' if len(predicted) != 1 else ''} in "
+            f"obs[{key!r}] (its uns['virtualcell']['context_key']: {preview(predicted, 6)}), but {why}, so every "
+            "context is pooled into one group 'all' and each predicted group is scored against measured cells of "
+            "other contexts too")
+    warnings.warn(said[0].upper() + said[1:] + ". " + fix, UserWarning, stacklevel=user_stacklevel())
     return contract, said
+
+
+def _readable(contract: DataContract, adata: ad.AnnData) -> bool:
+    """Whether ``adata`` holds ``contract``'s context column(s), every cell with a value."""
+    return contract.has_context(adata) and not any(adata.obs[c].isna().any() for c in contract.context_columns(adata))
+
+
+def _contexts_or_empty(contract: DataContract, adata: ad.AnnData | None) -> list[str]:
+    """``contract.contexts(adata)`` where :func:`_readable`, else none."""
+    return [] if adata is None or not _readable(contract, adata) else list(contract.contexts(adata))
 
 
 def refuse_absent_quantities(adata: ad.AnnData, stored: DataContract, *, name: str = "measured",
