@@ -259,3 +259,16 @@ def test_list_hints_keep_each_parts_kind_and_leave_names_and_times_alone():
         assert f"list ({listed!r})" in list_syntax_hint(text)
     for text in ("drugA,48h", "2,4-DNP", "TF01,", "drug:2,4-DNP@1"):
         assert list_syntax_hint(text) == "", text
+
+
+def test_screen_names_what_it_does_not_take(tiny_model):
+    """sim.screen(panel, temperature=0.6) raised 'run() got an unexpected keyword argument', naming a function the
+    user never called; it names screen, says where generation settings go, and a typo gets a did-you-mean."""
+    import virtualcell as vc
+
+    model, _, data = tiny_model
+    sim = vc.Simulator(data[data.obs.perturbation == "control"][:4].copy(), model)
+    with pytest.raises(TypeError, match=r"Simulator.screen\(\) takes no 'temperature'.*simulate\(\)'s"):
+        sim.screen(["STAT1"], temperature=0.6)
+    with pytest.raises(TypeError, match=r"'objectve' \(did you mean 'objective'\?\)"):
+        sim.screen(["STAT1"], objectve="effect")
