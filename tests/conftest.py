@@ -88,3 +88,15 @@ def tiny_model(tmp_path_factory, papalexi):
                       save_every=6, batch_size=8, warmup_steps=2, seed=0)
     train(data, out=out, config=cfg, progress=False)
     return vc.C2SModel.load(out), out, data
+
+
+@pytest.fixture
+def model_dir(tiny_model, tmp_path):
+    """A copy of the tiny model's folder (weights, codec, token bias, verdict) without its training checkpoint, for a
+    test to damage or write into."""
+    import shutil
+
+    _, out, _ = tiny_model
+    dst = tmp_path / "model"
+    shutil.copytree(out, dst, ignore=shutil.ignore_patterns("last"))
+    return dst

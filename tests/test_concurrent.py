@@ -50,15 +50,6 @@ class _Holder:
         self.proc.communicate("")
 
 
-@pytest.fixture
-def model_dir(tiny_model, tmp_path):
-    """A copy of the tiny model's folder (weights, codec, token bias, verdict), without its training checkpoint."""
-    _, out, _ = tiny_model
-    dst = tmp_path / "model"
-    shutil.copytree(out, dst, ignore=shutil.ignore_patterns("last"))
-    return dst
-
-
 def _cli(argv, capsys) -> str:  # noqa: ANN001
     """``virtualcell ARGV``'s refusal: exit code 2, and its one-line message."""
     code = main([str(a) for a in argv])

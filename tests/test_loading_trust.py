@@ -24,12 +24,9 @@ HUB_ID = "vandijklab/C2S-Scale-Gemma-2-2B"
 
 
 @pytest.fixture
-def folder(tiny_model, tmp_path):
-    """A copy of the tiny model's folder (without its training checkpoint), to damage."""
-    _, out, _ = tiny_model
-    dst = tmp_path / "model"
-    shutil.copytree(out, dst, ignore=shutil.ignore_patterns("last"))
-    return dst
+def folder(model_dir):
+    """A copy of the tiny model's folder (without its training checkpoint), to damage (conftest.model_dir)."""
+    return model_dir
 
 
 def _edit_json(path, edit):  # noqa: ANN001
