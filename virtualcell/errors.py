@@ -59,6 +59,18 @@ def close_matches(word: str, options: Iterable[str], n: int = 5) -> list[str]:
     return [lower[h] for h in hits]
 
 
+def with_hints(unknown: Iterable[str], known: Iterable[str], sep: str = ", ") -> str:
+    """Names a call does not take, each with its closest match among ``known`` where there is one: the one wording of
+    'did you mean' for unknown keywords and fields.
+
+    >>> with_hints(["objectve", "zzz"], ["objective", "seed"])
+    "'objectve' (did you mean 'objective'?), 'zzz'"
+    """
+    known = [str(k) for k in known]
+    return sep.join(f"{u!r} (did you mean {n[0]!r}?)" if n else repr(u)
+                    for u, n in ((u, close_matches(u, known, 1)) for u in unknown))
+
+
 def preview(items: Iterable[object], n: int = 10) -> str:
     """A short, readable list: the first ``n`` items and how many more there are."""
     items = [str(i) for i in items]

@@ -702,20 +702,17 @@ class Simulator:
         :class:`~virtualcell.screen.ScreenResult`."""
         import inspect
 
-        from .errors import close_matches
+        from .errors import with_hints
         from .screen import run
 
         takes = [k for k in inspect.signature(run).parameters if k not in ("simulator", "panel")]
         unknown = sorted(set(options) - set(takes))
         if unknown:  # (a raw TypeError named run(), which the user never called)
-            said = []
-            for k in unknown:
-                hint = close_matches(k, takes)
-                said.append(f"{k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
             generation = {"temperature", "guidance", "control_samples", "keep_draws"} & set(unknown)
             why = (f" A screen generates with the settings the training run chose ({', '.join(sorted(generation))} "
                    "are simulate()'s: pass them there for one run of your own)." if generation else "")
-            raise TypeError(f"Simulator.screen() takes no {', '.join(said)}.{why} It takes: {', '.join(takes)}.")
+            raise TypeError(f"Simulator.screen() takes no {with_hints(unknown, takes)}.{why} It takes: "
+                            f"{', '.join(takes)}.")
         return run(self, panel, **options)
 
     def __repr__(self) -> str:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .contract import DataContract, one_reading
-from .errors import ContractError, DataError, TrainingError, close_matches, finite_number, preview, whole_at_least
+from .errors import ContractError, DataError, TrainingError, finite_number, preview, whole_at_least, with_hints
 from .perturbations import KIND_ALIASES, Combination, Perturbation, parse
 from . import target_offsets, token_bias
 from .prompts import PerturbationVocab
@@ -341,8 +341,7 @@ def as_config(config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(str(k) for k in config if k not in known)
     if unknown:
-        near = {u: close_matches(u, known, 1) for u in unknown}
-        hints = "; ".join(f"{u!r} (did you mean {n[0]!r}?)" if n else repr(u) for u, n in near.items())
+        hints = with_hints(unknown, known, sep="; ")
         raise TrainingError(f"config has keys that are no TrainConfig field: {hints}. The fields: "
                             "help(virtualcell.TrainConfig).")
     return TrainConfig(**config)

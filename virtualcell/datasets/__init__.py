@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..contract import DataContract
-from ..errors import DataError, close_matches, preview
+from ..errors import DataError, close_matches, preview, with_hints
 from . import synthetic  # (light: numpy; networkx is imported when a screen is made)
 from .synthetic import synthetic_screen  # a known-answer screen simulated from a gene regulatory network
 
@@ -256,8 +256,7 @@ def _refuse_keywords(name: str, kwargs: dict[str, Any]) -> None:
             raise DataError(f"contract must be a virtualcell.DataContract, got {type(kwargs['contract']).__name__}: "
                             "e.g. contract=vc.DataContract('perturbation', 'control', context_key='bio_rep').")
         return
-    near = {k: close_matches(k, takes, 1) for k in unknown}
-    named = ", ".join(f"{k!r} (did you mean {n[0]!r}?)" if n else repr(k) for k, n in near.items())
+    named = with_hints(unknown, takes)
     said = []
     if name != "synthetic" and any(k in synthetic_args for k in unknown):
         said.append("the synthetic screen's arguments (n_cells_per_condition=, seed=, ...) are load('synthetic')'s; "
