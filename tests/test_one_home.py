@@ -38,6 +38,31 @@ def test_pca_is_centered_sign_fixed_and_the_same_by_every_method(monkeypatch):
     assert pca(X[:2], 5).components.shape == (1, 12)  # too few cells: one axis
 
 
+def test_pca_of_few_cells_over_many_genes_is_the_svd(monkeypatch):
+    """Fewer cells than genes: the axes from the cells' inner products are the SVD's (an evaluate of a few hundred
+    cells over 9,000 genes took a second per context in svds); where an axis would carry no variance (repeated
+    cells) the SVD decides it."""
+    from virtualcell import _stats
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(30, 50)) @ np.diag(np.linspace(4, 0.2, 50))
+    monkeypatch.setattr(_stats, "_GRAM_MAX_GENES", 0)
+    calls = []
+    real = _stats._cell_space_axes
+    monkeypatch.setattr(_stats, "_cell_space_axes", lambda *a: calls.append(1) or real(*a))
+    cells = pca(sp.csr_matrix(X), 6)
+    assert calls  # the cell-space path ran
+    monkeypatch.setattr(_stats, "_GRAM_MAX_CELLS", 0)  # the dense SVD path
+    dense = pca(X, 6)
+    np.testing.assert_allclose(cells.components, dense.components, atol=1e-5)
+    np.testing.assert_allclose(cells.center, dense.center, atol=1e-6)
+    monkeypatch.setattr(_stats, "_GRAM_MAX_CELLS", 2_000)
+    repeated = np.repeat(X[:4], 5, axis=0)  # rank 3 after centering: a fourth axis has no variance
+    assert _stats._cell_space_axes(repeated, repeated.mean(0), 4) is None
+    axes = pca(repeated, 4).components
+    np.testing.assert_allclose(axes @ axes.T, np.eye(4), atol=1e-5)  # orthonormal all the same (from the SVD)
+
+
 def test_variance_and_noise_corrected_effect_size_by_hand():
     rng = np.random.default_rng(1)
     a, b = rng.normal(1.0, 2.0, size=(7, 5)), rng.normal(0.0, 1.0, size=(11, 5))

@@ -30,6 +30,7 @@ __all__ = ["PCABasis", "bootstrap_mean", "calibrated", "log_dose_interpolation",
 
 _GRAM_MAX_GENES = 2_000  # up to this many genes the covariance matrix is small: eigendecompose it
 _DENSE_MAX = 4_000_000  # values: below this a dense SVD is fast and exact
+_GRAM_MAX_CELLS = 2_000  # up to this many cells (fewer than genes) the cells' n x n inner products are small
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCA
     """Principal axes of the rows of ``X`` (cells x genes), centered on their mean.
 
     Up to 2,000 genes the axes are the eigenvectors of the genes' covariance matrix (exact,
-    and fast for any number of cells); small matrices get an exact dense SVD; larger ones a
-    truncated SVD (``scipy.sparse.linalg.svds`` on the implicitly centered matrix, seeded by
-    ``seed``).
+    and fast for any number of cells); up to 2,000 cells (fewer than genes) they come from the
+    eigenvectors of the cells' centered inner products (exact, and fast for any number of genes);
+    small matrices get an exact dense SVD; larger ones a truncated SVD
+    (``scipy.sparse.linalg.svds`` on the implicitly centered matrix, seeded by ``seed``).
     Each axis's sign is fixed (its largest loading is positive), so the result does not
     depend on the LAPACK build or the method. At most ``min(cells, genes) - 1`` axes are
     returned (one when there are fewer than three cells or genes).
@@ -70,6 +72,8 @@ def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCA
         cov = gram - n * np.outer(center, center)
         values, vectors = np.linalg.eigh(cov)
         comps = vectors[:, np.argsort(values)[::-1][:k]].T
+    elif n <= _GRAM_MAX_CELLS and n < g and (comps := _cell_space_axes(A, center, k)) is not None:
+        pass
     elif n * g <= _DENSE_MAX:
         M = (A.toarray() if not dense else A) - center
         _, _, vt = np.linalg.svd(M, full_matrices=False)
@@ -84,6 +88,19 @@ def pca(X: np.ndarray | sp.spmatrix, n_components: int, *, seed: int = 0) -> PCA
         comps = vt[np.argsort(s)[::-1]]
     comps = comps * np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])[:, None]
     return PCABasis(center.astype(np.float32), comps.astype(np.float32))
+
+
+def _cell_space_axes(A: np.ndarray | sp.spmatrix, center: np.ndarray, k: int) -> np.ndarray | None:
+    """The top ``k`` principal axes from the eigenvectors of the n x n matrix of the centered cells' inner
+    products (each axis is the centered cells' weighted sum, normalized); None where an axis would carry no
+    variance (its direction is then undetermined here: the SVD decides it)."""
+    M = (A.toarray() if sp.issparse(A) else A) - center
+    values, vectors = np.linalg.eigh(M @ M.T)
+    order = np.argsort(values)[::-1][:k]
+    if values[order[-1]] <= 1e-9 * max(values[order[0]], 1e-300):
+        return None
+    axes = (M.T @ vectors[:, order]).T
+    return axes / np.linalg.norm(axes, axis=1, keepdims=True)
 
 
 def calibrated(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
