@@ -8,14 +8,17 @@ either the old complete file or the new complete one, never a partial one:
   (an atomic rename on one filesystem) and ``fsync`` the folder.
 * :func:`atomic_folder` — build a whole folder beside the target, then swap it in; the
   previous folder stays complete until the new one is. :func:`recover_folder` puts the
-  previous folder back if a kill fell between the two renames of the swap.
+  previous folder back if a kill fell between the two renames of the swap. A previous copy
+  that cannot be removed yet (a file in it still open: NFS keeps such a file as
+  ``.nfsXXXX``) is moved aside to ``.NAME.old-*`` and removed by a later swap.
 * :func:`claim_folder` — an output folder is one of ours or empty: a marker file
   (``.virtualcell``) says that virtualcell wrote it; a non-empty folder without one is
   refused unless ``force=True`` (``--force`` on the command line).
   :func:`check_output_folder` says so without writing anything, for a command to call
   before its work.
 * :func:`folder_lock` — an exclusive lock (``.virtualcell.lock``, ``fcntl.flock``) for a
-  folder in use: a second run into the same folder stops with :class:`FolderInUseError`.
+  folder in use: a second run into the same folder stops with :class:`FolderInUseError`,
+  naming the holder's pid (and its host, where that is another machine).
 * :func:`output_folder` — both, as a command uses its ``--out``: refuse a user's folder
   (before writing anything into it), lock, mark.
 * :func:`file_lock` — the same lock for one output file (``.NAME.lock`` beside it).
@@ -30,7 +33,8 @@ either the old complete file or the new complete one, never a partial one:
 
 A lock file is locked, then checked to be still the file its path names (a holder that removes its
 lock file on release, as :func:`file_lock` does, may do so between another's open and its lock); on a
-filesystem without locks (``ENOLCK``: some network mounts) a run goes on unlocked, saying so.
+filesystem without locks (``ENOLCK``: some network mounts), and where ``fcntl`` does not exist (Windows), a run
+goes on unlocked, saying so.
 
 Examples
 --------
@@ -57,7 +61,9 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -203,22 +209,65 @@ def _old(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+def _beside(path: Path, prefix: str) -> list[Path]:
+    """The entries beside ``path`` whose names start with ``.NAME`` + ``prefix`` (no glob: a name may hold ``[``)."""
+    start = f".{path.name}{prefix}"
+    try:
+        return [p for p in path.parent.iterdir() if p.name.startswith(start)]
+    except OSError:
+        return []
+
+
+def _held_open(path: Path, stuck: Path, err: OSError) -> OutputError:
+    """The error for a swap of ``path`` that cannot move ``stuck`` (``path`` itself, or its previous copy) aside."""
+    what = ("it cannot be moved aside" if stuck == path
+            else f"its previous copy {str(stuck)!r} can be neither removed nor moved aside")
+    return OutputError(
+        f"Cannot replace {str(path)!r}: {what} ({err.strerror or err}). A file inside it is most "
+        "likely still open in another program or process (a notebook or Python session that loaded the model from "
+        "it, a file viewer): Windows cannot move or remove a folder holding an open file. Close it there (in Python: "
+        f"del the model, or restart the kernel) and run again; {str(path)!r} still holds its last complete copy (a "
+        "training run again resumes from it)."
+    )
+
+
+def _clear_old(path: Path) -> None:
+    """Free the name ``.NAME.old`` for the next swap of ``path``: remove the previous copy there, or, where that
+    leaves something (a file in it still open: NFS keeps such a file as ``.nfsXXXX`` until it is closed, and Windows
+    refuses), move it aside to a name of its own, ``.NAME.old-*``, which a later swap removes. Only a copy no longer
+    needed is here: ``path`` is complete. Raises :class:`OutputError` where it cannot be moved either."""
+    old = _old(path)
+    if not os.path.lexists(old):
+        return
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):
+        try:
+            os.replace(old, path.with_name(f"{old.name}-{os.urandom(6).hex()}"))
+        except OSError as err:
+            raise _held_open(path, old, err) from None
+
+
 def recover_folder(path: str | os.PathLike[str]) -> Path:
     """Finish or undo an interrupted :func:`atomic_folder` swap of ``path``; returns ``path``.
 
     A kill between the two renames of a swap leaves ``path`` missing and the previous
     folder under ``.NAME.old``: it is put back. A leftover ``.NAME.old`` beside a
-    complete ``path``, and unfinished ``.NAME.new-*`` builds, are removed.
+    complete ``path``, and unfinished ``.NAME.new-*`` builds, are removed. Older copies moved
+    aside to ``.NAME.old-*`` (where ``.NAME.old`` could not be removed) are never put back, as
+    ``.NAME.old`` is always the newest previous copy; they are removed once ``path`` is complete
+    and they can be (a file in one still open stays until it is closed).
     """
     path = Path(path)
     old = _old(path)
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, path)
-            log.warning("restored %s from the previous complete copy (a save was interrupted)", path)
-    for partial in path.parent.glob(f".{path.name}.new-*") if path.parent.exists() else ():
+    if os.path.lexists(old) and not path.exists():
+        os.replace(old, path)
+        log.warning("restored %s from the previous complete copy (a save was interrupted)", path)
+    if path.exists():
+        with contextlib.suppress(OutputError):  # (one that cannot go yet is moved aside by the next swap)
+            _clear_old(path)
+        for aside in _beside(path, ".old-"):
+            shutil.rmtree(aside, ignore_errors=True)
+    for partial in _beside(path, ".new-"):
         shutil.rmtree(partial, ignore_errors=True)
     return path
 
@@ -256,15 +305,18 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        old = _old(path)
         if path.exists():
-            os.replace(path, old)
+            _clear_old(path)
+            try:
+                os.replace(path, _old(path))
+            except OSError as err:
+                raise _held_open(path, path, err) from None
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(_old(path), ignore_errors=True)
+    shutil.rmtree(_old(path), ignore_errors=True)  # (what cannot go yet is moved aside by the next swap)
 
 
 # --------------------------------------------------------------------------- #
@@ -370,8 +422,39 @@ def _same_file(fh: IO[Any], path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def _host() -> str:
+    try:
+        return socket.gethostname()
+    except OSError:  # pragma: no cover
+        return ""
+
+
+def _signature(what: str) -> str:
+    """What a lock's holder writes into its lock file: its pid and host, and what it does (``pid 123 on node7,
+    train``). The host, as a lock on a shared filesystem may be held from another machine, where that pid is another
+    process's."""
+    host = _host()
+    return f"pid {os.getpid()}{f' on {host}' if host else ''}, {what}"
+
+
+# a lock file's text: "pid 123 on node7, train"; "pid 123, train" from a version before the host was written
+_SIGNATURE = re.compile(r"pid (\d+)(?: on (\S+?))?, (.*)", re.DOTALL)
+
+
+def _shown(text: str) -> str:
+    """A lock file's text as a message shows it: the host said only where it is another machine than this one."""
+    m = _SIGNATURE.fullmatch(text)
+    return f"pid {m[1]}, {m[3]}" if m and m[2] == _host() else text
+
+
+def _is_this_process(text: str) -> bool:
+    """Whether a lock file's text names this process (its pid, on this host; a text without a host: its pid)."""
+    m = _SIGNATURE.fullmatch(text)
+    return m is not None and int(m[1]) == os.getpid() and m[2] in (None, _host())
+
+
 def _holder(fh: IO[Any]) -> str:
-    """What the holder of a lock wrote into its lock file (``pid 123, train``)."""
+    """What the holder of a lock wrote into its lock file (``pid 123 on node7, train``)."""
     with contextlib.suppress(OSError, ValueError):
         fh.seek(0)
         return fh.read().strip() or "another process"
@@ -412,9 +495,9 @@ def _lock(lockfile: Path, *, shared: bool = False, wait: bool = False, readonly:
                 if err.errno not in _BUSY:
                     return fh, err
                 if not wait:
-                    raise _Busy(_holder(fh)) from None
+                    raise _Busy(_shown(_holder(fh))) from None
                 if waiting is not None:
-                    waiting(_holder(fh))
+                    waiting(_shown(_holder(fh)))
                     waiting = None
                 fcntl.flock(fh.fileno(), op)
         except BaseException:
@@ -448,6 +531,22 @@ def _in_use(where: Path, holder: str) -> FolderInUseError:
                             "or choose another --out.")
 
 
+_said_no_fcntl = False
+
+
+def _no_fcntl() -> None:
+    """Say, once a process, that no lock is taken where ``fcntl`` does not exist (Windows): two runs into one folder
+    are not kept apart there, so the user must."""
+    global _said_no_fcntl
+    if _said_no_fcntl:
+        return
+    _said_no_fcntl = True
+    log.warning("virtualcell takes no file locks on this platform (Python has no fcntl here, as on Windows), so two "
+                "runs writing into one output folder at once are not kept apart: each would overwrite the other's "
+                "files. Start one run per --out folder at a time (a second run into a folder in use is not refused "
+                "here), and load a model only once the run saving it has ended.")
+
+
 def _no_locks(where: Path, what: str, err: OSError) -> None:
     """Say that ``where`` goes on without its lock: its filesystem cannot lock (``err``). Refusing would leave the
     command unusable on that filesystem, whose users often cannot remount it, for the rare case of two runs into
@@ -466,7 +565,8 @@ def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> It
         raise _in_use(where, busy.args[0]) from None
     except OSError as err:
         raise _unwritable(where, err) from None
-    if fh is None:  # pragma: no cover - Windows: the block runs unlocked
+    if fh is None:  # no fcntl (Windows): the block runs unlocked
+        _no_fcntl()
         yield
         return
     if unsupported is not None:
@@ -474,7 +574,7 @@ def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> It
     else:
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()}, {what}")
+        fh.write(_signature(what))
         fh.flush()
     try:
         yield
@@ -483,11 +583,11 @@ def _hold(lockfile: Path, where: Path, what: str, *, remove: bool = False) -> It
 
 
 def in_use_by(folder: str | os.PathLike[str]) -> str | None:
-    """Who holds :func:`folder_lock` on ``folder`` now, as its lock file says (``"pid 123, train"``), or ``None``
-    where no other process does (nor where the folder has no lock file, or locks do not work there). Asked without
-    taking the lock or writing anything."""
+    """Who holds :func:`folder_lock` on ``folder`` now, as its lock file says (``"pid 123, train"``; ``"pid 123 on
+    node7, train"`` where the holder runs on another machine), or ``None`` where no other process does (nor where the
+    folder has no lock file, or locks do not work there). Asked without taking the lock or writing anything."""
     fcntl = _fcntl()
-    if fcntl is None:  # pragma: no cover - Windows
+    if fcntl is None:  # no fcntl (Windows): no lock is taken, and the holding run has said so
         return None
     try:
         fh = open(Path(folder) / LOCK)  # noqa: SIM115
@@ -498,7 +598,7 @@ def in_use_by(folder: str | os.PathLike[str]) -> str | None:
             fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as err:
             holder = _holder(fh) if err.errno in _BUSY else None
-            return None if holder is None or holder.startswith(f"pid {os.getpid()},") else holder
+            return None if holder is None or _is_this_process(holder) else _shown(holder)
     return None
 
 
@@ -530,7 +630,7 @@ def writing(folder: str | os.PathLike[str]) -> Iterator[None]:
     if unsupported is None:
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()}, saving")
+        fh.write(_signature("saving"))
         fh.flush()
     else:
         log.info("%s cannot be locked while it is written (%s); a process reading it meanwhile may read a mix",
@@ -566,7 +666,8 @@ def folder_lock(folder: str | os.PathLike[str], *, what: str = "run") -> Iterato
 
     The lock is ``fcntl.flock`` on ``FOLDER/.virtualcell.lock``: the operating system
     releases it when the process ends, killed or not, so a stale lock never blocks a
-    rerun. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
+    rerun. Where ``fcntl`` does not exist (Windows) the block runs unlocked, with a warning
+    (once a process) that the user must keep to one run per folder.
     """
     folder = Path(folder)
     with _hold(folder / LOCK, folder, what):

@@ -69,7 +69,8 @@ def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | No
 
     ``trainer_state.pt`` is read as tensors and plain values only (``torch.load(weights_only=True)``): a model
     folder someone shared carries its ``last/`` checkpoint, and a pickle in it would run its code on a resume. One
-    that holds anything else is refused, unread.
+    that holds anything else is refused, unread. Its tensors are read onto the CPU, wherever the run that saved them
+    ran (a GPU run goes on on a laptop).
     """
     import pickle
 
@@ -93,7 +94,9 @@ def load(folder: str | Path, *, data_hash: str, settings: Mapping[str, Any] | No
             "Use another --out, or --restart to start over."
         )
     try:
-        state = torch.load(folder / STATE_FILE, weights_only=True)
+        # (onto the CPU: a run saved on a GPU resumes on a machine without one, or with another; resume() loads the
+        # weights into the module wherever it is, and the optimizer moves its state onto its parameters' device)
+        state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("no trainer state (a dict with its step) in it")
     except pickle.UnpicklingError as err:
