@@ -297,13 +297,15 @@ def _predict(args: argparse.Namespace, perts: list[str], out) -> int:  # noqa: A
                            store=Path(tmp) / "cells.nc" if big else None, batch_size=args.batch_size,
                            max_genes=args.max_genes, blend=args.blend, samples=args.samples,
                            coexpression_prior=args.coexpression_prior, compose=args.compose)
-        if launch_rank() == 0:  # (under a multi-process launch the main process writes)
-            if args.format == "cell-eval":
-                _write_cell_eval(res, sim, model, out, n, draws=args.draws, scratch=Path(tmp))
-            else:
-                res.write_h5ad(out, draws=args.draws)
-        if res.store is not None:
-            res.cells.close()
+        try:
+            if launch_rank() == 0:  # (under a multi-process launch the main process writes)
+                if args.format == "cell-eval":
+                    _write_cell_eval(res, sim, model, out, n, draws=args.draws, scratch=Path(tmp))
+                else:
+                    res.write_h5ad(out, draws=args.draws)
+        finally:  # the streamed cells' file closed before its folder goes, written or not (Windows removes no open one)
+            if res.store is not None:
+                res.cells.close()
     a = res.aggregates.attrs
     P, C, G = res.cells.shape
     controls = (f" and the {C:,} baseline cells as cell-eval's control"  # (the cell-eval form holds them too)
@@ -1079,19 +1081,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
-        return 2  # (a missing command is a usage error)
-    if getattr(args, "quiet", False):  # every bar, ours (virtualcell.progress) and tqdm's in the libraries we call
-        with _no_bars():
+    with _any_text():  # (--help and argparse's errors are our text too)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        with _log_lines(args.verbose):
+            if not getattr(args, "command", None):
+                parser.print_help(sys.stderr)
+                return 2  # (a missing command is a usage error)
+            if getattr(args, "quiet", False):  # every bar, ours (virtualcell.progress) and tqdm's in the libraries
+                with _no_bars():
+                    return _main_run(args)
             return _main_run(args)
-    return _main_run(args)
+
+
+@contextlib.contextmanager
+def _any_text() -> Iterator[None]:
+    """Standard output and error that write any text: a character their encoding lacks ('IFN-β' to a Windows
+    cp1252 pipe, an ellipsis or a dash of ours under a Latin-1 or C locale) is written as its escape
+    (``\\u03b2``) where it raised UnicodeEncodeError before any work was done. The streams as they were afterwards
+    (main() called from Python)."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):  # (a closed or detached stream: left as it is)
+                stream.reconfigure(errors="backslashreplace")
+                changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="strict")
+
+
+@contextlib.contextmanager
+def _log_lines(verbose: int) -> Iterator[None]:
+    """The command's log lines (``LEVEL name: message`` on standard error, -v INFO, -vv DEBUG), and the caller's
+    logging as it was afterwards (main() called from Python). Where nothing set logging up (a shell), the root logger
+    holds the handler for the command's time, so the libraries' warnings read the same; where the caller did, the
+    lines go to the caller's handlers, and -v / -vv still lower virtualcell's level."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    root, ours = logging.getLogger(), logging.getLogger("virtualcell")
+    root_level, our_level = root.level, ours.level
+    handler = None
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level)
+    elif level < ours.getEffectiveLevel():
+        ours.setLevel(level)
+    try:
+        yield
+    finally:
+        ours.setLevel(our_level)
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(root_level)
 
 
 @contextlib.contextmanager
@@ -1134,10 +1180,24 @@ def _main_run(args: argparse.Namespace) -> int:
 class _ReaderMayLeave:
     """Standard output that outlives its reader: once a pipe's reader has gone (``predict ... | head -1``, a ``grep
     -q``), what is printed goes nowhere and the work goes on. A print before the work (the verdict) raised
-    BrokenPipeError half-way, and predict and screen exited 0 with nothing written."""
+    BrokenPipeError half-way, and predict and screen exited 0 with nothing written. On Windows a pipe whose reader
+    has gone usually raises OSError EINVAL instead: on a pipe, that is the reader leaving too."""
 
     def __init__(self, stream) -> None:  # noqa: ANN001
+        import os
+        import stat
+
         self._stream = stream
+        try:
+            self._pipe = stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+        except (AttributeError, ValueError, OSError):  # (no file under it: a StringIO, a notebook's stream)
+            self._pipe = False
+
+    def _left(self, err: OSError) -> bool:
+        """Whether ``err``, raised writing or flushing, says the reader has gone."""
+        import errno
+
+        return isinstance(err, BrokenPipeError) or (self._pipe and err.errno == errno.EINVAL)
 
     def _gone(self) -> None:
         import os
@@ -1149,14 +1209,18 @@ class _ReaderMayLeave:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError as err:
+            if not self._left(err):
+                raise
             self._gone()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError as err:
+            if not self._left(err):
+                raise
             self._gone()
 
     def __getattr__(self, name: str):  # noqa: ANN204 - isatty, fileno, encoding...: the stream's own

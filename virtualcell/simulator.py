@@ -1240,10 +1240,20 @@ class _CellStore:
 
     @staticmethod
     def open(path: str | Path) -> xr.DataArray:
+        """The stored cells, read lazily; their ``.close()`` closes the file (a DataArray taken from a Dataset does
+        not carry the Dataset's close: the file stayed open, and on Windows a second ``store=`` to the same path
+        and ``predict``'s cleanup of its temporary folder failed). As for any lazily opened xarray data, a read
+        after ``.close()`` opens the file again, and a second ``.close()`` does nothing."""
         import xarray as xr
 
         ds = xr.open_dataset(path, engine="h5netcdf")
-        return ds["expression"].assign_coords(
-            perturbation=json.loads(ds.attrs["perturbations"]), gene=json.loads(ds.attrs["genes"])
-        )
+        try:
+            cells = ds["expression"].assign_coords(
+                perturbation=json.loads(ds.attrs["perturbations"]), gene=json.loads(ds.attrs["genes"])
+            )
+        except BaseException:
+            ds.close()
+            raise
+        cells.set_close(ds.close)
+        return cells
 
