@@ -17,8 +17,10 @@ peak while it lasts (measured at 9,015 genes: 2.0 GB through 600 steps and the v
 1.0 GB, for 238 s against 497 s; 0.7 GB once the run ended). A heap can also fragment: blocks that live long, made between
 the large ones, keep freed large blocks from being reused whole, and the heap grows instead (seen
 under ``torch.profiler`` with ``record_shapes``: 24 GB in 30 steps). So a watcher thread reads the
-process's resident memory twice a second and, past :data:`RESIDENT_SHARE` of what the machine
-had free when the run began, hands large blocks back to ``mmap`` for the rest of the run (logged).
+process's resident memory twice a second and, past :data:`RESIDENT_SHARE` of what the process could
+reach when the run began (its resident memory plus what is free to it: the machine's available memory, or less
+where its cgroup's limit leaves less: a Slurm ``--mem`` job, a container), hands large blocks back to ``mmap`` for
+the rest of the run (logged).
 Elsewhere than glibc on Linux (macOS, musl) it does nothing, as it does when the user has tuned
 malloc through ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` themselves.
 """
@@ -34,6 +36,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["large_blocks_on_heap", "HeapRun", "HEAP_THRESHOLD", "RESIDENT_SHARE"]
 
@@ -90,12 +93,82 @@ def _resident() -> int:
 
 
 def _available() -> int:
-    """The machine's available memory in bytes (``MemAvailable``)."""
+    """The memory free to this process in bytes: the machine's available memory (``MemAvailable``), or what its
+    cgroup's limit leaves (:func:`_cgroup_free`) where that is less."""
+    machine = None
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+                machine = int(line.split()[1]) * 1024
+                break
+    if machine is None:
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    cgroup = _cgroup_free()
+    return machine if cgroup is None else min(machine, cgroup)
+
+
+# where the kernel shows this process's cgroups (module constants, so that a test can point them at a fake tree)
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+_NO_LIMIT = 2**62  # cgroup v1 writes "no limit" as the largest page-aligned 63-bit number
+# (limit, usage, memory.stat key of the file cache the kernel reclaims before an OOM kill) for cgroup v2 and v1
+_V2 = ("memory.max", "memory.current", "inactive_file")
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; ``None`` where it is absent, unreadable or ``max`` (no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_free() -> int | None:
+    """Bytes this process's cgroups still let it take: the least, over its memory cgroup and each above it that has
+    a limit, of the limit minus the usage (the inactive file cache counted free, as the kernel reclaims it before an
+    OOM kill). cgroup v2 (``memory.max``, ``memory.current``) and v1's memory controller (``memory.limit_in_bytes``,
+    ``memory.usage_in_bytes``); ``None`` where no cgroup limits memory ("max", no such files: not Linux)."""
+    try:
+        lines = Path(PROC_CGROUP).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(CGROUP_ROOT)
+    free: list[int] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, where = parts
+        if controllers == "":
+            base, files = root, _V2
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", _V1
+        else:
+            continue
+        # the process's own cgroup and those above it up to the mount's root (in a container the mount's root is the
+        # container's own cgroup, and the path /proc names may not exist below it: the root is still read)
+        folder = base / where.strip("/")
+        for d in (folder, *folder.parents):
+            limit = _read_int(d / files[0])
+            if limit is not None and limit < _NO_LIMIT:
+                used = (_read_int(d / files[1]) or 0) - _stat(d / "memory.stat", files[2])
+                free.append(max(0, limit - max(0, used)))
+            if d == base:
+                break
+    return min(free) if free else None
 
 
 def _restore(libc: ctypes.CDLL) -> None:
@@ -129,8 +202,8 @@ def large_blocks_on_heap(max_resident: int | None = None) -> Iterator[HeapRun]:
     """Within the block, freed large blocks stay in the heap for the next allocation; yields a :class:`HeapRun`.
 
     ``max_resident``: bytes of resident memory past which the watcher hands large blocks back to
-    mmap (default: :data:`RESIDENT_SHARE` of this process's resident plus the machine's available
-    memory now). Nested and concurrent uses share the outermost's setting and watcher; it sets the
+    mmap (default: :data:`RESIDENT_SHARE` of this process's resident memory plus the memory free to it
+    now: the machine's available memory, or what its cgroup's limit leaves where that is less). Nested and concurrent uses share the outermost's setting and watcher; it sets the
     thresholds where glibc's own rule settles after large frees (mmap 32 MiB, trim 64 MiB) and trims the
     heap on the way out.
     """

@@ -786,7 +786,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=512,
                    help="(cell, perturbation) rows per forward pass; lower it if memory is short")
     p.add_argument("--max-genes", type=_positive_int, default=None, help="genes per generated cell (default: the model's top_k)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", default=None, help="cuda[:N], mps or cpu (default, or auto: the best available)")
     p.add_argument("--blend", type=_blend_arg, default="auto", metavar="auto|none|W",
                    help="weight W in [0, 1] on the model's delta, 1 - W on the training baseline's; auto (default): "
                    "the weight the training run fitted on its validation split (the pure model when the checkpoint "
@@ -903,9 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of perturbed pairs written under the generic condition, which guidance contrasts "
                         "against (0 = no guidance; default %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch threads (default: measured, 1 against all cores; pass 1 on a machine others share)")
+                   help="torch threads (default: measured, 1 against torch's thread count, at most the cores this process may "
+                        "run on; pass 1 on a machine others share)")
     p.add_argument("--device", default=None,
-                   help="cuda, mps or cpu (default: a CUDA GPU where there is one, else the CPU; under torchrun / "
+                   help="cuda[:N], mps or cpu (default, or auto: a CUDA GPU where there is one, else the CPU; under torchrun / "
                         "accelerate launch each process takes the GPU of its LOCAL_RANK)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the model's layers (torch.compile): ~1.3x faster steps on a CPU for a one-off ~25 s per "
@@ -1023,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scales the verdict compares, one sample each (default: the training run's: "
                         "1,2,4 for a model trained with a generic condition)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", default=None, help="cuda[:N], mps or cpu (default, or auto: the best available)")
     _add_force(p)
     p.set_defaults(func=cmd_verdict)
 

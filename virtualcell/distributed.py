@@ -12,11 +12,15 @@ trains data-parallel (:meth:`Split.average_gradients`, :meth:`Split.largest` for
 * CPU workers: ``torchrun --nproc_per_node 2 my_screen.py`` (gloo backend)
 
 Nothing here runs (or imports accelerate) unless the process was started by such a
-launcher (``WORLD_SIZE`` > 1 in the environment).
+launcher: ``WORLD_SIZE`` > 1 with ``MASTER_ADDR``, what torchrun and ``accelerate launch`` set and
+``torch.distributed`` needs (or accelerate's own ``mpirun`` launch: ``accelerate launch --mpirun_hostfile``).
+An MPI launcher's variables alone (``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE``: ``srun --ntasks=N`` sets them in every
+task) do not make one: such tasks are independent runs, each doing all its own work (:func:`launched` says so).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +29,78 @@ import numpy as np
 
 __all__ = ["Split", "launched", "launch_rank"]
 
+log = logging.getLogger(__name__)
+
+
+_MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_SAID: list[bool] = []
+
+
+def _env_int(key: str, default: int) -> int:
+    try:
+        return int(os.environ.get(key, "").strip() or default)
+    except ValueError:
+        return default
+
+
+def _by_accelerate_mpirun() -> bool:
+    """Whether ``accelerate launch --mpirun_hostfile`` started this process: mpirun's variables say several tasks, and
+    accelerate set ``MASTER_ADDR`` and its own settings for them (accelerate's state reads the MPI ranks)."""
+    return (any(_env_int(k, 1) > 1 for k in _MPI_SIZE) and bool(os.environ.get("MASTER_ADDR"))
+            and "ACCELERATE_MIXED_PRECISION" in os.environ)
+
 
 def launched() -> bool:
-    """Whether this process is one of several started by accelerate/torchrun/MPI."""
-    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if int(os.environ.get(key, "1")) > 1:
-            return True
+    """Whether this process is one of several started to work together by torchrun or ``accelerate launch``:
+    ``WORLD_SIZE`` > 1 with ``MASTER_ADDR`` set (what ``torch.distributed`` needs to join them), or accelerate's
+    mpirun launch. An MPI launcher's task count alone (``srun --ntasks=N``, ``mpirun -n N``: ``PMI_SIZE``,
+    ``OMPI_COMM_WORLD_SIZE``) is not: each such task runs as one process, doing all its own work, and writes its own
+    output (it is said once, with how to launch processes that share one run)."""
+    if _env_int("WORLD_SIZE", 1) > 1 and os.environ.get("MASTER_ADDR"):
+        return True
+    if _by_accelerate_mpirun():
+        return True
+    _say_alone()
     return False
 
 
+def _say_alone() -> None:
+    """Say once, where the environment names several tasks but no launch torch.distributed can join, that this
+    process runs alone: a warning where a shared run looks meant (``WORLD_SIZE`` > 1, or ``MASTER_ADDR`` beside an
+    MPI task count), else an info line (``srun --ntasks=N``'s independent tasks, a common and intended pattern)."""
+    if _SAID:
+        return
+    world = _env_int("WORLD_SIZE", 1)
+    mpi = [f"{k}={os.environ[k]}" for k in _MPI_SIZE if _env_int(k, 1) > 1]
+    if world <= 1 and not mpi:
+        return
+    _SAID.append(True)
+    seen = ", ".join(([f"WORLD_SIZE={world}"] if world > 1 else []) + mpi)
+    how = ("to share one run's work across N processes, start it with torchrun --nproc_per_node N (or accelerate "
+           "launch), which sets WORLD_SIZE, RANK and MASTER_ADDR")
+    if world > 1:
+        log.warning("%s is set but MASTER_ADDR is not, so torch.distributed cannot join the processes: this process "
+                    "runs alone, on all of its work, and writes its own output; %s.", seen, how)
+    elif os.environ.get("MASTER_ADDR"):
+        log.warning("%s (an MPI launcher's task count) and MASTER_ADDR are set, but WORLD_SIZE is not: this process "
+                    "runs alone, on all of its work, and writes its own output (independent tasks, as srun "
+                    "--ntasks=N starts them); %s.", seen, how)
+    else:
+        log.info("%s (an MPI launcher such as srun --ntasks=N): this task runs as one independent process, on all of "
+                 "its work, and writes its own output; %s.", seen, how)
+
+
 def launch_rank() -> int:
-    """This process's rank as the launcher set it in the environment (0 when not launched), read before any
-    process group exists: what a command needs to let only the main process claim its output folder."""
-    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+    """This process's rank as the launcher set it in the environment (0 when not :func:`launched`: an independent
+    srun task is its own main process), read before any process group exists: what a command needs to let only the
+    main process claim its output folder."""
+    if not launched():
+        return 0
+    keys = ("RANK",) if _env_int("WORLD_SIZE", 1) > 1 and os.environ.get("MASTER_ADDR") else ("RANK", *_MPI_RANK)
+    for key in keys:
         if key in os.environ:
-            return int(os.environ[key])
+            return _env_int(key, 0)
     return 0
 
 

@@ -50,42 +50,95 @@ KNOWN_HUB_MODELS = (
 )
 
 
-def _available_device(device: str | torch.device, *, mps: bool) -> torch.device:
-    """``device`` as a torch device, where this machine has it; otherwise an error that says what it has."""
-    have = ", ".join(x for x in ("cuda" if torch.cuda.is_available() else "", "mps" if mps else "", "cpu") if x)
+_DEVICES = ("cuda", "mps", "cpu")  # the device types virtualcell runs on
+
+
+def _mps_built() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_built()
+
+
+def _mps_available() -> bool:
+    return _mps_built() and torch.backends.mps.is_available()
+
+
+def _wants_auto(device: str | torch.device | None) -> bool:
+    """Whether ``device`` asks for the best available device: left out, or ``"auto"`` (as users type it)."""
+    return device is None or (isinstance(device, str) and device.strip().lower() == "auto")
+
+
+def _machine_has(*, mps: bool) -> str:
+    cuda = ""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        cuda = "cuda (cuda:0)" if n == 1 else f"cuda (cuda:0 to cuda:{n - 1})"
+    return ", ".join(x for x in (cuda, "mps" if mps else "", "cpu") if x)
+
+
+def _other_backend(kind: str) -> str:
+    """What this torch says about a device type virtualcell does not run on, for the refusal."""
+    if kind == "hip":
+        return " (ROCm GPUs are 'cuda' in torch: a ROCm build of torch runs them as cuda)"
+    if kind == "meta":
+        return " ('meta' tensors hold shapes without values: nothing can be computed on them)"
+    backend = getattr(torch, kind, None)
     try:
-        dev = torch.device(device)
+        seen = backend is not None and bool(backend.is_available())
+    except Exception:  # noqa: BLE001  (a backend's own check failing only means it is not usable here)
+        seen = False
+    return (f" (torch sees a device of type {kind!r} here, but virtualcell is not built or tested for it)" if seen
+            else "")
+
+
+def _available_device(device: str | torch.device, *, mps: bool) -> torch.device:
+    """``device`` as a torch device, where it is one virtualcell runs on (``cuda``, ``mps``, ``cpu``) and this machine
+    has it; otherwise an error that says what it has. Names are read without case or surrounding spaces
+    (``"CUDA:1"``)."""
+    have = _machine_has(mps=mps)
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
     except (RuntimeError, TypeError):
-        raise ModelError(f"Unknown device {device!r}: use cuda (or cuda:N), mps or cpu, or leave it out for the best "
-                         f"available. This machine has: {have}.") from None
+        raise ModelError(f"Unknown device {device!r}: use cuda (or cuda:N), mps or cpu, or leave it out (or 'auto') "
+                         f"for the best available. This machine has: {have}.") from None
+    if dev.type not in _DEVICES:
+        raise ModelError(f"Device {device!r} is not one virtualcell runs on{_other_backend(dev.type)}: use cuda (or "
+                         f"cuda:N), mps or cpu, or leave it out (or 'auto') for the best available. This machine has: "
+                         f"{have}.")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU here"
+        cpu_only = torch.version.cuda is None and torch.version.hip is None
+        why = "this torch is a CPU-only build" if cpu_only else "torch sees no CUDA GPU here"
         raise ModelError(f"Device {device!r} was asked for, but {why}. This machine has: {have}; leave the device out "
                          "for the best available, or run on a machine with a GPU (and a CUDA build of torch).")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ModelError(f"Device {device!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
                          f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     if dev.type == "mps" and not mps:
-        raise ModelError(f"Device {device!r} (Apple's Metal) was asked for, but torch has no MPS backend here. This "
-                         f"machine has: {have}.")
+        why = ("this torch was built without MPS (an MPS build is torch for macOS on Apple silicon)" if not _mps_built()
+               else "torch has MPS but it is not available here (it needs macOS 12.3 or later on Apple silicon)")
+        raise ModelError(f"Device {device!r} (Apple's Metal) was asked for, but {why}. This machine has: {have}; leave "
+                         "the device out for the best available.")
     return dev
 
 
-def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 (fp16 where bf16 is unsupported), MPS with fp32, CPU with fp32; both overridable.
+def pick_device(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+                ) -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 (fp16 where the GPU has no native bf16: a T4, a V100), MPS with fp32, CPU with fp32; both
+    overridable. ``device`` left out or ``"auto"`` is the best available; one this machine lacks, or one virtualcell
+    does not run on (only ``cuda[:N]``, ``mps``, ``cpu``), is refused, saying what the machine has.
 
     Under a multi-process launcher (``accelerate launch``, ``torchrun``) each process takes
     the GPU of its ``LOCAL_RANK``, by default or where ``cuda`` is named without an index.
     """
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device is None:
+    from .training.kernels import bf16_native
+
+    mps = _mps_available()
+    if _wants_auto(device):
         device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     dev = _available_device(device, mps=mps)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if dtype is None:
-        if dev.type == "cuda":
-            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dev.type == "cuda":  # (the chosen GPU's own answer, without emulation: emulated bf16 is slow)
+            dt = torch.bfloat16 if bf16_native(dev) else torch.float16
         else:
             dt = torch.float32
     elif isinstance(dtype, str):

@@ -30,6 +30,7 @@ target tokens (one process's update, to float precision), and one agreed clock e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -404,8 +405,6 @@ def train(
         by default, as ``virtualcell train`` refuses it). The folder is locked while the run trains: a second run into
         it stops with :class:`~virtualcell.errors.FolderInUseError`.
     """
-    import contextlib
-
     import torch
 
     from .allocator import large_blocks_on_heap
@@ -442,12 +441,32 @@ def train(
             except VirtualCellError as err:
                 refused = err
         split.main_error(refused)
+        # the caller's torch settings are the caller's: gradients on (a notebook may have turned them off, or called
+        # this inside torch.no_grad() or torch.inference_mode()) and float32 tensors by default, both restored after
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(_default_dtype(torch.float32))
         stack.enter_context(torch_threads(torch.get_num_threads()))
         stack.enter_context(blas_threads(cfg.threads))
         stack.enter_context(large_blocks_on_heap())
         stack.enter_context(library_bars(progress))
         return _train(adata, out=Path(out), contract=contract, cfg=cfg, base=base, resume=resume, progress=progress,
                       on_log=on_log, device=dev)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Any) -> Iterator[None]:
+    """Create floating tensors as ``dtype`` in the block, whatever the caller's ``torch.set_default_dtype`` (a new
+    model built under float64 trained and saved in float64: other weights from the same seed, a checkpoint twice the
+    size whose config.json said float32); the caller's default is restored on the way out."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _stored_gene_key(adata: ad.AnnData) -> str | None:
@@ -471,13 +490,13 @@ def _stored_gene_key(adata: ad.AnnData) -> str | None:
 
 def training_device(device: str | None = None) -> Any:
     """The torch device a run trains on: ``device`` as :func:`virtualcell.model.pick_device` reads it (one this machine
-    lacks is refused; a GPU named without an index is, under a multi-process launch, the process's own), by default a
-    CUDA GPU where there is one and else the CPU (not MPS: training there is unmeasured)."""
+    lacks is refused; a GPU named without an index is, under a multi-process launch, the process's own), by default
+    (or ``"auto"``) a CUDA GPU where there is one and else the CPU (not MPS: training there is unmeasured)."""
     import torch
 
-    from .model import pick_device
+    from .model import _wants_auto, pick_device
 
-    if device is None:
+    if _wants_auto(device):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pick_device(device)[0]
 
@@ -1001,7 +1020,7 @@ def _choose_kernels(lm, cfg: TrainConfig, objective, batches, split, device, bud
     first = batches.at(0, False)
     threads = cfg.threads
     if threads is None and split.world > 1 and device.type == "cpu":  # the processes share the cores
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", split.world)))
+        threads = max(1, kernels.usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", split.world)))
     chosen = kernels.choose(lm, device, lambda: objective(first)[0],  # the objective is still fp32 here
                             attention=cfg.attention, precision=cfg.precision, threads=threads,
                             agree=lambda k: split.gather(k)[0])

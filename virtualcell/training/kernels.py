@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Kernels", "choose", "autocast", "bf16_native", "ThreadGuard", "decoder_layers", "compile_layers",
-           "uncompile_layers", "eager", "COMPILE_AFTER_S"]
+__all__ = ["Kernels", "choose", "autocast", "bf16_native", "usable_cores", "ThreadGuard", "decoder_layers",
+           "compile_layers", "uncompile_layers", "eager", "COMPILE_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` does bfloat16 arithmetic natively (on a CPU: AVX-512 BF16 or AMX; without, emulated and slow)."""
+    """Whether ``device`` does bfloat16 arithmetic natively (on a CPU: AVX-512 BF16 or AMX; without, emulated and slow).
+
+    On CUDA it asks about that GPU (``cuda:1``, not the current one) and leaves emulation out: torch's default
+    answer counts bfloat16 emulated on a T4 or V100 (compute capability below 8) as supported, where float16 is
+    several times faster."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system keeps one (``taskset``, a Slurm job's or
+    a container's cpuset: 4 of a node's 64 cores are 4), else every core the machine has."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (macOS and Windows keep none)
+        return max(1, os.cpu_count() or 1)
 
 
 def _set_attention(lm, name: str) -> None:  # noqa: ANN001
@@ -92,7 +106,8 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
            agree: Callable[[Kernels], Kernels] | None = None) -> Kernels:
     """Pick (and set: on ``lm`` and ``torch.set_num_threads``) the attention kernel, precision and thread count.
 
-    ``"auto"`` (``threads=None``) measures on a CPU. ``loss_of()`` computes the loss of a
+    ``"auto"`` (``threads=None``) measures on a CPU: threads 1 against ``torch.get_num_threads()`` (so a caller's
+    ``torch.set_num_threads`` caps it), at most :func:`usable_cores`. ``loss_of()`` computes the loss of a
     representative batch with the model as it is set. The caller restores the thread setting
     when it is done (:func:`virtualcell.generation.torch_threads`). ``agree`` turns this process's pick
     into the one every process of a multi-process launch sets (the main process's), so that they compute alike.
@@ -123,8 +138,9 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}.")
         n_threads = [int(threads)]
-    elif device.type == "cpu":
-        n_threads = sorted({1, torch.get_num_threads(), os.cpu_count() or 1})
+    elif device.type == "cpu":  # 1, or as many as torch is set to use (a caller's set_num_threads caps it) and the
+        # process may run on: timing more threads than cores measured threads waiting on each other, not a choice
+        n_threads = sorted({1, min(torch.get_num_threads(), usable_cores())})
     else:
         n_threads = [torch.get_num_threads()]
     candidates = [Kernels(a, p, t) for a in attn for p in prec for t in n_threads]
@@ -136,7 +152,7 @@ def choose(lm, device: torch.device, loss_of: Callable[[], torch.Tensor], *, att
     log.info("timing %d training kernels (attention/precision/threads) on the first batch before the first step",
              len(candidates))
     timings = {}
-    with _probing(lm):
+    with _probing(lm), torch.enable_grad():  # (the backward pass needs gradients, whatever the caller's mode)
         lm.train()
         for k in candidates:
             _set_attention(lm, k.attention)
