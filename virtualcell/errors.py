@@ -149,12 +149,19 @@ def non_finite(values: object) -> str:
     return f"{int(bad.sum())} of {a.size} values are not finite ({', '.join(kinds)})"
 
 
-def pertpy_unavailable(what: str, err: ImportError) -> ImportError:
-    """The error for ``what`` (e.g. ``"distance_test"``) where ``import pertpy`` failed: not installed, or installed and
-    failing to load a library of its own (out of memory under a limit, say), each with what to do."""
-    return ImportError(f"{what} needs pertpy, and it could not be imported ({err}): "
-                       + ("pip install pertpy." if isinstance(err, ModuleNotFoundError) else
-                          "it is installed, so a library it loads failed (out of memory under a limit?)."))
+def pertpy_unavailable(what: str, err: Exception) -> ImportError:
+    """The error for ``what`` (e.g. ``"distance_test"``) where ``import pertpy`` failed: not installed, installed and
+    failing to load a library of its own (out of memory under a limit, say), or stopped by a warning the caller's
+    filter made an error, each with what to do."""
+    if isinstance(err, ModuleNotFoundError):
+        fix = "pip install pertpy."
+    elif isinstance(err, Warning):
+        fix = (f"a {type(err).__name__} raised while it was imported was turned into an error by a warnings filter "
+               "(warnings.simplefilter('error'), pytest -W error): let that category through, e.g. "
+               f"warnings.filterwarnings('default', category={type(err).__name__}).")
+    else:
+        fix = "it is installed, so a library it loads failed (out of memory under a limit?)."
+    return ImportError(f"{what} needs pertpy, and it could not be imported ({type(err).__name__}: {err}): {fix}")
 
 
 def no_such_column(name: str, columns: Iterable[object], *, what: str = "obs column") -> str:

@@ -447,11 +447,13 @@ def blas_threads(n: int | None) -> Iterator[None]:
         yield
 
 
-def _iterate_with_threads(items: Iterator[Any], n: int | None) -> Iterator[Any]:
+def _iterate_with_threads(items: Iterator[Any], n: int | None, lock: Any = None) -> Iterator[Any]:
     """Iterate ``items`` with ``n`` torch threads while it computes, and the caller's own setting
-    while the caller runs between items (a generator must not leave a process setting changed)."""
+    while the caller runs between items (a generator must not leave a process setting changed); ``lock`` (the
+    model's :func:`~virtualcell.shared_prefix.model_lock`) held while it computes, not while the caller runs (a
+    generator left unfinished holds nothing)."""
     while True:
-        with torch_threads(n):
+        with lock if lock is not None else contextlib.nullcontext(), torch_threads(n):
             try:
                 item = next(items)
             except StopIteration:
@@ -626,13 +628,19 @@ def generate_grid(
                       f"sentences of up to {longest} tokens; using {cap} rows (pass a smaller batch_size to "
                       "silence this).", stacklevel=user_stacklevel())
         config = dataclasses.replace(config, batch_size=cap)
+    from .shared_prefix import model_lock
+
+    # every forward pass on the model under its lock: another thread's shared-prefix attention switches the config
+    # they all read (two threads generating with one loaded model)
+    lock = model_lock(model)
     threads = config.threads
     if threads is None:
         rows = min(config.batch_size, max(1, len(prefixes) * len(suffixes)))
-        threads = _pick_threads(model, rows, device, pad_id)
+        with lock:
+            threads = _pick_threads(model, rows, device, pad_id)
     grid = _grid(model, prefixes, comps, cell_keys, suffix_keys, constraint, eos_id, pad_id, config, steps, device,
                  use_offsets=suffix_targets is not None or components is not None)
-    yield from _iterate_with_threads(grid, threads)
+    yield from _iterate_with_threads(grid, threads, lock)
 
 
 def _components(suffixes, guide_suffixes, guidance, suffix_targets, suffix_bias, components  # noqa: ANN001, ANN202

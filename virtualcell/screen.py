@@ -17,7 +17,7 @@ seed, the cell and its row in the baseline, and the perturbation; a score's boot
 
 The ranking has one row per candidate: the objective's score with a bootstrap
 confidence interval (resampling the generated cells), effect sizes against the
-baseline (E-distance through ``pertpy.tools.Distance``, the L2 norm of the mean delta
+baseline (E-distance as ``pertpy.tools.Distance`` computes it, the L2 norm of the mean delta
 and its noise-corrected version, and the pure model's noise-corrected effect size beside the
 served one when the served prediction is blended with the training baseline), the top up- and down-regulated genes, and the
 diverse pick for the wet lab (a ``networkx`` similarity graph of predicted effects), and whether the model
@@ -50,7 +50,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,7 +116,8 @@ class ScreenResult:
         return self.ranking[self.ranking["pick"]]
 
     def plot_top_hits(self, n: int = 15, *, return_fig: bool = False) -> Any:
-        """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes."""
+        """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes: the figure
+        with ``return_fig=True``; else shown where it can be (a notebook draws it) and closed."""
         return plot_top_hits(self.ranking, self.aggregates, n=n, return_fig=return_fig)
 
     def dose_series(self) -> pd.DataFrame:
@@ -468,12 +469,12 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking.insert(ranking.columns.get_loc("perturbation") + 1, "label", ranking["perturbation"].map(labels))
     ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
-        with safeio.atomic_path(folder / "aggregates.nc") as tmp:
+        with _output_error(folder / "aggregates.nc", done=True), safeio.atomic_path(folder / "aggregates.nc") as tmp:
             _to_netcdf(agg, tmp)
         table = ranking.copy()
         for col in LIST_COLUMNS:
             table[col] = table[col].map(lambda v: ";".join(v))
-        with safeio.atomic_path(folder / "ranking.csv") as tmp:
+        with _output_error(folder / "ranking.csv", done=True), safeio.atomic_path(folder / "ranking.csv") as tmp:
             table.to_csv(tmp, index=False)
         import matplotlib.pyplot as plt
 
@@ -487,13 +488,14 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             figures["time_course.png"] = plot_time_course(ranking, agg, return_fig=True)
         for name, fig in figures.items():
             try:
-                with safeio.atomic_path(folder / name) as tmp:
+                with _output_error(folder / name, done=True), safeio.atomic_path(folder / name) as tmp:
                     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
             finally:
                 plt.close(fig)
         # last: what load() reads as the mark of a finished screen (a run cut by a full disk while writing its
         # figures left a folder that loaded as finished without them)
-        with safeio.atomic_path(folder / "ranking.parquet") as tmp:
+        with _output_error(folder / "ranking.parquet", done=True), \
+                safeio.atomic_path(folder / "ranking.parquet") as tmp:
             table.to_parquet(tmp, index=False)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
     return ScreenResult(ranking, agg, folder, config, kept)
@@ -579,6 +581,7 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
     """Check (or start) a results folder; return the finished groups found there."""
     cfg_path = folder / "config.json"
     groups = folder / "groups"
+    forced = False
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
@@ -623,18 +626,29 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
                 "Refusing to mix them: choose another --out folder, or pass --force (force=True) to discard them "
                 "and start this screen there."
             )
-        if changed:  # forced: the other screen's groups go
+        forced = changed  # forced: the other screen's groups go (once its outputs could be moved aside, below)
+        if not changed:
+            _say_objective_change(folder, old.get("objective"), config["objective"])
+    # a finished screen's outputs go before this one's config is written: until this run writes its own, the folder
+    # holds no finished screen (vc.screen.load read another screen's ranking under this one's config). All of them
+    # are moved aside first: one that cannot be (a ranking.csv open in Excel, on Windows) stops the run here, before
+    # anything is simulated or deleted, with the previous results as they were (they went one by one, and the run
+    # stopped at the held file with aggregates.nc deleted: the previous screen no longer loaded)
+    aside = _move_aside(folder)
+    try:
+        if forced:
             import shutil
 
             shutil.rmtree(groups, ignore_errors=True)
-        else:
-            _say_objective_change(folder, old.get("objective"), config["objective"])
-    # a finished screen's outputs go before this one's config is written: until this run writes its own, the folder
-    # holds no finished screen (vc.screen.load read another screen's ranking under this one's config)
-    for name in FINISHED_FILES:
-        (folder / name).unlink(missing_ok=True)
-    safeio.write_text(cfg_path, json.dumps(config, indent=1, default=str))
-    safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
+        with _output_error(cfg_path, done=False):
+            safeio.write_text(cfg_path, json.dumps(config, indent=1, default=str))
+        with _output_error(folder / "panel.txt", done=False):
+            safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
+    except BaseException:
+        _put_back(aside)  # (the config is still the previous screen's: its results go with it)
+        raise
+    for moved in aside.values():
+        moved.unlink(missing_ok=True)
     groups.mkdir(exist_ok=True)
     for junk in [*folder.glob(".*.partial*"), *groups.glob(".*.partial*")]:  # from a write that was killed
         junk.unlink(missing_ok=True)
@@ -646,6 +660,48 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
     if done:
         log.info("resuming: %d of %d groups already done", len(done), n_groups)
     return done
+
+
+def _held_open(path: Path, err: OSError, *, done: bool) -> str:
+    """The message for ``path`` that could not be replaced (``err``, a PermissionError): on Windows most often a file
+    another program holds open; ``done``: the screen's groups are simulated, only its results were being written."""
+    then = ("run the same screen again: it resumes from its saved groups and only ranks them again" if done else
+            "run the screen again (nothing was changed: the folder's previous results are as they were)")
+    return (f"{str(path)!r} cannot be replaced ({err.strerror or err}): it may be open in another program (on Windows a "
+            f"spreadsheet or a viewer showing it holds it: close it there), or the folder is not writable to you "
+            f"(check its permissions); then {then}.")
+
+
+@contextlib.contextmanager
+def _output_error(path: Path, *, done: bool) -> Iterator[None]:
+    """A PermissionError while the block writes ``path`` raised as a ScreenError that names the likely cause."""
+    try:
+        yield
+    except PermissionError as err:
+        raise ScreenError(_held_open(path, err, done=done)) from None
+
+
+def _move_aside(folder: Path) -> dict[Path, Path]:
+    """Move a finished screen's outputs in ``folder`` to hidden names (swept as leftovers of a killed write if this
+    run dies before deleting them); if one cannot be moved, those moved go back and a ScreenError says why."""
+    moved: dict[Path, Path] = {}
+    try:
+        for name in FINISHED_FILES:
+            path = folder / name
+            if path.exists():
+                with _output_error(path, done=False):
+                    os.replace(path, folder / f".{name}.previous.partial")
+                moved[path] = folder / f".{name}.previous.partial"
+    except BaseException:
+        _put_back(moved)
+        raise
+    return moved
+
+
+def _put_back(moved: dict[Path, Path]) -> None:
+    for path, aside in moved.items():
+        with contextlib.suppress(OSError):
+            os.replace(aside, path)
 
 
 def _say_objective_change(folder: Path, old: Any, new: dict[str, Any]) -> None:
@@ -846,18 +902,24 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
 
 
 def _edistance() -> Callable[[np.ndarray, np.ndarray], float]:
-    """E-distance through pertpy.tools.Distance (imported here: it is slow to import), its BLAS held to one thread:
-    the sums it reduces came out otherwise in the 6th digit with the machine's thread count (a ranking file differed
-    in bytes between OMP_NUM_THREADS=1 and the default)."""
-    import pertpy as pt
-
+    """E-distance, as ``pertpy.tools.Distance(metric="edistance")`` computes it, to the bit: twice the mean Euclidean
+    distance between the two sets' cells less each set's mean distance within (over every pair, a cell with itself
+    included), through the same scikit-learn function. pertpy itself is not imported (6-10 s, and its import drew
+    from the caller's random generators and raised JAXopt's DeprecationWarning). BLAS is held to one thread: the sums
+    came out otherwise in the 6th digit with the machine's thread count (a ranking file differed in bytes between
+    OMP_NUM_THREADS=1 and the default)."""
+    from ._imports import quiet_import
     from .generation import blas_threads
 
-    distance = pt.tools.Distance(metric="edistance")
+    pairwise = quiet_import("sklearn.metrics").pairwise_distances
 
     def one_thread(a: np.ndarray, b: np.ndarray) -> float:
         with blas_threads(1):
-            return distance(a, b)
+            # (pertpy's Edistance.__call__, term by term and in its order)
+            sigma_a = pairwise(a, a, metric="euclidean").mean()
+            sigma_b = pairwise(b, b, metric="euclidean").mean()
+            delta = pairwise(a, b, metric="euclidean").mean()
+            return 2 * delta - sigma_a - sigma_b
 
     return one_thread
 
@@ -945,6 +1007,6 @@ def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return
         ax2.set_title("predicted mean change (log1p)")
         fig.colorbar(im, ax=ax2, shrink=0.8)
     fig.tight_layout()
-    if return_fig:
-        return fig
-    return None
+    from ._figures import finish
+
+    return finish(fig, return_fig)  # (not returned: shown where it can be, and closed)

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["NAME", "SharedPrefix", "supported", "active"]
+__all__ = ["NAME", "SharedPrefix", "supported", "active", "model_lock"]
 
 NAME = "virtualcell_shared_prefix"
 KWARG = "virtualcell_shared_prefix"
@@ -159,17 +162,38 @@ def _register() -> None:
         _REGISTERED = True
 
 
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:  # noqa: ANN001
+    """``model``'s own reentrant lock, held by every forward pass of the generation engine and by :func:`active`.
+
+    :func:`active` switches the attention implementation in the model's config, which every forward pass reads: two
+    threads generating with one loaded model (a web service) read each other's switch, both failed ("needs the
+    'virtualcell_shared_prefix' argument"), and one of them restored the other's value for good, so that every later
+    call failed too. Under this lock their forward passes take turns (each generation keeps its own state between
+    them, so both get what they get one after the other). Kept beside the model, not on it: a model deep-copied or
+    pickled has no lock to copy."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def active(model) -> Iterator[None]:  # noqa: ANN001
-    """Route the model's attention through :func:`attention` inside the block."""
+    """Route the model's attention through :func:`attention` inside the block (which holds :func:`model_lock`)."""
     _register()
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    with model_lock(model):
+        config = model.config
+        previous = config._attn_implementation
+        config._attn_implementation = NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
 
 def window_below(model, total: int) -> int | None:  # noqa: ANN001

@@ -22,6 +22,7 @@ in ``adata.uns["virtualcell"]["contract"]``, already validated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -301,16 +302,21 @@ def _from_pertpy(info: DatasetInfo) -> ad.AnnData:
     except OSError as err:
         raise DataError(f"Cannot create the download cache {str(target)!r} ({err.strerror or err}): set "
                         "$VIRTUALCELL_CACHE to a folder you can write to.") from None
+    from .._imports import import_pertpy
+
     try:
-        import scanpy as sc
-
-        sc.settings.datasetdir = target
-        import pertpy as pt
-
-        fn: Callable[[], Any] = getattr(pt.data, info.pertpy)  # type: ignore[arg-type]
-        data = fn()
+        loaders = import_pertpy(f"Loading {info.name!r}", "pertpy.data")
     except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise DataError(f"Loading {info.name!r} needs pertpy: pip install pertpy ({err}).") from err
+        raise DataError(str(err)) from err
+    import scanpy as sc
+
+    # pertpy downloads into scanpy's dataset folder: pointed at the cache for this download only, the caller's setting
+    # back afterwards, however it ends
+    previous = sc.settings.datasetdir
+    try:
+        sc.settings.datasetdir = target
+        fn: Callable[[], Any] = getattr(loaders, info.pertpy)  # type: ignore[arg-type]
+        data = fn()
     except Exception as err:  # network errors come in many types
         raise DataError(
             f"Could not download {info.name!r} through pertpy.data.{info.pertpy}() ({type(err).__name__}: {err}). "
@@ -318,6 +324,11 @@ def _from_pertpy(info: DatasetInfo) -> ad.AnnData:
             "copy the .h5ad here and use virtualcell.datasets.read_h5ad(path, contract=...), or use the "
             "embedded default, load('papalexi2021')."
         ) from err
+    finally:
+        sc.settings.datasetdir = previous
+        if not Path(previous).is_absolute():  # (the setter resolves it: scanpy's default, ./data, follows the cwd)
+            with contextlib.suppress(AttributeError, TypeError):
+                sc.settings._datasetdir = previous
     if hasattr(data, "mod"):  # MuData: take the RNA modality
         data = data.mod["rna"]
     return data

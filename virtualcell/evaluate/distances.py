@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DataError, no_such_column, pertpy_unavailable, preview, user_stacklevel, whole_at_least
+from ..errors import DataError, no_such_column, preview, user_stacklevel, whole_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -130,10 +130,9 @@ def distance_test(
         groups = preview(sorted(set(labels)))
         raise DataError(f"Contrast group {contrast!r} is not in obs[{groupby!r}]; groups: {groups}. "
                         "Pass the control label.")
-    try:
-        from pertpy.tools import DistanceTest
-    except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise pertpy_unavailable("distance_test", err) from err
+    from .._imports import import_pertpy
+
+    DistanceTest = import_pertpy("distance_test", "pertpy.tools").DistanceTest
     known = _metrics()
     if known and metric not in known:
         raise DataError(f"metric {metric!r} is not one pertpy's DistanceTest knows: {', '.join(known)}.")
@@ -188,9 +187,11 @@ def _metrics() -> tuple[str, ...]:
     """The metrics pertpy's distances take (``()`` where this pertpy does not list them)."""
     from typing import get_args
 
+    from .._imports import quiet_import
+
     try:
-        from pertpy.tools._distances._distances import Metric
-    except ImportError:  # pragma: no cover - a pertpy that moved it: pertpy's own refusal then
+        Metric = quiet_import("pertpy.tools._distances._distances").Metric
+    except (ImportError, AttributeError):  # pragma: no cover - a pertpy that moved it: pertpy's own refusal then
         return ()
     return tuple(str(m) for m in get_args(Metric))
 

@@ -39,7 +39,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ..errors import DataError, pertpy_unavailable, preview
+from ..errors import DataError, preview
 
 __all__ = ["Metric", "PredRealPair", "METRICS", "PROFILES", "TOP_N", "resolve_metrics"]
 
@@ -293,11 +293,9 @@ def discrimination(pair: PredRealPair) -> dict[str, float]:
 
 
 def _distance():  # noqa: ANN202 - pertpy is imported lazily
-    try:
-        from pertpy.tools import Distance
-    except ImportError as err:  # pragma: no cover - pertpy is a dependency
-        raise pertpy_unavailable("The distance metrics", err) from err
-    return Distance(metric="edistance")
+    from .._imports import import_pertpy
+
+    return import_pertpy("The distance metrics", "pertpy.tools").Distance(metric="edistance")
 
 
 def edistance(pair: PredRealPair) -> dict[str, float]:
