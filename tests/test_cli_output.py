@@ -163,6 +163,10 @@ def test_closing_stored_cells_closes_their_file_and_the_path_takes_another_run(t
     assert second.cells.isel(perturbation=-1).values.shape == (8, len(model.genes))
     second.cells.close()
     assert _open_files(str(store)) == []
+    # the first result, closed, read again: its own file is gone (it read the second run's cells under its labels)
+    with pytest.raises(vc.errors.OutputError, match="replaced .another simulate.store=. to the same path"):
+        first.cells.values
+    assert second.cells.isel(perturbation=-1).values.shape == (8, len(model.genes))  # a read after close: its own
 
 
 def test_predict_closes_its_streamed_cells_before_their_folder_goes(tiny_model, base, tmp_path, monkeypatch):

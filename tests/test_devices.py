@@ -212,9 +212,16 @@ def test_training_times_no_more_threads_than_the_cores_it_may_run_on_or_torch_is
 
 
 def test_usable_cores_is_this_process_affinity():
-    if not hasattr(os, "sched_getaffinity"):
+    """Under ``taskset -c 0`` one core, whatever the machine has (os.cpu_count() counted them all)."""
+    if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity here")
-    assert kernels.usable_cores() == len(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert kernels.usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert kernels.usable_cores() == len(before)
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -291,6 +298,9 @@ def test_no_cgroup_limit_is_none(tmp_path, monkeypatch):
                                                               "user.slice/memory.current": "123"})
     assert allocator._cgroup_free() is None
     monkeypatch.setattr(allocator, "PROC_CGROUP", str(tmp_path / "absent"))
+    assert allocator._cgroup_free() is None
+    (tmp_path / "binary").write_bytes(b"0::/\xff\xfe\n")  # (bytes that are not text: no limit, not a crash)
+    monkeypatch.setattr(allocator, "PROC_CGROUP", str(tmp_path / "binary"))
     assert allocator._cgroup_free() is None
 
 

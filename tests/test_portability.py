@@ -159,6 +159,27 @@ def test_a_checkpoint_that_cannot_be_moved_for_an_open_file_says_why_and_keeps_t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_a_swap_failing_for_another_reason_is_named_as_it_is(tmp_path, monkeypatch):
+    """Only a refusal (PermissionError, Windows' open file) gets the open-file advice; a stale NFS handle read
+    'Windows cannot move ... del the model, or restart the kernel'."""
+    import errno
+
+    last = tmp_path / "last"
+    _save(last, 1)
+    real = os.replace
+
+    def stale(src, dst, **kw):  # noqa: ANN001, ANN202
+        if Path(src) == last:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(src))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", stale)
+    with pytest.raises(OutputError, match="it cannot be moved aside") as err:
+        _save(last, 2)
+    assert "Windows" not in str(err.value) and "still holds its last complete copy" in str(err.value)
+    assert (last / "state").read_text() == "1"
+
+
 def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch):
     """trainer_state.pt from a GPU run holds tensors tagged for cuda:0; loading it without CUDA failed, and the error
     said the checkpoint 'was not written by a complete save. Use --restart' (throwing away the GPU's training). It is

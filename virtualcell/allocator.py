@@ -120,7 +120,7 @@ def _read_int(path: Path) -> int | None:
     """A cgroup file's number; ``None`` where it is absent, unreadable or ``max`` (no limit)."""
     try:
         text = path.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: bytes that are not text)
         return None
     return int(text) if text.isdigit() else None
 
@@ -131,7 +131,7 @@ def _stat(path: Path, key: str) -> int:
             name, _, value = line.partition(" ")
             if name == key and value.strip().isdigit():
                 return int(value)
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0
 
@@ -143,7 +143,7 @@ def _cgroup_free() -> int | None:
     ``memory.usage_in_bytes``); ``None`` where no cgroup limits memory ("max", no such files: not Linux)."""
     try:
         lines = Path(PROC_CGROUP).read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: bytes that are not text: read as no limit)
         return None
     root = Path(CGROUP_ROOT)
     free: list[int] = []

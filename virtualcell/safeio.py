@@ -219,15 +219,20 @@ def _beside(path: Path, prefix: str) -> list[Path]:
 
 
 def _held_open(path: Path, stuck: Path, err: OSError) -> OutputError:
-    """The error for a swap of ``path`` that cannot move ``stuck`` (``path`` itself, or its previous copy) aside."""
+    """The error for a swap of ``path`` that cannot move ``stuck`` (``path`` itself, or its previous copy) aside: a
+    refusal (Windows, a file inside still open) says that and how to close it; any other error (a stale NFS handle, a
+    busy mount) is named as it is."""
     what = ("it cannot be moved aside" if stuck == path
             else f"its previous copy {str(stuck)!r} can be neither removed nor moved aside")
+    if isinstance(err, PermissionError):
+        why = ("A file inside it is most likely still open in another program or process (a notebook or Python "
+               "session that loaded the model from it, a file viewer): Windows cannot move or remove a folder holding "
+               "an open file. Close it there (in Python: del the model, or restart the kernel) and run again")
+    else:
+        why = "Check the folder's filesystem (a network mount may have failed for a moment) and run again"
     return OutputError(
-        f"Cannot replace {str(path)!r}: {what} ({err.strerror or err}). A file inside it is most "
-        "likely still open in another program or process (a notebook or Python session that loaded the model from "
-        "it, a file viewer): Windows cannot move or remove a folder holding an open file. Close it there (in Python: "
-        f"del the model, or restart the kernel) and run again; {str(path)!r} still holds its last complete copy (a "
-        "training run again resumes from it)."
+        f"Cannot replace {str(path)!r}: {what} ({err.strerror or err}). {why}; {str(path)!r} still holds its last "
+        "complete copy (a training run again resumes from it)."
     )
 
 

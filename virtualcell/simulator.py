@@ -47,8 +47,8 @@ import numpy as np
 
 from .distributed import Split
 from .contract import one_reading
-from .errors import (DataError, ModelError, ScreenError, VocabularyError, non_finite, preview, user_stacklevel,
-                     whole_at_least)
+from .errors import (DataError, ModelError, OutputError, ScreenError, VocabularyError, non_finite, preview,
+                     user_stacklevel, whole_at_least)
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -1242,11 +1242,32 @@ class _CellStore:
     def open(path: str | Path) -> xr.DataArray:
         """The stored cells, read lazily; their ``.close()`` closes the file (a DataArray taken from a Dataset does
         not carry the Dataset's close: the file stayed open, and on Windows a second ``store=`` to the same path
-        and ``predict``'s cleanup of its temporary folder failed). As for any lazily opened xarray data, a read
-        after ``.close()`` opens the file again, and a second ``.close()`` does nothing."""
+        and ``predict``'s cleanup of its temporary folder failed). A read after ``.close()`` opens the file again,
+        as xarray does, but only the very file these cells were read from: where a later run replaced it (another
+        ``store=`` to the same path), the read is refused, naming that (it returned the later run's cells)."""
+        import h5netcdf
         import xarray as xr
+        from xarray.backends import CachingFileManager, H5NetCDFStore
+        from xarray.backends.locks import HDF5_LOCK
 
-        ds = xr.open_dataset(path, engine="h5netcdf")
+        path = str(path)
+        made = os.stat(path)
+
+        def same_file(name: str, mode: str = "r", **kwargs: Any) -> Any:
+            try:
+                now = os.stat(name)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+                raise OutputError(
+                    f"These cells were closed, and {name!r}, the file they were read from, has since been "
+                    f"{'removed' if now is None else 'replaced (another simulate(store=) to the same path)'}: "
+                    "they cannot be read again. Read what you need before closing them (.load() keeps them in "
+                    "memory), or give each run its own store path.")
+            return h5netcdf.File(name, mode, **kwargs)
+
+        manager = CachingFileManager(same_file, path, mode="r", kwargs={"decode_vlen_strings": True})
+        ds = xr.open_dataset(H5NetCDFStore(manager, mode="r", lock=HDF5_LOCK))
         try:
             cells = ds["expression"].assign_coords(
                 perturbation=json.loads(ds.attrs["perturbations"]), gene=json.loads(ds.attrs["genes"])
