@@ -51,13 +51,19 @@ def _by_accelerate_mpirun() -> bool:
             and "ACCELERATE_MIXED_PRECISION" in os.environ)
 
 
+def _torch_launch() -> bool:
+    """Whether torchrun or ``accelerate launch`` started this process among several: ``WORLD_SIZE`` > 1 with
+    ``MASTER_ADDR`` (what ``torch.distributed`` needs to join them)."""
+    return _env_int("WORLD_SIZE", 1) > 1 and bool(os.environ.get("MASTER_ADDR"))
+
+
 def launched() -> bool:
     """Whether this process is one of several started to work together by torchrun or ``accelerate launch``:
     ``WORLD_SIZE`` > 1 with ``MASTER_ADDR`` set (what ``torch.distributed`` needs to join them), or accelerate's
     mpirun launch. An MPI launcher's task count alone (``srun --ntasks=N``, ``mpirun -n N``: ``PMI_SIZE``,
     ``OMPI_COMM_WORLD_SIZE``) is not: each such task runs as one process, doing all its own work, and writes its own
     output (it is said once, with how to launch processes that share one run)."""
-    if _env_int("WORLD_SIZE", 1) > 1 and os.environ.get("MASTER_ADDR"):
+    if _torch_launch():
         return True
     if _by_accelerate_mpirun():
         return True
@@ -97,7 +103,7 @@ def launch_rank() -> int:
     main process claim its output folder."""
     if not launched():
         return 0
-    keys = ("RANK",) if _env_int("WORLD_SIZE", 1) > 1 and os.environ.get("MASTER_ADDR") else ("RANK", *_MPI_RANK)
+    keys = ("RANK",) if _torch_launch() else ("RANK", *_MPI_RANK)
     for key in keys:
         if key in os.environ:
             return _env_int(key, 0)

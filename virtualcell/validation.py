@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._stats import log_dose_interpolation
+from ._stats import gram_axes, log_dose_interpolation
 from .errors import DataError, ModelError, preview
 from .perturbations import GENETIC, Combination, Perturbation, parse, parts_of, read_kinds, without_quantities
 from .progress import progress_bar
@@ -132,14 +132,9 @@ def covariance_factor(X, contexts: np.ndarray, *, max_cells: int = RESPONSE_CELL
         Z[ctx == c] -= Z[ctx == c].mean(axis=0)
     dof = max(Z.shape[0] - len(groups), 1)
     if Z.shape[1] > Z.shape[0] and rank < Z.shape[0]:
-        # more genes than cells (a full transcriptome): the cells' Gram matrix gives the same leading axes, Z'u / s,
-        # without the thin SVD's cells x genes workspace (at 4,000 x 30,000: 100 s and GBs, against seconds); the
-        # leading axes kept are far above the precision the Gram matrix gives up
-        eig, U = np.linalg.eigh(Z @ Z.T)
-        order = np.argsort(eig)[::-1]
-        S = np.sqrt(np.clip(eig[order], 0.0, None))
-        r = min(rank, int(np.sum(S > 1e-6 * max(S.max(initial=0.0), 1e-12))))
-        return ((Z.T @ U[:, order[:r]]) / np.sqrt(dof)).astype(np.float32)
+        # more genes than cells (a full transcriptome): the cells' Gram matrix gives the same leading axes
+        _, W = gram_axes(Z, rank, min_ratio=1e-6)
+        return (W / np.sqrt(dof)).astype(np.float32)
     _, S, Vt = np.linalg.svd(Z, full_matrices=False)
     r = min(rank, int(np.sum(S > 1e-9 * max(S.max(initial=0.0), 1e-12))))
     return (Vt[:r].T * (S[:r] / np.sqrt(dof))).astype(np.float32)
