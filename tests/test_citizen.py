@@ -217,55 +217,21 @@ def finished(tiny_model, tmp_path_factory):
     return sim, sim.screen(["STAT1", "ko:JAK2", "ko:IRF1"], out=out, progress=False, n_boot=5, n_cells=8), out
 
 
-def test_a_plot_not_returned_leaves_no_figure_open(finished):
-    """At the 21st figure left open, matplotlib warned ('More than 20 figures'), a crash under -W error."""
+def test_a_plot_not_returned_stays_current_for_the_callers_savefig(finished, tmp_path):
+    """``res.plot_top_hits(); plt.savefig(path)`` saves the plot (closing figures not returned, as review 2 found,
+    saved a blank image); a figure returned is the caller's."""
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     from virtualcell import viz
 
     _, res, _ = finished
     plt.close("all")
-    history = [{"step": 1, "loss": 2.0, "val_loss": 2.1}, {"step": 2, "loss": 1.5}]
-    frame = pd.DataFrame({"pc1": [0.0, 1.0], "pc2": [1.0, 0.0], "group": ["baseline", "STAT1 (predicted)"],
-                          "kind": ["baseline", "predicted"]})
-    deltas = pd.DataFrame({"perturbation": ["STAT1"] * 3, "gene": list("abc"), "measured": [0.1, -0.2, 0.3],
-                           "predicted": [0.2, -0.1, 0.2], "context": [""] * 3, "top_de": [True] * 3,
-                           "effect_size": [1.0] * 3})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert res.plot_top_hits() is None
-        assert viz.plot_history(history) is None
-        assert viz.plot_pca(frame) is None
-        vc.evaluate.plot_delta_scatter(deltas)
-        assert plt.get_fignums() == []
-        fig, ax = plt.subplots()  # the caller's own axes: its figure is the caller's, left open
-        viz.plot_history(history, ax=ax)
-        assert plt.get_fignums() == [fig.number]
-        assert res.plot_top_hits(return_fig=True) is not None and len(plt.get_fignums()) == 2
+    assert res.plot_top_hits() is None
+    assert plt.get_fignums() and plt.gcf().axes  # the hits' figure, current
+    plt.savefig(tmp_path / "hits.png")
+    assert (tmp_path / "hits.png").stat().st_size > 10_000
+    assert viz.plot_history([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], return_fig=True) is not None
     plt.close("all")
-
-
-def test_a_plot_not_returned_is_shown_where_it_can_be_seen(monkeypatch):
-    """In a notebook (Jupyter's inline backend, marimo's) plt.show() draws the figure into the output; a window of an
-    interactive session stays open; a file backend just closes it."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    from virtualcell._figures import finish
-
-    shown = []
-    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(list(plt.get_fignums())))
-    fig = plt.figure()
-    assert finish(fig, False) is None and shown == [] and not plt.fignum_exists(fig.number)  # Agg: closed
-    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
-    fig = plt.figure()
-    assert finish(fig, False) is None and shown == [[fig.number]] and not plt.fignum_exists(fig.number)
-    monkeypatch.setattr(plt, "isinteractive", lambda: True)
-    monkeypatch.setattr(matplotlib, "get_backend", lambda: "qtagg")
-    fig = plt.figure()
-    assert finish(fig, False) is None and plt.fignum_exists(fig.number)  # a live window: the user closes it
-    plt.close(fig)
 
 
 def _held_open(monkeypatch, name: str, *, source_too: bool):
@@ -306,3 +272,40 @@ def test_a_screen_run_again_while_excel_holds_its_ranking_keeps_the_previous_res
     assert (out / "ranking.csv").read_bytes() == before["ranking.csv"]
     assert list(again.ranking["perturbation"]) == list(res.ranking["perturbation"])
     assert not list(out.glob(".*.partial*"))
+
+
+def test_a_rerun_stopped_after_its_config_is_written_never_shows_the_previous_ranking_as_its_own(finished,
+                                                                                                monkeypatch):
+    """The previous results were put back where panel.txt's write failed after this run's config.json was written:
+    load() returned the previous ranking under the new objective (review 2). Put back only while the previous
+    config stands; after it, the folder holds no finished screen, and the message does not say 'nothing changed'."""
+    sim, res, out = finished
+    _held_open(monkeypatch, "panel.txt", source_too=True)
+    objective = "lower:" + str(res.aggregates["gene"].values[0])
+    with pytest.raises(ScreenError, match=r"panel.txt' cannot be replaced .*settings are written") as err:
+        sim.screen(["STAT1", "ko:JAK2", "ko:IRF1"], out=out, progress=False, n_boot=5, n_cells=8, objective=objective)
+    assert "nothing was changed" not in str(err.value)
+    monkeypatch.undo()
+    with pytest.raises(ScreenError, match="holds no finished screen"):
+        vc.screen.load(out)
+    again = sim.screen(["STAT1", "ko:JAK2", "ko:IRF1"], out=out, progress=False, n_boot=5, n_cells=8,
+                       objective=objective)
+    assert sorted(again.ranking["perturbation"]) == sorted(res.ranking["perturbation"])
+
+
+def test_filters_a_library_appends_on_import_stay_behind_the_callers(tmp_path, monkeypatch):
+    """urllib3 (under pertpy) appends 'always SecurityWarning' on import: re-added at the front, it overrode a
+    caller's simplefilter('ignore') (review 2)."""
+    from virtualcell._imports import quiet_import
+
+    (tmp_path / "vc_appending_lib.py").write_text(
+        "import warnings\nwarnings.filterwarnings('always', category=UserWarning, append=True)\n"
+        "warnings.filterwarnings('error', category=SyntaxWarning)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = warnings.filters[0]
+        quiet_import("vc_appending_lib")
+        assert warnings.filters[1] == mine  # the library's prepended filter first, then the caller's
+        assert warnings.filters[0][0] == "error" and warnings.filters[-1][0] == "always"
+    sys.modules.pop("vc_appending_lib", None)

@@ -129,8 +129,7 @@ def plot_dose_response(ranking: pd.DataFrame, aggregates: xr.Dataset | None = No
     n_genes
         How many genes to draw when ``genes`` is not given.
     return_fig
-        Return the figure instead of ``None`` (which shows it where it can be, as a notebook draws it, and closes
-        it).
+        Return the figure instead of ``None``.
 
     Raises
     ------
@@ -210,6 +209,6 @@ def _plot(ranking: pd.DataFrame, aggregates: xr.Dataset | None, over: str, *, ge
         ax.set_title(f"{gene}: predicted mean change")
         ax.set_ylabel("change (log1p)")
     fig.tight_layout()
-    from ._figures import finish
-
-    return finish(fig, return_fig)  # (not returned: shown where it can be, and closed)
+    if return_fig:
+        return fig
+    return None

@@ -116,8 +116,7 @@ class ScreenResult:
         return self.ranking[self.ranking["pick"]]
 
     def plot_top_hits(self, n: int = 15, *, return_fig: bool = False) -> Any:
-        """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes: the figure
-        with ``return_fig=True``; else shown where it can be (a notebook draws it) and closed."""
+        """The top-n scores with confidence intervals (picks darker) beside a heatmap of their top genes."""
         return plot_top_hits(self.ranking, self.aggregates, n=n, return_fig=return_fig)
 
     def dose_series(self) -> pd.DataFrame:
@@ -469,12 +468,12 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
     ranking.insert(ranking.columns.get_loc("perturbation") + 1, "label", ranking["perturbation"].map(labels))
     ranking.attrs["virtualcell"] = _provenance(agg)
     if folder is not None and split.main:
-        with _output_error(folder / "aggregates.nc", done=True), safeio.atomic_path(folder / "aggregates.nc") as tmp:
+        with _output_error(folder / "aggregates.nc"), safeio.atomic_path(folder / "aggregates.nc") as tmp:
             _to_netcdf(agg, tmp)
         table = ranking.copy()
         for col in LIST_COLUMNS:
             table[col] = table[col].map(lambda v: ";".join(v))
-        with _output_error(folder / "ranking.csv", done=True), safeio.atomic_path(folder / "ranking.csv") as tmp:
+        with _output_error(folder / "ranking.csv"), safeio.atomic_path(folder / "ranking.csv") as tmp:
             table.to_csv(tmp, index=False)
         import matplotlib.pyplot as plt
 
@@ -488,13 +487,13 @@ def _run(simulator: Simulator, obj: Objective, names: list[str], groups: list[li
             figures["time_course.png"] = plot_time_course(ranking, agg, return_fig=True)
         for name, fig in figures.items():
             try:
-                with _output_error(folder / name, done=True), safeio.atomic_path(folder / name) as tmp:
+                with _output_error(folder / name), safeio.atomic_path(folder / name) as tmp:
                     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
             finally:
                 plt.close(fig)
         # last: what load() reads as the mark of a finished screen (a run cut by a full disk while writing its
         # figures left a folder that loaded as finished without them)
-        with _output_error(folder / "ranking.parquet", done=True), \
+        with _output_error(folder / "ranking.parquet"), \
                 safeio.atomic_path(folder / "ranking.parquet") as tmp:
             table.to_parquet(tmp, index=False)
     kept = xr.concat([cells[g] for g in range(len(groups))], dim="perturbation") if keep_cells else None
@@ -636,19 +635,20 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
     # stopped at the held file with aggregates.nc deleted: the previous screen no longer loaded)
     aside = _move_aside(folder)
     try:
-        if forced:
+        if forced:  # (before this run's config: a resume must never take the other screen's groups for its own)
             import shutil
 
             shutil.rmtree(groups, ignore_errors=True)
-        with _output_error(cfg_path, done=False):
+        with _output_error(cfg_path, _UNCHANGED_FORCED if forced else _UNCHANGED):
             safeio.write_text(cfg_path, json.dumps(config, indent=1, default=str))
-        with _output_error(folder / "panel.txt", done=False):
-            safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
     except BaseException:
-        _put_back(aside)  # (the config is still the previous screen's: its results go with it)
+        _put_back(aside)  # (the config is still the previous screen's, written atomically: its results go with it)
         raise
+    # this run's config is written: the previous results are no longer the folder's, whatever happens next
     for moved in aside.values():
         moved.unlink(missing_ok=True)
+    with _output_error(folder / "panel.txt", _STARTED):
+        safeio.write_text(folder / "panel.txt", "\n".join(names) + "\n")
     groups.mkdir(exist_ok=True)
     for junk in [*folder.glob(".*.partial*"), *groups.glob(".*.partial*")]:  # from a write that was killed
         junk.unlink(missing_ok=True)
@@ -662,23 +662,29 @@ def _open_folder(folder: Path, config: dict[str, Any], sim_keys: Sequence[str], 
     return done
 
 
-def _held_open(path: Path, err: OSError, *, done: bool) -> str:
+# what a run stopped by an output it cannot write says was left, and what to do then
+_RANKING = "run the same screen again: it resumes from its saved groups and only ranks them again"
+_UNCHANGED = "run the screen again (nothing was changed: the folder's previous results are as they were)"
+_UNCHANGED_FORCED = ("run the screen again (the folder's previous results are as they were; the other screen's "
+                     "simulated groups were discarded, as --force asked)")
+_STARTED = "run the screen again (this screen's settings are written: the folder holds no finished screen until it ends)"
+
+
+def _held_open(path: Path, err: OSError, then: str) -> str:
     """The message for ``path`` that could not be replaced (``err``, a PermissionError): on Windows most often a file
-    another program holds open; ``done``: the screen's groups are simulated, only its results were being written."""
-    then = ("run the same screen again: it resumes from its saved groups and only ranks them again" if done else
-            "run the screen again (nothing was changed: the folder's previous results are as they were)")
+    another program holds open; ``then``: what the run left and what to do (one of the texts above)."""
     return (f"{str(path)!r} cannot be replaced ({err.strerror or err}): it may be open in another program (on Windows a "
             f"spreadsheet or a viewer showing it holds it: close it there), or the folder is not writable to you "
             f"(check its permissions); then {then}.")
 
 
 @contextlib.contextmanager
-def _output_error(path: Path, *, done: bool) -> Iterator[None]:
+def _output_error(path: Path, then: str = _RANKING) -> Iterator[None]:
     """A PermissionError while the block writes ``path`` raised as a ScreenError that names the likely cause."""
     try:
         yield
     except PermissionError as err:
-        raise ScreenError(_held_open(path, err, done=done)) from None
+        raise ScreenError(_held_open(path, err, then)) from None
 
 
 def _move_aside(folder: Path) -> dict[Path, Path]:
@@ -689,7 +695,7 @@ def _move_aside(folder: Path) -> dict[Path, Path]:
         for name in FINISHED_FILES:
             path = folder / name
             if path.exists():
-                with _output_error(path, done=False):
+                with _output_error(path, _UNCHANGED):
                     os.replace(path, folder / f".{name}.previous.partial")
                 moved[path] = folder / f".{name}.previous.partial"
     except BaseException:
@@ -1007,6 +1013,6 @@ def plot_top_hits(ranking: pd.DataFrame, agg: xr.Dataset, *, n: int = 15, return
         ax2.set_title("predicted mean change (log1p)")
         fig.colorbar(im, ax=ax2, shrink=0.8)
     fig.tight_layout()
-    from ._figures import finish
-
-    return finish(fig, return_fig)  # (not returned: shown where it can be, and closed)
+    if return_fig:
+        return fig
+    return None

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._figures import finish
 from ._stats import pca
 from .contract import DataContract
 from .errors import ContractError, DataError, VirtualCellError
@@ -271,7 +270,6 @@ def plot_pca(frame: pd.DataFrame, *, ax: Axes | None = None, return_fig: bool = 
     dots and measured cells as crosses."""
     import matplotlib.pyplot as plt
 
-    drawn_here = ax is None  # (a figure the caller's ax belongs to is the caller's)
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 4.5))
     else:
@@ -292,7 +290,7 @@ def plot_pca(frame: pd.DataFrame, *, ax: Axes | None = None, return_fig: bool = 
     ax.legend(fontsize=7, markerscale=1.2, loc="best")
     ax.set_title("baseline, predicted (dots) and measured (crosses) cells", fontsize=9)
     fig.tight_layout()
-    return finish(fig, return_fig, drawn_here=drawn_here)
+    return fig if return_fig else None
 
 
 def screen_pca(simulator: Simulator, result: SimulationResult | ScreenResult, *,
@@ -321,7 +319,6 @@ def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = No
     """Training and validation loss by step, from the records ``train(..., on_log=...)`` reports."""
     import matplotlib.pyplot as plt
 
-    drawn_here = ax is None  # (a figure the caller's ax belongs to is the caller's)
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.2))
     else:
@@ -338,7 +335,7 @@ def plot_history(history: Sequence[Mapping[str, float]], *, ax: Axes | None = No
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return finish(fig, return_fig, drawn_here=drawn_here)
+    return fig if return_fig else None
 
 
 def panel(text: str = "", picked: Sequence[str] = ()) -> list[Any]:

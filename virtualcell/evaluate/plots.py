@@ -23,11 +23,8 @@ __all__ = ["plot_delta_scatter", "plot_metric_bars"]
 _COLORS = {"model": "#d62728", "ceiling": "#7f7f7f"}
 
 
-def _finish(fig: Figure, return_fig: bool, drawn_here: bool) -> Figure | None:
-    """``fig``, or (not asked for) ``None`` with a figure drawn here shown where it can be and closed."""
-    from .._figures import finish
-
-    return finish(fig, return_fig, drawn_here=drawn_here)
+def _finish(fig: Figure, return_fig: bool) -> Figure | None:
+    return fig if return_fig else None
 
 
 def plot_delta_scatter(
@@ -118,7 +115,7 @@ def plot_delta_scatter(
     else:
         panels[0].legend(fontsize=7, markerscale=2)
     fig.tight_layout()
-    return _finish(fig, return_fig, drawn_here=ax is None)
+    return _finish(fig, return_fig)
 
 
 def plot_metric_bars(
@@ -194,4 +191,4 @@ def plot_metric_bars(
         panel.set_title(f"{name} ({direction} is better)", fontsize=9)
         panel.axhline(0, lw=0.5, color="black")
     fig.tight_layout()
-    return _finish(fig, return_fig, drawn_here=ax is None)
+    return _finish(fig, return_fig)
