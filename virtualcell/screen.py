@@ -908,26 +908,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
 
 
 def _edistance() -> Callable[[np.ndarray, np.ndarray], float]:
-    """E-distance, as ``pertpy.tools.Distance(metric="edistance")`` computes it, to the bit: twice the mean Euclidean
-    distance between the two sets' cells less each set's mean distance within (over every pair, a cell with itself
-    included), through the same scikit-learn function. pertpy itself is not imported (6-10 s, and its import drew
-    from the caller's random generators and raised JAXopt's DeprecationWarning). BLAS is held to one thread: the sums
-    came out otherwise in the 6th digit with the machine's thread count (a ranking file differed in bytes between
-    OMP_NUM_THREADS=1 and the default)."""
-    from ._imports import quiet_import
-    from .generation import blas_threads
+    """The E-distance of :func:`virtualcell.evaluate.distances.edistance` (pertpy's, to the bit, BLAS on one thread)."""
+    from .evaluate.distances import edistance
 
-    pairwise = quiet_import("sklearn.metrics").pairwise_distances
-
-    def one_thread(a: np.ndarray, b: np.ndarray) -> float:
-        with blas_threads(1):
-            # (pertpy's Edistance.__call__, term by term and in its order)
-            sigma_a = pairwise(a, a, metric="euclidean").mean()
-            sigma_b = pairwise(b, b, metric="euclidean").mean()
-            delta = pairwise(a, b, metric="euclidean").mean()
-            return 2 * delta - sigma_a - sigma_b
-
-    return one_thread
+    return edistance
 
 
 def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, similarity: float = 0.8) -> pd.DataFrame:

@@ -292,15 +292,11 @@ def discrimination(pair: PredRealPair) -> dict[str, float]:
     return _rowwise(pair, out)
 
 
-def _distance():  # noqa: ANN202 - pertpy is imported lazily
-    from .._imports import import_pertpy
-
-    return import_pertpy("The distance metrics", "pertpy.tools").Distance(metric="edistance")
-
-
 def edistance(pair: PredRealPair) -> dict[str, float]:
-    """E-distance between predicted and measured cells (pertpy.tools.Distance, PCA embedding)."""
-    dist = _distance()
+    """E-distance between predicted and measured cells (pertpy.tools.Distance's, PCA embedding; computed by
+    :func:`virtualcell.evaluate.distances.edistance`)."""
+    from .distances import edistance as dist
+
     out = {}
     for p in pair.perturbations:
         X, Y = pair.pred_cells.get(p), pair.real_cells.get(p)
@@ -310,13 +306,14 @@ def edistance(pair: PredRealPair) -> dict[str, float]:
 
 def compare_distance(pair: PredRealPair) -> dict[str, float]:
     """pertpy ``Distance.compare_distance``: d(measured, predicted) / d(control, predicted) in E-distance."""
-    dist = _distance()
+    from .distances import edistance as dist
+
     out = {}
     for p in pair.perturbations:
         X, Y, C = pair.pred_cells.get(p), pair.real_cells.get(p), pair.control_cells
         ok = X is not None and Y is not None and C is not None and len(X) and len(Y) and len(C)
         with np.errstate(divide="ignore", invalid="ignore"):  # a prediction equal to the controls (nochange) is inf
-            out[p] = float(dist.compare_distance(pert=Y, pred=X, ctrl=C)) if ok else np.nan
+            out[p] = float(dist(Y, X) / dist(C, X)) if ok else np.nan  # (in the cells' own precision, as pertpy)
     return out
 
 
