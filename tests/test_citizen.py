@@ -304,3 +304,27 @@ def test_filters_a_library_appends_on_import_stay_behind_the_callers(tmp_path, m
         assert warnings.filters[1] == mine  # the library's prepended filter first, then the caller's
         assert warnings.filters[0][0] == "error" and warnings.filters[-1][0] == "always"
     sys.modules.pop("vc_appending_lib", None)
+
+
+def test_virtualcells_own_warnings_have_a_category_a_filter_can_select():
+    """Every warning was a plain UserWarning attributed to the caller's line: no filter could tell virtualcell's
+    from another library's but by its text. VirtualCellWarning (a UserWarning, so filters on that still apply)."""
+    import re
+
+    import anndata as ad
+    import pandas as pd
+
+    import virtualcell
+
+    adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32),
+                       obs=pd.DataFrame({"perturbation": ["control", " VC_CATEGORY_1 ", "control"]},
+                                        index=["a", "b", "c"]))
+    with pytest.warns(vc.errors.VirtualCellWarning, match="spaces around them"):
+        vc.DataContract("perturbation", "control").labels(adata)
+    assert issubclass(vc.errors.VirtualCellWarning, UserWarning)
+    root = Path(virtualcell.__file__).parent
+    for path in root.rglob("*.py"):
+        for call in re.findall(r"warnings\.warn\((?:[^()]|\([^()]*(?:\([^()]*\))*[^()]*\))*\)", path.read_text()):
+            if "message" == call[len("warnings.warn("):-1].split(",")[0]:  # (the docstring's example)
+                continue
+            assert re.search(r"(VirtualCellWarning|DeprecationWarning),\s*stacklevel", call), (path.name, call[:120])

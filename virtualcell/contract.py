@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .errors import ContractError, as_names, close_matches, preview, user_stacklevel
+from .errors import ContractError, VirtualCellWarning, as_names, close_matches, preview, user_stacklevel
 from .perturbations import (_JOINING_PLUS, dose_on_one_scale, first_quantity, hours_per,
                             known_dose_unit, negative_quantity, quantity_suffix, read_quantity, split_label)
 
@@ -235,7 +235,7 @@ class DataContract:
                 warnings.warn(f"{int(spaced.sum())} cells' labels in obs[{key!r}] have spaces around them "
                               f"({preview(examples, 4)}): read without them. To silence this, strip them: "
                               f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).str.strip().",
-                              stacklevel=user_stacklevel())
+                              VirtualCellWarning, stacklevel=user_stacklevel())
         labels = stripped.to_numpy()
         if self.other_controls:
             labels = np.where(np.isin(labels, self.other_controls), self.control, labels)

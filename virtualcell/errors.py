@@ -47,6 +47,13 @@ class OutputError(VirtualCellError, ValueError):
     """An output cannot be written as asked: the path is a user's folder, not writable, or not a file."""
 
 
+class VirtualCellWarning(UserWarning):
+    """What virtualcell warns of (data you can fix, a setting it changed for you): a ``UserWarning``, so filters on
+    that still apply; ``warnings.filterwarnings("ignore", category=VirtualCellWarning)`` selects virtualcell's own
+    (they are attributed to the caller's line, so a ``module=`` filter cannot). Deprecations stay
+    ``DeprecationWarning``."""
+
+
 class FolderInUseError(OutputError):
     """Another virtualcell run holds the lock on this output folder."""
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import target_offsets, token_bias
-from .errors import DataError, user_stacklevel
+from .errors import DataError, VirtualCellWarning, user_stacklevel
 
 __all__ = ["GenerationConfig", "GeneConstraint", "TrieConstraint", "Component", "generate_grid", "stable_key",
            "torch_threads"]
@@ -626,7 +626,7 @@ def generate_grid(
 
         warnings.warn(f"{config.batch_size} rows per forward pass would need more GPU memory than is free for "
                       f"sentences of up to {longest} tokens; using {cap} rows (pass a smaller batch_size to "
-                      "silence this).", stacklevel=user_stacklevel())
+                      "silence this).", VirtualCellWarning, stacklevel=user_stacklevel())
         config = dataclasses.replace(config, batch_size=cap)
     from .shared_prefix import model_lock
 
@@ -834,7 +834,7 @@ def _use_shared_prefix(model, config: GenerationConfig, max_total: int, token: i
             import warnings
 
             warnings.warn("Shared-prefix attention does not reproduce this model's plain attention; generating with "
-                          "the prefix cache repeated per row instead (slower, same results).", stacklevel=user_stacklevel())
+                          "the prefix cache repeated per row instead (slower, same results).", VirtualCellWarning, stacklevel=user_stacklevel())
     if config.prefix_attention == "shared" and not checked[key]:
         raise ValueError("prefix_attention='shared' does not reproduce this model's attention; use 'auto' or 'repeat'.")
     return checked[key]

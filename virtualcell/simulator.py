@@ -47,8 +47,8 @@ import numpy as np
 
 from .distributed import Split
 from .contract import one_reading
-from .errors import (DataError, ModelError, OutputError, ScreenError, VocabularyError, non_finite, preview,
-                     user_stacklevel, whole_at_least)
+from .errors import (DataError, ModelError, OutputError, ScreenError, VirtualCellWarning, VocabularyError, non_finite,
+                     preview, user_stacklevel, whole_at_least)
 from .perturbations import Combination, Perturbation, units_text
 from .progress import progress_bar
 from ._stats import calibrated, pca, unbiased_var
@@ -518,7 +518,7 @@ class Simulator:
             warnings.warn(
                 f"{len(versions)} baseline genes match the model's only without their Ensembl version suffix "
                 f"(e.g. {versions[0][0]!r} <-> {versions[0][1]!r}); they are treated as the same gene and "
-                "predictions use the baseline's names.", UserWarning, stacklevel=user_stacklevel())
+                "predictions use the baseline's names.", VirtualCellWarning, stacklevel=user_stacklevel())
         if not model.train_config and model.format.name == "c2s":  # a plain Hugging Face checkpoint (load(genes=))
             log.warning("%s was not fine-tuned by virtualcell: it never trained on virtualcell's perturbation prompt "
                         "(released C2S-Scale checkpoints learned perturbations only in targeted fine-tuning), so its "

@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..contract import UNS_KEY, DataContract
-from ..errors import ContractError, DataError, preview
+from ..errors import ContractError, DataError, VirtualCellWarning, preview
 from ..perturbations import condition_parts, units_of_text
 from ..sentences import gene_positions, require_in_memory, with_gene_key
 from ._data import (Prepared, canonical_label, condition_labels, controls_in, dose_units_warning, expression,
@@ -255,7 +255,7 @@ def _warn_other_contexts(adata: ad.AnnData, like: ad.AnnData, target: np.ndarray
                 f"these measured cells have no column {key!r}, so their contexts cannot be matched: {fix}Give the "
                 f"measured cells the column {key!r} (each cell's context) to have them checked, or subset the "
                 f"prediction to the context they are of (pred[pred.obs[{key!r}] == 'CONTEXT']) before converting.",
-                UserWarning, stacklevel=user_stacklevel())
+                VirtualCellWarning, stacklevel=user_stacklevel())
         return
     measured = pd.Series(keyed.contexts(adata)[keep], index=target[keep].astype(str))
     pred_sets = {t: set(c) for t, c in predicted.groupby(level=0)}
@@ -287,7 +287,7 @@ def _warn_other_contexts(adata: ad.AnnData, like: ad.AnnData, target: np.ndarray
         f"The prediction (like=) and these measured cells are of other contexts in obs[{key!r}]: predicted "
         f"{preview(pred_all, 6)}, measured {preview(real_all, 6)}{each}. {fix}Before converting, "
         f"{' and '.join(fixes)}; or score the prediction with virtualcell evaluate (--profile vcc), which pairs "
-        "cells context by context.", UserWarning, stacklevel=user_stacklevel())
+        "cells context by context.", VirtualCellWarning, stacklevel=user_stacklevel())
 
 
 def _quantities_hint(missing: Sequence[str], measured: set[str], adata: ad.AnnData, contract: DataContract) -> str:

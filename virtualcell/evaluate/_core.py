@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from .._stats import PCABasis, noise_corrected_sq_norm, pca, signed_root
 from ..contract import UNS_KEY, DataContract, one_reading
-from ..errors import DataError, preview, user_stacklevel, whole_at_least
+from ..errors import DataError, VirtualCellWarning, preview, user_stacklevel, whole_at_least
 from ..perturbations import units_of_text
 from ..sentences import Vocabulary, data_hash, require_in_memory, target_aliases, with_gene_key
 from . import DEFAULT_BASELINES, _celleval
@@ -197,7 +197,7 @@ def _setup(
                 "not how it predicts cells it never saw. Hold cells out when training (Python: "
                 "vc.fit(adata, out=..., config=vc.TrainConfig(holdout={'COLUMN': ['VALUE']})); CLI: --holdout "
                 "COLUMN=VALUE) and score the prediction against those only")
-        warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=user_stacklevel())
+        warnings.warn(note[0].upper() + note[1:] + ".", VirtualCellWarning, stacklevel=user_stacklevel())
         info["measured_is_training_data"] = note
     sources = _sources_among_controls(pred, real, contract)
     every = baseline is None and sources is not None and not (contract.is_control(real) & ~sources).any()
@@ -207,7 +207,7 @@ def _setup(
             "obs['source_cell']), so no independent control cells are left to measure the deltas against: the "
             "controls are split at random and the model's delta shares half its cells' noise with the reference. Split "
             "the controls before predicting (vc.evaluate.split_controls: predict from one half, pass it as "
-            "--baseline and the rest as --real).", stacklevel=user_stacklevel())
+            "--baseline and the rest as --real).", VirtualCellWarning, stacklevel=user_stacklevel())
         sources = None
     if baseline is None and sources is not None:
         # the prediction was made from some of these very control cells (its obs['source_cell']): they are its
@@ -221,7 +221,7 @@ def _setup(
             warnings.warn(
                 "real holds only the reference half of the controls (from split_controls) but no baseline= "
                 "was given, so its controls are split again. Pass baseline=<the other half>.",
-                stacklevel=user_stacklevel(),
+                VirtualCellWarning, stacklevel=user_stacklevel(),
             )
         baseline, real = split_controls(real, perturbation_key=contract.perturbation_key, control=contract.controls,
                                         context_key=contract.context_key, seed=seed)
@@ -231,7 +231,7 @@ def _setup(
             note = ("the prediction names the cells it was made from (obs['source_cell']) and they are not all control "
                     "cells of real, so the model's delta is taken against other cells than its own baseline: pass "
                     "the file it was predicted from as baseline= (--baseline)")
-            warnings.warn(note[0].upper() + note[1:] + ".", stacklevel=user_stacklevel())
+            warnings.warn(note[0].upper() + note[1:] + ".", VirtualCellWarning, stacklevel=user_stacklevel())
             info["controls"] += "; " + note
     else:
         _refuse_shared_controls(baseline, real, contract)

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from .._stats import noise_corrected_sq_norm, signed_root, unbiased_var
 from ..contract import UNS_KEY, DataContract, one_reading
-from ..errors import ContractError, DataError, close_matches, preview, user_stacklevel
+from ..errors import ContractError, DataError, VirtualCellWarning, close_matches, preview, user_stacklevel
 from ..perturbations import canonical_condition, condition_in_units, split_label, unordered_label
 from ..sentences import detect_scale, log_normalize, normalization_label, require_in_memory
 
@@ -141,7 +141,7 @@ def context_of_prediction(pred: ad.AnnData | None, contract: DataContract,
             f"obs[{key!r}] (its uns['virtualcell']['context_key']: {preview(predicted, 6)}), but {why}, so every "
             "context is pooled into one group 'all' and each predicted group is scored against measured cells of "
             "other contexts too")
-    warnings.warn(said[0].upper() + said[1:] + ". " + fix, UserWarning, stacklevel=user_stacklevel())
+    warnings.warn(said[0].upper() + said[1:] + ". " + fix, VirtualCellWarning, stacklevel=user_stacklevel())
     return contract, said
 
 
@@ -504,7 +504,7 @@ def shared_genes(
                 warnings.warn(
                     f"The inputs share {len(genes)} gene names as written but {len(loose)} when case and Ensembl "
                     f"version suffixes are ignored (e.g. {examples[0][0]!r} = {examples[0][1]!r}); genes are matched "
-                    f"that way and named as in {items[0][0]}.", UserWarning, stacklevel=user_stacklevel())
+                    f"that way and named as in {items[0][0]}.", VirtualCellWarning, stacklevel=user_stacklevel())
                 items = list(named.items())
                 genes = _intersect([(n, a.var_names) for n, a in items])
     if len(genes) < min_shared * smallest:
@@ -692,7 +692,7 @@ def effect_size(
                       "obs['source_cell']): this reads them as independent groups, so its noise term and effect size "
                       "differ from a screen's l2_delta_corrected, which pairs each predicted cell with its source. "
                       "For predictions, read the screen's figure, or pass reference= control cells they were not "
-                      "made from.", UserWarning, stacklevel=user_stacklevel())
+                      "made from.", VirtualCellWarning, stacklevel=user_stacklevel())
     if reference is not None:
         from ..sentences import gene_positions
 

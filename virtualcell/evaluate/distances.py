@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DataError, no_such_column, preview, user_stacklevel, whole_at_least
+from ..errors import DataError, VirtualCellWarning, no_such_column, preview, user_stacklevel, whole_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -193,7 +193,7 @@ def distance_test(
         if undefined.any():
             warnings.warn(f"{int(undefined.sum())} group(s) have no {metric} distance to {contrast!r} "
                           f"({preview(list(out.index[undefined]), 5)}; too few cells?): their p-values are NaN, not "
-                          "significant.", UserWarning, stacklevel=user_stacklevel())
+                          "significant.", VirtualCellWarning, stacklevel=user_stacklevel())
             out["pvalue"] = out["pvalue"].astype(float)
             out.loc[undefined, ["pvalue", "pvalue_adj"]] = np.nan
             out.loc[undefined, ["significant", "significant_adj"]] = False
@@ -239,11 +239,11 @@ def _warn_unsound(adata: ad.AnnData, labels: np.ndarray, contrast: str, layer_ke
             "themselves (their obs['source_cell']): each is paired with a cell of the contrast, and a permutation "
             "test of independent groups then misses real effects. Test them against control cells the prediction "
             "was not made from (vc.evaluate.split_controls: predict from one half, contrast the other).",
-            UserWarning, stacklevel=user_stacklevel())
+            VirtualCellWarning, stacklevel=user_stacklevel())
     names, counts = np.unique(labels, return_counts=True)
     if (counts < 2).any():
         warnings.warn(f"Groups with fewer than 2 cells ({preview(list(names[counts < 2]), 5)}): a distance test has "
-                      "nothing to permute there.", UserWarning, stacklevel=user_stacklevel())
+                      "nothing to permute there.", VirtualCellWarning, stacklevel=user_stacklevel())
     X = adata.layers[layer_key] if layer_key is not None else adata.X
     if X is None:  # (an AnnData of an embedding alone: nothing to read a scale from)
         return
@@ -253,6 +253,6 @@ def _warn_unsound(adata: ad.AnnData, labels: np.ndarray, contrast: str, layer_ke
         if "mixes scales" in str(err):
             warnings.warn(f"{err} The distances would compare cells on two scales: predictions are log1p of 1e4 per "
                           "cell; put measured counts on it first (sc.pp.normalize_total(adata, target_sum=1e4); "
-                          "sc.pp.log1p(adata)) and compute the embedding again.", UserWarning, stacklevel=user_stacklevel())
+                          "sc.pp.log1p(adata)) and compute the embedding again.", VirtualCellWarning, stacklevel=user_stacklevel())
     except (TypeError, ValueError, AttributeError):  # (values it cannot read as expression: the embedding is tested)
         pass
