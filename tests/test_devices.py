@@ -314,3 +314,15 @@ def test_the_heap_watcher_takes_the_cgroups_limit_where_it_is_below_the_machines
     with allocator.large_blocks_on_heap() as run:
         resident = allocator._resident()
     assert run.applied and run.max_resident <= allocator.RESIDENT_SHARE * (resident + limit) + 2**20
+
+
+def test_generation_times_no_more_threads_than_the_cores_it_may_run_on(monkeypatch):
+    """Generation timed torch's thread count against 1 whatever the affinity (training did not, since this session):
+    on one usable core it runs on 1 thread without timing two."""
+    from virtualcell import generation
+
+    monkeypatch.setattr(kernels, "usable_cores", lambda: 1)
+    with generation.torch_threads(2):
+        assert generation._pick_threads(None, 8, torch.device("cpu"), 0) == 1
+    with generation.torch_threads(1):
+        assert generation._pick_threads(None, 8, torch.device("cpu"), 0) is None

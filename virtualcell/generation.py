@@ -462,16 +462,20 @@ def _iterate_with_threads(items: Iterator[Any], n: int | None, lock: Any = None)
 
 
 def _pick_threads(model, rows: int, device: torch.device, vocab_token: int) -> int | None:  # noqa: ANN001
-    """On CPU, the faster of 1 thread and all threads for a decode-shaped forward pass.
+    """On CPU, the faster of 1 thread and all threads for a decode-shaped forward pass: torch's thread count, at
+    most the cores this process may run on (:func:`~virtualcell.training.kernels.usable_cores`, as training times
+    them: under ``taskset -c 0`` or a one-core Slurm cpuset, two threads busy-waited on one core).
 
     Measured once per (model, batch rows, thread count) in a process and remembered, so a
     simulation that calls the engine chunk after chunk pays for it once and keeps one choice.
     """
     if device.type != "cpu":
         return None
-    most = torch.get_num_threads()
+    from .training.kernels import usable_cores
+
+    most = min(torch.get_num_threads(), usable_cores())
     if most <= 1:
-        return None
+        return 1 if torch.get_num_threads() > 1 else None
     known = _THREAD_CHOICE.setdefault(model, {})
     if (rows, most) in known:
         return known[(rows, most)]
