@@ -90,14 +90,14 @@ def test_a_screens_edistance_is_pertpys_to_the_bit_without_importing_pertpy():
     over every pair, a cell with itself included; Euclidean, not squared), through the same scikit-learn call:
     a ranking written before resumes to the same bytes, and a screen never imports pertpy (6-10 s)."""
     from virtualcell.generation import blas_threads
-    from virtualcell.screen import _edistance
+    from virtualcell.evaluate.distances import edistance
 
     rng = np.random.default_rng(0)
     cases = [(rng.normal(size=(n, k)).astype(dtype), (rng.normal(size=(m, k)) + 0.3).astype(dtype))
              for dtype in (np.float32, np.float64) for n, m, k in ((2, 3, 5), (40, 64, 10), (7, 120, 3))]
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "pertpy", None)  # (an import of pertpy fails)
-        ours = [_edistance()(a, b) for a, b in cases]
+        ours = [edistance(a, b) for a, b in cases]
     pt = pytest.importorskip("pertpy")
     theirs = pt.tools.Distance(metric="edistance")
     with blas_threads(1):

@@ -847,7 +847,8 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     paired = agg["control_bucket_mean"].values.astype(np.float64) if "control_bucket_mean" in agg else None
     n_control = int(agg.attrs.get("n_baseline_cells", 0))
     rows = []
-    distance = _edistance() if embedded else None
+    from .evaluate.distances import edistance  # (pertpy's E-distance, without importing pertpy)
+
     for p in agg["perturbation"].values:
         a = agg.sel(perturbation=p)
         delta = a["delta"].values.astype(np.float64)
@@ -873,10 +874,10 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
             sq, noise = noise_corrected_sq_norm(delta, var_a=a["var"].values, n_a=n, var_b=control_var, n_b=n_control)
         order = np.argsort(delta)
         ed = float("nan")
-        if distance is not None and embedded is not None and baseline_embedded is not None:
+        if embedded and baseline_embedded is not None:
             e = embedded.get(str(p))
             if e is not None and e.shape[0] > 1:
-                ed = float(distance(e, baseline_embedded))
+                ed = float(edistance(e, baseline_embedded))
         model_delta = a["delta_model"].values.astype(np.float64) if "delta_model" in a else delta
         if "var_delta_model" in a:
             sq_m, noise_m = paired_sq_norm(model_delta, var_diff=a["var_delta_model"].values, n=n)
@@ -905,13 +906,6 @@ def rank(agg: xr.Dataset, objective: Objective, *, embedded: dict[str, np.ndarra
     table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
-
-
-def _edistance() -> Callable[[np.ndarray, np.ndarray], float]:
-    """The E-distance of :func:`virtualcell.evaluate.distances.edistance` (pertpy's, to the bit, BLAS on one thread)."""
-    from .evaluate.distances import edistance
-
-    return edistance
 
 
 def diverse_picks(ranking: pd.DataFrame, agg: xr.Dataset, *, top: int = 10, similarity: float = 0.8) -> pd.DataFrame:
